@@ -1,0 +1,21 @@
+"""AgentMesh message contracts.
+
+``mesh_contracts.v1`` holds the models; ``registry`` finds a contract by subject;
+``topology`` derives streams, durables and buckets from the contracts' declarations.
+"""
+
+from mesh_contracts.base import (
+    APPROVER,
+    CLIENT,
+    ROLES,
+    SERVICES,
+    Contract,
+    ContractError,
+    ContractSpec,
+)
+from mesh_contracts.registry import contract_for_subject, parse_message, split_subject
+
+__all__ = [
+    "APPROVER", "CLIENT", "ROLES", "SERVICES", "Contract", "ContractError", "ContractSpec",
+    "contract_for_subject", "parse_message", "split_subject",
+]  # fmt: skip

@@ -1,0 +1,121 @@
+"""Base class and metadata shared by every message contract.
+
+A contract is a pydantic model with a literal ``type`` discriminator, plus class-level
+metadata (``ContractSpec``) saying where it travels (domain and subject event token),
+which principals may produce it and which services consume it. That metadata is the
+single source for subjects, NATS permissions, consumer provisioning and the identity
+check a consumer runs on every message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+# Ids become subject tokens: no dots, spaces or wildcards, or a tenant could address
+# another tenant's subjects.
+ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+
+# Principals that are not services. ``client`` is a tenant's own application (one
+# identity per tenant); ``approver`` is a human operator answering approval requests.
+CLIENT = "client"
+APPROVER = "approver"
+SERVICES: tuple[str, ...] = ("planner", "worker", "checker", "rag", "tool-executor", "budget")
+ROLES: tuple[str, ...] = (*SERVICES, CLIENT, APPROVER)
+
+Transport = Literal["stream", "request", "reply"]
+
+
+@dataclass(frozen=True)
+class ContractSpec:
+    """Where a message travels and who may send and receive it.
+
+    ``transport="stream"`` messages are published to JetStream on
+    ``<domain>.v<major>.<tenant>.<task>.<event>``; ``request`` messages use core NATS
+    request/reply on the same subject shape and are answered by ``reply`` contracts,
+    which travel on the requester's inbox and have no subject of their own.
+    """
+
+    domain: str
+    event: str
+    producers: tuple[str, ...]
+    consumers: tuple[str, ...] = ()
+    transport: Transport = "stream"
+    major: int = 1
+    summary: str = ""
+
+    def subject(self, tenant: str, task: str) -> str:
+        """The concrete subject for one tenant and task."""
+        return f"{self.domain}.v{self.major}.{tenant}.{task}.{self.event}"
+
+    @property
+    def pattern(self) -> str:
+        """Wildcard subject matching this contract for every tenant and task."""
+        return f"{self.domain}.v{self.major}.*.*.{self.event}"
+
+
+class ContractError(ValueError):
+    """A payload that is not a valid message of the expected contract."""
+
+
+class Contract(BaseModel):
+    """Base of every message body.
+
+    Unknown fields are accepted (tolerant reader: a newer producer may add optional
+    fields) and kept in ``model_extra``; ``parse(..., strict=True)`` rejects them, which
+    is how the tests run.
+    """
+
+    model_config = ConfigDict(extra="allow", frozen=True, use_attribute_docstrings=True)
+
+    spec: ClassVar[ContractSpec]
+    type: str
+
+    tenant: str = Field(pattern=ID_PATTERN)
+    """Tenant that owns the task; also the third token of the subject."""
+
+    task_id: str = Field(pattern=ID_PATTERN)
+    """Task this message belongs to; also the fourth token of the subject."""
+
+    @classmethod
+    def schema_id(cls) -> str:
+        """Stable schema identifier, e.g. ``task.submitted/v1``."""
+        return f"{cls.model_fields['type'].default}/v{cls.spec.major}"
+
+    @classmethod
+    def type_name(cls) -> str:
+        return str(cls.model_fields["type"].default)
+
+    def subject(self) -> str:
+        return self.spec.subject(self.tenant, self.task_id)
+
+    def to_bytes(self) -> bytes:
+        """Canonical JSON encoding of the body (what the identity token digests)."""
+        return self.model_dump_json(exclude_none=False).encode()
+
+    @classmethod
+    def parse(cls, data: bytes | str, *, strict: bool = False) -> Contract:
+        """Decode and validate ``data`` as this contract.
+
+        Raises ``ContractError`` with a readable, one-paragraph reason.
+        """
+        try:
+            model = cls.model_validate_json(data)
+        except ValidationError as exc:
+            raise ContractError(_explain(cls.type_name(), exc)) from None
+        if strict and model.model_extra:
+            raise ContractError(
+                f"{cls.type_name()}: unknown field(s) {sorted(model.model_extra)} (strict mode)"
+            )
+        return model
+
+
+def _explain(type_name: str, exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:5]:
+        loc = ".".join(str(p) for p in err["loc"]) or "<body>"
+        parts.append(f"{loc}: {err['msg']}")
+    more = f" (+{exc.error_count() - 5} more)" if exc.error_count() > 5 else ""
+    return f"invalid {type_name}: " + "; ".join(parts) + more

@@ -1,0 +1,250 @@
+"""Generate the committed contract artifacts and check them.
+
+    python -m mesh_contracts.generate write   # regenerate schemas/ and asyncapi.yaml
+    python -m mesh_contracts.generate check   # fail on drift or on a breaking change
+
+Breaking-change rules (a consumer of either side must still read the other side's
+messages): a removed property, a property that became required, or a property whose
+type changed. Each committed schema is compared with every earlier version of the same
+file in git history, so a breaking edit fails CI even if the schema was regenerated.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mesh_contracts import __name__ as _pkg
+from mesh_contracts.base import Contract
+from mesh_contracts.registry import VERSIONS
+from mesh_contracts.topology import STREAMS
+
+ROOT = Path(__file__).resolve().parent.parent  # the contracts/ folder
+SCHEMAS = ROOT / "schemas"
+ASYNCAPI = ROOT / "asyncapi.yaml"
+
+HEADERS_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "description": "Envelope metadata; travels in NATS headers, never in the body.",
+    "properties": {
+        "Mesh-Schema": {"type": "string", "description": "Schema id, e.g. task.submitted/v1"},
+        "Mesh-Tenant": {"type": "string", "description": "Tenant (also subject token 3)"},
+        "Mesh-Task": {"type": "string", "description": "Task id (also subject token 4)"},
+        "Mesh-Causation": {"type": "string", "description": "Nats-Msg-Id of the message that caused this one"},
+        "Mesh-Identity": {"type": "string", "description": "EdDSA JWT naming the sender, tenant and body digest"},
+        "Nats-Msg-Id": {"type": "string", "description": "Deterministic id; the server deduplicates on it"},
+        "traceparent": {"type": "string", "description": "W3C trace context"},
+    },
+    "required": ["Mesh-Schema", "Mesh-Identity", "Nats-Msg-Id"],
+}
+
+
+def _file_name(c: type[Contract]) -> str:
+    return f"{c.type_name()}.json"
+
+
+def schemas() -> dict[str, dict[str, Any]]:
+    """Relative path -> JSON Schema for every contract of every major version."""
+    out: dict[str, dict[str, Any]] = {}
+    for major, contracts in VERSIONS.items():
+        for c in contracts:
+            s = c.model_json_schema()
+            s["$id"] = f"agentmesh://contracts/{c.schema_id()}"
+            s["x-producers"] = list(c.spec.producers)
+            s["x-consumers"] = list(c.spec.consumers)
+            s["x-transport"] = c.spec.transport
+            s["x-subject"] = f"{c.spec.domain}.v{major}.{{tenant}}.{{task}}.{c.spec.event}"
+            out[f"v{major}/{_file_name(c)}"] = s
+    return out
+
+
+def asyncapi() -> dict[str, Any]:
+    """One AsyncAPI 3.0 document for the whole mesh."""
+    channels: dict[str, Any] = {}
+    operations: dict[str, Any] = {}
+    messages: dict[str, Any] = {}
+    components_schemas: dict[str, Any] = {}
+    for major, contracts in VERSIONS.items():
+        for c in contracts:
+            key = f"{c.type_name().replace('.', '_')}_v{major}"
+            schema = c.model_json_schema(ref_template="#/components/schemas/{model}")
+            for name, d in schema.pop("$defs", {}).items():
+                components_schemas[name] = d
+            components_schemas[key] = schema
+            messages[key] = {
+                "name": c.type_name(),
+                "title": c.__name__,
+                "summary": c.spec.summary,
+                "contentType": "application/json",
+                "headers": {"$ref": "#/components/schemas/MeshHeaders"},
+                "payload": {"$ref": f"#/components/schemas/{key}"},
+            }
+            address = (
+                f"{c.spec.domain}.v{major}.{{tenant}}.{{task}}.{c.spec.event}"
+                if c.spec.transport != "reply" else None
+            )  # fmt: skip
+            channels[key] = {
+                "address": address,
+                "description": (c.__doc__ or "").strip().splitlines()[0],
+                "messages": {key: {"$ref": f"#/components/messages/{key}"}},
+                **({"parameters": {"tenant": {"description": "Tenant id"}, "task": {"description": "Task id"}}}
+                   if address else {}),
+                "x-stream": STREAMS.get(c.spec.domain) if c.spec.transport == "stream" else None,
+                "x-transport": c.spec.transport,
+            }  # fmt: skip
+            for producer in c.spec.producers:
+                operations[f"{producer}.send.{key}"] = {
+                    "action": "send", "channel": {"$ref": f"#/channels/{key}"},
+                    "summary": f"{producer} publishes {c.type_name()}"}  # fmt: skip
+            for consumer in c.spec.consumers:
+                operations[f"{consumer}.receive.{key}"] = {
+                    "action": "receive", "channel": {"$ref": f"#/channels/{key}"},
+                    "summary": f"{consumer} consumes {c.type_name()}"}  # fmt: skip
+    components_schemas["MeshHeaders"] = HEADERS_SCHEMA
+    return {
+        "asyncapi": "3.0.0",
+        "info": {"title": "AgentMesh", "version": "1.0.0",
+                 "description": "Event-driven mesh of LLM agent services on NATS JetStream. "
+                                "Generated from mesh_contracts; do not edit."},  # fmt: skip
+        "defaultContentType": "application/json",
+        "servers": {"local": {"host": "127.0.0.1:4222", "protocol": "nats",
+                              "description": "meshctl up (JWT auth, one identity per service)"}},  # fmt: skip
+        "channels": channels,
+        "operations": operations,
+        "components": {"messages": messages, "schemas": components_schemas},
+    }
+
+
+def _dump_json(obj: Any) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True) + "\n"
+
+
+def rendered() -> dict[Path, str]:
+    files = {SCHEMAS / rel: _dump_json(s) for rel, s in schemas().items()}
+    files[ASYNCAPI] = yaml.safe_dump(asyncapi(), sort_keys=False, width=100)
+    return files
+
+
+def write() -> int:
+    for path, text in rendered().items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    print(f"wrote {len(rendered())} contract artifacts under {ROOT.name}/")
+    return 0
+
+
+# --- compatibility ---------------------------------------------------------------------------
+
+def _resolve(schema: dict[str, Any], node: dict[str, Any]) -> dict[str, Any]:
+    ref = node.get("$ref")
+    if ref and ref.startswith("#/$defs/"):
+        return schema.get("$defs", {}).get(ref.split("/")[-1], {})
+    return node
+
+
+def _shape(schema: dict[str, Any], node: dict[str, Any]) -> Any:
+    """A comparable description of a property's type (ignores docs, examples, bounds)."""
+    node = _resolve(schema, node)
+    if "anyOf" in node:
+        return ("anyOf", tuple(sorted(json.dumps(_shape(schema, n), sort_keys=True) for n in node["anyOf"])))
+    if node.get("type") == "array":
+        items = node.get("items") or node.get("prefixItems") or {}
+        return ("array", _shape(schema, items) if isinstance(items, dict) else "tuple")
+    if node.get("type") == "object" and "properties" in node:
+        return ("object", node.get("title", ""))
+    if "const" in node:
+        return ("const", node["const"])
+    if "enum" in node:
+        return ("enum", tuple(node["enum"]))
+    return node.get("type", "any")
+
+
+def breaking_changes(old: dict[str, Any], new: dict[str, Any], where: str = "") -> list[str]:
+    """Reasons ``new`` cannot replace ``old`` without breaking a producer or consumer."""
+    problems: list[str] = []
+
+    def compare(o: dict[str, Any], n: dict[str, Any], path: str) -> None:
+        oprops, nprops = o.get("properties", {}), n.get("properties", {})
+        for name in oprops:
+            if name not in nprops:
+                problems.append(f"{path}{name}: property removed")
+            elif _shape(old, oprops[name]) != _shape(new, nprops[name]):
+                problems.append(f"{path}{name}: type changed {_shape(old, oprops[name])} -> "
+                                f"{_shape(new, nprops[name])}")  # fmt: skip
+        for name in set(n.get("required", ())) - set(o.get("required", ())):
+            problems.append(f"{path}{name}: became required")
+
+    compare(old, new, where)
+    for dname, odef in old.get("$defs", {}).items():
+        ndef = new.get("$defs", {}).get(dname)
+        if ndef is None:
+            problems.append(f"{where}$defs.{dname}: definition removed")
+        else:
+            compare(odef, ndef, f"{where}{dname}.")
+    return problems
+
+
+def _history(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """Earlier committed versions of ``path`` (commit, schema); empty outside git."""
+    try:
+        rel = path.relative_to(_git_root())
+        commits = subprocess.run(["git", "log", "--format=%h", "--", str(rel)], cwd=ROOT,
+                                 capture_output=True, text=True, check=True).stdout.split()  # fmt: skip
+    except (subprocess.CalledProcessError, FileNotFoundError, ValueError):
+        return []
+    out = []
+    for commit in commits:
+        shown = subprocess.run(["git", "show", f"{commit}:{rel}"], cwd=ROOT, capture_output=True, text=True)
+        if shown.returncode == 0:
+            out.append((commit, json.loads(shown.stdout)))
+    return out
+
+
+def _git_root() -> Path:
+    top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=ROOT, capture_output=True,
+                         text=True, check=True).stdout.strip()  # fmt: skip
+    return Path(top)
+
+
+def check() -> int:
+    failures: list[str] = []
+    for path, text in rendered().items():
+        if not path.exists():
+            failures.append(f"missing: {path.relative_to(ROOT)} (run `make contracts`)")
+        elif path.read_text() != text:
+            failures.append(f"drift: {path.relative_to(ROOT)} differs from the models (run `make contracts`)")
+    compared = 0
+    generated = schemas()
+    for rel, new in generated.items():
+        for commit, old in _history(SCHEMAS / rel):
+            compared += 1
+            failures += [f"breaking: {rel} vs {commit}: {p}" for p in breaking_changes(old, new)]
+    for major in {int(p.parent.name[1:]) for p in SCHEMAS.glob("v*/*.json")}:
+        published = {p.name for p in (SCHEMAS / f"v{major}").glob("*.json")}
+        current = {Path(rel).name for rel in generated if rel.startswith(f"v{major}/")}
+        failures += [f"breaking: v{major}/{name} was published and is gone" for name in published - current]
+    if failures:
+        print("\n".join(failures), file=sys.stderr)
+        print(f"contract check FAILED ({len(failures)} problem(s))", file=sys.stderr)
+        return 1
+    print(f"contracts OK: {len(generated)} schemas, no drift, {compared} historical version(s) compatible")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args == ["write"]:
+        return write()
+    if args == ["check"]:
+        return check()
+    print(f"usage: python -m {_pkg}.generate write|check", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""Lookup of contracts by type, version and subject."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mesh_contracts.base import Contract, ContractError
+from mesh_contracts.v1 import ALL as V1
+
+# Every published major version. A v2 module adds its ``ALL`` here; consumers then accept both.
+VERSIONS: dict[int, tuple[type[Contract], ...]] = {1: V1}
+
+BY_TYPE: dict[tuple[str, int], type[Contract]] = {
+    (c.type_name(), major): c for major, cs in VERSIONS.items() for c in cs
+}
+BY_SUBJECT_KEY: dict[tuple[str, int, str], type[Contract]] = {
+    (c.spec.domain, major, c.spec.event): c for major, cs in VERSIONS.items() for c in cs
+}
+
+
+@dataclass(frozen=True)
+class SubjectParts:
+    """The tokens of ``<domain>.v<major>.<tenant>.<task>.<event>``."""
+
+    domain: str
+    major: int
+    tenant: str
+    task_id: str
+    event: str
+
+
+def split_subject(subject: str) -> SubjectParts:
+    """Parse a mesh subject; raises ``ContractError`` if it is not of the mesh's shape."""
+    tokens = subject.split(".")
+    if len(tokens) != 5 or not tokens[1].startswith("v") or not tokens[1][1:].isdigit():
+        raise ContractError(f"subject {subject!r} is not <domain>.v<major>.<tenant>.<task>.<event>")
+    return SubjectParts(tokens[0], int(tokens[1][1:]), tokens[2], tokens[3], tokens[4])
+
+
+def contract_for_subject(subject: str) -> type[Contract]:
+    """The contract class for a concrete subject, or ``ContractError`` naming what is known."""
+    parts = split_subject(subject)
+    cls = BY_SUBJECT_KEY.get((parts.domain, parts.major, parts.event))
+    if cls is None:
+        known = sorted(f"v{m}" for (d, m, e) in BY_SUBJECT_KEY if (d, e) == (parts.domain, parts.event))
+        if known:
+            raise ContractError(
+                f"unknown contract version v{parts.major} for {parts.domain}.{parts.event} "
+                f"(this consumer knows {', '.join(known)})"
+            )
+        raise ContractError(f"no contract for subject {subject!r}")
+    return cls
+
+
+def parse_message(subject: str, data: bytes, *, strict: bool = False) -> Contract:
+    """Decode a message body by its subject and check the body agrees with the subject."""
+    cls = contract_for_subject(subject)
+    model = cls.parse(data, strict=strict)
+    parts = split_subject(subject)
+    if (model.tenant, model.task_id) != (parts.tenant, parts.task_id):
+        raise ContractError(
+            f"body names tenant/task {model.tenant}/{model.task_id} but subject names "
+            f"{parts.tenant}/{parts.task_id}"
+        )
+    return model

@@ -1,0 +1,107 @@
+"""Streams, durable consumers and KV buckets, derived from the contract declarations.
+
+Provisioning (``meshctl provision``), the NATS permission policy and every service's
+subscriptions read this module, so a contract's ``producers``/``consumers`` are the
+only place where "who talks to whom" is written down.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mesh_contracts.base import SERVICES, Contract
+from mesh_contracts.registry import VERSIONS
+
+# One stream per domain; it spans every major version of that domain.
+STREAMS: dict[str, str] = {
+    "task": "TASK",
+    "step": "STEP",
+    "tool": "TOOL",
+    "rag": "RAG",
+    "check": "CHECK",
+    "usage": "USAGE",
+    "control": "CONTROL",
+    "approval": "APPROVAL",
+    "event": "EVENTS",
+}
+DLQ_STREAM = "DLQ"
+DLQ_PREFIX = "dlq"
+
+
+def dlq_subject(service: str, original_subject: str) -> str:
+    """Where ``service`` dead-letters a message that arrived on ``original_subject``."""
+    return f"{DLQ_PREFIX}.{service}.{original_subject}"
+
+
+@dataclass(frozen=True)
+class Durable:
+    """A pre-provisioned durable pull consumer shared by all replicas of one service."""
+
+    service: str
+    stream: str
+    name: str
+    filter_subject: str
+    contract: type[Contract]
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """A JetStream KV bucket with one writer service and read-only services."""
+
+    name: str
+    writer: str
+    readers: tuple[str, ...] = ()
+    history: int = 5
+    description: str = ""
+
+
+BUCKETS: tuple[Bucket, ...] = (
+    Bucket("tasks", writer="planner", readers=("worker", "checker", "tool-executor", "rag", "budget"),
+           description="Task records: plan, step states, status (CAS on revision)."),
+    Bucket("steps", writer="worker", description="Agent-loop checkpoints, one key per step."),
+    Bucket("budget", writer="budget", description="Reservations and settled spend."),
+)  # fmt: skip
+
+
+def stream_contracts() -> list[type[Contract]]:
+    """Every contract that travels on JetStream (all versions)."""
+    return [c for cs in VERSIONS.values() for c in cs if c.spec.transport == "stream"]
+
+
+def durables() -> list[Durable]:
+    """One durable per (consuming service, contract), filtering every major version.
+
+    The filter takes any version (``task.*.*.*.submitted``) so that a message of a
+    version the consumer does not know is received and dead-lettered with a reason
+    instead of sitting unseen in the stream.
+    """
+    seen: dict[str, Durable] = {}
+    for c in stream_contracts():
+        for svc in c.spec.consumers:
+            if svc not in SERVICES:
+                continue  # clients follow events with core subscriptions
+            name = f"{svc}--{c.spec.domain}-{c.spec.event}"
+            seen.setdefault(name, Durable(
+                service=svc, stream=STREAMS[c.spec.domain], name=name,
+                filter_subject=f"{c.spec.domain}.*.*.*.{c.spec.event}", contract=c))  # fmt: skip
+    return list(seen.values())
+
+
+def durables_of(service: str) -> list[Durable]:
+    return [d for d in durables() if d.service == service]
+
+
+def durable_for(service: str, contract: type[Contract]) -> Durable:
+    for d in durables_of(service):
+        if (d.contract.spec.domain, d.contract.spec.event) == (contract.spec.domain, contract.spec.event):
+            return d
+    raise LookupError(f"{service} does not consume {contract.type_name()} (see the contract's consumers)")
+
+
+def request_contracts() -> list[type[Contract]]:
+    return [c for cs in VERSIONS.values() for c in cs if c.spec.transport == "request"]
+
+
+def queue_group(service: str) -> str:
+    """Core-NATS queue group shared by a service's replicas for request/reply subjects."""
+    return f"{service}-requests"

@@ -1,0 +1,54 @@
+"""Version 1 of the AgentMesh message contracts.
+
+Evolve by adding optional fields with defaults; a breaking change is ``v2/``.
+"""
+
+from mesh_contracts.v1.budget import BudgetDenied, BudgetGranted, BudgetReserve, UsageRecorded
+from mesh_contracts.v1.check import CheckRequested, CheckVerdict
+from mesh_contracts.v1.common import (
+    CheckResult,
+    Citation,
+    PlanStep,
+    RetrievalHit,
+    TaskLimits,
+    TokenUsage,
+)
+from mesh_contracts.v1.control import (
+    ApprovalDecided,
+    ApprovalRequested,
+    ControlCancel,
+    ControlHalt,
+    ControlResume,
+)
+from mesh_contracts.v1.events import ProgressEvent
+from mesh_contracts.v1.task import (
+    PlanCreated,
+    TaskCompleted,
+    TaskFailed,
+    TaskRejected,
+    TaskSubmitted,
+)
+from mesh_contracts.v1.work import (
+    RetrievalCompleted,
+    RetrievalRequested,
+    StepCompleted,
+    StepFailed,
+    StepRequested,
+    ToolCompleted,
+    ToolRequested,
+)
+
+ALL = (
+    TaskSubmitted, TaskRejected, TaskCompleted, TaskFailed, PlanCreated,
+    StepRequested, StepCompleted, StepFailed,
+    ToolRequested, ToolCompleted, RetrievalRequested, RetrievalCompleted,
+    CheckRequested, CheckVerdict,
+    UsageRecorded, BudgetReserve, BudgetGranted, BudgetDenied,
+    ControlHalt, ControlCancel, ControlResume,
+    ApprovalRequested, ApprovalDecided,
+    ProgressEvent,
+)  # fmt: skip
+
+__all__ = [c.__name__ for c in ALL] + [
+    "ALL", "CheckResult", "Citation", "PlanStep", "RetrievalHit", "TaskLimits", "TokenUsage",
+]  # fmt: skip

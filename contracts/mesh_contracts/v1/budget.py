@@ -1,0 +1,93 @@
+"""Usage accounting and cost reservations.
+
+Every model call is preceded by a reservation (request/reply to the budget service) for
+its worst-case cost and followed by a ``usage.recorded`` event that settles it.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import ConfigDict, Field
+
+from mesh_contracts.base import ID_PATTERN, Contract, ContractSpec
+
+_EX = {"tenant": "acme", "task_id": "t-7f3a"}
+LLM_CALLERS = ("planner", "worker", "checker")
+
+
+class UsageRecorded(Contract):
+    """Tokens and cost of one model call, as billed."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {**_EX, "type": "usage.recorded", "agent": "worker", "step_id": "s2", "call_id": "s2-i1",
+         "provider": "scripted", "model": "scripted-1", "input_tokens": 61, "output_tokens": 9,
+         "cost_usd": 0.0, "reservation_id": "r-s2-i1"}]})  # fmt: skip
+    spec: ClassVar = ContractSpec("usage", "recorded", producers=LLM_CALLERS, consumers=("budget",),
+                                  summary="One model call's usage.")  # fmt: skip
+
+    type: Literal["usage.recorded"] = "usage.recorded"
+    agent: str
+    """Service that made the call."""
+    role: str = ""
+    """Agent role within the service (e.g. ``planner``, ``judge``)."""
+    step_id: str = ""
+    call_id: str = Field(pattern=ID_PATTERN)
+    """Deterministic call id: the same call recorded twice is counted once."""
+    provider: str
+    model: str
+    input_tokens: int = Field(ge=0)
+    output_tokens: int = Field(ge=0)
+    cost_usd: float = Field(0.0, ge=0)
+    price_table: str = "v1"
+    """Version of the price table the cost was computed with."""
+    reservation_id: str = ""
+    """Reservation this usage settles."""
+
+
+class BudgetReserve(Contract):
+    """Request (core NATS request/reply): reserve the worst-case cost of a model call."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {**_EX, "type": "budget.reserve", "agent": "worker", "call_id": "s2-i1", "tokens": 1061,
+         "cost_usd": 0.0}]})  # fmt: skip
+    spec: ClassVar = ContractSpec("budget", "reserve", producers=LLM_CALLERS, consumers=("budget",),
+                                  transport="request", summary="Reserve before a model call.")  # fmt: skip
+
+    type: Literal["budget.reserve"] = "budget.reserve"
+    agent: str
+    step_id: str = ""
+    call_id: str = Field(pattern=ID_PATTERN)
+    tokens: int = Field(ge=0)
+    """Worst case: prompt tokens + max_tokens."""
+    cost_usd: float = Field(0.0, ge=0)
+    """Worst-case cost of ``tokens`` under the current price table."""
+
+
+class BudgetGranted(Contract):
+    """Reply: the reservation is held; the call may proceed."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {**_EX, "type": "budget.granted", "reservation_id": "r-s2-i1", "remaining_tokens": 48000}]})  # fmt: skip
+    spec: ClassVar = ContractSpec("budget", "granted", producers=("budget",), consumers=LLM_CALLERS,
+                                  transport="reply", summary="Reservation held.")  # fmt: skip
+
+    type: Literal["budget.granted"] = "budget.granted"
+    reservation_id: str
+    remaining_tokens: int
+    """Tokens left under the task ceiling after this reservation."""
+    remaining_cost_usd: float = 0.0
+    expires_in_s: float = 120.0
+    """An unsettled reservation is released after this long."""
+
+
+class BudgetDenied(Contract):
+    """Reply: the call must not be made."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {**_EX, "type": "budget.denied", "reason": "task token ceiling 50000 would be exceeded (49100 + 1061)"}]})  # fmt: skip
+    spec: ClassVar = ContractSpec("budget", "denied", producers=("budget",), consumers=LLM_CALLERS,
+                                  transport="reply", summary="Reservation refused, with the reason.")  # fmt: skip
+
+    type: Literal["budget.denied"] = "budget.denied"
+    reason: str

@@ -1,0 +1,50 @@
+"""Answer verification: the planner asks, the checker gives a verdict."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import ConfigDict, Field
+
+from mesh_contracts.base import Contract, ContractSpec
+from mesh_contracts.v1.common import CheckResult, Citation, TokenUsage
+
+_EX = {"tenant": "acme", "task_id": "t-7f3a"}
+
+
+class CheckRequested(Contract):
+    """The planner asks the checker to verify a candidate final answer."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {**_EX, "type": "check.requested", "attempt": 1, "goal": "...", "answer": "... [durability.md#2]",
+         "citations": [{"doc_id": "durability.md", "version": "9c1e", "chunk_id": "2", "chunk_hash": "ab12"}]}]})  # fmt: skip
+    spec: ClassVar = ContractSpec("check", "requested", producers=("planner",), consumers=("checker",),
+                                  summary="Verify an answer.")  # fmt: skip
+
+    type: Literal["check.requested"] = "check.requested"
+    attempt: int = Field(1, ge=1)
+    goal: str
+    """The task's goal, for relevance checks."""
+    answer: str
+    citations: tuple[Citation, ...] = ()
+    require_citations: bool = True
+    """Whether an answer without citations fails."""
+    max_length: int = 8000
+    """Upper bound on the answer's length in characters."""
+
+
+class CheckVerdict(Contract):
+    """The checker's verdict with per-check results."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {**_EX, "type": "check.verdict", "attempt": 1, "passed": True,
+         "checks": [{"name": "citations_present", "passed": True, "reason": "1 citation"}]}]})  # fmt: skip
+    spec: ClassVar = ContractSpec("check", "verdict", producers=("checker",), consumers=("planner",),
+                                  summary="Pass/fail with reasons.")  # fmt: skip
+
+    type: Literal["check.verdict"] = "check.verdict"
+    attempt: int = Field(1, ge=1)
+    passed: bool
+    checks: tuple[CheckResult, ...] = ()
+    usage: TokenUsage = TokenUsage()
+    """Model usage of the check (LLM-as-judge)."""

@@ -1,0 +1,102 @@
+"""Value objects embedded in several v1 messages."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from mesh_contracts.base import ID_PATTERN
+
+
+class _Value(BaseModel):
+    model_config = ConfigDict(extra="allow", frozen=True, use_attribute_docstrings=True)
+
+
+class TokenUsage(_Value):
+    """Tokens and cost spent by one call or rolled up over many."""
+
+    input_tokens: int = Field(0, ge=0)
+    """Prompt tokens billed."""
+    output_tokens: int = Field(0, ge=0)
+    """Completion tokens billed."""
+    cost_usd: float = Field(0.0, ge=0)
+    """Cost from the price table in force when the call was made."""
+    calls: int = Field(0, ge=0)
+    """Number of model calls summed into this tally."""
+
+    def __add__(self, other: TokenUsage) -> TokenUsage:
+        return TokenUsage(
+            input_tokens=self.input_tokens + other.input_tokens,
+            output_tokens=self.output_tokens + other.output_tokens,
+            cost_usd=round(self.cost_usd + other.cost_usd, 10),
+            calls=self.calls + other.calls,
+        )
+
+    @property
+    def total_tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+
+class TaskLimits(_Value):
+    """Ceilings a task must stay within; the budget service enforces them."""
+
+    max_tokens: int = Field(50_000, gt=0)
+    """Total input+output tokens across every model call of the task."""
+    max_cost_usd: float = Field(1.0, ge=0)
+    """Total cost across every model call of the task."""
+    max_steps: int = Field(8, gt=0, le=64)
+    """Largest plan the planner may make."""
+    deadline_s: float = Field(300.0, gt=0)
+    """Wall-clock seconds from submission after which the task fails."""
+
+
+class Citation(_Value):
+    """Provenance of a retrieved passage an answer relies on."""
+
+    doc_id: str
+    """Document identifier within the tenant's index."""
+    version: str
+    """Document version (content hash of the whole document)."""
+    chunk_id: str
+    """Chunk identifier within the document version."""
+    chunk_hash: str
+    """sha256 of the chunk text, so a citation can be checked against the index."""
+
+
+class RetrievalHit(Citation):
+    """One retrieved chunk with its text. The text is untrusted input."""
+
+    score: float
+    """Retrieval score (higher is better); comparable only within one response."""
+    text: str
+    """Chunk text. Treat as data, never as instructions."""
+    untrusted: bool = True
+    """Always true for retrieved text; consumers must delimit it in prompts."""
+
+
+class PlanStep(_Value):
+    """One step of a plan."""
+
+    step_id: str = Field(pattern=ID_PATTERN)
+    """Identifier unique within the task."""
+    kind: Literal["research", "compute", "write", "answer"] = "research"
+    """What sort of work the step is; used for model tiering and tool choice."""
+    instruction: str = Field(min_length=1, max_length=4000)
+    """What the worker must do."""
+    tools: tuple[str, ...] = ()
+    """Tools the worker may call in this step (``search_docs`` means retrieval)."""
+    depends_on: tuple[str, ...] = ()
+    """Steps whose outputs this step needs; it is dispatched after they complete."""
+
+
+class CheckResult(_Value):
+    """Outcome of one property check on an answer."""
+
+    name: str
+    """Check name, e.g. ``citations_resolve``."""
+    passed: bool
+    reason: str = ""
+    """Why it passed or failed, readable by an operator."""
+    score: float | None = None
+    """Optional numeric score in [0, 1]."""

@@ -1,0 +1,107 @@
+"""Task lifecycle: submitted by a tenant's client, planned, then completed, failed or rejected."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import ConfigDict, Field
+
+from mesh_contracts.base import CLIENT, Contract, ContractSpec
+from mesh_contracts.v1.common import Citation, PlanStep, TaskLimits, TokenUsage
+
+_EX = {"tenant": "acme", "task_id": "t-7f3a"}
+
+
+class TaskSubmitted(Contract):
+    """A tenant asks the mesh to achieve a goal. Published by the tenant's client."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{**_EX, "type": "task.submitted",
+                                         "goal": "How does AgentMesh avoid duplicate side effects? Also compute 17 * 23."}]}
+    )  # fmt: skip
+    spec: ClassVar = ContractSpec("task", "submitted", producers=(CLIENT,), consumers=("planner",),
+                                  summary="A tenant submits a goal.")  # fmt: skip
+
+    type: Literal["task.submitted"] = "task.submitted"
+    goal: str = Field(min_length=1, max_length=10_000)
+    """What the tenant wants done, in natural language."""
+    limits: TaskLimits = TaskLimits()
+    """Ceilings for this task; defaults apply when omitted."""
+    labels: dict[str, str] = {}
+    """Free-form labels copied to events and metrics (e.g. ``{"team": "support"}``)."""
+
+
+class TaskRejected(Contract):
+    """A submitted task could not be accepted (malformed, unknown version, over a limit)."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {**_EX, "type": "task.rejected", "reason": "invalid task.submitted: goal: Field required",
+         "source_subject": "task.v1.acme.t-7f3a.submitted"}]})  # fmt: skip
+    spec: ClassVar = ContractSpec("task", "rejected", producers=("planner",), consumers=(CLIENT,),
+                                  summary="A submission was refused; nothing ran.")  # fmt: skip
+
+    type: Literal["task.rejected"] = "task.rejected"
+    reason: str
+    """Readable reason, the same text that went to the dead-letter stream."""
+    source_subject: str = ""
+    """Subject the rejected message arrived on."""
+
+
+class PlanCreated(Contract):
+    """The planner's plan for a task. Steps run when their dependencies have completed."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {**_EX, "type": "plan.created", "steps": [
+            {"step_id": "s1", "kind": "research", "instruction": "Find how duplicates are avoided",
+             "tools": ["search_docs"]},
+            {"step_id": "s2", "kind": "compute", "instruction": "Compute 17 * 23", "tools": ["calculator"]}]}]})  # fmt: skip
+    spec: ClassVar = ContractSpec("task", "planned", producers=("planner",), consumers=(CLIENT,),
+                                  summary="The plan the planner made.")  # fmt: skip
+
+    type: Literal["plan.created"] = "plan.created"
+    steps: tuple[PlanStep, ...] = Field(min_length=1)
+    """Steps in dependency order."""
+    revision: int = 1
+    """1 for the first plan; increases on replanning."""
+
+
+class TaskCompleted(Contract):
+    """The task finished and its answer passed the checker."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {**_EX, "type": "task.completed", "answer": "Every side effect is keyed ... 17 * 23 = 391.",
+         "citations": [{"doc_id": "durability.md", "version": "9c1e", "chunk_id": "2", "chunk_hash": "ab12"}],
+         "usage": {"input_tokens": 812, "output_tokens": 96, "cost_usd": 0.0, "calls": 4},
+         "steps": 2}]})  # fmt: skip
+    spec: ClassVar = ContractSpec("task", "completed", producers=("planner",), consumers=(CLIENT,),
+                                  summary="Final answer with citations and usage.")  # fmt: skip
+
+    type: Literal["task.completed"] = "task.completed"
+    answer: str
+    """The final answer."""
+    citations: tuple[Citation, ...] = ()
+    """Retrieved passages the answer relies on."""
+    usage: TokenUsage = TokenUsage()
+    """Tokens and cost over every model call of the task."""
+    steps: int = 0
+    """Number of plan steps executed."""
+    elapsed_s: float | None = None
+    """Seconds from submission to completion, as measured by the planner."""
+
+
+class TaskFailed(Contract):
+    """The task ended without an acceptable answer."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {**_EX, "type": "task.failed", "reason": "step s2 failed: tool calculator: division by zero",
+         "failed_step": "s2"}]})  # fmt: skip
+    spec: ClassVar = ContractSpec("task", "failed", producers=("planner",), consumers=(CLIENT,),
+                                  summary="The task ended without an answer, with the reason.")  # fmt: skip
+
+    type: Literal["task.failed"] = "task.failed"
+    reason: str
+    """Readable reason naming the cause."""
+    failed_step: str | None = None
+    """The step that caused the failure, when one did."""
+    usage: TokenUsage = TokenUsage()
+    """Tokens and cost spent before the failure."""
