@@ -105,3 +105,16 @@ def request_contracts() -> list[type[Contract]]:
 def queue_group(service: str) -> str:
     """Core-NATS queue group shared by a service's replicas for request/reply subjects."""
     return f"{service}-requests"
+
+
+# Delivery policy shared by provisioning (consumer config) and the runtime (retry decisions).
+ACK_WAIT_S = 30.0
+"""Redelivery after this long without an ack; long calls send in-progress heartbeats."""
+MAX_DELIVER = 5
+"""Attempts before a failing message is dead-lettered by the consuming service."""
+RETRY_DELAYS_S = (0.5, 2.0, 5.0, 10.0)
+"""NAK delay after attempt 1, 2, 3, 4 (exponential-ish; the last one repeats)."""
+SERVER_MAX_DELIVER = MAX_DELIVER + 1
+"""The server's own cap, one above the runtime's: if a consumer crashes on every attempt
+(and so can never dead-letter), the server stops redelivering and its MAX_DELIVERIES
+advisory lands in the DLQ stream instead."""

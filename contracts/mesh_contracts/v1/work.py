@@ -69,6 +69,9 @@ class StepFailed(Contract):
     reason: str
     usage: TokenUsage = TokenUsage()
     """Model usage spent before the failure."""
+    halted: bool = False
+    """True when the step stopped because its task was halted or cancelled, not because it failed;
+    a halted step is dispatched again on resume."""
 
 
 class ToolRequested(Contract):

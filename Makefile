@@ -1,0 +1,77 @@
+# AgentMesh: the one command surface. `make help` lists every target.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+MESH_HOME ?= .mesh
+PACKAGES := contracts libs/llm libs/kit libs/testing libs/meshctl \
+	services/planner services/worker services/checker services/rag services/tool-executor services/budget
+DEV_TOOLS := pytest pytest-asyncio pytest-timeout ruff "testcontainers[nats,redis]" PyYAML docker
+GOAL ?= How does AgentMesh avoid duplicate side effects? Also compute 17 * 23.
+
+.DEFAULT_GOAL := help
+.PHONY: help setup demo up down status submit test test-unit test-integration test-e2e lint fmt contracts contracts-check pins clean
+
+help: ## list every target with one line each
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
+
+$(BIN)/.installed: constraints.txt $(addsuffix /pyproject.toml,$(PACKAGES))
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt setuptools wheel
+	$(BIN)/python -m pip install -q --disable-pip-version-check --no-build-isolation -c constraints.txt \
+		$(addprefix -e ,$(PACKAGES)) $(DEV_TOOLS)
+	@touch $@
+
+setup: $(BIN)/.installed ## create .venv and install every package (pinned by constraints.txt)
+
+demo: setup ## bring the local mesh up, run one task end to end, print the result, bring it down
+	@set -o pipefail; home=$(MESH_HOME)/demo; \
+	SECONDS=0; \
+	$(BIN)/meshctl --home $$home up --nats-port 0 --http-port 0 --redis-port 0 || exit 1; \
+	$(BIN)/meshctl --home $$home submit "$(GOAL)" --follow --timeout 60; rc=$$?; \
+	$(BIN)/meshctl --home $$home down; \
+	echo "demo finished in $${SECONDS}s (exit $$rc)"; exit $$rc
+
+up: setup ## start nats-server, redis-server and the six services (ports 4222/8222/6390)
+	$(BIN)/meshctl --home $(MESH_HOME) up
+
+down: ## stop everything `make up` started
+	@test -x $(BIN)/meshctl && $(BIN)/meshctl --home $(MESH_HOME) down || true
+
+status: ## health and consumer lag of the running mesh
+	$(BIN)/meshctl --home $(MESH_HOME) status
+
+submit: ## submit GOAL to the running mesh and follow it
+	$(BIN)/meshctl --home $(MESH_HOME) submit "$(GOAL)" --follow
+
+test: setup lint contracts-check ## run every test: unit, integration, end-to-end (Docker path when an engine runs)
+	$(BIN)/pytest
+
+test-unit: setup ## fast in-memory tests only
+	$(BIN)/pytest tests/unit tests/contract
+
+test-integration: setup ## tests against a real nats-server and redis
+	$(BIN)/pytest tests/integration
+
+test-e2e: setup ## the whole mesh, end to end
+	$(BIN)/pytest tests/e2e
+
+lint: setup ## ruff lint + format check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+fmt: setup ## apply ruff fixes and formatting
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+contracts: setup ## regenerate JSON Schemas and the AsyncAPI document from the models
+	$(BIN)/python -m mesh_contracts.generate write
+
+contracts-check: setup ## fail on schema drift or on a breaking change to a committed schema
+	$(BIN)/python -m mesh_contracts.generate check
+
+pins: setup ## rewrite constraints.txt from the venv (name==version lines only)
+	@{ head -2 constraints.txt; $(BIN)/python -m pip freeze --exclude-editable | grep -v '^-e' | sort -f; } > constraints.new && mv constraints.new constraints.txt
+
+clean: down ## remove the venv and the local mesh home
+	rm -rf $(VENV) $(MESH_HOME)

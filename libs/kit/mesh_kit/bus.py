@@ -1,0 +1,358 @@
+"""The mesh bus: one connection per service, signed publishes, verified durable consumers.
+
+A service builds one ``Mesh`` and registers handlers with ``consume`` (JetStream durable
+pull consumers that provisioning created) or ``serve`` (core request/reply). Every
+message a handler sees has been parsed against its contract and its sender verified
+against the trust bundle; everything else is dead-lettered with the reason.
+
+Ack policy, explicitly: a handler that returns acks; one that raises ``Reject`` (or a
+contract/identity failure) dead-letters and TERMs at once; any other exception NAKs with
+a growing delay until ``MAX_DELIVER`` attempts, then dead-letters and TERMs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import nats
+from faststream.middlewares import AckPolicy
+from faststream.nats import JStream, NatsBroker, NatsMessage, PullSub
+from faststream.nats.opentelemetry import NatsTelemetryMiddleware
+from faststream.security import BaseSecurity
+from nats.aio.msg import Msg
+from nats.errors import NotJSMessageError
+from nats.js.api import PubAck
+from opentelemetry import trace
+
+from mesh_contracts import Contract, ContractError, parse_message, split_subject
+from mesh_contracts import topology as topo
+from mesh_contracts.base import ID_PATTERN
+from mesh_kit import envelope as env
+from mesh_kit import telemetry as tel
+from mesh_kit.identity import IdentityError, Principal, Signer, TrustBundle, Verifier
+from mesh_kit.settings import ServiceSettings
+
+log = logging.getLogger("mesh.bus")
+C = TypeVar("C", bound=Contract)
+
+
+class Reject(Exception):
+    """Raise from a handler for input that can never succeed: dead-letter now, no retry."""
+
+
+class PermissionViolation(RuntimeError):
+    """The broker refused an operation this identity is not allowed to do."""
+
+
+@dataclass
+class Delivery:
+    """What a handler gets besides the model: sender, ids, and the delivery's controls."""
+
+    mesh: Mesh
+    sender: Principal
+    subject: str
+    msg_id: str
+    deliveries: int
+    headers: dict[str, str]
+    _msg: NatsMessage | None = None
+
+    async def heartbeat(self) -> None:
+        """Tell JetStream the handler is alive (extends ``ack_wait`` for long model calls)."""
+        if self._msg is not None:
+            await self._msg.in_progress()
+
+
+Handler = Callable[[Any, Delivery], Awaitable[None]]
+RequestHandler = Callable[[Any, Delivery], Awaitable[Contract]]
+RejectHook = Callable[[str, str, str, str], Awaitable[None]]  # (tenant, task, subject, reason)
+
+
+@dataclass
+class Stats:
+    counters: Counter[str] = field(default_factory=Counter)
+    permission_errors: list[str] = field(default_factory=list)
+    started_at: float = field(default_factory=time.time)
+
+
+class Mesh:
+    """A service's connection to the mesh."""
+
+    def __init__(self, settings: ServiceSettings, telemetry: tel.Telemetry | None = None, *,
+                 signer: Signer | None = None, verifier: Verifier | None = None,
+                 security: BaseSecurity | None = None) -> None:  # fmt: skip
+        self.settings = settings
+        self.service = settings.service
+        self.telemetry = telemetry or tel.setup(settings.service)
+        self.signer = signer or Signer.from_file(settings.service, settings.signing_key_file, settings.token_ttl_s)
+        self.verifier = verifier or Verifier(TrustBundle.from_file(settings.trust_bundle_file))
+        self.stats = Stats()
+        self.tracer = self.telemetry.tracer_provider.get_tracer("mesh_kit")
+        if security is None and settings.creds_file is not None:
+            from faststream.nats import NatsCredentials
+
+            security = NatsCredentials.from_file(str(settings.creds_file))
+        self.broker = NatsBroker(
+            settings.nats_url,
+            name=settings.service,
+            security=security,
+            inbox_prefix=settings.inbox_prefix,
+            error_cb=self._on_error,
+            graceful_timeout=settings.graceful_timeout_s,
+            middlewares=(NatsTelemetryMiddleware(tracer_provider=self.telemetry.tracer_provider,
+                                                 meter_provider=self.telemetry.meter_provider),),
+            log_level=logging.DEBUG,  # per-message logs stay off the hot path at INFO
+            max_reconnect_attempts=-1,
+        )  # fmt: skip
+        self._started = False
+        self._on_start: list[Callable[[], Awaitable[None]]] = []
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def on_start(self, hook: Callable[[], Awaitable[None]]) -> None:
+        """Run ``hook`` after connecting and before any handler can be called (e.g. bind KV)."""
+        self._on_start.append(hook)
+
+    async def start(self) -> None:
+        await self.broker.connect()
+        for hook in self._on_start:
+            await hook()
+        await self.broker.start()
+        self._started = True
+
+    async def stop(self) -> None:
+        """Stop fetching, let in-flight handlers finish (graceful timeout), then drain."""
+        self._started = False
+        await self.broker.stop()
+
+    @property
+    def nc(self) -> nats.NATS:
+        return self.broker.connection
+
+    def ready(self) -> tuple[bool, str]:
+        if not self._started:
+            return False, "not started"
+        if self.stats.permission_errors:
+            return False, f"{len(self.stats.permission_errors)} permission violation(s): {self.stats.permission_errors[-1]}"
+        try:
+            connected = self.nc.is_connected
+        except (AttributeError, TypeError):  # broker not connected yet
+            connected = False
+        return (True, "ok") if connected else (False, "not connected to NATS")
+
+    async def _on_error(self, err: Exception) -> None:
+        text = str(err)
+        if "permissions violation" in text.lower():
+            self.stats.counters[tel.M_PERMISSION_VIOLATIONS] += 1
+            self.stats.permission_errors.append(text[:300])
+            log.error("NATS refused an operation for %s: %s", self.service, text)
+        else:
+            log.warning("NATS error: %s", text)
+
+    # --- publishing -----------------------------------------------------------------------
+
+    def _headers(self, model: Contract, body: bytes, msg_id: str, causation: str | None) -> dict[str, str]:
+        headers = {
+            env.SCHEMA: model.schema_id(),
+            env.TENANT: model.tenant,
+            env.TASK: model.task_id,
+            env.MSG_ID: msg_id,
+            env.IDENTITY: self.signer.token(tenant=model.tenant, msg_type=model.type, body=body, msg_id=msg_id),
+        }
+        if causation:
+            headers[env.CAUSATION] = causation
+        return headers
+
+    async def publish(self, model: Contract, key: str, *, causation: str | None = None,
+                      timeout: float = 10.0) -> PubAck:  # fmt: skip
+        """Publish to JetStream with a deterministic id built from ``key`` (e.g. ``"s1:1"``)."""
+        if model.spec.transport != "stream":
+            raise TypeError(f"{model.type} is a {model.spec.transport} message; use request()/serve()")
+        if self.service not in model.spec.producers:
+            raise PermissionViolation(f"{self.service} is not a declared producer of {model.type}")
+        body = model.to_bytes()
+        msg_id = env.message_id(model.type, model.tenant, model.task_id, key)
+        headers = self._headers(model, body, msg_id, causation)
+        try:
+            ack = await self.broker.publish(body, model.subject(), headers=headers,
+                                            stream=topo.STREAMS[model.spec.domain], timeout=timeout)  # fmt: skip
+        except nats.errors.TimeoutError as exc:
+            # A denied JetStream publish shows up only as a timeout; say which it was if we know.
+            if self.stats.permission_errors:
+                raise PermissionViolation(self.stats.permission_errors[-1]) from exc
+            raise
+        return ack
+
+    async def progress(self, tenant: str, task_id: str, stage: str, message: str = "", *, step_id: str = "",
+                       key: str = "", detail: dict[str, Any] | None = None) -> None:  # fmt: skip
+        """Publish a progress event for clients following the task (deduplicated by stage/step/key)."""
+        from mesh_contracts.v1 import ProgressEvent
+
+        await self.publish(ProgressEvent(tenant=tenant, task_id=task_id, source=self.service, stage=stage,
+                                         message=message, step_id=step_id, detail=detail or {}),
+                           key=f"{self.service}:{stage}:{step_id}:{key}")  # fmt: skip
+
+    async def request(self, model: Contract, *, timeout: float = 5.0) -> Contract:
+        """Core request/reply; the reply is verified like any other message."""
+        if model.spec.transport != "request":
+            raise TypeError(f"{model.type} is not a request contract")
+        body = model.to_bytes()
+        msg_id = env.message_id(model.type, model.tenant, model.task_id, getattr(model, "call_id", "") or "")
+        reply = await self.nc.request(model.subject(), body, timeout=timeout,
+                                      headers=self._headers(model, body, msg_id, None))  # fmt: skip
+        rheaders = dict(reply.headers or {})
+        schema = rheaders.get(env.SCHEMA, "")
+        from mesh_contracts.registry import BY_TYPE
+
+        type_name, _, major = schema.partition("/v")
+        cls = BY_TYPE.get((type_name, int(major) if major.isdigit() else -1))
+        if cls is None or cls.spec.transport != "reply":
+            raise ContractError(f"unexpected reply schema {schema!r} to {model.type}")
+        answer = cls.parse(reply.data, strict=self.settings.strict_contracts)
+        self.verifier.verify(rheaders.get(env.IDENTITY), reply.data, answer)
+        if (answer.tenant, answer.task_id) != (model.tenant, model.task_id):
+            raise ContractError("reply names a different tenant/task than the request")
+        return answer
+
+    # --- consuming ------------------------------------------------------------------------
+
+    def consume(self, contract: type[C], handler: Callable[[C, Delivery], Awaitable[None]], *,
+                max_workers: int | None = None, on_reject: RejectHook | None = None) -> None:  # fmt: skip
+        """Bind ``handler`` to this service's pre-provisioned durable for ``contract``."""
+        durable = topo.durable_for(self.service, contract)
+        workers = max_workers or self.settings.max_workers
+        prefix = (self.settings.inbox_prefix + ".").encode()
+
+        async def entry(msg: NatsMessage) -> None:
+            await self._dispatch(msg, durable, handler, on_reject)
+
+        entry.__name__ = f"{durable.name.replace('-', '_')}"
+        self.broker.subscriber(
+            durable.filter_subject,
+            stream=JStream(durable.stream, declare=False),
+            durable=durable.name,
+            # batch_size=1: with FastStream 0.7.8 + nats-py 2.16 an idle multi-message fetch raises
+            # asyncio.TimeoutError, which FastStream does not suppress (it restarts the loop with an
+            # ERROR traceback). One-message fetches raise the nats TimeoutError it does suppress;
+            # max_workers still gives concurrency.
+            pull_sub=PullSub(batch_size=1, timeout=5.0),
+            ack_policy=AckPolicy.MANUAL,
+            inbox_prefix=prefix,
+            max_workers=workers if workers > 1 else None,
+        )(entry)
+
+    async def _dispatch(self, msg: NatsMessage, durable: topo.Durable, handler: Handler,
+                        on_reject: RejectHook | None) -> None:  # fmt: skip
+        raw: Msg = msg.raw_message
+        headers = dict(raw.headers or {})
+        try:
+            md = raw.metadata
+            deliveries, stored_at, seq = md.num_delivered, md.timestamp.timestamp(), md.sequence.stream
+        except NotJSMessageError:  # in-memory test broker
+            deliveries, stored_at, seq = 1, None, 0
+        try:
+            model = parse_message(raw.subject, raw.data, strict=self.settings.strict_contracts)
+            sender = self.verifier.verify(headers.get(env.IDENTITY), raw.data, model, at=stored_at)
+        except (ContractError, IdentityError) as exc:
+            self.stats.counters[tel.M_REJECTED] += 1
+            reason = f"{'identity' if isinstance(exc, IdentityError) else 'contract'}: {exc}"
+            log.warning("rejected %s seq=%s: %s", raw.subject, seq, reason)
+            await self._dead_letter(raw, headers, durable, "rejected", reason, deliveries, seq)
+            if on_reject is not None:
+                await self._reject_hook(on_reject, raw.subject, reason)
+            await msg.reject()
+            return
+
+        delivery = Delivery(self, sender, raw.subject, headers.get(env.MSG_ID, ""), deliveries, headers, msg)
+        with self.tracer.start_as_current_span(f"handle {model.type}") as span:
+            span.set_attributes({tel.A_TENANT: model.tenant, tel.A_TASK: model.task_id, tel.A_MSG_TYPE: model.type})
+            try:
+                await handler(model, delivery)
+            except Reject as exc:
+                self.stats.counters[tel.M_DEAD_LETTERED] += 1
+                await self._dead_letter(raw, headers, durable, "failed", f"rejected by handler: {exc}", deliveries, seq)
+                await msg.reject()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - any handler bug must become a retry, then the DLQ
+                span.record_exception(exc)
+                reason = f"{type(exc).__name__}: {exc}"
+                if deliveries >= topo.MAX_DELIVER:
+                    self.stats.counters[tel.M_DEAD_LETTERED] += 1
+                    log.error("giving up on %s after %d attempts: %s", raw.subject, deliveries, reason)
+                    await self._dead_letter(raw, headers, durable, "failed", reason, deliveries, seq)
+                    await msg.reject()
+                else:
+                    self.stats.counters[tel.M_RETRIED] += 1
+                    delay = topo.RETRY_DELAYS_S[min(deliveries, len(topo.RETRY_DELAYS_S)) - 1]
+                    log.warning("attempt %d of %s failed (%s); retrying in %.1fs",
+                                deliveries, raw.subject, reason, delay)  # fmt: skip
+                    await msg.nack(delay=delay)
+                return
+        self.stats.counters[tel.M_HANDLED] += 1
+        await msg.ack()
+
+    async def _reject_hook(self, hook: RejectHook, subject: str, reason: str) -> None:
+        import re
+
+        try:
+            parts = split_subject(subject)
+        except ContractError:
+            return
+        if re.match(ID_PATTERN, parts.tenant) and re.match(ID_PATTERN, parts.task_id):
+            await hook(parts.tenant, parts.task_id, subject, reason)
+
+    async def _dead_letter(self, raw: Msg, headers: dict[str, str], durable: topo.Durable, kind: str,
+                           reason: str, deliveries: int, seq: int) -> None:  # fmt: skip
+        out = {f"{env.ORIG_PREFIX}{k}": env.one_line(v, 4000) for k, v in headers.items()
+               if k not in (env.MSG_ID, "Nats-Expected-Stream")}  # fmt: skip
+        out.update({
+            env.DLQ_REASON: env.one_line(reason),
+            env.DLQ_KIND: kind,
+            env.DLQ_SERVICE: self.service,
+            env.DLQ_SUBJECT: raw.subject,
+            env.DLQ_STREAM: durable.stream,
+            env.DLQ_SEQ: str(seq),
+            env.DLQ_DELIVERIES: str(deliveries),
+            env.MSG_ID: f"dlq:{durable.stream}:{seq}:{self.service}" if seq else f"dlq:{time.time_ns()}",
+        })
+        await self.nc.jetstream().publish(topo.dlq_subject(self.service, raw.subject), raw.data,
+                                          headers=out, stream=topo.DLQ_STREAM, timeout=10.0)  # fmt: skip
+
+    # --- request/reply --------------------------------------------------------------------
+
+    def serve(self, contract: type[C], handler: Callable[[C, Delivery], Awaitable[Contract]]) -> None:
+        """Answer core-NATS requests for ``contract`` (queue group shared by all replicas)."""
+        if self.service not in contract.spec.consumers or contract.spec.transport != "request":
+            raise LookupError(f"{self.service} does not serve {contract.type_name()}")
+        pattern = f"{contract.spec.domain}.*.*.*.{contract.spec.event}"
+
+        async def entry(msg: NatsMessage) -> None:
+            raw: Msg = msg.raw_message
+            headers = dict(raw.headers or {})
+            try:
+                model = parse_message(raw.subject, raw.data, strict=self.settings.strict_contracts)
+                sender = self.verifier.verify(headers.get(env.IDENTITY), raw.data, model)
+            except (ContractError, IdentityError) as exc:
+                self.stats.counters[tel.M_REJECTED] += 1
+                log.warning("rejected request on %s: %s", raw.subject, exc)
+                return  # the requester times out; an unverified sender learns nothing
+            answer = await handler(model, Delivery(self, sender, raw.subject, headers.get(env.MSG_ID, ""), 1, headers))
+            body = answer.to_bytes()
+            await self.nc.publish(raw.reply, body, headers=self._headers(answer, body, "", None))
+            self.stats.counters[tel.M_HANDLED] += 1
+
+        entry.__name__ = f"serve_{contract.type_name().replace('.', '_')}"
+        self.broker.subscriber(pattern, queue=topo.queue_group(self.service), no_reply=True)(entry)
+
+    # --- state ----------------------------------------------------------------------------
+
+    async def kv(self, bucket: str) -> Any:
+        """Bind a provisioned KV bucket (never creates it)."""
+        return await self.nc.jetstream().key_value(bucket)

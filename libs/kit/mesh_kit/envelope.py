@@ -1,0 +1,31 @@
+"""Envelope headers: metadata that travels beside the body, never inside it."""
+
+from __future__ import annotations
+
+SCHEMA = "Mesh-Schema"
+TENANT = "Mesh-Tenant"
+TASK = "Mesh-Task"
+CAUSATION = "Mesh-Causation"
+IDENTITY = "Mesh-Identity"
+MSG_ID = "Nats-Msg-Id"
+
+DLQ_REASON = "Mesh-Dlq-Reason"
+DLQ_KIND = "Mesh-Dlq-Kind"  # "rejected" (never valid) or "failed" (valid, handler gave up)
+DLQ_SERVICE = "Mesh-Dlq-Service"
+DLQ_SUBJECT = "Mesh-Dlq-Subject"
+DLQ_STREAM = "Mesh-Dlq-Stream"
+DLQ_SEQ = "Mesh-Dlq-Seq"
+DLQ_DELIVERIES = "Mesh-Dlq-Deliveries"
+ORIG_PREFIX = "Mesh-Orig-"
+
+
+def message_id(msg_type: str, tenant: str, task_id: str, key: str) -> str:
+    """Deterministic ``Nats-Msg-Id``: the same logical message always gets the same id,
+    so a re-dispatch after a crash is dropped by the server's dedup window."""
+    return f"{msg_type}:{tenant}:{task_id}:{key}"
+
+
+def one_line(text: str, limit: int = 1000) -> str:
+    """Header-safe single line (NATS headers cannot carry newlines)."""
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"

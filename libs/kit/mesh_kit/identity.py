@@ -1,0 +1,170 @@
+"""Signed identity tokens on every message (EdDSA JWTs made with pyjwt).
+
+The broker's permissions stop a service from publishing where it must not; the token
+stops a forged or altered message from being believed anywhere. A token names the
+sending principal (``kid`` header and ``iss`` claim), the tenant, the message type, a
+sha256 digest of the exact body bytes and a short validity window.
+
+Expiry is checked against the time the broker *stored* the message (JetStream
+metadata), not the time it is consumed: a backlog that waits out an outage stays valid,
+while a captured token cannot be replayed into the stream later than its window.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from mesh_contracts.base import CLIENT, Contract
+
+ALGORITHM = "EdDSA"
+DEFAULT_TTL_S = 300.0
+CLOCK_LEEWAY_S = 5.0
+
+
+class IdentityError(Exception):
+    """A message's identity token is missing, invalid, or does not entitle its sender."""
+
+
+@dataclass(frozen=True)
+class Principal:
+    """An entry of the trust bundle: who a key belongs to."""
+
+    name: str  # e.g. "worker", "client.acme", "approver"
+    role: str  # a service name, "client" or "approver"
+    tenant: str | None  # set for tenant clients: they may speak only for that tenant
+    public_key: Ed25519PublicKey
+
+
+def principal_name(role: str, tenant: str | None = None) -> str:
+    return f"{role}.{tenant}" if role == CLIENT and tenant else role
+
+
+def body_digest(body: bytes) -> str:
+    return hashlib.sha256(body).hexdigest()
+
+
+def new_signing_key() -> Ed25519PrivateKey:
+    return Ed25519PrivateKey.generate()
+
+
+def private_pem(key: Ed25519PrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())  # fmt: skip
+
+
+def public_pem(key: Ed25519PublicKey) -> str:
+    return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+
+
+def load_private_key(path: str | Path) -> Ed25519PrivateKey:
+    key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
+    if not isinstance(key, Ed25519PrivateKey):
+        raise IdentityError(f"{path}: not an Ed25519 private key")
+    return key
+
+
+class Signer:
+    """Signs outgoing messages as one principal."""
+
+    def __init__(self, principal: str, key: Ed25519PrivateKey, ttl_s: float = DEFAULT_TTL_S) -> None:
+        self.principal = principal
+        self._key = key
+        self._ttl_s = ttl_s
+
+    @classmethod
+    def from_file(cls, principal: str, path: str | Path, ttl_s: float = DEFAULT_TTL_S) -> Signer:
+        return cls(principal, load_private_key(path), ttl_s)
+
+    def token(self, *, tenant: str, msg_type: str, body: bytes, msg_id: str = "", now: float | None = None) -> str:
+        now = time.time() if now is None else now
+        claims = {"iss": self.principal, "ten": tenant, "typ": msg_type, "dig": body_digest(body),
+                  "mid": msg_id, "iat": int(now), "exp": int(now + self._ttl_s)}  # fmt: skip
+        return jwt.encode(claims, self._key, algorithm=ALGORITHM, headers={"kid": self.principal})
+
+
+class TrustBundle:
+    """Public keys of every principal, with their role and tenant."""
+
+    def __init__(self, principals: dict[str, Principal]) -> None:
+        self.principals = principals
+
+    @classmethod
+    def from_json(cls, data: str | bytes) -> TrustBundle:
+        raw = json.loads(data)
+        out = {}
+        for name, entry in raw["principals"].items():
+            key = serialization.load_pem_public_key(entry["public_key"].encode())
+            if not isinstance(key, Ed25519PublicKey):
+                raise IdentityError(f"trust bundle: {name} does not hold an Ed25519 key")
+            out[name] = Principal(name, entry["role"], entry.get("tenant"), key)
+        return cls(out)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> TrustBundle:
+        return cls.from_json(Path(path).read_bytes())
+
+    @staticmethod
+    def to_json(entries: dict[str, tuple[str, str | None, Ed25519PublicKey]]) -> str:
+        """Serialise ``name -> (role, tenant, public key)``."""
+        return json.dumps({"version": 1, "principals": {
+            name: {"role": role, "tenant": tenant, "public_key": public_pem(pub)}
+            for name, (role, tenant, pub) in sorted(entries.items())}}, indent=2)  # fmt: skip
+
+
+class Verifier:
+    """Checks a message's token against the trust bundle and the contract's producers."""
+
+    def __init__(self, bundle: TrustBundle, leeway_s: float = CLOCK_LEEWAY_S) -> None:
+        self.bundle = bundle
+        self.leeway_s = leeway_s
+
+    def verify(self, token: str | None, body: bytes, model: Contract, *, at: float | None = None) -> Principal:
+        """Return the sending principal, or raise ``IdentityError`` saying why not.
+
+        ``at`` is when the message entered the broker (defaults to now).
+        """
+        if not token:
+            raise IdentityError("identity token missing")
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError as exc:
+            raise IdentityError(f"identity token unreadable: {exc}") from None
+        name = header.get("kid")
+        principal = self.bundle.principals.get(name) if isinstance(name, str) else None
+        if principal is None:
+            raise IdentityError(f"identity token from unknown principal {name!r}")
+        try:
+            claims: dict[str, Any] = jwt.decode(
+                token, principal.public_key, algorithms=[ALGORITHM],
+                options={"verify_exp": False, "require": ["iss", "ten", "typ", "dig", "iat", "exp"]})  # fmt: skip
+        except jwt.InvalidSignatureError:
+            raise IdentityError(f"identity token signature invalid for {name} (forged?)") from None
+        except jwt.PyJWTError as exc:
+            raise IdentityError(f"identity token invalid: {exc}") from None
+        at = time.time() if at is None else at
+        if claims["exp"] < at - self.leeway_s:
+            raise IdentityError(f"identity token expired {at - claims['exp']:.0f}s before the message was stored")
+        if claims["iat"] > at + self.leeway_s:
+            raise IdentityError("identity token issued in the future")
+        if claims["iss"] != name:
+            raise IdentityError(f"identity token issuer {claims['iss']!r} does not match key id {name!r}")
+        if claims["dig"] != body_digest(body):
+            raise IdentityError("body does not match the identity token's digest (altered in transit?)")
+        if claims["typ"] != model.type:
+            raise IdentityError(f"token was issued for {claims['typ']}, message is {model.type}")
+        if claims["ten"] != model.tenant:
+            raise IdentityError(f"token was issued for tenant {claims['ten']!r}, message is for {model.tenant!r}")
+        if principal.role not in model.spec.producers:
+            raise IdentityError(f"{name} may not produce {model.type} (producers: {', '.join(model.spec.producers)})")
+        if principal.role == CLIENT and principal.tenant != model.tenant:
+            raise IdentityError(f"{name} may speak only for tenant {principal.tenant!r}, not {model.tenant!r}")
+        return principal

@@ -1,0 +1,57 @@
+"""Service settings from the environment (prefix ``MESH_``); fail fast when incomplete."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from mesh_contracts import SERVICES
+
+
+class ServiceSettings(BaseSettings):
+    """What every service needs to join the mesh. ``meshctl up`` and the k8s manifests set these."""
+
+    model_config = SettingsConfigDict(env_prefix="MESH_", extra="ignore")
+
+    service: str
+    """Service identity; one of the six services."""
+    nats_url: str = "nats://127.0.0.1:4222"
+    creds_file: Path | None = None
+    """NATS user credentials (.creds: JWT + nkey seed) of this service."""
+    signing_key_file: Path
+    """Ed25519 private key this service signs its messages with."""
+    trust_bundle_file: Path
+    """Public keys of every principal."""
+    redis_url: str = ""
+    """Redis for caches and fast counters (rebuildable state only)."""
+    health_host: str = "127.0.0.1"
+    health_port: int = Field(0, ge=0, le=65535)
+    """HTTP port for /healthz, /readyz, /status; 0 disables the endpoint."""
+    strict_contracts: bool = False
+    """Reject unknown fields (tests run strict; production is tolerant)."""
+    token_ttl_s: float = 300.0
+    graceful_timeout_s: float = 20.0
+    """On SIGTERM, how long in-flight handlers may take to finish."""
+    max_workers: int = Field(4, ge=1, le=256)
+    """Concurrent handlers per durable in one process."""
+    log_level: str = "INFO"
+    data_dir: Path | None = None
+    """Service-specific data (e.g. the RAG service's sample documents)."""
+
+    @field_validator("service")
+    @classmethod
+    def _known_service(cls, v: str) -> str:
+        if v not in SERVICES:
+            raise ValueError(f"unknown service {v!r}; expected one of {', '.join(SERVICES)}")
+        return v
+
+    @property
+    def inbox_prefix(self) -> str:
+        """Per-service reply inbox; the policy lets only this service subscribe to it."""
+        return inbox_prefix(self.service)
+
+
+def inbox_prefix(principal: str) -> str:
+    return "_INBOX_" + principal.replace(".", "_").replace("-", "_")

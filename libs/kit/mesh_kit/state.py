@@ -1,0 +1,114 @@
+"""Task state lives in JetStream KV, updated with compare-and-set on the revision.
+
+The record is the only truth about a task's progress: any replica of the planner can
+pick up any task, and other services read it (e.g. to see a cancel they missed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from collections.abc import Callable
+from typing import Any, Literal, TypeVar
+
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from pydantic import BaseModel, ConfigDict
+
+from mesh_contracts.v1 import Citation, PlanStep, TaskLimits, TokenUsage
+
+TaskStatus = Literal["planning", "running", "checking", "halted", "completed", "failed", "cancelled"]
+StepStatus = Literal["pending", "dispatched", "completed", "failed", "halted"]
+TERMINAL: tuple[str, ...] = ("completed", "failed", "cancelled")
+
+
+class StepState(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    step: PlanStep
+    status: StepStatus = "pending"
+    attempt: int = 0
+    output: str = ""
+    citations: list[Citation] = []
+    usage: TokenUsage = TokenUsage()
+    reason: str = ""
+
+
+class OutboxItem(BaseModel):
+    """A message decided in a state transition but not yet confirmed published."""
+
+    type: str
+    key: str
+    body: dict[str, Any]
+    causation: str = ""
+
+
+class TaskRecord(BaseModel):
+    """The ``tasks`` bucket's value, key ``<tenant>.<task_id>``."""
+
+    model_config = ConfigDict(extra="allow")
+
+    tenant: str
+    task_id: str
+    goal: str
+    limits: TaskLimits = TaskLimits()
+    status: TaskStatus = "planning"
+    reason: str = ""
+    steps: dict[str, StepState] = {}
+    planner_usage: TokenUsage = TokenUsage()
+    check_attempt: int = 0
+    created_at: float = 0.0
+    finished_at: float = 0.0
+    outbox: list[OutboxItem] = []
+
+    @staticmethod
+    def key(tenant: str, task_id: str) -> str:
+        return f"{tenant}.{task_id}"
+
+    def total_usage(self) -> TokenUsage:
+        total = self.planner_usage
+        for s in self.steps.values():
+            total = total + s.usage
+        return total
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+async def load(kv: Any, key: str, model: type[M]) -> tuple[M | None, int]:
+    try:
+        entry = await kv.get(key)
+    except KeyNotFoundError:
+        return None, 0
+    if entry.value is None:  # deleted or purged
+        return None, 0
+    return model.model_validate_json(entry.value), entry.revision or 0
+
+
+class Conflict(Exception):
+    """Too many concurrent writers on one key; the message will be retried."""
+
+
+async def update(kv: Any, key: str, model: type[M], mutate: Callable[[M | None], M | None],
+                 retries: int = 12) -> tuple[M | None, bool]:  # fmt: skip
+    """Read-modify-write with compare-and-set. ``mutate`` returns the new value, or None for
+    "no change". Returns (value, changed)."""
+    for attempt in range(retries):
+        current, rev = await load(kv, key, model)
+        new = mutate(current.model_copy(deep=True) if current is not None else None)
+        if new is None:
+            return current, False
+        data = new.model_dump_json().encode()
+        try:
+            if rev == 0:
+                await kv.create(key, data)
+            else:
+                await kv.update(key, data, last=rev)
+            return new, True
+        except KeyWrongLastSequenceError:
+            await asyncio.sleep(random.uniform(0, 0.01 * (attempt + 1)))  # jittered: writers collided
+    raise Conflict(f"compare-and-set on {key} lost {retries} times")
+
+
+def dumps(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), sort_keys=True).encode()

@@ -1,0 +1,69 @@
+"""OpenTelemetry set-up and the one registry of telemetry names (``mesh.`` prefix).
+
+Exporters follow the standard ``OTEL_*`` variables: with ``OTEL_EXPORTER_OTLP_ENDPOINT``
+set, spans and metrics go over OTLP; without it they stay in-process (tests attach an
+in-memory exporter to the provider this returns).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+# Metric names. Define here before use anywhere.
+M_HANDLED = "mesh.messages.handled"
+M_REJECTED = "mesh.messages.rejected"
+M_DEAD_LETTERED = "mesh.messages.dead_lettered"
+M_RETRIED = "mesh.messages.retried"
+M_PERMISSION_VIOLATIONS = "mesh.nats.permission_violations"
+M_TOKENS = "mesh.llm.tokens"
+M_COST = "mesh.llm.cost_usd"
+
+# Span attribute names.
+A_TENANT = "mesh.tenant"
+A_TASK = "mesh.task_id"
+A_STEP = "mesh.step_id"
+A_MSG_TYPE = "mesh.message.type"
+
+# GenAI semantic-convention names, as plain strings: the semconv package constants moved
+# to the GenAI conventions repository and are marked deprecated.
+GEN_AI_OPERATION = "gen_ai.operation.name"
+GEN_AI_PROVIDER = "gen_ai.provider.name"
+GEN_AI_REQUEST_MODEL = "gen_ai.request.model"
+GEN_AI_RESPONSE_MODEL = "gen_ai.response.model"
+GEN_AI_INPUT_TOKENS = "gen_ai.usage.input_tokens"
+GEN_AI_OUTPUT_TOKENS = "gen_ai.usage.output_tokens"
+GEN_AI_FINISH_REASONS = "gen_ai.response.finish_reasons"
+GEN_AI_AGENT_NAME = "gen_ai.agent.name"
+GEN_AI_CONVERSATION_ID = "gen_ai.conversation.id"
+
+
+@dataclass
+class Telemetry:
+    tracer_provider: TracerProvider
+    meter_provider: MeterProvider
+
+
+def setup(service: str) -> Telemetry:
+    """Providers for one service process. ``OTEL_SERVICE_NAME`` defaults to the service folder name."""
+    resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", service),
+                                "service.namespace": "agentmesh"})  # fmt: skip
+    tracer_provider = TracerProvider(resource=resource)
+    readers = []
+    if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        if os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc") == "grpc":
+            from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        else:
+            from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+
+        tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+        readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
+    return Telemetry(tracer_provider, MeterProvider(resource=resource, metric_readers=readers))

@@ -1,0 +1,130 @@
+"""A deterministic scripted model for tests and demos.
+
+It behaves like a small, obedient agent: the planner role returns a JSON plan, the
+worker role calls the tools its step offers and then answers from what they returned.
+Same input, same output, same token counts: end-to-end tests can assert exact results.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+from mesh_llm.model import Message, ModelRequest, ModelResponse, ToolCall, count_tokens
+
+ARITHMETIC = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?(?:\s*[-+*/%]\s*\d+(?:\.\d+)?)+)(?!\w|\.\d)")
+
+
+class ScriptedModel:
+    provider = "scripted"
+
+    def __init__(self, model: str = "scripted-1") -> None:
+        self.model = model
+        self.calls = 0
+
+    def count(self, request: ModelRequest) -> int:
+        return sum(count_tokens(m.content) + 4 for m in request.messages) + sum(
+            count_tokens(t.name + t.description) for t in request.tools)  # fmt: skip
+
+    async def complete(self, request: ModelRequest) -> ModelResponse:
+        self.calls += 1
+        if request.agent == "planner":
+            content, calls = self._plan(request), ()
+        else:
+            content, calls = self._work(request)
+        out_tokens = min(request.max_tokens, count_tokens(content) + sum(count_tokens(json.dumps(c.arguments)) + 3
+                                                                           for c in calls))  # fmt: skip
+        return ModelResponse(content, calls, self.count(request), out_tokens, self.provider, self.model,
+                             "tool_calls" if calls else "stop")  # fmt: skip
+
+    # --- planner ------------------------------------------------------------------------------
+
+    def _plan(self, request: ModelRequest) -> str:
+        goal = _last(request.messages, "user")
+        expr = ARITHMETIC.search(goal)
+        topic = ARITHMETIC.sub("", goal).strip(" ?.,;:") or goal
+        for _ in range(3):  # drop connective words the arithmetic left dangling ("... Also compute")
+            topic = re.sub(r"\b(also|and|then|compute|calculate|what is)\s*$", "", topic, flags=re.I).strip(" ?.,;:")
+        steps = [{"step_id": "s1", "kind": "research", "tools": ["search_docs"],
+                  "instruction": f"Find what the documentation says about: {topic}"}]  # fmt: skip
+        if expr:
+            steps.append({"step_id": "s2", "kind": "compute", "tools": ["calculator"],
+                          "instruction": f"Compute {expr.group(1)}"})  # fmt: skip
+        else:
+            steps.append({"step_id": "s2", "kind": "compute", "tools": ["text_stats"],
+                          "instruction": f"Measure the question: {goal}"})  # fmt: skip
+        steps.append({"step_id": "s3", "kind": "answer", "tools": [], "depends_on": ["s1", "s2"],
+                      "instruction": f"Write the final answer to: {goal}"})  # fmt: skip
+        return json.dumps({"steps": steps})
+
+    # --- worker -------------------------------------------------------------------------------
+
+    def _work(self, request: ModelRequest) -> tuple[str, tuple[ToolCall, ...]]:
+        instruction = _last(request.messages, "user")
+        results = [m for m in request.messages if m.role == "tool"]
+        tools = {t.name for t in request.tools}
+        if not results and tools:
+            call = _first_call(instruction, tools)
+            if call is not None:
+                return "", (call,)
+        if results:
+            return _answer_from(results[-1], instruction), ()
+        return _compose(request.messages), ()
+
+
+def _last(messages: tuple[Message, ...], role: str) -> str:
+    return next((m.content for m in reversed(messages) if m.role == role), "")
+
+
+def _first_call(instruction: str, tools: set[str]) -> ToolCall | None:
+    body = instruction.split(":", 1)[-1].strip()
+    if "search_docs" in tools:
+        return ToolCall("c0", "search_docs", {"query": body, "top_k": 3})
+    if "calculator" in tools and (m := ARITHMETIC.search(instruction)):
+        return ToolCall("c0", "calculator", {"expression": m.group(1)})
+    if "text_stats" in tools:
+        return ToolCall("c0", "text_stats", {"text": body})
+    return None
+
+
+WORD = re.compile(r"[a-z0-9]+")
+
+
+def _answer_from(result: Message, instruction: str) -> str:
+    if result.name == "search_docs":
+        try:
+            hits = json.loads(result.content)
+        except json.JSONDecodeError:
+            return f"The search failed: {result.content}"
+        if not hits:
+            return "The documentation has nothing on this."
+        return _extract(hits, instruction.split(":", 1)[-1])
+    if result.name == "calculator":
+        return f"The result is {result.content}." if not result.content.startswith("error") else result.content
+    return f"{result.name}: {result.content}"
+
+
+def _extract(hits: list[dict], query: str, n: int = 2) -> str:
+    """Extractive answer: the ``n`` sentences sharing most words with the query, each cited."""
+    def stems(text: str) -> set[str]:
+        return {w.rstrip("s") for w in WORD.findall(text.lower()) if len(w) > 3}
+
+    wanted = stems(query)
+    scored, seen = [], set()
+    for rank, hit in enumerate(hits):
+        for pos, sentence in enumerate(re.split(r"(?<=[.!?])\s+", hit["text"].strip())):
+            if sentence in seen:  # chunks overlap by a sentence
+                continue
+            seen.add(sentence)
+            overlap = len(wanted & stems(sentence))
+            scored.append((-overlap, rank, pos, sentence, f"[{hit['doc_id']}#{hit['chunk_id']}]"))
+    best = sorted(scored)[:n]
+    best.sort(key=lambda x: (x[1], x[2]))  # keep reading order
+    return " ".join(f"{sentence} {ref}" for _, _, _, sentence, ref in best)
+
+
+def _compose(messages: tuple[Message, ...]) -> str:
+    """Answer step: stitch the inputs (prior step outputs) into one answer."""
+    inputs = [m.content for m in messages if m.role == "user" and m.content.startswith("Input from ")]
+    parts = [i.split(":", 1)[1].strip() for i in inputs]
+    return " ".join(parts) if parts else _last(messages, "user")

@@ -1,0 +1,328 @@
+"""``meshctl``: the operator's and the tenant's command line.
+
+Errors an operator can fix print as one line on stderr with a non-zero exit, never a
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import NoReturn
+
+import httpx
+import nats
+
+from mesh_contracts import SERVICES
+from mesh_contracts.base import ID_PATTERN
+from mesh_contracts.v1 import ProgressEvent, TaskCompleted, TaskFailed, TaskRejected
+from meshctl import local
+from meshctl.identity import Identities
+from meshctl.local import MeshError, MeshState
+from meshctl.policy import policy
+from meshctl.provision import consumer_lag, provision
+
+DEFAULT_HOME = ".mesh"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _home(args: argparse.Namespace) -> Path:
+    return Path(args.home).absolute()
+
+
+def _tenant(value: str) -> str:
+    if not re.match(ID_PATTERN, value):
+        raise argparse.ArgumentTypeError(f"invalid tenant {value!r}: use letters, digits, '-' or '_' (max 64)")
+    return value
+
+
+def _tenants(value: str) -> list[str]:
+    return [_tenant(t) for t in value.split(",") if t]
+
+
+def _positive(value: str) -> float:
+    try:
+        f = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
+    if f <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0: {value!r}")
+    return f
+
+
+def _port(value: str) -> int:
+    if not value.isdigit() or int(value) > 65535:
+        raise argparse.ArgumentTypeError(f"not a port number: {value!r}")
+    return int(value)
+
+
+def _running(home: Path) -> MeshState:
+    state = MeshState.load(home)
+    if state is None or state.nats is None or not state.nats.alive():
+        raise MeshError(f"no mesh is running from {home} (start one with: meshctl up)")
+    return state
+
+
+def _nats_url(args: argparse.Namespace, home: Path) -> str:
+    if getattr(args, "nats_url", None):
+        return args.nats_url
+    return _running(home).nats_url
+
+
+async def _admin(args: argparse.Namespace) -> nats.NATS:
+    home = _home(args)
+    ids = Identities(home)
+    if not ids.creds("admin").exists():
+        raise MeshError(f"no identities in {home} (run: meshctl init)")
+    return await nats.connect(_nats_url(args, home), user_credentials=str(ids.creds("admin")), name="meshctl",
+                              connect_timeout=5, max_reconnect_attempts=0)  # fmt: skip
+
+
+# --- commands -------------------------------------------------------------------------------
+
+def cmd_init(args: argparse.Namespace) -> int:
+    ids = Identities(_home(args))
+    ids.mint(args.tenants)
+    print(f"identities for {len(policy(ids.tenants()))} principals in {ids.home} (secrets mode 0600)")
+    return 0
+
+
+def cmd_policy(args: argparse.Namespace) -> int:
+    tenants = args.tenants or Identities(_home(args)).tenants() or ["demo"]
+    out = {name: {"role": p.role, "tenant": p.tenant, "publish": p.pub, "subscribe": p.sub,
+                  "allow_responses": p.allow_responses} for name, p in policy(tenants).items()}  # fmt: skip
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+def cmd_provision(args: argparse.Namespace) -> int:
+    async def run() -> None:
+        nc = await _admin(args)
+        try:
+            report = await provision(nc, replicas=args.replicas)
+        finally:
+            await nc.close()
+        print(f"provisioned {len(report.streams)} streams, {len(report.consumers)} durable consumers, "
+              f"{len(report.buckets)} KV buckets")  # fmt: skip
+
+    asyncio.run(run())
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    t0 = time.monotonic()
+    state = asyncio.run(local.up(_home(args), tenants=args.tenants, nats_port=args.nats_port,
+                                 http_port=args.http_port, redis_port=args.redis_port))  # fmt: skip
+    print(f"mesh up in {time.monotonic() - t0:.1f}s: nats {state.nats_url}, redis 127.0.0.1:{state.redis_port}, "
+          f"{len(state.services)} services ({', '.join(state.services)})")  # fmt: skip
+    print(f"tenants: {', '.join(Identities(_home(args)).tenants())}; home: {_home(args)}")
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    stopped = local.down(_home(args))
+    print(f"stopped {len(stopped)} process(es)" + (f": {', '.join(stopped)}" if stopped else " (nothing was running)"))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    home = _home(args)
+    state = _running(home)
+
+    async def run() -> tuple[dict, dict]:
+        health = {}
+        async with httpx.AsyncClient(timeout=2.0) as client:
+            for name, proc in state.services.items():
+                if not proc.alive():
+                    health[name] = {"ready": False, "reason": "process not running"}
+                    continue
+                try:
+                    health[name] = (await client.get(f"http://127.0.0.1:{proc.http_port}/status")).json()
+                except httpx.HTTPError as exc:
+                    health[name] = {"ready": False, "reason": f"health endpoint: {exc}"}
+        nc = await _admin(args)
+        try:
+            lag = await consumer_lag(nc)
+        finally:
+            await nc.close()
+        return health, lag
+
+    health, lag = asyncio.run(run())
+    if args.json:
+        print(json.dumps({"services": health, "consumers": lag}, indent=2))
+        return 0 if all(h.get("ready") for h in health.values()) else 1
+    print(f"{'SERVICE':14} {'PID':>7} {'READY':6} {'LAG':>5}  DETAIL")
+    for name, proc in state.services.items():
+        h = health[name]
+        svc_lag = sum(v["pending"] + v["ack_pending"] for v in lag.values() if v["service"] == name)
+        detail = h.get("reason", "")
+        counters = h.get("counters", {})
+        if counters:
+            detail += "  " + " ".join(f"{k.split('.')[-1]}={v}" for k, v in sorted(counters.items()))
+        print(f"{name:14} {proc.pid:>7} {'yes' if h.get('ready') else 'NO':6} {svc_lag:>5}  {detail}")
+    for p in (state.nats, state.redis):
+        if p:
+            print(f"{p.name:14} {p.pid:>7} {'yes' if p.alive() else 'NO':6} {'':>5}  port {p.port}")
+    return 0 if all(h.get("ready") for h in health.values()) else 1
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from meshctl.client import TenantClient
+
+    home = _home(args)
+    ids = Identities(home)
+    principal = f"client.{args.tenant}"
+    if not ids.creds(principal).exists():
+        raise MeshError(f"unknown tenant {args.tenant!r} (known: {', '.join(ids.tenants()) or 'none'}; "
+                        "add one with: meshctl init --tenants NAME)")  # fmt: skip
+
+    def show(model: object) -> None:
+        if isinstance(model, ProgressEvent) and not args.json:
+            print(f"  [{model.source:>13}] {model.stage:<16} {model.message}", flush=True)
+
+    async def run() -> int:
+        async with TenantClient(_nats_url(args, home), args.tenant, ids.creds(principal),
+                                ids.signing_key(principal), ids.trust_bundle) as client:  # fmt: skip
+            if not args.json:
+                print(f"submitting to tenant {args.tenant}: {args.goal}", flush=True)
+            seen = await client.submit(args.goal, task_id=args.task_id, follow=args.follow,
+                                       timeout=args.timeout, on_event=show)  # fmt: skip
+        if not args.follow:
+            print(seen.task_id)
+            return 0
+        out = seen.outcome
+        if args.json:
+            print(json.dumps({"task_id": seen.task_id, "latency_s": round(seen.latency_s, 3),
+                              "outcome": out.model_dump(mode="json") if out else None,
+                              "events": len(seen.events)}, indent=2))  # fmt: skip
+        elif isinstance(out, TaskCompleted):
+            u = out.usage
+            print(f"\ncompleted {seen.task_id} in {seen.latency_s:.2f}s ({out.steps} steps)\n\n{out.answer}\n")
+            for c in out.citations:
+                print(f"  cited: {c.doc_id} v{c.version[:8]} chunk {c.chunk_id} sha256:{c.chunk_hash[:12]}")
+            print(f"\nusage: {u.input_tokens} input + {u.output_tokens} output tokens "
+                  f"in {u.calls} model calls, ${u.cost_usd:.6f}")  # fmt: skip
+        elif isinstance(out, (TaskFailed, TaskRejected)):
+            print(f"\n{out.type.split('.')[1]} {seen.task_id}: {out.reason}", file=sys.stderr)
+        if out is None:
+            print(f"meshctl: task {seen.task_id} did not finish within {args.timeout:.0f}s", file=sys.stderr)
+            return 3
+        return 0 if isinstance(out, TaskCompleted) else 1
+
+    return asyncio.run(run())
+
+
+def cmd_dlq(args: argparse.Namespace) -> int:
+    async def run() -> None:
+        nc = await _admin(args)
+        js = nc.jetstream()
+        try:
+            info = await js.stream_info("DLQ")
+            first, last = info.state.first_seq, info.state.last_seq
+            seqs = [args.seq] if args.action == "show" else range(max(first, last - args.limit + 1), last + 1)
+            for seq in seqs:
+                try:
+                    m = await js.get_msg("DLQ", seq)
+                except nats.js.errors.NotFoundError:
+                    if args.action == "show":
+                        raise MeshError(f"no dead letter with sequence {seq}") from None
+                    continue
+                h = m.headers or {}
+                if args.action == "show":
+                    print(json.dumps({"seq": seq, "subject": m.subject, "headers": h,
+                                      "body": (m.data or b"").decode(errors="replace")}, indent=2))  # fmt: skip
+                else:
+                    reason = h.get("Mesh-Dlq-Reason") or "server advisory: consumer exhausted max_deliver"
+                    print(f"{seq:>6} {h.get('Mesh-Dlq-Service', '-'):14} {h.get('Mesh-Dlq-Subject', m.subject)}\n"
+                          f"       {reason}")  # fmt: skip
+            if args.action == "list":
+                print(f"({info.state.messages} dead letter(s) in total)")
+        finally:
+            await nc.close()
+
+    asyncio.run(run())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="meshctl", description="Run and operate an AgentMesh.")
+    p.add_argument("--home", default=os.environ.get("MESH_HOME", DEFAULT_HOME),
+                   help="mesh home with identities, data and logs (default: .mesh, env MESH_HOME)")  # fmt: skip
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    s = sub.add_parser("init", help="mint identities (NATS creds, signing keys, trust bundle)")
+    s.add_argument("--tenants", type=_tenants, default=["demo"], help="comma-separated tenant ids")
+    s.set_defaults(fn=cmd_init)
+
+    s = sub.add_parser("policy", help="print every principal's NATS permissions")
+    s.add_argument("--tenants", type=_tenants, default=None)
+    s.set_defaults(fn=cmd_policy)
+
+    s = sub.add_parser("provision", help="create streams, durable consumers and KV buckets (admin)")
+    s.add_argument("--nats-url", default=None)
+    s.add_argument("--replicas", type=int, choices=(1, 3), default=1)
+    s.set_defaults(fn=cmd_provision)
+
+    s = sub.add_parser("up", help="start nats-server, redis-server and the six services locally")
+    s.add_argument("--tenants", type=_tenants, default=["demo"])
+    s.add_argument("--nats-port", type=_port, default=4222, help="0 picks a free port")
+    s.add_argument("--http-port", type=_port, default=8222, help="NATS monitoring port")
+    s.add_argument("--redis-port", type=_port, default=6390)
+    s.set_defaults(fn=cmd_up)
+
+    s = sub.add_parser("down", help="stop everything `up` started, and only that")
+    s.set_defaults(fn=cmd_down)
+
+    s = sub.add_parser("status", help="health of each service and its consumer lag")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--nats-url", default=None)
+    s.set_defaults(fn=cmd_status)
+
+    s = sub.add_parser("submit", help="submit a task as a tenant's client")
+    s.add_argument("goal", help="what you want done")
+    s.add_argument("--tenant", type=_tenant, default="demo")
+    s.add_argument("--task-id", type=_tenant, default=None, help="defaults to a random id")
+    s.add_argument("--follow", action="store_true", help="print progress live and wait for the result")
+    s.add_argument("--timeout", type=_positive, default=120.0, help="seconds to wait with --follow")
+    s.add_argument("--json", action="store_true", help="print the outcome as JSON")
+    s.add_argument("--nats-url", default=None)
+    s.set_defaults(fn=cmd_submit)
+
+    s = sub.add_parser("dlq", help="inspect the dead-letter stream")
+    dsub = s.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    d = dsub.add_parser("list", help="most recent dead letters with their reasons")
+    d.add_argument("--limit", type=int, default=20)
+    d.add_argument("--nats-url", default=None)
+    d = dsub.add_parser("show", help="one dead letter in full")
+    d.add_argument("seq", type=int)
+    d.add_argument("--nats-url", default=None)
+    s.set_defaults(fn=cmd_dlq)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.fn(args))
+    except MeshError as exc:
+        print(f"meshctl: {exc}", file=sys.stderr)
+        return 2
+    except (nats.errors.NoServersError, ConnectionRefusedError, OSError) as exc:
+        print(f"meshctl: cannot reach NATS: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

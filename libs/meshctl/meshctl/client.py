@@ -1,0 +1,111 @@
+"""A tenant's client: submit a task and follow it live (what ``meshctl submit`` uses).
+
+It holds only the tenant's client identity: it can publish that tenant's task
+submissions and control messages, and read that tenant's events and task outcomes.
+Everything it reads is verified against the trust bundle before it is believed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nats
+from nats.aio.msg import Msg
+
+from mesh_contracts import Contract, ContractError, parse_message
+from mesh_contracts.v1 import ProgressEvent, TaskCompleted, TaskFailed, TaskLimits, TaskRejected, TaskSubmitted
+from mesh_kit import envelope as env
+from mesh_kit.identity import IdentityError, Signer, TrustBundle, Verifier
+from mesh_kit.settings import inbox_prefix
+
+TERMINAL = (TaskCompleted, TaskFailed, TaskRejected)
+
+
+@dataclass
+class Followed:
+    """What a client saw of one task."""
+
+    task_id: str
+    outcome: Contract | None = None
+    events: list[ProgressEvent] = field(default_factory=list)
+    submitted_at: float = 0.0
+    finished_at: float = 0.0
+    rejected_messages: list[str] = field(default_factory=list)
+
+    @property
+    def latency_s(self) -> float:
+        return self.finished_at - self.submitted_at
+
+
+class TenantClient:
+    def __init__(self, nats_url: str, tenant: str, creds: Path, signing_key: Path, trust_bundle: Path) -> None:
+        self.nats_url, self.tenant = nats_url, tenant
+        self.principal = f"client.{tenant}"
+        self.creds = creds
+        self.signer = Signer.from_file(self.principal, signing_key)
+        self.verifier = Verifier(TrustBundle.from_file(trust_bundle))
+        self.nc: nats.NATS | None = None
+
+    async def __aenter__(self) -> TenantClient:
+        self.nc = await nats.connect(self.nats_url, user_credentials=str(self.creds), name=self.principal,
+                                     inbox_prefix=inbox_prefix(self.principal), max_reconnect_attempts=-1)  # fmt: skip
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.nc is not None:
+            await self.nc.close()
+
+    async def publish(self, model: Contract, key: str = "1") -> None:
+        assert self.nc is not None
+        body = model.to_bytes()
+        msg_id = env.message_id(model.type, model.tenant, model.task_id, key)
+        headers = {env.SCHEMA: model.schema_id(), env.TENANT: model.tenant, env.TASK: model.task_id,
+                   env.MSG_ID: msg_id,
+                   env.IDENTITY: self.signer.token(tenant=model.tenant, msg_type=model.type, body=body, msg_id=msg_id)}  # fmt: skip
+        await self.nc.jetstream().publish(model.subject(), body, headers=headers, timeout=10.0)
+
+    async def submit(self, goal: str, *, task_id: str | None = None, limits: TaskLimits | None = None,
+                     follow: bool = True, timeout: float = 120.0,
+                     on_event: Callable[[Contract], None] | None = None) -> Followed:  # fmt: skip
+        """Publish ``task.submitted`` and (optionally) follow the task to its outcome."""
+        assert self.nc is not None
+        task_id = task_id or f"t-{uuid.uuid4().hex[:12]}"
+        seen = Followed(task_id)
+        done = asyncio.Event()
+
+        async def on_msg(msg: Msg) -> None:
+            try:
+                model = parse_message(msg.subject, msg.data)
+                self.verifier.verify((msg.headers or {}).get(env.IDENTITY), msg.data, model)
+            except (ContractError, IdentityError) as exc:
+                seen.rejected_messages.append(f"{msg.subject}: {exc}")
+                return
+            if isinstance(model, ProgressEvent):
+                seen.events.append(model)
+            elif isinstance(model, TERMINAL) and seen.outcome is None:
+                seen.outcome, seen.finished_at = model, time.time()
+                done.set()
+            if on_event is not None:
+                on_event(model)
+
+        subs = []
+        if follow:  # subscribe before publishing so nothing is missed
+            subs = [await self.nc.subscribe(f"event.*.{self.tenant}.{task_id}.>", cb=on_msg),
+                    await self.nc.subscribe(f"task.*.{self.tenant}.{task_id}.>", cb=on_msg)]  # fmt: skip
+            await self.nc.flush()
+        seen.submitted_at = time.time()
+        await self.publish(TaskSubmitted(tenant=self.tenant, task_id=task_id, goal=goal, limits=limits or TaskLimits()))
+        if follow:
+            try:
+                await asyncio.wait_for(done.wait(), timeout)
+            except TimeoutError:
+                pass
+            finally:
+                for s in subs:
+                    await s.unsubscribe()
+        return seen

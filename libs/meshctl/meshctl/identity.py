@@ -1,0 +1,190 @@
+"""Mint every identity of a mesh: NATS operator/account/user JWTs (with ``nkeys``, no ``nsc``)
+and the Ed25519 keys services sign messages with, plus the trust bundle.
+
+Layout under the mesh home (``.mesh/`` by default)::
+
+    secrets/operator.jwt, secrets/*.nk           operator and account keys (0600)
+    secrets/creds/<principal>.creds              NATS user JWT + seed, one per principal (0600)
+    secrets/keys/<principal>.pem                 message-signing key, one per principal (0600)
+    trust-bundle.json                            public keys of every principal (not secret)
+    nats/server.conf                             operator-mode config, memory resolver
+
+Account users are signed by an account *signing key*, so the account's identity key is
+needed only to re-issue the account JWT. Nothing here is ever logged.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import nkeys
+
+from mesh_kit.identity import TrustBundle, new_signing_key, private_pem
+from meshctl.policy import Permissions, policy
+
+ACCOUNT = "MESH"
+
+
+def _b64(b: bytes) -> str:
+    return base64.urlsafe_b64encode(b).rstrip(b"=").decode()
+
+
+def new_keypair(prefix: int) -> nkeys.KeyPair:
+    return nkeys.from_seed(bytearray(nkeys.encode_seed(os.urandom(32), prefix)))
+
+
+def encode_jwt(claims: dict, issuer: nkeys.KeyPair) -> str:
+    """A NATS JWT (``ed25519-nkey``): jti is base32(sha512/256(claims)), per nats-io/jwt v2."""
+    claims = {"iat": int(time.time()), "iss": issuer.public_key.decode(), **claims}
+    body = json.dumps(claims, separators=(",", ":"), sort_keys=True).encode()
+    claims["jti"] = base64.b32encode(hashlib.new("sha512_256", body).digest()).rstrip(b"=").decode()
+    header = _b64(json.dumps({"typ": "JWT", "alg": "ed25519-nkey"}).encode())
+    payload = _b64(json.dumps(claims, separators=(",", ":")).encode())
+    return f"{header}.{payload}.{_b64(issuer.sign(f'{header}.{payload}'.encode()))}"
+
+
+def _write_secret(path: Path, data: str | bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+    os.chmod(path, 0o600)
+
+
+def _load_or_new(path: Path, prefix: int) -> nkeys.KeyPair:
+    if path.exists():
+        return nkeys.from_seed(bytearray(path.read_bytes().strip()))
+    kp = new_keypair(prefix)
+    _write_secret(path, kp.seed)
+    return kp
+
+
+def user_jwt(account: nkeys.KeyPair, signing: nkeys.KeyPair, user: nkeys.KeyPair, perms: Permissions,
+             expires_in_s: int | None = None) -> str:  # fmt: skip
+    nats: dict = {"type": "user", "version": 2, "subs": -1, "data": -1, "payload": -1,
+                  "issuer_account": account.public_key.decode(),
+                  "pub": {"allow": perms.pub}, "sub": {"allow": perms.sub}}  # fmt: skip
+    if perms.allow_responses:
+        nats["resp"] = {"max": 1, "ttl": 0}
+    claims: dict = {"sub": user.public_key.decode(), "name": perms.principal, "nats": nats}
+    if expires_in_s:
+        claims["exp"] = int(time.time()) + expires_in_s
+    return encode_jwt(claims, signing)
+
+
+def creds_text(jwt: str, user: nkeys.KeyPair) -> str:
+    return ("-----BEGIN NATS USER JWT-----\n" f"{jwt}\n" "------END NATS USER JWT------\n\n"
+            "************************* IMPORTANT *************************\n"
+            "NKEY Seed printed below can be used to sign and prove identity.\n"
+            "NKEYs are sensitive and should be treated as secrets.\n\n"
+            "-----BEGIN USER NKEY SEED-----\n" f"{user.seed.decode()}\n" "------END USER NKEY SEED------\n\n"
+            "*************************************************************\n")  # fmt: skip
+
+
+class Identities:
+    """Paths of one mesh home's identity material."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.secrets = home / "secrets"
+
+    def creds(self, principal: str) -> Path:
+        return self.secrets / "creds" / f"{principal}.creds"
+
+    def signing_key(self, principal: str) -> Path:
+        return self.secrets / "keys" / f"{principal}.pem"
+
+    @property
+    def trust_bundle(self) -> Path:
+        return self.home / "trust-bundle.json"
+
+    @property
+    def tenants_file(self) -> Path:
+        return self.home / "tenants.json"
+
+    def tenants(self) -> list[str]:
+        return json.loads(self.tenants_file.read_text()) if self.tenants_file.exists() else []
+
+    def exists(self) -> bool:
+        return self.trust_bundle.exists() and (self.secrets / "operator.jwt").exists()
+
+    def mint(self, tenants: list[str], *, user_ttl_s: int | None = None) -> dict[str, str]:
+        """Create (or extend) every identity; returns the resolver preload (account pub -> JWT).
+
+        Existing operator/account keys are reused, so re-running adds tenants without
+        invalidating credentials already handed out.
+        """
+        self.secrets.mkdir(parents=True, exist_ok=True, mode=0o700)
+        op = _load_or_new(self.secrets / "operator.nk", nkeys.PREFIX_BYTE_OPERATOR)
+        sys_acc = _load_or_new(self.secrets / "account-SYS.nk", nkeys.PREFIX_BYTE_ACCOUNT)
+        acc = _load_or_new(self.secrets / f"account-{ACCOUNT}.nk", nkeys.PREFIX_BYTE_ACCOUNT)
+        signing = _load_or_new(self.secrets / f"account-{ACCOUNT}-signing.nk", nkeys.PREFIX_BYTE_ACCOUNT)
+        sys_pub, acc_pub = sys_acc.public_key.decode(), acc.public_key.decode()
+        (self.secrets / "operator.jwt").write_text(encode_jwt(
+            {"sub": op.public_key.decode(), "name": "agentmesh",
+             "nats": {"type": "operator", "version": 2, "system_account": sys_pub}}, op))  # fmt: skip
+        base_limits = {"subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1,
+                       "wildcards": True, "conn": -1, "leaf": -1}  # fmt: skip
+        preload = {
+            sys_pub: encode_jwt({"sub": sys_pub, "name": "SYS",
+                                 "nats": {"type": "account", "version": 2, "limits": base_limits}}, op),  # fmt: skip
+            acc_pub: encode_jwt({"sub": acc_pub, "name": ACCOUNT, "nats": {
+                "type": "account", "version": 2, "signing_keys": [signing.public_key.decode()],
+                "limits": {**base_limits, "mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1},
+                "default_permissions": {"pub": {}, "sub": {}}}}, op),  # fmt: skip
+        }
+        (self.secrets / "preload.json").write_text(json.dumps(preload))
+        (self.secrets / "account.json").write_text(json.dumps({"name": ACCOUNT, "id": acc_pub, "system": sys_pub}))
+
+        tenants = sorted(set(self.tenants()) | set(tenants))
+        self.tenants_file.write_text(json.dumps(tenants))
+        bundle_entries = {}
+        for name, perms in policy(tenants).items():
+            user = new_keypair(nkeys.PREFIX_BYTE_USER)
+            _write_secret(self.creds(name), creds_text(user_jwt(acc, signing, user, perms, user_ttl_s), user))
+            if perms.role == "admin":
+                continue  # admin provisions; it never signs mesh messages
+            key_path = self.signing_key(name)
+            if key_path.exists():
+                from mesh_kit.identity import load_private_key
+
+                key = load_private_key(key_path)
+            else:
+                key = new_signing_key()
+                _write_secret(key_path, private_pem(key))
+            bundle_entries[name] = (perms.role, perms.tenant, key.public_key())
+        self.trust_bundle.write_text(TrustBundle.to_json(bundle_entries))
+        return preload
+
+    def account_id(self) -> str:
+        return json.loads((self.secrets / "account.json").read_text())["id"]
+
+    def server_config(self, *, port: int, http_port: int, store_dir: Path, cluster: str = "") -> str:
+        """Operator-mode nats-server config: loopback only, durable JetStream writes."""
+        preload = json.loads((self.secrets / "preload.json").read_text())
+        sys_pub = json.loads((self.secrets / "account.json").read_text())["system"]
+        entries = "\n".join(f"  {k}: {v}" for k, v in preload.items())
+        return f"""# Generated by meshctl; do not edit. Secrets are not in this file.
+server_name: agentmesh-local
+listen: 127.0.0.1:{port}
+http: 127.0.0.1:{http_port}
+max_payload: 8MB
+operator: "{self.secrets / 'operator.jwt'}"
+system_account: {sys_pub}
+resolver: MEMORY
+resolver_preload: {{
+{entries}
+}}
+jetstream {{
+  store_dir: "{store_dir}"
+  # Jepsen's 2025 NATS analysis: fsync every write on single-node and test servers.
+  sync_interval: always
+  max_memory_store: 256MB
+  max_file_store: 8GB
+}}
+{cluster}"""

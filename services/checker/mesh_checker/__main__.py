@@ -1,0 +1,12 @@
+"""Entry point: ``python -m mesh_checker`` (settings come from MESH_* variables)."""
+
+from mesh_kit import run_service
+from mesh_checker.service import build
+
+
+def main() -> None:
+    run_service(build, service="checker")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,320 @@
+"""Planner handlers: plan a submitted task, dispatch ready steps, decide the outcome.
+
+Every handler is a state transition on the task record (compare-and-set in KV). The
+messages a transition decides are written into the record's outbox in the same write,
+then published with deterministic ids, then removed from the outbox. A crash anywhere
+leaves either nothing done or an outbox that the next delivery flushes: no decision is
+lost and the server's dedup window absorbs republishing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from pydantic import ValidationError
+
+from mesh_contracts import Contract
+from mesh_contracts.registry import BY_TYPE
+from mesh_contracts.v1 import (
+    CheckRequested,
+    CheckVerdict,
+    Citation,
+    ControlCancel,
+    ControlHalt,
+    ControlResume,
+    PlanCreated,
+    PlanStep,
+    ProgressEvent,
+    StepCompleted,
+    StepFailed,
+    StepRequested,
+    TaskCompleted,
+    TaskFailed,
+    TaskRejected,
+    TaskSubmitted,
+)
+from mesh_kit import Delivery, Mesh
+from mesh_kit import state as st
+from mesh_kit.metered import BudgetExceeded, call_model, scripted_or_configured
+from mesh_kit.state import OutboxItem, StepState, TaskRecord
+from mesh_llm import ChatModel, Message, ModelRequest
+
+log = logging.getLogger("mesh.planner")
+PLANNER_PROMPT = (
+    "You are the planner of a multi-agent system. Break the user's goal into at most {max_steps} steps "
+    'and answer with JSON only: {{"steps": [{{"step_id", "kind", "instruction", "tools", "depends_on"}}]}}. '
+    "Tools: search_docs (retrieval over the tenant's documents), calculator, text_stats."
+)
+
+
+def _out(rec: TaskRecord, msg: Contract, key: str, causation: str = "") -> None:
+    rec.outbox.append(OutboxItem(type=msg.type, key=key, body=msg.model_dump(mode="json"), causation=causation))
+
+
+def _event(rec: TaskRecord, stage: str, message: str, step_id: str = "", key: str = "") -> None:
+    _out(rec, ProgressEvent(tenant=rec.tenant, task_id=rec.task_id, source="planner", stage=stage,
+                            message=message, step_id=step_id), key=f"planner:{stage}:{step_id}:{key}")  # fmt: skip
+
+
+def dispatch_ready(rec: TaskRecord, causation: str = "") -> None:
+    """Move every pending step whose dependencies completed to dispatched (attempt + 1)."""
+    for sid, s in rec.steps.items():
+        if s.status != "pending":
+            continue
+        deps = [rec.steps[d] for d in s.step.depends_on]
+        if all(d.status == "completed" for d in deps):
+            s.status, s.attempt = "dispatched", s.attempt + 1
+            inputs = {d: rec.steps[d].output for d in s.step.depends_on}
+            _out(rec, StepRequested(tenant=rec.tenant, task_id=rec.task_id, step=s.step, attempt=s.attempt,
+                                    inputs=inputs), key=f"{sid}:{s.attempt}", causation=causation)  # fmt: skip
+            _event(rec, "step.dispatched", f"{sid} ({s.step.kind}): {s.step.instruction[:80]}", sid, str(s.attempt))
+
+
+def final_answer(rec: TaskRecord) -> tuple[str, list[Citation]]:
+    order = list(rec.steps)
+    answer_step = next((rec.steps[s] for s in reversed(order) if rec.steps[s].step.kind == "answer"),
+                       rec.steps[order[-1]])  # fmt: skip
+    seen: dict[str, Citation] = {}
+    for s in rec.steps.values():
+        for c in s.citations:
+            seen.setdefault(c.chunk_hash, c)
+    return answer_step.output, list(seen.values())
+
+
+def fail(rec: TaskRecord, reason: str, failed_step: str | None = None, status: str = "failed") -> None:
+    rec.status, rec.reason, rec.finished_at = status, reason, time.time()  # type: ignore[assignment]
+    _out(rec, TaskFailed(tenant=rec.tenant, task_id=rec.task_id, reason=reason, failed_step=failed_step,
+                         usage=rec.total_usage()), key="failed")  # fmt: skip
+    _event(rec, "task.failed", reason)
+
+
+def parse_plan(text: str, max_steps: int) -> list[PlanStep]:
+    try:
+        raw = json.loads(text)
+        steps = [PlanStep.model_validate(s) for s in raw["steps"]]
+    except (json.JSONDecodeError, KeyError, TypeError, ValidationError) as exc:
+        raise ValueError(f"planner model returned an unusable plan: {str(exc)[:200]}") from None
+    ids = [s.step_id for s in steps]
+    if not steps or len(set(ids)) != len(ids):
+        raise ValueError("plan has no steps or repeats a step id")
+    if len(steps) > max_steps:
+        raise ValueError(f"plan has {len(steps)} steps, over the task's limit of {max_steps}")
+    for s in steps:
+        unknown = [d for d in s.depends_on if d not in ids or ids.index(d) >= ids.index(s.step_id)]
+        if unknown:
+            raise ValueError(f"step {s.step_id} depends on {unknown}, which are not earlier steps")
+    return steps
+
+
+class Planner:
+    def __init__(self, mesh: Mesh, model: ChatModel) -> None:
+        self.mesh = mesh
+        self.model = model
+        self.kv: Any = None
+
+    async def start(self) -> None:
+        self.kv = await self.mesh.kv("tasks")
+
+    def register(self) -> None:
+        m = self.mesh
+        m.consume(TaskSubmitted, self.on_submitted, on_reject=self.on_rejected)
+        m.consume(StepCompleted, self.on_step_completed)
+        m.consume(StepFailed, self.on_step_failed)
+        m.consume(CheckVerdict, self.on_verdict)
+        for control in (ControlCancel, ControlHalt, ControlResume):
+            m.consume(control, self.on_control)
+
+    # --- transitions ----------------------------------------------------------------------
+
+    async def transition(self, tenant: str, task_id: str, fn: Callable[[TaskRecord], bool]) -> TaskRecord | None:
+        """Apply ``fn`` (returns whether it changed the record), then flush the outbox."""
+
+        def mutate(rec: TaskRecord | None) -> TaskRecord | None:
+            if rec is None:
+                return None
+            return rec if fn(rec) else None
+
+        rec, _ = await st.update(self.kv, TaskRecord.key(tenant, task_id), TaskRecord, mutate)
+        if rec is not None:
+            await self.flush(rec)
+        return rec
+
+    async def flush(self, rec: TaskRecord) -> None:
+        if not rec.outbox:
+            return
+        done = set()
+        for item in rec.outbox:
+            cls = BY_TYPE[(item.type, 1)]
+            await self.mesh.publish(cls.model_validate(item.body), key=item.key, causation=item.causation or None)
+            done.add((item.type, item.key))
+
+        def clear(r: TaskRecord | None) -> TaskRecord | None:
+            if r is None or not r.outbox:
+                return None
+            r.outbox = [i for i in r.outbox if (i.type, i.key) not in done]
+            return r
+
+        await st.update(self.kv, TaskRecord.key(rec.tenant, rec.task_id), TaskRecord, clear)
+
+    # --- handlers -------------------------------------------------------------------------
+
+    async def on_rejected(self, tenant: str, task_id: str, subject: str, reason: str) -> None:
+        if not subject.startswith("task."):
+            return
+        await self.mesh.publish(TaskRejected(tenant=tenant, task_id=task_id, reason=reason, source_subject=subject),
+                                key="rejected")  # fmt: skip
+
+    async def on_submitted(self, m: TaskSubmitted, d: Delivery) -> None:
+        key = TaskRecord.key(m.tenant, m.task_id)
+
+        def create(rec: TaskRecord | None) -> TaskRecord | None:
+            if rec is not None:
+                return None  # a redelivery or a duplicate submission of the same task id
+            new = TaskRecord(tenant=m.tenant, task_id=m.task_id, goal=m.goal, limits=m.limits, created_at=time.time())
+            _event(new, "task.accepted", m.goal[:120])
+            return new
+
+        rec, created = await st.update(self.kv, key, TaskRecord, create)
+        assert rec is not None
+        if not created and rec.goal != m.goal:
+            log.warning("task id %s reused with a different goal; ignoring the new submission", key)
+            return
+        await self.flush(rec)
+        if rec.status != "planning":
+            return
+        request = ModelRequest(
+            (Message("system", PLANNER_PROMPT.format(max_steps=m.limits.max_steps)), Message("user", m.goal)),
+            agent="planner", max_tokens=1024)  # fmt: skip
+        try:
+            response, usage = await call_model(self.mesh, self.model, request, tenant=m.tenant, task_id=m.task_id,
+                                               step_id="plan", call_id="plan-r1")  # fmt: skip
+            steps = parse_plan(response.content, m.limits.max_steps)
+            error = ""
+        except BudgetExceeded as exc:
+            steps, usage, error = [], None, f"budget: {exc}"
+        except ValueError as exc:
+            steps, error = [], str(exc)
+
+        def planned(rec: TaskRecord) -> bool:
+            if rec.status != "planning":
+                return False
+            if usage is not None:
+                rec.planner_usage = rec.planner_usage + usage
+            if error:
+                fail(rec, error)
+                return True
+            rec.status = "running"
+            rec.steps = {s.step_id: StepState(step=s) for s in steps}
+            _out(rec, PlanCreated(tenant=rec.tenant, task_id=rec.task_id, steps=tuple(steps)), key="r1",
+                 causation=d.msg_id)  # fmt: skip
+            _event(rec, "plan.created", f"{len(steps)} steps: " + ", ".join(f"{s.step_id}:{s.kind}" for s in steps))
+            dispatch_ready(rec, d.msg_id)
+            return True
+
+        await self.transition(m.tenant, m.task_id, planned)
+
+    async def on_step_completed(self, m: StepCompleted, d: Delivery) -> None:
+        def apply(rec: TaskRecord) -> bool:
+            s = rec.steps.get(m.step_id)
+            if rec.status not in ("running", "halted") or s is None or s.status != "dispatched" or s.attempt != m.attempt:
+                return False  # duplicate, stale attempt, or the task already ended
+            s.status, s.output, s.citations, s.usage = "completed", m.output, list(m.citations), m.usage
+            _event(rec, "step.completed", f"{m.step_id}: {m.output[:100]}", m.step_id, str(m.attempt))
+            if rec.status == "running":
+                dispatch_ready(rec, d.msg_id)
+            if all(x.status == "completed" for x in rec.steps.values()):
+                rec.status, rec.check_attempt = "checking", rec.check_attempt + 1
+                answer, citations = final_answer(rec)
+                _out(rec, CheckRequested(tenant=rec.tenant, task_id=rec.task_id, attempt=rec.check_attempt,
+                                         goal=rec.goal, answer=answer, citations=tuple(citations)),
+                     key=str(rec.check_attempt), causation=d.msg_id)  # fmt: skip
+                _event(rec, "check.requested", f"{len(citations)} citation(s)", key=str(rec.check_attempt))
+            return True
+
+        await self.transition(m.tenant, m.task_id, apply)
+
+    async def on_step_failed(self, m: StepFailed, d: Delivery) -> None:
+        def apply(rec: TaskRecord) -> bool:
+            s = rec.steps.get(m.step_id)
+            if rec.status in st.TERMINAL or s is None or s.status != "dispatched" or s.attempt != m.attempt:
+                return False
+            s.usage = s.usage + m.usage
+            if m.halted:
+                s.status, s.reason = "halted", m.reason
+                _event(rec, "step.halted", f"{m.step_id}: {m.reason}", m.step_id, str(m.attempt))
+                return True
+            s.status, s.reason = "failed", m.reason
+            cascade = self._dependents(rec, m.step_id)
+            for sid in cascade:
+                rec.steps[sid].status, rec.steps[sid].reason = "failed", f"dependency {m.step_id} failed"
+            tail = f"; dependents not run: {', '.join(cascade)}" if cascade else ""
+            fail(rec, f"step {m.step_id} failed: {m.reason}{tail}", m.step_id)
+            return True
+
+        await self.transition(m.tenant, m.task_id, apply)
+
+    @staticmethod
+    def _dependents(rec: TaskRecord, step_id: str) -> list[str]:
+        out: list[str] = []
+        frontier = {step_id}
+        for sid, s in rec.steps.items():  # steps are in dependency order
+            if frontier & set(s.step.depends_on) and s.status in ("pending", "dispatched"):
+                out.append(sid)
+                frontier.add(sid)
+        return out
+
+    async def on_verdict(self, m: CheckVerdict, d: Delivery) -> None:
+        def apply(rec: TaskRecord) -> bool:
+            if rec.status != "checking" or m.attempt != rec.check_attempt:
+                return False
+            if m.passed:
+                answer, citations = final_answer(rec)
+                rec.status, rec.finished_at = "completed", time.time()
+                _out(rec, TaskCompleted(tenant=rec.tenant, task_id=rec.task_id, answer=answer,
+                                        citations=tuple(citations), usage=rec.total_usage(), steps=len(rec.steps),
+                                        elapsed_s=round(rec.finished_at - rec.created_at, 3)),
+                     key="completed", causation=d.msg_id)  # fmt: skip
+                _event(rec, "task.completed", f"{len(rec.steps)} steps, {rec.total_usage().total_tokens} tokens")
+            else:
+                failed = "; ".join(f"{c.name}: {c.reason}" for c in m.checks if not c.passed)
+                fail(rec, f"checker rejected the answer: {failed}")
+            return True
+
+        await self.transition(m.tenant, m.task_id, apply)
+
+    async def on_control(self, m: ControlCancel | ControlHalt | ControlResume, d: Delivery) -> None:
+        who = d.sender.name
+
+        def apply(rec: TaskRecord) -> bool:
+            if rec.status in st.TERMINAL:
+                return False
+            if isinstance(m, ControlCancel):
+                fail(rec, f"cancelled by {who}: {m.reason}", status="cancelled")
+            elif isinstance(m, ControlHalt):
+                if rec.status == "halted":
+                    return False
+                rec.status, rec.reason = "halted", f"halted by {who}: {m.reason}"
+                _event(rec, "task.halted", rec.reason)
+            else:
+                if rec.status != "halted":
+                    return False
+                rec.status, rec.reason = "running", ""
+                for s in rec.steps.values():
+                    if s.status == "halted":
+                        s.status = "pending"
+                _event(rec, "task.resumed", f"resumed by {who}")
+                dispatch_ready(rec, d.msg_id)
+            return True
+
+        await self.transition(m.tenant, m.task_id, apply)
+
+
+async def build(mesh: Mesh) -> Planner:
+    planner = Planner(mesh, scripted_or_configured())
+    planner.register()
+    mesh.on_start(planner.start)
+    return planner

@@ -1,0 +1,1 @@
+"""AgentMesh rag service."""

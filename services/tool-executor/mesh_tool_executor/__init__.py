@@ -1,0 +1,1 @@
+"""AgentMesh tool-executor service."""

@@ -1,0 +1,12 @@
+"""Entry point: ``python -m mesh_tool_executor`` (settings come from MESH_* variables)."""
+
+from mesh_kit import run_service
+from mesh_tool_executor.service import build
+
+
+def main() -> None:
+    run_service(build, service="tool-executor")
+
+
+if __name__ == "__main__":
+    main()
