@@ -16,6 +16,14 @@ from mesh_contracts.base import (
 from mesh_contracts.registry import contract_for_subject, parse_message, split_subject
 
 __all__ = [
-    "APPROVER", "CLIENT", "ROLES", "SERVICES", "Contract", "ContractError", "ContractSpec",
-    "contract_for_subject", "parse_message", "split_subject",
-]  # fmt: skip
+    "APPROVER",
+    "CLIENT",
+    "ROLES",
+    "SERVICES",
+    "Contract",
+    "ContractError",
+    "ContractSpec",
+    "contract_for_subject",
+    "parse_message",
+    "split_subject",
+]

@@ -106,9 +106,7 @@ class Contract(BaseModel):
         except ValidationError as exc:
             raise ContractError(_explain(cls.type_name(), exc)) from None
         if strict and model.model_extra:
-            raise ContractError(
-                f"{cls.type_name()}: unknown field(s) {sorted(model.model_extra)} (strict mode)"
-            )
+            raise ContractError(f"{cls.type_name()}: unknown field(s) {sorted(model.model_extra)} (strict mode)")
         return model
 
 

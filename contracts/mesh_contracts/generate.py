@@ -85,35 +85,49 @@ def asyncapi() -> dict[str, Any]:
                 "payload": {"$ref": f"#/components/schemas/{key}"},
             }
             address = (
-                f"{c.spec.domain}.v{major}.{{tenant}}.{{task}}.{c.spec.event}"
-                if c.spec.transport != "reply" else None
-            )  # fmt: skip
+                f"{c.spec.domain}.v{major}.{{tenant}}.{{task}}.{c.spec.event}" if c.spec.transport != "reply" else None
+            )
             channels[key] = {
                 "address": address,
                 "description": (c.__doc__ or "").strip().splitlines()[0],
                 "messages": {key: {"$ref": f"#/components/messages/{key}"}},
-                **({"parameters": {"tenant": {"description": "Tenant id"}, "task": {"description": "Task id"}}}
-                   if address else {}),
+                **(
+                    {"parameters": {"tenant": {"description": "Tenant id"}, "task": {"description": "Task id"}}}
+                    if address
+                    else {}
+                ),
                 "x-stream": STREAMS.get(c.spec.domain) if c.spec.transport == "stream" else None,
                 "x-transport": c.spec.transport,
-            }  # fmt: skip
+            }
             for producer in c.spec.producers:
                 operations[f"{producer}.send.{key}"] = {
-                    "action": "send", "channel": {"$ref": f"#/channels/{key}"},
-                    "summary": f"{producer} publishes {c.type_name()}"}  # fmt: skip
+                    "action": "send",
+                    "channel": {"$ref": f"#/channels/{key}"},
+                    "summary": f"{producer} publishes {c.type_name()}",
+                }
             for consumer in c.spec.consumers:
                 operations[f"{consumer}.receive.{key}"] = {
-                    "action": "receive", "channel": {"$ref": f"#/channels/{key}"},
-                    "summary": f"{consumer} consumes {c.type_name()}"}  # fmt: skip
+                    "action": "receive",
+                    "channel": {"$ref": f"#/channels/{key}"},
+                    "summary": f"{consumer} consumes {c.type_name()}",
+                }
     components_schemas["MeshHeaders"] = HEADERS_SCHEMA
     return {
         "asyncapi": "3.0.0",
-        "info": {"title": "AgentMesh", "version": "1.0.0",
-                 "description": "Event-driven mesh of LLM agent services on NATS JetStream. "
-                                "Generated from mesh_contracts; do not edit."},  # fmt: skip
+        "info": {
+            "title": "AgentMesh",
+            "version": "1.0.0",
+            "description": "Event-driven mesh of LLM agent services on NATS JetStream. "
+            "Generated from mesh_contracts; do not edit.",
+        },
         "defaultContentType": "application/json",
-        "servers": {"local": {"host": "127.0.0.1:4222", "protocol": "nats",
-                              "description": "meshctl up (JWT auth, one identity per service)"}},  # fmt: skip
+        "servers": {
+            "local": {
+                "host": "127.0.0.1:4222",
+                "protocol": "nats",
+                "description": "meshctl up (JWT auth, one identity per service)",
+            }
+        },
         "channels": channels,
         "operations": operations,
         "components": {"messages": messages, "schemas": components_schemas},
@@ -139,6 +153,7 @@ def write() -> int:
 
 
 # --- compatibility ---------------------------------------------------------------------------
+
 
 def _resolve(schema: dict[str, Any], node: dict[str, Any]) -> dict[str, Any]:
     ref = node.get("$ref")
@@ -174,8 +189,9 @@ def breaking_changes(old: dict[str, Any], new: dict[str, Any], where: str = "") 
             if name not in nprops:
                 problems.append(f"{path}{name}: property removed")
             elif _shape(old, oprops[name]) != _shape(new, nprops[name]):
-                problems.append(f"{path}{name}: type changed {_shape(old, oprops[name])} -> "
-                                f"{_shape(new, nprops[name])}")  # fmt: skip
+                problems.append(
+                    f"{path}{name}: type changed {_shape(old, oprops[name])} -> {_shape(new, nprops[name])}"
+                )
         for name in set(n.get("required", ())) - set(o.get("required", ())):
             problems.append(f"{path}{name}: became required")
 
@@ -192,22 +208,26 @@ def breaking_changes(old: dict[str, Any], new: dict[str, Any], where: str = "") 
 def _history(path: Path) -> list[tuple[str, dict[str, Any]]]:
     """Earlier committed versions of ``path`` (commit, schema); empty outside git."""
     try:
-        rel = path.relative_to(_git_root())
-        commits = subprocess.run(["git", "log", "--format=%h", "--", str(rel)], cwd=ROOT,
-                                 capture_output=True, text=True, check=True).stdout.split()  # fmt: skip
+        top = _git_root()
+        rel = path.relative_to(top)
+        # Pathspecs are relative to the working directory: run from the top of the repository.
+        commits = subprocess.run(
+            ["git", "log", "--format=%h", "--", str(rel)], cwd=top, capture_output=True, text=True, check=True
+        ).stdout.split()
     except (subprocess.CalledProcessError, FileNotFoundError, ValueError):
         return []
     out = []
     for commit in commits:
-        shown = subprocess.run(["git", "show", f"{commit}:{rel}"], cwd=ROOT, capture_output=True, text=True)
+        shown = subprocess.run(["git", "show", f"{commit}:{rel}"], cwd=top, capture_output=True, text=True)
         if shown.returncode == 0:
             out.append((commit, json.loads(shown.stdout)))
     return out
 
 
 def _git_root() -> Path:
-    top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=ROOT, capture_output=True,
-                         text=True, check=True).stdout.strip()  # fmt: skip
+    top = subprocess.run(
+        ["git", "rev-parse", "--show-toplevel"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.strip()
     return Path(top)
 
 

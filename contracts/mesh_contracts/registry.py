@@ -59,7 +59,6 @@ def parse_message(subject: str, data: bytes, *, strict: bool = False) -> Contrac
     parts = split_subject(subject)
     if (model.tenant, model.task_id) != (parts.tenant, parts.task_id):
         raise ContractError(
-            f"body names tenant/task {model.tenant}/{model.task_id} but subject names "
-            f"{parts.tenant}/{parts.task_id}"
+            f"body names tenant/task {model.tenant}/{model.task_id} but subject names {parts.tenant}/{parts.task_id}"
         )
     return model

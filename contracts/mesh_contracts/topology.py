@@ -56,11 +56,15 @@ class Bucket:
 
 
 BUCKETS: tuple[Bucket, ...] = (
-    Bucket("tasks", writer="planner", readers=("worker", "checker", "tool-executor", "rag", "budget"),
-           description="Task records: plan, step states, status (CAS on revision)."),
+    Bucket(
+        "tasks",
+        writer="planner",
+        readers=("worker", "checker", "tool-executor", "rag", "budget"),
+        description="Task records: plan, step states, status (CAS on revision).",
+    ),
     Bucket("steps", writer="worker", description="Agent-loop checkpoints, one key per step."),
     Bucket("budget", writer="budget", description="Reservations and settled spend."),
-)  # fmt: skip
+)
 
 
 def stream_contracts() -> list[type[Contract]]:
@@ -81,9 +85,16 @@ def durables() -> list[Durable]:
             if svc not in SERVICES:
                 continue  # clients follow events with core subscriptions
             name = f"{svc}--{c.spec.domain}-{c.spec.event}"
-            seen.setdefault(name, Durable(
-                service=svc, stream=STREAMS[c.spec.domain], name=name,
-                filter_subject=f"{c.spec.domain}.*.*.*.{c.spec.event}", contract=c))  # fmt: skip
+            seen.setdefault(
+                name,
+                Durable(
+                    service=svc,
+                    stream=STREAMS[c.spec.domain],
+                    name=name,
+                    filter_subject=f"{c.spec.domain}.*.*.*.{c.spec.event}",
+                    contract=c,
+                ),
+            )
     return list(seen.values())
 
 

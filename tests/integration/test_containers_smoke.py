@@ -18,6 +18,7 @@ pytest.importorskip("testcontainers", reason="testcontainers is not installed")
 
 import docker
 import docker.errors
+
 from mesh_testing.containers import (
     NATS_IMAGE,
     REDIS_IMAGE,

@@ -39,16 +39,38 @@ from mesh_contracts.v1.work import (
 )
 
 ALL = (
-    TaskSubmitted, TaskRejected, TaskCompleted, TaskFailed, PlanCreated,
-    StepRequested, StepCompleted, StepFailed,
-    ToolRequested, ToolCompleted, RetrievalRequested, RetrievalCompleted,
-    CheckRequested, CheckVerdict,
-    UsageRecorded, BudgetReserve, BudgetGranted, BudgetDenied,
-    ControlHalt, ControlCancel, ControlResume,
-    ApprovalRequested, ApprovalDecided,
+    TaskSubmitted,
+    TaskRejected,
+    TaskCompleted,
+    TaskFailed,
+    PlanCreated,
+    StepRequested,
+    StepCompleted,
+    StepFailed,
+    ToolRequested,
+    ToolCompleted,
+    RetrievalRequested,
+    RetrievalCompleted,
+    CheckRequested,
+    CheckVerdict,
+    UsageRecorded,
+    BudgetReserve,
+    BudgetGranted,
+    BudgetDenied,
+    ControlHalt,
+    ControlCancel,
+    ControlResume,
+    ApprovalRequested,
+    ApprovalDecided,
     ProgressEvent,
-)  # fmt: skip
+)
 
 __all__ = [c.__name__ for c in ALL] + [
-    "ALL", "CheckResult", "Citation", "PlanStep", "RetrievalHit", "TaskLimits", "TokenUsage",
-]  # fmt: skip
+    "ALL",
+    "CheckResult",
+    "Citation",
+    "PlanStep",
+    "RetrievalHit",
+    "TaskLimits",
+    "TokenUsage",
+]

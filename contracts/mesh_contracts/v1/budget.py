@@ -19,12 +19,28 @@ LLM_CALLERS = ("planner", "worker", "checker")
 class UsageRecorded(Contract):
     """Tokens and cost of one model call, as billed."""
 
-    model_config = ConfigDict(json_schema_extra={"examples": [
-        {**_EX, "type": "usage.recorded", "agent": "worker", "step_id": "s2", "call_id": "s2-i1",
-         "provider": "scripted", "model": "scripted-1", "input_tokens": 61, "output_tokens": 9,
-         "cost_usd": 0.0, "reservation_id": "r-s2-i1"}]})  # fmt: skip
-    spec: ClassVar = ContractSpec("usage", "recorded", producers=LLM_CALLERS, consumers=("budget",),
-                                  summary="One model call's usage.")  # fmt: skip
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    **_EX,
+                    "type": "usage.recorded",
+                    "agent": "worker",
+                    "step_id": "s2",
+                    "call_id": "s2-i1",
+                    "provider": "scripted",
+                    "model": "scripted-1",
+                    "input_tokens": 61,
+                    "output_tokens": 9,
+                    "cost_usd": 0.0,
+                    "reservation_id": "r-s2-i1",
+                }
+            ]
+        }
+    )
+    spec: ClassVar = ContractSpec(
+        "usage", "recorded", producers=LLM_CALLERS, consumers=("budget",), summary="One model call's usage."
+    )
 
     type: Literal["usage.recorded"] = "usage.recorded"
     agent: str
@@ -48,11 +64,28 @@ class UsageRecorded(Contract):
 class BudgetReserve(Contract):
     """Request (core NATS request/reply): reserve the worst-case cost of a model call."""
 
-    model_config = ConfigDict(json_schema_extra={"examples": [
-        {**_EX, "type": "budget.reserve", "agent": "worker", "call_id": "s2-i1", "tokens": 1061,
-         "cost_usd": 0.0}]})  # fmt: skip
-    spec: ClassVar = ContractSpec("budget", "reserve", producers=LLM_CALLERS, consumers=("budget",),
-                                  transport="request", summary="Reserve before a model call.")  # fmt: skip
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    **_EX,
+                    "type": "budget.reserve",
+                    "agent": "worker",
+                    "call_id": "s2-i1",
+                    "tokens": 1061,
+                    "cost_usd": 0.0,
+                }
+            ]
+        }
+    )
+    spec: ClassVar = ContractSpec(
+        "budget",
+        "reserve",
+        producers=LLM_CALLERS,
+        consumers=("budget",),
+        transport="request",
+        summary="Reserve before a model call.",
+    )
 
     type: Literal["budget.reserve"] = "budget.reserve"
     agent: str
@@ -67,10 +100,19 @@ class BudgetReserve(Contract):
 class BudgetGranted(Contract):
     """Reply: the reservation is held; the call may proceed."""
 
-    model_config = ConfigDict(json_schema_extra={"examples": [
-        {**_EX, "type": "budget.granted", "reservation_id": "r-s2-i1", "remaining_tokens": 48000}]})  # fmt: skip
-    spec: ClassVar = ContractSpec("budget", "granted", producers=("budget",), consumers=LLM_CALLERS,
-                                  transport="reply", summary="Reservation held.")  # fmt: skip
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{**_EX, "type": "budget.granted", "reservation_id": "r-s2-i1", "remaining_tokens": 48000}]
+        }
+    )
+    spec: ClassVar = ContractSpec(
+        "budget",
+        "granted",
+        producers=("budget",),
+        consumers=LLM_CALLERS,
+        transport="reply",
+        summary="Reservation held.",
+    )
 
     type: Literal["budget.granted"] = "budget.granted"
     reservation_id: str
@@ -84,10 +126,21 @@ class BudgetGranted(Contract):
 class BudgetDenied(Contract):
     """Reply: the call must not be made."""
 
-    model_config = ConfigDict(json_schema_extra={"examples": [
-        {**_EX, "type": "budget.denied", "reason": "task token ceiling 50000 would be exceeded (49100 + 1061)"}]})  # fmt: skip
-    spec: ClassVar = ContractSpec("budget", "denied", producers=("budget",), consumers=LLM_CALLERS,
-                                  transport="reply", summary="Reservation refused, with the reason.")  # fmt: skip
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {**_EX, "type": "budget.denied", "reason": "task token ceiling 50000 would be exceeded (49100 + 1061)"}
+            ]
+        }
+    )
+    spec: ClassVar = ContractSpec(
+        "budget",
+        "denied",
+        producers=("budget",),
+        consumers=LLM_CALLERS,
+        transport="reply",
+        summary="Reservation refused, with the reason.",
+    )
 
     type: Literal["budget.denied"] = "budget.denied"
     reason: str

@@ -15,11 +15,25 @@ _EX = {"tenant": "acme", "task_id": "t-7f3a"}
 class CheckRequested(Contract):
     """The planner asks the checker to verify a candidate final answer."""
 
-    model_config = ConfigDict(json_schema_extra={"examples": [
-        {**_EX, "type": "check.requested", "attempt": 1, "goal": "...", "answer": "... [durability.md#2]",
-         "citations": [{"doc_id": "durability.md", "version": "9c1e", "chunk_id": "2", "chunk_hash": "ab12"}]}]})  # fmt: skip
-    spec: ClassVar = ContractSpec("check", "requested", producers=("planner",), consumers=("checker",),
-                                  summary="Verify an answer.")  # fmt: skip
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    **_EX,
+                    "type": "check.requested",
+                    "attempt": 1,
+                    "goal": "...",
+                    "answer": "... [durability.md#2]",
+                    "citations": [
+                        {"doc_id": "durability.md", "version": "9c1e", "chunk_id": "2", "chunk_hash": "ab12"}
+                    ],
+                }
+            ]
+        }
+    )
+    spec: ClassVar = ContractSpec(
+        "check", "requested", producers=("planner",), consumers=("checker",), summary="Verify an answer."
+    )
 
     type: Literal["check.requested"] = "check.requested"
     attempt: int = Field(1, ge=1)
@@ -36,11 +50,22 @@ class CheckRequested(Contract):
 class CheckVerdict(Contract):
     """The checker's verdict with per-check results."""
 
-    model_config = ConfigDict(json_schema_extra={"examples": [
-        {**_EX, "type": "check.verdict", "attempt": 1, "passed": True,
-         "checks": [{"name": "citations_present", "passed": True, "reason": "1 citation"}]}]})  # fmt: skip
-    spec: ClassVar = ContractSpec("check", "verdict", producers=("checker",), consumers=("planner",),
-                                  summary="Pass/fail with reasons.")  # fmt: skip
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    **_EX,
+                    "type": "check.verdict",
+                    "attempt": 1,
+                    "passed": True,
+                    "checks": [{"name": "citations_present", "passed": True, "reason": "1 citation"}],
+                }
+            ]
+        }
+    )
+    spec: ClassVar = ContractSpec(
+        "check", "verdict", producers=("checker",), consumers=("planner",), summary="Pass/fail with reasons."
+    )
 
     type: Literal["check.verdict"] = "check.verdict"
     attempt: int = Field(1, ge=1)

@@ -22,41 +22,64 @@ class _Control(Contract):
 class ControlHalt(_Control):
     """Stop a task now; it can be resumed."""
 
-    model_config = ConfigDict(json_schema_extra={"examples": [
-        {**_EX, "type": "control.halt", "reason": "loop detected in step s1"}]})  # fmt: skip
-    spec: ClassVar = ContractSpec("control", "halt", producers=_CONTROL_PRODUCERS, consumers=("planner",),
-                                  summary="Pause a task.")  # fmt: skip
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{**_EX, "type": "control.halt", "reason": "loop detected in step s1"}]}
+    )
+    spec: ClassVar = ContractSpec(
+        "control", "halt", producers=_CONTROL_PRODUCERS, consumers=("planner",), summary="Pause a task."
+    )
     type: Literal["control.halt"] = "control.halt"
 
 
 class ControlCancel(_Control):
     """Stop a task for good; it fails with the reason."""
 
-    model_config = ConfigDict(json_schema_extra={"examples": [
-        {**_EX, "type": "control.cancel", "reason": "user cancelled"}]})  # fmt: skip
-    spec: ClassVar = ContractSpec("control", "cancel", producers=_CONTROL_PRODUCERS, consumers=("planner",),
-                                  summary="Cancel a task.")  # fmt: skip
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{**_EX, "type": "control.cancel", "reason": "user cancelled"}]}
+    )
+    spec: ClassVar = ContractSpec(
+        "control", "cancel", producers=_CONTROL_PRODUCERS, consumers=("planner",), summary="Cancel a task."
+    )
     type: Literal["control.cancel"] = "control.cancel"
 
 
 class ControlResume(_Control):
     """Continue a halted task."""
 
-    model_config = ConfigDict(json_schema_extra={"examples": [
-        {**_EX, "type": "control.resume", "reason": "operator resumed"}]})  # fmt: skip
-    spec: ClassVar = ContractSpec("control", "resume", producers=_CONTROL_PRODUCERS, consumers=("planner",),
-                                  summary="Resume a halted task.")  # fmt: skip
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{**_EX, "type": "control.resume", "reason": "operator resumed"}]}
+    )
+    spec: ClassVar = ContractSpec(
+        "control", "resume", producers=_CONTROL_PRODUCERS, consumers=("planner",), summary="Resume a halted task."
+    )
     type: Literal["control.resume"] = "control.resume"
 
 
 class ApprovalRequested(Contract):
     """A tool call waits for a human decision."""
 
-    model_config = ConfigDict(json_schema_extra={"examples": [
-        {**_EX, "type": "approval.requested", "approval_id": "a-s3-c0", "step_id": "s3",
-         "tool": "send_email", "arguments": {"to": "ops@acme.test"}, "reason": "external side effect"}]})  # fmt: skip
-    spec: ClassVar = ContractSpec("approval", "requested", producers=("tool-executor",), consumers=(APPROVER,),
-                                  summary="A tool call needs a human decision.")  # fmt: skip
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    **_EX,
+                    "type": "approval.requested",
+                    "approval_id": "a-s3-c0",
+                    "step_id": "s3",
+                    "tool": "send_email",
+                    "arguments": {"to": "ops@acme.test"},
+                    "reason": "external side effect",
+                }
+            ]
+        }
+    )
+    spec: ClassVar = ContractSpec(
+        "approval",
+        "requested",
+        producers=("tool-executor",),
+        consumers=(APPROVER,),
+        summary="A tool call needs a human decision.",
+    )
 
     type: Literal["approval.requested"] = "approval.requested"
     approval_id: str = Field(pattern=ID_PATTERN)
@@ -72,11 +95,23 @@ class ApprovalRequested(Contract):
 class ApprovalDecided(Contract):
     """A human's decision on an approval request."""
 
-    model_config = ConfigDict(json_schema_extra={"examples": [
-        {**_EX, "type": "approval.decided", "approval_id": "a-s3-c0", "approved": False,
-         "decided_by": "approver", "comment": "not during the freeze"}]})  # fmt: skip
-    spec: ClassVar = ContractSpec("approval", "decided", producers=(APPROVER,), consumers=("tool-executor",),
-                                  summary="Approve or deny.")  # fmt: skip
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    **_EX,
+                    "type": "approval.decided",
+                    "approval_id": "a-s3-c0",
+                    "approved": False,
+                    "decided_by": "approver",
+                    "comment": "not during the freeze",
+                }
+            ]
+        }
+    )
+    spec: ClassVar = ContractSpec(
+        "approval", "decided", producers=(APPROVER,), consumers=("tool-executor",), summary="Approve or deny."
+    )
 
     type: Literal["approval.decided"] = "approval.decided"
     approval_id: str = Field(pattern=ID_PATTERN)

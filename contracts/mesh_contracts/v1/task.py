@@ -16,11 +16,19 @@ class TaskSubmitted(Contract):
     """A tenant asks the mesh to achieve a goal. Published by the tenant's client."""
 
     model_config = ConfigDict(
-        json_schema_extra={"examples": [{**_EX, "type": "task.submitted",
-                                         "goal": "How does AgentMesh avoid duplicate side effects? Also compute 17 * 23."}]}
-    )  # fmt: skip
-    spec: ClassVar = ContractSpec("task", "submitted", producers=(CLIENT,), consumers=("planner",),
-                                  summary="A tenant submits a goal.")  # fmt: skip
+        json_schema_extra={
+            "examples": [
+                {
+                    **_EX,
+                    "type": "task.submitted",
+                    "goal": "How does AgentMesh avoid duplicate side effects? Also compute 17 * 23.",
+                }
+            ]
+        }
+    )
+    spec: ClassVar = ContractSpec(
+        "task", "submitted", producers=(CLIENT,), consumers=("planner",), summary="A tenant submits a goal."
+    )
 
     type: Literal["task.submitted"] = "task.submitted"
     goal: str = Field(min_length=1, max_length=10_000)
@@ -34,11 +42,25 @@ class TaskSubmitted(Contract):
 class TaskRejected(Contract):
     """A submitted task could not be accepted (malformed, unknown version, over a limit)."""
 
-    model_config = ConfigDict(json_schema_extra={"examples": [
-        {**_EX, "type": "task.rejected", "reason": "invalid task.submitted: goal: Field required",
-         "source_subject": "task.v1.acme.t-7f3a.submitted"}]})  # fmt: skip
-    spec: ClassVar = ContractSpec("task", "rejected", producers=("planner",), consumers=(CLIENT,),
-                                  summary="A submission was refused; nothing ran.")  # fmt: skip
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    **_EX,
+                    "type": "task.rejected",
+                    "reason": "invalid task.submitted: goal: Field required",
+                    "source_subject": "task.v1.acme.t-7f3a.submitted",
+                }
+            ]
+        }
+    )
+    spec: ClassVar = ContractSpec(
+        "task",
+        "rejected",
+        producers=("planner",),
+        consumers=(CLIENT,),
+        summary="A submission was refused; nothing ran.",
+    )
 
     type: Literal["task.rejected"] = "task.rejected"
     reason: str
@@ -50,13 +72,28 @@ class TaskRejected(Contract):
 class PlanCreated(Contract):
     """The planner's plan for a task. Steps run when their dependencies have completed."""
 
-    model_config = ConfigDict(json_schema_extra={"examples": [
-        {**_EX, "type": "plan.created", "steps": [
-            {"step_id": "s1", "kind": "research", "instruction": "Find how duplicates are avoided",
-             "tools": ["search_docs"]},
-            {"step_id": "s2", "kind": "compute", "instruction": "Compute 17 * 23", "tools": ["calculator"]}]}]})  # fmt: skip
-    spec: ClassVar = ContractSpec("task", "planned", producers=("planner",), consumers=(CLIENT,),
-                                  summary="The plan the planner made.")  # fmt: skip
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    **_EX,
+                    "type": "plan.created",
+                    "steps": [
+                        {
+                            "step_id": "s1",
+                            "kind": "research",
+                            "instruction": "Find how duplicates are avoided",
+                            "tools": ["search_docs"],
+                        },
+                        {"step_id": "s2", "kind": "compute", "instruction": "Compute 17 * 23", "tools": ["calculator"]},
+                    ],
+                }
+            ]
+        }
+    )
+    spec: ClassVar = ContractSpec(
+        "task", "planned", producers=("planner",), consumers=(CLIENT,), summary="The plan the planner made."
+    )
 
     type: Literal["plan.created"] = "plan.created"
     steps: tuple[PlanStep, ...] = Field(min_length=1)
@@ -68,13 +105,29 @@ class PlanCreated(Contract):
 class TaskCompleted(Contract):
     """The task finished and its answer passed the checker."""
 
-    model_config = ConfigDict(json_schema_extra={"examples": [
-        {**_EX, "type": "task.completed", "answer": "Every side effect is keyed ... 17 * 23 = 391.",
-         "citations": [{"doc_id": "durability.md", "version": "9c1e", "chunk_id": "2", "chunk_hash": "ab12"}],
-         "usage": {"input_tokens": 812, "output_tokens": 96, "cost_usd": 0.0, "calls": 4},
-         "steps": 2}]})  # fmt: skip
-    spec: ClassVar = ContractSpec("task", "completed", producers=("planner",), consumers=(CLIENT,),
-                                  summary="Final answer with citations and usage.")  # fmt: skip
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    **_EX,
+                    "type": "task.completed",
+                    "answer": "Every side effect is keyed ... 17 * 23 = 391.",
+                    "citations": [
+                        {"doc_id": "durability.md", "version": "9c1e", "chunk_id": "2", "chunk_hash": "ab12"}
+                    ],
+                    "usage": {"input_tokens": 812, "output_tokens": 96, "cost_usd": 0.0, "calls": 4},
+                    "steps": 2,
+                }
+            ]
+        }
+    )
+    spec: ClassVar = ContractSpec(
+        "task",
+        "completed",
+        producers=("planner",),
+        consumers=(CLIENT,),
+        summary="Final answer with citations and usage.",
+    )
 
     type: Literal["task.completed"] = "task.completed"
     answer: str
@@ -92,11 +145,25 @@ class TaskCompleted(Contract):
 class TaskFailed(Contract):
     """The task ended without an acceptable answer."""
 
-    model_config = ConfigDict(json_schema_extra={"examples": [
-        {**_EX, "type": "task.failed", "reason": "step s2 failed: tool calculator: division by zero",
-         "failed_step": "s2"}]})  # fmt: skip
-    spec: ClassVar = ContractSpec("task", "failed", producers=("planner",), consumers=(CLIENT,),
-                                  summary="The task ended without an answer, with the reason.")  # fmt: skip
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    **_EX,
+                    "type": "task.failed",
+                    "reason": "step s2 failed: tool calculator: division by zero",
+                    "failed_step": "s2",
+                }
+            ]
+        }
+    )
+    spec: ClassVar = ContractSpec(
+        "task",
+        "failed",
+        producers=("planner",),
+        consumers=(CLIENT,),
+        summary="The task ended without an answer, with the reason.",
+    )
 
     type: Literal["task.failed"] = "task.failed"
     reason: str

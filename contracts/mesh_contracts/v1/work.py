@@ -15,11 +15,26 @@ _EX = {"tenant": "acme", "task_id": "t-7f3a"}
 class StepRequested(Contract):
     """The planner asks a worker to execute one plan step."""
 
-    model_config = ConfigDict(json_schema_extra={"examples": [
-        {**_EX, "type": "step.requested", "step": {"step_id": "s2", "kind": "compute",
-         "instruction": "Compute 17 * 23", "tools": ["calculator"]}, "attempt": 1}]})  # fmt: skip
-    spec: ClassVar = ContractSpec("step", "requested", producers=("planner",), consumers=("worker",),
-                                  summary="Run one step.")  # fmt: skip
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    **_EX,
+                    "type": "step.requested",
+                    "step": {
+                        "step_id": "s2",
+                        "kind": "compute",
+                        "instruction": "Compute 17 * 23",
+                        "tools": ["calculator"],
+                    },
+                    "attempt": 1,
+                }
+            ]
+        }
+    )
+    spec: ClassVar = ContractSpec(
+        "step", "requested", producers=("planner",), consumers=("worker",), summary="Run one step."
+    )
 
     type: Literal["step.requested"] = "step.requested"
     step: PlanStep
@@ -35,11 +50,24 @@ class StepRequested(Contract):
 class StepCompleted(Contract):
     """A worker finished a step."""
 
-    model_config = ConfigDict(json_schema_extra={"examples": [
-        {**_EX, "type": "step.completed", "step_id": "s2", "attempt": 1, "output": "17 * 23 = 391",
-         "usage": {"input_tokens": 120, "output_tokens": 12, "cost_usd": 0.0, "calls": 2}, "iterations": 2}]})  # fmt: skip
-    spec: ClassVar = ContractSpec("step", "completed", producers=("worker",), consumers=("planner",),
-                                  summary="A step's output.")  # fmt: skip
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    **_EX,
+                    "type": "step.completed",
+                    "step_id": "s2",
+                    "attempt": 1,
+                    "output": "17 * 23 = 391",
+                    "usage": {"input_tokens": 120, "output_tokens": 12, "cost_usd": 0.0, "calls": 2},
+                    "iterations": 2,
+                }
+            ]
+        }
+    )
+    spec: ClassVar = ContractSpec(
+        "step", "completed", producers=("worker",), consumers=("planner",), summary="A step's output."
+    )
 
     type: Literal["step.completed"] = "step.completed"
     step_id: str = Field(pattern=ID_PATTERN)
@@ -57,11 +85,22 @@ class StepCompleted(Contract):
 class StepFailed(Contract):
     """A worker could not complete a step."""
 
-    model_config = ConfigDict(json_schema_extra={"examples": [
-        {**_EX, "type": "step.failed", "step_id": "s2", "attempt": 1,
-         "reason": "iteration cap (6) reached without an answer"}]})  # fmt: skip
-    spec: ClassVar = ContractSpec("step", "failed", producers=("worker",), consumers=("planner",),
-                                  summary="A step failed, with the reason.")  # fmt: skip
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    **_EX,
+                    "type": "step.failed",
+                    "step_id": "s2",
+                    "attempt": 1,
+                    "reason": "iteration cap (6) reached without an answer",
+                }
+            ]
+        }
+    )
+    spec: ClassVar = ContractSpec(
+        "step", "failed", producers=("worker",), consumers=("planner",), summary="A step failed, with the reason."
+    )
 
     type: Literal["step.failed"] = "step.failed"
     step_id: str = Field(pattern=ID_PATTERN)
@@ -77,11 +116,23 @@ class StepFailed(Contract):
 class ToolRequested(Contract):
     """A worker asks the tool-executor to run a tool."""
 
-    model_config = ConfigDict(json_schema_extra={"examples": [
-        {**_EX, "type": "tool.requested", "step_id": "s2", "call_id": "s2-i1-c0", "tool": "calculator",
-         "arguments": {"expression": "17 * 23"}}]})  # fmt: skip
-    spec: ClassVar = ContractSpec("tool", "requested", producers=("worker",), consumers=("tool-executor",),
-                                  summary="Run a tool.")  # fmt: skip
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    **_EX,
+                    "type": "tool.requested",
+                    "step_id": "s2",
+                    "call_id": "s2-i1-c0",
+                    "tool": "calculator",
+                    "arguments": {"expression": "17 * 23"},
+                }
+            ]
+        }
+    )
+    spec: ClassVar = ContractSpec(
+        "tool", "requested", producers=("worker",), consumers=("tool-executor",), summary="Run a tool."
+    )
 
     type: Literal["tool.requested"] = "tool.requested"
     step_id: str = Field(pattern=ID_PATTERN)
@@ -96,11 +147,24 @@ class ToolRequested(Contract):
 class ToolCompleted(Contract):
     """The tool-executor's answer to a tool request (success or structured error)."""
 
-    model_config = ConfigDict(json_schema_extra={"examples": [
-        {**_EX, "type": "tool.completed", "step_id": "s2", "call_id": "s2-i1-c0", "tool": "calculator",
-         "ok": True, "result": "391"}]})  # fmt: skip
-    spec: ClassVar = ContractSpec("tool", "completed", producers=("tool-executor",), consumers=("worker",),
-                                  summary="A tool's result or error.")  # fmt: skip
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    **_EX,
+                    "type": "tool.completed",
+                    "step_id": "s2",
+                    "call_id": "s2-i1-c0",
+                    "tool": "calculator",
+                    "ok": True,
+                    "result": "391",
+                }
+            ]
+        }
+    )
+    spec: ClassVar = ContractSpec(
+        "tool", "completed", producers=("tool-executor",), consumers=("worker",), summary="A tool's result or error."
+    )
 
     type: Literal["tool.completed"] = "tool.completed"
     step_id: str = Field(pattern=ID_PATTERN)
@@ -117,11 +181,23 @@ class ToolCompleted(Contract):
 class RetrievalRequested(Contract):
     """A worker asks the RAG service for passages relevant to a query."""
 
-    model_config = ConfigDict(json_schema_extra={"examples": [
-        {**_EX, "type": "retrieval.requested", "step_id": "s1", "call_id": "s1-i1-c0",
-         "query": "duplicate side effects", "top_k": 3}]})  # fmt: skip
-    spec: ClassVar = ContractSpec("rag", "requested", producers=("worker",), consumers=("rag",),
-                                  summary="Retrieve passages for a query.")  # fmt: skip
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    **_EX,
+                    "type": "retrieval.requested",
+                    "step_id": "s1",
+                    "call_id": "s1-i1-c0",
+                    "query": "duplicate side effects",
+                    "top_k": 3,
+                }
+            ]
+        }
+    )
+    spec: ClassVar = ContractSpec(
+        "rag", "requested", producers=("worker",), consumers=("rag",), summary="Retrieve passages for a query."
+    )
 
     type: Literal["retrieval.requested"] = "retrieval.requested"
     step_id: str = Field(pattern=ID_PATTERN)
@@ -133,12 +209,31 @@ class RetrievalRequested(Contract):
 class RetrievalCompleted(Contract):
     """Passages retrieved from the tenant's own index, with provenance."""
 
-    model_config = ConfigDict(json_schema_extra={"examples": [
-        {**_EX, "type": "retrieval.completed", "step_id": "s1", "call_id": "s1-i1-c0", "hits": [
-            {"doc_id": "durability.md", "version": "9c1e", "chunk_id": "2", "chunk_hash": "ab12",
-             "score": 3.2, "text": "Every side effect is guarded by an idempotency ledger..."}]}]})  # fmt: skip
-    spec: ClassVar = ContractSpec("rag", "completed", producers=("rag",), consumers=("worker",),
-                                  summary="Retrieved passages with provenance.")  # fmt: skip
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    **_EX,
+                    "type": "retrieval.completed",
+                    "step_id": "s1",
+                    "call_id": "s1-i1-c0",
+                    "hits": [
+                        {
+                            "doc_id": "durability.md",
+                            "version": "9c1e",
+                            "chunk_id": "2",
+                            "chunk_hash": "ab12",
+                            "score": 3.2,
+                            "text": "Every side effect is guarded by an idempotency ledger...",
+                        }
+                    ],
+                }
+            ]
+        }
+    )
+    spec: ClassVar = ContractSpec(
+        "rag", "completed", producers=("rag",), consumers=("worker",), summary="Retrieved passages with provenance."
+    )
 
     type: Literal["retrieval.completed"] = "retrieval.completed"
     step_id: str = Field(pattern=ID_PATTERN)

@@ -5,5 +5,16 @@ from mesh_kit.identity import IdentityError, Signer, TrustBundle, Verifier
 from mesh_kit.runtime import run_service, serve
 from mesh_kit.settings import ServiceSettings
 
-__all__ = ["Delivery", "IdentityError", "Mesh", "PermissionViolation", "Reject", "ServiceSettings",
-           "Signer", "TrustBundle", "Verifier", "run_service", "serve"]  # fmt: skip
+__all__ = [
+    "Delivery",
+    "IdentityError",
+    "Mesh",
+    "PermissionViolation",
+    "Reject",
+    "ServiceSettings",
+    "Signer",
+    "TrustBundle",
+    "Verifier",
+    "run_service",
+    "serve",
+]

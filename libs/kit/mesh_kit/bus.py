@@ -28,7 +28,6 @@ from faststream.security import BaseSecurity
 from nats.aio.msg import Msg
 from nats.errors import NotJSMessageError
 from nats.js.api import PubAck
-from opentelemetry import trace
 
 from mesh_contracts import Contract, ContractError, parse_message, split_subject
 from mesh_contracts import topology as topo
@@ -83,9 +82,15 @@ class Stats:
 class Mesh:
     """A service's connection to the mesh."""
 
-    def __init__(self, settings: ServiceSettings, telemetry: tel.Telemetry | None = None, *,
-                 signer: Signer | None = None, verifier: Verifier | None = None,
-                 security: BaseSecurity | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        settings: ServiceSettings,
+        telemetry: tel.Telemetry | None = None,
+        *,
+        signer: Signer | None = None,
+        verifier: Verifier | None = None,
+        security: BaseSecurity | None = None,
+    ) -> None:
         self.settings = settings
         self.service = settings.service
         self.telemetry = telemetry or tel.setup(settings.service)
@@ -104,11 +109,14 @@ class Mesh:
             inbox_prefix=settings.inbox_prefix,
             error_cb=self._on_error,
             graceful_timeout=settings.graceful_timeout_s,
-            middlewares=(NatsTelemetryMiddleware(tracer_provider=self.telemetry.tracer_provider,
-                                                 meter_provider=self.telemetry.meter_provider),),
+            middlewares=(
+                NatsTelemetryMiddleware(
+                    tracer_provider=self.telemetry.tracer_provider, meter_provider=self.telemetry.meter_provider
+                ),
+            ),
             log_level=logging.DEBUG,  # per-message logs stay off the hot path at INFO
             max_reconnect_attempts=-1,
-        )  # fmt: skip
+        )
         self._started = False
         self._on_start: list[Callable[[], Awaitable[None]]] = []
 
@@ -138,7 +146,10 @@ class Mesh:
         if not self._started:
             return False, "not started"
         if self.stats.permission_errors:
-            return False, f"{len(self.stats.permission_errors)} permission violation(s): {self.stats.permission_errors[-1]}"
+            return (
+                False,
+                f"{len(self.stats.permission_errors)} permission violation(s): {self.stats.permission_errors[-1]}",
+            )
         try:
             connected = self.nc.is_connected
         except (AttributeError, TypeError):  # broker not connected yet
@@ -168,8 +179,9 @@ class Mesh:
             headers[env.CAUSATION] = causation
         return headers
 
-    async def publish(self, model: Contract, key: str, *, causation: str | None = None,
-                      timeout: float = 10.0) -> PubAck:  # fmt: skip
+    async def publish(
+        self, model: Contract, key: str, *, causation: str | None = None, timeout: float = 10.0
+    ) -> PubAck:
         """Publish to JetStream with a deterministic id built from ``key`` (e.g. ``"s1:1"``)."""
         if model.spec.transport != "stream":
             raise TypeError(f"{model.type} is a {model.spec.transport} message; use request()/serve()")
@@ -179,8 +191,9 @@ class Mesh:
         msg_id = env.message_id(model.type, model.tenant, model.task_id, key)
         headers = self._headers(model, body, msg_id, causation)
         try:
-            ack = await self.broker.publish(body, model.subject(), headers=headers,
-                                            stream=topo.STREAMS[model.spec.domain], timeout=timeout)  # fmt: skip
+            ack = await self.broker.publish(
+                body, model.subject(), headers=headers, stream=topo.STREAMS[model.spec.domain], timeout=timeout
+            )
         except nats.errors.TimeoutError as exc:
             # A denied JetStream publish shows up only as a timeout; say which it was if we know.
             if self.stats.permission_errors:
@@ -188,14 +201,32 @@ class Mesh:
             raise
         return ack
 
-    async def progress(self, tenant: str, task_id: str, stage: str, message: str = "", *, step_id: str = "",
-                       key: str = "", detail: dict[str, Any] | None = None) -> None:  # fmt: skip
+    async def progress(
+        self,
+        tenant: str,
+        task_id: str,
+        stage: str,
+        message: str = "",
+        *,
+        step_id: str = "",
+        key: str = "",
+        detail: dict[str, Any] | None = None,
+    ) -> None:
         """Publish a progress event for clients following the task (deduplicated by stage/step/key)."""
         from mesh_contracts.v1 import ProgressEvent
 
-        await self.publish(ProgressEvent(tenant=tenant, task_id=task_id, source=self.service, stage=stage,
-                                         message=message, step_id=step_id, detail=detail or {}),
-                           key=f"{self.service}:{stage}:{step_id}:{key}")  # fmt: skip
+        await self.publish(
+            ProgressEvent(
+                tenant=tenant,
+                task_id=task_id,
+                source=self.service,
+                stage=stage,
+                message=message,
+                step_id=step_id,
+                detail=detail or {},
+            ),
+            key=f"{self.service}:{stage}:{step_id}:{key}",
+        )
 
     async def request(self, model: Contract, *, timeout: float = 5.0) -> Contract:
         """Core request/reply; the reply is verified like any other message."""
@@ -203,8 +234,9 @@ class Mesh:
             raise TypeError(f"{model.type} is not a request contract")
         body = model.to_bytes()
         msg_id = env.message_id(model.type, model.tenant, model.task_id, getattr(model, "call_id", "") or "")
-        reply = await self.nc.request(model.subject(), body, timeout=timeout,
-                                      headers=self._headers(model, body, msg_id, None))  # fmt: skip
+        reply = await self.nc.request(
+            model.subject(), body, timeout=timeout, headers=self._headers(model, body, msg_id, None)
+        )
         rheaders = dict(reply.headers or {})
         schema = rheaders.get(env.SCHEMA, "")
         from mesh_contracts.registry import BY_TYPE
@@ -221,8 +253,14 @@ class Mesh:
 
     # --- consuming ------------------------------------------------------------------------
 
-    def consume(self, contract: type[C], handler: Callable[[C, Delivery], Awaitable[None]], *,
-                max_workers: int | None = None, on_reject: RejectHook | None = None) -> None:  # fmt: skip
+    def consume(
+        self,
+        contract: type[C],
+        handler: Callable[[C, Delivery], Awaitable[None]],
+        *,
+        max_workers: int | None = None,
+        on_reject: RejectHook | None = None,
+    ) -> None:
         """Bind ``handler`` to this service's pre-provisioned durable for ``contract``."""
         durable = topo.durable_for(self.service, contract)
         workers = max_workers or self.settings.max_workers
@@ -246,8 +284,9 @@ class Mesh:
             max_workers=workers if workers > 1 else None,
         )(entry)
 
-    async def _dispatch(self, msg: NatsMessage, durable: topo.Durable, handler: Handler,
-                        on_reject: RejectHook | None) -> None:  # fmt: skip
+    async def _dispatch(
+        self, msg: NatsMessage, durable: topo.Durable, handler: Handler, on_reject: RejectHook | None
+    ) -> None:
         raw: Msg = msg.raw_message
         headers = dict(raw.headers or {})
         try:
@@ -283,16 +322,18 @@ class Mesh:
             except Exception as exc:  # noqa: BLE001 - any handler bug must become a retry, then the DLQ
                 span.record_exception(exc)
                 reason = f"{type(exc).__name__}: {exc}"
-                if deliveries >= topo.MAX_DELIVER:
+                if deliveries >= self.settings.max_deliver:
                     self.stats.counters[tel.M_DEAD_LETTERED] += 1
                     log.error("giving up on %s after %d attempts: %s", raw.subject, deliveries, reason)
                     await self._dead_letter(raw, headers, durable, "failed", reason, deliveries, seq)
                     await msg.reject()
                 else:
                     self.stats.counters[tel.M_RETRIED] += 1
-                    delay = topo.RETRY_DELAYS_S[min(deliveries, len(topo.RETRY_DELAYS_S)) - 1]
-                    log.warning("attempt %d of %s failed (%s); retrying in %.1fs",
-                                deliveries, raw.subject, reason, delay)  # fmt: skip
+                    delays = self.settings.retry_delays_s or (1.0,)
+                    delay = delays[min(deliveries, len(delays)) - 1]
+                    log.warning(
+                        "attempt %d of %s failed (%s); retrying in %.1fs", deliveries, raw.subject, reason, delay
+                    )
                     await msg.nack(delay=delay)
                 return
         self.stats.counters[tel.M_HANDLED] += 1
@@ -308,22 +349,36 @@ class Mesh:
         if re.match(ID_PATTERN, parts.tenant) and re.match(ID_PATTERN, parts.task_id):
             await hook(parts.tenant, parts.task_id, subject, reason)
 
-    async def _dead_letter(self, raw: Msg, headers: dict[str, str], durable: topo.Durable, kind: str,
-                           reason: str, deliveries: int, seq: int) -> None:  # fmt: skip
-        out = {f"{env.ORIG_PREFIX}{k}": env.one_line(v, 4000) for k, v in headers.items()
-               if k not in (env.MSG_ID, "Nats-Expected-Stream")}  # fmt: skip
-        out.update({
-            env.DLQ_REASON: env.one_line(reason),
-            env.DLQ_KIND: kind,
-            env.DLQ_SERVICE: self.service,
-            env.DLQ_SUBJECT: raw.subject,
-            env.DLQ_STREAM: durable.stream,
-            env.DLQ_SEQ: str(seq),
-            env.DLQ_DELIVERIES: str(deliveries),
-            env.MSG_ID: f"dlq:{durable.stream}:{seq}:{self.service}" if seq else f"dlq:{time.time_ns()}",
-        })
-        await self.nc.jetstream().publish(topo.dlq_subject(self.service, raw.subject), raw.data,
-                                          headers=out, stream=topo.DLQ_STREAM, timeout=10.0)  # fmt: skip
+    async def _dead_letter(
+        self,
+        raw: Msg,
+        headers: dict[str, str],
+        durable: topo.Durable,
+        kind: str,
+        reason: str,
+        deliveries: int,
+        seq: int,
+    ) -> None:
+        out = {
+            f"{env.ORIG_PREFIX}{k}": env.one_line(v, 4000)
+            for k, v in headers.items()
+            if k not in (env.MSG_ID, "Nats-Expected-Stream")
+        }
+        out.update(
+            {
+                env.DLQ_REASON: env.one_line(reason),
+                env.DLQ_KIND: kind,
+                env.DLQ_SERVICE: self.service,
+                env.DLQ_SUBJECT: raw.subject,
+                env.DLQ_STREAM: durable.stream,
+                env.DLQ_SEQ: str(seq),
+                env.DLQ_DELIVERIES: str(deliveries),
+                env.MSG_ID: f"dlq:{durable.stream}:{seq}:{self.service}" if seq else f"dlq:{time.time_ns()}",
+            }
+        )
+        await self.broker.publish(
+            raw.data, topo.dlq_subject(self.service, raw.subject), headers=out, stream=topo.DLQ_STREAM, timeout=10.0
+        )
 
     # --- request/reply --------------------------------------------------------------------
 

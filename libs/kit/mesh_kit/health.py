@@ -41,9 +41,12 @@ class HealthServer:
             path = parts[1] if len(parts) > 1 else "/"
             code, body = self._route(path)
             payload = json.dumps(body).encode()
-            writer.write(f"HTTP/1.1 {code} {'OK' if code == 200 else 'Service Unavailable' if code == 503 else 'Not Found'}\r\n"
-                         f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
-                         "Connection: close\r\n\r\n".encode() + payload)  # fmt: skip
+            writer.write(
+                f"HTTP/1.1 {code} {'OK' if code == 200 else 'Service Unavailable' if code == 503 else 'Not Found'}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
+                "Connection: close\r\n\r\n".encode()
+                + payload
+            )
             await writer.drain()
         except (TimeoutError, ConnectionError):
             pass

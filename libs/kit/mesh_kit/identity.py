@@ -57,8 +57,9 @@ def new_signing_key() -> Ed25519PrivateKey:
 
 
 def private_pem(key: Ed25519PrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())  # fmt: skip
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def public_pem(key: Ed25519PublicKey) -> str:
@@ -86,8 +87,15 @@ class Signer:
 
     def token(self, *, tenant: str, msg_type: str, body: bytes, msg_id: str = "", now: float | None = None) -> str:
         now = time.time() if now is None else now
-        claims = {"iss": self.principal, "ten": tenant, "typ": msg_type, "dig": body_digest(body),
-                  "mid": msg_id, "iat": int(now), "exp": int(now + self._ttl_s)}  # fmt: skip
+        claims = {
+            "iss": self.principal,
+            "ten": tenant,
+            "typ": msg_type,
+            "dig": body_digest(body),
+            "mid": msg_id,
+            "iat": int(now),
+            "exp": int(now + self._ttl_s),
+        }
         return jwt.encode(claims, self._key, algorithm=ALGORITHM, headers={"kid": self.principal})
 
 
@@ -115,9 +123,16 @@ class TrustBundle:
     @staticmethod
     def to_json(entries: dict[str, tuple[str, str | None, Ed25519PublicKey]]) -> str:
         """Serialise ``name -> (role, tenant, public key)``."""
-        return json.dumps({"version": 1, "principals": {
-            name: {"role": role, "tenant": tenant, "public_key": public_pem(pub)}
-            for name, (role, tenant, pub) in sorted(entries.items())}}, indent=2)  # fmt: skip
+        return json.dumps(
+            {
+                "version": 1,
+                "principals": {
+                    name: {"role": role, "tenant": tenant, "public_key": public_pem(pub)}
+                    for name, (role, tenant, pub) in sorted(entries.items())
+                },
+            },
+            indent=2,
+        )
 
 
 class Verifier:
@@ -144,8 +159,11 @@ class Verifier:
             raise IdentityError(f"identity token from unknown principal {name!r}")
         try:
             claims: dict[str, Any] = jwt.decode(
-                token, principal.public_key, algorithms=[ALGORITHM],
-                options={"verify_exp": False, "require": ["iss", "ten", "typ", "dig", "iat", "exp"]})  # fmt: skip
+                token,
+                principal.public_key,
+                algorithms=[ALGORITHM],
+                options={"verify_exp": False, "require": ["iss", "ten", "typ", "dig", "iat", "exp"]},
+            )
         except jwt.InvalidSignatureError:
             raise IdentityError(f"identity token signature invalid for {name} (forged?)") from None
         except jwt.PyJWTError as exc:

@@ -25,31 +25,66 @@ def cost(provider: str, input_tokens: int, output_tokens: int) -> float:
     return round(input_tokens / 1000 * pin + output_tokens / 1000 * pout, 10)
 
 
-async def call_model(mesh: Mesh, model: ChatModel, request: ModelRequest, *, tenant: str, task_id: str,
-                     step_id: str, call_id: str) -> tuple[ModelResponse, TokenUsage]:  # fmt: skip
+async def call_model(
+    mesh: Mesh, model: ChatModel, request: ModelRequest, *, tenant: str, task_id: str, step_id: str, call_id: str
+) -> tuple[ModelResponse, TokenUsage]:
     prompt_tokens = model.count(request)
     worst = prompt_tokens + request.max_tokens
-    answer = await mesh.request(BudgetReserve(
-        tenant=tenant, task_id=task_id, agent=mesh.service, step_id=step_id, call_id=call_id,
-        tokens=worst, cost_usd=cost(model.provider, prompt_tokens, request.max_tokens)))  # fmt: skip
+    answer = await mesh.request(
+        BudgetReserve(
+            tenant=tenant,
+            task_id=task_id,
+            agent=mesh.service,
+            step_id=step_id,
+            call_id=call_id,
+            tokens=worst,
+            cost_usd=cost(model.provider, prompt_tokens, request.max_tokens),
+        )
+    )
     if isinstance(answer, BudgetDenied):
         raise BudgetExceeded(answer.reason)
     assert isinstance(answer, BudgetGranted)
     with mesh.tracer.start_as_current_span(f"chat {model.model}") as span:
-        span.set_attributes({tel.GEN_AI_OPERATION: "chat", tel.GEN_AI_PROVIDER: model.provider,
-                             tel.GEN_AI_REQUEST_MODEL: model.model, tel.GEN_AI_AGENT_NAME: request.agent,
-                             tel.GEN_AI_CONVERSATION_ID: task_id, tel.A_STEP: step_id})  # fmt: skip
+        span.set_attributes(
+            {
+                tel.GEN_AI_OPERATION: "chat",
+                tel.GEN_AI_PROVIDER: model.provider,
+                tel.GEN_AI_REQUEST_MODEL: model.model,
+                tel.GEN_AI_AGENT_NAME: request.agent,
+                tel.GEN_AI_CONVERSATION_ID: task_id,
+                tel.A_STEP: step_id,
+            }
+        )
         response = await model.complete(request)
-        span.set_attributes({tel.GEN_AI_RESPONSE_MODEL: response.model, tel.GEN_AI_INPUT_TOKENS: response.input_tokens,
-                             tel.GEN_AI_OUTPUT_TOKENS: response.output_tokens,
-                             tel.GEN_AI_FINISH_REASONS: [response.finish_reason]})  # fmt: skip
+        span.set_attributes(
+            {
+                tel.GEN_AI_RESPONSE_MODEL: response.model,
+                tel.GEN_AI_INPUT_TOKENS: response.input_tokens,
+                tel.GEN_AI_OUTPUT_TOKENS: response.output_tokens,
+                tel.GEN_AI_FINISH_REASONS: [response.finish_reason],
+            }
+        )
     usd = cost(response.provider, response.input_tokens, response.output_tokens)
-    await mesh.publish(UsageRecorded(
-        tenant=tenant, task_id=task_id, agent=mesh.service, role=request.agent, step_id=step_id, call_id=call_id,
-        provider=response.provider, model=response.model, input_tokens=response.input_tokens,
-        output_tokens=response.output_tokens, cost_usd=usd, reservation_id=answer.reservation_id), key=call_id)  # fmt: skip
-    return response, TokenUsage(input_tokens=response.input_tokens, output_tokens=response.output_tokens,
-                                cost_usd=usd, calls=1)  # fmt: skip
+    await mesh.publish(
+        UsageRecorded(
+            tenant=tenant,
+            task_id=task_id,
+            agent=mesh.service,
+            role=request.agent,
+            step_id=step_id,
+            call_id=call_id,
+            provider=response.provider,
+            model=response.model,
+            input_tokens=response.input_tokens,
+            output_tokens=response.output_tokens,
+            cost_usd=usd,
+            reservation_id=answer.reservation_id,
+        ),
+        key=call_id,
+    )
+    return response, TokenUsage(
+        input_tokens=response.input_tokens, output_tokens=response.output_tokens, cost_usd=usd, calls=1
+    )
 
 
 def scripted_or_configured() -> ChatModel:

@@ -35,8 +35,9 @@ def run_service(build: Build, service: str | None = None) -> None:
         first = exc.errors()[0]
         print(f"configuration error: MESH_{str(first['loc'][0]).upper()}: {first['msg']}", file=sys.stderr)
         raise SystemExit(2) from None
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format=f"%(asctime)s {settings.service} %(levelname)s %(name)s: %(message)s")  # fmt: skip
+    logging.basicConfig(
+        level=settings.log_level.upper(), format=f"%(asctime)s {settings.service} %(levelname)s %(name)s: %(message)s"
+    )
     logging.getLogger("faststream").setLevel(logging.WARNING)
     asyncio.run(serve(settings, build))
 
@@ -48,9 +49,16 @@ async def serve(settings: ServiceSettings, build: Build, *, stop: asyncio.Event 
     await mesh.start()
     health = None
     if settings.health_port:
-        health = HealthServer(settings.health_host, settings.health_port, mesh.ready,
-                              lambda: {"service": settings.service, "uptime_s": round(time.time() - mesh.stats.started_at, 1),
-                                       "counters": dict(mesh.stats.counters)})  # fmt: skip
+        health = HealthServer(
+            settings.health_host,
+            settings.health_port,
+            mesh.ready,
+            lambda: {
+                "service": settings.service,
+                "uptime_s": round(time.time() - mesh.stats.started_at, 1),
+                "counters": dict(mesh.stats.counters),
+            },
+        )
         await health.start()
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()

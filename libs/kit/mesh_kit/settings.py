@@ -8,6 +8,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from mesh_contracts import SERVICES
+from mesh_contracts import topology as topo
 
 
 class ServiceSettings(BaseSettings):
@@ -36,6 +37,10 @@ class ServiceSettings(BaseSettings):
     """On SIGTERM, how long in-flight handlers may take to finish."""
     max_workers: int = Field(4, ge=1, le=256)
     """Concurrent handlers per durable in one process."""
+    max_deliver: int = Field(topo.MAX_DELIVER, ge=1, lt=topo.SERVER_MAX_DELIVER + 1)
+    """Attempts before a failing message is dead-lettered (the provisioned consumer allows one more)."""
+    retry_delays_s: tuple[float, ...] = topo.RETRY_DELAYS_S
+    """NAK delay after each failed attempt (JSON list in the environment)."""
     log_level: str = "INFO"
     data_dir: Path | None = None
     """Service-specific data (e.g. the RAG service's sample documents)."""

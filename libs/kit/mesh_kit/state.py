@@ -89,8 +89,9 @@ class Conflict(Exception):
     """Too many concurrent writers on one key; the message will be retried."""
 
 
-async def update(kv: Any, key: str, model: type[M], mutate: Callable[[M | None], M | None],
-                 retries: int = 12) -> tuple[M | None, bool]:  # fmt: skip
+async def update(
+    kv: Any, key: str, model: type[M], mutate: Callable[[M | None], M | None], retries: int = 12
+) -> tuple[M | None, bool]:
     """Read-modify-write with compare-and-set. ``mutate`` returns the new value, or None for
     "no change". Returns (value, changed)."""
     for attempt in range(retries):

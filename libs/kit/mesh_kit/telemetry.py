@@ -51,8 +51,9 @@ class Telemetry:
 
 def setup(service: str) -> Telemetry:
     """Providers for one service process. ``OTEL_SERVICE_NAME`` defaults to the service folder name."""
-    resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", service),
-                                "service.namespace": "agentmesh"})  # fmt: skip
+    resource = Resource.create(
+        {"service.name": os.environ.get("OTEL_SERVICE_NAME", service), "service.namespace": "agentmesh"}
+    )
     tracer_provider = TracerProvider(resource=resource)
     readers = []
     if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):

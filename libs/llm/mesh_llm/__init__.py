@@ -7,5 +7,13 @@ caching): services depend only on ``ChatModel``.
 from mesh_llm.model import ChatModel, Message, ModelRequest, ModelResponse, ToolCall, ToolSpec, count_tokens
 from mesh_llm.scripted import ScriptedModel
 
-__all__ = ["ChatModel", "Message", "ModelRequest", "ModelResponse", "ScriptedModel", "ToolCall", "ToolSpec",
-           "count_tokens"]  # fmt: skip
+__all__ = [
+    "ChatModel",
+    "Message",
+    "ModelRequest",
+    "ModelResponse",
+    "ScriptedModel",
+    "ToolCall",
+    "ToolSpec",
+    "count_tokens",
+]

@@ -25,14 +25,23 @@ class Message:
     name: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"role": self.role, "content": self.content, "tool_call_id": self.tool_call_id, "name": self.name,
-                "tool_calls": [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in self.tool_calls]}  # fmt: skip
+        return {
+            "role": self.role,
+            "content": self.content,
+            "tool_call_id": self.tool_call_id,
+            "name": self.name,
+            "tool_calls": [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in self.tool_calls],
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Message:
-        return cls(role=d["role"], content=d.get("content", ""), tool_call_id=d.get("tool_call_id", ""),
-                   name=d.get("name", ""),
-                   tool_calls=tuple(ToolCall(c["id"], c["name"], c["arguments"]) for c in d.get("tool_calls", ())))  # fmt: skip
+        return cls(
+            role=d["role"],
+            content=d.get("content", ""),
+            tool_call_id=d.get("tool_call_id", ""),
+            name=d.get("name", ""),
+            tool_calls=tuple(ToolCall(c["id"], c["name"], c["arguments"]) for c in d.get("tool_calls", ())),
+        )
 
 
 @dataclass(frozen=True)

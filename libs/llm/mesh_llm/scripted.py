@@ -24,7 +24,8 @@ class ScriptedModel:
 
     def count(self, request: ModelRequest) -> int:
         return sum(count_tokens(m.content) + 4 for m in request.messages) + sum(
-            count_tokens(t.name + t.description) for t in request.tools)  # fmt: skip
+            count_tokens(t.name + t.description) for t in request.tools
+        )
 
     async def complete(self, request: ModelRequest) -> ModelResponse:
         self.calls += 1
@@ -32,10 +33,18 @@ class ScriptedModel:
             content, calls = self._plan(request), ()
         else:
             content, calls = self._work(request)
-        out_tokens = min(request.max_tokens, count_tokens(content) + sum(count_tokens(json.dumps(c.arguments)) + 3
-                                                                           for c in calls))  # fmt: skip
-        return ModelResponse(content, calls, self.count(request), out_tokens, self.provider, self.model,
-                             "tool_calls" if calls else "stop")  # fmt: skip
+        out_tokens = min(
+            request.max_tokens, count_tokens(content) + sum(count_tokens(json.dumps(c.arguments)) + 3 for c in calls)
+        )
+        return ModelResponse(
+            content,
+            calls,
+            self.count(request),
+            out_tokens,
+            self.provider,
+            self.model,
+            "tool_calls" if calls else "stop",
+        )
 
     # --- planner ------------------------------------------------------------------------------
 
@@ -45,16 +54,36 @@ class ScriptedModel:
         topic = ARITHMETIC.sub("", goal).strip(" ?.,;:") or goal
         for _ in range(3):  # drop connective words the arithmetic left dangling ("... Also compute")
             topic = re.sub(r"\b(also|and|then|compute|calculate|what is)\s*$", "", topic, flags=re.I).strip(" ?.,;:")
-        steps = [{"step_id": "s1", "kind": "research", "tools": ["search_docs"],
-                  "instruction": f"Find what the documentation says about: {topic}"}]  # fmt: skip
+        steps = [
+            {
+                "step_id": "s1",
+                "kind": "research",
+                "tools": ["search_docs"],
+                "instruction": f"Find what the documentation says about: {topic}",
+            }
+        ]
         if expr:
-            steps.append({"step_id": "s2", "kind": "compute", "tools": ["calculator"],
-                          "instruction": f"Compute {expr.group(1)}"})  # fmt: skip
+            steps.append(
+                {"step_id": "s2", "kind": "compute", "tools": ["calculator"], "instruction": f"Compute {expr.group(1)}"}
+            )
         else:
-            steps.append({"step_id": "s2", "kind": "compute", "tools": ["text_stats"],
-                          "instruction": f"Measure the question: {goal}"})  # fmt: skip
-        steps.append({"step_id": "s3", "kind": "answer", "tools": [], "depends_on": ["s1", "s2"],
-                      "instruction": f"Write the final answer to: {goal}"})  # fmt: skip
+            steps.append(
+                {
+                    "step_id": "s2",
+                    "kind": "compute",
+                    "tools": ["text_stats"],
+                    "instruction": f"Measure the question: {goal}",
+                }
+            )
+        steps.append(
+            {
+                "step_id": "s3",
+                "kind": "answer",
+                "tools": [],
+                "depends_on": ["s1", "s2"],
+                "instruction": f"Write the final answer to: {goal}",
+            }
+        )
         return json.dumps({"steps": steps})
 
     # --- worker -------------------------------------------------------------------------------
@@ -106,6 +135,7 @@ def _answer_from(result: Message, instruction: str) -> str:
 
 def _extract(hits: list[dict], query: str, n: int = 2) -> str:
     """Extractive answer: the ``n`` sentences sharing most words with the query, each cited."""
+
     def stems(text: str) -> set[str]:
         return {w.rstrip("s") for w in WORD.findall(text.lower()) if len(w) > 3}
 

@@ -19,7 +19,6 @@ from typing import NoReturn
 import httpx
 import nats
 
-from mesh_contracts import SERVICES
 from mesh_contracts.base import ID_PATTERN
 from mesh_contracts.v1 import ProgressEvent, TaskCompleted, TaskFailed, TaskRejected
 from meshctl import local
@@ -84,11 +83,17 @@ async def _admin(args: argparse.Namespace) -> nats.NATS:
     ids = Identities(home)
     if not ids.creds("admin").exists():
         raise MeshError(f"no identities in {home} (run: meshctl init)")
-    return await nats.connect(_nats_url(args, home), user_credentials=str(ids.creds("admin")), name="meshctl",
-                              connect_timeout=5, max_reconnect_attempts=0)  # fmt: skip
+    return await nats.connect(
+        _nats_url(args, home),
+        user_credentials=str(ids.creds("admin")),
+        name="meshctl",
+        connect_timeout=5,
+        max_reconnect_attempts=0,
+    )
 
 
 # --- commands -------------------------------------------------------------------------------
+
 
 def cmd_init(args: argparse.Namespace) -> int:
     ids = Identities(_home(args))
@@ -99,8 +104,16 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 def cmd_policy(args: argparse.Namespace) -> int:
     tenants = args.tenants or Identities(_home(args)).tenants() or ["demo"]
-    out = {name: {"role": p.role, "tenant": p.tenant, "publish": p.pub, "subscribe": p.sub,
-                  "allow_responses": p.allow_responses} for name, p in policy(tenants).items()}  # fmt: skip
+    out = {
+        name: {
+            "role": p.role,
+            "tenant": p.tenant,
+            "publish": p.pub,
+            "subscribe": p.sub,
+            "allow_responses": p.allow_responses,
+        }
+        for name, p in policy(tenants).items()
+    }
     print(json.dumps(out, indent=2))
     return 0
 
@@ -112,8 +125,10 @@ def cmd_provision(args: argparse.Namespace) -> int:
             report = await provision(nc, replicas=args.replicas)
         finally:
             await nc.close()
-        print(f"provisioned {len(report.streams)} streams, {len(report.consumers)} durable consumers, "
-              f"{len(report.buckets)} KV buckets")  # fmt: skip
+        print(
+            f"provisioned {len(report.streams)} streams, {len(report.consumers)} durable consumers, "
+            f"{len(report.buckets)} KV buckets"
+        )
 
     asyncio.run(run())
     return 0
@@ -121,10 +136,19 @@ def cmd_provision(args: argparse.Namespace) -> int:
 
 def cmd_up(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
-    state = asyncio.run(local.up(_home(args), tenants=args.tenants, nats_port=args.nats_port,
-                                 http_port=args.http_port, redis_port=args.redis_port))  # fmt: skip
-    print(f"mesh up in {time.monotonic() - t0:.1f}s: nats {state.nats_url}, redis 127.0.0.1:{state.redis_port}, "
-          f"{len(state.services)} services ({', '.join(state.services)})")  # fmt: skip
+    state = asyncio.run(
+        local.up(
+            _home(args),
+            tenants=args.tenants,
+            nats_port=args.nats_port,
+            http_port=args.http_port,
+            redis_port=args.redis_port,
+        )
+    )
+    print(
+        f"mesh up in {time.monotonic() - t0:.1f}s: nats {state.nats_url}, redis 127.0.0.1:{state.redis_port}, "
+        f"{len(state.services)} services ({', '.join(state.services)})"
+    )
     print(f"tenants: {', '.join(Identities(_home(args)).tenants())}; home: {_home(args)}")
     return 0
 
@@ -183,35 +207,49 @@ def cmd_submit(args: argparse.Namespace) -> int:
     ids = Identities(home)
     principal = f"client.{args.tenant}"
     if not ids.creds(principal).exists():
-        raise MeshError(f"unknown tenant {args.tenant!r} (known: {', '.join(ids.tenants()) or 'none'}; "
-                        "add one with: meshctl init --tenants NAME)")  # fmt: skip
+        raise MeshError(
+            f"unknown tenant {args.tenant!r} (known: {', '.join(ids.tenants()) or 'none'}; "
+            "add one with: meshctl init --tenants NAME)"
+        )
 
     def show(model: object) -> None:
         if isinstance(model, ProgressEvent) and not args.json:
             print(f"  [{model.source:>13}] {model.stage:<16} {model.message}", flush=True)
 
     async def run() -> int:
-        async with TenantClient(_nats_url(args, home), args.tenant, ids.creds(principal),
-                                ids.signing_key(principal), ids.trust_bundle) as client:  # fmt: skip
+        async with TenantClient(
+            _nats_url(args, home), args.tenant, ids.creds(principal), ids.signing_key(principal), ids.trust_bundle
+        ) as client:
             if not args.json:
                 print(f"submitting to tenant {args.tenant}: {args.goal}", flush=True)
-            seen = await client.submit(args.goal, task_id=args.task_id, follow=args.follow,
-                                       timeout=args.timeout, on_event=show)  # fmt: skip
+            seen = await client.submit(
+                args.goal, task_id=args.task_id, follow=args.follow, timeout=args.timeout, on_event=show
+            )
         if not args.follow:
             print(seen.task_id)
             return 0
         out = seen.outcome
         if args.json:
-            print(json.dumps({"task_id": seen.task_id, "latency_s": round(seen.latency_s, 3),
-                              "outcome": out.model_dump(mode="json") if out else None,
-                              "events": len(seen.events)}, indent=2))  # fmt: skip
+            print(
+                json.dumps(
+                    {
+                        "task_id": seen.task_id,
+                        "latency_s": round(seen.latency_s, 3),
+                        "outcome": out.model_dump(mode="json") if out else None,
+                        "events": len(seen.events),
+                    },
+                    indent=2,
+                )
+            )
         elif isinstance(out, TaskCompleted):
             u = out.usage
             print(f"\ncompleted {seen.task_id} in {seen.latency_s:.2f}s ({out.steps} steps)\n\n{out.answer}\n")
             for c in out.citations:
                 print(f"  cited: {c.doc_id} v{c.version[:8]} chunk {c.chunk_id} sha256:{c.chunk_hash[:12]}")
-            print(f"\nusage: {u.input_tokens} input + {u.output_tokens} output tokens "
-                  f"in {u.calls} model calls, ${u.cost_usd:.6f}")  # fmt: skip
+            print(
+                f"\nusage: {u.input_tokens} input + {u.output_tokens} output tokens "
+                f"in {u.calls} model calls, ${u.cost_usd:.6f}"
+            )
         elif isinstance(out, (TaskFailed, TaskRejected)):
             print(f"\n{out.type.split('.')[1]} {seen.task_id}: {out.reason}", file=sys.stderr)
         if out is None:
@@ -239,12 +277,23 @@ def cmd_dlq(args: argparse.Namespace) -> int:
                     continue
                 h = m.headers or {}
                 if args.action == "show":
-                    print(json.dumps({"seq": seq, "subject": m.subject, "headers": h,
-                                      "body": (m.data or b"").decode(errors="replace")}, indent=2))  # fmt: skip
+                    print(
+                        json.dumps(
+                            {
+                                "seq": seq,
+                                "subject": m.subject,
+                                "headers": h,
+                                "body": (m.data or b"").decode(errors="replace"),
+                            },
+                            indent=2,
+                        )
+                    )
                 else:
                     reason = h.get("Mesh-Dlq-Reason") or "server advisory: consumer exhausted max_deliver"
-                    print(f"{seq:>6} {h.get('Mesh-Dlq-Service', '-'):14} {h.get('Mesh-Dlq-Subject', m.subject)}\n"
-                          f"       {reason}")  # fmt: skip
+                    print(
+                        f"{seq:>6} {h.get('Mesh-Dlq-Service', '-'):14} {h.get('Mesh-Dlq-Subject', m.subject)}\n"
+                        f"       {reason}"
+                    )
             if args.action == "list":
                 print(f"({info.state.messages} dead letter(s) in total)")
         finally:
@@ -256,8 +305,11 @@ def cmd_dlq(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="meshctl", description="Run and operate an AgentMesh.")
-    p.add_argument("--home", default=os.environ.get("MESH_HOME", DEFAULT_HOME),
-                   help="mesh home with identities, data and logs (default: .mesh, env MESH_HOME)")  # fmt: skip
+    p.add_argument(
+        "--home",
+        default=os.environ.get("MESH_HOME", DEFAULT_HOME),
+        help="mesh home with identities, data and logs (default: .mesh, env MESH_HOME)",
+    )
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     s = sub.add_parser("init", help="mint identities (NATS creds, signing keys, trust bundle)")

@@ -52,8 +52,13 @@ class TenantClient:
         self.nc: nats.NATS | None = None
 
     async def __aenter__(self) -> TenantClient:
-        self.nc = await nats.connect(self.nats_url, user_credentials=str(self.creds), name=self.principal,
-                                     inbox_prefix=inbox_prefix(self.principal), max_reconnect_attempts=-1)  # fmt: skip
+        self.nc = await nats.connect(
+            self.nats_url,
+            user_credentials=str(self.creds),
+            name=self.principal,
+            inbox_prefix=inbox_prefix(self.principal),
+            max_reconnect_attempts=-1,
+        )
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -64,14 +69,25 @@ class TenantClient:
         assert self.nc is not None
         body = model.to_bytes()
         msg_id = env.message_id(model.type, model.tenant, model.task_id, key)
-        headers = {env.SCHEMA: model.schema_id(), env.TENANT: model.tenant, env.TASK: model.task_id,
-                   env.MSG_ID: msg_id,
-                   env.IDENTITY: self.signer.token(tenant=model.tenant, msg_type=model.type, body=body, msg_id=msg_id)}  # fmt: skip
+        headers = {
+            env.SCHEMA: model.schema_id(),
+            env.TENANT: model.tenant,
+            env.TASK: model.task_id,
+            env.MSG_ID: msg_id,
+            env.IDENTITY: self.signer.token(tenant=model.tenant, msg_type=model.type, body=body, msg_id=msg_id),
+        }
         await self.nc.jetstream().publish(model.subject(), body, headers=headers, timeout=10.0)
 
-    async def submit(self, goal: str, *, task_id: str | None = None, limits: TaskLimits | None = None,
-                     follow: bool = True, timeout: float = 120.0,
-                     on_event: Callable[[Contract], None] | None = None) -> Followed:  # fmt: skip
+    async def submit(
+        self,
+        goal: str,
+        *,
+        task_id: str | None = None,
+        limits: TaskLimits | None = None,
+        follow: bool = True,
+        timeout: float = 120.0,
+        on_event: Callable[[Contract], None] | None = None,
+    ) -> Followed:
         """Publish ``task.submitted`` and (optionally) follow the task to its outcome."""
         assert self.nc is not None
         task_id = task_id or f"t-{uuid.uuid4().hex[:12]}"
@@ -95,8 +111,10 @@ class TenantClient:
 
         subs = []
         if follow:  # subscribe before publishing so nothing is missed
-            subs = [await self.nc.subscribe(f"event.*.{self.tenant}.{task_id}.>", cb=on_msg),
-                    await self.nc.subscribe(f"task.*.{self.tenant}.{task_id}.>", cb=on_msg)]  # fmt: skip
+            subs = [
+                await self.nc.subscribe(f"event.*.{self.tenant}.{task_id}.>", cb=on_msg),
+                await self.nc.subscribe(f"task.*.{self.tenant}.{task_id}.>", cb=on_msg),
+            ]
             await self.nc.flush()
         seen.submitted_at = time.time()
         await self.publish(TaskSubmitted(tenant=self.tenant, task_id=task_id, goal=goal, limits=limits or TaskLimits()))

@@ -64,11 +64,23 @@ def _load_or_new(path: Path, prefix: int) -> nkeys.KeyPair:
     return kp
 
 
-def user_jwt(account: nkeys.KeyPair, signing: nkeys.KeyPair, user: nkeys.KeyPair, perms: Permissions,
-             expires_in_s: int | None = None) -> str:  # fmt: skip
-    nats: dict = {"type": "user", "version": 2, "subs": -1, "data": -1, "payload": -1,
-                  "issuer_account": account.public_key.decode(),
-                  "pub": {"allow": perms.pub}, "sub": {"allow": perms.sub}}  # fmt: skip
+def user_jwt(
+    account: nkeys.KeyPair,
+    signing: nkeys.KeyPair,
+    user: nkeys.KeyPair,
+    perms: Permissions,
+    expires_in_s: int | None = None,
+) -> str:
+    nats: dict = {
+        "type": "user",
+        "version": 2,
+        "subs": -1,
+        "data": -1,
+        "payload": -1,
+        "issuer_account": account.public_key.decode(),
+        "pub": {"allow": perms.pub},
+        "sub": {"allow": perms.sub},
+    }
     if perms.allow_responses:
         nats["resp"] = {"max": 1, "ttl": 0}
     claims: dict = {"sub": user.public_key.decode(), "name": perms.principal, "nats": nats}
@@ -78,12 +90,18 @@ def user_jwt(account: nkeys.KeyPair, signing: nkeys.KeyPair, user: nkeys.KeyPair
 
 
 def creds_text(jwt: str, user: nkeys.KeyPair) -> str:
-    return ("-----BEGIN NATS USER JWT-----\n" f"{jwt}\n" "------END NATS USER JWT------\n\n"
-            "************************* IMPORTANT *************************\n"
-            "NKEY Seed printed below can be used to sign and prove identity.\n"
-            "NKEYs are sensitive and should be treated as secrets.\n\n"
-            "-----BEGIN USER NKEY SEED-----\n" f"{user.seed.decode()}\n" "------END USER NKEY SEED------\n\n"
-            "*************************************************************\n")  # fmt: skip
+    return (
+        "-----BEGIN NATS USER JWT-----\n"
+        f"{jwt}\n"
+        "------END NATS USER JWT------\n\n"
+        "************************* IMPORTANT *************************\n"
+        "NKEY Seed printed below can be used to sign and prove identity.\n"
+        "NKEYs are sensitive and should be treated as secrets.\n\n"
+        "-----BEGIN USER NKEY SEED-----\n"
+        f"{user.seed.decode()}\n"
+        "------END USER NKEY SEED------\n\n"
+        "*************************************************************\n"
+    )
 
 
 class Identities:
@@ -125,18 +143,44 @@ class Identities:
         acc = _load_or_new(self.secrets / f"account-{ACCOUNT}.nk", nkeys.PREFIX_BYTE_ACCOUNT)
         signing = _load_or_new(self.secrets / f"account-{ACCOUNT}-signing.nk", nkeys.PREFIX_BYTE_ACCOUNT)
         sys_pub, acc_pub = sys_acc.public_key.decode(), acc.public_key.decode()
-        (self.secrets / "operator.jwt").write_text(encode_jwt(
-            {"sub": op.public_key.decode(), "name": "agentmesh",
-             "nats": {"type": "operator", "version": 2, "system_account": sys_pub}}, op))  # fmt: skip
-        base_limits = {"subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1,
-                       "wildcards": True, "conn": -1, "leaf": -1}  # fmt: skip
+        (self.secrets / "operator.jwt").write_text(
+            encode_jwt(
+                {
+                    "sub": op.public_key.decode(),
+                    "name": "agentmesh",
+                    "nats": {"type": "operator", "version": 2, "system_account": sys_pub},
+                },
+                op,
+            )
+        )
+        base_limits = {
+            "subs": -1,
+            "data": -1,
+            "payload": -1,
+            "imports": -1,
+            "exports": -1,
+            "wildcards": True,
+            "conn": -1,
+            "leaf": -1,
+        }
         preload = {
-            sys_pub: encode_jwt({"sub": sys_pub, "name": "SYS",
-                                 "nats": {"type": "account", "version": 2, "limits": base_limits}}, op),  # fmt: skip
-            acc_pub: encode_jwt({"sub": acc_pub, "name": ACCOUNT, "nats": {
-                "type": "account", "version": 2, "signing_keys": [signing.public_key.decode()],
-                "limits": {**base_limits, "mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1},
-                "default_permissions": {"pub": {}, "sub": {}}}}, op),  # fmt: skip
+            sys_pub: encode_jwt(
+                {"sub": sys_pub, "name": "SYS", "nats": {"type": "account", "version": 2, "limits": base_limits}}, op
+            ),
+            acc_pub: encode_jwt(
+                {
+                    "sub": acc_pub,
+                    "name": ACCOUNT,
+                    "nats": {
+                        "type": "account",
+                        "version": 2,
+                        "signing_keys": [signing.public_key.decode()],
+                        "limits": {**base_limits, "mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1},
+                        "default_permissions": {"pub": {}, "sub": {}},
+                    },
+                },
+                op,
+            ),
         }
         (self.secrets / "preload.json").write_text(json.dumps(preload))
         (self.secrets / "account.json").write_text(json.dumps({"name": ACCOUNT, "id": acc_pub, "system": sys_pub}))
@@ -165,7 +209,10 @@ class Identities:
         return json.loads((self.secrets / "account.json").read_text())["id"]
 
     def server_config(self, *, port: int, http_port: int, store_dir: Path, cluster: str = "") -> str:
-        """Operator-mode nats-server config: loopback only, durable JetStream writes."""
+        """Operator-mode nats-server config: loopback only, durable JetStream writes.
+
+        Self-contained (the operator and account JWTs are inline; they are signed, not secret),
+        so it can be mounted into a container on its own."""
         preload = json.loads((self.secrets / "preload.json").read_text())
         sys_pub = json.loads((self.secrets / "account.json").read_text())["system"]
         entries = "\n".join(f"  {k}: {v}" for k, v in preload.items())
@@ -174,7 +221,7 @@ server_name: agentmesh-local
 listen: 127.0.0.1:{port}
 http: 127.0.0.1:{http_port}
 max_payload: 8MB
-operator: "{self.secrets / 'operator.jwt'}"
+operator: {(self.secrets / "operator.jwt").read_text().strip()}
 system_account: {sys_pub}
 resolver: MEMORY
 resolver_preload: {{

@@ -111,10 +111,14 @@ class MeshState:
         if not path.exists():
             return None
         raw = json.loads(path.read_text())
-        return cls(home=raw["home"], nats_url=raw["nats_url"], redis_port=raw.get("redis_port", 0),
-                   nats=Proc(**raw["nats"]) if raw.get("nats") else None,
-                   redis=Proc(**raw["redis"]) if raw.get("redis") else None,
-                   services={k: Proc(**v) for k, v in raw.get("services", {}).items()})  # fmt: skip
+        return cls(
+            home=raw["home"],
+            nats_url=raw["nats_url"],
+            redis_port=raw.get("redis_port", 0),
+            nats=Proc(**raw["nats"]) if raw.get("nats") else None,
+            redis=Proc(**raw["redis"]) if raw.get("redis") else None,
+            services={k: Proc(**v) for k, v in raw.get("services", {}).items()},
+        )
 
     def save(self) -> None:
         path = Path(self.home) / "run" / "state.json"
@@ -128,8 +132,9 @@ class MeshState:
 def _spawn(name: str, argv: list[str], log: Path, env: dict[str, str] | None = None, **ports: int) -> Proc:
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=env, start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(
+            argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True
+        )
     stat = _stat(proc.pid)
     return Proc(name, proc.pid, argv, str(log), started=int(stat[19]) if stat else 0, **ports)
 
@@ -173,71 +178,137 @@ def redis_users(ids: Identities, port: int) -> Path:
     return acl
 
 
-def service_env(ids: Identities, service: str, nats_url: str, health_port: int, extra: dict[str, str]) -> dict[str, str]:
+def service_env(
+    ids: Identities, service: str, nats_url: str, health_port: int, extra: dict[str, str]
+) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
     redis_url_file = ids.secrets / "redis" / f"{service}.url"
-    env.update({
-        "MESH_SERVICE": service,
-        "MESH_NATS_URL": nats_url,
-        "MESH_CREDS_FILE": str(ids.creds(service)),
-        "MESH_SIGNING_KEY_FILE": str(ids.signing_key(service)),
-        "MESH_TRUST_BUNDLE_FILE": str(ids.trust_bundle),
-        "MESH_HEALTH_PORT": str(health_port),
-        "MESH_TENANTS": ",".join(ids.tenants()),
-        "OTEL_SERVICE_NAME": service,
-        "PYTHONUNBUFFERED": "1",
-    })  # fmt: skip
+    env.update(
+        {
+            "MESH_SERVICE": service,
+            "MESH_NATS_URL": nats_url,
+            "MESH_CREDS_FILE": str(ids.creds(service)),
+            "MESH_SIGNING_KEY_FILE": str(ids.signing_key(service)),
+            "MESH_TRUST_BUNDLE_FILE": str(ids.trust_bundle),
+            "MESH_HEALTH_PORT": str(health_port),
+            "MESH_TENANTS": ",".join(ids.tenants()),
+            "OTEL_SERVICE_NAME": service,
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     if redis_url_file.exists():
         env["MESH_REDIS_URL"] = redis_url_file.read_text()
     env.update(extra)
     return env
 
 
-async def up(home: Path, *, tenants: list[str], nats_port: int = 4222, http_port: int = 8222,
-             redis_port: int = 6390, services: tuple[str, ...] = SERVICES,
-             service_env_extra: dict[str, str] | None = None, timeout: float = 60.0) -> MeshState:  # fmt: skip
+def write_nats_config(ids: Identities, port: int, http_port: int) -> tuple[Path, Path]:
+    """The server config and its JetStream store directory under the mesh home."""
+    store = ids.home / "nats" / "jetstream"
+    store.mkdir(parents=True, exist_ok=True)
+    conf = ids.home / "nats" / "server.conf"
+    conf.write_text(ids.server_config(port=port, http_port=http_port, store_dir=store))
+    return conf, store
+
+
+async def start_nats(ids: Identities, port: int, http_port: int, timeout: float = 30.0) -> Proc:
+    conf, _ = write_nats_config(ids, port, http_port)
+    proc = _spawn(
+        "nats-server",
+        [find_binary("nats-server"), "-c", str(conf)],
+        ids.home / "logs" / "nats-server.log",
+        port=port,
+        http_port=http_port,
+    )
+    await wait_until(
+        lambda: _http_ok(f"http://127.0.0.1:{http_port}/healthz?js-enabled-only=true"), "nats-server", timeout, proc
+    )
+    return proc
+
+
+def redis_args(ids: Identities, port: int) -> list[str]:
+    """redis-server arguments: loopback, no persistence (Redis holds only rebuildable state), ACL users."""
+    acl = redis_users(ids, port)
+    return ["--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no", "--aclfile", str(acl)]
+
+
+async def start_redis(ids: Identities, port: int, timeout: float = 30.0) -> Proc:
+    args = redis_args(ids, port)
+    proc = _spawn(
+        "redis-server",
+        [find_binary("redis-server"), *args, "--dir", str(ids.home / "redis")],
+        ids.home / "logs" / "redis-server.log",
+        port=port,
+    )
+    await wait_until(lambda: _tcp_ok(port), "redis-server", timeout, proc)
+    return proc
+
+
+async def provision_as_admin(ids: Identities, nats_url: str, replicas: int = 1) -> None:
+    nc = await nats.connect(nats_url, user_credentials=str(ids.creds("admin")), name="meshctl-provision")
+    try:
+        await provision(nc, replicas=replicas)
+    finally:
+        await nc.close()
+
+
+def start_services(
+    ids: Identities, nats_url: str, services: tuple[str, ...] = SERVICES, extra_env: dict[str, str] | None = None
+) -> dict[str, Proc]:
+    """Each service as its own process with its own identity (creds, signing key, Redis user)."""
+    procs = {}
+    for svc in services:
+        hp = free_port()
+        env = service_env(ids, svc, nats_url, hp, extra_env or {})
+        procs[svc] = _spawn(
+            svc, [sys.executable, "-m", module_of(svc)], ids.home / "logs" / f"{svc}.log", env, http_port=hp
+        )
+    return procs
+
+
+async def wait_ready(procs: dict[str, Proc], timeout: float = 60.0) -> None:
+    for svc, proc in procs.items():
+        await wait_until(lambda p=proc: _http_ok(f"http://127.0.0.1:{p.http_port}/readyz"), svc, timeout, proc)
+
+
+async def up(
+    home: Path,
+    *,
+    tenants: list[str],
+    nats_port: int = 4222,
+    http_port: int = 8222,
+    redis_port: int = 6390,
+    services: tuple[str, ...] = SERVICES,
+    service_env_extra: dict[str, str] | None = None,
+    timeout: float = 60.0,
+) -> MeshState:
     """Start nats-server, redis-server and the services; provision in between."""
     existing = MeshState.load(home)
     if existing and any(p.alive() for p in existing.procs()):
         raise MeshError(f"a mesh is already running from {home} (meshctl down first)")
-    for label, port in (("NATS", nats_port), ("NATS monitoring", http_port), ("Redis", redis_port)):
+    for label, flag, port in (
+        ("NATS", "nats", nats_port),
+        ("NATS monitoring", "http", http_port),
+        ("Redis", "redis", redis_port),
+    ):
         if port and not port_free(port):
-            raise MeshError(f"{label} port {port} is in use (choose another with --{label.split()[0].lower()}-port, or 0 for any)")
+            raise MeshError(
+                f"{label} port {port} is in use (choose another with --{flag}-port, or 0 for any free port)"
+            )
     nats_port, http_port, redis_port = (p or free_port() for p in (nats_port, http_port, redis_port))
     home.mkdir(parents=True, exist_ok=True)
     ids = Identities(home)
     ids.mint(tenants)
-    conf = home / "nats" / "server.conf"
-    conf.parent.mkdir(parents=True, exist_ok=True)
-    conf.write_text(ids.server_config(port=nats_port, http_port=http_port, store_dir=home / "nats" / "jetstream"))
     state = MeshState(home=str(home), nats_url=f"nats://127.0.0.1:{nats_port}", redis_port=redis_port)
-    logs = home / "logs"
     try:
-        state.nats = _spawn("nats-server", [find_binary("nats-server"), "-c", str(conf)], logs / "nats-server.log",
-                            port=nats_port, http_port=http_port)  # fmt: skip
+        state.nats = await start_nats(ids, nats_port, http_port, timeout)
         state.save()
-        await wait_until(lambda: _http_ok(f"http://127.0.0.1:{http_port}/healthz?js-enabled-only=true"),
-                         "nats-server", timeout, state.nats)  # fmt: skip
-        acl = redis_users(ids, redis_port)
-        state.redis = _spawn("redis-server", [find_binary("redis-server"), "--bind", "127.0.0.1", "--port",
-                             str(redis_port), "--save", "", "--appendonly", "no", "--dir", str(acl.parent),
-                             "--aclfile", str(acl)], logs / "redis-server.log", port=redis_port)  # fmt: skip
+        state.redis = await start_redis(ids, redis_port, timeout)
         state.save()
-        await wait_until(lambda: _tcp_ok(redis_port), "redis-server", timeout, state.redis)
-        nc = await nats.connect(state.nats_url, user_credentials=str(ids.creds("admin")), name="meshctl-provision")
-        try:
-            await provision(nc)
-        finally:
-            await nc.close()
-        for svc in services:
-            hp = free_port()
-            env = service_env(ids, svc, state.nats_url, hp, service_env_extra or {})
-            state.services[svc] = _spawn(svc, [sys.executable, "-m", module_of(svc)], logs / f"{svc}.log", env,
-                                         http_port=hp)  # fmt: skip
+        await provision_as_admin(ids, state.nats_url)
+        state.services = start_services(ids, state.nats_url, services, service_env_extra)
         state.save()
-        for svc in services:
-            proc = state.services[svc]
-            await wait_until(lambda p=proc: _http_ok(f"http://127.0.0.1:{p.http_port}/readyz"), svc, timeout, proc)
+        await wait_ready(state.services, timeout)
     except BaseException:
         down(home)
         raise
@@ -255,8 +326,15 @@ def down(home: Path, timeout: float = 25.0) -> list[str]:
     state = MeshState.load(home)
     if state is None:
         return []
+    stopped = stop([list(state.services.values()), [p for p in (state.redis, state.nats) if p]], timeout)
+    (home / "run" / "state.json").unlink(missing_ok=True)
+    return stopped
+
+
+def stop(groups: list[list[Proc]], timeout: float = 25.0) -> list[str]:
+    """SIGTERM each group in turn, wait for it to drain, SIGKILL what outlives ``timeout``."""
     stopped = []
-    for group in (list(state.services.values()), [p for p in (state.redis, state.nats) if p]):
+    for group in groups:
         live = [p for p in group if p.alive()]
         for p in live:
             os.kill(p.pid, signal.SIGTERM)
@@ -272,5 +350,4 @@ def down(home: Path, timeout: float = 25.0) -> list[str]:
             if p.alive():
                 os.kill(p.pid, signal.SIGKILL)
             stopped.append(p.name)
-    (home / "run" / "state.json").unlink(missing_ok=True)
     return stopped

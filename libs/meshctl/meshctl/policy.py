@@ -50,10 +50,12 @@ def service_permissions(service: str) -> Permissions:
             p.add_sub(f"{s.domain}.*.*.*.{s.event}")
             p.allow_responses = True
     for d in topo.durables_of(service):
-        p.add_pub(f"$JS.API.CONSUMER.INFO.{d.stream}.{d.name}",
-                  f"$JS.API.CONSUMER.MSG.NEXT.{d.stream}.{d.name}",
-                  f"$JS.ACK.{d.stream}.{d.name}.>",
-                  f"$JS.ACK.*.*.{d.stream}.{d.name}.>")  # fmt: skip
+        p.add_pub(
+            f"$JS.API.CONSUMER.INFO.{d.stream}.{d.name}",
+            f"$JS.API.CONSUMER.MSG.NEXT.{d.stream}.{d.name}",
+            f"$JS.ACK.{d.stream}.{d.name}.>",
+            f"$JS.ACK.*.*.{d.stream}.{d.name}.>",
+        )
     p.add_pub(topo.dlq_subject(service, ">"))
     for b in topo.BUCKETS:
         if service == b.writer or service in b.readers:

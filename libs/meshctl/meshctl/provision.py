@@ -32,30 +32,48 @@ class ProvisionReport:
 def stream_configs(replicas: int = 1) -> list[api.StreamConfig]:
     configs = [
         api.StreamConfig(
-            name=stream, subjects=[f"{domain}.>"], storage=api.StorageType.FILE,
-            retention=api.RetentionPolicy.LIMITS, duplicate_window=DEDUP_WINDOW_S,
-            max_age=RETENTION_S, num_replicas=replicas, allow_direct=stream in CLIENT_READABLE,
-            description=f"AgentMesh {domain} messages (all contract versions)")  # fmt: skip
+            name=stream,
+            subjects=[f"{domain}.>"],
+            storage=api.StorageType.FILE,
+            retention=api.RetentionPolicy.LIMITS,
+            duplicate_window=DEDUP_WINDOW_S,
+            max_age=RETENTION_S,
+            num_replicas=replicas,
+            allow_direct=stream in CLIENT_READABLE,
+            description=f"AgentMesh {domain} messages (all contract versions)",
+        )
         for domain, stream in topo.STREAMS.items()
     ]
-    configs.append(api.StreamConfig(
-        name=topo.DLQ_STREAM,
-        # In-app dead letters, plus the server's advisory when a consumer crashed on every
-        # attempt and so could never dead-letter the message itself.
-        subjects=[f"{topo.DLQ_PREFIX}.>", "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.>"],
-        storage=api.StorageType.FILE, retention=api.RetentionPolicy.LIMITS,
-        duplicate_window=DEDUP_WINDOW_S, max_age=DLQ_RETENTION_S, num_replicas=replicas,
-        description="Dead letters: original body and headers, reason, attempts, original subject"))  # fmt: skip
+    configs.append(
+        api.StreamConfig(
+            name=topo.DLQ_STREAM,
+            # In-app dead letters, plus the server's advisory when a consumer crashed on every
+            # attempt and so could never dead-letter the message itself.
+            subjects=[f"{topo.DLQ_PREFIX}.>", "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.>"],
+            storage=api.StorageType.FILE,
+            retention=api.RetentionPolicy.LIMITS,
+            duplicate_window=DEDUP_WINDOW_S,
+            max_age=DLQ_RETENTION_S,
+            num_replicas=replicas,
+            description="Dead letters: original body and headers, reason, attempts, original subject",
+        )
+    )
     return configs
 
 
 def consumer_config(d: topo.Durable, replicas: int = 1) -> api.ConsumerConfig:
     return api.ConsumerConfig(
-        name=d.name, durable_name=d.name, filter_subject=d.filter_subject,
-        ack_policy=api.AckPolicy.EXPLICIT, ack_wait=topo.ACK_WAIT_S,
-        max_deliver=topo.SERVER_MAX_DELIVER, max_ack_pending=1000,
-        deliver_policy=api.DeliverPolicy.ALL, num_replicas=replicas,
-        description=f"{d.service} consumes {d.contract.type_name()}")  # fmt: skip
+        name=d.name,
+        durable_name=d.name,
+        filter_subject=d.filter_subject,
+        ack_policy=api.AckPolicy.EXPLICIT,
+        ack_wait=topo.ACK_WAIT_S,
+        max_deliver=topo.SERVER_MAX_DELIVER,
+        max_ack_pending=1000,
+        deliver_policy=api.DeliverPolicy.ALL,
+        num_replicas=replicas,
+        description=f"{d.service} consumes {d.contract.type_name()}",
+    )
 
 
 async def provision(nc: nats.NATS, *, replicas: int = 1) -> ProvisionReport:
@@ -73,9 +91,16 @@ async def provision(nc: nats.NATS, *, replicas: int = 1) -> ProvisionReport:
         await js.add_consumer(d.stream, consumer_config(d, replicas))  # create or update
         report.consumers.append(f"{d.stream}/{d.name}")
     for b in topo.BUCKETS:
-        await js.create_key_value(api.KeyValueConfig(
-            bucket=b.name, history=b.history, storage=api.StorageType.FILE, replicas=replicas,
-            description=b.description, direct=True))  # fmt: skip
+        await js.create_key_value(
+            api.KeyValueConfig(
+                bucket=b.name,
+                history=b.history,
+                storage=api.StorageType.FILE,
+                replicas=replicas,
+                description=b.description,
+                direct=True,
+            )
+        )
         report.buckets.append(b.name)
     return report
 
@@ -86,6 +111,10 @@ async def consumer_lag(nc: nats.NATS) -> dict[str, dict[str, int]]:
     out: dict[str, dict[str, int]] = {}
     for d in topo.durables():
         info = await js.consumer_info(d.stream, d.name)
-        out[d.name] = {"service": d.service, "pending": info.num_pending or 0,  # type: ignore[dict-item]
-                       "ack_pending": info.num_ack_pending or 0, "redelivered": info.num_redelivered or 0}  # fmt: skip
+        out[d.name] = {
+            "service": d.service,
+            "pending": info.num_pending or 0,  # type: ignore[dict-item]
+            "ack_pending": info.num_ack_pending or 0,
+            "redelivered": info.num_redelivered or 0,
+        }
     return out

@@ -97,7 +97,7 @@ def docker_available(timeout: float = 3.0) -> bool:
             return bool(client.ping())
         finally:
             client.close()
-    except Exception:  # any failure at all means "no usable engine": this is only a probe
+    except Exception:  # noqa: BLE001 - any failure at all means "no usable engine": this is only a probe
         return False
 
 
@@ -193,10 +193,7 @@ def _build_scratch_image(tag: str, binary: Path, in_image: str, title: str) -> s
     for lib in _shared_libraries(binary):
         files[lib] = Path(lib)
     dockerfile = (
-        "FROM scratch\n"
-        "COPY rootfs/ /\n"
-        f'LABEL org.opencontainers.image.title="{title}"\n'
-        f'ENTRYPOINT ["{in_image}"]\n'
+        f'FROM scratch\nCOPY rootfs/ /\nLABEL org.opencontainers.image.title="{title}"\nENTRYPOINT ["{in_image}"]\n'
     )
     context_digest = hashlib.sha256(dockerfile.encode())
     for dest in sorted(files):
@@ -407,12 +404,15 @@ class RedisServerContainer(_ServerContainer):
         startup_timeout: float = 30,
     ) -> None:
         command = [
-            "--bind", _LOOPBACK,
-            "--port", str(port),
-            "--dir", "/data",
+            "--bind",
+            _LOOPBACK,
+            "--port",
+            str(port),
+            "--dir",
+            "/data",
             *self.DEFAULT_ARGS,
             *args,
-        ]  # fmt: skip
+        ]
         super().__init__(
             image,
             command=command,

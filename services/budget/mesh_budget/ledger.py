@@ -81,11 +81,14 @@ class Reservations:
     def _key(tenant: str, task_id: str) -> str:
         return f"budget:res:{tenant}:{task_id}"
 
-    async def reserve(self, tenant: str, task_id: str, call_id: str, tokens: int, limit: int, spent: int) -> tuple[bool, int]:
+    async def reserve(
+        self, tenant: str, task_id: str, call_id: str, tokens: int, limit: int, spent: int
+    ) -> tuple[bool, int]:
         now = time.time()
         if self._redis is not None:
-            ok, remaining = await self._script(keys=[self._key(tenant, task_id)],
-                                               args=[now, limit, spent, tokens, call_id, self.ttl_s])  # fmt: skip
+            ok, remaining = await self._script(
+                keys=[self._key(tenant, task_id)], args=[now, limit, spent, tokens, call_id, self.ttl_s]
+            )
             return bool(ok), int(remaining)
         held = {k: v for k, v in self._mem.setdefault(self._key(tenant, task_id), {}).items() if v[1] >= now}
         self._mem[self._key(tenant, task_id)] = held

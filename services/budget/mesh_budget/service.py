@@ -45,13 +45,18 @@ class Budget:
             return BudgetDenied(**base, reason=f"task is {rec.status}")
         usage, _ = await st.load(self.kv, TaskUsage.key(m.tenant, m.task_id), TaskUsage)
         spent = usage.total.total_tokens if usage else 0
-        ok, remaining = await self.reservations.reserve(m.tenant, m.task_id, m.call_id, m.tokens,
-                                                        rec.limits.max_tokens, spent)  # fmt: skip
+        ok, remaining = await self.reservations.reserve(
+            m.tenant, m.task_id, m.call_id, m.tokens, rec.limits.max_tokens, spent
+        )
         if not ok:
-            return BudgetDenied(**base, reason=f"task token ceiling {rec.limits.max_tokens} would be exceeded: "
-                                               f"{spent} spent, {m.tokens} requested, {remaining} available")  # fmt: skip
-        return BudgetGranted(**base, reservation_id=m.call_id, remaining_tokens=remaining,
-                             expires_in_s=self.reservations.ttl_s)  # fmt: skip
+            return BudgetDenied(
+                **base,
+                reason=f"task token ceiling {rec.limits.max_tokens} would be exceeded: "
+                f"{spent} spent, {m.tokens} requested, {remaining} available",
+            )
+        return BudgetGranted(
+            **base, reservation_id=m.call_id, remaining_tokens=remaining, expires_in_s=self.reservations.ttl_s
+        )
 
     async def on_usage(self, m: UsageRecorded, d: Delivery) -> None:
         call = TokenUsage(input_tokens=m.input_tokens, output_tokens=m.output_tokens, cost_usd=m.cost_usd, calls=1)
@@ -68,9 +73,14 @@ class Budget:
         _, changed = await st.update(self.kv, TaskUsage.key(m.tenant, m.task_id), TaskUsage, add)
         if changed:
             day = today()
-            await st.update(self.kv, DayUsage.key(m.tenant, day), DayUsage,
-                            lambda cur: (cur or DayUsage(tenant=m.tenant, day=day)).model_copy(
-                                update={"total": (cur.total if cur else TokenUsage()) + call}))  # fmt: skip
+            await st.update(
+                self.kv,
+                DayUsage.key(m.tenant, day),
+                DayUsage,
+                lambda cur: (cur or DayUsage(tenant=m.tenant, day=day)).model_copy(
+                    update={"total": (cur.total if cur else TokenUsage()) + call}
+                ),
+            )
         await self.reservations.settle(m.tenant, m.task_id, m.reservation_id or m.call_id)
 
 

@@ -1,7 +1,7 @@
 """Entry point: ``python -m mesh_checker`` (settings come from MESH_* variables)."""
 
-from mesh_kit import run_service
 from mesh_checker.service import build
+from mesh_kit import run_service
 
 
 def main() -> None:

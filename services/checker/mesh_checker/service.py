@@ -17,12 +17,19 @@ class Checker:
     async def on_request(self, m: CheckRequested, d: Delivery) -> None:
         checks = run_checks(m)
         passed = all(c.passed for c in checks)
-        await self.mesh.publish(CheckVerdict(tenant=m.tenant, task_id=m.task_id, attempt=m.attempt, passed=passed,
-                                             checks=tuple(checks)), key=str(m.attempt), causation=d.msg_id)  # fmt: skip
+        await self.mesh.publish(
+            CheckVerdict(tenant=m.tenant, task_id=m.task_id, attempt=m.attempt, passed=passed, checks=tuple(checks)),
+            key=str(m.attempt),
+            causation=d.msg_id,
+        )
         failed = [c.name for c in checks if not c.passed]
-        await self.mesh.progress(m.tenant, m.task_id, "check.verdict",
-                                 "passed " + ", ".join(c.name for c in checks) if passed
-                                 else "failed " + ", ".join(failed), key=str(m.attempt))  # fmt: skip
+        await self.mesh.progress(
+            m.tenant,
+            m.task_id,
+            "check.verdict",
+            "passed " + ", ".join(c.name for c in checks) if passed else "failed " + ", ".join(failed),
+            key=str(m.attempt),
+        )
 
 
 async def build(mesh: Mesh) -> Checker:

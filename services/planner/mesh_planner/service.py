@@ -56,8 +56,13 @@ def _out(rec: TaskRecord, msg: Contract, key: str, causation: str = "") -> None:
 
 
 def _event(rec: TaskRecord, stage: str, message: str, step_id: str = "", key: str = "") -> None:
-    _out(rec, ProgressEvent(tenant=rec.tenant, task_id=rec.task_id, source="planner", stage=stage,
-                            message=message, step_id=step_id), key=f"planner:{stage}:{step_id}:{key}")  # fmt: skip
+    _out(
+        rec,
+        ProgressEvent(
+            tenant=rec.tenant, task_id=rec.task_id, source="planner", stage=stage, message=message, step_id=step_id
+        ),
+        key=f"planner:{stage}:{step_id}:{key}",
+    )
 
 
 def dispatch_ready(rec: TaskRecord, causation: str = "") -> None:
@@ -69,15 +74,20 @@ def dispatch_ready(rec: TaskRecord, causation: str = "") -> None:
         if all(d.status == "completed" for d in deps):
             s.status, s.attempt = "dispatched", s.attempt + 1
             inputs = {d: rec.steps[d].output for d in s.step.depends_on}
-            _out(rec, StepRequested(tenant=rec.tenant, task_id=rec.task_id, step=s.step, attempt=s.attempt,
-                                    inputs=inputs), key=f"{sid}:{s.attempt}", causation=causation)  # fmt: skip
+            _out(
+                rec,
+                StepRequested(tenant=rec.tenant, task_id=rec.task_id, step=s.step, attempt=s.attempt, inputs=inputs),
+                key=f"{sid}:{s.attempt}",
+                causation=causation,
+            )
             _event(rec, "step.dispatched", f"{sid} ({s.step.kind}): {s.step.instruction[:80]}", sid, str(s.attempt))
 
 
 def final_answer(rec: TaskRecord) -> tuple[str, list[Citation]]:
     order = list(rec.steps)
-    answer_step = next((rec.steps[s] for s in reversed(order) if rec.steps[s].step.kind == "answer"),
-                       rec.steps[order[-1]])  # fmt: skip
+    answer_step = next(
+        (rec.steps[s] for s in reversed(order) if rec.steps[s].step.kind == "answer"), rec.steps[order[-1]]
+    )
     seen: dict[str, Citation] = {}
     for s in rec.steps.values():
         for c in s.citations:
@@ -87,8 +97,13 @@ def final_answer(rec: TaskRecord) -> tuple[str, list[Citation]]:
 
 def fail(rec: TaskRecord, reason: str, failed_step: str | None = None, status: str = "failed") -> None:
     rec.status, rec.reason, rec.finished_at = status, reason, time.time()  # type: ignore[assignment]
-    _out(rec, TaskFailed(tenant=rec.tenant, task_id=rec.task_id, reason=reason, failed_step=failed_step,
-                         usage=rec.total_usage()), key="failed")  # fmt: skip
+    _out(
+        rec,
+        TaskFailed(
+            tenant=rec.tenant, task_id=rec.task_id, reason=reason, failed_step=failed_step, usage=rec.total_usage()
+        ),
+        key="failed",
+    )
     _event(rec, "task.failed", reason)
 
 
@@ -165,8 +180,9 @@ class Planner:
     async def on_rejected(self, tenant: str, task_id: str, subject: str, reason: str) -> None:
         if not subject.startswith("task."):
             return
-        await self.mesh.publish(TaskRejected(tenant=tenant, task_id=task_id, reason=reason, source_subject=subject),
-                                key="rejected")  # fmt: skip
+        await self.mesh.publish(
+            TaskRejected(tenant=tenant, task_id=task_id, reason=reason, source_subject=subject), key="rejected"
+        )
 
     async def on_submitted(self, m: TaskSubmitted, d: Delivery) -> None:
         key = TaskRecord.key(m.tenant, m.task_id)
@@ -188,10 +204,13 @@ class Planner:
             return
         request = ModelRequest(
             (Message("system", PLANNER_PROMPT.format(max_steps=m.limits.max_steps)), Message("user", m.goal)),
-            agent="planner", max_tokens=1024)  # fmt: skip
+            agent="planner",
+            max_tokens=1024,
+        )
         try:
-            response, usage = await call_model(self.mesh, self.model, request, tenant=m.tenant, task_id=m.task_id,
-                                               step_id="plan", call_id="plan-r1")  # fmt: skip
+            response, usage = await call_model(
+                self.mesh, self.model, request, tenant=m.tenant, task_id=m.task_id, step_id="plan", call_id="plan-r1"
+            )
             steps = parse_plan(response.content, m.limits.max_steps)
             error = ""
         except BudgetExceeded as exc:
@@ -209,8 +228,12 @@ class Planner:
                 return True
             rec.status = "running"
             rec.steps = {s.step_id: StepState(step=s) for s in steps}
-            _out(rec, PlanCreated(tenant=rec.tenant, task_id=rec.task_id, steps=tuple(steps)), key="r1",
-                 causation=d.msg_id)  # fmt: skip
+            _out(
+                rec,
+                PlanCreated(tenant=rec.tenant, task_id=rec.task_id, steps=tuple(steps)),
+                key="r1",
+                causation=d.msg_id,
+            )
             _event(rec, "plan.created", f"{len(steps)} steps: " + ", ".join(f"{s.step_id}:{s.kind}" for s in steps))
             dispatch_ready(rec, d.msg_id)
             return True
@@ -220,7 +243,12 @@ class Planner:
     async def on_step_completed(self, m: StepCompleted, d: Delivery) -> None:
         def apply(rec: TaskRecord) -> bool:
             s = rec.steps.get(m.step_id)
-            if rec.status not in ("running", "halted") or s is None or s.status != "dispatched" or s.attempt != m.attempt:
+            if (
+                rec.status not in ("running", "halted")
+                or s is None
+                or s.status != "dispatched"
+                or s.attempt != m.attempt
+            ):
                 return False  # duplicate, stale attempt, or the task already ended
             s.status, s.output, s.citations, s.usage = "completed", m.output, list(m.citations), m.usage
             _event(rec, "step.completed", f"{m.step_id}: {m.output[:100]}", m.step_id, str(m.attempt))
@@ -229,9 +257,19 @@ class Planner:
             if all(x.status == "completed" for x in rec.steps.values()):
                 rec.status, rec.check_attempt = "checking", rec.check_attempt + 1
                 answer, citations = final_answer(rec)
-                _out(rec, CheckRequested(tenant=rec.tenant, task_id=rec.task_id, attempt=rec.check_attempt,
-                                         goal=rec.goal, answer=answer, citations=tuple(citations)),
-                     key=str(rec.check_attempt), causation=d.msg_id)  # fmt: skip
+                _out(
+                    rec,
+                    CheckRequested(
+                        tenant=rec.tenant,
+                        task_id=rec.task_id,
+                        attempt=rec.check_attempt,
+                        goal=rec.goal,
+                        answer=answer,
+                        citations=tuple(citations),
+                    ),
+                    key=str(rec.check_attempt),
+                    causation=d.msg_id,
+                )
                 _event(rec, "check.requested", f"{len(citations)} citation(s)", key=str(rec.check_attempt))
             return True
 
@@ -274,10 +312,20 @@ class Planner:
             if m.passed:
                 answer, citations = final_answer(rec)
                 rec.status, rec.finished_at = "completed", time.time()
-                _out(rec, TaskCompleted(tenant=rec.tenant, task_id=rec.task_id, answer=answer,
-                                        citations=tuple(citations), usage=rec.total_usage(), steps=len(rec.steps),
-                                        elapsed_s=round(rec.finished_at - rec.created_at, 3)),
-                     key="completed", causation=d.msg_id)  # fmt: skip
+                _out(
+                    rec,
+                    TaskCompleted(
+                        tenant=rec.tenant,
+                        task_id=rec.task_id,
+                        answer=answer,
+                        citations=tuple(citations),
+                        usage=rec.total_usage(),
+                        steps=len(rec.steps),
+                        elapsed_s=round(rec.finished_at - rec.created_at, 3),
+                    ),
+                    key="completed",
+                    causation=d.msg_id,
+                )
                 _event(rec, "task.completed", f"{len(rec.steps)} steps, {rec.total_usage().total_tokens} tokens")
             else:
                 failed = "; ".join(f"{c.name}: {c.reason}" for c in m.checks if not c.passed)

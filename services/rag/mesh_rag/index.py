@@ -14,8 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 TOKEN = re.compile(r"[a-z0-9]+")
-STOP = frozenset("a an and are as at be by does for from how in is it of on or that the this to what when which "
-                 "with why also find documentation says about".split())  # fmt: skip
+STOP = frozenset(
+    "a an and are as at be by does for from how in is it of on or that the this to what when which "
+    "with why also find documentation says about".split()
+)
 
 
 def tokens(text: str) -> list[str]:

@@ -29,14 +29,37 @@ class Rag:
 
     async def on_request(self, m: RetrievalRequested, d: Delivery) -> None:
         idx = self.indexes.get(m.tenant) or TenantIndex()  # a tenant never sees another tenant's chunks
-        hits = [RetrievalHit(doc_id=c.doc_id, version=c.version, chunk_id=c.chunk_id, chunk_hash=c.chunk_hash,
-                             score=score, text=c.text) for c, score in idx.search(m.query, m.top_k)]  # fmt: skip
-        await self.mesh.publish(RetrievalCompleted(tenant=m.tenant, task_id=m.task_id, step_id=m.step_id,
-                                                   call_id=m.call_id, hits=tuple(hits), index_version=idx.version),
-                                key=m.call_id, causation=d.msg_id)  # fmt: skip
-        await self.mesh.progress(m.tenant, m.task_id, "retrieval.completed",
-                                 f"{len(hits)} passage(s): " + ", ".join(f"{h.doc_id}#{h.chunk_id}" for h in hits),
-                                 step_id=m.step_id, key=m.call_id)  # fmt: skip
+        hits = [
+            RetrievalHit(
+                doc_id=c.doc_id,
+                version=c.version,
+                chunk_id=c.chunk_id,
+                chunk_hash=c.chunk_hash,
+                score=score,
+                text=c.text,
+            )
+            for c, score in idx.search(m.query, m.top_k)
+        ]
+        await self.mesh.publish(
+            RetrievalCompleted(
+                tenant=m.tenant,
+                task_id=m.task_id,
+                step_id=m.step_id,
+                call_id=m.call_id,
+                hits=tuple(hits),
+                index_version=idx.version,
+            ),
+            key=m.call_id,
+            causation=d.msg_id,
+        )
+        await self.mesh.progress(
+            m.tenant,
+            m.task_id,
+            "retrieval.completed",
+            f"{len(hits)} passage(s): " + ", ".join(f"{h.doc_id}#{h.chunk_id}" for h in hits),
+            step_id=m.step_id,
+            key=m.call_id,
+        )
 
 
 async def build(mesh: Mesh) -> Rag:

@@ -19,12 +19,28 @@ class ToolExecutor:
             result, ok, error = await execute(m.tool, m.arguments), True, ""
         except ToolError as exc:
             result, ok, error = "", False, str(exc)
-        await self.mesh.publish(ToolCompleted(tenant=m.tenant, task_id=m.task_id, step_id=m.step_id,
-                                              call_id=m.call_id, tool=m.tool, ok=ok, result=result, error=error),
-                                key=m.call_id, causation=d.msg_id)  # fmt: skip
-        await self.mesh.progress(m.tenant, m.task_id, "tool.completed",
-                                 f"{m.tool} -> {result[:80] if ok else 'error: ' + error[:80]}",
-                                 step_id=m.step_id, key=m.call_id)  # fmt: skip
+        await self.mesh.publish(
+            ToolCompleted(
+                tenant=m.tenant,
+                task_id=m.task_id,
+                step_id=m.step_id,
+                call_id=m.call_id,
+                tool=m.tool,
+                ok=ok,
+                result=result,
+                error=error,
+            ),
+            key=m.call_id,
+            causation=d.msg_id,
+        )
+        await self.mesh.progress(
+            m.tenant,
+            m.task_id,
+            "tool.completed",
+            f"{m.tool} -> {result[:80] if ok else 'error: ' + error[:80]}",
+            step_id=m.step_id,
+            key=m.call_id,
+        )
 
 
 async def build(mesh: Mesh) -> ToolExecutor:
