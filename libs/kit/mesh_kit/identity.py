@@ -162,7 +162,11 @@ class Verifier:
                 token,
                 principal.public_key,
                 algorithms=[ALGORITHM],
-                options={"verify_exp": False, "require": ["iss", "ten", "typ", "dig", "iat", "exp"]},
+                options={
+                    "verify_exp": False,
+                    "verify_iat": False,
+                    "require": ["iss", "ten", "typ", "dig", "iat", "exp"],
+                },
             )
         except jwt.InvalidSignatureError:
             raise IdentityError(f"identity token signature invalid for {name} (forged?)") from None

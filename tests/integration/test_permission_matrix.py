@@ -1,0 +1,215 @@
+"""Every identity can do exactly what the policy allows, checked against a real nats-server.
+
+Expectations are computed from the contracts (who produces what, who consumes what) and
+from the topology, independently of the generated permission lists; the broker's answer
+for each case is then observed. Allowed and denied cases are both asserted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import nats
+import pytest
+
+from mesh_contracts import APPROVER, CLIENT, SERVICES
+from mesh_contracts import topology as topo
+from mesh_contracts.registry import VERSIONS
+from mesh_kit.settings import inbox_prefix
+from mesh_testing.infra import Infra, running_infra
+
+pytestmark = pytest.mark.integration
+TENANTS = ["acme", "globex"]
+PRINCIPALS = [*SERVICES, *(f"{CLIENT}.{t}" for t in TENANTS), APPROVER]
+
+
+@pytest.fixture(scope="module")
+def infra() -> Iterator[Infra]:
+    with running_infra(TENANTS, name="matrix") as infra:
+        yield infra
+
+
+def role_of(principal: str) -> tuple[str, str | None]:
+    return (CLIENT, principal.split(".", 1)[1]) if principal.startswith(f"{CLIENT}.") else (principal, None)
+
+
+def expected_publish(principal: str) -> dict[str, bool]:
+    """subject -> may this principal publish it, derived from the contract declarations."""
+    role, own_tenant = role_of(principal)
+    cases: dict[str, bool] = {}
+    for major, contracts in VERSIONS.items():
+        for c in contracts:
+            if c.spec.transport == "reply":
+                continue  # replies go to the requester's inbox, covered by allow_responses
+            for tenant in TENANTS:
+                subject = f"{c.spec.domain}.v{major}.{tenant}.pm-task.{c.spec.event}"
+                allowed = role in c.spec.producers and (own_tenant is None or own_tenant == tenant)
+                cases[subject] = allowed
+    for d in topo.durables():
+        mine = d.service == principal
+        cases[f"$JS.API.CONSUMER.INFO.{d.stream}.{d.name}"] = mine
+        cases[f"$JS.API.CONSUMER.MSG.NEXT.{d.stream}.{d.name}"] = mine
+        cases[f"$JS.ACK.{d.stream}.{d.name}.1.7.7.1700000000000000000.0"] = mine
+    for admin_api in (
+        "$JS.API.STREAM.CREATE.EVIL",
+        "$JS.API.STREAM.DELETE.TASK",
+        "$JS.API.STREAM.PURGE.TASK",
+        "$JS.API.CONSUMER.CREATE.TASK.spy.task.>",
+        "$JS.API.CONSUMER.DELETE.TASK.planner--task-submitted",
+        "$JS.API.STREAM.LIST",
+        "$JS.API.INFO",
+    ):
+        cases[admin_api] = False
+    for b in topo.BUCKETS:
+        cases[f"$KV.{b.name}.acme.pm-task"] = principal == b.writer
+        cases[f"$JS.API.DIRECT.GET.KV_{b.name}.$KV.{b.name}.acme.pm-task"] = (
+            principal == b.writer or principal in b.readers
+        )
+    for svc in SERVICES:
+        cases[topo.dlq_subject(svc, "task.v1.acme.pm-task.submitted")] = svc == principal
+    return cases
+
+
+def expected_subscribe(principal: str) -> dict[str, bool]:
+    role, own_tenant = role_of(principal)
+    cases = {f"{inbox_prefix(p)}.x": p == principal for p in [*PRINCIPALS, "admin"]}
+    cases |= {">": False, "$JS.>": False, "_INBOX.>": False, "task.v1.>": False, "step.v1.>": False}
+    for tenant in TENANTS:
+        mine = role == CLIENT and tenant == own_tenant
+        cases[f"event.v1.{tenant}.>"] = mine
+        cases[f"task.v1.{tenant}.>"] = mine
+    cases["budget.v1.acme.pm-task.reserve"] = principal == "budget"  # request/reply: only the budget serves
+    cases["approval.v1.acme.pm-task.requested"] = principal == APPROVER
+    return cases
+
+
+class Probe:
+    """A connection as one principal that records the broker's permission errors."""
+
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+        self.nc: nats.NATS | None = None
+
+    async def connect(self, infra: Infra, principal: str) -> None:
+        async def on_error(e: Exception) -> None:
+            self.errors.append(str(e).lower())
+
+        self.nc = await nats.connect(
+            infra.nats_url,
+            user_credentials=str(infra.ids.creds(principal)),
+            inbox_prefix=inbox_prefix(principal),
+            error_cb=on_error,
+            max_reconnect_attempts=0,
+            name=f"matrix-{principal}",
+        )
+
+    async def denied(self, action: str, subjects: list[str], quiet_s: float = 0.5) -> set[str]:
+        """Try every subject, then collect which ones the broker refused.
+
+        The server's -ERR for a violation is not ordered before the PONG of a later flush
+        (measured: ~10% arrive after it), so instead of one round trip per case this waits
+        until no new error has arrived for ``quiet_s``.
+        """
+        assert self.nc is not None
+        subs = []
+        for subject in subjects:
+            if action == "publish":
+                await self.nc.publish(subject, b"{}")
+            else:
+                subs.append(await self.nc.subscribe(subject))
+        await self.nc.flush(timeout=5)
+        seen, quiet_since = len(self.errors), asyncio.get_running_loop().time()
+        while asyncio.get_running_loop().time() - quiet_since < quiet_s:
+            await asyncio.sleep(0.05)
+            if len(self.errors) != seen:
+                seen, quiet_since = len(self.errors), asyncio.get_running_loop().time()
+        for sub in subs:
+            await sub.unsubscribe()
+        verb = "publish to" if action == "publish" else "subscription to"
+        return {x for x in subjects if any(f'permissions violation for {verb} "{x.lower()}"' in e for e in self.errors)}
+
+
+@pytest.mark.parametrize("principal", PRINCIPALS)
+async def test_publish_and_subscribe_rights_match_the_policy_exactly(infra, principal):
+    probe = Probe()
+    await probe.connect(infra, principal)
+    wrong = []
+    try:
+        pub, sub = expected_publish(principal), expected_subscribe(principal)
+        for action, cases in (("publish", pub), ("subscribe", sub)):
+            refused = await probe.denied(action, list(cases))
+            for subject, allowed in cases.items():
+                if (subject in refused) == allowed:
+                    wrong.append(f"{action} {subject}: expected {'allowed' if allowed else 'denied'}")
+        assert probe.nc is not None and probe.nc.is_connected, "violations must not cost the connection"
+    finally:
+        assert probe.nc is not None
+        await probe.nc.close()
+    assert not wrong, f"{principal}: {len(wrong)} mismatch(es) of {len(pub) + len(sub)}:\n" + "\n".join(wrong)
+    # both kinds of case were exercised for every principal
+    assert any(pub.values()) and not all(pub.values())
+
+
+async def test_a_service_can_bind_and_fetch_its_own_durable_but_not_anothers(infra):
+    planner = await nats.connect(
+        infra.nats_url,
+        user_credentials=str(infra.ids.creds("planner")),
+        inbox_prefix=inbox_prefix("planner"),
+        max_reconnect_attempts=0,
+    )
+    await planner.jetstream().publish("step.v1.acme.pm-fetch.requested", b"{}", headers={"Nats-Msg-Id": "pm-fetch"})
+    await planner.close()
+    nc = await nats.connect(
+        infra.nats_url,
+        user_credentials=str(infra.ids.creds("worker")),
+        inbox_prefix=inbox_prefix("worker"),
+        max_reconnect_attempts=0,
+    )
+    try:
+        js = nc.jetstream(timeout=2)
+        own = await js.pull_subscribe_bind("worker--step-requested", "STEP", inbox_prefix=b"_INBOX_worker.")
+        subjects = set()
+        while "step.v1.acme.pm-fetch.requested" not in subjects:  # earlier cases stored messages too
+            for msg in await own.fetch(10, timeout=2):
+                subjects.add(msg.subject)
+                await msg.ack()
+        with pytest.raises(nats.errors.TimeoutError):  # denied requests are dropped: they time out
+            await js.consumer_info("TASK", "planner--task-submitted")
+        with pytest.raises(nats.errors.TimeoutError):
+            await js.add_stream(name="EVIL", subjects=["evil.>"])
+    finally:
+        await nc.close()
+
+
+async def test_a_tenant_client_publishes_its_own_tasks_with_acknowledgement(infra):
+    nc = await nats.connect(
+        infra.nats_url,
+        user_credentials=str(infra.ids.creds("client.acme")),
+        inbox_prefix=inbox_prefix("client.acme"),
+        max_reconnect_attempts=0,
+    )
+    try:
+        js = nc.jetstream(timeout=2)
+        ack = await js.publish("task.v1.acme.pm-ack.submitted", b"{}", headers={"Nats-Msg-Id": "pm-ack"})
+        assert ack.stream == "TASK"
+        with pytest.raises(nats.errors.TimeoutError):
+            await js.publish("task.v1.globex.pm-ack.submitted", b"{}")
+    finally:
+        await nc.close()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # nats-py leaks the refused socket
+async def test_bad_credentials_are_refused(infra, tmp_path):
+    from meshctl.identity import Identities
+
+    other = Identities(tmp_path / "other-operator")
+    other.mint(["acme"])  # a different operator: its users are not trusted by this server
+    with pytest.raises(nats.errors.Error):
+        await nats.connect(
+            infra.nats_url,
+            user_credentials=str(other.creds("worker")),
+            max_reconnect_attempts=0,
+            allow_reconnect=False,
+            connect_timeout=3,
+        )

@@ -1,0 +1,70 @@
+"""Checker properties and RAG retrieval with provenance."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from mesh_checker.checks import run_checks
+from mesh_contracts.v1 import CheckRequested, Citation
+from mesh_rag.index import TenantIndex, chunk_text, load_directory
+from mesh_rag.service import SAMPLE_DOCS
+
+pytestmark = pytest.mark.unit
+CITE = Citation(doc_id="durability.md", version="v", chunk_id="1", chunk_hash="h")
+
+
+def _verdict(answer, citations=(CITE,), **kw):
+    return {
+        c.name: c
+        for c in run_checks(CheckRequested(tenant="a", task_id="t", goal="g", answer=answer, citations=citations, **kw))
+    }
+
+
+def test_good_answer_passes_every_check():
+    checks = _verdict("Keys make retries safe. [durability.md#1]")
+    assert all(c.passed for c in checks.values()), checks
+
+
+def test_broken_answers_fail_with_the_right_reasons():
+    assert not _verdict("No sources here.", citations=())["citations_present"].passed
+    dangling = _verdict("See [secret.md#9].")["references_resolve"]
+    assert not dangling.passed and "secret.md#9" in dangling.reason
+    pii = _verdict("Mail alice@example.com or use sk-abcdefghijklmnopqrstuv [durability.md#1]")["no_pii"]
+    assert not pii.passed and "email address" in pii.reason and "API key" in pii.reason
+    assert not _verdict("x" * 50, max_length=10)["length"].passed
+    assert not _verdict("   ")["non_empty"].passed
+
+
+def test_chunks_are_whole_sentences_and_overlap():
+    text = " ".join(f"Sentence number {i} is here." for i in range(60))
+    chunks = chunk_text(text, size=40, overlap=1)
+    assert len(chunks) > 3
+    for a, b in zip(chunks, chunks[1:], strict=False):
+        assert a.endswith(".") and b.endswith(".")
+        assert a.split(". ")[-1] in b, "consecutive chunks share a sentence"
+
+
+def test_retrieval_ranks_the_relevant_document_and_carries_provenance():
+    idx = TenantIndex()
+    assert load_directory(idx, SAMPLE_DOCS) > 4
+    hits = idx.search("which identity token do messages carry", top_k=3)
+    assert hits[0][0].doc_id == "identity.md"
+    chunk = hits[0][0]
+    assert chunk.chunk_hash == hashlib.sha256(chunk.text.encode()).hexdigest()
+    assert [s for _, s in hits] == sorted((s for _, s in hits), reverse=True)
+
+
+def test_reingest_replaces_old_chunks_and_changes_the_index_version():
+    idx = TenantIndex()
+    idx.add_document("a.md", "Old text about llamas.")
+    v1 = idx.version
+    idx.add_document("a.md", "New text about alpacas.")
+    assert idx.version != v1
+    assert idx.search("llamas") == []
+    assert idx.search("alpacas")[0][0].doc_id == "a.md"
+
+
+def test_empty_index_and_no_match():
+    assert TenantIndex().search("anything") == []

@@ -1,0 +1,174 @@
+"""Service handlers on FastStream's in-memory TestNatsBroker: fast, no server.
+
+The same behaviours run against a real nats-server in tests/integration and tests/e2e.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from faststream.nats import JStream, TestNatsBroker
+from faststream.nats.annotations import NatsMessage
+
+from mesh_contracts import topology as topo
+from mesh_contracts.v1 import CheckRequested, Citation, RetrievalRequested, ToolCompleted, ToolRequested
+from mesh_kit import Mesh, ServiceSettings
+from mesh_kit import envelope as env
+from mesh_kit.identity import Signer, new_signing_key
+
+pytestmark = pytest.mark.unit
+
+
+def _mesh(keys, service: str) -> Mesh:
+    settings = ServiceSettings(
+        service=service, signing_key_file=Path("unused"), trust_bundle_file=Path("unused"), strict_contracts=True
+    )
+    return Mesh(settings, signer=keys.signer(service), verifier=keys.verifier())
+
+
+def _headers(signer: Signer, model, body: bytes | None = None) -> dict[str, str]:
+    body = body or model.to_bytes()
+    return {
+        env.IDENTITY: signer.token(tenant=model.tenant, msg_type=model.type, body=body),
+        env.MSG_ID: "m-1",
+        env.SCHEMA: model.schema_id(),
+    }
+
+
+def _capture(mesh: Mesh, subject: str) -> list[tuple[dict, dict]]:
+    seen: list[tuple[dict, dict]] = []
+    domain = subject.split(".")[0]
+    # The in-memory broker delivers a JetStream publish only to subscribers of the same stream.
+    stream = JStream(topo.DLQ_STREAM if domain == topo.DLQ_PREFIX else topo.STREAMS[domain], declare=False)
+
+    @mesh.broker.subscriber(subject, stream=stream)
+    async def sink(msg: NatsMessage) -> None:
+        seen.append((json.loads(msg.body), dict(msg.headers)))
+
+    return seen
+
+
+async def test_tool_executor_answers_with_a_signed_result(keys):
+    from mesh_tool_executor.service import ToolExecutor
+
+    mesh = _mesh(keys, "tool-executor")
+    ToolExecutor(mesh).register()
+    out = _capture(mesh, "tool.v1.*.*.completed")
+    req = ToolRequested(
+        tenant="acme",
+        task_id="t1",
+        step_id="s2",
+        call_id="s2-a1-i0-c0",
+        tool="calculator",
+        arguments={"expression": "17 * 23"},
+    )
+    async with TestNatsBroker(mesh.broker) as br:
+        await br.publish(req.to_bytes(), req.subject(), headers=_headers(keys.signer("worker"), req))
+    body, headers = out[0]
+    assert body["ok"] is True and body["result"] == "391" and body["call_id"] == "s2-a1-i0-c0"
+    assert headers[env.MSG_ID] == "tool.completed:acme:t1:s2-a1-i0-c0", "deterministic id: re-runs dedupe"
+    # the result carries the tool-executor's own verifiable identity over the exact body bytes
+    from mesh_contracts import parse_message
+
+    model = parse_message("tool.v1.acme.t1.completed", model_bytes := ToolCompleted.model_validate(body).to_bytes())
+    assert keys.verifier().verify(headers[env.IDENTITY], model_bytes, model).name == "tool-executor"
+
+
+async def test_a_failing_tool_is_an_observation_not_a_crash(keys):
+    from mesh_tool_executor.service import ToolExecutor
+
+    mesh = _mesh(keys, "tool-executor")
+    ToolExecutor(mesh).register()
+    out = _capture(mesh, "tool.v1.*.*.completed")
+    req = ToolRequested(
+        tenant="acme", task_id="t1", step_id="s2", call_id="c1", tool="calculator", arguments={"expression": "1/0"}
+    )
+    async with TestNatsBroker(mesh.broker) as br:
+        await br.publish(req.to_bytes(), req.subject(), headers=_headers(keys.signer("worker"), req))
+    assert out[0][0]["ok"] is False and out[0][0]["error"] == "division by zero"
+
+
+@pytest.mark.parametrize("attack", ["forged", "altered", "wrong_producer", "missing"])
+async def test_untrusted_messages_are_dead_lettered_and_never_handled(keys, attack):
+    from mesh_tool_executor.service import ToolExecutor
+
+    mesh = _mesh(keys, "tool-executor")
+    ToolExecutor(mesh).register()
+    results = _capture(mesh, "tool.v1.*.*.completed")
+    dlq = _capture(mesh, "dlq.>")
+    req = ToolRequested(
+        tenant="acme", task_id="t1", step_id="s2", call_id="c1", tool="calculator", arguments={"expression": "2+2"}
+    )
+    body = req.to_bytes()
+    headers = {
+        "forged": _headers(Signer("worker", new_signing_key()), req),
+        "altered": _headers(keys.signer("worker"), req),
+        "wrong_producer": _headers(keys.signer("planner"), req),
+        "missing": {env.MSG_ID: "m-1"},
+    }[attack]
+    if attack == "altered":
+        body = body.replace(b"2+2", b"9**9")
+    async with TestNatsBroker(mesh.broker) as br:
+        await br.publish(body, req.subject(), headers=headers)
+    assert results == [], "an untrusted request must not run the tool"
+    ((dead_body, dead_headers),) = dlq
+    assert dead_headers[env.DLQ_KIND] == "rejected"
+    assert dead_headers[env.DLQ_SUBJECT] == "tool.v1.acme.t1.requested"
+    assert dead_headers[env.DLQ_REASON].startswith("identity: ")
+    expected = {
+        "forged": "signature invalid",
+        "altered": "digest",
+        "wrong_producer": "planner may not produce",
+        "missing": "missing",
+    }[attack]
+    assert expected in dead_headers[env.DLQ_REASON]
+    assert dead_body["call_id"] == "c1", "the original body is kept for inspection and re-drive"
+
+
+async def test_checker_verdict_names_failed_checks(keys):
+    from mesh_checker.service import Checker
+
+    mesh = _mesh(keys, "checker")
+    Checker(mesh).register()
+    out = _capture(mesh, "check.v1.*.*.verdict")
+    req = CheckRequested(
+        tenant="acme",
+        task_id="t1",
+        goal="g",
+        answer="Call 555-123-4567 [x.md#1]",
+        citations=(Citation(doc_id="x.md", version="v", chunk_id="1", chunk_hash="h"),),
+    )
+    async with TestNatsBroker(mesh.broker) as br:
+        await br.publish(req.to_bytes(), req.subject(), headers=_headers(keys.signer("planner"), req))
+    verdict = out[0][0]
+    assert verdict["passed"] is False
+    assert [c["name"] for c in verdict["checks"] if not c["passed"]] == ["no_pii"]
+
+
+async def test_rag_answers_only_from_the_requesting_tenants_index(keys):
+    from mesh_rag.service import SAMPLE_DOCS, Rag
+
+    mesh = _mesh(keys, "rag")
+    Rag(mesh, ["acme"], SAMPLE_DOCS).register()
+    out = _capture(mesh, "rag.v1.*.*.completed")
+    async with TestNatsBroker(mesh.broker) as br:
+        for tenant in ("acme", "globex"):
+            req = RetrievalRequested(tenant=tenant, task_id="t1", step_id="s1", call_id="c1", query="identity token")
+            await br.publish(req.to_bytes(), req.subject(), headers=_headers(keys.signer("worker"), req))
+    by_tenant = {b["tenant"]: b for b, _ in out}
+    assert by_tenant["acme"]["hits"][0]["doc_id"] == "identity.md"
+    assert by_tenant["globex"]["hits"] == [], "globex has no documents: it must not see acme's"
+
+
+async def test_contract_violation_is_dead_lettered_with_a_readable_reason(keys):
+    from mesh_tool_executor.service import ToolExecutor
+
+    mesh = _mesh(keys, "tool-executor")
+    ToolExecutor(mesh).register()
+    dlq = _capture(mesh, "dlq.>")
+    async with TestNatsBroker(mesh.broker) as br:
+        await br.publish(b'{"type": "tool.requested", "tenant": "acme"}', "tool.v1.acme.t1.requested")
+    reason = dlq[0][1][env.DLQ_REASON]
+    assert reason.startswith("contract: invalid tool.requested:") and "task_id: Field required" in reason

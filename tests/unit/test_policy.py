@@ -1,0 +1,49 @@
+"""The policy derived from the contracts: least privilege by construction."""
+
+from __future__ import annotations
+
+import pytest
+
+from mesh_contracts import SERVICES
+from mesh_contracts import topology as topo
+from meshctl.policy import policy
+
+pytestmark = pytest.mark.unit
+
+POLICY = policy(["acme", "globex"])
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_no_service_holds_admin_or_wildcard_rights(service):
+    p = POLICY[service]
+    for subject in p.pub:
+        assert not subject.startswith(
+            (
+                "$JS.API.STREAM.CREATE",
+                "$JS.API.STREAM.UPDATE",
+                "$JS.API.STREAM.DELETE",
+                "$JS.API.CONSUMER.CREATE",
+                "$JS.API.CONSUMER.DELETE",
+            )
+        )
+        assert subject not in (">", "$JS.API.>", "_INBOX.>")
+    assert p.sub[0] == f"_INBOX_{service.replace('-', '_')}.>"
+    assert all(not s.startswith("_INBOX_") or s == p.sub[0] for s in p.sub), "only its own inbox"
+
+
+def test_each_durable_is_reachable_by_its_owner_only():
+    for d in topo.durables():
+        fetch = f"$JS.API.CONSUMER.MSG.NEXT.{d.stream}.{d.name}"
+        holders = [name for name, p in POLICY.items() if fetch in p.pub]
+        assert holders == [d.service]
+
+
+def test_clients_are_confined_to_their_tenant():
+    acme = POLICY["client.acme"]
+    assert acme.pub[0] == "task.v1.acme.*.submitted"
+    assert all(".acme." in s for s in acme.pub + acme.sub if not s.startswith("_INBOX_"))
+    assert not any("globex" in s for s in acme.pub + acme.sub)
+
+
+def test_only_the_budget_service_answers_requests():
+    assert [name for name, p in POLICY.items() if p.allow_responses] == ["budget"]

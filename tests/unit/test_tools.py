@@ -1,0 +1,51 @@
+"""Tool registry: validated arguments, structured errors, a calculator that evaluates no code."""
+
+from __future__ import annotations
+
+import pytest
+
+from mesh_tool_executor.tools import REGISTRY, ToolError, execute
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.mark.parametrize(
+    ("expr", "result"),
+    [
+        ("17 * 23", "391"),
+        ("2 ** 10", "1024"),
+        ("7 / 2", "3.5"),
+        ("(1 + 2) * -3", "-9"),
+        ("0.1 + 0.2", "0.3"),
+        ("10 // 3", "3"),
+    ],
+)
+async def test_calculator_is_exact(expr, result):
+    assert await execute("calculator", {"expression": expr}) == result
+
+
+@pytest.mark.parametrize(
+    ("expr", "error"),
+    [
+        ("__import__('os').system('id')", "unsupported syntax"),
+        ("1 / 0", "division by zero"),
+        ("9 ** 9999", "exponent too large"),
+        ("17 *", "not an arithmetic expression"),
+    ],
+)
+async def test_calculator_refuses_with_a_reason(expr, error):
+    with pytest.raises(ToolError, match=error):
+        await execute("calculator", {"expression": expr})
+
+
+async def test_hallucinated_tool_and_bad_arguments_are_structured_errors():
+    with pytest.raises(ToolError, match=r"unknown tool 'rm_rf' \(available: calculator, text_stats\)"):
+        await execute("rm_rf", {})
+    with pytest.raises(ToolError, match="invalid arguments for calculator: expression: Field required"):
+        await execute("calculator", {"expr": "1+1"})
+
+
+def test_every_tool_publishes_a_json_schema_and_a_risk_class():
+    for tool in REGISTRY.values():
+        assert tool.schema()["type"] == "object"
+        assert tool.risk in ("read", "write", "external")
