@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 
 import pytest
 
@@ -41,7 +42,7 @@ def test_chunks_are_whole_sentences_and_overlap():
     text = " ".join(f"Sentence number {i} is here." for i in range(60))
     chunks = chunk_text(text, size=40, overlap=1)
     assert len(chunks) > 3
-    for a, b in zip(chunks, chunks[1:], strict=False):
+    for a, b in itertools.pairwise(chunks):
         assert a.endswith(".") and b.endswith(".")
         assert a.split(". ")[-1] in b, "consecutive chunks share a sentence"
 

@@ -266,7 +266,7 @@ def cmd_dlq(args: argparse.Namespace) -> int:
         js = nc.jetstream()
         try:
             info = await js.stream_info("DLQ")
-            first, last = info.state.first_seq, info.state.last_seq
+            first, last = max(info.state.first_seq, 1), info.state.last_seq
             seqs = [args.seq] if args.action == "show" else range(max(first, last - args.limit + 1), last + 1)
             for seq in seqs:
                 try:

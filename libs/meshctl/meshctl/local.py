@@ -129,12 +129,18 @@ class MeshState:
         return [*self.services.values(), *(p for p in (self.redis, self.nats) if p)]
 
 
+# Children started by this process, by pid: held so they can be reaped when stopped (a dropped
+# Popen of a running child is a leaked zombie-to-be). `meshctl up` exits and leaves them to init.
+_children: dict[int, subprocess.Popen[bytes]] = {}
+
+
 def _spawn(name: str, argv: list[str], log: Path, env: dict[str, str] | None = None, **ports: int) -> Proc:
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
         proc = subprocess.Popen(
             argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True
         )
+    _children[proc.pid] = proc
     stat = _stat(proc.pid)
     return Proc(name, proc.pid, argv, str(log), started=int(stat[19]) if stat else 0, **ports)
 
@@ -342,12 +348,13 @@ def stop(groups: list[list[Proc]], timeout: float = 25.0) -> list[str]:
         while time.monotonic() < deadline and any(p.alive() for p in live):
             time.sleep(0.05)
             for p in live:
-                try:
-                    os.waitpid(p.pid, os.WNOHANG)  # reap if it is our child
-                except ChildProcessError:
-                    pass
+                if p.pid in _children:
+                    _children[p.pid].poll()  # reap our own child as soon as it exits
         for p in live:
             if p.alive():
                 os.kill(p.pid, signal.SIGKILL)
+            child = _children.pop(p.pid, None)
+            if child is not None:
+                child.wait(5)
             stopped.append(p.name)
     return stopped

@@ -1,0 +1,149 @@
+"""One task end to end across the six real services (separate processes, own identities).
+
+Infrastructure comes from the mesh_testing plugin: nats-server and redis-server in locally
+built containers when a Docker engine is reachable, otherwise the same binaries as local
+processes. The test bodies are identical either way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import nats
+import pytest
+
+from mesh_contracts.v1 import TaskCompleted, TaskRejected
+from mesh_kit import envelope as env
+from mesh_kit.settings import inbox_prefix
+from meshctl.client import TenantClient
+
+pytestmark = pytest.mark.e2e
+GOAL = "How does AgentMesh avoid duplicate side effects? Also compute 17 * 23."
+ROOT = Path(__file__).resolve().parents[2]
+SAMPLE_DOCS = {p.name for p in (ROOT / "services/rag/mesh_rag/sample_docs").glob("*.md")}
+
+
+def client(mesh, tenant: str = "acme") -> TenantClient:
+    ids = mesh.infra.ids
+    p = f"client.{tenant}"
+    return TenantClient(mesh.infra.nats_url, tenant, ids.creds(p), ids.signing_key(p), ids.trust_bundle)
+
+
+async def budget_usage(mesh, tenant: str, task_id: str) -> dict:
+    nc = await nats.connect(mesh.infra.nats_url, user_credentials=str(mesh.infra.ids.creds("admin")))
+    try:
+        kv = await nc.jetstream().key_value("budget")
+        deadline = time.monotonic() + 10
+        while True:  # the budget service consumes the usage stream asynchronously
+            try:
+                usage = json.loads((await kv.get(f"usage.{tenant}.{task_id}")).value)
+                if usage["total"]["calls"] >= 6 or time.monotonic() > deadline:
+                    return usage
+            except nats.js.errors.KeyNotFoundError:
+                if time.monotonic() > deadline:
+                    raise
+            await asyncio.sleep(0.05)
+    finally:
+        await nc.close()
+
+
+async def test_a_task_runs_through_every_service_and_is_accounted(e2e_mesh):
+    async with client(e2e_mesh) as c:
+        seen = await c.submit(GOAL, timeout=60)
+    assert isinstance(seen.outcome, TaskCompleted), seen.outcome
+    out = seen.outcome
+    assert "391" in out.answer, "the tool call's result reached the answer"
+    assert out.citations and {c.doc_id for c in out.citations} <= SAMPLE_DOCS, "cited passages come from the index"
+    assert all(f"[{c.doc_id}#{c.chunk_id}]" in out.answer for c in out.citations)
+    assert out.steps == 3 and out.usage.calls == 6 and out.usage.total_tokens > 0
+    sources = {e.source for e in seen.events}
+    assert sources >= {"planner", "worker", "rag", "tool-executor", "checker"}, sources
+    stages = [e.stage for e in seen.events]
+    assert stages.index("plan.created") < stages.index("check.verdict") < len(stages)
+    assert not seen.rejected_messages, "every event the client saw verified against the trust bundle"
+    # the budget service accounted the same calls from the usage stream, per agent
+    usage = await budget_usage(e2e_mesh, "acme", seen.task_id)
+    assert usage["total"]["input_tokens"] == out.usage.input_tokens
+    assert usage["total"]["output_tokens"] == out.usage.output_tokens
+    assert usage["by_agent"]["planner"]["calls"] == 1 and usage["by_agent"]["worker"]["calls"] == 5
+
+
+async def test_the_readme_integration_with_plain_nats_py(e2e_mesh):
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(ROOT / "examples/submit_with_nats_py.py"), "What is 6 * 7 according to AgentMesh?",
+        "--tenant", "globex", "--home", str(e2e_mesh.infra.home), "--nats-url", e2e_mesh.infra.nats_url,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    stdout, stderr = await asyncio.wait_for(proc.communicate(), 90)
+    assert proc.returncode == 0, stderr.decode()
+    text = stdout.decode()
+    assert "submitted t-" in text and "The result is 42." in text and "checker] check.verdict: passed" in text
+
+
+async def test_malformed_and_unknown_version_tasks_are_dead_lettered_and_rejected(e2e_mesh):
+    rejected: dict[str, TaskRejected] = {}
+
+    async with client(e2e_mesh) as c:
+        assert c.nc is not None
+
+        async def on_msg(msg):
+            body = json.loads(msg.data)
+            if body["type"] == "task.rejected":
+                rejected[body["task_id"]] = TaskRejected.model_validate(body)
+
+        await c.nc.subscribe("task.*.acme.*.rejected", cb=on_msg)
+        # 1. malformed JSON, from the tenant's own (legitimate) client
+        await c.nc.jetstream().publish("task.v1.acme.bad-json.submitted", b'{"goal": "unterminated',
+                                       headers={env.MSG_ID: "bad-json"})
+        # 2. a schema violation, properly signed
+        bad = json.dumps({"type": "task.submitted", "tenant": "acme", "task_id": "bad-schema"}).encode()
+        token = c.signer.token(tenant="acme", msg_type="task.submitted", body=bad)
+        await c.nc.jetstream().publish("task.v1.acme.bad-schema.submitted", bad,
+                                       headers={env.IDENTITY: token, env.MSG_ID: "bad-schema"})
+        # 3. a version this mesh does not know (as a newer producer would send it)
+        admin = await nats.connect(e2e_mesh.infra.nats_url, user_credentials=str(e2e_mesh.infra.ids.creds("admin")))
+        v9 = json.dumps({"type": "task.submitted", "tenant": "acme", "task_id": "bad-version", "goal": "x"}).encode()
+        await admin.jetstream().publish("task.v9.acme.bad-version.submitted", v9, headers={env.MSG_ID: "v9"})
+        deadline = time.monotonic() + 15
+        while len(rejected) < 3 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        js = admin.jetstream()
+        info = await js.stream_info("DLQ")
+        letters = [await js.get_msg("DLQ", s) for s in range(max(info.state.first_seq, 1), info.state.last_seq + 1)]
+        await admin.close()
+
+    assert set(rejected) == {"bad-json", "bad-schema", "bad-version"}
+    assert rejected["bad-json"].reason.startswith("contract: invalid task.submitted")
+    assert "goal: Field required" in rejected["bad-schema"].reason
+    assert "unknown contract version v9 for task.submitted (this consumer knows v1)" in rejected["bad-version"].reason
+    reasons = {m.headers[env.DLQ_SUBJECT]: m.headers[env.DLQ_REASON] for m in letters if m.headers}
+    assert reasons["task.v9.acme.bad-version.submitted"] == rejected["bad-version"].reason
+    # nothing crashed: every service is still ready
+    async with httpx.AsyncClient(timeout=2) as http:
+        for name, proc in e2e_mesh.services.items():
+            assert (await http.get(f"http://127.0.0.1:{proc.http_port}/readyz")).status_code == 200, name
+
+
+async def test_one_tenant_cannot_follow_another_tenants_tasks(e2e_mesh):
+    errors: list[str] = []
+
+    async def on_error(e: Exception) -> None:
+        errors.append(str(e))
+
+    ids = e2e_mesh.infra.ids
+    nc = await nats.connect(e2e_mesh.infra.nats_url, user_credentials=str(ids.creds("client.globex")),
+                            inbox_prefix=inbox_prefix("client.globex"), error_cb=on_error)
+    try:
+        await nc.subscribe("event.v1.acme.>")
+        await nc.flush()
+        deadline = time.monotonic() + 5
+        while not errors and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+    finally:
+        await nc.close()
+    assert any('permissions violation for subscription to "event.v1.acme.>"' in e for e in errors)

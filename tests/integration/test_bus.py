@@ -1,0 +1,189 @@
+"""The bus runtime against a real nats-server (JWT auth) and redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from conftest import connect, eventually, running, settings_for
+from mesh_contracts.v1 import (
+    BudgetDenied,
+    BudgetGranted,
+    BudgetReserve,
+    CheckRequested,
+    RetrievalRequested,
+    TaskLimits,
+    ToolRequested,
+    UsageRecorded,
+)
+from mesh_kit import Mesh, PermissionViolation
+from mesh_kit import envelope as env
+from mesh_kit.identity import Signer, new_signing_key
+from mesh_kit.state import TaskRecord
+
+pytestmark = pytest.mark.integration
+
+
+async def dead_letters(infra, subject_filter: str) -> list[tuple[dict, bytes]]:
+    async with connect(infra, "admin") as nc:
+        js = nc.jetstream()
+        info = await js.stream_info("DLQ")
+        out = []
+        for seq in range(max(info.state.first_seq, 1), info.state.last_seq + 1):
+            m = await js.get_msg("DLQ", seq)
+            if m.subject.startswith("dlq.") and subject_filter in m.subject:
+                out.append((dict(m.headers or {}), m.data or b""))
+        return out
+
+
+async def test_publish_is_deduplicated_and_the_consumer_sees_the_verified_sender(integration_infra, unique):
+    task = unique("dedup")
+    got = []
+
+    async def handler(m: ToolRequested, d) -> None:
+        if m.task_id == task:
+            got.append((m, d.sender.name, d.deliveries, d.msg_id))
+
+    consumer = Mesh(settings_for(integration_infra, "tool-executor"))
+    consumer.consume(ToolRequested, handler)
+    producer = Mesh(settings_for(integration_infra, "worker"))
+    async with running(consumer), running(producer):
+        req = ToolRequested(tenant="acme", task_id=task, step_id="s1", call_id="c1", tool="calculator")
+        first = await producer.publish(req, key="c1")
+        second = await producer.publish(req, key="c1")  # a retry after a timeout, say
+        assert not first.duplicate and second.duplicate and second.seq == first.seq
+        await eventually(lambda: got, what="delivery")
+        await asyncio.sleep(0.3)  # a duplicate would arrive right behind the first
+    assert len(got) == 1
+    model, sender, deliveries, msg_id = got[0]
+    assert (sender, deliveries, msg_id) == ("worker", 1, f"tool.requested:acme:{task}:c1")
+
+
+async def test_a_failing_handler_is_retried_then_dead_lettered_without_blocking_others(integration_infra, unique):
+    poison, healthy = unique("poison"), unique("healthy")
+    attempts: list[int] = []
+    handled: list[str] = []
+
+    async def handler(m: CheckRequested, d) -> None:
+        if m.task_id == poison:
+            attempts.append(d.deliveries)
+            raise RuntimeError("judge model unavailable")
+        handled.append(m.task_id)
+
+    checker = Mesh(settings_for(integration_infra, "checker", retry_delays_s=(0.1, 0.2), max_deliver=3))
+    checker.consume(CheckRequested, handler)
+    planner = Mesh(settings_for(integration_infra, "planner"))
+    async with running(checker), running(planner):
+        await planner.publish(CheckRequested(tenant="acme", task_id=poison, goal="g", answer="a"), key="1")
+        await planner.publish(CheckRequested(tenant="acme", task_id=healthy, goal="g", answer="a"), key="1")
+        await eventually(lambda: healthy in handled, what="healthy message handled despite the poison one")
+        letters = await eventually(lambda: dead_letters(integration_infra, poison), what="dead letter")
+    assert attempts == [1, 2, 3]
+    headers, body = letters[0]
+    assert headers[env.DLQ_REASON] == "RuntimeError: judge model unavailable"
+    assert headers[env.DLQ_KIND] == "failed"
+    assert headers[env.DLQ_DELIVERIES] == "3"
+    assert headers[env.DLQ_SUBJECT] == f"check.v1.acme.{poison}.requested"
+    assert headers[env.DLQ_SERVICE] == "checker"
+    assert headers[f"{env.ORIG_PREFIX}{env.IDENTITY}"], "the original token is kept so a re-drive still verifies"
+    assert json.loads(body)["task_id"] == poison
+
+
+@pytest.mark.parametrize("attack", ["forged", "altered"])
+async def test_forged_or_altered_messages_are_rejected_by_their_consumer(integration_infra, unique, attack):
+    task = unique(attack)
+    handled = []
+
+    async def handler(m: RetrievalRequested, d) -> None:
+        handled.append(m.task_id)
+
+    rag = Mesh(settings_for(integration_infra, "rag"))
+    rag.consume(RetrievalRequested, handler)
+    req = RetrievalRequested(tenant="acme", task_id=task, step_id="s1", call_id="c1", query="q")
+    body = req.to_bytes()
+    signer = Signer("worker", new_signing_key()) if attack == "forged" else Signer.from_file(
+        "worker", integration_infra.ids.signing_key("worker"))
+    token = signer.token(tenant="acme", msg_type=req.type, body=body)
+    if attack == "altered":
+        body = body.replace(b'"query":"q"', b'"query":"everything about globex"')
+    async with running(rag):
+        # published with the worker's own credentials: the broker lets it through; the token must not
+        async with connect(integration_infra, "worker") as nc:
+            await nc.jetstream().publish(req.subject(), body, headers={env.IDENTITY: token, env.MSG_ID: task})
+        letters = await eventually(lambda: dead_letters(integration_infra, task), what="dead letter")
+    assert handled == []
+    reason = letters[0][0][env.DLQ_REASON]
+    assert reason.startswith("identity: ")
+    assert ("signature invalid" in reason) if attack == "forged" else ("altered in transit" in reason)
+
+
+async def test_a_permission_violation_fails_readiness(integration_infra):
+    worker = Mesh(settings_for(integration_infra, "worker"))
+    async with running(worker):
+        assert worker.ready() == (True, "ok")
+        with pytest.raises(PermissionViolation, match="not a declared producer"):
+            from mesh_contracts.v1 import TaskSubmitted
+
+            await worker.publish(TaskSubmitted(tenant="acme", task_id="x", goal="g"), key="1")
+        await worker.nc.publish("task.v1.acme.x.submitted", b"{}")  # bypassing the client-side check
+        await eventually(lambda: not worker.ready()[0], what="readiness to fail")
+        assert "permission violation" in worker.ready()[1]
+
+
+async def test_reservations_never_exceed_the_ceiling_and_usage_is_counted_once(integration_infra, unique):
+    from mesh_budget.service import Budget
+
+    task = unique("budget")
+    budget_mesh = Mesh(settings_for(integration_infra, "budget"))
+    budget = Budget(budget_mesh)
+    budget.register()
+    budget_mesh.on_start(budget.start)
+    planner = Mesh(settings_for(integration_infra, "planner"))
+    worker = Mesh(settings_for(integration_infra, "worker"))
+    async with running(budget_mesh), running(planner), running(worker):
+        kv = await planner.kv("tasks")
+        record = TaskRecord(tenant="acme", task_id=task, goal="g", status="running", limits=TaskLimits(max_tokens=5000))
+        await kv.create(TaskRecord.key("acme", task), record.model_dump_json().encode())
+
+        async def reserve(i: int, tokens: int = 1000):
+            return await worker.request(BudgetReserve(tenant="acme", task_id=task, agent="worker", call_id=f"c{i}",
+                                                      tokens=tokens))
+
+        answers = await asyncio.gather(*(reserve(i) for i in range(20)))
+        granted = [a for a in answers if isinstance(a, BudgetGranted)]
+        denied = [a for a in answers if isinstance(a, BudgetDenied)]
+        assert len(granted) == 5 and len(denied) == 15, "20 concurrent asks for 1000 under a 5000 ceiling"
+        assert "ceiling 5000 would be exceeded" in denied[0].reason
+        again = await reserve(int(granted[0].reservation_id[1:]))  # a retried request keeps its reservation
+        assert isinstance(again, BudgetGranted)
+
+        for a in granted[:2]:
+            usage = UsageRecorded(tenant="acme", task_id=task, agent="worker", call_id=a.reservation_id,
+                                  provider="scripted", model="scripted-1", input_tokens=500, output_tokens=300,
+                                  reservation_id=a.reservation_id)
+            await worker.publish(usage, key=a.reservation_id)
+        # the same call reported again under a different message id: counted once
+        dup = usage.model_copy()
+        await worker.publish(dup, key=f"{dup.call_id}-replayed")
+        bkv = await budget_mesh.kv("budget")
+
+        async def spent():
+            entry = await bkv.get(f"usage.acme.{task}")
+            return json.loads(entry.value)
+
+        totals = await eventually(lambda: _when(spent(), lambda s: s["total"]["calls"] == 2), what="usage rollup")
+        assert totals["total"]["input_tokens"] == 1000 and totals["by_agent"]["worker"]["output_tokens"] == 600
+        # settled reservations are released: 1600 spent + 3 x 1000 still held leaves exactly 400
+        assert isinstance(await reserve(100, tokens=401), BudgetDenied)
+        assert isinstance(await reserve(101, tokens=400), BudgetGranted)
+        assert isinstance(await reserve(102, tokens=1), BudgetDenied)
+
+
+async def _when(coro, pred):
+    try:
+        value = await coro
+    except Exception:  # key not there yet
+        return None
+    return value if pred(value) else None
