@@ -46,9 +46,17 @@ async def main(goal: str, tenant: str, home: Path, nats_url: str) -> int:
     body = json.dumps({"type": "task.submitted", "tenant": tenant, "task_id": task_id, "goal": goal}).encode()
     now = int(time.time())
     token = jwt.encode(
-        {"iss": principal, "ten": tenant, "typ": "task.submitted", "dig": hashlib.sha256(body).hexdigest(),
-         "iat": now, "exp": now + 300},
-        signing_key, algorithm="EdDSA", headers={"kid": principal},
+        {
+            "iss": principal,
+            "ten": tenant,
+            "typ": "task.submitted",
+            "dig": hashlib.sha256(body).hexdigest(),
+            "iat": now,
+            "exp": now + 300,
+        },
+        signing_key,
+        algorithm="EdDSA",
+        headers={"kid": principal},
     )
     headers = {
         "Nats-Msg-Id": f"task.submitted:{tenant}:{task_id}",  # resubmitting is deduplicated by the server

@@ -76,9 +76,18 @@ async def test_a_task_runs_through_every_service_and_is_accounted(e2e_mesh):
 
 async def test_the_readme_integration_with_plain_nats_py(e2e_mesh):
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, str(ROOT / "examples/submit_with_nats_py.py"), "What is 6 * 7 according to AgentMesh?",
-        "--tenant", "globex", "--home", str(e2e_mesh.infra.home), "--nats-url", e2e_mesh.infra.nats_url,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        sys.executable,
+        str(ROOT / "examples/submit_with_nats_py.py"),
+        "What is 6 * 7 according to AgentMesh?",
+        "--tenant",
+        "globex",
+        "--home",
+        str(e2e_mesh.infra.home),
+        "--nats-url",
+        e2e_mesh.infra.nats_url,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     stdout, stderr = await asyncio.wait_for(proc.communicate(), 90)
     assert proc.returncode == 0, stderr.decode()
     text = stdout.decode()
@@ -98,13 +107,15 @@ async def test_malformed_and_unknown_version_tasks_are_dead_lettered_and_rejecte
 
         await c.nc.subscribe("task.*.acme.*.rejected", cb=on_msg)
         # 1. malformed JSON, from the tenant's own (legitimate) client
-        await c.nc.jetstream().publish("task.v1.acme.bad-json.submitted", b'{"goal": "unterminated',
-                                       headers={env.MSG_ID: "bad-json"})
+        await c.nc.jetstream().publish(
+            "task.v1.acme.bad-json.submitted", b'{"goal": "unterminated', headers={env.MSG_ID: "bad-json"}
+        )
         # 2. a schema violation, properly signed
         bad = json.dumps({"type": "task.submitted", "tenant": "acme", "task_id": "bad-schema"}).encode()
         token = c.signer.token(tenant="acme", msg_type="task.submitted", body=bad)
-        await c.nc.jetstream().publish("task.v1.acme.bad-schema.submitted", bad,
-                                       headers={env.IDENTITY: token, env.MSG_ID: "bad-schema"})
+        await c.nc.jetstream().publish(
+            "task.v1.acme.bad-schema.submitted", bad, headers={env.IDENTITY: token, env.MSG_ID: "bad-schema"}
+        )
         # 3. a version this mesh does not know (as a newer producer would send it)
         admin = await nats.connect(e2e_mesh.infra.nats_url, user_credentials=str(e2e_mesh.infra.ids.creds("admin")))
         v9 = json.dumps({"type": "task.submitted", "tenant": "acme", "task_id": "bad-version", "goal": "x"}).encode()
@@ -136,8 +147,12 @@ async def test_one_tenant_cannot_follow_another_tenants_tasks(e2e_mesh):
         errors.append(str(e))
 
     ids = e2e_mesh.infra.ids
-    nc = await nats.connect(e2e_mesh.infra.nats_url, user_credentials=str(ids.creds("client.globex")),
-                            inbox_prefix=inbox_prefix("client.globex"), error_cb=on_error)
+    nc = await nats.connect(
+        e2e_mesh.infra.nats_url,
+        user_credentials=str(ids.creds("client.globex")),
+        inbox_prefix=inbox_prefix("client.globex"),
+        error_cb=on_error,
+    )
     try:
         await nc.subscribe("event.v1.acme.>")
         await nc.flush()

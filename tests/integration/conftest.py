@@ -19,10 +19,16 @@ from mesh_testing.infra import Infra
 def settings_for(infra: Infra, service: str, **overrides: Any) -> ServiceSettings:
     ids = infra.ids
     redis_file = ids.secrets / "redis" / f"{service}.url"
-    return ServiceSettings(service=service, nats_url=infra.nats_url, creds_file=ids.creds(service),
-                           signing_key_file=ids.signing_key(service), trust_bundle_file=ids.trust_bundle,
-                           redis_url=redis_file.read_text() if redis_file.exists() else "", strict_contracts=True,
-                           **overrides)
+    return ServiceSettings(
+        service=service,
+        nats_url=infra.nats_url,
+        creds_file=ids.creds(service),
+        signing_key_file=ids.signing_key(service),
+        trust_bundle_file=ids.trust_bundle,
+        redis_url=redis_file.read_text() if redis_file.exists() else "",
+        strict_contracts=True,
+        **overrides,
+    )
 
 
 @asynccontextmanager
@@ -36,8 +42,13 @@ async def running(mesh: Mesh) -> AsyncIterator[Mesh]:
 
 @asynccontextmanager
 async def connect(infra: Infra, principal: str) -> AsyncIterator[nats.NATS]:
-    nc = await nats.connect(infra.nats_url, user_credentials=str(infra.ids.creds(principal)),
-                            inbox_prefix=inbox_prefix(principal), max_reconnect_attempts=0, name=f"test-{principal}")
+    nc = await nats.connect(
+        infra.nats_url,
+        user_credentials=str(infra.ids.creds(principal)),
+        inbox_prefix=inbox_prefix(principal),
+        max_reconnect_attempts=0,
+        name=f"test-{principal}",
+    )
     try:
         yield nc
     finally:

@@ -6,8 +6,8 @@ import asyncio
 import json
 
 import pytest
-
 from conftest import connect, eventually, running, settings_for
+
 from mesh_contracts.v1 import (
     BudgetDenied,
     BudgetGranted,
@@ -57,7 +57,7 @@ async def test_publish_is_deduplicated_and_the_consumer_sees_the_verified_sender
         await eventually(lambda: got, what="delivery")
         await asyncio.sleep(0.3)  # a duplicate would arrive right behind the first
     assert len(got) == 1
-    model, sender, deliveries, msg_id = got[0]
+    _model, sender, deliveries, msg_id = got[0]
     assert (sender, deliveries, msg_id) == ("worker", 1, f"tool.requested:acme:{task}:c1")
 
 
@@ -103,8 +103,11 @@ async def test_forged_or_altered_messages_are_rejected_by_their_consumer(integra
     rag.consume(RetrievalRequested, handler)
     req = RetrievalRequested(tenant="acme", task_id=task, step_id="s1", call_id="c1", query="q")
     body = req.to_bytes()
-    signer = Signer("worker", new_signing_key()) if attack == "forged" else Signer.from_file(
-        "worker", integration_infra.ids.signing_key("worker"))
+    signer = (
+        Signer("worker", new_signing_key())
+        if attack == "forged"
+        else Signer.from_file("worker", integration_infra.ids.signing_key("worker"))
+    )
     token = signer.token(tenant="acme", msg_type=req.type, body=body)
     if attack == "altered":
         body = body.replace(b'"query":"q"', b'"query":"everything about globex"')
@@ -139,7 +142,6 @@ async def test_reservations_never_exceed_the_ceiling_and_usage_is_counted_once(i
     budget_mesh = Mesh(settings_for(integration_infra, "budget"))
     budget = Budget(budget_mesh)
     budget.register()
-    budget_mesh.on_start(budget.start)
     planner = Mesh(settings_for(integration_infra, "planner"))
     worker = Mesh(settings_for(integration_infra, "worker"))
     async with running(budget_mesh), running(planner), running(worker):
@@ -148,8 +150,9 @@ async def test_reservations_never_exceed_the_ceiling_and_usage_is_counted_once(i
         await kv.create(TaskRecord.key("acme", task), record.model_dump_json().encode())
 
         async def reserve(i: int, tokens: int = 1000):
-            return await worker.request(BudgetReserve(tenant="acme", task_id=task, agent="worker", call_id=f"c{i}",
-                                                      tokens=tokens))
+            return await worker.request(
+                BudgetReserve(tenant="acme", task_id=task, agent="worker", call_id=f"c{i}", tokens=tokens)
+            )
 
         answers = await asyncio.gather(*(reserve(i) for i in range(20)))
         granted = [a for a in answers if isinstance(a, BudgetGranted)]
@@ -160,9 +163,17 @@ async def test_reservations_never_exceed_the_ceiling_and_usage_is_counted_once(i
         assert isinstance(again, BudgetGranted)
 
         for a in granted[:2]:
-            usage = UsageRecorded(tenant="acme", task_id=task, agent="worker", call_id=a.reservation_id,
-                                  provider="scripted", model="scripted-1", input_tokens=500, output_tokens=300,
-                                  reservation_id=a.reservation_id)
+            usage = UsageRecorded(
+                tenant="acme",
+                task_id=task,
+                agent="worker",
+                call_id=a.reservation_id,
+                provider="scripted",
+                model="scripted-1",
+                input_tokens=500,
+                output_tokens=300,
+                reservation_id=a.reservation_id,
+            )
             await worker.publish(usage, key=a.reservation_id)
         # the same call reported again under a different message id: counted once
         dup = usage.model_copy()

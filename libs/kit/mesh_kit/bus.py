@@ -119,12 +119,17 @@ class Mesh:
         )
         self._started = False
         self._on_start: list[Callable[[], Awaitable[None]]] = []
+        self._on_stop: list[Callable[[], Awaitable[None]]] = []
 
     # --- lifecycle -------------------------------------------------------------------------
 
     def on_start(self, hook: Callable[[], Awaitable[None]]) -> None:
         """Run ``hook`` after connecting and before any handler can be called (e.g. bind KV)."""
         self._on_start.append(hook)
+
+    def on_stop(self, hook: Callable[[], Awaitable[None]]) -> None:
+        """Run ``hook`` after the broker has drained (e.g. close a Redis client)."""
+        self._on_stop.append(hook)
 
     async def start(self) -> None:
         await self.broker.connect()
@@ -137,6 +142,8 @@ class Mesh:
         """Stop fetching, let in-flight handlers finish (graceful timeout), then drain."""
         self._started = False
         await self.broker.stop()
+        for hook in self._on_stop:
+            await hook()
 
     @property
     def nc(self) -> nats.NATS:

@@ -33,6 +33,8 @@ class Budget:
             log.warning("MESH_REDIS_URL unset: reservations are held in memory (not shared by replicas)")
 
     def register(self) -> None:
+        self.mesh.on_start(self.start)
+        self.mesh.on_stop(self.reservations.close)
         self.mesh.serve(BudgetReserve, self.on_reserve)
         self.mesh.consume(UsageRecorded, self.on_usage)
 
@@ -87,5 +89,4 @@ class Budget:
 async def build(mesh: Mesh) -> Budget:
     svc = Budget(mesh)
     svc.register()
-    mesh.on_start(svc.start)
     return svc

@@ -136,6 +136,7 @@ class Planner:
 
     def register(self) -> None:
         m = self.mesh
+        m.on_start(self.start)
         m.consume(TaskSubmitted, self.on_submitted, on_reject=self.on_rejected)
         m.consume(StepCompleted, self.on_step_completed)
         m.consume(StepFailed, self.on_step_failed)
@@ -364,5 +365,4 @@ class Planner:
 async def build(mesh: Mesh) -> Planner:
     planner = Planner(mesh, scripted_or_configured())
     planner.register()
-    mesh.on_start(planner.start)
     return planner

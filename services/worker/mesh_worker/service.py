@@ -99,6 +99,7 @@ class Worker:
         self.tasks = await self.mesh.kv("tasks")
 
     def register(self) -> None:
+        self.mesh.on_start(self.start)
         self.mesh.consume(StepRequested, self.on_step)
         self.mesh.consume(ToolCompleted, self.on_tool)
         self.mesh.consume(RetrievalCompleted, self.on_retrieval)
@@ -311,5 +312,4 @@ class Worker:
 async def build(mesh: Mesh) -> Worker:
     worker = Worker(mesh, scripted_or_configured())
     worker.register()
-    mesh.on_start(worker.start)
     return worker
