@@ -182,8 +182,9 @@ class Identities:
                 op,
             ),
         }
-        (self.secrets / "preload.json").write_text(json.dumps(preload))
-        (self.secrets / "account.json").write_text(json.dumps({"name": ACCOUNT, "id": acc_pub, "system": sys_pub}))
+        # Signed JWTs are not secret, but everything under secrets/ is 0600 so nobody has to ask.
+        _write_secret(self.secrets / "preload.json", json.dumps(preload))
+        _write_secret(self.secrets / "account.json", json.dumps({"name": ACCOUNT, "id": acc_pub, "system": sys_pub}))
 
         tenants = sorted(set(self.tenants()) | set(tenants))
         self.tenants_file.write_text(json.dumps(tenants))
