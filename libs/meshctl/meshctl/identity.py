@@ -143,7 +143,8 @@ class Identities:
         acc = _load_or_new(self.secrets / f"account-{ACCOUNT}.nk", nkeys.PREFIX_BYTE_ACCOUNT)
         signing = _load_or_new(self.secrets / f"account-{ACCOUNT}-signing.nk", nkeys.PREFIX_BYTE_ACCOUNT)
         sys_pub, acc_pub = sys_acc.public_key.decode(), acc.public_key.decode()
-        (self.secrets / "operator.jwt").write_text(
+        _write_secret(
+            self.secrets / "operator.jwt",
             encode_jwt(
                 {
                     "sub": op.public_key.decode(),
@@ -151,7 +152,7 @@ class Identities:
                     "nats": {"type": "operator", "version": 2, "system_account": sys_pub},
                 },
                 op,
-            )
+            ),
         )
         base_limits = {
             "subs": -1,
