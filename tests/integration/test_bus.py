@@ -198,3 +198,36 @@ async def _when(coro, pred):
     except Exception:  # key not there yet
         return None
     return value if pred(value) else None
+
+
+async def test_sigterm_lets_in_flight_work_finish_and_ack(integration_infra, unique):
+    """A real SIGTERM to the serving process: the handler in flight completes and is acked once."""
+    import os
+    import signal
+
+    from mesh_kit.runtime import serve
+
+    task = unique("drain")
+    started = asyncio.Event()
+    finished: list[int] = []
+
+    async def build(mesh: Mesh) -> None:
+        async def slow(m: CheckRequested, d) -> None:
+            if m.task_id == task:
+                started.set()
+                await asyncio.sleep(1.5)  # a long model call, say
+                finished.append(d.deliveries)
+
+        mesh.consume(CheckRequested, slow)
+
+    server = asyncio.create_task(serve(settings_for(integration_infra, "checker", graceful_timeout_s=10), build))
+    planner = Mesh(settings_for(integration_infra, "planner"))
+    async with running(planner):
+        await planner.publish(CheckRequested(tenant="acme", task_id=task, goal="g", answer="a"), key="1")
+    await asyncio.wait_for(started.wait(), 15)
+    os.kill(os.getpid(), signal.SIGTERM)
+    await asyncio.wait_for(server, 20)
+    assert finished == [1], "the in-flight handler ran to completion exactly once"
+    async with connect(integration_infra, "admin") as nc:
+        info = await nc.jetstream().consumer_info("CHECK", "checker--check-requested")
+    assert info.num_ack_pending == 0 and info.num_pending == 0, "acked before the connection drained"

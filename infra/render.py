@@ -1,0 +1,131 @@
+"""Render what docker compose and the NATS Helm chart read, from a mesh home made by `meshctl init`.
+
+`meshctl init` mints identities but writes no server-side inputs: no NATS auth include, no
+Redis ACL, no Redis URLs that name a host other than 127.0.0.1. This stopgap writes them under
+the mesh home (never into the repository) until meshctl grows the same commands:
+
+    .venv/bin/python infra/render.py nats-auth   # <home>/nats/auth.conf + helm-auth-values.yaml
+    .venv/bin/python infra/render.py compose     # nats-auth, plus <home>/compose/ for compose
+    .venv/bin/python infra/render.py redis --host redis.agentmesh.svc.cluster.local --out DIR
+
+Nothing secret is printed. Files holding passwords are written 0600.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from meshctl.identity import Identities
+from meshctl.local import redis_users
+
+COMPOSE_REDIS_HOST = "redis"  # the service name in docker-compose.yml
+REDIS_PORT = 6379
+
+
+def auth_conf(ids: Identities) -> str:
+    """Operator-mode settings only (no listen, no JetStream): the chart and compose.conf own those.
+
+    The operator and account JWTs are signed, not secret; the account *keys* never leave the home.
+    """
+    secrets = ids.secrets
+    preload = json.loads((secrets / "preload.json").read_text())
+    system = json.loads((secrets / "account.json").read_text())["system"]
+    accounts = "\n".join(f"  {pub}: {jwt}" for pub, jwt in preload.items())
+    return (
+        "# Rendered by infra/render.py from the mesh home; do not edit. Contains no secrets.\n"
+        f"operator: {(secrets / 'operator.jwt').read_text().strip()}\n"
+        f"system_account: {system}\n"
+        "resolver: MEMORY\n"
+        f"resolver_preload: {{\n{accounts}\n}}\n"
+    )
+
+
+def write_secret(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
+def render_nats_auth(ids: Identities) -> list[Path]:
+    conf = ids.home / "nats" / "auth.conf"
+    conf.parent.mkdir(parents=True, exist_ok=True)
+    text = auth_conf(ids)
+    conf.write_text(text)
+    # JSON is YAML: `helm -f` reads it, and it adds auth.conf to the chart's ConfigMap, where
+    # `config.merge: {00$include: auth.conf}` in infra/nats/helm-values.yaml includes it.
+    values = ids.home / "nats" / "helm-auth-values.yaml"
+    values.write_text(json.dumps({"configMap": {"merge": {"data": {"auth.conf": text}}}}, indent=2) + "\n")
+    return [conf, values]
+
+
+def render_redis(ids: Identities, host: str, port: int, out: Path) -> dict[str, str]:
+    """A Redis ACL file and one URL per principal, for a Redis reached at ``host:port``.
+
+    Reuses meshctl's own ACL rules (one user per service, confined to its key prefix, no default
+    user) by pointing it at ``out`` as if it were a mesh home, then rewrites the host it names.
+    """
+    scratch = Identities(out)
+    redis_users(scratch, port)
+    urls = {}
+    for url_file in sorted((scratch.secrets / "redis").glob("*.url")):
+        url = url_file.read_text().replace(f"@127.0.0.1:{port}/", f"@{host}:{port}/")
+        write_secret(url_file, url)
+        urls[url_file.stem] = url
+    return urls
+
+
+def render_compose(ids: Identities) -> list[Path]:
+    written = render_nats_auth(ids)
+    out = ids.home / "compose"
+    urls = render_redis(ids, COMPOSE_REDIS_HOST, REDIS_PORT, out)
+    store = out / "jetstream"
+    store.mkdir(parents=True, exist_ok=True)  # bind-mounted at /data; must exist and be ours
+    env = out / "compose.env"
+    # Containers run as the invoking user because compose bind-mounts the 0600 identity files
+    # with their host owner (compose secrets cannot change uid or mode for file sources).
+    write_secret(
+        env,
+        f"MESH_HOME={ids.home}\n"
+        f"MESH_UID={os.getuid()}\n"
+        f"MESH_GID={os.getgid()}\n"
+        f"MESH_TENANTS={','.join(ids.tenants())}\n"
+        f"MESH_BUDGET_REDIS_URL={urls['budget']}\n",
+    )
+    return [*written, out / "redis" / "users.acl", store, env]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="infra/render.py", description=__doc__.splitlines()[0])
+    p.add_argument("--home", type=Path, default=Path(os.environ.get("MESH_HOME", ".mesh")))
+    sub = p.add_subparsers(dest="what", required=True)
+    sub.add_parser("nats-auth", help="NATS operator/resolver include for compose and the Helm chart")
+    sub.add_parser("compose", help="everything docker-compose.yml reads from the mesh home")
+    r = sub.add_parser("redis", help="Redis ACL + per-service URLs for a Redis you run (k8s)")
+    r.add_argument("--host", required=True)
+    r.add_argument("--port", type=int, default=REDIS_PORT)
+    r.add_argument("--out", type=Path, required=True, help="directory for users.acl and the URLs")
+    args = p.parse_args(argv)
+
+    ids = Identities(args.home.absolute())
+    if not ids.exists():
+        print(f"render: no identities in {ids.home} (run: meshctl init --tenants ...)", file=sys.stderr)
+        return 2
+    if args.what == "nats-auth":
+        written = render_nats_auth(ids)
+    elif args.what == "compose":
+        written = render_compose(ids)
+    else:
+        render_redis(ids, args.host, args.port, args.out.absolute())
+        written = [args.out.absolute() / "redis" / "users.acl", args.out.absolute() / "secrets" / "redis"]
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

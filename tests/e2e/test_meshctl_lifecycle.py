@@ -1,0 +1,92 @@
+"""`meshctl up`, `status`, `down` as a user runs them (subprocesses, local binaries)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+
+def meshctl(home: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "meshctl", "--home", str(home), *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()
+    except FileNotFoundError:
+        return False
+    return stat[0] != "Z"
+
+
+def test_up_status_down_manages_exactly_what_it_started(tmp_path):
+    home = tmp_path / "mesh"
+    up = meshctl(home, "up", "--tenants", "acme", "--nats-port", "0", "--http-port", "0", "--redis-port", "0")
+    assert up.returncode == 0, up.stderr
+    assert "6 services" in up.stdout
+    bystander = subprocess.Popen(["sleep", "300"])
+    try:
+        status = meshctl(home, "status", "--json")
+        assert status.returncode == 0, status.stdout + status.stderr
+        report = json.loads(status.stdout)
+        assert all(s["ready"] for s in report["services"].values()) and len(report["services"]) == 6
+        assert all(c["pending"] == 0 for c in report["consumers"].values())
+
+        again = meshctl(home, "up", "--nats-port", "0", "--http-port", "0", "--redis-port", "0")
+        assert again.returncode == 2 and "already running" in again.stderr
+
+        done = meshctl(
+            home,
+            "submit",
+            "How are identity tokens checked? Also compute 2 + 2.",
+            "--tenant",
+            "acme",
+            "--follow",
+            "--json",
+            "--timeout",
+            "30",
+        )
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["outcome"]["type"] == "task.completed"
+        # Nothing in the documents supports this answer: the checker fails it, with the reason, exit 1.
+        ungrounded = meshctl(home, "submit", "What is 2 + 2?", "--tenant", "acme", "--follow", "--timeout", "30")
+        assert ungrounded.returncode == 1
+        assert "checker rejected the answer: citations_present: no citations" in ungrounded.stderr
+
+        # A recycled pid: the state file names the bystander's pid, but with another start time.
+        state_file = home / "run" / "state.json"
+        state = json.loads(state_file.read_text())
+        pids = [p["pid"] for p in state["services"].values()] + [state["nats"]["pid"], state["redis"]["pid"]]
+        state["services"]["impostor"] = {
+            "name": "impostor",
+            "pid": bystander.pid,
+            "argv": ["sleep"],
+            "log": str(home / "x.log"),
+            "started": 1,
+        }
+        state_file.write_text(json.dumps(state))
+
+        down = meshctl(home, "down")
+        assert down.returncode == 0, down.stderr
+        deadline = time.monotonic() + 10
+        while any(alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not [p for p in pids if alive(p)], "every process up started is gone"
+        assert bystander.poll() is None, "a process up did not start is never signalled"
+        assert "impostor" not in down.stdout
+        after = meshctl(home, "status")
+        assert after.returncode == 2 and "no mesh is running" in after.stderr
+    finally:
+        bystander.kill()
+        bystander.wait()
+        meshctl(home, "down")
+    assert not any(os.access(p, os.F_OK) for p in [home / "run" / "state.json"])
