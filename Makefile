@@ -10,7 +10,7 @@ DEV_TOOLS := pytest pytest-asyncio pytest-timeout ruff "testcontainers[nats,redi
 GOAL ?= How does AgentMesh avoid duplicate side effects? Also compute 17 * 23.
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo up down status submit test test-unit test-integration test-e2e lint fmt contracts contracts-check pins clean
+.PHONY: help setup demo up down status submit bench test test-unit test-integration test-e2e lint fmt contracts contracts-check pins clean
 
 help: ## list every target with one line each
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -43,6 +43,9 @@ status: ## health and consumer lag of the running mesh
 
 submit: ## submit GOAL to the running mesh and follow it
 	$(BIN)/meshctl --home $(MESH_HOME) submit "$(GOAL)" --follow
+
+bench: setup ## sample-task latency/throughput vs a raw JetStream hop, measured in the same run
+	$(BIN)/python bench/bench_task.py
 
 test: setup lint contracts-check ## run every test: unit, integration, end-to-end (Docker path when an engine runs)
 	$(BIN)/pytest

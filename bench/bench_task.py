@@ -1,0 +1,133 @@
+"""Sample-task latency and throughput through the real mesh, against a raw JetStream baseline.
+
+Everything runs in one process tree on one nats-server (`sync_interval: always`), so the
+ratios are meaningful even though absolute times on shared machines are noise:
+
+- baseline: one request -> result hop with raw nats-py (publish to a stream, a pull
+  consumer fetches + acks + publishes the result to a stream, the caller sees it);
+- mesh: the README's sample task end to end (plan, 3 steps, a tool call, a retrieval, the
+  check), sequentially (latency) and with many tasks in flight (throughput).
+
+    python bench/bench_task.py [--tasks 30] [--concurrency 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import nats
+from nats.js.api import AckPolicy, ConsumerConfig, StorageType, StreamConfig
+
+from mesh_contracts import topology as topo
+from mesh_contracts.v1 import TaskCompleted
+from meshctl import local
+from meshctl.client import TenantClient
+
+GOAL = "How does AgentMesh avoid duplicate side effects? Also compute 17 * 23."
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, round(q * (len(values) - 1)))]
+
+
+async def baseline_hop(url: str, creds: str, n: int) -> list[float]:
+    nc = await nats.connect(url, user_credentials=creds)
+    js = nc.jetstream()
+    await js.add_stream(StreamConfig(name="BENCH", subjects=["bench.>"], storage=StorageType.FILE))
+    await js.add_consumer(
+        "BENCH", ConsumerConfig(durable_name="bench-w", filter_subject="bench.req", ack_policy=AckPolicy.EXPLICIT)
+    )
+    sub = await js.pull_subscribe_bind("bench-w", "BENCH")
+    got: asyncio.Queue[float] = asyncio.Queue()
+
+    async def on_result(_msg: object) -> None:
+        got.put_nowait(time.perf_counter())
+
+    await nc.subscribe("bench.res", cb=on_result)
+
+    async def worker() -> None:
+        while True:
+            try:
+                msgs = await sub.fetch(1, timeout=5)
+            except nats.errors.TimeoutError:
+                continue
+            for m in msgs:
+                await m.ack()
+                await js.publish("bench.res", m.data)
+
+    task = asyncio.create_task(worker())
+    out = []
+    for i in range(n):
+        t0 = time.perf_counter()
+        await js.publish("bench.req", str(i).encode())
+        out.append(await got.get() - t0)
+    task.cancel()
+    await js.delete_stream("BENCH")
+    await nc.close()
+    return out
+
+
+async def messages_per_task(url: str, creds: str, tenant: str, task_id: str) -> int:
+    nc = await nats.connect(url, user_credentials=creds)
+    js = nc.jetstream()
+    total = 0
+    for stream in topo.STREAMS.values():
+        info = await js.stream_info(stream, subjects_filter=f"*.*.{tenant}.{task_id}.*")
+        total += sum((info.state.subjects or {}).values())
+    await nc.close()
+    return total
+
+
+async def main(tasks: int, concurrency: int) -> None:
+    home = Path(tempfile.mkdtemp(prefix="agentmesh-bench-"))
+    t0 = time.perf_counter()
+    state = await local.up(home, tenants=["bench"], nats_port=0, http_port=0, redis_port=0)
+    up_s = time.perf_counter() - t0
+    ids = local.Identities(home)
+    admin = str(ids.creds("admin"))
+    try:
+        hop = await baseline_hop(state.nats_url, admin, 300)
+        p = "client.bench"
+        async with TenantClient(state.nats_url, "bench", ids.creds(p), ids.signing_key(p), ids.trust_bundle) as c:
+            await c.submit(GOAL, timeout=60)  # warm-up
+            seq = []
+            for _ in range(tasks):
+                seen = await c.submit(GOAL, timeout=60)
+                assert isinstance(seen.outcome, TaskCompleted), seen.outcome
+                seq.append(seen.latency_s)
+            per_task = await messages_per_task(state.nats_url, admin, "bench", seen.task_id)
+            t1 = time.perf_counter()
+            runs = await asyncio.gather(*(c.submit(GOAL, timeout=120) for _ in range(concurrency * 2)))
+            wall = time.perf_counter() - t1
+            ok = sum(isinstance(r.outcome, TaskCompleted) for r in runs)
+    finally:
+        local.down(home)
+    hop50, task50 = statistics.median(hop), statistics.median(seq)
+    print(f"mesh up (nats + redis + provision + 6 services ready): {up_s:.2f}s")
+    print(f"baseline raw JetStream request->result hop: p50 {hop50 * 1000:.2f} ms, p99 {pct(hop, 0.99) * 1000:.2f} ms")
+    print(
+        f"sample task end to end ({tasks} sequential): p50 {task50 * 1000:.1f} ms, p99 {pct(seq, 0.99) * 1000:.1f} ms"
+    )
+    print(f"  messages stored per task: {per_task} (+ 6 reservation request/replies on core NATS)")
+    print(
+        f"  ratio task p50 / raw hop p50: {task50 / hop50:.1f}x  "
+        f"(per stored message: {task50 / per_task / hop50:.2f} raw hops)"
+    )
+    print(
+        f"throughput, {concurrency * 2} tasks in flight: {ok}/{len(runs)} completed, {ok / wall:.1f} tasks/s "
+        f"({ok * per_task / wall:.0f} stored msgs/s)"
+    )
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tasks", type=int, default=30)
+    ap.add_argument("--concurrency", type=int, default=16)
+    a = ap.parse_args()
+    asyncio.run(main(a.tasks, a.concurrency))
