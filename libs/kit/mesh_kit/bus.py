@@ -175,16 +175,7 @@ class Mesh:
     # --- publishing -----------------------------------------------------------------------
 
     def _headers(self, model: Contract, body: bytes, msg_id: str, causation: str | None) -> dict[str, str]:
-        headers = {
-            env.SCHEMA: model.schema_id(),
-            env.TENANT: model.tenant,
-            env.TASK: model.task_id,
-            env.MSG_ID: msg_id,
-            env.IDENTITY: self.signer.token(tenant=model.tenant, msg_type=model.type, body=body, msg_id=msg_id),
-        }
-        if causation:
-            headers[env.CAUSATION] = causation
-        return headers
+        return env.headers_for(self.signer, model, body, msg_id, causation)
 
     async def publish(
         self, model: Contract, key: str, *, causation: str | None = None, timeout: float = 10.0

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mesh_contracts import Contract
+    from mesh_kit.identity import Signer
+
 SCHEMA = "Mesh-Schema"
 TENANT = "Mesh-Tenant"
 TASK = "Mesh-Task"
@@ -29,3 +35,19 @@ def one_line(text: str, limit: int = 1000) -> str:
     """Header-safe single line (NATS headers cannot carry newlines)."""
     flat = " ".join(str(text).split())
     return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+def headers_for(
+    signer: Signer, model: Contract, body: bytes, msg_id: str, causation: str | None = None
+) -> dict[str, str]:
+    """Every envelope header of one message, including its signed identity token over ``body``."""
+    headers = {
+        SCHEMA: model.schema_id(),
+        TENANT: model.tenant,
+        TASK: model.task_id,
+        MSG_ID: msg_id,
+        IDENTITY: signer.token(tenant=model.tenant, msg_type=model.type, body=body, msg_id=msg_id),
+    }
+    if causation:
+        headers[CAUSATION] = causation
+    return headers

@@ -68,14 +68,9 @@ class TenantClient:
     async def publish(self, model: Contract, key: str = "1") -> None:
         assert self.nc is not None
         body = model.to_bytes()
-        msg_id = env.message_id(model.type, model.tenant, model.task_id, key)
-        headers = {
-            env.SCHEMA: model.schema_id(),
-            env.TENANT: model.tenant,
-            env.TASK: model.task_id,
-            env.MSG_ID: msg_id,
-            env.IDENTITY: self.signer.token(tenant=model.tenant, msg_type=model.type, body=body, msg_id=msg_id),
-        }
+        headers = env.headers_for(
+            self.signer, model, body, env.message_id(model.type, model.tenant, model.task_id, key)
+        )
         await self.nc.jetstream().publish(model.subject(), body, headers=headers, timeout=10.0)
 
     async def submit(
