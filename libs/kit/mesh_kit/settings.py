@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from mesh_contracts import SERVICES
@@ -26,7 +26,10 @@ class ServiceSettings(BaseSettings):
     trust_bundle_file: Path
     """Public keys of every principal."""
     redis_url: str = ""
-    """Redis for caches and fast counters (rebuildable state only)."""
+    """Redis for caches and fast counters (rebuildable state only). It holds a password: prefer
+    ``redis_url_file`` (a mounted secret) over the environment."""
+    redis_url_file: Path | None = None
+    """File holding the Redis URL; wins over ``redis_url`` when set."""
     health_host: str = "127.0.0.1"
     health_port: int = Field(0, ge=0, le=65535)
     """HTTP port for /healthz, /readyz, /status; 0 disables the endpoint."""
@@ -51,6 +54,12 @@ class ServiceSettings(BaseSettings):
         if v not in SERVICES:
             raise ValueError(f"unknown service {v!r}; expected one of {', '.join(SERVICES)}")
         return v
+
+    @model_validator(mode="after")
+    def _redis_from_file(self) -> ServiceSettings:
+        if self.redis_url_file is not None:
+            self.redis_url = self.redis_url_file.read_text().strip()
+        return self
 
     @property
     def inbox_prefix(self) -> str:

@@ -203,7 +203,7 @@ def service_env(
         }
     )
     if redis_url_file.exists():
-        env["MESH_REDIS_URL"] = redis_url_file.read_text()
+        env["MESH_REDIS_URL_FILE"] = str(redis_url_file)  # the password stays out of the environment
     env.update(extra)
     return env
 
