@@ -98,6 +98,11 @@ class Mesh:
         self.verifier = verifier or Verifier(TrustBundle.from_file(settings.trust_bundle_file))
         self.stats = Stats()
         self.tracer = self.telemetry.tracer_provider.get_tracer("mesh_kit")
+        meter = self.telemetry.meter_provider.get_meter("mesh_kit")
+        self._counters = {
+            name: meter.create_counter(name, unit="{message}")
+            for name in (tel.M_HANDLED, tel.M_REJECTED, tel.M_DEAD_LETTERED, tel.M_RETRIED, tel.M_PERMISSION_VIOLATIONS)
+        }
         if security is None and settings.creds_file is not None:
             from faststream.nats import NatsCredentials
 
@@ -120,6 +125,11 @@ class Mesh:
         self._started = False
         self._on_start: list[Callable[[], Awaitable[None]]] = []
         self._on_stop: list[Callable[[], Awaitable[None]]] = []
+
+    def _count(self, name: str) -> None:
+        """Both views of one count: the OTel metric (exported) and /status (local, instant)."""
+        self.stats.counters[name] += 1
+        self._counters[name].add(1, {"service": self.service})
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -166,7 +176,7 @@ class Mesh:
     async def _on_error(self, err: Exception) -> None:
         text = str(err)
         if "permissions violation" in text.lower():
-            self.stats.counters[tel.M_PERMISSION_VIOLATIONS] += 1
+            self._count(tel.M_PERMISSION_VIOLATIONS)
             self.stats.permission_errors.append(text[:300])
             log.error("NATS refused an operation for %s: %s", self.service, text)
         else:
@@ -296,7 +306,7 @@ class Mesh:
             model = parse_message(raw.subject, raw.data, strict=self.settings.strict_contracts)
             sender = self.verifier.verify(headers.get(env.IDENTITY), raw.data, model, at=stored_at)
         except (ContractError, IdentityError) as exc:
-            self.stats.counters[tel.M_REJECTED] += 1
+            self._count(tel.M_REJECTED)
             reason = f"{'identity' if isinstance(exc, IdentityError) else 'contract'}: {exc}"
             log.warning("rejected %s seq=%s: %s", raw.subject, seq, reason)
             await self._dead_letter(raw, headers, durable, "rejected", reason, deliveries, seq)
@@ -311,7 +321,7 @@ class Mesh:
             try:
                 await handler(model, delivery)
             except Reject as exc:
-                self.stats.counters[tel.M_DEAD_LETTERED] += 1
+                self._count(tel.M_DEAD_LETTERED)
                 await self._dead_letter(raw, headers, durable, "failed", f"rejected by handler: {exc}", deliveries, seq)
                 await msg.reject()
                 return
@@ -321,12 +331,12 @@ class Mesh:
                 span.record_exception(exc)
                 reason = f"{type(exc).__name__}: {exc}"
                 if deliveries >= self.settings.max_deliver:
-                    self.stats.counters[tel.M_DEAD_LETTERED] += 1
+                    self._count(tel.M_DEAD_LETTERED)
                     log.error("giving up on %s after %d attempts: %s", raw.subject, deliveries, reason)
                     await self._dead_letter(raw, headers, durable, "failed", reason, deliveries, seq)
                     await msg.reject()
                 else:
-                    self.stats.counters[tel.M_RETRIED] += 1
+                    self._count(tel.M_RETRIED)
                     delays = self.settings.retry_delays_s or (1.0,)
                     delay = delays[min(deliveries, len(delays)) - 1]
                     log.warning(
@@ -334,7 +344,7 @@ class Mesh:
                     )
                     await msg.nack(delay=delay)
                 return
-        self.stats.counters[tel.M_HANDLED] += 1
+        self._count(tel.M_HANDLED)
         await msg.ack()
 
     async def _reject_hook(self, hook: RejectHook, subject: str, reason: str) -> None:
@@ -393,13 +403,13 @@ class Mesh:
                 model = parse_message(raw.subject, raw.data, strict=self.settings.strict_contracts)
                 sender = self.verifier.verify(headers.get(env.IDENTITY), raw.data, model)
             except (ContractError, IdentityError) as exc:
-                self.stats.counters[tel.M_REJECTED] += 1
+                self._count(tel.M_REJECTED)
                 log.warning("rejected request on %s: %s", raw.subject, exc)
                 return  # the requester times out; an unverified sender learns nothing
             answer = await handler(model, Delivery(self, sender, raw.subject, headers.get(env.MSG_ID, ""), 1, headers))
             body = answer.to_bytes()
             await self.nc.publish(raw.reply, body, headers=self._headers(answer, body, "", None))
-            self.stats.counters[tel.M_HANDLED] += 1
+            self._count(tel.M_HANDLED)
 
         entry.__name__ = f"serve_{contract.type_name().replace('.', '_')}"
         self.broker.subscriber(pattern, queue=topo.queue_group(self.service), no_reply=True)(entry)
