@@ -46,13 +46,19 @@ class Durable:
 
 @dataclass(frozen=True)
 class Bucket:
-    """A JetStream KV bucket with one writer service and read-only services."""
+    """A JetStream KV bucket with one writer service and read-only services.
+
+    A bucket with ``per_service`` set is shared: each listed service may read and write only
+    keys that start with its own name (``<service>.<...>``), which the permissions enforce.
+    """
 
     name: str
-    writer: str
+    writer: str = ""
     readers: tuple[str, ...] = ()
     history: int = 5
     description: str = ""
+    per_service: tuple[str, ...] = ()
+    ttl_s: float = 0.0
 
 
 BUCKETS: tuple[Bucket, ...] = (
@@ -64,7 +70,20 @@ BUCKETS: tuple[Bucket, ...] = (
     ),
     Bucket("steps", writer="worker", description="Agent-loop checkpoints, one key per step."),
     Bucket("budget", writer="budget", description="Reservations and settled spend."),
+    Bucket(
+        "ledger",
+        per_service=("planner", "worker", "checker", "tool-executor"),
+        history=1,
+        ttl_s=30 * 24 * 3600.0,
+        description="Idempotency ledger: result of every side effect and paid call, by deterministic key. "
+        "Keys outlive the stream dedup window by far.",
+    ),
 )
+
+# Side-effect sinks: streams that stand for the outside world (an email provider, say). Each
+# stored message is one observed effect; the sink deduplicates on the idempotency key it is
+# given (Nats-Msg-Id) for its window only, as a provider honouring idempotency keys would.
+SINKS: dict[str, tuple[str, str]] = {"OUTBOX": ("outbox", "tool-executor")}  # stream -> (subject prefix, writer)
 
 
 def stream_contracts() -> list[type[Contract]]:

@@ -69,6 +69,8 @@ def expected_publish(principal: str) -> dict[str, bool]:
         )
     for svc in SERVICES:
         cases[topo.dlq_subject(svc, "task.v1.acme.pm-task.submitted")] = svc == principal
+    for prefix, writer in topo.SINKS.values():
+        cases[f"{prefix}.acme.pm-task.c1"] = principal == writer
     return cases
 
 

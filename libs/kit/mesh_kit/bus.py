@@ -13,10 +13,11 @@ a growing delay until ``MAX_DELIVER`` attempts, then dead-letters and TERMs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -65,6 +66,26 @@ class Delivery:
         """Tell JetStream the handler is alive (extends ``ack_wait`` for long model calls)."""
         if self._msg is not None:
             await self._msg.in_progress()
+
+    @contextlib.asynccontextmanager
+    async def keepalive(self, every_s: float | None = None) -> AsyncIterator[None]:
+        """Heartbeat every third of ``ack_wait`` while the block runs, so a long call keeps its
+        message instead of having it redelivered to another replica mid-call."""
+        every = every_s or self.mesh.settings.ack_wait_s / 3
+
+        async def beat() -> None:
+            while True:
+                await asyncio.sleep(every)
+                await self.heartbeat()
+
+        task = asyncio.create_task(beat()) if self._msg is not None else None
+        try:
+            yield
+        finally:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
 
 Handler = Callable[[Any, Delivery], Awaitable[None]]

@@ -8,10 +8,14 @@ once) and settles the reservation.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+
 from mesh_contracts.v1 import BudgetDenied, BudgetGranted, BudgetReserve, TokenUsage, UsageRecorded
 from mesh_kit import telemetry as tel
-from mesh_kit.bus import Mesh
-from mesh_llm import ChatModel, ModelRequest, ModelResponse
+from mesh_kit.bus import Delivery, Mesh
+from mesh_kit.ledger import Ledger
+from mesh_llm import ChatModel, ModelRequest, ModelResponse, ToolCall
 
 PRICES_V1 = {"scripted": (0.0, 0.0)}  # provider -> (usd per 1k input, usd per 1k output)
 
@@ -85,6 +89,44 @@ async def call_model(
     return response, TokenUsage(
         input_tokens=response.input_tokens, output_tokens=response.output_tokens, cost_usd=usd, calls=1
     )
+
+
+async def call_model_once(
+    mesh: Mesh,
+    ledger: Ledger | None,
+    model: ChatModel,
+    request: ModelRequest,
+    *,
+    tenant: str,
+    task_id: str,
+    step_id: str,
+    call_id: str,
+    delivery: Delivery | None = None,
+) -> tuple[ModelResponse, TokenUsage]:
+    """``call_model`` under the idempotency ledger: a redelivered step gets the recorded response
+    of a call that already completed instead of paying for it again. Heartbeats keep the
+    message while the call runs."""
+
+    async def perform(_key: str) -> dict:
+        async with delivery.keepalive() if delivery is not None else contextlib.nullcontext():
+            response, usage = await call_model(
+                mesh, model, request, tenant=tenant, task_id=task_id, step_id=step_id, call_id=call_id
+            )
+        return {
+            "response": {
+                **dataclasses.asdict(response),
+                "tool_calls": [dataclasses.asdict(c) for c in response.tool_calls],
+            },
+            "usage": usage.model_dump(mode="json"),
+        }
+
+    if ledger is None:
+        record = await perform("")
+    else:
+        record = await ledger.run(ledger.key(tenant, task_id, "llm", call_id), perform)
+    r = record["response"]
+    response = ModelResponse(**{**r, "tool_calls": tuple(ToolCall(**c) for c in r["tool_calls"])})
+    return response, TokenUsage(**record["usage"])
 
 
 def scripted_or_configured() -> ChatModel:

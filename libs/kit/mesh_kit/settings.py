@@ -40,6 +40,8 @@ class ServiceSettings(BaseSettings):
     """On SIGTERM, how long in-flight handlers may take to finish."""
     max_workers: int = Field(4, ge=1, le=256)
     """Concurrent handlers per durable in one process."""
+    ack_wait_s: float = Field(topo.ACK_WAIT_S, gt=0)
+    """The provisioned consumers' ack_wait; long calls send in-progress heartbeats every third of it."""
     max_deliver: int = Field(topo.MAX_DELIVER, ge=1, lt=topo.SERVER_MAX_DELIVER + 1)
     """Attempts before a failing message is dead-lettered (the provisioned consumer allows one more)."""
     retry_delays_s: tuple[float, ...] = topo.RETRY_DELAYS_S

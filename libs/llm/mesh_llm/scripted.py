@@ -12,6 +12,7 @@ import re
 
 from mesh_llm.model import Message, ModelRequest, ModelResponse, ToolCall, count_tokens
 
+EMAIL = re.compile(r"[\w.+-]+@[\w-]+\.[\w.-]*\w")
 ARITHMETIC = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?(?:\s*[-+*/%]\s*\d+(?:\.\d+)?)+)(?!\w|\.\d)")
 
 
@@ -50,8 +51,13 @@ class ScriptedModel:
 
     def _plan(self, request: ModelRequest) -> str:
         goal = _last(request.messages, "user")
-        expr = ARITHMETIC.search(goal)
-        topic = ARITHMETIC.sub("", goal).strip(" ?.,;:") or goal
+        recipient = EMAIL.search(goal)
+        if recipient:  # "..., and email the answer to ops@acme.test": not part of the question
+            goal_q = re.sub(r"[,;]?\s*(and\s+)?(e-?mail|send)\b.*$", "", goal, flags=re.I | re.S).strip() + "."
+        else:
+            goal_q = goal
+        expr = ARITHMETIC.search(goal_q)
+        topic = ARITHMETIC.sub("", goal_q).strip(" ?.,;:") or goal_q
         for _ in range(3):  # drop connective words the arithmetic left dangling ("... Also compute")
             topic = re.sub(r"\b(also|and|then|compute|calculate|what is)\s*$", "", topic, flags=re.I).strip(" ?.,;:")
         steps = [
@@ -81,19 +87,30 @@ class ScriptedModel:
                 "kind": "answer",
                 "tools": [],
                 "depends_on": ["s1", "s2"],
-                "instruction": f"Write the final answer to: {goal}",
+                "instruction": f"Write the final answer to: {goal_q}",
             }
         )
+        if recipient:
+            steps.append(
+                {
+                    "step_id": "s4",
+                    "kind": "write",
+                    "tools": ["send_email"],
+                    "depends_on": ["s3"],
+                    "instruction": f"Email the answer to {recipient.group(0)}",
+                }
+            )
         return json.dumps({"steps": steps})
 
     # --- worker -------------------------------------------------------------------------------
 
     def _work(self, request: ModelRequest) -> tuple[str, tuple[ToolCall, ...]]:
-        instruction = _last(request.messages, "user")
+        # The step's instruction is the first user message; inputs from dependencies follow it.
+        instruction = next((m.content for m in request.messages if m.role == "user"), "")
         results = [m for m in request.messages if m.role == "tool"]
         tools = {t.name for t in request.tools}
         if not results and tools:
-            call = _first_call(instruction, tools)
+            call = _first_call(instruction, tools, request.messages)
             if call is not None:
                 return "", (call,)
         if results:
@@ -105,8 +122,15 @@ def _last(messages: tuple[Message, ...], role: str) -> str:
     return next((m.content for m in reversed(messages) if m.role == role), "")
 
 
-def _first_call(instruction: str, tools: set[str]) -> ToolCall | None:
+def _first_call(instruction: str, tools: set[str], messages: tuple[Message, ...]) -> ToolCall | None:
     body = instruction.split(":", 1)[-1].strip()
+    if "send_email" in tools and (to := EMAIL.search(instruction)):
+        inputs = [m.content.split(":", 1)[1].strip() for m in messages if m.content.startswith("Input from ")]
+        return ToolCall(
+            "c0",
+            "send_email",
+            {"to": to.group(0), "subject": "Your AgentMesh answer", "body": "\n\n".join(inputs) or "(no answer)"},
+        )
     if "search_docs" in tools:
         return ToolCall("c0", "search_docs", {"query": body, "top_k": 3})
     if "calculator" in tools and (m := ARITHMETIC.search(instruction)):

@@ -57,11 +57,20 @@ def service_permissions(service: str) -> Permissions:
             f"$JS.ACK.*.*.{d.stream}.{d.name}.>",
         )
     p.add_pub(topo.dlq_subject(service, ">"))
+    for prefix, writer in topo.SINKS.values():
+        if service == writer:
+            p.add_pub(f"{prefix}.>")
     for b in topo.BUCKETS:
         if service == b.writer or service in b.readers:
             p.add_pub(f"$JS.API.STREAM.INFO.KV_{b.name}", f"$JS.API.DIRECT.GET.KV_{b.name}.>")
         if service == b.writer:
             p.add_pub(f"$KV.{b.name}.>")
+        if service in b.per_service:  # its own key prefix only
+            p.add_pub(
+                f"$JS.API.STREAM.INFO.KV_{b.name}",
+                f"$JS.API.DIRECT.GET.KV_{b.name}.$KV.{b.name}.{service}.>",
+                f"$KV.{b.name}.{service}.>",
+            )
     return p
 
 

@@ -58,6 +58,19 @@ def stream_configs(replicas: int = 1) -> list[api.StreamConfig]:
             description="Dead letters: original body and headers, reason, attempts, original subject",
         )
     )
+    for stream, (prefix, writer) in topo.SINKS.items():
+        configs.append(
+            api.StreamConfig(
+                name=stream,
+                subjects=[f"{prefix}.>"],
+                storage=api.StorageType.FILE,
+                retention=api.RetentionPolicy.LIMITS,
+                duplicate_window=DEDUP_WINDOW_S,
+                max_age=RETENTION_S,
+                num_replicas=replicas,
+                description=f"Side-effect sink written by {writer}: one stored message per observed effect",
+            )
+        )
     return configs
 
 
@@ -99,6 +112,7 @@ async def provision(nc: nats.NATS, *, replicas: int = 1) -> ProvisionReport:
                 replicas=replicas,
                 description=b.description,
                 direct=True,
+                ttl=b.ttl_s or None,
             )
         )
         report.buckets.append(b.name)

@@ -39,7 +39,9 @@ from mesh_contracts.v1 import (
 )
 from mesh_kit import Delivery, Mesh
 from mesh_kit import state as st
-from mesh_kit.metered import BudgetExceeded, call_model, scripted_or_configured
+from mesh_kit.ledger import BUCKET as LEDGER
+from mesh_kit.ledger import Ledger
+from mesh_kit.metered import BudgetExceeded, call_model_once, scripted_or_configured
 from mesh_kit.state import OutboxItem, StepState, TaskRecord
 from mesh_llm import ChatModel, Message, ModelRequest
 
@@ -130,9 +132,11 @@ class Planner:
         self.mesh = mesh
         self.model = model
         self.kv: Any = None
+        self.ledger: Ledger | None = None
 
     async def start(self) -> None:
         self.kv = await self.mesh.kv("tasks")
+        self.ledger = Ledger(await self.mesh.kv(LEDGER), self.mesh.service)
 
     def register(self) -> None:
         m = self.mesh
@@ -209,8 +213,16 @@ class Planner:
             max_tokens=1024,
         )
         try:
-            response, usage = await call_model(
-                self.mesh, self.model, request, tenant=m.tenant, task_id=m.task_id, step_id="plan", call_id="plan-r1"
+            response, usage = await call_model_once(
+                self.mesh,
+                self.ledger,
+                self.model,
+                request,
+                tenant=m.tenant,
+                task_id=m.task_id,
+                step_id="plan",
+                call_id="plan-r1",
+                delivery=d,
             )
             steps = parse_plan(response.content, m.limits.max_steps)
             error = ""

@@ -1,24 +1,52 @@
-"""Tool-executor: validates and runs tool calls, answers with a result or a structured error."""
+"""Tool-executor: validates and runs tool calls, answers with a result or a structured error.
+
+Every call goes through the idempotency ledger under its deterministic call id: a
+redelivered request returns the recorded result instead of running the tool again, and an
+external effect is handed the same key as its own idempotency key.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
 from mesh_contracts.v1 import ToolCompleted, ToolRequested
 from mesh_kit import Delivery, Mesh
-from mesh_tool_executor.tools import ToolError, execute
+from mesh_kit.faults import crash_point
+from mesh_kit.ledger import BUCKET, Ledger
+from mesh_tool_executor.tools import ToolContext, ToolError, execute
 
 
 class ToolExecutor:
     def __init__(self, mesh: Mesh) -> None:
         self.mesh = mesh
+        self.ledger: Ledger | None = None
+
+    async def start(self) -> None:
+        self.ledger = Ledger(await self.mesh.kv(BUCKET), self.mesh.service)
 
     def register(self) -> None:
+        self.mesh.on_start(self.start)
         self.mesh.consume(ToolRequested, self.on_request)
 
-    async def on_request(self, m: ToolRequested, d: Delivery) -> None:
+    async def _effect(self, suffix: str, payload: bytes, key: str) -> str:
+        ack = await self.mesh.nc.jetstream().publish(
+            f"outbox.{suffix}", payload, headers={"Nats-Msg-Id": key}, timeout=10.0
+        )
+        crash_point("after_effect")  # fault injection for the chaos suite: effect done, not yet recorded
+        return f"outbox #{ack.seq}"
+
+    async def _run(self, m: ToolRequested, key: str) -> dict[str, Any]:
+        ctx = ToolContext(tenant=m.tenant, task_id=m.task_id, key=key, effect=self._effect)
         try:
-            result, ok, error = await execute(m.tool, m.arguments), True, ""
+            return {"ok": True, "result": await execute(m.tool, m.arguments, ctx), "error": ""}
         except ToolError as exc:
-            result, ok, error = "", False, str(exc)
+            return {"ok": False, "result": "", "error": str(exc)}
+
+    async def on_request(self, m: ToolRequested, d: Delivery) -> None:
+        if self.ledger is not None:
+            outcome = await self.ledger.run(self.ledger.key(m.tenant, m.task_id, m.call_id), lambda k: self._run(m, k))
+        else:  # in-memory tests without a KV store
+            outcome = await self._run(m, f"{m.tenant}.{m.task_id}.{m.call_id}")
         await self.mesh.publish(
             ToolCompleted(
                 tenant=m.tenant,
@@ -26,20 +54,16 @@ class ToolExecutor:
                 step_id=m.step_id,
                 call_id=m.call_id,
                 tool=m.tool,
-                ok=ok,
-                result=result,
-                error=error,
+                ok=outcome["ok"],
+                result=outcome["result"],
+                error=outcome["error"],
             ),
             key=m.call_id,
             causation=d.msg_id,
         )
+        shown = outcome["result"][:80] if outcome["ok"] else "error: " + outcome["error"][:80]
         await self.mesh.progress(
-            m.tenant,
-            m.task_id,
-            "tool.completed",
-            f"{m.tool} -> {result[:80] if ok else 'error: ' + error[:80]}",
-            step_id=m.step_id,
-            key=m.call_id,
+            m.tenant, m.task_id, "tool.completed", f"{m.tool} -> {shown}", step_id=m.step_id, key=m.call_id
         )
 
 

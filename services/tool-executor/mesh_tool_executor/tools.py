@@ -17,12 +17,26 @@ class ToolError(Exception):
     """A structured error returned to the agent (never a crash of the executor)."""
 
 
+Effect = Callable[[str, bytes, str], Awaitable[str]]
+"""Performs an external effect: (sink subject suffix, payload, idempotency key) -> receipt."""
+
+
+@dataclass(frozen=True)
+class ToolContext:
+    """What a tool may know about its call. ``key`` is the call's idempotency key."""
+
+    tenant: str
+    task_id: str
+    key: str
+    effect: Effect | None = None
+
+
 @dataclass(frozen=True)
 class Tool:
     name: str
     description: str
     args: type[BaseModel]
-    run: Callable[[Any], Awaitable[str]]
+    run: Callable[[Any, ToolContext], Awaitable[str]]
     risk: Literal["read", "write", "external"] = "read"
     timeout_s: float = 5.0
 
@@ -36,6 +50,12 @@ class CalculatorArgs(BaseModel):
 
 class TextStatsArgs(BaseModel):
     text: str = Field(max_length=100_000)
+
+
+class SendEmailArgs(BaseModel):
+    to: str = Field(pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$", max_length=254)
+    subject: str = Field(min_length=1, max_length=200)
+    body: str = Field(max_length=20_000)
 
 
 _OPS: dict[type, Callable[[Any, Any], Any]] = {
@@ -65,7 +85,7 @@ def _eval(node: ast.AST) -> Decimal:
     raise ToolError(f"unsupported syntax: {type(node).__name__} (numbers and + - * / // % ** only)")
 
 
-async def calculator(args: CalculatorArgs) -> str:
+async def calculator(args: CalculatorArgs, ctx: ToolContext) -> str:
     """Exact decimal arithmetic on a parsed expression; no eval of code."""
     getcontext().prec = 40
     try:
@@ -77,9 +97,19 @@ async def calculator(args: CalculatorArgs) -> str:
     return format(value.normalize(), "f") if value == value.to_integral_value() else str(value.normalize())
 
 
-async def text_stats(args: TextStatsArgs) -> str:
+async def text_stats(args: TextStatsArgs, ctx: ToolContext) -> str:
     words = args.text.split()
     return f"{len(words)} words, {len(args.text)} characters"
+
+
+async def send_email(args: SendEmailArgs, ctx: ToolContext) -> str:
+    """Hand the message to the outbox (the stand-in for an email provider). The provider is
+    given the call's idempotency key, so a retry of the same call is one email, not two."""
+    if ctx.effect is None:
+        raise ToolError("send_email is not available here (no outbox)")
+    payload = args.model_dump_json().encode()
+    receipt = await ctx.effect(f"{ctx.tenant}.{ctx.task_id}.email", payload, ctx.key)
+    return f"queued email to {args.to} ({receipt})"
 
 
 REGISTRY: dict[str, Tool] = {
@@ -87,12 +117,20 @@ REGISTRY: dict[str, Tool] = {
     for t in (
         Tool("calculator", "Evaluate an arithmetic expression exactly.", CalculatorArgs, calculator),
         Tool("text_stats", "Count words and characters of a text.", TextStatsArgs, text_stats),
+        Tool(
+            "send_email",
+            "Send an email (external side effect; once per call).",
+            SendEmailArgs,
+            send_email,
+            risk="external",
+        ),
     )
 }
 
 
-async def execute(name: str, arguments: dict[str, Any]) -> str:
+async def execute(name: str, arguments: dict[str, Any], ctx: ToolContext | None = None) -> str:
     """Validate and run a tool; raises ``ToolError`` with a message meant for the agent."""
+    ctx = ctx or ToolContext(tenant="-", task_id="-", key="-")
     tool = REGISTRY.get(name)
     if tool is None:
         raise ToolError(f"unknown tool {name!r} (available: {', '.join(sorted(REGISTRY))})")
@@ -102,6 +140,6 @@ async def execute(name: str, arguments: dict[str, Any]) -> str:
         first = exc.errors()[0]
         raise ToolError(f"invalid arguments for {name}: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
     try:
-        return await asyncio.wait_for(tool.run(args), tool.timeout_s)
+        return await asyncio.wait_for(tool.run(args, ctx), tool.timeout_s)
     except TimeoutError:
         raise ToolError(f"{name} timed out after {tool.timeout_s:.0f}s") from None

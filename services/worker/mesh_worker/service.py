@@ -29,7 +29,9 @@ from mesh_contracts.v1 import (
 )
 from mesh_kit import Delivery, Mesh
 from mesh_kit import state as st
-from mesh_kit.metered import BudgetExceeded, call_model, scripted_or_configured
+from mesh_kit.ledger import BUCKET as LEDGER
+from mesh_kit.ledger import Ledger
+from mesh_kit.metered import BudgetExceeded, call_model_once, scripted_or_configured
 from mesh_kit.state import TaskRecord
 from mesh_llm import ChatModel, Message, ModelRequest, ToolSpec
 
@@ -49,6 +51,15 @@ TOOLS: dict[str, ToolSpec] = {
         "calculator",
         "Evaluate an arithmetic expression exactly.",
         {"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]},
+    ),
+    "send_email": ToolSpec(
+        "send_email",
+        "Send an email. An external side effect: performed once per call.",
+        {
+            "type": "object",
+            "properties": {"to": {"type": "string"}, "subject": {"type": "string"}, "body": {"type": "string"}},
+            "required": ["to", "subject", "body"],
+        },
     ),
     "text_stats": ToolSpec(
         "text_stats",
@@ -93,10 +104,12 @@ class Worker:
         self.mesh, self.model = mesh, model
         self.steps: Any = None
         self.tasks: Any = None
+        self.ledger: Ledger | None = None
 
     async def start(self) -> None:
         self.steps = await self.mesh.kv("steps")
         self.tasks = await self.mesh.kv("tasks")
+        self.ledger = Ledger(await self.mesh.kv(LEDGER), self.mesh.service)
 
     def register(self) -> None:
         self.mesh.on_start(self.start)
@@ -129,11 +142,11 @@ class Worker:
                 step_id=m.step.step_id,
                 key=str(m.attempt),
             )
-        await self.resume(run)
+        await self.resume(run, d)
 
     async def on_tool(self, m: ToolCompleted, d: Delivery) -> None:
         content = m.result if m.ok else f"error: {m.error}"
-        await self.observe(m.tenant, m.task_id, m.step_id, m.call_id, m.tool, content, [])
+        await self.observe(m.tenant, m.task_id, m.step_id, m.call_id, m.tool, content, [], d)
 
     async def on_retrieval(self, m: RetrievalCompleted, d: Delivery) -> None:
         hits = [
@@ -143,10 +156,18 @@ class Worker:
         citations = [
             Citation(doc_id=h.doc_id, version=h.version, chunk_id=h.chunk_id, chunk_hash=h.chunk_hash) for h in m.hits
         ]
-        await self.observe(m.tenant, m.task_id, m.step_id, m.call_id, RETRIEVAL_TOOL, json.dumps(hits), citations)
+        await self.observe(m.tenant, m.task_id, m.step_id, m.call_id, RETRIEVAL_TOOL, json.dumps(hits), citations, d)
 
     async def observe(
-        self, tenant: str, task_id: str, step_id: str, call_id: str, tool: str, content: str, citations: list[Citation]
+        self,
+        tenant: str,
+        task_id: str,
+        step_id: str,
+        call_id: str,
+        tool: str,
+        content: str,
+        citations: list[Citation],
+        d: Delivery | None = None,
     ) -> None:
         def apply(run: StepRun | None) -> StepRun | None:
             if run is None or run.pending is None or run.pending.call_id != call_id:
@@ -158,11 +179,11 @@ class Worker:
 
         run, _ = await st.update(self.steps, StepRun.key(tenant, task_id, step_id), StepRun, apply)
         if run is not None:
-            await self.resume(run)
+            await self.resume(run, d)
 
     # --- the loop -------------------------------------------------------------------------
 
-    async def resume(self, run: StepRun) -> None:
+    async def resume(self, run: StepRun, d: Delivery | None = None) -> None:
         """Continue from the checkpoint: re-send what is in flight, or take the next iteration."""
         req = run.request
         if run.status != "running":
@@ -186,14 +207,16 @@ class Worker:
             max_tokens=512,
         )
         try:
-            response, usage = await call_model(
+            response, usage = await call_model_once(
                 self.mesh,
+                self.ledger,
                 self.model,
                 request,
                 tenant=req.tenant,
                 task_id=req.task_id,
                 step_id=req.step.step_id,
                 call_id=call_id,
+                delivery=d,
             )
         except BudgetExceeded as exc:
             await self._finish(run, failed=f"budget: {exc}")

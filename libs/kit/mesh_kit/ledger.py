@@ -1,0 +1,79 @@
+"""Idempotency ledger: every side effect and every paid call is keyed, claimed, performed,
+recorded, and only then acknowledged.
+
+A redelivered request finds the recorded result and returns it without performing again:
+a resumed step does not pay twice for a model call that completed, and a tool does not
+run twice. Keys live in the ``ledger`` KV bucket for 30 days, far beyond the streams'
+deduplication window, so a very late redelivery is still caught.
+
+What the ledger cannot do alone: if a process dies after performing an effect but before
+recording it, the next attempt performs again. That window is closed by passing the same
+key to the effect itself (an idempotency key the sink deduplicates on), which is why
+``run`` hands ``key`` to ``perform``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+
+BUCKET = "ledger"
+
+
+class Ledger:
+    def __init__(self, kv: Any, service: str) -> None:
+        self.kv = kv
+        self.service = service
+        self.hits = 0  # results served from the ledger instead of performing again
+
+    def key(self, *parts: str) -> str:
+        """``<service>.<parts...>``: the service's own prefix is the only one it may write."""
+        return ".".join((self.service, *parts))
+
+    async def recorded(self, key: str) -> Any | None:
+        try:
+            entry = await self.kv.get(key)
+        except KeyNotFoundError:
+            return None
+        if entry.value is None:
+            return None
+        record = json.loads(entry.value)
+        return record["result"] if record.get("status") == "done" else None
+
+    async def run(self, key: str, perform: Callable[[str], Awaitable[Any]]) -> Any:
+        """Return the recorded result for ``key``, or perform once and record it.
+
+        ``perform`` receives ``key`` to pass on as the effect's own idempotency key. The
+        result must be JSON-serialisable.
+        """
+        previous = await self.recorded(key)
+        if previous is not None:
+            self.hits += 1
+            return previous
+        claim_rev = await self._claim(key)
+        result = await perform(key)
+        record = json.dumps({"status": "done", "result": result, "at": time.time()}).encode()
+        try:
+            await self.kv.update(key, record, last=claim_rev)
+        except KeyWrongLastSequenceError:
+            # Another attempt (a redelivery racing a slow one) recorded first: its result wins, so
+            # every caller reports the same outcome.
+            winner = await self.recorded(key)
+            if winner is not None:
+                return winner
+            await self.kv.put(key, record)
+        return result
+
+    async def _claim(self, key: str) -> int:
+        claim = json.dumps({"status": "claimed", "at": time.time()}).encode()
+        try:
+            return await self.kv.create(key, claim)
+        except KeyWrongLastSequenceError:
+            # Claimed earlier by an attempt that did not record (it crashed, or is still going):
+            # take the claim over; the effect's own idempotency key keeps the effect single.
+            entry = await self.kv.get(key)
+            return await self.kv.update(key, claim, last=entry.revision)
