@@ -10,7 +10,7 @@ DEV_TOOLS := pytest pytest-asyncio pytest-timeout ruff "testcontainers[nats,redi
 GOAL ?= How does AgentMesh avoid duplicate side effects? Also compute 17 * 23.
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo up down status submit bench test test-unit test-integration test-e2e lint fmt contracts contracts-check pins clean
+.PHONY: help setup demo up down status submit bench chaos test test-unit test-integration test-e2e lint fmt contracts contracts-check pins clean
 
 help: ## list every target with one line each
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -46,6 +46,10 @@ submit: ## submit GOAL to the running mesh and follow it
 
 bench: setup ## sample-task latency/throughput vs a raw JetStream hop, measured in the same run
 	$(BIN)/python bench/bench_task.py
+
+chaos: setup ## the chaos suite at full size (CI runs it bounded inside make test); report in .bench/chaos.jsonl
+	@mkdir -p .bench && rm -f .bench/chaos.jsonl
+	MESH_CHAOS=full MESH_CHAOS_REPORT=$(CURDIR)/.bench/chaos.jsonl $(BIN)/pytest tests/chaos -s -o timeout=1800
 
 test: setup lint contracts-check ## run every test: unit, integration, end-to-end (Docker path when an engine runs)
 	$(BIN)/pytest

@@ -46,6 +46,13 @@ class Reject(Exception):
     """Raise from a handler for input that can never succeed: dead-letter now, no retry."""
 
 
+class Retry(Exception):
+    """Raise to have the message redelivered after ``delay_s`` without logging a failure
+    (e.g. another replica is performing the same work right now)."""
+
+    delay_s = 1.0
+
+
 class PermissionViolation(RuntimeError):
     """The broker refused an operation this identity is not allowed to do."""
 
@@ -61,6 +68,12 @@ class Delivery:
     deliveries: int
     headers: dict[str, str]
     _msg: NatsMessage | None = None
+    seq: int = 0
+
+    @property
+    def owner(self) -> str:
+        """Identity of the message (not of this delivery): its subject and stream sequence."""
+        return f"{self.subject}@{self.seq}"
 
     async def heartbeat(self) -> None:
         """Tell JetStream the handler is alive (extends ``ack_wait`` for long model calls)."""
@@ -122,7 +135,14 @@ class Mesh:
         meter = self.telemetry.meter_provider.get_meter("mesh_kit")
         self._counters = {
             name: meter.create_counter(name, unit="{message}")
-            for name in (tel.M_HANDLED, tel.M_REJECTED, tel.M_DEAD_LETTERED, tel.M_RETRIED, tel.M_PERMISSION_VIOLATIONS)
+            for name in (
+                tel.M_HANDLED,
+                tel.M_REJECTED,
+                tel.M_DEAD_LETTERED,
+                tel.M_RETRIED,
+                tel.M_PERMISSION_VIOLATIONS,
+                tel.M_LLM_CALLS,
+            )
         }
         if security is None and settings.creds_file is not None:
             from faststream.nats import NatsCredentials
@@ -147,7 +167,7 @@ class Mesh:
         self._on_start: list[Callable[[], Awaitable[None]]] = []
         self._on_stop: list[Callable[[], Awaitable[None]]] = []
 
-    def _count(self, name: str) -> None:
+    def count(self, name: str) -> None:
         """Both views of one count: the OTel metric (exported) and /status (local, instant)."""
         self.stats.counters[name] += 1
         self._counters[name].add(1, {"service": self.service})
@@ -197,7 +217,7 @@ class Mesh:
     async def _on_error(self, err: Exception) -> None:
         text = str(err)
         if "permissions violation" in text.lower():
-            self._count(tel.M_PERMISSION_VIOLATIONS)
+            self.count(tel.M_PERMISSION_VIOLATIONS)
             self.stats.permission_errors.append(text[:300])
             log.error("NATS refused an operation for %s: %s", self.service, text)
         else:
@@ -327,7 +347,7 @@ class Mesh:
             model = parse_message(raw.subject, raw.data, strict=self.settings.strict_contracts)
             sender = self.verifier.verify(headers.get(env.IDENTITY), raw.data, model, at=stored_at)
         except (ContractError, IdentityError) as exc:
-            self._count(tel.M_REJECTED)
+            self.count(tel.M_REJECTED)
             reason = f"{'identity' if isinstance(exc, IdentityError) else 'contract'}: {exc}"
             log.warning("rejected %s seq=%s: %s", raw.subject, seq, reason)
             await self._dead_letter(raw, headers, durable, "rejected", reason, deliveries, seq)
@@ -336,28 +356,32 @@ class Mesh:
             await msg.reject()
             return
 
-        delivery = Delivery(self, sender, raw.subject, headers.get(env.MSG_ID, ""), deliveries, headers, msg)
+        delivery = Delivery(self, sender, raw.subject, headers.get(env.MSG_ID, ""), deliveries, headers, msg, seq)
         with self.tracer.start_as_current_span(f"handle {model.type}") as span:
             span.set_attributes({tel.A_TENANT: model.tenant, tel.A_TASK: model.task_id, tel.A_MSG_TYPE: model.type})
             try:
                 await handler(model, delivery)
             except Reject as exc:
-                self._count(tel.M_DEAD_LETTERED)
+                self.count(tel.M_DEAD_LETTERED)
                 await self._dead_letter(raw, headers, durable, "failed", f"rejected by handler: {exc}", deliveries, seq)
                 await msg.reject()
                 return
             except asyncio.CancelledError:
                 raise
+            except Retry as exc:
+                log.debug("%s: %s; redelivering in %.1fs", raw.subject, exc, exc.delay_s)
+                await msg.nack(delay=exc.delay_s)
+                return
             except Exception as exc:  # noqa: BLE001 - any handler bug must become a retry, then the DLQ
                 span.record_exception(exc)
                 reason = f"{type(exc).__name__}: {exc}"
                 if deliveries >= self.settings.max_deliver:
-                    self._count(tel.M_DEAD_LETTERED)
+                    self.count(tel.M_DEAD_LETTERED)
                     log.error("giving up on %s after %d attempts: %s", raw.subject, deliveries, reason)
                     await self._dead_letter(raw, headers, durable, "failed", reason, deliveries, seq)
                     await msg.reject()
                 else:
-                    self._count(tel.M_RETRIED)
+                    self.count(tel.M_RETRIED)
                     delays = self.settings.retry_delays_s or (1.0,)
                     delay = delays[min(deliveries, len(delays)) - 1]
                     log.warning(
@@ -365,7 +389,7 @@ class Mesh:
                     )
                     await msg.nack(delay=delay)
                 return
-        self._count(tel.M_HANDLED)
+        self.count(tel.M_HANDLED)
         await msg.ack()
 
     async def _reject_hook(self, hook: RejectHook, subject: str, reason: str) -> None:
@@ -424,13 +448,13 @@ class Mesh:
                 model = parse_message(raw.subject, raw.data, strict=self.settings.strict_contracts)
                 sender = self.verifier.verify(headers.get(env.IDENTITY), raw.data, model)
             except (ContractError, IdentityError) as exc:
-                self._count(tel.M_REJECTED)
+                self.count(tel.M_REJECTED)
                 log.warning("rejected request on %s: %s", raw.subject, exc)
                 return  # the requester times out; an unverified sender learns nothing
             answer = await handler(model, Delivery(self, sender, raw.subject, headers.get(env.MSG_ID, ""), 1, headers))
             body = answer.to_bytes()
             await self.nc.publish(raw.reply, body, headers=self._headers(answer, body, "", None))
-            self._count(tel.M_HANDLED)
+            self.count(tel.M_HANDLED)
 
         entry.__name__ = f"serve_{contract.type_name().replace('.', '_')}"
         self.broker.subscriber(pattern, queue=topo.queue_group(self.service), no_reply=True)(entry)

@@ -21,7 +21,18 @@ from typing import Any
 
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
+from mesh_kit.bus import Retry
+
 BUCKET = "ledger"
+CLAIM_LEASE_S = 600.0
+"""A claim held by a *different* message is respected this long; after it, the claimant is
+presumed dead and its claim is taken over."""
+
+
+class Busy(Retry):
+    """Another message is performing this key right now; try again later (not a failure)."""
+
+    delay_s = 0.5
 
 
 class Ledger:
@@ -44,17 +55,21 @@ class Ledger:
         record = json.loads(entry.value)
         return record["result"] if record.get("status") == "done" else None
 
-    async def run(self, key: str, perform: Callable[[str], Awaitable[Any]]) -> Any:
+    async def run(self, key: str, perform: Callable[[str], Awaitable[Any]], *, owner: str = "",
+                  attempt: int = 1) -> Any:  # fmt: skip
         """Return the recorded result for ``key``, or perform once and record it.
 
-        ``perform`` receives ``key`` to pass on as the effect's own idempotency key. The
-        result must be JSON-serialisable.
+        ``owner`` identifies the message being handled (stream and sequence) and ``attempt`` its
+        delivery count. A redelivery of the same message takes over its own earlier claim (that
+        delivery is gone: JetStream redelivers only after ack_wait or a NAK); a different message
+        meeting a live claim gets ``Busy``. ``perform`` receives ``key`` to pass on as the effect's
+        own idempotency key. The result must be JSON-serialisable.
         """
         previous = await self.recorded(key)
         if previous is not None:
             self.hits += 1
             return previous
-        claim_rev = await self._claim(key)
+        claim_rev = await self._claim(key, owner, attempt)
         result = await perform(key)
         record = json.dumps({"status": "done", "result": result, "at": time.time()}).encode()
         try:
@@ -68,12 +83,22 @@ class Ledger:
             await self.kv.put(key, record)
         return result
 
-    async def _claim(self, key: str) -> int:
-        claim = json.dumps({"status": "claimed", "at": time.time()}).encode()
+    async def _claim(self, key: str, owner: str, attempt: int) -> int:
+        claim = json.dumps({"status": "claimed", "owner": owner, "attempt": attempt, "at": time.time()}).encode()
         try:
             return await self.kv.create(key, claim)
         except KeyWrongLastSequenceError:
-            # Claimed earlier by an attempt that did not record (it crashed, or is still going):
-            # take the claim over; the effect's own idempotency key keeps the effect single.
             entry = await self.kv.get(key)
+        held = json.loads(entry.value or b"{}")
+        if held.get("status") == "done":
+            raise Busy(f"{key} was recorded meanwhile")  # the retry reads the recorded result
+        same_message = owner and held.get("owner") == owner and attempt > int(held.get("attempt", 0))
+        expired = time.time() - float(held.get("at", 0)) > CLAIM_LEASE_S
+        if not (same_message or expired):
+            raise Busy(f"{key} is being performed by {held.get('owner') or 'another attempt'}")
+        # The claimant is gone without recording. Take over; the effect's own idempotency key
+        # keeps the effect single if it had got that far.
+        try:
             return await self.kv.update(key, claim, last=entry.revision)
+        except KeyWrongLastSequenceError:
+            raise Busy(f"{key}: another attempt took the claim first") from None

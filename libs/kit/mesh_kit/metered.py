@@ -60,6 +60,7 @@ async def call_model(
             }
         )
         response = await model.complete(request)
+        mesh.count(tel.M_LLM_CALLS)  # calls actually made (the budget counts distinct call ids)
         span.set_attributes(
             {
                 tel.GEN_AI_RESPONSE_MODEL: response.model,
@@ -123,7 +124,8 @@ async def call_model_once(
     if ledger is None:
         record = await perform("")
     else:
-        record = await ledger.run(ledger.key(tenant, task_id, "llm", call_id), perform)
+        owner, attempt = (delivery.owner, delivery.deliveries) if delivery is not None else ("", 1)
+        record = await ledger.run(ledger.key(tenant, task_id, "llm", call_id), perform, owner=owner, attempt=attempt)
     r = record["response"]
     response = ModelResponse(**{**r, "tool_calls": tuple(ToolCall(**c) for c in r["tool_calls"])})
     return response, TokenUsage(**record["usage"])

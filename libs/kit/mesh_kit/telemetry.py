@@ -21,6 +21,7 @@ M_REJECTED = "mesh.messages.rejected"
 M_DEAD_LETTERED = "mesh.messages.dead_lettered"
 M_RETRIED = "mesh.messages.retried"
 M_PERMISSION_VIOLATIONS = "mesh.nats.permission_violations"
+M_LLM_CALLS = "mesh.llm.calls"
 M_TOKENS = "mesh.llm.tokens"
 M_COST = "mesh.llm.cost_usd"
 

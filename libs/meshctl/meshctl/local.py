@@ -250,10 +250,12 @@ async def start_redis(ids: Identities, port: int, timeout: float = 30.0) -> Proc
     return proc
 
 
-async def provision_as_admin(ids: Identities, nats_url: str, replicas: int = 1) -> None:
+async def provision_as_admin(
+    ids: Identities, nats_url: str, replicas: int = 1, ack_wait_s: float | None = None
+) -> None:
     nc = await nats.connect(nats_url, user_credentials=str(ids.creds("admin")), name="meshctl-provision")
     try:
-        await provision(nc, replicas=replicas)
+        await provision(nc, replicas=replicas, **({"ack_wait_s": ack_wait_s} if ack_wait_s else {}))
     finally:
         await nc.close()
 
@@ -262,14 +264,19 @@ def start_services(
     ids: Identities, nats_url: str, services: tuple[str, ...] = SERVICES, extra_env: dict[str, str] | None = None
 ) -> dict[str, Proc]:
     """Each service as its own process with its own identity (creds, signing key, Redis user)."""
-    procs = {}
-    for svc in services:
-        hp = free_port()
-        env = service_env(ids, svc, nats_url, hp, extra_env or {})
-        procs[svc] = _spawn(
-            svc, [sys.executable, "-m", module_of(svc)], ids.home / "logs" / f"{svc}.log", env, http_port=hp
-        )
-    return procs
+    return {svc: start_service(ids, nats_url, svc, extra_env=extra_env) for svc in services}
+
+
+def start_service(
+    ids: Identities, nats_url: str, service: str, *, name: str | None = None, extra_env: dict[str, str] | None = None
+) -> Proc:
+    """One process of ``service`` (``name`` tells replicas apart in logs and process lists)."""
+    hp = free_port()
+    env = service_env(ids, service, nats_url, hp, extra_env or {})
+    name = name or service
+    return _spawn(
+        name, [sys.executable, "-m", module_of(service)], ids.home / "logs" / f"{name}.log", env, http_port=hp
+    )
 
 
 async def wait_ready(procs: dict[str, Proc], timeout: float = 60.0) -> None:
@@ -353,8 +360,9 @@ def stop(groups: list[list[Proc]], timeout: float = 25.0) -> list[str]:
         for p in live:
             if p.alive():
                 os.kill(p.pid, signal.SIGKILL)
+            stopped.append(p.name)
+        for p in group:  # reap every child of ours, including ones that had already died (killed)
             child = _children.pop(p.pid, None)
             if child is not None:
                 child.wait(5)
-            stopped.append(p.name)
     return stopped

@@ -74,13 +74,13 @@ def stream_configs(replicas: int = 1) -> list[api.StreamConfig]:
     return configs
 
 
-def consumer_config(d: topo.Durable, replicas: int = 1) -> api.ConsumerConfig:
+def consumer_config(d: topo.Durable, replicas: int = 1, ack_wait_s: float = topo.ACK_WAIT_S) -> api.ConsumerConfig:
     return api.ConsumerConfig(
         name=d.name,
         durable_name=d.name,
         filter_subject=d.filter_subject,
         ack_policy=api.AckPolicy.EXPLICIT,
-        ack_wait=topo.ACK_WAIT_S,
+        ack_wait=ack_wait_s,
         max_deliver=topo.SERVER_MAX_DELIVER,
         max_ack_pending=1000,
         deliver_policy=api.DeliverPolicy.ALL,
@@ -89,7 +89,8 @@ def consumer_config(d: topo.Durable, replicas: int = 1) -> api.ConsumerConfig:
     )
 
 
-async def provision(nc: nats.NATS, *, replicas: int = 1) -> ProvisionReport:
+async def provision(nc: nats.NATS, *, replicas: int = 1, ack_wait_s: float = topo.ACK_WAIT_S) -> ProvisionReport:
+    """``ack_wait_s`` must match the services' MESH_ACK_WAIT_S (their heartbeat interval derives from it)."""
     js = nc.jetstream()
     report = ProvisionReport([], [], [])
     for cfg in stream_configs(replicas):
@@ -101,7 +102,7 @@ async def provision(nc: nats.NATS, *, replicas: int = 1) -> ProvisionReport:
             await js.update_stream(cfg)
         report.streams.append(cfg.name or "")
     for d in topo.durables():
-        await js.add_consumer(d.stream, consumer_config(d, replicas))  # create or update
+        await js.add_consumer(d.stream, consumer_config(d, replicas, ack_wait_s))  # create or update
         report.consumers.append(f"{d.stream}/{d.name}")
     for b in topo.BUCKETS:
         await js.create_key_value(

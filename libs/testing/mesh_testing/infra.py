@@ -46,7 +46,9 @@ def infra_mode() -> str:
 
 
 @contextlib.contextmanager
-def running_infra(tenants: list[str], *, mode: str | None = None, name: str = "mesh") -> Iterator[Infra]:
+def running_infra(
+    tenants: list[str], *, mode: str | None = None, name: str = "mesh", ack_wait_s: float | None = None
+) -> Iterator[Infra]:
     """Mint identities, start NATS + Redis, provision; tear everything down afterwards."""
     mode = mode or infra_mode()
     home = Path(tempfile.mkdtemp(prefix=f"agentmesh-{name}-"))
@@ -67,7 +69,7 @@ def running_infra(tenants: list[str], *, mode: str | None = None, name: str = "m
                 infra.procs.append(asyncio.run(local.start_nats(ids, nats_port, http_port)))
                 infra.procs.append(asyncio.run(local.start_redis(ids, redis_port)))
                 stack.callback(local.stop, [infra.procs[::-1]], 10.0)
-            asyncio.run(local.provision_as_admin(ids, infra.nats_url))
+            asyncio.run(local.provision_as_admin(ids, infra.nats_url, ack_wait_s=ack_wait_s))
             yield infra
     finally:
         shutil.rmtree(home, ignore_errors=True)

@@ -44,7 +44,12 @@ class ToolExecutor:
 
     async def on_request(self, m: ToolRequested, d: Delivery) -> None:
         if self.ledger is not None:
-            outcome = await self.ledger.run(self.ledger.key(m.tenant, m.task_id, m.call_id), lambda k: self._run(m, k))
+            outcome = await self.ledger.run(
+                self.ledger.key(m.tenant, m.task_id, m.call_id),
+                lambda k: self._run(m, k),
+                owner=d.owner,
+                attempt=d.deliveries,
+            )
         else:  # in-memory tests without a KV store
             outcome = await self._run(m, f"{m.tenant}.{m.task_id}.{m.call_id}")
         await self.mesh.publish(

@@ -178,19 +178,31 @@ class Worker:
             return run
 
         run, _ = await st.update(self.steps, StepRun.key(tenant, task_id, step_id), StepRun, apply)
-        if run is not None:
+        if run is None:
+            return
+        # Resume if this answer belongs to the loop: just applied, or applied by an earlier
+        # delivery whose process died somewhere after (resume picks up from the checkpoint).
+        if any(m.get("tool_call_id") == call_id for m in run.messages):
             await self.resume(run, d)
 
     # --- the loop -------------------------------------------------------------------------
 
     async def resume(self, run: StepRun, d: Delivery | None = None) -> None:
-        """Continue from the checkpoint: re-send what is in flight, or take the next iteration."""
+        """Continue from the checkpoint, whatever point a previous process died at.
+
+        Every branch is safe to repeat: outcomes and calls are re-sent under their
+        deterministic ids (deduplicated), and a model call already made is served by the ledger.
+        """
         req = run.request
         if run.status != "running":
             await self._publish_outcome(run)
             return
         if run.pending is not None:
             await self._send_call(run, run.pending.call_id, run.pending.tool, run.messages[-1])
+            return
+        last = run.messages[-1] if run.messages else {}
+        if last.get("role") == "assistant" and not last.get("tool_calls"):
+            await self._finish(run, output=last.get("content", ""))  # answered, but died before finishing
             return
         halt = await self._halt_reason(req.tenant, req.task_id)
         if halt:

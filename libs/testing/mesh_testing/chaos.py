@@ -1,0 +1,104 @@
+"""A chaos harness: the mesh's services as processes that the harness owns and may kill.
+
+It only ever signals a process it started, checked by pid *and* kernel start time, so a
+recycled pid is never hit. A supervisor restarts dead services (as Kubernetes would).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import signal
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import nats
+
+from mesh_contracts import SERVICES
+from mesh_testing.infra import Infra
+from meshctl import local
+
+
+class NotOurProcess(RuntimeError):
+    """Refusal to signal a pid the harness did not start (or that was recycled)."""
+
+
+@dataclass
+class ChaosMesh:
+    infra: Infra
+    env: dict[str, str] = field(default_factory=dict)
+    replicas: dict[str, int] = field(default_factory=dict)
+    procs: dict[str, tuple[str, local.Proc]] = field(default_factory=dict)  # name -> (service, proc)
+    kills: list[tuple[float, str]] = field(default_factory=list)
+    restarts: Counter[str] = field(default_factory=Counter)
+    _supervisor: asyncio.Task[None] | None = None
+
+    def start(self, per_service_env: dict[str, dict[str, str]] | None = None) -> None:
+        for svc in SERVICES:
+            for i in range(self.replicas.get(svc, 1)):
+                self._spawn(svc, f"{svc}-{i}", (per_service_env or {}).get(svc, {}))
+
+    def _spawn(self, svc: str, name: str, extra: dict[str, str] | None = None) -> None:
+        proc = local.start_service(
+            self.infra.ids, self.infra.nats_url, svc, name=name, extra_env={**self.env, **(extra or {})}
+        )
+        self.procs[name] = (svc, proc)
+
+    async def ready(self, timeout: float = 60) -> None:
+        await local.wait_ready({n: p for n, (_, p) in self.procs.items()}, timeout)
+
+    def names(self, service: str) -> list[str]:
+        return [n for n, (s, _) in self.procs.items() if s == service]
+
+    def kill(self, name: str, sig: signal.Signals = signal.SIGKILL) -> None:
+        _, proc = self.procs[name]
+        if not proc.alive():  # checks the start time too: never a recycled pid
+            raise NotOurProcess(f"{name} (pid {proc.pid}) is not a live process this harness started")
+        os.kill(proc.pid, sig)
+        self.kills.append((time.monotonic(), name))
+
+    def supervise(self, delay_s: float = 0.3) -> None:
+        """Restart any dead service process after ``delay_s`` (a pod restart)."""
+
+        async def loop() -> None:
+            while True:
+                await asyncio.sleep(0.1)
+                for name, (svc, proc) in list(self.procs.items()):
+                    if not proc.alive():
+                        local.stop([[proc]], 1.0)  # reap it
+                        await asyncio.sleep(delay_s)
+                        self._spawn(svc, name)
+                        self.restarts[name] += 1
+
+        self._supervisor = asyncio.create_task(loop())
+
+    async def chaos_monkey(self, service: str, interval_s: tuple[float, float], min_kills: int,
+                           done: asyncio.Event) -> None:  # fmt: skip
+        """kill -9 a random replica of ``service`` every ``interval_s`` until ``done`` (and at least
+        ``min_kills`` times)."""
+        while not (done.is_set() and len(self.kills) >= min_kills):
+            await asyncio.sleep(random.uniform(*interval_s))
+            live = [n for n in self.names(service) if self.procs[n][1].alive()]
+            if live:
+                self.kill(random.choice(live))
+
+    async def stop(self) -> None:
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor
+        local.stop([[p for _, p in self.procs.values()]], 20.0)
+
+
+async def outbox_effects(infra: Infra, tenant: str) -> Counter[str]:
+    """Stored emails per task: the observed external effects."""
+    nc = await nats.connect(infra.nats_url, user_credentials=str(infra.ids.creds("admin")))
+    try:
+        js = nc.jetstream()
+        info = await js.stream_info("OUTBOX", subjects_filter=f"outbox.{tenant}.>")
+        return Counter({subj.split(".")[2]: n for subj, n in (info.state.subjects or {}).items()})
+    finally:
+        await nc.close()
