@@ -34,6 +34,17 @@ def infra() -> Iterator[Infra]:
         yield infra
 
 
+@pytest.fixture(autouse=True)
+def logs_on_failure(request, infra):
+    """A chaos failure is only useful with the services' own account of it."""
+    yield
+    rep = getattr(request.node, "rep_call", None)
+    if rep is not None and rep.failed:
+        for log in sorted((infra.home / "logs").glob("*.log")):
+            tail = log.read_text(errors="replace").splitlines()[-15:]
+            print(f"\n--- {log.name} (last {len(tail)} lines)\n" + "\n".join(line[:240] for line in tail))
+
+
 def client(infra: Infra, tenant: str = "acme") -> TenantClient:
     p = f"client.{tenant}"
     return TenantClient(infra.nats_url, tenant, infra.ids.creds(p), infra.ids.signing_key(p), infra.ids.trust_bundle)
@@ -169,6 +180,69 @@ async def test_the_same_task_submitted_50_times_concurrently_runs_once(infra):
     # Live (core) deliveries are at-least-once: a republished duplicate that the stream dropped
     # still reaches live subscribers. Clients act on the first outcome.
     assert seen.get("task.completed", 0) >= 1
+
+
+async def test_a_frozen_worker_past_ack_wait_cannot_commit_stale_work(infra):
+    """SIGSTOP the only worker mid-run for 2.5 x ack_wait; a second worker takes the redelivered
+    messages; SIGCONT: the stale worker's writes are fenced off, every effect happens once."""
+    import signal
+
+    n = 60 if FULL else 20
+    mesh = ChaosMesh(infra, env=ENV)
+    mesh.start()
+    await mesh.ready()
+    async with client(infra, "globex") as c:
+        runs = asyncio.gather(*(c.submit(GOAL, task_id=f"stop-{i}", timeout=120) for i in range(n)))
+        await asyncio.sleep(0.4)  # worker-0, the only worker, is now holding in-flight messages
+        mesh.kill("worker-0", signal.SIGSTOP)
+        mesh._spawn("worker", "worker-1")
+        await asyncio.sleep(ACK_WAIT_S * 2.5)
+        mesh.kill("worker-0", signal.SIGCONT)
+        results = await runs
+        fenced = await counters(mesh, "worker-0")
+        redelivered = (await counters(mesh, "worker-1")).get("mesh.messages.redelivered", 0)
+    await mesh.stop()
+    effects = await outbox_effects(infra, "globex")
+    stored = await stored_per_task(infra, "globex", [f"stop-{i}" for i in range(n)])
+    lost = sum(not isinstance(r.outcome, TaskCompleted) for r in results)
+    report(
+        "SIGSTOP worker past ack_wait",
+        tasks=n,
+        frozen_s=ACK_WAIT_S * 2.5,
+        redelivered=redelivered,
+        fenced_writes=fenced.get("mesh.steps.fenced", 0),
+        lost=lost,
+        duplicated_effects=sum(max(0, effects[f"stop-{i}"] - 1) for i in range(n)),
+    )
+    assert redelivered > 0, "the frozen worker's messages went to the other worker"
+    assert lost == 0
+    assert all(effects[f"stop-{i}"] == 1 for i in range(n)), "one email per task"
+    assert all(v == {"step.completed": 4, "tool.requested": 2} for v in stored.values()), stored
+
+
+async def stored_per_task(infra: Infra, tenant: str, tasks: list[str]) -> dict[str, dict[str, int]]:
+    """Stored step completions and tool requests per task: a stale duplicate would show here."""
+    admin = await nats.connect(infra.nats_url, user_credentials=str(infra.ids.creds("admin")))
+    try:
+        js = admin.jetstream()
+        out = {}
+        for t in tasks:
+            steps = await js.stream_info("STEP", subjects_filter=f"step.v1.{tenant}.{t}.completed")
+            tools = await js.stream_info("TOOL", subjects_filter=f"tool.v1.{tenant}.{t}.requested")
+            out[t] = {
+                "step.completed": sum((steps.state.subjects or {}).values()),
+                "tool.requested": sum((tools.state.subjects or {}).values()),
+            }
+        return out
+    finally:
+        await admin.close()
+
+
+async def counters(mesh: ChaosMesh, name: str) -> dict[str, int]:
+    import httpx
+
+    async with httpx.AsyncClient(timeout=2) as http:
+        return (await http.get(f"http://127.0.0.1:{mesh.procs[name][1].http_port}/status")).json()["counters"]
 
 
 async def planner_model_calls(mesh: ChaosMesh) -> int:

@@ -132,18 +132,8 @@ class Mesh:
         self.verifier = verifier or Verifier(TrustBundle.from_file(settings.trust_bundle_file))
         self.stats = Stats()
         self.tracer = self.telemetry.tracer_provider.get_tracer("mesh_kit")
-        meter = self.telemetry.meter_provider.get_meter("mesh_kit")
-        self._counters = {
-            name: meter.create_counter(name, unit="{message}")
-            for name in (
-                tel.M_HANDLED,
-                tel.M_REJECTED,
-                tel.M_DEAD_LETTERED,
-                tel.M_RETRIED,
-                tel.M_PERMISSION_VIOLATIONS,
-                tel.M_LLM_CALLS,
-            )
-        }
+        self._meter = self.telemetry.meter_provider.get_meter("mesh_kit")
+        self._counters: dict[str, Any] = {}  # created on first use; names come from mesh_kit.telemetry
         if security is None and settings.creds_file is not None:
             from faststream.nats import NatsCredentials
 
@@ -170,6 +160,8 @@ class Mesh:
     def count(self, name: str) -> None:
         """Both views of one count: the OTel metric (exported) and /status (local, instant)."""
         self.stats.counters[name] += 1
+        if name not in self._counters:
+            self._counters[name] = self._meter.create_counter(name, unit="{event}")
         self._counters[name].add(1, {"service": self.service})
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -357,6 +349,8 @@ class Mesh:
             return
 
         delivery = Delivery(self, sender, raw.subject, headers.get(env.MSG_ID, ""), deliveries, headers, msg, seq)
+        if deliveries > 1:
+            self.count(tel.M_REDELIVERED)
         with self.tracer.start_as_current_span(f"handle {model.type}") as span:
             span.set_attributes({tel.A_TENANT: model.tenant, tel.A_TASK: model.task_id, tel.A_MSG_TYPE: model.type})
             try:

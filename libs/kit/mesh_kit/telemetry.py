@@ -20,8 +20,10 @@ M_HANDLED = "mesh.messages.handled"
 M_REJECTED = "mesh.messages.rejected"
 M_DEAD_LETTERED = "mesh.messages.dead_lettered"
 M_RETRIED = "mesh.messages.retried"
+M_REDELIVERED = "mesh.messages.redelivered"  # received on a second or later delivery
 M_PERMISSION_VIOLATIONS = "mesh.nats.permission_violations"
 M_LLM_CALLS = "mesh.llm.calls"
+M_FENCED = "mesh.steps.fenced"  # stale work refused because another delivery moved the step on
 M_TOKENS = "mesh.llm.tokens"
 M_COST = "mesh.llm.cost_usd"
 

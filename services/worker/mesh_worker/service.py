@@ -29,6 +29,7 @@ from mesh_contracts.v1 import (
 )
 from mesh_kit import Delivery, Mesh
 from mesh_kit import state as st
+from mesh_kit import telemetry as tel
 from mesh_kit.ledger import BUCKET as LEDGER
 from mesh_kit.ledger import Ledger
 from mesh_kit.metered import BudgetExceeded, call_model_once, scripted_or_configured
@@ -250,6 +251,7 @@ class Worker:
             self.steps, StepRun.key(req.tenant, req.task_id, req.step.step_id), StepRun, advance
         )
         if not changed or new is None:
+            self.mesh.count(tel.M_FENCED)  # a newer delivery advanced this step: our result is stale
             return
         run = new
         if run.pending is not None:
@@ -318,7 +320,9 @@ class Worker:
             cur.outcome = outcome.model_dump(mode="json")
             return cur
 
-        new, _ = await st.update(self.steps, StepRun.key(req.tenant, req.task_id, sid), StepRun, close)
+        new, closed = await st.update(self.steps, StepRun.key(req.tenant, req.task_id, sid), StepRun, close)
+        if not closed:
+            self.mesh.count(tel.M_FENCED)
         if new is not None and new.attempt == run.attempt:
             await self._publish_outcome(new)
 
