@@ -1,0 +1,117 @@
+"""The broker itself is killed: acknowledged writes survive, retried writes are stored once."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import time
+from collections.abc import Iterator
+
+import nats
+import pytest
+from nats.js.api import StorageType, StreamConfig
+
+from mesh_testing.infra import Infra, running_infra
+from meshctl import local
+
+pytestmark = pytest.mark.chaos
+FULL = os.environ.get("MESH_CHAOS") == "full"
+
+
+@pytest.fixture(scope="module")
+def infra() -> Iterator[Infra]:
+    # local binaries whatever MESH_TEST_INFRA says: the test must own the broker process it kills
+    with running_infra(["acme"], mode="binaries", name="broker-chaos") as infra:
+        yield infra
+
+
+def report(name: str, **facts: object) -> None:
+    line = json.dumps({"scenario": name, **facts})
+    print(f"\nCHAOS {line}")
+    if out := os.environ.get("MESH_CHAOS_REPORT"):
+        with open(out, "a") as f:
+            f.write(line + "\n")
+
+
+async def restart_broker(infra: Infra, pause_s: float) -> float:
+    """kill -9 the broker this test started; start it again on the same store. Returns the
+    seconds until it answers again."""
+    nats_proc = infra.procs[0]
+    assert nats_proc.name == "nats-server" and nats_proc.alive(), "only a broker we started"
+    os.kill(nats_proc.pid, 9)
+    local.stop([[nats_proc]], 1.0)
+    await asyncio.sleep(pause_s)
+    t0 = time.monotonic()
+    infra.procs[0] = await local.start_nats(infra.ids, nats_proc.port, nats_proc.http_port)
+    return time.monotonic() - t0
+
+
+async def test_kill_9_the_broker_during_id_tagged_publishes(infra):
+    total, kills = (3000, 4) if FULL else (1500, 2)
+    nc = await nats.connect(
+        infra.nats_url,
+        user_credentials=str(infra.ids.creds("admin")),
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.1,
+        name="chaos-publisher",
+    )
+    js = nc.jetstream(timeout=2)
+    await js.add_stream(
+        StreamConfig(name="CHAOS", subjects=["chaos.>"], storage=StorageType.FILE, duplicate_window=600)
+    )
+    acked: set[int] = set()
+    retries = 0
+    kill_at = sorted(random.sample(range(total // 10, total - total // 10), kills))
+    recoveries: list[float] = []
+
+    async def publish_all() -> None:
+        nonlocal retries
+        for i in range(total):
+            while True:  # a publisher that retries the same id until it is acknowledged
+                try:
+                    await js.publish("chaos.pub", str(i).encode(), headers={"Nats-Msg-Id": f"m-{i}"})
+                    acked.add(i)
+                    break
+                except (nats.errors.Error, TimeoutError, OSError):
+                    retries += 1
+                    await asyncio.sleep(0.05)
+
+    async def monkey() -> None:
+        for k in kill_at:
+            while len(acked) < k:
+                await asyncio.sleep(0.005)
+            recoveries.append(await restart_broker(infra, pause_s=0.3))
+
+    t0 = time.monotonic()
+    await asyncio.wait_for(asyncio.gather(publish_all(), monkey()), 240)
+    wall = time.monotonic() - t0
+    # read back everything the stream holds
+    reconnects = nc.stats["reconnects"]
+    info = await js.stream_info("CHAOS")
+    stored: list[int] = []
+    for seq in range(info.state.first_seq, info.state.last_seq + 1):
+        stored.append(int((await js.get_msg("CHAOS", seq)).data))
+    await js.delete_stream("CHAOS")
+    await nc.close()
+    lost = len(acked - set(stored))
+    duplicates = len(stored) - len(set(stored))
+    report(
+        "kill -9 broker during publishes",
+        publishes=total,
+        broker_kills=len(recoveries),
+        retries=retries,
+        client_reconnects=reconnects,
+        lost_acknowledged=lost,
+        duplicates_stored=duplicates,
+        wall_s=round(wall, 1),
+        broker_recovery_p50_s=round(sorted(recoveries)[len(recoveries) // 2], 2),
+        broker_recovery_max_s=round(max(recoveries), 2),
+    )
+    # nats-py buffers publishes while it reconnects and re-sends them, so a publish often does not
+    # even fail: the evidence that the broker went away is the client's reconnections.
+    assert len(recoveries) == kills and reconnects >= kills, "the broker really went away mid-run"
+    assert lost == 0, "every acknowledged publish survived kill -9 (sync_interval: always)"
+    assert duplicates == 0, "retries of the same id were stored once (dedup state survives restart)"
+    assert sorted(stored) == list(range(total))
