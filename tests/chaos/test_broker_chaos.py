@@ -115,3 +115,51 @@ async def test_kill_9_the_broker_during_id_tagged_publishes(infra):
     assert lost == 0, "every acknowledged publish survived kill -9 (sync_interval: always)"
     assert duplicates == 0, "retries of the same id were stored once (dedup state survives restart)"
     assert sorted(stored) == list(range(total))
+
+
+async def test_restart_the_broker_repeatedly_under_the_whole_mesh(infra):
+    """Every service reconnects and every task finishes correctly, with one email each."""
+    from mesh_contracts.v1 import TaskCompleted
+    from mesh_testing.chaos import ChaosMesh, outbox_effects
+    from meshctl.client import TenantClient
+
+    n, interval, restarts = (500, (5.0, 20.0), 6) if FULL else (40, (2.0, 4.0), 2)
+    goal = (
+        "How does AgentMesh avoid duplicate side effects? Also compute 17 * 23, and email the answer to ops@acme.test."
+    )
+    mesh = ChaosMesh(infra, env={"MESH_ACK_WAIT_S": "30", "MESH_LOG_LEVEL": "WARNING"})
+    mesh.start()
+    await mesh.ready()
+    recoveries: list[float] = []
+    p = "client.acme"
+    t0 = time.monotonic()
+    try:
+        async with TenantClient(
+            infra.nats_url, "acme", infra.ids.creds(p), infra.ids.signing_key(p), infra.ids.trust_bundle
+        ) as c:
+            runs = asyncio.gather(*(c.submit(goal, task_id=f"br-{i}", timeout=300) for i in range(n)))
+            for _ in range(restarts):
+                await asyncio.sleep(random.uniform(*interval))
+                recoveries.append(await restart_broker(infra, pause_s=0.5))
+            results = await runs
+    finally:
+        await mesh.stop()
+    wall = time.monotonic() - t0
+    effects = await outbox_effects(infra, "acme")
+    completed = [r for r in results if isinstance(r.outcome, TaskCompleted)]
+    duplicated = sum(max(0, effects[f"br-{i}"] - 1) for i in range(n))
+    latencies = sorted(r.latency_s for r in completed)
+    report(
+        "restart broker under the mesh",
+        tasks=n,
+        broker_restarts=len(recoveries),
+        lost=n - len(completed),
+        duplicated_effects=duplicated,
+        missing_effects=sum(effects[f"br-{i}"] == 0 for i in range(n)),
+        wall_s=round(wall, 1),
+        latency_p50_s=round(latencies[len(latencies) // 2], 2) if latencies else None,
+        latency_p99_s=round(latencies[int(len(latencies) * 0.99) - 1], 2) if latencies else None,
+    )
+    assert len(completed) == n, [(r.task_id, r.outcome) for r in results if r not in completed][:3]
+    assert duplicated == 0 and all(effects[f"br-{i}"] == 1 for i in range(n))
+    assert all("391" in r.outcome.answer for r in completed)

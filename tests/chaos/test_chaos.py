@@ -245,6 +245,93 @@ async def counters(mesh: ChaosMesh, name: str) -> dict[str, int]:
         return (await http.get(f"http://127.0.0.1:{mesh.procs[name][1].http_port}/status")).json()["counters"]
 
 
+async def test_a_redelivery_after_the_dedup_window_still_has_one_effect(infra):
+    """To the server a redelivery from beyond its dedup window is just a new message id; the
+    ledger must catch it. Simulated by re-sending the email request under a fresh id."""
+    from mesh_contracts.v1 import ToolRequested
+    from mesh_kit import envelope as env
+    from mesh_kit.identity import Signer
+    from mesh_kit.settings import inbox_prefix
+
+    mesh = ChaosMesh(infra, env=ENV)
+    mesh.start()
+    await mesh.ready()
+    try:
+        async with client(infra) as c:
+            run = await c.submit(GOAL, task_id="late-dup", timeout=60)
+        assert isinstance(run.outcome, TaskCompleted)
+        handled_before = (await counters(mesh, "tool-executor-0")).get("mesh.messages.handled", 0)
+        admin = await nats.connect(infra.nats_url, user_credentials=str(infra.ids.creds("admin")))
+        original = await admin.jetstream().get_last_msg("TOOL", "tool.v1.acme.late-dup.requested")  # the email
+        await admin.close()
+        nc = await nats.connect(  # re-sent as the worker would re-send it
+            infra.nats_url, user_credentials=str(infra.ids.creds("worker")), inbox_prefix=inbox_prefix("worker")
+        )
+        js = nc.jetstream()
+        request = ToolRequested.model_validate_json(original.data)
+        assert request.tool == "send_email"
+        body = request.to_bytes()
+        headers = env.headers_for(
+            Signer.from_file("worker", infra.ids.signing_key("worker")),
+            request,
+            body,
+            msg_id="redelivered-after-the-window",
+        )
+        ack = await js.publish(request.subject(), body, headers=headers)
+        await nc.close()
+        assert not ack.duplicate, "the server does not recognise it: only the ledger can"
+        deadline = time.monotonic() + 15
+        while (await counters(mesh, "tool-executor-0")).get("mesh.messages.handled", 0) == handled_before:
+            assert time.monotonic() < deadline, "the late duplicate was never handled"
+            await asyncio.sleep(0.1)
+    finally:
+        await mesh.stop()
+    effects = await outbox_effects(infra, "acme")
+    report("redelivery after the dedup window", tasks=1, late_duplicates=1, effects=effects["late-dup"])
+    assert effects["late-dup"] == 1
+
+
+async def test_kill_9_the_planner_mid_task_repeats_no_model_call_and_changes_no_answer(infra, tmp_path):
+    log = tmp_path / "model-calls.jsonl"
+    mesh = ChaosMesh(infra, env={**ENV, "MESH_SCRIPTED_LOG": str(log)})
+    mesh.start()
+    await mesh.ready()
+    mesh.supervise()
+    goal = "Which identity token do messages carry? Also compute 12 * 12, and email the answer to sec@acme.test."
+    killed: list[str] = []
+
+    def kill_planner_after_first_step(event) -> None:
+        if getattr(event, "stage", "") == "step.completed" and event.source == "planner" and not killed:
+            mesh.kill("planner-0")
+            killed.append(event.step_id)
+
+    try:
+        async with client(infra) as c:
+            baseline = await c.submit(goal, task_id="pc-base", timeout=60)
+            baseline_calls = len(log.read_text().splitlines())
+            chaos = await c.submit(goal, task_id="pc-chaos", timeout=120, on_event=kill_planner_after_first_step)
+    finally:
+        await mesh.stop()
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    chaos_calls = calls[baseline_calls:]
+    digests = [c["digest"] for c in chaos_calls]
+    repeated = {d for d in digests if digests.count(d) > 1}  # the same call twice within the chaos run
+    report(
+        "kill -9 planner after 1 of 4 steps",
+        tasks=1,
+        killed_after=killed,
+        planner_restarts=mesh.restarts["planner-0"],
+        model_calls_baseline=baseline_calls,
+        model_calls_with_crash=len(chaos_calls),
+        repeated_calls=len(repeated),
+        identical_answer=bool(chaos.outcome and baseline.outcome and chaos.outcome.answer == baseline.outcome.answer),
+    )
+    assert killed and mesh.restarts["planner-0"] >= 1, "the planner died mid-task"
+    assert isinstance(baseline.outcome, TaskCompleted) and isinstance(chaos.outcome, TaskCompleted)
+    assert chaos.outcome.answer == baseline.outcome.answer and chaos.outcome.citations == baseline.outcome.citations
+    assert not repeated and len(chaos_calls) == baseline_calls, "recovery repeated no model call"
+
+
 async def planner_model_calls(mesh: ChaosMesh) -> int:
     import httpx
 

@@ -7,7 +7,9 @@ Same input, same output, same token counts: end-to-end tests can assert exact re
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
 
 from mesh_llm.model import Message, ModelRequest, ModelResponse, ToolCall, count_tokens
@@ -30,6 +32,7 @@ class ScriptedModel:
 
     async def complete(self, request: ModelRequest) -> ModelResponse:
         self.calls += 1
+        self._log(request)
         if request.agent == "planner":
             content, calls = self._plan(request), ()
         else:
@@ -46,6 +49,24 @@ class ScriptedModel:
             self.model,
             "tool_calls" if calls else "stop",
         )
+
+    @staticmethod
+    def _log(request: ModelRequest) -> None:
+        """With MESH_SCRIPTED_LOG set, append one line per call: what the model saw, across
+        process deaths (the chaos suite checks that recovery repeats no call)."""
+        path = os.environ.get("MESH_SCRIPTED_LOG")
+        if not path:
+            return
+        seen = "\n".join(f"{m.role}:{m.content}" for m in request.messages)
+        line = json.dumps(
+            {
+                "agent": request.agent,
+                "digest": hashlib.sha256(seen.encode()).hexdigest()[:16],
+                "first_user": next((m.content for m in request.messages if m.role == "user"), "")[:120],
+            }
+        )
+        with open(path, "a") as f:  # one short write per line: atomic enough across processes
+            f.write(line + "\n")
 
     # --- planner ------------------------------------------------------------------------------
 
