@@ -41,6 +41,11 @@ def test_up_status_down_manages_exactly_what_it_started(tmp_path):
         assert all(s["ready"] for s in report["services"].values()) and len(report["services"]) == 6
         assert all(c["pending"] == 0 for c in report["consumers"].values())
 
+        missing = meshctl(home, "dlq", "retry", "999")
+        assert missing.returncode == 2 and "no dead letter with sequence 999" in missing.stderr
+        listing = meshctl(home, "dlq", "list")
+        assert listing.returncode == 0 and "dead letter(s) in total" in listing.stdout
+
         again = meshctl(home, "up", "--nats-port", "0", "--http-port", "0", "--redis-port", "0")
         assert again.returncode == 2 and "already running" in again.stderr
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+import nats
 import pytest
 from conftest import connect, eventually, running, settings_for
 
@@ -32,7 +33,10 @@ async def dead_letters(infra, subject_filter: str) -> list[tuple[dict, bytes]]:
         info = await js.stream_info("DLQ")
         out = []
         for seq in range(max(info.state.first_seq, 1), info.state.last_seq + 1):
-            m = await js.get_msg("DLQ", seq)
+            try:
+                m = await js.get_msg("DLQ", seq)
+            except nats.js.errors.NotFoundError:  # re-driven entries are deleted and leave gaps
+                continue
             if m.subject.startswith("dlq.") and subject_filter in m.subject:
                 out.append((dict(m.headers or {}), m.data or b""))
         return out
@@ -231,3 +235,69 @@ async def test_sigterm_lets_in_flight_work_finish_and_ack(integration_infra, uni
     async with connect(integration_infra, "admin") as nc:
         info = await nc.jetstream().consumer_info("CHECK", "checker--check-requested")
     assert info.num_ack_pending == 0 and info.num_pending == 0, "acked before the connection drained"
+
+
+async def test_a_dead_letter_is_redriven_after_a_fix_even_once_its_token_expired(integration_infra, unique):
+    import time
+
+    from meshctl.dlq import redrive
+
+    task = unique("redrive")
+    broken = True
+    handled: list[tuple[str, int]] = []
+
+    async def handler(m: CheckRequested, d) -> None:
+        if m.task_id != task:
+            return
+        if broken:
+            raise RuntimeError("judge prompt template missing")
+        handled.append((d.sender.name, d.deliveries))
+
+    checker = Mesh(settings_for(integration_infra, "checker", retry_delays_s=(0.1, 0.2), max_deliver=3))
+    checker.consume(CheckRequested, handler)
+    short_lived = Signer.from_file("planner", integration_infra.ids.signing_key("planner"), ttl_s=1)
+    planner = Mesh(settings_for(integration_infra, "planner"), signer=short_lived)
+    async with running(checker), running(planner):
+        published = time.time()
+        await planner.publish(CheckRequested(tenant="acme", task_id=task, goal="g", answer="a"), key="1")
+        letters = await eventually(lambda: dead_letter_seqs(integration_infra, task), what="dead letter")
+        seq, headers = letters[0]
+        assert float(headers[env.DLQ_STORED_AT]) == pytest.approx(published, abs=2)
+        # let the token expire (1 s validity + the verifier's 5 s clock leeway)
+        await asyncio.sleep(max(0.0, published + 7.0 - time.time()))
+        broken = False  # the fix is deployed
+        async with connect(integration_infra, "admin") as admin:
+            # control: the same signed message published afresh is now rejected as expired
+            original = {k[len(env.ORIG_PREFIX) :]: v for k, v in headers.items() if k.startswith(env.ORIG_PREFIX)}
+            body = (await admin.jetstream().get_msg("DLQ", seq)).data
+            await admin.jetstream().publish(
+                headers[env.DLQ_SUBJECT], body, headers={**original, env.MSG_ID: f"{task}-replay"}
+            )
+            print(await redrive(admin, seq))
+            await eventually(lambda: handled, what="re-driven message handled")
+            rejected = await eventually(lambda: _rejected_as_expired(integration_infra, task), what="control rejected")
+            assert seq not in [s for s, _ in await dead_letter_seqs(integration_infra, task)], "entry removed"
+    assert handled == [("planner", 1)], "handled once, and believed: signed by the planner"
+    assert "expired" in rejected
+
+
+async def dead_letter_seqs(infra, task: str) -> list[tuple[int, dict]]:
+    async with connect(infra, "admin") as nc:
+        js = nc.jetstream()
+        info = await js.stream_info("DLQ")
+        out = []
+        for seq in range(max(info.state.first_seq, 1), info.state.last_seq + 1):
+            try:
+                m = await js.get_msg("DLQ", seq)
+            except nats.js.errors.NotFoundError:  # re-driven entries are deleted and leave gaps
+                continue
+            if task in m.subject and (m.headers or {}).get(env.DLQ_KIND) == "failed":
+                out.append((seq, dict(m.headers or {})))
+        return out
+
+
+async def _rejected_as_expired(infra, task: str) -> str | None:
+    for headers, _ in await dead_letters(infra, task):
+        if headers.get(env.DLQ_KIND) == "rejected" and "expired" in headers.get(env.DLQ_REASON, ""):
+            return headers[env.DLQ_REASON]
+    return None

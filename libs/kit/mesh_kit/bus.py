@@ -42,6 +42,14 @@ log = logging.getLogger("mesh.bus")
 C = TypeVar("C", bound=Contract)
 
 
+def _stored_at(raw: Msg) -> str:
+    """When the broker stored the message (a re-drive keeps it), or empty outside JetStream."""
+    try:
+        return f"{raw.metadata.timestamp.timestamp():.6f}"
+    except NotJSMessageError:
+        return ""
+
+
 class Reject(Exception):
     """Raise from a handler for input that can never succeed: dead-letter now, no retry."""
 
@@ -335,6 +343,13 @@ class Mesh:
             deliveries, stored_at, seq = md.num_delivered, md.timestamp.timestamp(), md.sequence.stream
         except NotJSMessageError:  # in-memory test broker
             deliveries, stored_at, seq = 1, None, 0
+        if env.REDRIVE_OF in headers and stored_at is not None:
+            # A re-driven dead letter: its token is judged when the original was stored. Only the
+            # contract's producers (who could sign afresh) or admin may publish on this subject.
+            try:
+                stored_at = min(stored_at, float(headers[env.ORIGINAL_STORED_AT]))
+            except (KeyError, ValueError):
+                pass  # no usable original time: judged now, like any message
         try:
             model = parse_message(raw.subject, raw.data, strict=self.settings.strict_contracts)
             sender = self.verifier.verify(headers.get(env.IDENTITY), raw.data, model, at=stored_at)
@@ -420,6 +435,7 @@ class Mesh:
                 env.DLQ_STREAM: durable.stream,
                 env.DLQ_SEQ: str(seq),
                 env.DLQ_DELIVERIES: str(deliveries),
+                env.DLQ_STORED_AT: _stored_at(raw),
                 env.MSG_ID: f"dlq:{durable.stream}:{seq}:{self.service}" if seq else f"dlq:{time.time_ns()}",
             }
         )

@@ -22,6 +22,9 @@ DLQ_SUBJECT = "Mesh-Dlq-Subject"
 DLQ_STREAM = "Mesh-Dlq-Stream"
 DLQ_SEQ = "Mesh-Dlq-Seq"
 DLQ_DELIVERIES = "Mesh-Dlq-Deliveries"
+DLQ_STORED_AT = "Mesh-Dlq-Stored-At"  # when the broker first stored the original (unix seconds)
+REDRIVE_OF = "Mesh-Redrive-Of"  # set by `meshctl dlq retry`: the dead letter's DLQ sequence
+ORIGINAL_STORED_AT = "Mesh-Original-Stored-At"  # a re-drive's token is judged at this time
 ORIG_PREFIX = "Mesh-Orig-"
 
 

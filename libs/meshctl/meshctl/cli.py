@@ -263,6 +263,17 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def cmd_dlq(args: argparse.Namespace) -> int:
     async def run() -> None:
         nc = await _admin(args)
+        if args.action == "retry":
+            from meshctl.dlq import RedriveError, redrive
+
+            try:
+                for seq in args.seq:
+                    print(await redrive(nc, seq))
+            except RedriveError as exc:
+                raise MeshError(str(exc)) from None
+            finally:
+                await nc.close()
+            return
         js = nc.jetstream()
         try:
             info = await js.stream_info("DLQ")
@@ -357,6 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--nats-url", default=None)
     d = dsub.add_parser("show", help="one dead letter in full")
     d.add_argument("seq", type=int)
+    d.add_argument("--nats-url", default=None)
+    d = dsub.add_parser("retry", help="re-drive dead letters to their original subject (after a fix)")
+    d.add_argument("seq", type=int, nargs="+")
     d.add_argument("--nats-url", default=None)
     s.set_defaults(fn=cmd_dlq)
     return p
