@@ -7,7 +7,6 @@
 from mesh_contracts.base import (
     APPROVER,
     CLIENT,
-    ROLES,
     SERVICES,
     Contract,
     ContractError,
@@ -18,7 +17,6 @@ from mesh_contracts.registry import contract_for_subject, parse_message, split_s
 __all__ = [
     "APPROVER",
     "CLIENT",
-    "ROLES",
     "SERVICES",
     "Contract",
     "ContractError",

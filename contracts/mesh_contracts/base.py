@@ -23,7 +23,6 @@ ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 CLIENT = "client"
 APPROVER = "approver"
 SERVICES: tuple[str, ...] = ("planner", "worker", "checker", "rag", "tool-executor", "budget")
-ROLES: tuple[str, ...] = (*SERVICES, CLIENT, APPROVER)
 
 Transport = Literal["stream", "request", "reply"]
 
@@ -49,11 +48,6 @@ class ContractSpec:
     def subject(self, tenant: str, task: str) -> str:
         """The concrete subject for one tenant and task."""
         return f"{self.domain}.v{self.major}.{tenant}.{task}.{self.event}"
-
-    @property
-    def pattern(self) -> str:
-        """Wildcard subject matching this contract for every tenant and task."""
-        return f"{self.domain}.v{self.major}.*.*.{self.event}"
 
 
 class ContractError(ValueError):

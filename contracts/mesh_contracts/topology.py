@@ -128,10 +128,6 @@ def durable_for(service: str, contract: type[Contract]) -> Durable:
     raise LookupError(f"{service} does not consume {contract.type_name()} (see the contract's consumers)")
 
 
-def request_contracts() -> list[type[Contract]]:
-    return [c for cs in VERSIONS.values() for c in cs if c.spec.transport == "request"]
-
-
 def queue_group(service: str) -> str:
     """Core-NATS queue group shared by a service's replicas for request/reply subjects."""
     return f"{service}-requests"

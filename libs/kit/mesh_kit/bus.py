@@ -15,8 +15,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -33,6 +34,8 @@ from nats.js.api import PubAck
 from mesh_contracts import Contract, ContractError, parse_message, split_subject
 from mesh_contracts import topology as topo
 from mesh_contracts.base import ID_PATTERN
+from mesh_contracts.registry import BY_TYPE
+from mesh_contracts.v1 import ProgressEvent
 from mesh_kit import envelope as env
 from mesh_kit import telemetry as tel
 from mesh_kit.identity import IdentityError, Principal, Signer, TrustBundle, Verifier
@@ -40,14 +43,6 @@ from mesh_kit.settings import ServiceSettings
 
 log = logging.getLogger("mesh.bus")
 C = TypeVar("C", bound=Contract)
-
-
-def _stored_at(raw: Msg) -> str:
-    """When the broker stored the message (a re-drive keeps it), or empty outside JetStream."""
-    try:
-        return f"{raw.metadata.timestamp.timestamp():.6f}"
-    except NotJSMessageError:
-        return ""
 
 
 class Reject(Exception):
@@ -117,7 +112,7 @@ RejectHook = Callable[[str, str, str, str], Awaitable[None]]  # (tenant, task, s
 @dataclass
 class Stats:
     counters: Counter[str] = field(default_factory=Counter)
-    permission_errors: list[str] = field(default_factory=list)
+    permission_errors: deque[str] = field(default_factory=lambda: deque(maxlen=20))  # the latest few
     started_at: float = field(default_factory=time.time)
 
 
@@ -206,7 +201,8 @@ class Mesh:
         if self.stats.permission_errors:
             return (
                 False,
-                f"{len(self.stats.permission_errors)} permission violation(s): {self.stats.permission_errors[-1]}",
+                f"{self.stats.counters[tel.M_PERMISSION_VIOLATIONS]} permission violation(s): "
+                f"{self.stats.permission_errors[-1]}",
             )
         try:
             connected = self.nc.is_connected
@@ -225,9 +221,6 @@ class Mesh:
 
     # --- publishing -----------------------------------------------------------------------
 
-    def _headers(self, model: Contract, body: bytes, msg_id: str, causation: str | None) -> dict[str, str]:
-        return env.headers_for(self.signer, model, body, msg_id, causation)
-
     async def publish(
         self, model: Contract, key: str, *, causation: str | None = None, timeout: float = 10.0
     ) -> PubAck:
@@ -238,7 +231,7 @@ class Mesh:
             raise PermissionViolation(f"{self.service} is not a declared producer of {model.type}")
         body = model.to_bytes()
         msg_id = env.message_id(model.type, model.tenant, model.task_id, key)
-        headers = self._headers(model, body, msg_id, causation)
+        headers = env.headers_for(self.signer, model, body, msg_id, causation)
         try:
             ack = await self.broker.publish(
                 body, model.subject(), headers=headers, stream=topo.STREAMS[model.spec.domain], timeout=timeout
@@ -262,8 +255,6 @@ class Mesh:
         detail: dict[str, Any] | None = None,
     ) -> None:
         """Publish a progress event for clients following the task (deduplicated by stage/step/key)."""
-        from mesh_contracts.v1 import ProgressEvent
-
         await self.publish(
             ProgressEvent(
                 tenant=tenant,
@@ -284,12 +275,10 @@ class Mesh:
         body = model.to_bytes()
         msg_id = env.message_id(model.type, model.tenant, model.task_id, getattr(model, "call_id", "") or "")
         reply = await self.nc.request(
-            model.subject(), body, timeout=timeout, headers=self._headers(model, body, msg_id, None)
+            model.subject(), body, timeout=timeout, headers=env.headers_for(self.signer, model, body, msg_id)
         )
         rheaders = dict(reply.headers or {})
         schema = rheaders.get(env.SCHEMA, "")
-        from mesh_contracts.registry import BY_TYPE
-
         type_name, _, major = schema.partition("/v")
         cls = BY_TYPE.get((type_name, int(major) if major.isdigit() else -1))
         if cls is None or cls.spec.transport != "reply":
@@ -344,7 +333,8 @@ class Mesh:
         except NotJSMessageError:  # in-memory test broker
             deliveries, stored_at, seq = 1, None, 0
         if env.REDRIVE_OF in headers and stored_at is not None:
-            # A re-driven dead letter: its token is judged when the original was stored. Only the
+            # A re-driven dead letter: its token is judged (and, if it fails again, recorded) at the
+            # time the original was first stored. Only the
             # contract's producers (who could sign afresh) or admin may publish on this subject.
             try:
                 stored_at = min(stored_at, float(headers[env.ORIGINAL_STORED_AT]))
@@ -357,7 +347,7 @@ class Mesh:
             self.count(tel.M_REJECTED)
             reason = f"{'identity' if isinstance(exc, IdentityError) else 'contract'}: {exc}"
             log.warning("rejected %s seq=%s: %s", raw.subject, seq, reason)
-            await self._dead_letter(raw, headers, durable, "rejected", reason, deliveries, seq)
+            await self._dead_letter(raw, headers, durable, "rejected", reason, (deliveries, seq, stored_at))
             if on_reject is not None:
                 await self._reject_hook(on_reject, raw.subject, reason)
             await msg.reject()
@@ -372,7 +362,9 @@ class Mesh:
                 await handler(model, delivery)
             except Reject as exc:
                 self.count(tel.M_DEAD_LETTERED)
-                await self._dead_letter(raw, headers, durable, "failed", f"rejected by handler: {exc}", deliveries, seq)
+                await self._dead_letter(
+                    raw, headers, durable, "failed", f"rejected by handler: {exc}", (deliveries, seq, stored_at)
+                )
                 await msg.reject()
                 return
             except asyncio.CancelledError:
@@ -387,7 +379,7 @@ class Mesh:
                 if deliveries >= self.settings.max_deliver:
                     self.count(tel.M_DEAD_LETTERED)
                     log.error("giving up on %s after %d attempts: %s", raw.subject, deliveries, reason)
-                    await self._dead_letter(raw, headers, durable, "failed", reason, deliveries, seq)
+                    await self._dead_letter(raw, headers, durable, "failed", reason, (deliveries, seq, stored_at))
                     await msg.reject()
                 else:
                     self.count(tel.M_RETRIED)
@@ -402,7 +394,6 @@ class Mesh:
         await msg.ack()
 
     async def _reject_hook(self, hook: RejectHook, subject: str, reason: str) -> None:
-        import re
 
         try:
             parts = split_subject(subject)
@@ -418,9 +409,10 @@ class Mesh:
         durable: topo.Durable,
         kind: str,
         reason: str,
-        deliveries: int,
-        seq: int,
+        where: tuple[int, int, float | None],
     ) -> None:
+        """Copy the message to the DLQ with why, how often, and when it was first stored."""
+        deliveries, seq, stored_at = where
         out = {
             f"{env.ORIG_PREFIX}{k}": env.one_line(v, 4000)
             for k, v in headers.items()
@@ -435,7 +427,7 @@ class Mesh:
                 env.DLQ_STREAM: durable.stream,
                 env.DLQ_SEQ: str(seq),
                 env.DLQ_DELIVERIES: str(deliveries),
-                env.DLQ_STORED_AT: _stored_at(raw),
+                env.DLQ_STORED_AT: f"{stored_at:.6f}" if stored_at is not None else "",
                 env.MSG_ID: f"dlq:{durable.stream}:{seq}:{self.service}" if seq else f"dlq:{time.time_ns()}",
             }
         )
@@ -463,7 +455,7 @@ class Mesh:
                 return  # the requester times out; an unverified sender learns nothing
             answer = await handler(model, Delivery(self, sender, raw.subject, headers.get(env.MSG_ID, ""), 1, headers))
             body = answer.to_bytes()
-            await self.nc.publish(raw.reply, body, headers=self._headers(answer, body, "", None))
+            await self.nc.publish(raw.reply, body, headers=env.headers_for(self.signer, answer, body, ""))
             self.count(tel.M_HANDLED)
 
         entry.__name__ = f"serve_{contract.type_name().replace('.', '_')}"

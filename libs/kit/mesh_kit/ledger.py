@@ -39,7 +39,6 @@ class Ledger:
     def __init__(self, kv: Any, service: str) -> None:
         self.kv = kv
         self.service = service
-        self.hits = 0  # results served from the ledger instead of performing again
 
     def key(self, *parts: str) -> str:
         """``<service>.<parts...>``: the service's own prefix is the only one it may write."""
@@ -67,7 +66,6 @@ class Ledger:
         """
         previous = await self.recorded(key)
         if previous is not None:
-            self.hits += 1
             return previous
         claim_rev = await self._claim(key, owner, attempt)
         result = await perform(key)

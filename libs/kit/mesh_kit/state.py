@@ -7,7 +7,6 @@ pick up any task, and other services read it (e.g. to see a cancel they missed).
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 from collections.abc import Callable
 from typing import Any, Literal, TypeVar
@@ -109,7 +108,3 @@ async def update(
         except KeyWrongLastSequenceError:
             await asyncio.sleep(random.uniform(0, 0.01 * (attempt + 1)))  # jittered: writers collided
     raise Conflict(f"compare-and-set on {key} lost {retries} times")
-
-
-def dumps(obj: Any) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), sort_keys=True).encode()

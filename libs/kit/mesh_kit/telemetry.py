@@ -24,8 +24,6 @@ M_REDELIVERED = "mesh.messages.redelivered"  # received on a second or later del
 M_PERMISSION_VIOLATIONS = "mesh.nats.permission_violations"
 M_LLM_CALLS = "mesh.llm.calls"
 M_FENCED = "mesh.steps.fenced"  # stale work refused because another delivery moved the step on
-M_TOKENS = "mesh.llm.tokens"
-M_COST = "mesh.llm.cost_usd"
 
 # Span attribute names.
 A_TENANT = "mesh.tenant"

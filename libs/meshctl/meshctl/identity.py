@@ -207,9 +207,6 @@ class Identities:
         self.trust_bundle.write_text(TrustBundle.to_json(bundle_entries))
         return preload
 
-    def account_id(self) -> str:
-        return json.loads((self.secrets / "account.json").read_text())["id"]
-
     def server_config(self, *, port: int, http_port: int, store_dir: Path, cluster: str = "") -> str:
         """Operator-mode nats-server config: loopback only, durable JetStream writes.
 
