@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import random
 import time
@@ -13,6 +12,7 @@ import nats
 import pytest
 from nats.js.api import StorageType, StreamConfig
 
+from mesh_testing.chaos import report
 from mesh_testing.infra import Infra, running_infra
 from meshctl import local
 
@@ -25,14 +25,6 @@ def infra() -> Iterator[Infra]:
     # local binaries whatever MESH_TEST_INFRA says: the test must own the broker process it kills
     with running_infra(["acme"], mode="binaries", name="broker-chaos") as infra:
         yield infra
-
-
-def report(name: str, **facts: object) -> None:
-    line = json.dumps({"scenario": name, **facts})
-    print(f"\nCHAOS {line}")
-    if out := os.environ.get("MESH_CHAOS_REPORT"):
-        with open(out, "a") as f:
-            f.write(line + "\n")
 
 
 async def restart_broker(infra: Infra, pause_s: float) -> float:
@@ -121,7 +113,6 @@ async def test_restart_the_broker_repeatedly_under_the_whole_mesh(infra):
     """Every service reconnects and every task finishes correctly, with one email each."""
     from mesh_contracts.v1 import TaskCompleted
     from mesh_testing.chaos import ChaosMesh, outbox_effects
-    from meshctl.client import TenantClient
 
     n, interval, restarts = (500, (5.0, 20.0), 6) if FULL else (40, (2.0, 4.0), 2)
     goal = (
@@ -131,12 +122,9 @@ async def test_restart_the_broker_repeatedly_under_the_whole_mesh(infra):
     mesh.start()
     await mesh.ready()
     recoveries: list[float] = []
-    p = "client.acme"
     t0 = time.monotonic()
     try:
-        async with TenantClient(
-            infra.nats_url, "acme", infra.ids.creds(p), infra.ids.signing_key(p), infra.ids.trust_bundle
-        ) as c:
+        async with infra.client("acme") as c:
             runs = asyncio.gather(*(c.submit(goal, task_id=f"br-{i}", timeout=300) for i in range(n)))
             for _ in range(restarts):
                 await asyncio.sleep(random.uniform(*interval))

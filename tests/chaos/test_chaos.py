@@ -16,9 +16,8 @@ import nats
 import pytest
 
 from mesh_contracts.v1 import TaskCompleted, TaskSubmitted
-from mesh_testing.chaos import ChaosMesh, outbox_effects
+from mesh_testing.chaos import ChaosMesh, outbox_effects, report
 from mesh_testing.infra import Infra, running_infra
-from meshctl.client import TenantClient
 
 pytestmark = pytest.mark.chaos
 FULL = os.environ.get("MESH_CHAOS") == "full"
@@ -45,20 +44,6 @@ def logs_on_failure(request, infra):
             print(f"\n--- {log.name} (last {len(tail)} lines)\n" + "\n".join(line[:240] for line in tail))
 
 
-def client(infra: Infra, tenant: str = "acme") -> TenantClient:
-    p = f"client.{tenant}"
-    return TenantClient(infra.nats_url, tenant, infra.ids.creds(p), infra.ids.signing_key(p), infra.ids.trust_bundle)
-
-
-def report(name: str, **facts: object) -> None:
-    line = json.dumps({"scenario": name, **facts})
-    print(f"\nCHAOS {line}")
-    out = os.environ.get("MESH_CHAOS_REPORT")
-    if out:
-        with open(out, "a") as f:
-            f.write(line + "\n")
-
-
 def pct(values: list[float], q: float) -> float:
     values = sorted(values)
     return round(values[min(len(values) - 1, round(q * (len(values) - 1)))], 3) if values else 0.0
@@ -76,7 +61,7 @@ async def test_kill_9_workers_repeatedly_loses_nothing_and_duplicates_no_effect(
     monkey = asyncio.create_task(mesh.chaos_monkey("worker", interval, min_kills, done))
     t0 = time.monotonic()
     try:
-        async with client(infra) as c:
+        async with infra.client("acme") as c:
             runs = await asyncio.gather(*(c.submit(GOAL, task_id=f"kw-{i}", timeout=240) for i in range(n)))
         in_flight_kills = len(mesh.kills)
         done.set()
@@ -114,7 +99,7 @@ async def test_crash_after_the_effect_before_it_is_recorded_still_one_effect(inf
     await mesh.ready()
     mesh.supervise()
     try:
-        async with client(infra) as c:
+        async with infra.client("acme") as c:
             run = await c.submit(GOAL, task_id="crash-after-effect", timeout=60)
     finally:
         await mesh.stop()
@@ -141,7 +126,7 @@ async def test_the_same_task_submitted_50_times_concurrently_runs_once(infra):
     task_id = "dup-50"
     seen: dict[str, int] = {}
     try:
-        async with client(infra) as c:
+        async with infra.client("acme") as c:
             assert c.nc is not None
 
             async def count(msg):
@@ -191,7 +176,7 @@ async def test_a_frozen_worker_past_ack_wait_cannot_commit_stale_work(infra):
     mesh = ChaosMesh(infra, env=ENV)
     mesh.start()
     await mesh.ready()
-    async with client(infra, "globex") as c:
+    async with infra.client("globex") as c:
         runs = asyncio.gather(*(c.submit(GOAL, task_id=f"stop-{i}", timeout=120) for i in range(n)))
         await asyncio.sleep(0.4)  # worker-0, the only worker, is now holding in-flight messages
         mesh.kill("worker-0", signal.SIGSTOP)
@@ -199,8 +184,8 @@ async def test_a_frozen_worker_past_ack_wait_cannot_commit_stale_work(infra):
         await asyncio.sleep(ACK_WAIT_S * 2.5)
         mesh.kill("worker-0", signal.SIGCONT)
         results = await runs
-        fenced = await counters(mesh, "worker-0")
-        redelivered = (await counters(mesh, "worker-1")).get("mesh.messages.redelivered", 0)
+        fenced = await mesh.counters("worker-0")
+        redelivered = (await mesh.counters("worker-1")).get("mesh.messages.redelivered", 0)
     await mesh.stop()
     effects = await outbox_effects(infra, "globex")
     stored = await stored_per_task(infra, "globex", [f"stop-{i}" for i in range(n)])
@@ -238,13 +223,6 @@ async def stored_per_task(infra: Infra, tenant: str, tasks: list[str]) -> dict[s
         await admin.close()
 
 
-async def counters(mesh: ChaosMesh, name: str) -> dict[str, int]:
-    import httpx
-
-    async with httpx.AsyncClient(timeout=2) as http:
-        return (await http.get(f"http://127.0.0.1:{mesh.procs[name][1].http_port}/status")).json()["counters"]
-
-
 async def test_a_redelivery_after_the_dedup_window_still_has_one_effect(infra):
     """To the server a redelivery from beyond its dedup window is just a new message id; the
     ledger must catch it. Simulated by re-sending the email request under a fresh id."""
@@ -257,10 +235,10 @@ async def test_a_redelivery_after_the_dedup_window_still_has_one_effect(infra):
     mesh.start()
     await mesh.ready()
     try:
-        async with client(infra) as c:
+        async with infra.client("acme") as c:
             run = await c.submit(GOAL, task_id="late-dup", timeout=60)
         assert isinstance(run.outcome, TaskCompleted)
-        handled_before = (await counters(mesh, "tool-executor-0")).get("mesh.messages.handled", 0)
+        handled_before = (await mesh.counters("tool-executor-0")).get("mesh.messages.handled", 0)
         admin = await nats.connect(infra.nats_url, user_credentials=str(infra.ids.creds("admin")))
         original = await admin.jetstream().get_last_msg("TOOL", "tool.v1.acme.late-dup.requested")  # the email
         await admin.close()
@@ -281,7 +259,7 @@ async def test_a_redelivery_after_the_dedup_window_still_has_one_effect(infra):
         await nc.close()
         assert not ack.duplicate, "the server does not recognise it: only the ledger can"
         deadline = time.monotonic() + 15
-        while (await counters(mesh, "tool-executor-0")).get("mesh.messages.handled", 0) == handled_before:
+        while (await mesh.counters("tool-executor-0")).get("mesh.messages.handled", 0) == handled_before:
             assert time.monotonic() < deadline, "the late duplicate was never handled"
             await asyncio.sleep(0.1)
     finally:
@@ -306,7 +284,7 @@ async def test_kill_9_the_planner_mid_task_repeats_no_model_call_and_changes_no_
             killed.append(event.step_id)
 
     try:
-        async with client(infra) as c:
+        async with infra.client("acme") as c:
             baseline = await c.submit(goal, task_id="pc-base", timeout=60)
             baseline_calls = len(log.read_text().splitlines())
             chaos = await c.submit(goal, task_id="pc-chaos", timeout=120, on_event=kill_planner_after_first_step)
@@ -333,14 +311,7 @@ async def test_kill_9_the_planner_mid_task_repeats_no_model_call_and_changes_no_
 
 
 async def planner_model_calls(mesh: ChaosMesh) -> int:
-    import httpx
-
-    total = 0
-    async with httpx.AsyncClient(timeout=2) as http:
-        for name in mesh.names("planner"):
-            status = (await http.get(f"http://127.0.0.1:{mesh.procs[name][1].http_port}/status")).json()
-            total += status["counters"].get("mesh.llm.calls", 0)
-    return total
+    return sum([(await mesh.counters(name)).get("mesh.llm.calls", 0) for name in mesh.names("planner")])
 
 
 def test_the_harness_refuses_to_signal_a_process_it_did_not_start(infra):

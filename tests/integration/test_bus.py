@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 
-import nats
 import pytest
 from conftest import connect, eventually, running, settings_for
 
@@ -23,23 +22,21 @@ from mesh_kit import Mesh, PermissionViolation
 from mesh_kit import envelope as env
 from mesh_kit.identity import Signer, new_signing_key
 from mesh_kit.state import TaskRecord
+from meshctl.dlq import entries
 
 pytestmark = pytest.mark.integration
 
 
-async def dead_letters(infra, subject_filter: str) -> list[tuple[dict, bytes]]:
+async def dead_letters(infra, subject_filter: str, kind: str | None = None) -> list[tuple[int, dict, bytes]]:
+    """(DLQ sequence, headers, body) of the in-app dead letters whose subject contains the filter."""
     async with connect(infra, "admin") as nc:
-        js = nc.jetstream()
-        info = await js.stream_info("DLQ")
-        out = []
-        for seq in range(max(info.state.first_seq, 1), info.state.last_seq + 1):
-            try:
-                m = await js.get_msg("DLQ", seq)
-            except nats.js.errors.NotFoundError:  # re-driven entries are deleted and leave gaps
-                continue
-            if m.subject.startswith("dlq.") and subject_filter in m.subject:
-                out.append((dict(m.headers or {}), m.data or b""))
-        return out
+        return [
+            (seq, dict(m.headers or {}), m.data or b"")
+            async for seq, m in entries(nc.jetstream())
+            if (m.subject or "").startswith("dlq.")
+            and subject_filter in m.subject
+            and kind in (None, (m.headers or {}).get(env.DLQ_KIND))
+        ]
 
 
 async def test_publish_is_deduplicated_and_the_consumer_sees_the_verified_sender(integration_infra, unique):
@@ -85,7 +82,7 @@ async def test_a_failing_handler_is_retried_then_dead_lettered_without_blocking_
         await eventually(lambda: healthy in handled, what="healthy message handled despite the poison one")
         letters = await eventually(lambda: dead_letters(integration_infra, poison), what="dead letter")
     assert attempts == [1, 2, 3]
-    headers, body = letters[0]
+    _, headers, body = letters[0]
     assert headers[env.DLQ_REASON] == "RuntimeError: judge model unavailable"
     assert headers[env.DLQ_KIND] == "failed"
     assert headers[env.DLQ_DELIVERIES] == "3"
@@ -121,7 +118,7 @@ async def test_forged_or_altered_messages_are_rejected_by_their_consumer(integra
             await nc.jetstream().publish(req.subject(), body, headers={env.IDENTITY: token, env.MSG_ID: task})
         letters = await eventually(lambda: dead_letters(integration_infra, task), what="dead letter")
     assert handled == []
-    reason = letters[0][0][env.DLQ_REASON]
+    reason = letters[0][1][env.DLQ_REASON]
     assert reason.startswith("identity: ")
     assert ("signature invalid" in reason) if attack == "forged" else ("altered in transit" in reason)
 
@@ -260,8 +257,8 @@ async def test_a_dead_letter_is_redriven_after_a_fix_even_once_its_token_expired
     async with running(checker), running(planner):
         published = time.time()
         await planner.publish(CheckRequested(tenant="acme", task_id=task, goal="g", answer="a"), key="1")
-        letters = await eventually(lambda: dead_letter_seqs(integration_infra, task), what="dead letter")
-        seq, headers = letters[0]
+        letters = await eventually(lambda: dead_letters(integration_infra, task, "failed"), what="dead letter")
+        seq, headers, _ = letters[0]
         assert float(headers[env.DLQ_STORED_AT]) == pytest.approx(published, abs=2)
         # let the token expire (1 s validity + the verifier's 5 s clock leeway)
         await asyncio.sleep(max(0.0, published + 7.0 - time.time()))
@@ -276,28 +273,13 @@ async def test_a_dead_letter_is_redriven_after_a_fix_even_once_its_token_expired
             print(await redrive(admin, seq))
             await eventually(lambda: handled, what="re-driven message handled")
             rejected = await eventually(lambda: _rejected_as_expired(integration_infra, task), what="control rejected")
-            assert seq not in [s for s, _ in await dead_letter_seqs(integration_infra, task)], "entry removed"
+            assert seq not in [s for s, _, _ in await dead_letters(integration_infra, task)], "entry removed"
     assert handled == [("planner", 1)], "handled once, and believed: signed by the planner"
     assert "expired" in rejected
 
 
-async def dead_letter_seqs(infra, task: str) -> list[tuple[int, dict]]:
-    async with connect(infra, "admin") as nc:
-        js = nc.jetstream()
-        info = await js.stream_info("DLQ")
-        out = []
-        for seq in range(max(info.state.first_seq, 1), info.state.last_seq + 1):
-            try:
-                m = await js.get_msg("DLQ", seq)
-            except nats.js.errors.NotFoundError:  # re-driven entries are deleted and leave gaps
-                continue
-            if task in m.subject and (m.headers or {}).get(env.DLQ_KIND) == "failed":
-                out.append((seq, dict(m.headers or {})))
-        return out
-
-
 async def _rejected_as_expired(infra, task: str) -> str | None:
-    for headers, _ in await dead_letters(infra, task):
-        if headers.get(env.DLQ_KIND) == "rejected" and "expired" in headers.get(env.DLQ_REASON, ""):
+    for _, headers, _ in await dead_letters(infra, task, "rejected"):
+        if "expired" in headers.get(env.DLQ_REASON, ""):
             return headers[env.DLQ_REASON]
     return None

@@ -261,52 +261,34 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_dlq(args: argparse.Namespace) -> int:
+    from meshctl.dlq import DeadLetterError, entries, entry, redrive
+
     async def run() -> None:
         nc = await _admin(args)
-        if args.action == "retry":
-            from meshctl.dlq import RedriveError, redrive
-
-            try:
-                for seq in args.seq:
-                    print(await redrive(nc, seq))
-            except RedriveError as exc:
-                raise MeshError(str(exc)) from None
-            finally:
-                await nc.close()
-            return
         js = nc.jetstream()
         try:
-            info = await js.stream_info("DLQ")
-            first, last = max(info.state.first_seq, 1), info.state.last_seq
-            seqs = [args.seq] if args.action == "show" else range(max(first, last - args.limit + 1), last + 1)
-            for seq in seqs:
-                try:
-                    m = await js.get_msg("DLQ", seq)
-                except nats.js.errors.NotFoundError:
-                    if args.action == "show":
-                        raise MeshError(f"no dead letter with sequence {seq}") from None
-                    continue
-                h = m.headers or {}
-                if args.action == "show":
-                    print(
-                        json.dumps(
-                            {
-                                "seq": seq,
-                                "subject": m.subject,
-                                "headers": h,
-                                "body": (m.data or b"").decode(errors="replace"),
-                            },
-                            indent=2,
-                        )
+            if args.action == "retry":
+                for seq in args.seq:
+                    print(await redrive(nc, seq))
+            elif args.action == "show":
+                m = await entry(js, args.seq)
+                body = (m.data or b"").decode(errors="replace")
+                print(
+                    json.dumps(
+                        {"seq": args.seq, "subject": m.subject, "headers": m.headers or {}, "body": body}, indent=2
                     )
-                else:
+                )
+            else:
+                async for seq, m in entries(js, newest=args.limit):
+                    h = m.headers or {}
                     reason = h.get("Mesh-Dlq-Reason") or "server advisory: consumer exhausted max_deliver"
                     print(
                         f"{seq:>6} {h.get('Mesh-Dlq-Service', '-'):14} {h.get('Mesh-Dlq-Subject', m.subject)}\n"
                         f"       {reason}"
                     )
-            if args.action == "list":
-                print(f"({info.state.messages} dead letter(s) in total)")
+                print(f"({(await js.stream_info('DLQ')).state.messages} dead letter(s) in total)")
+        except DeadLetterError as exc:
+            raise MeshError(str(exc)) from None
         finally:
             await nc.close()
 

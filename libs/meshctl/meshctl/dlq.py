@@ -16,24 +16,45 @@ idempotency (ledger, records) makes a re-drive of work that partly happened safe
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 
 import nats
+from nats.js import JetStreamContext
+from nats.js.api import RawStreamMsg
 
 from mesh_kit import envelope as env
 
 ADVISORY = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES."
 
 
-class RedriveError(Exception):
-    """The entry cannot be re-driven; the message says why."""
+class DeadLetterError(Exception):
+    """The entry is missing or cannot be re-driven; the message says why."""
+
+
+async def entry(js: JetStreamContext, seq: int) -> RawStreamMsg:
+    try:
+        return await js.get_msg("DLQ", seq)
+    except nats.js.errors.NotFoundError:
+        raise DeadLetterError(f"no dead letter with sequence {seq}") from None
+
+
+async def entries(js: JetStreamContext, *, newest: int | None = None) -> AsyncIterator[tuple[int, RawStreamMsg]]:
+    """Dead letters in order (the ``newest`` few, if given). Re-driven entries are deleted, so
+    sequences have gaps; an empty stream yields nothing."""
+    info = await js.stream_info("DLQ")
+    first, last = max(info.state.first_seq, 1), info.state.last_seq
+    if newest is not None:
+        first = max(first, last - newest + 1)
+    for seq in range(first, last + 1):
+        try:
+            yield seq, await js.get_msg("DLQ", seq)
+        except nats.js.errors.NotFoundError:
+            continue
 
 
 async def redrive(nc: nats.NATS, seq: int) -> str:
     js = nc.jetstream()
-    try:
-        letter = await js.get_msg("DLQ", seq)
-    except nats.js.errors.NotFoundError:
-        raise RedriveError(f"no dead letter with sequence {seq}") from None
+    letter = await entry(js, seq)
     h = dict(letter.headers or {})
     if env.DLQ_SUBJECT in h:
         subject, body = h[env.DLQ_SUBJECT], letter.data or b""
@@ -44,11 +65,11 @@ async def redrive(nc: nats.NATS, seq: int) -> str:
         try:
             original = await js.get_msg(advisory["stream"], advisory["stream_seq"])
         except nats.js.errors.NotFoundError:
-            raise RedriveError(f"the original of #{seq} is gone from {advisory.get('stream')}") from None
+            raise DeadLetterError(f"the original of #{seq} is gone from {advisory.get('stream')}") from None
         subject, body, headers = original.subject or "", original.data or b"", dict(original.headers or {})
         first_stored = f"{original.time.timestamp():.6f}" if original.time else ""
     else:
-        raise RedriveError(f"#{seq} on {letter.subject} is not a dead letter this tool knows")
+        raise DeadLetterError(f"#{seq} on {letter.subject} is not a dead letter this tool knows")
     times = [float(t) for t in (headers.get(env.ORIGINAL_STORED_AT), first_stored) if t]
     for k in (env.MSG_ID, "Nats-Expected-Stream", env.REDRIVE_OF, env.ORIGINAL_STORED_AT):
         headers.pop(k, None)

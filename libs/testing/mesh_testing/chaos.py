@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import random
 import signal
@@ -15,6 +16,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
+import httpx
 import nats
 
 from mesh_contracts import SERVICES
@@ -85,6 +87,12 @@ class ChaosMesh:
             if live:
                 self.kill(random.choice(live))
 
+    async def counters(self, name: str) -> dict[str, int]:
+        """The ``/status`` counters of one running process (e.g. ``planner-0``)."""
+        async with httpx.AsyncClient(timeout=2) as http:
+            status = await http.get(f"http://127.0.0.1:{self.procs[name][1].http_port}/status")
+            return status.json()["counters"]
+
     async def stop(self) -> None:
         if self._supervisor is not None:
             self._supervisor.cancel()
@@ -102,3 +110,12 @@ async def outbox_effects(infra: Infra, tenant: str) -> Counter[str]:
         return Counter({subj.split(".")[2]: n for subj, n in (info.state.subjects or {}).items()})
     finally:
         await nc.close()
+
+
+def report(scenario: str, **facts: object) -> None:
+    """One line per scenario, printed and (with MESH_CHAOS_REPORT set) appended as JSON."""
+    line = json.dumps({"scenario": scenario, **facts})
+    print(f"\nCHAOS {line}")
+    if out := os.environ.get("MESH_CHAOS_REPORT"):
+        with open(out, "a") as f:
+            f.write(line + "\n")

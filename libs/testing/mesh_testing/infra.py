@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from meshctl import local
+from meshctl.client import TenantClient
 from meshctl.identity import Identities
 
 
@@ -32,6 +33,11 @@ class Infra:
 
     def redis_url(self, principal: str) -> str:
         return (self.ids.secrets / "redis" / f"{principal}.url").read_text()
+
+    def client(self, tenant: str) -> TenantClient:
+        """The tenant's own client identity, as an application would hold it."""
+        p = f"client.{tenant}"
+        return TenantClient(self.nats_url, tenant, self.ids.creds(p), self.ids.signing_key(p), self.ids.trust_bundle)
 
 
 def infra_mode() -> str:
