@@ -14,7 +14,6 @@ from nats.js.api import StorageType, StreamConfig
 
 from mesh_testing.chaos import report
 from mesh_testing.infra import Infra, running_infra
-from meshctl import local
 
 pytestmark = pytest.mark.chaos
 FULL = os.environ.get("MESH_CHAOS") == "full"
@@ -30,14 +29,7 @@ def infra() -> Iterator[Infra]:
 async def restart_broker(infra: Infra, pause_s: float) -> float:
     """kill -9 the broker this test started; start it again on the same store. Returns the
     seconds until it answers again."""
-    nats_proc = infra.procs[0]
-    assert nats_proc.name == "nats-server" and nats_proc.alive(), "only a broker we started"
-    os.kill(nats_proc.pid, 9)
-    local.stop([[nats_proc]], 1.0)
-    await asyncio.sleep(pause_s)
-    t0 = time.monotonic()
-    infra.procs[0] = await local.start_nats(infra.ids, nats_proc.port, nats_proc.http_port)
-    return time.monotonic() - t0
+    return await infra.restart_nats(0, pause_s)
 
 
 async def test_kill_9_the_broker_during_id_tagged_publishes(infra):

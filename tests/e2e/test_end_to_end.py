@@ -68,6 +68,18 @@ async def test_a_task_runs_through_every_service_and_is_accounted(e2e_mesh):
     assert usage["by_agent"]["planner"]["calls"] == 1 and usage["by_agent"]["worker"]["calls"] == 5
 
 
+async def test_a_client_that_missed_the_live_outcome_reads_the_stored_one(e2e_mesh):
+    """Resubmitting a finished task id runs nothing and publishes nothing live; the client must
+    still report the task's outcome (the same path it takes after missing one while reconnecting)."""
+    async with e2e_mesh.infra.client("acme") as c:
+        first = await c.submit(GOAL, task_id="caught-up", timeout=60)
+        assert isinstance(first.outcome, TaskCompleted), first.outcome
+        again = await c.submit(GOAL, task_id="caught-up", timeout=1.5)
+    assert isinstance(again.outcome, TaskCompleted), "the stored outcome, read after the live wait"
+    assert again.outcome.answer == first.outcome.answer
+    assert not any(e.stage == "plan.created" for e in again.events), "the resubmission did not run again"
+
+
 async def test_the_readme_integration_with_plain_nats_py(e2e_mesh):
     proc = await asyncio.create_subprocess_exec(
         sys.executable,

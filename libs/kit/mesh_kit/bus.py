@@ -142,7 +142,7 @@ class Mesh:
 
             security = NatsCredentials.from_file(str(settings.creds_file))
         self.broker = NatsBroker(
-            settings.nats_url,
+            settings.nats_servers,
             name=settings.service,
             security=security,
             inbox_prefix=settings.inbox_prefix,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from pydantic import Field, field_validator, model_validator
@@ -19,6 +20,8 @@ class ServiceSettings(BaseSettings):
     service: str
     """Service identity; one of the six services."""
     nats_url: str = "nats://127.0.0.1:4222"
+    """One server, or a comma-separated list of a cluster's servers (any one reachable is enough;
+    the client reconnects to the others when its server dies)."""
     creds_file: Path | None = None
     """NATS user credentials (.creds: JWT + nkey seed) of this service."""
     signing_key_file: Path
@@ -64,6 +67,10 @@ class ServiceSettings(BaseSettings):
         return self
 
     @property
+    def nats_servers(self) -> list[str]:
+        return nats_servers(self.nats_url)
+
+    @property
     def inbox_prefix(self) -> str:
         """Per-service reply inbox; the policy lets only this service subscribe to it."""
         return inbox_prefix(self.service)
@@ -71,3 +78,15 @@ class ServiceSettings(BaseSettings):
 
 def inbox_prefix(principal: str) -> str:
     return "_INBOX_" + principal.replace(".", "_").replace("-", "_")
+
+
+def nats_servers(url: str) -> list[str]:
+    """``nats://a:4222,nats://b:4222`` -> both URLs (the NATS convention for a cluster's seeds)."""
+    return [u.strip() for u in url.split(",") if u.strip()]
+
+
+async def log_nats_error(exc: Exception) -> None:
+    """``error_cb`` for short-lived clients (CLI, tenant clients): a refused connection to one
+    node of a cluster is expected while it is down, and the client moves on to the next; the
+    nats-py default prints a traceback for it."""
+    logging.getLogger("nats").debug("nats: %s", exc)

@@ -21,6 +21,7 @@ import nats
 
 from mesh_contracts.base import ID_PATTERN
 from mesh_contracts.v1 import ProgressEvent, TaskCompleted, TaskFailed, TaskRejected
+from mesh_kit.settings import log_nats_error, nats_servers
 from meshctl import local
 from meshctl.identity import Identities
 from meshctl.local import MeshError, MeshState
@@ -67,7 +68,7 @@ def _port(value: str) -> int:
 
 def _running(home: Path) -> MeshState:
     state = MeshState.load(home)
-    if state is None or state.nats is None or not state.nats.alive():
+    if state is None or not any(n.alive() for n in state.nats):
         raise MeshError(f"no mesh is running from {home} (start one with: meshctl up)")
     return state
 
@@ -84,10 +85,11 @@ async def _admin(args: argparse.Namespace) -> nats.NATS:
     if not ids.creds("admin").exists():
         raise MeshError(f"no identities in {home} (run: meshctl init)")
     return await nats.connect(
-        _nats_url(args, home),
+        nats_servers(_nats_url(args, home)),
         user_credentials=str(ids.creds("admin")),
         name="meshctl",
         connect_timeout=5,
+        error_cb=log_nats_error,
         max_reconnect_attempts=0,
     )
 
@@ -143,6 +145,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             nats_port=args.nats_port,
             http_port=args.http_port,
             redis_port=args.redis_port,
+            cluster=args.cluster,
         )
     )
     print(
@@ -194,7 +197,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         if counters:
             detail += "  " + " ".join(f"{k.split('.')[-1]}={v}" for k, v in sorted(counters.items()))
         print(f"{name:14} {proc.pid:>7} {'yes' if h.get('ready') else 'NO':6} {svc_lag:>5}  {detail}")
-    for p in (state.nats, state.redis):
+    for p in (*state.nats, state.redis):
         if p:
             print(f"{p.name:14} {p.pid:>7} {'yes' if p.alive() else 'NO':6} {'':>5}  port {p.port}")
     return 0 if all(h.get("ready") for h in health.values()) else 1
@@ -323,6 +326,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--nats-port", type=_port, default=4222, help="0 picks a free port")
     s.add_argument("--http-port", type=_port, default=8222, help="NATS monitoring port")
     s.add_argument("--redis-port", type=_port, default=6390)
+    s.add_argument(
+        "--cluster",
+        type=int,
+        choices=(1, 3),
+        default=1,
+        help="3: a 3-node JetStream cluster on loopback (node i on --nats-port + i), every stream and bucket R3",
+    )
     s.set_defaults(fn=cmd_up)
 
     s = sub.add_parser("down", help="stop everything `up` started, and only that")

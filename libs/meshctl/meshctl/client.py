@@ -3,6 +3,12 @@
 It holds only the tenant's client identity: it can publish that tenant's task
 submissions and control messages, and read that tenant's events and task outcomes.
 Everything it reads is verified against the trust bundle before it is believed.
+
+Following is live (core subscriptions), and live delivery has a gap while the client
+reconnects (its server restarted, or a cluster node died). An outcome published in that gap
+is still stored in the ``TASK`` stream, so after every reconnect, and once more before giving
+up, the client reads the task's stored outcome (``DIRECT.GET``, the one read its identity
+allows). A task that finished is never reported as timed out.
 """
 
 from __future__ import annotations
@@ -18,10 +24,11 @@ import nats
 from nats.aio.msg import Msg
 
 from mesh_contracts import Contract, ContractError, parse_message
+from mesh_contracts.topology import STREAMS
 from mesh_contracts.v1 import ProgressEvent, TaskCompleted, TaskFailed, TaskLimits, TaskRejected, TaskSubmitted
 from mesh_kit import envelope as env
 from mesh_kit.identity import IdentityError, Signer, TrustBundle, Verifier
-from mesh_kit.settings import inbox_prefix
+from mesh_kit.settings import inbox_prefix, log_nats_error, nats_servers
 
 TERMINAL = (TaskCompleted, TaskFailed, TaskRejected)
 
@@ -50,14 +57,21 @@ class TenantClient:
         self.signer = Signer.from_file(self.principal, signing_key)
         self.verifier = Verifier(TrustBundle.from_file(trust_bundle))
         self.nc: nats.NATS | None = None
+        self._reconnected = asyncio.Event()  # replaced on every reconnect: waiters see each one
+
+    async def _on_reconnect(self) -> None:
+        self._reconnected.set()
+        self._reconnected = asyncio.Event()
 
     async def __aenter__(self) -> TenantClient:
         self.nc = await nats.connect(
-            self.nats_url,
+            nats_servers(self.nats_url),
             user_credentials=str(self.creds),
             name=self.principal,
             inbox_prefix=inbox_prefix(self.principal),
             max_reconnect_attempts=-1,
+            error_cb=log_nats_error,
+            reconnected_cb=self._on_reconnect,
         )
         return self
 
@@ -89,12 +103,12 @@ class TenantClient:
         seen = Followed(task_id)
         done = asyncio.Event()
 
-        async def on_msg(msg: Msg) -> None:
+        def accept(subject: str, data: bytes, headers: dict[str, str] | None) -> None:
             try:
-                model = parse_message(msg.subject, msg.data)
-                self.verifier.verify((msg.headers or {}).get(env.IDENTITY), msg.data, model)
+                model = parse_message(subject, data)
+                self.verifier.verify((headers or {}).get(env.IDENTITY), data, model)
             except (ContractError, IdentityError) as exc:
-                seen.rejected_messages.append(f"{msg.subject}: {exc}")
+                seen.rejected_messages.append(f"{subject}: {exc}")
                 return
             if isinstance(model, ProgressEvent):
                 seen.events.append(model)
@@ -103,6 +117,23 @@ class TenantClient:
                 done.set()
             if on_event is not None:
                 on_event(model)
+
+        async def on_msg(msg: Msg) -> None:
+            accept(msg.subject, msg.data, msg.headers)
+
+        async def catch_up() -> None:
+            """Read the stored outcome, if there is one (it may have been published unseen)."""
+            assert self.nc is not None
+            js = self.nc.jetstream(timeout=5.0)
+            for cls in TERMINAL:
+                subject = cls.spec.subject(self.tenant, task_id)
+                try:
+                    stored = await js.get_last_msg(STREAMS[cls.spec.domain], subject, direct=True)
+                except (nats.errors.Error, TimeoutError):
+                    continue  # not stored (or not reachable right now): live delivery may still come
+                if stored.data:
+                    accept(subject, stored.data, stored.headers)
+                    return
 
         subs = []
         if follow:  # subscribe before publishing so nothing is missed
@@ -114,10 +145,18 @@ class TenantClient:
         seen.submitted_at = time.time()
         await self.publish(TaskSubmitted(tenant=self.tenant, task_id=task_id, goal=goal, limits=limits or TaskLimits()))
         if follow:
+            deadline = time.monotonic() + timeout
             try:
-                await asyncio.wait_for(done.wait(), timeout)
-            except TimeoutError:
-                pass
+                while not done.is_set() and (left := deadline - time.monotonic()) > 0:
+                    reconnected = asyncio.create_task(self._reconnected.wait())
+                    outcome = asyncio.create_task(done.wait())
+                    await asyncio.wait({reconnected, outcome}, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+                    for t in (reconnected, outcome):
+                        t.cancel()
+                    if reconnected.done() and not reconnected.cancelled() and not done.is_set():
+                        await catch_up()
+                if not done.is_set():
+                    await catch_up()  # last look before reporting no outcome
             finally:
                 for s in subs:
                     await s.unsubscribe()

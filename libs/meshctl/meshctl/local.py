@@ -20,6 +20,7 @@ import subprocess
 import sys
 import sysconfig
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -27,6 +28,7 @@ import httpx
 import nats
 
 from mesh_contracts import SERVICES
+from mesh_kit.settings import log_nats_error, nats_servers
 from meshctl.identity import Identities
 from meshctl.provision import provision
 
@@ -100,7 +102,7 @@ def _stat(pid: int) -> list[str] | None:
 class MeshState:
     home: str
     nats_url: str = ""
-    nats: Proc | None = None
+    nats: list[Proc] = field(default_factory=list)  # one server, or every node of the cluster
     redis: Proc | None = None
     services: dict[str, Proc] = field(default_factory=dict)
     redis_port: int = 0
@@ -111,11 +113,12 @@ class MeshState:
         if not path.exists():
             return None
         raw = json.loads(path.read_text())
+        nodes = raw.get("nats") or []
         return cls(
             home=raw["home"],
             nats_url=raw["nats_url"],
             redis_port=raw.get("redis_port", 0),
-            nats=Proc(**raw["nats"]) if raw.get("nats") else None,
+            nats=[Proc(**n) for n in (nodes if isinstance(nodes, list) else [nodes])],
             redis=Proc(**raw["redis"]) if raw.get("redis") else None,
             services={k: Proc(**v) for k, v in raw.get("services", {}).items()},
         )
@@ -126,7 +129,7 @@ class MeshState:
         path.write_text(json.dumps(asdict(self), indent=2))
 
     def procs(self) -> list[Proc]:
-        return [*self.services.values(), *(p for p in (self.redis, self.nats) if p)]
+        return [*self.services.values(), *([self.redis] if self.redis else []), *self.nats]
 
 
 # Children started by this process, by pid: held so they can be reaped when stopped (a dropped
@@ -208,28 +211,85 @@ def service_env(
     return env
 
 
-def write_nats_config(ids: Identities, port: int, http_port: int) -> tuple[Path, Path]:
-    """The server config and its JetStream store directory under the mesh home."""
-    store = ids.home / "nats" / "jetstream"
+CLUSTER_NAME = "agentmesh"
+
+
+@dataclass(frozen=True)
+class NatsNode:
+    """Where one nats-server listens; ``cluster_port`` is 0 for a single server."""
+
+    name: str
+    port: int
+    http_port: int
+    cluster_port: int = 0
+
+
+def nats_nodes(count: int, port: int = 0, http_port: int = 0) -> list[NatsNode]:
+    """``count`` nodes; node i listens on ``port + i`` (or any free port when ``port`` is 0)."""
+    if count == 1:
+        return [NatsNode("agentmesh-local", port or free_port(), http_port or free_port())]
+    return [
+        NatsNode(
+            f"agentmesh-{i}",
+            port + i if port else free_port(),
+            http_port + i if http_port else free_port(),
+            free_port(),
+        )
+        for i in range(count)
+    ]
+
+
+def write_nats_config(ids: Identities, node: NatsNode, peers: Sequence[NatsNode] = ()) -> tuple[Path, Path]:
+    """One node's server config and JetStream store directory under the mesh home."""
+    base = ids.home / "nats" / (node.name if node.cluster_port else "")
+    store = base / "jetstream"
     store.mkdir(parents=True, exist_ok=True)
-    conf = ids.home / "nats" / "server.conf"
-    conf.write_text(ids.server_config(port=port, http_port=http_port, store_dir=store))
+    cluster = ""
+    if node.cluster_port:
+        routes = ", ".join(f"nats-route://127.0.0.1:{p.cluster_port}" for p in peers if p != node)
+        cluster = (
+            f"cluster {{\n  name: {CLUSTER_NAME}\n  listen: 127.0.0.1:{node.cluster_port}\n  routes: [{routes}]\n}}\n"
+        )
+    conf = base / "server.conf"
+    conf.write_text(
+        ids.server_config(
+            port=node.port, http_port=node.http_port, store_dir=store, cluster=cluster, server_name=node.name
+        )
+    )
     return conf, store
 
 
-async def start_nats(ids: Identities, port: int, http_port: int, timeout: float = 30.0) -> Proc:
-    conf, _ = write_nats_config(ids, port, http_port)
-    proc = _spawn(
-        "nats-server",
-        [find_binary("nats-server"), "-c", str(conf)],
-        ids.home / "logs" / "nats-server.log",
-        port=port,
-        http_port=http_port,
-    )
-    await wait_until(
-        lambda: _http_ok(f"http://127.0.0.1:{http_port}/healthz?js-enabled-only=true"), "nats-server", timeout, proc
-    )
-    return proc
+async def start_nats(ids: Identities, nodes: list[NatsNode], timeout: float = 30.0) -> list[Proc]:
+    """Start every node, then wait until each is healthy (a cluster: JetStream has a meta leader
+    and every node is current with it)."""
+    procs = []
+    for node in nodes:
+        conf, _ = write_nats_config(ids, node, nodes)
+        label = "nats-server" if len(nodes) == 1 else node.name
+        procs.append(
+            _spawn(
+                label,
+                [find_binary("nats-server"), "-c", str(conf)],
+                ids.home / "logs" / f"{label}.log",
+                port=node.port,
+                http_port=node.http_port,
+            )
+        )
+    for proc in procs:
+        await wait_nats_healthy(proc, cluster=len(nodes) > 1, timeout=timeout)
+    return procs
+
+
+async def wait_nats_healthy(proc: Proc, *, cluster: bool = False, timeout: float = 30.0) -> None:
+    """A single server is ready when JetStream is enabled; a cluster node when it is also
+    current with the JetStream meta leader (so a quorum exists)."""
+    path = "/healthz" if cluster else "/healthz?js-enabled-only=true"
+    await wait_until(lambda: _http_ok(f"http://127.0.0.1:{proc.http_port}{path}"), proc.name, timeout, proc)
+
+
+def respawn(proc: Proc) -> Proc:
+    """Start ``proc``'s command again, as itself (same ports, same store: a restarted node)."""
+    return _spawn(proc.name, proc.argv, Path(proc.log), port=proc.port, http_port=proc.http_port)
 
 
 def redis_args(ids: Identities, port: int) -> list[str]:
@@ -253,7 +313,12 @@ async def start_redis(ids: Identities, port: int, timeout: float = 30.0) -> Proc
 async def provision_as_admin(
     ids: Identities, nats_url: str, replicas: int = 1, ack_wait_s: float | None = None
 ) -> None:
-    nc = await nats.connect(nats_url, user_credentials=str(ids.creds("admin")), name="meshctl-provision")
+    nc = await nats.connect(
+        nats_servers(nats_url),
+        user_credentials=str(ids.creds("admin")),
+        name="meshctl-provision",
+        error_cb=log_nats_error,
+    )
     try:
         await provision(nc, replicas=replicas, **({"ack_wait_s": ack_wait_s} if ack_wait_s else {}))
     finally:
@@ -291,34 +356,37 @@ async def up(
     nats_port: int = 4222,
     http_port: int = 8222,
     redis_port: int = 6390,
+    cluster: int = 1,
     services: tuple[str, ...] = SERVICES,
     service_env_extra: dict[str, str] | None = None,
     timeout: float = 60.0,
 ) -> MeshState:
-    """Start nats-server, redis-server and the services; provision in between."""
+    """Start nats-server (one, or a ``cluster``-node JetStream cluster with every stream and
+    bucket replicated ``cluster`` times), redis-server and the services; provision in between."""
     existing = MeshState.load(home)
     if existing and any(p.alive() for p in existing.procs()):
         raise MeshError(f"a mesh is already running from {home} (meshctl down first)")
-    for label, flag, port in (
-        ("NATS", "nats", nats_port),
-        ("NATS monitoring", "http", http_port),
-        ("Redis", "redis", redis_port),
-    ):
-        if port and not port_free(port):
-            raise MeshError(
-                f"{label} port {port} is in use (choose another with --{flag}-port, or 0 for any free port)"
-            )
-    nats_port, http_port, redis_port = (p or free_port() for p in (nats_port, http_port, redis_port))
+    for label, flag, first in (("NATS", "nats", nats_port), ("NATS monitoring", "http", http_port)):
+        for port in range(first, first + cluster) if first else ():
+            if not port_free(port):
+                raise MeshError(
+                    f"{label} port {port} is in use (choose another with --{flag}-port, or 0 for any free port)"
+                )
+    if redis_port and not port_free(redis_port):
+        raise MeshError(f"Redis port {redis_port} is in use (choose another with --redis-port, or 0 for any free port)")
+    nodes = nats_nodes(cluster, nats_port, http_port)
+    redis_port = redis_port or free_port()
     home.mkdir(parents=True, exist_ok=True)
     ids = Identities(home)
     ids.mint(tenants)
-    state = MeshState(home=str(home), nats_url=f"nats://127.0.0.1:{nats_port}", redis_port=redis_port)
+    url = ",".join(f"nats://127.0.0.1:{n.port}" for n in nodes)
+    state = MeshState(home=str(home), nats_url=url, redis_port=redis_port)
     try:
-        state.nats = await start_nats(ids, nats_port, http_port, timeout)
+        state.nats = await start_nats(ids, nodes, timeout)
         state.save()
         state.redis = await start_redis(ids, redis_port, timeout)
         state.save()
-        await provision_as_admin(ids, state.nats_url)
+        await provision_as_admin(ids, state.nats_url, replicas=cluster)
         state.services = start_services(ids, state.nats_url, services, service_env_extra)
         state.save()
         await wait_ready(state.services, timeout)
@@ -339,7 +407,7 @@ def down(home: Path, timeout: float = 25.0) -> list[str]:
     state = MeshState.load(home)
     if state is None:
         return []
-    stopped = stop([list(state.services.values()), [p for p in (state.redis, state.nats) if p]], timeout)
+    stopped = stop([list(state.services.values()), [p for p in (state.redis, *state.nats) if p]], timeout)
     (home / "run" / "state.json").unlink(missing_ok=True)
     return stopped
 

