@@ -16,7 +16,7 @@ import nats
 import pytest
 
 from mesh_contracts.v1 import TaskCompleted, TaskSubmitted
-from mesh_testing.chaos import ChaosMesh, outbox_effects, report
+from mesh_testing.chaos import ChaosMesh, outbox_effects, pct, recovery_s, report, stored_per_task
 from mesh_testing.infra import Infra, running_infra
 
 pytestmark = pytest.mark.chaos
@@ -42,11 +42,6 @@ def logs_on_failure(request, infra):
         for log in sorted((infra.home / "logs").glob("*.log")):
             tail = log.read_text(errors="replace").splitlines()[-15:]
             print(f"\n--- {log.name} (last {len(tail)} lines)\n" + "\n".join(line[:240] for line in tail))
-
-
-def pct(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return round(values[min(len(values) - 1, round(q * (len(values) - 1)))], 3) if values else 0.0
 
 
 async def test_kill_9_workers_repeatedly_loses_nothing_and_duplicates_no_effect(infra):
@@ -75,6 +70,7 @@ async def test_kill_9_workers_repeatedly_loses_nothing_and_duplicates_no_effect(
     duplicated = sum(max(0, effects[f"kw-{i}"] - 1) for i in range(n))
     missing = [i for i in range(n) if effects[f"kw-{i}"] == 0]
     latencies = [r.latency_s for r in completed]
+    recovery = recovery_s([t for t, _ in mesh.kills], [r.finished_at for r in completed])
     report(
         "kill -9 worker",
         tasks=n,
@@ -84,6 +80,8 @@ async def test_kill_9_workers_repeatedly_loses_nothing_and_duplicates_no_effect(
         duplicated_effects=duplicated,
         missing_effects=len(missing),
         wall_s=round(wall, 1),
+        recovery_p50_s=pct(recovery, 0.5),
+        recovery_p99_s=pct(recovery, 0.99),
         latency_p50_s=pct(latencies, 0.5),
         latency_p99_s=pct(latencies, 0.99),
     )
@@ -103,7 +101,8 @@ async def test_crash_after_the_effect_before_it_is_recorded_still_one_effect(inf
             run = await c.submit(GOAL, task_id="crash-after-effect", timeout=60)
     finally:
         await mesh.stop()
-    fired = (tmp_path / "fault-after_effect.fired").exists()
+    marker = tmp_path / "fault-after_effect.fired"
+    fired = marker.exists()
     effects = await outbox_effects(infra, "acme")
     report(
         "crash after effect, before record",
@@ -113,6 +112,7 @@ async def test_crash_after_the_effect_before_it_is_recorded_still_one_effect(inf
         lost=int(not isinstance(run.outcome, TaskCompleted)),
         effects=effects["crash-after-effect"],
         latency_s=round(run.latency_s, 2),
+        recovery_s=round(run.finished_at - marker.stat().st_mtime, 2) if fired and run.finished_at else None,
     )
     assert fired and mesh.restarts["tool-executor-0"] >= 1, "the tool-executor died right after the effect"
     assert isinstance(run.outcome, TaskCompleted), run.outcome
@@ -145,7 +145,7 @@ async def test_the_same_task_submitted_50_times_concurrently_runs_once(infra):
     finally:
         await mesh.stop()
     effects = await outbox_effects(infra, "acme")
-    admin = await nats.connect(infra.nats_url, user_credentials=str(infra.ids.creds("admin")))
+    admin = await infra.admin()
     usage = json.loads((await (await admin.jetstream().key_value("budget")).get(f"usage.acme.{task_id}")).value)
     info = await admin.jetstream().stream_info("TASK", subjects_filter=f"task.*.acme.{task_id}.*")
     stored = {k.rsplit(".", 1)[-1]: v for k, v in (info.state.subjects or {}).items()}
@@ -190,6 +190,8 @@ async def test_a_frozen_worker_past_ack_wait_cannot_commit_stale_work(infra):
     effects = await outbox_effects(infra, "globex")
     stored = await stored_per_task(infra, "globex", [f"stop-{i}" for i in range(n)])
     lost = sum(not isinstance(r.outcome, TaskCompleted) for r in results)
+    stopped_at = mesh.kills[0][0]
+    resumed = recovery_s([stopped_at], [r.finished_at for r in results if r.finished_at])
     report(
         "SIGSTOP worker past ack_wait",
         tasks=n,
@@ -198,29 +200,12 @@ async def test_a_frozen_worker_past_ack_wait_cannot_commit_stale_work(infra):
         fenced_writes=fenced.get("mesh.steps.fenced", 0),
         lost=lost,
         duplicated_effects=sum(max(0, effects[f"stop-{i}"] - 1) for i in range(n)),
+        recovery_s=pct(resumed, 0.5),
     )
     assert redelivered > 0, "the frozen worker's messages went to the other worker"
     assert lost == 0
     assert all(effects[f"stop-{i}"] == 1 for i in range(n)), "one email per task"
-    assert all(v == {"step.completed": 4, "tool.requested": 2} for v in stored.values()), stored
-
-
-async def stored_per_task(infra: Infra, tenant: str, tasks: list[str]) -> dict[str, dict[str, int]]:
-    """Stored step completions and tool requests per task: a stale duplicate would show here."""
-    admin = await nats.connect(infra.nats_url, user_credentials=str(infra.ids.creds("admin")))
-    try:
-        js = admin.jetstream()
-        out = {}
-        for t in tasks:
-            steps = await js.stream_info("STEP", subjects_filter=f"step.v1.{tenant}.{t}.completed")
-            tools = await js.stream_info("TOOL", subjects_filter=f"tool.v1.{tenant}.{t}.requested")
-            out[t] = {
-                "step.completed": sum((steps.state.subjects or {}).values()),
-                "tool.requested": sum((tools.state.subjects or {}).values()),
-            }
-        return out
-    finally:
-        await admin.close()
+    assert all(v == {"step.completed": 4, "tool.requested": 2, "task.completed": 1} for v in stored.values()), stored
 
 
 async def test_a_redelivery_after_the_dedup_window_still_has_one_effect(infra):
@@ -239,7 +224,7 @@ async def test_a_redelivery_after_the_dedup_window_still_has_one_effect(infra):
             run = await c.submit(GOAL, task_id="late-dup", timeout=60)
         assert isinstance(run.outcome, TaskCompleted)
         handled_before = (await mesh.counters("tool-executor-0")).get("mesh.messages.handled", 0)
-        admin = await nats.connect(infra.nats_url, user_credentials=str(infra.ids.creds("admin")))
+        admin = await infra.admin()
         original = await admin.jetstream().get_last_msg("TOOL", "tool.v1.acme.late-dup.requested")  # the email
         await admin.close()
         nc = await nats.connect(  # re-sent as the worker would re-send it
@@ -302,6 +287,7 @@ async def test_kill_9_the_planner_mid_task_repeats_no_model_call_and_changes_no_
         model_calls_baseline=baseline_calls,
         model_calls_with_crash=len(chaos_calls),
         repeated_calls=len(repeated),
+        recovery_s=round(chaos.finished_at - mesh.kills[0][0], 2) if killed and chaos.finished_at else None,
         identical_answer=bool(chaos.outcome and baseline.outcome and chaos.outcome.answer == baseline.outcome.answer),
     )
     assert killed and mesh.restarts["planner-0"] >= 1, "the planner died mid-task"

@@ -17,7 +17,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import httpx
-import nats
 
 from mesh_contracts import SERVICES
 from mesh_testing.infra import Infra
@@ -34,7 +33,7 @@ class ChaosMesh:
     env: dict[str, str] = field(default_factory=dict)
     replicas: dict[str, int] = field(default_factory=dict)
     procs: dict[str, tuple[str, local.Proc]] = field(default_factory=dict)  # name -> (service, proc)
-    kills: list[tuple[float, str]] = field(default_factory=list)
+    kills: list[tuple[float, str]] = field(default_factory=list)  # (wall-clock time, name)
     restarts: Counter[str] = field(default_factory=Counter)
     _supervisor: asyncio.Task[None] | None = None
 
@@ -60,7 +59,7 @@ class ChaosMesh:
         if not proc.alive():  # checks the start time too: never a recycled pid
             raise NotOurProcess(f"{name} (pid {proc.pid}) is not a live process this harness started")
         os.kill(proc.pid, sig)
-        self.kills.append((time.monotonic(), name))
+        self.kills.append((time.time(), name))
 
     def supervise(self, delay_s: float = 0.3) -> None:
         """Restart any dead service process after ``delay_s`` (a pod restart)."""
@@ -103,13 +102,51 @@ class ChaosMesh:
 
 async def outbox_effects(infra: Infra, tenant: str) -> Counter[str]:
     """Stored emails per task: the observed external effects."""
-    nc = await nats.connect(infra.nats_url, user_credentials=str(infra.ids.creds("admin")))
+    nc = await infra.admin()
     try:
         js = nc.jetstream()
         info = await js.stream_info("OUTBOX", subjects_filter=f"outbox.{tenant}.>")
         return Counter({subj.split(".")[2]: n for subj, n in (info.state.subjects or {}).items()})
     finally:
         await nc.close()
+
+
+async def stored_per_task(infra: Infra, tenant: str, tasks: list[str]) -> dict[str, dict[str, int]]:
+    """Stored step completions, tool requests and outcomes per task: a duplicate would show here."""
+    nc = await infra.admin()
+    try:
+        js = nc.jetstream()
+        out = {}
+        for t in tasks:
+            steps = await js.stream_info("STEP", subjects_filter=f"step.v1.{tenant}.{t}.completed")
+            tools = await js.stream_info("TOOL", subjects_filter=f"tool.v1.{tenant}.{t}.requested")
+            done = await js.stream_info("TASK", subjects_filter=f"task.v1.{tenant}.{t}.completed")
+            out[t] = {
+                "step.completed": sum((steps.state.subjects or {}).values()),
+                "tool.requested": sum((tools.state.subjects or {}).values()),
+                "task.completed": sum((done.state.subjects or {}).values()),
+            }
+        return out
+    finally:
+        await nc.close()
+
+
+def recovery_s(faults: list[float], completions: list[float]) -> list[float]:
+    """Per fault, seconds until the next task completed after it: how long the mesh stopped
+    making progress (wall-clock times)."""
+    done = sorted(completions)
+    out = []
+    for f in faults:
+        after = next((c for c in done if c > f), None)
+        if after is not None:
+            out.append(after - f)
+    return out
+
+
+def pct(values: list[float], q: float) -> float:
+    """The ``q`` quantile (nearest rank), rounded for reports; 0.0 for no values."""
+    values = sorted(values)
+    return round(values[min(len(values) - 1, round(q * (len(values) - 1)))], 3) if values else 0.0
 
 
 def report(scenario: str, **facts: object) -> None:

@@ -50,12 +50,16 @@ class Infra:
     async def restart_nats(self, index: int = 0, pause_s: float = 0.0) -> float:
         """kill -9 node ``index`` (a process this fixture started), start it again on the same
         port and store after ``pause_s``. Returns the seconds until it is healthy again."""
-        proc = self.nodes[index]
         self.kill_nats(index)
         await asyncio.sleep(pause_s)
+        return await self.start_nats(index)
+
+    async def start_nats(self, index: int) -> float:
+        """Start dead node ``index`` again (same port, same store). Returns the seconds until it
+        is healthy: a cluster node only is once every stream it replicates has caught up."""
         t0 = time.monotonic()
-        self.nodes[index] = local.respawn(proc)
-        await local.wait_nats_healthy(self.nodes[index], cluster=len(self.nodes) > 1)
+        self.nodes[index] = local.respawn(self.nodes[index])
+        await local.wait_nats_healthy(self.nodes[index], cluster=len(self.nodes) > 1, timeout=60)
         return time.monotonic() - t0
 
     def kill_nats(self, index: int) -> None:
