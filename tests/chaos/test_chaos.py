@@ -316,3 +316,73 @@ def test_the_harness_refuses_to_signal_a_process_it_did_not_start(infra):
     finally:
         bystander.kill()
         bystander.wait()
+
+
+async def test_poison_messages_are_dead_lettered_without_slowing_other_tasks(infra):
+    """Poison task submissions fail on every attempt (production retry delays, 17.5 s of
+    retries each) and are injected throughout a steady run; the other tasks' p95 latency is
+    compared with a poison-free run of the same load on the same mesh."""
+    from mesh_contracts.v1 import TaskRejected
+    from mesh_kit import envelope as env
+    from mesh_kit.faults import POISON_MARKER
+    from meshctl.dlq import entries
+
+    n, rate, poison_every_s = (200, 5.0, 2.0) if FULL else (40, 5.0, 1.5)
+    env_ = {k: v for k, v in ENV.items() if k != "MESH_RETRY_DELAYS_S"}  # production backoff
+    mesh = ChaosMesh(infra, env=env_)
+    mesh.start(per_service_env={"planner": {"MESH_FAULTS": "poison"}})
+    await mesh.ready()
+    pill = POISON_MARKER.decode()
+
+    async def steady(c, phase: str, with_poison: bool, n: int = n):
+        """``n`` tasks at ``rate`` per second (open loop), and poison every ``poison_every_s``."""
+        runs, poison = [], []
+        for i in range(n):
+            runs.append(asyncio.create_task(c.submit(GOAL, task_id=f"{phase}-{i}", timeout=120)))
+            if with_poison and i % int(rate * poison_every_s) == 0:
+                goal = f"{GOAL} {pill}"
+                poison.append(asyncio.create_task(c.submit(goal, task_id=f"{phase}-poison-{i}", timeout=120)))
+            await asyncio.sleep(1 / rate)
+        return await asyncio.gather(*runs), await asyncio.gather(*poison)
+
+    try:
+        async with infra.client("acme") as c:
+            await steady(c, "warm", False, n // 4)  # first-run costs (imports, caches) out of the baseline
+            baseline, _ = await steady(c, "base", False)
+            poisoned, pills = await steady(c, "pois", True)
+    finally:
+        await mesh.stop()
+    admin = await infra.admin()
+    try:
+        letters = {
+            (m.headers or {}).get(f"{env.ORIG_PREFIX}{env.TASK}", ""): m.headers or {}
+            async for _, m in entries(admin.jetstream())
+            if pill.encode() in (m.data or b"")
+        }
+    finally:
+        await admin.close()
+    ok_base = [r.latency_s for r in baseline if isinstance(r.outcome, TaskCompleted)]
+    ok_pois = [r.latency_s for r in poisoned if isinstance(r.outcome, TaskCompleted)]
+    p95_base, p95_pois = pct(ok_base, 0.95), pct(ok_pois, 0.95)
+    rejected = [p for p in pills if isinstance(p.outcome, TaskRejected)]
+    report(
+        "poison messages",
+        tasks=2 * n,
+        poison_messages=len(pills),
+        dead_lettered=len(letters),
+        attempts_each=sorted({int(h.get(env.DLQ_DELIVERIES, 0)) for h in letters.values()}),
+        clients_told=len(rejected),
+        time_to_dead_letter_p50_s=pct([p.latency_s for p in rejected], 0.5),
+        lost=2 * n - len(ok_base) - len(ok_pois),
+        p95_baseline_s=p95_base,
+        p95_with_poison_s=p95_pois,
+        p95_ratio=round(p95_pois / p95_base, 2) if p95_base else None,
+        p50_baseline_s=pct(ok_base, 0.5),
+        p50_with_poison_s=pct(ok_pois, 0.5),
+    )
+    assert len(ok_base) == n and len(ok_pois) == n, "every other task completed"
+    assert len(pills) >= 5 and len(rejected) == len(pills), [p.outcome for p in pills if p not in rejected][:2]
+    assert all("injected poison" in p.outcome.reason and "5 attempts" in p.outcome.reason for p in rejected)
+    assert sorted(letters) == sorted(p.task_id for p in pills), "each poison message is in the DLQ"
+    assert all(h.get(env.DLQ_DELIVERIES) == "5" and "injected poison" in h[env.DLQ_REASON] for h in letters.values())
+    assert p95_pois <= 2 * p95_base, f"p95 {p95_pois}s with poison vs {p95_base}s without"

@@ -37,6 +37,7 @@ from mesh_contracts.base import ID_PATTERN
 from mesh_contracts.registry import BY_TYPE
 from mesh_contracts.v1 import ProgressEvent
 from mesh_kit import envelope as env
+from mesh_kit import faults
 from mesh_kit import telemetry as tel
 from mesh_kit.identity import IdentityError, Principal, Signer, TrustBundle, Verifier
 from mesh_kit.settings import ServiceSettings
@@ -299,7 +300,11 @@ class Mesh:
         max_workers: int | None = None,
         on_reject: RejectHook | None = None,
     ) -> None:
-        """Bind ``handler`` to this service's pre-provisioned durable for ``contract``."""
+        """Bind ``handler`` to this service's pre-provisioned durable for ``contract``.
+
+        ``on_reject(tenant, task, subject, reason)`` runs whenever this durable gives up on a
+        message: rejected on arrival (contract or identity), rejected by the handler, or
+        dead-lettered after its last attempt. The task's owner uses it to tell the client."""
         durable = topo.durable_for(self.service, contract)
         workers = max_workers or self.settings.max_workers
         prefix = (self.settings.inbox_prefix + ".").encode()
@@ -359,12 +364,14 @@ class Mesh:
         with self.tracer.start_as_current_span(f"handle {model.type}") as span:
             span.set_attributes({tel.A_TENANT: model.tenant, tel.A_TASK: model.task_id, tel.A_MSG_TYPE: model.type})
             try:
+                faults.poison_point(raw.data)
                 await handler(model, delivery)
             except Reject as exc:
                 self.count(tel.M_DEAD_LETTERED)
-                await self._dead_letter(
-                    raw, headers, durable, "failed", f"rejected by handler: {exc}", (deliveries, seq, stored_at)
-                )
+                reason = f"rejected by handler: {exc}"
+                await self._dead_letter(raw, headers, durable, "failed", reason, (deliveries, seq, stored_at))
+                if on_reject is not None:
+                    await self._reject_hook(on_reject, raw.subject, reason)
                 await msg.reject()
                 return
             except asyncio.CancelledError:
@@ -380,6 +387,8 @@ class Mesh:
                     self.count(tel.M_DEAD_LETTERED)
                     log.error("giving up on %s after %d attempts: %s", raw.subject, deliveries, reason)
                     await self._dead_letter(raw, headers, durable, "failed", reason, (deliveries, seq, stored_at))
+                    if on_reject is not None:
+                        await self._reject_hook(on_reject, raw.subject, f"failed {deliveries} attempts: {reason}")
                     await msg.reject()
                 else:
                     self.count(tel.M_RETRIED)

@@ -2,13 +2,29 @@
 
 ``MESH_FAULTS=after_effect`` makes the process die (``os._exit``, no cleanup, like
 ``kill -9``) the first time it passes that point. "First" is remembered in
-``MESH_FAULTS_DIR`` so a restarted process does not die again. Never set in production.
+``MESH_FAULTS_DIR`` so a restarted process does not die again.
+
+``MESH_FAULTS=poison`` makes every handler of the process fail (an ordinary exception, as a
+handler bug would raise) on any message whose body contains ``POISON_MARKER``, on every
+attempt: a poison message. Never set in production.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+
+POISON_MARKER = b"#poison-pill#"
+_POISON = "poison" in os.environ.get("MESH_FAULTS", "").split(",")  # read once: the check is per message
+
+
+class InjectedPoison(RuntimeError):
+    """The failure a poison message causes (``MESH_FAULTS=poison``)."""
+
+
+def poison_point(body: bytes) -> None:
+    if _POISON and POISON_MARKER in body:
+        raise InjectedPoison("injected poison: this message fails on every attempt")
 
 
 def crash_point(name: str) -> None:
