@@ -70,7 +70,7 @@ def test_up_status_down_manages_exactly_what_it_started(tmp_path):
         # A recycled pid: the state file names the bystander's pid, but with another start time.
         state_file = home / "run" / "state.json"
         state = json.loads(state_file.read_text())
-        pids = [p["pid"] for p in state["services"].values()] + [state["nats"]["pid"], state["redis"]["pid"]]
+        pids = [p["pid"] for p in (*state["services"].values(), *state["nats"], state["redis"])]
         state["services"]["impostor"] = {
             "name": "impostor",
             "pid": bystander.pid,
@@ -95,3 +95,32 @@ def test_up_status_down_manages_exactly_what_it_started(tmp_path):
         bystander.wait()
         meshctl(home, "down")
     assert not any(os.access(p, os.F_OK) for p in [home / "run" / "state.json"])
+
+
+def test_a_three_node_cluster_keeps_serving_with_a_node_down(tmp_path):
+    home = tmp_path / "cluster"
+    up = meshctl(home, "up", "--cluster", "3", "--tenants", "acme", "--nats-port", "0", "--http-port", "0",
+                 "--redis-port", "0")  # fmt: skip
+    assert up.returncode == 0, up.stderr
+    try:
+        state = json.loads((home / "run" / "state.json").read_text())
+        nodes = state["nats"]
+        assert [n["name"] for n in nodes] == ["agentmesh-0", "agentmesh-1", "agentmesh-2"]
+        assert state["nats_url"].count("nats://") == 3, "clients are given every node"
+        goal = "How does AgentMesh avoid duplicate side effects? Also compute 17 * 23."
+        first = meshctl(home, "submit", goal, "--tenant", "acme", "--follow", "--json", "--timeout", "30")
+        assert first.returncode == 0, first.stderr
+        os.kill(nodes[0]["pid"], 9)  # a node `up` started (pid from its own state file)
+        deadline = time.monotonic() + 30
+        while (status := meshctl(home, "status")).returncode != 0:  # services reconnect to live nodes
+            assert status.returncode == 1 and "Traceback" not in status.stderr, status.stderr
+            assert time.monotonic() < deadline, status.stdout
+            time.sleep(0.5)
+        assert "agentmesh-0" in status.stdout and "NO" in status.stdout.split("agentmesh-0")[1].splitlines()[0]
+        again = meshctl(home, "submit", goal, "--tenant", "acme", "--follow", "--json", "--timeout", "60")
+        assert again.returncode == 0, again.stderr
+        outcome = json.loads(again.stdout)["outcome"]
+        assert outcome["type"] == "task.completed" and "391" in outcome["answer"]
+    finally:
+        down = meshctl(home, "down")
+    assert down.returncode == 0 and "agentmesh-2" in down.stdout

@@ -191,7 +191,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"{'SERVICE':14} {'PID':>7} {'READY':6} {'LAG':>5}  DETAIL")
     for name, proc in state.services.items():
         h = health[name]
-        svc_lag = sum(v["pending"] + v["ack_pending"] for v in lag.values() if v["service"] == name)
+        mine = [v for v in lag.values() if v["service"] == name]
+        svc_lag = "?" if any(v["pending"] < 0 for v in mine) else sum(v["pending"] + v["ack_pending"] for v in mine)
         detail = h.get("reason", "")
         counters = h.get("counters", {})
         if counters:
@@ -200,6 +201,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     for p in (*state.nats, state.redis):
         if p:
             print(f"{p.name:14} {p.pid:>7} {'yes' if p.alive() else 'NO':6} {'':>5}  port {p.port}")
+    if any(v["pending"] < 0 for v in lag.values()):
+        print("LAG ?: a consumer's leader did not answer in 2 s (a cluster electing leaders after a node died?)")
     return 0 if all(h.get("ready") for h in health.values()) else 1
 
 

@@ -121,11 +121,17 @@ async def provision(nc: nats.NATS, *, replicas: int = 1, ack_wait_s: float = top
 
 
 async def consumer_lag(nc: nats.NATS) -> dict[str, dict[str, int]]:
-    """Per durable: pending (not yet delivered) and ack-pending (in flight). KEDA's lag = sum."""
+    """Per durable: pending (not yet delivered) and ack-pending (in flight). KEDA's lag = sum.
+    -1 where the consumer's leader did not answer in time."""
     js = nc.jetstream()
     out: dict[str, dict[str, int]] = {}
     for d in topo.durables():
-        info = await js.consumer_info(d.stream, d.name)
+        try:
+            info = await js.consumer_info(d.stream, d.name, timeout=2.0)
+        except nats.errors.TimeoutError:
+            # No answer: in a cluster, usually a leader election after a node died (seconds).
+            out[d.name] = {"service": d.service, "pending": -1, "ack_pending": -1, "redelivered": -1}
+            continue
         out[d.name] = {
             "service": d.service,
             "pending": info.num_pending or 0,  # type: ignore[dict-item]
