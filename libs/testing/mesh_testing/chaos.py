@@ -48,6 +48,11 @@ class ChaosMesh:
         )
         self.procs[name] = (svc, proc)
 
+    async def add(self, svc: str, name: str, timeout: float = 30) -> None:
+        """Start one more process of ``svc`` (a scale-up) and wait until it is ready."""
+        self._spawn(svc, name)
+        await local.wait_ready({name: self.procs[name][1]}, timeout)
+
     async def ready(self, timeout: float = 60) -> None:
         await local.wait_ready({n: p for n, (_, p) in self.procs.items()}, timeout)
 
