@@ -33,17 +33,6 @@ def infra() -> Iterator[Infra]:
         yield infra
 
 
-@pytest.fixture(autouse=True)
-def logs_on_failure(request, infra):
-    """A chaos failure is only useful with the services' own account of it."""
-    yield
-    rep = getattr(request.node, "rep_call", None)
-    if rep is not None and rep.failed:
-        for log in sorted((infra.home / "logs").glob("*.log")):
-            tail = log.read_text(errors="replace").splitlines()[-15:]
-            print(f"\n--- {log.name} (last {len(tail)} lines)\n" + "\n".join(line[:240] for line in tail))
-
-
 async def test_kill_9_workers_repeatedly_loses_nothing_and_duplicates_no_effect(infra):
     # Kills no faster than a replica restarts (~1 s): faster than that is a crash loop, which
     # max_deliver turns into dead letters by design (see the DLQ scenario), not a lost task.

@@ -61,7 +61,9 @@ async def test_kill_one_node_of_three_mid_run_loses_and_duplicates_nothing(clust
     t0 = time.monotonic()
     try:
         async with cluster.client("acme") as c:
-            runs = asyncio.gather(*(c.submit(GOAL, task_id=f"cl-{i}", timeout=240, on_event=count) for i in range(n)))
+            runs = asyncio.gather(
+                *(c.submit(GOAL, task_id=f"cl-{i}", timeout=90 if FULL else 45, on_event=count) for i in range(n))
+            )
             while completed_live < n // 4:  # mid-run: a quarter done, the rest in flight
                 await asyncio.sleep(0.05)
             killed_at, done_at_kill = time.time(), completed_live

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import nats
+import nats.js.errors
 from faststream.middlewares import AckPolicy
 from faststream.nats import JStream, NatsBroker, NatsMessage, PullSub
 from faststream.nats.opentelemetry import NatsTelemetryMiddleware
@@ -93,7 +94,10 @@ class Delivery:
         async def beat() -> None:
             while True:
                 await asyncio.sleep(every)
-                await self.heartbeat()
+                try:
+                    await self.heartbeat()
+                except nats.errors.Error as exc:  # the broker is away: the next beat may reach it
+                    log.debug("heartbeat for %s not sent: %s", self.subject, exc)
 
         task = asyncio.create_task(beat()) if self._msg is not None else None
         try:
@@ -104,6 +108,18 @@ class Delivery:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
 
+
+BROKER_UNAVAILABLE: tuple[type[Exception], ...] = (
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.errors.ConnectionClosedError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.OutboundBufferLimitError,
+    nats.errors.StaleConnectionError,
+    nats.js.errors.NoStreamResponseError,
+    nats.js.errors.ServiceUnavailableError,
+)
+"""Failures of the broker, not of the message: a restart, a failover, a leader election."""
 
 Handler = Callable[[Any, Delivery], Awaitable[None]]
 RequestHandler = Callable[[Any, Delivery], Awaitable[Contract]]
@@ -321,7 +337,7 @@ class Mesh:
             # asyncio.TimeoutError, which FastStream does not suppress (it restarts the loop with an
             # ERROR traceback). One-message fetches raise the nats TimeoutError it does suppress;
             # max_workers still gives concurrency.
-            pull_sub=PullSub(batch_size=1, timeout=5.0),
+            pull_sub=PullSub(batch_size=1, timeout=self.settings.fetch_timeout_s),
             ack_policy=AckPolicy.MANUAL,
             inbox_prefix=prefix,
             max_workers=workers if workers > 1 else None,
@@ -365,7 +381,7 @@ class Mesh:
             span.set_attributes({tel.A_TENANT: model.tenant, tel.A_TASK: model.task_id, tel.A_MSG_TYPE: model.type})
             try:
                 faults.poison_point(raw.data)
-                await handler(model, delivery)
+                await self._run(handler, model, delivery)
             except Reject as exc:
                 self.count(tel.M_DEAD_LETTERED)
                 reason = f"rejected by handler: {exc}"
@@ -401,6 +417,31 @@ class Mesh:
                 return
         self.count(tel.M_HANDLED)
         await msg.ack()
+
+    async def _run(self, handler: Handler, model: Contract, delivery: Delivery) -> None:
+        """Run ``handler``; while the broker is unavailable, run it again in place rather than
+        spend one of the message's attempts (those are for failures of the message itself: a
+        failover must not dead-letter good work). Handlers are idempotent (compare-and-set
+        records, ledger-guarded effects), so a re-run is what a redelivery would be. The
+        message is kept alive with heartbeats meanwhile; after ``infra_retry_s`` the failure
+        counts as an attempt after all."""
+        deadline = time.monotonic() + self.settings.infra_retry_s
+        pause, beating = 0.1, False
+        async with contextlib.AsyncExitStack() as stack:
+            while True:
+                try:
+                    await handler(model, delivery)
+                    return
+                except BROKER_UNAVAILABLE as exc:
+                    if time.monotonic() + pause > deadline:
+                        raise
+                    if not beating:
+                        await stack.enter_async_context(delivery.keepalive())
+                        beating = True
+                    self.count(tel.M_INFRA_RETRIED)
+                    log.info("%s: broker unavailable (%s); re-running in %.1fs", delivery.subject, exc, pause)
+                    await asyncio.sleep(pause)
+                    pause = min(pause * 2, 2.0)
 
     async def _reject_hook(self, hook: RejectHook, subject: str, reason: str) -> None:
 

@@ -90,7 +90,9 @@ class Ledger:
         held = json.loads(entry.value or b"{}")
         if held.get("status") == "done":
             raise Busy(f"{key} was recorded meanwhile")  # the retry reads the recorded result
-        same_message = owner and held.get("owner") == owner and attempt > int(held.get("attempt", 0))
+        # ``>=``: the same delivery re-running in place (after the broker was unavailable) takes
+        # back its own claim; a frozen older delivery (lower attempt) never does.
+        same_message = owner and held.get("owner") == owner and attempt >= int(held.get("attempt", 0))
         expired = time.time() - float(held.get("at", 0)) > CLAIM_LEASE_S
         if not (same_message or expired):
             raise Busy(f"{key} is being performed by {held.get('owner') or 'another attempt'}")

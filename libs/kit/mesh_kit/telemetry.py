@@ -20,6 +20,7 @@ M_HANDLED = "mesh.messages.handled"
 M_REJECTED = "mesh.messages.rejected"
 M_DEAD_LETTERED = "mesh.messages.dead_lettered"
 M_RETRIED = "mesh.messages.retried"
+M_INFRA_RETRIED = "mesh.messages.rerun_broker_unavailable"  # re-run in place, no attempt spent
 M_REDELIVERED = "mesh.messages.redelivered"  # received on a second or later delivery
 M_PERMISSION_VIOLATIONS = "mesh.nats.permission_violations"
 M_LLM_CALLS = "mesh.llm.calls"

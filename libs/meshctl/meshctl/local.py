@@ -277,7 +277,21 @@ async def start_nats(ids: Identities, nodes: list[NatsNode], timeout: float = 30
         )
     for proc in procs:
         await wait_nats_healthy(proc, cluster=len(nodes) > 1, timeout=timeout)
+    if len(procs) > 1:
+        # Healthy nodes are not yet enough to place an R3 stream: the meta leader must also see
+        # every peer as current, or placement fails with "no suitable peers".
+        await wait_until(lambda: _meta_quorum(procs), "JetStream meta cluster", timeout, procs[0])
     return procs
+
+
+async def _meta_quorum(procs: list[Proc]) -> bool:
+    async with httpx.AsyncClient(timeout=1.0) as client:
+        for p in procs:
+            meta = (await client.get(f"http://127.0.0.1:{p.http_port}/jsz")).json().get("meta_cluster", {})
+            if meta.get("leader") == p.name:
+                peers = meta.get("replicas") or []
+                return len(peers) == len(procs) - 1 and all(r.get("current") and not r.get("offline") for r in peers)
+    return False
 
 
 async def wait_nats_healthy(proc: Proc, *, cluster: bool = False, timeout: float = 30.0) -> None:
