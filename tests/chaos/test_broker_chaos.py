@@ -34,9 +34,7 @@ async def restart_broker(infra: Infra, pause_s: float) -> float:
 
 async def test_kill_9_the_broker_during_id_tagged_publishes(infra):
     total, kills = (3000, 4) if FULL else (1500, 2)
-    nc = await nats.connect(
-        infra.nats_url,
-        user_credentials=str(infra.ids.creds("admin")),
+    nc = await infra.admin(
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.1,
         name="chaos-publisher",

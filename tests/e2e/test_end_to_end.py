@@ -30,7 +30,7 @@ SAMPLE_DOCS = {p.name for p in (ROOT / "services/rag/mesh_rag/sample_docs").glob
 
 
 async def budget_usage(mesh, tenant: str, task_id: str) -> dict:
-    nc = await nats.connect(mesh.infra.nats_url, user_credentials=str(mesh.infra.ids.creds("admin")))
+    nc = await mesh.infra.admin()
     try:
         kv = await nc.jetstream().key_value("budget")
         deadline = time.monotonic() + 10
@@ -123,7 +123,7 @@ async def test_malformed_and_unknown_version_tasks_are_dead_lettered_and_rejecte
             "task.v1.acme.bad-schema.submitted", bad, headers={env.IDENTITY: token, env.MSG_ID: "bad-schema"}
         )
         # 3. a version this mesh does not know (as a newer producer would send it)
-        admin = await nats.connect(e2e_mesh.infra.nats_url, user_credentials=str(e2e_mesh.infra.ids.creds("admin")))
+        admin = await e2e_mesh.infra.admin()
         v9 = json.dumps({"type": "task.submitted", "tenant": "acme", "task_id": "bad-version", "goal": "x"}).encode()
         await admin.jetstream().publish("task.v9.acme.bad-version.submitted", v9, headers={env.MSG_ID: "v9"})
         deadline = time.monotonic() + 15

@@ -1,71 +1,11 @@
-"""Helpers for tests that act as mesh services against real infrastructure."""
+"""Fixtures for the integration tests (helpers they import are in ``integration_helpers``)."""
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
-from typing import Any
+from collections.abc import Callable
 
-import nats
 import pytest
-
-from mesh_kit import Mesh, ServiceSettings
-from mesh_kit.settings import inbox_prefix
-from mesh_testing.infra import Infra
-
-
-def settings_for(infra: Infra, service: str, **overrides: Any) -> ServiceSettings:
-    ids = infra.ids
-    redis_file = ids.secrets / "redis" / f"{service}.url"
-    return ServiceSettings(
-        service=service,
-        nats_url=infra.nats_url,
-        creds_file=ids.creds(service),
-        signing_key_file=ids.signing_key(service),
-        trust_bundle_file=ids.trust_bundle,
-        redis_url=redis_file.read_text() if redis_file.exists() else "",
-        strict_contracts=True,
-        **overrides,
-    )
-
-
-@asynccontextmanager
-async def running(mesh: Mesh) -> AsyncIterator[Mesh]:
-    await mesh.start()
-    try:
-        yield mesh
-    finally:
-        await mesh.stop()
-
-
-@asynccontextmanager
-async def connect(infra: Infra, principal: str) -> AsyncIterator[nats.NATS]:
-    nc = await nats.connect(
-        infra.nats_url,
-        user_credentials=str(infra.ids.creds(principal)),
-        inbox_prefix=inbox_prefix(principal),
-        max_reconnect_attempts=0,
-        name=f"test-{principal}",
-    )
-    try:
-        yield nc
-    finally:
-        await nc.close()
-
-
-async def eventually(check: Callable[[], Any], timeout: float = 15.0, what: str = "condition") -> Any:
-    """Poll with a deadline (never a bare sleep)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = check()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return result
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"{what} not reached within {timeout}s")
 
 
 @pytest.fixture

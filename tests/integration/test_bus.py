@@ -6,7 +6,7 @@ import asyncio
 import json
 
 import pytest
-from conftest import connect, eventually, running, settings_for
+from integration_helpers import connect, eventually, running, settings_for
 
 from mesh_contracts.v1 import (
     BudgetDenied,

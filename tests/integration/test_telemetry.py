@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import connect, eventually, running, settings_for
+from integration_helpers import connect, eventually, running, settings_for
 from opentelemetry import trace
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader

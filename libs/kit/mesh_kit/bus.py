@@ -337,7 +337,7 @@ class Mesh:
             # asyncio.TimeoutError, which FastStream does not suppress (it restarts the loop with an
             # ERROR traceback). One-message fetches raise the nats TimeoutError it does suppress;
             # max_workers still gives concurrency.
-            pull_sub=PullSub(batch_size=1, timeout=self.settings.fetch_timeout_s),
+            pull_sub=PullSub(batch_size=1, timeout=5.0),
             ack_policy=AckPolicy.MANUAL,
             inbox_prefix=prefix,
             max_workers=workers if workers > 1 else None,
@@ -368,10 +368,7 @@ class Mesh:
             self.count(tel.M_REJECTED)
             reason = f"{'identity' if isinstance(exc, IdentityError) else 'contract'}: {exc}"
             log.warning("rejected %s seq=%s: %s", raw.subject, seq, reason)
-            await self._dead_letter(raw, headers, durable, "rejected", reason, (deliveries, seq, stored_at))
-            if on_reject is not None:
-                await self._reject_hook(on_reject, raw.subject, reason)
-            await msg.reject()
+            await self._give_up(msg, durable, "rejected", reason, (deliveries, seq, stored_at), on_reject)
             return
 
         delivery = Delivery(self, sender, raw.subject, headers.get(env.MSG_ID, ""), deliveries, headers, msg, seq)
@@ -385,10 +382,7 @@ class Mesh:
             except Reject as exc:
                 self.count(tel.M_DEAD_LETTERED)
                 reason = f"rejected by handler: {exc}"
-                await self._dead_letter(raw, headers, durable, "failed", reason, (deliveries, seq, stored_at))
-                if on_reject is not None:
-                    await self._reject_hook(on_reject, raw.subject, reason)
-                await msg.reject()
+                await self._give_up(msg, durable, "failed", reason, (deliveries, seq, stored_at), on_reject)
                 return
             except asyncio.CancelledError:
                 raise
@@ -402,10 +396,10 @@ class Mesh:
                 if deliveries >= self.settings.max_deliver:
                     self.count(tel.M_DEAD_LETTERED)
                     log.error("giving up on %s after %d attempts: %s", raw.subject, deliveries, reason)
-                    await self._dead_letter(raw, headers, durable, "failed", reason, (deliveries, seq, stored_at))
-                    if on_reject is not None:
-                        await self._reject_hook(on_reject, raw.subject, f"failed {deliveries} attempts: {reason}")
-                    await msg.reject()
+                    await self._give_up(
+                        msg, durable, "failed", reason, (deliveries, seq, stored_at), on_reject,
+                        told=f"failed {deliveries} attempts: {reason}",
+                    )  # fmt: skip
                 else:
                     self.count(tel.M_RETRIED)
                     delays = self.settings.retry_delays_s or (1.0,)
@@ -443,14 +437,29 @@ class Mesh:
                     await asyncio.sleep(pause)
                     pause = min(pause * 2, 2.0)
 
-    async def _reject_hook(self, hook: RejectHook, subject: str, reason: str) -> None:
-
-        try:
-            parts = split_subject(subject)
-        except ContractError:
-            return
-        if re.match(ID_PATTERN, parts.tenant) and re.match(ID_PATTERN, parts.task_id):
-            await hook(parts.tenant, parts.task_id, subject, reason)
+    async def _give_up(
+        self,
+        msg: NatsMessage,
+        durable: topo.Durable,
+        kind: str,
+        reason: str,
+        where: tuple[int, int, float | None],
+        on_reject: RejectHook | None,
+        *,
+        told: str = "",
+    ) -> None:
+        """Dead-letter the message, tell the durable's ``on_reject`` hook (``told``, or the
+        reason), and stop its redelivery."""
+        raw: Msg = msg.raw_message
+        await self._dead_letter(raw, dict(raw.headers or {}), durable, kind, reason, where)
+        if on_reject is not None:
+            try:
+                parts = split_subject(raw.subject)
+            except ContractError:
+                parts = None
+            if parts and re.match(ID_PATTERN, parts.tenant) and re.match(ID_PATTERN, parts.task_id):
+                await on_reject(parts.tenant, parts.task_id, raw.subject, told or reason)
+        await msg.reject()
 
     async def _dead_letter(
         self,

@@ -47,10 +47,6 @@ class ServiceSettings(BaseSettings):
     """The provisioned consumers' ack_wait; long calls send in-progress heartbeats every third of it."""
     max_deliver: int = Field(topo.MAX_DELIVER, ge=1, lt=topo.SERVER_MAX_DELIVER + 1)
     """Attempts before a failing message is dead-lettered (the provisioned consumer allows one more)."""
-    fetch_timeout_s: float = Field(5.0, gt=0, le=30)
-    """How long one pull request waits for a message. A request parked on a server that then
-    dies is only replaced after this, so it bounds how long a consumer idles after a failover;
-    shorter costs one more idle request per durable and interval."""
     infra_retry_s: float = Field(60.0, ge=0)
     """While the broker is unavailable (restart, failover), a handler is re-run in place for up
     to this long before the failure costs the message one of its ``max_deliver`` attempts."""
