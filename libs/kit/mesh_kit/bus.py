@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import nats
-import nats.js.errors
 from faststream.middlewares import AckPolicy
 from faststream.nats import JStream, NatsBroker, NatsMessage, PullSub
 from faststream.nats.opentelemetry import NatsTelemetryMiddleware
@@ -41,7 +40,7 @@ from mesh_kit import envelope as env
 from mesh_kit import faults
 from mesh_kit import telemetry as tel
 from mesh_kit.identity import IdentityError, Principal, Signer, TrustBundle, Verifier
-from mesh_kit.settings import ServiceSettings
+from mesh_kit.settings import BROKER_UNAVAILABLE, ServiceSettings
 
 log = logging.getLogger("mesh.bus")
 C = TypeVar("C", bound=Contract)
@@ -108,18 +107,6 @@ class Delivery:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
 
-
-BROKER_UNAVAILABLE: tuple[type[Exception], ...] = (
-    nats.errors.TimeoutError,
-    nats.errors.NoRespondersError,
-    nats.errors.ConnectionClosedError,
-    nats.errors.ConnectionReconnectingError,
-    nats.errors.OutboundBufferLimitError,
-    nats.errors.StaleConnectionError,
-    nats.js.errors.NoStreamResponseError,
-    nats.js.errors.ServiceUnavailableError,
-)
-"""Failures of the broker, not of the message: a restart, a failover, a leader election."""
 
 Handler = Callable[[Any, Delivery], Awaitable[None]]
 RequestHandler = Callable[[Any, Delivery], Awaitable[Contract]]

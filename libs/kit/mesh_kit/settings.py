@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import nats.errors
+import nats.js.errors
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -93,3 +95,18 @@ async def log_nats_error(exc: Exception) -> None:
     node of a cluster is expected while it is down, and the client moves on to the next; the
     nats-py default prints a traceback for it."""
     logging.getLogger("nats").debug("nats: %s", exc)
+
+
+BROKER_UNAVAILABLE: tuple[type[Exception], ...] = (
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.errors.ConnectionClosedError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.OutboundBufferLimitError,
+    nats.errors.StaleConnectionError,
+    nats.js.errors.NoStreamResponseError,
+    nats.js.errors.ServiceUnavailableError,
+)
+"""Failures of the broker, not of the message: a restart, a failover, a leader election.
+Retrying is safe wherever the operation is idempotent (a publish under a deterministic
+message id, a compare-and-set handler)."""

@@ -28,7 +28,7 @@ from mesh_contracts.topology import STREAMS
 from mesh_contracts.v1 import ProgressEvent, TaskCompleted, TaskFailed, TaskLimits, TaskRejected, TaskSubmitted
 from mesh_kit import envelope as env
 from mesh_kit.identity import IdentityError, Signer, TrustBundle, Verifier
-from mesh_kit.settings import inbox_prefix, log_nats_error, nats_servers
+from mesh_kit.settings import BROKER_UNAVAILABLE, inbox_prefix, log_nats_error, nats_servers
 
 TERMINAL = (TaskCompleted, TaskFailed, TaskRejected)
 
@@ -79,13 +79,25 @@ class TenantClient:
         if self.nc is not None:
             await self.nc.close()
 
-    async def publish(self, model: Contract, key: str = "1") -> None:
+    async def publish(self, model: Contract, key: str = "1", *, within_s: float = 60.0) -> None:
+        """Publish until the stream acknowledges. While the broker is unavailable (a restart, or a
+        cluster electing a new leader after a node died) it retries for up to ``within_s``: the
+        message id is deterministic, so a retry of a publish that did land is stored once."""
         assert self.nc is not None
         body = model.to_bytes()
         headers = env.headers_for(
             self.signer, model, body, env.message_id(model.type, model.tenant, model.task_id, key)
         )
-        await self.nc.jetstream().publish(model.subject(), body, headers=headers, timeout=10.0)
+        deadline, pause = time.monotonic() + within_s, 0.1
+        while True:
+            try:
+                await self.nc.jetstream().publish(model.subject(), body, headers=headers, timeout=5.0)
+                return
+            except BROKER_UNAVAILABLE:
+                if time.monotonic() + pause > deadline:
+                    raise
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 2.0)
 
     async def submit(
         self,
