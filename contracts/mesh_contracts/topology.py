@@ -69,7 +69,15 @@ BUCKETS: tuple[Bucket, ...] = (
         description="Task records: plan, step states, status (CAS on revision).",
     ),
     Bucket("steps", writer="worker", description="Agent-loop checkpoints, one key per step."),
-    Bucket("budget", writer="budget", description="Reservations and settled spend."),
+    Bucket("budget", writer="budget", description="Settled spend per task and per tenant-day, breaker trips."),
+    Bucket(
+        "control",
+        writer="",  # operators only (admin identity, ``meshctl kill-switch``)
+        readers=SERVICES,
+        history=10,
+        description="Kill switches: kill.global and kill.tenant.<tenant>. Every service checks them "
+        "before each model or tool call.",
+    ),
     Bucket(
         "ledger",
         per_service=("planner", "worker", "checker", "tool-executor"),
@@ -84,6 +92,11 @@ BUCKETS: tuple[Bucket, ...] = (
 # stored message is one observed effect; the sink deduplicates on the idempotency key it is
 # given (Nats-Msg-Id) for its window only, as a provider honouring idempotency keys would.
 SINKS: dict[str, tuple[str, str]] = {"OUTBOX": ("outbox", "tool-executor")}  # stream -> (subject prefix, writer)
+
+
+CONTROL_OBSERVERS: tuple[str, ...] = SERVICES
+"""Services that see every control message on a core subscription (besides the planner's
+durable), so a halt stops their next model or tool call at once."""
 
 
 def stream_contracts() -> list[type[Contract]]:

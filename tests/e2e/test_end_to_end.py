@@ -65,7 +65,14 @@ async def test_a_task_runs_through_every_service_and_is_accounted(e2e_mesh):
     usage = await budget_usage(e2e_mesh, "acme", seen.task_id)
     assert usage["total"]["input_tokens"] == out.usage.input_tokens
     assert usage["total"]["output_tokens"] == out.usage.output_tokens
-    assert usage["by_agent"]["planner"]["calls"] == 1 and usage["by_agent"]["worker"]["calls"] == 5
+    assert usage["by_agent"]["planner/planner"]["calls"] == 1 and usage["by_agent"]["worker/worker"]["calls"] == 5
+    # priced from the versioned table (the scripted model has a notional price), per step too
+    assert usage["total"]["cost_usd"] == pytest.approx(out.usage.cost_usd) and out.usage.cost_usd > 0
+    assert set(usage["by_step"]) == {"plan", "s1", "s2", "s3"}
+    assert sum(s["calls"] for s in usage["by_step"].values()) == 6
+    # and the client saw the calls' accounting as it happened (the last may land after the outcome)
+    accounted = [e for e in seen.events if e.stage == "budget.usage"]
+    assert len(accounted) >= 4 and all(e.source == "budget" for e in accounted)
 
 
 async def test_a_client_that_missed_the_live_outcome_reads_the_stored_one(e2e_mesh):

@@ -186,7 +186,7 @@ async def test_reservations_never_exceed_the_ceiling_and_usage_is_counted_once(i
             return json.loads(entry.value)
 
         totals = await eventually(lambda: _when(spent(), lambda s: s["total"]["calls"] == 2), what="usage rollup")
-        assert totals["total"]["input_tokens"] == 1000 and totals["by_agent"]["worker"]["output_tokens"] == 600
+        assert totals["total"]["input_tokens"] == 1000 and totals["by_agent"]["worker/worker"]["output_tokens"] == 600
         # settled reservations are released: 1600 spent + 3 x 1000 still held leaves exactly 400
         assert isinstance(await reserve(100, tokens=401), BudgetDenied)
         assert isinstance(await reserve(101, tokens=400), BudgetGranted)

@@ -59,6 +59,11 @@ class UsageRecorded(Contract):
     """Version of the price table the cost was computed with."""
     reservation_id: str = ""
     """Reservation this usage settles."""
+    cached_input_tokens: int = Field(0, ge=0)
+    """Part of ``input_tokens`` read from the provider's prompt cache."""
+    error: str = ""
+    """Set when the call failed (provider error, timeout): the attempt is accounted, with
+    whatever tokens the provider billed, and counts toward the provider's error rate."""
 
 
 class BudgetReserve(Contract):
@@ -95,6 +100,9 @@ class BudgetReserve(Contract):
     """Worst case: prompt tokens + max_tokens."""
     cost_usd: float = Field(0.0, ge=0)
     """Worst-case cost of ``tokens`` under the current price table."""
+    provider: str = ""
+    """Provider the call will go to (the budget keeps a circuit breaker per provider/model)."""
+    model: str = ""
 
 
 class BudgetGranted(Contract):
@@ -144,3 +152,7 @@ class BudgetDenied(Contract):
 
     type: Literal["budget.denied"] = "budget.denied"
     reason: str
+    code: str = ""
+    """Machine-readable cause: ``task_tokens``, ``task_cost``, ``tenant_daily_tokens``,
+    ``tenant_daily_cost``, ``deadline``, ``stopped`` (halted, cancelled, finished, kill switch),
+    ``breaker``, ``provider_breaker``, ``unknown_task``."""

@@ -24,6 +24,8 @@ class TokenUsage(_Value):
     """Cost from the price table in force when the call was made."""
     calls: int = Field(0, ge=0)
     """Number of model calls summed into this tally."""
+    cached_input_tokens: int = Field(0, ge=0)
+    """Part of ``input_tokens`` served from the provider's prompt cache (billed at the cached price)."""
 
     def __add__(self, other: TokenUsage) -> TokenUsage:
         return TokenUsage(
@@ -31,6 +33,7 @@ class TokenUsage(_Value):
             output_tokens=self.output_tokens + other.output_tokens,
             cost_usd=round(self.cost_usd + other.cost_usd, 10),
             calls=self.calls + other.calls,
+            cached_input_tokens=self.cached_input_tokens + other.cached_input_tokens,
         )
 
     @property
@@ -49,6 +52,12 @@ class TaskLimits(_Value):
     """Largest plan the planner may make."""
     deadline_s: float = Field(300.0, gt=0)
     """Wall-clock seconds from submission after which the task fails."""
+    stall_timeout_s: float = Field(120.0, gt=0)
+    """Seconds without any message about the task (time waiting for a human approval excluded)
+    after which the budget service flags it as stalled and applies ``stall_policy``."""
+    stall_policy: Literal["flag", "halt", "cancel"] = "cancel"
+    """What a stall does: ``flag`` publishes an event only; ``halt`` pauses the task (resumable);
+    ``cancel`` ends it with reason ``stalled``."""
 
 
 class Citation(_Value):

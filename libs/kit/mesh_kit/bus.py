@@ -39,6 +39,7 @@ from mesh_contracts.v1 import ProgressEvent
 from mesh_kit import envelope as env
 from mesh_kit import faults
 from mesh_kit import telemetry as tel
+from mesh_kit.guard import Guard
 from mesh_kit.identity import IdentityError, Principal, Signer, TrustBundle, Verifier
 from mesh_kit.settings import BROKER_UNAVAILABLE, ServiceSettings
 
@@ -73,6 +74,8 @@ class Delivery:
     headers: dict[str, str]
     _msg: NatsMessage | None = None
     seq: int = 0
+    stored_at: float | None = None
+    """When JetStream stored the message (None for core request/reply)."""
 
     @property
     def owner(self) -> str:
@@ -161,6 +164,7 @@ class Mesh:
             max_reconnect_attempts=-1,
         )
         self._started = False
+        self.guard: Guard | None = None
         self._on_start: list[Callable[[], Awaitable[None]]] = []
         self._on_stop: list[Callable[[], Awaitable[None]]] = []
 
@@ -172,6 +176,13 @@ class Mesh:
         self._counters[name].add(1, {"service": self.service})
 
     # --- lifecycle -------------------------------------------------------------------------
+
+    def enable_guard(self) -> Guard:
+        """Check halt / cancel / kill switches before every model or tool call (``mesh.guard``)."""
+        if self.guard is None:
+            self.guard = Guard(self)
+            self.on_start(self.guard.start)
+        return self.guard
 
     def on_start(self, hook: Callable[[], Awaitable[None]]) -> None:
         """Run ``hook`` after connecting and before any handler can be called (e.g. bind KV)."""
@@ -358,7 +369,9 @@ class Mesh:
             await self._give_up(msg, durable, "rejected", reason, (deliveries, seq, stored_at), on_reject)
             return
 
-        delivery = Delivery(self, sender, raw.subject, headers.get(env.MSG_ID, ""), deliveries, headers, msg, seq)
+        delivery = Delivery(
+            self, sender, raw.subject, headers.get(env.MSG_ID, ""), deliveries, headers, msg, seq, stored_at
+        )
         if deliveries > 1:
             self.count(tel.M_REDELIVERED)
         with self.tracer.start_as_current_span(f"handle {model.type}") as span:

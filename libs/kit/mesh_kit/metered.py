@@ -10,30 +10,44 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import uuid
 
 from mesh_contracts.v1 import BudgetDenied, BudgetGranted, BudgetReserve, TokenUsage, UsageRecorded
+from mesh_kit import prices
 from mesh_kit import telemetry as tel
 from mesh_kit.bus import Delivery, Mesh
 from mesh_kit.ledger import Ledger
 from mesh_llm import ChatModel, ModelRequest, ModelResponse, ToolCall
 
-PRICES_V1 = {"scripted": (0.0, 0.0)}  # provider -> (usd per 1k input, usd per 1k output)
-
 
 class BudgetExceeded(Exception):
-    """The budget service denied the reservation; the model was not called."""
+    """The budget service denied the reservation (or the guard stopped the task): the model
+    was not called. ``code`` is the machine-readable cause (see ``BudgetDenied.code``)."""
+
+    def __init__(self, reason: str, code: str = "", halted: bool = False) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.halted = halted
 
 
-def cost(provider: str, input_tokens: int, output_tokens: int) -> float:
-    pin, pout = PRICES_V1.get(provider, (0.0, 0.0))
-    return round(input_tokens / 1000 * pin + output_tokens / 1000 * pout, 10)
+def cost(provider: str, model: str, input_tokens: int, output_tokens: int, cached_input_tokens: int = 0) -> float:
+    return prices.current().price(provider, model).cost(input_tokens, output_tokens, cached_input_tokens)
 
 
-async def call_model(
-    mesh: Mesh, model: ChatModel, request: ModelRequest, *, tenant: str, task_id: str, step_id: str, call_id: str
-) -> tuple[ModelResponse, TokenUsage]:
+async def reserve(mesh: Mesh, model: ChatModel, request: ModelRequest, *, tenant: str, task_id: str, step_id: str,
+                  call_id: str) -> BudgetGranted:  # fmt: skip
+    """Check the guard, then reserve the call's worst case. Raises ``BudgetExceeded`` if the
+    call must not be made."""
+    if mesh.guard is not None:
+        stop = await mesh.guard.check(tenant, task_id)
+        if stop is not None:
+            mesh.count(tel.M_CALLS_REFUSED)
+            raise BudgetExceeded(stop.reason, stop.code, halted=stop.halted)
+    try:
+        price = prices.current().price(model.provider, model.model)
+    except prices.UnpricedModel as exc:
+        raise BudgetExceeded(str(exc), "unpriced_model") from None
     prompt_tokens = model.count(request)
-    worst = prompt_tokens + request.max_tokens
     answer = await mesh.request(
         BudgetReserve(
             tenant=tenant,
@@ -41,13 +55,44 @@ async def call_model(
             agent=mesh.service,
             step_id=step_id,
             call_id=call_id,
-            tokens=worst,
-            cost_usd=cost(model.provider, prompt_tokens, request.max_tokens),
+            tokens=prompt_tokens + request.max_tokens,
+            cost_usd=price.worst_case(prompt_tokens, request.max_tokens),
+            provider=model.provider,
+            model=model.model,
         )
     )
     if isinstance(answer, BudgetDenied):
-        raise BudgetExceeded(answer.reason)
+        mesh.count(tel.M_CALLS_REFUSED)
+        raise BudgetExceeded(answer.reason, answer.code)
     assert isinstance(answer, BudgetGranted)
+    return answer
+
+
+def _usage_message(mesh: Mesh, request: ModelRequest, response: ModelResponse, usage: TokenUsage, *, tenant: str,
+                   task_id: str, step_id: str, call_id: str, reservation_id: str) -> UsageRecorded:  # fmt: skip
+    return UsageRecorded(
+        tenant=tenant,
+        task_id=task_id,
+        agent=mesh.service,
+        role=request.agent,
+        step_id=step_id,
+        call_id=call_id,
+        provider=response.provider,
+        model=response.model,
+        input_tokens=usage.input_tokens,
+        output_tokens=usage.output_tokens,
+        cached_input_tokens=usage.cached_input_tokens,
+        cost_usd=usage.cost_usd,
+        price_table=prices.current().version,
+        reservation_id=reservation_id,
+    )
+
+
+async def call_model(
+    mesh: Mesh, model: ChatModel, request: ModelRequest, *, tenant: str, task_id: str, step_id: str, call_id: str,
+    attempt: int = 1,
+) -> tuple[ModelResponse, TokenUsage]:  # fmt: skip
+    grant = await reserve(mesh, model, request, tenant=tenant, task_id=task_id, step_id=step_id, call_id=call_id)
     with mesh.tracer.start_as_current_span(f"chat {model.model}") as span:
         span.set_attributes(
             {
@@ -59,7 +104,30 @@ async def call_model(
                 tel.A_STEP: step_id,
             }
         )
-        response = await model.complete(request)
+        try:
+            response = await model.complete(request)
+        except Exception as exc:
+            # Every attempt is accounted: the failure settles the reservation and counts toward
+            # the provider's error rate (the budget's provider breaker reads these).
+            span.set_attribute(tel.ERROR_TYPE, type(exc).__name__)
+            failed = UsageRecorded(
+                tenant=tenant,
+                task_id=task_id,
+                agent=mesh.service,
+                role=request.agent,
+                step_id=step_id,
+                call_id=f"{call_id}-x{attempt}-{uuid.uuid4().hex[:6]}"[:64],
+                provider=model.provider,
+                model=model.model,
+                input_tokens=0,
+                output_tokens=0,
+                price_table=prices.current().version,
+                reservation_id=grant.reservation_id,
+                error=f"{type(exc).__name__}: {exc}"[:500],
+            )
+            with contextlib.suppress(Exception):
+                await mesh.publish(failed, key=failed.call_id)
+            raise
         mesh.count(tel.M_LLM_CALLS)  # calls actually made (the budget counts distinct call ids)
         span.set_attributes(
             {
@@ -69,27 +137,22 @@ async def call_model(
                 tel.GEN_AI_FINISH_REASONS: [response.finish_reason],
             }
         )
-    usd = cost(response.provider, response.input_tokens, response.output_tokens)
+    cached = getattr(response, "cached_input_tokens", 0)
+    usage = TokenUsage(
+        input_tokens=response.input_tokens,
+        output_tokens=response.output_tokens,
+        cached_input_tokens=cached,
+        cost_usd=cost(response.provider, response.model, response.input_tokens, response.output_tokens, cached),
+        calls=1,
+    )
     await mesh.publish(
-        UsageRecorded(
-            tenant=tenant,
-            task_id=task_id,
-            agent=mesh.service,
-            role=request.agent,
-            step_id=step_id,
-            call_id=call_id,
-            provider=response.provider,
-            model=response.model,
-            input_tokens=response.input_tokens,
-            output_tokens=response.output_tokens,
-            cost_usd=usd,
-            reservation_id=answer.reservation_id,
+        _usage_message(
+            mesh, request, response, usage, tenant=tenant, task_id=task_id, step_id=step_id, call_id=call_id,
+            reservation_id=grant.reservation_id,
         ),
         key=call_id,
-    )
-    return response, TokenUsage(
-        input_tokens=response.input_tokens, output_tokens=response.output_tokens, cost_usd=usd, calls=1
-    )
+    )  # fmt: skip
+    return response, usage
 
 
 async def call_model_once(
@@ -108,11 +171,15 @@ async def call_model_once(
     of a call that already completed instead of paying for it again. Heartbeats keep the
     message while the call runs."""
 
+    performed: list[bool] = []
+
     async def perform(_key: str) -> dict:
         async with delivery.keepalive() if delivery is not None else contextlib.nullcontext():
             response, usage = await call_model(
-                mesh, model, request, tenant=tenant, task_id=task_id, step_id=step_id, call_id=call_id
-            )
+                mesh, model, request, tenant=tenant, task_id=task_id, step_id=step_id, call_id=call_id,
+                attempt=delivery.deliveries if delivery is not None else 1,
+            )  # fmt: skip
+            performed.append(True)
         return {
             "response": {
                 **dataclasses.asdict(response),
@@ -128,7 +195,18 @@ async def call_model_once(
         record = await ledger.run(ledger.key(tenant, task_id, "llm", call_id), perform, owner=owner, attempt=attempt)
     r = record["response"]
     response = ModelResponse(**{**r, "tool_calls": tuple(ToolCall(**c) for c in r["tool_calls"])})
-    return response, TokenUsage(**record["usage"])
+    usage = TokenUsage(**record["usage"])
+    if not performed:
+        # Served from the ledger: the process that made the call may have died before its usage
+        # reached the stream. Publishing again is free (same id: deduplicated, counted once).
+        await mesh.publish(
+            _usage_message(
+                mesh, request, response, usage, tenant=tenant, task_id=task_id, step_id=step_id, call_id=call_id,
+                reservation_id=call_id,
+            ),
+            key=call_id,
+        )  # fmt: skip
+    return response, usage
 
 
 def scripted_or_configured() -> ChatModel:

@@ -25,6 +25,14 @@ M_REDELIVERED = "mesh.messages.redelivered"  # received on a second or later del
 M_PERMISSION_VIOLATIONS = "mesh.nats.permission_violations"
 M_LLM_CALLS = "mesh.llm.calls"
 M_FENCED = "mesh.steps.fenced"  # stale work refused because another delivery moved the step on
+M_CALLS_REFUSED = "mesh.control.calls_refused"  # model/tool calls not made: halted, cancelled, kill switch, denied
+# Budget service (counters with tenant/agent/provider/model attributes; see mesh_budget).
+M_BUDGET_TOKENS = "mesh.budget.tokens"  # attribute token.type = input | output | cached_input
+M_BUDGET_COST = "mesh.budget.cost"  # unit USD
+M_BUDGET_CALLS = "mesh.budget.calls"  # attribute outcome = ok | error
+M_BUDGET_RESERVATIONS = "mesh.budget.reservations"  # attribute outcome = granted | denied, code
+M_BUDGET_TRIPS = "mesh.budget.trips"  # breaker trips, deadlocks, stalls; attribute kind
+ERROR_TYPE = "error.type"
 
 # Span attribute names.
 A_TENANT = "mesh.tenant"

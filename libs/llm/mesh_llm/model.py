@@ -69,6 +69,8 @@ class ModelResponse:
     provider: str
     model: str
     finish_reason: str = "stop"
+    cached_input_tokens: int = 0
+    """Part of ``input_tokens`` the provider served from its prompt cache."""
 
 
 class ChatModel(Protocol):

@@ -56,6 +56,10 @@ def service_permissions(service: str) -> Permissions:
             f"$JS.ACK.{d.stream}.{d.name}.>",
             f"$JS.ACK.*.*.{d.stream}.{d.name}.>",
         )
+    if service == "budget":  # how far accounting has got (the reservation expiry horizon)
+        p.add_pub(f"$JS.API.STREAM.INFO.{topo.STREAMS['usage']}")
+    if service in topo.CONTROL_OBSERVERS:
+        p.add_sub("control.*.*.*.*")
     p.add_pub(topo.dlq_subject(service, ">"))
     for prefix, writer in topo.SINKS.values():
         if service == writer:

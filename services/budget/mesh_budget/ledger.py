@@ -1,45 +1,135 @@
-"""Reservations (Redis, atomic) and settled usage (JetStream KV, compare-and-set)."""
+"""Spend and reservations: JetStream KV holds the truth, Redis the fast, atomic view.
+
+- Settled spend per task and per tenant-day is derived from the ``usage.recorded`` stream
+  and stored in the ``budget`` KV bucket (compare-and-set, each call id counted once). That
+  is the durable record; ``meshctl budget`` reads it.
+- Every reservation decision runs as one Redis script over the task's and the tenant-day's
+  spent totals and outstanding reservations, so any number of budget replicas grant from
+  the same numbers and never together grant more than a ceiling allows.
+- The Redis view is rebuilt from KV whenever a key is missing (a new task, a flushed or
+  replaced Redis): the script answers "cold", the service loads the KV totals, initialises
+  the view only if it is still missing, and asks again.
+- A reservation expires only when every usage message stored before its expiry has been
+  accounted (the *horizon*; see ``Budget.horizon``). Expiry on the wall clock alone would
+  let a lagging accountant forget a call that was made and not yet counted.
+"""
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 from pydantic import BaseModel
 
 from mesh_contracts.v1 import TokenUsage
 
-# Atomic check-and-reserve for one task. Expired reservations are dropped; a repeated
-# request for the same call id is answered with the reservation it already holds.
-RESERVE_LUA = """
-local key, now, limit, spent, want, id, ttl = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]),
-  tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6])
-local held, mine = 0, nil
-local all = redis.call('HGETALL', key)
-for i = 1, #all, 2 do
-  local tokens, expires = string.match(all[i + 1], '(%d+):(%d+%.?%d*)')
-  if tonumber(expires) < now then
-    redis.call('HDEL', key, all[i])
-  elseif all[i] == id then
-    mine = tonumber(tokens)
-  else
-    held = held + tonumber(tokens)
+TASK_TTL_S = 8 * 24 * 3600  # beyond the streams' 7-day retention
+DAY_TTL_S = 3 * 24 * 3600
+
+_PRUNE = """
+local function held(key, horizon, skip)
+  local tokens, cost, mine = 0, 0, nil
+  local all = redis.call('HGETALL', key)
+  for i = 1, #all, 2 do
+    local t, c, exp = string.match(all[i + 1], '([^:]+):([^:]+):([^:]+)')
+    if tonumber(exp) < horizon then
+      redis.call('HDEL', key, all[i])
+    elseif all[i] == skip then
+      mine = {tonumber(t), tonumber(c)}
+    else
+      tokens = tokens + tonumber(t)
+      cost = cost + tonumber(c)
+    end
   end
+  return tokens, cost, mine
 end
-if mine then return {1, limit - spent - held - mine} end
-if spent + held + want > limit then return {0, limit - spent - held} end
-redis.call('HSET', key, id, want .. ':' .. (now + ttl))
-redis.call('EXPIRE', key, math.ceil(ttl) + 60)
-return {1, limit - spent - held - want}
+"""
+
+RESERVE_LUA = (
+    _PRUNE
+    + """
+local task_res, task_spent, day_res, day_spent = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local now, horizon, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local id, day_field = ARGV[4], ARGV[5]
+local want_t, want_c = tonumber(ARGV[6]), tonumber(ARGV[7])
+local lim_t, lim_c, dlim_t, dlim_c = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11])
+if redis.call('EXISTS', task_spent) == 0 or redis.call('EXISTS', day_spent) == 0 then
+  return {-1, 'cold'}
+end
+local spent_t = tonumber(redis.call('HGET', task_spent, 'tokens') or '0')
+local spent_c = tonumber(redis.call('HGET', task_spent, 'cost') or '0')
+local dspent_t = tonumber(redis.call('HGET', day_spent, 'tokens') or '0')
+local dspent_c = tonumber(redis.call('HGET', day_spent, 'cost') or '0')
+local held_t, held_c, mine = held(task_res, horizon, id)
+local dheld_t, dheld_c, dmine = held(day_res, horizon, day_field)
+local function answer(ok, code, t, c)
+  return {ok, code, tostring(lim_t - spent_t - held_t - t), tostring(lim_c - spent_c - held_c - c),
+          tostring(dlim_t - dspent_t - dheld_t - t), tostring(dlim_c - dspent_c - dheld_c - c)}
+end
+if mine then return answer(1, 'held', mine[1], mine[2]) end
+local eps = 1e-9
+if spent_t + held_t + want_t > lim_t then return answer(0, 'task_tokens', 0, 0) end
+if spent_c + held_c + want_c > lim_c + eps then return answer(0, 'task_cost', 0, 0) end
+if dlim_t >= 0 and dspent_t + dheld_t + want_t > dlim_t then return answer(0, 'tenant_daily_tokens', 0, 0) end
+if dlim_c >= 0 and dspent_c + dheld_c + want_c > dlim_c + eps then return answer(0, 'tenant_daily_cost', 0, 0) end
+local entry = want_t .. ':' .. string.format('%.10f', want_c) .. ':' .. string.format('%.3f', now + ttl)
+redis.call('HSET', task_res, id, entry)
+redis.call('HSET', day_res, day_field, entry)
+redis.call('EXPIRE', task_res, math.ceil(ttl) + 3600)
+redis.call('EXPIRE', day_res, math.ceil(ttl) + 3600)
+return answer(1, 'granted', want_t, want_c)
+"""
+)
+
+# Initialise a missing view from the durable totals (never overwrites a live view).
+INIT_LUA = """
+local task_spent, task_counted, day_spent = KEYS[1], KEYS[2], KEYS[3]
+if redis.call('EXISTS', task_spent) == 0 then
+  redis.call('HSET', task_spent, 'tokens', ARGV[1], 'cost', ARGV[2])
+  redis.call('DEL', task_counted)
+  for i = 7, #ARGV do redis.call('SADD', task_counted, ARGV[i]) end
+  redis.call('EXPIRE', task_spent, tonumber(ARGV[5]))
+  redis.call('EXPIRE', task_counted, tonumber(ARGV[5]))
+end
+if redis.call('EXISTS', day_spent) == 0 then
+  redis.call('HSET', day_spent, 'tokens', ARGV[3], 'cost', ARGV[4])
+  redis.call('EXPIRE', day_spent, tonumber(ARGV[6]))
+end
+return 1
+"""
+
+# Usage arrived: release the reservation and add the call to the view, once per call id.
+SETTLE_LUA = """
+local task_res, task_spent, task_counted, day_res, day_spent = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+redis.call('HDEL', task_res, ARGV[1])
+redis.call('HDEL', day_res, ARGV[2])
+if redis.call('EXISTS', task_spent) == 1 and redis.call('SADD', task_counted, ARGV[3]) == 1 then
+  redis.call('HINCRBY', task_spent, 'tokens', ARGV[4])
+  redis.call('HINCRBYFLOAT', task_spent, 'cost', ARGV[5])
+  if redis.call('EXISTS', day_spent) == 1 then
+    redis.call('HINCRBY', day_spent, 'tokens', ARGV[4])
+    redis.call('HINCRBYFLOAT', day_spent, 'cost', ARGV[5])
+  end
+  return 1
+end
+return 0
 """
 
 
 class TaskUsage(BaseModel):
-    """``budget`` bucket, key ``usage.<tenant>.<task>``: spend per agent, deduplicated by call id."""
+    """``budget`` bucket, key ``usage.<tenant>.<task>``: spend per agent and per step,
+    deduplicated by call id."""
 
     tenant: str
     task_id: str
     total: TokenUsage = TokenUsage()
     by_agent: dict[str, TokenUsage] = {}
+    """Key ``<service>/<role>`` (e.g. ``worker/worker``, ``checker/judge``)."""
+    by_step: dict[str, TokenUsage] = {}
+    by_model: dict[str, TokenUsage] = {}
+    """Key ``<provider>/<model>``."""
+    errors: int = 0
+    """Failed model calls (accounted with what the provider billed)."""
     call_ids: list[str] = []
     updated_at: float = 0.0
 
@@ -49,63 +139,112 @@ class TaskUsage(BaseModel):
 
 
 class DayUsage(BaseModel):
-    """``budget`` bucket, key ``tenant.<tenant>.<yyyymmdd>``."""
+    """``budget`` bucket, key ``tenant.<tenant>.<yyyymmdd>`` (UTC day)."""
 
     tenant: str
     day: str
     total: TokenUsage = TokenUsage()
+    by_agent: dict[str, TokenUsage] = {}
+    by_model: dict[str, TokenUsage] = {}
+    tasks: int = 0
+    """Tasks that spent anything this day."""
 
     @staticmethod
     def key(tenant: str, day: str) -> str:
         return f"tenant.{tenant}.{day}"
 
 
-def today() -> str:
-    return time.strftime("%Y%m%d", time.gmtime())
+def today(at: float | None = None) -> str:
+    return time.strftime("%Y%m%d", time.gmtime(at if at is not None else time.time()))
 
 
-class Reservations:
-    """Outstanding reservations per task. Redis when configured (shared by replicas)."""
+@dataclass(frozen=True)
+class Decision:
+    granted: bool
+    code: str
+    remaining_tokens: int
+    remaining_cost_usd: float
+    day_remaining_tokens: int
+    day_remaining_cost_usd: float
+
+
+class Cold(Exception):
+    """The Redis view of a task or tenant-day is missing: initialise it from KV first."""
+
+
+class View:
+    """The Redis side: one client, three scripts."""
 
     def __init__(self, redis_url: str, ttl_s: float = 120.0) -> None:
-        self.ttl_s = ttl_s
-        self._redis = None
-        self._mem: dict[str, dict[str, tuple[int, float]]] = {}
-        if redis_url:
-            import redis.asyncio as aioredis
+        import redis.asyncio as aioredis
 
-            self._redis = aioredis.from_url(redis_url)
-            self._script = self._redis.register_script(RESERVE_LUA)
+        self.ttl_s = ttl_s
+        self.redis = aioredis.from_url(redis_url)
+        self._reserve = self.redis.register_script(RESERVE_LUA)
+        self._init = self.redis.register_script(INIT_LUA)
+        self._settle = self.redis.register_script(SETTLE_LUA)
 
     @staticmethod
-    def _key(tenant: str, task_id: str) -> str:
-        return f"budget:res:{tenant}:{task_id}"
+    def task_keys(tenant: str, task_id: str) -> tuple[str, str, str]:
+        base = f"budget:task:{tenant}:{task_id}"
+        return f"{base}:res", f"{base}:spent", f"{base}:counted"
+
+    @staticmethod
+    def day_keys(tenant: str, day: str) -> tuple[str, str]:
+        base = f"budget:day:{tenant}:{day}"
+        return f"{base}:res", f"{base}:spent"
 
     async def reserve(
-        self, tenant: str, task_id: str, call_id: str, tokens: int, limit: int, spent: int
-    ) -> tuple[bool, int]:
-        now = time.time()
-        if self._redis is not None:
-            ok, remaining = await self._script(
-                keys=[self._key(tenant, task_id)], args=[now, limit, spent, tokens, call_id, self.ttl_s]
-            )
-            return bool(ok), int(remaining)
-        held = {k: v for k, v in self._mem.setdefault(self._key(tenant, task_id), {}).items() if v[1] >= now}
-        self._mem[self._key(tenant, task_id)] = held
-        others = sum(t for k, (t, _) in held.items() if k != call_id)
-        if call_id in held:
-            return True, limit - spent - others - held[call_id][0]
-        if spent + others + tokens > limit:
-            return False, limit - spent - others
-        held[call_id] = (tokens, now + self.ttl_s)
-        return True, limit - spent - others - tokens
+        self,
+        tenant: str,
+        task_id: str,
+        day: str,
+        call_id: str,
+        tokens: int,
+        cost_usd: float,
+        limits: tuple[int, float, int, float],
+        horizon: float,
+    ) -> Decision:
+        """``limits``: task tokens, task cost, tenant-day tokens, tenant-day cost (-1 = none)."""
+        res, spent, _ = self.task_keys(tenant, task_id)
+        dres, dspent = self.day_keys(tenant, day)
+        out = await self._reserve(
+            keys=[res, spent, dres, dspent],
+            args=[time.time(), horizon, self.ttl_s, call_id, f"{task_id}/{call_id}", tokens, f"{cost_usd:.10f}",
+                  limits[0], f"{limits[1]:.10f}", limits[2], f"{limits[3]:.10f}"],
+        )  # fmt: skip
+        if int(out[0]) == -1:
+            raise Cold(f"{tenant}/{task_id}")
+        code = out[1].decode() if isinstance(out[1], bytes) else str(out[1])
+        return Decision(
+            int(out[0]) == 1,
+            code,
+            int(float(out[2])),
+            round(float(out[3]), 10),
+            int(float(out[4])),
+            round(float(out[5]), 10),
+        )
 
-    async def settle(self, tenant: str, task_id: str, call_id: str) -> None:
-        if self._redis is not None:
-            await self._redis.hdel(self._key(tenant, task_id), call_id)
-        else:
-            self._mem.get(self._key(tenant, task_id), {}).pop(call_id, None)
+    async def init(self, task: TaskUsage | None, day: DayUsage, tenant: str, task_id: str) -> None:
+        _, spent, counted = self.task_keys(tenant, task_id)
+        _, dspent = self.day_keys(tenant, day.day)
+        t = task.total if task else TokenUsage()
+        await self._init(
+            keys=[spent, counted, dspent],
+            args=[t.total_tokens, f"{t.cost_usd:.10f}", day.total.total_tokens, f"{day.total.cost_usd:.10f}",
+                  TASK_TTL_S, DAY_TTL_S, *(task.call_ids if task else [])],
+        )  # fmt: skip
+
+    async def settle(self, tenant: str, task_id: str, day: str, reservation_id: str, call_id: str,
+                     tokens: int, cost_usd: float) -> bool:  # fmt: skip
+        res, spent, counted = self.task_keys(tenant, task_id)
+        dres, dspent = self.day_keys(tenant, day)
+        return bool(
+            await self._settle(
+                keys=[res, spent, counted, dres, dspent],
+                args=[reservation_id, f"{task_id}/{reservation_id}", call_id, tokens, f"{cost_usd:.10f}"],
+            )
+        )
 
     async def close(self) -> None:
-        if self._redis is not None:
-            await self._redis.aclose()
+        await self.redis.aclose()

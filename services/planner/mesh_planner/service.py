@@ -140,6 +140,7 @@ class Planner:
 
     def register(self) -> None:
         m = self.mesh
+        m.enable_guard()
         m.on_start(self.start)
         m.consume(TaskSubmitted, self.on_submitted, on_reject=self.on_rejected)
         m.consume(StepCompleted, self.on_step_completed)
@@ -227,7 +228,8 @@ class Planner:
             steps = parse_plan(response.content, m.limits.max_steps)
             error = ""
         except BudgetExceeded as exc:
-            steps, usage, error = [], None, f"budget: {exc}"
+            cause = "stopped" if exc.code in ("stopped", "kill_switch") or exc.halted else f"budget ({exc.code})"
+            steps, usage, error = [], None, f"{cause}: {exc}"
         except ValueError as exc:
             steps, error = [], str(exc)
 

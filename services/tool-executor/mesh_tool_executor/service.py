@@ -11,6 +11,7 @@ from typing import Any
 
 from mesh_contracts.v1 import ToolCompleted, ToolRequested
 from mesh_kit import Delivery, Mesh
+from mesh_kit import telemetry as tel
 from mesh_kit.faults import crash_point
 from mesh_kit.ledger import BUCKET, Ledger
 from mesh_tool_executor.tools import ToolContext, ToolError, execute
@@ -25,6 +26,7 @@ class ToolExecutor:
         self.ledger = Ledger(await self.mesh.kv(BUCKET), self.mesh.service)
 
     def register(self) -> None:
+        self.mesh.enable_guard()
         self.mesh.on_start(self.start)
         self.mesh.consume(ToolRequested, self.on_request)
 
@@ -43,7 +45,12 @@ class ToolExecutor:
             return {"ok": False, "result": "", "error": str(exc)}
 
     async def on_request(self, m: ToolRequested, d: Delivery) -> None:
-        if self.ledger is not None:
+        stop = await self.mesh.guard.check(m.tenant, m.task_id) if self.mesh.guard is not None else None
+        if stop is not None:
+            # Not run and not recorded: after a resume the step is dispatched afresh.
+            self.mesh.count(tel.M_CALLS_REFUSED)
+            outcome = {"ok": False, "result": "", "error": f"not run: {stop.reason}"}
+        elif self.ledger is not None:
             outcome = await self.ledger.run(
                 self.ledger.key(m.tenant, m.task_id, m.call_id),
                 lambda k: self._run(m, k),

@@ -33,7 +33,6 @@ from mesh_kit import telemetry as tel
 from mesh_kit.ledger import BUCKET as LEDGER
 from mesh_kit.ledger import Ledger
 from mesh_kit.metered import BudgetExceeded, call_model_once, scripted_or_configured
-from mesh_kit.state import TaskRecord
 from mesh_llm import ChatModel, Message, ModelRequest, ToolSpec
 
 log = logging.getLogger("mesh.worker")
@@ -113,6 +112,7 @@ class Worker:
         self.ledger = Ledger(await self.mesh.kv(LEDGER), self.mesh.service)
 
     def register(self) -> None:
+        self.mesh.enable_guard()
         self.mesh.on_start(self.start)
         self.mesh.consume(StepRequested, self.on_step)
         self.mesh.consume(ToolCompleted, self.on_tool)
@@ -205,9 +205,10 @@ class Worker:
         if last.get("role") == "assistant" and not last.get("tool_calls"):
             await self._finish(run, output=last.get("content", ""))  # answered, but died before finishing
             return
-        halt = await self._halt_reason(req.tenant, req.task_id)
-        if halt:
-            await self._finish(run, failed=halt, halted=True)
+        assert self.mesh.guard is not None
+        stop = await self.mesh.guard.check(req.tenant, req.task_id)
+        if stop is not None:  # halted, cancelled or killed: no further model or tool call
+            await self._finish(run, failed=stop.reason, halted=stop.halted)
             return
         if run.iteration >= req.max_iterations:
             await self._finish(run, failed=f"iteration cap ({req.max_iterations}) reached without an answer")
@@ -232,7 +233,7 @@ class Worker:
                 delivery=d,
             )
         except BudgetExceeded as exc:
-            await self._finish(run, failed=f"budget: {exc}")
+            await self._finish(run, failed=_refusal(exc), halted=exc.halted)
             return
         iteration = run.iteration
         assistant = Message("assistant", response.content, tool_calls=response.tool_calls[:1])
@@ -338,14 +339,12 @@ class Worker:
             outcome.tenant, outcome.task_id, stage, text[:100], step_id=outcome.step_id, key=str(outcome.attempt)
         )
 
-    async def _halt_reason(self, tenant: str, task_id: str) -> str:
-        """Checked before every model call, from the record, so a missed control message still stops us."""
-        rec, _ = await st.load(self.tasks, TaskRecord.key(tenant, task_id), TaskRecord)
-        if rec is None:
-            return ""
-        if rec.status in ("halted", "cancelled", "failed"):
-            return f"task {rec.status}: {rec.reason}"
-        return ""
+
+def _refusal(exc: BudgetExceeded) -> str:
+    """A refused model call as a step failure reason that names its cause."""
+    if exc.code in ("stopped", "kill_switch") or exc.halted:
+        return f"stopped: {exc}"
+    return f"budget ({exc.code}): {exc}" if exc.code else f"budget: {exc}"
 
 
 async def build(mesh: Mesh) -> Worker:

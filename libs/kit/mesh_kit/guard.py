@@ -1,0 +1,133 @@
+"""Control is obeyed everywhere: the check every service runs before its next model or tool call.
+
+A task may be stopped three ways, and the guard sees all three:
+
+- a control message (``control.halt`` / ``control.cancel`` / ``control.resume``), received on a
+  core subscription by every replica of every service, so a stop takes effect at the next
+  call without waiting for the planner;
+- the task record (``tasks`` bucket), so a service that missed the message (it was down,
+  or it started later) still stops;
+- a kill switch (``control`` bucket, written by an operator with ``meshctl kill-switch``), per
+  tenant (``kill.tenant.<tenant>``) or global (``kill.global``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from nats.aio.msg import Msg
+from nats.js.errors import KeyNotFoundError
+
+from mesh_contracts import ContractError, parse_message
+from mesh_contracts.v1 import ControlCancel, ControlHalt, ControlResume
+from mesh_kit import envelope as env
+from mesh_kit.identity import IdentityError
+
+if TYPE_CHECKING:
+    from mesh_kit.bus import Mesh
+
+log = logging.getLogger("mesh.guard")
+CONTROL_BUCKET = "control"
+GLOBAL_KEY = "kill.global"
+RECORD_LAG_S = 5.0
+
+
+def tenant_key(tenant: str) -> str:
+    return f"kill.tenant.{tenant}"
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Why the next call must not be made. ``halted``: the task may resume later."""
+
+    reason: str
+    halted: bool = False
+    code: str = "stopped"
+
+
+class Stopped(Exception):
+    """Raised instead of making a model or tool call for a stopped task."""
+
+    def __init__(self, stop: Stop) -> None:
+        super().__init__(stop.reason)
+        self.stop = stop
+
+
+class Guard:
+    def __init__(self, mesh: Mesh) -> None:
+        self.mesh = mesh
+        self.tasks: Any = None
+        self.control: Any = None
+        self.seen: dict[tuple[str, str], Stop] = {}  # from control messages, newest wins
+        self._seen_at: dict[tuple[str, str], float] = {}
+        self._sub: Any = None
+
+    async def start(self) -> None:
+        self.tasks = await self.mesh.kv("tasks")
+        self.control = await self.mesh.kv(CONTROL_BUCKET)
+        self._sub = await self.mesh.nc.subscribe("control.*.*.*.*", cb=self._on_control)
+
+    async def _on_control(self, msg: Msg) -> None:
+        try:
+            model = parse_message(msg.subject, msg.data)
+            sender = self.mesh.verifier.verify((msg.headers or {}).get(env.IDENTITY), msg.data, model)
+        except (ContractError, IdentityError) as exc:
+            log.warning("ignored control message on %s: %s", msg.subject, exc)
+            return
+        key = (model.tenant, model.task_id)
+        if isinstance(model, ControlResume):
+            self.seen.pop(key, None)
+            return
+        self._seen_at[key] = time.monotonic()
+        if len(self._seen_at) > 100_000:  # forget the oldest: the task record still stops them
+            for old in list(self._seen_at)[:10_000]:
+                self._seen_at.pop(old, None)
+                self.seen.pop(old, None)
+        if isinstance(model, ControlHalt):
+            self.seen[key] = Stop(f"task halted by {sender.name}: {model.reason}", halted=True)
+        elif isinstance(model, ControlCancel):
+            self.seen[key] = Stop(f"task cancelled by {sender.name}: {model.reason}")
+
+    async def kill_switch(self, tenant: str) -> Stop | None:
+        for key, scope in ((GLOBAL_KEY, "global"), (tenant_key(tenant), f"tenant {tenant}")):
+            try:
+                entry = await self.control.get(key)
+            except KeyNotFoundError:
+                continue
+            if entry.value:
+                why = json.loads(entry.value).get("reason", "")
+                return Stop(f"kill switch ({scope}) is on: {why}", code="kill_switch")
+        return None
+
+    async def check(self, tenant: str, task_id: str) -> Stop | None:
+        """The reason the task must not make its next call, or None."""
+        from mesh_kit import state as st
+        from mesh_kit.state import TaskRecord
+
+        if self.control is None:  # not started (in-memory tests): nothing to consult
+            return None
+        stop = await self.kill_switch(tenant)
+        if stop is not None:
+            return stop
+        rec, _ = await st.load(self.tasks, TaskRecord.key(tenant, task_id), TaskRecord)
+        if rec is not None:
+            if rec.status == "halted":
+                return Stop(f"task halted: {rec.reason}", halted=True)
+            if rec.status in ("failed", "cancelled", "completed"):
+                return Stop(f"task {rec.status}" + (f": {rec.reason}" if rec.reason else ""))
+            seen = self.seen.get((tenant, task_id))
+            if seen is not None and time.monotonic() - self._seen_at.get((tenant, task_id), 0) > RECORD_LAG_S:
+                # The planner applies a control message within milliseconds. A task still
+                # running this long after a halt we saw was resumed (a resume we missed).
+                self.seen.pop((tenant, task_id), None)
+        return self.seen.get((tenant, task_id))
+
+    async def ensure(self, tenant: str, task_id: str) -> None:
+        stop = await self.check(tenant, task_id)
+        if stop is not None:
+            self.mesh.count("mesh.control.calls_refused")  # tel.M_CALLS_REFUSED
+            raise Stopped(stop)
