@@ -99,6 +99,13 @@ CONTROL_OBSERVERS: tuple[str, ...] = SERVICES
 durable), so a halt stops their next model or tool call at once."""
 
 
+WATCHERS: dict[str, tuple[str, ...]] = {
+    "budget": ("task", "step", "tool", "rag", "check", "control", "approval", "usage"),
+}
+"""Services that read whole domains with their own ephemeral ordered consumers (no acks, no
+shared durable): the budget service derives breakers, deadlocks and stalls from them."""
+
+
 def stream_contracts() -> list[type[Contract]]:
     """Every contract that travels on JetStream (all versions)."""
     return [c for cs in VERSIONS.values() for c in cs if c.spec.transport == "stream"]

@@ -16,7 +16,10 @@ POLICY = policy(["acme", "globex"])
 @pytest.mark.parametrize("service", SERVICES)
 def test_no_service_holds_admin_or_wildcard_rights(service):
     p = POLICY[service]
+    ephemeral_watch = {f"$JS.API.CONSUMER.CREATE.{topo.STREAMS[d]}" for d in topo.WATCHERS.get(service, ())}
     for subject in p.pub:
+        if subject in ephemeral_watch:
+            continue  # an ephemeral, read-only ordered consumer (no name token: no durable)
         assert not subject.startswith(
             (
                 "$JS.API.STREAM.CREATE",
@@ -47,3 +50,11 @@ def test_clients_are_confined_to_their_tenant():
 
 def test_only_the_budget_service_answers_requests():
     assert [name for name, p in POLICY.items() if p.allow_responses] == ["budget"]
+
+
+def test_only_the_budget_watches_whole_streams_and_only_with_ephemeral_consumers():
+    watchers = {name for name, p in POLICY.items() if any(s.startswith("$JS.API.CONSUMER.CREATE") for s in p.pub)}
+    assert watchers == {"budget"}
+    creates = [s for s in POLICY["budget"].pub if s.startswith("$JS.API.CONSUMER.CREATE")]
+    assert creates and all(s.count(".") == 4 for s in creates), creates
+    assert not [s for s in POLICY["budget"].pub if "CONSUMER.DELETE" in s]

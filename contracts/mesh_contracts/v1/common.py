@@ -52,6 +52,9 @@ class TaskLimits(_Value):
     """Largest plan the planner may make."""
     deadline_s: float = Field(300.0, gt=0)
     """Wall-clock seconds from submission after which the task fails."""
+    max_revisions: int = Field(0, ge=0, le=20)
+    """How often the planner sends an answer the checker rejected back to be redone (with the
+    checker's reasons as input) before failing the task."""
     stall_timeout_s: float = Field(120.0, gt=0)
     """Seconds without any message about the task (time waiting for a human approval excluded)
     after which the budget service flags it as stalled and applies ``stall_policy``."""

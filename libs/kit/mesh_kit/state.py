@@ -56,6 +56,8 @@ class TaskRecord(BaseModel):
     steps: dict[str, StepState] = {}
     planner_usage: TokenUsage = TokenUsage()
     check_attempt: int = 0
+    feedback: dict[str, str] = {}
+    """Checker reasons per step being redone, passed to the step as the input ``checker``."""
     created_at: float = 0.0
     finished_at: float = 0.0
     outbox: list[OutboxItem] = []

@@ -18,6 +18,17 @@ EMAIL = re.compile(r"[\w.+-]+@[\w-]+\.[\w.-]*\w")
 ARITHMETIC = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?(?:\s*[-+*/%]\s*\d+(?:\.\d+)?)+)(?!\w|\.\d)")
 
 
+class ProviderError(RuntimeError):
+    """What a failing provider looks like to its caller (the scripted model raises it on cue)."""
+
+
+# Cues: a test (or a demo) writes these into a goal or a step instruction to provoke a failure.
+PLAN_CUE = "PLAN:"  # in a goal: the JSON after it is the plan, verbatim
+LOOP_CUE = "#loop"  # in a step: call the first offered tool with the same arguments, forever
+AWAIT_CUE = re.compile(r"#await:([A-Za-z0-9_-]+)")  # in a step: first wait for that step's output
+DOWN_CUE = "#provider-down"  # in a step: every call fails like a provider returning 503
+
+
 class ScriptedModel:
     provider = "scripted"
 
@@ -33,6 +44,9 @@ class ScriptedModel:
     async def complete(self, request: ModelRequest) -> ModelResponse:
         self.calls += 1
         self._log(request)
+        instruction = next((m.content for m in request.messages if m.role == "user"), "")
+        if request.agent != "planner" and DOWN_CUE in instruction:
+            raise ProviderError("503 Service Unavailable (scripted outage)")
         if request.agent == "planner":
             content, calls = self._plan(request), ()
         else:
@@ -72,6 +86,8 @@ class ScriptedModel:
 
     def _plan(self, request: ModelRequest) -> str:
         goal = _last(request.messages, "user")
+        if PLAN_CUE in goal:
+            return goal.split(PLAN_CUE, 1)[1].strip()
         recipient = EMAIL.search(goal)
         if recipient:  # "..., and email the answer to ops@acme.test": not part of the question
             goal_q = re.sub(r"[,;]?\s*(and\s+)?(e-?mail|send)\b.*$", "", goal, flags=re.I | re.S).strip() + "."
@@ -130,6 +146,12 @@ class ScriptedModel:
         instruction = next((m.content for m in request.messages if m.role == "user"), "")
         results = [m for m in request.messages if m.role == "tool"]
         tools = {t.name for t in request.tools}
+        if LOOP_CUE in instruction and request.tools:  # stuck: the same call, whatever came back
+            first = request.tools[0].name
+            return "", (ToolCall("c0", first, {"expression": "1 + 1"} if first == "calculator" else {"text": "x"}),)
+        awaited = AWAIT_CUE.search(instruction)
+        if awaited and "await_step" in tools and not results:
+            return "", (ToolCall("c0", "await_step", {"step_id": awaited.group(1)}),)
         if not results and tools:
             call = _first_call(instruction, tools, request.messages)
             if call is not None:

@@ -56,8 +56,15 @@ def service_permissions(service: str) -> Permissions:
             f"$JS.ACK.{d.stream}.{d.name}.>",
             f"$JS.ACK.*.*.{d.stream}.{d.name}.>",
         )
-    if service == "budget":  # how far accounting has got (the reservation expiry horizon)
-        p.add_pub(f"$JS.API.STREAM.INFO.{topo.STREAMS['usage']}")
+    if service in topo.WATCHERS:
+        # Read-only ordered consumers over the watched streams (the budget's monitor), and how
+        # far accounting has got (the reservation expiry horizon).
+        for domain in topo.WATCHERS[service]:
+            stream = topo.STREAMS[domain]
+            # ``CONSUMER.CREATE.<stream>`` with no name token creates ephemeral consumers only
+            # (the server refuses a durable name there); no delete right: ordered consumers are
+            # reaped by the server when idle, and no other service's durable can be touched.
+            p.add_pub(f"$JS.API.STREAM.INFO.{stream}", f"$JS.API.CONSUMER.CREATE.{stream}", f"$JS.FC.{stream}.>")
     if service in topo.CONTROL_OBSERVERS:
         p.add_sub("control.*.*.*.*")
     p.add_pub(topo.dlq_subject(service, ">"))

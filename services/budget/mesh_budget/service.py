@@ -19,15 +19,29 @@ from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from mesh_budget.ledger import Cold, DayUsage, TaskUsage, View, today
+from mesh_budget.monitor import Monitor, Rules, Trip
+from mesh_contracts import ContractError, parse_message
 from mesh_contracts import topology as topo
-from mesh_contracts.v1 import BudgetDenied, BudgetGranted, BudgetReserve, TokenUsage, UsageRecorded
+from mesh_contracts.v1 import (
+    BudgetDenied,
+    BudgetGranted,
+    BudgetReserve,
+    ControlCancel,
+    ControlHalt,
+    TokenUsage,
+    UsageRecorded,
+)
 from mesh_kit import Delivery, Mesh
+from mesh_kit import envelope as env
 from mesh_kit import state as st
 from mesh_kit import telemetry as tel
+from mesh_kit.identity import IdentityError
 from mesh_kit.state import TaskRecord
 
 log = logging.getLogger("mesh.budget")
 USAGE_DURABLE = "budget--usage-recorded"
+WATCHED = topo.WATCHERS["budget"]
+"""Domains the monitor reads (every replica reads all of them, from its own ordered consumers)."""
 
 
 class TenantLimits(BaseModel):
@@ -49,6 +63,24 @@ class BudgetSettings(BaseSettings):
     tenant_limits_file: Path | None = None
     """The same JSON in a file (wins over ``tenant_limits``)."""
     horizon_poll_s: float = Field(0.5, gt=0)
+    lookback_s: float = Field(900.0, ge=0)
+    """On start, the monitor replays this much of the streams to rebuild its view of live tasks."""
+    tick_s: float = Field(0.25, gt=0)
+    """How often deadlines and stall timeouts are checked."""
+    loop_repeats: int = Field(3, ge=2)
+    chatter_window_s: float = Field(30.0, gt=0)
+    chatter_min_messages: int = Field(60, ge=2)
+    chatter_ratio: float = Field(25.0, gt=0)
+    retry_storm_errors: int = Field(5, ge=1)
+    retry_storm_window_s: float = Field(30.0, gt=0)
+    provider_window_s: float = Field(30.0, gt=0)
+    provider_min_calls: int = Field(5, ge=1)
+    provider_error_rate: float = Field(0.5, gt=0, le=1)
+    provider_cooldown_s: float = Field(15.0, gt=0)
+    iteration_cap: int = Field(0, ge=0)
+
+    def rules(self) -> Rules:
+        return Rules(**{f: getattr(self, f) for f in Rules.__dataclass_fields__})
 
     def limits(self) -> dict[str, TenantLimits]:
         raw = self.tenant_limits_file.read_text() if self.tenant_limits_file else self.tenant_limits
@@ -86,23 +118,132 @@ class Budget:
         self.horizon = 0.0  # nothing expires until the first look at the accounting backlog
         self._samples: list[tuple[float, int]] = []
         self._poller: asyncio.Task[None] | None = None
+        self.monitor = Monitor(self.settings.rules())
+        self._watch_subs: list[Any] = []
+        self._caught_up: set[str] = set()
+        self._ticker: asyncio.Task[None] | None = None
+        self._started_at = 0.0
         meter = mesh.telemetry.meter_provider.get_meter("mesh_budget")
         self.m_tokens = meter.create_counter(tel.M_BUDGET_TOKENS, unit="{token}")
         self.m_cost = meter.create_counter(tel.M_BUDGET_COST, unit="USD")
         self.m_calls = meter.create_counter(tel.M_BUDGET_CALLS, unit="{call}")
         self.m_reservations = meter.create_counter(tel.M_BUDGET_RESERVATIONS, unit="{reservation}")
+        self.m_trips = meter.create_counter(tel.M_BUDGET_TRIPS, unit="{trip}")
+        self.detections: list[tuple[str, float]] = []  # (kind, seconds from cause to action), for /status
 
     async def start(self) -> None:
         self.kv = await self.mesh.kv("budget")
         self.tasks = await self.mesh.kv("tasks")
         self._poller = asyncio.create_task(self._poll_horizon())
+        await self._watch()
+        self._ticker = asyncio.create_task(self._tick())
 
     async def stop(self) -> None:
-        if self._poller is not None:
-            self._poller.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._poller
+        for task in (self._poller, self._ticker):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        for sub in self._watch_subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
         await self.view.close()
+
+    # --- the monitor: every message about every task ------------------------------------------
+
+    async def _watch(self) -> None:
+        """One ordered consumer per watched stream, from ``lookback_s`` ago: the monitor's state
+        is rebuilt from the streams on every start (nothing to persist, nothing to lose)."""
+        from datetime import UTC, datetime
+
+        from nats.js.api import ConsumerConfig, DeliverPolicy
+
+        js = self.mesh.nc.jetstream()
+        self._started_at = time.time()
+        start = datetime.fromtimestamp(self._started_at - self.settings.lookback_s, UTC)
+        for domain in WATCHED:
+            stream = topo.STREAMS[domain]
+
+            async def on_msg(msg: Any, stream: str = stream) -> None:
+                await self._on_watched(msg, stream)
+
+            sub = await js.subscribe(
+                f"{domain}.>",
+                stream=stream,
+                cb=on_msg,
+                ordered_consumer=True,
+                deliver_policy=DeliverPolicy.BY_START_TIME,
+                config=ConsumerConfig(opt_start_time=start),
+            )
+            self._watch_subs.append(sub)
+
+    async def _on_watched(self, msg: Any, stream: str) -> None:
+        try:
+            md = msg.metadata
+            at, pending = md.timestamp.timestamp(), md.num_pending
+        except Exception:  # noqa: BLE001 - not a JetStream message
+            return
+        if pending == 0:
+            self._caught_up.add(stream)
+        try:
+            model = parse_message(msg.subject, msg.data)
+            self.mesh.verifier.verify((msg.headers or {}).get(env.IDENTITY), msg.data, model, at=at)
+        except (ContractError, IdentityError):
+            return  # its consumer dead-letters it; the monitor only folds in verified facts
+        try:
+            trips = self.monitor.observe(model, at)
+        except Exception:
+            log.exception("monitor failed on %s", msg.subject)
+            return
+        for trip in trips:
+            await self._act(trip)
+
+    def caught_up(self) -> bool:
+        """Replay done: every stream delivered its backlog, or 2 s passed (an idle stream sends nothing)."""
+        return len(self._caught_up) == len(WATCHED) or time.time() - self._started_at > 2.0
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.tick_s)
+            if not self.caught_up():
+                continue
+            now = time.time()
+            for trip in self.monitor.tick(now):
+                await self._act(trip)
+            self.monitor.forget(now - 600)
+
+    async def _act(self, trip: Trip) -> None:
+        """Publish the reasoned event and the control message (deterministic ids: every replica
+        reaches the same verdict from the same stream; JetStream keeps one)."""
+        try:
+            rec, _ = await st.load(self.tasks, TaskRecord.key(trip.tenant, trip.task_id), TaskRecord)
+            if rec is not None and rec.status in st.TERMINAL:
+                return  # replayed history, or the task ended meanwhile
+            after = max(0.0, time.time() - trip.closed_at) if trip.closed_at else 0.0
+            self.detections.append((trip.kind, after))
+            self.detections = self.detections[-1000:]
+            self.m_trips.add(1, {"tenant": trip.tenant, "kind": trip.kind, "action": trip.action})
+            self.mesh.count(f"mesh.budget.trips.{trip.kind}")
+            log.warning("%s/%s: %s -> %s", trip.tenant, trip.task_id, trip.reason, trip.action)
+            await self.mesh.progress(
+                trip.tenant,
+                trip.task_id,
+                f"budget.{trip.kind}",
+                trip.reason,
+                key=trip.kind,
+                detail={"action": trip.action, "members": list(trip.members), "detected_after_s": round(after, 4)},
+            )
+            if trip.action == "cancel":
+                await self.mesh.publish(
+                    ControlCancel(tenant=trip.tenant, task_id=trip.task_id, reason=trip.reason),
+                    key=f"budget:{trip.kind}",
+                )
+            elif trip.action == "halt":
+                await self.mesh.publish(
+                    ControlHalt(tenant=trip.tenant, task_id=trip.task_id, reason=trip.reason), key=f"budget:{trip.kind}"
+                )
+        except Exception:
+            log.exception("could not act on %s for %s/%s", trip.kind, trip.tenant, trip.task_id)
 
     def register(self) -> None:
         self.mesh.enable_guard()
@@ -164,6 +305,11 @@ class Budget:
             return deny("stopped", stop.reason)
         if rec.created_at and time.time() > rec.created_at + rec.limits.deadline_s:
             return deny("deadline", f"task deadline of {rec.limits.deadline_s:g} s has passed")
+        w = self.monitor.tasks.get((m.tenant, m.task_id))
+        if w is not None and w.tripped & {"loop", "chatter", "iteration_cap", "deadlock", "retry_storm"}:
+            return deny("breaker", f"circuit breaker tripped: {', '.join(sorted(w.tripped))}")
+        if m.provider and (why := self.monitor.provider_open(m.provider, m.model, time.time())):
+            return deny("provider_breaker", why)
         tl = self._tenant_limits(m.tenant)
         day = today()
         limits = (

@@ -76,6 +76,9 @@ def dispatch_ready(rec: TaskRecord, causation: str = "") -> None:
         if all(d.status == "completed" for d in deps):
             s.status, s.attempt = "dispatched", s.attempt + 1
             inputs = {d: rec.steps[d].output for d in s.step.depends_on}
+            feedback = rec.feedback.get(sid)
+            if feedback:
+                inputs["checker"] = feedback
             _out(
                 rec,
                 StepRequested(tenant=rec.tenant, task_id=rec.task_id, step=s.step, attempt=s.attempt, inputs=inputs),
@@ -344,7 +347,18 @@ class Planner:
                 _event(rec, "task.completed", f"{len(rec.steps)} steps, {rec.total_usage().total_tokens} tokens")
             else:
                 failed = "; ".join(f"{c.name}: {c.reason}" for c in m.checks if not c.passed)
-                fail(rec, f"checker rejected the answer: {failed}")
+                if rec.check_attempt > rec.limits.max_revisions:
+                    fail(rec, f"checker rejected the answer: {failed}")
+                    return True
+                # Redo the answer step with the checker's reasons as an input (bounded by max_revisions).
+                order = list(rec.steps)
+                sid = next((s for s in reversed(order) if rec.steps[s].step.kind == "answer"), order[-1])
+                s = rec.steps[sid]
+                s.status, s.output, s.citations = "pending", "", []
+                rec.status = "running"
+                rec.feedback = {**rec.feedback, sid: f"the checker rejected the answer: {failed}"}
+                _event(rec, "check.revise", f"{sid} redone: {failed}", sid, str(rec.check_attempt))
+                dispatch_ready(rec, d.msg_id)
             return True
 
         await self.transition(m.tenant, m.task_id, apply)

@@ -7,13 +7,16 @@ external effect is handed the same key as its own idempotency key.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from mesh_contracts.v1 import ToolCompleted, ToolRequested
 from mesh_kit import Delivery, Mesh
+from mesh_kit import state as st
 from mesh_kit import telemetry as tel
 from mesh_kit.faults import crash_point
 from mesh_kit.ledger import BUCKET, Ledger
+from mesh_kit.state import TaskRecord
 from mesh_tool_executor.tools import ToolContext, ToolError, execute
 
 
@@ -21,9 +24,21 @@ class ToolExecutor:
     def __init__(self, mesh: Mesh) -> None:
         self.mesh = mesh
         self.ledger: Ledger | None = None
+        self.tasks: Any = None
 
     async def start(self) -> None:
         self.ledger = Ledger(await self.mesh.kv(BUCKET), self.mesh.service)
+        self.tasks = await self.mesh.kv("tasks")
+
+    def _step_lookup(self, tenant: str, task_id: str):
+        async def lookup(step_id: str) -> tuple[str, str, str]:
+            rec, _ = await st.load(self.tasks, TaskRecord.key(tenant, task_id), TaskRecord)
+            if rec is None:
+                return "", "", ""
+            s = rec.steps.get(step_id)
+            return rec.status, (s.status if s else ""), (s.output if s else "")
+
+        return lookup
 
     def register(self) -> None:
         self.mesh.enable_guard()
@@ -37,10 +52,18 @@ class ToolExecutor:
         crash_point("after_effect")  # fault injection for the chaos suite: effect done, not yet recorded
         return f"outbox #{ack.seq}"
 
-    async def _run(self, m: ToolRequested, key: str) -> dict[str, Any]:
-        ctx = ToolContext(tenant=m.tenant, task_id=m.task_id, key=key, effect=self._effect)
+    async def _run(self, m: ToolRequested, key: str, delivery: Delivery | None = None) -> dict[str, Any]:
+        ctx = ToolContext(
+            tenant=m.tenant,
+            task_id=m.task_id,
+            key=key,
+            effect=self._effect,
+            step_state=self._step_lookup(m.tenant, m.task_id) if self.tasks is not None else None,
+        )
         try:
-            return {"ok": True, "result": await execute(m.tool, m.arguments, ctx), "error": ""}
+            async with delivery.keepalive() if delivery is not None else contextlib.nullcontext():
+                result = await execute(m.tool, m.arguments, ctx)
+            return {"ok": True, "result": result, "error": ""}
         except ToolError as exc:
             return {"ok": False, "result": "", "error": str(exc)}
 
@@ -53,7 +76,7 @@ class ToolExecutor:
         elif self.ledger is not None:
             outcome = await self.ledger.run(
                 self.ledger.key(m.tenant, m.task_id, m.call_id),
-                lambda k: self._run(m, k),
+                lambda k: self._run(m, k, d),
                 owner=d.owner,
                 attempt=d.deliveries,
             )

@@ -21,6 +21,10 @@ Effect = Callable[[str, bytes, str], Awaitable[str]]
 """Performs an external effect: (sink subject suffix, payload, idempotency key) -> receipt."""
 
 
+StepLookup = Callable[[str], Awaitable[tuple[str, str, str]]]
+"""(step id) -> (task status, step status, step output) from the task record."""
+
+
 @dataclass(frozen=True)
 class ToolContext:
     """What a tool may know about its call. ``key`` is the call's idempotency key."""
@@ -29,6 +33,7 @@ class ToolContext:
     task_id: str
     key: str
     effect: Effect | None = None
+    step_state: StepLookup | None = None
 
 
 @dataclass(frozen=True)
@@ -56,6 +61,32 @@ class SendEmailArgs(BaseModel):
     to: str = Field(pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$", max_length=254)
     subject: str = Field(min_length=1, max_length=200)
     body: str = Field(max_length=20_000)
+
+
+class AwaitStepArgs(BaseModel):
+    step_id: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+
+
+AWAIT_POLL_S = 0.25
+
+
+async def await_step(args: AwaitStepArgs, ctx: ToolContext) -> str:
+    """An agent waits for another step of its task and gets its output: the agent-to-agent wait.
+    Two steps that await each other never finish; the budget service sees the cycle in the
+    wait-for graph and cancels the task, which ends this wait with an error."""
+    if ctx.step_state is None:
+        raise ToolError("await_step is not available here (no task records)")
+    while True:
+        task_status, status, output = await ctx.step_state(args.step_id)
+        if status == "completed":
+            return output
+        if status == "":
+            raise ToolError(f"step {args.step_id} is not part of this task's plan")
+        if status == "failed":
+            raise ToolError(f"step {args.step_id} failed; its output will never come")
+        if task_status in ("failed", "cancelled", "completed", "halted"):
+            raise ToolError(f"stopped waiting for {args.step_id}: the task is {task_status}")
+        await asyncio.sleep(AWAIT_POLL_S)
 
 
 _OPS: dict[type, Callable[[Any, Any], Any]] = {
@@ -117,6 +148,13 @@ REGISTRY: dict[str, Tool] = {
     for t in (
         Tool("calculator", "Evaluate an arithmetic expression exactly.", CalculatorArgs, calculator),
         Tool("text_stats", "Count words and characters of a text.", TextStatsArgs, text_stats),
+        Tool(
+            "await_step",
+            "Wait for another step of this task to complete and return its output.",
+            AwaitStepArgs,
+            await_step,
+            timeout_s=600.0,
+        ),
         Tool(
             "send_email",
             "Send an email (external side effect; once per call).",

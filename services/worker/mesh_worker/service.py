@@ -61,6 +61,11 @@ TOOLS: dict[str, ToolSpec] = {
             "required": ["to", "subject", "body"],
         },
     ),
+    "await_step": ToolSpec(
+        "await_step",
+        "Wait for another step of this task to complete and return its output.",
+        {"type": "object", "properties": {"step_id": {"type": "string"}}, "required": ["step_id"]},
+    ),
     "text_stats": ToolSpec(
         "text_stats",
         "Count words and characters of a text.",

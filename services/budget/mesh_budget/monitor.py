@@ -1,0 +1,373 @@
+"""Coordination safety, derived only from the message stream.
+
+``Monitor`` folds every message about a task (in any order: it reads several streams) into a
+``TaskWatch`` and reports ``Trip``s: circuit breakers (iteration cap, loop, chatter, retry
+storm, provider error rate), deadlocks (a cycle in the wait-for graph) and stalls. It is pure
+logic: no I/O, a clock passed in, so the rules are unit-tested exactly; the service feeds it
+and acts on what it reports.
+
+The wait-for graph has a node per step and per outstanding call. Edges:
+
+- a pending step waits on each dependency that has not completed (``plan.created``);
+- a dispatched step waits on each of its outstanding tool / retrieval calls;
+- an ``await_step`` call (one agent waiting for another's output) waits on that step;
+- a tool call waiting for a human decision waits on the approval (which waits on nobody:
+  humans do not deadlock, they stall, and approval time is excluded from stall time).
+
+A cycle means no member can ever proceed. It is reported with its members and the edge
+kinds, and the task is cancelled with reason ``deadlock``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from mesh_contracts import Contract
+from mesh_contracts.v1 import (
+    ApprovalDecided,
+    ApprovalRequested,
+    CheckRequested,
+    CheckVerdict,
+    ControlCancel,
+    ControlHalt,
+    ControlResume,
+    PlanCreated,
+    RetrievalCompleted,
+    RetrievalRequested,
+    StepCompleted,
+    StepFailed,
+    StepRequested,
+    TaskCompleted,
+    TaskFailed,
+    TaskRejected,
+    TaskSubmitted,
+    ToolCompleted,
+    ToolRequested,
+    UsageRecorded,
+)
+
+AWAIT_TOOL = "await_step"
+
+
+@dataclass(frozen=True)
+class Rules:
+    """Breaker thresholds (``MESH_BUDGET_*`` settings)."""
+
+    loop_repeats: int = 3
+    """The same step signature (tool + arguments, a re-dispatched step, a re-checked answer) seen
+    this many times in one task is a loop."""
+    chatter_window_s: float = 30.0
+    chatter_min_messages: int = 60
+    chatter_ratio: float = 25.0
+    """Inter-agent messages per completed step in the window above which agents are chattering."""
+    retry_storm_errors: int = 5
+    retry_storm_window_s: float = 30.0
+    provider_window_s: float = 30.0
+    provider_min_calls: int = 5
+    provider_error_rate: float = 0.5
+    provider_cooldown_s: float = 15.0
+    iteration_cap: int = 0
+    """Model calls per step attempt; 0: the step's own ``max_iterations``."""
+
+
+@dataclass(frozen=True)
+class Trip:
+    """Something the budget service must act on. ``action``: cancel | halt | flag."""
+
+    kind: str  # iteration_cap | loop | chatter | retry_storm | provider_breaker | deadlock | stall | deadline
+    tenant: str
+    task_id: str
+    reason: str
+    action: str = "cancel"
+    members: tuple[str, ...] = ()
+    closed_at: float = 0.0
+    """Stored time of the message that caused it (a cycle's closing edge), for latency."""
+
+
+def _digest(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class TaskWatch:
+    tenant: str
+    task_id: str
+    created_at: float | None = None
+    deadline_s: float = 0.0
+    stall_timeout_s: float = 0.0
+    stall_policy: str = "cancel"
+    terminal: bool = False
+    halted: bool = False
+    last_progress: float = 0.0
+    approvals: dict[str, float] = field(default_factory=dict)  # approval id -> requested at
+    approval_paused_s: float = 0.0
+    deps: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    step_status: dict[str, str] = field(default_factory=dict)
+    step_attempt: dict[str, int] = field(default_factory=dict)
+    step_cap: dict[str, int] = field(default_factory=dict)
+    calls: dict[str, tuple[str, str, str]] = field(default_factory=dict)  # call -> (step, tool, awaited step)
+    done_calls: set[str] = field(default_factory=set)
+    approval_of: dict[str, str] = field(default_factory=dict)  # approval id -> step
+    signatures: Counter[str] = field(default_factory=Counter)
+    llm_calls: Counter[tuple[str, int]] = field(default_factory=Counter)
+    seen_usage: set[str] = field(default_factory=set)
+    chatter: deque[float] = field(default_factory=deque)
+    completions: deque[float] = field(default_factory=deque)
+    errors: deque[float] = field(default_factory=deque)
+    tripped: set[str] = field(default_factory=set)
+
+    # --- the wait-for graph ---------------------------------------------------------------------
+
+    def edges(self) -> dict[str, list[tuple[str, str]]]:
+        """node -> [(node it waits on, why)]."""
+        g: dict[str, list[tuple[str, str]]] = {}
+        for sid, deps in self.deps.items():
+            if self.step_status.get(sid, "pending") == "pending":
+                for d in deps:
+                    if self.step_status.get(d) != "completed":
+                        g.setdefault(f"step:{sid}", []).append((f"step:{d}", "depends_on"))
+        for cid, (sid, tool, awaited) in self.calls.items():
+            if cid in self.done_calls or self.step_status.get(sid) in ("completed", "failed"):
+                continue
+            g.setdefault(f"step:{sid}", []).append((f"call:{cid}", tool))
+            if awaited and self.step_status.get(awaited) != "completed":
+                g.setdefault(f"call:{cid}", []).append((f"step:{awaited}", AWAIT_TOOL))
+        for aid, sid in self.approval_of.items():
+            if aid in self.approvals:
+                g.setdefault(f"step:{sid}", []).append((f"approval:{aid}", "approval"))
+        return g
+
+    def cycle(self) -> list[tuple[str, str, str]] | None:
+        """One cycle as [(from, to, why)], or None."""
+        g = self.edges()
+        state: dict[str, int] = {}
+        path: list[tuple[str, str, str]] = []
+
+        def visit(n: str) -> list[tuple[str, str, str]] | None:
+            state[n] = 1
+            for m, why in g.get(n, []):
+                path.append((n, m, why))
+                if state.get(m) == 1:
+                    start = next(i for i, (a, _, _) in enumerate(path) if a == m)
+                    return path[start:]
+                if m not in state:
+                    found = visit(m)
+                    if found:
+                        return found
+                path.pop()
+            state[n] = 2
+            return None
+
+        for n in list(g):
+            if n not in state:
+                found = visit(n)
+                if found:
+                    return found
+        return None
+
+
+@dataclass
+class ProviderHealth:
+    calls: deque[tuple[float, bool]] = field(default_factory=deque)  # (time, failed)
+    open_until: float = 0.0
+
+
+class Monitor:
+    def __init__(self, rules: Rules | None = None) -> None:
+        self.rules = rules or Rules()
+        self.tasks: dict[tuple[str, str], TaskWatch] = {}
+        self.providers: dict[str, ProviderHealth] = {}
+
+    def watch(self, tenant: str, task_id: str) -> TaskWatch:
+        key = (tenant, task_id)
+        if key not in self.tasks:
+            self.tasks[key] = TaskWatch(tenant, task_id)
+        return self.tasks[key]
+
+    def provider_open(self, provider: str, model: str, now: float) -> str:
+        """Why calls to this provider/model are refused right now, or ''."""
+        h = self.providers.get(f"{provider}/{model}")
+        if h is None or now >= h.open_until:
+            return ""
+        failed = sum(1 for _, f in h.calls if f)
+        return (
+            f"provider {provider}/{model} circuit open for {h.open_until - now:.0f} s more: "
+            f"{failed} of {len(h.calls)} calls failed in the last {self.rules.provider_window_s:g} s"
+        )
+
+    # --- folding messages -----------------------------------------------------------------------
+
+    def observe(self, m: Contract, at: float) -> list[Trip]:
+        """Fold one message (stored at ``at``) in; return what tripped because of it."""
+        w = self.watch(m.tenant, m.task_id)
+        if w.terminal:
+            return []
+        r = self.rules
+        trips: list[Trip] = []
+        w.last_progress = max(w.last_progress, at)
+        inter_agent = True
+
+        def trip(kind: str, reason: str, action: str = "cancel", members: tuple[str, ...] = ()) -> None:
+            if kind not in w.tripped:
+                w.tripped.add(kind)
+                trips.append(Trip(kind, w.tenant, w.task_id, reason, action, members, at))
+
+        if isinstance(m, TaskSubmitted):
+            w.created_at = at if w.created_at is None else w.created_at
+            w.deadline_s, w.stall_timeout_s = m.limits.deadline_s, m.limits.stall_timeout_s
+            w.stall_policy = m.limits.stall_policy
+        elif isinstance(m, (TaskCompleted, TaskFailed, TaskRejected)):
+            w.terminal = True
+            return []
+        elif isinstance(m, PlanCreated):
+            for s in m.steps:
+                w.deps[s.step_id] = s.depends_on
+                w.step_status.setdefault(s.step_id, "pending")
+        elif isinstance(m, StepRequested):
+            sid = m.step.step_id
+            if m.attempt >= w.step_attempt.get(sid, 0):
+                w.step_attempt[sid] = m.attempt
+                if w.step_status.get(sid) not in ("completed",):
+                    w.step_status[sid] = "dispatched"
+            w.step_cap[sid] = r.iteration_cap or m.max_iterations
+            sig = _digest("step", sid, m.step.instruction, sorted(m.inputs.items()))
+            w.signatures[sig] += 1
+            if w.signatures[sig] >= r.loop_repeats:
+                trip("loop", f"loop: step {sid} dispatched {w.signatures[sig]} times with the same instruction "
+                             "and inputs", members=(f"step:{sid}",))  # fmt: skip
+        elif isinstance(m, StepCompleted):
+            w.step_status[m.step_id] = "completed"
+            w.completions.append(at)
+        elif isinstance(m, StepFailed):
+            w.step_status[m.step_id] = "halted" if m.halted else "failed"
+            if not m.halted:
+                w.errors.append(at)
+        elif isinstance(m, (ToolRequested, RetrievalRequested)):
+            tool = m.tool if isinstance(m, ToolRequested) else "search_docs"
+            args = m.arguments if isinstance(m, ToolRequested) else {"query": m.query, "top_k": m.top_k}
+            awaited = str(args.get("step_id", "")) if tool == AWAIT_TOOL else ""
+            if m.call_id not in w.done_calls:
+                w.calls[m.call_id] = (m.step_id, tool, awaited)
+            sig = _digest("call", m.step_id, tool, args)
+            w.signatures[sig] += 1
+            if w.signatures[sig] >= r.loop_repeats:
+                trip("loop", f"loop: step {m.step_id} called {tool} with the same arguments "
+                             f"{w.signatures[sig]} times", members=(f"step:{m.step_id}",))  # fmt: skip
+        elif isinstance(m, (ToolCompleted, RetrievalCompleted)):
+            w.done_calls.add(m.call_id)
+            w.calls.pop(m.call_id, None)
+            if isinstance(m, ToolCompleted) and not m.ok:
+                w.errors.append(at)
+        elif isinstance(m, CheckRequested):
+            sig = _digest("check", m.answer, [c.chunk_hash for c in m.citations])
+            w.signatures[sig] += 1
+            if w.signatures[sig] >= r.loop_repeats:
+                trip("loop", f"loop: the same answer went to the checker {w.signatures[sig]} times "
+                             "(planner and checker ping-pong)", members=("planner", "checker"))  # fmt: skip
+        elif isinstance(m, CheckVerdict):
+            pass
+        elif isinstance(m, ApprovalRequested):
+            w.approvals[m.approval_id] = at
+            w.approval_of[m.approval_id] = m.step_id or "-"
+        elif isinstance(m, ApprovalDecided):
+            started = w.approvals.pop(m.approval_id, None)
+            if started is not None:
+                w.approval_paused_s += max(0.0, at - started)
+        elif isinstance(m, ControlHalt):
+            w.halted, inter_agent = True, False
+        elif isinstance(m, ControlResume):
+            w.halted, inter_agent = False, False
+        elif isinstance(m, ControlCancel):
+            inter_agent = False
+        elif isinstance(m, UsageRecorded):
+            inter_agent = False
+            if m.call_id in w.seen_usage:
+                return trips
+            w.seen_usage.add(m.call_id)
+            trips += self._provider(m, at, w, trip)
+            if m.error:
+                w.errors.append(at)
+            else:
+                attempt = _attempt_of(m.call_id) or w.step_attempt.get(m.step_id, 1)
+                w.llm_calls[(m.step_id, attempt)] += 1
+                cap = w.step_cap.get(m.step_id, 0)
+                if cap and w.llm_calls[(m.step_id, attempt)] > cap:
+                    trip("iteration_cap", f"iteration cap: step {m.step_id} made "
+                         f"{w.llm_calls[(m.step_id, attempt)]} model calls in attempt {attempt}, cap {cap}",
+                         members=(f"step:{m.step_id}",))  # fmt: skip
+        if inter_agent:
+            w.chatter.append(at)
+        self._slide(w, at)
+        if inter_agent and len(w.chatter) >= r.chatter_min_messages:
+            ratio = len(w.chatter) / max(1, len(w.completions))
+            if ratio > r.chatter_ratio:
+                trip("chatter", f"chatter: {len(w.chatter)} inter-agent messages for {len(w.completions)} "
+                     f"completed step(s) in {r.chatter_window_s:g} s (limit {r.chatter_ratio:g} per step)")  # fmt: skip
+        if len(w.errors) >= r.retry_storm_errors:
+            trip("retry_storm", f"retry storm: {len(w.errors)} failed calls or steps in "
+                 f"{r.retry_storm_window_s:g} s", action="halt")  # fmt: skip
+        cyc = w.cycle() if isinstance(m, (PlanCreated, ToolRequested, StepRequested, StepFailed)) else None
+        if cyc:
+            text = ", ".join(f"{a} waits on {b} ({why})" for a, b, why in cyc)
+            trip("deadlock", f"deadlock: {text}", members=tuple(a for a, _, _ in cyc))
+        return trips
+
+    def _provider(self, m: UsageRecorded, at: float, w: TaskWatch, trip: Any) -> list[Trip]:
+        r = self.rules
+        h = self.providers.setdefault(f"{m.provider}/{m.model}", ProviderHealth())
+        h.calls.append((at, bool(m.error)))
+        while h.calls and h.calls[0][0] < at - r.provider_window_s:
+            h.calls.popleft()
+        failed = sum(1 for _, f in h.calls if f)
+        if m.error and len(h.calls) >= r.provider_min_calls and failed / len(h.calls) >= r.provider_error_rate:
+            if at >= h.open_until:
+                h.open_until = at + r.provider_cooldown_s
+            trip("provider_breaker", f"provider {m.provider}/{m.model} failing: {failed} of {len(h.calls)} calls "
+                 f"in {r.provider_window_s:g} s; circuit open for {r.provider_cooldown_s:g} s", action="halt")  # fmt: skip
+        return []
+
+    def _slide(self, w: TaskWatch, now: float) -> None:
+        r = self.rules
+        for q, span in ((w.chatter, r.chatter_window_s), (w.completions, r.chatter_window_s),
+                        (w.errors, r.retry_storm_window_s)):  # fmt: skip
+            while q and q[0] < now - span:
+                q.popleft()
+
+    # --- the clock ------------------------------------------------------------------------------
+
+    def tick(self, now: float) -> list[Trip]:
+        """Time-based rules: deadline and stall."""
+        trips = []
+        for w in self.tasks.values():
+            if w.terminal or w.created_at is None:
+                continue
+            if w.deadline_s and now > w.created_at + w.deadline_s and "deadline" not in w.tripped:
+                w.tripped.add("deadline")
+                trips.append(Trip("deadline", w.tenant, w.task_id,
+                                  f"deadline: {w.deadline_s:g} s since submission have passed", closed_at=now))  # fmt: skip
+                continue
+            if w.halted or w.approvals or not w.stall_timeout_s or "stall" in w.tripped:
+                continue  # a halted task or one waiting for a human is not stalled
+            idle = now - w.last_progress
+            if idle > w.stall_timeout_s:
+                w.tripped.add("stall")
+                trips.append(Trip("stall", w.tenant, w.task_id,
+                                  f"stalled: no progress for {idle:.1f} s (stall timeout {w.stall_timeout_s:g} s)",
+                                  action=w.stall_policy, closed_at=now))  # fmt: skip
+        return trips
+
+    def forget(self, older_than: float) -> None:
+        """Drop finished tasks' state (bounded memory)."""
+        for key in [k for k, w in self.tasks.items() if (w.terminal and w.last_progress < older_than)]:
+            del self.tasks[key]
+
+
+def _attempt_of(call_id: str) -> int:
+    for part in call_id.split("-"):
+        if part.startswith("a") and part[1:].isdigit():
+            return int(part[1:])
+    return 0

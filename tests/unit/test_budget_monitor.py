@@ -1,0 +1,157 @@
+"""The budget monitor's rules, exactly: pure folding of messages, a clock passed in."""
+
+from __future__ import annotations
+
+import pytest
+
+from mesh_budget.monitor import Monitor, Rules
+from mesh_contracts.v1 import (
+    ApprovalDecided,
+    ApprovalRequested,
+    CheckRequested,
+    PlanCreated,
+    PlanStep,
+    StepCompleted,
+    StepRequested,
+    TaskCompleted,
+    TaskLimits,
+    TaskSubmitted,
+    ToolCompleted,
+    ToolRequested,
+    UsageRecorded,
+)
+
+pytestmark = pytest.mark.unit
+T = {"tenant": "acme", "task_id": "t1"}
+
+
+def plan(*steps: PlanStep) -> PlanCreated:
+    return PlanCreated(**T, steps=steps)
+
+
+def step(sid: str, deps: tuple[str, ...] = (), instruction: str = "do it") -> PlanStep:
+    return PlanStep(step_id=sid, instruction=instruction, depends_on=deps)
+
+
+def tool(sid: str, call: str, name: str = "calculator", **args) -> ToolRequested:
+    return ToolRequested(**T, step_id=sid, call_id=call, tool=name, arguments=args or {"expression": "1+1"})
+
+
+def usage(sid: str, call: str, error: str = "", model: str = "scripted-1") -> UsageRecorded:
+    return UsageRecorded(
+        **T, agent="worker", step_id=sid, call_id=call, provider="scripted", model=model, input_tokens=10,
+        output_tokens=5, error=error,
+    )  # fmt: skip
+
+
+def test_two_steps_waiting_on_each_other_are_a_deadlock_naming_both():
+    m = Monitor()
+    m.observe(TaskSubmitted(**T, goal="g"), 0.0)
+    m.observe(plan(step("s1"), step("s2", ("s1",))), 0.1)
+    m.observe(StepRequested(**T, step=step("s1")), 0.2)
+    trips = m.observe(tool("s1", "s1-a1-i0-c0", "await_step", step_id="s2"), 0.3)
+    assert [t.kind for t in trips] == ["deadlock"]
+    t = trips[0]
+    assert set(t.members) == {"step:s1", "call:s1-a1-i0-c0", "step:s2"} and t.action == "cancel"
+    assert "step:s2 waits on step:s1 (depends_on)" in t.reason and "(await_step)" in t.reason
+    assert t.closed_at == 0.3, "latency is measured from the message that closed the cycle"
+
+
+def test_a_wait_that_can_be_satisfied_is_no_deadlock_and_completion_releases_it():
+    m = Monitor()
+    m.observe(plan(step("s1"), step("s2")), 0.0)
+    m.observe(StepRequested(**T, step=step("s1")), 0.1)
+    assert m.observe(tool("s1", "c1", "await_step", step_id="s2"), 0.2) == []
+    w = m.tasks[("acme", "t1")]
+    assert "call:c1" in dict(w.edges()["step:s1"])
+    m.observe(StepCompleted(**T, step_id="s2", output="x"), 0.3)
+    m.observe(ToolCompleted(**T, step_id="s1", call_id="c1", tool="await_step", ok=True, result="x"), 0.4)
+    assert w.edges() == {} and w.cycle() is None
+
+
+def test_an_answer_arriving_before_its_request_is_not_an_open_wait():
+    """The monitor reads several streams, so order across them is not guaranteed."""
+    m = Monitor()
+    m.observe(plan(step("s1"), step("s2", ("s1",))), 0.0)
+    m.observe(ToolCompleted(**T, step_id="s1", call_id="c1", tool="await_step", ok=True), 0.1)
+    assert m.observe(tool("s1", "c1", "await_step", step_id="s2"), 0.2) == []
+
+
+def test_the_same_tool_call_repeated_is_a_loop_before_the_iteration_cap():
+    m = Monitor(Rules(loop_repeats=3))
+    m.observe(StepRequested(**T, step=step("s1"), max_iterations=6), 0.0)
+    kinds = [[t.kind for t in m.observe(tool("s1", f"c{i}", expression="2+2"), i)] for i in range(1, 5)]
+    assert kinds == [[], [], ["loop"], []], "tripped once, on the third identical call"
+
+
+def test_planner_checker_ping_pong_is_a_loop():
+    m = Monitor()
+    kinds = [[t.kind for t in m.observe(CheckRequested(**T, attempt=i, goal="g", answer="same"), i)] for i in (1, 2, 3)]
+    assert kinds == [[], [], ["loop"]]
+    assert m.tasks[("acme", "t1")].tripped == {"loop"}
+
+
+def test_iteration_cap_counts_model_calls_per_step_attempt():
+    m = Monitor()
+    m.observe(StepRequested(**T, step=step("s1"), max_iterations=2), 0.0)
+    assert m.observe(usage("s1", "s1-a1-i0"), 0.1) == [] and m.observe(usage("s1", "s1-a1-i1"), 0.2) == []
+    assert m.observe(usage("s1", "s1-a1-i1"), 0.25) == [], "a duplicate usage record is not a call"
+    assert [t.kind for t in m.observe(usage("s1", "s1-a1-i2"), 0.3)] == ["iteration_cap"]
+    m2 = Monitor()
+    m2.observe(StepRequested(**T, step=step("s1"), max_iterations=2), 0.0)
+    for i, call in enumerate(["s1-a1-i0", "s1-a1-i1", "s1-a2-i0", "s1-a2-i1"]):
+        assert m2.observe(usage("s1", call), i) == [], "a new attempt has its own cap"
+
+
+def test_failing_provider_trips_the_retry_storm_and_opens_the_provider_circuit():
+    m = Monitor(Rules(retry_storm_errors=5, provider_min_calls=5, provider_cooldown_s=10))
+    kinds = []
+    for i in range(6):
+        kinds += [t.kind for t in m.observe(usage("s1", f"s1-a{i}-i0-x", error="ProviderError: 503"), float(i))]
+    assert "provider_breaker" in kinds and "retry_storm" in kinds
+    assert "circuit open" in m.provider_open("scripted", "scripted-1", 5.0)
+    assert m.provider_open("scripted", "scripted-1", 30.0) == "", "closes after the cool-down"
+    assert m.provider_open("scripted", "other", 5.0) == "", "per provider/model"
+
+
+def test_errors_spread_beyond_the_window_are_no_storm():
+    m = Monitor(Rules(retry_storm_errors=3, retry_storm_window_s=10, provider_min_calls=100))
+    for i in range(6):
+        assert m.observe(usage("s1", f"c{i}", error="boom"), i * 20.0) == []
+
+
+def test_chatter_without_completed_work_trips():
+    m = Monitor(Rules(chatter_min_messages=20, chatter_ratio=10, loop_repeats=100))
+    kinds = []
+    for i in range(30):
+        kinds += [t.kind for t in m.observe(tool("s1", f"c{i}", expression=f"{i}+1"), i * 0.1)]
+    assert kinds == ["chatter"]
+
+
+def test_chatter_with_steady_completions_does_not_trip():
+    m = Monitor(Rules(chatter_min_messages=20, chatter_ratio=10, loop_repeats=100))
+    for i in range(60):
+        msg = StepCompleted(**T, step_id=f"s{i}", output="x") if i % 3 == 0 else tool("s1", f"c{i}", expression=str(i))
+        assert m.observe(msg, i * 0.1) == []
+
+
+def test_stall_excludes_time_waiting_for_a_human_and_obeys_the_policy():
+    m = Monitor()
+    m.observe(TaskSubmitted(**T, goal="g", limits=TaskLimits(stall_timeout_s=5, stall_policy="halt")), 0.0)
+    m.observe(ApprovalRequested(**T, approval_id="a1", step_id="s1", tool="send_email"), 1.0)
+    assert m.tick(100.0) == [], "waiting on an approval is not a stall"
+    m.observe(ApprovalDecided(**T, approval_id="a1", approved=True, decided_by="approver"), 100.0)
+    assert m.tick(104.0) == []
+    trips = m.tick(105.5)
+    assert [(t.kind, t.action) for t in trips] == [("stall", "halt")] and "5.5 s" in trips[0].reason
+    assert m.tick(200.0) == [], "reported once"
+
+
+def test_deadline_and_finished_tasks():
+    m = Monitor()
+    m.observe(TaskSubmitted(**T, goal="g", limits=TaskLimits(deadline_s=10, stall_timeout_s=1000)), 0.0)
+    assert m.tick(9.0) == [] and [t.kind for t in m.tick(10.5)] == ["deadline"]
+    m2 = Monitor()
+    m2.observe(TaskSubmitted(**T, goal="g", limits=TaskLimits(deadline_s=10)), 0.0)
+    m2.observe(TaskCompleted(**T, answer="a"), 1.0)
+    assert m2.tick(500.0) == [] and m2.observe(tool("s1", "c1"), 2.0) == []
