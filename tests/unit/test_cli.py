@@ -7,6 +7,9 @@ import sys
 
 import pytest
 
+from meshctl import budget as spend
+from meshctl.cli import render_switches
+
 pytestmark = pytest.mark.unit
 
 
@@ -27,6 +30,17 @@ def meshctl(*args: str, home: str) -> subprocess.CompletedProcess[str]:
         (["status"], "no mesh is running from"),
         (["submit", "hi", "--tenant", "zzz"], "unknown tenant 'zzz'"),
         (["dlq", "show", "x"], "invalid int value: 'x'"),
+        (["budget", "--task", "t1"], "--task needs --tenant"),
+        (["budget", "--day", "20241301"], "not a day: '20241301' (use YYYYMMDD"),
+        (["budget", "--day", "yesterday"], "not a day: 'yesterday'"),
+        (["budget", "--tenant", "a.b"], "invalid tenant 'a.b'"),
+        (["budget", "--tenant", "acme"], "no identities in"),
+        (["kill-switch", "on"], "'on' needs --reason"),
+        (["kill-switch", "on", "--reason", "  "], "'on' needs --reason"),
+        (["kill-switch", "off", "--reason", "x"], "--reason is only for 'on', not 'off'"),
+        (["kill-switch", "pause"], "invalid choice: 'pause'"),
+        (["kill-switch", "on", "--tenant", "zzz", "--reason", "x"], "unknown tenant 'zzz'"),
+        (["kill-switch", "status"], "no identities in"),
     ],
 )
 def test_errors_are_one_line_with_a_nonzero_exit(tmp_path, args, message):
@@ -48,3 +62,115 @@ def test_init_writes_secrets_private_and_prints_none(tmp_path):
             text = p.read_text()
             assert text not in result.stdout and text[-40:] not in result.stdout
     assert "SU" not in result.stdout and "PRIVATE KEY" not in result.stdout
+
+
+def usage(inp: int, out: int, cost: float, calls: int, cached: int = 0) -> dict:
+    return {
+        "input_tokens": inp,
+        "output_tokens": out,
+        "cached_input_tokens": cached,
+        "cost_usd": cost,
+        "calls": calls,
+    }
+
+
+TASK = {
+    "tenant": "acme",
+    "task_id": "t1",
+    "total": usage(1500, 300, 0.0123456789, 4, cached=200),
+    "by_agent": {"planner/planner": usage(500, 100, 0.002, 1), "worker/worker": usage(1000, 200, 0.0103456789, 3)},
+    "by_step": {"s1": usage(1000, 200, 0.0103456789, 3), "plan": usage(500, 100, 0.002, 1)},
+    "by_model": {"scripted/fast": usage(1500, 300, 0.0123456789, 4)},
+    "errors": 1,
+    "call_ids": ["c1", "c2", "c3", "c4"],
+    "updated_at": 1767225600.0,  # 2026-01-01 00:00:00 UTC
+}
+
+
+def section(text: str, title: str) -> list[str]:
+    """The rows of the table headed ``title`` (up to the next blank line)."""
+    block = text.split(title, 1)[1].split("\n\n", 1)[0]
+    return block.splitlines()[1:]
+
+
+def test_render_task_totals_and_every_breakdown_most_expensive_first():
+    text = spend.render_task(TASK)
+    head = text.splitlines()[0]
+    assert head == (
+        "task acme/t1: 1500 tokens in (200 cached), 300 out, 4 calls, $0.012346, 1 failed call "
+        "(updated 2026-01-01 00:00:00 UTC)"
+    )
+    agents = section(text, "BY AGENT")
+    assert [r.split()[0] for r in agents] == ["worker/worker", "planner/planner"]
+    assert agents[0].split()[1:] == ["1000", "200", "3", "0.010346"]
+    assert [r.split()[0] for r in section(text, "BY STEP")] == ["s1", "plan"]
+    assert section(text, "BY MODEL")[0].split() == ["scripted/fast", "1500", "300", "4", "0.012346"]
+
+
+def test_render_task_tolerates_missing_fields():
+    text = spend.render_task({"tenant": "acme", "task_id": "t2"})
+    assert text.startswith("task acme/t2: 0 tokens in, 0 out, 0 calls, $0.000000 (updated - UTC)")
+    assert "BY STEP\n  (none)" in text
+
+
+def test_render_day_ranks_tasks_by_cost_and_keeps_the_top_20():
+    day = {
+        "tenant": "acme",
+        "day": "20260101",
+        "total": usage(9000, 900, 1.5, 30),
+        "by_agent": {"worker/worker": usage(9000, 900, 1.5, 30)},
+        "by_model": {"scripted/fast": usage(9000, 900, 1.5, 30)},
+        "tasks": 25,
+    }
+    tasks = [{"tenant": "acme", "task_id": f"t{i:02}", "total": usage(i, i, i / 100, 1)} for i in range(25)]
+    text = spend.render_day(day, tasks)
+    assert (
+        text.splitlines()[0] == "tenant acme on 20260101 (UTC): 9000 tokens in, 900 out, 30 calls, $1.500000, 25 tasks"
+    )
+    assert section(text, "BY MODEL")[0].split() == ["scripted/fast", "9000", "900", "30", "1.500000"]
+    assert "tasks: 20 of 25 (every retained day), most expensive first" in text
+    rows = section(text, "UPDATED (UTC)")
+    assert len(rows) == 20
+    assert [r.split()[0] for r in rows[:3]] == ["t24", "t23", "t22"] and rows[-1].split()[0] == "t05"
+    assert rows[0].split()[1:6] == ["24", "24", "1", "0.240000", "-"]
+
+
+def test_render_day_without_a_day_record_still_lists_tasks():
+    text = spend.render_day({"tenant": "acme", "day": "20260102"}, [TASK])
+    assert text.splitlines()[0] == "tenant acme on 20260102 (UTC): no spend recorded"
+    assert "BY AGENT" not in text
+    assert section(text, "UPDATED (UTC)")[0].split()[:5] == ["t1", "1500", "300", "4", "0.012346"]
+
+
+def test_render_days_one_line_per_tenant():
+    days = [
+        {"tenant": "globex", "day": "20260101", "total": usage(10, 5, 0.25, 2), "tasks": 1},
+        {"tenant": "acme", "day": "20260101", "total": usage(20, 6, 0.5, 3), "tasks": 2},
+    ]
+    text = spend.render_days("20260101", days)
+    assert text.startswith("spend on 20260101 (UTC)")
+    assert [r.split() for r in section(text, "TENANT")] == [
+        ["acme", "20", "6", "3", "0.500000", "2"],
+        ["globex", "10", "5", "2", "0.250000", "1"],
+    ]
+
+
+def test_render_switches_global_first_with_age_and_reason():
+    now = 1_000_000.0
+    text = render_switches(
+        {
+            "kill.tenant.acme": {"reason": "runaway spend", "by": "admin", "at": now - 125},
+            "kill.global": {"reason": "incident 42", "by": "admin", "at": now - 7200},
+        },
+        now,
+    )
+    lines = text.splitlines()
+    assert lines[1].split() == ["global", "2h", "admin", "incident", "42"]
+    assert lines[2].split() == ["tenant", "acme", "2m", "admin", "runaway", "spend"]
+    assert render_switches({}, now) == "no kill switch is on"
+
+
+def test_day_keys_are_the_budget_services():
+    assert spend.usage_key("acme", "t1") == "usage.acme.t1"
+    assert spend.day_key("acme", "20260101") == "tenant.acme.20260101"
+    assert spend.today(1767225600.0) == "20260101"

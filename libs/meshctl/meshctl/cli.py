@@ -18,10 +18,13 @@ from typing import NoReturn
 
 import httpx
 import nats
+from nats.js.kv import KeyValue
 
 from mesh_contracts.base import ID_PATTERN
 from mesh_contracts.v1 import ProgressEvent, TaskCompleted, TaskFailed, TaskRejected
+from mesh_kit.guard import CONTROL_BUCKET, GLOBAL_KEY, tenant_key
 from mesh_kit.settings import log_nats_error, nats_servers
+from meshctl import budget as spend
 from meshctl import local
 from meshctl.identity import Identities
 from meshctl.local import MeshError, MeshState
@@ -66,6 +69,16 @@ def _port(value: str) -> int:
     return int(value)
 
 
+def _day(value: str) -> str:
+    try:
+        if not re.fullmatch(r"\d{8}", value):
+            raise ValueError
+        time.strptime(value, "%Y%m%d")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a day: {value!r} (use YYYYMMDD, e.g. {spend.today()})") from None
+    return value
+
+
 def _running(home: Path) -> MeshState:
     state = MeshState.load(home)
     if state is None or not any(n.alive() for n in state.nats):
@@ -92,6 +105,45 @@ async def _admin(args: argparse.Namespace) -> nats.NATS:
         error_cb=log_nats_error,
         max_reconnect_attempts=0,
     )
+
+
+async def _bucket(nc: nats.NATS, name: str) -> KeyValue:
+    try:
+        return await nc.jetstream().key_value(name)
+    except nats.js.errors.BucketNotFoundError:
+        raise MeshError(f"no {name!r} KV bucket on this mesh (create it with: meshctl provision)") from None
+
+
+def _absent(message: str) -> int:
+    print(f"meshctl: {message}", file=sys.stderr)
+    return 1
+
+
+def _age(seconds: float) -> str:
+    s = max(0, int(seconds))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s >= size:
+            return f"{s // size}{unit}"
+    return f"{s}s"
+
+
+def render_switches(switches: dict[str, dict], now: float) -> str:
+    """``control`` bucket entries (``kill.global``, ``kill.tenant.<t>``) that are on, one line each."""
+    if not switches:
+        return "no kill switch is on"
+    rows = []
+    for key in sorted(switches, key=lambda k: (k != GLOBAL_KEY, k)):
+        v = switches[key]
+        scope = "global" if key == GLOBAL_KEY else f"tenant {key.removeprefix(tenant_key(''))}"
+        try:
+            age = _age(now - float(v.get("at", now)))
+        except (TypeError, ValueError):
+            age = "?"
+        rows.append((scope, age, str(v.get("by", "?")), str(v.get("reason", ""))))
+    w = max(len("SWITCH"), *(len(r[0]) for r in rows))
+    lines = [f"{'SWITCH':<{w}}  {'AGE':>5}  {'BY':<8} REASON"]
+    lines += [f"{scope:<{w}}  {age:>5}  {by:<8} {reason}" for scope, age, by, reason in rows]
+    return "\n".join(lines)
 
 
 # --- commands -------------------------------------------------------------------------------
@@ -302,6 +354,85 @@ def cmd_dlq(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_budget(args: argparse.Namespace) -> int:
+    if args.task and not args.tenant:
+        args.usage("--task needs --tenant (task ids are per tenant)")
+    day = args.day or spend.today()
+
+    async def run() -> int:
+        nc = await _admin(args)
+        try:
+            kv = await _bucket(nc, spend.BUCKET)
+            if args.task:
+                task = await spend.get(kv, spend.usage_key(args.tenant, args.task))
+                if task is None:
+                    return _absent(f"no usage recorded for task {args.tenant}/{args.task}")
+                print(json.dumps(task, indent=2) if args.json else spend.render_task(task))
+            elif args.tenant:
+                record = await spend.get(kv, spend.day_key(args.tenant, day))
+                tasks = sorted(
+                    (await spend.scan(kv, spend.usage_key(args.tenant, ">"))).values(),
+                    key=lambda t: (-spend.cost_of(t), str(t.get("task_id", ""))),
+                )
+                if record is None and not tasks:
+                    return _absent(f"no usage recorded for tenant {args.tenant} (on {day} or any retained task)")
+                if args.json:
+                    print(json.dumps({"day": record, "tasks": tasks[: spend.TOP_TASKS]}, indent=2))
+                else:
+                    print(spend.render_day(record or {"tenant": args.tenant, "day": day}, tasks))
+            else:
+                days = list((await spend.scan(kv, spend.day_key("*", day))).values())
+                if not days:
+                    return _absent(f"no usage recorded on {day}")
+                print(json.dumps(days, indent=2) if args.json else spend.render_days(day, days))
+            return 0
+        except spend.BadRecord as exc:
+            raise MeshError(str(exc)) from None
+        finally:
+            await nc.close()
+
+    return asyncio.run(run())
+
+
+def cmd_kill_switch(args: argparse.Namespace) -> int:
+    if args.action == "on" and not (args.reason or "").strip():
+        args.usage("'on' needs --reason TEXT (services quote it when they refuse a call)")
+    if args.action != "on" and args.reason is not None:
+        args.usage(f"--reason is only for 'on', not {args.action!r}")
+    if args.action == "on" and args.tenant:
+        known = Identities(_home(args)).tenants()
+        if args.tenant not in known:
+            raise MeshError(f"unknown tenant {args.tenant!r} (known: {', '.join(known) or 'none'})")
+    key = tenant_key(args.tenant) if args.tenant else GLOBAL_KEY
+    scope = f"tenant {args.tenant}" if args.tenant else "global"
+
+    async def run() -> None:
+        nc = await _admin(args)
+        try:
+            kv = await _bucket(nc, CONTROL_BUCKET)
+            if args.action == "on":
+                value = {"reason": args.reason.strip(), "by": "admin", "at": time.time()}
+                await kv.put(key, json.dumps(value).encode())
+                which = f"every task of tenant {args.tenant}" if args.tenant else "every task"
+                print(f"kill switch ({scope}) on: services refuse the next model or tool call of {which}")
+            elif args.action == "off":
+                was = await spend.get(kv, key)
+                await kv.delete(key)
+                print(f"kill switch ({scope}) off" + ("" if was else " (it was not on)"))
+            else:
+                switches = await spend.scan(kv, "kill.>")
+                if args.tenant:
+                    switches = {k: v for k, v in switches.items() if k in (GLOBAL_KEY, key)}
+                print(render_switches(switches, time.time()))
+        except spend.BadRecord as exc:
+            raise MeshError(str(exc)) from None
+        finally:
+            await nc.close()
+
+    asyncio.run(run())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="meshctl", description="Run and operate an AgentMesh.")
     p.add_argument(
@@ -368,6 +499,21 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("seq", type=int, nargs="+")
     d.add_argument("--nats-url", default=None)
     s.set_defaults(fn=cmd_dlq)
+
+    s = sub.add_parser("budget", help="settled spend: a task's, a tenant's day, or every tenant's day")
+    s.add_argument("--tenant", type=_tenant, default=None, help="one tenant: its day by agent and model, its tasks")
+    s.add_argument("--task", type=_tenant, default=None, help="one task (with --tenant): by agent, step and model")
+    s.add_argument("--day", type=_day, default=None, help="UTC day YYYYMMDD (default: today)")
+    s.add_argument("--json", action="store_true", help="print the stored records as JSON")
+    s.add_argument("--nats-url", default=None)
+    s.set_defaults(fn=cmd_budget, usage=s.error)
+
+    s = sub.add_parser("kill-switch", help="stop every model and tool call, globally or for one tenant")
+    s.add_argument("action", choices=("on", "off", "status"))
+    s.add_argument("--tenant", type=_tenant, default=None, help="only this tenant (default: global)")
+    s.add_argument("--reason", default=None, help="why (required for on)")
+    s.add_argument("--nats-url", default=None)
+    s.set_defaults(fn=cmd_kill_switch, usage=s.error)
     return p
 
 
