@@ -112,6 +112,10 @@ def fail(rec: TaskRecord, reason: str, failed_step: str | None = None, status: s
     _event(rec, "task.failed", reason)
 
 
+def plan_max_tokens(max_steps: int) -> int:
+    return min(1024, 128 + 96 * max_steps)
+
+
 def parse_plan(text: str, max_steps: int) -> list[PlanStep]:
     try:
         raw = json.loads(text)
@@ -214,7 +218,8 @@ class Planner:
         request = ModelRequest(
             (Message("system", PLANNER_PROMPT.format(max_steps=m.limits.max_steps)), Message("user", m.goal)),
             agent="planner",
-            max_tokens=1024,
+            # what a plan of max_steps steps can need, not more: the reservation is the worst case
+            max_tokens=plan_max_tokens(m.limits.max_steps),
         )
         try:
             response, usage = await call_model_once(

@@ -1,0 +1,300 @@
+"""Scenarios that provoke each failure the budget service exists to stop, through the real mesh.
+
+The scripted model is cued (``PLAN:`` in a goal, ``#loop`` / ``#await:`` / ``#provider-down``
+in a step) to misbehave the way real agents do. Each scenario asserts the failure was detected
+with the right reason, that no task spent a token beyond its ceiling, and that another
+tenant's task running beside it was unaffected. Numbers go to the chaos report.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import nats
+import pytest
+
+from mesh_contracts.v1 import (
+    BudgetDenied,
+    BudgetGranted,
+    BudgetReserve,
+    TaskCompleted,
+    TaskFailed,
+    TaskLimits,
+    UsageRecorded,
+)
+from mesh_kit import Mesh, ServiceSettings, prices
+from mesh_kit.settings import BROKER_UNAVAILABLE
+from mesh_testing.chaos import ChaosMesh, report
+from mesh_testing.infra import Infra, running_infra
+
+pytestmark = pytest.mark.chaos
+GOAL = "How does AgentMesh avoid duplicate side effects? Also compute 17 * 23."
+ENV = {
+    "MESH_ACK_WAIT_S": "2",
+    "MESH_RETRY_DELAYS_S": "[0.2, 0.5, 1, 2]",
+    "MESH_LOG_LEVEL": "WARNING",
+    "MESH_BUDGET_PROVIDER_COOLDOWN_S": "3",
+}
+
+
+def plan(*steps: dict) -> str:
+    return "PLAN: " + json.dumps({"steps": list(steps)})
+
+
+@pytest.fixture(scope="module")
+def infra() -> Iterator[Infra]:
+    with running_infra(["acme", "globex"], name="budget", ack_wait_s=2.0) as infra:
+        yield infra
+
+
+@pytest.fixture(scope="module")
+def mesh(infra) -> Iterator[ChaosMesh]:
+    m = ChaosMesh(infra, env=ENV, replicas={"budget": 2})
+    m.start()
+    asyncio.run(m.ready())
+    yield m
+    asyncio.run(m.stop())
+
+
+async def spent(infra: Infra, tenant: str, task_id: str) -> dict:
+    nc = await infra.admin()
+    try:
+        kv = await nc.jetstream().key_value("budget")
+        try:
+            return json.loads((await kv.get(f"usage.{tenant}.{task_id}")).value)
+        except nats.js.errors.KeyNotFoundError:
+            return {"total": {"input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0, "calls": 0}, "by_step": {}}
+    finally:
+        await nc.close()
+
+
+def overshoot(usage: dict, limits: TaskLimits) -> tuple[int, float]:
+    t = usage["total"]
+    return (
+        max(0, t["input_tokens"] + t["output_tokens"] - limits.max_tokens),
+        max(0.0, t["cost_usd"] - limits.max_cost_usd),
+    )
+
+
+async def run_beside(infra: Infra, tenant: str, goal: str, task_id: str, limits: TaskLimits, timeout: float = 60):
+    """Run ``goal`` for ``tenant`` while globex runs the sample task: (outcome, globex outcome)."""
+    async with infra.client(tenant) as c, infra.client("globex") as g:
+        mine, other = await asyncio.gather(
+            c.submit(goal, task_id=task_id, limits=limits, timeout=timeout),
+            g.submit(GOAL, task_id=f"{task_id}-beside", timeout=timeout),
+        )
+    return mine, other
+
+
+def stage(seen, name: str):
+    return next((e for e in seen.events if e.stage == name), None)
+
+
+async def test_two_steps_waiting_on_each_other_are_detected_within_a_second_and_broken(infra, mesh):
+    goal = "Deadlock drill. " + plan(
+        {"step_id": "s1", "kind": "research", "tools": ["await_step"], "instruction": "#await:s2 Summarise s2"},
+        {"step_id": "s2", "kind": "answer", "tools": [], "depends_on": ["s1"], "instruction": "Write the answer"},
+    )
+    limits = TaskLimits()
+    mine, other = await run_beside(infra, "acme", goal, "deadlock-1", limits)
+    assert isinstance(mine.outcome, TaskFailed), mine.outcome
+    assert "deadlock" in mine.outcome.reason and "step:s1" in mine.outcome.reason and "step:s2" in mine.outcome.reason
+    found = stage(mine, "budget.deadlock")
+    assert found is not None and set(found.detail["members"]) >= {"step:s1", "step:s2"}
+    assert found.detail["detected_after_s"] < 1.0, found.detail
+    assert isinstance(other.outcome, TaskCompleted), "the other tenant's task is unaffected"
+    assert overshoot(await spent(infra, "acme", "deadlock-1"), limits) == (0, 0.0)
+    report("budget deadlock", detected_after_s=found.detail["detected_after_s"], reason=mine.outcome.reason[:120])
+
+
+async def test_a_worker_stuck_in_a_tool_loop_is_stopped_before_its_own_iteration_cap(infra, mesh):
+    goal = "Loop drill. " + plan(
+        {"step_id": "s1", "kind": "compute", "tools": ["calculator"], "instruction": "#loop keep checking 1 + 1"},
+        {"step_id": "s2", "kind": "answer", "tools": [], "depends_on": ["s1"], "instruction": "Write the answer"},
+    )
+    limits = TaskLimits()
+    mine, other = await run_beside(infra, "acme", goal, "loop-1", limits)
+    assert isinstance(mine.outcome, TaskFailed) and "loop: step s1 called calculator" in mine.outcome.reason
+    assert "dependents not run: s2" in mine.outcome.reason or mine.outcome.failed_step is None
+    await asyncio.sleep(1.0)  # anything still in flight would be accounted by now
+    usage = await spent(infra, "acme", "loop-1")
+    assert usage["by_step"]["s1"]["calls"] < 6, "the budget stopped it before the worker's own cap of 6"
+    assert isinstance(other.outcome, TaskCompleted)
+    assert overshoot(usage, limits) == (0, 0.0)
+    report("budget tool loop", model_calls=usage["by_step"]["s1"]["calls"], reason=mine.outcome.reason[:120])
+
+
+async def test_planner_checker_ping_pong_is_a_loop(infra, mesh):
+    goal = "Ping-pong drill. " + plan(
+        {"step_id": "s1", "kind": "answer", "tools": [], "instruction": "Answer from memory, citing nothing"}
+    )
+    limits = TaskLimits(max_revisions=10)
+    mine, other = await run_beside(infra, "acme", goal, "pingpong-1", limits)
+    assert isinstance(mine.outcome, TaskFailed) and "loop:" in mine.outcome.reason, mine.outcome
+    checks = [e for e in mine.events if e.stage == "check.requested"]
+    assert 2 <= len(checks) <= 4, "stopped after a few rounds, long before the 10 revisions allowed"
+    assert isinstance(other.outcome, TaskCompleted)
+    report("budget ping-pong", check_rounds=len(checks), reason=mine.outcome.reason[:120])
+
+
+async def test_a_retry_storm_against_a_failing_provider_halts_the_task_and_opens_the_circuit(infra, mesh):
+    goal = "Outage drill. " + plan(
+        {"step_id": "s1", "kind": "answer", "tools": [], "instruction": "#provider-down answer the question"}
+    )
+    async with infra.client("acme") as c:
+        seen = await c.submit(goal, task_id="storm-1", timeout=15)
+    stages = {e.stage for e in seen.events}
+    assert seen.outcome is None, "halted (resumable), not failed"
+    assert {"budget.retry_storm", "budget.provider_breaker"} & stages, stages
+    assert "task.halted" in stages
+    usage = await spent(infra, "acme", "storm-1")
+    assert usage["errors"] >= 5, "every failed attempt was accounted"
+    await asyncio.sleep(3.5)  # the provider circuit's cool-down in this test
+    async with infra.client("globex") as g:
+        after = await g.submit(GOAL, task_id="storm-1-after", timeout=60)
+    assert isinstance(after.outcome, TaskCompleted), "the circuit closed again after its cool-down"
+    report("budget retry storm", failed_attempts=usage["errors"], stages=sorted(s for s in stages if "budget." in s))
+
+
+@pytest.mark.parametrize("ceiling", ["tokens", "cost"])
+async def test_a_task_that_would_cross_its_ceiling_mid_task_stops_with_zero_overshoot(infra, mesh, ceiling):
+    async with infra.client("globex") as g:
+        free = await g.submit(GOAL, task_id=f"free-{ceiling}", limits=TaskLimits(max_steps=4), timeout=60)
+    assert isinstance(free.outcome, TaskCompleted)
+    await asyncio.sleep(0.5)
+    steps = (await spent(infra, "globex", f"free-{ceiling}"))["by_step"]
+    # The last call (s3, after s1 and s2) reserves its worst case: prompt + 512 output tokens.
+    # A ceiling one unit short of (everything before it + that worst case) must stop the task
+    # there at the latest; the scripted model is deterministic, so these numbers are exact.
+    before_s3 = {
+        k: sum(steps[s][k] for s in ("plan", "s1", "s2")) for k in ("input_tokens", "output_tokens", "cost_usd")
+    }
+    s3_in = steps["s3"]["input_tokens"]
+    if ceiling == "tokens":
+        limits = TaskLimits(
+            max_steps=4, max_tokens=before_s3["input_tokens"] + before_s3["output_tokens"] + s3_in + 511
+        )
+    else:
+        worst = prices.current().price("scripted", "scripted-1").worst_case(s3_in, 512)
+        limits = TaskLimits(max_steps=4, max_cost_usd=round(before_s3["cost_usd"] + worst - 1e-6, 6))
+    async with infra.client("acme") as c:
+        seen = await c.submit(GOAL, task_id=f"ceiling-{ceiling}", limits=limits, timeout=60)
+    assert isinstance(seen.outcome, TaskFailed), seen.outcome
+    assert f"budget (task_{ceiling})" in seen.outcome.reason, seen.outcome.reason
+    await asyncio.sleep(1.0)
+    usage = await spent(infra, "acme", f"ceiling-{ceiling}")
+    assert usage["total"]["calls"] >= 1, "it crossed mid-task, not at the first call"
+    assert overshoot(usage, limits) == (0, 0.0), usage["total"]
+    report(f"budget {ceiling} ceiling", spent=usage["total"], ceiling=limits.model_dump(), overshoot=0)
+
+
+async def test_50_parallel_reservations_with_a_budget_replica_killed_never_overspend(infra, mesh):
+    task, size, fits = "parallel-50", 100, 20
+    nc = await infra.admin()
+    record = {
+        "tenant": "acme", "task_id": task, "goal": "g", "status": "running", "created_at": time.time(),
+        "limits": {"max_tokens": size * fits, "max_cost_usd": 1.0},
+    }  # fmt: skip
+    await (await nc.jetstream().key_value("tasks")).create(f"acme.{task}", json.dumps(record).encode())
+    await nc.close()
+    ids = infra.ids
+    worker = Mesh(
+        ServiceSettings(
+            service="worker",
+            nats_url=infra.nats_url,
+            creds_file=ids.creds("worker"),
+            signing_key_file=ids.signing_key("worker"),
+            trust_bundle_file=ids.trust_bundle,
+        )
+    )
+    await worker.broker.connect()
+    granted: list[str] = []
+    denied: list[str] = []
+    killed = asyncio.Event()
+
+    async def call(i: int) -> None:
+        await asyncio.sleep(i * 0.02)
+        ask = BudgetReserve(tenant="acme", task_id=task, agent="worker", call_id=f"c{i}", tokens=size, cost_usd=0.0)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                answer = await worker.request(ask, timeout=1.0)
+                break
+            except BROKER_UNAVAILABLE:  # the replica that had it died: ask again, same call id
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.1)
+        if isinstance(answer, BudgetDenied):
+            denied.append(ask.call_id)
+            return
+        assert isinstance(answer, BudgetGranted)
+        granted.append(ask.call_id)
+        if len(granted) == fits // 2 and not killed.is_set():
+            killed.set()
+            mesh.kill("budget-0")
+        await worker.publish(
+            UsageRecorded(tenant="acme", task_id=task, agent="worker", call_id=ask.call_id, provider="scripted",
+                          model="scripted-1", input_tokens=60, output_tokens=40, reservation_id=ask.call_id),
+            key=ask.call_id,
+        )  # fmt: skip
+
+    try:
+        await asyncio.gather(*(call(i) for i in range(50)))
+    finally:
+        await worker.broker.stop()
+    assert killed.is_set()
+    assert len(granted) == fits and len(denied) == 50 - fits, (len(granted), len(denied))
+    for _ in range(50):
+        usage = await spent(infra, "acme", task)
+        if usage["total"]["calls"] == fits:
+            break
+        await asyncio.sleep(0.1)
+    assert usage["total"]["input_tokens"] + usage["total"]["output_tokens"] == size * fits, "spent = ceiling, not more"
+    mesh.procs.pop("budget-0")  # replaced below so later scenarios keep two replicas
+    await mesh.add("budget", "budget-0")
+    report("budget 50 parallel reservations", granted=len(granted), denied=len(denied), overshoot_tokens=0)
+
+
+async def test_control_is_obeyed_everywhere_and_the_kill_switch_stops_one_tenant(infra, mesh):
+    nc = await infra.admin()
+    control = await nc.jetstream().key_value("control")
+    await control.put("kill.tenant.acme", json.dumps({"reason": "incident 42", "by": "admin"}).encode())
+    try:
+        mine, other = await run_beside(infra, "acme", GOAL, "killed-1", TaskLimits())
+    finally:
+        await control.delete("kill.tenant.acme")
+    assert (
+        isinstance(mine.outcome, TaskFailed) and "kill switch (tenant acme) is on: incident 42" in mine.outcome.reason
+    )
+    assert (await spent(infra, "acme", "killed-1"))["total"]["calls"] == 0, "not one model call was made"
+    assert isinstance(other.outcome, TaskCompleted), "other tenants keep working"
+    async with infra.client("acme") as c:
+        again = await c.submit(GOAL, task_id="killed-2", timeout=60)
+    assert isinstance(again.outcome, TaskCompleted), "switched off: work resumes"
+    await nc.close()
+
+
+async def test_a_task_with_no_progress_is_flagged_as_stalled_and_cancelled(infra, mesh):
+    for name in mesh.names("tool-executor"):
+        mesh.kill(name)  # nobody will ever answer the calculator call
+    try:
+        limits = TaskLimits(stall_timeout_s=3)
+        t0 = time.monotonic()
+        async with infra.client("acme") as c:
+            seen = await c.submit(GOAL, task_id="stall-1", limits=limits, timeout=30)
+        took = time.monotonic() - t0
+    finally:
+        for name in mesh.names("tool-executor"):
+            mesh.procs.pop(name)
+            await mesh.add("tool-executor", name)
+    assert isinstance(seen.outcome, TaskFailed) and "stalled: no progress for" in seen.outcome.reason
+    assert 3 <= took < 10, took
+    report("budget stall", detected_after_s=round(took, 2), reason=seen.outcome.reason[:100])
+
+
+def test_detection_times_are_in_the_report():
+    """Keeps the scenario order stable (pytest runs tests in file order) and the report readable."""
+    assert Path(__file__).exists()
