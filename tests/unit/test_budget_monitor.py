@@ -135,6 +135,15 @@ def test_chatter_with_steady_completions_does_not_trip():
         assert m.observe(msg, i * 0.1) == []
 
 
+def test_a_client_resubmitting_a_task_is_not_chatter():
+    """Found by the chaos suite: 50 copies of one submission tripped the chatter breaker."""
+    m = Monitor(Rules(chatter_min_messages=20, chatter_ratio=10))
+    for i in range(50):
+        assert m.observe(TaskSubmitted(**T, goal="g"), i * 0.01) == []
+    assert m.observe(plan(step("s1")), 1.0) == []
+    assert len(m.tasks[("acme", "t1")].chatter) == 1, "only the plan counts as an inter-agent message"
+
+
 def test_stall_excludes_time_waiting_for_a_human_and_obeys_the_policy():
     m = Monitor()
     m.observe(TaskSubmitted(**T, goal="g", limits=TaskLimits(stall_timeout_s=5, stall_policy="halt")), 0.0)

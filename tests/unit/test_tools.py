@@ -39,7 +39,9 @@ async def test_calculator_refuses_with_a_reason(expr, error):
 
 
 async def test_hallucinated_tool_and_bad_arguments_are_structured_errors():
-    with pytest.raises(ToolError, match=r"unknown tool 'rm_rf' \(available: await_step, calculator, send_email, text_stats\)"):
+    with pytest.raises(
+        ToolError, match=r"unknown tool 'rm_rf' \(available: await_step, calculator, send_email, text_stats\)"
+    ):
         await execute("rm_rf", {})
     with pytest.raises(ToolError, match="invalid arguments for calculator: expression: Field required"):
         await execute("calculator", {"expr": "1+1"})

@@ -217,6 +217,7 @@ class Monitor:
                 trips.append(Trip(kind, w.tenant, w.task_id, reason, action, members, at))
 
         if isinstance(m, TaskSubmitted):
+            inter_agent = False  # a client talking to the mesh (maybe resubmitting), not agents chattering
             w.created_at = at if w.created_at is None else w.created_at
             w.deadline_s, w.stall_timeout_s = m.limits.deadline_s, m.limits.stall_timeout_s
             w.stall_policy = m.limits.stall_policy
