@@ -155,7 +155,7 @@ async def test_the_same_task_submitted_50_times_concurrently_runs_once(infra):
     )
     assert stored["submitted"] == 50, "every copy reached the stream"
     assert stored["planned"] == 1 and stored["completed"] == 1, "one plan, one outcome stored"
-    assert model_calls == 1 and usage["by_agent"]["planner"]["calls"] == 1, "planned, and paid for, once"
+    assert model_calls == 1 and usage["by_agent"]["planner/planner"]["calls"] == 1, "planned, and paid for, once"
     assert effects[task_id] == 1
     # Live (core) deliveries are at-least-once: a republished duplicate that the stream dropped
     # still reaches live subscribers. Clients act on the first outcome.

@@ -190,7 +190,13 @@ def redis_users(ids: Identities, port: int) -> Path:
 def service_env(
     ids: Identities, service: str, nats_url: str, health_port: int, extra: dict[str, str]
 ) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
+    # Operator policy passes through (budget thresholds, tenant ceilings, the price table);
+    # everything else MESH_* is set here, per service.
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("MESH_") or k.startswith("MESH_BUDGET_") or k == "MESH_PRICE_TABLE_FILE"
+    }
     redis_url_file = ids.secrets / "redis" / f"{service}.url"
     env.update(
         {

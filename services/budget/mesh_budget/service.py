@@ -123,6 +123,7 @@ class Budget:
         self._caught_up: set[str] = set()
         self._ticker: asyncio.Task[None] | None = None
         self._started_at = 0.0
+        self._background: set[asyncio.Task[None]] = set()
         meter = mesh.telemetry.meter_provider.get_meter("mesh_budget")
         self.m_tokens = meter.create_counter(tel.M_BUDGET_TOKENS, unit="{token}")
         self.m_cost = meter.create_counter(tel.M_BUDGET_COST, unit="USD")
@@ -292,6 +293,14 @@ class Budget:
 
         def deny(code: str, reason: str) -> BudgetDenied:
             self.m_reservations.add(1, {"tenant": m.tenant, "outcome": "denied", "code": code})
+            if code not in ("unknown_task", "stopped"):
+                # Tell whoever follows the task, after the reply (the caller is not kept waiting).
+                task = asyncio.create_task(
+                    self.mesh.progress(m.tenant, m.task_id, "budget.denied", reason, step_id=m.step_id,
+                                       key=m.call_id, detail={"code": code, "agent": m.agent, "call_id": m.call_id})
+                )  # fmt: skip
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
             return BudgetDenied(**base, reason=reason, code=code)
 
         rec, _ = await st.load(self.tasks, TaskRecord.key(m.tenant, m.task_id), TaskRecord)

@@ -1,0 +1,309 @@
+"""Budget-service costs through the real mesh, each beside a raw nats-py baseline from the same run.
+
+Everything runs in one process tree on one nats-server (`sync_interval: always`), so the
+ratios are meaningful even though absolute times on shared machines are noise:
+
+- baseline: a raw nats-py core request/reply round trip (a subscriber that replies at once);
+- reservation round trip: a signed ``budget.reserve`` request through the budget service
+  (task record read, kill-switch check, the atomic Redis reservation, signed verified reply);
+- usage accounting: how many ``usage.recorded`` events per second the budget folds into the
+  ``budget`` KV, beside how fast raw JetStream can even store the same messages;
+- deadlock detection: from the stored message that closes a wait-for cycle to the budget
+  acting on it (the service's own ``detected_after_s``), beside a raw request/reply;
+- ceiling crossing -> task stopped: from the client seeing the budget's ``budget.denied``
+  event to the client seeing the task's ``task.failed`` outcome (client receive times).
+
+    python bench/bench_budget.py [--reservations 300] [--usage 2000] [--deadlocks 10] [--ceilings 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import nats
+from nats.js.api import StorageType, StreamConfig
+
+from mesh_contracts import Contract
+from mesh_contracts.v1 import (
+    BudgetGranted,
+    BudgetReserve,
+    ProgressEvent,
+    TaskCompleted,
+    TaskFailed,
+    TaskLimits,
+    UsageRecorded,
+)
+from mesh_kit import Mesh, ServiceSettings
+from mesh_kit import envelope as env
+from meshctl import local
+from meshctl.client import TenantClient
+
+TENANT = "bench"
+GOAL = "How does AgentMesh avoid duplicate side effects? Also compute 17 * 23."
+DEADLOCK_GOAL = "Deadlock drill. PLAN: " + json.dumps(
+    {
+        "steps": [
+            {"step_id": "s1", "kind": "research", "tools": ["await_step"], "instruction": "#await:s2 Summarise s2"},
+            {"step_id": "s2", "kind": "answer", "tools": [], "depends_on": ["s1"], "instruction": "Write the answer"},
+        ]
+    }
+)
+CHUNK = 100
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, round(q * (len(values) - 1)))]
+
+
+def ms(values: list[float]) -> str:
+    return f"p50 {statistics.median(values) * 1000:.2f} ms p99 {pct(values, 0.99) * 1000:.2f} ms"
+
+
+async def raw_request_reply(url: str, creds: str, n: int) -> list[float]:
+    """Core request/reply with raw nats-py: one connection answers, another asks."""
+    server = await nats.connect(url, user_credentials=creds)
+    caller = await nats.connect(url, user_credentials=creds)
+
+    async def echo(msg: Any) -> None:
+        await msg.respond(msg.data)
+
+    await server.subscribe("bench.echo", cb=echo)
+    await server.flush()
+    body = b"x" * 300  # about the size of a budget.reserve body
+    for _ in range(20):  # warm-up
+        await caller.request("bench.echo", body, timeout=5)
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        await caller.request("bench.echo", body, timeout=5)
+        out.append(time.perf_counter() - t0)
+    await caller.close()
+    await server.close()
+    return out
+
+
+async def create_record(tasks_kv: Any, task_id: str) -> None:
+    record = {
+        "tenant": TENANT, "task_id": task_id, "goal": "bench", "status": "running", "created_at": time.time(),
+        "limits": {"max_tokens": 10**9, "max_cost_usd": 1000},
+    }  # fmt: skip
+    await tasks_kv.create(f"{TENANT}.{task_id}", json.dumps(record).encode())
+
+
+async def reservations(worker: Mesh, tasks_kv: Any, n: int) -> list[float]:
+    task = "bench-reserve"
+    await create_record(tasks_kv, task)
+
+    def ask(i: int) -> BudgetReserve:
+        return BudgetReserve(tenant=TENANT, task_id=task, agent="worker", call_id=f"r{i}", tokens=1000, cost_usd=0.0)
+
+    for i in range(20):  # warm-up (the first one loads the task's view into Redis)
+        assert isinstance(await worker.request(ask(10_000 + i), timeout=5), BudgetGranted)
+    out = []
+    for i in range(n):
+        t0 = time.perf_counter()
+        answer = await worker.request(ask(i), timeout=5)
+        out.append(time.perf_counter() - t0)
+        assert isinstance(answer, BudgetGranted), answer
+    return out
+
+
+def usage_messages(n: int, tasks: list[str]) -> list[UsageRecorded]:
+    return [
+        UsageRecorded(tenant=TENANT, task_id=tasks[i % len(tasks)], agent="worker", step_id="s1", call_id=f"u{i}",
+                      provider="scripted", model="scripted-1", input_tokens=60, output_tokens=40)
+        for i in range(n)
+    ]  # fmt: skip
+
+
+async def raw_publish(url: str, creds: str, worker: Mesh, msgs: list[UsageRecorded]) -> float:
+    """The same bodies and signed headers, raw js.publish to a scratch stream: seconds for all acks."""
+    nc = await nats.connect(url, user_credentials=creds)
+    js = nc.jetstream()
+    await js.add_stream(StreamConfig(name="BENCHU", subjects=["benchu.>"], storage=StorageType.FILE))
+    prepared = []
+    for m in msgs:
+        body = m.to_bytes()
+        msg_id = env.message_id(m.type, m.tenant, m.task_id, m.call_id)
+        prepared.append((f"benchu.{m.task_id}.{m.call_id}", body, env.headers_for(worker.signer, m, body, msg_id)))
+    t0 = time.perf_counter()
+    for i in range(0, len(prepared), CHUNK):
+        await asyncio.gather(*(js.publish(s, b, headers=h) for s, b, h in prepared[i : i + CHUNK]))
+    took = time.perf_counter() - t0
+    await js.delete_stream("BENCHU")
+    await nc.close()
+    return took
+
+
+async def counted(budget_kv: Any, tasks: list[str]) -> int:
+    total = 0
+    for t in tasks:
+        try:
+            total += json.loads((await budget_kv.get(f"usage.{TENANT}.{t}")).value)["total"]["calls"]
+        except nats.js.errors.KeyNotFoundError:
+            pass
+    return total
+
+
+async def usage_accounting(worker: Mesh, admin: Any, n: int, timeout: float = 60) -> tuple[float, float, int]:
+    """Publish ``n`` usage events over 20 tasks as fast as the worker can: seconds for the publishes,
+    seconds until the budget KV counts them all (or ``timeout``), and how many it had counted by then."""
+    tasks_kv = await admin.jetstream().key_value("tasks")
+    budget_kv = await admin.jetstream().key_value("budget")
+    tasks = [f"bench-usage-{i:02d}" for i in range(20)]
+    for t in tasks:
+        await create_record(tasks_kv, t)
+    msgs = usage_messages(n, tasks)
+    t0 = time.perf_counter()
+    for i in range(0, n, CHUNK):
+        await asyncio.gather(*(worker.publish(m, key=m.call_id) for m in msgs[i : i + CHUNK]))
+    published = time.perf_counter() - t0
+    seen = 0
+    while time.perf_counter() - t0 < timeout:
+        seen = await counted(budget_kv, tasks)
+        if seen >= n:
+            break
+        await asyncio.sleep(0.05)
+    return published, time.perf_counter() - t0, seen
+
+
+async def deadlocks(c: TenantClient, n: int) -> tuple[list[float], list[str]]:
+    """``detected_after_s`` of each deadlock task's ``budget.deadlock`` event; problems seen."""
+    out, problems = [], []
+    for i in range(n):
+        seen = await c.submit(DEADLOCK_GOAL, task_id=f"bench-deadlock-{i:03d}", timeout=30)
+        found = next((e for e in seen.events if e.stage == "budget.deadlock"), None)
+        if not isinstance(seen.outcome, TaskFailed) or "deadlock" not in seen.outcome.reason:
+            problems.append(f"{seen.task_id}: outcome {seen.outcome!r}")
+        if found is None:
+            problems.append(f"{seen.task_id}: no budget.deadlock event among {[e.stage for e in seen.events]}")
+        else:
+            out.append(float(found.detail["detected_after_s"]))
+    return out, problems
+
+
+async def ceiling_limits(c: TenantClient, admin: Any) -> TaskLimits:
+    """Run the sample task once without a ceiling and set one that its last call crosses (as the
+    budget scenario does: the tokens before s3 + s3's prompt + 511, one short of s3's worst case)."""
+    task = "bench-ceil-000"
+    free = await c.submit(GOAL, task_id=task, limits=TaskLimits(max_steps=4), timeout=60)
+    assert isinstance(free.outcome, TaskCompleted), free.outcome
+    budget_kv = await admin.jetstream().key_value("budget")
+    for _ in range(50):
+        usage = json.loads((await budget_kv.get(f"usage.{TENANT}.{task}")).value)
+        if {"plan", "s1", "s2", "s3"} <= set(usage["by_step"]):
+            break
+        await asyncio.sleep(0.1)
+    steps = usage["by_step"]
+    before = sum(steps[s]["input_tokens"] + steps[s]["output_tokens"] for s in ("plan", "s1", "s2"))
+    return TaskLimits(max_steps=4, max_tokens=before + steps["s3"]["input_tokens"] + 511)
+
+
+async def ceilings(c: TenantClient, limits: TaskLimits, n: int) -> tuple[list[float], list[str]]:
+    """Client receive time of ``budget.denied`` -> of ``task.failed``; problems seen."""
+    out, problems = [], []
+    for i in range(1, n + 1):
+        denied_at: list[tuple[float, dict]] = []
+
+        def on_event(model: Contract, into: list = denied_at) -> None:
+            if isinstance(model, ProgressEvent) and model.stage == "budget.denied" and not into:
+                into.append((time.time(), model.detail))
+
+        seen = await c.submit(GOAL, task_id=f"bench-ceil-{i:03d}", limits=limits, timeout=60, on_event=on_event)
+        if not isinstance(seen.outcome, TaskFailed) or "budget (task_tokens)" not in seen.outcome.reason:
+            problems.append(f"{seen.task_id}: outcome {seen.outcome!r}")
+            continue
+        if not denied_at:
+            problems.append(f"{seen.task_id}: failed on its ceiling but no budget.denied event reached the client")
+            continue
+        at, detail = denied_at[0]
+        if detail.get("code") != "task_tokens":
+            problems.append(f"{seen.task_id}: budget.denied code {detail.get('code')!r}")
+        if at > seen.finished_at:
+            problems.append(f"{seen.task_id}: budget.denied arrived {1000 * (at - seen.finished_at):.1f} ms after")
+        out.append(seen.finished_at - at)
+    return out, problems
+
+
+async def main(n_reserve: int, n_usage: int, n_deadlock: int, n_ceiling: int) -> None:
+    home = Path(tempfile.mkdtemp(prefix="agentmesh-bench-budget-"))
+    t0 = time.perf_counter()
+    state = await local.up(home, tenants=[TENANT], nats_port=0, http_port=0, redis_port=0)
+    up_s = time.perf_counter() - t0
+    ids = local.Identities(home)
+    creds = str(ids.creds("admin"))
+    problems: list[str] = []
+    try:
+        raw = await raw_request_reply(state.nats_url, creds, 500)
+        admin = await nats.connect(state.nats_url, user_credentials=creds)
+        worker = Mesh(
+            ServiceSettings(
+                service="worker",
+                nats_url=state.nats_url,
+                creds_file=ids.creds("worker"),
+                signing_key_file=ids.signing_key("worker"),
+                trust_bundle_file=ids.trust_bundle,
+            )
+        )
+        await worker.broker.connect()
+        try:
+            reserve = await reservations(worker, await admin.jetstream().key_value("tasks"), n_reserve)
+            msgs = usage_messages(n_usage, [f"bench-usage-{i:02d}" for i in range(20)])
+            raw_pub_s = await raw_publish(state.nats_url, creds, worker, msgs)
+            pub_s, usage_s, usage_seen = await usage_accounting(worker, admin, n_usage)
+            if usage_seen < n_usage:
+                problems.append(f"usage: only {usage_seen}/{n_usage} events counted after {usage_s:.1f} s")
+            p = f"client.{TENANT}"
+            async with TenantClient(state.nats_url, TENANT, ids.creds(p), ids.signing_key(p), ids.trust_bundle) as c:
+                detect, found = await deadlocks(c, n_deadlock)
+                problems += found
+                limits = await ceiling_limits(c, admin)
+                stop, found = await ceilings(c, limits, n_ceiling)
+                problems += found
+        finally:
+            await worker.broker.stop()
+            await admin.close()
+    finally:
+        local.down(home)
+    raw50 = statistics.median(raw)
+    print(f"mesh up (nats + redis + provision + 6 services ready): {up_s:.2f}s")
+    print(f"budget: raw core request/reply {ms(raw)} ({len(raw)} sequential)")
+    print(
+        f"  reservation round trip: {ms(reserve)} ({statistics.median(reserve) / raw50:.1f}x raw; "
+        f"{len(reserve)} sequential, signed + verified)"
+    )
+    print(
+        f"  usage accounting: {usage_seen} events in {usage_s:.2f} s = {usage_seen / usage_s:.0f} events/s "
+        f"(raw JetStream publish of the same: {n_usage / raw_pub_s:.0f} msgs/s; "
+        f"the signed mesh publishes alone took {pub_s:.2f} s)"
+    )
+    if detect:
+        print(
+            f"  deadlock detection (cycle closed -> detected): {ms(detect)} "
+            f"({statistics.median(detect) / raw50:.1f}x raw request/reply; {len(detect)} tasks)"
+        )
+    if stop:
+        print(
+            f"  ceiling crossing -> task stopped: {ms(stop)} ({len(stop)} tasks; client sees budget.denied -> "
+            f"client sees task.failed, max_tokens {limits.max_tokens})"
+        )
+    for line in problems:
+        print(f"  PROBLEM: {line}")
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reservations", type=int, default=300)
+    ap.add_argument("--usage", type=int, default=2000)
+    ap.add_argument("--deadlocks", type=int, default=10)
+    ap.add_argument("--ceilings", type=int, default=10)
+    a = ap.parse_args()
+    asyncio.run(main(a.reservations, a.usage, a.deadlocks, a.ceilings))
