@@ -71,6 +71,14 @@ BUCKETS: tuple[Bucket, ...] = (
     Bucket("steps", writer="worker", description="Agent-loop checkpoints, one key per step."),
     Bucket("budget", writer="budget", description="Settled spend per task and per tenant-day, breaker trips."),
     Bucket(
+        "reservations",
+        writer="budget",
+        history=1,
+        ttl_s=24 * 3600.0,
+        description="Outstanding reservations, one key per call (<tenant>.<task>.<call>): the durable copy of "
+        "the budget's Redis view, so a lost Redis never forgets money promised to a call in flight.",
+    ),
+    Bucket(
         "control",
         writer="",  # operators only (admin identity, ``meshctl kill-switch``)
         readers=SERVICES,

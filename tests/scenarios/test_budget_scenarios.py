@@ -9,9 +9,10 @@ tenant's task running beside it was unaffected. Numbers go to the chaos report.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import nats
 import pytest
@@ -191,15 +192,20 @@ async def test_a_task_that_would_cross_its_ceiling_mid_task_stops_with_zero_over
     report(f"budget {ceiling} ceiling", spent=usage["total"], ceiling=limits.model_dump(), overshoot=0)
 
 
-async def test_50_parallel_reservations_with_a_budget_replica_killed_never_overspend(infra, mesh):
-    task, size, fits = "parallel-50", 100, 20
+async def running_task(infra: Infra, task: str, max_tokens: int) -> None:
+    """A task record as the planner writes it, for driving the budget directly."""
     nc = await infra.admin()
     record = {
         "tenant": "acme", "task_id": task, "goal": "g", "status": "running", "created_at": time.time(),
-        "limits": {"max_tokens": size * fits, "max_cost_usd": 1.0},
+        "limits": {"max_tokens": max_tokens, "max_cost_usd": 1.0},
     }  # fmt: skip
     await (await nc.jetstream().key_value("tasks")).create(f"acme.{task}", json.dumps(record).encode())
     await nc.close()
+
+
+@contextlib.asynccontextmanager
+async def as_worker(infra: Infra) -> AsyncIterator[Mesh]:
+    """A connection with the worker's own identity: its reservations are the worker's."""
     ids = infra.ids
     worker = Mesh(
         ServiceSettings(
@@ -211,13 +217,46 @@ async def test_50_parallel_reservations_with_a_budget_replica_killed_never_overs
         )
     )
     await worker.broker.connect()
+    try:
+        yield worker
+    finally:
+        await worker.broker.stop()
+
+
+def reserve(task: str, call: str, tokens: int) -> BudgetReserve:
+    return BudgetReserve(tenant="acme", task_id=task, agent="worker", call_id=call, tokens=tokens, cost_usd=0.0)
+
+
+def used(task: str, call: str, inp: int, out: int) -> UsageRecorded:
+    return UsageRecorded(tenant="acme", task_id=task, agent="worker", call_id=call, provider="scripted",
+                         model="scripted-1", input_tokens=inp, output_tokens=out, reservation_id=call)  # fmt: skip
+
+
+async def test_50_parallel_reservations_with_a_budget_replica_killed_never_overspend(infra, mesh):
+    task, size, fits = "parallel-50", 100, 20
+    await running_task(infra, task, size * fits)
+    async with as_worker(infra) as worker:
+        granted, denied, killed = await _parallel(worker, mesh, task, size, fits)
+    assert killed.is_set()
+    assert len(granted) == fits and len(denied) == 50 - fits, (len(granted), len(denied))
+    for _ in range(50):
+        usage = await spent(infra, "acme", task)
+        if usage["total"]["calls"] == fits:
+            break
+        await asyncio.sleep(0.1)
+    assert usage["total"]["input_tokens"] + usage["total"]["output_tokens"] == size * fits, "spent = ceiling, not more"
+    await mesh.replace("budget-0")  # later scenarios keep two replicas
+    report("budget 50 parallel reservations", granted=len(granted), denied=len(denied), overshoot_tokens=0)
+
+
+async def _parallel(worker: Mesh, mesh: ChaosMesh, task: str, size: int, fits: int):
     granted: list[str] = []
     denied: list[str] = []
     killed = asyncio.Event()
 
     async def call(i: int) -> None:
         await asyncio.sleep(i * 0.02)
-        ask = BudgetReserve(tenant="acme", task_id=task, agent="worker", call_id=f"c{i}", tokens=size, cost_usd=0.0)
+        ask = reserve(task, f"c{i}", size)
         deadline = time.monotonic() + 30
         while True:
             try:
@@ -234,27 +273,53 @@ async def test_50_parallel_reservations_with_a_budget_replica_killed_never_overs
         if len(granted) == fits // 2 and not killed.is_set():
             killed.set()
             mesh.kill("budget-0")
-        await worker.publish(
-            UsageRecorded(tenant="acme", task_id=task, agent="worker", call_id=ask.call_id, provider="scripted",
-                          model="scripted-1", input_tokens=60, output_tokens=40, reservation_id=ask.call_id),
-            key=ask.call_id,
-        )  # fmt: skip
+        await worker.publish(used(task, ask.call_id, 60, 40), key=ask.call_id)
 
+    await asyncio.gather(*(call(i) for i in range(50)))
+    return granted, denied, killed
+
+
+async def wipe_budget_redis(infra: Infra) -> int:
+    """Redis loses the budget's data (a restart without persistence, a failover to an empty
+    replica): delete every key the budget's own Redis user can see."""
+    import redis.asyncio as aioredis
+
+    r = aioredis.from_url(infra.redis_url("budget"))
     try:
-        await asyncio.gather(*(call(i) for i in range(50)))
+        keys = [k async for k in r.scan_iter("budget:*")]
+        return await r.delete(*keys) if keys else 0
     finally:
-        await worker.broker.stop()
-    assert killed.is_set()
-    assert len(granted) == fits and len(denied) == 50 - fits, (len(granted), len(denied))
-    for _ in range(50):
-        usage = await spent(infra, "acme", task)
-        if usage["total"]["calls"] == fits:
-            break
-        await asyncio.sleep(0.1)
-    assert usage["total"]["input_tokens"] + usage["total"]["output_tokens"] == size * fits, "spent = ceiling, not more"
-    mesh.procs.pop("budget-0")  # replaced below so later scenarios keep two replicas
-    await mesh.add("budget", "budget-0")
-    report("budget 50 parallel reservations", granted=len(granted), denied=len(denied), overshoot_tokens=0)
+        await r.aclose()
+
+
+async def test_redis_losing_its_data_forgets_no_reservation_in_flight(infra, mesh):
+    """Redis holds only the fast view: the reservations of calls in flight and the spend
+    already accounted come back from JetStream, so the ceiling still holds exactly."""
+    task, size = "redis-lost", 100
+    await running_task(infra, task, 10 * size)
+    async with as_worker(infra) as worker:
+        first = [await worker.request(reserve(task, f"a{i}", size)) for i in range(6)]
+        assert all(isinstance(a, BudgetGranted) for a in first), first
+        assert await wipe_budget_redis(infra) > 0
+        second = [await worker.request(reserve(task, f"b{i}", size)) for i in range(5)]
+        assert [type(a).__name__ for a in second] == ["BudgetGranted"] * 4 + ["BudgetDenied"], second
+        assert second[-1].code == "task_tokens" and "0 available" in second[-1].reason, second[-1]
+        # The first six calls finish and are accounted; Redis loses everything again: now the
+        # spend comes from the budget bucket and the last four from the reservations bucket.
+        await asyncio.gather(*(worker.publish(used(task, f"a{i}", 60, 40), key=f"a{i}") for i in range(6)))
+        for _ in range(100):
+            if (await spent(infra, "acme", task))["total"]["calls"] == 6:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)  # the release follows the accounting
+        assert await wipe_budget_redis(infra) > 0
+        third = await worker.request(reserve(task, "c0", 1))
+        assert isinstance(third, BudgetDenied) and third.code == "task_tokens", third
+        again = await worker.request(reserve(task, "b0", size))
+        assert isinstance(again, BudgetGranted), "a repeated request still holds its reservation"
+    usage = await spent(infra, "acme", task)
+    assert usage["total"]["input_tokens"] + usage["total"]["output_tokens"] == 6 * size
+    report("budget redis lost", granted_after_loss=4, denied_after_loss=1, overshoot_tokens=0)
 
 
 async def test_control_is_obeyed_everywhere_and_the_kill_switch_stops_one_tenant(infra, mesh):
@@ -287,8 +352,7 @@ async def test_a_task_with_no_progress_is_flagged_as_stalled_and_cancelled(infra
         took = time.monotonic() - t0
     finally:
         for name in mesh.names("tool-executor"):
-            mesh.procs.pop(name)
-            await mesh.add("tool-executor", name)
+            await mesh.replace(name)
     assert isinstance(seen.outcome, TaskFailed) and "stalled: no progress for" in seen.outcome.reason
     assert 3 <= took < 10, took
     report("budget stall", detected_after_s=round(took, 2), reason=seen.outcome.reason[:100])

@@ -53,6 +53,12 @@ class ChaosMesh:
         self._spawn(svc, name)
         await local.wait_ready({name: self.procs[name][1]}, timeout)
 
+    async def replace(self, name: str, timeout: float = 30) -> None:
+        """Reap ``name`` (killed by the test) and start a fresh process under the same name."""
+        svc, proc = self.procs.pop(name)
+        local.stop([[proc]], 1.0)
+        await self.add(svc, name, timeout)
+
     async def ready(self, timeout: float = 60) -> None:
         await local.wait_ready({n: p for n, (_, p) in self.procs.items()}, timeout)
 

@@ -12,13 +12,21 @@
 - A reservation expires only when every usage message stored before its expiry has been
   accounted (the *horizon*; see ``Budget.horizon``). Expiry on the wall clock alone would
   let a lagging accountant forget a call that was made and not yet counted.
+- Redis is not the only copy of a reservation: each grant is also written to the
+  ``reservations`` bucket (``Held``) before the caller hears of it, and removed once the
+  call's usage is in the ``budget`` bucket. For every call, at every moment, its cost is in
+  one of the two (briefly in both: conservative), so a view rebuilt after Redis lost its data
+  still counts every call in flight.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
+from typing import Any
 
+from nats.js.errors import KeyNotFoundError
 from pydantic import BaseModel
 
 from mesh_contracts.v1 import TokenUsage
@@ -53,8 +61,9 @@ local now, horizon, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]
 local id, day_field = ARGV[4], ARGV[5]
 local want_t, want_c = tonumber(ARGV[6]), tonumber(ARGV[7])
 local lim_t, lim_c, dlim_t, dlim_c = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11])
-if redis.call('EXISTS', task_spent) == 0 or redis.call('EXISTS', day_spent) == 0 then
-  return {-1, 'cold'}
+local cold_task, cold_day = redis.call('EXISTS', task_spent) == 0, redis.call('EXISTS', day_spent) == 0
+if cold_task or cold_day then
+  return {-1, (cold_task and 'task' or '') .. (cold_day and 'day' or '')}
 end
 local spent_t = tonumber(redis.call('HGET', task_spent, 'tokens') or '0')
 local spent_c = tonumber(redis.call('HGET', task_spent, 'cost') or '0')
@@ -81,19 +90,27 @@ return answer(1, 'granted', want_t, want_c)
 """
 )
 
-# Initialise a missing view from the durable totals (never overwrites a live view).
+# Initialise a missing view from the durable totals and the durable reservations (never
+# overwrites a live view). ARGV[7] / ARGV[8]: JSON {field: entry} of the task's / the
+# tenant-day's outstanding reservations; ARGV[9..]: the call ids already counted.
 INIT_LUA = """
-local task_spent, task_counted, day_spent = KEYS[1], KEYS[2], KEYS[3]
+local task_spent, task_counted, day_spent, task_res, day_res = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local function hold(key, entries, ttl)
+  for field, entry in pairs(cjson.decode(entries)) do redis.call('HSETNX', key, field, entry) end
+  if redis.call('EXISTS', key) == 1 then redis.call('EXPIRE', key, ttl) end
+end
 if redis.call('EXISTS', task_spent) == 0 then
   redis.call('HSET', task_spent, 'tokens', ARGV[1], 'cost', ARGV[2])
   redis.call('DEL', task_counted)
-  for i = 7, #ARGV do redis.call('SADD', task_counted, ARGV[i]) end
+  for i = 9, #ARGV do redis.call('SADD', task_counted, ARGV[i]) end
   redis.call('EXPIRE', task_spent, tonumber(ARGV[5]))
   redis.call('EXPIRE', task_counted, tonumber(ARGV[5]))
+  hold(task_res, ARGV[7], tonumber(ARGV[5]))
 end
 if redis.call('EXISTS', day_spent) == 0 then
   redis.call('HSET', day_spent, 'tokens', ARGV[3], 'cost', ARGV[4])
   redis.call('EXPIRE', day_spent, tonumber(ARGV[6]))
+  hold(day_res, ARGV[8], tonumber(ARGV[6]))
 end
 return 1
 """
@@ -158,6 +175,55 @@ def today(at: float | None = None) -> str:
     return time.strftime("%Y%m%d", time.gmtime(at if at is not None else time.time()))
 
 
+class Held(BaseModel):
+    """``reservations`` bucket, key ``<tenant>.<task>.<call>``: one outstanding reservation."""
+
+    tenant: str
+    task_id: str
+    call_id: str
+    day: str
+    tokens: int
+    cost_usd: float
+    expires_at: float
+    """Released after this, once every usage message stored before it has been accounted."""
+
+    def entry(self) -> str:
+        """The Redis hash value, as the reserve script writes it."""
+        return f"{self.tokens}:{self.cost_usd:.10f}:{self.expires_at:.3f}"
+
+
+class Durable:
+    """The ``reservations`` bucket: the copy of every outstanding reservation that outlives Redis."""
+
+    BUCKET = "reservations"
+
+    def __init__(self, js: Any, kv: Any) -> None:
+        self.js, self.kv = js, kv
+
+    async def hold(self, held: Held) -> None:
+        await self.kv.put(f"{held.tenant}.{held.task_id}.{held.call_id}", held.model_dump_json().encode())
+
+    async def release(self, tenant: str, task_id: str, call_id: str) -> None:
+        await self.kv.delete(f"{tenant}.{task_id}.{call_id}")
+
+    async def outstanding(self, tenant: str, task_id: str = "*") -> list[Held]:
+        """Every reservation of one task (or, with ``*``, of the tenant) not yet released.
+
+        Lists the bucket's subjects for the prefix (stream info with a subject filter, which
+        the budget may already read) and fetches each; released ones are delete markers."""
+        prefix = f"$KV.{self.BUCKET}."
+        info = await self.js.stream_info(f"KV_{self.BUCKET}", subjects_filter=f"{prefix}{tenant}.{task_id}.*")
+        out = []
+        for subject in info.state.subjects or {}:
+            try:
+                entry = await self.kv.get(subject[len(prefix) :])
+            except KeyNotFoundError:  # released (KeyDeletedError is a KeyNotFoundError)
+                continue
+            if entry.value:
+                out.append(Held.model_validate_json(entry.value))
+        return out
+
+
 @dataclass(frozen=True)
 class Decision:
     granted: bool
@@ -170,6 +236,11 @@ class Decision:
 
 class Cold(Exception):
     """The Redis view of a task or tenant-day is missing: initialise it from KV first."""
+
+    def __init__(self, which: str) -> None:
+        super().__init__(which)
+        self.task = "task" in which
+        self.day = "day" in which
 
 
 class View:
@@ -214,7 +285,7 @@ class View:
                   limits[0], f"{limits[1]:.10f}", limits[2], f"{limits[3]:.10f}"],
         )  # fmt: skip
         if int(out[0]) == -1:
-            raise Cold(f"{tenant}/{task_id}")
+            raise Cold(out[1].decode() if isinstance(out[1], bytes) else str(out[1]))
         code = out[1].decode() if isinstance(out[1], bytes) else str(out[1])
         return Decision(
             int(out[0]) == 1,
@@ -225,14 +296,23 @@ class View:
             round(float(out[5]), 10),
         )
 
-    async def init(self, task: TaskUsage | None, day: DayUsage, tenant: str, task_id: str) -> None:
-        _, spent, counted = self.task_keys(tenant, task_id)
-        _, dspent = self.day_keys(tenant, day.day)
+    async def init(
+        self, task: TaskUsage | None, day: DayUsage, tenant: str, task_id: str, task_held: list[Held],
+        day_held: list[Held],
+    ) -> None:  # fmt: skip
+        """Rebuild the missing parts of the view: spent from the durable totals, outstanding from
+        the durable reservations (a call already counted in ``task`` is not held twice)."""
+        res, spent, counted = self.task_keys(tenant, task_id)
+        dres, dspent = self.day_keys(tenant, day.day)
         t = task.total if task else TokenUsage()
+        done = set(task.call_ids) if task else set()
+        held_t = {h.call_id: h.entry() for h in task_held if h.call_id not in done}
+        held_d = {f"{h.task_id}/{h.call_id}": h.entry() for h in day_held if h.day == day.day}
         await self._init(
-            keys=[spent, counted, dspent],
+            keys=[spent, counted, dspent, res, dres],
             args=[t.total_tokens, f"{t.cost_usd:.10f}", day.total.total_tokens, f"{day.total.cost_usd:.10f}",
-                  TASK_TTL_S, DAY_TTL_S, *(task.call_ids if task else [])],
+                  TASK_TTL_S, DAY_TTL_S, json.dumps(held_t),
+                  json.dumps(held_d), *(task.call_ids if task else [])],
         )  # fmt: skip
 
     async def settle(self, tenant: str, task_id: str, day: str, reservation_id: str, call_id: str,

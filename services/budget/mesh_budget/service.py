@@ -18,7 +18,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from mesh_budget.ledger import Cold, DayUsage, TaskUsage, View, today
+from mesh_budget.ledger import Cold, DayUsage, Durable, Held, TaskUsage, View, today
 from mesh_budget.monitor import Monitor, Rules, Trip
 from mesh_contracts import ContractError, parse_message
 from mesh_contracts import topology as topo
@@ -115,6 +115,7 @@ class Budget:
         self.view = View(mesh.settings.redis_url, self.settings.reservation_ttl_s)
         self.kv: Any = None
         self.tasks: Any = None
+        self.durable: Durable | None = None
         self.horizon = 0.0  # nothing expires until the first look at the accounting backlog
         self._samples: list[tuple[float, int]] = []
         self._poller: asyncio.Task[None] | None = None
@@ -135,6 +136,7 @@ class Budget:
     async def start(self) -> None:
         self.kv = await self.mesh.kv("budget")
         self.tasks = await self.mesh.kv("tasks")
+        self.durable = Durable(self.mesh.nc.jetstream(), await self.mesh.kv(Durable.BUCKET))
         self._poller = asyncio.create_task(self._poll_horizon())
         await self._watch()
         self._ticker = asyncio.create_task(self._tick())
@@ -330,10 +332,8 @@ class Budget:
         args = (m.tenant, m.task_id, day, m.call_id, m.tokens, m.cost_usd, limits, self.horizon)
         try:
             decision = await self.view.reserve(*args)
-        except Cold:
-            task_usage, _ = await st.load(self.kv, TaskUsage.key(m.tenant, m.task_id), TaskUsage)
-            day_usage, _ = await st.load(self.kv, DayUsage.key(m.tenant, day), DayUsage)
-            await self.view.init(task_usage, day_usage or DayUsage(tenant=m.tenant, day=day), m.tenant, m.task_id)
+        except Cold as cold:
+            await self._rebuild(m.tenant, m.task_id, day, cold)
             decision = await self.view.reserve(*args)
         if not decision.granted:
             text = DENIAL[decision.code].format(
@@ -350,6 +350,12 @@ class Budget:
                 drem_c=decision.day_remaining_cost_usd,
             )
             return deny(decision.code, text)
+        # Durable before the caller hears of it: a Redis that loses its data must not forget it.
+        assert self.durable is not None
+        await self.durable.hold(
+            Held(tenant=m.tenant, task_id=m.task_id, call_id=m.call_id, day=day, tokens=m.tokens,
+                 cost_usd=m.cost_usd, expires_at=time.time() + self.settings.reservation_ttl_s)
+        )  # fmt: skip
         self.m_reservations.add(1, {"tenant": m.tenant, "outcome": "granted", "code": ""})
         return BudgetGranted(
             **base,
@@ -358,6 +364,28 @@ class Budget:
             remaining_cost_usd=decision.remaining_cost_usd,
             expires_in_s=self.settings.reservation_ttl_s,
         )
+
+    async def _rebuild(self, tenant: str, task_id: str, day: str, cold: Cold) -> None:
+        """Initialise the missing Redis view (a new task or day, or a Redis that lost its data)
+        from the budget bucket's totals and the reservations bucket's outstanding calls."""
+        assert self.durable is not None
+        task_usage, _ = await st.load(self.kv, TaskUsage.key(tenant, task_id), TaskUsage)
+        day_usage, _ = await st.load(self.kv, DayUsage.key(tenant, day), DayUsage)
+        task_held = await self.durable.outstanding(tenant, task_id) if cold.task else []
+        day_held = await self.durable.outstanding(tenant) if cold.day else []
+        horizon = self.horizon
+        await self.view.init(
+            task_usage,
+            day_usage or DayUsage(tenant=tenant, day=day),
+            tenant,
+            task_id,
+            [h for h in task_held if h.expires_at >= horizon],
+            [h for h in day_held if h.expires_at >= horizon],
+        )
+        if task_held or day_held:
+            self.mesh.count("mesh.budget.reservations_rebuilt")
+            log.info("%s/%s: view rebuilt with %d task and %d tenant-day reservations held", tenant, task_id,
+                     len(task_held), len(day_held))  # fmt: skip
 
     # --- account ------------------------------------------------------------------------------
 
@@ -417,6 +445,9 @@ class Budget:
         await self.view.settle(
             m.tenant, m.task_id, today(), m.reservation_id or m.call_id, m.call_id, call.total_tokens, call.cost_usd
         )
+        # Only now, with the call in the budget bucket, may its durable reservation go.
+        assert self.durable is not None
+        await self.durable.release(m.tenant, m.task_id, m.reservation_id or m.call_id)
         if changed and task_usage is not None:
             t = task_usage.total
             await self.mesh.progress(
