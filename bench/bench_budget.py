@@ -207,17 +207,29 @@ async def ceiling_limits(c: TenantClient, admin: Any) -> TaskLimits:
     return TaskLimits(max_steps=4, max_tokens=before + steps["s3"]["input_tokens"] + 511)
 
 
-async def ceilings(c: TenantClient, limits: TaskLimits, n: int) -> tuple[list[float], list[str]]:
-    """Client receive time of ``budget.denied`` -> of ``task.failed``; problems seen."""
-    out, problems = [], []
+async def ceilings(
+    c: TenantClient, admin: Any, limits: TaskLimits, n: int
+) -> tuple[list[float], list[float], list[str]]:
+    """Per task, from the client receiving ``budget.denied``: to it receiving ``task.failed``, and
+    to the last message any service published about the task (an admin subscription on every
+    subject of the task, quiet for 1 s after the outcome); problems seen."""
+    out, last, problems = [], [], []
     for i in range(1, n + 1):
+        task_id = f"bench-ceil-{i:03d}"
         denied_at: list[tuple[float, dict]] = []
+        heard: list[tuple[float, str]] = []
 
         def on_event(model: Contract, into: list = denied_at) -> None:
             if isinstance(model, ProgressEvent) and model.stage == "budget.denied" and not into:
                 into.append((time.time(), model.detail))
 
-        seen = await c.submit(GOAL, task_id=f"bench-ceil-{i:03d}", limits=limits, timeout=60, on_event=on_event)
+        async def on_any(msg: Any, into: list = heard) -> None:
+            into.append((time.time(), msg.subject))
+
+        sub = await admin.subscribe(f"*.*.{TENANT}.{task_id}.*", cb=on_any)
+        seen = await c.submit(GOAL, task_id=task_id, limits=limits, timeout=60, on_event=on_event)
+        await asyncio.sleep(1.0)
+        await sub.unsubscribe()
         if not isinstance(seen.outcome, TaskFailed) or "budget (task_tokens)" not in seen.outcome.reason:
             problems.append(f"{seen.task_id}: outcome {seen.outcome!r}")
             continue
@@ -230,7 +242,9 @@ async def ceilings(c: TenantClient, limits: TaskLimits, n: int) -> tuple[list[fl
         if at > seen.finished_at:
             problems.append(f"{seen.task_id}: budget.denied arrived {1000 * (at - seen.finished_at):.1f} ms after")
         out.append(seen.finished_at - at)
-    return out, problems
+        stops = [t for t, subject in heard if t >= at and not subject.startswith("event.")]
+        last.append(max(stops, default=seen.finished_at) - at)
+    return out, last, problems
 
 
 async def main(n_reserve: int, n_usage: int, n_deadlock: int, n_ceiling: int) -> None:
@@ -266,7 +280,7 @@ async def main(n_reserve: int, n_usage: int, n_deadlock: int, n_ceiling: int) ->
                 detect, found = await deadlocks(c, n_deadlock)
                 problems += found
                 limits = await ceiling_limits(c, admin)
-                stop, found = await ceilings(c, limits, n_ceiling)
+                stop, quiet, found = await ceilings(c, admin, limits, n_ceiling)
                 problems += found
         finally:
             await worker.broker.stop()
@@ -292,8 +306,12 @@ async def main(n_reserve: int, n_usage: int, n_deadlock: int, n_ceiling: int) ->
         )
     if stop:
         print(
-            f"  ceiling crossing -> task stopped: {ms(stop)} ({len(stop)} tasks; client sees budget.denied -> "
+            f"  ceiling crossing -> task failed: {ms(stop)} ({len(stop)} tasks; client sees budget.denied -> "
             f"client sees task.failed, max_tokens {limits.max_tokens})"
+        )
+        print(
+            f"  ceiling crossing -> last service stopped: {ms(quiet)} (budget.denied -> the last message any "
+            f"service published about the task; {statistics.median(quiet) / raw50:.1f}x raw request/reply)"
         )
     for line in problems:
         print(f"  PROBLEM: {line}")

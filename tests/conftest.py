@@ -1,4 +1,7 @@
-"""Shared test helpers. Real infrastructure fixtures come from the mesh_testing plugin."""
+"""Shared test helpers. Real infrastructure fixtures come from the mesh_testing plugin.
+
+A test that fails on a running mesh prints the tail of every service log with it: a chaos or
+scenario failure is only useful with the services' own account of it."""
 
 from __future__ import annotations
 
@@ -33,3 +36,25 @@ def keys() -> Keys:
     private = {name: new_signing_key() for name in principals}
     entries = {name: (role, tenant, private[name].public_key()) for name, (role, tenant) in principals.items()}
     return Keys(private, TrustBundle.from_json(TrustBundle.to_json(entries)))
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    rep = yield
+    setattr(item, f"rep_{rep.when}", rep)
+    return rep
+
+
+@pytest.fixture(autouse=True)
+def logs_on_failure(request):
+    """A chaos failure is only useful with the services' own account of it."""
+    yield
+    rep = getattr(request.node, "rep_call", None)
+    if rep is None or not rep.failed:
+        return
+    for name in ("infra", "cluster"):
+        if name in request.fixturenames:
+            home = request.getfixturevalue(name).home
+            for log in sorted((home / "logs").glob("*.log")):
+                tail = log.read_text(errors="replace").splitlines()[-15:]
+                print(f"\n--- {log.name} (last {len(tail)} lines)\n" + "\n".join(line[:240] for line in tail))
