@@ -13,6 +13,7 @@ A task may be stopped three ways, and the guard sees all three:
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -92,14 +93,18 @@ class Guard:
         elif isinstance(model, ControlCancel):
             self.seen[key] = Stop(f"task cancelled by {sender.name}: {model.reason}")
 
+    async def _switch(self, key: str) -> bytes:
+        try:
+            return (await self.control.get(key)).value or b""
+        except KeyNotFoundError:
+            return b""
+
     async def kill_switch(self, tenant: str) -> Stop | None:
-        for key, scope in ((GLOBAL_KEY, "global"), (tenant_key(tenant), f"tenant {tenant}")):
-            try:
-                entry = await self.control.get(key)
-            except KeyNotFoundError:
-                continue
-            if entry.value:
-                why = json.loads(entry.value).get("reason", "")
+        scopes = ((GLOBAL_KEY, "global"), (tenant_key(tenant), f"tenant {tenant}"))
+        values = await asyncio.gather(*(self._switch(key) for key, _ in scopes))  # one round trip, not two
+        for (_, scope), value in zip(scopes, values, strict=True):
+            if value:
+                why = json.loads(value).get("reason", "")
                 return Stop(f"kill switch ({scope}) is on: {why}", code="kill_switch")
         return None
 
@@ -110,10 +115,11 @@ class Guard:
 
         if self.control is None:  # not started (in-memory tests): nothing to consult
             return None
-        stop = await self.kill_switch(tenant)
+        stop, (rec, _) = await asyncio.gather(
+            self.kill_switch(tenant), st.load(self.tasks, TaskRecord.key(tenant, task_id), TaskRecord)
+        )
         if stop is not None:
             return stop
-        rec, _ = await st.load(self.tasks, TaskRecord.key(tenant, task_id), TaskRecord)
         if rec is not None:
             if rec.status == "halted":
                 return Stop(f"task halted: {rec.reason}", halted=True)

@@ -305,13 +305,14 @@ class Budget:
                 task.add_done_callback(self._background.discard)
             return BudgetDenied(**base, reason=reason, code=code)
 
-        rec, _ = await st.load(self.tasks, TaskRecord.key(m.tenant, m.task_id), TaskRecord)
+        assert self.mesh.guard is not None
+        (rec, _), stop = await asyncio.gather(
+            st.load(self.tasks, TaskRecord.key(m.tenant, m.task_id), TaskRecord), self.mesh.guard.kill_switch(m.tenant)
+        )
         if rec is None:
             return deny("unknown_task", "unknown task: no task record")
         if rec.status in st.TERMINAL or rec.status == "halted":
             return deny("stopped", f"task is {rec.status}" + (f": {rec.reason}" if rec.reason else ""))
-        assert self.mesh.guard is not None
-        stop = await self.mesh.guard.kill_switch(m.tenant)
         if stop is not None:
             return deny("stopped", stop.reason)
         if rec.created_at and time.time() > rec.created_at + rec.limits.deadline_s:
