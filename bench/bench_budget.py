@@ -197,8 +197,12 @@ async def ceiling_limits(c: TenantClient, admin: Any) -> TaskLimits:
     free = await c.submit(GOAL, task_id=task, limits=TaskLimits(max_steps=4), timeout=60)
     assert isinstance(free.outcome, TaskCompleted), free.outcome
     budget_kv = await admin.jetstream().key_value("budget")
-    for _ in range(50):
-        usage = json.loads((await budget_kv.get(f"usage.{TENANT}.{task}")).value)
+    usage: dict = {"by_step": {}}
+    for _ in range(600):  # the budget may still be draining the usage backlog of the step before
+        try:
+            usage = json.loads((await budget_kv.get(f"usage.{TENANT}.{task}")).value)
+        except nats.js.errors.KeyNotFoundError:
+            pass
         if {"plan", "s1", "s2", "s3"} <= set(usage["by_step"]):
             break
         await asyncio.sleep(0.1)

@@ -114,6 +114,37 @@ async def test_crash_after_the_effect_before_it_is_recorded_still_one_effect(inf
     assert effects["crash-after-effect"] == 1
 
 
+async def test_a_budget_crash_between_the_task_and_day_totals_still_counts_the_day(infra, tmp_path):
+    """The tenant-day ceiling reads the day total: a call counted for its task but lost from its
+    day would let a tenant overspend its day after the next Redis rebuild."""
+    fault = "budget_after_task_usage"
+    mesh = ChaosMesh(infra, env=ENV)
+    mesh.start(per_service_env={"budget": {"MESH_FAULTS": fault, "MESH_FAULTS_DIR": str(tmp_path)}})
+    await mesh.ready()
+    mesh.supervise()
+    day_key = f"tenant.globex.{time.strftime('%Y%m%d', time.gmtime())}"
+    task, day = {}, {}
+    try:
+        async with infra.client("globex") as c:
+            run = await c.submit(GOAL, task_id="budget-crash", timeout=90)
+        admin = await infra.admin()
+        kv = await admin.jetstream().key_value("budget")
+        for _ in range(200):  # accounting trails the outcome; the redelivery comes after ack_wait
+            task = json.loads((await kv.get("usage.globex.budget-crash")).value)
+            day = json.loads((await kv.get(day_key)).value)
+            if day["total"] == task["total"]:  # the crashed call was re-applied to its day
+                break
+            await asyncio.sleep(0.1)
+        await admin.close()
+    finally:
+        await mesh.stop()
+    report("budget crash between task and day totals", task=task.get("total"), day=day.get("total"))
+    assert (tmp_path / f"fault-{fault}.fired").exists() and mesh.restarts["budget-0"] >= 1
+    assert isinstance(run.outcome, TaskCompleted), run.outcome
+    assert day["total"] == task["total"], "every call counted once for its task and once for its day"
+    assert task["day_pending"] == {} or set(task["day_pending"]) <= set(task["call_ids"])
+
+
 async def test_the_same_task_submitted_50_times_concurrently_runs_once(infra):
     mesh = ChaosMesh(infra, env=ENV, replicas={"planner": 2})
     mesh.start()

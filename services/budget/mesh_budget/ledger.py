@@ -147,6 +147,11 @@ class TaskUsage(BaseModel):
     """Key ``<provider>/<model>``."""
     errors: int = 0
     """Failed model calls (accounted with what the provider billed)."""
+    day_pending: dict[str, str] = {}
+    """Calls counted here whose tenant-day increment may not be stored yet (call id -> day).
+    A redelivery finds its call here and applies the day increment again: a crash between
+    the two writes can make the day count a call twice (errs towards denying), never zero
+    times. Entries are dropped at the task's next write once the day write is confirmed."""
     call_ids: list[str] = []
     updated_at: float = 0.0
 

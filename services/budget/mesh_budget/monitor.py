@@ -173,7 +173,15 @@ class TaskWatch:
 @dataclass
 class ProviderHealth:
     calls: deque[tuple[float, bool]] = field(default_factory=deque)  # (time, failed)
+    failed: int = 0
+    """Failed calls in ``calls``, kept as they enter and leave (every usage event asks)."""
     open_until: float = 0.0
+
+    def add(self, at: float, failed: bool, window_s: float) -> None:
+        self.calls.append((at, failed))
+        self.failed += failed
+        while self.calls and self.calls[0][0] < at - window_s:
+            self.failed -= self.calls.popleft()[1]
 
 
 class Monitor:
@@ -193,7 +201,7 @@ class Monitor:
         h = self.providers.get(f"{provider}/{model}")
         if h is None or now >= h.open_until:
             return ""
-        failed = sum(1 for _, f in h.calls if f)
+        failed = h.failed
         return (
             f"provider {provider}/{model} circuit open for {h.open_until - now:.0f} s more: "
             f"{failed} of {len(h.calls)} calls failed in the last {self.rules.provider_window_s:g} s"
@@ -320,10 +328,8 @@ class Monitor:
     def _provider(self, m: UsageRecorded, at: float, w: TaskWatch, trip: Any) -> list[Trip]:
         r = self.rules
         h = self.providers.setdefault(f"{m.provider}/{m.model}", ProviderHealth())
-        h.calls.append((at, bool(m.error)))
-        while h.calls and h.calls[0][0] < at - r.provider_window_s:
-            h.calls.popleft()
-        failed = sum(1 for _, f in h.calls if f)
+        h.add(at, bool(m.error), r.provider_window_s)
+        failed = h.failed
         if m.error and len(h.calls) >= r.provider_min_calls and failed / len(h.calls) >= r.provider_error_rate:
             if at >= h.open_until:
                 h.open_until = at + r.provider_cooldown_s

@@ -31,7 +31,7 @@ from mesh_contracts.v1 import (
     TokenUsage,
     UsageRecorded,
 )
-from mesh_kit import Delivery, Mesh
+from mesh_kit import Delivery, Mesh, faults
 from mesh_kit import envelope as env
 from mesh_kit import state as st
 from mesh_kit import telemetry as tel
@@ -125,6 +125,7 @@ class Budget:
         self._ticker: asyncio.Task[None] | None = None
         self._started_at = 0.0
         self._background: set[asyncio.Task[None]] = set()
+        self._day_done: dict[tuple[str, str], set[str]] = {}  # day writes stored, per task (see on_usage)
         meter = mesh.telemetry.meter_provider.get_meter("mesh_budget")
         self.m_tokens = meter.create_counter(tel.M_BUDGET_TOKENS, unit="{token}")
         self.m_cost = meter.create_counter(tel.M_BUDGET_COST, unit="USD")
@@ -400,14 +401,22 @@ class Budget:
         )
         agent = f"{m.agent}/{m.role or m.agent}"
         model = f"{m.provider}/{m.model}"
-        first = [False]
+        day = today(d.stored_at or None)  # the same on every redelivery
+        key = (m.tenant, m.task_id)
+        confirmed = self._day_done.pop(key, set())
+        first, fresh, redo = [False], [False], [""]
 
         def add(cur: TaskUsage | None) -> TaskUsage | None:
-            if cur is None:
-                first[0] = True
-                cur = TaskUsage(tenant=m.tenant, task_id=m.task_id)
-            if m.call_id in cur.call_ids:
-                return None  # the same call recorded twice is counted once
+            first[0], fresh[0], redo[0] = cur is None, False, ""
+            cur = cur or TaskUsage(tenant=m.tenant, task_id=m.task_id)
+            done = [c for c in cur.day_pending if c in confirmed]
+            for c in done:
+                del cur.day_pending[c]
+            if m.call_id in cur.call_ids:  # the same call recorded twice is counted once
+                redo[0] = cur.day_pending.get(m.call_id, "")
+                return cur if done else None
+            fresh[0] = True
+            cur.day_pending[m.call_id] = day
             cur.call_ids.append(m.call_id)
             cur.total = cur.total + call
             cur.by_agent[agent] = cur.by_agent.get(agent, TokenUsage()) + call
@@ -417,52 +426,82 @@ class Budget:
             cur.updated_at = time.time()
             return cur
 
-        task_usage, changed = await st.update(self.kv, TaskUsage.key(m.tenant, m.task_id), TaskUsage, add)
-        day = today(d.stored_at or None)
-        if changed:
-
-            def add_day(cur: DayUsage | None) -> DayUsage | None:
-                cur = cur or DayUsage(tenant=m.tenant, day=day)
-                cur.total = cur.total + call
-                cur.by_agent[agent] = cur.by_agent.get(agent, TokenUsage()) + call
-                cur.by_model[model] = cur.by_model.get(model, TokenUsage()) + call
-                cur.tasks += 1 if first[0] else 0
-                return cur
-
-            await st.update(self.kv, DayUsage.key(m.tenant, day), DayUsage, add_day)
-            attrs = {
-                "tenant": m.tenant,
-                "agent": agent,
-                "gen_ai.provider.name": m.provider,
-                "gen_ai.request.model": m.model,
-            }
-            for kind, n in (("input", m.input_tokens - m.cached_input_tokens), ("cached_input", m.cached_input_tokens),
-                            ("output", m.output_tokens)):  # fmt: skip
-                if n:
-                    self.m_tokens.add(n, {**attrs, "token.type": kind})
-            if m.cost_usd:
-                self.m_cost.add(m.cost_usd, attrs)
-            self.m_calls.add(1, {**attrs, "outcome": "error" if m.error else "ok"})
-        await self.view.settle(
+        try:
+            task_usage, _ = await st.update(self.kv, TaskUsage.key(m.tenant, m.task_id), TaskUsage, add)
+        except BaseException:
+            self._confirm(key, confirmed)  # not dropped from the record yet: keep them for next time
+            raise
+        settle = self.view.settle(
             m.tenant, m.task_id, today(), m.reservation_id or m.call_id, m.call_id, call.total_tokens, call.cost_usd
         )
-        # Only now, with the call in the budget bucket, may its durable reservation go.
+        if fresh[0]:
+            faults.crash_point("budget_after_task_usage")  # chaos: die between the task and day writes
+        if fresh[0] and task_usage is not None:
+            # Independent of each other once the task total is stored: one round trip, not three.
+            await asyncio.gather(
+                self._add_day(m, day, call, agent, model, first[0]),
+                settle,
+                self._usage_event(m, call, task_usage.total, agent, model),
+            )
+            self._count(m, agent)
+            self._confirm(key, {m.call_id})
+        elif redo[0]:
+            # Counted for the task by an attempt that may have died before the day write.
+            await asyncio.gather(self._add_day(m, redo[0], call, agent, model, False), settle)
+            self._confirm(key, {m.call_id})
+        else:
+            await settle
+        # Only now, with the call in the budget bucket (task and day), may its durable reservation go.
         assert self.durable is not None
         await self.durable.release(m.tenant, m.task_id, m.reservation_id or m.call_id)
-        if changed and task_usage is not None:
-            t = task_usage.total
-            await self.mesh.progress(
-                m.tenant,
-                m.task_id,
-                "budget.usage",
-                f"{agent} {model}: {call.total_tokens} tokens, ${call.cost_usd:.6f}"
-                + (f" (failed: {m.error[:80]})" if m.error else "")
-                + f"; task total {t.total_tokens} tokens, ${t.cost_usd:.6f}",
-                step_id=m.step_id,
-                key=m.call_id,
-                detail={"call": call.model_dump(mode="json"), "task_total": t.model_dump(mode="json"), "agent": agent,
-                        "model": model},
-            )  # fmt: skip
+
+    def _confirm(self, key: tuple[str, str], calls: set[str]) -> None:
+        """Remember day writes that are stored, to drop them from the task's ``day_pending`` at
+        its next write (bounded: a forgotten one only costs a re-applied day write on redelivery,
+        and no redelivery comes for a message already acknowledged)."""
+        self._day_done.setdefault(key, set()).update(calls)
+        while len(self._day_done) > 10_000:
+            self._day_done.pop(next(iter(self._day_done)))
+
+    async def _add_day(self, m: UsageRecorded, day: str, call: TokenUsage, agent: str, model: str, first: bool) -> None:
+        def add_day(cur: DayUsage | None) -> DayUsage | None:
+            cur = cur or DayUsage(tenant=m.tenant, day=day)
+            cur.total = cur.total + call
+            cur.by_agent[agent] = cur.by_agent.get(agent, TokenUsage()) + call
+            cur.by_model[model] = cur.by_model.get(model, TokenUsage()) + call
+            cur.tasks += 1 if first else 0
+            return cur
+
+        await st.update(self.kv, DayUsage.key(m.tenant, day), DayUsage, add_day)
+
+    def _count(self, m: UsageRecorded, agent: str) -> None:
+        attrs = {
+            "tenant": m.tenant,
+            "agent": agent,
+            "gen_ai.provider.name": m.provider,
+            "gen_ai.request.model": m.model,
+        }
+        for kind, n in (("input", m.input_tokens - m.cached_input_tokens), ("cached_input", m.cached_input_tokens),
+                        ("output", m.output_tokens)):  # fmt: skip
+            if n:
+                self.m_tokens.add(n, {**attrs, "token.type": kind})
+        if m.cost_usd:
+            self.m_cost.add(m.cost_usd, attrs)
+        self.m_calls.add(1, {**attrs, "outcome": "error" if m.error else "ok"})
+
+    async def _usage_event(self, m: UsageRecorded, call: TokenUsage, t: TokenUsage, agent: str, model: str) -> None:
+        await self.mesh.progress(
+            m.tenant,
+            m.task_id,
+            "budget.usage",
+            f"{agent} {model}: {call.total_tokens} tokens, ${call.cost_usd:.6f}"
+            + (f" (failed: {m.error[:80]})" if m.error else "")
+            + f"; task total {t.total_tokens} tokens, ${t.cost_usd:.6f}",
+            step_id=m.step_id,
+            key=m.call_id,
+            detail={"call": call.model_dump(mode="json"), "task_total": t.model_dump(mode="json"), "agent": agent,
+                    "model": model},
+        )  # fmt: skip
 
 
 async def build(mesh: Mesh) -> Budget:
