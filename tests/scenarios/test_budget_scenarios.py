@@ -30,6 +30,7 @@ from mesh_kit import Mesh, ServiceSettings, prices
 from mesh_kit.settings import BROKER_UNAVAILABLE
 from mesh_testing.chaos import ChaosMesh, report
 from mesh_testing.infra import Infra, running_infra
+from meshctl.cli import main
 
 pytestmark = pytest.mark.chaos
 GOAL = "How does AgentMesh avoid duplicate side effects? Also compute 17 * 23."
@@ -356,3 +357,31 @@ async def test_a_task_with_no_progress_is_flagged_as_stalled_and_cancelled(infra
     assert isinstance(seen.outcome, TaskFailed) and "stalled: no progress for" in seen.outcome.reason
     assert 3 <= took < 10, took
     report("budget stall", detected_after_s=round(took, 2), reason=seen.outcome.reason[:100])
+
+
+async def test_an_operator_halts_resumes_and_cancels_running_tasks_with_meshctl(infra, mesh, capsys):
+    def ctl(*args: str) -> int:
+        return main(["--home", str(infra.home), *args, "--tenant", "acme", "--nats-url", infra.nats_url])
+
+    for name in mesh.names("tool-executor"):
+        mesh.kill(name)  # the calculator step waits, so both tasks are mid-run when the operator acts
+    async with infra.client("acme") as c:
+        halted = asyncio.create_task(c.submit(GOAL, task_id="ops-halt", timeout=60))
+        cancelled = asyncio.create_task(c.submit(GOAL, task_id="ops-cancel", timeout=60))
+        await asyncio.sleep(1.0)
+        assert await asyncio.to_thread(ctl, "halt", "ops-halt", "--reason", "maintenance window") == 0
+        assert await asyncio.to_thread(ctl, "cancel", "ops-cancel", "--reason", "not needed") == 0
+        assert "halted by client.acme: maintenance window" in capsys.readouterr().out
+        for name in mesh.names("tool-executor"):
+            await mesh.replace(name)  # the waiting calculator call is now refused: the task is halted
+        await asyncio.sleep(1.0)
+        assert not halted.done(), "a halted task waits, it does not finish"
+        assert await asyncio.to_thread(ctl, "resume", "ops-halt") == 0
+        halted, cancelled = await halted, await cancelled
+        assert await asyncio.to_thread(ctl, "resume", "ops-halt", "--timeout", "1") == 1, "finished: nothing to do"
+    assert isinstance(cancelled.outcome, TaskFailed), cancelled.outcome
+    assert "cancelled by client.acme: not needed" in cancelled.outcome.reason
+    assert isinstance(halted.outcome, TaskCompleted) and "391" in halted.outcome.answer, halted.outcome
+    stages = [e.stage for e in halted.events]
+    assert stages.index("task.halted") < stages.index("task.resumed"), stages
+    assert "already finished" in capsys.readouterr().err

@@ -41,6 +41,10 @@ def meshctl(*args: str, home: str) -> subprocess.CompletedProcess[str]:
         (["kill-switch", "pause"], "invalid choice: 'pause'"),
         (["kill-switch", "on", "--tenant", "zzz", "--reason", "x"], "unknown tenant 'zzz'"),
         (["kill-switch", "status"], "no identities in"),
+        (["halt", "a.b"], "invalid task id 'a.b'"),
+        (["cancel"], "the following arguments are required: TASK_ID"),
+        (["resume", "t1", "--timeout", "0"], "must be > 0"),
+        (["halt", "t1", "--tenant", "zzz"], "unknown tenant 'zzz'"),
     ],
 )
 def test_errors_are_one_line_with_a_nonzero_exit(tmp_path, args, message):

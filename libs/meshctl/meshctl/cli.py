@@ -49,6 +49,12 @@ def _tenant(value: str) -> str:
     return value
 
 
+def _task_id(value: str) -> str:
+    if not re.match(ID_PATTERN, value):
+        raise argparse.ArgumentTypeError(f"invalid task id {value!r}: use letters, digits, '-' or '_' (max 64)")
+    return value
+
+
 def _tenants(value: str) -> list[str]:
     return [_tenant(t) for t in value.split(",") if t]
 
@@ -318,6 +324,36 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return asyncio.run(run())
 
 
+def cmd_control(args: argparse.Namespace) -> int:
+    """``meshctl halt|resume|cancel TASK``: as the tenant's client, and wait for the planner."""
+    from meshctl.client import TenantClient
+
+    home = _home(args)
+    ids = Identities(home)
+    principal = f"client.{args.tenant}"
+    if not ids.creds(principal).exists():
+        raise MeshError(f"unknown tenant {args.tenant!r} (known: {', '.join(ids.tenants()) or 'none'})")
+    reason = (args.reason or "").strip() or f"{args.command} from meshctl"
+
+    async def run() -> int:
+        async with TenantClient(
+            _nats_url(args, home), args.tenant, ids.creds(principal), ids.signing_key(principal), ids.trust_bundle
+        ) as client:
+            seen = await client.control(args.command, args.task_id, reason, timeout=args.timeout)
+        if isinstance(seen, ProgressEvent):
+            print(f"{args.task_id}: {seen.message}")
+            return 0
+        if isinstance(seen, TaskFailed) and args.command == "cancel" and "cancelled" in seen.reason:
+            print(f"{args.task_id}: {seen.reason}")
+            return 0
+        if isinstance(seen, (TaskCompleted, TaskFailed, TaskRejected)):
+            return _absent(f"task {args.task_id} has already finished ({seen.type}); nothing to {args.command}")
+        hint = " (is it halted?)" if args.command == "resume" else " (is the task id right, and the planner running?)"
+        return _absent(f"the planner did not apply {args.command} to {args.task_id} within {args.timeout:g}s{hint}")
+
+    return asyncio.run(run())
+
+
 def cmd_dlq(args: argparse.Namespace) -> int:
     from meshctl.dlq import DeadLetterError, entries, entry, redrive
 
@@ -486,6 +522,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print the outcome as JSON")
     s.add_argument("--nats-url", default=None)
     s.set_defaults(fn=cmd_submit)
+
+    for verb, text in (
+        ("halt", "pause a task: every service refuses its next model or tool call until resume"),
+        ("resume", "resume a halted task: its halted steps run again"),
+        ("cancel", "cancel a task: it fails with your reason, its dependents are not run"),
+    ):
+        s = sub.add_parser(verb, help=text)
+        s.add_argument("task_id", type=_task_id, metavar="TASK_ID")
+        s.add_argument("--tenant", type=_tenant, default="demo")
+        s.add_argument("--reason", default=None, help="recorded on the task and quoted by every service that refuses")
+        s.add_argument("--timeout", type=_positive, default=10.0, help="seconds to wait for the planner to apply it")
+        s.add_argument("--nats-url", default=None)
+        s.set_defaults(fn=cmd_control)
 
     s = sub.add_parser("dlq", help="inspect the dead-letter stream")
     dsub = s.add_subparsers(dest="action", required=True, parser_class=_Parser)

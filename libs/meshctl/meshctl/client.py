@@ -25,7 +25,17 @@ from nats.aio.msg import Msg
 
 from mesh_contracts import Contract, ContractError, parse_message
 from mesh_contracts.topology import STREAMS
-from mesh_contracts.v1 import ProgressEvent, TaskCompleted, TaskFailed, TaskLimits, TaskRejected, TaskSubmitted
+from mesh_contracts.v1 import (
+    ControlCancel,
+    ControlHalt,
+    ControlResume,
+    ProgressEvent,
+    TaskCompleted,
+    TaskFailed,
+    TaskLimits,
+    TaskRejected,
+    TaskSubmitted,
+)
 from mesh_kit import envelope as env
 from mesh_kit.identity import IdentityError, Signer, TrustBundle, Verifier
 from mesh_kit.settings import BROKER_UNAVAILABLE, inbox_prefix, log_nats_error, nats_servers
@@ -135,17 +145,9 @@ class TenantClient:
 
         async def catch_up() -> None:
             """Read the stored outcome, if there is one (it may have been published unseen)."""
-            assert self.nc is not None
-            js = self.nc.jetstream(timeout=5.0)
-            for cls in TERMINAL:
-                subject = cls.spec.subject(self.tenant, task_id)
-                try:
-                    stored = await js.get_last_msg(STREAMS[cls.spec.domain], subject, direct=True)
-                except (nats.errors.Error, TimeoutError):
-                    continue  # not stored (or not reachable right now): live delivery may still come
-                if stored.data:
-                    accept(subject, stored.data, stored.headers)
-                    return
+            stored = await self._stored_outcome(task_id)
+            if stored is not None:
+                accept(*stored)
 
         subs = []
         if follow:  # subscribe before publishing so nothing is missed
@@ -173,3 +175,57 @@ class TenantClient:
                 for s in subs:
                     await s.unsubscribe()
         return seen
+
+    async def _stored_outcome(self, task_id: str) -> tuple[str, bytes, dict[str, str] | None] | None:
+        """The task's stored outcome as (subject, body, headers), unverified, or None."""
+        assert self.nc is not None
+        js = self.nc.jetstream(timeout=5.0)
+        for cls in TERMINAL:
+            subject = cls.spec.subject(self.tenant, task_id)
+            try:
+                stored = await js.get_last_msg(STREAMS[cls.spec.domain], subject, direct=True)
+            except (nats.errors.Error, TimeoutError):
+                continue  # not stored (or not reachable right now): live delivery may still come
+            if stored.data:
+                return subject, stored.data, stored.headers
+        return None
+
+    async def control(self, action: str, task_id: str, reason: str, *, timeout: float = 10.0) -> Contract | None:
+        """Halt, resume or cancel one of the tenant's tasks and wait until the planner has applied
+        it: returns the ``task.halted`` / ``task.resumed`` event or the ``task.failed`` outcome,
+        the stored outcome if the task had already finished, or None if nothing happened in
+        ``timeout`` (an unknown task, or a resume of a task that is not halted)."""
+        assert self.nc is not None
+        stored = await self._stored_outcome(task_id)
+        if stored is not None:
+            model = parse_message(stored[0], stored[1])
+            self.verifier.verify((stored[2] or {}).get(env.IDENTITY), stored[1], model)
+            return model
+        cls = {"halt": ControlHalt, "resume": ControlResume, "cancel": ControlCancel}[action]
+        wanted = {"halt": "task.halted", "resume": "task.resumed"}.get(action)
+        found: asyncio.Future[Contract] = asyncio.get_running_loop().create_future()
+
+        async def on_msg(msg: Msg) -> None:
+            try:
+                model = parse_message(msg.subject, msg.data)
+                self.verifier.verify((msg.headers or {}).get(env.IDENTITY), msg.data, model)
+            except (ContractError, IdentityError):
+                return
+            hit = isinstance(model, ProgressEvent) and model.stage == wanted
+            if (hit or isinstance(model, TERMINAL)) and not found.done():
+                found.set_result(model)
+
+        subs = [
+            await self.nc.subscribe(f"event.*.{self.tenant}.{task_id}.>", cb=on_msg),
+            await self.nc.subscribe(f"task.*.{self.tenant}.{task_id}.>", cb=on_msg),
+        ]
+        try:
+            await self.nc.flush()
+            # Each command is its own message: a second halt after a resume must not be deduplicated.
+            await self.publish(cls(tenant=self.tenant, task_id=task_id, reason=reason), key=uuid.uuid4().hex[:16])
+            return await asyncio.wait_for(found, timeout)
+        except TimeoutError:
+            return None
+        finally:
+            for sub in subs:
+                await sub.unsubscribe()

@@ -380,7 +380,7 @@ class Planner:
                 if rec.status == "halted":
                     return False
                 rec.status, rec.reason = "halted", f"halted by {who}: {m.reason}"
-                _event(rec, "task.halted", rec.reason)
+                _event(rec, "task.halted", rec.reason, key=d.msg_id)  # a task may be halted more than once
             else:
                 if rec.status != "halted":
                     return False
@@ -388,7 +388,7 @@ class Planner:
                 for s in rec.steps.values():
                     if s.status == "halted":
                         s.status = "pending"
-                _event(rec, "task.resumed", f"resumed by {who}")
+                _event(rec, "task.resumed", f"resumed by {who}", key=d.msg_id)
                 dispatch_ready(rec, d.msg_id)
             return True
 
