@@ -40,7 +40,7 @@ from mesh_contracts.v1 import (
     TaskLimits,
     UsageRecorded,
 )
-from mesh_kit import Mesh, ServiceSettings
+from mesh_kit import Mesh
 from mesh_kit import envelope as env
 from meshctl import local
 from meshctl.client import TenantClient
@@ -262,15 +262,7 @@ async def main(n_reserve: int, n_usage: int, n_deadlock: int, n_ceiling: int) ->
     try:
         raw = await raw_request_reply(state.nats_url, creds, 500)
         admin = await nats.connect(state.nats_url, user_credentials=creds)
-        worker = Mesh(
-            ServiceSettings(
-                service="worker",
-                nats_url=state.nats_url,
-                creds_file=ids.creds("worker"),
-                signing_key_file=ids.signing_key("worker"),
-                trust_bundle_file=ids.trust_bundle,
-            )
-        )
+        worker = Mesh(ids.settings("worker", state.nats_url))
         await worker.broker.connect()
         try:
             reserve = await reservations(worker, await admin.jetstream().key_value("tasks"), n_reserve)

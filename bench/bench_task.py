@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import statistics
 import tempfile
 import time
@@ -68,6 +69,8 @@ async def baseline_hop(url: str, creds: str, n: int) -> list[float]:
         await js.publish("bench.req", str(i).encode())
         out.append(await got.get() - t0)
     task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task  # before the connection closes under its fetch
     await js.delete_stream("BENCH")
     await nc.close()
     return out

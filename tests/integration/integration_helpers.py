@@ -19,18 +19,7 @@ from mesh_testing.infra import Infra
 
 
 def settings_for(infra: Infra, service: str, **overrides: Any) -> ServiceSettings:
-    ids = infra.ids
-    redis_file = ids.secrets / "redis" / f"{service}.url"
-    return ServiceSettings(
-        service=service,
-        nats_url=infra.nats_url,
-        creds_file=ids.creds(service),
-        signing_key_file=ids.signing_key(service),
-        trust_bundle_file=ids.trust_bundle,
-        redis_url=redis_file.read_text() if redis_file.exists() else "",
-        strict_contracts=True,
-        **overrides,
-    )
+    return infra.ids.settings(service, infra.nats_url, strict_contracts=True, **overrides)
 
 
 @asynccontextmanager

@@ -26,7 +26,7 @@ from mesh_contracts.v1 import (
     TaskLimits,
     UsageRecorded,
 )
-from mesh_kit import Mesh, ServiceSettings, prices
+from mesh_kit import Mesh, prices
 from mesh_kit.settings import BROKER_UNAVAILABLE
 from mesh_testing.chaos import ChaosMesh, report
 from mesh_testing.infra import Infra, running_infra
@@ -207,16 +207,7 @@ async def running_task(infra: Infra, task: str, max_tokens: int) -> None:
 @contextlib.asynccontextmanager
 async def as_worker(infra: Infra) -> AsyncIterator[Mesh]:
     """A connection with the worker's own identity: its reservations are the worker's."""
-    ids = infra.ids
-    worker = Mesh(
-        ServiceSettings(
-            service="worker",
-            nats_url=infra.nats_url,
-            creds_file=ids.creds("worker"),
-            signing_key_file=ids.signing_key("worker"),
-            trust_bundle_file=ids.trust_bundle,
-        )
-    )
+    worker = Mesh(infra.ids.settings("worker", infra.nats_url))
     await worker.broker.connect()
     try:
         yield worker

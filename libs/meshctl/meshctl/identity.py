@@ -21,9 +21,11 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import nkeys
 
+from mesh_kit import ServiceSettings
 from mesh_kit.identity import TrustBundle, new_signing_key, private_pem
 from meshctl.policy import Permissions, policy
 
@@ -130,6 +132,20 @@ class Identities:
 
     def exists(self) -> bool:
         return self.trust_bundle.exists() and (self.secrets / "operator.jwt").exists()
+
+    def settings(self, service: str, nats_url: str, **overrides: Any) -> ServiceSettings:
+        """Settings for a process that speaks as ``service`` with this home's identity (tests and
+        benchmarks that play a service's part against a running mesh)."""
+        redis_file = self.secrets / "redis" / f"{service}.url"
+        return ServiceSettings(
+            service=service,
+            nats_url=nats_url,
+            creds_file=self.creds(service),
+            signing_key_file=self.signing_key(service),
+            trust_bundle_file=self.trust_bundle,
+            redis_url=redis_file.read_text() if redis_file.exists() else "",
+            **overrides,
+        )
 
     def mint(self, tenants: list[str], *, user_ttl_s: int | None = None) -> dict[str, str]:
         """Create (or extend) every identity; returns the resolver preload (account pub -> JWT).
