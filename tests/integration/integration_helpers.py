@@ -12,8 +12,15 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import nats
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from mesh_kit import Mesh, ServiceSettings
+from mesh_kit import telemetry as tel
 from mesh_kit.settings import inbox_prefix
 from mesh_testing.infra import Infra
 
@@ -57,3 +64,27 @@ async def eventually(check: Callable[[], Any], timeout: float = 15.0, what: str 
             return result
         await asyncio.sleep(0.05)
     raise AssertionError(f"{what} not reached within {timeout}s")
+
+
+def in_memory(service: str) -> tuple[tel.Telemetry, InMemorySpanExporter, InMemoryMetricReader]:
+    """Telemetry that keeps spans and metrics in memory, for asserting on them."""
+    exporter, reader = InMemorySpanExporter(), InMemoryMetricReader()
+    provider = TracerProvider(resource=Resource.create({"service.name": service}))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return tel.Telemetry(provider, MeterProvider(metric_readers=[reader])), exporter, reader
+
+
+def counter(reader: InMemoryMetricReader, name: str, **attributes: str) -> float:
+    """Sum of a counter's points whose attributes include ``attributes``."""
+    data = reader.get_metrics_data()
+    if data is None:
+        return 0
+    return sum(
+        p.value
+        for rm in data.resource_metrics
+        for sm in rm.scope_metrics
+        for m in sm.metrics
+        if m.name == name
+        for p in m.data.data_points
+        if all(p.attributes.get(k) == v for k, v in attributes.items())
+    )

@@ -6,7 +6,7 @@ import asyncio
 import json
 
 import pytest
-from integration_helpers import connect, eventually, running, settings_for
+from integration_helpers import connect, counter, eventually, in_memory, running, settings_for
 
 from mesh_contracts.v1 import (
     BudgetDenied,
@@ -20,6 +20,7 @@ from mesh_contracts.v1 import (
 )
 from mesh_kit import Mesh, PermissionViolation
 from mesh_kit import envelope as env
+from mesh_kit import telemetry as tel
 from mesh_kit.identity import Signer, new_signing_key
 from mesh_kit.state import TaskRecord
 from meshctl.dlq import entries
@@ -140,7 +141,8 @@ async def test_reservations_never_exceed_the_ceiling_and_usage_is_counted_once(i
     from mesh_budget.service import Budget
 
     task = unique("budget")
-    budget_mesh = Mesh(settings_for(integration_infra, "budget"))
+    telemetry, _, metrics = in_memory("budget")
+    budget_mesh = Mesh(settings_for(integration_infra, "budget"), telemetry)
     budget = Budget(budget_mesh)
     budget.register()
     planner = Mesh(settings_for(integration_infra, "planner"))
@@ -191,6 +193,13 @@ async def test_reservations_never_exceed_the_ceiling_and_usage_is_counted_once(i
         assert isinstance(await reserve(100, tokens=401), BudgetDenied)
         assert isinstance(await reserve(101, tokens=400), BudgetGranted)
         assert isinstance(await reserve(102, tokens=1), BudgetDenied)
+    # the same numbers as OpenTelemetry metrics, per tenant and agent
+    who = {"tenant": "acme", "agent": "worker/worker"}
+    assert counter(metrics, tel.M_BUDGET_TOKENS, **who, **{"token.type": "input"}) == 1000
+    assert counter(metrics, tel.M_BUDGET_TOKENS, **who, **{"token.type": "output"}) == 600
+    assert counter(metrics, tel.M_BUDGET_CALLS, **who, outcome="ok") == 2
+    assert counter(metrics, tel.M_BUDGET_RESERVATIONS, tenant="acme", outcome="granted") == 5 + 1 + 1
+    assert counter(metrics, tel.M_BUDGET_RESERVATIONS, outcome="denied", code="task_tokens") == 15 + 2
 
 
 async def _when(coro, pred):

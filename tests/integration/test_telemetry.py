@@ -3,39 +3,14 @@
 from __future__ import annotations
 
 import pytest
-from integration_helpers import connect, eventually, running, settings_for
+from integration_helpers import connect, counter, eventually, in_memory, running, settings_for
 from opentelemetry import trace
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from mesh_contracts.v1 import ToolRequested
 from mesh_kit import Mesh
 from mesh_kit import telemetry as tel
 
 pytestmark = pytest.mark.integration
-
-
-def in_memory(service: str) -> tuple[tel.Telemetry, InMemorySpanExporter, InMemoryMetricReader]:
-    exporter, reader = InMemorySpanExporter(), InMemoryMetricReader()
-    provider = TracerProvider(resource=Resource.create({"service.name": service}))
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    return tel.Telemetry(provider, MeterProvider(metric_readers=[reader])), exporter, reader
-
-
-def counter(reader: InMemoryMetricReader, name: str) -> int:
-    data = reader.get_metrics_data()
-    return sum(
-        p.value
-        for rm in data.resource_metrics
-        for sm in rm.scope_metrics
-        for m in sm.metrics
-        if m.name == name
-        for p in m.data.data_points
-    )
 
 
 async def test_a_trace_crosses_the_broker_and_counters_are_exported(integration_infra, unique):
