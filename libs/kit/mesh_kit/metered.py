@@ -29,6 +29,12 @@ class BudgetExceeded(Exception):
         self.code = code
         self.halted = halted
 
+    def describe(self) -> str:
+        """The refusal as a step or task failure reason that names its cause."""
+        if self.code in ("stopped", "kill_switch") or self.halted:
+            return f"stopped: {self}"
+        return f"budget ({self.code}): {self}" if self.code else f"budget: {self}"
+
 
 def cost(provider: str, model: str, input_tokens: int, output_tokens: int, cached_input_tokens: int = 0) -> float:
     return prices.current().price(provider, model).cost(input_tokens, output_tokens, cached_input_tokens)

@@ -236,8 +236,7 @@ class Planner:
             steps = parse_plan(response.content, m.limits.max_steps)
             error = ""
         except BudgetExceeded as exc:
-            cause = "stopped" if exc.code in ("stopped", "kill_switch") or exc.halted else f"budget ({exc.code})"
-            steps, usage, error = [], None, f"{cause}: {exc}"
+            steps, usage, error = [], None, exc.describe()
         except ValueError as exc:
             steps, error = [], str(exc)
 

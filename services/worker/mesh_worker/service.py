@@ -210,11 +210,6 @@ class Worker:
         if last.get("role") == "assistant" and not last.get("tool_calls"):
             await self._finish(run, output=last.get("content", ""))  # answered, but died before finishing
             return
-        assert self.mesh.guard is not None
-        stop = await self.mesh.guard.check(req.tenant, req.task_id)
-        if stop is not None:  # halted, cancelled or killed: no further model or tool call
-            await self._finish(run, failed=stop.reason, halted=stop.halted)
-            return
         if run.iteration >= req.max_iterations:
             await self._finish(run, failed=f"iteration cap ({req.max_iterations}) reached without an answer")
             return
@@ -237,8 +232,8 @@ class Worker:
                 call_id=call_id,
                 delivery=d,
             )
-        except BudgetExceeded as exc:
-            await self._finish(run, failed=_refusal(exc), halted=exc.halted)
+        except BudgetExceeded as exc:  # the guard (halted, cancelled, killed) or the budget refused the call
+            await self._finish(run, failed=exc.describe(), halted=exc.halted)
             return
         iteration = run.iteration
         assistant = Message("assistant", response.content, tool_calls=response.tool_calls[:1])
@@ -343,13 +338,6 @@ class Worker:
         await self.mesh.progress(
             outcome.tenant, outcome.task_id, stage, text[:100], step_id=outcome.step_id, key=str(outcome.attempt)
         )
-
-
-def _refusal(exc: BudgetExceeded) -> str:
-    """A refused model call as a step failure reason that names its cause."""
-    if exc.code in ("stopped", "kill_switch") or exc.halted:
-        return f"stopped: {exc}"
-    return f"budget ({exc.code}): {exc}" if exc.code else f"budget: {exc}"
 
 
 async def build(mesh: Mesh) -> Worker:
