@@ -142,7 +142,6 @@ async def test_a_budget_crash_between_the_task_and_day_totals_still_counts_the_d
     assert (tmp_path / f"fault-{fault}.fired").exists() and mesh.restarts["budget-0"] >= 1
     assert isinstance(run.outcome, TaskCompleted), run.outcome
     assert day["total"] == task["total"], "every call counted once for its task and once for its day"
-    assert task["day_pending"] == {} or set(task["day_pending"]) <= set(task["call_ids"])
 
 
 async def test_the_same_task_submitted_50_times_concurrently_runs_once(infra):

@@ -13,8 +13,9 @@ import os
 import re
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import httpx
 import nats
@@ -31,6 +32,9 @@ from meshctl.local import MeshError, MeshState
 from meshctl.policy import policy
 from meshctl.provision import consumer_lag, provision
 
+if TYPE_CHECKING:
+    from meshctl.client import TenantClient
+
 DEFAULT_HOME = ".mesh"
 
 
@@ -43,16 +47,18 @@ def _home(args: argparse.Namespace) -> Path:
     return Path(args.home).absolute()
 
 
-def _tenant(value: str) -> str:
-    if not re.match(ID_PATTERN, value):
-        raise argparse.ArgumentTypeError(f"invalid tenant {value!r}: use letters, digits, '-' or '_' (max 64)")
-    return value
+def _identifier(kind: str) -> Callable[[str], str]:
+    """An argument type for ids that become subject tokens (tenant, task id)."""
+
+    def check(value: str) -> str:
+        if not re.match(ID_PATTERN, value):
+            raise argparse.ArgumentTypeError(f"invalid {kind} {value!r}: use letters, digits, '-' or '_' (max 64)")
+        return value
+
+    return check
 
 
-def _task_id(value: str) -> str:
-    if not re.match(ID_PATTERN, value):
-        raise argparse.ArgumentTypeError(f"invalid task id {value!r}: use letters, digits, '-' or '_' (max 64)")
-    return value
+_tenant, _task_id = _identifier("tenant"), _identifier("task id")
 
 
 def _tenants(value: str) -> list[str]:
@@ -264,7 +270,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0 if all(h.get("ready") for h in health.values()) else 1
 
 
-def cmd_submit(args: argparse.Namespace) -> int:
+def _tenant_client(args: argparse.Namespace) -> TenantClient:
+    """The client of ``--tenant`` with its own identity (not yet connected)."""
     from meshctl.client import TenantClient
 
     home = _home(args)
@@ -275,15 +282,20 @@ def cmd_submit(args: argparse.Namespace) -> int:
             f"unknown tenant {args.tenant!r} (known: {', '.join(ids.tenants()) or 'none'}; "
             "add one with: meshctl init --tenants NAME)"
         )
+    return TenantClient(
+        _nats_url(args, home), args.tenant, ids.creds(principal), ids.signing_key(principal), ids.trust_bundle
+    )
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    client = _tenant_client(args)
 
     def show(model: object) -> None:
         if isinstance(model, ProgressEvent) and not args.json:
             print(f"  [{model.source:>13}] {model.stage:<16} {model.message}", flush=True)
 
     async def run() -> int:
-        async with TenantClient(
-            _nats_url(args, home), args.tenant, ids.creds(principal), ids.signing_key(principal), ids.trust_bundle
-        ) as client:
+        async with client:
             if not args.json:
                 print(f"submitting to tenant {args.tenant}: {args.goal}", flush=True)
             seen = await client.submit(
@@ -326,19 +338,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 def cmd_control(args: argparse.Namespace) -> int:
     """``meshctl halt|resume|cancel TASK``: as the tenant's client, and wait for the planner."""
-    from meshctl.client import TenantClient
-
-    home = _home(args)
-    ids = Identities(home)
-    principal = f"client.{args.tenant}"
-    if not ids.creds(principal).exists():
-        raise MeshError(f"unknown tenant {args.tenant!r} (known: {', '.join(ids.tenants()) or 'none'})")
+    client = _tenant_client(args)
     reason = (args.reason or "").strip() or f"{args.command} from meshctl"
 
     async def run() -> int:
-        async with TenantClient(
-            _nats_url(args, home), args.tenant, ids.creds(principal), ids.signing_key(principal), ids.trust_bundle
-        ) as client:
+        async with client:
             seen = await client.control(args.command, args.task_id, reason, timeout=args.timeout)
         if isinstance(seen, ProgressEvent):
             print(f"{args.task_id}: {seen.message}")

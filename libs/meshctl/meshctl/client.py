@@ -127,8 +127,7 @@ class TenantClient:
 
         def accept(subject: str, data: bytes, headers: dict[str, str] | None) -> None:
             try:
-                model = parse_message(subject, data)
-                self.verifier.verify((headers or {}).get(env.IDENTITY), data, model)
+                model = self._believe(subject, data, headers)
             except (ContractError, IdentityError) as exc:
                 seen.rejected_messages.append(f"{subject}: {exc}")
                 return
@@ -176,6 +175,12 @@ class TenantClient:
                     await s.unsubscribe()
         return seen
 
+    def _believe(self, subject: str, data: bytes, headers: dict[str, str] | None) -> Contract:
+        """Parse a message and verify its sender's token; raises ContractError / IdentityError."""
+        model = parse_message(subject, data)
+        self.verifier.verify((headers or {}).get(env.IDENTITY), data, model)
+        return model
+
     async def _stored_outcome(self, task_id: str) -> tuple[str, bytes, dict[str, str] | None] | None:
         """The task's stored outcome as (subject, body, headers), unverified, or None."""
         assert self.nc is not None
@@ -198,17 +203,14 @@ class TenantClient:
         assert self.nc is not None
         stored = await self._stored_outcome(task_id)
         if stored is not None:
-            model = parse_message(stored[0], stored[1])
-            self.verifier.verify((stored[2] or {}).get(env.IDENTITY), stored[1], model)
-            return model
+            return self._believe(*stored)
         cls = {"halt": ControlHalt, "resume": ControlResume, "cancel": ControlCancel}[action]
         wanted = {"halt": "task.halted", "resume": "task.resumed"}.get(action)
         found: asyncio.Future[Contract] = asyncio.get_running_loop().create_future()
 
         async def on_msg(msg: Msg) -> None:
             try:
-                model = parse_message(msg.subject, msg.data)
-                self.verifier.verify((msg.headers or {}).get(env.IDENTITY), msg.data, model)
+                model = self._believe(msg.subject, msg.data, msg.headers)
             except (ContractError, IdentityError):
                 return
             hit = isinstance(model, ProgressEvent) and model.stage == wanted

@@ -289,9 +289,9 @@ class View:
             args=[time.time(), horizon, self.ttl_s, call_id, f"{task_id}/{call_id}", tokens, f"{cost_usd:.10f}",
                   limits[0], f"{limits[1]:.10f}", limits[2], f"{limits[3]:.10f}"],
         )  # fmt: skip
-        if int(out[0]) == -1:
-            raise Cold(out[1].decode() if isinstance(out[1], bytes) else str(out[1]))
         code = out[1].decode() if isinstance(out[1], bytes) else str(out[1])
+        if int(out[0]) == -1:
+            raise Cold(code)
         return Decision(
             int(out[0]) == 1,
             code,

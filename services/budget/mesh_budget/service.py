@@ -435,8 +435,8 @@ class Budget:
             m.tenant, m.task_id, today(), m.reservation_id or m.call_id, m.call_id, call.total_tokens, call.cost_usd
         )
         if fresh[0]:
+            assert task_usage is not None
             faults.crash_point("budget_after_task_usage")  # chaos: die between the task and day writes
-        if fresh[0] and task_usage is not None:
             # Independent of each other once the task total is stored: one round trip, not three.
             await asyncio.gather(
                 self._add_day(m, day, call, agent, model, first[0]),
