@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -58,6 +59,22 @@ class ModelRequest:
     max_tokens: int = 512
     agent: str = ""
     """Which agent role is calling (``planner``, ``worker``, ``judge``); scripts key on it."""
+    step: str = ""
+    """Which step (or step kind) the call serves; scripts may key on it too."""
+    temperature: float | None = None
+    difficulty: str = ""
+    """Routing hint for model tiering: ``easy`` | ``normal`` | ``hard`` ('' = the default route)."""
+    cache: bool = False
+    """Opt in to the response cache: an identical request (same tenant) is answered from it."""
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Everything that determines the answer (the cache key is a hash of this)."""
+        return {
+            "messages": [m.to_dict() for m in self.messages],
+            "tools": [{"name": t.name, "description": t.description, "parameters": t.parameters} for t in self.tools],
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+        }
 
 
 @dataclass(frozen=True)
@@ -73,11 +90,40 @@ class ModelResponse:
     """Part of ``input_tokens`` the provider served from its prompt cache."""
 
 
+@dataclass(frozen=True)
+class Timeouts:
+    """Per-attempt time limits of a provider call."""
+
+    connect_s: float = 5.0
+    first_token_s: float = 30.0
+    """From sending the request to the first byte of the answer (or first streamed token)."""
+    idle_s: float = 30.0
+    """Longest silence allowed between two streamed chunks (a stalled stream fails)."""
+    total_s: float = 120.0
+
+
+@dataclass(frozen=True)
+class StreamEvent:
+    """One item of a streamed completion: a text delta, or (last) the whole response."""
+
+    text: str = ""
+    response: ModelResponse | None = None
+
+
+TokenSink = Callable[[str], Awaitable[None]]
+"""Receives text deltas as the provider produces them."""
+
+
 class ChatModel(Protocol):
     provider: str
     model: str
+    context_window: int
 
     async def complete(self, request: ModelRequest) -> ModelResponse: ...
+
+    def stream(self, request: ModelRequest) -> AsyncIterator[StreamEvent]:
+        """Text deltas as they arrive; the last event carries the full ``ModelResponse``."""
+        ...
 
     def count(self, request: ModelRequest) -> int:
         """Prompt tokens of ``request`` as this provider would bill them."""

@@ -11,15 +11,13 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import AsyncIterator
 
-from mesh_llm.model import Message, ModelRequest, ModelResponse, ToolCall, count_tokens
+from mesh_llm.errors import ProviderError
+from mesh_llm.model import Message, ModelRequest, ModelResponse, StreamEvent, ToolCall, count_tokens
 
 EMAIL = re.compile(r"[\w.+-]+@[\w-]+\.[\w.-]*\w")
 ARITHMETIC = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?(?:\s*[-+*/%]\s*\d+(?:\.\d+)?)+)(?!\w|\.\d)")
-
-
-class ProviderError(RuntimeError):
-    """What a failing provider looks like to its caller (the scripted model raises it on cue)."""
 
 
 # Cues: a test (or a demo) writes these into a goal or a step instruction to provoke a failure.
@@ -31,6 +29,7 @@ DOWN_CUE = "#provider-down"  # in a step: every call fails like a provider retur
 
 class ScriptedModel:
     provider = "scripted"
+    context_window = 32_768
 
     def __init__(self, model: str = "scripted-1") -> None:
         self.model = model
@@ -46,7 +45,13 @@ class ScriptedModel:
         self._log(request)
         instruction = next((m.content for m in request.messages if m.role == "user"), "")
         if request.agent != "planner" and DOWN_CUE in instruction:
-            raise ProviderError("503 Service Unavailable (scripted outage)")
+            raise ProviderError(
+                "503 Service Unavailable (scripted outage)",
+                kind="server_error",
+                provider=self.provider,
+                model=self.model,
+                status=503,
+            )
         if request.agent == "planner":
             content, calls = self._plan(request), ()
         else:
@@ -63,6 +68,13 @@ class ScriptedModel:
             self.model,
             "tool_calls" if calls else "stop",
         )
+
+    async def stream(self, request: ModelRequest) -> AsyncIterator[StreamEvent]:
+        """The same answer as ``complete``, a word at a time."""
+        response = await self.complete(request)
+        for word in re.findall(r"\S+\s*", response.content):
+            yield StreamEvent(text=word)
+        yield StreamEvent(response=response)
 
     @staticmethod
     def _log(request: ModelRequest) -> None:
