@@ -164,3 +164,20 @@ def test_deadline_and_finished_tasks():
     m2.observe(TaskSubmitted(**T, goal="g", limits=TaskLimits(deadline_s=10)), 0.0)
     m2.observe(TaskCompleted(**T, answer="a"), 1.0)
     assert m2.tick(500.0) == [] and m2.observe(tool("s1", "c1"), 2.0) == []
+
+
+def test_a_gateway_retrying_one_call_is_one_failure_and_the_provider_circuit_does_not_stop_the_task():
+    """A primary returning 503s, retried three times and then answered by a fallback model, is
+    one failed logical call, not a retry storm; the provider circuit opens for everyone but only
+    reports on the task (callers skip the provider; the task goes on through its fallback)."""
+    m = Monitor(Rules(retry_storm_errors=3, provider_min_calls=3, provider_cooldown_s=10))
+    trips = []
+    for n in range(1, 4):
+        trips += m.observe(usage("s1", f"s1-a1-i0-x1n{n}", error="ProviderError: 503"), 0.1 * n)
+    trips += m.observe(usage("s1", "s1-a1-i0"), 0.5)
+    assert [t.kind for t in trips] == ["provider_breaker"]
+    assert trips[0].action == "flag"
+    assert "circuit open" in m.provider_open("scripted", "scripted-1", 1.0)
+    for i in range(1, 3):  # two more logical calls failing: three in all, the storm threshold
+        trips = m.observe(usage("s1", f"s1-a1-i{i}-x1n1", error="ProviderError: 503"), 1.0 + i)
+    assert [t.kind for t in trips] == ["retry_storm"]

@@ -115,6 +115,8 @@ class TaskWatch:
     signatures: Counter[str] = field(default_factory=Counter)
     llm_calls: Counter[tuple[str, int]] = field(default_factory=Counter)
     seen_usage: set[str] = field(default_factory=set)
+    failed_calls: set[str] = field(default_factory=set)
+    """Logical calls (attempt suffix stripped) that failed at least once."""
     chatter: deque[float] = field(default_factory=deque)
     completions: deque[float] = field(default_factory=deque)
     errors: deque[float] = field(default_factory=deque)
@@ -298,7 +300,11 @@ class Monitor:
                 return trips
             w.seen_usage.add(m.call_id)
             trips += self._provider(m, at, w, trip)
-            if m.error:
+            # A failed attempt counts once per logical call: the gateway retrying one call, or
+            # handing it to a fallback model, is one failure of the task's work, not a storm.
+            logical = m.call_id.split("-x", 1)[0]
+            if m.error and logical not in w.failed_calls:
+                w.failed_calls.add(logical)
                 w.errors.append(at)
             else:
                 attempt = _attempt_of(m.call_id) or w.step_attempt.get(m.step_id, 1)
@@ -333,8 +339,10 @@ class Monitor:
         if m.error and len(h.calls) >= r.provider_min_calls and failed / len(h.calls) >= r.provider_error_rate:
             if at >= h.open_until:
                 h.open_until = at + r.provider_cooldown_s
+            # The circuit refuses reservations for this provider/model (callers fall back to the
+            # next model of their chain); the task itself goes on, so the trip only reports.
             trip("provider_breaker", f"provider {m.provider}/{m.model} failing: {failed} of {len(h.calls)} calls "
-                 f"in {r.provider_window_s:g} s; circuit open for {r.provider_cooldown_s:g} s", action="halt")  # fmt: skip
+                 f"in {r.provider_window_s:g} s; circuit open for {r.provider_cooldown_s:g} s", action="flag")  # fmt: skip
         return []
 
     def _slide(self, w: TaskWatch, now: float) -> None:
