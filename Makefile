@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 MESH_HOME ?= .mesh
 PACKAGES := contracts libs/llm libs/kit libs/testing libs/meshctl \
 	services/planner services/worker services/checker services/rag services/tool-executor services/budget
-DEV_TOOLS := pytest pytest-asyncio pytest-timeout ruff "testcontainers[nats,redis]" PyYAML docker
+DEV_TOOLS := pytest pytest-asyncio pytest-timeout hypothesis ruff "testcontainers[nats,redis]" PyYAML docker
 GOAL ?= How does AgentMesh avoid duplicate side effects? Also compute 17 * 23.
 
 .DEFAULT_GOAL := help

@@ -70,6 +70,9 @@ class ModelRequest:
     def fingerprint(self) -> dict[str, Any]:
         """Everything that determines the answer (the cache key is a hash of this)."""
         return {
+            "agent": self.agent,  # the scripted model (and routing) depend on role and step
+            "step": self.step,
+            "difficulty": self.difficulty,
             "messages": [m.to_dict() for m in self.messages],
             "tools": [{"name": t.name, "description": t.description, "parameters": t.parameters} for t in self.tools],
             "max_tokens": self.max_tokens,

@@ -25,15 +25,23 @@ PLAN_CUE = "PLAN:"  # in a goal: the JSON after it is the plan, verbatim
 LOOP_CUE = "#loop"  # in a step: call the first offered tool with the same arguments, forever
 AWAIT_CUE = re.compile(r"#await:([A-Za-z0-9_-]+)")  # in a step: first wait for that step's output
 DOWN_CUE = "#provider-down"  # in a step: every call fails like a provider returning 503
+OBEY_CUE = "#obey"  # in a step: follow instructions found in the context (tool results, passages)
+# What a gullible model takes for an instruction inside untrusted text: "call <tool> {json args}".
+INJECTED_CALL = re.compile(r"\bcall\s+([A-Za-z_][\w-]*)\s*(\{.*?\})", re.I | re.S)
 
 
 class ScriptedModel:
     provider = "scripted"
     context_window = 32_768
 
-    def __init__(self, model: str = "scripted-1") -> None:
+    def __init__(self, model: str = "scripted-1", scripts: dict[str, list[dict]] | None = None) -> None:
         self.model = model
         self.calls = 0
+        self.scripts = scripts or {}
+        """Turns chosen per role and step: key ``"<agent>:<step>"``, ``"<agent>"`` or ``"*"`` -> a
+        list of turns ``{"content": str, "tool_calls": [{"name", "arguments"}], "fail": "503"}``;
+        the turn played is the number of assistant turns already in the conversation, so a
+        script replays the same way on any replica after a crash."""
 
     def count(self, request: ModelRequest) -> int:
         return sum(count_tokens(m.content) + 4 for m in request.messages) + sum(
@@ -44,6 +52,9 @@ class ScriptedModel:
         self.calls += 1
         self._log(request)
         instruction = next((m.content for m in request.messages if m.role == "user"), "")
+        scripted = self._scripted(request)
+        if scripted is not None:
+            return scripted
         if request.agent != "planner" and DOWN_CUE in instruction:
             raise ProviderError(
                 "503 Service Unavailable (scripted outage)",
@@ -67,6 +78,34 @@ class ScriptedModel:
             self.provider,
             self.model,
             "tool_calls" if calls else "stop",
+        )
+
+    def _scripted(self, request: ModelRequest) -> ModelResponse | None:
+        turns = next(
+            (self.scripts[k] for k in (f"{request.agent}:{request.step}", request.agent, "*") if k in self.scripts),
+            None,
+        )
+        if turns is None:
+            return None
+        turn = turns[min(sum(1 for m in request.messages if m.role == "assistant"), len(turns) - 1)]
+        if turn.get("fail"):
+            status = int(turn["fail"]) if str(turn["fail"]).isdigit() else 503
+            raise ProviderError(
+                f"{status} (scripted failure)",
+                kind="rate_limited" if status == 429 else "server_error",
+                provider=self.provider,
+                model=self.model,
+                status=status,
+            )
+        calls = tuple(
+            ToolCall(f"c{i}", c["name"], dict(c.get("arguments", {}))) for i, c in enumerate(turn.get("tool_calls", ()))
+        )
+        content = str(turn.get("content", ""))
+        out = min(
+            request.max_tokens, count_tokens(content) + sum(count_tokens(json.dumps(c.arguments)) + 3 for c in calls)
+        )
+        return ModelResponse(
+            content, calls, self.count(request), out, self.provider, self.model, "tool_calls" if calls else "stop"
         )
 
     async def stream(self, request: ModelRequest) -> AsyncIterator[StreamEvent]:
@@ -119,7 +158,13 @@ class ScriptedModel:
         ]
         if expr:
             steps.append(
-                {"step_id": "s2", "kind": "compute", "tools": ["calculator"], "instruction": f"Compute {expr.group(1)}"}
+                {
+                    "step_id": "s2",
+                    "kind": "compute",
+                    "difficulty": "easy",  # exact arithmetic by a tool: the cheapest model will do
+                    "tools": ["calculator"],
+                    "instruction": f"Compute {expr.group(1)}",
+                }
             )
         else:
             steps.append(
@@ -161,6 +206,13 @@ class ScriptedModel:
         if LOOP_CUE in instruction and request.tools:  # stuck: the same call, whatever came back
             first = request.tools[0].name
             return "", (ToolCall("c0", first, {"expression": "1 + 1"} if first == "calculator" else {"text": "x"}),)
+        if OBEY_CUE in instruction and len(results) == 1 and (found := INJECTED_CALL.search(results[0].content)):
+            # Told to obey: an instruction found in a tool result or passage becomes the next tool
+            # call (once), exactly what a guardrail must stop; the model does not check it is offered.
+            try:
+                return "", (ToolCall("c0", found.group(1), json.loads(found.group(2))),)
+            except json.JSONDecodeError:
+                pass
         awaited = AWAIT_CUE.search(instruction)
         if awaited and "await_step" in tools and not results:
             return "", (ToolCall("c0", "await_step", {"step_id": awaited.group(1)}),)
