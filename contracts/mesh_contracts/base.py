@@ -24,7 +24,7 @@ CLIENT = "client"
 APPROVER = "approver"
 SERVICES: tuple[str, ...] = ("planner", "worker", "checker", "rag", "tool-executor", "budget")
 
-Transport = Literal["stream", "request", "reply"]
+Transport = Literal["stream", "request", "reply", "core"]
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,9 @@ class ContractSpec:
     ``transport="stream"`` messages are published to JetStream on
     ``<domain>.v<major>.<tenant>.<task>.<event>``; ``request`` messages use core NATS
     request/reply on the same subject shape and are answered by ``reply`` contracts,
-    which travel on the requester's inbox and have no subject of their own.
+    which travel on the requester's inbox and have no subject of their own. ``core`` messages
+    are fire-and-forget core-NATS publishes on the same subject shape: live, never stored
+    (streamed tokens), so a subscriber that is not listening misses them by design.
     """
 
     domain: str

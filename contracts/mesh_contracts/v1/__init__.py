@@ -20,7 +20,7 @@ from mesh_contracts.v1.control import (
     ControlHalt,
     ControlResume,
 )
-from mesh_contracts.v1.events import ProgressEvent
+from mesh_contracts.v1.events import ProgressEvent, TokenDelta
 from mesh_contracts.v1.task import (
     PlanCreated,
     TaskCompleted,
@@ -63,6 +63,7 @@ ALL = (
     ApprovalRequested,
     ApprovalDecided,
     ProgressEvent,
+    TokenDelta,
 )
 
 __all__ = [c.__name__ for c in ALL] + [

@@ -100,6 +100,9 @@ class PlanStep(_Value):
     """Tools the worker may call in this step (``search_docs`` means retrieval)."""
     depends_on: tuple[str, ...] = ()
     """Steps whose outputs this step needs; it is dispatched after they complete."""
+    difficulty: Literal["", "easy", "normal", "hard"] = ""
+    """How hard the step is, as the planner judged it; the model gateway routes it to a cheaper
+    or a stronger model chain by this ('' = the default route)."""
 
 
 class CheckResult(_Value):

@@ -258,6 +258,21 @@ class Mesh:
             raise
         return ack
 
+    async def emit(self, model: Contract) -> None:
+        """Fire-and-forget core-NATS publish of a live (``core``) message, signed like any other.
+
+        Nothing is stored and nothing waits for an ack: a streamed token must reach a watching
+        client as soon as it exists, and losing one when nobody listens is by design."""
+        if model.spec.transport != "core":
+            raise TypeError(f"{model.type} is a {model.spec.transport} message; use publish()")
+        if self.service not in model.spec.producers:
+            raise PermissionViolation(f"{self.service} is not a declared producer of {model.type}")
+        body = model.to_bytes()
+        msg_id = env.message_id(
+            model.type, model.tenant, model.task_id, f"{getattr(model, 'call_id', '')}:{getattr(model, 'seq', 0)}"
+        )
+        await self.nc.publish(model.subject(), body, headers=env.headers_for(self.signer, model, body, msg_id))
+
     async def progress(
         self,
         tenant: str,

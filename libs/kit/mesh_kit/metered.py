@@ -1,23 +1,38 @@
-"""Every model call goes through here: reserve, call, record usage.
+"""Every model call goes through here: guard, context fit, cache, then the gateway, with a
+budget reservation, a GenAI span and a usage record for every attempt it makes.
 
-The caller reserves the call's worst-case tokens (prompt + max_tokens) from the budget
-service before calling; a denial means the call is not made. The actual usage is then
-published (``usage.recorded``, keyed by the deterministic call id so a retry is counted
-once) and settles the reservation.
+Each attempt (a retry, or a fallback model) reserves its own worst case (prompt +
+max_tokens, priced for that model) from the budget service first; a denial means the call is
+not made (a denial because the budget's provider circuit is open sends the gateway on to the
+next model). The actual usage is then published (``usage.recorded``, keyed by the
+deterministic call id so a redelivery is counted once) and settles the reservation; a failed
+attempt publishes one too, with its error.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import uuid
+import json
+import logging
+import os
+from typing import Any
+
+from opentelemetry.trace import Span, StatusCode
 
 from mesh_contracts.v1 import BudgetDenied, BudgetGranted, BudgetReserve, TokenUsage, UsageRecorded
 from mesh_kit import prices
 from mesh_kit import telemetry as tel
 from mesh_kit.bus import Delivery, Mesh
 from mesh_kit.ledger import Ledger
-from mesh_llm import ChatModel, ModelRequest, ModelResponse, ToolCall
+from mesh_kit.redact import redact
+from mesh_llm import ChatModel, CircuitOpen, ModelRequest, ModelResponse, ToolCall
+from mesh_llm.cache import ResponseCache
+from mesh_llm.context import fit
+from mesh_llm.gateway import Attempt, Gateway
+from mesh_llm.resilience import RetryPolicy
+
+log = logging.getLogger("mesh.models")
 
 
 class BudgetExceeded(Exception):
@@ -40,15 +55,69 @@ def cost(provider: str, model: str, input_tokens: int, output_tokens: int, cache
     return prices.current().price(provider, model).cost(input_tokens, output_tokens, cached_input_tokens)
 
 
-async def reserve(mesh: Mesh, model: ChatModel, request: ModelRequest, *, tenant: str, task_id: str, step_id: str,
-                  call_id: str) -> BudgetGranted:  # fmt: skip
-    """Check the guard, then reserve the call's worst case. Raises ``BudgetExceeded`` if the
-    call must not be made."""
+@dataclasses.dataclass
+class Models:
+    """How a service reaches models: the gateway and the policies around every call."""
+
+    gateway: Gateway
+    cache: ResponseCache | None = None
+    context_strategy: str = "error"
+    """What to do with a request that overflows the model's window: ``error`` | ``drop_oldest`` |
+    ``summarise`` (``MESH_CONTEXT_STRATEGY``)."""
+    capture_content: bool = False
+    """Put (PII-redacted) prompts and answers on spans
+    (``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT=true``)."""
+
+    @classmethod
+    def of(cls, model: ChatModel | Models) -> Models:
+        """A bare model (a test's) as a one-model gateway that makes one attempt per call."""
+        if isinstance(model, Models):
+            return model
+        if isinstance(model, Gateway):
+            return cls(model)
+        return cls(Gateway({"default": [model]}, retry=RetryPolicy(max_attempts=1)))
+
+
+def configured(mesh: Mesh, environ: dict[str, str] | None = None) -> Models:
+    """The service's models from its configuration (``MESH_MODEL_CONFIG`` / ``MESH_MODEL``).
+    A bad configuration stops the service at start-up with a one-line reason."""
+    from mesh_llm.config import from_env
+    from mesh_llm.errors import ConfigError
+
+    env = dict(os.environ if environ is None else environ)
+    try:
+        gateway = from_env(env)
+    except ConfigError as exc:
+        raise SystemExit(f"configuration error: {exc}") from None
+    strategy = env.get("MESH_CONTEXT_STRATEGY", "error")
+    if strategy not in ("error", "drop_oldest", "summarise"):
+        raise SystemExit(f"configuration error: MESH_CONTEXT_STRATEGY={strategy!r} (error, drop_oldest or summarise)")
+    cache = None
+    if mesh.settings.redis_url and env.get("MESH_LLM_CACHE", "on") != "off":
+        import redis.asyncio as aioredis
+
+        cache = ResponseCache(
+            aioredis.from_url(mesh.settings.redis_url),
+            ttl_s=float(env.get("MESH_LLM_CACHE_TTL_S", "3600")),
+            namespace=f"{mesh.service}:llmcache",  # the service's Redis user owns only its own prefix
+        )
+        cache.on_lookup = lambda hit: mesh.count(tel.M_LLM_CACHE_HITS if hit else tel.M_LLM_CACHE_MISSES)
+    capture = env.get("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", "").lower() in ("1", "true", "yes")
+    return Models(gateway, cache, strategy, capture)
+
+
+async def _guard(mesh: Mesh, tenant: str, task_id: str) -> None:
     if mesh.guard is not None:
         stop = await mesh.guard.check(tenant, task_id)
         if stop is not None:
             mesh.count(tel.M_CALLS_REFUSED)
             raise BudgetExceeded(stop.reason, stop.code, halted=stop.halted)
+
+
+async def reserve(mesh: Mesh, model: ChatModel, request: ModelRequest, *, tenant: str, task_id: str, step_id: str,
+                  call_id: str) -> BudgetGranted:  # fmt: skip
+    """Reserve one attempt's worst case with ``model``. Raises ``BudgetExceeded`` if the call must
+    not be made, ``CircuitOpen`` if the budget's circuit for this provider/model is open."""
     try:
         price = prices.current().price(model.provider, model.model)
     except prices.UnpricedModel as exc:
@@ -68,6 +137,8 @@ async def reserve(mesh: Mesh, model: ChatModel, request: ModelRequest, *, tenant
         )
     )
     if isinstance(answer, BudgetDenied):
+        if answer.code == "provider_breaker":
+            raise CircuitOpen(answer.reason, provider=model.provider, model=model.model)
         mesh.count(tel.M_CALLS_REFUSED)
         raise BudgetExceeded(answer.reason, answer.code)
     assert isinstance(answer, BudgetGranted)
@@ -94,55 +165,128 @@ def _usage_message(mesh: Mesh, request: ModelRequest, response: ModelResponse, u
     )
 
 
-async def call_model(
-    mesh: Mesh, model: ChatModel, request: ModelRequest, *, tenant: str, task_id: str, step_id: str, call_id: str,
-    attempt: int = 1,
-) -> tuple[ModelResponse, TokenUsage]:  # fmt: skip
-    grant = await reserve(mesh, model, request, tenant=tenant, task_id=task_id, step_id=step_id, call_id=call_id)
-    with mesh.tracer.start_as_current_span(f"chat {model.model}") as span:
-        span.set_attributes(
-            {
+def _content(messages: Any) -> str:
+    return redact(json.dumps(messages, ensure_ascii=False))[:8000]
+
+
+class _Metered:
+    """The gateway's attempt hooks: reserve before, span around, usage after, every attempt."""
+
+    def __init__(self, mesh: Mesh, models: Models, request: ModelRequest, *, tenant: str, task_id: str, step_id: str,
+                 call_id: str, delivery: int) -> None:  # fmt: skip
+        self.mesh, self.models, self.request = mesh, models, request
+        self.tenant, self.task_id, self.step_id, self.call_id, self.delivery = (
+            tenant,
+            task_id,
+            step_id,
+            call_id,
+            delivery,
+        )
+        self.grants: dict[int, BudgetGranted] = {}
+        self.spans: dict[int, Span] = {}
+        self.winner: BudgetGranted | None = None
+
+    def _reservation_call_id(self, a: Attempt) -> str:
+        return self.call_id if a.number == 1 else f"{self.call_id}-r{self.delivery}n{a.number}"[:64]
+
+    async def before(self, a: Attempt) -> None:
+        grant = await reserve(
+            self.mesh, a.model, a.request, tenant=self.tenant, task_id=self.task_id, step_id=self.step_id,
+            call_id=self._reservation_call_id(a),
+        )  # fmt: skip
+        self.grants[a.number] = grant
+        span = self.mesh.tracer.start_span(
+            f"chat {a.model.model}",
+            attributes={
                 tel.GEN_AI_OPERATION: "chat",
-                tel.GEN_AI_PROVIDER: model.provider,
-                tel.GEN_AI_REQUEST_MODEL: model.model,
-                tel.GEN_AI_AGENT_NAME: request.agent,
-                tel.GEN_AI_CONVERSATION_ID: task_id,
-                tel.A_STEP: step_id,
-            }
+                tel.GEN_AI_PROVIDER: a.model.provider,
+                tel.GEN_AI_REQUEST_MODEL: a.model.model,
+                tel.GEN_AI_AGENT_NAME: a.request.agent,
+                tel.GEN_AI_CONVERSATION_ID: self.task_id,
+                tel.GEN_AI_REQUEST_MAX_TOKENS: a.request.max_tokens,
+                tel.A_STEP: self.step_id,
+                tel.A_ATTEMPT: a.number,
+                tel.A_ROUTE: a.route,
+            },
         )
-        try:
-            response = await model.complete(request)
-        except Exception as exc:
-            # Every attempt is accounted: the failure settles the reservation and counts toward
-            # the provider's error rate (the budget's provider breaker reads these).
-            span.set_attribute(tel.ERROR_TYPE, type(exc).__name__)
-            failed = UsageRecorded(
-                tenant=tenant,
-                task_id=task_id,
-                agent=mesh.service,
-                role=request.agent,
-                step_id=step_id,
-                call_id=f"{call_id}-x{attempt}-{uuid.uuid4().hex[:6]}"[:64],
-                provider=model.provider,
-                model=model.model,
-                input_tokens=0,
-                output_tokens=0,
-                price_table=prices.current().version,
-                reservation_id=grant.reservation_id,
-                error=f"{type(exc).__name__}: {exc}"[:500],
-            )
-            with contextlib.suppress(Exception):
-                await mesh.publish(failed, key=failed.call_id)
-            raise
-        mesh.count(tel.M_LLM_CALLS)  # calls actually made (the budget counts distinct call ids)
-        span.set_attributes(
-            {
-                tel.GEN_AI_RESPONSE_MODEL: response.model,
-                tel.GEN_AI_INPUT_TOKENS: response.input_tokens,
-                tel.GEN_AI_OUTPUT_TOKENS: response.output_tokens,
-                tel.GEN_AI_FINISH_REASONS: [response.finish_reason],
-            }
+        if self.models.capture_content:
+            span.set_attribute(tel.GEN_AI_INPUT_MESSAGES, _content([m.to_dict() for m in a.request.messages]))
+        self.spans[a.number] = span
+
+    async def after(self, a: Attempt, response: ModelResponse | None, error: BaseException | None,
+                    elapsed_s: float) -> None:  # fmt: skip
+        span = self.spans.pop(a.number, None)
+        grant = self.grants.get(a.number)
+        if response is not None:
+            self.winner = grant
+            self.mesh.count(tel.M_LLM_CALLS)  # calls actually made (the budget counts distinct call ids)
+            if span is not None:
+                span.set_attributes(
+                    {
+                        tel.GEN_AI_RESPONSE_MODEL: response.model,
+                        tel.GEN_AI_INPUT_TOKENS: response.input_tokens,
+                        tel.GEN_AI_OUTPUT_TOKENS: response.output_tokens,
+                        tel.GEN_AI_FINISH_REASONS: [response.finish_reason],
+                    }
+                )
+                if self.models.capture_content:
+                    out = {"role": "assistant", "content": response.content,
+                           "tool_calls": [dataclasses.asdict(c) for c in response.tool_calls]}  # fmt: skip
+                    span.set_attribute(tel.GEN_AI_OUTPUT_MESSAGES, _content([out]))
+                span.end()
+            return
+        kind = getattr(error, "kind", type(error).__name__)
+        if span is not None:
+            span.set_attribute(tel.ERROR_TYPE, kind)
+            span.set_status(StatusCode.ERROR, redact(str(error))[:300])
+            span.end()
+        if grant is None:
+            return
+        # Every attempt is accounted: the failure settles its reservation and counts toward the
+        # provider's error rate (the budget's provider circuit reads these).
+        failed = UsageRecorded(
+            tenant=self.tenant,
+            task_id=self.task_id,
+            agent=self.mesh.service,
+            role=self.request.agent,
+            step_id=self.step_id,
+            call_id=f"{self.call_id}-x{self.delivery}n{a.number}"[:64],
+            provider=a.model.provider,
+            model=a.model.model,
+            input_tokens=0,
+            output_tokens=0,
+            price_table=prices.current().version,
+            reservation_id=grant.reservation_id,
+            error=f"{kind}: {redact(str(error))}"[:500],
         )
+        with contextlib.suppress(Exception):
+            await self.mesh.publish(failed, key=failed.call_id)
+
+
+async def call_model(
+    mesh: Mesh, model: ChatModel | Models, request: ModelRequest, *, tenant: str, task_id: str, step_id: str,
+    call_id: str, attempt: int = 1, on_token: Any = None, on_reset: Any = None,
+) -> tuple[ModelResponse, TokenUsage]:  # fmt: skip
+    """One logical model call: guard, context fit, cache, then the gateway's attempts."""
+    models = Models.of(model)
+    await _guard(mesh, tenant, task_id)
+    route, chain = models.gateway.route_for(request)
+    window = min(m.context_window for m in chain)
+    fitted = await fit(request, window=window, count=chain[0].count, strategy=models.context_strategy)
+    if fitted.dropped:
+        request = fitted.request
+        await mesh.progress(tenant, task_id, "context.trimmed", fitted.describe(), step_id=step_id, key=call_id,
+                            detail={"dropped": len(fitted.dropped), "summarised": bool(fitted.summary)})  # fmt: skip
+    cache_key = "+".join(f"{m.provider}/{m.model}" for m in chain)
+    if models.cache is not None and request.cache:
+        hit = await models.cache.get(tenant, route, cache_key, request)
+        if hit is not None:
+            if on_token is not None and hit.content:
+                await on_token(hit.content)
+            return hit, TokenUsage()
+    hooks = _Metered(mesh, models, request, tenant=tenant, task_id=task_id, step_id=step_id, call_id=call_id,
+                     delivery=attempt)  # fmt: skip
+    response = await models.gateway.complete(request, hooks=hooks, on_token=on_token, on_reset=on_reset)
     cached = getattr(response, "cached_input_tokens", 0)
     usage = TokenUsage(
         input_tokens=response.input_tokens,
@@ -151,20 +295,23 @@ async def call_model(
         cost_usd=cost(response.provider, response.model, response.input_tokens, response.output_tokens, cached),
         calls=1,
     )
+    grant = hooks.winner
     await mesh.publish(
         _usage_message(
             mesh, request, response, usage, tenant=tenant, task_id=task_id, step_id=step_id, call_id=call_id,
-            reservation_id=grant.reservation_id,
+            reservation_id=grant.reservation_id if grant is not None else call_id,
         ),
         key=call_id,
     )  # fmt: skip
+    if models.cache is not None and request.cache:
+        await models.cache.put(tenant, route, cache_key, request, response)
     return response, usage
 
 
 async def call_model_once(
     mesh: Mesh,
     ledger: Ledger | None,
-    model: ChatModel,
+    model: ChatModel | Models,
     request: ModelRequest,
     *,
     tenant: str,
@@ -172,6 +319,8 @@ async def call_model_once(
     step_id: str,
     call_id: str,
     delivery: Delivery | None = None,
+    on_token: Any = None,
+    on_reset: Any = None,
 ) -> tuple[ModelResponse, TokenUsage]:
     """``call_model`` under the idempotency ledger: a redelivered step gets the recorded response
     of a call that already completed instead of paying for it again. Heartbeats keep the
@@ -183,7 +332,7 @@ async def call_model_once(
         async with delivery.keepalive() if delivery is not None else contextlib.nullcontext():
             response, usage = await call_model(
                 mesh, model, request, tenant=tenant, task_id=task_id, step_id=step_id, call_id=call_id,
-                attempt=delivery.deliveries if delivery is not None else 1,
+                attempt=delivery.deliveries if delivery is not None else 1, on_token=on_token, on_reset=on_reset,
             )  # fmt: skip
             performed.append(True)
         return {
@@ -213,15 +362,3 @@ async def call_model_once(
             key=call_id,
         )  # fmt: skip
     return response, usage
-
-
-def scripted_or_configured() -> ChatModel:
-    """The model a service uses. Only the scripted model exists until the gateway lands."""
-    import os
-
-    from mesh_llm import ScriptedModel
-
-    name = os.environ.get("MESH_MODEL", "scripted")
-    if name != "scripted":
-        raise SystemExit(f"configuration error: MESH_MODEL={name!r} is not available yet (only 'scripted')")
-    return ScriptedModel()

@@ -61,7 +61,7 @@ class UnpricedModel(LookupError):
     """The price table has no entry for a model; the call is refused."""
 
 
-DEFAULT_VERSION = "2026-11-01"
+DEFAULT_VERSION = "2026-11-22"  # 2026-11-01 plus dated (pinned) model ids for the gateway
 # The scripted model is priced like a small hosted model so that cost ceilings are exercised
 # in tests and demos; its "dollars" are notional. Provider list prices change: review them,
 # and publish a new version rather than editing one in place.
@@ -70,6 +70,10 @@ _DEFAULT = {
     "scripted/scripted-judge": Price(0.50, 2.00, 0.05),
     "openai/gpt-4o-mini": Price(0.15, 0.60, 0.075),
     "openai/gpt-4o": Price(2.50, 10.00, 1.25),
+    "openai/gpt-4o-mini-2024-07-18": Price(0.15, 0.60, 0.075),
+    "openai/gpt-4o-2024-08-06": Price(2.50, 10.00, 1.25),
+    "anthropic/claude-haiku-4-5-20251001": Price(1.00, 5.00, 0.10),
+    "anthropic/claude-sonnet-4-5-20250929": Price(3.00, 15.00, 0.30),
     "anthropic/claude-3-5-haiku-20241022": Price(0.80, 4.00, 0.08),
     "anthropic/claude-sonnet-4-20250514": Price(3.00, 15.00, 0.30),
     "local/*": Price(0.0, 0.0, 0.0),

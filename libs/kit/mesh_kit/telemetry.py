@@ -24,6 +24,9 @@ M_INFRA_RETRIED = "mesh.messages.rerun_broker_unavailable"  # re-run in place, n
 M_REDELIVERED = "mesh.messages.redelivered"  # received on a second or later delivery
 M_PERMISSION_VIOLATIONS = "mesh.nats.permission_violations"
 M_LLM_CALLS = "mesh.llm.calls"
+M_LLM_CACHE_HITS = "mesh.llm.cache.hits"  # answered from the response cache: no provider call, no cost
+M_LLM_CACHE_MISSES = "mesh.llm.cache.misses"
+M_TOKENS_STREAMED = "mesh.llm.tokens_streamed"  # text deltas forwarded to clients
 M_FENCED = "mesh.steps.fenced"  # stale work refused because another delivery moved the step on
 M_CALLS_REFUSED = "mesh.control.calls_refused"  # model/tool calls not made: halted, cancelled, kill switch, denied
 # Budget service (counters with tenant/agent/provider/model attributes; see mesh_budget).
@@ -39,6 +42,8 @@ A_TENANT = "mesh.tenant"
 A_TASK = "mesh.task_id"
 A_STEP = "mesh.step_id"
 A_MSG_TYPE = "mesh.message.type"
+A_ATTEMPT = "mesh.llm.attempt"  # 1-based attempt number within one logical model call
+A_ROUTE = "mesh.llm.route"  # the gateway route (tier) the call took
 
 # GenAI semantic-convention names, as plain strings: the semconv package constants moved
 # to the GenAI conventions repository and are marked deprecated.
@@ -51,6 +56,9 @@ GEN_AI_OUTPUT_TOKENS = "gen_ai.usage.output_tokens"
 GEN_AI_FINISH_REASONS = "gen_ai.response.finish_reasons"
 GEN_AI_AGENT_NAME = "gen_ai.agent.name"
 GEN_AI_CONVERSATION_ID = "gen_ai.conversation.id"
+GEN_AI_REQUEST_MAX_TOKENS = "gen_ai.request.max_tokens"
+GEN_AI_INPUT_MESSAGES = "gen_ai.input.messages"  # only with content capture on, PII-redacted
+GEN_AI_OUTPUT_MESSAGES = "gen_ai.output.messages"
 
 
 @dataclass

@@ -22,7 +22,7 @@ import nats
 from nats.js.kv import KeyValue
 
 from mesh_contracts.base import ID_PATTERN
-from mesh_contracts.v1 import ProgressEvent, TaskCompleted, TaskFailed, TaskRejected
+from mesh_contracts.v1 import ProgressEvent, TaskCompleted, TaskFailed, TaskRejected, TokenDelta
 from mesh_kit.guard import CONTROL_BUCKET, GLOBAL_KEY, tenant_key
 from mesh_kit.settings import log_nats_error, nats_servers
 from meshctl import budget as spend
@@ -290,8 +290,32 @@ def _tenant_client(args: argparse.Namespace) -> TenantClient:
 def cmd_submit(args: argparse.Namespace) -> int:
     client = _tenant_client(args)
 
+    live = {"call": ""}  # the model call whose tokens are being printed, if a line is open
+
     def show(model: object) -> None:
-        if isinstance(model, ProgressEvent) and not args.json:
+        if args.json:
+            return
+        if isinstance(model, TokenDelta):
+            if model.kind == "end":
+                if live["call"] == model.call_id:
+                    print(flush=True)
+                    live["call"] = ""
+                return
+            if model.call_id != live["call"]:
+                if live["call"]:
+                    print(flush=True)
+                live["call"] = model.call_id
+                print(f"  [{'worker':>13}] {'streaming ' + model.step_id:<16} ", end="", flush=True)
+            if model.kind == "delta":
+                print(model.text, end="", flush=True)
+            else:  # the text so far is void: a retry or a fallback model follows
+                print(f"  <discarded: {model.text}>", flush=True)
+                live["call"] = ""
+            return
+        if isinstance(model, ProgressEvent):
+            if live["call"]:
+                print(flush=True)
+                live["call"] = ""
             print(f"  [{model.source:>13}] {model.stage:<16} {model.message}", flush=True)
 
     async def run() -> int:

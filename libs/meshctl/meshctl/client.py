@@ -35,6 +35,7 @@ from mesh_contracts.v1 import (
     TaskLimits,
     TaskRejected,
     TaskSubmitted,
+    TokenDelta,
 )
 from mesh_kit import envelope as env
 from mesh_kit.identity import IdentityError, Signer, TrustBundle, Verifier
@@ -53,10 +54,25 @@ class Followed:
     submitted_at: float = 0.0
     finished_at: float = 0.0
     rejected_messages: list[str] = field(default_factory=list)
+    tokens: list[TokenDelta] = field(default_factory=list)
+    """Streamed model output, in arrival order (live only: nothing replays it)."""
+    first_token_at: float = 0.0
+    """When the first streamed token arrived (``time.time()``), or 0."""
 
     @property
     def latency_s(self) -> float:
         return self.finished_at - self.submitted_at
+
+    def streamed_text(self, call_id: str) -> str:
+        """The text one model call streamed, after any reset (what the client should show)."""
+        text: list[str] = []
+        for t in self.tokens:
+            if t.call_id == call_id:
+                if t.kind == "reset":
+                    text.clear()
+                elif t.kind == "delta":
+                    text.append(t.text)
+        return "".join(text)
 
 
 class TenantClient:
@@ -131,7 +147,11 @@ class TenantClient:
             except (ContractError, IdentityError) as exc:
                 seen.rejected_messages.append(f"{subject}: {exc}")
                 return
-            if isinstance(model, ProgressEvent):
+            if isinstance(model, TokenDelta):
+                if model.kind == "delta" and not seen.first_token_at:
+                    seen.first_token_at = time.time()
+                seen.tokens.append(model)
+            elif isinstance(model, ProgressEvent):
                 seen.events.append(model)
             elif isinstance(model, TERMINAL) and seen.outcome is None:
                 seen.outcome, seen.finished_at = model, time.time()
@@ -153,6 +173,7 @@ class TenantClient:
             subs = [
                 await self.nc.subscribe(f"event.*.{self.tenant}.{task_id}.>", cb=on_msg),
                 await self.nc.subscribe(f"task.*.{self.tenant}.{task_id}.>", cb=on_msg),
+                await self.nc.subscribe(f"live.*.{self.tenant}.{task_id}.>", cb=on_msg),
             ]
             await self.nc.flush()
         seen.submitted_at = time.time()

@@ -187,6 +187,11 @@ def redis_users(ids: Identities, port: int) -> Path:
     return acl
 
 
+# Operator policy that reaches every service from the environment of `meshctl up`.
+PASSTHROUGH_PREFIXES = ("MESH_BUDGET_", "MESH_MODEL", "MESH_LLM_", "MESH_TOOL_")
+PASSTHROUGH = frozenset({"MESH_PRICE_TABLE_FILE", "MESH_CONTEXT_STRATEGY", "MESH_SCRIPTED_LOG"})
+
+
 def service_env(
     ids: Identities, service: str, nats_url: str, health_port: int, extra: dict[str, str]
 ) -> dict[str, str]:
@@ -195,7 +200,7 @@ def service_env(
     env = {
         k: v
         for k, v in os.environ.items()
-        if not k.startswith("MESH_") or k.startswith("MESH_BUDGET_") or k == "MESH_PRICE_TABLE_FILE"
+        if not k.startswith("MESH_") or k.startswith(PASSTHROUGH_PREFIXES) or k in PASSTHROUGH
     }
     redis_url_file = ids.secrets / "redis" / f"{service}.url"
     env.update(

@@ -44,7 +44,7 @@ def service_permissions(service: str) -> Permissions:
     p.add_sub(f"{inbox_prefix(service)}.>")
     for major, c in _contracts():
         s = c.spec
-        if service in s.producers and s.transport in ("stream", "request"):
+        if service in s.producers and s.transport in ("stream", "request", "core"):
             p.add_pub(f"{s.domain}.v{major}.*.*.{s.event}")
         if service in s.consumers and s.transport == "request":
             p.add_sub(f"{s.domain}.*.*.*.{s.event}")

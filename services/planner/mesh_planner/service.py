@@ -41,14 +41,15 @@ from mesh_kit import Delivery, Mesh
 from mesh_kit import state as st
 from mesh_kit.ledger import BUCKET as LEDGER
 from mesh_kit.ledger import Ledger
-from mesh_kit.metered import BudgetExceeded, call_model_once, scripted_or_configured
+from mesh_kit.metered import BudgetExceeded, Models, call_model_once, configured
 from mesh_kit.state import OutboxItem, StepState, TaskRecord
-from mesh_llm import ChatModel, Message, ModelRequest
+from mesh_llm import ChatModel, ContextOverflow, Message, ModelRequest
 
 log = logging.getLogger("mesh.planner")
 PLANNER_PROMPT = (
     "You are the planner of a multi-agent system. Break the user's goal into at most {max_steps} steps "
-    'and answer with JSON only: {{"steps": [{{"step_id", "kind", "instruction", "tools", "depends_on"}}]}}. '
+    'and answer with JSON only: {{"steps": [{{"step_id", "kind", "instruction", "tools", "depends_on", '
+    '"difficulty"}}]}}. difficulty is easy, normal or hard (it picks a cheaper or a stronger model). '
     "Tools: search_docs (retrieval over the tenant's documents), calculator, text_stats."
 )
 
@@ -135,7 +136,7 @@ def parse_plan(text: str, max_steps: int) -> list[PlanStep]:
 
 
 class Planner:
-    def __init__(self, mesh: Mesh, model: ChatModel) -> None:
+    def __init__(self, mesh: Mesh, model: ChatModel | Models) -> None:
         self.mesh = mesh
         self.model = model
         self.kv: Any = None
@@ -237,6 +238,8 @@ class Planner:
             error = ""
         except BudgetExceeded as exc:
             steps, usage, error = [], None, exc.describe()
+        except ContextOverflow as exc:  # permanent: the same goal will never fit (other model errors retry)
+            steps, usage, error = [], None, f"model: {exc}"
         except ValueError as exc:
             steps, error = [], str(exc)
 
@@ -395,6 +398,6 @@ class Planner:
 
 
 async def build(mesh: Mesh) -> Planner:
-    planner = Planner(mesh, scripted_or_configured())
+    planner = Planner(mesh, configured(mesh))
     planner.register()
     return planner

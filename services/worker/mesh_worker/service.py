@@ -9,9 +9,12 @@ dies mid-step loses nothing: the next delivery resumes from the checkpoint.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import os
 import re
+import time
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
@@ -23,6 +26,7 @@ from mesh_contracts.v1 import (
     StepCompleted,
     StepFailed,
     StepRequested,
+    TokenDelta,
     TokenUsage,
     ToolCompleted,
     ToolRequested,
@@ -32,8 +36,9 @@ from mesh_kit import state as st
 from mesh_kit import telemetry as tel
 from mesh_kit.ledger import BUCKET as LEDGER
 from mesh_kit.ledger import Ledger
-from mesh_kit.metered import BudgetExceeded, call_model_once, scripted_or_configured
-from mesh_llm import ChatModel, Message, ModelRequest, ToolSpec
+from mesh_kit.metered import BudgetExceeded, Models, call_model_once, configured
+from mesh_llm import ChatModel, Message, ModelRequest, ProviderError, ToolSpec
+from mesh_llm.context import clip
 
 log = logging.getLogger("mesh.worker")
 
@@ -82,6 +87,8 @@ SYSTEM = (
 class PendingCall(BaseModel):
     call_id: str
     tool: str
+    deadline: float = 0.0
+    """Wall-clock time after which the call counts as timed out (an observation, not a crash)."""
 
 
 class StepRun(BaseModel):
@@ -104,12 +111,28 @@ class StepRun(BaseModel):
         return f"{tenant}.{task_id}.{step_id}"
 
 
+class Limits(BaseModel):
+    """Per-call limits of the loop (environment: ``MESH_TOOL_TIMEOUT_S``, ``MESH_TOOL_OUTPUT_MAX_CHARS``)."""
+
+    tool_timeout_s: float = 60.0
+    tool_output_max_chars: int = 8000
+
+    @classmethod
+    def from_env(cls) -> Limits:
+        return cls(
+            tool_timeout_s=float(os.environ.get("MESH_TOOL_TIMEOUT_S", "60")),
+            tool_output_max_chars=int(os.environ.get("MESH_TOOL_OUTPUT_MAX_CHARS", "8000")),
+        )
+
+
 class Worker:
-    def __init__(self, mesh: Mesh, model: ChatModel) -> None:
+    def __init__(self, mesh: Mesh, model: ChatModel | Models, limits: Limits | None = None) -> None:
         self.mesh, self.model = mesh, model
+        self.limits = limits or Limits()
         self.steps: Any = None
         self.tasks: Any = None
         self.ledger: Ledger | None = None
+        self._timers: dict[str, asyncio.TimerHandle] = {}
 
     async def start(self) -> None:
         self.steps = await self.mesh.kv("steps")
@@ -175,6 +198,16 @@ class Worker:
         citations: list[Citation],
         d: Delivery | None = None,
     ) -> None:
+        if (timer := self._timers.pop(call_id, None)) is not None:
+            timer.cancel()
+        key = StepRun.key(tenant, task_id, step_id)
+        if len(content) > self.limits.tool_output_max_chars:
+            # The model sees a clipped output with a visible marker; the whole of it stays in the
+            # step's records under a key of its own, for the audit and for a human.
+            ref = f"{key}.out.{call_id}"
+            await self.steps.put(ref, content.encode())
+            content = clip(content, self.limits.tool_output_max_chars, f"kv://steps/{ref}")
+
         def apply(run: StepRun | None) -> StepRun | None:
             if run is None or run.pending is None or run.pending.call_id != call_id:
                 return None  # duplicate or stale answer
@@ -183,7 +216,7 @@ class Worker:
             run.pending = None
             return run
 
-        run, _ = await st.update(self.steps, StepRun.key(tenant, task_id, step_id), StepRun, apply)
+        run, _ = await st.update(self.steps, key, StepRun, apply)
         if run is None:
             return
         # Resume if this answer belongs to the loop: just applied, or applied by an earlier
@@ -218,8 +251,11 @@ class Worker:
             tuple(Message.from_dict(x) for x in run.messages),
             tools=tuple(TOOLS[t] for t in req.step.tools if t in TOOLS),
             agent="worker",
+            step=req.step.kind,
+            difficulty=req.step.difficulty,
             max_tokens=512,
         )
+        live = _Live(self.mesh, req.tenant, req.task_id, req.step.step_id, call_id)
         try:
             response, usage = await call_model_once(
                 self.mesh,
@@ -231,10 +267,18 @@ class Worker:
                 step_id=req.step.step_id,
                 call_id=call_id,
                 delivery=d,
+                on_token=live.token,
+                on_reset=live.reset,
             )
         except BudgetExceeded as exc:  # the guard (halted, cancelled, killed) or the budget refused the call
             await self._finish(run, failed=exc.describe(), halted=exc.halted)
             return
+        except ProviderError as exc:
+            # Retries and fallbacks are spent (or the request can never fit): the step fails with
+            # the reason and the planner decides; the message is not retried into a storm.
+            await self._finish(run, failed=f"model ({exc.kind}): {exc}"[:1000])
+            return
+        await live.end(f"{response.provider}/{response.model}")
         iteration = run.iteration
         assistant = Message("assistant", response.content, tool_calls=response.tool_calls[:1])
 
@@ -245,7 +289,11 @@ class Worker:
             cur.usage = cur.usage + usage
             cur.messages.append(assistant.to_dict())
             if assistant.tool_calls:
-                cur.pending = PendingCall(call_id=f"{call_id}-c0", tool=assistant.tool_calls[0].name)
+                cur.pending = PendingCall(
+                    call_id=f"{call_id}-c0",
+                    tool=assistant.tool_calls[0].name,
+                    deadline=time.time() + self.limits.tool_timeout_s,
+                )
             return cur
 
         new, changed = await st.update(
@@ -264,6 +312,16 @@ class Worker:
         req = run.request
         args = assistant["tool_calls"][0]["arguments"] if assistant.get("tool_calls") else {}
         sid = req.step.step_id
+        if tool not in req.step.tools:
+            # A tool the step does not offer (a model's invention, or an instruction injected into
+            # its context): an observation the model can recover from, never a dispatch.
+            offered = ", ".join(req.step.tools) or "none"
+            await self.observe(req.tenant, req.task_id, sid, call_id, tool,
+                               f"error: tool {tool!r} is not available in this step (offered: {offered})", [])  # fmt: skip
+            return
+        pending = run.pending
+        if pending is not None and pending.deadline:
+            self._arm_timeout(req.tenant, req.task_id, sid, call_id, tool, pending.deadline)
         if tool == RETRIEVAL_TOOL:
             await self.mesh.publish(
                 RetrievalRequested(
@@ -286,6 +344,21 @@ class Worker:
         await self.mesh.progress(
             req.tenant, req.task_id, "tool.called", f"{tool}({json.dumps(args)[:80]})", step_id=sid, key=call_id
         )
+
+    def _arm_timeout(self, tenant: str, task_id: str, step_id: str, call_id: str, tool: str, deadline: float) -> None:
+        """A call not answered by its deadline becomes an error observation (the loop goes on).
+        In-process timer, re-armed whenever the step is resumed from its checkpoint."""
+        if call_id in self._timers:
+            return
+
+        def fire() -> None:
+            self._timers.pop(call_id, None)
+            msg = f"error: {tool} did not answer within {self.limits.tool_timeout_s:g} s (timed out)"
+            task = asyncio.ensure_future(self.observe(tenant, task_id, step_id, call_id, tool, msg, []))
+            task.add_done_callback(_log_failure)
+
+        delay = max(0.0, deadline - time.time())
+        self._timers[call_id] = asyncio.get_running_loop().call_later(delay, fire)
 
     async def _finish(self, run: StepRun, *, output: str = "", failed: str = "", halted: bool = False) -> None:
         req = run.request
@@ -340,7 +413,52 @@ class Worker:
         )
 
 
+def _log_failure(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("tool timeout could not be applied: %s", task.exception())
+
+
+class _Live:
+    """Streams one model call's text to clients as it arrives (core NATS ``live.v1.<tenant>.<task>.token``).
+
+    Nothing is buffered: each delta is published as the provider hands it over. A lost delta
+    (no one listening, a broker hiccup) never affects the step: the durable result is the
+    ``step.completed`` that follows."""
+
+    def __init__(self, mesh: Mesh, tenant: str, task_id: str, step_id: str, call_id: str) -> None:
+        self.mesh, self.tenant, self.task_id, self.step_id, self.call_id = mesh, tenant, task_id, step_id, call_id
+        self.seq = 0
+
+    async def _emit(self, kind: str, text: str = "", model: str = "") -> None:
+        delta = TokenDelta(
+            tenant=self.tenant,
+            task_id=self.task_id,
+            step_id=self.step_id,
+            call_id=self.call_id,
+            seq=self.seq,
+            text=text,
+            kind=kind,
+            model=model,
+        )
+        self.seq += 1
+        try:
+            await self.mesh.emit(delta)
+        except Exception as exc:  # noqa: BLE001 - live output is best effort by design
+            log.debug("token delta not sent: %s", exc)
+
+    async def token(self, text: str) -> None:
+        self.mesh.count(tel.M_TOKENS_STREAMED)
+        await self._emit("delta", text)
+
+    async def reset(self, reason: str) -> None:
+        await self._emit("reset", reason[:200])
+
+    async def end(self, model: str) -> None:
+        if self.seq:
+            await self._emit("end", model=model)
+
+
 async def build(mesh: Mesh) -> Worker:
-    worker = Worker(mesh, scripted_or_configured())
+    worker = Worker(mesh, configured(mesh), Limits.from_env())
     worker.register()
     return worker
