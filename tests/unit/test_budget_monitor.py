@@ -181,3 +181,16 @@ def test_a_gateway_retrying_one_call_is_one_failure_and_the_provider_circuit_doe
     for i in range(1, 3):  # two more logical calls failing: three in all, the storm threshold
         trips = m.observe(usage("s1", f"s1-a1-i{i}-x1n1", error="ProviderError: 503"), 1.0 + i)
     assert [t.kind for t in trips] == ["retry_storm"]
+
+
+def test_failures_the_gateway_handed_on_never_make_a_retry_storm():
+    m = Monitor(Rules(retry_storm_errors=2, provider_min_calls=50))
+    trips = []
+    for i in range(6):  # six calls, each failing on the primary and answered by the fallback
+        failed = usage("s1", f"s1-a1-i{i}-x1n1", error="server_error: 503").model_copy(update={"handed_on": True})
+        trips += m.observe(failed, 0.1 * i)
+        trips += m.observe(usage("s1", f"s1-a1-i{i}", model="spare"), 0.1 * i + 0.05)
+    assert trips == []
+    trips = m.observe(usage("s1", "s1-a1-i6-x1n2", error="server_error: 503"), 1.0)
+    trips += m.observe(usage("s1", "s1-a1-i7-x1n2", error="server_error: 503"), 1.1)
+    assert [t.kind for t in trips] == ["retry_storm"], "failures that reached the task still count"

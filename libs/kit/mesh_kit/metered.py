@@ -26,11 +26,11 @@ from mesh_kit import telemetry as tel
 from mesh_kit.bus import Delivery, Mesh
 from mesh_kit.ledger import Ledger
 from mesh_kit.redact import redact
-from mesh_llm import ChatModel, CircuitOpen, ModelRequest, ModelResponse, ToolCall
+from mesh_llm import ChatModel, CircuitOpen, ModelRequest, ModelResponse, ProviderError, ToolCall
 from mesh_llm.cache import ResponseCache
 from mesh_llm.context import fit
 from mesh_llm.gateway import Attempt, Gateway
-from mesh_llm.resilience import RetryPolicy
+from mesh_llm.resilience import RetryPolicy, is_provider_fault
 
 log = logging.getLogger("mesh.models")
 
@@ -213,6 +213,12 @@ class _Metered:
             span.set_attribute(tel.GEN_AI_INPUT_MESSAGES, _content([m.to_dict() for m in a.request.messages]))
         self.spans[a.number] = span
 
+    def _handed_on(self, a: Attempt, error: BaseException | None) -> bool:
+        """Will the gateway make another attempt for this call (a retry, or the next model)?"""
+        _, chain = self.models.gateway.route_for(self.request)
+        retryable = isinstance(error, ProviderError) and error.retryable and is_provider_fault(error)
+        return (retryable and a.retry < self.models.gateway.retry.max_attempts) or a.position < len(chain) - 1
+
     async def after(self, a: Attempt, response: ModelResponse | None, error: BaseException | None,
                     elapsed_s: float) -> None:  # fmt: skip
         span = self.spans.pop(a.number, None)
@@ -258,6 +264,7 @@ class _Metered:
             price_table=prices.current().version,
             reservation_id=grant.reservation_id,
             error=f"{kind}: {redact(str(error))}"[:500],
+            handed_on=self._handed_on(a, error),
         )
         with contextlib.suppress(Exception):
             await self.mesh.publish(failed, key=failed.call_id)

@@ -300,10 +300,10 @@ class Monitor:
                 return trips
             w.seen_usage.add(m.call_id)
             trips += self._provider(m, at, w, trip)
-            # A failed attempt counts once per logical call: the gateway retrying one call, or
-            # handing it to a fallback model, is one failure of the task's work, not a storm.
+            # A failed attempt the gateway retried or handed to a fallback model is not a failure
+            # of the task's work; one that reached the task counts once per logical call.
             logical = m.call_id.split("-x", 1)[0]
-            if m.error and logical not in w.failed_calls:
+            if m.error and not getattr(m, "handed_on", False) and logical not in w.failed_calls:
                 w.failed_calls.add(logical)
                 w.errors.append(at)
             else:
