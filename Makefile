@@ -44,9 +44,10 @@ status: ## health and consumer lag of the running mesh
 submit: ## submit GOAL to the running mesh and follow it
 	$(BIN)/meshctl --home $(MESH_HOME) submit "$(GOAL)" --follow
 
-bench: setup ## sample-task and budget-service numbers vs raw nats-py baselines, measured in the same run
+bench: setup ## sample-task, budget and model-gateway numbers vs their raw baselines, measured in the same run
 	$(BIN)/python bench/bench_task.py
 	$(BIN)/python bench/bench_budget.py
+	$(BIN)/python bench/bench_gateway.py
 
 chaos: setup ## the chaos suite at full size (CI runs it bounded inside make test); report in .bench/chaos.jsonl
 	@mkdir -p .bench && rm -f .bench/chaos.jsonl
