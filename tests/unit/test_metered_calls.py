@@ -1,0 +1,119 @@
+"""The mesh side of a model call (mesh_kit.metered): per-attempt reservations, usage records,
+GenAI spans and redacted content capture, driven through a real Gateway."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from mesh_contracts.v1 import BudgetDenied, BudgetGranted, UsageRecorded
+from mesh_kit.metered import Models, call_model
+from mesh_llm import Message, ModelRequest, ScriptedModel
+from mesh_llm.gateway import Gateway
+from mesh_llm.resilience import RetryPolicy
+
+T = {"tenant": "acme", "task_id": "t1"}
+
+
+@dataclass
+class FakeMesh:
+    """Just what ``call_model`` uses of a Mesh: request/publish/count/progress and a tracer."""
+
+    deny: dict[str, str] = field(default_factory=dict)  # model -> denial code
+    published: list[Any] = field(default_factory=list)
+    reserved: list[Any] = field(default_factory=list)
+    service: str = "worker"
+    guard: Any = None
+
+    def __post_init__(self) -> None:
+        self.spans = InMemorySpanExporter()
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(self.spans))
+        self.tracer = provider.get_tracer("test")
+
+    async def request(self, m: Any) -> Any:
+        self.reserved.append(m)
+        if m.model in self.deny:
+            return BudgetDenied(**T, reason=f"{m.model} refused", code=self.deny[m.model])
+        return BudgetGranted(**T, reservation_id=f"r-{m.call_id}", remaining_tokens=10_000)
+
+    async def publish(self, m: Any, key: str) -> None:
+        self.published.append(m)
+
+    async def progress(self, *a: Any, **kw: Any) -> None:
+        self.published.append(("progress", a, kw))
+
+    def count(self, name: str) -> None:
+        pass
+
+
+def models(capture: bool = False) -> Models:
+    failing = ScriptedModel("scripted-judge", scripts={"*": [{"fail": "503"}]})
+    gateway = Gateway(
+        {"default": [failing, ScriptedModel("scripted-1")]},
+        retry=RetryPolicy(max_attempts=2, base_s=0.0, max_s=0.0),
+    )
+    return Models(gateway, capture_content=capture)
+
+
+REQUEST = ModelRequest(
+    (Message("user", "Write the final answer to: reach ops@acme.test about the outage"),), agent="worker"
+)
+
+
+async def test_every_attempt_is_reserved_spanned_and_accounted_and_the_fallback_answers():
+    mesh = FakeMesh()
+    response, usage = await call_model(mesh, models(), REQUEST, step_id="s1", call_id="s1-a1-i0", **T)  # type: ignore[arg-type]
+    assert response.model == "scripted-1" and usage.calls == 1
+    assert [(r.model, r.call_id) for r in mesh.reserved] == [
+        ("scripted-judge", "s1-a1-i0"),
+        ("scripted-judge", "s1-a1-i0-r1n2"),
+        ("scripted-1", "s1-a1-i0-r1n3"),
+    ]
+    records = [m for m in mesh.published if isinstance(m, UsageRecorded)]
+    failed = [r for r in records if r.error]
+    assert [(r.model, r.handed_on) for r in failed] == [("scripted-judge", True), ("scripted-judge", True)]
+    assert all("server_error" in r.error for r in failed)
+    (ok,) = [r for r in records if not r.error]
+    assert (ok.call_id, ok.model, ok.reservation_id) == ("s1-a1-i0", "scripted-1", "r-s1-a1-i0-r1n3")
+    assert ok.input_tokens == response.input_tokens and ok.cost_usd == usage.cost_usd > 0
+    spans = mesh.spans.get_finished_spans()
+    assert [s.name for s in spans] == ["chat scripted-judge", "chat scripted-judge", "chat scripted-1"]
+    assert spans[0].attributes["error.type"] == "server_error"
+    last = spans[-1].attributes
+    assert last["gen_ai.operation.name"] == "chat" and last["gen_ai.provider.name"] == "scripted"
+    assert last["gen_ai.request.model"] == last["gen_ai.response.model"] == "scripted-1"
+    assert last["gen_ai.usage.input_tokens"] == response.input_tokens
+    assert last["gen_ai.usage.output_tokens"] == response.output_tokens
+    assert tuple(last["gen_ai.response.finish_reasons"]) == ("stop",)
+    assert "gen_ai.input.messages" not in last, "no content on spans unless enabled"
+
+
+async def test_content_capture_is_opt_in_and_redacted():
+    mesh = FakeMesh()
+    await call_model(mesh, models(capture=True), REQUEST, step_id="s1", call_id="c1", **T)  # type: ignore[arg-type]
+    attrs = mesh.spans.get_finished_spans()[-1].attributes
+    assert "[REDACTED:email]" in attrs["gen_ai.input.messages"]
+    assert "ops@acme.test" not in attrs["gen_ai.input.messages"] + attrs["gen_ai.output.messages"]
+
+
+async def test_the_budgets_open_provider_circuit_sends_the_call_to_the_next_model_unmade():
+    mesh = FakeMesh(deny={"scripted-judge": "provider_breaker"})
+    response, _ = await call_model(mesh, models(), REQUEST, step_id="s1", call_id="c2", **T)  # type: ignore[arg-type]
+    assert response.model == "scripted-1"
+    assert not [m for m in mesh.published if isinstance(m, UsageRecorded) and m.error], "the refused call was not made"
+
+
+async def test_any_other_denial_stops_the_call():
+    from mesh_kit.metered import BudgetExceeded
+
+    mesh = FakeMesh(deny={"scripted-judge": "tokens"})
+    with pytest.raises(BudgetExceeded) as exc:
+        await call_model(mesh, models(), REQUEST, step_id="s1", call_id="c3", **T)  # type: ignore[arg-type]
+    assert exc.value.code == "tokens"
+    assert [r.model for r in mesh.reserved] == ["scripted-judge"], "no fallback around a budget ceiling"
