@@ -28,6 +28,7 @@ from mesh_contracts.v1 import (
 )
 from mesh_kit import Mesh, prices
 from mesh_kit.settings import BROKER_UNAVAILABLE
+from mesh_llm.resilience import BreakerPolicy
 from mesh_testing.chaos import ChaosMesh, report
 from mesh_testing.infra import Infra, running_infra
 from meshctl.cli import main
@@ -142,23 +143,30 @@ async def test_planner_checker_ping_pong_is_a_loop(infra, mesh):
     report("budget ping-pong", check_rounds=len(checks), reason=mine.outcome.reason[:120])
 
 
-async def test_a_retry_storm_against_a_failing_provider_halts_the_task_and_opens_the_circuit(infra, mesh):
+async def test_a_failing_provider_without_a_fallback_fails_the_step_after_bounded_retries_not_a_storm(infra, mesh):
+    """The gateway retries a failing provider a bounded number of times (3 attempts with
+    backoff), every attempt accounted; then the step fails with the provider's error and the
+    task with it. No message is redelivered into a retry storm. (Through a fallback the same
+    outage completes the task: tests/scenarios/test_gateway_scenarios.py.)"""
     goal = "Outage drill. " + plan(
         {"step_id": "s1", "kind": "answer", "tools": [], "instruction": "#provider-down answer the question"}
     )
     async with infra.client("acme") as c:
-        seen = await c.submit(goal, task_id="storm-1", timeout=15)
-    stages = {e.stage for e in seen.events}
-    assert seen.outcome is None, "halted (resumable), not failed"
-    assert {"budget.retry_storm", "budget.provider_breaker"} & stages, stages
-    assert "task.halted" in stages
+        seen = await c.submit(goal, task_id="storm-1", timeout=30)
+    assert isinstance(seen.outcome, TaskFailed), seen.outcome
+    assert "model (server_error)" in seen.outcome.reason and "503" in seen.outcome.reason, seen.outcome.reason
+    await asyncio.sleep(0.5)
     usage = await spent(infra, "acme", "storm-1")
-    assert usage["errors"] >= 5, "every failed attempt was accounted"
-    await asyncio.sleep(3.5)  # the provider circuit's cool-down in this test
+    assert usage["errors"] == 3, "each of the gateway's three attempts was accounted, and nothing more"
+    stages = {e.stage for e in seen.events}
+    assert "budget.retry_storm" not in stages and "task.halted" not in stages, stages
     async with infra.client("globex") as g:
+        # The worker's breaker for that provider/model may have opened (it depends on the other
+        # calls in its window); after its cool-down the provider is tried again.
+        await asyncio.sleep(BreakerPolicy().cooldown_s + 0.5)
         after = await g.submit(GOAL, task_id="storm-1-after", timeout=60)
     assert isinstance(after.outcome, TaskCompleted), "the circuit closed again after its cool-down"
-    report("budget retry storm", failed_attempts=usage["errors"], stages=sorted(s for s in stages if "budget." in s))
+    report("budget failing provider", failed_attempts=usage["errors"], reason=seen.outcome.reason[:120])
 
 
 @pytest.mark.parametrize("ceiling", ["tokens", "cost"])
