@@ -24,7 +24,6 @@ from pathlib import Path
 
 import httpx
 
-from mesh_contracts.v1 import TaskCompleted
 from mesh_llm import Message, ModelRequest
 from mesh_llm.gateway import Gateway
 from mesh_llm.openai import OpenAIChat
@@ -35,6 +34,12 @@ from meshctl.client import TenantClient
 
 MODEL = "gpt-4o-mini-2024-07-18"
 GOAL = "How does AgentMesh avoid duplicate side effects? Also compute 17 * 23."
+# One answer step without tools: the worker's first streamed call is the one that produces text,
+# so the provider's and the client's first token belong to the same call.
+TTFT_GOAL = "PLAN: " + json.dumps(
+    {"steps": [{"step_id": "s1", "kind": "answer", "tools": [], "instruction": "Write the final answer to: "
+                "JetStream keeps every message in a stream, replays it to consumers and deduplicates by id."}]}
+)  # fmt: skip
 PROMPT = "Write the final answer to: how does NATS JetStream store messages durably and replay them?"
 
 
@@ -116,8 +121,8 @@ async def ttft_through_mesh(tasks: int) -> None:
                 await c.submit(GOAL, timeout=60)  # warm-up
                 for _ in range(tasks):
                     before = len(srv.requests)
-                    seen = await c.submit(GOAL, timeout=60)
-                    assert isinstance(seen.outcome, TaskCompleted), seen.outcome
+                    seen = await c.submit(TTFT_GOAL, timeout=60)
+                    assert seen.outcome is not None and seen.first_token_at, seen.outcome
                     first = min((r for r in srv.requests[before:] if r.stream), key=lambda r: r.received_at)
                     p_ttft = first.first_chunk_at - first.received_at
                     c_ttft = (seen.first_token_at - offset) - first.received_at
