@@ -10,7 +10,7 @@ DEV_TOOLS := pytest pytest-asyncio pytest-timeout hypothesis ruff "testcontainer
 GOAL ?= How does AgentMesh avoid duplicate side effects? Also compute 17 * 23.
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo up down status submit bench chaos test test-unit test-integration test-e2e lint fmt contracts contracts-check pins clean
+.PHONY: help setup demo demo-local up down status submit bench chaos test test-unit test-integration test-e2e lint fmt contracts contracts-check pins clean
 
 help: ## list every target with one line each
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -31,6 +31,9 @@ demo: setup ## bring the local mesh up, run one task end to end, print the resul
 	$(BIN)/meshctl --home $$home submit "$(GOAL)" --follow --timeout 60; rc=$$?; \
 	$(BIN)/meshctl --home $$home down; \
 	echo "demo finished in $${SECONDS}s (exit $$rc)"; exit $$rc
+
+demo-local: setup ## the demo with SmolLM2-135M-Instruct on the CPU, offline (builds llama.cpp once, ~12 min)
+	bash infra/local-model/demo.sh
 
 up: setup ## start nats-server, redis-server and the six services (ports 4222/8222/6390)
 	$(BIN)/meshctl --home $(MESH_HOME) up

@@ -77,6 +77,7 @@ _DEFAULT = {
     "anthropic/claude-3-5-haiku-20241022": Price(0.80, 4.00, 0.08),
     "anthropic/claude-sonnet-4-20250514": Price(3.00, 15.00, 0.30),
     "local/*": Price(0.0, 0.0, 0.0),
+    "openai/SmolLM2-135M-Instruct.Q4_1.gguf": Price(0.0, 0.0, 0.0),  # `make demo-local`, on this CPU
 }
 
 
