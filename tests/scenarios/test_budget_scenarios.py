@@ -14,7 +14,6 @@ import json
 import time
 from collections.abc import AsyncIterator, Iterator
 
-import nats
 import pytest
 
 from mesh_contracts.v1 import (
@@ -62,18 +61,6 @@ def mesh(infra) -> Iterator[ChaosMesh]:
     asyncio.run(m.stop())
 
 
-async def spent(infra: Infra, tenant: str, task_id: str) -> dict:
-    nc = await infra.admin()
-    try:
-        kv = await nc.jetstream().key_value("budget")
-        try:
-            return json.loads((await kv.get(f"usage.{tenant}.{task_id}")).value)
-        except nats.js.errors.KeyNotFoundError:
-            return {"total": {"input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0, "calls": 0}, "by_step": {}}
-    finally:
-        await nc.close()
-
-
 def overshoot(usage: dict, limits: TaskLimits) -> tuple[int, float]:
     t = usage["total"]
     return (
@@ -109,7 +96,7 @@ async def test_two_steps_waiting_on_each_other_are_detected_within_a_second_and_
     assert found is not None and set(found.detail["members"]) >= {"step:s1", "step:s2"}
     assert found.detail["detected_after_s"] < 1.0, found.detail
     assert isinstance(other.outcome, TaskCompleted), "the other tenant's task is unaffected"
-    assert overshoot(await spent(infra, "acme", "deadlock-1"), limits) == (0, 0.0)
+    assert overshoot(await infra.spent("acme", "deadlock-1"), limits) == (0, 0.0)
     report("budget deadlock", detected_after_s=found.detail["detected_after_s"], reason=mine.outcome.reason[:120])
 
 
@@ -123,7 +110,7 @@ async def test_a_worker_stuck_in_a_tool_loop_is_stopped_before_its_own_iteration
     assert isinstance(mine.outcome, TaskFailed) and "loop: step s1 called calculator" in mine.outcome.reason
     assert "dependents not run: s2" in mine.outcome.reason or mine.outcome.failed_step is None
     await asyncio.sleep(1.0)  # anything still in flight would be accounted by now
-    usage = await spent(infra, "acme", "loop-1")
+    usage = await infra.spent("acme", "loop-1")
     assert usage["by_step"]["s1"]["calls"] < 6, "the budget stopped it before the worker's own cap of 6"
     assert isinstance(other.outcome, TaskCompleted)
     assert overshoot(usage, limits) == (0, 0.0)
@@ -156,7 +143,7 @@ async def test_a_failing_provider_without_a_fallback_fails_the_step_after_bounde
     assert isinstance(seen.outcome, TaskFailed), seen.outcome
     assert "model (server_error)" in seen.outcome.reason and "503" in seen.outcome.reason, seen.outcome.reason
     await asyncio.sleep(0.5)
-    usage = await spent(infra, "acme", "storm-1")
+    usage = await infra.spent("acme", "storm-1")
     assert usage["errors"] == 3, "each of the gateway's three attempts was accounted, and nothing more"
     stages = {e.stage for e in seen.events}
     assert "budget.retry_storm" not in stages and "task.halted" not in stages, stages
@@ -175,7 +162,7 @@ async def test_a_task_that_would_cross_its_ceiling_mid_task_stops_with_zero_over
         free = await g.submit(GOAL, task_id=f"free-{ceiling}", limits=TaskLimits(max_steps=4), timeout=60)
     assert isinstance(free.outcome, TaskCompleted)
     await asyncio.sleep(0.5)
-    steps = (await spent(infra, "globex", f"free-{ceiling}"))["by_step"]
+    steps = (await infra.spent("globex", f"free-{ceiling}"))["by_step"]
     # The last call (s3, after s1 and s2) reserves its worst case: prompt + 512 output tokens.
     # A ceiling one unit short of (everything before it + that worst case) must stop the task
     # there at the latest; the scripted model is deterministic, so these numbers are exact.
@@ -195,7 +182,7 @@ async def test_a_task_that_would_cross_its_ceiling_mid_task_stops_with_zero_over
     assert isinstance(seen.outcome, TaskFailed), seen.outcome
     assert f"budget (task_{ceiling})" in seen.outcome.reason, seen.outcome.reason
     await asyncio.sleep(1.0)
-    usage = await spent(infra, "acme", f"ceiling-{ceiling}")
+    usage = await infra.spent("acme", f"ceiling-{ceiling}")
     assert usage["total"]["calls"] >= 1, "it crossed mid-task, not at the first call"
     assert overshoot(usage, limits) == (0, 0.0), usage["total"]
     report(f"budget {ceiling} ceiling", spent=usage["total"], ceiling=limits.model_dump(), overshoot=0)
@@ -240,7 +227,7 @@ async def test_50_parallel_reservations_with_a_budget_replica_killed_never_overs
     assert killed.is_set()
     assert len(granted) == fits and len(denied) == 50 - fits, (len(granted), len(denied))
     for _ in range(50):
-        usage = await spent(infra, "acme", task)
+        usage = await infra.spent("acme", task)
         if usage["total"]["calls"] == fits:
             break
         await asyncio.sleep(0.1)
@@ -308,7 +295,7 @@ async def test_redis_losing_its_data_forgets_no_reservation_in_flight(infra, mes
         # spend comes from the budget bucket and the last four from the reservations bucket.
         await asyncio.gather(*(worker.publish(used(task, f"a{i}", 60, 40), key=f"a{i}") for i in range(6)))
         for _ in range(100):
-            if (await spent(infra, "acme", task))["total"]["calls"] == 6:
+            if (await infra.spent("acme", task))["total"]["calls"] == 6:
                 break
             await asyncio.sleep(0.05)
         await asyncio.sleep(0.3)  # the release follows the accounting
@@ -317,7 +304,7 @@ async def test_redis_losing_its_data_forgets_no_reservation_in_flight(infra, mes
         assert isinstance(third, BudgetDenied) and third.code == "task_tokens", third
         again = await worker.request(reserve(task, "b0", size))
         assert isinstance(again, BudgetGranted), "a repeated request still holds its reservation"
-    usage = await spent(infra, "acme", task)
+    usage = await infra.spent("acme", task)
     assert usage["total"]["input_tokens"] + usage["total"]["output_tokens"] == 6 * size
     report("budget redis lost", granted_after_loss=4, denied_after_loss=1, overshoot_tokens=0)
 
@@ -333,7 +320,7 @@ async def test_control_is_obeyed_everywhere_and_the_kill_switch_stops_one_tenant
     assert (
         isinstance(mine.outcome, TaskFailed) and "kill switch (tenant acme) is on: incident 42" in mine.outcome.reason
     )
-    assert (await spent(infra, "acme", "killed-1"))["total"]["calls"] == 0, "not one model call was made"
+    assert (await infra.spent("acme", "killed-1"))["total"]["calls"] == 0, "not one model call was made"
     assert isinstance(other.outcome, TaskCompleted), "other tenants keep working"
     async with infra.client("acme") as c:
         again = await c.submit(GOAL, task_id="killed-2", timeout=60)

@@ -80,15 +80,6 @@ def mesh(infra, servers, tmp_path_factory) -> Iterator[ChaosMesh]:
     asyncio.run(m.stop())
 
 
-async def spent(infra: Infra, tenant: str, task_id: str) -> dict:
-    nc = await infra.admin()
-    try:
-        kv = await nc.jetstream().key_value("budget")
-        return json.loads((await kv.get(f"usage.{tenant}.{task_id}")).value)
-    finally:
-        await nc.close()
-
-
 async def test_tokens_stream_to_the_client_as_the_provider_produces_them(infra, mesh):
     primary = mesh.primary
     before = len(primary.requests)
@@ -151,7 +142,7 @@ async def test_a_primary_outage_completes_tasks_through_the_fallback_with_the_br
         assert 3 <= hits_on_primary <= 2 * (3 + 2), hits_on_primary
         assert len(primary.requests) == after_first, "with the breaker open, later tasks never touch the primary"
         assert len(spare.requests) - s0 >= 3 * 4, "every model call of the three tasks went to the fallback"
-        usage = await spent(infra, "acme", "outage-0")
+        usage = await infra.spent("acme", "outage-0")
         assert usage["errors"] >= 3, "every failed attempt was accounted"
         models = set(usage.get("by_model", {}))
         assert f"anthropic/{SPARE}" in models, models

@@ -29,7 +29,7 @@ from mesh_kit.redact import redact
 from mesh_llm import ChatModel, CircuitOpen, ModelRequest, ModelResponse, ProviderError, ToolCall
 from mesh_llm.cache import ResponseCache
 from mesh_llm.context import fit
-from mesh_llm.gateway import Attempt, Gateway
+from mesh_llm.gateway import Attempt, Gateway, model_key
 from mesh_llm.resilience import RetryPolicy, is_provider_fault
 
 log = logging.getLogger("mesh.models")
@@ -115,14 +115,15 @@ async def _guard(mesh: Mesh, tenant: str, task_id: str) -> None:
 
 
 async def reserve(mesh: Mesh, model: ChatModel, request: ModelRequest, *, tenant: str, task_id: str, step_id: str,
-                  call_id: str) -> BudgetGranted:  # fmt: skip
+                  call_id: str, prompt_tokens: int | None = None) -> BudgetGranted:  # fmt: skip
     """Reserve one attempt's worst case with ``model``. Raises ``BudgetExceeded`` if the call must
     not be made, ``CircuitOpen`` if the budget's circuit for this provider/model is open."""
     try:
         price = prices.current().price(model.provider, model.model)
     except prices.UnpricedModel as exc:
         raise BudgetExceeded(str(exc), "unpriced_model") from None
-    prompt_tokens = model.count(request)
+    if prompt_tokens is None:
+        prompt_tokens = model.count(request)
     answer = await mesh.request(
         BudgetReserve(
             tenant=tenant,
@@ -173,7 +174,7 @@ class _Metered:
     """The gateway's attempt hooks: reserve before, span around, usage after, every attempt."""
 
     def __init__(self, mesh: Mesh, models: Models, request: ModelRequest, *, tenant: str, task_id: str, step_id: str,
-                 call_id: str, delivery: int) -> None:  # fmt: skip
+                 call_id: str, delivery: int, counted: dict[str, int] | None = None) -> None:  # fmt: skip
         self.mesh, self.models, self.request = mesh, models, request
         self.tenant, self.task_id, self.step_id, self.call_id, self.delivery = (
             tenant,
@@ -185,6 +186,8 @@ class _Metered:
         self.grants: dict[int, BudgetGranted] = {}
         self.spans: dict[int, Span] = {}
         self.winner: BudgetGranted | None = None
+        self.counted = counted or {}
+        """Prompt tokens already counted per ``provider/model`` (the context fit counted the first)."""
 
     def _reservation_call_id(self, a: Attempt) -> str:
         return self.call_id if a.number == 1 else f"{self.call_id}-r{self.delivery}n{a.number}"[:64]
@@ -192,7 +195,7 @@ class _Metered:
     async def before(self, a: Attempt) -> None:
         grant = await reserve(
             self.mesh, a.model, a.request, tenant=self.tenant, task_id=self.task_id, step_id=self.step_id,
-            call_id=self._reservation_call_id(a),
+            call_id=self._reservation_call_id(a), prompt_tokens=self.counted.get(a.key),
         )  # fmt: skip
         self.grants[a.number] = grant
         span = self.mesh.tracer.start_span(
@@ -292,7 +295,7 @@ async def call_model(
                 await on_token(hit.content)
             return hit, TokenUsage()
     hooks = _Metered(mesh, models, request, tenant=tenant, task_id=task_id, step_id=step_id, call_id=call_id,
-                     delivery=attempt)  # fmt: skip
+                     delivery=attempt, counted={model_key(chain[0]): fitted.prompt_tokens})  # fmt: skip
     response = await models.gateway.complete(request, hooks=hooks, on_token=on_token, on_reset=on_reset)
     cached = getattr(response, "cached_input_tokens", 0)
     usage = TokenUsage(

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 
 from mesh_llm.errors import ProviderError
 from mesh_llm.model import Message, ModelRequest, ModelResponse, StreamEvent, ToolCall, count_tokens
+from mesh_llm.tokens import count_request
 
 EMAIL = re.compile(r"[\w.+-]+@[\w-]+\.[\w.-]*\w")
 ARITHMETIC = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?(?:\s*[-+*/%]\s*\d+(?:\.\d+)?)+)(?!\w|\.\d)")
@@ -44,9 +45,7 @@ class ScriptedModel:
         script replays the same way on any replica after a crash."""
 
     def count(self, request: ModelRequest) -> int:
-        return sum(count_tokens(m.content) + 4 for m in request.messages) + sum(
-            count_tokens(t.name + t.description) for t in request.tools
-        )
+        return count_request(self.provider, self.model, request)
 
     async def complete(self, request: ModelRequest) -> ModelResponse:
         self.calls += 1

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -37,6 +38,18 @@ class Infra:
     mode: str  # "docker" or "binaries"
     nodes: list[local.Proc] = field(default_factory=list)  # binaries mode: the NATS servers we started
     redis: local.Proc | None = None
+
+    async def spent(self, tenant: str, task_id: str) -> dict:
+        """The budget service's accounted usage of one task (KV ``budget``), zero if none yet."""
+        nc = await self.admin()
+        try:
+            kv = await nc.jetstream().key_value("budget")
+            try:
+                return json.loads((await kv.get(f"usage.{tenant}.{task_id}")).value)
+            except nats.js.errors.KeyNotFoundError:
+                return {"total": {"input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0, "calls": 0}, "by_step": {}}
+        finally:
+            await nc.close()
 
     async def admin(self, **options: object) -> nats.NATS:
         """An admin connection (provisioning and inspection), to any live node."""
