@@ -87,6 +87,27 @@ BUCKETS: tuple[Bucket, ...] = (
         "before each model or tool call.",
     ),
     Bucket(
+        "approvals",
+        writer="tool-executor",
+        history=5,
+        description="Tool calls waiting for a human (and their decisions), one key per call "
+        "(<tenant>.<task>.<call>): a restart of the tool-executor loses no wait.",
+    ),
+    Bucket(
+        "notes",
+        writer="tool-executor",
+        history=5,
+        description="Tenant-scoped notes written by the notes tools (<tenant>.<note>).",
+    ),
+    Bucket(
+        "rag",
+        writer="rag",
+        history=1,
+        description="Per-tenant retrieval indexes: a manifest per tenant (<tenant>.manifest) and each "
+        "document version's chunks and embeddings (<tenant>.doc.<doc hash>.<version>.<part>); every rag "
+        "replica loads a tenant's index from here.",
+    ),
+    Bucket(
         "ledger",
         per_service=("planner", "worker", "checker", "tool-executor"),
         history=1,

@@ -10,6 +10,7 @@ from mesh_contracts.v1.common import (
     Citation,
     PlanStep,
     RetrievalHit,
+    Taint,
     TaskLimits,
     TokenUsage,
 )
@@ -29,11 +30,14 @@ from mesh_contracts.v1.task import (
     TaskSubmitted,
 )
 from mesh_contracts.v1.work import (
+    IngestCompleted,
+    IngestRequested,
     RetrievalCompleted,
     RetrievalRequested,
     StepCompleted,
     StepFailed,
     StepRequested,
+    ToolAudited,
     ToolCompleted,
     ToolRequested,
 )
@@ -49,8 +53,11 @@ ALL = (
     StepFailed,
     ToolRequested,
     ToolCompleted,
+    ToolAudited,
     RetrievalRequested,
     RetrievalCompleted,
+    IngestRequested,
+    IngestCompleted,
     CheckRequested,
     CheckVerdict,
     UsageRecorded,
@@ -72,6 +79,7 @@ __all__ = [c.__name__ for c in ALL] + [
     "Citation",
     "PlanStep",
     "RetrievalHit",
+    "Taint",
     "TaskLimits",
     "TokenUsage",
 ]

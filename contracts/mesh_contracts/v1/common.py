@@ -85,6 +85,38 @@ class RetrievalHit(Citation):
     """Chunk text. Treat as data, never as instructions."""
     untrusted: bool = True
     """Always true for retrieved text; consumers must delimit it in prompts."""
+    injection_score: float = Field(0.0, ge=0.0, le=1.0)
+    """Prompt-injection detector score of ``text`` (0 benign .. 1 certain); travels with the text."""
+    injection_signals: tuple[str, ...] = ()
+    """What the detector saw (``override``, ``tool-call``, ``encoded:base64`` ...)."""
+    title: str = ""
+    """Document title, when the document has one."""
+
+
+class Taint(_Value):
+    """What untrusted content a step's context holds when it asks for a tool call.
+
+    The worker declares it on every tool request (retrieved passages, tool outputs, and inputs
+    from steps whose own context was untrusted); the tool-executor's policy reads it to decide
+    whether a write or external call may run without a human."""
+
+    untrusted: bool = False
+    """True when the step's context contains any untrusted text."""
+    injection_score: float = Field(0.0, ge=0.0, le=1.0)
+    """Highest injection score among that text."""
+    sources: tuple[str, ...] = ()
+    """Where it came from: ``<tool>:<call id>`` or ``step:<step id>`` for an inherited taint."""
+    signals: tuple[str, ...] = ()
+    """Detector signals seen in that text."""
+
+    def merge(self, other: Taint) -> Taint:
+        """The union of two taints (the stricter view of both)."""
+        return Taint(
+            untrusted=self.untrusted or other.untrusted,
+            injection_score=max(self.injection_score, other.injection_score),
+            sources=tuple(dict.fromkeys(self.sources + other.sources))[:32],
+            signals=tuple(dict.fromkeys(self.signals + other.signals))[:32],
+        )
 
 
 class PlanStep(_Value):

@@ -77,7 +77,7 @@ class ApprovalRequested(Contract):
         "approval",
         "requested",
         producers=("tool-executor",),
-        consumers=(APPROVER,),
+        consumers=(APPROVER, "worker"),
         summary="A tool call needs a human decision.",
     )
 
@@ -90,6 +90,14 @@ class ApprovalRequested(Contract):
     """Why approval is needed (risk class, untrusted context, policy)."""
     timeout_s: float = 3600.0
     """Seconds after which the request is treated as denied."""
+    call_id: str = ""
+    """The tool call waiting (the worker extends its wait for the call by ``timeout_s``)."""
+    risk: str = ""
+    """The tool's risk class."""
+    injection_score: float = 0.0
+    """Highest injection score in the step's context (what the approver should distrust)."""
+    sources: tuple[str, ...] = ()
+    """Untrusted content in the step's context, by origin."""
 
 
 class ApprovalDecided(Contract):

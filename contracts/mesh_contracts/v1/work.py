@@ -6,10 +6,13 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import ConfigDict, Field
 
-from mesh_contracts.base import ID_PATTERN, Contract, ContractSpec
-from mesh_contracts.v1.common import Citation, PlanStep, RetrievalHit, TokenUsage
+from mesh_contracts.base import CLIENT, ID_PATTERN, Contract, ContractSpec
+from mesh_contracts.v1.common import Citation, PlanStep, RetrievalHit, Taint, TokenUsage
 
 _EX = {"tenant": "acme", "task_id": "t-7f3a"}
+MAX_INGEST_B64 = 6_000_000
+"""Largest base64 document one ingest message carries (about 4.5 MB of document; the mesh's
+nats-server allows 8 MB payloads)."""
 
 
 class StepRequested(Contract):
@@ -142,6 +145,9 @@ class ToolRequested(Contract):
     """Registered tool name."""
     arguments: dict[str, Any] = {}
     """Arguments, validated against the tool's JSON schema before anything runs."""
+    taint: Taint = Taint()
+    """Untrusted content in the step's context when the model asked for this call; the
+    tool-executor's policy decides from it whether a write or external call needs approval."""
 
 
 class ToolCompleted(Contract):
@@ -176,6 +182,15 @@ class ToolCompleted(Contract):
     """Tool output as text. Untrusted input for the model."""
     error: str = ""
     """Structured error for the agent when ``ok`` is false."""
+    untrusted: bool = False
+    """True when ``result`` is outside content (a web page, an MCP server's answer, a note
+    someone wrote): the worker delimits it in prompts and taints the step."""
+    injection_score: float = Field(0.0, ge=0.0, le=1.0)
+    """Prompt-injection detector score of ``result``."""
+    injection_signals: tuple[str, ...] = ()
+    """What the detector saw in ``result``."""
+    approval_id: str = ""
+    """The approval this call waited for, if it needed one."""
 
 
 class RetrievalRequested(Contract):
@@ -204,6 +219,8 @@ class RetrievalRequested(Contract):
     call_id: str = Field(pattern=ID_PATTERN)
     query: str = Field(min_length=1, max_length=2000)
     top_k: int = Field(3, ge=1, le=50)
+    method: Literal["hybrid", "vector", "bm25"] = "hybrid"
+    """Ranking: vector similarity and BM25 fused by reciprocal rank (default), or one alone."""
 
 
 class RetrievalCompleted(Contract):
@@ -241,3 +258,126 @@ class RetrievalCompleted(Contract):
     hits: tuple[RetrievalHit, ...] = ()
     index_version: str = ""
     """Version of the tenant index that answered (changes on every ingest)."""
+    cached: bool = False
+    """True when the hits came from the retrieval cache (valid for ``index_version`` only)."""
+
+
+Decision = Literal[
+    "allowed", "approval-requested", "approved", "denied", "expired", "blocked", "rate-limited", "invalid"
+]
+
+
+class ToolAudited(Contract):
+    """The tool-executor's record of a policy decision on a tool call (kept in the TOOL stream).
+
+    Every write or external call, every refused call and every approval outcome is recorded
+    with the reasons and the step's taint, so an operator can tell which content tried to make
+    an agent do what, and who allowed it. Arguments are redacted (secrets, PII)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    **_EX,
+                    "type": "tool.audited",
+                    "step_id": "s3",
+                    "call_id": "s3-a1-i1-c0",
+                    "tool": "send_email",
+                    "risk": "external",
+                    "decision": "approval-requested",
+                    "reasons": ["external tool in a step whose context holds untrusted content"],
+                    "arguments": {"to": "[REDACTED:email]"},
+                    "taint": {"untrusted": True, "injection_score": 0.9, "sources": ["search_docs:s1-a1-i0-c0"]},
+                    "approval_id": "ap-3f9c",
+                }
+            ]
+        }
+    )
+    spec: ClassVar = ContractSpec(
+        "tool", "audited", producers=("tool-executor",), consumers=(), summary="A tool-policy decision, for the audit."
+    )
+
+    type: Literal["tool.audited"] = "tool.audited"
+    step_id: str = ""
+    call_id: str = Field(pattern=ID_PATTERN)
+    tool: str
+    risk: str = ""
+    """The tool's risk class (read, write, external); empty for an unknown tool."""
+    decision: Decision
+    reasons: tuple[str, ...] = ()
+    arguments: dict[str, Any] = {}
+    """The call's arguments, redacted."""
+    taint: Taint = Taint()
+    approval_id: str = ""
+    decided_by: str = ""
+    """Who decided an approval (identity name), or ``policy``."""
+
+
+class IngestRequested(Contract):
+    """A tenant's client hands a document to the RAG service (``task_id`` is the ingest id)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "tenant": "acme",
+                    "task_id": "ing-4c1d",
+                    "type": "ingest.requested",
+                    "doc_id": "handbook/refunds.md",
+                    "media_type": "text/markdown",
+                    "content_b64": "IyBSZWZ1bmRzCg==",
+                }
+            ]
+        }
+    )
+    spec: ClassVar = ContractSpec(
+        "rag", "ingest", producers=(CLIENT,), consumers=("rag",), summary="Add or replace a document."
+    )
+
+    type: Literal["ingest.requested"] = "ingest.requested"
+    doc_id: str = Field(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f]+$")
+    """Document identifier within the tenant's index (a relative path); re-ingesting it replaces it."""
+    media_type: Literal["text/markdown", "text/plain", "text/html", "application/pdf"]
+    content_b64: str = Field(max_length=MAX_INGEST_B64)
+    """The document's bytes, base64."""
+    title: str = Field("", max_length=300)
+
+
+class IngestCompleted(Contract):
+    """The RAG service's answer to an ingest: the new version is searchable by every replica."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "tenant": "acme",
+                    "task_id": "ing-4c1d",
+                    "type": "ingest.completed",
+                    "doc_id": "handbook/refunds.md",
+                    "ok": True,
+                    "version": "9c1e77aa01b2c3d4",
+                    "chunks": 12,
+                    "replaced": "1f0e77aa01b2c3d4",
+                    "index_version": "77ab01c2d3e4f5a6",
+                }
+            ]
+        }
+    )
+    spec: ClassVar = ContractSpec(
+        "rag", "ingested", producers=("rag",), consumers=(CLIENT,), summary="A document is (or is not) indexed."
+    )
+
+    type: Literal["ingest.completed"] = "ingest.completed"
+    doc_id: str
+    ok: bool
+    error: str = ""
+    """Why the document was refused (unreadable, empty, too large), when ``ok`` is false."""
+    version: str = ""
+    """Content hash of the document as indexed."""
+    chunks: int = 0
+    replaced: str = ""
+    """The version this ingest replaced ('' for a new document, equal to ``version`` when unchanged)."""
+    index_version: str = ""
+    """The tenant index's version after this ingest (retrieval caches are keyed by it)."""
+    seconds: float = 0.0
+    """Extraction, chunking and embedding time."""
