@@ -148,10 +148,16 @@ async def test_checker_verdict_names_failed_checks(keys):
 
 
 async def test_rag_answers_only_from_the_requesting_tenants_index(keys):
-    from mesh_rag.service import SAMPLE_DOCS, Rag
+    from mesh_rag.embed import Embedder
+    from mesh_rag.service import Rag
+    from mesh_rag.store import Store
+    from mesh_testing.memkv import MemoryKV
 
     mesh = _mesh(keys, "rag")
-    Rag(mesh, ["acme"], SAMPLE_DOCS).register()
+    rag = Rag(mesh, embedder=Embedder.load())
+    rag.store = Store(MemoryKV())  # what start() binds to the rag bucket
+    await rag._seed("acme")  # the sample documentation, into acme's index only
+    mesh.consume(RetrievalRequested, rag.on_request)
     out = _capture(mesh, "rag.v1.*.*.completed")
     async with TestNatsBroker(mesh.broker) as br:
         for tenant in ("acme", "globex"):
@@ -160,6 +166,8 @@ async def test_rag_answers_only_from_the_requesting_tenants_index(keys):
     by_tenant = {b["tenant"]: b for b, _ in out}
     assert by_tenant["acme"]["hits"][0]["doc_id"] == "identity.md"
     assert by_tenant["globex"]["hits"] == [], "globex has no documents: it must not see acme's"
+    hit = by_tenant["acme"]["hits"][0]
+    assert hit["version"] and len(hit["chunk_hash"]) == 64 and hit["untrusted"] is True, "provenance on every hit"
 
 
 async def test_contract_violation_is_dead_lettered_with_a_readable_reason(keys):

@@ -1,45 +1,213 @@
-"""RAG service: answers retrieval requests from the requesting tenant's own index only."""
+"""RAG service: ingests a tenant's documents and answers retrievals from that tenant's index only.
+
+- Ingest (``rag...ingest`` from a tenant's client): extract the text (markdown, text, HTML,
+  PDF), chunk with overlap, embed with all-MiniLM-L6-v2 on the CPU, store the document in
+  the durable index (``store.py``), answer ``ingest.completed``. Re-ingesting a changed
+  document replaces all of its old chunks; an unchanged one is a no-op.
+- Retrieval (``retrieval.requested`` from a worker): hybrid BM25 + vector search over the
+  tenant's index with provenance on every hit, each hit scored by the injection detector.
+  Answers are cached in Redis under the index version, so a new ingest (a new version) can
+  never be answered with the hits of an older index.
+
+Every replica loads a tenant's index from the bucket when it first needs it and reloads
+whenever the manifest's version changes, so any replica answers any tenant.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import binascii
+import hashlib
+import json
 import logging
 import os
+import time
 from pathlib import Path
+from typing import Any
 
-from mesh_contracts.v1 import RetrievalCompleted, RetrievalHit, RetrievalRequested
+from mesh_contracts.v1 import IngestCompleted, IngestRequested, RetrievalCompleted, RetrievalHit, RetrievalRequested
 from mesh_kit import Delivery, Mesh
-from mesh_rag.index import TenantIndex, load_directory
+from mesh_kit import telemetry as tel
+from mesh_kit.injection import score as injection_score
+from mesh_rag.embed import Embedder
+from mesh_rag.extract import SUPPORTED, ExtractError, extract, media_type_for
+from mesh_rag.index import Chunk, TenantIndex, build_document, document_version
+from mesh_rag.store import Manifest, Store
 
 log = logging.getLogger("mesh.rag")
 SAMPLE_DOCS = Path(__file__).parent / "sample_docs"
+CACHE_TTL_S = 3600
+
+
+class Loaded:
+    """One tenant's index as this replica holds it, and the manifest version it reflects."""
+
+    def __init__(self) -> None:
+        self.index = TenantIndex()
+        self.version = "empty"
+        self.lock = asyncio.Lock()
 
 
 class Rag:
-    def __init__(self, mesh: Mesh, tenants: list[str], docs: Path) -> None:
+    def __init__(self, mesh: Mesh, embedder: Embedder | None = None, seed_tenants: list[str] | None = None,
+                 seed_docs: Path | None = None) -> None:  # fmt: skip
         self.mesh = mesh
-        self.indexes: dict[str, TenantIndex] = {}
-        for tenant in tenants:
-            idx = TenantIndex()
-            n = load_directory(idx, docs)
-            self.indexes[tenant] = idx
-            log.info("tenant %s: ingested %d chunks from %s (index %s)", tenant, n, docs.name, idx.version)
+        self.embedder = embedder
+        self.seed_tenants = seed_tenants or []
+        self.seed_docs = seed_docs or SAMPLE_DOCS
+        self.store: Store | None = None
+        self.loaded: dict[str, Loaded] = {}
+        self._redis: Any = None
+        self._query_vectors: dict[str, Any] = {}
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self.embedder is None:
+            self.embedder = await asyncio.to_thread(Embedder.load)
+        self.store = Store(await self.mesh.kv("rag"))
+        url = self.mesh.settings.redis_url if self.mesh.settings else ""
+        if url:
+            import redis.asyncio as aioredis
+
+            self._redis = aioredis.from_url(url)
+        for tenant in self.seed_tenants:
+            await self._seed(tenant)
+
+    async def stop(self) -> None:
+        if self._redis is not None:
+            await self._redis.aclose()
 
     def register(self) -> None:
+        self.mesh.on_start(self.start)
+        self.mesh.on_stop(self.stop)
         self.mesh.consume(RetrievalRequested, self.on_request)
+        self.mesh.consume(IngestRequested, self.on_ingest)
+
+    async def _seed(self, tenant: str) -> None:
+        """A tenant listed in MESH_RAG_SEED_TENANTS starts with the sample documents if its index
+        has never been written (the demo's documentation); an existing index is left alone."""
+        assert self.store is not None
+        _, rev = await self.store.manifest(tenant)
+        if rev:
+            return
+        files = sorted(p for p in self.seed_docs.rglob("*") if p.is_file() and p.suffix.lower() in SUPPORTED)
+        for path in files:
+            data = path.read_bytes()
+            await self.ingest(tenant, path.relative_to(self.seed_docs).as_posix(), data, media_type_for(path.name))
+        log.info("tenant %s: seeded with %d sample document(s)", tenant, len(files))
+
+    # --- ingest ---------------------------------------------------------------------------------
+
+    async def ingest(self, tenant: str, doc_id: str, data: bytes, media_type: str, title: str = "") -> dict[str, Any]:
+        """Extract, chunk, embed, store, switch the manifest; the fields of ``ingest.completed``."""
+        assert self.store is not None and self.embedder is not None
+        started = time.perf_counter()
+        text = extract(data, media_type)  # ExtractError: refused with the reason
+        version = document_version(text)
+        manifest, _ = await self.store.manifest(tenant)
+        old = manifest.docs.get(doc_id)
+        if old is not None and old.version == version:
+            return {"ok": True, "version": version, "chunks": old.chunks, "replaced": version,
+                    "index_version": manifest.version, "seconds": 0.0}  # fmt: skip
+        doc = await asyncio.to_thread(
+            build_document, doc_id, text, self.embedder, media_type=media_type, title=title or _title(text, doc_id)
+        )
+        entry = await self.store.put_document(tenant, doc)
+        manifest, replaced = await self.store.switch(tenant, doc_id, entry)
+        if replaced is not None and replaced.key != entry.key:
+            await self.store.delete_parts(replaced)
+        return {
+            "ok": True,
+            "version": doc.version,
+            "chunks": len(doc.chunks),
+            "replaced": replaced.version if replaced else "",
+            "index_version": manifest.version,
+            "seconds": round(time.perf_counter() - started, 3),
+        }
+
+    async def on_ingest(self, m: IngestRequested, d: Delivery) -> None:
+        try:
+            data = base64.b64decode(m.content_b64, validate=True)
+        except (binascii.Error, ValueError):
+            outcome: dict[str, Any] = {"ok": False, "error": "content_b64 is not valid base64"}
+        else:
+            try:
+                async with d.keepalive():
+                    outcome = await self.ingest(m.tenant, m.doc_id, data, m.media_type, m.title)
+            except ExtractError as exc:
+                outcome = {"ok": False, "error": str(exc)}
+        await self.mesh.publish(
+            IngestCompleted(tenant=m.tenant, task_id=m.task_id, doc_id=m.doc_id, **outcome),
+            key=hashlib.sha256(m.content_b64.encode()).hexdigest()[:16],
+            causation=d.msg_id,
+        )
+        log.info("tenant %s: ingest %s -> %s", m.tenant, m.doc_id, {k: v for k, v in outcome.items() if k != "error"}
+                 if outcome["ok"] else outcome["error"])  # fmt: skip
+
+    # --- retrieval ------------------------------------------------------------------------------
+
+    async def _index(self, tenant: str, manifest: Manifest) -> TenantIndex:
+        """The tenant's index at ``manifest``'s version, loading only documents that changed."""
+        assert self.store is not None
+        loaded = self.loaded.setdefault(tenant, Loaded())
+        if loaded.version == manifest.version:
+            return loaded.index
+        async with loaded.lock:
+            if loaded.version != manifest.version:
+                have = loaded.index.documents()
+                for doc_id in [d for d in have if d not in manifest.docs]:
+                    loaded.index.remove(doc_id)
+                for doc_id, entry in manifest.docs.items():
+                    if have.get(doc_id) != entry.version:
+                        loaded.index.put(await self.store.load_document(entry))
+                loaded.version = manifest.version
+        return loaded.index
+
+    def _cache_key(self, tenant: str, version: str, m: RetrievalRequested) -> str:
+        q = hashlib.sha256(f"{m.method}\x00{m.top_k}\x00{m.query}".encode()).hexdigest()[:24]
+        return f"rag:cache:{tenant}:{version}:{q}"
+
+    async def search(
+        self, tenant: str, query: str, top_k: int, method: str = "hybrid"
+    ) -> tuple[list[RetrievalHit], str, bool]:
+        """(hits, index version, cached) for one tenant's query; used by the handler and the benchmark."""
+        m = RetrievalRequested(tenant=tenant, task_id="q", step_id="q", call_id="q", query=query, top_k=top_k,
+                               method=method)  # type: ignore[arg-type]  # fmt: skip
+        return await self._search(m)
+
+    async def _search(self, m: RetrievalRequested) -> tuple[list[RetrievalHit], str, bool]:
+        assert self.store is not None and self.embedder is not None
+        manifest, _ = await self.store.manifest(m.tenant)  # a tenant only ever reads its own
+        key = self._cache_key(m.tenant, manifest.version, m)
+        if self._redis is not None:
+            cached = await self._redis.get(key)
+            if cached is not None:
+                self.mesh.count(tel.M_RETRIEVAL_CACHE_HITS)
+                return [RetrievalHit.model_validate(h) for h in json.loads(cached)], manifest.version, True
+            self.mesh.count(tel.M_RETRIEVAL_CACHE_MISSES)
+        index = await self._index(m.tenant, manifest)
+        qv = None
+        if m.method != "bm25":
+            qv = self._query_vectors.get(m.query)
+            if qv is None:
+                qv = (await asyncio.to_thread(self.embedder.embed, [m.query]))[0]
+                if len(self._query_vectors) > 4096:
+                    self._query_vectors.clear()
+                self._query_vectors[m.query] = qv
+        found = index.search(m.query, m.top_k, method=m.method, query_vector=qv)
+        hits = [_hit(c, s, manifest) for c, s in found]
+        if self._redis is not None:
+            payload = json.dumps([h.model_dump(mode="json") for h in hits])
+            await self._redis.set(key, payload, ex=CACHE_TTL_S)
+        return hits, manifest.version, False
 
     async def on_request(self, m: RetrievalRequested, d: Delivery) -> None:
-        idx = self.indexes.get(m.tenant) or TenantIndex()  # a tenant never sees another tenant's chunks
-        hits = [
-            RetrievalHit(
-                doc_id=c.doc_id,
-                version=c.version,
-                chunk_id=c.chunk_id,
-                chunk_hash=c.chunk_hash,
-                score=score,
-                text=c.text,
-            )
-            for c, score in idx.search(m.query, m.top_k)
-        ]
+        hits, version, cached = await self._search(m)
+        flagged = sum(1 for h in hits if h.injection_score >= 0.5)
+        if flagged:
+            self.mesh.count(tel.M_INJECTION_FLAGGED)
         await self.mesh.publish(
             RetrievalCompleted(
                 tenant=m.tenant,
@@ -47,24 +215,49 @@ class Rag:
                 step_id=m.step_id,
                 call_id=m.call_id,
                 hits=tuple(hits),
-                index_version=idx.version,
+                index_version=version,
+                cached=cached,
             ),
             key=m.call_id,
             causation=d.msg_id,
         )
+        note = f" ({flagged} flagged as possible injection)" if flagged else ""
         await self.mesh.progress(
             m.tenant,
             m.task_id,
             "retrieval.completed",
-            f"{len(hits)} passage(s): " + ", ".join(f"{h.doc_id}#{h.chunk_id}" for h in hits),
+            f"{len(hits)} passage(s): " + ", ".join(f"{h.doc_id}#{h.chunk_id}" for h in hits) + note,
             step_id=m.step_id,
             key=m.call_id,
         )
 
 
+def _hit(c: Chunk, score: float, manifest: Manifest) -> RetrievalHit:
+    scored = injection_score(c.text)
+    entry = manifest.docs.get(c.doc_id)
+    return RetrievalHit(
+        doc_id=c.doc_id,
+        version=c.version,
+        chunk_id=c.chunk_id,
+        chunk_hash=c.chunk_hash,
+        score=round(float(score), 6),
+        text=c.text,
+        injection_score=round(scored.score, 3),
+        injection_signals=scored.signals,
+        title=entry.title if entry else "",
+    )
+
+
+def _title(text: str, doc_id: str) -> str:
+    for line in text.splitlines():
+        if line.startswith("#"):
+            return line.lstrip("# ").strip()[:300]
+    return doc_id.rsplit("/", 1)[-1]
+
+
 async def build(mesh: Mesh) -> Rag:
-    tenants = [t for t in os.environ.get("MESH_TENANTS", "demo").split(",") if t]
+    seed = os.environ.get("MESH_RAG_SEED_TENANTS", os.environ.get("MESH_TENANTS", "demo"))
     docs = mesh.settings.data_dir or SAMPLE_DOCS
-    rag = Rag(mesh, tenants, Path(docs))
+    rag = Rag(mesh, seed_tenants=[t for t in seed.split(",") if t], seed_docs=Path(docs))
     rag.register()
     return rag
