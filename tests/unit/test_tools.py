@@ -40,7 +40,9 @@ async def test_calculator_refuses_with_a_reason(expr, error):
 
 async def test_hallucinated_tool_and_bad_arguments_are_structured_errors():
     with pytest.raises(
-        ToolError, match=r"unknown tool 'rm_rf' \(available: await_step, calculator, send_email, text_stats\)"
+        ToolError,
+        match=r"unknown tool 'rm_rf' \(available: await_step, calculator, http_get, note_delete, note_list, note_read, "
+        r"note_write, send_email, text_stats\)",
     ):
         await execute("rm_rf", {})
     with pytest.raises(ToolError, match="invalid arguments for calculator: expression: Field required"):

@@ -1,34 +1,196 @@
-"""Tool-executor: validates and runs tool calls, answers with a result or a structured error.
+"""Tool-executor: validates tool calls, applies the tool policy, runs tools, answers the agent.
 
-Every call goes through the idempotency ledger under its deterministic call id: a
-redelivered request returns the recorded result instead of running the tool again, and an
-external effect is handed the same key as its own idempotency key.
+A call goes: validate the arguments (a hallucinated tool or bad arguments is a structured
+error, nothing runs) -> the policy (``policy.py``) -> run now, or wait durably for a human
+(``approvals.py``), or refuse -> the result, with its injection score when the tool's output
+is outside content. Every call that runs goes through the idempotency ledger under its
+deterministic call id: a redelivered request returns the recorded result instead of running
+the tool again, and an external effect is handed the same key as its own idempotency key.
+Every write or external call and every refusal is recorded as ``tool.audited``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
-from mesh_contracts.v1 import ToolCompleted, ToolRequested
+from mesh_contracts.v1 import ApprovalDecided, ApprovalRequested, Taint, ToolAudited, ToolCompleted, ToolRequested
 from mesh_kit import Delivery, Mesh
 from mesh_kit import state as st
 from mesh_kit import telemetry as tel
+from mesh_kit.bus import Reject
 from mesh_kit.faults import crash_point
+from mesh_kit.injection import score as injection_score
 from mesh_kit.ledger import BUCKET, Ledger
+from mesh_kit.redact import redact, redact_value
 from mesh_kit.state import TaskRecord
-from mesh_tool_executor.tools import ToolContext, ToolError, execute
+from mesh_tool_executor import net
+from mesh_tool_executor.approvals import ApprovalRecord, Approvals, approval_id
+from mesh_tool_executor.limits import RateLimiter
+from mesh_tool_executor.policy import Decision, decide
+from mesh_tool_executor.tools import MemoryNotes, Notes, Registry, Tool, ToolContext, ToolError, with_policy
+
+log = logging.getLogger("mesh.tool-executor")
+
+CATALOGUE_KEY = "catalogue"
+
+
+class KVNotes(Notes):
+    """Notes in the ``notes`` bucket, key ``<tenant>.<note id>``: durable and tenant-scoped (the
+    tenant comes from the verified message, never from the arguments)."""
+
+    def __init__(self, kv: Any) -> None:
+        self.kv = kv
+
+    async def get(self, tenant: str, note_id: str) -> str | None:
+        try:
+            entry = await self.kv.get(f"{tenant}.{note_id}")
+        except Exception:  # noqa: BLE001 - KeyNotFoundError and a deleted key both mean "no note"
+            return None
+        return entry.value.decode() if entry.value else None
+
+    async def put(self, tenant: str, note_id: str, text: str) -> None:
+        await self.kv.put(f"{tenant}.{note_id}", text.encode())
+
+    async def delete(self, tenant: str, note_id: str) -> bool:
+        if await self.get(tenant, note_id) is None:
+            return False
+        await self.kv.delete(f"{tenant}.{note_id}")
+        return True
+
+    async def list(self, tenant: str) -> list[str]:
+        try:
+            keys = await self.kv.keys(filters=[f"{tenant}.*"])
+        except Exception:  # noqa: BLE001 - nats-py raises NoKeysError for an empty bucket
+            return []
+        return sorted(k.split(".", 1)[1] for k in keys)
+
+
+class Settings:
+    """Tool-executor configuration from the environment.
+
+    ``MESH_APPROVAL_TIMEOUT_S`` (default 3600): how long a call waits for a human before it is
+    denied. ``MESH_TOOL_POLICY``: a JSON file (or inline JSON) of per-tool policy overrides,
+    ``{"send_email": {"on_untrusted": "deny"}, "admin__set_setting": {"risk": "write"}}``.
+    ``MESH_MCP_CONFIG``: a JSON file listing MCP servers to mount. ``MESH_HTTP_ALLOW``: hosts and
+    CIDRs the HTTP tool may reach although they are private."""
+
+    def __init__(self) -> None:
+        self.approval_timeout_s = float(os.environ.get("MESH_APPROVAL_TIMEOUT_S", "3600"))
+        raw = os.environ.get("MESH_TOOL_POLICY", "").strip()
+        if raw and not raw.startswith("{"):
+            raw = Path(raw).read_text()
+        self.policy: dict[str, dict[str, Any]] = json.loads(raw) if raw else {}
+        if not isinstance(self.policy, dict):
+            raise ValueError("MESH_TOOL_POLICY must be a JSON object of tool name -> policy overrides")
+        self.mcp_config = os.environ.get("MESH_MCP_CONFIG", "")
+        self.allow = net.AllowList.from_env()
 
 
 class ToolExecutor:
-    def __init__(self, mesh: Mesh) -> None:
+    def __init__(self, mesh: Mesh, settings: Settings | None = None, registry: Registry | None = None) -> None:
         self.mesh = mesh
+        self.settings = settings or Settings()
+        self.registry = registry or Registry()
         self.ledger: Ledger | None = None
         self.tasks: Any = None
+        self.approvals: Approvals | None = None
+        self.notes: Notes = MemoryNotes()
+        self.limiter = RateLimiter(mesh.settings.redis_url if mesh.settings else "")
+        self.mcp: Any = None
+        self._apply_policy()
+
+    def _apply_policy(self) -> None:
+        for name, overrides in self.settings.policy.items():
+            tool = self.registry.get(name)
+            if tool is not None:  # MCP tools get theirs when mounted
+                self.registry.add(with_policy(tool, overrides))
 
     async def start(self) -> None:
         self.ledger = Ledger(await self.mesh.kv(BUCKET), self.mesh.service)
         self.tasks = await self.mesh.kv("tasks")
+        self.notes = KVNotes(await self.mesh.kv("notes"))
+        self.approvals = Approvals(await self.mesh.kv("approvals"), self._settle)
+        self.approvals.start()
+        tools = await self.mesh.kv("tools")
+        await tools.put(CATALOGUE_KEY, json.dumps(self.registry.catalogue()).encode())  # built-ins at once
+        if self.settings.mcp_config:
+            await self._mount_mcp(self.settings.mcp_config)
+            await tools.put(CATALOGUE_KEY, json.dumps(self.registry.catalogue()).encode())
+
+    async def stop(self) -> None:
+        if self.approvals is not None:
+            await self.approvals.stop()
+        if self.mcp is not None:
+            await self.mcp.close()
+        await self.limiter.close()
+
+    async def _mount_mcp(self, path: str) -> None:
+        from mesh_tool_executor.mcp_mount import McpMount, load_config
+
+        # "python" in a server's command means this interpreter (the tool-executor's own
+        # environment, where a bundled server's package is installed), not whatever is on PATH.
+        configs = [replace(c, command=sys.executable) if c.command == "python" else c for c in load_config(path)]
+        self.mcp = McpMount(configs)
+        await self.mcp.start()
+        for name, why in getattr(self.mcp, "errors", {}).items():
+            log.error("MCP server %s not mounted: %s", name, why)
+        for mt in self.mcp.tools():
+            overrides = {**mt.policy, **self.settings.policy.get(mt.name, {})}
+
+            async def run(args: Any, ctx: ToolContext, _name: str = mt.name, _t: float = 0.0) -> str:
+                from mesh_tool_executor.mcp_mount import McpToolError
+
+                tool = self.registry.get(_name)
+                try:
+                    return await self.mcp.call(_name, dict(args), timeout_s=tool.timeout_s if tool else 30.0)
+                except McpToolError as exc:
+                    raise ToolError(str(exc)) from None
+
+            base = Tool(
+                mt.name,
+                mt.description or f"{mt.remote_name} (MCP server {mt.server})",
+                None,
+                run,
+                risk=mt.risk,  # the config's word (per tool, else the server's default_risk), never the server's hints
+                timeout_s=30.0,
+                untrusted_output=True,  # another program's answer: content, never instructions
+                input_schema=mt.input_schema,
+                source=f"mcp:{mt.server}",
+            )
+            self.registry.add(with_policy(base, overrides))
+            log.info("mounted MCP tool %s (risk %s)", mt.name, self.registry.get(mt.name).risk)  # type: ignore[union-attr]
+
+    def register(self) -> None:
+        self.mesh.enable_guard()
+        self.mesh.on_start(self.start)
+        self.mesh.on_stop(self.stop)
+        self.mesh.consume(ToolRequested, self.on_request)
+        self.mesh.consume(ApprovalDecided, self.on_decision)
+
+    # --- the effect sink and the context a tool runs in -----------------------------------------
+
+    async def _effect(self, suffix: str, payload: bytes, key: str) -> str:
+        ack = await self.mesh.nc.jetstream().publish(
+            f"outbox.{suffix}", payload, headers={"Nats-Msg-Id": key}, timeout=10.0
+        )
+        crash_point("after_effect")  # fault injection for the chaos suite: effect done, not yet recorded
+        return f"outbox #{ack.seq}"
+
+    async def _fetch(self, url: str) -> str:
+        try:
+            r = await net.fetch(url, allow=self.settings.allow)
+        except net.NetError as exc:
+            raise ToolError(str(exc)) from None
+        more = " [truncated]" if r.truncated else ""
+        return f"HTTP {r.status} {r.final_url} ({r.content_type}){more}\n\n{r.text}"
 
     def _step_lookup(self, tenant: str, task_id: str):
         async def lookup(step_id: str) -> tuple[str, str, str]:
@@ -40,48 +202,58 @@ class ToolExecutor:
 
         return lookup
 
-    def register(self) -> None:
-        self.mesh.enable_guard()
-        self.mesh.on_start(self.start)
-        self.mesh.consume(ToolRequested, self.on_request)
+    async def _trusted_text(self, m: ToolRequested) -> str:
+        """The tenant's goal and the planner's instruction for the step: text no retrieved
+        passage or tool output wrote."""
+        if self.tasks is None:
+            return ""
+        rec, _ = await st.load(self.tasks, TaskRecord.key(m.tenant, m.task_id), TaskRecord)
+        if rec is None:
+            return ""
+        step = rec.steps.get(m.step_id)
+        return rec.goal + "\n" + (step.step.instruction if step else "")
 
-    async def _effect(self, suffix: str, payload: bytes, key: str) -> str:
-        ack = await self.mesh.nc.jetstream().publish(
-            f"outbox.{suffix}", payload, headers={"Nats-Msg-Id": key}, timeout=10.0
-        )
-        crash_point("after_effect")  # fault injection for the chaos suite: effect done, not yet recorded
-        return f"outbox #{ack.seq}"
+    # --- running a call -------------------------------------------------------------------------
 
-    async def _run(self, m: ToolRequested, key: str, delivery: Delivery | None = None) -> dict[str, Any]:
+    async def _run(
+        self, m: ToolRequested, tool: Tool, args: Any, key: str, delivery: Delivery | None
+    ) -> dict[str, Any]:
         ctx = ToolContext(
             tenant=m.tenant,
             task_id=m.task_id,
             key=key,
             effect=self._effect,
             step_state=self._step_lookup(m.tenant, m.task_id) if self.tasks is not None else None,
+            notes=self.notes,
+            fetch=self._fetch,
         )
         try:
+            wait = await self.limiter.take(m.tenant, tool.name, tool.rate_per_min)
+            if wait > 0:
+                raise ToolError(f"rate limited: {tool.name} allows {tool.rate_per_min} calls per minute per tenant; "
+                                f"try again in {wait:.0f}s")  # fmt: skip
             async with delivery.keepalive() if delivery is not None else contextlib.nullcontext():
-                result = await execute(m.tool, m.arguments, ctx)
+                result = await self.registry.run(tool, args, ctx)
             return {"ok": True, "result": result, "error": ""}
         except ToolError as exc:
             return {"ok": False, "result": "", "error": str(exc)}
 
-    async def on_request(self, m: ToolRequested, d: Delivery) -> None:
-        stop = await self.mesh.guard.check(m.tenant, m.task_id) if self.mesh.guard is not None else None
-        if stop is not None:
-            # Not run and not recorded: after a resume the step is dispatched afresh.
-            self.mesh.count(tel.M_CALLS_REFUSED)
-            outcome = {"ok": False, "result": "", "error": f"not run: {stop.reason}"}
-        elif self.ledger is not None:
-            outcome = await self.ledger.run(
-                self.ledger.key(m.tenant, m.task_id, m.call_id),
-                lambda k: self._run(m, k, d),
-                owner=d.owner,
-                attempt=d.deliveries,
-            )
-        else:  # in-memory tests without a KV store
-            outcome = await self._run(m, f"{m.tenant}.{m.task_id}.{m.call_id}")
+    async def _run_recorded(self, m: ToolRequested, tool: Tool, args: Any, d: Delivery | None) -> dict[str, Any]:
+        if self.ledger is None:  # in-memory tests without a KV store
+            return await self._run(m, tool, args, f"{m.tenant}.{m.task_id}.{m.call_id}", d)
+        return await self.ledger.run(
+            self.ledger.key(m.tenant, m.task_id, m.call_id),
+            lambda k: self._run(m, tool, args, k, d),
+            owner=d.owner if d is not None else f"approval:{m.call_id}",
+            attempt=d.deliveries if d is not None else 1,
+        )
+
+    async def _answer(self, m: ToolRequested, outcome: dict[str, Any], tool: Tool | None, *, causation: str = "",
+                      approval: str = "") -> None:  # fmt: skip
+        untrusted = bool(outcome["ok"] and tool is not None and tool.untrusted_output)
+        scored = injection_score(outcome["result"]) if untrusted else None
+        if scored is not None and scored.flagged:
+            self.mesh.count(tel.M_INJECTION_FLAGGED)
         await self.mesh.publish(
             ToolCompleted(
                 tenant=m.tenant,
@@ -92,17 +264,186 @@ class ToolExecutor:
                 ok=outcome["ok"],
                 result=outcome["result"],
                 error=outcome["error"],
+                untrusted=untrusted,
+                injection_score=round(scored.score, 3) if scored else 0.0,
+                injection_signals=scored.signals if scored else (),
+                approval_id=approval,
             ),
             key=m.call_id,
-            causation=d.msg_id,
+            causation=causation or None,
         )
         shown = outcome["result"][:80] if outcome["ok"] else "error: " + outcome["error"][:80]
         await self.mesh.progress(
-            m.tenant, m.task_id, "tool.completed", f"{m.tool} -> {shown}", step_id=m.step_id, key=m.call_id
+            m.tenant, m.task_id, "tool.completed", redact(f"{m.tool} -> {shown}"), step_id=m.step_id, key=m.call_id
         )
+
+    async def _audit(self, m: ToolRequested, tool: Tool | None, decision: str, reasons: tuple[str, ...] | list[str],
+                     *, approval: str = "", by: str = "") -> None:  # fmt: skip
+        self.mesh.count(tel.M_TOOL_DECISIONS)
+        await self.mesh.publish(
+            ToolAudited(
+                tenant=m.tenant,
+                task_id=m.task_id,
+                step_id=m.step_id,
+                call_id=m.call_id,
+                tool=m.tool,
+                risk=tool.risk if tool else "",
+                decision=decision,  # type: ignore[arg-type]
+                reasons=tuple(redact(r)[:300] for r in reasons),
+                arguments=redact_value(m.arguments),
+                taint=m.taint,
+                approval_id=approval,
+                decided_by=by,
+            ),
+            key=f"{m.call_id}:{decision}",
+        )
+
+    async def on_request(self, m: ToolRequested, d: Delivery) -> None:
+        stop = await self.mesh.guard.check(m.tenant, m.task_id) if self.mesh.guard is not None else None
+        if stop is not None:
+            # Not run and not recorded: after a resume the step is dispatched afresh.
+            self.mesh.count(tel.M_CALLS_REFUSED)
+            await self._answer(m, {"ok": False, "result": "", "error": f"not run: {stop.reason}"}, None,
+                               causation=d.msg_id)  # fmt: skip
+            return
+        try:
+            tool, args = self.registry.validate(m.tool, _scoped(m, self.registry.get(m.tool)))
+        except ToolError as exc:
+            await self._audit(m, None, "invalid", (str(exc),))
+            await self._answer(m, {"ok": False, "result": "", "error": str(exc)}, None, causation=d.msg_id)
+            return
+        decision = decide(tool, args, m.taint, await self._trusted_text(m)) if tool.risk != "read" else None
+        if decision is None or decision.verdict == "allow":
+            if decision is not None:
+                await self._audit(m, tool, "allowed", decision.reasons, by="policy")
+            outcome = await self._run_recorded(m, tool, args, d)
+            await self._answer(m, outcome, tool, causation=d.msg_id)
+        elif decision.verdict == "deny":
+            await self._audit(m, tool, "blocked", decision.reasons, by="policy")
+            error = f"refused by policy: {'; '.join(decision.reasons[:2])}"
+            await self._answer(m, {"ok": False, "result": "", "error": error}, tool, causation=d.msg_id)
+        else:
+            await self._ask(m, tool, decision, d)
+
+    # --- approvals ------------------------------------------------------------------------------
+
+    async def _ask(self, m: ToolRequested, tool: Tool, decision: Decision, d: Delivery | None) -> None:
+        aid = approval_id(m.tenant, m.task_id, m.call_id)
+        if self.approvals is None:  # no durable store (in-memory tests): nobody can approve, so refuse
+            await self._audit(m, tool, "blocked", (*decision.reasons, "no approval store"), by="policy")
+            await self._answer(m, {"ok": False, "result": "", "error": "needs approval, and approvals are not "
+                                   "available here"}, tool)  # fmt: skip
+            return
+        now = time.time()
+        rec, created = await self.approvals.open(
+            ApprovalRecord(
+                approval_id=aid,
+                tenant=m.tenant,
+                task_id=m.task_id,
+                step_id=m.step_id,
+                call_id=m.call_id,
+                tool=m.tool,
+                request=m,
+                reasons=list(decision.reasons),
+                requested_at=now,
+                deadline=now + self.settings.approval_timeout_s,
+            )
+        )
+        if rec.status != "pending":
+            if not rec.done:
+                await self._settle(rec)
+            return
+        # Published on every delivery of the request (deduplicated by the approval id), so a crash
+        # between the record and the publish never leaves a wait nobody was told about.
+        await self.mesh.publish(
+            ApprovalRequested(
+                tenant=m.tenant,
+                task_id=m.task_id,
+                approval_id=aid,
+                step_id=m.step_id,
+                tool=m.tool,
+                arguments=_for_approver(m.arguments, tool),
+                reason="; ".join(decision.reasons)[:1000],
+                timeout_s=max(0.0, rec.deadline - now),
+                call_id=m.call_id,
+                risk=tool.risk,
+                injection_score=m.taint.injection_score,
+                sources=m.taint.sources,
+            ),
+            key=aid,
+            causation=d.msg_id if d is not None else None,
+        )
+        if created:
+            await self._audit(m, tool, "approval-requested", decision.reasons, approval=aid, by="policy")
+            await self.mesh.progress(
+                m.tenant, m.task_id, "approval.requested",
+                f"{m.tool} waits for a human: meshctl approve {aid} (or deny); {decision.reasons[0]}"[:300],
+                step_id=m.step_id, key=aid,
+            )  # fmt: skip
+
+    async def on_decision(self, m: ApprovalDecided, d: Delivery) -> None:
+        # The bus has verified the signature and that the signer may produce decisions at all
+        # (an approver); the decision must also name the identity that signed it.
+        if m.decided_by != d.sender.name:
+            raise Reject(f"decided_by {m.decided_by!r} is not the signer {d.sender.name!r}")
+        if self.approvals is None:
+            raise RuntimeError("approvals store not ready")
+        rec = await self.approvals.get(m.approval_id)
+        if rec is None:
+            raise Reject(f"no approval {m.approval_id}")
+        if (rec.tenant, rec.task_id) != (m.tenant, m.task_id):
+            raise Reject(f"approval {m.approval_id} belongs to another task")
+        rec, _ = await self.approvals.decide(
+            m.approval_id, "approved" if m.approved else "denied", d.sender.name, m.comment
+        )
+        if rec is not None and not rec.done:
+            await self._settle(rec, causation=d.msg_id)
+
+    async def _settle(self, rec: ApprovalRecord, causation: str = "") -> None:
+        """Act on a decided approval exactly once in effect: run the call (under the ledger) or
+        answer the refusal; both are deduplicated by the call id if repeated after a crash."""
+        m = rec.request
+        tool = self.registry.get(m.tool)
+        if rec.status == "approved" and tool is not None:
+            await self._audit(m, tool, "approved", (*rec.reasons[:1], f"approved by {rec.decided_by}"),
+                              approval=rec.approval_id, by=rec.decided_by)  # fmt: skip
+            _, args = self.registry.validate(m.tool, _scoped(m, tool))
+            outcome = await self._run_recorded(m, tool, args, None)
+        else:
+            verdict = "expired" if rec.status == "expired" else "denied"
+            why = (f"no decision within {rec.deadline - rec.requested_at:g}s" if verdict == "expired"
+                   else f"denied by {rec.decided_by}" + (f": {rec.comment}" if rec.comment else ""))  # fmt: skip
+            await self._audit(m, tool, verdict, (*rec.reasons[:1], why), approval=rec.approval_id, by=rec.decided_by)
+            outcome = {"ok": False, "result": "", "error": f"not run: approval {rec.approval_id} {verdict} ({why})"}
+        await self._answer(m, outcome, tool, causation=causation, approval=rec.approval_id)
+        assert self.approvals is not None
+        await self.approvals.mark_done(rec.approval_id)
+
+
+def _scoped(m: ToolRequested, tool: Tool | None) -> dict[str, Any]:
+    """The arguments with the tenant forced to the caller's own: a mounted tool that takes a
+    ``tenant`` argument (an admin API, say) must never be pointed at another tenant by a model.
+    A different tenant in the arguments is refused rather than silently rewritten."""
+    args = dict(m.arguments)
+    if tool is None or tool.input_schema is None or "tenant" not in tool.input_schema.get("properties", {}):
+        return args
+    asked = args.get("tenant", m.tenant)
+    if asked != m.tenant:
+        raise ToolError(f"{m.tool}: tenant {asked!r} is not this task's tenant; a tool acts for its own tenant only")
+    args["tenant"] = m.tenant
+    return args
+
+
+def _for_approver(arguments: dict[str, Any], tool: Tool) -> dict[str, Any]:
+    """What an approver sees: the arguments that decide where the effect lands (recipient, URL)
+    as they are, everything else redacted (secrets and PII in a body are not theirs to read)."""
+    return {k: (v if k in tool.trusted_args else redact_value(v)) for k, v in arguments.items()}
 
 
 async def build(mesh: Mesh) -> ToolExecutor:
     svc = ToolExecutor(mesh)
     svc.register()
     return svc
+
+
+__all__ = ["KVNotes", "Settings", "Taint", "ToolExecutor", "build"]

@@ -1,12 +1,21 @@
-"""The tool registry: each tool has an argument model (its JSON schema), a risk class and a timeout."""
+"""The built-in tools and the registry: each tool has an argument schema, a risk class, a
+timeout, a per-tenant rate limit and an approval policy.
+
+Risk classes: ``read`` tools only look (a calculator, a note read); ``write`` tools change
+state the tenant owns (notes, settings); ``external`` tools reach the outside world (an
+email, an HTTP request whose URL can carry data out). Write and external tools run under the
+idempotency ledger with the call's deterministic key, and the policy (``policy.py``) decides
+whether they need a human first.
+"""
 
 from __future__ import annotations
 
 import ast
 import asyncio
+import json
 import operator
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from decimal import Decimal, DivisionByZero, InvalidOperation, getcontext
 from typing import Any, Literal
 
@@ -25,6 +34,38 @@ StepLookup = Callable[[str], Awaitable[tuple[str, str, str]]]
 """(step id) -> (task status, step status, step output) from the task record."""
 
 
+class Notes:
+    """Where the notes tools keep a tenant's notes (the ``notes`` KV bucket in the mesh)."""
+
+    async def get(self, tenant: str, note_id: str) -> str | None: ...
+    async def put(self, tenant: str, note_id: str, text: str) -> None: ...
+    async def delete(self, tenant: str, note_id: str) -> bool: ...
+    async def list(self, tenant: str) -> list[str]: ...
+
+
+class MemoryNotes(Notes):
+    """Notes in a dict: for in-memory tests and ``execute()`` without a mesh."""
+
+    def __init__(self) -> None:
+        self.data: dict[tuple[str, str], str] = {}
+
+    async def get(self, tenant: str, note_id: str) -> str | None:
+        return self.data.get((tenant, note_id))
+
+    async def put(self, tenant: str, note_id: str, text: str) -> None:
+        self.data[(tenant, note_id)] = text
+
+    async def delete(self, tenant: str, note_id: str) -> bool:
+        return self.data.pop((tenant, note_id), None) is not None
+
+    async def list(self, tenant: str) -> list[str]:
+        return sorted(n for t, n in self.data if t == tenant)
+
+
+Fetch = Callable[[str], Awaitable[str]]
+"""Fetches a URL under the SSRF policy and returns the page as text (``net.fetch`` in the mesh)."""
+
+
 @dataclass(frozen=True)
 class ToolContext:
     """What a tool may know about its call. ``key`` is the call's idempotency key."""
@@ -34,19 +75,70 @@ class ToolContext:
     key: str
     effect: Effect | None = None
     step_state: StepLookup | None = None
+    notes: Notes | None = None
+    fetch: Fetch | None = None
+
+
+Risk = Literal["read", "write", "external"]
+OnUntrusted = Literal["approve", "allow", "deny"]
 
 
 @dataclass(frozen=True)
 class Tool:
+    """One registered tool and its policy.
+
+    ``on_untrusted`` says what happens when a step whose context holds untrusted content (a
+    retrieved passage, a web page, another tool's output) asks for this tool: ``approve`` (a
+    human decides), ``allow`` or ``deny``. It defaults to ``approve`` for write and external
+    tools and ``allow`` for read tools. ``trusted_args`` names the arguments that decide where
+    an effect lands (an email's recipient, a URL): when all of them appear verbatim in the
+    task's own text (the tenant's goal and the step's instruction), injected text cannot have
+    chosen them and the call runs without a human."""
+
     name: str
     description: str
-    args: type[BaseModel]
+    args: type[BaseModel] | None
     run: Callable[[Any, ToolContext], Awaitable[str]]
-    risk: Literal["read", "write", "external"] = "read"
+    risk: Risk = "read"
     timeout_s: float = 5.0
+    needs_approval: bool = False
+    """Always ask a human, tainted or not."""
+    on_untrusted: OnUntrusted | None = None
+    trusted_args: tuple[str, ...] = ()
+    rate_per_min: int = 0
+    """Calls per minute per tenant (0: unlimited)."""
+    untrusted_output: bool = False
+    """The result is outside content: the worker delimits it and taints the step."""
+    input_schema: dict[str, Any] | None = None
+    """JSON schema for tools without a pydantic model (MCP tools)."""
+    source: str = "builtin"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def untrusted_policy(self) -> OnUntrusted:
+        return self.on_untrusted or ("allow" if self.risk == "read" else "approve")
 
     def schema(self) -> dict[str, Any]:
+        if self.input_schema is not None:
+            return self.input_schema
+        assert self.args is not None
         return self.args.model_json_schema()
+
+    def describe(self) -> dict[str, Any]:
+        """The catalogue entry the worker offers to models (and operators read)."""
+        return {
+            "name": self.name,
+            "description": self.description,
+            "parameters": self.schema(),
+            "risk": self.risk,
+            "needs_approval": self.needs_approval,
+            "on_untrusted": self.untrusted_policy,
+            "trusted_args": list(self.trusted_args),
+            "rate_per_min": self.rate_per_min,
+            "timeout_s": self.timeout_s,
+            "untrusted_output": self.untrusted_output,
+            "source": self.source,
+        }
 
 
 class CalculatorArgs(BaseModel):
@@ -143,41 +235,175 @@ async def send_email(args: SendEmailArgs, ctx: ToolContext) -> str:
     return f"queued email to {args.to} ({receipt})"
 
 
-REGISTRY: dict[str, Tool] = {
-    t.name: t
-    for t in (
-        Tool("calculator", "Evaluate an arithmetic expression exactly.", CalculatorArgs, calculator),
-        Tool("text_stats", "Count words and characters of a text.", TextStatsArgs, text_stats),
-        Tool(
-            "await_step",
-            "Wait for another step of this task to complete and return its output.",
-            AwaitStepArgs,
-            await_step,
-            timeout_s=600.0,
-        ),
-        Tool(
-            "send_email",
-            "Send an email (external side effect; once per call).",
-            SendEmailArgs,
-            send_email,
-            risk="external",
-        ),
-    )
+NOTE_ID = r"^[A-Za-z0-9_-]{1,64}$"
+
+
+class NoteIdArgs(BaseModel):
+    note_id: str = Field(pattern=NOTE_ID)
+
+
+class NoteWriteArgs(BaseModel):
+    note_id: str = Field(pattern=NOTE_ID)
+    text: str = Field(max_length=20_000)
+
+
+class NoteListArgs(BaseModel):
+    pass
+
+
+class HttpGetArgs(BaseModel):
+    url: str = Field(min_length=8, max_length=2000, pattern=r"^https?://")
+
+
+def _notes(ctx: ToolContext) -> Notes:
+    if ctx.notes is None:
+        raise ToolError("notes are not available here (no notes store)")
+    return ctx.notes
+
+
+async def note_write(args: NoteWriteArgs, ctx: ToolContext) -> str:
+    await _notes(ctx).put(ctx.tenant, args.note_id, args.text)
+    return f"saved note {args.note_id} ({len(args.text)} characters)"
+
+
+async def note_read(args: NoteIdArgs, ctx: ToolContext) -> str:
+    text = await _notes(ctx).get(ctx.tenant, args.note_id)
+    if text is None:
+        raise ToolError(f"no note {args.note_id!r}")
+    return text
+
+
+async def note_delete(args: NoteIdArgs, ctx: ToolContext) -> str:
+    if not await _notes(ctx).delete(ctx.tenant, args.note_id):
+        raise ToolError(f"no note {args.note_id!r}")
+    return f"deleted note {args.note_id}"
+
+
+async def note_list(args: NoteListArgs, ctx: ToolContext) -> str:
+    return json.dumps(await _notes(ctx).list(ctx.tenant))
+
+
+async def http_get(args: HttpGetArgs, ctx: ToolContext) -> str:
+    """Fetch a web page as text. Private, loopback and link-local destinations are refused
+    after DNS resolution unless allow-listed (``net.py``)."""
+    if ctx.fetch is None:
+        raise ToolError("http_get is not available here (no network policy)")
+    return await ctx.fetch(args.url)
+
+
+BUILTINS: tuple[Tool, ...] = (
+    Tool("calculator", "Evaluate an arithmetic expression exactly.", CalculatorArgs, calculator),
+    Tool("text_stats", "Count words and characters of a text.", TextStatsArgs, text_stats),
+    Tool(
+        "await_step",
+        "Wait for another step of this task to complete and return its output.",
+        AwaitStepArgs,
+        await_step,
+        timeout_s=600.0,
+        untrusted_output=True,  # another step's output may carry what that step read
+    ),
+    Tool(
+        "send_email",
+        "Send an email (external side effect; once per call).",
+        SendEmailArgs,
+        send_email,
+        risk="external",
+        trusted_args=("to",),
+        rate_per_min=20,
+    ),
+    Tool(
+        "http_get",
+        "Fetch a web page (http/https) and return its text. Private addresses are refused.",
+        HttpGetArgs,
+        http_get,
+        risk="external",  # a URL can carry data out, so a GET is an external effect
+        timeout_s=15.0,
+        trusted_args=("url",),
+        rate_per_min=60,
+        untrusted_output=True,
+    ),
+    Tool("note_read", "Read one of the tenant's notes.", NoteIdArgs, note_read, untrusted_output=True),
+    Tool("note_list", "List the tenant's notes.", NoteListArgs, note_list),
+    Tool(
+        "note_write",
+        "Create or replace a note of the tenant.",
+        NoteWriteArgs,
+        note_write,
+        risk="write",
+        rate_per_min=60,
+    ),
+    Tool("note_delete", "Delete a note of the tenant.", NoteIdArgs, note_delete, risk="write", rate_per_min=30),
+)
+REGISTRY: dict[str, Tool] = {t.name: t for t in BUILTINS}
+"""The built-in tools (MCP tools are added to a service's own ``Registry``)."""
+
+_POLICY_KEYS = {
+    "risk",
+    "needs_approval",
+    "on_untrusted",
+    "trusted_args",
+    "rate_per_min",
+    "timeout_s",
+    "untrusted_output",
 }
 
 
+def with_policy(tool: Tool, overrides: dict[str, Any]) -> Tool:
+    """``tool`` with policy fields overridden (from configuration); unknown keys are an error."""
+    unknown = set(overrides) - _POLICY_KEYS
+    if unknown:
+        raise ValueError(f"tool {tool.name}: unknown policy key(s) {sorted(unknown)} (known: {sorted(_POLICY_KEYS)})")
+    fields = dict(overrides)
+    if "trusted_args" in fields:
+        fields["trusted_args"] = tuple(fields["trusted_args"])
+    if fields.get("risk", tool.risk) not in ("read", "write", "external"):
+        raise ValueError(f"tool {tool.name}: risk must be read, write or external")
+    if fields.get("on_untrusted", "approve") not in ("approve", "allow", "deny"):
+        raise ValueError(f"tool {tool.name}: on_untrusted must be approve, allow or deny")
+    return replace(tool, **fields)
+
+
+class Registry:
+    """The tools one tool-executor offers: the built-ins plus mounted MCP tools, with the
+    policy overrides of its configuration applied."""
+
+    def __init__(self, tools: dict[str, Tool] | None = None) -> None:
+        self.tools: dict[str, Tool] = dict(REGISTRY if tools is None else tools)
+
+    def add(self, tool: Tool) -> None:
+        self.tools[tool.name] = tool
+
+    def get(self, name: str) -> Tool | None:
+        return self.tools.get(name)
+
+    def catalogue(self) -> list[dict[str, Any]]:
+        return [t.describe() for t in sorted(self.tools.values(), key=lambda t: t.name)]
+
+    def validate(self, name: str, arguments: dict[str, Any]) -> tuple[Tool, Any]:
+        """The tool and its validated arguments; ``ToolError`` for a hallucinated tool or bad
+        arguments (nothing has run)."""
+        tool = self.tools.get(name)
+        if tool is None:
+            raise ToolError(f"unknown tool {name!r} (available: {', '.join(sorted(self.tools))})")
+        if tool.args is None:
+            return tool, dict(arguments)  # validated against input_schema by the MCP mount
+        try:
+            return tool, tool.args.model_validate(arguments)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(map(str, first["loc"])) or "<arguments>"
+            raise ToolError(f"invalid arguments for {name}: {where}: {first['msg']}") from None
+
+    async def run(self, tool: Tool, args: Any, ctx: ToolContext) -> str:
+        try:
+            return await asyncio.wait_for(tool.run(args, ctx), tool.timeout_s)
+        except TimeoutError:
+            raise ToolError(f"{tool.name} timed out after {tool.timeout_s:g}s") from None
+
+
 async def execute(name: str, arguments: dict[str, Any], ctx: ToolContext | None = None) -> str:
-    """Validate and run a tool; raises ``ToolError`` with a message meant for the agent."""
-    ctx = ctx or ToolContext(tenant="-", task_id="-", key="-")
-    tool = REGISTRY.get(name)
-    if tool is None:
-        raise ToolError(f"unknown tool {name!r} (available: {', '.join(sorted(REGISTRY))})")
-    try:
-        args = tool.args.model_validate(arguments)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        raise ToolError(f"invalid arguments for {name}: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
-    try:
-        return await asyncio.wait_for(tool.run(args, ctx), tool.timeout_s)
-    except TimeoutError:
-        raise ToolError(f"{name} timed out after {tool.timeout_s:.0f}s") from None
+    """Validate and run a built-in tool; raises ``ToolError`` with a message meant for the agent."""
+    ctx = ctx or ToolContext(tenant="-", task_id="-", key="-", notes=MemoryNotes())
+    reg = Registry()
+    tool, args = reg.validate(name, arguments)
+    return await reg.run(tool, args, ctx)
