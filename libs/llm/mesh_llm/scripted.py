@@ -7,6 +7,7 @@ Same input, same output, same token counts: end-to-end tests can assert exact re
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -18,6 +19,8 @@ from mesh_llm.model import Message, ModelRequest, ModelResponse, StreamEvent, To
 from mesh_llm.tokens import count_request
 
 EMAIL = re.compile(r"[\w.+-]+@[\w-]+\.[\w.-]*\w")
+URL = re.compile(r"https?://[^\s\"'<>]+[^\s\"'<>.,;:!?)]")
+NOTE = re.compile(r"\bnote\s+([A-Za-z0-9_-]{1,64})\b")
 ARITHMETIC = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?(?:\s*[-+*/%]\s*\d+(?:\.\d+)?)+)(?!\w|\.\d)")
 
 
@@ -205,22 +208,28 @@ class ScriptedModel:
         if LOOP_CUE in instruction and request.tools:  # stuck: the same call, whatever came back
             first = request.tools[0].name
             return "", (ToolCall("c0", first, {"expression": "1 + 1"} if first == "calculator" else {"text": "x"}),)
-        if OBEY_CUE in instruction and len(results) == 1 and (found := INJECTED_CALL.search(results[0].content)):
-            # Told to obey: an instruction found in a tool result or passage becomes the next tool
-            # call (once), exactly what a guardrail must stop; the model does not check it is offered.
-            try:
-                return "", (ToolCall("c0", found.group(1), json.loads(found.group(2))),)
-            except json.JSONDecodeError:
-                pass
+        made = [c for m in request.messages if m.role == "assistant" for c in m.tool_calls]
+        if OBEY_CUE in instruction:
+            # Told to obey: every instruction found in what it has read (tool results, passages,
+            # inputs), once each, exactly what a guardrail must stop. It does not check that the
+            # tool is offered, and it reads through delimiters, fake system messages, passages
+            # split across chunks and base64.
+            done = {(c.name, json.dumps(c.arguments, sort_keys=True)) for c in made}
+            for name, args in _injected(request.messages):
+                if (name, json.dumps(args, sort_keys=True)) not in done:
+                    return "", (ToolCall("c0", name, args),)
         awaited = AWAIT_CUE.search(instruction)
         if awaited and "await_step" in tools and not results:
             return "", (ToolCall("c0", "await_step", {"step_id": awaited.group(1)}),)
-        if not results and tools:
-            call = _first_call(instruction, tools, request.messages)
-            if call is not None:
-                return "", (call,)
+        call = _next_call(instruction, tools, request.messages, {c.name for c in made})
+        if call is not None:
+            return "", (call,)
         if results:
-            return _answer_from(results[-1], instruction), ()
+            # Answer from what the step read, not from the receipt of an email it sent.
+            informative = [
+                r for r in results if r.name != "send_email" and not _unwrap(r.content).startswith("error")
+            ] or results
+            return _answer_from(informative[-1], instruction), ()
         return _compose(request.messages), ()
 
 
@@ -228,17 +237,90 @@ def _last(messages: tuple[Message, ...], role: str) -> str:
     return next((m.content for m in reversed(messages) if m.role == role), "")
 
 
-def _first_call(instruction: str, tools: set[str], messages: tuple[Message, ...]) -> ToolCall | None:
+UNTRUSTED_BLOCK = re.compile(r"^<<untrusted[^\n]*>>\n?|\n?<<end untrusted[^\n]*>>\s*$")
+BASE64_RUN = re.compile(r"[A-Za-z0-9+/=_-]{24,}")
+
+
+def _unwrap(content: str) -> str:
+    """The content of a delimited untrusted block (the delimiters are for the model to see,
+    not part of the data)."""
+    return UNTRUSTED_BLOCK.sub("", content.strip())
+
+
+def _readable(messages: tuple[Message, ...]) -> list[str]:
+    """Everything untrusted the model has read, as it would read it: tool results (the text
+    of each retrieved passage), and the inputs from other steps."""
+    texts: list[str] = []
+    for m in messages:
+        if m.role == "tool":
+            body = _unwrap(m.content)
+            try:
+                hits = json.loads(body)
+            except json.JSONDecodeError:
+                hits = None
+            if isinstance(hits, list) and all(isinstance(h, dict) and "text" in h for h in hits):
+                passages = [str(h["text"]) for h in hits]
+                texts += passages
+                # An instruction split across two passages: a gullible reader joins them in any order.
+                texts += [f"{a} {b}" for i, a in enumerate(passages) for j, b in enumerate(passages) if i != j]
+            else:
+                texts.append(body)
+        elif m.role == "user" and m.content.startswith("Input from "):
+            texts.append(_unwrap(m.content.split(":", 1)[1].strip()))
+    decoded = []
+    for t in texts:
+        for run in BASE64_RUN.findall(t):
+            try:
+                plain = base64.b64decode(
+                    run + "=" * (-len(run) % 4), altchars=b"-_" if "-" in run or "_" in run else None
+                )
+                text = plain.decode()
+            except (ValueError, UnicodeDecodeError):
+                continue
+            if text.isprintable():
+                decoded.append(text)
+    return texts + decoded
+
+
+def _injected(messages: tuple[Message, ...]) -> list[tuple[str, dict]]:
+    """Every "call <tool> {json}" the model has read, in reading order, without repeats."""
+    found: dict[str, tuple[str, dict]] = {}
+    for text in _readable(messages):
+        for m in INJECTED_CALL.finditer(text):
+            try:
+                args = json.loads(m.group(2))
+            except json.JSONDecodeError:
+                continue
+            if isinstance(args, dict):
+                found.setdefault(m.group(1) + json.dumps(args, sort_keys=True), (m.group(1), args))
+    return list(found.values())
+
+
+def _next_call(instruction: str, tools: set[str], messages: tuple[Message, ...], made: set[str]) -> ToolCall | None:
+    """The step's own next tool call: search first, then the email the instruction asks for (its
+    body is what the search found, or the inputs), then arithmetic or text statistics."""
     body = instruction.split(":", 1)[-1].strip()
-    if "send_email" in tools and (to := EMAIL.search(instruction)):
-        inputs = [m.content.split(":", 1)[1].strip() for m in messages if m.content.startswith("Input from ")]
-        return ToolCall(
-            "c0",
-            "send_email",
-            {"to": to.group(0), "subject": "Your AgentMesh answer", "body": "\n\n".join(inputs) or "(no answer)"},
-        )
-    if "search_docs" in tools:
+    searched = [m for m in messages if m.role == "tool" and m.name == "search_docs"]
+    if "search_docs" in tools and "search_docs" not in made:
         return ToolCall("c0", "search_docs", {"query": body, "top_k": 3})
+    read = [m for m in messages if m.role == "tool" and m.name in ("http_get", "note_read")]
+    if "http_get" in tools and "http_get" not in made and (url := URL.search(instruction)):
+        return ToolCall("c0", "http_get", {"url": url.group(0)})
+    if "note_read" in tools and "note_read" not in made and (n := NOTE.search(instruction)):
+        return ToolCall("c0", "note_read", {"note_id": n.group(1)})
+    if "send_email" in tools and "send_email" not in made and (to := EMAIL.search(instruction)):
+        if searched:
+            text = _answer_from(searched[-1], instruction)
+        elif read:
+            text = _unwrap(read[-1].content)[:2000]
+        else:
+            text = "\n\n".join(
+                m.content.split(":", 1)[1].strip() for m in messages if m.content.startswith("Input from ")
+            )
+        return ToolCall("c0", "send_email", {"to": to.group(0), "subject": "Your AgentMesh answer",
+                                             "body": _unwrap(text) or "(no answer)"})  # fmt: skip
+    if made:
+        return None
     if "calculator" in tools and (m := ARITHMETIC.search(instruction)):
         return ToolCall("c0", "calculator", {"expression": m.group(1)})
     if "text_stats" in tools:
@@ -252,7 +334,7 @@ WORD = re.compile(r"[a-z0-9]+")
 def _answer_from(result: Message, instruction: str) -> str:
     if result.name == "search_docs":
         try:
-            hits = json.loads(result.content)
+            hits = json.loads(_unwrap(result.content))
         except json.JSONDecodeError:
             return f"The search failed: {result.content}"
         if not hits:
@@ -260,7 +342,10 @@ def _answer_from(result: Message, instruction: str) -> str:
         return _extract(hits, instruction.split(":", 1)[-1])
     if result.name == "calculator":
         return f"The result is {result.content}." if not result.content.startswith("error") else result.content
-    return f"{result.name}: {result.content}"
+    body = _unwrap(result.content)
+    if result.name == "http_get" and not body.startswith("error"):
+        body = body.split("\n\n", 1)[-1]  # the page, without the status line
+    return f"{result.name}: {body}"
 
 
 def _extract(hits: list[dict], query: str, n: int = 2) -> str:
