@@ -65,7 +65,7 @@ def expected_publish(principal: str) -> dict[str, bool]:
     for b in topo.BUCKETS:
         cases[f"$KV.{b.name}.acme.pm-task"] = principal == b.writer
         cases[f"$JS.API.DIRECT.GET.KV_{b.name}.$KV.{b.name}.acme.pm-task"] = (
-            principal == b.writer or principal in b.readers
+            principal == b.writer or principal in b.readers or principal in b.watchers
         )
     for svc in SERVICES:
         cases[topo.dlq_subject(svc, "task.v1.acme.pm-task.submitted")] = svc == principal

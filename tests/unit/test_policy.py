@@ -17,6 +17,7 @@ POLICY = policy(["acme", "globex"])
 def test_no_service_holds_admin_or_wildcard_rights(service):
     p = POLICY[service]
     ephemeral_watch = {f"$JS.API.CONSUMER.CREATE.{topo.STREAMS[d]}" for d in topo.WATCHERS.get(service, ())}
+    ephemeral_watch |= {f"$JS.API.CONSUMER.CREATE.KV_{b.name}" for b in topo.BUCKETS if service in b.watchers}
     for subject in p.pub:
         if subject in ephemeral_watch:
             continue  # an ephemeral, read-only ordered consumer (no name token: no durable)
@@ -54,7 +55,12 @@ def test_only_the_budget_service_answers_requests():
 
 def test_only_the_budget_watches_whole_streams_and_only_with_ephemeral_consumers():
     watchers = {name for name, p in POLICY.items() if any(s.startswith("$JS.API.CONSUMER.CREATE") for s in p.pub)}
-    assert watchers == {"budget"}
-    creates = [s for s in POLICY["budget"].pub if s.startswith("$JS.API.CONSUMER.CREATE")]
-    assert creates and all(s.count(".") == 4 for s in creates), creates
-    assert not [s for s in POLICY["budget"].pub if "CONSUMER.DELETE" in s]
+    assert watchers == {"budget", "tool-executor", "approver"}
+    for name in watchers:
+        creates = [s for s in POLICY[name].pub if s.startswith("$JS.API.CONSUMER.CREATE")]
+        assert creates and all(s.count(".") == 4 for s in creates), creates
+        assert not [s for s in POLICY[name].pub if "CONSUMER.DELETE" in s]
+    # the tool-executor and approvers watch the approvals bucket only, never a message stream
+    for name in ("tool-executor", "approver"):
+        creates = [s for s in POLICY[name].pub if s.startswith("$JS.API.CONSUMER.CREATE")]
+        assert creates == ["$JS.API.CONSUMER.CREATE.KV_approvals"]

@@ -382,6 +382,124 @@ def cmd_control(args: argparse.Namespace) -> int:
     return asyncio.run(run())
 
 
+INGEST_TYPES = {
+    ".md": "text/markdown",
+    ".markdown": "text/markdown",
+    ".txt": "text/plain",
+    ".html": "text/html",
+    ".htm": "text/html",
+    ".pdf": "application/pdf",
+}
+INGEST_MAX_BYTES = 4_400_000  # what one ingest message carries, base64-encoded
+
+
+def _documents(path: Path) -> tuple[list[tuple[str, Path]], list[Path]]:
+    """(doc id, file) for every supported file under ``path``, and the files skipped. The doc id
+    is the path relative to the directory given (the file name for a single file)."""
+    if not path.exists():
+        raise MeshError(f"no such file or directory: {path}")
+    if path.is_file():
+        if path.suffix.lower() not in INGEST_TYPES:
+            raise MeshError(f"unsupported document type {path.suffix or '(none)'!r} for {path.name} "
+                            f"(supported: {' '.join(sorted(INGEST_TYPES))})")  # fmt: skip
+        return [(path.name, path)], []
+    docs, skipped = [], []
+    for f in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        (docs if f.suffix.lower() in INGEST_TYPES else skipped).append(f)
+    return [(f.relative_to(path).as_posix(), f) for f in docs], skipped
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    """``meshctl ingest PATH --tenant T``: add or replace documents in the tenant's index."""
+    docs, skipped = _documents(Path(args.path))
+    if not docs:
+        raise MeshError(f"no documents to ingest under {args.path} (supported: {' '.join(sorted(INGEST_TYPES))})")
+    too_big = [f for _, f in docs if f.stat().st_size > INGEST_MAX_BYTES]
+    if too_big:
+        raise MeshError(f"{too_big[0]} is {too_big[0].stat().st_size} bytes; one document may be at most "
+                        f"{INGEST_MAX_BYTES} bytes (split it)")  # fmt: skip
+    client = _tenant_client(args)
+
+    async def run() -> int:
+        failed = chunks = 0
+        started = time.perf_counter()
+        async with client:
+            for doc_id, f in docs:
+                got = await client.ingest(doc_id, f.read_bytes(), INGEST_TYPES[f.suffix.lower()], timeout=args.timeout)
+                if got is None:
+                    failed += 1
+                    print(f"  {doc_id}: no answer within {args.timeout:g}s (is the rag service running?)")
+                elif not got.ok:
+                    failed += 1
+                    print(f"  {doc_id}: refused: {got.error}")
+                else:
+                    chunks += got.chunks
+                    what = ("unchanged" if got.replaced == got.version else
+                            f"replaced v{got.replaced[:8]}" if got.replaced else "new")  # fmt: skip
+                    print(f"  {doc_id}: {got.chunks} chunks, v{got.version[:8]} ({what}), index {got.index_version}")
+        took = time.perf_counter() - started
+        for f in skipped:
+            print(f"  skipped {f} (unsupported type)")
+        print(f"ingested {len(docs) - failed}/{len(docs)} document(s), {chunks} chunks in {took:.1f}s "
+              f"into tenant {args.tenant}")  # fmt: skip
+        return 1 if failed else 0
+
+    return asyncio.run(run())
+
+
+def _approver(args: argparse.Namespace):
+    from meshctl.approver import Approver
+
+    home = _home(args)
+    ids = Identities(home)
+    if not ids.creds("approver").exists():
+        raise MeshError(f"no approver identity in {home} (run: meshctl init)")
+    return Approver(_nats_url(args, home), ids.creds("approver"), ids.signing_key("approver"))
+
+
+def cmd_approvals(args: argparse.Namespace) -> int:
+    """``meshctl approvals``: the tool calls waiting for a human."""
+
+    async def run() -> int:
+        async with _approver(args) as ap:
+            records = await ap.list(everything=args.all)
+        if args.json:
+            print(json.dumps(records, indent=2))
+            return 0
+        if not records:
+            print("no approval is waiting" if not args.all else "no approvals")
+            return 0
+        now = time.time()
+        for r in records:
+            req = r["request"]
+            left = f"expires in {_age(r['deadline'] - now)}" if r["status"] == "pending" else r["status"]
+            by = f" by {r['decided_by']}" if r.get("decided_by") else ""
+            print(f"{r['approval_id']}  {r['tenant']}/{r['task_id']} step {r['step_id']}  {left}{by}")
+            print(f"    {r['tool']}({json.dumps(req.get('arguments', {}))[:200]})")
+            for reason in r.get("reasons", [])[:3]:
+                print(f"    - {reason}")
+        return 0
+
+    return asyncio.run(run())
+
+
+def cmd_decide(args: argparse.Namespace) -> int:
+    """``meshctl approve|deny ID``: decide one waiting tool call, as the approver."""
+    from meshctl.approver import ApprovalError
+
+    async def run() -> int:
+        async with _approver(args) as ap:
+            try:
+                rec = await ap.decide(args.approval_id, args.command == "approve", args.comment or "")
+            except ApprovalError as exc:
+                raise MeshError(str(exc)) from None
+        print(f"{rec['approval_id']}: {rec['status']} by {rec['decided_by']} ({rec['tool']} for "
+              f"{rec['tenant']}/{rec['task_id']})")  # fmt: skip
+        return 0
+
+    return asyncio.run(run())
+
+
 def cmd_dlq(args: argparse.Namespace) -> int:
     from meshctl.dlq import DeadLetterError, entries, entry, redrive
 
@@ -563,6 +681,26 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--timeout", type=_positive, default=10.0, help="seconds to wait for the planner to apply it")
         s.add_argument("--nats-url", default=None)
         s.set_defaults(fn=cmd_control)
+
+    s = sub.add_parser("ingest", help="add or replace documents (md, txt, html, pdf) in a tenant's retrieval index")
+    s.add_argument("path", help="a file, or a directory (every supported file under it)")
+    s.add_argument("--tenant", type=_tenant, default="demo")
+    s.add_argument("--timeout", type=_positive, default=120.0, help="seconds to wait for each document")
+    s.add_argument("--nats-url", default=None)
+    s.set_defaults(fn=cmd_ingest)
+
+    s = sub.add_parser("approvals", help="tool calls waiting for a human decision (as the approver)")
+    s.add_argument("--all", action="store_true", help="decided and expired ones too")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--nats-url", default=None)
+    s.set_defaults(fn=cmd_approvals)
+
+    for verb, text in (("approve", "let a waiting tool call run"), ("deny", "refuse a waiting tool call")):
+        s = sub.add_parser(verb, help=f"{text} (as the approver; the decision is signed and recorded)")
+        s.add_argument("approval_id", type=_identifier("approval id"), metavar="ID")
+        s.add_argument("--comment", default=None, help="recorded with the decision")
+        s.add_argument("--nats-url", default=None)
+        s.set_defaults(fn=cmd_decide)
 
     s = sub.add_parser("dlq", help="inspect the dead-letter stream")
     dsub = s.add_subparsers(dest="action", required=True, parser_class=_Parser)

@@ -14,6 +14,7 @@ allows). A task that finished is never reported as timed out.
 from __future__ import annotations
 
 import asyncio
+import base64
 import time
 import uuid
 from collections.abc import Callable
@@ -29,6 +30,8 @@ from mesh_contracts.v1 import (
     ControlCancel,
     ControlHalt,
     ControlResume,
+    IngestCompleted,
+    IngestRequested,
     ProgressEvent,
     TaskCompleted,
     TaskFailed,
@@ -215,6 +218,42 @@ class TenantClient:
             if stored.data:
                 return subject, stored.data, stored.headers
         return None
+
+    async def ingest(
+        self, doc_id: str, data: bytes, media_type: str, *, title: str = "", timeout: float = 120.0
+    ) -> IngestCompleted | None:
+        """Hand one document to the RAG service and wait for its answer (None on timeout)."""
+        assert self.nc is not None
+        # One id per ingest: the same bytes ingested twice is two requests (the second one is
+        # answered "unchanged"); a retry inside ``publish`` reuses the id and is stored once.
+        ingest_id = f"ing-{uuid.uuid4().hex[:20]}"
+        found: asyncio.Future[IngestCompleted] = asyncio.get_running_loop().create_future()
+
+        async def on_msg(msg: Msg) -> None:
+            try:
+                model = self._believe(msg.subject, msg.data, msg.headers)
+            except (ContractError, IdentityError):
+                return
+            if isinstance(model, IngestCompleted) and not found.done():
+                found.set_result(model)
+
+        sub = await self.nc.subscribe(f"rag.*.{self.tenant}.{ingest_id}.ingested", cb=on_msg)
+        try:
+            await self.nc.flush()
+            req = IngestRequested(
+                tenant=self.tenant,
+                task_id=ingest_id,
+                doc_id=doc_id,
+                media_type=media_type,  # type: ignore[arg-type]
+                content_b64=base64.b64encode(data).decode(),
+                title=title,
+            )
+            await self.publish(req, key=ingest_id)
+            return await asyncio.wait_for(found, timeout)
+        except TimeoutError:
+            return None
+        finally:
+            await sub.unsubscribe()
 
     async def control(self, action: str, task_id: str, reason: str, *, timeout: float = 10.0) -> Contract | None:
         """Halt, resume or cancel one of the tenant's tasks and wait until the planner has applied

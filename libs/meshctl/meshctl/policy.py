@@ -65,6 +65,9 @@ def service_permissions(service: str) -> Permissions:
             # (the server refuses a durable name there); no delete right: ordered consumers are
             # reaped by the server when idle, and no other service's durable can be touched.
             p.add_pub(f"$JS.API.STREAM.INFO.{stream}", f"$JS.API.CONSUMER.CREATE.{stream}", f"$JS.FC.{stream}.>")
+    for b in topo.BUCKETS:
+        if service in b.watchers:
+            p.add_pub(*_watch(b.name))
     if service in topo.CONTROL_OBSERVERS:
         p.add_sub("control.*.*.*.*")
     p.add_pub(topo.dlq_subject(service, ">"))
@@ -83,6 +86,18 @@ def service_permissions(service: str) -> Permissions:
                 f"$KV.{b.name}.{service}.>",
             )
     return p
+
+
+def _watch(bucket: str) -> tuple[str, ...]:
+    """Read a whole bucket: direct gets and ephemeral ordered consumers (no durable, no delete)."""
+    stream = f"KV_{bucket}"
+    return (
+        f"$JS.API.STREAM.INFO.{stream}",
+        f"$JS.API.DIRECT.GET.{stream}.>",
+        f"$JS.API.CONSUMER.CREATE.{stream}",
+        f"$JS.API.CONSUMER.INFO.{stream}.*",  # the KV watcher asks how much is pending
+        f"$JS.FC.{stream}.>",
+    )
 
 
 def client_permissions(tenant: str) -> Permissions:
@@ -112,6 +127,9 @@ def approver_permissions() -> Permissions:
             p.add_pub(f"{s.domain}.v{major}.*.*.{s.event}")
         if APPROVER in s.consumers:
             p.add_sub(f"{s.domain}.*.*.*.{s.event}")
+    for b in topo.BUCKETS:
+        if APPROVER in b.watchers:
+            p.add_pub(*_watch(b.name))
     return p
 
 

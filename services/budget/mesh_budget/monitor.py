@@ -271,8 +271,14 @@ class Monitor:
         elif isinstance(m, (ToolCompleted, RetrievalCompleted)):
             w.done_calls.add(m.call_id)
             w.calls.pop(m.call_id, None)
-            if isinstance(m, ToolCompleted) and not m.ok:
-                w.errors.append(at)
+            if isinstance(m, ToolCompleted) and not m.ok and not m.approval_id:
+                w.errors.append(at)  # a denied or expired approval is a decision, not a failing tool
+            if isinstance(m, ToolCompleted) and m.approval_id:
+                # The wait is over however it ended (approved, denied, or expired: an expiry has no
+                # approval.decided, only the tool-executor's answer).
+                started = w.approvals.pop(m.approval_id, None)
+                if started is not None:
+                    w.approval_paused_s += max(0.0, at - started)
         elif isinstance(m, CheckRequested):
             sig = _digest("check", m.answer, [c.chunk_hash for c in m.citations])
             w.signatures[sig] += 1

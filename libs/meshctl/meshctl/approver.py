@@ -1,0 +1,103 @@
+"""The approver's side of human approvals: list the calls waiting, approve or deny one.
+
+An approver is a separate identity (``approver``): the only principal the contracts allow to
+produce ``approval.decided``, and the only one besides the tool-executor that may read the
+``approvals`` bucket. A decision is signed with the approver's key and names the approver,
+and the tool-executor checks both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import nats
+
+from mesh_contracts.v1 import ApprovalDecided
+from mesh_kit import envelope as env
+from mesh_kit.identity import Signer
+from mesh_kit.settings import inbox_prefix, log_nats_error, nats_servers
+
+BUCKET = "approvals"
+
+
+class ApprovalError(Exception):
+    """An approval that cannot be decided (unknown id, already decided); one line for the operator."""
+
+
+class Approver:
+    def __init__(self, nats_url: str, creds: Path, signing_key: Path, name: str = "approver") -> None:
+        self.nats_url, self.creds, self.name = nats_url, creds, name
+        self.signer = Signer.from_file(name, signing_key)
+        self.nc: nats.NATS | None = None
+        self.kv: Any = None
+
+    async def __aenter__(self) -> Approver:
+        self.nc = await nats.connect(
+            nats_servers(self.nats_url),
+            user_credentials=str(self.creds),
+            name=self.name,
+            inbox_prefix=inbox_prefix(self.name),
+            connect_timeout=5,
+            max_reconnect_attempts=2,
+            error_cb=log_nats_error,
+        )
+        self.kv = await self.nc.jetstream().key_value(BUCKET)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.nc is not None:
+            await self.nc.close()
+
+    async def get(self, approval_id: str) -> dict[str, Any] | None:
+        try:
+            entry = await self.kv.get(approval_id)
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        return json.loads(entry.value) if entry.value else None
+
+    async def list(self, *, everything: bool = False) -> list[dict[str, Any]]:
+        """Waiting approvals, oldest first (``everything``: decided ones too)."""
+        try:
+            keys = await self.kv.keys()
+        except nats.js.errors.NoKeysError:
+            return []
+        records = [r for k in keys if (r := await self.get(k)) is not None]
+        return sorted((r for r in records if everything or r["status"] == "pending"), key=lambda r: r["requested_at"])
+
+    async def decide(
+        self, approval_id: str, approved: bool, comment: str = "", *, wait_s: float = 10.0
+    ) -> dict[str, Any]:
+        """Publish a signed decision and wait until the tool-executor has recorded it; returns
+        the record as stored after the decision."""
+        rec = await self.get(approval_id)
+        if rec is None:
+            raise ApprovalError(f"no approval {approval_id!r} (list them with: meshctl approvals)")
+        if rec["status"] != "pending":
+            by = f" by {rec['decided_by']}" if rec.get("decided_by") else ""
+            raise ApprovalError(f"approval {approval_id} is already {rec['status']}{by}")
+        msg = ApprovalDecided(
+            tenant=rec["tenant"],
+            task_id=rec["task_id"],
+            approval_id=approval_id,
+            approved=approved,
+            decided_by=self.name,
+            comment=comment,
+        )
+        body = msg.to_bytes()
+        headers = env.headers_for(
+            self.signer, msg, body, env.message_id(msg.type, msg.tenant, msg.task_id, uuid.uuid4().hex[:16])
+        )
+        assert self.nc is not None
+        await self.nc.jetstream().publish(msg.subject(), body, headers=headers, timeout=5.0)
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            now = await self.get(approval_id)
+            if now is not None and now["status"] != "pending":
+                return now
+            await asyncio.sleep(0.1)
+        raise ApprovalError(f"the tool-executor did not record the decision on {approval_id} within {wait_s:g}s")
