@@ -59,6 +59,9 @@ class Bucket:
     description: str = ""
     per_service: tuple[str, ...] = ()
     ttl_s: float = 0.0
+    watchers: tuple[str, ...] = ()
+    """Principals that may watch the bucket (read-only ordered consumers), e.g. to see every
+    pending approval."""
 
 
 BUCKETS: tuple[Bucket, ...] = (
@@ -90,8 +93,17 @@ BUCKETS: tuple[Bucket, ...] = (
         "approvals",
         writer="tool-executor",
         history=5,
-        description="Tool calls waiting for a human (and their decisions), one key per call "
-        "(<tenant>.<task>.<call>): a restart of the tool-executor loses no wait.",
+        watchers=("tool-executor", "approver"),
+        description="Tool calls waiting for a human and their decisions, one key per approval id: a "
+        "restart of the tool-executor loses no wait; approvers list and read them here.",
+    ),
+    Bucket(
+        "tools",
+        writer="tool-executor",
+        readers=("worker", "planner"),
+        history=1,
+        description="The tool catalogue (key: catalogue): every tool's schema, risk class and policy, "
+        "built-ins and mounted MCP tools, as the tool-executor serves them.",
     ),
     Bucket(
         "notes",

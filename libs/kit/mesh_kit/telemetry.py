@@ -29,6 +29,10 @@ M_LLM_CACHE_MISSES = "mesh.llm.cache.misses"
 M_TOKENS_STREAMED = "mesh.llm.tokens_streamed"  # text deltas forwarded to clients
 M_FENCED = "mesh.steps.fenced"  # stale work refused because another delivery moved the step on
 M_CALLS_REFUSED = "mesh.control.calls_refused"  # model/tool calls not made: halted, cancelled, kill switch, denied
+M_TOOL_DECISIONS = "mesh.tools.decisions"  # tool-policy decisions recorded as tool.audited
+M_INJECTION_FLAGGED = "mesh.guardrails.injection_flagged"  # untrusted text scored at or above the threshold
+M_RETRIEVAL_CACHE_HITS = "mesh.rag.cache.hits"  # retrievals answered from Redis for the current index version
+M_RETRIEVAL_CACHE_MISSES = "mesh.rag.cache.misses"
 # Budget service (counters with tenant/agent/provider/model attributes; see mesh_budget).
 M_BUDGET_TOKENS = "mesh.budget.tokens"  # attribute token.type = input | output | cached_input
 M_BUDGET_COST = "mesh.budget.cost"  # unit USD
