@@ -371,5 +371,5 @@ def _extract(hits: list[dict], query: str, n: int = 2) -> str:
 def _compose(messages: tuple[Message, ...]) -> str:
     """Answer step: stitch the inputs (prior step outputs) into one answer."""
     inputs = [m.content for m in messages if m.role == "user" and m.content.startswith("Input from ")]
-    parts = [i.split(":", 1)[1].strip() for i in inputs]
+    parts = [_unwrap(i.split(":", 1)[1].strip()) for i in inputs]  # the data, not its delimiters
     return " ".join(parts) if parts else _last(messages, "user")
