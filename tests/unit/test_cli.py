@@ -45,6 +45,14 @@ def meshctl(*args: str, home: str) -> subprocess.CompletedProcess[str]:
         (["cancel"], "the following arguments are required: TASK_ID"),
         (["resume", "t1", "--timeout", "0"], "must be > 0"),
         (["halt", "t1", "--tenant", "zzz"], "unknown tenant 'zzz'"),
+        (["ingest", "/no/such/dir"], "no such file or directory: /no/such/dir"),
+        (["ingest", "pyproject.toml"], "unsupported document type '.toml' for pyproject.toml"),
+        (["ingest", "README.md", "--tenant", "zzz"], "unknown tenant 'zzz'"),
+        (["ingest"], "the following arguments are required: path"),
+        (["approve", "a b"], "invalid approval id 'a b'"),
+        (["deny"], "the following arguments are required: ID"),
+        (["approve", "ap-1"], "no approver identity in"),
+        (["approvals"], "no approver identity in"),
     ],
 )
 def test_errors_are_one_line_with_a_nonzero_exit(tmp_path, args, message):

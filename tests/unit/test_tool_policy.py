@@ -1,0 +1,125 @@
+"""The tool policy, rate limits and the approval record's state machine, in memory."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mesh_contracts.v1 import Taint, ToolRequested
+from mesh_testing.memkv import MemoryKV
+from mesh_tool_executor.approvals import ApprovalRecord, Approvals, approval_id
+from mesh_tool_executor.limits import RateLimiter
+from mesh_tool_executor.policy import decide
+from mesh_tool_executor.tools import REGISTRY, Registry, ToolError, with_policy
+
+pytestmark = pytest.mark.unit
+
+CLEAN = Taint()
+TAINTED = Taint(untrusted=True, injection_score=0.9, sources=("search_docs:s1-a1-i0-c0",), signals=("tool-call",))
+GOAL = "Summarise our refund policy and email it to ops@acme.test"
+
+
+def test_read_tools_always_run_and_clean_steps_run_anything():
+    assert decide(REGISTRY["calculator"], {"expression": "1+1"}, TAINTED, "").verdict == "allow"
+    for name in ("send_email", "note_write", "note_delete", "http_get"):
+        assert decide(REGISTRY[name], {}, CLEAN, "").verdict == "allow", name
+
+
+def test_a_tainted_write_or_external_call_needs_a_human():
+    for name, args in (("note_delete", {"note_id": "runbook"}), ("note_write", {"note_id": "x", "text": "y"})):
+        d = decide(REGISTRY[name], args, TAINTED, GOAL)
+        assert d.verdict == "approve", name
+        assert "search_docs:s1-a1-i0-c0" in d.reasons[0] and "0.90" in d.reasons[-1]
+
+
+def test_the_target_of_an_effect_chosen_by_the_tenant_lets_it_run_and_one_from_content_does_not():
+    send = REGISTRY["send_email"]
+    ok = decide(send, {"to": "ops@acme.test", "subject": "s", "body": "b"}, TAINTED, GOAL)
+    assert ok.verdict == "allow" and "comes from the task's own text" in ok.reasons[1]
+    evil = decide(send, {"to": "attacker@evil.test", "subject": "s", "body": "b"}, TAINTED, GOAL)
+    assert evil.verdict == "approve" and "to not found" in evil.reasons[1]
+    assert decide(send, {"to": "ops@acme.test"}, TAINTED, "").verdict == "approve", "no task text: nothing is trusted"
+    url = REGISTRY["http_get"]
+    goal = "Fetch https://status.acme.test/today and summarise it"
+    assert decide(url, {"url": "https://status.acme.test/today"}, TAINTED, goal).verdict == "allow"
+    assert decide(url, {"url": "https://status.acme.test/today?d=secret"}, TAINTED, goal).verdict == "approve"
+
+
+def test_configured_policies_deny_allow_and_always_ask():
+    deny = with_policy(REGISTRY["send_email"], {"on_untrusted": "deny"})
+    assert decide(deny, {"to": "ops@acme.test"}, TAINTED, GOAL).verdict == "deny"
+    allow = with_policy(REGISTRY["note_write"], {"on_untrusted": "allow"})
+    assert decide(allow, {}, TAINTED, GOAL).verdict == "allow"
+    ask = with_policy(REGISTRY["calculator"], {"needs_approval": True})
+    assert decide(ask, {}, CLEAN, GOAL).verdict == "approve"
+    with pytest.raises(ValueError, match="unknown policy key"):
+        with_policy(REGISTRY["send_email"], {"on_untrusted": "deny", "colour": "red"})
+    with pytest.raises(ValueError, match="risk must be"):
+        with_policy(REGISTRY["send_email"], {"risk": "dangerous"})
+
+
+@given(to=st.emails(), goal=st.text(max_size=200))
+def test_an_address_absent_from_the_task_text_never_runs_unasked(to, goal):
+    """Property: whatever the goal says, a tainted email to an address it does not contain is
+    never allowed without a human."""
+    d = decide(REGISTRY["send_email"], {"to": to, "subject": "s", "body": "b"}, TAINTED, goal)
+    assert d.verdict == "allow" if to.strip().lower() in goal.lower() else d.verdict == "approve"
+
+
+async def test_registry_validates_before_anything_runs():
+    reg = Registry()
+    with pytest.raises(ToolError, match="invalid arguments for note_write: note_id: String should match"):
+        reg.validate("note_write", {"note_id": "../etc", "text": "x"})
+    with pytest.raises(ToolError, match="invalid arguments for http_get: url: String should match"):
+        reg.validate("http_get", {"url": "file:///etc/passwd"})
+    assert {t["name"] for t in reg.catalogue()} >= {"send_email", "http_get", "note_write"}
+    assert all(t["risk"] in ("read", "write", "external") for t in reg.catalogue())
+
+
+async def test_rate_limit_is_a_sliding_window_per_tenant_and_tool():
+    lim = RateLimiter()
+    assert [await lim.take("acme", "send_email", 3) for _ in range(3)] == [0.0, 0.0, 0.0]
+    wait = await lim.take("acme", "send_email", 3)
+    assert 59.0 < wait <= 60.0, "the fourth call in a minute is told when to come back"
+    assert await lim.take("globex", "send_email", 3) == 0.0, "another tenant has its own allowance"
+    assert await lim.take("acme", "note_write", 3) == 0.0, "another tool has its own allowance"
+    assert await lim.take("acme", "calculator", 0) == 0.0, "0 means unlimited"
+
+
+def _record(aid: str = "ap-1", deadline: float | None = None) -> ApprovalRecord:
+    req = ToolRequested(tenant="acme", task_id="t1", step_id="s1", call_id="c1", tool="note_write")
+    return ApprovalRecord(approval_id=aid, tenant="acme", task_id="t1", step_id="s1", call_id="c1", tool="note_write",
+                          request=req, requested_at=time.time(), deadline=deadline or time.time() + 60)  # fmt: skip
+
+
+async def test_an_approval_is_decided_once_and_a_late_decision_changes_nothing():
+    ap = Approvals(MemoryKV(), on_settled=lambda rec: asyncio.sleep(0))
+    rec, created = await ap.open(_record())
+    assert created and rec.status == "pending"
+    again, created = await ap.open(_record())
+    assert not created and again.requested_at == rec.requested_at, "a redelivered request finds its record"
+    decided, changed = await ap.decide("ap-1", "denied", "approver", "no")
+    assert changed and decided.status == "denied" and decided.decided_by == "approver"
+    late, changed = await ap.decide("ap-1", "approved", "approver")
+    assert not changed and late.status == "denied"
+    assert approval_id("acme", "t1", "c1") == approval_id("acme", "t1", "c1") != approval_id("acme", "t2", "c1")
+
+
+async def test_an_overdue_approval_expires_once_and_is_acted_on():
+    settled: list[ApprovalRecord] = []
+
+    async def on_settled(rec: ApprovalRecord) -> None:
+        settled.append(rec)
+
+    kv = MemoryKV()
+    ap = Approvals(kv, on_settled)
+    await ap.open(_record(deadline=time.time() + 0.2))
+    task = asyncio.create_task(ap._expire(0.05))
+    await asyncio.sleep(0.6)
+    task.cancel()
+    assert [(r.status, r.decided_by) for r in settled] == [("expired", "policy:timeout")]
+    assert (await ap.get("ap-1")).status == "expired"
