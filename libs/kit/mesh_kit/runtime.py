@@ -22,6 +22,7 @@ from pydantic import ValidationError
 
 from mesh_kit.bus import Mesh
 from mesh_kit.health import HealthServer
+from mesh_kit.logfilter import install as install_log_redaction
 from mesh_kit.settings import ServiceSettings
 
 Build = Callable[[Mesh], Awaitable[Any]]
@@ -38,6 +39,7 @@ def run_service(build: Build, service: str | None = None) -> None:
     logging.basicConfig(
         level=settings.log_level.upper(), format=f"%(asctime)s {settings.service} %(levelname)s %(name)s: %(message)s"
     )
+    install_log_redaction()  # secrets and PII never reach a log line, whoever logged them
     logging.getLogger("faststream").setLevel(logging.WARNING)
     asyncio.run(serve(settings, build))
 
