@@ -109,7 +109,9 @@ async def test_restart_the_broker_repeatedly_under_the_whole_mesh(infra):
     goal = (
         "How does AgentMesh avoid duplicate side effects? Also compute 17 * 23, and email the answer to ops@acme.test."
     )
-    mesh = ChaosMesh(infra, env={"MESH_ACK_WAIT_S": "30", "MESH_LOG_LEVEL": "WARNING"})
+    # every task sends one email: lift the default per-tenant email rate limit for the drill
+    no_limit = '{"send_email": {"rate_per_min": 0}}'
+    mesh = ChaosMesh(infra, env={"MESH_ACK_WAIT_S": "30", "MESH_LOG_LEVEL": "WARNING", "MESH_TOOL_POLICY": no_limit})
     mesh.start()
     await mesh.ready()
     recoveries: list[float] = []

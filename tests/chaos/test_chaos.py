@@ -23,7 +23,13 @@ pytestmark = pytest.mark.chaos
 FULL = os.environ.get("MESH_CHAOS") == "full"
 GOAL = "How does AgentMesh avoid duplicate side effects? Also compute 17 * 23, and email the answer to ops@acme.test."
 ACK_WAIT_S = 2.0
-ENV = {"MESH_ACK_WAIT_S": str(ACK_WAIT_S), "MESH_RETRY_DELAYS_S": "[0.2, 0.5, 1, 2]", "MESH_LOG_LEVEL": "WARNING"}
+ENV = {
+    "MESH_ACK_WAIT_S": str(ACK_WAIT_S),
+    "MESH_RETRY_DELAYS_S": "[0.2, 0.5, 1, 2]",
+    "MESH_LOG_LEVEL": "WARNING",
+    # hundreds of tasks a minute each send one email: lift the default per-tenant email rate limit
+    "MESH_TOOL_POLICY": '{"send_email": {"rate_per_min": 0}}',
+}
 
 
 @pytest.fixture(scope="module")

@@ -226,8 +226,10 @@ async def setup_case(infra: Infra, i: int, case: Case | None, attacker_url: str)
 
 
 def _tools_for(instruction: str) -> list[str]:
-    first = "search_docs" if "Search" in instruction else "http_get" if "Fetch" in instruction else "note_read"
-    return [first, *[t for t in TOOLS if t not in ("search_docs", "http_get", "note_read")]]
+    """The tools the attacker's instruction wants, plus the one the task reads with. Every task may
+    also search the docs: the checker owes every answer a citation."""
+    first = "http_get" if "Fetch" in instruction else "note_read" if "note" in instruction else "search_docs"
+    return ["search_docs", first, *[t for t in TOOLS if t not in ("search_docs", "http_get", "note_read")]]
 
 
 async def run_task(infra: Infra, tenant: str, task_id: str, instruction: str) -> TaskCompleted | object:

@@ -122,7 +122,10 @@ async def audits(infra: Infra, tenant: str, task_id: str) -> list[dict]:
 def write_task(note_id: str) -> str:
     """A step that reads a note whose text asks for a note write: the write is in a tainted
     step, so it waits for a human."""
-    return plan(f"#obey Read the note {note_id}", ["note_read", "note_write"])
+    return plan(
+        f"#obey Search the docs for the handbook and read the note {note_id}",
+        ["search_docs", "note_read", "note_write"],
+    )
 
 
 async def start_write_task(infra: Infra, task_id: str, target: str) -> asyncio.Task:

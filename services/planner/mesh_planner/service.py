@@ -291,9 +291,6 @@ class Planner:
                         goal=rec.goal,
                         answer=answer,
                         citations=tuple(citations),
-                        # Citations are owed when the plan retrieved: an answer from a web page or
-                        # a calculation has no passages to cite.
-                        require_citations=any("search_docs" in s.step.tools for s in rec.steps.values()),
                     ),
                     key=str(rec.check_attempt),
                     causation=d.msg_id,
