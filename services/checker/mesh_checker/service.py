@@ -17,18 +17,20 @@ class Checker:
     async def on_request(self, m: CheckRequested, d: Delivery) -> None:
         checks = run_checks(m)
         passed = all(c.passed for c in checks)
-        await self.mesh.publish(
-            CheckVerdict(tenant=m.tenant, task_id=m.task_id, attempt=m.attempt, passed=passed, checks=tuple(checks)),
-            key=str(m.attempt),
-            causation=d.msg_id,
-        )
         failed = [c.name for c in checks if not c.passed]
+        # The progress event first: the verdict ends the task, and a client following it stops
+        # at the outcome, so an event published after the verdict could arrive too late to be seen.
         await self.mesh.progress(
             m.tenant,
             m.task_id,
             "check.verdict",
             "passed " + ", ".join(c.name for c in checks) if passed else "failed " + ", ".join(failed),
             key=str(m.attempt),
+        )
+        await self.mesh.publish(
+            CheckVerdict(tenant=m.tenant, task_id=m.task_id, attempt=m.attempt, passed=passed, checks=tuple(checks)),
+            key=str(m.attempt),
+            causation=d.msg_id,
         )
 
 
