@@ -49,10 +49,12 @@ status: ## health and consumer lag of the running mesh
 submit: ## submit GOAL to the running mesh and follow it
 	$(BIN)/meshctl --home $(MESH_HOME) submit "$(GOAL)" --follow
 
-bench: setup ## sample-task, budget and model-gateway numbers vs their raw baselines, measured in the same run
+bench: setup ## task, budget, gateway and retrieval numbers vs their raw baselines, measured in the same run
 	$(BIN)/python bench/bench_task.py
 	$(BIN)/python bench/bench_budget.py
 	$(BIN)/python bench/bench_gateway.py
+	$(BIN)/python bench/bench_retrieval.py --rounds 5
+	$(BIN)/python bench/bench_rag_service.py --rounds 3
 
 chaos: setup ## the chaos suite at full size (CI runs it bounded inside make test); report in .bench/chaos.jsonl
 	@mkdir -p .bench && rm -f .bench/chaos.jsonl

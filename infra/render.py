@@ -94,7 +94,9 @@ def render_compose(ids: Identities) -> list[Path]:
         f"MESH_UID={os.getuid()}\n"
         f"MESH_GID={os.getgid()}\n"
         f"MESH_TENANTS={','.join(ids.tenants())}\n"
-        f"MESH_BUDGET_REDIS_URL={urls['budget']}\n",
+        f"MESH_BUDGET_REDIS_URL={urls['budget']}\n"
+        f"MESH_RAG_REDIS_URL={urls['rag']}\n"
+        f"MESH_TOOL_EXECUTOR_REDIS_URL={urls['tool-executor']}\n",
     )
     return [*written, out / "redis" / "users.acl", store, env]
 
