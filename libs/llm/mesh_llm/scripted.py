@@ -221,7 +221,7 @@ class ScriptedModel:
         awaited = AWAIT_CUE.search(instruction)
         if awaited and "await_step" in tools and not results:
             return "", (ToolCall("c0", "await_step", {"step_id": awaited.group(1)}),)
-        call = _next_call(instruction, tools, request.messages, {c.name for c in made})
+        call = _next_call(instruction, tools, request.messages, made)
         if call is not None:
             return "", (call,)
         if results:
@@ -296,10 +296,15 @@ def _injected(messages: tuple[Message, ...]) -> list[tuple[str, dict]]:
     return list(found.values())
 
 
-def _next_call(instruction: str, tools: set[str], messages: tuple[Message, ...], made: set[str]) -> ToolCall | None:
+def _next_call(
+    instruction: str, tools: set[str], messages: tuple[Message, ...], calls: list[ToolCall]
+) -> ToolCall | None:
     """The step's own next tool call: search first, then the email the instruction asks for (its
-    body is what the search found, or the inputs), then arithmetic or text statistics."""
+    body is what the search found, or the inputs), then arithmetic or text statistics. A call
+    someone else's text made (an email to another address) does not count as the step's own."""
     body = instruction.split(":", 1)[-1].strip()
+    made = {c.name for c in calls if c.name != "send_email"}
+    mailed = {str(c.arguments.get("to", "")) for c in calls if c.name == "send_email"}
     searched = [m for m in messages if m.role == "tool" and m.name == "search_docs"]
     if "search_docs" in tools and "search_docs" not in made:
         return ToolCall("c0", "search_docs", {"query": body, "top_k": 3})
@@ -308,7 +313,7 @@ def _next_call(instruction: str, tools: set[str], messages: tuple[Message, ...],
         return ToolCall("c0", "http_get", {"url": url.group(0)})
     if "note_read" in tools and "note_read" not in made and (n := NOTE.search(instruction)):
         return ToolCall("c0", "note_read", {"note_id": n.group(1)})
-    if "send_email" in tools and "send_email" not in made and (to := EMAIL.search(instruction)):
+    if "send_email" in tools and (to := EMAIL.search(instruction)) and to.group(0) not in mailed:
         if searched:
             text = _answer_from(searched[-1], instruction)
         elif read:
@@ -319,7 +324,7 @@ def _next_call(instruction: str, tools: set[str], messages: tuple[Message, ...],
             )
         return ToolCall("c0", "send_email", {"to": to.group(0), "subject": "Your AgentMesh answer",
                                              "body": _unwrap(text) or "(no answer)"})  # fmt: skip
-    if made:
+    if calls:
         return None
     if "calculator" in tools and (m := ARITHMETIC.search(instruction)):
         return ToolCall("c0", "calculator", {"expression": m.group(1)})
