@@ -23,6 +23,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+# isort: off
+import mesh_rag  # noqa: F401 - first: it sets the service's BLAS threading before numpy loads
+
+# isort: on
 import numpy as np
 
 from mesh_rag.embed import Embedder
