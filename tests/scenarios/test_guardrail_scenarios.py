@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from mesh_contracts.v1 import TaskCompleted
-from mesh_testing.chaos import ChaosMesh, report
+from mesh_testing.chaos import ChaosMesh, admin_mcp_config, report
 from mesh_testing.infra import Infra, running_infra
 
 pytestmark = pytest.mark.e2e
@@ -81,22 +81,21 @@ def infra() -> Iterator[Infra]:
 
 
 @pytest.fixture(scope="module")
-def admin_state(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("admin") / "settings.json"
-    path.write_text(json.dumps({"acme": {"refunds.policy": "standard"}, "globex": {"refunds.policy": "standard"}}))
-    return path
+def mcp(tmp_path_factory) -> tuple[Path, Path]:
+    return admin_mcp_config(
+        tmp_path_factory.mktemp("mcp"),
+        {"acme": {"refunds.policy": "standard"}, "globex": {"refunds.policy": "standard"}},
+    )
 
 
 @pytest.fixture(scope="module")
-def mesh(infra, admin_state, tmp_path_factory) -> Iterator[ChaosMesh]:
-    cfg = tmp_path_factory.mktemp("mcp") / "mcp.json"
-    cfg.write_text(json.dumps({"servers": [{
-        "name": "admin",
-        "command": "python",
-        "args": ["-m", "mesh_tool_executor.mcp_servers.admin"],
-        "env": {"MESH_ADMIN_STATE": str(admin_state)},
-        "tools": {"get_setting": {"risk": "read"}, "set_setting": {"risk": "write"}},
-    }]}))  # fmt: skip
+def admin_state(mcp) -> Path:
+    return mcp[1]
+
+
+@pytest.fixture(scope="module")
+def mesh(infra, mcp) -> Iterator[ChaosMesh]:
+    cfg = mcp[0]
     m = ChaosMesh(infra, env={**ENV, "MESH_MCP_CONFIG": str(cfg)})
     m.start()
     asyncio.run(m.ready())
@@ -111,23 +110,7 @@ def plan(instruction: str, tools: list[str] = TOOLS) -> str:
 
 async def stream_bodies(infra: Infra, stream: str, subject: str) -> list[tuple[str, dict]]:
     """Every stored message of ``stream`` matching ``subject``, as (subject, body)."""
-    nc = await infra.admin()
-    out: list[tuple[str, dict]] = []
-    try:
-        js = nc.jetstream()
-        sub = await js.subscribe(subject, stream=stream, ordered_consumer=True)
-        try:
-            while True:
-                try:
-                    msg = await sub.next_msg(timeout=0.5)
-                except TimeoutError:
-                    break
-                out.append((msg.subject, json.loads(msg.data)))
-        finally:
-            await sub.unsubscribe()
-    finally:
-        await nc.close()
-    return out
+    return [(m.subject, json.loads(m.data)) for m in await infra.stored(stream, subject)]
 
 
 async def emails_to(infra: Infra, tenant: str, address: str) -> int:

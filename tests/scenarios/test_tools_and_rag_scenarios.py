@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -27,7 +26,7 @@ import pytest
 from mesh_contracts.v1 import ApprovalDecided, RetrievalCompleted, TaskCompleted
 from mesh_kit import envelope as env
 from mesh_kit.identity import Signer
-from mesh_testing.chaos import ChaosMesh
+from mesh_testing.chaos import ChaosMesh, admin_mcp_config
 from mesh_testing.infra import Infra, running_infra
 from meshctl.approver import ApprovalError, Approver
 
@@ -42,20 +41,18 @@ def infra() -> Iterator[Infra]:
 
 
 @pytest.fixture(scope="module")
-def admin_state(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("admin") / "settings.json"
-    path.write_text(json.dumps({"acme": {"theme": "light"}, "globex": {"theme": "dark"}}))
-    return path
+def mcp(tmp_path_factory) -> tuple[Path, Path]:
+    return admin_mcp_config(tmp_path_factory.mktemp("mcp"), {"acme": {"theme": "light"}, "globex": {"theme": "dark"}})
 
 
 @pytest.fixture(scope="module")
-def mesh(infra, admin_state, tmp_path_factory) -> Iterator[ChaosMesh]:
-    cfg = tmp_path_factory.mktemp("mcp") / "mcp.json"
-    cfg.write_text(json.dumps({"servers": [{
-        "name": "admin", "command": sys.executable, "args": ["-m", "mesh_tool_executor.mcp_servers.admin"],
-        "env": {"MESH_ADMIN_STATE": str(admin_state)},
-        "tools": {"get_setting": {"risk": "read"}, "set_setting": {"risk": "write"}},
-    }]}))  # fmt: skip
+def admin_state(mcp) -> Path:
+    return mcp[1]
+
+
+@pytest.fixture(scope="module")
+def mesh(infra, mcp) -> Iterator[ChaosMesh]:
+    cfg = mcp[0]
     m = ChaosMesh(infra, env={**ENV, "MESH_MCP_CONFIG": str(cfg)})
     m.start()
     asyncio.run(m.ready())
@@ -105,18 +102,7 @@ async def pending(infra: Infra, task_id: str, within_s: float = 30.0) -> dict:
 
 
 async def audits(infra: Infra, tenant: str, task_id: str) -> list[dict]:
-    nc = await infra.admin()
-    try:
-        sub = await nc.jetstream().subscribe(f"tool.v1.{tenant}.{task_id}.audited", stream="TOOL",
-                                             ordered_consumer=True)  # fmt: skip
-        out = []
-        while True:
-            try:
-                out.append(json.loads((await sub.next_msg(timeout=0.5)).data))
-            except TimeoutError:
-                return out
-    finally:
-        await nc.close()
+    return [json.loads(m.data) for m in await infra.stored("TOOL", f"tool.v1.{tenant}.{task_id}.audited")]
 
 
 def write_task(note_id: str) -> str:
@@ -196,18 +182,7 @@ def test_a_pending_approval_survives_a_tool_executor_restart(infra, mesh):
 
 async def dead_letters(infra: Infra, subject: str) -> list[str]:
     """The reasons of the dead letters of one original subject."""
-    nc = await infra.admin()
-    try:
-        sub = await nc.jetstream().subscribe(f"dlq.*.{subject}", stream="DLQ", ordered_consumer=True)
-        out = []
-        while True:
-            try:
-                msg = await sub.next_msg(timeout=0.5)
-            except TimeoutError:
-                return out
-            out.append((msg.headers or {}).get(env.DLQ_REASON, ""))
-    finally:
-        await nc.close()
+    return [(m.headers or {}).get(env.DLQ_REASON, "") for m in await infra.stored("DLQ", f"dlq.*.{subject}")]
 
 
 def test_decisions_from_identities_that_may_not_approve_are_refused(infra, mesh):
@@ -314,18 +289,8 @@ def test_ingest_every_format_and_answer_with_provenance(infra, mesh):
 
 
 async def retrieval_events(infra: Infra, tenant: str, task_id: str) -> list[RetrievalCompleted]:
-    nc = await infra.admin()
-    try:
-        sub = await nc.jetstream().subscribe(f"rag.v1.{tenant}.{task_id}.completed", stream="RAG",
-                                             ordered_consumer=True)  # fmt: skip
-        out = []
-        while True:
-            try:
-                out.append(RetrievalCompleted.model_validate_json((await sub.next_msg(timeout=0.5)).data))
-            except TimeoutError:
-                return out
-    finally:
-        await nc.close()
+    stored = await infra.stored("RAG", f"rag.v1.{tenant}.{task_id}.completed")
+    return [RetrievalCompleted.model_validate_json(m.data) for m in stored]
 
 
 def test_reingest_replaces_old_chunks_and_the_cache_never_serves_a_stale_index(infra, mesh):

@@ -30,6 +30,7 @@ from mesh_contracts.v1.task import (
     TaskSubmitted,
 )
 from mesh_contracts.v1.work import (
+    DOCUMENT_TYPES,
     IngestCompleted,
     IngestRequested,
     RetrievalCompleted,
@@ -75,6 +76,7 @@ ALL = (
 
 __all__ = [c.__name__ for c in ALL] + [
     "ALL",
+    "DOCUMENT_TYPES",
     "CheckResult",
     "Citation",
     "PlanStep",

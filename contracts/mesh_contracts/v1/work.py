@@ -10,6 +10,15 @@ from mesh_contracts.base import CLIENT, ID_PATTERN, Contract, ContractSpec
 from mesh_contracts.v1.common import Citation, PlanStep, RetrievalHit, Taint, TokenUsage
 
 _EX = {"tenant": "acme", "task_id": "t-7f3a"}
+DOCUMENT_TYPES: dict[str, str] = {
+    ".md": "text/markdown",
+    ".markdown": "text/markdown",
+    ".txt": "text/plain",
+    ".html": "text/html",
+    ".htm": "text/html",
+    ".pdf": "application/pdf",
+}
+"""File suffix -> the media type an ``ingest.requested`` declares (the RAG service reads these)."""
 MAX_INGEST_B64 = 6_000_000
 """Largest base64 document one ingest message carries (about 4.5 MB of document; the mesh's
 nats-server allows 8 MB payloads)."""

@@ -22,7 +22,7 @@ import nats
 from nats.js.kv import KeyValue
 
 from mesh_contracts.base import ID_PATTERN
-from mesh_contracts.v1 import ProgressEvent, TaskCompleted, TaskFailed, TaskRejected, TokenDelta
+from mesh_contracts.v1 import DOCUMENT_TYPES, ProgressEvent, TaskCompleted, TaskFailed, TaskRejected, TokenDelta
 from mesh_kit.guard import CONTROL_BUCKET, GLOBAL_KEY, tenant_key
 from mesh_kit.settings import log_nats_error, nats_servers
 from meshctl import budget as spend
@@ -382,14 +382,7 @@ def cmd_control(args: argparse.Namespace) -> int:
     return asyncio.run(run())
 
 
-INGEST_TYPES = {
-    ".md": "text/markdown",
-    ".markdown": "text/markdown",
-    ".txt": "text/plain",
-    ".html": "text/html",
-    ".htm": "text/html",
-    ".pdf": "application/pdf",
-}
+INGEST_TYPES = DOCUMENT_TYPES
 INGEST_MAX_BYTES = 4_400_000  # what one ingest message carries, base64-encoded
 
 

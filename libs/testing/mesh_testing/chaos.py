@@ -12,9 +12,11 @@ import json
 import os
 import random
 import signal
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
 
@@ -167,3 +169,20 @@ def report(scenario: str, **facts: object) -> None:
     if out := os.environ.get("MESH_CHAOS_REPORT"):
         with open(out, "a") as f:
             f.write(line + "\n")
+
+
+def admin_mcp_config(directory: Path, settings: dict[str, dict[str, str]]) -> tuple[Path, Path]:
+    """A tool-executor MCP config mounting the example admin server (read ``get_setting``, write
+    ``set_setting``) with its state seeded from ``settings``; returns (config, state file)."""
+    state = directory / "settings.json"
+    state.write_text(json.dumps(settings))
+    config = directory / "mcp.json"
+    server = {
+        "name": "admin",
+        "command": sys.executable,
+        "args": ["-m", "mesh_tool_executor.mcp_servers.admin"],
+        "env": {"MESH_ADMIN_STATE": str(state)},
+        "tools": {"get_setting": {"risk": "read"}, "set_setting": {"risk": "write"}},
+    }
+    config.write_text(json.dumps({"servers": [server]}))
+    return config, state

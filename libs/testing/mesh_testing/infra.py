@@ -39,6 +39,21 @@ class Infra:
     nodes: list[local.Proc] = field(default_factory=list)  # binaries mode: the NATS servers we started
     redis: local.Proc | None = None
 
+    async def stored(self, stream: str, subject: str) -> list[nats.aio.msg.Msg]:
+        """Every message ``stream`` holds on ``subject`` (wildcards allowed), oldest first, read
+        with an ordered consumer as admin: what the mesh recorded, for a test to check."""
+        nc = await self.admin()
+        out = []
+        try:
+            sub = await nc.jetstream().subscribe(subject, stream=stream, ordered_consumer=True)
+            while True:
+                try:
+                    out.append(await sub.next_msg(timeout=0.5))
+                except TimeoutError:
+                    return out
+        finally:
+            await nc.close()
+
     async def spent(self, tenant: str, task_id: str) -> dict:
         """The budget service's accounted usage of one task (KV ``budget``), zero if none yet."""
         nc = await self.admin()

@@ -15,14 +15,9 @@ import re
 from html.parser import HTMLParser
 from pathlib import PurePath
 
-SUPPORTED: dict[str, str] = {
-    ".md": "text/markdown",
-    ".markdown": "text/markdown",
-    ".txt": "text/plain",
-    ".html": "text/html",
-    ".htm": "text/html",
-    ".pdf": "application/pdf",
-}
+from mesh_contracts.v1 import DOCUMENT_TYPES
+
+SUPPORTED: dict[str, str] = DOCUMENT_TYPES  # suffix -> media type, as the ingest contract declares
 _SUFFIXES = " ".join(SUPPORTED)
 _CHARSET = re.compile(rb"""charset\s*=\s*["']?\s*([A-Za-z0-9_.:-]+)""", re.IGNORECASE)
 
