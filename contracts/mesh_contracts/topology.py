@@ -108,6 +108,7 @@ BUCKETS: tuple[Bucket, ...] = (
     Bucket(
         "notes",
         writer="tool-executor",
+        watchers=("tool-executor",),  # note_list reads the tenant's keys
         history=5,
         description="Tenant-scoped notes written by the notes tools (<tenant>.<note>).",
     ),

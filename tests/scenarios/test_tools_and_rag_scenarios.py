@@ -383,3 +383,17 @@ def test_a_mounted_mcp_tool_acts_for_the_callers_tenant_only(infra, mesh, admin_
         assert json.loads(admin_state.read_text())["globex"]["theme"] == "dark"
 
     asyncio.run(main())
+
+
+def test_notes_are_listed_per_tenant(infra, mesh):
+    async def main():
+        await put_note(infra, "globex", "globex-only", "not for acme")
+        await put_note(infra, "acme", "acme-list", "mine")
+        async with infra.client("acme") as c:
+            seen = await c.submit(plan("Search the docs for the notes policy, then list notes", ["search_docs",
+                                                                                              "note_list"]),
+                                  task_id="notes-1", timeout=60)  # fmt: skip
+        listed = [e.message for e in seen.events if e.stage == "tool.completed" and e.message.startswith("note_list")]
+        assert listed and "acme-list" in listed[0] and "globex-only" not in listed[0], listed
+
+    asyncio.run(main())

@@ -60,7 +60,10 @@ def test_only_the_budget_watches_whole_streams_and_only_with_ephemeral_consumers
         creates = [s for s in POLICY[name].pub if s.startswith("$JS.API.CONSUMER.CREATE")]
         assert creates and all(s.count(".") == 4 for s in creates), creates
         assert not [s for s in POLICY[name].pub if "CONSUMER.DELETE" in s]
-    # the tool-executor and approvers watch the approvals bucket only, never a message stream
-    for name in ("tool-executor", "approver"):
-        creates = [s for s in POLICY[name].pub if s.startswith("$JS.API.CONSUMER.CREATE")]
-        assert creates == ["$JS.API.CONSUMER.CREATE.KV_approvals"]
+    # the tool-executor and approvers watch KV buckets only (approvals; notes for note_list), never a stream
+    creates = {n: [s for s in POLICY[n].pub if s.startswith("$JS.API.CONSUMER.CREATE")] for n in watchers}
+    assert creates["approver"] == ["$JS.API.CONSUMER.CREATE.KV_approvals"]
+    assert sorted(creates["tool-executor"]) == [
+        "$JS.API.CONSUMER.CREATE.KV_approvals",
+        "$JS.API.CONSUMER.CREATE.KV_notes",
+    ]

@@ -313,6 +313,8 @@ def _next_call(
         return ToolCall("c0", "http_get", {"url": url.group(0)})
     if "note_read" in tools and "note_read" not in made and (n := NOTE.search(instruction)):
         return ToolCall("c0", "note_read", {"note_id": n.group(1)})
+    if "note_list" in tools and "note_list" not in made and "list notes" in instruction.lower():
+        return ToolCall("c0", "note_list", {})
     if "send_email" in tools and (to := EMAIL.search(instruction)) and to.group(0) not in mailed:
         if searched:
             text = _answer_from(searched[-1], instruction)

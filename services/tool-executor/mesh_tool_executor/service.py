@@ -66,11 +66,18 @@ class KVNotes(Notes):
         return True
 
     async def list(self, tenant: str) -> list[str]:
+        # A watch on the tenant's own subjects, so the server filters (nats-py's keys(filters=)
+        # matches substrings on the client, after reading every tenant's keys).
+        watcher = await self.kv.watch(f"{tenant}.>", ignore_deletes=True, meta_only=True)
+        names = []
         try:
-            keys = await self.kv.keys(filters=[f"{tenant}.*"])
-        except Exception:  # noqa: BLE001 - nats-py raises NoKeysError for an empty bucket
-            return []
-        return sorted(k.split(".", 1)[1] for k in keys)
+            async for entry in watcher:
+                if entry is None:  # the initial values are done
+                    break
+                names.append(entry.key.split(".", 1)[1])
+        finally:
+            await watcher.stop()
+        return sorted(names)
 
 
 class Settings:
