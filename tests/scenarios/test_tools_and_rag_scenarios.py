@@ -335,6 +335,13 @@ def test_a_tenant_never_retrieves_another_tenants_chunks(infra, mesh):
             with pytest.raises((nats.errors.Error, TimeoutError)):
                 await a.publish(IngestRequested(tenant="globex", task_id="ing-x", doc_id="x.md",
                                                 media_type="text/markdown", content_b64="eA=="), within_s=2)  # fmt: skip
+        # the control: the same query from globex does find the document, so acme's empty
+        # answer is isolation, not a query that matches nothing
+        async with infra.client("globex") as g:
+            own = await g.submit(plan("Search the docs: codename BLUEHERON merger", ["search_docs"]),
+                                 task_id="xt-2", timeout=60)  # fmt: skip
+        assert isinstance(own.outcome, TaskCompleted) and "BLUEHERON" in own.outcome.answer, own.outcome
+        assert any(h.doc_id == "secret.md" for e in await retrieval_events(infra, "globex", "xt-2") for h in e.hits)
         events = await retrieval_events(infra, "acme", "xt-1")
         assert events and all(h.doc_id != "secret.md" for e in events for h in e.hits)
         assert "BLUEHERON" not in (getattr(seen.outcome, "answer", "") or "")

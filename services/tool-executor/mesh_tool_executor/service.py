@@ -21,7 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from mesh_contracts.v1 import ApprovalDecided, ApprovalRequested, Taint, ToolAudited, ToolCompleted, ToolRequested
+from mesh_contracts.v1 import ApprovalDecided, ApprovalRequested, ToolAudited, ToolCompleted, ToolRequested
 from mesh_kit import Delivery, Mesh
 from mesh_kit import state as st
 from mesh_kit import telemetry as tel
@@ -140,7 +140,8 @@ class ToolExecutor:
         await self.limiter.close()
 
     async def _mount_mcp(self, path: str) -> None:
-        from mesh_tool_executor.mcp_mount import McpMount, load_config
+        # Imported here: the MCP SDK takes ~1.7 s to import, a cost only a configured mount pays.
+        from mesh_tool_executor.mcp_mount import McpMount, McpToolError, load_config
 
         # "python" in a server's command means this interpreter (the tool-executor's own
         # environment, where a bundled server's package is installed), not whatever is on PATH.
@@ -152,9 +153,7 @@ class ToolExecutor:
         for mt in self.mcp.tools():
             overrides = {**mt.policy, **self.settings.policy.get(mt.name, {})}
 
-            async def run(args: Any, ctx: ToolContext, _name: str = mt.name, _t: float = 0.0) -> str:
-                from mesh_tool_executor.mcp_mount import McpToolError
-
+            async def run(args: Any, ctx: ToolContext, _name: str = mt.name) -> str:
                 tool = self.registry.get(_name)
                 try:
                     return await self.mcp.call(_name, dict(args), timeout_s=tool.timeout_s if tool else 30.0)
@@ -453,4 +452,4 @@ async def build(mesh: Mesh) -> ToolExecutor:
     return svc
 
 
-__all__ = ["KVNotes", "Settings", "Taint", "ToolExecutor", "build"]
+__all__ = ["KVNotes", "Settings", "ToolExecutor", "build"]

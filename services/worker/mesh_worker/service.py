@@ -250,11 +250,12 @@ class Worker:
         # Retrieved text is untrusted whatever it says; the highest passage score travels with it,
         # and the passages are scored together too (an instruction split across two of them).
         together = score_many([h.text for h in m.hits]) if m.hits else None
+        signals = [s for h in m.hits for s in h.injection_signals] + list(together.signals if together else ())
         taint = Taint(
             untrusted=True,
             injection_score=round(max([h.injection_score for h in m.hits] + [together.score if together else 0.0]), 3),
             sources=(f"{RETRIEVAL_TOOL}:{m.call_id}",),
-            signals=tuple(dict.fromkeys(s for h in m.hits for s in h.injection_signals)),
+            signals=tuple(dict.fromkeys(signals)),
         )
         await self.observe(m.tenant, m.task_id, m.step_id, m.call_id, RETRIEVAL_TOOL, json.dumps(hits), citations, d,
                            taint=taint)  # fmt: skip
