@@ -10,8 +10,10 @@ from mesh_contracts.v1.common import (
     Citation,
     PlanStep,
     RetrievalHit,
+    StepResult,
     Taint,
     TaskLimits,
+    TaskPolicy,
     TokenUsage,
 )
 from mesh_contracts.v1.control import (
@@ -80,6 +82,8 @@ __all__ = [c.__name__ for c in ALL] + [
     "CheckResult",
     "Citation",
     "PlanStep",
+    "StepResult",
+    "TaskPolicy",
     "RetrievalHit",
     "Taint",
     "TaskLimits",

@@ -64,6 +64,8 @@ class UsageRecorded(Contract):
     error: str = ""
     """Set when the call failed (provider error, timeout): the attempt is accounted, with
     whatever tokens the provider billed, and counts toward the provider's error rate."""
+    prompt_version: str = ""
+    """Version of the prompt the call was made with (``<prompt id>@<version>+<digest>``)."""
     handed_on: bool = False
     """The failed attempt was retried, or the call handed to the next model of its fallback
     chain: it counts toward the provider's error rate, but not toward the task's retry storm

@@ -7,7 +7,7 @@ from typing import ClassVar, Literal
 from pydantic import ConfigDict, Field
 
 from mesh_contracts.base import Contract, ContractSpec
-from mesh_contracts.v1.common import CheckResult, Citation, TokenUsage
+from mesh_contracts.v1.common import CheckResult, Citation, StepResult, TaskPolicy, TokenUsage
 
 _EX = {"tenant": "acme", "task_id": "t-7f3a"}
 
@@ -45,6 +45,14 @@ class CheckRequested(Contract):
     """Whether an answer without citations fails."""
     max_length: int = 8000
     """Upper bound on the answer's length in characters."""
+    policy: TaskPolicy = TaskPolicy()
+    """The task's policy (forbidden terms, length bounds, output schema, judge rubric)."""
+    steps: tuple[StepResult, ...] = ()
+    """Every step's result: each is checked too (schema, citations, grounding, PII, terms)."""
+    answer_step: str = ""
+    """The step whose output is ``answer``."""
+    prompt_versions: dict[str, str] = {}
+    """Prompt version per agent role that shaped the answer (``planner``, ``worker``)."""
 
 
 class CheckVerdict(Contract):
@@ -73,3 +81,11 @@ class CheckVerdict(Contract):
     checks: tuple[CheckResult, ...] = ()
     usage: TokenUsage = TokenUsage()
     """Model usage of the check (LLM-as-judge)."""
+    judge_model: str = ""
+    """``provider/model`` of the judge, when the judge ran."""
+    judge_score: float | None = None
+    """The judge's score in [0, 1], when the judge ran."""
+    failed_steps: tuple[str, ...] = ()
+    """Steps whose own results failed a check (the planner redoes these and their dependents)."""
+    prompt_versions: dict[str, str] = {}
+    """Prompt version per agent role, including the judge's (``judge``)."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -135,6 +135,9 @@ class PlanStep(_Value):
     difficulty: Literal["", "easy", "normal", "hard"] = ""
     """How hard the step is, as the planner judged it; the model gateway routes it to a cheaper
     or a stronger model chain by this ('' = the default route)."""
+    output_schema: dict[str, Any] | None = None
+    """JSON Schema the step's output must match (the output is then a JSON document); the
+    checker verifies it."""
 
 
 class CheckResult(_Value):
@@ -147,3 +150,45 @@ class CheckResult(_Value):
     """Why it passed or failed, readable by an operator."""
     score: float | None = None
     """Optional numeric score in [0, 1]."""
+    step_id: str = ""
+    """The step whose result was checked; empty for a check of the final answer."""
+
+
+class TaskPolicy(_Value):
+    """What the checker holds a task's answer to (beyond the checks every answer gets)."""
+
+    forbidden_terms: tuple[str, ...] = ()
+    """Words or phrases no step result or answer may contain (case-insensitive, whole words)."""
+    require_citations: bool | None = None
+    """Whether the answer must cite retrieved passages; ``None`` (the default): exactly when some
+    step of the task retrieved passages."""
+    min_length: int = Field(0, ge=0)
+    """Lower bound on the answer's length in characters."""
+    max_length: int = Field(8000, gt=0)
+    """Upper bound on the answer's length in characters."""
+    output_schema: dict[str, Any] | None = None
+    """JSON Schema the final answer must match (the answer is then a JSON document)."""
+    rubric: str = Field("", max_length=4000)
+    """What the LLM judge grades the answer against; empty: the judge prompt's default rubric."""
+    judge: bool = True
+    """Whether the LLM-as-judge runs (after the property checks pass)."""
+    judge_min_score: float = Field(0.6, ge=0.0, le=1.0)
+    """Lowest judge score (0..1) that passes."""
+    grounding_min_support: float = Field(0.6, ge=0.0, le=1.0)
+    """Lowest share of a claim's content words found in its cited passages (or, for a claim
+    with no reference, in the task's evidence) for the claim to count as grounded."""
+
+
+class StepResult(_Value):
+    """One completed step's result, as the planner sends it to the checker."""
+
+    step_id: str = Field(pattern=ID_PATTERN)
+    kind: str = "research"
+    output: str = ""
+    citations: tuple[Citation, ...] = ()
+    output_schema: dict[str, Any] | None = None
+    tools: tuple[str, ...] = ()
+    """Tools the step called, in order."""
+    models: tuple[str, ...] = ()
+    """``provider/model`` of the model calls that produced the output."""
+    prompt_version: str = ""

@@ -7,7 +7,7 @@ from typing import ClassVar, Literal
 from pydantic import ConfigDict, Field
 
 from mesh_contracts.base import CLIENT, Contract, ContractSpec
-from mesh_contracts.v1.common import Citation, PlanStep, TaskLimits, TokenUsage
+from mesh_contracts.v1.common import CheckResult, Citation, PlanStep, TaskLimits, TaskPolicy, TokenUsage
 
 _EX = {"tenant": "acme", "task_id": "t-7f3a"}
 
@@ -37,6 +37,8 @@ class TaskSubmitted(Contract):
     """Ceilings for this task; defaults apply when omitted."""
     labels: dict[str, str] = {}
     """Free-form labels copied to events and metrics (e.g. ``{"team": "support"}``)."""
+    policy: TaskPolicy = TaskPolicy()
+    """What the checker holds the answer to: forbidden terms, length, schema, judge rubric."""
 
 
 class TaskRejected(Contract):
@@ -140,6 +142,16 @@ class TaskCompleted(Contract):
     """Number of plan steps executed."""
     elapsed_s: float | None = None
     """Seconds from submission to completion, as measured by the planner."""
+    checks: tuple[CheckResult, ...] = ()
+    """The checker's last verdict, check by check (empty when the task ended before a check)."""
+    judge_score: float | None = None
+    """The LLM judge's score of the last checked answer, when the judge ran."""
+    prompt_versions: dict[str, str] = {}
+    """Prompt version per agent role used by the task's model calls (``planner``, ``worker``, ``judge``)."""
+    tools: tuple[str, ...] = ()
+    """Tool calls the task's steps made, in step order."""
+    revisions: int = 0
+    """How many times the checker sent the answer back before this outcome."""
 
 
 class TaskFailed(Contract):
@@ -172,3 +184,13 @@ class TaskFailed(Contract):
     """The step that caused the failure, when one did."""
     usage: TokenUsage = TokenUsage()
     """Tokens and cost spent before the failure."""
+    checks: tuple[CheckResult, ...] = ()
+    """The checker's last verdict, check by check (empty when the task ended before a check)."""
+    judge_score: float | None = None
+    """The LLM judge's score of the last checked answer, when the judge ran."""
+    prompt_versions: dict[str, str] = {}
+    """Prompt version per agent role used by the task's model calls (``planner``, ``worker``, ``judge``)."""
+    tools: tuple[str, ...] = ()
+    """Tool calls the task's steps made, in step order."""
+    revisions: int = 0
+    """How many times the checker sent the answer back before this outcome."""

@@ -92,6 +92,12 @@ class StepCompleted(Contract):
     """Model usage of this step."""
     iterations: int = 0
     """Model calls the agent loop made."""
+    tools: tuple[str, ...] = ()
+    """Tools the step called, in order."""
+    models: tuple[str, ...] = ()
+    """``provider/model`` of the step's model calls (the checker's judge avoids these by default)."""
+    prompt_version: str = ""
+    """Version of the worker prompt the step ran with (``worker.system@3+ab12cd34``)."""
 
 
 class StepFailed(Contract):

@@ -168,6 +168,11 @@ class Mesh:
         self._on_start: list[Callable[[], Awaitable[None]]] = []
         self._on_stop: list[Callable[[], Awaitable[None]]] = []
 
+    @property
+    def meter(self) -> Any:
+        """The service's OTel meter, for instruments with their own attributes (histograms)."""
+        return self._meter
+
     def count(self, name: str) -> None:
         """Both views of one count: the OTel metric (exported) and /status (local, instant)."""
         self.stats.counters[name] += 1

@@ -39,6 +39,11 @@ M_BUDGET_COST = "mesh.budget.cost"  # unit USD
 M_BUDGET_CALLS = "mesh.budget.calls"  # attribute outcome = ok | error
 M_BUDGET_RESERVATIONS = "mesh.budget.reservations"  # attribute outcome = granted | denied, code
 M_BUDGET_TRIPS = "mesh.budget.trips"  # breaker trips, deadlocks, stalls; attribute kind
+# Checker (online evaluation; attributes mesh.tenant, gen_ai.agent.name, mesh.prompt.version).
+M_CHECK_VERDICTS = "mesh.check.verdicts"  # attribute outcome = passed | failed
+M_CHECK_RESULTS = "mesh.check.results"  # one per property check; attributes check, outcome, scope
+M_CHECK_JUDGE_SCORE = "mesh.check.judge.score"  # histogram of LLM-judge scores in [0, 1]
+M_CHECK_GROUNDING = "mesh.check.grounding"  # histogram of an answer's lowest claim support in [0, 1]
 ERROR_TYPE = "error.type"
 
 # Span attribute names.
@@ -48,6 +53,7 @@ A_STEP = "mesh.step_id"
 A_MSG_TYPE = "mesh.message.type"
 A_ATTEMPT = "mesh.llm.attempt"  # 1-based attempt number within one logical model call
 A_ROUTE = "mesh.llm.route"  # the gateway route (tier) the call took
+A_PROMPT_VERSION = "mesh.prompt.version"  # <prompt id>@<version>+<digest> of the prompt a call was built from
 
 # GenAI semantic-convention names, as plain strings: the semconv package constants moved
 # to the GenAI conventions repository and are marked deprecated.

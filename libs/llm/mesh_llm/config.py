@@ -272,7 +272,8 @@ def from_env(environ: Mapping[str, str] | None = None) -> Gateway:
         return build_gateway(load_config(path), environ=env)
     choice = env.get("MESH_MODEL", "scripted").strip() or "scripted"
     if choice == "scripted":
-        return Gateway({"default": [ScriptedModel()]})
+        # The judge on another model than the one it judges, as a real deployment would have it.
+        return Gateway({"default": [ScriptedModel()], "judge": [ScriptedModel("scripted-judge")]})
     raise ConfigError(
         f"MESH_MODEL={choice!r} needs a model config: set MESH_MODEL_CONFIG to a YAML/JSON file"
         " declaring its provider, pinned model id and routes (MESH_MODEL=scripted needs none)"

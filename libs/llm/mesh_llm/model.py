@@ -66,6 +66,9 @@ class ModelRequest:
     """Routing hint for model tiering: ``easy`` | ``normal`` | ``hard`` ('' = the default route)."""
     cache: bool = False
     """Opt in to the response cache: an identical request (same tenant) is answered from it."""
+    prompt_version: str = ""
+    """Reference of the versioned prompt the request was built from (``planner.plan@1+ab12cd34``);
+    recorded on the call's span and usage record. Not part of the fingerprint: the text is."""
 
     def fingerprint(self) -> dict[str, Any]:
         """Everything that determines the answer (the cache key is a hash of this)."""

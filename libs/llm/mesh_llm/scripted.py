@@ -67,6 +67,8 @@ class ScriptedModel:
             )
         if request.agent == "planner":
             content, calls = self._plan(request), ()
+        elif request.agent == "judge":
+            content, calls = _judge(request), ()
         else:
             content, calls = self._work(request)
         out_tokens = min(
@@ -380,3 +382,72 @@ def _compose(messages: tuple[Message, ...]) -> str:
     inputs = [m.content for m in messages if m.role == "user" and m.content.startswith("Input from ")]
     parts = [_unwrap(i.split(":", 1)[1].strip()) for i in inputs]  # the data, not its delimiters
     return " ".join(parts) if parts else _last(messages, "user")
+
+
+# --- judge ----------------------------------------------------------------------------------
+
+STOP = frozenset(
+    "about also and answer are been but can does document documentation each for from has have how into "
+    "its more not says than that the their them then there these they this what when where which while "
+    "who why will with would your".split()
+)
+REFERENCE = re.compile(r"\[[^\[\]#]+#[^\[\]]+\]")
+QUOTED = re.compile(r"[\"\u201c]([^\"\u201d]{2,80})[\"\u201d]")
+NO_ANSWER = re.compile(
+    r"\b(nothing on this|does not (say|mention|cover)|no information|cannot find|don't know)\b", re.I
+)
+
+
+def _stems(text: str) -> set[str]:
+    return {w.rstrip("s") for w in WORD.findall(text.lower()) if len(w) > 2 and w not in STOP}
+
+
+def _judge(request: ModelRequest) -> str:
+    """A deterministic reviewer: relevance to the goal, support of each sentence by the
+    passages, honesty when the passages lack the answer, and the rubric's quoted must /
+    must-not phrases. Crude next to a real model, which is what calibration is there to show."""
+    system = next((m.content for m in request.messages if m.role == "system"), "")
+    rubric = system.split("rubric:", 1)[-1].split("Reply with JSON", 1)[0]
+    try:
+        case = json.loads(_last(request.messages, "user"))
+    except json.JSONDecodeError:
+        return json.dumps({"score": 0, "verdict": "fail", "reasons": ["unreadable case"]})
+    goal, answer = str(case.get("goal", "")), str(case.get("answer", ""))
+    passages = " ".join(_unwrap(str(p)) for p in case.get("passages", ()))
+    reasons, parts, hard_fail = [], [], False
+    text = REFERENCE.sub("", answer)
+    wanted, said, known = _stems(ARITHMETIC.sub("", goal)), _stems(text), _stems(passages)
+    relevance = min(1.0, 2 * len(wanted & said) / len(wanted)) if wanted else 1.0
+    parts.append(relevance)
+    reasons.append(f"relevance {relevance:.2f}: shares {len(wanted & said)} of {len(wanted)} goal words")
+    if not text.strip():
+        return json.dumps({"score": 0, "verdict": "fail", "reasons": ["the answer is empty"]})
+    if NO_ANSWER.search(text):
+        honest = len(wanted & known) < max(1, len(wanted) // 2)
+        parts.append(1.0 if honest else 0.0)
+        reasons.append(
+            "says it has no answer" + (" and the passages agree" if honest else " but the passages cover it")
+        )
+        hard_fail = hard_fail or not honest
+    elif known:
+        sentences = [x for x in re.split(r"(?<=[.!?])\s+", text) if len(_stems(x)) >= 3]
+        supported = [x for x in sentences if len(_stems(x) & known) / len(_stems(x)) >= 0.6]
+        unsupported = [x for x in sentences if x not in supported]
+        share = len(supported) / len(sentences) if sentences else 1.0
+        parts.append(share)
+        reasons.append(f"grounding {share:.2f}: {len(supported)} of {len(sentences)} sentences supported")
+        if unsupported and not ARITHMETIC.search(unsupported[0]):
+            reasons.append(f"unsupported: {unsupported[0][:80]}")
+            hard_fail = hard_fail or share < 0.5
+    for line in rubric.splitlines():
+        low = line.lower()
+        for phrase in QUOTED.findall(line):
+            present = phrase.lower() in answer.lower()
+            must_not = "must not" in low or "never" in low or "no mention" in low
+            ok = not present if must_not else present
+            parts.append(1.0 if ok else 0.0)
+            hard_fail = hard_fail or not ok
+            reasons.append(f"{'must not' if must_not else 'must'} mention {phrase!r}: {'met' if ok else 'not met'}")
+    score = round(sum(parts) / len(parts), 3)
+    verdict = "fail" if hard_fail or score < 0.6 else "pass"
+    return json.dumps({"score": score, "verdict": verdict, "reasons": reasons})

@@ -38,6 +38,7 @@ from mesh_contracts.v1 import (
     TaskSubmitted,
 )
 from mesh_kit import Delivery, Mesh
+from mesh_kit import prompts
 from mesh_kit import state as st
 from mesh_kit.ledger import BUCKET as LEDGER
 from mesh_kit.ledger import Ledger
@@ -46,12 +47,7 @@ from mesh_kit.state import OutboxItem, StepState, TaskRecord
 from mesh_llm import ChatModel, ContextOverflow, Message, ModelRequest
 
 log = logging.getLogger("mesh.planner")
-PLANNER_PROMPT = (
-    "You are the planner of a multi-agent system. Break the user's goal into at most {max_steps} steps "
-    'and answer with JSON only: {{"steps": [{{"step_id", "kind", "instruction", "tools", "depends_on", '
-    '"difficulty"}}]}}. difficulty is easy, normal or hard (it picks a cheaper or a stronger model). '
-    "Tools: search_docs (retrieval over the tenant's documents), calculator, text_stats."
-)
+PLAN_PROMPT = prompts.load("mesh_planner", "plan")
 
 
 def _out(rec: TaskRecord, msg: Contract, key: str, causation: str = "") -> None:
@@ -217,8 +213,9 @@ class Planner:
         if rec.status != "planning":
             return
         request = ModelRequest(
-            (Message("system", PLANNER_PROMPT.format(max_steps=m.limits.max_steps)), Message("user", m.goal)),
+            (Message("system", PLAN_PROMPT.render(max_steps=m.limits.max_steps)), Message("user", m.goal)),
             agent="planner",
+            prompt_version=PLAN_PROMPT.ref,
             # what a plan of max_steps steps can need, not more: the reservation is the worst case
             max_tokens=plan_max_tokens(m.limits.max_steps),
         )

@@ -1,0 +1,107 @@
+"""LLM-as-judge: the request the judge model gets and how its reply is read.
+
+Shared by the checker service (online, through the budgeted model gateway) and by
+``meshctl eval calibrate`` (offline, against human-labelled answers), so the judge that is
+calibrated is the judge that runs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+
+from mesh_kit import prompts
+from mesh_kit.injection import delimit
+from mesh_llm import ChatModel, Message, ModelRequest
+
+JUDGE_PROMPT = prompts.load("mesh_checker", "judge")
+DEFAULT_RUBRIC = prompts.load("mesh_checker", "rubric")
+MAX_PASSAGE_CHARS = 1500
+MAX_PASSAGES = 8
+
+
+class JudgeReplyError(ValueError):
+    """The judge model's reply is not the JSON verdict the prompt asks for."""
+
+
+@dataclass(frozen=True)
+class JudgeInput:
+    goal: str
+    answer: str
+    rubric: str = ""
+    """Empty: the default rubric (``prompts/rubric.md``)."""
+    passages: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Judgement:
+    score: float
+    """0..1."""
+    passed: bool
+    reasons: tuple[str, ...] = ()
+    model: str = ""
+    """``provider/model`` that judged."""
+    prompt_version: str = field(default_factory=lambda: JUDGE_PROMPT.ref)
+
+
+def rubric_of(inp: JudgeInput) -> str:
+    return inp.rubric.strip() or DEFAULT_RUBRIC.text
+
+
+def request(inp: JudgeInput, *, max_tokens: int = 300) -> ModelRequest:
+    """The judge call: the prompt (with the rubric) as system, the case as a JSON user message.
+    Passages are untrusted text and are delimited as such."""
+    case = {
+        "goal": inp.goal,
+        "answer": inp.answer,
+        "passages": [delimit(p[:MAX_PASSAGE_CHARS], source="passage") for p in inp.passages[:MAX_PASSAGES]],
+    }
+    return ModelRequest(
+        (
+            Message("system", JUDGE_PROMPT.render(rubric=rubric_of(inp))),
+            Message("user", json.dumps(case, ensure_ascii=False)),
+        ),
+        max_tokens=max_tokens,
+        agent="judge",
+        step="judge",
+        temperature=0.0,
+        prompt_version=JUDGE_PROMPT.ref,
+    )
+
+
+JSON_OBJECT = re.compile(r"\{.*\}", re.S)
+
+
+def parse(text: str, *, min_score: float, model: str = "") -> Judgement:
+    """Read the judge's reply. Tolerates prose or a code fence around the JSON object; a score on
+    a 1-5 or 0-10 scale is normalised; a verdict and a score that disagree fail (strict)."""
+    m = JSON_OBJECT.search(text or "")
+    if not m:
+        raise JudgeReplyError(f"judge reply has no JSON object: {text[:120]!r}")
+    try:
+        raw = json.loads(m.group(0))
+    except json.JSONDecodeError as exc:
+        raise JudgeReplyError(f"judge reply is not valid JSON ({exc.msg}): {text[:120]!r}") from None
+    if not isinstance(raw, dict) or "score" not in raw:
+        raise JudgeReplyError(f"judge reply has no score: {text[:120]!r}")
+    try:
+        score = float(raw["score"])
+    except (TypeError, ValueError):
+        raise JudgeReplyError(f"judge score {raw['score']!r} is not a number") from None
+    if score > 1.0:
+        score = score / 5.0 if score <= 5.0 else score / 10.0
+    score = min(1.0, max(0.0, score))
+    verdict = str(raw.get("verdict", "")).strip().lower()
+    reasons = raw.get("reasons", ())
+    if isinstance(reasons, str):
+        reasons = (reasons,)
+    reasons = tuple(str(r)[:300] for r in reasons if str(r).strip())[:10]
+    passed = score >= min_score and verdict != "fail"
+    return Judgement(round(score, 4), passed, reasons, model)
+
+
+async def judge_with(model: ChatModel, inp: JudgeInput, *, min_score: float = 0.6) -> Judgement:
+    """Judge one case with ``model`` directly (no mesh, no budget): what calibration uses."""
+    response = await model.complete(request(inp))
+    return parse(response.content, min_score=min_score, model=f"{response.provider}/{response.model}")
