@@ -148,6 +148,14 @@ WATCHERS: dict[str, tuple[str, ...]] = {
 shared durable): the budget service derives breakers, deadlocks and stalls from them."""
 
 
+RECORD_READERS: dict[str, tuple[str, ...]] = {
+    "checker": ("rag",),
+}
+"""Services that read single stored messages of a domain by subject (``STREAM.MSG.GET``, no
+consumer): the checker reads the passages the rag service returned for the task it checks,
+so a citation resolves against what rag signed, not against what a worker claims."""
+
+
 def stream_contracts() -> list[type[Contract]]:
     """Every contract that travels on JetStream (all versions)."""
     return [c for cs in VERSIONS.values() for c in cs if c.spec.transport == "stream"]

@@ -55,7 +55,14 @@ async def test_a_task_runs_through_every_service_and_is_accounted(e2e_mesh):
     assert "391" in out.answer, "the tool call's result reached the answer"
     assert out.citations and {c.doc_id for c in out.citations} <= SAMPLE_DOCS, "cited passages come from the index"
     assert all(f"[{c.doc_id}#{c.chunk_id}]" in out.answer for c in out.citations)
-    assert out.steps == 3 and out.usage.calls == 6 and out.usage.total_tokens > 0
+    # planner 1, s1 2 (search, answer), s2 2 (calculator, answer), s3 1, the checker's judge 1
+    assert out.steps == 3 and out.usage.calls == 7 and out.usage.total_tokens > 0
+    assert out.tools == ("search_docs", "calculator") and out.judge_score is not None
+    assert out.prompt_versions["planner"].startswith("planner.plan@")
+    assert out.prompt_versions["worker"].startswith("worker.system@")
+    assert out.prompt_versions["judge"].startswith("checker.judge@")
+    assert {c.name for c in out.checks} >= {"citations_resolve", "grounded", "no_pii", "judge"}
+    assert any(c.step_id == "s1" for c in out.checks), "the step results were checked too"
     sources = {e.source for e in seen.events}
     assert sources >= {"planner", "worker", "rag", "tool-executor", "checker"}, sources
     stages = [e.stage for e in seen.events]
@@ -66,10 +73,11 @@ async def test_a_task_runs_through_every_service_and_is_accounted(e2e_mesh):
     assert usage["total"]["input_tokens"] == out.usage.input_tokens
     assert usage["total"]["output_tokens"] == out.usage.output_tokens
     assert usage["by_agent"]["planner/planner"]["calls"] == 1 and usage["by_agent"]["worker/worker"]["calls"] == 5
+    assert usage["by_agent"]["checker/judge"]["calls"] == 1, "the judge's call is paid for and accounted too"
     # priced from the versioned table (the scripted model has a notional price), per step too
     assert usage["total"]["cost_usd"] == pytest.approx(out.usage.cost_usd) and out.usage.cost_usd > 0
-    assert set(usage["by_step"]) == {"plan", "s1", "s2", "s3"}
-    assert sum(s["calls"] for s in usage["by_step"].values()) == 6
+    assert set(usage["by_step"]) == {"plan", "s1", "s2", "s3", "check"}
+    assert sum(s["calls"] for s in usage["by_step"].values()) == 7
     # and the client saw the calls' accounting as it happened (the last may land after the outcome)
     accounted = [e for e in seen.events if e.stage == "budget.usage"]
     assert len(accounted) >= 4 and all(e.source == "budget" for e in accounted)

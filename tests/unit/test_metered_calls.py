@@ -3,7 +3,7 @@ GenAI spans and redacted content capture, driven through a real Gateway."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pytest
@@ -117,3 +117,36 @@ async def test_any_other_denial_stops_the_call():
         await call_model(mesh, models(), REQUEST, step_id="s1", call_id="c3", **T)  # type: ignore[arg-type]
     assert exc.value.code == "tokens"
     assert [r.model for r in mesh.reserved] == ["scripted-judge"], "no fallback around a budget ceiling"
+
+
+async def test_the_prompt_version_is_on_every_attempts_span_and_usage_record_and_on_a_ledger_replay():
+    from mesh_kit import prompts
+    from mesh_kit.ledger import Ledger
+    from mesh_kit.metered import call_model_once
+    from mesh_testing.memkv import MemoryKV
+
+    ref = prompts.load("mesh_worker", "system").ref
+    assert ref.startswith("worker.system@1+")
+    request = replace(REQUEST, prompt_version=ref)
+    mesh = FakeMesh()
+    ledger = Ledger(MemoryKV(), "worker")
+    await call_model_once(mesh, ledger, models(), request, step_id="s1", call_id="c4", **T)  # type: ignore[arg-type]
+    spans = mesh.spans.get_finished_spans()
+    assert len(spans) == 3, "two failed attempts on the primary, then the fallback"
+    assert [s.attributes["mesh.prompt.version"] for s in spans] == [ref] * 3
+    records = [m for m in mesh.published if isinstance(m, UsageRecorded)]
+    assert [(r.model, bool(r.error), r.prompt_version) for r in records] == [
+        ("scripted-judge", True, ref),
+        ("scripted-judge", True, ref),
+        ("scripted-1", False, ref),
+    ]
+    # a redelivery served from the ledger re-publishes the usage record, with the version too
+    mesh.published.clear()
+    await call_model_once(mesh, ledger, models(), request, step_id="s1", call_id="c4", **T)  # type: ignore[arg-type]
+    (replayed,) = [m for m in mesh.published if isinstance(m, UsageRecorded)]
+    assert (replayed.call_id, replayed.prompt_version) == ("c4", ref)
+    # a request built from no versioned prompt records none, and its span has no such attribute
+    mesh = FakeMesh()
+    await call_model(mesh, models(), REQUEST, step_id="s1", call_id="c5", **T)  # type: ignore[arg-type]
+    assert all("mesh.prompt.version" not in s.attributes for s in mesh.spans.get_finished_spans())
+    assert {m.prompt_version for m in mesh.published if isinstance(m, UsageRecorded)} == {""}

@@ -6,7 +6,9 @@ max_tokens, priced for that model) from the budget service first; a denial means
 not made (a denial because the budget's provider circuit is open sends the gateway on to the
 next model). The actual usage is then published (``usage.recorded``, keyed by the
 deterministic call id so a redelivery is counted once) and settles the reservation; a failed
-attempt publishes one too, with its error.
+attempt publishes one too, with its error. The request's ``prompt_version`` (the ref of the
+versioned prompt it was built from, ``mesh_kit.prompts``) goes on every attempt's span
+(``mesh.prompt.version``) and every usage record.
 """
 
 from __future__ import annotations
@@ -163,6 +165,7 @@ def _usage_message(mesh: Mesh, request: ModelRequest, response: ModelResponse, u
         cost_usd=usage.cost_usd,
         price_table=prices.current().version,
         reservation_id=reservation_id,
+        prompt_version=request.prompt_version,
     )
 
 
@@ -212,6 +215,8 @@ class _Metered:
                 tel.A_ROUTE: a.route,
             },
         )
+        if a.request.prompt_version:
+            span.set_attribute(tel.A_PROMPT_VERSION, a.request.prompt_version)
         if self.models.capture_content:
             span.set_attribute(tel.GEN_AI_INPUT_MESSAGES, _content([m.to_dict() for m in a.request.messages]))
         self.spans[a.number] = span
@@ -268,6 +273,7 @@ class _Metered:
             reservation_id=grant.reservation_id,
             error=f"{kind}: {redact(str(error))}"[:500],
             handed_on=self._handed_on(a, error),
+            prompt_version=self.request.prompt_version,
         )
         with contextlib.suppress(Exception):
             await self.mesh.publish(failed, key=failed.call_id)

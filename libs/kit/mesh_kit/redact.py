@@ -286,6 +286,25 @@ def redact(text: str, *, keep: Iterable[str] = ()) -> str:
         return _UNREDACTABLE
 
 
+def find(text: str) -> list[tuple[str, str]]:
+    """``(kind, value)`` of every secret and PII match ``redact`` would replace, in the order
+    the patterns run (each pattern sees the text with the earlier kinds already redacted, as in
+    ``redact``, so a dotted quad is an IP and not also a phone number)."""
+    found: list[tuple[str, str]] = []
+    if not isinstance(text, str):
+        text = str(text)
+    for kind, pattern, repl in _PATTERNS:
+
+        def sub(m: re.Match[str], kind: str = kind, repl: _Repl = repl) -> str:
+            out = repl(m) if callable(repl) else m.expand(repl)
+            if out != m.group(0):
+                found.append((kind, m.group(0)))
+            return out
+
+        text = pattern.sub(sub, text)
+    return found
+
+
 # Keys whose value is a credential whatever it looks like ({"password": "hunter2"}).
 _SENSITIVE_KEY = re.compile(
     r"(?i)(?:passw(?:or)?d|passphrase|secret|token|api[_-]?key|apikey|private[_-]?key|credentials?|"

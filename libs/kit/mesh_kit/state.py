@@ -14,7 +14,7 @@ from typing import Any, Literal, TypeVar
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from pydantic import BaseModel, ConfigDict
 
-from mesh_contracts.v1 import Citation, PlanStep, TaskLimits, TokenUsage
+from mesh_contracts.v1 import CheckResult, Citation, PlanStep, TaskLimits, TaskPolicy, TokenUsage
 
 TaskStatus = Literal["planning", "running", "checking", "halted", "completed", "failed", "cancelled"]
 StepStatus = Literal["pending", "dispatched", "completed", "failed", "halted"]
@@ -31,6 +31,11 @@ class StepState(BaseModel):
     citations: list[Citation] = []
     usage: TokenUsage = TokenUsage()
     reason: str = ""
+    tools: list[str] = []
+    """Tools the completed attempt called, in order."""
+    models: list[str] = []
+    """``provider/model`` of the completed attempt's model calls."""
+    prompt_version: str = ""
 
 
 class OutboxItem(BaseModel):
@@ -51,6 +56,7 @@ class TaskRecord(BaseModel):
     task_id: str
     goal: str
     limits: TaskLimits = TaskLimits()
+    policy: TaskPolicy = TaskPolicy()
     status: TaskStatus = "planning"
     reason: str = ""
     steps: dict[str, StepState] = {}
@@ -58,6 +64,13 @@ class TaskRecord(BaseModel):
     check_attempt: int = 0
     feedback: dict[str, str] = {}
     """Checker reasons per step being redone, passed to the step as the input ``checker``."""
+    checks: list[CheckResult] = []
+    """The last verdict's results."""
+    judge_score: float | None = None
+    prompt_versions: dict[str, str] = {}
+    """Prompt version per agent role used by the task's model calls."""
+    check_usage: TokenUsage = TokenUsage()
+    """Model usage of the checker's judge over every verdict."""
     created_at: float = 0.0
     finished_at: float = 0.0
     outbox: list[OutboxItem] = []
@@ -67,7 +80,7 @@ class TaskRecord(BaseModel):
         return f"{tenant}.{task_id}"
 
     def total_usage(self) -> TokenUsage:
-        total = self.planner_usage
+        total = self.planner_usage + self.check_usage
         for s in self.steps.values():
             total = total + s.usage
         return total

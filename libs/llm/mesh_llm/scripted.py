@@ -379,7 +379,12 @@ def _extract(hits: list[dict], query: str, n: int = 2) -> str:
 
 def _compose(messages: tuple[Message, ...]) -> str:
     """Answer step: stitch the inputs (prior step outputs) into one answer."""
-    inputs = [m.content for m in messages if m.role == "user" and m.content.startswith("Input from ")]
+    # The checker's feedback on a rejected answer is advice, not material for the answer.
+    inputs = [
+        m.content
+        for m in messages
+        if m.role == "user" and m.content.startswith("Input from ") and not m.content.startswith("Input from checker:")
+    ]
     parts = [_unwrap(i.split(":", 1)[1].strip()) for i in inputs]  # the data, not its delimiters
     return " ".join(parts) if parts else _last(messages, "user")
 

@@ -65,6 +65,8 @@ def service_permissions(service: str) -> Permissions:
             # (the server refuses a durable name there); no delete right: ordered consumers are
             # reaped by the server when idle, and no other service's durable can be touched.
             p.add_pub(f"$JS.API.STREAM.INFO.{stream}", f"$JS.API.CONSUMER.CREATE.{stream}", f"$JS.FC.{stream}.>")
+    for domain in topo.RECORD_READERS.get(service, ()):
+        p.add_pub(f"$JS.API.STREAM.MSG.GET.{topo.STREAMS[domain]}")
     for b in topo.BUCKETS:
         if service in b.watchers:
             p.add_pub(*_watch(b.name))

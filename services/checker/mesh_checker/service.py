@@ -1,37 +1,215 @@
-"""Checker: gives a verdict with per-check reasons on every candidate final answer."""
+"""Checker: a verdict, check by check, on every step result and final answer of a task.
+
+1. Property checks (``checks.py``) on each step result and on the answer, against the passages
+   the rag service actually returned for this tenant's task (read from the RAG stream and
+   verified as signed by rag: a citation the worker or planner made up does not resolve).
+2. When every property check passes and the task's policy wants it, the LLM judge grades the
+   answer against the policy's rubric (``judge.py``), through the budgeted gateway, on a model
+   other than the ones that wrote the answer when the judge route has one.
+3. The verdict carries every check's result, reason and score, the judge's model and score,
+   and the prompt versions involved; the same numbers become OpenTelemetry metrics per
+   tenant, agent and prompt version (online evaluation).
+"""
 
 from __future__ import annotations
 
-from mesh_checker.checks import run_checks
-from mesh_contracts.v1 import CheckRequested, CheckVerdict
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from nats.js.errors import NotFoundError
+
+from mesh_checker import judge as jd
+from mesh_checker.checks import Passages, run_checks
+from mesh_contracts import ContractError, parse_message
+from mesh_contracts import topology as topo
+from mesh_contracts.v1 import CheckRequested, CheckResult, CheckVerdict, RetrievalCompleted, TokenUsage
 from mesh_kit import Delivery, Mesh
+from mesh_kit import envelope as env
+from mesh_kit import telemetry as tel
+from mesh_kit.identity import IdentityError
+from mesh_kit.ledger import BUCKET as LEDGER
+from mesh_kit.ledger import Ledger
+from mesh_kit.metered import BudgetExceeded, Models, call_model_once, configured
+from mesh_llm import ChatModel
+from mesh_llm.errors import ProviderError
+from mesh_llm.gateway import Gateway, model_key
+
+log = logging.getLogger("mesh.checker")
+MAX_RETRIEVALS = 256
+"""Retrieval records read per task at most (a task makes a handful)."""
+
+PassageSource = Callable[[str, str], Awaitable[Passages]]
 
 
 class Checker:
-    def __init__(self, mesh: Mesh) -> None:
+    def __init__(
+        self, mesh: Mesh, models: ChatModel | Models | None = None, passages: PassageSource | None = None
+    ) -> None:
         self.mesh = mesh
+        self.models = Models.of(models) if models is not None else None
+        self.passages = passages or self.retrieved
+        self.ledger: Ledger | None = None
+        self._judges: dict[tuple[str, ...], Models] = {}
+        meter = mesh.meter
+        self._verdicts = meter.create_counter(tel.M_CHECK_VERDICTS, unit="{verdict}")
+        self._results = meter.create_counter(tel.M_CHECK_RESULTS, unit="{check}")
+        self._judge_score = meter.create_histogram(tel.M_CHECK_JUDGE_SCORE, unit="1")
+        self._grounding = meter.create_histogram(tel.M_CHECK_GROUNDING, unit="1")
+
+    async def start(self) -> None:
+        if self.models is None:
+            self.models = configured(self.mesh)
+        self.ledger = Ledger(await self.mesh.kv(LEDGER), self.mesh.service)
 
     def register(self) -> None:
+        self.mesh.enable_guard()
+        self.mesh.on_start(self.start)
         self.mesh.consume(CheckRequested, self.on_request)
 
+    # --- what was retrieved ---------------------------------------------------------------
+
+    async def retrieved(self, tenant: str, task_id: str) -> Passages:
+        """Every passage the rag service returned for this task, from the RAG stream. Each
+        record is parsed and its signature verified: only rag may have produced it."""
+        js = self.mesh.nc.jetstream()
+        stream = topo.STREAMS[RetrievalCompleted.spec.domain]
+        subject = f"{RetrievalCompleted.spec.domain}.*.{tenant}.{task_id}.{RetrievalCompleted.spec.event}"
+        out: dict[tuple[str, str], Any] = {}
+        seq = 1
+        for _ in range(MAX_RETRIEVALS):
+            try:
+                raw = await js.get_msg(stream, seq=seq, subject=subject, next=True)
+            except NotFoundError:
+                break
+            seq = (raw.seq or seq) + 1
+            try:
+                model = parse_message(raw.subject or "", raw.data or b"")
+                at = raw.time.timestamp() if raw.time is not None else None
+                self.mesh.verifier.verify((raw.headers or {}).get(env.IDENTITY), raw.data or b"", model, at=at)
+            except (ContractError, IdentityError) as exc:
+                log.warning("ignoring retrieval record seq=%s for %s/%s: %s", raw.seq, tenant, task_id, exc)
+                continue
+            if isinstance(model, RetrievalCompleted) and model.tenant == tenant:
+                for hit in model.hits:
+                    out[(hit.doc_id, hit.chunk_id)] = hit
+        return out
+
+    # --- the judge ------------------------------------------------------------------------
+
+    def _judge_models(self, avoid: set[str]) -> tuple[Models, bool]:
+        """The judge's models: its route's chain without the models that wrote the answer, when
+        that leaves any. Returns the models and whether the judge is independent of the answer."""
+        assert self.models is not None
+        gateway = self.models.gateway
+        _, chain = gateway.route_for(jd.request(jd.JudgeInput("", "")))
+        others = [m for m in chain if model_key(m) not in avoid]
+        if not others or len(others) == len(chain):
+            return self.models, not avoid & {model_key(m) for m in chain}
+        key = tuple(model_key(m) for m in others)
+        if key not in self._judges:
+            # Same policies, a route of its own: the judge's chain minus the answer's models.
+            routes = {"default": others}
+            self._judges[key] = Models(
+                Gateway(routes, retry=gateway.retry, timeouts=gateway.timeouts),
+                self.models.cache,
+                self.models.context_strategy,
+                self.models.capture_content,
+            )
+        return self._judges[key], True
+
+    async def run_judge(self, m: CheckRequested, passages: Passages, d: Delivery | None) -> tuple[CheckResult, jd.Judgement | None, TokenUsage]:  # fmt: skip
+        answer_models = {x for s in m.steps if s.step_id == m.answer_step for x in s.models}
+        models, independent = self._judge_models(answer_models)
+        inp = jd.JudgeInput(m.goal, m.answer, m.policy.rubric, tuple(h.text for h in passages.values()))
+        try:
+            response, usage = await call_model_once(
+                self.mesh, self.ledger, models, jd.request(inp), tenant=m.tenant, task_id=m.task_id,
+                step_id="check", call_id=f"judge-{m.attempt}", delivery=d,
+            )  # fmt: skip
+            verdict = jd.parse(
+                response.content, min_score=m.policy.judge_min_score, model=f"{response.provider}/{response.model}"
+            )
+        except BudgetExceeded as exc:
+            return (
+                CheckResult(name="judge", passed=False, reason=f"judge not run: {exc.describe()}"),
+                None,
+                TokenUsage(),
+            )
+        except (ProviderError, jd.JudgeReplyError) as exc:  # fail closed: an unjudged answer is not a passed one
+            return CheckResult(name="judge", passed=False, reason=f"judge failed: {exc}"[:300]), None, TokenUsage()
+        why = "; ".join(verdict.reasons[:3]) or "no reasons given"
+        same = "" if independent else " (same model as the answer: no other judge model configured)"
+        reason = f"{verdict.model} scored {verdict.score:.2f} (min {m.policy.judge_min_score:.2f}){same}: {why}"
+        return (
+            CheckResult(name="judge", passed=verdict.passed, reason=reason[:600], score=verdict.score),
+            verdict,
+            usage,
+        )
+
+    # --- the verdict ----------------------------------------------------------------------
+
     async def on_request(self, m: CheckRequested, d: Delivery) -> None:
-        checks = run_checks(m)
+        passages = await self.passages(m.tenant, m.task_id)
+        checks = run_checks(m, passages)
+        judgement, usage = None, TokenUsage()
+        if m.policy.judge and all(c.passed for c in checks) and self.models is not None:
+            result, judgement, usage = await self.run_judge(m, passages, d)
+            checks.append(result)
         passed = all(c.passed for c in checks)
-        failed = [c.name for c in checks if not c.passed]
+        failed = [f"{c.step_id}.{c.name}" if c.step_id else c.name for c in checks if not c.passed]
+        failed_steps = tuple(dict.fromkeys(c.step_id for c in checks if not c.passed and c.step_id))
+        versions = dict(m.prompt_versions)
+        if judgement is not None:
+            versions["judge"] = judgement.prompt_version
+        self.observe(m, checks, passed, judgement)
         # The progress event first: the verdict ends the task, and a client following it stops
         # at the outcome, so an event published after the verdict could arrive too late to be seen.
         await self.mesh.progress(
             m.tenant,
             m.task_id,
             "check.verdict",
-            "passed " + ", ".join(c.name for c in checks) if passed else "failed " + ", ".join(failed),
+            f"passed {len(checks)} checks" + (f", judge {judgement.score:.2f}" if judgement else "")
+            if passed
+            else "failed " + ", ".join(failed),
             key=str(m.attempt),
         )
         await self.mesh.publish(
-            CheckVerdict(tenant=m.tenant, task_id=m.task_id, attempt=m.attempt, passed=passed, checks=tuple(checks)),
+            CheckVerdict(
+                tenant=m.tenant,
+                task_id=m.task_id,
+                attempt=m.attempt,
+                passed=passed,
+                checks=tuple(checks),
+                usage=usage,
+                judge_model=judgement.model if judgement else "",
+                judge_score=judgement.score if judgement else None,
+                failed_steps=failed_steps,
+                prompt_versions=versions,
+            ),
             key=str(m.attempt),
             causation=d.msg_id,
         )
+
+    def observe(self, m: CheckRequested, checks: list[CheckResult], passed: bool, judgement: jd.Judgement | None) -> None:  # fmt: skip
+        """Online evaluation: the verdict's numbers as metrics per tenant, agent and prompt version."""
+        answer = next((s for s in m.steps if s.step_id == m.answer_step), None)
+        attrs = {
+            tel.A_TENANT: m.tenant,
+            tel.GEN_AI_AGENT_NAME: "worker" if answer is not None else "unknown",
+            tel.A_PROMPT_VERSION: (answer.prompt_version if answer is not None else "") or "unknown",
+        }
+        self._verdicts.add(1, {**attrs, "outcome": "passed" if passed else "failed"})
+        for c in checks:
+            self._results.add(
+                1,
+                {**attrs, "check": c.name, "outcome": "passed" if c.passed else "failed", "scope": "step" if c.step_id else "answer"},
+            )  # fmt: skip
+            if c.name == "grounded" and not c.step_id and c.score is not None:
+                self._grounding.record(c.score, attrs)
+        if judgement is not None:
+            self._judge_score.record(judgement.score, {**attrs, "gen_ai.request.model": judgement.model})
+        self.mesh.stats.counters[f"{tel.M_CHECK_VERDICTS}.{'passed' if passed else 'failed'}"] += 1
 
 
 async def build(mesh: Mesh) -> Checker:

@@ -32,13 +32,13 @@ from mesh_contracts.v1 import (
     StepCompleted,
     StepFailed,
     StepRequested,
+    StepResult,
     TaskCompleted,
     TaskFailed,
     TaskRejected,
     TaskSubmitted,
 )
-from mesh_kit import Delivery, Mesh
-from mesh_kit import prompts
+from mesh_kit import Delivery, Mesh, prompts
 from mesh_kit import state as st
 from mesh_kit.ledger import BUCKET as LEDGER
 from mesh_kit.ledger import Ledger
@@ -97,12 +97,25 @@ def final_answer(rec: TaskRecord) -> tuple[str, list[Citation]]:
     return answer_step.output, list(seen.values())
 
 
+def outcome_fields(rec: TaskRecord) -> dict[str, Any]:
+    """What every outcome reports besides its answer or reason: the last verdict, the prompt
+    versions and the tools used (an eval report is built from these)."""
+    return {
+        "usage": rec.total_usage(),
+        "checks": tuple(rec.checks),
+        "judge_score": rec.judge_score,
+        "prompt_versions": dict(rec.prompt_versions),
+        "tools": tuple(t for s in rec.steps.values() for t in s.tools),
+        "revisions": max(0, rec.check_attempt - 1),
+    }
+
+
 def fail(rec: TaskRecord, reason: str, failed_step: str | None = None, status: str = "failed") -> None:
     rec.status, rec.reason, rec.finished_at = status, reason, time.time()  # type: ignore[assignment]
     _out(
         rec,
         TaskFailed(
-            tenant=rec.tenant, task_id=rec.task_id, reason=reason, failed_step=failed_step, usage=rec.total_usage()
+            tenant=rec.tenant, task_id=rec.task_id, reason=reason, failed_step=failed_step, **outcome_fields(rec)
         ),
         key="failed",
     )
@@ -129,6 +142,63 @@ def parse_plan(text: str, max_steps: int) -> list[PlanStep]:
         if unknown:
             raise ValueError(f"step {s.step_id} depends on {unknown}, which are not earlier steps")
     return steps
+
+
+def answer_step_id(rec: TaskRecord) -> str:
+    order = list(rec.steps)
+    return next((s for s in reversed(order) if rec.steps[s].step.kind == "answer"), order[-1])
+
+
+def check_request(rec: TaskRecord) -> CheckRequested:
+    """Every step result and the final answer, with the task's policy. Citations are owed when
+    the policy says so, or by default exactly when some step retrieved passages."""
+    answer, citations = final_answer(rec)
+    sid = answer_step_id(rec)
+    require = rec.policy.require_citations
+    if require is None:
+        require = bool(citations)
+    versions = dict(rec.prompt_versions)
+    if rec.steps[sid].prompt_version:
+        versions["worker"] = rec.steps[sid].prompt_version
+    return CheckRequested(
+        tenant=rec.tenant,
+        task_id=rec.task_id,
+        attempt=rec.check_attempt,
+        goal=rec.goal,
+        answer=answer,
+        citations=tuple(citations),
+        require_citations=require,
+        max_length=rec.policy.max_length,
+        policy=rec.policy,
+        answer_step=sid,
+        prompt_versions=versions,
+        steps=tuple(
+            StepResult(
+                step_id=k,
+                kind=s.step.kind,
+                output=s.output,
+                citations=tuple(s.citations),
+                output_schema=s.step.output_schema,
+                tools=tuple(s.tools),
+                models=tuple(s.models),
+                prompt_version=s.prompt_version,
+            )
+            for k, s in rec.steps.items()
+        ),
+    )
+
+
+def redo_after(rec: TaskRecord, verdict: CheckVerdict) -> list[str]:
+    """Steps to run again after a failed verdict: each step whose own result failed a check and
+    every step that depends on it (in plan order), or the answer step alone."""
+    bad = {s for s in verdict.failed_steps if s in rec.steps}
+    if not bad:
+        return [answer_step_id(rec)]
+    redo: list[str] = []
+    for sid, s in rec.steps.items():  # plan order is dependency order
+        if sid in bad or bad & set(s.step.depends_on) or set(redo) & set(s.step.depends_on):
+            redo.append(sid)
+    return redo
 
 
 class Planner:
@@ -200,7 +270,10 @@ class Planner:
         def create(rec: TaskRecord | None) -> TaskRecord | None:
             if rec is not None:
                 return None  # a redelivery or a duplicate submission of the same task id
-            new = TaskRecord(tenant=m.tenant, task_id=m.task_id, goal=m.goal, limits=m.limits, created_at=time.time())
+            new = TaskRecord(
+                tenant=m.tenant, task_id=m.task_id, goal=m.goal, limits=m.limits, policy=m.policy,
+                created_at=time.time(), prompt_versions={"planner": PLAN_PROMPT.ref},
+            )  # fmt: skip
             _event(new, "task.accepted", m.goal[:120])
             return new
 
@@ -272,27 +345,21 @@ class Planner:
                 or s.attempt != m.attempt
             ):
                 return False  # duplicate, stale attempt, or the task already ended
-            s.status, s.output, s.citations, s.usage = "completed", m.output, list(m.citations), m.usage
+            s.status, s.output, s.citations = "completed", m.output, list(m.citations)
+            s.usage = s.usage + m.usage  # a redone step's earlier attempts were paid for too
+            s.tools, s.models, s.prompt_version = list(m.tools), list(m.models), m.prompt_version
             _event(rec, "step.completed", f"{m.step_id}: {m.output[:100]}", m.step_id, str(m.attempt))
             if rec.status == "running":
                 dispatch_ready(rec, d.msg_id)
             if all(x.status == "completed" for x in rec.steps.values()):
                 rec.status, rec.check_attempt = "checking", rec.check_attempt + 1
-                answer, citations = final_answer(rec)
-                _out(
+                _out(rec, check_request(rec), key=str(rec.check_attempt), causation=d.msg_id)
+                _event(
                     rec,
-                    CheckRequested(
-                        tenant=rec.tenant,
-                        task_id=rec.task_id,
-                        attempt=rec.check_attempt,
-                        goal=rec.goal,
-                        answer=answer,
-                        citations=tuple(citations),
-                    ),
+                    "check.requested",
+                    f"{len(rec.steps)} step result(s) and the answer",
                     key=str(rec.check_attempt),
-                    causation=d.msg_id,
                 )
-                _event(rec, "check.requested", f"{len(citations)} citation(s)", key=str(rec.check_attempt))
             return True
 
         await self.transition(m.tenant, m.task_id, apply)
@@ -331,6 +398,9 @@ class Planner:
         def apply(rec: TaskRecord) -> bool:
             if rec.status != "checking" or m.attempt != rec.check_attempt:
                 return False
+            rec.checks, rec.judge_score = list(m.checks), m.judge_score
+            rec.check_usage = rec.check_usage + m.usage
+            rec.prompt_versions = {**rec.prompt_versions, **m.prompt_versions}
             if m.passed:
                 answer, citations = final_answer(rec)
                 rec.status, rec.finished_at = "completed", time.time()
@@ -341,28 +411,35 @@ class Planner:
                         task_id=rec.task_id,
                         answer=answer,
                         citations=tuple(citations),
-                        usage=rec.total_usage(),
                         steps=len(rec.steps),
                         elapsed_s=round(rec.finished_at - rec.created_at, 3),
+                        **outcome_fields(rec),
                     ),
                     key="completed",
                     causation=d.msg_id,
                 )
                 _event(rec, "task.completed", f"{len(rec.steps)} steps, {rec.total_usage().total_tokens} tokens")
-            else:
-                failed = "; ".join(f"{c.name}: {c.reason}" for c in m.checks if not c.passed)
-                if rec.check_attempt > rec.limits.max_revisions:
-                    fail(rec, f"checker rejected the answer: {failed}")
-                    return True
-                # Redo the answer step with the checker's reasons as an input (bounded by max_revisions).
-                order = list(rec.steps)
-                sid = next((s for s in reversed(order) if rec.steps[s].step.kind == "answer"), order[-1])
+                return True
+            failed = "; ".join(
+                f"{c.step_id + '.' if c.step_id else ''}{c.name}: {c.reason}" for c in m.checks if not c.passed
+            )
+            if rec.check_attempt > rec.limits.max_revisions:
+                fail(rec, f"checker rejected the answer: {failed}")
+                return True
+            # Redo what failed, with the checker's reasons as an input (bounded by max_revisions):
+            # the steps whose own results failed and everything built on them, or else the answer.
+            redo = redo_after(rec, m)
+            for sid in redo:
                 s = rec.steps[sid]
                 s.status, s.output, s.citations = "pending", "", []
-                rec.status = "running"
-                rec.feedback = {**rec.feedback, sid: f"the checker rejected the answer: {failed}"}
-                _event(rec, "check.revise", f"{sid} redone: {failed}", sid, str(rec.check_attempt))
-                dispatch_ready(rec, d.msg_id)
+                own = "; ".join(f"{c.name}: {c.reason}" for c in m.checks if not c.passed and c.step_id == sid)
+                rec.feedback = {
+                    **rec.feedback,
+                    sid: f"the checker rejected {'this step' if own else 'the answer'}: {own or failed}",
+                }
+            rec.status = "running"
+            _event(rec, "check.revise", f"{', '.join(redo)} redone: {failed}", redo[0], str(rec.check_attempt))
+            dispatch_ready(rec, d.msg_id)
             return True
 
         await self.transition(m.tenant, m.task_id, apply)
