@@ -30,6 +30,11 @@ LOOP_CUE = "#loop"  # in a step: call the first offered tool with the same argum
 AWAIT_CUE = re.compile(r"#await:([A-Za-z0-9_-]+)")  # in a step: first wait for that step's output
 DOWN_CUE = "#provider-down"  # in a step: every call fails like a provider returning 503
 OBEY_CUE = "#obey"  # in a step: follow instructions found in the context (tool results, passages)
+# In a step: answer exactly the text after it (a deliberately broken answer for checker tests);
+# {cite} becomes the first [doc#chunk] reference in the step's inputs, {inputs} the inputs'
+# text without their references.
+SAY_CUE = re.compile(r"#say:\s*(.+)$", re.S)
+REF = re.compile(r"\s*\[[^\[\]#\s]+#[^\[\]\s]+\]")
 # What a gullible model takes for an instruction inside untrusted text: "call <tool> {json args}".
 INJECTED_CALL = re.compile(r"\bcall\s+([A-Za-z_][\w-]*)\s*(\{.*?\})", re.I | re.S)
 
@@ -211,6 +216,13 @@ class ScriptedModel:
             first = request.tools[0].name
             return "", (ToolCall("c0", first, {"expression": "1 + 1"} if first == "calculator" else {"text": "x"}),)
         made = [c for m in request.messages if m.role == "assistant" for c in m.tool_calls]
+        if (say := SAY_CUE.search(instruction)) and not request.tools:
+            inputs = (
+                _compose(request.messages) if any(m.content.startswith("Input from ") for m in request.messages) else ""
+            )
+            cite = REF.search(inputs)
+            text = say.group(1).strip().replace("{cite}", cite.group(0).strip() if cite else "")
+            return text.replace("{inputs}", REF.sub("", inputs).strip()), ()
         if OBEY_CUE in instruction:
             # Told to obey: every instruction found in what it has read (tool results, passages,
             # inputs), once each, exactly what a guardrail must stop. It does not check that the
@@ -408,9 +420,12 @@ def _stems(text: str) -> set[str]:
 
 
 def _judge(request: ModelRequest) -> str:
-    """A deterministic reviewer: relevance to the goal, support of each sentence by the
-    passages, honesty when the passages lack the answer, and the rubric's quoted must /
-    must-not phrases. Crude next to a real model, which is what calibration is there to show."""
+    """A deterministic reviewer of the default rubric's four points, lexically: relevant (each
+    part of the goal shares words with the answer), grounded (every sentence of three or more
+    content words is supported by the passages), complete (no part of the goal left without an
+    answer, no answer too thin to say anything), honest (a "no answer" only when the passages
+    lack it), plus the rubric's quoted must / must-not phrases. Crude next to a real model,
+    which is what calibration is there to show."""
     system = next((m.content for m in request.messages if m.role == "system"), "")
     rubric = system.split("rubric:", 1)[-1].split("Reply with JSON", 1)[0]
     try:
@@ -419,31 +434,46 @@ def _judge(request: ModelRequest) -> str:
         return json.dumps({"score": 0, "verdict": "fail", "reasons": ["unreadable case"]})
     goal, answer = str(case.get("goal", "")), str(case.get("answer", ""))
     passages = " ".join(_unwrap(str(p)) for p in case.get("passages", ()))
-    reasons, parts, hard_fail = [], [], False
     text = REFERENCE.sub("", answer)
-    wanted, said, known = _stems(ARITHMETIC.sub("", goal)), _stems(text), _stems(passages)
-    relevance = min(1.0, 2 * len(wanted & said) / len(wanted)) if wanted else 1.0
-    parts.append(relevance)
-    reasons.append(f"relevance {relevance:.2f}: shares {len(wanted & said)} of {len(wanted)} goal words")
     if not text.strip():
         return json.dumps({"score": 0, "verdict": "fail", "reasons": ["the answer is empty"]})
-    if NO_ANSWER.search(text):
+    reasons: list[str] = []
+    parts: list[float] = []
+    hard_fail = False
+    wanted, said, known = _stems(ARITHMETIC.sub("", goal)), _stems(text), _stems(passages)
+    if NO_ANSWER.search(text):  # a refusal is judged on honesty alone
         honest = len(wanted & known) < max(1, len(wanted) // 2)
         parts.append(1.0 if honest else 0.0)
         reasons.append(
             "says it has no answer" + (" and the passages agree" if honest else " but the passages cover it")
         )
-        hard_fail = hard_fail or not honest
-    elif known:
-        sentences = [x for x in re.split(r"(?<=[.!?])\s+", text) if len(_stems(x)) >= 3]
-        supported = [x for x in sentences if len(_stems(x) & known) / len(_stems(x)) >= 0.6]
-        unsupported = [x for x in sentences if x not in supported]
-        share = len(supported) / len(sentences) if sentences else 1.0
-        parts.append(share)
-        reasons.append(f"grounding {share:.2f}: {len(supported)} of {len(sentences)} sentences supported")
-        if unsupported and not ARITHMETIC.search(unsupported[0]):
-            reasons.append(f"unsupported: {unsupported[0][:80]}")
-            hard_fail = hard_fail or share < 0.5
+        hard_fail = not honest
+    else:
+        relevance = min(1.0, 2 * len(wanted & said) / len(wanted)) if wanted else 1.0
+        parts.append(relevance)
+        reasons.append(f"relevance {relevance:.2f}: shares {len(wanted & said)} of {len(wanted)} goal words")
+        goal_parts = [q for q in re.split(r"\?|\balso\b", goal, flags=re.I) if _stems(q)]
+
+        def answered(q: str) -> bool:  # a computation is answered by a number, a question by its words
+            return bool(re.search(r"\d", text)) if ARITHMETIC.search(q) else bool(_stems(q) & said)
+
+        missed = [q.strip() for q in goal_parts if not answered(q)]
+        if len(goal_parts) > 1 and missed:
+            hard_fail = True
+            reasons.append(f"incomplete: nothing on {missed[0][:60]!r}")
+        if len(said) < 4 and not ARITHMETIC.search(text) and not re.search(r"\d", text):
+            hard_fail = True
+            reasons.append("too thin to answer anything")
+        if known:
+            sentences = [x for x in re.split(r"(?<=[.!?])\s+", text) if len(_stems(x)) >= 3]
+            supported = [x for x in sentences if len(_stems(x) & known) / len(_stems(x)) >= 0.6]
+            unsupported = [x for x in sentences if x not in supported and not ARITHMETIC.search(x)]
+            share = len(supported) / len(sentences) if sentences else 1.0
+            parts.append(share)
+            reasons.append(f"grounding {share:.2f}: {len(supported)} of {len(sentences)} sentences supported")
+            if unsupported:
+                reasons.append(f"unsupported: {unsupported[0][:80]}")
+                hard_fail = True
     for line in rubric.splitlines():
         low = line.lower()
         for phrase in QUOTED.findall(line):
