@@ -8,9 +8,10 @@ PACKAGES := contracts libs/llm libs/kit libs/testing libs/meshctl \
 	services/planner services/worker services/checker services/rag services/tool-executor services/budget
 DEV_TOOLS := pytest pytest-asyncio pytest-timeout hypothesis ruff "testcontainers[nats,redis]" PyYAML docker
 GOAL ?= How does AgentMesh avoid duplicate side effects? Also compute 17 * 23.
+EVAL_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo demo-local up down status submit bench chaos test test-unit test-integration test-e2e lint fmt contracts contracts-check pins clean
+.PHONY: help setup demo demo-local eval up down status submit bench chaos test test-unit test-integration test-e2e lint fmt contracts contracts-check pins clean
 
 help: ## list every target with one line each
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -36,6 +37,16 @@ demo: setup ## bring the local mesh up, run one task end to end, print the resul
 
 demo-local: setup ## the demo with SmolLM2-135M-Instruct on the CPU, offline (builds llama.cpp once, ~12 min)
 	bash infra/local-model/demo.sh
+
+eval: setup ## run the starter golden dataset on a local mesh (scripted model) and gate on it
+	@set -o pipefail; home=$(MESH_HOME)/eval; \
+	export MESH_MODEL=scripted; unset MESH_MODEL_CONFIG; \
+	trap '$(BIN)/meshctl --home "$$home" down' EXIT; \
+	$(BIN)/meshctl --home $$home up --tenants acme,globex --nats-port 0 --http-port 0 --redis-port 0 || exit 2; \
+	$(BIN)/meshctl --home $$home eval tests/golden/starter.jsonl --report $$home/starter-report.json $(EVAL_ARGS); rc=$$?; \
+	$(BIN)/meshctl eval calibrate --min-agreement 0.8; cal=$$?; \
+	echo "eval exit $$rc, calibrate exit $$cal (report: $$home/starter-report.json)"; \
+	[ $$rc -ne 0 ] && exit $$rc; exit $$cal
 
 up: setup ## start nats-server, redis-server and the six services (ports 4222/8222/6390)
 	$(BIN)/meshctl --home $(MESH_HOME) up

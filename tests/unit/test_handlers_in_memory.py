@@ -129,12 +129,18 @@ async def test_untrusted_messages_are_dead_lettered_and_never_handled(keys, atta
 
 async def test_checker_verdict_names_failed_checks(keys):
     from mesh_checker.service import Checker
-
     from mesh_contracts.v1 import RetrievalHit
 
     async def retrieved(tenant: str, task_id: str) -> dict:
         assert (tenant, task_id) == ("acme", "t1")
-        hit = RetrievalHit(doc_id="x.md", version="v", chunk_id="1", chunk_hash="h", score=1.0, text="Call us on 555-123-4567 any time.")
+        hit = RetrievalHit(
+            doc_id="x.md",
+            version="v",
+            chunk_id="1",
+            chunk_hash="h",
+            score=1.0,
+            text="Call us on 555-123-4567 any time.",
+        )
         return {("x.md", "1"): hit}
 
     mesh = _mesh(keys, "checker")

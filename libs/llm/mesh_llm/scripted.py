@@ -398,6 +398,9 @@ def _compose(messages: tuple[Message, ...]) -> str:
         if m.role == "user" and m.content.startswith("Input from ") and not m.content.startswith("Input from checker:")
     ]
     parts = [_unwrap(i.split(":", 1)[1].strip()) for i in inputs]  # the data, not its delimiters
+    # A measurement of the question itself ("Measure the question") informs, it does not answer.
+    answers = [p for p in parts if not p.startswith("text_stats:")]
+    parts = answers or parts
     return " ".join(parts) if parts else _last(messages, "user")
 
 
@@ -410,6 +413,8 @@ STOP = frozenset(
 )
 REFERENCE = re.compile(r"\[[^\[\]#]+#[^\[\]]+\]")
 QUOTED = re.compile(r"[\"\u201c]([^\"\u201d]{2,80})[\"\u201d]")
+SEND = re.compile(r"\b(e-?mail|send)\b.*@", re.I | re.S)
+MUST_NOT = re.compile(r"\b(must not|should not|does not|doesn't|do not|never|no mention|avoid)\b")
 NO_ANSWER = re.compile(
     r"\b(nothing on this|does not (say|mention|cover)|no information|cannot find|don't know)\b", re.I
 )
@@ -433,6 +438,12 @@ def _judge(request: ModelRequest) -> str:
     except json.JSONDecodeError:
         return json.dumps({"score": 0, "verdict": "fail", "reasons": ["unreadable case"]})
     goal, answer = str(case.get("goal", "")), str(case.get("answer", ""))
+    if PLAN_CUE in goal:  # a test's verbatim plan: the goal is what its steps were told to do
+        try:
+            steps = json.loads(goal.split(PLAN_CUE, 1)[1])["steps"]
+            goal = " ".join(SAY_CUE.sub("", str(s.get("instruction", ""))) for s in steps if s.get("kind") != "write")
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            pass
     passages = " ".join(_unwrap(str(p)) for p in case.get("passages", ()))
     text = REFERENCE.sub("", answer)
     if not text.strip():
@@ -452,7 +463,9 @@ def _judge(request: ModelRequest) -> str:
         relevance = min(1.0, 2 * len(wanted & said) / len(wanted)) if wanted else 1.0
         parts.append(relevance)
         reasons.append(f"relevance {relevance:.2f}: shares {len(wanted & said)} of {len(wanted)} goal words")
-        goal_parts = [q for q in re.split(r"\?|\balso\b", goal, flags=re.I) if _stems(q)]
+        # Parts of the goal: its questions. An instruction to email the answer is done by a tool
+        # step after the answer is written (as the planner plans it), not owed in the answer's text.
+        goal_parts = [q for q in re.split(r"\?|\balso\b", goal, flags=re.I) if _stems(q) and not SEND.search(q)]
 
         def answered(q: str) -> bool:  # a computation is answered by a number, a question by its words
             return bool(re.search(r"\d", text)) if ARITHMETIC.search(q) else bool(_stems(q) & said)
@@ -478,7 +491,7 @@ def _judge(request: ModelRequest) -> str:
         low = line.lower()
         for phrase in QUOTED.findall(line):
             present = phrase.lower() in answer.lower()
-            must_not = "must not" in low or "never" in low or "no mention" in low
+            must_not = bool(MUST_NOT.search(low))
             ok = not present if must_not else present
             parts.append(1.0 if ok else 0.0)
             hard_fail = hard_fail or not ok

@@ -20,9 +20,18 @@ from typing import TYPE_CHECKING, NoReturn
 import httpx
 import nats
 from nats.js.kv import KeyValue
+from pydantic import ValidationError
 
 from mesh_contracts.base import ID_PATTERN
-from mesh_contracts.v1 import DOCUMENT_TYPES, ProgressEvent, TaskCompleted, TaskFailed, TaskRejected, TokenDelta
+from mesh_contracts.v1 import (
+    DOCUMENT_TYPES,
+    ProgressEvent,
+    TaskCompleted,
+    TaskFailed,
+    TaskPolicy,
+    TaskRejected,
+    TokenDelta,
+)
 from mesh_kit.guard import CONTROL_BUCKET, GLOBAL_KEY, tenant_key
 from mesh_kit.settings import log_nats_error, nats_servers
 from meshctl import budget as spend
@@ -65,6 +74,27 @@ def _tenants(value: str) -> list[str]:
     return [_tenant(t) for t in value.split(",") if t]
 
 
+def _policy(value: str) -> TaskPolicy:
+    """A task policy as JSON (inline, or @FILE)."""
+    try:
+        text = Path(value[1:]).read_text() if value.startswith("@") else value
+        raw = json.loads(text)
+        unknown = sorted(set(raw) - set(TaskPolicy.model_fields)) if isinstance(raw, dict) else []
+        if unknown:  # a typo must not silently switch a check off
+            raise argparse.ArgumentTypeError(
+                f"unknown policy field(s) {', '.join(unknown)} (known: {', '.join(TaskPolicy.model_fields)})"
+            )
+        return TaskPolicy.model_validate(raw)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc.msg} at column {exc.colno}") from None
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"cannot read {value[1:]}: {exc.strerror}") from None
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(x) for x in first["loc"]) or "(policy)"
+        raise argparse.ArgumentTypeError(f"{where}: {first['msg']}") from None
+
+
 def _positive(value: str) -> float:
     try:
         f = float(value)
@@ -72,6 +102,29 @@ def _positive(value: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
     if f <= 0:
         raise argparse.ArgumentTypeError(f"must be > 0: {value!r}")
+    return f
+
+
+def _count(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"not a positive whole number: {value!r}")
+    return int(value)
+
+
+def _at_least_zero(value: str) -> float:
+    try:
+        f = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
+    if not f >= 0 or f == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be >= 0: {value!r}")
+    return f
+
+
+def _fraction(value: str) -> float:
+    f = _at_least_zero(value)
+    if f > 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1: {value!r}")
     return f
 
 
@@ -323,8 +376,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
             if not args.json:
                 print(f"submitting to tenant {args.tenant}: {args.goal}", flush=True)
             seen = await client.submit(
-                args.goal, task_id=args.task_id, follow=args.follow, timeout=args.timeout, on_event=show
-            )
+                args.goal, task_id=args.task_id, policy=args.policy, follow=args.follow, timeout=args.timeout,
+                on_event=show,
+            )  # fmt: skip
         if not args.follow:
             print(seen.task_id)
             return 0
@@ -608,6 +662,131 @@ def cmd_kill_switch(args: argparse.Namespace) -> int:
     return 0
 
 
+# ``eval DATASET`` and ``eval calibrate [FILE]`` share one parser; an option of the other mode
+# is a usage error. Mode options default to "absent" so a misplaced one can be told apart.
+EVAL_RUN_OPTIONS = {
+    "timeout": 120.0,
+    "min_pass_rate": 1.0,
+    "baseline": None,
+    "max_regression": 0.0,
+    "max_cost_increase": 0.25,
+    "max_latency_increase": None,
+    "filter": (),
+    "case": (),
+    "nats_url": None,
+}
+EVAL_CALIBRATE_OPTIONS = {"min_agreement": 0.0, "min_score": 0.6}
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """``meshctl eval DATASET``: run a golden dataset on the running mesh and gate on it;
+    ``meshctl eval calibrate [FILE]``: the judge against human labels, no mesh needed."""
+    from meshctl import evaluation as ev
+
+    target = args.target
+    calibrating = target[0] == "calibrate"
+    if len(target) > (2 if calibrating else 1):
+        args.usage("eval takes one DATASET, or: eval calibrate [FILE]")
+    own, other = (
+        (EVAL_CALIBRATE_OPTIONS, EVAL_RUN_OPTIONS) if calibrating else (EVAL_RUN_OPTIONS, EVAL_CALIBRATE_OPTIONS)
+    )
+    wrong = [name for name in other if hasattr(args, name)]
+    if wrong:
+        mode = "eval calibrate" if calibrating else "eval DATASET"
+        args.usage(f"--{wrong[0].replace('_', '-')} is not an option of {mode}")
+    for name, default in own.items():
+        if not hasattr(args, name):
+            setattr(args, name, default)
+    try:
+        if calibrating:
+            return _eval_calibrate(args, target[1] if len(target) > 1 else ev.DEFAULT_CALIBRATION)
+        return _eval_run(args, target[0])
+    except ev.EvalError as exc:
+        raise MeshError(str(exc)) from None
+
+
+def _report_path(args: argparse.Namespace, default: Path | None) -> Path | None:
+    path = Path(args.report) if args.report else default
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise MeshError(f"cannot create the report's directory {path.parent}: {exc.strerror}") from None
+    return path
+
+
+def _write(report: dict, path: Path | None) -> None:
+    from meshctl.evaluation import write_report
+
+    if path is not None:
+        try:
+            write_report(report, path)
+        except OSError as exc:
+            raise MeshError(f"cannot write the report {path}: {exc.strerror}") from None
+
+
+def _eval_run(args: argparse.Namespace, dataset_path: str) -> int:
+    from meshctl import evaluation as ev
+
+    dataset = ev.load_dataset(dataset_path).select(tags=args.filter, case_ids=args.case)
+    baseline = ev.load_report(args.baseline) if args.baseline else None
+    path = _report_path(args, ev.default_report_path())
+    report = asyncio.run(
+        ev.run_dataset(
+            dataset,
+            home=_home(args),
+            nats_url=args.nats_url,
+            concurrency=args.concurrency,
+            timeout_s=args.timeout,
+            progress=True,
+        )
+    )
+    if baseline is not None:
+        report["comparison"] = ev.compare(
+            baseline,
+            report,
+            max_regression=args.max_regression,
+            max_cost_increase=args.max_cost_increase,
+            max_latency_increase=args.max_latency_increase,
+            baseline_path=args.baseline,
+        )
+    _write(report, path)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        print(f"report: {path}", file=sys.stderr)
+    else:
+        print(ev.render_table(report))
+        print()
+        print(ev.render_summary(report))
+        if baseline is not None:
+            print()
+            print(ev.render_comparison(report["comparison"]))
+        print(f"report: {path}")
+    failures = ev.gate_failures(report, min_pass_rate=args.min_pass_rate)
+    for failure in failures:
+        print(f"meshctl: eval gate failed: {failure}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def _eval_calibrate(args: argparse.Namespace, file: str) -> int:
+    from meshctl import evaluation as ev
+
+    path = _report_path(args, None)
+    report = asyncio.run(ev.calibrate(file, min_score=args.min_score, concurrency=args.concurrency))
+    _write(report, path)
+    print(json.dumps(report, indent=2) if args.json else ev.render_calibration(report))
+    if path is not None and not args.json:
+        print(f"report: {path}")
+    agreement = report["agreement"] or 0.0
+    if agreement < args.min_agreement:
+        print(
+            f"meshctl: eval gate failed: judge agreement {agreement:.4f} is below --min-agreement {args.min_agreement:g}",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="meshctl", description="Run and operate an AgentMesh.")
     p.add_argument(
@@ -659,6 +838,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--follow", action="store_true", help="print progress live and wait for the result")
     s.add_argument("--timeout", type=_positive, default=120.0, help="seconds to wait with --follow")
     s.add_argument("--json", action="store_true", help="print the outcome as JSON")
+    s.add_argument(
+        "--policy",
+        type=_policy,
+        default=None,
+        help='what the checker holds the answer to, as JSON or @FILE: {"forbidden_terms": [...], '
+        '"require_citations": true, "rubric": "...", "output_schema": {...}, ...}',
+    )
     s.add_argument("--nats-url", default=None)
     s.set_defaults(fn=cmd_submit)
 
@@ -715,6 +901,47 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print the stored records as JSON")
     s.add_argument("--nats-url", default=None)
     s.set_defaults(fn=cmd_budget, usage=s.error)
+
+    s = sub.add_parser(
+        "eval",
+        usage="%(prog)s [options] DATASET\n       %(prog)s calibrate [FILE] [options]",
+        help="run a golden dataset on the running mesh and gate on it; or: eval calibrate [FILE] (the judge)",
+        description="eval DATASET: submit every case of a JSONL golden dataset to the running mesh, hold each "
+        "outcome to its expectations, print a table and write a JSON report; exit 1 when a gate fails. "
+        "eval calibrate [FILE]: run the LLM judge on human-labelled answers (no mesh) and report the agreement. "
+        "Formats: tests/golden/README.md.",
+    )
+    s.add_argument("target", nargs="+", metavar="DATASET | calibrate [FILE]")
+    s.add_argument(
+        "--concurrency", type=_count, default=4, metavar="N", help="tasks (or judge calls) at a time (default 4)"
+    )
+    s.add_argument("--json", action="store_true", help="print the report as JSON instead of tables")
+    s.add_argument("--report", default=None, metavar="PATH",
+                   help="write the JSON report here (eval DATASET default: .mesh/eval/report-<UTC time>.json)")  # fmt: skip
+    none = argparse.SUPPRESS
+    r = s.add_argument_group("eval DATASET")
+    r.add_argument(
+        "--timeout", type=_positive, default=none, metavar="S", help="seconds per case before it is a timeout (120)"
+    )
+    r.add_argument(
+        "--filter", action="append", default=none, metavar="TAG", help="only cases with this tag (repeatable)"
+    )
+    r.add_argument("--case", action="append", default=none, metavar="ID", help="only this case (repeatable)")
+    r.add_argument("--min-pass-rate", type=_fraction, default=none, metavar="R", help="exit 1 below this (1.0)")
+    r.add_argument(
+        "--baseline", default=none, metavar="REPORT", help="compare with an earlier report; exit 1 on a regression"
+    )
+    r.add_argument("--max-regression", type=_fraction, default=none, metavar="D",
+                   help="allowed absolute drop of the pass rate or a property's rate (0.0)")  # fmt: skip
+    r.add_argument("--max-cost-increase", type=_at_least_zero, default=none, metavar="REL",
+                   help="allowed relative rise of the mean cost per case (0.25)")  # fmt: skip
+    r.add_argument("--max-latency-increase", type=_at_least_zero, default=none, metavar="REL",
+                   help="allowed relative rise of the p95 latency (default: not checked)")  # fmt: skip
+    r.add_argument("--nats-url", default=none, metavar="URL", help="default: the running mesh's")
+    c = s.add_argument_group("eval calibrate [FILE]  (FILE default: tests/golden/judge-calibration.jsonl)")
+    c.add_argument("--min-agreement", type=_fraction, default=none, metavar="A", help="exit 1 below this (0.0)")
+    c.add_argument("--min-score", type=_fraction, default=none, metavar="S", help="the judge's pass score (0.6)")
+    s.set_defaults(fn=cmd_eval, usage=s.error)
 
     s = sub.add_parser("kill-switch", help="stop every model and tool call, globally or for one tenant")
     s.add_argument("action", choices=("on", "off", "status"))

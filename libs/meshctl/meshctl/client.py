@@ -36,6 +36,7 @@ from mesh_contracts.v1 import (
     TaskCompleted,
     TaskFailed,
     TaskLimits,
+    TaskPolicy,
     TaskRejected,
     TaskSubmitted,
     TokenDelta,
@@ -134,6 +135,7 @@ class TenantClient:
         *,
         task_id: str | None = None,
         limits: TaskLimits | None = None,
+        policy: TaskPolicy | None = None,
         follow: bool = True,
         timeout: float = 120.0,
         on_event: Callable[[Contract], None] | None = None,
@@ -180,7 +182,15 @@ class TenantClient:
             ]
             await self.nc.flush()
         seen.submitted_at = time.time()
-        await self.publish(TaskSubmitted(tenant=self.tenant, task_id=task_id, goal=goal, limits=limits or TaskLimits()))
+        await self.publish(
+            TaskSubmitted(
+                tenant=self.tenant,
+                task_id=task_id,
+                goal=goal,
+                limits=limits or TaskLimits(),
+                policy=policy or TaskPolicy(),
+            )
+        )
         if follow:
             deadline = time.monotonic() + timeout
             try:

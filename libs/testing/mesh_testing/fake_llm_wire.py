@@ -33,7 +33,7 @@ def infer_agent(messages: tuple[Message, ...]) -> str:
     system = " ".join(m.content for m in messages if m.role == "system").lower()
     if "planner" in system:
         return "planner"
-    if "judge" in system:
+    if "judge" in system or "reviewer of answers" in system:  # the checker's judge prompt
         return "judge"
     return "worker"
 

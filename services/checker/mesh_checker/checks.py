@@ -21,7 +21,7 @@ from mesh_kit.redact import find as find_sensitive
 
 REFERENCE = re.compile(r"\[([^\[\]#\s]+)#([^\[\]\s]+)\]")
 WORD = re.compile(r"[a-z0-9]+")
-SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\[(\"'])")
+SENTENCE = re.compile(r"(?<=[.!?])\s+(?=\S)")
 # Function words carry no claim: a sentence is grounded by its content words only.
 STOP = frozenset(
     "a about above after again all also an and any are as at be because been before being between both "
@@ -128,9 +128,11 @@ def check_references(text: str, citations: Iterable[Citation], step_id: str) -> 
 def check_grounded(
     text: str, passages: Passages, evidence: str, min_support: float, step_id: str, *, require_refs: bool
 ) -> CheckResult | None:
-    """Each claim carrying references must be supported by the passages it cites; a claim
-    without one by the task's other evidence (other steps' outputs, every retrieved passage).
-    ``None`` when the text makes no claim long enough to judge."""
+    """Each claim carrying references must be supported by the passages it cites. When the text
+    owes citations (it builds on documents), a claim without a reference must be supported by
+    the task's other evidence (other steps' outputs, every retrieved passage); otherwise such a
+    claim rests on what the checker cannot see (a note, a web page, a tool's result) and is
+    left to the judge. ``None`` when the text makes no claim long enough to judge."""
     worst: tuple[float, str, str] | None = None
     judged = 0
     for claim in claims(text):
@@ -140,7 +142,7 @@ def check_grounded(
         if claim.refs:
             cited = " ".join(passages[r].text for r in claim.refs if r in passages)
             score, basis = support(claim.text, cited), ", ".join(f"{d}#{c}" for d, c in claim.refs)
-        elif require_refs or evidence:
+        elif require_refs:  # a document-based answer: an unreferenced claim must rest on the evidence
             score, basis = support(claim.text, evidence), "the task's evidence"
         else:
             continue

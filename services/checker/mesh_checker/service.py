@@ -97,31 +97,34 @@ class Checker:
 
     # --- the judge ------------------------------------------------------------------------
 
-    def _judge_models(self, avoid: set[str]) -> tuple[Models, bool]:
-        """The judge's models: its route's chain without the models that wrote the answer, when
-        that leaves any. Returns the models and whether the judge is independent of the answer."""
+    def _judge_models(self, avoid: set[str]) -> Models:
+        """The judge's models: its route's chain with the models that wrote the answer moved to
+        the end, so another model judges whenever one is configured and healthy, and the same
+        model only as the last fallback (a judge that never runs would fail every task)."""
         assert self.models is not None
         gateway = self.models.gateway
         _, chain = gateway.route_for(jd.request(jd.JudgeInput("", "")))
-        others = [m for m in chain if model_key(m) not in avoid]
-        if not others or len(others) == len(chain):
-            return self.models, not avoid & {model_key(m) for m in chain}
-        key = tuple(model_key(m) for m in others)
+        ordered = [m for m in chain if model_key(m) not in avoid] + [m for m in chain if model_key(m) in avoid]
+        if ordered == chain:
+            return self.models
+        key = tuple(model_key(m) for m in ordered)
         if key not in self._judges:
-            # Same policies, a route of its own: the judge's chain minus the answer's models.
-            routes = {"default": others}
+            # Same policies, a route of its own: the judge's chain in the judge's order.
             self._judges[key] = Models(
-                Gateway(routes, retry=gateway.retry, timeouts=gateway.timeouts),
+                Gateway({"default": ordered}, retry=gateway.retry, timeouts=gateway.timeouts),
                 self.models.cache,
                 self.models.context_strategy,
                 self.models.capture_content,
             )
-        return self._judges[key], True
+        return self._judges[key]
 
     async def run_judge(self, m: CheckRequested, passages: Passages, d: Delivery | None) -> tuple[CheckResult, jd.Judgement | None, TokenUsage]:  # fmt: skip
         answer_models = {x for s in m.steps if s.step_id == m.answer_step for x in s.models}
-        models, independent = self._judge_models(answer_models)
-        inp = jd.JudgeInput(m.goal, m.answer, m.policy.rubric, tuple(h.text for h in passages.values()))
+        models = self._judge_models(answer_models)
+        # The evidence: what rag returned, and what the other steps produced (a note read, a
+        # computed result) — the judge grades grounding against everything the answer was built on.
+        evidence = [h.text for h in passages.values()] + [s.output for s in m.steps if s.step_id != m.answer_step]
+        inp = jd.JudgeInput(m.goal, m.answer, m.policy.rubric, tuple(e for e in evidence if e.strip()))
         try:
             response, usage = await call_model_once(
                 self.mesh, self.ledger, models, jd.request(inp), tenant=m.tenant, task_id=m.task_id,
@@ -139,7 +142,11 @@ class Checker:
         except (ProviderError, jd.JudgeReplyError) as exc:  # fail closed: an unjudged answer is not a passed one
             return CheckResult(name="judge", passed=False, reason=f"judge failed: {exc}"[:300]), None, TokenUsage()
         why = "; ".join(verdict.reasons[:3]) or "no reasons given"
-        same = "" if independent else " (same model as the answer: no other judge model configured)"
+        same = (
+            " (the model that wrote the answer: no other judge model answered)"
+            if verdict.model in answer_models
+            else ""
+        )
         reason = f"{verdict.model} scored {verdict.score:.2f} (min {m.policy.judge_min_score:.2f}){same}: {why}"
         return (
             CheckResult(name="judge", passed=verdict.passed, reason=reason[:600], score=verdict.score),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -47,6 +48,7 @@ from mesh_kit.state import OutboxItem, StepState, TaskRecord
 from mesh_llm import ChatModel, ContextOverflow, Message, ModelRequest
 
 log = logging.getLogger("mesh.planner")
+REFERENCE = re.compile(r"\[[^\[\]#\s]+#[^\[\]\s]+\]")
 PLAN_PROMPT = prompts.load("mesh_planner", "plan")
 
 
@@ -151,12 +153,14 @@ def answer_step_id(rec: TaskRecord) -> str:
 
 def check_request(rec: TaskRecord) -> CheckRequested:
     """Every step result and the final answer, with the task's policy. Citations are owed when
-    the policy says so, or by default exactly when some step retrieved passages."""
+    the policy says so, or by default when some other step's output cites retrieved passages
+    (the answer then builds on documents and must carry their citations forward). A step that
+    searched but answered from a note or a web page leaves nothing to cite."""
     answer, citations = final_answer(rec)
     sid = answer_step_id(rec)
     require = rec.policy.require_citations
-    if require is None:
-        require = bool(citations)
+    if require is None:  # owed when the answer builds on a step that cited documents
+        require = any(REFERENCE.search(s.output) for k, s in rec.steps.items() if k != sid and s.citations)
     versions = dict(rec.prompt_versions)
     if rec.steps[sid].prompt_version:
         versions["worker"] = rec.steps[sid].prompt_version
