@@ -243,3 +243,53 @@ def test_scripted_judge_separates_good_from_broken_answers():
     assert not score("The documentation has nothing on this.").passed, "the passages do cover it"
     assert not score(GOOD, 'Must not mention "ledger".').passed
     assert score(GOOD, 'Mentions "idempotency ledger".').passed
+
+
+# --- online evaluation: the verdict's numbers as metrics ------------------------------------
+
+
+def test_verdicts_become_metrics_per_tenant_agent_and_prompt_version(tmp_path):
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from mesh_checker.service import Checker
+    from mesh_kit import Mesh, ServiceSettings
+    from mesh_kit import telemetry as tel
+    from mesh_kit.identity import Signer, TrustBundle, Verifier, new_signing_key
+
+    reader = InMemoryMetricReader()
+    settings = ServiceSettings(service="checker", signing_key_file=tmp_path / "k", trust_bundle_file=tmp_path / "b")
+    mesh = Mesh(
+        settings,
+        tel.Telemetry(TracerProvider(), MeterProvider(metric_readers=[reader])),
+        signer=Signer("checker", new_signing_key()),
+        verifier=Verifier(TrustBundle({})),
+    )
+    checker = Checker(mesh, passages=lambda *_: PASSAGES)
+    good = request()
+    good = good.model_copy(
+        update={"steps": tuple(s.model_copy(update={"prompt_version": "worker.system@7+ab"}) for s in good.steps)}
+    )
+    checker.observe(good, run_checks(good, PASSAGES), True, jd.Judgement(0.9, True, (), "scripted/scripted-judge"))
+    bad = request("AgentMesh keeps every task in process memory and retries failed emails forever. [durability.md#1]")
+    checker.observe(bad, run_checks(bad, PASSAGES), False, None)
+
+    points: dict[str, list] = {}
+    for rm in reader.get_metrics_data().resource_metrics:
+        for sm in rm.scope_metrics:
+            for metric in sm.metrics:
+                points.setdefault(metric.name, []).extend(metric.data.data_points)
+    verdicts = {
+        (p.attributes["outcome"], p.attributes[tel.A_PROMPT_VERSION]): p.value for p in points[tel.M_CHECK_VERDICTS]
+    }
+    assert verdicts == {("passed", "worker.system@7+ab"): 1, ("failed", "unknown"): 1}
+    assert all(p.attributes[tel.A_TENANT] == "acme" and p.attributes[tel.GEN_AI_AGENT_NAME] == "worker"
+               for p in points[tel.M_CHECK_VERDICTS])  # fmt: skip
+    failed_checks = {p.attributes["check"] for p in points[tel.M_CHECK_RESULTS] if p.attributes["outcome"] == "failed"}
+    assert failed_checks == {"grounded"}
+    (judge,) = points[tel.M_CHECK_JUDGE_SCORE]
+    assert judge.count == 1 and judge.sum == pytest.approx(0.9)
+    assert judge.attributes["gen_ai.request.model"] == "scripted/scripted-judge"
+    grounding = {p.attributes[tel.A_PROMPT_VERSION]: (p.count, p.min) for p in points[tel.M_CHECK_GROUNDING]}
+    assert grounding["worker.system@7+ab"] == (1, 1.0) and grounding["unknown"][1] < 0.6

@@ -40,7 +40,7 @@ from mesh_kit.injection import UNTRUSTED_NOTICE, InjectionScore, delimit, score_
 from mesh_kit.ledger import BUCKET as LEDGER
 from mesh_kit.ledger import Ledger
 from mesh_kit.metered import BudgetExceeded, Models, call_model_once, configured
-from mesh_llm import ChatModel, Message, ModelRequest, ProviderError, ToolSpec
+from mesh_llm import ChatModel, Message, ModelRequest, ProviderError, ToolCall, ToolSpec
 from mesh_llm.context import clip
 
 log = logging.getLogger("mesh.worker")
@@ -390,7 +390,11 @@ class Worker:
         used = f"{response.provider}/{response.model}"
         await live.end(used)
         iteration = run.iteration
-        assistant = Message("assistant", response.content, tool_calls=response.tool_calls[:1])
+        # The call keeps the id its result will answer to (the worker's deterministic call id): a
+        # provider rejects a tool result whose id matches no call of the conversation, and the
+        # model's own ids ("c0", "call_...") repeat across iterations and replicas.
+        calls = tuple(ToolCall(f"{call_id}-c0", c.name, c.arguments) for c in response.tool_calls[:1])
+        assistant = Message("assistant", response.content, tool_calls=calls)
 
         def advance(cur: StepRun | None) -> StepRun | None:
             if cur is None or cur.iteration != iteration or cur.pending is not None or cur.status != "running":
