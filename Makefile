@@ -43,7 +43,7 @@ eval: setup ## run the starter golden dataset on a local mesh (scripted model) a
 	export MESH_MODEL=scripted; unset MESH_MODEL_CONFIG; \
 	trap '$(BIN)/meshctl --home "$$home" down' EXIT; \
 	$(BIN)/meshctl --home $$home up --tenants acme,globex --nats-port 0 --http-port 0 --redis-port 0 || exit 2; \
-	$(BIN)/meshctl --home $$home eval tests/golden/starter.jsonl --report $$home/starter-report.json $(EVAL_ARGS); rc=$$?; \
+	$(BIN)/meshctl --home $$home eval tests/golden/starter.jsonl --report $$home/starter-report.json --baseline tests/golden/starter-baseline.json $(EVAL_ARGS); rc=$$?; \
 	$(BIN)/meshctl eval calibrate --min-agreement 0.8; cal=$$?; \
 	echo "eval exit $$rc, calibrate exit $$cal (report: $$home/starter-report.json)"; \
 	[ $$rc -ne 0 ] && exit $$rc; exit $$cal

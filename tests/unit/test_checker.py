@@ -293,3 +293,51 @@ def test_verdicts_become_metrics_per_tenant_agent_and_prompt_version(tmp_path):
     assert judge.attributes["gen_ai.request.model"] == "scripted/scripted-judge"
     grounding = {p.attributes[tel.A_PROMPT_VERSION]: (p.count, p.min) for p in points[tel.M_CHECK_GROUNDING]}
     assert grounding["worker.system@7+ab"] == (1, 1.0) and grounding["unknown"][1] < 0.6
+
+
+# --- the planner's side: what is checked, and what is redone after a failed verdict ----------
+
+
+def _record(outputs: dict[str, tuple[str, list[str]]], citations: dict[str, tuple] | None = None):
+    from mesh_contracts.v1 import PlanStep
+    from mesh_kit.state import StepState, TaskRecord
+
+    steps = {
+        sid: StepState(
+            step=PlanStep(
+                step_id=sid, kind="answer" if sid == "s3" else "research", instruction="x", depends_on=tuple(deps)
+            ),
+            status="completed",
+            output=out,
+            citations=list((citations or {}).get(sid, ())),
+        )
+        for sid, (out, deps) in outputs.items()
+    }
+    return TaskRecord(tenant="acme", task_id="t1", goal=GOAL, steps=steps, check_attempt=1)
+
+
+def test_citations_are_owed_when_the_answer_builds_on_a_step_that_cited():
+    from mesh_planner.service import check_request
+
+    cited = _record(
+        {"s1": (RESEARCH, []), "s2": ("The result is 391.", []), "s3": (GOOD, ["s1", "s2"])}, {"s1": CITES[:1]}
+    )
+    req = check_request(cited)
+    assert req.require_citations and req.answer_step == "s3" and [s.step_id for s in req.steps] == ["s1", "s2", "s3"]
+    # a step that searched but answered from a note: its passages were not used, nothing is owed
+    note = _record({"s1": ("note_read: lunch is at noon", []), "s3": ("Lunch is at noon.", ["s1"])}, {"s1": CITES[:1]})
+    assert not check_request(note).require_citations
+    # the policy decides when it says so
+    forced = note.model_copy(update={"policy": TaskPolicy(require_citations=True)})
+    assert check_request(forced).require_citations
+
+
+def test_a_failed_step_is_redone_with_everything_built_on_it_and_nothing_else():
+    from mesh_contracts.v1 import CheckVerdict
+    from mesh_planner.service import redo_after
+
+    rec = _record({"s1": ("a", []), "s2": ("b", []), "s4": ("c", ["s1"]), "s3": ("d", ["s4", "s2"])})
+    verdict = CheckVerdict(tenant="acme", task_id="t1", passed=False, failed_steps=("s1",))
+    assert redo_after(rec, verdict) == ["s1", "s4", "s3"], "s2 did not fail and nothing it needs changed"
+    answer_only = CheckVerdict(tenant="acme", task_id="t1", passed=False)
+    assert redo_after(rec, answer_only) == ["s3"]
