@@ -60,11 +60,11 @@ import secrets
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any, Literal, Protocol, TextIO
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TextIO, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -344,6 +344,26 @@ def _json_lines(path: Path, shown: str, kind: str) -> tuple[bytes, list[tuple[in
     return data, rows
 
 
+M = TypeVar("M", bound=BaseModel)
+
+
+def _validated(rows: list[tuple[int, dict[str, Any]]], shown: str, model: type[M], known: dict[str, Sequence[str]]) -> Iterator[tuple[int, str, M]]:  # fmt: skip
+    """Each row as ``model``, with the label its errors carry (file:line: case 'id'); a row that
+    does not validate, or repeats an earlier id, is a ``DatasetError``."""
+    seen: dict[str, int] = {}
+    for n, obj in rows:
+        label = f"{shown}:{n}" + (f": case {obj['id']!r}" if isinstance(obj.get("id"), str) else "")
+        try:
+            raw = model.model_validate(obj)
+        except ValidationError as exc:
+            raise DatasetError(f"{label}: {_explain(exc, known)}") from None
+        rid = raw.id  # type: ignore[attr-defined]
+        if rid in seen:
+            raise DatasetError(f"{label}: duplicate id {rid!r} (first on line {seen[rid]})")
+        seen[rid] = n
+        yield n, label, raw
+
+
 def load_dataset(path: str | Path) -> Dataset:
     """Read and validate a dataset; any problem is a ``DatasetError`` naming file, line and field."""
     shown = str(path)
@@ -351,17 +371,8 @@ def load_dataset(path: str | Path) -> Dataset:
     data, rows = _json_lines(file, shown, "dataset")
     base = file.absolute().parent
     cases: list[Case] = []
-    seen: dict[str, int] = {}
     sources: dict[tuple[str, str], tuple[str, int]] = {}  # (tenant, doc id) -> (source, line)
-    for n, obj in rows:
-        label = f"{shown}:{n}" + (f": case {obj['id']!r}" if isinstance(obj.get("id"), str) else "")
-        try:
-            raw = _RawCase.model_validate(obj)
-        except ValidationError as exc:
-            raise DatasetError(f"{label}: {_explain(exc, _KNOWN)}") from None
-        if raw.id in seen:
-            raise DatasetError(f"{label}: duplicate id {raw.id!r} (first on line {seen[raw.id]})")
-        seen[raw.id] = n
+    for n, label, raw in _validated(rows, shown, _RawCase, _KNOWN):
         try:
             limits = _strict_value(TaskLimits, raw.limits, "limits")
             policy = _strict_value(TaskPolicy, raw.policy, "policy")
@@ -1173,16 +1184,7 @@ def load_calibration(path: str | Path) -> tuple[list[Labelled], str]:
     shown = str(path)
     data, rows = _json_lines(Path(path), shown, "calibration")
     out: list[Labelled] = []
-    seen: dict[str, int] = {}
-    for n, obj in rows:
-        label = f"{shown}:{n}" + (f": case {obj['id']!r}" if isinstance(obj.get("id"), str) else "")
-        try:
-            raw = _RawLabelled.model_validate(obj)
-        except ValidationError as exc:
-            raise DatasetError(f"{label}: {_explain(exc, {'': tuple(_RawLabelled.model_fields)})}") from None
-        if raw.id in seen:
-            raise DatasetError(f"{label}: duplicate id {raw.id!r} (first on line {seen[raw.id]})")
-        seen[raw.id] = n
+    for n, _label, raw in _validated(rows, shown, _RawLabelled, {"": tuple(_RawLabelled.model_fields)}):
         out.append(Labelled(raw.id, raw.goal, raw.answer, raw.label, n, raw.passages, raw.rubric, raw.note))
     return out, hashlib.sha256(data).hexdigest()
 

@@ -210,11 +210,11 @@ def check_step(step: StepResult, m: CheckRequested, passages: Passages) -> list[
     return [r for r in out if r is not None]
 
 
-def evidence_of(m: CheckRequested, passages: Passages) -> str:
-    """What an unreferenced claim of the answer may rest on: the other steps' outputs and
-    every passage retrieved for the task."""
-    others = [s.output for s in m.steps if s.step_id != m.answer_step]
-    return "\n".join(others + [h.text for h in passages.values()])
+def evidence_of(m: CheckRequested, passages: Passages) -> list[str]:
+    """What the answer may rest on: every passage retrieved for the task and the other steps'
+    outputs (an unreferenced claim's support; the judge's evidence)."""
+    texts = [h.text for h in passages.values()] + [s.output for s in m.steps if s.step_id != m.answer_step]
+    return [t for t in texts if t.strip()]
 
 
 def check_answer(m: CheckRequested, passages: Passages) -> list[CheckResult]:
@@ -251,7 +251,7 @@ def check_answer(m: CheckRequested, passages: Passages) -> list[CheckResult]:
         check_grounded(
             answer,
             passages,
-            evidence_of(m, passages),
+            "\n".join(evidence_of(m, passages)),
             policy.grounding_min_support,
             "",
             require_refs=m.require_citations,

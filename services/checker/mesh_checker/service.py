@@ -20,7 +20,7 @@ from typing import Any
 from nats.js.errors import NotFoundError
 
 from mesh_checker import judge as jd
-from mesh_checker.checks import Passages, run_checks
+from mesh_checker.checks import Passages, evidence_of, run_checks
 from mesh_contracts import ContractError, parse_message
 from mesh_contracts import topology as topo
 from mesh_contracts.v1 import CheckRequested, CheckResult, CheckVerdict, RetrievalCompleted, TokenUsage
@@ -121,10 +121,9 @@ class Checker:
     async def run_judge(self, m: CheckRequested, passages: Passages, d: Delivery | None) -> tuple[CheckResult, jd.Judgement | None, TokenUsage]:  # fmt: skip
         answer_models = {x for s in m.steps if s.step_id == m.answer_step for x in s.models}
         models = self._judge_models(answer_models)
-        # The evidence: what rag returned, and what the other steps produced (a note read, a
-        # computed result) — the judge grades grounding against everything the answer was built on.
-        evidence = [h.text for h in passages.values()] + [s.output for s in m.steps if s.step_id != m.answer_step]
-        inp = jd.JudgeInput(m.goal, m.answer, m.policy.rubric, tuple(e for e in evidence if e.strip()))
+        # The judge grades grounding against everything the answer was built on: what rag returned
+        # and what the other steps produced (a note read, a computed result).
+        inp = jd.JudgeInput(m.goal, m.answer, m.policy.rubric, tuple(evidence_of(m, passages)))
         try:
             response, usage = await call_model_once(
                 self.mesh, self.ledger, models, jd.request(inp), tenant=m.tenant, task_id=m.task_id,

@@ -87,11 +87,14 @@ def dispatch_ready(rec: TaskRecord, causation: str = "") -> None:
             _event(rec, "step.dispatched", f"{sid} ({s.step.kind}): {s.step.instruction[:80]}", sid, str(s.attempt))
 
 
-def final_answer(rec: TaskRecord) -> tuple[str, list[Citation]]:
+def answer_step_id(rec: TaskRecord) -> str:
+    """The last step of kind ``answer`` (or the last step): its output is the task's answer."""
     order = list(rec.steps)
-    answer_step = next(
-        (rec.steps[s] for s in reversed(order) if rec.steps[s].step.kind == "answer"), rec.steps[order[-1]]
-    )
+    return next((s for s in reversed(order) if rec.steps[s].step.kind == "answer"), order[-1])
+
+
+def final_answer(rec: TaskRecord) -> tuple[str, list[Citation]]:
+    answer_step = rec.steps[answer_step_id(rec)]
     seen: dict[str, Citation] = {}
     for s in rec.steps.values():
         for c in s.citations:
@@ -144,11 +147,6 @@ def parse_plan(text: str, max_steps: int) -> list[PlanStep]:
         if unknown:
             raise ValueError(f"step {s.step_id} depends on {unknown}, which are not earlier steps")
     return steps
-
-
-def answer_step_id(rec: TaskRecord) -> str:
-    order = list(rec.steps)
-    return next((s for s in reversed(order) if rec.steps[s].step.kind == "answer"), order[-1])
 
 
 def check_request(rec: TaskRecord) -> CheckRequested:
