@@ -8,6 +8,8 @@ from mesh_contracts.v1.check import CheckRequested, CheckVerdict
 from mesh_contracts.v1.common import (
     CheckResult,
     Citation,
+    Destination,
+    HeldCall,
     PlanStep,
     RetrievalHit,
     StepResult,
@@ -81,6 +83,8 @@ __all__ = [c.__name__ for c in ALL] + [
     "DOCUMENT_TYPES",
     "CheckResult",
     "Citation",
+    "Destination",
+    "HeldCall",
     "PlanStep",
     "StepResult",
     "TaskPolicy",

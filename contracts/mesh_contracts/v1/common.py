@@ -177,6 +177,11 @@ class TaskPolicy(_Value):
     grounding_min_support: float = Field(0.6, ge=0.0, le=1.0)
     """Lowest share of a claim's content words found in its cited passages (or, for a claim
     with no reference, in the task's evidence) for the claim to count as grounded."""
+    on_held: Literal["continue", "wait"] = "continue"
+    """What a step does when one of its tool calls is held for a human decision: ``continue``
+    (the default) goes on without it, and the outcome names the pending approval (a later
+    approval still performs the call); ``wait`` waits for the decision, as long as the approval
+    may take, and continues with the call's result."""
 
 
 class StepResult(_Value):
@@ -192,3 +197,41 @@ class StepResult(_Value):
     models: tuple[str, ...] = ()
     """``provider/model`` of the model calls that produced the output."""
     prompt_version: str = ""
+
+
+class HeldCall(_Value):
+    """A tool call that was held for a human decision and had not been decided when its step
+    went on without it (``TaskPolicy.on_held`` ``continue``). Approving it later still performs
+    it; the outcome names it so the tenant knows what is waiting."""
+
+    approval_id: str
+    """The approval to decide (``meshctl approve|deny <id>``)."""
+    step_id: str = ""
+    call_id: str = ""
+    tool: str
+    reason: str = ""
+    """Why the policy held it (redacted)."""
+    destinations: tuple[str, ...] = ()
+    """Where the effect would land, without personal data: an address's domain, a URL's host."""
+
+
+class Destination(_Value):
+    """Where one tool effect went (or would have gone), in a form that can be traced without
+    putting personal data in the audit stream: the domain or host in clear, a keyed hash of the
+    whole value (compute it with ``meshctl audit digest``), and the whole value sealed to the
+    tenant's auditor key (``meshctl audit effects`` opens it)."""
+
+    arg: str
+    """The argument that names the destination (``to``, ``url``)."""
+    kind: Literal["email", "url", "value"]
+    where: str = ""
+    """An address's domain, a URL's host (empty for other values)."""
+    digest: str = ""
+    """``hmac-sha256:<hex>`` of the normalised value under the deployment's audit key, derived per
+    tenant (empty when no audit key is configured)."""
+    sealed: str = ""
+    """The whole value, sealed (libsodium sealed box, base64) to the tenant's auditor public key
+    from the trust bundle (empty when the tenant has no auditor key)."""
+    offered: bool = False
+    """True when the tenant's own goal offered this value in this role (a recipient to mail, a
+    URL to open)."""

@@ -7,6 +7,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import ConfigDict, Field
 
 from mesh_contracts.base import APPROVER, CLIENT, ID_PATTERN, Contract, ContractSpec
+from mesh_contracts.v1.common import Destination
 
 _EX = {"tenant": "acme", "task_id": "t-7f3a"}
 # Control is obeyed by the planner (task record) and checked by every service before
@@ -98,6 +99,9 @@ class ApprovalRequested(Contract):
     """Highest injection score in the step's context (what the approver should distrust)."""
     sources: tuple[str, ...] = ()
     """Untrusted content in the step's context, by origin."""
+    destinations: tuple[Destination, ...] = ()
+    """Where the effect would land (domain or host, a keyed hash, the value sealed to the
+    tenant's auditor); the values themselves are in ``arguments`` for the approver."""
 
 
 class ApprovalDecided(Contract):

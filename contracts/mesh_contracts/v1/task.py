@@ -7,7 +7,7 @@ from typing import ClassVar, Literal
 from pydantic import ConfigDict, Field
 
 from mesh_contracts.base import CLIENT, Contract, ContractSpec
-from mesh_contracts.v1.common import CheckResult, Citation, PlanStep, TaskLimits, TaskPolicy, TokenUsage
+from mesh_contracts.v1.common import CheckResult, Citation, HeldCall, PlanStep, TaskLimits, TaskPolicy, TokenUsage
 
 _EX = {"tenant": "acme", "task_id": "t-7f3a"}
 
@@ -152,6 +152,9 @@ class TaskCompleted(Contract):
     """Tool calls the task's steps made, in step order."""
     revisions: int = 0
     """How many times the checker sent the answer back before this outcome."""
+    held: tuple[HeldCall, ...] = ()
+    """Tool calls held for a human decision that the task went on without (``policy.on_held``
+    ``continue``): the answer does not include their effects; approving one still performs it."""
 
 
 class TaskFailed(Contract):
@@ -194,3 +197,6 @@ class TaskFailed(Contract):
     """Tool calls the task's steps made, in step order."""
     revisions: int = 0
     """How many times the checker sent the answer back before this outcome."""
+    held: tuple[HeldCall, ...] = ()
+    """Tool calls held for a human decision that the task went on without (``policy.on_held``
+    ``continue``): the answer does not include their effects; approving one still performs it."""

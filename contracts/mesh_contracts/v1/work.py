@@ -7,7 +7,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import ConfigDict, Field
 
 from mesh_contracts.base import CLIENT, ID_PATTERN, Contract, ContractSpec
-from mesh_contracts.v1.common import Citation, PlanStep, RetrievalHit, Taint, TokenUsage
+from mesh_contracts.v1.common import Citation, Destination, HeldCall, PlanStep, RetrievalHit, Taint, TokenUsage
 
 _EX = {"tenant": "acme", "task_id": "t-7f3a"}
 DOCUMENT_TYPES: dict[str, str] = {
@@ -57,6 +57,15 @@ class StepRequested(Contract):
     """Outputs of the steps this one depends on, by step id."""
     max_iterations: int = Field(6, ge=1, le=50)
     """Cap on model calls in this step's agent loop."""
+    input_taint: dict[str, Taint] = {}
+    """Taint of each input, by step id: what untrusted content the step that wrote it had read.
+    An input without an entry is treated as untrusted (its provenance is unknown)."""
+    feedback: str = ""
+    """The checker's reasons when this step is redone after a rejected answer. Untrusted: the
+    reasons can quote retrieved text and tool results."""
+    on_held: Literal["continue", "wait"] = "wait"
+    """The task's ``policy.on_held``: whether the step goes on without a tool call that is held for a
+    human (``continue``) or waits for the decision (``wait``, the behaviour before this field)."""
 
 
 class StepCompleted(Contract):
@@ -98,6 +107,12 @@ class StepCompleted(Contract):
     """``provider/model`` of the step's model calls (the checker's judge avoids these by default)."""
     prompt_version: str = ""
     """Version of the worker prompt the step ran with (``worker.system@3+ab12cd34``)."""
+    taint: Taint | None = None
+    """What untrusted content the step read: the output may carry it, so a step that takes it as
+    input inherits this taint (the planner passes it on in ``StepRequested.input_taint``). None
+    from a worker that does not declare it: its output is then treated as untrusted."""
+    held: tuple[HeldCall, ...] = ()
+    """Tool calls held for a human decision that the step went on without."""
 
 
 class StepFailed(Contract):
@@ -198,12 +213,14 @@ class ToolCompleted(Contract):
     error: str = ""
     """Structured error for the agent when ``ok`` is false."""
     untrusted: bool = False
-    """True when ``result`` is outside content (a web page, an MCP server's answer, a note
-    someone wrote): the worker delimits it in prompts and taints the step."""
+    """True when ``result`` or ``error`` carries outside content (a web page or an HTTP error
+    from a server, an MCP server's answer or error, a note someone wrote, a person's comment):
+    the worker delimits it in prompts and taints the step. False only for text the
+    tool-executor's own code wrote (a calculator's result, a validation or policy error)."""
     injection_score: float = Field(0.0, ge=0.0, le=1.0)
-    """Prompt-injection detector score of ``result``."""
+    """Prompt-injection detector score of ``result`` (or of ``error`` when the call failed)."""
     injection_signals: tuple[str, ...] = ()
-    """What the detector saw in ``result``."""
+    """What the detector saw in ``result`` (or ``error``)."""
     approval_id: str = ""
     """The approval this call waited for, if it needed one."""
 
@@ -326,6 +343,9 @@ class ToolAudited(Contract):
     approval_id: str = ""
     decided_by: str = ""
     """Who decided an approval (identity name), or ``policy``."""
+    destinations: tuple[Destination, ...] = ()
+    """Where the effect lands, traceable without personal data in clear (``arguments`` are
+    redacted): domain or host, a keyed hash and the value sealed to the tenant's auditor."""
 
 
 class IngestRequested(Contract):

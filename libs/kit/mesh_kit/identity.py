@@ -12,6 +12,7 @@ while a captured token cannot be replayed into the stream later than its window.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import time
@@ -100,10 +101,12 @@ class Signer:
 
 
 class TrustBundle:
-    """Public keys of every principal, with their role and tenant."""
+    """Public keys of every principal, with their role and tenant, and each tenant's auditor
+    sealing key (X25519: what is sealed to it only the tenant's auditor can open)."""
 
-    def __init__(self, principals: dict[str, Principal]) -> None:
+    def __init__(self, principals: dict[str, Principal], auditors: dict[str, bytes] | None = None) -> None:
         self.principals = principals
+        self.auditors = auditors or {}
 
     @classmethod
     def from_json(cls, data: str | bytes) -> TrustBundle:
@@ -114,15 +117,23 @@ class TrustBundle:
             if not isinstance(key, Ed25519PublicKey):
                 raise IdentityError(f"trust bundle: {name} does not hold an Ed25519 key")
             out[name] = Principal(name, entry["role"], entry.get("tenant"), key)
-        return cls(out)
+        auditors = {}
+        for tenant, b64 in (raw.get("auditors") or {}).items():
+            key_bytes = base64.b64decode(b64)
+            if len(key_bytes) != 32:
+                raise IdentityError(f"trust bundle: auditor key of {tenant} is not a 32-byte X25519 key")
+            auditors[tenant] = key_bytes
+        return cls(out, auditors)
 
     @classmethod
     def from_file(cls, path: str | Path) -> TrustBundle:
         return cls.from_json(Path(path).read_bytes())
 
     @staticmethod
-    def to_json(entries: dict[str, tuple[str, str | None, Ed25519PublicKey]]) -> str:
-        """Serialise ``name -> (role, tenant, public key)``."""
+    def to_json(
+        entries: dict[str, tuple[str, str | None, Ed25519PublicKey]], auditors: dict[str, bytes] | None = None
+    ) -> str:
+        """Serialise ``name -> (role, tenant, public key)`` and ``tenant -> auditor X25519 public key``."""
         return json.dumps(
             {
                 "version": 1,
@@ -130,6 +141,7 @@ class TrustBundle:
                     name: {"role": role, "tenant": tenant, "public_key": public_pem(pub)}
                     for name, (role, tenant, pub) in sorted(entries.items())
                 },
+                "auditors": {t: base64.b64encode(k).decode() for t, k in sorted((auditors or {}).items())},
             },
             indent=2,
         )

@@ -6,6 +6,9 @@ Layout under the mesh home (``.mesh/`` by default)::
     secrets/operator.jwt, secrets/*.nk           operator and account keys (0600)
     secrets/creds/<principal>.creds              NATS user JWT + seed, one per principal (0600)
     secrets/keys/<principal>.pem                 message-signing key, one per principal (0600)
+    secrets/keys/auditor.<tenant>.key            the tenant auditor's X25519 key: opens the destinations
+                                                 the audit seals for the tenant (0600)
+    secrets/audit.key                            the deployment's audit key: keyed hashes of destinations (0600)
     trust-bundle.json                            public keys of every principal (not secret)
     nats/server.conf                             operator-mode config, memory resolver
 
@@ -24,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import nkeys
+from nacl.public import PrivateKey
 
 from mesh_kit import ServiceSettings
 from mesh_kit.identity import TrustBundle, new_signing_key, private_pem
@@ -64,6 +68,15 @@ def _load_or_new(path: Path, prefix: int) -> nkeys.KeyPair:
     kp = new_keypair(prefix)
     _write_secret(path, kp.seed)
     return kp
+
+
+def _load_or_new_auditor(path: Path) -> PrivateKey:
+    """A tenant auditor's X25519 key (base64 in the file); made once, then reused."""
+    if path.exists():
+        return PrivateKey(base64.b64decode(path.read_text().strip()))
+    key = PrivateKey.generate()
+    _write_secret(path, base64.b64encode(bytes(key)).decode())
+    return key
 
 
 def user_jwt(
@@ -118,6 +131,13 @@ class Identities:
 
     def signing_key(self, principal: str) -> Path:
         return self.secrets / "keys" / f"{principal}.pem"
+
+    def auditor_key(self, tenant: str) -> Path:
+        return self.secrets / "keys" / f"auditor.{tenant}.key"
+
+    @property
+    def audit_key(self) -> Path:
+        return self.secrets / "audit.key"
 
     @property
     def trust_bundle(self) -> Path:
@@ -220,7 +240,10 @@ class Identities:
                 key = new_signing_key()
                 _write_secret(key_path, private_pem(key))
             bundle_entries[name] = (perms.role, perms.tenant, key.public_key())
-        self.trust_bundle.write_text(TrustBundle.to_json(bundle_entries))
+        if not self.audit_key.exists():
+            _write_secret(self.audit_key, os.urandom(32).hex())
+        auditors = {t: bytes(_load_or_new_auditor(self.auditor_key(t)).public_key) for t in tenants}
+        self.trust_bundle.write_text(TrustBundle.to_json(bundle_entries, auditors))
         return preload
 
     def server_config(

@@ -218,6 +218,8 @@ def service_env(
     )
     if redis_url_file.exists():
         env["MESH_REDIS_URL_FILE"] = str(redis_url_file)  # the password stays out of the environment
+    if service == "tool-executor" and ids.audit_key.exists():
+        env["MESH_AUDIT_KEY_FILE"] = str(ids.audit_key)  # keyed hashes of where effects went
     env.update(extra)
     return env
 
