@@ -7,14 +7,15 @@ made here, in code, from facts the model cannot forge:
 - the tool's risk class and configured policy;
 - the step's *taint*, declared by the worker (which passages and tool outputs are in the
   step's context, and their injection scores), never by the model;
-- the task's own text (the tenant's goal and the planner's instruction for the step) from
-  the task record, to tell whether the arguments that decide where an effect lands (an
-  email's recipient, a URL) were chosen by the tenant or could have been chosen by
-  injected text.
+- the tenant's goal from the task record, to tell whether the arguments that decide where
+  an effect lands (an email's recipient, a URL) were chosen by the tenant, or could have been
+  chosen by injected text (``destinations.py``: whole values, parsed, in the argument's role).
 
 A read tool always runs. A write or external tool in an untainted step runs. In a tainted
 step it follows its ``on_untrusted`` policy: ``approve`` asks a human unless every trusted
-argument appears verbatim in the task's own text; ``deny`` refuses; ``allow`` runs.
+argument is a value the goal offers in that argument's role *and* nothing else the call
+carries (an email's body and subject, say) is flagged by the injection detector; ``deny``
+refuses; ``allow`` runs.
 """
 
 from __future__ import annotations
@@ -22,7 +23,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from pydantic import BaseModel
+
 from mesh_contracts.v1 import Taint
+from mesh_kit import injection
+from mesh_tool_executor import destinations
 from mesh_tool_executor.tools import Tool
 
 Verdict = Literal["allow", "approve", "deny"]
@@ -34,20 +39,30 @@ class Decision:
     reasons: tuple[str, ...]
 
 
-def _value(args: Any, name: str) -> str | None:
-    value = args.get(name) if isinstance(args, dict) else getattr(args, name, None)
-    return None if value is None else str(value)
+def _value(args: Any, name: str) -> Any:
+    return args.get(name) if isinstance(args, dict) else getattr(args, name, None)
 
 
-def _in_text(value: str, text: str) -> bool:
-    """An argument appears in the task's own text (case-insensitively, as a whole value)."""
-    v = value.strip().lower()
-    return bool(v) and v in text.lower()
+def _strings(value: Any, skip: frozenset[str] = frozenset()) -> list[str]:
+    """Every string a call carries (recursively), less the named top-level arguments."""
+    if isinstance(value, BaseModel):
+        value = value.model_dump()
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for k, v in value.items() if k not in skip for s in _strings(v)]
+    if isinstance(value, (list, tuple)):
+        return [s for v in value for s in _strings(v)]
+    return []
 
 
-def decide(tool: Tool, args: Any, taint: Taint, trusted_text: str) -> Decision:
-    """The verdict for one validated call. ``trusted_text`` is the goal and the step's
-    instruction as the planner recorded them ('' when unknown: nothing counts as trusted)."""
+def _shown(value: Any) -> str:
+    return ", ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def decide(tool: Tool, args: Any, taint: Taint, goal: str) -> Decision:
+    """The verdict for one validated call. ``goal`` is the tenant's goal as the planner recorded
+    it ('' when unknown: nothing is offered)."""
     if tool.needs_approval:
         return Decision("approve", (f"{tool.name} always needs a human decision",))
     if tool.risk == "read":
@@ -64,14 +79,23 @@ def decide(tool: Tool, args: Any, taint: Taint, trusted_text: str) -> Decision:
         return Decision("allow", (tainted, f"{tool.name} is configured on_untrusted=allow", score))
     if policy == "deny":
         return Decision("deny", (tainted, f"{tool.name} is configured on_untrusted=deny", score))
-    if tool.trusted_args:
-        values = {a: _value(args, a) for a in tool.trusted_args}
-        foreign = [a for a, v in values.items() if v is None or not _in_text(v, trusted_text)]
-        if not foreign:
-            chosen = ", ".join(f"{a}={values[a]}" for a in tool.trusted_args)
-            return Decision("allow", (tainted, f"{chosen} comes from the task's own text, not from content", score))
+    if not tool.trusted_args:
+        return Decision("approve", (tainted, score))
+    offered = destinations.offers(goal)
+    roles = [destinations.role_of(a) for a in tool.trusted_args]
+    values = {name: _value(args, name) for name, _ in roles}
+    foreign = [f"{name} (as a {role})" for name, role in roles if not offered.offers(role, values[name])]
+    if foreign:
+        return Decision(
+            "approve", (tainted, f"{', '.join(foreign)} not offered by the goal in that role (could come from content)",
+                        score),
+        )  # fmt: skip
+    payload = injection.score("\n".join(_strings(args, frozenset(values)))[:20_000])
+    if payload.flagged:
         return Decision(
             "approve",
-            (tainted, f"{', '.join(foreign)} not found in the task's own text (could come from content)", score),
-        )
-    return Decision("approve", (tainted, score))
+            (tainted, f"the call carries text the injection detector flags (score {payload.score:.2f}: "
+                      f"{', '.join(payload.signals[:4])}) to a destination the goal chose", score),
+        )  # fmt: skip
+    chosen = ", ".join(f"{name}={_shown(values[name])}" for name, _ in roles)
+    return Decision("allow", (tainted, f"{chosen} offered by the goal in that role, not by content", score))

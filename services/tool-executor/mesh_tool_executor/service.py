@@ -11,6 +11,7 @@ Every write or external call and every refusal is recorded as ``tool.audited``.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import logging
@@ -21,7 +22,16 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from mesh_contracts.v1 import ApprovalDecided, ApprovalRequested, ToolAudited, ToolCompleted, ToolRequested
+from nacl.public import PublicKey, SealedBox
+
+from mesh_contracts.v1 import (
+    ApprovalDecided,
+    ApprovalRequested,
+    Destination,
+    ToolAudited,
+    ToolCompleted,
+    ToolRequested,
+)
 from mesh_kit import Delivery, Mesh
 from mesh_kit import state as st
 from mesh_kit import telemetry as tel
@@ -31,7 +41,7 @@ from mesh_kit.injection import score as injection_score
 from mesh_kit.ledger import BUCKET, Ledger
 from mesh_kit.redact import redact, redact_value
 from mesh_kit.state import TaskRecord
-from mesh_tool_executor import net
+from mesh_tool_executor import destinations, net
 from mesh_tool_executor.approvals import ApprovalRecord, Approvals, approval_id
 from mesh_tool_executor.limits import RateLimiter
 from mesh_tool_executor.policy import Decision, decide
@@ -87,7 +97,9 @@ class Settings:
     denied. ``MESH_TOOL_POLICY``: a JSON file (or inline JSON) of per-tool policy overrides,
     ``{"send_email": {"on_untrusted": "deny"}, "admin__set_setting": {"risk": "write"}}``.
     ``MESH_MCP_CONFIG``: a JSON file listing MCP servers to mount. ``MESH_HTTP_ALLOW``: hosts and
-    CIDRs the HTTP tool may reach although they are private."""
+    CIDRs the HTTP tool may reach although they are private. ``MESH_AUDIT_KEY_FILE``: the
+    deployment's audit key (hex), which keys the hashes of where effects went; without it the
+    audit records a destination's domain and its sealed value, and no hash."""
 
     def __init__(self) -> None:
         self.approval_timeout_s = float(os.environ.get("MESH_APPROVAL_TIMEOUT_S", "3600"))
@@ -99,6 +111,8 @@ class Settings:
             raise ValueError("MESH_TOOL_POLICY must be a JSON object of tool name -> policy overrides")
         self.mcp_config = os.environ.get("MESH_MCP_CONFIG", "")
         self.allow = net.AllowList.from_env()
+        key_file = os.environ.get("MESH_AUDIT_KEY_FILE", "").strip()
+        self.audit_key: bytes | None = bytes.fromhex(Path(key_file).read_text().strip()) if key_file else None
 
 
 class ToolExecutor:
@@ -208,16 +222,42 @@ class ToolExecutor:
 
         return lookup
 
-    async def _trusted_text(self, m: ToolRequested) -> str:
-        """The tenant's goal and the planner's instruction for the step: text no retrieved
-        passage or tool output wrote."""
+    async def _goal(self, m: ToolRequested) -> str:
+        """The tenant's goal, as the planner recorded it: text no retrieved passage, tool output
+        or model wrote ('' when unknown: then nothing counts as offered by it)."""
         if self.tasks is None:
             return ""
         rec, _ = await st.load(self.tasks, TaskRecord.key(m.tenant, m.task_id), TaskRecord)
-        if rec is None:
-            return ""
-        step = rec.steps.get(m.step_id)
-        return rec.goal + "\n" + (step.step.instruction if step else "")
+        return rec.goal if rec is not None else ""
+
+    def _destinations(self, m: ToolRequested, tool: Tool | None, goal: str) -> tuple[Destination, ...]:
+        """Where the call's effect lands: traceable (domain or host, a keyed hash, the value sealed
+        to the tenant's auditor) without the value in clear."""
+        if tool is None or not tool.trusted_args:
+            return ()
+        offered = destinations.offers(goal)
+        auditor = self.mesh.verifier.bundle.auditors.get(m.tenant)
+        out = []
+        for arg in tool.trusted_args:
+            name, role = destinations.role_of(arg)
+            value = m.arguments.get(name)
+            for v in value if isinstance(value, list) else [value]:
+                if not isinstance(v, str) or not v:
+                    continue
+                whole = destinations.normalised(role, v)
+                out.append(
+                    Destination(
+                        arg=name,
+                        kind={"recipient": "email", "url": "url", "value": "value"}[role],
+                        where=destinations.where(role, v),
+                        digest=destinations.digest(self.settings.audit_key, m.tenant, role, v)
+                        if self.settings.audit_key else "",
+                        sealed=base64.b64encode(SealedBox(PublicKey(auditor)).encrypt(whole.encode())).decode()
+                        if auditor else "",
+                        offered=offered.offers(role, v),
+                    )
+                )  # fmt: skip
+        return tuple(out[:16])
 
     # --- running a call -------------------------------------------------------------------------
 
@@ -236,13 +276,16 @@ class ToolExecutor:
         try:
             wait = await self.limiter.take(m.tenant, tool.name, tool.rate_per_min)
             if wait > 0:
-                raise ToolError(f"rate limited: {tool.name} allows {tool.rate_per_min} calls per minute per tenant; "
-                                f"try again in {wait:.0f}s")  # fmt: skip
+                error = (f"rate limited: {tool.name} allows {tool.rate_per_min} calls per minute per tenant; "
+                         f"try again in {wait:.0f}s")  # fmt: skip
+                return {"ok": False, "result": "", "error": error, "untrusted": False}
             async with delivery.keepalive() if delivery is not None else contextlib.nullcontext():
                 result = await self.registry.run(tool, args, ctx)
-            return {"ok": True, "result": result, "error": ""}
+            return {"ok": True, "result": result, "error": "", "untrusted": tool.untrusted_output}
         except ToolError as exc:
-            return {"ok": False, "result": "", "error": str(exc)}
+            # A tool whose output is outside content fails with outside content too: an HTTP
+            # error's status line and headers, an MCP server's error text. Same taint.
+            return {"ok": False, "result": "", "error": str(exc), "untrusted": tool.untrusted_output}
 
     async def _run_recorded(self, m: ToolRequested, tool: Tool, args: Any, d: Delivery | None) -> dict[str, Any]:
         if self.ledger is None:  # in-memory tests without a KV store
@@ -256,8 +299,9 @@ class ToolExecutor:
 
     async def _answer(self, m: ToolRequested, outcome: dict[str, Any], tool: Tool | None, *, causation: str = "",
                       approval: str = "") -> None:  # fmt: skip
-        untrusted = bool(outcome["ok"] and tool is not None and tool.untrusted_output)
-        scored = injection_score(outcome["result"]) if untrusted else None
+        # Taint is the outcome's own (a ledger record made before it carried one: the tool's).
+        untrusted = bool(outcome.get("untrusted", tool is not None and tool.untrusted_output))
+        scored = injection_score(outcome["result"] if outcome["ok"] else outcome["error"]) if untrusted else None
         if scored is not None and scored.flagged:
             self.mesh.count(tel.M_INJECTION_FLAGGED)
         await self.mesh.publish(
@@ -284,8 +328,10 @@ class ToolExecutor:
         )
 
     async def _audit(self, m: ToolRequested, tool: Tool | None, decision: str, reasons: tuple[str, ...] | list[str],
-                     *, approval: str = "", by: str = "") -> None:  # fmt: skip
+                     *, approval: str = "", by: str = "", goal: str | None = None) -> None:  # fmt: skip
         self.mesh.count(tel.M_TOOL_DECISIONS)
+        if goal is None and tool is not None and tool.trusted_args:
+            goal = await self._goal(m)
         await self.mesh.publish(
             ToolAudited(
                 tenant=m.tenant,
@@ -300,6 +346,7 @@ class ToolExecutor:
                 taint=m.taint,
                 approval_id=approval,
                 decided_by=by,
+                destinations=self._destinations(m, tool, goal or ""),
             ),
             key=f"{m.call_id}:{decision}",
         )
@@ -318,27 +365,29 @@ class ToolExecutor:
             await self._audit(m, None, "invalid", (str(exc),))
             await self._answer(m, {"ok": False, "result": "", "error": str(exc)}, None, causation=d.msg_id)
             return
-        decision = decide(tool, args, m.taint, await self._trusted_text(m)) if tool.risk != "read" else None
+        goal = await self._goal(m) if tool.risk != "read" else ""
+        decision = decide(tool, args, m.taint, goal) if tool.risk != "read" else None
         if decision is None or decision.verdict == "allow":
             if decision is not None:
-                await self._audit(m, tool, "allowed", decision.reasons, by="policy")
+                await self._audit(m, tool, "allowed", decision.reasons, by="policy", goal=goal)
             outcome = await self._run_recorded(m, tool, args, d)
             await self._answer(m, outcome, tool, causation=d.msg_id)
         elif decision.verdict == "deny":
-            await self._audit(m, tool, "blocked", decision.reasons, by="policy")
+            await self._audit(m, tool, "blocked", decision.reasons, by="policy", goal=goal)
             error = f"refused by policy: {'; '.join(decision.reasons[:2])}"
-            await self._answer(m, {"ok": False, "result": "", "error": error}, tool, causation=d.msg_id)
+            await self._answer(m, {"ok": False, "result": "", "error": error, "untrusted": False}, tool,
+                               causation=d.msg_id)  # fmt: skip
         else:
-            await self._ask(m, tool, decision, d)
+            await self._ask(m, tool, decision, d, goal)
 
     # --- approvals ------------------------------------------------------------------------------
 
-    async def _ask(self, m: ToolRequested, tool: Tool, decision: Decision, d: Delivery | None) -> None:
+    async def _ask(self, m: ToolRequested, tool: Tool, decision: Decision, d: Delivery | None, goal: str) -> None:
         aid = approval_id(m.tenant, m.task_id, m.call_id)
         if self.approvals is None:  # no durable store (in-memory tests): nobody can approve, so refuse
-            await self._audit(m, tool, "blocked", (*decision.reasons, "no approval store"), by="policy")
+            await self._audit(m, tool, "blocked", (*decision.reasons, "no approval store"), by="policy", goal=goal)
             await self._answer(m, {"ok": False, "result": "", "error": "needs approval, and approvals are not "
-                                   "available here"}, tool)  # fmt: skip
+                                   "available here", "untrusted": False}, tool)  # fmt: skip
             return
         now = time.time()
         rec, created = await self.approvals.open(
@@ -375,12 +424,13 @@ class ToolExecutor:
                 risk=tool.risk,
                 injection_score=m.taint.injection_score,
                 sources=m.taint.sources,
+                destinations=self._destinations(m, tool, goal),
             ),
             key=aid,
             causation=d.msg_id if d is not None else None,
         )
         if created:
-            await self._audit(m, tool, "approval-requested", decision.reasons, approval=aid, by="policy")
+            await self._audit(m, tool, "approval-requested", decision.reasons, approval=aid, by="policy", goal=goal)
             await self.mesh.progress(
                 m.tenant, m.task_id, "approval.requested",
                 f"{m.tool} waits for a human: meshctl approve {aid} (or deny); {decision.reasons[0]}"[:300],
@@ -420,7 +470,9 @@ class ToolExecutor:
             why = (f"no decision within {rec.deadline - rec.requested_at:g}s" if verdict == "expired"
                    else f"denied by {rec.decided_by}" + (f": {rec.comment}" if rec.comment else ""))  # fmt: skip
             await self._audit(m, tool, verdict, (*rec.reasons[:1], why), approval=rec.approval_id, by=rec.decided_by)
-            outcome = {"ok": False, "result": "", "error": f"not run: approval {rec.approval_id} {verdict} ({why})"}
+            # A person's comment is not the tool-executor's words: it reaches the model as untrusted text.
+            outcome = {"ok": False, "result": "", "error": f"not run: approval {rec.approval_id} {verdict} ({why})",
+                       "untrusted": bool(rec.comment)}  # fmt: skip
         await self._answer(m, outcome, tool, causation=causation, approval=rec.approval_id)
         assert self.approvals is not None
         await self.approvals.mark_done(rec.approval_id)
@@ -443,7 +495,7 @@ def _scoped(m: ToolRequested, tool: Tool | None) -> dict[str, Any]:
 def _for_approver(arguments: dict[str, Any], tool: Tool) -> dict[str, Any]:
     """What an approver sees: the arguments that decide where the effect lands (recipient, URL)
     as they are, everything else redacted (secrets and PII in a body are not theirs to read)."""
-    return {k: (v if k in tool.trusted_args else redact_value(v)) for k, v in arguments.items()}
+    return {k: (v if k in tool.destination_args else redact_value(v)) for k, v in arguments.items()}
 
 
 async def build(mesh: Mesh) -> ToolExecutor:

@@ -21,6 +21,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError
 
+from mesh_tool_executor.destinations import role_of
+
 
 class ToolError(Exception):
     """A structured error returned to the agent (never a crash of the executor)."""
@@ -91,9 +93,11 @@ class Tool:
     retrieved passage, a web page, another tool's output) asks for this tool: ``approve`` (a
     human decides), ``allow`` or ``deny``. It defaults to ``approve`` for write and external
     tools and ``allow`` for read tools. ``trusted_args`` names the arguments that decide where
-    an effect lands (an email's recipient, a URL): when all of them appear verbatim in the
-    task's own text (the tenant's goal and the step's instruction), injected text cannot have
-    chosen them and the call runs without a human."""
+    an effect lands (an email's recipient, a URL), each with its role (``"to"``, ``"url"``, or
+    ``"name:role"`` with role ``recipient``, ``url`` or ``value``; a name alone takes the role
+    its name suggests, else ``value``): when the tenant's goal offers every one of them in its
+    role (``destinations.py``), injected text cannot have chosen them and the call runs without
+    a human, unless what else it carries is flagged as an injection."""
 
     name: str
     description: str
@@ -113,6 +117,11 @@ class Tool:
     """JSON schema for tools without a pydantic model (MCP tools)."""
     source: str = "builtin"
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def destination_args(self) -> tuple[str, ...]:
+        """The names of ``trusted_args`` (without their roles)."""
+        return tuple(a.partition(":")[0] for a in self.trusted_args)
 
     @property
     def untrusted_policy(self) -> OnUntrusted:
@@ -356,6 +365,11 @@ def with_policy(tool: Tool, overrides: dict[str, Any]) -> Tool:
     fields = dict(overrides)
     if "trusted_args" in fields:
         fields["trusted_args"] = tuple(fields["trusted_args"])
+        for arg in fields["trusted_args"]:
+            try:
+                role_of(arg)
+            except ValueError as exc:
+                raise ValueError(f"tool {tool.name}: trusted_args {arg!r}: {exc}") from None
     if fields.get("risk", tool.risk) not in ("read", "write", "external"):
         raise ValueError(f"tool {tool.name}: risk must be read, write or external")
     if fields.get("on_untrusted", "approve") not in ("approve", "allow", "deny"):

@@ -8,6 +8,10 @@ a test or the demo can see from outside whether a write tool really ran.
 policy needs to show risk classes on mounted tools. The annotations below are hints for
 clients; the tool-executor's own config, not these hints, decides a mounted tool's risk.
 
+A value stored as ``!<reason>`` marks a setting unavailable: reading it is an MCP error that says
+why. The reason is text someone stored, so it is how the tests send outside text down the error
+channel (an ``isError`` result).
+
 ``MESH_ADMIN_TEST_TOOLS=1`` adds ``slow(seconds)``, which only exists so tests can exercise call
 timeouts; it stays hidden otherwise so the demo's agents never see it.
 """
@@ -65,6 +69,8 @@ def get_setting(tenant: Tenant, key: Key) -> str:
         value = _load(state_path()).get(tenant, {}).get(key)
     if value is None:
         raise ToolError(f"tenant {tenant} has no setting {key}")
+    if value.startswith("!"):
+        raise ToolError(f"setting {key} is unavailable: {value[1:]}")
     return value
 
 

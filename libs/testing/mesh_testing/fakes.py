@@ -1,0 +1,64 @@
+"""In-process stand-ins for what a service's handlers use of a ``Mesh``, for unit tests that
+drive handlers directly (no broker): what is published is collected, budget requests are
+granted, spans go to an in-memory exporter."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from mesh_contracts.v1 import BudgetGranted
+
+
+@dataclass
+class FakeMesh:
+    """What the worker's loop uses of a Mesh: publish, progress, emit, count, budget requests, a tracer."""
+
+    published: list[Any] = field(default_factory=list)
+    service: str = "worker"
+    guard: Any = None
+
+    def __post_init__(self) -> None:
+        self.spans = InMemorySpanExporter()
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(self.spans))
+        self.tracer = provider.get_tracer("test")
+
+    async def request(self, m: Any) -> Any:
+        return BudgetGranted(tenant=m.tenant, task_id=m.task_id, reservation_id=f"r-{m.call_id}",
+                             remaining_tokens=100_000)  # fmt: skip
+
+    async def publish(self, m: Any, key: str, causation: str | None = None) -> None:
+        self.published.append(m)
+
+    async def progress(self, *a: Any, **kw: Any) -> None:
+        self.published.append(("progress", a, kw))
+
+    async def emit(self, m: Any) -> None:
+        pass
+
+    def count(self, name: str) -> None:
+        pass
+
+    def all(self, cls: type) -> list[Any]:
+        return [m for m in self.published if isinstance(m, cls)]
+
+    def last(self, cls: type) -> Any:
+        return self.all(cls)[-1]
+
+
+@dataclass
+class FakeDelivery:
+    """What handlers use of a ``Delivery``: its id, attempt and owner, and a heartbeat that does nothing."""
+
+    msg_id: str = "m-1"
+    deliveries: int = 1
+    owner: str = "test"
+
+    def keepalive(self) -> contextlib.AbstractAsyncContextManager[None]:
+        return contextlib.nullcontext()
