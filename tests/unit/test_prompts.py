@@ -5,17 +5,12 @@ with the tools the loop called and the models that answered."""
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from mesh_contracts.v1 import (
-    BudgetGranted,
     PlanStep,
     RetrievalCompleted,
     RetrievalHit,
@@ -28,6 +23,7 @@ from mesh_contracts.v1 import (
 )
 from mesh_kit import prompts
 from mesh_kit.prompts import PromptError, parse
+from mesh_testing.fakes import FakeMesh
 
 pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parents[2]
@@ -167,37 +163,6 @@ def test_the_worker_system_prompt_is_the_text_steps_have_always_begun_with():
 T = {"tenant": "acme", "task_id": "t1"}
 
 
-@dataclass
-class FakeMesh:
-    """What the worker's loop uses of a Mesh: publish, progress, emit, count, budget requests, a tracer."""
-
-    published: list[Any] = field(default_factory=list)
-    service: str = "worker"
-    guard: Any = None
-
-    def __post_init__(self) -> None:
-        self.spans = InMemorySpanExporter()
-        provider = TracerProvider()
-        provider.add_span_processor(SimpleSpanProcessor(self.spans))
-        self.tracer = provider.get_tracer("test")
-
-    async def request(self, m: Any) -> Any:
-        return BudgetGranted(**T, reservation_id=f"r-{m.call_id}", remaining_tokens=100_000)
-
-    async def publish(self, m: Any, key: str) -> None:
-        self.published.append(m)
-
-    async def progress(self, *a: Any, **kw: Any) -> None:
-        self.published.append(("progress", a, kw))
-
-    async def emit(self, m: Any) -> None:
-        pass
-
-    def count(self, name: str) -> None:
-        pass
-
-    def last(self, cls: type) -> Any:
-        return [m for m in self.published if isinstance(m, cls)][-1]
 
 
 def _worker(mesh: FakeMesh) -> Any:

@@ -14,7 +14,7 @@ from typing import Any, Literal, TypeVar
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from pydantic import BaseModel, ConfigDict
 
-from mesh_contracts.v1 import CheckResult, Citation, PlanStep, TaskLimits, TaskPolicy, TokenUsage
+from mesh_contracts.v1 import CheckResult, Citation, HeldCall, PlanStep, Taint, TaskLimits, TaskPolicy, TokenUsage
 
 TaskStatus = Literal["planning", "running", "checking", "halted", "completed", "failed", "cancelled"]
 StepStatus = Literal["pending", "dispatched", "completed", "failed", "halted"]
@@ -36,6 +36,11 @@ class StepState(BaseModel):
     models: list[str] = []
     """``provider/model`` of the completed attempt's model calls."""
     prompt_version: str = ""
+    taint: Taint | None = None
+    """What untrusted content the completed attempt read (None: not declared by its worker, so
+    its output counts as untrusted); passed on to the steps that take its output."""
+    held: list[HeldCall] = []
+    """Calls of the completed attempt held for a human that it went on without."""
 
 
 class OutboxItem(BaseModel):
@@ -63,7 +68,7 @@ class TaskRecord(BaseModel):
     planner_usage: TokenUsage = TokenUsage()
     check_attempt: int = 0
     feedback: dict[str, str] = {}
-    """Checker reasons per step being redone, passed to the step as the input ``checker``."""
+    """Checker reasons per step being redone, passed to the step as its ``feedback`` (untrusted)."""
     checks: list[CheckResult] = []
     """The last verdict's results."""
     judge_score: float | None = None

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 
 from mesh_kit import prompts
-from mesh_kit.injection import delimit
+from mesh_kit.provenance import Text
 from mesh_llm import ChatModel, Message, ModelRequest
 
 JUDGE_PROMPT = prompts.load("mesh_checker", "judge")
@@ -51,11 +51,15 @@ def rubric_of(inp: JudgeInput) -> str:
 
 def request(inp: JudgeInput, *, max_tokens: int = 300) -> ModelRequest:
     """The judge call: the prompt (with the rubric) as system, the case as a JSON user message.
-    Passages are untrusted text and are delimited as such."""
+    The goal and the rubric are the tenant's; the answer (written by a model that read untrusted
+    content) and every piece of evidence are untrusted and go in delimited, with their scores."""
     case = {
         "goal": inp.goal,
-        "answer": inp.answer,
-        "passages": [delimit(p[:MAX_PASSAGE_CHARS], source="passage") for p in inp.passages[:MAX_PASSAGES]],
+        "answer": Text.untrusted(inp.answer, "answer").render(nonce_seed=inp.goal),
+        "passages": [
+            Text.untrusted(p[:MAX_PASSAGE_CHARS], "passage").render(nonce_seed=inp.goal)
+            for p in inp.passages[:MAX_PASSAGES]
+        ],
     }
     return ModelRequest(
         (

@@ -74,16 +74,18 @@ def dispatch_ready(rec: TaskRecord, causation: str = "") -> None:
         deps = [rec.steps[d] for d in s.step.depends_on]
         if all(d.status == "completed" for d in deps):
             s.status, s.attempt = "dispatched", s.attempt + 1
-            inputs = {d: rec.steps[d].output for d in s.step.depends_on}
-            feedback = rec.feedback.get(sid)
-            if feedback:
-                inputs["checker"] = feedback
-            _out(
-                rec,
-                StepRequested(tenant=rec.tenant, task_id=rec.task_id, step=s.step, attempt=s.attempt, inputs=inputs),
-                key=f"{sid}:{s.attempt}",
-                causation=causation,
+            request = StepRequested(
+                tenant=rec.tenant,
+                task_id=rec.task_id,
+                step=s.step,
+                attempt=s.attempt,
+                inputs={d: rec.steps[d].output for d in s.step.depends_on},
+                # what each input's step read travels with its output (undeclared: untrusted)
+                input_taint={d: t for d in s.step.depends_on if (t := rec.steps[d].taint) is not None},
+                feedback=rec.feedback.get(sid, ""),
+                on_held=rec.policy.on_held,
             )
+            _out(rec, request, key=f"{sid}:{s.attempt}", causation=causation)
             _event(rec, "step.dispatched", f"{sid} ({s.step.kind}): {s.step.instruction[:80]}", sid, str(s.attempt))
 
 
@@ -112,6 +114,7 @@ def outcome_fields(rec: TaskRecord) -> dict[str, Any]:
         "prompt_versions": dict(rec.prompt_versions),
         "tools": tuple(t for s in rec.steps.values() for t in s.tools),
         "revisions": max(0, rec.check_attempt - 1),
+        "held": tuple(h for s in rec.steps.values() for h in s.held),
     }
 
 
@@ -350,6 +353,9 @@ class Planner:
             s.status, s.output, s.citations = "completed", m.output, list(m.citations)
             s.usage = s.usage + m.usage  # a redone step's earlier attempts were paid for too
             s.tools, s.models, s.prompt_version = list(m.tools), list(m.models), m.prompt_version
+            s.taint = m.taint
+            # held calls stay pending across a redo: the outcome names every one still waiting
+            s.held += [h for h in m.held if h.approval_id not in {x.approval_id for x in s.held}]
             _event(rec, "step.completed", f"{m.step_id}: {m.output[:100]}", m.step_id, str(m.attempt))
             if rec.status == "running":
                 dispatch_ready(rec, d.msg_id)

@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import time
+from dataclasses import replace
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
@@ -22,6 +23,7 @@ from pydantic import BaseModel, ConfigDict
 from mesh_contracts.v1 import (
     ApprovalRequested,
     Citation,
+    HeldCall,
     RetrievalCompleted,
     RetrievalRequested,
     StepCompleted,
@@ -36,10 +38,11 @@ from mesh_contracts.v1 import (
 from mesh_kit import Delivery, Mesh, prompts
 from mesh_kit import state as st
 from mesh_kit import telemetry as tel
-from mesh_kit.injection import UNTRUSTED_NOTICE, InjectionScore, delimit, score_many
+from mesh_kit.injection import UNTRUSTED_NOTICE, score_many
 from mesh_kit.ledger import BUCKET as LEDGER
 from mesh_kit.ledger import Ledger
 from mesh_kit.metered import BudgetExceeded, Models, call_model_once, configured
+from mesh_kit.provenance import Text
 from mesh_llm import ChatModel, Message, ModelRequest, ProviderError, ToolCall, ToolSpec
 from mesh_llm.context import clip
 
@@ -110,7 +113,9 @@ class StepRun(BaseModel):
     outcome: dict[str, Any] | None = None  # the StepCompleted/StepFailed body, for re-publishing
     taint: Taint = Taint()
     """Untrusted content in the context so far (declared on every tool request; inherited by
-    steps that take this step's output as input)."""
+    steps that take this step's output as input). Grows only through ``admit``."""
+    held: list[HeldCall] = []
+    """Calls held for a human that the loop went on without (``on_held`` ``continue``)."""
     models: list[str] = []
     """``provider/model`` of the loop's model calls, distinct, in first-use order."""
     prompt_version: str = ""
@@ -190,21 +195,14 @@ class Worker:
 
     async def on_step(self, m: StepRequested, d: Delivery) -> None:
         key = StepRun.key(m.tenant, m.task_id, m.step.step_id)
-        inherited = await self._inherited_taint(m)
 
         def begin(run: StepRun | None) -> StepRun | None:
             if run is not None and run.attempt >= m.attempt:
                 return None  # redelivery of an attempt we already began (or an older one)
-            messages = [Message("system", SYSTEM_PROMPT.text), Message("user", m.step.instruction)]
-            for sid, text in m.inputs.items():
-                if sid in inherited:  # derived from untrusted content: delimited like the content itself
-                    text = delimit(text, source=f"step:{sid}", score=_score(inherited[sid]), nonce_seed=key)
-                messages.append(Message("user", f"Input from {sid}: {text}"))
-            taint = Taint()
-            for t in inherited.values():
-                taint = taint.merge(t)
-            return StepRun(request=m, attempt=m.attempt, messages=[x.to_dict() for x in messages], taint=taint,
-                           prompt_version=SYSTEM_PROMPT.ref)  # fmt: skip
+            new = StepRun(request=m, attempt=m.attempt, prompt_version=SYSTEM_PROMPT.ref)
+            for role, text in step_context(m):
+                admit(new, role, text)
+            return new
 
         run, began = await st.update(self.steps, key, StepRun, begin)
         assert run is not None
@@ -221,30 +219,17 @@ class Worker:
             )
         await self.resume(run, d)
 
-    async def _inherited_taint(self, m: StepRequested) -> dict[str, Taint]:
-        """Taint of each input step whose own context held untrusted content: its output may
-        carry what it read, so this step's context does too."""
-        out: dict[str, Taint] = {}
-        if self.steps is None:
-            return out
-        for sid in m.inputs:
-            run, _ = await st.load(self.steps, StepRun.key(m.tenant, m.task_id, sid), StepRun)
-            if run is not None and run.taint.untrusted:
-                out[sid] = Taint(
-                    untrusted=True,
-                    injection_score=run.taint.injection_score,
-                    sources=(f"step:{sid}", *run.taint.sources),
-                    signals=run.taint.signals,
-                )
-        return out
-
     async def on_tool(self, m: ToolCompleted, d: Delivery) -> None:
         content = m.result if m.ok else f"error: {m.error}"
-        taint = None
-        if m.untrusted:
-            taint = Taint(untrusted=True, injection_score=m.injection_score, sources=(f"{m.tool}:{m.call_id}",),
-                          signals=m.injection_signals)  # fmt: skip
-        await self.observe(m.tenant, m.task_id, m.step_id, m.call_id, m.tool, content, [], d, taint=taint)
+        origin = f"{m.tool}:{m.call_id}"
+        # The tool-executor vouches only for text its own code wrote (untrusted=False); a result
+        # or an error that carries outside content is untrusted, scored where it was made.
+        text = (
+            Text.untrusted(content, origin, score=m.injection_score, signals=m.injection_signals)
+            if m.untrusted
+            else Text.trusted(content, "tool-executor")
+        )
+        await self.observe(m.tenant, m.task_id, m.step_id, m.call_id, m.tool, text, [], d)
 
     async def on_retrieval(self, m: RetrievalCompleted, d: Delivery) -> None:
         fields = {"doc_id", "version", "chunk_id", "chunk_hash", "score", "text", "injection_score"}
@@ -256,14 +241,10 @@ class Worker:
         # and the passages are scored together too (an instruction split across two of them).
         together = score_many([h.text for h in m.hits]) if m.hits else None
         signals = [s for h in m.hits for s in h.injection_signals] + list(together.signals if together else ())
-        taint = Taint(
-            untrusted=True,
-            injection_score=round(max([h.injection_score for h in m.hits] + [together.score if together else 0.0]), 3),
-            sources=(f"{RETRIEVAL_TOOL}:{m.call_id}",),
-            signals=tuple(dict.fromkeys(signals)),
-        )
-        await self.observe(m.tenant, m.task_id, m.step_id, m.call_id, RETRIEVAL_TOOL, json.dumps(hits), citations, d,
-                           taint=taint)  # fmt: skip
+        score = max([h.injection_score for h in m.hits] + [together.score if together else 0.0])
+        text = Text.untrusted(json.dumps(hits), f"{RETRIEVAL_TOOL}:{m.call_id}", score=score,
+                              signals=tuple(dict.fromkeys(signals)))  # fmt: skip
+        await self.observe(m.tenant, m.task_id, m.step_id, m.call_id, RETRIEVAL_TOOL, text, citations, d)
 
     async def on_approval(self, m: ApprovalRequested, d: Delivery) -> None:
         """A call of ours waits for a human: wait for it as long as the approval may take (the
@@ -271,6 +252,12 @@ class Worker:
         if not m.call_id or not m.step_id:
             return
         key = StepRun.key(m.tenant, m.task_id, m.step_id)
+        run, _ = await st.load(self.steps, key, StepRun)
+        if run is None or run.pending is None or run.pending.call_id != m.call_id:
+            return
+        if run.request.on_held == "continue":
+            await self._go_on_without(run, m)
+            return
         deadline = time.time() + m.timeout_s + self.limits.tool_timeout_s
 
         def extend(run: StepRun | None) -> StepRun | None:
@@ -287,6 +274,18 @@ class Worker:
                 timer.cancel()
             self._arm_timeout(m.tenant, m.task_id, m.step_id, m.call_id, run.pending.tool, deadline)
 
+    async def _go_on_without(self, run: StepRun, m: ApprovalRequested) -> None:
+        """A call of ours is held for a human and the task goes on without it: the loop sees that
+        it was not performed (the worker's own words) and continues; the step's outcome names
+        the approval, which a person may still grant (the executor then performs the call)."""
+        held = HeldCall(approval_id=m.approval_id, step_id=m.step_id, call_id=m.call_id, tool=m.tool,
+                        reason=m.reason[:300], destinations=tuple(x.where for x in m.destinations if x.where))  # fmt: skip
+        note = (f"error: not performed now: {m.tool} is held for a human decision (approval {m.approval_id}). "
+                "It runs later only if a person approves it. Go on with the rest of the task without it, and do "
+                "not ask for it again.")  # fmt: skip
+        await self.observe(m.tenant, m.task_id, m.step_id, m.call_id, m.tool, Text.trusted(note, "worker"), [],
+                           held=held)  # fmt: skip
+
     async def observe(
         self,
         tenant: str,
@@ -294,39 +293,35 @@ class Worker:
         step_id: str,
         call_id: str,
         tool: str,
-        content: str,
+        text: Text,
         citations: list[Citation],
         d: Delivery | None = None,
         *,
-        taint: Taint | None = None,
+        held: HeldCall | None = None,
     ) -> None:
         if (timer := self._timers.pop(call_id, None)) is not None:
             timer.cancel()
         key = StepRun.key(tenant, task_id, step_id)
-        if len(content) > self.limits.tool_output_max_chars:
+        if len(text.text) > self.limits.tool_output_max_chars:
             # The model sees a clipped output with a visible marker; the whole of it stays in the
             # step's records under a key of its own, for the audit and for a human.
             ref = f"{key}.out.{call_id}"
-            await self.steps.put(ref, content.encode())
-            content = clip(content, self.limits.tool_output_max_chars, f"kv://steps/{ref}")
-        if taint is not None:
-            # Spotlighting: the content goes to the model inside a block it cannot close, with its
-            # score; the nonce is derived from the content so a replay builds the same prompt.
-            content = delimit(content, source=f"{tool}:{call_id}", score=_score(taint), nonce_seed=key)
+            await self.steps.put(ref, text.text.encode())
+            text = replace(text, text=clip(text.text, self.limits.tool_output_max_chars, f"kv://steps/{ref}"))
 
         def apply(run: StepRun | None) -> StepRun | None:
             if run is None or run.pending is None or run.pending.call_id != call_id:
                 return None  # duplicate or stale answer
-            run.messages.append(Message("tool", content, tool_call_id=call_id, name=tool).to_dict())
+            admit(run, "tool", text, tool_call_id=call_id, name=tool)
             run.citations += citations
             run.pending = None
-            if taint is not None:
-                run.taint = run.taint.merge(taint)
+            if held is not None:
+                run.held.append(held)
             return run
 
-        run, _ = await st.update(self.steps, key, StepRun, apply)
-        if run is None:
-            return
+        run, applied = await st.update(self.steps, key, StepRun, apply)
+        if run is None or (not applied and any(h.call_id == call_id for h in run.held)):
+            return  # a held call's late result (a person approved it after the loop went on): not ours now
         # Resume if this answer belongs to the loop: just applied, or applied by an earlier
         # delivery whose process died somewhere after (resume picks up from the checkpoint).
         if any(m.get("tool_call_id") == call_id for m in run.messages):
@@ -394,7 +389,6 @@ class Worker:
         # provider rejects a tool result whose id matches no call of the conversation, and the
         # model's own ids ("c0", "call_...") repeat across iterations and replicas.
         calls = tuple(ToolCall(f"{call_id}-c0", c.name, c.arguments) for c in response.tool_calls[:1])
-        assistant = Message("assistant", response.content, tool_calls=calls)
 
         def advance(cur: StepRun | None) -> StepRun | None:
             if cur is None or cur.iteration != iteration or cur.pending is not None or cur.status != "running":
@@ -403,11 +397,11 @@ class Worker:
             cur.usage = cur.usage + usage
             if used not in cur.models:
                 cur.models.append(used)
-            cur.messages.append(assistant.to_dict())
-            if assistant.tool_calls:
+            model_turn(cur, response.content, calls)
+            if calls:
                 cur.pending = PendingCall(
-                    call_id=f"{call_id}-c0",
-                    tool=assistant.tool_calls[0].name,
+                    call_id=calls[0].id,
+                    tool=calls[0].name,
                     deadline=time.time() + self.limits.tool_timeout_s,
                 )
             return cur
@@ -432,8 +426,8 @@ class Worker:
             # A tool the step does not offer (a model's invention, or an instruction injected into
             # its context): an observation the model can recover from, never a dispatch.
             offered = ", ".join(req.step.tools) or "none"
-            await self.observe(req.tenant, req.task_id, sid, call_id, tool,
-                               f"error: tool {tool!r} is not available in this step (offered: {offered})", [])  # fmt: skip
+            note = Text.trusted(f"error: tool {tool!r} is not available in this step (offered: {offered})", "worker")
+            await self.observe(req.tenant, req.task_id, sid, call_id, tool, note, [])
             return
         pending = run.pending
         if pending is not None and pending.deadline:
@@ -475,7 +469,8 @@ class Worker:
 
         def fire() -> None:
             self._timers.pop(call_id, None)
-            msg = f"error: {tool} did not answer within {self.limits.tool_timeout_s:g} s (timed out)"
+            msg = Text.trusted(f"error: {tool} did not answer within {self.limits.tool_timeout_s:g} s (timed out)",
+                               "worker")  # fmt: skip
             task = asyncio.ensure_future(self.observe(tenant, task_id, step_id, call_id, tool, msg, []))
             task.add_done_callback(_log_failure)
 
@@ -510,6 +505,8 @@ class Worker:
                 tools=tools_called(run),
                 models=tuple(run.models),
                 prompt_version=prompt_version(run),
+                taint=run.taint,
+                held=tuple(run.held),
             )
 
         def close(cur: StepRun | None) -> StepRun | None:
@@ -538,6 +535,43 @@ class Worker:
         )
 
 
+def step_context(m: StepRequested) -> list[tuple[str, Text]]:
+    """What a step starts from, each piece with its provenance: the system prompt and the
+    planner's instruction (trusted); each input, trusted only if the step that wrote it read
+    nothing untrusted (``input_taint``; an input without an entry is of unknown provenance, so
+    untrusted); the checker's feedback on a redo (untrusted: it can quote anything the task read)."""
+    out = [("system", Text.trusted(SYSTEM_PROMPT.text, "system-prompt")),
+           ("user", Text.trusted(m.step.instruction, "plan"))]  # fmt: skip
+    for sid, output in m.inputs.items():
+        declared = m.input_taint.get(sid)
+        taint = (
+            Taint(untrusted=True, sources=(f"step:{sid}",), signals=("provenance-unknown",))
+            if declared is None
+            else Taint(untrusted=declared.untrusted, injection_score=declared.injection_score,
+                       sources=(f"step:{sid}", *declared.sources), signals=declared.signals)
+        )  # fmt: skip
+        out.append(("user", Text.tainted(output, f"step:{sid}", taint).labelled(f"Input from {sid}: ")))
+    if m.feedback:
+        out.append(("user", Text.untrusted(m.feedback, "checker").labelled("Feedback from the checker: ")))
+    return out
+
+
+def admit(run: StepRun, role: str, text: Text, *, tool_call_id: str | None = None, name: str | None = None) -> None:
+    """The one way text enters a step's context: rendered by its provenance (untrusted text in a
+    block it cannot close, with its score; the nonce derived from the step and the text, so a
+    replay builds the same prompt) and its taint added to the step's."""
+    key = StepRun.key(run.request.tenant, run.request.task_id, run.request.step.step_id)
+    run.messages.append(Message(role, text.render(nonce_seed=key), tool_call_id=tool_call_id, name=name).to_dict())
+    if text.taint is not None:
+        run.taint = run.taint.merge(text.taint)
+
+
+def model_turn(run: StepRun, content: str, calls: tuple[ToolCall, ...]) -> None:
+    """The model's own turn. Written from the context it was given, it carries that context's
+    taint, which is the step's already: it goes in as the provider must see it."""
+    run.messages.append(Message("assistant", content, tool_calls=calls).to_dict())
+
+
 def tools_called(run: StepRun) -> tuple[str, ...]:
     """The tools the loop called, in order: the checkpointed assistant turns' calls, less a tool
     the step does not offer (refused as an observation, never dispatched)."""
@@ -555,10 +589,6 @@ def prompt_version(run: StepRun) -> str:
     first = run.messages[0] if run.messages else {}
     same = first.get("role") == "system" and first.get("content") == SYSTEM_PROMPT.text
     return SYSTEM_PROMPT.ref if same else ""
-
-
-def _score(taint: Taint) -> InjectionScore:
-    return InjectionScore(score=taint.injection_score, signals=taint.signals)
 
 
 def _log_failure(task: asyncio.Future[Any]) -> None:
