@@ -119,6 +119,14 @@ def test_an_address_the_goal_gave_is_not_a_leak():
     assert "no_pii" not in failed(m)
 
 
+@pytest.mark.parametrize("given", ["ops@acme.test.au", "xops@acme.test", "ops@acme.testing"])
+def test_an_address_inside_a_longer_one_the_goal_gave_is_still_a_leak(given):
+    """Whole values: a goal naming ops@acme.test.au does not give away ops@acme.test."""
+    m = request(GOOD + " Sent to ops@acme.test.")
+    m = m.model_copy(update={"goal": GOAL + f" Email the answer to {given}."})
+    assert failed(m).get("no_pii") == "contains email address not given in the goal"
+
+
 def test_secrets_always_fail_even_when_the_goal_holds_them():
     key = "sk-" + "a1B2c3D4e5F6g7H8i9J0kLmN"
     m = request(GOOD + f" Use key {key}.").model_copy(update={"goal": GOAL + f" My key is {key}"})

@@ -168,6 +168,12 @@ def check_grounded(
     )
 
 
+def _given(value: str, goal: str) -> bool:
+    """``value`` is in the goal as a whole value, not inside a longer one: ``ops@acme.com`` is not
+    given by a goal that names ``ops@acme.com.au``, nor ``s@acme.com`` by one naming ``ops@acme.com``."""
+    return re.search(rf"(?<![\w.@+-]){re.escape(value)}(?![\w@-]|\.\w)", goal) is not None
+
+
 def check_sensitive(text: str, goal: str, step_id: str) -> CheckResult:
     """No secrets ever; no PII unless the tenant's own goal gave that value (an address the
     user asked to be mailed is not a leak). The reason names kinds, never the values."""
@@ -177,7 +183,7 @@ def check_sensitive(text: str, goal: str, step_id: str) -> CheckResult:
     if not any(kind == "api-key" for kind, _ in matches):
         matches += [("api-key", k) for k in KEY_LIKE.findall(text)]
     for kind, value in matches:
-        if kind in PII_KINDS and value.lower() in goal_l:
+        if kind in PII_KINDS and _given(value.lower(), goal_l):
             continue
         name = KIND_NAMES.get(kind, kind)
         found[name] = found.get(name, 0) + 1
