@@ -19,8 +19,10 @@ from mesh_llm.model import Message, ModelRequest, ModelResponse, StreamEvent, To
 from mesh_llm.tokens import count_request
 
 EMAIL = re.compile(r"[\w.+-]+@[\w-]+\.[\w.-]*\w")
+RECIPIENT = re.compile(r"\bto\s+([\w.+-]+@[\w-]+\.[\w.-]*\w)")
 URL = re.compile(r"https?://[^\s\"'<>]+[^\s\"'<>.,;:!?)]")
 NOTE = re.compile(r"\bnote\s+([A-Za-z0-9_-]{1,64})\b")
+SETTING = re.compile(r"\bsetting\s+([a-z][a-z0-9_.]{0,63}[a-z0-9])")
 ARITHMETIC = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?(?:\s*[-+*/%]\s*\d+(?:\.\d+)?)+)(?!\w|\.\d)")
 
 
@@ -327,27 +329,39 @@ def _next_call(
     someone else's text made (an email to another address) does not count as the step's own."""
     body = instruction.split(":", 1)[-1].strip()
     made = {c.name for c in calls if c.name != "send_email"}
-    mailed = {str(c.arguments.get("to", "")) for c in calls if c.name == "send_email"}
+    # The step's own emails: a call someone else's text asked for (even to the same address) is not one.
+    planted = {json.dumps(args, sort_keys=True) for name, args in _injected(messages) if name == "send_email"}
+    mailed = {
+        str(c.arguments.get("to", ""))
+        for c in calls
+        if c.name == "send_email" and json.dumps(c.arguments, sort_keys=True) not in planted
+    }
     searched = [m for m in messages if m.role == "tool" and m.name == "search_docs"]
     if "search_docs" in tools and "search_docs" not in made:
         return ToolCall("c0", "search_docs", {"query": body, "top_k": 3})
-    read = [m for m in messages if m.role == "tool" and m.name in ("http_get", "note_read")]
+    read = [m for m in messages if m.role == "tool" and (m.name in ("http_get", "note_read")
+                                                         or (m.name or "").endswith("get_setting"))]  # fmt: skip
     if "http_get" in tools and "http_get" not in made and (url := URL.search(instruction)):
         return ToolCall("c0", "http_get", {"url": url.group(0)})
     if "note_read" in tools and "note_read" not in made and (n := NOTE.search(instruction)):
         return ToolCall("c0", "note_read", {"note_id": n.group(1)})
     if "note_list" in tools and "note_list" not in made and "list notes" in instruction.lower():
         return ToolCall("c0", "note_list", {})
-    if "send_email" in tools and (to := EMAIL.search(instruction)) and to.group(0) not in mailed:
+    getter = next((t for t in sorted(tools) if t.endswith("get_setting")), None)
+    if getter and getter not in made and (key := SETTING.search(instruction)):
+        return ToolCall("c0", getter, {"key": key.group(1)})
+    # The recipient is the address the instruction sends to ("... to ops@x"), else the first it names.
+    to = RECIPIENT.search(instruction) or EMAIL.search(instruction)
+    if "send_email" in tools and to and to.group(to.lastindex or 0) not in mailed:
         if searched:
             text = _answer_from(searched[-1], instruction)
         elif read:
-            text = _unwrap(read[-1].content)[:2000]
+            text = _relevant(_unwrap(read[-1].content), _topic(instruction))[:2000]
         else:
             text = "\n\n".join(
                 m.content.split(":", 1)[1].strip() for m in messages if m.content.startswith("Input from ")
             )
-        return ToolCall("c0", "send_email", {"to": to.group(0), "subject": "Your AgentMesh answer",
+        return ToolCall("c0", "send_email", {"to": to.group(to.lastindex or 0), "subject": "Your AgentMesh answer",
                                              "body": _unwrap(text) or "(no answer)"})  # fmt: skip
     if calls:
         return None
@@ -369,30 +383,53 @@ def _answer_from(result: Message, instruction: str) -> str:
             return f"The search failed: {result.content}"
         if not hits:
             return "The documentation has nothing on this."
-        return _extract(hits, instruction.split(":", 1)[-1])
+        return _extract(hits, _topic(instruction))
     if result.name == "calculator":
         return f"The result is {result.content}." if not result.content.startswith("error") else result.content
     body = _unwrap(result.content)
     if result.name == "http_get" and not body.startswith("error"):
         body = body.split("\n\n", 1)[-1]  # the page, without the status line
-    return f"{result.name}: {body}"
+    return f"{result.name}: {_relevant(body, _topic(instruction))}"
+
+
+SEND_CLAUSE = re.compile(r"[,;]?\s*(and\s+)?(e-?mail|send)\b.*$", re.I | re.S)
+
+
+def _topic(instruction: str) -> str:
+    """What a step asks about: its instruction after a colon, without an "and email it to ..." tail
+    (the recipient is where the answer goes, not what it is about)."""
+    about = instruction.split(":", 1)[-1]
+    return SEND_CLAUSE.sub("", about).strip() or about
+
+
+def _content_stems(text: str) -> set[str]:
+    return {w.rstrip("s") for w in WORD.findall(text.lower()) if len(w) > 3}
+
+
+def _relevant(text: str, query: str, n: int = 3) -> str:
+    """A page or a note summarised: its sentences that share a word with the query, in reading
+    order (at most ``n``); the whole text when none does."""
+    wanted = _content_stems(query)
+    sentences = [x for x in re.split(r"(?<=[.!?])\s+", text.strip()) if x]
+    kept = [x for x in sentences if wanted & _content_stems(x)][:n]
+    return " ".join(kept) if kept else text
 
 
 def _extract(hits: list[dict], query: str, n: int = 2) -> str:
-    """Extractive answer: the ``n`` sentences sharing most words with the query, each cited."""
-
-    def stems(text: str) -> set[str]:
-        return {w.rstrip("s") for w in WORD.findall(text.lower()) if len(w) > 3}
-
-    wanted = stems(query)
+    """Extractive answer: the ``n`` sentences sharing most words with the query, each cited; a
+    sentence that shares none (an aside, an instruction to "the assistant") is left out while
+    any sentence does share one."""
+    wanted = _content_stems(query)
     scored, seen = [], set()
     for rank, hit in enumerate(hits):
         for pos, sentence in enumerate(re.split(r"(?<=[.!?])\s+", hit["text"].strip())):
             if sentence in seen:  # chunks overlap by a sentence
                 continue
             seen.add(sentence)
-            overlap = len(wanted & stems(sentence))
+            overlap = len(wanted & _content_stems(sentence))
             scored.append((-overlap, rank, pos, sentence, f"[{hit['doc_id']}#{hit['chunk_id']}]"))
+    if any(s[0] < 0 for s in scored):
+        scored = [s for s in scored if s[0] < 0]
     best = sorted(scored)[:n]
     best.sort(key=lambda x: (x[1], x[2]))  # keep reading order
     return " ".join(f"{sentence} {ref}" for _, _, _, sentence, ref in best)
