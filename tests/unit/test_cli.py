@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -53,6 +54,10 @@ def meshctl(*args: str, home: str) -> subprocess.CompletedProcess[str]:
         (["deny"], "the following arguments are required: ID"),
         (["approve", "ap-1"], "no approver identity in"),
         (["approvals"], "no approver identity in"),
+        (["audit", "effects"], "the following arguments are required: --tenant"),
+        (["audit", "effects", "--tenant", "a.b"], "invalid tenant 'a.b'"),
+        (["audit", "effects", "--tenant", "acme", "--to", "x@y.test"], "--to needs the auditor key of acme"),
+        (["audit", "effects", "--tenant", "acme"], "no identities in"),
     ],
 )
 def test_errors_are_one_line_with_a_nonzero_exit(tmp_path, args, message):
@@ -74,6 +79,11 @@ def test_init_writes_secrets_private_and_prints_none(tmp_path):
             text = p.read_text()
             assert text not in result.stdout and text[-40:] not in result.stdout
     assert "SU" not in result.stdout and "PRIVATE KEY" not in result.stdout
+    # the audit key and the tenant's auditor key exist, private; the bundle names only the public half
+    assert (tmp_path / "secrets" / "audit.key").exists() and (tmp_path / "secrets/keys/auditor.acme.key").exists()
+    bundle = json.loads((tmp_path / "trust-bundle.json").read_text())
+    auditor = (tmp_path / "secrets/keys/auditor.acme.key").read_text().strip()
+    assert set(bundle["auditors"]) == {"acme"} and bundle["auditors"]["acme"] != auditor
 
 
 def usage(inp: int, out: int, cost: float, calls: int, cached: int = 0) -> dict:

@@ -13,9 +13,9 @@ import os
 import re
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, NoReturn, TextIO
 
 import httpx
 import nats
@@ -25,6 +25,7 @@ from pydantic import ValidationError
 from mesh_contracts.base import ID_PATTERN
 from mesh_contracts.v1 import (
     DOCUMENT_TYPES,
+    HeldCall,
     ProgressEvent,
     TaskCompleted,
     TaskFailed,
@@ -340,6 +341,17 @@ def _tenant_client(args: argparse.Namespace) -> TenantClient:
     )
 
 
+def print_held(held: Sequence[HeldCall], file: TextIO = sys.stdout) -> None:
+    """The calls the task went on without: not performed, each waiting for a person."""
+    if not held:
+        return
+    print(f"\nheld for a human decision ({len(held)}), not performed; the answer does not include them:", file=file)
+    for h in held:
+        where = f" -> {', '.join(h.destinations)}" if h.destinations else ""
+        print(f"  {h.approval_id}  {h.tool}{where}  (step {h.step_id}): meshctl approve|deny {h.approval_id}",
+              file=file)  # fmt: skip
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     client = _tenant_client(args)
 
@@ -404,8 +416,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
                 f"\nusage: {u.input_tokens} input + {u.output_tokens} output tokens "
                 f"in {u.calls} model calls, ${u.cost_usd:.6f}"
             )
+            print_held(out.held)
         elif isinstance(out, (TaskFailed, TaskRejected)):
             print(f"\n{out.type.split('.')[1]} {seen.task_id}: {out.reason}", file=sys.stderr)
+            print_held(getattr(out, "held", ()), file=sys.stderr)
         if out is None:
             print(f"meshctl: task {seen.task_id} did not finish within {args.timeout:.0f}s", file=sys.stderr)
             return 3
@@ -542,6 +556,25 @@ def cmd_decide(args: argparse.Namespace) -> int:
                 raise MeshError(str(exc)) from None
         print(f"{rec['approval_id']}: {rec['status']} by {rec['decided_by']} ({rec['tool']} for "
               f"{rec['tenant']}/{rec['task_id']})")  # fmt: skip
+        return 0
+
+    return asyncio.run(run())
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from meshctl import audit
+
+    box = audit.opener(args.auditor_key or Identities(_home(args)).auditor_key(args.tenant))
+    if args.to and box is None:
+        raise MeshError(f"--to needs the auditor key of {args.tenant} (values are sealed to it)")
+
+    async def run() -> int:
+        nc = await _admin(args)
+        try:
+            rows = audit.effects(await audit.audited(nc, args.tenant, args.task or ""), box, args.to)
+        finally:
+            await nc.close()
+        print(json.dumps(rows, indent=2) if args.json else audit.render(rows))
         return 0
 
     return asyncio.run(run())
@@ -880,6 +913,18 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--comment", default=None, help="recorded with the decision")
         s.add_argument("--nats-url", default=None)
         s.set_defaults(fn=cmd_decide)
+
+    s = sub.add_parser("audit", help="where a tenant's tool effects went (as the admin, opened with its auditor key)")
+    asub = s.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    a = asub.add_parser("effects", help="every audited tool call that names a destination (recipient, URL)")
+    a.add_argument("--tenant", type=_tenant, required=True)
+    a.add_argument("--task", type=_tenant, default=None, help="one task only")
+    a.add_argument("--to", default="", help="only effects that went to this value (needs the auditor key)")
+    a.add_argument("--auditor-key", type=Path, default=None,
+                   help="the tenant auditor's key (default: the mesh home's secrets/keys/auditor.<tenant>.key)")  # fmt: skip
+    a.add_argument("--json", action="store_true")
+    a.add_argument("--nats-url", default=None)
+    s.set_defaults(fn=cmd_audit)
 
     s = sub.add_parser("dlq", help="inspect the dead-letter stream")
     dsub = s.add_subparsers(dest="action", required=True, parser_class=_Parser)
