@@ -3,53 +3,18 @@ GenAI spans and redacted content capture, driven through a real Gateway."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
-from typing import Any
+from dataclasses import replace
 
 import pytest
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from mesh_contracts.v1 import BudgetDenied, BudgetGranted, UsageRecorded
+from mesh_contracts.v1 import UsageRecorded
 from mesh_kit.metered import Models, call_model
 from mesh_llm import Message, ModelRequest, ScriptedModel
 from mesh_llm.gateway import Gateway
 from mesh_llm.resilience import RetryPolicy
+from mesh_testing.fakes import FakeMesh
 
 T = {"tenant": "acme", "task_id": "t1"}
-
-
-@dataclass
-class FakeMesh:
-    """Just what ``call_model`` uses of a Mesh: request/publish/count/progress and a tracer."""
-
-    deny: dict[str, str] = field(default_factory=dict)  # model -> denial code
-    published: list[Any] = field(default_factory=list)
-    reserved: list[Any] = field(default_factory=list)
-    service: str = "worker"
-    guard: Any = None
-
-    def __post_init__(self) -> None:
-        self.spans = InMemorySpanExporter()
-        provider = TracerProvider()
-        provider.add_span_processor(SimpleSpanProcessor(self.spans))
-        self.tracer = provider.get_tracer("test")
-
-    async def request(self, m: Any) -> Any:
-        self.reserved.append(m)
-        if m.model in self.deny:
-            return BudgetDenied(**T, reason=f"{m.model} refused", code=self.deny[m.model])
-        return BudgetGranted(**T, reservation_id=f"r-{m.call_id}", remaining_tokens=10_000)
-
-    async def publish(self, m: Any, key: str) -> None:
-        self.published.append(m)
-
-    async def progress(self, *a: Any, **kw: Any) -> None:
-        self.published.append(("progress", a, kw))
-
-    def count(self, name: str) -> None:
-        pass
 
 
 def models(capture: bool = False) -> Models:

@@ -163,8 +163,6 @@ def test_the_worker_system_prompt_is_the_text_steps_have_always_begun_with():
 T = {"tenant": "acme", "task_id": "t1"}
 
 
-
-
 def _worker(mesh: FakeMesh) -> Any:
     from mesh_kit.ledger import Ledger
     from mesh_llm import ScriptedModel

@@ -12,14 +12,17 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from mesh_contracts.v1 import BudgetGranted
+from mesh_contracts.v1 import BudgetDenied, BudgetGranted
 
 
 @dataclass
 class FakeMesh:
     """What the worker's loop uses of a Mesh: publish, progress, emit, count, budget requests, a tracer."""
 
+    deny: dict[str, str] = field(default_factory=dict)
+    """model -> the denial code the budget answers a reservation for it with (others are granted)."""
     published: list[Any] = field(default_factory=list)
+    reserved: list[Any] = field(default_factory=list)
     service: str = "worker"
     guard: Any = None
 
@@ -30,6 +33,11 @@ class FakeMesh:
         self.tracer = provider.get_tracer("test")
 
     async def request(self, m: Any) -> Any:
+        self.reserved.append(m)
+        if m.model in self.deny:
+            return BudgetDenied(
+                tenant=m.tenant, task_id=m.task_id, reason=f"{m.model} refused", code=self.deny[m.model]
+            )
         return BudgetGranted(tenant=m.tenant, task_id=m.task_id, reservation_id=f"r-{m.call_id}",
                              remaining_tokens=100_000)  # fmt: skip
 
