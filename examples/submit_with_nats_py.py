@@ -44,6 +44,7 @@ async def main(goal: str, tenant: str, home: Path, nats_url: str) -> int:
 
     # 3. The message body, and a signed identity token over its exact bytes.
     body = json.dumps({"type": "task.submitted", "tenant": tenant, "task_id": task_id, "goal": goal}).encode()
+    msg_id = f"task.submitted:{tenant}:{task_id}"  # resubmitting is deduplicated by the server
     now = int(time.time())
     token = jwt.encode(
         {
@@ -51,15 +52,16 @@ async def main(goal: str, tenant: str, home: Path, nats_url: str) -> int:
             "ten": tenant,
             "typ": "task.submitted",
             "dig": hashlib.sha256(body).hexdigest(),
+            "mid": msg_id,  # the token is valid for this message id only (no replay under another)
             "iat": now,
-            "exp": now + 300,
+            "exp": now + 300,  # at most 540 s: a token outliving the 10-minute dedup window is refused
         },
         signing_key,
         algorithm="EdDSA",
         headers={"kid": principal},
     )
     headers = {
-        "Nats-Msg-Id": f"task.submitted:{tenant}:{task_id}",  # resubmitting is deduplicated by the server
+        "Nats-Msg-Id": msg_id,
         "Mesh-Schema": "task.submitted/v1",
         "Mesh-Identity": token,
     }

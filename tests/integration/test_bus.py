@@ -110,7 +110,7 @@ async def test_forged_or_altered_messages_are_rejected_by_their_consumer(integra
         if attack == "forged"
         else Signer.from_file("worker", integration_infra.ids.signing_key("worker"))
     )
-    token = signer.token(tenant="acme", msg_type=req.type, body=body)
+    token = signer.token(tenant="acme", msg_type=req.type, body=body, msg_id=task)
     if attack == "altered":
         body = body.replace(b'"query":"q"', b'"query":"everything about globex"')
     async with running(rag):
@@ -279,7 +279,8 @@ async def test_a_dead_letter_is_redriven_after_a_fix_even_once_its_token_expired
             await admin.jetstream().publish(
                 headers[env.DLQ_SUBJECT], body, headers={**original, env.MSG_ID: f"{task}-replay"}
             )
-            print(await redrive(admin, seq))
+            operator = Signer.from_file("admin", integration_infra.ids.signing_key("admin"))
+            print(await redrive(admin, seq, operator))
             await eventually(lambda: handled, what="re-driven message handled")
             rejected = await eventually(lambda: _rejected_as_expired(integration_infra, task), what="control rejected")
             assert seq not in [s for s, _, _ in await dead_letters(integration_infra, task)], "entry removed"
@@ -292,3 +293,86 @@ async def _rejected_as_expired(infra, task: str) -> str | None:
         if "expired" in headers.get(env.DLQ_REASON, ""):
             return headers[env.DLQ_REASON]
     return None
+
+
+async def _consumed(infra, cls, service: str, task: str):
+    """A ``service`` consumer of ``cls`` that records the tasks it handled (with their senders)."""
+    handled: list[tuple[str, str]] = []
+
+    async def handler(m, d) -> None:
+        if m.task_id == task:
+            handled.append((m.task_id, d.sender.name))
+
+    mesh = Mesh(settings_for(infra, service))
+    mesh.consume(cls, handler)
+    return mesh, handled
+
+
+@pytest.mark.parametrize("statement", ["none", "client-signed", "other-message"])
+async def test_a_forged_redrive_of_a_captured_expired_task_is_dead_lettered(integration_infra, unique, statement):
+    """The attack the identity review found: a tenant's credentials, a task.submitted captured an
+    hour ago (its token long expired), re-published with re-drive headers naming an old time.
+    Only an operator's signed statement for exactly this message may move the time a token is
+    judged at; anything else is dead-lettered with the reason, and nothing runs."""
+    import time
+
+    from mesh_contracts.v1 import TaskSubmitted
+
+    task = unique("forged-redrive")
+    captured_at = time.time() - 3600
+    msg = TaskSubmitted(tenant="acme", task_id=task, goal="What is 6 * 7?")
+    body, mid = msg.to_bytes(), env.message_id(msg.type, "acme", task, "1")
+    client = Signer.from_file("client.acme", integration_infra.ids.signing_key("client.acme"))
+    headers = {
+        env.IDENTITY: client.token(tenant="acme", msg_type=msg.type, body=body, msg_id=mid, now=captured_at),
+        env.MSG_ID: f"{task}-again",
+        env.REDRIVE_OF: "1",
+        env.ORIGINAL_STORED_AT: f"{captured_at:.6f}",
+    }
+    if statement == "client-signed":  # a statement, but not an operator's
+        headers[env.REDRIVE] = client.redrive(subject=msg.subject(), body=body, dlq_seq=1, original_stored_at=captured_at,
+                                              original_msg_id=mid, msg_id=f"{task}-again")  # fmt: skip
+    elif statement == "other-message":  # a real operator statement, lifted from another re-drive
+        operator = Signer.from_file("admin", integration_infra.ids.signing_key("admin"))
+        headers[env.REDRIVE] = operator.redrive(subject=msg.subject(), body=b"{}", dlq_seq=1,
+                                                original_stored_at=captured_at, original_msg_id=mid,
+                                                msg_id=f"{task}-again")  # fmt: skip
+    planner, handled = await _consumed(integration_infra, TaskSubmitted, "planner", task)
+    async with running(planner):
+        async with connect(integration_infra, "client.acme") as nc:  # the tenant's own NATS credentials
+            await nc.jetstream().publish(msg.subject(), body, headers=headers)
+        letters = await eventually(lambda: dead_letters(integration_infra, task), what="dead letter")
+    assert handled == []
+    reason = letters[0][1][env.DLQ_REASON]
+    expected = {
+        "none": "without an operator's signed re-drive statement",
+        "client-signed": "client.acme may not re-drive messages",
+        "other-message": "re-drive statement is for another message",
+    }[statement]
+    assert reason.startswith("identity: re-drive: ") and expected in reason, reason
+
+
+async def test_a_captured_message_replayed_inside_its_tokens_lifetime_has_no_second_effect(integration_infra, unique):
+    """Tokens are bound to the message id they were issued for, and live shorter than the
+    streams' deduplication window: replayed under its own id the message is dropped by the
+    server, under a new id it is dead-lettered; either way the handler ran once."""
+    task = unique("replay")
+    executor, handled = await _consumed(integration_infra, ToolRequested, "tool-executor", task)
+    worker = Mesh(settings_for(integration_infra, "worker"))
+    req = ToolRequested(tenant="acme", task_id=task, step_id="s1", call_id="c1", tool="send_email",
+                        arguments={"to": "ops@acme.test", "subject": "s", "body": "b"})  # fmt: skip
+    async with running(executor), running(worker):
+        await worker.publish(req, key="c1")
+        await eventually(lambda: handled, what="the original handled")
+        async with connect(integration_infra, "admin") as admin:
+            stored = await admin.jetstream().get_last_msg("TOOL", req.subject())
+        captured = dict(stored.headers or {})
+        async with connect(integration_infra, "worker") as nc:  # the captured bytes, the worker's credentials
+            js = nc.jetstream()
+            same = await js.publish(req.subject(), stored.data, headers=captured)
+            assert same.duplicate, "under its own id: dropped by the server's deduplication"
+            await js.publish(req.subject(), stored.data, headers={**captured, env.MSG_ID: f"{task}-replay"})
+        letters = await eventually(lambda: dead_letters(integration_infra, task), what="dead letter")
+        await asyncio.sleep(0.5)
+    assert handled == [(task, "worker")], "one effect"
+    assert "token was issued for message id" in letters[0][1][env.DLQ_REASON]

@@ -95,3 +95,51 @@ def test_issued_in_the_future(keys):
     token = _token(keys, "planner", m, now=time.time() + 600)
     with pytest.raises(IdentityError, match="future"):
         keys.verifier().verify(token, m.to_bytes(), m)
+
+
+def test_a_token_is_valid_for_the_message_id_it_was_issued_for_only(keys):
+    m = _step()
+    token = _token(keys, "planner", m, msg_id="step.requested:acme:t1:s1:1")
+    assert keys.verifier().verify(token, m.to_bytes(), m, msg_id="step.requested:acme:t1:s1:1").name == "planner"
+    with pytest.raises(IdentityError, match=r"issued for message id 'step\.requested:acme:t1:s1:1', not 'x'"):
+        keys.verifier().verify(token, m.to_bytes(), m, msg_id="x")
+
+
+def test_a_token_that_would_outlive_the_deduplication_window_is_refused(keys):
+    m = _step()
+    long_lived = Signer("planner", keys.private["planner"], ttl_s=3600).token(
+        tenant="acme", msg_type=m.type, body=m.to_bytes()
+    )
+    with pytest.raises(IdentityError, match="valid for 3600s, over the 540s"):
+        keys.verifier().verify(long_lived, m.to_bytes(), m)
+
+
+def test_only_an_operators_statement_for_exactly_this_message_redrives_it(keys):
+    from mesh_kit.identity import Redrive, TrustBundle, Verifier
+
+    operator_key = new_signing_key()
+    entries = {n: (p.role, p.tenant, p.public_key) for n, p in keys.bundle.principals.items()}
+    verifier = Verifier(TrustBundle.from_json(TrustBundle.to_json({**entries, "admin": ("admin", None,
+                                                                                         operator_key.public_key())})))  # fmt: skip
+    body, now = b'{"x":1}', time.time()
+
+    def statement(signer: Signer, **kw) -> str:
+        args = dict(subject="task.v1.acme.t1.submitted", body=body, dlq_seq=7, original_stored_at=now - 86400,
+                    original_msg_id="task.submitted:acme:t1:1", msg_id="redrive:7")  # fmt: skip
+        return signer.redrive(**{**args, **kw})
+
+    admin = Signer("admin", operator_key)
+    ok = verifier.redrive(statement(admin), subject="task.v1.acme.t1.submitted", body=body, msg_id="redrive:7", at=now)
+    assert ok == Redrive("admin", pytest.approx(now - 86400), "task.submitted:acme:t1:1", 7)
+    cases = {
+        "without an operator's signed re-drive statement": (None, {}),
+        "client.acme may not re-drive": (statement(keys.signer("client.acme")), {}),
+        "is for another message": (statement(admin, body=b"{}"), {}),
+        "is for another message ": (statement(admin), {"msg_id": "redrive:8"}),
+        "not valid at the time": (statement(admin, now=now - 3600), {}),
+        "signature invalid": (statement(Signer("admin", new_signing_key())), {}),
+    }
+    for why, (token, override) in cases.items():
+        args = {"subject": "task.v1.acme.t1.submitted", "body": body, "msg_id": "redrive:7", "at": now, **override}
+        with pytest.raises(IdentityError, match=why.strip()):
+            verifier.redrive(token, **args)

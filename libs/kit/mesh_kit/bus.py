@@ -371,17 +371,12 @@ class Mesh:
             deliveries, stored_at, seq = md.num_delivered, md.timestamp.timestamp(), md.sequence.stream
         except NotJSMessageError:  # in-memory test broker
             deliveries, stored_at, seq = 1, None, 0
-        if env.REDRIVE_OF in headers and stored_at is not None:
-            # A re-driven dead letter: its token is judged (and, if it fails again, recorded) at the
-            # time the original was first stored. Only the
-            # contract's producers (who could sign afresh) or admin may publish on this subject.
-            try:
-                stored_at = min(stored_at, float(headers[env.ORIGINAL_STORED_AT]))
-            except (KeyError, ValueError):
-                pass  # no usable original time: judged now, like any message
+        msg_id = headers.get(env.MSG_ID, "")
         try:
+            # a verified re-drive is judged (and, if it fails again, recorded) at its original's time
+            stored_at, bound_id = self._redrive(raw.subject, raw.data, headers, msg_id, stored_at)
             model = parse_message(raw.subject, raw.data, strict=self.settings.strict_contracts)
-            sender = self.verifier.verify(headers.get(env.IDENTITY), raw.data, model, at=stored_at)
+            sender = self.verifier.verify(headers.get(env.IDENTITY), raw.data, model, at=stored_at, msg_id=bound_id)
         except (ContractError, IdentityError) as exc:
             self.count(tel.M_REJECTED)
             reason = f"{'identity' if isinstance(exc, IdentityError) else 'contract'}: {exc}"
@@ -431,6 +426,24 @@ class Mesh:
                 return
         self.count(tel.M_HANDLED)
         await msg.ack()
+
+    def _redrive(
+        self, subject: str, body: bytes, headers: dict[str, str], msg_id: str, stored_at: float | None
+    ) -> tuple[float | None, str]:
+        """When and under which message id a message's token is judged: when it was stored, under
+        the id it arrived with; for a dead letter an operator re-drove, at the time its original
+        was first stored, under the original's id, as the operator's signed statement says.
+        Re-drive headers without a valid statement are an ``IdentityError``: whoever can publish
+        on a subject must not be able to stretch a captured token's lifetime."""
+        if not any(h in headers for h in (env.REDRIVE, env.REDRIVE_OF, env.ORIGINAL_STORED_AT)):
+            return stored_at, msg_id
+        try:
+            statement = self.verifier.redrive(
+                headers.get(env.REDRIVE), subject=subject, body=body, msg_id=msg_id, at=stored_at
+            )
+        except IdentityError as exc:
+            raise IdentityError(f"re-drive: {exc}") from None
+        return min(statement.at, stored_at) if stored_at is not None else statement.at, statement.original_msg_id
 
     async def _run(self, handler: Handler, model: Contract, delivery: Delivery) -> None:
         """Run ``handler``; while the broker is unavailable, run it again in place rather than
@@ -527,7 +540,9 @@ class Mesh:
             headers = dict(raw.headers or {})
             try:
                 model = parse_message(raw.subject, raw.data, strict=self.settings.strict_contracts)
-                sender = self.verifier.verify(headers.get(env.IDENTITY), raw.data, model)
+                sender = self.verifier.verify(
+                    headers.get(env.IDENTITY), raw.data, model, msg_id=headers.get(env.MSG_ID, "")
+                )
             except (ContractError, IdentityError) as exc:
                 self.count(tel.M_REJECTED)
                 log.warning("rejected request on %s: %s", raw.subject, exc)

@@ -23,8 +23,9 @@ DLQ_STREAM = "Mesh-Dlq-Stream"
 DLQ_SEQ = "Mesh-Dlq-Seq"
 DLQ_DELIVERIES = "Mesh-Dlq-Deliveries"
 DLQ_STORED_AT = "Mesh-Dlq-Stored-At"  # when the broker first stored the original (unix seconds)
-REDRIVE_OF = "Mesh-Redrive-Of"  # set by `meshctl dlq retry`: the dead letter's DLQ sequence
-ORIGINAL_STORED_AT = "Mesh-Original-Stored-At"  # a re-drive's token is judged at this time
+REDRIVE = "Mesh-Redrive"  # `meshctl dlq retry`: the operator's signed re-drive statement (identity.Redrive)
+REDRIVE_OF = "Mesh-Redrive-Of"  # the dead letter's DLQ sequence (informational; the statement decides)
+ORIGINAL_STORED_AT = "Mesh-Original-Stored-At"  # informational; the statement's time is the one used
 ORIG_PREFIX = "Mesh-Orig-"
 
 

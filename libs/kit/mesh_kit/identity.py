@@ -29,6 +29,14 @@ from mesh_contracts.base import CLIENT, Contract
 ALGORITHM = "EdDSA"
 DEFAULT_TTL_S = 300.0
 CLOCK_LEEWAY_S = 5.0
+MAX_TOKEN_LIFETIME_S = 540.0
+"""The longest validity a token may claim (``exp - iat``). It stays under the streams' 10-minute
+deduplication window (less clock leeway): a captured message re-published under its own id
+inside its token's lifetime is dropped by the server, and under any other id it fails the
+token's binding to its message id, so no token can be replayed into a second effect."""
+OPERATOR_ROLES = ("admin",)
+"""Roles whose signed statements may re-drive a dead letter (``meshctl dlq retry``)."""
+REDRIVE_TTL_S = 300.0
 
 
 class IdentityError(Exception):
@@ -85,6 +93,27 @@ class Signer:
     @classmethod
     def from_file(cls, principal: str, path: str | Path, ttl_s: float = DEFAULT_TTL_S) -> Signer:
         return cls(principal, load_private_key(path), ttl_s)
+
+    def redrive(
+        self, *, subject: str, body: bytes, dlq_seq: int, original_stored_at: float, original_msg_id: str,
+        msg_id: str, now: float | None = None,
+    ) -> str:  # fmt: skip
+        """An operator's signed statement that re-drives one dead letter: the body (by digest), where
+        it goes, under which new message id, and the time its original token is to be judged at."""
+        now = time.time() if now is None else now
+        claims = {
+            "iss": self.principal,
+            "typ": "redrive",
+            "sub": subject,
+            "dig": body_digest(body),
+            "dlq": dlq_seq,
+            "at": original_stored_at,
+            "omid": original_msg_id,
+            "mid": msg_id,
+            "iat": int(now),
+            "exp": int(now + REDRIVE_TTL_S),
+        }
+        return jwt.encode(claims, self._key, algorithm=ALGORITHM, headers={"kid": self.principal})
 
     def token(self, *, tenant: str, msg_type: str, body: bytes, msg_id: str = "", now: float | None = None) -> str:
         now = time.time() if now is None else now
@@ -147,56 +176,106 @@ class TrustBundle:
         )
 
 
+@dataclass(frozen=True)
+class Redrive:
+    """A verified re-drive statement: judge the message's token at ``at``, bound to ``original_msg_id``."""
+
+    operator: str
+    at: float
+    original_msg_id: str
+    dlq_seq: int
+
+
 class Verifier:
     """Checks a message's token against the trust bundle and the contract's producers."""
 
-    def __init__(self, bundle: TrustBundle, leeway_s: float = CLOCK_LEEWAY_S) -> None:
+    def __init__(
+        self, bundle: TrustBundle, leeway_s: float = CLOCK_LEEWAY_S, max_lifetime_s: float = MAX_TOKEN_LIFETIME_S
+    ) -> None:
         self.bundle = bundle
         self.leeway_s = leeway_s
+        self.max_lifetime_s = max_lifetime_s
 
-    def verify(self, token: str | None, body: bytes, model: Contract, *, at: float | None = None) -> Principal:
-        """Return the sending principal, or raise ``IdentityError`` saying why not.
-
-        ``at`` is when the message entered the broker (defaults to now).
-        """
-        if not token:
-            raise IdentityError("identity token missing")
+    def _decode(self, token: str, require: list[str], what: str = "identity token") -> tuple[Principal, dict[str, Any]]:
+        """The token's principal (by ``kid``, from the bundle) and its claims, the signature checked."""
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError as exc:
-            raise IdentityError(f"identity token unreadable: {exc}") from None
+            raise IdentityError(f"{what} unreadable: {exc}") from None
         name = header.get("kid")
         principal = self.bundle.principals.get(name) if isinstance(name, str) else None
         if principal is None:
-            raise IdentityError(f"identity token from unknown principal {name!r}")
+            raise IdentityError(f"{what} from unknown principal {name!r}")
         try:
             claims: dict[str, Any] = jwt.decode(
                 token,
                 principal.public_key,
                 algorithms=[ALGORITHM],
-                options={
-                    "verify_exp": False,
-                    "verify_iat": False,
-                    "require": ["iss", "ten", "typ", "dig", "iat", "exp"],
-                },
+                options={"verify_exp": False, "verify_iat": False, "require": require},
             )
         except jwt.InvalidSignatureError:
-            raise IdentityError(f"identity token signature invalid for {name} (forged?)") from None
+            raise IdentityError(f"{what} signature invalid for {name} (forged?)") from None
         except jwt.PyJWTError as exc:
-            raise IdentityError(f"identity token invalid: {exc}") from None
+            raise IdentityError(f"{what} invalid: {exc}") from None
+        if claims["iss"] != name:
+            raise IdentityError(f"{what} issuer {claims['iss']!r} does not match key id {name!r}")
+        return principal, claims
+
+    def redrive(
+        self, statement: str | None, *, subject: str, body: bytes, msg_id: str, at: float | None = None
+    ) -> Redrive:
+        """Verify an operator's re-drive statement for a message stored at ``at`` on ``subject``
+        under ``msg_id``: who made it, that it covers exactly this body, subject and message id,
+        and that it was fresh when the message was stored. Anyone else's re-drive headers are
+        an ``IdentityError``."""
+        if not statement:
+            raise IdentityError("re-drive headers without an operator's signed re-drive statement (forged re-drive?)")
+        principal, claims = self._decode(
+            statement, ["iss", "typ", "sub", "dig", "at", "omid", "mid", "iat", "exp"], "re-drive statement"
+        )
+        if principal.role not in OPERATOR_ROLES:
+            raise IdentityError(f"{principal.name} may not re-drive messages (operators only)")
+        now = time.time() if at is None else at
+        if claims["typ"] != "redrive":
+            raise IdentityError("not a re-drive statement")
+        if claims["exp"] < now - self.leeway_s or claims["iat"] > now + self.leeway_s:
+            raise IdentityError("re-drive statement not valid at the time the message was stored")
+        if (claims["sub"], claims["dig"], claims["mid"]) != (subject, body_digest(body), msg_id):
+            raise IdentityError("re-drive statement is for another message (subject, body or message id differ)")
+        return Redrive(principal.name, float(claims["at"]), str(claims["omid"]), int(claims.get("dlq", 0)))
+
+    def verify(
+        self, token: str | None, body: bytes, model: Contract, *, at: float | None = None, msg_id: str | None = None
+    ) -> Principal:
+        """Return the sending principal, or raise ``IdentityError`` saying why not.
+
+        ``at`` is when the message entered the broker (defaults to now). ``msg_id``, when given,
+        is the id the message arrived under: the token must have been issued for it.
+        """
+        if not token:
+            raise IdentityError("identity token missing")
+        principal, claims = self._decode(token, ["iss", "ten", "typ", "dig", "iat", "exp"])
+        name = principal.name
         at = time.time() if at is None else at
         if claims["exp"] < at - self.leeway_s:
             raise IdentityError(f"identity token expired {at - claims['exp']:.0f}s before the message was stored")
         if claims["iat"] > at + self.leeway_s:
             raise IdentityError("identity token issued in the future")
-        if claims["iss"] != name:
-            raise IdentityError(f"identity token issuer {claims['iss']!r} does not match key id {name!r}")
+        if claims["exp"] - claims["iat"] > self.max_lifetime_s:
+            raise IdentityError(
+                f"identity token valid for {claims['exp'] - claims['iat']:.0f}s, over the {self.max_lifetime_s:.0f}s "
+                "a token may live (a long-lived token could be replayed after the deduplication window)"
+            )
         if claims["dig"] != body_digest(body):
             raise IdentityError("body does not match the identity token's digest (altered in transit?)")
         if claims["typ"] != model.type:
             raise IdentityError(f"token was issued for {claims['typ']}, message is {model.type}")
         if claims["ten"] != model.tenant:
             raise IdentityError(f"token was issued for tenant {claims['ten']!r}, message is for {model.tenant!r}")
+        if msg_id is not None and claims.get("mid", "") != msg_id:
+            raise IdentityError(
+                f"token was issued for message id {claims.get('mid', '')!r}, not {msg_id!r} (a replay under a new id?)"
+            )
         if principal.role not in model.spec.producers:
             raise IdentityError(f"{name} may not produce {model.type} (producers: {', '.join(model.spec.producers)})")
         if principal.role == CLIENT and principal.tenant != model.tenant:

@@ -34,6 +34,7 @@ from mesh_contracts.v1 import (
     TokenDelta,
 )
 from mesh_kit.guard import CONTROL_BUCKET, GLOBAL_KEY, tenant_key
+from mesh_kit.identity import Signer
 from mesh_kit.settings import log_nats_error, nats_servers
 from meshctl import budget as spend
 from meshctl import local
@@ -588,8 +589,12 @@ def cmd_dlq(args: argparse.Namespace) -> int:
         js = nc.jetstream()
         try:
             if args.action == "retry":
+                key = Identities(_home(args)).signing_key("admin")
+                if not key.exists():
+                    raise MeshError(f"no admin signing key at {key}: re-drives are signed by it (run: meshctl init)")
+                operator = Signer.from_file("admin", key)
                 for seq in args.seq:
-                    print(await redrive(nc, seq))
+                    print(await redrive(nc, seq, operator))
             elif args.action == "show":
                 m = await entry(js, args.seq)
                 body = (m.data or b"").decode(errors="replace")

@@ -4,25 +4,31 @@ A dead letter is either an in-app copy (original body and headers, reason, origi
 subject) or the server's MAX_DELIVERIES advisory for a consumer that crashed on every
 attempt (then the original is fetched from its stream). Re-driving publishes the original
 body and headers to the original subject under a fresh, deterministic message id
-(`redrive:<dlq seq>`, so re-running the command is harmless), marks it with
-`Mesh-Redrive-Of` and the time the original was first stored, and removes the entry.
+(`redrive:<dlq seq>`, so re-running the command is harmless) with the operator's signed
+re-drive statement, and removes the entry.
 
-The consumer judges the identity token at that original time, so a re-drive days later
-still verifies. That grants no new power: only the contract's declared producers, who can
-sign fresh tokens anyway, or the admin identity may publish on the subject. Consumers'
+The statement (``Mesh-Redrive``, signed with the admin identity's key) names the subject, the
+body's digest, the new message id, the original's id and the time the original was first
+stored. The consumer verifies it like any token and then judges the original identity token at
+that time and against the original's id, so a re-drive days later still verifies. Re-drive
+headers without a valid operator statement are dead-lettered: whoever may publish on a subject
+(a tenant's client, a service) cannot stretch a captured token's lifetime. Consumers'
 idempotency (ledger, records) makes a re-drive of work that partly happened safe.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator
 
+import jwt
 import nats
 from nats.js import JetStreamContext
 from nats.js.api import RawStreamMsg
 
 from mesh_kit import envelope as env
+from mesh_kit.identity import Signer
 
 ADVISORY = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES."
 
@@ -52,7 +58,7 @@ async def entries(js: JetStreamContext, *, newest: int | None = None) -> AsyncIt
             continue
 
 
-async def redrive(nc: nats.NATS, seq: int) -> str:
+async def redrive(nc: nats.NATS, seq: int, operator: Signer) -> str:
     js = nc.jetstream()
     letter = await entry(js, seq)
     h = dict(letter.headers or {})
@@ -71,12 +77,25 @@ async def redrive(nc: nats.NATS, seq: int) -> str:
     else:
         raise DeadLetterError(f"#{seq} on {letter.subject} is not a dead letter this tool knows")
     times = [float(t) for t in (headers.get(env.ORIGINAL_STORED_AT), first_stored) if t]
-    for k in (env.MSG_ID, "Nats-Expected-Stream", env.REDRIVE_OF, env.ORIGINAL_STORED_AT):
+    original_id = _token_message_id(headers.get(env.IDENTITY, "")) or headers.get(env.MSG_ID, "")
+    for k in (env.MSG_ID, "Nats-Expected-Stream", env.REDRIVE, env.REDRIVE_OF, env.ORIGINAL_STORED_AT):
         headers.pop(k, None)
+    at = min(times) if times else time.time()
+    headers[env.MSG_ID] = msg_id = f"redrive:{seq}"
     headers[env.REDRIVE_OF] = str(seq)
-    headers[env.MSG_ID] = f"redrive:{seq}"
-    if times:
-        headers[env.ORIGINAL_STORED_AT] = f"{min(times):.6f}"
+    headers[env.ORIGINAL_STORED_AT] = f"{at:.6f}"
+    headers[env.REDRIVE] = operator.redrive(
+        subject=subject, body=body, dlq_seq=seq, original_stored_at=at, original_msg_id=original_id, msg_id=msg_id
+    )
     ack = await js.publish(subject, body, headers=headers, timeout=10.0)
     await js.delete_msg("DLQ", seq)
     return f"re-drove dead letter #{seq} to {subject} (stream {ack.stream}, seq {ack.seq})"
+
+
+def _token_message_id(token: str) -> str:
+    """The message id the original's identity token was issued for (the consumer checks the
+    signature; the statement only has to name the same id)."""
+    try:
+        return str(jwt.decode(token, options={"verify_signature": False}).get("mid", ""))
+    except jwt.PyJWTError:
+        return ""

@@ -229,8 +229,8 @@ class Identities:
         for name, perms in policy(tenants).items():
             user = new_keypair(nkeys.PREFIX_BYTE_USER)
             _write_secret(self.creds(name), creds_text(user_jwt(acc, signing, user, perms, user_ttl_s), user))
-            if perms.role == "admin":
-                continue  # admin provisions; it never signs mesh messages
+            # admin provisions and signs operator statements (re-drives), never mesh messages: its
+            # role is a producer of no contract
             key_path = self.signing_key(name)
             if key_path.exists():
                 from mesh_kit.identity import load_private_key
