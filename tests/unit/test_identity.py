@@ -143,3 +143,13 @@ def test_only_an_operators_statement_for_exactly_this_message_redrives_it(keys):
         args = {"subject": "task.v1.acme.t1.submitted", "body": body, "msg_id": "redrive:7", "at": now, **override}
         with pytest.raises(IdentityError, match=why.strip()):
             verifier.redrive(token, **args)
+
+
+def test_no_token_outlives_the_streams_deduplication_window():
+    """The replay argument rests on this: a token valid longer than the window (plus clock
+    leeway) could be replayed under its own id once the server has forgotten the id."""
+    from mesh_kit.identity import CLOCK_LEEWAY_S, DEFAULT_TTL_S, MAX_TOKEN_LIFETIME_S
+    from meshctl.provision import DEDUP_WINDOW_S
+
+    assert DEFAULT_TTL_S <= MAX_TOKEN_LIFETIME_S
+    assert MAX_TOKEN_LIFETIME_S + 2 * CLOCK_LEEWAY_S < DEDUP_WINDOW_S
