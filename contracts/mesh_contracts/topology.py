@@ -64,6 +64,9 @@ class Bucket:
     pending approval."""
 
 
+TRUST_BUCKET = "trust"
+TRUST_KEY = "bundle"
+
 BUCKETS: tuple[Bucket, ...] = (
     Bucket(
         "tasks",
@@ -119,6 +122,14 @@ BUCKETS: tuple[Bucket, ...] = (
         description="Per-tenant retrieval indexes: a manifest per tenant (<tenant>.manifest) and each "
         "document version's chunks and embeddings (<tenant>.doc.<doc hash>.<version>.<part>); every rag "
         "replica loads a tenant's index from here.",
+    ),
+    Bucket(
+        TRUST_BUCKET,
+        writer="",  # operators only (admin identity: meshctl up, rotate, revoke)
+        watchers=SERVICES,
+        history=5,
+        description="The trust bundle as the operator last published it (key: bundle), signed by an operator: "
+        "every service follows it, so a rotated or revoked key takes effect without a restart.",
     ),
     Bucket(
         "ledger",

@@ -133,7 +133,7 @@ async def test_malformed_and_unknown_version_tasks_are_dead_lettered_and_rejecte
         )
         # 2. a schema violation, properly signed
         bad = json.dumps({"type": "task.submitted", "tenant": "acme", "task_id": "bad-schema"}).encode()
-        token = c.signer.token(tenant="acme", msg_type="task.submitted", body=bad)
+        token = c.signer.token(tenant="acme", msg_type="task.submitted", body=bad, msg_id="bad-schema")
         await c.nc.jetstream().publish(
             "task.v1.acme.bad-schema.submitted", bad, headers={env.IDENTITY: token, env.MSG_ID: "bad-schema"}
         )

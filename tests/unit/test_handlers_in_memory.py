@@ -31,7 +31,7 @@ def _mesh(keys, service: str) -> Mesh:
 def _headers(signer: Signer, model, body: bytes | None = None) -> dict[str, str]:
     body = body or model.to_bytes()
     return {
-        env.IDENTITY: signer.token(tenant=model.tenant, msg_type=model.type, body=body),
+        env.IDENTITY: signer.token(tenant=model.tenant, msg_type=model.type, body=body, msg_id="m-1"),
         env.MSG_ID: "m-1",
         env.SCHEMA: model.schema_id(),
     }

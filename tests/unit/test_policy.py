@@ -55,7 +55,7 @@ def test_only_the_budget_service_answers_requests():
 
 def test_only_the_budget_watches_whole_streams_and_only_with_ephemeral_consumers():
     watchers = {name for name, p in POLICY.items() if any(s.startswith("$JS.API.CONSUMER.CREATE") for s in p.pub)}
-    assert watchers == {"budget", "tool-executor", "approver"}
+    assert watchers == {*SERVICES, "approver"}, "every service follows the published trust bundle"
     for name in watchers:
         creates = [s for s in POLICY[name].pub if s.startswith("$JS.API.CONSUMER.CREATE")]
         assert creates and all(s.count(".") == 4 for s in creates), creates
@@ -66,4 +66,7 @@ def test_only_the_budget_watches_whole_streams_and_only_with_ephemeral_consumers
     assert sorted(creates["tool-executor"]) == [
         "$JS.API.CONSUMER.CREATE.KV_approvals",
         "$JS.API.CONSUMER.CREATE.KV_notes",
+        "$JS.API.CONSUMER.CREATE.KV_trust",
     ]
+    for name in set(SERVICES) - {"budget", "tool-executor"}:
+        assert creates[name] == ["$JS.API.CONSUMER.CREATE.KV_trust"], name

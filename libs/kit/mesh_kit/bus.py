@@ -20,9 +20,11 @@ import time
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import nats
+from cryptography.hazmat.primitives import serialization
 from faststream.middlewares import AckPolicy
 from faststream.nats import JStream, NatsBroker, NatsMessage, PullSub
 from faststream.nats.opentelemetry import NatsTelemetryMiddleware
@@ -30,6 +32,7 @@ from faststream.security import BaseSecurity
 from nats.aio.msg import Msg
 from nats.errors import NotJSMessageError
 from nats.js.api import PubAck
+from nats.js.errors import KeyNotFoundError
 
 from mesh_contracts import Contract, ContractError, parse_message, split_subject
 from mesh_contracts import topology as topo
@@ -40,7 +43,7 @@ from mesh_kit import envelope as env
 from mesh_kit import faults
 from mesh_kit import telemetry as tel
 from mesh_kit.guard import Guard
-from mesh_kit.identity import IdentityError, Principal, Signer, TrustBundle, Verifier
+from mesh_kit.identity import IdentityError, Principal, Signer, TrustBundle, Verifier, load_private_key
 from mesh_kit.settings import BROKER_UNAVAILABLE, ServiceSettings
 
 log = logging.getLogger("mesh.bus")
@@ -138,6 +141,7 @@ class Mesh:
         self.settings = settings
         self.service = settings.service
         self.telemetry = telemetry or tel.setup(settings.service)
+        self._key_file_state = _file_state(settings.signing_key_file) if signer is None else None
         self.signer = signer or Signer.from_file(settings.service, settings.signing_key_file, settings.token_ttl_s)
         self.verifier = verifier or Verifier(TrustBundle.from_file(settings.trust_bundle_file))
         self.stats = Stats()
@@ -167,6 +171,7 @@ class Mesh:
         self.guard: Guard | None = None
         self._on_start: list[Callable[[], Awaitable[None]]] = []
         self._on_stop: list[Callable[[], Awaitable[None]]] = []
+        self._identity_tasks: list[asyncio.Task[None]] = []
 
     @property
     def meter(self) -> Any:
@@ -199,6 +204,7 @@ class Mesh:
 
     async def start(self) -> None:
         await self.broker.connect()
+        await self._follow_identity()
         for hook in self._on_start:
             await hook()
         await self.broker.start()
@@ -207,9 +213,92 @@ class Mesh:
     async def stop(self) -> None:
         """Stop fetching, let in-flight handlers finish (graceful timeout), then drain."""
         self._started = False
+        for task in self._identity_tasks:
+            task.cancel()
         await self.broker.stop()
         for hook in self._on_stop:
             await hook()
+
+    # --- identity that changes while running (rotation, revocation) -----------------------------
+
+    async def _follow_identity(self) -> None:
+        """Keep the trust bundle and this service's signing key current without a restart: the
+        operator publishes each new bundle, signed, in KV ``trust`` (accepted only if the current
+        bundle's operator signed it and it is newer); a rotated signing key is picked up from its
+        file once the bundle trusts it. NATS credentials need nothing here: the client reads its
+        creds file on every reconnect, and revoking the old user makes it reconnect."""
+        kv = entry = None
+        try:
+            kv = await self.kv(topo.TRUST_BUCKET)
+            entry = await kv.get(topo.TRUST_KEY)
+        except KeyNotFoundError:
+            log.debug("no trust bundle published yet: the file's bundle stands")
+        except Exception as exc:  # noqa: BLE001 - no bucket (older provisioning) or no permission
+            log.warning("cannot follow published trust bundles (%s): the file's bundle stands", exc)
+        if entry is not None and entry.value:
+            self._accept_bundle(entry.value)
+        if kv is not None:
+            self._identity_tasks.append(asyncio.create_task(self._watch_trust(kv)))
+        if self._key_file_state is not None:
+            self._identity_tasks.append(asyncio.create_task(self._watch_key()))
+
+    def _accept_bundle(self, document: bytes) -> bool:
+        try:
+            new = self.verifier.bundle.accept(document, self.verifier.leeway_s)
+        except IdentityError as exc:
+            if "not newer" not in str(exc):
+                self.count(tel.M_TRUST_REFUSED)
+                log.error("refused a published trust bundle: %s", exc)
+            return False
+        self.verifier.bundle = new
+        self.count(tel.M_TRUST_UPDATED)
+        log.info("trust bundle revision %d in force", new.revision)
+        self._reload_key()
+        return True
+
+    async def _watch_trust(self, kv: Any) -> None:
+        while True:
+            try:
+                watcher = await kv.watch(topo.TRUST_KEY)
+                async for entry in watcher:
+                    if entry is not None and entry.value and entry.operation not in ("DEL", "PURGE"):
+                        self._accept_bundle(entry.value)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the broker went away (or a reconnect): watch again
+                log.debug("trust watch interrupted (%s); watching again", exc)
+                await asyncio.sleep(1.0)
+
+    async def _watch_key(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.identity_refresh_s)
+            self._reload_key()
+
+    def _reload_key(self) -> None:
+        """Sign with the key in the signing-key file once it changed *and* the bundle trusts it (a
+        key written before its bundle is published waits; the old key keeps signing meanwhile)."""
+        if self._key_file_state is None:
+            return
+        state = _file_state(self.settings.signing_key_file)
+        if state == self._key_file_state or state is None:
+            return
+        try:
+            key = load_private_key(self.settings.signing_key_file)
+        except (OSError, ValueError, IdentityError) as exc:
+            log.warning("signing key file unreadable (%s); still signing with the current key", exc)
+            return
+        principal = self.verifier.bundle.principals.get(self.service)
+        public = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        trusted = principal is not None and any(
+            k.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw) == public
+            for k in principal.active()
+        )
+        if not trusted:
+            return  # not in the bundle yet: keep the old key until it is
+        self.signer = Signer(self.service, key, self.settings.token_ttl_s)
+        self._key_file_state = state
+        self.count(tel.M_KEY_ROTATED)
+        log.info("signing with the rotated key")
 
     @property
     def nc(self) -> nats.NATS:
@@ -560,3 +649,12 @@ class Mesh:
     async def kv(self, bucket: str) -> Any:
         """Bind a provisioned KV bucket (never creates it)."""
         return await self.nc.jetstream().key_value(bucket)
+
+
+def _file_state(path: Path) -> tuple[int, int] | None:
+    """(inode, mtime) of a file: a rotation replaces the file, which changes both."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns

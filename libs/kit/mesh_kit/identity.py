@@ -44,6 +44,15 @@ class IdentityError(Exception):
 
 
 @dataclass(frozen=True)
+class Key:
+    """One signing key of a principal. A retired key (rotated out) still verifies messages the
+    broker stored before it was retired (a backlog, a dead letter re-driven later), never after."""
+
+    public_key: Ed25519PublicKey
+    retired_at: float | None = None
+
+
+@dataclass(frozen=True)
 class Principal:
     """An entry of the trust bundle: who a key belongs to."""
 
@@ -51,6 +60,17 @@ class Principal:
     role: str  # a service name, "client" or "approver"
     tenant: str | None  # set for tenant clients: they may speak only for that tenant
     public_key: Ed25519PublicKey
+    """The newest key (what the principal signs with once a rotation has finished)."""
+    keys: tuple[Key, ...] = ()
+    """Every key that verifies, active and retired (empty: ``public_key`` alone)."""
+
+    def keys_at(self, at: float, leeway_s: float = CLOCK_LEEWAY_S) -> list[Ed25519PublicKey]:
+        """The keys that verify a message stored at ``at``."""
+        keys = self.keys or (Key(self.public_key),)
+        return [k.public_key for k in keys if k.retired_at is None or at <= k.retired_at + leeway_s]
+
+    def active(self) -> list[Ed25519PublicKey]:
+        return [k.public_key for k in (self.keys or (Key(self.public_key),)) if k.retired_at is None]
 
 
 def principal_name(role: str, tenant: str | None = None) -> str:
@@ -94,6 +114,18 @@ class Signer:
     def from_file(cls, principal: str, path: str | Path, ttl_s: float = DEFAULT_TTL_S) -> Signer:
         return cls(principal, load_private_key(path), ttl_s)
 
+    def statement(
+        self, kind: str, claims: dict[str, Any], now: float | None = None, ttl_s: float = REDRIVE_TTL_S
+    ) -> str:
+        """A signed operator statement of ``kind`` (``typ``) with ``claims``."""
+        now = time.time() if now is None else now
+        body = {"iss": self.principal, "typ": kind, **claims, "iat": int(now), "exp": int(now + ttl_s)}
+        return jwt.encode(body, self._key, algorithm=ALGORITHM, headers={"kid": self.principal})
+
+    @property
+    def public_key(self) -> Ed25519PublicKey:
+        return self._key.public_key()
+
     def redrive(
         self, *, subject: str, body: bytes, dlq_seq: int, original_stored_at: float, original_msg_id: str,
         msg_id: str, now: float | None = None,
@@ -129,30 +161,44 @@ class Signer:
         return jwt.encode(claims, self._key, algorithm=ALGORITHM, headers={"kid": self.principal})
 
 
+def _raw(key: Ed25519PublicKey) -> bytes:
+    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def _load_public(name: str, pem: str) -> Ed25519PublicKey:
+    key = serialization.load_pem_public_key(pem.encode())
+    if not isinstance(key, Ed25519PublicKey):
+        raise IdentityError(f"trust bundle: {name} does not hold an Ed25519 key")
+    return key
+
+
 class TrustBundle:
     """Public keys of every principal, with their role and tenant, and each tenant's auditor
-    sealing key (X25519: what is sealed to it only the tenant's auditor can open)."""
+    sealing key (X25519: what is sealed to it only the tenant's auditor can open). ``revision``
+    grows with every change an operator publishes (rotation, revocation)."""
 
-    def __init__(self, principals: dict[str, Principal], auditors: dict[str, bytes] | None = None) -> None:
+    def __init__(
+        self, principals: dict[str, Principal], auditors: dict[str, bytes] | None = None, revision: int = 0
+    ) -> None:
         self.principals = principals
         self.auditors = auditors or {}
+        self.revision = revision
 
     @classmethod
     def from_json(cls, data: str | bytes) -> TrustBundle:
         raw = json.loads(data)
         out = {}
         for name, entry in raw["principals"].items():
-            key = serialization.load_pem_public_key(entry["public_key"].encode())
-            if not isinstance(key, Ed25519PublicKey):
-                raise IdentityError(f"trust bundle: {name} does not hold an Ed25519 key")
-            out[name] = Principal(name, entry["role"], entry.get("tenant"), key)
+            key = _load_public(name, entry["public_key"])
+            keys = tuple(Key(_load_public(name, k["public_key"]), k.get("retired_at")) for k in entry.get("keys") or ())
+            out[name] = Principal(name, entry["role"], entry.get("tenant"), key, keys)
         auditors = {}
         for tenant, b64 in (raw.get("auditors") or {}).items():
             key_bytes = base64.b64decode(b64)
             if len(key_bytes) != 32:
                 raise IdentityError(f"trust bundle: auditor key of {tenant} is not a 32-byte X25519 key")
             auditors[tenant] = key_bytes
-        return cls(out, auditors)
+        return cls(out, auditors, int(raw.get("revision", 0)))
 
     @classmethod
     def from_file(cls, path: str | Path) -> TrustBundle:
@@ -163,17 +209,51 @@ class TrustBundle:
         entries: dict[str, tuple[str, str | None, Ed25519PublicKey]], auditors: dict[str, bytes] | None = None
     ) -> str:
         """Serialise ``name -> (role, tenant, public key)`` and ``tenant -> auditor X25519 public key``."""
+        principals = {name: Principal(name, role, tenant, pub) for name, (role, tenant, pub) in entries.items()}
+        return TrustBundle(principals, auditors).dump()
+
+    def dump(self) -> str:
+        def entry(p: Principal) -> dict[str, Any]:
+            out: dict[str, Any] = {"role": p.role, "tenant": p.tenant, "public_key": public_pem(p.public_key)}
+            if p.keys:
+                out["keys"] = [{"public_key": public_pem(k.public_key), "retired_at": k.retired_at} for k in p.keys]
+            return out
+
         return json.dumps(
             {
                 "version": 1,
-                "principals": {
-                    name: {"role": role, "tenant": tenant, "public_key": public_pem(pub)}
-                    for name, (role, tenant, pub) in sorted(entries.items())
-                },
-                "auditors": {t: base64.b64encode(k).decode() for t, k in sorted((auditors or {}).items())},
+                "revision": self.revision,
+                "principals": {name: entry(p) for name, p in sorted(self.principals.items())},
+                "auditors": {t: base64.b64encode(k).decode() for t, k in sorted(self.auditors.items())},
             },
             indent=2,
         )
+
+    def signed(self, operator: Signer) -> bytes:
+        """This bundle as an operator publishes it (the ``trust`` bucket): the bundle and a token
+        over its digest and revision, signed by an operator."""
+        body = self.dump().encode()
+        return json.dumps({"bundle": body.decode(), "token": operator.statement("trust-bundle", {
+            "dig": body_digest(body), "rev": self.revision})}).encode()  # fmt: skip
+
+    def accept(self, document: bytes, leeway_s: float = CLOCK_LEEWAY_S) -> TrustBundle:
+        """The bundle in ``document`` if one of *this* bundle's operators signed it (with a key
+        still active) and it is newer than this one; ``IdentityError`` otherwise. Trust is a
+        chain: each published bundle is vouched for by the one before it."""
+        try:
+            doc = json.loads(document)
+            body, token = doc["bundle"].encode(), doc["token"]
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise IdentityError(f"trust bundle document unreadable: {exc}") from None
+        principal, claims = Verifier(self, leeway_s)._decode(token, ["iss", "typ", "dig", "rev", "iat"], "bundle token")
+        if principal.role not in OPERATOR_ROLES:
+            raise IdentityError(f"{principal.name} may not publish trust bundles (operators only)")
+        if claims["typ"] != "trust-bundle" or claims["dig"] != body_digest(body):
+            raise IdentityError("bundle token does not cover this bundle")
+        new = TrustBundle.from_json(body)
+        if new.revision != claims["rev"] or new.revision <= self.revision:
+            raise IdentityError(f"trust bundle revision {new.revision} is not newer than {self.revision}")
+        return new
 
 
 @dataclass(frozen=True)
@@ -196,8 +276,12 @@ class Verifier:
         self.leeway_s = leeway_s
         self.max_lifetime_s = max_lifetime_s
 
-    def _decode(self, token: str, require: list[str], what: str = "identity token") -> tuple[Principal, dict[str, Any]]:
-        """The token's principal (by ``kid``, from the bundle) and its claims, the signature checked."""
+    def _decode(
+        self, token: str, require: list[str], what: str = "identity token", at: float | None = None
+    ) -> tuple[Principal, dict[str, Any]]:
+        """The token's principal (by ``kid``, from the bundle) and its claims, the signature checked
+        against the principal's keys that were valid at ``at`` (now by default): during a rotation
+        the old key and the new one; afterwards the retired key only for what was stored before."""
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError as exc:
@@ -206,17 +290,24 @@ class Verifier:
         principal = self.bundle.principals.get(name) if isinstance(name, str) else None
         if principal is None:
             raise IdentityError(f"{what} from unknown principal {name!r}")
-        try:
-            claims: dict[str, Any] = jwt.decode(
-                token,
-                principal.public_key,
-                algorithms=[ALGORITHM],
-                options={"verify_exp": False, "verify_iat": False, "require": require},
-            )
-        except jwt.InvalidSignatureError:
-            raise IdentityError(f"{what} signature invalid for {name} (forged?)") from None
-        except jwt.PyJWTError as exc:
-            raise IdentityError(f"{what} invalid: {exc}") from None
+        keys = principal.keys_at(time.time() if at is None else at, self.leeway_s)
+        claims: dict[str, Any] | None = None
+        for key in keys:
+            try:
+                claims = jwt.decode(
+                    token,
+                    key,
+                    algorithms=[ALGORITHM],
+                    options={"verify_exp": False, "verify_iat": False, "require": require},
+                )
+                break
+            except jwt.InvalidSignatureError:
+                continue
+            except jwt.PyJWTError as exc:
+                raise IdentityError(f"{what} invalid: {exc}") from None
+        if claims is None:
+            why = "forged, or signed with a retired key" if len(keys) < len(principal.keys) else "forged?"
+            raise IdentityError(f"{what} signature invalid for {name} ({why})")
         if claims["iss"] != name:
             raise IdentityError(f"{what} issuer {claims['iss']!r} does not match key id {name!r}")
         return principal, claims
@@ -231,7 +322,7 @@ class Verifier:
         if not statement:
             raise IdentityError("re-drive headers without an operator's signed re-drive statement (forged re-drive?)")
         principal, claims = self._decode(
-            statement, ["iss", "typ", "sub", "dig", "at", "omid", "mid", "iat", "exp"], "re-drive statement"
+            statement, ["iss", "typ", "sub", "dig", "at", "omid", "mid", "iat", "exp"], "re-drive statement", at
         )
         if principal.role not in OPERATOR_ROLES:
             raise IdentityError(f"{principal.name} may not re-drive messages (operators only)")
@@ -254,7 +345,7 @@ class Verifier:
         """
         if not token:
             raise IdentityError("identity token missing")
-        principal, claims = self._decode(token, ["iss", "ten", "typ", "dig", "iat", "exp"])
+        principal, claims = self._decode(token, ["iss", "ten", "typ", "dig", "iat", "exp"], at=at)
         name = principal.name
         at = time.time() if at is None else at
         if claims["exp"] < at - self.leeway_s:

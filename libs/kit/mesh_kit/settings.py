@@ -54,6 +54,9 @@ class ServiceSettings(BaseSettings):
     to this long before the failure costs the message one of its ``max_deliver`` attempts."""
     retry_delays_s: tuple[float, ...] = topo.RETRY_DELAYS_S
     """NAK delay after each failed attempt (JSON list in the environment)."""
+    identity_refresh_s: float = Field(1.0, gt=0)
+    """How often the service looks for a rotated signing key in its key file (it switches once the
+    published trust bundle trusts the new key)."""
     log_level: str = "INFO"
     data_dir: Path | None = None
     """Service-specific data (e.g. the RAG service's sample documents)."""

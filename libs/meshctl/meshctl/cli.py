@@ -14,6 +14,7 @@ import re
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn, TextIO
 
@@ -22,6 +23,7 @@ import nats
 from nats.js.kv import KeyValue
 from pydantic import ValidationError
 
+from mesh_contracts import SERVICES
 from mesh_contracts.base import ID_PATTERN
 from mesh_contracts.v1 import (
     DOCUMENT_TYPES,
@@ -581,6 +583,46 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return asyncio.run(run())
 
 
+def cmd_rotate(args: argparse.Namespace) -> int:
+    from meshctl.rotation import RotationError, rotate
+
+    if bool(args.principal) == args.all:
+        args.usage("name one principal, or --all for the six services")
+    ids = Identities(_home(args))
+    state = _running(ids.home)
+    principals = list(SERVICES) if args.all else [args.principal]
+
+    async def run() -> int:
+        try:
+            report = await rotate(ids, principals, nats_servers(_nats_url(args, ids.home)), grace_s=args.grace,
+                                  reload=lambda: local.reload_nats(state.nats))  # fmt: skip
+        except RotationError as exc:
+            raise MeshError(str(exc)) from None
+        print(json.dumps(asdict(report), indent=2) if args.json else f"done in {report.seconds:.1f}s")
+        return 0
+
+    return asyncio.run(run())
+
+
+def cmd_revoke(args: argparse.Namespace) -> int:
+    from meshctl.rotation import RotationError, revoke
+
+    ids = Identities(_home(args))
+    state = _running(ids.home)
+
+    async def run() -> int:
+        try:
+            bundle = await revoke(ids, args.principal, nats_servers(_nats_url(args, ids.home)),
+                                  reload=lambda: local.reload_nats(state.nats))  # fmt: skip
+        except RotationError as exc:
+            raise MeshError(str(exc)) from None
+        print(f"revoked {args.principal}: its NATS user is refused and nothing it signs is believed "
+              f"(trust bundle revision {bundle.revision})")  # fmt: skip
+        return 0
+
+    return asyncio.run(run())
+
+
 def cmd_dlq(args: argparse.Namespace) -> int:
     from meshctl.dlq import DeadLetterError, entries, entry, redrive
 
@@ -930,6 +972,20 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--json", action="store_true")
     a.add_argument("--nats-url", default=None)
     s.set_defaults(fn=cmd_audit)
+
+    s = sub.add_parser("rotate", help="new NATS credentials and signing keys for a principal, without downtime")
+    s.add_argument("principal", nargs="?", default="", help="e.g. worker, client.acme, approver")
+    s.add_argument("--all", action="store_true", help="every service")
+    s.add_argument("--grace", type=_positive, default=30.0,
+                   help="seconds old and new credentials both work before the old are revoked (default 30)")  # fmt: skip
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--nats-url", default=None)
+    s.set_defaults(fn=cmd_rotate)
+
+    s = sub.add_parser("revoke", help="take a principal out of the mesh now (its NATS user and its signing keys)")
+    s.add_argument("principal", help="e.g. client.acme")
+    s.add_argument("--nats-url", default=None)
+    s.set_defaults(fn=cmd_revoke)
 
     s = sub.add_parser("dlq", help="inspect the dead-letter stream")
     dsub = s.add_subparsers(dest="action", required=True, parser_class=_Parser)

@@ -85,6 +85,7 @@ class TenantClient:
         self.principal = f"client.{tenant}"
         self.creds = creds
         self.signer = Signer.from_file(self.principal, signing_key)
+        self.trust_bundle = trust_bundle
         self.verifier = Verifier(TrustBundle.from_file(trust_bundle))
         self.nc: nats.NATS | None = None
         self._reconnected = asyncio.Event()  # replaced on every reconnect: waiters see each one
@@ -210,9 +211,19 @@ class TenantClient:
         return seen
 
     def _believe(self, subject: str, data: bytes, headers: dict[str, str] | None) -> Contract:
-        """Parse a message and verify its sender's token; raises ContractError / IdentityError."""
+        """Parse a message and verify its sender's token; raises ContractError / IdentityError.
+        A token the client's bundle cannot verify sends it back to the trust-bundle file once: a
+        rotation (``meshctl rotate``) has published newer keys there."""
         model = parse_message(subject, data)
-        self.verifier.verify((headers or {}).get(env.IDENTITY), data, model)
+        token = (headers or {}).get(env.IDENTITY)
+        try:
+            self.verifier.verify(token, data, model)
+        except IdentityError:
+            newer = TrustBundle.from_file(self.trust_bundle)
+            if newer.revision <= self.verifier.bundle.revision:
+                raise
+            self.verifier.bundle = newer
+            self.verifier.verify(token, data, model)
         return model
 
     async def _stored_outcome(self, task_id: str) -> tuple[str, bytes, dict[str, str] | None] | None:

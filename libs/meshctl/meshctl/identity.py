@@ -30,7 +30,7 @@ import nkeys
 from nacl.public import PrivateKey
 
 from mesh_kit import ServiceSettings
-from mesh_kit.identity import TrustBundle, new_signing_key, private_pem
+from mesh_kit.identity import Principal, TrustBundle, new_signing_key, private_pem
 from meshctl.policy import Permissions, policy
 
 ACCOUNT = "MESH"
@@ -77,6 +77,35 @@ def _load_or_new_auditor(path: Path) -> PrivateKey:
     key = PrivateKey.generate()
     _write_secret(path, base64.b64encode(bytes(key)).decode())
     return key
+
+
+def user_of(creds: Path) -> nkeys.KeyPair:
+    """The NATS user key pair in a ``.creds`` file."""
+    text = creds.read_text()
+    seed = text.split("-----BEGIN USER NKEY SEED-----", 1)[1].split("------END USER NKEY SEED------", 1)[0]
+    return nkeys.from_seed(bytearray(seed.strip().encode()))
+
+
+def _claims(token: str) -> dict[str, Any]:
+    payload = token.split(".")[1]
+    return json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+
+
+def _nats_claims(creds: Path) -> tuple[Any, ...]:
+    """What a creds file's user JWT allows (publish, subscribe, responses)."""
+    token = creds.read_text().split("-----BEGIN NATS USER JWT-----\n", 1)[1].split("\n", 1)[0]
+    nats = _claims(token)["nats"]
+    return (nats["pub"].get("allow"), nats["sub"].get("allow"), nats.get("resp"), _claims(token).get("exp"))
+
+
+def _wanted(perms: Permissions) -> tuple[Any, ...]:
+    return (perms.pub, perms.sub, {"max": 1, "ttl": 0} if perms.allow_responses else None, None)
+
+
+def _raw(key: Any) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
 def user_jwt(
@@ -167,12 +196,40 @@ class Identities:
             **overrides,
         )
 
+    def user_of(self, principal: str) -> nkeys.KeyPair:
+        """The NATS user key pair in a principal's ``.creds`` file."""
+        return user_of(self.creds(principal))
+
+    def revocations(self) -> dict[str, int]:
+        """The account JWT's revocations (user public key -> revoked-before time)."""
+        path = self.secrets / "preload.json"
+        if not path.exists():
+            return {}
+        account = json.loads((self.secrets / "account.json").read_text())["id"]
+        return dict(_claims(json.loads(path.read_text())[account])["nats"].get("revocations") or {})
+
+    def revoke_users(self, users: dict[str, int]) -> None:
+        """Add ``user public key -> time`` to the account JWT's revocations (every JWT of that user
+        issued at or before the time stops working) and rewrite the resolver preload."""
+        op = nkeys.from_seed(bytearray((self.secrets / "operator.nk").read_bytes().strip()))
+        preload = json.loads((self.secrets / "preload.json").read_text())
+        account = json.loads((self.secrets / "account.json").read_text())["id"]
+        claims = _claims(preload[account])
+        for k in ("jti", "iat", "iss"):
+            claims.pop(k, None)
+        claims["nats"].setdefault("revocations", {}).update(users)
+        preload[account] = encode_jwt(claims, op)
+        _write_secret(self.secrets / "preload.json", json.dumps(preload))
+
     def mint(self, tenants: list[str], *, user_ttl_s: int | None = None) -> dict[str, str]:
         """Create (or extend) every identity; returns the resolver preload (account pub -> JWT).
 
-        Existing operator/account keys are reused, so re-running adds tenants without
-        invalidating credentials already handed out.
+        Existing operator/account keys are reused, and so are existing users and signing keys:
+        re-running adds tenants without issuing a second valid credential for anyone. A user
+        whose permissions changed gets a fresh JWT for the same key, and its older JWTs are
+        revoked; the account's revocations and the bundle's key history (rotations) are kept.
         """
+        revoked = self.revocations()
         self.secrets.mkdir(parents=True, exist_ok=True, mode=0o700)
         op = _load_or_new(self.secrets / "operator.nk", nkeys.PREFIX_BYTE_OPERATOR)
         sys_acc = _load_or_new(self.secrets / "account-SYS.nk", nkeys.PREFIX_BYTE_ACCOUNT)
@@ -214,6 +271,7 @@ class Identities:
                         "signing_keys": [signing.public_key.decode()],
                         "limits": {**base_limits, "mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1},
                         "default_permissions": {"pub": {}, "sub": {}},
+                        **({"revocations": revoked} if revoked else {}),
                     },
                 },
                 op,
@@ -225,10 +283,20 @@ class Identities:
 
         tenants = sorted(set(self.tenants()) | set(tenants))
         self.tenants_file.write_text(json.dumps(tenants))
-        bundle_entries = {}
+        existing = TrustBundle.from_file(self.trust_bundle) if self.trust_bundle.exists() else None
+        principals: dict[str, Principal] = {}
+        reissued: dict[str, int] = {}
         for name, perms in policy(tenants).items():
-            user = new_keypair(nkeys.PREFIX_BYTE_USER)
-            _write_secret(self.creds(name), creds_text(user_jwt(acc, signing, user, perms, user_ttl_s), user))
+            creds = self.creds(name)
+            if creds.exists() and user_ttl_s is None and _nats_claims(creds) == _wanted(perms):
+                pass  # the same user with the same permissions: nothing to issue
+            elif creds.exists():
+                user = user_of(creds)  # the same user, new permissions: a fresh JWT, the old ones revoked
+                reissued[user.public_key.decode()] = int(time.time()) - 1
+                _write_secret(creds, creds_text(user_jwt(acc, signing, user, perms, user_ttl_s), user))
+            else:
+                user = new_keypair(nkeys.PREFIX_BYTE_USER)
+                _write_secret(creds, creds_text(user_jwt(acc, signing, user, perms, user_ttl_s), user))
             # admin provisions and signs operator statements (re-drives), never mesh messages: its
             # role is a producer of no contract
             key_path = self.signing_key(name)
@@ -239,11 +307,20 @@ class Identities:
             else:
                 key = new_signing_key()
                 _write_secret(key_path, private_pem(key))
-            bundle_entries[name] = (perms.role, perms.tenant, key.public_key())
+            prev = existing.principals.get(name) if existing else None
+            same = prev is not None and _raw(prev.public_key) == _raw(key.public_key())
+            principals[name] = prev if same and prev is not None else Principal(name, perms.role, perms.tenant,
+                                                                                key.public_key())  # fmt: skip
+        if reissued:
+            time.sleep(1.0)  # the revocation must not reach the fresh JWTs issued in the same second
+            self.revoke_users(reissued)
         if not self.audit_key.exists():
             _write_secret(self.audit_key, os.urandom(32).hex())
         auditors = {t: bytes(_load_or_new_auditor(self.auditor_key(t)).public_key) for t in tenants}
-        self.trust_bundle.write_text(TrustBundle.to_json(bundle_entries, auditors))
+        bundle = TrustBundle(principals, auditors, existing.revision if existing else 0)
+        if existing is not None and bundle.dump() != existing.dump():
+            bundle.revision += 1
+        self.trust_bundle.write_text(bundle.dump())
         return preload
 
     def server_config(

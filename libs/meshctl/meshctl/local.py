@@ -28,6 +28,7 @@ import httpx
 import nats
 
 from mesh_contracts import SERVICES
+from mesh_kit.identity import TrustBundle
 from mesh_kit.settings import log_nats_error, nats_servers
 from meshctl.identity import Identities
 from meshctl.provision import provision
@@ -350,6 +351,20 @@ async def provision_as_admin(
         await provision(nc, replicas=replicas, **({"ack_wait_s": ack_wait_s} if ack_wait_s else {}))
     finally:
         await nc.close()
+    if ids.signing_key("admin").exists():
+        from meshctl.rotation import publish_bundle
+
+        await publish_bundle(ids, TrustBundle.from_file(ids.trust_bundle), nats_servers(nats_url), only_if_newer=True)
+
+
+def reload_nats(nodes: Sequence[Proc]) -> int:
+    """Make every running node re-read its config (SIGHUP): new account JWTs (revocations)."""
+    done = 0
+    for proc in nodes:
+        if proc.alive():
+            os.kill(proc.pid, signal.SIGHUP)
+            done += 1
+    return done
 
 
 def start_services(
