@@ -158,6 +158,7 @@ class Mesh:
             security=security,
             inbox_prefix=settings.inbox_prefix,
             error_cb=self._on_error,
+            closed_cb=self._on_closed,
             graceful_timeout=settings.graceful_timeout_s,
             middlewares=(
                 NatsTelemetryMiddleware(
@@ -172,6 +173,10 @@ class Mesh:
         self._on_start: list[Callable[[], Awaitable[None]]] = []
         self._on_stop: list[Callable[[], Awaitable[None]]] = []
         self._identity_tasks: list[asyncio.Task[None]] = []
+        self._creds_file_state = _file_state(settings.creds_file) if settings.creds_file else None
+        self.lost = asyncio.Event()
+        """Set when the server closed the connection for good (the client does not reconnect after
+        an error such as a revoked user): the process should exit so a supervisor restarts it."""
 
     @property
     def meter(self) -> Any:
@@ -273,6 +278,26 @@ class Mesh:
         while True:
             await asyncio.sleep(self.settings.identity_refresh_s)
             self._reload_key()
+            await self._reload_creds()
+
+    async def _reload_creds(self) -> None:
+        """Reconnect as the new NATS user as soon as a rotation replaced the creds file (the client
+        reads the file on every connect), before the old user is revoked: a revoked connection is
+        closed by the server for good, a reconnect on our own initiative costs nothing."""
+        if self._creds_file_state is None or self.settings.creds_file is None:
+            return
+        state = _file_state(self.settings.creds_file)
+        if state is None or state == self._creds_file_state:
+            return
+        self._creds_file_state = state
+        try:
+            await self.nc.force_reconnect()
+        except (AttributeError, nats.errors.Error) as exc:
+            log.warning("could not reconnect with the rotated credentials yet (%s)", exc)
+            self._creds_file_state = None
+            return
+        self.count(tel.M_CREDS_ROTATED)
+        log.info("reconnected with the rotated NATS credentials")
 
     def _reload_key(self) -> None:
         """Sign with the key in the signing-key file once it changed *and* the bundle trusts it (a
@@ -305,6 +330,8 @@ class Mesh:
         return self.broker.connection
 
     def ready(self) -> tuple[bool, str]:
+        if self.lost.is_set():
+            return False, "connection to NATS closed by the server"
         if not self._started:
             return False, "not started"
         if self.stats.permission_errors:
@@ -318,6 +345,13 @@ class Mesh:
         except (AttributeError, TypeError):  # broker not connected yet
             connected = False
         return (True, "ok") if connected else (False, "not connected to NATS")
+
+    async def _on_closed(self) -> None:
+        if self._started:
+            self.count(tel.M_CONNECTION_LOST)
+            log.error("NATS closed the connection for good (%s): exiting so a supervisor restarts the service",
+                      getattr(self.nc, "last_error", None) or "no reason given")  # fmt: skip
+            self.lost.set()
 
     async def _on_error(self, err: Exception) -> None:
         text = str(err)

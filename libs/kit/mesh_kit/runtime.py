@@ -67,7 +67,10 @@ async def serve(settings: ServiceSettings, build: Build, *, stop: asyncio.Event 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     log.info("%s ready (nats %s, health port %s)", settings.service, settings.nats_url, settings.health_port or "off")
-    await stop.wait()
+    stopped, lost = asyncio.create_task(stop.wait()), asyncio.create_task(mesh.lost.wait())
+    await asyncio.wait((stopped, lost), return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    lost.cancel()
     log.info("draining: finishing in-flight handlers (up to %.0fs)", settings.graceful_timeout_s)
     await mesh.stop()
     if health:
@@ -75,3 +78,5 @@ async def serve(settings: ServiceSettings, build: Build, *, stop: asyncio.Event 
     mesh.telemetry.tracer_provider.shutdown()
     mesh.telemetry.meter_provider.shutdown()
     log.info("stopped")
+    if mesh.lost.is_set():
+        raise SystemExit(3)  # the connection is gone for good: a supervisor restarts the service
