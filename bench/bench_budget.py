@@ -67,10 +67,10 @@ def ms(values: list[float]) -> str:
     return f"p50 {statistics.median(values) * 1000:.2f} ms p99 {pct(values, 0.99) * 1000:.2f} ms"
 
 
-async def raw_request_reply(url: str, creds: str, n: int) -> list[float]:
+async def raw_request_reply(url: str, opts: dict, n: int) -> list[float]:
     """Core request/reply with raw nats-py: one connection answers, another asks."""
-    server = await nats.connect(url, user_credentials=creds)
-    caller = await nats.connect(url, user_credentials=creds)
+    server = await nats.connect(url, **opts)
+    caller = await nats.connect(url, **opts)
 
     async def echo(msg: Any) -> None:
         await msg.respond(msg.data)
@@ -124,9 +124,9 @@ def usage_messages(n: int, tasks: list[str]) -> list[UsageRecorded]:
     ]  # fmt: skip
 
 
-async def raw_publish(url: str, creds: str, worker: Mesh, msgs: list[UsageRecorded]) -> float:
+async def raw_publish(url: str, opts: dict, worker: Mesh, msgs: list[UsageRecorded]) -> float:
     """The same bodies and signed headers, raw js.publish to a scratch stream: seconds for all acks."""
-    nc = await nats.connect(url, user_credentials=creds)
+    nc = await nats.connect(url, **opts)
     js = nc.jetstream()
     await js.add_stream(StreamConfig(name="BENCHU", subjects=["benchu.>"], storage=StorageType.FILE))
     prepared = []
@@ -257,11 +257,11 @@ async def main(n_reserve: int, n_usage: int, n_deadlock: int, n_ceiling: int) ->
     state = await local.up(home, tenants=[TENANT], nats_port=0, http_port=0, redis_port=0)
     up_s = time.perf_counter() - t0
     ids = local.Identities(home)
-    creds = str(ids.creds("admin"))
+    creds = ids.connect_options("admin")
     problems: list[str] = []
     try:
         raw = await raw_request_reply(state.nats_url, creds, 500)
-        admin = await nats.connect(state.nats_url, user_credentials=creds)
+        admin = await nats.connect(state.nats_url, **creds)
         worker = Mesh(ids.settings("worker", state.nats_url))
         await worker.broker.connect()
         try:
@@ -271,8 +271,7 @@ async def main(n_reserve: int, n_usage: int, n_deadlock: int, n_ceiling: int) ->
             pub_s, usage_s, usage_seen = await usage_accounting(worker, admin, n_usage)
             if usage_seen < n_usage:
                 problems.append(f"usage: only {usage_seen}/{n_usage} events counted after {usage_s:.1f} s")
-            p = f"client.{TENANT}"
-            async with TenantClient(state.nats_url, TENANT, ids.creds(p), ids.signing_key(p), ids.trust_bundle) as c:
+            async with TenantClient.of(ids, state.nats_url, TENANT) as c:
                 detect, found = await deadlocks(c, n_deadlock)
                 problems += found
                 limits = await ceiling_limits(c, admin)

@@ -116,8 +116,7 @@ async def ttft_through_mesh(tasks: int) -> None:
         provider, client, overhead = [], [], []
         offset = time.time() - time.monotonic()
         try:
-            p = "client.bench"
-            async with TenantClient(state.nats_url, "bench", ids.creds(p), ids.signing_key(p), ids.trust_bundle) as c:
+            async with TenantClient.of(ids, state.nats_url, "bench") as c:
                 await c.submit(GOAL, timeout=60)  # warm-up
                 for _ in range(tasks):
                     before = len(srv.requests)

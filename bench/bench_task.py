@@ -37,8 +37,8 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, round(q * (len(values) - 1)))]
 
 
-async def baseline_hop(url: str, creds: str, n: int) -> list[float]:
-    nc = await nats.connect(url, user_credentials=creds)
+async def baseline_hop(url: str, opts: dict, n: int) -> list[float]:
+    nc = await nats.connect(url, **opts)
     js = nc.jetstream()
     await js.add_stream(StreamConfig(name="BENCH", subjects=["bench.>"], storage=StorageType.FILE))
     await js.add_consumer(
@@ -76,8 +76,8 @@ async def baseline_hop(url: str, creds: str, n: int) -> list[float]:
     return out
 
 
-async def messages_per_task(url: str, creds: str, tenant: str, task_id: str) -> int:
-    nc = await nats.connect(url, user_credentials=creds)
+async def messages_per_task(url: str, opts: dict, tenant: str, task_id: str) -> int:
+    nc = await nats.connect(url, **opts)
     js = nc.jetstream()
     total = 0
     for stream in topo.STREAMS.values():
@@ -93,11 +93,10 @@ async def main(tasks: int, concurrency: int) -> None:
     state = await local.up(home, tenants=["bench"], nats_port=0, http_port=0, redis_port=0)
     up_s = time.perf_counter() - t0
     ids = local.Identities(home)
-    admin = str(ids.creds("admin"))
+    admin = ids.connect_options("admin")
     try:
         hop = await baseline_hop(state.nats_url, admin, 300)
-        p = "client.bench"
-        async with TenantClient(state.nats_url, "bench", ids.creds(p), ids.signing_key(p), ids.trust_bundle) as c:
+        async with TenantClient.of(ids, state.nats_url, "bench") as c:
             await c.submit(GOAL, timeout=60)  # warm-up
             seq = []
             for _ in range(tasks):

@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import hashlib
 import json
+import ssl
 import sys
 import time
 import uuid
@@ -26,8 +27,10 @@ async def main(goal: str, tenant: str, home: Path, nats_url: str) -> int:
     signing_key = (home / "secrets" / "keys" / f"{principal}.pem").read_bytes()
     task_id = f"t-{uuid.uuid4().hex[:12]}"
 
-    # 1. Connect as the tenant's client. Its reply inbox prefix is the only inbox it may read.
-    nc = await nats.connect(nats_url, user_credentials=str(creds), inbox_prefix=f"_INBOX_client_{tenant}")
+    # 1. Connect as the tenant's client, over TLS verified against the mesh's CA. Its reply
+    #    inbox prefix is the only inbox it may read.
+    tls = ssl.create_default_context(cafile=str(home / "tls" / "ca.pem"))
+    nc = await nats.connect(nats_url, user_credentials=str(creds), inbox_prefix=f"_INBOX_client_{tenant}", tls=tls)
 
     # 2. Follow the task before submitting: progress events and the outcome, for this task only.
     outcome = asyncio.get_running_loop().create_future()

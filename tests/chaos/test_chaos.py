@@ -246,7 +246,6 @@ async def test_a_redelivery_after_the_dedup_window_still_has_one_effect(infra):
     from mesh_contracts.v1 import ToolRequested
     from mesh_kit import envelope as env
     from mesh_kit.identity import Signer
-    from mesh_kit.settings import inbox_prefix
 
     mesh = ChaosMesh(infra, env=ENV)
     mesh.start()
@@ -260,7 +259,7 @@ async def test_a_redelivery_after_the_dedup_window_still_has_one_effect(infra):
         original = await admin.jetstream().get_last_msg("TOOL", "tool.v1.acme.late-dup.requested")  # the email
         await admin.close()
         nc = await nats.connect(  # re-sent as the worker would re-send it
-            infra.nats_url, user_credentials=str(infra.ids.creds("worker")), inbox_prefix=inbox_prefix("worker")
+            infra.nats_url, **infra.ids.connect_options("worker")
         )
         js = nc.jetstream()
         request = ToolRequested.model_validate_json(original.data)

@@ -55,7 +55,7 @@ async def identity_rejections(infra: Infra) -> list[str]:
 async def connect_as(infra: Infra, creds: str, principal: str, **kw: object) -> nats.NATS:
     return await nats.connect(
         nats_servers(infra.nats_url), user_credentials=creds, allow_reconnect=False, connect_timeout=3,
-        inbox_prefix=inbox_prefix(principal), **kw,
+        inbox_prefix=inbox_prefix(principal), tls=infra.ids.tls_context(), **kw,
     )  # fmt: skip
 
 

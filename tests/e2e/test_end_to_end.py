@@ -20,7 +20,6 @@ import pytest
 
 from mesh_contracts.v1 import TaskCompleted, TaskRejected
 from mesh_kit import envelope as env
-from mesh_kit.settings import inbox_prefix
 from meshctl.dlq import entries
 
 pytestmark = pytest.mark.e2e
@@ -168,8 +167,7 @@ async def test_one_tenant_cannot_follow_another_tenants_tasks(e2e_mesh):
     ids = e2e_mesh.infra.ids
     nc = await nats.connect(
         e2e_mesh.infra.nats_url,
-        user_credentials=str(ids.creds("client.globex")),
-        inbox_prefix=inbox_prefix("client.globex"),
+        **ids.connect_options("client.globex"),
         error_cb=on_error,
     )
     try:

@@ -21,7 +21,6 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from mesh_kit import Mesh, ServiceSettings
 from mesh_kit import telemetry as tel
-from mesh_kit.settings import inbox_prefix
 from mesh_testing.infra import Infra
 
 
@@ -42,8 +41,7 @@ async def running(mesh: Mesh) -> AsyncIterator[Mesh]:
 async def connect(infra: Infra, principal: str) -> AsyncIterator[nats.NATS]:
     nc = await nats.connect(
         infra.nats_url,
-        user_credentials=str(infra.ids.creds(principal)),
-        inbox_prefix=inbox_prefix(principal),
+        **infra.ids.connect_options(principal),
         max_reconnect_attempts=0,
         name=f"test-{principal}",
     )

@@ -100,8 +100,7 @@ class Probe:
 
         self.nc = await nats.connect(
             infra.nats_url,
-            user_credentials=str(infra.ids.creds(principal)),
-            inbox_prefix=inbox_prefix(principal),
+            **infra.ids.connect_options(principal),
             error_cb=on_error,
             max_reconnect_attempts=0,
             name=f"matrix-{principal}",
@@ -170,16 +169,14 @@ async def test_publish_and_subscribe_rights_match_the_policy_exactly(infra, prin
 async def test_a_service_can_bind_and_fetch_its_own_durable_but_not_anothers(infra):
     planner = await nats.connect(
         infra.nats_url,
-        user_credentials=str(infra.ids.creds("planner")),
-        inbox_prefix=inbox_prefix("planner"),
+        **infra.ids.connect_options("planner"),
         max_reconnect_attempts=0,
     )
     await planner.jetstream().publish("step.v1.acme.pm-fetch.requested", b"{}", headers={"Nats-Msg-Id": "pm-fetch"})
     await planner.close()
     nc = await nats.connect(
         infra.nats_url,
-        user_credentials=str(infra.ids.creds("worker")),
-        inbox_prefix=inbox_prefix("worker"),
+        **infra.ids.connect_options("worker"),
         max_reconnect_attempts=0,
     )
     try:
@@ -201,8 +198,7 @@ async def test_a_service_can_bind_and_fetch_its_own_durable_but_not_anothers(inf
 async def test_a_tenant_client_publishes_its_own_tasks_with_acknowledgement(infra):
     nc = await nats.connect(
         infra.nats_url,
-        user_credentials=str(infra.ids.creds("client.acme")),
-        inbox_prefix=inbox_prefix("client.acme"),
+        **infra.ids.connect_options("client.acme"),
         max_reconnect_attempts=0,
     )
     try:
@@ -224,10 +220,11 @@ async def test_credentials_from_another_operator_are_refused(infra, tmp_path):
     other.mint(["acme"])  # a different operator: its users are not trusted by this server
     script = (
         "import asyncio, nats, sys\n"
+        "from mesh_kit.settings import tls_context\n"
         "async def main():\n"
         "    try:\n"
         f"        await nats.connect({infra.nats_url!r}, user_credentials=sys.argv[1], allow_reconnect=False,"
-        " max_reconnect_attempts=0, connect_timeout=3)\n"
+        f" max_reconnect_attempts=0, connect_timeout=3, tls=tls_context({str(infra.ids.tls_ca)!r}))\n"
         "    except Exception as e:\n"
         "        print(type(e).__name__, e); sys.exit(3)\n"
         "asyncio.run(main())\n"

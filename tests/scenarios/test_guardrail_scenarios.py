@@ -356,7 +356,7 @@ async def setup(infra: Infra, i: int, case: Case, attacker: str, attacked: bool)
 
 async def deny_with_an_injected_comment(infra: Infra, task_id: str, deadline_s: float = 60.0) -> None:
     """The approver denies the first held call of ``task_id``, pasting outside text in the comment."""
-    approver = Approver(infra.nats_url, infra.ids.creds("approver"), infra.ids.signing_key("approver"))
+    approver = Approver.of(infra.ids, infra.nats_url)
     end = time.monotonic() + deadline_s
     async with approver as ap:
         while time.monotonic() < end:

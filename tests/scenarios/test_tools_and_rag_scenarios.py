@@ -63,7 +63,7 @@ def mesh(infra, mcp) -> Iterator[ChaosMesh]:
 
 
 def approver(infra: Infra) -> Approver:
-    return Approver(infra.nats_url, infra.ids.creds("approver"), infra.ids.signing_key("approver"))
+    return Approver.of(infra.ids, infra.nats_url)
 
 
 def plan(instruction: str, tools: list[str], kind: str = "research") -> str:

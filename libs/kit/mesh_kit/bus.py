@@ -44,7 +44,7 @@ from mesh_kit import faults
 from mesh_kit import telemetry as tel
 from mesh_kit.guard import Guard
 from mesh_kit.identity import IdentityError, Principal, Signer, TrustBundle, Verifier, load_private_key
-from mesh_kit.settings import BROKER_UNAVAILABLE, ServiceSettings
+from mesh_kit.settings import BROKER_UNAVAILABLE, ServiceSettings, tls_context
 
 log = logging.getLogger("mesh.bus")
 C = TypeVar("C", bound=Contract)
@@ -151,7 +151,9 @@ class Mesh:
         if security is None and settings.creds_file is not None:
             from faststream.nats import NatsCredentials
 
-            security = NatsCredentials.from_file(str(settings.creds_file))
+            security = NatsCredentials.from_file(
+                str(settings.creds_file), ssl_context=tls_context(settings.tls_ca_file)
+            )
         self.broker = NatsBroker(
             settings.nats_servers,
             name=settings.service,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import ssl
 from pathlib import Path
 
 import nats.errors
@@ -30,6 +31,9 @@ class ServiceSettings(BaseSettings):
     """Ed25519 private key this service signs its messages with."""
     trust_bundle_file: Path
     """Public keys of every principal."""
+    tls_ca_file: Path | None = None
+    """The CA certificate that signed the NATS servers' certificate: with it the connection is
+    TLS and the server is verified against it (``meshctl init`` mints one for a local mesh)."""
     redis_url: str = ""
     """Redis for caches and fast counters (rebuildable state only). It holds a password: prefer
     ``redis_url_file`` (a mounted secret) over the environment."""
@@ -82,6 +86,15 @@ class ServiceSettings(BaseSettings):
     def inbox_prefix(self) -> str:
         """Per-service reply inbox; the policy lets only this service subscribe to it."""
         return inbox_prefix(self.service)
+
+
+def tls_context(ca_file: Path | str | None) -> ssl.SSLContext | None:
+    """A client TLS context that trusts ``ca_file`` only (None without one: plain connections)."""
+    if not ca_file:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca_file))
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
 
 
 def inbox_prefix(principal: str) -> str:

@@ -13,14 +13,17 @@ import json
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import nats
 
 from mesh_contracts.v1 import ApprovalDecided
 from mesh_kit import envelope as env
 from mesh_kit.identity import Signer
-from mesh_kit.settings import inbox_prefix, log_nats_error, nats_servers
+from mesh_kit.settings import inbox_prefix, log_nats_error, nats_servers, tls_context
+
+if TYPE_CHECKING:
+    from meshctl.identity import Identities
 
 BUCKET = "approvals"
 
@@ -30,8 +33,10 @@ class ApprovalError(Exception):
 
 
 class Approver:
-    def __init__(self, nats_url: str, creds: Path, signing_key: Path, name: str = "approver") -> None:
-        self.nats_url, self.creds, self.name = nats_url, creds, name
+    def __init__(
+        self, nats_url: str, creds: Path, signing_key: Path, name: str = "approver", tls_ca: Path | None = None
+    ) -> None:
+        self.nats_url, self.creds, self.name, self.tls_ca = nats_url, creds, name, tls_ca
         self.signer = Signer.from_file(name, signing_key)
         self.nc: nats.NATS | None = None
         self.kv: Any = None
@@ -45,9 +50,16 @@ class Approver:
             connect_timeout=5,
             max_reconnect_attempts=2,
             error_cb=log_nats_error,
+            tls=tls_context(self.tls_ca),
         )
         self.kv = await self.nc.jetstream().key_value(BUCKET)
         return self
+
+    @classmethod
+    def of(cls, ids: Identities, nats_url: str) -> Approver:
+        """The approver identity a mesh home holds (not yet connected)."""
+        tls_ca = ids.tls_ca if ids.tls_ca.exists() else None
+        return cls(nats_url, ids.creds("approver"), ids.signing_key("approver"), tls_ca=tls_ca)
 
     async def __aexit__(self, *exc: object) -> None:
         if self.nc is not None:

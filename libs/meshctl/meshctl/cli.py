@@ -168,11 +168,11 @@ async def _admin(args: argparse.Namespace) -> nats.NATS:
         raise MeshError(f"no identities in {home} (run: meshctl init)")
     return await nats.connect(
         nats_servers(_nats_url(args, home)),
-        user_credentials=str(ids.creds("admin")),
         name="meshctl",
         connect_timeout=5,
-        error_cb=log_nats_error,
         max_reconnect_attempts=0,
+        error_cb=log_nats_error,
+        **ids.connect_options("admin"),
     )
 
 
@@ -339,9 +339,7 @@ def _tenant_client(args: argparse.Namespace) -> TenantClient:
             f"unknown tenant {args.tenant!r} (known: {', '.join(ids.tenants()) or 'none'}; "
             "add one with: meshctl init --tenants NAME)"
         )
-    return TenantClient(
-        _nats_url(args, home), args.tenant, ids.creds(principal), ids.signing_key(principal), ids.trust_bundle
-    )
+    return TenantClient.of(ids, _nats_url(args, home), args.tenant)
 
 
 def print_held(held: Sequence[HeldCall], file: TextIO = sys.stdout) -> None:
@@ -518,7 +516,7 @@ def _approver(args: argparse.Namespace):
     ids = Identities(home)
     if not ids.creds("approver").exists():
         raise MeshError(f"no approver identity in {home} (run: meshctl init)")
-    return Approver(_nats_url(args, home), ids.creds("approver"), ids.signing_key("approver"))
+    return Approver.of(ids, _nats_url(args, home))
 
 
 def cmd_approvals(args: argparse.Namespace) -> int:

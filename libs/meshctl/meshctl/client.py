@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import nats
 from nats.aio.msg import Msg
@@ -43,7 +44,10 @@ from mesh_contracts.v1 import (
 )
 from mesh_kit import envelope as env
 from mesh_kit.identity import IdentityError, Signer, TrustBundle, Verifier
-from mesh_kit.settings import BROKER_UNAVAILABLE, inbox_prefix, log_nats_error, nats_servers
+from mesh_kit.settings import BROKER_UNAVAILABLE, inbox_prefix, log_nats_error, nats_servers, tls_context
+
+if TYPE_CHECKING:
+    from meshctl.identity import Identities
 
 TERMINAL = (TaskCompleted, TaskFailed, TaskRejected)
 
@@ -80,8 +84,10 @@ class Followed:
 
 
 class TenantClient:
-    def __init__(self, nats_url: str, tenant: str, creds: Path, signing_key: Path, trust_bundle: Path) -> None:
-        self.nats_url, self.tenant = nats_url, tenant
+    def __init__(
+        self, nats_url: str, tenant: str, creds: Path, signing_key: Path, trust_bundle: Path, tls_ca: Path | None = None
+    ) -> None:
+        self.nats_url, self.tenant, self.tls_ca = nats_url, tenant, tls_ca
         self.principal = f"client.{tenant}"
         self.creds = creds
         self.signer = Signer.from_file(self.principal, signing_key)
@@ -89,6 +95,13 @@ class TenantClient:
         self.verifier = Verifier(TrustBundle.from_file(trust_bundle))
         self.nc: nats.NATS | None = None
         self._reconnected = asyncio.Event()  # replaced on every reconnect: waiters see each one
+
+    @classmethod
+    def of(cls, ids: Identities, nats_url: str, tenant: str) -> TenantClient:
+        """The tenant's own client with the identity a mesh home holds for it (not yet connected)."""
+        p = f"client.{tenant}"
+        tls_ca = ids.tls_ca if ids.tls_ca.exists() else None
+        return cls(nats_url, tenant, ids.creds(p), ids.signing_key(p), ids.trust_bundle, tls_ca)
 
     async def _on_reconnect(self) -> None:
         self._reconnected.set()
@@ -103,6 +116,7 @@ class TenantClient:
             max_reconnect_attempts=-1,
             error_cb=log_nats_error,
             reconnected_cb=self._on_reconnect,
+            tls=tls_context(self.tls_ca),
         )
         return self
 

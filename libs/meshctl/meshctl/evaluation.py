@@ -1099,10 +1099,7 @@ def open_clients(home: Path, tenants: Sequence[str], *, nats_url: str | None = N
                 f"no mesh is running from {home} (start one with: meshctl up --tenants {','.join(tenants)})"
             )
         nats_url = state.nats_url
-    return {
-        t: TenantClient(nats_url, t, ids.creds(f"client.{t}"), ids.signing_key(f"client.{t}"), ids.trust_bundle)
-        for t in tenants
-    }
+    return {t: TenantClient.of(ids, nats_url, t) for t in tenants}
 
 
 async def run_dataset(

@@ -22,6 +22,7 @@ import base64
 import hashlib
 import json
 import os
+import ssl
 import time
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,8 @@ from nacl.public import PrivateKey
 
 from mesh_kit import ServiceSettings
 from mesh_kit.identity import Principal, TrustBundle, new_signing_key, private_pem
+from mesh_kit.settings import inbox_prefix, tls_context
+from meshctl import tls
 from meshctl.policy import Permissions, policy
 
 ACCOUNT = "MESH"
@@ -165,6 +168,29 @@ class Identities:
         return self.secrets / "keys" / f"auditor.{tenant}.key"
 
     @property
+    def tls_ca(self) -> Path:
+        """The CA certificate of the local NATS servers: what every client of this mesh trusts."""
+        return self.home / "tls" / "ca.pem"
+
+    @property
+    def tls_server(self) -> tuple[Path, Path]:
+        """The servers' certificate and key, beside the server configs (a container mounting the
+        config directory finds them at the same path)."""
+        return self.home / "nats" / "tls" / "server.pem", self.home / "nats" / "tls" / "server.key"
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        return tls_context(self.tls_ca if self.tls_ca.exists() else None)
+
+    def connect_options(self, principal: str) -> dict[str, Any]:
+        """nats-py ``connect`` options to speak as ``principal``: its credentials, the only inbox it
+        may read, and TLS verified against this mesh's CA."""
+        return {
+            "user_credentials": str(self.creds(principal)),
+            "inbox_prefix": inbox_prefix(principal),
+            "tls": self.tls_context(),
+        }
+
+    @property
     def audit_key(self) -> Path:
         return self.secrets / "audit.key"
 
@@ -193,6 +219,7 @@ class Identities:
             signing_key_file=self.signing_key(service),
             trust_bundle_file=self.trust_bundle,
             redis_url=redis_file.read_text() if redis_file.exists() else "",
+            tls_ca_file=self.tls_ca if self.tls_ca.exists() else None,
             **overrides,
         )
 
@@ -316,12 +343,23 @@ class Identities:
             self.revoke_users(reissued)
         if not self.audit_key.exists():
             _write_secret(self.audit_key, os.urandom(32).hex())
+        tls.mint(self.secrets / "tls" / "ca.key", self.tls_ca, *self.tls_server, _write_secret)
         auditors = {t: bytes(_load_or_new_auditor(self.auditor_key(t)).public_key) for t in tenants}
         bundle = TrustBundle(principals, auditors, existing.revision if existing else 0)
         if existing is not None and bundle.dump() != existing.dump():
             bundle.revision += 1
         self.trust_bundle.write_text(bundle.dump())
         return preload
+
+    def tls_block(self, indent: str = "", routes: bool = False) -> str:
+        """The ``tls {}`` block of a server config (client port; ``routes``: the cluster port, where
+        each node also verifies its peers against the CA). Empty when no certificate was minted."""
+        cert, key = self.tls_server
+        if not cert.exists():
+            return ""
+        verify = f'\n{indent}  ca_file: "{self.tls_ca}"\n{indent}  verify: true' if routes else ""
+        return (f'{indent}tls {{\n{indent}  cert_file: "{cert}"\n{indent}  key_file: "{key}"\n{indent}  timeout: 2'
+                f"{verify}\n{indent}}}")  # fmt: skip
 
     def server_config(
         self, *, port: int, http_port: int, store_dir: Path, cluster: str = "", server_name: str = "agentmesh-local"
@@ -338,6 +376,7 @@ server_name: {server_name}
 listen: 127.0.0.1:{port}
 http: 127.0.0.1:{http_port}
 max_payload: 8MB
+{self.tls_block()}
 operator: {(self.secrets / "operator.jwt").read_text().strip()}
 system_account: {sys_pub}
 resolver: MEMORY

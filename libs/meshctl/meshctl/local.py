@@ -219,6 +219,8 @@ def service_env(
     )
     if redis_url_file.exists():
         env["MESH_REDIS_URL_FILE"] = str(redis_url_file)  # the password stays out of the environment
+    if ids.tls_ca.exists():
+        env["MESH_TLS_CA_FILE"] = str(ids.tls_ca)
     if service == "tool-executor" and ids.audit_key.exists():
         env["MESH_AUDIT_KEY_FILE"] = str(ids.audit_key)  # keyed hashes of where effects went
     env.update(extra)
@@ -261,8 +263,11 @@ def write_nats_config(ids: Identities, node: NatsNode, peers: Sequence[NatsNode]
     cluster = ""
     if node.cluster_port:
         routes = ", ".join(f"nats-route://127.0.0.1:{p.cluster_port}" for p in peers if p != node)
+        routes_tls = ids.tls_block("  ", routes=True)
         cluster = (
-            f"cluster {{\n  name: {CLUSTER_NAME}\n  listen: 127.0.0.1:{node.cluster_port}\n  routes: [{routes}]\n}}\n"
+            f"cluster {{\n  name: {CLUSTER_NAME}\n  listen: 127.0.0.1:{node.cluster_port}\n  routes: [{routes}]\n"
+            + (f"{routes_tls}\n" if routes_tls else "")
+            + "}\n"
         )
     conf = base / "server.conf"
     conf.write_text(
@@ -342,10 +347,7 @@ async def provision_as_admin(
     ids: Identities, nats_url: str, replicas: int = 1, ack_wait_s: float | None = None
 ) -> None:
     nc = await nats.connect(
-        nats_servers(nats_url),
-        user_credentials=str(ids.creds("admin")),
-        name="meshctl-provision",
-        error_cb=log_nats_error,
+        nats_servers(nats_url), name="meshctl-provision", error_cb=log_nats_error, **ids.connect_options("admin")
     )
     try:
         await provision(nc, replicas=replicas, **({"ack_wait_s": ack_wait_s} if ack_wait_s else {}))

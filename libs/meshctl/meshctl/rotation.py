@@ -39,6 +39,7 @@ from nats.js.errors import KeyNotFoundError
 
 from mesh_contracts import topology as topo
 from mesh_kit.identity import Key, Principal, Signer, TrustBundle, new_signing_key, private_pem
+from mesh_kit.settings import log_nats_error
 from meshctl.identity import ACCOUNT, Identities, _write_secret, creds_text, new_keypair, user_jwt
 from meshctl.policy import policy
 
@@ -90,7 +91,7 @@ async def publish_bundle(
     ``trust`` bucket every service follows (``only_if_newer``: unless the bucket holds this
     revision or a later one already, as after a rotation the home's file may lag behind)."""
     operator = Signer.from_file("admin", ids.signing_key("admin"))
-    nc = await nats.connect(nats_url, user_credentials=str(ids.creds("admin")), name="meshctl-trust")
+    nc = await nats.connect(nats_url, name="meshctl-trust", error_cb=log_nats_error, **ids.connect_options("admin"))
     try:
         kv = await nc.jetstream().key_value(topo.TRUST_BUCKET)
         if only_if_newer:

@@ -69,10 +69,7 @@ class Infra:
     async def admin(self, **options: object) -> nats.NATS:
         """An admin connection (provisioning and inspection), to any live node."""
         return await nats.connect(
-            nats_servers(self.nats_url),
-            user_credentials=str(self.ids.creds("admin")),
-            error_cb=log_nats_error,
-            **options,
+            nats_servers(self.nats_url), **{"error_cb": log_nats_error, **self.ids.connect_options("admin"), **options}
         )
 
     async def restart_nats(self, index: int = 0, pause_s: float = 0.0) -> float:
@@ -102,8 +99,7 @@ class Infra:
 
     def client(self, tenant: str) -> TenantClient:
         """The tenant's own client identity, as an application would hold it."""
-        p = f"client.{tenant}"
-        return TenantClient(self.nats_url, tenant, self.ids.creds(p), self.ids.signing_key(p), self.ids.trust_bundle)
+        return TenantClient.of(self.ids, self.nats_url, tenant)
 
 
 def infra_mode() -> str:
