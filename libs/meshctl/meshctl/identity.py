@@ -169,8 +169,9 @@ class Identities:
 
     @property
     def tls_ca(self) -> Path:
-        """The CA certificate of the local NATS servers: what every client of this mesh trusts."""
-        return self.home / "tls" / "ca.pem"
+        """The CA certificate of the NATS servers: what every client of this mesh trusts
+        (``MESH_TLS_CA_FILE`` when set, as in Kubernetes; else the one ``init`` minted)."""
+        return Path(os.environ.get("MESH_TLS_CA_FILE") or self.home / "tls" / "ca.pem")
 
     @property
     def tls_server(self) -> tuple[Path, Path]:
