@@ -26,6 +26,7 @@ from pathlib import Path
 
 import httpx
 import nats
+import nats.js.errors
 
 from mesh_contracts import SERVICES
 from mesh_kit.identity import TrustBundle
@@ -343,6 +344,9 @@ async def start_redis(ids: Identities, port: int, timeout: float = 30.0) -> Proc
     return proc
 
 
+PEER_OFFLINE = 10005  # JetStream: "no suitable peers for placement, peer offline"
+
+
 async def provision_as_admin(
     ids: Identities, nats_url: str, replicas: int = 1, ack_wait_s: float | None = None
 ) -> None:
@@ -350,7 +354,18 @@ async def provision_as_admin(
         nats_servers(nats_url), name="meshctl-provision", error_cb=log_nats_error, **ids.connect_options("admin")
     )
     try:
-        await provision(nc, replicas=replicas, **({"ack_wait_s": ack_wait_s} if ack_wait_s else {}))
+        deadline = time.monotonic() + 30.0
+        while True:
+            try:
+                await provision(nc, replicas=replicas, **({"ack_wait_s": ack_wait_s} if ack_wait_s else {}))
+                break
+            except nats.js.errors.BadRequestError as exc:
+                # A cluster whose nodes are healthy can still have a peer the meta leader has not
+                # heard from yet (routes are TLS handshakes): placement is refused meanwhile.
+                # Provisioning is idempotent, so try again until the peers are known.
+                if exc.err_code != PEER_OFFLINE or time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.5)
     finally:
         await nc.close()
     if ids.signing_key("admin").exists():
