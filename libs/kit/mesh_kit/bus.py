@@ -27,6 +27,7 @@ import nats
 from cryptography.hazmat.primitives import serialization
 from faststream.middlewares import AckPolicy
 from faststream.nats import JStream, NatsBroker, NatsMessage, PullSub
+from faststream.nats.annotations import NatsMessage as RawMessage
 from faststream.nats.opentelemetry import NatsTelemetryMiddleware
 from faststream.security import BaseSecurity
 from nats.aio.msg import Msg
@@ -468,7 +469,7 @@ class Mesh:
         workers = max_workers or self.settings.max_workers
         prefix = (self.settings.inbox_prefix + ".").encode()
 
-        async def entry(msg: NatsMessage) -> None:
+        async def entry(msg: RawMessage) -> None:
             await self._dispatch(msg, durable, handler, on_reject)
 
         entry.__name__ = f"{durable.name.replace('-', '_')}"
@@ -484,6 +485,7 @@ class Mesh:
             ack_policy=AckPolicy.MANUAL,
             inbox_prefix=prefix,
             max_workers=workers if workers > 1 else None,
+            decoder=_undecoded,  # the body is decoded once, by the mesh, with limits (_dispatch)
         )(entry)
 
     async def _dispatch(
@@ -660,7 +662,7 @@ class Mesh:
             raise LookupError(f"{self.service} does not serve {contract.type_name()}")
         pattern = f"{contract.spec.domain}.*.*.*.{contract.spec.event}"
 
-        async def entry(msg: NatsMessage) -> None:
+        async def entry(msg: RawMessage) -> None:
             raw: Msg = msg.raw_message
             headers = dict(raw.headers or {})
             try:
@@ -678,13 +680,21 @@ class Mesh:
             self.count(tel.M_HANDLED)
 
         entry.__name__ = f"serve_{contract.type_name().replace('.', '_')}"
-        self.broker.subscriber(pattern, queue=topo.queue_group(self.service), no_reply=True)(entry)
+        self.broker.subscriber(pattern, queue=topo.queue_group(self.service), no_reply=True, decoder=_undecoded)(entry)
 
     # --- state ----------------------------------------------------------------------------
 
     async def kv(self, bucket: str) -> Any:
         """Bind a provisioned KV bucket (never creates it)."""
         return await self.nc.jetstream().key_value(bucket)
+
+
+async def _undecoded(msg: Any) -> bytes:
+    """FastStream's decoder for every mesh subscriber: the body as bytes. The framework would
+    otherwise json-parse every body before the handler runs (to build its arguments), and a
+    hostile body (nesting thousands deep, a 5,000-digit integer) would raise inside it, before
+    the mesh could dead-letter it with a reason."""
+    return bytes(msg.body)
 
 
 def _file_state(path: Path) -> tuple[int, int] | None:
