@@ -8,19 +8,23 @@ from mesh_contracts.base import (
     APPROVER,
     CLIENT,
     SERVICES,
+    BodyError,
     Contract,
     ContractError,
     ContractSpec,
 )
+from mesh_contracts.decode import DecodeLimits
 from mesh_contracts.registry import contract_for_subject, parse_message, split_subject
 
 __all__ = [
     "APPROVER",
     "CLIENT",
     "SERVICES",
+    "BodyError",
     "Contract",
     "ContractError",
     "ContractSpec",
+    "DecodeLimits",
     "contract_for_subject",
     "parse_message",
     "split_subject",

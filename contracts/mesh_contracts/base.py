@@ -14,6 +14,8 @@ from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from mesh_contracts.decode import DEFAULT_LIMITS, DEFAULT_MAX_BYTES, DecodeError, DecodeLimits, decode
+
 # Ids become subject tokens: no dots, spaces or wildcards, or a tenant could address
 # another tenant's subjects.
 ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
@@ -46,6 +48,14 @@ class ContractSpec:
     transport: Transport = "stream"
     major: int = 1
     summary: str = ""
+    max_bytes: int = DEFAULT_MAX_BYTES
+    """Largest body the bounded decoder accepts for this message (``decode.py``)."""
+
+    @property
+    def unique_keys(self) -> bool:
+        """Whether a key twice in one object is refused: for what tenants and approvers write,
+        where two parsers picking different duplicates would be an attack on the reader."""
+        return bool({CLIENT, APPROVER} & set(self.producers))
 
     def subject(self, tenant: str, task: str) -> str:
         """The concrete subject for one tenant and task."""
@@ -54,6 +64,11 @@ class ContractSpec:
 
 class ContractError(ValueError):
     """A payload that is not a valid message of the expected contract."""
+
+
+class BodyError(ContractError):
+    """A body the bounded decoder refused before any validation (too big, not UTF-8, not JSON,
+    too deep...); its message is the reason, ``decode: ...``."""
 
 
 class Contract(BaseModel):
@@ -92,13 +107,18 @@ class Contract(BaseModel):
         return self.model_dump_json(exclude_none=False).encode()
 
     @classmethod
-    def parse(cls, data: bytes | str, *, strict: bool = False) -> Contract:
-        """Decode and validate ``data`` as this contract.
+    def parse(cls, data: bytes | str, *, strict: bool = False, limits: DecodeLimits = DEFAULT_LIMITS) -> Contract:
+        """Decode (bounded: ``decode.py``) and validate ``data`` as this contract.
 
-        Raises ``ContractError`` with a readable, one-paragraph reason.
+        Raises ``ContractError`` with a readable, one-paragraph reason (``BodyError`` when the
+        body could not even be decoded within the limits).
         """
         try:
-            model = cls.model_validate_json(data)
+            value = decode(data, max_bytes=cls.spec.max_bytes, unique_keys=cls.spec.unique_keys, limits=limits)
+        except DecodeError as exc:
+            raise BodyError(str(exc)) from None
+        try:
+            model = cls.model_validate(value)
         except ValidationError as exc:
             raise ContractError(_explain(cls.type_name(), exc)) from None
         if strict and model.model_extra:

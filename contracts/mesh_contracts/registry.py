@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mesh_contracts.base import Contract, ContractError
+from mesh_contracts.decode import DEFAULT_LIMITS, DecodeLimits
 from mesh_contracts.v1 import ALL as V1
 
 # Every published major version. A v2 module adds its ``ALL`` here; consumers then accept both.
@@ -52,10 +53,12 @@ def contract_for_subject(subject: str) -> type[Contract]:
     return cls
 
 
-def parse_message(subject: str, data: bytes, *, strict: bool = False) -> Contract:
-    """Decode a message body by its subject and check the body agrees with the subject."""
+def parse_message(
+    subject: str, data: bytes, *, strict: bool = False, limits: DecodeLimits = DEFAULT_LIMITS
+) -> Contract:
+    """Decode a message body by its subject (bounded) and check the body agrees with the subject."""
     cls = contract_for_subject(subject)
-    model = cls.parse(data, strict=strict)
+    model = cls.parse(data, strict=strict, limits=limits)
     parts = split_subject(subject)
     if (model.tenant, model.task_id) != (parts.tenant, parts.task_id):
         raise ContractError(

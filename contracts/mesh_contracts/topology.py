@@ -172,6 +172,17 @@ def stream_contracts() -> list[type[Contract]]:
     return [c for cs in VERSIONS.values() for c in cs if c.spec.transport == "stream"]
 
 
+HEADER_ALLOWANCE = 64 * 1024
+"""Room for a message's headers (identity token, trace context, dead-letter metadata)."""
+
+
+def max_message_bytes(domain: str) -> int:
+    """The stream's ``max_msg_size``: the largest body any contract on it may have, plus headers.
+    The broker refuses anything bigger at publish time (the backstop of the bounded decoder)."""
+    sizes = [c.spec.max_bytes for c in stream_contracts() if c.spec.domain == domain]
+    return max(sizes, default=0) + HEADER_ALLOWANCE
+
+
 def durables() -> list[Durable]:
     """One durable per (consuming service, contract), filtering every major version.
 

@@ -7,6 +7,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import ConfigDict, Field
 
 from mesh_contracts.base import APPROVER, CLIENT, ID_PATTERN, Contract, ContractSpec
+from mesh_contracts.decode import KB
 from mesh_contracts.v1.common import Destination
 
 _EX = {"tenant": "acme", "task_id": "t-7f3a"}
@@ -27,7 +28,12 @@ class ControlHalt(_Control):
         json_schema_extra={"examples": [{**_EX, "type": "control.halt", "reason": "loop detected in step s1"}]}
     )
     spec: ClassVar = ContractSpec(
-        "control", "halt", producers=_CONTROL_PRODUCERS, consumers=("planner",), summary="Pause a task."
+        "control",
+        "halt",
+        producers=_CONTROL_PRODUCERS,
+        consumers=("planner",),
+        summary="Pause a task.",
+        max_bytes=16 * KB,
     )
     type: Literal["control.halt"] = "control.halt"
 
@@ -39,7 +45,12 @@ class ControlCancel(_Control):
         json_schema_extra={"examples": [{**_EX, "type": "control.cancel", "reason": "user cancelled"}]}
     )
     spec: ClassVar = ContractSpec(
-        "control", "cancel", producers=_CONTROL_PRODUCERS, consumers=("planner",), summary="Cancel a task."
+        "control",
+        "cancel",
+        producers=_CONTROL_PRODUCERS,
+        consumers=("planner",),
+        summary="Cancel a task.",
+        max_bytes=16 * KB,
     )
     type: Literal["control.cancel"] = "control.cancel"
 
@@ -51,7 +62,12 @@ class ControlResume(_Control):
         json_schema_extra={"examples": [{**_EX, "type": "control.resume", "reason": "operator resumed"}]}
     )
     spec: ClassVar = ContractSpec(
-        "control", "resume", producers=_CONTROL_PRODUCERS, consumers=("planner",), summary="Resume a halted task."
+        "control",
+        "resume",
+        producers=_CONTROL_PRODUCERS,
+        consumers=("planner",),
+        summary="Resume a halted task.",
+        max_bytes=16 * KB,
     )
     type: Literal["control.resume"] = "control.resume"
 
@@ -122,7 +138,12 @@ class ApprovalDecided(Contract):
         }
     )
     spec: ClassVar = ContractSpec(
-        "approval", "decided", producers=(APPROVER,), consumers=("tool-executor",), summary="Approve or deny."
+        "approval",
+        "decided",
+        producers=(APPROVER,),
+        consumers=("tool-executor",),
+        summary="Approve or deny.",
+        max_bytes=16 * KB,
     )
 
     type: Literal["approval.decided"] = "approval.decided"

@@ -7,6 +7,7 @@ from typing import ClassVar, Literal
 from pydantic import ConfigDict, Field
 
 from mesh_contracts.base import CLIENT, Contract, ContractSpec
+from mesh_contracts.decode import KB
 from mesh_contracts.v1.common import CheckResult, Citation, HeldCall, PlanStep, TaskLimits, TaskPolicy, TokenUsage
 
 _EX = {"tenant": "acme", "task_id": "t-7f3a"}
@@ -27,7 +28,12 @@ class TaskSubmitted(Contract):
         }
     )
     spec: ClassVar = ContractSpec(
-        "task", "submitted", producers=(CLIENT,), consumers=("planner",), summary="A tenant submits a goal."
+        "task",
+        "submitted",
+        producers=(CLIENT,),
+        consumers=("planner",),
+        summary="A tenant submits a goal.",
+        max_bytes=256 * KB,
     )
 
     type: Literal["task.submitted"] = "task.submitted"

@@ -7,6 +7,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import ConfigDict, Field
 
 from mesh_contracts.base import CLIENT, ID_PATTERN, Contract, ContractSpec
+from mesh_contracts.decode import MB
 from mesh_contracts.v1.common import Citation, Destination, HeldCall, PlanStep, RetrievalHit, Taint, TokenUsage
 
 _EX = {"tenant": "acme", "task_id": "t-7f3a"}
@@ -199,7 +200,12 @@ class ToolCompleted(Contract):
         }
     )
     spec: ClassVar = ContractSpec(
-        "tool", "completed", producers=("tool-executor",), consumers=("worker",), summary="A tool's result or error."
+        "tool",
+        "completed",
+        producers=("tool-executor",),
+        consumers=("worker",),
+        summary="A tool's result or error.",
+        max_bytes=4 * MB,  # a web page of up to 1,000,000 characters, JSON-escaped
     )
 
     type: Literal["tool.completed"] = "tool.completed"
@@ -366,7 +372,12 @@ class IngestRequested(Contract):
         }
     )
     spec: ClassVar = ContractSpec(
-        "rag", "ingest", producers=(CLIENT,), consumers=("rag",), summary="Add or replace a document."
+        "rag",
+        "ingest",
+        producers=(CLIENT,),
+        consumers=("rag",),
+        summary="Add or replace a document.",
+        max_bytes=8 * MB,  # a base64 document of up to MAX_INGEST_B64 characters
     )
 
     type: Literal["ingest.requested"] = "ingest.requested"

@@ -35,7 +35,7 @@ from nats.errors import NotJSMessageError
 from nats.js.api import PubAck
 from nats.js.errors import KeyNotFoundError
 
-from mesh_contracts import Contract, ContractError, parse_message, split_subject
+from mesh_contracts import BodyError, Contract, ContractError, DecodeLimits, parse_message, split_subject
 from mesh_contracts import topology as topo
 from mesh_contracts.base import ID_PATTERN
 from mesh_contracts.registry import BY_TYPE
@@ -176,6 +176,12 @@ class Mesh:
         self._on_start: list[Callable[[], Awaitable[None]]] = []
         self._on_stop: list[Callable[[], Awaitable[None]]] = []
         self._identity_tasks: list[asyncio.Task[None]] = []
+        self.limits = DecodeLimits(
+            max_bytes=settings.decode_max_bytes,
+            max_depth=settings.decode_max_depth,
+            max_int_digits=settings.decode_max_int_digits,
+        )
+        self._rejections = _Throttled(log, settings.rejection_log_per_min)
         self._creds_file_state = _file_state(settings.creds_file) if settings.creds_file else None
         self.lost = asyncio.Event()
         """Set when the server closed the connection for good (the client does not reconnect after
@@ -502,12 +508,12 @@ class Mesh:
         try:
             # a verified re-drive is judged (and, if it fails again, recorded) at its original's time
             stored_at, bound_id = self._redrive(raw.subject, raw.data, headers, msg_id, stored_at)
-            model = parse_message(raw.subject, raw.data, strict=self.settings.strict_contracts)
+            model = parse_message(raw.subject, raw.data, strict=self.settings.strict_contracts, limits=self.limits)
             sender = self.verifier.verify(headers.get(env.IDENTITY), raw.data, model, at=stored_at, msg_id=bound_id)
         except (ContractError, IdentityError) as exc:
             self.count(tel.M_REJECTED)
-            reason = f"{'identity' if isinstance(exc, IdentityError) else 'contract'}: {exc}"
-            log.warning("rejected %s seq=%s: %s", raw.subject, seq, reason)
+            reason = _rejection(exc)
+            self._rejections.warn(f"rejected {raw.subject} seq={seq}: {reason}")
             await self._give_up(msg, durable, "rejected", reason, (deliveries, seq, stored_at), on_reject)
             return
 
@@ -666,13 +672,13 @@ class Mesh:
             raw: Msg = msg.raw_message
             headers = dict(raw.headers or {})
             try:
-                model = parse_message(raw.subject, raw.data, strict=self.settings.strict_contracts)
+                model = parse_message(raw.subject, raw.data, strict=self.settings.strict_contracts, limits=self.limits)
                 sender = self.verifier.verify(
                     headers.get(env.IDENTITY), raw.data, model, msg_id=headers.get(env.MSG_ID, "")
                 )
             except (ContractError, IdentityError) as exc:
                 self.count(tel.M_REJECTED)
-                log.warning("rejected request on %s: %s", raw.subject, exc)
+                self._rejections.warn(f"rejected request on {raw.subject}: {_rejection(exc)}")
                 return  # the requester times out; an unverified sender learns nothing
             answer = await handler(model, Delivery(self, sender, raw.subject, headers.get(env.MSG_ID, ""), 1, headers))
             body = answer.to_bytes()
@@ -687,6 +693,37 @@ class Mesh:
     async def kv(self, bucket: str) -> Any:
         """Bind a provisioned KV bucket (never creates it)."""
         return await self.nc.jetstream().key_value(bucket)
+
+
+def _rejection(exc: Exception) -> str:
+    """The dead letter's reason: ``decode: ...`` (the bounded decoder), ``contract: ...`` or ``identity: ...``."""
+    if isinstance(exc, BodyError):
+        return str(exc)
+    return f"{'identity' if isinstance(exc, IdentityError) else 'contract'}: {exc}"
+
+
+class _Throttled:
+    """One warning line per rejected message, up to ``per_min`` a minute; beyond that, one line
+    a minute saying how many were not logged (a flood of garbage must not flood the logs too:
+    every one of them is in the DLQ with its reason, and counted)."""
+
+    def __init__(self, logger: logging.Logger, per_min: int) -> None:
+        self.log, self.per_min = logger, per_min
+        self.window, self.logged, self.quiet, self.last = 0.0, 0, 0, ""
+
+    def warn(self, line: str) -> None:
+        now = time.monotonic()
+        if now - self.window >= 60.0:
+            if self.quiet:
+                self.log.warning("%d more message(s) rejected in the last minute, not logged (latest: %s)",
+                                 self.quiet, self.last)  # fmt: skip
+            self.window, self.logged, self.quiet = now, 0, 0
+        if self.logged < self.per_min:
+            self.logged += 1
+            self.log.warning("%s", line)
+        else:
+            self.quiet += 1
+            self.last = line[:300]
 
 
 async def _undecoded(msg: Any) -> bytes:

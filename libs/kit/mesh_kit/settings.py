@@ -58,6 +58,14 @@ class ServiceSettings(BaseSettings):
     to this long before the failure costs the message one of its ``max_deliver`` attempts."""
     retry_delays_s: tuple[float, ...] = topo.RETRY_DELAYS_S
     """NAK delay after each failed attempt (JSON list in the environment)."""
+    decode_max_bytes: int = Field(0, ge=0)
+    """Cap on any message body, below each contract's own limit (0: the contracts' limits)."""
+    decode_max_depth: int = Field(64, ge=2, le=512)
+    """Deepest JSON nesting a body may have (deeper: dead-lettered as ``decode: nesting deeper than ...``)."""
+    decode_max_int_digits: int = Field(20, ge=1, le=4000)
+    """Most digits an integer in a body may have."""
+    rejection_log_per_min: int = Field(30, ge=0)
+    """Warning lines per minute for rejected messages; the rest are summed in one line a minute."""
     identity_refresh_s: float = Field(1.0, gt=0)
     """How often the service looks for a rotated signing key in its key file (it switches once the
     published trust bundle trusts the new key)."""
@@ -88,10 +96,22 @@ class ServiceSettings(BaseSettings):
         return inbox_prefix(self.service)
 
 
+class _QuietTlsEof(logging.Filter):
+    """asyncio warns "returning true from eof_received() has no effect when using ssl" each time
+    nats-py's TLS connection closes: harmless (nats-py's protocol predates its TLS use), and on
+    a CLI it is a stray line on stderr."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "eof_received()" not in record.getMessage()
+
+
 def tls_context(ca_file: Path | str | None) -> ssl.SSLContext | None:
     """A client TLS context that trusts ``ca_file`` only (None without one: plain connections)."""
     if not ca_file:
         return None
+    asyncio_log = logging.getLogger("asyncio")
+    if not any(isinstance(f, _QuietTlsEof) for f in asyncio_log.filters):
+        asyncio_log.addFilter(_QuietTlsEof())
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca_file))
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     return ctx

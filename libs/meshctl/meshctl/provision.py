@@ -40,6 +40,7 @@ def stream_configs(replicas: int = 1) -> list[api.StreamConfig]:
             max_age=RETENTION_S,
             num_replicas=replicas,
             allow_direct=stream in CLIENT_READABLE,
+            max_msg_size=topo.max_message_bytes(domain),
             description=f"AgentMesh {domain} messages (all contract versions)",
         )
         for domain, stream in topo.STREAMS.items()
