@@ -152,3 +152,37 @@ async def test_a_primary_outage_completes_tasks_through_the_fallback_with_the_br
                failed_attempts=usage["errors"], latency_s=[round(s.latency_s, 2) for s in outcomes])  # fmt: skip
     finally:
         primary.default = None
+
+
+async def test_a_provider_answering_under_another_model_id_has_every_paid_call_accounted(infra, mesh):
+    """Providers answer a pinned id with another (a dated snapshot). The price and the account
+    follow the configured model the call was reserved for; the echo is recorded beside it. (Both
+    providers echo: an earlier test may have left the primary's breaker open.)"""
+    from mesh_contracts.v1 import TaskLimits
+
+    servers = {PRIMARY: mesh.primary, SPARE: mesh.spare}
+    for model, server in servers.items():
+        server.report_model = f"{model}-snapshot"  # in no price table
+    try:
+        before = sum(len(s.requests) for s in servers.values())
+        async with infra.client("acme") as c:
+            runs = [await c.submit(GOAL, task_id=f"echo-{i}", timeout=60) for i in range(3)]
+            paid = sum(len(s.requests) for s in servers.values()) - before
+            tight = await c.submit(GOAL, task_id="echo-ceiling", limits=TaskLimits(max_cost_usd=0.006), timeout=60)
+        assert all(isinstance(r.outcome, TaskCompleted) for r in runs), [r.outcome for r in runs]
+        accounted = [await infra.spent("acme", r.task_id) for r in runs]
+        calls = sum(a["total"]["calls"] for a in accounted)
+        cost = sum(a["total"]["cost_usd"] for a in accounted)
+        usage = [
+            json.loads(m.data) for r in runs for m in await infra.stored("USAGE", f"usage.v1.acme.{r.task_id}.recorded")
+        ]
+        ceiling = await infra.spent("acme", "echo-ceiling")
+    finally:
+        for server in servers.values():
+            server.report_model = None
+    report("model id echo", paid_calls=paid, accounted_calls=calls, accounted_cost_usd=round(cost, 6),
+           ceiling_usd=0.006, spent_under_ceiling_usd=ceiling["total"]["cost_usd"])  # fmt: skip
+    assert calls == paid and cost > 0, "every call a provider was paid for is in the account"
+    answered = {(u["model"], u["response_model"]) for u in usage if not u.get("error")}
+    assert answered and all(echo == f"{model}-snapshot" for model, echo in answered), answered
+    assert not isinstance(tight.outcome, TaskCompleted) and ceiling["total"]["cost_usd"] <= 0.006, "zero overshoot"

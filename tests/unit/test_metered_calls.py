@@ -115,3 +115,42 @@ async def test_the_prompt_version_is_on_every_attempts_span_and_usage_record_and
     await call_model(mesh, models(), REQUEST, step_id="s1", call_id="c5", **T)  # type: ignore[arg-type]
     assert all("mesh.prompt.version" not in s.attributes for s in mesh.spans.get_finished_spans())
     assert {m.prompt_version for m in mesh.published if isinstance(m, UsageRecorded)} == {""}
+
+
+class Echoing(ScriptedModel):
+    """A provider that answers under another model id than the one asked for (a dated snapshot)."""
+
+    async def complete(self, request: ModelRequest):  # type: ignore[override]
+        return replace(await super().complete(request), model=f"{self.model}-2026-11-01")
+
+
+async def test_a_call_answered_under_another_model_id_is_priced_and_accounted_as_the_configured_model():
+    from mesh_kit import prices
+    from mesh_kit.ledger import Ledger
+    from mesh_kit.metered import call_model_once
+    from mesh_testing.memkv import MemoryKV
+
+    mesh, ledger = FakeMesh(), Ledger(MemoryKV(), "worker")
+    gateway = Gateway({"default": [Echoing("scripted-1")]}, retry=RetryPolicy(max_attempts=1, base_s=0.0, max_s=0.0))
+    response, usage = await call_model_once(mesh, ledger, Models(gateway), REQUEST, step_id="s1", call_id="e1", **T)  # type: ignore[arg-type]
+    assert response.model == "scripted-1-2026-11-01", "the echo is unpriced: the old code refused it after paying"
+    expected = prices.current().price("scripted", "scripted-1").cost(response.input_tokens, response.output_tokens)
+    assert usage.cost_usd == pytest.approx(expected) and usage.cost_usd > 0
+    (record,) = [m for m in mesh.published if isinstance(m, UsageRecorded)]
+    assert (record.model, record.response_model, record.cost_usd) == ("scripted-1", "scripted-1-2026-11-01",
+                                                                        usage.cost_usd)  # fmt: skip
+    assert record.cost_usd <= mesh.reserved[0].cost_usd, "never more than reserved: zero overshoot"
+    mesh.published.clear()  # replayed from the ledger: the same accounting
+    await call_model_once(mesh, ledger, Models(gateway), REQUEST, step_id="s1", call_id="e1", **T)  # type: ignore[arg-type]
+    (again,) = [m for m in mesh.published if isinstance(m, UsageRecorded)]
+    assert (again.model, again.cost_usd) == ("scripted-1", usage.cost_usd)
+
+
+async def test_an_unpriced_configured_model_is_refused_before_the_call():
+    from mesh_kit.metered import BudgetExceeded
+
+    unpriced = ScriptedModel("no-such-model")
+    gateway = Gateway({"default": [unpriced]}, retry=RetryPolicy(max_attempts=1, base_s=0.0, max_s=0.0))
+    with pytest.raises(BudgetExceeded) as exc:
+        await call_model(FakeMesh(), Models(gateway), REQUEST, step_id="s1", call_id="u1", **T)  # type: ignore[arg-type]
+    assert exc.value.code == "unpriced_model" and unpriced.calls == 0, "refused before any money is spent"

@@ -52,6 +52,7 @@ class UsageRecorded(Contract):
     """Deterministic call id: the same call recorded twice is counted once."""
     provider: str
     model: str
+    """The configured model id the call was reserved and priced for (never the provider's echo)."""
     input_tokens: int = Field(ge=0)
     output_tokens: int = Field(ge=0)
     cost_usd: float = Field(0.0, ge=0)
@@ -70,6 +71,9 @@ class UsageRecorded(Contract):
     """The failed attempt was retried, or the call handed to the next model of its fallback
     chain: it counts toward the provider's error rate, but not toward the task's retry storm
     (only a failure that reaches the task does)."""
+    response_model: str = ""
+    """The model id the provider reported, when it differs from ``model`` (providers answer a
+    pinned alias with a dated snapshot): recorded beside the configured id, never priced."""
 
 
 class BudgetReserve(Contract):

@@ -148,8 +148,9 @@ async def reserve(mesh: Mesh, model: ChatModel, request: ModelRequest, *, tenant
     return answer
 
 
-def _usage_message(mesh: Mesh, request: ModelRequest, response: ModelResponse, usage: TokenUsage, *, tenant: str,
-                   task_id: str, step_id: str, call_id: str, reservation_id: str) -> UsageRecorded:  # fmt: skip
+def _usage_message(mesh: Mesh, request: ModelRequest, response: ModelResponse, usage: TokenUsage,
+                   priced: tuple[str, str], *, tenant: str, task_id: str, step_id: str, call_id: str,
+                   reservation_id: str) -> UsageRecorded:  # fmt: skip
     return UsageRecorded(
         tenant=tenant,
         task_id=task_id,
@@ -157,8 +158,9 @@ def _usage_message(mesh: Mesh, request: ModelRequest, response: ModelResponse, u
         role=request.agent,
         step_id=step_id,
         call_id=call_id,
-        provider=response.provider,
-        model=response.model,
+        provider=priced[0],
+        model=priced[1],
+        response_model=response.model if response.model != priced[1] else "",
         input_tokens=usage.input_tokens,
         output_tokens=usage.output_tokens,
         cached_input_tokens=usage.cached_input_tokens,
@@ -189,6 +191,8 @@ class _Metered:
         self.grants: dict[int, BudgetGranted] = {}
         self.spans: dict[int, Span] = {}
         self.winner: BudgetGranted | None = None
+        self.answered_by: ChatModel | None = None
+        """The configured model of the attempt that answered: what the call is priced as."""
         self.counted = counted or {}
         """Prompt tokens already counted per ``provider/model`` (the context fit counted the first)."""
 
@@ -232,7 +236,7 @@ class _Metered:
         span = self.spans.pop(a.number, None)
         grant = self.grants.get(a.number)
         if response is not None:
-            self.winner = grant
+            self.winner, self.answered_by = grant, a.model
             self.mesh.count(tel.M_LLM_CALLS)  # calls actually made (the budget counts distinct call ids)
             if span is not None:
                 span.set_attributes(
@@ -284,6 +288,16 @@ async def call_model(
     call_id: str, attempt: int = 1, on_token: Any = None, on_reset: Any = None,
 ) -> tuple[ModelResponse, TokenUsage]:  # fmt: skip
     """One logical model call: guard, context fit, cache, then the gateway's attempts."""
+    response, usage, _ = await _call_model(mesh, model, request, tenant=tenant, task_id=task_id, step_id=step_id,
+                                           call_id=call_id, attempt=attempt, on_token=on_token, on_reset=on_reset)  # fmt: skip
+    return response, usage
+
+
+async def _call_model(
+    mesh: Mesh, model: ChatModel | Models, request: ModelRequest, *, tenant: str, task_id: str, step_id: str,
+    call_id: str, attempt: int = 1, on_token: Any = None, on_reset: Any = None,
+) -> tuple[ModelResponse, TokenUsage, tuple[str, str]]:  # fmt: skip
+    """``call_model``, and the configured (provider, model) the call was priced as."""
     models = Models.of(model)
     await _guard(mesh, tenant, task_id)
     route, chain = models.gateway.route_for(request)
@@ -299,29 +313,33 @@ async def call_model(
         if hit is not None:
             if on_token is not None and hit.content:
                 await on_token(hit.content)
-            return hit, TokenUsage()
+            return hit, TokenUsage(), (chain[0].provider, chain[0].model)
     hooks = _Metered(mesh, models, request, tenant=tenant, task_id=task_id, step_id=step_id, call_id=call_id,
                      delivery=attempt, counted={model_key(chain[0]): fitted.prompt_tokens})  # fmt: skip
     response = await models.gateway.complete(request, hooks=hooks, on_token=on_token, on_reset=on_reset)
     cached = getattr(response, "cached_input_tokens", 0)
+    # Priced as the configured model it was reserved for, whatever id the provider echoes back
+    # (a dated snapshot of a pinned alias, say): the price was checked before the call was made,
+    # so a call that was paid for is always accounted.
+    priced = hooks.answered_by or chain[0]
     usage = TokenUsage(
         input_tokens=response.input_tokens,
         output_tokens=response.output_tokens,
         cached_input_tokens=cached,
-        cost_usd=cost(response.provider, response.model, response.input_tokens, response.output_tokens, cached),
+        cost_usd=cost(priced.provider, priced.model, response.input_tokens, response.output_tokens, cached),
         calls=1,
     )
     grant = hooks.winner
     await mesh.publish(
         _usage_message(
-            mesh, request, response, usage, tenant=tenant, task_id=task_id, step_id=step_id, call_id=call_id,
-            reservation_id=grant.reservation_id if grant is not None else call_id,
+            mesh, request, response, usage, (priced.provider, priced.model), tenant=tenant, task_id=task_id,
+            step_id=step_id, call_id=call_id, reservation_id=grant.reservation_id if grant is not None else call_id,
         ),
         key=call_id,
     )  # fmt: skip
     if models.cache is not None and request.cache:
         await models.cache.put(tenant, route, cache_key, request, response)
-    return response, usage
+    return response, usage, (priced.provider, priced.model)
 
 
 async def call_model_once(
@@ -346,7 +364,7 @@ async def call_model_once(
 
     async def perform(_key: str) -> dict:
         async with delivery.keepalive() if delivery is not None else contextlib.nullcontext():
-            response, usage = await call_model(
+            response, usage, priced = await _call_model(
                 mesh, model, request, tenant=tenant, task_id=task_id, step_id=step_id, call_id=call_id,
                 attempt=delivery.deliveries if delivery is not None else 1, on_token=on_token, on_reset=on_reset,
             )  # fmt: skip
@@ -357,6 +375,7 @@ async def call_model_once(
                 "tool_calls": [dataclasses.asdict(c) for c in response.tool_calls],
             },
             "usage": usage.model_dump(mode="json"),
+            "priced": list(priced),
         }
 
     if ledger is None:
@@ -372,8 +391,8 @@ async def call_model_once(
         # reached the stream. Publishing again is free (same id: deduplicated, counted once).
         await mesh.publish(
             _usage_message(
-                mesh, request, response, usage, tenant=tenant, task_id=task_id, step_id=step_id, call_id=call_id,
-                reservation_id=call_id,
+                mesh, request, response, usage, tuple(record.get("priced") or (response.provider, response.model)),
+                tenant=tenant, task_id=task_id, step_id=step_id, call_id=call_id, reservation_id=call_id,
             ),
             key=call_id,
         )  # fmt: skip
