@@ -59,9 +59,12 @@ class Bucket:
     description: str = ""
     per_service: tuple[str, ...] = ()
     ttl_s: float = 0.0
-    watchers: tuple[str, ...] = ()
-    """Principals that may watch the bucket (read-only ordered consumers), e.g. to see every
-    pending approval."""
+    scanners: tuple[str, ...] = ()
+    """Principals that may read the whole bucket, in order or as its current values (direct gets
+    by sequence and ``multi_last``; no consumer), e.g. to see every pending approval."""
+    followers: tuple[str, ...] = ()
+    """Principals told of every write at once on a core subscription to ``$KV.<bucket>.>`` (a
+    doorbell: they read the entry they are told of, and re-read it now and then)."""
 
 
 TRUST_BUCKET = "trust"
@@ -96,7 +99,7 @@ BUCKETS: tuple[Bucket, ...] = (
         "approvals",
         writer="tool-executor",
         history=5,
-        watchers=("tool-executor", "approver"),
+        scanners=("tool-executor", "approver"),
         description="Tool calls waiting for a human and their decisions, one key per approval id: a "
         "restart of the tool-executor loses no wait; approvers list and read them here.",
     ),
@@ -111,7 +114,7 @@ BUCKETS: tuple[Bucket, ...] = (
     Bucket(
         "notes",
         writer="tool-executor",
-        watchers=("tool-executor",),  # note_list reads the tenant's keys
+        scanners=("tool-executor",),  # note_list reads the tenant's keys
         history=5,
         description="Tenant-scoped notes written by the notes tools (<tenant>.<note>).",
     ),
@@ -126,7 +129,8 @@ BUCKETS: tuple[Bucket, ...] = (
     Bucket(
         TRUST_BUCKET,
         writer="",  # operators only (admin identity: meshctl up, rotate, revoke)
-        watchers=SERVICES,
+        readers=SERVICES,
+        followers=SERVICES,
         history=5,
         description="The trust bundle as the operator last published it (key: bundle), signed by an operator: "
         "every service follows it, so a rotated or revoked key takes effect without a restart.",
@@ -155,16 +159,9 @@ durable), so a halt stops their next model or tool call at once."""
 WATCHERS: dict[str, tuple[str, ...]] = {
     "budget": ("task", "step", "tool", "rag", "check", "control", "approval", "usage"),
 }
-"""Services that read whole domains with their own ephemeral ordered consumers (no acks, no
-shared durable): the budget service derives breakers, deadlocks and stalls from them."""
-
-
-RECORD_READERS: dict[str, tuple[str, ...]] = {
-    "checker": ("rag",),
-}
-"""Services that read single stored messages of a domain by subject (``STREAM.MSG.GET``, no
-consumer): the checker reads the passages the rag service returned for the task it checks,
-so a citation resolves against what rag signed, not against what a worker claims."""
+"""Services that read whole domains in order with direct gets (``$JS.API.DIRECT.GET.<stream>``:
+no consumer, so no right to create, change or delete one): the budget service derives
+breakers, deadlocks and stalls from them."""
 
 
 def stream_contracts() -> list[type[Contract]]:

@@ -65,7 +65,7 @@ def expected_publish(principal: str) -> dict[str, bool]:
     for b in topo.BUCKETS:
         cases[f"$KV.{b.name}.acme.pm-task"] = principal == b.writer
         cases[f"$JS.API.DIRECT.GET.KV_{b.name}.$KV.{b.name}.acme.pm-task"] = (
-            principal == b.writer or principal in b.readers or principal in b.watchers
+            principal == b.writer or principal in b.readers or principal in b.scanners
         )
     for svc in SERVICES:
         cases[topo.dlq_subject(svc, "task.v1.acme.pm-task.submitted")] = svc == principal
@@ -83,6 +83,9 @@ def expected_subscribe(principal: str) -> dict[str, bool]:
         cases[f"event.v1.{tenant}.>"] = mine
         cases[f"task.v1.{tenant}.>"] = mine
     cases["budget.v1.acme.pm-task.reserve"] = principal == "budget"  # request/reply: only the budget serves
+    cases["$KV.trust.bundle"] = principal in SERVICES  # the trust bundle's doorbell: every service
+    cases["$KV.approvals.ap-1"] = False  # buckets are read with direct gets, never followed otherwise
+    cases["$KV.ledger.planner.k"] = False
     cases["approval.v1.acme.pm-task.requested"] = principal == APPROVER
     return cases
 

@@ -129,22 +129,17 @@ async def test_untrusted_messages_are_dead_lettered_and_never_handled(keys, atta
 
 async def test_checker_verdict_names_failed_checks(keys):
     from mesh_checker.service import Checker
-    from mesh_contracts.v1 import RetrievalHit
+    from mesh_contracts.v1 import RetrievalCompleted, RetrievalHit, SignedRecord, StepResult
 
-    async def retrieved(tenant: str, task_id: str) -> dict:
-        assert (tenant, task_id) == ("acme", "t1")
-        hit = RetrievalHit(
-            doc_id="x.md",
-            version="v",
-            chunk_id="1",
-            chunk_hash="h",
-            score=1.0,
-            text="Call us on 555-123-4567 any time.",
-        )
-        return {("x.md", "1"): hit}
+    hit = RetrievalHit(
+        doc_id="x.md", version="v", chunk_id="1", chunk_hash="h", score=1.0, text="Call us on 555-123-4567 any time."
+    )
+    found = RetrievalCompleted(tenant="acme", task_id="t1", step_id="s1", call_id="c1", hits=(hit,))
+    token = _headers(keys.signer("rag"), found)[env.IDENTITY]
+    record = SignedRecord(body=found.to_bytes().decode(), token=token)
 
     mesh = _mesh(keys, "checker")
-    Checker(mesh, passages=retrieved).register()
+    Checker(mesh).register()  # the passages come from the request's records, verified as rag's
     out = _capture(mesh, "check.v1.*.*.verdict")
     req = CheckRequested(
         tenant="acme",
@@ -152,6 +147,8 @@ async def test_checker_verdict_names_failed_checks(keys):
         goal="g",
         answer="Call us on 555-123-4567 any time. [x.md#1]",
         citations=(Citation(doc_id="x.md", version="v", chunk_id="1", chunk_hash="h"),),
+        steps=(StepResult(step_id="s1", output="Call us on 555-123-4567 any time.", retrievals=(record,)),),
+        answer_step="s1",
     )
     async with TestNatsBroker(mesh.broker) as br:
         await br.publish(req.to_bytes(), req.subject(), headers=_headers(keys.signer("planner"), req))

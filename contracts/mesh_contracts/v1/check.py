@@ -7,6 +7,7 @@ from typing import ClassVar, Literal
 from pydantic import ConfigDict, Field
 
 from mesh_contracts.base import Contract, ContractSpec
+from mesh_contracts.decode import MB
 from mesh_contracts.v1.common import CheckResult, Citation, StepResult, TaskPolicy, TokenUsage
 
 _EX = {"tenant": "acme", "task_id": "t-7f3a"}
@@ -32,7 +33,12 @@ class CheckRequested(Contract):
         }
     )
     spec: ClassVar = ContractSpec(
-        "check", "requested", producers=("planner",), consumers=("checker",), summary="Verify an answer."
+        "check",
+        "requested",
+        producers=("planner",),
+        consumers=("checker",),
+        summary="Verify an answer.",
+        max_bytes=4 * MB,  # every step's result with the retrieval records it read
     )
 
     type: Literal["check.requested"] = "check.requested"
@@ -53,6 +59,9 @@ class CheckRequested(Contract):
     """The step whose output is ``answer``."""
     prompt_versions: dict[str, str] = {}
     """Prompt version per agent role that shaped the answer (``planner``, ``worker``)."""
+    started_at: float = Field(0.0, ge=0)
+    """When the task was accepted (epoch seconds): a retrieval record signed before it is not
+    one of this task's (0: unknown, no lower bound)."""
 
 
 class CheckVerdict(Contract):

@@ -184,6 +184,17 @@ class TaskPolicy(_Value):
     may take, and continues with the call's result."""
 
 
+class SignedRecord(_Value):
+    """A message exactly as its producer signed it, handed on by a service that received it, so
+    that a later reader can check who produced it without reading the stream it came from (the
+    checker gets rag's retrieval results this way: it holds no right to read the RAG stream)."""
+
+    body: str = Field(max_length=1_048_576)
+    """The message's JSON body, byte for byte as it was signed (UTF-8 text)."""
+    token: str = Field(max_length=8192)
+    """Its identity token (the ``Mesh-Identity`` header it was published with)."""
+
+
 class StepResult(_Value):
     """One completed step's result, as the planner sends it to the checker."""
 
@@ -197,6 +208,9 @@ class StepResult(_Value):
     models: tuple[str, ...] = ()
     """``provider/model`` of the model calls that produced the output."""
     prompt_version: str = ""
+    retrievals: tuple[SignedRecord, ...] = Field((), max_length=64)
+    """The ``retrieval.completed`` messages the step read, as rag signed them: citations resolve
+    against these, and only after the checker verified rag's signature."""
 
 
 class HeldCall(_Value):

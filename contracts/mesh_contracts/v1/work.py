@@ -8,7 +8,16 @@ from pydantic import ConfigDict, Field
 
 from mesh_contracts.base import CLIENT, ID_PATTERN, Contract, ContractSpec
 from mesh_contracts.decode import MB
-from mesh_contracts.v1.common import Citation, Destination, HeldCall, PlanStep, RetrievalHit, Taint, TokenUsage
+from mesh_contracts.v1.common import (
+    Citation,
+    Destination,
+    HeldCall,
+    PlanStep,
+    RetrievalHit,
+    SignedRecord,
+    Taint,
+    TokenUsage,
+)
 
 _EX = {"tenant": "acme", "task_id": "t-7f3a"}
 DOCUMENT_TYPES: dict[str, str] = {
@@ -114,6 +123,9 @@ class StepCompleted(Contract):
     from a worker that does not declare it: its output is then treated as untrusted."""
     held: tuple[HeldCall, ...] = ()
     """Tool calls held for a human decision that the step went on without."""
+    retrievals: tuple[SignedRecord, ...] = Field((), max_length=64)
+    """The ``retrieval.completed`` messages the step read, byte for byte as rag signed them, for
+    the checker (which reads no stream). The worker hands on up to 256 KB of them per step."""
 
 
 class StepFailed(Contract):

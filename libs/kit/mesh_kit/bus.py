@@ -46,6 +46,7 @@ from mesh_kit import telemetry as tel
 from mesh_kit.guard import Guard
 from mesh_kit.identity import IdentityError, Principal, Signer, TrustBundle, Verifier, load_private_key
 from mesh_kit.settings import BROKER_UNAVAILABLE, ServiceSettings, tls_context
+from mesh_kit.state import bind
 
 log = logging.getLogger("mesh.bus")
 C = TypeVar("C", bound=Contract)
@@ -80,6 +81,8 @@ class Delivery:
     seq: int = 0
     stored_at: float | None = None
     """When JetStream stored the message (None for core request/reply)."""
+    body: bytes = b""
+    """The message's body as it arrived (and as its sender signed it)."""
 
     @property
     def owner(self) -> str:
@@ -271,17 +274,33 @@ class Mesh:
         return True
 
     async def _watch_trust(self, kv: Any) -> None:
-        while True:
-            try:
-                watcher = await kv.watch(topo.TRUST_KEY)
-                async for entry in watcher:
-                    if entry is not None and entry.value and entry.operation not in ("DEL", "PURGE"):
+        """Every write of the bundle reaches this service at once on a core subscription to its
+        key's subject (the document itself, accepted only if the current bundle's operator
+        signed it and it is newer); a re-read every ``identity_refresh_s`` catches a write made
+        while this service was disconnected. No consumer: a service holds no consumer rights."""
+
+        async def on_write(msg: Msg) -> None:
+            if msg.data:  # a deletion marker has no body
+                self._accept_bundle(msg.data)
+
+        sub = None
+        try:
+            while True:
+                try:
+                    if sub is None:
+                        sub = await self.nc.subscribe(f"$KV.{topo.TRUST_BUCKET}.{topo.TRUST_KEY}", cb=on_write)
+                    entry = await kv.get(topo.TRUST_KEY)
+                    if entry is not None and entry.value:
                         self._accept_bundle(entry.value)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - the broker went away (or a reconnect): watch again
-                log.debug("trust watch interrupted (%s); watching again", exc)
-                await asyncio.sleep(1.0)
+                except KeyNotFoundError:
+                    pass
+                except Exception as exc:  # noqa: BLE001 - the broker went away (or a reconnect): read again
+                    log.debug("trust bundle re-read failed (%s); trying again", exc)
+                await asyncio.sleep(self.settings.identity_refresh_s)
+        finally:
+            if sub is not None:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
 
     async def _watch_key(self) -> None:
         while True:
@@ -518,7 +537,7 @@ class Mesh:
             return
 
         delivery = Delivery(
-            self, sender, raw.subject, headers.get(env.MSG_ID, ""), deliveries, headers, msg, seq, stored_at
+            self, sender, raw.subject, headers.get(env.MSG_ID, ""), deliveries, headers, msg, seq, stored_at, raw.data
         )
         if deliveries > 1:
             self.count(tel.M_REDELIVERED)
@@ -680,7 +699,9 @@ class Mesh:
                 self.count(tel.M_REJECTED)
                 self._rejections.warn(f"rejected request on {raw.subject}: {_rejection(exc)}")
                 return  # the requester times out; an unverified sender learns nothing
-            answer = await handler(model, Delivery(self, sender, raw.subject, headers.get(env.MSG_ID, ""), 1, headers))
+            answer = await handler(
+                model, Delivery(self, sender, raw.subject, headers.get(env.MSG_ID, ""), 1, headers, body=raw.data)
+            )
             body = answer.to_bytes()
             await self.nc.publish(raw.reply, body, headers=env.headers_for(self.signer, answer, body, ""))
             self.count(tel.M_HANDLED)
@@ -691,8 +712,8 @@ class Mesh:
     # --- state ----------------------------------------------------------------------------
 
     async def kv(self, bucket: str) -> Any:
-        """Bind a provisioned KV bucket (never creates it)."""
-        return await self.nc.jetstream().key_value(bucket)
+        """Bind a provisioned KV bucket (never creates it; see ``state.bind``)."""
+        return bind(self.nc, bucket)
 
 
 def _rejection(exc: Exception) -> str:

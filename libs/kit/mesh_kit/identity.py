@@ -335,6 +335,25 @@ class Verifier:
             raise IdentityError("re-drive statement is for another message (subject, body or message id differ)")
         return Redrive(principal.name, float(claims["at"]), str(claims["omid"]), int(claims.get("dlq", 0)))
 
+    def verify_forwarded(
+        self, token: str | None, body: bytes, model: Contract, *, not_before: float, not_after: float
+    ) -> Principal:
+        """Verify a message handed on inside another one (``SignedRecord``), as of when it was
+        signed: its token's ``iat`` must fall in ``[not_before, not_after]`` (the task's lifetime,
+        from what the forwarding message's own trusted producer says), and the key must have been
+        valid then. A record does not expire on its way; a key retired before it was signed, or
+        revoked, still refuses it, and so does a signing time outside the window (a record from
+        another task, or one back-dated with a retired key before the task existed)."""
+        if not token:
+            raise IdentityError("identity token missing")
+        try:
+            iat = float(jwt.decode(token, options={"verify_signature": False}).get("iat", 0))
+        except (jwt.PyJWTError, TypeError, ValueError) as exc:
+            raise IdentityError(f"unreadable identity token: {exc}") from None
+        if iat < not_before - self.leeway_s or iat > not_after + self.leeway_s:
+            raise IdentityError("signed outside the task's lifetime (a record of another task, or back-dated)")
+        return self.verify(token, body, model, at=iat)
+
     def verify(
         self, token: str | None, body: bytes, model: Contract, *, at: float | None = None, msg_id: str | None = None
     ) -> Principal:

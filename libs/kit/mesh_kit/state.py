@@ -12,13 +12,32 @@ from collections.abc import Callable
 from typing import Any, Literal, TypeVar
 
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.kv import KeyValue
 from pydantic import BaseModel, ConfigDict
 
-from mesh_contracts.v1 import CheckResult, Citation, HeldCall, PlanStep, Taint, TaskLimits, TaskPolicy, TokenUsage
+from mesh_contracts.v1 import (
+    CheckResult,
+    Citation,
+    HeldCall,
+    PlanStep,
+    SignedRecord,
+    Taint,
+    TaskLimits,
+    TaskPolicy,
+    TokenUsage,
+)
 
 TaskStatus = Literal["planning", "running", "checking", "halted", "completed", "failed", "cancelled"]
 StepStatus = Literal["pending", "dispatched", "completed", "failed", "halted"]
 TERMINAL: tuple[str, ...] = ("completed", "failed", "cancelled")
+
+
+def bind(nc: Any, bucket: str) -> KeyValue:
+    """A provisioned bucket (provisioning makes every bucket allow direct gets), bound without
+    asking the server for its stream's info: ``$JS.API.STREAM.INFO`` with a subjects filter
+    lists every key of a bucket, so no service holds it on a bucket where it may only read
+    some keys (the per-service ``ledger``). A missing bucket fails on first use instead."""
+    return KeyValue(name=bucket, stream=f"KV_{bucket}", pre=f"$KV.{bucket}.", js=nc.jetstream(), direct=True)
 
 
 class StepState(BaseModel):
@@ -36,6 +55,8 @@ class StepState(BaseModel):
     models: list[str] = []
     """``provider/model`` of the completed attempt's model calls."""
     prompt_version: str = ""
+    retrievals: list[SignedRecord] = []
+    """The retrieval results the completed attempt read, as rag signed them (for the checker)."""
     taint: Taint | None = None
     """What untrusted content the completed attempt read (None: not declared by its worker, so
     its output counts as untrusted); passed on to the steps that take its output."""

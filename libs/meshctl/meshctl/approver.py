@@ -21,6 +21,8 @@ from mesh_contracts.v1 import ApprovalDecided
 from mesh_kit import envelope as env
 from mesh_kit.identity import Signer
 from mesh_kit.settings import inbox_prefix, log_nats_error, nats_servers, tls_context
+from mesh_kit.state import bind
+from mesh_kit.tail import Reader
 
 if TYPE_CHECKING:
     from meshctl.identity import Identities
@@ -52,7 +54,7 @@ class Approver:
             error_cb=log_nats_error,
             tls=tls_context(self.tls_ca),
         )
-        self.kv = await self.nc.jetstream().key_value(BUCKET)
+        self.kv = bind(self.nc, BUCKET)
         return self
 
     @classmethod
@@ -74,11 +76,13 @@ class Approver:
 
     async def list(self, *, everything: bool = False) -> list[dict[str, Any]]:
         """Waiting approvals, oldest first (``everything``: decided ones too)."""
+        assert self.nc is not None
+        reader = Reader(self.nc, f"KV_{BUCKET}")
         try:
-            keys = await self.kv.keys()
-        except nats.js.errors.NoKeysError:
-            return []
-        records = [r for k in keys if (r := await self.get(k)) is not None]
+            current = await reader.current(BUCKET)  # every live record in one request, no consumer
+        finally:
+            await reader.close()
+        records = [json.loads(e.data) for e in current.values() if e.data]
         return sorted((r for r in records if everything or r["status"] == "pending"), key=lambda r: r["requested_at"])
 
     async def decide(

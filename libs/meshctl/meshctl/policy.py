@@ -56,20 +56,17 @@ def service_permissions(service: str) -> Permissions:
             f"$JS.ACK.{d.stream}.{d.name}.>",
             f"$JS.ACK.*.*.{d.stream}.{d.name}.>",
         )
-    if service in topo.WATCHERS:
-        # Read-only ordered consumers over the watched streams (the budget's monitor), and how
-        # far accounting has got (the reservation expiry horizon).
-        for domain in topo.WATCHERS[service]:
-            stream = topo.STREAMS[domain]
-            # ``CONSUMER.CREATE.<stream>`` with no name token creates ephemeral consumers only
-            # (the server refuses a durable name there); no delete right: ordered consumers are
-            # reaped by the server when idle, and no other service's durable can be touched.
-            p.add_pub(f"$JS.API.STREAM.INFO.{stream}", f"$JS.API.CONSUMER.CREATE.{stream}", f"$JS.FC.{stream}.>")
-    for domain in topo.RECORD_READERS.get(service, ()):
-        p.add_pub(f"$JS.API.STREAM.MSG.GET.{topo.STREAMS[domain]}")
+    for domain in topo.WATCHERS.get(service, ()):
+        # Whole streams in order, with batched direct gets (the budget's monitor), and how far
+        # accounting has got (the reservation expiry horizon). No consumer-create right: on
+        # NATS it is also the right to update any durable on the stream and to point a push
+        # consumer at anybody's inbox.
+        p.add_pub(f"$JS.API.DIRECT.GET.{topo.STREAMS[domain]}")
     for b in topo.BUCKETS:
-        if service in b.watchers:
-            p.add_pub(*_watch(b.name))
+        if service in b.scanners:
+            p.add_pub(*_scan(b.name))
+        if service in b.followers:
+            p.add_sub(f"$KV.{b.name}.>")
     if service in topo.CONTROL_OBSERVERS:
         p.add_sub("control.*.*.*.*")
     p.add_pub(topo.dlq_subject(service, ">"))
@@ -77,29 +74,22 @@ def service_permissions(service: str) -> Permissions:
         if service == writer:
             p.add_pub(f"{prefix}.>")
     for b in topo.BUCKETS:
-        if service == b.writer or service in b.readers:
-            p.add_pub(f"$JS.API.STREAM.INFO.KV_{b.name}", f"$JS.API.DIRECT.GET.KV_{b.name}.>")
+        # Buckets are bound without STREAM.INFO (``state.bind``): with a subjects filter it lists
+        # every key, so only a bucket's writer, who holds every key anyway, may ask for it.
         if service == b.writer:
-            p.add_pub(f"$KV.{b.name}.>")
+            p.add_pub(f"$JS.API.STREAM.INFO.KV_{b.name}", f"$JS.API.DIRECT.GET.KV_{b.name}.>", f"$KV.{b.name}.>")
+        if service in b.readers:
+            p.add_pub(f"$JS.API.DIRECT.GET.KV_{b.name}.>")
         if service in b.per_service:  # its own key prefix only
-            p.add_pub(
-                f"$JS.API.STREAM.INFO.KV_{b.name}",
-                f"$JS.API.DIRECT.GET.KV_{b.name}.$KV.{b.name}.{service}.>",
-                f"$KV.{b.name}.{service}.>",
-            )
+            p.add_pub(f"$JS.API.DIRECT.GET.KV_{b.name}.$KV.{b.name}.{service}.>", f"$KV.{b.name}.{service}.>")
     return p
 
 
-def _watch(bucket: str) -> tuple[str, ...]:
-    """Read a whole bucket: direct gets and ephemeral ordered consumers (no durable, no delete)."""
+def _scan(bucket: str) -> tuple[str, ...]:
+    """Read a whole bucket: direct gets by key, and by sequence or as current values (the request
+    body says which, on the bare subject). No consumers."""
     stream = f"KV_{bucket}"
-    return (
-        f"$JS.API.STREAM.INFO.{stream}",
-        f"$JS.API.DIRECT.GET.{stream}.>",
-        f"$JS.API.CONSUMER.CREATE.{stream}",
-        f"$JS.API.CONSUMER.INFO.{stream}.*",  # the KV watcher asks how much is pending
-        f"$JS.FC.{stream}.>",
-    )
+    return (f"$JS.API.DIRECT.GET.{stream}.>", f"$JS.API.DIRECT.GET.{stream}")
 
 
 def client_permissions(tenant: str) -> Permissions:
@@ -130,8 +120,8 @@ def approver_permissions() -> Permissions:
         if APPROVER in s.consumers:
             p.add_sub(f"{s.domain}.*.*.*.{s.event}")
     for b in topo.BUCKETS:
-        if APPROVER in b.watchers:
-            p.add_pub(*_watch(b.name))
+        if APPROVER in b.scanners:
+            p.add_pub(*_scan(b.name))
     return p
 
 

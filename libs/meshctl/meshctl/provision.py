@@ -19,7 +19,6 @@ DEDUP_WINDOW_S = 600.0
 caught by the consumer-side idempotency ledger."""
 RETENTION_S = 7 * 24 * 3600.0
 DLQ_RETENTION_S = 30 * 24 * 3600.0
-CLIENT_READABLE = {"TASK", "EVENTS"}  # tenant clients catch up on these with DIRECT.GET
 
 
 @dataclass
@@ -39,7 +38,9 @@ def stream_configs(replicas: int = 1) -> list[api.StreamConfig]:
             duplicate_window=DEDUP_WINDOW_S,
             max_age=RETENTION_S,
             num_replicas=replicas,
-            allow_direct=stream in CLIENT_READABLE,
+            # Direct gets: tenant clients catch up on TASK and EVENTS, the budget's monitor reads
+            # the streams it watches (no consumers). Who may is a matter of permissions.
+            allow_direct=True,
             max_msg_size=topo.max_message_bytes(domain),
             description=f"AgentMesh {domain} messages (all contract versions)",
         )

@@ -37,11 +37,12 @@ from mesh_kit import state as st
 from mesh_kit import telemetry as tel
 from mesh_kit.identity import IdentityError
 from mesh_kit.state import TaskRecord
+from mesh_kit.tail import Reader, Stored, Tail
 
 log = logging.getLogger("mesh.budget")
 USAGE_DURABLE = "budget--usage-recorded"
 WATCHED = topo.WATCHERS["budget"]
-"""Domains the monitor reads (every replica reads all of them, from its own ordered consumers)."""
+"""Domains the monitor reads (every replica reads all of them, with direct gets: no consumers)."""
 
 
 class TenantLimits(BaseModel):
@@ -67,6 +68,10 @@ class BudgetSettings(BaseSettings):
     """On start, the monitor replays this much of the streams to rebuild its view of live tasks."""
     tick_s: float = Field(0.25, gt=0)
     """How often deadlines and stall timeouts are checked."""
+    watch_idle_s: tuple[float, float] = (0.005, 0.1)
+    """How long the monitor waits before reading a stream again when it has read everything:
+    from the first value after each message, doubling up to the second (its added latency on
+    an idle stream, and the cost of idling: one small request per stream per interval)."""
     loop_repeats: int = Field(3, ge=2)
     chatter_window_s: float = Field(30.0, gt=0)
     chatter_min_messages: int = Field(60, ge=2)
@@ -120,8 +125,7 @@ class Budget:
         self._samples: list[tuple[float, int]] = []
         self._poller: asyncio.Task[None] | None = None
         self.monitor = Monitor(self.settings.rules())
-        self._watch_subs: list[Any] = []
-        self._caught_up: set[str] = set()
+        self._tails: list[Tail] = []
         self._ticker: asyncio.Task[None] | None = None
         self._started_at = 0.0
         self._background: set[asyncio.Task[None]] = set()
@@ -148,54 +152,36 @@ class Budget:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        for sub in self._watch_subs:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+        for tail in self._tails:
+            await tail.stop()
         await self.view.close()
 
     # --- the monitor: every message about every task ------------------------------------------
 
     async def _watch(self) -> None:
-        """One ordered consumer per watched stream, from ``lookback_s`` ago: the monitor's state
-        is rebuilt from the streams on every start (nothing to persist, nothing to lose)."""
-        from datetime import UTC, datetime
-
-        from nats.js.api import ConsumerConfig, DeliverPolicy
-
-        js = self.mesh.nc.jetstream()
+        """Follow every watched stream from ``lookback_s`` ago, with direct gets (no consumer: the
+        budget holds no right to create, change or delete consumers): the monitor's state is
+        rebuilt from the streams on every start (nothing to persist, nothing to lose)."""
         self._started_at = time.time()
-        start = datetime.fromtimestamp(self._started_at - self.settings.lookback_s, UTC)
+        start = self._started_at - self.settings.lookback_s
         for domain in WATCHED:
             stream = topo.STREAMS[domain]
 
-            async def on_msg(msg: Any, stream: str = stream) -> None:
+            async def on_msg(msg: Stored, stream: str = stream) -> None:
                 await self._on_watched(msg, stream)
 
-            sub = await js.subscribe(
-                f"{domain}.>",
-                stream=stream,
-                cb=on_msg,
-                ordered_consumer=True,
-                deliver_policy=DeliverPolicy.BY_START_TIME,
-                config=ConsumerConfig(opt_start_time=start),
-            )
-            self._watch_subs.append(sub)
+            tail = Tail(self.mesh.nc, stream, on_msg, start_time=start, idle_s=self.settings.watch_idle_s)
+            tail.start()
+            self._tails.append(tail)
 
-    async def _on_watched(self, msg: Any, stream: str) -> None:
-        try:
-            md = msg.metadata
-            at, pending = md.timestamp.timestamp(), md.num_pending
-        except Exception:  # noqa: BLE001 - not a JetStream message
-            return
-        if pending == 0:
-            self._caught_up.add(stream)
+    async def _on_watched(self, msg: Stored, stream: str) -> None:
         try:
             model = parse_message(msg.subject, msg.data)
-            self.mesh.verifier.verify((msg.headers or {}).get(env.IDENTITY), msg.data, model, at=at)
+            self.mesh.verifier.verify(msg.headers.get(env.IDENTITY), msg.data, model, at=msg.time)
         except (ContractError, IdentityError):
             return  # its consumer dead-letters it; the monitor only folds in verified facts
         try:
-            trips = self.monitor.observe(model, at)
+            trips = self.monitor.observe(model, msg.time)
         except Exception:
             log.exception("monitor failed on %s", msg.subject)
             return
@@ -203,8 +189,9 @@ class Budget:
             await self._act(trip)
 
     def caught_up(self) -> bool:
-        """Replay done: every stream delivered its backlog, or 2 s passed (an idle stream sends nothing)."""
-        return len(self._caught_up) == len(WATCHED) or time.time() - self._started_at > 2.0
+        """Replay done: every stream was read to its end once (or 2 s passed: the broker is slow
+        to answer, and the monitor must not stay blind to deadlines meanwhile)."""
+        return all(t.caught_up.is_set() for t in self._tails) or time.time() - self._started_at > 2.0
 
     async def _tick(self) -> None:
         while True:
@@ -266,10 +253,11 @@ class Budget:
         that expired before it and are still unsettled were abandoned. With no backlog at all
         the horizon is the poll time itself."""
         js = self.mesh.nc.jetstream()
+        usage = Reader(self.mesh.nc, topo.STREAMS["usage"])
         while True:
             sent = time.time()
             try:
-                stream = await js.stream_info(topo.STREAMS["usage"], subjects_filter=None)
+                last = await usage.last("usage.>")  # the last stored usage message (a direct get)
                 info = await js.consumer_info(topo.STREAMS["usage"], USAGE_DURABLE, timeout=2.0)
             except Exception as exc:  # noqa: BLE001 - broker away: the horizon just stands still
                 log.debug("horizon poll failed: %s", exc)
@@ -277,7 +265,7 @@ class Budget:
                 if not info.num_pending and not info.num_ack_pending:
                     self.horizon, self._samples = sent, []
                 else:
-                    self._samples.append((sent, stream.state.last_seq))
+                    self._samples.append((sent, last.seq if last is not None else 0))
                     floor = info.ack_floor.stream_seq if info.ack_floor else 0
                     passed = [t for t, seq in self._samples if seq <= (floor or 0)]
                     if passed:

@@ -1,8 +1,9 @@
 """Checker: a verdict, check by check, on every step result and final answer of a task.
 
 1. Property checks (``checks.py``) on each step result and on the answer, against the passages
-   the rag service actually returned for this tenant's task (read from the RAG stream and
-   verified as signed by rag: a citation the worker or planner made up does not resolve).
+   the rag service actually returned for this tenant's task (handed on in the check request
+   exactly as rag signed them, and verified: a citation the worker or planner made up does not
+   resolve; the checker itself reads no stream and so no other tenant's documents).
 2. When every property check passes and the task's policy wants it, the LLM judge grades the
    answer against the policy's rubric (``judge.py``), through the budgeted gateway, on a model
    other than the ones that wrote the answer when the judge route has one.
@@ -14,18 +15,15 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from nats.js.errors import NotFoundError
-
 from mesh_checker import judge as jd
 from mesh_checker.checks import Passages, evidence_of, run_checks
-from mesh_contracts import ContractError, parse_message
-from mesh_contracts import topology as topo
+from mesh_contracts import ContractError
 from mesh_contracts.v1 import CheckRequested, CheckResult, CheckVerdict, RetrievalCompleted, TokenUsage
 from mesh_kit import Delivery, Mesh
-from mesh_kit import envelope as env
 from mesh_kit import telemetry as tel
 from mesh_kit.identity import IdentityError
 from mesh_kit.ledger import BUCKET as LEDGER
@@ -36,10 +34,8 @@ from mesh_llm.errors import ProviderError
 from mesh_llm.gateway import Gateway, model_key
 
 log = logging.getLogger("mesh.checker")
-MAX_RETRIEVALS = 256
-"""Retrieval records read per task at most (a task makes a handful)."""
 
-PassageSource = Callable[[str, str], Awaitable[Passages]]
+PassageSource = Callable[[CheckRequested, float | None], Awaitable[Passages]]
 
 
 class Checker:
@@ -69,28 +65,30 @@ class Checker:
 
     # --- what was retrieved ---------------------------------------------------------------
 
-    async def retrieved(self, tenant: str, task_id: str) -> Passages:
-        """Every passage the rag service returned for this task, from the RAG stream. Each
-        record is parsed and its signature verified: only rag may have produced it."""
-        js = self.mesh.nc.jetstream()
-        stream = topo.STREAMS[RetrievalCompleted.spec.domain]
-        subject = f"{RetrievalCompleted.spec.domain}.*.{tenant}.{task_id}.{RetrievalCompleted.spec.event}"
+    async def retrieved(self, m: CheckRequested, at: float | None = None) -> Passages:
+        """Every passage the rag service returned for this task: the retrieval records the check
+        request carries, each exactly as rag signed it and verified here (rag produced it, for
+        this tenant and task, while the task existed, with a key valid then). The checker reads
+        no stream: it sees no other tenant's documents, and a citation the worker or planner
+        made up, or a passage they altered, does not resolve."""
         out: dict[tuple[str, str], Any] = {}
-        seq = 1
-        for _ in range(MAX_RETRIEVALS):
-            try:
-                raw = await js.get_msg(stream, seq=seq, subject=subject, next=True)
-            except NotFoundError:
-                break
-            seq = (raw.seq or seq) + 1
-            try:
-                model = parse_message(raw.subject or "", raw.data or b"")
-                at = raw.time.timestamp() if raw.time is not None else None
-                self.mesh.verifier.verify((raw.headers or {}).get(env.IDENTITY), raw.data or b"", model, at=at)
-            except (ContractError, IdentityError) as exc:
-                log.warning("ignoring retrieval record seq=%s for %s/%s: %s", raw.seq, tenant, task_id, exc)
-                continue
-            if isinstance(model, RetrievalCompleted) and model.tenant == tenant:
+        not_after = at if at is not None else time.time()
+        for step in m.steps:
+            for record in step.retrievals:
+                body = record.body.encode()
+                try:
+                    model = RetrievalCompleted.parse(body)
+                    if (model.tenant, model.task_id) != (m.tenant, m.task_id):
+                        raise ContractError(f"a record of {model.tenant}/{model.task_id}, not of this task")
+                    self.mesh.verifier.verify_forwarded(
+                        record.token, body, model, not_before=m.started_at, not_after=not_after
+                    )
+                except (ContractError, IdentityError) as exc:
+                    self.mesh.count(tel.M_REJECTED)
+                    log.warning("ignoring a retrieval record of step %s of %s/%s: %s", step.step_id, m.tenant,
+                                m.task_id, exc)  # fmt: skip
+                    continue
+                assert isinstance(model, RetrievalCompleted)
                 for hit in model.hits:
                     out[(hit.doc_id, hit.chunk_id)] = hit
         return out
@@ -156,7 +154,7 @@ class Checker:
     # --- the verdict ----------------------------------------------------------------------
 
     async def on_request(self, m: CheckRequested, d: Delivery) -> None:
-        passages = await self.passages(m.tenant, m.task_id)
+        passages = await self.passages(m, d.stored_at if d is not None else None)
         checks = run_checks(m, passages)
         judgement, usage = None, TokenUsage()
         if m.policy.judge and all(c.passed for c in checks) and self.models is not None:

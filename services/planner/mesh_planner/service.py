@@ -30,6 +30,7 @@ from mesh_contracts.v1 import (
     PlanCreated,
     PlanStep,
     ProgressEvent,
+    SignedRecord,
     StepCompleted,
     StepFailed,
     StepRequested,
@@ -152,6 +153,10 @@ def parse_plan(text: str, max_steps: int) -> list[PlanStep]:
     return steps
 
 
+CHECK_RETRIEVALS_MAX_BYTES = 3 * 1024 * 1024
+"""Retrieval records one check request carries at most (under the contract's 4 MB)."""
+
+
 def check_request(rec: TaskRecord) -> CheckRequested:
     """Every step result and the final answer, with the task's policy. Citations are owed when
     the policy says so, or by default when some other step's output cites retrieved passages
@@ -165,10 +170,23 @@ def check_request(rec: TaskRecord) -> CheckRequested:
     versions = dict(rec.prompt_versions)
     if rec.steps[sid].prompt_version:
         versions["worker"] = rec.steps[sid].prompt_version
+    room = CHECK_RETRIEVALS_MAX_BYTES
+
+    def records(s: StepState) -> tuple[SignedRecord, ...]:
+        nonlocal room
+        out = []
+        for r in s.retrievals:
+            room -= len(r.body) + len(r.token)
+            if room < 0:
+                break
+            out.append(r)
+        return tuple(out)
+
     return CheckRequested(
         tenant=rec.tenant,
         task_id=rec.task_id,
         attempt=rec.check_attempt,
+        started_at=rec.created_at,
         goal=rec.goal,
         answer=answer,
         citations=tuple(citations),
@@ -187,6 +205,7 @@ def check_request(rec: TaskRecord) -> CheckRequested:
                 tools=tuple(s.tools),
                 models=tuple(s.models),
                 prompt_version=s.prompt_version,
+                retrievals=records(s),
             )
             for k, s in rec.steps.items()
         ),
@@ -353,7 +372,7 @@ class Planner:
             s.status, s.output, s.citations = "completed", m.output, list(m.citations)
             s.usage = s.usage + m.usage  # a redone step's earlier attempts were paid for too
             s.tools, s.models, s.prompt_version = list(m.tools), list(m.models), m.prompt_version
-            s.taint = m.taint
+            s.taint, s.retrievals = m.taint, list(m.retrievals)
             # held calls stay pending across a redo: the outcome names every one still waiting
             s.held += [h for h in m.held if h.approval_id not in {x.approval_id for x in s.held}]
             _event(rec, "step.completed", f"{m.step_id}: {m.output[:100]}", m.step_id, str(m.attempt))

@@ -7,7 +7,7 @@ decision and the timeout race, and ``done`` marks that the outcome has been acte
 tool ran under the ledger, or the denial was sent), so a crash between the two is repaired
 by whichever delivery or sweep comes next.
 
-Every replica watches the bucket and expires overdue records; the compare-and-set makes sure
+Every replica follows the bucket (direct gets, no consumer) and expires overdue records; the compare-and-set makes sure
 only one of them acts.
 """
 
@@ -25,8 +25,10 @@ from pydantic import BaseModel, ConfigDict
 
 from mesh_contracts.v1 import ToolRequested
 from mesh_kit import state as st
+from mesh_kit.tail import Stored, Tail
 
 log = logging.getLogger("mesh.tool-executor.approvals")
+BUCKET = "approvals"
 
 REPAIR_GRACE_S = 30.0
 """A decided approval whose outcome nobody has acted on after this long is acted on by the sweep."""
@@ -65,8 +67,9 @@ class ApprovalRecord(BaseModel):
 class Approvals:
     """The approvals bucket, and the expiry of overdue waits."""
 
-    def __init__(self, kv: Any, on_settled: Callable[[ApprovalRecord], Awaitable[None]]) -> None:
+    def __init__(self, kv: Any, on_settled: Callable[[ApprovalRecord], Awaitable[None]], *, nc: Any = None) -> None:
         self.kv = kv
+        self.nc = nc
         self.on_settled = on_settled
         self._deadlines: dict[str, float] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -125,29 +128,30 @@ class Approvals:
 
     async def _watch(self) -> None:
         """Learn every pending deadline, including those opened by other replicas and those
-        opened before this process started (the watcher replays the bucket's current values)."""
-        while True:
-            try:
-                watcher = await self.kv.watchall()
-                async for entry in watcher:
-                    if entry is None or entry.value is None or entry.operation in ("DEL", "PURGE"):
-                        continue
-                    try:
-                        rec = ApprovalRecord.model_validate_json(entry.value)
-                    except ValueError:
-                        continue
-                    if rec.status == "pending":
-                        self._deadlines[rec.approval_id] = rec.deadline
-                    else:
-                        self._deadlines.pop(rec.approval_id, None)
-                        if not rec.done:
-                            # decided but not acted on: repair it if nobody has within a grace period
-                            self._deadlines[rec.approval_id] = time.time() + REPAIR_GRACE_S
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - the broker went away; watch again
-                log.warning("approvals watch interrupted (%s); watching again", exc)
-                await asyncio.sleep(1.0)
+        opened before this process started: the bucket read in order from its first entry with
+        direct gets (no consumer), then followed."""
+        if self.nc is None:
+            return  # in-memory bucket (unit tests): only this process's records have deadlines
+        tail = Tail(self.nc, f"KV_{BUCKET}", self._seen, idle_s=(0.05, 0.5))
+        try:
+            await tail.run()
+        finally:
+            await tail.stop()
+
+    async def _seen(self, entry: Stored) -> None:
+        if entry.operation is not None or not entry.data:
+            return
+        try:
+            rec = ApprovalRecord.model_validate_json(entry.data)
+        except ValueError:
+            return
+        if rec.status == "pending":
+            self._deadlines[rec.approval_id] = rec.deadline
+        else:
+            self._deadlines.pop(rec.approval_id, None)
+            if not rec.done:
+                # decided but not acted on: repair it if nobody has within a grace period
+                self._deadlines[rec.approval_id] = time.time() + REPAIR_GRACE_S
 
     async def _expire(self, tick_s: float) -> None:
         while True:

@@ -41,6 +41,7 @@ from mesh_kit.injection import score as injection_score
 from mesh_kit.ledger import BUCKET, Ledger
 from mesh_kit.redact import redact, redact_value
 from mesh_kit.state import TaskRecord
+from mesh_kit.tail import Reader
 from mesh_tool_executor import destinations, net
 from mesh_tool_executor.approvals import ApprovalRecord, Approvals, approval_id
 from mesh_tool_executor.limits import RateLimiter
@@ -56,8 +57,9 @@ class KVNotes(Notes):
     """Notes in the ``notes`` bucket, key ``<tenant>.<note id>``: durable and tenant-scoped (the
     tenant comes from the verified message, never from the arguments)."""
 
-    def __init__(self, kv: Any) -> None:
+    def __init__(self, kv: Any, nc: Any) -> None:
         self.kv = kv
+        self.reader = Reader(nc, "KV_notes")
 
     async def get(self, tenant: str, note_id: str) -> str | None:
         try:
@@ -76,18 +78,11 @@ class KVNotes(Notes):
         return True
 
     async def list(self, tenant: str) -> list[str]:
-        # A watch on the tenant's own subjects, so the server filters (nats-py's keys(filters=)
-        # matches substrings on the client, after reading every tenant's keys).
-        watcher = await self.kv.watch(f"{tenant}.>", ignore_deletes=True, meta_only=True)
-        names = []
-        try:
-            async for entry in watcher:
-                if entry is None:  # the initial values are done
-                    break
-                names.append(entry.key.split(".", 1)[1])
-        finally:
-            await watcher.stop()
-        return sorted(names)
+        # The current value of every key under the tenant's own prefix, filtered by the server
+        # (one direct get; nats-py's keys(filters=) would read every tenant's keys, and a watch
+        # needs a consumer).
+        current = await self.reader.current("notes", f"{tenant}.>")
+        return sorted(key.split(".", 1)[1] for key in current)
 
 
 class Settings:
@@ -137,8 +132,8 @@ class ToolExecutor:
     async def start(self) -> None:
         self.ledger = Ledger(await self.mesh.kv(BUCKET), self.mesh.service)
         self.tasks = await self.mesh.kv("tasks")
-        self.notes = KVNotes(await self.mesh.kv("notes"))
-        self.approvals = Approvals(await self.mesh.kv("approvals"), self._settle)
+        self.notes = KVNotes(await self.mesh.kv("notes"), self.mesh.nc)
+        self.approvals = Approvals(await self.mesh.kv("approvals"), self._settle, nc=self.mesh.nc)
         self.approvals.start()
         tools = await self.mesh.kv("tools")
         await tools.put(CATALOGUE_KEY, json.dumps(self.registry.catalogue()).encode())  # built-ins at once

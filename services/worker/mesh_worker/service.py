@@ -26,6 +26,7 @@ from mesh_contracts.v1 import (
     HeldCall,
     RetrievalCompleted,
     RetrievalRequested,
+    SignedRecord,
     StepCompleted,
     StepFailed,
     StepRequested,
@@ -36,6 +37,7 @@ from mesh_contracts.v1 import (
     ToolRequested,
 )
 from mesh_kit import Delivery, Mesh, prompts
+from mesh_kit import envelope as env
 from mesh_kit import state as st
 from mesh_kit import telemetry as tel
 from mesh_kit.injection import UNTRUSTED_NOTICE, score_many
@@ -88,6 +90,9 @@ SYSTEM_PROMPT = prompts.load("mesh_worker", "system")
 """The system prompt of every step (``prompts/system.md``, or its ``MESH_PROMPTS_DIR`` override);
 its ``ref`` is recorded on every model call and on ``step.completed``."""
 CATALOGUE_REFRESH_S = 1.0
+FORWARD_MAX_BYTES = 256 * 1024
+"""Retrieval records a step hands on to the checker, at most (a step's few searches take a
+few KB each); past it the newest are left out, and citations of theirs fail to resolve."""
 
 
 class PendingCall(BaseModel):
@@ -118,6 +123,8 @@ class StepRun(BaseModel):
     """Calls held for a human that the loop went on without (``on_held`` ``continue``)."""
     models: list[str] = []
     """``provider/model`` of the loop's model calls, distinct, in first-use order."""
+    retrievals: list[SignedRecord] = []
+    """The retrieval results the loop read, as rag signed them (handed on to the checker)."""
     prompt_version: str = ""
     """Ref of the system prompt the loop began with ('' in a checkpoint written before prompts
     were versioned: see ``prompt_version``)."""
@@ -244,7 +251,8 @@ class Worker:
         score = max([h.injection_score for h in m.hits] + [together.score if together else 0.0])
         text = Text.untrusted(json.dumps(hits), f"{RETRIEVAL_TOOL}:{m.call_id}", score=score,
                               signals=tuple(dict.fromkeys(signals)))  # fmt: skip
-        await self.observe(m.tenant, m.task_id, m.step_id, m.call_id, RETRIEVAL_TOOL, text, citations, d)
+        record = SignedRecord(body=d.body.decode(), token=d.headers.get(env.IDENTITY, "")) if d and d.body else None
+        await self.observe(m.tenant, m.task_id, m.step_id, m.call_id, RETRIEVAL_TOOL, text, citations, d, record=record)
 
     async def on_approval(self, m: ApprovalRequested, d: Delivery) -> None:
         """A call of ours waits for a human: wait for it as long as the approval may take (the
@@ -298,6 +306,7 @@ class Worker:
         d: Delivery | None = None,
         *,
         held: HeldCall | None = None,
+        record: SignedRecord | None = None,
     ) -> None:
         if (timer := self._timers.pop(call_id, None)) is not None:
             timer.cancel()
@@ -317,6 +326,8 @@ class Worker:
             run.pending = None
             if held is not None:
                 run.held.append(held)
+            if record is not None:
+                run.retrievals.append(record)
             return run
 
         run, applied = await st.update(self.steps, key, StepRun, apply)
@@ -507,6 +518,7 @@ class Worker:
                 prompt_version=prompt_version(run),
                 taint=run.taint,
                 held=tuple(run.held),
+                retrievals=forwarded(run.retrievals),
             )
 
         def close(cur: StepRun | None) -> StepRun | None:
@@ -578,6 +590,21 @@ def tools_called(run: StepRun) -> tuple[str, ...]:
     offered = set(run.request.step.tools)
     calls = (c.get("name", "") for m in run.messages if m.get("role") == "assistant" for c in m.get("tool_calls") or ())
     return tuple(name for name in calls if name in offered)
+
+
+def forwarded(records: list[SignedRecord]) -> tuple[SignedRecord, ...]:
+    """The step's retrieval records for the checker, oldest first, up to ``FORWARD_MAX_BYTES``
+    and the contract's 64 (a loop that searched more is told so in the log)."""
+    out: list[SignedRecord] = []
+    size = 0
+    for r in records:
+        size += len(r.body) + len(r.token)
+        if size > FORWARD_MAX_BYTES or len(out) == 64:
+            log.warning("%d retrieval record(s) not handed on to the checker (over %d bytes or 64)",
+                        len(records) - len(out), FORWARD_MAX_BYTES)  # fmt: skip
+            break
+        out.append(r)
+    return tuple(out)
 
 
 def prompt_version(run: StepRun) -> str:

@@ -1,0 +1,281 @@
+"""Consumer-less reads of a stream: batched direct gets (``$JS.API.DIRECT.GET.<stream>``).
+
+A JetStream consumer is a server-side object, and the right to create one
+(``$JS.API.CONSUMER.CREATE.<stream>``) is also the right to *update* any durable on that stream
+(a create request naming an existing consumer changes it) and to create push consumers that
+deliver into somebody else's inbox. NATS permissions cannot tell these apart. So nothing in
+the mesh that merely *reads* (the budget's monitor, the trust bundle, approvals, note lists)
+holds that right: it reads with direct gets, which can read and nothing else.
+
+``Reader.read`` asks for up to ``batch`` stored messages from a sequence (or a time, or the
+last message of every subject matching a filter) in one request; the server answers with
+one message per stored message and an end-of-batch status. ``Tail`` follows a stream with
+it: in order, with no gaps and no duplicates (it asks from the sequence after the last one it
+saw), across reconnects and leader changes, polling again at once while there is a backlog and
+backing off (``idle_s``) when there is none. Needs ``allow_direct`` on the stream and NATS
+server 2.11 or later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import nats
+
+log = logging.getLogger("mesh.tail")
+
+STATUS = "Status"
+KV_OPERATION = "KV-Operation"
+MAX_BATCH = 1024
+"""The server answers at most this many messages to one request (its own cap)."""
+
+
+class DirectGetError(Exception):
+    """The stream could not be read (no such stream, no direct gets, refused, or too many results)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """One stored message as a direct get returns it."""
+
+    subject: str
+    data: bytes
+    headers: dict[str, str]
+    seq: int
+    time: float
+    """When the stream stored it (seconds since the epoch)."""
+    pending: int
+    """How many stored messages after this one match the request."""
+
+    @property
+    def operation(self) -> str | None:
+        """``DEL`` or ``PURGE`` for a key-value deletion marker, else ``None``."""
+        return self.headers.get(KV_OPERATION)
+
+    def key(self, bucket: str) -> str:
+        """The key of a key-value entry (the subject without ``$KV.<bucket>.``)."""
+        return self.subject.removeprefix(f"$KV.{bucket}.")
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    messages: list[Stored]
+    pending: int
+    """Messages still pending after the batch (0: the reader is at the end of the stream)."""
+    complete: bool
+    """The server said the batch was over (False: the answer was cut short, ask again)."""
+
+
+def parse_time(stamp: str) -> float:
+    """RFC 3339 with nanoseconds (``2026-11-23T09:32:59.301783449Z``) to epoch seconds."""
+    stamp = stamp.strip().removesuffix("Z")
+    whole, _, frac = stamp.partition(".")
+    dt = datetime.fromisoformat(whole).replace(tzinfo=UTC)
+    return dt.timestamp() + (int(frac[:9].ljust(9, "0")) / 1e9 if frac else 0.0)
+
+
+def _rfc3339(t: float) -> str:
+    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class Reader:
+    """Batched direct gets on one stream over one connection (one request at a time)."""
+
+    def __init__(self, nc: nats.NATS, stream: str, *, batch: int = 256, timeout: float = 2.0) -> None:
+        self.nc, self.stream = nc, stream
+        self.batch, self.timeout = min(batch, MAX_BATCH), timeout
+        self._sub: Any = None
+        self._inbox = ""
+        self._n = 0
+        self._lock = asyncio.Lock()
+
+    async def close(self) -> None:
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+            self._sub = None
+
+    async def read(
+        self,
+        *,
+        seq: int | None = None,
+        start_time: float | None = None,
+        subject: str | None = None,
+        last_of: list[str] | None = None,
+        batch: int | None = None,
+    ) -> Batch:
+        """Up to ``batch`` messages from ``seq`` (or the first stored at/after ``start_time``),
+        only those matching ``subject`` if given; or, with ``last_of``, the last message of every
+        subject matching those filters (a key-value bucket's current values)."""
+        req: dict[str, Any] = {}
+        if last_of is not None:
+            req["multi_last"] = last_of
+        else:
+            req["batch"] = min(batch or self.batch, MAX_BATCH)
+            if start_time is not None and seq is None:
+                req["start_time"] = _rfc3339(start_time)
+            else:
+                req["seq"] = max(1, seq or 1)
+            if subject:
+                req["next_by_subj"] = subject
+        async with self._lock:
+            return await self._request(json.dumps(req).encode())
+
+    async def last(self, subject: str) -> Stored | None:
+        """The last stored message whose subject matches ``subject`` (wildcards allowed), if any."""
+        async with self._lock:
+            b = await self._request(json.dumps({"last_by_subj": subject}).encode(), single=True)
+        return b.messages[-1] if b.messages else None
+
+    async def _request(self, body: bytes, *, single: bool = False) -> Batch:
+        if self._sub is None:
+            self._inbox = self.nc.new_inbox()
+            self._sub = await self.nc.subscribe(f"{self._inbox}.*")
+        self._n += 1
+        reply = f"{self._inbox}.{self._n}"
+        await self.nc.publish(f"$JS.API.DIRECT.GET.{self.stream}", body, reply=reply)
+        out: list[Stored] = []
+        while True:
+            try:
+                msg = await self._sub.next_msg(timeout=self.timeout)
+            except nats.errors.TimeoutError:
+                if out:  # cut short: what arrived is good, the caller asks again from there
+                    return Batch(out, out[-1].pending, complete=False)
+                raise DirectGetError(f"no answer from {self.stream} within {self.timeout:g} s") from None
+            if msg.subject != reply:
+                continue  # the rest of an earlier answer we gave up on
+            headers = dict(msg.headers or {})
+            status = headers.get(STATUS)
+            if status is None:
+                try:
+                    out.append(
+                        Stored(
+                            subject=headers.get("Nats-Subject", ""),
+                            data=msg.data,
+                            headers=headers,
+                            seq=int(headers.get("Nats-Sequence", "0")),
+                            time=parse_time(headers.get("Nats-Time-Stamp", "1970-01-01T00:00:00Z")),
+                            pending=int(headers.get("Nats-Num-Pending", "0")),
+                        )
+                    )
+                except ValueError as exc:
+                    raise DirectGetError(f"unreadable direct get answer from {self.stream}: {exc}") from None
+                if single:
+                    return Batch(out, 0, complete=True)
+                continue
+            if status == "204":  # end of batch
+                return Batch(out, int(headers.get("Nats-Num-Pending", "0") or 0), complete=True)
+            if status == "404":  # nothing at or after that point
+                return Batch(out, 0, complete=True)
+            description = str(headers.get("Description", "")).strip() or "error"
+            if status == "503":
+                description = "no responders (no such stream, or direct gets not allowed on it)"
+            raise DirectGetError(f"direct get on {self.stream}: {status} {description}")
+
+    async def current(self, bucket: str, keys: str = ">") -> dict[str, Stored]:
+        """The live entries of a key-value bucket whose keys match ``keys`` (deletions left out).
+
+        The server filters (``multi_last``); past its limit of results in one answer this folds
+        the bucket's history instead, so the answer never depends on how big the bucket is."""
+        filt = f"$KV.{bucket}.{keys}"
+        try:
+            entries = (await self.read(last_of=[filt])).messages
+        except DirectGetError as exc:
+            if " 413 " not in f"{exc} ":
+                raise
+            entries = []
+            seq = 1
+            while True:
+                b = await self.read(seq=seq, subject=filt, batch=MAX_BATCH)
+                entries += b.messages
+                if b.messages:
+                    seq = b.messages[-1].seq + 1
+                if b.complete and (not b.pending or not b.messages):
+                    break
+        latest: dict[str, Stored] = {}
+        for e in entries:
+            latest[e.key(bucket)] = e
+        return {k: e for k, e in latest.items() if e.operation is None}
+
+
+Callback = Callable[[Stored], Awaitable[None]]
+
+
+class Tail:
+    """Follow one stream (optionally one subject filter) in order, from a sequence or a time.
+
+    ``cb`` gets every stored message exactly once per ``Tail`` (a failing ``cb`` is logged and
+    the tail moves on: a reader must not stall on one bad message). ``caught_up`` is set once
+    the tail has read everything that was stored when it started."""
+
+    def __init__(
+        self,
+        nc: nats.NATS,
+        stream: str,
+        cb: Callback,
+        *,
+        subject: str | None = None,
+        start_seq: int | None = None,
+        start_time: float | None = None,
+        idle_s: tuple[float, float] = (0.005, 0.1),
+        batch: int = 256,
+    ) -> None:
+        self.reader = Reader(nc, stream, batch=batch)
+        self.stream, self.cb, self.subject = stream, cb, subject
+        self.next_seq, self.start_time = start_seq, start_time
+        self.idle_min, self.idle_max = idle_s
+        self.caught_up = asyncio.Event()
+        self.read_count = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self.run(), name=f"tail-{self.stream}")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+            self._task = None
+        await self.reader.close()
+
+    async def run(self) -> None:
+        idle = self.idle_min
+        while True:
+            try:
+                if self.next_seq is None and self.start_time is not None:
+                    b = await self.reader.read(start_time=self.start_time, subject=self.subject)
+                else:
+                    b = await self.reader.read(seq=self.next_seq or 1, subject=self.subject)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the broker went away, a leader moved: ask again
+                log.debug("tail of %s interrupted (%s); reading again", self.stream, exc)
+                await asyncio.sleep(1.0)
+                continue
+            for m in b.messages:
+                self.next_seq = m.seq + 1
+                self.read_count += 1
+                try:
+                    await self.cb(m)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("tail of %s: handler failed on %s (seq %d)", self.stream, m.subject, m.seq)
+            if self.next_seq is None and b.complete and not b.messages:
+                self.next_seq = None  # nothing stored since start_time yet: keep asking by time
+            if b.messages and (b.pending or not b.complete):
+                idle = self.idle_min
+                continue  # a backlog: straight on
+            self.caught_up.set()
+            if b.messages:
+                idle = self.idle_min
+            await asyncio.sleep(idle)
+            idle = min(self.idle_max, idle * 2)

@@ -1,0 +1,119 @@
+"""The JetStream rights each principal is *meant* to hold, written out by hand.
+
+This table is the security model in the README, spelled as NATS subjects. It deliberately does
+not read the contracts or the topology (which is what ``meshctl.policy`` derives permissions
+from): a test comparing the generated policy with itself could never fail. When a change to
+the contracts or the topology changes a principal's JetStream rights, this table must be
+edited too, and the reviewer sees the new right spelled out.
+
+Only ``$JS.*`` subjects are listed (the JetStream API, acks, flow control). Publishing events
+and key-value writes are covered by the subject-level permission matrix.
+
+What no principal but the admin may hold, whatever this table says: any consumer create,
+update, delete, pause, unpin or step-down; any stream create, update, delete, purge, message
+delete, snapshot or restore; the account-wide listings.
+"""
+
+from __future__ import annotations
+
+
+def fetch(stream: str, durable: str) -> set[str]:
+    """Fetch from, inspect and acknowledge one durable that provisioning created (both ack
+    reply-subject layouts, with and without domain and account hash)."""
+    return {
+        f"$JS.API.CONSUMER.INFO.{stream}.{durable}",
+        f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}",
+        f"$JS.ACK.{stream}.{durable}.>",
+        f"$JS.ACK.*.*.{stream}.{durable}.>",
+    }
+
+
+def kv_read(bucket: str) -> set[str]:
+    """Read any key by name (direct get, last message of the key's subject)."""
+    return {f"$JS.API.DIRECT.GET.KV_{bucket}.>"}
+
+
+def kv_own(bucket: str) -> set[str]:
+    """The bucket's writer: every key, and the stream's info (which can list the keys)."""
+    return {f"$JS.API.STREAM.INFO.KV_{bucket}", f"$JS.API.DIRECT.GET.KV_{bucket}.>"}
+
+
+def kv_scan(bucket: str) -> set[str]:
+    """Read the whole bucket in order or as its current values (direct gets with a body)."""
+    return {f"$JS.API.DIRECT.GET.KV_{bucket}.>", f"$JS.API.DIRECT.GET.KV_{bucket}"}
+
+
+def ledger(service: str) -> set[str]:
+    """Its own slice of the shared idempotency ledger: only keys under its own name."""
+    return {f"$JS.API.DIRECT.GET.KV_ledger.$KV.ledger.{service}.>"}
+
+
+def stream_read(stream: str) -> set[str]:
+    """Read a whole stream in order with direct gets (no consumer)."""
+    return {f"$JS.API.DIRECT.GET.{stream}"}
+
+
+EVERY_SERVICE = kv_read("control") | kv_read("trust")  # kill switches; the published trust bundle
+
+INTENDED: dict[str, set[str]] = {
+    "planner": EVERY_SERVICE
+    | fetch("TASK", "planner--task-submitted")
+    | fetch("STEP", "planner--step-completed")
+    | fetch("STEP", "planner--step-failed")
+    | fetch("CHECK", "planner--check-verdict")
+    | fetch("CONTROL", "planner--control-halt")
+    | fetch("CONTROL", "planner--control-cancel")
+    | fetch("CONTROL", "planner--control-resume")
+    | kv_own("tasks")
+    | kv_read("tools")
+    | ledger("planner"),
+    "worker": EVERY_SERVICE
+    | fetch("STEP", "worker--step-requested")
+    | fetch("TOOL", "worker--tool-completed")
+    | fetch("RAG", "worker--rag-completed")
+    | fetch("APPROVAL", "worker--approval-requested")
+    | kv_read("tasks")
+    | kv_own("steps")
+    | kv_read("tools")
+    | ledger("worker"),
+    # The checker reads no stream at all: the passages it checks citations against come in the
+    # check request, each as rag signed it.
+    "checker": EVERY_SERVICE | fetch("CHECK", "checker--check-requested") | kv_read("tasks") | ledger("checker"),
+    "rag": EVERY_SERVICE
+    | fetch("RAG", "rag--rag-requested")
+    | fetch("RAG", "rag--rag-ingest")
+    | kv_read("tasks")
+    | kv_own("rag"),
+    "tool-executor": EVERY_SERVICE
+    | fetch("TOOL", "tool-executor--tool-requested")
+    | fetch("APPROVAL", "tool-executor--approval-decided")
+    | kv_read("tasks")
+    | kv_own("approvals")
+    | kv_scan("approvals")
+    | kv_own("tools")
+    | kv_own("notes")
+    | kv_scan("notes")
+    | ledger("tool-executor"),
+    # The monitor reads every domain but the tenants' event feed, with direct gets only.
+    "budget": EVERY_SERVICE
+    | fetch("USAGE", "budget--usage-recorded")
+    | {r for s in ("TASK", "STEP", "TOOL", "RAG", "CHECK", "CONTROL", "APPROVAL", "USAGE") for r in stream_read(s)}
+    | kv_read("tasks")
+    | kv_own("budget")
+    | kv_own("reservations"),
+    "approver": kv_scan("approvals"),
+    "client.acme": {"$JS.API.DIRECT.GET.TASK.task.*.acme.>", "$JS.API.DIRECT.GET.EVENTS.event.*.acme.>"},
+    "client.globex": {"$JS.API.DIRECT.GET.TASK.task.*.globex.>", "$JS.API.DIRECT.GET.EVENTS.event.*.globex.>"},
+}
+
+WHY: dict[str, str] = {
+    "CONSUMER.INFO": "its own durables only: the bound pull subscriber checks the durable exists",
+    "CONSUMER.MSG.NEXT": "its own durables only: fetch the next batch",
+    "ACK": "its own durables only: ack, nak with delay, in-progress, term",
+    "DIRECT.GET (subject form)": "read the last message of a subject it may read (KV keys, a tenant's own task)",
+    "DIRECT.GET (bare)": "batched reads by sequence/time or current values: the budget's monitor over 8 "
+    "streams and its accounting horizon (last stored usage sequence), the approvals bucket "
+    "(tool-executor's expiry, approvers' list), notes (note_list)",
+    "STREAM.INFO": "a bucket's writer only (the budget lists one task's spend keys with a subjects filter)",
+}
+"""Why each kind of right exists (for the note and the README's table)."""
