@@ -4,7 +4,9 @@ Hypothesis generates the corpus: bodies nested thousands deep, integers of thous
 strings past every limit, invalid UTF-8, wrong types, NaN and Infinity, duplicate keys, unknown
 versions; headers that are huge, missing or carry tokens in every wrong format. Each message is
 published with the tenant's NATS credentials and then accounted for: refused by the broker at
-publish time, or dead-lettered by its consumer with a reason on its first delivery. Nothing may
+publish time, or dead-lettered by its consumer with a reason on its first delivery (an ingest
+whose content is unusable, not base64 or not text, is answered instead: ``ingest.completed``
+with ``ok`` false and the reason). Nothing may
 be acted on, nothing may vanish, no service may restart or lose readiness, a normal task
 afterwards completes, and another tenant's task submitted during a flood of 1,000 such messages
 completes within twice its quiet latency.
@@ -157,6 +159,13 @@ def corpus(infra: Infra, n: int) -> list[Hostile]:
         out.append(Hostile(subject, body, head, f"{body_kind}/{head_kind}"))
 
     generate()
+    # Always in the corpus, whatever hypothesis draws: an ingest whose content is not base64, and
+    # one whose base64 decodes to bytes that are not text (both well-formed requests, answered).
+    for n, content in enumerate(("x" * 300_001, "x" * 300_000)):
+        body = json.dumps({**_valid(f"rag.v1.{TENANT}.fz.ingest"), "content_b64": content}).encode()
+        msg_id = f"fz-fixed-{n}"
+        token = signer.token(tenant=TENANT, msg_type="ingest.requested", body=body, msg_id=msg_id)
+        out.append(Hostile(f"rag.v1.{TENANT}.fz.ingest", body, {env.MSG_ID: msg_id, env.IDENTITY: token}, "content"))
     return out
 
 
@@ -191,6 +200,18 @@ async def dead_letters(infra: Infra) -> dict[tuple[str, int], str]:
             m.headers or {}).get(env.DLQ_REASON, "")
         for m in await infra.stored("DLQ", "dlq.>")
     }  # fmt: skip
+
+
+async def answered(infra: Infra) -> dict[str, str]:
+    """Message id -> the reason, for every ingest the rag service refused with an answer to the
+    tenant (``ingest.completed`` with ``ok`` false: not base64, not text of its media type): a
+    well-formed request whose content is unusable is answered, not dead-lettered."""
+    out = {}
+    for m in await infra.stored("RAG", f"rag.v1.{TENANT}.*.ingested"):
+        body = json.loads(m.data)
+        if not body.get("ok") and (cause := (m.headers or {}).get(env.CAUSATION)):
+            out[cause] = "rag: " + body.get("error", "")
+    return out
 
 
 async def acted_on(infra: Infra) -> int:
@@ -228,6 +249,10 @@ async def _suite(infra: Infra, mesh: ChaosMesh, messages: list[Hostile]) -> None
     deadline, letters = time.monotonic() + 120, {}
     while time.monotonic() < deadline:
         letters = await dead_letters(infra)
+        refusals = await answered(infra)
+        letters |= {
+            k: refusals[m.headers[env.MSG_ID]] for k, m in stored.items() if m.headers.get(env.MSG_ID) in refusals
+        }
         if all(k in letters for k in stored):
             break
         await asyncio.sleep(0.5)

@@ -66,6 +66,10 @@ def test_binary_and_empty_inputs_are_rejected() -> None:
         extract(b" \n\t\n", "text/markdown")
     with pytest.raises(ExtractError, match="unsupported media type 'application/msword'"):
         extract(b"x", "application/msword")
+    # A few bad bytes are replaced; a "text" that is mostly not text in its charset is refused.
+    assert extract(b"ok " * 600 + b"\xff" * 16, "text/plain").count("\ufffd") == 16
+    with pytest.raises(ExtractError, match=r"not utf-8 text: 100000 of 300000 characters cannot be decoded"):
+        extract(b"\xc7\x1cq" * 100_000, "text/plain")  # what base64 'xxxx...' decodes to
 
 
 HTML = b"""<!DOCTYPE html><html><head><title>Ignored title</title>

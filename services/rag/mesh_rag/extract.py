@@ -70,6 +70,11 @@ def _decode(data: bytes, charset: str | None, kind: str) -> str:
     if b"\x00" in data[:8192] and charset not in ("utf-16", "utf-16-le", "utf-16-be", "utf-32"):
         raise ExtractError(f"binary data (NUL bytes) is not a {kind} document")
     text = data.decode(charset or "utf-8", errors="replace")
+    if (bad := text.count("\ufffd")) > max(16, len(text) // 100):
+        raise ExtractError(
+            f"not {charset or 'utf-8'} text: {bad} of {len(text)} characters cannot be decoded "
+            f"(declare the document's charset, or its real media type)"
+        )
     return text.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
 
 
