@@ -74,8 +74,23 @@ BUCKETS: tuple[Bucket, ...] = (
     Bucket(
         "tasks",
         writer="planner",
-        readers=("worker", "checker", "tool-executor", "rag", "budget"),
+        readers=("tool-executor", "budget"),  # the task's policy; its limits and start time
         description="Task records: plan, step states, status (CAS on revision).",
+    ),
+    Bucket(
+        "status",
+        writer="planner",
+        readers=("worker", "checker", "rag", "tool-executor", "budget"),
+        description="Whether a task may go on (key <tenant>.<task>: halted, ended or resumed, and why), and "
+        "nothing of its content: what every service's guard reads before a model or tool call.",
+    ),
+    Bucket(
+        "evidence",
+        writer="planner",
+        history=1,
+        ttl_s=30 * 24 * 3600.0,
+        description="The retrieval records each step attempt read, as rag signed them (key "
+        "<tenant>.<task>.<step>.<attempt>): the planner puts them in the check request. No other reader.",
     ),
     Bucket("steps", writer="worker", description="Agent-loop checkpoints, one key per step."),
     Bucket("budget", writer="budget", description="Settled spend per task and per tenant-day, breaker trips."),
@@ -100,6 +115,7 @@ BUCKETS: tuple[Bucket, ...] = (
         writer="tool-executor",
         history=5,
         scanners=("tool-executor", "approver"),
+        followers=("tool-executor",),  # every replica learns of a new or decided approval at once
         description="Tool calls waiting for a human and their decisions, one key per approval id: a "
         "restart of the tool-executor loses no wait; approvers list and read them here.",
     ),
@@ -162,6 +178,16 @@ WATCHERS: dict[str, tuple[str, ...]] = {
 """Services that read whole domains in order with direct gets (``$JS.API.DIRECT.GET.<stream>``:
 no consumer, so no right to create, change or delete one): the budget service derives
 breakers, deadlocks and stalls from them."""
+
+
+def watch_feed(stream: str) -> str:
+    """Where a watched stream republishes every message it stores (with ``Nats-Sequence``), for
+    its watchers' core subscriptions: they read the stream itself only to fill a gap."""
+    return f"$MESH.WATCH.{stream}.>"
+
+
+def watched_streams() -> set[str]:
+    return {STREAMS[d] for domains in WATCHERS.values() for d in domains}
 
 
 def stream_contracts() -> list[type[Contract]]:

@@ -84,7 +84,9 @@ def expected_subscribe(principal: str) -> dict[str, bool]:
         cases[f"task.v1.{tenant}.>"] = mine
     cases["budget.v1.acme.pm-task.reserve"] = principal == "budget"  # request/reply: only the budget serves
     cases["$KV.trust.bundle"] = principal in SERVICES  # the trust bundle's doorbell: every service
-    cases["$KV.approvals.ap-1"] = False  # buckets are read with direct gets, never followed otherwise
+    cases["$KV.approvals.ap-1"] = principal == "tool-executor"  # it follows approvals' writes
+    cases["$MESH.WATCH.TASK.v1.acme.t.submitted"] = principal == "budget"  # the TASK stream's republished feed
+    cases["$MESH.WATCH.>"] = False
     cases["$KV.ledger.planner.k"] = False
     cases["approval.v1.acme.pm-task.requested"] = principal == APPROVER
     return cases

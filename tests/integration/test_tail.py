@@ -152,3 +152,50 @@ async def test_last_and_a_missing_stream(nc):
     with pytest.raises(DirectGetError):
         await missing.read(seq=1)
     await missing.close()
+
+
+@pytest.mark.parametrize("fed", ["every message", "only some (gaps)"])
+async def test_a_fed_tail_takes_messages_from_the_feed_and_reads_the_stream_only_for_gaps(nc, fed):
+    """The stream republishes what it stores; a tail on that feed reads nothing while the feed is
+    complete, and fills every gap (here: messages the feed never carries) from the stream."""
+    js = nc.jetstream()
+    name = "TAILE" if fed == "every message" else "TAILF"
+    try:
+        await js.delete_stream(name)
+    except nats.js.errors.NotFoundError:
+        pass
+    src = f"{name.lower()}.>" if fed == "every message" else f"{name.lower()}.a.>"
+    await js.add_stream(
+        api.StreamConfig(
+            name=name,
+            subjects=[f"{name.lower()}.>"],
+            allow_direct=True,
+            republish=api.RePublish(src=src, dest=f"feed.{name}.>"),
+        )
+    )
+    for i in range(100):
+        await js.publish(f"{name.lower()}.{'a' if i % 3 else 'b'}.x", str(i).encode())
+    seen: list[int] = []
+
+    async def cb(m: Stored) -> None:
+        seen.append(m.seq)
+
+    tail = Tail(nc, name, cb, start_seq=1, feed=f"feed.{name}.>", poll_s=5.0)
+    tail.start()
+    try:
+        await asyncio.wait_for(tail.caught_up.wait(), 10)
+        startup = tail.requests
+        acks = [js.publish(f"{name.lower()}.{'a' if i % 3 else 'b'}.x", str(i).encode()) for i in range(100, 2100)]
+        for chunk in range(0, len(acks), 200):
+            await asyncio.gather(*acks[chunk : chunk + 200])
+        deadline = time.monotonic() + 20
+        while len(seen) < 2100 and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+    finally:
+        await tail.stop()
+    assert seen == list(range(1, 2101)), "every stored message once, in stream order"
+    reads = tail.requests - startup
+    if fed == "every message":
+        assert reads <= 5, f"{reads} reads for 2,000 fed messages: the feed should carry them"
+    else:
+        assert reads >= 1, "the messages the feed never carried came from the stream"

@@ -255,12 +255,17 @@ async def test_a_key_scoped_direct_get_returns_nothing_outside_its_scope(infra, 
         await nc.close()
 
 
-async def test_the_checker_cannot_read_a_tenants_documents(infra):
-    """The checker holds no read right on the RAG stream at all (it gets rag's signed records in
-    the check request): neither a stored-message get nor a direct get reaches an ingested document."""
+async def test_the_checker_cannot_read_a_tenants_documents_or_tasks(infra):
+    """The checker holds no read right on the RAG stream (it gets rag's signed records in the
+    check request) nor on task records or the planner's evidence (its guard reads the ``status``
+    bucket, which says whether a task may go on and nothing else): no stored-message get, direct
+    get or key read reaches another tenant's document, task or retrieved passages."""
     admin = await connect(infra, "admin")
     try:
-        ack = await admin.jetstream().publish("rag.v1.globex.probe-doc.ingest", b'{"text":"SECRET-DOCUMENT"}')
+        js = admin.jetstream()
+        ack = await js.publish("rag.v1.globex.probe-doc.ingest", b'{"text":"SECRET-DOCUMENT"}')
+        await js.publish("$KV.tasks.globex.probe-task", b'{"goal":"SECRET-GOAL"}')
+        await js.publish("$KV.evidence.globex.probe-task.s1.1", b'{"records":"SECRET-PASSAGES"}')
     finally:
         await admin.close()
     errors: list[str] = []
@@ -272,12 +277,15 @@ async def test_the_checker_cannot_read_a_tenants_documents(infra):
             ("$JS.API.STREAM.MSG.GET.RAG", {"last_by_subj": "rag.v1.globex.probe-doc.ingest"}),
             ("$JS.API.DIRECT.GET.RAG", {"seq": ack.seq}),
             ("$JS.API.DIRECT.GET.RAG.rag.v1.globex.probe-doc.ingest", {}),
+            ("$JS.API.DIRECT.GET.KV_tasks.$KV.tasks.globex.probe-task", {}),
+            ("$JS.API.DIRECT.GET.KV_tasks.$KV.tasks.globex.>", {}),
+            ("$JS.API.DIRECT.GET.KV_evidence.$KV.evidence.globex.>", {}),
         ):
             got += [d for _, d in await direct_get(nc, subject, json.dumps(body).encode() if body else b"")]
         assert not any(b"SECRET" in d for d in got)
         deadline = time.monotonic() + 5
-        while sum("permissions violation for publish" in e for e in errors) < 4 and time.monotonic() < deadline:
+        while sum("permissions violation for publish" in e for e in errors) < 7 and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        assert sum("permissions violation for publish" in e for e in errors) == 4, errors
+        assert sum("permissions violation for publish" in e for e in errors) == 7, errors
     finally:
         await nc.close()

@@ -5,8 +5,9 @@ A task may be stopped three ways, and the guard sees all three:
 - a control message (``control.halt`` / ``control.cancel`` / ``control.resume``), received on a
   core subscription by every replica of every service, so a stop takes effect at the next
   call without waiting for the planner;
-- the task record (``tasks`` bucket), so a service that missed the message (it was down,
-  or it started later) still stops;
+- the task's status (``status`` bucket: the planner writes a halt, an end and a resume there;
+  nothing of the task's content), so a service that missed the message (it was down, or it
+  started later) still stops;
 - a kill switch (``control`` bucket, written by an operator with ``meshctl kill-switch``), per
   tenant (``kill.tenant.<tenant>``) or global (``kill.global``).
 """
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mesh.guard")
 CONTROL_BUCKET = "control"
+STATUS_BUCKET = "status"
 GLOBAL_KEY = "kill.global"
 RECORD_LAG_S = 5.0
 
@@ -68,7 +70,7 @@ class Guard:
         self._sub: Any = None
 
     async def start(self) -> None:
-        self.tasks = await self.mesh.kv("tasks")
+        self.tasks = await self.mesh.kv(STATUS_BUCKET)
         self.control = await self.mesh.kv(CONTROL_BUCKET)
         self._sub = await self.mesh.nc.subscribe("control.*.*.*.*", cb=self._on_control)
 
@@ -111,25 +113,24 @@ class Guard:
     async def check(self, tenant: str, task_id: str) -> Stop | None:
         """The reason the task must not make its next call, or None."""
         from mesh_kit import state as st
-        from mesh_kit.state import TaskRecord
+        from mesh_kit.state import StatusRecord
 
         if self.control is None:  # not started (in-memory tests): nothing to consult
             return None
         stop, (rec, _) = await asyncio.gather(
-            self.kill_switch(tenant), st.load(self.tasks, TaskRecord.key(tenant, task_id), TaskRecord)
+            self.kill_switch(tenant), st.load(self.tasks, f"{tenant}.{task_id}", StatusRecord)
         )
         if stop is not None:
             return stop
-        if rec is not None:
-            if rec.status == "halted":
-                return Stop(f"task halted: {rec.reason}", halted=True)
-            if rec.status in ("failed", "cancelled", "completed"):
-                return Stop(f"task {rec.status}" + (f": {rec.reason}" if rec.reason else ""))
-            seen = self.seen.get((tenant, task_id))
-            if seen is not None and time.monotonic() - self._seen_at.get((tenant, task_id), 0) > RECORD_LAG_S:
-                # The planner applies a control message within milliseconds. A task still
-                # running this long after a halt we saw was resumed (a resume we missed).
-                self.seen.pop((tenant, task_id), None)
+        if rec is not None and rec.status == "halted":
+            return Stop(f"task halted: {rec.reason}", halted=True)
+        if rec is not None and rec.status in ("failed", "cancelled", "completed"):
+            return Stop(f"task {rec.status}" + (f": {rec.reason}" if rec.reason else ""))
+        seen = self.seen.get((tenant, task_id))
+        if seen is not None and time.monotonic() - self._seen_at.get((tenant, task_id), 0) > RECORD_LAG_S:
+            # The planner applies a control message and writes a halt within milliseconds. A task
+            # not halted this long after a halt we saw was resumed (a resume we missed).
+            self.seen.pop((tenant, task_id), None)
         return self.seen.get((tenant, task_id))
 
     async def ensure(self, tenant: str, task_id: str) -> None:

@@ -32,6 +32,36 @@ StepStatus = Literal["pending", "dispatched", "completed", "failed", "halted"]
 TERMINAL: tuple[str, ...] = ("completed", "failed", "cancelled")
 
 
+STATUS_BUCKET = "status"
+EVIDENCE_BUCKET = "evidence"
+GUARDED: tuple[str, ...] = ("halted", "completed", "failed", "cancelled")
+"""Task statuses that stop every further model or tool call (the planner writes these, and a
+resume from ``halted``, to the ``status`` bucket)."""
+
+
+class StatusRecord(BaseModel):
+    """The ``status`` bucket's value, key ``<tenant>.<task_id>``: whether the task may go on."""
+
+    model_config = ConfigDict(extra="allow")
+
+    status: str
+    reason: str = ""
+
+    def to_bytes(self) -> bytes:
+        return self.model_dump_json().encode()
+
+
+class Evidence(BaseModel):
+    """The ``evidence`` bucket's value, key ``<tenant>.<task>.<step>.<attempt>``: the retrieval
+    records one step attempt read, as rag signed them (the planner hands them to the checker)."""
+
+    records: list[SignedRecord] = []
+
+
+def evidence_key(tenant: str, task_id: str, step_id: str, attempt: int) -> str:
+    return f"{tenant}.{task_id}.{step_id}.{attempt}"
+
+
 def bind(nc: Any, bucket: str) -> KeyValue:
     """A provisioned bucket (provisioning makes every bucket allow direct gets), bound without
     asking the server for its stream's info: ``$JS.API.STREAM.INFO`` with a subjects filter
@@ -55,8 +85,6 @@ class StepState(BaseModel):
     models: list[str] = []
     """``provider/model`` of the completed attempt's model calls."""
     prompt_version: str = ""
-    retrievals: list[SignedRecord] = []
-    """The retrieval results the completed attempt read, as rag signed them (for the checker)."""
     taint: Taint | None = None
     """What untrusted content the completed attempt read (None: not declared by its worker, so
     its output counts as untrusted); passed on to the steps that take its output."""

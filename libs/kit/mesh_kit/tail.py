@@ -211,9 +211,18 @@ Callback = Callable[[Stored], Awaitable[None]]
 class Tail:
     """Follow one stream (optionally one subject filter) in order, from a sequence or a time.
 
-    ``cb`` gets every stored message exactly once per ``Tail`` (a failing ``cb`` is logged and
-    the tail moves on: a reader must not stall on one bad message). ``caught_up`` is set once
-    the tail has read everything that was stored when it started."""
+    ``cb`` gets every stored message exactly once per ``Tail``, in stream order (a failing
+    ``cb`` is logged and the tail moves on: a reader must not stall on one bad message).
+    ``caught_up`` is set once the tail has read everything that was stored when it started.
+
+    Without a ``feed`` the tail polls: straight on while there is a backlog, then after
+    ``idle_s[0]`` doubling up to ``idle_s[1]``. With a ``feed`` (a core subject the stream
+    republishes every stored message to, with its sequence in ``Nats-Sequence``; or any subject
+    whose messages merely say "something was written") it waits instead: a fed message that is
+    the next one is handed over as it is (no request at all), a gap or a plain doorbell makes
+    it read the stream with direct gets, and so does ``poll_s`` of silence (a fed message lost
+    in a reconnect or to a slow consumer is therefore late by at most ``poll_s``, never lost).
+    """
 
     def __init__(
         self,
@@ -225,15 +234,23 @@ class Tail:
         start_seq: int | None = None,
         start_time: float | None = None,
         idle_s: tuple[float, float] = (0.005, 0.1),
+        feed: str | None = None,
+        poll_s: float = 2.0,
         batch: int = 256,
     ) -> None:
+        self.nc = nc
         self.reader = Reader(nc, stream, batch=batch)
         self.stream, self.cb, self.subject = stream, cb, subject
         self.next_seq, self.start_time = start_seq, start_time
         self.idle_min, self.idle_max = idle_s
+        self.feed, self.poll_s = feed, poll_s
         self.caught_up = asyncio.Event()
         self.read_count = 0
+        self.requests = 0
+        """Direct get requests made (a fed tail makes few: a gap, a doorbell, a silent ``poll_s``)."""
         self._task: asyncio.Task[None] | None = None
+        self._fed: asyncio.Queue[Stored | None] = asyncio.Queue(maxsize=65536)
+        self._sub: Any = None
 
     def start(self) -> None:
         self._task = asyncio.create_task(self.run(), name=f"tail-{self.stream}")
@@ -244,11 +261,46 @@ class Tail:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
             self._task = None
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+            self._sub = None
         await self.reader.close()
 
-    async def run(self) -> None:
-        idle = self.idle_min
+    async def _on_feed(self, msg: Any) -> None:
+        headers = dict(msg.headers or {})
+        item: Stored | None = None
+        if "Nats-Sequence" in headers:
+            try:
+                item = Stored(
+                    subject=headers.get("Nats-Subject", ""),
+                    data=msg.data,
+                    headers=headers,
+                    seq=int(headers["Nats-Sequence"]),
+                    time=parse_time(headers.get("Nats-Time-Stamp", "1970-01-01T00:00:00Z")),
+                    pending=0,
+                )
+            except ValueError:
+                item = None
+        try:
+            self._fed.put_nowait(item)  # None: a doorbell, read the stream
+        except asyncio.QueueFull:
+            pass  # the next read (a gap, or poll_s of silence) fetches it from the stream
+
+    async def _deliver(self, m: Stored) -> None:
+        self.next_seq = m.seq + 1
+        self.read_count += 1
+        try:
+            await self.cb(m)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("tail of %s: handler failed on %s (seq %d)", self.stream, m.subject, m.seq)
+
+    async def _read(self) -> bool:
+        """Read from where the tail is until the end of the stream; False if the broker failed."""
         while True:
+            self.requests += 1
             try:
                 if self.next_seq is None and self.start_time is not None:
                     b = await self.reader.read(start_time=self.start_time, subject=self.subject)
@@ -258,24 +310,38 @@ class Tail:
                 raise
             except Exception as exc:  # noqa: BLE001 - the broker went away, a leader moved: ask again
                 log.debug("tail of %s interrupted (%s); reading again", self.stream, exc)
-                await asyncio.sleep(1.0)
-                continue
+                return False
             for m in b.messages:
-                self.next_seq = m.seq + 1
-                self.read_count += 1
-                try:
-                    await self.cb(m)
-                except asyncio.CancelledError:
-                    raise
-                except Exception:
-                    log.exception("tail of %s: handler failed on %s (seq %d)", self.stream, m.subject, m.seq)
-            if self.next_seq is None and b.complete and not b.messages:
-                self.next_seq = None  # nothing stored since start_time yet: keep asking by time
-            if b.messages and (b.pending or not b.complete):
-                idle = self.idle_min
-                continue  # a backlog: straight on
-            self.caught_up.set()
-            if b.messages:
-                idle = self.idle_min
-            await asyncio.sleep(idle)
-            idle = min(self.idle_max, idle * 2)
+                await self._deliver(m)
+            if not (b.messages and (b.pending or not b.complete)):
+                self.caught_up.set()
+                return True
+
+    async def run(self) -> None:
+        if self.feed is not None:
+            self._sub = await self.nc.subscribe(self.feed, cb=self._on_feed, pending_msgs_limit=1 << 20)
+        idle = self.idle_min
+        while not await self._read():
+            await asyncio.sleep(1.0)
+        while True:
+            if self.feed is None:
+                before = self.read_count
+                await asyncio.sleep(idle)
+                ok = await self._read()
+                idle = self.idle_min if self.read_count > before else min(self.idle_max, idle * 2)
+                if not ok:
+                    await asyncio.sleep(1.0)
+                continue
+            try:
+                item = await asyncio.wait_for(self._fed.get(), self.poll_s)
+            except TimeoutError:
+                item = None
+            if item is not None and self.next_seq is not None and self.subject is None:
+                if item.seq < self.next_seq:
+                    continue  # already read from the stream
+                if item.seq == self.next_seq:
+                    await self._deliver(item)
+                    continue
+            # a gap (something fed was lost), a doorbell, or silence: read the stream
+            if not await self._read():
+                await asyncio.sleep(1.0)

@@ -62,6 +62,7 @@ def service_permissions(service: str) -> Permissions:
         # NATS it is also the right to update any durable on the stream and to point a push
         # consumer at anybody's inbox.
         p.add_pub(f"$JS.API.DIRECT.GET.{topo.STREAMS[domain]}")
+        p.add_sub(topo.watch_feed(topo.STREAMS[domain]))  # the stream republishes what it stores
     for b in topo.BUCKETS:
         if service in b.scanners:
             p.add_pub(*_scan(b.name))

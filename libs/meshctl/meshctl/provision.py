@@ -42,6 +42,11 @@ def stream_configs(replicas: int = 1) -> list[api.StreamConfig]:
             # the streams it watches (no consumers). Who may is a matter of permissions.
             allow_direct=True,
             max_msg_size=topo.max_message_bytes(domain),
+            republish=(
+                api.RePublish(src=f"{domain}.>", dest=topo.watch_feed(stream))
+                if stream in topo.watched_streams()
+                else None
+            ),
             description=f"AgentMesh {domain} messages (all contract versions)",
         )
         for domain, stream in topo.STREAMS.items()

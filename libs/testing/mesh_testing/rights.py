@@ -54,6 +54,7 @@ def stream_read(stream: str) -> set[str]:
 
 
 EVERY_SERVICE = kv_read("control") | kv_read("trust")  # kill switches; the published trust bundle
+GUARD = kv_read("status")  # whether a task was halted or ended (not what it is about)
 
 INTENDED: dict[str, set[str]] = {
     "planner": EVERY_SERVICE
@@ -65,6 +66,8 @@ INTENDED: dict[str, set[str]] = {
     | fetch("CONTROL", "planner--control-cancel")
     | fetch("CONTROL", "planner--control-resume")
     | kv_own("tasks")
+    | kv_own("status")
+    | kv_own("evidence")
     | kv_read("tools")
     | ledger("planner"),
     "worker": EVERY_SERVICE
@@ -72,21 +75,18 @@ INTENDED: dict[str, set[str]] = {
     | fetch("TOOL", "worker--tool-completed")
     | fetch("RAG", "worker--rag-completed")
     | fetch("APPROVAL", "worker--approval-requested")
-    | kv_read("tasks")
+    | GUARD
     | kv_own("steps")
     | kv_read("tools")
     | ledger("worker"),
-    # The checker reads no stream at all: the passages it checks citations against come in the
-    # check request, each as rag signed it.
-    "checker": EVERY_SERVICE | fetch("CHECK", "checker--check-requested") | kv_read("tasks") | ledger("checker"),
-    "rag": EVERY_SERVICE
-    | fetch("RAG", "rag--rag-requested")
-    | fetch("RAG", "rag--rag-ingest")
-    | kv_read("tasks")
-    | kv_own("rag"),
+    # The checker reads no stream and no task record: the passages it checks citations against
+    # come in the check request, each as rag signed it.
+    "checker": EVERY_SERVICE | fetch("CHECK", "checker--check-requested") | GUARD | ledger("checker"),
+    "rag": EVERY_SERVICE | fetch("RAG", "rag--rag-requested") | fetch("RAG", "rag--rag-ingest") | GUARD | kv_own("rag"),
     "tool-executor": EVERY_SERVICE
     | fetch("TOOL", "tool-executor--tool-requested")
     | fetch("APPROVAL", "tool-executor--approval-decided")
+    | GUARD
     | kv_read("tasks")
     | kv_own("approvals")
     | kv_scan("approvals")
@@ -98,6 +98,7 @@ INTENDED: dict[str, set[str]] = {
     "budget": EVERY_SERVICE
     | fetch("USAGE", "budget--usage-recorded")
     | {r for s in ("TASK", "STEP", "TOOL", "RAG", "CHECK", "CONTROL", "APPROVAL", "USAGE") for r in stream_read(s)}
+    | GUARD
     | kv_read("tasks")
     | kv_own("budget")
     | kv_own("reservations"),

@@ -68,10 +68,10 @@ class BudgetSettings(BaseSettings):
     """On start, the monitor replays this much of the streams to rebuild its view of live tasks."""
     tick_s: float = Field(0.25, gt=0)
     """How often deadlines and stall timeouts are checked."""
-    watch_idle_s: tuple[float, float] = (0.005, 0.1)
-    """How long the monitor waits before reading a stream again when it has read everything:
-    from the first value after each message, doubling up to the second (its added latency on
-    an idle stream, and the cost of idling: one small request per stream per interval)."""
+    watch_poll_s: float = Field(2.0, gt=0)
+    """The monitor gets each stored message from the stream's republished feed and reads the
+    stream itself only for a gap; after this long without a message it reads anyway (so a fed
+    message lost in a reconnect is late by at most this long)."""
     loop_repeats: int = Field(3, ge=2)
     chatter_window_s: float = Field(30.0, gt=0)
     chatter_min_messages: int = Field(60, ge=2)
@@ -170,7 +170,10 @@ class Budget:
             async def on_msg(msg: Stored, stream: str = stream) -> None:
                 await self._on_watched(msg, stream)
 
-            tail = Tail(self.mesh.nc, stream, on_msg, start_time=start, idle_s=self.settings.watch_idle_s)
+            tail = Tail(
+                self.mesh.nc, stream, on_msg, start_time=start, feed=topo.watch_feed(stream),
+                poll_s=self.settings.watch_poll_s,
+            )  # fmt: skip
             tail.start()
             self._tails.append(tail)
 

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from nats.js.errors import KeyNotFoundError
 from pydantic import ValidationError
 
 from mesh_contracts import Contract
@@ -154,7 +155,8 @@ def parse_plan(text: str, max_steps: int) -> list[PlanStep]:
 
 
 CHECK_RETRIEVALS_MAX_BYTES = 3 * 1024 * 1024
-"""Retrieval records one check request carries at most (under the contract's 4 MB)."""
+"""Retrieval records one check request carries at most (under the contract's 4 MB); they are
+added when the request is published (``Planner.with_evidence``)."""
 
 
 def check_request(rec: TaskRecord) -> CheckRequested:
@@ -170,18 +172,6 @@ def check_request(rec: TaskRecord) -> CheckRequested:
     versions = dict(rec.prompt_versions)
     if rec.steps[sid].prompt_version:
         versions["worker"] = rec.steps[sid].prompt_version
-    room = CHECK_RETRIEVALS_MAX_BYTES
-
-    def records(s: StepState) -> tuple[SignedRecord, ...]:
-        nonlocal room
-        out = []
-        for r in s.retrievals:
-            room -= len(r.body) + len(r.token)
-            if room < 0:
-                break
-            out.append(r)
-        return tuple(out)
-
     return CheckRequested(
         tenant=rec.tenant,
         task_id=rec.task_id,
@@ -205,7 +195,6 @@ def check_request(rec: TaskRecord) -> CheckRequested:
                 tools=tuple(s.tools),
                 models=tuple(s.models),
                 prompt_version=s.prompt_version,
-                retrievals=records(s),
             )
             for k, s in rec.steps.items()
         ),
@@ -231,9 +220,13 @@ class Planner:
         self.model = model
         self.kv: Any = None
         self.ledger: Ledger | None = None
+        self.status: Any = None  # ``status`` bucket: what every service's guard reads
+        self.evidence: Any = None  # ``evidence`` bucket: the retrieval records the checker gets
 
     async def start(self) -> None:
         self.kv = await self.mesh.kv("tasks")
+        self.status = await self.mesh.kv(st.STATUS_BUCKET)
+        self.evidence = await self.mesh.kv(st.EVIDENCE_BUCKET)
         self.ledger = Ledger(await self.mesh.kv(LEDGER), self.mesh.service)
 
     def register(self) -> None:
@@ -252,15 +245,31 @@ class Planner:
     async def transition(self, tenant: str, task_id: str, fn: Callable[[TaskRecord], bool]) -> TaskRecord | None:
         """Apply ``fn`` (returns whether it changed the record), then flush the outbox."""
 
+        was = ""
+
         def mutate(rec: TaskRecord | None) -> TaskRecord | None:
+            nonlocal was
             if rec is None:
                 return None
+            was = rec.status
             return rec if fn(rec) else None
 
         rec, _ = await st.update(self.kv, TaskRecord.key(tenant, task_id), TaskRecord, mutate)
         if rec is not None:
+            if rec.status != was:
+                await self.publish_status(rec, was)
             await self.flush(rec)
         return rec
+
+    async def publish_status(self, rec: TaskRecord, was: str) -> None:
+        """Tell every service's guard (``status`` bucket) when a task stops or resumes: a halt, an
+        end, a resume from a halt. Nothing of the task's content goes there, so the services
+        that only need to know whether to stop hold no right to read task records."""
+        if self.status is None or not (rec.status in st.GUARDED or was == "halted"):
+            return
+        await self.status.put(
+            TaskRecord.key(rec.tenant, rec.task_id), st.StatusRecord(status=rec.status, reason=rec.reason).to_bytes()
+        )
 
     async def flush(self, rec: TaskRecord) -> None:
         if not rec.outbox:
@@ -268,7 +277,10 @@ class Planner:
         done = set()
         for item in rec.outbox:
             cls = BY_TYPE[(item.type, 1)]
-            await self.mesh.publish(cls.model_validate(item.body), key=item.key, causation=item.causation or None)
+            msg = cls.model_validate(item.body)
+            if isinstance(msg, CheckRequested):
+                msg = await self.with_evidence(msg, rec)
+            await self.mesh.publish(msg, key=item.key, causation=item.causation or None)
             done.add((item.type, item.key))
 
         def clear(r: TaskRecord | None) -> TaskRecord | None:
@@ -278,6 +290,33 @@ class Planner:
             return r
 
         await st.update(self.kv, TaskRecord.key(rec.tenant, rec.task_id), TaskRecord, clear)
+
+    async def with_evidence(self, m: CheckRequested, rec: TaskRecord) -> CheckRequested:
+        """The check request with each step's retrieval records, as the worker handed them on (kept
+        in the planner's own ``evidence`` bucket, not in the task record, which other services
+        read). Deterministic: a re-flush sends the same body."""
+        if self.evidence is None:
+            return m
+        room = CHECK_RETRIEVALS_MAX_BYTES
+        steps = []
+        for s in m.steps:
+            state = rec.steps.get(s.step_id)
+            records: tuple[SignedRecord, ...] = ()
+            if state is not None:
+                try:
+                    entry = await self.evidence.get(st.evidence_key(m.tenant, m.task_id, s.step_id, state.attempt))
+                except KeyNotFoundError:
+                    entry = None
+                if entry is not None and entry.value:
+                    kept = []
+                    for r in st.Evidence.model_validate_json(entry.value).records:
+                        room -= len(r.body) + len(r.token)
+                        if room < 0:
+                            break
+                        kept.append(r)
+                    records = tuple(kept)
+            steps.append(s.model_copy(update={"retrievals": records}))
+        return m.model_copy(update={"steps": tuple(steps)})
 
     # --- handlers -------------------------------------------------------------------------
 
@@ -360,6 +399,10 @@ class Planner:
         await self.transition(m.tenant, m.task_id, planned)
 
     async def on_step_completed(self, m: StepCompleted, d: Delivery) -> None:
+        if m.retrievals and self.evidence is not None:  # by attempt: a redone step's records replace nothing
+            key = st.evidence_key(m.tenant, m.task_id, m.step_id, m.attempt)
+            await self.evidence.put(key, st.Evidence(records=list(m.retrievals)).model_dump_json().encode())
+
         def apply(rec: TaskRecord) -> bool:
             s = rec.steps.get(m.step_id)
             if (
@@ -372,7 +415,7 @@ class Planner:
             s.status, s.output, s.citations = "completed", m.output, list(m.citations)
             s.usage = s.usage + m.usage  # a redone step's earlier attempts were paid for too
             s.tools, s.models, s.prompt_version = list(m.tools), list(m.models), m.prompt_version
-            s.taint, s.retrievals = m.taint, list(m.retrievals)
+            s.taint = m.taint
             # held calls stay pending across a redo: the outcome names every one still waiting
             s.held += [h for h in m.held if h.approval_id not in {x.approval_id for x in s.held}]
             _event(rec, "step.completed", f"{m.step_id}: {m.output[:100]}", m.step_id, str(m.attempt))

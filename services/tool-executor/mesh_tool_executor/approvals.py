@@ -132,7 +132,9 @@ class Approvals:
         direct gets (no consumer), then followed."""
         if self.nc is None:
             return  # in-memory bucket (unit tests): only this process's records have deadlines
-        tail = Tail(self.nc, f"KV_{BUCKET}", self._seen, idle_s=(0.05, 0.5))
+        # Every write of the bucket rings on a core subscription; the tail then reads what changed
+        # (and reads anyway after 2 s of silence).
+        tail = Tail(self.nc, f"KV_{BUCKET}", self._seen, feed=f"$KV.{BUCKET}.>", poll_s=2.0)
         try:
             await tail.run()
         finally:

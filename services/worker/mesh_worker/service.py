@@ -153,7 +153,6 @@ class Worker:
         self.mesh, self.model = mesh, model
         self.limits = limits or Limits()
         self.steps: Any = None
-        self.tasks: Any = None
         self.ledger: Ledger | None = None
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self.catalogue: dict[str, ToolSpec] = {}
@@ -162,7 +161,6 @@ class Worker:
 
     async def start(self) -> None:
         self.steps = await self.mesh.kv("steps")
-        self.tasks = await self.mesh.kv("tasks")
         self.ledger = Ledger(await self.mesh.kv(LEDGER), self.mesh.service)
         self._tools_kv = await self.mesh.kv("tools")
         await self._read_catalogue()
