@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
+from mesh_agent import prices
 from mesh_contracts.v1 import (
     BudgetDenied,
     BudgetGranted,
@@ -25,7 +26,7 @@ from mesh_contracts.v1 import (
     TaskLimits,
     UsageRecorded,
 )
-from mesh_kit import Mesh, prices
+from mesh_kit import Mesh
 from mesh_kit.settings import BROKER_UNAVAILABLE
 from mesh_llm.resilience import BreakerPolicy
 from mesh_testing.chaos import ChaosMesh, report

@@ -24,8 +24,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mesh_kit import injection
-from mesh_kit.injection import THRESHOLD, UNTRUSTED_NOTICE, InjectionScore, delimit, score, score_many
+from mesh_guardrails import injection
+from mesh_guardrails.injection import THRESHOLD, UNTRUSTED_NOTICE, InjectionScore, delimit, score, score_many
 
 pytestmark = pytest.mark.unit
 

@@ -1,4 +1,4 @@
-"""The mesh side of a model call (mesh_kit.metered): per-attempt reservations, usage records,
+"""The mesh side of a model call (mesh_agent.metered): per-attempt reservations, usage records,
 GenAI spans and redacted content capture, driven through a real Gateway."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ from dataclasses import replace
 
 import pytest
 
+from mesh_agent.metered import Models, call_model
 from mesh_contracts.v1 import UsageRecorded
-from mesh_kit.metered import Models, call_model
 from mesh_llm import Message, ModelRequest, ScriptedModel
 from mesh_llm.gateway import Gateway
 from mesh_llm.resilience import RetryPolicy
@@ -75,7 +75,7 @@ async def test_the_budgets_open_provider_circuit_sends_the_call_to_the_next_mode
 
 
 async def test_any_other_denial_stops_the_call():
-    from mesh_kit.metered import BudgetExceeded
+    from mesh_agent.metered import BudgetExceeded
 
     mesh = FakeMesh(deny={"scripted-judge": "tokens"})
     with pytest.raises(BudgetExceeded) as exc:
@@ -85,9 +85,9 @@ async def test_any_other_denial_stops_the_call():
 
 
 async def test_the_prompt_version_is_on_every_attempts_span_and_usage_record_and_on_a_ledger_replay():
-    from mesh_kit import prompts
+    from mesh_agent import prompts
+    from mesh_agent.metered import call_model_once
     from mesh_kit.ledger import Ledger
-    from mesh_kit.metered import call_model_once
     from mesh_testing.memkv import MemoryKV
 
     ref = prompts.load("mesh_worker", "system").ref
@@ -125,9 +125,9 @@ class Echoing(ScriptedModel):
 
 
 async def test_a_call_answered_under_another_model_id_is_priced_and_accounted_as_the_configured_model():
-    from mesh_kit import prices
+    from mesh_agent import prices
+    from mesh_agent.metered import call_model_once
     from mesh_kit.ledger import Ledger
-    from mesh_kit.metered import call_model_once
     from mesh_testing.memkv import MemoryKV
 
     mesh, ledger = FakeMesh(), Ledger(MemoryKV(), "worker")
@@ -147,7 +147,7 @@ async def test_a_call_answered_under_another_model_id_is_priced_and_accounted_as
 
 
 async def test_an_unpriced_configured_model_is_refused_before_the_call():
-    from mesh_kit.metered import BudgetExceeded
+    from mesh_agent.metered import BudgetExceeded
 
     unpriced = ScriptedModel("no-such-model")
     gateway = Gateway({"default": [unpriced]}, retry=RetryPolicy(max_attempts=1, base_s=0.0, max_s=0.0))

@@ -1,7 +1,7 @@
 """Every path by which text reaches a model prompt, enumerated: untrusted text never arrives
 undelimited, and every untrusted arrival taints the step.
 
-The rule (``mesh_kit.provenance``): every byte that did not come from the tenant's goal or a
+The rule (``mesh_guardrails.provenance``): every byte that did not come from the tenant's goal or a
 trusted service's own code is untrusted. The test does not list channels by hand and hope the
 list is complete. It takes every message type the worker consumes (from the worker's own
 registrations: a new consumer without a driver here fails), fills *every* string the message

@@ -1,4 +1,4 @@
-"""Prompts as versioned files (mesh_kit.prompts), and the worker's: its system prompt is a file,
+"""Prompts as versioned files (mesh_agent.prompts), and the worker's: its system prompt is a file,
 its ref is on every model call of a step (span and usage record) and on ``step.completed``,
 with the tools the loop called and the models that answered."""
 
@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 
+from mesh_agent import prompts
+from mesh_agent.prompts import PromptError, parse
 from mesh_contracts.v1 import (
     PlanStep,
     RetrievalCompleted,
@@ -21,8 +23,6 @@ from mesh_contracts.v1 import (
     ToolRequested,
     UsageRecorded,
 )
-from mesh_kit import prompts
-from mesh_kit.prompts import PromptError, parse
 from mesh_testing.fakes import FakeMesh
 
 pytestmark = pytest.mark.unit
@@ -144,7 +144,7 @@ def test_every_shipped_prompt_parses_and_has_a_unique_id():
 
 
 def test_the_worker_system_prompt_is_the_text_steps_have_always_begun_with():
-    from mesh_kit.injection import UNTRUSTED_NOTICE
+    from mesh_guardrails.injection import UNTRUSTED_NOTICE
 
     p = prompts.load("mesh_worker", "system")
     assert p.version == "1" and p.ref.startswith("worker.system@1+")

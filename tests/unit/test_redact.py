@@ -18,9 +18,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mesh_guardrails.logfilter import RedactingFilter, install
+from mesh_guardrails.redact import KINDS, redact, redact_value
 from mesh_kit.identity import new_signing_key, private_pem
-from mesh_kit.logfilter import RedactingFilter, install
-from mesh_kit.redact import KINDS, redact, redact_value
 from meshctl.identity import creds_text, new_keypair, user_jwt
 from meshctl.policy import Permissions
 

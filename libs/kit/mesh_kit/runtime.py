@@ -20,9 +20,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from mesh_guardrails.logfilter import install as install_log_redaction
 from mesh_kit.bus import Mesh
 from mesh_kit.health import HealthServer
-from mesh_kit.logfilter import install as install_log_redaction
 from mesh_kit.settings import ServiceSettings
 
 Build = Callable[[Mesh], Awaitable[Any]]

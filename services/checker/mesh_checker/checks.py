@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import jsonschema
 
 from mesh_contracts.v1 import CheckRequested, CheckResult, Citation, RetrievalHit, StepResult
-from mesh_kit.redact import find as find_sensitive
+from mesh_guardrails.redact import find as find_sensitive
 
 REFERENCE = re.compile(r"\[([^\[\]#\s]+)#([^\[\]\s]+)\]")
 WORD = re.compile(r"[a-z0-9]+")

@@ -11,8 +11,8 @@ import json
 import re
 from dataclasses import dataclass, field
 
-from mesh_kit import prompts
-from mesh_kit.provenance import Text
+from mesh_agent import prompts
+from mesh_guardrails.provenance import Text
 from mesh_llm import ChatModel, Message, ModelRequest
 
 JUDGE_PROMPT = prompts.load("mesh_checker", "judge")

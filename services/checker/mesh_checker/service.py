@@ -19,6 +19,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from mesh_agent.metered import BudgetExceeded, Models, call_model_once, configured
 from mesh_checker import judge as jd
 from mesh_checker.checks import Passages, evidence_of, run_checks
 from mesh_contracts import ContractError
@@ -28,7 +29,6 @@ from mesh_kit import telemetry as tel
 from mesh_kit.identity import IdentityError
 from mesh_kit.ledger import BUCKET as LEDGER
 from mesh_kit.ledger import Ledger
-from mesh_kit.metered import BudgetExceeded, Models, call_model_once, configured
 from mesh_llm import ChatModel
 from mesh_llm.errors import ProviderError
 from mesh_llm.gateway import Gateway, model_key

@@ -19,6 +19,8 @@ from typing import Any
 from nats.js.errors import KeyNotFoundError
 from pydantic import ValidationError
 
+from mesh_agent import prompts
+from mesh_agent.metered import BudgetExceeded, Models, call_model_once, configured
 from mesh_contracts import Contract
 from mesh_contracts.registry import BY_TYPE
 from mesh_contracts.v1 import (
@@ -41,11 +43,10 @@ from mesh_contracts.v1 import (
     TaskRejected,
     TaskSubmitted,
 )
-from mesh_kit import Delivery, Mesh, prompts
+from mesh_kit import Delivery, Mesh
 from mesh_kit import state as st
 from mesh_kit.ledger import BUCKET as LEDGER
 from mesh_kit.ledger import Ledger
-from mesh_kit.metered import BudgetExceeded, Models, call_model_once, configured
 from mesh_kit.state import OutboxItem, StepState, TaskRecord
 from mesh_llm import ChatModel, ContextOverflow, Message, ModelRequest
 

@@ -26,7 +26,7 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from mesh_contracts.v1 import Taint
-from mesh_kit import injection
+from mesh_guardrails import injection
 from mesh_tool_executor import destinations
 from mesh_tool_executor.tools import Tool
 

@@ -32,14 +32,14 @@ from mesh_contracts.v1 import (
     ToolCompleted,
     ToolRequested,
 )
+from mesh_guardrails.injection import score as injection_score
+from mesh_guardrails.redact import redact, redact_value
 from mesh_kit import Delivery, Mesh
 from mesh_kit import state as st
 from mesh_kit import telemetry as tel
 from mesh_kit.bus import Reject
 from mesh_kit.faults import crash_point
-from mesh_kit.injection import score as injection_score
 from mesh_kit.ledger import BUCKET, Ledger
-from mesh_kit.redact import redact, redact_value
 from mesh_kit.state import TaskRecord
 from mesh_kit.tail import Reader
 from mesh_tool_executor import destinations, net

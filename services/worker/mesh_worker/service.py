@@ -20,6 +20,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from mesh_agent import prompts
+from mesh_agent.metered import BudgetExceeded, Models, call_model_once, configured
 from mesh_contracts.v1 import (
     ApprovalRequested,
     Citation,
@@ -36,15 +38,14 @@ from mesh_contracts.v1 import (
     ToolCompleted,
     ToolRequested,
 )
-from mesh_kit import Delivery, Mesh, prompts
+from mesh_guardrails.injection import UNTRUSTED_NOTICE, score_many
+from mesh_guardrails.provenance import Text
+from mesh_kit import Delivery, Mesh
 from mesh_kit import envelope as env
 from mesh_kit import state as st
 from mesh_kit import telemetry as tel
-from mesh_kit.injection import UNTRUSTED_NOTICE, score_many
 from mesh_kit.ledger import BUCKET as LEDGER
 from mesh_kit.ledger import Ledger
-from mesh_kit.metered import BudgetExceeded, Models, call_model_once, configured
-from mesh_kit.provenance import Text
 from mesh_llm import ChatModel, Message, ModelRequest, ProviderError, ToolCall, ToolSpec
 from mesh_llm.context import clip
 

@@ -18,8 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from mesh_contracts.v1 import Taint
-from mesh_kit.injection import InjectionScore, delimit
-from mesh_kit.injection import score as injection_score
+from mesh_guardrails.injection import InjectionScore, delimit
+from mesh_guardrails.injection import score as injection_score
 
 TRUSTED_ORIGINS = frozenset({"system-prompt", "goal", "plan", "worker", "tool-executor", "step"})
 """Kinds of origin whose text is trusted: the worker's and the judge's prompt files, the

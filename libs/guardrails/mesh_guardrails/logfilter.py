@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from mesh_kit.redact import redact, redact_value
+from mesh_guardrails.redact import redact, redact_value
 
 # Attributes every LogRecord has; anything else was passed with ``extra=`` and may be rendered
 # by a formatter (``%(user)s``), so it is redacted too.

@@ -7,7 +7,7 @@ not made (a denial because the budget's provider circuit is open sends the gatew
 next model). The actual usage is then published (``usage.recorded``, keyed by the
 deterministic call id so a redelivery is counted once) and settles the reservation; a failed
 attempt publishes one too, with its error. The request's ``prompt_version`` (the ref of the
-versioned prompt it was built from, ``mesh_kit.prompts``) goes on every attempt's span
+versioned prompt it was built from, ``mesh_agent.prompts``) goes on every attempt's span
 (``mesh.prompt.version``) and every usage record.
 """
 
@@ -22,12 +22,12 @@ from typing import Any
 
 from opentelemetry.trace import Span, StatusCode
 
+from mesh_agent import prices
 from mesh_contracts.v1 import BudgetDenied, BudgetGranted, BudgetReserve, TokenUsage, UsageRecorded
-from mesh_kit import prices
+from mesh_guardrails.redact import redact
 from mesh_kit import telemetry as tel
 from mesh_kit.bus import Delivery, Mesh
 from mesh_kit.ledger import Ledger
-from mesh_kit.redact import redact
 from mesh_llm import ChatModel, CircuitOpen, ModelRequest, ModelResponse, ProviderError, ToolCall
 from mesh_llm.cache import ResponseCache
 from mesh_llm.context import fit
