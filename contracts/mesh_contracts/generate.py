@@ -22,7 +22,8 @@ import yaml
 from mesh_contracts import __name__ as _pkg
 from mesh_contracts.base import Contract
 from mesh_contracts.registry import VERSIONS
-from mesh_contracts.topology import STREAMS
+from mesh_contracts.topology import BUCKETS, STREAMS
+from mesh_contracts.v1.records import RECORDS
 
 ROOT = Path(__file__).resolve().parent.parent  # the contracts/ folder
 SCHEMAS = ROOT / "schemas"
@@ -60,6 +61,15 @@ def schemas() -> dict[str, dict[str, Any]]:
             s["x-transport"] = c.spec.transport
             s["x-subject"] = f"{c.spec.domain}.v{major}.{{tenant}}.{{task}}.{c.spec.event}"
             out[f"v{major}/{_file_name(c)}"] = s
+    buckets = {b.name: b for b in BUCKETS}
+    for r in RECORDS:  # key-value records other services read: contracts too
+        s = r.model_json_schema()
+        s["$id"] = f"agentmesh://contracts/{r.schema_id()}"
+        s["x-bucket"] = r.bucket
+        s["x-key"] = r.key_format
+        s["x-writer"] = buckets[r.bucket].writer
+        s["x-readers"] = list(buckets[r.bucket].readers)
+        out[f"v1/record.{r.name}.json"] = s
     return out
 
 

@@ -18,11 +18,11 @@ from mesh_contracts.v1 import (
     ToolRequested,
     UsageRecorded,
 )
+from mesh_contracts.v1.records import TaskRecord
 from mesh_kit import Mesh, PermissionViolation
 from mesh_kit import envelope as env
 from mesh_kit import telemetry as tel
 from mesh_kit.identity import Signer, new_signing_key
-from mesh_kit.state import TaskRecord
 from meshctl.dlq import entries
 
 pytestmark = pytest.mark.integration

@@ -9,9 +9,9 @@ import pytest
 from integration_helpers import running, settings_for
 
 from mesh_contracts.v1 import ControlHalt, ControlResume
+from mesh_contracts.v1.records import StatusRecord, TaskRecord
 from mesh_kit import Mesh
 from mesh_kit import state as st
-from mesh_kit.state import TaskRecord
 from mesh_planner.service import Planner
 
 pytestmark = pytest.mark.integration
@@ -53,8 +53,10 @@ async def test_the_guard_stops_on_a_stored_halt_or_end_and_goes_on_after_a_resum
         stop = await guard.check("acme", task)
         assert stop is not None and not stop.halted and "cancelled" in stop.reason
 
-        status, _ = await st.load(planner.status, f"acme.{task}", st.StatusRecord)
-        assert status is not None and set(status.model_dump()) == {"status", "reason"}, "nothing but the status"
+        status, _ = await st.load(planner.status, f"acme.{task}", StatusRecord)
+        assert status is not None and set(status.model_dump()) == {"record_version", "status", "reason"}, (
+            "nothing but the status"
+        )
 
 
 class _Sender:

@@ -308,7 +308,7 @@ def test_verdicts_become_metrics_per_tenant_agent_and_prompt_version(tmp_path):
 
 def _record(outputs: dict[str, tuple[str, list[str]]], citations: dict[str, tuple] | None = None):
     from mesh_contracts.v1 import PlanStep
-    from mesh_kit.state import StepState, TaskRecord
+    from mesh_contracts.v1.records import StepState, TaskRecord
 
     steps = {
         sid: StepState(

@@ -23,7 +23,7 @@ from mesh_contracts.v1 import (
     TaskRejected,
     TokenUsage,
 )
-from meshctl import evaluation as ev
+from mesh_eval import harness as ev
 
 pytestmark = pytest.mark.unit
 

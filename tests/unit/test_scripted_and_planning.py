@@ -7,7 +7,7 @@ import json
 import pytest
 
 from mesh_contracts.v1 import PlanStep
-from mesh_kit.state import StepState, TaskRecord
+from mesh_contracts.v1.records import StepState, TaskRecord
 from mesh_llm import Message, ModelRequest, ScriptedModel
 from mesh_planner.service import Planner, dispatch_ready, parse_plan
 

@@ -26,6 +26,7 @@ from nats.js.errors import KeyNotFoundError
 
 from mesh_contracts import ContractError, parse_message
 from mesh_contracts.v1 import ControlCancel, ControlHalt, ControlResume
+from mesh_contracts.v1.records import StatusRecord
 from mesh_kit import envelope as env
 from mesh_kit.identity import IdentityError
 
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mesh.guard")
 CONTROL_BUCKET = "control"
-STATUS_BUCKET = "status"
+STATUS_BUCKET = StatusRecord.bucket
 GLOBAL_KEY = "kill.global"
 RECORD_LAG_S = 5.0
 
@@ -113,13 +114,10 @@ class Guard:
     async def check(self, tenant: str, task_id: str) -> Stop | None:
         """The reason the task must not make its next call, or None."""
         from mesh_kit import state as st
-        from mesh_kit.state import StatusRecord
 
         if self.control is None:  # not started (in-memory tests): nothing to consult
             return None
-        stop, (rec, _) = await asyncio.gather(
-            self.kill_switch(tenant), st.load(self.tasks, f"{tenant}.{task_id}", StatusRecord)
-        )
+        stop, rec = await asyncio.gather(self.kill_switch(tenant), st.task_status(self.tasks, tenant, task_id))
         if stop is not None:
             return stop
         if rec is not None and rec.status == "halted":

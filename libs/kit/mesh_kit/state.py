@@ -1,7 +1,8 @@
-"""Task state lives in JetStream KV, updated with compare-and-set on the revision.
+"""State lives in JetStream KV, updated with compare-and-set on the revision.
 
-The record is the only truth about a task's progress: any replica of the planner can
-pick up any task, and other services read it (e.g. to see a cancel they missed).
+The task record is the only truth about a task's progress: any replica of the planner can pick
+up any task. Records other services read are contracts (``mesh_contracts.v1.records``); they
+read them only through the accessors here (``task_record``, ``task_status``).
 """
 
 from __future__ import annotations
@@ -9,57 +10,16 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Callable
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel
 
-from mesh_contracts.v1 import (
-    CheckResult,
-    Citation,
-    HeldCall,
-    PlanStep,
-    SignedRecord,
-    Taint,
-    TaskLimits,
-    TaskPolicy,
-    TokenUsage,
-)
+from mesh_contracts.v1.records import Evidence, StatusRecord, TaskRecord
 
-TaskStatus = Literal["planning", "running", "checking", "halted", "completed", "failed", "cancelled"]
-StepStatus = Literal["pending", "dispatched", "completed", "failed", "halted"]
-TERMINAL: tuple[str, ...] = ("completed", "failed", "cancelled")
-
-
-STATUS_BUCKET = "status"
-EVIDENCE_BUCKET = "evidence"
-GUARDED: tuple[str, ...] = ("halted", "completed", "failed", "cancelled")
-"""Task statuses that stop every further model or tool call (the planner writes these, and a
-resume from ``halted``, to the ``status`` bucket)."""
-
-
-class StatusRecord(BaseModel):
-    """The ``status`` bucket's value, key ``<tenant>.<task_id>``: whether the task may go on."""
-
-    model_config = ConfigDict(extra="allow")
-
-    status: str
-    reason: str = ""
-
-    def to_bytes(self) -> bytes:
-        return self.model_dump_json().encode()
-
-
-class Evidence(BaseModel):
-    """The ``evidence`` bucket's value, key ``<tenant>.<task>.<step>.<attempt>``: the retrieval
-    records one step attempt read, as rag signed them (the planner hands them to the checker)."""
-
-    records: list[SignedRecord] = []
-
-
-def evidence_key(tenant: str, task_id: str, step_id: str, attempt: int) -> str:
-    return f"{tenant}.{task_id}.{step_id}.{attempt}"
+STATUS_BUCKET = StatusRecord.bucket
+EVIDENCE_BUCKET = Evidence.bucket
 
 
 def bind(nc: Any, bucket: str) -> KeyValue:
@@ -68,76 +28,6 @@ def bind(nc: Any, bucket: str) -> KeyValue:
     lists every key of a bucket, so no service holds it on a bucket where it may only read
     some keys (the per-service ``ledger``). A missing bucket fails on first use instead."""
     return KeyValue(name=bucket, stream=f"KV_{bucket}", pre=f"$KV.{bucket}.", js=nc.jetstream(), direct=True)
-
-
-class StepState(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    step: PlanStep
-    status: StepStatus = "pending"
-    attempt: int = 0
-    output: str = ""
-    citations: list[Citation] = []
-    usage: TokenUsage = TokenUsage()
-    reason: str = ""
-    tools: list[str] = []
-    """Tools the completed attempt called, in order."""
-    models: list[str] = []
-    """``provider/model`` of the completed attempt's model calls."""
-    prompt_version: str = ""
-    taint: Taint | None = None
-    """What untrusted content the completed attempt read (None: not declared by its worker, so
-    its output counts as untrusted); passed on to the steps that take its output."""
-    held: list[HeldCall] = []
-    """Calls of the completed attempt held for a human that it went on without."""
-
-
-class OutboxItem(BaseModel):
-    """A message decided in a state transition but not yet confirmed published."""
-
-    type: str
-    key: str
-    body: dict[str, Any]
-    causation: str = ""
-
-
-class TaskRecord(BaseModel):
-    """The ``tasks`` bucket's value, key ``<tenant>.<task_id>``."""
-
-    model_config = ConfigDict(extra="allow")
-
-    tenant: str
-    task_id: str
-    goal: str
-    limits: TaskLimits = TaskLimits()
-    policy: TaskPolicy = TaskPolicy()
-    status: TaskStatus = "planning"
-    reason: str = ""
-    steps: dict[str, StepState] = {}
-    planner_usage: TokenUsage = TokenUsage()
-    check_attempt: int = 0
-    feedback: dict[str, str] = {}
-    """Checker reasons per step being redone, passed to the step as its ``feedback`` (untrusted)."""
-    checks: list[CheckResult] = []
-    """The last verdict's results."""
-    judge_score: float | None = None
-    prompt_versions: dict[str, str] = {}
-    """Prompt version per agent role used by the task's model calls."""
-    check_usage: TokenUsage = TokenUsage()
-    """Model usage of the checker's judge over every verdict."""
-    created_at: float = 0.0
-    finished_at: float = 0.0
-    outbox: list[OutboxItem] = []
-
-    @staticmethod
-    def key(tenant: str, task_id: str) -> str:
-        return f"{tenant}.{task_id}"
-
-    def total_usage(self) -> TokenUsage:
-        total = self.planner_usage + self.check_usage
-        for s in self.steps.values():
-            total = total + s.usage
-        return total
 
 
 M = TypeVar("M", bound=BaseModel)
@@ -177,3 +67,21 @@ async def update(
         except KeyWrongLastSequenceError:
             await asyncio.sleep(random.uniform(0, 0.01 * (attempt + 1)))  # jittered: writers collided
     raise Conflict(f"compare-and-set on {key} lost {retries} times")
+
+
+async def task_record(kv: Any, tenant: str, task_id: str) -> TaskRecord | None:
+    """The planner's record of a task (bucket ``tasks``), or None when there is none yet."""
+    rec, _ = await load(kv, TaskRecord.key(tenant, task_id), TaskRecord)
+    return rec
+
+
+async def task_status(kv: Any, tenant: str, task_id: str) -> StatusRecord | None:
+    """Whether a task was halted or ended, and why (bucket ``status``); None while it runs."""
+    rec, _ = await load(kv, TaskRecord.key(tenant, task_id), StatusRecord)
+    return rec
+
+
+async def evidence(kv: Any, tenant: str, task_id: str, step_id: str, attempt: int) -> Evidence | None:
+    """The retrieval records a step attempt read (bucket ``evidence``, the planner's own)."""
+    rec, _ = await load(kv, Evidence.key(tenant, task_id, step_id, attempt), Evidence)
+    return rec

@@ -10,28 +10,25 @@ import argparse
 import asyncio
 import json
 import os
-import re
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict
+from importlib.metadata import entry_points
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn, TextIO
+from typing import TYPE_CHECKING, TextIO
 
 import httpx
 import nats
 from nats.js.kv import KeyValue
-from pydantic import ValidationError
 
 from mesh_contracts import SERVICES
-from mesh_contracts.base import ID_PATTERN
 from mesh_contracts.v1 import (
     DOCUMENT_TYPES,
     HeldCall,
     ProgressEvent,
     TaskCompleted,
     TaskFailed,
-    TaskPolicy,
     TaskRejected,
     TokenDelta,
 )
@@ -40,6 +37,7 @@ from mesh_kit.identity import Signer
 from mesh_kit.settings import log_nats_error, nats_servers
 from meshctl import budget as spend
 from meshctl import local
+from meshctl import options as opt
 from meshctl.identity import Identities
 from meshctl.local import MeshError, MeshState
 from meshctl.policy import policy
@@ -49,103 +47,6 @@ if TYPE_CHECKING:
     from meshctl.client import TenantClient
 
 DEFAULT_HOME = ".mesh"
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
-
-
-def _home(args: argparse.Namespace) -> Path:
-    return Path(args.home).absolute()
-
-
-def _identifier(kind: str) -> Callable[[str], str]:
-    """An argument type for ids that become subject tokens (tenant, task id)."""
-
-    def check(value: str) -> str:
-        if not re.match(ID_PATTERN, value):
-            raise argparse.ArgumentTypeError(f"invalid {kind} {value!r}: use letters, digits, '-' or '_' (max 64)")
-        return value
-
-    return check
-
-
-_tenant, _task_id = _identifier("tenant"), _identifier("task id")
-
-
-def _tenants(value: str) -> list[str]:
-    return [_tenant(t) for t in value.split(",") if t]
-
-
-def _policy(value: str) -> TaskPolicy:
-    """A task policy as JSON (inline, or @FILE)."""
-    try:
-        text = Path(value[1:]).read_text() if value.startswith("@") else value
-        raw = json.loads(text)
-        unknown = sorted(set(raw) - set(TaskPolicy.model_fields)) if isinstance(raw, dict) else []
-        if unknown:  # a typo must not silently switch a check off
-            raise argparse.ArgumentTypeError(
-                f"unknown policy field(s) {', '.join(unknown)} (known: {', '.join(TaskPolicy.model_fields)})"
-            )
-        return TaskPolicy.model_validate(raw)
-    except json.JSONDecodeError as exc:
-        raise argparse.ArgumentTypeError(f"not JSON: {exc.msg} at column {exc.colno}") from None
-    except OSError as exc:
-        raise argparse.ArgumentTypeError(f"cannot read {value[1:]}: {exc.strerror}") from None
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(x) for x in first["loc"]) or "(policy)"
-        raise argparse.ArgumentTypeError(f"{where}: {first['msg']}") from None
-
-
-def _positive(value: str) -> float:
-    try:
-        f = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
-    if f <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0: {value!r}")
-    return f
-
-
-def _count(value: str) -> int:
-    if not value.isdigit() or int(value) < 1:
-        raise argparse.ArgumentTypeError(f"not a positive whole number: {value!r}")
-    return int(value)
-
-
-def _at_least_zero(value: str) -> float:
-    try:
-        f = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
-    if not f >= 0 or f == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be >= 0: {value!r}")
-    return f
-
-
-def _fraction(value: str) -> float:
-    f = _at_least_zero(value)
-    if f > 1:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1: {value!r}")
-    return f
-
-
-def _port(value: str) -> int:
-    if not value.isdigit() or int(value) > 65535:
-        raise argparse.ArgumentTypeError(f"not a port number: {value!r}")
-    return int(value)
-
-
-def _day(value: str) -> str:
-    try:
-        if not re.fullmatch(r"\d{8}", value):
-            raise ValueError
-        time.strptime(value, "%Y%m%d")
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a day: {value!r} (use YYYYMMDD, e.g. {spend.today()})") from None
-    return value
 
 
 def _running(home: Path) -> MeshState:
@@ -162,7 +63,7 @@ def _nats_url(args: argparse.Namespace, home: Path) -> str:
 
 
 async def _admin(args: argparse.Namespace) -> nats.NATS:
-    home = _home(args)
+    home = opt.home(args)
     ids = Identities(home)
     if not ids.creds("admin").exists():
         raise MeshError(f"no identities in {home} (run: meshctl init)")
@@ -219,14 +120,14 @@ def render_switches(switches: dict[str, dict], now: float) -> str:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    ids = Identities(_home(args))
+    ids = Identities(opt.home(args))
     ids.mint(args.tenants)
     print(f"identities for {len(policy(ids.tenants()))} principals in {ids.home} (secrets mode 0600)")
     return 0
 
 
 def cmd_policy(args: argparse.Namespace) -> int:
-    tenants = args.tenants or Identities(_home(args)).tenants() or ["demo"]
+    tenants = args.tenants or Identities(opt.home(args)).tenants() or ["demo"]
     out = {
         name: {
             "role": p.role,
@@ -261,7 +162,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     state = asyncio.run(
         local.up(
-            _home(args),
+            opt.home(args),
             tenants=args.tenants,
             nats_port=args.nats_port,
             http_port=args.http_port,
@@ -273,18 +174,18 @@ def cmd_up(args: argparse.Namespace) -> int:
         f"mesh up in {time.monotonic() - t0:.1f}s: nats {state.nats_url}, redis 127.0.0.1:{state.redis_port}, "
         f"{len(state.services)} services ({', '.join(state.services)})"
     )
-    print(f"tenants: {', '.join(Identities(_home(args)).tenants())}; home: {_home(args)}")
+    print(f"tenants: {', '.join(Identities(opt.home(args)).tenants())}; home: {opt.home(args)}")
     return 0
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    stopped = local.down(_home(args))
+    stopped = local.down(opt.home(args))
     print(f"stopped {len(stopped)} process(es)" + (f": {', '.join(stopped)}" if stopped else " (nothing was running)"))
     return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    home = _home(args)
+    home = opt.home(args)
     state = _running(home)
 
     async def run() -> tuple[dict, dict]:
@@ -331,7 +232,7 @@ def _tenant_client(args: argparse.Namespace) -> TenantClient:
     """The client of ``--tenant`` with its own identity (not yet connected)."""
     from meshctl.client import TenantClient
 
-    home = _home(args)
+    home = opt.home(args)
     ids = Identities(home)
     principal = f"client.{args.tenant}"
     if not ids.creds(principal).exists():
@@ -512,7 +413,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 def _approver(args: argparse.Namespace):
     from meshctl.approver import Approver
 
-    home = _home(args)
+    home = opt.home(args)
     ids = Identities(home)
     if not ids.creds("approver").exists():
         raise MeshError(f"no approver identity in {home} (run: meshctl init)")
@@ -565,7 +466,7 @@ def cmd_decide(args: argparse.Namespace) -> int:
 def cmd_audit(args: argparse.Namespace) -> int:
     from meshctl import audit
 
-    box = audit.opener(args.auditor_key or Identities(_home(args)).auditor_key(args.tenant))
+    box = audit.opener(args.auditor_key or Identities(opt.home(args)).auditor_key(args.tenant))
     if args.to and box is None:
         raise MeshError(f"--to needs the auditor key of {args.tenant} (values are sealed to it)")
 
@@ -586,7 +487,7 @@ def cmd_rotate(args: argparse.Namespace) -> int:
 
     if bool(args.principal) == args.all:
         args.usage("name one principal, or --all for the six services")
-    ids = Identities(_home(args))
+    ids = Identities(opt.home(args))
     state = _running(ids.home)
     principals = list(SERVICES) if args.all else [args.principal]
 
@@ -605,7 +506,7 @@ def cmd_rotate(args: argparse.Namespace) -> int:
 def cmd_revoke(args: argparse.Namespace) -> int:
     from meshctl.rotation import RotationError, revoke
 
-    ids = Identities(_home(args))
+    ids = Identities(opt.home(args))
     state = _running(ids.home)
 
     async def run() -> int:
@@ -629,7 +530,7 @@ def cmd_dlq(args: argparse.Namespace) -> int:
         js = nc.jetstream()
         try:
             if args.action == "retry":
-                key = Identities(_home(args)).signing_key("admin")
+                key = Identities(opt.home(args)).signing_key("admin")
                 if not key.exists():
                     raise MeshError(f"no admin signing key at {key}: re-drives are signed by it (run: meshctl init)")
                 operator = Signer.from_file("admin", key)
@@ -707,7 +608,7 @@ def cmd_kill_switch(args: argparse.Namespace) -> int:
     if args.action != "on" and args.reason is not None:
         args.usage(f"--reason is only for 'on', not {args.action!r}")
     if args.action == "on" and args.tenant:
-        known = Identities(_home(args)).tenants()
+        known = Identities(opt.home(args)).tenants()
         if args.tenant not in known:
             raise MeshError(f"unknown tenant {args.tenant!r} (known: {', '.join(known) or 'none'})")
     key = tenant_key(args.tenant) if args.tenant else GLOBAL_KEY
@@ -742,144 +643,21 @@ def cmd_kill_switch(args: argparse.Namespace) -> int:
 
 # ``eval DATASET`` and ``eval calibrate [FILE]`` share one parser; an option of the other mode
 # is a usage error. Mode options default to "absent" so a misplaced one can be told apart.
-EVAL_RUN_OPTIONS = {
-    "timeout": 120.0,
-    "min_pass_rate": 1.0,
-    "baseline": None,
-    "max_regression": 0.0,
-    "max_cost_increase": 0.25,
-    "max_latency_increase": None,
-    "filter": (),
-    "case": (),
-    "nats_url": None,
-}
-EVAL_CALIBRATE_OPTIONS = {"min_agreement": 0.0, "min_score": 0.6}
-
-
-def cmd_eval(args: argparse.Namespace) -> int:
-    """``meshctl eval DATASET``: run a golden dataset on the running mesh and gate on it;
-    ``meshctl eval calibrate [FILE]``: the judge against human labels, no mesh needed."""
-    from meshctl import evaluation as ev
-
-    target = args.target
-    calibrating = target[0] == "calibrate"
-    if len(target) > (2 if calibrating else 1):
-        args.usage("eval takes one DATASET, or: eval calibrate [FILE]")
-    own, other = (
-        (EVAL_CALIBRATE_OPTIONS, EVAL_RUN_OPTIONS) if calibrating else (EVAL_RUN_OPTIONS, EVAL_CALIBRATE_OPTIONS)
-    )
-    wrong = [name for name in other if hasattr(args, name)]
-    if wrong:
-        mode = "eval calibrate" if calibrating else "eval DATASET"
-        args.usage(f"--{wrong[0].replace('_', '-')} is not an option of {mode}")
-    for name, default in own.items():
-        if not hasattr(args, name):
-            setattr(args, name, default)
-    try:
-        if calibrating:
-            return _eval_calibrate(args, target[1] if len(target) > 1 else ev.DEFAULT_CALIBRATION)
-        return _eval_run(args, target[0])
-    except ev.EvalError as exc:
-        raise MeshError(str(exc)) from None
-
-
-def _report_path(args: argparse.Namespace, default: Path | None) -> Path | None:
-    path = Path(args.report) if args.report else default
-    if path is not None:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise MeshError(f"cannot create the report's directory {path.parent}: {exc.strerror}") from None
-    return path
-
-
-def _write(report: dict, path: Path | None) -> None:
-    from meshctl.evaluation import write_report
-
-    if path is not None:
-        try:
-            write_report(report, path)
-        except OSError as exc:
-            raise MeshError(f"cannot write the report {path}: {exc.strerror}") from None
-
-
-def _eval_run(args: argparse.Namespace, dataset_path: str) -> int:
-    from meshctl import evaluation as ev
-
-    dataset = ev.load_dataset(dataset_path).select(tags=args.filter, case_ids=args.case)
-    baseline = ev.load_report(args.baseline) if args.baseline else None
-    path = _report_path(args, ev.default_report_path())
-    report = asyncio.run(
-        ev.run_dataset(
-            dataset,
-            home=_home(args),
-            nats_url=args.nats_url,
-            concurrency=args.concurrency,
-            timeout_s=args.timeout,
-            progress=True,
-        )
-    )
-    if baseline is not None:
-        report["comparison"] = ev.compare(
-            baseline,
-            report,
-            max_regression=args.max_regression,
-            max_cost_increase=args.max_cost_increase,
-            max_latency_increase=args.max_latency_increase,
-            baseline_path=args.baseline,
-        )
-    _write(report, path)
-    if args.json:
-        print(json.dumps(report, indent=2))
-        print(f"report: {path}", file=sys.stderr)
-    else:
-        print(ev.render_table(report))
-        print()
-        print(ev.render_summary(report))
-        if baseline is not None:
-            print()
-            print(ev.render_comparison(report["comparison"]))
-        print(f"report: {path}")
-    failures = ev.gate_failures(report, min_pass_rate=args.min_pass_rate)
-    for failure in failures:
-        print(f"meshctl: eval gate failed: {failure}", file=sys.stderr)
-    return 1 if failures else 0
-
-
-def _eval_calibrate(args: argparse.Namespace, file: str) -> int:
-    from meshctl import evaluation as ev
-
-    path = _report_path(args, None)
-    report = asyncio.run(ev.calibrate(file, min_score=args.min_score, concurrency=args.concurrency))
-    _write(report, path)
-    print(json.dumps(report, indent=2) if args.json else ev.render_calibration(report))
-    if path is not None and not args.json:
-        print(f"report: {path}")
-    agreement = report["agreement"] or 0.0
-    if agreement < args.min_agreement:
-        print(
-            f"meshctl: eval gate failed: judge agreement {agreement:.4f} is below --min-agreement {args.min_agreement:g}",
-            file=sys.stderr,
-        )
-        return 1
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="meshctl", description="Run and operate an AgentMesh.")
+    p = opt.Parser(prog="meshctl", description="Run and operate an AgentMesh.")
     p.add_argument(
         "--home",
         default=os.environ.get("MESH_HOME", DEFAULT_HOME),
         help="mesh home with identities, data and logs (default: .mesh, env MESH_HOME)",
     )
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=opt.Parser)
 
     s = sub.add_parser("init", help="mint identities (NATS creds, signing keys, trust bundle)")
-    s.add_argument("--tenants", type=_tenants, default=["demo"], help="comma-separated tenant ids")
+    s.add_argument("--tenants", type=opt.tenants, default=["demo"], help="comma-separated tenant ids")
     s.set_defaults(fn=cmd_init)
 
     s = sub.add_parser("policy", help="print every principal's NATS permissions")
-    s.add_argument("--tenants", type=_tenants, default=None)
+    s.add_argument("--tenants", type=opt.tenants, default=None)
     s.set_defaults(fn=cmd_policy)
 
     s = sub.add_parser("provision", help="create streams, durable consumers and KV buckets (admin)")
@@ -888,10 +666,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_provision)
 
     s = sub.add_parser("up", help="start nats-server, redis-server and the six services locally")
-    s.add_argument("--tenants", type=_tenants, default=["demo"])
-    s.add_argument("--nats-port", type=_port, default=4222, help="0 picks a free port")
-    s.add_argument("--http-port", type=_port, default=8222, help="NATS monitoring port")
-    s.add_argument("--redis-port", type=_port, default=6390)
+    s.add_argument("--tenants", type=opt.tenants, default=["demo"])
+    s.add_argument("--nats-port", type=opt.port, default=4222, help="0 picks a free port")
+    s.add_argument("--http-port", type=opt.port, default=8222, help="NATS monitoring port")
+    s.add_argument("--redis-port", type=opt.port, default=6390)
     s.add_argument(
         "--cluster",
         type=int,
@@ -911,14 +689,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("submit", help="submit a task as a tenant's client")
     s.add_argument("goal", help="what you want done")
-    s.add_argument("--tenant", type=_tenant, default="demo")
-    s.add_argument("--task-id", type=_tenant, default=None, help="defaults to a random id")
+    s.add_argument("--tenant", type=opt.tenant, default="demo")
+    s.add_argument("--task-id", type=opt.tenant, default=None, help="defaults to a random id")
     s.add_argument("--follow", action="store_true", help="print progress live and wait for the result")
-    s.add_argument("--timeout", type=_positive, default=120.0, help="seconds to wait with --follow")
+    s.add_argument("--timeout", type=opt.positive, default=120.0, help="seconds to wait with --follow")
     s.add_argument("--json", action="store_true", help="print the outcome as JSON")
     s.add_argument(
         "--policy",
-        type=_policy,
+        type=opt.policy,
         default=None,
         help='what the checker holds the answer to, as JSON or @FILE: {"forbidden_terms": [...], '
         '"require_citations": true, "rubric": "...", "output_schema": {...}, ...}',
@@ -932,17 +710,17 @@ def build_parser() -> argparse.ArgumentParser:
         ("cancel", "cancel a task: it fails with your reason, its dependents are not run"),
     ):
         s = sub.add_parser(verb, help=text)
-        s.add_argument("task_id", type=_task_id, metavar="TASK_ID")
-        s.add_argument("--tenant", type=_tenant, default="demo")
+        s.add_argument("task_id", type=opt.task_id, metavar="TASK_ID")
+        s.add_argument("--tenant", type=opt.tenant, default="demo")
         s.add_argument("--reason", default=None, help="recorded on the task and quoted by every service that refuses")
-        s.add_argument("--timeout", type=_positive, default=10.0, help="seconds to wait for the planner to apply it")
+        s.add_argument("--timeout", type=opt.positive, default=10.0, help="seconds to wait for the planner to apply it")
         s.add_argument("--nats-url", default=None)
         s.set_defaults(fn=cmd_control)
 
     s = sub.add_parser("ingest", help="add or replace documents (md, txt, html, pdf) in a tenant's retrieval index")
     s.add_argument("path", help="a file, or a directory (every supported file under it)")
-    s.add_argument("--tenant", type=_tenant, default="demo")
-    s.add_argument("--timeout", type=_positive, default=120.0, help="seconds to wait for each document")
+    s.add_argument("--tenant", type=opt.tenant, default="demo")
+    s.add_argument("--timeout", type=opt.positive, default=120.0, help="seconds to wait for each document")
     s.add_argument("--nats-url", default=None)
     s.set_defaults(fn=cmd_ingest)
 
@@ -954,16 +732,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     for verb, text in (("approve", "let a waiting tool call run"), ("deny", "refuse a waiting tool call")):
         s = sub.add_parser(verb, help=f"{text} (as the approver; the decision is signed and recorded)")
-        s.add_argument("approval_id", type=_identifier("approval id"), metavar="ID")
+        s.add_argument("approval_id", type=opt.identifier("approval id"), metavar="ID")
         s.add_argument("--comment", default=None, help="recorded with the decision")
         s.add_argument("--nats-url", default=None)
         s.set_defaults(fn=cmd_decide)
 
     s = sub.add_parser("audit", help="where a tenant's tool effects went (as the admin, opened with its auditor key)")
-    asub = s.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    asub = s.add_subparsers(dest="action", required=True, parser_class=opt.Parser)
     a = asub.add_parser("effects", help="every audited tool call that names a destination (recipient, URL)")
-    a.add_argument("--tenant", type=_tenant, required=True)
-    a.add_argument("--task", type=_tenant, default=None, help="one task only")
+    a.add_argument("--tenant", type=opt.tenant, required=True)
+    a.add_argument("--task", type=opt.tenant, default=None, help="one task only")
     a.add_argument("--to", default="", help="only effects that went to this value (needs the auditor key)")
     a.add_argument("--auditor-key", type=Path, default=None,
                    help="the tenant auditor's key (default: the mesh home's secrets/keys/auditor.<tenant>.key)")  # fmt: skip
@@ -974,7 +752,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("rotate", help="new NATS credentials and signing keys for a principal, without downtime")
     s.add_argument("principal", nargs="?", default="", help="e.g. worker, client.acme, approver")
     s.add_argument("--all", action="store_true", help="every service")
-    s.add_argument("--grace", type=_positive, default=30.0,
+    s.add_argument("--grace", type=opt.positive, default=30.0,
                    help="seconds old and new credentials both work before the old are revoked (default 30)")  # fmt: skip
     s.add_argument("--json", action="store_true")
     s.add_argument("--nats-url", default=None)
@@ -986,7 +764,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_revoke)
 
     s = sub.add_parser("dlq", help="inspect the dead-letter stream")
-    dsub = s.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    dsub = s.add_subparsers(dest="action", required=True, parser_class=opt.Parser)
     d = dsub.add_parser("list", help="most recent dead letters with their reasons")
     d.add_argument("--limit", type=int, default=20)
     d.add_argument("--nats-url", default=None)
@@ -999,60 +777,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_dlq)
 
     s = sub.add_parser("budget", help="settled spend: a task's, a tenant's day, or every tenant's day")
-    s.add_argument("--tenant", type=_tenant, default=None, help="one tenant: its day by agent and model, its tasks")
-    s.add_argument("--task", type=_tenant, default=None, help="one task (with --tenant): by agent, step and model")
-    s.add_argument("--day", type=_day, default=None, help="UTC day YYYYMMDD (default: today)")
+    s.add_argument("--tenant", type=opt.tenant, default=None, help="one tenant: its day by agent and model, its tasks")
+    s.add_argument("--task", type=opt.tenant, default=None, help="one task (with --tenant): by agent, step and model")
+    s.add_argument("--day", type=opt.day, default=None, help="UTC day YYYYMMDD (default: today)")
     s.add_argument("--json", action="store_true", help="print the stored records as JSON")
     s.add_argument("--nats-url", default=None)
     s.set_defaults(fn=cmd_budget, usage=s.error)
 
-    s = sub.add_parser(
-        "eval",
-        usage="%(prog)s [options] DATASET\n       %(prog)s calibrate [FILE] [options]",
-        help="run a golden dataset on the running mesh and gate on it; or: eval calibrate [FILE] (the judge)",
-        description="eval DATASET: submit every case of a JSONL golden dataset to the running mesh, hold each "
-        "outcome to its expectations, print a table and write a JSON report; exit 1 when a gate fails. "
-        "eval calibrate [FILE]: run the LLM judge on human-labelled answers (no mesh) and report the agreement. "
-        "Formats: tests/golden/README.md.",
-    )
-    s.add_argument("target", nargs="+", metavar="DATASET | calibrate [FILE]")
-    s.add_argument(
-        "--concurrency", type=_count, default=4, metavar="N", help="tasks (or judge calls) at a time (default 4)"
-    )
-    s.add_argument("--json", action="store_true", help="print the report as JSON instead of tables")
-    s.add_argument("--report", default=None, metavar="PATH",
-                   help="write the JSON report here (eval DATASET default: .mesh/eval/report-<UTC time>.json)")  # fmt: skip
-    none = argparse.SUPPRESS
-    r = s.add_argument_group("eval DATASET")
-    r.add_argument(
-        "--timeout", type=_positive, default=none, metavar="S", help="seconds per case before it is a timeout (120)"
-    )
-    r.add_argument(
-        "--filter", action="append", default=none, metavar="TAG", help="only cases with this tag (repeatable)"
-    )
-    r.add_argument("--case", action="append", default=none, metavar="ID", help="only this case (repeatable)")
-    r.add_argument("--min-pass-rate", type=_fraction, default=none, metavar="R", help="exit 1 below this (1.0)")
-    r.add_argument(
-        "--baseline", default=none, metavar="REPORT", help="compare with an earlier report; exit 1 on a regression"
-    )
-    r.add_argument("--max-regression", type=_fraction, default=none, metavar="D",
-                   help="allowed absolute drop of the pass rate or a property's rate (0.0)")  # fmt: skip
-    r.add_argument("--max-cost-increase", type=_at_least_zero, default=none, metavar="REL",
-                   help="allowed relative rise of the mean cost per case (0.25)")  # fmt: skip
-    r.add_argument("--max-latency-increase", type=_at_least_zero, default=none, metavar="REL",
-                   help="allowed relative rise of the p95 latency (default: not checked)")  # fmt: skip
-    r.add_argument("--nats-url", default=none, metavar="URL", help="default: the running mesh's")
-    c = s.add_argument_group("eval calibrate [FILE]  (FILE default: tests/golden/judge-calibration.jsonl)")
-    c.add_argument("--min-agreement", type=_fraction, default=none, metavar="A", help="exit 1 below this (0.0)")
-    c.add_argument("--min-score", type=_fraction, default=none, metavar="S", help="the judge's pass score (0.6)")
-    s.set_defaults(fn=cmd_eval, usage=s.error)
-
     s = sub.add_parser("kill-switch", help="stop every model and tool call, globally or for one tenant")
     s.add_argument("action", choices=("on", "off", "status"))
-    s.add_argument("--tenant", type=_tenant, default=None, help="only this tenant (default: global)")
+    s.add_argument("--tenant", type=opt.tenant, default=None, help="only this tenant (default: global)")
     s.add_argument("--reason", default=None, help="why (required for on)")
     s.add_argument("--nats-url", default=None)
     s.set_defaults(fn=cmd_kill_switch, usage=s.error)
+    for command in entry_points(group="meshctl.commands"):  # e.g. `eval`, from the mesh-eval package
+        command.load()(sub)
     return p
 
 

@@ -31,12 +31,12 @@ from mesh_contracts.v1 import (
     TokenUsage,
     UsageRecorded,
 )
+from mesh_contracts.v1.records import TERMINAL
 from mesh_kit import Delivery, Mesh, faults
 from mesh_kit import envelope as env
 from mesh_kit import state as st
 from mesh_kit import telemetry as tel
 from mesh_kit.identity import IdentityError
-from mesh_kit.state import TaskRecord
 from mesh_kit.tail import Reader, Stored, Tail
 
 log = logging.getLogger("mesh.budget")
@@ -210,8 +210,8 @@ class Budget:
         """Publish the reasoned event and the control message (deterministic ids: every replica
         reaches the same verdict from the same stream; JetStream keeps one)."""
         try:
-            rec, _ = await st.load(self.tasks, TaskRecord.key(trip.tenant, trip.task_id), TaskRecord)
-            if rec is not None and rec.status in st.TERMINAL:
+            rec = await st.task_record(self.tasks, trip.tenant, trip.task_id)
+            if rec is not None and rec.status in TERMINAL:
                 return  # replayed history, or the task ended meanwhile
             after = max(0.0, time.time() - trip.closed_at) if trip.closed_at else 0.0
             self.detections.append((trip.kind, after))
@@ -298,12 +298,12 @@ class Budget:
             return BudgetDenied(**base, reason=reason, code=code)
 
         assert self.mesh.guard is not None
-        (rec, _), stop = await asyncio.gather(
-            st.load(self.tasks, TaskRecord.key(m.tenant, m.task_id), TaskRecord), self.mesh.guard.kill_switch(m.tenant)
+        rec, stop = await asyncio.gather(
+            st.task_record(self.tasks, m.tenant, m.task_id), self.mesh.guard.kill_switch(m.tenant)
         )
         if rec is None:
             return deny("unknown_task", "unknown task: no task record")
-        if rec.status in st.TERMINAL or rec.status == "halted":
+        if rec.status in TERMINAL or rec.status == "halted":
             return deny("stopped", f"task is {rec.status}" + (f": {rec.reason}" if rec.reason else ""))
         if stop is not None:
             return deny("stopped", stop.reason)

@@ -16,7 +16,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from nats.js.errors import KeyNotFoundError
 from pydantic import ValidationError
 
 from mesh_agent import prompts
@@ -43,11 +42,11 @@ from mesh_contracts.v1 import (
     TaskRejected,
     TaskSubmitted,
 )
+from mesh_contracts.v1.records import GUARDED, TERMINAL, Evidence, OutboxItem, StatusRecord, StepState, TaskRecord
 from mesh_kit import Delivery, Mesh
 from mesh_kit import state as st
 from mesh_kit.ledger import BUCKET as LEDGER
 from mesh_kit.ledger import Ledger
-from mesh_kit.state import OutboxItem, StepState, TaskRecord
 from mesh_llm import ChatModel, ContextOverflow, Message, ModelRequest
 
 log = logging.getLogger("mesh.planner")
@@ -266,10 +265,10 @@ class Planner:
         """Tell every service's guard (``status`` bucket) when a task stops or resumes: a halt, an
         end, a resume from a halt. Nothing of the task's content goes there, so the services
         that only need to know whether to stop hold no right to read task records."""
-        if self.status is None or not (rec.status in st.GUARDED or was == "halted"):
+        if self.status is None or not (rec.status in GUARDED or was == "halted"):
             return
         await self.status.put(
-            TaskRecord.key(rec.tenant, rec.task_id), st.StatusRecord(status=rec.status, reason=rec.reason).to_bytes()
+            TaskRecord.key(rec.tenant, rec.task_id), StatusRecord(status=rec.status, reason=rec.reason).to_bytes()
         )
 
     async def flush(self, rec: TaskRecord) -> None:
@@ -304,13 +303,10 @@ class Planner:
             state = rec.steps.get(s.step_id)
             records: tuple[SignedRecord, ...] = ()
             if state is not None:
-                try:
-                    entry = await self.evidence.get(st.evidence_key(m.tenant, m.task_id, s.step_id, state.attempt))
-                except KeyNotFoundError:
-                    entry = None
-                if entry is not None and entry.value:
+                found = await st.evidence(self.evidence, m.tenant, m.task_id, s.step_id, state.attempt)
+                if found is not None:
                     kept = []
-                    for r in st.Evidence.model_validate_json(entry.value).records:
+                    for r in found.records:
                         room -= len(r.body) + len(r.token)
                         if room < 0:
                             break
@@ -401,8 +397,8 @@ class Planner:
 
     async def on_step_completed(self, m: StepCompleted, d: Delivery) -> None:
         if m.retrievals and self.evidence is not None:  # by attempt: a redone step's records replace nothing
-            key = st.evidence_key(m.tenant, m.task_id, m.step_id, m.attempt)
-            await self.evidence.put(key, st.Evidence(records=list(m.retrievals)).model_dump_json().encode())
+            key = Evidence.key(m.tenant, m.task_id, m.step_id, m.attempt)
+            await self.evidence.put(key, Evidence(records=list(m.retrievals)).model_dump_json().encode())
 
         def apply(rec: TaskRecord) -> bool:
             s = rec.steps.get(m.step_id)
@@ -438,7 +434,7 @@ class Planner:
     async def on_step_failed(self, m: StepFailed, d: Delivery) -> None:
         def apply(rec: TaskRecord) -> bool:
             s = rec.steps.get(m.step_id)
-            if rec.status in st.TERMINAL or s is None or s.status != "dispatched" or s.attempt != m.attempt:
+            if rec.status in TERMINAL or s is None or s.status != "dispatched" or s.attempt != m.attempt:
                 return False
             s.usage = s.usage + m.usage
             if m.halted:
@@ -519,7 +515,7 @@ class Planner:
         who = d.sender.name
 
         def apply(rec: TaskRecord) -> bool:
-            if rec.status in st.TERMINAL:
+            if rec.status in TERMINAL:
                 return False
             if isinstance(m, ControlCancel):
                 fail(rec, f"cancelled by {who}: {m.reason}", status="cancelled")

@@ -40,7 +40,6 @@ from mesh_kit import telemetry as tel
 from mesh_kit.bus import Reject
 from mesh_kit.faults import crash_point
 from mesh_kit.ledger import BUCKET, Ledger
-from mesh_kit.state import TaskRecord
 from mesh_kit.tail import Reader
 from mesh_tool_executor import destinations, net
 from mesh_tool_executor.approvals import ApprovalRecord, Approvals, approval_id
@@ -209,7 +208,7 @@ class ToolExecutor:
 
     def _step_lookup(self, tenant: str, task_id: str):
         async def lookup(step_id: str) -> tuple[str, str, str]:
-            rec, _ = await st.load(self.tasks, TaskRecord.key(tenant, task_id), TaskRecord)
+            rec = await st.task_record(self.tasks, tenant, task_id)
             if rec is None:
                 return "", "", ""
             s = rec.steps.get(step_id)
@@ -222,7 +221,7 @@ class ToolExecutor:
         or model wrote ('' when unknown: then nothing counts as offered by it)."""
         if self.tasks is None:
             return ""
-        rec, _ = await st.load(self.tasks, TaskRecord.key(m.tenant, m.task_id), TaskRecord)
+        rec = await st.task_record(self.tasks, m.tenant, m.task_id)
         return rec.goal if rec is not None else ""
 
     def _destinations(self, m: ToolRequested, tool: Tool | None, goal: str) -> tuple[Destination, ...]:

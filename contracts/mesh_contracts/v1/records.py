@@ -1,0 +1,165 @@
+"""Version 1 of the records other services read from key-value buckets.
+
+A record is a contract like a message is: one service writes it, others read it, and a change
+that breaks a reader breaks the mesh. So each record here has a version, a committed JSON Schema
+(``schemas/v1/record.<name>.json``, with its bucket, writer and readers) and the same
+compatibility check as the messages. Evolve by adding optional fields with defaults; a breaking
+change is a new ``record_version``, which readers that do not know it refuse with a clear error.
+
+Read them only through ``mesh_kit.state`` (``task_record``, ``task_status``): the accessor is
+where a reader's view of the format lives.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from mesh_contracts.v1.common import (
+    CheckResult,
+    Citation,
+    HeldCall,
+    PlanStep,
+    SignedRecord,
+    Taint,
+    TaskLimits,
+    TaskPolicy,
+    TokenUsage,
+)
+
+TaskStatus = Literal["planning", "running", "checking", "halted", "completed", "failed", "cancelled"]
+StepStatus = Literal["pending", "dispatched", "completed", "failed", "halted"]
+TERMINAL: tuple[str, ...] = ("completed", "failed", "cancelled")
+GUARDED: tuple[str, ...] = ("halted", "completed", "failed", "cancelled")
+"""Task statuses that stop every further model or tool call (the planner writes these, and a
+resume from ``halted``, to the ``status`` bucket)."""
+
+
+class Record(BaseModel):
+    """A value of a key-value bucket that a service other than its writer reads."""
+
+    model_config = ConfigDict(extra="allow")
+
+    bucket: ClassVar[str]
+    """The bucket (``contracts.topology.BUCKETS`` names its writer and readers)."""
+    name: ClassVar[str]
+    """The schema's name: ``record.<name>``."""
+    key_format: ClassVar[str]
+    """How the key is made, for the schema's readers."""
+
+    record_version: Literal[1] = 1
+    """Format version. A reader refuses a version it does not know instead of misreading it."""
+
+    @classmethod
+    def schema_id(cls) -> str:
+        return f"record.{cls.name}/v1"
+
+    def to_bytes(self) -> bytes:
+        return self.model_dump_json().encode()
+
+
+class StepState(BaseModel):
+    """One step of a task as the planner tracks it."""
+
+    model_config = ConfigDict(extra="allow")
+
+    step: PlanStep
+    status: StepStatus = "pending"
+    attempt: int = 0
+    output: str = ""
+    citations: list[Citation] = []
+    usage: TokenUsage = TokenUsage()
+    reason: str = ""
+    tools: list[str] = []
+    """Tools the completed attempt called, in order."""
+    models: list[str] = []
+    """``provider/model`` of the completed attempt's model calls."""
+    prompt_version: str = ""
+    taint: Taint | None = None
+    """What untrusted content the completed attempt read (None: not declared by its worker, so
+    its output counts as untrusted); passed on to the steps that take its output."""
+    held: list[HeldCall] = []
+    """Calls of the completed attempt held for a human that it went on without."""
+
+
+class OutboxItem(BaseModel):
+    """A message decided in a state transition but not yet confirmed published."""
+
+    type: str
+    key: str
+    body: dict[str, Any]
+    causation: str = ""
+
+
+class TaskRecord(Record):
+    """The planner's record of a task: the only truth about its progress (compare-and-set on the
+    key's revision). Read by the tool-executor (the goal, for tool policy) and the budget
+    (limits, start time)."""
+
+    bucket: ClassVar[str] = "tasks"
+    name: ClassVar[str] = "task"
+    key_format: ClassVar[str] = "<tenant>.<task_id>"
+
+    tenant: str
+    task_id: str
+    goal: str
+    limits: TaskLimits = TaskLimits()
+    policy: TaskPolicy = TaskPolicy()
+    status: TaskStatus = "planning"
+    reason: str = ""
+    steps: dict[str, StepState] = {}
+    planner_usage: TokenUsage = TokenUsage()
+    check_attempt: int = 0
+    feedback: dict[str, str] = {}
+    """Checker reasons per step being redone, passed to the step as its ``feedback`` (untrusted)."""
+    checks: list[CheckResult] = []
+    """The last verdict's results."""
+    judge_score: float | None = None
+    prompt_versions: dict[str, str] = {}
+    """Prompt version per agent role used by the task's model calls."""
+    check_usage: TokenUsage = TokenUsage()
+    """Model usage of the checker's judge over every verdict."""
+    created_at: float = 0.0
+    finished_at: float = 0.0
+    outbox: list[OutboxItem] = []
+
+    @staticmethod
+    def key(tenant: str, task_id: str) -> str:
+        return f"{tenant}.{task_id}"
+
+    def total_usage(self) -> TokenUsage:
+        total = self.planner_usage + self.check_usage
+        for s in self.steps.values():
+            total = total + s.usage
+        return total
+
+
+class StatusRecord(Record):
+    """Whether a task may go on, and nothing of its content: what every service's guard reads
+    before a model or tool call. Written by the planner when a task is halted, resumed or ends."""
+
+    bucket: ClassVar[str] = "status"
+    name: ClassVar[str] = "status"
+    key_format: ClassVar[str] = "<tenant>.<task_id>"
+
+    status: str
+    reason: str = ""
+
+
+class Evidence(Record):
+    """The retrieval records one step attempt read, as rag signed them; the planner hands them to
+    the checker in the check request."""
+
+    bucket: ClassVar[str] = "evidence"
+    name: ClassVar[str] = "evidence"
+    key_format: ClassVar[str] = "<tenant>.<task_id>.<step_id>.<attempt>"
+
+    records: list[SignedRecord] = []
+
+    @staticmethod
+    def key(tenant: str, task_id: str, step_id: str, attempt: int) -> str:
+        return f"{tenant}.{task_id}.{step_id}.{attempt}"
+
+
+RECORDS: tuple[type[Record], ...] = (TaskRecord, StatusRecord, Evidence)

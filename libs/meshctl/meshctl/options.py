@@ -1,0 +1,116 @@
+"""Argument types and the parser class of ``meshctl`` (and of the commands other packages add
+to it through the ``meshctl.commands`` entry point group): each refuses a bad value with a
+one-line reason instead of a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import NoReturn
+
+from pydantic import ValidationError
+
+from mesh_contracts.base import ID_PATTERN
+from mesh_contracts.v1 import TaskPolicy
+from meshctl import budget as spend
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def home(args: argparse.Namespace) -> Path:
+    return Path(args.home).absolute()
+
+
+def identifier(kind: str) -> Callable[[str], str]:
+    """An argument type for ids that become subject tokens (tenant, task id)."""
+
+    def check(value: str) -> str:
+        if not re.match(ID_PATTERN, value):
+            raise argparse.ArgumentTypeError(f"invalid {kind} {value!r}: use letters, digits, '-' or '_' (max 64)")
+        return value
+
+    return check
+
+
+tenant, task_id = identifier("tenant"), identifier("task id")
+
+
+def tenants(value: str) -> list[str]:
+    return [tenant(t) for t in value.split(",") if t]
+
+
+def policy(value: str) -> TaskPolicy:
+    """A task policy as JSON (inline, or @FILE)."""
+    try:
+        text = Path(value[1:]).read_text() if value.startswith("@") else value
+        raw = json.loads(text)
+        unknown = sorted(set(raw) - set(TaskPolicy.model_fields)) if isinstance(raw, dict) else []
+        if unknown:  # a typo must not silently switch a check off
+            raise argparse.ArgumentTypeError(
+                f"unknown policy field(s) {', '.join(unknown)} (known: {', '.join(TaskPolicy.model_fields)})"
+            )
+        return TaskPolicy.model_validate(raw)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc.msg} at column {exc.colno}") from None
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"cannot read {value[1:]}: {exc.strerror}") from None
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(x) for x in first["loc"]) or "(policy)"
+        raise argparse.ArgumentTypeError(f"{where}: {first['msg']}") from None
+
+
+def positive(value: str) -> float:
+    try:
+        f = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
+    if f <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0: {value!r}")
+    return f
+
+
+def count(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"not a positive whole number: {value!r}")
+    return int(value)
+
+
+def at_least_zero(value: str) -> float:
+    try:
+        f = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
+    if not f >= 0 or f == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be >= 0: {value!r}")
+    return f
+
+
+def fraction(value: str) -> float:
+    f = at_least_zero(value)
+    if f > 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1: {value!r}")
+    return f
+
+
+def port(value: str) -> int:
+    if not value.isdigit() or int(value) > 65535:
+        raise argparse.ArgumentTypeError(f"not a port number: {value!r}")
+    return int(value)
+
+
+def day(value: str) -> str:
+    try:
+        if not re.fullmatch(r"\d{8}", value):
+            raise ValueError
+        time.strptime(value, "%Y%m%d")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a day: {value!r} (use YYYYMMDD, e.g. {spend.today()})") from None
+    return value
