@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mesh_budget.monitor import Monitor, Rules
 from mesh_contracts.v1 import (
@@ -20,6 +22,7 @@ from mesh_contracts.v1 import (
     ToolRequested,
     UsageRecorded,
 )
+from mesh_resilience import CircuitBreaker
 
 pytestmark = pytest.mark.unit
 T = {"tenant": "acme", "task_id": "t1"}
@@ -194,3 +197,25 @@ def test_failures_the_gateway_handed_on_never_make_a_retry_storm():
     trips = m.observe(usage("s1", "s1-a1-i6-x1n2", error="server_error: 503"), 1.0)
     trips += m.observe(usage("s1", "s1-a1-i7-x1n2", error="server_error: 503"), 1.1)
     assert [t.kind for t in trips] == ["retry_storm"], "failures that reached the task still count"
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.floats(0.0, 20.0), st.booleans()), min_size=1, max_size=40))
+def test_the_budget_and_the_gateway_open_a_provider_circuit_at_the_same_outcome(outcomes):
+    """One breaker rule (mesh_resilience): fed the same outcomes at the same times, the gateway's
+    breaker and the budget's mesh-wide circuit open at the same call."""
+    rules = Rules(provider_min_calls=3, provider_error_rate=0.5, provider_window_s=30, provider_cooldown_s=1000)
+    now = [0.0]
+    gateway = CircuitBreaker("scripted/scripted-1", rules.provider_policy(), clock=lambda: now[0])
+    m = Monitor(rules)
+    opened_gateway = opened_budget = None
+    for i, (dt, ok) in enumerate(outcomes):
+        now[0] += dt
+        gateway.record(ok)
+        if opened_gateway is None and gateway.state == "open":
+            opened_gateway = i
+        call = f"c{i}"
+        m.observe(usage("s1", call, error="" if ok else "server_error: 500"), now[0])
+        if opened_budget is None and m.provider_open("scripted", "scripted-1", now[0]):
+            opened_budget = i
+    assert opened_budget == opened_gateway

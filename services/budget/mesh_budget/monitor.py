@@ -49,6 +49,7 @@ from mesh_contracts.v1 import (
     ToolRequested,
     UsageRecorded,
 )
+from mesh_resilience import BreakerPolicy, FailureWindow
 
 AWAIT_TOOL = "await_step"
 
@@ -66,10 +67,20 @@ class Rules:
     """Inter-agent messages per completed step in the window above which agents are chattering."""
     retry_storm_errors: int = 5
     retry_storm_window_s: float = 30.0
-    provider_window_s: float = 30.0
-    provider_min_calls: int = 5
-    provider_error_rate: float = 0.5
-    provider_cooldown_s: float = 15.0
+    provider_window_s: float = BreakerPolicy.window_s
+    provider_min_calls: int = BreakerPolicy.min_calls
+    provider_error_rate: float = BreakerPolicy.failure_rate
+    provider_cooldown_s: float = BreakerPolicy.cooldown_s
+    """The provider breaker: the gateway's policy and defaults (``mesh_resilience``), mesh-wide."""
+
+    def provider_policy(self) -> BreakerPolicy:
+        return BreakerPolicy(
+            window_s=self.provider_window_s,
+            min_calls=self.provider_min_calls,
+            failure_rate=self.provider_error_rate,
+            cooldown_s=self.provider_cooldown_s,
+        )
+
     iteration_cap: int = 0
     """Model calls per step attempt; 0: the step's own ``max_iterations``."""
 
@@ -172,18 +183,15 @@ class TaskWatch:
         return None
 
 
-@dataclass
 class ProviderHealth:
-    calls: deque[tuple[float, bool]] = field(default_factory=deque)  # (time, failed)
-    failed: int = 0
-    """Failed calls in ``calls``, kept as they enter and leave (every usage event asks)."""
-    open_until: float = 0.0
+    """One provider/model's calls in the breaker's window, from the usage stream (at their stored
+    times, so every replica folding the same messages reaches the same state). No probe: the
+    budget grants reservations and the calls happen elsewhere, so after the cooldown calls flow
+    again and the next failure while the window is still bad reopens it."""
 
-    def add(self, at: float, failed: bool, window_s: float) -> None:
-        self.calls.append((at, failed))
-        self.failed += failed
-        while self.calls and self.calls[0][0] < at - window_s:
-            self.failed -= self.calls.popleft()[1]
+    def __init__(self, policy: BreakerPolicy) -> None:
+        self.window = FailureWindow(policy)
+        self.open_until = 0.0
 
 
 class Monitor:
@@ -191,6 +199,7 @@ class Monitor:
         self.rules = rules or Rules()
         self.tasks: dict[tuple[str, str], TaskWatch] = {}
         self.providers: dict[str, ProviderHealth] = {}
+        self.provider_policy = self.rules.provider_policy()
 
     def watch(self, tenant: str, task_id: str) -> TaskWatch:
         key = (tenant, task_id)
@@ -203,10 +212,9 @@ class Monitor:
         h = self.providers.get(f"{provider}/{model}")
         if h is None or now >= h.open_until:
             return ""
-        failed = h.failed
         return (
             f"provider {provider}/{model} circuit open for {h.open_until - now:.0f} s more: "
-            f"{failed} of {len(h.calls)} calls failed in the last {self.rules.provider_window_s:g} s"
+            f"{h.window.failures} of {len(h.window)} calls failed in the last {self.rules.provider_window_s:g} s"
         )
 
     # --- folding messages -----------------------------------------------------------------------
@@ -339,15 +347,20 @@ class Monitor:
 
     def _provider(self, m: UsageRecorded, at: float, w: TaskWatch, trip: Any) -> list[Trip]:
         r = self.rules
-        h = self.providers.setdefault(f"{m.provider}/{m.model}", ProviderHealth())
-        h.add(at, bool(m.error), r.provider_window_s)
-        failed = h.failed
-        if m.error and len(h.calls) >= r.provider_min_calls and failed / len(h.calls) >= r.provider_error_rate:
-            if at >= h.open_until:
+        key = f"{m.provider}/{m.model}"
+        if (h := self.providers.get(key)) is None:
+            h = self.providers[key] = ProviderHealth(self.provider_policy)
+        h.window.add(at, not m.error)
+        failed, calls = h.window.failures, len(h.window)
+        if h.window.tripped():  # the same rule as the gateway's breaker, on any outcome
+            opening = at >= h.open_until
+            if opening:
                 h.open_until = at + r.provider_cooldown_s
+            elif not m.error:
+                return []
             # The circuit refuses reservations for this provider/model (callers fall back to the
             # next model of their chain); the task itself goes on, so the trip only reports.
-            trip("provider_breaker", f"provider {m.provider}/{m.model} failing: {failed} of {len(h.calls)} calls "
+            trip("provider_breaker", f"provider {m.provider}/{m.model} failing: {failed} of {calls} calls "
                  f"in {r.provider_window_s:g} s; circuit open for {r.provider_cooldown_s:g} s", action="flag")  # fmt: skip
         return []
 
