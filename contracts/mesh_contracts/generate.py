@@ -168,7 +168,8 @@ def write() -> int:
 def _resolve(schema: dict[str, Any], node: dict[str, Any]) -> dict[str, Any]:
     ref = node.get("$ref")
     if ref and ref.startswith("#/$defs/"):
-        return schema.get("$defs", {}).get(ref.split("/")[-1], {})
+        found: dict[str, Any] = schema.get("$defs", {}).get(ref.split("/")[-1], {})
+        return found
     return node
 
 

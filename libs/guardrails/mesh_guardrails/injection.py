@@ -254,8 +254,8 @@ _OVR_ANCHORS = (
     "ignore|disregard|forget|override|overrule|bypass|neglect|dismiss|abandon|discard|set aside|do not|don|dont|"
     "stop following|stop obeying|no longer|pay no"
 )
-_TAG_ANCHORS = ("</", "<system", "<instruction", "<admin", "<sys", "<user_input", "<tool_output", "<untrusted")
-_TAG_ANCHORS += ("<retrieved", "<search_result")
+_TAG_ANCHORS: tuple[str, ...] = ("</", "<system", "<instruction", "<admin", "<sys", "<user_input", "<tool_output")
+_TAG_ANCHORS += ("<untrusted", "<retrieved", "<search_result")
 _CREDENTIAL_ANCHORS = (
     "key|keys|password|passwords|passphrase|passphrases|credential|credentials|secret|secrets|token|tokens|cookies|"
     "seed|codes|code|otp|env|environment|confidential|sensitive|private|payment|bank|account|card|cvv|vault|pin|numbers"

@@ -260,7 +260,7 @@ def _one_pass(text: str, keep: frozenset[str]) -> str:
     return text
 
 
-def redact(text: str, *, keep: Iterable[str] = ()) -> str:
+def redact(value: object, *, keep: Iterable[str] = ()) -> str:
     """``text`` with every secret and PII match replaced by ``[REDACTED:<kind>]``.
 
     ``keep`` names kinds to leave as they are, for a reader who must see them: an approver
@@ -273,8 +273,7 @@ def redact(text: str, *, keep: Iterable[str] = ()) -> str:
     had something to redact.
     """
     try:
-        if not isinstance(text, str):
-            text = str(text)
+        text = value if isinstance(value, str) else str(value)  # whatever a caller hands us
         kept = frozenset(keep)
         for _ in range(_MAX_PASSES):
             out = _one_pass(text, kept)
@@ -286,13 +285,12 @@ def redact(text: str, *, keep: Iterable[str] = ()) -> str:
         return _UNREDACTABLE
 
 
-def find(text: str) -> list[tuple[str, str]]:
+def find(value: object) -> list[tuple[str, str]]:
     """``(kind, value)`` of every secret and PII match ``redact`` would replace, in the order
     the patterns run (each pattern sees the text with the earlier kinds already redacted, as in
     ``redact``, so a dotted quad is an IP and not also a phone number)."""
     found: list[tuple[str, str]] = []
-    if not isinstance(text, str):
-        text = str(text)
+    text = value if isinstance(value, str) else str(value)
     for kind, pattern, repl in _PATTERNS:
 
         def sub(m: re.Match[str], kind: str = kind, repl: _Repl = repl) -> str:

@@ -30,6 +30,7 @@ from faststream.nats import JStream, NatsBroker, NatsMessage, PullSub
 from faststream.nats.annotations import NatsMessage as RawMessage
 from faststream.nats.opentelemetry import NatsTelemetryMiddleware
 from faststream.security import BaseSecurity
+from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.errors import NotJSMessageError
 from nats.js.api import PubAck
@@ -354,7 +355,7 @@ class Mesh:
         log.info("signing with the rotated key")
 
     @property
-    def nc(self) -> nats.NATS:
+    def nc(self) -> NATS:
         return self.broker.connection
 
     def ready(self) -> tuple[bool, str]:
@@ -699,6 +700,10 @@ class Mesh:
                 self.count(tel.M_REJECTED)
                 self._rejections.warn(f"rejected request on {raw.subject}: {_rejection(exc)}")
                 return  # the requester times out; an unverified sender learns nothing
+            if not isinstance(model, contract):  # another version's message on the same subject shape
+                self.count(tel.M_REJECTED)
+                self._rejections.warn(f"rejected request on {raw.subject}: not a {contract.schema_id()}")
+                return
             answer = await handler(
                 model, Delivery(self, sender, raw.subject, headers.get(env.MSG_ID, ""), 1, headers, body=raw.data)
             )

@@ -84,7 +84,7 @@ class Ledger:
     async def _claim(self, key: str, owner: str, attempt: int) -> int:
         claim = json.dumps({"status": "claimed", "owner": owner, "attempt": attempt, "at": time.time()}).encode()
         try:
-            return await self.kv.create(key, claim)
+            return int(await self.kv.create(key, claim))
         except KeyWrongLastSequenceError:
             entry = await self.kv.get(key)
         held = json.loads(entry.value or b"{}")
@@ -99,6 +99,6 @@ class Ledger:
         # The claimant is gone without recording. Take over; the effect's own idempotency key
         # keeps the effect single if it had got that far.
         try:
-            return await self.kv.update(key, claim, last=entry.revision)
+            return int(await self.kv.update(key, claim, last=entry.revision))
         except KeyWrongLastSequenceError:
             raise Busy(f"{key}: another attempt took the claim first") from None

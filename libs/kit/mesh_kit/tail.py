@@ -28,6 +28,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import nats
+from nats.aio.client import Client as NATS
 
 log = logging.getLogger("mesh.tail")
 
@@ -88,7 +89,7 @@ def _rfc3339(t: float) -> str:
 class Reader:
     """Batched direct gets on one stream over one connection (one request at a time)."""
 
-    def __init__(self, nc: nats.NATS, stream: str, *, batch: int = 256, timeout: float = 2.0) -> None:
+    def __init__(self, nc: NATS, stream: str, *, batch: int = 256, timeout: float = 2.0) -> None:
         self.nc, self.stream = nc, stream
         self.batch, self.timeout = min(batch, MAX_BATCH), timeout
         self._sub: Any = None
@@ -226,7 +227,7 @@ class Tail:
 
     def __init__(
         self,
-        nc: nats.NATS,
+        nc: NATS,
         stream: str,
         cb: Callback,
         *,
