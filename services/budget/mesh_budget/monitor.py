@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +32,6 @@ from mesh_contracts.v1 import (
     ApprovalDecided,
     ApprovalRequested,
     CheckRequested,
-    CheckVerdict,
     ControlCancel,
     ControlHalt,
     ControlResume,
@@ -194,12 +194,32 @@ class ProviderHealth:
         self.open_until = 0.0
 
 
+class _Fold:
+    """One message being folded into a task's watch: what it tripped, and what comes after."""
+
+    __slots__ = ("at", "done", "inter_agent", "trips", "w")
+
+    def __init__(self, w: TaskWatch, at: float) -> None:
+        self.w, self.at = w, at
+        self.trips: list[Trip] = []
+        self.inter_agent = True
+        """Whether the message is agents talking to each other (counts towards chatter)."""
+        self.done = False
+        """Nothing after the type's own fold (a task that ended, a usage record seen before)."""
+
+    def trip(self, kind: str, reason: str, action: str = "cancel", members: tuple[str, ...] = ()) -> None:
+        if kind not in self.w.tripped:
+            self.w.tripped.add(kind)
+            self.trips.append(Trip(kind, self.w.tenant, self.w.task_id, reason, action, members, self.at))
+
+
 class Monitor:
     def __init__(self, rules: Rules | None = None) -> None:
         self.rules = rules or Rules()
         self.tasks: dict[tuple[str, str], TaskWatch] = {}
         self.providers: dict[str, ProviderHealth] = {}
         self.provider_policy = self.rules.provider_policy()
+        self._handlers: dict[type, Callable[[Any, _Fold], None] | None] = {}
 
     def watch(self, tenant: str, task_id: str) -> TaskWatch:
         key = (tenant, task_id)
@@ -224,128 +244,172 @@ class Monitor:
         w = self.watch(m.tenant, m.task_id)
         if w.terminal:
             return []
-        r = self.rules
-        trips: list[Trip] = []
+        o = _Fold(w, at)
         w.last_progress = max(w.last_progress, at)
-        inter_agent = True
+        handler = self._handler(type(m))
+        if handler is not None:
+            handler(m, o)
+        if not o.done:
+            self._after(m, o)
+        return o.trips
 
-        def trip(kind: str, reason: str, action: str = "cancel", members: tuple[str, ...] = ()) -> None:
-            if kind not in w.tripped:
-                w.tripped.add(kind)
-                trips.append(Trip(kind, w.tenant, w.task_id, reason, action, members, at))
+    def _handler(self, kind: type) -> Callable[[Any, _Fold], None] | None:
+        """The fold for a message type (by its class or a base class of it); None: no state."""
+        if kind not in self._handlers:
+            table: dict[type, Callable[[Any, _Fold], None]] = {
+                TaskSubmitted: self._submitted,
+                TaskCompleted: self._ended,
+                TaskFailed: self._ended,
+                TaskRejected: self._ended,
+                PlanCreated: self._planned,
+                StepRequested: self._step_requested,
+                StepCompleted: self._step_completed,
+                StepFailed: self._step_failed,
+                ToolRequested: self._call_requested,
+                RetrievalRequested: self._call_requested,
+                ToolCompleted: self._call_completed,
+                RetrievalCompleted: self._call_completed,
+                CheckRequested: self._check_requested,
+                ApprovalRequested: self._approval_requested,
+                ApprovalDecided: self._approval_decided,
+                ControlHalt: self._control,
+                ControlResume: self._control,
+                ControlCancel: self._control,
+                UsageRecorded: self._usage,
+            }
+            self._handlers[kind] = next((table[c] for c in kind.__mro__ if c in table), None)
+        return self._handlers[kind]
 
-        if isinstance(m, TaskSubmitted):
-            inter_agent = False  # a client talking to the mesh (maybe resubmitting), not agents chattering
-            w.created_at = at if w.created_at is None else w.created_at
-            w.deadline_s, w.stall_timeout_s = m.limits.deadline_s, m.limits.stall_timeout_s
-            w.stall_policy = m.limits.stall_policy
-        elif isinstance(m, (TaskCompleted, TaskFailed, TaskRejected)):
-            w.terminal = True
-            return []
-        elif isinstance(m, PlanCreated):
-            for s in m.steps:
-                w.deps[s.step_id] = s.depends_on
-                w.step_status.setdefault(s.step_id, "pending")
-        elif isinstance(m, StepRequested):
-            sid = m.step.step_id
-            if m.attempt >= w.step_attempt.get(sid, 0):
-                w.step_attempt[sid] = m.attempt
-                if w.step_status.get(sid) not in ("completed",):
-                    w.step_status[sid] = "dispatched"
-            w.step_cap[sid] = r.iteration_cap or m.max_iterations
-            sig = _digest("step", sid, m.step.instruction, sorted(m.inputs.items()))
-            w.signatures[sig] += 1
-            if w.signatures[sig] >= r.loop_repeats:
-                trip("loop", f"loop: step {sid} dispatched {w.signatures[sig]} times with the same instruction "
-                             "and inputs", members=(f"step:{sid}",))  # fmt: skip
-        elif isinstance(m, StepCompleted):
-            w.step_status[m.step_id] = "completed"
-            w.completions.append(at)
-        elif isinstance(m, StepFailed):
-            w.step_status[m.step_id] = "halted" if m.halted else "failed"
-            if not m.halted:
-                w.errors.append(at)
-        elif isinstance(m, (ToolRequested, RetrievalRequested)):
-            tool = m.tool if isinstance(m, ToolRequested) else "search_docs"
-            args = m.arguments if isinstance(m, ToolRequested) else {"query": m.query, "top_k": m.top_k}
-            awaited = str(args.get("step_id", "")) if tool == AWAIT_TOOL else ""
-            if m.call_id not in w.done_calls:
-                w.calls[m.call_id] = (m.step_id, tool, awaited)
-            sig = _digest("call", m.step_id, tool, args)
-            w.signatures[sig] += 1
-            if w.signatures[sig] >= r.loop_repeats:
-                trip("loop", f"loop: step {m.step_id} called {tool} with the same arguments "
-                             f"{w.signatures[sig]} times", members=(f"step:{m.step_id}",))  # fmt: skip
-        elif isinstance(m, (ToolCompleted, RetrievalCompleted)):
-            w.done_calls.add(m.call_id)
-            w.calls.pop(m.call_id, None)
-            if isinstance(m, ToolCompleted) and not m.ok and not m.approval_id:
-                w.errors.append(at)  # a denied or expired approval is a decision, not a failing tool
-            if isinstance(m, ToolCompleted) and m.approval_id:
-                # The wait is over however it ended (approved, denied, or expired: an expiry has no
-                # approval.decided, only the tool-executor's answer).
-                started = w.approvals.pop(m.approval_id, None)
-                if started is not None:
-                    w.approval_paused_s += max(0.0, at - started)
-        elif isinstance(m, CheckRequested):
-            sig = _digest("check", m.answer, [c.chunk_hash for c in m.citations])
-            w.signatures[sig] += 1
-            if w.signatures[sig] >= r.loop_repeats:
-                trip("loop", f"loop: the same answer went to the checker {w.signatures[sig]} times "
-                             "(planner and checker ping-pong)", members=("planner", "checker"))  # fmt: skip
-        elif isinstance(m, CheckVerdict):
-            pass
-        elif isinstance(m, ApprovalRequested):
-            w.approvals[m.approval_id] = at
-            w.approval_of[m.approval_id] = m.step_id or "-"
-        elif isinstance(m, ApprovalDecided):
-            started = w.approvals.pop(m.approval_id, None)
-            if started is not None:
-                w.approval_paused_s += max(0.0, at - started)
-        elif isinstance(m, ControlHalt):
-            w.halted, inter_agent = True, False
-        elif isinstance(m, ControlResume):
-            w.halted, inter_agent = False, False
-        elif isinstance(m, ControlCancel):
-            inter_agent = False
-        elif isinstance(m, UsageRecorded):
-            inter_agent = False
-            if m.call_id in w.seen_usage:
-                return trips
-            w.seen_usage.add(m.call_id)
-            trips += self._provider(m, at, w, trip)
-            # A failed attempt the gateway retried or handed to a fallback model is not a failure
-            # of the task's work; one that reached the task counts once per logical call.
-            logical = m.call_id.split("-x", 1)[0]
-            if m.error and not getattr(m, "handed_on", False) and logical not in w.failed_calls:
-                w.failed_calls.add(logical)
-                w.errors.append(at)
-            else:
-                attempt = _attempt_of(m.call_id) or w.step_attempt.get(m.step_id, 1)
-                w.llm_calls[(m.step_id, attempt)] += 1
-                cap = w.step_cap.get(m.step_id, 0)
-                if cap and w.llm_calls[(m.step_id, attempt)] > cap:
-                    trip("iteration_cap", f"iteration cap: step {m.step_id} made "
-                         f"{w.llm_calls[(m.step_id, attempt)]} model calls in attempt {attempt}, cap {cap}",
-                         members=(f"step:{m.step_id}",))  # fmt: skip
-        if inter_agent:
-            w.chatter.append(at)
-        self._slide(w, at)
-        if inter_agent and len(w.chatter) >= r.chatter_min_messages:
+    # --- one fold per message type ----------------------------------------------------------
+
+    def _submitted(self, m: TaskSubmitted, o: _Fold) -> None:
+        w = o.w
+        o.inter_agent = False  # a client talking to the mesh (maybe resubmitting), not agents chattering
+        w.created_at = o.at if w.created_at is None else w.created_at
+        w.deadline_s, w.stall_timeout_s = m.limits.deadline_s, m.limits.stall_timeout_s
+        w.stall_policy = m.limits.stall_policy
+
+    def _ended(self, m: Contract, o: _Fold) -> None:
+        o.w.terminal, o.done = True, True
+
+    def _planned(self, m: PlanCreated, o: _Fold) -> None:
+        for s in m.steps:
+            o.w.deps[s.step_id] = s.depends_on
+            o.w.step_status.setdefault(s.step_id, "pending")
+
+    def _step_requested(self, m: StepRequested, o: _Fold) -> None:
+        w, sid = o.w, m.step.step_id
+        if m.attempt >= w.step_attempt.get(sid, 0):
+            w.step_attempt[sid] = m.attempt
+            if w.step_status.get(sid) not in ("completed",):
+                w.step_status[sid] = "dispatched"
+        w.step_cap[sid] = self.rules.iteration_cap or m.max_iterations
+        if (n := self._seen(w, "step", sid, m.step.instruction, sorted(m.inputs.items()))) >= self.rules.loop_repeats:
+            o.trip("loop", f"loop: step {sid} dispatched {n} times with the same instruction and inputs",
+                   members=(f"step:{sid}",))  # fmt: skip
+
+    def _step_completed(self, m: StepCompleted, o: _Fold) -> None:
+        o.w.step_status[m.step_id] = "completed"
+        o.w.completions.append(o.at)
+
+    def _step_failed(self, m: StepFailed, o: _Fold) -> None:
+        o.w.step_status[m.step_id] = "halted" if m.halted else "failed"
+        if not m.halted:
+            o.w.errors.append(o.at)
+
+    def _call_requested(self, m: ToolRequested | RetrievalRequested, o: _Fold) -> None:
+        w = o.w
+        tool = m.tool if isinstance(m, ToolRequested) else "search_docs"
+        args = m.arguments if isinstance(m, ToolRequested) else {"query": m.query, "top_k": m.top_k}
+        awaited = str(args.get("step_id", "")) if tool == AWAIT_TOOL else ""
+        if m.call_id not in w.done_calls:
+            w.calls[m.call_id] = (m.step_id, tool, awaited)
+        if (n := self._seen(w, "call", m.step_id, tool, args)) >= self.rules.loop_repeats:
+            o.trip("loop", f"loop: step {m.step_id} called {tool} with the same arguments {n} times",
+                   members=(f"step:{m.step_id}",))  # fmt: skip
+
+    def _call_completed(self, m: ToolCompleted | RetrievalCompleted, o: _Fold) -> None:
+        w = o.w
+        w.done_calls.add(m.call_id)
+        w.calls.pop(m.call_id, None)
+        if isinstance(m, ToolCompleted) and not m.ok and not m.approval_id:
+            w.errors.append(o.at)  # a denied or expired approval is a decision, not a failing tool
+        if isinstance(m, ToolCompleted) and m.approval_id:
+            # The wait is over however it ended (approved, denied, or expired: an expiry has no
+            # approval.decided, only the tool-executor's answer).
+            self._approval_over(w, m.approval_id, o.at)
+
+    def _check_requested(self, m: CheckRequested, o: _Fold) -> None:
+        if (n := self._seen(o.w, "check", m.answer, [c.chunk_hash for c in m.citations])) >= self.rules.loop_repeats:
+            o.trip("loop", f"loop: the same answer went to the checker {n} times (planner and checker ping-pong)",
+                   members=("planner", "checker"))  # fmt: skip
+
+    def _approval_requested(self, m: ApprovalRequested, o: _Fold) -> None:
+        o.w.approvals[m.approval_id] = o.at
+        o.w.approval_of[m.approval_id] = m.step_id or "-"
+
+    def _approval_decided(self, m: ApprovalDecided, o: _Fold) -> None:
+        self._approval_over(o.w, m.approval_id, o.at)
+
+    def _control(self, m: ControlHalt | ControlResume | ControlCancel, o: _Fold) -> None:
+        o.inter_agent = False
+        if isinstance(m, ControlHalt | ControlResume):
+            o.w.halted = isinstance(m, ControlHalt)
+
+    def _usage(self, m: UsageRecorded, o: _Fold) -> None:
+        w = o.w
+        o.inter_agent = False
+        if m.call_id in w.seen_usage:
+            o.done = True
+            return
+        w.seen_usage.add(m.call_id)
+        self._provider(m, o.at, w, o.trip)
+        # A failed attempt the gateway retried or handed to a fallback model is not a failure
+        # of the task's work; one that reached the task counts once per logical call.
+        logical = m.call_id.split("-x", 1)[0]
+        if m.error and not getattr(m, "handed_on", False) and logical not in w.failed_calls:
+            w.failed_calls.add(logical)
+            w.errors.append(o.at)
+            return
+        attempt = _attempt_of(m.call_id) or w.step_attempt.get(m.step_id, 1)
+        calls = w.llm_calls[(m.step_id, attempt)] = w.llm_calls[(m.step_id, attempt)] + 1
+        cap = w.step_cap.get(m.step_id, 0)
+        if cap and calls > cap:
+            o.trip("iteration_cap", f"iteration cap: step {m.step_id} made {calls} model calls in attempt "
+                   f"{attempt}, cap {cap}", members=(f"step:{m.step_id}",))  # fmt: skip
+
+    def _after(self, m: Contract, o: _Fold) -> None:
+        """What every folded message may trip: chatter, a retry storm, a deadlock."""
+        w, r = o.w, self.rules
+        if o.inter_agent:
+            w.chatter.append(o.at)
+        self._slide(w, o.at)
+        if o.inter_agent and len(w.chatter) >= r.chatter_min_messages:
             ratio = len(w.chatter) / max(1, len(w.completions))
             if ratio > r.chatter_ratio:
-                trip("chatter", f"chatter: {len(w.chatter)} inter-agent messages for {len(w.completions)} "
-                     f"completed step(s) in {r.chatter_window_s:g} s (limit {r.chatter_ratio:g} per step)")  # fmt: skip
+                o.trip("chatter", f"chatter: {len(w.chatter)} inter-agent messages for {len(w.completions)} "
+                       f"completed step(s) in {r.chatter_window_s:g} s (limit {r.chatter_ratio:g} per step)")  # fmt: skip
         if len(w.errors) >= r.retry_storm_errors:
-            trip("retry_storm", f"retry storm: {len(w.errors)} failed calls or steps in "
-                 f"{r.retry_storm_window_s:g} s", action="halt")  # fmt: skip
-        cyc = w.cycle() if isinstance(m, (PlanCreated, ToolRequested, StepRequested, StepFailed)) else None
-        if cyc:
+            o.trip("retry_storm", f"retry storm: {len(w.errors)} failed calls or steps in "
+                   f"{r.retry_storm_window_s:g} s", action="halt")  # fmt: skip
+        if isinstance(m, (PlanCreated, ToolRequested, StepRequested, StepFailed)) and (cyc := w.cycle()):
             text = ", ".join(f"{a} waits on {b} ({why})" for a, b, why in cyc)
-            trip("deadlock", f"deadlock: {text}", members=tuple(a for a, _, _ in cyc))
-        return trips
+            o.trip("deadlock", f"deadlock: {text}", members=tuple(a for a, _, _ in cyc))
 
-    def _provider(self, m: UsageRecorded, at: float, w: TaskWatch, trip: Any) -> list[Trip]:
+    @staticmethod
+    def _seen(w: TaskWatch, *signature: Any) -> int:
+        """How often this signature (a step, a call, an answer) has been seen in the task, now included."""
+        sig = _digest(*signature)
+        w.signatures[sig] += 1
+        return w.signatures[sig]
+
+    @staticmethod
+    def _approval_over(w: TaskWatch, approval_id: str, at: float) -> None:
+        started = w.approvals.pop(approval_id, None)
+        if started is not None:
+            w.approval_paused_s += max(0.0, at - started)
+
+    def _provider(self, m: UsageRecorded, at: float, w: TaskWatch, trip: Callable[..., None]) -> None:
         r = self.rules
         key = f"{m.provider}/{m.model}"
         if (h := self.providers.get(key)) is None:
@@ -357,12 +421,11 @@ class Monitor:
             if opening:
                 h.open_until = at + r.provider_cooldown_s
             elif not m.error:
-                return []
+                return
             # The circuit refuses reservations for this provider/model (callers fall back to the
             # next model of their chain); the task itself goes on, so the trip only reports.
             trip("provider_breaker", f"provider {m.provider}/{m.model} failing: {failed} of {calls} calls "
                  f"in {r.provider_window_s:g} s; circuit open for {r.provider_cooldown_s:g} s", action="flag")  # fmt: skip
-        return []
 
     def _slide(self, w: TaskWatch, now: float) -> None:
         r = self.rules
