@@ -162,81 +162,91 @@ async def fit(
             prompt, request, window, model, "shorten the input or declare a context strategy (drop_oldest, summarise)"
         )
 
-    protected = _protected(messages)
-    droppable = [u for u in _units(messages) if not protected.intersection(u)]
+    drop = _Dropping(request, count, window, model, prompt)
+    k = drop.fewest(budget)
+    if strategy == "drop_oldest":
+        return drop.fitted(k, "")
+    return await drop.summarised(k, budget, summarise or extractive_summary)
 
-    def without(k: int, summary: str = "") -> ModelRequest:
+
+class _Dropping:
+    """``request`` with its oldest droppable units (never the protected messages) left out."""
+
+    def __init__(self, request: ModelRequest, count: TokenCounter, window: int, model: str, prompt: int) -> None:
+        self.request, self.count, self.window, self.model, self.prompt = request, count, window, model, prompt
+        self.messages = request.messages
+        protected = _protected(self.messages)
+        self.droppable = [u for u in _units(self.messages) if not protected.intersection(u)]
+
+    def without(self, k: int, summary: str = "") -> ModelRequest:
         """``request`` minus the oldest ``k`` droppable units, the summary in their place."""
-        gone = {i for u in droppable[:k] for i in u}
+        gone = {i for u in self.droppable[:k] for i in u}
         kept: list[Message] = []
-        for i, m in enumerate(messages):
+        for i, m in enumerate(self.messages):
             if i in gone:
-                if summary and i == droppable[0][0]:
+                if summary and i == self.droppable[0][0]:
                     kept.append(Message("user", SUMMARY_PREFIX.format(n=len(gone)) + summary))
                 continue
             kept.append(m)
-        return replace(request, messages=tuple(kept))
+        return replace(self.request, messages=tuple(kept))
 
-    # Fewest units to drop: dropping more never adds tokens, so binary search over k.
-    lo, hi = 1, len(droppable)
-    if not droppable or count(without(hi)) > budget:
-        smallest = count(without(len(droppable)))
-        raise _overflow(
-            smallest,
-            request,
-            window,
-            model,
-            f"it does not fit even with only the protected messages (system, first user, latest) "
-            f"kept, after dropping all {sum(map(len, droppable))} others; shorten the input",
-        )
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if count(without(mid)) <= budget:
-            hi = mid
-        else:
-            lo = mid + 1
-    k = lo
+    def fewest(self, budget: int) -> int:
+        """The fewest units to drop for the rest to fit (dropping more never adds tokens, so a
+        binary search); ``ContextOverflow`` when even dropping all of them is not enough."""
+        lo, hi = 1, len(self.droppable)
+        if not self.droppable or self.count(self.without(hi)) > budget:
+            raise _overflow(
+                self.count(self.without(len(self.droppable))),
+                self.request,
+                self.window,
+                self.model,
+                f"it does not fit even with only the protected messages (system, first user, latest) "
+                f"kept, after dropping all {sum(map(len, self.droppable))} others; shorten the input",
+            )
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self.count(self.without(mid)) <= budget:
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
 
-    def fitted(k: int, summary: str) -> Fitted:
-        req = without(k, summary)
-        dropped = tuple(messages[i] for u in droppable[:k] for i in u)
+    def fitted(self, k: int, summary: str) -> Fitted:
+        req = self.without(k, summary)
         return Fitted(
             req,
-            dropped=dropped,
+            dropped=tuple(self.messages[i] for u in self.droppable[:k] for i in u),
             summary=summary,
-            prompt_tokens=count(req),
-            original_messages=len(messages),
-            dropped_tokens=prompt - count(without(k)),
-            window=window,
-            model=model,
+            prompt_tokens=self.count(req),
+            original_messages=len(self.messages),
+            dropped_tokens=self.prompt - self.count(self.without(k)),
+            window=self.window,
+            model=self.model,
         )
 
-    if strategy == "drop_oldest":
-        return fitted(k, "")
-
-    summarise = summarise or extractive_summary
-    # The summary needs room too: drop more (steps doubling, so an LLM summariser is called
-    # O(log n) times) until summary and all fit.
-    step = 1
-    while True:
-        dropped = [messages[i] for u in droppable[:k] for i in u]
-        summary = (await summarise(dropped)).strip()
-        if count(without(k, summary)) <= budget:
-            return fitted(k, summary)
-        if k == len(droppable):
-            break
-        k = min(len(droppable), k + step)
-        step *= 2
-    # Everything droppable is gone and the summary still does not fit: keep its longest
-    # prefix that does (we know the request fits with no summary at all).
-    lo, hi = 0, len(summary)
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if count(without(k, summary[:mid].rstrip() + "…")) <= budget:
-            lo = mid
-        else:
-            hi = mid - 1
-    return fitted(k, summary[:lo].rstrip() + "…" if lo else "")
+    async def summarised(self, k: int, budget: int, summarise: Summariser) -> Fitted:
+        """The dropped turns replaced by a summary, which needs room too: drop more (steps
+        doubling, so an LLM summariser is called O(log n) times) until summary and all fit."""
+        step, summary = 1, ""
+        while True:
+            dropped = [self.messages[i] for u in self.droppable[:k] for i in u]
+            summary = (await summarise(dropped)).strip()
+            if self.count(self.without(k, summary)) <= budget:
+                return self.fitted(k, summary)
+            if k == len(self.droppable):
+                break
+            k = min(len(self.droppable), k + step)
+            step *= 2
+        # Everything droppable is gone and the summary still does not fit: keep its longest
+        # prefix that does (we know the request fits with no summary at all).
+        lo, hi = 0, len(summary)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self.count(self.without(k, summary[:mid].rstrip() + "…")) <= budget:
+                lo = mid
+            else:
+                hi = mid - 1
+        return self.fitted(k, summary[:lo].rstrip() + "…" if lo else "")
 
 
 def clip(text: str, limit: int, ref: str) -> str:
