@@ -643,15 +643,8 @@ def cmd_kill_switch(args: argparse.Namespace) -> int:
 
 # ``eval DATASET`` and ``eval calibrate [FILE]`` share one parser; an option of the other mode
 # is a usage error. Mode options default to "absent" so a misplaced one can be told apart.
-def build_parser() -> argparse.ArgumentParser:
-    p = opt.Parser(prog="meshctl", description="Run and operate an AgentMesh.")
-    p.add_argument(
-        "--home",
-        default=os.environ.get("MESH_HOME", DEFAULT_HOME),
-        help="mesh home with identities, data and logs (default: .mesh, env MESH_HOME)",
-    )
-    sub = p.add_subparsers(dest="command", required=True, parser_class=opt.Parser)
-
+def _mesh_commands(sub: argparse._SubParsersAction) -> None:
+    """Commands the mesh itself: identities, permissions, provisioning, a local mesh and its health."""
     s = sub.add_parser("init", help="mint identities (NATS creds, signing keys, trust bundle)")
     s.add_argument("--tenants", type=opt.tenants, default=["demo"], help="comma-separated tenant ids")
     s.set_defaults(fn=cmd_init)
@@ -687,6 +680,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--nats-url", default=None)
     s.set_defaults(fn=cmd_status)
 
+
+def _task_commands(sub: argparse._SubParsersAction) -> None:
+    """Commands as a tenant's client: submit and follow a task, control it, ingest documents."""
     s = sub.add_parser("submit", help="submit a task as a tenant's client")
     s.add_argument("goal", help="what you want done")
     s.add_argument("--tenant", type=opt.tenant, default="demo")
@@ -724,6 +720,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--nats-url", default=None)
     s.set_defaults(fn=cmd_ingest)
 
+
+def _approver_commands(sub: argparse._SubParsersAction) -> None:
+    """Commands as the approver: list waiting tool calls, approve or deny."""
     s = sub.add_parser("approvals", help="tool calls waiting for a human decision (as the approver)")
     s.add_argument("--all", action="store_true", help="decided and expired ones too")
     s.add_argument("--json", action="store_true")
@@ -737,6 +736,9 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--nats-url", default=None)
         s.set_defaults(fn=cmd_decide)
 
+
+def _operator_commands(sub: argparse._SubParsersAction) -> None:
+    """Commands as an operator: audit, credentials, dead letters, spend, kill switches."""
     s = sub.add_parser("audit", help="where a tenant's tool effects went (as the admin, opened with its auditor key)")
     asub = s.add_subparsers(dest="action", required=True, parser_class=opt.Parser)
     a = asub.add_parser("effects", help="every audited tool call that names a destination (recipient, URL)")
@@ -790,6 +792,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--reason", default=None, help="why (required for on)")
     s.add_argument("--nats-url", default=None)
     s.set_defaults(fn=cmd_kill_switch, usage=s.error)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = opt.Parser(prog="meshctl", description="Run and operate an AgentMesh.")
+    p.add_argument(
+        "--home",
+        default=os.environ.get("MESH_HOME", DEFAULT_HOME),
+        help="mesh home with identities, data and logs (default: .mesh, env MESH_HOME)",
+    )
+    sub = p.add_subparsers(dest="command", required=True, parser_class=opt.Parser)
+
+    _mesh_commands(sub)
+    _task_commands(sub)
+    _approver_commands(sub)
+    _operator_commands(sub)
     for command in entry_points(group="meshctl.commands"):  # e.g. `eval`, from the mesh-eval package
         command.load()(sub)
     return p
