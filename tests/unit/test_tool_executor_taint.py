@@ -15,7 +15,8 @@ from mesh_contracts.v1 import Taint, ToolAudited, ToolCompleted, ToolRequested
 from mesh_kit.identity import TrustBundle
 from mesh_testing.fakes import FakeDelivery, FakeMesh
 from mesh_tool_executor.approvals import ApprovalRecord
-from mesh_tool_executor.service import Settings, ToolExecutor
+from mesh_tool_executor.service import ToolExecutor
+from mesh_tool_executor.settings import ToolExecutorSettings
 from mesh_tool_executor.tools import Tool, ToolError
 
 pytestmark = pytest.mark.unit
@@ -28,10 +29,13 @@ def _executor(monkeypatch, tmp_path) -> tuple[FakeMesh, ToolExecutor]:
     key = tmp_path / "audit.key"
     key.write_text("11" * 32)
     monkeypatch.setenv("MESH_AUDIT_KEY_FILE", str(key))
+    settings = ToolExecutorSettings(
+        service="tool-executor", signing_key_file=tmp_path / "k", trust_bundle_file=tmp_path / "b"
+    )
     mesh = FakeMesh(service="tool-executor")
     mesh.settings = None  # type: ignore[attr-defined]
     mesh.verifier = SimpleNamespace(bundle=TrustBundle({}, {"acme": bytes(AUDITOR.public_key)}))  # type: ignore[attr-defined]
-    return mesh, ToolExecutor(mesh, Settings())  # type: ignore[arg-type]
+    return mesh, ToolExecutor(mesh, settings)  # type: ignore[arg-type]
 
 
 def _request(tool: str, arguments: dict, taint: Taint | None = None) -> ToolRequested:

@@ -17,8 +17,7 @@ import contextlib
 import dataclasses
 import json
 import logging
-import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry.trace import Span, StatusCode
 
@@ -33,6 +32,9 @@ from mesh_llm.cache import ResponseCache
 from mesh_llm.context import fit
 from mesh_llm.gateway import Attempt, Gateway, model_key
 from mesh_llm.resilience import RetryPolicy, is_provider_fault
+
+if TYPE_CHECKING:
+    from mesh_agent.settings import AgentSettings
 
 log = logging.getLogger("mesh.models")
 
@@ -53,8 +55,10 @@ class BudgetExceeded(Exception):
         return f"budget ({self.code}): {self}" if self.code else f"budget: {self}"
 
 
-def cost(provider: str, model: str, input_tokens: int, output_tokens: int, cached_input_tokens: int = 0) -> float:
-    return prices.current().price(provider, model).cost(input_tokens, output_tokens, cached_input_tokens)
+def cost(provider: str, model: str, input_tokens: int, output_tokens: int, cached_input_tokens: int = 0,
+         table: prices.PriceTable | None = None) -> float:  # fmt: skip
+    """A call's cost from ``table`` (default: the built-in price table)."""
+    return (table or prices.current()).price(provider, model).cost(input_tokens, output_tokens, cached_input_tokens)
 
 
 @dataclasses.dataclass
@@ -69,6 +73,8 @@ class Models:
     capture_content: bool = False
     """Put (PII-redacted) prompts and answers on spans
     (``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT=true``)."""
+    price_table: prices.PriceTable = dataclasses.field(default_factory=prices.current)
+    """What calls are priced with (``MESH_PRICE_TABLE_FILE``; default: the built-in table)."""
 
     @classmethod
     def of(cls, model: ChatModel | Models) -> Models:
@@ -80,32 +86,32 @@ class Models:
         return cls(Gateway({"default": [model]}, retry=RetryPolicy(max_attempts=1)))
 
 
-def configured(mesh: Mesh, environ: dict[str, str] | None = None) -> Models:
-    """The service's models from its configuration (``MESH_MODEL_CONFIG`` / ``MESH_MODEL``).
-    A bad configuration stops the service at start-up with a one-line reason."""
-    from mesh_llm.config import from_env
+def configured(mesh: Mesh, settings: AgentSettings) -> Models:
+    """The service's models from its settings: the gateway (``MESH_MODEL_CONFIG`` /
+    ``MESH_MODEL``), the response cache, the context strategy, the price table. A model config or
+    price table that cannot be used stops the service at start-up with a one-line reason."""
+    from mesh_llm.config import gateway_for
     from mesh_llm.errors import ConfigError
 
-    env = dict(os.environ if environ is None else environ)
     try:
-        gateway = from_env(env)
+        gateway = gateway_for(settings.model_config_file, settings.model)
     except ConfigError as exc:
         raise SystemExit(f"configuration error: {exc}") from None
-    strategy = env.get("MESH_CONTEXT_STRATEGY", "error")
-    if strategy not in ("error", "drop_oldest", "summarise"):
-        raise SystemExit(f"configuration error: MESH_CONTEXT_STRATEGY={strategy!r} (error, drop_oldest or summarise)")
+    try:
+        table = prices.current(settings.price_table_file)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"configuration error: MESH_PRICE_TABLE_FILE: {exc}") from None
     cache = None
-    if mesh.settings.redis_url and env.get("MESH_LLM_CACHE", "on") != "off":
+    if mesh.settings.redis_url and settings.llm_cache:
         import redis.asyncio as aioredis
 
         cache = ResponseCache(
             aioredis.from_url(mesh.settings.redis_url),
-            ttl_s=float(env.get("MESH_LLM_CACHE_TTL_S", "3600")),
+            ttl_s=settings.llm_cache_ttl_s,
             namespace=f"{mesh.service}:llmcache",  # the service's Redis user owns only its own prefix
         )
         cache.on_lookup = lambda hit: mesh.count(tel.M_LLM_CACHE_HITS if hit else tel.M_LLM_CACHE_MISSES)
-    capture = env.get("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", "").lower() in ("1", "true", "yes")
-    return Models(gateway, cache, strategy, capture)
+    return Models(gateway, cache, settings.context_strategy, settings.genai_capture_content, table)
 
 
 async def _guard(mesh: Mesh, tenant: str, task_id: str) -> None:
@@ -117,11 +123,13 @@ async def _guard(mesh: Mesh, tenant: str, task_id: str) -> None:
 
 
 async def reserve(mesh: Mesh, model: ChatModel, request: ModelRequest, *, tenant: str, task_id: str, step_id: str,
-                  call_id: str, prompt_tokens: int | None = None) -> BudgetGranted:  # fmt: skip
-    """Reserve one attempt's worst case with ``model``. Raises ``BudgetExceeded`` if the call must
-    not be made, ``CircuitOpen`` if the budget's circuit for this provider/model is open."""
+                  call_id: str, prompt_tokens: int | None = None,
+                  table: prices.PriceTable | None = None) -> BudgetGranted:  # fmt: skip
+    """Reserve one attempt's worst case with ``model``, priced from ``table`` (default: the
+    built-in one). Raises ``BudgetExceeded`` if the call must not be made, ``CircuitOpen`` if the
+    budget's circuit for this provider/model is open."""
     try:
-        price = prices.current().price(model.provider, model.model)
+        price = (table or prices.current()).price(model.provider, model.model)
     except prices.UnpricedModel as exc:
         raise BudgetExceeded(str(exc), "unpriced_model") from None
     if prompt_tokens is None:
@@ -150,7 +158,7 @@ async def reserve(mesh: Mesh, model: ChatModel, request: ModelRequest, *, tenant
 
 def _usage_message(mesh: Mesh, request: ModelRequest, response: ModelResponse, usage: TokenUsage,
                    priced: tuple[str, str], *, tenant: str, task_id: str, step_id: str, call_id: str,
-                   reservation_id: str) -> UsageRecorded:  # fmt: skip
+                   reservation_id: str, price_table: str) -> UsageRecorded:  # fmt: skip
     return UsageRecorded(
         tenant=tenant,
         task_id=task_id,
@@ -165,7 +173,7 @@ def _usage_message(mesh: Mesh, request: ModelRequest, response: ModelResponse, u
         output_tokens=usage.output_tokens,
         cached_input_tokens=usage.cached_input_tokens,
         cost_usd=usage.cost_usd,
-        price_table=prices.current().version,
+        price_table=price_table,
         reservation_id=reservation_id,
         prompt_version=request.prompt_version,
     )
@@ -202,7 +210,7 @@ class _Metered:
     async def before(self, a: Attempt) -> None:
         grant = await reserve(
             self.mesh, a.model, a.request, tenant=self.tenant, task_id=self.task_id, step_id=self.step_id,
-            call_id=self._reservation_call_id(a), prompt_tokens=self.counted.get(a.key),
+            call_id=self._reservation_call_id(a), prompt_tokens=self.counted.get(a.key), table=self.models.price_table,
         )  # fmt: skip
         self.grants[a.number] = grant
         span = self.mesh.tracer.start_span(
@@ -273,7 +281,7 @@ class _Metered:
             model=a.model.model,
             input_tokens=0,
             output_tokens=0,
-            price_table=prices.current().version,
+            price_table=self.models.price_table.version,
             reservation_id=grant.reservation_id,
             error=f"{kind}: {redact(str(error))}"[:500],
             handed_on=self._handed_on(a, error),
@@ -326,7 +334,9 @@ async def _call_model(
         input_tokens=response.input_tokens,
         output_tokens=response.output_tokens,
         cached_input_tokens=cached,
-        cost_usd=cost(priced.provider, priced.model, response.input_tokens, response.output_tokens, cached),
+        cost_usd=cost(
+            priced.provider, priced.model, response.input_tokens, response.output_tokens, cached, models.price_table
+        ),
         calls=1,
     )
     grant = hooks.winner
@@ -334,6 +344,7 @@ async def _call_model(
         _usage_message(
             mesh, request, response, usage, (priced.provider, priced.model), tenant=tenant, task_id=task_id,
             step_id=step_id, call_id=call_id, reservation_id=grant.reservation_id if grant is not None else call_id,
+            price_table=models.price_table.version,
         ),
         key=call_id,
     )  # fmt: skip
@@ -393,6 +404,7 @@ async def call_model_once(
             _usage_message(
                 mesh, request, response, usage, tuple(record.get("priced") or (response.provider, response.model)),
                 tenant=tenant, task_id=task_id, step_id=step_id, call_id=call_id, reservation_id=call_id,
+                price_table=(model.price_table if isinstance(model, Models) else prices.current()).version,
             ),
             key=call_id,
         )  # fmt: skip

@@ -4,8 +4,9 @@ Prices are USD per million tokens for input, cached input and output. A table is
 immutable once published: a price change is a new version, and every ``usage.recorded``
 names the version its cost was computed with, so old spend is never re-priced.
 
-The built-in table is ``DEFAULT_VERSION``; ``MESH_PRICE_TABLE_FILE`` points at a JSON file
-of the same shape (``{"version": ..., "prices": {"provider/model": {...}}}``) to replace it.
+The built-in table is ``DEFAULT_VERSION``; ``MESH_PRICE_TABLE_FILE`` (``AgentSettings.price_table_file``)
+points at a JSON file of the same shape (``{"version": ..., "prices": {"provider/model": {...}}}``)
+to replace it.
 A call to a model the table does not price is refused before it is made: an unpriced call
 would be a call no ceiling can bound.
 """
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -96,9 +96,10 @@ def _from_json(data: dict) -> PriceTable:
         ) from None
 
 
-@lru_cache(maxsize=1)
-def current() -> PriceTable:
-    path = os.environ.get("MESH_PRICE_TABLE_FILE")
-    if path:
-        return _from_json(json.loads(Path(path).read_text()))
+@lru_cache(maxsize=4)
+def current(file: str | Path | None = None) -> PriceTable:
+    """The table in force: the one in ``file`` (a service's ``MESH_PRICE_TABLE_FILE``), else the
+    built-in one. Raises OSError or ValueError for a file that cannot be used."""
+    if file:
+        return _from_json(json.loads(Path(file).read_text()))
     return PriceTable(DEFAULT_VERSION, dict(_DEFAULT))

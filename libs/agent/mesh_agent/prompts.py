@@ -15,15 +15,15 @@ sha256) is what every model call records: on its span, its ``usage.recorded`` an
 outcome, so a prompt change can be evaluated against a golden set and rolled back like code.
 The digest catches an edit that forgot to bump the version.
 
-``MESH_PROMPTS_DIR`` names a directory of override files (``<id>.md``, same format) that
-replace the packaged prompt of that id: an operator rolls a prompt forward or back without
-rebuilding an image.
+``MESH_PROMPTS_DIR`` (``AgentSettings.prompts_dir``) names a directory of override files
+(``<id>.md``, same format) that replace the packaged prompt of that id: an operator rolls a
+prompt forward or back without rebuilding an image. A service loads its prompts when it is
+built, with its settings' directory.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 from dataclasses import dataclass
 from functools import cache
@@ -88,15 +88,14 @@ def parse(text: str, source: str) -> Prompt:
 
 
 @cache
-def load(package: str, name: str) -> Prompt:
+def load(package: str, name: str, override_dir: str | Path | None = None) -> Prompt:
     """The prompt ``name`` shipped in ``package`` (``mesh_planner``, ``plan``), or its override
-    from ``MESH_PROMPTS_DIR`` when that directory holds a file for the same id."""
+    from ``override_dir`` (``MESH_PROMPTS_DIR``) when that directory holds a file for the same id."""
     try:
         text = resources.files(package).joinpath("prompts", f"{name}.md").read_text(encoding="utf-8")
     except (FileNotFoundError, ModuleNotFoundError) as exc:
         raise PromptError(f"prompt {package}/prompts/{name}.md not found: {exc}") from None
     packaged = parse(text, f"{package}/prompts/{name}.md")
-    override_dir = os.environ.get("MESH_PROMPTS_DIR", "")
     if override_dir:
         path = Path(override_dir) / f"{packaged.id}.md"
         if path.is_file():

@@ -52,9 +52,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import difflib
+import functools
 import hashlib
 import json
 import math
+import os
 import re
 import secrets
 import sys
@@ -1248,7 +1250,7 @@ async def calibrate(
     or for a bad model configuration (``mesh_llm.errors.ConfigError``)."""
     items, sha = load_calibration(path)
     try:
-        from mesh_checker.judge import JudgeInput, judge_with
+        from mesh_checker.judge import JudgeInput, JudgePrompts, judge_with
         from mesh_llm.config import from_env
         from mesh_llm.errors import ConfigError
     except ImportError as exc:
@@ -1260,7 +1262,10 @@ async def calibrate(
             model = from_env()
         except ConfigError as exc:
             raise EvalError(f"judge model configuration: {_one_line(str(exc))}") from None
-    judge = judge or judge_with
+    if judge is None:
+        # The judge prompts a checker runs with: a deployment's MESH_PROMPTS_DIR overrides them.
+        judge_prompts = JudgePrompts.load(os.environ.get("MESH_PROMPTS_DIR") or None)
+        judge = functools.partial(judge_with, judge_prompts=judge_prompts)
     gate = asyncio.Semaphore(max(1, concurrency))
 
     async def one(item: Labelled) -> dict[str, Any]:

@@ -15,6 +15,8 @@ import os
 from pathlib import Path
 
 POISON_MARKER = b"#poison-pill#"
+# Read from the environment, not from the service's settings: test-only fault injection, never a
+# production setting, and checked where no settings object is at hand.
 _POISON = "poison" in os.environ.get("MESH_FAULTS", "").split(",")  # read once: the check is per message
 
 

@@ -3,9 +3,10 @@
 Every service's ``__main__`` is a few lines::
 
     def main() -> None:
-        run_service(build)          # build(mesh) registers handlers
+        run_service(build, WorkerSettings, service="worker")  # build(mesh, settings) registers handlers
 
-No I/O happens at import time; all state lives in objects created here.
+The settings are built once, here, from the environment; ``build`` gets them typed as the
+service's own class. No I/O happens at import time; all state lives in objects created here.
 """
 
 from __future__ import annotations
@@ -16,26 +17,37 @@ import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 from mesh_guardrails.logfilter import install as install_log_redaction
 from mesh_kit.bus import Mesh
 from mesh_kit.health import HealthServer
 from mesh_kit.settings import ServiceSettings
 
-Build = Callable[[Mesh], Awaitable[Any]]
+S = TypeVar("S", bound=ServiceSettings)
+Build = Callable[[Mesh, S], Awaitable[Any]]
 
 
-def run_service(build: Build, service: str | None = None) -> None:
-    """Run one service process until SIGTERM/SIGINT, then drain in-flight work."""
+def load_settings(settings_class: type[S], service: str | None = None) -> S:
+    """The service's settings from its environment. A missing or bad value exits 2 with one
+    line naming the variable (``configuration error: MESH_MAX_WORKERS: ...``)."""
     try:
-        settings = ServiceSettings(**({"service": service} if service else {}))
+        pinned: dict[str, Any] = {"service": service} if service else {}
+        return settings_class(**pinned)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        print(f"configuration error: MESH_{str(first['loc'][0]).upper()}: {first['msg']}", file=sys.stderr)
-        raise SystemExit(2) from None
+        print(f"configuration error: {settings_class.error_line(exc)}", file=sys.stderr)
+    except SettingsError as exc:  # a JSON-valued variable that is not JSON
+        cause = f": {exc.__cause__}" if exc.__cause__ else ""
+        print(f"configuration error: {exc}{cause}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def run_service(build: Build[S], settings_class: type[S], service: str | None = None) -> None:
+    """Run one service process until SIGTERM/SIGINT, then drain in-flight work."""
+    settings = load_settings(settings_class, service)
     logging.basicConfig(
         level=settings.log_level.upper(), format=f"%(asctime)s {settings.service} %(levelname)s %(name)s: %(message)s"
     )
@@ -44,10 +56,10 @@ def run_service(build: Build, service: str | None = None) -> None:
     asyncio.run(serve(settings, build))
 
 
-async def serve(settings: ServiceSettings, build: Build, *, stop: asyncio.Event | None = None) -> None:
+async def serve(settings: S, build: Build[S], *, stop: asyncio.Event | None = None) -> None:
     log = logging.getLogger(f"mesh.{settings.service}")
     mesh = Mesh(settings)
-    await build(mesh)
+    await build(mesh, settings)
     await mesh.start()
     health = None
     if settings.health_port:

@@ -5,23 +5,37 @@ from __future__ import annotations
 import logging
 import ssl
 from pathlib import Path
+from typing import Annotated, Any, Self
 
 import nats.errors
 import nats.js.errors
-from pydantic import Field, field_validator, model_validator
+from pydantic import AliasChoices, BeforeValidator, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from mesh_contracts import SERVICES
 from mesh_contracts import topology as topo
 
 
-class ServiceSettings(BaseSettings):
-    """What every service needs to join the mesh. ``meshctl up`` and the k8s manifests set these."""
+def _blank_is_none(value: Any) -> Any:
+    return None if isinstance(value, str) and not value.strip() else value
 
-    model_config = SettingsConfigDict(env_prefix="MESH_", extra="ignore")
+
+OptionalPath = Annotated[Path | None, BeforeValidator(_blank_is_none)]
+"""A file or directory setting that may be left out: unset or empty in the environment is none."""
+
+
+class ServiceSettings(BaseSettings):
+    """What every service needs to join the mesh. ``meshctl up`` and the k8s manifests set these.
+
+    Each service subclasses it with its own fields (``mesh_<service>/settings.py``); the
+    service's entry point builds that class once (``run_service``). A field ``x_y`` is read from
+    ``MESH_X_Y``; a field with a ``validation_alias`` from the variable(s) it names. The field
+    docstrings are the settings tables in the READMEs (``python -m mesh_kit.settings_doc``)."""
+
+    model_config = SettingsConfigDict(env_prefix="MESH_", extra="ignore", use_attribute_docstrings=True)
 
     service: str
-    """Service identity; one of the six services."""
+    """Service identity; one of the six services (pinned by each service's entry point)."""
     nats_url: str = "nats://127.0.0.1:4222"
     """One server, or a comma-separated list of a cluster's servers (any one reachable is enough;
     the client reconnects to the others when its server dies)."""
@@ -36,15 +50,18 @@ class ServiceSettings(BaseSettings):
     TLS and the server is verified against it (``meshctl init`` mints one for a local mesh)."""
     redis_url: str = ""
     """Redis for caches and fast counters (rebuildable state only). It holds a password: prefer
-    ``redis_url_file`` (a mounted secret) over the environment."""
+    ``MESH_REDIS_URL_FILE`` (a mounted secret) over the environment."""
     redis_url_file: Path | None = None
-    """File holding the Redis URL; wins over ``redis_url`` when set."""
+    """File holding the Redis URL; wins over ``MESH_REDIS_URL`` when set."""
     health_host: str = "127.0.0.1"
+    """Address the health endpoint listens on."""
     health_port: int = Field(0, ge=0, le=65535)
     """HTTP port for /healthz, /readyz, /status; 0 disables the endpoint."""
     strict_contracts: bool = False
     """Reject unknown fields (tests run strict; production is tolerant)."""
     token_ttl_s: float = 300.0
+    """Validity of the identity token on each message this service sends (receivers refuse a token
+    that claims more than 540 s)."""
     graceful_timeout_s: float = 20.0
     """On SIGTERM, how long in-flight handlers may take to finish."""
     max_workers: int = Field(4, ge=1, le=256)
@@ -55,7 +72,7 @@ class ServiceSettings(BaseSettings):
     """Attempts before a failing message is dead-lettered (the provisioned consumer allows one more)."""
     infra_retry_s: float = Field(60.0, ge=0)
     """While the broker is unavailable (restart, failover), a handler is re-run in place for up
-    to this long before the failure costs the message one of its ``max_deliver`` attempts."""
+    to this long before the failure costs the message one of its ``MESH_MAX_DELIVER`` attempts."""
     retry_delays_s: tuple[float, ...] = topo.RETRY_DELAYS_S
     """NAK delay after each failed attempt (JSON list in the environment)."""
     decode_max_bytes: int = Field(0, ge=0)
@@ -70,6 +87,7 @@ class ServiceSettings(BaseSettings):
     """How often the service looks for a rotated signing key in its key file (it switches once the
     published trust bundle trusts the new key)."""
     log_level: str = "INFO"
+    """Python logging level (``DEBUG``, ``INFO``, ``WARNING``, ...)."""
     data_dir: Path | None = None
     """Service-specific data (e.g. the RAG service's sample documents)."""
 
@@ -85,6 +103,34 @@ class ServiceSettings(BaseSettings):
         if self.redis_url_file is not None:
             self.redis_url = self.redis_url_file.read_text().strip()
         return self
+
+    @classmethod
+    def env_names(cls, field: str) -> tuple[str, ...]:
+        """The environment variable(s) ``field`` is read from, in the order they are tried."""
+        alias = cls.model_fields[field].validation_alias
+        if isinstance(alias, str):
+            return (alias,)
+        if isinstance(alias, AliasChoices):
+            return tuple(c for c in alias.choices if isinstance(c, str))
+        return ((cls.model_config.get("env_prefix", "") + field).upper(),)
+
+    @classmethod
+    def error_line(cls, exc: ValidationError) -> str:
+        """The first error as one line that names its variable: ``MESH_MAX_WORKERS: Input should be ...``."""
+        first = exc.errors()[0]
+        msg = " ".join(str(first["msg"]).removeprefix("Value error, ").split())
+        if not first["loc"]:
+            return msg  # a check across fields: its message names the variable
+        key = str(first["loc"][0])
+        name = cls.env_names(key)[0] if key in cls.model_fields else key.upper()
+        return msg if msg.startswith(name) else f"{name}: {msg}"
+
+    @classmethod
+    def defaults(cls) -> Self:
+        """This class's own fields at their defaults, read from nowhere and not validated: what a
+        service object built outside ``run_service`` (by a test or a benchmark) runs with. The
+        mesh fields (identity, NATS, Redis) stay unset: a service reads those from its ``Mesh``."""
+        return cls.model_construct()  # type: ignore[return-value]  # pydantic types it as the base class
 
     @property
     def nats_servers(self) -> list[str]:

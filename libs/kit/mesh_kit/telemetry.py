@@ -84,20 +84,27 @@ class Telemetry:
 
 def setup(service: str) -> Telemetry:
     """Providers for one service process. ``OTEL_SERVICE_NAME`` defaults to the service folder name."""
+    # OpenTelemetry's own standard OTEL_* variables, read as its SDKs do: not MESH_ settings.
     resource = Resource.create(
         {"service.name": os.environ.get("OTEL_SERVICE_NAME", service), "service.namespace": "agentmesh"}
     )
     tracer_provider = TracerProvider(resource=resource)
     readers = []
     if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
-        if os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc") == "grpc":
-            from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
-            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-        else:
-            from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-        from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+        from opentelemetry.sdk.metrics.export import MetricExporter, PeriodicExportingMetricReader
+        from opentelemetry.sdk.trace.export import SpanExporter
 
-        tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
-        readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
+        spans: SpanExporter
+        metrics: MetricExporter
+        if os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc") == "grpc":
+            from opentelemetry.exporter.otlp.proto.grpc import metric_exporter, trace_exporter
+
+            spans, metrics = trace_exporter.OTLPSpanExporter(), metric_exporter.OTLPMetricExporter()
+        else:
+            from opentelemetry.exporter.otlp.proto.http import metric_exporter as http_metrics
+            from opentelemetry.exporter.otlp.proto.http import trace_exporter as http_traces
+
+            spans, metrics = http_traces.OTLPSpanExporter(), http_metrics.OTLPMetricExporter()
+        tracer_provider.add_span_processor(BatchSpanProcessor(spans))
+        readers.append(PeriodicExportingMetricReader(metrics))
     return Telemetry(tracer_provider, MeterProvider(resource=resource, metric_readers=readers))

@@ -190,6 +190,7 @@ def build_gateway(
     """Construct the providers' models used by some route, and the gateway over them."""
     if not isinstance(config, GatewayConfig):
         config = load_config(config)
+    # The variables a config names for its keys (``api_key_env``): secrets, not service settings.
     env = os.environ if environ is None else environ
     timeouts = Timeouts(**config.timeouts.model_dump())
     built: dict[str, ChatModel] = {}
@@ -264,13 +265,15 @@ def _api_key(name: str, provider: ProviderConfig, env: Mapping[str, str], source
     return ""  # a local OpenAI-compatible server often needs none
 
 
-def from_env(environ: Mapping[str, str] | None = None) -> Gateway:
-    """The gateway a service runs with: ``MESH_MODEL_CONFIG`` (a file) or ``MESH_MODEL=scripted``."""
-    env = os.environ if environ is None else environ
-    path = env.get("MESH_MODEL_CONFIG", "").strip()
-    if path:
-        return build_gateway(load_config(path), environ=env)
-    choice = env.get("MESH_MODEL", "scripted").strip() or "scripted"
+def gateway_for(
+    model_config: str | os.PathLike[str] | None, model: str = "scripted", *, environ: Mapping[str, str] | None = None
+) -> Gateway:
+    """The gateway a service runs with: the model config file ``model_config`` when given
+    (``MESH_MODEL_CONFIG``), else the built-in ``model`` (``MESH_MODEL``; only ``scripted``).
+    ``environ`` holds the keys the config's providers name (default: the process environment)."""
+    if model_config:
+        return build_gateway(load_config(model_config), environ=environ)
+    choice = model.strip() or "scripted"
     if choice == "scripted":
         # The judge on another model than the one it judges, as a real deployment would have it.
         return Gateway({"default": [ScriptedModel()], "judge": [ScriptedModel("scripted-judge")]})
@@ -278,3 +281,11 @@ def from_env(environ: Mapping[str, str] | None = None) -> Gateway:
         f"MESH_MODEL={choice!r} needs a model config: set MESH_MODEL_CONFIG to a YAML/JSON file"
         " declaring its provider, pinned model id and routes (MESH_MODEL=scripted needs none)"
     )
+
+
+def from_env(environ: Mapping[str, str] | None = None) -> Gateway:
+    """``gateway_for`` with ``MESH_MODEL_CONFIG`` and ``MESH_MODEL`` read from ``environ`` (default:
+    the process environment), for tools outside a service (``meshctl eval calibrate``); a
+    service passes its settings' values to ``gateway_for``."""
+    env = os.environ if environ is None else environ
+    return gateway_for(env.get("MESH_MODEL_CONFIG", "").strip(), env.get("MESH_MODEL", "scripted"), environ=env)

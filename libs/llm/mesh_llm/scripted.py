@@ -130,7 +130,7 @@ class ScriptedModel:
     def _log(request: ModelRequest) -> None:
         """With MESH_SCRIPTED_LOG set, append one line per call: what the model saw, across
         process deaths (the chaos suite checks that recovery repeats no call)."""
-        path = os.environ.get("MESH_SCRIPTED_LOG")
+        path = os.environ.get("MESH_SCRIPTED_LOG")  # test instrumentation of the test model, not a setting
         if not path:
             return
         seen = "\n".join(f"{m.role}:{m.content}" for m in request.messages)

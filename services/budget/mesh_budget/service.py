@@ -9,17 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
-
 from mesh_budget.ledger import Cold, DayUsage, Durable, Held, TaskUsage, View, today
-from mesh_budget.monitor import Monitor, Rules, Trip
+from mesh_budget.monitor import Monitor, Trip
+from mesh_budget.settings import BudgetSettings, TenantLimits
 from mesh_contracts import ContractError, parse_message
 from mesh_contracts import topology as topo
 from mesh_contracts.v1 import (
@@ -45,58 +41,6 @@ WATCHED = topo.WATCHERS["budget"]
 """Domains the monitor reads (every replica reads all of them, with direct gets: no consumers)."""
 
 
-class TenantLimits(BaseModel):
-    daily_tokens: int | None = Field(None, gt=0)
-    daily_cost_usd: float | None = Field(None, ge=0)
-
-
-class BudgetSettings(BaseSettings):
-    """Budget-specific settings (``MESH_BUDGET_*``)."""
-
-    model_config = SettingsConfigDict(env_prefix="MESH_BUDGET_", extra="ignore")
-
-    reservation_ttl_s: float = Field(120.0, gt=0)
-    """An unsettled reservation is released this long after it was granted (once every usage
-    message stored before then has been accounted). Must exceed the longest model call."""
-    tenant_limits: str = ""
-    """JSON ``{"<tenant>" | "*": {"daily_tokens": N, "daily_cost_usd": X}}``; ``*`` applies to
-    tenants not listed. Empty: no tenant-day ceilings."""
-    tenant_limits_file: Path | None = None
-    """The same JSON in a file (wins over ``tenant_limits``)."""
-    horizon_poll_s: float = Field(0.5, gt=0)
-    lookback_s: float = Field(900.0, ge=0)
-    """On start, the monitor replays this much of the streams to rebuild its view of live tasks."""
-    tick_s: float = Field(0.25, gt=0)
-    """How often deadlines and stall timeouts are checked."""
-    watch_poll_s: float = Field(2.0, gt=0)
-    """The monitor gets each stored message from the stream's republished feed and reads the
-    stream itself only for a gap; after this long without a message it reads anyway (so a fed
-    message lost in a reconnect is late by at most this long)."""
-    loop_repeats: int = Field(3, ge=2)
-    chatter_window_s: float = Field(30.0, gt=0)
-    chatter_min_messages: int = Field(60, ge=2)
-    chatter_ratio: float = Field(25.0, gt=0)
-    retry_storm_errors: int = Field(5, ge=1)
-    retry_storm_window_s: float = Field(30.0, gt=0)
-    provider_window_s: float = Field(30.0, gt=0)
-    provider_min_calls: int = Field(5, ge=1)
-    provider_error_rate: float = Field(0.5, gt=0, le=1)
-    provider_cooldown_s: float = Field(15.0, gt=0)
-    iteration_cap: int = Field(0, ge=0)
-
-    def rules(self) -> Rules:
-        return Rules(**{f: getattr(self, f) for f in Rules.__dataclass_fields__})
-
-    def limits(self) -> dict[str, TenantLimits]:
-        raw = self.tenant_limits_file.read_text() if self.tenant_limits_file else self.tenant_limits
-        if not raw.strip():
-            return {}
-        try:
-            return {k: TenantLimits.model_validate(v) for k, v in json.loads(raw).items()}
-        except (ValueError, AttributeError) as exc:
-            raise SystemExit(f"configuration error: MESH_BUDGET_TENANT_LIMITS: {exc}") from None
-
-
 DENIAL = {
     "task_tokens": "task token ceiling {lim_t} would be exceeded: {want_t} requested, {rem_t} available",
     "task_cost": "task cost ceiling ${lim_c:.4f} would be exceeded: ${want_c:.6f} requested, ${rem_c:.6f} available",
@@ -110,14 +54,14 @@ DENIAL = {
 class Budget:
     def __init__(self, mesh: Mesh, settings: BudgetSettings | None = None) -> None:
         self.mesh = mesh
-        self.settings = settings or BudgetSettings()
+        self.settings = settings if settings is not None else BudgetSettings.defaults()
         self.tenant_limits = self.settings.limits()
         if not mesh.settings.redis_url:
             raise SystemExit(
                 "configuration error: the budget service needs MESH_REDIS_URL (or MESH_REDIS_URL_FILE): "
                 "its reservations must be shared by every replica"
             )
-        self.view = View(mesh.settings.redis_url, self.settings.reservation_ttl_s)
+        self.view = View(mesh.settings.redis_url, self.settings.budget_reservation_ttl_s)
         self.kv: Any = None
         self.tasks: Any = None
         self.durable: Durable | None = None
@@ -163,7 +107,7 @@ class Budget:
         budget holds no right to create, change or delete consumers): the monitor's state is
         rebuilt from the streams on every start (nothing to persist, nothing to lose)."""
         self._started_at = time.time()
-        start = self._started_at - self.settings.lookback_s
+        start = self._started_at - self.settings.budget_lookback_s
         for domain in WATCHED:
             stream = topo.STREAMS[domain]
 
@@ -172,7 +116,7 @@ class Budget:
 
             tail = Tail(
                 self.mesh.nc, stream, on_msg, start_time=start, feed=topo.watch_feed(stream),
-                poll_s=self.settings.watch_poll_s,
+                poll_s=self.settings.budget_watch_poll_s,
             )  # fmt: skip
             tail.start()
             self._tails.append(tail)
@@ -198,7 +142,7 @@ class Budget:
 
     async def _tick(self) -> None:
         while True:
-            await asyncio.sleep(self.settings.tick_s)
+            await asyncio.sleep(self.settings.budget_tick_s)
             if not self.caught_up():
                 continue
             now = time.time()
@@ -275,7 +219,7 @@ class Budget:
                         self.horizon = max(self.horizon, max(passed))
                         self._samples = [(t, s) for t, s in self._samples if t > self.horizon]
                     self._samples = self._samples[-600:]
-            await asyncio.sleep(self.settings.horizon_poll_s)
+            await asyncio.sleep(self.settings.budget_horizon_poll_s)
 
     # --- reserve ------------------------------------------------------------------------------
 
@@ -347,7 +291,7 @@ class Budget:
         assert self.durable is not None
         await self.durable.hold(
             Held(tenant=m.tenant, task_id=m.task_id, call_id=m.call_id, day=day, tokens=m.tokens,
-                 cost_usd=m.cost_usd, expires_at=time.time() + self.settings.reservation_ttl_s)
+                 cost_usd=m.cost_usd, expires_at=time.time() + self.settings.budget_reservation_ttl_s)
         )  # fmt: skip
         self.m_reservations.add(1, {"tenant": m.tenant, "outcome": "granted", "code": ""})
         return BudgetGranted(
@@ -355,7 +299,7 @@ class Budget:
             reservation_id=m.call_id,
             remaining_tokens=decision.remaining_tokens,
             remaining_cost_usd=decision.remaining_cost_usd,
-            expires_in_s=self.settings.reservation_ttl_s,
+            expires_in_s=self.settings.budget_reservation_ttl_s,
         )
 
     async def _rebuild(self, tenant: str, task_id: str, day: str, cold: Cold) -> None:
@@ -495,7 +439,7 @@ class Budget:
         )  # fmt: skip
 
 
-async def build(mesh: Mesh) -> Budget:
-    svc = Budget(mesh)
+async def build(mesh: Mesh, settings: BudgetSettings) -> Budget:
+    svc = Budget(mesh, settings)
     svc.register()
     return svc

@@ -2,7 +2,8 @@
 
 Shared by the checker service (online, through the budgeted model gateway) and by
 ``meshctl eval calibrate`` (offline, against human-labelled answers), so the judge that is
-calibrated is the judge that runs.
+calibrated is the judge that runs. Both use the packaged prompts unless handed others
+(``JudgePrompts.load``: the checker loads its ``MESH_PROMPTS_DIR`` overrides when it is built).
 """
 
 from __future__ import annotations
@@ -10,13 +11,32 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from mesh_agent import prompts
+from mesh_agent.prompts import Prompt
 from mesh_guardrails.provenance import Text
 from mesh_llm import ChatModel, Message, ModelRequest
 
-JUDGE_PROMPT = prompts.load("mesh_checker", "judge")
-DEFAULT_RUBRIC = prompts.load("mesh_checker", "rubric")
+
+@dataclass(frozen=True)
+class JudgePrompts:
+    """The judge's prompt and the rubric it applies when a task's policy gives none."""
+
+    judge: Prompt
+    rubric: Prompt
+
+    @classmethod
+    def load(cls, override_dir: str | Path | None = None) -> JudgePrompts:
+        """The packaged prompts, or their overrides in ``override_dir`` (``MESH_PROMPTS_DIR``)."""
+        return cls(
+            prompts.load("mesh_checker", "judge", override_dir), prompts.load("mesh_checker", "rubric", override_dir)
+        )
+
+
+PACKAGED = JudgePrompts.load()
+JUDGE_PROMPT = PACKAGED.judge
+DEFAULT_RUBRIC = PACKAGED.rubric
 MAX_PASSAGE_CHARS = 1500
 MAX_PASSAGES = 8
 
@@ -45,11 +65,11 @@ class Judgement:
     prompt_version: str = field(default_factory=lambda: JUDGE_PROMPT.ref)
 
 
-def rubric_of(inp: JudgeInput) -> str:
-    return inp.rubric.strip() or DEFAULT_RUBRIC.text
+def rubric_of(inp: JudgeInput, judge_prompts: JudgePrompts = PACKAGED) -> str:
+    return inp.rubric.strip() or judge_prompts.rubric.text
 
 
-def request(inp: JudgeInput, *, max_tokens: int = 300) -> ModelRequest:
+def request(inp: JudgeInput, *, max_tokens: int = 300, judge_prompts: JudgePrompts = PACKAGED) -> ModelRequest:
     """The judge call: the prompt (with the rubric) as system, the case as a JSON user message.
     The goal and the rubric are the tenant's; the answer (written by a model that read untrusted
     content) and every piece of evidence are untrusted and go in delimited, with their scores."""
@@ -63,21 +83,21 @@ def request(inp: JudgeInput, *, max_tokens: int = 300) -> ModelRequest:
     }
     return ModelRequest(
         (
-            Message("system", JUDGE_PROMPT.render(rubric=rubric_of(inp))),
+            Message("system", judge_prompts.judge.render(rubric=rubric_of(inp, judge_prompts))),
             Message("user", json.dumps(case, ensure_ascii=False)),
         ),
         max_tokens=max_tokens,
         agent="judge",
         step="judge",
         temperature=0.0,
-        prompt_version=JUDGE_PROMPT.ref,
+        prompt_version=judge_prompts.judge.ref,
     )
 
 
 JSON_OBJECT = re.compile(r"\{.*\}", re.S)
 
 
-def parse(text: str, *, min_score: float, model: str = "") -> Judgement:
+def parse(text: str, *, min_score: float, model: str = "", prompt_version: str = "") -> Judgement:
     """Read the judge's reply. Tolerates prose or a code fence around the JSON object; a score on
     a 1-5 or 0-10 scale is normalised; a verdict and a score that disagree fail (strict)."""
     m = JSON_OBJECT.search(text or "")
@@ -102,10 +122,17 @@ def parse(text: str, *, min_score: float, model: str = "") -> Judgement:
         reasons = (reasons,)
     reasons = tuple(str(r)[:300] for r in reasons if str(r).strip())[:10]
     passed = score >= min_score and verdict != "fail"
-    return Judgement(round(score, 4), passed, reasons, model)
+    return Judgement(round(score, 4), passed, reasons, model, prompt_version or JUDGE_PROMPT.ref)
 
 
-async def judge_with(model: ChatModel, inp: JudgeInput, *, min_score: float = 0.6) -> Judgement:
+async def judge_with(
+    model: ChatModel, inp: JudgeInput, *, min_score: float = 0.6, judge_prompts: JudgePrompts = PACKAGED
+) -> Judgement:
     """Judge one case with ``model`` directly (no mesh, no budget): what calibration uses."""
-    response = await model.complete(request(inp))
-    return parse(response.content, min_score=min_score, model=f"{response.provider}/{response.model}")
+    response = await model.complete(request(inp, judge_prompts=judge_prompts))
+    return parse(
+        response.content,
+        min_score=min_score,
+        model=f"{response.provider}/{response.model}",
+        prompt_version=judge_prompts.judge.ref,
+    )

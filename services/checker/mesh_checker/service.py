@@ -22,6 +22,7 @@ from typing import Any
 from mesh_agent.metered import BudgetExceeded, Models, call_model_once, configured
 from mesh_checker import judge as jd
 from mesh_checker.checks import Passages, evidence_of, run_checks
+from mesh_checker.settings import CheckerSettings
 from mesh_contracts import ContractError
 from mesh_contracts.v1 import CheckRequested, CheckResult, CheckVerdict, RetrievalCompleted, TokenUsage
 from mesh_kit import Delivery, Mesh
@@ -40,10 +41,16 @@ PassageSource = Callable[[CheckRequested, float | None], Awaitable[Passages]]
 
 class Checker:
     def __init__(
-        self, mesh: Mesh, models: ChatModel | Models | None = None, passages: PassageSource | None = None
+        self,
+        mesh: Mesh,
+        models: ChatModel | Models | None = None,
+        passages: PassageSource | None = None,
+        settings: CheckerSettings | None = None,
     ) -> None:
         self.mesh = mesh
+        self.settings = settings if settings is not None else CheckerSettings.defaults()
         self.models = Models.of(models) if models is not None else None
+        self.judge_prompts = jd.JudgePrompts.load(self.settings.prompts_dir)
         self.passages = passages or self.retrieved
         self.ledger: Ledger | None = None
         self._judges: dict[tuple[str, ...], Models] = {}
@@ -55,7 +62,7 @@ class Checker:
 
     async def start(self) -> None:
         if self.models is None:
-            self.models = configured(self.mesh)
+            self.models = configured(self.mesh, self.settings)
         self.ledger = Ledger(await self.mesh.kv(LEDGER), self.mesh.service)
 
     def register(self) -> None:
@@ -101,7 +108,7 @@ class Checker:
         model only as the last fallback (a judge that never runs would fail every task)."""
         assert self.models is not None
         gateway = self.models.gateway
-        _, chain = gateway.route_for(jd.request(jd.JudgeInput("", "")))
+        _, chain = gateway.route_for(jd.request(jd.JudgeInput("", ""), judge_prompts=self.judge_prompts))
         ordered = [m for m in chain if model_key(m) not in avoid] + [m for m in chain if model_key(m) in avoid]
         if ordered == chain:
             return self.models
@@ -113,6 +120,7 @@ class Checker:
                 self.models.cache,
                 self.models.context_strategy,
                 self.models.capture_content,
+                self.models.price_table,
             )
         return self._judges[key]
 
@@ -122,13 +130,17 @@ class Checker:
         # The judge grades grounding against everything the answer was built on: what rag returned
         # and what the other steps produced (a note read, a computed result).
         inp = jd.JudgeInput(m.goal, m.answer, m.policy.rubric, tuple(evidence_of(m, passages)))
+        request = jd.request(inp, judge_prompts=self.judge_prompts)
         try:
             response, usage = await call_model_once(
-                self.mesh, self.ledger, models, jd.request(inp), tenant=m.tenant, task_id=m.task_id,
+                self.mesh, self.ledger, models, request, tenant=m.tenant, task_id=m.task_id,
                 step_id="check", call_id=f"judge-{m.attempt}", delivery=d,
             )  # fmt: skip
             verdict = jd.parse(
-                response.content, min_score=m.policy.judge_min_score, model=f"{response.provider}/{response.model}"
+                response.content,
+                min_score=m.policy.judge_min_score,
+                model=f"{response.provider}/{response.model}",
+                prompt_version=self.judge_prompts.judge.ref,
             )
         except BudgetExceeded as exc:
             return (
@@ -216,7 +228,7 @@ class Checker:
         self.mesh.stats.counters[f"{tel.M_CHECK_VERDICTS}.{'passed' if passed else 'failed'}"] += 1
 
 
-async def build(mesh: Mesh) -> Checker:
-    svc = Checker(mesh)
+async def build(mesh: Mesh, settings: CheckerSettings) -> Checker:
+    svc = Checker(mesh, settings=settings)
     svc.register()
     return svc

@@ -48,10 +48,13 @@ from mesh_kit import state as st
 from mesh_kit.ledger import BUCKET as LEDGER
 from mesh_kit.ledger import Ledger
 from mesh_llm import ChatModel, ContextOverflow, Message, ModelRequest
+from mesh_planner.settings import PlannerSettings
 
 log = logging.getLogger("mesh.planner")
 REFERENCE = re.compile(r"\[[^\[\]#\s]+#[^\[\]\s]+\]")
 PLAN_PROMPT = prompts.load("mesh_planner", "plan")
+"""The packaged planning prompt; a planner plans with it or with its ``MESH_PROMPTS_DIR``
+override (``Planner.plan_prompt``)."""
 
 
 def _out(rec: TaskRecord, msg: Contract, key: str, causation: str = "") -> None:
@@ -215,9 +218,11 @@ def redo_after(rec: TaskRecord, verdict: CheckVerdict) -> list[str]:
 
 
 class Planner:
-    def __init__(self, mesh: Mesh, model: ChatModel | Models) -> None:
+    def __init__(self, mesh: Mesh, model: ChatModel | Models, settings: PlannerSettings | None = None) -> None:
         self.mesh = mesh
         self.model = model
+        self.settings = settings if settings is not None else PlannerSettings.defaults()
+        self.plan_prompt = prompts.load("mesh_planner", "plan", self.settings.prompts_dir)
         self.kv: Any = None
         self.ledger: Ledger | None = None
         self.status: Any = None  # ``status`` bucket: what every service's guard reads
@@ -332,7 +337,7 @@ class Planner:
                 return None  # a redelivery or a duplicate submission of the same task id
             new = TaskRecord(
                 tenant=m.tenant, task_id=m.task_id, goal=m.goal, limits=m.limits, policy=m.policy,
-                created_at=time.time(), prompt_versions={"planner": PLAN_PROMPT.ref},
+                created_at=time.time(), prompt_versions={"planner": self.plan_prompt.ref},
             )  # fmt: skip
             _event(new, "task.accepted", m.goal[:120])
             return new
@@ -346,9 +351,9 @@ class Planner:
         if rec.status != "planning":
             return
         request = ModelRequest(
-            (Message("system", PLAN_PROMPT.render(max_steps=m.limits.max_steps)), Message("user", m.goal)),
+            (Message("system", self.plan_prompt.render(max_steps=m.limits.max_steps)), Message("user", m.goal)),
             agent="planner",
-            prompt_version=PLAN_PROMPT.ref,
+            prompt_version=self.plan_prompt.ref,
             # what a plan of max_steps steps can need, not more: the reservation is the worst case
             max_tokens=plan_max_tokens(m.limits.max_steps),
         )
@@ -538,7 +543,7 @@ class Planner:
         await self.transition(m.tenant, m.task_id, apply)
 
 
-async def build(mesh: Mesh) -> Planner:
-    planner = Planner(mesh, configured(mesh))
+async def build(mesh: Mesh, settings: PlannerSettings) -> Planner:
+    planner = Planner(mesh, configured(mesh, settings), settings)
     planner.register()
     return planner

@@ -17,7 +17,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
 import struct
 import threading
 from collections.abc import Sequence
@@ -91,10 +90,11 @@ def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
 # --- model ---------------------------------------------------------------------------------------
 
 
-def find_model_dir() -> Path:
-    """``$MESH_EMBED_MODEL_DIR`` if set, else the ``model/`` folder of the installed model package."""
-    if env := os.environ.get(MODEL_DIR_ENV):
-        return Path(env)
+def find_model_dir(configured: str | Path | None = None) -> Path:
+    """``configured`` (the service's ``MESH_EMBED_MODEL_DIR``) if given, else the ``model/`` folder
+    of the installed model package."""
+    if configured:
+        return Path(configured)
     try:
         spec = importlib.util.find_spec(MODEL_PACKAGE)  # locates the package without importing it
     except (ImportError, ValueError):
@@ -225,9 +225,9 @@ class Embedder:
 
     @classmethod
     def load(cls, model_dir: str | Path | None = None) -> Embedder:
-        """The embedder for ``model_dir`` (default: see :func:`find_model_dir`), read from disk once
-        per process and then shared."""
-        path = (Path(model_dir) if model_dir is not None else find_model_dir()).resolve()
+        """The embedder for ``model_dir`` (default: the installed model, see :func:`find_model_dir`),
+        read from disk once per process and then shared."""
+        path = find_model_dir(model_dir).resolve()
         with cls._cache_lock:
             if path not in cls._cache:
                 try:

@@ -21,7 +21,6 @@ import binascii
 import hashlib
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from mesh_kit import telemetry as tel
 from mesh_rag.embed import Embedder
 from mesh_rag.extract import SUPPORTED, ExtractError, extract, media_type_for
 from mesh_rag.index import Chunk, TenantIndex, build_document, document_version
+from mesh_rag.settings import RagSettings
 from mesh_rag.store import Manifest, Store
 
 log = logging.getLogger("mesh.rag")
@@ -51,9 +51,11 @@ class Loaded:
 
 class Rag:
     def __init__(self, mesh: Mesh, embedder: Embedder | None = None, seed_tenants: list[str] | None = None,
-                 seed_docs: Path | None = None) -> None:  # fmt: skip
+                 seed_docs: Path | None = None, model_dir: Path | None = None) -> None:  # fmt: skip
         self.mesh = mesh
         self.embedder = embedder
+        self.model_dir = model_dir
+        """Where the embedder's files are when none is given (default: the installed model)."""
         self.seed_tenants = seed_tenants or []
         self.seed_docs = seed_docs or SAMPLE_DOCS
         self.store: Store | None = None
@@ -65,7 +67,7 @@ class Rag:
 
     async def start(self) -> None:
         if self.embedder is None:
-            self.embedder = await asyncio.to_thread(Embedder.load)
+            self.embedder = await asyncio.to_thread(Embedder.load, self.model_dir)
         self.store = Store(await self.mesh.kv("rag"))
         url = self.mesh.settings.redis_url if self.mesh.settings else ""
         if url:
@@ -255,9 +257,8 @@ def _title(text: str, doc_id: str) -> str:
     return doc_id.rsplit("/", 1)[-1]
 
 
-async def build(mesh: Mesh) -> Rag:
-    seed = os.environ.get("MESH_RAG_SEED_TENANTS", os.environ.get("MESH_TENANTS", "demo"))
-    docs = mesh.settings.data_dir or SAMPLE_DOCS
-    rag = Rag(mesh, seed_tenants=[t for t in seed.split(",") if t], seed_docs=Path(docs))
+async def build(mesh: Mesh, settings: RagSettings) -> Rag:
+    docs = settings.data_dir or SAMPLE_DOCS
+    rag = Rag(mesh, seed_tenants=settings.seed_tenants, seed_docs=Path(docs), model_dir=settings.embed_model_dir)
     rag.register()
     return rag

@@ -1,11 +1,12 @@
-"""Entry point: ``python -m mesh_tool_executor`` (settings come from MESH_* variables)."""
+"""Entry point: ``python -m mesh_tool_executor`` (settings come from MESH_* variables: ``ToolExecutorSettings``)."""
 
 from mesh_kit import run_service
 from mesh_tool_executor.service import build
+from mesh_tool_executor.settings import ToolExecutorSettings
 
 
 def main() -> None:
-    run_service(build, service="tool-executor")
+    run_service(build, ToolExecutorSettings, service="tool-executor")
 
 
 if __name__ == "__main__":

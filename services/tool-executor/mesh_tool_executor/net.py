@@ -30,7 +30,6 @@ import asyncio
 import codecs
 import functools
 import ipaddress
-import os
 import re
 import socket
 import ssl
@@ -43,6 +42,7 @@ from typing import NamedTuple
 import httpx
 
 ALLOW_ENV = "MESH_HTTP_ALLOW"
+"""The variable the allow-list comes from (``ToolExecutorSettings.http_allow``), named in errors."""
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -120,10 +120,6 @@ class AllowList:
                 )
             hosts.add(host)
         return cls(frozenset(hosts), tuple(networks))
-
-    @classmethod
-    def from_env(cls) -> AllowList:
-        return cls.parse(os.environ.get(ALLOW_ENV, ""))
 
     def permits(self, host: str, ip: IPAddress) -> bool:
         """True when the host name or the address is allow-listed.

@@ -15,11 +15,9 @@ import base64
 import contextlib
 import json
 import logging
-import os
 import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 from nacl.public import PublicKey, SealedBox
@@ -45,6 +43,7 @@ from mesh_tool_executor import destinations, net
 from mesh_tool_executor.approvals import ApprovalRecord, Approvals, approval_id
 from mesh_tool_executor.limits import RateLimiter
 from mesh_tool_executor.policy import Decision, decide
+from mesh_tool_executor.settings import ToolExecutorSettings
 from mesh_tool_executor.tools import MemoryNotes, Notes, Registry, Tool, ToolContext, ToolError, with_policy
 
 log = logging.getLogger("mesh.tool-executor")
@@ -84,35 +83,12 @@ class KVNotes(Notes):
         return sorted(key.split(".", 1)[1] for key in current)
 
 
-class Settings:
-    """Tool-executor configuration from the environment.
-
-    ``MESH_APPROVAL_TIMEOUT_S`` (default 3600): how long a call waits for a human before it is
-    denied. ``MESH_TOOL_POLICY``: a JSON file (or inline JSON) of per-tool policy overrides,
-    ``{"send_email": {"on_untrusted": "deny"}, "admin__set_setting": {"risk": "write"}}``.
-    ``MESH_MCP_CONFIG``: a JSON file listing MCP servers to mount. ``MESH_HTTP_ALLOW``: hosts and
-    CIDRs the HTTP tool may reach although they are private. ``MESH_AUDIT_KEY_FILE``: the
-    deployment's audit key (hex), which keys the hashes of where effects went; without it the
-    audit records a destination's domain and its sealed value, and no hash."""
-
-    def __init__(self) -> None:
-        self.approval_timeout_s = float(os.environ.get("MESH_APPROVAL_TIMEOUT_S", "3600"))
-        raw = os.environ.get("MESH_TOOL_POLICY", "").strip()
-        if raw and not raw.startswith("{"):
-            raw = Path(raw).read_text()
-        self.policy: dict[str, dict[str, Any]] = json.loads(raw) if raw else {}
-        if not isinstance(self.policy, dict):
-            raise ValueError("MESH_TOOL_POLICY must be a JSON object of tool name -> policy overrides")
-        self.mcp_config = os.environ.get("MESH_MCP_CONFIG", "")
-        self.allow = net.AllowList.from_env()
-        key_file = os.environ.get("MESH_AUDIT_KEY_FILE", "").strip()
-        self.audit_key: bytes | None = bytes.fromhex(Path(key_file).read_text().strip()) if key_file else None
-
-
 class ToolExecutor:
-    def __init__(self, mesh: Mesh, settings: Settings | None = None, registry: Registry | None = None) -> None:
+    def __init__(
+        self, mesh: Mesh, settings: ToolExecutorSettings | None = None, registry: Registry | None = None
+    ) -> None:
         self.mesh = mesh
-        self.settings = settings or Settings()
+        self.settings = settings if settings is not None else ToolExecutorSettings.defaults()
         self.registry = registry or Registry()
         self.ledger: Ledger | None = None
         self.tasks: Any = None
@@ -137,7 +113,7 @@ class ToolExecutor:
         tools = await self.mesh.kv("tools")
         await tools.put(CATALOGUE_KEY, json.dumps(self.registry.catalogue()).encode())  # built-ins at once
         if self.settings.mcp_config:
-            await self._mount_mcp(self.settings.mcp_config)
+            await self._mount_mcp(str(self.settings.mcp_config))
             await tools.put(CATALOGUE_KEY, json.dumps(self.registry.catalogue()).encode())
 
     async def stop(self) -> None:
@@ -492,10 +468,10 @@ def _for_approver(arguments: dict[str, Any], tool: Tool) -> dict[str, Any]:
     return {k: (v if k in tool.destination_args else redact_value(v)) for k, v in arguments.items()}
 
 
-async def build(mesh: Mesh) -> ToolExecutor:
-    svc = ToolExecutor(mesh)
+async def build(mesh: Mesh, settings: ToolExecutorSettings) -> ToolExecutor:
+    svc = ToolExecutor(mesh, settings)
     svc.register()
     return svc
 
 
-__all__ = ["KVNotes", "Settings", "ToolExecutor", "build"]
+__all__ = ["KVNotes", "ToolExecutor", "ToolExecutorSettings", "build"]

@@ -1,11 +1,12 @@
-"""Entry point: ``python -m mesh_worker`` (settings come from MESH_* variables)."""
+"""Entry point: ``python -m mesh_worker`` (settings come from MESH_* variables: ``WorkerSettings``)."""
 
 from mesh_kit import run_service
 from mesh_worker.service import build
+from mesh_worker.settings import WorkerSettings
 
 
 def main() -> None:
-    run_service(build, service="worker")
+    run_service(build, WorkerSettings, service="worker")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import re
 import time
 from dataclasses import replace
@@ -22,6 +21,7 @@ from pydantic import BaseModel, ConfigDict
 
 from mesh_agent import prompts
 from mesh_agent.metered import BudgetExceeded, Models, call_model_once, configured
+from mesh_agent.prompts import Prompt
 from mesh_contracts.v1 import (
     ApprovalRequested,
     Citation,
@@ -44,14 +44,18 @@ from mesh_kit import Delivery, Mesh
 from mesh_kit import envelope as env
 from mesh_kit import state as st
 from mesh_kit import telemetry as tel
+from mesh_kit.bus import Retry
 from mesh_kit.ledger import BUCKET as LEDGER
 from mesh_kit.ledger import Ledger
-from mesh_llm import ChatModel, Message, ModelRequest, ProviderError, ToolCall, ToolSpec
+from mesh_llm import ChatModel, Message, ModelRequest, ModelResponse, ProviderError, ToolCall, ToolSpec
 from mesh_llm.context import clip
+from mesh_worker.settings import WorkerSettings
 
 log = logging.getLogger("mesh.worker")
 
 TOOLS: dict[str, ToolSpec] = {
+    # Only the tools the worker serves without the tool-executor: retrieval (rag) and waiting for
+    # another step. Every other tool, with its schema, comes from the executor's catalogue.
     "search_docs": ToolSpec(
         "search_docs",
         "Retrieve passages from the tenant's documents.",
@@ -61,35 +65,17 @@ TOOLS: dict[str, ToolSpec] = {
             "required": ["query"],
         },
     ),
-    "calculator": ToolSpec(
-        "calculator",
-        "Evaluate an arithmetic expression exactly.",
-        {"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]},
-    ),
-    "send_email": ToolSpec(
-        "send_email",
-        "Send an email. An external side effect: performed once per call.",
-        {
-            "type": "object",
-            "properties": {"to": {"type": "string"}, "subject": {"type": "string"}, "body": {"type": "string"}},
-            "required": ["to", "subject", "body"],
-        },
-    ),
     "await_step": ToolSpec(
         "await_step",
         "Wait for another step of this task to complete and return its output.",
         {"type": "object", "properties": {"step_id": {"type": "string"}}, "required": ["step_id"]},
     ),
-    "text_stats": ToolSpec(
-        "text_stats",
-        "Count words and characters of a text.",
-        {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]},
-    ),
 }
 RETRIEVAL_TOOL = "search_docs"
 SYSTEM_PROMPT = prompts.load("mesh_worker", "system")
-"""The system prompt of every step (``prompts/system.md``, or its ``MESH_PROMPTS_DIR`` override);
-its ``ref`` is recorded on every model call and on ``step.completed``."""
+"""The packaged system prompt (``prompts/system.md``). A worker begins every step with it, or
+with its ``MESH_PROMPTS_DIR`` override (``Worker.system_prompt``); its ``ref`` is recorded on
+every model call and on ``step.completed``."""
 CATALOGUE_REFRESH_S = 1.0
 FORWARD_MAX_BYTES = 256 * 1024
 """Retrieval records a step hands on to the checker, at most (a step's few searches take a
@@ -135,24 +121,11 @@ class StepRun(BaseModel):
         return f"{tenant}.{task_id}.{step_id}"
 
 
-class Limits(BaseModel):
-    """Per-call limits of the loop (environment: ``MESH_TOOL_TIMEOUT_S``, ``MESH_TOOL_OUTPUT_MAX_CHARS``)."""
-
-    tool_timeout_s: float = 60.0
-    tool_output_max_chars: int = 8000
-
-    @classmethod
-    def from_env(cls) -> Limits:
-        return cls(
-            tool_timeout_s=float(os.environ.get("MESH_TOOL_TIMEOUT_S", "60")),
-            tool_output_max_chars=int(os.environ.get("MESH_TOOL_OUTPUT_MAX_CHARS", "8000")),
-        )
-
-
 class Worker:
-    def __init__(self, mesh: Mesh, model: ChatModel | Models, limits: Limits | None = None) -> None:
+    def __init__(self, mesh: Mesh, model: ChatModel | Models, settings: WorkerSettings | None = None) -> None:
         self.mesh, self.model = mesh, model
-        self.limits = limits or Limits()
+        self.settings = settings if settings is not None else WorkerSettings.defaults()
+        self.system_prompt = prompts.load("mesh_worker", "system", self.settings.prompts_dir)
         self.steps: Any = None
         self.ledger: Ledger | None = None
         self._timers: dict[str, asyncio.TimerHandle] = {}
@@ -178,6 +151,10 @@ class Worker:
         except Exception as exc:  # noqa: BLE001 - not written yet (executor starting): built-ins only
             log.debug("tool catalogue not available: %s", exc)
             return
+        self.use_catalogue(tools)
+
+    def use_catalogue(self, tools: list[dict[str, Any]]) -> None:
+        """Offer the tools of this catalogue (the executor's ``Registry.catalogue()`` entries)."""
         self.catalogue = {t["name"]: ToolSpec(t["name"], t["description"], t["parameters"]) for t in tools}
 
     async def _specs(self, names: tuple[str, ...]) -> tuple[ToolSpec, ...]:
@@ -185,6 +162,10 @@ class Worker:
         if missing and time.monotonic() - self._catalogue_read > CATALOGUE_REFRESH_S:
             await self._read_catalogue()  # a tool the executor mounted after this worker started
             missing = [n for n in missing if n not in self.catalogue]
+        if missing and not self.catalogue:
+            # The executor has not published its catalogue yet (starting): wait for it rather
+            # than run the step without the tools it was planned with.
+            raise Retry(f"the tool-executor's catalogue is not available yet (step offers {', '.join(missing)})")
         if missing:
             log.warning("step offers tool(s) the tool-executor does not serve: %s", ", ".join(missing))
         return tuple(TOOLS.get(n) or self.catalogue[n] for n in names if n in TOOLS or n in self.catalogue)
@@ -205,8 +186,8 @@ class Worker:
         def begin(run: StepRun | None) -> StepRun | None:
             if run is not None and run.attempt >= m.attempt:
                 return None  # redelivery of an attempt we already began (or an older one)
-            new = StepRun(request=m, attempt=m.attempt, prompt_version=SYSTEM_PROMPT.ref)
-            for role, text in step_context(m):
+            new = StepRun(request=m, attempt=m.attempt, prompt_version=self.system_prompt.ref)
+            for role, text in step_context(m, self.system_prompt):
                 admit(new, role, text)
             return new
 
@@ -265,7 +246,7 @@ class Worker:
         if run.request.on_held == "continue":
             await self._go_on_without(run, m)
             return
-        deadline = time.time() + m.timeout_s + self.limits.tool_timeout_s
+        deadline = time.time() + m.timeout_s + self.settings.tool_timeout_s
 
         def extend(run: StepRun | None) -> StepRun | None:
             if run is None or run.pending is None or run.pending.call_id != m.call_id:
@@ -310,12 +291,12 @@ class Worker:
         if (timer := self._timers.pop(call_id, None)) is not None:
             timer.cancel()
         key = StepRun.key(tenant, task_id, step_id)
-        if len(text.text) > self.limits.tool_output_max_chars:
+        if len(text.text) > self.settings.tool_output_max_chars:
             # The model sees a clipped output with a visible marker; the whole of it stays in the
             # step's records under a key of its own, for the audit and for a human.
             ref = f"{key}.out.{call_id}"
             await self.steps.put(ref, text.text.encode())
-            text = replace(text, text=clip(text.text, self.limits.tool_output_max_chars, f"kv://steps/{ref}"))
+            text = replace(text, text=clip(text.text, self.settings.tool_output_max_chars, f"kv://steps/{ref}"))
 
         def apply(run: StepRun | None) -> StepRun | None:
             if run is None or run.pending is None or run.pending.call_id != call_id:
@@ -359,7 +340,29 @@ class Worker:
         if run.iteration >= req.max_iterations:
             await self._finish(run, failed=f"iteration cap ({req.max_iterations}) reached without an answer")
             return
-        call_id = f"{req.step.step_id}-a{run.attempt}-i{run.iteration}"
+        await self._next_turn(run, d)
+
+    async def _next_turn(self, run: StepRun, d: Delivery | None) -> None:
+        """One turn of the loop: the model call (or its recorded answer), checkpointed, then the
+        tool call it asked for is sent, or its answer finishes the step."""
+        call_id = f"{run.request.step.step_id}-a{run.attempt}-i{run.iteration}"
+        called = await self._call_model(run, call_id, d)
+        if called is None:
+            return
+        new = await self._checkpoint_turn(run, call_id, *called)
+        if new is None:
+            return
+        if new.pending is not None:
+            await self._send_call(new, new.pending.call_id, new.pending.tool, new.messages[-1])
+            return
+        await self._finish(new, output=called[0].content)
+
+    async def _call_model(
+        self, run: StepRun, call_id: str, d: Delivery | None
+    ) -> tuple[ModelResponse, TokenUsage] | None:
+        """The turn's model call, streamed live to clients; None when it is refused or fails for
+        good (the step is then finished as failed or halted, with the reason)."""
+        req = run.request
         request = ModelRequest(
             tuple(Message.from_dict(x) for x in run.messages),
             tools=await self._specs(req.step.tools),
@@ -367,7 +370,7 @@ class Worker:
             step=req.step.kind,
             difficulty=req.step.difficulty,
             max_tokens=512,
-            prompt_version=prompt_version(run),
+            prompt_version=prompt_version(run, self.system_prompt),
         )
         live = _Live(self.mesh, req.tenant, req.task_id, req.step.step_id, call_id)
         try:
@@ -386,14 +389,22 @@ class Worker:
             )
         except BudgetExceeded as exc:  # the guard (halted, cancelled, killed) or the budget refused the call
             await self._finish(run, failed=exc.describe(), halted=exc.halted)
-            return
+            return None
         except ProviderError as exc:
             # Retries and fallbacks are spent (or the request can never fit): the step fails with
             # the reason and the planner decides; the message is not retried into a storm.
             await self._finish(run, failed=f"model ({exc.kind}): {exc}"[:1000])
-            return
+            return None
+        await live.end(f"{response.provider}/{response.model}")
+        return response, usage
+
+    async def _checkpoint_turn(
+        self, run: StepRun, call_id: str, response: ModelResponse, usage: TokenUsage
+    ) -> StepRun | None:
+        """The model's turn and its tool call (at most one) written to the step's checkpoint;
+        None when another delivery advanced the step meanwhile (this result is stale)."""
+        req = run.request
         used = f"{response.provider}/{response.model}"
-        await live.end(used)
         iteration = run.iteration
         # The call keeps the id its result will answer to (the worker's deterministic call id): a
         # provider rejects a tool result whose id matches no call of the conversation, and the
@@ -412,7 +423,7 @@ class Worker:
                 cur.pending = PendingCall(
                     call_id=calls[0].id,
                     tool=calls[0].name,
-                    deadline=time.time() + self.limits.tool_timeout_s,
+                    deadline=time.time() + self.settings.tool_timeout_s,
                 )
             return cur
 
@@ -421,12 +432,8 @@ class Worker:
         )
         if not changed or new is None:
             self.mesh.count(tel.M_FENCED)  # a newer delivery advanced this step: our result is stale
-            return
-        run = new
-        if run.pending is not None:
-            await self._send_call(run, run.pending.call_id, run.pending.tool, run.messages[-1])
-            return
-        await self._finish(run, output=response.content)
+            return None
+        return new
 
     async def _send_call(self, run: StepRun, call_id: str, tool: str, assistant: dict[str, Any]) -> None:
         req = run.request
@@ -479,7 +486,7 @@ class Worker:
 
         def fire() -> None:
             self._timers.pop(call_id, None)
-            msg = Text.trusted(f"error: {tool} did not answer within {self.limits.tool_timeout_s:g} s (timed out)",
+            msg = Text.trusted(f"error: {tool} did not answer within {self.settings.tool_timeout_s:g} s (timed out)",
                                "worker")  # fmt: skip
             task = asyncio.ensure_future(self.observe(tenant, task_id, step_id, call_id, tool, msg, []))
             task.add_done_callback(_log_failure)
@@ -514,7 +521,7 @@ class Worker:
                 iterations=run.iteration,
                 tools=tools_called(run),
                 models=tuple(run.models),
-                prompt_version=prompt_version(run),
+                prompt_version=prompt_version(run, self.system_prompt),
                 taint=run.taint,
                 held=tuple(run.held),
                 retrievals=forwarded(run.retrievals),
@@ -546,12 +553,12 @@ class Worker:
         )
 
 
-def step_context(m: StepRequested) -> list[tuple[str, Text]]:
+def step_context(m: StepRequested, system: Prompt) -> list[tuple[str, Text]]:
     """What a step starts from, each piece with its provenance: the system prompt and the
     planner's instruction (trusted); each input, trusted only if the step that wrote it read
     nothing untrusted (``input_taint``; an input without an entry is of unknown provenance, so
     untrusted); the checker's feedback on a redo (untrusted: it can quote anything the task read)."""
-    out = [("system", Text.trusted(SYSTEM_PROMPT.text, "system-prompt")),
+    out = [("system", Text.trusted(system.text, "system-prompt")),
            ("user", Text.trusted(m.step.instruction, "plan"))]  # fmt: skip
     for sid, output in m.inputs.items():
         declared = m.input_taint.get(sid)
@@ -606,15 +613,15 @@ def forwarded(records: list[SignedRecord]) -> tuple[SignedRecord, ...]:
     return tuple(out)
 
 
-def prompt_version(run: StepRun) -> str:
+def prompt_version(run: StepRun, system: Prompt) -> str:
     """The system prompt the step's context was built with. A checkpoint from before prompts were
-    versioned has none recorded: the current prompt's ref if its text is what the context holds,
-    else unknown ('')."""
+    versioned has none recorded: the current prompt's (``system``) ref if its text is what the
+    context holds, else unknown ('')."""
     if run.prompt_version:
         return run.prompt_version
     first = run.messages[0] if run.messages else {}
-    same = first.get("role") == "system" and first.get("content") == SYSTEM_PROMPT.text
-    return SYSTEM_PROMPT.ref if same else ""
+    same = first.get("role") == "system" and first.get("content") == system.text
+    return system.ref if same else ""
 
 
 def _log_failure(task: asyncio.Future[Any]) -> None:
@@ -662,10 +669,11 @@ class _Live:
             await self._emit("end", model=model)
 
 
-async def build(mesh: Mesh) -> Worker:
-    if UNTRUSTED_NOTICE not in SYSTEM_PROMPT.text:  # an override that dropped it
+async def build(mesh: Mesh, settings: WorkerSettings) -> Worker:
+    worker = Worker(mesh, configured(mesh, settings), settings)
+    prompt = worker.system_prompt
+    if UNTRUSTED_NOTICE not in prompt.text:  # an override that dropped it
         log.warning("system prompt %s (%s) lacks the notice on untrusted blocks: the model is not told that "
-                    "delimited content is data", SYSTEM_PROMPT.ref, SYSTEM_PROMPT.source)  # fmt: skip
-    worker = Worker(mesh, configured(mesh), Limits.from_env())
+                    "delimited content is data", prompt.ref, prompt.source)  # fmt: skip
     worker.register()
     return worker

@@ -42,6 +42,8 @@ _lock = threading.Lock()
 
 
 def state_path() -> Path:
+    # Its own environment, not the tool-executor's settings: a separate process, whose variables
+    # come from the MCP config's "env" for this server.
     return Path(os.environ.get("MESH_ADMIN_STATE") or Path(tempfile.gettempdir()) / "mesh-admin-state.json")
 
 
@@ -92,7 +94,7 @@ async def slow(seconds: Annotated[float, Field(ge=0, le=60)]) -> str:
     return f"slept {seconds}s"
 
 
-if os.environ.get("MESH_ADMIN_TEST_TOOLS") == "1":
+if os.environ.get("MESH_ADMIN_TEST_TOOLS") == "1":  # test-only, from the MCP config's "env" (see state_path)
     server.add_tool(slow, annotations=ToolAnnotations(read_only_hint=True))
 
 
