@@ -6,12 +6,12 @@ BIN := $(VENV)/bin
 MESH_HOME ?= .mesh
 PACKAGES := contracts libs/resilience libs/guardrails libs/llm libs/kit libs/agent libs/testing libs/meshctl libs/eval \
 	services/planner services/worker services/checker services/rag services/tool-executor services/budget
-DEV_TOOLS := pytest pytest-asyncio pytest-timeout hypothesis ruff "testcontainers[nats,redis]" PyYAML docker
+DEV_TOOLS := pytest pytest-asyncio pytest-timeout hypothesis ruff mypy "testcontainers[nats,redis]" PyYAML docker
 GOAL ?= How does AgentMesh avoid duplicate side effects? Also compute 17 * 23.
 EVAL_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo demo-local eval up down status submit bench chaos test test-unit test-integration test-e2e lint fmt contracts contracts-check pins clean
+.PHONY: help setup demo demo-local eval up down status submit bench chaos test test-unit test-integration test-e2e lint fmt settings-docs contracts contracts-check pins clean
 
 help: ## list every target with one line each
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -83,13 +83,18 @@ test-integration: setup ## tests against a real nats-server and redis
 test-e2e: setup ## the whole mesh, end to end
 	$(BIN)/pytest tests/e2e
 
-lint: setup ## ruff lint + format check
+lint: setup ## ruff lint + format check, mypy (strict on contracts, kit, guardrails, breaker), settings tables up to date
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/python -m mesh_kit.settings_doc check
 
 fmt: setup ## apply ruff fixes and formatting
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
+
+settings-docs: setup ## regenerate the settings tables in the READMEs from the settings models
+	$(BIN)/python -m mesh_kit.settings_doc write
 
 contracts: setup ## regenerate JSON Schemas and the AsyncAPI document from the models
 	$(BIN)/python -m mesh_contracts.generate write
