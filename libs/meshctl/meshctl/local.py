@@ -189,20 +189,28 @@ def redis_users(ids: Identities, port: int) -> Path:
     return acl
 
 
-# Operator policy that reaches every service from the environment of `meshctl up`.
-PASSTHROUGH_PREFIXES = ("MESH_BUDGET_", "MESH_MODEL", "MESH_LLM_", "MESH_TOOL_")
-PASSTHROUGH = frozenset({"MESH_PRICE_TABLE_FILE", "MESH_CONTEXT_STRATEGY", "MESH_SCRIPTED_LOG"})
+# What `meshctl up` sets for each service itself (its identity, its connections, where it
+# listens), or that belongs to the operator's shell, tests or fault injection: never taken from
+# the environment of `meshctl up`. Every other MESH_* variable is a service setting (budget
+# thresholds, the model config, prompts, tool policy, limits...) and reaches the services as it is.
+SET_PER_SERVICE = frozenset(
+    {
+        "MESH_SERVICE", "MESH_NATS_URL", "MESH_CREDS_FILE", "MESH_SIGNING_KEY_FILE", "MESH_TRUST_BUNDLE_FILE",
+        "MESH_HEALTH_HOST", "MESH_HEALTH_PORT", "MESH_TENANTS", "MESH_REDIS_URL", "MESH_REDIS_URL_FILE",
+        "MESH_TLS_CA_FILE", "MESH_AUDIT_KEY_FILE",
+    }
+)  # fmt: skip
+NOT_SETTINGS = ("MESH_HOME", "MESH_TEST_", "MESH_CHAOS", "MESH_FAULTS")
 
 
 def service_env(
     ids: Identities, service: str, nats_url: str, health_port: int, extra: dict[str, str]
 ) -> dict[str, str]:
-    # Operator policy passes through (budget thresholds, tenant ceilings, the price table);
-    # everything else MESH_* is set here, per service.
+    # The services' settings pass through; identity, connections and ports are set here.
     env = {
         k: v
         for k, v in os.environ.items()
-        if not k.startswith("MESH_") or k.startswith(PASSTHROUGH_PREFIXES) or k in PASSTHROUGH
+        if not k.startswith("MESH_") or not (k in SET_PER_SERVICE or k.startswith(NOT_SETTINGS))
     }
     redis_url_file = ids.secrets / "redis" / f"{service}.url"
     env.update(
