@@ -8,8 +8,8 @@ publish time, or dead-lettered by its consumer with a reason on its first delive
 whose content is unusable, not base64 or not text, is answered instead: ``ingest.completed``
 with ``ok`` false and the reason). Nothing may
 be acted on, nothing may vanish, no service may restart or lose readiness, a normal task
-afterwards completes, and another tenant's task submitted during a flood of 1,000 such messages
-completes within twice its quiet latency.
+afterwards completes, and another tenant's tasks, submitted one after another while a flood of
+1,000 such messages lasts, complete in a median time within twice their quiet median.
 """
 
 from __future__ import annotations
@@ -244,7 +244,7 @@ def test_hostile_input_is_refused_or_dead_lettered_and_never_acted_on_or_lost(in
 
 
 async def _suite(infra: Infra, mesh: ChaosMesh, messages: list[Hostile]) -> None:
-    quiet = statistics.median([await latency(infra, f"quiet-{i}") for i in range(3)])
+    quiet = statistics.median([await latency(infra, f"quiet-{i}") for i in range(5)])
     stored, refused = await publish(infra, messages)
     deadline, letters = time.monotonic() + 120, {}
     while time.monotonic() < deadline:
@@ -264,7 +264,12 @@ async def _suite(infra: Infra, mesh: ChaosMesh, messages: list[Hostile]) -> None
     flood = [Hostile(m.subject, m.body, {**m.headers, env.MSG_ID: f"flood-{i}"}, m.kind) for i, m in enumerate(flood)]
     flooding = asyncio.create_task(publish(infra, flood))
     await asyncio.sleep(0.2)
-    during = await latency(infra, "during-flood")
+    # Tasks one after another for as long as the flood lasts (at least three): their median, so
+    # one scheduling hiccup on a shared machine is not read as an outage.
+    samples: list[float] = []
+    while not flooding.done() or len(samples) < 3:
+        samples.append(await latency(infra, f"during-flood-{len(samples)}"))
+    during = statistics.median(samples)
     await flooding
     after = await latency(infra, "after-flood")
     ready = [name for name, (_, proc) in mesh.procs.items() if proc.alive() and await _ready(proc)]
@@ -282,6 +287,7 @@ async def _suite(infra: Infra, mesh: ChaosMesh, messages: list[Hostile]) -> None
         flood=FLOOD,
         quiet_latency_s=round(quiet, 3),
         latency_during_flood_s=round(during, 3),
+        tasks_during_flood=len(samples),
         ratio=round(during / quiet, 2),
         latency_after_s=round(after, 3),
         services_ready=f"{len(ready)}/{len(mesh.procs)}",

@@ -50,7 +50,11 @@ class Infra:
                 try:
                     out.append(await sub.next_msg(timeout=0.5))
                 except TimeoutError:
-                    return out
+                    # A pause is not the end: large messages (megabytes of a hostile body) can
+                    # take longer than that to arrive. The end is when the consumer has nothing
+                    # left pending and nothing delivered is waiting to be read.
+                    if (await sub.consumer_info()).num_pending == 0 and sub.pending_msgs == 0:
+                        return out
         finally:
             await nc.close()
 
