@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import statistics
 import tempfile
 import time
@@ -30,6 +31,29 @@ from meshctl import local
 from meshctl.client import TenantClient
 
 GOAL = "How does AgentMesh avoid duplicate side effects? Also compute 17 * 23."
+
+
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def processes(state: local.MeshState) -> dict[str, int]:
+    """name -> pid of every process of the mesh (services, nats-server, redis-server)."""
+    out = {name: p.pid for name, p in state.services.items()}
+    out |= {("nats-server" if len(state.nats) == 1 else f"nats-server-{i}"): p.pid for i, p in enumerate(state.nats)}
+    if state.redis is not None:
+        out["redis-server"] = state.redis.pid
+    return out
+
+
+def cpu_table(before: dict[str, float], after: dict[str, float], tasks: int) -> str:
+    """CPU milliseconds per task per process over a run, busiest first, and their sum."""
+    per = {k: (after[k] - before[k]) * 1000 / tasks for k in after}
+    mesh = sum(v for k, v in per.items() if k != "client")
+    rows = [f"    {k:<14} {v:6.1f} ms" for k, v in sorted(per.items(), key=lambda kv: -kv[1])]
+    return "\n".join([*rows, f"    {'mesh total':<14} {mesh:6.1f} ms (all processes but the client)"])
 
 
 def pct(values: list[float], q: float) -> float:
@@ -104,9 +128,12 @@ async def main(tasks: int, concurrency: int) -> None:
                 assert isinstance(seen.outcome, TaskCompleted), seen.outcome
                 seq.append(seen.latency_s)
             per_task = await messages_per_task(state.nats_url, admin, "bench", seen.task_id)
+            pids = processes(state)
+            cpu0 = {k: cpu_s(pid) for k, pid in pids.items()} | {"client": time.process_time()}
             t1 = time.perf_counter()
             runs = await asyncio.gather(*(c.submit(GOAL, timeout=120) for _ in range(concurrency * 2)))
             wall = time.perf_counter() - t1
+            cpu1 = {k: cpu_s(pid) for k, pid in pids.items()} | {"client": time.process_time()}
             ok = sum(isinstance(r.outcome, TaskCompleted) for r in runs)
     finally:
         local.down(home)
@@ -125,6 +152,8 @@ async def main(tasks: int, concurrency: int) -> None:
         f"throughput, {concurrency * 2} tasks in flight: {ok}/{len(runs)} completed, {ok / wall:.1f} tasks/s "
         f"({ok * per_task / wall:.0f} stored msgs/s)"
     )
+    print(f"  CPU per task over those {len(runs)} tasks (user + system; the client is this process):")
+    print(cpu_table(cpu0, cpu1, len(runs)))
 
 
 if __name__ == "__main__":
