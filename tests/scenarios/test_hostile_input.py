@@ -159,9 +159,11 @@ def corpus(infra: Infra, n: int) -> list[Hostile]:
         out.append(Hostile(subject, body, head, f"{body_kind}/{head_kind}"))
 
     generate()
-    # Always in the corpus, whatever hypothesis draws: an ingest whose content is not base64, and
-    # one whose base64 decodes to bytes that are not text (both well-formed requests, answered).
-    for n, content in enumerate(("x" * 300_001, "x" * 300_000)):
+    # Always in the corpus, whatever hypothesis draws (which favours the bounds, so it draws these
+    # lengths too): an ingest whose content is not base64, and one whose base64 decodes to bytes
+    # that are not text (well-formed requests, answered).
+    # A third sends the first one's bytes again in the same task: a request of its own, answered.
+    for n, content in enumerate(("x" * 300_001, "x" * 300_000, "x" * 300_001)):
         body = json.dumps({**_valid(f"rag.v1.{TENANT}.fz.ingest"), "content_b64": content}).encode()
         msg_id = f"fz-fixed-{n}"
         token = signer.token(tenant=TENANT, msg_type="ingest.requested", body=body, msg_id=msg_id)

@@ -142,7 +142,10 @@ class Rag:
                 outcome = {"ok": False, "error": str(exc)}
         await self.mesh.publish(
             IngestCompleted(tenant=m.tenant, task_id=m.task_id, doc_id=m.doc_id, **outcome),
-            key=hashlib.sha256(m.content_b64.encode()).hexdigest()[:16],
+            # One answer per request (a redelivery of it is deduplicated): keyed by the request's
+            # own id, not its content, or a second request with the same bytes in the same task
+            # would have its answer dropped as a duplicate of the first's.
+            key=hashlib.sha256(d.msg_id.encode()).hexdigest()[:16],
             causation=d.msg_id,
         )
         log.info("tenant %s: ingest %s -> %s", m.tenant, m.doc_id, {k: v for k, v in outcome.items() if k != "error"}
