@@ -246,6 +246,7 @@ class Tail:
         self.idle_min, self.idle_max = idle_s
         self.feed, self.poll_s = feed, poll_s
         self.caught_up = asyncio.Event()
+        self._stopping = False
         self.read_count = 0
         self.requests = 0
         """Direct get requests made (a fed tail makes few: a gap, a doorbell, a silent ``poll_s``)."""
@@ -254,13 +255,20 @@ class Tail:
         self._sub: Any = None
 
     def start(self) -> None:
+        self._stopping = False
         self._task = asyncio.create_task(self.run(), name=f"tail-{self.stream}")
 
     async def stop(self) -> None:
+        self._stopping = True
         if self._task is not None:
-            self._task.cancel()
+            # Cancelled until it is done: nats-py turns a cancellation that meets a closed
+            # connection into ConnectionClosedError, which the read loop treats as a broker
+            # hiccup and reads again, so one cancel alone could leave this waiting forever.
+            while not self._task.done():
+                self._task.cancel()
+                await asyncio.wait({self._task}, timeout=1.0)
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+                self._task.result()
             self._task = None
         if self._sub is not None:
             with contextlib.suppress(Exception):
@@ -323,8 +331,10 @@ class Tail:
             self._sub = await self.nc.subscribe(self.feed, cb=self._on_feed, pending_msgs_limit=1 << 20)
         idle = self.idle_min
         while not await self._read():
+            if self._stopping:
+                return
             await asyncio.sleep(1.0)
-        while True:
+        while not self._stopping:
             if self.feed is None:
                 before = self.read_count
                 await asyncio.sleep(idle)
