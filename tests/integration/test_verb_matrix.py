@@ -29,7 +29,7 @@ import pytest
 from mesh_contracts import APPROVER, CLIENT, SERVICES
 from mesh_kit.settings import inbox_prefix
 from mesh_testing.infra import Infra, running_infra
-from mesh_testing.rights import INTENDED
+from mesh_testing.rights import INTENDED, matches
 
 pytestmark = pytest.mark.integration
 TENANTS = ["acme", "globex"]
@@ -41,16 +41,6 @@ FAR_FUTURE = "2099-01-01T00:00:00Z"
 def infra() -> Iterator[Infra]:
     with running_infra(TENANTS, name="verbs") as infra:
         yield infra
-
-
-def matches(pattern: str, subject: str) -> bool:
-    p, t = pattern.split("."), subject.split(".")
-    for i, tok in enumerate(p):
-        if tok == ">":
-            return len(t) > i
-        if i >= len(t) or (tok != "*" and tok != t[i]):
-            return False
-    return len(p) == len(t)
 
 
 async def connect(infra: Infra, principal: str, errors: list[str] | None = None) -> nats.NATS:

@@ -5,23 +5,12 @@ from __future__ import annotations
 import pytest
 
 from mesh_contracts import topology as topo
-from mesh_testing.rights import INTENDED
+from mesh_testing.rights import INTENDED, matches
 from meshctl.policy import policy
 
 pytestmark = pytest.mark.unit
 
 POLICY = policy(["acme", "globex"])
-
-
-def matches(pattern: str, subject: str) -> bool:
-    """NATS subject matching: ``*`` one token, ``>`` one or more trailing tokens."""
-    p, t = pattern.split("."), subject.split(".")
-    for i, tok in enumerate(p):
-        if tok == ">":
-            return len(t) > i
-        if i >= len(t) or (tok != "*" and tok != t[i]):
-            return False
-    return len(p) == len(t)
 
 
 ADMIN_ONLY = [

@@ -17,6 +17,17 @@ delete, snapshot or restore; the account-wide listings.
 from __future__ import annotations
 
 
+def matches(pattern: str, subject: str) -> bool:
+    """NATS subject matching: ``*`` one token, ``>`` one or more trailing tokens."""
+    p, t = pattern.split("."), subject.split(".")
+    for i, tok in enumerate(p):
+        if tok == ">":
+            return len(t) > i
+        if i >= len(t) or (tok != "*" and tok != t[i]):
+            return False
+    return len(p) == len(t)
+
+
 def fetch(stream: str, durable: str) -> set[str]:
     """Fetch from, inspect and acknowledge one durable that provisioning created (both ack
     reply-subject layouts, with and without domain and account hash)."""
