@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PLACES = ("contracts", "libs/*", "services/*")
 
 
-def _project(path: Path) -> dict:
+def project(path: Path) -> dict:
     return tomllib.loads((path / "pyproject.toml").read_text())
 
 
@@ -29,7 +29,7 @@ def local() -> dict[str, Path]:
     for pattern in PLACES:
         for folder in sorted(ROOT.glob(pattern)):
             if (folder / "pyproject.toml").is_file():
-                out[_project(folder)["project"]["name"]] = folder
+                out[project(folder)["project"]["name"]] = folder
     return out
 
 
@@ -47,7 +47,7 @@ def closure(folder: Path) -> list[Path]:
         if path in seen:
             return
         seen.add(path)
-        for req in _project(path)["project"].get("dependencies", []):
+        for req in project(path)["project"].get("dependencies", []):
             if (dep := packages.get(_name(req))) is not None:
                 visit(dep)
         order.append(path)
@@ -65,7 +65,7 @@ def main(argv: list[str]) -> int:
         print(f"local_packages.py: {argv[0]} has no pyproject.toml", file=sys.stderr)
         return 2
     if "--no-deps" in argv[1:]:
-        print(" ".join(_project(folder).get("tool", {}).get("agentmesh", {}).get("install-no-deps", [])))
+        print(" ".join(project(folder).get("tool", {}).get("agentmesh", {}).get("install-no-deps", [])))
     else:
         print(" ".join("./" + str(p.relative_to(ROOT)) for p in closure(folder)))
     return 0

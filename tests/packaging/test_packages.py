@@ -14,34 +14,39 @@ from __future__ import annotations
 import ast
 import asyncio
 import importlib.metadata as md
+import importlib.util
 import os
 import re
 import shutil
 import subprocess
 import sys
-import tomllib
 from functools import cache
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PLACES = ("contracts", "libs/*", "services/*")
 
 
-def _project(folder: Path) -> dict:
-    return tomllib.loads((folder / "pyproject.toml").read_text())
+def _load_local_packages() -> ModuleType:
+    """The images' resolver (``infra/images/local_packages.py``, a script, not a package): the
+    one place that lists the repository's packages and follows their local dependencies."""
+    spec = importlib.util.spec_from_file_location("local_packages", ROOT / "infra" / "images" / "local_packages.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+LP = _load_local_packages()
+_project = LP.project
 
 
 @cache
 def packages() -> dict[str, Path]:
     """Distribution name -> folder, for every package in the repository."""
-    out = {}
-    for pattern in PLACES:
-        for folder in sorted(ROOT.glob(pattern)):
-            if (folder / "pyproject.toml").is_file():
-                out[_project(folder)["project"]["name"]] = folder
-    return out
+    return dict(LP.local())
 
 
 def _norm(name: str) -> str:
@@ -206,28 +211,12 @@ def test_layering_runs_one_way():
 # --- installed alone, for real -------------------------------------------------------------------
 
 
-def _local_closure(folder: Path) -> list[Path]:
-    order, seen = [], set()
-
-    def visit(f: Path) -> None:
-        if f in seen:
-            return
-        seen.add(f)
-        for req in _project(f)["project"].get("dependencies", []):
-            if (dep := packages().get(_requirement(req)[0])) is not None:
-                visit(dep)
-        order.append(f)
-
-    visit(folder)
-    return order
-
-
 async def _install_and_import(dist: str, tmp: Path) -> str:
     """'' when ``dist`` installs alone and every module imports; otherwise what went wrong."""
     folder = packages()[dist]
     src = tmp / "src"
     copies = []
-    for f in _local_closure(folder):  # a copy: a build must not leave build/ in the repository
+    for f in LP.closure(folder):  # a copy: a build must not leave build/ in the repository
         dest = src / f.relative_to(ROOT)
         shutil.copytree(f, dest, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
         copies.append(str(dest) + (f"[{','.join(extras(f))}]" if f == folder and extras(f) else ""))
@@ -291,13 +280,13 @@ def test_the_fresh_install_check_fails_on_an_undeclared_import(tmp_path):
     saved = ROOT
     packages.cache_clear()
     try:
-        ROOT = tmp_path / "repo"
+        ROOT = LP.ROOT = tmp_path / "repo"
         shutil.copy(saved / "constraints.txt", ROOT / "constraints.txt")
         d = tmp_path / "work"
         d.mkdir()
         result = asyncio.run(_install_and_import("mesh-liar", d))
     finally:
-        ROOT = saved
+        ROOT = LP.ROOT = saved
         packages.cache_clear()
     assert "No module named 'nats'" in result, result
     assert subprocess.run([sys.executable, "-c", "import nats"], check=False).returncode == 0, "nats is in our venv"
