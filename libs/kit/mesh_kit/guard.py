@@ -35,7 +35,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mesh.guard")
 CONTROL_BUCKET = "control"
-STATUS_BUCKET = StatusRecord.bucket
 GLOBAL_KEY = "kill.global"
 RECORD_LAG_S = 5.0
 
@@ -71,7 +70,7 @@ class Guard:
         self._sub: Any = None
 
     async def start(self) -> None:
-        self.tasks = await self.mesh.kv(STATUS_BUCKET)
+        self.tasks = await self.mesh.kv(StatusRecord.bucket)
         self.control = await self.mesh.kv(CONTROL_BUCKET)
         self._sub = await self.mesh.nc.subscribe("control.*.*.*.*", cb=self._on_control)
 

@@ -18,9 +18,6 @@ from pydantic import BaseModel
 
 from mesh_contracts.v1.records import Evidence, StatusRecord, TaskRecord
 
-STATUS_BUCKET = StatusRecord.bucket
-EVIDENCE_BUCKET = Evidence.bucket
-
 
 def bind(nc: Any, bucket: str) -> KeyValue:
     """A provisioned bucket (provisioning makes every bucket allow direct gets), bound without

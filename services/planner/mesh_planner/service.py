@@ -230,8 +230,8 @@ class Planner:
 
     async def start(self) -> None:
         self.kv = await self.mesh.kv("tasks")
-        self.status = await self.mesh.kv(st.STATUS_BUCKET)
-        self.evidence = await self.mesh.kv(st.EVIDENCE_BUCKET)
+        self.status = await self.mesh.kv(StatusRecord.bucket)
+        self.evidence = await self.mesh.kv(Evidence.bucket)
         self.ledger = Ledger(await self.mesh.kv(LEDGER), self.mesh.service)
 
     def register(self) -> None:
