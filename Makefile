@@ -11,7 +11,7 @@ GOAL ?= How does AgentMesh avoid duplicate side effects? Also compute 17 * 23.
 EVAL_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo demo-local eval up down status submit bench chaos test test-unit test-integration test-e2e lint fmt settings-docs contracts contracts-check pins clean
+.PHONY: help setup demo demo-local eval up down status submit bench bench-peers chaos test test-unit test-integration test-e2e lint fmt settings-docs contracts contracts-check pins clean
 
 help: ## list every target with one line each
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -67,6 +67,18 @@ bench: setup ## task, budget, gateway and retrieval numbers vs their raw baselin
 	$(BIN)/python bench/bench_retrieval.py --rounds 5
 	$(BIN)/python bench/bench_rag_service.py --rounds 3
 
+# The peer the mesh is measured against lives in its own venv, out of the product's dependencies.
+PEERS_VENV ?= .venv-peers
+PEERS_PINS := bench/peers/requirements.txt
+
+$(PEERS_VENV)/.installed: $(PEERS_PINS)
+	@test -x $(PEERS_VENV)/bin/python || $(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/python -m pip install -q --disable-pip-version-check -r $(PEERS_PINS)
+	@touch $@
+
+bench-peers: setup $(PEERS_VENV)/.installed ## the mesh and Temporal (own venv, .venv-peers) on the same work, one table
+	$(BIN)/python bench/bench_peers.py --peer-python $(PEERS_VENV)/bin/python
+
 chaos: setup ## the chaos suite at full size (CI runs it bounded inside make test); report in .bench/chaos.jsonl
 	@mkdir -p .bench && rm -f .bench/chaos.jsonl
 	MESH_CHAOS=full MESH_CHAOS_REPORT=$(CURDIR)/.bench/chaos.jsonl $(BIN)/pytest tests/chaos -s -o timeout=1800
@@ -106,4 +118,4 @@ pins: setup ## rewrite constraints.txt from the venv (name==version lines only)
 	@{ head -2 constraints.txt; $(BIN)/python -m pip freeze --exclude-editable | grep -v '^-e' | sort -f; } > constraints.new && mv constraints.new constraints.txt
 
 clean: down ## remove the venv and the local mesh home
-	rm -rf $(VENV) $(MESH_HOME)
+	rm -rf $(VENV) $(PEERS_VENV) $(MESH_HOME)

@@ -111,15 +111,20 @@ async def messages_per_task(url: str, opts: dict, tenant: str, task_id: str) -> 
     return total
 
 
-async def main(tasks: int, concurrency: int) -> None:
-    home = Path(tempfile.mkdtemp(prefix="agentmesh-bench-"))
+async def measure(tasks: int, concurrency: int, *, baseline: bool = True, home: Path | None = None) -> dict:
+    """Run the benchmark on a fresh local mesh and return its numbers (``main`` prints them).
+
+    ``baseline=False`` skips the raw JetStream hop (bench/bench_peers.py needs only the task's
+    numbers); ``home`` is the mesh's home directory (a new temporary one by default).
+    """
+    home = home or Path(tempfile.mkdtemp(prefix="agentmesh-bench-"))
     t0 = time.perf_counter()
     state = await local.up(home, tenants=["bench"], nats_port=0, http_port=0, redis_port=0)
     up_s = time.perf_counter() - t0
     ids = local.Identities(home)
     admin = ids.connect_options("admin")
     try:
-        hop = await baseline_hop(state.nats_url, admin, 300)
+        hop = await baseline_hop(state.nats_url, admin, 300) if baseline else []
         async with TenantClient.of(ids, state.nats_url, "bench") as c:
             await c.submit(GOAL, timeout=60)  # warm-up
             seq = []
@@ -137,8 +142,30 @@ async def main(tasks: int, concurrency: int) -> None:
             ok = sum(isinstance(r.outcome, TaskCompleted) for r in runs)
     finally:
         local.down(home)
+    return {
+        "system": "mesh",
+        "up_s": up_s,
+        "hop_s": hop,
+        "seq_s": seq,
+        "p50_ms": statistics.median(seq) * 1000,
+        "p99_ms": pct(seq, 0.99) * 1000,
+        "messages_per_task": per_task,
+        "tasks": tasks,
+        "in_flight": len(runs),
+        "completed": ok,
+        "wall_s": wall,
+        "tasks_per_s": ok / wall,
+        "cpu_before": cpu0,
+        "cpu_after": cpu1,
+        "cpu_ms_per_task": {k: (cpu1[k] - cpu0[k]) * 1000 / len(runs) for k in cpu1},
+    }
+
+
+async def main(tasks: int, concurrency: int) -> None:
+    r = await measure(tasks, concurrency)
+    hop, seq, per_task, ok, wall = r["hop_s"], r["seq_s"], r["messages_per_task"], r["completed"], r["wall_s"]
     hop50, task50 = statistics.median(hop), statistics.median(seq)
-    print(f"mesh up (nats + redis + provision + 6 services ready): {up_s:.2f}s")
+    print(f"mesh up (nats + redis + provision + 6 services ready): {r['up_s']:.2f}s")
     print(f"baseline raw JetStream request->result hop: p50 {hop50 * 1000:.2f} ms, p99 {pct(hop, 0.99) * 1000:.2f} ms")
     print(
         f"sample task end to end ({tasks} sequential): p50 {task50 * 1000:.1f} ms, p99 {pct(seq, 0.99) * 1000:.1f} ms"
@@ -149,11 +176,11 @@ async def main(tasks: int, concurrency: int) -> None:
         f"(per stored message: {task50 / per_task / hop50:.2f} raw hops)"
     )
     print(
-        f"throughput, {concurrency * 2} tasks in flight: {ok}/{len(runs)} completed, {ok / wall:.1f} tasks/s "
+        f"throughput, {r['in_flight']} tasks in flight: {ok}/{r['in_flight']} completed, {ok / wall:.1f} tasks/s "
         f"({ok * per_task / wall:.0f} stored msgs/s)"
     )
-    print(f"  CPU per task over those {len(runs)} tasks (user + system; the client is this process):")
-    print(cpu_table(cpu0, cpu1, len(runs)))
+    print(f"  CPU per task over those {r['in_flight']} tasks (user + system; the client is this process):")
+    print(cpu_table(r["cpu_before"], r["cpu_after"], r["in_flight"]))
 
 
 if __name__ == "__main__":

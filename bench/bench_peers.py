@@ -1,0 +1,153 @@
+"""The mesh and Temporal side by side on the same work, as one table (``make bench-peers``).
+
+- mesh: bench/bench_task.py's sample task through a local mesh (six services, nats-server with
+  ``sync_interval: always``, redis-server), imported and run in this process;
+- temporal: the same shape of work as a workflow (plan, two parallel model -> tool/retrieve ->
+  model branches, answer, judge: 9 activities with no-op bodies, 6 on the critical path) on
+  ``temporal server start-dev`` with a durable sqlite file, a worker in its own process;
+  bench/peers/temporal_bench.py, run by the peer's own venv (``.venv-peers``) so that
+  temporalio never enters the product's dependencies.
+
+The two run one after the other, never together (the machine has two cores). Both measure
+sequential latency over ``--tasks`` tasks, then throughput and CPU per task with
+``2 * --concurrency`` tasks in flight. It exits 0 whatever the numbers (a benchmark, not a test)
+and non-zero, with one line saying why, when a side fails to run.
+
+    python bench/bench_peers.py [--tasks 30] [--concurrency 32] [--stock-server]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import bench_task
+
+ROOT = Path(__file__).resolve().parents[1]
+PEER_SCRIPT = ROOT / "bench" / "peers" / "temporal_bench.py"
+THROUGHPUT_TARGET = 3.0  # mesh tasks/s >= 3x Temporal's on the same machine
+
+
+class SideFailed(Exception):
+    pass
+
+
+def run_mesh(tasks: int, concurrency: int) -> dict:
+    home = Path(tempfile.mkdtemp(prefix="agentmesh-peers-"))
+    try:
+        return asyncio.run(bench_task.measure(tasks, concurrency, baseline=False, home=home))
+    except Exception as e:
+        raise SideFailed(f"mesh side failed: {type(e).__name__}: {e}".splitlines()[0]) from e
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def run_temporal(python: Path, tasks: int, concurrency: int, stock: bool) -> dict:
+    if not python.exists():
+        raise SideFailed(f"temporal side failed: no {python} (make bench-peers creates it)")
+    cmd = [str(python), str(PEER_SCRIPT), "--tasks", str(tasks), "--concurrency", str(concurrency)]
+    try:
+        p = subprocess.run(
+            [*cmd, *(["--stock-server"] if stock else [])], capture_output=True, text=True, timeout=900, check=False
+        )
+    except subprocess.TimeoutExpired as e:
+        raise SideFailed("temporal side failed: no result within 15 minutes") from e
+    lines = p.stdout.strip().splitlines()
+    if p.returncode != 0 or not lines:
+        log = ROOT / ".bench" / "temporal_bench.stderr"
+        log.parent.mkdir(exist_ok=True)
+        log.write_text(p.stderr)
+        last = next((ln.strip() for ln in reversed(p.stderr.splitlines()) if ln.strip()), "no output")
+        raise SideFailed(
+            f"temporal side failed (exit {p.returncode}): {last.removeprefix('error: ')} (full log: .bench/{log.name})"
+        )
+    try:
+        return json.loads(lines[-1])
+    except json.JSONDecodeError as e:
+        raise SideFailed(f"temporal side failed: its last line is not JSON: {lines[-1][:120]}") from e
+
+
+def table(mesh: dict, peer: dict) -> str:
+    """One row per measure: mesh, temporal, mesh/temporal, and which way is better."""
+    rows: list[tuple[str, str, str, str, str]] = []
+
+    def row(name: str, m: float | None, t: float | None, better: str, fmt: str = "{:.1f}") -> None:
+        ratio = f"{m / t:.2f}x" if m is not None and t else ""
+        if m is not None and t is not None and better in ("lower", "higher"):
+            mesh_wins = m < t if better == "lower" else m > t
+            better = f"{better}: {'mesh' if mesh_wins else 'temporal'}" if m != t else f"{better}: even"
+        rows.append(
+            (name, fmt.format(m) if m is not None else "-", fmt.format(t) if t is not None else "-", ratio, better)
+        )
+
+    mcpu, tcpu = mesh["cpu_ms_per_task"], peer["cpu_ms_per_task"]
+    mserver = {k: v for k, v in mcpu.items() if k != "client"}
+    tserver = {k: v for k, v in tcpu.items() if k != "client"}
+    row(f"sequential p50, {mesh['tasks']} tasks (ms)", mesh["p50_ms"], peer["p50_ms"], "lower")
+    row("sequential p99 (ms)", mesh["p99_ms"], peer["p99_ms"], "lower")
+    row(f"throughput, {mesh['in_flight']} in flight (tasks/s)", mesh["tasks_per_s"], peer["tasks_per_s"], "higher")
+    rows.append(
+        ("  completed", f"{mesh['completed']}/{mesh['in_flight']}", f"{peer['completed']}/{peer['in_flight']}", "", "")
+    )
+    row("CPU per task, server side (ms)", sum(mserver.values()), sum(tserver.values()), "lower")
+    for k, v in sorted(mserver.items(), key=lambda kv: -kv[1]):
+        row(f"  {k} (mesh)", v, None, "lower")
+    for k, v in sorted(tserver.items(), key=lambda kv: -kv[1]):
+        row(f"  {k} (temporal)", None, v, "lower")
+    row("CPU per task, client (ms)", mcpu["client"], tcpu["client"], "lower")
+    row("CPU per task, all processes (ms)", sum(mcpu.values()), sum(tcpu.values()), "lower")
+
+    head = ("", "mesh", "temporal", "mesh/temporal", "better")
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(5)]
+
+    def line(cells: tuple[str, ...]) -> str:
+        name, *nums, better = cells
+        return "  ".join([name.ljust(widths[0]), *(c.rjust(w) for c, w in zip(nums, widths[1:4], strict=True)), better])
+
+    out = [line(head), line(tuple("-" * w for w in widths)), *(line(r) for r in rows)]
+    return "\n".join(s.rstrip() for s in out)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tasks", type=int, default=30, help="sequential tasks for p50/p99, each side")
+    ap.add_argument("--concurrency", type=int, default=32, help="2x this many tasks in flight for throughput and CPU")
+    ap.add_argument("--peer-python", type=Path, default=ROOT / ".venv-peers" / "bin" / "python")
+    ap.add_argument("--stock-server", action="store_true", help="Temporal's start-dev defaults, untuned")
+    a = ap.parse_args()
+    try:
+        print(f"mesh: {a.tasks} sequential tasks, then {2 * a.concurrency} in flight ...", file=sys.stderr, flush=True)
+        mesh = run_mesh(a.tasks, a.concurrency)
+        print("temporal: the same, as a workflow ...", file=sys.stderr, flush=True)
+        peer = run_temporal(a.peer_python.absolute(), a.tasks, a.concurrency, a.stock_server)
+    except SideFailed as e:
+        print(f"bench-peers: {e}", file=sys.stderr)
+        return 1
+    settings = peer.get("server_settings") or {}
+    print("mesh: the README's sample task, six services + nats-server (sync always) + redis-server")
+    print(
+        "temporal: the same shape as a workflow, 9 no-op async activities (6 on the critical path), "
+        "start-dev with a durable sqlite file, worker in its own process"
+    )
+    print(f"  server: {json.dumps(settings) if settings else 'start-dev defaults'}")
+    print(f"  worker: {json.dumps(peer.get('worker_settings', {}))}")
+    print()
+    print(table(mesh, peer))
+    print()
+    ratio = mesh["tasks_per_s"] / peer["tasks_per_s"] if peer["tasks_per_s"] else float("inf")
+    met = "met" if ratio >= THROUGHPUT_TARGET else "not met"
+    print(f"throughput mesh/temporal: {ratio:.2f}x (target >= {THROUGHPUT_TARGET:g}x: {met})")
+    mserver = sum(v for k, v in mesh["cpu_ms_per_task"].items() if k != "client")
+    tserver = sum(v for k, v in peer["cpu_ms_per_task"].items() if k != "client")
+    print(f"CPU per task, server side, mesh/temporal: {mserver / tserver:.2f}x (below 1x: the mesh spends less)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
