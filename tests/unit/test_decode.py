@@ -105,8 +105,8 @@ async def test_every_consumer_dead_letters_an_undecodable_body_on_its_first_deli
     mesh.consume(durable.contract, handler)
     dead: list[dict] = []
 
-    async def raw(msg: object) -> bytes:  # the sink holds the hostile body too: never decode it
-        return b""
+    async def raw(msg: NatsMessage) -> NatsMessage:  # the sink holds the hostile body too: never decode it
+        return msg  # the mesh's broker has no dependency injection: the handler gets the decoder's value
 
     @mesh.broker.subscriber("dlq.>", stream=JStream(topo.DLQ_STREAM, declare=False), decoder=raw)
     async def sink(msg: NatsMessage) -> None:

@@ -43,7 +43,10 @@ def _capture(mesh: Mesh, subject: str) -> list[tuple[dict, dict]]:
     # The in-memory broker delivers a JetStream publish only to subscribers of the same stream.
     stream = JStream(topo.DLQ_STREAM if domain == topo.DLQ_PREFIX else topo.STREAMS[domain], declare=False)
 
-    @mesh.broker.subscriber(subject, stream=stream)
+    async def whole(msg: NatsMessage) -> NatsMessage:  # the mesh's broker injects nothing: the handler
+        return msg  # gets what the decoder returns
+
+    @mesh.broker.subscriber(subject, stream=stream, decoder=whole)
     async def sink(msg: NatsMessage) -> None:
         seen.append((json.loads(msg.body), dict(msg.headers)))
 

@@ -27,7 +27,6 @@ import nats
 from cryptography.hazmat.primitives import serialization
 from faststream.middlewares import AckPolicy
 from faststream.nats import JStream, NatsBroker, NatsMessage, PullSub
-from faststream.nats.annotations import NatsMessage as RawMessage
 from faststream.nats.opentelemetry import NatsTelemetryMiddleware
 from faststream.security import BaseSecurity
 from nats.aio.client import Client as NATS
@@ -174,6 +173,11 @@ class Mesh:
             ),
             log_level=logging.DEBUG,  # per-message logs stay off the hot path at INFO
             max_reconnect_attempts=-1,
+            # No dependency injection: every handler takes the message itself (see _the_message).
+            # FastStream resolves an injected ``NatsMessage`` argument with a synchronous
+            # function, which fast_depends runs in a worker thread: one thread hop per message,
+            # and a GIL handed back and forth with the event loop on every socket write.
+            apply_types=False,
         )
         self._started = False
         self.guard: Guard | None = None
@@ -495,7 +499,7 @@ class Mesh:
         workers = max_workers or self.settings.max_workers
         prefix = (self.settings.inbox_prefix + ".").encode()
 
-        async def entry(msg: RawMessage) -> None:
+        async def entry(msg: NatsMessage) -> None:
             await self._dispatch(msg, durable, handler, on_reject)
 
         entry.__name__ = f"{durable.name.replace('-', '_')}"
@@ -511,7 +515,7 @@ class Mesh:
             ack_policy=AckPolicy.MANUAL,
             inbox_prefix=prefix,
             max_workers=workers if workers > 1 else None,
-            decoder=_undecoded,  # the body is decoded once, by the mesh, with limits (_dispatch)
+            decoder=_the_message,  # the body is decoded once, by the mesh, with limits (_dispatch)
         )(entry)
 
     async def _dispatch(
@@ -688,7 +692,7 @@ class Mesh:
             raise LookupError(f"{self.service} does not serve {contract.type_name()}")
         pattern = f"{contract.spec.domain}.*.*.*.{contract.spec.event}"
 
-        async def entry(msg: RawMessage) -> None:
+        async def entry(msg: NatsMessage) -> None:
             raw: Msg = msg.raw_message
             headers = dict(raw.headers or {})
             try:
@@ -712,7 +716,9 @@ class Mesh:
             self.count(tel.M_HANDLED)
 
         entry.__name__ = f"serve_{contract.type_name().replace('.', '_')}"
-        self.broker.subscriber(pattern, queue=topo.queue_group(self.service), no_reply=True, decoder=_undecoded)(entry)
+        self.broker.subscriber(pattern, queue=topo.queue_group(self.service), no_reply=True, decoder=_the_message)(
+            entry
+        )
 
     # --- state ----------------------------------------------------------------------------
 
@@ -752,12 +758,13 @@ class _Throttled:
             self.last = line[:300]
 
 
-async def _undecoded(msg: Any) -> bytes:
-    """FastStream's decoder for every mesh subscriber: the body as bytes. The framework would
-    otherwise json-parse every body before the handler runs (to build its arguments), and a
-    hostile body (nesting thousands deep, a 5,000-digit integer) would raise inside it, before
-    the mesh could dead-letter it with a reason."""
-    return bytes(msg.body)
+async def _the_message(msg: NatsMessage) -> NatsMessage:
+    """FastStream's decoder for every mesh subscriber: the message itself, which the handler
+    receives as its one argument (the broker runs without dependency injection). The framework
+    would otherwise json-parse every body before the handler runs, and a hostile body (nesting
+    thousands deep, a 5,000-digit integer) would raise inside it, before the mesh could
+    dead-letter it with a reason."""
+    return msg
 
 
 def _file_state(path: Path) -> tuple[int, int] | None:
