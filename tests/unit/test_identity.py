@@ -5,9 +5,11 @@ from __future__ import annotations
 import time
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from mesh_contracts.v1 import StepCompleted, StepRequested, TaskSubmitted
-from mesh_kit.identity import IdentityError, Signer, new_signing_key
+from mesh_kit.identity import IdentityError, Signer, body_digest, new_signing_key
 
 pytestmark = pytest.mark.unit
 
@@ -153,3 +155,85 @@ def test_no_token_outlives_the_streams_deduplication_window():
 
     assert DEFAULT_TTL_S <= MAX_TOKEN_LIFETIME_S
     assert MAX_TOKEN_LIFETIME_S + 2 * CLOCK_LEEWAY_S < DEDUP_WINDOW_S
+
+
+# --- the libsodium path and PyJWT agree -----------------------------------------------------
+
+
+def _verdict(verifier, token, body, model, at=None):
+    try:
+        return verifier.verify(token, body, model, at=at).name
+    except IdentityError:
+        return "refused"
+
+
+def _both(keys):
+    fast, slow = keys.verifier(), keys.verifier()
+    slow.fast = False
+    return fast, slow
+
+
+def test_our_tokens_are_standard_jwts_and_pyjwts_take_the_fast_path(keys):
+    import jwt
+
+    m = _step()
+    token = _token(keys, "planner", m, msg_id="m-1")
+    claims = jwt.decode(token, keys.private["planner"].public_key(), algorithms=["EdDSA"])
+    assert claims["iss"] == "planner" and claims["typ"] == m.type and claims["mid"] == "m-1"
+    assert jwt.get_unverified_header(token)["kid"] == "planner"
+    theirs = jwt.encode(claims, keys.private["planner"], algorithm="EdDSA", headers={"kid": "planner"})
+    verifier = keys.verifier()
+    assert verifier._fast_decode(theirs, ["iss", "dig"], "identity token", None) is not None
+    assert verifier.verify(theirs, m.to_bytes(), m).name == "planner"
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_a_tampered_token_gets_the_same_verdict_on_both_paths(keys, data):
+    m = _step()
+    body = m.to_bytes()
+    token = _token(keys, "planner", m)
+    kind = data.draw(st.sampled_from(["flip", "cut", "splice", "segments"]))
+    if kind == "flip":
+        i = data.draw(st.integers(0, len(token) - 1))
+        c = data.draw(st.sampled_from("AZaz09-_.=+/ \x00é"))
+        token = token[:i] + c + token[i + 1 :]
+    elif kind == "cut":
+        token = token[: data.draw(st.integers(0, len(token)))]
+    elif kind == "splice":  # another principal's header or signature on this payload
+        other = _token(keys, data.draw(st.sampled_from(["worker", "client.acme", "approver"])), m)
+        part = data.draw(st.integers(0, 2))
+        segs, others = token.split("."), other.split(".")
+        segs[part] = others[part]
+        token = ".".join(segs)
+    else:
+        token = ".".join(data.draw(st.lists(st.sampled_from([*token.split("."), "", "e30", "!!"]), max_size=5)))
+    fast, slow = _both(keys)
+    assert _verdict(fast, token, body, m) == _verdict(slow, token, body, m)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    extra=st.dictionaries(
+        st.sampled_from(["nbf", "aud", "sub", "jti", "iss", "ten", "dig", "crit"]),
+        st.one_of(st.none(), st.integers(-(10**10), 10**10), st.text(max_size=8), st.lists(st.text(max_size=3))),
+    ),
+    header=st.dictionaries(
+        st.sampled_from(["alg", "kid", "typ", "crit", "b64"]),
+        st.sampled_from(["EdDSA", "HS256", "none", "planner", "worker", 7, None, False, ["b64"]]),
+    ),
+)
+def test_any_claims_and_header_signed_with_a_real_key_get_the_same_verdict(keys, extra, header):
+    import jwt
+
+    m = _step()
+    body = m.to_bytes()
+    now = int(time.time())
+    claims = {"iss": "planner", "ten": "acme", "typ": m.type, "dig": body_digest(body), "mid": "",
+              "iat": now, "exp": now + 60} | extra  # fmt: skip
+    try:
+        token = jwt.encode(claims, keys.private["planner"], algorithm="EdDSA", headers={"kid": "planner"} | header)
+    except (jwt.PyJWTError, TypeError, ValueError, NotImplementedError):
+        return  # not a token PyJWT will make
+    fast, slow = _both(keys)
+    assert _verdict(fast, token, body, m) == _verdict(slow, token, body, m)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,8 @@ from typing import Any
 import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from nacl.exceptions import BadSignatureError
+from nacl.signing import SigningKey, VerifyKey
 
 from mesh_contracts.base import CLIENT, Contract
 
@@ -77,6 +80,37 @@ def principal_name(role: str, tenant: str | None = None) -> str:
     return f"{role}.{tenant}" if role == CLIENT and tenant else role
 
 
+def _b64(data: bytes) -> bytes:
+    return base64.urlsafe_b64encode(data).rstrip(b"=")
+
+
+_SEGMENT = re.compile(r"[A-Za-z0-9_-]*")
+
+
+def _unb64(segment: str) -> bytes:
+    """A base64url segment in its one canonical form (no padding, no other alphabet, no stray
+    bits: what PyJWT accepts); ``ValueError`` for anything else."""
+    if not _SEGMENT.fullmatch(segment) or len(segment) % 4 == 1:
+        raise ValueError("not canonical base64url")
+    data = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+    if _b64(data) != segment.encode():
+        raise ValueError("not canonical base64url")
+    return data
+
+
+def _jws(signing_key: SigningKey, header: bytes, claims: dict[str, Any]) -> str:
+    """A compact EdDSA JWS (what ``jwt.encode`` makes, byte for byte in structure): ``header``
+    is the already-encoded first segment. libsodium signs about 1.5x faster than OpenSSL's
+    Ed25519 here, and the header is encoded once per signer instead of once per message."""
+    signing_input = header + b"." + _b64(json.dumps(claims, separators=(",", ":")).encode())
+    return (signing_input + b"." + _b64(signing_key.sign(signing_input).signature)).decode()
+
+
+_CHECKED_ELSEWHERE = ("nbf", "aud", "jti")
+"""Registered claims our tokens never carry and PyJWT validates: a token with any of them takes
+PyJWT's path, so the fast path accepts nothing that PyJWT would refuse."""
+
+
 def body_digest(body: bytes) -> str:
     return hashlib.sha256(body).hexdigest()
 
@@ -109,6 +143,12 @@ class Signer:
         self.principal = principal
         self._key = key
         self._ttl_s = ttl_s
+        self._signing_key = SigningKey(
+            key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
+        )
+        self._header = _b64(
+            json.dumps({"alg": ALGORITHM, "kid": principal, "typ": "JWT"}, separators=(",", ":")).encode()
+        )
 
     @classmethod
     def from_file(cls, principal: str, path: str | Path, ttl_s: float = DEFAULT_TTL_S) -> Signer:
@@ -158,7 +198,7 @@ class Signer:
             "iat": int(now),
             "exp": int(now + self._ttl_s),
         }
-        return jwt.encode(claims, self._key, algorithm=ALGORITHM, headers={"kid": self.principal})
+        return _jws(self._signing_key, self._header, claims)
 
 
 def _raw(key: Ed25519PublicKey) -> bytes:
@@ -275,6 +315,55 @@ class Verifier:
         self.bundle = bundle
         self.leeway_s = leeway_s
         self.max_lifetime_s = max_lifetime_s
+        self._verify_keys: dict[bytes, VerifyKey] = {}
+        self.fast = True
+        """False: every token goes through PyJWT alone (the tests hold the two paths to one verdict)."""
+
+    def _verify_key(self, key: Ed25519PublicKey) -> VerifyKey:
+        raw = _raw(key)
+        vk = self._verify_keys.get(raw)
+        if vk is None:
+            vk = self._verify_keys[raw] = VerifyKey(raw)
+        return vk
+
+    def _fast_decode(
+        self, token: str, require: list[str], what: str, at: float | None
+    ) -> tuple[Principal, dict[str, Any]] | None:
+        """``_decode`` for a well-formed EdDSA token: the signature checked with libsodium (about
+        2x faster than OpenSSL's Ed25519 here) and the token parsed once instead of twice. None
+        when the token is anything else (malformed, another algorithm, a claim PyJWT checks):
+        PyJWT then decides, and says why it refuses."""
+        try:
+            header_b64, payload_b64, sig_b64 = token.split(".")
+            header = json.loads(_unb64(header_b64))
+            claims = json.loads(_unb64(payload_b64))
+            signature = _unb64(sig_b64)
+        except (ValueError, TypeError):
+            return None
+        if not (isinstance(header, dict) and isinstance(claims, dict)) or header.get("alg") != ALGORITHM:
+            return None
+        if "crit" in header or "b64" in header:
+            return None
+        if len(signature) != 64 or any(c in claims for c in _CHECKED_ELSEWHERE):
+            return None
+        if not isinstance(claims.get("sub", ""), str) or any(claims.get(c) is None for c in require):
+            return None
+        name = header.get("kid")
+        principal = self.bundle.principals.get(name) if isinstance(name, str) else None
+        if principal is None:
+            return None
+        signing_input = f"{header_b64}.{payload_b64}".encode()
+        keys = principal.keys_at(time.time() if at is None else at, self.leeway_s)
+        for key in keys:
+            try:
+                self._verify_key(key).verify(signing_input, signature)
+            except BadSignatureError:
+                continue
+            if claims["iss"] != name:
+                raise IdentityError(f"{what} issuer {claims['iss']!r} does not match key id {name!r}")
+            return principal, claims
+        why = "forged, or signed with a retired key" if len(keys) < len(principal.keys) else "forged?"
+        raise IdentityError(f"{what} signature invalid for {name} ({why})")
 
     def _decode(
         self, token: str, require: list[str], what: str = "identity token", at: float | None = None
@@ -282,6 +371,9 @@ class Verifier:
         """The token's principal (by ``kid``, from the bundle) and its claims, the signature checked
         against the principal's keys that were valid at ``at`` (now by default): during a rotation
         the old key and the new one; afterwards the retired key only for what was stored before."""
+        fast = self._fast_decode(token, require, what, at) if self.fast and isinstance(token, str) else None
+        if fast is not None:
+            return fast
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError as exc:
