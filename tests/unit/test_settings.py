@@ -45,7 +45,7 @@ HISTORICAL = {
     # code, the budget's own BaseSettings): deployments, manifests and tests set these names.
     PlannerSettings: AGENT,
     CheckerSettings: AGENT,
-    WorkerSettings: AGENT | {"MESH_TOOL_TIMEOUT_S", "MESH_TOOL_OUTPUT_MAX_CHARS"},
+    WorkerSettings: AGENT | {"MESH_TOOL_TIMEOUT_S", "MESH_TOOL_OUTPUT_MAX_CHARS", "MESH_LIVE_WINDOW_MS"},
     RagSettings: {"MESH_RAG_SEED_TENANTS", "MESH_TENANTS", "MESH_EMBED_MODEL_DIR", "MESH_EMBED_THREADS"},
     ToolExecutorSettings: {
         "MESH_APPROVAL_TIMEOUT_S",

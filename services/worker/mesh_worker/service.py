@@ -372,7 +372,7 @@ class Worker:
             max_tokens=512,
             prompt_version=prompt_version(run, self.system_prompt),
         )
-        live = _Live(self.mesh, req.tenant, req.task_id, req.step.step_id, call_id)
+        live = _Live(self.mesh, req.tenant, req.task_id, req.step.step_id, call_id, self.settings.live_window_ms / 1000)
         try:
             response, usage = await call_model_once(
                 self.mesh,
@@ -632,13 +632,22 @@ def _log_failure(task: asyncio.Future[Any]) -> None:
 class _Live:
     """Streams one model call's text to clients as it arrives (core NATS ``live.v1.<tenant>.<task>.token``).
 
-    Nothing is buffered: each delta is published as the provider hands it over. A lost delta
-    (no one listening, a broker hiccup) never affects the step: the durable result is the
+    The first delta goes out at once (time to first token is the provider's). What arrives within
+    ``window_s`` of the last delta sent is joined into the next one, sent when the window closes:
+    a provider handing over one token at a time would otherwise cost a signed message per token
+    (one signature here, one verification in every watching client). A lost delta (no one
+    listening, a broker hiccup) never affects the step: the durable result is the
     ``step.completed`` that follows."""
 
-    def __init__(self, mesh: Mesh, tenant: str, task_id: str, step_id: str, call_id: str) -> None:
+    def __init__(
+        self, mesh: Mesh, tenant: str, task_id: str, step_id: str, call_id: str, window_s: float = 0.0
+    ) -> None:
         self.mesh, self.tenant, self.task_id, self.step_id, self.call_id = mesh, tenant, task_id, step_id, call_id
+        self.window_s = window_s
         self.seq = 0
+        self._held: list[str] = []
+        self._last = -1e9  # monotonic time the last delta was sent
+        self._flusher: asyncio.Task[None] | None = None
 
     async def _emit(self, kind: str, text: str = "", model: str = "") -> None:
         delta = TokenDelta(
@@ -659,12 +668,40 @@ class _Live:
 
     async def token(self, text: str) -> None:
         self.mesh.count(tel.M_TOKENS_STREAMED)
-        await self._emit("delta", text)
+        now = time.monotonic()
+        if not self._held and now - self._last >= self.window_s:
+            self._last = now
+            await self._emit("delta", text)
+            return
+        self._held.append(text)
+        if self._flusher is None:
+            self._flusher = asyncio.create_task(self._flush_after(self._last + self.window_s - now))
+
+    async def _flush_after(self, delay_s: float) -> None:
+        await asyncio.sleep(max(0.0, delay_s))
+        self._flusher = None
+        await self._flush()
+
+    async def _flush(self) -> None:
+        if self._held:
+            text = "".join(self._held)
+            self._held.clear()
+            self._last = time.monotonic()
+            await self._emit("delta", text)
+
+    def _stop_flusher(self) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
+            self._flusher = None
 
     async def reset(self, reason: str) -> None:
+        self._stop_flusher()
+        self._held.clear()  # the failed attempt's text: the client drops what it has of it anyway
         await self._emit("reset", reason[:200])
 
     async def end(self, model: str) -> None:
+        self._stop_flusher()
+        await self._flush()
         if self.seq:
             await self._emit("end", model=model)
 
