@@ -30,14 +30,19 @@ def bind(nc: Any, bucket: str) -> KeyValue:
 M = TypeVar("M", bound=BaseModel)
 
 
-async def load(kv: Any, key: str, model: type[M]) -> tuple[M | None, int]:
+async def _raw(kv: Any, key: str) -> tuple[bytes | None, int]:
     try:
         entry = await kv.get(key)
     except KeyNotFoundError:
         return None, 0
     if entry.value is None:  # deleted or purged
         return None, 0
-    return model.model_validate_json(entry.value), entry.revision or 0
+    return entry.value, entry.revision or 0
+
+
+async def load(kv: Any, key: str, model: type[M]) -> tuple[M | None, int]:
+    raw, rev = await _raw(kv, key)
+    return (model.model_validate_json(raw), rev) if raw is not None else (None, 0)
 
 
 class Conflict(Exception):
@@ -50,10 +55,12 @@ async def update(
     """Read-modify-write with compare-and-set. ``mutate`` returns the new value, or None for
     "no change". Returns (value, changed)."""
     for attempt in range(retries):
-        current, rev = await load(kv, key, model)
-        new = mutate(current.model_copy(deep=True) if current is not None else None)
+        raw, rev = await _raw(kv, key)
+        # ``mutate`` may change what it is given; "no change" returns the stored value untouched.
+        # Parsing the bytes again is several times cheaper than a deep copy of the model.
+        new = mutate(model.model_validate_json(raw) if raw is not None else None)
         if new is None:
-            return current, False
+            return (model.model_validate_json(raw) if raw is not None else None), False
         data = new.model_dump_json().encode()
         try:
             if rev == 0:
