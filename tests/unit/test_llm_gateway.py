@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
@@ -586,3 +587,18 @@ def test_real_providers_are_built_when_their_modules_exist(tmp_path):
     # The key file is found relative to the config file; the env key is read from environ.
     assert getattr(gateway.routes["hard"][0], "_api_key", "sk-file") == "sk-file"
     assert getattr(gateway.routes["default"][0], "_api_key", "sk-env") == "sk-env"
+
+
+async def test_a_scripted_provider_can_take_a_remote_models_time():
+    config = scripted_config(providers={"script": {"kind": "scripted", "latency_ms": 120}})
+    gateway = build_gateway(config)
+    request = ModelRequest((Message("user", "hi"),), agent="worker")
+    t0 = time.perf_counter()
+    slow = await gateway.complete(request)
+    waited = time.perf_counter() - t0
+    fast = await build_gateway(scripted_config()).complete(request)
+    assert waited >= 0.12, "every call waits its latency"
+    assert (slow.content, slow.input_tokens) == (fast.content, fast.input_tokens), "and answers the same"
+    bad = {"kind": "openai", "base_url": "http://127.0.0.1:9/v1", "latency_ms": 5}
+    with pytest.raises(ValueError, match="latency_ms applies to scripted providers only"):
+        load_config(scripted_config(providers={"script": {"kind": "scripted"}, "p": bad}))

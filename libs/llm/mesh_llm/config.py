@@ -66,6 +66,9 @@ class ProviderConfig(_Strict):
     api_key_file: str | None = None
     extra_headers: dict[str, str] | None = None
     extra_query: dict[str, str] | None = None
+    latency_ms: float = Field(default=0.0, ge=0, le=600_000)
+    """A scripted provider's wait before each answer (what a remote model costs in time, without
+    one: for scale-out benchmarks). Scripted providers only."""
 
     @model_validator(mode="before")
     @classmethod
@@ -80,6 +83,8 @@ class ProviderConfig(_Strict):
             raise ValueError("set api_key_env or api_key_file, not both")
         if self.kind == "openai" and not self.base_url:
             raise ValueError("an openai provider needs base_url")
+        if self.kind != "scripted" and self.latency_ms:
+            raise ValueError("latency_ms applies to scripted providers only")
         if self.kind != "openai" and (self.extra_headers or self.extra_query):
             raise ValueError("extra_headers/extra_query apply to openai providers only")
         return self
@@ -214,7 +219,7 @@ def _build_model(
     spec = config.models[name]
     provider = config.providers[spec.provider]
     if provider.kind == "scripted":
-        model = ScriptedModel(spec.id)
+        model = ScriptedModel(spec.id, latency_s=provider.latency_ms / 1000)
         if spec.context_window:
             model.context_window = spec.context_window
         return model

@@ -7,6 +7,7 @@ Same input, same output, same token counts: end-to-end tests can assert exact re
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
@@ -45,8 +46,13 @@ class ScriptedModel:
     provider = "scripted"
     context_window = 32_768
 
-    def __init__(self, model: str = "scripted-1", scripts: dict[str, list[dict]] | None = None) -> None:
+    def __init__(
+        self, model: str = "scripted-1", scripts: dict[str, list[dict]] | None = None, latency_s: float = 0.0
+    ) -> None:
         self.model = model
+        self.latency_s = latency_s
+        """How long each call waits before it answers, like a remote model would (benchmarks of
+        scale-out need the wait without the model: ``latency_ms`` of a scripted provider)."""
         self.calls = 0
         self.scripts = scripts or {}
         """Turns chosen per role and step: key ``"<agent>:<step>"``, ``"<agent>"`` or ``"*"`` -> a
@@ -60,6 +66,8 @@ class ScriptedModel:
     async def complete(self, request: ModelRequest) -> ModelResponse:
         self.calls += 1
         self._log(request)
+        if self.latency_s:
+            await asyncio.sleep(self.latency_s)
         instruction = next((m.content for m in request.messages if m.role == "user"), "")
         scripted = self._scripted(request)
         if scripted is not None:
