@@ -315,16 +315,19 @@ class Verifier:
         self.bundle = bundle
         self.leeway_s = leeway_s
         self.max_lifetime_s = max_lifetime_s
-        self._verify_keys: dict[bytes, VerifyKey] = {}
+        self._verify_keys: dict[int, tuple[Ed25519PublicKey, VerifyKey]] = {}
         self.fast = True
         """False: every token goes through PyJWT alone (the tests hold the two paths to one verdict)."""
 
     def _verify_key(self, key: Ed25519PublicKey) -> VerifyKey:
-        raw = _raw(key)
-        vk = self._verify_keys.get(raw)
-        if vk is None:
-            vk = self._verify_keys[raw] = VerifyKey(raw)
-        return vk
+        """libsodium's handle on a bundle key, made once per key object (the bundle's keys live as
+        long as the bundle; a new bundle brings new objects)."""
+        cached = self._verify_keys.get(id(key))
+        if cached is None or cached[0] is not key:
+            if len(self._verify_keys) > 4096:  # many bundle reloads: start over
+                self._verify_keys.clear()
+            cached = self._verify_keys[id(key)] = (key, VerifyKey(_raw(key)))
+        return cached[1]
 
     def _fast_decode(
         self, token: str, require: list[str], what: str, at: float | None
