@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import random
+import weakref
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -49,27 +51,66 @@ class Conflict(Exception):
     """Too many concurrent writers on one key; the message will be retried."""
 
 
+_LAST_WRITES = 512
+"""Keys per bucket whose last write (value and revision) this process remembers."""
+_last: weakref.WeakKeyDictionary[Any, OrderedDict[str, tuple[bytes, int]]] = weakref.WeakKeyDictionary()
+
+
+def _remembered(kv: Any) -> OrderedDict[str, tuple[bytes, int]]:
+    try:
+        return _last.setdefault(kv, OrderedDict())
+    except TypeError:  # not weakly referenceable (a test double): remember nothing
+        return OrderedDict()
+
+
 async def update(
     kv: Any, key: str, model: type[M], mutate: Callable[[M | None], M | None], retries: int = 12
 ) -> tuple[M | None, bool]:
     """Read-modify-write with compare-and-set. ``mutate`` returns the new value, or None for
-    "no change". Returns (value, changed)."""
+    "no change". Returns (value, changed).
+
+    The read is skipped when this process made the key's last write it knows of: ``mutate``
+    runs on that value and the compare-and-set proves it current (a write by anyone else since
+    makes it fail, and then the key is read). A "no change", or an exception from ``mutate``, is
+    only ever taken from a value just read, never from a remembered one."""
+    remembered = _remembered(kv)
+    known = remembered.get(key)
+    raw, rev = known if known is not None else await _raw(kv, key)
+    fresh = known is None
     for attempt in range(retries):
-        raw, rev = await _raw(kv, key)
         # ``mutate`` may change what it is given; "no change" returns the stored value untouched.
         # Parsing the bytes again is several times cheaper than a deep copy of the model.
-        new = mutate(model.model_validate_json(raw) if raw is not None else None)
+        try:
+            new = mutate(model.model_validate_json(raw) if raw is not None else None)
+        except Exception:
+            if fresh:
+                raise
+            new = None  # a remembered value surprised it: judge what is stored now
         if new is None:
+            if not fresh:
+                raw, rev = await _raw(kv, key)
+                fresh = True
+                continue
             return (model.model_validate_json(raw) if raw is not None else None), False
         data = new.model_dump_json().encode()
         try:
             if rev == 0:
-                await kv.create(key, data)
+                written = await kv.create(key, data)
             else:
-                await kv.update(key, data, last=rev)
-            return new, True
+                written = await kv.update(key, data, last=rev)
         except KeyWrongLastSequenceError:
-            await asyncio.sleep(random.uniform(0, 0.01 * (attempt + 1)))  # jittered: writers collided
+            remembered.pop(key, None)
+            if fresh:
+                await asyncio.sleep(random.uniform(0, 0.01 * (attempt + 1)))  # jittered: writers collided
+            raw, rev = await _raw(kv, key)
+            fresh = True
+            continue
+        if isinstance(written, int) and written > 0:
+            remembered[key] = (data, written)
+            remembered.move_to_end(key)
+            while len(remembered) > _LAST_WRITES:
+                remembered.popitem(last=False)
+        return new, True
     raise Conflict(f"compare-and-set on {key} lost {retries} times")
 
 
