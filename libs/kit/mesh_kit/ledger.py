@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
@@ -33,6 +34,11 @@ class Busy(Retry):
     """Another message is performing this key right now; try again later (not a failure)."""
 
     delay_s = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class _Done:
+    result: Any
 
 
 class Ledger:
@@ -64,10 +70,10 @@ class Ledger:
         meeting a live claim gets ``Busy``. ``perform`` receives ``key`` to pass on as the effect's
         own idempotency key. The result must be JSON-serialisable.
         """
-        previous = await self.recorded(key)
-        if previous is not None:
-            return previous
-        claim_rev = await self._claim(key, owner, attempt)
+        claimed = await self._claim(key, owner, attempt)  # a new key: one write, no read first
+        if isinstance(claimed, _Done):
+            return claimed.result
+        claim_rev = claimed
         result = await perform(key)
         record = json.dumps({"status": "done", "result": result, "at": time.time()}).encode()
         try:
@@ -81,7 +87,8 @@ class Ledger:
             await self.kv.put(key, record)
         return result
 
-    async def _claim(self, key: str, owner: str, attempt: int) -> int:
+    async def _claim(self, key: str, owner: str, attempt: int) -> int | _Done:
+        """The claim's revision, or the recorded result when the key was done already."""
         claim = json.dumps({"status": "claimed", "owner": owner, "attempt": attempt, "at": time.time()}).encode()
         try:
             return int(await self.kv.create(key, claim))
@@ -89,7 +96,7 @@ class Ledger:
             entry = await self.kv.get(key)
         held = json.loads(entry.value or b"{}")
         if held.get("status") == "done":
-            raise Busy(f"{key} was recorded meanwhile")  # the retry reads the recorded result
+            return _Done(held.get("result"))
         # ``>=``: the same delivery re-running in place (after the broker was unavailable) takes
         # back its own claim; a frozen older delivery (lower attempt) never does.
         same_message = owner and held.get("owner") == owner and attempt >= int(held.get("attempt", 0))

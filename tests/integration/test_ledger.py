@@ -1,0 +1,48 @@
+"""The ledger on a real bucket: an effect is performed once, its result answers every later
+attempt, and a live claim by another message keeps that message waiting."""
+
+from __future__ import annotations
+
+import pytest
+from integration_helpers import running, settings_for
+
+from mesh_kit import Mesh
+from mesh_kit import state as st
+from mesh_kit.ledger import BUCKET, Busy, Ledger
+
+pytestmark = pytest.mark.integration
+
+
+async def test_performed_once_then_answered_from_the_record(integration_infra, unique):
+    mesh = Mesh(settings_for(integration_infra, "tool-executor"))
+    async with running(mesh):
+        ledger = Ledger(st.bind(mesh.nc, BUCKET), "tool-executor")
+        key = ledger.key("acme", unique("t"), "c1")
+        performed: list[str] = []
+
+        async def perform(k: str) -> dict:
+            performed.append(k)
+            return {"ok": True, "n": len(performed)}
+
+        first = await ledger.run(key, perform, owner="TOOL:1", attempt=1)
+        again = await ledger.run(key, perform, owner="TOOL:2", attempt=1)  # another message, same effect
+        assert first == again == {"ok": True, "n": 1} and performed == [key]
+
+        nothing = ledger.key("acme", unique("t"), "c2")
+
+        async def returns_none(k: str) -> None:
+            performed.append(k)
+
+        assert await ledger.run(nothing, returns_none, owner="TOOL:3") is None
+        assert await ledger.run(nothing, returns_none, owner="TOOL:4") is None, "a None result is a result too"
+        assert performed == [key, nothing]
+
+        held = ledger.key("acme", unique("t"), "c3")
+
+        async def slow(k: str) -> str:
+            with pytest.raises(Busy):  # a different message meets the live claim
+                await ledger.run(held, perform, owner="TOOL:6", attempt=1)
+            return "done"
+
+        assert await ledger.run(held, slow, owner="TOOL:5", attempt=1) == "done"
+        assert await ledger.run(held, perform, owner="TOOL:6", attempt=2) == "done"
