@@ -7,7 +7,9 @@ ratios are meaningful even though absolute times on shared machines are noise:
 - reservation round trip: a signed ``budget.reserve`` request through the budget service
   (task record read, kill-switch check, the atomic Redis reservation, signed verified reply);
 - usage accounting: how many ``usage.recorded`` events per second the budget folds into the
-  ``budget`` KV, beside how fast raw JetStream can even store the same messages;
+  ``budget`` KV, beside how fast raw JetStream can even store the same messages; then again
+  with a second budget replica started (the two share the usage durable; the new one also
+  replays the watched streams while it is measured, as a replica added under load would);
 - deadlock detection: from the stored message that closes a wait-for cycle to the budget
   acting on it (the service's own ``detected_after_s``), beside a raw request/reply;
 - ceiling crossing -> task stopped: from the client seeing the budget's ``budget.denied``
@@ -153,12 +155,14 @@ async def counted(budget_kv: Any, tasks: list[str]) -> int:
     return total
 
 
-async def usage_accounting(worker: Mesh, admin: Any, n: int, timeout: float = 60) -> tuple[float, float, int]:
+async def usage_accounting(
+    worker: Mesh, admin: Any, n: int, timeout: float = 60, run: str = "usage"
+) -> tuple[float, float, int]:
     """Publish ``n`` usage events over 20 tasks as fast as the worker can: seconds for the publishes,
     seconds until the budget KV counts them all (or ``timeout``), and how many it had counted by then."""
     tasks_kv = await admin.jetstream().key_value("tasks")
     budget_kv = await admin.jetstream().key_value("budget")
-    tasks = [f"bench-usage-{i:02d}" for i in range(20)]
+    tasks = [f"bench-{run}-{i:02d}" for i in range(20)]
     for t in tasks:
         await create_record(tasks_kv, t)
     msgs = usage_messages(n, tasks)
@@ -271,6 +275,16 @@ async def main(n_reserve: int, n_usage: int, n_deadlock: int, n_ceiling: int) ->
             pub_s, usage_s, usage_seen = await usage_accounting(worker, admin, n_usage)
             if usage_seen < n_usage:
                 problems.append(f"usage: only {usage_seen}/{n_usage} events counted after {usage_s:.1f} s")
+            # The same again with a second budget replica: both share the usage durable.
+            second = local.start_service(ids, state.nats_url, "budget", name="budget-2")
+            state.services["budget-2"] = second
+            state.save()
+            await local.wait_ready({"budget-2": second})
+            _, usage2_s, usage2_seen = await usage_accounting(worker, admin, n_usage, run="usage2")
+            if usage2_seen < n_usage:
+                problems.append(
+                    f"usage, 2 replicas: only {usage2_seen}/{n_usage} events counted after {usage2_s:.1f} s"
+                )
             async with TenantClient.of(ids, state.nats_url, TENANT) as c:
                 detect, found = await deadlocks(c, n_deadlock)
                 problems += found
@@ -293,6 +307,10 @@ async def main(n_reserve: int, n_usage: int, n_deadlock: int, n_ceiling: int) ->
         f"  usage accounting: {usage_seen} events in {usage_s:.2f} s = {usage_seen / usage_s:.0f} events/s "
         f"(raw JetStream publish of the same: {n_usage / raw_pub_s:.0f} msgs/s; "
         f"the signed mesh publishes alone took {pub_s:.2f} s)"
+    )
+    print(
+        f"  usage accounting, 2 budget replicas: {usage2_seen} events in {usage2_s:.2f} s = "
+        f"{usage2_seen / usage2_s:.0f} events/s ({usage_s / usage2_s:.2f}x one replica)"
     )
     if detect:
         print(
