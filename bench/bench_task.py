@@ -140,6 +140,12 @@ async def measure(tasks: int, concurrency: int, *, baseline: bool = True, home: 
             wall = time.perf_counter() - t1
             cpu1 = {k: cpu_s(pid) for k, pid in pids.items()} | {"client": time.process_time()}
             ok = sum(isinstance(r.outcome, TaskCompleted) for r in runs)
+            # The same again with a client that waits for the outcome alone (progress=False):
+            # what a program that needs only the result spends (the peer's client does that).
+            c0 = time.process_time()
+            quiet = await asyncio.gather(*(c.submit(GOAL, timeout=120, progress=False) for _ in range(concurrency * 2)))
+            outcome_only_ms = (time.process_time() - c0) * 1000 / len(quiet)
+            assert all(isinstance(q.outcome, TaskCompleted) for q in quiet), "an outcome-only task did not complete"
     finally:
         local.down(home)
     return {
@@ -158,6 +164,7 @@ async def measure(tasks: int, concurrency: int, *, baseline: bool = True, home: 
         "cpu_before": cpu0,
         "cpu_after": cpu1,
         "cpu_ms_per_task": {k: (cpu1[k] - cpu0[k]) * 1000 / len(runs) for k in cpu1},
+        "client_outcome_only_ms": outcome_only_ms,
     }
 
 
@@ -181,6 +188,10 @@ async def main(tasks: int, concurrency: int) -> None:
     )
     print(f"  CPU per task over those {r['in_flight']} tasks (user + system; the client is this process):")
     print(cpu_table(r["cpu_before"], r["cpu_after"], r["in_flight"]))
+    print(
+        f"  client CPU per task when it waits for the outcome alone (progress=False): "
+        f"{r['client_outcome_only_ms']:.1f} ms"
+    )
 
 
 if __name__ == "__main__":

@@ -94,6 +94,18 @@ async def test_a_client_that_missed_the_live_outcome_reads_the_stored_one(e2e_me
     assert not any(e.stage == "plan.created" for e in again.events), "the resubmission did not run again"
 
 
+async def test_a_client_that_wants_only_the_result_hears_only_the_outcome(e2e_mesh):
+    """``progress=False``: the same task and answer, without the dozens of progress events and
+    token deltas a following client verifies one by one."""
+    async with e2e_mesh.infra.client("acme") as c:
+        full = await c.submit(GOAL, timeout=60)
+        quiet = await c.submit(GOAL, timeout=60, progress=False)
+    assert isinstance(quiet.outcome, TaskCompleted), quiet.outcome
+    assert isinstance(full.outcome, TaskCompleted) and quiet.outcome.answer == full.outcome.answer
+    assert full.events and full.tokens, "a following client sees the progress and the streamed text"
+    assert quiet.events == [] and quiet.tokens == [] and quiet.rejected_messages == []
+
+
 async def test_the_readme_integration_with_plain_nats_py(e2e_mesh):
     proc = await asyncio.create_subprocess_exec(
         sys.executable,

@@ -152,10 +152,15 @@ class TenantClient:
         limits: TaskLimits | None = None,
         policy: TaskPolicy | None = None,
         follow: bool = True,
+        progress: bool = True,
         timeout: float = 120.0,
         on_event: Callable[[Contract], None] | None = None,
     ) -> Followed:
-        """Publish ``task.submitted`` and (optionally) follow the task to its outcome."""
+        """Publish ``task.submitted`` and (optionally) follow the task to its outcome.
+
+        ``progress=False`` waits for the outcome alone: no progress events and no streamed tokens
+        reach this client, so it verifies a few messages a task instead of dozens (a program that
+        needs only the result)."""
         assert self.nc is not None
         task_id = task_id or f"t-{uuid.uuid4().hex[:12]}"
         seen = Followed(task_id)
@@ -190,11 +195,12 @@ class TenantClient:
 
         subs = []
         if follow:  # subscribe before publishing so nothing is missed
-            subs = [
-                await self.nc.subscribe(f"event.*.{self.tenant}.{task_id}.>", cb=on_msg),
-                await self.nc.subscribe(f"task.*.{self.tenant}.{task_id}.>", cb=on_msg),
-                await self.nc.subscribe(f"live.*.{self.tenant}.{task_id}.>", cb=on_msg),
-            ]
+            subs = [await self.nc.subscribe(f"task.*.{self.tenant}.{task_id}.>", cb=on_msg)]
+            if progress:
+                subs += [
+                    await self.nc.subscribe(f"event.*.{self.tenant}.{task_id}.>", cb=on_msg),
+                    await self.nc.subscribe(f"live.*.{self.tenant}.{task_id}.>", cb=on_msg),
+                ]
             await self.nc.flush()
         seen.submitted_at = time.time()
         await self.publish(
