@@ -87,7 +87,8 @@ async def update(
                 raise
             new = None  # a remembered value surprised it: judge what is stored now
         if new is None:
-            if not fresh:
+            if not fresh:  # decide on what is stored now, and forget what this process assumed
+                remembered.pop(key, None)
                 raw, rev = await _raw(kv, key)
                 fresh = True
                 continue
