@@ -65,6 +65,10 @@ class Bucket:
     followers: tuple[str, ...] = ()
     """Principals told of every write at once on a core subscription to ``$KV.<bucket>.>`` (a
     doorbell: they read the entry they are told of, and re-read it now and then)."""
+    fed: tuple[str, ...] = ()
+    """Principals that subscribe to the bucket's republished feed (``watch_feed("KV_<bucket>")``):
+    every write the bucket stored, with its revision and the key's previous revision, so a
+    reader keeps the keys it read current without reading them again (``mesh_kit.view``)."""
 
 
 TRUST_BUCKET = "trust"
@@ -81,6 +85,7 @@ BUCKETS: tuple[Bucket, ...] = (
         "status",
         writer="planner",
         readers=("worker", "checker", "rag", "tool-executor", "budget"),
+        fed=SERVICES,  # every service's guard (the planner's too)
         description="Whether a task may go on (key <tenant>.<task>: halted, ended or resumed, and why), and "
         "nothing of its content: what every service's guard reads before a model or tool call.",
     ),
@@ -106,6 +111,7 @@ BUCKETS: tuple[Bucket, ...] = (
         "control",
         writer="",  # operators only (admin identity, ``meshctl kill-switch``)
         readers=SERVICES,
+        fed=SERVICES,  # the guard's view
         history=10,
         description="Kill switches: kill.global and kill.tenant.<tenant>. Every service checks them "
         "before each model or tool call.",

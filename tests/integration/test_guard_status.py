@@ -6,7 +6,7 @@ task records)."""
 from __future__ import annotations
 
 import pytest
-from integration_helpers import running, settings_for
+from integration_helpers import eventually, running, settings_for
 
 from mesh_contracts.v1 import ControlHalt, ControlResume
 from mesh_contracts.v1.records import StatusRecord, TaskRecord
@@ -38,25 +38,30 @@ async def test_the_guard_stops_on_a_stored_halt_or_end_and_goes_on_after_a_resum
 
         # the planner applies a halt (the checker is not subscribed to see it: it 'missed' it)
         await planner.on_control(ControlHalt(tenant="acme", task_id=task, reason="operator says wait"), _D())
-        stop = await guard.check("acme", task)
+        # the guard keeps the status from the bucket's feed: the write arrives within moments
+        stop = await eventually(lambda: guard.check("acme", task), timeout=2, what="the stored halt")
         assert stop is not None and stop.halted and "operator says wait" in stop.reason
 
         await planner.on_control(ControlResume(tenant="acme", task_id=task), _D())
         guard.seen.clear()  # what the checker heard on the core subscription is not the point here
-        assert await guard.check("acme", task) is None, "resumed: go on"
+        await eventually(lambda: _goes_on(guard, task), timeout=2, what="resumed: go on")
 
         def end(r: TaskRecord) -> bool:
             r.status, r.reason = "cancelled", "the tenant cancelled it"
             return True
 
         await planner.transition("acme", task, end)
-        stop = await guard.check("acme", task)
+        stop = await eventually(lambda: guard.check("acme", task), timeout=2, what="the stored end")
         assert stop is not None and not stop.halted and "cancelled" in stop.reason
 
         status, _ = await st.load(planner.status, f"acme.{task}", StatusRecord)
         assert status is not None and set(status.model_dump()) == {"record_version", "status", "reason"}, (
             "nothing but the status"
         )
+
+
+async def _goes_on(guard, task: str) -> bool:
+    return await guard.check("acme", task) is None
 
 
 class _Sender:

@@ -10,11 +10,15 @@ A task may be stopped three ways, and the guard sees all three:
   started later) still stops;
 - a kill switch (``control`` bucket, written by an operator with ``meshctl kill-switch``), per
   tenant (``kill.tenant.<tenant>``) or global (``kill.global``).
+
+The guard reads a task's status and the kill switches once and then keeps them current from
+the buckets' republished feeds (``mesh_kit.view``): a write is seen when its fed message
+arrives (milliseconds), a lost one no later than ``MESH_GUARD_VIEW_S``, and a check costs no
+round trip. ``MESH_GUARD_VIEW_S=0`` reads both buckets before every call instead.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
@@ -26,9 +30,10 @@ from nats.js.errors import KeyNotFoundError
 
 from mesh_contracts import ContractError, parse_message
 from mesh_contracts.v1 import ControlCancel, ControlHalt, ControlResume
-from mesh_contracts.v1.records import StatusRecord
+from mesh_contracts.v1.records import StatusRecord, TaskRecord
 from mesh_kit import envelope as env
 from mesh_kit.identity import IdentityError
+from mesh_kit.view import KeyView
 
 if TYPE_CHECKING:
     from mesh_kit.bus import Mesh
@@ -65,6 +70,8 @@ class Guard:
         self.mesh = mesh
         self.tasks: Any = None
         self.control: Any = None
+        self.status_view: KeyView | None = None
+        self.switch_view: KeyView | None = None
         self.seen: dict[tuple[str, str], Stop] = {}  # from control messages, newest wins
         self._seen_at: dict[tuple[str, str], float] = {}
         self._sub: Any = None
@@ -72,6 +79,11 @@ class Guard:
     async def start(self) -> None:
         self.tasks = await self.mesh.kv(StatusRecord.bucket)
         self.control = await self.mesh.kv(CONTROL_BUCKET)
+        max_age = self.mesh.settings.guard_view_s
+        self.status_view = KeyView(self.mesh.nc, self.tasks, StatusRecord.bucket, max_age_s=max_age)
+        self.switch_view = KeyView(self.mesh.nc, self.control, CONTROL_BUCKET, max_age_s=max_age, size=10_000)
+        await self.status_view.start()
+        await self.switch_view.start()
         self._sub = await self.mesh.nc.subscribe("control.*.*.*.*", cb=self._on_control)
 
     async def _on_control(self, msg: Msg) -> None:
@@ -96,14 +108,24 @@ class Guard:
             self.seen[key] = Stop(f"task cancelled by {sender.name}: {model.reason}")
 
     async def _switch(self, key: str) -> bytes:
+        if self.switch_view is not None:
+            return await self.switch_view.get(key) or b""
         try:
             return (await self.control.get(key)).value or b""
         except KeyNotFoundError:
             return b""
 
+    async def _status(self, tenant: str, task_id: str) -> StatusRecord | None:
+        if self.status_view is None:
+            from mesh_kit import state as st
+
+            return await st.task_status(self.tasks, tenant, task_id)
+        raw = await self.status_view.get(TaskRecord.key(tenant, task_id))
+        return StatusRecord.model_validate_json(raw) if raw else None
+
     async def kill_switch(self, tenant: str) -> Stop | None:
         scopes = ((GLOBAL_KEY, "global"), (tenant_key(tenant), f"tenant {tenant}"))
-        values = await asyncio.gather(*(self._switch(key) for key, _ in scopes))  # one round trip, not two
+        values = [await self._switch(key) for key, _ in scopes]  # from memory, nearly always
         for (_, scope), value in zip(scopes, values, strict=True):
             if value:
                 why = json.loads(value).get("reason", "")
@@ -112,11 +134,10 @@ class Guard:
 
     async def check(self, tenant: str, task_id: str) -> Stop | None:
         """The reason the task must not make its next call, or None."""
-        from mesh_kit import state as st
-
         if self.control is None:  # not started (in-memory tests): nothing to consult
             return None
-        stop, rec = await asyncio.gather(self.kill_switch(tenant), st.task_status(self.tasks, tenant, task_id))
+        stop = await self.kill_switch(tenant)
+        rec = await self._status(tenant, task_id)
         if stop is not None:
             return stop
         if rec is not None and rec.status == "halted":

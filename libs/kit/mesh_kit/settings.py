@@ -86,6 +86,11 @@ class ServiceSettings(BaseSettings):
     identity_refresh_s: float = Field(1.0, gt=0)
     """How often the service looks for a rotated signing key in its key file (it switches once the
     published trust bundle trusts the new key)."""
+    guard_view_s: float = Field(2.0, ge=0)
+    """The guard (halt, cancel, kill switches) reads a task's status and the kill switches once and
+    keeps them current from the buckets' republished feeds; it reads each again after this long
+    anyway (the bound on how late a write is seen if its fed message were lost). 0: read both
+    buckets before every model or tool call."""
     log_level: str = "INFO"
     """Python logging level (``DEBUG``, ``INFO``, ``WARNING``, ...)."""
     data_dir: Path | None = None

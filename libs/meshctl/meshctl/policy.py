@@ -68,6 +68,8 @@ def service_permissions(service: str) -> Permissions:
             p.add_pub(*_scan(b.name))
         if service in b.followers:
             p.add_sub(f"$KV.{b.name}.>")
+        if service in b.fed:
+            p.add_sub(topo.watch_feed(f"KV_{b.name}"))  # the bucket republishes what it stores
     if service in topo.CONTROL_OBSERVERS:
         p.add_sub("control.*.*.*.*")
     p.add_pub(topo.dlq_subject(service, ">"))

@@ -112,17 +112,27 @@ async def provision(nc: nats.NATS, *, replicas: int = 1, ack_wait_s: float = top
         await js.add_consumer(d.stream, consumer_config(d, replicas, ack_wait_s))  # create or update
         report.consumers.append(f"{d.stream}/{d.name}")
     for b in topo.BUCKETS:
-        await js.create_key_value(
-            api.KeyValueConfig(
-                bucket=b.name,
-                history=b.history,
-                storage=api.StorageType.FILE,
-                replicas=replicas,
-                description=b.description,
-                direct=True,
-                ttl=b.ttl_s or None,
+        republish = api.RePublish(src=f"$KV.{b.name}.>", dest=topo.watch_feed(f"KV_{b.name}")) if b.fed else None
+        try:
+            await js.create_key_value(
+                api.KeyValueConfig(
+                    bucket=b.name,
+                    history=b.history,
+                    storage=api.StorageType.FILE,
+                    replicas=replicas,
+                    description=b.description,
+                    direct=True,
+                    ttl=b.ttl_s or None,
+                    republish=republish,
+                )
             )
-        )
+        except BadRequestError as exc:
+            if exc.err_code != 10058:  # provisioned before with another configuration: reconcile
+                raise
+            info = await js.stream_info(f"KV_{b.name}")
+            info.config.republish = republish
+            info.config.description = b.description
+            await js.update_stream(info.config)
         report.buckets.append(b.name)
     return report
 
