@@ -97,6 +97,13 @@ BUCKETS: tuple[Bucket, ...] = (
         description="The retrieval records each step attempt read, as rag signed them (key "
         "<tenant>.<task>.<step>.<attempt>): the planner puts them in the check request. No other reader.",
     ),
+    Bucket(
+        "admission",
+        writer="planner",
+        history=1,
+        description="Per tenant (key <tenant>): the tasks the planner admitted that have not ended, the tenant's "
+        "submission token bucket and its admitted/refused counts (compare-and-set). meshctl status reads it.",
+    ),
     Bucket("steps", writer="worker", description="Agent-loop checkpoints, one key per step."),
     Bucket("budget", writer="budget", description="Settled spend per task and per tenant-day, breaker trips."),
     Bucket(

@@ -219,3 +219,51 @@ def test_the_budget_and_the_gateway_open_a_provider_circuit_at_the_same_outcome(
         if opened_budget is None and m.provider_open("scripted", "scripted-1", now[0]):
             opened_budget = i
     assert opened_budget == opened_gateway
+
+
+def test_queue_time_is_not_a_stall_and_the_stall_clock_starts_when_the_work_is_taken_up():
+    """A task waiting behind other tenants' work (submitted but not yet planned, or every
+    dispatched step still waiting for a worker) is queued, not stalled; once its work is taken
+    up (a reservation reaching the budget, or any message about the step) the stall clock runs."""
+    m = Monitor()
+    m.observe(TaskSubmitted(**T, goal="g", limits=TaskLimits(stall_timeout_s=5)), 0.0)
+    w = m.tasks[("acme", "t1")]
+    assert m.tick(100.0) == [] and w.queued_since == 0.0, "waiting for the planner: queue time"
+    m.started("acme", "t1", "plan", 100.0)  # the planner reserves for its plan call
+    assert w.queued_since is None and w.queue_s == 100.0
+    assert m.tick(104.0) == []
+    assert [t.kind for t in m.tick(105.5)] == ["stall"], "a planner stuck after taking the task up is a stall"
+
+    m = Monitor()
+    m.observe(TaskSubmitted(**T, goal="g", limits=TaskLimits(stall_timeout_s=5)), 0.0)
+    m.observe(plan(step("s1"), step("s2")), 0.5)
+    m.observe(StepRequested(**T, step=step("s1")), 0.6)
+    m.observe(StepRequested(**T, step=step("s2")), 0.6)
+    assert m.tick(60.0) == [], "both steps wait for a worker"
+    m.started("acme", "t1", "s1", 60.0)
+    assert m.tick(64.0) == [] and [t.kind for t in m.tick(65.5)] == ["stall"], (
+        "s1 is being worked on, s2 waits: not queued, and nothing moved for 5.5 s"
+    )
+    w = m.tasks[("acme", "t1")]
+    assert w.queue_s == pytest.approx(0.5 + 59.4), "waiting for the planner, then for a worker"
+
+
+def test_a_step_taken_up_by_any_message_about_it_leaves_the_queue_on_every_replica():
+    """A replica that did not serve the step's reservation learns it started from the stream
+    (its usage, a tool call, its end), and a redispatched step queues again."""
+    m = Monitor()
+    m.observe(TaskSubmitted(**T, goal="g", limits=TaskLimits(stall_timeout_s=5)), 0.0)
+    m.observe(plan(step("s1")), 0.5)
+    m.observe(StepRequested(**T, step=step("s1")), 0.6)
+    assert m.tick(30.0) == []
+    m.observe(usage("s1", "s1-a1-i0"), 30.0)
+    assert m.tasks[("acme", "t1")].queued_since is None
+    assert [t.kind for t in m.tick(35.5)] == ["stall"]
+
+    m = Monitor()
+    m.observe(TaskSubmitted(**T, goal="g", limits=TaskLimits(stall_timeout_s=5)), 0.0)
+    m.observe(plan(step("s1")), 0.5)
+    m.observe(StepRequested(**T, step=step("s1")), 0.6)
+    m.observe(tool("s1", "s1-a1-i0-c0"), 1.0)
+    m.observe(StepRequested(**T, step=step("s1"), attempt=2), 2.0)  # redispatched: back in the queue
+    assert m.tick(50.0) == [] and m.tasks[("acme", "t1")].queued_since == 2.0

@@ -13,6 +13,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from pydantic import ValidationError
 
 from mesh_agent.settings import AgentSettings
 from mesh_budget.monitor import Rules
@@ -43,7 +44,8 @@ AGENT = {
 HISTORICAL = {
     # The variables each service read before it had a settings model (environment reads in its
     # code, the budget's own BaseSettings): deployments, manifests and tests set these names.
-    PlannerSettings: AGENT,
+    PlannerSettings: AGENT
+    | {"MESH_ADMISSION_MAX_IN_FLIGHT", "MESH_ADMISSION_RATE_PER_S", "MESH_ADMISSION_BURST", "MESH_ADMISSION_TENANTS"},
     CheckerSettings: AGENT,
     WorkerSettings: AGENT | {"MESH_TOOL_TIMEOUT_S", "MESH_TOOL_OUTPUT_MAX_CHARS", "MESH_LIVE_WINDOW_MS"},
     RagSettings: {"MESH_RAG_SEED_TENANTS", "MESH_TENANTS", "MESH_EMBED_MODEL_DIR", "MESH_EMBED_THREADS"},
@@ -116,6 +118,15 @@ def test_each_service_reads_exactly_its_historical_variables(cls):
 def test_every_field_is_documented(cls):
     undocumented = [name for name, field in cls.model_fields.items() if not (field.description or "").strip()]
     assert undocumented == []
+
+
+def test_admission_limits_per_tenant_are_checked(env):
+    env.setenv("MESH_ADMISSION_TENANTS", '{"acme": {"max_in_flight": 3, "rate_per_s": 0}}')
+    s = PlannerSettings(service="planner")
+    assert s.admission_tenants == {"acme": {"max_in_flight": 3, "rate_per_s": 0}}
+    env.setenv("MESH_ADMISSION_TENANTS", '{"acme": {"max_inflight": 3}}')
+    with pytest.raises(ValidationError, match="unknown limit"):
+        PlannerSettings(service="planner")
 
 
 def test_the_agent_services_read_their_model_settings(env, tmp_path):

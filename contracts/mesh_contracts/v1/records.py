@@ -147,6 +147,27 @@ class StatusRecord(Record):
     reason: str = ""
 
 
+class AdmissionRecord(Record):
+    """One tenant's admission state, kept by the planner (compare-and-set): the tasks it admitted
+    that have not ended, its submission token bucket, and what it admitted and refused. Read by
+    ``meshctl status``."""
+
+    bucket: ClassVar[str] = "admission"
+    name: ClassVar[str] = "admission"
+    key_format: ClassVar[str] = "<tenant>"
+
+    in_flight: dict[str, float] = {}
+    """Task id -> when the admission lapses at the latest (admitted at + the task's deadline + a
+    grace): a task whose end was never recorded stops counting then."""
+    tokens: float = 0.0
+    refilled_at: float = 0.0
+    admitted: int = 0
+    refused: dict[str, int] = {}
+    """Refusals by code (``too_many_in_flight``, ``rate_limited``)."""
+    mean_task_s: float = 0.0
+    """Moving average of how long its admitted tasks took (for ``retry_after_s``)."""
+
+
 class Evidence(Record):
     """The retrieval records one step attempt read, as rag signed them; the planner hands them to
     the checker in the check request."""
@@ -162,4 +183,4 @@ class Evidence(Record):
         return f"{tenant}.{task_id}.{step_id}.{attempt}"
 
 
-RECORDS: tuple[type[Record], ...] = (TaskRecord, StatusRecord, Evidence)
+RECORDS: tuple[type[Record], ...] = (TaskRecord, StatusRecord, Evidence, AdmissionRecord)

@@ -47,6 +47,13 @@ class TaskSubmitted(Contract):
     """What the checker holds the answer to: forbidden terms, length, schema, judge rubric."""
 
 
+REJECTION_CODES = ("invalid", "too_many_in_flight", "rate_limited", "overloaded")
+"""``TaskRejected.code``: ``invalid`` (malformed, unverifiable, unknown version: do not retry as
+is), ``too_many_in_flight`` (the tenant's tasks in flight are at its limit), ``rate_limited``
+(over the tenant's submissions per second), ``overloaded`` (the mesh refuses new work for now).
+All but ``invalid`` come with ``retry_after_s``."""
+
+
 class TaskRejected(Contract):
     """A submitted task could not be accepted (malformed, unknown version, over a limit)."""
 
@@ -58,7 +65,15 @@ class TaskRejected(Contract):
                     "type": "task.rejected",
                     "reason": "invalid task.submitted: goal: Field required",
                     "source_subject": "task.v1.acme.t-7f3a.submitted",
-                }
+                },
+                {
+                    **_EX,
+                    "type": "task.rejected",
+                    "reason": "tenant acme has 64 tasks in flight, its limit",
+                    "source_subject": "task.v1.acme.t-7f3a.submitted",
+                    "code": "too_many_in_flight",
+                    "retry_after_s": 2.5,
+                },
             ]
         }
     )
@@ -75,6 +90,10 @@ class TaskRejected(Contract):
     """Readable reason, the same text that went to the dead-letter stream."""
     source_subject: str = ""
     """Subject the rejected message arrived on."""
+    code: str = "invalid"
+    """Machine-readable reason (``REJECTION_CODES``)."""
+    retry_after_s: float | None = None
+    """When it is worth submitting again (admission refusals); None: not as it is."""
 
 
 class PlanCreated(Contract):

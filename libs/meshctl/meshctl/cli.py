@@ -32,6 +32,7 @@ from mesh_contracts.v1 import (
     TaskRejected,
     TokenDelta,
 )
+from mesh_contracts.v1.records import AdmissionRecord
 from mesh_kit.guard import CONTROL_BUCKET, GLOBAL_KEY, tenant_key
 from mesh_kit.identity import Signer
 from mesh_kit.settings import log_nats_error, nats_servers
@@ -202,13 +203,17 @@ def cmd_status(args: argparse.Namespace) -> int:
         nc = await _admin(args)
         try:
             lag = await consumer_lag(nc)
+            try:
+                admission = await spend.scan(await _bucket(nc, AdmissionRecord.bucket), ">")
+            except Exception as exc:  # noqa: BLE001 - a mesh provisioned before admission existed
+                admission = {"?": {"error": str(exc)}}
         finally:
             await nc.close()
-        return health, lag
+        return health, lag, admission
 
-    health, lag = asyncio.run(run())
+    health, lag, admission = asyncio.run(run())
     if args.json:
-        print(json.dumps({"services": health, "consumers": lag}, indent=2))
+        print(json.dumps({"services": health, "consumers": lag, "tenants": admission}, indent=2))
         return 0 if all(h.get("ready") for h in health.values()) else 1
     print(f"{'SERVICE':14} {'PID':>7} {'READY':6} {'LAG':>5}  DETAIL")
     for name, proc in state.services.items():
@@ -225,6 +230,15 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"{p.name:14} {p.pid:>7} {'yes' if p.alive() else 'NO':6} {'':>5}  port {p.port}")
     if any(v["pending"] < 0 for v in lag.values()):
         print("LAG ?: a consumer's leader did not answer in 2 s (a cluster electing leaders after a node died?)")
+    if admission:
+        print(f"\n{'TENANT':14} {'IN FLIGHT':>9} {'ADMITTED':>9} {'REFUSED':>8}  MEAN TASK  REFUSED BY CODE")
+        for tenant, rec in sorted(admission.items()):
+            refused = rec.get("refused", {}) or {}
+            by_code = " ".join(f"{k}={v}" for k, v in sorted(refused.items())) or rec.get("error", "")
+            print(
+                f"{tenant:14} {len(rec.get('in_flight', {})):>9} {rec.get('admitted', 0):>9} "
+                f"{sum(refused.values()):>8}  {rec.get('mean_task_s', 0.0):8.2f}s  {by_code}"
+            )
     return 0 if all(h.get("ready") for h in health.values()) else 1
 
 
@@ -319,12 +333,19 @@ def cmd_submit(args: argparse.Namespace) -> int:
                 f"in {u.calls} model calls, ${u.cost_usd:.6f}"
             )
             print_held(out.held)
+        elif isinstance(out, TaskRejected) and out.retry_after_s is not None:
+            print(
+                f"\nrefused {seen.task_id} ({out.code}): {out.reason}; retry after {out.retry_after_s:g}s",
+                file=sys.stderr,
+            )
         elif isinstance(out, (TaskFailed, TaskRejected)):
             print(f"\n{out.type.split('.')[1]} {seen.task_id}: {out.reason}", file=sys.stderr)
             print_held(getattr(out, "held", ()), file=sys.stderr)
         if out is None:
             print(f"meshctl: task {seen.task_id} did not finish within {args.timeout:.0f}s", file=sys.stderr)
             return 3
+        if isinstance(out, TaskRejected) and out.retry_after_s is not None:
+            return 4  # refused at the door: worth submitting again after retry_after_s
         return 0 if isinstance(out, TaskCompleted) else 1
 
     return asyncio.run(run())

@@ -151,6 +151,7 @@ class TenantClient:
         task_id: str | None = None,
         limits: TaskLimits | None = None,
         policy: TaskPolicy | None = None,
+        labels: dict[str, str] | None = None,
         follow: bool = True,
         progress: bool = True,
         timeout: float = 120.0,
@@ -160,7 +161,11 @@ class TenantClient:
 
         ``progress=False`` waits for the outcome alone: no progress events and no streamed tokens
         reach this client, so it verifies a few messages a task instead of dozens (a program that
-        needs only the result)."""
+        needs only the result).
+
+        A submission refused at the door (over the tenant's tasks in flight or submissions per
+        second) ends at once with a ``TaskRejected`` outcome whose ``code`` says which and whose
+        ``retry_after_s`` says when to try again."""
         assert self.nc is not None
         task_id = task_id or f"t-{uuid.uuid4().hex[:12]}"
         seen = Followed(task_id)
@@ -210,6 +215,7 @@ class TenantClient:
                 goal=goal,
                 limits=limits or TaskLimits(),
                 policy=policy or TaskPolicy(),
+                labels=labels or {},
             )
         )
         if follow:

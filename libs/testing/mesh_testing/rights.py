@@ -79,6 +79,7 @@ INTENDED: dict[str, set[str]] = {
     | kv_own("tasks")
     | kv_own("status")
     | kv_own("evidence")
+    | kv_own("admission")  # per tenant: tasks in flight, its submission token bucket
     | kv_read("tools")
     | ledger("planner"),
     "worker": EVERY_SERVICE

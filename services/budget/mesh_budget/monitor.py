@@ -114,6 +114,13 @@ class TaskWatch:
     terminal: bool = False
     halted: bool = False
     last_progress: float = 0.0
+    waiting: set[str] = field(default_factory=set)
+    """Work handed out and not yet taken up: ``plan`` from submission until the planner starts
+    planning, a step from its dispatch until its first call. While everything outstanding is
+    waiting the task is queued: its stall clock does not run (queue time is not a stall)."""
+    queued_since: float | None = None
+    queue_s: float = 0.0
+    """Time spent queued so far (closed spells)."""
     approvals: dict[str, float] = field(default_factory=dict)  # approval id -> requested at
     approval_paused_s: float = 0.0
     deps: dict[str, tuple[str, ...]] = field(default_factory=dict)
@@ -249,9 +256,41 @@ class Monitor:
         handler = self._handler(type(m))
         if handler is not None:
             handler(m, o)
+        step = getattr(m, "step_id", "")
+        if step and not isinstance(m, StepRequested):
+            w.waiting.discard(step)  # the step's first call (or its end): it was taken up
+        if not isinstance(m, TaskSubmitted):
+            w.waiting.discard("plan")  # anything else about the task: the planner took it up
+        self._queue_state(w, at)
         if not o.done:
             self._after(m, o)
         return o.trips
+
+    def started(self, tenant: str, task_id: str, step_id: str, at: float) -> None:
+        """A call of the task's step is being made (a reservation reached this replica): the
+        step left its queue, and starting it is progress."""
+        w = self.tasks.get((tenant, task_id))
+        if w is None or w.terminal:
+            return
+        w.waiting.discard(step_id or "plan")
+        w.last_progress = max(w.last_progress, at)
+        self._queue_state(w, at)
+
+    def queued(self, w: TaskWatch) -> bool:
+        """Everything the task has outstanding waits in a queue (nothing is being worked on)."""
+        if not w.waiting or w.terminal:
+            return False
+        running = [s for s, st in w.step_status.items() if st == "dispatched" and s not in w.waiting]
+        return not running
+
+    def _queue_state(self, w: TaskWatch, at: float) -> None:
+        now_queued = self.queued(w)
+        if now_queued and w.queued_since is None:
+            w.queued_since = at
+        elif not now_queued and w.queued_since is not None:
+            w.queue_s += max(0.0, at - w.queued_since)
+            w.queued_since = None
+            w.last_progress = max(w.last_progress, at)  # leaving the queue restarts the stall clock
 
     def _handler(self, kind: type) -> Callable[[Any, _Fold], None] | None:
         """The fold for a message type (by its class or a base class of it); None: no state."""
@@ -288,6 +327,8 @@ class Monitor:
         w.created_at = o.at if w.created_at is None else w.created_at
         w.deadline_s, w.stall_timeout_s = m.limits.deadline_s, m.limits.stall_timeout_s
         w.stall_policy = m.limits.stall_policy
+        if not w.step_status:
+            w.waiting.add("plan")  # until the planner takes it up
 
     def _ended(self, m: Contract, o: _Fold) -> None:
         o.w.terminal, o.done = True, True
@@ -303,6 +344,7 @@ class Monitor:
             w.step_attempt[sid] = m.attempt
             if w.step_status.get(sid) not in ("completed",):
                 w.step_status[sid] = "dispatched"
+                w.waiting.add(sid)  # until a worker takes it up
         w.step_cap[sid] = self.rules.iteration_cap or m.max_iterations
         if (n := self._seen(w, "step", sid, m.step.instruction, sorted(m.inputs.items()))) >= self.rules.loop_repeats:
             o.trip("loop", f"loop: step {sid} dispatched {n} times with the same instruction and inputs",
@@ -449,6 +491,8 @@ class Monitor:
                 continue
             if w.halted or w.approvals or not w.stall_timeout_s or "stall" in w.tripped:
                 continue  # a halted task or one waiting for a human is not stalled
+            if w.queued_since is not None:
+                continue  # waiting in a queue is queue time, not a stall
             idle = now - w.last_progress
             if idle > w.stall_timeout_s:
                 w.tripped.add("stall")

@@ -228,6 +228,7 @@ class Budget:
 
     async def on_reserve(self, m: BudgetReserve, d: Delivery) -> BudgetGranted | BudgetDenied:
         base = {"tenant": m.tenant, "task_id": m.task_id}
+        self.monitor.started(m.tenant, m.task_id, m.step_id, time.time())  # out of its queue
 
         def deny(code: str, reason: str) -> BudgetDenied:
             self.m_reservations.add(1, {"tenant": m.tenant, "outcome": "denied", "code": code})

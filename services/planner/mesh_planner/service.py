@@ -42,12 +42,23 @@ from mesh_contracts.v1 import (
     TaskRejected,
     TaskSubmitted,
 )
-from mesh_contracts.v1.records import GUARDED, TERMINAL, Evidence, OutboxItem, StatusRecord, StepState, TaskRecord
+from mesh_contracts.v1.records import (
+    GUARDED,
+    TERMINAL,
+    AdmissionRecord,
+    Evidence,
+    OutboxItem,
+    StatusRecord,
+    StepState,
+    TaskRecord,
+)
 from mesh_kit import Delivery, Mesh
 from mesh_kit import state as st
+from mesh_kit import telemetry as tel
 from mesh_kit.ledger import BUCKET as LEDGER
 from mesh_kit.ledger import Ledger
 from mesh_llm import ChatModel, ContextOverflow, Message, ModelRequest
+from mesh_planner.admission import Admission, Limits, parse_tenants
 from mesh_planner.settings import PlannerSettings
 
 log = logging.getLogger("mesh.planner")
@@ -227,11 +238,17 @@ class Planner:
         self.ledger: Ledger | None = None
         self.status: Any = None  # ``status`` bucket: what every service's guard reads
         self.evidence: Any = None  # ``evidence`` bucket: the retrieval records the checker gets
+        self.admission: Admission | None = None
 
     async def start(self) -> None:
         self.kv = await self.mesh.kv("tasks")
         self.status = await self.mesh.kv(StatusRecord.bucket)
         self.evidence = await self.mesh.kv(Evidence.bucket)
+        s = self.settings
+        default = Limits(s.admission_max_in_flight, s.admission_rate_per_s, s.admission_burst)
+        self.admission = Admission(
+            await self.mesh.kv(AdmissionRecord.bucket), default, parse_tenants(s.admission_tenants, default)
+        )
         self.ledger = Ledger(await self.mesh.kv(LEDGER), self.mesh.service)
 
     def register(self) -> None:
@@ -263,8 +280,15 @@ class Planner:
         if rec is not None:
             if rec.status != was:
                 await self.publish_status(rec, was)
+                if rec.status in TERMINAL:
+                    await self.release(rec)
             await self.flush(rec)
         return rec
+
+    async def release(self, rec: TaskRecord) -> None:
+        """The task ended: it no longer counts against its tenant's tasks in flight."""
+        if self.admission is not None:
+            await self.admission.release(rec.tenant, rec.task_id, max(0.0, time.time() - rec.created_at))
 
     async def publish_status(self, rec: TaskRecord, was: str) -> None:
         """Tell every service's guard (``status`` bucket) when a task stops or resumes: a halt, an
@@ -331,6 +355,19 @@ class Planner:
 
     async def on_submitted(self, m: TaskSubmitted, d: Delivery) -> None:
         key = TaskRecord.key(m.tenant, m.task_id)
+        if self.admission is not None:
+            refusal = await self.admission.admit(m.tenant, m.task_id, m.limits.deadline_s)
+            if refusal is not None:
+                self.mesh.count(tel.M_REFUSED)
+                log.info("refused %s: %s (retry after %.2fs)", key, refusal.reason, refusal.retry_after_s)
+                await self.mesh.publish(
+                    TaskRejected(
+                        tenant=m.tenant, task_id=m.task_id, reason=refusal.reason, source_subject=d.subject,
+                        code=refusal.code, retry_after_s=refusal.retry_after_s,
+                    ),
+                    key=f"refused:{d.msg_id}", causation=d.msg_id,
+                )  # fmt: skip
+                return
 
         def create(rec: TaskRecord | None) -> TaskRecord | None:
             if rec is not None:
@@ -344,6 +381,10 @@ class Planner:
 
         rec, created = await st.update(self.kv, key, TaskRecord, create)
         assert rec is not None
+        if created:
+            self.mesh.count(tel.M_ADMITTED)
+        elif rec.status in TERMINAL:
+            await self.release(rec)  # a late duplicate of an ended task: admitting it again was a no-op
         if not created and rec.goal != m.goal:
             log.warning("task id %s reused with a different goal; ignoring the new submission", key)
             return

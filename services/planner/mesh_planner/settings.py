@@ -2,9 +2,36 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from pydantic import Field, field_validator
+
 from mesh_agent.settings import AgentSettings
 
 
 class PlannerSettings(AgentSettings):
-    """Everything the planner reads. It has no setting of its own: a task's limits and policy
-    come with the task."""
+    """Everything the planner reads. A task's limits and policy come with the task; what a
+    tenant may submit (admission) is the planner's."""
+
+    admission_max_in_flight: int = Field(100, ge=0)
+    """Tasks of one tenant admitted and not yet ended, at most; a submission over it is refused
+    with ``task.rejected`` code ``too_many_in_flight`` and a ``retry_after_s`` (0: no limit)."""
+    admission_rate_per_s: float = Field(50.0, ge=0)
+    """Submissions per second one tenant may make on average (token bucket; 0: no limit). Over
+    it: code ``rate_limited``."""
+    admission_burst: int = Field(200, ge=0)
+    """How many submissions one tenant may make at once before ``admission_rate_per_s`` applies."""
+    admission_tenants: dict[str, dict[str, float]] = {}
+    """Per-tenant limits over the defaults, as JSON: ``{"acme": {"max_in_flight": 200,
+    "rate_per_s": 50, "burst": 100}}``."""
+
+    @field_validator("admission_tenants")
+    @classmethod
+    def _known_limits(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        for tenant, values in v.items():
+            unknown = set(values) - {"max_in_flight", "rate_per_s", "burst"}
+            if unknown:
+                raise ValueError(f"tenant {tenant}: unknown limit(s) {', '.join(sorted(unknown))}")
+            if any(x < 0 for x in values.values()):
+                raise ValueError(f"tenant {tenant}: limits must be >= 0")
+        return v

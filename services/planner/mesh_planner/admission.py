@@ -1,0 +1,123 @@
+"""Admission at the door: per tenant, a ceiling on tasks in flight and on submissions per second.
+
+The planner decides when it takes a submission, before anything is stored about the task: a
+tenant over a limit gets ``task.rejected`` at once, with a machine-readable ``code`` and a
+``retry_after_s``, and nothing of the task runs. The state is one record per tenant in KV
+``admission`` (compare-and-set, so any number of planner replicas share it):
+
+- ``in_flight``: the tasks admitted and not ended. Admitting a task already in it is a no-op (a
+  redelivered submission is not counted twice); the planner releases a task when it ends. A
+  task whose end was never recorded (a crash between the two writes) stops counting once its
+  deadline and a grace have passed: the budget ends every task by its deadline.
+- a token bucket (``rate_per_s``, ``burst``) for submissions per second.
+
+Limits come from ``MESH_ADMISSION_MAX_IN_FLIGHT``, ``MESH_ADMISSION_RATE_PER_S`` and
+``MESH_ADMISSION_BURST`` (0: no limit), per tenant from ``MESH_ADMISSION_TENANTS`` (JSON:
+``{"acme": {"max_in_flight": 200, "rate_per_s": 50, "burst": 100}}``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from mesh_contracts.v1.records import AdmissionRecord
+from mesh_kit import state as st
+
+GRACE_S = 60.0
+"""How long past its deadline an admitted task whose end was never recorded keeps counting."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_in_flight: int = 0
+    rate_per_s: float = 0.0
+    burst: int = 0
+
+
+@dataclass(frozen=True)
+class Refusal:
+    code: str
+    reason: str
+    retry_after_s: float
+
+
+class Admission:
+    def __init__(self, kv: Any, default: Limits, per_tenant: dict[str, Limits] | None = None) -> None:
+        self.kv, self.default, self.per_tenant = kv, default, per_tenant or {}
+
+    def limits(self, tenant: str) -> Limits:
+        return self.per_tenant.get(tenant, self.default)
+
+    async def admit(self, tenant: str, task_id: str, deadline_s: float, now: float | None = None) -> Refusal | None:
+        """Admit the task (None) or say why not. Idempotent for a task already admitted."""
+        lim = self.limits(tenant)
+        if not lim.max_in_flight and not lim.rate_per_s:
+            return None
+        at = time.time() if now is None else now
+        refusal: Refusal | None = None
+
+        def mutate(rec: AdmissionRecord | None) -> AdmissionRecord | None:
+            nonlocal refusal
+            refusal = None
+            rec = rec or AdmissionRecord(tokens=float(max(lim.burst, 1)), refilled_at=at)
+            if task_id in rec.in_flight:
+                return None  # admitted before (a redelivered submission)
+            for old in [t for t, until in rec.in_flight.items() if until < at]:
+                del rec.in_flight[old]
+            if lim.rate_per_s:
+                cap = float(max(lim.burst, 1))
+                rec.tokens = min(cap, rec.tokens + max(0.0, at - rec.refilled_at) * lim.rate_per_s)
+                rec.refilled_at = at
+            if lim.max_in_flight and len(rec.in_flight) >= lim.max_in_flight:
+                # one slot frees up about every mean duration / tasks in flight
+                wait = rec.mean_task_s / max(1, len(rec.in_flight)) if rec.mean_task_s else 1.0
+                refusal = Refusal(
+                    "too_many_in_flight",
+                    f"tenant {tenant} has {len(rec.in_flight)} tasks in flight, its limit",
+                    round(min(60.0, max(0.1, wait)), 2),
+                )
+            elif lim.rate_per_s and rec.tokens < 1.0:
+                refusal = Refusal(
+                    "rate_limited",
+                    f"tenant {tenant} is over its {lim.rate_per_s:g} submissions per second (burst {lim.burst})",
+                    round(max(0.05, (1.0 - rec.tokens) / lim.rate_per_s), 2),
+                )
+            if refusal is not None:
+                rec.refused[refusal.code] = rec.refused.get(refusal.code, 0) + 1
+                return rec
+            if lim.rate_per_s:
+                rec.tokens -= 1.0
+            rec.in_flight[task_id] = at + deadline_s + GRACE_S
+            rec.admitted += 1
+            return rec
+
+        await st.update(self.kv, tenant, AdmissionRecord, mutate)
+        return refusal
+
+    async def release(self, tenant: str, task_id: str, took_s: float) -> None:
+        """The task ended: it no longer counts (and its duration feeds ``retry_after_s``)."""
+        lim = self.limits(tenant)
+        if not lim.max_in_flight and not lim.rate_per_s:
+            return
+
+        def mutate(rec: AdmissionRecord | None) -> AdmissionRecord | None:
+            if rec is None or task_id not in rec.in_flight:
+                return None
+            del rec.in_flight[task_id]
+            rec.mean_task_s = took_s if not rec.mean_task_s else 0.9 * rec.mean_task_s + 0.1 * took_s
+            return rec
+
+        await st.update(self.kv, tenant, AdmissionRecord, mutate)
+
+
+def parse_tenants(raw: dict[str, dict[str, Any]], default: Limits) -> dict[str, Limits]:
+    out = {}
+    for tenant, values in raw.items():  # keys checked by PlannerSettings
+        out[tenant] = Limits(
+            max_in_flight=int(values.get("max_in_flight", default.max_in_flight)),
+            rate_per_s=float(values.get("rate_per_s", default.rate_per_s)),
+            burst=int(values.get("burst", default.burst)),
+        )
+    return out

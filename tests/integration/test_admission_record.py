@@ -1,0 +1,66 @@
+"""The planner's admission record on a real bucket: two planner replicas admitting at once never
+admit more than the limit, a redelivered submission is not counted twice, a release frees a
+slot, and a task whose end was never recorded stops counting after its deadline."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from integration_helpers import running, settings_for
+
+from mesh_contracts.v1.records import AdmissionRecord
+from mesh_kit import Mesh
+from mesh_kit import state as st
+from mesh_planner.admission import Admission, Limits
+
+pytestmark = pytest.mark.integration
+
+
+async def test_two_replicas_admit_exactly_the_limit_and_releases_free_slots(integration_infra, unique):
+    mesh = Mesh(settings_for(integration_infra, "planner"))
+    tenant = unique("tenant").replace("-", "")
+    async with running(mesh):
+        a = Admission(st.bind(mesh.nc, "admission"), Limits(max_in_flight=10))
+        b = Admission(st.bind(mesh.nc, "admission"), Limits(max_in_flight=10))  # another replica's view
+        verdicts = await asyncio.gather(
+            *((a if i % 2 else b).admit(tenant, f"t{i}", deadline_s=300) for i in range(40))
+        )
+        admitted = [f"t{i}" for i, v in enumerate(verdicts) if v is None]
+        assert len(admitted) == 10, "exactly the limit, whatever the interleaving of compare-and-sets"
+        assert {v.code for v in verdicts if v is not None} == {"too_many_in_flight"}
+
+        assert await a.admit(tenant, admitted[0], deadline_s=300) is None, "a redelivery is admitted again ..."
+        rec, _ = await st.load(a.kv, tenant, AdmissionRecord)
+        assert rec is not None and rec.admitted == 10 and len(rec.in_flight) == 10, "... and not counted twice"
+        assert rec.refused == {"too_many_in_flight": 30}
+
+        await b.release(tenant, admitted[0], took_s=2.0)
+        await b.release(tenant, admitted[0], took_s=2.0)  # twice: the second is a no-op
+        assert await a.admit(tenant, "late", deadline_s=300) is None, "the released slot is free"
+        refusal = await a.admit(tenant, "later", deadline_s=300)
+        assert refusal is not None and refusal.retry_after_s == pytest.approx(2.0 / 10, abs=0.01), (
+            "about one mean task duration / tasks in flight"
+        )
+
+
+async def test_an_admission_whose_end_was_never_recorded_lapses_after_its_deadline(integration_infra, unique):
+    mesh = Mesh(settings_for(integration_infra, "planner"))
+    tenant = unique("tenant").replace("-", "")
+    async with running(mesh):
+        adm = Admission(st.bind(mesh.nc, "admission"), Limits(max_in_flight=1))
+        assert await adm.admit(tenant, "crashed", deadline_s=10, now=1000.0) is None
+        assert await adm.admit(tenant, "next", deadline_s=10, now=1050.0) is not None, "still counted at 50 s"
+        assert await adm.admit(tenant, "next", deadline_s=10, now=1000.0 + 10 + 61) is None, "lapsed: deadline + grace"
+
+
+async def test_the_rate_is_a_token_bucket(integration_infra, unique):
+    mesh = Mesh(settings_for(integration_infra, "planner"))
+    tenant = unique("tenant").replace("-", "")
+    async with running(mesh):
+        adm = Admission(st.bind(mesh.nc, "admission"), Limits(rate_per_s=2.0, burst=3))
+        got = [await adm.admit(tenant, f"t{i}", deadline_s=300, now=100.0) for i in range(5)]
+        assert [g is None for g in got] == [True, True, True, False, False], "a burst of 3"
+        assert got[3] is not None and got[3].code == "rate_limited" and got[3].retry_after_s == pytest.approx(0.5)
+        assert await adm.admit(tenant, "t5", deadline_s=300, now=100.5) is None, "one token back after 0.5 s"
+        assert await adm.admit(tenant, "t6", deadline_s=300, now=100.5) is not None

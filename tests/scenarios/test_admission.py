@@ -1,0 +1,104 @@
+"""Admission at the door, through the real mesh: a tenant over its tasks in flight or its
+submissions per second is refused at once with a machine-readable code and a retry-after;
+everything admitted completes; another tenant is not refused because of it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Iterator
+
+import nats
+import pytest
+
+from mesh_contracts.v1 import TaskCompleted, TaskRejected
+from mesh_contracts.v1.records import AdmissionRecord
+from mesh_testing.chaos import ChaosMesh
+from mesh_testing.infra import Infra, running_infra
+from meshctl.cli import main
+
+pytestmark = pytest.mark.chaos
+GOAL = "How does AgentMesh avoid duplicate side effects? Also compute 17 * 23."
+LIMITS = {"acme": {"max_in_flight": 4, "rate_per_s": 0}, "initech": {"rate_per_s": 0.2, "burst": 2}}
+ENV = {
+    "MESH_ACK_WAIT_S": "2",
+    "MESH_RETRY_DELAYS_S": "[0.2, 0.5, 1, 2]",
+    "MESH_LOG_LEVEL": "WARNING",
+    "MESH_ADMISSION_TENANTS": json.dumps(LIMITS),
+}
+
+
+@pytest.fixture(scope="module")
+def infra() -> Iterator[Infra]:
+    with running_infra(["acme", "globex", "initech"], name="admission", ack_wait_s=2.0) as infra:
+        yield infra
+
+
+@pytest.fixture(scope="module")
+def mesh(infra) -> Iterator[ChaosMesh]:
+    m = ChaosMesh(infra, env=ENV)
+    m.start()
+    asyncio.run(m.ready())
+    yield m
+    asyncio.run(m.stop())
+
+
+async def test_a_burst_over_the_in_flight_limit_is_refused_at_once_and_nothing_admitted_is_lost(infra, mesh):
+    async with infra.client("acme") as c, infra.client("globex") as g:
+        started = time.monotonic()
+        burst = [c.submit(GOAL, task_id=f"burst-{i}", progress=False, timeout=90) for i in range(30)]
+        beside = g.submit(GOAL, task_id="beside-burst", progress=False, timeout=90)
+        *seen, other = await asyncio.gather(*burst, beside)
+
+    refused = [s for s in seen if isinstance(s.outcome, TaskRejected)]
+    done = [s for s in seen if isinstance(s.outcome, TaskCompleted)]
+    assert len(refused) + len(done) == 30, [type(s.outcome).__name__ for s in seen if s not in refused + done]
+    assert len(done) >= 4, "at least the first four were admitted"
+    assert refused, "a burst of 30 against a limit of 4 in flight is refused in part"
+    for s in refused:
+        r = s.outcome
+        assert isinstance(r, TaskRejected) and r.code == "too_many_in_flight", r
+        assert r.retry_after_s is not None and 0 < r.retry_after_s <= 60 and "acme" in r.reason
+        assert s.latency_s < 10, "refused at the door, not after a timeout"
+    assert isinstance(other.outcome, TaskCompleted), "globex is not refused because acme is over its limit"
+
+    record = await _admission(infra, "acme")
+    assert record.in_flight == {}, "every admitted task was released when it ended"
+    assert record.admitted == len(done) and record.refused == {"too_many_in_flight": len(refused)}
+    assert time.monotonic() - started < 90
+
+    async with infra.client("acme") as c:  # the slots are free again
+        again = await c.submit(GOAL, task_id="after-burst", progress=False, timeout=60)
+    assert isinstance(again.outcome, TaskCompleted)
+
+
+async def test_submissions_over_the_rate_are_refused_with_the_wait_that_would_admit_them(infra, mesh):
+    async with infra.client("initech") as c:
+        seen = await asyncio.gather(
+            *(c.submit(GOAL, task_id=f"rate-{i}", progress=False, timeout=60) for i in range(5))
+        )
+    codes = sorted(type(s.outcome).__name__ + ":" + getattr(s.outcome, "code", "") for s in seen)
+    assert codes == ["TaskCompleted:", "TaskCompleted:"] + ["TaskRejected:rate_limited"] * 3, codes
+    waits = [s.outcome.retry_after_s for s in seen if isinstance(s.outcome, TaskRejected)]
+    assert all(w is not None and 0 < w <= 5.0 for w in waits), waits  # a token every 5 s
+
+
+async def test_meshctl_submit_says_why_and_when_to_retry(infra, mesh, capsys):
+    async with infra.client("initech") as c:  # spend initech's tokens (one comes back every 5 s)
+        await asyncio.gather(*(c.submit(GOAL, task_id=f"spend-{i}", progress=False, timeout=60) for i in range(3)))
+    code = await asyncio.to_thread(
+        main,
+        ["--home", str(infra.home), "submit", GOAL, "--tenant", "initech", "--follow", "--nats-url", infra.nats_url],
+    )
+    err = capsys.readouterr().err
+    assert code == 4 and "(rate_limited)" in err and "retry after" in err, err
+
+
+async def _admission(infra: Infra, tenant: str) -> AdmissionRecord:
+    nc = await nats.connect(infra.nats_url, **infra.ids.connect_options("admin"))
+    try:
+        kv = await nc.jetstream().key_value(AdmissionRecord.bucket)
+        return AdmissionRecord.model_validate_json((await kv.get(tenant)).value)
+    finally:
+        await nc.close()
