@@ -87,8 +87,9 @@ def test_depth_is_measured_without_recursion_and_agrees_with_a_recursive_count(v
 
 
 def _mesh(keys, service: str) -> Mesh:
-    settings = ServiceSettings(service=service, signing_key_file="unused", trust_bundle_file="unused",
-                               strict_contracts=True)  # fmt: skip
+    settings = ServiceSettings(
+        service=service, signing_key_file="unused", trust_bundle_file="unused", strict_contracts=True, fair_window=0
+    )  # fmt: skip (the in-memory broker's subscriber)
     return Mesh(settings, signer=keys.signer(service), verifier=keys.verifier())
 
 

@@ -123,6 +123,8 @@ class TaskRecord(Record):
     created_at: float = 0.0
     finished_at: float = 0.0
     outbox: list[OutboxItem] = []
+    priority: int = 5
+    """From ``task.submitted``: the priority the task's steps are dispatched with."""
 
     @staticmethod
     def key(tenant: str, task_id: str) -> str:

@@ -45,6 +45,9 @@ class TaskSubmitted(Contract):
     """Free-form labels copied to events and metrics (e.g. ``{"team": "support"}``)."""
     policy: TaskPolicy = TaskPolicy()
     """What the checker holds the answer to: forbidden terms, length, schema, judge rubric."""
+    priority: int = Field(5, ge=0, le=9)
+    """0 (lowest) to 9 (highest): within its tenant's turn, a service takes higher-priority work
+    first (the planner this submission, the worker the task's steps)."""
 
 
 REJECTION_CODES = ("invalid", "too_many_in_flight", "rate_limited", "overloaded")

@@ -43,6 +43,7 @@ from mesh_contracts.v1 import ProgressEvent
 from mesh_kit import envelope as env
 from mesh_kit import faults
 from mesh_kit import telemetry as tel
+from mesh_kit.fair import PRIORITY, FairConsumer, Fetched
 from mesh_kit.guard import Guard
 from mesh_kit.identity import IdentityError, Principal, Signer, TrustBundle, Verifier, load_private_key
 from mesh_kit.settings import BROKER_UNAVAILABLE, ServiceSettings, tls_context
@@ -77,7 +78,7 @@ class Delivery:
     msg_id: str
     deliveries: int
     headers: dict[str, str]
-    _msg: NatsMessage | None = None
+    _msg: NatsMessage | Fetched | None = None
     seq: int = 0
     stored_at: float | None = None
     """When JetStream stored the message (None for core request/reply)."""
@@ -184,6 +185,7 @@ class Mesh:
         self._on_start: list[Callable[[], Awaitable[None]]] = []
         self._on_stop: list[Callable[[], Awaitable[None]]] = []
         self._identity_tasks: list[asyncio.Task[None]] = []
+        self._fair: list[FairConsumer] = []
         self.limits = DecodeLimits(
             max_bytes=settings.decode_max_bytes,
             max_depth=settings.decode_max_depth,
@@ -230,6 +232,8 @@ class Mesh:
         for hook in self._on_start:
             await hook()
         await self.broker.start()
+        for consumer in self._fair:
+            await consumer.start()
         self._started = True
 
     async def stop(self) -> None:
@@ -237,6 +241,8 @@ class Mesh:
         self._started = False
         for task in self._identity_tasks:
             task.cancel()
+        for consumer in self._fair:
+            await consumer.stop()
         await self.broker.stop()
         for hook in self._on_stop:
             await hook()
@@ -398,9 +404,16 @@ class Mesh:
     # --- publishing -----------------------------------------------------------------------
 
     async def publish(
-        self, model: Contract, key: str, *, causation: str | None = None, timeout: float = 10.0
+        self,
+        model: Contract,
+        key: str,
+        *,
+        causation: str | None = None,
+        timeout: float = 10.0,
+        priority: int | None = None,
     ) -> PubAck:
-        """Publish to JetStream with a deterministic id built from ``key`` (e.g. ``"s1:1"``)."""
+        """Publish to JetStream with a deterministic id built from ``key`` (e.g. ``"s1:1"``);
+        ``priority`` (0-9) orders it within its tenant's turn at a fair consumer."""
         if model.spec.transport != "stream":
             raise TypeError(f"{model.type} is a {model.spec.transport} message; use request()/serve()")
         if self.service not in model.spec.producers:
@@ -408,6 +421,8 @@ class Mesh:
         body = model.to_bytes()
         msg_id = env.message_id(model.type, model.tenant, model.task_id, key)
         headers = env.headers_for(self.signer, model, body, msg_id, causation)
+        if priority is not None:
+            headers[PRIORITY] = str(priority)
         try:
             ack = await self.broker.publish(
                 body, model.subject(), headers=headers, stream=topo.STREAMS[model.spec.domain], timeout=timeout
@@ -499,8 +514,25 @@ class Mesh:
         workers = max_workers or self.settings.max_workers
         prefix = (self.settings.inbox_prefix + ".").encode()
 
-        async def entry(msg: NatsMessage) -> None:
+        async def entry(msg: NatsMessage | Fetched) -> None:
             await self._dispatch(msg, durable, handler, on_reject)
+
+        if self.settings.fair_window > 0:
+            # Fetch ahead and take the tenants in turn (``mesh_kit.fair``), not the stored order.
+            self._fair.append(
+                FairConsumer(
+                    lambda: self.nc,
+                    durable.stream,
+                    durable.name,
+                    self.settings.inbox_prefix + ".",
+                    entry,
+                    workers=workers,
+                    window=self.settings.fair_window,
+                    ack_wait_s=self.settings.ack_wait_s,
+                    graceful_s=self.settings.graceful_timeout_s,
+                )
+            )
+            return
 
         entry.__name__ = f"{durable.name.replace('-', '_')}"
         self.broker.subscriber(
@@ -519,7 +551,7 @@ class Mesh:
         )(entry)
 
     async def _dispatch(
-        self, msg: NatsMessage, durable: topo.Durable, handler: Handler, on_reject: RejectHook | None
+        self, msg: NatsMessage | Fetched, durable: topo.Durable, handler: Handler, on_reject: RejectHook | None
     ) -> None:
         raw: Msg = msg.raw_message
         headers = dict(raw.headers or {})
@@ -629,7 +661,7 @@ class Mesh:
 
     async def _give_up(
         self,
-        msg: NatsMessage,
+        msg: NatsMessage | Fetched,
         durable: topo.Durable,
         kind: str,
         reason: str,

@@ -66,6 +66,10 @@ class ServiceSettings(BaseSettings):
     """On SIGTERM, how long in-flight handlers may take to finish."""
     max_workers: int = Field(4, ge=1, le=256)
     """Concurrent handlers per durable in one process."""
+    fair_window: int = Field(256, ge=0, le=4096)
+    """Messages each durable fetches ahead and holds (kept alive) so its handlers can take the
+    tenants in turn, and a tenant's higher-priority work first (``mesh_kit.fair``); 0: one
+    message at a time in stored order (no fairness across tenants)."""
     ack_wait_s: float = Field(topo.ACK_WAIT_S, gt=0)
     """The provisioned consumers' ack_wait; long calls send in-progress heartbeats every third of it."""
     max_deliver: int = Field(topo.MAX_DELIVER, ge=1, lt=topo.SERVER_MAX_DELIVER + 1)

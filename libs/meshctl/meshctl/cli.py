@@ -304,8 +304,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
             if not args.json:
                 print(f"submitting to tenant {args.tenant}: {args.goal}", flush=True)
             seen = await client.submit(
-                args.goal, task_id=args.task_id, policy=args.policy, follow=args.follow, timeout=args.timeout,
-                on_event=show,
+                args.goal, task_id=args.task_id, policy=args.policy, priority=args.priority, follow=args.follow,
+                timeout=args.timeout, on_event=show,
             )  # fmt: skip
         if not args.follow:
             print(seen.task_id)
@@ -708,6 +708,9 @@ def _task_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("goal", help="what you want done")
     s.add_argument("--tenant", type=opt.tenant, default="demo")
     s.add_argument("--task-id", type=opt.tenant, default=None, help="defaults to a random id")
+    s.add_argument(
+        "--priority", type=opt.priority, default=5, help="0 (lowest) to 9 (highest): first within the tenant's turn"
+    )
     s.add_argument("--follow", action="store_true", help="print progress live and wait for the result")
     s.add_argument("--timeout", type=opt.positive, default=120.0, help="seconds to wait with --follow")
     s.add_argument("--json", action="store_true", help="print the outcome as JSON")

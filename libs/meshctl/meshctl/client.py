@@ -43,6 +43,7 @@ from mesh_contracts.v1 import (
     TokenDelta,
 )
 from mesh_kit import envelope as env
+from mesh_kit.fair import PRIORITY
 from mesh_kit.identity import IdentityError, Signer, TrustBundle, Verifier
 from mesh_kit.settings import BROKER_UNAVAILABLE, inbox_prefix, log_nats_error, nats_servers, tls_context
 
@@ -133,6 +134,8 @@ class TenantClient:
         headers = env.headers_for(
             self.signer, model, body, env.message_id(model.type, model.tenant, model.task_id, key)
         )
+        if isinstance(model, TaskSubmitted):
+            headers[PRIORITY] = str(model.priority)  # the planner's fair queue reads it unparsed
         deadline, pause = time.monotonic() + within_s, 0.1
         while True:
             try:
@@ -151,6 +154,7 @@ class TenantClient:
         task_id: str | None = None,
         limits: TaskLimits | None = None,
         policy: TaskPolicy | None = None,
+        priority: int = 5,
         labels: dict[str, str] | None = None,
         follow: bool = True,
         progress: bool = True,
@@ -216,6 +220,7 @@ class TenantClient:
                 limits=limits or TaskLimits(),
                 policy=policy or TaskPolicy(),
                 labels=labels or {},
+                priority=priority,
             )
         )
         if follow:

@@ -77,6 +77,17 @@ def positive(value: str) -> float:
     return f
 
 
+def priority(value: str) -> int:
+    """A task priority: 0 (lowest) to 9 (highest)."""
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {value!r}") from None
+    if not 0 <= n <= 9:
+        raise argparse.ArgumentTypeError(f"must be 0 to 9: {value!r}")
+    return n
+
+
 def count(value: str) -> int:
     if not value.isdigit() or int(value) < 1:
         raise argparse.ArgumentTypeError(f"not a positive whole number: {value!r}")

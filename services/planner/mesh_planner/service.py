@@ -309,7 +309,7 @@ class Planner:
             msg = cls.model_validate(item.body)
             if isinstance(msg, CheckRequested):
                 msg = await self.with_evidence(msg, rec)
-            await self.mesh.publish(msg, key=item.key, causation=item.causation or None)
+            await self.mesh.publish(msg, key=item.key, causation=item.causation or None, priority=rec.priority)
             done.add((item.type, item.key))
 
         def clear(r: TaskRecord | None) -> TaskRecord | None:
@@ -374,7 +374,7 @@ class Planner:
                 return None  # a redelivery or a duplicate submission of the same task id
             new = TaskRecord(
                 tenant=m.tenant, task_id=m.task_id, goal=m.goal, limits=m.limits, policy=m.policy,
-                created_at=time.time(), prompt_versions={"planner": self.plan_prompt.ref},
+                created_at=time.time(), prompt_versions={"planner": self.plan_prompt.ref}, priority=m.priority,
             )  # fmt: skip
             _event(new, "task.accepted", m.goal[:120])
             return new

@@ -1,0 +1,232 @@
+"""Fair scheduling: one tenant's burst does not starve another, and priorities order a tenant's work.
+
+A durable consumer hands out messages in the order they were stored, so a tenant that submits
+300 tasks puts every other tenant's next step behind 300 of its own. ``FairConsumer`` fetches
+up to ``window`` messages ahead from the service's durable (batched pull requests, the same
+durable and rights as before) and keeps them in one queue per tenant (the subject's tenant
+token). Its handlers take the next message from the tenants in turn (round robin), and within a
+tenant the highest ``Mesh-Priority`` first (0 to 9, default 5; then in stored order).
+
+Nothing is lost or reordered across a failure: a fetched message stays unacknowledged until its
+handler acks it, the ones waiting here are kept alive with in-progress acks (so ``ack_wait``
+does not redeliver them elsewhere), and on stop the waiting ones are handed back at once (a
+NAK without delay) for another replica to take.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import itertools
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import nats
+
+log = logging.getLogger("mesh.fair")
+
+PRIORITY = "Mesh-Priority"
+DEFAULT_PRIORITY = 5
+
+
+def priority_of(headers: dict[str, str] | None) -> int:
+    try:
+        p = int((headers or {}).get(PRIORITY, DEFAULT_PRIORITY))
+    except ValueError:
+        return DEFAULT_PRIORITY
+    return min(9, max(0, p))
+
+
+def tenant_of(subject: str) -> str:
+    """``<domain>.v<major>.<tenant>.<task>.<event>`` -> tenant ('' for anything else)."""
+    parts = subject.split(".")
+    return parts[2] if len(parts) >= 5 else ""
+
+
+class Fetched:
+    """A fetched JetStream message with the controls the mesh's dispatch uses (the same names as
+    FastStream's ``NatsMessage``)."""
+
+    __slots__ = ("fetched_at", "priority", "raw_message", "tenant")
+
+    def __init__(self, raw: Any) -> None:
+        self.raw_message = raw
+        self.tenant = tenant_of(raw.subject)
+        self.priority = priority_of(raw.headers)
+        self.fetched_at = time.monotonic()
+
+    async def ack(self) -> None:
+        await self.raw_message.ack()
+
+    async def nack(self, delay: float | None = None) -> None:
+        await self.raw_message.nak(delay=delay)
+
+    async def reject(self) -> None:
+        await self.raw_message.term()
+
+    async def in_progress(self) -> None:
+        await self.raw_message.in_progress()
+
+
+class FairQueue:
+    """One queue per tenant (highest priority first, then arrival), served round robin."""
+
+    def __init__(self) -> None:
+        self._queues: dict[str, list[tuple[int, int, Fetched]]] = {}
+        self._turn: deque[str] = deque()
+        self._order = itertools.count()
+        self._n = 0
+
+    def __len__(self) -> int:
+        return self._n
+
+    def put(self, item: Fetched) -> None:
+        q = self._queues.get(item.tenant)
+        if q is None:
+            q = self._queues[item.tenant] = []
+            self._turn.append(item.tenant)
+        heapq.heappush(q, (-item.priority, next(self._order), item))
+        self._n += 1
+
+    def pop(self) -> Fetched:
+        tenant = self._turn.popleft()
+        q = self._queues[tenant]
+        _, _, item = heapq.heappop(q)
+        self._n -= 1
+        if q:
+            self._turn.append(tenant)  # its next message waits for every other tenant's turn
+        else:
+            del self._queues[tenant]
+        return item
+
+    def items(self) -> list[Fetched]:
+        return [item for q in self._queues.values() for _, _, item in q]
+
+    def drain(self) -> list[Fetched]:
+        out = self.items()
+        self._queues.clear()
+        self._turn.clear()
+        self._n = 0
+        return out
+
+
+class FairConsumer:
+    def __init__(
+        self,
+        nc: Callable[[], Any],
+        stream: str,
+        durable: str,
+        inbox_prefix: str,
+        dispatch: Callable[[Fetched], Awaitable[None]],
+        *,
+        workers: int,
+        window: int,
+        ack_wait_s: float,
+        graceful_s: float,
+    ) -> None:
+        self._nc, self.stream, self.durable, self.prefix = nc, stream, durable, inbox_prefix
+        self.dispatch, self.workers, self.window = dispatch, workers, max(window, workers)
+        self.ack_wait_s, self.graceful_s = ack_wait_s, graceful_s
+        self.queue = FairQueue()
+        self.running: set[asyncio.Task[None]] = set()
+        self._changed = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._psub: Any = None
+        self._stopping = False
+        self.fetches = 0
+
+    async def start(self) -> None:
+        js = self._nc().jetstream()  # the connection as it is once the mesh has connected
+        self._psub = await js.pull_subscribe_bind(
+            durable=self.durable, stream=self.stream, inbox_prefix=self.prefix.encode()
+        )
+        self._tasks = [
+            asyncio.create_task(self._fetch_loop(), name=f"fetch-{self.durable}"),
+            asyncio.create_task(self._dispatch_loop(), name=f"dispatch-{self.durable}"),
+            asyncio.create_task(self._keepalive_loop(), name=f"keepalive-{self.durable}"),
+        ]
+
+    def _room(self) -> int:
+        return self.window - len(self.queue) - len(self.running)
+
+    async def _fetch_loop(self) -> None:
+        while not self._stopping:
+            room = self._room()
+            if room <= 0:
+                self._changed.clear()
+                await self._changed.wait()
+                continue
+            try:
+                self.fetches += 1
+                # A pull request for as many as the handlers can take at once, never the whole
+                # window: the server serves waiting requests in turn, so with small requests every
+                # replica gets its share of a backlog (one replica asking for 256 would take it all
+                # while the others idle, and adding replicas would not add throughput).
+                msgs = await self._psub.fetch(batch=min(room, self.workers), timeout=5.0)
+            except (nats.errors.TimeoutError, TimeoutError):
+                continue  # nothing to do for 5 s: ask again
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the broker went away, a leader moved: ask again
+                log.debug("fetch from %s failed (%s); fetching again", self.durable, exc)
+                await asyncio.sleep(0.5)
+                continue
+            for m in msgs:
+                self.queue.put(Fetched(m))
+            self._changed.set()
+
+    async def _dispatch_loop(self) -> None:
+        while True:
+            if not self.queue or len(self.running) >= self.workers:
+                self._changed.clear()
+                await self._changed.wait()
+                continue
+            item = self.queue.pop()
+            task = asyncio.create_task(self._run(item))
+            self.running.add(task)
+
+    async def _run(self, item: Fetched) -> None:
+        try:
+            await self.dispatch(item)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # the dispatch acks or naks itself; anything escaping it is redelivered
+            log.exception("dispatch failed on %s", item.raw_message.subject)
+        finally:
+            self.running.discard(asyncio.current_task())  # type: ignore[arg-type,unused-ignore]
+            self._changed.set()
+
+    async def _keepalive_loop(self) -> None:
+        """Messages waiting here for their turn are alive: their ``ack_wait`` must not run out."""
+        every = self.ack_wait_s / 3
+        while True:
+            await asyncio.sleep(every)
+            now = time.monotonic()
+            for item in self.queue.items():
+                if now - item.fetched_at >= every:
+                    try:
+                        await item.in_progress()
+                    except nats.errors.Error as exc:  # the broker is away: the next round may reach it
+                        log.debug("in-progress for %s not sent: %s", item.raw_message.subject, exc)
+                        break
+
+    async def stop(self) -> None:
+        """Stop fetching, hand back what waits here, let running handlers finish (graceful)."""
+        self._stopping = True
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        for item in self.queue.drain():
+            with contextlib.suppress(Exception):
+                await item.nack()  # another replica (or this one, restarted) takes it at once
+        if self.running:
+            await asyncio.wait(set(self.running), timeout=self.graceful_s)
+        if self._psub is not None:
+            with contextlib.suppress(Exception):
+                await self._psub.unsubscribe()

@@ -1,0 +1,105 @@
+"""``FairConsumer`` on a real durable: tenants in turn, a tenant's priority first, every message
+handled exactly once, waiting messages kept alive past ``ack_wait`` and handed back on stop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+
+import nats
+import pytest
+from nats.js import api
+
+from mesh_kit.fair import PRIORITY, FairConsumer, Fetched
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+async def nc(integration_infra) -> AsyncIterator[nats.NATS]:
+    conn = await nats.connect(integration_infra.nats_url, **integration_infra.ids.connect_options("admin"))
+    yield conn
+    await conn.close()
+
+
+async def _stream(nc: nats.NATS, name: str, ack_wait: float = 30.0) -> None:
+    js = nc.jetstream()
+    try:
+        await js.delete_stream(name)
+    except nats.js.errors.NotFoundError:
+        pass
+    await js.add_stream(api.StreamConfig(name=name, subjects=[f"{name.lower()}.>"]))
+    await js.add_consumer(
+        name, api.ConsumerConfig(durable_name="d", ack_policy=api.AckPolicy.EXPLICIT, ack_wait=ack_wait)
+    )
+
+
+async def test_a_quiet_tenant_is_served_in_turn_and_priorities_go_first(nc):
+    await _stream(nc, "FAIRA")
+    js = nc.jetstream()
+    for i in range(30):
+        await js.publish(f"faira.v1.burst.t{i}.x", b"b", headers={PRIORITY: "9" if i == 29 else "5"})
+    await js.publish("faira.v1.quiet.q1.x", b"q")
+    order: list[str] = []
+    done = asyncio.Event()
+
+    async def handle(m: Fetched) -> None:
+        order.append(m.raw_message.subject.split(".")[3])
+        if len(order) == 1:  # the first one is held until everything else waits here
+            while len(fair.queue) < 30:
+                await asyncio.sleep(0.01)
+        await m.ack()
+        if len(order) == 31:
+            done.set()
+
+    fair = FairConsumer(lambda: nc, "FAIRA", "d", "_INBOX", handle, workers=1, window=64, ack_wait_s=30, graceful_s=5)
+    await fair.start()
+    try:
+        await asyncio.wait_for(done.wait(), 20)
+    finally:
+        await fair.stop()
+    assert sorted(order) == sorted([f"t{i}" for i in range(30)] + ["q1"]), "each message once"
+    assert order[:5] == ["t0", "t29", "q1", "t1", "t2"], (
+        "after the one already running: the burst's turn (its priority 9 first), then the quiet "
+        f"tenant's, then the burst in stored order: {order[:6]}"
+    )
+    info = await js.consumer_info("FAIRA", "d")
+    assert info.num_ack_pending == 0 and info.num_pending == 0 and info.num_redelivered == 0
+
+
+async def test_waiting_messages_outlive_ack_wait_and_are_handed_back_on_stop(nc):
+    await _stream(nc, "FAIRB", ack_wait=1.0)
+    js = nc.jetstream()
+    for i in range(6):
+        await js.publish(f"fairb.v1.acme.t{i}.x", b"x")
+    handled: list[str] = []
+    release = asyncio.Event()
+
+    async def slow(m: Fetched) -> None:
+        handled.append(m.raw_message.subject)
+        while not release.is_set():  # a long handler beats (as Delivery.keepalive does)
+            await m.in_progress()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(release.wait(), 0.3)
+        await m.ack()
+
+    fair = FairConsumer(lambda: nc, "FAIRB", "d", "_INBOX", slow, workers=1, window=8, ack_wait_s=1.0, graceful_s=5)
+    await fair.start()
+    deadline = time.monotonic() + 5
+    while len(fair.queue) < 5 and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert len(fair.queue) == 5, "five wait here while one is handled"
+    await asyncio.sleep(2.5)  # two and a half ack_waits: kept alive, none redelivered
+    info = await js.consumer_info("FAIRB", "d")
+    assert info.num_redelivered == 0 and info.num_ack_pending == 6
+    release.set()
+    await asyncio.sleep(0.2)
+    await fair.stop()  # whatever still waits is handed back at once
+    info = await js.consumer_info("FAIRB", "d")
+    assert info.num_ack_pending == 0, "nothing left held by a stopped consumer"
+    assert len(handled) + info.num_pending + info.num_redelivered >= 6
+    psub = await js.pull_subscribe_bind("d", "FAIRB")
+    rest = await psub.fetch(10, timeout=2) if len(handled) < 6 else []
+    assert len(handled) + len(rest) == 6, "each message handled here or available again, none lost"

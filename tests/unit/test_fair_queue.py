@@ -1,0 +1,57 @@
+"""The fair queue's order: tenants in turn, a tenant's higher priority first, then stored order."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mesh_kit.fair import FairQueue, Fetched, priority_of, tenant_of
+
+pytestmark = pytest.mark.unit
+
+
+class _Raw:
+    def __init__(self, tenant: str, n: int, priority: int | None = None) -> None:
+        self.subject = f"step.v1.{tenant}.t{n}.requested"
+        self.headers = {"Mesh-Priority": str(priority)} if priority is not None else {}
+        self.n = n
+
+
+def _item(tenant: str, n: int, priority: int | None = None) -> Fetched:
+    return Fetched(_Raw(tenant, n, priority))
+
+
+def test_a_burst_does_not_go_first_and_priorities_order_a_tenant():
+    q = FairQueue()
+    for n in range(5):
+        q.put(_item("burst", n))
+    q.put(_item("quiet", 100))
+    q.put(_item("burst", 5, priority=9))
+    order = [(i.tenant, i.raw_message.n) for i in (q.pop() for _ in range(len(q)))]
+    assert order[:3] == [("burst", 5), ("quiet", 100), ("burst", 0)], "the quiet tenant's turn comes second"
+    assert [n for t, n in order if t == "burst"] == [5, 0, 1, 2, 3, 4], "priority 9 first, then stored order"
+
+
+@given(st.lists(st.tuples(st.sampled_from("abcd"), st.integers(0, 9)), max_size=60))
+def test_every_message_comes_out_once_and_no_tenant_waits_more_than_one_round(items):
+    q = FairQueue()
+    for n, (tenant, prio) in enumerate(items):
+        q.put(_item(tenant, n, prio))
+    out = [q.pop() for _ in range(len(q))]
+    assert sorted(i.raw_message.n for i in out) == list(range(len(items)))
+    tenants = {t for t, _ in items}
+    # While a tenant has messages waiting, every other tenant gets at most one turn between two of its own.
+    for t in tenants:
+        positions = [k for k, i in enumerate(out) if i.tenant == t]
+        others_waiting = len(tenants) - 1
+        for a, b in itertools.pairwise(positions):
+            assert b - a <= others_waiting + 1
+
+
+def test_headers_and_subjects_that_say_nothing_get_defaults():
+    assert priority_of({"Mesh-Priority": "x"}) == 5 and priority_of({"Mesh-Priority": "42"}) == 9
+    assert priority_of(None) == 5 and priority_of({"Mesh-Priority": "-3"}) == 0
+    assert tenant_of("step.v1.acme.t1.requested") == "acme" and tenant_of("odd") == ""
