@@ -37,6 +37,8 @@ async def test_two_replicas_admit_exactly_the_limit_and_releases_free_slots(inte
 
         await b.release(tenant, admitted[0], took_s=2.0)
         await b.release(tenant, admitted[0], took_s=2.0)  # twice: the second is a no-op
+        await b.release(tenant, admitted[1], took_s=None)  # a poison submission given up on: no duration
+        assert await a.admit(tenant, "early", deadline_s=300) is None
         assert await a.admit(tenant, "late", deadline_s=300) is None, "the released slot is free"
         refusal = await a.admit(tenant, "later", deadline_s=300)
         assert refusal is not None and refusal.retry_after_s == pytest.approx(2.0 / 10, abs=0.01), (

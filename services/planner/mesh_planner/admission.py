@@ -96,8 +96,8 @@ class Admission:
         await st.update(self.kv, tenant, AdmissionRecord, mutate)
         return refusal
 
-    async def release(self, tenant: str, task_id: str, took_s: float) -> None:
-        """The task ended: it no longer counts (and its duration feeds ``retry_after_s``)."""
+    async def release(self, tenant: str, task_id: str, took_s: float | None) -> None:
+        """The task ended: it no longer counts (and its duration, if known, feeds ``retry_after_s``)."""
         lim = self.limits(tenant)
         if not lim.max_in_flight and not lim.rate_per_s:
             return
@@ -106,7 +106,8 @@ class Admission:
             if rec is None or task_id not in rec.in_flight:
                 return None
             del rec.in_flight[task_id]
-            rec.mean_task_s = took_s if not rec.mean_task_s else 0.9 * rec.mean_task_s + 0.1 * took_s
+            if took_s is not None:
+                rec.mean_task_s = took_s if not rec.mean_task_s else 0.9 * rec.mean_task_s + 0.1 * took_s
             return rec
 
         await st.update(self.kv, tenant, AdmissionRecord, mutate)

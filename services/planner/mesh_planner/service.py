@@ -349,6 +349,9 @@ class Planner:
     async def on_rejected(self, tenant: str, task_id: str, subject: str, reason: str) -> None:
         if not subject.startswith("task."):
             return
+        if subject.endswith(".submitted") and self.admission is not None:
+            # given up on (a poison submission): if it was admitted, it no longer counts
+            await self.admission.release(tenant, task_id, None)
         await self.mesh.publish(
             TaskRejected(tenant=tenant, task_id=task_id, reason=reason, source_subject=subject), key="rejected"
         )
