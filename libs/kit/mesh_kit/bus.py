@@ -34,6 +34,7 @@ from nats.aio.msg import Msg
 from nats.errors import NotJSMessageError
 from nats.js.api import PubAck
 from nats.js.errors import KeyNotFoundError
+from opentelemetry import propagate, trace
 
 from mesh_contracts import BodyError, Contract, ContractError, DecodeLimits, parse_message, split_subject
 from mesh_contracts import topology as topo
@@ -517,6 +518,17 @@ class Mesh:
         async def entry(msg: NatsMessage | Fetched) -> None:
             await self._dispatch(msg, durable, handler, on_reject)
 
+        async def fetched(msg: NatsMessage | Fetched) -> None:
+            # What FastStream's telemetry middleware does for its own subscriber: the handling runs
+            # inside the producer's trace (its context travels in the message's headers).
+            raw = msg.raw_message
+            parent = propagate.extract(dict(raw.headers or {}))
+            with self.tracer.start_as_current_span(
+                f"{raw.subject} process", context=parent, kind=trace.SpanKind.CONSUMER,
+                attributes={"messaging.system": "nats", "messaging.destination.name": raw.subject},
+            ):  # fmt: skip
+                await self._dispatch(msg, durable, handler, on_reject)
+
         if self.settings.fair_window > 0:
             # Fetch ahead and take the tenants in turn (``mesh_kit.fair``), not the stored order.
             self._fair.append(
@@ -525,7 +537,7 @@ class Mesh:
                     durable.stream,
                     durable.name,
                     self.settings.inbox_prefix + ".",
-                    entry,
+                    fetched,
                     workers=workers,
                     window=self.settings.fair_window,
                     ack_wait_s=self.settings.ack_wait_s,

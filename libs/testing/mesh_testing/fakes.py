@@ -41,7 +41,7 @@ class FakeMesh:
         return BudgetGranted(tenant=m.tenant, task_id=m.task_id, reservation_id=f"r-{m.call_id}",
                              remaining_tokens=100_000)  # fmt: skip
 
-    async def publish(self, m: Any, key: str, causation: str | None = None) -> None:
+    async def publish(self, m: Any, key: str, causation: str | None = None, priority: int | None = None) -> None:
         self.published.append(m)
 
     async def progress(self, *a: Any, **kw: Any) -> None:
