@@ -9,7 +9,10 @@ tenant over a limit gets ``task.rejected`` at once, with a machine-readable ``co
   redelivered submission is not counted twice); the planner releases a task when it ends. A
   task whose end was never recorded (a crash between the two writes) stops counting once its
   deadline and a grace have passed: the budget ends every task by its deadline.
-- a token bucket (``rate_per_s``, ``burst``) for submissions per second.
+- a token bucket (``rate_per_s``, ``burst``) for submissions per second;
+- admitted and refused counts. A refusal writes nothing (it is decided on the record as just
+  read); the refusals a planner made are added to the record with its next write for the
+  tenant (an admission or an end), so ``meshctl status`` may show them a little late.
 
 Limits come from ``MESH_ADMISSION_MAX_IN_FLIGHT``, ``MESH_ADMISSION_RATE_PER_S`` and
 ``MESH_ADMISSION_BURST`` (0: no limit), per tenant from ``MESH_ADMISSION_TENANTS`` (JSON:
@@ -18,7 +21,9 @@ Limits come from ``MESH_ADMISSION_MAX_IN_FLIGHT``, ``MESH_ADMISSION_RATE_PER_S``
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +51,19 @@ class Refusal:
 class Admission:
     def __init__(self, kv: Any, default: Limits, per_tenant: dict[str, Limits] | None = None) -> None:
         self.kv, self.default, self.per_tenant = kv, default, per_tenant or {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._refused: dict[str, Counter[str]] = {}
+        """Refusals not yet in the record: a refusal writes nothing (a burst's refusals would each
+        cost a synced write); they are added to the tenant's record with its next write."""
+
+    def _lock(self, tenant: str) -> asyncio.Lock:
+        """One write at a time per tenant in this process: a burst's concurrent handlers would
+        otherwise collide on the tenant's record and retry their compare-and-sets (other replicas
+        still can, and the compare-and-set keeps that correct)."""
+        lock = self._locks.get(tenant)
+        if lock is None:
+            lock = self._locks[tenant] = asyncio.Lock()
+        return lock
 
     def limits(self, tenant: str) -> Limits:
         return self.per_tenant.get(tenant, self.default)
@@ -85,16 +103,25 @@ class Admission:
                     round(max(0.05, (1.0 - rec.tokens) / lim.rate_per_s), 2),
                 )
             if refusal is not None:
-                rec.refused[refusal.code] = rec.refused.get(refusal.code, 0) + 1
-                return rec
+                return None  # nothing changes (decided on a value just read: see state.update)
             if lim.rate_per_s:
                 rec.tokens -= 1.0
             rec.in_flight[task_id] = at + deadline_s + GRACE_S
             rec.admitted += 1
+            self._add_refused(tenant, rec)
             return rec
 
-        await st.update(self.kv, tenant, AdmissionRecord, mutate)
+        async with self._lock(tenant):
+            _, changed = await st.update(self.kv, tenant, AdmissionRecord, mutate)
+            if changed:
+                self._refused.pop(tenant, None)
+            if refusal is not None:
+                self._refused.setdefault(tenant, Counter())[refusal.code] += 1
         return refusal
+
+    def _add_refused(self, tenant: str, rec: AdmissionRecord) -> None:
+        for code, n in self._refused.get(tenant, Counter()).items():
+            rec.refused[code] = rec.refused.get(code, 0) + n
 
     async def release(self, tenant: str, task_id: str, took_s: float | None) -> None:
         """The task ended: it no longer counts (and its duration, if known, feeds ``retry_after_s``)."""
@@ -108,9 +135,13 @@ class Admission:
             del rec.in_flight[task_id]
             if took_s is not None:
                 rec.mean_task_s = took_s if not rec.mean_task_s else 0.9 * rec.mean_task_s + 0.1 * took_s
+            self._add_refused(tenant, rec)
             return rec
 
-        await st.update(self.kv, tenant, AdmissionRecord, mutate)
+        async with self._lock(tenant):
+            _, changed = await st.update(self.kv, tenant, AdmissionRecord, mutate)
+            if changed:
+                self._refused.pop(tenant, None)
 
 
 def parse_tenants(raw: dict[str, dict[str, Any]], default: Limits) -> dict[str, Limits]:
