@@ -13,6 +13,7 @@ import pytest
 from nats.js.errors import KeyNotFoundError
 
 from mesh_kit.guard import CONTROL_BUCKET, GLOBAL_KEY, Guard, tenant_key
+from mesh_kit.view import KeyView
 from mesh_testing.infra import Infra, running_infra
 from meshctl.cli import main
 
@@ -67,7 +68,7 @@ async def switch(infra: Infra, tenant: str) -> tuple[dict | None, str | None]:
         except KeyNotFoundError:  # never written, or deleted
             stored = None
         guard = Guard(mesh=None)  # type: ignore[arg-type]
-        guard.control = kv
+        guard.switch_view = KeyView(nc, kv, CONTROL_BUCKET, max_age_s=0)  # no memory: reads the bucket
         stop = await guard.kill_switch(tenant)
         return stored, stop.reason if stop else None
     finally:

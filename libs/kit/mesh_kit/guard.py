@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from nats.aio.msg import Msg
-from nats.js.errors import KeyNotFoundError
 
 from mesh_contracts import ContractError, parse_message
 from mesh_contracts.v1 import ControlCancel, ControlHalt, ControlResume
@@ -68,8 +67,6 @@ class Stopped(Exception):
 class Guard:
     def __init__(self, mesh: Mesh) -> None:
         self.mesh = mesh
-        self.tasks: Any = None
-        self.control: Any = None
         self.status_view: KeyView | None = None
         self.switch_view: KeyView | None = None
         self.seen: dict[tuple[str, str], Stop] = {}  # from control messages, newest wins
@@ -77,11 +74,10 @@ class Guard:
         self._sub: Any = None
 
     async def start(self) -> None:
-        self.tasks = await self.mesh.kv(StatusRecord.bucket)
-        self.control = await self.mesh.kv(CONTROL_BUCKET)
-        max_age = self.mesh.settings.guard_view_s
-        self.status_view = KeyView(self.mesh.nc, self.tasks, StatusRecord.bucket, max_age_s=max_age)
-        self.switch_view = KeyView(self.mesh.nc, self.control, CONTROL_BUCKET, max_age_s=max_age, size=10_000)
+        nc, max_age = self.mesh.nc, self.mesh.settings.guard_view_s
+        status, control = await self.mesh.kv(StatusRecord.bucket), await self.mesh.kv(CONTROL_BUCKET)
+        self.status_view = KeyView(nc, status, StatusRecord.bucket, max_age_s=max_age)
+        self.switch_view = KeyView(nc, control, CONTROL_BUCKET, max_age_s=max_age, size=10_000)
         await self.status_view.start()
         await self.switch_view.start()
         self._sub = await self.mesh.nc.subscribe("control.*.*.*.*", cb=self._on_control)
@@ -107,25 +103,10 @@ class Guard:
         elif isinstance(model, ControlCancel):
             self.seen[key] = Stop(f"task cancelled by {sender.name}: {model.reason}")
 
-    async def _switch(self, key: str) -> bytes:
-        if self.switch_view is not None:
-            return await self.switch_view.get(key) or b""
-        try:
-            return (await self.control.get(key)).value or b""
-        except KeyNotFoundError:
-            return b""
-
-    async def _status(self, tenant: str, task_id: str) -> StatusRecord | None:
-        if self.status_view is None:
-            from mesh_kit import state as st
-
-            return await st.task_status(self.tasks, tenant, task_id)
-        raw = await self.status_view.get(TaskRecord.key(tenant, task_id))
-        return StatusRecord.model_validate_json(raw) if raw else None
-
     async def kill_switch(self, tenant: str) -> Stop | None:
+        assert self.switch_view is not None, "the guard is started with the mesh"
         scopes = ((GLOBAL_KEY, "global"), (tenant_key(tenant), f"tenant {tenant}"))
-        values = [await self._switch(key) for key, _ in scopes]  # from memory, nearly always
+        values = [await self.switch_view.get(key) for key, _ in scopes]  # from memory, nearly always
         for (_, scope), value in zip(scopes, values, strict=True):
             if value:
                 why = json.loads(value).get("reason", "")
@@ -134,10 +115,11 @@ class Guard:
 
     async def check(self, tenant: str, task_id: str) -> Stop | None:
         """The reason the task must not make its next call, or None."""
-        if self.control is None:  # not started (in-memory tests): nothing to consult
+        if self.status_view is None:  # not started (in-memory tests): nothing to consult
             return None
         stop = await self.kill_switch(tenant)
-        rec = await self._status(tenant, task_id)
+        raw = await self.status_view.get(TaskRecord.key(tenant, task_id))
+        rec = StatusRecord.model_validate_json(raw) if raw else None
         if stop is not None:
             return stop
         if rec is not None and rec.status == "halted":
