@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -112,9 +113,7 @@ class Admission:
             return rec
 
         async with self._lock(tenant):
-            _, changed = await st.update(self.kv, tenant, AdmissionRecord, mutate)
-            if changed:
-                self._refused.pop(tenant, None)
+            await self._write(tenant, mutate)
             if refusal is not None:
                 self._refused.setdefault(tenant, Counter())[refusal.code] += 1
         return refusal
@@ -122,6 +121,13 @@ class Admission:
     def _add_refused(self, tenant: str, rec: AdmissionRecord) -> None:
         for code, n in self._refused.get(tenant, Counter()).items():
             rec.refused[code] = rec.refused.get(code, 0) + n
+
+    async def _write(self, tenant: str, mutate: Callable[[AdmissionRecord | None], AdmissionRecord | None]) -> None:
+        """Compare-and-set the tenant's record (under its lock); a write carried the refusals
+        counted so far (``mutate`` added them), so they are no longer pending."""
+        _, changed = await st.update(self.kv, tenant, AdmissionRecord, mutate)
+        if changed:
+            self._refused.pop(tenant, None)
 
     async def release(self, tenant: str, task_id: str, took_s: float | None) -> None:
         """The task ended: it no longer counts (and its duration, if known, feeds ``retry_after_s``)."""
@@ -139,9 +145,7 @@ class Admission:
             return rec
 
         async with self._lock(tenant):
-            _, changed = await st.update(self.kv, tenant, AdmissionRecord, mutate)
-            if changed:
-                self._refused.pop(tenant, None)
+            await self._write(tenant, mutate)
 
 
 def parse_tenants(raw: dict[str, dict[str, Any]], default: Limits) -> dict[str, Limits]:
