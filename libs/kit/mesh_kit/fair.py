@@ -137,7 +137,6 @@ class FairConsumer:
         self._tasks: list[asyncio.Task[None]] = []
         self._psub: Any = None
         self._stopping = False
-        self.fetches = 0
 
     async def start(self) -> None:
         js = self._nc().jetstream()  # the connection as it is once the mesh has connected
@@ -161,7 +160,6 @@ class FairConsumer:
                 await self._changed.wait()
                 continue
             try:
-                self.fetches += 1
                 # A pull request for as many as the handlers can take at once, never the whole
                 # window: the server serves waiting requests in turn, so with small requests every
                 # replica gets its share of a backlog (one replica asking for 256 would take it all
@@ -222,11 +220,14 @@ class FairConsumer:
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
+        if self._psub is not None:
+            # First: a pull request of ours still waiting at the server would be handed the very
+            # messages NAKed below, into an inbox about to go away (back only after ack_wait).
+            with contextlib.suppress(Exception):
+                await self._psub.unsubscribe()
+                await self._nc().flush()
         for item in self.queue.drain():
             with contextlib.suppress(Exception):
                 await item.nack()  # another replica (or this one, restarted) takes it at once
         if self.running:
             await asyncio.wait(set(self.running), timeout=self.graceful_s)
-        if self._psub is not None:
-            with contextlib.suppress(Exception):
-                await self._psub.unsubscribe()
