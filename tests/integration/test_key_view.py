@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import asyncio
 
-import nats
 import pytest
-from integration_helpers import eventually, running, settings_for
+from integration_helpers import connect, eventually, running, settings_for
 from nats.js.errors import KeyWrongLastSequenceError
 
 from mesh_contracts import topology as topo
@@ -160,8 +159,7 @@ async def test_the_guard_sees_a_kill_switch_and_a_halt_without_reading_per_call(
         assert guard.switch_view is not None and guard.status_view is not None
         assert guard.switch_view.reads == 2 and guard.status_view.reads == 1, "two switches and one status, read once"
 
-        admin = await nats.connect(integration_infra.nats_url, **integration_infra.ids.connect_options("admin"))
-        try:
+        async with connect(integration_infra, "admin") as admin:
             kv = await admin.jetstream().key_value("control")
             await kv.put("kill.tenant.acme", b'{"reason": "incident 7"}')
             stop = await eventually(lambda: guard.check("acme", task), timeout=5, what="the kill switch")
@@ -169,8 +167,6 @@ async def test_the_guard_sees_a_kill_switch_and_a_halt_without_reading_per_call(
             assert await guard.check("globex", task) is None, "another tenant goes on"
             await kv.delete("kill.tenant.acme")
             await eventually(lambda: _none(guard.check("acme", task)), timeout=5, what="the switch off")
-        finally:
-            await admin.close()
         assert guard.switch_view.reads <= 3 and guard.status_view.reads <= 2
 
 

@@ -10,7 +10,6 @@ import statistics
 import time
 from collections.abc import Iterator
 
-import nats
 import pytest
 
 from mesh_contracts.v1 import TaskCompleted, TaskRejected
@@ -135,7 +134,7 @@ async def test_a_quiet_tenant_is_not_starved_by_another_tenants_burst(infra, mes
 
 
 async def _admission(infra: Infra, tenant: str) -> AdmissionRecord:
-    nc = await nats.connect(infra.nats_url, **infra.ids.connect_options("admin"))
+    nc = await infra.admin()
     try:
         kv = await nc.jetstream().key_value(AdmissionRecord.bucket)
         return AdmissionRecord.model_validate_json((await kv.get(tenant)).value)
