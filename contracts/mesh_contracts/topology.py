@@ -268,7 +268,12 @@ MAX_DELIVER = 5
 """Attempts before a failing message is dead-lettered by the consuming service."""
 RETRY_DELAYS_S = (0.5, 2.0, 5.0, 10.0)
 """NAK delay after attempt 1, 2, 3, 4 (exponential-ish; the last one repeats)."""
-SERVER_MAX_DELIVER = MAX_DELIVER + 1
-"""The server's own cap, one above the runtime's: if a consumer crashes on every attempt
-(and so can never dead-letter), the server stops redelivering and its MAX_DELIVERIES
-advisory lands in the DLQ stream instead."""
+SPENT_DELIVERIES = 2
+"""Deliveries a message may spend without an attempt: a replica that dies holds the messages it
+fetched ahead for fair scheduling (``mesh_kit.fair``), and each comes back with one delivery
+spent. The server's cap leaves room for them, so a crash loop of replicas does not use up a
+message no handler ever ran."""
+SERVER_MAX_DELIVER = MAX_DELIVER + 1 + SPENT_DELIVERIES
+"""The server's own cap, above the runtime's: if a consumer crashes on every attempt (and so
+can never dead-letter), the server stops redelivering and its MAX_DELIVERIES advisory lands in
+the DLQ stream instead."""

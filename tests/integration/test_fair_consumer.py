@@ -13,7 +13,10 @@ import pytest
 from integration_helpers import connect
 from nats.js import api
 
+from mesh_contracts import topology as topo
+from mesh_contracts.v1 import TaskSubmitted
 from mesh_kit.fair import PRIORITY, FairConsumer, Fetched
+from meshctl.provision import consumer_config
 
 pytestmark = pytest.mark.integration
 
@@ -107,3 +110,46 @@ async def test_waiting_messages_outlive_ack_wait_and_are_handed_back_on_stop(nc)
         "the waiting five are available again at once (not after ack_wait), none lost"
     )
     assert all(m.metadata.num_delivered == 2 for m in back)
+
+
+async def test_work_a_crash_loop_of_replicas_held_is_still_handled_and_goes_first(integration_infra, nc):
+    """kill -9 of a replica hands nothing back: what it fetched ahead returns after ack_wait with a
+    delivery spent and no attempt made. A cohort held by one dead replica after another keeps
+    coming back (the provisioned cap leaves room for it) and is handled once a replica lives.
+    (That it then goes ahead of its tenant's fresh work is the queue's order: the unit tests.)"""
+    name = "FAIRC"
+    js = nc.jetstream()
+    with contextlib.suppress(nats.js.errors.NotFoundError):
+        await js.delete_stream(name)
+    await js.add_stream(api.StreamConfig(name=name, subjects=["fairc.>"]))
+    durable = topo.Durable("worker", name, "d", "fairc.>", TaskSubmitted)
+    await js.add_consumer(name, consumer_config(durable, ack_wait_s=0.5))
+    for i in range(3):
+        await js.publish(f"fairc.v1.acme.held{i}.x", b"h")
+    deaths = topo.MAX_DELIVER + 1  # the cap before replicas fetched ahead: the cohort would be gone
+    for _ in range(deaths):
+        async with connect(integration_infra, "admin") as doomed:  # a replica that dies holding it
+            psub = await doomed.jetstream().pull_subscribe_bind("d", name)
+            held = await psub.fetch(3, timeout=5)
+            assert len(held) == 3
+        await asyncio.sleep(0.6)  # ack_wait runs out: back, one more delivery spent
+    for i in range(3):
+        await js.publish(f"fairc.v1.acme.fresh{i}.x", b"f")
+    order: list[tuple[str, int]] = []
+
+    async def handle(m: Fetched) -> None:
+        order.append((m.raw_message.subject.split(".")[3], m.raw_message.metadata.num_delivered))
+        await m.ack()
+
+    fair = FairConsumer(lambda: nc, name, "d", "_INBOX", handle, workers=1, window=8, ack_wait_s=30, graceful_s=5)
+    await fair.start()
+    try:
+        deadline = time.monotonic() + 10
+        while len(order) < 6 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+    finally:
+        await fair.stop()
+    assert sorted(s for s, _ in order) == sorted([f"held{i}" for i in range(3)] + [f"fresh{i}" for i in range(3)])
+    assert all(n == deaths + 1 for s, n in order if s.startswith("held")), order
+    info = await js.consumer_info(name, "d")
+    assert info.num_ack_pending == 0 and info.num_pending == 0

@@ -13,15 +13,21 @@ from mesh_kit.fair import FairQueue, Fetched, priority_of, tenant_of
 pytestmark = pytest.mark.unit
 
 
+class _Metadata:
+    def __init__(self, num_delivered: int) -> None:
+        self.num_delivered = num_delivered
+
+
 class _Raw:
-    def __init__(self, tenant: str, n: int, priority: int | None = None) -> None:
+    def __init__(self, tenant: str, n: int, priority: int | None = None, delivered: int = 1) -> None:
         self.subject = f"step.v1.{tenant}.t{n}.requested"
         self.headers = {"Mesh-Priority": str(priority)} if priority is not None else {}
+        self.metadata = _Metadata(delivered)
         self.n = n
 
 
-def _item(tenant: str, n: int, priority: int | None = None) -> Fetched:
-    return Fetched(_Raw(tenant, n, priority))
+def _item(tenant: str, n: int, priority: int | None = None, delivered: int = 1) -> Fetched:
+    return Fetched(_Raw(tenant, n, priority, delivered))
 
 
 def test_a_burst_does_not_go_first_and_priorities_order_a_tenant():
@@ -33,6 +39,20 @@ def test_a_burst_does_not_go_first_and_priorities_order_a_tenant():
     order = [(i.tenant, i.raw_message.n) for i in (q.pop() for _ in range(len(q)))]
     assert order[:3] == [("burst", 5), ("quiet", 100), ("burst", 0)], "the quiet tenant's turn comes second"
     assert [n for t, n in order if t == "burst"] == [5, 0, 1, 2, 3, 4], "priority 9 first, then stored order"
+
+
+def test_redelivered_work_goes_first_within_its_tenant_and_only_there():
+    """A message a dead replica held comes back with a delivery spent; waiting behind fresh work in
+    queue after queue it could spend them all without one attempt. It goes first in its tenant's
+    turn (even before a higher priority), and never ahead of another tenant's turn."""
+    q = FairQueue()
+    for n in range(3):
+        q.put(_item("burst", n, priority=9))
+    q.put(_item("quiet", 100))
+    q.put(_item("burst", 50, delivered=2))
+    order = [(i.tenant, i.raw_message.n) for i in (q.pop() for _ in range(len(q)))]
+    assert order[:3] == [("burst", 50), ("quiet", 100), ("burst", 0)]
+    assert _item("a", 1, delivered=3).redelivered and not _item("a", 1).redelivered
 
 
 @given(st.lists(st.tuples(st.sampled_from("abcd"), st.integers(0, 9)), max_size=60))

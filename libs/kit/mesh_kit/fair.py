@@ -5,7 +5,16 @@ A durable consumer hands out messages in the order they were stored, so a tenant
 up to ``window`` messages ahead from the service's durable (batched pull requests, the same
 durable and rights as before) and keeps them in one queue per tenant (the subject's tenant
 token). Its handlers take the next message from the tenants in turn (round robin), and within a
-tenant the highest ``Mesh-Priority`` first (0 to 9, default 5; then in stored order).
+tenant a redelivered message first, then the highest ``Mesh-Priority`` (0 to 9, default 5), then
+stored order.
+
+Why redelivered first: a replica that dies (kill -9, OOM) takes the messages waiting in its queue
+with it; they come back after ``ack_wait`` with one delivery spent although no handler ever ran.
+Messages travel in cohorts (fetched together, redelivered together), so a cohort that waits in
+queue after queue behind fresh work can spend its deliveries in a crash loop and reach the
+server's cap without one attempt. Taking redelivered work first bounds that to one spent
+delivery per crash of the replica actually handling it, as without fetching ahead (and it is the
+oldest work anyway). ``topology.SERVER_MAX_DELIVER`` leaves room for those spent deliveries.
 
 Nothing is lost or reordered across a failure: a fetched message stays unacknowledged until its
 handler acks it, the ones waiting here are kept alive with in-progress acks (so ``ack_wait``
@@ -47,16 +56,24 @@ def tenant_of(subject: str) -> str:
     return parts[2] if len(parts) >= 5 else ""
 
 
+def _deliveries(raw: Any) -> int:
+    try:
+        return int(raw.metadata.num_delivered)
+    except Exception:  # noqa: BLE001 - not a JetStream message (reply subject without metadata)
+        return 1
+
+
 class Fetched:
     """A fetched JetStream message with the controls the mesh's dispatch uses (the same names as
     FastStream's ``NatsMessage``)."""
 
-    __slots__ = ("fetched_at", "priority", "raw_message", "tenant")
+    __slots__ = ("fetched_at", "priority", "raw_message", "redelivered", "tenant")
 
     def __init__(self, raw: Any) -> None:
         self.raw_message = raw
         self.tenant = tenant_of(raw.subject)
         self.priority = priority_of(raw.headers)
+        self.redelivered = _deliveries(raw) > 1
         self.fetched_at = time.monotonic()
 
     async def ack(self) -> None:
@@ -73,10 +90,11 @@ class Fetched:
 
 
 class FairQueue:
-    """One queue per tenant (highest priority first, then arrival), served round robin."""
+    """One queue per tenant (redelivered first, then highest priority, then arrival), served round
+    robin."""
 
     def __init__(self) -> None:
-        self._queues: dict[str, list[tuple[int, int, Fetched]]] = {}
+        self._queues: dict[str, list[tuple[bool, int, int, Fetched]]] = {}
         self._turn: deque[str] = deque()
         self._order = itertools.count()
         self._n = 0
@@ -89,13 +107,13 @@ class FairQueue:
         if q is None:
             q = self._queues[item.tenant] = []
             self._turn.append(item.tenant)
-        heapq.heappush(q, (-item.priority, next(self._order), item))
+        heapq.heappush(q, (not item.redelivered, -item.priority, next(self._order), item))
         self._n += 1
 
     def pop(self) -> Fetched:
         tenant = self._turn.popleft()
         q = self._queues[tenant]
-        _, _, item = heapq.heappop(q)
+        *_, item = heapq.heappop(q)
         self._n -= 1
         if q:
             self._turn.append(tenant)  # its next message waits for every other tenant's turn
@@ -104,7 +122,7 @@ class FairQueue:
         return item
 
     def items(self) -> list[Fetched]:
-        return [item for q in self._queues.values() for _, _, item in q]
+        return [entry[-1] for q in self._queues.values() for entry in q]
 
     def drain(self) -> list[Fetched]:
         out = self.items()
