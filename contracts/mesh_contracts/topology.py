@@ -23,6 +23,7 @@ STREAMS: dict[str, str] = {
     "control": "CONTROL",
     "approval": "APPROVAL",
     "event": "EVENTS",
+    "audit": "AUDIT",
 }
 DLQ_STREAM = "DLQ"
 DLQ_PREFIX = "dlq"
@@ -105,6 +106,13 @@ BUCKETS: tuple[Bucket, ...] = (
         "submission token bucket and its admitted/refused counts (compare-and-set). meshctl status reads it.",
     ),
     Bucket("steps", writer="worker", description="Agent-loop checkpoints, one key per step."),
+    Bucket(
+        "anchors",
+        writer="budget",
+        history=64,
+        description="Audit chain anchors, one key per tenant: the budget's signed statement of a chain's length "
+        "and head hash, written now and then. meshctl audit verify holds the chain to them (a cut tail shows).",
+    ),
     Bucket("budget", writer="budget", description="Settled spend per task and per tenant-day, breaker trips."),
     Bucket(
         "reservations",

@@ -31,7 +31,9 @@ from mesh_kit.settings import BROKER_UNAVAILABLE
 from mesh_llm.resilience import BreakerPolicy
 from mesh_testing.chaos import ChaosMesh, report
 from mesh_testing.infra import Infra, running_infra
+from meshctl import audit
 from meshctl.cli import main
+from meshctl.provision import provision
 
 pytestmark = pytest.mark.chaos
 GOAL = "How does AgentMesh avoid duplicate side effects? Also compute 17 * 23."
@@ -40,6 +42,8 @@ ENV = {
     "MESH_RETRY_DELAYS_S": "[0.2, 0.5, 1, 2]",
     "MESH_LOG_LEVEL": "WARNING",
     "MESH_BUDGET_PROVIDER_COOLDOWN_S": "3",
+    "MESH_BUDGET_AUDIT_ANCHOR_S": "1",
+    "MESH_TOOL_POLICY": '{"send_email": {"rate_per_min": 0}}',
 }
 
 
@@ -384,3 +388,98 @@ async def test_an_operator_halts_resumes_and_cancels_running_tasks_with_meshctl(
     stages = [e.stage for e in halted.events]
     assert stages.index("task.halted") < stages.index("task.resumed"), stages
     assert "already finished" in capsys.readouterr().err
+
+
+async def test_the_audit_chain_holds_every_writers_decisions_and_names_a_tampered_record(infra, mesh, capsys):
+    """A tool-policy decision (tool-executor), a loop trip (both budget replicas see it: stored
+    once), the cancel it caused (planner) and an operator's kill switch (meshctl) land in globex's
+    chain; ``meshctl audit verify`` proves it whole. Then an admin rewrites history the one way the
+    stream allows (it refuses deletes: re-create it): without one record, verify names that record;
+    with the tail cut, the budget's anchor shows it."""
+
+    def ctl(*args: str) -> int:
+        return main(["--home", str(infra.home), *args, "--nats-url", infra.nats_url])
+
+    loop = "Loop drill. " + plan(
+        {"step_id": "s1", "kind": "compute", "tools": ["calculator"], "instruction": "#loop keep checking 1 + 1"},
+    )
+    email = "How does AgentMesh avoid duplicate side effects? Also compute 17 * 23, and email the answer to ops@globex.test."
+    async with infra.client("globex") as g:
+        sent, looped = await asyncio.gather(
+            g.submit(email, task_id="audit-email", timeout=60), g.submit(loop, task_id="audit-loop", timeout=60)
+        )
+    assert isinstance(sent.outcome, TaskCompleted) and isinstance(looped.outcome, TaskFailed), looped.outcome
+    assert await asyncio.to_thread(ctl, "kill-switch", "on", "--tenant", "globex", "--reason", "audit drill") == 0
+    assert await asyncio.to_thread(ctl, "kill-switch", "off", "--tenant", "globex") == 0
+    admin = await infra.admin()
+    try:
+        # The planner records a control action before applying it: a task the cancel ended has its
+        # record already. (If the step failed on its own first, the cancel arrives after the end.)
+        cancelled = "cancelled by budget" in looped.outcome.reason
+        deadline = time.monotonic() + (0 if cancelled else 10)
+        while not [s for s in await audit.chain(admin, "globex") if b'"control.cancel"' in s.data]:
+            assert time.monotonic() < deadline, f"no control.cancel record; the task ended: {looped.outcome.reason}"
+            await asyncio.sleep(0.2)
+        head = await _anchored(admin, "globex")
+        capsys.readouterr()
+        assert await asyncio.to_thread(ctl, "audit", "verify", "--tenant", "globex", "--json") == 0
+        verdict = json.loads(capsys.readouterr().out)
+        assert verdict["whole"] and verdict["stream_protected"] and verdict["anchors"] >= 1, verdict
+        kinds = verdict["kinds"]
+        assert kinds.get("budget.loop") == 1, f"two budget replicas, one record: {kinds}"
+        assert kinds.get("control.cancel") == 1 and kinds.get("control.kill-switch-on") == 1, kinds
+        assert kinds.get("control.kill-switch-off") == 1 and any(k.startswith("tool.") for k in kinds), kinds
+        assert await asyncio.to_thread(ctl, "audit", "chain", "--tenant", "globex", "--task", "audit-loop") == 0
+        listing = capsys.readouterr().out
+        assert "budget.loop" in listing and "control.cancel" in listing and "tool." not in listing, listing
+
+        stored = await audit.chain(admin, "globex")
+        tool = next(json.loads(s.data)["n"] for s in stored if json.loads(s.data)["kind"].startswith("tool."))
+        everything = await audit._all(admin, "AUDIT", "audit.>")
+
+        def globex_n(s) -> int:
+            return json.loads(s.data)["n"] if s.subject.startswith("audit.v1.globex.") else 0
+
+        await _rewrite(admin, [s for s in everything if globex_n(s) != tool])
+        assert await asyncio.to_thread(ctl, "audit", "verify", "--tenant", "globex") == 1
+        out = capsys.readouterr().out
+        assert f"BROKEN at record {tool}: record {tool} missing" in out, out
+
+        await _rewrite(admin, [s for s in everything if globex_n(s) <= head - 2])
+        assert await asyncio.to_thread(ctl, "audit", "verify", "--tenant", "globex") == 1
+        out = capsys.readouterr().out
+        assert f"the chain ends at record {head - 2}" in out and "tail was cut" in out, out
+        report("audit chain", records=verdict["records"], kinds=len(kinds), anchors=verdict["anchors"])
+    finally:
+        await admin.close()
+
+
+async def _anchored(admin, tenant: str) -> int:
+    """Wait for the budget to anchor the chain's current head (MESH_BUDGET_AUDIT_ANCHOR_S=1)."""
+    deadline = time.monotonic() + 15
+    while True:
+        stored = await audit.chain(admin, tenant)
+        n = json.loads(stored[-1].data)["n"] if stored else 0
+        anchors = await audit.anchors(admin, tenant)
+        if anchors and n and f'"n":{n},' in _claims(anchors[-1].statement):
+            return n
+        assert time.monotonic() < deadline, f"no anchor of record {n} within 15 s"
+        await asyncio.sleep(0.3)
+
+
+def _claims(statement: str) -> str:
+    import base64
+
+    body = statement.split(".")[1]
+    return base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)).decode().replace(" ", "")
+
+
+async def _rewrite(admin, keep: list) -> None:
+    """What an admin who wants a record gone must do: delete the stream, provision it again,
+    publish back what is to stay (bodies and signed headers as they were)."""
+    js = admin.jetstream()
+    await js.delete_stream("AUDIT")
+    await provision(admin)
+    for s in keep:
+        headers = {k: v for k, v in s.headers.items() if k == "Nats-Msg-Id" or not k.startswith("Nats-")}
+        await js.publish(s.subject, s.data, headers=headers, stream="AUDIT")

@@ -65,6 +65,7 @@ HISTORICAL = {
             "horizon_poll_s",
             "lookback_s",
             "tick_s",
+            "audit_anchor_s",
             "watch_poll_s",
             "loop_repeats",
             "chatter_window_s",

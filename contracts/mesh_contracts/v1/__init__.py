@@ -3,6 +3,7 @@
 Evolve by adding optional fields with defaults; a breaking change is ``v2/``.
 """
 
+from mesh_contracts.v1.audit import AuditRecorded
 from mesh_contracts.v1.budget import BudgetDenied, BudgetGranted, BudgetReserve, UsageRecorded
 from mesh_contracts.v1.check import CheckRequested, CheckVerdict
 from mesh_contracts.v1.common import (
@@ -77,6 +78,7 @@ ALL = (
     ApprovalDecided,
     ProgressEvent,
     TokenDelta,
+    AuditRecorded,
 )
 
 # Spelled out (not computed from ALL) so type checkers see what the package exports.
@@ -85,6 +87,7 @@ __all__ = [
     "DOCUMENT_TYPES",
     "ApprovalDecided",
     "ApprovalRequested",
+    "AuditRecorded",
     "BudgetDenied",
     "BudgetGranted",
     "BudgetReserve",

@@ -44,6 +44,7 @@ from mesh_contracts.v1 import ProgressEvent
 from mesh_kit import envelope as env
 from mesh_kit import faults
 from mesh_kit import telemetry as tel
+from mesh_kit.chain import AuditChain, Head
 from mesh_kit.fair import PRIORITY, FairConsumer, Fetched
 from mesh_kit.guard import Guard
 from mesh_kit.identity import IdentityError, Principal, Signer, TrustBundle, Verifier, load_private_key
@@ -187,6 +188,7 @@ class Mesh:
         self._on_stop: list[Callable[[], Awaitable[None]]] = []
         self._identity_tasks: list[asyncio.Task[None]] = []
         self._fair: list[FairConsumer] = []
+        self._chain: AuditChain | None = None
         self.limits = DecodeLimits(
             max_bytes=settings.decode_max_bytes,
             max_depth=settings.decode_max_depth,
@@ -209,6 +211,25 @@ class Mesh:
         if name not in self._counters:
             self._counters[name] = self._meter.create_counter(name, unit="{event}")
         self._counters[name].add(1, {"service": self.service})
+
+    async def audit(
+        self, tenant: str, task_id: str, kind: str, key: str, *, actor: str = "", source: str = "",
+        detail: dict[str, Any] | None = None,
+    ) -> int:  # fmt: skip
+        """Append a decision to the tenant's tamper-evident audit chain (``mesh_kit.chain``); ``key``
+        names the decision, so a retry of it is stored once. Returns its position (0: a retry)."""
+        return await self.chain.append(tenant, task_id, kind, key, actor=actor, source=source, detail=detail)
+
+    async def audit_head(self, tenant: str) -> Head:
+        """Where the tenant's audit chain ends now (read from the stream)."""
+        return await self.chain.head(tenant)
+
+    @property
+    def chain(self) -> AuditChain:
+        """This service's appender to the tenants' audit chains (created on first use)."""
+        if self._chain is None:
+            self._chain = AuditChain(lambda: self.nc, lambda: self.signer)
+        return self._chain
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -421,7 +442,8 @@ class Mesh:
             raise PermissionViolation(f"{self.service} is not a declared producer of {model.type}")
         body = model.to_bytes()
         msg_id = env.message_id(model.type, model.tenant, model.task_id, key)
-        headers = env.headers_for(self.signer, model, body, msg_id, causation)
+        # Unless told otherwise, what a handler publishes was caused by the message it handles.
+        headers = env.headers_for(self.signer, model, body, msg_id, causation or env.CAUSE.get() or None)
         if priority is not None:
             headers[PRIORITY] = str(priority)
         try:
@@ -594,7 +616,11 @@ class Mesh:
             span.set_attributes({tel.A_TENANT: model.tenant, tel.A_TASK: model.task_id, tel.A_MSG_TYPE: model.type})
             try:
                 faults.poison_point(raw.data)
-                await self._run(handler, model, delivery)
+                cause = env.CAUSE.set(msg_id)
+                try:
+                    await self._run(handler, model, delivery)
+                finally:
+                    env.CAUSE.reset(cause)
             except Reject as exc:
                 self.count(tel.M_DEAD_LETTERED)
                 reason = f"rejected by handler: {exc}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -14,6 +15,9 @@ TASK = "Mesh-Task"
 CAUSATION = "Mesh-Causation"
 IDENTITY = "Mesh-Identity"
 MSG_ID = "Nats-Msg-Id"
+CAUSE: ContextVar[str] = ContextVar("mesh_cause", default="")
+"""The id of the message being handled (set around each handler): the causation of what the
+handler publishes unless it names another (``meshctl history`` orders a task's story by it)."""
 
 DLQ_REASON = "Mesh-Dlq-Reason"
 DLQ_KIND = "Mesh-Dlq-Kind"  # "rejected" (never valid) or "failed" (valid, handler gave up)

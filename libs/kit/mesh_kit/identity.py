@@ -407,6 +407,18 @@ class Verifier:
             raise IdentityError(f"{what} issuer {claims['iss']!r} does not match key id {name!r}")
         return principal, claims
 
+    def statement(
+        self, token: str, *, kind: str, roles: tuple[str, ...], require: list[str], at: float | None = None
+    ) -> tuple[Principal, dict[str, Any]]:
+        """A signed statement of ``kind`` (``Signer.statement``) by one of ``roles``, judged at
+        ``at`` (when it was stored: a retired key still vouches for what it signed before)."""
+        principal, claims = self._decode(token, ["iss", "typ", "iat", *require], f"{kind} statement", at)
+        if claims["typ"] != kind:
+            raise IdentityError(f"a {claims['typ']!r} statement, not {kind!r}")
+        if principal.role not in roles:
+            raise IdentityError(f"{principal.name} may not sign {kind} statements ({', '.join(roles)} only)")
+        return principal, claims
+
     def redrive(
         self, statement: str | None, *, subject: str, body: bytes, msg_id: str, at: float | None = None
     ) -> Redrive:

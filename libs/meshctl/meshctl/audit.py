@@ -1,4 +1,5 @@
-"""Where a tenant's tool effects went: the ``tool.audited`` records that name a destination.
+"""Where a tenant's tool effects went (the ``tool.audited`` records that name a destination),
+and its tamper-evident audit chain: listed, and verified whole or broken at the first bad link.
 
 The records keep each destination's domain or host in clear, a keyed hash, and the whole value
 sealed to the tenant's auditor key (``secrets/keys/auditor.<tenant>.key``, minted by ``meshctl
@@ -11,12 +12,17 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import time
 from pathlib import Path
 from typing import Any
 
 import nats
 from nacl.exceptions import CryptoError
 from nacl.public import PrivateKey, SealedBox
+
+from mesh_contracts import topology as topo
+from mesh_kit.chain import Anchor, Verdict, chain_filter, parse
+from mesh_kit.tail import DirectGetError, Reader, Stored
 
 READ_TIMEOUT_S = 0.5
 
@@ -92,4 +98,70 @@ def render(rows: list[dict[str, Any]]) -> str:
             f"{r['task_id'][:18]:18} {r['decision'][:18]:18} {r['tool'][:12]:12} {r['arg'][:5]:5} {goal:4} "
             f"{r['where']} -> {r['value']}"
         )
+    return "\n".join(lines)
+
+
+# --- the tamper-evident chain (``mesh_contracts.v1.audit``, ``mesh_kit.chain``) -------------------
+
+
+async def chain(nc: nats.NATS, tenant: str) -> list[Stored]:
+    """Every retained record of ``tenant``'s audit chain, in stored order (direct gets)."""
+    return await _all(nc, topo.STREAMS["audit"], chain_filter(tenant))
+
+
+async def anchors(nc: nats.NATS, tenant: str) -> list[Anchor]:
+    """Every retained anchor of ``tenant``'s chain (KV ``anchors`` keeps a key's last 64)."""
+    return [
+        Anchor(s.data.decode(), s.time)
+        for s in await _all(nc, "KV_anchors", f"$KV.anchors.{tenant}")
+        if s.data and s.operation is None
+    ]
+
+
+async def _all(nc: nats.NATS, stream: str, subject: str) -> list[Stored]:
+    reader = Reader(nc, stream)
+    out: list[Stored] = []
+    try:
+        seq = 1
+        while True:
+            try:
+                batch = await reader.read(seq=seq, subject=subject)
+            except DirectGetError as exc:
+                if "no responders" in str(exc):
+                    return out  # the stream does not exist (yet): nothing recorded
+                raise
+            out += batch.messages
+            if not batch.messages or (batch.complete and batch.pending == 0):
+                return out
+            seq = batch.messages[-1].seq + 1
+    finally:
+        await reader.close()
+
+
+def render_chain(records: list[Stored], task: str = "") -> str:
+    lines = [f"{'N':>6} {'WHEN (UTC)':19} {'TASK':18} {'KIND':28} ACTOR"]
+    for s in records:
+        r = parse(s.data)
+        if task and r.task_id != task:
+            continue
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(s.time))
+        lines.append(f"{r.n:>6} {when:19} {r.task_id[:18]:18} {r.kind[:28]:28} {r.actor}")
+    return "\n".join(lines) if len(lines) > 1 else "no audit record"
+
+
+def render_verdict(v: Verdict, protected: bool | None) -> str:
+    if v.ok:
+        head = f"record {v.head.n}, sha256 {v.head.hash}" if v.head else "empty"
+        lines = [
+            f"audit chain of {v.tenant}: whole. {v.records} records (from record {v.first or '-'}), head {head}",
+            f"anchors held against it: {v.anchors}",
+        ]
+    else:
+        lines = [f"audit chain of {v.tenant}: BROKEN at record {v.broken_at}: {v.reason}",
+                 f"(records checked before the break: {v.records})"]  # fmt: skip
+    if v.kinds:
+        lines.append("kinds: " + ", ".join(f"{k} {n}" for k, n in sorted(v.kinds.items())))
+    lines += [f"note: {n}" for n in v.notes]
+    if protected is False:
+        lines.append("WARNING: the AUDIT stream allows deletes or purges (was it re-created outside provisioning?)")
     return "\n".join(lines)

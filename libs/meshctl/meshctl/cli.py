@@ -23,6 +23,7 @@ import nats
 from nats.js.kv import KeyValue
 
 from mesh_contracts import SERVICES
+from mesh_contracts import topology as topo
 from mesh_contracts.v1 import (
     DOCUMENT_TYPES,
     HeldCall,
@@ -34,7 +35,7 @@ from mesh_contracts.v1 import (
 )
 from mesh_contracts.v1.records import AdmissionRecord
 from mesh_kit.guard import CONTROL_BUCKET, GLOBAL_KEY, tenant_key
-from mesh_kit.identity import Signer
+from mesh_kit.identity import Signer, TrustBundle, Verifier
 from mesh_kit.settings import log_nats_error, nats_servers
 from meshctl import budget as spend
 from meshctl import local
@@ -147,7 +148,11 @@ def cmd_provision(args: argparse.Namespace) -> int:
     async def run() -> None:
         nc = await _admin(args)
         try:
-            report = await provision(nc, replicas=args.replicas)
+            days = {
+                "retention_s": args.retention_days and args.retention_days * 86400.0,
+                "audit_retention_s": args.audit_retention_days and args.audit_retention_days * 86400.0,
+            }
+            report = await provision(nc, replicas=args.replicas, **{k: v for k, v in days.items() if v})
         finally:
             await nc.close()
         print(
@@ -487,6 +492,8 @@ def cmd_decide(args: argparse.Namespace) -> int:
 def cmd_audit(args: argparse.Namespace) -> int:
     from meshctl import audit
 
+    if args.action in ("verify", "chain"):
+        return _audit_chain(args)
     box = audit.opener(args.auditor_key or Identities(opt.home(args)).auditor_key(args.tenant))
     if args.to and box is None:
         raise MeshError(f"--to needs the auditor key of {args.tenant} (values are sealed to it)")
@@ -499,6 +506,88 @@ def cmd_audit(args: argparse.Namespace) -> int:
             await nc.close()
         print(json.dumps(rows, indent=2) if args.json else audit.render(rows))
         return 0
+
+    return asyncio.run(run())
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    from meshctl import history
+
+    verifier = Verifier(TrustBundle.from_file(Identities(opt.home(args)).trust_bundle))
+
+    async def run() -> int:
+        nc = await _admin(args)
+        try:
+            stored = await history.collect(nc, args.tenant, args.task_id, events=not args.no_events)
+        finally:
+            await nc.close()
+        h = history.build(args.tenant, args.task_id, stored, verifier)
+        if args.json:
+            print(json.dumps(history.as_json(h), indent=2, default=str))
+        else:
+            print(history.render(h))
+        return 0 if h.entries else _absent(f"no stored message about {args.tenant}/{args.task_id}")
+
+    return asyncio.run(run())
+
+
+def _audit_chain(args: argparse.Namespace) -> int:
+    """``audit chain`` lists a tenant's chain; ``audit verify`` proves it whole or names the first
+    break (exit 1), against the trust bundle of the mesh home and the budget's anchors."""
+    from mesh_kit.chain import Head, digest, verify
+    from meshctl import audit
+
+    expect: tuple[int, str] | None = None
+    if getattr(args, "anchor", None):
+        n, _, h = args.anchor.partition(":")
+        if not n.isdigit() or len(h) != 64:
+            args.usage(f"--anchor wants N:SHA256 (a head 'audit verify' printed), not {args.anchor!r}")
+        expect = (int(n), h.lower())
+
+    async def run() -> int:
+        nc = await _admin(args)
+        try:
+            records = await audit.chain(nc, args.tenant)
+            if args.action == "chain":
+                if args.json:
+                    print(
+                        json.dumps(
+                            [
+                                {"seq": r.seq, "time": r.time, **json.loads(r.data)}
+                                for r in records
+                                if not args.task or json.loads(r.data).get("task_id") == args.task
+                            ],
+                            indent=2,
+                        )
+                    )
+                else:
+                    print(audit.render_chain(records, args.task or ""))
+                return 0
+            anchors = await audit.anchors(nc, args.tenant)
+            try:
+                info = await nc.jetstream().stream_info(topo.STREAMS["audit"])
+                protected = bool(info.config.deny_delete and info.config.deny_purge)
+            except nats.js.errors.NotFoundError:
+                protected = None
+        finally:
+            await nc.close()
+        verdict = verify(args.tenant, records, Verifier(TrustBundle.from_file(Identities(opt.home(args)).trust_bundle)),
+                         anchors)  # fmt: skip
+        if verdict.ok and expect is not None:
+            at = {json.loads(r.data).get("n"): digest(r.data) for r in records}
+            if expect[0] > (verdict.head or Head(0, 0, "")).n:
+                verdict.fail(expect[0], f"the chain ends before record {expect[0]}, which --anchor vouches for")
+            elif at.get(expect[0]) != expect[1]:
+                verdict.fail(expect[0], f"record {expect[0]} is not the one --anchor vouches for")
+        if args.json:
+            print(json.dumps({"tenant": verdict.tenant, "whole": verdict.ok, "broken_at": verdict.broken_at,
+                              "reason": verdict.reason, "records": verdict.records, "first": verdict.first,
+                              "head": verdict.head.__dict__ if verdict.head else None, "anchors": verdict.anchors,
+                              "kinds": verdict.kinds, "notes": verdict.notes, "stream_protected": protected},
+                             indent=2))  # fmt: skip
+        else:
+            print(audit.render_verdict(verdict, protected))
+        return 0 if verdict.ok else 1
 
     return asyncio.run(run())
 
@@ -623,6 +712,22 @@ def cmd_budget(args: argparse.Namespace) -> int:
     return asyncio.run(run())
 
 
+async def _audit_switch(
+    args: argparse.Namespace, nc: nats.NATS, action: str, revision: int | None, reason: str
+) -> None:
+    """The operator's switch as a link of the audit chain: the tenant's, or the mesh-wide one."""
+    from mesh_contracts.v1.audit import MESH_WIDE, TENANT_WIDE
+    from mesh_kit.chain import AuditChain
+
+    ids = Identities(opt.home(args))
+    signer = Signer.from_file("admin", ids.signing_key("admin"))
+    await AuditChain(lambda: nc, lambda: signer).append(
+            args.tenant or MESH_WIDE, TENANT_WIDE, f"control.kill-switch-{action}",
+            f"kill-switch:{args.tenant or 'global'}:{action}:{revision or time.time_ns()}",
+        actor="admin", detail={"scope": args.tenant or "global", "reason": reason, "revision": revision},
+    )  # fmt: skip
+
+
 def cmd_kill_switch(args: argparse.Namespace) -> int:
     if args.action == "on" and not (args.reason or "").strip():
         args.usage("'on' needs --reason TEXT (services quote it when they refuse a call)")
@@ -641,12 +746,14 @@ def cmd_kill_switch(args: argparse.Namespace) -> int:
             kv = await _bucket(nc, CONTROL_BUCKET)
             if args.action == "on":
                 value = {"reason": args.reason.strip(), "by": "admin", "at": time.time()}
-                await kv.put(key, json.dumps(value).encode())
+                rev = await kv.put(key, json.dumps(value).encode())
+                await _audit_switch(args, nc, "on", rev, value["reason"])
                 which = f"every task of tenant {args.tenant}" if args.tenant else "every task"
                 print(f"kill switch ({scope}) on: services refuse the next model or tool call of {which}")
             elif args.action == "off":
                 was = await spend.get(kv, key)
                 await kv.delete(key)
+                await _audit_switch(args, nc, "off", None, "")
                 print(f"kill switch ({scope}) off" + ("" if was else " (it was not on)"))
             else:
                 switches = await spend.scan(kv, "kill.>")
@@ -677,6 +784,10 @@ def _mesh_commands(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("provision", help="create streams, durable consumers and KV buckets (admin)")
     s.add_argument("--nats-url", default=None)
     s.add_argument("--replicas", type=int, choices=(1, 3), default=1)
+    s.add_argument("--retention-days", type=opt.days, default=None,
+                   help="how long task messages are kept (default 7); the audit chain has its own")  # fmt: skip
+    s.add_argument("--audit-retention-days", type=opt.days, default=None,
+                   help="how long the tamper-evident audit chain is kept (default 365)")  # fmt: skip
     s.set_defaults(fn=cmd_provision)
 
     s = sub.add_parser("up", help="start nats-server, redis-server and the six services locally")
@@ -773,7 +884,26 @@ def _operator_commands(sub: argparse._SubParsersAction) -> None:
                    help="the tenant auditor's key (default: the mesh home's secrets/keys/auditor.<tenant>.key)")  # fmt: skip
     a.add_argument("--json", action="store_true")
     a.add_argument("--nats-url", default=None)
-    s.set_defaults(fn=cmd_audit)
+    a = asub.add_parser("chain", help="a tenant's tamper-evident audit chain, record by record")
+    a.add_argument("--tenant", type=opt.tenant, required=True, help="a tenant, or _mesh (mesh-wide actions)")
+    a.add_argument("--task", type=opt.task_id, default=None, help="one task's records only")
+    a.add_argument("--json", action="store_true")
+    a.add_argument("--nats-url", default=None)
+    a = asub.add_parser("verify", help="prove a tenant's audit chain whole, or name its first break (exit 1)")
+    a.add_argument("--tenant", type=opt.tenant, required=True, help="a tenant, or _mesh (mesh-wide actions)")
+    a.add_argument("--anchor", default=None, metavar="N:SHA256",
+                   help="also hold the chain to a head kept outside the mesh (what an earlier verify printed)")  # fmt: skip
+    a.add_argument("--json", action="store_true")
+    a.add_argument("--nats-url", default=None)
+    s.set_defaults(fn=cmd_audit, usage=s.error)
+
+    s = sub.add_parser("history", help="every stored message about one task, in causal order, with its totals")
+    s.add_argument("task_id", type=opt.task_id)
+    s.add_argument("--tenant", type=opt.tenant, required=True)
+    s.add_argument("--no-events", action="store_true", help="leave out the progress feed")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--nats-url", default=None)
+    s.set_defaults(fn=cmd_history)
 
     s = sub.add_parser("rotate", help="new NATS credentials and signing keys for a principal, without downtime")
     s.add_argument("principal", nargs="?", default="", help="e.g. worker, client.acme, approver")

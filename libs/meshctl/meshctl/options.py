@@ -42,6 +42,17 @@ def identifier(kind: str) -> Callable[[str], str]:
 tenant, task_id = identifier("tenant"), identifier("task id")
 
 
+def days(value: str) -> float:
+    """A retention in days: a positive number (fractions allowed: 0.5 is twelve hours)."""
+    try:
+        d = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of days") from None
+    if not 0 < d <= 36500:
+        raise argparse.ArgumentTypeError(f"{value!r}: a retention is more than 0 and at most 36500 days")
+    return d
+
+
 def tenants(value: str) -> list[str]:
     return [tenant(t) for t in value.split(",") if t]
 

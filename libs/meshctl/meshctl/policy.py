@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from mesh_contracts import APPROVER, CLIENT, SERVICES
 from mesh_contracts import topology as topo
 from mesh_contracts.registry import VERSIONS
+from mesh_contracts.v1 import AuditRecorded
 from mesh_kit.settings import inbox_prefix
 
 ADMIN = "admin"
@@ -70,6 +71,10 @@ def service_permissions(service: str) -> Permissions:
             p.add_sub(f"$KV.{b.name}.>")
         if service in b.fed:
             p.add_sub(topo.watch_feed(f"KV_{b.name}"))  # the bucket republishes what it stores
+    if service in AuditRecorded.spec.producers:
+        # Appending to a tenant's audit chain: read its last record (a subject-form direct get,
+        # which reads nothing but a chain's head), then publish under a compare-and-set on it.
+        p.add_pub(f"$JS.API.DIRECT.GET.{topo.STREAMS['audit']}.{AuditRecorded.spec.domain}.v1.*.>")
     if service in topo.CONTROL_OBSERVERS:
         p.add_sub("control.*.*.*.*")
     p.add_pub(topo.dlq_subject(service, ">"))

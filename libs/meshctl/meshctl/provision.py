@@ -14,10 +14,16 @@ from nats.js.errors import BadRequestError
 
 from mesh_contracts import topology as topo
 
+AUDIT = topo.STREAMS["audit"]
+
 DEDUP_WINDOW_S = 600.0
 """Covers any publisher retry horizon (broker restarts included); longer redeliveries are
 caught by the consumer-side idempotency ledger."""
 RETENTION_S = 7 * 24 * 3600.0
+"""How long task messages (every stream but the audit chain) are kept: ``--retention-days``."""
+AUDIT_RETENTION_S = 365 * 24 * 3600.0
+"""How long the audit chain is kept (a year, what compliance regimes commonly ask):
+``--audit-retention-days``. The stream refuses deletes and purges; only age removes records."""
 DLQ_RETENTION_S = 30 * 24 * 3600.0
 
 
@@ -28,7 +34,9 @@ class ProvisionReport:
     buckets: list[str]
 
 
-def stream_configs(replicas: int = 1) -> list[api.StreamConfig]:
+def stream_configs(
+    replicas: int = 1, *, retention_s: float = RETENTION_S, audit_retention_s: float = AUDIT_RETENTION_S
+) -> list[api.StreamConfig]:
     configs = [
         api.StreamConfig(
             name=stream,
@@ -36,8 +44,12 @@ def stream_configs(replicas: int = 1) -> list[api.StreamConfig]:
             storage=api.StorageType.FILE,
             retention=api.RetentionPolicy.LIMITS,
             duplicate_window=DEDUP_WINDOW_S,
-            max_age=RETENTION_S,
+            max_age=audit_retention_s if stream == AUDIT else retention_s,
             num_replicas=replicas,
+            # Tamper evidence, first line: no API may delete or purge a record (and no update can
+            # take that back); the hash chain (``meshctl audit verify``) shows what remains.
+            deny_delete=stream == AUDIT,
+            deny_purge=stream == AUDIT,
             # Direct gets: tenant clients catch up on TASK and EVENTS, the budget's monitor reads
             # the streams it watches (no consumers). Who may is a matter of permissions.
             allow_direct=True,
@@ -96,11 +108,14 @@ def consumer_config(d: topo.Durable, replicas: int = 1, ack_wait_s: float = topo
     )
 
 
-async def provision(nc: nats.NATS, *, replicas: int = 1, ack_wait_s: float = topo.ACK_WAIT_S) -> ProvisionReport:
+async def provision(
+    nc: nats.NATS, *, replicas: int = 1, ack_wait_s: float = topo.ACK_WAIT_S, retention_s: float = RETENTION_S,
+    audit_retention_s: float = AUDIT_RETENTION_S,
+) -> ProvisionReport:  # fmt: skip
     """``ack_wait_s`` must match the services' MESH_ACK_WAIT_S (their heartbeat interval derives from it)."""
     js = nc.jetstream()
     report = ProvisionReport([], [], [])
-    for cfg in stream_configs(replicas):
+    for cfg in stream_configs(replicas, retention_s=retention_s, audit_retention_s=audit_retention_s):
         try:
             await js.add_stream(cfg)
         except BadRequestError as exc:

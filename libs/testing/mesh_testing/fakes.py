@@ -23,6 +23,8 @@ class FakeMesh:
     """model -> the denial code the budget answers a reservation for it with (others are granted)."""
     published: list[Any] = field(default_factory=list)
     reserved: list[Any] = field(default_factory=list)
+    audited: list[Any] = field(default_factory=list)
+    """(tenant, task, kind, key, the rest) of each record appended to an audit chain."""
     service: str = "worker"
     guard: Any = None
 
@@ -46,6 +48,10 @@ class FakeMesh:
 
     async def progress(self, *a: Any, **kw: Any) -> None:
         self.published.append(("progress", a, kw))
+
+    async def audit(self, tenant: str, task_id: str, kind: str, key: str, **kw: Any) -> int:
+        self.audited.append((tenant, task_id, kind, key, kw))
+        return len(self.audited)
 
     async def emit(self, m: Any) -> None:
         pass

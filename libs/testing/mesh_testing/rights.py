@@ -66,6 +66,9 @@ def stream_read(stream: str) -> set[str]:
 
 EVERY_SERVICE = kv_read("control") | kv_read("trust")  # kill switches; the published trust bundle
 GUARD = kv_read("status")  # whether a task was halted or ended (not what it is about)
+# Appending to a tenant's audit chain: read its last record (the subject form: the last message
+# matching ``audit.v1.<tenant>.>``, nothing by sequence), then a compare-and-set publish on it.
+AUDIT_WRITER = {"$JS.API.DIRECT.GET.AUDIT.audit.v1.*.>"}
 
 INTENDED: dict[str, set[str]] = {
     "planner": EVERY_SERVICE
@@ -81,6 +84,7 @@ INTENDED: dict[str, set[str]] = {
     | kv_own("evidence")
     | kv_own("admission")  # per tenant: tasks in flight, its submission token bucket
     | kv_read("tools")
+    | AUDIT_WRITER  # control actions
     | ledger("planner"),
     "worker": EVERY_SERVICE
     | fetch("STEP", "worker--step-requested")
@@ -105,6 +109,7 @@ INTENDED: dict[str, set[str]] = {
     | kv_own("tools")
     | kv_own("notes")
     | kv_scan("notes")
+    | AUDIT_WRITER  # tool-policy decisions and approval outcomes
     | ledger("tool-executor"),
     # The monitor reads every domain but the tenants' event feed, with direct gets only.
     "budget": EVERY_SERVICE
@@ -113,7 +118,9 @@ INTENDED: dict[str, set[str]] = {
     | GUARD
     | kv_read("tasks")
     | kv_own("budget")
-    | kv_own("reservations"),
+    | kv_own("reservations")
+    | kv_own("anchors")  # the audit chains' signed anchors
+    | AUDIT_WRITER,  # budget trips
     "approver": kv_scan("approvals"),
     "client.acme": {"$JS.API.DIRECT.GET.TASK.task.*.acme.>", "$JS.API.DIRECT.GET.EVENTS.event.*.acme.>"},
     "client.globex": {"$JS.API.DIRECT.GET.TASK.task.*.globex.>", "$JS.API.DIRECT.GET.EVENTS.event.*.globex.>"},
@@ -123,7 +130,8 @@ WHY: dict[str, str] = {
     "CONSUMER.INFO": "its own durables only: the bound pull subscriber checks the durable exists",
     "CONSUMER.MSG.NEXT": "its own durables only: fetch the next batch",
     "ACK": "its own durables only: ack, nak with delay, in-progress, term",
-    "DIRECT.GET (subject form)": "read the last message of a subject it may read (KV keys, a tenant's own task)",
+    "DIRECT.GET (subject form)": "read the last message of a subject it may read (KV keys, a tenant's own task, "
+    "the head of a tenant's audit chain for its writers)",
     "DIRECT.GET (bare)": "batched reads by sequence/time or current values: the budget's monitor over 8 "
     "streams and its accounting horizon (last stored usage sequence), the approvals bucket "
     "(tool-executor's expiry, approvers' list), notes (note_list)",

@@ -27,6 +27,7 @@ from mesh_contracts.v1 import (
     TokenUsage,
     UsageRecorded,
 )
+from mesh_contracts.v1.audit import ANCHOR, ANCHOR_TTL_S, MESH_WIDE
 from mesh_contracts.v1.records import TERMINAL
 from mesh_kit import Delivery, Mesh, faults
 from mesh_kit import envelope as env
@@ -71,6 +72,9 @@ class Budget:
         self.monitor = Monitor(self.settings.rules())
         self._tails: list[Tail] = []
         self._ticker: asyncio.Task[None] | None = None
+        self._anchorer: asyncio.Task[None] | None = None
+        self.anchors: Any = None
+        self._anchored: dict[str, int] = {}  # tenant -> the chain length last anchored
         self._started_at = 0.0
         self._background: set[asyncio.Task[None]] = set()
         self._day_done: dict[tuple[str, str], set[str]] = {}  # day writes stored, per task (see on_usage)
@@ -89,9 +93,12 @@ class Budget:
         self._poller = asyncio.create_task(self._poll_horizon())
         await self._watch()
         self._ticker = asyncio.create_task(self._tick())
+        if self.settings.budget_audit_anchor_s > 0:
+            self.anchors = await self.mesh.kv("anchors")
+            self._anchorer = asyncio.create_task(self._anchor_loop())
 
     async def stop(self) -> None:
-        for task in (self._poller, self._ticker):
+        for task in (self._poller, self._ticker, self._anchorer):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -180,8 +187,42 @@ class Budget:
                 await self.mesh.publish(
                     ControlHalt(tenant=trip.tenant, task_id=trip.task_id, reason=trip.reason), key=f"budget:{trip.kind}"
                 )
+            # After acting (a chain that cannot be appended to must not delay the brake): the
+            # trip as a link of the tenant's audit chain; every replica's copy is stored once.
+            await self.mesh.audit(
+                trip.tenant, trip.task_id, f"budget.{trip.kind}", f"budget:{trip.kind}", actor="budget",
+                detail={"reason": trip.reason, "action": trip.action, "members": list(trip.members)},
+            )  # fmt: skip
         except Exception:
             log.exception("could not act on %s for %s/%s", trip.kind, trip.tenant, trip.task_id)
+
+    # --- anchoring the audit chains ----------------------------------------------------------
+
+    async def _anchor_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.budget_audit_anchor_s)
+            try:
+                await self.anchor_all()
+            except Exception as exc:  # noqa: BLE001 - broker away: the next round anchors
+                log.warning("anchoring the audit chains failed: %s", exc)
+
+    async def anchor_all(self) -> int:
+        """Sign each chain's length and head hash into KV ``anchors`` (key: the tenant) when it
+        grew: a chain later cut short, or rewritten, no longer reaches its anchor. Returns how
+        many chains were anchored."""
+        tenants = sorted({p.tenant for p in self.mesh.verifier.bundle.principals.values() if p.tenant} | {MESH_WIDE})
+        done = 0
+        for tenant in tenants:
+            head = await self.mesh.audit_head(tenant)
+            if head.n == 0 or self._anchored.get(tenant) == head.n:
+                continue
+            statement = self.mesh.signer.statement(
+                ANCHOR, {"ten": tenant, "n": head.n, "head": head.hash, "seq": head.seq}, ttl_s=ANCHOR_TTL_S
+            )
+            await self.anchors.put(tenant, statement.encode())
+            self._anchored[tenant] = head.n
+            done += 1
+        return done
 
     def register(self) -> None:
         self.mesh.enable_guard()

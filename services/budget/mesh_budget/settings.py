@@ -38,6 +38,9 @@ class BudgetSettings(ServiceSettings):
     """On start, the monitor replays this much of the streams to rebuild its view of live tasks."""
     budget_tick_s: float = Field(0.25, gt=0)
     """How often deadlines and stall timeouts are checked."""
+    budget_audit_anchor_s: float = Field(60.0, ge=0)
+    """How often every tenant's audit chain is anchored: its length and head hash, signed, into KV
+    ``anchors`` (``meshctl audit verify`` then sees a cut tail). 0: never."""
     budget_watch_poll_s: float = Field(2.0, gt=0)
     """The monitor gets each stored message from the stream's republished feed and reads the
     stream itself only for a gap; after this long without a message it reads anyway (so a fed

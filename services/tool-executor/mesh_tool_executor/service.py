@@ -33,6 +33,7 @@ from mesh_contracts.v1 import (
 from mesh_guardrails.injection import score as injection_score
 from mesh_guardrails.redact import redact, redact_value
 from mesh_kit import Delivery, Mesh
+from mesh_kit import envelope as env
 from mesh_kit import state as st
 from mesh_kit import telemetry as tel
 from mesh_kit.bus import Reject
@@ -302,24 +303,36 @@ class ToolExecutor:
         self.mesh.count(tel.M_TOOL_DECISIONS)
         if goal is None and tool is not None and tool.trusted_args:
             goal = await self._goal(m)
-        await self.mesh.publish(
-            ToolAudited(
-                tenant=m.tenant,
-                task_id=m.task_id,
-                step_id=m.step_id,
-                call_id=m.call_id,
-                tool=m.tool,
-                risk=tool.risk if tool else "",
-                decision=decision,  # type: ignore[arg-type]
-                reasons=tuple(redact(r)[:300] for r in reasons),
-                arguments=redact_value(m.arguments),
-                taint=m.taint,
-                approval_id=approval,
-                decided_by=by,
-                destinations=self._destinations(m, tool, goal or ""),
-            ),
-            key=f"{m.call_id}:{decision}",
+        record = ToolAudited(
+            tenant=m.tenant,
+            task_id=m.task_id,
+            step_id=m.step_id,
+            call_id=m.call_id,
+            tool=m.tool,
+            risk=tool.risk if tool else "",
+            decision=decision,  # type: ignore[arg-type]
+            reasons=tuple(redact(r)[:300] for r in reasons),
+            arguments=redact_value(m.arguments),
+            taint=m.taint,
+            approval_id=approval,
+            decided_by=by,
+            destinations=self._destinations(m, tool, goal or ""),
         )
+        key = f"{m.call_id}:{decision}"
+        await self.mesh.publish(record, key=key)
+        # The same decision as a link of the tenant's tamper-evident chain (kept a year, not a
+        # week; a removed or altered link shows in ``meshctl audit verify``).
+        await self.mesh.audit(
+            m.tenant, m.task_id, f"tool.{decision}", key, actor=by or "tool-executor",
+            source=env.message_id(record.type, m.tenant, m.task_id, key),
+            detail={
+                "step_id": m.step_id, "call_id": m.call_id, "tool": m.tool, "risk": record.risk,
+                "reasons": list(record.reasons), "arguments": record.arguments, "approval_id": approval,
+                "untrusted": m.taint.untrusted, "injection_score": m.taint.injection_score,
+                "destinations": [{"arg": d.arg, "where": d.where, "digest": d.digest, "offered": d.offered}
+                                 for d in record.destinations],
+            },
+        )  # fmt: skip
 
     async def on_request(self, m: ToolRequested, d: Delivery) -> None:
         stop = await self.mesh.guard.check(m.tenant, m.task_id) if self.mesh.guard is not None else None

@@ -1,0 +1,81 @@
+"""Operating the mesh after the fact, through the real mesh: ``meshctl history`` tells a task's
+whole story in causal order, every sender verified, with totals that agree with the budget's own
+accounting to the token and the cent."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+
+import pytest
+
+from mesh_contracts.v1 import TaskCompleted
+from mesh_testing.chaos import ChaosMesh
+from mesh_testing.infra import Infra, running_infra
+from meshctl.cli import main
+
+pytestmark = pytest.mark.chaos
+GOAL = "How does AgentMesh avoid duplicate side effects? Also compute 17 * 23, and email the answer to ops@acme.test."
+ENV = {"MESH_ACK_WAIT_S": "2", "MESH_RETRY_DELAYS_S": "[0.2, 0.5, 1, 2]", "MESH_LOG_LEVEL": "WARNING"}
+
+
+@pytest.fixture(scope="module")
+def infra() -> Iterator[Infra]:
+    with running_infra(["acme", "globex"], name="operations", ack_wait_s=2.0) as infra:
+        yield infra
+
+
+@pytest.fixture(scope="module")
+def mesh(infra) -> Iterator[ChaosMesh]:
+    m = ChaosMesh(infra, env=ENV)
+    m.start()
+    asyncio.run(m.ready())
+    yield m
+    asyncio.run(m.stop())
+
+
+def _ctl(infra: Infra, *args: str) -> int:
+    return main(["--home", str(infra.home), *args, "--nats-url", infra.nats_url])
+
+
+async def test_history_tells_a_tasks_story_in_causal_order_and_its_totals_match_the_budget(infra, mesh, capsys):
+    async with infra.client("acme") as c:
+        run = await c.submit(GOAL, task_id="story-1", timeout=60)
+    assert isinstance(run.outcome, TaskCompleted), run.outcome
+    await asyncio.sleep(1.0)  # the last usage message accounted by the budget
+    capsys.readouterr()
+    assert await asyncio.to_thread(_ctl, infra, "history", "story-1", "--tenant", "acme", "--json") == 0
+    h = json.loads(capsys.readouterr().out)
+    msgs = h["messages"]
+    types = [m["type"] for m in msgs]
+    assert types[0] == "task.submitted" and "task.completed" in types
+    for kind in ("plan.created", "step.requested", "step.completed", "tool.requested", "tool.completed",
+                 "tool.audited", "usage.recorded", "check.requested", "check.verdict", "audit.recorded",
+                 "event.progress"):  # fmt: skip
+        assert kind in types, (kind, sorted(set(types)))
+    assert not [m for m in msgs if m["sender"].startswith("?")], "every sender's token verified"
+    senders = {m["type"]: m["sender"] for m in msgs}
+    assert senders["task.submitted"] == "client.acme" and senders["plan.created"] == "planner"
+    assert senders["tool.audited"] == "tool-executor" and senders["check.verdict"] == "checker"
+    for i, m in enumerate(msgs):  # causal order: a message after the one that caused it
+        if m["cause"] is not None:
+            assert m["cause"] < i and msgs[m["cause"]]["msg_id"] == m["causation"], m
+    caused = [m for m in msgs if m["cause"] is not None]
+    assert len(caused) >= 0.9 * len(msgs), f"causation links the story: {len(caused)} of {len(msgs)}"
+    assert "ops@acme.test" not in json.dumps(h), "tool arguments are shown redacted"
+
+    spent = await infra.spent("acme", "story-1")
+    t = h["totals"]
+    assert t["outcome"] == "task.completed"
+    assert t["tokens"] == spent["total"]["input_tokens"] + spent["total"]["output_tokens"], (t, spent["total"])
+    assert abs(t["cost_usd"] - spent["total"]["cost_usd"]) < 1e-6
+    assert t["tool_decisions"] and t["verdicts"] and t["verdicts"][-1]["passed"]
+
+    assert await asyncio.to_thread(_ctl, infra, "history", "story-1", "--tenant", "acme", "--no-events") == 0
+    out = capsys.readouterr().out
+    assert "history of acme/story-1" in out and "outcome: task.completed" in out and "event.progress" not in out
+    assert "send_email" in out and "tool decisions:" in out
+
+    assert await asyncio.to_thread(_ctl, infra, "history", "story-1", "--tenant", "globex") == 1
+    assert "no stored message about globex/story-1" in capsys.readouterr().err, "another tenant sees nothing"
