@@ -79,3 +79,26 @@ async def test_history_tells_a_tasks_story_in_causal_order_and_its_totals_match_
 
     assert await asyncio.to_thread(_ctl, infra, "history", "story-1", "--tenant", "globex") == 1
     assert "no stored message about globex/story-1" in capsys.readouterr().err, "another tenant sees nothing"
+
+
+async def test_labels_charge_a_tasks_spend_to_a_team_and_a_user(infra, mesh, capsys):
+    """``meshctl submit --label``: the task record keeps them, the budget's task and tenant-day
+    spend carry them (cost by ``key=value``), and ``meshctl budget`` shows them."""
+    assert await asyncio.to_thread(_ctl, infra, "submit", GOAL, "--tenant", "globex", "--task-id", "charged-1",
+                                   "--label", "team=support", "--label", "user=u-17", "--follow") == 0  # fmt: skip
+    async with infra.client("globex") as c:
+        other = await c.submit(GOAL, task_id="charged-2", labels={"team": "sales"}, timeout=60)
+    assert isinstance(other.outcome, TaskCompleted)
+    await asyncio.sleep(1.0)  # the last usage message accounted
+    one, two = await infra.spent("globex", "charged-1"), await infra.spent("globex", "charged-2")
+    assert one["labels"] == {"team": "support", "user": "u-17"} and two["labels"] == {"team": "sales"}
+    capsys.readouterr()
+    assert await asyncio.to_thread(_ctl, infra, "budget", "--tenant", "globex", "--json") == 0
+    day = json.loads(capsys.readouterr().out)["day"]
+    by = {k: v["cost_usd"] for k, v in day["by_label"].items()}
+    assert abs(by["team=support"] - one["total"]["cost_usd"]) < 1e-9
+    assert abs(by["user=u-17"] - one["total"]["cost_usd"]) < 1e-9
+    assert abs(by["team=sales"] - two["total"]["cost_usd"]) < 1e-9
+    assert await asyncio.to_thread(_ctl, infra, "budget", "--tenant", "globex") == 0
+    out = capsys.readouterr().out
+    assert "BY LABEL" in out and "team=support" in out and "user=u-17" in out

@@ -154,3 +154,34 @@ async def test_an_unpriced_configured_model_is_refused_before_the_call():
     with pytest.raises(BudgetExceeded) as exc:
         await call_model(FakeMesh(), Models(gateway), REQUEST, step_id="s1", call_id="u1", **T)  # type: ignore[arg-type]
     assert exc.value.code == "unpriced_model" and unpriced.calls == 0, "refused before any money is spent"
+
+
+def _points(mesh: FakeMesh, name: str) -> list:
+    data = mesh.metrics.get_metrics_data()
+    return [
+        p
+        for rm in data.resource_metrics
+        for sm in rm.scope_metrics
+        for m in sm.metrics
+        if m.name == name
+        for p in m.data.data_points
+    ]
+
+
+async def test_every_attempt_is_in_the_otel_genai_client_metrics():
+    """``gen_ai.client.operation.duration`` for each attempt (a failed one with ``error.type``),
+    ``gen_ai.client.token.usage`` per token type for the one that answered, with the standard
+    attributes: what GenAI dashboards and alerts read."""
+    mesh = FakeMesh()
+    response, _ = await call_model(mesh, models(), REQUEST, step_id="s1", call_id="s1-a1-i0", **T)  # type: ignore[arg-type]
+    durations = _points(mesh, "gen_ai.client.operation.duration")
+    by_error = {p.attributes.get("error.type", ""): p for p in durations}
+    assert sum(p.count for p in durations) == 3, "two failed attempts on the first model, one answer"
+    assert by_error[""].count == 1 and sum(p.count for e, p in by_error.items() if e) == 2
+    ok = by_error[""].attributes
+    assert ok["gen_ai.operation.name"] == "chat" and ok["gen_ai.provider.name"] == "scripted"
+    assert ok["gen_ai.request.model"] == "scripted-1" and ok["gen_ai.response.model"] == response.model
+    tokens = {p.attributes["gen_ai.token.type"]: p for p in _points(mesh, "gen_ai.client.token.usage")}
+    assert set(tokens) == {"input", "output"}
+    assert tokens["input"].sum == response.input_tokens and tokens["output"].sum == response.output_tokens
+    assert all(p.attributes["gen_ai.request.model"] == "scripted-1" for p in tokens.values())

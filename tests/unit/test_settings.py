@@ -66,6 +66,7 @@ HISTORICAL = {
             "lookback_s",
             "tick_s",
             "audit_anchor_s",
+            "metric_labels",
             "watch_poll_s",
             "loop_repeats",
             "chatter_window_s",

@@ -125,6 +125,9 @@ class TaskRecord(Record):
     outbox: list[OutboxItem] = []
     priority: int = 5
     """From ``task.submitted``: the priority the task's steps are dispatched with."""
+    labels: dict[str, str] = {}
+    """From ``task.submitted``: the tenant's labels (team, user...), which the budget's spend
+    records and metrics carry."""
 
     @staticmethod
     def key(tenant: str, task_id: str) -> str:

@@ -42,7 +42,9 @@ class TaskSubmitted(Contract):
     limits: TaskLimits = TaskLimits()
     """Ceilings for this task; defaults apply when omitted."""
     labels: dict[str, str] = {}
-    """Free-form labels copied to events and metrics (e.g. ``{"team": "support"}``)."""
+    """Who to charge (e.g. ``{"team": "support", "user": "u-17"}``): kept in the task record and the
+    budget's spend records (the task's, and the tenant-day's cost by ``key=value``); the keys in
+    ``MESH_BUDGET_METRIC_LABELS`` also become attributes of the spend metrics."""
     policy: TaskPolicy = TaskPolicy()
     """What the checker holds the answer to: forbidden terms, length, schema, judge rubric."""
     priority: int = Field(5, ge=0, le=9)

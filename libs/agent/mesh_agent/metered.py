@@ -243,6 +243,13 @@ class _Metered:
                     elapsed_s: float) -> None:  # fmt: skip
         span = self.spans.pop(a.number, None)
         grant = self.grants.get(a.number)
+        self.mesh.genai.record(
+            provider=a.model.provider, request_model=a.model.model, elapsed_s=elapsed_s,
+            response_model=response.model if response is not None else "",
+            input_tokens=response.input_tokens if response is not None else 0,
+            output_tokens=response.output_tokens if response is not None else 0,
+            error_type="" if response is not None else str(getattr(error, "kind", type(error).__name__)),
+        )  # fmt: skip
         if response is not None:
             self.winner, self.answered_by = grant, a.model
             self.mesh.count(tel.M_LLM_CALLS)  # calls actually made (the budget counts distinct call ids)

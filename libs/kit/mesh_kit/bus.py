@@ -189,6 +189,7 @@ class Mesh:
         self._identity_tasks: list[asyncio.Task[None]] = []
         self._fair: list[FairConsumer] = []
         self._chain: AuditChain | None = None
+        self._genai: tel.GenAIMetrics | None = None
         self.limits = DecodeLimits(
             max_bytes=settings.decode_max_bytes,
             max_depth=settings.decode_max_depth,
@@ -204,6 +205,13 @@ class Mesh:
     def meter(self) -> Any:
         """The service's OTel meter, for instruments with their own attributes (histograms)."""
         return self._meter
+
+    @property
+    def genai(self) -> tel.GenAIMetrics:
+        """The OTel GenAI client histograms (token usage, operation duration) of this service."""
+        if self._genai is None:
+            self._genai = tel.GenAIMetrics(self._meter)
+        return self._genai
 
     def count(self, name: str) -> None:
         """Both views of one count: the OTel metric (exported) and /status (local, instant)."""

@@ -157,6 +157,8 @@ def render_task(task: dict[str, Any]) -> str:
     if errors:
         head += f", {errors} failed call{'' if errors == 1 else 's'}"
     head += f" (updated {_when(task.get('updated_at'))} UTC)"
+    if task.get("labels"):
+        head += "\nlabels: " + ", ".join(f"{k}={v}" for k, v in sorted(task["labels"].items()))
     return "\n\n".join(
         [
             head,
@@ -179,6 +181,8 @@ def render_day(day: dict[str, Any], tasks: list[dict[str, Any]], top: int = TOP_
     parts = [head]
     if "total" in day:
         parts += [_breakdown("BY AGENT", day.get("by_agent")), _breakdown("BY MODEL", day.get("by_model"))]
+        if day.get("by_label"):  # task.submitted labels: cost by team, by user
+            parts.append(_breakdown("BY LABEL", day.get("by_label")))
     ranked = sorted(tasks, key=lambda t: (-cost_of(t), str(t.get("task_id", ""))))
     shown = ranked[:top]
     caption = f"tasks: {len(shown)} of {len(ranked)} (every retained day), most expensive first"

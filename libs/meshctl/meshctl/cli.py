@@ -310,7 +310,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
                 print(f"submitting to tenant {args.tenant}: {args.goal}", flush=True)
             seen = await client.submit(
                 args.goal, task_id=args.task_id, policy=args.policy, priority=args.priority, follow=args.follow,
-                timeout=args.timeout, on_event=show,
+                timeout=args.timeout, on_event=show, labels=dict(args.label or ()),
             )  # fmt: skip
         if not args.follow:
             print(seen.task_id)
@@ -832,6 +832,8 @@ def _task_commands(sub: argparse._SubParsersAction) -> None:
         help='what the checker holds the answer to, as JSON or @FILE: {"forbidden_terms": [...], '
         '"require_citations": true, "rubric": "...", "output_schema": {...}, ...}',
     )
+    s.add_argument("--label", type=opt.label, action="append", metavar="KEY=VALUE",
+                   help="charge the task to a team, a user...: its spend records carry it (repeatable)")  # fmt: skip
     s.add_argument("--nats-url", default=None)
     s.set_defaults(fn=cmd_submit)
 

@@ -53,6 +53,16 @@ def days(value: str) -> float:
     return d
 
 
+def label(value: str) -> tuple[str, str]:
+    """``KEY=VALUE``: a key of letters, digits, '-', '_' or '.'; a value of at most 128 characters."""
+    key, sep, val = value.partition("=")
+    if not sep or not re.match(r"^[A-Za-z0-9_.-]{1,64}$", key) or not val or len(val) > 128:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not KEY=VALUE (a key of letters, digits, '-', '_', '.'; a value of 1-128 characters)"
+        )
+    return key, val
+
+
 def tenants(value: str) -> list[str]:
     return [tenant(t) for t in value.split(",") if t]
 

@@ -8,11 +8,14 @@ import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from mesh_contracts.v1 import BudgetDenied, BudgetGranted
+from mesh_kit import telemetry as tel
 
 
 @dataclass
@@ -33,6 +36,8 @@ class FakeMesh:
         provider = TracerProvider()
         provider.add_span_processor(SimpleSpanProcessor(self.spans))
         self.tracer = provider.get_tracer("test")
+        self.metrics = InMemoryMetricReader()
+        self.genai = tel.GenAIMetrics(MeterProvider(metric_readers=[self.metrics]).get_meter("test"))
 
     async def request(self, m: Any) -> Any:
         self.reserved.append(m)

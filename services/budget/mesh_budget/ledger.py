@@ -154,6 +154,8 @@ class TaskUsage(BaseModel):
     times. Entries are dropped at the task's next write once the day write is confirmed."""
     call_ids: list[str] = []
     updated_at: float = 0.0
+    labels: dict[str, str] = {}
+    """The task's labels (``task.submitted``): who to charge (team, user...)."""
 
     @staticmethod
     def key(tenant: str, task_id: str) -> str:
@@ -170,6 +172,8 @@ class DayUsage(BaseModel):
     by_model: dict[str, TokenUsage] = {}
     tasks: int = 0
     """Tasks that spent anything this day."""
+    by_label: dict[str, TokenUsage] = {}
+    """Key ``<label>=<value>`` for every label of the task that spent it: cost by team, by user."""
 
     @staticmethod
     def key(tenant: str, day: str) -> str:

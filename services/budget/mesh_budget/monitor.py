@@ -133,6 +133,8 @@ class TaskWatch:
     signatures: Counter[str] = field(default_factory=Counter)
     llm_calls: Counter[tuple[str, int]] = field(default_factory=Counter)
     seen_usage: set[str] = field(default_factory=set)
+    labels: dict[str, str] | None = None
+    """The task's labels, from its ``task.submitted`` (None: not seen)."""
     failed_calls: set[str] = field(default_factory=set)
     """Logical calls (attempt suffix stripped) that failed at least once."""
     chatter: deque[float] = field(default_factory=deque)
@@ -327,6 +329,7 @@ class Monitor:
         w.created_at = o.at if w.created_at is None else w.created_at
         w.deadline_s, w.stall_timeout_s = m.limits.deadline_s, m.limits.stall_timeout_s
         w.stall_policy = m.limits.stall_policy
+        w.labels = dict(m.labels)
         if not w.step_status:
             w.waiting.add("plan")  # until the planner takes it up
 

@@ -37,6 +37,9 @@ from mesh_kit.identity import IdentityError
 from mesh_kit.tail import Reader, Stored, Tail
 
 log = logging.getLogger("mesh.budget")
+MAX_DAY_LABELS = 256
+"""Distinct ``label=value`` keys a tenant-day record keeps; the rest are summed under ``(other)``."""
+OTHER_LABELS = "(other)"
 USAGE_DURABLE = "budget--usage-recorded"
 WATCHED = topo.WATCHERS["budget"]
 """Domains the monitor reads (every replica reads all of them, with direct gets: no consumers)."""
@@ -380,6 +383,7 @@ class Budget:
         model = f"{m.provider}/{m.model}"
         day = today(d.stored_at or None)  # the same on every redelivery
         key = (m.tenant, m.task_id)
+        labels = await self._labels(m.tenant, m.task_id)
         confirmed = self._day_done.pop(key, set())
         first, fresh, redo = [False], [False], [""]
 
@@ -401,6 +405,7 @@ class Budget:
             cur.by_model[model] = cur.by_model.get(model, TokenUsage()) + call
             cur.errors += 1 if m.error else 0
             cur.updated_at = time.time()
+            cur.labels = cur.labels or labels
             return cur
 
         try:
@@ -416,15 +421,15 @@ class Budget:
             faults.crash_point("budget_after_task_usage")  # chaos: die between the task and day writes
             # Independent of each other once the task total is stored: one round trip, not three.
             await asyncio.gather(
-                self._add_day(m, day, call, agent, model, first[0]),
+                self._add_day(m, day, call, agent, model, first[0], labels),
                 settle,
                 self._usage_event(m, call, task_usage.total, agent, model),
             )
-            self._count(m, agent)
+            self._count(m, agent, labels)
             self._confirm(key, {m.call_id})
         elif redo[0]:
             # Counted for the task by an attempt that may have died before the day write.
-            await asyncio.gather(self._add_day(m, redo[0], call, agent, model, False), settle)
+            await asyncio.gather(self._add_day(m, redo[0], call, agent, model, False, labels), settle)
             self._confirm(key, {m.call_id})
         else:
             await settle
@@ -440,24 +445,44 @@ class Budget:
         while len(self._day_done) > 10_000:
             self._day_done.pop(next(iter(self._day_done)))
 
-    async def _add_day(self, m: UsageRecorded, day: str, call: TokenUsage, agent: str, model: str, first: bool) -> None:
+    async def _labels(self, tenant: str, task_id: str) -> dict[str, str]:
+        """The task's labels: from its ``task.submitted`` as the monitor saw it, or (a task the
+        monitor has not seen: submitted before a restart's look-back) from its task record."""
+        w = self.monitor.tasks.get((tenant, task_id))
+        if w is not None and w.labels is not None:
+            return w.labels
+        rec = await st.task_record(self.tasks, tenant, task_id)
+        return dict(rec.labels) if rec is not None else {}
+
+    async def _add_day(
+        self, m: UsageRecorded, day: str, call: TokenUsage, agent: str, model: str, first: bool,
+        labels: dict[str, str] | None = None,
+    ) -> None:  # fmt: skip
         def add_day(cur: DayUsage | None) -> DayUsage | None:
             cur = cur or DayUsage(tenant=m.tenant, day=day)
             cur.total = cur.total + call
             cur.by_agent[agent] = cur.by_agent.get(agent, TokenUsage()) + call
             cur.by_model[model] = cur.by_model.get(model, TokenUsage()) + call
+            for k, v in sorted((labels or {}).items()):
+                name = f"{k}={v}"
+                if name not in cur.by_label and len(cur.by_label) >= MAX_DAY_LABELS:
+                    name = OTHER_LABELS  # a day record stays bounded however many users a tenant has
+                cur.by_label[name] = cur.by_label.get(name, TokenUsage()) + call
             cur.tasks += 1 if first else 0
             return cur
 
         await st.update(self.kv, DayUsage.key(m.tenant, day), DayUsage, add_day)
 
-    def _count(self, m: UsageRecorded, agent: str) -> None:
+    def _count(self, m: UsageRecorded, agent: str, labels: dict[str, str] | None = None) -> None:
         attrs = {
             "tenant": m.tenant,
             "agent": agent,
             "gen_ai.provider.name": m.provider,
             "gen_ai.request.model": m.model,
         }
+        for k in self.settings.metric_labels():  # only the label keys the operator chose: bounded cardinality
+            if labels and k in labels:
+                attrs[f"mesh.label.{k}"] = labels[k]
         for kind, n in (("input", m.input_tokens - m.cached_input_tokens), ("cached_input", m.cached_input_tokens),
                         ("output", m.output_tokens)):  # fmt: skip
             if n:

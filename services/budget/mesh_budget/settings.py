@@ -38,6 +38,10 @@ class BudgetSettings(ServiceSettings):
     """On start, the monitor replays this much of the streams to rebuild its view of live tasks."""
     budget_tick_s: float = Field(0.25, gt=0)
     """How often deadlines and stall timeouts are checked."""
+    budget_metric_labels: str = "team"
+    """Task label keys (``task.submitted`` labels, comma-separated) copied to the spend metrics
+    as ``mesh.label.<key>`` attributes. Every label is in the spend records; only these become
+    metric attributes (a user id there would make a series per user)."""
     budget_audit_anchor_s: float = Field(60.0, ge=0)
     """How often every tenant's audit chain is anchored: its length and head hash, signed, into KV
     ``anchors`` (``meshctl audit verify`` then sees a cut tail). 0: never."""
@@ -78,6 +82,9 @@ class BudgetSettings(ServiceSettings):
     def _parse_limits(self) -> Self:
         self._tenant_limits = _tenant_limits(self)
         return self
+
+    def metric_labels(self) -> tuple[str, ...]:
+        return tuple(k.strip() for k in self.budget_metric_labels.split(",") if k.strip())
 
     def rules(self) -> Rules:
         """The monitor's breaker thresholds (``budget_<rule field>``)."""

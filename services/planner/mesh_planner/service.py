@@ -378,6 +378,7 @@ class Planner:
             new = TaskRecord(
                 tenant=m.tenant, task_id=m.task_id, goal=m.goal, limits=m.limits, policy=m.policy,
                 created_at=time.time(), prompt_versions={"planner": self.plan_prompt.ref}, priority=m.priority,
+                labels=m.labels,
             )  # fmt: skip
             _event(new, "task.accepted", m.goal[:120])
             return new
