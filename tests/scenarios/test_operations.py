@@ -13,6 +13,7 @@ import pytest
 from mesh_contracts.v1 import TaskCompleted
 from mesh_testing.chaos import ChaosMesh
 from mesh_testing.infra import Infra, running_infra
+from meshctl import budget as spend
 from meshctl.cli import main
 
 pytestmark = pytest.mark.chaos
@@ -102,3 +103,29 @@ async def test_labels_charge_a_tasks_spend_to_a_team_and_a_user(infra, mesh, cap
     assert await asyncio.to_thread(_ctl, infra, "budget", "--tenant", "globex") == 0
     out = capsys.readouterr().out
     assert "BY LABEL" in out and "team=support" in out and "user=u-17" in out
+
+
+async def test_top_shows_each_tenants_tasks_and_spend_and_each_services_backlog(infra, mesh, capsys):
+    async with infra.client("acme") as c:
+        done = await c.submit(GOAL, task_id="top-1", timeout=60)
+    assert isinstance(done.outcome, TaskCompleted)
+    await asyncio.sleep(1.0)
+    capsys.readouterr()
+    assert await asyncio.to_thread(_ctl, infra, "top", "--json") == 0
+    frame = json.loads(capsys.readouterr().out)
+    acme = frame["tenants"]["acme"]
+    assert acme["completed"] >= 1 and acme["in_flight"] == 0 and acme["failed"] == 0, acme
+    admin = await infra.admin()
+    try:
+        day = json.loads(
+            (await (await admin.jetstream().key_value("budget")).get(f"tenant.acme.{spend.today()}")).value
+        )
+    finally:
+        await admin.close()
+    assert abs(acme["cost_usd"] - day["total"]["cost_usd"]) < 1e-9, "today's spend is the budget's"
+    assert set(frame["services"]) >= {"planner", "worker", "checker", "rag", "tool-executor", "budget"}
+    assert all(s["pending"] == 0 for s in frame["services"].values()), "an idle mesh has no backlog"
+    assert sum(m["calls"] for m in frame["models"].values()) >= 1 and frame["dlq"] == 0
+    assert await asyncio.to_thread(_ctl, infra, "top", "--once") == 0
+    out = capsys.readouterr().out
+    assert "TENANT" in out and "acme" in out and "SERVICE" in out and "dead letters: 0" in out

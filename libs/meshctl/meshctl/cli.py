@@ -531,6 +531,26 @@ def cmd_history(args: argparse.Namespace) -> int:
     return asyncio.run(run())
 
 
+def cmd_top(args: argparse.Namespace) -> int:
+    from meshctl import top
+
+    state = MeshState.load(opt.home(args))  # a mesh of ``meshctl up``: its services' /status too
+    health = (
+        {n: f"http://127.0.0.1:{p.http_port}/status" for n, p in state.services.items() if p.http_port}
+        if (state)
+        else {}
+    )
+    try:
+        frame = asyncio.run(top.run(lambda: _admin(args), args.interval, args.once or args.json, health, sys.stdout))
+    except KeyboardInterrupt:
+        return 0
+    if args.json:
+        print(json.dumps(frame.as_json(), indent=2))
+    else:
+        print(top.render(frame))
+    return 0
+
+
 def _audit_chain(args: argparse.Namespace) -> int:
     """``audit chain`` lists a tenant's chain; ``audit verify`` proves it whole or names the first
     break (exit 1), against the trust bundle of the mesh home and the budget's anchors."""
@@ -898,6 +918,13 @@ def _operator_commands(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--json", action="store_true")
     a.add_argument("--nats-url", default=None)
     s.set_defaults(fn=cmd_audit, usage=s.error)
+
+    s = sub.add_parser("top", help="a live view: tenants, services, spend, approvals, dead letters (as the admin)")
+    s.add_argument("--interval", type=opt.positive, default=2.0, help="seconds between refreshes")
+    s.add_argument("--once", action="store_true", help="print one frame and exit (rates over one second)")
+    s.add_argument("--json", action="store_true", help="one frame as JSON")
+    s.add_argument("--nats-url", default=None)
+    s.set_defaults(fn=cmd_top)
 
     s = sub.add_parser("history", help="every stored message about one task, in causal order, with its totals")
     s.add_argument("task_id", type=opt.task_id)

@@ -1,0 +1,189 @@
+"""``meshctl top``: a live view of the mesh in the terminal, refreshed every few seconds.
+
+Everything comes from NATS as the admin, so it works against any deployment: per tenant the
+tasks in flight (admission), done, failed and refused (the TASK stream's subjects), approvals
+waiting and today's spend (KV ``budget``); per service the backlog and in-flight messages of its
+durables and the messages it handled per second since the last frame; spend by model today;
+dead letters. On a local mesh (``meshctl up``) it adds each service's readiness and the
+budget's trips (its ``/status``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import nats
+from nats.js.errors import NotFoundError
+
+from mesh_contracts import topology as topo
+from mesh_contracts.v1.records import AdmissionRecord
+from meshctl import budget as spend
+
+OUTCOMES = ("completed", "failed", "rejected")
+
+
+@dataclass
+class Frame:
+    at: float
+    tenants: dict[str, dict[str, Any]] = field(default_factory=dict)
+    services: dict[str, dict[str, Any]] = field(default_factory=dict)
+    durables: dict[str, dict[str, int]] = field(default_factory=dict)
+    models: dict[str, dict[str, float]] = field(default_factory=dict)
+    trips: dict[str, int] = field(default_factory=dict)
+    dlq: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def as_json(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items()}
+
+
+def _tenant(frame: Frame, name: str) -> dict[str, Any]:
+    return frame.tenants.setdefault(
+        name,
+        {"in_flight": 0, "completed": 0, "failed": 0, "rejected": 0, "refused": 0, "approvals_waiting": 0,
+         "cost_usd": 0.0, "tokens": 0},
+    )  # fmt: skip
+
+
+async def gather(nc: nats.NATS, prev: Frame | None = None, health: dict[str, str] | None = None) -> Frame:
+    """One frame. ``health``: service -> its local ``/status`` URL (a mesh of ``meshctl up``)."""
+    js = nc.jetstream()
+    frame = Frame(time.time())
+    for d in topo.durables():
+        try:
+            info = await js.consumer_info(d.stream, d.name, timeout=2.0)
+        except (nats.errors.TimeoutError, NotFoundError):
+            frame.notes.append(f"durable {d.name} did not answer")
+            continue
+        frame.durables[d.name] = {
+            "service": d.service,  # type: ignore[dict-item]
+            "pending": info.num_pending or 0,
+            "in_flight": info.num_ack_pending or 0,
+            "redelivered": info.num_redelivered or 0,
+            "delivered": info.delivered.consumer_seq or 0 if info.delivered else 0,
+        }
+    window = frame.at - prev.at if prev else 0.0
+    for name, d in frame.durables.items():
+        svc = frame.services.setdefault(
+            str(d["service"]), {"pending": 0, "in_flight": 0, "redelivered": 0, "per_s": 0.0}
+        )
+        svc["pending"] += d["pending"]
+        svc["in_flight"] += d["in_flight"]
+        svc["redelivered"] += d["redelivered"]
+        if prev and window > 0 and name in prev.durables:
+            svc["per_s"] += max(0, d["delivered"] - prev.durables[name]["delivered"]) / window
+    try:
+        admission = await spend.scan(await js.key_value(AdmissionRecord.bucket), ">", timeout=2.0)
+    except NotFoundError:
+        admission = {}
+    for tenant, rec in admission.items():
+        t = _tenant(frame, tenant)
+        t["in_flight"] = len(rec.get("in_flight") or {})
+        t["refused"] = sum((rec.get("refused") or {}).values())
+    for event in OUTCOMES:
+        info = await js.stream_info(topo.STREAMS["task"], subjects_filter=f"task.*.*.*.{event}")
+        for subject in info.state.subjects or {}:
+            _tenant(frame, subject.split(".")[2])[event] += 1
+    day = spend.today()
+    models: dict[str, dict[str, float]] = defaultdict(lambda: {"calls": 0, "tokens": 0, "cost_usd": 0.0})
+    try:
+        days = await spend.scan(await js.key_value("budget"), spend.day_key("*", day), timeout=2.0)
+    except NotFoundError:
+        days = {}
+    for rec in days.values():
+        t = _tenant(frame, str(rec.get("tenant", "?")))
+        total = rec.get("total") or {}
+        t["cost_usd"] = float(total.get("cost_usd", 0.0))
+        t["tokens"] = int(total.get("input_tokens", 0)) + int(total.get("output_tokens", 0))
+        for model, u in (rec.get("by_model") or {}).items():
+            m = models[model]
+            m["calls"] += int(u.get("calls", 0))
+            m["tokens"] += int(u.get("input_tokens", 0)) + int(u.get("output_tokens", 0))
+            m["cost_usd"] += float(u.get("cost_usd", 0.0))
+    frame.models = dict(models)
+    try:
+        approvals = await spend.scan(await js.key_value("approvals"), ">", timeout=2.0)
+    except NotFoundError:
+        approvals = {}
+    for rec in approvals.values():
+        if rec.get("status") == "pending":
+            _tenant(frame, str(rec.get("tenant", "?")))["approvals_waiting"] += 1
+    try:
+        frame.dlq = (await js.stream_info(topo.DLQ_STREAM)).state.messages
+    except NotFoundError:
+        frame.dlq = 0
+    if health:
+        await _health(frame, health)
+    return frame
+
+
+async def _health(frame: Frame, health: dict[str, str]) -> None:
+    trips: Counter[str] = Counter()
+    async with httpx.AsyncClient(timeout=1.0) as client:
+        for name, url in health.items():
+            service = name.rsplit("-", 1)[0] if name[-1:].isdigit() else name
+            svc = frame.services.setdefault(service, {"pending": 0, "in_flight": 0, "redelivered": 0, "per_s": 0.0})
+            try:
+                status = (await client.get(url)).json()
+            except (httpx.HTTPError, ValueError):
+                status = {"ready": False}
+            svc["replicas"] = svc.get("replicas", 0) + 1
+            svc["ready"] = svc.get("ready", 0) + (1 if status.get("ready") else 0)
+            for counter, n in (status.get("counters") or {}).items():
+                if counter.startswith("mesh.budget.trips."):
+                    trips[counter.rsplit(".", 1)[1]] = max(trips[counter.rsplit(".", 1)[1]], int(n))
+    frame.trips = dict(trips)
+
+
+def render(frame: Frame, interval: float | None = None) -> str:
+    when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(frame.at))
+    every = f" (every {interval:g} s; Ctrl-C to quit)" if interval else ""
+    lines = [f"AgentMesh top: {when}{every}", ""]
+    lines.append(f"{'TENANT':14} {'IN FLIGHT':>9} {'DONE':>6} {'FAILED':>6} {'REFUSED':>7} {'APPROVALS':>9} "
+                 f"{'TOKENS TODAY':>12} {'SPEND TODAY':>12}")  # fmt: skip
+    for name, t in sorted(frame.tenants.items()):
+        lines.append(
+            f"{name[:14]:14} {t['in_flight']:>9} {t['completed']:>6} {t['failed']:>6} {t['refused'] + t['rejected']:>7} "
+            f"{t['approvals_waiting']:>9} {t['tokens']:>12,} {'$' + format(t['cost_usd'], '.4f'):>12}"
+        )
+    if not frame.tenants:
+        lines.append("(no tenant has submitted anything)")
+    lines += ["", f"{'SERVICE':14} {'READY':>7} {'BACKLOG':>8} {'IN FLIGHT':>9} {'MSGS/S':>7} {'REDELIVERED':>11}"]
+    for name, s in sorted(frame.services.items()):
+        ready = f"{s['ready']}/{s['replicas']}" if "replicas" in s else "-"
+        lines.append(
+            f"{name[:14]:14} {ready:>7} {s['pending']:>8} {s['in_flight']:>9} {s['per_s']:>7.1f} {s['redelivered']:>11}"
+        )
+    if frame.models:
+        lines += ["", f"{'MODEL (TODAY)':30} {'CALLS':>6} {'TOKENS':>10} {'SPEND':>10}"]
+        for model, m in sorted(frame.models.items(), key=lambda kv: -kv[1]["cost_usd"]):
+            lines.append(
+                f"{model[:30]:30} {int(m['calls']):>6} {int(m['tokens']):>10,} {'$' + format(m['cost_usd'], '.4f'):>10}"
+            )
+    trips = ", ".join(f"{k} {v}" for k, v in sorted(frame.trips.items())) or "none"
+    lines += ["", f"budget trips (since the budget started): {trips}", f"dead letters: {frame.dlq}"]
+    lines += [f"note: {n}" for n in frame.notes]
+    return "\n".join(lines)
+
+
+async def run(connect: Any, interval: float, once: bool, health: dict[str, str] | None, out: Any) -> Frame:
+    nc = await connect()
+    prev: Frame | None = None
+    try:
+        if once:  # two looks a second apart: the rates need an interval
+            first = await gather(nc)
+            await asyncio.sleep(1.0)
+            return await gather(nc, first, health)
+        while True:
+            frame = await gather(nc, prev, health)
+            out.write("\x1b[2J\x1b[H" + render(frame, interval) + "\n")
+            out.flush()
+            prev = frame
+            await asyncio.sleep(interval)
+    finally:
+        await nc.close()
