@@ -60,7 +60,7 @@ def test_history_is_actually_consulted():
 def test_asyncapi_document_covers_every_contract_and_operation():
     doc = generate.asyncapi()
     assert doc["asyncapi"] == "3.0.0"
-    assert len(doc["components"]["messages"]) == 28
+    assert len(doc["components"]["messages"]) == 29
     live = doc["channels"]["live_token_v1"]
     assert live["address"] == "live.v1.{tenant}.{task}.token" and live["x-transport"] == "core"
     assert live["x-stream"] is None, "streamed tokens are never stored"

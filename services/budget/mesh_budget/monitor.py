@@ -141,6 +141,8 @@ class TaskWatch:
     completions: deque[float] = field(default_factory=deque)
     errors: deque[float] = field(default_factory=deque)
     tripped: set[str] = field(default_factory=set)
+    trip_reasons: dict[str, str] = field(default_factory=dict)
+    """Why each breaker tripped (a reservation it refuses says so, not just which breaker)."""
 
     # --- the wait-for graph ---------------------------------------------------------------------
 
@@ -219,6 +221,7 @@ class _Fold:
     def trip(self, kind: str, reason: str, action: str = "cancel", members: tuple[str, ...] = ()) -> None:
         if kind not in self.w.tripped:
             self.w.tripped.add(kind)
+            self.w.trip_reasons[kind] = reason
             self.trips.append(Trip(kind, self.w.tenant, self.w.task_id, reason, action, members, self.at))
 
 

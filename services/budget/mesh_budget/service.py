@@ -299,8 +299,11 @@ class Budget:
         if rec.created_at and time.time() > rec.created_at + rec.limits.deadline_s:
             return deny("deadline", f"task deadline of {rec.limits.deadline_s:g} s has passed")
         w = self.monitor.tasks.get((m.tenant, m.task_id))
-        if w is not None and w.tripped & {"loop", "chatter", "iteration_cap", "deadlock", "retry_storm"}:
-            return deny("breaker", f"circuit breaker tripped: {', '.join(sorted(w.tripped))}")
+        breakers = w.tripped & {"loop", "chatter", "iteration_cap", "deadlock", "retry_storm"} if w else set()
+        if w is not None and breakers:
+            # Whichever reaches the task first, this refusal or the cancel, the reason is the same.
+            why = "; ".join(w.trip_reasons.get(k, k) for k in sorted(breakers))
+            return deny("breaker", f"circuit breaker tripped: {why}")
         if m.provider and (why := self.monitor.provider_open(m.provider, m.model, time.time())):
             return deny("provider_breaker", why)
         tl = self._tenant_limits(m.tenant)

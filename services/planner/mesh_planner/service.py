@@ -585,12 +585,13 @@ class Planner:
                 dispatch_ready(rec, d.msg_id)
             return True
 
-        # Every control action that reached the task's owner, applied or not (a cancel of an ended
-        # task is still someone's action), as a link of the tenant's audit chain.
+        await self.transition(m.tenant, m.task_id, apply)
+        # Then (a chain that cannot be appended to must not delay a cancel; if this fails, the
+        # redelivery finds the control applied and appends again): every control action that
+        # reached the task's owner, applied or not, as a link of the tenant's audit chain.
         await self.mesh.audit(
             m.tenant, m.task_id, m.type, d.msg_id, actor=who, source=d.msg_id, detail={"reason": m.reason}
         )
-        await self.transition(m.tenant, m.task_id, apply)
 
 
 async def build(mesh: Mesh, settings: PlannerSettings) -> Planner:
