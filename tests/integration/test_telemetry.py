@@ -42,3 +42,16 @@ async def test_a_trace_crosses_the_broker_and_counters_are_exported(integration_
     assert "handle tool.requested" in names and any(n.endswith(" process") for n in names)
     assert {s.context.trace_id for s in consumer_spans.get_finished_spans()} == {trace_id}
     assert any(s.name.endswith(" publish") for s in producer_spans.get_finished_spans())
+
+
+async def test_a_count_with_attributes_is_exported_with_them_and_totalled_for_status(integration_infra):
+    """The planner counts refusals by tenant and code (what an alert on one tenant's refusals
+    reads); /status keeps the total."""
+    planner_tel, _, metrics = in_memory("planner")
+    planner = Mesh(settings_for(integration_infra, "planner"), planner_tel)
+    planner.count(tel.M_REFUSED, {"tenant": "acme", "code": "rate_limited"})
+    planner.count(tel.M_REFUSED, {"tenant": "acme", "code": "rate_limited"})
+    planner.count(tel.M_REFUSED, {"tenant": "globex", "code": "too_many_in_flight"})
+    assert counter(metrics, tel.M_REFUSED, tenant="acme", code="rate_limited", service="planner") == 2
+    assert counter(metrics, tel.M_REFUSED, tenant="globex", code="too_many_in_flight") == 1
+    assert counter(metrics, tel.M_REFUSED) == 3 and planner.stats.counters[tel.M_REFUSED] == 3

@@ -213,12 +213,13 @@ class Mesh:
             self._genai = tel.GenAIMetrics(self._meter)
         return self._genai
 
-    def count(self, name: str) -> None:
-        """Both views of one count: the OTel metric (exported) and /status (local, instant)."""
+    def count(self, name: str, attributes: dict[str, str] | None = None) -> None:
+        """Both views of one count: the OTel metric (exported; with ``attributes`` besides the
+        service) and /status (local, instant; the total)."""
         self.stats.counters[name] += 1
         if name not in self._counters:
             self._counters[name] = self._meter.create_counter(name, unit="{event}")
-        self._counters[name].add(1, {"service": self.service})
+        self._counters[name].add(1, {"service": self.service, **(attributes or {})})
 
     async def audit(
         self, tenant: str, task_id: str, kind: str, key: str, *, actor: str = "", source: str = "",

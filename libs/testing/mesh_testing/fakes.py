@@ -61,7 +61,7 @@ class FakeMesh:
     async def emit(self, m: Any) -> None:
         pass
 
-    def count(self, name: str) -> None:
+    def count(self, name: str, attributes: dict[str, str] | None = None) -> None:
         pass
 
     def all(self, cls: type) -> list[Any]:

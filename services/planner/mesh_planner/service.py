@@ -361,7 +361,7 @@ class Planner:
         if self.admission is not None:
             refusal = await self.admission.admit(m.tenant, m.task_id, m.limits.deadline_s)
             if refusal is not None:
-                self.mesh.count(tel.M_REFUSED)
+                self.mesh.count(tel.M_REFUSED, {"tenant": m.tenant, "code": refusal.code})
                 log.info("refused %s: %s (retry after %.2fs)", key, refusal.reason, refusal.retry_after_s)
                 await self.mesh.publish(
                     TaskRejected(
@@ -386,7 +386,7 @@ class Planner:
         rec, created = await st.update(self.kv, key, TaskRecord, create)
         assert rec is not None
         if created:
-            self.mesh.count(tel.M_ADMITTED)
+            self.mesh.count(tel.M_ADMITTED, {"tenant": m.tenant})
         elif rec.status in TERMINAL:
             await self.release(rec)  # a late duplicate of an ended task: admitting it again was a no-op
         if not created and rec.goal != m.goal:
