@@ -1,5 +1,5 @@
-"""``meshctl history TASK``: every stored message about one task, across every stream, in causal
-order, with who sent it (its identity token verified), what it says in one line, and the task's
+"""``meshctl history TASK``: every stored message about one task, across every stream (and its
+dead letters), in causal order, with who sent it (its identity token verified), what it says in one line, and the task's
 totals (tokens and cost by model, attempts, verdicts, tool decisions).
 
 Read as the admin with batched direct gets on each stream's per-subject index
@@ -79,22 +79,26 @@ class History:
             "tool_decisions": dict(decisions),
             "verdicts": verdicts,
             "outcome": next((e.type for e in reversed(self.entries) if e.type in OUTCOMES), None),
+            "dead_letters": sum(e.type == DEAD_LETTER for e in self.entries),
         }
 
 
 OUTCOMES = ("task.completed", "task.failed", "task.rejected")
+DEAD_LETTER = "dead-letter"
 
 
 async def collect(nc: nats.NATS, tenant: str, task_id: str, *, events: bool = True) -> list[tuple[str, Stored]]:
     """Every stored message of the task, stream by stream (``events=False`` leaves out the
     progress feed, which restates what the other streams hold)."""
     out: list[tuple[str, Stored]] = []
-    for domain, stream in topo.STREAMS.items():
-        if domain == "event" and not events:
-            continue
+    # Every stream of the mesh, then the dead letters of the task (``dlq.<service>.<original>``).
+    sources = [(stream, f"{domain}.*.{tenant}.{task_id}.>") for domain, stream in topo.STREAMS.items()
+               if events or domain != "event"]  # fmt: skip
+    sources.append((topo.DLQ_STREAM, f"{topo.DLQ_PREFIX}.*.*.*.{tenant}.{task_id}.>"))
+    for stream, subject in sources:
         reader = Reader(nc, stream)
         try:
-            seq, subject = 1, f"{domain}.*.{tenant}.{task_id}.>"
+            seq = 1
             while True:
                 try:
                     batch = await reader.read(seq=seq, subject=subject)
@@ -138,6 +142,8 @@ def build(tenant: str, task_id: str, stored: list[tuple[str, Stored]], verifier:
 
 
 def _entry(stream: str, s: Stored, verifier: Verifier) -> Entry:
+    if stream == topo.DLQ_STREAM:
+        return _dead_letter(s)
     headers = s.headers
     try:
         model = parse_message(s.subject, s.data)
@@ -153,6 +159,21 @@ def _entry(stream: str, s: Stored, verifier: Verifier) -> Entry:
     body = redact_value(json.loads(s.data))
     return Entry(stream, s.seq, s.time, s.subject, model.type, sender, headers.get(env.MSG_ID, ""),
                  headers.get(env.CAUSATION, ""), redact(summary(model.type, body))[:160], body)  # fmt: skip
+
+
+def _dead_letter(s: Stored) -> Entry:
+    """A message of the task a service gave up on: who, why, after how many deliveries. Written by
+    that service (the original's signed headers travel with it, prefixed)."""
+    h = s.headers
+    original = h.get(env.DLQ_SUBJECT, "")
+    parts = original.split(".")
+    of = f"{parts[0]}.{parts[4]}" if len(parts) == 5 else original
+    service = h.get(env.DLQ_SERVICE, "?")
+    why = f"{service} gave up on {of} after {h.get(env.DLQ_DELIVERIES, '?')} deliveries ({h.get(env.DLQ_KIND, '?')}): "
+    detail = {"original_subject": original, "service": service, "kind": h.get(env.DLQ_KIND, ""),
+              "deliveries": h.get(env.DLQ_DELIVERIES, ""), "reason": redact(h.get(env.DLQ_REASON, ""))}  # fmt: skip
+    return Entry(topo.DLQ_STREAM, s.seq, s.time, s.subject, DEAD_LETTER, service, "",
+                 h.get(env.ORIG_PREFIX + env.CAUSATION, ""), redact(why + h.get(env.DLQ_REASON, ""))[:200], detail)  # fmt: skip
 
 
 def summary(kind: str, b: dict[str, Any]) -> str:
@@ -226,6 +247,8 @@ def render(h: History, *, width: int = 160) -> str:
     if t["verdicts"]:
         lines.append("verdicts: " + ", ".join(
             f"attempt {v['attempt']} {'passed' if v['passed'] else 'failed'}" for v in t["verdicts"]))  # fmt: skip
+    if t["dead_letters"]:
+        lines.append(f"dead letters: {t['dead_letters']} (meshctl dlq list shows them whole; retry re-drives one)")
     unverified = sum(e.sender.startswith("?") for e in h.entries)
     if unverified:
         lines.append(f"WARNING: {unverified} message(s) whose sender's token did not verify (shown as ?)")
