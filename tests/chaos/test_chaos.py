@@ -351,10 +351,17 @@ def test_the_harness_refuses_to_signal_a_process_it_did_not_start(infra):
 
 async def test_poison_messages_are_dead_lettered_without_slowing_other_tasks(infra):
     """Task submissions that fail on every attempt are injected (one a second) into a steady
-    load; the other tasks' p95 latency is compared with the same load without poison. The two
+    load; the other tasks' latency is compared with the same load without poison. The two
     kinds of window alternate (ABBA), so drift and noise bursts on a shared machine fall on
     both sides; a poison window ends only once its poison is dead-lettered, so none of it
-    leaks into the next clean window."""
+    leaks into the next clean window.
+
+    At CI's size (50 tasks a side) the p95 is the third-worst latency, and noise: four runs of the
+    same code on two cores gave p95 ratios of 0.85, 1.31 and 0.25 here and 2.78 in CI (the
+    baseline's own p95 ranged 0.46-2.57 s); the medians' ratios were 0.93-0.99 here and 1.59 in
+    that CI run. So CI holds the median to 2x (a poison that held up other work, e.g. retries
+    occupying the planner's handlers, costs far more); ``make chaos`` (200 a side) holds the p95
+    to 2x as well."""
     from mesh_contracts.v1 import TaskRejected
     from mesh_kit import envelope as env
     from mesh_kit.faults import POISON_MARKER
@@ -422,4 +429,7 @@ async def test_poison_messages_are_dead_lettered_without_slowing_other_tasks(inf
     assert all("injected poison" in p.outcome.reason and "5 attempts" in p.outcome.reason for p in rejected)
     assert sorted(letters) == sorted(p.task_id for p in pills), "each poison message is in the DLQ"
     assert all(h.get(env.DLQ_DELIVERIES) == "5" and "injected poison" in h[env.DLQ_REASON] for h in letters.values())
-    assert p95_pois <= 2 * p95_base, f"p95 {p95_pois}s with poison vs {p95_base}s without"
+    p50_base, p50_pois = pct(ok_base, 0.5), pct(ok_pois, 0.5)
+    assert p50_pois <= 2 * p50_base, f"median {p50_pois}s with poison vs {p50_base}s without"
+    if FULL:  # 200 tasks a side: the p95 is the tenth-worst, a statistic; at CI's 50 it is noise
+        assert p95_pois <= 2 * p95_base, f"p95 {p95_pois}s with poison vs {p95_base}s without"
