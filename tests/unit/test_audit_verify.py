@@ -112,9 +112,20 @@ def test_a_cut_tail_is_caught_by_the_anchor_and_a_forged_anchor_is_refused(keys,
 def test_a_chain_whose_beginning_expired_is_whole_with_a_note(keys, verifier):
     chain = _chain(keys, 4, start=50)
     old_anchor = _anchor(keys, 20, "ef" * 32)  # vouches for a record no longer retained: not held
-    v = verify("acme", chain, verifier, [old_anchor])
+    v = verify("acme", chain, verifier, [old_anchor], stream_first_seq=1234)
     assert v.ok and v.first == 50 and v.anchors == 0
     assert "starts at record 50" in v.notes[0]
+
+
+def test_a_missing_beginning_is_a_break_when_the_stream_has_lost_nothing_to_age(keys, verifier):
+    """The admin re-creates the stream without the first records: the new stream still holds its
+    first message, so nothing can have expired."""
+    chain = _chain(keys, 4)
+    v = verify("acme", chain[1:], verifier, stream_first_seq=1)
+    assert v.broken_at == 1 and "record 1 missing: the chain starts at record 2" in v.reason
+    v = verify("acme", chain[3:], verifier, stream_first_seq=1)
+    assert v.broken_at == 1 and "records 1 to 3 missing" in v.reason
+    assert verify("acme", chain, verifier, stream_first_seq=1).ok
 
 
 def test_another_tenants_record_is_a_break(keys, verifier):

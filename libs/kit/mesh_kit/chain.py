@@ -176,11 +176,18 @@ class Verdict:
         return self
 
 
-def verify(tenant: str, stored: list[Stored], verifier: Verifier, anchors: Sequence[Anchor] = ()) -> Verdict:
+def verify(
+    tenant: str, stored: list[Stored], verifier: Verifier, anchors: Sequence[Anchor] = (), *,
+    stream_first_seq: int | None = None,
+) -> Verdict:  # fmt: skip
     """Check a tenant's chain as read from the stream, in stored order: every record parses, is
     signed by a principal allowed to write its kind, is the next position and names the hash of
     the record before it; then every anchor the budget signed is reached and matched. The first
-    failure is the verdict (what follows a break cannot be trusted to say more)."""
+    failure is the verdict (what follows a break cannot be trusted to say more).
+
+    ``stream_first_seq``: the stream's first sequence. A chain that does not start at record 1 is
+    whole only if the stream has lost messages to age (its first sequence is past 1): otherwise
+    its beginning was removed (the stream re-created without it)."""
     v = Verdict(tenant)
     prev: tuple[int, str] | None = None  # (n, digest) of the last good record
     by_n: dict[int, str] = {}
@@ -203,6 +210,10 @@ def verify(tenant: str, stored: list[Stored], verifier: Verifier, anchors: Seque
         if prev is None:
             if rec.n == 1 and rec.prev != GENESIS:
                 return v.fail(1, "record 1 names a predecessor: the chain's beginning was replaced")
+            if rec.n > 1 and stream_first_seq == 1:
+                gone = "record 1" if rec.n == 2 else f"records 1 to {rec.n - 1}"
+                return v.fail(1, f"{gone} missing: the chain starts at record {rec.n}, and its stream has lost "
+                                 "nothing to age (it still holds its first message)")  # fmt: skip
             if rec.n > 1:
                 v.notes.append(
                     f"the chain starts at record {rec.n}: the records before it are gone (expired under the "

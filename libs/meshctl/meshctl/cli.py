@@ -584,15 +584,17 @@ def _audit_chain(args: argparse.Namespace) -> int:
                     print(audit.render_chain(records, args.task or ""))
                 return 0
             anchors = await audit.anchors(nc, args.tenant)
+            first_seq: int | None = None
             try:
                 info = await nc.jetstream().stream_info(topo.STREAMS["audit"])
                 protected = bool(info.config.deny_delete and info.config.deny_purge)
+                first_seq = info.state.first_seq
             except nats.js.errors.NotFoundError:
                 protected = None
         finally:
             await nc.close()
         verdict = verify(args.tenant, records, Verifier(TrustBundle.from_file(Identities(opt.home(args)).trust_bundle)),
-                         anchors)  # fmt: skip
+                         anchors, stream_first_seq=first_seq)  # fmt: skip
         if verdict.ok and expect is not None:
             at = {json.loads(r.data).get("n"): digest(r.data) for r in records}
             if expect[0] > (verdict.head or Head(0, 0, "")).n:
