@@ -433,7 +433,7 @@ async def test_the_audit_chain_holds_every_writers_decisions_and_names_a_tampere
 
         stored = await audit.chain(admin, "globex")
         tool = next(json.loads(s.data)["n"] for s in stored if json.loads(s.data)["kind"].startswith("tool."))
-        everything = await audit._all(admin, "AUDIT", "audit.>")
+        everything = await audit.stored(admin, "AUDIT", "audit.>")
 
         def globex_n(s) -> int:
             return json.loads(s.data)["n"] if s.subject.startswith("audit.v1.globex.") else 0

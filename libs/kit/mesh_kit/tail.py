@@ -129,6 +129,19 @@ class Reader:
         async with self._lock:
             return await self._request(json.dumps(req).encode())
 
+    async def matching(self, subject: str) -> list[Stored]:
+        """Every stored message whose subject matches ``subject``, oldest first (batches from the
+        stream's start; the server's per-subject index skips the rest)."""
+        out: list[Stored] = []
+        seq = 1
+        while True:
+            b = await self.read(seq=seq, subject=subject, batch=MAX_BATCH)
+            out += b.messages
+            if b.messages:
+                seq = b.messages[-1].seq + 1
+            if b.complete and (not b.pending or not b.messages):
+                return out
+
     async def last(self, subject: str) -> Stored | None:
         """The last stored message whose subject matches ``subject`` (wildcards allowed), if any."""
         async with self._lock:
@@ -191,15 +204,7 @@ class Reader:
         except DirectGetError as exc:
             if " 413 " not in f"{exc} ":
                 raise
-            entries = []
-            seq = 1
-            while True:
-                b = await self.read(seq=seq, subject=filt, batch=MAX_BATCH)
-                entries += b.messages
-                if b.messages:
-                    seq = b.messages[-1].seq + 1
-                if b.complete and (not b.pending or not b.messages):
-                    break
+            entries = await self.matching(filt)
         latest: dict[str, Stored] = {}
         for e in entries:
             latest[e.key(bucket)] = e

@@ -106,34 +106,27 @@ def render(rows: list[dict[str, Any]]) -> str:
 
 async def chain(nc: nats.NATS, tenant: str) -> list[Stored]:
     """Every retained record of ``tenant``'s audit chain, in stored order (direct gets)."""
-    return await _all(nc, topo.STREAMS["audit"], chain_filter(tenant))
+    return await stored(nc, topo.STREAMS["audit"], chain_filter(tenant))
 
 
 async def anchors(nc: nats.NATS, tenant: str) -> list[Anchor]:
     """Every retained anchor of ``tenant``'s chain (KV ``anchors`` keeps a key's last 64)."""
     return [
         Anchor(s.data.decode(), s.time)
-        for s in await _all(nc, "KV_anchors", f"$KV.anchors.{tenant}")
+        for s in await stored(nc, "KV_anchors", f"$KV.anchors.{tenant}")
         if s.data and s.operation is None
     ]
 
 
-async def _all(nc: nats.NATS, stream: str, subject: str) -> list[Stored]:
+async def stored(nc: nats.NATS, stream: str, subject: str) -> list[Stored]:
+    """Every message of ``stream`` matching ``subject`` (none if the stream does not exist yet)."""
     reader = Reader(nc, stream)
-    out: list[Stored] = []
     try:
-        seq = 1
-        while True:
-            try:
-                batch = await reader.read(seq=seq, subject=subject)
-            except DirectGetError as exc:
-                if "no responders" in str(exc):
-                    return out  # the stream does not exist (yet): nothing recorded
-                raise
-            out += batch.messages
-            if not batch.messages or (batch.complete and batch.pending == 0):
-                return out
-            seq = batch.messages[-1].seq + 1
+        return await reader.matching(subject)
+    except DirectGetError as exc:
+        if "no responders" in str(exc):
+            return []  # a stream this mesh has not provisioned (yet): nothing recorded
+        raise
     finally:
         await reader.close()
 

@@ -22,7 +22,8 @@ from mesh_contracts import topology as topo
 from mesh_guardrails.redact import redact, redact_value
 from mesh_kit import envelope as env
 from mesh_kit.identity import IdentityError, Verifier
-from mesh_kit.tail import DirectGetError, Reader, Stored
+from mesh_kit.tail import Stored
+from meshctl import audit
 
 
 @dataclass
@@ -96,22 +97,7 @@ async def collect(nc: nats.NATS, tenant: str, task_id: str, *, events: bool = Tr
                if events or domain != "event"]  # fmt: skip
     sources.append((topo.DLQ_STREAM, f"{topo.DLQ_PREFIX}.*.*.*.{tenant}.{task_id}.>"))
     for stream, subject in sources:
-        reader = Reader(nc, stream)
-        try:
-            seq = 1
-            while True:
-                try:
-                    batch = await reader.read(seq=seq, subject=subject)
-                except DirectGetError as exc:
-                    if "no responders" in str(exc):
-                        break  # a stream this mesh has not provisioned (yet)
-                    raise
-                out += [(stream, s) for s in batch.messages]
-                if not batch.messages or (batch.complete and batch.pending == 0):
-                    break
-                seq = batch.messages[-1].seq + 1
-        finally:
-            await reader.close()
+        out += [(stream, s) for s in await audit.stored(nc, stream, subject)]
     return out
 
 
