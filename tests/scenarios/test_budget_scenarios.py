@@ -424,6 +424,9 @@ async def test_the_audit_chain_holds_every_writers_decisions_and_names_a_tampere
         verdict = json.loads(capsys.readouterr().out)
         assert verdict["whole"] and verdict["stream_protected"] and verdict["anchors"] >= 1, verdict
         kinds = verdict["kinds"]
+        kept = f"{verdict['head']['n']}:{verdict['head']['hash']}"  # a head an auditor keeps elsewhere
+        assert await asyncio.to_thread(ctl, "audit", "verify", "--tenant", "globex", "--anchor", kept) == 0
+        assert "whole" in capsys.readouterr().out
         assert kinds.get("budget.loop") == 1, f"two budget replicas, one record: {kinds}"
         assert kinds.get("control.cancel") == 1 and kinds.get("control.kill-switch-on") == 1, kinds
         assert kinds.get("control.kill-switch-off") == 1 and any(k.startswith("tool.") for k in kinds), kinds

@@ -133,3 +133,13 @@ def test_another_tenants_record_is_a_break(keys, verifier):
     other = _chain(keys, 1, tenant="globex")[0]
     v = verify("acme", [*chain, other], verifier)
     assert v.broken_at == 1 and "globex" in v.reason
+
+
+def test_a_head_kept_outside_the_mesh_is_held_like_an_anchor(keys, verifier):
+    """``meshctl audit verify --anchor N:SHA256``: no signature needed, the operator kept it."""
+    chain = _chain(keys)
+    assert verify("acme", chain, verifier, pinned=(4, digest(chain[3].data))).ok
+    v = verify("acme", chain[:3], verifier, pinned=(4, digest(chain[3].data)))
+    assert v.broken_at == 4 and "before record 4, which --anchor vouches for" in v.reason
+    v = verify("acme", chain, verifier, pinned=(4, digest(chain[2].data)))
+    assert v.broken_at == 4 and "not the one --anchor vouches for" in v.reason

@@ -178,7 +178,7 @@ class Verdict:
 
 def verify(
     tenant: str, stored: list[Stored], verifier: Verifier, anchors: Sequence[Anchor] = (), *,
-    stream_first_seq: int | None = None,
+    stream_first_seq: int | None = None, pinned: tuple[int, str] | None = None,
 ) -> Verdict:  # fmt: skip
     """Check a tenant's chain as read from the stream, in stored order: every record parses, is
     signed by a principal allowed to write its kind, is the next position and names the hash of
@@ -187,7 +187,8 @@ def verify(
 
     ``stream_first_seq``: the stream's first sequence. A chain that does not start at record 1 is
     whole only if the stream has lost messages to age (its first sequence is past 1): otherwise
-    its beginning was removed (the stream re-created without it)."""
+    its beginning was removed (the stream re-created without it). ``pinned``: ``(n, sha256)`` of a
+    head kept outside the mesh, held like an anchor."""
     v = Verdict(tenant)
     prev: tuple[int, str] | None = None  # (n, digest) of the last good record
     by_n: dict[int, str] = {}
@@ -256,6 +257,14 @@ def verify(
             )
         if by_n.get(n) != head:
             return v.fail(n, f"record {n} is not the one the anchor of {_when(a.stored_at)} vouched for")
+    if pinned is not None:
+        n, head = pinned
+        if n > last_n:
+            return v.fail(
+                last_n + 1, f"the chain ends at record {last_n}, before record {n}, which --anchor vouches for"
+            )
+        if by_n.get(n) != head:
+            return v.fail(n, f"record {n} is not the one --anchor vouches for")
     return v
 
 
