@@ -45,6 +45,7 @@ from mesh_kit import envelope as env
 from mesh_kit import faults
 from mesh_kit import telemetry as tel
 from mesh_kit.chain import AuditChain, Head
+from mesh_kit.deps import Dependency, readiness
 from mesh_kit.fair import PRIORITY, FairConsumer, Fetched
 from mesh_kit.guard import Guard
 from mesh_kit.identity import IdentityError, Principal, Signer, TrustBundle, Verifier, load_private_key
@@ -188,6 +189,8 @@ class Mesh:
         self._on_stop: list[Callable[[], Awaitable[None]]] = []
         self._identity_tasks: list[asyncio.Task[None]] = []
         self._fair: list[FairConsumer] = []
+        self.dependencies: dict[str, Dependency] = {}
+        """Backing services besides NATS (Redis), probed in the background; see ``depend``."""
         self._chain: AuditChain | None = None
         self._genai: tel.GenAIMetrics | None = None
         self.limits = DecodeLimits(
@@ -257,11 +260,26 @@ class Mesh:
         """Run ``hook`` after the broker has drained (e.g. close a Redis client)."""
         self._on_stop.append(hook)
 
+    def depend(self, dependency: Dependency) -> Dependency:
+        """Track a backing service: probed every few seconds from start to stop, in ``ready()``
+        (a required one down makes the service not ready) and in /status."""
+
+        def changed(d: Dependency) -> None:
+            if not d.up:
+                self.count(tel.M_DEPENDENCY_DOWN, {"dependency": d.name})
+
+        dependency.on_change = changed
+        self.dependencies[dependency.name] = dependency
+        return dependency
+
     async def start(self) -> None:
         await self.broker.connect()
         await self._follow_identity()
         for hook in self._on_start:
             await hook()
+        for dependency in self.dependencies.values():
+            await dependency.check()  # the first /readyz already knows
+            dependency.start()
         await self.broker.start()
         for consumer in self._fair:
             await consumer.start()
@@ -275,6 +293,8 @@ class Mesh:
         for consumer in self._fair:
             await consumer.stop()
         await self.broker.stop()
+        for dependency in self.dependencies.values():
+            await dependency.stop()
         for hook in self._on_stop:
             await hook()
 
@@ -414,7 +434,9 @@ class Mesh:
             connected = self.nc.is_connected
         except (AttributeError, TypeError):  # broker not connected yet
             connected = False
-        return (True, "ok") if connected else (False, "not connected to NATS")
+        if not connected:
+            return False, "not connected to NATS"
+        return readiness(self.dependencies)
 
     async def _on_closed(self) -> None:
         if self._started:

@@ -71,6 +71,7 @@ async def serve(settings: S, build: Build[S], *, stop: asyncio.Event | None = No
                 "service": settings.service,
                 "uptime_s": round(time.time() - mesh.stats.started_at, 1),
                 "counters": dict(mesh.stats.counters),
+                "dependencies": {name: d.describe() for name, d in mesh.dependencies.items()},
             },
         )
         await health.start()

@@ -42,6 +42,9 @@ M_TOOL_DECISIONS = "mesh.tools.decisions"  # tool-policy decisions recorded as t
 M_INJECTION_FLAGGED = "mesh.guardrails.injection_flagged"  # untrusted text scored at or above the threshold
 M_RETRIEVAL_CACHE_HITS = "mesh.rag.cache.hits"  # retrievals answered from Redis for the current index version
 M_RETRIEVAL_CACHE_MISSES = "mesh.rag.cache.misses"
+M_RETRIEVAL_CACHE_ERRORS = "mesh.rag.cache.errors"  # a cache read or write that failed: served as a miss
+M_DEPENDENCY_DOWN = "mesh.dependency.down"  # a backing service (Redis) became unreachable; attribute: dependency
+M_RATE_LIMIT_LOCAL = "mesh.tool.rate_limit.local"  # a rate-limit decision taken in the process because Redis was down
 # Budget service (counters with tenant/agent/provider/model attributes; see mesh_budget).
 M_BUDGET_TOKENS = "mesh.budget.tokens"  # attribute token.type = input | output | cached_input
 M_BUDGET_COST = "mesh.budget.cost"  # unit USD

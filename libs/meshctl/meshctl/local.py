@@ -348,7 +348,7 @@ async def start_redis(ids: Identities, port: int, timeout: float = 30.0) -> Proc
         ids.home / "logs" / "redis-server.log",
         port=port,
     )
-    await wait_until(lambda: _tcp_ok(port), "redis-server", timeout, proc)
+    await wait_until(lambda: tcp_ok(port), "redis-server", timeout, proc)
     return proc
 
 
@@ -463,7 +463,7 @@ async def up(
     return state
 
 
-async def _tcp_ok(port: int) -> bool:
+async def tcp_ok(port: int) -> bool:
     _, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.close()
     return True

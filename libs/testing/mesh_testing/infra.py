@@ -98,6 +98,20 @@ class Infra:
         os.kill(proc.pid, 9)
         local.stop([[proc]], 1.0)  # reap it
 
+    def kill_redis(self) -> None:
+        """kill -9 the redis-server this fixture started (binaries mode): an outage."""
+        proc = self.redis
+        if self.mode != "binaries" or proc is None or not proc.alive():
+            raise RuntimeError("no live redis-server started by this fixture")
+        os.kill(proc.pid, 9)
+        local.stop([[proc]], 1.0)
+
+    async def start_redis(self) -> None:
+        """Start the killed redis-server again on its port (empty: it keeps nothing on disk)."""
+        assert self.redis is not None
+        self.redis = local.respawn(self.redis)
+        await local.wait_until(lambda: local.tcp_ok(self.redis_port), "redis-server", 30, self.redis)
+
     def redis_url(self, principal: str) -> str:
         return (self.ids.secrets / "redis" / f"{principal}.url").read_text()
 

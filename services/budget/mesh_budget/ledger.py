@@ -256,10 +256,10 @@ class View:
     """The Redis side: one client, three scripts."""
 
     def __init__(self, redis_url: str, ttl_s: float = 120.0) -> None:
-        import redis.asyncio as aioredis
+        from mesh_kit.deps import redis_client
 
         self.ttl_s = ttl_s
-        self.redis = aioredis.from_url(redis_url)
+        self.redis = redis_client(redis_url)
         self._reserve = self.redis.register_script(RESERVE_LUA)
         self._init = self.redis.register_script(INIT_LUA)
         self._settle = self.redis.register_script(SETTLE_LUA)

@@ -33,6 +33,7 @@ from mesh_kit import Delivery, Mesh, faults
 from mesh_kit import envelope as env
 from mesh_kit import state as st
 from mesh_kit import telemetry as tel
+from mesh_kit.deps import Dependency, redis_errors
 from mesh_kit.identity import IdentityError
 from mesh_kit.tail import Reader, Stored, Tail
 
@@ -66,6 +67,9 @@ class Budget:
                 "its reservations must be shared by every replica"
             )
         self.view = View(mesh.settings.redis_url, self.settings.budget_reservation_ttl_s)
+        self.redis = mesh.depend(
+            Dependency("redis", self.view.redis.ping, required=True, purpose="reservations shared by every replica")
+        )
         self.kv: Any = None
         self.tasks: Any = None
         self.durable: Durable | None = None
@@ -316,10 +320,14 @@ class Budget:
         )
         args = (m.tenant, m.task_id, day, m.call_id, m.tokens, m.cost_usd, limits, self.horizon)
         try:
-            decision = await self.view.reserve(*args)
-        except Cold as cold:
-            await self._rebuild(m.tenant, m.task_id, day, cold)
-            decision = await self.view.reserve(*args)
+            try:
+                decision = await self.view.reserve(*args)
+            except Cold as cold:
+                await self._rebuild(m.tenant, m.task_id, day, cold)
+                decision = await self.view.reserve(*args)
+        except redis_errors() as exc:
+            self.redis.down(exc)  # not ready until the probe reaches it again; the caller retries
+            raise
         if not decision.granted:
             text = DENIAL[decision.code].format(
                 tenant=m.tenant,

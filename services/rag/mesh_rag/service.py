@@ -29,6 +29,7 @@ from mesh_contracts.v1 import IngestCompleted, IngestRequested, RetrievalComplet
 from mesh_guardrails.injection import score as injection_score
 from mesh_kit import Delivery, Mesh
 from mesh_kit import telemetry as tel
+from mesh_kit.deps import Dependency, redis_client, redis_errors
 from mesh_rag.embed import Embedder
 from mesh_rag.extract import SUPPORTED, ExtractError, extract, media_type_for
 from mesh_rag.index import Chunk, TenantIndex, build_document, document_version
@@ -61,6 +62,8 @@ class Rag:
         self.store: Store | None = None
         self.loaded: dict[str, Loaded] = {}
         self._redis: Any = None
+        self.cache: Dependency | None = None
+        """Redis behind the retrieval cache: optional; while it is down every retrieval is a miss."""
         self._query_vectors: dict[str, Any] = {}
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -71,9 +74,12 @@ class Rag:
         self.store = Store(await self.mesh.kv("rag"))
         url = self.mesh.settings.redis_url if self.mesh.settings else ""
         if url:
-            import redis.asyncio as aioredis
-
-            self._redis = aioredis.from_url(url)
+            self._redis = redis_client(url)
+            self.cache = self.mesh.depend(
+                Dependency(
+                    "redis", self._redis.ping, required=False, purpose="retrieval cache (every retrieval a miss)"
+                )
+            )
         for tenant in self.seed_tenants:
             await self._seed(tenant)
 
@@ -186,11 +192,11 @@ class Rag:
         assert self.store is not None and self.embedder is not None
         manifest, _ = await self.store.manifest(m.tenant)  # a tenant only ever reads its own
         key = self._cache_key(m.tenant, manifest.version, m)
+        cached = await self._cache_get(key)
+        if cached is not None:
+            self.mesh.count(tel.M_RETRIEVAL_CACHE_HITS)
+            return [RetrievalHit.model_validate(h) for h in json.loads(cached)], manifest.version, True
         if self._redis is not None:
-            cached = await self._redis.get(key)
-            if cached is not None:
-                self.mesh.count(tel.M_RETRIEVAL_CACHE_HITS)
-                return [RetrievalHit.model_validate(h) for h in json.loads(cached)], manifest.version, True
             self.mesh.count(tel.M_RETRIEVAL_CACHE_MISSES)
         index = await self._index(m.tenant, manifest)
         qv = None
@@ -203,10 +209,37 @@ class Rag:
                 self._query_vectors[m.query] = qv
         found = index.search(m.query, m.top_k, method=m.method, query_vector=qv)
         hits = [_hit(c, s, manifest) for c, s in found]
-        if self._redis is not None:
-            payload = json.dumps([h.model_dump(mode="json") for h in hits])
-            await self._redis.set(key, payload, ex=CACHE_TTL_S)
+        if self._caching():
+            await self._cache_set(key, json.dumps([h.model_dump(mode="json") for h in hits]))
         return hits, manifest.version, False
+
+    # --- the cache: a miss, never a failure -------------------------------------------------
+
+    def _caching(self) -> bool:
+        """Whether to use the cache now: configured, and not known to be down (while it is down
+        its probe decides when to try again, so no retrieval waits for a connect timeout)."""
+        return self._redis is not None and (self.cache is None or self.cache.up)
+
+    async def _cache_get(self, key: str) -> bytes | None:
+        if not self._caching():
+            return None
+        try:
+            value: bytes | None = await self._redis.get(key)
+        except redis_errors() as exc:
+            self._cache_failed(exc)
+            return None
+        return value
+
+    async def _cache_set(self, key: str, payload: str) -> None:
+        try:
+            await self._redis.set(key, payload, ex=CACHE_TTL_S)
+        except redis_errors() as exc:
+            self._cache_failed(exc)
+
+    def _cache_failed(self, exc: BaseException) -> None:
+        self.mesh.count(tel.M_RETRIEVAL_CACHE_ERRORS)
+        if self.cache is not None:
+            self.cache.down(exc)
 
     async def on_request(self, m: RetrievalRequested, d: Delivery) -> None:
         hits, version, cached = await self._search(m)

@@ -5,6 +5,11 @@ trimmed and counted atomically in one Lua script, so N replicas enforce one limi
 burst at a window's edge cannot pass twice the rate (a fixed window would let it). Without
 Redis (in-memory tests) the same window lives in the process.
 
+While Redis is unreachable the limiter degrades instead of failing tool calls: each replica
+keeps the window in its own process (so N replicas admit up to N times the limit for as long
+as the outage lasts), the service stays ready and says it is degraded, and
+``mesh.tool.rate_limit.local`` counts the decisions taken that way.
+
 A refused call is not an error of the executor: the agent is told when to try again.
 """
 
@@ -13,7 +18,10 @@ from __future__ import annotations
 import time
 import uuid
 from collections import defaultdict, deque
+from collections.abc import Callable
 from typing import Any
+
+from mesh_kit.deps import Dependency, redis_client, redis_errors
 
 WINDOW_S = 60.0
 
@@ -33,19 +41,33 @@ return tostring(tonumber(oldest[2]) + window - now)
 
 
 class RateLimiter:
-    def __init__(self, redis_url: str = "", prefix: str = "tool-executor:rate") -> None:
+    def __init__(
+        self, redis_url: str = "", prefix: str = "tool-executor:rate", on_local: Callable[[], None] | None = None
+    ) -> None:
         self.prefix = prefix
         self._redis: Any = None
         self._script: Any = None
         self._url = redis_url
         self._local: dict[str, deque[float]] = defaultdict(deque)
+        self.dependency: Dependency | None = None
+        """Redis, once a client exists: optional (see the module's note on an outage)."""
+        self.local_decisions = 0
+        self.on_local = on_local
+        """Decisions taken in the process while Redis was configured but down."""
+
+    def connect(self) -> Dependency | None:
+        """Make the Redis client (when one is configured); its dependency, for the service to track."""
+        self._client()
+        return self.dependency
 
     def _client(self) -> Any:
         if self._redis is None and self._url:
-            import redis.asyncio as aioredis
-
-            self._redis = aioredis.from_url(self._url)
+            self._redis = redis_client(self._url)
             self._script = self._redis.register_script(_TAKE)
+            self.dependency = Dependency(
+                "redis", self._redis.ping, required=False,
+                purpose="tool rate limits kept per replica until it is back",
+            )  # fmt: skip
         return self._redis
 
     async def take(self, tenant: str, tool: str, per_min: int) -> float:
@@ -55,9 +77,18 @@ class RateLimiter:
             return 0.0
         now = time.time()
         key = f"{self.prefix}:{tool}:{tenant}"
-        if self._client() is not None:
-            wait = await self._script(keys=[key], args=[now, WINDOW_S, per_min, f"{now}:{uuid.uuid4().hex[:8]}"])
-            return max(0.0, float(wait))
+        if self._client() is not None and (self.dependency is None or self.dependency.up):
+            try:
+                wait = await self._script(keys=[key], args=[now, WINDOW_S, per_min, f"{now}:{uuid.uuid4().hex[:8]}"])
+            except redis_errors() as exc:
+                if self.dependency is not None:
+                    self.dependency.down(exc)
+            else:
+                return max(0.0, float(wait))
+        if self._redis is not None:
+            self.local_decisions += 1
+            if self.on_local is not None:
+                self.on_local()
         window = self._local[key]
         while window and window[0] <= now - WINDOW_S:
             window.popleft()

@@ -95,7 +95,9 @@ class ToolExecutor:
         self.tasks: Any = None
         self.approvals: Approvals | None = None
         self.notes: Notes = MemoryNotes()
-        self.limiter = RateLimiter(mesh.settings.redis_url if mesh.settings else "")
+        self.limiter = RateLimiter(
+            mesh.settings.redis_url if mesh.settings else "", on_local=lambda: mesh.count(tel.M_RATE_LIMIT_LOCAL)
+        )
         self.mcp: Any = None
         self._apply_policy()
 
@@ -106,6 +108,9 @@ class ToolExecutor:
                 self.registry.add(with_policy(tool, overrides))
 
     async def start(self) -> None:
+        redis = self.limiter.connect()
+        if redis is not None:
+            self.mesh.depend(redis)
         self.ledger = Ledger(await self.mesh.kv(BUCKET), self.mesh.service)
         self.tasks = await self.mesh.kv("tasks")
         self.notes = KVNotes(await self.mesh.kv("notes"), self.mesh.nc)
