@@ -7,6 +7,11 @@ Breaking-change rules (a consumer of either side must still read the other side'
 messages): a removed property, a property that became required, or a property whose
 type changed. Each committed schema is compared with every earlier version of the same
 file in git history, so a breaking edit fails CI even if the schema was regenerated.
+
+That needs the history: in a shallow clone (what a CI checkout makes by default) the only
+earlier version is the commit being checked, and a breaking edit would pass. ``check`` first
+fetches the missing history (``git fetch --unshallow``) and fails, saying why, when it cannot;
+outside git it fails too unless told ``--no-history`` (an unpacked sdist has nothing to compare).
 """
 
 from __future__ import annotations
@@ -242,7 +247,44 @@ def _git_root() -> Path:
     return Path(top)
 
 
-def check() -> int:
+class NoHistory(RuntimeError):
+    """The git history the breaking-change check compares against is not here."""
+
+
+def ensure_history() -> str:
+    """Make sure the whole history is here; returns what was done. Raises ``NoHistory``."""
+    try:
+        top = _git_root()
+    except (subprocess.CalledProcessError, FileNotFoundError) as exc:
+        raise NoHistory(
+            "not a git checkout: no earlier schemas to compare with (use --no-history for an sdist)"
+        ) from exc
+    shallow = subprocess.run(
+        ["git", "rev-parse", "--is-shallow-repository"], cwd=top, capture_output=True, text=True
+    ).stdout.strip()
+    if shallow != "true":
+        return "full history"
+    fetched = subprocess.run(
+        ["git", "fetch", "--quiet", "--unshallow", "--no-tags"], cwd=top, capture_output=True, text=True
+    )
+    if fetched.returncode != 0:
+        why = (fetched.stderr.strip().splitlines() or ["no reason given"])[-1]
+        raise NoHistory(
+            "this clone is shallow and `git fetch --unshallow` failed "
+            f"({why}): a breaking change could pass unseen; clone with the full history (fetch-depth: 0)"
+        )
+    return "fetched the history of a shallow clone"
+
+
+def check(require_history: bool = True) -> int:
+    if require_history:
+        try:
+            how = ensure_history()
+        except NoHistory as exc:
+            print(f"contract check FAILED: {exc}", file=sys.stderr)
+            return 1
+        if how != "full history":
+            print(f"contracts: {how}", file=sys.stderr)
     failures: list[str] = []
     for path, text in rendered().items():
         if not path.exists():
@@ -273,7 +315,9 @@ def main(argv: list[str] | None = None) -> int:
         return write()
     if args == ["check"]:
         return check()
-    print(f"usage: python -m {_pkg}.generate write|check", file=sys.stderr)
+    if args == ["check", "--no-history"]:
+        return check(require_history=False)
+    print(f"usage: python -m {_pkg}.generate write | check [--no-history]", file=sys.stderr)
     return 2
 
 

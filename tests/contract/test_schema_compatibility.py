@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -67,3 +70,66 @@ def test_asyncapi_document_covers_every_contract_and_operation():
     sends = [k for k, op in doc["operations"].items() if op["action"] == "send"]
     assert "client.send.task_submitted_v1" in sends
     assert doc["channels"]["task_submitted_v1"]["address"] == "task.v1.{tenant}.{task}.submitted"
+
+
+def _git(cwd, *args: str) -> str:
+    return subprocess.run(
+        ["git", "-c", "user.name=ci", "-c", "user.email=ci@example.invalid", *args],
+        cwd=cwd, capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+
+
+def _check(clone) -> subprocess.CompletedProcess[str]:
+    """``make contracts-check`` as CI runs it, in ``clone`` with that clone's own package."""
+    env = {**os.environ, "PYTHONPATH": str(clone / "contracts")}
+    return subprocess.run(
+        [sys.executable, "-m", "mesh_contracts.generate", "check"], cwd=clone, env=env, capture_output=True, text=True
+    )
+
+
+@pytest.fixture(scope="module")
+def breaking_repo(tmp_path_factory):
+    """A clone of this repository whose newest commit removes ``TaskSubmitted.labels`` and
+    regenerates the schemas: a breaking change that only the history shows."""
+    try:
+        top = generate._git_root()
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        pytest.skip("not a git checkout (e.g. an sdist): nothing to clone")
+    repo = tmp_path_factory.mktemp("contracts") / "full"
+    _git(top, "clone", "-q", "--no-hardlinks", str(top), str(repo))
+    task = repo / "contracts" / "mesh_contracts" / "v1" / "task.py"
+    text = task.read_text()
+    assert "    labels: dict[str, str] = {}\n" in text
+    task.write_text(text.replace("    labels: dict[str, str] = {}\n", "", 1))
+    env = {**os.environ, "PYTHONPATH": str(repo / "contracts")}
+    subprocess.run([sys.executable, "-m", "mesh_contracts.generate", "write"], cwd=repo, env=env, check=True,
+                   capture_output=True)  # fmt: skip
+    _git(repo, "commit", "-qam", "drop labels (breaking)")
+    return repo
+
+
+def test_a_shallow_clone_fetches_the_history_and_still_sees_a_breaking_change(breaking_repo, tmp_path):
+    shallow = tmp_path / "shallow"
+    _git(tmp_path, "clone", "-q", "--depth", "1", f"file://{breaking_repo}", str(shallow))
+    assert _git(shallow, "rev-parse", "--is-shallow-repository").strip() == "true"
+    out = _check(shallow)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "fetched the history of a shallow clone" in out.stderr
+    assert "breaking: v1/task.submitted.json vs " in out.stderr and "labels: property removed" in out.stderr
+    assert _git(shallow, "rev-parse", "--is-shallow-repository").strip() == "false"
+
+
+def test_a_shallow_clone_that_cannot_fetch_its_history_fails_and_says_why(breaking_repo, tmp_path):
+    shallow = tmp_path / "shallow"
+    _git(tmp_path, "clone", "-q", "--depth", "1", f"file://{breaking_repo}", str(shallow))
+    _git(shallow, "remote", "set-url", "origin", str(tmp_path / "gone"))
+    out = _check(shallow)
+    assert out.returncode == 1
+    assert "this clone is shallow and `git fetch --unshallow` failed" in out.stderr
+    assert "fetch-depth: 0" in out.stderr
+
+
+def test_the_full_history_sees_the_breaking_change_too(breaking_repo):
+    out = _check(breaking_repo)
+    assert out.returncode == 1 and "labels: property removed" in out.stderr
+    assert "fetched" not in out.stderr
