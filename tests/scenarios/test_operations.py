@@ -13,6 +13,7 @@ import pytest
 from mesh_contracts.v1 import TaskCompleted
 from mesh_testing.chaos import ChaosMesh
 from mesh_testing.infra import Infra, running_infra
+from mesh_testing.otlp import TraceBackend
 from meshctl import budget as spend
 from meshctl.cli import main
 
@@ -28,8 +29,17 @@ def infra() -> Iterator[Infra]:
 
 
 @pytest.fixture(scope="module")
-def mesh(infra) -> Iterator[ChaosMesh]:
-    m = ChaosMesh(infra, env=ENV)
+def backend() -> Iterator[TraceBackend]:
+    b = TraceBackend().start()
+    yield b
+    b.stop()
+
+
+@pytest.fixture(scope="module")
+def mesh(infra, backend) -> Iterator[ChaosMesh]:
+    # The services export their spans over OTLP as they would to a collector (flushed often).
+    tracing = {"OTEL_EXPORTER_OTLP_ENDPOINT": backend.otlp_endpoint, "OTEL_BSP_SCHEDULE_DELAY": "200"}
+    m = ChaosMesh(infra, env={**ENV, **tracing})
     m.start()
     asyncio.run(m.ready())
     yield m
@@ -80,6 +90,67 @@ async def test_history_tells_a_tasks_story_in_causal_order_and_its_totals_match_
 
     assert await asyncio.to_thread(_ctl, infra, "history", "story-1", "--tenant", "globex") == 1
     assert "no stored message about globex/story-1" in capsys.readouterr().err, "another tenant sees nothing"
+
+
+async def test_trace_shows_a_tasks_span_tree_from_its_messages_and_from_the_trace_backend(infra, mesh, backend, capsys):
+    async with infra.client("acme") as c:
+        run = await c.submit(GOAL, task_id="traced-1", timeout=60)
+    assert isinstance(run.outcome, TaskCompleted), run.outcome
+    capsys.readouterr()
+
+    # From the messages alone: one trace, every hop a span, the time each service took.
+    assert await asyncio.to_thread(_ctl, infra, "trace", "traced-1", "--tenant", "acme", "--json") == 0
+    t = json.loads(capsys.readouterr().out)
+    assert t["source"] == "messages" and len(t["trace_ids"]) == 1, t["trace_ids"]
+    trace_id = t["trace_ids"][0]
+    spans = t["spans"]
+    assert {s["trace_id"] for s in spans} == {trace_id}, "every hop of the task stays in one trace"
+    assert spans[0]["type"] == "task.submitted" and spans[0]["service"] == "client.acme", "the client starts it"
+    assert t["untraced"] == 0, "no stored message of the task outside its trace"
+    assert len({s["span_id"] for s in spans}) == len(spans), "each message published by its own span"
+    assert {"planner", "worker", "checker", "tool-executor"} <= set(t["by_service"]), t["by_service"]
+    assert all(s["after_cause_s"] is None or s["after_cause_s"] >= 0 for s in spans)
+    assert await asyncio.to_thread(_ctl, infra, "trace", "traced-1", "--tenant", "acme") == 0
+    out = capsys.readouterr().out
+    assert f"trace {trace_id}" in out and "time from cause to effect" in out and "plan.created" in out
+
+    # From the trace backend the services exported to: the same trace, with every span's duration.
+    async def exported() -> bool:
+        found = backend.trace(trace_id)
+        names = {s["processID"] for s in found["data"][0]["spans"]} if found else set()
+        return {"planner", "worker", "checker", "tool-executor", "budget"} <= names
+
+    deadline = asyncio.get_running_loop().time() + 15
+    while not await exported():
+        assert asyncio.get_running_loop().time() < deadline, "the services' spans never reached the backend"
+        await asyncio.sleep(0.2)
+    args = ("trace", "traced-1", "--tenant", "acme", "--jaeger", backend.query_url)
+    assert await asyncio.to_thread(_ctl, infra, *args, "--json") == 0
+    j = json.loads(capsys.readouterr().out)
+    assert j["source"] == "jaeger" and j["trace_ids"] == [trace_id]
+
+    def walk(nodes, depth=0):
+        for n in nodes:
+            yield n, depth
+            yield from walk(n["children"], depth + 1)
+
+    nodes = list(walk(j["spans"]))
+    assert len(nodes) >= len(spans), "at least a span per stored message (handlers, reservations, calls...)"
+    assert max(d for _, d in nodes) >= 3, "nested across services, not a flat list"
+    consumers = [n for n, _ in nodes if n["kind"] == "consumer"]
+    assert {n["service"] for n in consumers} >= {"planner", "worker", "checker"}, "each handler is a span"
+    for parent, _ in nodes:
+        for child in parent["children"]:
+            assert child["start_us"] >= parent["start_us"] - 1000, "a child starts within its parent (1 ms skew)"
+    assert await asyncio.to_thread(_ctl, infra, *args) == 0
+    out = capsys.readouterr().out
+    assert "from the trace backend" in out and "time in handlers, by service" in out
+
+    # A backend that is not there is a one-line error, not a traceback.
+    dead = ("trace", "traced-1", "--tenant", "acme", "--jaeger", "http://127.0.0.1:9")
+    assert await asyncio.to_thread(_ctl, infra, *dead) == 1
+    assert "cannot reach the trace backend" in capsys.readouterr().err
+    assert await asyncio.to_thread(_ctl, infra, "trace", "traced-1", "--tenant", "globex") == 1
 
 
 async def test_labels_charge_a_tasks_spend_to_a_team_and_a_user(infra, mesh, capsys):

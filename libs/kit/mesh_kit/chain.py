@@ -21,6 +21,7 @@ from typing import Any
 
 from nats.aio.client import Client as NATS
 from nats.js.errors import BadRequestError
+from opentelemetry import propagate
 
 from mesh_contracts import ContractError
 from mesh_contracts import topology as topo
@@ -121,6 +122,7 @@ class AuditChain:
                 )  # fmt: skip
                 headers[EXPECTED_LAST_SUBJECT_SEQ] = str(head.seq)
                 headers[EXPECTED_LAST_SUBJECT] = chain_filter(tenant)
+                propagate.inject(headers)  # the record joins the trace of what it records
                 try:
                     ack = await js.publish(model.subject(), body, headers=headers, stream=STREAM, timeout=5.0)
                 except BadRequestError as exc:

@@ -531,6 +531,44 @@ def cmd_history(args: argparse.Namespace) -> int:
     return asyncio.run(run())
 
 
+def cmd_trace(args: argparse.Namespace) -> int:
+    from meshctl import history
+    from meshctl import trace as tr
+
+    verifier = Verifier(TrustBundle.from_file(Identities(opt.home(args)).trust_bundle))
+
+    async def run() -> int:
+        nc = await _admin(args)
+        try:
+            stored = await history.collect(nc, args.tenant, args.task_id)
+        finally:
+            await nc.close()
+        h = history.build(args.tenant, args.task_id, stored, verifier)
+        t = tr.from_history(h, {(stream, s.seq): s.headers for stream, s in stored})
+        if not t.hops:
+            return _absent(f"no traced message about {args.tenant}/{args.task_id}")
+        if args.jaeger:
+            spans: list[tr.Span] = []
+            for trace_id in t.trace_ids:
+                spans += await asyncio.to_thread(tr.fetch_jaeger, args.jaeger, trace_id)
+            if args.json:
+                print(json.dumps(tr.spans_json(args.tenant, args.task_id, t.trace_ids, spans), indent=2))
+            else:
+                print(tr.render_spans(args.tenant, args.task_id, t.trace_ids, spans))
+            return 0 if spans else 1
+        if args.json:
+            print(json.dumps(tr.messages_json(t), indent=2, default=str))
+        else:
+            print(tr.render_messages(t))
+        return 0
+
+    try:
+        return asyncio.run(run())
+    except tr.BackendError as exc:
+        print(f"meshctl trace: {exc}", file=sys.stderr)
+        return 1
+
+
 def cmd_top(args: argparse.Namespace) -> int:
     from meshctl import top
 
@@ -929,6 +967,16 @@ def _operator_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--json", action="store_true")
     s.add_argument("--nats-url", default=None)
     s.set_defaults(fn=cmd_history)
+
+    s = sub.add_parser("trace", help="one task's trace as a span tree (from Jaeger, or from its messages)")
+    s.add_argument("task_id", type=opt.task_id)
+    s.add_argument("--tenant", type=opt.tenant, required=True)
+    s.add_argument("--jaeger", type=opt.http_url, default=os.environ.get("MESH_JAEGER_URL") or None,
+                   help="a Jaeger query service (e.g. http://jaeger:16686; default $MESH_JAEGER_URL): every "
+                   "span with its duration; without it the tree comes from the trace context the messages carry")  # fmt: skip
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--nats-url", default=None)
+    s.set_defaults(fn=cmd_trace)
 
     s = sub.add_parser("rotate", help="new NATS credentials and signing keys for a principal, without downtime")
     s.add_argument("principal", nargs="?", default="", help="e.g. worker, client.acme, approver")

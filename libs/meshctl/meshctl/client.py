@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import secrets
 import time
 import uuid
 from collections.abc import Callable
@@ -84,6 +85,18 @@ class Followed:
         return "".join(text)
 
 
+def traceparent() -> str:
+    """The W3C trace context a submission starts its task's trace with: the caller's current
+    span when the application traces (its trace then holds the whole task), otherwise a new
+    trace. ``meshctl trace`` follows it through every message of the task."""
+    from opentelemetry import trace
+
+    ctx = trace.get_current_span().get_span_context()
+    if ctx.is_valid:
+        return f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{int(ctx.trace_flags):02x}"
+    return f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"
+
+
 class TenantClient:
     def __init__(
         self, nats_url: str, tenant: str, creds: Path, signing_key: Path, trust_bundle: Path, tls_ca: Path | None = None
@@ -136,6 +149,7 @@ class TenantClient:
         )
         if isinstance(model, TaskSubmitted):
             headers[PRIORITY] = str(model.priority)  # the planner's fair queue reads it unparsed
+            headers["traceparent"] = traceparent()  # the task's trace starts here
         deadline, pause = time.monotonic() + within_s, 0.1
         while True:
             try:

@@ -146,3 +146,13 @@ def day(value: str) -> str:
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a day: {value!r} (use YYYYMMDD, e.g. {spend.today()})") from None
     return value
+
+
+def http_url(value: str) -> str:
+    """An http(s) base URL with a host, e.g. ``http://jaeger:16686``."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise argparse.ArgumentTypeError(f"not an http(s) URL: {value!r} (e.g. http://jaeger:16686)")
+    return value.rstrip("/")
