@@ -140,3 +140,39 @@ async def _admission(infra: Infra, tenant: str) -> AdmissionRecord:
         return AdmissionRecord.model_validate_json((await kv.get(tenant)).value)
     finally:
         await nc.close()
+
+
+async def test_queue_time_is_not_a_stall_and_a_task_queued_past_its_max_queue_s_is_cancelled(infra, mesh, capsys):
+    """With no worker running a task's steps wait in the queue: neither a 2 s stall timeout nor
+    anything else ends it while it waits, the budget reports it queued, and at its own
+    ``max_queue_s`` (6 s) it is cancelled for exactly that. Runs last: it stops the worker."""
+    import httpx
+
+    (worker,) = mesh.names("worker")
+    mesh.kill(worker)
+    try:
+        args = ["--home", str(infra.home), "submit", "Compute 17 * 23.", "--tenant", "globex", "--task-id",
+                "queued-1", "--stall-timeout", "2", "--max-queue", "6", "--follow", "--json", "--timeout", "60",
+                "--nats-url", infra.nats_url]  # fmt: skip
+        run = asyncio.create_task(asyncio.to_thread(main, args))
+        budget = mesh.procs[mesh.names("budget")[0]][1]
+
+        async def globex() -> dict:
+            async with httpx.AsyncClient(timeout=2) as client:
+                status = (await client.get(f"http://127.0.0.1:{budget.http_port}/status")).json()
+            return status.get("tenants", {}).get("globex", {})
+
+        deadline = time.monotonic() + 20
+        while (await globex()).get("queued", 0) < 1:
+            assert time.monotonic() < deadline, "the budget never reported the task queued"
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(3.0)  # past the stall timeout: still queued, not stalled
+        assert not run.done(), "a task waiting in a queue is not a stall"
+        assert (await globex())["queued"] == 1 and (await globex())["queued_s"] > 3
+        code = await run
+    finally:
+        await mesh.replace(worker)
+    out = json.loads(capsys.readouterr().out)
+    assert code != 0 and out["outcome"]["type"] == "task.failed", out
+    reason = out["outcome"]["reason"]
+    assert "queued too long" in reason and "max_queue_s 6" in reason, reason

@@ -267,3 +267,27 @@ def test_a_step_taken_up_by_any_message_about_it_leaves_the_queue_on_every_repli
     m.observe(tool("s1", "s1-a1-i0-c0"), 1.0)
     m.observe(StepRequested(**T, step=step("s1"), attempt=2), 2.0)  # redispatched: back in the queue
     assert m.tick(50.0) == [] and m.tasks[("acme", "t1")].queued_since == 2.0
+
+
+def test_a_task_queued_longer_than_its_max_queue_s_is_cancelled_and_queue_time_is_reported():
+    m = Monitor()
+    m.observe(TaskSubmitted(**T, goal="g", limits=TaskLimits(stall_timeout_s=5, max_queue_s=30)), 0.0)
+    m.observe(plan(step("s1"), step("s2")), 10.0)  # 10 s waiting for the planner
+    m.observe(StepRequested(**T, step=step("s1")), 10.1)
+    m.observe(StepRequested(**T, step=step("s2")), 10.1)
+    assert m.per_tenant(20.0) == {"acme": {"running": 0, "queued": 1, "queued_s": 19.9}}
+    m.started("acme", "t1", "s1", 20.0)  # s1 taken up: running, 19.9 s of queue time so far
+    assert m.per_tenant(25.0) == {"acme": {"running": 1, "queued": 0, "queued_s": 19.9}}
+    m.observe(StepCompleted(**T, step_id="s1", output="x"), 24.0)  # s2 alone still waits: queued again
+    assert m.tick(33.0) == [], "28.9 s queued in all: under 30, and queue time is no stall"
+    trips = m.tick(35.5)
+    assert [(t.kind, t.action) for t in trips] == [("queue", "cancel")]
+    assert trips[0].reason == "queued too long: 31.4 s waiting to be taken up (max_queue_s 30)"
+    assert m.tick(60.0) == [], "once"
+
+
+def test_without_max_queue_s_a_task_may_queue_until_its_deadline():
+    m = Monitor()
+    m.observe(TaskSubmitted(**T, goal="g", limits=TaskLimits(stall_timeout_s=5, deadline_s=100)), 0.0)
+    assert m.tick(99.0) == []
+    assert [t.kind for t in m.tick(100.5)] == ["deadline"]

@@ -57,10 +57,15 @@ class TaskLimits(_Value):
     checker's reasons as input) before failing the task."""
     stall_timeout_s: float = Field(120.0, gt=0)
     """Seconds without any message about the task (time waiting for a human approval excluded)
-    after which the budget service flags it as stalled and applies ``stall_policy``."""
+    after which the budget service flags it as stalled and applies ``stall_policy``. Time the
+    task spends queued (its work handed out and not yet taken up) is not a stall."""
     stall_policy: Literal["flag", "halt", "cancel"] = "cancel"
     """What a stall does: ``flag`` publishes an event only; ``halt`` pauses the task (resumable);
     ``cancel`` ends it with reason ``stalled``."""
+    max_queue_s: float | None = Field(None, gt=0)
+    """Most seconds the task may spend queued in all (waiting for the planner to take it up,
+    then for workers to take up its steps), after which the budget service cancels it with
+    reason ``queued too long``; none by default (the deadline still holds)."""
 
 
 class Citation(_Value):

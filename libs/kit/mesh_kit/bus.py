@@ -190,6 +190,7 @@ class Mesh:
         self._identity_tasks: list[asyncio.Task[None]] = []
         self._fair: list[FairConsumer] = []
         self.dependencies: dict[str, Dependency] = {}
+        self.reports: dict[str, Callable[[], Any]] = {}
         """Backing services besides NATS (Redis), probed in the background; see ``depend``."""
         self._chain: AuditChain | None = None
         self._genai: tel.GenAIMetrics | None = None
@@ -259,6 +260,10 @@ class Mesh:
     def on_stop(self, hook: Callable[[], Awaitable[None]]) -> None:
         """Run ``hook`` after the broker has drained (e.g. close a Redis client)."""
         self._on_stop.append(hook)
+
+    def report(self, name: str, source: Callable[[], Any]) -> None:
+        """Add ``name: source()`` to this service's /status JSON (e.g. the budget's per-tenant queue)."""
+        self.reports[name] = source
 
     def depend(self, dependency: Dependency) -> Dependency:
         """Track a backing service: probed every few seconds from start to stop, in ``ready()``

@@ -72,6 +72,7 @@ async def serve(settings: S, build: Build[S], *, stop: asyncio.Event | None = No
                 "uptime_s": round(time.time() - mesh.stats.started_at, 1),
                 "counters": dict(mesh.stats.counters),
                 "dependencies": {name: d.describe() for name, d in mesh.dependencies.items()},
+                **{name: source() for name, source in mesh.reports.items()},
             },
         )
         await health.start()

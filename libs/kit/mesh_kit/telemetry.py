@@ -51,6 +51,8 @@ M_BUDGET_COST = "mesh.budget.cost"  # unit USD
 M_BUDGET_CALLS = "mesh.budget.calls"  # attribute outcome = ok | error
 M_BUDGET_RESERVATIONS = "mesh.budget.reservations"  # attribute outcome = granted | denied, code
 M_BUDGET_TRIPS = "mesh.budget.trips"  # breaker trips, deadlocks, stalls; attribute kind
+M_TASKS_QUEUED = "mesh.tasks.queued"  # gauge, per tenant: tasks whose outstanding work waits to be taken up
+M_TASKS_RUNNING = "mesh.tasks.running"  # gauge, per tenant: tasks with work taken up, not ended
 # Checker (online evaluation; attributes mesh.tenant, gen_ai.agent.name, mesh.prompt.version).
 M_CHECK_VERDICTS = "mesh.check.verdicts"  # attribute outcome = passed | failed
 M_CHECK_RESULTS = "mesh.check.results"  # one per property check; attributes check, outcome, scope

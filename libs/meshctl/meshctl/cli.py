@@ -30,6 +30,7 @@ from mesh_contracts.v1 import (
     ProgressEvent,
     TaskCompleted,
     TaskFailed,
+    TaskLimits,
     TaskRejected,
     TokenDelta,
 )
@@ -236,13 +237,25 @@ def cmd_status(args: argparse.Namespace) -> int:
     if any(v["pending"] < 0 for v in lag.values()):
         print("LAG ?: a consumer's leader did not answer in 2 s (a cluster electing leaders after a node died?)")
     if admission:
-        print(f"\n{'TENANT':14} {'IN FLIGHT':>9} {'ADMITTED':>9} {'REFUSED':>8}  MEAN TASK  REFUSED BY CODE")
+        # Running / queued as the budget replicas see them (each follows every task: the max).
+        queue: dict[str, dict[str, float]] = {}
+        for h in health.values():
+            for tenant, q in (h.get("tenants") or {}).items():
+                mine = queue.setdefault(tenant, {"running": 0, "queued": 0, "queued_s": 0.0})
+                for k in mine:
+                    mine[k] = max(mine[k], q.get(k, 0))
+        print(f"\n{'TENANT':14} {'IN FLIGHT':>9} {'RUNNING':>8} {'QUEUED':>7} {'QUEUE S':>8} {'ADMITTED':>9} "
+              f"{'REFUSED':>8}  MEAN TASK  REFUSED BY CODE")  # fmt: skip
         for tenant, rec in sorted(admission.items()):
             refused = rec.get("refused", {}) or {}
             by_code = " ".join(f"{k}={v}" for k, v in sorted(refused.items())) or rec.get("error", "")
+            q = queue.get(tenant)
+            running, queued, queued_s = (
+                (f"{int(q['running'])}", f"{int(q['queued'])}", f"{q['queued_s']:.1f}") if q else ("-", "-", "-")
+            )
             print(
-                f"{tenant:14} {len(rec.get('in_flight', {})):>9} {rec.get('admitted', 0):>9} "
-                f"{sum(refused.values()):>8}  {rec.get('mean_task_s', 0.0):8.2f}s  {by_code}"
+                f"{tenant:14} {len(rec.get('in_flight', {})):>9} {running:>8} {queued:>7} {queued_s:>8} "
+                f"{rec.get('admitted', 0):>9} {sum(refused.values()):>8}  {rec.get('mean_task_s', 0.0):8.2f}s  {by_code}"
             )
     return 0 if all(h.get("ready") for h in health.values()) else 1
 
@@ -308,9 +321,12 @@ def cmd_submit(args: argparse.Namespace) -> int:
         async with client:
             if not args.json:
                 print(f"submitting to tenant {args.tenant}: {args.goal}", flush=True)
+            limits = {k: v for k, v in (("deadline_s", args.deadline), ("max_queue_s", args.max_queue),
+                                         ("stall_timeout_s", args.stall_timeout)) if v is not None}  # fmt: skip
             seen = await client.submit(
                 args.goal, task_id=args.task_id, policy=args.policy, priority=args.priority, follow=args.follow,
                 timeout=args.timeout, on_event=show, labels=dict(args.label or ()),
+                limits=TaskLimits(**limits) if limits else None,
             )  # fmt: skip
         if not args.follow:
             print(seen.task_id)
@@ -888,6 +904,12 @@ def _task_commands(sub: argparse._SubParsersAction) -> None:
     )
     s.add_argument("--label", type=opt.label, action="append", metavar="KEY=VALUE",
                    help="charge the task to a team, a user...: its spend records carry it (repeatable)")  # fmt: skip
+    s.add_argument("--deadline", type=opt.positive, default=None, metavar="S",
+                   help="seconds from submission after which the task fails (default 300)")  # fmt: skip
+    s.add_argument("--max-queue", type=opt.positive, default=None, metavar="S",
+                   help="most seconds the task may wait in queues in all before it is cancelled (default: no limit)")  # fmt: skip
+    s.add_argument("--stall-timeout", type=opt.positive, default=None, metavar="S",
+                   help="seconds without progress, queue time excluded, before it counts as stalled (default 120)")  # fmt: skip
     s.add_argument("--nats-url", default=None)
     s.set_defaults(fn=cmd_submit)
 

@@ -89,7 +89,7 @@ class Rules:
 class Trip:
     """Something the budget service must act on. ``action``: cancel | halt | flag."""
 
-    kind: str  # iteration_cap | loop | chatter | retry_storm | provider_breaker | deadlock | stall | deadline
+    kind: str  # iteration_cap | loop | chatter | retry_storm | provider_breaker | deadlock | stall | deadline | queue
     tenant: str
     task_id: str
     reason: str
@@ -109,6 +109,7 @@ class TaskWatch:
     task_id: str
     created_at: float | None = None
     deadline_s: float = 0.0
+    max_queue_s: float | None = None
     stall_timeout_s: float = 0.0
     stall_policy: str = "cancel"
     terminal: bool = False
@@ -331,6 +332,7 @@ class Monitor:
         o.inter_agent = False  # a client talking to the mesh (maybe resubmitting), not agents chattering
         w.created_at = o.at if w.created_at is None else w.created_at
         w.deadline_s, w.stall_timeout_s = m.limits.deadline_s, m.limits.stall_timeout_s
+        w.max_queue_s = m.limits.max_queue_s
         w.stall_policy = m.limits.stall_policy
         w.labels = dict(m.labels)
         if not w.step_status:
@@ -498,6 +500,12 @@ class Monitor:
             if w.halted or w.approvals or not w.stall_timeout_s or "stall" in w.tripped:
                 continue  # a halted task or one waiting for a human is not stalled
             if w.queued_since is not None:
+                queued = w.queue_s + max(0.0, now - w.queued_since)
+                if w.max_queue_s and queued > w.max_queue_s and "queue" not in w.tripped:
+                    w.tripped.add("queue")
+                    trips.append(Trip("queue", w.tenant, w.task_id,
+                                      f"queued too long: {queued:.1f} s waiting to be taken up "
+                                      f"(max_queue_s {w.max_queue_s:g})", closed_at=now))  # fmt: skip
                 continue  # waiting in a queue is queue time, not a stall
             idle = now - w.last_progress
             if idle > w.stall_timeout_s:
@@ -506,6 +514,23 @@ class Monitor:
                                   f"stalled: no progress for {idle:.1f} s (stall timeout {w.stall_timeout_s:g} s)",
                                   action=w.stall_policy, closed_at=now))  # fmt: skip
         return trips
+
+    def per_tenant(self, now: float) -> dict[str, dict[str, float]]:
+        """Per tenant, the tasks not ended this replica follows: ``running`` (some work taken
+        up), ``queued`` (everything outstanding waits to be taken up), and ``queued_s`` (the
+        queue time of those tasks so far, open spells included)."""
+        out: dict[str, dict[str, float]] = {}
+        for w in self.tasks.values():
+            if w.terminal or w.created_at is None:
+                continue
+            t = out.setdefault(w.tenant, {"running": 0, "queued": 0, "queued_s": 0.0})
+            if w.queued_since is not None:
+                t["queued"] += 1
+                t["queued_s"] += w.queue_s + max(0.0, now - w.queued_since)
+            else:
+                t["running"] += 1
+                t["queued_s"] += w.queue_s
+        return {k: {**v, "queued_s": round(v["queued_s"], 3)} for k, v in sorted(out.items())}
 
     def forget(self, older_than: float) -> None:
         """Drop finished tasks' state (bounded memory)."""

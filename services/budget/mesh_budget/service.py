@@ -13,6 +13,8 @@ import logging
 import time
 from typing import Any
 
+from opentelemetry.metrics import Observation
+
 from mesh_budget.ledger import Cold, DayUsage, Durable, Held, TaskUsage, View, today
 from mesh_budget.monitor import Monitor, Trip
 from mesh_budget.settings import BudgetSettings, TenantLimits
@@ -92,6 +94,20 @@ class Budget:
         self.m_reservations = meter.create_counter(tel.M_BUDGET_RESERVATIONS, unit="{reservation}")
         self.m_trips = meter.create_counter(tel.M_BUDGET_TRIPS, unit="{trip}")
         self.detections: list[tuple[str, float]] = []  # (kind, seconds from cause to action), for /status
+        # Tasks not ended, per tenant: running or queued (every replica follows every task, so
+        # each reports the same numbers: take the max across replicas, not the sum).
+        mesh.report("tenants", lambda: self.monitor.per_tenant(time.time()))
+        meter.create_observable_gauge(
+            tel.M_TASKS_QUEUED, [lambda _opts: self._gauge("queued")], unit="{task}",
+            description="Tasks whose outstanding work all waits to be taken up, per tenant (max over replicas)",
+        )  # fmt: skip
+        meter.create_observable_gauge(
+            tel.M_TASKS_RUNNING, [lambda _opts: self._gauge("running")], unit="{task}",
+            description="Tasks with work taken up and not ended, per tenant (max over replicas)",
+        )  # fmt: skip
+
+    def _gauge(self, what: str) -> list[Observation]:
+        return [Observation(v[what], {"tenant": t}) for t, v in self.monitor.per_tenant(time.time()).items()]
 
     async def start(self) -> None:
         self.kv = await self.mesh.kv("budget")
