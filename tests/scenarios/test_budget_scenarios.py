@@ -27,6 +27,8 @@ from mesh_contracts.v1 import (
     UsageRecorded,
 )
 from mesh_kit import Mesh
+from mesh_kit.chain import CLOCK_SKEW_S, verify
+from mesh_kit.identity import TrustBundle, Verifier
 from mesh_kit.settings import BROKER_UNAVAILABLE
 from mesh_llm.resilience import BreakerPolicy
 from mesh_testing.chaos import ChaosMesh, report
@@ -441,15 +443,29 @@ async def test_the_audit_chain_holds_every_writers_decisions_and_names_a_tampere
         def globex_n(s) -> int:
             return json.loads(s.data)["n"] if s.subject.startswith("audit.v1.globex.") else 0
 
+        # Past the clock skew allowed, so the stream is visibly younger than its first record.
+        last_at = max(json.loads(s.data)["at"] for s in stored)
+        await asyncio.sleep(max(0.0, last_at + CLOCK_SKEW_S + 1 - time.time()))
+        verifier = Verifier(TrustBundle.from_file(infra.ids.trust_bundle))
+
+        async def verdict_of_stored():  # what the stream now holds, the stream's age aside
+            info = await admin.jetstream().stream_info("AUDIT")
+            return verify("globex", await audit.chain(admin, "globex"), verifier,
+                          await audit.anchors(admin, "globex"), stream_first_seq=info.state.first_seq)  # fmt: skip
+
         await _rewrite(admin, [s for s in everything if globex_n(s) != tool])
         assert await asyncio.to_thread(ctl, "audit", "verify", "--tenant", "globex") == 1
         out = capsys.readouterr().out
-        assert f"BROKEN at record {tool}: record {tool} missing" in out, out
+        first = 1 if tool != 1 else 2
+        assert f"BROKEN at record {first}: record {first} was written" in out and "re-created and the record" in out
+        v = await verdict_of_stored()
+        assert v.broken_at == tool and v.reason.startswith(f"record {tool} missing"), v.reason
 
         await _rewrite(admin, [s for s in everything if globex_n(s) <= head - 2])
         assert await asyncio.to_thread(ctl, "audit", "verify", "--tenant", "globex") == 1
-        out = capsys.readouterr().out
-        assert f"the chain ends at record {head - 2}" in out and "tail was cut" in out, out
+        assert "re-created" in capsys.readouterr().out
+        v = await verdict_of_stored()
+        assert f"the chain ends at record {head - 2}" in v.reason and "tail was cut" in v.reason, v.reason
         report("audit chain", records=verdict["records"], kinds=len(kinds), anchors=verdict["anchors"])
     finally:
         await admin.close()

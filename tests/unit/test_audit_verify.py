@@ -3,6 +3,7 @@ by a principal not allowed its kind, or a tail cut below an anchor is named at t
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -143,3 +144,16 @@ def test_a_head_kept_outside_the_mesh_is_held_like_an_anchor(keys, verifier):
     assert v.broken_at == 4 and "before record 4, which --anchor vouches for" in v.reason
     v = verify("acme", chain, verifier, pinned=(4, digest(chain[2].data)))
     assert v.broken_at == 4 and "not the one --anchor vouches for" in v.reason
+
+
+def test_records_older_than_their_stream_show_a_re_created_stream(keys, verifier):
+    """The admin deletes the stream and puts every record back at once (within the tokens'
+    lifetime, so each signature still verifies): nothing is missing, but the stream is younger
+    than its records."""
+    chain = _chain(keys, 4)
+    written = json.loads(chain[0].data)["at"]
+    assert verify("acme", chain, verifier, stream_created=written - 3600).ok, "a stream older than its records"
+    assert verify("acme", chain, verifier, stream_created=written + 4).ok, "a writer's clock a little behind"
+    v = verify("acme", chain, verifier, stream_created=written + 60)
+    assert v.broken_at == 1 and "written 60 s before its stream was created" in v.reason
+    assert "re-created and the record put back" in v.reason

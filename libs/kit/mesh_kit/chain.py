@@ -178,9 +178,13 @@ class Verdict:
         return self
 
 
+CLOCK_SKEW_S = 5.0
+"""How far a writer's clock may run behind the server's before a record looks older than its stream."""
+
+
 def verify(
     tenant: str, stored: list[Stored], verifier: Verifier, anchors: Sequence[Anchor] = (), *,
-    stream_first_seq: int | None = None, pinned: tuple[int, str] | None = None,
+    stream_first_seq: int | None = None, pinned: tuple[int, str] | None = None, stream_created: float | None = None,
 ) -> Verdict:  # fmt: skip
     """Check a tenant's chain as read from the stream, in stored order: every record parses, is
     signed by a principal allowed to write its kind, is the next position and names the hash of
@@ -190,7 +194,9 @@ def verify(
     ``stream_first_seq``: the stream's first sequence. A chain that does not start at record 1 is
     whole only if the stream has lost messages to age (its first sequence is past 1): otherwise
     its beginning was removed (the stream re-created without it). ``pinned``: ``(n, sha256)`` of a
-    head kept outside the mesh, held like an anchor."""
+    head kept outside the mesh, held like an anchor. ``stream_created``: when the stream was
+    created; a record written before it was carried over into a re-created stream (records may
+    be re-published within their tokens' lifetime, so the signature alone cannot show it)."""
     v = Verdict(tenant)
     prev: tuple[int, str] | None = None  # (n, digest) of the last good record
     by_n: dict[int, str] = {}
@@ -209,6 +215,10 @@ def verify(
             return v.fail(rec.n, f"record {rec.n} ({rec.kind}): {exc}")
         if not kind_allowed(who.role, rec.kind):
             return v.fail(rec.n, f"record {rec.n} is a {rec.kind} record signed by {who.name}, who may not write one")
+        if stream_created is not None and rec.at < stream_created - CLOCK_SKEW_S:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(stream_created))
+            return v.fail(rec.n, f"record {rec.n} was written {stream_created - rec.at:.0f} s before its stream was "
+                                 f"created ({when} UTC): the stream was re-created and the record put back")  # fmt: skip
         h = digest(s.data)
         if prev is None:
             if rec.n == 1 and rec.prev != GENESIS:

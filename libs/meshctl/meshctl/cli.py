@@ -639,16 +639,18 @@ def _audit_chain(args: argparse.Namespace) -> int:
                 return 0
             anchors = await audit.anchors(nc, args.tenant)
             first_seq: int | None = None
+            created: float | None = None
             try:
                 info = await nc.jetstream().stream_info(topo.STREAMS["audit"])
                 protected = bool(info.config.deny_delete and info.config.deny_purge)
                 first_seq = info.state.first_seq
+                created = info.created.timestamp() if info.created else None
             except nats.js.errors.NotFoundError:
                 protected = None
         finally:
             await nc.close()
         verdict = verify(args.tenant, records, Verifier(TrustBundle.from_file(Identities(opt.home(args)).trust_bundle)),
-                         anchors, stream_first_seq=first_seq, pinned=expect)  # fmt: skip
+                         anchors, stream_first_seq=first_seq, pinned=expect, stream_created=created)  # fmt: skip
         if args.json:
             print(json.dumps({"tenant": verdict.tenant, "whole": verdict.ok, "broken_at": verdict.broken_at,
                               "reason": verdict.reason, "records": verdict.records, "first": verdict.first,
