@@ -34,6 +34,7 @@ from mesh_contracts.v1 import (
     RetrievalCompleted,
     RetrievalHit,
     StepCompleted,
+    StepFailed,
     StepRequested,
     Taint,
     ToolCompleted,
@@ -48,7 +49,19 @@ from mesh_tool_executor.tools import Registry
 pytestmark = pytest.mark.unit
 
 T = {"tenant": "acme", "task_id": "t1"}
-ROUTING = {"type", "tenant", "task_id", "step_id", "call_id", "tools", "kind", "difficulty", "on_held", "tool"}
+ROUTING = {
+    "type",
+    "tenant",
+    "task_id",
+    "step_id",
+    "call_id",
+    "tools",
+    "kind",
+    "difficulty",
+    "on_held",
+    "tool",
+    "stopped",
+}
 """Fields the worker finds its state by, or that pick its behaviour; they keep real values."""
 TRUSTED: dict[tuple[str, str], str] = {
     ("step.requested", "step.instruction"): "the planner's instruction, written from the goal alone",
@@ -309,3 +322,24 @@ async def test_the_planner_model_sees_the_goal_and_nothing_a_step_or_the_checker
     await planner.on_verdict(CheckVerdict(**T, attempt=1, passed=False, checks=(
         CheckResult(name="grounded", passed=False, reason=canaries.fill("v", "r")),)), FakeDelivery())  # fmt: skip
     assert len(model.requests) == 1, "no step output or verdict is ever put before the planner's model"
+
+
+@pytest.mark.parametrize(("stopped", "halted"), [("halted", True), ("stopped", False)])
+async def test_a_call_not_run_because_the_task_stopped_ends_the_step_without_the_model(stopped, halted):
+    """Whichever service saw the halt first: when the tool-executor refuses a call because the
+    task is halted, the step halts (and runs again after a resume) instead of the model going on
+    without the call's result (it once answered without the 391 a calculator call was to give)."""
+    model = Recording({"worker": [{"tool_calls": [{"name": "calculator", "arguments": {"expression": "17 * 23"}}]},
+                                  {"content": "I could not compute it."}]})  # fmt: skip
+    mesh, worker = _worker(model)
+    await worker.on_step(StepRequested(**T, step=STEP), None)
+    call = mesh.last(ToolRequested)
+    assert call.tool == "calculator" and len(model.requests) == 1
+    refused = ToolCompleted(**T, step_id="s2", call_id=call.call_id, tool="calculator", ok=False,
+                            error="not run: task halted: operator", stopped=stopped)  # fmt: skip
+    await worker.on_tool(refused, None)
+    assert len(model.requests) == 1, "the model is not told the call failed: the step ends"
+    failed = mesh.last(StepFailed)
+    assert failed.halted is halted and failed.reason == "stopped: task halted: operator"
+    await worker.on_tool(refused, None)  # a redelivery changes nothing
+    assert len([m for m in mesh.published if isinstance(m, StepFailed)]) == 1 and len(model.requests) == 1

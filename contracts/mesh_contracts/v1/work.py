@@ -241,6 +241,11 @@ class ToolCompleted(Contract):
     """What the detector saw in ``result`` (or ``error``)."""
     approval_id: str = ""
     """The approval this call waited for, if it needed one."""
+    stopped: Literal["", "halted", "stopped"] = ""
+    """Set when the call was not run because the task is stopped: ``halted`` (it may resume:
+    the step is halted, and dispatched again after a resume) or ``stopped`` (cancelled, ended,
+    or the kill switch). The worker then ends the step that way rather than handing the refusal
+    to the model: whichever service saw the halt first, the step does not go on without the call."""
 
 
 class RetrievalRequested(Contract):

@@ -18,7 +18,7 @@ import logging
 import sys
 import time
 from dataclasses import replace
-from typing import Any
+from typing import Any, Literal
 
 from nacl.public import PublicKey, SealedBox
 
@@ -274,7 +274,7 @@ class ToolExecutor:
         )
 
     async def _answer(self, m: ToolRequested, outcome: dict[str, Any], tool: Tool | None, *, causation: str = "",
-                      approval: str = "") -> None:  # fmt: skip
+                      approval: str = "", stopped: Literal["", "halted", "stopped"] = "") -> None:  # fmt: skip
         # Taint is the outcome's own (a ledger record made before it carried one: the tool's).
         untrusted = bool(outcome.get("untrusted", tool is not None and tool.untrusted_output))
         scored = injection_score(outcome["result"] if outcome["ok"] else outcome["error"]) if untrusted else None
@@ -294,6 +294,7 @@ class ToolExecutor:
                 injection_score=round(scored.score, 3) if scored else 0.0,
                 injection_signals=scored.signals if scored else (),
                 approval_id=approval,
+                stopped=stopped,
             ),
             key=m.call_id,
             causation=causation or None,
@@ -345,7 +346,7 @@ class ToolExecutor:
             # Not run and not recorded: after a resume the step is dispatched afresh.
             self.mesh.count(tel.M_CALLS_REFUSED)
             await self._answer(m, {"ok": False, "result": "", "error": f"not run: {stop.reason}"}, None,
-                               causation=d.msg_id)  # fmt: skip
+                               causation=d.msg_id, stopped="halted" if stop.halted else "stopped")  # fmt: skip
             return
         try:
             tool, args = self.registry.validate(m.tool, _scoped(m, self.registry.get(m.tool)))

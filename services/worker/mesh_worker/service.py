@@ -207,6 +207,9 @@ class Worker:
         await self.resume(run, d)
 
     async def on_tool(self, m: ToolCompleted, d: Delivery) -> None:
+        if m.stopped:
+            await self._stopped_call(m)
+            return
         content = m.result if m.ok else f"error: {m.error}"
         origin = f"{m.tool}:{m.call_id}"
         # The tool-executor vouches only for text its own code wrote (untrusted=False); a result
@@ -217,6 +220,19 @@ class Worker:
             else Text.trusted(content, "tool-executor")
         )
         await self.observe(m.tenant, m.task_id, m.step_id, m.call_id, m.tool, text, [], d)
+
+    async def _stopped_call(self, m: ToolCompleted) -> None:
+        """The tool-executor did not run the call because the task is halted or stopped: end the
+        step that way (halted steps run again after a resume). Handing the refusal to the model
+        instead would let the step finish without the call's result whenever the worker's own
+        view of the halt lags the tool-executor's."""
+        if (timer := self._timers.pop(m.call_id, None)) is not None:
+            timer.cancel()
+        run, _ = await st.load(self.steps, StepRun.key(m.tenant, m.task_id, m.step_id), StepRun)
+        if run is None or run.status != "running" or run.pending is None or run.pending.call_id != m.call_id:
+            return  # duplicate or stale
+        self.mesh.count(tel.M_CALLS_REFUSED)
+        await self._finish(run, failed=f"stopped: {m.error.removeprefix('not run: ')}", halted=m.stopped == "halted")
 
     async def on_retrieval(self, m: RetrievalCompleted, d: Delivery) -> None:
         fields = {"doc_id", "version", "chunk_id", "chunk_hash", "score", "text", "injection_score"}
