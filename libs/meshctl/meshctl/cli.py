@@ -41,7 +41,7 @@ from mesh_kit.settings import log_nats_error, nats_servers
 from meshctl import budget as spend
 from meshctl import local
 from meshctl import options as opt
-from meshctl.identity import Identities
+from meshctl.identity import Identities, write_secret
 from meshctl.local import MeshError, MeshState
 from meshctl.policy import policy
 from meshctl.provision import consumer_lag, provision
@@ -239,6 +239,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if admission:
         # Running / queued as the budget replicas see them (each follows every task: the max).
         queue: dict[str, dict[str, float]] = {}
+        reported = any("tenants" in h for h in health.values())
         for h in health.values():
             for tenant, q in (h.get("tenants") or {}).items():
                 mine = queue.setdefault(tenant, {"running": 0, "queued": 0, "queued_s": 0.0})
@@ -249,7 +250,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         for tenant, rec in sorted(admission.items()):
             refused = rec.get("refused", {}) or {}
             by_code = " ".join(f"{k}={v}" for k, v in sorted(refused.items())) or rec.get("error", "")
-            q = queue.get(tenant)
+            q = queue.get(tenant) or ({"running": 0, "queued": 0, "queued_s": 0.0} if reported else None)
             running, queued, queued_s = (
                 (f"{int(q['running'])}", f"{int(q['queued'])}", f"{q['queued_s']:.1f}") if q else ("-", "-", "-")
             )
@@ -583,6 +584,57 @@ def cmd_trace(args: argparse.Namespace) -> int:
     except tr.BackendError as exc:
         print(f"meshctl trace: {exc}", file=sys.stderr)
         return 1
+
+
+def _unspecified(host: str) -> bool:
+    """An address meaning every interface (the URL then names the loopback one)."""
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return False
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from meshctl.dashboard import Dashboard, sign_in
+
+    home = opt.home(args)
+    ids = Identities(home)
+    if not ids.signing_key("admin").exists():
+        raise MeshError(f"no operator identity in {home} (run: meshctl init)")
+    state = MeshState.load(home)
+    health = (
+        {n: f"http://127.0.0.1:{p.http_port}/status" for n, p in state.services.items() if p.http_port} if state else {}
+    )
+
+    async def connect() -> nats.NATS:
+        return await nats.connect(nats_servers(_nats_url(args, home)), name="meshctl-dashboard", connect_timeout=5,
+                                  error_cb=log_nats_error, **ids.connect_options("admin"))  # fmt: skip
+
+    async def run() -> int:
+        board = Dashboard(connect, Verifier(TrustBundle.from_file(ids.trust_bundle)), health=health,
+                          interval_s=args.interval, host=args.host, port=args.port)  # fmt: skip
+        port = await board.start()
+        token = sign_in(Signer.from_file("admin", ids.signing_key("admin")), ttl_s=args.hours * 3600)
+        host = "127.0.0.1" if _unspecified(args.host) else args.host
+        url = f"http://{host}:{port}/?token={token}"
+        if args.url_file:
+            write_secret(args.url_file, url + "\n")
+            print(f"dashboard on http://{host}:{port}/ (sign-in URL in {args.url_file}); Ctrl-C stops it", flush=True)
+        else:
+            print(f"dashboard: {url}\n(read-only; the link signs you in for {args.hours:g} h; Ctrl-C stops it)",
+                  flush=True)  # fmt: skip
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await board.stop()
+        return 0
+
+    try:
+        return asyncio.run(run())
+    except KeyboardInterrupt:
+        return 0
 
 
 def cmd_top(args: argparse.Namespace) -> int:
@@ -1001,6 +1053,16 @@ def _operator_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--json", action="store_true")
     s.add_argument("--nats-url", default=None)
     s.set_defaults(fn=cmd_trace)
+
+    s = sub.add_parser("dashboard", help="the live view and task timelines in a browser (read-only, operator sign-in)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    s.add_argument("--port", type=opt.port, default=8470, help="port (default 8470; 0 picks a free one)")
+    s.add_argument("--interval", type=opt.positive, default=2.0, help="seconds between frames (default 2)")
+    s.add_argument("--hours", type=opt.positive, default=8.0, help="how long the sign-in link is valid (default 8)")
+    s.add_argument("--url-file", type=Path, default=None,
+                   help="write the sign-in URL to this file (mode 0600) instead of printing it")  # fmt: skip
+    s.add_argument("--nats-url", default=None)
+    s.set_defaults(fn=cmd_dashboard)
 
     s = sub.add_parser("rotate", help="new NATS credentials and signing keys for a principal, without downtime")
     s.add_argument("principal", nargs="?", default="", help="e.g. worker, client.acme, approver")

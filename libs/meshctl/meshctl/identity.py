@@ -65,6 +65,10 @@ def _write_secret(path: Path, data: str | bytes) -> None:
     os.chmod(path, 0o600)
 
 
+write_secret = _write_secret
+"""Write a file only its owner may read (mode 0600), its folder 0700."""
+
+
 def _load_or_new(path: Path, prefix: int) -> nkeys.KeyPair:
     if path.exists():
         return nkeys.from_seed(bytearray(path.read_bytes().strip()))

@@ -1,0 +1,206 @@
+"""``meshctl dashboard``: the live view of ``meshctl top`` and any task's timeline, in a browser.
+
+Read-only. One process holding the admin's NATS connection gathers a frame every few seconds
+(the same ``top.gather``: per tenant tasks in flight / done / failed / refused, approvals
+waiting and spend; per service backlog, in flight and rate; spend by model; breaker trips; dead
+letters) and serves it with a page that renders it; a task's timeline is its ``meshctl trace``
+(every stored message in causal order, each hop's delay) with the ``meshctl history`` totals.
+
+Authenticated with an operator identity: every request carries a statement signed with the
+admin's signing key (``typ: dashboard``, hours-long), verified against the trust bundle like
+every signature of the mesh. ``meshctl dashboard`` prints a URL holding a fresh one; the page
+moves it into an HttpOnly, SameSite=Strict cookie and drops it from the address bar. Nothing
+else gets in: no statement, a statement signed by any other principal, an expired one, or one
+of another kind is a 401. The page loads no third-party code (a strict Content-Security-Policy),
+and renders every value as text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable
+from http.cookies import SimpleCookie
+from importlib import resources
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import nats
+
+from mesh_kit.identity import OPERATOR_ROLES, IdentityError, Signer, Verifier
+from meshctl import history, top
+from meshctl import trace as tr
+
+log = logging.getLogger("meshctl.dashboard")
+
+KIND = "dashboard"
+TOKEN_TTL_S = 8 * 3600.0
+COOKIE = "mesh_dashboard"
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+_STATIC = {"/app.js": "application/javascript", "/app.css": "text/css", "/": "text/html"}
+_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+    "img-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+
+
+def sign_in(signer: Signer, ttl_s: float = TOKEN_TTL_S) -> str:
+    """A dashboard statement from ``signer`` (the admin's key)."""
+    return signer.statement(KIND, {"use": KIND}, ttl_s=ttl_s)
+
+
+class Dashboard:
+    def __init__(
+        self,
+        connect: Callable[[], Awaitable[nats.NATS]],
+        verifier: Verifier,
+        *,
+        health: dict[str, str] | None = None,
+        interval_s: float = 2.0,
+        host: str = "127.0.0.1",
+        port: int = 0,
+    ) -> None:
+        self._connect, self.verifier, self.health = connect, verifier, health or {}
+        self.interval_s, self.host, self.port = interval_s, host, port
+        self.nc: nats.NATS | None = None
+        self.frame: top.Frame | None = None
+        self.frames = 0
+        self._server: asyncio.base_events.Server | None = None
+        self._refresher: asyncio.Task[None] | None = None
+        self.denied = 0
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> int:
+        self.nc = await self._connect()
+        self.frame = await top.gather(self.nc, None, self.health)
+        self.frames = 1
+        self._refresher = asyncio.create_task(self._refresh())
+        self._server = await asyncio.start_server(self._handle, self.host, self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self.port
+
+    async def stop(self) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresher
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        if self.nc is not None:
+            await self.nc.close()
+
+    async def _refresh(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            try:
+                assert self.nc is not None
+                self.frame = await top.gather(self.nc, self.frame, self.health)
+                self.frames += 1
+            except Exception as exc:  # noqa: BLE001 - a bad look keeps the last frame; the page shows its age
+                log.warning("could not gather a frame: %s", exc)
+
+    # --- HTTP -----------------------------------------------------------------------------------
+
+    def authorised(self, token: str | None) -> str | None:
+        """The operator's name when ``token`` is a valid, unexpired dashboard statement."""
+        if not token:
+            return None
+        try:
+            principal, claims = self.verifier.statement(token, kind=KIND, roles=OPERATOR_ROLES, require=["exp", "use"])
+        except IdentityError:
+            return None
+        if claims.get("use") != KIND or float(claims["exp"]) < time.time():
+            return None
+        return principal.name
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await asyncio.wait_for(reader.readline(), 5)
+            headers: dict[str, str] = {}
+            while True:
+                h = await asyncio.wait_for(reader.readline(), 5)
+                if h in (b"\r\n", b"\n", b""):
+                    break
+                name, _, value = h.decode("latin-1").partition(":")
+                headers[name.strip().lower()] = value.strip()
+                if len(headers) > 100:
+                    break
+            parts = line.decode("latin-1").split()
+            method, target = (parts[0], parts[1]) if len(parts) >= 2 else ("", "/")
+            code, ctype, body, extra = await self.route(method, target, headers)
+            head = {"Content-Type": ctype, "Content-Length": str(len(body)), "Connection": "close", **_HEADERS, **extra}
+            reason = {200: "OK", 302: "Found", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
+                      405: "Method Not Allowed", 503: "Service Unavailable"}.get(code, "Error")  # fmt: skip
+            writer.write(
+                f"HTTP/1.1 {code} {reason}\r\n".encode()
+                + "".join(f"{k}: {v}\r\n" for k, v in head.items()).encode()
+                + b"\r\n"
+                + body
+            )
+            await writer.drain()
+        except (TimeoutError, ConnectionError, UnicodeDecodeError):
+            pass
+        finally:
+            writer.close()
+
+    async def route(self, method: str, target: str, headers: dict[str, str]) -> tuple[int, str, bytes, dict[str, str]]:
+        if method != "GET":
+            return _json(405, {"error": "read-only: GET only"})
+        url = urlsplit(target)
+        query = parse_qs(url.query)
+        offered = (query.get("token") or [None])[0]
+        if offered is not None:  # the printed URL: keep the statement in a cookie, not in the address bar
+            if self.authorised(offered) is None:
+                self.denied += 1
+                return _json(401, {"error": "that sign-in statement is not valid (run meshctl dashboard again)"})
+            cookie = f"{COOKIE}={offered}; HttpOnly; SameSite=Strict; Path=/; Max-Age={int(TOKEN_TTL_S)}"
+            return 302, "text/plain", b"", {"Location": url.path or "/", "Set-Cookie": cookie}
+        bearer = headers.get("authorization", "")
+        token = bearer[7:] if bearer.lower().startswith("bearer ") else None
+        if token is None and "cookie" in headers:
+            jar: SimpleCookie = SimpleCookie()
+            with contextlib.suppress(Exception):
+                jar.load(headers["cookie"])
+            token = jar[COOKIE].value if COOKIE in jar else None
+        if self.authorised(token) is None:
+            self.denied += 1
+            return _json(401, {"error": "sign in with the URL `meshctl dashboard` prints (an operator's statement)"})
+        if url.path in _STATIC:
+            name = "index.html" if url.path == "/" else url.path[1:]
+            return 200, f"{_STATIC[url.path]}; charset=utf-8", _asset(name), {}
+        if url.path == "/api/frame":
+            assert self.frame is not None
+            return _json(200, {**self.frame.as_json(), "age_s": round(time.time() - self.frame.at, 1),
+                               "interval_s": self.interval_s})  # fmt: skip
+        if url.path == "/api/task":
+            tenant, task = (query.get("tenant") or [""])[0], (query.get("task") or [""])[0]
+            if not (_NAME.fullmatch(tenant) and _NAME.fullmatch(task)):
+                return _json(400, {"error": "tenant and task: letters, digits, _ and -"})
+            return await self._task(tenant, task)
+        return _json(404, {"error": f"no route {url.path}"})
+
+    async def _task(self, tenant: str, task: str) -> tuple[int, str, bytes, dict[str, str]]:
+        assert self.nc is not None
+        stored = await history.collect(self.nc, tenant, task)
+        h = history.build(tenant, task, stored, self.verifier)
+        if not h.entries:
+            return _json(404, {"error": f"no stored message about {tenant}/{task}"})
+        t = tr.from_history(h, {(stream, s.seq): s.headers for stream, s in stored})
+        return _json(200, {"trace": tr.messages_json(t), "totals": h.totals()})
+
+
+def _json(code: int, body: Any) -> tuple[int, str, bytes, dict[str, str]]:
+    return code, "application/json", json.dumps(body, default=str).encode(), {}
+
+
+def _asset(name: str) -> bytes:
+    return resources.files("meshctl").joinpath("web", name).read_bytes()

@@ -1,0 +1,205 @@
+"""``make dashboard-check``: ``meshctl dashboard`` in a real headless Chromium, showing live data.
+
+A local mesh (``meshctl up`` on free ports) runs the demo's task; the dashboard serves it; Chromium
+opens the sign-in URL with the task's timeline in the fragment, runs the page's script, and
+(1) dumps the DOM it built: the tenant's row with its completed task, every service, frames
+refreshed more than once, the task's timeline down to ``task.completed``; (2) takes a screenshot,
+which must be a real picture (many colours, most of the page drawn on). Exit 0 when both hold.
+
+    .venv/bin/python tests/browser/check_dashboard.py --out .mesh/dashboard.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import html.parser
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+MESHCTL = Path(sys.executable).with_name("meshctl")
+GOAL = "How does AgentMesh avoid duplicate side effects? Also compute 17 * 23."
+TASK = "dash-1"
+
+
+class Cells(html.parser.HTMLParser):
+    """Each table's rows as lists of cell texts, by table id; and the body's data attributes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tables: dict[str, list[list[str]]] = {}
+        self.body: dict[str, str] = {}
+        self.texts: dict[str, str] = {}
+        self._table = self._id = ""
+        self._row: list[str] | None = None
+        self._cell: list[str] | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = {k: v or "" for k, v in attrs}
+        if tag == "body":
+            self.body = {k: v for k, v in a.items() if k.startswith("data-")}
+        elif tag == "table":
+            self._table = a.get("id", "")
+            self.tables[self._table] = []
+        elif tag == "tr" and self._table:
+            self._row = []
+        elif tag in ("td", "th") and self._row is not None:
+            self._cell = []
+        if "id" in a:
+            self._id = a["id"]
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in ("td", "th") and self._cell is not None and self._row is not None:
+            self._row.append("".join(self._cell).strip())
+            self._cell = None
+        elif tag == "tr" and self._row is not None:
+            if self._row and self._table:
+                self.tables[self._table].append(self._row)
+            self._row = None
+        elif tag == "table":
+            self._table = ""
+
+    def handle_data(self, data: str) -> None:
+        if self._cell is not None:
+            self._cell.append(data)
+        if self._id:
+            self.texts[self._id] = self.texts.get(self._id, "") + data
+
+
+def png_pixels(path: Path) -> tuple[int, int, list[bytes], int]:
+    """Width, height, the unfiltered rows and bytes per pixel of an 8-bit, non-interlaced RGB(A)
+    PNG (what Chromium writes)."""
+    data = path.read_bytes()
+    if data[:8] != b"\x89PNG\r\n\x1a\n":
+        raise ValueError("not a PNG")
+    pos, idat, width, height, bpp = 8, b"", 0, 0, 3
+    while pos < len(data):
+        length, kind = struct.unpack(">I4s", data[pos : pos + 8])
+        chunk = data[pos + 8 : pos + 8 + length]
+        if kind == b"IHDR":
+            width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", chunk)
+            if depth != 8 or colour not in (2, 6) or interlace:
+                raise ValueError(f"unexpected PNG format (depth {depth}, colour type {colour})")
+            bpp = 3 if colour == 2 else 4
+        elif kind == b"IDAT":
+            idat += chunk
+        pos += 12 + length
+    raw, stride, rows, prev = zlib.decompress(idat), width * bpp, [], bytearray(width * bpp)
+    for y in range(height):
+        f, line = raw[y * (stride + 1)], bytearray(raw[y * (stride + 1) + 1 : (y + 1) * (stride + 1)])
+        for i in range(stride):
+            a = line[i - bpp] if i >= bpp else 0
+            b, c = prev[i], prev[i - bpp] if i >= bpp else 0
+            if f == 1:
+                line[i] = (line[i] + a) & 255
+            elif f == 2:
+                line[i] = (line[i] + b) & 255
+            elif f == 3:
+                line[i] = (line[i] + (a + b) // 2) & 255
+            elif f == 4:
+                p = a + b - c
+                pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
+                line[i] = (line[i] + (a if pa <= pb and pa <= pc else b if pb <= pc else c)) & 255
+        rows.append(bytes(line))
+        prev = line
+    return width, height, rows, bpp
+
+
+def picture_facts(path: Path) -> dict[str, float]:
+    width, height, rows, bpp = png_pixels(path)
+    colours: set[bytes] = set()
+    background = rows[-1][:3]
+    drawn = 0
+    for r in rows[::2]:
+        for i in range(0, len(r), bpp * 2):
+            px = r[i : i + 3]
+            colours.add(px)
+            drawn += px != background
+    sampled = (len(rows[::2])) * (width // 2 + width % 2)
+    return {"width": width, "height": height, "colours": len(colours), "drawn": drawn / max(1, sampled)}
+
+
+def chromium() -> str:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        found = shutil.which(name)
+        if found:
+            return found
+    raise SystemExit("dashboard-check: no chromium here (Debian: apt-get install chromium)")
+
+
+def browse(browser: str, url: str, *args: str) -> str:
+    cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--hide-scrollbars",
+           "--virtual-time-budget=8000", "--window-size=1400,1100", *args, url]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    if done.returncode != 0:
+        raise SystemExit(f"dashboard-check: chromium failed ({done.returncode}): {done.stderr.strip()[-400:]}")
+    return done.stdout
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=ROOT / ".mesh" / "dashboard.png", help="where the screenshot goes")
+    args = ap.parse_args()
+    browser = chromium()
+    home = Path(tempfile.mkdtemp(prefix="agentmesh-dashboard-"))
+    ctl = [str(MESHCTL), "--home", str(home)]
+    board = None
+    try:
+        subprocess.run([*ctl, "up", "--nats-port", "0", "--http-port", "0", "--redis-port", "0"], check=True,
+                       stdout=subprocess.DEVNULL)  # fmt: skip
+        subprocess.run([*ctl, "submit", GOAL, "--task-id", TASK, "--follow", "--timeout", "60"], check=True,
+                       stdout=subprocess.DEVNULL)  # fmt: skip
+        url_file = home / "dashboard.url"
+        board = subprocess.Popen([*ctl, "dashboard", "--port", "0", "--interval", "1", "--url-file", str(url_file)],
+                                 stdout=subprocess.DEVNULL)  # fmt: skip
+        deadline = time.monotonic() + 30
+        while not url_file.exists():
+            if time.monotonic() > deadline or board.poll() is not None:
+                raise SystemExit("dashboard-check: the dashboard did not start")
+            time.sleep(0.1)
+        url = url_file.read_text().strip() + f"#task=demo/{TASK}"
+
+        dom = Cells()
+        dom.feed(browse(browser, url, "--dump-dom"))
+        tenants = {r[0]: r for r in dom.tables.get("tenants", [])[1:]}
+        services = {r[0] for r in dom.tables.get("services", [])[1:]}
+        timeline = [r[3].strip() for r in dom.tables.get("timeline", [])[1:]]
+        problems = []
+        if "demo" not in tenants or tenants["demo"][2] != "1":
+            problems.append(f"the demo tenant's row does not show its completed task: {tenants.get('demo')}")
+        if not {"planner", "worker", "checker", "rag", "tool-executor", "budget"} <= services:
+            problems.append(f"services missing: {sorted(services)}")
+        if int(dom.body.get("data-frames", "0")) < 2:
+            problems.append(f"the page rendered {dom.body.get('data-frames', '0')} frame(s): not refreshing")
+        if "task.submitted" not in timeline or "task.completed" not in timeline:
+            problems.append(f"the timeline lacks the task's start or end: {timeline[:3]}...")
+        if "live: frame of" not in dom.texts.get("status", ""):
+            problems.append(f"status line: {dom.texts.get('status')!r}")
+
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        browse(browser, url, f"--screenshot={args.out}")
+        facts = picture_facts(args.out)
+        if facts["colours"] < 12 or facts["drawn"] < 0.02:
+            problems.append(f"the screenshot is nearly blank: {facts}")
+        print(f"dashboard-check: tenants {sorted(tenants)}, {len(services)} services, {dom.body.get('data-frames')} "
+              f"frames, timeline of {len(timeline)} messages; screenshot {args.out} {facts['width']}x{facts['height']}, "
+              f"{facts['colours']} colours, {facts['drawn']:.0%} drawn")  # fmt: skip
+        for p in problems:
+            print(f"dashboard-check: FAILED: {p}", file=sys.stderr)
+        return 1 if problems else 0
+    finally:
+        if board is not None:
+            board.terminate()
+            board.wait(10)
+        subprocess.run([*ctl, "down"], stdout=subprocess.DEVNULL)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
