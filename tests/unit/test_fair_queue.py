@@ -75,3 +75,48 @@ def test_headers_and_subjects_that_say_nothing_get_defaults():
     assert priority_of({"Mesh-Priority": "x"}) == 5 and priority_of({"Mesh-Priority": "42"}) == 9
     assert priority_of(None) == 5 and priority_of({"Mesh-Priority": "-3"}) == 0
     assert tenant_of("step.v1.acme.t1.requested") == "acme" and tenant_of("odd") == ""
+
+
+async def test_an_idle_consumer_asks_for_one_message_and_a_busy_one_for_a_batch():
+    """A lingering pull for several messages holds the first until the rest come or it expires
+    (nats-py waits out the request): a step reaching an idle worker waited ~3 s in 10 of 12 tasks.
+    Idle, the consumer asks for one (returned the moment it arrives); busy, for a batch with a
+    short timeout; a pull that brings nothing makes it idle again."""
+    import asyncio
+
+    import nats
+
+    from mesh_kit.fair import BUSY_FETCH_S, IDLE_FETCH_S, FairConsumer
+
+    outcomes = iter([1, 4, 2, "timeout", 1, "timeout"])
+    calls: list[tuple[int, float]] = []
+    done = asyncio.Event()
+
+    class Psub:
+        async def fetch(self, batch: int, timeout: float):
+            calls.append((batch, timeout))
+            got = next(outcomes, None)
+            if got is None:
+                done.set()
+                await asyncio.sleep(3600)
+            if got == "timeout":
+                raise nats.errors.TimeoutError
+            return [_Raw("acme", len(calls) * 10 + i) for i in range(got)]
+
+    handled: list[int] = []
+
+    async def dispatch(item: Fetched) -> None:
+        handled.append(item.raw_message.n)
+
+    c = FairConsumer(lambda: None, "STEP", "d", "_INBOX.x", dispatch, workers=4, window=16, ack_wait_s=30,
+                     graceful_s=1)  # fmt: skip
+    c._psub = Psub()
+    loops = [asyncio.create_task(c._fetch_loop()), asyncio.create_task(c._dispatch_loop())]
+    await asyncio.wait_for(done.wait(), 5)
+    while c.queue or c.running:  # the fetched messages are handed to dispatch
+        await asyncio.sleep(0.01)
+    for t in loops:
+        t.cancel()
+    idle, busy = (1, IDLE_FETCH_S), (4, BUSY_FETCH_S)
+    assert calls == [idle, busy, busy, busy, idle, busy, idle]
+    assert sorted(handled) == [10, 20, 21, 22, 23, 30, 31, 50], "every message fetched is handled"
