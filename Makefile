@@ -14,9 +14,10 @@ EVAL_ARGS ?=
 NATS_CHART_VERSION := 2.14.2
 DEPLOY_PINS := infra/deploy-requirements.txt
 DEPLOY_CHECK_ARGS ?=
+IMAGES_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo demo-local eval up down status submit bench bench-peers chaos test test-unit test-integration test-e2e lint fmt settings-docs contracts contracts-check dashboard-check pins deploy-tools deploy-check clean
+.PHONY: help setup demo demo-local eval up down status submit bench bench-peers chaos test test-unit test-integration test-e2e lint fmt settings-docs contracts contracts-check dashboard-check pins deploy-tools deploy-check images test-images clean
 
 help: ## list every target with one line each
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -101,6 +102,13 @@ test-integration: setup ## tests against a real nats-server and redis
 
 test-e2e: setup ## the whole mesh, end to end
 	$(BIN)/pytest tests/e2e
+
+images: setup ## build the six service images and meshctl's on a local engine, from a debootstrap base (nothing pulled)
+	@bash .ci/docker-up.sh
+	$(BIN)/python infra/images/build.py $(IMAGES_ARGS)
+
+test-images: images ## the end-to-end tests against the six service images, NATS and Redis in containers
+	MESH_TEST_INFRA=images $(BIN)/pytest tests/e2e
 
 lint: setup ## ruff lint + format check, mypy (strict on contracts, kit, guardrails, breaker), settings tables up to date
 	$(BIN)/ruff check .

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from meshctl.local import REDIS_SERVICES
+
 pytestmark = pytest.mark.unit
 
 K8S = Path(__file__).resolve().parents[2] / "infra" / "k8s"
@@ -76,6 +78,8 @@ def test_every_pod_that_uses_redis_may_reach_it_and_no_other_may():
     assert len(deployments) == 6
     users = {name for name, d in deployments.items() if "MESH_REDIS_URL_FILE" in _env(d)}
     assert users == {"budget", "rag", "tool-executor"}, "a new Redis user: add it to the policy and this test"
+    # and the local mesh (meshctl up, tests, images) gives a Redis user to these and no other
+    assert users == set(REDIS_SERVICES)
     for name, d in deployments.items():
         labels = _pod_labels(d)
         assert _admitted(policies, labels, ("app.kubernetes.io/name", "redis"), 6379) == (name in users), name

@@ -171,10 +171,17 @@ async def _http_ok(url: str) -> bool:
         return (await client.get(url)).status_code == 200
 
 
+# The services that use Redis (the budget's reservations, rag's retrieval cache, the
+# tool-executor's rate limits): only these get a Redis user, as only their Deployments mount a
+# Redis URL and only they pass the network policy's Redis egress (infra/k8s/components).
+REDIS_SERVICES = ("budget", "rag", "tool-executor")
+
+
 def redis_users(ids: Identities, port: int) -> Path:
-    """One Redis ACL user per service, restricted to its own key prefix; no default user."""
+    """One Redis ACL user per service that uses Redis, restricted to its own key prefix; no
+    default user."""
     lines = ["user default off"]
-    for principal in (*SERVICES, "admin"):
+    for principal in (*REDIS_SERVICES, "admin"):
         password = secrets.token_urlsafe(24)
         digest = hashlib.sha256(password.encode()).hexdigest()
         keys = "~*" if principal == "admin" else f"~{principal}:*"

@@ -283,9 +283,10 @@ class _ServerContainer(DockerContainer):
         image: str,
         command: list[str],
         port: int,
-        ready_log: str,
+        ready_log: str | None,
         startup_timeout: float,
         name_prefix: str,
+        user: str | None = None,
     ) -> None:
         super().__init__(
             image,
@@ -299,16 +300,18 @@ class _ServerContainer(DockerContainer):
             # Run as the caller: files the server writes into bind-mounted directories then
             # belong to the caller (who can delete them), and no capability is needed to write
             # into a directory the caller owns.
-            user=f"{os.getuid()}:{os.getgid()}",
+            user=user or f"{os.getuid()}:{os.getgid()}",
             labels={_LABEL_TEST: "true"},
         )
         # testcontainers prefixes TESTCONTAINERS_HUB_IMAGE_NAME_PREFIX to every image name;
         # our images are local-only and must be used as tagged.
         self.image = image
-        self.with_command(command)  # a list: no shell-style splitting of e.g. --save ""
+        if command:
+            self.with_command(command)  # a list: no shell-style splitting of e.g. --save ""
         self.with_name(f"{name_prefix}-{port}-{uuid.uuid4().hex[:8]}")
         self.port = port
-        self.waiting_for(LogMessageWaitStrategy(ready_log).with_startup_timeout(int(startup_timeout)))
+        if ready_log is not None:  # else the caller waits (a service: on its /readyz)
+            self.waiting_for(LogMessageWaitStrategy(ready_log).with_startup_timeout(int(startup_timeout)))
 
     # Seconds a server gets to exit on SIGTERM before it is killed. Graceful first, so a
     # JetStream store that a later container reuses was closed cleanly.

