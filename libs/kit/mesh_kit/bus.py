@@ -33,7 +33,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.errors import NotJSMessageError
 from nats.js.api import PubAck
-from nats.js.errors import KeyNotFoundError
+from nats.js.errors import KeyNotFoundError, NotFoundError
 from opentelemetry import propagate, trace
 
 from mesh_contracts import BodyError, Contract, ContractError, DecodeLimits, parse_message, split_subject
@@ -189,6 +189,8 @@ class Mesh:
         self._on_stop: list[Callable[[], Awaitable[None]]] = []
         self._identity_tasks: list[asyncio.Task[None]] = []
         self._fair: list[FairConsumer] = []
+        self._durables: list[topo.Durable] = []  # every durable ``consume`` bound, in order
+        self.waiting_for: str = ""  # why start() is waiting (a durable not provisioned yet)
         self.dependencies: dict[str, Dependency] = {}
         self.reports: dict[str, Callable[[], Any]] = {}
         """Backing services besides NATS (Redis), probed in the background; see ``depend``."""
@@ -279,6 +281,7 @@ class Mesh:
 
     async def start(self) -> None:
         await self.broker.connect()
+        await self._until_provisioned()
         await self._follow_identity()
         for hook in self._on_start:
             await hook()
@@ -289,6 +292,36 @@ class Mesh:
         for consumer in self._fair:
             await consumer.start()
         self._started = True
+
+    async def _until_provisioned(self) -> None:
+        """Wait until every durable this service consumes exists, not ready meanwhile.
+
+        Streams and durables are made by ``meshctl provision`` (the provisioning Job), never by
+        a service. A service started first (every object of a release applied at once, or NATS
+        restored empty) used to either exit (FastStream's bind fails) or, with the fair
+        consumer, report ready while consuming nothing, for good. Now it waits here, says why
+        on /readyz and in its log, and starts once provisioning is done: the rollout converges
+        whatever the order. Any error but "not found" (a permission violation) still fails."""
+        js = self.nc.jetstream()
+        pause, since = 0.25, time.monotonic()
+        for durable in self._durables:
+            while True:
+                try:
+                    await js.consumer_info(durable.stream, durable.name)
+                    break
+                except NotFoundError as exc:
+                    reason = (
+                        f"waiting for provisioning: durable {durable.name} on stream {durable.stream} "
+                        f"not found ({exc.description or 'not found'}); run `meshctl provision` (the provisioning Job)"
+                    )
+                    if reason != self.waiting_for:
+                        log.warning("%s", reason)
+                        self.waiting_for = reason
+                    await asyncio.sleep(pause)
+                    pause = min(pause * 2, 5.0)
+        if self.waiting_for:
+            log.info("provisioned after %.1fs of waiting: starting", time.monotonic() - since)
+            self.waiting_for = ""
 
     async def stop(self) -> None:
         """Stop fetching, let in-flight handlers finish (graceful timeout), then drain."""
@@ -428,7 +461,7 @@ class Mesh:
         if self.lost.is_set():
             return False, "connection to NATS closed by the server"
         if not self._started:
-            return False, "not started"
+            return False, self.waiting_for or "not started"
         if self.stats.permission_errors:
             return (
                 False,
@@ -570,6 +603,7 @@ class Mesh:
         message: rejected on arrival (contract or identity), rejected by the handler, or
         dead-lettered after its last attempt. The task's owner uses it to tell the client."""
         durable = topo.durable_for(self.service, contract)
+        self._durables.append(durable)
         workers = max_workers or self.settings.max_workers
         prefix = (self.settings.inbox_prefix + ".").encode()
 

@@ -60,7 +60,6 @@ async def serve(settings: S, build: Build[S], *, stop: asyncio.Event | None = No
     log = logging.getLogger(f"mesh.{settings.service}")
     mesh = Mesh(settings)
     await build(mesh, settings)
-    await mesh.start()
     health = None
     if settings.health_port:
         health = HealthServer(
@@ -75,7 +74,10 @@ async def serve(settings: S, build: Build[S], *, stop: asyncio.Event | None = No
                 **{name: source() for name, source in mesh.reports.items()},
             },
         )
+        # Before the mesh starts: while it waits for provisioning, /healthz answers (the process
+        # is alive) and /readyz says what it waits for.
         await health.start()
+    await mesh.start()
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -123,9 +123,8 @@ async def provision(
                 raise
             await js.update_stream(cfg)
         report.streams.append(cfg.name or "")
-    for d in topo.durables():
-        await js.add_consumer(d.stream, consumer_config(d, replicas, ack_wait_s))  # create or update
-        report.consumers.append(f"{d.stream}/{d.name}")
+    # Buckets before durables: a service waits for its durables (Mesh.start), so once they
+    # exist, every bucket it uses does too.
     for b in topo.BUCKETS:
         republish = api.RePublish(src=f"$KV.{b.name}.>", dest=topo.watch_feed(f"KV_{b.name}")) if b.fed else None
         try:
@@ -149,6 +148,9 @@ async def provision(
             info.config.description = b.description
             await js.update_stream(info.config)
         report.buckets.append(b.name)
+    for d in topo.durables():
+        await js.add_consumer(d.stream, consumer_config(d, replicas, ack_wait_s))  # create or update
+        report.consumers.append(f"{d.stream}/{d.name}")
     return report
 
 

@@ -141,9 +141,10 @@ def running_infra(
     name: str = "mesh",
     ack_wait_s: float | None = None,
     cluster: int = 1,
+    provision: bool = True,
 ) -> Iterator[Infra]:
-    """Mint identities, start NATS (one server or a ``cluster``) + Redis, provision; tear
-    everything down afterwards."""
+    """Mint identities, start NATS (one server or a ``cluster``) + Redis, provision (unless
+    ``provision=False``: a test of what happens before); tear everything down afterwards."""
     mode = "binaries" if cluster > 1 else (mode or infra_mode())
     home = Path(tempfile.mkdtemp(prefix=f"agentmesh-{name}-"))
     ids = Identities(home)
@@ -164,6 +165,9 @@ def running_infra(
                 stack.callback(lambda: local.stop([[p for p in (infra.redis, *infra.nodes) if p]], 10.0))
                 infra.nodes = asyncio.run(local.start_nats(ids, layout))
                 infra.redis = asyncio.run(local.start_redis(ids, redis_port))
+            if not provision:
+                yield infra
+                return
             if mode == "images":
                 from mesh_testing.service_images import provision_with_image
 
