@@ -15,6 +15,13 @@ What it checks, one line per overlay or file, then a summary; exit 1 on any fail
   the metadata keys KEDA's scaler reads; the production overlay pins every image by digest;
 - infra/nats/helm-values.yaml uses only keys the pinned NATS chart's values.yaml has, and the
   pinned version is the one its header and infra/README.md name;
+- the Helm chart (infra/helm/agentmesh): its generated templates are what infra/helm/chart.py
+  makes of the kustomize sources, `helm lint` (the Helm SDK, helm-python-sdk) finds no error, and
+  it renders, with identity values from a fresh mesh home, for the defaults, everything off and
+  everything on; every object is validated as above, and each render holds the objects of the
+  matching kustomize render plus the chart's own (Secrets, trust bundle, Redis). The NATS
+  dependency is rendered only with --chart-dependencies (it is fetched from the chart's
+  repository, which this project's machines cannot reach);
 - docker-compose.yml against the compose specification, the workflows against the GitHub
   workflow schema (both bundled with check-jsonschema) and with actionlint when it is installed.
 
@@ -365,6 +372,135 @@ def check_overlay(overlay: str, report: Report, crds: CrdSchemas, durables: dict
     report.line("ok", what, f"{len(docs)} objects: " + ", ".join(parts), errors)
 
 
+CHART = ROOT / "infra" / "helm" / "agentmesh"
+SERVICES = ("planner", "worker", "checker", "rag", "tool-executor", "budget")  # mesh_contracts.base.SERVICES
+# The chart's own objects, beside those of the kustomize sources.
+CHART_SECRETS = {("Secret", f"agentmesh-{p}-identity") for p in (*SERVICES, "admin")} | {
+    ("ConfigMap", "agentmesh-trust-bundle")
+}
+CHART_REDIS = {("Secret", "agentmesh-redis-acl"), ("Service", "redis"), ("Deployment", "redis")}
+# values -> which kustomize components the render must match
+CHART_VARIANTS: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
+    "defaults": ({}, ("network-policy", "tls")),
+    "everything off": (
+        {"tls": {"enabled": False}, "networkPolicy": {"enabled": False}, "redis": {"enabled": False},
+         "secrets": {"create": False}},
+        (),
+    ),
+    "everything on": (
+        {"keda": {"enabled": True},
+         "images": {"registry": "registry.example/acme",
+                    "digests": {n: "sha256:" + "1" * 64 for n in (*SERVICES, "meshctl")}},
+         "redis": {"image": "redis@sha256:" + "2" * 64},
+         "replicas": {"planner": 2, "budget": 2},
+         "resources": {"worker": {"requests": {"cpu": "1", "memory": "512Mi"}, "limits": {"memory": "1Gi"}}},
+         "model": {"config": {"models.yaml": "providers: {}\n"}, "keys": {"openai.key": "not-a-key"}}},
+        ("keda", "network-policy", "tls"),
+    ),
+}  # fmt: skip
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def identity_values() -> dict[str, Any]:
+    """What `infra/render.py helm` writes, for a mesh home minted here and thrown away."""
+    import json
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="agentmesh-deploy-check-") as home:
+        for cmd in (
+            [sys.executable, "-m", "meshctl", "--home", home, "init", "--tenants", "acme"],
+            [sys.executable, str(ROOT / "infra" / "render.py"), "--home", home, "helm"],
+        ):
+            done = run(cmd)
+            if done.returncode != 0:
+                raise RuntimeError(f"{' '.join(cmd[1:4])}: {done.stderr.strip()}")
+        return json.loads((Path(home) / "helm" / "identity-values.yaml").read_text())
+
+
+def render_chart(values: dict[str, Any], revision: int = 1) -> list[dict[str, Any]]:
+    import helm_python as helm
+
+    with helm.Chart.load(str(CHART)) as chart:
+        out = chart.render(values, name="agentmesh", namespace="agentmesh", revision=revision, is_install=True)
+    return [d for name, text in sorted(out.items()) if name.endswith(".yaml") for d in yaml.safe_load_all(text) if d]
+
+
+def _kustomize_components(components: tuple[str, ...]) -> set[tuple[str, str]]:
+    sys.path.insert(0, str(ROOT / "infra" / "helm"))
+    import chart as chart_gen
+
+    return {(d["kind"], chart_gen._unhash(d)["metadata"]["name"]) for d in chart_gen.render(components)
+            if d["kind"] != "Namespace"}  # fmt: skip
+
+
+def check_chart(report: Report, crds: CrdSchemas, durables: dict[str, list[tuple[str, str]]], with_deps: bool) -> None:
+    try:
+        import helm_python as helm
+    except ImportError:
+        report.line("FAIL", "helm chart", "helm-python-sdk is not installed: make deploy-tools")
+        return
+    gen = run([sys.executable, str(ROOT / "infra" / "helm" / "chart.py"), "--check"])
+    if gen.returncode != 0:
+        report.line("FAIL", "helm chart (generated)", (gen.stderr or gen.stdout).strip())
+    else:
+        report.line("ok", "helm chart (generated)", gen.stdout.strip().removeprefix("chart.py: "))
+    try:
+        identity = identity_values()
+    except RuntimeError as e:
+        report.line("FAIL", "helm chart", f"identity values: {e}")
+        return
+    base_values = _deep_merge(identity, {"nats": {"enabled": with_deps}})
+    if with_deps:
+        helm.dependency_build(str(CHART))
+    lint = helm.lint(str(CHART), base_values, strict=False)
+    problems = [m["error"] for m in lint.get("messages", []) if m.get("severity", 0) >= 3] + list(
+        lint.get("errors", [])
+    )
+    report.line("FAIL" if problems else "ok", "helm chart (lint)", f"helm SDK {helm.helm_sdk_version()}", problems)
+    for variant, (values, components) in CHART_VARIANTS.items():
+        what = f"helm chart ({variant})"
+        try:
+            docs = render_chart(_deep_merge(base_values, values))
+        except Exception as e:  # noqa: BLE001 - the SDK's errors are one family; report any
+            report.line("FAIL", what, "does not render", str(e).splitlines())
+            continue
+        errors = []
+        for doc in docs:
+            errors += [f"{_name(doc)}: {e}" for e in validate_object(doc, crds)]
+            if doc["metadata"].get("namespace"):
+                errors.append(f"{_name(doc)}: sets a namespace (Helm installs into the release's)")
+        mesh_docs = [d for d in docs if d["metadata"]["name"] != "redis"]  # one pod, neither spread nor scaled
+        errors += check_deployments(mesh_docs)
+        errors += check_scaled_objects(mesh_docs, durables)
+        if "digests" in values.get("images", {}):
+            errors += check_digests(docs)
+        got = {
+            (d["kind"], d["metadata"]["name"])
+            for d in docs
+            if d["metadata"].get("labels", {}).get("app.kubernetes.io/name") != "nats"
+        }
+        want = {("Job", "agentmesh-provision-1") if k == ("Job", "agentmesh-provision") else k
+                for k in _kustomize_components(components)}  # fmt: skip
+        if values.get("secrets", {}).get("create", True):
+            want |= CHART_SECRETS
+        if values.get("redis", {}).get("enabled", True):
+            want |= CHART_REDIS | ({("NetworkPolicy", "redis")} if "network-policy" in components else set())
+        if values.get("model", {}).get("config"):
+            want |= {("ConfigMap", "agentmesh-model-config"), ("Secret", "agentmesh-model-keys")}
+        got_mesh = {k for k in got if not (with_deps and k[1].startswith("nats"))}
+        if missing := sorted(want - got_mesh):
+            errors.append(f"missing (kustomize renders them): {missing}")
+        if extra := sorted(got_mesh - want):
+            errors.append(f"not in the kustomize render: {extra}")
+        report.line("ok", what, f"{len(docs)} objects", errors)
+
+
 def check_nats_values(report: Report, chart_version: str) -> None:
     what = "infra/nats/helm-values.yaml"
     chart_file = ROOT / "infra" / "nats" / f"chart-{chart_version}-values.yaml"
@@ -416,6 +552,9 @@ def main(argv: list[str] | None = None) -> int:
     vendor.add_argument("source", help="where it came from, e.g. 'kedacore/keda v2.20.2 config/crd/bases/...'")
     parser.add_argument("--nats-chart-version", default=NATS_CHART_VERSION)
     parser.add_argument("--require-actionlint", action="store_true", help="fail, not skip, without actionlint")
+    parser.add_argument(
+        "--chart-dependencies", action="store_true", help="fetch the NATS chart and render the Helm chart with it"
+    )
     args = parser.parse_args(argv)
     if args.command == "vendor-crd":
         sys.stdout.write(vendor_crd(yaml.safe_load(sys.stdin), args.source))
@@ -431,6 +570,7 @@ def main(argv: list[str] | None = None) -> int:
     for overlay in OVERLAYS:
         check_overlay(overlay, report, crds, durables)
     check_nats_values(report, args.nats_chart_version)
+    check_chart(report, crds, durables, args.chart_dependencies)
     check_jsonschema_builtin(report, "docker-compose.yml", "vendor.compose-spec", [ROOT / "docker-compose.yml"])
     workflows = sorted((ROOT / ".github" / "workflows").glob("*.yml"))
     check_jsonschema_builtin(report, ".github/workflows (schema)", "vendor.github-workflows", workflows)

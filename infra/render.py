@@ -7,6 +7,7 @@ the mesh home (never into the repository) until meshctl grows the same commands:
     .venv/bin/python infra/render.py nats-auth   # <home>/nats/auth.conf + helm-auth-values.yaml
     .venv/bin/python infra/render.py compose     # nats-auth, plus <home>/compose/ for compose
     .venv/bin/python infra/render.py redis --host redis.agentmesh.svc.cluster.local --out DIR
+    .venv/bin/python infra/render.py helm        # <home>/helm/identity-values.yaml for infra/helm/agentmesh
 
 Nothing secret is printed. Files holding passwords are written 0600.
 """
@@ -20,7 +21,7 @@ import sys
 from pathlib import Path
 
 from meshctl.identity import Identities
-from meshctl.local import redis_users
+from meshctl.local import REDIS_SERVICES, SERVICES, redis_users
 
 COMPOSE_REDIS_HOST = "redis"  # the service name in docker-compose.yml
 REDIS_PORT = 6379
@@ -101,6 +102,40 @@ def render_compose(ids: Identities) -> list[Path]:
     return [*written, out / "redis" / "users.acl", store, env]
 
 
+def render_helm(ids: Identities, redis_host: str, redis_port: int) -> Path:
+    """Everything the chart takes from a mesh home, as one values file (0600, never committed):
+    each principal's identity Secret, the trust bundle, the tenants rag indexes, the Redis ACL
+    with its URLs, and the NATS auth include for the NATS chart (the dependency, under ``nats:``)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="agentmesh-helm-") as scratch:
+        urls = render_redis(ids, redis_host, redis_port, Path(scratch))
+        acl = (Path(scratch) / "redis" / "users.acl").read_text()
+    identities: dict[str, dict[str, str]] = {}
+    for service in SERVICES:
+        files = {
+            "nats.creds": ids.creds(service).read_text(),
+            "signing-key.pem": ids.signing_key(service).read_text(),
+        }
+        if service in REDIS_SERVICES:
+            files["redis-url"] = urls[service]
+        if service == "tool-executor" and ids.audit_key.exists():
+            files["audit.key"] = ids.audit_key.read_text()
+        identities[service] = files
+    identities["admin"] = {"nats.creds": ids.creds("admin").read_text()}
+    values = {
+        "identities": identities,
+        "trustBundle": ids.trust_bundle.read_text(),
+        "config": {"MESH_TENANTS": ",".join(ids.tenants())},
+        "redis": {"acl": acl},
+        "nats": {"configMap": {"merge": {"data": {"auth.conf": auth_conf(ids)}}}},
+    }
+    out = ids.home / "helm" / "identity-values.yaml"
+    # JSON is YAML, and quotes every multi-line secret exactly
+    write_secret(out, json.dumps(values, indent=2) + "\n")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="infra/render.py", description=__doc__.splitlines()[0])
     p.add_argument("--home", type=Path, default=Path(os.environ.get("MESH_HOME", ".mesh")))
@@ -111,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--host", required=True)
     r.add_argument("--port", type=int, default=REDIS_PORT)
     r.add_argument("--out", type=Path, required=True, help="directory for users.acl and the URLs")
+    h = sub.add_parser("helm", help="the identity values for the Helm chart (infra/helm/agentmesh)")
+    h.add_argument("--redis-host", default="redis", help="default: the chart's own Redis (Service redis)")
+    h.add_argument("--redis-port", type=int, default=REDIS_PORT)
     args = p.parse_args(argv)
 
     ids = Identities(args.home.absolute())
@@ -121,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         written = render_nats_auth(ids)
     elif args.what == "compose":
         written = render_compose(ids)
+    elif args.what == "helm":
+        written = [render_helm(ids, args.redis_host, args.redis_port)]
     else:
         render_redis(ids, args.host, args.port, args.out.absolute())
         written = [args.out.absolute() / "redis" / "users.acl", args.out.absolute() / "secrets" / "redis"]

@@ -97,7 +97,7 @@ def engine():
         client = docker.from_env(timeout=600)
         client.ping()
         return client
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - any failure at all means no usable engine
         failure = type(e).__name__
     # The SDK's failed handshake leaves its socket open; collect it here, once the exception
     # (whose traceback holds it) is gone, where it is known and harmless.

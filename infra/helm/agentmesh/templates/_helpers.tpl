@@ -1,0 +1,32 @@
+{{/* Labels Helm adds to every object it owns (beside the app.kubernetes.io/name and part-of the manifests carry). */}}
+{{- define "agentmesh.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+{{- end -}}
+
+{{/*
+An image reference: (list $ "worker") -> <registry>/agentmesh/worker@<digest>, or :<tag>.
+A digest in images.digests wins over the tag; production should set every digest
+(release.yml's promotion pull request has them).
+*/}}
+{{- define "agentmesh.image" -}}
+{{- $root := index . 0 -}}
+{{- $name := index . 1 -}}
+{{- $images := $root.Values.images -}}
+{{- $prefix := "" -}}
+{{- with $images.registry }}{{ $prefix = printf "%s/" (trimSuffix "/" .) }}{{ end -}}
+{{- $repo := printf "%s%s/%s" $prefix $images.repository $name -}}
+{{- $digest := index ($images.digests | default dict) $name -}}
+{{- if $digest -}}
+{{ printf "%s@%s" $repo $digest }}
+{{- else -}}
+{{ printf "%s:%s" $repo ($images.tag | default $root.Chart.AppVersion) }}
+{{- end -}}
+{{- end -}}
+
+{{/* A value that must be set, with the command that sets it. */}}
+{{- define "agentmesh.required" -}}
+{{- required (printf "%s is not set: render the identity values with `python infra/render.py --home <mesh home> helm` and pass them with -f" (index . 0)) (index . 1) -}}
+{{- end -}}

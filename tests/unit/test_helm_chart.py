@@ -1,0 +1,149 @@
+"""The Helm chart (infra/helm/agentmesh), rendered with the real Helm SDK (helm-python-sdk):
+identities from a mesh home reach the right Secrets and nothing else, settings roll the pods,
+KEDA keeps the replica count, and a missing identity stops the install with the fix.
+`make deploy-check` validates every object of its renders and compares them with kustomize."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+if "deploy_check" in sys.modules:  # loaded by test_deploy_check: one module, one set of classes
+    dc = sys.modules["deploy_check"]
+else:
+    spec = importlib.util.spec_from_file_location("deploy_check", ROOT / "infra" / "deploy_check.py")
+    dc = importlib.util.module_from_spec(spec)
+    sys.modules["deploy_check"] = dc  # dataclasses look their module up by name
+    spec.loader.exec_module(dc)
+helm = pytest.importorskip("helm_python", reason="make deploy-tools installs the Helm SDK")
+
+
+@pytest.fixture(scope="module")
+def identity() -> dict:
+    return dc._deep_merge(dc.identity_values(), {"nats": {"enabled": False}})
+
+
+def objects(values: dict, revision: int = 1) -> dict[tuple[str, str], dict]:
+    return {(d["kind"], d["metadata"]["name"]): d for d in dc.render_chart(values, revision)}
+
+
+def test_each_principal_gets_its_own_files_and_nothing_else(identity):
+    docs = objects(identity)
+    for service in dc.SERVICES:
+        files = set(docs[("Secret", f"agentmesh-{service}-identity")]["stringData"])
+        expected = {"nats.creds", "signing-key.pem"}
+        if service in ("budget", "rag", "tool-executor"):
+            expected.add("redis-url")
+        if service == "tool-executor":
+            expected.add("audit.key")
+        assert files == expected, service
+        creds = docs[("Secret", f"agentmesh-{service}-identity")]["stringData"]["nats.creds"]
+        assert creds == identity["identities"][service]["nats.creds"]
+    assert set(docs[("Secret", "agentmesh-admin-identity")]["stringData"]) == {"nats.creds"}
+    bundle = json.loads(docs[("ConfigMap", "agentmesh-trust-bundle")]["data"]["trust-bundle.json"])
+    assert bundle == json.loads(identity["trustBundle"])
+    # the Redis URLs name the chart's own Redis Service, whose ACL has one user per Redis service
+    assert "@redis:6379/" in identity["identities"]["budget"]["redis-url"]
+    acl = docs[("Secret", "agentmesh-redis-acl")]["stringData"]["users.acl"]
+    assert {line.split()[1] for line in acl.splitlines()} == {"default", "budget", "rag", "tool-executor", "admin"}
+
+
+def test_without_identity_values_the_install_stops_and_says_how(identity):
+    values = {k: v for k, v in identity.items() if k != "identities"}
+    with pytest.raises(
+        Exception, match=r"identities\.\S+ is not set: render the identity values with `python infra/render.py"
+    ):
+        dc.render_chart(values)
+    # made elsewhere (an external secret store): nothing is required
+    bare = {"secrets": {"create": False}, "redis": {"enabled": False}, "nats": {"enabled": False}}
+    assert ("Deployment", "worker") in objects(bare)
+
+
+def test_settings_override_the_base_and_roll_the_pods(identity):
+    before = objects(identity)
+    after = objects(dc._deep_merge(identity, {"config": {"MESH_LOG_LEVEL": "DEBUG"}}))
+    assert after[("ConfigMap", "agentmesh-config")]["data"]["MESH_LOG_LEVEL"] == "DEBUG"
+    assert after[("ConfigMap", "agentmesh-config")]["data"]["MESH_NATS_URL"] == "nats://nats:4222"
+    assert before[("ConfigMap", "agentmesh-config")]["data"]["MESH_TENANTS"] == "acme"
+    for service in dc.SERVICES:
+        old = before[("Deployment", service)]["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+        new = after[("Deployment", service)]["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+        assert old != new, service
+
+
+def test_keda_keeps_the_count_unless_one_is_asked_for(identity):
+    keda = objects(dc._deep_merge(identity, {"keda": {"enabled": True}, "replicas": {"budget": 2}}))
+    assert "replicas" not in keda[("Deployment", "worker")]["spec"]
+    assert keda[("Deployment", "budget")]["spec"]["replicas"] == 2
+    scaled = {d["spec"]["scaleTargetRef"]["name"] for k, d in keda.items() if k[0] == "ScaledObject"}
+    assert scaled == set(dc.SERVICES)
+    assert not any(k[0] == "ScaledObject" for k in objects(identity))
+
+
+def test_each_upgrade_provisions_again_with_the_replicas_asked_for(identity):
+    first = objects(identity, revision=1)
+    second = objects(dc._deep_merge(identity, {"streamReplicas": 1}), revision=2)
+    assert ("Job", "agentmesh-provision-1") in first and ("Job", "agentmesh-provision-2") in second
+    args = second[("Job", "agentmesh-provision-2")]["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--replicas") + 1] == "1"
+
+
+def test_images_come_from_the_registry_by_digest_when_given(identity):
+    digest = "sha256:" + "a" * 64
+    docs = objects(
+        dc._deep_merge(
+            identity, {"images": {"registry": "ghcr.io/acme/", "tag": "1.2.3", "digests": {"worker": digest}}}
+        )
+    )
+    assert docs[("Deployment", "worker")]["spec"]["template"]["spec"]["containers"][0]["image"] == (
+        f"ghcr.io/acme/agentmesh/worker@{digest}"
+    )
+    assert (
+        docs[("Deployment", "rag")]["spec"]["template"]["spec"]["containers"][0]["image"]
+        == "ghcr.io/acme/agentmesh/rag:1.2.3"
+    )
+
+
+def test_the_nats_values_are_the_kustomize_paths_own():
+    chart_values = yaml.safe_load((dc.CHART / "values.yaml").read_text())
+    nats = dict(chart_values["nats"])
+    assert nats.pop("enabled") is True and nats.pop("fullnameOverride") == "nats"  # MESH_NATS_URL: nats://nats:4222
+    assert nats == yaml.safe_load((ROOT / "infra" / "nats" / "helm-values.yaml").read_text())
+
+
+def test_the_identity_values_file_is_private(tmp_path):
+    home = tmp_path / "home"
+    subprocess.run(
+        [sys.executable, "-m", "meshctl", "--home", str(home), "init", "--tenants", "acme"],
+        check=True,
+        capture_output=True,
+    )
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "infra" / "render.py"),
+            "--home",
+            str(home),
+            "helm",
+            "--redis-host",
+            "redis.prod.internal",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    out = home / "helm" / "identity-values.yaml"
+    assert done.stdout.strip() == f"wrote {out}"
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+    values = json.loads(out.read_text())
+    assert "@redis.prod.internal:6379/" in values["identities"]["rag"]["redis-url"]
+    assert "auth.conf" in values["nats"]["configMap"]["merge"]["data"]
+    assert "PRIVATE" not in done.stdout + done.stderr  # nothing secret printed
