@@ -33,6 +33,7 @@ def keys() -> Keys:
     principals = {s: (s, None) for s in SERVICES}
     principals |= {f"{CLIENT}.{t}": (CLIENT, t) for t in ("acme", "globex")}
     principals["approver"] = ("approver", None)
+    principals["approver.acme.alice"] = ("approver", "acme")  # a person who approves for acme
     private = {name: new_signing_key() for name in principals}
     entries = {name: (role, tenant, private[name].public_key()) for name, (role, tenant) in principals.items()}
     return Keys(private, TrustBundle.from_json(TrustBundle.to_json(entries)))

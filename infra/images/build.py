@@ -151,7 +151,12 @@ def build_base(client, report: dict) -> str:
         if shutil.which("apt-get") is None:
             raise BuildError("debootstrap is not installed and apt-get is not available")
         print("images: installing debootstrap (apt-get)", flush=True)
-        subprocess.run(["apt-get", "install", "-y", "-qq", "debootstrap"], stdin=subprocess.DEVNULL, check=True)
+        install = ["apt-get", "install", "-y", "-qq", "debootstrap"]
+        if subprocess.run(install, stdin=subprocess.DEVNULL, check=False).returncode != 0:
+            # a machine whose package lists were never fetched
+            subprocess.run(["apt-get", "update", "-qq"], stdin=subprocess.DEVNULL, check=False)
+            if subprocess.run(install, stdin=subprocess.DEVNULL, check=False).returncode != 0:
+                raise BuildError("apt-get could not install debootstrap")
     mirror = debian_mirror()
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="agentmesh-base-") as scratch:

@@ -27,9 +27,10 @@ import pytest
 
 from mesh_contracts.v1 import ApprovalDecided, RetrievalCompleted, TaskCompleted, TaskPolicy
 from mesh_kit import envelope as env
-from mesh_kit.identity import Signer
+from mesh_kit.identity import Signer, TrustBundle
 from mesh_testing.chaos import ChaosMesh, admin_mcp_config
 from mesh_testing.infra import Infra, running_infra
+from meshctl import approvers
 from meshctl.approver import ApprovalError, Approver
 
 pytestmark = pytest.mark.e2e
@@ -244,6 +245,86 @@ def test_decisions_from_identities_that_may_not_approve_are_refused(infra, mesh)
         dead = await dead_letters(infra, "approval.v1.acme.appr-forged.decided")
         assert any("worker may not produce approval.decided" in r for r in dead), dead
         assert any("is not the signer" in r for r in dead), dead
+
+    asyncio.run(main())
+
+
+def forge_decision(signer: Signer, tenant: str, task_id: str, approval_id: str) -> tuple[ApprovalDecided, bytes, dict]:
+    msg = ApprovalDecided(tenant=tenant, task_id=task_id, approval_id=approval_id, approved=True,
+                          decided_by=signer.principal)  # fmt: skip
+    body = msg.to_bytes()
+    return msg, body, env.headers_for(signer, msg, body, env.message_id(msg.type, tenant, task_id, uuid.uuid4().hex))
+
+
+def test_a_person_approves_for_their_own_tenant_only_and_is_named_in_the_record(infra, mesh):
+    """meshctl approvers: alice approves acme's calls with her own key and is recorded as the one
+    who did; bob, globex's, cannot decide acme's, nor can alice once removed."""
+
+    async def main():
+        alice, _ = await approvers.add(infra.ids, "acme", "alice", infra.nats_url)
+        bob, _ = await approvers.add(infra.ids, "globex", "bob", infra.nats_url)
+        assert (alice, bob) == ("approver.acme.alice", "approver.globex.bob")
+        assert [p.name for p in approvers.people(TrustBundle.from_file(infra.ids.trust_bundle))] == [alice, bob]
+        task = await start_write_task(infra, "appr-alice", "out-alice")
+        req = await pending(infra, "appr-alice")
+
+        # bob's console shows him globex's calls only and will not decide acme's ...
+        async with Approver.of(infra.ids, infra.nats_url, person=bob) as ap:
+            assert all(r["tenant"] == "globex" for r in await ap.list(everything=True))
+            with pytest.raises(ApprovalError, match="decides for globex only"):
+                await ap.decide(req["approval_id"], True)
+        # ... and a decision he signs anyway is not believed by the tool-executor
+        bob_signer = Signer.from_file(bob, infra.ids.signing_key(bob))
+        nc = await infra.admin()
+        try:
+            msg, body, headers = forge_decision(bob_signer, "acme", "appr-alice", req["approval_id"])
+            await nc.jetstream().publish(msg.subject(), body, headers=headers)
+        finally:
+            await nc.close()
+        deadline = time.monotonic() + 15
+        while (
+            not (dead := await dead_letters(infra, "approval.v1.acme.appr-alice.decided"))
+            and time.monotonic() < deadline
+        ):
+            await asyncio.sleep(0.2)
+        assert any("approver.globex.bob may speak only for tenant 'globex', not 'acme'" in r for r in dead), dead
+
+        async with Approver.of(infra.ids, infra.nats_url, person=alice) as ap:
+            assert (await ap.get(req["approval_id"]))["status"] == "pending", "bob's decision did not count"
+            assert req["approval_id"] in [r["approval_id"] for r in await ap.list()]
+            rec = await ap.decide(req["approval_id"], True, "checked the note")
+        assert rec["status"] == "approved" and rec["decided_by"] == alice
+        assert isinstance(await task, TaskCompleted)
+        assert await get_note(infra, "acme", "out-alice") == "written by appr-alice"
+        decisions = [(a["decision"], a["decided_by"]) for a in await audits(infra, "acme", "appr-alice")]
+        assert ("approved", alice) in decisions, decisions
+
+        # removed: her key leaves the bundle; a decision signed with it no longer counts
+        alice_signer = Signer.from_file(alice, infra.ids.signing_key(alice))
+        await approvers.remove(infra.ids, "acme", "alice", infra.nats_url)
+        assert not infra.ids.signing_key(alice).exists()
+        with pytest.raises(ApprovalError, match="is not an approver"):
+            Approver.of(infra.ids, infra.nats_url, person=alice)
+        task = await start_write_task(infra, "appr-gone", "out-gone")
+        req = await pending(infra, "appr-gone")
+        nc = await infra.admin()
+        try:
+            msg, body, headers = forge_decision(alice_signer, "acme", "appr-gone", req["approval_id"])
+            await nc.jetstream().publish(msg.subject(), body, headers=headers)
+        finally:
+            await nc.close()
+        deadline = time.monotonic() + 15
+        while (
+            not (dead := await dead_letters(infra, "approval.v1.acme.appr-gone.decided"))
+            and time.monotonic() < deadline
+        ):
+            await asyncio.sleep(0.2)
+        assert dead and alice in dead[0], dead
+        async with approver(infra) as ap:
+            assert (await ap.get(req["approval_id"]))["status"] == "pending"
+            await ap.decide(req["approval_id"], False, "cleanup")
+        await task
+        assert await get_note(infra, "acme", "out-gone") is None
 
     asyncio.run(main())
 

@@ -62,6 +62,21 @@ def test_client_may_speak_only_for_its_own_tenant(keys):
     assert keys.verifier().verify(_token(keys, "client.globex", m), m.to_bytes(), m).tenant == "globex"
 
 
+def test_a_tenants_approver_decides_for_that_tenant_only(keys):
+    from mesh_contracts.v1 import ApprovalDecided
+
+    def decision(tenant):
+        return ApprovalDecided(tenant=tenant, task_id="t1", approval_id="ap-1", approved=True,
+                               decided_by="approver.acme.alice")  # fmt: skip
+
+    mine, theirs = decision("acme"), decision("globex")
+    assert keys.verifier().verify(_token(keys, "approver.acme.alice", mine), mine.to_bytes(), mine).tenant == "acme"
+    with pytest.raises(IdentityError, match=r"approver\.acme\.alice may speak only for tenant 'acme', not 'globex'"):
+        keys.verifier().verify(_token(keys, "approver.acme.alice", theirs), theirs.to_bytes(), theirs)
+    # the console's own approver is bound to no tenant
+    assert keys.verifier().verify(_token(keys, "approver", theirs), theirs.to_bytes(), theirs).name == "approver"
+
+
 def test_expiry_is_judged_at_the_time_the_broker_stored_the_message(keys):
     m = _step()
     issued = time.time() - 3600

@@ -59,9 +59,9 @@ class Key:
 class Principal:
     """An entry of the trust bundle: who a key belongs to."""
 
-    name: str  # e.g. "worker", "client.acme", "approver"
+    name: str  # e.g. "worker", "client.acme", "approver", "approver.acme.alice"
     role: str  # a service name, "client" or "approver"
-    tenant: str | None  # set for tenant clients: they may speak only for that tenant
+    tenant: str | None  # set for tenant clients and a tenant's approvers: they speak only for that tenant
     public_key: Ed25519PublicKey
     """The newest key (what the principal signs with once a rotation has finished)."""
     keys: tuple[Key, ...] = ()
@@ -495,6 +495,7 @@ class Verifier:
             )
         if principal.role not in model.spec.producers:
             raise IdentityError(f"{name} may not produce {model.type} (producers: {', '.join(model.spec.producers)})")
-        if principal.role == CLIENT and principal.tenant != model.tenant:
+        # A principal bound to a tenant (a tenant's client, a tenant's approver) speaks for it alone.
+        if principal.tenant is not None and principal.tenant != model.tenant:
             raise IdentityError(f"{name} may speak only for tenant {principal.tenant!r}, not {model.tenant!r}")
         return principal

@@ -4,6 +4,10 @@ An approver is a separate identity (``approver``): the only principal the contra
 produce ``approval.decided``, and the only one besides the tool-executor that may read the
 ``approvals`` bucket. A decision is signed with the approver's key and names the approver,
 and the tool-executor checks both.
+
+A person (``meshctl approvers add alice --tenant acme``, see :mod:`meshctl.approvers`) decides
+with their own key: ``Approver.of(ids, url, person="approver.acme.alice")`` connects as the
+console's ``approver`` user but signs as alice, who is believed for ``acme`` only.
 """
 
 from __future__ import annotations
@@ -36,9 +40,16 @@ class ApprovalError(Exception):
 
 class Approver:
     def __init__(
-        self, nats_url: str, creds: Path, signing_key: Path, name: str = "approver", tls_ca: Path | None = None
+        self,
+        nats_url: str,
+        creds: Path,
+        signing_key: Path,
+        name: str = "approver",
+        tls_ca: Path | None = None,
+        tenant: str | None = None,
     ) -> None:
         self.nats_url, self.creds, self.name, self.tls_ca = nats_url, creds, name, tls_ca
+        self.tenant = tenant  # a person approves for one tenant; the console's own identity for all
         self.signer = Signer.from_file(name, signing_key)
         self.nc: nats.NATS | None = None
         self.kv: Any = None
@@ -47,8 +58,9 @@ class Approver:
         self.nc = await nats.connect(
             nats_servers(self.nats_url),
             user_credentials=str(self.creds),
-            name=self.name,
-            inbox_prefix=inbox_prefix(self.name),
+            # the NATS user is the console's own (``approver``) whoever signs: its inbox, its name
+            name="approver",
+            inbox_prefix=inbox_prefix("approver"),
             connect_timeout=5,
             max_reconnect_attempts=2,
             error_cb=log_nats_error,
@@ -58,10 +70,20 @@ class Approver:
         return self
 
     @classmethod
-    def of(cls, ids: Identities, nats_url: str) -> Approver:
-        """The approver identity a mesh home holds (not yet connected)."""
+    def of(cls, ids: Identities, nats_url: str, person: str | None = None) -> Approver:
+        """The approver identity a mesh home holds (not yet connected); ``person``: one of the
+        people it trusts to approve for a tenant (``approver.<tenant>.<name>``)."""
+        from mesh_kit.identity import TrustBundle
+
         tls_ca = ids.tls_ca if ids.tls_ca.exists() else None
-        return cls(nats_url, ids.creds("approver"), ids.signing_key("approver"), tls_ca=tls_ca)
+        if not person or person == "approver":
+            return cls(nats_url, ids.creds("approver"), ids.signing_key("approver"), tls_ca=tls_ca)
+        p = TrustBundle.from_file(ids.trust_bundle).principals.get(person)
+        if p is None or p.role != "approver" or not p.tenant:
+            raise ApprovalError(f"{person} is not an approver of this mesh (list them with: meshctl approvers list)")
+        if not ids.signing_key(person).exists():
+            raise ApprovalError(f"no signing key for {person} in {ids.home} (it is held by that person)")
+        return cls(nats_url, ids.creds("approver"), ids.signing_key(person), person, tls_ca, p.tenant)
 
     async def __aexit__(self, *exc: object) -> None:
         if self.nc is not None:
@@ -83,7 +105,10 @@ class Approver:
         finally:
             await reader.close()
         records = [json.loads(e.data) for e in current.values() if e.data]
-        return sorted((r for r in records if everything or r["status"] == "pending"), key=lambda r: r["requested_at"])
+        return sorted(
+            (r for r in records if (everything or r["status"] == "pending") and self.tenant in (None, r["tenant"])),
+            key=lambda r: r["requested_at"],
+        )
 
     async def decide(
         self, approval_id: str, approved: bool, comment: str = "", *, wait_s: float = 10.0
@@ -93,6 +118,10 @@ class Approver:
         rec = await self.get(approval_id)
         if rec is None:
             raise ApprovalError(f"no approval {approval_id!r} (list them with: meshctl approvals)")
+        if self.tenant is not None and rec["tenant"] != self.tenant:
+            raise ApprovalError(
+                f"approval {approval_id} is not {self.tenant}'s: {self.name} decides for {self.tenant} only"
+            )
         if rec["status"] != "pending":
             by = f" by {rec['decided_by']}" if rec.get("decided_by") else ""
             raise ApprovalError(f"approval {approval_id} is already {rec['status']}{by}")

@@ -454,13 +454,57 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def _approver(args: argparse.Namespace):
-    from meshctl.approver import Approver
+    from meshctl.approver import ApprovalError, Approver
 
     home = opt.home(args)
     ids = Identities(home)
     if not ids.creds("approver").exists():
         raise MeshError(f"no approver identity in {home} (run: meshctl init)")
-    return Approver.of(ids, _nats_url(args, home))
+    try:
+        return Approver.of(ids, _nats_url(args, home), person=getattr(args, "as_", None))
+    except ApprovalError as exc:
+        raise MeshError(str(exc)) from None
+
+
+def cmd_approvers(args: argparse.Namespace) -> int:
+    """``meshctl approvers add|remove NAME --tenant T`` and ``approvers list``: the people who
+    decide a tenant's approvals, each with a key of their own in the trust bundle."""
+    from mesh_kit.identity import TrustBundle
+    from meshctl import approvers
+
+    ids = Identities(opt.home(args))
+    if not ids.exists():
+        raise MeshError(f"no identities in {ids.home} (run: meshctl init)")
+    if args.action == "list":
+        found = approvers.people(TrustBundle.from_file(ids.trust_bundle), args.tenant)
+        if args.json:
+            print(json.dumps([{"principal": p.name, "tenant": p.tenant} for p in found], indent=2))
+        elif not found:
+            print(
+                "no approvers"
+                + (f" for {args.tenant}" if args.tenant else "")
+                + " (add one: meshctl approvers add NAME --tenant T)"
+            )
+        for p in [] if args.json else found:
+            print(f"{p.name}  tenant {p.tenant}")
+        return 0
+    if not args.name or not args.tenant:
+        raise MeshError(f"approvers {args.action} needs a NAME and --tenant")
+    act = approvers.add if args.action == "add" else approvers.remove
+
+    async def run() -> int:
+        try:
+            name, revision = await act(ids, args.tenant, args.name, nats_servers(_nats_url(args, ids.home)))
+        except approvers.ApproverError as exc:
+            raise MeshError(str(exc)) from None
+        if args.action == "add":
+            print(f"{name} approves for {args.tenant} (trust bundle revision {revision}); key "
+                  f"{ids.signing_key(name)}: give it to them. Decide with: meshctl approve ID --as {name}")  # fmt: skip
+        else:
+            print(f"{name} removed: nothing it signs is believed any more (trust bundle revision {revision})")
+        return 0
+
+    return asyncio.run(run())
 
 
 def cmd_approvals(args: argparse.Namespace) -> int:
@@ -990,9 +1034,11 @@ def _task_commands(sub: argparse._SubParsersAction) -> None:
 
 def _approver_commands(sub: argparse._SubParsersAction) -> None:
     """Commands as the approver: list waiting tool calls, approve or deny."""
+    as_help = "decide as this person (approver.<tenant>.<name>, see meshctl approvers), not the console's approver"
     s = sub.add_parser("approvals", help="tool calls waiting for a human decision (as the approver)")
     s.add_argument("--all", action="store_true", help="decided and expired ones too")
     s.add_argument("--json", action="store_true")
+    s.add_argument("--as", dest="as_", default=None, metavar="PRINCIPAL", help="only this person's tenant")
     s.add_argument("--nats-url", default=None)
     s.set_defaults(fn=cmd_approvals)
 
@@ -1000,8 +1046,17 @@ def _approver_commands(sub: argparse._SubParsersAction) -> None:
         s = sub.add_parser(verb, help=f"{text} (as the approver; the decision is signed and recorded)")
         s.add_argument("approval_id", type=opt.identifier("approval id"), metavar="ID")
         s.add_argument("--comment", default=None, help="recorded with the decision")
+        s.add_argument("--as", dest="as_", default=None, metavar="PRINCIPAL", help=as_help)
         s.add_argument("--nats-url", default=None)
         s.set_defaults(fn=cmd_decide)
+
+    s = sub.add_parser("approvers", help="the people who approve a tenant's tool calls, each with their own key")
+    s.add_argument("action", choices=("add", "list", "remove"))
+    s.add_argument("name", nargs="?", default="", help="the person (add, remove), e.g. alice")
+    s.add_argument("--tenant", default=None, help="the tenant they approve for (list: only this tenant's)")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--nats-url", default=None)
+    s.set_defaults(fn=cmd_approvers)
 
 
 def _operator_commands(sub: argparse._SubParsersAction) -> None:

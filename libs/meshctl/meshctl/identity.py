@@ -343,6 +343,11 @@ class Identities:
             same = prev is not None and _raw(prev.public_key) == _raw(key.public_key())
             principals[name] = prev if same and prev is not None else Principal(name, perms.role, perms.tenant,
                                                                                 key.public_key())  # fmt: skip
+        # People who approve for one tenant (meshctl approvers add) are not in the policy: keep
+        # them while their key is here (meshctl approvers remove retires the key).
+        for name, prev in existing.principals.items() if existing else ():
+            if name not in principals and prev.role == "approver" and prev.tenant and self.signing_key(name).exists():
+                principals[name] = prev
         if reissued:
             time.sleep(1.0)  # the revocation must not reach the fresh JWTs issued in the same second
             self.revoke_users(reissued)

@@ -1,0 +1,89 @@
+"""Approvers as people: one signing key per person, trusted for one tenant's approvals.
+
+    meshctl approvers add alice --tenant acme      # a key for approver.acme.alice, in the trust bundle
+    meshctl approvals --as approver.acme.alice     # acme's waiting calls
+    meshctl approve ID --as approver.acme.alice    # the decision is signed with alice's key
+    meshctl approvers remove alice --tenant acme   # her key leaves the bundle: nothing she signs counts
+
+Every service follows the trust bundle (KV ``trust``), so a person is trusted, and distrusted,
+within a second, without a restart. What a decision proves is the signature: the tool-executor
+believes ``approver.acme.alice`` only for tenant ``acme`` (the verifier refuses a principal bound
+to a tenant speaking for another) and records her as the one who decided, in the approval record
+and the audit chain. The connection that carries the decision is the approval console's own NATS
+user (``approver``), which may read every tenant's waiting approvals: a person's view being
+limited to their tenant is the console's courtesy, not a boundary; their decisions are.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from mesh_contracts.base import APPROVER
+from mesh_kit.identity import Principal, TrustBundle, new_signing_key, private_pem
+
+if TYPE_CHECKING:
+    from meshctl.identity import Identities
+
+PERSON = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
+
+
+class ApproverError(Exception):
+    """An approver that cannot be added or removed; one line for the operator."""
+
+
+def principal_of(tenant: str, person: str) -> str:
+    return f"{APPROVER}.{tenant}.{person}"
+
+
+def people(bundle: TrustBundle, tenant: str | None = None) -> list[Principal]:
+    """The people who approve (not the console's own ``approver``), of ``tenant`` or of all."""
+    return sorted(
+        (p for p in bundle.principals.values() if p.role == APPROVER and p.tenant and (tenant in (None, p.tenant))),
+        key=lambda p: p.name,
+    )
+
+
+def _check(ids: Identities, tenant: str, person: str) -> str:
+    if not PERSON.fullmatch(person):
+        raise ApproverError(f"approver name {person!r}: 1-32 of a-z, 0-9, '-' and '_', starting with a letter or digit")
+    if tenant not in ids.tenants():
+        raise ApproverError(f"unknown tenant {tenant!r} (tenants: {', '.join(ids.tenants()) or 'none'})")
+    return principal_of(tenant, person)
+
+
+async def add(ids: Identities, tenant: str, person: str, nats_url: str | Sequence[str]) -> tuple[str, int]:
+    """Mint ``person``'s signing key, trust it for ``tenant`` and publish the bundle; returns the
+    principal and the bundle's new revision."""
+    from meshctl.identity import _write_secret
+    from meshctl.rotation import publish_bundle
+
+    name = _check(ids, tenant, person)
+    bundle = TrustBundle.from_file(ids.trust_bundle)
+    if name in bundle.principals:
+        raise ApproverError(f"{name} is already an approver (remove it first to issue a new key)")
+    key = new_signing_key()
+    _write_secret(ids.signing_key(name), private_pem(key))
+    added = Principal(name, APPROVER, tenant, key.public_key())
+    bundle = TrustBundle({**bundle.principals, name: added}, bundle.auditors, bundle.revision + 1)
+    await publish_bundle(ids, bundle, nats_url)
+    return name, bundle.revision
+
+
+async def remove(ids: Identities, tenant: str, person: str, nats_url: str | Sequence[str]) -> tuple[str, int]:
+    """Take ``person``'s key out of the bundle (publishing it) and retire the key file."""
+    from meshctl.rotation import publish_bundle
+
+    name = _check(ids, tenant, person)
+    bundle = TrustBundle.from_file(ids.trust_bundle)
+    if name not in bundle.principals:
+        raise ApproverError(f"{name} is not an approver (list them with: meshctl approvers list)")
+    remaining = {k: v for k, v in bundle.principals.items() if k != name}
+    bundle = TrustBundle(remaining, bundle.auditors, bundle.revision + 1)
+    await publish_bundle(ids, bundle, nats_url)
+    key = ids.signing_key(name)
+    if key.exists():  # never trusted again, not even by meshctl init
+        os.replace(key, key.with_name(key.name + ".revoked"))
+    return name, bundle.revision
