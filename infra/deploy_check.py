@@ -44,6 +44,8 @@ from typing import Any
 
 import yaml
 
+from mesh_contracts import SERVICES
+
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "infra" / "k8s"
 SCHEMAS = K8S / "schemas"
@@ -283,7 +285,6 @@ def check_digests(docs: list[dict[str, Any]]) -> list[str]:
 def mesh_durables() -> dict[str, list[tuple[str, str]]]:
     """Each service's durable consumers, from the contracts (the project venv has them)."""
     from mesh_contracts import topology
-    from mesh_contracts.base import SERVICES
 
     return {s: [(d.stream, d.name) for d in topology.durables_of(s)] for s in SERVICES}
 
@@ -373,7 +374,6 @@ def check_overlay(overlay: str, report: Report, crds: CrdSchemas, durables: dict
 
 
 CHART = ROOT / "infra" / "helm" / "agentmesh"
-SERVICES = ("planner", "worker", "checker", "rag", "tool-executor", "budget")  # mesh_contracts.base.SERVICES
 # The chart's own objects, beside those of the kustomize sources.
 CHART_SECRETS = {("Secret", f"agentmesh-{p}-identity") for p in (*SERVICES, "admin")} | {
     ("ConfigMap", "agentmesh-trust-bundle")
@@ -432,11 +432,12 @@ def render_chart(values: dict[str, Any], revision: int = 1) -> list[dict[str, An
 
 
 def _kustomize_components(components: tuple[str, ...]) -> set[tuple[str, str]]:
-    sys.path.insert(0, str(ROOT / "infra" / "helm"))
-    import chart as chart_gen
+    """(kind, name) of the base rendered with ``components``, as infra/helm/chart.py renders it."""
+    if str(CHART.parent) not in sys.path:
+        sys.path.insert(0, str(CHART.parent))
+    import chart as gen  # infra/helm/chart.py: a script beside the chart, not a package
 
-    return {(d["kind"], chart_gen._unhash(d)["metadata"]["name"]) for d in chart_gen.render(components)
-            if d["kind"] != "Namespace"}  # fmt: skip
+    return {(d["kind"], gen.unhash(d)["metadata"]["name"]) for d in gen.render(components) if d["kind"] != "Namespace"}
 
 
 def check_chart(report: Report, crds: CrdSchemas, durables: dict[str, list[tuple[str, str]]], with_deps: bool) -> None:

@@ -46,8 +46,10 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "infra" / "images"))
 
 import local_packages  # noqa: E402  (a script beside this one, not a package)
+from packaging.utils import canonicalize_name  # noqa: E402
 
-SERVICES = ("planner", "worker", "checker", "rag", "tool-executor", "budget")
+from mesh_contracts import SERVICES  # noqa: E402
+
 IMAGES = (*SERVICES, "meshctl")
 BASE_TAG = "agentmesh/base:bookworm"
 SUITE = "bookworm"
@@ -253,7 +255,7 @@ def _packages_in(client, image_id: str) -> str:
 
 
 def local_names() -> set[str]:
-    return {name.replace("_", "-").lower() for name in local_packages.local()}
+    return {canonicalize_name(name) for name in local_packages.local()}
 
 
 def python_of(client, image_id: str) -> str:
@@ -280,7 +282,6 @@ def missing_for(python: str, no_deps: set[str], wheels: Path = WHEELS) -> dict[s
     here provides: name -> requirement. Extras are not followed (the images install none), nor
     what a package installed with ``--no-deps`` declares."""
     from packaging.requirements import Requirement
-    from packaging.utils import canonicalize_name
 
     env = {"python_full_version": python, "python_version": ".".join(python.split(".")[:2]), "extra": ""}
     have = {canonicalize_name(w.name.split("-")[0]) for w in wheels.glob("*.whl")} | {
@@ -301,8 +302,6 @@ def missing_for(python: str, no_deps: set[str], wheels: Path = WHEELS) -> dict[s
 def add_for_base(python: str, report: dict) -> None:
     """Wheels the base's interpreter needs beyond this machine's (to a fixed point), each pinned in
     infra/images/base-constraints.txt."""
-    from packaging.utils import canonicalize_name
-
     pins = {}
     for line in BASE_CONSTRAINTS.read_text().splitlines():
         if line.strip() and not line.startswith("#"):
@@ -343,7 +342,7 @@ def third_party(images: list[str]) -> tuple[list[str], list[str]]:
     for image in images:
         for folder in local_packages.closure(folder_of(image)):
             for req in local_packages.project(folder)["project"].get("dependencies", []):
-                if local_packages._name(req).replace("_", "-").lower() not in ours and req not in requirements:
+                if canonicalize_name(local_packages.requirement_name(req)) not in ours and req not in requirements:
                     requirements.append(req)
         no_deps += [n for n in install_no_deps(image) if n not in no_deps]
     return requirements, no_deps

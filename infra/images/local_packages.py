@@ -33,7 +33,8 @@ def local() -> dict[str, Path]:
     return out
 
 
-def _name(requirement: str) -> str:
+def requirement_name(requirement: str) -> str:
+    """The distribution a requirement names (``redis>=5`` -> ``redis``)."""
     for stop in "<>=!~[; ":
         requirement = requirement.split(stop, 1)[0]
     return requirement.strip()
@@ -48,7 +49,7 @@ def closure(folder: Path) -> list[Path]:
             return
         seen.add(path)
         for req in project(path)["project"].get("dependencies", []):
-            if (dep := packages.get(_name(req))) is not None:
+            if (dep := packages.get(requirement_name(req))) is not None:
                 visit(dep)
         order.append(path)
 

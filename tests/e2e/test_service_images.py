@@ -4,6 +4,7 @@ container is as locked down as infra/k8s/base says."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -20,7 +21,7 @@ pytestmark = pytest.mark.skipif(
 def containers(mesh) -> dict:
     out = {}
     for name, svc in mesh.services.items():
-        c = svc.container.get_wrapped_container()
+        c = svc.get_wrapped_container()
         c.reload()
         out[name] = c
     return out
@@ -55,9 +56,11 @@ def test_each_container_is_locked_down_as_the_deployment_runs_it(e2e_mesh):
 
 def test_a_container_holds_its_own_identity_and_nothing_of_another(e2e_mesh):
     for name, c in containers(e2e_mesh).items():
-        listing = c.exec_run(["python", "-c", "import os; print(sorted(os.listdir('/var/run/secrets/agentmesh')))"])
+        listing = c.exec_run(
+            ["python", "-c", "import json, os; print(json.dumps(os.listdir('/var/run/secrets/agentmesh')))"]
+        )
         assert listing.exit_code == 0, listing.output
-        files = eval(listing.output.decode())  # noqa: S307 - a list literal printed by python
+        files = json.loads(listing.output)
         expected = {"nats.creds", "signing-key.pem"}
         if name in ("budget", "rag", "tool-executor"):
             expected.add("redis-url")

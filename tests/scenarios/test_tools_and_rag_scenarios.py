@@ -249,11 +249,22 @@ def test_decisions_from_identities_that_may_not_approve_are_refused(infra, mesh)
     asyncio.run(main())
 
 
-def forge_decision(signer: Signer, tenant: str, task_id: str, approval_id: str) -> tuple[ApprovalDecided, bytes, dict]:
-    msg = ApprovalDecided(tenant=tenant, task_id=task_id, approval_id=approval_id, approved=True,
+async def decide_behind_the_console(infra: Infra, signer: Signer, task_id: str, approval_id: str) -> list[str]:
+    """Publish an acme approval signed by ``signer`` (no console checks in the way); the reasons
+    its subject was dead-lettered for, once there are some (empty after 15 s)."""
+    msg = ApprovalDecided(tenant="acme", task_id=task_id, approval_id=approval_id, approved=True,
                           decided_by=signer.principal)  # fmt: skip
     body = msg.to_bytes()
-    return msg, body, env.headers_for(signer, msg, body, env.message_id(msg.type, tenant, task_id, uuid.uuid4().hex))
+    headers = env.headers_for(signer, msg, body, env.message_id(msg.type, "acme", task_id, uuid.uuid4().hex))
+    nc = await infra.admin()
+    try:
+        await nc.jetstream().publish(msg.subject(), body, headers=headers)
+    finally:
+        await nc.close()
+    deadline = time.monotonic() + 15
+    while not (dead := await dead_letters(infra, msg.subject())) and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+    return dead
 
 
 def test_a_person_approves_for_their_own_tenant_only_and_is_named_in_the_record(infra, mesh):
@@ -270,23 +281,14 @@ def test_a_person_approves_for_their_own_tenant_only_and_is_named_in_the_record(
 
         # bob's console shows him globex's calls only and will not decide acme's ...
         async with Approver.of(infra.ids, infra.nats_url, person=bob) as ap:
-            assert all(r["tenant"] == "globex" for r in await ap.list(everything=True))
+            seen = await ap.list(everything=True)
+            assert req["approval_id"] not in [r["approval_id"] for r in seen]
+            assert all(r["tenant"] == "globex" for r in seen)
             with pytest.raises(ApprovalError, match="decides for globex only"):
                 await ap.decide(req["approval_id"], True)
         # ... and a decision he signs anyway is not believed by the tool-executor
         bob_signer = Signer.from_file(bob, infra.ids.signing_key(bob))
-        nc = await infra.admin()
-        try:
-            msg, body, headers = forge_decision(bob_signer, "acme", "appr-alice", req["approval_id"])
-            await nc.jetstream().publish(msg.subject(), body, headers=headers)
-        finally:
-            await nc.close()
-        deadline = time.monotonic() + 15
-        while (
-            not (dead := await dead_letters(infra, "approval.v1.acme.appr-alice.decided"))
-            and time.monotonic() < deadline
-        ):
-            await asyncio.sleep(0.2)
+        dead = await decide_behind_the_console(infra, bob_signer, "appr-alice", req["approval_id"])
         assert any("approver.globex.bob may speak only for tenant 'globex', not 'acme'" in r for r in dead), dead
 
         async with Approver.of(infra.ids, infra.nats_url, person=alice) as ap:
@@ -307,19 +309,8 @@ def test_a_person_approves_for_their_own_tenant_only_and_is_named_in_the_record(
             Approver.of(infra.ids, infra.nats_url, person=alice)
         task = await start_write_task(infra, "appr-gone", "out-gone")
         req = await pending(infra, "appr-gone")
-        nc = await infra.admin()
-        try:
-            msg, body, headers = forge_decision(alice_signer, "acme", "appr-gone", req["approval_id"])
-            await nc.jetstream().publish(msg.subject(), body, headers=headers)
-        finally:
-            await nc.close()
-        deadline = time.monotonic() + 15
-        while (
-            not (dead := await dead_letters(infra, "approval.v1.acme.appr-gone.decided"))
-            and time.monotonic() < deadline
-        ):
-            await asyncio.sleep(0.2)
-        assert dead and alice in dead[0], dead
+        dead = await decide_behind_the_console(infra, alice_signer, "appr-gone", req["approval_id"])
+        assert any(f"unknown principal {alice!r}" in r for r in dead), dead
         async with approver(infra) as ap:
             assert (await ap.get(req["approval_id"]))["status"] == "pending"
             await ap.decide(req["approval_id"], False, "cleanup")

@@ -23,7 +23,6 @@ else:
     dc = importlib.util.module_from_spec(spec)
     sys.modules["deploy_check"] = dc  # dataclasses look their module up by name
     spec.loader.exec_module(dc)
-helm = pytest.importorskip("helm_python", reason="make deploy-tools installs the Helm SDK")
 
 
 @pytest.fixture(scope="module")

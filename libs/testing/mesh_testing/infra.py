@@ -183,7 +183,7 @@ def running_infra(
 @dataclass
 class RunningMesh:
     infra: Infra
-    services: dict  # name -> local.Proc, or service_images.ImageService (both have http_port)
+    services: dict  # name -> local.Proc, or service_images.ServiceContainer (both have http_port)
 
     def logs(self, service: str) -> str:
         svc = self.services[service]

@@ -22,7 +22,6 @@ import contextlib
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import docker.errors
@@ -114,7 +113,8 @@ def container_env(ids: Identities, service: str, nats_url: str, health_port: int
 
 
 class ServiceContainer(_ServerContainer):
-    """One service from its image, locked down as the Deployment runs it."""
+    """One service from its image, locked down as the Deployment runs it. What a test reads of it
+    is what it reads of a process: ``http_port`` (its health server) and its log."""
 
     stop_timeout = 20  # the service drains on SIGTERM (graceful_timeout_s) before it is killed
 
@@ -143,43 +143,31 @@ class ServiceContainer(_ServerContainer):
         return (out + err).decode(errors="replace")
 
 
-@dataclass
-class ImageService:
-    """What a test sees of a service run from its image: its health port and its log."""
-
-    name: str
-    http_port: int
-    container: ServiceContainer = field(repr=False)
-
-    def log_text(self) -> str:
-        return self.container.log_text()
-
-
 def start_service_containers(
     ids: Identities, nats_url: str, services: tuple[str, ...] = local.SERVICES, extra_env: dict[str, str] | None = None
-) -> dict[str, ImageService]:
+) -> dict[str, ServiceContainer]:
     require_images(list(services))
-    started: dict[str, ImageService] = {}
+    started: dict[str, ServiceContainer] = {}
     try:
         for service in services:
             container = ServiceContainer(ids, service, nats_url, extra_env or {})
             container.start()
-            started[service] = ImageService(service, container.http_port, container)
+            started[service] = container
     except BaseException:
         stop_service_containers(ids, started)
         raise
     return started
 
 
-async def wait_ready(services: dict[str, ImageService], timeout: float = 60.0) -> None:
+async def wait_ready(services: dict[str, ServiceContainer], timeout: float = 60.0) -> None:
     """Until every service's /readyz answers 200; a container that exits fails at once, with
     the end of its log."""
     deadline = time.monotonic() + timeout
     async with httpx.AsyncClient(timeout=1.0) as http:
         for name, svc in services.items():
             while True:
-                svc.container.get_wrapped_container().reload()
-                if svc.container.get_wrapped_container().status == "exited":
+                svc.get_wrapped_container().reload()
+                if svc.get_wrapped_container().status == "exited":
                     tail = svc.log_text().strip().splitlines()[-8:]
                     raise RuntimeError(f"{name} (image {image_of(name)}) exited during start-up:\n" + "\n".join(tail))
                 with contextlib.suppress(httpx.HTTPError):
@@ -191,14 +179,14 @@ async def wait_ready(services: dict[str, ImageService], timeout: float = 60.0) -
                 await asyncio.sleep(0.1)
 
 
-def stop_service_containers(ids: Identities, services: dict[str, ImageService]) -> None:
+def stop_service_containers(ids: Identities, services: dict[str, ServiceContainer]) -> None:
     """Stop every container (SIGTERM, then SIGKILL), keeping each one's log under the home's logs/."""
     logs = ids.home / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     for name, svc in services.items():
         with contextlib.suppress(Exception):
-            (logs / f"{name}.log").write_text(svc.container.log_text())
-        svc.container.stop()
+            (logs / f"{name}.log").write_text(svc.log_text())
+        svc.stop()
 
 
 def provision_with_image(ids: Identities, nats_url: str, replicas: int = 1) -> str:
