@@ -11,7 +11,8 @@ from collections.abc import Iterator
 import pytest
 
 from mesh_contracts.v1 import TaskCompleted
-from mesh_testing.chaos import ChaosMesh
+from mesh_planner.service import PLAN_PROMPT
+from mesh_testing.chaos import ChaosMesh, outbox_effects
 from mesh_testing.infra import Infra, running_infra
 from mesh_testing.otlp import TraceBackend
 from meshctl import budget as spend
@@ -39,7 +40,15 @@ def backend() -> Iterator[TraceBackend]:
 def mesh(infra, backend) -> Iterator[ChaosMesh]:
     # The services export their spans over OTLP as they would to a collector (flushed often).
     tracing = {"OTEL_EXPORTER_OTLP_ENDPOINT": backend.otlp_endpoint, "OTEL_BSP_SCHEDULE_DELAY": "200"}
-    m = ChaosMesh(infra, env={**ENV, **tracing})
+    # A second version of the planning prompt, beside the one served, for replays to ask for.
+    prompts_dir = infra.home / "prompts"
+    prompts_dir.mkdir(exist_ok=True)
+    plan = PLAN_PROMPT
+    (prompts_dir / plan.id).mkdir(exist_ok=True)
+    (prompts_dir / plan.id / "9.md").write_text(
+        f"---\nid: {plan.id}\nversion: 9\n---\n{plan.text}\nPrefer fewer, larger steps.\n"
+    )
+    m = ChaosMesh(infra, env={**ENV, **tracing, "MESH_PROMPTS_DIR": str(prompts_dir)})
     m.start()
     asyncio.run(m.ready())
     yield m
@@ -200,3 +209,120 @@ async def test_top_shows_each_tenants_tasks_and_spend_and_each_services_backlog(
     assert await asyncio.to_thread(_ctl, infra, "top", "--once") == 0
     out = capsys.readouterr().out
     assert "TENANT" in out and "acme" in out and "SERVICE" in out and "dead letters: 0" in out
+
+
+def _replay(infra: Infra, capsys, *args: str) -> tuple[int, dict]:
+    capsys.readouterr()
+    code = _ctl(infra, "replay", *args, "--tenant", "acme", "--json")
+    out = capsys.readouterr().out
+    return code, json.loads(out) if out.strip() else {}
+
+
+async def test_replay_with_recorded_answers_repeats_the_task_for_free_and_sends_no_email(infra, mesh, capsys):
+    async with infra.client("acme") as c:
+        run = await c.submit(GOAL, task_id="replay-1", timeout=60, labels={"team": "support"})
+    assert isinstance(run.outcome, TaskCompleted), run.outcome
+    emails = await outbox_effects(infra, "acme")
+    assert emails["replay-1"] == 1
+
+    code, r = await asyncio.to_thread(_replay, infra, capsys, "replay-1", "--task-id", "replay-1-rec")
+    assert code == 0, r
+    assert r["replay"] == {"of": "replay-1", "recorded": ["plan", *[s.split()[0] for s in r["original"]["plan"]],
+                                                         "check"], "route": "", "prompts": {}}  # fmt: skip
+    was, now = r["original"], r["replayed"]
+    assert now["outcome"] == "task.completed" and r["same_behaviour"], r["diff"]
+    for name in ("plan", "tools", "answer", "verdict", "prompts"):
+        assert r["diff"][name]["same"], (name, r["diff"][name])
+    assert was["tokens"] > 0 and was["paid_calls"] >= 4
+    assert now["tokens"] == 0 and now["paid_calls"] == 0 and now["cost_usd"] == 0, "recorded answers cost nothing"
+    assert not r["diff"]["cost"]["same"]
+    assert now["live_calls"] == [], "every call found its recording"
+    email = [t for t in now["tools"] if " send_email(" in t]
+    assert len(email) == 1 and email[0].endswith("[dry run]"), now["tools"]
+    assert next(t for t in now["tools"] if " calculator(" in t).endswith("-> 391"), "read tools really run"
+    # The email was not sent again; the replay's own audit says why.
+    assert (await outbox_effects(infra, "acme"))["replay-1-rec"] == 0
+    assert await asyncio.to_thread(_ctl, infra, "history", "replay-1-rec", "--tenant", "acme", "--json") == 0
+    h = json.loads(capsys.readouterr().out)
+    audited = [m["body"] for m in h["messages"] if m["type"] == "tool.audited" and m["body"]["tool"] == "send_email"]
+    assert (
+        audited
+        and audited[0]["decided_by"] == "replay"
+        and "dry run in a replay of replay-1" in audited[0]["reasons"][0]
+    )
+    assert not [m for m in h["messages"] if m["type"] in ("usage.recorded", "approval.requested")]
+    stages = [m["body"]["stage"] for m in h["messages"] if m["type"] == "event.progress"]
+    assert "task.replay" in stages
+    assert (await infra.spent("acme", "replay-1-rec"))["total"]["calls"] == 0, "the budget accounted nothing"
+
+    # The text view names what changed and what did not.
+    capsys.readouterr()
+    assert await asyncio.to_thread(_ctl, infra, "replay", "replay-1", "--tenant", "acme", "--fail-on-change") == 0
+    out = capsys.readouterr().out
+    assert "answer   same" in out and "cost     CHANGED" in out and "behaviour: the same" in out, out
+
+
+async def test_replay_from_a_step_on_another_route_calls_the_model_from_there_and_says_what_changed(
+    infra, mesh, capsys
+):
+    async with infra.client("acme") as c:
+        run = await c.submit(GOAL, task_id="replay-2", timeout=60)
+    assert isinstance(run.outcome, TaskCompleted), run.outcome
+    code, first = await asyncio.to_thread(_replay, infra, capsys, "replay-2", "--task-id", "replay-2-all")
+    steps = [s.split()[0] for s in first["original"]["plan"]]
+    last = steps[-1]
+
+    code, r = await asyncio.to_thread(_replay, infra, capsys, "replay-2", "--from", last, "--model", "judge")
+    assert code == 0, r
+    assert r["replay"]["recorded"] == ["plan", *steps[:-1]] and r["replay"]["route"] == "judge"
+    now = r["replayed"]
+    assert now["outcome"] == "task.completed", now
+    assert now["paid_calls"] >= 2 and now["tokens"] > 0, "the last step and the judge called the model"
+    assert now["models"] == ["scripted/scripted-judge"], now["models"]
+    assert not r["diff"]["models"]["same"] and r["diff"]["plan"]["same"]
+
+    # A route no service has: the replay fails with the reason, and the gate says so.
+    capsys.readouterr()
+    code = await asyncio.to_thread(_ctl, infra, "replay", "replay-2", "--tenant", "acme", "--live", "--model",
+                                   "nosuch", "--fail-on-change")  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 1 and "no model route 'nosuch'" in out and "behaviour: CHANGED" in out, out
+
+
+async def test_replay_refuses_what_it_cannot_replay_in_one_line(infra, mesh, capsys):
+    capsys.readouterr()
+    assert await asyncio.to_thread(_ctl, infra, "replay", "never-was", "--tenant", "acme") == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "meshctl: no stored message about acme/never-was", err
+    async with infra.client("acme") as c:
+        run = await c.submit("Compute 2 * 21.", task_id="replay-3", timeout=60)
+    assert isinstance(run.outcome, TaskCompleted), run.outcome
+    assert await asyncio.to_thread(_ctl, infra, "replay", "replay-3", "--tenant", "acme", "--from", "nope") == 2
+    err = capsys.readouterr().err.strip()
+    assert "no step 'nope' in the plan of replay-3 (steps: " in err and "\n" not in err, err
+    assert await asyncio.to_thread(_ctl, infra, "replay", "replay-3", "--tenant", "globex") == 2
+    assert "no stored message about globex/replay-3" in capsys.readouterr().err, "another tenant's task is not found"
+
+
+async def test_replay_on_another_prompt_version_records_it_and_a_missing_version_fails_naming_the_file(
+    infra, mesh, capsys
+):
+    async with infra.client("acme") as c:
+        run = await c.submit("Compute 6 * 7.", task_id="replay-4", timeout=60)
+    assert isinstance(run.outcome, TaskCompleted), run.outcome
+    code, r = await asyncio.to_thread(_replay, infra, capsys, "replay-4", "--prompt-version", f"{PLAN_PROMPT.id}@9")
+    assert code == 0, r
+    assert r["replay"]["recorded"] == [] and r["replay"]["prompts"] == {PLAN_PROMPT.id: "9"}
+    prompts = r["diff"]["prompts"]
+    assert not prompts["same"] and prompts["was"]["planner"] == PLAN_PROMPT.ref
+    assert prompts["now"]["planner"].startswith(f"{PLAN_PROMPT.id}@9+") and r["replayed"]["outcome"] == "task.completed"
+    assert r["replayed"]["paid_calls"] > 0, "live calls"
+
+    capsys.readouterr()
+    code = await asyncio.to_thread(_ctl, infra, "replay", "replay-4", "--tenant", "acme", "--prompt-version",
+                                   f"{PLAN_PROMPT.id}@7")  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0 and "task.failed" in out and f"put {PLAN_PROMPT.id}/7.md in its MESH_PROMPTS_DIR" in out, out
+    with pytest.raises(SystemExit) as bad:  # argparse: usage and the one-line reason, exit 2
+        _ctl(infra, "replay", "replay-4", "--tenant", "acme", "--prompt-version", "no-dots@1")
+    assert bad.value.code == 2 and "invalid prompt version 'no-dots@1'" in capsys.readouterr().err

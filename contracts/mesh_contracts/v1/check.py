@@ -8,7 +8,7 @@ from pydantic import ConfigDict, Field
 
 from mesh_contracts.base import Contract, ContractSpec
 from mesh_contracts.decode import MB
-from mesh_contracts.v1.common import CheckResult, Citation, StepResult, TaskPolicy, TokenUsage
+from mesh_contracts.v1.common import CheckResult, Citation, Replay, StepResult, TaskPolicy, TokenUsage
 
 _EX = {"tenant": "acme", "task_id": "t-7f3a"}
 
@@ -62,6 +62,8 @@ class CheckRequested(Contract):
     started_at: float = Field(0.0, ge=0)
     """When the task was accepted (epoch seconds): a retrieval record signed before it is not
     one of this task's (0: unknown, no lower bound)."""
+    replay: Replay | None = None
+    """The task's ``replay``: the judge may answer from the replayed task's recorded verdict."""
 
 
 class CheckVerdict(Contract):

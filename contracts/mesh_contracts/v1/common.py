@@ -200,6 +200,30 @@ class SignedRecord(_Value):
     """Its identity token (the ``Mesh-Identity`` header it was published with)."""
 
 
+class Replay(_Value):
+    """A task that re-runs an earlier one of its tenant (``meshctl replay``): the same goal, limits
+    and policy, with the earlier task's recorded model responses where asked, and no side effect
+    performed. Carried from the submission to every step, check and tool call of the replay."""
+
+    of: str = Field(pattern=ID_PATTERN)
+    """The task being replayed (same tenant)."""
+    recorded: tuple[str, ...] = Field((), max_length=64)
+    """Whose model calls are answered with the replayed task's recorded responses: ``plan`` (the
+    planner), a step id (the worker's calls in that step), ``check`` (the judge). Every other
+    call is made live; a recorded call with no recording is made live too, and said so."""
+    route: str = Field("", max_length=64)
+    """The model gateway route every live call of the replay takes (``default``, ``judge`` or any
+    route the services' model config names); '' = each call's usual route."""
+    prompts: dict[str, str] = Field({}, max_length=16)
+    """Prompt versions the replay's live calls use, by prompt id (``{"planner.plan": "4"}``): a
+    service serving another version reads ``<id>/<version>.md`` under its ``MESH_PROMPTS_DIR``
+    (a call whose version is not there fails, naming the file)."""
+
+    def answers(self, step_id: str) -> bool:
+        """Whether the calls of ``step_id`` (``plan``, a step id, ``check``) replay recordings."""
+        return step_id in self.recorded
+
+
 class StepResult(_Value):
     """One completed step's result, as the planner sends it to the checker."""
 

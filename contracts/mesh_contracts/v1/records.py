@@ -21,6 +21,7 @@ from mesh_contracts.v1.common import (
     Citation,
     HeldCall,
     PlanStep,
+    Replay,
     SignedRecord,
     Taint,
     TaskLimits,
@@ -128,6 +129,8 @@ class TaskRecord(Record):
     labels: dict[str, str] = {}
     """From ``task.submitted``: the tenant's labels (team, user...), which the budget's spend
     records and metrics carry."""
+    replay: Replay | None = None
+    """From ``task.submitted``: the task replays an earlier one (its steps and check carry it)."""
 
     @staticmethod
     def key(tenant: str, task_id: str) -> str:

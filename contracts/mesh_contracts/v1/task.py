@@ -8,7 +8,16 @@ from pydantic import ConfigDict, Field
 
 from mesh_contracts.base import CLIENT, Contract, ContractSpec
 from mesh_contracts.decode import KB
-from mesh_contracts.v1.common import CheckResult, Citation, HeldCall, PlanStep, TaskLimits, TaskPolicy, TokenUsage
+from mesh_contracts.v1.common import (
+    CheckResult,
+    Citation,
+    HeldCall,
+    PlanStep,
+    Replay,
+    TaskLimits,
+    TaskPolicy,
+    TokenUsage,
+)
 
 _EX = {"tenant": "acme", "task_id": "t-7f3a"}
 
@@ -50,6 +59,9 @@ class TaskSubmitted(Contract):
     priority: int = Field(5, ge=0, le=9)
     """0 (lowest) to 9 (highest): within its tenant's turn, a service takes higher-priority work
     first (the planner this submission, the worker the task's steps)."""
+    replay: Replay | None = None
+    """Set when this task replays an earlier one (``meshctl replay``): which model calls answer
+    from its recordings, which route the others take; its write and external tools run dry."""
 
 
 REJECTION_CODES = ("invalid", "too_many_in_flight", "rate_limited", "overloaded")

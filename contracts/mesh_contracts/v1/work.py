@@ -13,6 +13,7 @@ from mesh_contracts.v1.common import (
     Destination,
     HeldCall,
     PlanStep,
+    Replay,
     RetrievalHit,
     SignedRecord,
     Taint,
@@ -76,6 +77,9 @@ class StepRequested(Contract):
     on_held: Literal["continue", "wait"] = "wait"
     """The task's ``policy.on_held``: whether the step goes on without a tool call that is held for a
     human (``continue``) or waits for the decision (``wait``, the behaviour before this field)."""
+    replay: Replay | None = None
+    """The task's ``replay`` (``task.submitted``): the step's model calls may answer from the
+    replayed task's recordings, and its tool calls carry it on."""
 
 
 class StepCompleted(Contract):
@@ -191,6 +195,9 @@ class ToolRequested(Contract):
     taint: Taint = Taint()
     """Untrusted content in the step's context when the model asked for this call; the
     tool-executor's policy decides from it whether a write or external call needs approval."""
+    replay: Replay | None = None
+    """Set in a replayed task: a write or external tool is not performed (dry run); the replayed
+    task's recorded result of the same call is answered when there is one."""
 
 
 class ToolCompleted(Contract):
@@ -246,6 +253,9 @@ class ToolCompleted(Contract):
     the step is halted, and dispatched again after a resume) or ``stopped`` (cancelled, ended,
     or the kill switch). The worker then ends the step that way rather than handing the refusal
     to the model: whichever service saw the halt first, the step does not go on without the call."""
+    dry_run: bool = False
+    """True when the call was not performed because its task is a replay (a write or external
+    tool): ``result`` is the replayed task's recorded result of the call, or a note that says so."""
 
 
 class RetrievalRequested(Contract):

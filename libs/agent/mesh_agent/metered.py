@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from opentelemetry.trace import Span, StatusCode
 
 from mesh_agent import prices
-from mesh_contracts.v1 import BudgetDenied, BudgetGranted, BudgetReserve, TokenUsage, UsageRecorded
+from mesh_contracts.v1 import BudgetDenied, BudgetGranted, BudgetReserve, Replay, TokenUsage, UsageRecorded
 from mesh_guardrails.redact import redact
 from mesh_kit import telemetry as tel
 from mesh_kit.bus import Delivery, Mesh
@@ -360,6 +360,11 @@ async def _call_model(
     return response, usage, (priced.provider, priced.model)
 
 
+def _response(r: dict[str, Any]) -> ModelResponse:
+    """A response as the ledger records it (``call_model_once``), back as a ``ModelResponse``."""
+    return ModelResponse(**{**r, "tool_calls": tuple(ToolCall(**c) for c in r["tool_calls"])})
+
+
 async def call_model_once(
     mesh: Mesh,
     ledger: Ledger | None,
@@ -373,10 +378,33 @@ async def call_model_once(
     delivery: Delivery | None = None,
     on_token: Any = None,
     on_reset: Any = None,
+    replay: Replay | None = None,
 ) -> tuple[ModelResponse, TokenUsage]:
     """``call_model`` under the idempotency ledger: a redelivered step gets the recorded response
     of a call that already completed instead of paying for it again. Heartbeats keep the
-    message while the call runs."""
+    message while the call runs.
+
+    In a replayed task (``replay``) a call of a step the replay answers from recordings returns
+    the replayed task's recorded response of the same call id: no reservation, no provider call,
+    no usage (it cost nothing), like a cache hit. A call with no recording, and every call of
+    the other steps, is made live, on ``replay.route`` when one is named."""
+
+    if replay is not None:
+        if replay.answers(step_id) and ledger is not None:
+            was = await ledger.recorded(ledger.key(tenant, replay.of, "llm", call_id))
+            if was is not None:
+                await _guard(mesh, tenant, task_id)  # a halted or cancelled replay stops here too
+                response = _response(was["response"])
+                mesh.count(tel.M_LLM_REPLAYED)
+                if on_token is not None and response.content:
+                    await on_token(response.content)
+                return response, TokenUsage()
+            await mesh.progress(
+                tenant, task_id, "replay.live", f"{call_id}: no recorded response in {replay.of}; called the model",
+                step_id=step_id, key=call_id, detail={"call_id": call_id, "of": replay.of},
+            )  # fmt: skip
+        if replay.route:
+            request = dataclasses.replace(request, route=replay.route)
 
     performed: list[bool] = []
 
@@ -401,8 +429,7 @@ async def call_model_once(
     else:
         owner, attempt = (delivery.owner, delivery.deliveries) if delivery is not None else ("", 1)
         record = await ledger.run(ledger.key(tenant, task_id, "llm", call_id), perform, owner=owner, attempt=attempt)
-    r = record["response"]
-    response = ModelResponse(**{**r, "tool_calls": tuple(ToolCall(**c) for c in r["tool_calls"])})
+    response = _response(record["response"])
     usage = TokenUsage(**record["usage"])
     if not performed:
         # Served from the ledger: the process that made the call may have died before its usage

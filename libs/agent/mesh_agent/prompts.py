@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -104,3 +105,30 @@ def load(package: str, name: str, override_dir: str | Path | None = None) -> Pro
                 raise PromptError(f"{path}: declares id {override.id!r}, the file name says {packaged.id!r}")
             return override
     return packaged
+
+
+def chosen(current: Prompt, versions: Mapping[str, str] | None, override_dir: str | Path | None = None) -> Prompt:
+    """The prompt a call uses when a replay names versions (``Replay.prompts``: id -> version):
+    ``current`` when none is named for its id or it is that version, else the file
+    ``<override_dir>/<id>/<version>.md`` (under ``MESH_PROMPTS_DIR``), which must declare that id
+    and version. ``PromptError`` names the file that is missing."""
+    want = (versions or {}).get(current.id)
+    if not want or want == current.version:
+        return current
+    return _version_file(current.id, want, str(override_dir or ""), current.ref)
+
+
+@cache
+def _version_file(pid: str, version: str, override_dir: str, serving: str) -> Prompt:
+    where = f"{pid}/{version}.md"
+    if not override_dir:
+        raise PromptError(f"prompt {pid} version {version} is not here: this service serves {serving} and has no "
+                          f"MESH_PROMPTS_DIR to hold {where}")  # fmt: skip
+    path = Path(override_dir) / pid / f"{version}.md"
+    if not path.is_file():
+        raise PromptError(f"prompt {pid} version {version} is not here: this service serves {serving}; "
+                          f"put {where} in its MESH_PROMPTS_DIR")  # fmt: skip
+    found = parse(path.read_text(encoding="utf-8"), str(path))
+    if (found.id, found.version) != (pid, version):
+        raise PromptError(f"{path}: declares {found.id} version {found.version}, its path says {pid} version {version}")
+    return found

@@ -4,7 +4,7 @@ This is the seam a later model gateway grows behind (providers, retries, fallbac
 caching): services depend only on ``ChatModel``.
 """
 
-from mesh_llm.errors import AllModelsFailed, CircuitOpen, ConfigError, ContextOverflow, ProviderError
+from mesh_llm.errors import AllModelsFailed, CircuitOpen, ConfigError, ContextOverflow, ProviderError, UnknownRoute
 from mesh_llm.model import (
     ChatModel,
     Message,
@@ -35,5 +35,6 @@ __all__ = [
     "TokenSink",
     "ToolCall",
     "ToolSpec",
+    "UnknownRoute",
     "count_tokens",
 ]

@@ -49,6 +49,17 @@ class ContextOverflow(ProviderError):
         super().__init__(message, kind="context_overflow", provider=provider, model=model, retryable=False)
 
 
+class UnknownRoute(ProviderError):
+    """The request names a route (``ModelRequest.route``) this gateway does not have: permanent
+    for this service, whatever is retried."""
+
+    def __init__(self, route: str, known: list[str]) -> None:
+        super().__init__(
+            f"no model route {route!r} here (routes: {', '.join(sorted(known))})", kind="unknown_route", retryable=False
+        )
+        self.route = route
+
+
 class AllModelsFailed(ProviderError):
     """Every model in the fallback chain failed; ``attempts`` says how, in order."""
 

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from mesh_llm.errors import AllModelsFailed, CircuitOpen, ConfigError, ProviderError
+from mesh_llm.errors import AllModelsFailed, CircuitOpen, ConfigError, ProviderError, UnknownRoute
 from mesh_llm.model import ChatModel, ModelRequest, ModelResponse, StreamEvent, Timeouts, TokenSink
 from mesh_llm.resilience import BreakerPolicy, Breakers, RetryPolicy, is_provider_fault
 
@@ -102,7 +102,12 @@ class Gateway:
         self._rng = rng or random.Random()
 
     def route_for(self, request: ModelRequest) -> tuple[str, list[ChatModel]]:
-        """The most specific route: ``agent:difficulty``, ``agent``, ``difficulty``, ``default``."""
+        """The route the request names (``route``), else the most specific one: ``agent:difficulty``,
+        ``agent``, ``difficulty``, ``default``."""
+        if request.route:
+            if request.route not in self.routes:
+                raise UnknownRoute(request.route, list(self.routes))
+            return request.route, self.routes[request.route]
         for name in (f"{request.agent}:{request.difficulty}", request.agent, request.difficulty):
             if name and name != ":" and name in self.routes:
                 return name, self.routes[name]

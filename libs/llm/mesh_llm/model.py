@@ -69,6 +69,9 @@ class ModelRequest:
     prompt_version: str = ""
     """Reference of the versioned prompt the request was built from (``planner.plan@1+ab12cd34``);
     recorded on the call's span and usage record. Not part of the fingerprint: the text is."""
+    route: str = ""
+    """A gateway route to take instead of the one ``agent`` and ``difficulty`` select (a replay's
+    ``--model``); a route the gateway does not have fails the call (``UnknownRoute``)."""
 
     def fingerprint(self) -> dict[str, Any]:
         """Everything that determines the answer (the cache key is a hash of this)."""

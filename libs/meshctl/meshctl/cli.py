@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import asdict
 from importlib.metadata import entry_points
@@ -589,6 +590,56 @@ def cmd_history(args: argparse.Namespace) -> int:
     return asyncio.run(run())
 
 
+def cmd_replay(args: argparse.Namespace) -> int:
+    from mesh_guardrails.redact import redact_value
+    from meshctl import replay as rp
+
+    verifier = Verifier(TrustBundle.from_file(Identities(opt.home(args)).trust_bundle))
+    client = _tenant_client(args)
+
+    async def stories(*task_ids: str) -> list[rp.Story]:
+        nc = await _admin(args)
+        try:
+            return [await rp.load(nc, args.tenant, t, verifier) for t in task_ids]
+        finally:
+            await nc.close()
+
+    async def run() -> int:
+        (original,) = await stories(args.task_id)
+        try:
+            # A route or a prompt version without --from means "this task on that model/prompt":
+            # every call live.
+            live = args.live or ((args.model is not None or bool(args.prompt_version)) and args.from_step is None)
+            how = rp.replay_of(original, from_step=args.from_step, live=live, route=args.model or "",
+                               prompts=dict(args.prompt_version or ()))  # fmt: skip
+        except rp.ReplayError as exc:
+            raise MeshError(str(exc)) from None
+        task_id = args.new_task_id or f"{args.task_id[:48]}-r{uuid.uuid4().hex[:8]}"
+        if not args.json:
+            print(f"replaying {args.tenant}/{args.task_id} as {task_id} ...", flush=True)
+        async with client:
+            seen = await client.submit(**rp.resubmission(original), task_id=task_id, replay=how, progress=False,
+                                       timeout=args.timeout)  # fmt: skip
+        if seen.outcome is None:
+            print(f"meshctl: replay {task_id} did not finish within {args.timeout:.0f}s", file=sys.stderr)
+            return 3
+        (again,) = await stories(task_id)
+        diff = rp.compare(original, again)
+        same = rp.behaves_the_same(diff)
+        if args.json:
+            report = {"replay": how.model_dump(mode="json"), "task_id": task_id, "same_behaviour": same,
+                      "original": original.summary(), "replayed": again.summary(), "diff": redact_value(diff)}  # fmt: skip
+            print(json.dumps(report, indent=2, default=str))
+        else:
+            print(rp.render(original, again, how, diff))
+        if isinstance(seen.outcome, TaskRejected):
+            print(f"meshctl: the replay was refused: {seen.outcome.reason}", file=sys.stderr)
+            return 4 if seen.outcome.retry_after_s is not None else 1
+        return 1 if args.fail_on_change and not same else 0
+
+    return asyncio.run(run())
+
+
 def cmd_trace(args: argparse.Namespace) -> int:
     from meshctl import history
     from meshctl import trace as tr
@@ -1095,6 +1146,28 @@ def _operator_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--json", action="store_true")
     s.add_argument("--nats-url", default=None)
     s.set_defaults(fn=cmd_history)
+
+    s = sub.add_parser("replay", help="re-run a finished task into a new one (recorded model answers, tools dry-run), "
+                       "and diff plan, tool calls, answer, verdict and cost")  # fmt: skip
+    s.add_argument("task_id", type=opt.task_id)
+    s.add_argument("--tenant", type=opt.tenant, required=True)
+    s.add_argument("--from", dest="from_step", type=opt.step_id, default=None, metavar="STEP",
+                   help="answer the plan and the steps before STEP from the recordings; STEP, later steps and "
+                   "the judge call the model")  # fmt: skip
+    s.add_argument("--live", action="store_true", help="call the model for every call (no recorded answers)")
+    s.add_argument("--model", type=opt.route, default=None, metavar="ROUTE",
+                   help="the model gateway route every live call takes (e.g. another model's route)")  # fmt: skip
+    s.add_argument("--prompt-version", type=opt.prompt_version, action="append", metavar="ID@VERSION",
+                   help="a prompt version the live calls use (repeatable; a service that serves another reads "
+                   "ID/VERSION.md under its MESH_PROMPTS_DIR)")  # fmt: skip
+    s.add_argument("--task-id", dest="new_task_id", type=opt.task_id, default=None,
+                   help="the replay's task id (default: TASK-r<random>)")  # fmt: skip
+    s.add_argument("--timeout", type=opt.positive, default=120.0, help="seconds to wait for the replay's outcome")
+    s.add_argument("--fail-on-change", action="store_true",
+                   help="exit 1 when the plan, a tool call, the answer or the verdict changed (a regression gate)")  # fmt: skip
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--nats-url", default=None)
+    s.set_defaults(fn=cmd_replay)
 
     s = sub.add_parser("trace", help="one task's trace as a span tree (from Jaeger, or from its messages)")
     s.add_argument("task_id", type=opt.task_id)

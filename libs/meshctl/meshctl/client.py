@@ -35,6 +35,7 @@ from mesh_contracts.v1 import (
     IngestCompleted,
     IngestRequested,
     ProgressEvent,
+    Replay,
     TaskCompleted,
     TaskFailed,
     TaskLimits,
@@ -174,8 +175,10 @@ class TenantClient:
         progress: bool = True,
         timeout: float = 120.0,
         on_event: Callable[[Contract], None] | None = None,
+        replay: Replay | None = None,
     ) -> Followed:
         """Publish ``task.submitted`` and (optionally) follow the task to its outcome.
+        ``replay`` makes it a replay of an earlier task (``meshctl replay``).
 
         ``progress=False`` waits for the outcome alone: no progress events and no streamed tokens
         reach this client, so it verifies a few messages a task instead of dozens (a program that
@@ -235,6 +238,7 @@ class TenantClient:
                 policy=policy or TaskPolicy(),
                 labels=labels or {},
                 priority=priority,
+                replay=replay,
             )
         )
         if follow:

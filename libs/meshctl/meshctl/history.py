@@ -167,7 +167,8 @@ def summary(kind: str, b: dict[str, Any]) -> str:
     g = b.get
     match kind:
         case "task.submitted":
-            return f"{g('goal', '')!s}"[:100]
+            replay = g("replay") or {}
+            return (f"replay of {replay.get('of')}: " if replay else "") + f"{g('goal', '')!s}"[:100]
         case "plan.created":
             steps = g("steps") or []
             return f"{len(steps)} steps: " + ", ".join(f"{s.get('step_id')} {s.get('kind', '')}" for s in steps)
@@ -181,7 +182,8 @@ def summary(kind: str, b: dict[str, Any]) -> str:
         case "tool.requested":
             return f"{g('tool')} {g('call_id')}"
         case "tool.completed":
-            return f"{g('tool')} {g('call_id')}: " + ("ok" if g("ok") else f"error: {g('error')}")
+            return (f"{g('tool')} {g('call_id')}: " + ("ok" if g("ok") else f"error: {g('error')}")
+                    + (" (dry run: not performed)" if g("dry_run") else ""))  # fmt: skip
         case "tool.audited":
             return f"{g('tool')} {g('call_id')}: {g('decision')} by {g('decided_by') or '?'}"
         case "retrieval.requested":

@@ -40,6 +40,18 @@ def identifier(kind: str) -> Callable[[str], str]:
 
 
 tenant, task_id = identifier("tenant"), identifier("task id")
+step_id, route = identifier("step id"), identifier("route")
+
+
+PROMPT_REF = re.compile(r"^([a-z][a-z0-9_-]*(?:\.[a-z0-9_-]+)+)@([0-9A-Za-z][0-9A-Za-z._-]{0,31})$")
+
+
+def prompt_version(value: str) -> tuple[str, str]:
+    """``ID@VERSION`` (``planner.plan@4``): a prompt id and one of its versions."""
+    m = PROMPT_REF.match(value.strip())
+    if not m:
+        raise argparse.ArgumentTypeError(f"invalid prompt version {value!r}: use ID@VERSION, e.g. planner.plan@4")
+    return m.group(1), m.group(2)
 
 
 def days(value: str) -> float:

@@ -19,6 +19,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from mesh_agent import prompts
 from mesh_agent.metered import BudgetExceeded, Models, call_model_once, configured
 from mesh_checker import judge as jd
 from mesh_checker.checks import Passages, evidence_of, run_checks
@@ -126,21 +127,32 @@ class Checker:
 
     async def run_judge(self, m: CheckRequested, passages: Passages, d: Delivery | None) -> tuple[CheckResult, jd.Judgement | None, TokenUsage]:  # fmt: skip
         answer_models = {x for s in m.steps if s.step_id == m.answer_step for x in s.models}
-        models = self._judge_models(answer_models)
+        # A replay on a named route judges on that route (of the service's whole gateway).
+        models = self.models if m.replay is not None and m.replay.route else self._judge_models(answer_models)
+        assert models is not None
         # The judge grades grounding against everything the answer was built on: what rag returned
         # and what the other steps produced (a note read, a computed result).
+        jp = self.judge_prompts
+        if m.replay is not None and m.replay.prompts:
+            try:
+                jp = jd.JudgePrompts(
+                    prompts.chosen(jp.judge, m.replay.prompts, self.settings.prompts_dir),
+                    prompts.chosen(jp.rubric, m.replay.prompts, self.settings.prompts_dir),
+                )
+            except prompts.PromptError as exc:
+                return CheckResult(name="judge", passed=False, reason=f"judge not run: {exc}"[:300]), None, TokenUsage()
         inp = jd.JudgeInput(m.goal, m.answer, m.policy.rubric, tuple(evidence_of(m, passages)))
-        request = jd.request(inp, judge_prompts=self.judge_prompts)
+        request = jd.request(inp, judge_prompts=jp)
         try:
             response, usage = await call_model_once(
                 self.mesh, self.ledger, models, request, tenant=m.tenant, task_id=m.task_id,
-                step_id="check", call_id=f"judge-{m.attempt}", delivery=d,
+                step_id="check", call_id=f"judge-{m.attempt}", delivery=d, replay=m.replay,
             )  # fmt: skip
             verdict = jd.parse(
                 response.content,
                 min_score=m.policy.judge_min_score,
                 model=f"{response.provider}/{response.model}",
-                prompt_version=self.judge_prompts.judge.ref,
+                prompt_version=jp.judge.ref,
             )
         except BudgetExceeded as exc:
             return (

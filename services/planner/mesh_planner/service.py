@@ -32,6 +32,7 @@ from mesh_contracts.v1 import (
     PlanCreated,
     PlanStep,
     ProgressEvent,
+    Replay,
     SignedRecord,
     StepCompleted,
     StepFailed,
@@ -57,7 +58,7 @@ from mesh_kit import state as st
 from mesh_kit import telemetry as tel
 from mesh_kit.ledger import BUCKET as LEDGER
 from mesh_kit.ledger import Ledger
-from mesh_llm import ChatModel, ContextOverflow, Message, ModelRequest
+from mesh_llm import ChatModel, ContextOverflow, Message, ModelRequest, UnknownRoute
 from mesh_planner.admission import Admission, Limits, parse_tenants
 from mesh_planner.settings import PlannerSettings
 
@@ -82,6 +83,18 @@ def _event(rec: TaskRecord, stage: str, message: str, step_id: str = "", key: st
     )
 
 
+def _replaying(r: Replay) -> str:
+    """A replay's progress line: what it replays and how."""
+    recorded = ", ".join(r.recorded) if r.recorded else "none"
+    prompts = ", ".join(f"{k}@{v}" for k, v in sorted(r.prompts.items()))
+    return (
+        f"replay of {r.of}: recorded responses for {recorded}; other calls live"
+        + (f" on route {r.route}" if r.route else "")
+        + (f" with prompts {prompts}" if prompts else "")
+        + "; write and external tools run dry"
+    )
+
+
 def dispatch_ready(rec: TaskRecord, causation: str = "") -> None:
     """Move every pending step whose dependencies completed to dispatched (attempt + 1)."""
     for sid, s in rec.steps.items():
@@ -100,6 +113,7 @@ def dispatch_ready(rec: TaskRecord, causation: str = "") -> None:
                 input_taint={d: t for d in s.step.depends_on if (t := rec.steps[d].taint) is not None},
                 feedback=rec.feedback.get(sid, ""),
                 on_held=rec.policy.on_held,
+                replay=rec.replay,
             )
             _out(rec, request, key=f"{sid}:{s.attempt}", causation=causation)
             _event(rec, "step.dispatched", f"{sid} ({s.step.kind}): {s.step.instruction[:80]}", sid, str(s.attempt))
@@ -212,6 +226,7 @@ def check_request(rec: TaskRecord) -> CheckRequested:
             )
             for k, s in rec.steps.items()
         ),
+        replay=rec.replay,
     )
 
 
@@ -372,15 +387,24 @@ class Planner:
                 )  # fmt: skip
                 return
 
+        plan_prompt, unusable = self.plan_prompt, ""
+        if m.replay is not None:
+            try:
+                plan_prompt = prompts.chosen(self.plan_prompt, m.replay.prompts, self.settings.prompts_dir)
+            except prompts.PromptError as exc:
+                unusable = f"prompt: {exc}"
+
         def create(rec: TaskRecord | None) -> TaskRecord | None:
             if rec is not None:
                 return None  # a redelivery or a duplicate submission of the same task id
             new = TaskRecord(
                 tenant=m.tenant, task_id=m.task_id, goal=m.goal, limits=m.limits, policy=m.policy,
-                created_at=time.time(), prompt_versions={"planner": self.plan_prompt.ref}, priority=m.priority,
-                labels=m.labels,
+                created_at=time.time(), prompt_versions={"planner": plan_prompt.ref}, priority=m.priority,
+                labels=m.labels, replay=m.replay,
             )  # fmt: skip
             _event(new, "task.accepted", m.goal[:120])
+            if m.replay is not None:
+                _event(new, "task.replay", _replaying(m.replay))
             return new
 
         rec, created = await st.update(self.kv, key, TaskRecord, create)
@@ -396,13 +420,16 @@ class Planner:
         if rec.status != "planning":
             return
         request = ModelRequest(
-            (Message("system", self.plan_prompt.render(max_steps=m.limits.max_steps)), Message("user", m.goal)),
+            (Message("system", plan_prompt.render(max_steps=m.limits.max_steps)), Message("user", m.goal)),
             agent="planner",
-            prompt_version=self.plan_prompt.ref,
+            prompt_version=plan_prompt.ref,
             # what a plan of max_steps steps can need, not more: the reservation is the worst case
             max_tokens=plan_max_tokens(m.limits.max_steps),
         )
+        usage = None
         try:
+            if unusable:
+                raise ValueError(unusable)  # the replay names a prompt version this planner does not have
             response, usage = await call_model_once(
                 self.mesh,
                 self.ledger,
@@ -413,12 +440,13 @@ class Planner:
                 step_id="plan",
                 call_id="plan-r1",
                 delivery=d,
+                replay=m.replay,
             )
             steps = parse_plan(response.content, m.limits.max_steps)
             error = ""
         except BudgetExceeded as exc:
             steps, usage, error = [], None, exc.describe()
-        except ContextOverflow as exc:  # permanent: the same goal will never fit (other model errors retry)
+        except (ContextOverflow, UnknownRoute) as exc:  # permanent (other model errors retry)
             steps, usage, error = [], None, f"model: {exc}"
         except ValueError as exc:
             steps, error = [], str(exc)

@@ -274,7 +274,8 @@ class ToolExecutor:
         )
 
     async def _answer(self, m: ToolRequested, outcome: dict[str, Any], tool: Tool | None, *, causation: str = "",
-                      approval: str = "", stopped: Literal["", "halted", "stopped"] = "") -> None:  # fmt: skip
+                      approval: str = "", stopped: Literal["", "halted", "stopped"] = "",
+                      dry_run: bool = False) -> None:  # fmt: skip
         # Taint is the outcome's own (a ledger record made before it carried one: the tool's).
         untrusted = bool(outcome.get("untrusted", tool is not None and tool.untrusted_output))
         scored = injection_score(outcome["result"] if outcome["ok"] else outcome["error"]) if untrusted else None
@@ -295,11 +296,13 @@ class ToolExecutor:
                 injection_signals=scored.signals if scored else (),
                 approval_id=approval,
                 stopped=stopped,
+                dry_run=dry_run,
             ),
             key=m.call_id,
             causation=causation or None,
         )
         shown = outcome["result"][:80] if outcome["ok"] else "error: " + outcome["error"][:80]
+        shown += " (dry run: not performed)" if dry_run else ""
         await self.mesh.progress(
             m.tenant, m.task_id, "tool.completed", redact(f"{m.tool} -> {shown}"), step_id=m.step_id, key=m.call_id
         )
@@ -354,6 +357,9 @@ class ToolExecutor:
             await self._audit(m, None, "invalid", (str(exc),))
             await self._answer(m, {"ok": False, "result": "", "error": str(exc)}, None, causation=d.msg_id)
             return
+        if m.replay is not None and tool.risk != "read":
+            await self._dry_run(m, tool, d)
+            return
         goal = await self._goal(m) if tool.risk != "read" else ""
         decision = decide(tool, args, m.taint, goal) if tool.risk != "read" else None
         if decision is None or decision.verdict == "allow":
@@ -368,6 +374,28 @@ class ToolExecutor:
                                causation=d.msg_id)  # fmt: skip
         else:
             await self._ask(m, tool, decision, d, goal)
+
+    async def _dry_run(self, m: ToolRequested, tool: Tool, d: Delivery) -> None:
+        """A replayed task's write or external call: not performed, not put to a human. It is
+        answered with the replayed task's recorded outcome of the same call (so the replay goes
+        on as the original did), or with a note that it was not performed; audited as allowed
+        with the reason, and the answer says ``dry_run``."""
+        assert m.replay is not None
+        recorded = None
+        if self.ledger is not None:
+            recorded = await self.ledger.recorded(self.ledger.key(m.tenant, m.replay.of, m.call_id))
+        if recorded is not None:
+            outcome = {k: recorded.get(k, "") for k in ("ok", "result", "error")}
+            outcome["untrusted"] = bool(recorded.get("untrusted", tool.untrusted_output))
+            how = f"answered with {m.replay.of}'s recorded result"
+        else:
+            note = f"[dry run] {tool.name} was not performed: task {m.task_id} replays {m.replay.of}"
+            outcome = {"ok": True, "result": note, "error": "", "untrusted": False}
+            how = f"{m.replay.of} recorded no result for {m.call_id}"
+        self.mesh.count(tel.M_TOOL_DRY_RUNS)
+        await self._audit(m, tool, "allowed", (f"dry run in a replay of {m.replay.of}: not performed; {how}",),
+                          by="replay")  # fmt: skip
+        await self._answer(m, outcome, tool, causation=d.msg_id, dry_run=True)
 
     # --- approvals ------------------------------------------------------------------------------
 

@@ -183,11 +183,18 @@ class Worker:
     async def on_step(self, m: StepRequested, d: Delivery) -> None:
         key = StepRun.key(m.tenant, m.task_id, m.step.step_id)
 
+        system, unusable = self.system_prompt, ""
+        if m.replay is not None:
+            try:
+                system = prompts.chosen(self.system_prompt, m.replay.prompts, self.settings.prompts_dir)
+            except prompts.PromptError as exc:
+                unusable = f"prompt: {exc}"
+
         def begin(run: StepRun | None) -> StepRun | None:
             if run is not None and run.attempt >= m.attempt:
                 return None  # redelivery of an attempt we already began (or an older one)
-            new = StepRun(request=m, attempt=m.attempt, prompt_version=self.system_prompt.ref)
-            for role, text in step_context(m, self.system_prompt):
+            new = StepRun(request=m, attempt=m.attempt, prompt_version=system.ref)
+            for role, text in step_context(m, system):
                 admit(new, role, text)
             return new
 
@@ -204,6 +211,9 @@ class Worker:
                 step_id=m.step.step_id,
                 key=str(m.attempt),
             )
+        if unusable and run.status == "running":  # the replay names a prompt version this worker lacks
+            await self._finish(run, failed=unusable[:1000])
+            return
         await self.resume(run, d)
 
     async def on_tool(self, m: ToolCompleted, d: Delivery) -> None:
@@ -402,6 +412,7 @@ class Worker:
                 delivery=d,
                 on_token=live.token,
                 on_reset=live.reset,
+                replay=req.replay,
             )
         except BudgetExceeded as exc:  # the guard (halted, cancelled, killed) or the budget refused the call
             await self._finish(run, failed=exc.describe(), halted=exc.halted)
@@ -487,6 +498,7 @@ class Worker:
                     tool=tool,
                     arguments=args,
                     taint=run.taint,
+                    replay=req.replay,
                 ),
                 key=call_id,
             )
