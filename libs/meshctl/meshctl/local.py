@@ -360,6 +360,7 @@ async def start_redis(ids: Identities, port: int, timeout: float = 30.0) -> Proc
 
 
 PEER_OFFLINE = 10005  # JetStream: "no suitable peers for placement, peer offline"
+JS_NOT_ENABLED_FOR_ACCOUNT = 10039  # a cluster whose account assignment has not settled yet
 
 
 async def provision_as_admin(
@@ -374,11 +375,13 @@ async def provision_as_admin(
             try:
                 await provision(nc, replicas=replicas, **({"ack_wait_s": ack_wait_s} if ack_wait_s else {}))
                 break
-            except nats.js.errors.BadRequestError as exc:
+            except (nats.js.errors.BadRequestError, nats.js.errors.ServiceUnavailableError) as exc:
                 # A cluster whose nodes are healthy can still have a peer the meta leader has not
-                # heard from yet (routes are TLS handshakes): placement is refused meanwhile.
-                # Provisioning is idempotent, so try again until the peers are known.
-                if exc.err_code != PEER_OFFLINE or time.monotonic() > deadline:
+                # heard from yet (routes are TLS handshakes): placement is refused meanwhile. Just
+                # after the meta leader is elected, the account's JetStream may not be assigned
+                # yet either ("JetStream not enabled for account", seen once in CI). Provisioning
+                # is idempotent, so try again until the cluster has settled.
+                if exc.err_code not in (PEER_OFFLINE, JS_NOT_ENABLED_FOR_ACCOUNT) or time.monotonic() > deadline:
                     raise
                 await asyncio.sleep(0.5)
     finally:
