@@ -83,3 +83,43 @@ async def test_concurrent_writers_in_two_views_count_every_increment(integration
         await asyncio.gather(*(st.update(views[i % 2], key, Tally, _add(str(i % 2))) for i in range(40)))
         final, _ = await st.load(views[0], key, Tally)
         assert final is not None and final.n == 40 and sorted(final.by) == sorted(str(i % 2) for i in range(40))
+
+
+async def test_handlers_of_one_process_take_turns_on_a_key_and_no_write_is_refused(integration_infra, unique):
+    """Twenty updates of one key at once from one process: each starts from the value the one
+    before it wrote, so none of them reads the key again or has a write refused; another key is
+    not held up meanwhile, and no lock outlives the updates that held it."""
+    mesh = Mesh(settings_for(integration_infra, "planner"))
+    key, other = f"acme.{unique('turns')}", f"acme.{unique('other')}"
+    async with running(mesh):
+        kv = st.bind(mesh.nc, "tasks")
+        await st.update(kv, key, Tally, _add("first"))  # remembered from here on
+        reads = _counting(kv)
+        refused = {"n": 0}
+        update = kv.update
+
+        async def counted_update(k, value, last=None):
+            try:
+                return await update(k, value, last=last)
+            except st.KeyWrongLastSequenceError:
+                refused["n"] += 1
+                raise
+
+        kv.update = counted_update
+        order: list[str] = []
+
+        def slow(who: str):
+            def mutate(cur: Tally | None) -> Tally:
+                order.append(who)
+                return _add(who)(cur)
+
+            return mutate
+
+        await asyncio.gather(
+            *(st.update(kv, key, Tally, slow(str(i))) for i in range(20)), st.update(kv, other, Tally, _add("o"))
+        )
+        assert reads["get"] == 1, "only the other key was read (it was new to this process)"
+        final, _ = await st.load(kv, key, Tally)
+        assert final is not None and final.n == 21 and final.by[1:] == order, "every update kept, in turn"
+        assert refused["n"] == 0, "no write refused: nobody started from a value another had replaced"
+        assert not st._writers.get(kv), "no lock left behind"

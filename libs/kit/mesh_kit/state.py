@@ -63,6 +63,30 @@ def _remembered(kv: Any) -> OrderedDict[str, tuple[bytes, int]]:
         return OrderedDict()
 
 
+_writers: weakref.WeakKeyDictionary[Any, dict[str, list[Any]]] = weakref.WeakKeyDictionary()
+"""Per bucket and key: [lock, how many updates hold or wait for it] (the entry goes with the last)."""
+
+
+def _key_lock(kv: Any, key: str) -> list[Any] | None:
+    try:
+        per_key = _writers.setdefault(kv, {})
+    except TypeError:  # not weakly referenceable (a test double): no local ordering
+        return None
+    entry = per_key.get(key)
+    if entry is None:
+        entry = per_key[key] = [asyncio.Lock(), 0]
+    entry[1] += 1
+    return entry
+
+
+def _release(kv: Any, key: str, entry: list[Any]) -> None:
+    entry[1] -= 1
+    if entry[1] == 0:
+        per_key = _writers.get(kv)
+        if per_key is not None and per_key.get(key) is entry:
+            del per_key[key]
+
+
 async def update(
     kv: Any, key: str, model: type[M], mutate: Callable[[M | None], M | None], retries: int = 12
 ) -> tuple[M | None, bool]:
@@ -72,7 +96,26 @@ async def update(
     The read is skipped when this process made the key's last write it knows of: ``mutate``
     runs on that value and the compare-and-set proves it current (a write by anyone else since
     makes it fail, and then the key is read). A "no change", or an exception from ``mutate``, is
-    only ever taken from a value just read, never from a remembered one."""
+    only ever taken from a value just read, never from a remembered one.
+
+    Updates of one key in one process take turns (a lock per key): two handlers of the same
+    process racing on a hot key (a tenant's day of spend, a task record) would otherwise both
+    start from the same remembered value, and the loser pay a failed write, a read and a retry.
+    Taking turns, each starts from the value the one before it wrote. Other processes are kept
+    out by the compare-and-set, as before."""
+    entry = _key_lock(kv, key)
+    if entry is None:
+        return await _update(kv, key, model, mutate, retries)
+    try:
+        async with entry[0]:
+            return await _update(kv, key, model, mutate, retries)
+    finally:
+        _release(kv, key, entry)
+
+
+async def _update(
+    kv: Any, key: str, model: type[M], mutate: Callable[[M | None], M | None], retries: int
+) -> tuple[M | None, bool]:
     remembered = _remembered(kv)
     known = remembered.get(key)
     raw, rev = known if known is not None else await _raw(kv, key)

@@ -1,0 +1,152 @@
+"""Compare-and-set on one hot key from one process: racing handlers against handlers that take turns.
+
+A budget replica accounts every model call of a tenant into one tenant-day record, and a planner
+replica writes a task's record on every step event: several handlers of one process update the
+same key at once. ``mesh_kit.state.update`` makes them take turns (a lock per key); without it
+(``state._update``) they start from the same remembered value and the losers pay a failed write,
+a read and a retry. Both run here against one real nats-server (file store, ``sync_interval:
+always``, as the mesh runs it), in the same process tree, and the table gives the ratio.
+
+    python bench/bench_kv_hot_key.py [--updates 400] [--concurrency 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import nats
+from nats.js.api import KeyValueConfig, StorageType
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from pydantic import BaseModel
+
+from mesh_kit import state as st
+from meshctl.local import find_binary, free_port
+
+
+class Day(BaseModel):
+    calls: int = 0
+    tokens: int = 0
+
+
+class Counting:
+    """The bucket, counting what each update costs the server: reads, writes, refused writes."""
+
+    def __init__(self, kv: Any) -> None:
+        self.kv, self.reads, self.writes, self.refused = kv, 0, 0, 0
+
+    async def get(self, key: str) -> Any:
+        self.reads += 1
+        return await self.kv.get(key)
+
+    async def create(self, key: str, value: bytes) -> int:
+        self.writes += 1
+        try:
+            return await self.kv.create(key, value)
+        except KeyWrongLastSequenceError:
+            self.refused += 1
+            raise
+
+    async def update(self, key: str, value: bytes, last: int) -> int:
+        self.writes += 1
+        try:
+            return await self.kv.update(key, value, last=last)
+        except KeyWrongLastSequenceError:
+            self.refused += 1
+            raise
+
+
+async def _quiet(_exc: Exception) -> None:
+    """Not listening yet: the loop below tries again."""
+
+
+def cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def run(nc: nats.NATS, server: int, name: str, taking_turns: bool, n: int, concurrency: int) -> dict:
+    js = nc.jetstream()
+    kv = Counting(await js.create_key_value(KeyValueConfig(bucket=name, storage=StorageType.FILE, history=1)))
+
+    def add(cur: Day | None) -> Day:
+        cur = cur or Day()
+        return Day(calls=cur.calls + 1, tokens=cur.tokens + 100)
+
+    update = st.update if taking_turns else st._update
+    left = iter(range(n))
+
+    async def handler() -> None:
+        for _ in left:
+            if taking_turns:
+                await update(kv, "day", Day, add)
+            else:
+                await update(kv, "day", Day, add, 12)
+
+    cpu0, srv0, t0 = time.process_time(), cpu_s(server), time.perf_counter()
+    await asyncio.gather(*(handler() for _ in range(concurrency)))
+    wall, cpu, srv = time.perf_counter() - t0, time.process_time() - cpu0, cpu_s(server) - srv0
+    try:
+        final = Day.model_validate_json((await kv.kv.get("day")).value)
+    except KeyNotFoundError:
+        final = Day()
+    assert final.calls == n, f"{name}: {final.calls} of {n} updates kept"  # nothing lost either way
+    return {"wall": wall, "cpu": cpu, "srv": srv, "reads": kv.reads, "writes": kv.writes, "refused": kv.refused}
+
+
+async def main(n: int, concurrency: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        port = free_port()
+        conf = Path(tmp) / "nats.conf"
+        conf.write_text(f"port: {port}\njetstream {{\n  store_dir: {tmp}/js\n  sync_interval: always\n}}\n")
+        server = subprocess.Popen([find_binary("nats-server"), "-c", str(conf)], stderr=subprocess.DEVNULL)
+        try:
+            for _ in range(100):
+                try:
+                    nc = await nats.connect(f"nats://127.0.0.1:{port}", connect_timeout=1, max_reconnect_attempts=0,
+                                            error_cb=_quiet)  # fmt: skip
+                    break
+                except Exception:  # noqa: BLE001 - not listening yet
+                    await asyncio.sleep(0.05)
+            else:
+                raise SystemExit("nats-server did not start")
+            rows = {}
+            for rnd in range(2):  # alternated, twice: drift on a shared machine falls on both
+                for turns in (False, True):
+                    label = "taking turns" if turns else "racing"
+                    r = await run(nc, server.pid, f"hot{rnd}{int(turns)}", turns, n, concurrency)
+                    acc = rows.setdefault(label, {k: 0.0 for k in r})
+                    for k, v in r.items():
+                        acc[k] += v
+            await nc.close()
+        finally:
+            server.terminate()
+            server.wait()
+    total = 2 * n
+    print(f"{n} updates x2 of one key, {concurrency} handlers at once, one process (nats-server, sync always):")
+    print(f"  {'':14} {'updates/s':>9} {'writes/upd':>10} {'refused':>8} {'reads/upd':>9} "
+          f"{'client CPU':>10} {'server CPU':>10}")  # fmt: skip
+    for label, r in rows.items():
+        print(f"  {label:14} {total / r['wall']:9.0f} {r['writes'] / total:10.2f} {int(r['refused']):8d} "
+              f"{r['reads'] / total:9.2f} {r['cpu'] * 1000 / total:8.3f}ms {r['srv'] * 1000 / total:8.3f}ms")  # fmt: skip
+    race, turns = rows["racing"], rows["taking turns"]
+    print(
+        f"  taking turns / racing: {race['wall'] / turns['wall']:.2f}x the throughput, "
+        f"{turns['cpu'] / race['cpu']:.2f}x the client CPU, {turns['srv'] / race['srv']:.2f}x the server CPU"
+    )
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--updates", type=int, default=400)
+    ap.add_argument("--concurrency", type=int, default=4)
+    a = ap.parse_args()
+    if a.updates < 1 or a.concurrency < 1:
+        ap.error("--updates and --concurrency must be at least 1")
+    asyncio.run(main(a.updates, a.concurrency))
