@@ -100,31 +100,36 @@ async def run(nc: nats.NATS, server: int, name: str, taking_turns: bool, n: int,
     return {"wall": wall, "cpu": cpu, "srv": srv, "reads": kv.reads, "writes": kv.writes, "refused": kv.refused}
 
 
-async def main(n: int, concurrency: int) -> None:
+async def measure(port: int, server_pid: int, n: int, concurrency: int) -> dict[str, dict[str, float]]:
+    for _ in range(100):
+        try:
+            nc = await nats.connect(f"nats://127.0.0.1:{port}", connect_timeout=1, max_reconnect_attempts=0,
+                                    error_cb=_quiet)  # fmt: skip
+            break
+        except Exception:  # noqa: BLE001 - not listening yet
+            await asyncio.sleep(0.05)
+    else:
+        raise SystemExit("nats-server did not start")
+    rows: dict[str, dict[str, float]] = {}
+    for rnd in range(2):  # alternated, twice: drift on a shared machine falls on both
+        for turns in (False, True):
+            label = "taking turns" if turns else "racing"
+            r = await run(nc, server_pid, f"hot{rnd}{int(turns)}", turns, n, concurrency)
+            acc = rows.setdefault(label, dict.fromkeys(r, 0.0))
+            for k, v in r.items():
+                acc[k] += v
+    await nc.close()
+    return rows
+
+
+def main(n: int, concurrency: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         port = free_port()
         conf = Path(tmp) / "nats.conf"
         conf.write_text(f"port: {port}\njetstream {{\n  store_dir: {tmp}/js\n  sync_interval: always\n}}\n")
         server = subprocess.Popen([find_binary("nats-server"), "-c", str(conf)], stderr=subprocess.DEVNULL)
         try:
-            for _ in range(100):
-                try:
-                    nc = await nats.connect(f"nats://127.0.0.1:{port}", connect_timeout=1, max_reconnect_attempts=0,
-                                            error_cb=_quiet)  # fmt: skip
-                    break
-                except Exception:  # noqa: BLE001 - not listening yet
-                    await asyncio.sleep(0.05)
-            else:
-                raise SystemExit("nats-server did not start")
-            rows = {}
-            for rnd in range(2):  # alternated, twice: drift on a shared machine falls on both
-                for turns in (False, True):
-                    label = "taking turns" if turns else "racing"
-                    r = await run(nc, server.pid, f"hot{rnd}{int(turns)}", turns, n, concurrency)
-                    acc = rows.setdefault(label, {k: 0.0 for k in r})
-                    for k, v in r.items():
-                        acc[k] += v
-            await nc.close()
+            rows = asyncio.run(measure(port, server.pid, n, concurrency))
         finally:
             server.terminate()
             server.wait()
@@ -149,4 +154,4 @@ if __name__ == "__main__":
     a = ap.parse_args()
     if a.updates < 1 or a.concurrency < 1:
         ap.error("--updates and --concurrency must be at least 1")
-    asyncio.run(main(a.updates, a.concurrency))
+    main(a.updates, a.concurrency)
