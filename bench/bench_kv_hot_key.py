@@ -1,11 +1,13 @@
-"""Compare-and-set on one hot key from one process: racing handlers against handlers that take turns.
+"""Compare-and-set on one hot key from one process: racing handlers, handlers taking turns, shared writes.
 
 A budget replica accounts every model call of a tenant into one tenant-day record, and a planner
 replica writes a task's record on every step event: several handlers of one process update the
 same key at once. ``mesh_kit.state.update`` makes them take turns (a lock per key); without it
 (``state._update``) they start from the same remembered value and the losers pay a failed write,
-a read and a retry. Both run here against one real nats-server (file store, ``sync_interval:
-always``, as the mesh runs it), in the same process tree, and the table gives the ratio.
+a read and a retry. Additions that commute (a running sum) can share writes
+(``state.accumulate``): the ones that arrive while one is written go together in the next. All
+three run here against one real nats-server (file store, ``sync_interval: always``, as the mesh
+runs it), in the same process tree, alternated, and the table gives the ratios.
 
     python bench/bench_kv_hot_key.py [--updates 400] [--concurrency 4]
 """
@@ -29,6 +31,9 @@ from pydantic import BaseModel
 from mesh_kit import state as st
 from meshctl.local import find_binary, free_port
 
+MODES = ("racing", "taking turns", "accumulating")
+"""``state._update`` (no lock), ``state.update`` (a lock per key), ``state.accumulate`` (shared writes)."""
+
 
 class Day(BaseModel):
     calls: int = 0
@@ -39,7 +44,7 @@ class Counting:
     """The bucket, counting what each update costs the server: reads, writes, refused writes."""
 
     def __init__(self, kv: Any) -> None:
-        self.kv, self.reads, self.writes, self.refused = kv, 0, 0, 0
+        self.kv, self.reads, self.writes, self.refused, self.gave_up = kv, 0, 0, 0, 0
 
     async def get(self, key: str) -> Any:
         self.reads += 1
@@ -71,7 +76,7 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def run(nc: nats.NATS, server: int, name: str, taking_turns: bool, n: int, concurrency: int) -> dict:
+async def run(nc: nats.NATS, server: int, name: str, mode: str, n: int, concurrency: int) -> dict:
     js = nc.jetstream()
     kv = Counting(await js.create_key_value(KeyValueConfig(bucket=name, storage=StorageType.FILE, history=1)))
 
@@ -79,15 +84,21 @@ async def run(nc: nats.NATS, server: int, name: str, taking_turns: bool, n: int,
         cur = cur or Day()
         return Day(calls=cur.calls + 1, tokens=cur.tokens + 100)
 
-    update = st.update if taking_turns else st._update
     left = iter(range(n))
 
     async def handler() -> None:
         for _ in left:
-            if taking_turns:
-                await update(kv, "day", Day, add)
+            if mode == "racing":
+                while True:
+                    try:
+                        await st._update(kv, "day", Day, add, 12)
+                        break
+                    except st.Conflict:  # lost 12 times in a row: a handler's message would be redelivered
+                        kv.gave_up += 1
+            elif mode == "taking turns":
+                await st.update(kv, "day", Day, add)
             else:
-                await update(kv, "day", Day, add, 12)
+                await st.accumulate(kv, "day", Day, add)
 
     cpu0, srv0, t0 = time.process_time(), cpu_s(server), time.perf_counter()
     await asyncio.gather(*(handler() for _ in range(concurrency)))
@@ -97,7 +108,8 @@ async def run(nc: nats.NATS, server: int, name: str, taking_turns: bool, n: int,
     except KeyNotFoundError:
         final = Day()
     assert final.calls == n, f"{name}: {final.calls} of {n} updates kept"  # nothing lost either way
-    return {"wall": wall, "cpu": cpu, "srv": srv, "reads": kv.reads, "writes": kv.writes, "refused": kv.refused}
+    return {"wall": wall, "cpu": cpu, "srv": srv, "reads": kv.reads, "writes": kv.writes, "refused": kv.refused,
+            "gave_up": kv.gave_up}  # fmt: skip
 
 
 async def measure(port: int, server_pid: int, n: int, concurrency: int) -> dict[str, dict[str, float]]:
@@ -111,10 +123,9 @@ async def measure(port: int, server_pid: int, n: int, concurrency: int) -> dict[
     else:
         raise SystemExit("nats-server did not start")
     rows: dict[str, dict[str, float]] = {}
-    for rnd in range(2):  # alternated, twice: drift on a shared machine falls on both
-        for turns in (False, True):
-            label = "taking turns" if turns else "racing"
-            r = await run(nc, server_pid, f"hot{rnd}{int(turns)}", turns, n, concurrency)
+    for rnd in range(2):  # alternated (ABC CBA): drift on a shared machine falls on every mode
+        for i, label in enumerate(MODES if rnd % 2 == 0 else MODES[::-1]):
+            r = await run(nc, server_pid, f"hot{rnd}{i}", label, n, concurrency)
             acc = rows.setdefault(label, dict.fromkeys(r, 0.0))
             for k, v in r.items():
                 acc[k] += v
@@ -135,16 +146,18 @@ def main(n: int, concurrency: int) -> None:
             server.wait()
     total = 2 * n
     print(f"{n} updates x2 of one key, {concurrency} handlers at once, one process (nats-server, sync always):")
-    print(f"  {'':14} {'updates/s':>9} {'writes/upd':>10} {'refused':>8} {'reads/upd':>9} "
+    print(f"  {'':14} {'updates/s':>9} {'writes/upd':>10} {'refused':>8} {'gave up':>7} {'reads/upd':>9} "
           f"{'client CPU':>10} {'server CPU':>10}")  # fmt: skip
-    for label, r in rows.items():
+    for label in MODES:
+        r = rows[label]
         print(f"  {label:14} {total / r['wall']:9.0f} {r['writes'] / total:10.2f} {int(r['refused']):8d} "
-              f"{r['reads'] / total:9.2f} {r['cpu'] * 1000 / total:8.3f}ms {r['srv'] * 1000 / total:8.3f}ms")  # fmt: skip
-    race, turns = rows["racing"], rows["taking turns"]
-    print(
-        f"  taking turns / racing: {race['wall'] / turns['wall']:.2f}x the throughput, "
-        f"{turns['cpu'] / race['cpu']:.2f}x the client CPU, {turns['srv'] / race['srv']:.2f}x the server CPU"
-    )
+              f"{int(r['gave_up']):7d} {r['reads'] / total:9.2f} {r['cpu'] * 1000 / total:8.3f}ms "
+              f"{r['srv'] * 1000 / total:8.3f}ms")  # fmt: skip
+    race = rows["racing"]
+    for label in MODES[1:]:
+        r = rows[label]
+        print(f"  {label} / racing: {race['wall'] / r['wall']:.2f}x the throughput, "
+              f"{r['cpu'] / race['cpu']:.2f}x the client CPU, {r['srv'] / race['srv']:.2f}x the server CPU")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -123,3 +123,47 @@ async def test_handlers_of_one_process_take_turns_on_a_key_and_no_write_is_refus
         assert final is not None and final.n == 21 and final.by[1:] == order, "every update kept, in turn"
         assert refused["n"] == 0, "no write refused: nobody started from a value another had replaced"
         assert not st._writers.get(kv), "no lock left behind"
+
+
+async def test_additions_that_meet_on_a_key_share_writes_and_each_returns_once_stored(integration_infra, unique):
+    """Forty additions at once from one process: the first is written alone, the ones that arrived
+    meanwhile together; every addition is kept exactly once, each call returns only after a write
+    holding it succeeded, a failed write fails every call in it (each is retried as before), and
+    a writer elsewhere is never overwritten."""
+    mesh = Mesh(settings_for(integration_infra, "budget"))
+    key = f"tenant.acme.{unique('day')}"
+    async with running(mesh):
+        kv, elsewhere = st.bind(mesh.nc, "budget"), st.bind(mesh.nc, "budget")
+        writes = {"n": 0}
+        update = kv.update
+
+        async def counted_update(k, value, last=None):
+            writes["n"] += 1
+            return await update(k, value, last=last)
+
+        kv.update = counted_update
+        stored_when_returned: list[int] = []
+
+        async def add(i: int) -> None:
+            await st.accumulate(kv, key, Tally, _add(str(i)))
+            now, _ = await st.load(elsewhere, key, Tally)
+            assert now is not None and str(i) in now.by, f"call {i} returned before its addition was stored"
+            stored_when_returned.append(i)
+
+        await st.update(elsewhere, key, Tally, _add("other"))  # another process wrote first
+        await asyncio.gather(*(add(i) for i in range(40)))
+        final, _ = await st.load(elsewhere, key, Tally)
+        assert final is not None and final.n == 41 and sorted(final.by) == sorted(["other", *map(str, range(40))])
+        assert len(stored_when_returned) == 40
+        assert writes["n"] <= 4, f"{writes['n']} writes for 40 additions: they should share them"
+        assert not st._accumulating.get(kv), "nothing left waiting"
+
+        async def refused(k, value, last=None):
+            raise st.Conflict("broker away")
+
+        kv.update = refused
+        results = await asyncio.gather(*(st.accumulate(kv, key, Tally, _add("lost")) for _ in range(5)),
+                                       return_exceptions=True)  # fmt: skip
+        assert all(isinstance(r, st.Conflict) for r in results), results
+        final, _ = await st.load(elsewhere, key, Tally)
+        assert final is not None and "lost" not in final.by and not st._accumulating.get(kv)

@@ -158,6 +158,78 @@ async def _update(
     raise Conflict(f"compare-and-set on {key} lost {retries} times")
 
 
+class _Pending:
+    __slots__ = ("leader", "waiting")
+
+    def __init__(self) -> None:
+        self.waiting: list[tuple[Callable[[Any], Any], asyncio.Future[None]]] = []
+        self.leader = False
+
+
+_accumulating: weakref.WeakKeyDictionary[Any, dict[str, _Pending]] = weakref.WeakKeyDictionary()
+
+
+async def accumulate(kv: Any, key: str, model: type[M], add: Callable[[M | None], M]) -> None:
+    """``update`` for additions that commute and always change the value (a running sum): the
+    calls of one process that meet on a key share writes. The first becomes the writer; the
+    additions that arrive while it writes are applied together, in arrival order, in its next
+    write (one read-modify-write for many: a tenant-day's spend gets one write per batch, not
+    one per model call). Each call returns once a write holding its addition is stored, so a
+    caller acknowledges nothing before it is durable; a failed write fails every call in it,
+    and each is retried as before."""
+    try:
+        per_key = _accumulating.setdefault(kv, {})
+    except TypeError:  # not weakly referenceable (a test double): one write per call
+        await update(kv, key, model, add)
+        return
+    pending = per_key.get(key)
+    if pending is None:
+        pending = per_key[key] = _Pending()
+    mine: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    pending.waiting.append((add, mine))
+    if pending.leader:
+        await mine
+        return
+    pending.leader = True
+    try:
+        while pending.waiting:
+            batch, pending.waiting = pending.waiting, []
+
+            def together(cur: M | None, batch: list[tuple[Callable[[Any], Any], asyncio.Future[None]]] = batch) -> M:
+                for one, _ in batch:
+                    cur = one(cur)
+                assert cur is not None
+                return cur
+
+            try:
+                await update(kv, key, model, together)
+            except BaseException as exc:
+                for _, fut in batch:
+                    if fut.done():
+                        continue
+                    if isinstance(exc, Exception):
+                        fut.set_exception(exc)
+                    elif fut is mine:
+                        fut.cancel()
+                    else:
+                        fut.set_exception(Conflict(f"{key}: the write they waited for was abandoned"))
+                if not isinstance(exc, Exception):
+                    raise  # cancelled: the waiters were told, and each of them is retried
+            else:
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_result(None)
+    finally:
+        pending.leader = False
+        for _, fut in pending.waiting:  # left behind by a cancelled writer: each retries on its own
+            if not fut.done():
+                fut.set_exception(Conflict(f"{key}: the write they waited for was abandoned"))
+        pending.waiting = []
+        if per_key.get(key) is pending:
+            del per_key[key]
+    await mine  # raises what the write of this call's addition raised
+
+
 async def task_record(kv: Any, tenant: str, task_id: str) -> TaskRecord | None:
     """The planner's record of a task (bucket ``tasks``), or None when there is none yet."""
     rec, _ = await load(kv, TaskRecord.key(tenant, task_id), TaskRecord)

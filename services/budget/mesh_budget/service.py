@@ -485,7 +485,7 @@ class Budget:
         self, m: UsageRecorded, day: str, call: TokenUsage, agent: str, model: str, first: bool,
         labels: dict[str, str] | None = None,
     ) -> None:  # fmt: skip
-        def add_day(cur: DayUsage | None) -> DayUsage | None:
+        def add_day(cur: DayUsage | None) -> DayUsage:
             cur = cur or DayUsage(tenant=m.tenant, day=day)
             cur.total = cur.total + call
             cur.by_agent[agent] = cur.by_agent.get(agent, TokenUsage()) + call
@@ -498,7 +498,8 @@ class Budget:
             cur.tasks += 1 if first else 0
             return cur
 
-        await st.update(self.kv, DayUsage.key(m.tenant, day), DayUsage, add_day)
+        # The tenant-day record is every call's: concurrent calls share a write (they only add).
+        await st.accumulate(self.kv, DayUsage.key(m.tenant, day), DayUsage, add_day)
 
     def _count(self, m: UsageRecorded, agent: str, labels: dict[str, str] | None = None) -> None:
         attrs = {
