@@ -193,6 +193,11 @@ CONTROL_OBSERVERS: tuple[str, ...] = SERVICES
 durable), so a halt stops their next model or tool call at once."""
 
 
+STORE_GAUGES: tuple[str, ...] = ("planner",)
+"""Services that read how full every stream is (``$JS.API.STREAM.INFO.<stream>``: its caps and
+counts, not a message): the planner refuses new tasks while one nears its cap."""
+
+
 WATCHERS: dict[str, tuple[str, ...]] = {
     "budget": ("task", "step", "tool", "rag", "check", "control", "approval", "usage"),
 }

@@ -45,7 +45,14 @@ HISTORICAL = {
     # The variables each service read before it had a settings model (environment reads in its
     # code, the budget's own BaseSettings): deployments, manifests and tests set these names.
     PlannerSettings: AGENT
-    | {"MESH_ADMISSION_MAX_IN_FLIGHT", "MESH_ADMISSION_RATE_PER_S", "MESH_ADMISSION_BURST", "MESH_ADMISSION_TENANTS"},
+    | {
+        "MESH_ADMISSION_MAX_IN_FLIGHT",
+        "MESH_ADMISSION_RATE_PER_S",
+        "MESH_ADMISSION_BURST",
+        "MESH_ADMISSION_TENANTS",
+        "MESH_STORE_HIGH_WATER",
+        "MESH_STORE_RETRY_AFTER_S",
+    },
     CheckerSettings: AGENT,
     WorkerSettings: AGENT | {"MESH_TOOL_TIMEOUT_S", "MESH_TOOL_OUTPUT_MAX_CHARS", "MESH_LIVE_WINDOW_MS"},
     RagSettings: {"MESH_RAG_SEED_TENANTS", "MESH_TENANTS", "MESH_EMBED_MODEL_DIR", "MESH_EMBED_THREADS"},

@@ -67,7 +67,8 @@ class TaskSubmitted(Contract):
 REJECTION_CODES = ("invalid", "too_many_in_flight", "rate_limited", "overloaded")
 """``TaskRejected.code``: ``invalid`` (malformed, unverifiable, unknown version: do not retry as
 is), ``too_many_in_flight`` (the tenant's tasks in flight are at its limit), ``rate_limited``
-(over the tenant's submissions per second), ``overloaded`` (the mesh refuses new work for now).
+(over the tenant's submissions per second), ``overloaded`` (the mesh refuses new work for now: a
+stream is near its cap; the planner says which, or the TASK stream refused the submission).
 All but ``invalid`` come with ``retry_after_s``."""
 
 

@@ -49,11 +49,13 @@ from mesh_kit.deps import Dependency, readiness
 from mesh_kit.fair import PRIORITY, FairConsumer, Fetched
 from mesh_kit.guard import Guard
 from mesh_kit.identity import IdentityError, Principal, Signer, TrustBundle, Verifier, load_private_key
-from mesh_kit.settings import BROKER_UNAVAILABLE, ServiceSettings, tls_context
+from mesh_kit.settings import BROKER_UNAVAILABLE, ServiceSettings, StreamFull, tls_context
 from mesh_kit.state import bind
 
 log = logging.getLogger("mesh.bus")
 C = TypeVar("C", bound=Contract)
+FULL_PAUSE_S = 5.0
+"""Longest wait between tries of a handler whose output a full stream refused."""
 
 
 class Reject(Exception):
@@ -524,6 +526,12 @@ class Mesh:
             if self.stats.permission_errors:
                 raise PermissionViolation(self.stats.permission_errors[-1]) from exc
             raise
+        except nats.js.errors.APIError as exc:
+            full = StreamFull.of(exc, topo.STREAMS[model.spec.domain])
+            if full is not None:
+                self.count(tel.M_STREAM_FULL, {"stream": full.stream or ""})
+                raise full from exc
+            raise
         return ack
 
     async def emit(self, model: Contract) -> None:
@@ -750,12 +758,26 @@ class Mesh:
         message is kept alive with heartbeats meanwhile; after ``infra_retry_s`` the failure
         counts as an attempt after all."""
         deadline = time.monotonic() + self.settings.infra_retry_s
-        pause, beating = 0.1, False
+        pause, beating, full_logged = 0.1, False, False
         async with contextlib.AsyncExitStack() as stack:
             while True:
                 try:
                     await handler(model, delivery)
                     return
+                except StreamFull as exc:
+                    # Backpressure: a stream this handler writes to is at its cap. The message
+                    # waits here, alive and not spending attempts, for as long as that lasts
+                    # (a bounded store refuses new work; it must not fail work in hand), and this
+                    # handler slot with it, so the service takes no more until there is room.
+                    if not beating:
+                        await stack.enter_async_context(delivery.keepalive())
+                        beating = True
+                    if pause >= 2.0 or not full_logged:
+                        log.warning("%s: %s; holding it until there is room", delivery.subject, exc)
+                        full_logged = True
+                    await asyncio.sleep(pause)
+                    pause = min(pause * 2, FULL_PAUSE_S)
+                    deadline = time.monotonic() + self.settings.infra_retry_s  # time held is not an outage
                 except BROKER_UNAVAILABLE as exc:
                     if time.monotonic() + pause > deadline:
                         raise

@@ -201,3 +201,26 @@ BROKER_UNAVAILABLE: tuple[type[Exception], ...] = (
 """Failures of the broker, not of the message: a restart, a failover, a leader election.
 Retrying is safe wherever the operation is idempotent (a publish under a deterministic
 message id, a compare-and-set handler)."""
+
+STREAM_FULL_CODE = 10077
+"""JetStream's answer to a publish into a stream at one of its caps (``maximum messages
+exceeded``, ``maximum bytes exceeded``, ``... per subject exceeded``) with ``discard: new``."""
+
+
+class StreamFull(nats.js.errors.ServiceUnavailableError):
+    """A stream at its cap refused the message: nothing was stored. The mesh's streams refuse
+    new messages when full rather than forget old ones, so this passes only once something
+    ages out or an operator raises the cap (``meshctl provision --stream-max-mib``)."""
+
+    def __init__(self, stream: str, description: str) -> None:
+        super().__init__(code=503, description=description, err_code=STREAM_FULL_CODE, stream=stream)
+
+    def __str__(self) -> str:
+        return f"stream {self.stream} is full ({self.description}): nothing was stored"
+
+    @classmethod
+    def of(cls, exc: BaseException, stream: str) -> StreamFull | None:
+        """``exc`` as a ``StreamFull`` if that is what the broker said, else None."""
+        if isinstance(exc, nats.js.errors.APIError) and exc.err_code == STREAM_FULL_CODE:
+            return cls(stream, exc.description or "full")
+        return None

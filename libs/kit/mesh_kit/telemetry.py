@@ -31,6 +31,7 @@ M_KEY_ROTATED = "mesh.identity.key_rotated"  # this service now signs with its r
 M_CREDS_ROTATED = "mesh.identity.creds_rotated"  # reconnected as the rotated NATS user
 M_CONNECTION_LOST = "mesh.nats.connection_lost"  # the server closed the connection for good (revoked, refused)
 M_ADMITTED = "mesh.admission.admitted"  # submissions the planner admitted; attribute tenant
+M_STREAM_FULL = "mesh.stream.full"  # a publish a stream at its cap refused; attribute stream
 M_REFUSED = "mesh.admission.refused"  # refused at the door (over a tenant's limit); attributes tenant, code
 M_LLM_CALLS = "mesh.llm.calls"
 M_LLM_REPLAYED = "mesh.llm.replayed"  # a replay's call answered from the replayed task's recording: no cost

@@ -45,7 +45,7 @@ from meshctl import options as opt
 from meshctl.identity import Identities, write_secret
 from meshctl.local import MeshError, MeshState
 from meshctl.policy import policy
-from meshctl.provision import consumer_lag, provision
+from meshctl.provision import AUDIT_MAX_BYTES, MIB, STREAM_MAX_BYTES, Caps, consumer_lag, provision, store_levels
 
 if TYPE_CHECKING:
     from meshctl.client import TenantClient
@@ -154,7 +154,8 @@ def cmd_provision(args: argparse.Namespace) -> int:
                 "retention_s": args.retention_days and args.retention_days * 86400.0,
                 "audit_retention_s": args.audit_retention_days and args.audit_retention_days * 86400.0,
             }
-            report = await provision(nc, replicas=args.replicas, **{k: v for k, v in days.items() if v})
+            caps = Caps(args.stream_max_mib * MIB, args.audit_max_mib * MIB, args.stream_max_msgs)
+            report = await provision(nc, replicas=args.replicas, caps=caps, **{k: v for k, v in days.items() if v})
         finally:
             await nc.close()
         print(
@@ -196,7 +197,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     home = opt.home(args)
     state = _running(home)
 
-    async def run() -> tuple[dict, dict]:
+    async def run() -> tuple[dict, dict, dict, dict]:
         health = {}
         async with httpx.AsyncClient(timeout=2.0) as client:
             for name, proc in state.services.items():
@@ -210,17 +211,18 @@ def cmd_status(args: argparse.Namespace) -> int:
         nc = await _admin(args)
         try:
             lag = await consumer_lag(nc)
+            streams = await store_levels(nc)
             try:
                 admission = await spend.scan(await _bucket(nc, AdmissionRecord.bucket), ">")
             except Exception as exc:  # noqa: BLE001 - a mesh provisioned before admission existed
                 admission = {"?": {"error": str(exc)}}
         finally:
             await nc.close()
-        return health, lag, admission
+        return health, lag, admission, streams
 
-    health, lag, admission = asyncio.run(run())
+    health, lag, admission, streams = asyncio.run(run())
     if args.json:
-        print(json.dumps({"services": health, "consumers": lag, "tenants": admission}, indent=2))
+        print(json.dumps({"services": health, "consumers": lag, "tenants": admission, "streams": streams}, indent=2))
         return 0 if all(h.get("ready") for h in health.values()) else 1
     print(f"{'SERVICE':14} {'PID':>7} {'READY':6} {'LAG':>5}  DETAIL")
     for name, proc in state.services.items():
@@ -259,7 +261,19 @@ def cmd_status(args: argparse.Namespace) -> int:
                 f"{tenant:14} {len(rec.get('in_flight', {})):>9} {running:>8} {queued:>7} {queued_s:>8} "
                 f"{rec.get('admitted', 0):>9} {sum(refused.values()):>8}  {rec.get('mean_task_s', 0.0):8.2f}s  {by_code}"
             )
+    if streams:
+        print(f"\n{'STREAM':14} {'MESSAGES':>9} {'STORED':>10} {'CAP':>10} {'FULL':>6}")
+        for name, v in streams.items():
+            cap = _mib(v["max_bytes"]) if v["max_bytes"] > 0 else "none"
+            if v["max_msgs"] > 0:
+                cap += f", {int(v['max_msgs'])} msgs"
+            flag = "  near its cap: new tasks are refused" if v["full"] >= 0.9 else ""
+            print(f"{name:14} {int(v['messages']):>9} {_mib(v['bytes']):>10} {cap:>10} {v['full']:>6.1%}{flag}")
     return 0 if all(h.get("ready") for h in health.values()) else 1
+
+
+def _mib(n: float) -> str:
+    return f"{n / MIB:.1f} MiB" if n >= MIB else f"{n / 1024:.1f} KiB"
 
 
 def _tenant_client(args: argparse.Namespace) -> TenantClient:
@@ -1004,6 +1018,12 @@ def _mesh_commands(sub: argparse._SubParsersAction) -> None:
                    help="how long task messages are kept (default 7); the audit chain has its own")  # fmt: skip
     s.add_argument("--audit-retention-days", type=opt.days, default=None,
                    help="how long the tamper-evident audit chain is kept (default 365)")  # fmt: skip
+    s.add_argument("--stream-max-mib", type=opt.cap("MiB"), default=STREAM_MAX_BYTES // MIB,
+                   help="cap on each work stream and the DLQ (default 512; 0: none); full refuses new messages")  # fmt: skip
+    s.add_argument("--audit-max-mib", type=opt.cap("MiB"), default=AUDIT_MAX_BYTES // MIB,
+                   help="cap on the audit chain (default 1024; 0: none)")  # fmt: skip
+    s.add_argument("--stream-max-msgs", type=opt.cap("messages"), default=0,
+                   help="cap on each stream's messages (default 0: none)")  # fmt: skip
     s.set_defaults(fn=cmd_provision)
 
     s = sub.add_parser("up", help="start nats-server, redis-server and the six services locally")

@@ -47,12 +47,22 @@ from mesh_contracts.v1 import (
 from mesh_kit import envelope as env
 from mesh_kit.fair import PRIORITY
 from mesh_kit.identity import IdentityError, Signer, TrustBundle, Verifier
-from mesh_kit.settings import BROKER_UNAVAILABLE, inbox_prefix, log_nats_error, nats_servers, tls_context
+from mesh_kit.settings import (
+    BROKER_UNAVAILABLE,
+    StreamFull,
+    inbox_prefix,
+    log_nats_error,
+    nats_servers,
+    tls_context,
+)
 
 if TYPE_CHECKING:
     from meshctl.identity import Identities
 
 TERMINAL = (TaskCompleted, TaskFailed, TaskRejected)
+STORE_FULL_RETRY_S = 30.0
+"""The ``retry_after_s`` of a submission the TASK stream refused (full): as the planner's own
+``overloaded`` refusal (``MESH_STORE_HIGH_WATER``) says."""
 
 
 @dataclass
@@ -156,7 +166,10 @@ class TenantClient:
             try:
                 await self.nc.jetstream().publish(model.subject(), body, headers=headers, timeout=5.0)
                 return
-            except BROKER_UNAVAILABLE:
+            except BROKER_UNAVAILABLE as exc:
+                full = StreamFull.of(exc, STREAMS[model.spec.domain])
+                if full is not None:
+                    raise full from exc  # not an outage: it stays full until there is room
                 if time.monotonic() + pause > deadline:
                     raise
                 await asyncio.sleep(pause)
@@ -185,8 +198,9 @@ class TenantClient:
         needs only the result).
 
         A submission refused at the door (over the tenant's tasks in flight or submissions per
-        second) ends at once with a ``TaskRejected`` outcome whose ``code`` says which and whose
-        ``retry_after_s`` says when to try again."""
+        second, or the mesh near a stream's cap) ends at once with a ``TaskRejected`` outcome
+        whose ``code`` says which and whose ``retry_after_s`` says when to try again; so does
+        one the TASK stream itself refuses because it is full (``overloaded``)."""
         assert self.nc is not None
         task_id = task_id or f"t-{uuid.uuid4().hex[:12]}"
         seen = Followed(task_id)
@@ -229,18 +243,27 @@ class TenantClient:
                 ]
             await self.nc.flush()
         seen.submitted_at = time.time()
-        await self.publish(
-            TaskSubmitted(
-                tenant=self.tenant,
-                task_id=task_id,
-                goal=goal,
-                limits=limits or TaskLimits(),
-                policy=policy or TaskPolicy(),
-                labels=labels or {},
-                priority=priority,
-                replay=replay,
-            )
+        submitted = TaskSubmitted(
+            tenant=self.tenant,
+            task_id=task_id,
+            goal=goal,
+            limits=limits or TaskLimits(),
+            policy=policy or TaskPolicy(),
+            labels=labels or {},
+            priority=priority,
+            replay=replay,
         )
+        try:
+            await self.publish(submitted)
+        except StreamFull as exc:
+            # Refused by the store itself, before any planner saw it: the same answer as the
+            # planner's ``overloaded`` (nothing was stored, nothing runs), said here.
+            seen.outcome = TaskRejected(
+                tenant=self.tenant, task_id=task_id, source_subject=submitted.subject(), code="overloaded",
+                reason=f"the mesh refuses new tasks: {exc}", retry_after_s=STORE_FULL_RETRY_S,
+            )  # fmt: skip
+            seen.finished_at = time.time()
+            done.set()
         if follow:
             deadline = time.monotonic() + timeout
             try:

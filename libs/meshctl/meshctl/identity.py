@@ -386,6 +386,8 @@ server_name: {server_name}
 listen: 127.0.0.1:{port}
 http: 127.0.0.1:{http_port}
 max_payload: 8MB
+# A user JWT travels in the CONNECT line: the planner's (its permissions) is past the 4 KB default.
+max_control_line: 16KB
 {self.tls_block()}
 operator: {(self.secrets / "operator.jwt").read_text().strip()}
 system_account: {sys_pub}

@@ -65,6 +65,21 @@ def days(value: str) -> float:
     return d
 
 
+def cap(what: str) -> Callable[[str], int]:
+    """A whole number, 0 (none) or more: a cap on ``what``."""
+
+    def check(value: str) -> int:
+        try:
+            n = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not a whole number of {what}") from None
+        if n < 0:
+            raise argparse.ArgumentTypeError(f"{value!r}: a number of {what} is 0 (no cap) or more")
+        return n
+
+    return check
+
+
 def label(value: str) -> tuple[str, str]:
     """``KEY=VALUE``: a key of letters, digits, '-', '_' or '.'; a value of at most 128 characters."""
     key, sep, val = value.partition("=")

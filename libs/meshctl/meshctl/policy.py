@@ -75,6 +75,8 @@ def service_permissions(service: str) -> Permissions:
         # Appending to a tenant's audit chain: read its last record (a subject-form direct get,
         # which reads nothing but a chain's head), then publish under a compare-and-set on it.
         p.add_pub(f"$JS.API.DIRECT.GET.{topo.STREAMS['audit']}.{AuditRecorded.spec.domain}.v1.*.>")
+    if service in topo.STORE_GAUGES:
+        p.add_pub(*(f"$JS.API.STREAM.INFO.{s}" for s in [*topo.STREAMS.values(), topo.DLQ_STREAM]))
     if service in topo.CONTROL_OBSERVERS:
         p.add_sub("control.*.*.*.*")
     p.add_pub(topo.dlq_subject(service, ">"))

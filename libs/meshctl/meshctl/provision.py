@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import nats
 from nats.js import api
-from nats.js.errors import BadRequestError
+from nats.js.errors import BadRequestError, NotFoundError
 
 from mesh_contracts import topology as topo
 
@@ -25,6 +25,17 @@ AUDIT_RETENTION_S = 365 * 24 * 3600.0
 """How long the audit chain is kept (a year, what compliance regimes commonly ask):
 ``--audit-retention-days``. The stream refuses deletes and purges; only age removes records."""
 DLQ_RETENTION_S = 30 * 24 * 3600.0
+MIB = 1 << 20
+STREAM_MAX_BYTES = 512 * MIB
+"""Each work stream's (and the dead-letter stream's) cap on stored bytes: ``--stream-max-mib``.
+At the cap the stream refuses new messages (``discard: new``) and keeps every stored one: work in
+hand waits in place, the planner refuses new tasks from 90% (``overloaded``), a client's
+submission into a full TASK stream is refused at once. JetStream reserves a stream's cap on the
+server's store, so the caps together must fit in its ``max_file_store`` (8 GB for ``meshctl
+up``, 7.45 GiB: nine work streams and the DLQ at 512 MiB plus the audit chain at 1 GiB is 6 GiB)."""
+AUDIT_MAX_BYTES = 1024 * MIB
+"""The audit chain's cap: ``--audit-max-mib``. At it, the services that append (tool effects,
+approvals, budget trips) wait rather than act unrecorded."""
 
 
 @dataclass
@@ -34,9 +45,23 @@ class ProvisionReport:
     buckets: list[str]
 
 
+@dataclass(frozen=True)
+class Caps:
+    """Bounds on what the mesh's streams hold (0: none); at a bound, new messages are refused."""
+
+    max_bytes: int = STREAM_MAX_BYTES
+    audit_max_bytes: int = AUDIT_MAX_BYTES
+    max_msgs: int = 0
+
+    def of(self, stream: str) -> dict[str, int]:
+        size = self.audit_max_bytes if stream == AUDIT else self.max_bytes
+        return {"max_bytes": size or -1, "max_msgs": self.max_msgs or -1}
+
+
 def stream_configs(
-    replicas: int = 1, *, retention_s: float = RETENTION_S, audit_retention_s: float = AUDIT_RETENTION_S
-) -> list[api.StreamConfig]:
+    replicas: int = 1, *, retention_s: float = RETENTION_S, audit_retention_s: float = AUDIT_RETENTION_S,
+    caps: Caps = Caps(),
+) -> list[api.StreamConfig]:  # fmt: skip
     configs = [
         api.StreamConfig(
             name=stream,
@@ -45,6 +70,10 @@ def stream_configs(
             retention=api.RetentionPolicy.LIMITS,
             duplicate_window=DEDUP_WINDOW_S,
             max_age=audit_retention_s if stream == AUDIT else retention_s,
+            # Bounded, and full means "no more", never "forget the oldest": a stored message is
+            # work somebody was promised (or a record somebody must be able to show).
+            discard=api.DiscardPolicy.NEW,
+            **caps.of(stream),
             num_replicas=replicas,
             # Tamper evidence, first line: no API may delete or purge a record (and no update can
             # take that back); the hash chain (``meshctl audit verify``) shows what remains.
@@ -73,6 +102,8 @@ def stream_configs(
             retention=api.RetentionPolicy.LIMITS,
             duplicate_window=DEDUP_WINDOW_S,
             max_age=DLQ_RETENTION_S,
+            discard=api.DiscardPolicy.NEW,
+            **caps.of(topo.DLQ_STREAM),
             num_replicas=replicas,
             description="Dead letters: original body and headers, reason, attempts, original subject",
         )
@@ -110,17 +141,22 @@ def consumer_config(d: topo.Durable, replicas: int = 1, ack_wait_s: float = topo
 
 async def provision(
     nc: nats.NATS, *, replicas: int = 1, ack_wait_s: float = topo.ACK_WAIT_S, retention_s: float = RETENTION_S,
-    audit_retention_s: float = AUDIT_RETENTION_S,
+    audit_retention_s: float = AUDIT_RETENTION_S, caps: Caps = Caps(),
 ) -> ProvisionReport:  # fmt: skip
-    """``ack_wait_s`` must match the services' MESH_ACK_WAIT_S (their heartbeat interval derives from it)."""
+    """``ack_wait_s`` must match the services' MESH_ACK_WAIT_S (their heartbeat interval derives from it).
+    Lowering a cap below what a stream holds keeps every message (``discard: new`` refuses only
+    new ones); the stream takes nothing more until it is under the cap again."""
     js = nc.jetstream()
     report = ProvisionReport([], [], [])
-    for cfg in stream_configs(replicas, retention_s=retention_s, audit_retention_s=audit_retention_s):
+    for cfg in stream_configs(replicas, retention_s=retention_s, audit_retention_s=audit_retention_s, caps=caps):
+        # Update an existing stream rather than try to add it again: the server checks an add's
+        # cap against the store before it sees the name is taken, and the caps of every stream
+        # already reserved would not leave room for a second copy of one.
         try:
+            await js.stream_info(cfg.name or "")
+        except NotFoundError:
             await js.add_stream(cfg)
-        except BadRequestError as exc:
-            if exc.err_code != 10058:  # stream name already in use with a different configuration
-                raise
+        else:
             await js.update_stream(cfg)
         report.streams.append(cfg.name or "")
     # Buckets before durables: a service waits for its durables (Mesh.start), so once they
@@ -152,6 +188,26 @@ async def provision(
         await js.add_consumer(d.stream, consumer_config(d, replicas, ack_wait_s))  # create or update
         report.consumers.append(f"{d.stream}/{d.name}")
     return report
+
+
+async def store_levels(nc: nats.NATS) -> dict[str, dict[str, float]]:
+    """Per stream of the mesh: messages and bytes held, its caps (-1: none) and how full it is
+    (the larger share of a cap); the planner refuses new tasks from ``MESH_STORE_HIGH_WATER``."""
+    js = nc.jetstream()
+    out: dict[str, dict[str, float]] = {}
+    for stream in [*topo.STREAMS.values(), topo.DLQ_STREAM]:
+        try:
+            info = await js.stream_info(stream)
+        except Exception:  # noqa: BLE001, S112 - not provisioned (yet), or its leader did not answer: not listed
+            continue
+        cfg, st = info.config, info.state
+        shares = [st.bytes / cfg.max_bytes if (cfg.max_bytes or 0) > 0 else 0.0,
+                  st.messages / cfg.max_msgs if (cfg.max_msgs or 0) > 0 else 0.0]  # fmt: skip
+        out[stream] = {
+            "messages": st.messages, "bytes": st.bytes, "max_msgs": cfg.max_msgs or -1,
+            "max_bytes": cfg.max_bytes or -1, "full": round(max(shares), 4),
+        }  # fmt: skip
+    return out
 
 
 async def consumer_lag(nc: nats.NATS) -> dict[str, dict[str, int]]:

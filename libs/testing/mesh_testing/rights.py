@@ -70,6 +70,11 @@ GUARD = kv_read("status")  # whether a task was halted or ended (not what it is 
 # matching ``audit.v1.<tenant>.>``, nothing by sequence), then a compare-and-set publish on it.
 AUDIT_WRITER = {"$JS.API.DIRECT.GET.AUDIT.audit.v1.*.>"}
 
+STORE_LEVELS = {
+    f"$JS.API.STREAM.INFO.{s}"
+    for s in ("TASK", "STEP", "TOOL", "RAG", "CHECK", "USAGE", "CONTROL", "APPROVAL", "EVENTS", "AUDIT", "DLQ")
+}
+
 INTENDED: dict[str, set[str]] = {
     "planner": EVERY_SERVICE
     | fetch("TASK", "planner--task-submitted")
@@ -85,6 +90,8 @@ INTENDED: dict[str, set[str]] = {
     | kv_own("admission")  # per tenant: tasks in flight, its submission token bucket
     | kv_read("tools")
     | AUDIT_WRITER  # control actions
+    # how full each stream is (caps and counts, no message): new tasks are refused near a cap
+    | STORE_LEVELS
     | ledger("planner"),
     "worker": EVERY_SERVICE
     | fetch("STEP", "worker--step-requested")

@@ -14,6 +14,10 @@ tenant over a limit gets ``task.rejected`` at once, with a machine-readable ``co
   read); the refusals a planner made are added to the record with its next write for the
   tenant (an admission or an end), so ``meshctl status`` may show them a little late.
 
+The mesh as a whole refuses new tasks (code ``overloaded``) while one of its streams is filled to
+``MESH_STORE_HIGH_WATER`` (90%) of its cap (``StoreLevel``): streams refuse new messages when full
+rather than forget old ones, and the last tenth is kept for the tasks already in flight.
+
 Limits come from ``MESH_ADMISSION_MAX_IN_FLIGHT``, ``MESH_ADMISSION_RATE_PER_S`` and
 ``MESH_ADMISSION_BURST`` (0: no limit), per tenant from ``MESH_ADMISSION_TENANTS`` (JSON:
 ``{"acme": {"max_in_flight": 200, "rate_per_s": 50, "burst": 100}}``).
@@ -22,6 +26,8 @@ Limits come from ``MESH_ADMISSION_MAX_IN_FLIGHT``, ``MESH_ADMISSION_RATE_PER_S``
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -30,6 +36,8 @@ from typing import Any
 
 from mesh_contracts.v1.records import AdmissionRecord
 from mesh_kit import state as st
+
+log = logging.getLogger("mesh.planner.admission")
 
 GRACE_S = 60.0
 """How long past its deadline an admitted task whose end was never recorded keeps counting."""
@@ -118,6 +126,11 @@ class Admission:
                 self._refused.setdefault(tenant, Counter())[refusal.code] += 1
         return refusal
 
+    def refused(self, tenant: str, code: str) -> None:
+        """Count a refusal decided elsewhere (``overloaded``): it reaches the record with the
+        tenant's next write, like the others."""
+        self._refused.setdefault(tenant, Counter())[code] += 1
+
     def _add_refused(self, tenant: str, rec: AdmissionRecord) -> None:
         for code, n in self._refused.get(tenant, Counter()).items():
             rec.refused[code] = rec.refused.get(code, 0) + n
@@ -157,3 +170,50 @@ def parse_tenants(raw: dict[str, dict[str, Any]], default: Limits) -> dict[str, 
             burst=int(values.get("burst", default.burst)),
         )
     return out
+
+
+class StoreLevel:
+    """How full the mesh's capped streams are, read (``STREAM.INFO``, counts only) at most every
+    ``every_s``; ``over()`` names the fullest one while it is at or over ``high_water`` of a cap."""
+
+    def __init__(
+        self, js: Any, streams: list[str], high_water: float, retry_after_s: float, every_s: float = 1.0
+    ) -> None:
+        self.js, self.streams, self.high_water = js, streams, high_water
+        self.retry_after_s, self.every_s = retry_after_s, every_s
+        self.fill: dict[str, float] = {}
+        self._read_at = float("-inf")
+        self._lock = asyncio.Lock()
+
+    async def _read(self, stream: str) -> None:
+        try:
+            info = await self.js.stream_info(stream)
+        except Exception as exc:  # noqa: BLE001 - not there (older provisioning) or the broker is away: keep the last
+            log.debug("stream info for %s not read: %s", stream, exc)
+            return
+        cfg, state = info.config, info.state
+        fill = 0.0
+        if cfg.max_bytes and cfg.max_bytes > 0:
+            fill = max(fill, state.bytes / cfg.max_bytes)
+        if cfg.max_msgs and cfg.max_msgs > 0:
+            fill = max(fill, state.messages / cfg.max_msgs)
+        self.fill[stream] = fill
+
+    async def over(self) -> Refusal | None:
+        if time.monotonic() - self._read_at >= self.every_s and not self._lock.locked():
+            async with self._lock:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(2.0):
+                        await asyncio.gather(*(self._read(s) for s in self.streams))
+                self._read_at = time.monotonic()
+        if not self.fill:
+            return None
+        stream, fill = max(self.fill.items(), key=lambda kv: kv[1])
+        if fill < self.high_water:
+            return None
+        return Refusal(
+            "overloaded",
+            f"the mesh refuses new tasks while a stream is {self.high_water:.0%} full: {stream} is at {fill:.0%} "
+            "of its cap (tasks in flight go on)",
+            self.retry_after_s,
+        )

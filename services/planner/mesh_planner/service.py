@@ -21,6 +21,7 @@ from pydantic import ValidationError
 from mesh_agent import prompts
 from mesh_agent.metered import BudgetExceeded, Models, call_model_once, configured
 from mesh_contracts import Contract
+from mesh_contracts import topology as topo
 from mesh_contracts.registry import BY_TYPE
 from mesh_contracts.v1 import (
     CheckRequested,
@@ -59,7 +60,7 @@ from mesh_kit import telemetry as tel
 from mesh_kit.ledger import BUCKET as LEDGER
 from mesh_kit.ledger import Ledger
 from mesh_llm import ChatModel, ContextOverflow, Message, ModelRequest, UnknownRoute
-from mesh_planner.admission import Admission, Limits, parse_tenants
+from mesh_planner.admission import Admission, Limits, StoreLevel, parse_tenants
 from mesh_planner.settings import PlannerSettings
 
 log = logging.getLogger("mesh.planner")
@@ -254,6 +255,7 @@ class Planner:
         self.status: Any = None  # ``status`` bucket: what every service's guard reads
         self.evidence: Any = None  # ``evidence`` bucket: the retrieval records the checker gets
         self.admission: Admission | None = None
+        self.store: StoreLevel | None = None
 
     async def start(self) -> None:
         self.kv = await self.mesh.kv("tasks")
@@ -265,6 +267,8 @@ class Planner:
             await self.mesh.kv(AdmissionRecord.bucket), default, parse_tenants(s.admission_tenants, default)
         )
         self.ledger = Ledger(await self.mesh.kv(LEDGER), self.mesh.service)
+        streams = [*topo.STREAMS.values(), topo.DLQ_STREAM]
+        self.store = StoreLevel(self.mesh.nc.jetstream(), streams, s.store_high_water, s.store_retry_after_s)
 
     def register(self) -> None:
         m = self.mesh
@@ -373,19 +377,24 @@ class Planner:
 
     async def on_submitted(self, m: TaskSubmitted, d: Delivery) -> None:
         key = TaskRecord.key(m.tenant, m.task_id)
-        if self.admission is not None:
+        refusal = await self.store.over() if self.store is not None else None
+        if refusal is not None and await st.task_record(self.kv, m.tenant, m.task_id) is not None:
+            refusal = None  # a redelivered submission of a task already in flight: it goes on
+        elif refusal is not None and self.admission is not None:
+            self.admission.refused(m.tenant, refusal.code)
+        if refusal is None and self.admission is not None:
             refusal = await self.admission.admit(m.tenant, m.task_id, m.limits.deadline_s)
-            if refusal is not None:
-                self.mesh.count(tel.M_REFUSED, {"tenant": m.tenant, "code": refusal.code})
-                log.info("refused %s: %s (retry after %.2fs)", key, refusal.reason, refusal.retry_after_s)
-                await self.mesh.publish(
-                    TaskRejected(
-                        tenant=m.tenant, task_id=m.task_id, reason=refusal.reason, source_subject=d.subject,
-                        code=refusal.code, retry_after_s=refusal.retry_after_s,
-                    ),
-                    key=f"refused:{d.msg_id}", causation=d.msg_id,
-                )  # fmt: skip
-                return
+        if refusal is not None:
+            self.mesh.count(tel.M_REFUSED, {"tenant": m.tenant, "code": refusal.code})
+            log.info("refused %s: %s (retry after %.2fs)", key, refusal.reason, refusal.retry_after_s)
+            await self.mesh.publish(
+                TaskRejected(
+                    tenant=m.tenant, task_id=m.task_id, reason=refusal.reason, source_subject=d.subject,
+                    code=refusal.code, retry_after_s=refusal.retry_after_s,
+                ),
+                key=f"refused:{d.msg_id}", causation=d.msg_id,
+            )  # fmt: skip
+            return
 
         plan_prompt, unusable = self.plan_prompt, ""
         if m.replay is not None:

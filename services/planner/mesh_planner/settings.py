@@ -21,6 +21,12 @@ class PlannerSettings(AgentSettings):
     it: code ``rate_limited``."""
     admission_burst: int = Field(200, ge=0)
     """How many submissions one tenant may make at once before ``admission_rate_per_s`` applies."""
+    store_high_water: float = Field(0.9, gt=0, le=1)
+    """New tasks are refused (code ``overloaded``) while one of the mesh's streams holds this
+    share of its cap: the rest is kept for the tasks in flight (1: only when a stream is full)."""
+    store_retry_after_s: float = Field(30.0, gt=0)
+    """The ``retry_after_s`` of an ``overloaded`` refusal: space comes back as messages age out
+    or when an operator raises a cap, so not soon."""
     admission_tenants: dict[str, dict[str, float]] = {}
     """Per-tenant limits over the defaults, as JSON: ``{"acme": {"max_in_flight": 200,
     "rate_per_s": 50, "burst": 100}}``."""
