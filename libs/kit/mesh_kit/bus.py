@@ -878,9 +878,13 @@ class Mesh:
             self.count(tel.M_HANDLED)
 
         entry.__name__ = f"serve_{contract.type_name().replace('.', '_')}"
-        self.broker.subscriber(pattern, queue=topo.queue_group(self.service), no_reply=True, decoder=_the_message)(
-            entry
-        )
+        # Requests are answered MESH_MAX_WORKERS at a time, as replicas would: one at a time, each
+        # waits for every request ahead of it and its round trips (another tenant's burst too).
+        workers = self.settings.max_workers
+        self.broker.subscriber(
+            pattern, queue=topo.queue_group(self.service), no_reply=True, decoder=_the_message,
+            max_workers=workers if workers > 1 else None,
+        )(entry)  # fmt: skip
 
     # --- state ----------------------------------------------------------------------------
 
