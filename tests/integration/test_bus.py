@@ -210,6 +210,28 @@ async def _when(coro, pred):
     return value if pred(value) else None
 
 
+async def test_requests_are_answered_several_at_a_time(integration_infra, unique):
+    """A request waits for the ones being answered only up to MESH_MAX_WORKERS at a time: the
+    first two handlers here answer only once both run together (one at a time, neither would)."""
+    task, both = unique("serve"), asyncio.Event()
+    running_now = []
+
+    async def answer(m: BudgetReserve, d) -> BudgetGranted:
+        running_now.append(m.call_id)
+        if len(running_now) >= 2:
+            both.set()
+        await asyncio.wait_for(both.wait(), 10)
+        return BudgetGranted(tenant=m.tenant, task_id=m.task_id, reservation_id=f"r{m.call_id}", remaining_tokens=0)
+
+    server = Mesh(settings_for(integration_infra, "budget", max_workers=4))
+    server.serve(BudgetReserve, answer)
+    worker = Mesh(settings_for(integration_infra, "worker"))
+    async with running(server), running(worker):
+        asks = [BudgetReserve(tenant="acme", task_id=task, agent="worker", call_id=f"c{i}", tokens=1) for i in range(2)]
+        answers = await asyncio.gather(*(worker.request(a, timeout=8) for a in asks))
+    assert sorted(a.reservation_id for a in answers) == ["rc0", "rc1"]
+
+
 async def test_sigterm_lets_in_flight_work_finish_and_ack(integration_infra, unique):
     """A real SIGTERM to the serving process: the handler in flight completes and is acked once."""
     import os
