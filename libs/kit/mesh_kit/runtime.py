@@ -70,6 +70,7 @@ async def serve(settings: S, build: Build[S], *, stop: asyncio.Event | None = No
                 "service": settings.service,
                 "uptime_s": round(time.time() - mesh.stats.started_at, 1),
                 "counters": dict(mesh.stats.counters),
+                "trust_revision": mesh.verifier.bundle.revision,  # the trust bundle in force here
                 "dependencies": {name: d.describe() for name, d in mesh.dependencies.items()},
                 **{name: source() for name, source in mesh.reports.items()},
             },
