@@ -18,7 +18,7 @@ from mesh_contracts.v1 import (
     ToolRequested,
     UsageRecorded,
 )
-from mesh_contracts.v1.records import TaskRecord
+from mesh_contracts.v1.records import StatusRecord, TaskRecord
 from mesh_kit import Mesh, PermissionViolation, ServiceSettings
 from mesh_kit import envelope as env
 from mesh_kit import telemetry as tel
@@ -200,6 +200,43 @@ async def test_reservations_never_exceed_the_ceiling_and_usage_is_counted_once(i
     assert counter(metrics, tel.M_BUDGET_CALLS, **who, outcome="ok") == 2
     assert counter(metrics, tel.M_BUDGET_RESERVATIONS, tenant="acme", outcome="granted") == 5 + 1 + 1
     assert counter(metrics, tel.M_BUDGET_RESERVATIONS, outcome="denied", code="task_tokens") == 15 + 2
+
+
+async def test_a_task_halted_or_ended_after_its_first_reservation_is_refused_the_next(integration_infra, unique):
+    """The first reservation reads the task record; the next ones ask what every guard follows
+    (the status bucket the planner writes, control messages, kill switches): a halt, a resume and
+    an end take effect on the very next reservation."""
+    from mesh_budget.service import Budget
+
+    task = unique("halted")
+    budget_mesh = Mesh(settings_for(integration_infra, "budget"))
+    Budget(budget_mesh).register()
+    planner = Mesh(settings_for(integration_infra, "planner"))
+    worker = Mesh(settings_for(integration_infra, "worker"))
+    async with running(budget_mesh), running(planner), running(worker):
+        record = TaskRecord(tenant="acme", task_id=task, goal="g", status="running", limits=TaskLimits())
+        await (await planner.kv("tasks")).create(TaskRecord.key("acme", task), record.model_dump_json().encode())
+        status = await planner.kv(StatusRecord.bucket)
+        calls = iter(range(100))
+
+        async def reserve():
+            ask = BudgetReserve(tenant="acme", task_id=task, agent="worker", call_id=f"c{next(calls)}", tokens=10)
+            return await worker.request(ask)
+
+        async def answers(want: type) -> object:
+            return await eventually(lambda: _when(reserve(), lambda a: a if isinstance(a, want) else None),
+                                    what=want.__name__)  # fmt: skip
+
+        assert isinstance(await reserve(), BudgetGranted)
+        key = TaskRecord.key("acme", task)
+        await status.put(key, StatusRecord(status="halted", reason="maintenance").model_dump_json().encode())
+        denied = await answers(BudgetDenied)
+        assert denied.code == "stopped" and "halted: maintenance" in denied.reason, denied
+        await status.put(key, StatusRecord(status="running").model_dump_json().encode())  # resumed
+        assert isinstance(await answers(BudgetGranted), BudgetGranted)
+        await status.put(key, StatusRecord(status="completed").model_dump_json().encode())
+        denied = await answers(BudgetDenied)
+        assert denied.code == "stopped" and "completed" in denied.reason, denied
 
 
 async def _when(coro, pred):

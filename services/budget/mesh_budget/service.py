@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import OrderedDict
 from typing import Any
 
 from opentelemetry.metrics import Observation
@@ -26,6 +27,7 @@ from mesh_contracts.v1 import (
     BudgetReserve,
     ControlCancel,
     ControlHalt,
+    TaskLimits,
     TokenUsage,
     UsageRecorded,
 )
@@ -44,6 +46,8 @@ MAX_DAY_LABELS = 256
 """Distinct ``label=value`` keys a tenant-day record keeps; the rest are summed under ``(other)``."""
 OTHER_LABELS = "(other)"
 USAGE_DURABLE = "budget--usage-recorded"
+FACTS_KEPT = 20_000
+"""Tasks whose creation time and limits a budget replica keeps (the oldest go first)."""
 WATCHED = topo.WATCHERS["budget"]
 """Domains the monitor reads (every replica reads all of them, with direct gets: no consumers)."""
 
@@ -85,6 +89,10 @@ class Budget:
         self.anchors: Any = None
         self._anchored: dict[str, int] = {}  # tenant -> the chain length last anchored
         self._started_at = 0.0
+        self._facts: OrderedDict[tuple[str, str], tuple[float, TaskLimits]] = OrderedDict()
+        """A task's creation time and limits (never change once its record exists), read from the
+        record at its first reservation: the next ones ask the guard's followed views whether it
+        may go on instead of reading the record again."""
         self._background: set[asyncio.Task[None]] = set()
         self._day_done: dict[tuple[str, str], set[str]] = {}  # day writes stored, per task (see on_usage)
         meter = mesh.telemetry.meter_provider.get_meter("mesh_budget")
@@ -307,17 +315,28 @@ class Budget:
             return BudgetDenied(**base, reason=reason, code=code)
 
         assert self.mesh.guard is not None
-        rec, stop = await asyncio.gather(
-            st.task_record(self.tasks, m.tenant, m.task_id), self.mesh.guard.kill_switch(m.tenant)
-        )
-        if rec is None:
-            return deny("unknown_task", "unknown task: no task record")
-        if rec.status in TERMINAL or rec.status == "halted":
-            return deny("stopped", f"task is {rec.status}" + (f": {rec.reason}" if rec.reason else ""))
+        key = (m.tenant, m.task_id)
+        facts = self._facts.get(key)
+        if facts is None:
+            rec, stop = await asyncio.gather(
+                st.task_record(self.tasks, m.tenant, m.task_id), self.mesh.guard.kill_switch(m.tenant)
+            )
+            if rec is None:
+                return deny("unknown_task", "unknown task: no task record")
+            if rec.status in TERMINAL or rec.status == "halted":
+                return deny("stopped", f"task is {rec.status}" + (f": {rec.reason}" if rec.reason else ""))
+            facts = self._facts[key] = (rec.created_at, rec.limits)
+            while len(self._facts) > FACTS_KEPT:
+                self._facts.popitem(last=False)
+        else:
+            # Halted, ended, cancelled, or a kill switch: what every service's guard consults
+            # before a call (the status bucket and control messages, followed, in memory).
+            stop = await self.mesh.guard.check(m.tenant, m.task_id)
         if stop is not None:
             return deny("stopped", stop.reason)
-        if rec.created_at and time.time() > rec.created_at + rec.limits.deadline_s:
-            return deny("deadline", f"task deadline of {rec.limits.deadline_s:g} s has passed")
+        created_at, task_limits = facts
+        if created_at and time.time() > created_at + task_limits.deadline_s:
+            return deny("deadline", f"task deadline of {task_limits.deadline_s:g} s has passed")
         w = self.monitor.tasks.get((m.tenant, m.task_id))
         breakers = w.tripped & {"loop", "chatter", "iteration_cap", "deadlock", "retry_storm"} if w else set()
         if w is not None and breakers:
@@ -329,8 +348,8 @@ class Budget:
         tl = self._tenant_limits(m.tenant)
         day = today()
         limits = (
-            rec.limits.max_tokens,
-            rec.limits.max_cost_usd,
+            task_limits.max_tokens,
+            task_limits.max_cost_usd,
             tl.daily_tokens if tl.daily_tokens is not None else -1,
             tl.daily_cost_usd if tl.daily_cost_usd is not None else -1.0,
         )
