@@ -7,7 +7,10 @@ many of the burst were admitted and refused (and with which code and retry-after
 every admitted task ended (completed or failed with a reason): nothing admitted was lost.
 Loopback only, bounded by the burst size.
 
-    python bench/bench_admission.py [--burst 1000] [--quiet-tasks 10]
+    python bench/bench_admission.py [--burst 1000] [--quiet-tasks 10] [--run-slots N]
+
+``--run-slots N`` runs the mesh with ``MESH_RUN_SLOTS=N`` (the planner's fair share of N tasks
+running at once; 0: every admitted task starts at once).
 """
 
 from __future__ import annotations
@@ -34,10 +37,13 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
 
 
-async def main(burst: int, quiet_tasks: int) -> None:
+async def main(burst: int, quiet_tasks: int, run_slots: int = 0) -> None:
     home = Path(tempfile.mkdtemp(prefix="agentmesh-admission-"))
     try:
-        state = await local.up(home, tenants=["burst", "steady"], nats_port=0, http_port=0, redis_port=0)
+        env = {"MESH_RUN_SLOTS": str(run_slots)} if run_slots else None
+        state = await local.up(
+            home, tenants=["burst", "steady"], nats_port=0, http_port=0, redis_port=0, service_env_extra=env
+        )
         ids = local.Identities(home)
         async with (
             TenantClient.of(ids, state.nats_url, "steady") as s,
@@ -67,7 +73,8 @@ async def main(burst: int, quiet_tasks: int) -> None:
         lost = kinds.get("no outcome", 0)
         q50, u50 = statistics.median(quiet), statistics.median(under)
         print(f"admission: tenant 'burst' submits {burst} tasks at once while tenant 'steady' runs the sample task "
-              f"one after another (defaults: 100 in flight, 50/s with bursts of 200, per tenant)")  # fmt: skip
+              f"one after another (defaults: 100 in flight, 50/s with bursts of 200, per tenant; "
+              f"run slots: {run_slots or 'off'})")  # fmt: skip
         print(
             f"  steady tenant quiet:       p50 {q50 * 1000:7.0f} ms  p99 {pct(quiet, 0.99) * 1000:7.0f} ms  ({len(quiet)} tasks)"
         )
@@ -90,5 +97,8 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--burst", type=int, default=1000)
     ap.add_argument("--quiet-tasks", type=int, default=10)
+    ap.add_argument("--run-slots", type=int, default=0, help="MESH_RUN_SLOTS for the mesh (0: off)")
     a = ap.parse_args()
-    asyncio.run(main(a.burst, a.quiet_tasks))
+    if a.burst < 1 or a.quiet_tasks < 1 or a.run_slots < 0:
+        ap.error("--burst and --quiet-tasks must be at least 1, --run-slots at least 0")
+    asyncio.run(main(a.burst, a.quiet_tasks, a.run_slots))

@@ -102,8 +102,11 @@ BUCKETS: tuple[Bucket, ...] = (
         "admission",
         writer="planner",
         history=1,
-        description="Per tenant (key <tenant>): the tasks the planner admitted that have not ended, the tenant's "
-        "submission token bucket and its admitted/refused counts (compare-and-set). meshctl status reads it.",
+        scanners=("planner",),  # every replica's view of the run slots all tenants hold (MESH_RUN_SLOTS) ...
+        fed=("planner",),  # ... kept current
+        description="Per tenant (key <tenant>): the tasks the planner admitted that have not ended (and which hold "
+        "a run slot), the tenant's submission token bucket and its admitted/refused counts (compare-and-set). "
+        "meshctl status reads it.",
     ),
     Bucket("steps", writer="worker", description="Agent-loop checkpoints, one key per step."),
     Bucket(

@@ -1,6 +1,8 @@
 """The planner's admission record on a real bucket: two planner replicas admitting at once never
 admit more than the limit, a redelivered submission is not counted twice, a release frees a
-slot, and a task whose end was never recorded stops counting after its deadline."""
+slot, and a task whose end was never recorded stops counting after its deadline. Run slots: waiting tasks
+are woken one per free slot, in order, and a woken task that ends before it takes its slot
+passes it on at once."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from integration_helpers import running, settings_for
 from mesh_contracts.v1.records import AdmissionRecord
 from mesh_kit import Mesh
 from mesh_kit import state as st
-from mesh_planner.admission import Admission, Limits
+from mesh_planner.admission import Admission, Limits, Wait
 
 pytestmark = pytest.mark.integration
 
@@ -68,3 +70,34 @@ async def test_the_rate_is_a_token_bucket(integration_infra, unique):
         assert got[3] is not None and got[3].code == "rate_limited" and got[3].retry_after_s == pytest.approx(0.5)
         assert await adm.admit(tenant, "t5", deadline_s=300, now=100.5) is None, "one token back after 0.5 s"
         assert await adm.admit(tenant, "t6", deadline_s=300, now=100.5) is not None
+
+
+async def test_run_slots_wake_one_waiting_task_per_free_slot_and_a_lost_wakeup_passes_it_on(integration_infra, unique):
+    mesh = Mesh(settings_for(integration_infra, "planner"))
+    tenant = unique("tenant").replace("-", "")
+    async with running(mesh):
+        adm = Admission(st.bind(mesh.nc, "admission"), Limits(), slots=1)
+        await adm.follow(mesh.nc)
+        try:
+            assert await adm.admit(tenant, "first", deadline_s=300) is None, "a free slot: it starts"
+            second = await adm.admit(tenant, "second", deadline_s=300)
+            third = await adm.admit(tenant, "third", deadline_s=300)
+            assert isinstance(second, Wait) and isinstance(third, Wait), (second, third)
+            woke2, woke3 = asyncio.create_task(second.until()), asyncio.create_task(third.until())
+            await asyncio.sleep(0.3)
+            assert not woke2.done() and not woke3.done(), "the one slot is held"
+
+            await adm.release(tenant, "first", took_s=1.0)
+            await asyncio.wait_for(woke2, 5)
+            await asyncio.sleep(0.3)
+            assert not woke3.done(), "one free slot wakes one task, the first to wait"
+
+            # 'second' was cancelled while it waited: it ends without asking again. The slot it
+            # was promised goes on now, not once the promise lapses (WOKEN_S).
+            await adm.release(tenant, "second", took_s=None)
+            await asyncio.wait_for(woke3, 5)
+            assert await adm.admit(tenant, "third", deadline_s=300) is None, "asked again, it takes the slot"
+            rec, _ = await st.load(adm.kv, tenant, AdmissionRecord)
+            assert rec is not None and set(rec.running) == {"third"} and set(rec.in_flight) == {"third"}, rec
+        finally:
+            await adm.close()

@@ -157,8 +157,8 @@ class StatusRecord(Record):
 
 class AdmissionRecord(Record):
     """One tenant's admission state, kept by the planner (compare-and-set): the tasks it admitted
-    that have not ended, its submission token bucket, and what it admitted and refused. Read by
-    ``meshctl status``."""
+    that have not ended (and which of them hold a run slot), its submission token bucket, and
+    what it admitted and refused. Read by ``meshctl status``; every planner replica follows it."""
 
     bucket: ClassVar[str] = "admission"
     name: ClassVar[str] = "admission"
@@ -174,6 +174,9 @@ class AdmissionRecord(Record):
     """Refusals by code (``too_many_in_flight``, ``rate_limited``)."""
     mean_task_s: float = 0.0
     """Moving average of how long its admitted tasks took (for ``retry_after_s``)."""
+    running: dict[str, float] = {}
+    """With run slots (``MESH_RUN_SLOTS``): the admitted tasks that hold one (task id -> when it
+    lapses, as in ``in_flight``). The rest of ``in_flight`` waits for a slot, queued."""
 
 
 class Evidence(Record):

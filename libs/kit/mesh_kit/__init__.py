@@ -1,6 +1,6 @@
 """AgentMesh bus runtime: settings, signed envelopes, verified durable consumers, DLQ, health."""
 
-from mesh_kit.bus import Delivery, Mesh, PermissionViolation, Reject
+from mesh_kit.bus import Delivery, Mesh, Park, PermissionViolation, Reject
 from mesh_kit.identity import IdentityError, Signer, TrustBundle, Verifier
 from mesh_kit.runtime import run_service, serve
 from mesh_kit.settings import ServiceSettings
@@ -9,6 +9,7 @@ __all__ = [
     "Delivery",
     "IdentityError",
     "Mesh",
+    "Park",
     "PermissionViolation",
     "Reject",
     "ServiceSettings",

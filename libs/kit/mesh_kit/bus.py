@@ -69,6 +69,17 @@ class Retry(Exception):
     delay_s = 1.0
 
 
+class Park(Exception):
+    """Raise from a handler for a message it cannot take up yet (the planner's task waiting for a
+    run slot): the message waits, alive and with no attempt spent, until ``until()`` returns, and
+    is then handled again. At a fair consumer it waits out of the handlers' way (they take other
+    work meanwhile); otherwise its handler holds it."""
+
+    def __init__(self, until: Callable[[], Awaitable[None]], reason: str = "") -> None:
+        super().__init__(reason or "waits to be taken up")
+        self.until = until
+
+
 class PermissionViolation(RuntimeError):
     """The broker refused an operation this identity is not allowed to do."""
 
@@ -699,6 +710,11 @@ class Mesh:
                     await self._run(handler, model, delivery)
                 finally:
                     env.CAUSE.reset(cause)
+            except Park as exc:
+                if isinstance(msg, Fetched) and msg.park(exc.until):
+                    log.debug("%s parked: %s", raw.subject, exc)
+                    return  # the consumer holds it, unacknowledged, and queues it again
+                raise RuntimeError("a parked message reached a consumer that cannot hold it") from exc
             except Reject as exc:
                 self.count(tel.M_DEAD_LETTERED)
                 reason = f"rejected by handler: {exc}"
@@ -764,6 +780,16 @@ class Mesh:
                 try:
                     await handler(model, delivery)
                     return
+                except Park as exc:
+                    if isinstance(delivery._msg, Fetched) and delivery._msg.consumer is not None:
+                        raise  # the fair consumer parks it (_dispatch)
+                    # No fair consumer (MESH_FAIR_WINDOW=0): the message waits here, alive, and
+                    # holds its handler meanwhile; then it is handled again.
+                    if not beating:
+                        await stack.enter_async_context(delivery.keepalive())
+                        beating = True
+                    await exc.until()
+                    deadline = time.monotonic() + self.settings.infra_retry_s
                 except StreamFull as exc:
                     # Backpressure: a stream this handler writes to is at its cap. The message
                     # waits here, alive and not spending attempts, for as long as that lasts

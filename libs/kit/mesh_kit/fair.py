@@ -16,6 +16,10 @@ server's cap without one attempt. Taking redelivered work first bounds that to o
 delivery per crash of the replica actually handling it, as without fetching ahead (and it is the
 oldest work anyway). ``topology.SERVER_MAX_DELIVER`` leaves room for those spent deliveries.
 
+A handler may park a message it cannot take up yet (``mesh_kit.bus.Park``: the planner's run
+slots): it waits out of the handlers' way, kept alive like the others and not counted in the
+window, until the park's ``until()`` returns, and then queues for its tenant's turn again.
+
 Nothing is lost or reordered across a failure: a fetched message stays unacknowledged until its
 handler acks it, the ones waiting here are kept alive with in-progress acks (so ``ack_wait``
 does not redeliver them elsewhere), and on stop the waiting ones are handed back at once (a
@@ -72,10 +76,10 @@ class Fetched:
     """A fetched JetStream message with the controls the mesh's dispatch uses (the same names as
     FastStream's ``NatsMessage``)."""
 
-    __slots__ = ("fetched_at", "priority", "raw_message", "redelivered", "tenant")
+    __slots__ = ("consumer", "fetched_at", "priority", "raw_message", "redelivered", "tenant")
 
-    def __init__(self, raw: Any) -> None:
-        self.raw_message = raw
+    def __init__(self, raw: Any, consumer: FairConsumer | None = None) -> None:
+        self.raw_message, self.consumer = raw, consumer
         self.tenant = tenant_of(raw.subject)
         self.priority = priority_of(raw.headers)
         self.redelivered = _deliveries(raw) > 1
@@ -92,6 +96,14 @@ class Fetched:
 
     async def in_progress(self) -> None:
         await self.raw_message.in_progress()
+
+    def park(self, until: Callable[[], Awaitable[None]]) -> bool:
+        """Wait at the consumer, unacknowledged and alive, until ``until()`` returns, then queue
+        again (False: not fetched by a fair consumer; the caller holds it itself)."""
+        if self.consumer is None:
+            return False
+        self.consumer.park(self, until)
+        return True
 
 
 class FairQueue:
@@ -156,6 +168,8 @@ class FairConsumer:
         self.ack_wait_s, self.graceful_s = ack_wait_s, graceful_s
         self.queue = FairQueue()
         self.running: set[asyncio.Task[None]] = set()
+        self.parked: dict[Fetched, asyncio.Task[None]] = {}
+        """Messages a handler parked (``Fetched.park``), each with what waits for its turn."""
         self._changed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._psub: Any = None
@@ -207,7 +221,7 @@ class FairConsumer:
                 continue
             self._busy = True
             for m in msgs:
-                self.queue.put(Fetched(m))
+                self.queue.put(Fetched(m, self))
             self._changed.set()
 
     async def _dispatch_loop(self) -> None:
@@ -231,13 +245,31 @@ class FairConsumer:
             self.running.discard(asyncio.current_task())  # type: ignore[arg-type,unused-ignore]
             self._changed.set()
 
+    def park(self, item: Fetched, until: Callable[[], Awaitable[None]]) -> None:
+        self.parked[item] = asyncio.create_task(self._unpark(item, until), name=f"parked-{self.durable}")
+
+    async def _unpark(self, item: Fetched, until: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await until()
+        except asyncio.CancelledError:
+            raise  # stopping: stop() hands it back
+        except Exception:  # the wait broke: let a handler decide again now
+            log.exception("waiting to take up %s failed", item.raw_message.subject)
+        self.parked.pop(item, None)
+        if self._stopping:
+            with contextlib.suppress(Exception):
+                await item.nack()
+            return
+        self.queue.put(item)
+        self._changed.set()
+
     async def _keepalive_loop(self) -> None:
         """Messages waiting here for their turn are alive: their ``ack_wait`` must not run out."""
         every = self.ack_wait_s / 3
         while True:
             await asyncio.sleep(every)
             now = time.monotonic()
-            for item in self.queue.items():
+            for item in [*self.queue.items(), *self.parked]:
                 if now - item.fetched_at >= every:
                     try:
                         await item.in_progress()
@@ -259,7 +291,11 @@ class FairConsumer:
             with contextlib.suppress(Exception):
                 await self._psub.unsubscribe()
                 await self._nc().flush()
-        for item in self.queue.drain():
+        parked = list(self.parked.items())
+        self.parked.clear()
+        for _, waiter in parked:
+            waiter.cancel()
+        for item in [*self.queue.drain(), *(item for item, _ in parked)]:
             with contextlib.suppress(Exception):
                 await item.nack()  # another replica (or this one, restarted) takes it at once
         if self.running:

@@ -63,6 +63,12 @@ def _remembered(kv: Any) -> OrderedDict[str, tuple[bytes, int]]:
         return OrderedDict()
 
 
+def written(kv: Any, key: str) -> int:
+    """The revision of this process's last write of ``key`` that ``update`` remembers (0: none)."""
+    known = _remembered(kv).get(key)
+    return known[1] if known is not None else 0
+
+
 _writers: weakref.WeakKeyDictionary[Any, dict[str, list[Any]]] = weakref.WeakKeyDictionary()
 """Per bucket and key: [lock, how many updates hold or wait for it] (the entry goes with the last)."""
 

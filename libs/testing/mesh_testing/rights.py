@@ -88,6 +88,7 @@ INTENDED: dict[str, set[str]] = {
     | kv_own("status")
     | kv_own("evidence")
     | kv_own("admission")  # per tenant: tasks in flight, its submission token bucket
+    | kv_scan("admission")  # every tenant's run slots, read at start (then followed on its feed)
     | kv_read("tools")
     | AUDIT_WRITER  # control actions
     # how full each stream is (caps and counts, no message): new tasks are refused near a cap

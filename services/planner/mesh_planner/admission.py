@@ -14,6 +14,20 @@ tenant over a limit gets ``task.rejected`` at once, with a machine-readable ``co
   read); the refusals a planner made are added to the record with its next write for the
   tenant (an admission or an end), so ``meshctl status`` may show them a little late.
 
+Run slots (``MESH_RUN_SLOTS``, 0: off) cap the tasks the mesh runs at once and share them fairly:
+an admitted task starts (its plan is made) only while it holds a slot, and waits for one,
+queued, otherwise. With ``n`` tenants wanting slots each is entitled to ``slots // n`` (at least
+one): a tenant under its share starts at once, even when the others hold every slot (so the cap
+may be passed by one task per such tenant until a tenant over its share ends one); a tenant at
+or over its share takes a free slot only while no tenant under its share waits for one. The
+slots a task holds are ``running`` in its tenant's record, and every planner replica follows
+every tenant's record (the bucket's feed), so the count is mesh-wide. A task waiting for a slot
+is a submission the planner has not taken up: the budget counts it queued (queue time, with
+``max_queue_s``, not a stall), it is kept alive where it waits, and a planner that stops hands
+it back to be taken up elsewhere. Why: on a saturated machine every task in flight slows every
+other, so a burst that runs all at once makes a quiet tenant's task several times slower even
+when it is always next in every queue (issue 18's measurements).
+
 The mesh as a whole refuses new tasks (code ``overloaded``) while one of its streams is filled to
 ``MESH_STORE_HIGH_WATER`` (90%) of its cap (``StoreLevel``): streams refuse new messages when full
 rather than forget old ones, and the last tenth is kept for the tasks already in flight.
@@ -27,20 +41,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
+import itertools
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from mesh_contracts import topology as topo
 from mesh_contracts.v1.records import AdmissionRecord
 from mesh_kit import state as st
+from mesh_kit.tail import Reader
 
 log = logging.getLogger("mesh.planner.admission")
 
 GRACE_S = 60.0
 """How long past its deadline an admitted task whose end was never recorded keeps counting."""
+WOKEN_S = 30.0
+"""How long a waiting task this replica woke for a free slot counts as holding it before the
+planner has recorded that it does (its handler normally decides within milliseconds)."""
+RESCAN_S = 10.0
+"""How often a replica reads every tenant's record again (a feed message lost in a reconnect)."""
 
 
 @dataclass(frozen=True)
@@ -57,9 +80,50 @@ class Refusal:
     retry_after_s: float
 
 
+@dataclass(frozen=True)
+class Wait:
+    """Admitted, and waiting for a run slot: ``until()`` returns when this replica sees one free
+    for the task's tenant (the task then asks ``admit`` again, which takes it or waits again)."""
+
+    until: Callable[[], Any]
+
+
+def may_start(
+    tenant: str, view: Mapping[str, AdmissionRecord], slots: int, woken: Mapping[str, int] | None = None
+) -> bool:
+    """Whether ``tenant`` may start one more task now (module docstring: run slots). ``view`` is
+    every tenant's record, ``tenant``'s own as just read; ``woken`` counts tasks told a slot is
+    theirs that have not yet taken it (they count as running)."""
+    woken = woken or {}
+    running = {t: len(r.running) + woken.get(t, 0) for t, r in view.items()}
+    waiting = {t: len(r.in_flight) - len(r.running) - woken.get(t, 0) for t, r in view.items()}
+    active = {t for t in view if running[t] > 0 or waiting[t] > 0} | {tenant}
+    share = max(1, slots // len(active))
+    mine = running.get(tenant, 0)
+    if mine < share:
+        return True
+    if sum(running.values()) >= slots:
+        return False
+    return not any(t != tenant and waiting[t] > 0 and running[t] < share for t in active)
+
+
 class Admission:
-    def __init__(self, kv: Any, default: Limits, per_tenant: dict[str, Limits] | None = None) -> None:
+    def __init__(
+        self, kv: Any, default: Limits, per_tenant: dict[str, Limits] | None = None, *, slots: int = 0
+    ) -> None:
         self.kv, self.default, self.per_tenant = kv, default, per_tenant or {}
+        self.slots = slots
+        self.view: dict[str, AdmissionRecord] = {}
+        """Every tenant's record as last seen (own writes, the bucket's feed, a rescan): run slots."""
+        self._revision: dict[str, int] = {}
+        self._waiters: dict[str, list[tuple[int, int, str, asyncio.Future[None]]]] = {}
+        """Per tenant, the tasks waiting here for a slot: highest priority, then arrival, first."""
+        self._woken: dict[str, dict[str, float]] = {}
+        """Per tenant, the tasks told a slot is free (task id -> when) that have not yet asked again."""
+        self._order = itertools.count()
+        self._sub: Any = None
+        self._rescan: asyncio.Task[None] | None = None
+        self._nc: Any = None
         self._locks: dict[str, asyncio.Lock] = {}
         self._refused: dict[str, Counter[str]] = {}
         """Refusals not yet in the record: a refusal writes nothing (a burst's refusals would each
@@ -77,22 +141,47 @@ class Admission:
     def limits(self, tenant: str) -> Limits:
         return self.per_tenant.get(tenant, self.default)
 
-    async def admit(self, tenant: str, task_id: str, deadline_s: float, now: float | None = None) -> Refusal | None:
-        """Admit the task (None) or say why not. Idempotent for a task already admitted."""
+    async def admit(
+        self, tenant: str, task_id: str, deadline_s: float, now: float | None = None, priority: int = 5
+    ) -> Refusal | Wait | None:
+        """Admit the task and let it start (None), admit it to wait for a run slot (``Wait``), or
+        say why not (``Refusal``). Idempotent for a task already admitted: asked again, a task
+        that waits takes a slot if one is free for it."""
         lim = self.limits(tenant)
-        if not lim.max_in_flight and not lim.rate_per_s:
+        if not lim.max_in_flight and not lim.rate_per_s and not self.slots:
             return None
         at = time.time() if now is None else now
         refusal: Refusal | None = None
+        waits = False
+        woken = self._woken.get(tenant)
+        if woken is not None:
+            woken.pop(task_id, None)  # it asks now: it counts by what the record says
+
+        def start(rec: AdmissionRecord) -> bool:
+            """Take a run slot for the task if one is free for its tenant (True: taken or none needed)."""
+            if not self.slots:
+                return True
+            if not may_start(tenant, {**self.view, tenant: rec}, self.slots, self._woken_counts(at)):
+                return False
+            rec.running[task_id] = rec.in_flight[task_id]
+            return True
 
         def mutate(rec: AdmissionRecord | None) -> AdmissionRecord | None:
-            nonlocal refusal
-            refusal = None
+            nonlocal refusal, waits
+            refusal, waits = None, False
             rec = rec or AdmissionRecord(tokens=float(max(lim.burst, 1)), refilled_at=at)
-            if task_id in rec.in_flight:
-                return None  # admitted before (a redelivered submission)
+            if task_id in rec.in_flight:  # admitted before (a redelivered submission, or a waiting task)
+                if not self.slots or task_id in rec.running:
+                    return None
+                if not start(rec):
+                    waits = True
+                    return None
+                self._add_refused(tenant, rec)
+                return rec
             for old in [t for t, until in rec.in_flight.items() if until < at]:
                 del rec.in_flight[old]
+            for old in [t for t, until in rec.running.items() if until < at or t not in rec.in_flight]:
+                del rec.running[old]
             if lim.rate_per_s:
                 cap = float(max(lim.burst, 1))
                 rec.tokens = min(cap, rec.tokens + max(0.0, at - rec.refilled_at) * lim.rate_per_s)
@@ -117,6 +206,7 @@ class Admission:
                 rec.tokens -= 1.0
             rec.in_flight[task_id] = at + deadline_s + GRACE_S
             rec.admitted += 1
+            waits = not start(rec)
             self._add_refused(tenant, rec)
             return rec
 
@@ -124,7 +214,11 @@ class Admission:
             await self._write(tenant, mutate)
             if refusal is not None:
                 self._refused.setdefault(tenant, Counter())[refusal.code] += 1
-        return refusal
+        if refusal is not None:
+            return refusal
+        if waits:
+            return Wait(lambda: self._wait(tenant, task_id, priority))
+        return None
 
     def refused(self, tenant: str, code: str) -> None:
         """Count a refusal decided elsewhere (``overloaded``): it reaches the record with the
@@ -138,20 +232,23 @@ class Admission:
     async def _write(self, tenant: str, mutate: Callable[[AdmissionRecord | None], AdmissionRecord | None]) -> None:
         """Compare-and-set the tenant's record (under its lock); a write carried the refusals
         counted so far (``mutate`` added them), so they are no longer pending."""
-        _, changed = await st.update(self.kv, tenant, AdmissionRecord, mutate)
+        rec, changed = await st.update(self.kv, tenant, AdmissionRecord, mutate)
         if changed:
             self._refused.pop(tenant, None)
+            if rec is not None and self.slots:
+                self._seen(tenant, rec, st.written(self.kv, tenant))
 
     async def release(self, tenant: str, task_id: str, took_s: float | None) -> None:
         """The task ended: it no longer counts (and its duration, if known, feeds ``retry_after_s``)."""
         lim = self.limits(tenant)
-        if not lim.max_in_flight and not lim.rate_per_s:
+        if not lim.max_in_flight and not lim.rate_per_s and not self.slots:
             return
 
         def mutate(rec: AdmissionRecord | None) -> AdmissionRecord | None:
             if rec is None or task_id not in rec.in_flight:
                 return None
             del rec.in_flight[task_id]
+            rec.running.pop(task_id, None)
             if took_s is not None:
                 rec.mean_task_s = took_s if not rec.mean_task_s else 0.9 * rec.mean_task_s + 0.1 * took_s
             self._add_refused(tenant, rec)
@@ -159,6 +256,119 @@ class Admission:
 
         async with self._lock(tenant):
             await self._write(tenant, mutate)
+        woken = self._woken.get(tenant)
+        if woken is not None and woken.pop(task_id, None) is not None:
+            # Woken for a slot and ended before it took one (cancelled while it waited): the
+            # slot it was promised goes to the next waiting task now, not when the promise lapses.
+            self._wake()
+
+    # --- run slots: every tenant's record, followed; tasks waiting here for a slot -------------
+
+    async def follow(self, nc: Any) -> None:
+        """Follow every tenant's record (run slots): subscribe to the bucket's feed, then read
+        them all (a write stored after the read is fed; one before it is in the read)."""
+        if not self.slots:
+            return
+        self._nc = nc
+        self._sub = await nc.subscribe(topo.watch_feed(f"KV_{AdmissionRecord.bucket}"), cb=self._on_feed)
+        await nc.flush()
+        await self._scan()
+        self._rescan = asyncio.create_task(self._rescan_loop(), name="admission-rescan")
+
+    async def close(self) -> None:
+        if self._rescan is not None:
+            self._rescan.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._rescan
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+        for waiters in self._waiters.values():
+            for *_, fut in waiters:
+                fut.cancel()
+        self._waiters.clear()
+
+    async def _scan(self) -> None:
+        reader = Reader(self._nc, f"KV_{AdmissionRecord.bucket}")
+        try:
+            entries = await reader.current(AdmissionRecord.bucket)
+        finally:
+            await reader.close()
+        for tenant, e in entries.items():
+            with contextlib.suppress(ValueError):
+                self._seen(tenant, AdmissionRecord.model_validate_json(e.data), e.seq)
+
+    async def _rescan_loop(self) -> None:
+        while True:
+            await asyncio.sleep(RESCAN_S)
+            try:
+                await self._scan()
+            except Exception as exc:  # noqa: BLE001 - broker away: the feed and the next round
+                log.debug("admission records not read again: %s", exc)
+            self._wake()  # lapsed wake-ups too
+
+    async def _on_feed(self, msg: Any) -> None:
+        headers = msg.headers or {}
+        try:
+            tenant = headers["Nats-Subject"].removeprefix(f"$KV.{AdmissionRecord.bucket}.")
+            seq = int(headers["Nats-Sequence"])
+            rec = AdmissionRecord() if headers.get("KV-Operation") else AdmissionRecord.model_validate_json(msg.data)
+        except (KeyError, ValueError):
+            return
+        self._seen(tenant, rec, seq)
+
+    def _seen(self, tenant: str, rec: AdmissionRecord, revision: int) -> None:
+        if revision and revision <= self._revision.get(tenant, 0):
+            return  # older than what this replica already knows
+        self.view[tenant] = rec
+        if revision:
+            self._revision[tenant] = revision
+        self._wake()
+
+    def _woken_counts(self, now: float) -> dict[str, int]:
+        out = {}
+        for tenant, woken in self._woken.items():
+            for task_id in [t for t, at in woken.items() if now - at > WOKEN_S]:
+                del woken[task_id]  # its handler never asked again (stopped meanwhile)
+            if woken:
+                out[tenant] = len(woken)
+        return out
+
+    async def _wait(self, tenant: str, task_id: str, priority: int) -> None:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiters.setdefault(tenant, []), (-priority, next(self._order), task_id, fut))
+        self._wake()
+        await fut
+
+    def waiting(self) -> int:
+        """Tasks waiting here for a slot."""
+        return sum(len(w) for w in self._waiters.values())
+
+    def _wake(self) -> None:
+        """Tell waiting tasks a slot is theirs, one at a time, the tenant running fewest first."""
+        if not self._waiters:
+            return
+        now = time.time()
+        while True:
+            counts = self._woken_counts(now)
+            order = sorted(self._waiters, key=lambda t: len(self.view[t].running) if t in self.view else 0)
+            for tenant in order:
+                q = self._waiters[tenant]
+                while q and q[0][-1].done():
+                    heapq.heappop(q)  # its handler went away (cancelled)
+                if not q:
+                    del self._waiters[tenant]
+                    continue
+                rec = self.view.get(tenant)
+                if rec is None or may_start(tenant, self.view, self.slots, counts):
+                    _, _, task_id, fut = heapq.heappop(q)
+                    if not q:
+                        del self._waiters[tenant]
+                    self._woken.setdefault(tenant, {})[task_id] = now
+                    fut.set_result(None)
+                    break  # counts changed: decide again from the start
+            else:
+                return
 
 
 def parse_tenants(raw: dict[str, dict[str, Any]], default: Limits) -> dict[str, Limits]:

@@ -54,13 +54,13 @@ from mesh_contracts.v1.records import (
     StepState,
     TaskRecord,
 )
-from mesh_kit import Delivery, Mesh
+from mesh_kit import Delivery, Mesh, Park
 from mesh_kit import state as st
 from mesh_kit import telemetry as tel
 from mesh_kit.ledger import BUCKET as LEDGER
 from mesh_kit.ledger import Ledger
 from mesh_llm import ChatModel, ContextOverflow, Message, ModelRequest, UnknownRoute
-from mesh_planner.admission import Admission, Limits, StoreLevel, parse_tenants
+from mesh_planner.admission import Admission, Limits, StoreLevel, Wait, parse_tenants
 from mesh_planner.settings import PlannerSettings
 
 log = logging.getLogger("mesh.planner")
@@ -256,6 +256,8 @@ class Planner:
         self.evidence: Any = None  # ``evidence`` bucket: the retrieval records the checker gets
         self.admission: Admission | None = None
         self.store: StoreLevel | None = None
+        self._waited: set[tuple[str, str]] = set()
+        """Tasks this replica set to wait for a run slot (asked again, they may have been cancelled meanwhile)."""
 
     async def start(self) -> None:
         self.kv = await self.mesh.kv("tasks")
@@ -264,8 +266,12 @@ class Planner:
         s = self.settings
         default = Limits(s.admission_max_in_flight, s.admission_rate_per_s, s.admission_burst)
         self.admission = Admission(
-            await self.mesh.kv(AdmissionRecord.bucket), default, parse_tenants(s.admission_tenants, default)
+            await self.mesh.kv(AdmissionRecord.bucket),
+            default,
+            parse_tenants(s.admission_tenants, default),
+            slots=s.run_slots,
         )
+        await self.admission.follow(self.mesh.nc)
         self.ledger = Ledger(await self.mesh.kv(LEDGER), self.mesh.service)
         streams = [*topo.STREAMS.values(), topo.DLQ_STREAM]
         self.store = StoreLevel(self.mesh.nc.jetstream(), streams, s.store_high_water, s.store_retry_after_s)
@@ -274,12 +280,17 @@ class Planner:
         m = self.mesh
         m.enable_guard()
         m.on_start(self.start)
+        m.on_stop(self.stop)
         m.consume(TaskSubmitted, self.on_submitted, on_reject=self.on_rejected)
         m.consume(StepCompleted, self.on_step_completed)
         m.consume(StepFailed, self.on_step_failed)
         m.consume(CheckVerdict, self.on_verdict)
         for control in (ControlCancel, ControlHalt, ControlResume):
             m.consume(control, self.on_control)
+
+    async def stop(self) -> None:
+        if self.admission is not None:
+            await self.admission.close()
 
     # --- transitions ----------------------------------------------------------------------
 
@@ -377,13 +388,30 @@ class Planner:
 
     async def on_submitted(self, m: TaskSubmitted, d: Delivery) -> None:
         key = TaskRecord.key(m.tenant, m.task_id)
+        if (m.tenant, m.task_id) in self._waited:
+            # Back from waiting for a run slot: it may have been cancelled meanwhile (a queue
+            # limit, an operator), and then it has a record and must not count again. Released
+            # again: a replica that took the submission over after the cancel admitted it anew.
+            self._waited.discard((m.tenant, m.task_id))
+            rec = await st.task_record(self.kv, m.tenant, m.task_id)
+            if rec is not None and rec.status in TERMINAL:
+                await self.release(rec)
+                return
         refusal = await self.store.over() if self.store is not None else None
         if refusal is not None and await st.task_record(self.kv, m.tenant, m.task_id) is not None:
             refusal = None  # a redelivered submission of a task already in flight: it goes on
         elif refusal is not None and self.admission is not None:
             self.admission.refused(m.tenant, refusal.code)
         if refusal is None and self.admission is not None:
-            refusal = await self.admission.admit(m.tenant, m.task_id, m.limits.deadline_s)
+            decision = await self.admission.admit(m.tenant, m.task_id, m.limits.deadline_s, priority=m.priority)
+            if isinstance(decision, Wait):
+                # Admitted; its tenant is at its share of the run slots: the submission waits,
+                # not taken up (queued, as the budget sees it), until one is free for it.
+                if (m.tenant, m.task_id) not in self._waited:
+                    self.mesh.count(tel.M_SLOT_WAITS, {"tenant": m.tenant})
+                self._waited.add((m.tenant, m.task_id))
+                raise Park(decision.until, f"{key} waits for a run slot")
+            refusal = decision
         if refusal is not None:
             self.mesh.count(tel.M_REFUSED, {"tenant": m.tenant, "code": refusal.code})
             log.info("refused %s: %s (retry after %.2fs)", key, refusal.reason, refusal.retry_after_s)
@@ -422,7 +450,7 @@ class Planner:
             self.mesh.count(tel.M_ADMITTED, {"tenant": m.tenant})
         elif rec.status in TERMINAL:
             await self.release(rec)  # a late duplicate of an ended task: admitting it again was a no-op
-        if not created and rec.goal != m.goal:
+        if not created and rec.goal and rec.goal != m.goal:  # (no goal: cancelled before it started)
             log.warning("task id %s reused with a different goal; ignoring the new submission", key)
             return
         await self.flush(rec)
@@ -622,13 +650,35 @@ class Planner:
                 dispatch_ready(rec, d.msg_id)
             return True
 
-        await self.transition(m.tenant, m.task_id, apply)
+        if await self.transition(m.tenant, m.task_id, apply) is None and isinstance(m, ControlCancel):
+            await self.cancel_before_start(m, who, apply)
         # Then (a chain that cannot be appended to must not delay a cancel; if this fails, the
         # redelivery finds the control applied and appends again): every control action that
         # reached the task's owner, applied or not, as a link of the tenant's audit chain.
         await self.mesh.audit(
             m.tenant, m.task_id, m.type, d.msg_id, actor=who, source=d.msg_id, detail={"reason": m.reason}
         )
+
+    async def cancel_before_start(self, m: ControlCancel, who: str, apply: Callable[[TaskRecord], bool]) -> None:
+        """A cancel for a task not taken up yet (waiting for a run slot, or behind a backlog):
+        its record is made, cancelled, so the client is told and the submission, when its turn
+        comes, finds the task ended instead of starting it."""
+
+        def create(rec: TaskRecord | None) -> TaskRecord | None:
+            if rec is not None:
+                return None  # taken up meanwhile: cancel it as any other
+            new = TaskRecord(tenant=m.tenant, task_id=m.task_id, goal="", created_at=time.time())
+            fail(new, f"cancelled by {who} before it started: {m.reason}", status="cancelled")
+            return new
+
+        rec, created = await st.update(self.kv, TaskRecord.key(m.tenant, m.task_id), TaskRecord, create)
+        if not created:
+            await self.transition(m.tenant, m.task_id, apply)
+            return
+        assert rec is not None
+        await self.publish_status(rec, "planning")
+        await self.release(rec)
+        await self.flush(rec)
 
 
 async def build(mesh: Mesh, settings: PlannerSettings) -> Planner:

@@ -21,6 +21,11 @@ class PlannerSettings(AgentSettings):
     it: code ``rate_limited``."""
     admission_burst: int = Field(200, ge=0)
     """How many submissions one tenant may make at once before ``admission_rate_per_s`` applies."""
+    run_slots: int = Field(0, ge=0)
+    """Tasks the mesh runs at once, shared fairly among the tenants that want them (run slots,
+    ``mesh_planner.admission``); an admitted task past them waits, queued, for one. Size it to
+    what the mesh's slowest resource runs without queueing: a few per core for CPU-bound work,
+    the model provider's concurrency for real model calls (0: every admitted task starts at once)."""
     store_high_water: float = Field(0.9, gt=0, le=1)
     """New tasks are refused (code ``overloaded``) while one of the mesh's streams holds this
     share of its cap: the rest is kept for the tasks in flight (1: only when a stream is full)."""
