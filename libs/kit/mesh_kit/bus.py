@@ -197,6 +197,9 @@ class Mesh:
             apply_types=False,
         )
         self._started = False
+        self._js_ctx: tuple[Any, Any] | None = None
+        self._direct = False
+        """Publish with nats-py itself (set by ``start``, once connected to a real server)."""
         self.guard: Guard | None = None
         self._on_start: list[Callable[[], Awaitable[None]]] = []
         self._on_stop: list[Callable[[], Awaitable[None]]] = []
@@ -294,6 +297,7 @@ class Mesh:
 
     async def start(self) -> None:
         await self.broker.connect()
+        self._direct = True
         await self._until_provisioned()
         await self._follow_identity()
         for hook in self._on_start:
@@ -528,22 +532,39 @@ class Mesh:
         headers = env.headers_for(self.signer, model, body, msg_id, causation or env.CAUSE.get() or None)
         if priority is not None:
             headers[PRIORITY] = str(priority)
-        try:
-            ack = await self.broker.publish(
-                body, model.subject(), headers=headers, stream=topo.STREAMS[model.spec.domain], timeout=timeout
-            )
-        except nats.errors.TimeoutError as exc:
-            # A denied JetStream publish shows up only as a timeout; say which it was if we know.
-            if self.stats.permission_errors:
-                raise PermissionViolation(self.stats.permission_errors[-1]) from exc
-            raise
-        except nats.js.errors.APIError as exc:
-            full = StreamFull.of(exc, topo.STREAMS[model.spec.domain])
-            if full is not None:
-                self.count(tel.M_STREAM_FULL, {"stream": full.stream or ""})
-                raise full from exc
-            raise
-        return ack
+        subject = model.subject()
+        # Straight to nats-py, not through the broker: FastStream's publish path (two spans, two
+        # metrics, its own headers and a uuid per message) cost ~170 us of CPU per publish, a
+        # quarter of it. One producer span carries the trace into the message's headers.
+        with self.tracer.start_as_current_span(
+            f"{subject} publish", kind=trace.SpanKind.PRODUCER,
+            attributes={"messaging.system": "nats", "messaging.destination.name": subject},
+        ):  # fmt: skip
+            propagate.inject(headers)
+            stream = topo.STREAMS[model.spec.domain]
+            try:
+                if self._direct:
+                    return await self._js().publish(subject, body, headers=headers, stream=stream, timeout=timeout)
+                # Not connected by ``start`` (FastStream's in-memory test broker drives this mesh).
+                return await self.broker.publish(body, subject, headers=headers, stream=stream, timeout=timeout)
+            except nats.errors.TimeoutError as exc:
+                # A denied JetStream publish shows up only as a timeout; say which it was if we know.
+                if self.stats.permission_errors:
+                    raise PermissionViolation(self.stats.permission_errors[-1]) from exc
+                raise
+            except nats.js.errors.APIError as exc:
+                full = StreamFull.of(exc, topo.STREAMS[model.spec.domain])
+                if full is not None:
+                    self.count(tel.M_STREAM_FULL, {"stream": full.stream or ""})
+                    raise full from exc
+                raise
+
+    def _js(self) -> Any:
+        """The JetStream context of the current connection (made once per connection)."""
+        nc = self.nc
+        if self._js_ctx is None or self._js_ctx[0] is not nc:
+            self._js_ctx = (nc, nc.jetstream())
+        return self._js_ctx[1]
 
     async def emit(self, model: Contract) -> None:
         """Fire-and-forget core-NATS publish of a live (``core``) message, signed like any other.
