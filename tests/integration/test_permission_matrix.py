@@ -82,6 +82,7 @@ def expected_subscribe(principal: str) -> dict[str, bool]:
         mine = role == CLIENT and tenant == own_tenant
         cases[f"event.v1.{tenant}.>"] = mine
         cases[f"task.v1.{tenant}.>"] = mine
+        cases[f"usage.v1.{tenant}.>"] = mine  # its own tasks' model calls, live; no service subscribes
     cases["budget.v1.acme.pm-task.reserve"] = principal == "budget"  # request/reply: only the budget serves
     cases["$KV.trust.bundle"] = principal in SERVICES  # the trust bundle's doorbell: every service
     cases["$KV.approvals.ap-1"] = principal == "tool-executor"  # it follows approvals' writes

@@ -10,7 +10,7 @@ from typing import ClassVar, Literal
 
 from pydantic import ConfigDict, Field
 
-from mesh_contracts.base import ID_PATTERN, Contract, ContractSpec
+from mesh_contracts.base import CLIENT, ID_PATTERN, Contract, ContractSpec
 
 _EX = {"tenant": "acme", "task_id": "t-7f3a"}
 LLM_CALLERS = ("planner", "worker", "checker")
@@ -39,7 +39,11 @@ class UsageRecorded(Contract):
         }
     )
     spec: ClassVar = ContractSpec(
-        "usage", "recorded", producers=LLM_CALLERS, consumers=("budget",), summary="One model call's usage."
+        "usage",
+        "recorded",
+        producers=LLM_CALLERS,
+        consumers=("budget", CLIENT),
+        summary="One model call's usage (the tenant's client follows its own tasks' calls live).",
     )
 
     type: Literal["usage.recorded"] = "usage.recorded"

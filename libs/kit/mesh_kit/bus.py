@@ -32,6 +32,7 @@ from faststream.security import BaseSecurity
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.errors import NotJSMessageError
+from nats.js.client import JetStreamContext
 from nats.js.api import PubAck
 from nats.js.errors import KeyNotFoundError, NotFoundError
 from opentelemetry import propagate, trace
@@ -197,7 +198,7 @@ class Mesh:
             apply_types=False,
         )
         self._started = False
-        self._js_ctx: tuple[Any, Any] | None = None
+        self._js_ctx: tuple[NATS, JetStreamContext] | None = None
         self._direct = False
         """Publish with nats-py itself (set by ``start``, once connected to a real server)."""
         self.guard: Guard | None = None
@@ -559,7 +560,7 @@ class Mesh:
                     raise full from exc
                 raise
 
-    def _js(self) -> Any:
+    def _js(self) -> JetStreamContext:
         """The JetStream context of the current connection (made once per connection)."""
         nc = self.nc
         if self._js_ctx is None or self._js_ctx[0] is not nc:

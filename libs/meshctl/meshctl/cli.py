@@ -34,6 +34,7 @@ from mesh_contracts.v1 import (
     TaskLimits,
     TaskRejected,
     TokenDelta,
+    UsageRecorded,
 )
 from mesh_contracts.v1.records import AdmissionRecord
 from mesh_kit.guard import CONTROL_BUCKET, GLOBAL_KEY, tenant_key
@@ -306,6 +307,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     client = _tenant_client(args)
 
     live = {"call": ""}  # the model call whose tokens are being printed, if a line is open
+    calls: dict[str, tuple[int, float]] = {}  # model calls seen: call id -> (tokens, cost)
 
     def show(model: object) -> None:
         if args.json:
@@ -327,11 +329,19 @@ def cmd_submit(args: argparse.Namespace) -> int:
                 print(f"  <discarded: {model.text}>", flush=True)
                 live["call"] = ""
             return
+        if isinstance(model, (ProgressEvent, UsageRecorded)) and live["call"]:
+            print(flush=True)
+            live["call"] = ""
         if isinstance(model, ProgressEvent):
-            if live["call"]:
-                print(flush=True)
-                live["call"] = ""
             print(f"  [{model.source:>13}] {model.stage:<16} {model.message}", flush=True)
+        elif isinstance(model, UsageRecorded):
+            tokens = model.input_tokens + model.output_tokens
+            calls[model.call_id] = (tokens, model.cost_usd)
+            failed = f" (failed: {model.error[:80]})" if model.error else ""
+            total_t, total_c = sum(t for t, _ in calls.values()), sum(c for _, c in calls.values())
+            print(f"  [{model.agent:>13}] {'usage':<16} {model.role or model.agent} {model.provider}/{model.model}: "
+                  f"{tokens} tokens, ${model.cost_usd:.6f}{failed}; task so far {total_t} tokens, ${total_c:.6f}",
+                  flush=True)  # fmt: skip
 
     async def run() -> int:
         async with client:

@@ -43,6 +43,7 @@ from mesh_contracts.v1 import (
     TaskRejected,
     TaskSubmitted,
     TokenDelta,
+    UsageRecorded,
 )
 from mesh_kit import envelope as env
 from mesh_kit.fair import PRIORITY
@@ -79,6 +80,14 @@ class Followed:
     """Streamed model output, in arrival order (live only: nothing replays it)."""
     first_token_at: float = 0.0
     """When the first streamed token arrived (``time.time()``), or 0."""
+    usage: list[UsageRecorded] = field(default_factory=list)
+    """Every model call of the task as its caller recorded it (``usage.recorded``, live only), in
+    arrival order: what the budget service accounts, call by call."""
+
+    def spent(self) -> tuple[int, float]:
+        """Tokens and cost of the calls seen so far, each call id counted once."""
+        calls = {u.call_id: u for u in self.usage}
+        return sum(u.input_tokens + u.output_tokens for u in calls.values()), sum(u.cost_usd for u in calls.values())
 
     @property
     def latency_s(self) -> float:
@@ -193,8 +202,8 @@ class TenantClient:
         """Publish ``task.submitted`` and (optionally) follow the task to its outcome.
         ``replay`` makes it a replay of an earlier task (``meshctl replay``).
 
-        ``progress=False`` waits for the outcome alone: no progress events and no streamed tokens
-        reach this client, so it verifies a few messages a task instead of dozens (a program that
+        ``progress=False`` waits for the outcome alone: no progress events, usage records or
+        streamed tokens reach this client, so it verifies a few messages a task instead of dozens (a program that
         needs only the result).
 
         A submission refused at the door (over the tenant's tasks in flight or submissions per
@@ -218,6 +227,8 @@ class TenantClient:
                 seen.tokens.append(model)
             elif isinstance(model, ProgressEvent):
                 seen.events.append(model)
+            elif isinstance(model, UsageRecorded):
+                seen.usage.append(model)
             elif isinstance(model, TERMINAL) and seen.outcome is None:
                 seen.outcome, seen.finished_at = model, time.time()
                 done.set()
@@ -240,6 +251,7 @@ class TenantClient:
                 subs += [
                     await self.nc.subscribe(f"event.*.{self.tenant}.{task_id}.>", cb=on_msg),
                     await self.nc.subscribe(f"live.*.{self.tenant}.{task_id}.>", cb=on_msg),
+                    await self.nc.subscribe(f"usage.*.{self.tenant}.{task_id}.>", cb=on_msg),
                 ]
             await self.nc.flush()
         seen.submitted_at = time.time()

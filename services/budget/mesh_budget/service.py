@@ -465,12 +465,9 @@ class Budget:
         if fresh[0]:
             assert task_usage is not None
             faults.crash_point("budget_after_task_usage")  # chaos: die between the task and day writes
-            # Independent of each other once the task total is stored: one round trip, not three.
-            await asyncio.gather(
-                self._add_day(m, day, call, agent, model, first[0], labels),
-                settle,
-                self._usage_event(m, call, task_usage.total, agent, model),
-            )
+            # Independent of each other once the task total is stored: one round trip, not two. (A
+            # client following the task sees each call as its caller recorded it: usage.recorded.)
+            await asyncio.gather(self._add_day(m, day, call, agent, model, first[0], labels), settle)
             self._count(m, agent, labels)
             self._confirm(key, {m.call_id})
         elif redo[0]:
@@ -537,20 +534,6 @@ class Budget:
         if m.cost_usd:
             self.m_cost.add(m.cost_usd, attrs)
         self.m_calls.add(1, {**attrs, "outcome": "error" if m.error else "ok"})
-
-    async def _usage_event(self, m: UsageRecorded, call: TokenUsage, t: TokenUsage, agent: str, model: str) -> None:
-        await self.mesh.progress(
-            m.tenant,
-            m.task_id,
-            "budget.usage",
-            f"{agent} {model}: {call.total_tokens} tokens, ${call.cost_usd:.6f}"
-            + (f" (failed: {m.error[:80]})" if m.error else "")
-            + f"; task total {t.total_tokens} tokens, ${t.cost_usd:.6f}",
-            step_id=m.step_id,
-            key=m.call_id,
-            detail={"call": call.model_dump(mode="json"), "task_total": t.model_dump(mode="json"), "agent": agent,
-                    "model": model},
-        )  # fmt: skip
 
 
 async def build(mesh: Mesh, settings: BudgetSettings) -> Budget:
