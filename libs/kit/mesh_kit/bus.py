@@ -32,8 +32,8 @@ from faststream.security import BaseSecurity
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.errors import NotJSMessageError
-from nats.js.client import JetStreamContext
 from nats.js.api import PubAck
+from nats.js.client import JetStreamContext
 from nats.js.errors import KeyNotFoundError, NotFoundError
 from opentelemetry import propagate, trace
 
