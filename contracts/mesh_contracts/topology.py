@@ -122,8 +122,10 @@ BUCKETS: tuple[Bucket, ...] = (
         writer="budget",
         history=1,
         ttl_s=24 * 3600.0,
-        description="Outstanding reservations, one key per call (<tenant>.<task>.<call>): the durable copy of "
-        "the budget's Redis view, so a lost Redis never forgets money promised to a call in flight.",
+        scanners=("budget",),  # a rebuilt view reads the holds granted in the last ttl, in batches
+        description="Reservations, one key per call (<tenant>.<task>.<call>), kept a day: the durable copy of "
+        "the budget's Redis view, so a lost Redis never forgets money promised to a call in flight (a "
+        "settled one is known by its task's record in the budget bucket).",
     ),
     Bucket(
         "control",

@@ -14,6 +14,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Iterator
 
+import nats.js.errors
 import pytest
 
 from mesh_agent import prices
@@ -46,6 +47,7 @@ ENV = {
     "MESH_BUDGET_PROVIDER_COOLDOWN_S": "3",
     "MESH_BUDGET_AUDIT_ANCHOR_S": "1",
     "MESH_TOOL_POLICY": '{"send_email": {"rate_per_min": 0}}',
+    "MESH_BUDGET_TENANT_LIMITS": '{"initech": {"daily_tokens": 1000}}',
 }
 
 
@@ -55,7 +57,7 @@ def plan(*steps: dict) -> str:
 
 @pytest.fixture(scope="module")
 def infra() -> Iterator[Infra]:
-    with running_infra(["acme", "globex"], name="budget", ack_wait_s=2.0) as infra:
+    with running_infra(["acme", "globex", "initech"], name="budget", ack_wait_s=2.0) as infra:
         yield infra
 
 
@@ -207,14 +209,14 @@ async def settled(infra: Infra, tenant: str, task: str, ready, timeout: float = 
     return last
 
 
-async def running_task(infra: Infra, task: str, max_tokens: int) -> None:
+async def running_task(infra: Infra, task: str, max_tokens: int, tenant: str = "acme") -> None:
     """A task record as the planner writes it, for driving the budget directly."""
     nc = await infra.admin()
     record = {
-        "tenant": "acme", "task_id": task, "goal": "g", "status": "running", "created_at": time.time(),
+        "tenant": tenant, "task_id": task, "goal": "g", "status": "running", "created_at": time.time(),
         "limits": {"max_tokens": max_tokens, "max_cost_usd": 1.0},
     }  # fmt: skip
-    await (await nc.jetstream().key_value("tasks")).create(f"acme.{task}", json.dumps(record).encode())
+    await (await nc.jetstream().key_value("tasks")).create(f"{tenant}.{task}", json.dumps(record).encode())
     await nc.close()
 
 
@@ -229,13 +231,14 @@ async def as_worker(infra: Infra) -> AsyncIterator[Mesh]:
         await worker.broker.stop()
 
 
-def reserve(task: str, call: str, tokens: int) -> BudgetReserve:
-    return BudgetReserve(tenant="acme", task_id=task, agent="worker", call_id=call, tokens=tokens, cost_usd=0.0)
+def reserve(task: str, call: str, tokens: int, tenant: str = "acme") -> BudgetReserve:
+    return BudgetReserve(tenant=tenant, task_id=task, agent="worker", call_id=call, tokens=tokens, cost_usd=0.0)
 
 
-def used(task: str, call: str, inp: int, out: int) -> UsageRecorded:
-    return UsageRecorded(tenant="acme", task_id=task, agent="worker", call_id=call, provider="scripted",
-                         model="scripted-1", input_tokens=inp, output_tokens=out, reservation_id=call)  # fmt: skip
+def used(task: str, call: str, inp: int, out: int, tenant: str = "acme", reservation: str = "") -> UsageRecorded:
+    return UsageRecorded(tenant=tenant, task_id=task, agent="worker", call_id=call, provider="scripted",
+                         model="scripted-1", input_tokens=inp, output_tokens=out,
+                         reservation_id=reservation or call)  # fmt: skip
 
 
 async def test_50_parallel_reservations_with_a_budget_replica_killed_never_overspend(infra, mesh):
@@ -326,6 +329,45 @@ async def test_redis_losing_its_data_forgets_no_reservation_in_flight(infra, mes
     usage = await infra.spent("acme", task)
     assert usage["total"]["input_tokens"] + usage["total"]["output_tokens"] == 6 * size
     report("budget redis lost", granted_after_loss=4, denied_after_loss=1, overshoot_tokens=0)
+
+
+async def _day_spent(infra: Infra, tenant: str) -> int:
+    nc = await infra.admin()
+    try:
+        kv = await nc.jetstream().key_value("budget")
+        try:
+            day = json.loads((await kv.get(f"tenant.{tenant}.{time.strftime('%Y%m%d', time.gmtime())}")).value)
+        except nats.js.errors.KeyNotFoundError:  # not written yet
+            return 0
+        return int(day["total"]["input_tokens"] + day["total"]["output_tokens"])
+    finally:
+        await nc.close()
+
+
+async def test_redis_losing_its_data_keeps_the_tenant_day_exact(infra, mesh):
+    """Reservations are never released one by one: a settled call's hold stays in the bucket
+    (a day), and a view rebuilt after Redis lost its data must not count it a second time beside
+    the day's spend, nor forget a hold whose call is still running. Tenant initech may spend
+    1,000 tokens a day: 400 settled (task A), 100 settled by a retried attempt under another
+    reservation id (task B), 300 held in flight (task B): a new task gets exactly the 200 left."""
+    t, size = "initech", 100
+    for task in ("day-a", "day-b", "day-c"):
+        await running_task(infra, task, 10_000, tenant=t)
+    async with as_worker(infra) as worker:
+        a = [await worker.request(reserve("day-a", f"a{i}", size, t)) for i in range(4)]
+        b = [await worker.request(reserve("day-b", call, size, t)) for call in ("b0", "b1", "b2", "b3-r1n2")]
+        assert all(isinstance(x, BudgetGranted) for x in a + b), a + b
+        await asyncio.gather(*(worker.publish(used("day-a", f"a{i}", 60, 40, t), key=f"a{i}") for i in range(4)))
+        await worker.publish(used("day-b", "b3", 60, 40, t, reservation="b3-r1n2"), key="b3")
+        deadline = time.monotonic() + 10
+        while await _day_spent(infra, t) < 500:
+            assert time.monotonic() < deadline, "the five calls were not accounted"
+            await asyncio.sleep(0.05)
+        assert await wipe_budget_redis(infra) > 0
+        c = [await worker.request(reserve("day-c", f"c{i}", size, t)) for i in range(3)]
+    assert [type(x).__name__ for x in c] == ["BudgetGranted", "BudgetGranted", "BudgetDenied"], c
+    assert c[-1].code == "tenant_daily_tokens" and "0 available today" in c[-1].reason, c[-1]
+    report("budget redis lost, tenant-day", settled=500, held=300, granted_after_loss=2, overshoot_tokens=0)
 
 
 async def test_control_is_obeyed_everywhere_and_the_kill_switch_stops_one_tenant(infra, mesh):

@@ -127,6 +127,7 @@ INTENDED: dict[str, set[str]] = {
     | kv_read("tasks")
     | kv_own("budget")
     | kv_own("reservations")
+    | kv_scan("reservations")  # a rebuilt view reads the last ttl's holds in batches
     | kv_own("anchors")  # the audit chains' signed anchors
     | AUDIT_WRITER,  # budget trips
     "approver": kv_scan("approvals"),

@@ -13,10 +13,12 @@
   accounted (the *horizon*; see ``Budget.horizon``). Expiry on the wall clock alone would
   let a lagging accountant forget a call that was made and not yet counted.
 - Redis is not the only copy of a reservation: each grant is also written to the
-  ``reservations`` bucket (``Held``) before the caller hears of it, and removed once the
-  call's usage is in the ``budget`` bucket. For every call, at every moment, its cost is in
-  one of the two (briefly in both: conservative), so a view rebuilt after Redis lost its data
-  still counts every call in flight.
+  ``reservations`` bucket (``Held``) before the caller hears of it. It is never deleted (the
+  bucket's age limit removes it a day later): a view rebuilt after Redis lost its data reads
+  the holds granted since ``horizon - ttl`` (older ones have expired) and leaves out those
+  whose call is already counted in its task's record. For every call, at every moment, its
+  cost is held or counted, never neither, so a rebuilt view still counts every call in flight.
+  (A delete per call was a stored write per model call: 7 per sample task.)
 """
 
 from __future__ import annotations
@@ -26,10 +28,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from nats.js.errors import KeyNotFoundError
 from pydantic import BaseModel
 
 from mesh_contracts.v1 import TokenUsage
+from mesh_kit.tail import MAX_BATCH, Reader
 
 TASK_TTL_S = 8 * 24 * 3600  # beyond the streams' 7-day retention
 DAY_TTL_S = 3 * 24 * 3600
@@ -153,9 +155,17 @@ class TaskUsage(BaseModel):
     the two writes can make the day count a call twice (errs towards denying), never zero
     times. Entries are dropped at the task's next write once the day write is confirmed."""
     call_ids: list[str] = []
+    reservation_ids: list[str] = []
+    """Reservations settled here under another id than their call's (a retry's or a fallback's
+    attempt, or a failed attempt): with ``call_ids``, the holds a rebuilt view leaves out."""
     updated_at: float = 0.0
     labels: dict[str, str] = {}
     """The task's labels (``task.submitted``): who to charge (team, user...)."""
+
+    def settled(self) -> set[str]:
+        """Every reservation id whose call is counted here (a call's first attempt reserves
+        under the call's own id)."""
+        return {*self.call_ids, *self.reservation_ids}
 
     @staticmethod
     def key(tenant: str, task_id: str) -> str:
@@ -206,31 +216,33 @@ class Durable:
 
     BUCKET = "reservations"
 
-    def __init__(self, js: Any, kv: Any) -> None:
-        self.js, self.kv = js, kv
+    def __init__(self, kv: Any) -> None:
+        self.kv = kv
 
     async def hold(self, held: Held) -> None:
         await self.kv.put(f"{held.tenant}.{held.task_id}.{held.call_id}", held.model_dump_json().encode())
 
-    async def release(self, tenant: str, task_id: str, call_id: str) -> None:
-        await self.kv.delete(f"{tenant}.{task_id}.{call_id}")
-
-    async def outstanding(self, tenant: str, task_id: str = "*") -> list[Held]:
-        """Every reservation of one task (or, with ``*``, of the tenant) not yet released.
-
-        Lists the bucket's subjects for the prefix (stream info with a subject filter, which
-        the budget may already read) and fetches each; released ones are delete markers."""
-        prefix = f"$KV.{self.BUCKET}."
-        info = await self.js.stream_info(f"KV_{self.BUCKET}", subjects_filter=f"{prefix}{tenant}.{task_id}.*")
-        out = []
-        for subject in info.state.subjects or {}:
-            try:
-                entry = await self.kv.get(subject[len(prefix) :])
-            except KeyNotFoundError:  # released (KeyDeletedError is a KeyNotFoundError)
-                continue
-            if entry.value:
-                out.append(Held.model_validate_json(entry.value))
-        return out
+    async def granted_since(self, nc: Any, since: float, tenant: str, task_id: str = "*") -> list[Held]:
+        """The reservations of one task (or, with ``*``, of the tenant) granted at or after
+        ``since``, settled or not (the caller leaves out the settled ones): batched direct gets
+        from that time on, the newest entry of each key. The bucket keeps a day of them, but a
+        rebuild reads only the last ``ttl`` or so (see ``Budget._rebuild``)."""
+        reader = Reader(nc, f"KV_{self.BUCKET}", batch=MAX_BATCH)
+        subject = f"$KV.{self.BUCKET}.{tenant}.{task_id}.*"
+        found: dict[str, Held | None] = {}
+        seq: int | None = None  # from ``since`` first, then on from the last one read
+        try:
+            while True:
+                batch = await reader.read(seq=seq, start_time=max(since, 0.0), subject=subject)
+                for m in batch.messages:
+                    found[m.subject] = None if m.operation or not m.data else Held.model_validate_json(m.data)
+                if batch.messages:
+                    seq = batch.messages[-1].seq + 1
+                if batch.complete and (not batch.pending or not batch.messages):
+                    break
+        finally:
+            await reader.close()
+        return [h for h in found.values() if h is not None]
 
 
 @dataclass(frozen=True)
@@ -314,7 +326,7 @@ class View:
         res, spent, counted = self.task_keys(tenant, task_id)
         dres, dspent = self.day_keys(tenant, day.day)
         t = task.total if task else TokenUsage()
-        done = set(task.call_ids) if task else set()
+        done = task.settled() if task else set()
         held_t = {h.call_id: h.entry() for h in task_held if h.call_id not in done}
         held_d = {f"{h.task_id}/{h.call_id}": h.entry() for h in day_held if h.day == day.day}
         await self._init(

@@ -38,7 +38,7 @@ from mesh_kit import envelope as env
 from mesh_kit import state as st
 from mesh_kit import telemetry as tel
 from mesh_kit.deps import Dependency, redis_errors
-from mesh_kit.identity import IdentityError
+from mesh_kit.identity import CLOCK_LEEWAY_S, IdentityError
 from mesh_kit.tail import Reader, Stored, Tail
 
 log = logging.getLogger("mesh.budget")
@@ -120,7 +120,7 @@ class Budget:
     async def start(self) -> None:
         self.kv = await self.mesh.kv("budget")
         self.tasks = await self.mesh.kv("tasks")
-        self.durable = Durable(self.mesh.nc.jetstream(), await self.mesh.kv(Durable.BUCKET))
+        self.durable = Durable(await self.mesh.kv(Durable.BUCKET))
         self._poller = asyncio.create_task(self._poll_horizon())
         await self._watch()
         self._ticker = asyncio.create_task(self._tick())
@@ -399,21 +399,33 @@ class Budget:
         assert self.durable is not None
         task_usage, _ = await st.load(self.kv, TaskUsage.key(tenant, task_id), TaskUsage)
         day_usage, _ = await st.load(self.kv, DayUsage.key(tenant, day), DayUsage)
-        task_held = await self.durable.outstanding(tenant, task_id) if cold.task else []
-        day_held = await self.durable.outstanding(tenant) if cold.day else []
         horizon = self.horizon
+        # A hold counts until its expiry is behind the horizon: only those granted since
+        # ``horizon - ttl`` can (the leeway covers clocks; no horizon yet: all of them).
+        since = horizon - self.settings.budget_reservation_ttl_s - CLOCK_LEEWAY_S if horizon else 0.0
+        nc = self.mesh.nc
+        task_held = await self.durable.granted_since(nc, since, tenant, task_id) if cold.task else []
+        day_held = await self.durable.granted_since(nc, since, tenant) if cold.day else []
+        task_held = [h for h in task_held if h.expires_at >= horizon]  # init leaves out the settled ones
+        day_held = await self._unsettled(
+            tenant, task_id, task_usage, [h for h in day_held if h.expires_at >= horizon and h.day == day]
+        )
         await self.view.init(
-            task_usage,
-            day_usage or DayUsage(tenant=tenant, day=day),
-            tenant,
-            task_id,
-            [h for h in task_held if h.expires_at >= horizon],
-            [h for h in day_held if h.expires_at >= horizon],
+            task_usage, day_usage or DayUsage(tenant=tenant, day=day), tenant, task_id, task_held, day_held
         )
         if task_held or day_held:
             self.mesh.count("mesh.budget.reservations_rebuilt")
             log.info("%s/%s: view rebuilt with %d task and %d tenant-day reservations held", tenant, task_id,
                      len(task_held), len(day_held))  # fmt: skip
+
+    async def _unsettled(self, tenant: str, task_id: str, task_usage: TaskUsage | None, held: list[Held]) -> list[Held]:
+        """The holds whose call is not counted yet in its task's record (one read per other task
+        with a hold in the window: a rebuild is rare, and the window is a reservation's ttl)."""
+        counted = {task_id: task_usage.settled() if task_usage else set()}
+        for other in sorted({h.task_id for h in held} - counted.keys()):
+            rec, _ = await st.load(self.kv, TaskUsage.key(tenant, other), TaskUsage)
+            counted[other] = rec.settled() if rec else set()
+        return [h for h in held if h.call_id not in counted[h.task_id]]
 
     # --- account ------------------------------------------------------------------------------
 
@@ -445,6 +457,8 @@ class Budget:
             fresh[0] = True
             cur.day_pending[m.call_id] = day
             cur.call_ids.append(m.call_id)
+            if m.reservation_id and m.reservation_id != m.call_id:
+                cur.reservation_ids.append(m.reservation_id)
             cur.total = cur.total + call
             cur.by_agent[agent] = cur.by_agent.get(agent, TokenUsage()) + call
             cur.by_step[m.step_id or "-"] = cur.by_step.get(m.step_id or "-", TokenUsage()) + call
@@ -476,9 +490,8 @@ class Budget:
             self._confirm(key, {m.call_id})
         else:
             await settle
-        # Only now, with the call in the budget bucket (task and day), may its durable reservation go.
-        assert self.durable is not None
-        await self.durable.release(m.tenant, m.task_id, m.reservation_id or m.call_id)
+        # The call's durable reservation stays: the task's record now says it is settled (a
+        # rebuilt view leaves it out), and the bucket's age limit removes it.
 
     def _confirm(self, key: tuple[str, str], calls: set[str]) -> None:
         """Remember day writes that are stored, to drop them from the task's ``day_pending`` at

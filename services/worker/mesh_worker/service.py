@@ -574,11 +574,12 @@ class Worker:
         cls = StepFailed if run.status == "failed" else StepCompleted
         outcome = cls.model_validate(run.outcome)
         await self.mesh.publish(outcome, key=f"{outcome.step_id}:{outcome.attempt}")
-        stage = "step.failed" if run.status == "failed" else "step.completed"
-        text = outcome.reason if isinstance(outcome, StepFailed) else outcome.output
-        await self.mesh.progress(
-            outcome.tenant, outcome.task_id, stage, text[:100], step_id=outcome.step_id, key=str(outcome.attempt)
-        )
+        if isinstance(outcome, StepFailed):
+            # A completed step is announced once, by the planner, when it accepts the result (the
+            # worker's own event said the same: 3 stored messages a sample task). A failure is
+            # told here, with the step's own reason.
+            await self.mesh.progress(outcome.tenant, outcome.task_id, "step.failed", outcome.reason[:100],
+                                     step_id=outcome.step_id, key=str(outcome.attempt))  # fmt: skip
 
 
 def step_context(m: StepRequested, system: Prompt) -> list[tuple[str, Text]]:
