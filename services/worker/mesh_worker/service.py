@@ -381,7 +381,7 @@ class Worker:
         if new.pending is not None:
             await self._send_call(new, new.pending.call_id, new.pending.tool, new.messages[-1])
             return
-        await self._finish(new, output=called[0].content)
+        await self._publish_outcome(new)  # the checkpoint holds the answer and the step's end
 
     async def _call_model(
         self, run: StepRun, call_id: str, d: Delivery | None
@@ -428,8 +428,9 @@ class Worker:
     async def _checkpoint_turn(
         self, run: StepRun, call_id: str, response: ModelResponse, usage: TokenUsage
     ) -> StepRun | None:
-        """The model's turn and its tool call (at most one) written to the step's checkpoint;
-        None when another delivery advanced the step meanwhile (this result is stale)."""
+        """The model's turn and its tool call (at most one) written to the step's checkpoint, or,
+        with no call, the answer and the step's end (its outcome) in the same write; None when
+        another delivery advanced the step meanwhile (this result is stale)."""
         req = run.request
         used = f"{response.provider}/{response.model}"
         iteration = run.iteration
@@ -452,6 +453,9 @@ class Worker:
                     tool=calls[0].name,
                     deadline=time.time() + self.settings.tool_timeout_s,
                 )
+            else:  # the answer: the step ends in this same write (one stored write less per step)
+                cur.status = "completed"
+                cur.outcome = self._outcome(cur, output=response.content).model_dump(mode="json")
             return cur
 
         new, changed = await st.update(
@@ -522,11 +526,14 @@ class Worker:
         delay = max(0.0, deadline - time.time())
         self._timers[call_id] = asyncio.get_running_loop().call_later(delay, fire)
 
-    async def _finish(self, run: StepRun, *, output: str = "", failed: str = "", halted: bool = False) -> None:
+    def _outcome(
+        self, run: StepRun, *, output: str = "", failed: str = "", halted: bool = False
+    ) -> StepCompleted | StepFailed:
+        """The step's outcome message from its checkpoint: the answer ``output``, or ``failed``."""
         req = run.request
         sid = req.step.step_id
         if failed:
-            outcome = StepFailed(
+            return StepFailed(
                 tenant=req.tenant,
                 task_id=req.task_id,
                 step_id=sid,
@@ -535,25 +542,29 @@ class Worker:
                 usage=run.usage,
                 halted=halted,
             )
-        else:
-            cited = set(re.findall(r"\[([^\[\]#]+)#([^\[\]]+)\]", output))
-            citations = [c for c in run.citations if (c.doc_id, c.chunk_id) in cited] or run.citations
-            outcome = StepCompleted(
-                tenant=req.tenant,
-                task_id=req.task_id,
-                step_id=sid,
-                attempt=run.attempt,
-                output=output,
-                citations=tuple(citations),
-                usage=run.usage,
-                iterations=run.iteration,
-                tools=tools_called(run),
-                models=tuple(run.models),
-                prompt_version=prompt_version(run, self.system_prompt),
-                taint=run.taint,
-                held=tuple(run.held),
-                retrievals=forwarded(run.retrievals),
-            )
+        cited = set(re.findall(r"\[([^\[\]#]+)#([^\[\]]+)\]", output))
+        citations = [c for c in run.citations if (c.doc_id, c.chunk_id) in cited] or run.citations
+        return StepCompleted(
+            tenant=req.tenant,
+            task_id=req.task_id,
+            step_id=sid,
+            attempt=run.attempt,
+            output=output,
+            citations=tuple(citations),
+            usage=run.usage,
+            iterations=run.iteration,
+            tools=tools_called(run),
+            models=tuple(run.models),
+            prompt_version=prompt_version(run, self.system_prompt),
+            taint=run.taint,
+            held=tuple(run.held),
+            retrievals=forwarded(run.retrievals),
+        )
+
+    async def _finish(self, run: StepRun, *, output: str = "", failed: str = "", halted: bool = False) -> None:
+        req = run.request
+        sid = req.step.step_id
+        outcome = self._outcome(run, output=output, failed=failed, halted=halted)
 
         def close(cur: StepRun | None) -> StepRun | None:
             if cur is None or cur.status != "running" or cur.attempt != run.attempt:
