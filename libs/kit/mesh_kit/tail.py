@@ -348,10 +348,13 @@ class Tail:
                 if not ok:
                     await asyncio.sleep(1.0)
                 continue
-            try:
-                item = await asyncio.wait_for(self._fed.get(), self.poll_s)
-            except TimeoutError:
-                item = None
+            try:  # one waiting already is taken as it is: no timer per message under load
+                item = self._fed.get_nowait()
+            except asyncio.QueueEmpty:
+                try:
+                    item = await asyncio.wait_for(self._fed.get(), self.poll_s)
+                except TimeoutError:
+                    item = None
             if item is not None and self.next_seq is not None and self.subject is None:
                 if item.seq < self.next_seq:
                     continue  # already read from the stream
