@@ -50,6 +50,11 @@ class ContractSpec:
     summary: str = ""
     max_bytes: int = DEFAULT_MAX_BYTES
     """Largest body the bounded decoder accepts for this message (``decode.py``)."""
+    acked: bool = True
+    """``stream`` messages only. False: the publisher does not wait for the stream's
+    acknowledgement (a core publish onto the stream's subject: stored, deduplicated by its id,
+    but one published while the broker is unreachable or the stream is full is lost, unseen).
+    For what nothing depends on: progress events, which a client also sees live."""
 
     @property
     def unique_keys(self) -> bool:

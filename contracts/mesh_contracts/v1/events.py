@@ -28,7 +28,12 @@ class ProgressEvent(Contract):
         }
     )
     spec: ClassVar = ContractSpec(
-        "event", "progress", producers=SERVICES, consumers=(CLIENT,), summary="Live progress for clients."
+        "event",
+        "progress",
+        producers=SERVICES,
+        consumers=(CLIENT,),
+        summary="Live progress for clients.",
+        acked=False,  # stored for history, but no publisher waits on one (about 18 a sample task)
     )
 
     type: Literal["event.progress"] = "event.progress"
