@@ -79,6 +79,7 @@ bench: setup ## task, budget, gateway and retrieval numbers vs their raw baselin
 # The peer the mesh is measured against lives in its own venv, out of the product's dependencies.
 PEERS_VENV ?= .venv-peers
 PEERS_PINS := bench/peers/requirements.txt
+PEERS_ARGS ?=
 
 $(PEERS_VENV)/.installed: $(PEERS_PINS)
 	@test -x $(PEERS_VENV)/bin/python || $(PYTHON) -m venv $(PEERS_VENV)
@@ -86,7 +87,7 @@ $(PEERS_VENV)/.installed: $(PEERS_PINS)
 	@touch $@
 
 bench-peers: setup $(PEERS_VENV)/.installed ## the mesh and Temporal (own venv, .venv-peers) on the same work, one table
-	$(BIN)/python bench/bench_peers.py --peer-python $(PEERS_VENV)/bin/python
+	$(BIN)/python bench/bench_peers.py --peer-python $(PEERS_VENV)/bin/python $(PEERS_ARGS)
 
 chaos: setup ## the chaos suite at full size (CI runs it bounded inside make test); report in .bench/chaos.jsonl
 	@mkdir -p .bench && rm -f .bench/chaos.jsonl

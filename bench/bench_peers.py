@@ -10,10 +10,15 @@
 
 The two run one after the other, never together (the machine has two cores). Both measure
 sequential latency over ``--tasks`` tasks, then throughput and CPU per task with
-``2 * --concurrency`` tasks in flight. It exits 0 whatever the numbers (a benchmark, not a test)
-and non-zero, with one line saying why, when a side fails to run.
+``2 * --concurrency`` tasks in flight. With ``--rounds N`` each side runs N times, in turns
+(mesh, temporal, temporal, mesh, ...), and the table holds the medians: a shared machine's speed
+drifts by more than a single pair can tell. It exits 0 whatever the numbers (a benchmark, not a
+test) and non-zero, with one line saying why, when a side fails to run.
 
-    python bench/bench_peers.py [--tasks 30] [--concurrency 32] [--stock-server]
+Like for like, the mesh's clients here wait for the outcome alone (``progress=False``), as
+Temporal's do (``make bench`` measures a client that follows every progress event too).
+
+    python bench/bench_peers.py [--tasks 30] [--concurrency 32] [--rounds 1] [--stock-server]
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import argparse
 import asyncio
 import json
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -41,7 +47,8 @@ class SideFailed(Exception):
 def run_mesh(tasks: int, concurrency: int) -> dict:
     home = Path(tempfile.mkdtemp(prefix="agentmesh-peers-"))
     try:
-        return asyncio.run(bench_task.measure(tasks, concurrency, baseline=False, home=home))
+        # Like for like: the clients wait for the outcome alone, as Temporal's do.
+        return asyncio.run(bench_task.measure(tasks, concurrency, baseline=False, home=home, progress=False))
     except Exception as e:
         raise SideFailed(f"mesh side failed: {type(e).__name__}: {e}".splitlines()[0]) from e
     finally:
@@ -73,6 +80,20 @@ def run_temporal(python: Path, tasks: int, concurrency: int, stock: bool) -> dic
         raise SideFailed(f"temporal side failed: its last line is not JSON: {lines[-1][:120]}") from e
 
 
+def median(runs: list[dict]) -> dict:
+    """One side's runs folded into one: the median of every number (per process for CPU)."""
+    if len(runs) == 1:
+        return runs[0]
+    out = dict(runs[-1])
+    for k, v in runs[0].items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[k] = statistics.median(r[k] for r in runs)
+        elif isinstance(v, dict) and v and all(isinstance(x, (int, float)) for x in v.values()):
+            out[k] = {name: statistics.median(r[k].get(name, 0.0) for r in runs) for name in v}
+    out["rounds"] = len(runs)
+    return out
+
+
 def table(mesh: dict, peer: dict) -> str:
     """One row per measure: mesh, temporal, mesh/temporal, and which way is better."""
     rows: list[tuple[str, str, str, str, str]] = []
@@ -100,7 +121,7 @@ def table(mesh: dict, peer: dict) -> str:
         row(f"  {k} (mesh)", v, None, "lower")
     for k, v in sorted(tserver.items(), key=lambda kv: -kv[1]):
         row(f"  {k} (temporal)", None, v, "lower")
-    row("CPU per task, client (ms)", mcpu["client"], tcpu["client"], "lower")
+    row("CPU per task, client waiting for the outcome (ms)", mcpu["client"], tcpu["client"], "lower")
     row("CPU per task, all processes (ms)", sum(mcpu.values()), sum(tcpu.values()), "lower")
 
     head = ("", "mesh", "temporal", "mesh/temporal", "better")
@@ -120,15 +141,25 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, default=32, help="2x this many tasks in flight for throughput and CPU")
     ap.add_argument("--peer-python", type=Path, default=ROOT / ".venv-peers" / "bin" / "python")
     ap.add_argument("--stock-server", action="store_true", help="Temporal's start-dev defaults, untuned")
+    ap.add_argument("--rounds", type=int, default=1, help="runs of each side, in turns; the table holds medians")
     a = ap.parse_args()
+    if a.rounds < 1 or a.tasks < 1 or a.concurrency < 1:
+        ap.error("--rounds, --tasks and --concurrency must be at least 1")
+    meshes: list[dict] = []
+    peers: list[dict] = []
     try:
-        print(f"mesh: {a.tasks} sequential tasks, then {2 * a.concurrency} in flight ...", file=sys.stderr, flush=True)
-        mesh = run_mesh(a.tasks, a.concurrency)
-        print("temporal: the same, as a workflow ...", file=sys.stderr, flush=True)
-        peer = run_temporal(a.peer_python.absolute(), a.tasks, a.concurrency, a.stock_server)
+        for i in range(a.rounds):
+            for side in ("mesh", "temporal") if i % 2 == 0 else ("temporal", "mesh"):
+                print(f"round {i + 1}/{a.rounds}: {side}, {a.tasks} sequential tasks, then {2 * a.concurrency} "
+                      "in flight ...", file=sys.stderr, flush=True)  # fmt: skip
+                if side == "mesh":
+                    meshes.append(run_mesh(a.tasks, a.concurrency))
+                else:
+                    peers.append(run_temporal(a.peer_python.absolute(), a.tasks, a.concurrency, a.stock_server))
     except SideFailed as e:
         print(f"bench-peers: {e}", file=sys.stderr)
         return 1
+    mesh, peer = median(meshes), median(peers)
     settings = peer.get("server_settings") or {}
     print("mesh: the README's sample task, six services + nats-server (sync always) + redis-server")
     print(
@@ -137,6 +168,8 @@ def main() -> int:
     )
     print(f"  server: {json.dumps(settings) if settings else 'start-dev defaults'}")
     print(f"  worker: {json.dumps(peer.get('worker_settings', {}))}")
+    if a.rounds > 1:
+        print(f"  {a.rounds} rounds each, in turns; medians")
     print()
     print(table(mesh, peer))
     print()

@@ -111,11 +111,15 @@ async def messages_per_task(url: str, opts: dict, tenant: str, task_id: str) -> 
     return total
 
 
-async def measure(tasks: int, concurrency: int, *, baseline: bool = True, home: Path | None = None) -> dict:
+async def measure(
+    tasks: int, concurrency: int, *, baseline: bool = True, home: Path | None = None, progress: bool = True
+) -> dict:
     """Run the benchmark on a fresh local mesh and return its numbers (``main`` prints them).
 
     ``baseline=False`` skips the raw JetStream hop (bench/bench_peers.py needs only the task's
     numbers); ``home`` is the mesh's home directory (a new temporary one by default).
+    ``progress=False``: the throughput run's clients wait for the outcome alone, as a peer's
+    client does (then there is no separate outcome-only run).
     """
     home = home or Path(tempfile.mkdtemp(prefix="agentmesh-bench-"))
     t0 = time.perf_counter()
@@ -136,16 +140,23 @@ async def measure(tasks: int, concurrency: int, *, baseline: bool = True, home: 
             pids = processes(state)
             cpu0 = {k: cpu_s(pid) for k, pid in pids.items()} | {"client": time.process_time()}
             t1 = time.perf_counter()
-            runs = await asyncio.gather(*(c.submit(GOAL, timeout=120) for _ in range(concurrency * 2)))
+            runs = await asyncio.gather(
+                *(c.submit(GOAL, timeout=120, progress=progress) for _ in range(concurrency * 2))
+            )
             wall = time.perf_counter() - t1
             cpu1 = {k: cpu_s(pid) for k, pid in pids.items()} | {"client": time.process_time()}
             ok = sum(isinstance(r.outcome, TaskCompleted) for r in runs)
             # The same again with a client that waits for the outcome alone (progress=False):
             # what a program that needs only the result spends (the peer's client does that).
-            c0 = time.process_time()
-            quiet = await asyncio.gather(*(c.submit(GOAL, timeout=120, progress=False) for _ in range(concurrency * 2)))
-            outcome_only_ms = (time.process_time() - c0) * 1000 / len(quiet)
-            assert all(isinstance(q.outcome, TaskCompleted) for q in quiet), "an outcome-only task did not complete"
+            if progress:
+                c0 = time.process_time()
+                quiet = await asyncio.gather(
+                    *(c.submit(GOAL, timeout=120, progress=False) for _ in range(concurrency * 2))
+                )
+                outcome_only_ms = (time.process_time() - c0) * 1000 / len(quiet)
+                assert all(isinstance(q.outcome, TaskCompleted) for q in quiet), "an outcome-only task did not complete"
+            else:
+                outcome_only_ms = (cpu1["client"] - cpu0["client"]) * 1000 / len(runs)
     finally:
         local.down(home)
     return {

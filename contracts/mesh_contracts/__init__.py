@@ -5,6 +5,7 @@
 """
 
 from mesh_contracts.base import (
+    ADMIN,
     APPROVER,
     CLIENT,
     SERVICES,
@@ -17,6 +18,7 @@ from mesh_contracts.decode import DecodeLimits
 from mesh_contracts.registry import contract_for_subject, parse_message, split_subject
 
 __all__ = [
+    "ADMIN",
     "APPROVER",
     "CLIENT",
     "SERVICES",

@@ -24,6 +24,8 @@ ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 # identity per tenant); ``approver`` is a human operator answering approval requests.
 CLIENT = "client"
 APPROVER = "approver"
+ADMIN = "admin"
+"""The operators' identity (provisioning, ``meshctl``): it asks services what they see."""
 SERVICES: tuple[str, ...] = ("planner", "worker", "checker", "rag", "tool-executor", "budget")
 
 Transport = Literal["stream", "request", "reply", "core"]

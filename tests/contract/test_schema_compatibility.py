@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from mesh_contracts import generate
+from mesh_contracts.registry import VERSIONS
 from mesh_contracts.v1 import StepRequested, TaskSubmitted
 
 pytestmark = pytest.mark.unit
@@ -63,12 +64,15 @@ def test_history_is_actually_consulted():
 def test_asyncapi_document_covers_every_contract_and_operation():
     doc = generate.asyncapi()
     assert doc["asyncapi"] == "3.0.0"
-    assert len(doc["components"]["messages"]) == 29
+    registered = {f"{c.type_name().replace('.', '_')}_v{major}" for major, cs in VERSIONS.items() for c in cs}
+    assert set(doc["components"]["messages"]) == registered, "one message per registered contract, no other"
+    assert {"budget_status_v1", "budget_report_v1"} <= registered
     live = doc["channels"]["live_token_v1"]
     assert live["address"] == "live.v1.{tenant}.{task}.token" and live["x-transport"] == "core"
     assert live["x-stream"] is None, "streamed tokens are never stored"
     sends = [k for k, op in doc["operations"].items() if op["action"] == "send"]
     assert "client.send.task_submitted_v1" in sends
+    assert "admin.send.budget_status_v1" in sends, "an operator asks the budget what it sees"
     assert doc["channels"]["task_submitted_v1"]["address"] == "task.v1.{tenant}.{task}.submitted"
 
 

@@ -213,7 +213,8 @@ async def test_top_shows_each_tenants_tasks_and_spend_and_each_services_backlog(
     assert abs(acme["cost_usd"] - day["total"]["cost_usd"]) < 1e-9, "today's spend is the budget's"
     assert set(frame["services"]) >= {"planner", "worker", "checker", "rag", "tool-executor", "budget"}
     assert all(s["pending"] == 0 for s in frame["services"].values()), "an idle mesh has no backlog"
-    assert sum(m["calls"] for m in frame["models"].values()) >= 1 and frame["dlq"] == 0
+    assert sum(m["calls"] for m in frame["models"]["acme"].values()) >= 1 and frame["dlq"] == 0
+    assert acme["running"] == 0 and acme["queued"] == 0 and not frame["notes"], "the budget answered: nothing runs"
     assert await asyncio.to_thread(_ctl, infra, "top", "--once") == 0
     out = capsys.readouterr().out
     assert "TENANT" in out and "acme" in out and "SERVICE" in out and "dead letters: 0" in out

@@ -4,7 +4,15 @@ Evolve by adding optional fields with defaults; a breaking change is ``v2/``.
 """
 
 from mesh_contracts.v1.audit import AuditRecorded
-from mesh_contracts.v1.budget import BudgetDenied, BudgetGranted, BudgetReserve, UsageRecorded
+from mesh_contracts.v1.budget import (
+    BudgetDenied,
+    BudgetGranted,
+    BudgetReserve,
+    BudgetStatusReport,
+    BudgetStatusRequested,
+    TenantTasks,
+    UsageRecorded,
+)
 from mesh_contracts.v1.check import CheckRequested, CheckVerdict
 from mesh_contracts.v1.common import (
     CheckResult,
@@ -72,6 +80,8 @@ ALL = (
     BudgetReserve,
     BudgetGranted,
     BudgetDenied,
+    BudgetStatusRequested,
+    BudgetStatusReport,
     ControlHalt,
     ControlCancel,
     ControlResume,
@@ -92,6 +102,8 @@ __all__ = [
     "BudgetDenied",
     "BudgetGranted",
     "BudgetReserve",
+    "BudgetStatusReport",
+    "BudgetStatusRequested",
     "CheckRequested",
     "CheckResult",
     "CheckVerdict",
@@ -122,6 +134,7 @@ __all__ = [
     "TaskPolicy",
     "TaskRejected",
     "TaskSubmitted",
+    "TenantTasks",
     "TokenDelta",
     "TokenUsage",
     "ToolAudited",

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from pydantic import ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 
-from mesh_contracts.base import CLIENT, ID_PATTERN, Contract, ContractSpec
+from mesh_contracts.base import ADMIN, CLIENT, ID_PATTERN, Contract, ContractSpec
 
 _EX = {"tenant": "acme", "task_id": "t-7f3a"}
 LLM_CALLERS = ("planner", "worker", "checker")
@@ -170,3 +170,66 @@ class BudgetDenied(Contract):
     """Machine-readable cause: ``task_tokens``, ``task_cost``, ``tenant_daily_tokens``,
     ``tenant_daily_cost``, ``deadline``, ``stopped`` (halted, cancelled, finished, kill switch),
     ``breaker``, ``provider_breaker``, ``unknown_task``."""
+
+
+class BudgetStatusRequested(Contract):
+    """Request (core NATS request/reply, an operator's): what the budget service sees now, per
+    tenant (``meshctl top``, ``meshctl status``). Any replica answers: each follows every task.
+    ``tenant`` is ``_mesh`` and ``task_id`` is ``status``: it is about no task."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"tenant": "_mesh", "task_id": "status",
+                                                               "type": "budget.status"}]})  # fmt: skip
+    spec: ClassVar = ContractSpec(
+        "budget",
+        "status",
+        producers=(ADMIN,),
+        consumers=("budget",),
+        transport="request",
+        summary="An operator asks what the budget sees.",
+    )
+
+    type: Literal["budget.status"] = "budget.status"
+
+
+class TenantTasks(BaseModel):
+    """One tenant's tasks not ended, as a budget replica follows them."""
+
+    running: int = 0
+    """Tasks with some work taken up."""
+    queued: int = 0
+    """Tasks whose outstanding work all waits in a queue (queue time, not a stall)."""
+    queued_s: float = 0.0
+    """Queue time of those tasks so far, open spells included."""
+
+
+class BudgetStatusReport(Contract):
+    """Reply to ``budget.status``: the answering replica's view."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"tenant": "_mesh", "task_id": "status", "type": "budget.report", "replica": "budget-7f9c",
+                 "started_at": 1795500000.0, "tenants": {"acme": {"running": 2, "queued": 1, "queued_s": 0.4}},
+                 "trips": {"loop": 1}, "detected_after_s": {"loop": 0.12}}
+            ]
+        }
+    )  # fmt: skip
+    spec: ClassVar = ContractSpec(
+        "budget",
+        "report",
+        producers=("budget",),
+        consumers=(ADMIN,),
+        transport="reply",
+        summary="What the budget sees.",
+    )
+
+    type: Literal["budget.report"] = "budget.report"
+    replica: str = ""
+    """Which replica answered (its host name)."""
+    started_at: float = 0.0
+    tenants: dict[str, TenantTasks] = {}
+    trips: dict[str, int] = {}
+    """Breakers tripped and acted on by this replica since it started, by kind (``loop``,
+    ``deadlock``, ``stall``, ...); every replica reaches the same trips, one acts."""
+    detected_after_s: dict[str, float] = {}
+    """Per kind, the median time from cause to action of those trips."""

@@ -13,11 +13,11 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import httpx
 import nats
@@ -198,7 +198,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     home = opt.home(args)
     state = _running(home)
 
-    async def run() -> tuple[dict, dict, dict, dict]:
+    asker = _budget_asker(args)
+
+    async def run() -> tuple[dict, dict, dict, dict, Any]:
         health = {}
         async with httpx.AsyncClient(timeout=2.0) as client:
             for name, proc in state.services.items():
@@ -217,11 +219,12 @@ def cmd_status(args: argparse.Namespace) -> int:
                 admission = await spend.scan(await _bucket(nc, AdmissionRecord.bucket), ">")
             except Exception as exc:  # noqa: BLE001 - a mesh provisioned before admission existed
                 admission = {"?": {"error": str(exc)}}
+            report = await asker(nc) if asker is not None else None
         finally:
             await nc.close()
-        return health, lag, admission, streams
+        return health, lag, admission, streams, report
 
-    health, lag, admission, streams = asyncio.run(run())
+    health, lag, admission, streams, report = asyncio.run(run())
     if args.json:
         print(json.dumps({"services": health, "consumers": lag, "tenants": admission, "streams": streams}, indent=2))
         return 0 if all(h.get("ready") for h in health.values()) else 1
@@ -241,10 +244,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     if any(v["pending"] < 0 for v in lag.values()):
         print("LAG ?: a consumer's leader did not answer in 2 s (a cluster electing leaders after a node died?)")
     if admission:
-        # Running / queued as the budget replicas see them (each follows every task: the max).
+        # Running / queued as the budget sees them: its answer to budget.status, or else the
+        # replicas' /status (each follows every task: the max).
         queue: dict[str, dict[str, float]] = {}
-        reported = any("tenants" in h for h in health.values())
-        for h in health.values():
+        reported = report is not None or any("tenants" in h for h in health.values())
+        if report is not None:
+            queue = {t: v.model_dump() for t, v in report.tenants.items()}
+        for h in health.values() if report is None else ():
             for tenant, q in (h.get("tenants") or {}).items():
                 mine = queue.setdefault(tenant, {"running": 0, "queued": 0, "queued_s": 0.0})
                 for k in mine:
@@ -753,6 +759,19 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
         return 0
 
 
+def _budget_asker(args: argparse.Namespace) -> Callable[[Any], Awaitable[Any]] | None:
+    """Ask the budget service what it sees (``budget.status``), signed with the home's admin key
+    and its answer verified against the home's trust bundle; None without an admin key."""
+    from meshctl.ask import budget_status
+
+    ids = Identities(opt.home(args))
+    if not ids.signing_key("admin").exists():
+        return None
+    signer = Signer.from_file("admin", ids.signing_key("admin"))
+    verifier = Verifier(TrustBundle.from_file(ids.trust_bundle))
+    return lambda nc: budget_status(nc, signer, verifier)
+
+
 def cmd_top(args: argparse.Namespace) -> int:
     from meshctl import top
 
@@ -763,7 +782,11 @@ def cmd_top(args: argparse.Namespace) -> int:
         else {}
     )
     try:
-        frame = asyncio.run(top.run(lambda: _admin(args), args.interval, args.once or args.json, health, sys.stdout))
+        frame = asyncio.run(
+            top.run(
+                lambda: _admin(args), args.interval, args.once or args.json, health, sys.stdout, _budget_asker(args)
+            )
+        )
     except KeyboardInterrupt:
         return 0
     if args.json:

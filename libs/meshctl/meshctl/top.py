@@ -1,18 +1,19 @@
 """``meshctl top``: a live view of the mesh in the terminal, refreshed every few seconds.
 
 Everything comes from NATS as the admin, so it works against any deployment: per tenant the
-tasks in flight (admission), done, failed and refused (the TASK stream's subjects), approvals
-waiting and today's spend (KV ``budget``); per service the backlog and in-flight messages of its
-durables and the messages it handled per second since the last frame; spend by model today;
-dead letters. On a local mesh (``meshctl up``) it adds each service's readiness and the
-budget's trips (its ``/status``).
+tasks in flight (admission), running and queued (the budget's view: ``budget.status``, a signed
+request any budget replica answers), done, failed and refused (the TASK stream's subjects),
+approvals waiting and today's spend (KV ``budget``), and that spend by model; per service the
+backlog and in-flight messages of its durables and the messages it handled per second since the
+last frame; the budget's breaker trips; dead letters. On a local mesh (``meshctl up``) it adds
+each service's readiness (its ``/status``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections import Counter, defaultdict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,7 @@ import nats
 from nats.js.errors import NotFoundError
 
 from mesh_contracts import topology as topo
+from mesh_contracts.v1 import BudgetStatusReport
 from mesh_contracts.v1.records import AdmissionRecord
 from meshctl import budget as spend
 
@@ -33,7 +35,8 @@ class Frame:
     tenants: dict[str, dict[str, Any]] = field(default_factory=dict)
     services: dict[str, dict[str, Any]] = field(default_factory=dict)
     durables: dict[str, dict[str, int]] = field(default_factory=dict)
-    models: dict[str, dict[str, float]] = field(default_factory=dict)
+    models: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    """Today's spend per tenant, then per ``provider/model``: calls, tokens, cost."""
     trips: dict[str, int] = field(default_factory=dict)
     dlq: int = 0
     notes: list[str] = field(default_factory=list)
@@ -45,13 +48,19 @@ class Frame:
 def _tenant(frame: Frame, name: str) -> dict[str, Any]:
     return frame.tenants.setdefault(
         name,
-        {"in_flight": 0, "completed": 0, "failed": 0, "rejected": 0, "refused": 0, "approvals_waiting": 0,
-         "cost_usd": 0.0, "tokens": 0},
+        {"in_flight": 0, "running": 0, "queued": 0, "queued_s": 0.0, "completed": 0, "failed": 0, "rejected": 0,
+         "refused": 0, "approvals_waiting": 0, "cost_usd": 0.0, "tokens": 0},
     )  # fmt: skip
 
 
-async def gather(nc: nats.NATS, prev: Frame | None = None, health: dict[str, str] | None = None) -> Frame:
-    """One frame. ``health``: service -> its local ``/status`` URL (a mesh of ``meshctl up``)."""
+Asker = Callable[[Any], Awaitable[BudgetStatusReport | None]]
+
+
+async def gather(
+    nc: nats.NATS, prev: Frame | None = None, health: dict[str, str] | None = None, budget: Asker | None = None
+) -> Frame:
+    """One frame. ``health``: service -> its local ``/status`` URL (a mesh of ``meshctl up``);
+    ``budget``: asks the budget service what it sees (``meshctl.ask.budget_status``)."""
     js = nc.jetstream()
     frame = Frame(time.time())
     for d in topo.durables():
@@ -85,27 +94,34 @@ async def gather(nc: nats.NATS, prev: Frame | None = None, health: dict[str, str
         t = _tenant(frame, tenant)
         t["in_flight"] = len(rec.get("in_flight") or {})
         t["refused"] = sum((rec.get("refused") or {}).values())
+    report = await budget(nc) if budget is not None else None
+    if report is not None:
+        for tenant, seen in report.tenants.items():
+            t = _tenant(frame, tenant)
+            t["running"], t["queued"], t["queued_s"] = seen.running, seen.queued, seen.queued_s
+        frame.trips = dict(report.trips)
+    elif budget is not None:
+        frame.notes.append("no budget replica answered budget.status: running, queued and trips unknown")
     for event in OUTCOMES:
         info = await js.stream_info(topo.STREAMS["task"], subjects_filter=f"task.*.*.*.{event}")
         for subject in info.state.subjects or {}:
             _tenant(frame, subject.split(".")[2])[event] += 1
     day = spend.today()
-    models: dict[str, dict[str, float]] = defaultdict(lambda: {"calls": 0, "tokens": 0, "cost_usd": 0.0})
     try:
         days = await spend.scan(await js.key_value("budget"), spend.day_key("*", day), timeout=2.0)
     except NotFoundError:
         days = {}
     for rec in days.values():
-        t = _tenant(frame, str(rec.get("tenant", "?")))
+        tenant = str(rec.get("tenant", "?"))
+        t = _tenant(frame, tenant)
         total = rec.get("total") or {}
         t["cost_usd"] = float(total.get("cost_usd", 0.0))
         t["tokens"] = int(total.get("input_tokens", 0)) + int(total.get("output_tokens", 0))
-        for model, u in (rec.get("by_model") or {}).items():
-            m = models[model]
-            m["calls"] += int(u.get("calls", 0))
-            m["tokens"] += int(u.get("input_tokens", 0)) + int(u.get("output_tokens", 0))
-            m["cost_usd"] += float(u.get("cost_usd", 0.0))
-    frame.models = dict(models)
+        frame.models[tenant] = {
+            model: {"calls": int(u.get("calls", 0)), "cost_usd": float(u.get("cost_usd", 0.0)),
+                    "tokens": int(u.get("input_tokens", 0)) + int(u.get("output_tokens", 0))}
+            for model, u in (rec.get("by_model") or {}).items()
+        }  # fmt: skip
     try:
         approvals = await spend.scan(await js.key_value("approvals"), ">", timeout=2.0)
     except NotFoundError:
@@ -123,7 +139,6 @@ async def gather(nc: nats.NATS, prev: Frame | None = None, health: dict[str, str
 
 
 async def _health(frame: Frame, health: dict[str, str]) -> None:
-    trips: Counter[str] = Counter()
     async with httpx.AsyncClient(timeout=1.0) as client:
         for name, url in health.items():
             service = name.rsplit("-", 1)[0] if name[-1:].isdigit() else name
@@ -134,22 +149,19 @@ async def _health(frame: Frame, health: dict[str, str]) -> None:
                 status = {"ready": False}
             svc["replicas"] = svc.get("replicas", 0) + 1
             svc["ready"] = svc.get("ready", 0) + (1 if status.get("ready") else 0)
-            for counter, n in (status.get("counters") or {}).items():
-                if counter.startswith("mesh.budget.trips."):
-                    trips[counter.rsplit(".", 1)[1]] = max(trips[counter.rsplit(".", 1)[1]], int(n))
-    frame.trips = dict(trips)
 
 
 def render(frame: Frame, interval: float | None = None) -> str:
     when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(frame.at))
     every = f" (every {interval:g} s; Ctrl-C to quit)" if interval else ""
     lines = [f"AgentMesh top: {when}{every}", ""]
-    lines.append(f"{'TENANT':14} {'IN FLIGHT':>9} {'DONE':>6} {'FAILED':>6} {'REFUSED':>7} {'APPROVALS':>9} "
-                 f"{'TOKENS TODAY':>12} {'SPEND TODAY':>12}")  # fmt: skip
+    lines.append(f"{'TENANT':14} {'IN FLIGHT':>9} {'RUNNING':>7} {'QUEUED':>6} {'DONE':>6} {'FAILED':>6} "
+                 f"{'REFUSED':>7} {'APPROVALS':>9} {'TOKENS TODAY':>12} {'SPEND TODAY':>12}")  # fmt: skip
     for name, t in sorted(frame.tenants.items()):
         lines.append(
-            f"{name[:14]:14} {t['in_flight']:>9} {t['completed']:>6} {t['failed']:>6} {t['refused'] + t['rejected']:>7} "
-            f"{t['approvals_waiting']:>9} {t['tokens']:>12,} {'$' + format(t['cost_usd'], '.4f'):>12}"
+            f"{name[:14]:14} {t['in_flight']:>9} {t['running']:>7} {t['queued']:>6} {t['completed']:>6} "
+            f"{t['failed']:>6} {t['refused'] + t['rejected']:>7} {t['approvals_waiting']:>9} {t['tokens']:>12,} "
+            f"{'$' + format(t['cost_usd'], '.4f'):>12}"
         )
     if not frame.tenants:
         lines.append("(no tenant has submitted anything)")
@@ -160,27 +172,31 @@ def render(frame: Frame, interval: float | None = None) -> str:
             f"{name[:14]:14} {ready:>7} {s['pending']:>8} {s['in_flight']:>9} {s['per_s']:>7.1f} {s['redelivered']:>11}"
         )
     if frame.models:
-        lines += ["", f"{'MODEL (TODAY)':30} {'CALLS':>6} {'TOKENS':>10} {'SPEND':>10}"]
-        for model, m in sorted(frame.models.items(), key=lambda kv: -kv[1]["cost_usd"]):
-            lines.append(
-                f"{model[:30]:30} {int(m['calls']):>6} {int(m['tokens']):>10,} {'$' + format(m['cost_usd'], '.4f'):>10}"
-            )
+        lines += ["", f"{'TENANT':14} {'MODEL (TODAY)':30} {'CALLS':>6} {'TOKENS':>10} {'SPEND':>10}"]
+        for tenant, models in sorted(frame.models.items()):
+            for model, m in sorted(models.items(), key=lambda kv: -kv[1]["cost_usd"]):
+                lines.append(
+                    f"{tenant[:14]:14} {model[:30]:30} {int(m['calls']):>6} {int(m['tokens']):>10,} "
+                    f"{'$' + format(m['cost_usd'], '.4f'):>10}"
+                )
     trips = ", ".join(f"{k} {v}" for k, v in sorted(frame.trips.items())) or "none"
-    lines += ["", f"budget trips (since the budget started): {trips}", f"dead letters: {frame.dlq}"]
+    lines += ["", f"budget breakers tripped (since the budget started): {trips}", f"dead letters: {frame.dlq}"]
     lines += [f"note: {n}" for n in frame.notes]
     return "\n".join(lines)
 
 
-async def run(connect: Any, interval: float, once: bool, health: dict[str, str] | None, out: Any) -> Frame:
+async def run(
+    connect: Any, interval: float, once: bool, health: dict[str, str] | None, out: Any, budget: Asker | None = None
+) -> Frame:
     nc = await connect()
     prev: Frame | None = None
     try:
         if once:  # two looks a second apart: the rates need an interval
             first = await gather(nc)
             await asyncio.sleep(1.0)
-            return await gather(nc, first, health)
+            return await gather(nc, first, health, budget)
         while True:
-            frame = await gather(nc, prev, health)
+            frame = await gather(nc, prev, health, budget)
             out.write("\x1b[2J\x1b[H" + render(frame, interval) + "\n")
             out.flush()
             prev = frame

@@ -1,5 +1,6 @@
-"""A trace backend for tests: OTLP/gRPC in (what the services' real exporters send to a
-collector), Jaeger's query API out (what ``meshctl trace --jaeger`` reads).
+"""A telemetry backend for tests: OTLP/gRPC in (what the services' real exporters send to a
+collector: spans and metrics), Jaeger's query API out (what ``meshctl trace --jaeger`` reads),
+and the metrics' latest data points for a test to look at (``points``).
 
 Neither an OpenTelemetry Collector nor Jaeger can be installed here from PyPI, so this stands
 in for the pair at that boundary. It speaks both protocols as specified: the OTLP
@@ -18,6 +19,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import grpc
+from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 _KINDS = {1: "internal", 2: "server", 3: "client", 4: "producer", 5: "consumer"}
@@ -28,11 +30,39 @@ def _value(v: Any) -> Any:
     return getattr(v, kind) if kind in ("string_value", "bool_value", "int_value", "double_value") else str(v)
 
 
+class _Metrics(metrics_service_pb2_grpc.MetricsServiceServicer):
+    """OTLP ``MetricsService/Export``: each data point's latest value, by service, metric and attributes."""
+
+    def __init__(self, backend: TraceBackend) -> None:
+        self.backend = backend
+
+    def Export(self, request: Any, context: Any) -> Any:
+        with self.backend._lock:
+            for rm in request.resource_metrics:
+                resource = {a.key: _value(a.value) for a in rm.resource.attributes}
+                service = str(resource.get("service.name", "?"))
+                for sm in rm.scope_metrics:
+                    for metric in sm.metrics:
+                        kind = metric.WhichOneof("data")
+                        for p in getattr(metric, kind).data_points:
+                            attrs = {a.key: _value(a.value) for a in p.attributes}
+                            if kind in ("histogram", "exponential_histogram"):
+                                value: dict[str, Any] = {"count": p.count, "sum": p.sum}
+                            else:
+                                value = {"value": getattr(p, p.WhichOneof("value"))}
+                            key = (service, metric.name, tuple(sorted(attrs.items())))
+                            self.backend.points[key] = {"service": service, "name": metric.name, "kind": kind,
+                                                        "attributes": attrs, "unit": metric.unit, **value}  # fmt: skip
+        return metrics_service_pb2.ExportMetricsServiceResponse()
+
+
 class TraceBackend(trace_service_pb2_grpc.TraceServiceServicer):
-    """Spans by trace id (hex), as Jaeger would return them."""
+    """Spans by trace id (hex), as Jaeger would return them; metrics' latest data points."""
 
     def __init__(self) -> None:
         self.spans: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        self.points: dict[tuple[str, str, tuple[tuple[str, Any], ...]], dict[str, Any]] = {}
+        """(service, metric, attributes) -> its latest data point (cumulative: the totals so far)."""
         self.exports = 0
         self._lock = threading.Lock()
         self._grpc: grpc.Server | None = None
@@ -64,6 +94,11 @@ class TraceBackend(trace_service_pb2_grpc.TraceServiceServicer):
                         })  # fmt: skip
         return trace_service_pb2.ExportTraceServiceResponse()
 
+    def metric(self, name: str) -> list[dict[str, Any]]:
+        """The latest data points of one metric, every service and attribute set."""
+        with self._lock:
+            return [p for (_, n, _), p in self.points.items() if n == name]
+
     # --- Jaeger's query API out ---------------------------------------------------------------
 
     def trace(self, trace_id: str) -> dict[str, Any] | None:
@@ -77,6 +112,7 @@ class TraceBackend(trace_service_pb2_grpc.TraceServiceServicer):
     def start(self) -> TraceBackend:
         self._grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(self, self._grpc)
+        metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(_Metrics(self), self._grpc)
         self.otlp_port = self._grpc.add_insecure_port("127.0.0.1:0")
         self._grpc.start()
         backend = self

@@ -10,6 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
+import statistics
 import time
 from collections import OrderedDict
 from typing import Any
@@ -25,9 +28,12 @@ from mesh_contracts.v1 import (
     BudgetDenied,
     BudgetGranted,
     BudgetReserve,
+    BudgetStatusReport,
+    BudgetStatusRequested,
     ControlCancel,
     ControlHalt,
     TaskLimits,
+    TenantTasks,
     TokenUsage,
     UsageRecorded,
 )
@@ -52,6 +58,8 @@ WATCHED = topo.WATCHERS["budget"]
 """Domains the monitor reads (every replica reads all of them, with direct gets: no consumers)."""
 
 
+CEILINGS = ("task_tokens", "task_cost", "tenant_daily_tokens", "tenant_daily_cost")
+"""Denial codes that are a ceiling reached: a trip (``kind=ceiling``) and an audit record."""
 DENIAL = {
     "task_tokens": "task token ceiling {lim_t} would be exceeded: {want_t} requested, {rem_t} available",
     "task_cost": "task cost ceiling ${lim_c:.4f} would be exceeded: ${want_c:.6f} requested, ${rem_c:.6f} available",
@@ -260,6 +268,7 @@ class Budget:
         self.mesh.on_start(self.start)
         self.mesh.on_stop(self.stop)
         self.mesh.serve(BudgetReserve, self.on_reserve)
+        self.mesh.serve(BudgetStatusRequested, self.on_status)
         self.mesh.consume(UsageRecorded, self.on_usage)
 
     # --- the expiry horizon -------------------------------------------------------------------
@@ -293,6 +302,35 @@ class Budget:
                     self._samples = self._samples[-600:]
             await asyncio.sleep(self.settings.budget_horizon_poll_s)
 
+    def _later(self, work: Any) -> None:
+        """Run ``work`` (a coroutine) after the reply, logged if it fails."""
+        task = asyncio.create_task(work)
+        self._background.add(task)
+
+        def done(t: asyncio.Task[Any]) -> None:
+            self._background.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                log.warning("after a reservation: %s", t.exception())
+
+        task.add_done_callback(done)
+
+    # --- what it sees, for operators ----------------------------------------------------------
+
+    async def on_status(self, m: BudgetStatusRequested, d: Delivery) -> BudgetStatusReport:
+        """An operator's question (``meshctl top``, ``meshctl status``), answered from memory: any
+        replica can, each follows every task and reaches the same trips."""
+        prefix = "mesh.budget.trips."
+        trips = {k.removeprefix(prefix): int(n) for k, n in self.mesh.stats.counters.items() if k.startswith(prefix)}
+        after: dict[str, list[float]] = {}
+        for kind, seconds in self.detections:
+            after.setdefault(kind, []).append(seconds)
+        return BudgetStatusReport(
+            tenant=m.tenant, task_id=m.task_id, replica=f"{socket.gethostname()}:{os.getpid()}",
+            started_at=self.mesh.stats.started_at,
+            tenants={t: TenantTasks(**v) for t, v in self.monitor.per_tenant(time.time()).items()},
+            trips=trips, detected_after_s={k: round(statistics.median(v), 4) for k, v in after.items()},
+        )  # fmt: skip
+
     # --- reserve ------------------------------------------------------------------------------
 
     def _tenant_limits(self, tenant: str) -> TenantLimits:
@@ -306,12 +344,17 @@ class Budget:
             self.m_reservations.add(1, {"tenant": m.tenant, "outcome": "denied", "code": code})
             if code not in ("unknown_task", "stopped"):
                 # Tell whoever follows the task, after the reply (the caller is not kept waiting).
-                task = asyncio.create_task(
-                    self.mesh.progress(m.tenant, m.task_id, "budget.denied", reason, step_id=m.step_id,
-                                       key=m.call_id, detail={"code": code, "agent": m.agent, "call_id": m.call_id})
-                )  # fmt: skip
-                self._background.add(task)
-                task.add_done_callback(self._background.discard)
+                self._later(self.mesh.progress(m.tenant, m.task_id, "budget.denied", reason, step_id=m.step_id,
+                            key=m.call_id, detail={"code": code, "agent": m.agent, "call_id": m.call_id}))  # fmt: skip
+            if code in CEILINGS:
+                # A ceiling stops the task (its step fails without the call): a trip, counted and
+                # written to the tenant's audit chain as every other brake is (once per call id).
+                self.m_trips.add(1, {"tenant": m.tenant, "kind": "ceiling", "action": "deny"})
+                self.mesh.count("mesh.budget.trips.ceiling")
+                self._later(self.mesh.audit(
+                    m.tenant, m.task_id, "budget.ceiling", f"budget:ceiling:{m.call_id}", actor="budget",
+                    detail={"code": code, "reason": reason, "agent": m.agent, "step_id": m.step_id, "call_id": m.call_id},
+                ))  # fmt: skip
             return BudgetDenied(**base, reason=reason, code=code)
 
         assert self.mesh.guard is not None
