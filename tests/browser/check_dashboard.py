@@ -167,12 +167,18 @@ def main() -> int:
 
         dom = Cells()
         dom.feed(browse(browser, url, "--dump-dom"))
-        tenants = {r[0]: r for r in dom.tables.get("tenants", [])[1:]}
+        head = dom.tables.get("tenants", [[]])[0]
+        tenants = {r[0]: dict(zip(head, r, strict=False)) for r in dom.tables.get("tenants", [])[1:]}
+        spend = [r for r in dom.tables.get("models", [])[1:] if r and r[0] == "demo"]
         services = {r[0] for r in dom.tables.get("services", [])[1:]}
         timeline = [r[3].strip() for r in dom.tables.get("timeline", [])[1:]]
         problems = []
-        if "demo" not in tenants or tenants["demo"][2] != "1":
+        if "demo" not in tenants or tenants["demo"].get("completed") != "1":
             problems.append(f"the demo tenant's row does not show its completed task: {tenants.get('demo')}")
+        if "demo" in tenants and (tenants["demo"].get("running"), tenants["demo"].get("queued")) != ("0", "0"):
+            problems.append(f"the budget's view of the demo tenant is missing or wrong: {tenants['demo']}")
+        if not spend or not any(r[2] not in ("", "0") for r in spend):
+            problems.append(f"no model calls of the demo tenant in today's spend by tenant and model: {spend}")
         if not {"planner", "worker", "checker", "rag", "tool-executor", "budget"} <= services:
             problems.append(f"services missing: {sorted(services)}")
         if int(dom.body.get("data-frames", "0")) < 2:

@@ -736,7 +736,8 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
     async def run() -> int:
         board = Dashboard(connect, Verifier(TrustBundle.from_file(ids.trust_bundle)), health=health,
-                          interval_s=args.interval, host=args.host, port=args.port)  # fmt: skip
+                          budget=_budget_asker(args), interval_s=args.interval, host=args.host,
+                          port=args.port)  # fmt: skip
         port = await board.start()
         token = sign_in(Signer.from_file("admin", ids.signing_key("admin")), ttl_s=args.hours * 3600)
         host = "127.0.0.1" if _unspecified(args.host) else args.host

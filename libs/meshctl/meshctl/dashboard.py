@@ -63,11 +63,12 @@ class Dashboard:
         verifier: Verifier,
         *,
         health: dict[str, str] | None = None,
+        budget: top.Asker | None = None,
         interval_s: float = 2.0,
         host: str = "127.0.0.1",
         port: int = 0,
     ) -> None:
-        self._connect, self.verifier, self.health = connect, verifier, health or {}
+        self._connect, self.verifier, self.health, self.budget = connect, verifier, health or {}, budget
         self.interval_s, self.host, self.port = interval_s, host, port
         self.nc: nats.NATS | None = None
         self.frame: top.Frame | None = None
@@ -80,7 +81,7 @@ class Dashboard:
 
     async def start(self) -> int:
         self.nc = await self._connect()
-        self.frame = await top.gather(self.nc, None, self.health)
+        self.frame = await top.gather(self.nc, None, self.health, self.budget)
         self.frames = 1
         self._refresher = asyncio.create_task(self._refresh())
         self._server = await asyncio.start_server(self._handle, self.host, self.port)
@@ -103,7 +104,7 @@ class Dashboard:
             await asyncio.sleep(self.interval_s)
             try:
                 assert self.nc is not None
-                self.frame = await top.gather(self.nc, self.frame, self.health)
+                self.frame = await top.gather(self.nc, self.frame, self.health, self.budget)
                 self.frames += 1
             except Exception as exc:  # noqa: BLE001 - a bad look keeps the last frame; the page shows its age
                 log.warning("could not gather a frame: %s", exc)

@@ -21,7 +21,8 @@ function render(f) {
   fill("tenants", Object.entries(f.tenants).sort().map(([name, t]) => {
     const r = document.createElement("tr");
     cell(r, name);
-    cell(r, t.in_flight, "num"); cell(r, t.completed, "num");
+    cell(r, t.in_flight, "num"); cell(r, t.running, "num"); cell(r, t.queued, "num" + (t.queued ? " warn" : ""));
+    cell(r, t.completed, "num");
     cell(r, t.failed, "num" + (t.failed ? " bad" : "")); cell(r, t.refused, "num");
     cell(r, t.approvals_waiting, "num"); cell(r, t.tokens, "num"); cell(r, money(t.cost_usd), "num");
     return r;
@@ -35,11 +36,12 @@ function render(f) {
     cell(r, Number(s.per_s || 0).toFixed(1), "num");
     return r;
   }));
-  fill("models", Object.entries(f.models).sort().map(([name, m]) => {
-    const r = document.createElement("tr");
-    cell(r, name); cell(r, m.calls, "num"); cell(r, m.tokens, "num"); cell(r, money(m.cost_usd), "num");
-    return r;
-  }));
+  fill("models", Object.entries(f.models).sort().flatMap(([tenant, models]) =>
+    Object.entries(models).sort().map(([name, m]) => {
+      const r = document.createElement("tr");
+      cell(r, tenant); cell(r, name); cell(r, m.calls, "num"); cell(r, m.tokens, "num"); cell(r, money(m.cost_usd), "num");
+      return r;
+    })));
   fill("trips", Object.entries(f.trips).sort().map(([kind, n]) => {
     const r = document.createElement("tr");
     cell(r, kind, "bad"); cell(r, n, "num");
