@@ -60,6 +60,9 @@ class Bucket:
     description: str = ""
     per_service: tuple[str, ...] = ()
     ttl_s: float = 0.0
+    records: bool = False
+    """Per-task records (a task's record, its steps' checkpoints, its status): kept as long as
+    ``meshctl provision --record-retention-days`` says (0, the default: until deleted)."""
     scanners: tuple[str, ...] = ()
     """Principals that may read the whole bucket, in order or as its current values (direct gets
     by sequence and ``multi_last``; no consumer), e.g. to see every pending approval."""
@@ -80,6 +83,7 @@ BUCKETS: tuple[Bucket, ...] = (
         "tasks",
         writer="planner",
         readers=("tool-executor", "budget"),  # the task's policy; its limits and start time
+        records=True,
         description="Task records: plan, step states, status (CAS on revision).",
     ),
     Bucket(
@@ -87,6 +91,7 @@ BUCKETS: tuple[Bucket, ...] = (
         writer="planner",
         readers=("worker", "checker", "rag", "tool-executor", "budget"),
         fed=SERVICES,  # every service's guard (the planner's too)
+        records=True,
         description="Whether a task may go on (key <tenant>.<task>: halted, ended or resumed, and why), and "
         "nothing of its content: what every service's guard reads before a model or tool call.",
     ),
@@ -108,7 +113,7 @@ BUCKETS: tuple[Bucket, ...] = (
         "a run slot), the tenant's submission token bucket and its admitted/refused counts (compare-and-set). "
         "meshctl status reads it.",
     ),
-    Bucket("steps", writer="worker", description="Agent-loop checkpoints, one key per step."),
+    Bucket("steps", writer="worker", records=True, description="Agent-loop checkpoints, one key per step."),
     Bucket(
         "anchors",
         writer="budget",

@@ -53,3 +53,33 @@ def test_a_bad_cap_is_one_line(capsys, flag):
         main(["provision", flag, "-3"])
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_.value.code == 2 and len(err) == 1 and "is 0 (no cap) or more" in err[0], err
+
+
+async def test_task_records_are_kept_as_long_as_provisioning_says_and_never_less_than_their_messages(
+    integration_infra,
+):
+    day = 86400.0
+    records = {b.name for b in topo.BUCKETS if b.records}
+    assert records == {"tasks", "steps", "status"}
+    async with connect(integration_infra, "admin") as nc:
+        js = nc.jetstream()
+        try:
+            await provision(nc, record_retention_s=90 * day)
+            for b in topo.BUCKETS:
+                max_age = (await js.stream_info(f"KV_{b.name}")).config.max_age
+                want = 90 * day if b.name in records else b.ttl_s
+                assert max_age == pytest.approx(want), (b.name, max_age)
+            with pytest.raises(ValueError, match="less than the 7 days task messages are kept"):
+                await provision(nc, record_retention_s=3 * day)
+        finally:
+            await provision(nc)  # the shared servers' defaults again: records kept until deleted
+        for name in records:
+            assert (await js.stream_info(f"KV_{name}")).config.max_age == 0, name
+
+
+def test_a_record_retention_shorter_than_the_messages_is_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["provision", "--retention-days", "10", "--record-retention-days", "5"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(err) == 1, err
+    assert "--record-retention-days 5 is shorter than the 10 days task messages are kept" in err[0], err

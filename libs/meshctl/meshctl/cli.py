@@ -46,7 +46,16 @@ from meshctl import options as opt
 from meshctl.identity import Identities, write_secret
 from meshctl.local import MeshError, MeshState
 from meshctl.policy import policy
-from meshctl.provision import AUDIT_MAX_BYTES, MIB, STREAM_MAX_BYTES, Caps, consumer_lag, provision, store_levels
+from meshctl.provision import (
+    AUDIT_MAX_BYTES,
+    MIB,
+    RETENTION_S,
+    STREAM_MAX_BYTES,
+    Caps,
+    consumer_lag,
+    provision,
+    store_levels,
+)
 
 if TYPE_CHECKING:
     from meshctl.client import TenantClient
@@ -148,12 +157,18 @@ def cmd_policy(args: argparse.Namespace) -> int:
 
 
 def cmd_provision(args: argparse.Namespace) -> int:
+    messages_days = args.retention_days or RETENTION_S / 86400
+    if args.record_retention_days and args.record_retention_days < messages_days:
+        args.usage(f"--record-retention-days {args.record_retention_days:g} is shorter than the {messages_days:g} days "
+                   "task messages are kept: a task's status must outlive every message about it")  # fmt: skip
+
     async def run() -> None:
         nc = await _admin(args)
         try:
             days = {
                 "retention_s": args.retention_days and args.retention_days * 86400.0,
                 "audit_retention_s": args.audit_retention_days and args.audit_retention_days * 86400.0,
+                "record_retention_s": args.record_retention_days and args.record_retention_days * 86400.0,
             }
             caps = Caps(args.stream_max_mib * MIB, args.audit_max_mib * MIB, args.stream_max_msgs)
             report = await provision(nc, replicas=args.replicas, caps=caps, **{k: v for k, v in days.items() if v})
@@ -1052,13 +1067,16 @@ def _mesh_commands(sub: argparse._SubParsersAction) -> None:
                    help="how long task messages are kept (default 7); the audit chain has its own")  # fmt: skip
     s.add_argument("--audit-retention-days", type=opt.days, default=None,
                    help="how long the tamper-evident audit chain is kept (default 365)")  # fmt: skip
+    s.add_argument("--record-retention-days", type=opt.days, default=None,
+                   help="how long task records, step checkpoints and task statuses are kept (default: until "
+                        "deleted); at least --retention-days")  # fmt: skip
     s.add_argument("--stream-max-mib", type=opt.cap("MiB"), default=STREAM_MAX_BYTES // MIB,
                    help="cap on each work stream and the DLQ (default 512; 0: none); full refuses new messages")  # fmt: skip
     s.add_argument("--audit-max-mib", type=opt.cap("MiB"), default=AUDIT_MAX_BYTES // MIB,
                    help="cap on the audit chain (default 1024; 0: none)")  # fmt: skip
     s.add_argument("--stream-max-msgs", type=opt.cap("messages"), default=0,
                    help="cap on each stream's messages (default 0: none)")  # fmt: skip
-    s.set_defaults(fn=cmd_provision)
+    s.set_defaults(fn=cmd_provision, usage=s.error)
 
     s = sub.add_parser("up", help="start nats-server, redis-server and the six services locally")
     s.add_argument("--tenants", type=opt.tenants, default=["demo"])

@@ -25,6 +25,11 @@ AUDIT_RETENTION_S = 365 * 24 * 3600.0
 """How long the audit chain is kept (a year, what compliance regimes commonly ask):
 ``--audit-retention-days``. The stream refuses deletes and purges; only age removes records."""
 DLQ_RETENTION_S = 30 * 24 * 3600.0
+RECORD_RETENTION_S = 0.0
+"""How long per-task records (KV ``tasks``, ``steps``, ``status``: ``Bucket.records``) are kept:
+``--record-retention-days``; 0 keeps them until deleted. Never shorter than the messages'
+retention: a task's status must outlive every stored message about it (a late redelivery of an
+ended task's step is stopped by it)."""
 MIB = 1 << 20
 STREAM_MAX_BYTES = 512 * MIB
 """Each work stream's (and the dead-letter stream's) cap on stored bytes: ``--stream-max-mib``.
@@ -141,11 +146,18 @@ def consumer_config(d: topo.Durable, replicas: int = 1, ack_wait_s: float = topo
 
 async def provision(
     nc: nats.NATS, *, replicas: int = 1, ack_wait_s: float = topo.ACK_WAIT_S, retention_s: float = RETENTION_S,
-    audit_retention_s: float = AUDIT_RETENTION_S, caps: Caps = Caps(),
+    audit_retention_s: float = AUDIT_RETENTION_S, record_retention_s: float = RECORD_RETENTION_S,
+    caps: Caps = Caps(),
 ) -> ProvisionReport:  # fmt: skip
     """``ack_wait_s`` must match the services' MESH_ACK_WAIT_S (their heartbeat interval derives from it).
     Lowering a cap below what a stream holds keeps every message (``discard: new`` refuses only
-    new ones); the stream takes nothing more until it is under the cap again."""
+    new ones); the stream takes nothing more until it is under the cap again. ``ValueError`` for
+    a record retention shorter than the messages'."""
+    if record_retention_s and record_retention_s < retention_s:
+        raise ValueError(
+            f"task records would be kept {record_retention_s / 86400:g} days, less than the {retention_s / 86400:g} "
+            "days task messages are kept: a task's status must outlive every message about it"
+        )
     js = nc.jetstream()
     report = ProvisionReport([], [], [])
     for cfg in stream_configs(replicas, retention_s=retention_s, audit_retention_s=audit_retention_s, caps=caps):
@@ -163,6 +175,7 @@ async def provision(
     # exist, every bucket it uses does too.
     for b in topo.BUCKETS:
         republish = api.RePublish(src=f"$KV.{b.name}.>", dest=topo.watch_feed(f"KV_{b.name}")) if b.fed else None
+        ttl = record_retention_s if b.records else b.ttl_s
         try:
             await js.create_key_value(
                 api.KeyValueConfig(
@@ -172,7 +185,7 @@ async def provision(
                     replicas=replicas,
                     description=b.description,
                     direct=True,
-                    ttl=b.ttl_s or None,
+                    ttl=ttl or None,
                     republish=republish,
                 )
             )
@@ -182,6 +195,7 @@ async def provision(
             info = await js.stream_info(f"KV_{b.name}")
             info.config.republish = republish
             info.config.description = b.description
+            info.config.max_age = ttl or 0  # a retention changed since: provisioning owns it
             await js.update_stream(info.config)
         report.buckets.append(b.name)
     for d in topo.durables():
