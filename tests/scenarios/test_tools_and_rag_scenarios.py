@@ -32,6 +32,7 @@ from mesh_testing.chaos import ChaosMesh, admin_mcp_config
 from mesh_testing.infra import Infra, running_infra
 from meshctl import approvers
 from meshctl.approver import ApprovalError, Approver
+from meshctl.cli import main as cli_main
 
 pytestmark = pytest.mark.e2e
 ENV = {"MESH_LOG_LEVEL": "WARNING", "MESH_APPROVAL_TIMEOUT_S": "120", "MESH_RAG_SEED_TENANTS": ""}
@@ -267,13 +268,21 @@ async def decide_behind_the_console(infra: Infra, signer: Signer, task_id: str, 
     return dead
 
 
-def test_a_person_approves_for_their_own_tenant_only_and_is_named_in_the_record(infra, mesh):
+def test_a_person_approves_for_their_own_tenant_only_and_is_named_in_the_record(infra, mesh, capsys):
     """meshctl approvers: alice approves acme's calls with her own key and is recorded as the one
-    who did; bob, globex's, cannot decide acme's, nor can alice once removed."""
+    who did; bob, globex's, cannot decide acme's, nor can alice once removed. Alice is added,
+    listed and decides through the CLI an operator uses."""
+
+    def ctl(*args: str) -> int:
+        return cli_main(["--home", str(infra.home), *args, "--nats-url", infra.nats_url])
 
     async def main():
-        alice, _ = await approvers.add(infra.ids, "acme", "alice", infra.nats_url)
+        assert await asyncio.to_thread(ctl, "approvers", "add", "alice", "--tenant", "acme") == 0
+        alice = "approver.acme.alice"
         bob, _ = await approvers.add(infra.ids, "globex", "bob", infra.nats_url)
+        capsys.readouterr()
+        assert await asyncio.to_thread(ctl, "approvers", "list", "--tenant", "acme", "--json") == 0
+        assert json.loads(capsys.readouterr().out) == [{"principal": alice, "tenant": "acme"}]
         assert (alice, bob) == ("approver.acme.alice", "approver.globex.bob")
         assert [p.name for p in approvers.people(TrustBundle.from_file(infra.ids.trust_bundle))] == [alice, bob]
         task = await start_write_task(infra, "appr-alice", "out-alice")
@@ -294,8 +303,11 @@ def test_a_person_approves_for_their_own_tenant_only_and_is_named_in_the_record(
         async with Approver.of(infra.ids, infra.nats_url, person=alice) as ap:
             assert (await ap.get(req["approval_id"]))["status"] == "pending", "bob's decision did not count"
             assert req["approval_id"] in [r["approval_id"] for r in await ap.list()]
-            rec = await ap.decide(req["approval_id"], True, "checked the note")
-        assert rec["status"] == "approved" and rec["decided_by"] == alice
+        decided = ["approve", req["approval_id"], "--as", alice, "--comment", "checked the note"]
+        assert await asyncio.to_thread(ctl, *decided) == 0
+        async with Approver.of(infra.ids, infra.nats_url, person=alice) as ap:
+            rec = await ap.get(req["approval_id"])
+        assert rec["status"] == "approved" and rec["decided_by"] == alice, rec
         assert isinstance(await task, TaskCompleted)
         assert await get_note(infra, "acme", "out-alice") == "written by appr-alice"
         decisions = [(a["decision"], a["decided_by"]) for a in await audits(infra, "acme", "appr-alice")]
