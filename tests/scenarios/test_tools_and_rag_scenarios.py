@@ -30,7 +30,7 @@ from mesh_kit import envelope as env
 from mesh_kit.identity import Signer, TrustBundle
 from mesh_testing.chaos import ChaosMesh, admin_mcp_config
 from mesh_testing.infra import Infra, running_infra
-from meshctl import approvers
+from meshctl import approvers, audit
 from meshctl.approver import ApprovalError, Approver
 from meshctl.cli import main as cli_main
 
@@ -312,6 +312,23 @@ def test_a_person_approves_for_their_own_tenant_only_and_is_named_in_the_record(
         assert await get_note(infra, "acme", "out-alice") == "written by appr-alice"
         decisions = [(a["decision"], a["decided_by"]) for a in await audits(infra, "acme", "appr-alice")]
         assert ("approved", alice) in decisions, decisions
+        # The tenant's tamper-evident chain holds the decision, who made it, then the effect.
+        admin = await infra.admin()
+        try:
+            links = [json.loads(s.data) for s in await audit.chain(admin, "acme")]
+        finally:
+            await admin.close()
+        mine = [r for r in links if r["task_id"] == "appr-alice" and r["kind"] in ("tool.approved", "tool.performed")]
+        assert [(r["kind"], r["actor"]) for r in mine] == [
+            ("tool.approved", alice),
+            ("tool.performed", "tool-executor"),
+        ]
+        effect = mine[1]["detail"]
+        assert effect["ok"] and effect["tool"] == "note_write" and effect["risk"] == "write", effect
+        assert (
+            effect["idempotency_key"].endswith(f"acme.appr-alice.{effect['call_id']}")
+            and len(effect["result_sha256"]) == 64
+        )
 
         # removed: her key leaves the bundle; a decision signed with it no longer counts
         alice_signer = Signer.from_file(alice, infra.ids.signing_key(alice))

@@ -264,7 +264,7 @@ class Mesh:
     def chain(self) -> AuditChain:
         """This service's appender to the tenants' audit chains (created on first use)."""
         if self._chain is None:
-            self._chain = AuditChain(lambda: self.nc, lambda: self.signer)
+            self._chain = AuditChain(lambda: self.nc, lambda: self.signer, self.tracer)
         return self._chain
 
     # --- lifecycle -------------------------------------------------------------------------

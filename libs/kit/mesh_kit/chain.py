@@ -11,6 +11,7 @@ record is about), so a retry of the same decision, by this replica or another, i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import random
@@ -21,7 +22,7 @@ from typing import Any
 
 from nats.aio.client import Client as NATS
 from nats.js.errors import BadRequestError
-from opentelemetry import propagate
+from opentelemetry import propagate, trace
 
 from mesh_contracts import ContractError
 from mesh_contracts import topology as topo
@@ -81,11 +82,21 @@ class ChainError(RuntimeError):
 
 
 class AuditChain:
-    def __init__(self, nc: Callable[[], NATS], signer: Callable[[], Signer]) -> None:
+    def __init__(self, nc: Callable[[], NATS], signer: Callable[[], Signer], tracer: Any = None) -> None:
         self._nc, self._signer = nc, signer  # getters: the connection and key of the moment
+        self._tracer = tracer
+        """Each record is published by a span of its own, as every other stored message is."""
         self._heads: dict[str, Head] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self.conflicts = 0
+
+    def _publishing(self, subject: str) -> Any:
+        if self._tracer is None:
+            return contextlib.nullcontext()
+        return self._tracer.start_as_current_span(
+            f"{subject} publish", kind=trace.SpanKind.PRODUCER,
+            attributes={"messaging.system": "nats", "messaging.destination.name": subject},
+        )  # fmt: skip
 
     async def head(self, tenant: str) -> Head:
         """The tenant's last record, by a subject-form direct get (the last message matching the
@@ -122,9 +133,10 @@ class AuditChain:
                 )  # fmt: skip
                 headers[EXPECTED_LAST_SUBJECT_SEQ] = str(head.seq)
                 headers[EXPECTED_LAST_SUBJECT] = chain_filter(tenant)
-                propagate.inject(headers)  # the record joins the trace of what it records
                 try:
-                    ack = await js.publish(model.subject(), body, headers=headers, stream=STREAM, timeout=5.0)
+                    with self._publishing(model.subject()):
+                        propagate.inject(headers)  # the record joins the trace of what it records
+                        ack = await js.publish(model.subject(), body, headers=headers, stream=STREAM, timeout=5.0)
                 except BadRequestError as exc:
                     if exc.err_code != WRONG_LAST_SEQUENCE:
                         raise

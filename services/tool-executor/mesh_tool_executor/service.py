@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
 import json
 import logging
 import sys
@@ -266,12 +267,26 @@ class ToolExecutor:
     async def _run_recorded(self, m: ToolRequested, tool: Tool, args: Any, d: Delivery | None) -> dict[str, Any]:
         if self.ledger is None:  # in-memory tests without a KV store
             return await self._run(m, tool, args, f"{m.tenant}.{m.task_id}.{m.call_id}", d)
-        return await self.ledger.run(
-            self.ledger.key(m.tenant, m.task_id, m.call_id),
+        key = self.ledger.key(m.tenant, m.task_id, m.call_id)
+        outcome: dict[str, Any] = await self.ledger.run(
+            key,
             lambda k: self._run(m, tool, args, k, d),
             owner=d.owner if d is not None else f"approval:{m.call_id}",
             attempt=d.deliveries if d is not None else 1,
         )
+        if tool.risk != "read":
+            # The effect itself, as a link of the tenant's chain beside the decision that let it
+            # run: whether it succeeded, under which idempotency key, and a digest of what it
+            # returned (not the result: it can be large, and the task's messages hold it). A
+            # redelivery gets the recorded outcome and appends under the same key: stored once.
+            await self.mesh.audit(
+                m.tenant, m.task_id, "tool.performed", f"{m.call_id}:performed", actor="tool-executor",
+                detail={"step_id": m.step_id, "call_id": m.call_id, "tool": m.tool, "risk": tool.risk,
+                        "ok": bool(outcome.get("ok")), "error": redact(str(outcome.get("error", "")))[:300],
+                        "result_sha256": hashlib.sha256(str(outcome.get("result", "")).encode()).hexdigest(),
+                        "idempotency_key": key},
+            )  # fmt: skip
+        return outcome
 
     async def _answer(self, m: ToolRequested, outcome: dict[str, Any], tool: Tool | None, *, causation: str = "",
                       approval: str = "", stopped: Literal["", "halted", "stopped"] = "",
