@@ -7,10 +7,11 @@ many of the burst were admitted and refused (and with which code and retry-after
 every admitted task ended (completed or failed with a reason): nothing admitted was lost.
 Loopback only, bounded by the burst size.
 
-    python bench/bench_admission.py [--burst 1000] [--quiet-tasks 10] [--run-slots N]
+    python bench/bench_admission.py [--burst 1000] [--quiet-tasks 10] [--run-slots N [N ...]]
 
 ``--run-slots N`` runs the mesh with ``MESH_RUN_SLOTS=N`` (the planner's fair share of N tasks
-running at once; 0: every admitted task starts at once).
+running at once; 0, the default: every admitted task starts at once). Several values run one
+after the other, each on a fresh mesh, and a last line compares them (``make bench``: 0 and 1).
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
 
 
-async def main(burst: int, quiet_tasks: int, run_slots: int = 0) -> None:
+async def main(burst: int, quiet_tasks: int, run_slots: int = 0) -> float:
+    """One run; returns the steady tenant's p50 under the burst over its quiet p50."""
     home = Path(tempfile.mkdtemp(prefix="agentmesh-admission-"))
     try:
         env = {"MESH_RUN_SLOTS": str(run_slots)} if run_slots else None
@@ -88,6 +90,7 @@ async def main(burst: int, quiet_tasks: int, run_slots: int = 0) -> None:
                 f"  retry_after_s given: min {min(waits):.2f}, median {statistics.median(waits):.2f}, max {max(waits):.2f}"
             )
         print(f"  admitted and not ended (lost): {lost}; the burst drained in {drained:.1f} s")
+        return u50 / q50
     finally:
         local.down(home)
         shutil.rmtree(home, ignore_errors=True)
@@ -97,8 +100,14 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--burst", type=int, default=1000)
     ap.add_argument("--quiet-tasks", type=int, default=10)
-    ap.add_argument("--run-slots", type=int, default=0, help="MESH_RUN_SLOTS for the mesh (0: off)")
+    ap.add_argument("--run-slots", type=int, nargs="+", default=[0],
+                    help="MESH_RUN_SLOTS for the mesh (0: off); several: one run each")  # fmt: skip
     a = ap.parse_args()
-    if a.burst < 1 or a.quiet_tasks < 1 or a.run_slots < 0:
+    if a.burst < 1 or a.quiet_tasks < 1 or min(a.run_slots) < 0:
         ap.error("--burst and --quiet-tasks must be at least 1, --run-slots at least 0")
-    asyncio.run(main(a.burst, a.quiet_tasks, a.run_slots))
+    ratios = {}
+    for slots in a.run_slots:
+        ratios[slots] = asyncio.run(main(a.burst, a.quiet_tasks, slots))
+    if len(ratios) > 1:
+        print("steady under burst / quiet, by run slots: " + ", ".join(
+            f"{'off' if s == 0 else s}: {r:.2f}x" for s, r in ratios.items()) + f" (bar {BOUND:g}x)")  # fmt: skip
