@@ -85,8 +85,11 @@ def main() -> None:
             for i in range(a.pairs):
                 order = [("base", base), ("this", ROOT)] if i % 2 == 0 else [("this", ROOT), ("base", base)]
                 for name, tree in order:
-                    sides[name].append(figures(run(tree, a.tasks, a.concurrency)))
-                    print(f"  pair {i + 1}/{a.pairs}: {name} done", file=sys.stderr, flush=True)
+                    f = figures(run(tree, a.tasks, a.concurrency))
+                    sides[name].append(f)
+                    print(f"  pair {i + 1}/{a.pairs}: {name:4} mesh CPU {f['cpu mesh total']:6.1f} ms/task, "
+                          f"{f['tasks/s']:5.1f} tasks/s, p50 {f['p50 ms (sequential)']:6.1f} ms", file=sys.stderr,
+                          flush=True)  # fmt: skip
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(base)], cwd=ROOT, capture_output=True)
     print(f"sample task, base {a.base} ({rev.stdout.strip()[:10]}) vs this checkout, {a.pairs} pair(s), "
