@@ -54,16 +54,13 @@ def infra() -> Iterator[Infra]:
 
 @pytest.fixture(scope="module")
 def backend() -> Iterator[TraceBackend]:
-    b = TraceBackend().start()
-    yield b
-    b.stop()
+    with TraceBackend() as b:
+        yield b
 
 
 @pytest.fixture(scope="module")
 def mesh(infra, backend) -> Iterator[ChaosMesh]:
-    otlp = {"OTEL_EXPORTER_OTLP_ENDPOINT": backend.otlp_endpoint, "OTEL_BSP_SCHEDULE_DELAY": "200",
-            "OTEL_METRIC_EXPORT_INTERVAL": "500"}  # fmt: skip
-    m = ChaosMesh(infra, env={**ENV, **otlp})
+    m = ChaosMesh(infra, env={**ENV, **backend.exporting()})
     m.start()
     asyncio.run(m.ready())
     yield m

@@ -31,15 +31,14 @@ def infra() -> Iterator[Infra]:
 
 @pytest.fixture(scope="module")
 def backend() -> Iterator[TraceBackend]:
-    b = TraceBackend().start()
-    yield b
-    b.stop()
+    with TraceBackend() as b:
+        yield b
 
 
 @pytest.fixture(scope="module")
 def mesh(infra, backend) -> Iterator[ChaosMesh]:
     # The services export their spans over OTLP as they would to a collector (flushed often).
-    tracing = {"OTEL_EXPORTER_OTLP_ENDPOINT": backend.otlp_endpoint, "OTEL_BSP_SCHEDULE_DELAY": "200"}
+    tracing = backend.exporting()
     # A second version of the planning prompt, beside the one served, for replays to ask for.
     prompts_dir = infra.home / "prompts"
     prompts_dir.mkdir(exist_ok=True)
