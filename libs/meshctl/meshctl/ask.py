@@ -20,6 +20,10 @@ from mesh_kit import envelope as env
 from mesh_kit.identity import IdentityError, Signer, Verifier
 
 
+class AskError(Exception):
+    """An answer came that is not what it claims (its reason says why): not believed."""
+
+
 async def ask(nc: Any, signer: Signer, verifier: Verifier, question: Contract, *, timeout: float = 2.0) -> Contract:
     """Send ``question`` (a ``request`` contract) and return the verified answer. Raises
     ``nats.errors.TimeoutError`` / ``NoRespondersError`` when nobody answers, ``ContractError`` or
@@ -48,5 +52,5 @@ async def budget_status(nc: Any, signer: Signer, verifier: Verifier, timeout: fl
     except (nats.errors.TimeoutError, nats.errors.NoRespondersError):
         return None
     except (ContractError, IdentityError) as exc:
-        raise RuntimeError(f"the budget's answer to budget.status was refused: {exc}") from exc
+        raise AskError(f"the budget's answer to budget.status was refused: {exc}") from exc
     return answer if isinstance(answer, BudgetStatusReport) else None

@@ -42,6 +42,7 @@ from mesh_kit.identity import Signer, TrustBundle, Verifier
 from mesh_kit.settings import log_nats_error, nats_servers
 from meshctl import budget as spend
 from meshctl import local
+from meshctl.ask import AskError
 from meshctl import options as opt
 from meshctl.identity import Identities, write_secret
 from meshctl.local import MeshError, MeshState
@@ -234,7 +235,11 @@ def cmd_status(args: argparse.Namespace) -> int:
                 admission = await spend.scan(await _bucket(nc, AdmissionRecord.bucket), ">")
             except Exception as exc:  # noqa: BLE001 - a mesh provisioned before admission existed
                 admission = {"?": {"error": str(exc)}}
-            report = await asker(nc) if asker is not None else None
+            try:
+                report = await asker(nc) if asker is not None else None
+            except AskError as exc:  # an answer not believed: said once, the rest still shown
+                print(f"note: {exc}", file=sys.stderr)
+                report = None
         finally:
             await nc.close()
         return health, lag, admission, streams, report

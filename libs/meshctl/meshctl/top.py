@@ -25,6 +25,7 @@ from mesh_contracts import topology as topo
 from mesh_contracts.v1 import BudgetStatusReport
 from mesh_contracts.v1.records import AdmissionRecord
 from meshctl import budget as spend
+from meshctl.ask import AskError
 
 OUTCOMES = ("completed", "failed", "rejected")
 
@@ -94,7 +95,12 @@ async def gather(
         t = _tenant(frame, tenant)
         t["in_flight"] = len(rec.get("in_flight") or {})
         t["refused"] = sum((rec.get("refused") or {}).values())
-    report = await budget(nc) if budget is not None else None
+    try:
+        report = await budget(nc) if budget is not None else None
+    except AskError as exc:
+        report = None
+        frame.notes.append(str(exc))
+        budget = None  # noted: not "no answer"
     if report is not None:
         for tenant, seen in report.tenants.items():
             t = _tenant(frame, tenant)
