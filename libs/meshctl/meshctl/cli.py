@@ -42,8 +42,8 @@ from mesh_kit.identity import Signer, TrustBundle, Verifier
 from mesh_kit.settings import log_nats_error, nats_servers
 from meshctl import budget as spend
 from meshctl import local
-from meshctl.ask import AskError
 from meshctl import options as opt
+from meshctl.ask import AskError
 from meshctl.identity import Identities, write_secret
 from meshctl.local import MeshError, MeshState
 from meshctl.policy import policy
