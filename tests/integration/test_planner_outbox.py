@@ -1,0 +1,92 @@
+"""The planner's outbox is sent together (one ack round trip per transition), in outbox order,
+and is only cleared once every message of it is stored: a publish that fails leaves the whole
+outbox for the redelivery, which sends it again without storing anything twice."""
+
+from __future__ import annotations
+
+import pytest
+from integration_helpers import connect, running, settings_for
+
+from mesh_contracts.v1 import PlanStep, StepRequested
+from mesh_contracts.v1.records import StepState, TaskRecord
+from mesh_kit import Mesh
+from mesh_kit import state as st
+from mesh_planner.service import Planner, _event, dispatch_ready
+
+pytestmark = pytest.mark.integration
+
+
+class NoModel:
+    async def complete(self, *_a, **_k):  # pragma: no cover - nothing is planned here
+        raise AssertionError("not called")
+
+
+def _record(task: str) -> TaskRecord:
+    steps = [PlanStep(step_id=f"s{i}", instruction=f"do {i}") for i in range(1, 5)]
+    rec = TaskRecord(
+        tenant="acme", task_id=task, goal="g", status="running", steps={s.step_id: StepState(step=s) for s in steps}
+    )
+    _event(rec, "task.planned", "4 steps")
+    dispatch_ready(rec)  # s1..s4: four step requests, each with its progress event
+    return rec
+
+
+async def _stored_steps(infra, task: str) -> list[tuple[str, int]]:
+    """(step id, attempt) of every step request stored for the task, in stream order."""
+    async with connect(infra, "admin") as nc:
+        js = nc.jetstream()
+        info = await js.stream_info("STEP", subjects_filter=f"step.v1.acme.{task}.requested")
+        n = (info.state.subjects or {}).get(f"step.v1.acme.{task}.requested", 0)
+        if not n:
+            return []
+        sub = await js.subscribe(f"step.v1.acme.{task}.requested", ordered_consumer=True)
+        out = []
+        for _ in range(n):
+            m = StepRequested.model_validate_json((await sub.next_msg(timeout=5)).data)
+            out.append((m.step.step_id, m.attempt))
+        await sub.unsubscribe()
+        return out
+
+
+async def test_an_outbox_is_sent_in_order_and_cleared_only_when_all_of_it_is_stored(
+    integration_infra, unique, monkeypatch
+):
+    infra = integration_infra
+    task = unique("outbox")
+    mesh = Mesh(settings_for(infra, "planner"))
+    planner = Planner(mesh, NoModel())  # type: ignore[arg-type]
+    mesh.on_start(planner.start)
+    async with running(mesh):
+        rec = _record(task)
+        assert [i.type for i in rec.outbox].count("step.requested") == 4
+        key = TaskRecord.key("acme", task)
+        await planner.kv.put(key, rec.model_dump_json().encode())
+
+        # The third step request fails to publish (the broker refused it, say).
+        real = mesh.publish
+
+        async def failing(msg, **kw):
+            if isinstance(msg, StepRequested) and msg.step.step_id == "s3":
+                raise ConnectionError("broker went away")
+            return await real(msg, **kw)
+
+        monkeypatch.setattr(mesh, "publish", failing)
+        with pytest.raises(ConnectionError, match="broker went away"):
+            await planner.flush(rec)
+        stored, _ = await st.load(planner.kv, key, TaskRecord)
+        assert stored is not None and stored.outbox == rec.outbox, "nothing cleared: the redelivery sends it all"
+        assert await _stored_steps(infra, task) == [("s1", 1), ("s2", 1), ("s4", 1)]
+
+        # The redelivery: everything again, stored once each, in outbox order, and then cleared.
+        monkeypatch.setattr(mesh, "publish", real)
+        await planner.flush(stored)
+        assert await _stored_steps(infra, task) == [("s1", 1), ("s2", 1), ("s4", 1), ("s3", 1)]
+        after, _ = await st.load(planner.kv, key, TaskRecord)
+        assert after is not None and after.outbox == []
+
+        # A fresh outbox goes out in the order it was written.
+        task2 = unique("outbox-order")
+        rec2 = _record(task2)
+        await planner.kv.put(TaskRecord.key("acme", task2), rec2.model_dump_json().encode())
+        await planner.flush(rec2)
+        assert await _stored_steps(infra, task2) == [("s1", 1), ("s2", 1), ("s3", 1), ("s4", 1)]
