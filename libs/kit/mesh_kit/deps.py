@@ -16,11 +16,12 @@ drops packets a default client would hang in ``connect`` for minutes.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
+
+from mesh_kit import tasks
 
 log = logging.getLogger("mesh.deps")
 
@@ -110,9 +111,7 @@ class Dependency:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await tasks.stop(self._task)
             self._task = None
 
     async def _loop(self) -> None:

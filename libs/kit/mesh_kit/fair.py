@@ -40,6 +40,8 @@ from typing import Any
 
 import nats
 
+from mesh_kit import tasks
+
 log = logging.getLogger("mesh.fair")
 
 PRIORITY = "Mesh-Priority"
@@ -283,8 +285,7 @@ class FairConsumer:
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+            await tasks.stop(t)
         if self._psub is not None:
             # First: a pull request of ours still waiting at the server would be handed the very
             # messages NAKed below, into an inbox about to go away (back only after ack_wait).

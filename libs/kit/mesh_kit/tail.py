@@ -30,6 +30,8 @@ from typing import Any
 import nats
 from nats.aio.client import Client as NATS
 
+from mesh_kit import tasks
+
 log = logging.getLogger("mesh.tail")
 
 STATUS = "Status"
@@ -269,11 +271,7 @@ class Tail:
             # Cancelled until it is done: nats-py turns a cancellation that meets a closed
             # connection into ConnectionClosedError, which the read loop treats as a broker
             # hiccup and reads again, so one cancel alone could leave this waiting forever.
-            while not self._task.done():
-                self._task.cancel()
-                await asyncio.wait({self._task}, timeout=1.0)
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                self._task.result()
+            await tasks.stop(self._task)
             self._task = None
         if self._sub is not None:
             with contextlib.suppress(Exception):

@@ -8,7 +8,6 @@ atomic Redis script over spent + outstanding, so replicas never together overspe
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import socket
@@ -39,7 +38,7 @@ from mesh_contracts.v1 import (
 )
 from mesh_contracts.v1.audit import ANCHOR, ANCHOR_TTL_S, MESH_WIDE
 from mesh_contracts.v1.records import TERMINAL
-from mesh_kit import Delivery, Mesh, faults
+from mesh_kit import Delivery, Mesh, faults, tasks
 from mesh_kit import envelope as env
 from mesh_kit import state as st
 from mesh_kit import telemetry as tel
@@ -138,10 +137,7 @@ class Budget:
 
     async def stop(self) -> None:
         for task in (self._poller, self._ticker, self._anchorer):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            await tasks.stop(task)  # the horizon poll catches what a cancellation becomes in nats-py
         for tail in self._tails:
             await tail.stop()
         await self.view.close()

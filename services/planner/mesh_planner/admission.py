@@ -53,6 +53,7 @@ from typing import Any
 from mesh_contracts import topology as topo
 from mesh_contracts.v1.records import AdmissionRecord
 from mesh_kit import state as st
+from mesh_kit import tasks
 from mesh_kit.tail import Reader
 
 log = logging.getLogger("mesh.planner.admission")
@@ -277,9 +278,7 @@ class Admission:
 
     async def close(self) -> None:
         if self._rescan is not None:
-            self._rescan.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._rescan
+            await tasks.stop(self._rescan)
         if self._sub is not None:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()
