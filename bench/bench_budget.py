@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import nats
+from bench_task import cpu_s, processes
 from nats.js.api import StorageType, StreamConfig
 
 from mesh_contracts import Contract
@@ -156,16 +158,19 @@ async def counted(budget_kv: Any, tasks: list[str]) -> int:
 
 
 async def usage_accounting(
-    worker: Mesh, admin: Any, n: int, timeout: float = 60, run: str = "usage"
-) -> tuple[float, float, int]:
+    worker: Mesh, admin: Any, n: int, timeout: float = 60, run: str = "usage", pids: dict[str, int] | None = None
+) -> tuple[float, float, int, dict[str, float]]:
     """Publish ``n`` usage events over 20 tasks as fast as the worker can: seconds for the publishes,
-    seconds until the budget KV counts them all (or ``timeout``), and how many it had counted by then."""
+    seconds until the budget KV counts them all (or ``timeout``), how many it had counted by then,
+    and the cores each process of ``pids`` (and ``bench``, this process) kept busy meanwhile."""
     tasks_kv = await admin.jetstream().key_value("tasks")
     budget_kv = await admin.jetstream().key_value("budget")
     tasks = [f"bench-{run}-{i:02d}" for i in range(20)]
     for t in tasks:
         await create_record(tasks_kv, t)
     msgs = usage_messages(n, tasks)
+    pids = pids or {}
+    cpu0 = {k: cpu_s(p) for k, p in pids.items()} | {"bench": time.process_time()}
     t0 = time.perf_counter()
     for i in range(0, n, CHUNK):
         await asyncio.gather(*(worker.publish(m, key=m.call_id) for m in msgs[i : i + CHUNK]))
@@ -176,7 +181,9 @@ async def usage_accounting(
         if seen >= n:
             break
         await asyncio.sleep(0.05)
-    return published, time.perf_counter() - t0, seen
+    took = time.perf_counter() - t0
+    cpu1 = {k: cpu_s(p) for k, p in pids.items()} | {"bench": time.process_time()}
+    return published, took, seen, {k: (cpu1[k] - cpu0[k]) / took for k in cpu0}
 
 
 async def deadlocks(c: TenantClient, n: int) -> tuple[list[float], list[str]]:
@@ -272,7 +279,7 @@ async def main(n_reserve: int, n_usage: int, n_deadlock: int, n_ceiling: int) ->
             reserve = await reservations(worker, await admin.jetstream().key_value("tasks"), n_reserve)
             msgs = usage_messages(n_usage, [f"bench-usage-{i:02d}" for i in range(20)])
             raw_pub_s = await raw_publish(state.nats_url, creds, worker, msgs)
-            pub_s, usage_s, usage_seen = await usage_accounting(worker, admin, n_usage)
+            pub_s, usage_s, usage_seen, busy1 = await usage_accounting(worker, admin, n_usage, pids=processes(state))
             if usage_seen < n_usage:
                 problems.append(f"usage: only {usage_seen}/{n_usage} events counted after {usage_s:.1f} s")
             # The same again with a second budget replica: both share the usage durable.
@@ -280,7 +287,9 @@ async def main(n_reserve: int, n_usage: int, n_deadlock: int, n_ceiling: int) ->
             state.services["budget-2"] = second
             state.save()
             await local.wait_ready({"budget-2": second})
-            _, usage2_s, usage2_seen = await usage_accounting(worker, admin, n_usage, run="usage2")
+            _, usage2_s, usage2_seen, busy2 = await usage_accounting(
+                worker, admin, n_usage, run="usage2", pids=processes(state)
+            )
             if usage2_seen < n_usage:
                 problems.append(
                     f"usage, 2 replicas: only {usage2_seen}/{n_usage} events counted after {usage2_s:.1f} s"
@@ -312,6 +321,13 @@ async def main(n_reserve: int, n_usage: int, n_deadlock: int, n_ceiling: int) ->
         f"  usage accounting, 2 budget replicas: {usage2_seen} events in {usage2_s:.2f} s = "
         f"{usage2_seen / usage2_s:.0f} events/s ({usage_s / usage2_s:.2f}x one replica)"
     )
+    for label, busy in (("one replica", busy1), ("two replicas", busy2)):
+        top = sorted(((k, v) for k, v in busy.items() if v >= 0.05), key=lambda kv: -kv[1])
+        print(
+            f"    cores busy while accounting, {label}: {sum(busy.values()):.2f} of {os.cpu_count()} ("
+            + ", ".join(f"{k} {v:.2f}" for k, v in top)
+            + ")"
+        )
     if detect:
         print(
             f"  deadlock detection (cycle closed -> detected): {ms(detect)} "
