@@ -9,7 +9,6 @@ lost and the server's dedup window absorbs republishing.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import re
@@ -334,27 +333,14 @@ class Planner:
     async def flush(self, rec: TaskRecord) -> None:
         if not rec.outbox:
             return
-        msgs = []
+        done = set()
         for item in rec.outbox:
-            msg = BY_TYPE[(item.type, 1)].model_validate(item.body)
+            cls = BY_TYPE[(item.type, 1)]
+            msg = cls.model_validate(item.body)
             if isinstance(msg, CheckRequested):
                 msg = await self.with_evidence(msg, rec)
-            msgs.append(msg)
-        # Sent together: each is written to the connection in outbox order before any waits, then
-        # the streams' acks are awaited at once, so a transition costs one ack round trip, not one
-        # per message. Any failure leaves the outbox as it is: the redelivery sends it again
-        # (deduplicated by message id).
-        sent = await asyncio.gather(
-            *(
-                self.mesh.publish(msg, key=item.key, causation=item.causation or None, priority=rec.priority)
-                for item, msg in zip(rec.outbox, msgs, strict=True)
-            ),
-            return_exceptions=True,
-        )
-        for result in sent:
-            if isinstance(result, BaseException):
-                raise result
-        done = {(item.type, item.key) for item in rec.outbox}
+            await self.mesh.publish(msg, key=item.key, causation=item.causation or None, priority=rec.priority)
+            done.add((item.type, item.key))
 
         def clear(r: TaskRecord | None) -> TaskRecord | None:
             if r is None or not r.outbox:
