@@ -40,3 +40,30 @@ def test_every_setting_of_a_service_reaches_it_from_the_operators_environment(mo
     assert env["MESH_NATS_URL"] == "nats://127.0.0.1:1" and env["MESH_HEALTH_PORT"] == "9999"
     for n in ("MESH_HOME", "MESH_FAULTS", "MESH_TEST_INFRA", "MESH_CHAOS_REPORT"):
         assert n not in env, f"{n} is not a service setting"
+
+
+def test_free_ports_handed_out_are_distinct_even_when_the_kernel_repeats_one(monkeypatch):
+    """A mesh once got the same port for NATS and Redis: the kernel offered it again as soon as
+    the probe socket closed. ``free_port`` never hands out a port it handed out lately."""
+    import socket as socket_mod
+
+    from meshctl import local
+
+    offers = iter([40001, 40001, 40001, 40002])
+
+    class Probe:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def bind(self, addr):
+            self.port = next(offers)
+
+        def getsockname(self):
+            return ("127.0.0.1", self.port)
+
+    monkeypatch.setattr(socket_mod, "socket", Probe)
+    local._HANDED.clear()
+    assert [local.free_port(), local.free_port()] == [40001, 40002]

@@ -9,6 +9,7 @@ never signalled).
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import json
 import os
@@ -43,10 +44,21 @@ def module_of(service: str) -> str:
     return "mesh_" + service.replace("-", "_")
 
 
+_HANDED: collections.deque[int] = collections.deque(maxlen=256)
+"""Ports ``free_port`` handed out lately: the kernel may offer a port again as soon as the probe
+socket closes, and a mesh once got its NATS and Redis ports the same (Redis could not bind, and
+its readiness probe found NATS listening there)."""
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free local port, never one handed out lately by this process."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _HANDED:
+            _HANDED.append(port)
+            return port
 
 
 def port_free(port: int) -> bool:
