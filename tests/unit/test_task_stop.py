@@ -32,7 +32,7 @@ async def _poll(started: asyncio.Event, polls: list[int]) -> None:
     while True:
         try:
             await _request(started)
-        except Exception:  # noqa: BLE001 - a broker hiccup: poll again
+        except Exception:  # a broker hiccup: poll again
             polls.append(1)
         await asyncio.sleep(0.05)
 
