@@ -43,7 +43,7 @@ from mesh_contracts.base import ID_PATTERN
 from mesh_contracts.registry import BY_TYPE
 from mesh_contracts.v1 import ProgressEvent
 from mesh_kit import envelope as env
-from mesh_kit import faults
+from mesh_kit import faults, wire
 from mesh_kit import telemetry as tel
 from mesh_kit.chain import AuditChain, Head
 from mesh_kit.deps import Dependency, readiness
@@ -160,6 +160,7 @@ class Mesh:
         verifier: Verifier | None = None,
         security: BaseSecurity | None = None,
     ) -> None:
+        wire.install()  # every received message's headers: nats-py's parser, without its generator
         self.settings = settings
         self.service = settings.service
         self.telemetry = telemetry or tel.setup(settings.service)
