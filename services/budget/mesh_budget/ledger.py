@@ -31,10 +31,17 @@ from typing import Any
 from pydantic import BaseModel
 
 from mesh_contracts.v1 import TokenUsage
+from mesh_kit.identity import CLOCK_LEEWAY_S
 from mesh_kit.tail import MAX_BATCH, Reader
 
 TASK_TTL_S = 8 * 24 * 3600  # beyond the streams' 7-day retention
 DAY_TTL_S = 3 * 24 * 3600
+EPOCH_KEY = "budget:epoch"
+"""When the budget first found this Redis without a view (a new Redis, or one that lost its data):
+a task created after it (plus the clock leeway) has never had a view anywhere but here."""
+FRESH_WINDOW_S = 3600.0
+"""A task whose first reservation comes within this long of its creation may start from an empty
+view (see ``View.reserve``); later ones are rebuilt from KV as before."""
 
 _PRUNE = """
 local function held(key, horizon, skip)
@@ -57,6 +64,7 @@ end
 
 RESERVE_LUA = (
     _PRUNE
+    + f"local EPOCH, TASK_TTL = '{EPOCH_KEY}', {TASK_TTL_S}\n"
     + """
 local task_res, task_spent, day_res, day_spent = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local now, horizon, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -64,6 +72,20 @@ local id, day_field = ARGV[4], ARGV[5]
 local want_t, want_c = tonumber(ARGV[6]), tonumber(ARGV[7])
 local lim_t, lim_c, dlim_t, dlim_c = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11])
 local cold_task, cold_day = redis.call('EXISTS', task_spent) == 0, redis.call('EXISTS', day_spent) == 0
+local created, leeway, fresh_window = tonumber(ARGV[12]), tonumber(ARGV[13]), tonumber(ARGV[14])
+if cold_task and created > 0 then
+  -- A task created after this view began (the epoch, set when the budget first found this Redis
+  -- empty), and recently (no view of it can have expired), has never had a view here and has
+  -- nothing durable to rebuild from that a view here would not already hold: it starts at zero.
+  local epoch = tonumber(redis.call('GET', EPOCH) or '0')
+  if epoch == 0 then
+    redis.call('SET', EPOCH, string.format('%.3f', now))
+  elseif created > epoch + leeway and now - created < fresh_window then
+    redis.call('HSET', task_spent, 'tokens', 0, 'cost', 0)
+    redis.call('EXPIRE', task_spent, TASK_TTL)
+    cold_task = false
+  end
+end
 if cold_task or cold_day then
   return {-1, (cold_task and 'task' or '') .. (cold_day and 'day' or '')}
 end
@@ -296,14 +318,23 @@ class View:
         cost_usd: float,
         limits: tuple[int, float, int, float],
         horizon: float,
+        created_at: float = 0.0,
     ) -> Decision:
-        """``limits``: task tokens, task cost, tenant-day tokens, tenant-day cost (-1 = none)."""
+        """``limits``: task tokens, task cost, tenant-day tokens, tenant-day cost (-1 = none).
+
+        ``created_at`` (the task record's): a task created after this Redis's view began
+        (``EPOCH_KEY``, more than the clock leeway after it) and less than ``FRESH_WINDOW_S`` ago
+        starts from an empty view in the script itself; its first reservation then costs one
+        script call, not a rebuild from KV (two reads, a scan of the holds, two more script
+        calls). Anything else cold raises ``Cold`` and is rebuilt as before: a Redis that lost
+        its data loses the epoch too, and every task created before the new one is rebuilt."""
         res, spent, _ = self.task_keys(tenant, task_id)
         dres, dspent = self.day_keys(tenant, day)
         out = await self._reserve(
             keys=[res, spent, dres, dspent],
             args=[time.time(), horizon, self.ttl_s, call_id, f"{task_id}/{call_id}", tokens, f"{cost_usd:.10f}",
-                  limits[0], f"{limits[1]:.10f}", limits[2], f"{limits[3]:.10f}"],
+                  limits[0], f"{limits[1]:.10f}", limits[2], f"{limits[3]:.10f}", f"{created_at:.3f}",
+                  CLOCK_LEEWAY_S, FRESH_WINDOW_S],
         )  # fmt: skip
         code = out[1].decode() if isinstance(out[1], bytes) else str(out[1])
         if int(out[0]) == -1:

@@ -392,7 +392,7 @@ class Budget:
             tl.daily_tokens if tl.daily_tokens is not None else -1,
             tl.daily_cost_usd if tl.daily_cost_usd is not None else -1.0,
         )
-        args = (m.tenant, m.task_id, day, m.call_id, m.tokens, m.cost_usd, limits, self.horizon)
+        args = (m.tenant, m.task_id, day, m.call_id, m.tokens, m.cost_usd, limits, self.horizon, created_at)
         try:
             try:
                 decision = await self.view.reserve(*args)

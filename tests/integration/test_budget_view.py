@@ -1,0 +1,94 @@
+"""The budget's Redis view of a task: when it may start from nothing, and when it must be rebuilt.
+
+A task's first reservation used to find its view missing and rebuild it from KV every time (two
+reads, a scan of the durable holds, two more script calls): wasted on a task created a moment
+ago, which cannot have anything durable that a view here would not hold. The reserve script
+starts such a task from an empty view itself, but only when this Redis's view began before the
+task was created (``budget:epoch``); a Redis that lost its data lost that mark too, and every
+task created before the new one is rebuilt from KV as before (real Redis, the budget's own user).
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import redis.asyncio as aioredis
+
+from mesh_budget.ledger import EPOCH_KEY, FRESH_WINDOW_S, Cold, View, today
+from mesh_kit.identity import CLOCK_LEEWAY_S
+
+pytestmark = pytest.mark.integration
+
+LIMITS = (10_000, 10.0, -1, -1.0)
+
+
+@pytest.fixture
+async def view(integration_infra):
+    v = View(integration_infra.redis_url("budget"))
+    admin = aioredis.from_url(integration_infra.redis_url("admin"))
+    await admin.delete(EPOCH_KEY)  # this Redis, as if it had just lost its data
+    try:
+        yield v, admin
+    finally:
+        await admin.aclose()
+        await v.close()
+
+
+async def _reserve(v: View, tenant: str, task: str, call: str, created_at: float, tokens: int = 100):
+    return await v.reserve(tenant, task, today(), call, tokens, 0.001, LIMITS, 0.0, created_at)
+
+
+async def _warm_day(v: View, tenant: str) -> None:
+    from mesh_budget.ledger import DayUsage
+
+    await v.init(None, DayUsage(tenant=tenant, day=today()), tenant, "warm-up", [], [])
+
+
+async def test_a_task_created_after_the_view_began_starts_from_nothing(view, unique):
+    v, admin = view
+    tenant = unique("fresh").replace("-", "")
+    await _warm_day(v, tenant)
+    with pytest.raises(Cold) as first:
+        await _reserve(v, tenant, unique("old"), "c1", time.time())  # no epoch yet: it is set, nothing assumed
+    assert first.value.task and not first.value.day
+    epoch = float(await admin.get(EPOCH_KEY))
+    assert abs(epoch - time.time()) < 5
+
+    # Created within the clock leeway of the epoch: it may have had a view in the Redis before.
+    with pytest.raises(Cold):
+        await _reserve(v, tenant, unique("edge"), "c1", epoch + CLOCK_LEEWAY_S - 1)
+    # Created after it: granted at once, from an empty view, and that view now counts.
+    task = unique("new")
+    d = await _reserve(v, tenant, task, "c1", epoch + CLOCK_LEEWAY_S + 1, tokens=4000)
+    assert d.granted and d.remaining_tokens == 6000
+    d = await _reserve(v, tenant, task, "c2", epoch + CLOCK_LEEWAY_S + 1, tokens=7000)
+    assert not d.granted and d.code == "task_tokens", "the empty view is a real view: 4000 are held"
+
+
+async def test_an_old_or_unknown_task_is_still_rebuilt(view, unique):
+    v, admin = view
+    tenant = unique("old").replace("-", "")
+    await _warm_day(v, tenant)
+    await admin.set(EPOCH_KEY, f"{time.time() - 2 * FRESH_WINDOW_S:.3f}")
+    with pytest.raises(Cold):  # created long ago: a view of it may have expired here
+        await _reserve(v, tenant, unique("t"), "c1", time.time() - FRESH_WINDOW_S - 10)
+    with pytest.raises(Cold):  # no creation time known
+        await _reserve(v, tenant, unique("t"), "c1", 0.0)
+
+
+async def test_a_redis_that_lost_its_data_rebuilds_every_task_created_before(view, unique):
+    v, admin = view
+    tenant = unique("wipe").replace("-", "")
+    await _warm_day(v, tenant)
+    await admin.set(EPOCH_KEY, f"{time.time() - 60:.3f}")
+    created = time.time() - 30  # fresh until Redis loses its data
+    task = unique("t")
+    assert (await _reserve(v, tenant, task, "c1", created)).granted
+    await admin.delete(*View.task_keys(tenant, task))
+    await admin.delete(EPOCH_KEY)  # what a restarted, empty Redis looks like
+    await _warm_day(v, tenant)
+    with pytest.raises(Cold):
+        await _reserve(v, tenant, task, "c2", created)
+    with pytest.raises(Cold):  # and still, once the new epoch is set: it predates it
+        await _reserve(v, tenant, task, "c2", created)
