@@ -42,8 +42,13 @@ async def _raw(kv: Any, key: str) -> tuple[bytes | None, int]:
     return entry.value, entry.revision or 0
 
 
-async def load(kv: Any, key: str, model: type[M]) -> tuple[M | None, int]:
+async def load(kv: Any, key: str, model: type[M], *, remember: bool = False) -> tuple[M | None, int]:
+    """The key's value and revision (None, 0 when there is none). ``remember``: the next ``update``
+    of the key by this process starts from what was read here instead of reading it again (its
+    compare-and-set still proves it current; a key found missing is then created outright)."""
     raw, rev = await _raw(kv, key)
+    if remember:
+        _remember(_remembered(kv), key, raw, rev)
     return (model.model_validate_json(raw), rev) if raw is not None else (None, 0)
 
 
@@ -53,14 +58,21 @@ class Conflict(Exception):
 
 _LAST_WRITES = 512
 """Keys per bucket whose last write (value and revision) this process remembers."""
-_last: weakref.WeakKeyDictionary[Any, OrderedDict[str, tuple[bytes, int]]] = weakref.WeakKeyDictionary()
+_last: weakref.WeakKeyDictionary[Any, OrderedDict[str, tuple[bytes | None, int]]] = weakref.WeakKeyDictionary()
 
 
-def _remembered(kv: Any) -> OrderedDict[str, tuple[bytes, int]]:
+def _remembered(kv: Any) -> OrderedDict[str, tuple[bytes | None, int]]:
     try:
         return _last.setdefault(kv, OrderedDict())
     except TypeError:  # not weakly referenceable (a test double): remember nothing
         return OrderedDict()
+
+
+def _remember(remembered: OrderedDict[str, tuple[bytes | None, int]], key: str, raw: bytes | None, rev: int) -> None:
+    remembered[key] = (raw, rev)
+    remembered.move_to_end(key)
+    while len(remembered) > _LAST_WRITES:
+        remembered.popitem(last=False)
 
 
 def written(kv: Any, key: str) -> int:
@@ -156,10 +168,7 @@ async def _update(
             fresh = True
             continue
         if isinstance(written, int) and written > 0:
-            remembered[key] = (data, written)
-            remembered.move_to_end(key)
-            while len(remembered) > _LAST_WRITES:
-                remembered.popitem(last=False)
+            _remember(remembered, key, data, written)
         return new, True
     raise Conflict(f"compare-and-set on {key} lost {retries} times")
 

@@ -17,7 +17,7 @@ import time
 from dataclasses import replace
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, PrivateAttr
 
 from mesh_agent import prompts
 from mesh_agent.metered import BudgetExceeded, Models, call_model_once, configured
@@ -115,6 +115,8 @@ class StepRun(BaseModel):
     prompt_version: str = ""
     """Ref of the system prompt the loop began with ('' in a checkpoint written before prompts
     were versioned: see ``prompt_version``)."""
+    _unstored: bool = PrivateAttr(default=False)
+    """Begun from its request in this process, not written yet (see ``Worker.on_step``)."""
 
     @staticmethod
     def key(tenant: str, task_id: str, step_id: str) -> str:
@@ -190,18 +192,19 @@ class Worker:
             except prompts.PromptError as exc:
                 unusable = f"prompt: {exc}"
 
-        def begin(run: StepRun | None) -> StepRun | None:
-            if run is not None and run.attempt >= m.attempt:
-                return None  # redelivery of an attempt we already began (or an older one)
-            new = StepRun(request=m, attempt=m.attempt, prompt_version=system.ref)
-            for role, text in step_context(m, system):
-                admit(new, role, text)
-            return new
-
-        run, began = await st.update(self.steps, key, StepRun, begin)
-        assert run is not None
-        if run.attempt != m.attempt:
+        run, _ = await st.load(self.steps, key, StepRun, remember=True)  # the first checkpoint writes on it
+        if run is not None and run.attempt > m.attempt:
             return  # a newer attempt superseded this request
+        began = run is None or run.attempt < m.attempt
+        if began:
+            # Not written yet: the step's beginning is what this request determines, so the first
+            # checkpoint (the first turn, or the step's end) creates the record (one stored write
+            # less per step). A redelivery before then begins again from the same request.
+            run = StepRun(request=m, attempt=m.attempt, prompt_version=system.ref)
+            run._unstored = True
+            for role, text in step_context(m, system):
+                admit(run, role, text)
+        assert run is not None
         if began:
             await self.mesh.progress(
                 m.tenant,
@@ -440,6 +443,7 @@ class Worker:
         calls = tuple(ToolCall(f"{call_id}-c0", c.name, c.arguments) for c in response.tool_calls[:1])
 
         def advance(cur: StepRun | None) -> StepRun | None:
+            cur = _as_stored(cur, run)
             if cur is None or cur.iteration != iteration or cur.pending is not None or cur.status != "running":
                 return None  # another delivery advanced this step concurrently
             cur.iteration += 1
@@ -567,6 +571,7 @@ class Worker:
         outcome = self._outcome(run, output=output, failed=failed, halted=halted)
 
         def close(cur: StepRun | None) -> StepRun | None:
+            cur = _as_stored(cur, run)
             if cur is None or cur.status != "running" or cur.attempt != run.attempt:
                 return None
             cur.status = "failed" if failed else "completed"
@@ -591,6 +596,15 @@ class Worker:
             # told here, with the step's own reason.
             await self.mesh.progress(outcome.tenant, outcome.task_id, "step.failed", outcome.reason[:100],
                                      step_id=outcome.step_id, key=str(outcome.attempt))  # fmt: skip
+
+
+def _as_stored(cur: StepRun | None, run: StepRun) -> StepRun | None:
+    """The record a checkpoint writes over: what is stored, or, while a step begun in this process
+    (``run``) has no record of its attempt yet, a copy of that beginning (created by the write;
+    an older attempt's record is replaced, as a new attempt replaces it)."""
+    if run._unstored and (cur is None or cur.attempt < run.attempt):
+        return run.model_copy(deep=True)
+    return cur
 
 
 def step_context(m: StepRequested, system: Prompt) -> list[tuple[str, Text]]:
