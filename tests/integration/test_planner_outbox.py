@@ -90,3 +90,37 @@ async def test_an_outbox_is_sent_in_order_and_cleared_only_when_all_of_it_is_sto
         await planner.kv.put(TaskRecord.key("acme", task2), rec2.model_dump_json().encode())
         await planner.flush(rec2)
         assert await _stored_steps(infra, task2) == [("s1", 1), ("s2", 1), ("s3", 1), ("s4", 1)]
+
+
+async def test_a_message_in_two_handlers_outboxes_is_published_once(integration_infra, unique, monkeypatch):
+    """Two transitions of one task in a row: the second is written before the first's outbox is
+    cleared, so both handlers find the first's messages. Each is published once (a client
+    following the task used to see those events twice), and the record ends with no outbox."""
+    import asyncio
+    from collections import Counter
+
+    infra = integration_infra
+    task = unique("outbox-twice")
+    mesh = Mesh(settings_for(infra, "planner"))
+    planner = Planner(mesh, NoModel())  # type: ignore[arg-type]
+    mesh.on_start(planner.start)
+    async with running(mesh):
+        rec = _record(task)
+        key = TaskRecord.key("acme", task)
+        await planner.kv.put(key, rec.model_dump_json().encode())
+        real, sent = mesh.publish, Counter()
+
+        async def slow(msg, **kw):
+            sent[(msg.type, kw["key"])] += 1
+            await asyncio.sleep(0.01)  # both handlers are mid-flush at once
+            return await real(msg, **kw)
+
+        monkeypatch.setattr(mesh, "publish", slow)
+        await asyncio.gather(planner.flush(rec), planner.flush(rec))
+        assert sent and set(sent.values()) == {1}, sent
+        assert len(sent) == len(rec.outbox)
+        after, _ = await st.load(planner.kv, key, TaskRecord)
+        assert after is not None and after.outbox == []
+        # Published already: a later flush of the same items (a redelivery) sends nothing.
+        await planner.flush(rec)
+        assert set(sent.values()) == {1}

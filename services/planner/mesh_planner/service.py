@@ -13,6 +13,7 @@ import json
 import logging
 import re
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -183,6 +184,11 @@ def parse_plan(text: str, max_steps: int) -> list[PlanStep]:
     return steps
 
 
+SENDING, SENT = "sending", "sent"
+SENT_KEPT = 20_000
+"""Outbox items a planner remembers publishing (the oldest are forgotten first; a forgotten one
+still in a record is only published again, and the stream drops the copy)."""
+
 CHECK_RETRIEVALS_MAX_BYTES = 3 * 1024 * 1024
 """Retrieval records one check request carries at most (under the contract's 4 MB); they are
 added when the request is published (``Planner.with_evidence``)."""
@@ -256,6 +262,8 @@ class Planner:
         self.evidence: Any = None  # ``evidence`` bucket: the retrieval records the checker gets
         self.admission: Admission | None = None
         self.store: StoreLevel | None = None
+        self._sent: OrderedDict[tuple[str, str, str], str] = OrderedDict()
+        """Outbox items (task, type, key) this process is publishing (SENDING) or has published (SENT)."""
         self._waited: set[tuple[str, str]] = set()
         """Tasks this replica set to wait for a run slot (asked again, they may have been cancelled meanwhile)."""
 
@@ -331,24 +339,48 @@ class Planner:
         )
 
     async def flush(self, rec: TaskRecord) -> None:
+        """Publish the record's outbox, then remove what was published from the stored record.
+
+        Items this process has already published (or is publishing right now, in another
+        handler) are not sent again: two transitions of one task in a row, the second written
+        before the first's outbox was cleared, used to publish the first's messages twice (the
+        stream dropped the copies; a client following the task saw its events twice). Items of
+        unknown fate (written by a process that died) are published again: that is the repair."""
         if not rec.outbox:
             return
+        task = TaskRecord.key(rec.tenant, rec.task_id)
         done = set()
         for item in rec.outbox:
-            cls = BY_TYPE[(item.type, 1)]
-            msg = cls.model_validate(item.body)
-            if isinstance(msg, CheckRequested):
-                msg = await self.with_evidence(msg, rec)
-            await self.mesh.publish(msg, key=item.key, causation=item.causation or None, priority=rec.priority)
+            mark = (task, item.type, item.key)
+            state = self._sent.get(mark)
+            if state == SENT:
+                done.add((item.type, item.key))
+                continue
+            if state == SENDING:
+                continue  # another handler of this process has it: it clears it once sent
+            self._sent[mark] = SENDING
+            try:
+                cls = BY_TYPE[(item.type, 1)]
+                msg = cls.model_validate(item.body)
+                if isinstance(msg, CheckRequested):
+                    msg = await self.with_evidence(msg, rec)
+                await self.mesh.publish(msg, key=item.key, causation=item.causation or None, priority=rec.priority)
+            except BaseException:
+                self._sent.pop(mark, None)
+                raise
+            self._sent[mark] = SENT
+            self._sent.move_to_end(mark)
+            while len(self._sent) > SENT_KEPT:
+                self._sent.popitem(last=False)
             done.add((item.type, item.key))
 
         def clear(r: TaskRecord | None) -> TaskRecord | None:
-            if r is None or not r.outbox:
+            if r is None or not any((i.type, i.key) in done for i in r.outbox):
                 return None
             r.outbox = [i for i in r.outbox if (i.type, i.key) not in done]
             return r
 
-        await st.update(self.kv, TaskRecord.key(rec.tenant, rec.task_id), TaskRecord, clear)
+        await st.update(self.kv, task, TaskRecord, clear)
 
     async def with_evidence(self, m: CheckRequested, rec: TaskRecord) -> CheckRequested:
         """The check request with each step's retrieval records, as the worker handed them on (kept
