@@ -34,6 +34,7 @@ M_ADMITTED = "mesh.admission.admitted"  # submissions the planner admitted; attr
 M_STREAM_FULL = "mesh.stream.full"  # a publish a stream at its cap refused; attribute stream
 M_REFUSED = "mesh.admission.refused"  # refused at the door (over a tenant's limit); attributes tenant, code
 M_SLOT_WAITS = "mesh.admission.slot_waits"  # an admitted task set to wait for a run slot; attribute tenant
+M_PLANNING_WAITS = "mesh.planner.planning_waits"  # an admitted task parked for a planning slot; attribute tenant
 M_LLM_CALLS = "mesh.llm.calls"
 M_LLM_REPLAYED = "mesh.llm.replayed"  # a replay's call answered from the replayed task's recording: no cost
 M_TOOL_DRY_RUNS = "mesh.tool.dry_runs"  # a replay's write or external tool call answered without performing it

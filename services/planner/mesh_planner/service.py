@@ -62,6 +62,7 @@ from mesh_kit.ledger import BUCKET as LEDGER
 from mesh_kit.ledger import Ledger
 from mesh_llm import ChatModel, ContextOverflow, Message, ModelRequest, UnknownRoute
 from mesh_planner.admission import Admission, Limits, StoreLevel, Wait, parse_tenants
+from mesh_planner.planning import PlanningSlots
 from mesh_planner.settings import PlannerSettings
 
 log = logging.getLogger("mesh.planner")
@@ -262,6 +263,8 @@ class Planner:
         self.evidence: Any = None  # ``evidence`` bucket: the retrieval records the checker gets
         self.admission: Admission | None = None
         self.store: StoreLevel | None = None
+        workers = mesh.settings.max_workers
+        self.planning: PlanningSlots | None = PlanningSlots(self.settings.planning_slots or max(1, workers - 1))
         self._sent: OrderedDict[tuple[str, str, str], str] = OrderedDict()
         """Outbox items (task, type, key) this process is publishing (SENDING) or has published (SENT)."""
         self._waited: set[tuple[str, str]] = set()
@@ -488,6 +491,20 @@ class Planner:
         await self.flush(rec)
         if rec.status != "planning":
             return
+        planning = self.planning
+        if planning is not None and not planning.take(m.tenant, m.task_id):
+            # Every planning slot is taken: wait out of the fetch window (so later submissions,
+            # another tenant's too, are still fetched) for this tenant's turn at the next one.
+            self.mesh.count(tel.M_PLANNING_WAITS, {"tenant": m.tenant})
+            raise Park(lambda: planning.wait(m.tenant, m.task_id, m.priority), f"{key} waits for a planning slot")
+        try:
+            await self._plan(m, d, plan_prompt, unusable)
+        finally:
+            if planning is not None:
+                planning.release(m.tenant, m.task_id)
+
+    async def _plan(self, m: TaskSubmitted, d: Delivery, plan_prompt: prompts.Prompt, unusable: str) -> None:
+        """Ask the model for the task's plan and apply it (or fail the task with why not)."""
         request = ModelRequest(
             (Message("system", plan_prompt.render(max_steps=m.limits.max_steps)), Message("user", m.goal)),
             agent="planner",

@@ -26,6 +26,10 @@ class PlannerSettings(AgentSettings):
     ``mesh_planner.admission``); an admitted task past them waits, queued, for one. Size it to
     what the mesh's slowest resource runs without queueing: a few per core for CPU-bound work,
     the model provider's concurrency for real model calls (0: every admitted task starts at once)."""
+    planning_slots: int = Field(0, ge=0)
+    """Plans this planner makes at once, shared fairly among tenants (``mesh_planner.planning``);
+    an admitted submission past them waits, parked, for its tenant's turn. 0: one fewer than
+    ``MESH_MAX_WORKERS`` (at least one), so a handler is always free to take in new submissions."""
     store_high_water: float = Field(0.9, gt=0, le=1)
     """New tasks are refused (code ``overloaded``) while one of the mesh's streams holds this
     share of its cap: the rest is kept for the tasks in flight (1: only when a stream is full)."""
