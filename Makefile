@@ -73,6 +73,7 @@ bench: setup ## task, budget, gateway and retrieval numbers vs their raw baselin
 	$(BIN)/python bench/bench_budget.py
 	$(BIN)/python bench/bench_kv_hot_key.py
 	$(BIN)/python bench/bench_admission.py --run-slots 0 1
+	$(BIN)/python bench/bench_admission.py --burst 300 --latency-ms 200
 	$(BIN)/python bench/bench_gateway.py
 	$(BIN)/python bench/bench_retrieval.py --rounds 5
 	$(BIN)/python bench/bench_rag_service.py --rounds 3

@@ -12,6 +12,9 @@ Loopback only, bounded by the burst size.
 ``--run-slots N`` runs the mesh with ``MESH_RUN_SLOTS=N`` (the planner's fair share of N tasks
 running at once; 0, the default: every admitted task starts at once). Several values run one
 after the other, each on a fresh mesh, and a last line compares them (``make bench``: 0 and 1).
+
+``--latency-ms L`` gives every model call L ms (the scripted model as a remote model: what a task
+waits on in production), so the mesh waits on its models rather than on two saturated cores.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
+
+from bench_scale import model_config
 
 from mesh_contracts.v1 import TaskCompleted, TaskRejected
 from meshctl import local
@@ -38,13 +43,15 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
 
 
-async def main(burst: int, quiet_tasks: int, run_slots: int = 0) -> float:
+async def main(burst: int, quiet_tasks: int, run_slots: int = 0, latency_ms: float = 0.0) -> float:
     """One run; returns the steady tenant's p50 under the burst over its quiet p50."""
     home = Path(tempfile.mkdtemp(prefix="agentmesh-admission-"))
     try:
-        env = {"MESH_RUN_SLOTS": str(run_slots)} if run_slots else None
+        env = {"MESH_RUN_SLOTS": str(run_slots)} if run_slots else {}
+        if latency_ms:
+            env["MESH_MODEL_CONFIG"] = str(model_config(home.parent / f"{home.name}-models.json", latency_ms))
         state = await local.up(
-            home, tenants=["burst", "steady"], nats_port=0, http_port=0, redis_port=0, service_env_extra=env
+            home, tenants=["burst", "steady"], nats_port=0, http_port=0, redis_port=0, service_env_extra=env or None
         )
         ids = local.Identities(home)
         async with (
@@ -76,12 +83,13 @@ async def main(burst: int, quiet_tasks: int, run_slots: int = 0) -> float:
         q50, u50 = statistics.median(quiet), statistics.median(under)
         print(f"admission: tenant 'burst' submits {burst} tasks at once while tenant 'steady' runs the sample task "
               f"one after another (defaults: 100 in flight, 50/s with bursts of 200, per tenant; "
-              f"run slots: {run_slots or 'off'})")  # fmt: skip
+              f"run slots: {run_slots or 'off'}; model: {f'{latency_ms:g} ms a call' if latency_ms else 'scripted, instant'})")  # fmt: skip
         print(
             f"  steady tenant quiet:       p50 {q50 * 1000:7.0f} ms  p99 {pct(quiet, 0.99) * 1000:7.0f} ms  ({len(quiet)} tasks)"
         )
         print(f"  steady tenant under burst: p50 {u50 * 1000:7.0f} ms  p99 {pct(under, 0.99) * 1000:7.0f} ms  ({len(under)} tasks)"
               f"  -> {u50 / q50:.2f}x quiet (bar {BOUND:g}x: {'met' if u50 <= BOUND * q50 else 'not met'})")  # fmt: skip
+        print(f"  steady tenant under burst, in submission order (s): {' '.join(f'{x:.2f}' for x in under)}")
         print(
             f"  burst: {burst - refused} admitted, {refused} refused at the door; outcomes {dict(sorted(kinds.items()))}"
         )
@@ -102,12 +110,13 @@ if __name__ == "__main__":
     ap.add_argument("--quiet-tasks", type=int, default=10)
     ap.add_argument("--run-slots", type=int, nargs="+", default=[0],
                     help="MESH_RUN_SLOTS for the mesh (0: off); several: one run each")  # fmt: skip
+    ap.add_argument("--latency-ms", type=float, default=0.0, help="each model call takes this long (0: instant)")
     a = ap.parse_args()
-    if a.burst < 1 or a.quiet_tasks < 1 or min(a.run_slots) < 0:
-        ap.error("--burst and --quiet-tasks must be at least 1, --run-slots at least 0")
+    if a.burst < 1 or a.quiet_tasks < 1 or min(a.run_slots) < 0 or a.latency_ms < 0:
+        ap.error("--burst and --quiet-tasks must be at least 1, --run-slots and --latency-ms at least 0")
     ratios = {}
     for slots in a.run_slots:
-        ratios[slots] = asyncio.run(main(a.burst, a.quiet_tasks, slots))
+        ratios[slots] = asyncio.run(main(a.burst, a.quiet_tasks, slots, a.latency_ms))
     if len(ratios) > 1:
         print("steady under burst / quiet, by run slots: " + ", ".join(
             f"{'off' if s == 0 else s}: {r:.2f}x" for s, r in ratios.items()) + f" (bar {BOUND:g}x)")  # fmt: skip
