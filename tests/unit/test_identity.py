@@ -252,3 +252,46 @@ def test_any_claims_and_header_signed_with_a_real_key_get_the_same_verdict(keys,
         return  # not a token PyJWT will make
     fast, slow = _both(keys)
     assert _verdict(fast, token, body, m) == _verdict(slow, token, body, m)
+
+
+# --- a token checked once is not checked again, unless what vouched for it changed ------------
+
+
+def test_a_message_read_twice_in_one_process_has_its_signature_checked_once(keys, monkeypatch):
+    from nacl.signing import VerifyKey
+
+    m = _step()
+    token, body = _token(keys, "planner", m), m.to_bytes()
+    verifier = keys.verifier()
+    checks = []
+    real = VerifyKey.verify
+    monkeypatch.setattr(VerifyKey, "verify", lambda self, *a: checks.append(1) or real(self, *a))
+    assert verifier.verify(token, body, m).name == "planner"
+    assert verifier.verify(token, body, m).name == "planner"
+    assert len(checks) == 1
+    altered = m.model_copy(update={"attempt": 2})  # every claim is still held to the message
+    with pytest.raises(IdentityError, match="digest"):
+        verifier.verify(token, altered.to_bytes(), altered)
+    with pytest.raises(IdentityError, match="message id"):
+        verifier.verify(token, body, m, msg_id="another")
+
+
+def test_a_remembered_token_is_refused_once_its_key_is_retired_or_its_principal_revoked(keys):
+    from mesh_kit.identity import CLOCK_LEEWAY_S, Key, Principal, TrustBundle
+
+    m = _step()
+    signed_at = time.time() - 20 * CLOCK_LEEWAY_S
+    token, body = _token(keys, "planner", m, now=signed_at), m.to_bytes()
+    verifier = keys.verifier()
+    verifier.verify(token, body, m)
+    planner = keys.bundle.principals["planner"]
+    retired_at = signed_at + 10 * CLOCK_LEEWAY_S
+    rotated = Principal(planner.name, planner.role, planner.tenant, new_signing_key().public_key(),
+                        (Key(planner.public_key, retired_at), Key(new_signing_key().public_key())))  # fmt: skip
+    verifier.bundle = TrustBundle({**keys.bundle.principals, "planner": rotated})
+    with pytest.raises(IdentityError, match="retired"):  # signed after its key was retired
+        verifier.verify(token, body, m)
+    assert verifier.verify(token, body, m, at=signed_at + 1).name == "planner", "stored before: still believed"
+    verifier.bundle = TrustBundle({n: p for n, p in keys.bundle.principals.items() if n != "planner"})
+    with pytest.raises(IdentityError, match="unknown principal"):
+        verifier.verify(token, body, m)

@@ -17,6 +17,7 @@ import hashlib
 import json
 import re
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -105,6 +106,9 @@ def _jws(signing_key: SigningKey, header: bytes, claims: dict[str, Any]) -> str:
     signing_input = header + b"." + _b64(json.dumps(claims, separators=(",", ":")).encode())
     return (signing_input + b"." + _b64(signing_key.sign(signing_input).signature)).decode()
 
+
+VERIFIED_KEPT = 4096
+"""Tokens a verifier remembers having checked (the oldest are forgotten first)."""
 
 _CHECKED_ELSEWHERE = ("nbf", "aud", "jti")
 """Registered claims our tokens never carry and PyJWT validates: a token with any of them takes
@@ -318,6 +322,11 @@ class Verifier:
         self._verify_keys: dict[int, tuple[Ed25519PublicKey, VerifyKey]] = {}
         self.fast = True
         """False: every token goes through PyJWT alone (the tests hold the two paths to one verdict)."""
+        self._verified: OrderedDict[str, tuple[Principal, dict[str, Any], Ed25519PublicKey]] = OrderedDict()
+        """Tokens whose signature this process checked lately, with the key that checked it: the
+        same message read twice in one process (the budget's monitor and its usage consumer) is
+        not checked twice. A hit counts only while the bundle still holds that principal and the
+        key is valid at the message's own time; every claim is still checked for the message."""
 
     def _verify_key(self, key: Ed25519PublicKey) -> VerifyKey:
         """libsodium's handle on a bundle key, made once per key object (the bundle's keys live as
@@ -336,6 +345,15 @@ class Verifier:
         2x faster than OpenSSL's Ed25519 here) and the token parsed once instead of twice. None
         when the token is anything else (malformed, another algorithm, a claim PyJWT checks):
         PyJWT then decides, and says why it refuses."""
+        hit = self._verified.get(token)
+        if hit is not None:
+            known, known_claims, known_key = hit
+            if (
+                self.bundle.principals.get(known.name) is known
+                and any(k is known_key for k in known.keys_at(time.time() if at is None else at, self.leeway_s))
+                and not any(known_claims.get(c) is None for c in require)
+            ):
+                return known, known_claims
         try:
             header_b64, payload_b64, sig_b64 = token.split(".")
             header = json.loads(_unb64(header_b64))
@@ -364,6 +382,9 @@ class Verifier:
                 continue
             if claims["iss"] != name:
                 raise IdentityError(f"{what} issuer {claims['iss']!r} does not match key id {name!r}")
+            self._verified[token] = (principal, claims, key)
+            if len(self._verified) > VERIFIED_KEPT:
+                self._verified.popitem(last=False)
             return principal, claims
         why = "forged, or signed with a retired key" if len(keys) < len(principal.keys) else "forged?"
         raise IdentityError(f"{what} signature invalid for {name} ({why})")
