@@ -120,10 +120,13 @@ async def test_crash_after_the_effect_before_it_is_recorded_still_one_effect(inf
     assert effects["crash-after-effect"] == 1
 
 
-async def test_a_budget_crash_between_the_task_and_day_totals_still_counts_the_day(infra, tmp_path):
-    """The tenant-day ceiling reads the day total: a call counted for its task but lost from its
-    day would let a tenant overspend its day after the next Redis rebuild."""
-    fault = "budget_after_task_usage"
+async def test_a_budget_killed_between_two_spend_records_counts_every_call_once(infra, tmp_path):
+    """The spend records are checkpoints of the usage stream: the budget dies right after writing
+    one record of a round (the task's, before the tenant-day's and the mark). The restarted budget
+    folds the stream again from the mark: the day gets the calls it lacked, the task none twice.
+    (The tenant-day ceiling reads the day total: a call counted for its task but lost from its day
+    would let a tenant overspend its day after the next Redis rebuild.)"""
+    fault = "budget_mid_checkpoint"
     mesh = ChaosMesh(infra, env=ENV)
     mesh.start(per_service_env={"budget": {"MESH_FAULTS": fault, "MESH_FAULTS_DIR": str(tmp_path)}})
     await mesh.ready()
@@ -135,19 +138,29 @@ async def test_a_budget_crash_between_the_task_and_day_totals_still_counts_the_d
             run = await c.submit(GOAL, task_id="budget-crash", timeout=90)
         admin = await infra.admin()
         kv = await admin.jetstream().key_value("budget")
-        for _ in range(200):  # accounting trails the outcome; the redelivery comes after ack_wait
-            task = json.loads((await kv.get("usage.globex.budget-crash")).value)
-            day = json.loads((await kv.get(day_key)).value)
-            if day["total"] == task["total"]:  # the crashed call was re-applied to its day
+        for _ in range(300):  # the records trail the outcome by a checkpoint, and a restart
+            try:
+                task = json.loads((await kv.get("usage.globex.budget-crash")).value)
+                day = json.loads((await kv.get(day_key)).value)
+            except nats.js.errors.KeyNotFoundError:
+                await asyncio.sleep(0.1)
+                continue
+            if day["total"] == task["total"] and task["total"]["calls"] == run_calls(run):
                 break
             await asyncio.sleep(0.1)
         await admin.close()
     finally:
         await mesh.stop()
-    report("budget crash between task and day totals", task=task.get("total"), day=day.get("total"))
+    report("budget killed between two spend records", task=task.get("total"), day=day.get("total"))
     assert (tmp_path / f"fault-{fault}.fired").exists() and mesh.restarts["budget-0"] >= 1
     assert isinstance(run.outcome, TaskCompleted), run.outcome
+    assert task["total"]["calls"] == run_calls(run), "every call of the task, once"
     assert day["total"] == task["total"], "every call counted once for its task and once for its day"
+
+
+def run_calls(run) -> int:
+    """Model calls the task made, as its outcome reports them."""
+    return run.outcome.usage.calls
 
 
 async def test_the_same_task_submitted_50_times_concurrently_runs_once(infra):

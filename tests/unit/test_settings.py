@@ -76,6 +76,7 @@ HISTORICAL = {
             "tick_s",
             "audit_anchor_s",
             "metric_labels",
+            "checkpoint_s",
             "watch_poll_s",
             "loop_repeats",
             "chatter_window_s",

@@ -60,11 +60,23 @@ class Infra:
         finally:
             await nc.close()
 
-    async def spent(self, tenant: str, task_id: str) -> dict:
-        """The budget service's accounted usage of one task (KV ``budget``), zero if none yet."""
+    async def spent(self, tenant: str, task_id: str, timeout: float = 15.0) -> dict:
+        """The budget service's accounted usage of one task (KV ``budget``), zero if none yet, once
+        the spend records are complete to every usage message stored when asked (they are the
+        budget's checkpoints of the usage stream, up to a second behind it: ``mesh_budget.accounts``)."""
         nc = await self.admin()
         try:
-            kv = await nc.jetstream().key_value("budget")
+            js = nc.jetstream()
+            last = (await js.stream_info("USAGE")).state.last_seq
+            kv = await js.key_value("budget")
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                try:
+                    if json.loads((await kv.get("accounts")).value)["through"] >= last:
+                        break
+                except nats.js.errors.KeyNotFoundError:
+                    pass
+                await asyncio.sleep(0.05)
             try:
                 return json.loads((await kv.get(f"usage.{tenant}.{task_id}")).value)
             except nats.js.errors.KeyNotFoundError:

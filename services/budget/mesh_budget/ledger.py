@@ -1,14 +1,16 @@
-"""Spend and reservations: JetStream KV holds the truth, Redis the fast, atomic view.
+"""Spend and reservations: the usage stream and JetStream KV hold the truth, Redis the fast,
+atomic view.
 
-- Settled spend per task and per tenant-day is derived from the ``usage.recorded`` stream
-  and stored in the ``budget`` KV bucket (compare-and-set, each call id counted once). That
-  is the durable record; ``meshctl budget`` reads it.
+- Settled spend per task and per tenant-day is the ``usage.recorded`` stream, each call id
+  counted once. The ``budget`` KV bucket holds checkpoints of it (``mesh_budget.accounts``):
+  totals complete to a stream sequence, written every second; ``meshctl budget`` reads them.
 - Every reservation decision runs as one Redis script over the task's and the tenant-day's
   spent totals and outstanding reservations, so any number of budget replicas grant from
   the same numbers and never together grant more than a ceiling allows.
-- The Redis view is rebuilt from KV whenever a key is missing (a new task, a flushed or
-  replaced Redis): the script answers "cold", the service loads the KV totals, initialises
-  the view only if it is still missing, and asks again.
+- The Redis view is rebuilt whenever a key is missing (a new day, a task from before this
+  Redis's view began, a flushed or replaced Redis): the script answers "cold", the service reads
+  the checkpoint and the stream after it, initialises the view only if it is still missing,
+  and asks again.
 - A reservation expires only when every usage message stored before its expiry has been
   accounted (the *horizon*; see ``Budget.horizon``). Expiry on the wall clock alone would
   let a lagging accountant forget a call that was made and not yet counted.
@@ -16,7 +18,7 @@
   ``reservations`` bucket (``Held``) before the caller hears of it. It is never deleted (the
   bucket's age limit removes it a day later): a view rebuilt after Redis lost its data reads
   the holds granted since ``horizon - ttl`` (older ones have expired) and leaves out those
-  whose call is already counted in its task's record. For every call, at every moment, its
+  whose call is already counted (its usage is in the stream). For every call, at every moment, its
   cost is held or counted, never neither, so a rebuilt view still counts every call in flight.
   (A delete per call was a stored write per model call: 7 per sample task.)
 """
@@ -34,6 +36,7 @@ from mesh_contracts.v1 import TokenUsage
 from mesh_kit.identity import CLOCK_LEEWAY_S
 from mesh_kit.tail import MAX_BATCH, Reader
 
+OTHER_LABELS = "(other)"
 TASK_TTL_S = 8 * 24 * 3600  # beyond the streams' 7-day retention
 DAY_TTL_S = 3 * 24 * 3600
 EPOCH_KEY = "budget:epoch"
@@ -171,11 +174,6 @@ class TaskUsage(BaseModel):
     """Key ``<provider>/<model>``."""
     errors: int = 0
     """Failed model calls (accounted with what the provider billed)."""
-    day_pending: dict[str, str] = {}
-    """Calls counted here whose tenant-day increment may not be stored yet (call id -> day).
-    A redelivery finds its call here and applies the day increment again: a crash between
-    the two writes can make the day count a call twice (errs towards denying), never zero
-    times. Entries are dropped at the task's next write once the day write is confirmed."""
     call_ids: list[str] = []
     reservation_ids: list[str] = []
     """Reservations settled here under another id than their call's (a retry's or a fallback's
@@ -183,6 +181,11 @@ class TaskUsage(BaseModel):
     updated_at: float = 0.0
     labels: dict[str, str] = {}
     """The task's labels (``task.submitted``): who to charge (team, user...)."""
+    call_seqs: dict[str, int] = {}
+    """Each counted call's id -> the usage stream sequence of the message that brought it (a later
+    copy of the same call, under another message id, is known by its other sequence)."""
+    through: int = 0
+    """Every usage message up to this stream sequence is counted here (``mesh_budget.accounts``)."""
 
     def settled(self) -> set[str]:
         """Every reservation id whose call is counted here (a call's first attempt reserves
@@ -206,6 +209,8 @@ class DayUsage(BaseModel):
     """Tasks that spent anything this day."""
     by_label: dict[str, TokenUsage] = {}
     """Key ``<label>=<value>`` for every label of the task that spent it: cost by team, by user."""
+    through: int = 0
+    """Every usage message up to this stream sequence is counted here (``mesh_budget.accounts``)."""
 
     @staticmethod
     def key(tenant: str, day: str) -> str:

@@ -8,6 +8,7 @@ atomic Redis script over spent + outstanding, so replicas never together overspe
 from __future__ import annotations
 
 import asyncio
+import calendar
 import logging
 import os
 import socket
@@ -18,6 +19,7 @@ from typing import Any
 
 from opentelemetry.metrics import Observation
 
+from mesh_budget.accounts import Accounts, add_call, add_to_day, read_usage
 from mesh_budget.ledger import Cold, DayUsage, Durable, Held, TaskUsage, View, today
 from mesh_budget.monitor import Monitor, Trip
 from mesh_budget.settings import BudgetSettings, TenantLimits
@@ -31,14 +33,16 @@ from mesh_contracts.v1 import (
     BudgetStatusRequested,
     ControlCancel,
     ControlHalt,
+    TaskCompleted,
+    TaskFailed,
     TaskLimits,
+    TaskRejected,
     TenantTasks,
-    TokenUsage,
     UsageRecorded,
 )
 from mesh_contracts.v1.audit import ANCHOR, ANCHOR_TTL_S, MESH_WIDE
 from mesh_contracts.v1.records import TERMINAL
-from mesh_kit import Delivery, Mesh, faults, tasks
+from mesh_kit import Delivery, Mesh, tasks
 from mesh_kit import envelope as env
 from mesh_kit import state as st
 from mesh_kit import telemetry as tel
@@ -47,9 +51,6 @@ from mesh_kit.identity import CLOCK_LEEWAY_S, IdentityError
 from mesh_kit.tail import Reader, Stored, Tail
 
 log = logging.getLogger("mesh.budget")
-MAX_DAY_LABELS = 256
-"""Distinct ``label=value`` keys a tenant-day record keeps; the rest are summed under ``(other)``."""
-OTHER_LABELS = "(other)"
 USAGE_DURABLE = "budget--usage-recorded"
 FACTS_KEPT = 20_000
 """Tasks whose creation time and limits a budget replica keeps (the oldest go first)."""
@@ -101,7 +102,8 @@ class Budget:
         record at its first reservation: the next ones ask the guard's followed views whether it
         may go on instead of reading the record again."""
         self._background: set[asyncio.Task[None]] = set()
-        self._day_done: dict[tuple[str, str], set[str]] = {}  # day writes stored, per task (see on_usage)
+        self.accounts: Accounts | None = None
+        self._checkpointer: asyncio.Task[None] | None = None
         meter = mesh.telemetry.meter_provider.get_meter("mesh_budget")
         self.m_tokens = meter.create_counter(tel.M_BUDGET_TOKENS, unit="{token}")
         self.m_cost = meter.create_counter(tel.M_BUDGET_COST, unit="USD")
@@ -128,47 +130,91 @@ class Budget:
         self.kv = await self.mesh.kv("budget")
         self.tasks = await self.mesh.kv("tasks")
         self.durable = Durable(await self.mesh.kv(Durable.BUCKET))
+        self.accounts = Accounts(self.kv, self._labels)
+        mark = await self.accounts.start(self._last_usage_seq)
         self._poller = asyncio.create_task(self._poll_horizon())
-        await self._watch()
+        await self._watch(mark)
         self._ticker = asyncio.create_task(self._tick())
+        self._checkpointer = asyncio.create_task(self._checkpoint_loop())
+        self.mesh.report("accounts", lambda: {
+            "through": self.accounts.position if self.accounts else 0,
+            "records_written": self.accounts.written if self.accounts else 0,
+        })  # fmt: skip
         if self.settings.budget_audit_anchor_s > 0:
             self.anchors = await self.mesh.kv("anchors")
             self._anchorer = asyncio.create_task(self._anchor_loop())
 
     async def stop(self) -> None:
-        for task in (self._poller, self._ticker, self._anchorer):
+        for task in (self._poller, self._ticker, self._anchorer, self._checkpointer):
             await tasks.stop(task)  # the horizon poll catches what a cancellation becomes in nats-py
         for tail in self._tails:
             await tail.stop()
+        if self.accounts is not None:
+            try:
+                await self.accounts.checkpoint()  # what was folded since the last round
+            except Exception as exc:  # noqa: BLE001 - the next replica to start folds it again
+                log.warning("last checkpoint of the spend records not written: %s", exc)
         await self.view.close()
+
+    async def _last_usage_seq(self) -> int:
+        last = await Reader(self.mesh.nc, topo.STREAMS["usage"]).last("usage.>")
+        return last.seq if last is not None else 0
+
+    async def _checkpoint_loop(self) -> None:
+        assert self.accounts is not None
+        while True:
+            await asyncio.sleep(self.settings.budget_checkpoint_s)
+            try:
+                await self.accounts.checkpoint()
+            except Exception as exc:  # noqa: BLE001 - broker away: the next round writes it
+                log.debug("checkpoint of the spend records failed: %s", exc)
 
     # --- the monitor: every message about every task ------------------------------------------
 
-    async def _watch(self) -> None:
+    async def _watch(self, mark: int) -> None:
         """Follow every watched stream from ``lookback_s`` ago, with direct gets (no consumer: the
         budget holds no right to create, change or delete consumers): the monitor's state is
-        rebuilt from the streams on every start (nothing to persist, nothing to lose)."""
+        rebuilt from the streams on every start (nothing to persist, nothing to lose). The usage
+        stream is read from the spend records' mark too, if that is earlier: what came after it
+        is folded into them (``mesh_budget.accounts``)."""
         self._started_at = time.time()
         start = self._started_at - self.settings.budget_lookback_s
         for domain in WATCHED:
             stream = topo.STREAMS[domain]
+            start_seq = None
+            if domain == "usage":
+                first = await Reader(self.mesh.nc, stream).read(start_time=start, batch=1)
+                at_lookback = first.messages[0].seq if first.messages else mark + 1
+                start_seq = max(1, min(mark + 1, at_lookback))
 
             async def on_msg(msg: Stored, stream: str = stream) -> None:
                 await self._on_watched(msg, stream)
 
             tail = Tail(
-                self.mesh.nc, stream, on_msg, start_time=start, feed=topo.watch_feed(stream),
-                poll_s=self.settings.budget_watch_poll_s,
+                self.mesh.nc, stream, on_msg, start_seq=start_seq, start_time=None if start_seq else start,
+                feed=topo.watch_feed(stream), poll_s=self.settings.budget_watch_poll_s,
             )  # fmt: skip
             tail.start()
             self._tails.append(tail)
 
     async def _on_watched(self, msg: Stored, stream: str) -> None:
+        usage_stream = self.accounts is not None and stream == topo.STREAMS["usage"]
         try:
             model = parse_message(msg.subject, msg.data)
             self.mesh.verifier.verify(msg.headers.get(env.IDENTITY), msg.data, model, at=msg.time)
         except (ContractError, IdentityError):
+            if usage_stream:
+                self.accounts.seen(msg.seq)  # nothing to fold: the records are complete past it
             return  # its consumer dead-letters it; the monitor only folds in verified facts
+        if self.accounts is not None:
+            if isinstance(model, UsageRecorded):
+                await self.accounts.fold(model, msg.seq, msg.time)  # waits for the broker if it must
+            elif usage_stream:
+                self.accounts.seen(msg.seq)
+            elif isinstance(model, TaskCompleted | TaskFailed | TaskRejected):
+                self.accounts.ended(model.tenant, model.task_id)
+        if msg.time < self._started_at - self.settings.budget_lookback_s:
+            return  # read for the spend records only (before the monitor's look-back)
         try:
             trips = self.monitor.observe(model, msg.time)
         except Exception:
@@ -433,112 +479,64 @@ class Budget:
         )
 
     async def _rebuild(self, tenant: str, task_id: str, day: str, cold: Cold) -> None:
-        """Initialise the missing Redis view (a new task or day, or a Redis that lost its data)
-        from the budget bucket's totals and the reservations bucket's outstanding calls."""
+        """Initialise the missing Redis view (a new day, a task from before this view began, a
+        Redis that lost its data) from the usage stream, which is the record of spend: each
+        record's checkpoint and the messages after it, and from the reservations bucket's
+        outstanding calls (those whose usage is not in the stream)."""
         assert self.durable is not None
-        task_usage, _ = await st.load(self.kv, TaskUsage.key(tenant, task_id), TaskUsage)
-        day_usage, _ = await st.load(self.kv, DayUsage.key(tenant, day), DayUsage)
+        nc, verifier = self.mesh.nc, self.mesh.verifier
         horizon = self.horizon
         # A hold counts until its expiry is behind the horizon: only those granted since
         # ``horizon - ttl`` can (the leeway covers clocks; no horizon yet: all of them).
         since = horizon - self.settings.budget_reservation_ttl_s - CLOCK_LEEWAY_S if horizon else 0.0
-        nc = self.mesh.nc
-        task_held = await self.durable.granted_since(nc, since, tenant, task_id) if cold.task else []
-        day_held = await self.durable.granted_since(nc, since, tenant) if cold.day else []
-        task_held = [h for h in task_held if h.expires_at >= horizon]  # init leaves out the settled ones
-        day_held = await self._unsettled(
-            tenant, task_id, task_usage, [h for h in day_held if h.expires_at >= horizon and h.day == day]
-        )
-        await self.view.init(
-            task_usage, day_usage or DayUsage(tenant=tenant, day=day), tenant, task_id, task_held, day_held
-        )
+        task_usage: TaskUsage | None = None
+        task_held: list[Held] = []
+        if cold.task:
+            task_usage, _ = await st.load(self.kv, TaskUsage.key(tenant, task_id), TaskUsage)
+            task_usage = task_usage or TaskUsage(tenant=tenant, task_id=task_id)
+            subject = f"usage.*.{tenant}.{task_id}.*"
+            for seq, _, m in await read_usage(nc, verifier, subject, seq=task_usage.through + 1):
+                if m.call_id not in task_usage.call_seqs and m.call_id not in task_usage.call_ids:
+                    add_call(task_usage, m, seq, task_usage.labels)
+            held = await self.durable.granted_since(nc, since, tenant, task_id)
+            task_held = [h for h in held if h.expires_at >= horizon]  # init leaves out the settled ones
+        day_usage, _ = await st.load(self.kv, DayUsage.key(tenant, day), DayUsage)
+        day_usage = day_usage or DayUsage(tenant=tenant, day=day)
+        day_held: list[Held] = []
+        if cold.day:
+            day_start = float(calendar.timegm(time.strptime(day, "%Y%m%d")))
+            seen: set[tuple[str, str]] = set()
+            for seq, stored_at, m in await read_usage(nc, verifier, f"usage.*.{tenant}.*.*", since=day_start):
+                if seq > day_usage.through and today(stored_at) == day and (m.task_id, m.call_id) not in seen:
+                    seen.add((m.task_id, m.call_id))
+                    add_to_day(day_usage, m, {}, False)
+            held = await self.durable.granted_since(nc, since, tenant)
+            held = [h for h in held if h.expires_at >= horizon and h.day == day]
+            if held:
+                settled = {
+                    x for _, _, m in await read_usage(nc, verifier, f"usage.*.{tenant}.*.*", since=since - CLOCK_LEEWAY_S)
+                    for x in (m.call_id, m.reservation_id) if x
+                }  # fmt: skip
+                held = [h for h in held if h.call_id not in settled]
+            day_held = held
+        await self.view.init(task_usage, day_usage, tenant, task_id, task_held, day_held)
         if task_held or day_held:
             self.mesh.count("mesh.budget.reservations_rebuilt")
             log.info("%s/%s: view rebuilt with %d task and %d tenant-day reservations held", tenant, task_id,
                      len(task_held), len(day_held))  # fmt: skip
 
-    async def _unsettled(self, tenant: str, task_id: str, task_usage: TaskUsage | None, held: list[Held]) -> list[Held]:
-        """The holds whose call is not counted yet in its task's record (one read per other task
-        with a hold in the window: a rebuild is rare, and the window is a reservation's ttl)."""
-        counted = {task_id: task_usage.settled() if task_usage else set()}
-        for other in sorted({h.task_id for h in held} - counted.keys()):
-            rec, _ = await st.load(self.kv, TaskUsage.key(tenant, other), TaskUsage)
-            counted[other] = rec.settled() if rec else set()
-        return [h for h in held if h.call_id not in counted[h.task_id]]
-
     # --- account ------------------------------------------------------------------------------
 
     async def on_usage(self, m: UsageRecorded, d: Delivery) -> None:
-        call = TokenUsage(
-            input_tokens=m.input_tokens,
-            output_tokens=m.output_tokens,
-            cached_input_tokens=m.cached_input_tokens,
-            cost_usd=m.cost_usd,
-            calls=1,
+        """Settle the call in the view reservations are decided on (once per call id: its hold is
+        released and its cost counted), and count it in the metrics. The spend records are the
+        monitor's fold of the same stream (``mesh_budget.accounts``): nothing is written here."""
+        tokens = m.input_tokens + m.output_tokens
+        counted = await self.view.settle(
+            m.tenant, m.task_id, today(), m.reservation_id or m.call_id, m.call_id, tokens, m.cost_usd
         )
-        agent = f"{m.agent}/{m.role or m.agent}"
-        model = f"{m.provider}/{m.model}"
-        day = today(d.stored_at or None)  # the same on every redelivery
-        key = (m.tenant, m.task_id)
-        labels = await self._labels(m.tenant, m.task_id)
-        confirmed = self._day_done.pop(key, set())
-        first, fresh, redo = [False], [False], [""]
-
-        def add(cur: TaskUsage | None) -> TaskUsage | None:
-            first[0], fresh[0], redo[0] = cur is None, False, ""
-            cur = cur or TaskUsage(tenant=m.tenant, task_id=m.task_id)
-            done = [c for c in cur.day_pending if c in confirmed]
-            for c in done:
-                del cur.day_pending[c]
-            if m.call_id in cur.call_ids:  # the same call recorded twice is counted once
-                redo[0] = cur.day_pending.get(m.call_id, "")
-                return cur if done else None
-            fresh[0] = True
-            cur.day_pending[m.call_id] = day
-            cur.call_ids.append(m.call_id)
-            if m.reservation_id and m.reservation_id != m.call_id:
-                cur.reservation_ids.append(m.reservation_id)
-            cur.total = cur.total + call
-            cur.by_agent[agent] = cur.by_agent.get(agent, TokenUsage()) + call
-            cur.by_step[m.step_id or "-"] = cur.by_step.get(m.step_id or "-", TokenUsage()) + call
-            cur.by_model[model] = cur.by_model.get(model, TokenUsage()) + call
-            cur.errors += 1 if m.error else 0
-            cur.updated_at = time.time()
-            cur.labels = cur.labels or labels
-            return cur
-
-        try:
-            task_usage, _ = await st.update(self.kv, TaskUsage.key(m.tenant, m.task_id), TaskUsage, add)
-        except BaseException:
-            self._confirm(key, confirmed)  # not dropped from the record yet: keep them for next time
-            raise
-        settle = self.view.settle(
-            m.tenant, m.task_id, today(), m.reservation_id or m.call_id, m.call_id, call.total_tokens, call.cost_usd
-        )
-        if fresh[0]:
-            assert task_usage is not None
-            faults.crash_point("budget_after_task_usage")  # chaos: die between the task and day writes
-            # Independent of each other once the task total is stored: one round trip, not two. (A
-            # client following the task sees each call as its caller recorded it: usage.recorded.)
-            await asyncio.gather(self._add_day(m, day, call, agent, model, first[0], labels), settle)
-            self._count(m, agent, labels)
-            self._confirm(key, {m.call_id})
-        elif redo[0]:
-            # Counted for the task by an attempt that may have died before the day write.
-            await asyncio.gather(self._add_day(m, redo[0], call, agent, model, False, labels), settle)
-            self._confirm(key, {m.call_id})
-        else:
-            await settle
-        # The call's durable reservation stays: the task's record now says it is settled (a
-        # rebuilt view leaves it out), and the bucket's age limit removes it.
-
-    def _confirm(self, key: tuple[str, str], calls: set[str]) -> None:
-        """Remember day writes that are stored, to drop them from the task's ``day_pending`` at
-        its next write (bounded: a forgotten one only costs a re-applied day write on redelivery,
-        and no redelivery comes for a message already acknowledged)."""
-        self._day_done.setdefault(key, set()).update(calls)
-        while len(self._day_done) > 10_000:
-            self._day_done.pop(next(iter(self._day_done)))
+        if counted:  # the first time this call id was settled (its task's view counts it now)
+            self._count(m, f"{m.agent}/{m.role or m.agent}", await self._labels(m.tenant, m.task_id))
 
     async def _labels(self, tenant: str, task_id: str) -> dict[str, str]:
         """The task's labels: from its ``task.submitted`` as the monitor saw it, or (a task the
@@ -548,26 +546,6 @@ class Budget:
             return w.labels
         rec = await st.task_record(self.tasks, tenant, task_id)
         return dict(rec.labels) if rec is not None else {}
-
-    async def _add_day(
-        self, m: UsageRecorded, day: str, call: TokenUsage, agent: str, model: str, first: bool,
-        labels: dict[str, str] | None = None,
-    ) -> None:  # fmt: skip
-        def add_day(cur: DayUsage | None) -> DayUsage:
-            cur = cur or DayUsage(tenant=m.tenant, day=day)
-            cur.total = cur.total + call
-            cur.by_agent[agent] = cur.by_agent.get(agent, TokenUsage()) + call
-            cur.by_model[model] = cur.by_model.get(model, TokenUsage()) + call
-            for k, v in sorted((labels or {}).items()):
-                name = f"{k}={v}"
-                if name not in cur.by_label and len(cur.by_label) >= MAX_DAY_LABELS:
-                    name = OTHER_LABELS  # a day record stays bounded however many users a tenant has
-                cur.by_label[name] = cur.by_label.get(name, TokenUsage()) + call
-            cur.tasks += 1 if first else 0
-            return cur
-
-        # The tenant-day record is every call's: concurrent calls share a write (they only add).
-        await st.accumulate(self.kv, DayUsage.key(m.tenant, day), DayUsage, add_day)
 
     def _count(self, m: UsageRecorded, agent: str, labels: dict[str, str] | None = None) -> None:
         attrs = {

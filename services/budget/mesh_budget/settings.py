@@ -45,6 +45,9 @@ class BudgetSettings(ServiceSettings):
     budget_audit_anchor_s: float = Field(60.0, ge=0)
     """How often every tenant's audit chain is anchored: its length and head hash, signed, into KV
     ``anchors`` (``meshctl audit verify`` then sees a cut tail). 0: never."""
+    budget_checkpoint_s: float = Field(1.0, gt=0)
+    """How often the spend records (KV ``budget``, what ``meshctl budget`` reads) are brought up
+    to the usage stream they are folded from (``mesh_budget.accounts``)."""
     budget_watch_poll_s: float = Field(2.0, gt=0)
     """The monitor gets each stored message from the stream's republished feed and reads the
     stream itself only for a gap; after this long without a message it reads anyway (so a fed
