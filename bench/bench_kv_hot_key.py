@@ -1,12 +1,10 @@
-"""Compare-and-set on one hot key from one process: racing handlers, handlers taking turns, shared writes.
+"""Compare-and-set on one hot key from one process: racing handlers, handlers taking turns.
 
-A budget replica accounts every model call of a tenant into one tenant-day record, and a planner
-replica writes a task's record on every step event: several handlers of one process update the
-same key at once. ``mesh_kit.state.update`` makes them take turns (a lock per key); without it
-(``state._update``) they start from the same remembered value and the losers pay a failed write,
-a read and a retry. Additions that commute (a running sum) can share writes
-(``state.accumulate``): the ones that arrive while one is written go together in the next. All
-three run here against one real nats-server (file store, ``sync_interval: always``, as the mesh
+A planner replica writes a task's record on every step event, and its admission record per
+tenant on every submission: several handlers of one process update the same key at once.
+``mesh_kit.state.update`` makes them take turns (a lock per key); without it (``state._update``)
+they start from the same remembered value and the losers pay a failed write, a read and a retry.
+Both run here against one real nats-server (file store, ``sync_interval: always``, as the mesh
 runs it), in the same process tree, alternated, and the table gives the ratios.
 
     python bench/bench_kv_hot_key.py [--updates 400] [--concurrency 4]
@@ -31,8 +29,8 @@ from pydantic import BaseModel
 from mesh_kit import state as st
 from meshctl.local import find_binary, free_port
 
-MODES = ("racing", "taking turns", "accumulating")
-"""``state._update`` (no lock), ``state.update`` (a lock per key), ``state.accumulate`` (shared writes)."""
+MODES = ("racing", "taking turns")
+"""``state._update`` (no lock), ``state.update`` (a lock per key)."""
 
 
 class Day(BaseModel):
@@ -95,10 +93,8 @@ async def run(nc: nats.NATS, server: int, name: str, mode: str, n: int, concurre
                         break
                     except st.Conflict:  # lost 12 times in a row: a handler's message would be redelivered
                         kv.gave_up += 1
-            elif mode == "taking turns":
-                await st.update(kv, "day", Day, add)
             else:
-                await st.accumulate(kv, "day", Day, add)
+                await st.update(kv, "day", Day, add)
 
     cpu0, srv0, t0 = time.process_time(), cpu_s(server), time.perf_counter()
     await asyncio.gather(*(handler() for _ in range(concurrency)))
@@ -123,7 +119,7 @@ async def measure(port: int, server_pid: int, n: int, concurrency: int) -> dict[
     else:
         raise SystemExit("nats-server did not start")
     rows: dict[str, dict[str, float]] = {}
-    for rnd in range(2):  # alternated (ABC CBA): drift on a shared machine falls on every mode
+    for rnd in range(2):  # alternated (AB BA): drift on a shared machine falls on every mode
         for i, label in enumerate(MODES if rnd % 2 == 0 else MODES[::-1]):
             r = await run(nc, server_pid, f"hot{rnd}{i}", label, n, concurrency)
             acc = rows.setdefault(label, dict.fromkeys(r, 0.0))
