@@ -263,8 +263,7 @@ class Planner:
         self.evidence: Any = None  # ``evidence`` bucket: the retrieval records the checker gets
         self.admission: Admission | None = None
         self.store: StoreLevel | None = None
-        workers = mesh.settings.max_workers
-        self.planning: PlanningSlots | None = PlanningSlots(self.settings.planning_slots or max(1, workers - 1))
+        self.planning: PlanningSlots | None = None
         self._sent: OrderedDict[tuple[str, str, str], str] = OrderedDict()
         """Outbox items (task, type, key) this process is publishing (SENDING) or has published (SENT)."""
         self._waited: set[tuple[str, str]] = set()
@@ -286,6 +285,7 @@ class Planner:
         self.ledger = Ledger(await self.mesh.kv(LEDGER), self.mesh.service)
         streams = [*topo.STREAMS.values(), topo.DLQ_STREAM]
         self.store = StoreLevel(self.mesh.nc.jetstream(), streams, s.store_high_water, s.store_retry_after_s)
+        self.planning = PlanningSlots(s.planning_slots or max(1, self.mesh.settings.max_workers - 1))
 
     def register(self) -> None:
         m = self.mesh
