@@ -266,6 +266,8 @@ class Planner:
         self.planning: PlanningSlots | None = None
         self._sent: OrderedDict[tuple[str, str, str], str] = OrderedDict()
         """Outbox items (task, type, key) this process is publishing (SENDING) or has published (SENT)."""
+        self._to_plan: set[tuple[str, str]] = set()
+        """Submissions this process admitted, made a record for and parked for a planning slot."""
         self._waited: set[tuple[str, str]] = set()
         """Tasks this replica set to wait for a run slot (asked again, they may have been cancelled meanwhile)."""
 
@@ -423,6 +425,12 @@ class Planner:
 
     async def on_submitted(self, m: TaskSubmitted, d: Delivery) -> None:
         key = TaskRecord.key(m.tenant, m.task_id)
+        if (m.tenant, m.task_id) in self._to_plan:
+            # Back from waiting for a planning slot: admitted and its record made, by this
+            # process; straight to its plan (a task cancelled meanwhile is not planned: the guard
+            # refuses the call, and the plan is applied only to a record still planning).
+            await self._plan_in_turn(m, d, key)
+            return
         if (m.tenant, m.task_id) in self._waited:
             # Back from waiting for a run slot: it may have been cancelled meanwhile (a queue
             # limit, an operator), and then it has a record and must not count again. Released
@@ -459,12 +467,7 @@ class Planner:
             )  # fmt: skip
             return
 
-        plan_prompt, unusable = self.plan_prompt, ""
-        if m.replay is not None:
-            try:
-                plan_prompt = prompts.chosen(self.plan_prompt, m.replay.prompts, self.settings.prompts_dir)
-            except prompts.PromptError as exc:
-                unusable = f"prompt: {exc}"
+        plan_prompt, _ = self._plan_prompt(m)
 
         def create(rec: TaskRecord | None) -> TaskRecord | None:
             if rec is not None:
@@ -491,12 +494,29 @@ class Planner:
         await self.flush(rec)
         if rec.status != "planning":
             return
-        planning = self.planning
+        await self._plan_in_turn(m, d, key)
+
+    def _plan_prompt(self, m: TaskSubmitted) -> tuple[prompts.Prompt, str]:
+        """The planning prompt for the task (a replay may name another version), and why it cannot
+        be planned if that version is not here."""
+        if m.replay is None:
+            return self.plan_prompt, ""
+        try:
+            return prompts.chosen(self.plan_prompt, m.replay.prompts, self.settings.prompts_dir), ""
+        except prompts.PromptError as exc:
+            return self.plan_prompt, f"prompt: {exc}"
+
+    async def _plan_in_turn(self, m: TaskSubmitted, d: Delivery, key: str) -> None:
+        """Plan the task in a planning slot, or wait for one parked: out of the fetch window (so
+        later submissions, another tenant's too, are still fetched) for its tenant's turn."""
+        planning, task = self.planning, (m.tenant, m.task_id)
         if planning is not None and not planning.take(m.tenant, m.task_id):
-            # Every planning slot is taken: wait out of the fetch window (so later submissions,
-            # another tenant's too, are still fetched) for this tenant's turn at the next one.
-            self.mesh.count(tel.M_PLANNING_WAITS, {"tenant": m.tenant})
+            if task not in self._to_plan:
+                self.mesh.count(tel.M_PLANNING_WAITS, {"tenant": m.tenant})
+            self._to_plan.add(task)
             raise Park(lambda: planning.wait(m.tenant, m.task_id, m.priority), f"{key} waits for a planning slot")
+        self._to_plan.discard(task)
+        plan_prompt, unusable = self._plan_prompt(m)
         try:
             await self._plan(m, d, plan_prompt, unusable)
         finally:
