@@ -14,7 +14,7 @@ import pytest
 
 from mesh_contracts.v1 import TaskCompleted, TaskRejected
 from mesh_contracts.v1.records import AdmissionRecord
-from mesh_testing.chaos import ChaosMesh
+from mesh_testing.chaos import ChaosMesh, latencies
 from mesh_testing.infra import Infra, running_infra
 from meshctl.cli import main
 
@@ -109,20 +109,11 @@ async def test_a_quiet_tenant_is_not_starved_by_another_tenants_burst(infra, mes
     another while umbrella's 80 submissions (40 in flight at most) drain, take at most
     FAIRNESS_BOUND times as long as quiet. In stored order they waited behind the whole burst."""
     async with infra.client("globex") as g, infra.client("umbrella") as u:
-        await g.submit(GOAL, progress=False, timeout=60)  # warm
-        quiet = []
-        for _ in range(5):
-            seen = await g.submit(GOAL, progress=False, timeout=60)
-            assert isinstance(seen.outcome, TaskCompleted)
-            quiet.append(seen.latency_s)
+        quiet = await latencies(g, GOAL, 5, warm=True)
         t0 = time.monotonic()
         burst = [asyncio.create_task(u.submit(GOAL, progress=False, timeout=300)) for _ in range(80)]
         await asyncio.sleep(0.5)  # the burst is queued everywhere first
-        under = []
-        while not all(b.done() for b in burst) and len(under) < 12:
-            seen = await g.submit(GOAL, progress=False, timeout=120)
-            assert isinstance(seen.outcome, TaskCompleted), seen.outcome
-            under.append(seen.latency_s)
+        under = await latencies(g, GOAL, 12, while_=lambda: not all(b.done() for b in burst), timeout=120)
         outcomes = [(await b).outcome for b in burst]
         drained = time.monotonic() - t0
     assert all(isinstance(o, (TaskCompleted, TaskRejected)) for o in outcomes), "nothing admitted was lost"

@@ -22,9 +22,8 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from mesh_contracts.v1 import TaskCompleted
 from mesh_kit import telemetry as tel
-from mesh_testing.chaos import ChaosMesh
+from mesh_testing.chaos import ChaosMesh, latencies
 from mesh_testing.infra import Infra, running_infra
 
 pytestmark = pytest.mark.chaos
@@ -71,20 +70,10 @@ async def _planner_counters(mesh: ChaosMesh) -> dict[str, int]:
 
 async def test_a_burst_past_the_fetch_window_does_not_hide_a_quiet_tenants_task(infra, mesh):
     async with infra.client("steady") as s, infra.client("burst") as b:
-        await s.submit(GOAL, progress=False, timeout=60)  # warm
-        quiet = []
-        for _ in range(4):
-            seen = await s.submit(GOAL, progress=False, timeout=60)
-            assert isinstance(seen.outcome, TaskCompleted), seen.outcome
-            quiet.append(seen.latency_s)
-
+        quiet = await latencies(s, GOAL, 4, warm=True)
         burst = [asyncio.create_task(b.submit(GOAL, progress=False, timeout=300)) for _ in range(40)]
         await asyncio.sleep(0.2)  # the burst is stored ahead of the next submission
-        under = []
-        while not all(t.done() for t in burst) and len(under) < 6:
-            seen = await s.submit(GOAL, progress=False, timeout=120)
-            assert isinstance(seen.outcome, TaskCompleted), seen.outcome
-            under.append(seen.latency_s)
+        under = await latencies(s, GOAL, 6, while_=lambda: not all(t.done() for t in burst), timeout=120)
         outcomes = [(await t).outcome for t in burst]
 
     assert [type(o).__name__ for o in outcomes] == ["TaskCompleted"] * 40, "nothing admitted is lost"

@@ -17,7 +17,7 @@ import pytest
 from mesh_contracts.v1 import TaskCompleted, TaskFailed, TaskLimits
 from mesh_contracts.v1.records import AdmissionRecord, TaskRecord
 from mesh_kit import state as st
-from mesh_testing.chaos import ChaosMesh
+from mesh_testing.chaos import ChaosMesh, latencies
 from mesh_testing.infra import Infra, running_infra
 
 pytestmark = pytest.mark.chaos
@@ -76,12 +76,7 @@ async def test_a_quiet_tenant_keeps_its_latency_while_a_burst_waits_for_slots(in
     runs tasks one after another: the burst never holds more than the slots, its waiting tasks
     are queued (not stalled: all of them complete), and steady's median stays within 2x quiet."""
     async with infra.client("steady") as s, infra.client("burst") as b:
-        await s.submit(GOAL, progress=False, timeout=60)  # warm
-        quiet = []
-        for _ in range(7):
-            seen = await s.submit(GOAL, progress=False, timeout=60)
-            assert isinstance(seen.outcome, TaskCompleted), seen.outcome
-            quiet.append(seen.latency_s)
+        quiet = await latencies(s, GOAL, 7, warm=True)
 
         limits = TaskLimits(stall_timeout_s=2.0)
         burst = [asyncio.create_task(b.submit(GOAL, limits=limits, progress=False, timeout=300)) for _ in range(40)]
@@ -97,11 +92,7 @@ async def test_a_quiet_tenant_keeps_its_latency_while_a_burst_waits_for_slots(in
 
         watcher = asyncio.create_task(watch())
         await asyncio.sleep(0.5)  # the burst is admitted and waiting first
-        under = []
-        while not all(t.done() for t in burst) and len(under) < 15:
-            seen = await s.submit(GOAL, progress=False, timeout=120)
-            assert isinstance(seen.outcome, TaskCompleted), seen.outcome
-            under.append(seen.latency_s)
+        under = await latencies(s, GOAL, 15, while_=lambda: not all(t.done() for t in burst), timeout=120)
         outcomes = [(await t).outcome for t in burst]
         await watcher
 

@@ -15,8 +15,10 @@ import signal
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -153,6 +155,25 @@ def recovery_s(faults: list[float], completions: list[float]) -> list[float]:
         after = next((c for c in done if c > f), None)
         if after is not None:
             out.append(after - f)
+    return out
+
+
+async def latencies(
+    client: Any, goal: str, n: int, *, warm: bool = False, while_: Callable[[], bool] | None = None,
+    timeout: float = 60.0,
+) -> list[float]:  # fmt: skip
+    """How long each of ``n`` tasks took, run one after another by ``client`` (a ``TenantClient``)
+    waiting for the outcome alone; fewer once ``while_()`` is false (a burst drained). Every one
+    must complete. ``warm``: one more first, not counted."""
+    from mesh_contracts.v1 import TaskCompleted
+
+    if warm:
+        await client.submit(goal, progress=False, timeout=timeout)
+    out: list[float] = []
+    while len(out) < n and (while_ is None or while_()):
+        seen = await client.submit(goal, progress=False, timeout=timeout)
+        assert isinstance(seen.outcome, TaskCompleted), seen.outcome
+        out.append(seen.latency_s)
     return out
 
 
