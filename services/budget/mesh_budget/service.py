@@ -504,17 +504,24 @@ class Budget:
         day_usage = day_usage or DayUsage(tenant=tenant, day=day)
         day_held: list[Held] = []
         if cold.day:
-            day_start = float(calendar.timegm(time.strptime(day, "%Y%m%d")))
+            # The day's checkpoint and the tenant's usage after it (from the day's start if none).
+            tenant_usage = f"usage.*.{tenant}.*.*"
+            after = (
+                {"seq": day_usage.through + 1}
+                if day_usage.through
+                else {"since": float(calendar.timegm(time.strptime(day, "%Y%m%d")))}
+            )
             seen: set[tuple[str, str]] = set()
-            for seq, stored_at, m in await read_usage(nc, verifier, f"usage.*.{tenant}.*.*", since=day_start):
+            for seq, stored_at, m in await read_usage(nc, verifier, tenant_usage, **after):
                 if seq > day_usage.through and today(stored_at) == day and (m.task_id, m.call_id) not in seen:
                     seen.add((m.task_id, m.call_id))
                     add_to_day(day_usage, m, {}, False)
             held = await self.durable.granted_since(nc, since, tenant)
             held = [h for h in held if h.expires_at >= horizon and h.day == day]
-            if held:
+            if held:  # settled: its usage is in the stream, stored since the oldest was granted
+                oldest = min(h.expires_at for h in held) - self.settings.budget_reservation_ttl_s - CLOCK_LEEWAY_S
                 settled = {
-                    x for _, _, m in await read_usage(nc, verifier, f"usage.*.{tenant}.*.*", since=since - CLOCK_LEEWAY_S)
+                    x for _, _, m in await read_usage(nc, verifier, tenant_usage, since=oldest)
                     for x in (m.call_id, m.reservation_id) if x
                 }  # fmt: skip
                 held = [h for h in held if h.call_id not in settled]
