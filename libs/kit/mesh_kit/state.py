@@ -76,7 +76,8 @@ def _remember(remembered: OrderedDict[str, tuple[bytes | None, int]], key: str, 
 
 
 def written(kv: Any, key: str) -> int:
-    """The revision of this process's last write of ``key`` that ``update`` remembers (0: none)."""
+    """The revision of ``key`` that ``update`` remembers: this process's last write of it, or a read
+    it was told to remember (0: none)."""
     known = _remembered(kv).get(key)
     return known[1] if known is not None else 0
 
@@ -111,8 +112,8 @@ async def update(
     """Read-modify-write with compare-and-set. ``mutate`` returns the new value, or None for
     "no change". Returns (value, changed).
 
-    The read is skipped when this process made the key's last write it knows of: ``mutate``
-    runs on that value and the compare-and-set proves it current (a write by anyone else since
+    The read is skipped when this process made the key's last write it knows of (or read it with
+    ``load(remember=True)``): ``mutate`` runs on that value and the compare-and-set proves it current (a write by anyone else since
     makes it fail, and then the key is read). A "no change", or an exception from ``mutate``, is
     only ever taken from a value just read, never from a remembered one.
 
