@@ -77,6 +77,16 @@ class PlanningSlots:
         self.granted.pop((tenant, task_id), None)
         self._hand_over()
 
+    def unclaimed(self, tenant: str, task_id: str) -> None:
+        """A submission of the task was handled without planning here (its task was planned by
+        another copy of the submission, ended, or refused): a slot handed to it is passed on.
+        Two copies of one submission can wait at once (JetStream redelivered it while it waited
+        parked: a cluster node failed and the keepalives were lost); the second one's turn came
+        after the first had planned, and its slot stayed taken until the hand-over lapsed."""
+        key = (tenant, task_id)
+        if key not in self.busy and self.granted.pop(key, None) is not None:
+            self._hand_over()
+
     def waiting(self) -> int:
         return sum(len(w) for w in self._waiting.values())
 

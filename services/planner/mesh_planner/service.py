@@ -424,6 +424,13 @@ class Planner:
         )
 
     async def on_submitted(self, m: TaskSubmitted, d: Delivery) -> None:
+        try:
+            await self._on_submitted(m, d)
+        finally:
+            if self.planning is not None:
+                self.planning.unclaimed(m.tenant, m.task_id)
+
+    async def _on_submitted(self, m: TaskSubmitted, d: Delivery) -> None:
         key = TaskRecord.key(m.tenant, m.task_id)
         if (m.tenant, m.task_id) in self._to_plan:
             # Back from waiting for a planning slot: admitted and its record made, by this

@@ -1,0 +1,94 @@
+"""Two copies of one submission waiting for a planning slot (JetStream redelivered it while it
+waited parked: a cluster node died with the keepalives it was sent). The first copy plans the
+task; the second's turn comes after, finds the task planned, and must pass its slot on at once.
+It used to keep it until the hand-over lapsed (30 s): with the planner's few slots, every other
+submission waited that long (the cluster chaos drill lost a task to its 45 s timeout)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from mesh_contracts.v1 import TaskSubmitted
+from mesh_kit import Park
+from mesh_kit.ledger import Ledger
+from mesh_llm import ModelRequest, ScriptedModel
+from mesh_planner.planning import PlanningSlots
+from mesh_planner.service import Planner
+from mesh_testing.fakes import FakeDelivery, FakeMesh
+from mesh_testing.memkv import MemoryKV
+
+pytestmark = pytest.mark.unit
+PLAN = {"content": '{"steps": [{"step_id": "s1", "instruction": "Find it"}]}'}
+
+
+class Gated(ScriptedModel):
+    """The scripted model; a call for the task named in ``hold`` waits for ``go``."""
+
+    def __init__(self) -> None:
+        super().__init__("scripted-1", {"planner": [PLAN]})
+        self.go = asyncio.Event()
+        self.hold = ""
+        self.planned: list[str] = []
+
+    async def complete(self, request: ModelRequest):  # type: ignore[override]
+        goal = request.messages[-1].content
+        if goal == self.hold:
+            await self.go.wait()
+        self.planned.append(goal)
+        return await super().complete(request)
+
+
+def _submission(task: str) -> TaskSubmitted:
+    return TaskSubmitted(tenant="acme", task_id=task, goal=task)
+
+
+async def _parks(planner: Planner, task: str) -> asyncio.Task[None]:
+    """Hand the planner a copy of ``task``'s submission; it must park: its wait, running."""
+    with pytest.raises(Park) as parked:
+        await planner.on_submitted(_submission(task), FakeDelivery())
+    waiter = asyncio.create_task(parked.value.until())
+    await asyncio.sleep(0)
+    return waiter
+
+
+async def test_a_second_copy_of_a_planned_submission_passes_its_slot_on():
+    model = Gated()
+    planner = Planner(FakeMesh(service="planner"), model)  # type: ignore[arg-type]
+    planner.kv, planner.ledger = MemoryKV(), Ledger(MemoryKV(), "planner")
+    planner.planning = slots = PlanningSlots(1)
+
+    model.hold = "a"
+    a = asyncio.create_task(planner.on_submitted(_submission("a"), FakeDelivery()))
+    await asyncio.sleep(0.05)
+    assert slots.busy, "a plans in the only slot"
+    first, second = await _parks(planner, "b"), await _parks(planner, "b")  # b, and its redelivered copy
+
+    model.go.set()
+    await a
+    await asyncio.wait_for(first, 1)
+    await planner.on_submitted(_submission("b"), FakeDelivery())  # the first copy's turn: it plans b
+    assert model.planned == ["a", "b"]
+    await asyncio.wait_for(second, 1)  # then the second copy's turn comes
+    await planner.on_submitted(_submission("b"), FakeDelivery())
+    assert model.planned == ["a", "b"], "b is planned once"
+
+    # c is planned at once: the slot handed to b's second copy was passed on, not kept 30 s.
+    await asyncio.wait_for(planner.on_submitted(_submission("c"), FakeDelivery()), 1)
+    assert model.planned == ["a", "b", "c"]
+    assert not slots.busy and not slots.granted
+
+
+async def test_a_copy_whose_turn_came_while_it_was_planned_elsewhere_keeps_nothing():
+    slots = PlanningSlots(1)
+    assert slots.take("acme", "a")
+    waiter = asyncio.create_task(slots.wait("acme", "b"))
+    await asyncio.sleep(0)
+    slots.release("acme", "a")
+    await asyncio.wait_for(waiter, 1)
+    assert slots.granted
+    slots.unclaimed("acme", "b")
+    assert not slots.granted and slots.take("acme", "c")
+    slots.unclaimed("acme", "c")
+    assert slots.busy, "a task planning now keeps its slot"
