@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 
 from mesh_contracts import SERVICES
+from mesh_contracts.v1.records import TaskRecord
 from mesh_testing.infra import Infra
 from meshctl import local
 
@@ -141,6 +142,29 @@ async def stored_per_task(infra: Infra, tenant: str, tasks: list[str]) -> dict[s
                 "tool.requested": sum((tools.state.subjects or {}).values()),
                 "task.completed": sum((done.state.subjects or {}).values()),
             }
+        return out
+    finally:
+        await nc.close()
+
+
+async def where_stuck(infra: Infra, tenant: str, tasks: list[str]) -> dict[str, str]:
+    """Each task's stored progress, for a test that lost it: the record's status, each step's
+    status and attempt, and what its outbox still holds ("no record": the planner never admitted
+    its submission)."""
+    nc = await infra.admin()
+    try:
+        kv = await nc.jetstream().key_value("tasks")
+        out = {}
+        for t in tasks:
+            try:
+                entry = await kv.get(TaskRecord.key(tenant, t))
+            except Exception:  # noqa: BLE001 - no such key (or the bucket unreachable): say so
+                out[t] = "no record"
+                continue
+            rec = TaskRecord.model_validate_json(entry.value or b"{}")
+            steps = ", ".join(f"{k}:{s.status}#{s.attempt}" for k, s in rec.steps.items())
+            outbox = ", ".join(i.type for i in rec.outbox)
+            out[t] = f"{rec.status} ({rec.reason}) steps [{steps}] outbox [{outbox}] check #{rec.check_attempt}"
         return out
     finally:
         await nc.close()
