@@ -4,6 +4,9 @@ without storing anything twice."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
+
 import pytest
 from integration_helpers import connect, running, settings_for
 
@@ -31,6 +34,19 @@ def _record(task: str) -> TaskRecord:
     return rec
 
 
+@contextlib.asynccontextmanager
+async def _planner_with(infra, task: str) -> AsyncIterator[tuple[Mesh, Planner, TaskRecord, str]]:
+    """A running planner, and a stored record of ``task`` whose outbox is four step requests."""
+    mesh = Mesh(settings_for(infra, "planner"))
+    planner = Planner(mesh, NoModel())  # type: ignore[arg-type]
+    mesh.on_start(planner.start)
+    async with running(mesh):
+        rec = _record(task)
+        key = TaskRecord.key("acme", task)
+        await planner.kv.put(key, rec.model_dump_json().encode())
+        yield mesh, planner, rec, key
+
+
 async def _stored_steps(infra, task: str) -> list[tuple[str, int]]:
     """(step id, attempt) of every step request stored for the task, in stream order."""
     async with connect(infra, "admin") as nc:
@@ -53,14 +69,8 @@ async def test_an_outbox_is_sent_in_order_and_cleared_only_when_all_of_it_is_sto
 ):
     infra = integration_infra
     task = unique("outbox")
-    mesh = Mesh(settings_for(infra, "planner"))
-    planner = Planner(mesh, NoModel())  # type: ignore[arg-type]
-    mesh.on_start(planner.start)
-    async with running(mesh):
-        rec = _record(task)
+    async with _planner_with(infra, task) as (mesh, planner, rec, key):
         assert [i.type for i in rec.outbox].count("step.requested") == 4
-        key = TaskRecord.key("acme", task)
-        await planner.kv.put(key, rec.model_dump_json().encode())
 
         # The third step request fails to publish (the broker refused it, say).
         real = mesh.publish
@@ -99,15 +109,7 @@ async def test_a_message_in_two_handlers_outboxes_is_published_once(integration_
     import asyncio
     from collections import Counter
 
-    infra = integration_infra
-    task = unique("outbox-twice")
-    mesh = Mesh(settings_for(infra, "planner"))
-    planner = Planner(mesh, NoModel())  # type: ignore[arg-type]
-    mesh.on_start(planner.start)
-    async with running(mesh):
-        rec = _record(task)
-        key = TaskRecord.key("acme", task)
-        await planner.kv.put(key, rec.model_dump_json().encode())
+    async with _planner_with(integration_infra, unique("outbox-twice")) as (mesh, planner, rec, key):
         real, sent = mesh.publish, Counter()
 
         async def slow(msg, **kw):
