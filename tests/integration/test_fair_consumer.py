@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 
 import nats
@@ -153,3 +154,55 @@ async def test_work_a_crash_loop_of_replicas_held_is_still_handled_and_goes_firs
     assert all(n == deaths + 1 for s, n in order if s.startswith("held")), order
     info = await js.consumer_info(name, "d")
     assert info.num_ack_pending == 0 and info.num_pending == 0
+
+
+async def test_a_waiting_message_redelivered_after_lost_keepalives_is_handled_once(nc, monkeypatch):
+    """A broker node dies and the keepalives of the messages parked here are lost: JetStream
+    redelivers them. The redelivery becomes the parked message's delivery (JetStream extends only
+    the newest delivery's ack_wait) instead of a second copy, which used to be handled again,
+    park again, and take a second turn (the planner's planning slots, the cluster chaos drill)."""
+    await _stream(nc, "FAIRD", ack_wait=1.0)
+    js = nc.jetstream()
+    for i in range(3):
+        await js.publish(f"faird.v1.acme.t{i}.x", b"x")
+    handled: Counter[str] = Counter()
+    acked_delivery: dict[str, int] = {}
+    go = asyncio.Event()
+
+    async def handle(m: Fetched) -> None:
+        handled[m.raw_message.subject] += 1
+        if not go.is_set() and m.park(go.wait):
+            return
+        acked_delivery[m.raw_message.subject] = m.raw_message.metadata.num_delivered
+        await m.ack()
+
+    real = Fetched.in_progress
+    lost = True
+
+    async def in_progress(self: Fetched) -> None:
+        if not lost:
+            await real(self)
+
+    monkeypatch.setattr(Fetched, "in_progress", in_progress)
+    fair = FairConsumer(lambda: nc, "FAIRD", "d", "_INBOX", handle, workers=2, window=8, ack_wait_s=1.0, graceful_s=5)
+    await fair.start()
+    try:
+        await asyncio.sleep(2.6)  # keepalives lost for two and a half ack_waits: redelivered, fetched
+        assert (await js.consumer_info("FAIRD", "d")).num_redelivered == 3, "every parked one came back"
+        lost = False
+        await asyncio.sleep(0.1)
+        newest = {m.raw_message.subject: m.raw_message.metadata.num_delivered for m in fair.parked}
+        assert len(fair.parked) == 3 and not fair.queue, "one waiting each, not one per delivery"
+        assert min(newest.values()) >= 2, newest
+        await asyncio.sleep(2.6)  # keepalives again: they reach the newest delivery, nothing comes back
+        go.set()
+        deadline = time.monotonic() + 5
+        while sum(handled.values()) < 6 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)
+    finally:
+        await fair.stop()
+    assert handled == {f"faird.v1.acme.t{i}.x": 2 for i in range(3)}, "parked once, then handled once"
+    info = await js.consumer_info("FAIRD", "d")
+    assert info.num_ack_pending == 0 and info.num_pending == 0
+    assert acked_delivery == newest, "kept alive once the keepalives reached the newest delivery"

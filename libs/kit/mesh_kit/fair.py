@@ -67,6 +67,13 @@ def tenant_of(subject: str) -> str:
     return parts[2] if len(parts) >= 5 else ""
 
 
+def _stream_seq(raw: Any) -> int:
+    try:
+        return int(raw.metadata.sequence.stream)
+    except Exception:  # noqa: BLE001 - not a JetStream message: never taken for another's copy
+        return 0
+
+
 def _deliveries(raw: Any) -> int:
     try:
         return int(raw.metadata.num_delivered)
@@ -78,10 +85,11 @@ class Fetched:
     """A fetched JetStream message with the controls the mesh's dispatch uses (the same names as
     FastStream's ``NatsMessage``)."""
 
-    __slots__ = ("consumer", "fetched_at", "priority", "raw_message", "redelivered", "tenant")
+    __slots__ = ("consumer", "fetched_at", "priority", "raw_message", "redelivered", "seq", "tenant")
 
     def __init__(self, raw: Any, consumer: FairConsumer | None = None) -> None:
         self.raw_message, self.consumer = raw, consumer
+        self.seq = _stream_seq(raw)
         self.tenant = tenant_of(raw.subject)
         self.priority = priority_of(raw.headers)
         self.redelivered = _deliveries(raw) > 1
@@ -172,6 +180,12 @@ class FairConsumer:
         self.running: set[asyncio.Task[None]] = set()
         self.parked: dict[Fetched, asyncio.Task[None]] = {}
         """Messages a handler parked (``Fetched.park``), each with what waits for its turn."""
+        self.held: dict[int, Fetched] = {}
+        """Messages waiting here (queued or parked), by stream sequence. A redelivery of one of
+        them (its keepalives were lost: a broker node died, the connection dropped for longer
+        than ``ack_wait``) becomes its delivery instead of a second copy: JetStream extends only
+        the newest delivery's ``ack_wait``, and two copies of one message meant two handlings
+        (a submission parked twice for a planning slot, each copy taking one in turn)."""
         self._changed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._psub: Any = None
@@ -223,7 +237,14 @@ class FairConsumer:
                 continue
             self._busy = True
             for m in msgs:
-                self.queue.put(Fetched(m, self))
+                item = Fetched(m, self)
+                waiting = self.held.get(item.seq) if item.seq else None
+                if waiting is not None:
+                    waiting.raw_message = m  # the newest delivery: acks and keepalives go to it
+                    continue
+                if item.seq:
+                    self.held[item.seq] = item
+                self.queue.put(item)
             self._changed.set()
 
     async def _dispatch_loop(self) -> None:
@@ -233,6 +254,8 @@ class FairConsumer:
                 await self._changed.wait()
                 continue
             item = self.queue.pop()
+            if self.held.get(item.seq) is item:
+                del self.held[item.seq]  # handled now: a redelivery from here on is a copy of its own
             task = asyncio.create_task(self._run(item))
             self.running.add(task)
 
@@ -248,6 +271,13 @@ class FairConsumer:
             self._changed.set()
 
     def park(self, item: Fetched, until: Callable[[], Awaitable[None]]) -> None:
+        if item.seq and self.held.get(item.seq, item) is not item:
+            # Redelivered while its handler ran, and that copy waits here already: it is the one
+            # that waits (this delivery's acks still count, but its keepalives no longer would).
+            log.debug("%s: a newer delivery waits here already; not parked twice", item.raw_message.subject)
+            return
+        if item.seq:
+            self.held[item.seq] = item
         self.parked[item] = asyncio.create_task(self._unpark(item, until), name=f"parked-{self.durable}")
 
     async def _unpark(self, item: Fetched, until: Callable[[], Awaitable[None]]) -> None:
@@ -294,6 +324,7 @@ class FairConsumer:
                 await self._nc().flush()
         parked = list(self.parked.items())
         self.parked.clear()
+        self.held.clear()
         for _, waiter in parked:
             waiter.cancel()
         for item in [*self.queue.drain(), *(item for item, _ in parked)]:
