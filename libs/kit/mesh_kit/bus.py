@@ -200,7 +200,7 @@ class Mesh:
         )
         self._started = False
         self._js_ctx: tuple[NATS, JetStreamContext] | None = None
-        self._served: list[tuple[str, Callable[[Msg], Awaitable[None]]]] = []
+        self._served: list[tuple[str, Callable[[Msg], Awaitable[None]], bool]] = []
         """``serve`` handlers: (subject pattern, entry), subscribed by ``start``."""
         self._serving: list[Any] = []
         self._answering: set[asyncio.Task[None]] = set()
@@ -908,9 +908,12 @@ class Mesh:
 
     # --- request/reply --------------------------------------------------------------------
 
-    def serve(self, contract: type[C], handler: Callable[[C, Delivery], Awaitable[Contract]]) -> None:
-        """Answer core-NATS requests for ``contract`` (queue group shared by all replicas), from
-        ``start`` on (after the start hooks), ``MESH_MAX_WORKERS`` at a time."""
+    def serve(
+        self, contract: type[C], handler: Callable[[C, Delivery], Awaitable[Contract]], *, every_replica: bool = False
+    ) -> None:
+        """Answer core-NATS requests for ``contract`` (queue group shared by all replicas, or with
+        ``every_replica`` each replica answers: the asker gathers the answers), from ``start`` on
+        (after the start hooks), ``MESH_MAX_WORKERS`` at a time."""
         if self.service not in contract.spec.consumers or contract.spec.transport != "request":
             raise LookupError(f"{self.service} does not serve {contract.type_name()}")
         pattern = f"{contract.spec.domain}.*.*.*.{contract.spec.event}"
@@ -937,7 +940,7 @@ class Mesh:
             await self.nc.publish(raw.reply, body, headers=env.headers_for(self.signer, answer, body, ""))
             self.count(tel.M_HANDLED)
 
-        self._served.append((pattern, entry))
+        self._served.append((pattern, entry, every_replica))
 
     async def _serve(self) -> None:
         """Subscribe every ``serve`` handler. Straight on nats-py, not a FastStream subscriber: its
@@ -945,9 +948,10 @@ class Mesh:
         quarter of the budget's reservation handling. Requests are answered MESH_MAX_WORKERS at a
         time, as replicas would: one at a time, each would wait for every request ahead of it and
         its round trips (another tenant's burst too)."""
-        for pattern, entry in self._served:
+        for pattern, entry, every_replica in self._served:
             on_request = self._answerer(entry, asyncio.Semaphore(max(1, self.settings.max_workers)))
-            self._serving.append(await self.nc.subscribe(pattern, queue=topo.queue_group(self.service), cb=on_request))
+            queue = "" if every_replica else topo.queue_group(self.service)
+            self._serving.append(await self.nc.subscribe(pattern, queue=queue, cb=on_request))
 
     def _answerer(
         self, entry: Callable[[Msg], Awaitable[None]], slots: asyncio.Semaphore
