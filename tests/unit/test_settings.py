@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from mesh_agent.settings import AgentSettings
 from mesh_budget.monitor import Rules
+from mesh_budget.partition import Partition
 from mesh_budget.settings import BudgetSettings, TenantLimits
 from mesh_checker.settings import CheckerSettings
 from mesh_kit import ServiceSettings
@@ -78,6 +79,8 @@ HISTORICAL = {
             "metric_labels",
             "checkpoint_s",
             "watch_poll_s",
+            "partitions",
+            "partition",
             "loop_repeats",
             "chatter_window_s",
             "chatter_min_messages",
@@ -267,6 +270,17 @@ def test_a_bad_value_is_one_line_naming_the_variable(env, capsys, cls, name, val
     err = capsys.readouterr().err
     assert err.startswith(f"configuration error: {line}"), err
     assert err.count("\n") == 1, err
+
+
+def test_a_budget_partition_out_of_range_is_one_line(env, capsys):
+    env.setenv("MESH_BUDGET_PARTITIONS", "2")
+    env.setenv("MESH_BUDGET_PARTITION", "5")
+    with pytest.raises(SystemExit):
+        load_settings(BudgetSettings, "budget")
+    err = capsys.readouterr().err
+    assert "MESH_BUDGET_PARTITION must be 0 to 1 with 2 partitions, not 5" in err and err.count("\n") == 1, err
+    env.setenv("MESH_BUDGET_PARTITION", "1")
+    assert load_settings(BudgetSettings, "budget").partition() == Partition(1, 2)
 
 
 def test_a_policy_that_is_not_an_object_keeps_its_message(env, tmp_path, capsys):

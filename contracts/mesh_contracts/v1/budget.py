@@ -233,3 +233,7 @@ class BudgetStatusReport(Contract):
     ``deadlock``, ``stall``, ...); every replica reaches the same trips, one acts."""
     detected_after_s: dict[str, float] = {}
     """Per kind, the median time from cause to action of those trips."""
+    partition: int = Field(0, ge=0)
+    partitions: int = Field(1, ge=1)
+    """Which of how many partitions of the tenants the replica follows (``MESH_BUDGET_PARTITIONS``):
+    with several, each replica answers and the asker adds the partitions' reports up."""

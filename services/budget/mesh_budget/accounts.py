@@ -35,6 +35,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from mesh_budget.ledger import OTHER_LABELS, DayUsage, TaskUsage, today
+from mesh_budget.partition import Partition, mark_keys
 from mesh_contracts import ContractError, parse_message
 from mesh_contracts import topology as topo
 from mesh_contracts.v1 import TokenUsage, UsageRecorded
@@ -46,7 +47,6 @@ from mesh_kit.tail import MAX_BATCH, Reader
 
 log = logging.getLogger("mesh.budget.accounts")
 
-MARK_KEY = "accounts"
 MAX_DAY_LABELS = 256
 """Distinct ``label=value`` keys a tenant-day record keeps; the rest are summed under ``(other)``."""
 TASKS_KEPT = 20_000
@@ -55,7 +55,8 @@ whose usage comes back is loaded from its record again)."""
 
 
 class Mark(BaseModel):
-    """``budget`` bucket, key ``accounts``: every spend record is complete to this usage sequence."""
+    """``budget`` bucket, key ``accounts`` (``accounts.<i>-of-<n>`` for partition i of n): every spend
+    record (of the partition's tenants) is complete to this usage sequence."""
 
     through: int = 0
     at: float = 0.0
@@ -113,8 +114,11 @@ class Accounts:
         labels: Callable[[str, str], Awaitable[dict[str, str]]],
         *,
         retry_s: float = 0.5,
+        partition: Partition | None = None,
     ) -> None:
         self.kv, self._labels, self.retry_s = kv, labels, retry_s
+        self.partition = partition or Partition()
+        """Whose records this replica writes: its partition's tenants' (``mesh_budget.partition``)."""
         self.mark = 0
         """The mark this replica started from: the stream is folded from the message after it."""
         self.position = 0
@@ -129,14 +133,24 @@ class Accounts:
         """Read the mark (the stream is folded from the message after it) and return it. The first
         budget to start on a mesh puts the mark at the end of what is stored (nothing was accounted
         into records yet that they would not already hold), before any reservation is granted."""
-        mark, _ = await st.load(self.kv, MARK_KEY, Mark)
+        key = self.partition.mark_key
+        mark, _ = await st.load(self.kv, key, Mark)
         if mark is None:
-            first = Mark(through=await last_seq(), at=time.time())
+            # A partition's first start (or the partitions were changed): from the earliest mark
+            # any partitioning left, which every record is complete to; none at all is a new mesh.
+            # A record loaded later counts only what came after its own ``through``: starting
+            # early folds again what is already in, and counts none of it twice.
+            others = [m for k in mark_keys() if k != key and (m := (await st.load(self.kv, k, Mark))[0]) is not None]
+            first = (
+                Mark(through=min(m.through for m in others), at=time.time())
+                if others
+                else Mark(through=await last_seq(), at=time.time())
+            )
 
             def create(cur: Mark | None) -> Mark | None:
                 return None if cur is not None else first
 
-            mark, _ = await st.update(self.kv, MARK_KEY, Mark, create)
+            mark, _ = await st.update(self.kv, key, Mark, create)
         assert mark is not None
         self.mark = self.position = self._marked = mark.through
         return mark.through
@@ -181,6 +195,9 @@ class Accounts:
         """Fold one verified usage message (the stream's ``seq``-th, stored at ``stored_at``)."""
         if seq <= self.mark:
             return  # in every record already
+        if not self.partition.owns(m.tenant):
+            self.seen(seq)  # another partition's records
+            return
         # The position moves only once the message is in (a checkpoint taken while this one
         # waits for a record says it is complete to the message before). A record whose totals
         # already hold it then (the task's, between its update and the day's) is written as
@@ -242,7 +259,7 @@ class Accounts:
             raise
         self.written += written
         if at > self._marked:
-            await self._write(MARK_KEY, Mark(through=at, at=time.time()))
+            await self._write(self.partition.mark_key, Mark(through=at, at=time.time()))
             self._marked = at
         for key in [k for k, f in self.tasks.items() if f.ended and not f.dirty]:
             del self.tasks[key]

@@ -232,6 +232,8 @@ class Held(BaseModel):
     cost_usd: float
     expires_at: float
     """Released after this, once every usage message stored before it has been accounted."""
+    step_id: str = ""
+    """The step that asked (its partition's monitor learns from the hold that the step started)."""
 
     def entry(self) -> str:
         """The Redis hash value, as the reserve script writes it."""

@@ -52,6 +52,9 @@ from mesh_contracts.v1 import (
 from mesh_resilience import BreakerPolicy, FailureWindow
 
 AWAIT_TOOL = "await_step"
+ELSEWHERE_KEPT = 50_000
+"""Call ids of other partitions' tasks remembered, so that a copy of a usage message is not
+counted twice by the provider breakers."""
 
 
 @dataclass(frozen=True)
@@ -233,6 +236,8 @@ class Monitor:
         self.providers: dict[str, ProviderHealth] = {}
         self.provider_policy = self.rules.provider_policy()
         self._handlers: dict[type, Callable[[Any, _Fold], None] | None] = {}
+        self._elsewhere: dict[tuple[str, str, str], None] = {}
+        """Calls of tasks another partition follows, folded into the provider breakers (each once)."""
 
     def watch(self, tenant: str, task_id: str) -> TaskWatch:
         key = (tenant, task_id)
@@ -271,6 +276,18 @@ class Monitor:
         if not o.done:
             self._after(m, o)
         return o.trips
+
+    def observe_provider(self, m: UsageRecorded, at: float) -> None:
+        """A usage message of a task another partition follows: folded into the provider breakers
+        only (they are mesh-wide, so every partition folds every call). Its task's own partition
+        reports a trip; here it only opens or closes the circuit reservations are refused by."""
+        key = (m.tenant, m.task_id, m.call_id)
+        if key in self._elsewhere:
+            return
+        self._elsewhere[key] = None
+        if len(self._elsewhere) > ELSEWHERE_KEPT:
+            del self._elsewhere[next(iter(self._elsewhere))]
+        self._provider(m, at, lambda *_args, **_kw: None)
 
     def started(self, tenant: str, task_id: str, step_id: str, at: float) -> None:
         """A call of the task's step is being made (a reservation reached this replica): the
@@ -413,7 +430,7 @@ class Monitor:
             o.done = True
             return
         w.seen_usage.add(m.call_id)
-        self._provider(m, o.at, w, o.trip)
+        self._provider(m, o.at, o.trip)
         # A failed attempt the gateway retried or handed to a fallback model is not a failure
         # of the task's work; one that reached the task counts once per logical call.
         logical = m.call_id.split("-x", 1)[0]
@@ -459,7 +476,7 @@ class Monitor:
         if started is not None:
             w.approval_paused_s += max(0.0, at - started)
 
-    def _provider(self, m: UsageRecorded, at: float, w: TaskWatch, trip: Callable[..., None]) -> None:
+    def _provider(self, m: UsageRecorded, at: float, trip: Callable[..., None]) -> None:
         r = self.rules
         key = f"{m.provider}/{m.model}"
         if (h := self.providers.get(key)) is None:

@@ -91,6 +91,9 @@ class Budget:
         self._samples: list[tuple[float, int]] = []
         self._poller: asyncio.Task[None] | None = None
         self.monitor = Monitor(self.settings.rules())
+        self.partition = self.settings.partition()
+        """The tenants this replica follows (all of them with one partition: ``mesh_budget.partition``)."""
+        self._label_cache: OrderedDict[tuple[str, str], dict[str, str]] = OrderedDict()
         self._tails: list[Tail] = []
         self._ticker: asyncio.Task[None] | None = None
         self._anchorer: asyncio.Task[None] | None = None
@@ -130,12 +133,15 @@ class Budget:
         self.kv = await self.mesh.kv("budget")
         self.tasks = await self.mesh.kv("tasks")
         self.durable = Durable(await self.mesh.kv(Durable.BUCKET))
-        self.accounts = Accounts(self.kv, self._labels)
+        self.accounts = Accounts(self.kv, self._labels, partition=self.partition)
+        if self.partition.count > 1:
+            log.info("following partition %s of the tenants", self.partition)
         mark = await self.accounts.start(self._last_usage_seq)
         self._poller = asyncio.create_task(self._poll_horizon())
         await self._watch(mark)
         self._ticker = asyncio.create_task(self._tick())
         self._checkpointer = asyncio.create_task(self._checkpoint_loop())
+        self.mesh.report("partition", self._partition_report)
         self.mesh.report("accounts", lambda: {
             "through": self.accounts.position if self.accounts else 0,
             "records_written": self.accounts.written if self.accounts else 0,
@@ -143,6 +149,13 @@ class Budget:
         if self.settings.budget_audit_anchor_s > 0:
             self.anchors = await self.mesh.kv("anchors")
             self._anchorer = asyncio.create_task(self._anchor_loop())
+
+    def _partition_report(self) -> dict[str, Any]:
+        """Which tenants this replica follows (for ``/status``): its partition, and the tenants of
+        the tasks its monitor holds (the first 50 by name)."""
+        followed = sorted({tenant for tenant, _ in self.monitor.tasks})
+        return {"index": self.partition.index, "count": self.partition.count, "tasks": len(self.monitor.tasks),
+                "tenants": followed[:50], "tenants_total": len(followed)}  # fmt: skip
 
     async def stop(self) -> None:
         for task in (self._poller, self._ticker, self._anchorer, self._checkpointer):
@@ -196,9 +209,29 @@ class Budget:
             )  # fmt: skip
             tail.start()
             self._tails.append(tail)
+        if self.partition.count > 1:
+            # A reservation for one of our tasks may reach a replica of another partition: the
+            # hold it stores says the step started (out of its queue), for our monitor to see.
+            holds = Tail(self.mesh.nc, f"KV_{Durable.BUCKET}", self._on_hold, start_time=time.time())
+            holds.start()
+            self._tails.append(holds)
+
+    async def _on_hold(self, msg: Stored) -> None:
+        parts = msg.subject.split(".")  # $KV.reservations.<tenant>.<task>.<call>
+        if len(parts) != 5 or not self.partition.owns(parts[2]) or msg.operation or not msg.data:
+            return
+        try:
+            held = Held.model_validate_json(msg.data)
+        except ValueError:
+            return
+        self.monitor.started(held.tenant, held.task_id, held.step_id, msg.time)
 
     async def _on_watched(self, msg: Stored, stream: str) -> None:
         usage_stream = self.accounts is not None and stream == topo.STREAMS["usage"]
+        if not usage_stream and self.partition.count > 1:
+            parts = msg.subject.split(".")  # <domain>.v<major>.<tenant>.<task>.<event>
+            if len(parts) == 5 and not self.partition.owns(parts[2]):
+                return  # another partition's tenant: not even parsed
         try:
             model = parse_message(msg.subject, msg.data)
             self.mesh.verifier.verify(msg.headers.get(env.IDENTITY), msg.data, model, at=msg.time)
@@ -215,6 +248,10 @@ class Budget:
                 self.accounts.ended(model.tenant, model.task_id)
         if msg.time < self._started_at - self.settings.budget_lookback_s:
             return  # read for the spend records only (before the monitor's look-back)
+        if not self.partition.owns(model.tenant):
+            if isinstance(model, UsageRecorded):
+                self.monitor.observe_provider(model, msg.time)  # the provider breakers are mesh-wide
+            return
         try:
             trips = self.monitor.observe(model, msg.time)
         except Exception:
@@ -310,7 +347,7 @@ class Budget:
         self.mesh.on_start(self.start)
         self.mesh.on_stop(self.stop)
         self.mesh.serve(BudgetReserve, self.on_reserve)
-        self.mesh.serve(BudgetStatusRequested, self.on_status)
+        self.mesh.serve(BudgetStatusRequested, self.on_status, every_replica=True)
         self.mesh.consume(UsageRecorded, self.on_usage)
 
     # --- the expiry horizon -------------------------------------------------------------------
@@ -359,8 +396,9 @@ class Budget:
     # --- what it sees, for operators ----------------------------------------------------------
 
     async def on_status(self, m: BudgetStatusRequested, d: Delivery) -> BudgetStatusReport:
-        """An operator's question (``meshctl top``, ``meshctl status``), answered from memory: any
-        replica can, each follows every task and reaches the same trips."""
+        """An operator's question (``meshctl top``, ``meshctl status``), answered from memory by
+        every replica: each follows every task of its partition (all of them, with one) and
+        reaches the same trips as the other replicas of it; the asker adds the partitions up."""
         prefix = "mesh.budget.trips."
         trips = {k.removeprefix(prefix): int(n) for k, n in self.mesh.stats.counters.items() if k.startswith(prefix)}
         after: dict[str, list[float]] = {}
@@ -371,6 +409,7 @@ class Budget:
             started_at=self.mesh.stats.started_at,
             tenants={t: TenantTasks(**v) for t, v in self.monitor.per_tenant(time.time()).items()},
             trips=trips, detected_after_s={k: round(statistics.median(v), 4) for k, v in after.items()},
+            partition=self.partition.index, partitions=self.partition.count,
         )  # fmt: skip
 
     # --- reserve ------------------------------------------------------------------------------
@@ -467,7 +506,8 @@ class Budget:
         assert self.durable is not None
         await self.durable.hold(
             Held(tenant=m.tenant, task_id=m.task_id, call_id=m.call_id, day=day, tokens=m.tokens,
-                 cost_usd=m.cost_usd, expires_at=time.time() + self.settings.budget_reservation_ttl_s)
+                 cost_usd=m.cost_usd, expires_at=time.time() + self.settings.budget_reservation_ttl_s,
+                 step_id=m.step_id)
         )  # fmt: skip
         self.m_reservations.add(1, {"tenant": m.tenant, "outcome": "granted", "code": ""})
         return BudgetGranted(
@@ -551,8 +591,16 @@ class Budget:
         w = self.monitor.tasks.get((tenant, task_id))
         if w is not None and w.labels is not None:
             return w.labels
+        key = (tenant, task_id)
+        if (known := self._label_cache.get(key)) is not None:
+            return known  # a record's labels never change
         rec = await st.task_record(self.tasks, tenant, task_id)
-        return dict(rec.labels) if rec is not None else {}
+        if rec is None:
+            return {}
+        labels = self._label_cache[key] = dict(rec.labels)
+        while len(self._label_cache) > FACTS_KEPT:
+            self._label_cache.popitem(last=False)
+        return labels
 
     def _count(self, m: UsageRecorded, agent: str, labels: dict[str, str] | None = None) -> None:
         attrs = {

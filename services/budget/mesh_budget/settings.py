@@ -8,7 +8,9 @@ from typing import Self
 
 from pydantic import BaseModel, Field, PrivateAttr, ValidationError, model_validator
 
+from mesh_budget import partition
 from mesh_budget.monitor import Rules
+from mesh_budget.partition import Partition
 from mesh_kit.settings import OptionalPath, ServiceSettings
 
 
@@ -79,12 +81,25 @@ class BudgetSettings(ServiceSettings):
     """Model calls per step attempt before the task is cancelled; 0: each step's own
     ``max_iterations``."""
 
+    budget_partitions: int = Field(1, ge=1, le=16)
+    """Split the monitor's work (breakers, deadlocks, stalls, spend records) by tenant into this
+    many partitions; each replica follows one (``mesh_budget.partition``). 1: every replica
+    follows everything."""
+    budget_partition: int | None = Field(None, ge=0)
+    """This replica's partition (0 to ``budget_partitions - 1``); unset with several partitions:
+    the ordinal its host name ends in (a StatefulSet's pod ``budget-2`` follows partition 2)."""
+
     _tenant_limits: dict[str, TenantLimits] = PrivateAttr(default_factory=dict)
+    _partition: Partition = PrivateAttr(default_factory=Partition)
 
     @model_validator(mode="after")
     def _parse_limits(self) -> Self:
         self._tenant_limits = _tenant_limits(self)
+        self._partition = partition.from_settings(self.budget_partitions, self.budget_partition)
         return self
+
+    def partition(self) -> Partition:
+        return self._partition
 
     def metric_labels(self) -> tuple[str, ...]:
         return tuple(k.strip() for k in self.budget_metric_labels.split(",") if k.strip())
