@@ -41,6 +41,7 @@ class ChaosMesh:
     kills: list[tuple[float, str]] = field(default_factory=list)  # (wall-clock time, name)
     restarts: Counter[str] = field(default_factory=Counter)
     _supervisor: asyncio.Task[None] | None = None
+    _extra: dict[str, dict[str, str]] = field(default_factory=dict)  # name -> its own environment
 
     def start(self, per_service_env: dict[str, dict[str, str]] | None = None) -> None:
         for svc in SERVICES:
@@ -48,14 +49,13 @@ class ChaosMesh:
                 self._spawn(svc, f"{svc}-{i}", (per_service_env or {}).get(svc, {}))
 
     def _spawn(self, svc: str, name: str, extra: dict[str, str] | None = None) -> None:
-        proc = local.start_service(
-            self.infra.ids, self.infra.nats_url, svc, name=name, extra_env={**self.env, **(extra or {})}
-        )
+        extra = self._extra.setdefault(name, extra or {})  # a replacement runs as the one it replaces
+        proc = local.start_service(self.infra.ids, self.infra.nats_url, svc, name=name, extra_env={**self.env, **extra})
         self.procs[name] = (svc, proc)
 
-    async def add(self, svc: str, name: str, timeout: float = 30) -> None:
-        """Start one more process of ``svc`` (a scale-up) and wait until it is ready."""
-        self._spawn(svc, name)
+    async def add(self, svc: str, name: str, timeout: float = 30, env: dict[str, str] | None = None) -> None:
+        """Start one more process of ``svc`` (a scale-up; ``env`` for it alone) and wait until it is ready."""
+        self._spawn(svc, name, env)
         await local.wait_ready({name: self.procs[name][1]}, timeout)
 
     async def replace(self, name: str, timeout: float = 30) -> None:

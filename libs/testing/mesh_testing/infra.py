@@ -60,19 +60,22 @@ class Infra:
         finally:
             await nc.close()
 
-    async def spent(self, tenant: str, task_id: str, timeout: float = 15.0) -> dict:
+    async def spent(self, tenant: str, task_id: str, timeout: float = 15.0, partitions: int = 1) -> dict:
         """The budget service's accounted usage of one task (KV ``budget``), zero if none yet, once
         the spend records are complete to every usage message stored when asked (they are the
-        budget's checkpoints of the usage stream, up to a second behind it: ``mesh_budget.accounts``)."""
+        budget's checkpoints of the usage stream, up to a second behind it: ``mesh_budget.accounts``;
+        with the budget split into ``partitions``, each partition's mark)."""
         nc = await self.admin()
         try:
             js = nc.jetstream()
             last = (await js.stream_info("USAGE")).state.last_seq
             kv = await js.key_value("budget")
             deadline = time.monotonic() + timeout
+            marks = ["accounts"] if partitions == 1 else [f"accounts.{i}-of-{partitions}" for i in range(partitions)]
             while time.monotonic() < deadline:
                 try:
-                    if json.loads((await kv.get("accounts")).value)["through"] >= last:
+                    throughs = [json.loads((await kv.get(k)).value)["through"] for k in marks]
+                    if min(throughs) >= last:
                         break
                 except nats.js.errors.KeyNotFoundError:
                     pass
