@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from mesh_budget.monitor import Monitor, Rules
 from mesh_contracts.v1 import (
@@ -22,7 +20,6 @@ from mesh_contracts.v1 import (
     ToolRequested,
     UsageRecorded,
 )
-from mesh_resilience import CircuitBreaker
 
 pytestmark = pytest.mark.unit
 T = {"tenant": "acme", "task_id": "t1"}
@@ -106,15 +103,13 @@ def test_iteration_cap_counts_model_calls_per_step_attempt():
         assert m2.observe(usage("s1", call), i) == [], "a new attempt has its own cap"
 
 
-def test_failing_provider_trips_the_retry_storm_and_opens_the_provider_circuit():
-    m = Monitor(Rules(retry_storm_errors=5, provider_min_calls=5, provider_cooldown_s=10))
+def test_failing_calls_trip_the_retry_storm_once():
+    """(The provider circuit the same failures open is the Redis view's: test_provider_breaker.py.)"""
+    m = Monitor(Rules(retry_storm_errors=5))
     kinds = []
     for i in range(6):
         kinds += [t.kind for t in m.observe(usage("s1", f"s1-a{i}-i0-x", error="ProviderError: 503"), float(i))]
-    assert "provider_breaker" in kinds and "retry_storm" in kinds
-    assert "circuit open" in m.provider_open("scripted", "scripted-1", 5.0)
-    assert m.provider_open("scripted", "scripted-1", 30.0) == "", "closes after the cool-down"
-    assert m.provider_open("scripted", "other", 5.0) == "", "per provider/model"
+    assert kinds == ["retry_storm"]
 
 
 def test_errors_spread_beyond_the_window_are_no_storm():
@@ -169,18 +164,15 @@ def test_deadline_and_finished_tasks():
     assert m2.tick(500.0) == [] and m2.observe(tool("s1", "c1"), 2.0) == []
 
 
-def test_a_gateway_retrying_one_call_is_one_failure_and_the_provider_circuit_does_not_stop_the_task():
+def test_a_gateway_retrying_one_call_is_one_failure():
     """A primary returning 503s, retried three times and then answered by a fallback model, is
-    one failed logical call, not a retry storm; the provider circuit opens for everyone but only
-    reports on the task (callers skip the provider; the task goes on through its fallback)."""
-    m = Monitor(Rules(retry_storm_errors=3, provider_min_calls=3, provider_cooldown_s=10))
+    one failed logical call, not a retry storm."""
+    m = Monitor(Rules(retry_storm_errors=3))
     trips = []
     for n in range(1, 4):
         trips += m.observe(usage("s1", f"s1-a1-i0-x1n{n}", error="ProviderError: 503"), 0.1 * n)
     trips += m.observe(usage("s1", "s1-a1-i0"), 0.5)
-    assert [t.kind for t in trips] == ["provider_breaker"]
-    assert trips[0].action == "flag"
-    assert "circuit open" in m.provider_open("scripted", "scripted-1", 1.0)
+    assert trips == []
     for i in range(1, 3):  # two more logical calls failing: three in all, the storm threshold
         trips = m.observe(usage("s1", f"s1-a1-i{i}-x1n1", error="ProviderError: 503"), 1.0 + i)
     assert [t.kind for t in trips] == ["retry_storm"]
@@ -197,28 +189,6 @@ def test_failures_the_gateway_handed_on_never_make_a_retry_storm():
     trips = m.observe(usage("s1", "s1-a1-i6-x1n2", error="server_error: 503"), 1.0)
     trips += m.observe(usage("s1", "s1-a1-i7-x1n2", error="server_error: 503"), 1.1)
     assert [t.kind for t in trips] == ["retry_storm"], "failures that reached the task still count"
-
-
-@settings(max_examples=200, deadline=None)
-@given(st.lists(st.tuples(st.floats(0.0, 20.0), st.booleans()), min_size=1, max_size=40))
-def test_the_budget_and_the_gateway_open_a_provider_circuit_at_the_same_outcome(outcomes):
-    """One breaker rule (mesh_resilience): fed the same outcomes at the same times, the gateway's
-    breaker and the budget's mesh-wide circuit open at the same call."""
-    rules = Rules(provider_min_calls=3, provider_error_rate=0.5, provider_window_s=30, provider_cooldown_s=1000)
-    now = [0.0]
-    gateway = CircuitBreaker("scripted/scripted-1", rules.provider_policy(), clock=lambda: now[0])
-    m = Monitor(rules)
-    opened_gateway = opened_budget = None
-    for i, (dt, ok) in enumerate(outcomes):
-        now[0] += dt
-        gateway.record(ok)
-        if opened_gateway is None and gateway.state == "open":
-            opened_gateway = i
-        call = f"c{i}"
-        m.observe(usage("s1", call, error="" if ok else "server_error: 500"), now[0])
-        if opened_budget is None and m.provider_open("scripted", "scripted-1", now[0]):
-            opened_budget = i
-    assert opened_budget == opened_gateway
 
 
 def test_queue_time_is_not_a_stall_and_the_stall_clock_starts_when_the_work_is_taken_up():

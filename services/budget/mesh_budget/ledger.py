@@ -21,6 +21,14 @@ atomic view.
   whose call is already counted (its usage is in the stream). For every call, at every moment, its
   cost is held or counted, never neither, so a rebuilt view still counts every call in flight.
   (A delete per call was a stored write per model call: 7 per sample task.)
+- The provider breakers live in the same view: settling a call adds its outcome to its
+  provider/model's window (two sorted sets, by the call's stored time, once per call), and the
+  settle that finds the window failing opens the circuit (a key holding until when); the
+  reserve script refuses calls to an open provider/model. The usage durable hands each call to
+  one replica, so every replica decides on every call without reading every usage message
+  (they did: the work a second replica was meant to share). The rule is the gateway's
+  (``mesh_resilience.FailureWindow``), in Lua; a Redis that loses its data forgets the last
+  window (at most ``window_s`` of outcomes) and an open circuit.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ from pydantic import BaseModel
 from mesh_contracts.v1 import TokenUsage
 from mesh_kit.identity import CLOCK_LEEWAY_S
 from mesh_kit.tail import MAX_BATCH, Reader
+from mesh_resilience import BreakerPolicy
 
 OTHER_LABELS = "(other)"
 TASK_TTL_S = 8 * 24 * 3600  # beyond the streams' 7-day retention
@@ -71,6 +80,13 @@ RESERVE_LUA = (
     + """
 local task_res, task_spent, day_res, day_spent = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local now, horizon, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+if KEYS[5] then
+  -- The call's provider/model: refused while its circuit is open (until:failed:calls).
+  local open = redis.call('GET', KEYS[5])
+  if open and tonumber(string.match(open, '^([^:]+)')) > now then
+    return {0, 'provider_breaker', open, '0', '0', '0'}
+  end
+end
 local id, day_field = ARGV[4], ARGV[5]
 local want_t, want_c = tonumber(ARGV[6]), tonumber(ARGV[7])
 local lim_t, lim_c, dlim_t, dlim_c = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11])
@@ -142,11 +158,15 @@ end
 return 1
 """
 
-# Usage arrived: release the reservation and add the call to the view, once per call id.
+# Usage arrived: release the reservation and add the call to the view, once per call id; and
+# (KEYS[6..8], ARGV[6..12]) add its outcome to its provider/model's breaker window, once per call.
+# Returns {counted, trip, failed, calls, open_until}: trip 1 the circuit opened on this call, 2 it
+# is failing and this call failed too (reported to the call's task), 0 neither.
 SETTLE_LUA = """
 local task_res, task_spent, task_counted, day_res, day_spent = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 redis.call('HDEL', task_res, ARGV[1])
 redis.call('HDEL', day_res, ARGV[2])
+local counted = 0
 if redis.call('EXISTS', task_spent) == 1 and redis.call('SADD', task_counted, ARGV[3]) == 1 then
   redis.call('HINCRBY', task_spent, 'tokens', ARGV[4])
   redis.call('HINCRBYFLOAT', task_spent, 'cost', ARGV[5])
@@ -154,9 +174,39 @@ if redis.call('EXISTS', task_spent) == 1 and redis.call('SADD', task_counted, AR
     redis.call('HINCRBY', day_spent, 'tokens', ARGV[4])
     redis.call('HINCRBYFLOAT', day_spent, 'cost', ARGV[5])
   end
-  return 1
+  counted = 1
 end
-return 0
+local trip, failed, calls, open_until = 0, 0, 0, 0
+if KEYS[8] then
+  local calls_k, fails_k, open_k = KEYS[6], KEYS[7], KEYS[8]
+  local at, ok, member = tonumber(ARGV[6]), ARGV[7] == '1', ARGV[8]
+  local window, min_calls = tonumber(ARGV[9]), tonumber(ARGV[10])
+  local rate, cooldown = tonumber(ARGV[11]), tonumber(ARGV[12])
+  if redis.call('ZADD', calls_k, 'NX', at, member) == 1 then
+    if not ok then redis.call('ZADD', fails_k, 'NX', at, member) end
+    -- The window ends at the newest outcome (calls may be settled slightly out of order).
+    local now = tonumber(redis.call('ZRANGE', calls_k, -1, -1, 'WITHSCORES')[2])
+    redis.call('ZREMRANGEBYSCORE', calls_k, '-inf', now - window)
+    redis.call('ZREMRANGEBYSCORE', fails_k, '-inf', now - window)
+    calls, failed = redis.call('ZCARD', calls_k), redis.call('ZCARD', fails_k)
+    local keep = math.ceil(window + cooldown) + 60
+    redis.call('EXPIRE', calls_k, keep)
+    if failed > 0 then redis.call('EXPIRE', fails_k, keep) end
+    if calls >= min_calls and failed >= rate * calls then
+      local open = redis.call('GET', open_k)
+      local prev = open and tonumber(string.match(open, '^([^:]+)')) or 0
+      if at >= prev then
+        open_until = at + cooldown
+        redis.call('SET', open_k, string.format('%.3f', open_until) .. ':' .. failed .. ':' .. calls, 'EX', keep)
+        trip = 1
+      elseif not ok then
+        open_until = prev
+        trip = 2
+      end
+    end
+  end
+end
+return {counted, trip, failed, calls, string.format('%.3f', open_until)}
 """
 
 
@@ -275,6 +325,19 @@ class Durable:
 
 
 @dataclass(frozen=True)
+class Settled:
+    """What settling one call did: whether it was counted now (its first time), and whether its
+    provider/model's circuit opened on it (``trip`` 1) or is failing with this call failed too
+    (2), with the window's ``failed`` of ``calls`` and until when the circuit is open."""
+
+    counted: bool
+    trip: int = 0
+    failed: int = 0
+    calls: int = 0
+    open_until: float = 0.0
+
+
+@dataclass(frozen=True)
 class Decision:
     granted: bool
     code: str
@@ -282,6 +345,18 @@ class Decision:
     remaining_cost_usd: float
     day_remaining_tokens: int
     day_remaining_cost_usd: float
+    open: tuple[float, int, int] | None = None
+    """``provider_breaker``: until when the circuit is open, and the failed of all calls that opened it."""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One call's outcome for its provider/model's breaker, at the call's stored time."""
+
+    provider: str
+    model: str
+    ok: bool
+    at: float
 
 
 class Cold(Exception):
@@ -296,10 +371,11 @@ class Cold(Exception):
 class View:
     """The Redis side: one client, three scripts."""
 
-    def __init__(self, redis_url: str, ttl_s: float = 120.0) -> None:
+    def __init__(self, redis_url: str, ttl_s: float = 120.0, provider_policy: BreakerPolicy | None = None) -> None:
         from mesh_kit.deps import redis_client
 
         self.ttl_s = ttl_s
+        self.provider_policy = provider_policy or BreakerPolicy()
         self.redis = redis_client(redis_url)
         self._reserve = self.redis.register_script(RESERVE_LUA)
         self._init = self.redis.register_script(INIT_LUA)
@@ -315,6 +391,12 @@ class View:
         base = f"budget:day:{tenant}:{day}"
         return f"{base}:res", f"{base}:spent"
 
+    @staticmethod
+    def provider_keys(provider: str, model: str) -> tuple[str, str, str]:
+        """The breaker window's calls and failures (sorted sets by stored time), and its open mark."""
+        base = f"budget:provider:{provider}/{model}"
+        return f"{base}:calls", f"{base}:failed", f"{base}:open"
+
     async def reserve(
         self,
         tenant: str,
@@ -326,6 +408,7 @@ class View:
         limits: tuple[int, float, int, float],
         horizon: float,
         created_at: float = 0.0,
+        provider: tuple[str, str] | None = None,
     ) -> Decision:
         """``limits``: task tokens, task cost, tenant-day tokens, tenant-day cost (-1 = none).
 
@@ -334,11 +417,16 @@ class View:
         starts from an empty view in the script itself; its first reservation then costs one
         script call, not a rebuild from KV (two reads, a scan of the holds, two more script
         calls). Anything else cold raises ``Cold`` and is rebuilt as before: a Redis that lost
-        its data loses the epoch too, and every task created before the new one is rebuilt."""
+        its data loses the epoch too, and every task created before the new one is rebuilt.
+
+        ``provider`` (provider, model): refused with ``provider_breaker`` while its circuit is open."""
         res, spent, _ = self.task_keys(tenant, task_id)
         dres, dspent = self.day_keys(tenant, day)
+        keys = [res, spent, dres, dspent]
+        if provider is not None:
+            keys.append(self.provider_keys(*provider)[2])
         out = await self._reserve(
-            keys=[res, spent, dres, dspent],
+            keys=keys,
             args=[time.time(), horizon, self.ttl_s, call_id, f"{task_id}/{call_id}", tokens, f"{cost_usd:.10f}",
                   limits[0], f"{limits[1]:.10f}", limits[2], f"{limits[3]:.10f}", f"{created_at:.3f}",
                   CLOCK_LEEWAY_S, FRESH_WINDOW_S],
@@ -346,6 +434,9 @@ class View:
         code = out[1].decode() if isinstance(out[1], bytes) else str(out[1])
         if int(out[0]) == -1:
             raise Cold(code)
+        if code == "provider_breaker":
+            until, failed, calls = (out[2].decode() if isinstance(out[2], bytes) else str(out[2])).split(":")
+            return Decision(False, code, 0, 0.0, 0, 0.0, open=(float(until), int(failed), int(calls)))
         return Decision(
             int(out[0]) == 1,
             code,
@@ -375,15 +466,21 @@ class View:
         )  # fmt: skip
 
     async def settle(self, tenant: str, task_id: str, day: str, reservation_id: str, call_id: str,
-                     tokens: int, cost_usd: float) -> bool:  # fmt: skip
+                     tokens: int, cost_usd: float, outcome: Outcome | None = None) -> Settled:  # fmt: skip
+        """Release the call's hold and count it (once per call id); with ``outcome``, add it to
+        its provider/model's breaker window (once per call)."""
         res, spent, counted = self.task_keys(tenant, task_id)
         dres, dspent = self.day_keys(tenant, day)
-        return bool(
-            await self._settle(
-                keys=[res, spent, counted, dres, dspent],
-                args=[reservation_id, f"{task_id}/{reservation_id}", call_id, tokens, f"{cost_usd:.10f}"],
-            )
-        )
+        keys = [res, spent, counted, dres, dspent]
+        args: list[Any] = [reservation_id, f"{task_id}/{reservation_id}", call_id, tokens, f"{cost_usd:.10f}"]
+        if outcome is not None:
+            p = self.provider_policy
+            keys += self.provider_keys(outcome.provider, outcome.model)
+            args += [repr(outcome.at), "1" if outcome.ok else "0", f"{tenant}/{task_id}/{call_id}", p.window_s,
+                     p.min_calls, repr(p.failure_rate), p.cooldown_s]  # fmt: skip
+        out = await self._settle(keys=keys, args=args)
+        until = out[4].decode() if isinstance(out[4], bytes) else str(out[4])
+        return Settled(bool(int(out[0])), int(out[1]), int(out[2]), int(out[3]), float(until))
 
     async def close(self) -> None:
         await self.redis.aclose()

@@ -2,9 +2,10 @@
 
 ``Monitor`` folds every message about a task (in any order: it reads several streams) into a
 ``TaskWatch`` and reports ``Trip``s: circuit breakers (iteration cap, loop, chatter, retry
-storm, provider error rate), deadlocks (a cycle in the wait-for graph) and stalls. It is pure
+storm), deadlocks (a cycle in the wait-for graph) and stalls. It is pure
 logic: no I/O, a clock passed in, so the rules are unit-tested exactly; the service feeds it
-and acts on what it reports.
+and acts on what it reports. (The provider breakers are not per task: they are decided in the
+budget's Redis view, on each call as it is settled, see ``mesh_budget.ledger``.)
 
 The wait-for graph has a node per step and per outstanding call. Edges:
 
@@ -49,12 +50,9 @@ from mesh_contracts.v1 import (
     ToolRequested,
     UsageRecorded,
 )
-from mesh_resilience import BreakerPolicy, FailureWindow
+from mesh_resilience import BreakerPolicy
 
 AWAIT_TOOL = "await_step"
-ELSEWHERE_KEPT = 50_000
-"""Call ids of other partitions' tasks remembered, so that a copy of a usage message is not
-counted twice by the provider breakers."""
 
 
 @dataclass(frozen=True)
@@ -198,17 +196,6 @@ class TaskWatch:
         return None
 
 
-class ProviderHealth:
-    """One provider/model's calls in the breaker's window, from the usage stream (at their stored
-    times, so every replica folding the same messages reaches the same state). No probe: the
-    budget grants reservations and the calls happen elsewhere, so after the cooldown calls flow
-    again and the next failure while the window is still bad reopens it."""
-
-    def __init__(self, policy: BreakerPolicy) -> None:
-        self.window = FailureWindow(policy)
-        self.open_until = 0.0
-
-
 class _Fold:
     """One message being folded into a task's watch: what it tripped, and what comes after."""
 
@@ -233,27 +220,13 @@ class Monitor:
     def __init__(self, rules: Rules | None = None) -> None:
         self.rules = rules or Rules()
         self.tasks: dict[tuple[str, str], TaskWatch] = {}
-        self.providers: dict[str, ProviderHealth] = {}
-        self.provider_policy = self.rules.provider_policy()
         self._handlers: dict[type, Callable[[Any, _Fold], None] | None] = {}
-        self._elsewhere: dict[tuple[str, str, str], None] = {}
-        """Calls of tasks another partition follows, folded into the provider breakers (each once)."""
 
     def watch(self, tenant: str, task_id: str) -> TaskWatch:
         key = (tenant, task_id)
         if key not in self.tasks:
             self.tasks[key] = TaskWatch(tenant, task_id)
         return self.tasks[key]
-
-    def provider_open(self, provider: str, model: str, now: float) -> str:
-        """Why calls to this provider/model are refused right now, or ''."""
-        h = self.providers.get(f"{provider}/{model}")
-        if h is None or now >= h.open_until:
-            return ""
-        return (
-            f"provider {provider}/{model} circuit open for {h.open_until - now:.0f} s more: "
-            f"{h.window.failures} of {len(h.window)} calls failed in the last {self.rules.provider_window_s:g} s"
-        )
 
     # --- folding messages -----------------------------------------------------------------------
 
@@ -276,18 +249,6 @@ class Monitor:
         if not o.done:
             self._after(m, o)
         return o.trips
-
-    def observe_provider(self, m: UsageRecorded, at: float) -> None:
-        """A usage message of a task another partition follows: folded into the provider breakers
-        only (they are mesh-wide, so every partition folds every call). Its task's own partition
-        reports a trip; here it only opens or closes the circuit reservations are refused by."""
-        key = (m.tenant, m.task_id, m.call_id)
-        if key in self._elsewhere:
-            return
-        self._elsewhere[key] = None
-        if len(self._elsewhere) > ELSEWHERE_KEPT:
-            del self._elsewhere[next(iter(self._elsewhere))]
-        self._provider(m, at, lambda *_args, **_kw: None)
 
     def started(self, tenant: str, task_id: str, step_id: str, at: float) -> None:
         """A call of the task's step is being made (a reservation reached this replica): the
@@ -430,7 +391,6 @@ class Monitor:
             o.done = True
             return
         w.seen_usage.add(m.call_id)
-        self._provider(m, o.at, o.trip)
         # A failed attempt the gateway retried or handed to a fallback model is not a failure
         # of the task's work; one that reached the task counts once per logical call.
         logical = m.call_id.split("-x", 1)[0]
@@ -475,24 +435,6 @@ class Monitor:
         started = w.approvals.pop(approval_id, None)
         if started is not None:
             w.approval_paused_s += max(0.0, at - started)
-
-    def _provider(self, m: UsageRecorded, at: float, trip: Callable[..., None]) -> None:
-        r = self.rules
-        key = f"{m.provider}/{m.model}"
-        if (h := self.providers.get(key)) is None:
-            h = self.providers[key] = ProviderHealth(self.provider_policy)
-        h.window.add(at, not m.error)
-        failed, calls = h.window.failures, len(h.window)
-        if h.window.tripped():  # the same rule as the gateway's breaker, on any outcome
-            opening = at >= h.open_until
-            if opening:
-                h.open_until = at + r.provider_cooldown_s
-            elif not m.error:
-                return
-            # The circuit refuses reservations for this provider/model (callers fall back to the
-            # next model of their chain); the task itself goes on, so the trip only reports.
-            trip("provider_breaker", f"provider {m.provider}/{m.model} failing: {failed} of {calls} calls "
-                 f"in {r.provider_window_s:g} s; circuit open for {r.provider_cooldown_s:g} s", action="flag")  # fmt: skip
 
     def _slide(self, w: TaskWatch, now: float) -> None:
         r = self.rules

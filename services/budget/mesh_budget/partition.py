@@ -9,9 +9,11 @@ mesh is then split across partitions instead of repeated by every replica.
 
 What every replica still does, whatever its partition: answer reservations for any task (the
 Redis view they are decided on is shared; a task's breakers reach a replica of another partition
-through the cancel its owner publishes, which every service's guard follows), fold every usage
-message into the provider breakers (they are mesh-wide), and answer ``budget.status`` for its
-own partition (``meshctl`` asks them all and adds the partitions up).
+through the cancel its owner publishes, which every service's guard follows), settle its share
+of the usage durable's calls in that view (which also feeds the provider breakers: they are
+mesh-wide, and live there), and answer ``budget.status`` for its own partition (``meshctl`` asks
+them all and adds the partitions up). Another partition's messages are dropped by subject,
+before they are parsed or verified.
 
 The partition is by tenant, not by task, so that a tenant's day record has one writer; one
 tenant's tasks are therefore followed by one partition, however many there are. Run at least one

@@ -20,7 +20,7 @@ from typing import Any
 from opentelemetry.metrics import Observation
 
 from mesh_budget.accounts import Accounts, add_call, add_to_day, read_usage
-from mesh_budget.ledger import Cold, DayUsage, Durable, Held, TaskUsage, View, today
+from mesh_budget.ledger import Cold, DayUsage, Durable, Held, Outcome, Settled, TaskUsage, View, today
 from mesh_budget.monitor import Monitor, Trip
 from mesh_budget.settings import BudgetSettings, TenantLimits
 from mesh_contracts import ContractError, parse_message
@@ -80,7 +80,11 @@ class Budget:
                 "configuration error: the budget service needs MESH_REDIS_URL (or MESH_REDIS_URL_FILE): "
                 "its reservations must be shared by every replica"
             )
-        self.view = View(mesh.settings.redis_url, self.settings.budget_reservation_ttl_s)
+        self.view = View(
+            mesh.settings.redis_url, self.settings.budget_reservation_ttl_s, self.settings.rules().provider_policy()
+        )
+        self._provider_reported: OrderedDict[tuple[str, str], None] = OrderedDict()
+        """Tasks told of a failing provider already (once per task, as every other trip)."""
         self.redis = mesh.depend(
             Dependency("redis", self.view.redis.ping, required=True, purpose="reservations shared by every replica")
         )
@@ -228,9 +232,11 @@ class Budget:
 
     async def _on_watched(self, msg: Stored, stream: str) -> None:
         usage_stream = self.accounts is not None and stream == topo.STREAMS["usage"]
-        if not usage_stream and self.partition.count > 1:
+        if self.partition.count > 1:
             parts = msg.subject.split(".")  # <domain>.v<major>.<tenant>.<task>.<event>
             if len(parts) == 5 and not self.partition.owns(parts[2]):
+                if usage_stream and self.accounts is not None:
+                    self.accounts.seen(msg.seq)  # another partition's records
                 return  # another partition's tenant: not even parsed
         try:
             model = parse_message(msg.subject, msg.data)
@@ -249,8 +255,6 @@ class Budget:
         if msg.time < self._started_at - self.settings.budget_lookback_s:
             return  # read for the spend records only (before the monitor's look-back)
         if not self.partition.owns(model.tenant):
-            if isinstance(model, UsageRecorded):
-                self.monitor.observe_provider(model, msg.time)  # the provider breakers are mesh-wide
             return
         try:
             trips = self.monitor.observe(model, msg.time)
@@ -467,8 +471,6 @@ class Budget:
             # Whichever reaches the task first, this refusal or the cancel, the reason is the same.
             why = "; ".join(w.trip_reasons.get(k, k) for k in sorted(breakers))
             return deny("breaker", f"circuit breaker tripped: {why}")
-        if m.provider and (why := self.monitor.provider_open(m.provider, m.model, time.time())):
-            return deny("provider_breaker", why)
         tl = self._tenant_limits(m.tenant)
         day = today()
         limits = (
@@ -478,15 +480,22 @@ class Budget:
             tl.daily_cost_usd if tl.daily_cost_usd is not None else -1.0,
         )
         args = (m.tenant, m.task_id, day, m.call_id, m.tokens, m.cost_usd, limits, self.horizon, created_at)
+        provider = (m.provider, m.model) if m.provider else None
         try:
             try:
-                decision = await self.view.reserve(*args)
+                decision = await self.view.reserve(*args, provider=provider)
             except Cold as cold:
                 await self._rebuild(m.tenant, m.task_id, day, cold)
-                decision = await self.view.reserve(*args)
+                decision = await self.view.reserve(*args, provider=provider)
         except redis_errors() as exc:
             self.redis.down(exc)  # not ready until the probe reaches it again; the caller retries
             raise
+        if decision.open is not None:
+            until, failed, calls = decision.open
+            return deny("provider_breaker", (
+                f"provider {m.provider}/{m.model} circuit open for {max(0.0, until - time.time()):.0f} s more: "
+                f"{failed} of {calls} calls failed in the last {self.settings.budget_provider_window_s:g} s"
+            ))  # fmt: skip
         if not decision.granted:
             text = DENIAL[decision.code].format(
                 tenant=m.tenant,
@@ -579,11 +588,31 @@ class Budget:
         released and its cost counted), and count it in the metrics. The spend records are the
         monitor's fold of the same stream (``mesh_budget.accounts``): nothing is written here."""
         tokens = m.input_tokens + m.output_tokens
-        counted = await self.view.settle(
-            m.tenant, m.task_id, today(), m.reservation_id or m.call_id, m.call_id, tokens, m.cost_usd
+        at = d.stored_at if d.stored_at is not None else time.time()
+        outcome = Outcome(m.provider, m.model, not m.error, at) if m.provider else None
+        settled = await self.view.settle(
+            m.tenant, m.task_id, today(), m.reservation_id or m.call_id, m.call_id, tokens, m.cost_usd, outcome
         )
-        if counted:  # the first time this call id was settled (its task's view counts it now)
+        if settled.counted:  # the first time this call id was settled (its task's view counts it now)
             self._count(m, f"{m.agent}/{m.role or m.agent}", await self._labels(m.tenant, m.task_id))
+        if settled.trip:
+            await self._provider_failing(m, settled, at)
+
+    async def _provider_failing(self, m: UsageRecorded, s: Settled, at: float) -> None:
+        """The call's provider/model is failing (its circuit opened on this call, or this call
+        failed too while it is): tell the call's task, once. The circuit refuses reservations
+        for that provider/model (callers fall back to the next model of their chain); the task
+        itself goes on, so the trip only reports."""
+        key = (m.tenant, m.task_id)
+        if key in self._provider_reported:
+            return
+        self._provider_reported[key] = None
+        while len(self._provider_reported) > FACTS_KEPT:
+            self._provider_reported.popitem(last=False)
+        r = self.settings
+        reason = (f"provider {m.provider}/{m.model} failing: {s.failed} of {s.calls} calls in "
+                  f"{r.budget_provider_window_s:g} s; circuit open for {r.budget_provider_cooldown_s:g} s")  # fmt: skip
+        await self._act(Trip("provider_breaker", m.tenant, m.task_id, reason, action="flag", closed_at=at))
 
     async def _labels(self, tenant: str, task_id: str) -> dict[str, str]:
         """The task's labels: from its ``task.submitted`` as the monitor saw it, or (a task the
