@@ -8,8 +8,14 @@ ratios are meaningful even though absolute times on shared machines are noise:
   (task record read, kill-switch check, the atomic Redis reservation, signed verified reply);
 - usage accounting: how many ``usage.recorded`` events per second the budget folds into the
   ``budget`` KV, beside how fast raw JetStream can even store the same messages; then again
-  with a second budget replica started (the two share the usage durable; the new one also
-  replays the watched streams while it is measured, as a replica added under load would);
+  with a second budget replica started (the two share the usage durable; measured once the new
+  one has replayed its look-back of the watched streams and gone quiet); then
+  with both replicas restarted as two partitions (``MESH_BUDGET_PARTITIONS=2``), each following
+  one of the two tenants the events are spread over;
+- backlog drain, the capacity the two machines' cores allow: ``--backlog`` (6,000) usage events
+  stored while no budget runs, then one replica (or two partitions) started: seconds from start
+  until every event is settled and in the spend records (no publisher competing for the cores;
+  the look-back is 0, so the monitor replays nothing older and each run does the same work);
 - deadlock detection: from the stored message that closes a wait-for cycle to the budget
   acting on it (the service's own ``detected_after_s``), beside a raw request/reply;
 - ceiling crossing -> task stopped: from the client seeing the budget's ``budget.denied``
@@ -51,6 +57,7 @@ from meshctl import local
 from meshctl.client import TenantClient
 
 TENANT = "bench"
+USAGE_TENANTS = ("bench", "acme")  # crc32 % 2: partition 1 and partition 0
 GOAL = "How does AgentMesh avoid duplicate side effects? Also compute 17 * 23."
 DEADLOCK_GOAL = "Deadlock drill. PLAN: " + json.dumps(
     {
@@ -95,12 +102,12 @@ async def raw_request_reply(url: str, opts: dict, n: int) -> list[float]:
     return out
 
 
-async def create_record(tasks_kv: Any, task_id: str) -> None:
+async def create_record(tasks_kv: Any, task_id: str, tenant: str = TENANT) -> None:
     record = {
-        "tenant": TENANT, "task_id": task_id, "goal": "bench", "status": "running", "created_at": time.time(),
+        "tenant": tenant, "task_id": task_id, "goal": "bench", "status": "running", "created_at": time.time(),
         "limits": {"max_tokens": 10**9, "max_cost_usd": 1000},
     }  # fmt: skip
-    await tasks_kv.create(f"{TENANT}.{task_id}", json.dumps(record).encode())
+    await tasks_kv.create(f"{tenant}.{task_id}", json.dumps(record).encode())
 
 
 async def reservations(worker: Mesh, tasks_kv: Any, n: int) -> list[float]:
@@ -121,9 +128,14 @@ async def reservations(worker: Mesh, tasks_kv: Any, n: int) -> list[float]:
     return out
 
 
-def usage_messages(n: int, tasks: list[str]) -> list[UsageRecorded]:
+def usage_tasks(run: str) -> list[tuple[str, str]]:
+    """20 (tenant, task) pairs, the tasks alternating between the usage tenants."""
+    return [(USAGE_TENANTS[i % len(USAGE_TENANTS)], f"bench-{run}-{i:02d}") for i in range(20)]
+
+
+def usage_messages(n: int, tasks: list[tuple[str, str]]) -> list[UsageRecorded]:
     return [
-        UsageRecorded(tenant=TENANT, task_id=tasks[i % len(tasks)], agent="worker", step_id="s1", call_id=f"u{i}",
+        UsageRecorded(tenant=tasks[i % len(tasks)][0], task_id=tasks[i % len(tasks)][1], agent="worker", step_id="s1", call_id=f"u{i}",
                       provider="scripted", model="scripted-1", input_tokens=60, output_tokens=40)
         for i in range(n)
     ]  # fmt: skip
@@ -148,11 +160,11 @@ async def raw_publish(url: str, opts: dict, worker: Mesh, msgs: list[UsageRecord
     return took
 
 
-async def counted(budget_kv: Any, tasks: list[str]) -> int:
+async def counted(budget_kv: Any, tasks: list[tuple[str, str]]) -> int:
     total = 0
-    for t in tasks:
+    for tenant, t in tasks:
         try:
-            total += json.loads((await budget_kv.get(f"usage.{TENANT}.{t}")).value)["total"]["calls"]
+            total += json.loads((await budget_kv.get(f"usage.{tenant}.{t}")).value)["total"]["calls"]
         except nats.js.errors.KeyNotFoundError:
             pass
     return total
@@ -168,9 +180,9 @@ async def usage_accounting(
     and the cores each process of ``pids`` (and ``bench``, this process) kept busy until settled."""
     tasks_kv = await admin.jetstream().key_value("tasks")
     budget_kv = await admin.jetstream().key_value("budget")
-    tasks = [f"bench-{run}-{i:02d}" for i in range(20)]
-    for t in tasks:
-        await create_record(tasks_kv, t)
+    tasks = usage_tasks(run)
+    for tenant, t in tasks:
+        await create_record(tasks_kv, t, tenant)
     msgs = usage_messages(n, tasks)
     pids = pids or {}
     cpu0 = {k: cpu_s(p) for k, p in pids.items()} | {"bench": time.process_time()}
@@ -194,6 +206,66 @@ async def usage_accounting(
         await asyncio.sleep(0.05)
     recorded = time.perf_counter() - t0
     return published, settled, recorded, seen, {k: (cpu1[k] - cpu0[k]) / settled for k in cpu0}
+
+
+async def gone_quiet(pids: list[int], cores: float = 0.05, timeout: float = 60) -> float:
+    """Wait until ``pids`` together keep less than ``cores`` busy over half a second (replicas
+    just started have replayed their look-back): seconds waited."""
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < timeout:
+        before = sum(cpu_s(p) for p in pids)
+        await asyncio.sleep(0.5)
+        if sum(cpu_s(p) for p in pids) - before < cores * 0.5:
+            break
+    return time.perf_counter() - t0
+
+
+BUDGETS = ("budget", "budget-2")
+
+
+async def drain(
+    state: local.MeshState, ids: local.Identities, worker: Mesh, admin: Any, n: int, run: str, partitions: int
+) -> tuple[float, dict[str, float]]:
+    """Stop every budget replica, store ``n`` usage events, start ``partitions`` replicas (one each;
+    one unpartitioned replica for 1): seconds from their start until every event is settled and in
+    the spend records, and the cores each process kept busy meanwhile."""
+    local.stop([[state.services.pop(k) for k in BUDGETS if k in state.services]])
+    tasks_kv = await admin.jetstream().key_value("tasks")
+    budget_kv = await admin.jetstream().key_value("budget")
+    # Every partitioning's mark at the end of the stream (as if it had kept up): each run folds the
+    # backlog alone, not also what another partitioning accounted since its own mark.
+    last = (await admin.jetstream().stream_info(topo.STREAMS["usage"])).state.last_seq
+    for key in ("accounts", "accounts.0-of-2", "accounts.1-of-2"):
+        await budget_kv.put(key, json.dumps({"through": last, "at": time.time()}).encode())
+    tasks = usage_tasks(run)
+    for tenant, t in tasks:
+        await create_record(tasks_kv, t, tenant)
+    msgs = usage_messages(n, tasks)
+    for i in range(0, n, CHUNK):
+        await asyncio.gather(*(worker.publish(m, key=m.call_id) for m in msgs[i : i + CHUNK]))
+    env = {"MESH_BUDGET_LOOKBACK_S": "0"}
+    pids = {k: v for k, v in processes(state).items() if k in ("nats-server", "redis-server")}
+    cpu0 = {k: cpu_s(p) for k, p in pids.items()}
+    t0 = time.perf_counter()
+    for i, name in enumerate(BUDGETS[:partitions]):
+        extra = env | (
+            {"MESH_BUDGET_PARTITIONS": str(partitions), "MESH_BUDGET_PARTITION": str(i)} if partitions > 1 else {}
+        )
+        state.services[name] = local.start_service(ids, state.nats_url, "budget", name=name, extra_env=extra)
+        pids[name] = state.services[name].pid
+        cpu0[name] = 0.0
+    state.save()
+    js = admin.jetstream()
+    while time.perf_counter() - t0 < 120:
+        try:
+            info = await js.consumer_info(topo.STREAMS["usage"], "budget--usage-recorded")
+            if not info.num_pending and not info.num_ack_pending and await counted(budget_kv, tasks) >= n:
+                break
+        except nats.js.errors.NotFoundError:
+            pass
+        await asyncio.sleep(0.05)
+    took = time.perf_counter() - t0
+    return took, {k: (cpu_s(p) - cpu0[k]) / took for k, p in pids.items()}
 
 
 async def deadlocks(c: TenantClient, n: int) -> tuple[list[float], list[str]]:
@@ -272,10 +344,10 @@ async def ceilings(
     return out, last, problems
 
 
-async def main(n_reserve: int, n_usage: int, n_deadlock: int, n_ceiling: int) -> None:
+async def main(n_reserve: int, n_usage: int, n_deadlock: int, n_ceiling: int, n_backlog: int) -> None:
     home = Path(tempfile.mkdtemp(prefix="agentmesh-bench-budget-"))
     t0 = time.perf_counter()
-    state = await local.up(home, tenants=[TENANT], nats_port=0, http_port=0, redis_port=0)
+    state = await local.up(home, tenants=sorted({TENANT, *USAGE_TENANTS}), nats_port=0, http_port=0, redis_port=0)
     up_s = time.perf_counter() - t0
     ids = local.Identities(home)
     creds = ids.connect_options("admin")
@@ -287,7 +359,7 @@ async def main(n_reserve: int, n_usage: int, n_deadlock: int, n_ceiling: int) ->
         await worker.broker.connect()
         try:
             reserve = await reservations(worker, await admin.jetstream().key_value("tasks"), n_reserve)
-            msgs = usage_messages(n_usage, [f"bench-usage-{i:02d}" for i in range(20)])
+            msgs = usage_messages(n_usage, usage_tasks("usage"))
             raw_pub_s = await raw_publish(state.nats_url, creds, worker, msgs)
             pub_s, usage_s, rec_s, usage_seen, busy1 = await usage_accounting(
                 worker, admin, n_usage, pids=processes(state)
@@ -299,6 +371,7 @@ async def main(n_reserve: int, n_usage: int, n_deadlock: int, n_ceiling: int) ->
             state.services["budget-2"] = second
             state.save()
             await local.wait_ready({"budget-2": second})
+            caught_up = [await gone_quiet([state.services["budget"].pid, second.pid])]
             _, usage2_s, rec2_s, usage2_seen, busy2 = await usage_accounting(
                 worker, admin, n_usage, run="usage2", pids=processes(state)
             )
@@ -306,6 +379,37 @@ async def main(n_reserve: int, n_usage: int, n_deadlock: int, n_ceiling: int) ->
                 problems.append(
                     f"usage, 2 replicas: only {usage2_seen}/{n_usage} events in the records after {rec2_s:.1f} s"
                 )
+            # Both replicas again, as two partitions: each follows one of the two tenants.
+            local.stop([[state.services.pop("budget"), state.services.pop("budget-2")]])
+            for i, name in enumerate(("budget", "budget-2")):
+                state.services[name] = local.start_service(
+                    ids, state.nats_url, "budget", name=name,
+                    extra_env={"MESH_BUDGET_PARTITIONS": "2", "MESH_BUDGET_PARTITION": str(i)},
+                )  # fmt: skip
+            state.save()
+            await local.wait_ready({k: state.services[k] for k in ("budget", "budget-2")})
+            caught_up.append(await gone_quiet([state.services[k].pid for k in ("budget", "budget-2")]))
+            _, usage3_s, rec3_s, usage3_seen, busy3 = await usage_accounting(
+                worker, admin, n_usage, run="usage3", pids=processes(state)
+            )
+            if usage3_seen < n_usage:
+                problems.append(
+                    f"usage, 2 partitions: only {usage3_seen}/{n_usage} events in the records after {rec3_s:.1f} s"
+                )
+            drained = {}
+            if n_backlog:
+                for turn, parts in enumerate((1, 2, 1, 2)):  # in turns: the machine drifts
+                    took, busy = await drain(state, ids, worker, admin, n_backlog, f"drain{turn}", parts)
+                    drained.setdefault(parts, []).append((took, busy))
+                # Back to two partitions with the default look-back for the rest.
+                local.stop([[state.services.pop(k) for k in BUDGETS if k in state.services]])
+                for i, name in enumerate(BUDGETS):
+                    state.services[name] = local.start_service(
+                        ids, state.nats_url, "budget", name=name,
+                        extra_env={"MESH_BUDGET_PARTITIONS": "2", "MESH_BUDGET_PARTITION": str(i)},
+                    )  # fmt: skip
+                state.save()
+                await local.wait_ready({k: state.services[k] for k in BUDGETS})
             async with TenantClient.of(ids, state.nats_url, TENANT) as c:
                 detect, found = await deadlocks(c, n_deadlock)
                 problems += found
@@ -331,15 +435,33 @@ async def main(n_reserve: int, n_usage: int, n_deadlock: int, n_ceiling: int) ->
     )
     print(
         f"  usage accounting, 2 budget replicas: settled in {usage2_s:.2f} s = {n_usage / usage2_s:.0f} events/s "
-        f"({usage_s / usage2_s:.2f}x one replica), in the records after {rec2_s:.2f} s"
+        f"({usage_s / usage2_s:.2f}x one replica), in the records after {rec2_s:.2f} s (measured once the "
+        f"new replica had replayed its look-back and gone quiet: {caught_up[0]:.1f} s)"
     )
-    for label, busy in (("one replica", busy1), ("two replicas", busy2)):
+    print(
+        f"  usage accounting, 2 budget partitions (one replica each): settled in {usage3_s:.2f} s = "
+        f"{n_usage / usage3_s:.0f} events/s ({usage_s / usage3_s:.2f}x one replica), in the records after "
+        f"{rec3_s:.2f} s ({rec_s / rec3_s:.2f}x one replica; quiet after {caught_up[1]:.1f} s)"
+    )
+    for label, busy in (("one replica", busy1), ("two replicas", busy2), ("two partitions", busy3)):
         top = sorted(((k, v) for k, v in busy.items() if v >= 0.05), key=lambda kv: -kv[1])
         print(
             f"    cores busy while accounting, {label}: {sum(busy.values()):.2f} of {os.cpu_count()} ("
             + ", ".join(f"{k} {v:.2f}" for k, v in top)
             + ")"
         )
+    if drained:
+        best = {parts: min(runs, key=lambda r: r[0]) for parts, runs in drained.items()}
+        for parts, (took, busy) in sorted(best.items()):
+            label = "1 replica" if parts == 1 else f"{parts} partitions"
+            top = ", ".join(f"{k} {v:.2f}" for k, v in sorted(busy.items(), key=lambda kv: -kv[1]) if v >= 0.05)
+            print(
+                f"  backlog of {n_backlog} usage events, {label} started: settled and recorded in {took:.2f} s = "
+                f"{n_backlog / took:.0f} events/s"
+                + (f" ({best[1][0] / took:.2f}x one replica)" if parts > 1 else "")
+                + f"; cores busy {sum(busy.values()):.2f} ({top})"
+            )
+        print(f"    (best of {len(drained[1])} runs each, in turns; each from process start, imports included)")
     if detect:
         print(
             f"  deadlock detection (cycle closed -> detected): {ms(detect)} "
@@ -364,5 +486,6 @@ if __name__ == "__main__":
     ap.add_argument("--usage", type=int, default=2000)
     ap.add_argument("--deadlocks", type=int, default=10)
     ap.add_argument("--ceilings", type=int, default=10)
+    ap.add_argument("--backlog", type=int, default=6000, help="usage events for the backlog drain; 0: skip it")
     a = ap.parse_args()
-    asyncio.run(main(a.reservations, a.usage, a.deadlocks, a.ceilings))
+    asyncio.run(main(a.reservations, a.usage, a.deadlocks, a.ceilings, a.backlog))
