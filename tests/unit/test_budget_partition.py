@@ -44,8 +44,10 @@ def test_the_partition_comes_from_the_setting_or_the_statefulset_ordinal():
     assert from_settings(3, 1, hostname="budget-2") == Partition(1, 3)  # the setting wins
     with pytest.raises(ValueError, match=r"needs MESH_BUDGET_PARTITION .* this host is 'laptop'"):
         from_settings(2, None, hostname="laptop")
+    # A StatefulSet of 2N pods: two replicas of each partition (a standby each).
+    assert [from_settings(2, None, hostname=f"budget-{i}").index for i in range(4)] == [0, 1, 0, 1]
     with pytest.raises(ValueError, match="must be 0 to 1 with 2 partitions, not 2"):
-        from_settings(2, None, hostname="budget-2")
+        from_settings(2, 2, hostname="budget-0")
 
 
 def _report(replica: str, partition: int, partitions: int, tenants: dict, trips: dict) -> BudgetStatusReport:

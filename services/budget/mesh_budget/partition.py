@@ -17,8 +17,8 @@ before they are parsed or verified.
 
 The partition is by tenant, not by task, so that a tenant's day record has one writer; one
 tenant's tasks are therefore followed by one partition, however many there are. Run at least one
-replica per partition (a StatefulSet's pods take theirs from their ordinal); two per partition
-for a standby.
+replica per partition (a StatefulSet's pods take theirs from their ordinal, modulo the count);
+two per partition for a standby (a StatefulSet of ``2 * N`` replicas).
 """
 
 from __future__ import annotations
@@ -61,7 +61,8 @@ _ORDINAL = re.compile(r"-(\d+)$")
 
 def from_settings(count: int, index: int | None, hostname: str | None = None) -> Partition:
     """The replica's partition: ``index`` when set, else (several partitions) the ordinal its host
-    name ends in (``budget-2``: a StatefulSet's pod). ``ValueError`` says what is wrong."""
+    name ends in, modulo ``count`` (a StatefulSet's pods ``budget-0`` ... ``budget-3`` with two
+    partitions follow 0, 1, 0, 1: two replicas each). ``ValueError`` says what is wrong."""
     if count < 1:
         raise ValueError(f"MESH_BUDGET_PARTITIONS must be at least 1, not {count}")
     if index is None:
@@ -74,7 +75,7 @@ def from_settings(count: int, index: int | None, hostname: str | None = None) ->
                 f"MESH_BUDGET_PARTITIONS={count} needs MESH_BUDGET_PARTITION (0 to {count - 1}) or a host name "
                 f"ending in -<ordinal> as a StatefulSet's pods have; this host is {host!r}"
             )
-        index = int(found.group(1))
+        return Partition(int(found.group(1)) % count, count)
     if not 0 <= index < count:
         raise ValueError(f"MESH_BUDGET_PARTITION must be 0 to {count - 1} with {count} partitions, not {index}")
     return Partition(index, count)

@@ -87,7 +87,8 @@ class BudgetSettings(ServiceSettings):
     follows everything."""
     budget_partition: int | None = Field(None, ge=0)
     """This replica's partition (0 to ``budget_partitions - 1``); unset with several partitions:
-    the ordinal its host name ends in (a StatefulSet's pod ``budget-2`` follows partition 2)."""
+    the ordinal its host name ends in, modulo the partitions (a StatefulSet's pod ``budget-3``
+    follows partition 1 of 2: a StatefulSet of twice as many replicas keeps a standby of each)."""
 
     _tenant_limits: dict[str, TenantLimits] = PrivateAttr(default_factory=dict)
     _partition: Partition = PrivateAttr(default_factory=Partition)
