@@ -10,10 +10,9 @@ partition 0 and ``budget-1`` partition 1; a reservation reaches either of them.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -30,7 +29,6 @@ from mesh_contracts.v1 import (
     UsageRecorded,
 )
 from mesh_contracts.v1.audit import MESH_WIDE
-from mesh_kit import Mesh
 from mesh_kit.identity import Signer, TrustBundle, Verifier
 from mesh_testing.chaos import ChaosMesh, report
 from mesh_testing.infra import Infra, running_infra
@@ -95,27 +93,6 @@ async def merged(infra: Infra, timeout: float = 2.0) -> BudgetStatusReport | Non
         return await budget_status(nc, signer, verifier, timeout=timeout)
     finally:
         await nc.close()
-
-
-@contextlib.asynccontextmanager
-async def as_worker(infra: Infra) -> AsyncIterator[Mesh]:
-    worker = Mesh(infra.ids.settings("worker", infra.nats_url))
-    await worker.broker.connect()
-    try:
-        yield worker
-    finally:
-        await worker.broker.stop()
-
-
-async def running_task(infra: Infra, task: str, max_tokens: int, tenant: str) -> None:
-    """A task record as the planner writes it, for driving the budget directly."""
-    nc = await infra.admin()
-    record = {
-        "tenant": tenant, "task_id": task, "goal": "g", "status": "running", "created_at": time.time(),
-        "limits": {"max_tokens": max_tokens, "max_cost_usd": 1.0},
-    }  # fmt: skip
-    await (await nc.jetstream().key_value("tasks")).create(f"{tenant}.{task}", json.dumps(record).encode())
-    await nc.close()
 
 
 async def usage_count(infra: Infra, tenant: str, task: str = "*") -> int:
@@ -183,9 +160,9 @@ async def test_each_partition_breaks_its_own_tenants_deadlocks_and_accounts_thei
 async def test_a_failing_provider_seen_in_one_partition_opens_the_circuit_in_every_replica(infra, mesh):
     """The provider breakers are mesh-wide: calls failing for acme's task (partition 0) refuse
     wayne's reservations (partition 1) whichever replica answers them."""
-    await running_task(infra, "flaky-acme", 100_000, tenant="acme")
-    await running_task(infra, "flaky-wayne", 100_000, tenant="wayne")
-    async with as_worker(infra) as worker:
+    await infra.running_task("flaky-acme", 100_000, tenant="acme")
+    await infra.running_task("flaky-wayne", 100_000, tenant="wayne")
+    async with infra.connected_as("worker") as worker:
         for i in range(6):
             await worker.publish(UsageRecorded(
                 tenant="acme", task_id="flaky-acme", agent="worker", call_id=f"f{i}", provider="scripted",

@@ -9,10 +9,9 @@ tenant's task running beside it was unaffected. Numbers go to the chaos report.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 import nats.js.errors
 import pytest
@@ -209,28 +208,6 @@ async def settled(infra: Infra, tenant: str, task: str, ready, timeout: float = 
     return last
 
 
-async def running_task(infra: Infra, task: str, max_tokens: int, tenant: str = "acme") -> None:
-    """A task record as the planner writes it, for driving the budget directly."""
-    nc = await infra.admin()
-    record = {
-        "tenant": tenant, "task_id": task, "goal": "g", "status": "running", "created_at": time.time(),
-        "limits": {"max_tokens": max_tokens, "max_cost_usd": 1.0},
-    }  # fmt: skip
-    await (await nc.jetstream().key_value("tasks")).create(f"{tenant}.{task}", json.dumps(record).encode())
-    await nc.close()
-
-
-@contextlib.asynccontextmanager
-async def as_worker(infra: Infra) -> AsyncIterator[Mesh]:
-    """A connection with the worker's own identity: its reservations are the worker's."""
-    worker = Mesh(infra.ids.settings("worker", infra.nats_url))
-    await worker.broker.connect()
-    try:
-        yield worker
-    finally:
-        await worker.broker.stop()
-
-
 def reserve(task: str, call: str, tokens: int, tenant: str = "acme") -> BudgetReserve:
     return BudgetReserve(tenant=tenant, task_id=task, agent="worker", call_id=call, tokens=tokens, cost_usd=0.0)
 
@@ -243,8 +220,8 @@ def used(task: str, call: str, inp: int, out: int, tenant: str = "acme", reserva
 
 async def test_50_parallel_reservations_with_a_budget_replica_killed_never_overspend(infra, mesh):
     task, size, fits = "parallel-50", 100, 20
-    await running_task(infra, task, size * fits)
-    async with as_worker(infra) as worker:
+    await infra.running_task(task, size * fits)
+    async with infra.connected_as("worker") as worker:
         granted, denied, killed = await _parallel(worker, mesh, task, size, fits)
     assert killed.is_set()
     assert len(granted) == fits and len(denied) == 50 - fits, (len(granted), len(denied))
@@ -305,8 +282,8 @@ async def test_redis_losing_its_data_forgets_no_reservation_in_flight(infra, mes
     """Redis holds only the fast view: the reservations of calls in flight and the spend
     already accounted come back from JetStream, so the ceiling still holds exactly."""
     task, size = "redis-lost", 100
-    await running_task(infra, task, 10 * size)
-    async with as_worker(infra) as worker:
+    await infra.running_task(task, 10 * size)
+    async with infra.connected_as("worker") as worker:
         first = [await worker.request(reserve(task, f"a{i}", size)) for i in range(6)]
         assert all(isinstance(a, BudgetGranted) for a in first), first
         assert await wipe_budget_redis(infra) > 0
@@ -352,8 +329,8 @@ async def test_redis_losing_its_data_keeps_the_tenant_day_exact(infra, mesh):
     reservation id (task B), 300 held in flight (task B): a new task gets exactly the 200 left."""
     t, size = "initech", 100
     for task in ("day-a", "day-b", "day-c"):
-        await running_task(infra, task, 10_000, tenant=t)
-    async with as_worker(infra) as worker:
+        await infra.running_task(task, 10_000, tenant=t)
+    async with infra.connected_as("worker") as worker:
         a = [await worker.request(reserve("day-a", f"a{i}", size, t)) for i in range(4)]
         b = [await worker.request(reserve("day-b", call, size, t)) for call in ("b0", "b1", "b2", "b3-r1n2")]
         assert all(isinstance(x, BudgetGranted) for x in a + b), a + b

@@ -19,12 +19,13 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import nats
 
+from mesh_kit import Mesh
 from mesh_kit.settings import log_nats_error, nats_servers
 from meshctl import local
 from meshctl.client import TenantClient
@@ -86,6 +87,29 @@ class Infra:
                 return {"total": {"input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0, "calls": 0}, "by_step": {}}
         finally:
             await nc.close()
+
+    async def running_task(self, task: str, max_tokens: int, tenant: str = "acme") -> None:
+        """A task record as the planner writes it (running, ``max_tokens``, $1), for a test that
+        drives the budget directly with reservations and usage."""
+        nc = await self.admin()
+        try:
+            record = {
+                "tenant": tenant, "task_id": task, "goal": "g", "status": "running", "created_at": time.time(),
+                "limits": {"max_tokens": max_tokens, "max_cost_usd": 1.0},
+            }  # fmt: skip
+            await (await nc.jetstream().key_value("tasks")).create(f"{tenant}.{task}", json.dumps(record).encode())
+        finally:
+            await nc.close()
+
+    @contextlib.asynccontextmanager
+    async def connected_as(self, service: str) -> AsyncIterator[Mesh]:
+        """A connection with ``service``'s own identity (a worker's reservations are the worker's)."""
+        mesh = Mesh(self.ids.settings(service, self.nats_url))
+        await mesh.broker.connect()
+        try:
+            yield mesh
+        finally:
+            await mesh.broker.stop()
 
     async def admin(self, **options: object) -> nats.NATS:
         """An admin connection (provisioning and inspection), to any live node."""
