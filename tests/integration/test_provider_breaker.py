@@ -124,8 +124,10 @@ def test_the_budget_and_the_gateway_open_a_provider_circuit_at_the_same_outcome(
     assert opened_budget == opened_gateway
 
 
-async def test_the_budget_user_may_touch_only_its_own_provider_keys(integration_infra, unique):
-    """The keys live under ``budget:`` like the rest of the view: the budget's ACL needs no change."""
+async def test_the_provider_keys_are_the_budget_users_and_expire(integration_infra, unique):
+    """The keys live under ``budget:`` like the rest of the view, so the budget's ACL user (limited
+    to ``budget:*``) may write them with no change to it, and they expire after a window and a
+    cooldown (plus a minute) without calls."""
     v = View(integration_infra.redis_url("budget"), provider_policy=POLICY)
     admin = aioredis.from_url(integration_infra.redis_url("admin"))
     try:

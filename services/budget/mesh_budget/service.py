@@ -15,7 +15,7 @@ import socket
 import statistics
 import time
 from collections import OrderedDict
-from typing import Any
+from typing import Any, TypeVar
 
 from opentelemetry.metrics import Observation
 
@@ -52,6 +52,7 @@ from mesh_kit.tail import Reader, Stored, Tail
 
 log = logging.getLogger("mesh.budget")
 USAGE_DURABLE = "budget--usage-recorded"
+V = TypeVar("V")
 FACTS_KEPT = 20_000
 """Tasks whose creation time and limits a budget replica keeps (the oldest go first)."""
 WATCHED = topo.WATCHERS["budget"]
@@ -68,6 +69,15 @@ DENIAL = {
     "tenant_daily_cost": "tenant {tenant} daily cost ceiling ${dlim_c:.4f} would be exceeded: ${want_c:.6f} "
     "requested, ${drem_c:.6f} available today",
 }
+
+
+def _keep(kept: OrderedDict[Any, Any], key: Any, value: V) -> V:
+    """Remember ``value`` under ``key`` in a per-task memory of this replica, the oldest entries
+    going first beyond ``FACTS_KEPT``; returns ``value``."""
+    kept[key] = value
+    while len(kept) > FACTS_KEPT:
+        kept.popitem(last=False)
+    return value
 
 
 class Budget:
@@ -453,9 +463,7 @@ class Budget:
                 return deny("unknown_task", "unknown task: no task record")
             if rec.status in TERMINAL or rec.status == "halted":
                 return deny("stopped", f"task is {rec.status}" + (f": {rec.reason}" if rec.reason else ""))
-            facts = self._facts[key] = (rec.created_at, rec.limits)
-            while len(self._facts) > FACTS_KEPT:
-                self._facts.popitem(last=False)
+            facts = _keep(self._facts, key, (rec.created_at, rec.limits))
         else:
             # Halted, ended, cancelled, or a kill switch: what every service's guard consults
             # before a call (the status bucket and control messages, followed, in memory).
@@ -606,9 +614,7 @@ class Budget:
         key = (m.tenant, m.task_id)
         if key in self._provider_reported:
             return
-        self._provider_reported[key] = None
-        while len(self._provider_reported) > FACTS_KEPT:
-            self._provider_reported.popitem(last=False)
+        _keep(self._provider_reported, key, None)
         r = self.settings
         reason = (f"provider {m.provider}/{m.model} failing: {s.failed} of {s.calls} calls in "
                   f"{r.budget_provider_window_s:g} s; circuit open for {r.budget_provider_cooldown_s:g} s")  # fmt: skip
@@ -626,10 +632,7 @@ class Budget:
         rec = await st.task_record(self.tasks, tenant, task_id)
         if rec is None:
             return {}
-        labels = self._label_cache[key] = dict(rec.labels)
-        while len(self._label_cache) > FACTS_KEPT:
-            self._label_cache.popitem(last=False)
-        return labels
+        return _keep(self._label_cache, key, dict(rec.labels))
 
     def _count(self, m: UsageRecorded, agent: str, labels: dict[str, str] | None = None) -> None:
         attrs = {
