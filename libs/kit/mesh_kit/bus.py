@@ -49,13 +49,16 @@ from mesh_kit.chain import AuditChain, Head
 from mesh_kit.deps import Dependency, readiness
 from mesh_kit.fair import PRIORITY, FairConsumer, Fetched
 from mesh_kit.guard import Guard
-from mesh_kit.identity import IdentityError, Principal, Signer, TrustBundle, Verifier, load_private_key
+from mesh_kit.identity import IdentityError, Principal, Signer, TrustBundle, UnknownKey, Verifier, load_private_key
 from mesh_kit.settings import BROKER_UNAVAILABLE, ServiceSettings, StreamFull, tls_context
 from mesh_kit.state import bind
 
 log = logging.getLogger("mesh.bus")
 C = TypeVar("C", bound=Contract)
+V = TypeVar("V")
 FULL_PAUSE_S = 5.0
+TRUST_RECHECK_S = 0.25
+"""Least spacing of the trust-bundle reads made because a token named a key not known here."""
 """Longest wait between tries of a handler whose output a full stream refused."""
 
 
@@ -210,6 +213,9 @@ class Mesh:
         self._on_start: list[Callable[[], Awaitable[None]]] = []
         self._on_stop: list[Callable[[], Awaitable[None]]] = []
         self._identity_tasks: list[asyncio.Task[None]] = []
+        self._trust_kv: Any = None  # the ``trust`` bucket, once followed
+        self._trust_lock = asyncio.Lock()
+        self._trust_read_at = float("-inf")  # monotonic start of the last read on an unknown key
         self._fair: list[FairConsumer] = []
         self._durables: list[topo.Durable] = []  # every durable ``consume`` bound, in order
         self.waiting_for: str = ""  # why start() is waiting (a durable not provisioned yet)
@@ -380,6 +386,7 @@ class Mesh:
         if entry is not None and entry.value:
             self._accept_bundle(entry.value)
         if kv is not None:
+            self._trust_kv = kv
             self._identity_tasks.append(asyncio.create_task(self._watch_trust(kv)))
         if self._key_file_state is not None:
             self._identity_tasks.append(asyncio.create_task(self._watch_key()))
@@ -397,6 +404,46 @@ class Mesh:
         log.info("trust bundle revision %d in force", new.revision)
         self._reload_key()
         return True
+
+    async def _newer_trust(self, failed_at: float) -> bool:
+        """After a token failed with ``UnknownKey`` at ``failed_at`` (monotonic): read the published
+        bundle and say whether a newer one is now in force. A rotation publishes the bundle before
+        anyone signs with the new key, but a process may see a message signed with it before its
+        own copy of the bundle arrives (it was reconnecting when the write went by, and re-reads
+        only every ``identity_refresh_s``). Reads are coalesced and spaced: one read answers every
+        failure that happened before it started, and the next waits ``TRUST_RECHECK_S`` after it,
+        so a flood of forged tokens costs a few reads a second, not one each."""
+        if self._trust_kv is None:
+            return False
+        before = self.verifier.bundle
+        async with self._trust_lock:
+            if self.verifier.bundle is not before:
+                return True
+            if self._trust_read_at >= failed_at:
+                return False  # a read that started after this failure found nothing newer
+            pause = self._trust_read_at + TRUST_RECHECK_S - time.monotonic()
+            if pause > 0:
+                await asyncio.sleep(pause)
+            self._trust_read_at = time.monotonic()
+            try:
+                entry = await asyncio.wait_for(self._trust_kv.get(topo.TRUST_KEY), 2.0)
+            except Exception as exc:  # noqa: BLE001 - no bundle published, or the broker is away
+                log.debug("trust bundle read on an unknown key failed (%s)", exc)
+                return False
+            if entry is not None and entry.value:
+                self._accept_bundle(entry.value)
+        return self.verifier.bundle is not before
+
+    async def _verify_current(self, check: Callable[[], V]) -> V:
+        """``check()`` (a verification against ``self.verifier``), judged again under the newest
+        published bundle if it failed on a key this process does not know yet."""
+        try:
+            return check()
+        except UnknownKey:
+            if not await self._newer_trust(time.monotonic()):
+                raise
+            self.count(tel.M_TRUST_CAUGHT_UP)
+        return check()
 
     async def _watch_trust(self, kv: Any) -> None:
         """Every write of the bundle reaches this service at once on a core subscription to its
@@ -635,7 +682,7 @@ class Mesh:
         if cls is None or cls.spec.transport != "reply":
             raise ContractError(f"unexpected reply schema {schema!r} to {model.type}")
         answer = cls.parse(reply.data, strict=self.settings.strict_contracts)
-        self.verifier.verify(rheaders.get(env.IDENTITY), reply.data, answer)
+        await self._verify_current(lambda: self.verifier.verify(rheaders.get(env.IDENTITY), reply.data, answer))
         if (answer.tenant, answer.task_id) != (model.tenant, model.task_id):
             raise ContractError("reply names a different tenant/task than the request")
         return answer
@@ -722,7 +769,9 @@ class Mesh:
             # a verified re-drive is judged (and, if it fails again, recorded) at its original's time
             stored_at, bound_id = self._redrive(raw.subject, raw.data, headers, msg_id, stored_at)
             model = parse_message(raw.subject, raw.data, strict=self.settings.strict_contracts, limits=self.limits)
-            sender = self.verifier.verify(headers.get(env.IDENTITY), raw.data, model, at=stored_at, msg_id=bound_id)
+            sender = await self._verify_current(
+                lambda: self.verifier.verify(headers.get(env.IDENTITY), raw.data, model, at=stored_at, msg_id=bound_id)
+            )
         except (ContractError, IdentityError) as exc:
             self.count(tel.M_REJECTED)
             reason = _rejection(exc)
@@ -922,8 +971,10 @@ class Mesh:
             headers = dict(raw.headers or {})
             try:
                 model = parse_message(raw.subject, raw.data, strict=self.settings.strict_contracts, limits=self.limits)
-                sender = self.verifier.verify(
-                    headers.get(env.IDENTITY), raw.data, model, msg_id=headers.get(env.MSG_ID, "")
+                sender = await self._verify_current(
+                    lambda: self.verifier.verify(
+                        headers.get(env.IDENTITY), raw.data, model, msg_id=headers.get(env.MSG_ID, "")
+                    )
                 )
             except (ContractError, IdentityError) as exc:
                 self.count(tel.M_REJECTED)

@@ -47,6 +47,13 @@ class IdentityError(Exception):
     """A message's identity token is missing, invalid, or does not entitle its sender."""
 
 
+class UnknownKey(IdentityError):
+    """The token names a principal, or was signed with a key, that this process's trust bundle
+    does not hold. Forged, or signed under a bundle published after the one in force here (a
+    rotation reaches every process within a second, not at the same instant): the mesh reads the
+    published bundle once and judges again before it refuses the message."""
+
+
 @dataclass(frozen=True)
 class Key:
     """One signing key of a principal. A retired key (rotated out) still verifies messages the
@@ -387,7 +394,7 @@ class Verifier:
                 self._verified.popitem(last=False)
             return principal, claims
         why = "forged, or signed with a retired key" if len(keys) < len(principal.keys) else "forged?"
-        raise IdentityError(f"{what} signature invalid for {name} ({why})")
+        raise UnknownKey(f"{what} signature invalid for {name} ({why})")
 
     def _decode(
         self, token: str, require: list[str], what: str = "identity token", at: float | None = None
@@ -405,7 +412,7 @@ class Verifier:
         name = header.get("kid")
         principal = self.bundle.principals.get(name) if isinstance(name, str) else None
         if principal is None:
-            raise IdentityError(f"{what} from unknown principal {name!r}")
+            raise UnknownKey(f"{what} from unknown principal {name!r}")
         keys = principal.keys_at(time.time() if at is None else at, self.leeway_s)
         claims: dict[str, Any] | None = None
         for key in keys:
@@ -423,7 +430,7 @@ class Verifier:
                 raise IdentityError(f"{what} invalid: {exc}") from None
         if claims is None:
             why = "forged, or signed with a retired key" if len(keys) < len(principal.keys) else "forged?"
-            raise IdentityError(f"{what} signature invalid for {name} ({why})")
+            raise UnknownKey(f"{what} signature invalid for {name} ({why})")
         if claims["iss"] != name:
             raise IdentityError(f"{what} issuer {claims['iss']!r} does not match key id {name!r}")
         return principal, claims

@@ -26,6 +26,9 @@ M_INFRA_RETRIED = "mesh.messages.rerun_broker_unavailable"  # re-run in place, n
 M_REDELIVERED = "mesh.messages.redelivered"  # received on a second or later delivery
 M_PERMISSION_VIOLATIONS = "mesh.nats.permission_violations"
 M_TRUST_UPDATED = "mesh.identity.trust_updated"  # a published trust bundle (rotation, revocation) now in force
+M_TRUST_CAUGHT_UP = (
+    "mesh.identity.trust_caught_up"  # a token with a key unknown here verified under a newer published bundle
+)
 M_TRUST_REFUSED = "mesh.identity.trust_refused"  # a published bundle refused: not an operator's, or tampered
 M_KEY_ROTATED = "mesh.identity.key_rotated"  # this service now signs with its rotated key
 M_CREDS_ROTATED = "mesh.identity.creds_rotated"  # reconnected as the rotated NATS user
