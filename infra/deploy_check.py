@@ -202,21 +202,53 @@ def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
     return bool(selector.get("matchLabels")) and all(labels.get(k) == v for k, v in selector["matchLabels"].items())
 
 
+WORKLOADS = ("Deployment", "StatefulSet")
+PARTITIONS_ENV = "MESH_BUDGET_PARTITIONS"
+
+
+def _partitions(workload: dict[str, Any]) -> int:
+    """The MESH_BUDGET_PARTITIONS a workload's containers set (1: unset)."""
+    for c in workload["spec"]["template"]["spec"].get("containers", []):
+        for e in c.get("env", []):
+            if e.get("name") == PARTITIONS_ENV and str(e.get("value", "")).isdigit():
+                return int(e["value"])
+    return 1
+
+
 def check_deployments(docs: list[dict[str, Any]]) -> list[str]:
-    """Each Deployment spreads over nodes and zones and is covered by a PodDisruptionBudget."""
+    """Each Deployment or StatefulSet spreads over nodes and zones and is covered by a
+    PodDisruptionBudget; a partitioned budget is a StatefulSet (its pods take their partition
+    from their ordinal) that runs at least one pod per partition, KEDA or not."""
     errors = []
     pdbs = [d for d in docs if d.get("kind") == "PodDisruptionBudget"]
+    scaled = {
+        (so["spec"]["scaleTargetRef"].get("kind", "Deployment"), so["spec"]["scaleTargetRef"].get("name")): so
+        for so in docs
+        if so.get("kind") == "ScaledObject"
+    }
     for d in docs:
-        if d.get("kind") != "Deployment":
+        if d.get("kind") not in WORKLOADS:
             continue
         pod = d["spec"]["template"]
         keys = {c.get("topologyKey") for c in pod["spec"].get("topologySpreadConstraints", [])}
         missing = {"kubernetes.io/hostname", "topology.kubernetes.io/zone"} - keys
         if missing:
             errors.append(f"{_name(d)}: no topologySpreadConstraints over {', '.join(sorted(missing))}")
+        revision = "controller-revision-hash" if d["kind"] == "StatefulSet" else "pod-template-hash"
+        for c in pod["spec"].get("topologySpreadConstraints", []):
+            if set(c.get("matchLabelKeys", [])) - {revision}:
+                errors.append(f"{_name(d)}: spread over {c['matchLabelKeys']}: its pods carry {revision}")
         labels = pod["metadata"].get("labels", {})
         if not any(_selects(p["spec"].get("selector", {}), labels) for p in pdbs):
             errors.append(f"{_name(d)}: no PodDisruptionBudget selects its pods")
+        n = _partitions(d)
+        if n > 1 and d["kind"] != "StatefulSet":
+            errors.append(f"{_name(d)}: {PARTITIONS_ENV}={n} needs the ordinals of a StatefulSet's pods")
+        elif n > 1:
+            so = scaled.get(("StatefulSet", d["metadata"]["name"]))
+            floor = so["spec"].get("minReplicaCount", 0) if so else d["spec"].get("replicas", 1)
+            if floor < n:
+                errors.append(f"{_name(d)}: {floor} pod(s) for {n} partitions (a partition with none is unwatched)")
     return errors
 
 
@@ -229,15 +261,21 @@ def check_scaled_objects(docs: list[dict[str, Any]], durables: dict[str, list[tu
     scaled = [d for d in docs if d.get("kind") == "ScaledObject"]
     if not scaled:
         return errors
-    deployments = {d["metadata"]["name"] for d in docs if d.get("kind") == "Deployment"}
+    deployments = {d["metadata"]["name"] for d in docs if d.get("kind") in WORKLOADS}
+    kinds = {d["metadata"]["name"]: d["kind"] for d in docs if d.get("kind") in WORKLOADS}
     auths = {d["metadata"]["name"] for d in docs if d.get("kind") == "TriggerAuthentication"}
     targets = set()
     for so in scaled:
         spec = so.get("spec", {})
-        target = spec.get("scaleTargetRef", {}).get("name")
+        ref = spec.get("scaleTargetRef", {})
+        target = ref.get("name")
         targets.add(target)
         if target not in deployments:
             errors.append(f"{_name(so)}: scaleTargetRef {target!r} is no Deployment of this overlay")
+        elif ref.get("kind", "Deployment") != kinds[target]:
+            errors.append(
+                f"{_name(so)}: scaleTargetRef names a {ref.get('kind', 'Deployment')}, {target} is a {kinds[target]}"
+            )
         seen: list[tuple[str, str]] = []
         for i, trigger in enumerate(spec.get("triggers", [])):
             where = f"{_name(so)}: triggers[{i}]"
@@ -267,7 +305,7 @@ def check_scaled_objects(docs: list[dict[str, Any]], durables: dict[str, list[tu
             if len(seen) != len(set(seen)):
                 errors.append(f"{_name(so)}: a durable has two triggers")
     for name in sorted(deployments - targets):
-        errors.append(f"Deployment/{name}: no ScaledObject (the overlay has KEDA on)")
+        errors.append(f"{kinds[name]}/{name}: no ScaledObject (the overlay has KEDA on)")
     return errors
 
 
@@ -396,6 +434,11 @@ CHART_VARIANTS: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
          "resources": {"worker": {"requests": {"cpu": "1", "memory": "512Mi"}, "limits": {"memory": "1Gi"}}},
          "model": {"config": {"models.yaml": "providers: {}\n"}, "keys": {"openai.key": "not-a-key"}}},
         ("keda", "network-policy", "tls"),
+    ),
+    "budget partitions": ({"budgetPartitions": {"enabled": True, "count": 3}}, ("network-policy", "tls", "budget-partitions")),
+    "budget partitions, KEDA": (
+        {"keda": {"enabled": True}, "budgetPartitions": {"enabled": True, "count": 3}, "replicas": {"budget": 5}},
+        ("keda", "network-policy", "tls", "budget-partitions"),
     ),
 }  # fmt: skip
 

@@ -177,3 +177,17 @@ def test_strict_schema_closes_objects_but_keeps_open_maps():
     assert strict["properties"]["m"]["additionalProperties"] == {"type": "string"}
     assert "additionalProperties" not in strict["properties"]["p"]
     assert "additionalProperties" not in schema  # the input is left as it was
+
+
+def test_a_partitioned_budget_with_too_few_pods_or_no_ordinals_is_reported(base_docs: list[dict[str, Any]]):
+    docs = copy.deepcopy(base_docs)
+    budget = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "budget")
+    budget["spec"]["template"]["spec"]["containers"][0]["env"].append({"name": "MESH_BUDGET_PARTITIONS", "value": "2"})
+    assert (
+        "Deployment/budget: MESH_BUDGET_PARTITIONS=2 needs the ordinals of a StatefulSet's pods"
+        in dc.check_deployments(docs)
+    )
+    budget["kind"], budget["spec"]["replicas"] = "StatefulSet", 1
+    errors = dc.check_deployments(docs)
+    assert "StatefulSet/budget: 1 pod(s) for 2 partitions (a partition with none is unwatched)" in errors, errors
+    assert any("StatefulSet/budget: spread over ['pod-template-hash']" in e for e in errors), errors

@@ -87,6 +87,41 @@ def test_keda_keeps_the_count_unless_one_is_asked_for(identity):
     assert not any(k[0] == "ScaledObject" for k in objects(identity))
 
 
+def test_budget_partitions_run_as_a_statefulset_with_a_pod_per_partition_at_least(identity):
+    three = objects(dc._deep_merge(identity, {"budgetPartitions": {"enabled": True, "count": 3}}))
+    assert ("Deployment", "budget") not in three
+    budget = three[("StatefulSet", "budget")]
+    env = {e["name"]: e.get("value") for e in budget["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["MESH_BUDGET_PARTITIONS"] == "3"
+    assert budget["spec"]["replicas"] == 3  # budget-0, -1, -2: partitions 0, 1, 2
+    assert dc.check_deployments([d for d in three.values() if d["metadata"]["name"] != "redis"]) == []  # one pod
+    # more pods asked for: second replicas of the first partitions; fewer: still one per partition
+    more = objects(
+        dc._deep_merge(identity, {"budgetPartitions": {"enabled": True, "count": 3}, "replicas": {"budget": 6}})
+    )
+    assert more[("StatefulSet", "budget")]["spec"]["replicas"] == 6
+    fewer = objects(
+        dc._deep_merge(identity, {"budgetPartitions": {"enabled": True, "count": 3}, "replicas": {"budget": 1}})
+    )
+    assert fewer[("StatefulSet", "budget")]["spec"]["replicas"] == 3
+    # KEDA owns the count, between one and two pods per partition, on the StatefulSet
+    keda = objects(
+        dc._deep_merge(identity, {"keda": {"enabled": True}, "budgetPartitions": {"enabled": True, "count": 3}})
+    )
+    assert "replicas" not in keda[("StatefulSet", "budget")]["spec"]
+    so = keda[("ScaledObject", "budget")]["spec"]
+    assert (so["scaleTargetRef"]["kind"], so["minReplicaCount"], so["maxReplicaCount"]) == ("StatefulSet", 3, 6)
+    mesh = [d for d in keda.values() if d["metadata"]["name"] != "redis"]  # one pod, neither spread nor scaled
+    assert dc.check_scaled_objects(mesh, dc.mesh_durables()) == []
+    with pytest.raises(Exception, match=r"budgetPartitions.count is 17: it must be 1 to 16"):
+        objects(dc._deep_merge(identity, {"budgetPartitions": {"enabled": True, "count": 17}}))
+    # the other services are untouched
+    assert (
+        keda[("Deployment", "worker")]
+        == objects(dc._deep_merge(identity, {"keda": {"enabled": True}}))[("Deployment", "worker")]
+    )
+
+
 def test_each_upgrade_provisions_again_with_the_replicas_asked_for(identity):
     first = objects(identity, revision=1)
     second = objects(dc._deep_merge(identity, {"streamReplicas": 1}), revision=2)
