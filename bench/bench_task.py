@@ -203,6 +203,34 @@ async def main(tasks: int, concurrency: int) -> None:
         f"  client CPU per task when it waits for the outcome alone (progress=False): "
         f"{r['client_outcome_only_ms']:.1f} ms"
     )
+    print(targets_table(r))
+
+
+TENANT_IN_FLIGHT = 100
+"""The planner's default admission limit (MESH_ADMISSION_MAX_IN_FLIGHT): the bench's one tenant
+has twice ``--concurrency`` tasks in flight, and more than this are refused, not measured."""
+
+
+def targets(r: dict) -> list[tuple[str, float, str, bool]]:
+    """Issue 17's targets this benchmark measures: (what, measured, target, met)."""
+    cpu = r["cpu_ms_per_task"]
+    mesh = sum(v for k, v in cpu.items() if k != "client")
+    p50 = statistics.median(r["seq_s"]) * 1000
+    return [
+        ("CPU per task, every mesh process (ms)", mesh, "<= 80", mesh <= 80),
+        ("  budget (ms)", cpu.get("budget", 0.0), "<= 15", cpu.get("budget", 0.0) <= 15),
+        ("  nats-server (ms)", cpu.get("nats-server", 0.0), "<= 25", cpu.get("nats-server", 0.0) <= 25),
+        ("client waiting for the outcome (ms)", r["client_outcome_only_ms"], "<= 5", r["client_outcome_only_ms"] <= 5),
+        ("sequential p50 (ms)", p50, "<= 120", p50 <= 120),
+    ]
+
+
+def targets_table(r: dict) -> str:
+    rows = [
+        f"  {what:<40} {value:7.1f}  {target:<7} {'met' if met else 'NOT met'}"
+        for what, value, target, met in targets(r)
+    ]
+    return "\n".join(["targets (issue 17; throughput against Temporal: make bench-peers):", *rows])
 
 
 if __name__ == "__main__":
@@ -210,4 +238,7 @@ if __name__ == "__main__":
     ap.add_argument("--tasks", type=int, default=30)
     ap.add_argument("--concurrency", type=int, default=16)
     a = ap.parse_args()
+    if a.tasks < 1 or not 1 <= a.concurrency <= TENANT_IN_FLIGHT // 2:
+        ap.exit(2, f"bench_task.py: --tasks must be at least 1 and --concurrency 1 to {TENANT_IN_FLIGHT // 2} "
+                   f"(twice that many tasks run at once, and the tenant is admitted {TENANT_IN_FLIGHT})\n")  # fmt: skip
     asyncio.run(main(a.tasks, a.concurrency))
