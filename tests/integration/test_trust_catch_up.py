@@ -10,12 +10,21 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import replace
+from typing import Any
 
 import pytest
 from integration_helpers import eventually, running, settings_for
 
+from mesh_checker.service import Checker
 from mesh_contracts import topology as topo
-from mesh_contracts.v1 import ToolRequested
+from mesh_contracts.v1 import (
+    CheckRequested,
+    RetrievalCompleted,
+    RetrievalHit,
+    SignedRecord,
+    StepResult,
+    ToolRequested,
+)
 from mesh_kit import Mesh
 from mesh_kit import envelope as env
 from mesh_kit import telemetry as tel
@@ -45,6 +54,29 @@ class CountingReads:
         return await self.kv.get(key)  # type: ignore[attr-defined]
 
 
+def missed_writes(mesh: Mesh) -> CountingReads:
+    """As if ``mesh`` were reconnecting when a rotation wrote the bundle: it follows no more
+    writes (and re-reads only on an unknown key, through the counter returned)."""
+    for task in mesh._identity_tasks:
+        task.cancel()
+    reads = mesh._trust_kv = CountingReads(mesh._trust_kv)
+    return reads
+
+
+async def publish_overlap(infra: Infra, before: TrustBundle, principal: str) -> tuple[TrustBundle, Any]:
+    """A rotation's overlap bundle for ``principal`` (its old key and a new one), published."""
+    new_key = new_signing_key()
+    old = before.principals[principal]
+    keys = (*(old.keys or (Key(old.public_key),)), Key(new_key.public_key()))
+    overlap = TrustBundle(
+        {**before.principals, principal: replace(old, public_key=new_key.public_key(), keys=keys)},
+        before.auditors,
+        before.revision + 1,
+    )
+    await publish_bundle(infra.ids, overlap, infra.nats_url)
+    return overlap, new_key
+
+
 async def test_a_key_from_a_bundle_published_after_the_consumer_last_read_is_accepted(infra):
     got: list[tuple[str, str]] = []
 
@@ -54,28 +86,11 @@ async def test_a_key_from_a_bundle_published_after_the_consumer_last_read_is_acc
     consumer = Mesh(settings_for(infra, "tool-executor", identity_refresh_s=3600.0))
     consumer.consume(ToolRequested, handler)
     async with running(consumer):
-        # as if it were reconnecting when the rotation wrote the bundle: it follows no more writes
-        for task in consumer._identity_tasks:
-            task.cancel()
-        reads = consumer._trust_kv = CountingReads(consumer._trust_kv)
+        reads = missed_writes(consumer)
         before = consumer.verifier.bundle
 
         # the rotation's overlap bundle: the worker's old key and a new one
-        new_key = new_signing_key()
-        old = before.principals["worker"]
-        overlap = TrustBundle(
-            {
-                **before.principals,
-                "worker": replace(
-                    old,
-                    public_key=new_key.public_key(),
-                    keys=(*(old.keys or (Key(old.public_key),)), Key(new_key.public_key())),
-                ),
-            },
-            before.auditors,
-            before.revision + 1,
-        )
-        await publish_bundle(infra.ids, overlap, infra.nats_url)
+        overlap, new_key = await publish_overlap(infra, before, "worker")
         assert consumer.verifier.bundle is before, "the consumer missed the write (the race under test)"
 
         worker = Mesh(settings_for(infra, "worker"), signer=Signer("worker", new_key))
@@ -112,3 +127,31 @@ async def _all_refused(infra: Infra, n: int) -> list[str] | None:
     stored = await infra.stored("DLQ", topo.dlq_subject("tool-executor", "tool.v1.acme.*.requested"))
     reasons = [(m.headers or {}).get(env.DLQ_REASON, "") for m in stored if ".forged-" in m.subject]
     return reasons if len(reasons) >= n else None
+
+
+async def test_a_retrieval_record_signed_with_a_key_the_checker_has_not_seen_yet_resolves(infra):
+    """What a message carries is judged the same way: the check request's retrieval records,
+    signed by rag, which switched keys before the checker saw the bundle."""
+    mesh = Mesh(settings_for(infra, "checker", identity_refresh_s=3600.0))
+    checker = Checker(mesh)
+    async with running(mesh):
+        missed_writes(mesh)
+        before = mesh.verifier.bundle
+        overlap, new_key = await publish_overlap(infra, before, "rag")
+        started = time.time() - 5
+        hit = RetrievalHit(doc_id="a.md", version="v1", chunk_id="3", chunk_hash="h3", score=1.0, text="Blue.")
+        found = RetrievalCompleted(tenant="acme", task_id="t1", step_id="s1", call_id="c1", hits=(hit,))
+        body = found.to_bytes()
+        token = Signer("rag", new_key).token(tenant="acme", msg_type=found.type, body=body, msg_id="m-1")
+        forged = Signer("rag", new_signing_key()).token(tenant="acme", msg_type=found.type, body=body, msg_id="m-1")
+        req = CheckRequested(
+            tenant="acme", task_id="t1", goal="g", answer="a [a.md#3]", started_at=started, answer_step="s1",
+            steps=(StepResult(step_id="s1", output="o", retrievals=(SignedRecord(body=body.decode(), token=token),)),),
+        )  # fmt: skip
+        passages = await checker.retrieved(req)
+        assert mesh.verifier.bundle.revision == overlap.revision
+        bad = req.model_copy(update={"steps": (StepResult(step_id="s1", output="o", retrievals=(
+            SignedRecord(body=body.decode(), token=forged),)),)})  # fmt: skip
+        refused = await checker.retrieved(bad)
+    assert set(passages) == {("a.md", "3")}
+    assert refused == {}

@@ -434,9 +434,11 @@ class Mesh:
                 self._accept_bundle(entry.value)
         return self.verifier.bundle is not before
 
-    async def _verify_current(self, check: Callable[[], V]) -> V:
+    async def verify_current(self, check: Callable[[], V]) -> V:
         """``check()`` (a verification against ``self.verifier``), judged again under the newest
-        published bundle if it failed on a key this process does not know yet."""
+        published bundle if it failed on a key this process does not know yet. Every message the
+        mesh hands a handler went through it; a handler verifying what a message carries (a
+        record signed by another service) uses it too."""
         try:
             return check()
         except UnknownKey:
@@ -682,7 +684,7 @@ class Mesh:
         if cls is None or cls.spec.transport != "reply":
             raise ContractError(f"unexpected reply schema {schema!r} to {model.type}")
         answer = cls.parse(reply.data, strict=self.settings.strict_contracts)
-        await self._verify_current(lambda: self.verifier.verify(rheaders.get(env.IDENTITY), reply.data, answer))
+        await self.verify_current(lambda: self.verifier.verify(rheaders.get(env.IDENTITY), reply.data, answer))
         if (answer.tenant, answer.task_id) != (model.tenant, model.task_id):
             raise ContractError("reply names a different tenant/task than the request")
         return answer
@@ -769,7 +771,7 @@ class Mesh:
             # a verified re-drive is judged (and, if it fails again, recorded) at its original's time
             stored_at, bound_id = self._redrive(raw.subject, raw.data, headers, msg_id, stored_at)
             model = parse_message(raw.subject, raw.data, strict=self.settings.strict_contracts, limits=self.limits)
-            sender = await self._verify_current(
+            sender = await self.verify_current(
                 lambda: self.verifier.verify(headers.get(env.IDENTITY), raw.data, model, at=stored_at, msg_id=bound_id)
             )
         except (ContractError, IdentityError) as exc:
@@ -971,7 +973,7 @@ class Mesh:
             headers = dict(raw.headers or {})
             try:
                 model = parse_message(raw.subject, raw.data, strict=self.settings.strict_contracts, limits=self.limits)
-                sender = await self._verify_current(
+                sender = await self.verify_current(
                     lambda: self.verifier.verify(
                         headers.get(env.IDENTITY), raw.data, model, msg_id=headers.get(env.MSG_ID, "")
                     )

@@ -85,7 +85,9 @@ class Guard:
     async def _on_control(self, msg: Msg) -> None:
         try:
             model = parse_message(msg.subject, msg.data)
-            sender = self.mesh.verifier.verify((msg.headers or {}).get(env.IDENTITY), msg.data, model)
+            sender = await self.mesh.verify_current(
+                lambda: self.mesh.verifier.verify((msg.headers or {}).get(env.IDENTITY), msg.data, model)
+            )
         except (ContractError, IdentityError) as exc:
             log.warning("ignored control message on %s: %s", msg.subject, exc)
             return

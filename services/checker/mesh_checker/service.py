@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 from mesh_agent import prompts
@@ -88,9 +89,12 @@ class Checker:
                     model = RetrievalCompleted.parse(body)
                     if (model.tenant, model.task_id) != (m.tenant, m.task_id):
                         raise ContractError(f"a record of {model.tenant}/{model.task_id}, not of this task")
-                    self.mesh.verifier.verify_forwarded(
-                        record.token, body, model, not_before=m.started_at, not_after=not_after
-                    )
+                    await self.mesh.verify_current(
+                        partial(
+                            self.mesh.verifier.verify_forwarded,
+                            record.token, body, model, not_before=m.started_at, not_after=not_after,
+                        )
+                    )  # fmt: skip
                 except (ContractError, IdentityError) as exc:
                     self.mesh.count(tel.M_REJECTED)
                     log.warning("ignoring a retrieval record of step %s of %s/%s: %s", step.step_id, m.tenant,
