@@ -27,6 +27,12 @@ from mesh_contracts.v1.records import TaskRecord
 from mesh_testing.infra import Infra
 from meshctl import local
 
+ADMIT_ALL = {"MESH_ADMISSION_MAX_IN_FLIGHT": "1000000", "MESH_ADMISSION_BURST": "1000000"}
+"""Under every chaos mesh unless a test sets them: the suite puts its sizes (500 tasks at once from
+one tenant with ``MESH_CHAOS=full``) through crashes to show nothing is lost or repeated, and the
+planner's default admission (100 in flight, bursts of 200) would refuse most of them before any
+fault is met. Admission under load has its own scenarios (tests/scenarios/test_admission.py)."""
+
 
 class NotOurProcess(RuntimeError):
     """Refusal to signal a pid the harness did not start (or that was recycled)."""
@@ -50,7 +56,9 @@ class ChaosMesh:
 
     def _spawn(self, svc: str, name: str, extra: dict[str, str] | None = None) -> None:
         extra = self._extra.setdefault(name, extra or {})  # a replacement runs as the one it replaces
-        proc = local.start_service(self.infra.ids, self.infra.nats_url, svc, name=name, extra_env={**self.env, **extra})
+        proc = local.start_service(
+            self.infra.ids, self.infra.nats_url, svc, name=name, extra_env={**ADMIT_ALL, **self.env, **extra}
+        )
         self.procs[name] = (svc, proc)
 
     async def add(self, svc: str, name: str, timeout: float = 30, env: dict[str, str] | None = None) -> None:
