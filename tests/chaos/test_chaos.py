@@ -190,10 +190,12 @@ async def test_the_same_task_submitted_50_times_concurrently_runs_once(infra):
         await mesh.stop()
     effects = await outbox_effects(infra, "acme")
     admin = await infra.admin()
-    usage = json.loads((await (await admin.jetstream().key_value("budget")).get(f"usage.acme.{task_id}")).value)
-    info = await admin.jetstream().stream_info("TASK", subjects_filter=f"task.*.acme.{task_id}.*")
+    try:
+        usage = json.loads((await (await admin.jetstream().key_value("budget")).get(f"usage.acme.{task_id}")).value)
+        info = await admin.jetstream().stream_info("TASK", subjects_filter=f"task.*.acme.{task_id}.*")
+    finally:
+        await admin.close()
     stored = {k.rsplit(".", 1)[-1]: v for k, v in (info.state.subjects or {}).items()}
-    await admin.close()
     report(
         "same task id x50",
         submissions=50,

@@ -7,6 +7,7 @@ import json
 
 import pytest
 from integration_helpers import connect, counter, eventually, in_memory, running, settings_for
+from nats.js.errors import KeyNotFoundError
 
 from mesh_contracts.v1 import (
     BudgetDenied,
@@ -435,3 +436,32 @@ async def test_a_captured_message_replayed_inside_its_tokens_lifetime_has_no_sec
         await asyncio.sleep(0.5)
     assert handled == [(task, "worker")], "one effect"
     assert "token was issued for message id" in letters[0][1][env.DLQ_REASON]
+
+
+async def test_a_graceful_stop_writes_the_spend_folded_since_the_last_checkpoint(integration_infra, unique):
+    """The last round of spend records is written while the budget is still connected: with
+    checkpoints an hour apart, the only write of this task's record is the one made on stop."""
+    from mesh_budget.service import Budget
+    from mesh_budget.settings import BudgetSettings
+
+    task = unique("stop-checkpoint")
+    budget_mesh = Mesh(settings_for(integration_infra, "budget"))
+    budget = Budget(budget_mesh, BudgetSettings.defaults().model_copy(update={"budget_checkpoint_s": 3600.0}))
+    budget.register()
+    planner, worker = Mesh(settings_for(integration_infra, "planner")), Mesh(settings_for(integration_infra, "worker"))
+    async with running(planner), running(worker):
+        record = TaskRecord(tenant="acme", task_id=task, goal="g", status="running", limits=TaskLimits())
+        await (await planner.kv("tasks")).create(TaskRecord.key("acme", task), record.model_dump_json().encode())
+        async with running(budget_mesh):
+            usage = UsageRecorded(tenant="acme", task_id=task, agent="worker", call_id="c1", provider="scripted",
+                                  model="scripted-1", input_tokens=70, output_tokens=30)  # fmt: skip
+            await worker.publish(usage, key="c1")
+            assert budget.accounts is not None
+            folded = budget.accounts.tasks
+            await eventually(lambda: (f := folded.get(("acme", task))) is not None and "c1" in f.rec.call_ids,
+                             what="the call folded")  # fmt: skip
+            with pytest.raises(KeyNotFoundError):  # not checkpointed: the next round is an hour away
+                await (await budget_mesh.kv("budget")).get(f"usage.acme.{task}")
+    async with connect(integration_infra, "admin") as nc:
+        stored = json.loads((await (await nc.jetstream().key_value("budget")).get(f"usage.acme.{task}")).value)
+    assert stored["total"]["input_tokens"] == 70 and stored["total"]["calls"] == 1

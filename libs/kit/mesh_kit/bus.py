@@ -212,6 +212,7 @@ class Mesh:
         self.guard: Guard | None = None
         self._on_start: list[Callable[[], Awaitable[None]]] = []
         self._on_stop: list[Callable[[], Awaitable[None]]] = []
+        self._on_stop_connected: list[Callable[[], Awaitable[None]]] = []
         self._identity_tasks: list[asyncio.Task[None]] = []
         self._trust_kv: Any = None  # the ``trust`` bucket, once followed
         self._trust_lock = asyncio.Lock()
@@ -287,9 +288,11 @@ class Mesh:
         """Run ``hook`` after connecting and before any handler can be called (e.g. bind KV)."""
         self._on_start.append(hook)
 
-    def on_stop(self, hook: Callable[[], Awaitable[None]]) -> None:
-        """Run ``hook`` after the broker has drained (e.g. close a Redis client)."""
-        self._on_stop.append(hook)
+    def on_stop(self, hook: Callable[[], Awaitable[None]], *, connected: bool = False) -> None:
+        """Run ``hook`` after the broker has drained (e.g. close a Redis client); ``connected``:
+        before it closes, once requests are no longer answered and the fetched messages are
+        handled (e.g. a last write to a stream or bucket)."""
+        (self._on_stop_connected if connected else self._on_stop).append(hook)
 
     def report(self, name: str, source: Callable[[], Any]) -> None:
         """Add ``name: source()`` to this service's /status JSON (e.g. the budget's per-tenant queue)."""
@@ -361,6 +364,11 @@ class Mesh:
         await self._stop_serving()
         for consumer in self._fair:
             await consumer.stop()
+        for hook in self._on_stop_connected:
+            try:
+                await hook()
+            except Exception:  # the connection still closes, and the other hooks run
+                log.exception("a stop hook failed while connected")
         await self.broker.stop()
         for dependency in self.dependencies.values():
             await dependency.stop()
