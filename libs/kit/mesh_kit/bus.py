@@ -57,9 +57,9 @@ log = logging.getLogger("mesh.bus")
 C = TypeVar("C", bound=Contract)
 V = TypeVar("V")
 FULL_PAUSE_S = 5.0
+"""Longest wait between tries of a handler whose output a full stream refused."""
 TRUST_RECHECK_S = 0.25
 """Least spacing of the trust-bundle reads made because a token named a key not known here."""
-"""Longest wait between tries of a handler whose output a full stream refused."""
 
 
 class Reject(Exception):
