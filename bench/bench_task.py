@@ -27,6 +27,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, StorageType, StreamConfig
 
 from mesh_contracts import topology as topo
 from mesh_contracts.v1 import TaskCompleted
+from mesh_planner.settings import PlannerSettings
 from meshctl import local
 from meshctl.client import TenantClient
 
@@ -206,7 +207,7 @@ async def main(tasks: int, concurrency: int) -> None:
     print(targets_table(r))
 
 
-TENANT_IN_FLIGHT = 100
+TENANT_IN_FLIGHT: int = PlannerSettings.model_fields["admission_max_in_flight"].default
 """The planner's default admission limit (MESH_ADMISSION_MAX_IN_FLIGHT): the bench's one tenant
 has twice ``--concurrency`` tasks in flight, and more than this are refused, not measured."""
 
