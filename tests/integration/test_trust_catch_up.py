@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -29,9 +28,9 @@ from mesh_kit import Mesh
 from mesh_kit import envelope as env
 from mesh_kit import telemetry as tel
 from mesh_kit.bus import TRUST_RECHECK_S
-from mesh_kit.identity import Key, Signer, TrustBundle, new_signing_key
+from mesh_kit.identity import Signer, TrustBundle, new_signing_key
 from mesh_testing.infra import Infra, running_infra
-from meshctl.rotation import publish_bundle
+from meshctl.rotation import overlap_bundle, publish_bundle
 
 pytestmark = pytest.mark.integration
 
@@ -66,13 +65,7 @@ def missed_writes(mesh: Mesh) -> CountingReads:
 async def publish_overlap(infra: Infra, before: TrustBundle, principal: str) -> tuple[TrustBundle, Any]:
     """A rotation's overlap bundle for ``principal`` (its old key and a new one), published."""
     new_key = new_signing_key()
-    old = before.principals[principal]
-    keys = (*(old.keys or (Key(old.public_key),)), Key(new_key.public_key()))
-    overlap = TrustBundle(
-        {**before.principals, principal: replace(old, public_key=new_key.public_key(), keys=keys)},
-        before.auditors,
-        before.revision + 1,
-    )
+    overlap = overlap_bundle(before, {principal: new_key.public_key()})
     await publish_bundle(infra.ids, overlap, infra.nats_url)
     return overlap, new_key
 

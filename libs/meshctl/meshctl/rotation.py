@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import nats
 import nkeys
@@ -121,6 +122,15 @@ def _keys(p: Principal) -> tuple[Key, ...]:
     return p.keys or (Key(p.public_key),)
 
 
+def overlap_bundle(bundle: TrustBundle, new_keys: dict[str, Any]) -> TrustBundle:
+    """The next revision of ``bundle`` in which each principal of ``new_keys`` trusts its keys so
+    far and its new public key, which it now names as current (a rotation's overlap)."""
+    return _with(bundle, {
+        name: replace(bundle.principals[name], public_key=public, keys=(*_keys(bundle.principals[name]), Key(public)))
+        for name, public in new_keys.items()
+    })  # fmt: skip
+
+
 async def rotate(
     ids: Identities,
     principals: Sequence[str],
@@ -142,16 +152,13 @@ async def rotate(
         raise RotationError("the admin identity signs the bundles: rotate it with meshctl init on a fresh home")
     acc = nkeys.from_seed(bytearray((ids.secrets / f"account-{ACCOUNT}.nk").read_bytes().strip()))
     signing = nkeys.from_seed(bytearray((ids.secrets / f"account-{ACCOUNT}-signing.nk").read_bytes().strip()))
-    old_users, new_keys, overlap = {}, {}, {}
+    old_users, new_keys = {}, {}
     for name in principals:
         old_users[name] = ids.user_of(name).public_key.decode()
         user = new_keypair(nkeys.PREFIX_BYTE_USER)
         _replace_secret(ids.creds(name), creds_text(user_jwt(acc, signing, user, perms[name]), user))
         new_keys[name] = new_signing_key()
-        p = bundle.principals[name]
-        overlap[name] = replace(p, public_key=new_keys[name].public_key(),
-                                keys=(*_keys(p), Key(new_keys[name].public_key())))  # fmt: skip
-    bundle = _with(bundle, overlap)
+    bundle = overlap_bundle(bundle, {name: key.public_key() for name, key in new_keys.items()})
     await publish_bundle(ids, bundle, nats_url)
     for name in principals:
         _replace_secret(ids.signing_key(name), private_pem(new_keys[name]))
