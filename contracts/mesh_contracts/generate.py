@@ -25,9 +25,9 @@ from typing import Any
 import yaml
 
 from mesh_contracts import __name__ as _pkg
-from mesh_contracts.base import Contract
+from mesh_contracts.base import CLIENT, Contract
 from mesh_contracts.registry import VERSIONS
-from mesh_contracts.topology import BUCKETS, STREAMS
+from mesh_contracts.topology import BUCKETS, DOOR_PREFIX, STREAMS, door_of
 from mesh_contracts.v1.records import RECORDS
 
 ROOT = Path(__file__).resolve().parent.parent  # the contracts/ folder
@@ -65,6 +65,8 @@ def schemas() -> dict[str, dict[str, Any]]:
             s["x-consumers"] = list(c.spec.consumers)
             s["x-transport"] = c.spec.transport
             s["x-subject"] = f"{c.spec.domain}.v{major}.{{tenant}}.{{task}}.{c.spec.event}"
+            if c.spec.transport == "stream" and (door := door_of(c)) is not None:
+                s["x-door"] = {"subject": f"{DOOR_PREFIX}.{s['x-subject']}", "keeper": door.service}
             out[f"v{major}/{_file_name(c)}"] = s
     buckets = {b.name: b for b in BUCKETS}
     for r in RECORDS:  # key-value records other services read: contracts too
@@ -72,8 +74,9 @@ def schemas() -> dict[str, dict[str, Any]]:
         s["$id"] = f"agentmesh://contracts/{r.schema_id()}"
         s["x-bucket"] = r.bucket
         s["x-key"] = r.key_format
-        s["x-writer"] = buckets[r.bucket].writer
-        s["x-readers"] = list(buckets[r.bucket].readers)
+        b = buckets[r.bucket]
+        s["x-writer"] = b.writer or (f"each of {', '.join(b.per_service)}, its own keys" if b.per_service else "")
+        s["x-readers"] = list(b.readers)
         out[f"v1/record.{r.name}.json"] = s
     return out
 
@@ -114,11 +117,31 @@ def asyncapi() -> dict[str, Any]:
                 "x-stream": STREAMS.get(c.spec.domain) if c.spec.transport == "stream" else None,
                 "x-transport": c.spec.transport,
             }
+            door = door_of(c) if c.spec.transport == "stream" else None
+            if door is not None:
+                # Tenants write to no stream: they hand the message in at its door (mesh_kit.door).
+                channels[f"{key}_door"] = {
+                    "address": f"{DOOR_PREFIX}.{address}",
+                    "description": f"Where a tenant's client sends {c.type_name()}: a core request; {door.service} "
+                    f"checks it, charges the tenant's quota in {door.stream}, stores it on {address} and answers with "
+                    "the stream's acknowledgement (JetStream's publish answer), or an error with the refusal's code.",
+                    "messages": {key: {"$ref": f"#/components/messages/{key}"}},
+                    "parameters": {"tenant": {"description": "Tenant id"}, "task": {"description": "Task id"}},
+                    "x-door-keeper": door.service,
+                    "x-stream": door.stream,
+                    "x-transport": "request",
+                }
+                operations[f"{door.service}.receive.{key}_door"] = {
+                    "action": "receive",
+                    "channel": {"$ref": f"#/channels/{key}_door"},
+                    "summary": f"{door.service} keeps the door of {c.type_name()}",
+                }
             for producer in c.spec.producers:
+                via_door = door is not None and producer == CLIENT
                 operations[f"{producer}.send.{key}"] = {
                     "action": "send",
-                    "channel": {"$ref": f"#/channels/{key}"},
-                    "summary": f"{producer} publishes {c.type_name()}",
+                    "channel": {"$ref": f"#/channels/{key}_door" if via_door else f"#/channels/{key}"},
+                    "summary": f"{producer} {'hands in' if via_door else 'publishes'} {c.type_name()}",
                 }
             for consumer in c.spec.consumers:
                 operations[f"{consumer}.receive.{key}"] = {

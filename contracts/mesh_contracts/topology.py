@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mesh_contracts.base import SERVICES, Contract
+from mesh_contracts.base import CLIENT, SERVICES, Contract
 from mesh_contracts.registry import VERSIONS
 
 # One stream per domain; it spans every major version of that domain.
@@ -27,6 +27,7 @@ STREAMS: dict[str, str] = {
 }
 DLQ_STREAM = "DLQ"
 DLQ_PREFIX = "dlq"
+DOOR_PREFIX = "door"
 
 
 def dlq_subject(service: str, original_subject: str) -> str:
@@ -43,6 +44,65 @@ class Durable:
     name: str
     filter_subject: str
     contract: type[Contract]
+
+
+@dataclass(frozen=True)
+class Door:
+    """Where a tenant's client hands in a message it may not store itself.
+
+    Tenants hold no right to publish onto any stream: NATS caps a stream as a whole, an exact
+    subject or an account, never one tenant's share of a stream that every tenant writes to,
+    so a tenant publishing there directly could fill it for everyone (issue 36). A client sends
+    a core request to ``door.<subject>`` instead; the service that consumes the contract keeps
+    the door (queue group ``<service>-door``): it checks the message and the tenant's quota, stores
+    it on ``<subject>`` and answers with the stream's acknowledgement (``mesh_kit.door``)."""
+
+    service: str
+    stream: str
+    contract: type[Contract]
+    pattern: str
+    """What the service subscribes to: every major version of the contract (``door.task.*.*.*.submitted``)."""
+
+
+def door_subject(subject: str) -> str:
+    """The door a client sends a message for ``subject`` to."""
+    return f"{DOOR_PREFIX}.{subject}"
+
+
+def stored_subject(door: str) -> str:
+    """The stream subject a message handed in at ``door`` is stored on."""
+    return door.removeprefix(f"{DOOR_PREFIX}.")
+
+
+def doors() -> list[Door]:
+    """One door per contract a tenant's client produces onto a stream, kept by its consumer."""
+    seen: dict[str, Door] = {}
+    for c in stream_contracts():
+        if CLIENT not in c.spec.producers:
+            continue
+        keepers = [s for s in c.spec.consumers if s in SERVICES]
+        if not keepers:
+            raise LookupError(f"{c.type_name()} is written by clients and consumed by no service: no door keeper")
+        pattern = f"{DOOR_PREFIX}.{c.spec.domain}.*.*.*.{c.spec.event}"
+        seen.setdefault(pattern, Door(keepers[0], STREAMS[c.spec.domain], c, pattern))
+    return list(seen.values())
+
+
+def doors_of(service: str) -> list[Door]:
+    return [d for d in doors() if d.service == service]
+
+
+def door_of(contract: type[Contract]) -> Door | None:
+    """The door ``contract`` is handed in at, or None (not written by clients)."""
+    for d in doors():
+        if (d.contract.spec.domain, d.contract.spec.event) == (contract.spec.domain, contract.spec.event):
+            return d
+    return None
+
+
+def door_streams() -> list[str]:
+    """Streams a tenant's messages are stored in (through a door): what a tenant's quota bounds."""
+    return sorted({d.stream for d in doors()})
 
 
 @dataclass(frozen=True)
@@ -181,6 +241,15 @@ BUCKETS: tuple[Bucket, ...] = (
         history=5,
         description="The trust bundle as the operator last published it (key: bundle), signed by an operator: "
         "every service follows it, so a rotated or revoked key takes effect without a restart.",
+    ),
+    Bucket(
+        "quotas",
+        per_service=SERVICES,
+        history=1,
+        description="What each tenant made the mesh store, per stream (key <service>.<tenant>.<stream>): the bytes "
+        "and messages it wrote within the stream's max_age and its rate bucket, kept by the service that stored "
+        "them (a door keeper for submissions, control and ingests; every service for its dead letters). meshctl "
+        "status reads it.",
     ),
     Bucket(
         "ledger",

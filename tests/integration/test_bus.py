@@ -9,6 +9,7 @@ import pytest
 from integration_helpers import connect, counter, eventually, in_memory, running, settings_for
 from nats.js.errors import KeyNotFoundError
 
+from mesh_contracts.topology import door_subject
 from mesh_contracts.v1 import (
     BudgetDenied,
     BudgetGranted,
@@ -23,6 +24,7 @@ from mesh_contracts.v1.records import StatusRecord, TaskRecord
 from mesh_kit import Mesh, PermissionViolation, ServiceSettings
 from mesh_kit import envelope as env
 from mesh_kit import telemetry as tel
+from mesh_kit.door import DoorRefused, read_reply
 from mesh_kit.identity import Signer, new_signing_key
 from meshctl.dlq import entries
 
@@ -373,7 +375,8 @@ async def test_a_forged_redrive_of_a_captured_expired_task_is_dead_lettered(inte
     """The attack the identity review found: a tenant's credentials, a task.submitted captured an
     hour ago (its token long expired), re-published with re-drive headers naming an old time.
     Only an operator's signed statement for exactly this message may move the time a token is
-    judged at; anything else is dead-lettered with the reason, and nothing runs."""
+    judged at. A tenant's door refuses re-drive headers outright; published onto the stream by a
+    principal that may (the planner's credentials), it is dead-lettered with the reason; nothing runs."""
     import time
 
     from mesh_contracts.v1 import TaskSubmitted
@@ -400,9 +403,20 @@ async def test_a_forged_redrive_of_a_captured_expired_task_is_dead_lettered(inte
     planner, handled = await _consumed(integration_infra, TaskSubmitted, "planner", task)
     async with running(planner):
         async with connect(integration_infra, "client.acme") as nc:  # the tenant's own NATS credentials
+            # At the door (the only way a tenant writes): refused there, nothing stored.
+            reply = await nc.request(
+                door_subject(msg.subject()), body, headers={**headers, env.SCHEMA: msg.schema_id()}
+            )
+            with pytest.raises(DoorRefused) as refused:
+                read_reply(reply.data)
+            assert refused.value.code == "forbidden" and "only an operator re-drives" in refused.value.reason
+        # The planner may store task.submitted (it keeps the door): captured by whoever holds its
+        # credentials, the forged re-drive is still judged by the consumer, and dead-lettered.
+        async with connect(integration_infra, "planner") as nc:
             await nc.jetstream().publish(msg.subject(), body, headers=headers)
         letters = await eventually(lambda: dead_letters(integration_infra, task), what="dead letter")
     assert handled == []
+    assert len(letters) == 1, "the tenant's copy was never stored"
     reason = letters[0][1][env.DLQ_REASON]
     expected = {
         "none": "without an operator's signed re-drive statement",

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Iterator
 
 import nats
+import nats.js.errors
 import pytest
 
 from mesh_contracts import APPROVER, CLIENT, SERVICES
@@ -43,9 +44,15 @@ def expected_publish(principal: str) -> dict[str, bool]:
         for c in contracts:
             if c.spec.transport == "reply":
                 continue  # replies go to the requester's inbox, covered by allow_responses
+            door = topo.door_of(c) if c.spec.transport == "stream" else None
             for tenant in TENANTS:
                 subject = f"{c.spec.domain}.v{major}.{tenant}.pm-task.{c.spec.event}"
                 allowed = role in c.spec.producers and (own_tenant is None or own_tenant == tenant)
+                if door is not None:
+                    # A tenant writes to no stream: it hands the message in at the door, whose
+                    # keeper stores it (for any tenant) on the stream subject.
+                    cases[topo.door_subject(subject)] = allowed and role == CLIENT
+                    allowed = (allowed and role != CLIENT) or principal == door.service
                 cases[subject] = allowed
     for d in topo.durables():
         mine = d.service == principal
@@ -90,6 +97,9 @@ def expected_subscribe(principal: str) -> dict[str, bool]:
     cases["$MESH.WATCH.>"] = False
     cases["$KV.ledger.planner.k"] = False
     cases["approval.v1.acme.pm-task.requested"] = principal == APPROVER
+    for d in topo.doors():
+        cases[d.pattern] = principal == d.service  # only the keeper hears what tenants hand in
+    cases["door.>"] = False
     return cases
 
 
@@ -201,7 +211,11 @@ async def test_a_service_can_bind_and_fetch_its_own_durable_but_not_anothers(inf
         await nc.close()
 
 
-async def test_a_tenant_client_publishes_its_own_tasks_with_acknowledgement(infra):
+async def test_a_tenant_client_can_only_hand_its_tasks_in_at_their_door(infra):
+    """The broker stores nothing a tenant publishes: onto the stream subject it is denied (a
+    denied request times out) and nothing is stored; at its own tenant's door it is delivered (no
+    planner runs in this test, so nobody answers: "no responders", not a denial); at another
+    tenant's door it is denied."""
     nc = await nats.connect(
         infra.nats_url,
         **infra.ids.connect_options("client.acme"),
@@ -209,12 +223,20 @@ async def test_a_tenant_client_publishes_its_own_tasks_with_acknowledgement(infr
     )
     try:
         js = nc.jetstream(timeout=2)
-        ack = await js.publish("task.v1.acme.pm-ack.submitted", b"{}", headers={"Nats-Msg-Id": "pm-ack"})
-        assert ack.stream == "TASK"
         with pytest.raises(nats.errors.TimeoutError):
-            await js.publish("task.v1.globex.pm-ack.submitted", b"{}")
+            await js.publish("task.v1.acme.pm-ack.submitted", b"{}", headers={"Nats-Msg-Id": "pm-ack"})
+        with pytest.raises(nats.errors.NoRespondersError):
+            await nc.request("door.task.v1.acme.pm-ack.submitted", b"{}", timeout=2)
+        with pytest.raises(nats.errors.TimeoutError):
+            await nc.request("door.task.v1.globex.pm-ack.submitted", b"{}", timeout=2)
     finally:
         await nc.close()
+    admin = await infra.admin()
+    try:
+        with pytest.raises(nats.js.errors.NotFoundError):
+            await admin.jetstream().get_last_msg("TASK", "task.v1.acme.pm-ack.submitted")
+    finally:
+        await admin.close()
 
 
 async def test_credentials_from_another_operator_are_refused(infra, tmp_path):

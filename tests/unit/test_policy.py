@@ -81,13 +81,27 @@ def test_each_durable_is_reachable_by_its_owner_only():
 
 def test_clients_are_confined_to_their_tenant():
     acme = POLICY["client.acme"]
-    assert acme.pub[0] == "task.v1.acme.*.submitted"
+    assert acme.pub[0] == "door.task.v1.acme.*.submitted"
     assert all(".acme." in s for s in acme.pub + acme.sub if not s.startswith("_INBOX_"))
     assert not any("globex" in s for s in acme.pub + acme.sub)
 
 
-def test_only_the_budget_service_answers_requests():
-    assert [name for name, p in POLICY.items() if p.allow_responses] == ["budget"]
+def test_clients_write_to_no_stream_only_to_doors():
+    """A tenant's client publishes nothing a stream captures: every message it writes goes through
+    the door of its contract (issue 36: a client publishing on a stream subject filled TASK)."""
+    stream_subjects = [f"{d}.>" for d in topo.STREAMS] + ["dlq.>", "outbox.>"]
+    for name in ("client.acme", "client.globex"):
+        pub = [s for s in POLICY[name].pub if not s.startswith("$JS.API.DIRECT.GET.")]
+        assert pub and all(s.startswith("door.") for s in pub)
+        assert not [s for s in pub for f in stream_subjects if matches(f, s.replace("*", "x"))]
+
+
+def test_only_the_budget_and_the_door_keepers_answer_requests():
+    keepers = {d.service for d in topo.doors()}
+    assert keepers == {"planner", "rag"}
+    assert [name for name, p in POLICY.items() if p.allow_responses] == [
+        s for s in POLICY if s == "budget" or s in keepers
+    ]
 
 
 def test_only_the_budget_reads_whole_streams_and_only_with_direct_gets():
@@ -101,5 +115,6 @@ def test_only_the_budget_reads_whole_streams_and_only_with_direct_gets():
 
 
 def test_the_checker_reads_no_stream():
+    # (the DLQ's info is its caps, max_age and counts, never a message: dead letters are charged to a quota)
     assert not [s for s in POLICY["checker"].pub if s.startswith(("$JS.API.STREAM.", "$JS.API.DIRECT.GET.")) and
-                not s.startswith("$JS.API.DIRECT.GET.KV_")]  # fmt: skip
+                not s.startswith("$JS.API.DIRECT.GET.KV_") and s != "$JS.API.STREAM.INFO.DLQ"]  # fmt: skip

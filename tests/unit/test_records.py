@@ -9,7 +9,7 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from mesh_contracts import generate
+from mesh_contracts import SERVICES, generate
 from mesh_contracts.topology import BUCKETS
 from mesh_contracts.v1.records import RECORDS, Evidence, StatusRecord, TaskRecord
 from mesh_kit import state as st
@@ -23,7 +23,8 @@ def test_every_record_names_a_provisioned_bucket_and_has_a_committed_schema():
         assert r.bucket in buckets
         assert f"record.{r.name}.json" in committed
         schema = json.loads((generate.SCHEMAS / "v1" / f"record.{r.name}.json").read_text())
-        assert schema["x-bucket"] == r.bucket and schema["x-writer"] == "planner"
+        writer = "planner" if r.bucket != "quotas" else f"each of {', '.join(SERVICES)}, its own keys"
+        assert schema["x-bucket"] == r.bucket and schema["x-writer"] == writer
     task = json.loads((generate.SCHEMAS / "v1" / "record.task.json").read_text())
     assert set(task["x-readers"]) == {"tool-executor", "budget"}, "who may read what a task is about"
 

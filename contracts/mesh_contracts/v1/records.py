@@ -179,6 +179,45 @@ class AdmissionRecord(Record):
     lapses, as in ``in_flight``). The rest of ``in_flight`` waits for a slot, queued."""
 
 
+class QuotaRecord(Record):
+    """What one tenant made one service store in one stream, kept by that service (compare-and-set):
+    the bytes and messages it charged per time slot, for as long as the stream may hold them (a
+    slot is forgotten once everything charged in it has aged out of the stream), and a token
+    bucket for bytes per minute. ``meshctl status`` reads it (``mesh_kit.quota``)."""
+
+    bucket: ClassVar[str] = "quotas"
+    name: ClassVar[str] = "quota"
+    key_format: ClassVar[str] = "<service>.<tenant>.<stream>"
+
+    slot_s: float = 0.0
+    """Width of a slot (the stream's max_age / 64, at least a minute)."""
+    held: dict[str, list[int]] = {}
+    """Slot index (start time // ``slot_s``) -> [bytes, messages] charged in it and still possibly held."""
+    tokens: float = 0.0
+    """Bytes the tenant may still write this minute (refilled at ``limit_bytes_per_min`` a minute)."""
+    refilled_at: float = 0.0
+    limit_bytes: int = 0
+    """The quota in force at the last charge (0: none), for readers: bytes held ..."""
+    limit_msgs: int = 0
+    """... messages held ..."""
+    limit_bytes_per_min: int = 0
+    """... and bytes per minute."""
+    window_s: float = 0.0
+    """The stream's max_age at the last charge: how long a charge is held."""
+    charged: int = 0
+    """Messages charged, ever (refunds excluded)."""
+    refused: dict[str, int] = {}
+    """Refusals by code (``quota_exceeded``, ``rate_limited``)."""
+
+    @staticmethod
+    def key(service: str, tenant: str, stream: str) -> str:
+        return f"{service}.{tenant}.{stream}"
+
+    def held_now(self) -> tuple[int, int]:
+        """Bytes and messages held (as of the last charge)."""
+        return sum(v[0] for v in self.held.values()), sum(v[1] for v in self.held.values())
+
+
 class Evidence(Record):
     """The retrieval records one step attempt read, as rag signed them; the planner hands them to
     the checker in the check request."""
@@ -194,4 +233,4 @@ class Evidence(Record):
         return f"{tenant}.{task_id}.{step_id}.{attempt}"
 
 
-RECORDS: tuple[type[Record], ...] = (TaskRecord, StatusRecord, Evidence, AdmissionRecord)
+RECORDS: tuple[type[Record], ...] = (TaskRecord, StatusRecord, Evidence, AdmissionRecord, QuotaRecord)

@@ -64,12 +64,15 @@ class TaskSubmitted(Contract):
     from its recordings, which route the others take; its write and external tools run dry."""
 
 
-REJECTION_CODES = ("invalid", "too_many_in_flight", "rate_limited", "overloaded")
+REJECTION_CODES = ("invalid", "too_many_in_flight", "rate_limited", "overloaded", "quota_exceeded", "busy")
 """``TaskRejected.code``: ``invalid`` (malformed, unverifiable, unknown version: do not retry as
 is), ``too_many_in_flight`` (the tenant's tasks in flight are at its limit), ``rate_limited``
-(over the tenant's submissions per second), ``overloaded`` (the mesh refuses new work for now: a
-stream is near its cap; the planner says which, or the TASK stream refused the submission).
-All but ``invalid`` come with ``retry_after_s``."""
+(over the tenant's submissions per second, or its bytes per minute at the door), ``overloaded``
+(the mesh refuses new work for now: a stream is near its cap; the planner says which, or the TASK
+stream refused the submission), ``quota_exceeded`` (the tenant holds its whole share of the TASK
+stream: its quota, ``MESH_QUOTA_SHARE``), ``busy`` (too many of the tenant's submissions wait at
+the door). All but ``invalid`` come with ``retry_after_s`` (``quota_exceeded`` with 0 when the
+submission is larger than the whole quota)."""
 
 
 class TaskRejected(Contract):

@@ -47,11 +47,14 @@ from mesh_kit import faults, wire
 from mesh_kit import telemetry as tel
 from mesh_kit.chain import AuditChain, Head
 from mesh_kit.deps import Dependency, readiness
+from mesh_kit.door import Door
 from mesh_kit.fair import PRIORITY, FairConsumer, Fetched
 from mesh_kit.guard import Guard
 from mesh_kit.identity import IdentityError, Principal, Signer, TrustBundle, UnknownKey, Verifier, load_private_key
+from mesh_kit.quota import Quotas, limits_from
 from mesh_kit.settings import BROKER_UNAVAILABLE, ServiceSettings, StreamFull, tls_context
 from mesh_kit.state import bind
+from mesh_kit.throttle import Throttled
 
 log = logging.getLogger("mesh.bus")
 C = TypeVar("C", bound=Contract)
@@ -219,6 +222,11 @@ class Mesh:
         self._trust_read_at = float("-inf")  # monotonic start of the last read on an unknown key
         self._fair: list[FairConsumer] = []
         self._durables: list[topo.Durable] = []  # every durable ``consume`` bound, in order
+        self._doors: list[topo.Door] = []  # the doors of the tenant-written contracts it consumes
+        self._door: Door | None = None
+        self.quotas: Quotas | None = None
+        """What each tenant made this service store (``mesh_kit.quota``): its doors and its dead
+        letters charge it. Set by ``start`` (None under the in-memory test broker: no quotas)."""
         self.waiting_for: str = ""  # why start() is waiting (a durable not provisioned yet)
         self.dependencies: dict[str, Dependency] = {}
         self.reports: dict[str, Callable[[], Any]] = {}
@@ -230,7 +238,7 @@ class Mesh:
             max_depth=settings.decode_max_depth,
             max_int_digits=settings.decode_max_int_digits,
         )
-        self._rejections = _Throttled(log, settings.rejection_log_per_min)
+        self.rejections = Throttled(log, settings.rejection_log_per_min)
         self._creds_file_state = _file_state(settings.creds_file) if settings.creds_file else None
         self.lost = asyncio.Event()
         """Set when the server closed the connection for good (the client does not reconnect after
@@ -314,6 +322,11 @@ class Mesh:
         await self.broker.connect()
         self._direct = True
         await self._until_provisioned()
+        s = self.settings
+        self.quotas = Quotas(
+            lambda: self.nc, await self.kv("quotas"), self.service,
+            limits_from(s.quota_share, s.quota_mib_per_min, s.quota_tenants),
+        )  # fmt: skip
         await self._follow_identity()
         for hook in self._on_start:
             await hook()
@@ -322,6 +335,9 @@ class Mesh:
             dependency.start()
         await self.broker.start()
         await self._serve()
+        if self._doors:
+            self._door = Door(self, self._doors)
+            await self._door.start()
         for consumer in self._fair:
             await consumer.start()
         self._started = True
@@ -362,6 +378,8 @@ class Mesh:
         for task in self._identity_tasks:
             task.cancel()
         await self._stop_serving()
+        if self._door is not None:
+            await self._door.stop()
         for consumer in self._fair:
             await consumer.stop()
         for hook in self._on_stop_connected:
@@ -711,9 +729,14 @@ class Mesh:
 
         ``on_reject(tenant, task, subject, reason)`` runs whenever this durable gives up on a
         message: rejected on arrival (contract or identity), rejected by the handler, or
-        dead-lettered after its last attempt. The task's owner uses it to tell the client."""
+        dead-lettered after its last attempt. The task's owner uses it to tell the client.
+        A contract tenants write (``topology.doors``) is handed in at this service's door, which
+        ``start`` opens: checked, charged to the tenant's quota, then stored."""
         durable = topo.durable_for(self.service, contract)
         self._durables.append(durable)
+        door = topo.door_of(contract)
+        if door is not None and door.service == self.service and door not in self._doors:
+            self._doors.append(door)  # tenants hand it in here (``mesh_kit.door``)
         workers = max_workers or self.settings.max_workers
         prefix = (self.settings.inbox_prefix + ".").encode()
 
@@ -785,7 +808,7 @@ class Mesh:
         except (ContractError, IdentityError) as exc:
             self.count(tel.M_REJECTED)
             reason = _rejection(exc)
-            self._rejections.warn(f"rejected {raw.subject} seq={seq}: {reason}")
+            self.rejections.warn(f"rejected {raw.subject} seq={seq}: {reason}")
             await self._give_up(msg, durable, "rejected", reason, (deliveries, seq, stored_at), on_reject)
             return
 
@@ -941,7 +964,10 @@ class Mesh:
         reason: str,
         where: tuple[int, int, float | None],
     ) -> None:
-        """Copy the message to the DLQ with why, how often, and when it was first stored."""
+        """Copy the message to the DLQ with why, how often, and when it was first stored: charged to
+        its tenant's dead-letter quota first. Over it, the dead letter is not kept (the original
+        stays in its stream for the stream's retention), and that is counted and logged: one
+        tenant's failing messages must not fill the DLQ for every tenant."""
         deliveries, seq, stored_at = where
         out = {
             f"{env.ORIG_PREFIX}{k}": env.one_line(v, 4000)
@@ -961,9 +987,26 @@ class Mesh:
                 env.MSG_ID: f"dlq:{durable.stream}:{seq}:{self.service}" if seq else f"dlq:{time.time_ns()}",
             }
         )
-        await self.broker.publish(
-            raw.data, topo.dlq_subject(self.service, raw.subject), headers=out, stream=topo.DLQ_STREAM, timeout=10.0
-        )
+        subject = topo.dlq_subject(self.service, raw.subject)
+        tenant = _tenant_of(raw.subject)
+        charged_at, size = 0.0, len(subject) + len(raw.data) + sum(len(k) + len(v) + 4 for k, v in out.items())
+        if self.quotas is not None:
+            refusal, charged_at = await self.quotas.charge(tenant, topo.DLQ_STREAM, size)
+            if refusal is not None:
+                self.count(tel.M_DLQ_DROPPED, {"tenant": tenant, "code": refusal.code})
+                self.rejections.warn(
+                    f"dead letter of {raw.subject} seq={seq} not kept: tenant {tenant} is over its dead-letter "
+                    f"quota ({refusal.reason}); the original stays in {durable.stream}"
+                )
+                return
+        try:
+            ack = await self.broker.publish(raw.data, subject, headers=out, stream=topo.DLQ_STREAM, timeout=10.0)
+        except Exception:
+            if self.quotas is not None:
+                await self.quotas.refund(tenant, topo.DLQ_STREAM, size, charged_at)
+            raise
+        if self.quotas is not None and getattr(ack, "duplicate", False):
+            await self.quotas.refund(tenant, topo.DLQ_STREAM, size, charged_at)
 
     # --- request/reply --------------------------------------------------------------------
 
@@ -988,11 +1031,11 @@ class Mesh:
                 )
             except (ContractError, IdentityError) as exc:
                 self.count(tel.M_REJECTED)
-                self._rejections.warn(f"rejected request on {raw.subject}: {_rejection(exc)}")
+                self.rejections.warn(f"rejected request on {raw.subject}: {_rejection(exc)}")
                 return  # the requester times out; an unverified sender learns nothing
             if not isinstance(model, contract):  # another version's message on the same subject shape
                 self.count(tel.M_REJECTED)
-                self._rejections.warn(f"rejected request on {raw.subject}: not a {contract.schema_id()}")
+                self.rejections.warn(f"rejected request on {raw.subject}: not a {contract.schema_id()}")
                 return
             answer = await handler(
                 model, Delivery(self, sender, raw.subject, headers.get(env.MSG_ID, ""), 1, headers, body=raw.data)
@@ -1057,35 +1100,20 @@ class Mesh:
         return bind(self.nc, bucket)
 
 
+def _tenant_of(subject: str) -> str:
+    """The tenant a message's subject names, or ``-`` for a subject of no tenant's shape."""
+    try:
+        tenant = split_subject(subject).tenant
+    except ContractError:
+        return "-"
+    return tenant if re.match(ID_PATTERN, tenant) else "-"
+
+
 def _rejection(exc: Exception) -> str:
     """The dead letter's reason: ``decode: ...`` (the bounded decoder), ``contract: ...`` or ``identity: ...``."""
     if isinstance(exc, BodyError):
         return str(exc)
     return f"{'identity' if isinstance(exc, IdentityError) else 'contract'}: {exc}"
-
-
-class _Throttled:
-    """One warning line per rejected message, up to ``per_min`` a minute; beyond that, one line
-    a minute saying how many were not logged (a flood of garbage must not flood the logs too:
-    every one of them is in the DLQ with its reason, and counted)."""
-
-    def __init__(self, logger: logging.Logger, per_min: int) -> None:
-        self.log, self.per_min = logger, per_min
-        self.window, self.logged, self.quiet, self.last = 0.0, 0, 0, ""
-
-    def warn(self, line: str) -> None:
-        now = time.monotonic()
-        if now - self.window >= 60.0:
-            if self.quiet:
-                self.log.warning("%d more message(s) rejected in the last minute, not logged (latest: %s)",
-                                 self.quiet, self.last)  # fmt: skip
-            self.window, self.logged, self.quiet = now, 0, 0
-        if self.logged < self.per_min:
-            self.logged += 1
-            self.log.warning("%s", line)
-        else:
-            self.quiet += 1
-            self.last = line[:300]
 
 
 async def _the_message(msg: NatsMessage) -> NatsMessage:

@@ -95,6 +95,18 @@ class ServiceSettings(BaseSettings):
     keeps them current from the buckets' republished feeds; it reads each again after this long
     anyway (the bound on how late a write is seen if its fed message were lost). 0: read both
     buckets before every model or tool call."""
+    quota_share: float = Field(0.125, ge=0, le=1)
+    """Of each capped stream a tenant's messages are stored in (TASK: its submissions; CONTROL: its
+    halts, resumes and cancels; RAG: its ingests; DLQ: its dead letters, split evenly among the six
+    services), the share of the cap (bytes, and messages where the stream caps them) one tenant may
+    hold; over it the tenant is refused with ``quota_exceeded`` and the others are untouched. 0: no
+    quota (``mesh_kit.quota``)."""
+    quota_mib_per_min: dict[str, float] = {"TASK": 16.0, "CONTROL": 1.0, "RAG": 64.0, "DLQ": 4.0}
+    """MiB a tenant may have stored per minute, per stream (JSON; the DLQ's split among the services);
+    a stream not named has no rate limit. Over it: ``rate_limited`` with a ``retry_after_s``."""
+    quota_tenants: dict[str, dict[str, dict[str, float]]] = {}
+    """Per tenant and stream over the defaults, JSON: ``{"acme": {"RAG": {"mib": 2048, "msgs": 0,
+    "mib_per_min": 256}}}`` (``mib``: bytes held, replacing the share; ``msgs``: messages held; 0: no limit)."""
     log_level: str = "INFO"
     """Python logging level (``DEBUG``, ``INFO``, ``WARNING``, ...)."""
     data_dir: Path | None = None
@@ -106,6 +118,13 @@ class ServiceSettings(BaseSettings):
         if v not in SERVICES:
             raise ValueError(f"unknown service {v!r}; expected one of {', '.join(SERVICES)}")
         return v
+
+    @field_validator("quota_tenants")
+    @classmethod
+    def _known_quotas(cls, v: dict[str, dict[str, dict[str, float]]]) -> dict[str, dict[str, dict[str, float]]]:
+        from mesh_kit.quota import parse_overrides
+
+        return parse_overrides(v)
 
     @model_validator(mode="after")
     def _redis_from_file(self) -> ServiceSettings:

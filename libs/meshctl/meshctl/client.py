@@ -27,7 +27,7 @@ import nats
 from nats.aio.msg import Msg
 
 from mesh_contracts import Contract, ContractError, parse_message
-from mesh_contracts.topology import STREAMS
+from mesh_contracts.topology import STREAMS, door_subject
 from mesh_contracts.v1 import (
     ControlCancel,
     ControlHalt,
@@ -47,6 +47,7 @@ from mesh_contracts.v1 import (
 )
 from mesh_kit import envelope as env
 from mesh_kit import wire
+from mesh_kit.door import DoorRefused, Stored, read_reply
 from mesh_kit.fair import PRIORITY
 from mesh_kit.identity import IdentityError, Signer, TrustBundle, Verifier
 from mesh_kit.settings import (
@@ -160,10 +161,13 @@ class TenantClient:
         if self.nc is not None:
             await self.nc.close()
 
-    async def publish(self, model: Contract, key: str = "1", *, within_s: float = 60.0) -> None:
-        """Publish until the stream acknowledges. While the broker is unavailable (a restart, or a
-        cluster electing a new leader after a node died) it retries for up to ``within_s``: the
-        message id is deterministic, so a retry of a publish that did land is stored once."""
+    async def publish(self, model: Contract, key: str = "1", *, within_s: float = 60.0) -> Stored:
+        """Hand the message in at its door (``mesh_kit.door``: a tenant writes to no stream itself)
+        until the stream acknowledges it. While the broker or the door's keeper is unavailable (a
+        restart, a cluster electing a new leader after a node died) it retries for up to
+        ``within_s``: the message id is deterministic, so a retry of one that did land is stored
+        once. ``DoorRefused`` when the door says no (the tenant's quota, a bad message), with
+        ``code`` and ``retry_after_s``; ``StreamFull`` when the stream is at its cap."""
         assert self.nc is not None
         body = model.to_bytes()
         headers = env.headers_for(
@@ -173,18 +177,21 @@ class TenantClient:
             headers[PRIORITY] = str(model.priority)  # the planner's fair queue reads it unparsed
             headers["traceparent"] = traceparent()  # the task's trace starts here
         deadline, pause = time.monotonic() + within_s, 0.1
+        door = door_subject(model.subject())
         while True:
             try:
-                await self.nc.jetstream().publish(model.subject(), body, headers=headers, timeout=5.0)
-                return
-            except BROKER_UNAVAILABLE as exc:
-                full = StreamFull.of(exc, STREAMS[model.spec.domain])
-                if full is not None:
-                    raise full from exc  # not an outage: it stays full until there is room
+                reply = await self.nc.request(door, body, headers=headers, timeout=5.0)
+                return read_reply(reply.data)
+            except StreamFull:
+                raise  # not an outage: it stays full until there is room
+            except DoorRefused as exc:
+                if exc.code not in ("unavailable", "busy") or time.monotonic() + pause > deadline:
+                    raise
+            except BROKER_UNAVAILABLE:
                 if time.monotonic() + pause > deadline:
                     raise
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, 2.0)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 2.0)
 
     async def submit(
         self,
@@ -269,6 +276,17 @@ class TenantClient:
         )
         try:
             await self.publish(submitted)
+        except DoorRefused as exc:
+            # Refused at the door (the tenant's quota, a message the mesh cannot take): nothing was
+            # stored and nothing runs; the same outcome as a refusal by the planner's admission.
+            code = {"forbidden": "invalid", "unavailable": "overloaded"}.get(exc.code, exc.code)
+            seen.outcome = TaskRejected(
+                tenant=self.tenant, task_id=task_id, source_subject=submitted.subject(), code=code,
+                reason=f"refused at the door: {exc.reason}",
+                retry_after_s=exc.retry_after_s if code != "invalid" else None,
+            )  # fmt: skip
+            seen.finished_at = time.time()
+            done.set()
         except StreamFull as exc:
             # Refused by the store itself, before any planner saw it: the same answer as the
             # planner's ``overloaded`` (nothing was stored, nothing runs), said here.

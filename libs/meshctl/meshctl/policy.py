@@ -79,6 +79,22 @@ def service_permissions(service: str) -> Permissions:
         p.add_pub(*(f"$JS.API.STREAM.INFO.{s}" for s in [*topo.STREAMS.values(), topo.DLQ_STREAM]))
     if service in topo.CONTROL_OBSERVERS:
         p.add_sub("control.*.*.*.*")
+    for door in topo.doors_of(service):
+        # Keep the door (queue group), store what passes on the stream subject, answer the client,
+        # and read the stream's caps and max_age (its tenants' quotas are shares of them).
+        p.add_sub(door.pattern)
+        s = door.contract.spec
+        p.add_pub(
+            *(
+                f"{s.domain}.v{major}.*.*.{s.event}"
+                for major, c in _contracts()
+                if (c.spec.domain, c.spec.event) == (s.domain, s.event)
+            )
+        )
+        p.add_pub(f"$JS.API.STREAM.INFO.{door.stream}")
+        p.allow_responses = True
+    # The DLQ's caps and max_age: a tenant's dead letters are charged to its quota, a share of them.
+    p.add_pub(f"$JS.API.STREAM.INFO.{topo.DLQ_STREAM}")
     p.add_pub(topo.dlq_subject(service, ">"))
     for prefix, writer in topo.SINKS.values():
         if service == writer:
@@ -103,13 +119,17 @@ def _scan(bucket: str) -> tuple[str, ...]:
 
 
 def client_permissions(tenant: str) -> Permissions:
-    """A tenant's client: submit and control its own tasks, read only its own events."""
+    """A tenant's client: submit and control its own tasks (at their doors: it writes to no
+    stream), read only its own events."""
     name = f"{CLIENT}.{tenant}"
     p = Permissions(name, role=CLIENT, tenant=tenant)
     p.add_sub(f"{inbox_prefix(name)}.>")
     for major, c in _contracts():
         s = c.spec
-        if CLIENT in s.producers:
+        if CLIENT in s.producers and s.transport == "stream":
+            # Never onto a stream: through the contract's door, which keeps the tenant's quota.
+            p.add_pub(topo.door_subject(f"{s.domain}.v{major}.{tenant}.*.{s.event}"))
+        elif CLIENT in s.producers:
             p.add_pub(f"{s.domain}.v{major}.{tenant}.*.{s.event}")
         if CLIENT in s.consumers:
             # The whole domain for its own tenant, so it can follow one task with ``<domain>.*.<tenant>.<task>.>``.

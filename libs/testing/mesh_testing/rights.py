@@ -64,6 +64,14 @@ def stream_read(stream: str) -> set[str]:
     return {f"$JS.API.DIRECT.GET.{stream}"}
 
 
+def quota(service: str, *streams: str) -> set[str]:
+    """Its own slice of the tenants' quota book (``mesh_kit.quota``), and the caps and max_age of
+    the streams whose tenant messages it stores: the DLQ (its dead letters), and its doors' streams."""
+    return {f"$JS.API.DIRECT.GET.KV_quotas.$KV.quotas.{service}.>"} | {
+        f"$JS.API.STREAM.INFO.{s}" for s in ("DLQ", *streams)
+    }
+
+
 EVERY_SERVICE = kv_read("control") | kv_read("trust")  # kill switches; the published trust bundle
 GUARD = kv_read("status")  # whether a task was halted or ended (not what it is about)
 # Appending to a tenant's audit chain: read its last record (the subject form: the last message
@@ -93,7 +101,8 @@ INTENDED: dict[str, set[str]] = {
     | AUDIT_WRITER  # control actions
     # how full each stream is (caps and counts, no message): new tasks are refused near a cap
     | STORE_LEVELS
-    | ledger("planner"),
+    | ledger("planner")
+    | quota("planner", "TASK", "CONTROL"),  # the door of submissions and control messages
     "worker": EVERY_SERVICE
     | fetch("STEP", "worker--step-requested")
     | fetch("TOOL", "worker--tool-completed")
@@ -102,11 +111,21 @@ INTENDED: dict[str, set[str]] = {
     | GUARD
     | kv_own("steps")
     | kv_read("tools")
-    | ledger("worker"),
+    | ledger("worker")
+    | quota("worker"),
     # The checker reads no stream and no task record: the passages it checks citations against
     # come in the check request, each as rag signed it.
-    "checker": EVERY_SERVICE | fetch("CHECK", "checker--check-requested") | GUARD | ledger("checker"),
-    "rag": EVERY_SERVICE | fetch("RAG", "rag--rag-requested") | fetch("RAG", "rag--rag-ingest") | GUARD | kv_own("rag"),
+    "checker": EVERY_SERVICE
+    | fetch("CHECK", "checker--check-requested")
+    | GUARD
+    | ledger("checker")
+    | quota("checker"),
+    "rag": EVERY_SERVICE
+    | fetch("RAG", "rag--rag-requested")
+    | fetch("RAG", "rag--rag-ingest")
+    | GUARD
+    | kv_own("rag")
+    | quota("rag", "RAG"),  # the door of ingests
     "tool-executor": EVERY_SERVICE
     | fetch("TOOL", "tool-executor--tool-requested")
     | fetch("APPROVAL", "tool-executor--approval-decided")
@@ -118,7 +137,8 @@ INTENDED: dict[str, set[str]] = {
     | kv_own("notes")
     | kv_scan("notes")
     | AUDIT_WRITER  # tool-policy decisions and approval outcomes
-    | ledger("tool-executor"),
+    | ledger("tool-executor")
+    | quota("tool-executor"),
     # The monitor reads every domain but the tenants' event feed, with direct gets only.
     "budget": EVERY_SERVICE
     | fetch("USAGE", "budget--usage-recorded")
@@ -129,7 +149,8 @@ INTENDED: dict[str, set[str]] = {
     | kv_own("reservations")
     | kv_scan("reservations")  # a rebuilt view reads the last ttl's holds in batches
     | kv_own("anchors")  # the audit chains' signed anchors
-    | AUDIT_WRITER,  # budget trips
+    | AUDIT_WRITER  # budget trips
+    | quota("budget"),
     "approver": kv_scan("approvals"),
     "client.acme": {"$JS.API.DIRECT.GET.TASK.task.*.acme.>", "$JS.API.DIRECT.GET.EVENTS.event.*.acme.>"},
     "client.globex": {"$JS.API.DIRECT.GET.TASK.task.*.globex.>", "$JS.API.DIRECT.GET.EVENTS.event.*.globex.>"},
@@ -144,6 +165,8 @@ WHY: dict[str, str] = {
     "DIRECT.GET (bare)": "batched reads by sequence/time or current values: the budget's monitor over 8 "
     "streams and its accounting horizon (last stored usage sequence), the approvals bucket "
     "(tool-executor's expiry, approvers' list), notes (note_list)",
-    "STREAM.INFO": "a bucket's writer only (the budget lists one task's spend keys with a subjects filter)",
+    "STREAM.INFO": "a bucket's writer only (the budget lists one task's spend keys with a subjects filter); the "
+    "caps and max_age (config and counts, no message) of the streams a service stores tenants' messages in: "
+    "the DLQ for every service, TASK and CONTROL for the planner's door, RAG for rag's (quotas are shares of them)",
 }
 """Why each kind of right exists (for the note and the README's table)."""
