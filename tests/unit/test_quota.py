@@ -109,3 +109,26 @@ def test_limits_are_a_share_of_the_stream_unless_the_tenant_has_its_own():
     dlq = limit("globex", "DLQ", shape)  # kept by six services: a sixth each
     assert dlq == Limit(int(64 * MIB / 6), 0, MIB)
     assert not limits_from(0.0, {}, {})("globex", "RAG", shape)
+
+
+async def test_what_a_service_stores_of_its_own_accord_counts_at_the_tenants_next_charge():
+    """The planner's rejections and outcomes in TASK are the tenant's too: never refused, written
+    with the tenant's next charge or by the flush, and then its next message is refused."""
+    import time
+
+    from mesh_kit.quota import Quotas
+    from mesh_testing.memkv import MemoryKV
+
+    kv = MemoryKV()
+    q = Quotas(lambda: None, kv, "planner", lambda t, s, shape: Limit(bytes=10_000))
+    q._shapes["TASK"] = (time.monotonic(), Shape(max_bytes=80_000, max_msgs=0, max_age_s=WINDOW))
+    assert (await q.charge("acme", "TASK", 4000))[0] is None
+    q.induced("acme", "TASK", 5000)
+    assert (await q.charge("acme", "TASK", 1000))[0] is None  # 4000 + 5000 + 1000: the whole quota
+    writes = kv.seq
+    q.induced("acme", "TASK", 10)
+    await q.flush()
+    assert kv.seq == writes + 1
+    refused, _ = await q.charge("acme", "TASK", 1)
+    assert refused is not None and refused.code == "quota_exceeded" and "in 4 messages" in refused.reason
+    assert (await q.charge("globex", "TASK", 9000))[0] is None, "another tenant's quota is its own"

@@ -256,3 +256,36 @@ def test_a_question_the_documents_do_not_cover_gets_no_vector_hits(corpus: Tenan
     for query in ("What is 2 + 2?", "recipe for banana bread"):
         assert corpus.search(query, 3, method="vector", embedder=embedder) == []
     assert corpus.search("recipe for banana bread", 3, method="vector", embedder=embedder, min_similarity=-1.0)
+
+
+async def test_a_tenant_index_over_its_quota_refuses_the_ingest_and_keeps_what_it_had():
+    """The rag bucket holds every tenant's index: a tenant at its quota (``MESH_RAG_INDEX_*``) gets
+    ``ok: false`` with the reason; its index and every other tenant's are as they were, and the
+    parts written for the refused document are gone (nothing the manifest does not name stays)."""
+    from mesh_rag.embed import Embedder
+    from mesh_rag.service import Rag
+    from mesh_rag.store import IndexFull, IndexQuota, Store
+    from mesh_testing.memkv import MemoryKV
+
+    kv = MemoryKV()
+    quota = {"acme": IndexQuota(bytes=0, docs=2), "globex": IndexQuota()}
+    rag = Rag(None, embedder=Embedder.load(), index_quota=quota.__getitem__)  # type: ignore[arg-type]
+    rag.store = Store(kv)
+    text = b"# Refunds\n\nRefunds are paid within thirty days of a written request."
+    for doc in ("a.md", "b.md"):
+        assert (await rag.ingest("acme", doc, text + doc.encode(), "text/markdown"))["ok"]
+
+    def live() -> set[str]:
+        return {k for k, e in kv.data.items() if e.value is not None}
+
+    kept = live()
+    manifest, _ = await rag.store.manifest("acme")
+    with pytest.raises(IndexFull, match="holds 2 documents, its limit of 2"):
+        await rag.ingest("acme", "c.md", text + b"c", "text/markdown")
+    assert live() == kept
+    assert (await rag.store.manifest("acme"))[0].docs.keys() == manifest.docs.keys()
+    assert (await rag.ingest("acme", "a.md", text + b"a, revised", "text/markdown"))["ok"], "a replacement fits"
+    assert (await rag.ingest("globex", "c.md", text, "text/markdown"))["ok"], "another tenant is untouched"
+    quota["acme"] = IndexQuota(bytes=1)
+    with pytest.raises(IndexFull, match="would pass its limit"):
+        await rag.ingest("acme", "a.md", text + b"a, again", "text/markdown")

@@ -223,7 +223,9 @@ class Mesh:
         self._fair: list[FairConsumer] = []
         self._durables: list[topo.Durable] = []  # every durable ``consume`` bound, in order
         self._doors: list[topo.Door] = []  # the doors of the tenant-written contracts it consumes
+        self._door_streams: set[str] = set()  # and their streams
         self._door: Door | None = None
+        self._quota_flush: asyncio.Task[None] | None = None
         self.quotas: Quotas | None = None
         """What each tenant made this service store (``mesh_kit.quota``): its doors and its dead
         letters charge it. Set by ``start`` (None under the in-memory test broker: no quotas)."""
@@ -338,6 +340,7 @@ class Mesh:
         if self._doors:
             self._door = Door(self, self._doors)
             await self._door.start()
+        self._quota_flush = asyncio.create_task(self.quotas.run(), name="quota-flush")
         for consumer in self._fair:
             await consumer.start()
         self._started = True
@@ -380,8 +383,15 @@ class Mesh:
         await self._stop_serving()
         if self._door is not None:
             await self._door.stop()
+        if self._quota_flush is not None:
+            self._quota_flush.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._quota_flush
         for consumer in self._fair:
             await consumer.stop()
+        if self.quotas is not None:
+            with contextlib.suppress(Exception):
+                await self.quotas.flush()  # what it stored for tenants since their last charge
         for hook in self._on_stop_connected:
             try:
                 await hook()
@@ -632,7 +642,13 @@ class Mesh:
                 return None
             try:
                 if self._direct:
-                    return await self._js().publish(subject, body, headers=headers, stream=stream, timeout=timeout)
+                    ack = await self._js().publish(subject, body, headers=headers, stream=stream, timeout=timeout)
+                    if stream in self._door_streams and self.quotas is not None and not ack.duplicate:
+                        # Stored for the tenant in a stream it writes to through this service's door:
+                        # it counts against the tenant's quota there (``Quotas.induced``).
+                        size = len(subject) + len(body) + sum(len(k) + len(v) + 4 for k, v in headers.items())
+                        self.quotas.induced(model.tenant, stream, size)
+                    return ack
                 # Not connected by ``start`` (FastStream's in-memory test broker drives this mesh).
                 return await self.broker.publish(body, subject, headers=headers, stream=stream, timeout=timeout)
             except nats.errors.TimeoutError as exc:
@@ -737,6 +753,7 @@ class Mesh:
         door = topo.door_of(contract)
         if door is not None and door.service == self.service and door not in self._doors:
             self._doors.append(door)  # tenants hand it in here (``mesh_kit.door``)
+            self._door_streams.add(door.stream)
         workers = max_workers or self.settings.max_workers
         prefix = (self.settings.inbox_prefix + ".").encode()
 

@@ -109,7 +109,8 @@ def refusal_body(refused: DoorRefused) -> bytes:
 
 def full_body(stream: str, description: str) -> bytes:
     """JetStream's own answer for a stream at its cap (``StreamFull.of`` knows it)."""
-    return json.dumps({"error": {"code": 503, "err_code": STREAM_FULL_CODE, "description": description}}).encode()
+    error = {"code": 503, "err_code": STREAM_FULL_CODE, "description": description}
+    return json.dumps({"error": error, "stream": stream}).encode()
 
 
 def read_reply(data: bytes) -> Stored:

@@ -49,6 +49,8 @@ REFUSAL_CACHED_S = 5.0
 """How long a refusal is answered from memory (no read) while its ``retry_after`` has not passed."""
 INFO_EVERY_S = 60.0
 """How often a stream's caps and max_age are read again."""
+FLUSH_S = 5.0
+"""How often what a service stored of its own accord is written for a tenant that sent nothing since."""
 
 
 @dataclass(frozen=True)
@@ -143,6 +145,16 @@ def charge(rec: QuotaRecord, limit: Limit, window_s: float, nbytes: int, now: fl
     return None
 
 
+def add(rec: QuotaRecord, window_s: float, nbytes: int, msgs: int, now: float) -> None:
+    """Add what a service stored for the tenant of its own accord (``Quotas.induced``): never
+    refused (work in hand must finish), it counts against the quota all the same."""
+    expire(rec, window_s, now)
+    rec.window_s = window_s
+    slot = str(int(now // rec.slot_s))
+    b, m = rec.held.get(slot, [0, 0])
+    rec.held[slot] = [b + nbytes, m + msgs]
+
+
 def _until_room(rec: QuotaRecord, limit: Limit, window_s: float, nbytes: int, now: float) -> float:
     """Seconds until enough of what is held ages out for one more message of ``nbytes``."""
     held_b, held_m = rec.held_now()
@@ -187,7 +199,13 @@ class Quotas:
     ``limits(tenant, stream, shape)`` gives a tenant's limit in a stream of that shape (from the
     service's settings). A stream's shape is read (``STREAM.INFO``: caps and config, no message)
     when first needed and again every minute; a tenant's refusal is answered from memory for a
-    few seconds, so a flood of refused messages costs no reads."""
+    few seconds, so a flood of refused messages costs no reads.
+
+    What the service stores in a door's stream for a tenant of its own accord (the planner's
+    ``task.rejected``, plans and outcomes in TASK; rag's answers in RAG) counts too: ``induced``
+    adds it up in memory, and it is written with the tenant's next charge (the same write) or
+    by ``flush`` (every few seconds). It is never refused, but a tenant whose messages and what
+    they caused reach its quota is refused new ones."""
 
     def __init__(
         self, nc: Callable[[], Any], kv: Any, service: str, limits: Callable[[str, str, Shape], Limit]
@@ -198,7 +216,56 @@ class Quotas:
         self._pending: dict[tuple[str, str], Counter[str]] = {}
         """Refusals not yet in the record: the first of a run is written (``meshctl status`` shows
         the tenant refused), the rest are added with the tenant's next write."""
+        self._induced: dict[tuple[str, str], list[int]] = {}
+        """(tenant, stream) -> [bytes, messages] this service stored of its own accord, not yet written."""
         self._lock = asyncio.Lock()
+
+    def induced(self, tenant: str, stream: str, nbytes: int) -> None:
+        """Count a message this service stored for ``tenant`` in ``stream`` (written later)."""
+        held = self._induced.setdefault((tenant, stream), [0, 0])
+        held[0] += nbytes
+        held[1] += 1
+
+    async def flush(self) -> None:
+        """Write what was stored of the service's own accord, and the refusals counted, since the
+        last write of each tenant."""
+        for key in {*self._induced, *(k for k, v in self._pending.items() if v)}:
+            folded = self._induced.pop(key, None) or [0, 0]
+            refused = self._pending.pop(key, Counter())
+            tenant, stream = key
+            try:
+                shape = await self.shape(stream)
+                if not self.limits(tenant, stream, shape):
+                    continue  # no quota: nothing to count against
+
+                def mutate(
+                    rec: QuotaRecord | None, f: list[int] = folded, w: float = _window(shape), r: Counter[str] = refused
+                ) -> QuotaRecord:
+                    rec = rec or QuotaRecord()
+                    if f[1]:
+                        add(rec, w, f[0], f[1], time.time())
+                    for code, n in r.items():
+                        rec.refused[code] = rec.refused.get(code, 0) + n
+                    return rec
+
+                await st.update(self.kv, QuotaRecord.key(self.service, tenant, stream), QuotaRecord, mutate)
+            except Exception as exc:  # noqa: BLE001 - the broker is away: kept for the next round
+                self._unfold(key, folded)
+                self._pending.setdefault(key, Counter()).update(refused)
+                log.debug("quota of %s in %s not written: %s", tenant, stream, exc)
+
+    async def run(self, every_s: float = FLUSH_S) -> None:
+        """``flush`` every ``every_s`` (a task of the service's, from start to stop)."""
+        while True:
+            await asyncio.sleep(every_s)
+            await self.flush()
+
+    def _unfold(self, key: tuple[str, str], folded: list[int]) -> None:
+        if not folded[1]:
+            return
+        held = self._induced.setdefault(key, [0, 0])
+        held[0] += folded[0]
+        held[1] += folded[1]
 
     async def shape(self, stream: str) -> Shape:
         known = self._shapes.get(stream)
@@ -238,13 +305,16 @@ class Quotas:
         limit = self.limits(tenant, stream, shape)
         if not limit:
             return None, now
-        window = shape.max_age_s or 7 * 86400.0  # a stream that keeps forever: charges held a week
+        window = _window(shape)
         refusal: Refusal | None = None
         pending = self._pending.setdefault((tenant, stream), Counter())
+        folded = self._induced.pop((tenant, stream), None)  # written with this charge
 
         def mutate(rec: QuotaRecord | None) -> QuotaRecord | None:
             nonlocal refusal
             rec = rec or QuotaRecord()
+            if folded:
+                add(rec, window, folded[0], folded[1], now)
             refusal = charge(rec, limit, window, nbytes, now)
             if refusal is not None and pending:
                 return None  # refusals are counted here and written with the next write
@@ -252,7 +322,14 @@ class Quotas:
                 rec.refused[code] = rec.refused.get(code, 0) + n
             return rec
 
-        _, wrote = await st.update(self.kv, QuotaRecord.key(self.service, tenant, stream), QuotaRecord, mutate)
+        try:
+            _, wrote = await st.update(self.kv, QuotaRecord.key(self.service, tenant, stream), QuotaRecord, mutate)
+        except BaseException:
+            if folded:
+                self._unfold((tenant, stream), folded)
+            raise
+        if not wrote and folded:
+            self._unfold((tenant, stream), folded)
         if wrote:
             pending.clear()
         elif refusal is not None:
@@ -272,6 +349,11 @@ class Quotas:
 
         with contextlib.suppress(Exception):  # a refund lost errs on the tenant's side of caution
             await st.update(self.kv, QuotaRecord.key(self.service, tenant, stream), QuotaRecord, mutate)
+
+
+def _window(shape: Shape) -> float:
+    """How long a charge is held: the stream's max_age (a week for a stream that keeps forever)."""
+    return shape.max_age_s or 7 * 86400.0
 
 
 def parse_overrides(raw: dict[str, dict[str, dict[str, float]]]) -> dict[str, dict[str, dict[str, float]]]:

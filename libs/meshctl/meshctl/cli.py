@@ -36,7 +36,7 @@ from mesh_contracts.v1 import (
     TokenDelta,
     UsageRecorded,
 )
-from mesh_contracts.v1.records import AdmissionRecord
+from mesh_contracts.v1.records import AdmissionRecord, QuotaRecord
 from mesh_kit.guard import CONTROL_BUCKET, GLOBAL_KEY, tenant_key
 from mesh_kit.identity import Signer, TrustBundle, Verifier
 from mesh_kit.settings import log_nats_error, nats_servers
@@ -57,6 +57,7 @@ from meshctl.provision import (
     provision,
     store_levels,
 )
+from meshctl.quotas import Held, summarise
 
 if TYPE_CHECKING:
     from meshctl.client import TenantClient
@@ -216,7 +217,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     asker = _budget_asker(args)
 
-    async def run() -> tuple[dict, dict, dict, dict, Any]:
+    async def run() -> tuple[dict, dict, dict, dict, Any, list[Held]]:
         health = {}
         async with httpx.AsyncClient(timeout=2.0) as client:
             for name, proc in state.services.items():
@@ -236,17 +237,23 @@ def cmd_status(args: argparse.Namespace) -> int:
             except Exception as exc:  # noqa: BLE001 - a mesh provisioned before admission existed
                 admission = {"?": {"error": str(exc)}}
             try:
+                quota_records = await spend.scan(await _bucket(nc, QuotaRecord.bucket), ">")
+            except Exception:  # noqa: BLE001 - a mesh provisioned before quotas existed
+                quota_records = {}
+            try:
                 report = await asker(nc) if asker is not None else None
             except AskError as exc:  # an answer not believed: said once, the rest still shown
                 print(f"note: {exc}", file=sys.stderr)
                 report = None
         finally:
             await nc.close()
-        return health, lag, admission, streams, report
+        return health, lag, admission, streams, report, summarise(quota_records)
 
-    health, lag, admission, streams, report = asyncio.run(run())
+    health, lag, admission, streams, report, quotas = asyncio.run(run())
     if args.json:
-        print(json.dumps({"services": health, "consumers": lag, "tenants": admission, "streams": streams}, indent=2))
+        held = [vars(q) for q in quotas]
+        print(json.dumps({"services": health, "consumers": lag, "tenants": admission, "streams": streams,
+                          "quotas": held}, indent=2))  # fmt: skip
         return 0 if all(h.get("ready") for h in health.values()) else 1
     print(f"{'SERVICE':14} {'PID':>7} {'READY':6} {'LAG':>5}  DETAIL")
     for name, proc in state.services.items():
@@ -288,6 +295,14 @@ def cmd_status(args: argparse.Namespace) -> int:
                 f"{tenant:14} {len(rec.get('in_flight', {})):>9} {running:>8} {queued:>7} {queued_s:>8} "
                 f"{rec.get('admitted', 0):>9} {sum(refused.values()):>8}  {rec.get('mean_task_s', 0.0):8.2f}s  {by_code}"
             )
+    if quotas:
+        # What each tenant holds of its share of the streams it writes to (mesh_kit.quota).
+        print(f"\n{'TENANT':14} {'STREAM':8} {'HELD':>10} {'QUOTA':>10} {'MESSAGES':>9}  REFUSED BY CODE")
+        for q in quotas:
+            limit = _mib(q.limit_bytes) if q.limit_bytes else "none"
+            msgs = f"{q.msgs}" + (f"/{q.limit_msgs}" if q.limit_msgs else "")
+            by_code = " ".join(f"{k}={v}" for k, v in sorted(q.refused.items()))
+            print(f"{q.tenant:14} {q.stream:8} {_mib(q.bytes):>10} {limit:>10} {msgs:>9}  {by_code}")
     if streams:
         print(f"\n{'STREAM':14} {'MESSAGES':>9} {'STORED':>10} {'CAP':>10} {'FULL':>6}")
         for name, v in streams.items():

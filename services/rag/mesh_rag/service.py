@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ from mesh_rag.embed import Embedder
 from mesh_rag.extract import SUPPORTED, ExtractError, extract, media_type_for
 from mesh_rag.index import Chunk, TenantIndex, build_document, document_version
 from mesh_rag.settings import RagSettings
-from mesh_rag.store import Manifest, Store
+from mesh_rag.store import IndexFull, IndexQuota, Manifest, Store
 
 log = logging.getLogger("mesh.rag")
 SAMPLE_DOCS = Path(__file__).parent / "sample_docs"
@@ -52,8 +53,11 @@ class Loaded:
 
 class Rag:
     def __init__(self, mesh: Mesh, embedder: Embedder | None = None, seed_tenants: list[str] | None = None,
-                 seed_docs: Path | None = None, model_dir: Path | None = None) -> None:  # fmt: skip
+                 seed_docs: Path | None = None, model_dir: Path | None = None,
+                 index_quota: Callable[[str], IndexQuota] | None = None) -> None:  # fmt: skip
         self.mesh = mesh
+        self.index_quota = index_quota
+        """How much a tenant's index may hold (``RagSettings.index_quota``); None: no limit."""
         self.embedder = embedder
         self.model_dir = model_dir
         """Where the embedder's files are when none is given (default: the installed model)."""
@@ -123,7 +127,13 @@ class Rag:
             build_document, doc_id, text, self.embedder, media_type=media_type, title=title or _title(text, doc_id)
         )
         entry = await self.store.put_document(tenant, doc)
-        manifest, replaced = await self.store.switch(tenant, doc_id, entry)
+        try:
+            manifest, replaced = await self.store.switch(
+                tenant, doc_id, entry, self.index_quota(tenant) if self.index_quota else None
+            )
+        except IndexFull:
+            await self.store.delete_parts(entry)  # written for nothing: the manifest never named them
+            raise
         if replaced is not None and replaced.key != entry.key:
             await self.store.delete_parts(replaced)
         return {
@@ -144,7 +154,7 @@ class Rag:
             try:
                 async with d.keepalive():
                     outcome = await self.ingest(m.tenant, m.doc_id, data, m.media_type, m.title)
-            except ExtractError as exc:
+            except (ExtractError, IndexFull) as exc:
                 outcome = {"ok": False, "error": str(exc)}
         await self.mesh.publish(
             IngestCompleted(tenant=m.tenant, task_id=m.task_id, doc_id=m.doc_id, **outcome),
@@ -295,6 +305,7 @@ def _title(text: str, doc_id: str) -> str:
 
 async def build(mesh: Mesh, settings: RagSettings) -> Rag:
     docs = settings.data_dir or SAMPLE_DOCS
-    rag = Rag(mesh, seed_tenants=settings.seed_tenants, seed_docs=Path(docs), model_dir=settings.embed_model_dir)
+    rag = Rag(mesh, seed_tenants=settings.seed_tenants, seed_docs=Path(docs), model_dir=settings.embed_model_dir,
+              index_quota=settings.index_quota)  # fmt: skip
     rag.register()
     return rag

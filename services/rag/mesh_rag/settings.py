@@ -3,9 +3,10 @@ the embedding model."""
 
 from __future__ import annotations
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, field_validator
 
 from mesh_kit.settings import OptionalPath, ServiceSettings
+from mesh_rag.store import IndexQuota
 
 
 class RagSettings(ServiceSettings):
@@ -21,6 +22,31 @@ class RagSettings(ServiceSettings):
     embed_threads: int = Field(1, ge=1)
     """BLAS threads for embedding. Applied when ``mesh_rag`` is first imported, before numpy
     loads; scale the service with replicas rather than threads."""
+
+    rag_index_mib: float = Field(256.0, ge=0)
+    """Most a tenant's index may hold in KV ``rag`` (chunks and embeddings), in MiB; an ingest that
+    would pass it is answered ``ok: false`` with the reason (``quota: ...``). 0: no limit."""
+    rag_index_docs: int = Field(10_000, ge=0)
+    """Most documents a tenant's index may hold; 0: no limit."""
+    rag_index_tenants: dict[str, dict[str, float]] = {}
+    """Per tenant over the two above, JSON: ``{"acme": {"mib": 2048, "docs": 50000}}``."""
+
+    @field_validator("rag_index_tenants")
+    @classmethod
+    def _known_index_limits(cls, v: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+        for tenant, values in v.items():
+            if unknown := set(values) - {"mib", "docs"}:
+                raise ValueError(f"tenant {tenant}: unknown limit(s) {', '.join(sorted(unknown))}")
+            if any(x < 0 for x in values.values()):
+                raise ValueError(f"tenant {tenant}: limits must be >= 0")
+        return v
+
+    def index_quota(self, tenant: str) -> IndexQuota:
+        """How much ``tenant``'s index may hold."""
+        own = self.rag_index_tenants.get(tenant, {})
+        return IndexQuota(
+            bytes=int(own.get("mib", self.rag_index_mib) * 1024 * 1024), docs=int(own.get("docs", self.rag_index_docs))
+        )
 
     @property
     def seed_tenants(self) -> list[str]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel
@@ -25,7 +26,24 @@ from pydantic import BaseModel
 from mesh_kit import state as st
 from mesh_rag.index import Document
 
-PART_BYTES = 4 * 1024 * 1024
+MIB = 1024 * 1024
+PART_BYTES = 4 * MIB
+ESTIMATED_CHUNK_BYTES = 2048
+"""A chunk's text and its float16 embedding, about: what an entry of an older release (which did
+not record its size) is taken to hold."""
+
+
+class IndexFull(ValueError):
+    """The tenant's index would hold more than its quota (``MESH_RAG_INDEX_*``): the ingest is
+    refused with the reason, and the index is left as it was."""
+
+
+@dataclass(frozen=True)
+class IndexQuota:
+    """How much one tenant's index may hold in KV ``rag`` (0: no limit)."""
+
+    bytes: int = 0
+    docs: int = 0
 
 
 class DocEntry(BaseModel):
@@ -37,6 +55,12 @@ class DocEntry(BaseModel):
     title: str = ""
     media_type: str = ""
     ingested_at: float = 0.0
+    bytes: int = 0
+    """What its parts hold (0 in entries written before it was recorded: ``size`` estimates)."""
+
+    def size(self) -> int:
+        """Bytes this version holds in the bucket (estimated from its chunks for an old entry)."""
+        return self.bytes or self.chunks * ESTIMATED_CHUNK_BYTES
 
 
 class Manifest(BaseModel):
@@ -88,6 +112,7 @@ class Store:
             title=doc.title,
             media_type=doc.media_type,
             ingested_at=time.time(),
+            bytes=len(data),
         )
 
     async def load_document(self, entry: DocEntry) -> Document:
@@ -97,9 +122,13 @@ class Store:
             blobs.append(got.value or b"")
         return Document.from_bytes(b"".join(blobs))
 
-    async def switch(self, tenant: str, doc_id: str, entry: DocEntry | None) -> tuple[Manifest, DocEntry | None]:
+    async def switch(
+        self, tenant: str, doc_id: str, entry: DocEntry | None, quota: IndexQuota | None = None
+    ) -> tuple[Manifest, DocEntry | None]:
         """Point the manifest at ``entry`` for ``doc_id`` (None removes it); returns the new
-        manifest and the entry it replaced."""
+        manifest and the entry it replaced. ``IndexFull`` if the index would then hold more than
+        ``quota`` (decided on the manifest as stored, in the compare-and-set: two ingests racing
+        cannot both pass on the same room)."""
         replaced: list[DocEntry | None] = [None]
 
         def apply(cur: Manifest | None) -> Manifest | None:
@@ -110,6 +139,18 @@ class Store:
                 old is not None and entry is not None and old.version == entry.version
             ):
                 return None
+            if entry is not None and quota is not None:
+                others = [e for d, e in cur.docs.items() if d != doc_id]
+                held = sum(e.size() for e in others)
+                if quota.docs and len(others) + 1 > quota.docs:
+                    raise IndexFull(
+                        f"quota: the tenant's index holds {len(others)} documents, its limit of {quota.docs}"
+                    )
+                if quota.bytes and held + entry.size() > quota.bytes:
+                    raise IndexFull(
+                        f"quota: the tenant's index holds {held / MIB:.1f} MiB; this document's "
+                        f"{entry.size() / MIB:.1f} MiB would pass its limit of {quota.bytes / MIB:.1f} MiB"
+                    )
             return cur.with_doc(doc_id, entry)
 
         new, _ = await st.update(self.kv, f"{tenant}.manifest", Manifest, apply)
