@@ -2,7 +2,7 @@
 
 This is how your own application integrates: it holds its tenant's client identity
 (a NATS .creds file and an Ed25519 signing key, both minted by `meshctl init`) and
-publishes a `task.submitted` message. Run:
+hands a `task.submitted` message in at its door. Run:
 
     python examples/submit_with_nats_py.py --tenant demo --home .mesh "What is 6 * 7?"
 """
@@ -19,6 +19,7 @@ from pathlib import Path
 
 import jwt  # PyJWT, with the cryptography extra for EdDSA
 import nats
+import nats.js.errors
 
 
 async def main(goal: str, tenant: str, home: Path, nats_url: str) -> int:
@@ -69,8 +70,16 @@ async def main(goal: str, tenant: str, home: Path, nats_url: str) -> int:
         "Mesh-Identity": token,
     }
 
-    # 4. Publish to JetStream (acknowledged: the task is durably accepted once this returns).
-    ack = await nc.jetstream().publish(f"task.v1.{tenant}.{task_id}.submitted", body, headers=headers)
+    # 4. Hand it in at its door: a tenant writes to no stream itself. The planner checks it, charges
+    # it to the tenant's quota, stores it on task.v1.<tenant>.<task>.submitted and answers as
+    # JetStream would, so the JetStream publish call works unchanged: it returns once the task is
+    # durably accepted, or raises APIError with the refusal (quota_exceeded: ..., invalid: ...).
+    try:
+        ack = await nc.jetstream().publish(f"door.task.v1.{tenant}.{task_id}.submitted", body, headers=headers)
+    except nats.js.errors.APIError as exc:
+        print(f"refused: {exc.description}", file=sys.stderr)
+        await nc.close()
+        return 4
     print(f"submitted {task_id} (stream {ack.stream}, seq {ack.seq})")
 
     result = await asyncio.wait_for(outcome, timeout=60)

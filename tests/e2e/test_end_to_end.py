@@ -8,6 +8,7 @@ processes. The test bodies are identical either way.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import httpx
 import nats
+import nats.js.errors
 import pytest
 
 from mesh_contracts.v1 import TaskCompleted, TaskRejected
@@ -128,7 +130,10 @@ async def test_the_readme_integration_with_plain_nats_py(e2e_mesh):
     assert "submitted t-" in text and "The result is 42." in text and "checker] check.verdict: passed" in text
 
 
-async def test_malformed_and_unknown_version_tasks_are_dead_lettered_and_rejected(e2e_mesh):
+async def test_malformed_tasks_are_refused_at_the_door_and_an_unknown_version_is_dead_lettered(e2e_mesh):
+    """A tenant's malformed submission is refused at the door with the reason, at once, and
+    nothing is stored; a stored message of a version the planner does not know (as a newer
+    producer would store it) is dead-lettered with the reason and rejected to the tenant."""
     rejected: dict[str, TaskRejected] = {}
 
     async with e2e_mesh.infra.client("acme") as c:
@@ -140,32 +145,42 @@ async def test_malformed_and_unknown_version_tasks_are_dead_lettered_and_rejecte
                 rejected[body["task_id"]] = TaskRejected.model_validate(body)
 
         await c.nc.subscribe("task.*.acme.*.rejected", cb=on_msg)
+        js = c.nc.jetstream()
+        schema = {env.SCHEMA: "task.submitted/v1"}
         # 1. malformed JSON, from the tenant's own (legitimate) client
-        await c.nc.jetstream().publish(
-            "task.v1.acme.bad-json.submitted", b'{"goal": "unterminated', headers={env.MSG_ID: "bad-json"}
-        )
+        with pytest.raises(nats.js.errors.APIError) as bad_json:
+            await js.publish("door.task.v1.acme.bad-json.submitted", b'{"goal": "unterminated',
+                             headers={env.MSG_ID: "bad-json", **schema})  # fmt: skip
         # 2. a schema violation, properly signed
         bad = json.dumps({"type": "task.submitted", "tenant": "acme", "task_id": "bad-schema"}).encode()
         token = c.signer.token(tenant="acme", msg_type="task.submitted", body=bad, msg_id="bad-schema")
-        await c.nc.jetstream().publish(
-            "task.v1.acme.bad-schema.submitted", bad, headers={env.IDENTITY: token, env.MSG_ID: "bad-schema"}
-        )
-        # 3. a version this mesh does not know (as a newer producer would send it)
+        with pytest.raises(nats.js.errors.APIError) as bad_schema:
+            await js.publish("door.task.v1.acme.bad-schema.submitted", bad,
+                             headers={env.IDENTITY: token, env.MSG_ID: "bad-schema", **schema})  # fmt: skip
+        # 3. a version this mesh does not know (as a newer producer would store it)
         admin = await e2e_mesh.infra.admin()
         v9 = json.dumps({"type": "task.submitted", "tenant": "acme", "task_id": "bad-version", "goal": "x"}).encode()
         await admin.jetstream().publish("task.v9.acme.bad-version.submitted", v9, headers={env.MSG_ID: "v9"})
         deadline = time.monotonic() + 15
-        while len(rejected) < 3 and time.monotonic() < deadline:
+        while not rejected and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         letters = [m async for _, m in entries(admin.jetstream())]
+        stored = []
+        for task in ("bad-json", "bad-schema"):
+            with contextlib.suppress(nats.js.errors.NotFoundError):
+                stored.append(await admin.jetstream().get_last_msg("TASK", f"task.v1.acme.{task}.submitted"))
         await admin.close()
 
-    assert set(rejected) == {"bad-json", "bad-schema", "bad-version"}
-    assert rejected["bad-json"].reason.startswith("decode: not JSON (Unterminated string")
-    assert "goal: Field required" in rejected["bad-schema"].reason
+    assert bad_json.value.description.startswith("invalid: decode: not JSON (Unterminated string")
+    assert (
+        bad_schema.value.description.startswith("invalid: ") and "goal: Field required" in bad_schema.value.description
+    )
+    assert stored == [], "nothing refused at the door is stored"
+    assert set(rejected) == {"bad-version"}
     assert "unknown contract version v9 for task.submitted (this consumer knows v1)" in rejected["bad-version"].reason
     reasons = {m.headers[env.DLQ_SUBJECT]: m.headers[env.DLQ_REASON] for m in letters if m.headers}
     assert reasons["task.v9.acme.bad-version.submitted"] == rejected["bad-version"].reason
+    assert not [s for s in reasons if "bad-json" in s or "bad-schema" in s], "nor dead-lettered"
     # nothing crashed: every service is still ready
     async with httpx.AsyncClient(timeout=2) as http:
         for name, proc in e2e_mesh.services.items():

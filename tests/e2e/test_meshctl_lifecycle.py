@@ -78,11 +78,12 @@ def test_up_status_down_manages_exactly_what_it_started(tmp_path):
         assert row.split()[1:7] == ["0", "0", "0", "0.0", "3", "0"], tenants.stdout
         report = json.loads(meshctl(home, "status", "--json").stdout)
         assert report["tenants"]["acme"]["admitted"] == 3 and report["tenants"]["acme"]["in_flight"] == {}
-        # What acme holds of its quota in TASK: its three submissions, of an eighth of the 512 MiB cap.
+        # What acme holds of its quota in TASK (of an eighth of the 512 MiB cap): its three
+        # submissions, and what the planner stored about them that it has counted so far.
         quota = next(line.split() for line in tenants.stdout.splitlines() if line.split()[:2] == ["acme", "TASK"])
-        assert quota[4:7] == ["64.0", "MiB", "3"], tenants.stdout
+        assert quota[4:6] == ["64.0", "MiB"] and int(quota[6]) >= 3, tenants.stdout
         held = next(q for q in report["quotas"] if (q["tenant"], q["stream"]) == ("acme", "TASK"))
-        assert held["msgs"] == 3 and 1000 < held["bytes"] < 20_000 and held["limit_bytes"] == 64 << 20
+        assert held["msgs"] >= 3 and 1000 < held["bytes"] < 100_000 and held["limit_bytes"] == 64 << 20
 
         # A recycled pid: the state file names the bystander's pid, but with another start time.
         state_file = home / "run" / "state.json"

@@ -3,10 +3,11 @@
 Hypothesis generates the corpus: bodies nested thousands deep, integers of thousands of digits,
 strings past every limit, invalid UTF-8, wrong types, NaN and Infinity, duplicate keys, unknown
 versions; headers that are huge, missing or carry tokens in every wrong format. Each message is
-published with the tenant's NATS credentials and then accounted for: refused by the broker at
-publish time, or dead-lettered by its consumer with a reason on its first delivery (an ingest
-whose content is unusable, not base64 or not text, is answered instead: ``ingest.completed``
-with ``ok`` false and the reason). Nothing may
+sent with the tenant's NATS credentials, at the door of its contract (a tenant writes to no
+stream: ``mesh_kit.door``), and then accounted for: refused at the door with the reason (or by
+the broker, for a subject the tenant may not use), or, if the door stored it, dead-lettered by
+its consumer with a reason on its first delivery (an ingest whose content is unusable, not base64
+or not text, is answered instead: ``ingest.completed`` with ``ok`` false and the reason). Nothing may
 be acted on, nothing may vanish, no service may restart or lose readiness, a normal task
 afterwards completes, and another tenant's tasks, submitted one after another while a flood of
 1,000 such messages lasts, complete in a median time within twice their quiet median.
@@ -172,8 +173,9 @@ def corpus(infra: Infra, n: int) -> list[Hostile]:
 
 
 async def publish(infra: Infra, messages: list[Hostile], concurrency: int = 64) -> tuple[dict, Counter]:
-    """Publish as the tenant; returns (stream seq -> message) for those stored and why the rest
-    were refused by the broker."""
+    """Send as the tenant (JetStream publishes to the doors: the door answers as the stream would);
+    returns (stream seq -> message) for those stored and why the rest were refused, at the door or
+    by the broker."""
     stored, refused = {}, Counter()
     nc = await nats.connect(infra.nats_url, **infra.ids.connect_options(f"client.{TENANT}"))
     js, gate = nc.jetstream(timeout=3), asyncio.Semaphore(concurrency)
@@ -280,7 +282,7 @@ async def _suite(infra: Infra, mesh: ChaosMesh, messages: list[Hostile]) -> None
     report(
         "hostile input",
         sent=len(messages),
-        refused_by_broker=sum(refused.values()),
+        refused_at_door_or_broker=sum(refused.values()),
         refused_why=dict(refused),
         dead_lettered=len(stored) - len(vanished),
         dead_lettered_why=dict(reasons.most_common()),

@@ -144,6 +144,8 @@ class Door:
         """Per tenant, requests waiting here, tenants in turn order."""
         self._ready = asyncio.Event()
         self._workers: list[asyncio.Task[None]] = []
+        self._busy = 0
+        """Requests being handled now (a stop lets them finish)."""
 
     async def start(self) -> None:
         nc = self.mesh.nc
@@ -161,7 +163,7 @@ class Door:
         self._subs.clear()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.mesh.settings.graceful_timeout_s):
-                while any(self._queues.values()):
+                while self._busy or any(self._queues.values()):
                     await asyncio.sleep(0.05)
         for w in self._workers:
             w.cancel()
@@ -205,6 +207,7 @@ class Door:
                 self._ready.clear()
                 await self._ready.wait()
                 continue
+            self._busy += 1
             try:
                 await self._handle(raw)
             except asyncio.CancelledError:
@@ -212,6 +215,8 @@ class Door:
             except Exception:  # a bug must not stop the door: the client is told and may retry
                 log.exception("door: handling %s failed", raw.subject)
                 await self._answer(raw, refusal_body(DoorRefused("unavailable", "the door failed; retry", 1.0)))
+            finally:
+                self._busy -= 1
 
     async def _handle(self, raw: Msg) -> None:
         parent = propagate.extract(dict(raw.headers or {}))

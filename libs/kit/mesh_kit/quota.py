@@ -235,13 +235,16 @@ class Quotas:
             tenant, stream = key
             try:
                 shape = await self.shape(stream)
-                if not self.limits(tenant, stream, shape):
+                limit = self.limits(tenant, stream, shape)
+                if not limit:
                     continue  # no quota: nothing to count against
 
                 def mutate(
-                    rec: QuotaRecord | None, f: list[int] = folded, w: float = _window(shape), r: Counter[str] = refused
-                ) -> QuotaRecord:
+                    rec: QuotaRecord | None, f: list[int] = folded, w: float = _window(shape), r: Counter[str] = refused,
+                    lim: Limit = limit,
+                ) -> QuotaRecord:  # fmt: skip
                     rec = rec or QuotaRecord()
+                    rec.limit_bytes, rec.limit_msgs, rec.limit_bytes_per_min = lim.bytes, lim.msgs, lim.bytes_per_min
                     if f[1]:
                         add(rec, w, f[0], f[1], time.time())
                     for code, n in r.items():
@@ -334,9 +337,8 @@ class Quotas:
             pending.clear()
         elif refusal is not None:
             pending[refusal.code] += 1
-        if refusal is not None:
-            hold = min(REFUSAL_CACHED_S, refusal.retry_after_s) if refusal.retry_after_s else REFUSAL_CACHED_S
-            self._refused[(tenant, stream)] = (now + hold, refusal)
+        if refusal is not None and refusal.retry_after_s:  # (0: this message is too big, not the tenant over)
+            self._refused[(tenant, stream)] = (now + min(REFUSAL_CACHED_S, refusal.retry_after_s), refusal)
             if len(self._refused) > 10_000:
                 self._refused.pop(next(iter(self._refused)))
         return refusal, now

@@ -37,6 +37,7 @@ from mesh_contracts.v1 import (
     UsageRecorded,
 )
 from mesh_contracts.v1.records import AdmissionRecord, QuotaRecord
+from mesh_kit.door import DoorRefused
 from mesh_kit.guard import CONTROL_BUCKET, GLOBAL_KEY, tenant_key
 from mesh_kit.identity import Signer, TrustBundle, Verifier
 from mesh_kit.settings import log_nats_error, nats_servers
@@ -1349,6 +1350,9 @@ def main(argv: list[str] | None = None) -> int:
     except MeshError as exc:
         print(f"meshctl: {exc}", file=sys.stderr)
         return 2
+    except DoorRefused as exc:  # the door did not take a tenant's message (its quota, a bad message)
+        print(f"meshctl: refused at the door: {exc}", file=sys.stderr)
+        return 4
     except (nats.errors.NoServersError, ConnectionRefusedError, OSError) as exc:
         print(f"meshctl: cannot reach NATS: {exc}", file=sys.stderr)
         return 2

@@ -347,7 +347,8 @@ class TenantClient:
     async def ingest(
         self, doc_id: str, data: bytes, media_type: str, *, title: str = "", timeout: float = 120.0
     ) -> IngestCompleted | None:
-        """Hand one document to the RAG service and wait for its answer (None on timeout)."""
+        """Hand one document to the RAG service and wait for its answer (None on timeout; ``ok`` false
+        with the reason when the door refused it, e.g. over the tenant's ingest quota)."""
         assert self.nc is not None
         # One id per ingest: the same bytes ingested twice is two requests (the second one is
         # answered "unchanged"); a retry inside ``publish`` reuses the id and is stored once.
@@ -373,7 +374,12 @@ class TenantClient:
                 content_b64=base64.b64encode(data).decode(),
                 title=title,
             )
-            await self.publish(req, key=ingest_id)
+            try:
+                await self.publish(req, key=ingest_id)
+            except DoorRefused as exc:  # not stored: the tenant's quota, or a request the door refuses
+                return IngestCompleted(
+                    tenant=self.tenant, task_id=ingest_id, doc_id=doc_id, ok=False, error=f"refused at the door: {exc}"
+                )
             return await asyncio.wait_for(found, timeout)
         except TimeoutError:
             return None
