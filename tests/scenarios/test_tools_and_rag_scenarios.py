@@ -4,7 +4,9 @@
   ``deny`` refuses it, both recorded with who decided; the wait survives a restart of the
   tool-executor; a decision from an identity that may not approve is refused. With the task's
   ``on_held`` at ``wait`` the step waits for the decision; at ``continue`` (the default) the task
-  completes without the held call, names it, and a later approval still performs it once.
+  completes without the held call, names it, and a later approval still performs it once. A
+  tenant that names its approvers has them alone: the console's own identity is refused for it
+  until the last is removed.
 - RAG: ``ingest`` of markdown, text, HTML and PDF; retrieval with provenance into the answer's
   citations; re-ingest of a changed document replaces its chunks; the Redis cache serves a
   repeated query for the same index version and never after an ingest; a tenant never sees
@@ -109,6 +111,14 @@ async def pending(infra: Infra, task_id: str, within_s: float = 30.0) -> dict:
 
 async def audits(infra: Infra, tenant: str, task_id: str) -> list[dict]:
     return [json.loads(m.data) for m in await infra.stored("TOOL", f"tool.v1.{tenant}.{task_id}.audited")]
+
+
+async def chain_links(infra: Infra, tenant: str, task_id: str) -> list[dict]:
+    admin = await infra.admin()
+    try:
+        return [r for r in (json.loads(s.data) for s in await audit.chain(admin, tenant)) if r["task_id"] == task_id]
+    finally:
+        await admin.close()
 
 
 async def answers(infra: Infra, tenant: str, task_id: str, within_s: float = 15.0) -> list[dict]:
@@ -263,10 +273,9 @@ def test_decisions_from_identities_that_may_not_approve_are_refused(infra, mesh)
     asyncio.run(main())
 
 
-async def decide_behind_the_console(infra: Infra, signer: Signer, task_id: str, approval_id: str) -> list[str]:
-    """Publish an acme approval signed by ``signer`` (no console checks in the way); the reasons
-    its subject was dead-lettered for, once there are some (empty after 15 s)."""
-    msg = ApprovalDecided(tenant="acme", task_id=task_id, approval_id=approval_id, approved=True,
+async def publish_decision(infra: Infra, signer: Signer, task_id: str, approval_id: str, approved: bool) -> str:
+    """Publish an acme decision signed by ``signer``, with no console checks in the way; its subject."""
+    msg = ApprovalDecided(tenant="acme", task_id=task_id, approval_id=approval_id, approved=approved,
                           decided_by=signer.principal)  # fmt: skip
     body = msg.to_bytes()
     headers = env.headers_for(signer, msg, body, env.message_id(msg.type, "acme", task_id, uuid.uuid4().hex))
@@ -275,8 +284,17 @@ async def decide_behind_the_console(infra: Infra, signer: Signer, task_id: str, 
         await nc.jetstream().publish(msg.subject(), body, headers=headers)
     finally:
         await nc.close()
+    return msg.subject()
+
+
+async def decide_behind_the_console(
+    infra: Infra, signer: Signer, task_id: str, approval_id: str, approved: bool = True
+) -> list[str]:
+    """Publish an acme decision signed by ``signer`` (no console checks in the way); the reasons
+    its subject was dead-lettered for, once there are some (empty after 15 s)."""
+    subject = await publish_decision(infra, signer, task_id, approval_id, approved)
     deadline = time.monotonic() + 15
-    while not (dead := await dead_letters(infra, msg.subject())) and time.monotonic() < deadline:
+    while not (dead := await dead_letters(infra, subject)) and time.monotonic() < deadline:
         await asyncio.sleep(0.2)
     return dead
 
@@ -358,6 +376,58 @@ def test_a_person_approves_for_their_own_tenant_only_and_is_named_in_the_record(
             await ap.decide(req["approval_id"], False, "cleanup")
         await task
         assert await get_note(infra, "acme", "out-gone") is None
+
+    asyncio.run(main())
+
+
+def test_once_a_tenant_names_approvers_the_console_may_no_longer_decide_its_calls(infra, mesh, capsys):
+    """Issue 36, item 3: the console's approver still decided (denied) a tenant's held call after
+    that tenant had named its approvers. Now it is refused, by meshctl before anything is sent
+    and by the tool-executor for a decision sent anyway (dead-lettered, and on the tenant's audit
+    chain); the call waits for the tenant's own approver. With the last one removed, the console
+    decides the tenant's calls again."""
+
+    def ctl(*args: str) -> int:
+        return cli_main(["--home", str(infra.home), *args, "--nats-url", infra.nats_url])
+
+    async def main():
+        carol, _ = await approvers.add(infra.ids, "acme", "carol", infra.nats_url)
+        try:
+            await named(carol)
+        finally:
+            if carol in TrustBundle.from_file(infra.ids.trust_bundle).principals:  # the other tests use the console
+                await approvers.remove(infra.ids, "acme", "carol", infra.nats_url)
+
+        # The last named approver removed: the console decides acme's calls again.
+        task = await start_write_task(infra, "appr-unnamed", "out-unnamed")
+        req = await pending(infra, "appr-unnamed")
+        async with approver(infra) as ap:
+            rec = await ap.decide(req["approval_id"], True)
+        assert (rec["status"], rec["decided_by"]) == ("approved", "approver"), rec
+        assert isinstance(await task, TaskCompleted)
+
+    async def named(carol: str) -> None:
+        task = await start_write_task(infra, "appr-named", "out-named")
+        req = await pending(infra, "appr-named")
+        capsys.readouterr()
+        assert await asyncio.to_thread(ctl, "deny", req["approval_id"]) == 2, "the console may not decide it"
+        said = capsys.readouterr().err
+        assert f"acme names its own approvers ({carol}): decide as one of them (--as {carol})" in said, said
+
+        console = Signer.from_file("approver", infra.ids.signing_key("approver"))
+        dead = await decide_behind_the_console(infra, console, "appr-named", req["approval_id"], approved=False)
+        why = f"tenant 'acme' names its own approvers ({carol}): approver may not decide its calls"
+        assert any(why in r for r in dead), dead
+        refused = [r for r in await chain_links(infra, "acme", "appr-named") if r["kind"] == "tool.decision-refused"]
+        assert [(r["actor"], r["detail"]["approved"], r["detail"]["reason"]) for r in refused] == [
+            ("approver", False, why)
+        ], refused
+        async with Approver.of(infra.ids, infra.nats_url, person=carol) as ap:
+            assert (await ap.get(req["approval_id"]))["status"] == "pending", "the console's denial did not count"
+            rec = await ap.decide(req["approval_id"], True, "mine to decide")
+        assert (rec["status"], rec["decided_by"]) == ("approved", carol), rec
+        assert isinstance(await task, TaskCompleted)
+        assert await get_note(infra, "acme", "out-named") == "written by appr-named"
 
     asyncio.run(main())
 

@@ -545,11 +545,17 @@ def cmd_approvers(args: argparse.Namespace) -> int:
             name, revision = await act(ids, args.tenant, args.name, nats_servers(_nats_url(args, ids.home)))
         except approvers.ApproverError as exc:
             raise MeshError(str(exc)) from None
+        named = TrustBundle.from_file(ids.trust_bundle).approvers(args.tenant)
         if args.action == "add":
             print(f"{name} approves for {args.tenant} (trust bundle revision {revision}); key "
                   f"{ids.signing_key(name)}: give it to them. Decide with: meshctl approve ID --as {name}")  # fmt: skip
+            if len(named) == 1:
+                print(f"{args.tenant}'s held calls are now decided by its named approvers alone: the console's "
+                      "approver may no longer decide them")  # fmt: skip
         else:
             print(f"{name} removed: nothing it signs is believed any more (trust bundle revision {revision})")
+            if not named:
+                print(f"{args.tenant} names no approver any more: the console's approver decides its held calls again")
         return 0
 
     return asyncio.run(run())
@@ -572,6 +578,8 @@ def cmd_approvals(args: argparse.Namespace) -> int:
             req = r["request"]
             left = f"expires in {_age(r['deadline'] - now)}" if r["status"] == "pending" else r["status"]
             by = f" by {r['decided_by']}" if r.get("decided_by") else ""
+            named = ap.named(r["tenant"]) if ap.tenant is None and r["status"] == "pending" else []
+            by += f"  [decided by {r['tenant']}'s approvers: {', '.join(named)}]" if named else ""
             print(f"{r['approval_id']}  {r['tenant']}/{r['task_id']} step {r['step_id']}  {left}{by}")
             print(f"    {r['tool']}({json.dumps(req.get('arguments', {}))[:200]})")
             for reason in r.get("reasons", [])[:3]:
@@ -1159,7 +1167,8 @@ def _task_commands(sub: argparse._SubParsersAction) -> None:
 
 def _approver_commands(sub: argparse._SubParsersAction) -> None:
     """Commands as the approver: list waiting tool calls, approve or deny."""
-    as_help = "decide as this person (approver.<tenant>.<name>, see meshctl approvers), not the console's approver"
+    as_help = ("decide as this person (approver.<tenant>.<name>, see meshctl approvers), not the console's approver; "
+               "a tenant that names approvers is decided by them alone")  # fmt: skip
     s = sub.add_parser("approvals", help="tool calls waiting for a human decision (as the approver)")
     s.add_argument("--all", action="store_true", help="decided and expired ones too")
     s.add_argument("--json", action="store_true")

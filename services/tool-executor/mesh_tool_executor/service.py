@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 from nacl.public import PublicKey, SealedBox
 
+from mesh_contracts.base import APPROVER
 from mesh_contracts.v1 import (
     ApprovalDecided,
     ApprovalRequested,
@@ -39,6 +40,7 @@ from mesh_kit import state as st
 from mesh_kit import telemetry as tel
 from mesh_kit.bus import Reject
 from mesh_kit.faults import crash_point
+from mesh_kit.identity import Principal
 from mesh_kit.ledger import BUCKET, Ledger
 from mesh_kit.tail import Reader
 from mesh_tool_executor import destinations, net
@@ -481,11 +483,41 @@ class ToolExecutor:
             raise Reject(f"no approval {m.approval_id}")
         if (rec.tenant, rec.task_id) != (m.tenant, m.task_id):
             raise Reject(f"approval {m.approval_id} belongs to another task")
+        refused = await self._may_not_decide(rec.tenant, d.sender)
+        if refused is not None:
+            # On the tenant's chain as well as in the dead letters: someone its approvers do not
+            # include tried to decide one of its calls. The call still waits for them.
+            await self.mesh.audit(
+                rec.tenant, rec.task_id, "tool.decision-refused", f"{rec.call_id}:refused:{d.msg_id}",
+                actor=d.sender.name, source=d.msg_id,
+                detail={"step_id": rec.step_id, "call_id": rec.call_id, "tool": rec.tool,
+                        "approval_id": rec.approval_id, "approved": m.approved, "reason": refused},
+            )  # fmt: skip
+            self.mesh.count(tel.M_APPROVAL_DECISIONS_REFUSED)
+            raise Reject(refused)
         rec, _ = await self.approvals.decide(
             m.approval_id, "approved" if m.approved else "denied", d.sender.name, m.comment
         )
         if rec is not None and not rec.done:
             await self._settle(rec, causation=d.msg_id)
+
+    async def _may_not_decide(self, tenant: str, sender: Principal) -> str | None:
+        """Why ``sender`` may not decide ``tenant``'s calls, judged under the newest published trust
+        bundle (read now: a person added or removed a moment ago counts already), or None.
+
+        A tenant that names approvers has them alone: the console's own ``approver`` (bound to no
+        tenant) may not decide its calls. With none named (or the last one removed), the console
+        decides them, as before any were named."""
+        bundle = await self.mesh.newest_trust()
+        now = bundle.principals.get(sender.name)
+        if now is None or now.role != APPROVER:
+            return f"{sender.name} is no longer an approver (trust bundle revision {bundle.revision})"
+        if now.tenant is None:
+            named = [p.name for p in bundle.approvers(tenant)]
+            if named:
+                who = ", ".join(named[:3]) + (f" and {len(named) - 3} more" if len(named) > 3 else "")
+                return f"tenant {tenant!r} names its own approvers ({who}): {sender.name} may not decide its calls"
+        return None
 
     async def _settle(self, rec: ApprovalRecord, causation: str = "") -> None:
         """Act on a decided approval exactly once in effect: run the call (under the ledger) or
