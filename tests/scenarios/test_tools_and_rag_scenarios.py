@@ -4,9 +4,10 @@
   ``deny`` refuses it, both recorded with who decided; the wait survives a restart of the
   tool-executor; a decision from an identity that may not approve is refused. With the task's
   ``on_held`` at ``wait`` the step waits for the decision; at ``continue`` (the default) the task
-  completes without the held call, names it, and a later approval still performs it once. A
-  tenant that names its approvers has them alone: the console's own identity is refused for it
-  until the last is removed.
+  completes without the held call and names it. An approval is void once its task has ended
+  (completed or cancelled): recorded, audited, and nothing performed. A tenant that names its
+  approvers has them alone: the console's own identity is refused for it until the last is
+  removed.
 - RAG: ``ingest`` of markdown, text, HTML and PDF; retrieval with provenance into the answer's
   citations; re-ingest of a changed document replaces its chunks; the Redis cache serves a
   repeated query for the same index version and never after an ingest; a tenant never sees
@@ -113,6 +114,18 @@ async def audits(infra: Infra, tenant: str, task_id: str) -> list[dict]:
     return [json.loads(m.data) for m in await infra.stored("TOOL", f"tool.v1.{tenant}.{task_id}.audited")]
 
 
+async def settled(infra: Infra, approval: str, within_s: float = 15.0) -> dict:
+    """The approval record once it is no longer pending (as the console reads it)."""
+    deadline = time.monotonic() + within_s
+    async with approver(infra) as ap:
+        while (rec := await ap.get(approval)) is not None and rec["status"] == "pending":
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{approval} still pending after {within_s:g}s")
+            await asyncio.sleep(0.1)
+    assert rec is not None
+    return rec
+
+
 async def chain_links(infra: Infra, tenant: str, task_id: str) -> list[dict]:
     admin = await infra.admin()
     try:
@@ -180,22 +193,68 @@ def test_approve_runs_the_call_once_and_records_who_decided(infra, mesh):
     asyncio.run(main())
 
 
-def test_by_default_the_task_completes_without_a_held_call_and_a_later_approval_performs_it(infra, mesh):
+def test_by_default_the_task_completes_without_a_held_call_whose_approval_is_then_void(infra, mesh):
+    """on_held continue: the task completes naming the held call; its task having ended, the wait
+    is voided by the tool-executor (not left listed as actionable until it expires), and a late
+    approval performs nothing."""
+
     async def main():
         outcome = await (await start_write_task(infra, "appr-later", "out-later", on_held="continue"))
         assert isinstance(outcome, TaskCompleted), outcome
         (held,) = outcome.held
         assert held.tool == "note_write" and held.approval_id.startswith("ap-") and held.step_id == "s1"
-        assert await get_note(infra, "acme", "out-later") is None, "nothing ran before a human decided"
+        rec = await settled(infra, held.approval_id)
+        assert (rec["status"], rec.get("void"), rec["decided_by"]) == ("void", "task ended (completed)",
+                                                                       "policy:task-ended"), rec  # fmt: skip
         async with approver(infra) as ap:
-            rec = await ap.decide(held.approval_id, True, "fine, after all")
-        assert rec["status"] == "approved"
-        deadline = time.monotonic() + 30
-        while await get_note(infra, "acme", "out-later") is None and time.monotonic() < deadline:
-            await asyncio.sleep(0.2)
-        assert await get_note(infra, "acme", "out-later") == "written by appr-later", "approved later, performed"
-        decisions = [a["decision"] for a in await audits(infra, "acme", "appr-later")]
-        assert decisions.count("approval-requested") == 1 and decisions.count("approved") == 1
+            assert held.approval_id not in [r["approval_id"] for r in await ap.list()], "nothing left to decide"
+            with pytest.raises(ApprovalError, match=r"already void by policy:task-ended: task ended \(completed\)"):
+                await ap.decide(held.approval_id, True, "fine, after all")
+        await asyncio.sleep(1.0)
+        assert await get_note(infra, "acme", "out-later") is None, "an approval after the task's end performs nothing"
+        (void,) = [a for a in await audits(infra, "acme", "appr-later") if a.get("void")]
+        assert (void["decision"], void["void"], void["decided_by"]) == ("blocked", "task ended (completed)",
+                                                                        "policy:task-ended")  # fmt: skip
+        (told,) = [a for a in await answers(infra, "acme", "appr-later") if a.get("approval_id") == held.approval_id]
+        assert not told["ok"] and told["error"].endswith("void: task ended (completed)"), told
+
+    asyncio.run(main())
+
+
+def test_an_approval_given_after_the_task_was_cancelled_is_void_and_performs_nothing(infra, mesh):
+    """Issue 36, item 4: a held call approved after its task was cancelled performed the effect.
+    Now the approval is void: recorded (who decided what, too late), audited, answered, and
+    nothing is performed, whichever of the decision and the tool-executor's sweep comes first."""
+
+    async def main():
+        task = await start_write_task(infra, "appr-cancel", "out-cancel")
+        req = await pending(infra, "appr-cancel")
+        async with infra.client("acme") as c:
+            assert await c.control("cancel", "appr-cancel", "no longer needed") is not None
+        await task
+        # The decision goes out at once, behind the console's checks (which would refuse a void
+        # one): the tool-executor alone must not let it perform anything.
+        real = Signer.from_file("approver", infra.ids.signing_key("approver"))
+        await publish_decision(infra, real, "appr-cancel", req["approval_id"], approved=True)
+        rec = await settled(infra, req["approval_id"])
+        assert (rec["status"], rec.get("void")) == ("void", "task ended (cancelled)"), rec
+        if rec["decided_by"] == "approver":  # the decision came first: it is recorded, as void
+            assert rec["decided"] == "approved", rec
+        else:
+            assert rec["decided_by"] == "policy:task-ended", rec
+        async with approver(infra) as ap:
+            with pytest.raises(ApprovalError, match=r"already void .*task ended \(cancelled\), nothing was performed"):
+                await ap.decide(req["approval_id"], True)
+        await asyncio.sleep(2.0)  # time enough for an effect, were one coming
+        assert await get_note(infra, "acme", "out-cancel") is None, "approved after the cancel: not performed"
+        decisions = [(a["decision"], a.get("void", "")) for a in await audits(infra, "acme", "appr-cancel")]
+        assert ("blocked", "task ended (cancelled)") in decisions and "approved" not in [d for d, _ in decisions]
+        (told,) = [a for a in await answers(infra, "acme", "appr-cancel") if a.get("approval_id") == req["approval_id"]]
+        assert not told["ok"] and told["stopped"] == "stopped", told
+        assert told["error"] == f"not run: approval {req['approval_id']} void: task ended (cancelled)", told
+        links = await chain_links(infra, "acme", "appr-cancel")
+        assert [r["detail"].get("void") for r in links if r["kind"] == "tool.blocked"] == ["task ended (cancelled)"]
+        assert not [r for r in links if r["kind"] in ("tool.approved", "tool.performed")], links
 
     asyncio.run(main())
 

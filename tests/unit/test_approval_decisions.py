@@ -1,5 +1,5 @@
-"""Who may decide a held call (issue 36, item 3), in memory: the tool-executor's decision handler
-with a real approvals state machine."""
+"""Who may decide a held call, and what a decision after the task's end does (issue 36, items 3
+and 4), in memory: the tool-executor's decision handler with a real approvals state machine."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from mesh_contracts.v1 import ApprovalDecided, Taint, ToolCompleted, ToolRequested
+from mesh_contracts.v1 import ApprovalDecided, Taint, ToolAudited, ToolCompleted, ToolRequested
 from mesh_contracts.v1.records import TaskRecord
 from mesh_kit.bus import Reject
 from mesh_kit.identity import Principal, TrustBundle
@@ -63,7 +63,7 @@ async def test_the_console_may_not_decide_for_a_tenant_that_names_approvers(tmp_
     assert not mesh.all(ToolCompleted), "nothing answered: nothing was decided"
     await ex.on_decision(*_decision(ALICE))  # type: ignore[arg-type]
     rec = await ex.approvals.get("ap-1")  # type: ignore[union-attr]
-    assert (rec.status, rec.decided_by, rec.done) == ("approved", "approver.acme.alice", True)
+    assert (rec.status, rec.decided_by, rec.started, rec.done) == ("approved", "approver.acme.alice", True, True)
 
 
 async def test_a_tenant_without_named_approvers_is_decided_by_the_console(tmp_path):
@@ -79,3 +79,57 @@ async def test_a_person_removed_from_the_newest_bundle_is_refused(tmp_path):
     with pytest.raises(Reject, match=r"approver\.acme\.alice is no longer an approver"):
         await ex.on_decision(*_decision(ALICE))  # type: ignore[arg-type]
     assert (await ex.approvals.get("ap-1")).status == "pending"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("status", ["completed", "failed", "cancelled"])
+async def test_a_decision_after_the_task_ended_is_recorded_void_and_performs_nothing(tmp_path, status):
+    mesh, ex = await _executor(tmp_path, CONSOLE, task_status=status)
+    ran: list[str] = []
+
+    async def run_recorded(*a, **kw):
+        ran.append("ran")
+        return {"ok": True, "result": "saved", "error": ""}
+
+    ex._run_recorded = run_recorded  # type: ignore[method-assign]
+    await ex.on_decision(*_decision(CONSOLE))  # type: ignore[arg-type]
+    assert ran == [], "void: nothing performed"
+    rec = await ex.approvals.get("ap-1")  # type: ignore[union-attr]
+    assert (rec.status, rec.void, rec.decided, rec.decided_by, rec.done) == (
+        "void", f"task ended ({status})", "approved", "approver", True)  # fmt: skip
+    audit = mesh.last(ToolAudited)
+    assert (audit.decision, audit.void, audit.decided_by) == ("blocked", f"task ended ({status})", "approver")
+    assert audit.reasons[:2] == (f"void: task ended ({status})", "approved by approver after the task ended")
+    done = mesh.last(ToolCompleted)
+    assert (done.ok, done.stopped, done.error) == (
+        False,
+        "stopped",
+        f"not run: approval ap-1 void: task ended ({status})",
+    )
+    assert [k for _, _, k, _, _ in mesh.audited] == ["tool.blocked"]
+
+
+async def test_an_approval_whose_task_ends_before_it_is_started_is_void(tmp_path):
+    """Approved while the task ran, but the end came before the effect was committed to (a crash
+    in between, settled by the sweep later): void, not performed."""
+    mesh, ex = await _executor(tmp_path, CONSOLE)
+    await ex.approvals.decide("ap-1", "approved", "approver")  # type: ignore[union-attr]
+    await ex.tasks.put(TaskRecord.key("acme", "t1"), TaskRecord(tenant="acme", task_id="t1", goal="g",
+                                                                status="cancelled").model_dump_json().encode())  # fmt: skip
+    await ex._settle(await ex.approvals.get("ap-1"))  # type: ignore[union-attr,arg-type]
+    rec = await ex.approvals.get("ap-1")  # type: ignore[union-attr]
+    assert (rec.status, rec.void, rec.decided, rec.started) == ("void", "task ended (cancelled)", "approved", False)
+    assert mesh.last(ToolAudited).decision == "blocked"
+
+
+async def test_a_started_call_is_performed_even_if_the_task_ended_since(tmp_path):
+    """Started (committed while the task ran) and then a crash: the repair performs it under
+    the ledger; it is never recorded void after it may have run."""
+    mesh, ex = await _executor(tmp_path, CONSOLE)
+    await ex.approvals.decide("ap-1", "approved", "approver")  # type: ignore[union-attr]
+    await ex.approvals.commit("ap-1", None)  # type: ignore[union-attr]
+    await ex.tasks.put(TaskRecord.key("acme", "t1"), TaskRecord(tenant="acme", task_id="t1", goal="g",
+                                                                status="cancelled").model_dump_json().encode())  # fmt: skip
+    await ex._settle(await ex.approvals.get("ap-1"))  # type: ignore[union-attr,arg-type]
+    rec = await ex.approvals.get("ap-1")  # type: ignore[union-attr]
+    assert (rec.status, rec.started, rec.void, rec.done) == ("approved", True, "", True)
+    assert mesh.last(ToolCompleted).ok

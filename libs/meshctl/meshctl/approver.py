@@ -11,6 +11,11 @@ console's ``approver`` user but signs as alice, who is believed for ``acme`` onl
 has named approvers they alone decide its calls: the console's own identity is refused for that
 tenant (here, before anything is sent, from the mesh home's trust bundle; and by the
 tool-executor, under the newest published one).
+
+A decision that comes after the call's task ended is recorded and void: nothing is performed
+(``decide`` raises ``ApprovalError`` saying so). The tool-executor voids a wait by itself
+within a second or so of its task's end, so ``list`` shows only calls a decision can still
+perform.
 """
 
 from __future__ import annotations
@@ -136,7 +141,8 @@ class Approver:
             )
         if rec["status"] != "pending":
             by = f" by {rec['decided_by']}" if rec.get("decided_by") else ""
-            raise ApprovalError(f"approval {approval_id} is already {rec['status']}{by}")
+            why = f": {rec['void']}, nothing was performed" if rec.get("void") else ""
+            raise ApprovalError(f"approval {approval_id} is already {rec['status']}{by}{why}")
         msg = ApprovalDecided(
             tenant=rec["tenant"],
             task_id=rec["task_id"],
@@ -154,6 +160,11 @@ class Approver:
         deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline:
             now = await self.get(approval_id)
+            if now is not None and now["status"] == "void":
+                raise ApprovalError(
+                    f"approval {approval_id} is void: {now.get('void') or 'its task ended'}; the decision is recorded "
+                    "and nothing was performed"
+                )
             if now is not None and now["status"] != "pending":
                 return now
             await asyncio.sleep(0.1)

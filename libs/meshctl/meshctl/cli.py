@@ -319,14 +319,15 @@ def _tenant_client(args: argparse.Namespace) -> TenantClient:
 
 
 def print_held(held: Sequence[HeldCall], file: TextIO = sys.stdout) -> None:
-    """The calls the task went on without: not performed, each waiting for a person."""
+    """The calls the task went on without: not part of the answer, and, the task having ended,
+    their approvals void (a decision now performs nothing)."""
     if not held:
         return
-    print(f"\nheld for a human decision ({len(held)}), not performed; the answer does not include them:", file=file)
+    print(f"\nheld for a human decision ({len(held)}), not performed; the answer does not include them, and "
+          "their approvals are void now that the task has ended:", file=file)  # fmt: skip
     for h in held:
         where = f" -> {', '.join(h.destinations)}" if h.destinations else ""
-        print(f"  {h.approval_id}  {h.tool}{where}  (step {h.step_id}): meshctl approve|deny {h.approval_id}",
-              file=file)  # fmt: skip
+        print(f"  {h.approval_id}  {h.tool}{where}  (step {h.step_id})", file=file)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -577,6 +578,8 @@ def cmd_approvals(args: argparse.Namespace) -> int:
         for r in records:
             req = r["request"]
             left = f"expires in {_age(r['deadline'] - now)}" if r["status"] == "pending" else r["status"]
+            if r.get("void"):
+                left += f" ({r['void']}" + (f"; {r['decided']} too late" if r.get("decided") else "") + ")"
             by = f" by {r['decided_by']}" if r.get("decided_by") else ""
             named = ap.named(r["tenant"]) if ap.tenant is None and r["status"] == "pending" else []
             by += f"  [decided by {r['tenant']}'s approvers: {', '.join(named)}]" if named else ""
@@ -1170,14 +1173,15 @@ def _approver_commands(sub: argparse._SubParsersAction) -> None:
     as_help = ("decide as this person (approver.<tenant>.<name>, see meshctl approvers), not the console's approver; "
                "a tenant that names approvers is decided by them alone")  # fmt: skip
     s = sub.add_parser("approvals", help="tool calls waiting for a human decision (as the approver)")
-    s.add_argument("--all", action="store_true", help="decided and expired ones too")
+    s.add_argument("--all", action="store_true", help="decided, expired and void ones too")
     s.add_argument("--json", action="store_true")
     s.add_argument("--as", dest="as_", default=None, metavar="PRINCIPAL", help="only this person's tenant")
     s.add_argument("--nats-url", default=None)
     s.set_defaults(fn=cmd_approvals)
 
     for verb, text in (("approve", "let a waiting tool call run"), ("deny", "refuse a waiting tool call")):
-        s = sub.add_parser(verb, help=f"{text} (as the approver; the decision is signed and recorded)")
+        s = sub.add_parser(verb, help=f"{text} (as the approver; the decision is signed and recorded; after the "
+                                      "call's task ended it is void: recorded, nothing performed, exit 2)")  # fmt: skip
         s.add_argument("approval_id", type=opt.identifier("approval id"), metavar="ID")
         s.add_argument("--comment", default=None, help="recorded with the decision")
         s.add_argument("--as", dest="as_", default=None, metavar="PRINCIPAL", help=as_help)
