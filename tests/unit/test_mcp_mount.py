@@ -213,6 +213,8 @@ async def test_set_get_and_invalid_arguments(mounted: tuple[McpMount, Path]) -> 
         ({"tenant": "acme", "key": "plan", "value": 5}, r"\$\.value: 5 is not of type 'string'"),
         ({"tenant": "acme corp", "key": "plan", "value": "x"}, r"\$\.tenant: 'acme corp' does not match"),
         ({"tenant": "acme", "key": "plan", "value": "x" * 5000}, r"\$\.value: fails maxLength 1000$"),
+        # the server's schema says nothing of other properties: read closed, an extra is refused
+        ({"tenant": "acme", "key": "plan", "value": "x", "as_tenant": "globex"}, r"unexpected argument 'as_tenant'"),
     ]:
         with pytest.raises(McpToolError, match=r"^invalid arguments for admin__set_setting: " + message):
             await mount.call("admin__set_setting", arguments, 5)

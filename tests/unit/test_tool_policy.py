@@ -135,3 +135,44 @@ async def test_an_overdue_approval_expires_once_and_is_acted_on():
     task.cancel()
     assert [(r.status, r.decided_by) for r in settled] == [("expired", "policy:timeout")]
     assert (await ap.get("ap-1")).status == "expired"
+
+
+async def test_an_approved_call_is_either_started_or_void_and_never_both():
+    """The commit of an approved call races its task's end on the one record: whichever
+    compare-and-set lands first stands (started: performed; void: never)."""
+    ap = Approvals(MemoryKV(), on_settled=lambda rec: asyncio.sleep(0))
+    for aid, first, then in (("ap-run", None, "task ended (cancelled)"), ("ap-end", "task ended (cancelled)", None)):
+        await ap.open(_record(aid))
+        await ap.decide(aid, "approved", "approver.acme.alice")
+        rec = await ap.commit(aid, first)
+        again = await ap.commit(aid, then)
+        assert again is not None and (again.status, again.started, again.void) == (rec.status, rec.started, rec.void)
+    started, void = await ap.get("ap-run"), await ap.get("ap-end")
+    assert (started.status, started.started, started.void) == ("approved", True, "")
+    assert (void.status, void.started, void.void, void.decided) == ("void", False, "task ended (cancelled)", "approved")
+    assert void.decided_by == "approver.acme.alice", "who decided (too late) stays on the record"
+
+
+async def test_a_wait_whose_task_ended_is_voided_once_and_acted_on():
+    settled: list[ApprovalRecord] = []
+    ended: dict[tuple[str, str], str] = {}
+
+    async def on_settled(rec: ApprovalRecord) -> None:
+        settled.append(rec)
+
+    async def task_ended(tenant: str, task_id: str) -> str | None:
+        return ended.get((tenant, task_id))
+
+    ap = Approvals(MemoryKV(), on_settled, ended=task_ended)
+    await ap.open(_record())
+    task = asyncio.create_task(ap._expire(0.05))
+    await asyncio.sleep(0.2)
+    assert settled == [] and (await ap.get("ap-1")).status == "pending", "its task still runs: it waits"
+    ended[("acme", "t1")] = "task ended (completed)"
+    await asyncio.sleep(1.3)  # a sweep a second
+    task.cancel()
+    assert [(r.status, r.decided_by, r.void) for r in settled] == [
+        ("void", "policy:task-ended", "task ended (completed)")
+    ]
+    late, changed = await ap.decide("ap-1", "approved", "approver")
+    assert not changed and late.status == "void", "a decision after the end changes nothing"

@@ -45,8 +45,12 @@ async def test_hallucinated_tool_and_bad_arguments_are_structured_errors():
         r"note_write, send_email, text_stats\)",
     ):
         await execute("rm_rf", {})
-    with pytest.raises(ToolError, match="invalid arguments for calculator: expression: Field required"):
+    # a misnamed argument is named as unexpected, with the ones the tool takes (the fix is in the line)
+    with pytest.raises(ToolError, match=r"invalid arguments for calculator: unexpected argument 'expr' \(calculator "
+                       r"takes expression\)"):  # fmt: skip
         await execute("calculator", {"expr": "1+1"})
+    with pytest.raises(ToolError, match="invalid arguments for calculator: expression: Field required"):
+        await execute("calculator", {})
 
 
 def test_every_tool_publishes_a_json_schema_and_a_risk_class():

@@ -184,9 +184,10 @@ class TaskPolicy(_Value):
     with no reference, in the task's evidence) for the claim to count as grounded."""
     on_held: Literal["continue", "wait"] = "continue"
     """What a step does when one of its tool calls is held for a human decision: ``continue``
-    (the default) goes on without it, and the outcome names the pending approval (a later
-    approval still performs the call); ``wait`` waits for the decision, as long as the approval
-    may take, and continues with the call's result."""
+    (the default) goes on without it, and the outcome names the held call (an approval given
+    while the task still runs performs it; once the task has ended the approval is void and
+    performs nothing); ``wait`` waits for the decision, as long as the approval may take, and
+    continues with the call's result."""
 
 
 class SignedRecord(_Value):
@@ -244,8 +245,9 @@ class StepResult(_Value):
 
 class HeldCall(_Value):
     """A tool call that was held for a human decision and had not been decided when its step
-    went on without it (``TaskPolicy.on_held`` ``continue``). Approving it later still performs
-    it; the outcome names it so the tenant knows what is waiting."""
+    went on without it (``TaskPolicy.on_held`` ``continue``). An approval given while the task
+    still ran performed it; once the task has ended its approval is void (a decision then is
+    recorded and performs nothing). The outcome names it so the tenant knows what was not done."""
 
     approval_id: str
     """The approval to decide (``meshctl approve|deny <id>``)."""

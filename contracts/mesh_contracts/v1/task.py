@@ -200,7 +200,8 @@ class TaskCompleted(Contract):
     """How many times the checker sent the answer back before this outcome."""
     held: tuple[HeldCall, ...] = ()
     """Tool calls held for a human decision that the task went on without (``policy.on_held``
-    ``continue``): the answer does not include their effects; approving one still performs it."""
+    ``continue``): the answer does not include their effects, and now that the task has ended
+    their approvals are void (one still undecided is never performed)."""
 
 
 class TaskFailed(Contract):
@@ -245,4 +246,5 @@ class TaskFailed(Contract):
     """How many times the checker sent the answer back before this outcome."""
     held: tuple[HeldCall, ...] = ()
     """Tool calls held for a human decision that the task went on without (``policy.on_held``
-    ``continue``): the answer does not include their effects; approving one still performs it."""
+    ``continue``): the answer does not include their effects, and now that the task has ended
+    their approvals are void (one still undecided is never performed)."""

@@ -379,6 +379,12 @@ class ToolAudited(Contract):
     destinations: tuple[Destination, ...] = ()
     """Where the effect lands, traceable without personal data in clear (``arguments`` are
     redacted): domain or host, a keyed hash and the value sealed to the tenant's auditor."""
+    void: str = ""
+    """Set when a held call was not run because its approval is void, with why (``task ended
+    (cancelled)``): the task ended before the call was approved, whether a person decided after
+    the end (``decided_by`` names them) or nobody did (``policy:task-ended``). The decision is
+    then ``blocked``. Empty otherwise (the default, for records written before approvals could
+    be void)."""
 
 
 class IngestRequested(Contract):

@@ -470,6 +470,20 @@ class Mesh:
                 self._accept_bundle(entry.value)
         return self.verifier.bundle is not before
 
+    async def newest_trust(self) -> TrustBundle:
+        """The trust bundle as last published, read now (one get), for a decision that must not
+        rest on a copy that may be a moment old: whom a tenant has named to approve its calls, or
+        removed. Without a published bundle (or a ``trust`` bucket) the bundle in force is it; a
+        failed read raises, so the decision is retried rather than taken on old trust."""
+        if self._trust_kv is not None:
+            try:
+                entry = await asyncio.wait_for(self._trust_kv.get(topo.TRUST_KEY), 2.0)
+            except KeyNotFoundError:
+                entry = None
+            if entry is not None and entry.value:
+                self._accept_bundle(entry.value)
+        return self.verifier.bundle
+
     async def verify_current(self, check: Callable[[], V]) -> V:
         """``check()`` (a verification against ``self.verifier``), judged again under the newest
         published bundle if it failed on a key this process does not know yet. Every message the

@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
-from mesh_contracts.base import CLIENT, Contract
+from mesh_contracts.base import APPROVER, CLIENT, Contract
 
 ALGORITHM = "EdDSA"
 DEFAULT_TTL_S = 300.0
@@ -234,6 +234,14 @@ class TrustBundle:
         self.principals = principals
         self.auditors = auditors or {}
         self.revision = revision
+
+    def approvers(self, tenant: str) -> list[Principal]:
+        """The people named to decide ``tenant``'s held tool calls (``approver.<tenant>.<person>``),
+        by name. While there is one, they alone decide the tenant's calls: the console's own
+        ``approver``, bound to no tenant, may not."""
+        return sorted(
+            (p for p in self.principals.values() if p.role == APPROVER and p.tenant == tenant), key=lambda p: p.name
+        )
 
     @classmethod
     def from_json(cls, data: str | bytes) -> TrustBundle:

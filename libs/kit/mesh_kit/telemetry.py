@@ -56,6 +56,8 @@ M_RETRIEVAL_CACHE_MISSES = "mesh.rag.cache.misses"
 M_RETRIEVAL_CACHE_ERRORS = "mesh.rag.cache.errors"  # a cache read or write that failed: served as a miss
 M_DEPENDENCY_DOWN = "mesh.dependency.down"  # a backing service (Redis) became unreachable; attribute: dependency
 M_RATE_LIMIT_LOCAL = "mesh.tool.rate_limit.local"  # a rate-limit decision taken in the process because Redis was down
+M_APPROVAL_DECISIONS_REFUSED = "mesh.tool.approval.decisions_refused"  # by an approver not (or no longer) the tenant's
+M_APPROVALS_VOID = "mesh.tool.approvals.void"  # approvals void because their task ended before a decision
 # Budget service (counters with tenant/agent/provider/model attributes; see mesh_budget).
 M_BUDGET_TOKENS = "mesh.budget.tokens"  # attribute token.type = input | output | cached_input
 M_BUDGET_COST = "mesh.budget.cost"  # unit USD

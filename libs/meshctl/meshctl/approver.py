@@ -7,7 +7,15 @@ and the tool-executor checks both.
 
 A person (``meshctl approvers add alice --tenant acme``, see :mod:`meshctl.approvers`) decides
 with their own key: ``Approver.of(ids, url, person="approver.acme.alice")`` connects as the
-console's ``approver`` user but signs as alice, who is believed for ``acme`` only.
+console's ``approver`` user but signs as alice, who is believed for ``acme`` only. Once a tenant
+has named approvers they alone decide its calls: the console's own identity is refused for that
+tenant (here, before anything is sent, from the mesh home's trust bundle; and by the
+tool-executor, under the newest published one).
+
+A decision that comes after the call's task ended is recorded and void: nothing is performed
+(``decide`` raises ``ApprovalError`` saying so). The tool-executor voids a wait by itself
+within a second or so of its task's end, so ``list`` shows only calls a decision can still
+perform.
 """
 
 from __future__ import annotations
@@ -47,9 +55,12 @@ class Approver:
         name: str = "approver",
         tls_ca: Path | None = None,
         tenant: str | None = None,
+        trust_bundle: Path | None = None,
     ) -> None:
         self.nats_url, self.creds, self.name, self.tls_ca = nats_url, creds, name, tls_ca
-        self.tenant = tenant  # a person approves for one tenant; the console's own identity for all
+        self.tenant = tenant  # a person approves for one tenant; the console's own identity for the others
+        self.trust_bundle = trust_bundle
+        """The mesh home's bundle: whom each tenant has named to approve (the console defers to them)."""
         self.signer = Signer.from_file(name, signing_key)
         self.nc: nats.NATS | None = None
         self.kv: Any = None
@@ -77,7 +88,8 @@ class Approver:
 
         tls_ca = ids.tls_ca if ids.tls_ca.exists() else None
         if not person or person == "approver":
-            return cls(nats_url, ids.creds("approver"), ids.signing_key("approver"), tls_ca=tls_ca)
+            return cls(nats_url, ids.creds("approver"), ids.signing_key("approver"), tls_ca=tls_ca,
+                       trust_bundle=ids.trust_bundle)  # fmt: skip
         p = TrustBundle.from_file(ids.trust_bundle).principals.get(person)
         if p is None or p.role != "approver" or not p.tenant:
             raise ApprovalError(f"{person} is not an approver of this mesh (list them with: meshctl approvers list)")
@@ -122,9 +134,15 @@ class Approver:
             raise ApprovalError(
                 f"approval {approval_id} is not {self.tenant}'s: {self.name} decides for {self.tenant} only"
             )
+        if self.tenant is None and (named := self.named(rec["tenant"])):
+            raise ApprovalError(
+                f"approval {approval_id} is {rec['tenant']}'s, and {rec['tenant']} names its own approvers "
+                f"({', '.join(named)}): decide as one of them (--as {named[0]}); {self.name} may not"
+            )
         if rec["status"] != "pending":
             by = f" by {rec['decided_by']}" if rec.get("decided_by") else ""
-            raise ApprovalError(f"approval {approval_id} is already {rec['status']}{by}")
+            why = f": {rec['void']}, nothing was performed" if rec.get("void") else ""
+            raise ApprovalError(f"approval {approval_id} is already {rec['status']}{by}{why}")
         msg = ApprovalDecided(
             tenant=rec["tenant"],
             task_id=rec["task_id"],
@@ -142,7 +160,21 @@ class Approver:
         deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline:
             now = await self.get(approval_id)
+            if now is not None and now["status"] == "void":
+                raise ApprovalError(
+                    f"approval {approval_id} is void: {now.get('void') or 'its task ended'}; the decision is recorded "
+                    "and nothing was performed"
+                )
             if now is not None and now["status"] != "pending":
                 return now
             await asyncio.sleep(0.1)
         raise ApprovalError(f"the tool-executor did not record the decision on {approval_id} within {wait_s:g}s")
+
+    def named(self, tenant: str) -> list[str]:
+        """The people ``tenant`` has named to approve its calls, from the mesh home's trust bundle
+        (empty without one: then only the tool-executor's check stands)."""
+        if self.trust_bundle is None or not self.trust_bundle.exists():
+            return []
+        from mesh_kit.identity import TrustBundle
+
+        return [p.name for p in TrustBundle.from_file(self.trust_bundle).approvers(tenant)]

@@ -12,6 +12,11 @@ to a tenant speaking for another) and records her as the one who decided, in the
 and the audit chain. The connection that carries the decision is the approval console's own NATS
 user (``approver``), which may read every tenant's waiting approvals: a person's view being
 limited to their tenant is the console's courtesy, not a boundary; their decisions are.
+
+A tenant that names at least one person has them alone: the console's own ``approver`` identity
+may no longer decide its calls (``TrustBundle.approvers``; the tool-executor refuses it, judged
+under the newest published bundle). Removing the last one gives the tenant's calls back to the
+console, so no tenant is left with calls nobody may decide.
 """
 
 from __future__ import annotations

@@ -335,14 +335,15 @@ def _tenant_client(args: argparse.Namespace) -> TenantClient:
 
 
 def print_held(held: Sequence[HeldCall], file: TextIO = sys.stdout) -> None:
-    """The calls the task went on without: not performed, each waiting for a person."""
+    """The calls the task went on without: not part of the answer, and, the task having ended,
+    their approvals void (a decision now performs nothing)."""
     if not held:
         return
-    print(f"\nheld for a human decision ({len(held)}), not performed; the answer does not include them:", file=file)
+    print(f"\nheld for a human decision ({len(held)}), not performed; the answer does not include them, and "
+          "their approvals are void now that the task has ended:", file=file)  # fmt: skip
     for h in held:
         where = f" -> {', '.join(h.destinations)}" if h.destinations else ""
-        print(f"  {h.approval_id}  {h.tool}{where}  (step {h.step_id}): meshctl approve|deny {h.approval_id}",
-              file=file)  # fmt: skip
+        print(f"  {h.approval_id}  {h.tool}{where}  (step {h.step_id})", file=file)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -561,11 +562,17 @@ def cmd_approvers(args: argparse.Namespace) -> int:
             name, revision = await act(ids, args.tenant, args.name, nats_servers(_nats_url(args, ids.home)))
         except approvers.ApproverError as exc:
             raise MeshError(str(exc)) from None
+        named = TrustBundle.from_file(ids.trust_bundle).approvers(args.tenant)
         if args.action == "add":
             print(f"{name} approves for {args.tenant} (trust bundle revision {revision}); key "
                   f"{ids.signing_key(name)}: give it to them. Decide with: meshctl approve ID --as {name}")  # fmt: skip
+            if len(named) == 1:
+                print(f"{args.tenant}'s held calls are now decided by its named approvers alone: the console's "
+                      "approver may no longer decide them")  # fmt: skip
         else:
             print(f"{name} removed: nothing it signs is believed any more (trust bundle revision {revision})")
+            if not named:
+                print(f"{args.tenant} names no approver any more: the console's approver decides its held calls again")
         return 0
 
     return asyncio.run(run())
@@ -587,7 +594,11 @@ def cmd_approvals(args: argparse.Namespace) -> int:
         for r in records:
             req = r["request"]
             left = f"expires in {_age(r['deadline'] - now)}" if r["status"] == "pending" else r["status"]
+            if r.get("void"):
+                left += f" ({r['void']}" + (f"; {r['decided']} too late" if r.get("decided") else "") + ")"
             by = f" by {r['decided_by']}" if r.get("decided_by") else ""
+            named = ap.named(r["tenant"]) if ap.tenant is None and r["status"] == "pending" else []
+            by += f"  [decided by {r['tenant']}'s approvers: {', '.join(named)}]" if named else ""
             print(f"{r['approval_id']}  {r['tenant']}/{r['task_id']} step {r['step_id']}  {left}{by}")
             print(f"    {r['tool']}({json.dumps(req.get('arguments', {}))[:200]})")
             for reason in r.get("reasons", [])[:3]:
@@ -1175,16 +1186,18 @@ def _task_commands(sub: argparse._SubParsersAction) -> None:
 
 def _approver_commands(sub: argparse._SubParsersAction) -> None:
     """Commands as the approver: list waiting tool calls, approve or deny."""
-    as_help = "decide as this person (approver.<tenant>.<name>, see meshctl approvers), not the console's approver"
+    as_help = ("decide as this person (approver.<tenant>.<name>, see meshctl approvers), not the console's approver; "
+               "a tenant that names approvers is decided by them alone")  # fmt: skip
     s = sub.add_parser("approvals", help="tool calls waiting for a human decision (as the approver)")
-    s.add_argument("--all", action="store_true", help="decided and expired ones too")
+    s.add_argument("--all", action="store_true", help="decided, expired and void ones too")
     s.add_argument("--json", action="store_true")
     s.add_argument("--as", dest="as_", default=None, metavar="PRINCIPAL", help="only this person's tenant")
     s.add_argument("--nats-url", default=None)
     s.set_defaults(fn=cmd_approvals)
 
     for verb, text in (("approve", "let a waiting tool call run"), ("deny", "refuse a waiting tool call")):
-        s = sub.add_parser(verb, help=f"{text} (as the approver; the decision is signed and recorded)")
+        s = sub.add_parser(verb, help=f"{text} (as the approver; the decision is signed and recorded; after the "
+                                      "call's task ended it is void: recorded, nothing performed, exit 2)")  # fmt: skip
         s.add_argument("approval_id", type=opt.identifier("approval id"), metavar="ID")
         s.add_argument("--comment", default=None, help="recorded with the decision")
         s.add_argument("--as", dest="as_", default=None, metavar="PRINCIPAL", help=as_help)

@@ -61,6 +61,10 @@ class FakeMesh:
     async def emit(self, m: Any) -> None:
         pass
 
+    async def newest_trust(self) -> Any:
+        """The bundle a test gave this mesh (``verifier.bundle``): there is no newer one to read."""
+        return self.verifier.bundle  # type: ignore[attr-defined]
+
     def count(self, name: str, attributes: dict[str, str] | None = None) -> None:
         pass
 

@@ -7,8 +7,10 @@ appear in the registry as ``<server>__<tool>``. The mesh stays in charge of them
   tool annotations (``readOnlyHint`` ...) are reported but never lower a risk class: they are
   the server describing itself, and a compromised or careless server would describe itself
   as harmless.
-- Arguments are validated against the tool's input schema here, before anything reaches the
-  server, so a bad call is refused with a path and a reason the agent can act on.
+- Arguments are validated against the tool's input schema here (and by the tool-executor before
+  its policy), before anything reaches the server, so a bad call is refused with a path and a
+  reason the agent can act on. A schema that does not say whether it takes other properties is
+  read as closed (``arguments.py``): an argument the tool does not define never reaches it.
 - A server that fails to start is logged and skipped; the rest of the mesh keeps working. A
   server that dies is restarted once on the next call to it. A call that was in flight when it
   died is not retried: a write tool may have run, and the mesh promises at most once.
@@ -43,10 +45,11 @@ from typing import Any, TextIO
 import anyio
 import jsonschema
 import mcp.types as types
-from jsonschema.exceptions import best_match
 from jsonschema.protocols import Validator
 from mcp import ClientSession, MCPError, StdioServerParameters
 from mcp.client.stdio import stdio_client
+
+from mesh_tool_executor import arguments as schemas
 
 log = logging.getLogger("mesh.tool-executor.mcp")
 
@@ -488,21 +491,18 @@ class McpMount:
                 self.skipped[name] = "offered twice"
             else:
                 try:
-                    cls = jsonschema.validators.validator_for(
-                        tool.input_schema, default=jsonschema.Draft202012Validator
-                    )
-                    cls.check_schema(tool.input_schema)
+                    check = schemas.validator(tool.input_schema)
                 except jsonschema.SchemaError as exc:
                     self.skipped[name] = f"invalid input schema: {exc.message}"
                 else:
                     policy = dict(config.tools.get(tool.name, {}))
-                    self._validators[name] = cls(tool.input_schema)
+                    self._validators[name] = check
                     self._tools[name] = MountedTool(
                         name=name,
                         server=config.name,
                         remote_name=tool.name,
                         description=tool.description or "",
-                        input_schema=tool.input_schema,
+                        input_schema=dict(check.schema),  # closed: what is enforced is what is offered
                         policy=policy,
                         risk=policy.get("risk", config.default_risk),
                         annotations=_annotations(tool),
@@ -518,17 +518,13 @@ class McpMount:
         return server in self._servers and self._servers[server].alive
 
     def validate(self, name: str, arguments: Mapping[str, Any]) -> None:
-        """McpToolError("invalid arguments for X: <path>: <msg>") unless the arguments fit the schema."""
+        """McpToolError("invalid arguments for X: <path>: <msg>") unless the arguments fit the
+        tool's schema, read closed (``schemas.closed``: an argument it does not define is refused)."""
         if name not in self._tools:
             raise McpToolError(f"unknown MCP tool {name}")
-        if not isinstance(arguments, Mapping):
-            raise McpToolError(f"invalid arguments for {name}: $: must be an object")
-        error = best_match(self._validators[name].iter_errors(dict(arguments)))
-        if error is not None:
-            message = error.message
-            if len(message) > 200:  # the message quotes the value, which may be huge
-                message = f"fails {error.validator} {error.validator_value!r}"[:200]
-            raise McpToolError(f"invalid arguments for {name}: {error.json_path}: {message}")
+        why = schemas.problem(name, self._validators[name], arguments)
+        if why is not None:
+            raise McpToolError(why)
 
     async def call(self, name: str, arguments: dict, timeout_s: float) -> str:
         """Call a mounted tool; its text content, or McpToolError."""

@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 from nacl.public import PublicKey, SealedBox
 
+from mesh_contracts.base import APPROVER
 from mesh_contracts.v1 import (
     ApprovalDecided,
     ApprovalRequested,
@@ -31,6 +32,7 @@ from mesh_contracts.v1 import (
     ToolCompleted,
     ToolRequested,
 )
+from mesh_contracts.v1.records import TERMINAL, StatusRecord, TaskRecord
 from mesh_guardrails.injection import score as injection_score
 from mesh_guardrails.redact import redact, redact_value
 from mesh_kit import Delivery, Mesh
@@ -39,6 +41,7 @@ from mesh_kit import state as st
 from mesh_kit import telemetry as tel
 from mesh_kit.bus import Reject
 from mesh_kit.faults import crash_point
+from mesh_kit.identity import Principal
 from mesh_kit.ledger import BUCKET, Ledger
 from mesh_kit.tail import Reader
 from mesh_tool_executor import destinations, net
@@ -115,7 +118,9 @@ class ToolExecutor:
         self.ledger = Ledger(await self.mesh.kv(BUCKET), self.mesh.service)
         self.tasks = await self.mesh.kv("tasks")
         self.notes = KVNotes(await self.mesh.kv("notes"), self.mesh.nc)
-        self.approvals = Approvals(await self.mesh.kv("approvals"), self._settle, nc=self.mesh.nc)
+        self.approvals = Approvals(
+            await self.mesh.kv("approvals"), self._settle, nc=self.mesh.nc, ended=self._ended_seen
+        )
         self.approvals.start()
         tools = await self.mesh.kv("tools")
         await tools.put(CATALOGUE_KEY, json.dumps(self.registry.catalogue()).encode())  # built-ins at once
@@ -323,7 +328,7 @@ class ToolExecutor:
         )
 
     async def _audit(self, m: ToolRequested, tool: Tool | None, decision: str, reasons: tuple[str, ...] | list[str],
-                     *, approval: str = "", by: str = "", goal: str | None = None) -> None:  # fmt: skip
+                     *, approval: str = "", by: str = "", goal: str | None = None, void: str = "") -> None:  # fmt: skip
         self.mesh.count(tel.M_TOOL_DECISIONS)
         if goal is None and tool is not None and tool.trusted_args:
             goal = await self._goal(m)
@@ -341,6 +346,7 @@ class ToolExecutor:
             approval_id=approval,
             decided_by=by,
             destinations=self._destinations(m, tool, goal or ""),
+            void=void,
         )
         key = f"{m.call_id}:{decision}"
         await self.mesh.publish(record, key=key)
@@ -355,6 +361,7 @@ class ToolExecutor:
                 "untrusted": m.taint.untrusted, "injection_score": m.taint.injection_score,
                 "destinations": [{"arg": d.arg, "where": d.where, "digest": d.digest, "offered": d.offered}
                                  for d in record.destinations],
+                **({"void": void} if void else {}),
             },
         )  # fmt: skip
 
@@ -481,22 +488,100 @@ class ToolExecutor:
             raise Reject(f"no approval {m.approval_id}")
         if (rec.tenant, rec.task_id) != (m.tenant, m.task_id):
             raise Reject(f"approval {m.approval_id} belongs to another task")
-        rec, _ = await self.approvals.decide(
-            m.approval_id, "approved" if m.approved else "denied", d.sender.name, m.comment
-        )
+        refused = await self._may_not_decide(rec.tenant, d.sender)
+        if refused is not None:
+            # On the tenant's chain as well as in the dead letters: someone its approvers do not
+            # include tried to decide one of its calls. The call still waits for them.
+            await self.mesh.audit(
+                rec.tenant, rec.task_id, "tool.decision-refused", f"{rec.call_id}:refused:{d.msg_id}",
+                actor=d.sender.name, source=d.msg_id,
+                detail={"step_id": rec.step_id, "call_id": rec.call_id, "tool": rec.tool,
+                        "approval_id": rec.approval_id, "approved": m.approved, "reason": refused},
+            )  # fmt: skip
+            self.mesh.count(tel.M_APPROVAL_DECISIONS_REFUSED)
+            raise Reject(refused)
+        decision: Literal["approved", "denied"] = "approved" if m.approved else "denied"
+        ended = await self._ended_now(rec.tenant, rec.task_id) if rec.status == "pending" else None
+        if ended is not None:
+            # Too late to count: recorded (who decided what, and why it is void), performs nothing.
+            rec, _ = await self.approvals.decide(m.approval_id, "void", d.sender.name, m.comment, void=ended,
+                                                 decided=decision)  # fmt: skip
+        else:
+            rec, _ = await self.approvals.decide(m.approval_id, decision, d.sender.name, m.comment)
         if rec is not None and not rec.done:
             await self._settle(rec, causation=d.msg_id)
 
+    async def _may_not_decide(self, tenant: str, sender: Principal) -> str | None:
+        """Why ``sender`` may not decide ``tenant``'s calls, judged under the newest published trust
+        bundle (read now: a person added or removed a moment ago counts already), or None.
+
+        A tenant that names approvers has them alone: the console's own ``approver`` (bound to no
+        tenant) may not decide its calls. With none named (or the last one removed), the console
+        decides them, as before any were named."""
+        bundle = await self.mesh.newest_trust()
+        now = bundle.principals.get(sender.name)
+        if now is None or now.role != APPROVER:
+            return f"{sender.name} is no longer an approver (trust bundle revision {bundle.revision})"
+        if now.tenant is None:
+            named = [p.name for p in bundle.approvers(tenant)]
+            if named:
+                who = ", ".join(named[:3]) + (f" and {len(named) - 3} more" if len(named) > 3 else "")
+                return f"tenant {tenant!r} names its own approvers ({who}): {sender.name} may not decide its calls"
+        return None
+
+    async def _ended_now(self, tenant: str, task_id: str) -> str | None:
+        """Why the task can no longer have a call performed, read now from its record (the
+        planner's compare-and-set, the first place an end is written), or None while it may."""
+        if self.tasks is None:
+            return None
+        rec = await st.task_record(self.tasks, tenant, task_id)
+        return f"task ended ({rec.status})" if rec is not None and rec.status in TERMINAL else None
+
+    async def _ended_seen(self, tenant: str, task_id: str) -> str | None:
+        """The same from the guard's view of the ``status`` bucket (memory, kept current by its
+        feed): cheap enough for the sweep that voids waits of ended tasks every second."""
+        view = self.mesh.guard.status_view if self.mesh.guard is not None else None
+        if view is None:
+            return None
+        raw = await view.get(TaskRecord.key(tenant, task_id))
+        rec = StatusRecord.model_validate_json(raw) if raw else None
+        return f"task ended ({rec.status})" if rec is not None and rec.status in TERMINAL else None
+
     async def _settle(self, rec: ApprovalRecord, causation: str = "") -> None:
         """Act on a decided approval exactly once in effect: run the call (under the ledger) or
-        answer the refusal; both are deduplicated by the call id if repeated after a crash."""
+        answer the refusal; both are deduplicated by the call id if repeated after a crash.
+
+        An approved call is first committed to (``Approvals.commit``): ``started`` if its task
+        still runs, else void. Only a started record is performed, and a started one always is,
+        so a decision racing the task's end is performed or void, never both."""
+        assert self.approvals is not None
         m = rec.request
         tool = self.registry.get(m.tool)
+        stopped: Literal["", "halted", "stopped"] = ""
+        if rec.status == "approved" and tool is not None and not rec.started:
+            committed = await self.approvals.commit(rec.approval_id, await self._ended_now(m.tenant, m.task_id))
+            rec = committed if committed is not None else rec
         if rec.status == "approved" and tool is not None:
             await self._audit(m, tool, "approved", (*rec.reasons[:1], f"approved by {rec.decided_by}"),
                               approval=rec.approval_id, by=rec.decided_by)  # fmt: skip
-            _, args = self.registry.validate(m.tool, _scoped(m, tool))
-            outcome = await self._run_recorded(m, tool, args, None)
+            try:
+                _, args = self.registry.validate(m.tool, _scoped(m, tool))
+            except ToolError as exc:  # held under a rule since tightened (an upgrade while it waited)
+                await self._audit(m, tool, "invalid", (str(exc),), approval=rec.approval_id)
+                outcome = {"ok": False, "result": "", "error": str(exc), "untrusted": False}
+            else:
+                outcome = await self._run_recorded(m, tool, args, None)
+        elif rec.status == "void":
+            # Nothing ran, and the task is over: what the audit, the agent's answer and the record
+            # say is why (the task's end), and who decided what too late, if anyone did.
+            late = (f"{rec.decided} by {rec.decided_by} after the task ended" if rec.decided
+                    else "no decision before the task ended")  # fmt: skip
+            await self._audit(m, tool, "blocked", (f"void: {rec.void}", late, *rec.reasons[:1]),
+                              approval=rec.approval_id, by=rec.decided_by, void=rec.void)  # fmt: skip
+            outcome = {"ok": False, "result": "", "error": f"not run: approval {rec.approval_id} void: {rec.void}",
+                       "untrusted": False}  # fmt: skip
+            stopped = "stopped"
+            self.mesh.count(tel.M_APPROVALS_VOID)
         else:
             verdict = "expired" if rec.status == "expired" else "denied"
             why = (f"no decision within {rec.deadline - rec.requested_at:g}s" if verdict == "expired"
@@ -505,8 +590,7 @@ class ToolExecutor:
             # A person's comment is not the tool-executor's words: it reaches the model as untrusted text.
             outcome = {"ok": False, "result": "", "error": f"not run: approval {rec.approval_id} {verdict} ({why})",
                        "untrusted": bool(rec.comment)}  # fmt: skip
-        await self._answer(m, outcome, tool, causation=causation, approval=rec.approval_id)
-        assert self.approvals is not None
+        await self._answer(m, outcome, tool, causation=causation, approval=rec.approval_id, stopped=stopped)
         await self.approvals.mark_done(rec.approval_id)
 
 

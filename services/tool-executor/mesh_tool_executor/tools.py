@@ -19,8 +19,9 @@ from dataclasses import dataclass, field, replace
 from decimal import Decimal, DivisionByZero, InvalidOperation, getcontext
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from mesh_tool_executor import arguments as schemas
 from mesh_tool_executor.destinations import role_of
 
 
@@ -114,7 +115,7 @@ class Tool:
     untrusted_output: bool = False
     """The result is outside content: the worker delimits it and taints the step."""
     input_schema: dict[str, Any] | None = None
-    """JSON schema for tools without a pydantic model (MCP tools)."""
+    """JSON schema for tools without a pydantic model (MCP tools); read closed (``arguments.py``)."""
     source: str = "builtin"
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -128,8 +129,9 @@ class Tool:
         return self.on_untrusted or ("allow" if self.risk == "read" else "approve")
 
     def schema(self) -> dict[str, Any]:
+        """The arguments' JSON schema as it is enforced (closed: see ``arguments.py``)."""
         if self.input_schema is not None:
-            return self.input_schema
+            return schemas.closed(self.input_schema)
         assert self.args is not None
         return self.args.model_json_schema()
 
@@ -150,21 +152,29 @@ class Tool:
         }
 
 
-class CalculatorArgs(BaseModel):
+class Args(BaseModel):
+    """A built-in tool's arguments: exactly the fields it defines. Another argument is refused
+    (``additionalProperties: false`` in the schema models are offered), not ignored: a call
+    carrying ``"tenant": "globex"`` must not look as if it had been honoured."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class CalculatorArgs(Args):
     expression: str = Field(min_length=1, max_length=200)
 
 
-class TextStatsArgs(BaseModel):
+class TextStatsArgs(Args):
     text: str = Field(max_length=100_000)
 
 
-class SendEmailArgs(BaseModel):
+class SendEmailArgs(Args):
     to: str = Field(pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$", max_length=254)
     subject: str = Field(min_length=1, max_length=200)
     body: str = Field(max_length=20_000)
 
 
-class AwaitStepArgs(BaseModel):
+class AwaitStepArgs(Args):
     step_id: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
 
 
@@ -247,20 +257,20 @@ async def send_email(args: SendEmailArgs, ctx: ToolContext) -> str:
 NOTE_ID = r"^[A-Za-z0-9_-]{1,64}$"
 
 
-class NoteIdArgs(BaseModel):
+class NoteIdArgs(Args):
     note_id: str = Field(pattern=NOTE_ID)
 
 
-class NoteWriteArgs(BaseModel):
+class NoteWriteArgs(Args):
     note_id: str = Field(pattern=NOTE_ID)
     text: str = Field(max_length=20_000)
 
 
-class NoteListArgs(BaseModel):
+class NoteListArgs(Args):
     pass
 
 
-class HttpGetArgs(BaseModel):
+class HttpGetArgs(Args):
     url: str = Field(min_length=8, max_length=2000, pattern=r"^https?://")
 
 
@@ -383,6 +393,7 @@ class Registry:
 
     def __init__(self, tools: dict[str, Tool] | None = None) -> None:
         self.tools: dict[str, Tool] = dict(REGISTRY if tools is None else tools)
+        self._checks: dict[str, tuple[dict[str, Any], Any]] = {}  # name -> (schema, its validator)
 
     def add(self, tool: Tool) -> None:
         self.tools[tool.name] = tool
@@ -400,13 +411,31 @@ class Registry:
         if tool is None:
             raise ToolError(f"unknown tool {name!r} (available: {', '.join(sorted(self.tools))})")
         if tool.args is None:
-            return tool, dict(arguments)  # validated against input_schema by the MCP mount
+            why = self._schema_problem(tool, arguments)
+            if why is not None:
+                raise ToolError(why)
+            return tool, dict(arguments)
         try:
             return tool, tool.args.model_validate(arguments)
         except ValidationError as exc:
-            first = exc.errors()[0]
+            errors = exc.errors()
+            extra = [str(e["loc"][0]) for e in errors if e["type"] == "extra_forbidden" and e["loc"]]
+            if extra:  # named first: the one mistake a retry must not repeat
+                raise ToolError(schemas.refusal(name, extra, list(tool.args.model_fields))) from None
+            first = errors[0]
             where = ".".join(map(str, first["loc"])) or "<arguments>"
             raise ToolError(f"invalid arguments for {name}: {where}: {first['msg']}") from None
+
+    def _schema_problem(self, tool: Tool, arguments: Any) -> str | None:
+        """Why ``arguments`` do not fit a tool known by its JSON schema (an MCP tool), read closed:
+        checked here, before the policy, so a call that cannot run is never held for a human."""
+        if tool.input_schema is None:
+            return None
+        cached = self._checks.get(tool.name)
+        if cached is None or cached[0] is not tool.input_schema:
+            cached = (tool.input_schema, schemas.validator(tool.input_schema))
+            self._checks[tool.name] = cached
+        return schemas.problem(tool.name, cached[1], arguments)
 
     async def run(self, tool: Tool, args: Any, ctx: ToolContext) -> str:
         try:

@@ -294,12 +294,13 @@ class Worker:
     async def _go_on_without(self, run: StepRun, m: ApprovalRequested) -> None:
         """A call of ours is held for a human and the task goes on without it: the loop sees that
         it was not performed (the worker's own words) and continues; the step's outcome names
-        the approval, which a person may still grant (the executor then performs the call)."""
+        the approval, which a person may still grant while the task runs (the executor then
+        performs the call; after the task's end the approval is void)."""
         held = HeldCall(approval_id=m.approval_id, step_id=m.step_id, call_id=m.call_id, tool=m.tool,
                         reason=m.reason[:300], destinations=tuple(x.where for x in m.destinations if x.where))  # fmt: skip
         note = (f"error: not performed now: {m.tool} is held for a human decision (approval {m.approval_id}). "
-                "It runs later only if a person approves it. Go on with the rest of the task without it, and do "
-                "not ask for it again.")  # fmt: skip
+                "It runs later only if a person approves it before this task ends. Go on with the rest of the task "
+                "without it, and do not ask for it again.")  # fmt: skip
         await self.observe(m.tenant, m.task_id, m.step_id, m.call_id, m.tool, Text.trusted(note, "worker"), [],
                            held=held)  # fmt: skip
 
