@@ -92,3 +92,26 @@ async def test_two_replicas_charging_one_tenant_at_once_never_pass_its_quota(int
             await mesh.broker.stop()
     accepted = sum(1 for refusal, _ in results if refusal is None)
     assert accepted == 50, accepted  # exactly the quota: 50 of the 120 charges of 1,000 bytes
+
+
+async def test_a_tenant_keeps_at_most_its_notes_and_another_tenant_is_untouched(integration_infra, unique):
+    """KV notes holds every tenant's notes: a new note past the tenant's limit is refused with the
+    reason (the agent sees a tool error), a note it already has may still be replaced, and a
+    deleted one makes room."""
+    import pytest
+
+    from mesh_tool_executor.service import KVNotes
+    from mesh_tool_executor.tools import ToolError
+
+    tenant, other = unique("notes"), unique("calm")
+    async with integration_infra.connected_as("tool-executor") as mesh:
+        notes = KVNotes(await mesh.kv("notes"), mesh.nc, max_per_tenant=3)
+        for i in range(3):
+            await notes.put(tenant, f"n{i}", "text")
+        with pytest.raises(ToolError, match=f"quota: tenant {tenant} keeps 3 notes, its limit of 3"):
+            await notes.put(tenant, "n3", "text")
+        await notes.put(tenant, "n1", "replaced")  # not a new note
+        await notes.put(other, "n0", "another tenant's room is its own")
+        await notes.delete(tenant, "n0")
+        await notes.put(tenant, "n3", "text")
+        assert await notes.list(tenant) == ["n1", "n2", "n3"] and await notes.get(tenant, "n1") == "replaced"

@@ -58,9 +58,18 @@ HISTORICAL = {
     },
     CheckerSettings: AGENT,
     WorkerSettings: AGENT | {"MESH_TOOL_TIMEOUT_S", "MESH_TOOL_OUTPUT_MAX_CHARS", "MESH_LIVE_WINDOW_MS"},
-    RagSettings: {"MESH_RAG_SEED_TENANTS", "MESH_TENANTS", "MESH_EMBED_MODEL_DIR", "MESH_EMBED_THREADS"},
+    RagSettings: {
+        "MESH_RAG_SEED_TENANTS",
+        "MESH_TENANTS",
+        "MESH_EMBED_MODEL_DIR",
+        "MESH_EMBED_THREADS",
+        "MESH_RAG_INDEX_MIB",
+        "MESH_RAG_INDEX_DOCS",
+        "MESH_RAG_INDEX_TENANTS",
+    },
     ToolExecutorSettings: {
         "MESH_APPROVAL_TIMEOUT_S",
+        "MESH_NOTES_PER_TENANT",
         "MESH_TOOL_POLICY",
         "MESH_MCP_CONFIG",
         "MESH_HTTP_ALLOW",
@@ -142,6 +151,27 @@ def test_admission_limits_per_tenant_are_checked(env):
     env.setenv("MESH_ADMISSION_TENANTS", '{"acme": {"max_inflight": 3}}')
     with pytest.raises(ValidationError, match="unknown limit"):
         PlannerSettings(service="planner")
+
+
+def test_tenant_quotas_name_the_streams_a_tenant_writes_to_and_known_limits(env):
+    env.setenv("MESH_QUOTA_TENANTS", '{"acme": {"RAG": {"mib": 2048, "mib_per_min": 256}}}')
+    assert RagSettings(service="rag").quota_tenants == {"acme": {"RAG": {"mib": 2048, "mib_per_min": 256}}}
+    for bad, why in (
+        ('{"acme": {"STEP": {"mib": 1}}}', "unknown stream 'STEP' (quotas apply to CONTROL, DLQ, RAG, TASK)"),
+        ('{"acme": {"TASK": {"megs": 1}}}', "unknown limit(s) megs"),
+        ('{"acme": {"TASK": {"mib": -1}}}', "limits must be >= 0"),
+    ):
+        env.setenv("MESH_QUOTA_TENANTS", bad)
+        with pytest.raises(ValidationError) as exc:
+            PlannerSettings(service="planner")
+        assert why in PlannerSettings.error_line(exc.value)
+    env.delenv("MESH_QUOTA_TENANTS")
+    env.setenv("MESH_RAG_INDEX_TENANTS", '{"acme": {"mib": 1, "docs": 2}}')
+    quota = RagSettings(service="rag").index_quota("acme")
+    assert (quota.bytes, quota.docs) == (1 << 20, 2)
+    env.setenv("MESH_RAG_INDEX_TENANTS", '{"acme": {"pages": 2}}')
+    with pytest.raises(ValidationError, match="unknown limit"):
+        RagSettings(service="rag")
 
 
 def test_the_agent_services_read_their_model_settings(env, tmp_path):

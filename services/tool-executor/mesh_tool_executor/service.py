@@ -60,9 +60,12 @@ class KVNotes(Notes):
     """Notes in the ``notes`` bucket, key ``<tenant>.<note id>``: durable and tenant-scoped (the
     tenant comes from the verified message, never from the arguments)."""
 
-    def __init__(self, kv: Any, nc: Any) -> None:
+    def __init__(self, kv: Any, nc: Any, max_per_tenant: int = 0) -> None:
         self.kv = kv
         self.reader = Reader(nc, "KV_notes")
+        self.max_per_tenant = max_per_tenant
+        """Most notes a tenant may keep (``MESH_NOTES_PER_TENANT``; 0: no limit): the bucket holds
+        every tenant's, so one tenant's agents must not be able to fill it."""
 
     async def get(self, tenant: str, note_id: str) -> str | None:
         try:
@@ -72,6 +75,13 @@ class KVNotes(Notes):
         return entry.value.decode() if entry.value else None
 
     async def put(self, tenant: str, note_id: str, text: str) -> None:
+        if self.max_per_tenant and await self.get(tenant, note_id) is None:
+            held = len(await self.list(tenant))
+            if held >= self.max_per_tenant:
+                raise ToolError(
+                    f"quota: tenant {tenant} keeps {held} notes, its limit of {self.max_per_tenant}; "
+                    "replace or delete one first"
+                )
         await self.kv.put(f"{tenant}.{note_id}", text.encode())
 
     async def delete(self, tenant: str, note_id: str) -> bool:
@@ -117,7 +127,7 @@ class ToolExecutor:
             self.mesh.depend(redis)
         self.ledger = Ledger(await self.mesh.kv(BUCKET), self.mesh.service)
         self.tasks = await self.mesh.kv("tasks")
-        self.notes = KVNotes(await self.mesh.kv("notes"), self.mesh.nc)
+        self.notes = KVNotes(await self.mesh.kv("notes"), self.mesh.nc, self.settings.notes_per_tenant)
         self.approvals = Approvals(
             await self.mesh.kv("approvals"), self._settle, nc=self.mesh.nc, ended=self._ended_seen
         )

@@ -19,6 +19,9 @@ class ToolExecutorSettings(ServiceSettings):
 
     approval_timeout_s: float = Field(3600.0, gt=0)
     """How long a call held for a human waits for a decision before it is denied (expired)."""
+    notes_per_tenant: int = Field(1000, ge=0)
+    """Most notes a tenant may keep in KV ``notes`` (each at most 20,000 characters); a
+    ``note_write`` of a new note past it is refused with the reason. 0: no limit."""
     tool_policy: str = ""
     """Per-tool policy overrides: a JSON object, inline or in the file this names, e.g.
     ``{"send_email": {"on_untrusted": "deny"}, "admin__set_setting": {"risk": "write"}}``."""
