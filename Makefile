@@ -66,7 +66,7 @@ status: ## health and consumer lag of the running mesh
 submit: ## submit GOAL to the running mesh and follow it
 	$(BIN)/meshctl --home $(MESH_HOME) submit "$(GOAL)" --follow
 
-bench: setup ## task, budget, gateway and retrieval numbers vs their raw baselines, measured in the same run
+bench: setup ## task, budget, gateway, retrieval and tenant-flood numbers vs their baselines, measured in the same run
 	$(BIN)/python bench/bench_task.py
 	$(BIN)/python bench/bench_writes.py
 	$(BIN)/python bench/bench_scale.py
@@ -74,6 +74,7 @@ bench: setup ## task, budget, gateway and retrieval numbers vs their raw baselin
 	$(BIN)/python bench/bench_kv_hot_key.py
 	$(BIN)/python bench/bench_admission.py --run-slots 0 1
 	$(BIN)/python bench/bench_admission.py --burst 300 --latency-ms 200
+	$(BIN)/python bench/bench_flood.py
 	$(BIN)/python bench/bench_gateway.py
 	$(BIN)/python bench/bench_retrieval.py --rounds 5
 	$(BIN)/python bench/bench_rag_service.py --rounds 3
