@@ -35,6 +35,7 @@ from collections import Counter
 from pathlib import Path
 
 import nats
+from bench_admission import pct
 
 from mesh_contracts.topology import door_subject
 from mesh_contracts.v1 import ControlHalt, IngestRequested, TaskCompleted, TaskSubmitted
@@ -46,11 +47,6 @@ from meshctl.client import TenantClient
 GOAL = "How does AgentMesh avoid duplicate side effects? Also compute 17 * 23."
 BOUND = 2.0
 QUOTAS = {"flood": {"TASK": {"mib": 8}, "CONTROL": {"mib": 4}, "RAG": {"mib": 8}}}
-
-
-def pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
 
 
 async def flood(home: Path, url: str, seconds: float, rate: float, concurrency: int = 32) -> dict[str, object]:

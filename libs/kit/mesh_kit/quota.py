@@ -67,8 +67,11 @@ class Limit:
 
 @dataclass(frozen=True)
 class Refusal:
+    """Why something a tenant asked for is refused: a machine-readable ``code`` (here
+    ``quota_exceeded``, held bytes or messages, or ``rate_limited``, bytes per minute; the
+    planner's admission has its own), one line, and when it is worth asking again."""
+
     code: str
-    """``quota_exceeded`` (held bytes or messages) or ``rate_limited`` (bytes per minute)."""
     reason: str
     retry_after_s: float
 

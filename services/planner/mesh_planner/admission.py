@@ -54,6 +54,7 @@ from mesh_contracts import topology as topo
 from mesh_contracts.v1.records import AdmissionRecord
 from mesh_kit import state as st
 from mesh_kit import tasks
+from mesh_kit.quota import Refusal
 from mesh_kit.tail import Reader
 
 log = logging.getLogger("mesh.planner.admission")
@@ -72,13 +73,6 @@ class Limits:
     max_in_flight: int = 0
     rate_per_s: float = 0.0
     burst: int = 0
-
-
-@dataclass(frozen=True)
-class Refusal:
-    code: str
-    reason: str
-    retry_after_s: float
 
 
 @dataclass(frozen=True)
