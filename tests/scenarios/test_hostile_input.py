@@ -114,7 +114,8 @@ def bodies(draw, subject: str) -> tuple[bytes, str]:
 @st.composite
 def headers(draw, subject: str, body: bytes, signer: Signer, msg_id: str) -> tuple[dict[str, str], str]:
     """Headers: a valid token over the hostile body, or one of the wrong ones."""
-    kind = draw(st.sampled_from(["signed", "signed", "missing", "garbage", "alg-none", "huge", "other-tenant"]))
+    kind = draw(st.sampled_from(["signed", "signed", "missing", "garbage", "alg-none", "huge", "other-tenant",
+                                 "no-schema", "wrong-schema"]))  # fmt: skip
     valid = signer.token(tenant=TENANT, msg_type=_valid(subject)["type"], body=body, msg_id=msg_id)
     token = {
         "signed": valid,
@@ -123,8 +124,12 @@ def headers(draw, subject: str, body: bytes, signer: Signer, msg_id: str) -> tup
         "alg-none": base64.urlsafe_b64encode(b'{"alg":"none"}').decode() + "." + valid.split(".")[1] + ".",
         "huge": "a" * draw(st.integers(10_000, 60_000)),
         "other-tenant": signer.token(tenant=OTHER, msg_type=_valid(subject)["type"], body=body, msg_id=msg_id),
-    }[kind]
-    out = {env.MSG_ID: msg_id}
+    }.get(kind, valid)
+    out = {env.MSG_ID: msg_id, env.SCHEMA: f"{_valid(subject)['type']}/v1"}
+    if kind == "no-schema":
+        del out[env.SCHEMA]
+    elif kind == "wrong-schema":
+        out[env.SCHEMA] = "task.completed/v1"
     if token is not None:
         out[env.IDENTITY] = token
     return out, kind
@@ -165,10 +170,11 @@ def corpus(infra: Infra, n: int) -> list[Hostile]:
     # that are not text (well-formed requests, answered).
     # A third sends the first one's bytes again in the same task: a request of its own, answered.
     for n, content in enumerate(("x" * 300_001, "x" * 300_000, "x" * 300_001)):
-        body = json.dumps({**_valid(f"rag.v1.{TENANT}.fz.ingest"), "content_b64": content}).encode()
+        body = json.dumps({**_valid(f"door.rag.v1.{TENANT}.fz.ingest"), "content_b64": content}).encode()
         msg_id = f"fz-fixed-{n}"
         token = signer.token(tenant=TENANT, msg_type="ingest.requested", body=body, msg_id=msg_id)
-        out.append(Hostile(f"rag.v1.{TENANT}.fz.ingest", body, {env.MSG_ID: msg_id, env.IDENTITY: token}, "content"))
+        fixed = {env.MSG_ID: msg_id, env.IDENTITY: token, env.SCHEMA: "ingest.requested/v1"}
+        out.append(Hostile(f"door.rag.v1.{TENANT}.fz.ingest", body, fixed, "content"))
     return out
 
 
