@@ -285,6 +285,11 @@ no consumer, so no right to create, change or delete one): the budget service de
 breakers, deadlocks and stalls from them."""
 
 
+ENVELOPED: tuple[str, ...] = ("task", "step", "tool", "rag", "check", "control", "approval")
+"""Domains whose messages carry ``Mesh-Facts`` (``mesh_contracts.facts``): what the budget's monitor
+needs of them (breakers, deadlocks, stalls), and nothing of their content."""
+
+
 def watch_feed(stream: str) -> str:
     """Where a watched stream republishes every message it stores (with ``Nats-Sequence``), for
     its watchers' core subscriptions: they read the stream itself only to fill a gap."""
