@@ -9,6 +9,7 @@ import json
 
 import pytest
 
+from mesh_budget.monitor import Monitor, Rules, Seen
 from mesh_contracts import ContractError
 from mesh_contracts import facts as mf
 from mesh_contracts import topology as topo
@@ -128,3 +129,17 @@ def test_an_envelope_is_believed_without_its_body_and_only_with_its_own_facts(ke
         verifier.verify_envelope(forged[env.IDENTITY], forged[env.FACTS], ToolRequested, "acme")
     bare = keys.signer("worker").token(tenant="acme", msg_type=m.type, body=m.to_bytes(), msg_id="m-1")
     assert verifier.verify_envelope(bare, None, ToolRequested, "acme")[1] == {}
+
+
+def test_the_monitor_trips_on_envelopes_as_it_does_on_whole_messages(keys):
+    """A tool loop seen through envelopes (keyed signatures, no arguments) is the same loop."""
+    worker, verifier = keys.signer("worker"), keys.verifier()
+    by_envelope, by_message = Monitor(Rules(loop_repeats=3)), Monitor(Rules(loop_repeats=3))
+    trips: tuple[list[str], list[str]] = ([], [])
+    for i in range(3):
+        m = ToolRequested(**T, step_id="s1", call_id=f"c{i}", tool="http_get", arguments={"url": SECRET})
+        headers = env.headers_for(worker, m, m.to_bytes(), f"m-{i}")
+        _, told = verifier.verify_envelope(headers[env.IDENTITY], headers[env.FACTS], ToolRequested, "acme")
+        trips[0].extend(t.kind for t in by_envelope.observe(Seen(m.type, "acme", "t1", told), float(i)))
+        trips[1].extend(t.kind for t in by_message.observe(m, float(i)))
+    assert trips == (["loop"], ["loop"])
