@@ -21,6 +21,7 @@ from typing import Any
 import nats
 import pytest
 
+from mesh_contracts import topology as topo
 from mesh_contracts.v1 import (
     ApprovalRequested,
     CheckRequested,
@@ -36,6 +37,8 @@ from mesh_contracts.v1 import (
     ToolCompleted,
     ToolRequested,
 )
+from mesh_kit import envelope as env
+from mesh_kit.identity import Signer
 from mesh_testing.infra import Infra, running_infra
 from mesh_testing.rights import INTENDED
 
@@ -96,11 +99,18 @@ def contents(task: str) -> list[tuple[str, Any]]:
 
 
 async def publish_contents(infra: Infra, task: str) -> None:
-    """Each message published by its real producer (signed, with every header it sends)."""
+    """Each message published by its real producer, signed, with every header it sends. A
+    client's message is stored as its door stores it: by the service that keeps the door, with
+    the client's own headers (no door keeper runs here)."""
+    client = Signer.from_file(f"client.{TENANT}", infra.ids.signing_key(f"client.{TENANT}"))
     for producer, model in contents(task):
         if producer == "client":
-            async with infra.client(TENANT) as client:
-                await client.publish(model, key=model.type)
+            door = topo.door_of(type(model))
+            assert door is not None
+            body = model.to_bytes()
+            headers = env.headers_for(client, model, body, env.message_id(model.type, TENANT, task, model.type))
+            async with infra.connected_as(door.service) as keeper:
+                await keeper.nc.jetstream().publish(model.subject(), body, headers=headers, stream=door.stream)
         else:
             async with infra.connected_as(producer) as mesh:
                 await mesh.publish(model, key=model.type)
