@@ -21,7 +21,12 @@ ratios are meaningful even though absolute times on shared machines are noise:
 - ceiling crossing -> task stopped: from the client seeing the budget's ``budget.denied``
   event to the client seeing the task's ``task.failed`` outcome (client receive times).
 
+- content-stream messages: CPU per message the budget's monitor folds (a task's worth at a time:
+  plan, dispatch, a tool call and a retrieval with their results, the step's end), for the
+  budget and for nats-server, the other services stopped so that only the budget reads them.
+
     python bench/bench_budget.py [--reservations 300] [--usage 2000] [--deadlocks 10] [--ceilings 10]
+    python bench/bench_budget.py --only-watched 3 [--watched 3000]
 """
 
 from __future__ import annotations
@@ -45,10 +50,19 @@ from mesh_contracts import topology as topo
 from mesh_contracts.v1 import (
     BudgetGranted,
     BudgetReserve,
+    PlanCreated,
+    PlanStep,
     ProgressEvent,
+    RetrievalCompleted,
+    RetrievalHit,
+    RetrievalRequested,
+    StepCompleted,
+    StepRequested,
     TaskCompleted,
     TaskFailed,
     TaskLimits,
+    ToolCompleted,
+    ToolRequested,
     UsageRecorded,
 )
 from mesh_kit import Mesh
@@ -272,6 +286,68 @@ async def drain(
     return settled, recorded, busy
 
 
+def watched_messages(n: int) -> list[tuple[str, Contract]]:
+    """(producer, message): ``n`` messages of the content streams the monitor follows, a task's
+    worth at a time (plan, dispatch, a tool call and a retrieval with their results, the step's
+    end), each with a body of the size such a message carries (passages, results, outputs)."""
+    text = "Lorem ipsum dolor sit amet, consectetur adipiscing elit. " * 9  # ~0.5 KB
+    out: list[tuple[str, Contract]] = []
+    i = 0
+    while len(out) < n:
+        t = {"tenant": USAGE_TENANTS[i % 2], "task_id": f"bench-watch-{i:05d}"}
+        step = PlanStep(
+            step_id="s1", instruction=f"Summarise what the documents say. {text[:200]}", tools=("http_get",)
+        )
+        hits = tuple(RetrievalHit(doc_id=f"d{k}", version="v1", chunk_id=f"c{k}", chunk_hash=f"h{k}", text=text,
+                                  score=0.5) for k in range(4))  # fmt: skip
+        out += [
+            ("planner", PlanCreated(**t, steps=(step,))),
+            ("planner", StepRequested(**t, step=step)),
+            (
+                "worker",
+                ToolRequested(
+                    **t, step_id="s1", call_id="s1-t1", tool="http_get", arguments={"url": "https://example.com/a"}
+                ),
+            ),
+            (
+                "tool-executor",
+                ToolCompleted(**t, step_id="s1", call_id="s1-t1", tool="http_get", ok=True, result=text * 2),
+            ),
+            ("worker", RetrievalRequested(**t, step_id="s1", call_id="s1-r1", query="what do the documents say")),
+            ("rag", RetrievalCompleted(**t, step_id="s1", call_id="s1-r1", hits=hits)),
+            ("worker", StepCompleted(**t, step_id="s1", output=text * 2)),
+        ]
+        i += 1
+    return out[:n]
+
+
+async def watched(state: local.MeshState, ids: local.Identities, n: int) -> tuple[int, float, dict[str, float]]:
+    """CPU per message of the content streams, for the budget (its monitor folds each one) and
+    nats-server: the other services stopped (only the budget reads these), the messages
+    published by their real producers, then until the budget has gone quiet. Returns how many,
+    the seconds until quiet, and CPU ms per message per process."""
+    local.stop([[state.services.pop(k) for k in ("planner", "worker", "checker", "rag", "tool-executor")]])
+    producers = {}
+    for name in ("planner", "worker", "rag", "tool-executor"):
+        producers[name] = Mesh(ids.settings(name, state.nats_url))
+        await producers[name].broker.connect()
+    msgs = watched_messages(n)
+    pids = {k: v for k, v in processes(state).items() if k in ("nats-server", "budget")}
+    await gone_quiet(list(pids.values()))
+    cpu0 = {k: cpu_s(p) for k, p in pids.items()}
+    t0 = time.perf_counter()
+    try:
+        for i in range(0, n, CHUNK):
+            await asyncio.gather(*(producers[who].publish(m, key=f"{m.type}:{i + j}")
+                                   for j, (who, m) in enumerate(msgs[i : i + CHUNK])))  # fmt: skip
+        await gone_quiet([pids["budget"]], cores=0.02)
+    finally:
+        for mesh in producers.values():
+            await mesh.broker.stop()
+    took = time.perf_counter() - t0 - 0.5  # gone_quiet's last half second was quiet
+    return n, took, {k: (cpu_s(p) - cpu0[k]) * 1000 / n for k, p in pids.items()}
+
+
 async def deadlocks(c: TenantClient, n: int) -> tuple[list[float], list[str]]:
     """``detected_after_s`` of each deadlock task's ``budget.deadlock`` event; problems seen."""
     out, problems = [], []
@@ -348,7 +424,24 @@ async def ceilings(
     return out, last, problems
 
 
-async def main(n_reserve: int, n_usage: int, n_deadlock: int, n_ceiling: int, n_backlog: int) -> None:
+async def main_watched(n: int, runs: int) -> None:
+    """Only the content streams' messages (``--only-watched``): a fresh mesh per run."""
+    rows = []
+    for _ in range(runs):
+        home = Path(tempfile.mkdtemp(prefix="agentmesh-bench-budget-"))
+        state = await local.up(home, tenants=sorted({TENANT, *USAGE_TENANTS}), nats_port=0, http_port=0, redis_port=0)
+        try:
+            rows.append(await watched(state, local.Identities(home), n))
+        finally:
+            local.down(home)
+    for count, took, per in rows:
+        print(
+            f"  content-stream messages followed by the monitor: {count} in {took:.2f} s; CPU per message: "
+            + ", ".join(f"{k} {v:.3f} ms" for k, v in sorted(per.items()))
+        )
+
+
+async def main(n_reserve: int, n_usage: int, n_deadlock: int, n_ceiling: int, n_backlog: int, n_watched: int) -> None:
     home = Path(tempfile.mkdtemp(prefix="agentmesh-bench-budget-"))
     t0 = time.perf_counter()
     state = await local.up(home, tenants=sorted({TENANT, *USAGE_TENANTS}), nats_port=0, http_port=0, redis_port=0)
@@ -356,6 +449,7 @@ async def main(n_reserve: int, n_usage: int, n_deadlock: int, n_ceiling: int, n_
     ids = local.Identities(home)
     creds = ids.connect_options("admin")
     problems: list[str] = []
+    watch: tuple[int, float, dict[str, float]] | None = None
     try:
         raw = await raw_request_reply(state.nats_url, creds, 500)
         admin = await nats.connect(state.nats_url, **creds)
@@ -422,6 +516,12 @@ async def main(n_reserve: int, n_usage: int, n_deadlock: int, n_ceiling: int, n_
                 limits = await ceiling_limits(c, admin)
                 stop, quiet, found = await ceilings(c, admin, limits, n_ceiling)
                 problems += found
+            if n_watched:  # last: it stops every service but the budget
+                local.stop([[state.services.pop(k) for k in BUDGETS if k in state.services]])
+                state.services["budget"] = local.start_service(ids, state.nats_url, "budget", name="budget")
+                state.save()
+                await local.wait_ready({"budget": state.services["budget"]})
+                watch = await watched(state, ids, n_watched)
         finally:
             await worker.broker.stop()
             await admin.close()
@@ -482,6 +582,13 @@ async def main(n_reserve: int, n_usage: int, n_deadlock: int, n_ceiling: int, n_
             f"  ceiling crossing -> last service stopped: {ms(quiet)} (budget.denied -> the last message any "
             f"service published about the task; {statistics.median(quiet) / raw50:.1f}x raw request/reply)"
         )
+    if watch is not None:
+        count, took, per = watch
+        print(
+            f"  content-stream messages followed by the monitor (one replica; planner, worker, rag, tool-executor "
+            f"publishing): {count} in {took:.2f} s; CPU per message: "
+            + ", ".join(f"{k} {v:.3f} ms" for k, v in sorted(per.items()))
+        )
     for line in problems:
         print(f"  PROBLEM: {line}")
 
@@ -493,5 +600,11 @@ if __name__ == "__main__":
     ap.add_argument("--deadlocks", type=int, default=10)
     ap.add_argument("--ceilings", type=int, default=10)
     ap.add_argument("--backlog", type=int, default=6000, help="usage events for the backlog drain; 0: skip it")
+    ap.add_argument("--watched", type=int, default=3000, help="content-stream messages the monitor folds; 0: skip")
+    ap.add_argument("--only-watched", type=int, default=0, metavar="RUNS",
+                    help="measure only the content-stream messages, on a fresh mesh RUNS times")  # fmt: skip
     a = ap.parse_args()
-    asyncio.run(main(a.reservations, a.usage, a.deadlocks, a.ceilings, a.backlog))
+    if a.only_watched:
+        asyncio.run(main_watched(a.watched, a.only_watched))
+    else:
+        asyncio.run(main(a.reservations, a.usage, a.deadlocks, a.ceilings, a.backlog, a.watched))

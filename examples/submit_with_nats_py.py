@@ -49,6 +49,10 @@ async def main(goal: str, tenant: str, home: Path, nats_url: str) -> int:
     # 3. The message body, and a signed identity token over its exact bytes.
     body = json.dumps({"type": "task.submitted", "tenant": tenant, "task_id": task_id, "goal": goal}).encode()
     msg_id = f"task.submitted:{tenant}:{task_id}"  # resubmitting is deduplicated by the server
+    # What the budget may know of the task (it follows every task from the messages' headers and
+    # may read no body): the limits and labels exactly as the body gives them (none here), covered
+    # by the token (fct). Without it the budget applies the default limits.
+    facts = json.dumps({"labels": {}, "limits": {}}, separators=(",", ":"), sort_keys=True)
     now = int(time.time())
     token = jwt.encode(
         {
@@ -57,6 +61,7 @@ async def main(goal: str, tenant: str, home: Path, nats_url: str) -> int:
             "typ": "task.submitted",
             "dig": hashlib.sha256(body).hexdigest(),
             "mid": msg_id,  # the token is valid for this message id only (no replay under another)
+            "fct": hashlib.sha256(facts.encode()).hexdigest(),
             "iat": now,
             "exp": now + 300,  # at most 540 s: a token outliving the 10-minute dedup window is refused
         },
@@ -68,6 +73,7 @@ async def main(goal: str, tenant: str, home: Path, nats_url: str) -> int:
         "Nats-Msg-Id": msg_id,
         "Mesh-Schema": "task.submitted/v1",
         "Mesh-Identity": token,
+        "Mesh-Facts": facts,
     }
 
     # 4. Hand it in at its door: a tenant writes to no stream itself. The planner checks it, charges

@@ -43,6 +43,12 @@ HEADERS_SCHEMA: dict[str, Any] = {
         "Mesh-Task": {"type": "string", "description": "Task id (also subject token 4)"},
         "Mesh-Causation": {"type": "string", "description": "Nats-Msg-Id of the message that caused this one"},
         "Mesh-Identity": {"type": "string", "description": "EdDSA JWT naming the sender, tenant and body digest"},
+        "Mesh-Facts": {
+            "type": "string",
+            "description": "What the budget may know of the message (ids, statuses, keyed digests; never content): "
+            "compact JSON, covered by the identity token (claim fct). Messages of the task, step, tool, rag, check, "
+            "control and approval domains (mesh_contracts.facts)",
+        },
         "Nats-Msg-Id": {"type": "string", "description": "Deterministic id; the server deduplicates on it"},
         "traceparent": {"type": "string", "description": "W3C trace context"},
     },

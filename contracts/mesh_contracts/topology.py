@@ -278,11 +278,27 @@ counts, not a message): the planner refuses new tasks while one nears its cap.""
 
 
 WATCHERS: dict[str, tuple[str, ...]] = {
-    "budget": ("task", "step", "tool", "rag", "check", "control", "approval", "usage"),
+    "budget": ("usage",),
 }
 """Services that read whole domains in order with direct gets (``$JS.API.DIRECT.GET.<stream>``:
-no consumer, so no right to create, change or delete one): the budget service derives
-breakers, deadlocks and stalls from them."""
+no consumer, so no right to create, change or delete one), bodies included: the budget reads
+the usage stream, its own record of spend (token counts, no tenant content)."""
+
+ENVELOPES = "ENVELOPES"
+"""Every message of the ``ENVELOPED`` domains without its body: its headers (``Mesh-Facts``,
+the identity token, ids) and ``Nats-Msg-Size``. The broker fills it (the stream sources each
+domain's stream through a headers-only durable that provisioning makes), so a reader of it can
+follow every task and read nothing of what any task is about."""
+ENVELOPED: tuple[str, ...] = ("task", "step", "tool", "rag", "check", "control", "approval")
+ENVELOPE_READERS: tuple[str, ...] = ("budget",)
+"""Services that read the ENVELOPES stream (direct gets, and its feed): the budget's monitor
+derives breakers, deadlocks and stalls from it (``mesh_contracts.facts``)."""
+
+
+def envelope_source(domain: str) -> tuple[str, str]:
+    """The headers-only durable ENVELOPES sources ``domain``'s stream through (provisioning makes
+    it; the server's sourcing alone consumes it), and the subject it delivers to."""
+    return f"envelopes--{domain}", f"$MESH.ENVELOPES.{STREAMS[domain]}"
 
 
 def watch_feed(stream: str) -> str:
@@ -292,7 +308,8 @@ def watch_feed(stream: str) -> str:
 
 
 def watched_streams() -> set[str]:
-    return {STREAMS[d] for domains in WATCHERS.values() for d in domains}
+    """Streams that republish what they store (to ``watch_feed``): ENVELOPES, and those read whole."""
+    return {STREAMS[d] for domains in WATCHERS.values() for d in domains} | {ENVELOPES}
 
 
 def stream_contracts() -> list[type[Contract]]:

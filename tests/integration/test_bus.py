@@ -426,6 +426,39 @@ async def test_a_forged_redrive_of_a_captured_expired_task_is_dead_lettered(inte
     assert reason.startswith("identity: re-drive: ") and expected in reason, reason
 
 
+async def test_a_door_refuses_a_submission_that_tells_the_budget_other_limits_than_the_planner(
+    integration_infra, unique
+):
+    """The budget follows a task from its ``Mesh-Facts`` (it reads no body). A tenant that signs
+    facts saying another deadline than its body is refused at the door, nothing stored; facts that
+    agree with the body are stored with it."""
+    from mesh_contracts import facts as mf
+    from mesh_contracts.v1 import TaskLimits, TaskSubmitted
+
+    client = Signer.from_file("client.acme", integration_infra.ids.signing_key("client.acme"))
+    tasks = {case: unique(f"facts-{case}") for case in ("lies", "agrees")}
+    planner, handled = await _consumed(integration_infra, TaskSubmitted, "planner", tasks["agrees"])
+    async with running(planner), connect(integration_infra, "client.acme") as nc:
+        for case, task in tasks.items():
+            msg = TaskSubmitted(tenant="acme", task_id=task, goal="g", limits=TaskLimits(deadline_s=30))
+            body, mid = msg.to_bytes(), env.message_id(msg.type, "acme", task, "1")
+            limits = TaskLimits(deadline_s=9999 if case == "lies" else 30).model_dump(mode="json")
+            told = mf.encode({"labels": {}, "limits": limits})
+            headers = {
+                env.SCHEMA: msg.schema_id(), env.MSG_ID: mid, env.FACTS: told,
+                env.IDENTITY: client.token(tenant="acme", msg_type=msg.type, body=body, msg_id=mid, facts=told),
+            }  # fmt: skip
+            reply = await nc.request(door_subject(msg.subject()), body, headers=headers)
+            if case == "lies":
+                with pytest.raises(DoorRefused) as refused:
+                    read_reply(reply.data)
+                assert refused.value.code == "invalid" and "limits" in refused.value.reason, refused.value
+            else:
+                assert read_reply(reply.data).stream == "TASK"
+        # ... and its consumer, which checks them against the body too, takes it.
+        await eventually(lambda: handled, what="the agreeing submission handled")
+
+
 async def test_a_captured_message_replayed_inside_its_tokens_lifetime_has_no_second_effect(integration_infra, unique):
     """Tokens are bound to the message id they were issued for, and live shorter than the
     streams' deduplication window: replayed under its own id the message is dropped by the

@@ -78,6 +78,14 @@ def expected_publish(principal: str) -> dict[str, bool]:
         cases[topo.dlq_subject(svc, "task.v1.acme.pm-task.submitted")] = svc == principal
     for prefix, writer in topo.SINKS.values():
         cases[f"{prefix}.acme.pm-task.c1"] = principal == writer
+    # Whole-stream reads (a bare direct get reads anything the stream holds): the budget, on its
+    # usage records and on the envelopes (headers, no body) only; nobody on a stream of content.
+    for stream in [*topo.STREAMS.values(), topo.ENVELOPES]:
+        cases[f"$JS.API.DIRECT.GET.{stream}"] = principal == "budget" and stream in ("USAGE", topo.ENVELOPES)
+    # Where the content streams deliver envelopes to ENVELOPES: a publish there would be stored as
+    # one (a replayed envelope counts twice in a loop breaker). The server's sourcing alone.
+    cases["$MESH.ENVELOPES.TASK"] = False
+    cases["$MESH.WATCH.ENVELOPES.task.v1.acme.pm-task.submitted"] = False
     return cases
 
 
@@ -93,7 +101,13 @@ def expected_subscribe(principal: str) -> dict[str, bool]:
     cases["budget.v1.acme.pm-task.reserve"] = principal == "budget"  # request/reply: only the budget serves
     cases["$KV.trust.bundle"] = principal in SERVICES  # the trust bundle's doorbell: every service
     cases["$KV.approvals.ap-1"] = principal == "tool-executor"  # it follows approvals' writes
-    cases["$MESH.WATCH.TASK.v1.acme.t.submitted"] = principal == "budget"  # the TASK stream's republished feed
+    # The envelopes' republished feed (no bodies) and the usage records' (its own), the budget's
+    # alone; the content streams republish nothing, and their sourcing deliveries nobody's.
+    cases["$MESH.WATCH.ENVELOPES.task.v1.acme.t.submitted"] = principal == "budget"
+    cases["$MESH.WATCH.USAGE.usage.v1.acme.t.recorded"] = principal == "budget"
+    cases["$MESH.WATCH.TASK.task.v1.acme.t.submitted"] = False
+    cases["$MESH.WATCH.RAG.rag.v1.acme.t.ingest"] = False
+    cases["$MESH.ENVELOPES.RAG"] = False
     cases["$MESH.WATCH.>"] = False
     cases["$KV.ledger.planner.k"] = False
     cases["approval.v1.acme.pm-task.requested"] = principal == APPROVER

@@ -4,7 +4,7 @@ The subject-level matrix (``test_permission_matrix``) checks what each identity 
 subscribe to. This one checks what the JetStream API verbs it holds can *do*: with every
 principal's credentials it tries to update, pause, delete or steal from every durable on the
 broker (every subject form of consumer create: no name, name, name and filter, legacy
-durable), to create push consumers delivering into another principal's inbox, to change,
+durable; and reset, which moves a consumer back to any sequence), to create push consumers delivering into another principal's inbox, to change,
 purge or delete every stream, and the account-wide verbs. Every attempt must be refused by the
 broker, and afterwards the broker's consumers, streams and message counts must be exactly
 what they were. Then the verbs each principal *is* granted (read from the hand-written table
@@ -98,6 +98,9 @@ def attacks(principal: str, state: dict[str, Any]) -> list[tuple[str, bytes]]:
                 (f"$JS.API.CONSUMER.PAUSE.{stream}.{name}", json.dumps({"pause_until": FAR_FUTURE}).encode()),
                 (f"$JS.API.CONSUMER.UNPIN.{stream}.{name}", json.dumps({"group": "g"}).encode()),
                 (f"$JS.API.CONSUMER.LEADER.STEPDOWN.{stream}.{name}", b""),
+                # nats-server 2.14: move a consumer back to any sequence (a durable's reader would
+                # see everything again; ENVELOPES' sourcing durables would re-deliver a stream)
+                (f"$JS.API.CONSUMER.RESET.{stream}.{name}", json.dumps({"seq": 1}).encode()),
             ]
             filt = cfg.get("filter_subject") or ""
             if filt and "*" not in filt and ">" not in filt:

@@ -111,7 +111,18 @@ def test_only_the_budget_reads_whole_streams_and_only_with_direct_gets():
     assert readers == {"budget"}
     assert {s.rsplit(".", 1)[1] for s in POLICY["budget"].pub if s.startswith("$JS.API.DIRECT.GET.")
             and s.count(".") == 4 and not s.startswith("$JS.API.DIRECT.GET.KV_")} == {
-        topo.STREAMS[d] for d in topo.WATCHERS["budget"]}  # fmt: skip
+        topo.STREAMS[d] for d in topo.WATCHERS["budget"]} | {topo.ENVELOPES}  # fmt: skip
+
+
+def test_the_budget_reads_no_stream_that_holds_tenant_content():
+    """Issue 36: a bare direct get reads anything its stream holds. The budget holds one only on
+    its usage records and on ENVELOPES (headers, never a body), and follows no content stream's
+    republished feed."""
+    budget = POLICY["budget"]
+    content = [topo.STREAMS[d] for d in topo.ENVELOPED]
+    assert not [s for s in budget.pub if any(s.startswith(f"$JS.API.DIRECT.GET.{c}") for c in content)]
+    assert not [s for s in budget.sub if any(s == topo.watch_feed(c) for c in content)]
+    assert topo.watch_feed(topo.ENVELOPES) in budget.sub
 
 
 def test_the_checker_reads_no_stream():

@@ -834,7 +834,9 @@ class Mesh:
             stored_at, bound_id = self._redrive(raw.subject, raw.data, headers, msg_id, stored_at)
             model = parse_message(raw.subject, raw.data, strict=self.settings.strict_contracts, limits=self.limits)
             sender = await self.verify_current(
-                lambda: self.verifier.verify(headers.get(env.IDENTITY), raw.data, model, at=stored_at, msg_id=bound_id)
+                lambda: self.verifier.verify_with_facts(
+                    headers.get(env.IDENTITY), raw.data, model, headers.get(env.FACTS), at=stored_at, msg_id=bound_id
+                )
             )
         except (ContractError, IdentityError) as exc:
             self.count(tel.M_REJECTED)

@@ -267,10 +267,14 @@ class Door:
             raise DoorRefused("invalid", env.one_line(str(exc), 500)) from None
         try:
             await mesh.verify_current(
-                lambda: mesh.verifier.verify(headers.get(env.IDENTITY), raw.data, model, msg_id=msg_id)
+                lambda: mesh.verifier.verify_with_facts(
+                    headers.get(env.IDENTITY), raw.data, model, headers.get(env.FACTS), msg_id=msg_id
+                )
             )
         except IdentityError as exc:
             raise DoorRefused("forbidden", f"identity: {env.one_line(str(exc), 300)}") from None
+        except ContractError as exc:  # its facts (what the budget is told) contradict its body
+            raise DoorRefused("invalid", env.one_line(str(exc), 300)) from None
         quotas = mesh.quotas
         assert quotas is not None  # set by Mesh.start, before any door opens
         size = len(subject) + len(raw.data) + sum(len(k) + len(v) + 4 for k, v in headers.items())

@@ -5,6 +5,9 @@ from __future__ import annotations
 from contextvars import ContextVar
 from typing import TYPE_CHECKING
 
+from mesh_contracts import facts
+from mesh_contracts.topology import ENVELOPED
+
 if TYPE_CHECKING:
     from mesh_contracts import Contract
     from mesh_kit.identity import Signer
@@ -14,6 +17,7 @@ TENANT = "Mesh-Tenant"
 TASK = "Mesh-Task"
 CAUSATION = "Mesh-Causation"
 IDENTITY = "Mesh-Identity"
+FACTS = facts.HEADER  # what the budget may know of the message (covered by the token)
 MSG_ID = "Nats-Msg-Id"
 CAUSE: ContextVar[str] = ContextVar("mesh_cause", default="")
 """The id of the message being handled (set around each handler): the causation of what the
@@ -48,14 +52,21 @@ def one_line(text: str, limit: int = 1000) -> str:
 def headers_for(
     signer: Signer, model: Contract, body: bytes, msg_id: str, causation: str | None = None
 ) -> dict[str, str]:
-    """Every envelope header of one message, including its signed identity token over ``body``."""
+    """Every envelope header of one message, including its signed identity token over ``body``
+    and, for a message the budget follows without its body (``topology.ENVELOPED``), its facts
+    (``mesh_contracts.facts``), which the token covers too."""
+    told = None
+    if model.spec.transport == "stream" and model.spec.domain in ENVELOPED:
+        told = facts.encode(facts.facts(model, signer.fingerprint))
     headers = {
         SCHEMA: model.schema_id(),
         TENANT: model.tenant,
         TASK: model.task_id,
         MSG_ID: msg_id,
-        IDENTITY: signer.token(tenant=model.tenant, msg_type=model.type, body=body, msg_id=msg_id),
+        IDENTITY: signer.token(tenant=model.tenant, msg_type=model.type, body=body, msg_id=msg_id, facts=told),
     }
+    if told is not None:
+        headers[FACTS] = told
     if causation:
         headers[CAUSATION] = causation
     return headers

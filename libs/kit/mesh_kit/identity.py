@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import json
 import re
 import time
@@ -28,7 +29,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
-from mesh_contracts.base import APPROVER, CLIENT, Contract
+from mesh_contracts import facts as mesh_facts
+from mesh_contracts.base import APPROVER, CLIENT, Contract, ContractError
 
 ALGORITHM = "EdDSA"
 DEFAULT_TTL_S = 300.0
@@ -126,6 +128,10 @@ def body_digest(body: bytes) -> str:
     return hashlib.sha256(body).hexdigest()
 
 
+facts_digest = mesh_facts.digest_of
+"""What a token's ``fct`` claim says of the ``Mesh-Facts`` header it covers."""
+
+
 def new_signing_key() -> Ed25519PrivateKey:
     return Ed25519PrivateKey.generate()
 
@@ -160,6 +166,7 @@ class Signer:
         self._header = _b64(
             json.dumps({"alg": ALGORITHM, "kid": principal, "typ": "JWT"}, separators=(",", ":")).encode()
         )
+        self._fingerprint_key = hmac.new(bytes(self._signing_key), b"mesh-facts-fingerprint", hashlib.sha256).digest()
 
     @classmethod
     def from_file(cls, principal: str, path: str | Path, ttl_s: float = DEFAULT_TTL_S) -> Signer:
@@ -198,7 +205,11 @@ class Signer:
         }
         return jwt.encode(claims, self._key, algorithm=ALGORITHM, headers={"kid": self.principal})
 
-    def token(self, *, tenant: str, msg_type: str, body: bytes, msg_id: str = "", now: float | None = None) -> str:
+    def token(
+        self, *, tenant: str, msg_type: str, body: bytes, msg_id: str = "", now: float | None = None,
+        facts: str | None = None,
+    ) -> str:  # fmt: skip
+        """``facts``: the message's ``Mesh-Facts`` header, which the token then covers (``fct``)."""
         now = time.time() if now is None else now
         claims = {
             "iss": self.principal,
@@ -209,7 +220,16 @@ class Signer:
             "iat": int(now),
             "exp": int(now + self._ttl_s),
         }
+        if facts is not None:
+            claims["fct"] = facts_digest(facts)
         return _jws(self._signing_key, self._header, claims)
+
+    def fingerprint(self, value: Any) -> str:
+        """A keyed digest of ``value`` (a content signature in a message's facts): equal for equal
+        values from this principal, which every replica of a service shares, and no use to anyone
+        without its key for confirming a guess of the value (the budget compares them only). The
+        key is derived from the signing key, so it changes with a rotation."""
+        return hmac.new(self._fingerprint_key, mesh_facts.canonical(value), hashlib.sha256).hexdigest()[:32]
 
 
 def _raw(key: Ed25519PublicKey) -> bytes:
@@ -505,9 +525,53 @@ class Verifier:
         ``at`` is when the message entered the broker (defaults to now). ``msg_id``, when given,
         is the id the message arrived under: the token must have been issued for it.
         """
+        return self._checked(token, body, model, at, msg_id)[0]
+
+    def verify_with_facts(
+        self, token: str | None, body: bytes, model: Contract, facts: str | None, *, at: float | None = None,
+        msg_id: str | None = None,
+    ) -> Principal:  # fmt: skip
+        """``verify``, and the message's ``Mesh-Facts`` header (``facts``) as well: covered by the
+        token when the token says it is (``fct``), absent otherwise, and saying of the body what
+        the body says (``ContractError`` if not: what the budget is told of a message is what its
+        consumers are given)."""
+        principal, claims = self._checked(token, body, model, at, msg_id)
+        self._facts_covered(claims, facts)
+        if facts is not None and (key := mesh_facts.disagree(facts, model)) is not None:
+            raise ContractError(f"facts: the {mesh_facts.HEADER} header's {key!r} is not the body's")
+        return principal
+
+    def verify_envelope(
+        self, token: str | None, facts: str | None, contract: type[Contract], tenant: str, *, at: float | None = None
+    ) -> tuple[Principal, mesh_facts.Facts]:
+        """A message known by its headers alone (the ENVELOPES stream holds no body): its token,
+        checked as ``verify`` checks it but for the body's digest, which it cannot be, and the
+        facts that token covers. A token that covers none (a producer of an earlier release, a
+        client that does not send them) gives no facts: the message is known by its type."""
         if not token:
             raise IdentityError("identity token missing")
         principal, claims = self._decode(token, ["iss", "ten", "typ", "dig", "iat", "exp"], at=at)
+        self._entitled(principal, claims, contract.type_name(), tenant, contract.spec.producers, at, None)
+        self._facts_covered(claims, facts)
+        return principal, mesh_facts.decode(facts) if "fct" in claims else {}
+
+    def _checked(
+        self, token: str | None, body: bytes, model: Contract, at: float | None, msg_id: str | None
+    ) -> tuple[Principal, dict[str, Any]]:
+        if not token:
+            raise IdentityError("identity token missing")
+        principal, claims = self._decode(token, ["iss", "ten", "typ", "dig", "iat", "exp"], at=at)
+        if claims["dig"] != body_digest(body):
+            raise IdentityError("body does not match the identity token's digest (altered in transit?)")
+        self._entitled(principal, claims, model.type, model.tenant, model.spec.producers, at, msg_id)
+        return principal, claims
+
+    def _entitled(
+        self, principal: Principal, claims: dict[str, Any], msg_type: str, tenant: str, producers: tuple[str, ...],
+        at: float | None, msg_id: str | None,
+    ) -> None:  # fmt: skip
+        """Everything a token must say of a message but its body: valid when it was stored, for
+        its type, tenant and id, from a principal that may produce it and speak for the tenant."""
         name = principal.name
         at = time.time() if at is None else at
         if claims["exp"] < at - self.leeway_s:
@@ -519,19 +583,27 @@ class Verifier:
                 f"identity token valid for {claims['exp'] - claims['iat']:.0f}s, over the {self.max_lifetime_s:.0f}s "
                 "a token may live (a long-lived token could be replayed after the deduplication window)"
             )
-        if claims["dig"] != body_digest(body):
-            raise IdentityError("body does not match the identity token's digest (altered in transit?)")
-        if claims["typ"] != model.type:
-            raise IdentityError(f"token was issued for {claims['typ']}, message is {model.type}")
-        if claims["ten"] != model.tenant:
-            raise IdentityError(f"token was issued for tenant {claims['ten']!r}, message is for {model.tenant!r}")
+        if claims["typ"] != msg_type:
+            raise IdentityError(f"token was issued for {claims['typ']}, message is {msg_type}")
+        if claims["ten"] != tenant:
+            raise IdentityError(f"token was issued for tenant {claims['ten']!r}, message is for {tenant!r}")
         if msg_id is not None and claims.get("mid", "") != msg_id:
             raise IdentityError(
                 f"token was issued for message id {claims.get('mid', '')!r}, not {msg_id!r} (a replay under a new id?)"
             )
-        if principal.role not in model.spec.producers:
-            raise IdentityError(f"{name} may not produce {model.type} (producers: {', '.join(model.spec.producers)})")
+        if principal.role not in producers:
+            raise IdentityError(f"{name} may not produce {msg_type} (producers: {', '.join(producers)})")
         # A principal bound to a tenant (a tenant's client, a tenant's approver) speaks for it alone.
-        if principal.tenant is not None and principal.tenant != model.tenant:
-            raise IdentityError(f"{name} may speak only for tenant {principal.tenant!r}, not {model.tenant!r}")
-        return principal
+        if principal.tenant is not None and principal.tenant != tenant:
+            raise IdentityError(f"{name} may speak only for tenant {principal.tenant!r}, not {tenant!r}")
+
+    @staticmethod
+    def _facts_covered(claims: dict[str, Any], facts: str | None) -> None:
+        """The ``Mesh-Facts`` header is what the token says it is, or absent if it says nothing."""
+        covered = claims.get("fct")
+        if covered is None:
+            if facts is not None:
+                raise IdentityError(f"{mesh_facts.HEADER} header not covered by the identity token (added in transit?)")
+            return
+        if facts is None or facts_digest(facts) != covered:
+            raise IdentityError(f"{mesh_facts.HEADER} header does not match the identity token (altered in transit?)")

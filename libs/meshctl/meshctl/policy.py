@@ -58,12 +58,18 @@ def service_permissions(service: str) -> Permissions:
             f"$JS.ACK.*.*.{d.stream}.{d.name}.>",
         )
     for domain in topo.WATCHERS.get(service, ()):
-        # Whole streams in order, with batched direct gets (the budget's monitor), and how far
-        # accounting has got (the reservation expiry horizon). No consumer-create right: on
+        # Whole streams in order, with batched direct gets (the budget's usage records), and how
+        # far accounting has got (the reservation expiry horizon). No consumer-create right: on
         # NATS it is also the right to update any durable on the stream and to point a push
         # consumer at anybody's inbox.
         p.add_pub(f"$JS.API.DIRECT.GET.{topo.STREAMS[domain]}")
         p.add_sub(topo.watch_feed(topo.STREAMS[domain]))  # the stream republishes what it stores
+    if service in topo.ENVELOPE_READERS:
+        # Every task's messages without their bodies (the budget's monitor): a bare direct get on
+        # ENVELOPES reads anything it holds, and it holds no content. No right on the streams
+        # the envelopes come from: there a bare direct get reads every tenant's bodies.
+        p.add_pub(f"$JS.API.DIRECT.GET.{topo.ENVELOPES}")
+        p.add_sub(topo.watch_feed(topo.ENVELOPES))
     for b in topo.BUCKETS:
         if service in b.scanners:
             p.add_pub(*_scan(b.name))

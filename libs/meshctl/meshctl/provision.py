@@ -7,9 +7,10 @@ services, owns it; a subscriber binding an existing durable never updates it).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import nats
-from nats.js import api
+from nats.js import JetStreamContext, api
 from nats.js.errors import BadRequestError, NotFoundError
 
 from mesh_contracts import topology as topo
@@ -37,7 +38,8 @@ At the cap the stream refuses new messages (``discard: new``) and keeps every st
 hand waits in place, the planner refuses new tasks from 90% (``overloaded``), a client's
 submission into a full TASK stream is refused at once. JetStream reserves a stream's cap on the
 server's store, so the caps together must fit in its ``max_file_store`` (8 GB for ``meshctl
-up``, 7.45 GiB: nine work streams and the DLQ at 512 MiB plus the audit chain at 1 GiB is 6 GiB)."""
+up``, 7.45 GiB: nine work streams, ENVELOPES and the DLQ at 512 MiB plus the audit chain at 1 GiB
+is 6.5 GiB)."""
 AUDIT_MAX_BYTES = 1024 * MIB
 """The audit chain's cap: ``--audit-max-mib``. At it, the services that append (tool effects,
 approvals, budget trips) wait rather than act unrecorded."""
@@ -171,6 +173,7 @@ async def provision(
         else:
             await js.update_stream(cfg)
         report.streams.append(cfg.name or "")
+    await provision_envelopes(js, report, replicas=replicas, retention_s=retention_s, caps=caps)
     # Buckets before durables: a service waits for its durables (Mesh.start), so once they
     # exist, every bucket it uses does too.
     for b in topo.BUCKETS:
@@ -202,6 +205,88 @@ async def provision(
         await js.add_consumer(d.stream, consumer_config(d, replicas, ack_wait_s))  # create or update
         report.consumers.append(f"{d.stream}/{d.name}")
     return report
+
+
+ENVELOPE_MAX_ACK_PENDING = 10_000
+"""Envelopes in flight from one stream to ENVELOPES (flow control acknowledges them in rounds)."""
+
+
+def envelope_consumer_config(domain: str, replicas: int = 1) -> api.ConsumerConfig:
+    """The headers-only durable ENVELOPES sources ``domain``'s stream through: whatever it
+    delivers has no body (``headers_only``), so what ENVELOPES stores never holds one. A push
+    consumer acknowledged by flow control (nats-server 2.14's durable sourcing); no principal
+    holds a right on it, the server's sourcing alone consumes it. It starts from when it is
+    made: a mesh that had none does not copy its history into ENVELOPES stamped with today's
+    time (a sourced copy is stamped when ENVELOPES stores it)."""
+    name, deliver = topo.envelope_source(domain)
+    return api.ConsumerConfig(
+        name=name,
+        durable_name=name,
+        deliver_subject=deliver,
+        headers_only=True,
+        ack_policy=api.AckPolicy.FLOW_CONTROL,
+        flow_control=True,
+        idle_heartbeat=1.0,  # what the server requires of a flow-controlled sourcing durable
+        max_ack_pending=ENVELOPE_MAX_ACK_PENDING,
+        deliver_policy=api.DeliverPolicy.BY_START_TIME,
+        opt_start_time=datetime.now(UTC),
+        num_replicas=replicas,
+        description=f"ENVELOPES sources {topo.STREAMS[domain]} through it: headers only, never a body",
+    )
+
+
+def envelopes_config(replicas: int = 1, *, retention_s: float = RETENTION_S, caps: Caps = Caps()) -> api.StreamConfig:
+    """Every message of the enveloped domains without its body (``topology.ENVELOPES``): what the
+    budget's monitor reads instead of the streams themselves. A view the broker derives: at its cap
+    it forgets its oldest envelopes (``discard: old``) rather than stall the sourcing."""
+    sources = []
+    for domain in topo.ENVELOPED:
+        name, deliver = topo.envelope_source(domain)
+        sources.append(api.StreamSource(
+            name=topo.STREAMS[domain], consumer=api.StreamConsumerSource(name=name, deliver_subject=deliver)
+        ))  # fmt: skip
+    return api.StreamConfig(
+        name=topo.ENVELOPES,
+        sources=sources,
+        storage=api.StorageType.FILE,
+        retention=api.RetentionPolicy.LIMITS,
+        duplicate_window=DEDUP_WINDOW_S,  # as its sources: one id is one logical message
+        max_age=retention_s,
+        discard=api.DiscardPolicy.OLD,
+        **caps.of(topo.ENVELOPES),
+        num_replicas=replicas,
+        allow_direct=True,
+        republish=api.RePublish(src=">", dest=topo.watch_feed(topo.ENVELOPES)),
+        # Written back to disk asynchronously, not synced per message as the mesh's own streams
+        # are: what a crash loses of it the broker sources again (it resets each durable to the
+        # last sequence it holds). Synced, it cost nats-server 0.13 ms more per message, and the
+        # budget more too (it was fed one message at a time instead of in bursts).
+        persist_mode=api.PersistMode.ASYNC,
+        description="AgentMesh envelopes: every task, step, tool, rag, check, control and approval message's "
+        "headers, without its body (sourced through headers-only durables)",
+    )
+
+
+async def provision_envelopes(
+    js: JetStreamContext, report: ProvisionReport, *, replicas: int = 1, retention_s: float = RETENTION_S,
+    caps: Caps = Caps(),
+) -> None:  # fmt: skip
+    """The sourcing durables (made once: a durable's start cannot change), then ENVELOPES."""
+    for domain in topo.ENVELOPED:
+        stream, (name, _) = topo.STREAMS[domain], topo.envelope_source(domain)
+        try:
+            await js.consumer_info(stream, name)
+        except NotFoundError:
+            await js.add_consumer(stream, envelope_consumer_config(domain, replicas))
+        report.consumers.append(f"{stream}/{name}")
+    cfg = envelopes_config(replicas, retention_s=retention_s, caps=caps)
+    try:
+        await js.stream_info(topo.ENVELOPES)
+    except NotFoundError:
+        await js.add_stream(cfg)
+    else:
+        await js.update_stream(cfg)
+    report.streams.append(topo.ENVELOPES)
 
 
 async def store_levels(nc: nats.NATS) -> dict[str, dict[str, float]]:

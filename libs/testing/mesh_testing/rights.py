@@ -139,10 +139,14 @@ INTENDED: dict[str, set[str]] = {
     | AUDIT_WRITER  # tool-policy decisions and approval outcomes
     | ledger("tool-executor")
     | quota("tool-executor"),
-    # The monitor reads every domain but the tenants' event feed, with direct gets only.
+    # The monitor follows every task with direct gets only: the usage records whole (its own
+    # record of spend), and every other message's envelope (headers, no body: ENVELOPES). No
+    # right on TASK, STEP, TOOL, RAG, CHECK, CONTROL or APPROVAL, where a bare direct get reads
+    # every tenant's documents, passages, arguments, results, outputs, goals and answers.
     "budget": EVERY_SERVICE
     | fetch("USAGE", "budget--usage-recorded")
-    | {r for s in ("TASK", "STEP", "TOOL", "RAG", "CHECK", "CONTROL", "APPROVAL", "USAGE") for r in stream_read(s)}
+    | stream_read("USAGE")
+    | stream_read("ENVELOPES")
     | GUARD
     | kv_read("tasks")
     | kv_own("budget")
@@ -162,8 +166,9 @@ WHY: dict[str, str] = {
     "ACK": "its own durables only: ack, nak with delay, in-progress, term",
     "DIRECT.GET (subject form)": "read the last message of a subject it may read (KV keys, a tenant's own task, "
     "the head of a tenant's audit chain for its writers)",
-    "DIRECT.GET (bare)": "batched reads by sequence/time or current values: the budget's monitor over 8 "
-    "streams and its accounting horizon (last stored usage sequence), the approvals bucket "
+    "DIRECT.GET (bare)": "batched reads by sequence/time or current values: the budget's monitor over the "
+    "usage stream and the envelopes (headers without bodies) of the other 7, its accounting horizon (last "
+    "stored usage sequence), the approvals bucket "
     "(tool-executor's expiry, approvers' list), notes (note_list)",
     "STREAM.INFO": "a bucket's writer only (the budget lists one task's spend keys with a subjects filter); the "
     "caps and max_age (config and counts, no message) of the streams a service stores tenants' messages in: "

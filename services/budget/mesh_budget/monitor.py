@@ -1,7 +1,10 @@
 """Coordination safety, derived only from the message stream.
 
 ``Monitor`` folds every message about a task (in any order: it reads several streams) into a
-``TaskWatch`` and reports ``Trip``s: circuit breakers (iteration cap, loop, chatter, retry
+``TaskWatch`` and reports ``Trip``s. It folds what the budget may know of a message, its
+``Seen``: type, task and facts (``mesh_contracts.facts``: ids, statuses, plan dependencies,
+keyed digests of what repeats, never the content), as the ENVELOPES stream carries them. It
+reports circuit breakers (iteration cap, loop, chatter, retry
 storm), deadlocks (a cycle in the wait-for graph) and stalls. It is pure
 logic: no I/O, a clock passed in, so the rules are unit-tested exactly; the service feeds it
 and acts on what it reports. (The provider breakers are not per task: they are decided in the
@@ -28,31 +31,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import ValidationError
+
 from mesh_contracts import Contract
-from mesh_contracts.v1 import (
-    ApprovalDecided,
-    ApprovalRequested,
-    CheckRequested,
-    ControlCancel,
-    ControlHalt,
-    ControlResume,
-    PlanCreated,
-    RetrievalCompleted,
-    RetrievalRequested,
-    StepCompleted,
-    StepFailed,
-    StepRequested,
-    TaskCompleted,
-    TaskFailed,
-    TaskRejected,
-    TaskSubmitted,
-    ToolCompleted,
-    ToolRequested,
-    UsageRecorded,
-)
+from mesh_contracts import facts as mesh_facts
+from mesh_contracts.v1 import StepRequested, TaskLimits
 from mesh_resilience import BreakerPolicy
 
-AWAIT_TOOL = "await_step"
+AWAIT_TOOL = mesh_facts.AWAIT_TOOL
+FIRST_ATTEMPT = StepRequested.model_fields["attempt"].default
+MAX_ITERATIONS = StepRequested.model_fields["max_iterations"].default
+DEADLOCK_CHECKED = frozenset({"plan.created", "tool.requested", "step.requested", "step.failed"})
+"""What can close a cycle of the wait-for graph (a dependency, a call, a dispatch, a failure)."""
 
 
 @dataclass(frozen=True)
@@ -102,6 +92,22 @@ class Trip:
 
 def _digest(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True, slots=True)
+class Seen:
+    """One message as the monitor knows it: its type, its task and its facts."""
+
+    type: str
+    tenant: str
+    task_id: str
+    facts: mesh_facts.Facts
+
+    @classmethod
+    def of(cls, m: Contract) -> Seen:
+        """A whole message's facts (a usage record, a unit test's message), by the projection its
+        producer's kit applies (unkeyed signatures: equal stays equal within this process)."""
+        return cls(m.type, m.tenant, m.task_id, mesh_facts.facts(m))
 
 
 @dataclass
@@ -220,7 +226,7 @@ class Monitor:
     def __init__(self, rules: Rules | None = None) -> None:
         self.rules = rules or Rules()
         self.tasks: dict[tuple[str, str], TaskWatch] = {}
-        self._handlers: dict[type, Callable[[Any, _Fold], None] | None] = {}
+        self._handlers: dict[str, Callable[[mesh_facts.Facts, _Fold], None]] = {}
 
     def watch(self, tenant: str, task_id: str) -> TaskWatch:
         key = (tenant, task_id)
@@ -230,24 +236,25 @@ class Monitor:
 
     # --- folding messages -----------------------------------------------------------------------
 
-    def observe(self, m: Contract, at: float) -> list[Trip]:
+    def observe(self, m: Contract | Seen, at: float) -> list[Trip]:
         """Fold one message (stored at ``at``) in; return what tripped because of it."""
-        w = self.watch(m.tenant, m.task_id)
+        seen = m if isinstance(m, Seen) else Seen.of(m)
+        w = self.watch(seen.tenant, seen.task_id)
         if w.terminal:
             return []
         o = _Fold(w, at)
         w.last_progress = max(w.last_progress, at)
-        handler = self._handler(type(m))
+        handler = self._handler(seen.type)
         if handler is not None:
-            handler(m, o)
-        step = getattr(m, "step_id", "")
-        if step and not isinstance(m, StepRequested):
+            handler(seen.facts, o)
+        step = seen.facts.get("step", "")
+        if step and seen.type != "step.requested":
             w.waiting.discard(step)  # the step's first call (or its end): it was taken up
-        if not isinstance(m, TaskSubmitted):
+        if seen.type != "task.submitted":
             w.waiting.discard("plan")  # anything else about the task: the planner took it up
         self._queue_state(w, at)
         if not o.done:
-            self._after(m, o)
+            self._after(seen.type, o)
         return o.trips
 
     def started(self, tenant: str, task_id: str, step_id: str, at: float) -> None:
@@ -276,136 +283,149 @@ class Monitor:
             w.queued_since = None
             w.last_progress = max(w.last_progress, at)  # leaving the queue restarts the stall clock
 
-    def _handler(self, kind: type) -> Callable[[Any, _Fold], None] | None:
-        """The fold for a message type (by its class or a base class of it); None: no state."""
-        if kind not in self._handlers:
-            table: dict[type, Callable[[Any, _Fold], None]] = {
-                TaskSubmitted: self._submitted,
-                TaskCompleted: self._ended,
-                TaskFailed: self._ended,
-                TaskRejected: self._ended,
-                PlanCreated: self._planned,
-                StepRequested: self._step_requested,
-                StepCompleted: self._step_completed,
-                StepFailed: self._step_failed,
-                ToolRequested: self._call_requested,
-                RetrievalRequested: self._call_requested,
-                ToolCompleted: self._call_completed,
-                RetrievalCompleted: self._call_completed,
-                CheckRequested: self._check_requested,
-                ApprovalRequested: self._approval_requested,
-                ApprovalDecided: self._approval_decided,
-                ControlHalt: self._control,
-                ControlResume: self._control,
-                ControlCancel: self._control,
-                UsageRecorded: self._usage,
+    def _handler(self, kind: str) -> Callable[[mesh_facts.Facts, _Fold], None] | None:
+        """The fold for a message type (its ``type``, whatever its version); None: no state."""
+        if not self._handlers:
+            self._handlers = {
+                "task.submitted": self._submitted,
+                "task.completed": self._ended,
+                "task.failed": self._ended,
+                "task.rejected": self._ended,
+                "plan.created": self._planned,
+                "step.requested": self._step_requested,
+                "step.completed": self._step_completed,
+                "step.failed": self._step_failed,
+                "tool.requested": self._call_requested,
+                "retrieval.requested": self._call_requested,
+                "tool.completed": self._call_completed,
+                "retrieval.completed": self._call_completed,
+                "check.requested": self._check_requested,
+                "approval.requested": self._approval_requested,
+                "approval.decided": self._approval_decided,
+                "control.halt": self._halted,
+                "control.resume": self._resumed,
+                "control.cancel": self._control,
+                "usage.recorded": self._usage,
             }
-            self._handlers[kind] = next((table[c] for c in kind.__mro__ if c in table), None)
-        return self._handlers[kind]
+        return self._handlers.get(kind)
 
-    # --- one fold per message type ----------------------------------------------------------
+    # --- one fold per message type (from its facts; one without them folds what it can) ----
 
-    def _submitted(self, m: TaskSubmitted, o: _Fold) -> None:
+    def _submitted(self, f: mesh_facts.Facts, o: _Fold) -> None:
         w = o.w
         o.inter_agent = False  # a client talking to the mesh (maybe resubmitting), not agents chattering
         w.created_at = o.at if w.created_at is None else w.created_at
-        w.deadline_s, w.stall_timeout_s = m.limits.deadline_s, m.limits.stall_timeout_s
-        w.max_queue_s = m.limits.max_queue_s
-        w.stall_policy = m.limits.stall_policy
-        w.labels = dict(m.labels)
+        try:
+            limits = TaskLimits.model_validate(f.get("limits") or {})
+        except ValidationError:
+            limits = TaskLimits()
+        w.deadline_s, w.stall_timeout_s = limits.deadline_s, limits.stall_timeout_s
+        w.max_queue_s = limits.max_queue_s
+        w.stall_policy = limits.stall_policy
+        if isinstance(labels := f.get("labels"), dict):
+            w.labels = {str(k): str(v) for k, v in labels.items()}
         if not w.step_status:
             w.waiting.add("plan")  # until the planner takes it up
 
-    def _ended(self, m: Contract, o: _Fold) -> None:
+    def _ended(self, f: mesh_facts.Facts, o: _Fold) -> None:
         o.w.terminal, o.done = True, True
 
-    def _planned(self, m: PlanCreated, o: _Fold) -> None:
-        for s in m.steps:
-            o.w.deps[s.step_id] = s.depends_on
-            o.w.step_status.setdefault(s.step_id, "pending")
+    def _planned(self, f: mesh_facts.Facts, o: _Fold) -> None:
+        for sid, deps in f.get("steps", ()):
+            o.w.deps[sid] = tuple(deps)
+            o.w.step_status.setdefault(sid, "pending")
 
-    def _step_requested(self, m: StepRequested, o: _Fold) -> None:
-        w, sid = o.w, m.step.step_id
-        if m.attempt >= w.step_attempt.get(sid, 0):
-            w.step_attempt[sid] = m.attempt
+    def _step_requested(self, f: mesh_facts.Facts, o: _Fold) -> None:
+        w, sid = o.w, f.get("step", "")
+        if not sid:
+            return
+        attempt = f.get("attempt", FIRST_ATTEMPT)
+        if attempt >= w.step_attempt.get(sid, 0):
+            w.step_attempt[sid] = attempt
             if w.step_status.get(sid) not in ("completed",):
                 w.step_status[sid] = "dispatched"
                 w.waiting.add(sid)  # until a worker takes it up
-        w.step_cap[sid] = self.rules.iteration_cap or m.max_iterations
-        if (n := self._seen(w, "step", sid, m.step.instruction, sorted(m.inputs.items()))) >= self.rules.loop_repeats:
+        w.step_cap[sid] = self.rules.iteration_cap or f.get("max_iterations", MAX_ITERATIONS)
+        if "sig" in f and (n := self._seen(w, "step", sid, f["sig"])) >= self.rules.loop_repeats:
             o.trip("loop", f"loop: step {sid} dispatched {n} times with the same instruction and inputs",
                    members=(f"step:{sid}",))  # fmt: skip
 
-    def _step_completed(self, m: StepCompleted, o: _Fold) -> None:
-        o.w.step_status[m.step_id] = "completed"
+    def _step_completed(self, f: mesh_facts.Facts, o: _Fold) -> None:
+        if step := f.get("step", ""):
+            o.w.step_status[step] = "completed"
         o.w.completions.append(o.at)
 
-    def _step_failed(self, m: StepFailed, o: _Fold) -> None:
-        o.w.step_status[m.step_id] = "halted" if m.halted else "failed"
-        if not m.halted:
+    def _step_failed(self, f: mesh_facts.Facts, o: _Fold) -> None:
+        halted = bool(f.get("halted", False))
+        if step := f.get("step", ""):
+            o.w.step_status[step] = "halted" if halted else "failed"
+        if not halted:
             o.w.errors.append(o.at)
 
-    def _call_requested(self, m: ToolRequested | RetrievalRequested, o: _Fold) -> None:
-        w = o.w
-        tool = m.tool if isinstance(m, ToolRequested) else "search_docs"
-        args = m.arguments if isinstance(m, ToolRequested) else {"query": m.query, "top_k": m.top_k}
-        awaited = str(args.get("step_id", "")) if tool == AWAIT_TOOL else ""
-        if m.call_id not in w.done_calls:
-            w.calls[m.call_id] = (m.step_id, tool, awaited)
-        if (n := self._seen(w, "call", m.step_id, tool, args)) >= self.rules.loop_repeats:
-            o.trip("loop", f"loop: step {m.step_id} called {tool} with the same arguments {n} times",
-                   members=(f"step:{m.step_id}",))  # fmt: skip
+    def _call_requested(self, f: mesh_facts.Facts, o: _Fold) -> None:
+        w, call, step = o.w, f.get("call", ""), f.get("step", "")
+        tool = f.get("tool", "search_docs")
+        if call and call not in w.done_calls:
+            w.calls[call] = (step, tool, f.get("await", ""))
+        if "sig" in f and (n := self._seen(w, "call", step, f["sig"])) >= self.rules.loop_repeats:
+            o.trip("loop", f"loop: step {step} called {tool} with the same arguments {n} times",
+                   members=(f"step:{step}",))  # fmt: skip
 
-    def _call_completed(self, m: ToolCompleted | RetrievalCompleted, o: _Fold) -> None:
-        w = o.w
-        w.done_calls.add(m.call_id)
-        w.calls.pop(m.call_id, None)
-        if isinstance(m, ToolCompleted) and not m.ok and not m.approval_id:
+    def _call_completed(self, f: mesh_facts.Facts, o: _Fold) -> None:
+        w, call, approval = o.w, f.get("call", ""), f.get("approval", "")
+        w.done_calls.add(call)
+        w.calls.pop(call, None)
+        if not f.get("ok", True) and not approval:
             w.errors.append(o.at)  # a denied or expired approval is a decision, not a failing tool
-        if isinstance(m, ToolCompleted) and m.approval_id:
+        if approval:
             # The wait is over however it ended (approved, denied, or expired: an expiry has no
             # approval.decided, only the tool-executor's answer).
-            self._approval_over(w, m.approval_id, o.at)
+            self._approval_over(w, approval, o.at)
 
-    def _check_requested(self, m: CheckRequested, o: _Fold) -> None:
-        if (n := self._seen(o.w, "check", m.answer, [c.chunk_hash for c in m.citations])) >= self.rules.loop_repeats:
+    def _check_requested(self, f: mesh_facts.Facts, o: _Fold) -> None:
+        if "sig" in f and (n := self._seen(o.w, "check", f["sig"])) >= self.rules.loop_repeats:
             o.trip("loop", f"loop: the same answer went to the checker {n} times (planner and checker ping-pong)",
                    members=("planner", "checker"))  # fmt: skip
 
-    def _approval_requested(self, m: ApprovalRequested, o: _Fold) -> None:
-        o.w.approvals[m.approval_id] = o.at
-        o.w.approval_of[m.approval_id] = m.step_id or "-"
+    def _approval_requested(self, f: mesh_facts.Facts, o: _Fold) -> None:
+        if approval := f.get("approval", ""):
+            o.w.approvals[approval] = o.at
+            o.w.approval_of[approval] = f.get("step", "") or "-"
 
-    def _approval_decided(self, m: ApprovalDecided, o: _Fold) -> None:
-        self._approval_over(o.w, m.approval_id, o.at)
+    def _approval_decided(self, f: mesh_facts.Facts, o: _Fold) -> None:
+        self._approval_over(o.w, f.get("approval", ""), o.at)
 
-    def _control(self, m: ControlHalt | ControlResume | ControlCancel, o: _Fold) -> None:
+    def _control(self, f: mesh_facts.Facts, o: _Fold) -> None:
         o.inter_agent = False
-        if isinstance(m, ControlHalt | ControlResume):
-            o.w.halted = isinstance(m, ControlHalt)
 
-    def _usage(self, m: UsageRecorded, o: _Fold) -> None:
-        w = o.w
+    def _halted(self, f: mesh_facts.Facts, o: _Fold) -> None:
+        o.inter_agent, o.w.halted = False, True
+
+    def _resumed(self, f: mesh_facts.Facts, o: _Fold) -> None:
+        o.inter_agent, o.w.halted = False, False
+
+    def _usage(self, f: mesh_facts.Facts, o: _Fold) -> None:
+        w, call, step = o.w, f.get("call", ""), f.get("step", "")
         o.inter_agent = False
-        if m.call_id in w.seen_usage:
+        if call in w.seen_usage:
             o.done = True
             return
-        w.seen_usage.add(m.call_id)
+        w.seen_usage.add(call)
         # A failed attempt the gateway retried or handed to a fallback model is not a failure
         # of the task's work; one that reached the task counts once per logical call.
-        logical = m.call_id.split("-x", 1)[0]
-        if m.error and not getattr(m, "handed_on", False) and logical not in w.failed_calls:
+        logical = call.split("-x", 1)[0]
+        if f.get("error") and not f.get("handed_on") and logical not in w.failed_calls:
             w.failed_calls.add(logical)
             w.errors.append(o.at)
             return
-        attempt = _attempt_of(m.call_id) or w.step_attempt.get(m.step_id, 1)
-        calls = w.llm_calls[(m.step_id, attempt)] = w.llm_calls[(m.step_id, attempt)] + 1
-        cap = w.step_cap.get(m.step_id, 0)
+        attempt = _attempt_of(call) or w.step_attempt.get(step, 1)
+        calls = w.llm_calls[(step, attempt)] = w.llm_calls[(step, attempt)] + 1
+        cap = w.step_cap.get(step, 0)
         if cap and calls > cap:
-            o.trip("iteration_cap", f"iteration cap: step {m.step_id} made {calls} model calls in attempt "
-                   f"{attempt}, cap {cap}", members=(f"step:{m.step_id}",))  # fmt: skip
+            o.trip("iteration_cap", f"iteration cap: step {step} made {calls} model calls in attempt "
+                   f"{attempt}, cap {cap}", members=(f"step:{step}",))  # fmt: skip
 
-    def _after(self, m: Contract, o: _Fold) -> None:
+    def _after(self, kind: str, o: _Fold) -> None:
         """What every folded message may trip: chatter, a retry storm, a deadlock."""
         w, r = o.w, self.rules
         if o.inter_agent:
@@ -419,7 +439,7 @@ class Monitor:
         if len(w.errors) >= r.retry_storm_errors:
             o.trip("retry_storm", f"retry storm: {len(w.errors)} failed calls or steps in "
                    f"{r.retry_storm_window_s:g} s", action="halt")  # fmt: skip
-        if isinstance(m, (PlanCreated, ToolRequested, StepRequested, StepFailed)) and (cyc := w.cycle()):
+        if kind in DEADLOCK_CHECKED and (cyc := w.cycle()):
             text = ", ".join(f"{a} waits on {b} ({why})" for a, b, why in cyc)
             o.trip("deadlock", f"deadlock: {text}", members=tuple(a for a, _, _ in cyc))
 

@@ -21,9 +21,9 @@ from opentelemetry.metrics import Observation
 
 from mesh_budget.accounts import Accounts, add_call, add_to_day, read_usage
 from mesh_budget.ledger import Cold, DayUsage, Durable, Held, Outcome, Settled, TaskUsage, View, today
-from mesh_budget.monitor import Monitor, Trip
+from mesh_budget.monitor import Monitor, Seen, Trip
 from mesh_budget.settings import BudgetSettings, TenantLimits
-from mesh_contracts import ContractError, parse_message
+from mesh_contracts import ContractError, contract_for_subject, parse_message
 from mesh_contracts import topology as topo
 from mesh_contracts.v1 import (
     BudgetDenied,
@@ -33,10 +33,7 @@ from mesh_contracts.v1 import (
     BudgetStatusRequested,
     ControlCancel,
     ControlHalt,
-    TaskCompleted,
-    TaskFailed,
     TaskLimits,
-    TaskRejected,
     TenantTasks,
     UsageRecorded,
 )
@@ -55,8 +52,10 @@ USAGE_DURABLE = "budget--usage-recorded"
 V = TypeVar("V")
 FACTS_KEPT = 20_000
 """Tasks whose creation time and limits a budget replica keeps (the oldest go first)."""
-WATCHED = topo.WATCHERS["budget"]
-"""Domains the monitor reads (every replica reads all of them, with direct gets: no consumers)."""
+FOLLOWED = (topo.ENVELOPES, topo.STREAMS["usage"])
+"""What the monitor reads, every replica all of it, with direct gets (no consumers): every
+message of the seven content streams without its body, and the usage records whole."""
+ENDS = frozenset({"task.completed", "task.failed", "task.rejected"})
 
 
 CEILINGS = ("task_tokens", "task_cost", "tenant_daily_tokens", "tenant_daily_cost")
@@ -205,17 +204,17 @@ class Budget:
     # --- the monitor: every message about every task ------------------------------------------
 
     async def _watch(self, mark: int) -> None:
-        """Follow every watched stream from ``lookback_s`` ago, with direct gets (no consumer: the
-        budget holds no right to create, change or delete consumers): the monitor's state is
-        rebuilt from the streams on every start (nothing to persist, nothing to lose). The usage
+        """Follow the envelopes and the usage stream from ``lookback_s`` ago, with direct gets (no
+        consumer: the budget holds no right to create, change or delete consumers): the monitor's
+        state is rebuilt from them on every start (nothing to persist, nothing to lose). The usage
         stream is read from the spend records' mark too, if that is earlier: what came after it
-        is folded into them (``mesh_budget.accounts``)."""
+        is folded into them (``mesh_budget.accounts``). The content streams themselves it cannot
+        read: ENVELOPES holds their messages' headers (``Mesh-Facts``), never a body."""
         self._started_at = time.time()
         start = self._started_at - self.settings.budget_lookback_s
-        for domain in WATCHED:
-            stream = topo.STREAMS[domain]
+        for stream in FOLLOWED:
             start_seq = None
-            if domain == "usage":
+            if stream == topo.STREAMS["usage"]:
                 first = await Reader(self.mesh.nc, stream).read(start_time=start, batch=1)
                 at_lookback = first.messages[0].seq if first.messages else mark + 1
                 start_seq = max(1, min(mark + 1, at_lookback))
@@ -248,15 +247,22 @@ class Budget:
 
     async def _on_watched(self, msg: Stored, stream: str) -> None:
         usage_stream = self.accounts is not None and stream == topo.STREAMS["usage"]
-        if self.partition.count > 1:
-            parts = msg.subject.split(".")  # <domain>.v<major>.<tenant>.<task>.<event>
-            if len(parts) == 5 and not self.partition.owns(parts[2]):
-                if usage_stream and self.accounts is not None:
-                    self.accounts.seen(msg.seq)  # another partition's records
-                return  # another partition's tenant: not even parsed
+        parts = msg.subject.split(".")  # <domain>.v<major>.<tenant>.<task>.<event>
+        if self.partition.count > 1 and len(parts) == 5 and not self.partition.owns(parts[2]):
+            if usage_stream and self.accounts is not None:
+                self.accounts.seen(msg.seq)  # another partition's records
+            return  # another partition's tenant: not even parsed
         try:
-            model = parse_message(msg.subject, msg.data)
-            self.mesh.verifier.verify(msg.headers.get(env.IDENTITY), msg.data, model, at=msg.time)
+            if stream == topo.ENVELOPES:  # a message's headers: no body to parse, its facts instead
+                contract = contract_for_subject(msg.subject)
+                _, told = self.mesh.verifier.verify_envelope(
+                    msg.headers.get(env.IDENTITY), msg.headers.get(env.FACTS), contract, parts[2], at=msg.time
+                )
+                seen, model = Seen(contract.type_name(), parts[2], parts[3], told), None
+            else:
+                model = parse_message(msg.subject, msg.data)
+                self.mesh.verifier.verify(msg.headers.get(env.IDENTITY), msg.data, model, at=msg.time)
+                seen = Seen.of(model)
         except (ContractError, IdentityError):
             if usage_stream:
                 self.accounts.seen(msg.seq)  # nothing to fold: the records are complete past it
@@ -266,14 +272,14 @@ class Budget:
                 await self.accounts.fold(model, msg.seq, msg.time)  # waits for the broker if it must
             elif usage_stream:
                 self.accounts.seen(msg.seq)
-            elif isinstance(model, TaskCompleted | TaskFailed | TaskRejected):
-                self.accounts.ended(model.tenant, model.task_id)
+            elif seen.type in ENDS:
+                self.accounts.ended(seen.tenant, seen.task_id)
         if msg.time < self._started_at - self.settings.budget_lookback_s:
             return  # read for the spend records only (before the monitor's look-back)
-        if not self.partition.owns(model.tenant):
+        if not self.partition.owns(seen.tenant):
             return
         try:
-            trips = self.monitor.observe(model, msg.time)
+            trips = self.monitor.observe(seen, msg.time)
         except Exception:
             log.exception("monitor failed on %s", msg.subject)
             return
