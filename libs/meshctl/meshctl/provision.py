@@ -260,8 +260,9 @@ def envelopes_config(replicas: int = 1, *, retention_s: float = RETENTION_S, cap
         # Written back to disk asynchronously, not synced per message as the mesh's own streams
         # are: what a crash loses of it the broker sources again (it resets each durable to the
         # last sequence it holds). Synced, it cost nats-server 0.13 ms more per message, and the
-        # budget more too (it was fed one message at a time instead of in bursts).
-        persist_mode=api.PersistMode.ASYNC,
+        # budget more too (it was fed one message at a time instead of in bursts). The server
+        # refuses async persistence on a replicated stream: there the replicas are the durability.
+        persist_mode=api.PersistMode.ASYNC if replicas == 1 else None,
         description="AgentMesh envelopes: every task, step, tool, rag, check, control and approval message's "
         "headers, without its body (sourced through headers-only durables)",
     )
