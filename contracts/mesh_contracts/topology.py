@@ -245,11 +245,12 @@ BUCKETS: tuple[Bucket, ...] = (
     Bucket(
         "quotas",
         per_service=SERVICES,
+        scanners=("planner", "rag"),  # the door keepers: what each tenant made every service store
         history=1,
         description="What each tenant made the mesh store, per stream (key <service>.<tenant>.<stream>): the bytes "
-        "and messages it wrote within the stream's max_age and its rate bucket, kept by the service that stored "
-        "them (a door keeper for submissions, control and ingests; every service for its dead letters). meshctl "
-        "status reads it.",
+        "and messages stored for it within the stream's max_age and its rate bucket, kept by the service that "
+        "stored them (every service for what it stores for the tenant's tasks and its dead letters; a door keeper "
+        "also for what the tenant hands in). The door keepers read all of it; meshctl status shows it.",
     ),
     Bucket(
         "ledger",

@@ -228,6 +228,31 @@ async def test_ingest_bytes_per_minute_are_limited_per_tenant(infra, mesh):
     assert not refused and stored > 1_500_000
 
 
+async def test_a_tenant_whose_tasks_stored_too_much_in_a_stream_it_never_writes_to_is_refused(infra, mesh):
+    """A tenant writes only TASK, CONTROL and RAG, but its tasks make the worker, the tool-executor
+    and the planner store step outputs, tool results and check requests in STEP, TOOL and CHECK.
+    Every service counts what it stores for a tenant in the quota book; when a tenant's share of a
+    stream is used up (here: the worker's record says 70 MiB of STEP, over an eighth of its 512 MiB),
+    the doors refuse its new messages, naming the stream; another tenant is untouched."""
+    from mesh_kit import Mesh
+    from mesh_kit.quota import Quotas, limits_from
+
+    worker = Mesh(infra.ids.settings("worker", infra.nats_url))
+    await worker.broker.connect()
+    try:
+        book = Quotas(lambda: worker.nc, await worker.kv("quotas"), "worker", limits_from(0.125, {}, {}))
+        book.induced(SLOW, "STEP", 70 * MIB)  # as if its tasks' step outputs had taken that much
+        await book.flush()
+    finally:
+        await worker.broker.stop()
+    async with infra.client(SLOW) as slow:
+        refused = await slow.submit(GOAL, task_id="slow-after-steps", progress=False, timeout=30)
+    assert refused.outcome is not None and refused.outcome.code == "quota_exceeded", refused.outcome
+    assert "what its tasks stored in STEP (70.0 MiB" in refused.outcome.reason, refused.outcome.reason
+    assert refused.outcome.retry_after_s and refused.outcome.retry_after_s > 3600
+    await _a_quiet_task_completes(infra, "quiet-after-steps")
+
+
 async def test_the_quota_book_says_what_each_tenant_holds_and_what_it_was_refused(infra, mesh):
     """What ``meshctl status`` shows (its QUOTAS table), read from KV ``quotas`` as an operator."""
     from meshctl.budget import scan

@@ -126,6 +126,18 @@ def test_the_budget_reads_no_stream_that_holds_tenant_content():
 
 
 def test_the_checker_reads_no_stream():
-    # (the DLQ's info is its caps, max_age and counts, never a message: dead letters are charged to a quota)
+    # (STREAM.INFO is caps, max_age and counts, never a message: what it stores for a tenant, its
+    # dead letters too, counts against the tenant's quota, a share of those caps)
     assert not [s for s in POLICY["checker"].pub if s.startswith(("$JS.API.STREAM.", "$JS.API.DIRECT.GET.")) and
-                not s.startswith("$JS.API.DIRECT.GET.KV_") and s != "$JS.API.STREAM.INFO.DLQ"]  # fmt: skip
+                not s.startswith(("$JS.API.DIRECT.GET.KV_", "$JS.API.STREAM.INFO."))]  # fmt: skip
+    assert not [
+        s
+        for p in POLICY.values()
+        for s in p.pub
+        if s.startswith("$JS.API.STREAM.") and p.principal != "admin" and not s.startswith("$JS.API.STREAM.INFO.")
+    ], "STREAM.INFO is the only stream verb anyone holds"
+
+
+def test_the_door_keepers_and_only_they_read_the_whole_quota_book():
+    quotas = next(b for b in topo.BUCKETS if b.name == "quotas")
+    assert set(quotas.scanners) == {d.service for d in topo.doors()}

@@ -223,7 +223,6 @@ class Mesh:
         self._fair: list[FairConsumer] = []
         self._durables: list[topo.Durable] = []  # every durable ``consume`` bound, in order
         self._doors: list[topo.Door] = []  # the doors of the tenant-written contracts it consumes
-        self._door_streams: set[str] = set()  # and their streams
         self._door: Door | None = None
         self._quota_flush: asyncio.Task[None] | None = None
         self.quotas: Quotas | None = None
@@ -653,15 +652,13 @@ class Mesh:
             stream = topo.STREAMS[model.spec.domain]
             if self._direct and not model.spec.acked:
                 await self.nc.publish(subject, body, headers=headers)
+                self._stored_for(model.tenant, stream, subject, body, headers)
                 return None
             try:
                 if self._direct:
                     ack = await self._js().publish(subject, body, headers=headers, stream=stream, timeout=timeout)
-                    if stream in self._door_streams and self.quotas is not None and not ack.duplicate:
-                        # Stored for the tenant in a stream it writes to through this service's door:
-                        # it counts against the tenant's quota there (``Quotas.induced``).
-                        size = len(subject) + len(body) + sum(len(k) + len(v) + 4 for k, v in headers.items())
-                        self.quotas.induced(model.tenant, stream, size)
+                    if not ack.duplicate:
+                        self._stored_for(model.tenant, stream, subject, body, headers)
                     return ack
                 # Not connected by ``start`` (FastStream's in-memory test broker drives this mesh).
                 return await self.broker.publish(body, subject, headers=headers, stream=stream, timeout=timeout)
@@ -676,6 +673,14 @@ class Mesh:
                     self.count(tel.M_STREAM_FULL, {"stream": full.stream or ""})
                     raise full from exc
                 raise
+
+    def _stored_for(self, tenant: str, stream: str, subject: str, body: bytes, headers: dict[str, str]) -> None:
+        """What this service stored for a tenant counts against the tenant's share of the stream
+        (``Quotas.induced``; counted here, written every few seconds): its doors refuse a tenant
+        whose tasks made the mesh store too much anywhere."""
+        if self.quotas is not None:
+            size = len(subject) + len(body) + sum(len(k) + len(v) + 4 for k, v in headers.items())
+            self.quotas.induced(tenant, stream, size)
 
     def _js(self) -> JetStreamContext:
         """The JetStream context of the current connection (made once per connection)."""
@@ -767,7 +772,6 @@ class Mesh:
         door = topo.door_of(contract)
         if door is not None and door.service == self.service and door not in self._doors:
             self._doors.append(door)  # tenants hand it in here (``mesh_kit.door``)
-            self._door_streams.add(door.stream)
         workers = max_workers or self.settings.max_workers
         prefix = (self.settings.inbox_prefix + ".").encode()
 

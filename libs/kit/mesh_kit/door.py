@@ -278,6 +278,11 @@ class Door:
         quotas = mesh.quotas
         assert quotas is not None  # set by Mesh.start, before any door opens
         size = len(subject) + len(raw.data) + sum(len(k) + len(v) + 4 for k, v in headers.items())
+        # What its tasks stored in the streams it never writes to: no new work while over a share
+        # there (a halt or cancel is not new work: it is never refused for that).
+        refusal = await quotas.footprint(parts.tenant) if door.contract.spec.domain != "control" else None
+        if refusal is not None:
+            raise DoorRefused(refusal.code, f"tenant {parts.tenant}: {refusal.reason}", refusal.retry_after_s)
         refusal, charged_at = await quotas.charge(parts.tenant, door.stream, size)
         if refusal is not None:
             raise DoorRefused(refusal.code, f"tenant {parts.tenant} in {door.stream}: {refusal.reason}",

@@ -50,6 +50,8 @@ REFUSAL_CACHED_S = 5.0
 INFO_EVERY_S = 60.0
 """How often a stream's caps and max_age are read again."""
 FLUSH_S = 5.0
+FOOTPRINT_EVERY_S = 5.0
+"""How often a door reads what a tenant made every service store (``Quotas.footprint``)."""
 """How often what a service stored of its own accord is written for a tenant that sent nothing since."""
 
 
@@ -219,6 +221,8 @@ class Quotas:
         self._pending: dict[tuple[str, str], Counter[str]] = {}
         """Refusals not yet in the record: the first of a run is written (``meshctl status`` shows
         the tenant refused), the rest are added with the tenant's next write."""
+        self._footprints: dict[str, tuple[float, Refusal | None]] = {}
+        """Per tenant: when its footprint across the book was last read, and the verdict."""
         self._induced: dict[tuple[str, str], list[int]] = {}
         """(tenant, stream) -> [bytes, messages] this service stored of its own accord, not yet written."""
         self._lock = asyncio.Lock()
@@ -295,6 +299,61 @@ class Quotas:
             )
             self._shapes[stream] = (time.monotonic(), shape)
             return shape
+
+    async def footprint(self, tenant: str) -> Refusal | None:
+        """Whether what ``tenant``'s tasks made the services store in a stream it does not write to
+        itself (STEP, TOOL, CHECK, EVENTS, USAGE, APPROVAL) is over its share of that stream: the
+        doors refuse its new work then (not its control messages: a halt or cancel only stops work).
+        Bounded only through TASK, a tenant whose tasks store a lot each (tool results, check
+        requests of megabytes) could still fill those. Read from the whole quota book (every
+        service's records of the tenant, one batched read) at most every ``FOOTPRINT_EVERY_S``;
+        the streams a tenant writes to, and the DLQ, are bounded message by message by ``charge``."""
+        now = time.time()
+        cached = self._footprints.get(tenant)
+        if cached is not None and now - cached[0] < FOOTPRINT_EVERY_S:
+            return cached[1]
+        from mesh_kit.tail import Reader
+
+        reader = Reader(self._nc(), "KV_quotas")
+        try:
+            entries = await reader.current(QuotaRecord.bucket, f"*.{tenant}.*")
+        finally:
+            await reader.close()
+        held: dict[str, QuotaRecord] = {}
+        for key, e in entries.items():
+            stream = key.rsplit(".", 1)[-1]
+            try:
+                rec = QuotaRecord.model_validate_json(e.data)
+            except ValueError:
+                continue
+            total = held.setdefault(stream, QuotaRecord(slot_s=rec.slot_s, window_s=rec.window_s))
+            if rec.window_s:
+                expire(rec, rec.window_s, now)
+            for slot, (b, m) in rec.held.items():
+                tb, tm = total.held.get(slot, [0, 0])
+                total.held[slot] = [tb + b, tm + m]
+        refusal = None
+        charged = {*topo.door_streams(), topo.DLQ_STREAM}  # bounded by their own charges, message by message
+        for stream, total in sorted(held.items()):
+            if stream in charged:
+                continue
+            shape = await self.shape(stream)
+            limit = self.limits(tenant, stream, shape)
+            b, m = total.held_now()
+            if (limit.bytes and b > limit.bytes) or (limit.msgs and m > limit.msgs):
+                window = _window(shape)
+                total.slot_s = slot_width(window)
+                refusal = Refusal(
+                    "quota_exceeded",
+                    f"what its tasks stored in {stream} ({_mib(b)} in {m} messages) is over its quota there "
+                    f"({_mib(limit.bytes) if limit.bytes else f'{limit.msgs} messages'} over {_days(window)})",
+                    _until_room(total, limit, window, 0, now),
+                )
+                break
+        self._footprints[tenant] = (now, refusal)
+        if len(self._footprints) > 10_000:
+            self._footprints.pop(next(iter(self._footprints)))
+        return refusal
 
     async def charge(self, tenant: str, stream: str, nbytes: int) -> tuple[Refusal | None, float]:
         """Charge one message of ``nbytes`` that ``tenant`` is about to have stored in ``stream``.

@@ -85,6 +85,10 @@ def service_permissions(service: str) -> Permissions:
         p.add_pub(*(f"$JS.API.STREAM.INFO.{s}" for s in [*topo.STREAMS.values(), topo.DLQ_STREAM]))
     if service in topo.CONTROL_OBSERVERS:
         p.add_sub("control.*.*.*.*")
+    if topo.doors_of(service):
+        # Every stream's caps, to refuse a tenant whose tasks stored too much anywhere (the whole
+        # quota book, counts and no content, it scans as the bucket's scanner).
+        p.add_pub(*(f"$JS.API.STREAM.INFO.{s}" for s in [*topo.STREAMS.values(), topo.DLQ_STREAM]))
     for door in topo.doors_of(service):
         # Keep the door (queue group), store what passes on the stream subject, answer the client,
         # and read the stream's caps and max_age (its tenants' quotas are shares of them).
@@ -99,8 +103,11 @@ def service_permissions(service: str) -> Permissions:
         )
         p.add_pub(f"$JS.API.STREAM.INFO.{door.stream}")
         p.allow_responses = True
-    # The DLQ's caps and max_age: a tenant's dead letters are charged to its quota, a share of them.
+    # The caps and max_age of the DLQ and of every stream it stores messages in: what it stores for
+    # a tenant (its dead letters too) counts against the tenant's quota there, a share of them.
     p.add_pub(f"$JS.API.STREAM.INFO.{topo.DLQ_STREAM}")
+    p.add_pub(*sorted({f"$JS.API.STREAM.INFO.{topo.STREAMS[c.spec.domain]}" for _, c in _contracts()
+                       if service in c.spec.producers and c.spec.transport == "stream"}))  # fmt: skip
     p.add_pub(topo.dlq_subject(service, ">"))
     for prefix, writer in topo.SINKS.values():
         if service == writer:

@@ -1,8 +1,9 @@
 """What each tenant holds of its quotas (``mesh_kit.quota``), for ``meshctl status``.
 
-Every service keeps its own keys of KV ``quotas`` (``<service>.<tenant>.<stream>``); a tenant's
-dead letters are kept by every service that gave up on one of its messages, so its DLQ row adds
-the services' records up (each service holds a sixth of the quota)."""
+Every service keeps its own keys of KV ``quotas`` (``<service>.<tenant>.<stream>``): what it stored
+for the tenant in each stream. A row adds the services' records of one stream up against the
+tenant's one quota there; the DLQ's quota is split among the services, so its row adds the
+limits up too."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from mesh_contracts.topology import DLQ_STREAM
 from mesh_contracts.v1.records import QuotaRecord
 from mesh_kit.quota import expire
 
@@ -45,8 +47,12 @@ def summarise(records: dict[str, dict[str, Any]], now: float | None = None) -> l
         b, m = rec.held_now()
         row = rows.setdefault((tenant, stream), Held(tenant, stream))
         row.bytes, row.msgs = row.bytes + b, row.msgs + m
-        row.limit_bytes += rec.limit_bytes
-        row.limit_msgs += rec.limit_msgs
+        if stream == DLQ_STREAM:  # each service holds its share of the DLQ quota
+            row.limit_bytes += rec.limit_bytes
+            row.limit_msgs += rec.limit_msgs
+        else:  # every service that stores in the stream counts against the tenant's one quota there
+            row.limit_bytes = max(row.limit_bytes, rec.limit_bytes)
+            row.limit_msgs = max(row.limit_msgs, rec.limit_msgs)
         for code, n in rec.refused.items():
             row.refused[code] = row.refused.get(code, 0) + n
     return sorted(rows.values(), key=lambda r: (r.tenant, r.stream))

@@ -66,7 +66,8 @@ def stream_read(stream: str) -> set[str]:
 
 def quota(service: str, *streams: str) -> set[str]:
     """Its own slice of the tenants' quota book (``mesh_kit.quota``), and the caps and max_age of
-    the streams whose tenant messages it stores: the DLQ (its dead letters), and its doors' streams."""
+    the streams it stores tenants' messages in: the DLQ (its dead letters) and every stream it
+    publishes to (what it stores for a tenant counts against the tenant's share there)."""
     return {f"$JS.API.DIRECT.GET.KV_quotas.$KV.quotas.{service}.>"} | {
         f"$JS.API.STREAM.INFO.{s}" for s in ("DLQ", *streams)
     }
@@ -82,6 +83,9 @@ STORE_LEVELS = {
     f"$JS.API.STREAM.INFO.{s}"
     for s in ("TASK", "STEP", "TOOL", "RAG", "CHECK", "USAGE", "CONTROL", "APPROVAL", "EVENTS", "AUDIT", "DLQ")
 }
+# A door keeper reads the whole quota book (what each tenant made every service store: counts,
+# no content) and every stream's caps: a tenant whose tasks stored too much anywhere is refused.
+DOOR_KEEPER = kv_scan("quotas") | STORE_LEVELS
 
 INTENDED: dict[str, set[str]] = {
     "planner": EVERY_SERVICE
@@ -102,7 +106,8 @@ INTENDED: dict[str, set[str]] = {
     # how full each stream is (caps and counts, no message): new tasks are refused near a cap
     | STORE_LEVELS
     | ledger("planner")
-    | quota("planner", "TASK", "CONTROL"),  # the door of submissions and control messages
+    | quota("planner", "TASK", "CONTROL")  # the door of submissions and control messages
+    | DOOR_KEEPER,
     "worker": EVERY_SERVICE
     | fetch("STEP", "worker--step-requested")
     | fetch("TOOL", "worker--tool-completed")
@@ -112,20 +117,21 @@ INTENDED: dict[str, set[str]] = {
     | kv_own("steps")
     | kv_read("tools")
     | ledger("worker")
-    | quota("worker"),
+    | quota("worker", "STEP", "TOOL", "RAG", "USAGE", "EVENTS"),
     # The checker reads no stream and no task record: the passages it checks citations against
     # come in the check request, each as rag signed it.
     "checker": EVERY_SERVICE
     | fetch("CHECK", "checker--check-requested")
     | GUARD
     | ledger("checker")
-    | quota("checker"),
+    | quota("checker", "CHECK", "USAGE", "EVENTS"),
     "rag": EVERY_SERVICE
     | fetch("RAG", "rag--rag-requested")
     | fetch("RAG", "rag--rag-ingest")
     | GUARD
     | kv_own("rag")
-    | quota("rag", "RAG"),  # the door of ingests
+    | quota("rag", "RAG", "EVENTS")  # the door of ingests
+    | DOOR_KEEPER,
     "tool-executor": EVERY_SERVICE
     | fetch("TOOL", "tool-executor--tool-requested")
     | fetch("APPROVAL", "tool-executor--approval-decided")
@@ -138,7 +144,7 @@ INTENDED: dict[str, set[str]] = {
     | kv_scan("notes")
     | AUDIT_WRITER  # tool-policy decisions and approval outcomes
     | ledger("tool-executor")
-    | quota("tool-executor"),
+    | quota("tool-executor", "TOOL", "APPROVAL", "AUDIT", "EVENTS"),
     # The monitor follows every task with direct gets only: the usage records whole (its own
     # record of spend), and every other message's envelope (headers, no body: ENVELOPES). No
     # right on TASK, STEP, TOOL, RAG, CHECK, CONTROL or APPROVAL, where a bare direct get reads
@@ -154,7 +160,7 @@ INTENDED: dict[str, set[str]] = {
     | kv_scan("reservations")  # a rebuilt view reads the last ttl's holds in batches
     | kv_own("anchors")  # the audit chains' signed anchors
     | AUDIT_WRITER  # budget trips
-    | quota("budget"),
+    | quota("budget", "CONTROL", "AUDIT", "EVENTS"),
     "approver": kv_scan("approvals"),
     "client.acme": {"$JS.API.DIRECT.GET.TASK.task.*.acme.>", "$JS.API.DIRECT.GET.EVENTS.event.*.acme.>"},
     "client.globex": {"$JS.API.DIRECT.GET.TASK.task.*.globex.>", "$JS.API.DIRECT.GET.EVENTS.event.*.globex.>"},
