@@ -54,11 +54,15 @@ async def test_a_lost_retrieval_cache_is_a_miss_and_the_service_stays_ready(outa
         during, during_version, cached = await rag.search("acme", "identity token", 3)
         took = time.monotonic() - t0
         assert (during, during_version, cached) == (first, version, False), "the same answer, from the index"
-        assert took < 5, f"a lost cache must not hold a retrieval for long ({took:.1f}s)"
-        assert mesh.stats.counters[tel.M_RETRIEVAL_CACHE_ERRORS] >= 1
+        assert mesh.stats.counters[tel.M_RETRIEVAL_CACHE_ERRORS] >= 1, f"one failed cache read ({took:.2f}s)"
+        await eventually(lambda: not mesh.dependencies["redis"].describe()["up"], what="redis known down")
         ready, why = mesh.ready()
         assert ready and why.startswith("degraded: redis unreachable"), why
-        assert mesh.dependencies["redis"].describe()["up"] is False
+        # While Redis is known to be down, no retrieval waits on it at all: not one more cache read.
+        errors = mesh.stats.counters[tel.M_RETRIEVAL_CACHE_ERRORS]
+        for _ in range(3):
+            assert (await rag.search("acme", "identity token", 3))[0] == first
+        assert mesh.stats.counters[tel.M_RETRIEVAL_CACHE_ERRORS] == errors, "the cache was not tried while down"
 
         # While it is known to be down no retrieval tries it: no wait, no new error.
         errors = mesh.stats.counters[tel.M_RETRIEVAL_CACHE_ERRORS]

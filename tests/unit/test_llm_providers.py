@@ -456,7 +456,10 @@ async def wait_for_hangup(srv: FakeLLMServer) -> float:
 
 @both
 async def test_stalled_answer_fails_within_idle_limit_and_hangs_up(llm, srv, stream):
-    srv.push(Fault.stall(3.0))
+    # The server stays silent for 10 s: only the client's idle limit (0.3 s) can end the call
+    # before that, whatever the machine's speed. No upper bound on time: the error's kind and the
+    # hang-up before the silence ends are the proof.
+    srv.push(Fault.stall(10.0))
     deltas = []
     started = time.monotonic()
     with pytest.raises(ProviderError) as info:
@@ -467,10 +470,10 @@ async def test_stalled_answer_fails_within_idle_limit_and_hangs_up(llm, srv, str
             await llm.complete(ask())
     elapsed = time.monotonic() - started
     assert (info.value.kind, info.value.retryable) == ("stalled", True)
-    assert 0.3 <= elapsed < 1.5  # the server stays silent for 3 s
+    assert elapsed >= 0.3, "not before the idle limit"
     if stream:
         assert deltas == ["The ", "quick "]  # what came before the silence was delivered
-    assert await wait_for_hangup(srv) - started < 2.0
+    assert await wait_for_hangup(srv) - started < 10.0, "hung up while the server was still silent"
 
 
 @both
