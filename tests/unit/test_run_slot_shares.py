@@ -72,3 +72,19 @@ def test_property_drained_fairly_every_tenant_within_its_share_and_the_cap_passe
             wanting = [u for u, v in view.items() if len(v.in_flight) > len(v.running)]
             if total < slots and wanting:
                 assert any(may_start(u, view, slots) for u in wanting), (slots, view)
+
+
+def test_a_tenant_really_alone_may_run_more_and_one_between_two_tasks_still_counts():
+    """``MESH_RUN_SLOTS_ALONE``: a lone tenant keeps its throughput; a tenant with a task in flight,
+    or one that ended within ``RECENT_S`` (it sends one task after another), makes it not alone."""
+    from mesh_planner.admission import RECENT_S
+
+    now = 1_000_000.0
+    assert may_start("burst", {"burst": rec(7, 90)}, slots=1, alone=8, now=now)
+    assert not may_start("burst", {"burst": rec(8, 90)}, slots=1, alone=8, now=now)
+    between = AdmissionRecord(last_ended_at=now - RECENT_S / 2)  # nothing in flight, ended a moment ago
+    assert not may_start("burst", {"burst": rec(1, 90), "steady": between}, slots=1, alone=8, now=now)
+    assert may_start("steady", {"burst": rec(1, 90), "steady": between}, slots=1, alone=8, now=now)
+    gone = AdmissionRecord(last_ended_at=now - RECENT_S * 2)
+    assert may_start("burst", {"burst": rec(1, 90), "steady": gone}, slots=1, alone=8, now=now)
+    assert not may_start("burst", {"burst": rec(1, 90), "steady": rec(1)}, slots=1, alone=8, now=now)

@@ -177,6 +177,9 @@ class AdmissionRecord(Record):
     running: dict[str, float] = {}
     """With run slots (``MESH_RUN_SLOTS``): the admitted tasks that hold one (task id -> when it
     lapses, as in ``in_flight``). The rest of ``in_flight`` waits for a slot, queued."""
+    last_ended_at: float = 0.0
+    """When one of its tasks last ended: a tenant between two tasks still counts as wanting run
+    slots for a while (``MESH_RUN_SLOTS_ALONE`` is for a tenant that is really alone)."""
 
 
 class QuotaRecord(Record):

@@ -64,6 +64,9 @@ GRACE_S = 60.0
 WOKEN_S = 30.0
 """How long a waiting task this replica woke for a free slot counts as holding it before the
 planner has recorded that it does (its handler normally decides within milliseconds)."""
+RECENT_S = 10.0
+"""A tenant whose task ended this recently still wants run slots (it sends one task after another,
+or one a second): another tenant is not alone (``MESH_RUN_SLOTS_ALONE``) meanwhile."""
 RESCAN_S = 10.0
 """How often a replica reads every tenant's record again (a feed message lost in a reconnect)."""
 
@@ -84,15 +87,26 @@ class Wait:
 
 
 def may_start(
-    tenant: str, view: Mapping[str, AdmissionRecord], slots: int, woken: Mapping[str, int] | None = None
+    tenant: str,
+    view: Mapping[str, AdmissionRecord],
+    slots: int,
+    woken: Mapping[str, int] | None = None,
+    alone: int = 0,
+    now: float | None = None,
 ) -> bool:
     """Whether ``tenant`` may start one more task now (module docstring: run slots). ``view`` is
     every tenant's record, ``tenant``'s own as just read; ``woken`` counts tasks told a slot is
-    theirs that have not yet taken it (they count as running)."""
+    theirs that have not yet taken it (they count as running). ``alone``: how many a tenant may
+    run while no other tenant has had a task in flight for ``RECENT_S`` (0: ``slots``)."""
     woken = woken or {}
     running = {t: len(r.running) + woken.get(t, 0) for t, r in view.items()}
     waiting = {t: len(r.in_flight) - len(r.running) - woken.get(t, 0) for t, r in view.items()}
     active = {t for t in view if running[t] > 0 or waiting[t] > 0} | {tenant}
+    if alone > slots:
+        at = time.time() if now is None else now
+        recent = {t for t, r in view.items() if at - r.last_ended_at < RECENT_S}
+        if (active | recent) == {tenant}:
+            return running.get(tenant, 0) < alone
     share = max(1, slots // len(active))
     mine = running.get(tenant, 0)
     if mine < share:
@@ -104,10 +118,12 @@ def may_start(
 
 class Admission:
     def __init__(
-        self, kv: Any, default: Limits, per_tenant: dict[str, Limits] | None = None, *, slots: int = 0
-    ) -> None:
+        self, kv: Any, default: Limits, per_tenant: dict[str, Limits] | None = None, *, slots: int = 0,
+        alone: int = 0,
+    ) -> None:  # fmt: skip
         self.kv, self.default, self.per_tenant = kv, default, per_tenant or {}
         self.slots = slots
+        self.alone = alone
         self.view: dict[str, AdmissionRecord] = {}
         """Every tenant's record as last seen (own writes, the bucket's feed, a rescan): run slots."""
         self._revision: dict[str, int] = {}
@@ -156,7 +172,7 @@ class Admission:
             """Take a run slot for the task if one is free for its tenant (True: taken or none needed)."""
             if not self.slots:
                 return True
-            if not may_start(tenant, {**self.view, tenant: rec}, self.slots, self._woken_counts(at)):
+            if not may_start(tenant, {**self.view, tenant: rec}, self.slots, self._woken_counts(at), self.alone, at):
                 return False
             rec.running[task_id] = rec.in_flight[task_id]
             return True
@@ -246,6 +262,7 @@ class Admission:
             rec.running.pop(task_id, None)
             if took_s is not None:
                 rec.mean_task_s = took_s if not rec.mean_task_s else 0.9 * rec.mean_task_s + 0.1 * took_s
+            rec.last_ended_at = time.time()
             self._add_refused(tenant, rec)
             return rec
 
@@ -353,7 +370,7 @@ class Admission:
                     del self._waiters[tenant]
                     continue
                 rec = self.view.get(tenant)
-                if rec is None or may_start(tenant, self.view, self.slots, counts):
+                if rec is None or may_start(tenant, self.view, self.slots, counts, self.alone):
                     _, _, task_id, fut = heapq.heappop(q)
                     if not q:
                         del self._waiters[tenant]

@@ -282,6 +282,7 @@ class Planner:
             default,
             parse_tenants(s.admission_tenants, default),
             slots=s.run_slots,
+            alone=s.run_slots_alone,
         )
         await self.admission.follow(self.mesh.nc)
         self.ledger = Ledger(await self.mesh.kv(LEDGER), self.mesh.service)

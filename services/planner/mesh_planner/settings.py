@@ -26,6 +26,10 @@ class PlannerSettings(AgentSettings):
     ``mesh_planner.admission``); an admitted task past them waits, queued, for one. Size it to
     what the mesh's slowest resource runs without queueing: a few per core for CPU-bound work,
     the model provider's concurrency for real model calls (0: every admitted task starts at once)."""
+    run_slots_alone: int = Field(0, ge=0)
+    """How many tasks one tenant may run at once while no other tenant has a task in flight
+    (0: ``MESH_RUN_SLOTS``, as when others do). Higher than the run slots, a lone tenant keeps its
+    throughput, and a tenant that arrives meets at most this many of its tasks still running."""
     planning_slots: int = Field(0, ge=0)
     """Plans this planner makes at once, shared fairly among tenants (``mesh_planner.planning``);
     an admitted submission past them waits, parked, for its tenant's turn. 0: one fewer than
