@@ -58,19 +58,12 @@ async def test_a_lost_retrieval_cache_is_a_miss_and_the_service_stays_ready(outa
         await eventually(lambda: not mesh.dependencies["redis"].describe()["up"], what="redis known down")
         ready, why = mesh.ready()
         assert ready and why.startswith("degraded: redis unreachable"), why
-        # While Redis is known to be down, no retrieval waits on it at all: not one more cache read.
-        errors = mesh.stats.counters[tel.M_RETRIEVAL_CACHE_ERRORS]
-        for _ in range(3):
-            assert (await rag.search("acme", "identity token", 3))[0] == first
-        assert mesh.stats.counters[tel.M_RETRIEVAL_CACHE_ERRORS] == errors, "the cache was not tried while down"
 
         # While it is known to be down no retrieval tries it: no wait, no new error.
         errors = mesh.stats.counters[tel.M_RETRIEVAL_CACHE_ERRORS]
-        t0 = time.monotonic()
         for _ in range(5):
             assert (await rag.search("acme", "identity token", 3))[0] == first
-        assert time.monotonic() - t0 < 2
-        assert mesh.stats.counters[tel.M_RETRIEVAL_CACHE_ERRORS] == errors
+        assert mesh.stats.counters[tel.M_RETRIEVAL_CACHE_ERRORS] == errors, "the cache was not tried while down"
 
         await infra.start_redis()
         await eventually(lambda: mesh.ready() == (True, "ok"), timeout=10, what="rag to see Redis again")

@@ -187,18 +187,25 @@ async def test_corrupt_entry_is_a_miss(r: aioredis.Redis) -> None:
     assert (cache.misses, cache.errors) == (1, 1)
 
 
+class Untouchable:
+    """A Redis client that must not be used (the cache is backing off)."""
+
+    def __getattr__(self, name: str) -> object:
+        raise AssertionError(f"the cache used Redis ({name}) while backing off")
+
+
 async def test_redis_down_is_a_miss_not_an_error(r: aioredis.Redis, caplog: pytest.LogCaptureFixture) -> None:
     dead = aioredis.Redis(host="127.0.0.1", port=free_port(), socket_connect_timeout=0.5)
     seen: list[bool] = []
     cache = ResponseCache(dead, on_lookup=seen.append, timeout_s=0.5, backoff_s=0.3)
     try:
         with caplog.at_level(logging.INFO, logger="mesh_llm.cache"):
-            t0 = time.monotonic()
             assert await cache.get("acme", "openai", "gpt-4o", REQUEST) is None
-            # Backing off: these do not even try (no second wait for a dead server).
+            # Backing off: these do not even try (no second wait for a dead server): a client that
+            # fails the test if it is touched stands in for the dead one meanwhile.
+            cache.redis = Untouchable()
             assert not await cache.put("acme", "openai", "gpt-4o", REQUEST, RESPONSE)
             assert await cache.get("acme", "openai", "gpt-4o", REQUEST) is None
-            assert time.monotonic() - t0 < 1.5
             assert (cache.hits, cache.misses, cache.errors) == (0, 2, 3)
             assert seen == [False, False]
             # Redis is back (here: another client) after the backoff: lookups work again.
@@ -232,9 +239,9 @@ async def test_slow_redis_times_out_as_a_miss() -> None:
         silent = aioredis.Redis(host="127.0.0.1", port=server.getsockname()[1])
         cache = ResponseCache(silent, timeout_s=0.2)
         try:
-            t0 = time.monotonic()
-            assert await cache.get("acme", "openai", "gpt-4o", REQUEST) is None
-            assert time.monotonic() - t0 < 2
+            assert (
+                await cache.get("acme", "openai", "gpt-4o", REQUEST) is None
+            )  # (never answered: only timeout_s ends it)
         finally:
             await silent.aclose()
     assert cache.errors == 1

@@ -192,11 +192,11 @@ def recovery_s(faults: list[float], completions: list[float]) -> list[float]:
 
 async def latencies(
     client: Any, goal: str, n: int, *, warm: bool = False, while_: Callable[[], bool] | None = None,
-    timeout: float = 60.0,
+    timeout: float = 60.0, ids: list[str] | None = None,
 ) -> list[float]:  # fmt: skip
     """How long each of ``n`` tasks took, run one after another by ``client`` (a ``TenantClient``)
     waiting for the outcome alone; fewer once ``while_()`` is false (a burst drained). Every one
-    must complete. ``warm``: one more first, not counted."""
+    must complete. ``warm``: one more first, not counted. ``ids`` collects the counted tasks' ids."""
     from mesh_contracts.v1 import TaskCompleted
 
     if warm:
@@ -206,7 +206,65 @@ async def latencies(
         seen = await client.submit(goal, progress=False, timeout=timeout)
         assert isinstance(seen.outcome, TaskCompleted), seen.outcome
         out.append(seen.latency_s)
+        if ids is not None:
+            ids.append(seen.task_id)
     return out
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One service's turn in a task, as the mesh stores it: what arrives for it (``arrive``, on
+    ``stream``) and what shows it was taken up (``taken``, on ``taken_stream``: its output, or the
+    progress event it emits when it takes the message). Subject patterns of ``<tenant>``/``<task>``."""
+
+    name: str
+    stream: str
+    arrive: str
+    taken_stream: str
+    taken: str
+
+
+PLANNER = Stage("planner", "TASK", "task.*.{tenant}.{task}.submitted", "TASK", "task.*.{tenant}.{task}.planned")
+WORKER = Stage("worker", "STEP", "step.*.{tenant}.{task}.requested", "EVENTS", "event.*.{tenant}.{task}.progress")
+
+
+async def overtaken(infra: Infra, stage: Stage, tenant: str, tasks: list[str], other: str) -> list[int]:
+    """For each of ``tenant``'s ``tasks``: how many of ``other``'s messages ``stage`` took up after
+    the task's first message arrived there and before it took that one up, in the order the broker
+    stored them (its clock, one server: an order of events, not a duration). A fair scheduler keeps
+    this within its design (a turn each); one that serves in stored order makes a task wait behind
+    the whole of another tenant's backlog. For the worker, "taken up" is its ``step.started`` event."""
+
+    async def stamped(stream: str, pattern: str) -> list[tuple[float, str, bytes]]:
+        out = []
+        for m in await infra.stored(stream, pattern.format(tenant="*", task="*")):
+            out.append((m.metadata.timestamp.timestamp(), m.subject, m.data or b""))
+        return out
+
+    def task_of(subject: str) -> tuple[str, str]:
+        parts = subject.split(".")
+        return parts[2], parts[3]
+
+    def is_taken(data: bytes) -> bool:
+        if stage.taken_stream != "EVENTS":
+            return True
+        try:
+            return json.loads(data).get("stage") == "step.started"
+        except ValueError:
+            return False
+
+    arrived = [(at, *task_of(subj)) for at, subj, _ in await stamped(stage.stream, stage.arrive)]
+    taken = [
+        (at, *task_of(subj)) for at, subj, data in await stamped(stage.taken_stream, stage.taken) if is_taken(data)
+    ]
+    counts = []
+    for task in tasks:
+        came = min((at for at, t, k in arrived if (t, k) == (tenant, task)), default=None)
+        took = min((at for at, t, k in taken if (t, k) == (tenant, task)), default=None)
+        if came is None or took is None:
+            raise AssertionError(f"{stage.name}: no record of {tenant}/{task} arriving and being taken up")
+        counts.append(sum(1 for at, t, _ in taken if t == other and came < at < took))
+    return counts
 
 
 def pct(values: list[float], q: float) -> float:
