@@ -1042,8 +1042,8 @@ async def _audit_switch(
 def cmd_kill_switch(args: argparse.Namespace) -> int:
     if args.action == "on" and not (args.reason or "").strip():
         args.usage("'on' needs --reason TEXT (services quote it when they refuse a call)")
-    if args.action != "on" and args.reason is not None:
-        args.usage(f"--reason is only for 'on', not {args.action!r}")
+    if args.action == "status" and args.reason is not None:
+        args.usage("--reason is for 'on' (required) and 'off' (optional), not 'status'")
     if args.action == "on" and args.tenant:
         known = Identities(opt.home(args)).tenants()
         if args.tenant not in known:
@@ -1064,7 +1064,7 @@ def cmd_kill_switch(args: argparse.Namespace) -> int:
             elif args.action == "off":
                 was = await spend.get(kv, key)
                 await kv.delete(key)
-                await _audit_switch(args, nc, "off", None, "")
+                await _audit_switch(args, nc, "off", None, (args.reason or "").strip())
                 print(f"kill switch ({scope}) off" + ("" if was else " (it was not on)"))
             else:
                 switches = await spend.scan(kv, "kill.>")
@@ -1333,7 +1333,8 @@ def _operator_commands(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("kill-switch", help="stop every model and tool call, globally or for one tenant")
     s.add_argument("action", choices=("on", "off", "status"))
     s.add_argument("--tenant", type=opt.tenant, default=None, help="only this tenant (default: global)")
-    s.add_argument("--reason", default=None, help="why (required for on)")
+    s.add_argument("--reason", default=None,
+                   help="why: required for on (services quote it), optional for off (kept in the audit chain)")  # fmt: skip
     s.add_argument("--nats-url", default=None)
     s.set_defaults(fn=cmd_kill_switch, usage=s.error)
 
