@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import secrets
+import ssl
 import time
 import uuid
 from collections.abc import Callable
@@ -66,6 +68,14 @@ TERMINAL = (TaskCompleted, TaskFailed, TaskRejected)
 STORE_FULL_RETRY_S = 30.0
 """The ``retry_after_s`` of a submission the TASK stream refused (full): as the planner's own
 ``overloaded`` refusal (``MESH_STORE_HIGH_WATER``) says."""
+CONNECT_TIMEOUT_S = 30.0
+"""How long a client tries to make its first connection before it gives up (a broker restarting
+comes back within it; once connected, it reconnects for as long as it lives)."""
+
+
+class ConnectFailed(ConnectionError):
+    """The client could not connect, in one line saying why (a certificate no CA given to the client
+    vouches for, or the last error seen before its connect timeout)."""
 
 
 @dataclass
@@ -121,9 +131,14 @@ def traceparent() -> str:
 
 class TenantClient:
     def __init__(
-        self, nats_url: str, tenant: str, creds: Path, signing_key: Path, trust_bundle: Path, tls_ca: Path | None = None
-    ) -> None:
+        self, nats_url: str, tenant: str, creds: Path, signing_key: Path, trust_bundle: Path, tls_ca: Path | None = None,
+        *, connect_timeout_s: float = CONNECT_TIMEOUT_S,
+    ) -> None:  # fmt: skip
+        """``tls_ca``: the mesh's CA certificate (``.mesh/tls/ca.pem``, minted by ``meshctl init``);
+        without it the broker's certificate is checked against the system's CAs, which a mesh's own
+        CA is not among. ``connect_timeout_s`` bounds the first connection (``ConnectFailed``)."""
         self.nats_url, self.tenant, self.tls_ca = nats_url, tenant, tls_ca
+        self.connect_timeout_s = connect_timeout_s
         self.principal = f"client.{tenant}"
         self.creds = creds
         self.signer = Signer.from_file(self.principal, signing_key)
@@ -145,17 +160,59 @@ class TenantClient:
 
     async def __aenter__(self) -> TenantClient:
         wire.install()  # the faster header parser: a client following a task reads every event
-        self.nc = await nats.connect(
+        self.nc = await self._connect()
+        return self
+
+    async def _connect(self) -> nats.NATS:
+        """Connect, or raise ``ConnectFailed`` within ``connect_timeout_s``. Once connected the
+        client reconnects without end (a broker restart, a cluster node lost); but nats-py applies
+        that to the first connection too, retrying silently forever, e.g. a TLS handshake that can
+        never succeed because the client was given no CA. A certificate the client cannot verify
+        ends the attempt at once (trying again cannot change it); anything else, at the timeout."""
+        untrusted: asyncio.Future[Exception] = asyncio.get_running_loop().create_future()
+        last: list[Exception] = []
+
+        async def on_error(exc: Exception) -> None:
+            last[:] = [exc]
+            if isinstance(exc, ssl.SSLCertVerificationError) and not untrusted.done():
+                untrusted.set_result(exc)
+            await log_nats_error(exc)
+
+        nc = nats.NATS()
+        connecting = asyncio.create_task(nc.connect(
             nats_servers(self.nats_url),
             user_credentials=str(self.creds),
             name=self.principal,
             inbox_prefix=inbox_prefix(self.principal),
             max_reconnect_attempts=-1,
-            error_cb=log_nats_error,
+            connect_timeout=max(1, min(5, int(self.connect_timeout_s))),
+            error_cb=on_error,
             reconnected_cb=self._on_reconnect,
             tls=tls_context(self.tls_ca),
-        )
-        return self
+        ))  # fmt: skip
+        await asyncio.wait({connecting, untrusted}, timeout=self.connect_timeout_s,
+                           return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+        if connecting.done():
+            connecting.result()  # raises what the first connection failed with, if it did
+            return nc
+        connecting.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await connecting
+        with contextlib.suppress(Exception):
+            await nc.close()
+        raise ConnectFailed(self._why_not(untrusted.result() if untrusted.done() else (last[0] if last else None)))
+
+    def _why_not(self, exc: Exception | None) -> str:
+        where = f"cannot connect to {self.nats_url}"
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            detail = exc.verify_message or str(exc)
+            if self.tls_ca is None:
+                return (f"{where}: the broker's TLS certificate is not trusted ({detail}) and this client was "
+                        "given no CA: pass the mesh's CA (tls_ca=.mesh/tls/ca.pem, minted by meshctl init; "
+                        "MESH_TLS_CA_FILE for meshctl)")  # fmt: skip
+            return f"{where}: the broker's TLS certificate is not signed by the CA in {self.tls_ca} ({detail})"
+        why = f"{type(exc).__name__}: {exc}" if exc is not None else "no answer"
+        return f"{where} within {self.connect_timeout_s:g} s ({why})"
 
     async def __aexit__(self, *exc: object) -> None:
         if self.nc is not None:
