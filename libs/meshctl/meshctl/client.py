@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import random
 import secrets
 import ssl
 import time
@@ -115,6 +116,18 @@ class Followed:
                 elif t.kind == "delta":
                     text.append(t.text)
         return "".join(text)
+
+
+def later(retry_after_s: float) -> float:
+    """When to come back after being told ``retry_after_s``: never sooner, up to a fifth later.
+    The mesh already spreads the clients it refuses; this spreads those told the same anyway (a
+    fixed wait such as ``overloaded``'s, or an older planner's)."""
+    return retry_after_s * random.uniform(1.0, 1.2)
+
+
+def jitter(backoff_s: float) -> float:
+    """A pause of our own choosing (the broker away): somewhere in its second half."""
+    return backoff_s * random.uniform(0.5, 1.0)
 
 
 def traceparent() -> str:
@@ -233,7 +246,7 @@ class TenantClient:
         if isinstance(model, TaskSubmitted):
             headers[PRIORITY] = str(model.priority)  # the planner's fair queue reads it unparsed
             headers["traceparent"] = traceparent()  # the task's trace starts here
-        deadline, pause = time.monotonic() + within_s, 0.1
+        deadline, backoff = time.monotonic() + within_s, 0.1
         door = door_subject(model.subject())
         while True:
             try:
@@ -242,13 +255,18 @@ class TenantClient:
             except StreamFull:
                 raise  # not an outage: it stays full until there is room
             except DoorRefused as exc:
-                if exc.code not in ("unavailable", "busy") or time.monotonic() + pause > deadline:
+                if exc.code not in ("unavailable", "busy"):
+                    raise
+                # busy: the door gave this client its own place on its queue's drain; come then
+                pause = later(exc.retry_after_s) if exc.code == "busy" and exc.retry_after_s else jitter(backoff)
+                if time.monotonic() + pause > deadline:
                     raise
             except BROKER_UNAVAILABLE:
+                pause = jitter(backoff)
                 if time.monotonic() + pause > deadline:
                     raise
             await asyncio.sleep(pause)
-            pause = min(pause * 2, 2.0)
+            backoff = min(backoff * 2, 2.0)
 
     async def submit(
         self,
