@@ -86,7 +86,7 @@ def test_the_mean_of_a_large_burst_is_the_middle_of_its_drain():
 def test_past_the_ceiling_clients_are_spread_over_its_second_half(n, interval, seed):
     line = RetryLine(FLOOR, CEILING, random.Random(seed))
     waits = [line.place("acme", 0.0, interval) for _ in range(n)]
-    beyond = waits[int(CEILING // interval):]
+    beyond = waits[int(CEILING // interval) :]
     assert all(CEILING / 2 <= w <= CEILING + MS for w in beyond), beyond
     if len(beyond) >= 2:
         assert len(set(beyond)) > 1
