@@ -24,7 +24,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import nats
 from nats.aio.msg import Msg
@@ -96,6 +96,14 @@ class Followed:
     usage: list[UsageRecorded] = field(default_factory=list)
     """Every model call of the task as its caller recorded it (``usage.recorded``, live only), in
     arrival order: what the budget service accounts, call by call."""
+    attempts: int = 1
+    """Submissions made (``Resubmit``: the first and every resubmission, all of the same task id)."""
+    refusals: list[TaskRejected] = field(default_factory=list)
+    """The refusals that were followed by a resubmission, in order (the last refusal, if the task
+    ended refused, is ``outcome``)."""
+    taken_up: bool = False
+    """The planner took the last submission up: something about the task other than a refusal
+    arrived (without ``follow``: only while waiting ``refusal_wait_s``)."""
 
     def spent(self) -> tuple[int, float]:
         """Tokens and cost of the calls seen so far, each call id counted once."""
@@ -118,6 +126,46 @@ class Followed:
         return "".join(text)
 
 
+RETRYABLE = frozenset({"too_many_in_flight", "rate_limited", "overloaded", "busy", "quota_exceeded"})
+"""Refusals that waiting can cure, when they say how long (``retry_after_s`` > 0): not ``invalid``
+or ``forbidden`` (the message itself is refused), nor a refusal without a retry-after (e.g. a
+submission larger than the tenant's whole quota)."""
+
+
+@dataclass(frozen=True)
+class Resubmit:
+    """Opt-in: resubmit a refused task by itself, under the same task id, so never a second task.
+
+    After a refusal that waiting can cure (``RETRYABLE``, with a ``retry_after_s``), the client
+    waits what the refusal says (up to a fifth longer, never less) and submits again: at most
+    ``attempts`` more times, and at most ``max_wait_s`` seconds of waiting in all (following, also
+    within the ``timeout``). A refusal whose wait would pass a bound ends the submission as it is.
+
+    One task at most, however the attempts go: each attempt is the same submission under a
+    message id of its own (``task.submitted:<tenant>:<task>:<attempt>``; the same id would be
+    dropped by the stream's duplicate window, and the planner never see it), and the planner keeps
+    one task record per task id: an attempt that finds the task admitted or ended is a copy of it
+    (``_on_submitted``), never a new task. A refusal is matched to its attempt (it names the
+    submission it answers, ``Mesh-Causation``), so a late copy of an earlier refusal is not taken
+    for the answer to a later attempt."""
+
+    attempts: int = 3
+    max_wait_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.attempts < 0 or self.max_wait_s < 0:
+            raise ValueError(f"attempts and max_wait_s must be >= 0, not {self.attempts} and {self.max_wait_s}")
+
+    def pause(self, refusal: TaskRejected, resubmitted: int, waited_s: float) -> float | None:
+        """How long to wait before resubmitting after ``refusal``, having resubmitted
+        ``resubmitted`` times and waited ``waited_s`` so far; None: not again."""
+        after = refusal.retry_after_s or 0.0
+        if resubmitted >= self.attempts or refusal.code not in RETRYABLE or after <= 0:
+            return None
+        pause = later(after)
+        return pause if waited_s + pause <= self.max_wait_s else None
+
+
 def later(retry_after_s: float) -> float:
     """When to come back after being told ``retry_after_s``: never sooner, up to a fifth later.
     The mesh already spreads the clients it refuses; this spreads those told the same anyway (a
@@ -128,6 +176,16 @@ def later(retry_after_s: float) -> float:
 def jitter(backoff_s: float) -> float:
     """A pause of our own choosing (the broker away): somewhere in its second half."""
     return backoff_s * random.uniform(0.5, 1.0)
+
+
+async def _first(*events: asyncio.Event, timeout: float) -> None:
+    """Wait until one of ``events`` is set, or ``timeout``."""
+    waits = [asyncio.create_task(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
 
 
 def traceparent() -> str:
@@ -282,6 +340,8 @@ class TenantClient:
         timeout: float = 120.0,
         on_event: Callable[[Contract], None] | None = None,
         replay: Replay | None = None,
+        resubmit: Resubmit | None = None,
+        refusal_wait_s: float = 0.0,
     ) -> Followed:
         """Publish ``task.submitted`` and (optionally) follow the task to its outcome.
         ``replay`` makes it a replay of an earlier task (``meshctl replay``).
@@ -293,11 +353,22 @@ class TenantClient:
         A submission refused at the door (over the tenant's tasks in flight or submissions per
         second, or the mesh near a stream's cap) ends at once with a ``TaskRejected`` outcome
         whose ``code`` says which and whose ``retry_after_s`` says when to try again; so does
-        one the TASK stream itself refuses because it is full (``overloaded``)."""
+        one the TASK stream itself refuses because it is full (``overloaded``). With ``resubmit``
+        (opt-in) such a refusal is followed by a resubmission of the same task after that wait,
+        within the policy's bounds (``Resubmit``); ``attempts`` and ``refusals`` say how it went.
+
+        Without ``follow`` it returns once the submission is stored; ``refusal_wait_s`` > 0 waits
+        up to that long, after each submission, for the planner's decision: a refusal (the
+        ``outcome``, and a resubmission if ``resubmit`` allows) or a sign it took the task up
+        (``taken_up``). A decision still not made then (the planner behind a backlog, or the task
+        waiting for a run slot) may be a refusal later."""
         assert self.nc is not None
         task_id = task_id or f"t-{uuid.uuid4().hex[:12]}"
         seen = Followed(task_id)
-        done = asyncio.Event()
+        done = asyncio.Event()  # an outcome of the current attempt
+        taken = asyncio.Event()  # the planner took the task up
+        current = {"msg_id": ""}  # the current attempt's submission
+        earlier = env.message_id(TaskSubmitted.type_name(), self.tenant, task_id, "")
 
         def accept(subject: str, data: bytes, headers: dict[str, str] | None) -> None:
             try:
@@ -305,6 +376,13 @@ class TenantClient:
             except (ContractError, IdentityError) as exc:
                 seen.rejected_messages.append(f"{subject}: {exc}")
                 return
+            if isinstance(model, TaskRejected):
+                cause = (headers or {}).get(env.CAUSATION, "")
+                if cause.startswith(earlier) and cause != current["msg_id"]:
+                    return  # a copy of an earlier attempt's refusal, arriving late (or stored)
+            elif not isinstance(model, TaskSubmitted):  # (its own submission, as stored, comes back too)
+                taken.set()
+                seen.taken_up = True
             if isinstance(model, TokenDelta):
                 if model.kind == "delta" and not seen.first_token_at:
                     seen.first_token_at = time.time()
@@ -329,11 +407,12 @@ class TenantClient:
                 accept(*stored)
 
         subs = []
-        if follow:  # subscribe before publishing so nothing is missed
+        if follow or refusal_wait_s > 0:  # subscribe before publishing so nothing is missed
             subs = [await self.nc.subscribe(f"task.*.{self.tenant}.{task_id}.>", cb=on_msg)]
-            if progress:
+            if progress or not follow:  # not following, its events say the planner took it up
+                subs.append(await self.nc.subscribe(f"event.*.{self.tenant}.{task_id}.>", cb=on_msg))
+            if progress and follow:
                 subs += [
-                    await self.nc.subscribe(f"event.*.{self.tenant}.{task_id}.>", cb=on_msg),
                     await self.nc.subscribe(f"live.*.{self.tenant}.{task_id}.>", cb=on_msg),
                     await self.nc.subscribe(f"usage.*.{self.tenant}.{task_id}.>", cb=on_msg),
                 ]
@@ -349,45 +428,74 @@ class TenantClient:
             priority=priority,
             replay=replay,
         )
+        again = resubmit or Resubmit(attempts=0)
+        deadline, waited = time.monotonic() + timeout, 0.0
         try:
-            await self.publish(submitted)
+            while True:
+                key = str(seen.attempts)  # the first is "1", as it always was
+                current["msg_id"] = env.message_id(submitted.type, self.tenant, task_id, key)
+                refused = await self._hand_in(submitted, key)
+                if refused is not None:
+                    seen.outcome, seen.finished_at = refused, time.time()
+                    done.set()
+                if follow:
+                    await self._until_outcome(done, deadline, catch_up)
+                elif refusal_wait_s > 0 and not done.is_set():
+                    await _first(done, taken, timeout=refusal_wait_s)
+                out = seen.outcome
+                if not isinstance(out, TaskRejected):
+                    break
+                pause = again.pause(out, seen.attempts - 1, waited)
+                if pause is None or (follow and time.monotonic() + pause >= deadline):
+                    break
+                seen.refusals.append(out)
+                seen.outcome, seen.finished_at, seen.taken_up = None, 0.0, False
+                done.clear()
+                taken.clear()
+                await asyncio.sleep(pause)
+                waited += pause
+                seen.attempts += 1
+        finally:
+            for s in subs:
+                await s.unsubscribe()
+        return seen
+
+    async def _hand_in(self, submitted: TaskSubmitted, key: str) -> TaskRejected | None:
+        """Hand the submission in at its door under message id ``key``: None once stored, or the
+        refusal (the door's, or a full TASK stream's) as the ``TaskRejected`` it amounts to."""
+        try:
+            await self.publish(submitted, key)
         except DoorRefused as exc:
             # Refused at the door (the tenant's quota, a message the mesh cannot take): nothing was
             # stored and nothing runs; the same outcome as a refusal by the planner's admission.
             code = {"forbidden": "invalid", "unavailable": "overloaded"}.get(exc.code, exc.code)
-            seen.outcome = TaskRejected(
-                tenant=self.tenant, task_id=task_id, source_subject=submitted.subject(), code=code,
+            return TaskRejected(
+                tenant=self.tenant, task_id=submitted.task_id, source_subject=submitted.subject(), code=code,
                 reason=f"refused at the door: {exc.reason}",
                 retry_after_s=exc.retry_after_s if code != "invalid" else None,
             )  # fmt: skip
-            seen.finished_at = time.time()
-            done.set()
         except StreamFull as exc:
             # Refused by the store itself, before any planner saw it: the same answer as the
             # planner's ``overloaded`` (nothing was stored, nothing runs), said here.
-            seen.outcome = TaskRejected(
-                tenant=self.tenant, task_id=task_id, source_subject=submitted.subject(), code="overloaded",
+            return TaskRejected(
+                tenant=self.tenant, task_id=submitted.task_id, source_subject=submitted.subject(), code="overloaded",
                 reason=f"the mesh refuses new tasks: {exc}", retry_after_s=STORE_FULL_RETRY_S,
             )  # fmt: skip
-            seen.finished_at = time.time()
-            done.set()
-        if follow:
-            deadline = time.monotonic() + timeout
-            try:
-                while not done.is_set() and (left := deadline - time.monotonic()) > 0:
-                    reconnected = asyncio.create_task(self._reconnected.wait())
-                    outcome = asyncio.create_task(done.wait())
-                    await asyncio.wait({reconnected, outcome}, timeout=left, return_when=asyncio.FIRST_COMPLETED)
-                    for t in (reconnected, outcome):
-                        t.cancel()
-                    if reconnected.done() and not reconnected.cancelled() and not done.is_set():
-                        await catch_up()
-                if not done.is_set():
-                    await catch_up()  # last look before reporting no outcome
-            finally:
-                for s in subs:
-                    await s.unsubscribe()
-        return seen
+        return None
+
+    async def _until_outcome(self, done: asyncio.Event, deadline: float, catch_up: Callable[[], Any]) -> None:
+        """Wait for the outcome until ``deadline``, reading the stored one after every reconnect
+        (live delivery has a gap then) and once more before giving up."""
+        while not done.is_set() and (left := deadline - time.monotonic()) > 0:
+            reconnected = asyncio.create_task(self._reconnected.wait())
+            outcome = asyncio.create_task(done.wait())
+            await asyncio.wait({reconnected, outcome}, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+            for t in (reconnected, outcome):
+                t.cancel()
+            if reconnected.done() and not reconnected.cancelled() and not done.is_set():
+                await catch_up()
+        if not done.is_set():
+            await catch_up()  # last look before reporting no outcome
 
     def _believe(self, subject: str, data: bytes, headers: dict[str, str] | None) -> Contract:
         """Parse a message and verify its sender's token; raises ContractError / IdentityError.
