@@ -289,13 +289,16 @@ class TenantClient:
         if self.nc is not None:
             await self.nc.close()
 
-    async def publish(self, model: Contract, key: str = "1", *, within_s: float = 60.0) -> Stored:
+    async def publish(
+        self, model: Contract, key: str = "1", *, within_s: float = 60.0, trace: str | None = None
+    ) -> Stored:
         """Hand the message in at its door (``mesh_kit.door``: a tenant writes to no stream itself)
         until the stream acknowledges it. While the broker or the door's keeper is unavailable (a
         restart, a cluster electing a new leader after a node died) it retries for up to
         ``within_s``: the message id is deterministic, so a retry of one that did land is stored
         once. ``DoorRefused`` when the door says no (the tenant's quota, a bad message), with
-        ``code`` and ``retry_after_s``; ``StreamFull`` when the stream is at its cap."""
+        ``code`` and ``retry_after_s``; ``StreamFull`` when the stream is at its cap. A submission
+        starts its task's trace (``trace``, a W3C traceparent; by default ``traceparent()``)."""
         assert self.nc is not None
         body = model.to_bytes()
         headers = env.headers_for(
@@ -303,7 +306,7 @@ class TenantClient:
         )
         if isinstance(model, TaskSubmitted):
             headers[PRIORITY] = str(model.priority)  # the planner's fair queue reads it unparsed
-            headers["traceparent"] = traceparent()  # the task's trace starts here
+            headers["traceparent"] = trace or traceparent()  # the task's trace starts here
         deadline, backoff = time.monotonic() + within_s, 0.1
         door = door_subject(model.subject())
         while True:
@@ -429,12 +432,15 @@ class TenantClient:
             replay=replay,
         )
         again = resubmit or Resubmit(attempts=0)
-        deadline, waited = time.monotonic() + timeout, 0.0
+        deadline, waited = 0.0, 0.0
+        trace = traceparent()  # one trace for every attempt: refusals and the run, one story
         try:
             while True:
                 key = str(seen.attempts)  # the first is "1", as it always was
                 current["msg_id"] = env.message_id(submitted.type, self.tenant, task_id, key)
-                refused = await self._hand_in(submitted, key)
+                refused = await self._hand_in(submitted, key, trace)
+                # ``timeout`` runs from the first submission's hand-in (which may wait out a broker restart)
+                deadline = deadline or time.monotonic() + timeout
                 if refused is not None:
                     seen.outcome, seen.finished_at = refused, time.time()
                     done.set()
@@ -460,11 +466,11 @@ class TenantClient:
                 await s.unsubscribe()
         return seen
 
-    async def _hand_in(self, submitted: TaskSubmitted, key: str) -> TaskRejected | None:
+    async def _hand_in(self, submitted: TaskSubmitted, key: str, trace: str) -> TaskRejected | None:
         """Hand the submission in at its door under message id ``key``: None once stored, or the
         refusal (the door's, or a full TASK stream's) as the ``TaskRejected`` it amounts to."""
         try:
-            await self.publish(submitted, key)
+            await self.publish(submitted, key, trace=trace)
         except DoorRefused as exc:
             # Refused at the door (the tenant's quota, a message the mesh cannot take): nothing was
             # stored and nothing runs; the same outcome as a refusal by the planner's admission.
