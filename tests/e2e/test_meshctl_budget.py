@@ -75,6 +75,18 @@ async def switch(infra: Infra, tenant: str) -> tuple[dict | None, str | None]:
         await nc.close()
 
 
+async def audited(infra: Infra, tenant: str, kind: str) -> dict:
+    """The last record of ``kind`` in the tenant's audit chain."""
+    from meshctl import audit
+
+    nc = await infra.admin()
+    try:
+        records = [json.loads(s.data) for s in await audit.chain(nc, tenant)]
+    finally:
+        await nc.close()
+    return next(r for r in reversed(records) if r["kind"] == kind)
+
+
 @pytest.fixture(scope="module")
 def infra():
     with running_infra(["acme", "globex"], mode="binaries", name="budget") as infra:
@@ -180,8 +192,10 @@ def test_kill_switch_round_trips_through_the_control_bucket(infra, capsys):
     _, refused = asyncio.run(switch(infra, "globex"))
     assert refused == "kill switch (tenant globex) is on: runaway spend"
 
-    code, out, _ = run(infra, capsys, "kill-switch", "off", "--tenant", "globex")
+    code, out, _ = run(infra, capsys, "kill-switch", "off", "--tenant", "globex", "--reason", "spend capped")
     assert code == 0 and out.strip() == "kill switch (tenant globex) off"
+    lifted = asyncio.run(audited(infra, "globex", "control.kill-switch-off"))
+    assert lifted["detail"]["reason"] == "spend capped", "why it was lifted is in the tenant's audit chain"
     code, out, _ = run(infra, capsys, "kill-switch", "off", "--tenant", "globex")
     assert code == 0 and out.strip() == "kill switch (tenant globex) off (it was not on)"
     code, out, _ = run(infra, capsys, "kill-switch", "status")

@@ -15,6 +15,7 @@ from mesh_contracts.v1 import (
     StepRequested,
     TaskCompleted,
     TaskLimits,
+    TaskRejected,
     TaskSubmitted,
     ToolCompleted,
     ToolRequested,
@@ -162,6 +163,36 @@ def test_deadline_and_finished_tasks():
     m2.observe(TaskSubmitted(**T, goal="g", limits=TaskLimits(deadline_s=10)), 0.0)
     m2.observe(TaskCompleted(**T, answer="a"), 1.0)
     assert m2.tick(500.0) == [] and m2.observe(tool("s1", "c1"), 2.0) == []
+
+
+def test_a_task_refused_and_submitted_again_is_watched_from_its_new_submission():
+    """A client resubmits a refused task under the same id (``Resubmit``): the refusal ended the
+    watch, the new submission opens it again (deadline counted from it), a loop in it still trips;
+    a second refusal ends it again. A task that ended otherwise is not reopened by a late copy."""
+    m = Monitor(Rules(loop_repeats=2))
+    limits = TaskLimits(deadline_s=10, stall_timeout_s=1000)
+    m.observe(TaskSubmitted(**T, goal="g", limits=limits), 0.0)
+    m.observe(TaskRejected(**T, reason="over", source_subject="s", code="too_many_in_flight", retry_after_s=1), 0.1)
+    assert m.tick(50.0) == [], "refused: nothing to watch"
+    m.observe(TaskSubmitted(**T, goal="g", limits=limits), 60.0)
+    assert m.per_tenant(60.5) == {"acme": {"running": 0, "queued": 1, "queued_s": 0.5}}, "queued for the planner"
+    m.observe(plan(step("s1")), 61.0)
+    m.observe(StepRequested(**T, step=step("s1")), 61.1)
+    assert [t.kind for t in m.observe(StepRequested(**T, step=step("s1"), attempt=2), 61.2)] == ["loop"]
+    assert m.tick(69.0) == [] and [t.kind for t in m.tick(70.5)] == ["deadline"], "ten seconds from the resubmission"
+
+    again = Monitor()
+    again.observe(TaskSubmitted(**T, goal="g", limits=limits), 0.0)
+    again.observe(TaskRejected(**T, reason="over", source_subject="s", code="rate_limited", retry_after_s=1), 0.1)
+    again.observe(TaskSubmitted(**T, goal="g", limits=limits), 1.5)
+    again.observe(TaskRejected(**T, reason="over", source_subject="s", code="rate_limited", retry_after_s=1), 1.6)
+    assert again.tick(100.0) == [] and again.per_tenant(100.0) == {}, "refused again: ended again"
+
+    done = Monitor()
+    done.observe(TaskSubmitted(**T, goal="g", limits=limits), 0.0)
+    done.observe(TaskCompleted(**T, answer="a"), 1.0)
+    done.observe(TaskSubmitted(**T, goal="g", limits=limits), 2.0)  # a late copy of a finished task
+    assert done.tick(100.0) == [] and done.per_tenant(100.0) == {}
 
 
 def test_a_gateway_retrying_one_call_is_one_failure():

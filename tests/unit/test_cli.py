@@ -38,7 +38,8 @@ def meshctl(*args: str, home: str) -> subprocess.CompletedProcess[str]:
         (["budget", "--tenant", "acme"], "no identities in"),
         (["kill-switch", "on"], "'on' needs --reason"),
         (["kill-switch", "on", "--reason", "  "], "'on' needs --reason"),
-        (["kill-switch", "off", "--reason", "x"], "--reason is only for 'on', not 'off'"),
+        (["kill-switch", "status", "--reason", "x"], "--reason is for 'on' (required) and 'off' (optional), not"),
+        (["kill-switch", "off", "--reason", "incident closed"], "no identities in"),  # accepted: its reason is audited
         (["kill-switch", "pause"], "invalid choice: 'pause'"),
         (["kill-switch", "on", "--tenant", "zzz", "--reason", "x"], "unknown tenant 'zzz'"),
         (["kill-switch", "status"], "no identities in"),

@@ -79,6 +79,23 @@ def test_a_replay_is_refused_for_a_task_it_cannot_repeat():
         rp.replay_of(unfinished)
 
 
+def test_a_task_refused_then_resubmitted_and_run_is_replayed_by_its_end():
+    """Its stored refusal comes first (a client resubmitted it under its id after the
+    retry-after): the outcome is the end it reached, and it can be replayed."""
+    s = rp.Story("acme", "t1")
+    for m in (
+        TaskSubmitted(**T, goal="Compute 17 * 23."),
+        TaskRejected(**T, reason="over the limit", code="too_many_in_flight", retry_after_s=0.4),
+        TaskSubmitted(**T, goal="Compute 17 * 23."),
+        PlanCreated(**T, steps=(PlanStep(step_id="s1", kind="answer", instruction="answer"),)),
+        TaskCompleted(**T, answer="391"),
+        TaskRejected(**T, reason="late copy refused", code="rate_limited", retry_after_s=1.0),
+    ):
+        s.messages += 1
+        rp._fold(s, m)
+    assert isinstance(s.outcome, TaskCompleted) and rp.replay_of(s).recorded == ("plan", "s1", "check")
+
+
 def test_compare_names_what_changed_and_behaviour_ignores_cost_and_models():
     a = story()
     same = rp.compare(a, story(cost=0.0, task_id="t1-r"))

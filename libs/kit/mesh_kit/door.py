@@ -23,7 +23,10 @@ no dead letter is written for it either: a tenant cannot fill the DLQ through th
 
 Tenants take turns: requests wait in a queue per tenant (at most ``QUEUE_PER_TENANT``; more are
 answered ``busy`` at once) and the handlers take the tenants round-robin, so one tenant's flood
-delays another tenant's message by one turn, not by the flood.
+delays another tenant's message by one turn, not by the flood. A ``busy`` answer's
+``retry_after_s`` is the refused client's own place on the drain of its tenant's queue (how long
+a request takes here, shared among the tenants waiting, over the handlers; ``mesh_kit.retry_after``),
+so clients turned away together do not all come back together.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import contextlib
 import json
 import logging
 import re
+import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -49,6 +53,7 @@ from mesh_contracts.registry import BY_SUBJECT_KEY, split_subject
 from mesh_kit import envelope as env
 from mesh_kit import telemetry as tel
 from mesh_kit.identity import IdentityError
+from mesh_kit.retry_after import RetryLine
 from mesh_kit.settings import BROKER_UNAVAILABLE, STREAM_FULL_CODE
 
 if TYPE_CHECKING:
@@ -58,6 +63,10 @@ log = logging.getLogger("mesh.door")
 
 QUEUE_PER_TENANT = 64
 """Requests of one tenant waiting at one replica's door; more are answered ``busy``."""
+BUSY_FLOOR_S = 0.05
+BUSY_CEILING_S = 5.0
+"""Bounds of a ``busy`` answer's ``retry_after_s``: the moment its tenant's queue is drained is
+taken as at most ``BUSY_CEILING_S`` away, and the client's place at most that much after it."""
 ID = re.compile(ID_PATTERN)
 
 ERR_CODES = {
@@ -146,6 +155,9 @@ class Door:
         self._workers: list[asyncio.Task[None]] = []
         self._busy = 0
         """Requests being handled now (a stop lets them finish)."""
+        self.handle_s = 0.005
+        """How long a request takes to handle here (moving average): the drain of a ``busy`` answer."""
+        self.line = RetryLine(BUSY_FLOOR_S, BUSY_CEILING_S)
 
     async def start(self) -> None:
         nc = self.mesh.nc
@@ -182,11 +194,20 @@ class Door:
             q = self._queues[tenant] = deque()
         if len(q) >= QUEUE_PER_TENANT:
             self.mesh.count(tel.M_DOOR_REFUSED, {"tenant": tenant or "-", "code": "busy"})
-            await self._answer(raw, refusal_body(DoorRefused("busy", f"tenant {tenant} has {len(q)} messages "
-                                                             "waiting at this door", 0.05)))  # fmt: skip
+            why = f"tenant {tenant} has {len(q)} messages waiting at this door"
+            await self._answer(raw, refusal_body(DoorRefused("busy", why, self.busy_for(tenant, len(q)))))
             return
         q.append(raw)
         self._ready.set()
+
+    def busy_for(self, tenant: str, waiting: int, now: float | None = None) -> float:
+        """The ``retry_after_s`` of one more of ``tenant``'s requests turned away while ``waiting``
+        of its requests wait here: the handlers take one of its requests every ``handle_s`` x
+        tenants waiting / handlers, so its queue has room again once those are taken, and each
+        client turned away is given its own place after that."""
+        per_request = self.handle_s * max(1, len(self._queues)) / max(1, len(self._workers))
+        at = time.monotonic() if now is None else now
+        return self.line.place(tenant, at, per_request, min(BUSY_CEILING_S, waiting * per_request))
 
     def _next(self) -> Msg | None:
         """The next request, tenants in turn: the first tenant with one waiting goes to the back."""
@@ -208,6 +229,7 @@ class Door:
                 await self._ready.wait()
                 continue
             self._busy += 1
+            started = time.monotonic()
             try:
                 await self._handle(raw)
             except asyncio.CancelledError:
@@ -217,6 +239,7 @@ class Door:
                 await self._answer(raw, refusal_body(DoorRefused("unavailable", "the door failed; retry", 1.0)))
             finally:
                 self._busy -= 1
+                self.handle_s = 0.95 * self.handle_s + 0.05 * (time.monotonic() - started)
 
     async def _handle(self, raw: Msg) -> None:
         parent = propagate.extract(dict(raw.headers or {}))

@@ -347,6 +347,8 @@ def print_held(held: Sequence[HeldCall], file: TextIO = sys.stdout) -> None:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
+    from meshctl.client import Followed, Resubmit
+
     client = _tenant_client(args)
 
     live = {"call": ""}  # the model call whose tokens are being printed, if a line is open
@@ -388,32 +390,38 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
     async def run() -> int:
         async with client:
-            if not args.json:
+            if not args.json and args.follow:
                 print(f"submitting to tenant {args.tenant}: {args.goal}", flush=True)
             limits = {k: v for k, v in (("deadline_s", args.deadline), ("max_queue_s", args.max_queue),
                                          ("stall_timeout_s", args.stall_timeout)) if v is not None}  # fmt: skip
             seen = await client.submit(
                 args.goal, task_id=args.task_id, policy=args.policy, priority=args.priority, follow=args.follow,
-                timeout=args.timeout, on_event=show, labels=dict(args.label or ()),
+                timeout=args.timeout, on_event=show if args.follow else None, labels=dict(args.label or ()),
                 limits=TaskLimits(**limits) if limits else None,
+                resubmit=Resubmit(args.retry, args.retry_max_wait) if args.retry else None,
+                refusal_wait_s=0.0 if args.follow else args.refusal_wait,
             )  # fmt: skip
-        if not args.follow:
-            print(seen.task_id)
-            return 0
         out = seen.outcome
+        if not args.follow:
+            return submitted(seen)
         if args.json:
-            print(
-                json.dumps(
-                    {
-                        "task_id": seen.task_id,
-                        "latency_s": round(seen.latency_s, 3),
-                        "outcome": out.model_dump(mode="json") if out else None,
-                        "events": len(seen.events),
-                    },
-                    indent=2,
-                )
-            )
-        elif isinstance(out, TaskCompleted):
+            print(json.dumps({"task_id": seen.task_id, "latency_s": round(seen.latency_s, 3),
+                              "outcome": out.model_dump(mode="json") if out else None, "events": len(seen.events),
+                              "attempts": seen.attempts}, indent=2))  # fmt: skip
+        else:
+            if seen.refusals:
+                print(f"\n{resubmitted(seen)}", flush=True)
+            show_outcome(seen)
+        if out is None:
+            print(f"meshctl: task {seen.task_id} did not finish within {args.timeout:.0f}s", file=sys.stderr)
+            return 3
+        if isinstance(out, TaskRejected) and out.retry_after_s is not None:
+            return 4  # refused at the door: worth submitting again after retry_after_s
+        return 0 if isinstance(out, TaskCompleted) else 1
+
+    def show_outcome(seen: Followed) -> None:
+        out = seen.outcome
+        if isinstance(out, TaskCompleted):
             u = out.usage
             print(f"\ncompleted {seen.task_id} in {seen.latency_s:.2f}s ({out.steps} steps)\n\n{out.answer}\n")
             for c in out.citations:
@@ -431,12 +439,33 @@ def cmd_submit(args: argparse.Namespace) -> int:
         elif isinstance(out, (TaskFailed, TaskRejected)):
             print(f"\n{out.type.split('.')[1]} {seen.task_id}: {out.reason}", file=sys.stderr)
             print_held(getattr(out, "held", ()), file=sys.stderr)
-        if out is None:
-            print(f"meshctl: task {seen.task_id} did not finish within {args.timeout:.0f}s", file=sys.stderr)
-            return 3
-        if isinstance(out, TaskRejected) and out.retry_after_s is not None:
-            return 4  # refused at the door: worth submitting again after retry_after_s
-        return 0 if isinstance(out, TaskCompleted) else 1
+
+    def submitted(seen: Followed) -> int:
+        """Without --follow: the id once stored and not refused within --refusal-wait; a refusal
+        is said (on stderr, as with --follow) and exits 4 (1 if it is not worth retrying)."""
+        out = seen.outcome
+        refused = out if isinstance(out, TaskRejected) else None
+        if args.json:
+            print(json.dumps({"task_id": seen.task_id, "outcome": refused.model_dump(mode="json") if refused else None,
+                              "taken_up": seen.taken_up, "attempts": seen.attempts}, indent=2))  # fmt: skip
+        elif refused is None:
+            print(seen.task_id)
+        if seen.refusals and not args.json:
+            print(resubmitted(seen), file=sys.stderr)
+        if refused is not None:
+            if not args.json:
+                retry = f"; retry after {refused.retry_after_s:g}s" if refused.retry_after_s is not None else ""
+                print(f"refused {seen.task_id} ({refused.code}): {refused.reason}{retry}", file=sys.stderr)
+            return 4 if refused.retry_after_s is not None else 1
+        if not seen.taken_up and args.refusal_wait > 0 and not args.json:
+            print(f"meshctl: {seen.task_id} is stored; the planner has not decided on it within "
+                  f"{args.refusal_wait:g}s (a backlog, or a run slot): it may still be refused "
+                  "(--follow waits for the outcome)", file=sys.stderr)  # fmt: skip
+        return 0
+
+    def resubmitted(seen: Followed) -> str:
+        codes = ", ".join(f"{r.code} (retry after {r.retry_after_s:g}s)" for r in seen.refusals)
+        return f"submitted {seen.attempts} times, refused before: {codes}"
 
     return asyncio.run(run())
 
@@ -1042,8 +1071,8 @@ async def _audit_switch(
 def cmd_kill_switch(args: argparse.Namespace) -> int:
     if args.action == "on" and not (args.reason or "").strip():
         args.usage("'on' needs --reason TEXT (services quote it when they refuse a call)")
-    if args.action != "on" and args.reason is not None:
-        args.usage(f"--reason is only for 'on', not {args.action!r}")
+    if args.action == "status" and args.reason is not None:
+        args.usage("--reason is for 'on' (required) and 'off' (optional), not 'status'")
     if args.action == "on" and args.tenant:
         known = Identities(opt.home(args)).tenants()
         if args.tenant not in known:
@@ -1064,7 +1093,7 @@ def cmd_kill_switch(args: argparse.Namespace) -> int:
             elif args.action == "off":
                 was = await spend.get(kv, key)
                 await kv.delete(key)
-                await _audit_switch(args, nc, "off", None, "")
+                await _audit_switch(args, nc, "off", None, (args.reason or "").strip())
                 print(f"kill switch ({scope}) off" + ("" if was else " (it was not on)"))
             else:
                 switches = await spend.scan(kv, "kill.>")
@@ -1145,6 +1174,14 @@ def _task_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--follow", action="store_true", help="print progress live and wait for the result")
     s.add_argument("--timeout", type=opt.positive, default=120.0, help="seconds to wait with --follow")
     s.add_argument("--json", action="store_true", help="print the outcome as JSON")
+    s.add_argument("--retry", type=opt.whole, default=0, metavar="N",
+                   help="refused for a while (too many in flight, over the rate, the mesh near full...), wait its "
+                        "retry-after and resubmit, at most N times; the same task id, so never a second task")  # fmt: skip
+    s.add_argument("--retry-max-wait", type=opt.at_least_zero, default=60.0, metavar="S",
+                   help="with --retry: at most S seconds of waiting in all (default 60)")  # fmt: skip
+    s.add_argument("--refusal-wait", type=opt.at_least_zero, default=5.0, metavar="S",
+                   help="without --follow: wait up to S seconds for the planner to refuse or take up the task "
+                        "(default 5; 0: print the id once stored)")  # fmt: skip
     s.add_argument(
         "--policy",
         type=opt.policy,
@@ -1333,7 +1370,8 @@ def _operator_commands(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("kill-switch", help="stop every model and tool call, globally or for one tenant")
     s.add_argument("action", choices=("on", "off", "status"))
     s.add_argument("--tenant", type=opt.tenant, default=None, help="only this tenant (default: global)")
-    s.add_argument("--reason", default=None, help="why (required for on)")
+    s.add_argument("--reason", default=None,
+                   help="why: required for on (services quote it), optional for off (kept in the audit chain)")  # fmt: skip
     s.add_argument("--nats-url", default=None)
     s.set_defaults(fn=cmd_kill_switch, usage=s.error)
 

@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import random
 import secrets
+import ssl
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import nats
 from nats.aio.msg import Msg
@@ -66,6 +69,14 @@ TERMINAL = (TaskCompleted, TaskFailed, TaskRejected)
 STORE_FULL_RETRY_S = 30.0
 """The ``retry_after_s`` of a submission the TASK stream refused (full): as the planner's own
 ``overloaded`` refusal (``MESH_STORE_HIGH_WATER``) says."""
+CONNECT_TIMEOUT_S = 30.0
+"""How long a client tries to make its first connection before it gives up (a broker restarting
+comes back within it; once connected, it reconnects for as long as it lives)."""
+
+
+class ConnectFailed(ConnectionError):
+    """The client could not connect, in one line saying why (a certificate no CA given to the client
+    vouches for, or the last error seen before its connect timeout)."""
 
 
 @dataclass
@@ -85,6 +96,14 @@ class Followed:
     usage: list[UsageRecorded] = field(default_factory=list)
     """Every model call of the task as its caller recorded it (``usage.recorded``, live only), in
     arrival order: what the budget service accounts, call by call."""
+    attempts: int = 1
+    """Submissions made (``Resubmit``: the first and every resubmission, all of the same task id)."""
+    refusals: list[TaskRejected] = field(default_factory=list)
+    """The refusals that were followed by a resubmission, in order (the last refusal, if the task
+    ended refused, is ``outcome``)."""
+    taken_up: bool = False
+    """The planner took the last submission up: something about the task other than a refusal
+    arrived (without ``follow``: only while waiting ``refusal_wait_s``)."""
 
     def spent(self) -> tuple[int, float]:
         """Tokens and cost of the calls seen so far, each call id counted once."""
@@ -107,6 +126,68 @@ class Followed:
         return "".join(text)
 
 
+RETRYABLE = frozenset({"too_many_in_flight", "rate_limited", "overloaded", "busy", "quota_exceeded"})
+"""Refusals that waiting can cure, when they say how long (``retry_after_s`` > 0): not ``invalid``
+or ``forbidden`` (the message itself is refused), nor a refusal without a retry-after (e.g. a
+submission larger than the tenant's whole quota)."""
+
+
+@dataclass(frozen=True)
+class Resubmit:
+    """Opt-in: resubmit a refused task by itself, under the same task id, so never a second task.
+
+    After a refusal that waiting can cure (``RETRYABLE``, with a ``retry_after_s``), the client
+    waits what the refusal says (up to a fifth longer, never less) and submits again: at most
+    ``attempts`` more times, and at most ``max_wait_s`` seconds of waiting in all (following, also
+    within the ``timeout``). A refusal whose wait would pass a bound ends the submission as it is.
+
+    One task at most, however the attempts go: each attempt is the same submission under a
+    message id of its own (``task.submitted:<tenant>:<task>:<attempt>``; the same id would be
+    dropped by the stream's duplicate window, and the planner never see it), and the planner keeps
+    one task record per task id: an attempt that finds the task admitted or ended is a copy of it
+    (``_on_submitted``), never a new task. A refusal is matched to its attempt (it names the
+    submission it answers, ``Mesh-Causation``), so a late copy of an earlier refusal is not taken
+    for the answer to a later attempt."""
+
+    attempts: int = 3
+    max_wait_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.attempts < 0 or self.max_wait_s < 0:
+            raise ValueError(f"attempts and max_wait_s must be >= 0, not {self.attempts} and {self.max_wait_s}")
+
+    def pause(self, refusal: TaskRejected, resubmitted: int, waited_s: float) -> float | None:
+        """How long to wait before resubmitting after ``refusal``, having resubmitted
+        ``resubmitted`` times and waited ``waited_s`` so far; None: not again."""
+        after = refusal.retry_after_s or 0.0
+        if resubmitted >= self.attempts or refusal.code not in RETRYABLE or after <= 0:
+            return None
+        pause = later(after)
+        return pause if waited_s + pause <= self.max_wait_s else None
+
+
+def later(retry_after_s: float) -> float:
+    """When to come back after being told ``retry_after_s``: never sooner, up to a fifth later.
+    The mesh already spreads the clients it refuses; this spreads those told the same anyway (a
+    fixed wait such as ``overloaded``'s, or an older planner's)."""
+    return retry_after_s * random.uniform(1.0, 1.2)
+
+
+def jitter(backoff_s: float) -> float:
+    """A pause of our own choosing (the broker away): somewhere in its second half."""
+    return backoff_s * random.uniform(0.5, 1.0)
+
+
+async def _first(*events: asyncio.Event, timeout: float) -> None:
+    """Wait until one of ``events`` is set, or ``timeout``."""
+    waits = [asyncio.create_task(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
+
+
 def traceparent() -> str:
     """The W3C trace context a submission starts its task's trace with: the caller's current
     span when the application traces (its trace then holds the whole task), otherwise a new
@@ -121,9 +202,14 @@ def traceparent() -> str:
 
 class TenantClient:
     def __init__(
-        self, nats_url: str, tenant: str, creds: Path, signing_key: Path, trust_bundle: Path, tls_ca: Path | None = None
-    ) -> None:
+        self, nats_url: str, tenant: str, creds: Path, signing_key: Path, trust_bundle: Path, tls_ca: Path | None = None,
+        *, connect_timeout_s: float = CONNECT_TIMEOUT_S,
+    ) -> None:  # fmt: skip
+        """``tls_ca``: the mesh's CA certificate (``.mesh/tls/ca.pem``, minted by ``meshctl init``);
+        without it the broker's certificate is checked against the system's CAs, which a mesh's own
+        CA is not among. ``connect_timeout_s`` bounds the first connection (``ConnectFailed``)."""
         self.nats_url, self.tenant, self.tls_ca = nats_url, tenant, tls_ca
+        self.connect_timeout_s = connect_timeout_s
         self.principal = f"client.{tenant}"
         self.creds = creds
         self.signer = Signer.from_file(self.principal, signing_key)
@@ -145,29 +231,74 @@ class TenantClient:
 
     async def __aenter__(self) -> TenantClient:
         wire.install()  # the faster header parser: a client following a task reads every event
-        self.nc = await nats.connect(
+        self.nc = await self._connect()
+        return self
+
+    async def _connect(self) -> nats.NATS:
+        """Connect, or raise ``ConnectFailed`` within ``connect_timeout_s``. Once connected the
+        client reconnects without end (a broker restart, a cluster node lost); but nats-py applies
+        that to the first connection too, retrying silently forever, e.g. a TLS handshake that can
+        never succeed because the client was given no CA. A certificate the client cannot verify
+        ends the attempt at once (trying again cannot change it); anything else, at the timeout."""
+        untrusted: asyncio.Future[Exception] = asyncio.get_running_loop().create_future()
+        last: list[Exception] = []
+
+        async def on_error(exc: Exception) -> None:
+            last[:] = [exc]
+            if isinstance(exc, ssl.SSLCertVerificationError) and not untrusted.done():
+                untrusted.set_result(exc)
+            await log_nats_error(exc)
+
+        nc = nats.NATS()
+        connecting = asyncio.create_task(nc.connect(
             nats_servers(self.nats_url),
             user_credentials=str(self.creds),
             name=self.principal,
             inbox_prefix=inbox_prefix(self.principal),
             max_reconnect_attempts=-1,
-            error_cb=log_nats_error,
+            connect_timeout=max(1, min(5, int(self.connect_timeout_s))),
+            error_cb=on_error,
             reconnected_cb=self._on_reconnect,
             tls=tls_context(self.tls_ca),
-        )
-        return self
+        ))  # fmt: skip
+        await asyncio.wait({connecting, untrusted}, timeout=self.connect_timeout_s,
+                           return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+        if connecting.done():
+            connecting.result()  # raises what the first connection failed with, if it did
+            return nc
+        connecting.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await connecting
+        with contextlib.suppress(Exception):
+            await nc.close()
+        raise ConnectFailed(self._why_not(untrusted.result() if untrusted.done() else (last[0] if last else None)))
+
+    def _why_not(self, exc: Exception | None) -> str:
+        where = f"cannot connect to {self.nats_url}"
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            detail = exc.verify_message or str(exc)
+            if self.tls_ca is None:
+                return (f"{where}: the broker's TLS certificate is not trusted ({detail}) and this client was "
+                        "given no CA: pass the mesh's CA (tls_ca=.mesh/tls/ca.pem, minted by meshctl init; "
+                        "MESH_TLS_CA_FILE for meshctl)")  # fmt: skip
+            return f"{where}: the broker's TLS certificate is not signed by the CA in {self.tls_ca} ({detail})"
+        why = f"{type(exc).__name__}: {exc}" if exc is not None else "no answer"
+        return f"{where} within {self.connect_timeout_s:g} s ({why})"
 
     async def __aexit__(self, *exc: object) -> None:
         if self.nc is not None:
             await self.nc.close()
 
-    async def publish(self, model: Contract, key: str = "1", *, within_s: float = 60.0) -> Stored:
+    async def publish(
+        self, model: Contract, key: str = "1", *, within_s: float = 60.0, trace: str | None = None
+    ) -> Stored:
         """Hand the message in at its door (``mesh_kit.door``: a tenant writes to no stream itself)
         until the stream acknowledges it. While the broker or the door's keeper is unavailable (a
         restart, a cluster electing a new leader after a node died) it retries for up to
         ``within_s``: the message id is deterministic, so a retry of one that did land is stored
         once. ``DoorRefused`` when the door says no (the tenant's quota, a bad message), with
-        ``code`` and ``retry_after_s``; ``StreamFull`` when the stream is at its cap."""
+        ``code`` and ``retry_after_s``; ``StreamFull`` when the stream is at its cap. A submission
+        starts its task's trace (``trace``, a W3C traceparent; by default ``traceparent()``)."""
         assert self.nc is not None
         body = model.to_bytes()
         headers = env.headers_for(
@@ -175,8 +306,8 @@ class TenantClient:
         )
         if isinstance(model, TaskSubmitted):
             headers[PRIORITY] = str(model.priority)  # the planner's fair queue reads it unparsed
-            headers["traceparent"] = traceparent()  # the task's trace starts here
-        deadline, pause = time.monotonic() + within_s, 0.1
+            headers["traceparent"] = trace or traceparent()  # the task's trace starts here
+        deadline, backoff = time.monotonic() + within_s, 0.1
         door = door_subject(model.subject())
         while True:
             try:
@@ -185,13 +316,18 @@ class TenantClient:
             except StreamFull:
                 raise  # not an outage: it stays full until there is room
             except DoorRefused as exc:
-                if exc.code not in ("unavailable", "busy") or time.monotonic() + pause > deadline:
+                if exc.code not in ("unavailable", "busy"):
+                    raise
+                # busy: the door gave this client its own place on its queue's drain; come then
+                pause = later(exc.retry_after_s) if exc.code == "busy" and exc.retry_after_s else jitter(backoff)
+                if time.monotonic() + pause > deadline:
                     raise
             except BROKER_UNAVAILABLE:
+                pause = jitter(backoff)
                 if time.monotonic() + pause > deadline:
                     raise
             await asyncio.sleep(pause)
-            pause = min(pause * 2, 2.0)
+            backoff = min(backoff * 2, 2.0)
 
     async def submit(
         self,
@@ -207,6 +343,8 @@ class TenantClient:
         timeout: float = 120.0,
         on_event: Callable[[Contract], None] | None = None,
         replay: Replay | None = None,
+        resubmit: Resubmit | None = None,
+        refusal_wait_s: float = 0.0,
     ) -> Followed:
         """Publish ``task.submitted`` and (optionally) follow the task to its outcome.
         ``replay`` makes it a replay of an earlier task (``meshctl replay``).
@@ -218,11 +356,22 @@ class TenantClient:
         A submission refused at the door (over the tenant's tasks in flight or submissions per
         second, or the mesh near a stream's cap) ends at once with a ``TaskRejected`` outcome
         whose ``code`` says which and whose ``retry_after_s`` says when to try again; so does
-        one the TASK stream itself refuses because it is full (``overloaded``)."""
+        one the TASK stream itself refuses because it is full (``overloaded``). With ``resubmit``
+        (opt-in) such a refusal is followed by a resubmission of the same task after that wait,
+        within the policy's bounds (``Resubmit``); ``attempts`` and ``refusals`` say how it went.
+
+        Without ``follow`` it returns once the submission is stored; ``refusal_wait_s`` > 0 waits
+        up to that long, after each submission, for the planner's decision: a refusal (the
+        ``outcome``, and a resubmission if ``resubmit`` allows) or a sign it took the task up
+        (``taken_up``). A decision still not made then (the planner behind a backlog, or the task
+        waiting for a run slot) may be a refusal later."""
         assert self.nc is not None
         task_id = task_id or f"t-{uuid.uuid4().hex[:12]}"
         seen = Followed(task_id)
-        done = asyncio.Event()
+        done = asyncio.Event()  # an outcome of the current attempt
+        taken = asyncio.Event()  # the planner took the task up
+        current = {"msg_id": ""}  # the current attempt's submission
+        earlier = env.message_id(TaskSubmitted.type_name(), self.tenant, task_id, "")
 
         def accept(subject: str, data: bytes, headers: dict[str, str] | None) -> None:
             try:
@@ -230,6 +379,13 @@ class TenantClient:
             except (ContractError, IdentityError) as exc:
                 seen.rejected_messages.append(f"{subject}: {exc}")
                 return
+            if isinstance(model, TaskRejected):
+                cause = (headers or {}).get(env.CAUSATION, "")
+                if cause.startswith(earlier) and cause != current["msg_id"]:
+                    return  # a copy of an earlier attempt's refusal, arriving late (or stored)
+            elif not isinstance(model, TaskSubmitted):  # (its own submission, as stored, comes back too)
+                taken.set()
+                seen.taken_up = True
             if isinstance(model, TokenDelta):
                 if model.kind == "delta" and not seen.first_token_at:
                     seen.first_token_at = time.time()
@@ -254,11 +410,12 @@ class TenantClient:
                 accept(*stored)
 
         subs = []
-        if follow:  # subscribe before publishing so nothing is missed
+        if follow or refusal_wait_s > 0:  # subscribe before publishing so nothing is missed
             subs = [await self.nc.subscribe(f"task.*.{self.tenant}.{task_id}.>", cb=on_msg)]
-            if progress:
+            if progress or not follow:  # not following, its events say the planner took it up
+                subs.append(await self.nc.subscribe(f"event.*.{self.tenant}.{task_id}.>", cb=on_msg))
+            if progress and follow:
                 subs += [
-                    await self.nc.subscribe(f"event.*.{self.tenant}.{task_id}.>", cb=on_msg),
                     await self.nc.subscribe(f"live.*.{self.tenant}.{task_id}.>", cb=on_msg),
                     await self.nc.subscribe(f"usage.*.{self.tenant}.{task_id}.>", cb=on_msg),
                 ]
@@ -274,45 +431,77 @@ class TenantClient:
             priority=priority,
             replay=replay,
         )
+        again = resubmit or Resubmit(attempts=0)
+        deadline, waited = 0.0, 0.0
+        trace = traceparent()  # one trace for every attempt: refusals and the run, one story
         try:
-            await self.publish(submitted)
+            while True:
+                key = str(seen.attempts)  # the first is "1", as it always was
+                current["msg_id"] = env.message_id(submitted.type, self.tenant, task_id, key)
+                refused = await self._hand_in(submitted, key, trace)
+                # ``timeout`` runs from the first submission's hand-in (which may wait out a broker restart)
+                deadline = deadline or time.monotonic() + timeout
+                if refused is not None:
+                    seen.outcome, seen.finished_at = refused, time.time()
+                    done.set()
+                if follow:
+                    await self._until_outcome(done, deadline, catch_up)
+                elif refusal_wait_s > 0 and not done.is_set():
+                    await _first(done, taken, timeout=refusal_wait_s)
+                out = seen.outcome
+                if not isinstance(out, TaskRejected):
+                    break
+                pause = again.pause(out, seen.attempts - 1, waited)
+                if pause is None or (follow and time.monotonic() + pause >= deadline):
+                    break
+                seen.refusals.append(out)
+                seen.outcome, seen.finished_at, seen.taken_up = None, 0.0, False
+                done.clear()
+                taken.clear()
+                await asyncio.sleep(pause)
+                waited += pause
+                seen.attempts += 1
+        finally:
+            for s in subs:
+                await s.unsubscribe()
+        return seen
+
+    async def _hand_in(self, submitted: TaskSubmitted, key: str, trace: str) -> TaskRejected | None:
+        """Hand the submission in at its door under message id ``key``: None once stored, or the
+        refusal (the door's, or a full TASK stream's) as the ``TaskRejected`` it amounts to."""
+        try:
+            await self.publish(submitted, key, trace=trace)
         except DoorRefused as exc:
             # Refused at the door (the tenant's quota, a message the mesh cannot take): nothing was
             # stored and nothing runs; the same outcome as a refusal by the planner's admission.
             code = {"forbidden": "invalid", "unavailable": "overloaded"}.get(exc.code, exc.code)
-            seen.outcome = TaskRejected(
-                tenant=self.tenant, task_id=task_id, source_subject=submitted.subject(), code=code,
+            return TaskRejected(
+                tenant=self.tenant, task_id=submitted.task_id, source_subject=submitted.subject(), code=code,
                 reason=f"refused at the door: {exc.reason}",
                 retry_after_s=exc.retry_after_s if code != "invalid" else None,
             )  # fmt: skip
-            seen.finished_at = time.time()
-            done.set()
         except StreamFull as exc:
             # Refused by the store itself, before any planner saw it: the same answer as the
             # planner's ``overloaded`` (nothing was stored, nothing runs), said here.
-            seen.outcome = TaskRejected(
-                tenant=self.tenant, task_id=task_id, source_subject=submitted.subject(), code="overloaded",
+            return TaskRejected(
+                tenant=self.tenant, task_id=submitted.task_id, source_subject=submitted.subject(), code="overloaded",
                 reason=f"the mesh refuses new tasks: {exc}", retry_after_s=STORE_FULL_RETRY_S,
             )  # fmt: skip
-            seen.finished_at = time.time()
-            done.set()
-        if follow:
-            deadline = time.monotonic() + timeout
-            try:
-                while not done.is_set() and (left := deadline - time.monotonic()) > 0:
-                    reconnected = asyncio.create_task(self._reconnected.wait())
-                    outcome = asyncio.create_task(done.wait())
-                    await asyncio.wait({reconnected, outcome}, timeout=left, return_when=asyncio.FIRST_COMPLETED)
-                    for t in (reconnected, outcome):
-                        t.cancel()
-                    if reconnected.done() and not reconnected.cancelled() and not done.is_set():
-                        await catch_up()
-                if not done.is_set():
-                    await catch_up()  # last look before reporting no outcome
-            finally:
-                for s in subs:
-                    await s.unsubscribe()
-        return seen
+        return None
+
+    async def _until_outcome(self, done: asyncio.Event, deadline: float, catch_up: Callable[[], Any]) -> None:
+        """Wait for the outcome until ``deadline``, reading the stored one after every reconnect
+        (live delivery has a gap then) and once more before giving up."""
+        while not done.is_set() and (left := deadline - time.monotonic()) > 0:
+            reconnected = asyncio.create_task(self._reconnected.wait())
+            outcome = asyncio.create_task(done.wait())
+            await asyncio.wait({reconnected, outcome}, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+            for t in (reconnected, outcome):
+                t.cancel()
+            if reconnected.done() and not reconnected.cancelled() and not done.is_set():
+                await catch_up()
+        if not done.is_set():
+            await catch_up()  # last look before reporting no outcome
 
     def _believe(self, subject: str, data: bytes, headers: dict[str, str] | None) -> Contract:
         """Parse a message and verify its sender's token; raises ContractError / IdentityError.

@@ -142,6 +142,13 @@ def count(value: str) -> int:
     return int(value)
 
 
+def whole(value: str) -> int:
+    """A whole number, 0 or more."""
+    if not value.isdigit():
+        raise argparse.ArgumentTypeError(f"not a whole number >= 0: {value!r}")
+    return int(value)
+
+
 def at_least_zero(value: str) -> float:
     try:
         f = float(value)

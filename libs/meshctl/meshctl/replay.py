@@ -178,8 +178,11 @@ def _fold(story: Story, m: Any) -> None:
     elif isinstance(m, ToolCompleted):
         use = story.tools.setdefault(m.call_id, ToolUse(m.call_id, m.tool, {}))
         use.ok, use.result, use.dry_run = m.ok, (m.result if m.ok else m.error), m.dry_run
-    elif isinstance(m, (TaskCompleted, TaskFailed, TaskRejected)):
+    elif isinstance(m, TaskRejected):
         story.outcome = story.outcome or m
+    elif isinstance(m, (TaskCompleted, TaskFailed)):
+        # An end wins over a refusal stored before it: the task was resubmitted under its id and ran.
+        story.outcome = m if story.outcome is None or isinstance(story.outcome, TaskRejected) else story.outcome
     elif isinstance(m, CheckVerdict):
         if story.verdict is None or m.attempt >= story.verdict.attempt:
             story.verdict = m

@@ -1,9 +1,9 @@
 """``meshctl top``: a live view of the mesh in the terminal, refreshed every few seconds.
 
 Everything comes from NATS as the admin, so it works against any deployment: per tenant the
-tasks in flight (admission), running and queued (the budget's view: ``budget.status``, a signed
-request any budget replica answers), done, failed and refused (the TASK stream's subjects),
-approvals waiting and today's spend (KV ``budget``), and that spend by model; per service the
+tasks in flight and the submissions refused (admission's record), running and queued (the
+budget's view: ``budget.status``, a signed request any budget replica answers), done and failed
+(the TASK stream's subjects), approvals waiting and today's spend (KV ``budget``), and that spend by model; per service the
 backlog and in-flight messages of its durables and the messages it handled per second since the
 last frame; the budget's breaker trips; dead letters. On a local mesh (``meshctl up``) it adds
 each service's readiness (its ``/status``).
@@ -92,6 +92,9 @@ async def gather(
     except NotFoundError:
         admission = {}
     for tenant, rec in admission.items():
+        # Every refusal once, by code (as the dashboard shows it). ``rejected`` below counts the
+        # tasks with a stored ``task.rejected``: the same refusals again (a planner's refusal is
+        # both), and a task resubmitted after one still has it, so the two are never added.
         t = _tenant(frame, tenant)
         t["in_flight"] = len(rec.get("in_flight") or {})
         t["refused"] = sum((rec.get("refused") or {}).values())
@@ -166,7 +169,7 @@ def render(frame: Frame, interval: float | None = None) -> str:
     for name, t in sorted(frame.tenants.items()):
         lines.append(
             f"{name[:14]:14} {t['in_flight']:>9} {t['running']:>7} {t['queued']:>6} {t['completed']:>6} "
-            f"{t['failed']:>6} {t['refused'] + t['rejected']:>7} {t['approvals_waiting']:>9} {t['tokens']:>12,} "
+            f"{t['failed']:>6} {t['refused']:>7} {t['approvals_waiting']:>9} {t['tokens']:>12,} "
             f"{'$' + format(t['cost_usd'], '.4f'):>12}"
         )
     if not frame.tenants:

@@ -120,6 +120,8 @@ class TaskWatch:
     stall_timeout_s: float = 0.0
     stall_policy: str = "cancel"
     terminal: bool = False
+    refused: bool = False
+    """It ended refused (``task.rejected``): nothing of it ran, and a client may submit it again."""
     halted: bool = False
     last_progress: float = 0.0
     waiting: set[str] = field(default_factory=set)
@@ -241,7 +243,12 @@ class Monitor:
         seen = m if isinstance(m, Seen) else Seen.of(m)
         w = self.watch(seen.tenant, seen.task_id)
         if w.terminal:
-            return []
+            if not (w.refused and seen.type == "task.submitted"):
+                return []
+            # Refused, then submitted again under the same id (a client resubmitting after its
+            # retry-after): this submission may be admitted, and then the task runs. Watch it
+            # from here as a new task (deadline, stall, breakers); refused again, it ends again.
+            w = self.tasks[(seen.tenant, seen.task_id)] = TaskWatch(seen.tenant, seen.task_id)
         o = _Fold(w, at)
         w.last_progress = max(w.last_progress, at)
         handler = self._handler(seen.type)
@@ -290,7 +297,7 @@ class Monitor:
                 "task.submitted": self._submitted,
                 "task.completed": self._ended,
                 "task.failed": self._ended,
-                "task.rejected": self._ended,
+                "task.rejected": self._rejected,
                 "plan.created": self._planned,
                 "step.requested": self._step_requested,
                 "step.completed": self._step_completed,
@@ -329,6 +336,10 @@ class Monitor:
 
     def _ended(self, f: mesh_facts.Facts, o: _Fold) -> None:
         o.w.terminal, o.done = True, True
+
+    def _rejected(self, f: mesh_facts.Facts, o: _Fold) -> None:
+        self._ended(f, o)
+        o.w.refused = True
 
     def _planned(self, f: mesh_facts.Facts, o: _Fold) -> None:
         for sid, deps in f.get("steps", ()):

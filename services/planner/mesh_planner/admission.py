@@ -28,6 +28,14 @@ it back to be taken up elsewhere. Why: on a saturated machine every task in flig
 other, so a burst that runs all at once makes a quiet tenant's task several times slower even
 when it is always next in every queue (issue 18's measurements).
 
+A refusal's ``retry_after_s`` comes from how fast the tenant makes room, with jitter
+(``mesh_kit.retry_after``): each client refused is given its own place in a line on that drain,
+so a burst refused together comes back spread over the time the drain needs to take it, not all at
+once. Over ``max_in_flight`` the drain is the tenant's tasks ending, about ``in_flight /
+mean_task_s`` a second (Little's law; a second per task until one of its tasks has ended); over
+the rate, the bucket's refill, never sooner than the next token. Within ``RETRY_FLOOR_S`` and
+``RETRY_CEILING_S`` past the earliest moment anything could pass.
+
 The mesh as a whole refuses new tasks (code ``overloaded``) while one of its streams is filled to
 ``MESH_STORE_HIGH_WATER`` (90%) of its cap (``StoreLevel``): streams refuse new messages when full
 rather than forget old ones, and the last tenth is kept for the tasks already in flight.
@@ -47,7 +55,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from mesh_contracts import topology as topo
@@ -55,6 +63,7 @@ from mesh_contracts.v1.records import AdmissionRecord
 from mesh_kit import state as st
 from mesh_kit import tasks
 from mesh_kit.quota import Refusal
+from mesh_kit.retry_after import RetryLine
 from mesh_kit.tail import Reader
 
 log = logging.getLogger("mesh.planner.admission")
@@ -69,6 +78,14 @@ RECENT_S = 10.0
 or one a second): another tenant is not alone (``MESH_RUN_SLOTS_ALONE``) meanwhile."""
 RESCAN_S = 10.0
 """How often a replica reads every tenant's record again (a feed message lost in a reconnect)."""
+RETRY_FLOOR_S = 0.1
+"""The shortest ``retry_after_s`` of a refusal."""
+RETRY_CEILING_S = 60.0
+"""The longest ``retry_after_s`` of a refusal past the earliest moment it could be admitted (a
+client's place further down the line is drawn from the ceiling's second half)."""
+UNKNOWN_TASK_SLOT_S = 1.0
+"""How often a slot is taken to free up while no task of the tenant has ended yet (its mean
+duration unknown)."""
 
 
 @dataclass(frozen=True)
@@ -119,11 +136,13 @@ def may_start(
 class Admission:
     def __init__(
         self, kv: Any, default: Limits, per_tenant: dict[str, Limits] | None = None, *, slots: int = 0,
-        alone: int = 0,
+        alone: int = 0, line: RetryLine | None = None,
     ) -> None:  # fmt: skip
         self.kv, self.default, self.per_tenant = kv, default, per_tenant or {}
         self.slots = slots
         self.alone = alone
+        self.line = line or RetryLine(RETRY_FLOOR_S, RETRY_CEILING_S)
+        """Refused clients' places on each tenant's drain (``retry_after_s``)."""
         self.view: dict[str, AdmissionRecord] = {}
         """Every tenant's record as last seen (own writes, the bucket's feed, a rescan): run slots."""
         self._revision: dict[str, int] = {}
@@ -163,6 +182,7 @@ class Admission:
             return None
         at = time.time() if now is None else now
         refusal: Refusal | None = None
+        drain = (0.0, 0.0)  # the refusal's: one more admitted every ``[0]`` s, none before ``[1]`` s
         waits = False
         woken = self._woken.get(tenant)
         if woken is not None:
@@ -178,7 +198,7 @@ class Admission:
             return True
 
         def mutate(rec: AdmissionRecord | None) -> AdmissionRecord | None:
-            nonlocal refusal, waits
+            nonlocal refusal, waits, drain
             refusal, waits = None, False
             rec = rec or AdmissionRecord(tokens=float(max(lim.burst, 1)), refilled_at=at)
             if task_id in rec.in_flight:  # admitted before (a redelivered submission, or a waiting task)
@@ -198,19 +218,19 @@ class Admission:
                 rec.tokens = min(cap, rec.tokens + max(0.0, at - rec.refilled_at) * lim.rate_per_s)
                 rec.refilled_at = at
             if lim.max_in_flight and len(rec.in_flight) >= lim.max_in_flight:
-                # one slot frees up about every mean duration / tasks in flight
-                wait = rec.mean_task_s / max(1, len(rec.in_flight)) if rec.mean_task_s else 1.0
+                # one slot frees up about every mean duration / tasks in flight (Little's law)
+                slot = rec.mean_task_s / max(1, len(rec.in_flight)) if rec.mean_task_s else UNKNOWN_TASK_SLOT_S
                 refusal = Refusal(
-                    "too_many_in_flight",
-                    f"tenant {tenant} has {len(rec.in_flight)} tasks in flight, its limit",
-                    round(min(60.0, max(0.1, wait)), 2),
+                    "too_many_in_flight", f"tenant {tenant} has {len(rec.in_flight)} tasks in flight, its limit", 0.0
                 )
+                drain = (slot, 0.0)
             elif lim.rate_per_s and rec.tokens < 1.0:
                 refusal = Refusal(
                     "rate_limited",
                     f"tenant {tenant} is over its {lim.rate_per_s:g} submissions per second (burst {lim.burst})",
-                    round(max(0.05, (1.0 - rec.tokens) / lim.rate_per_s), 2),
+                    0.0,
                 )
+                drain = (1.0 / lim.rate_per_s, (1.0 - rec.tokens) / lim.rate_per_s)  # a token each, the next then
             if refusal is not None:
                 return None  # nothing changes (decided on a value just read: see state.update)
             if lim.rate_per_s:
@@ -225,6 +245,8 @@ class Admission:
             await self._write(tenant, mutate)
             if refusal is not None:
                 self._refused.setdefault(tenant, Counter())[refusal.code] += 1
+                # the client's own place on the drain (module docstring), once the decision is final
+                refusal = replace(refusal, retry_after_s=self.line.place((tenant, refusal.code), at, *drain))
         if refusal is not None:
             return refusal
         if waits:
