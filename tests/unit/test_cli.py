@@ -197,3 +197,19 @@ def test_day_keys_are_the_budget_services():
     assert spend.usage_key("acme", "t1") == "usage.acme.t1"
     assert spend.day_key("acme", "20260101") == "tenant.acme.20260101"
     assert spend.today(1767225600.0) == "20260101"
+
+
+def test_jetstream_unavailable_is_one_line_and_exit_1(monkeypatch, capsys):
+    # A cluster that lost its quorum answers 503 to every JetStream API call: `meshctl status`
+    # (and everything else) says so in one line and exits 1 ("try again"), not a traceback.
+    from nats.js.errors import ServiceUnavailableError
+
+    from meshctl import cli
+
+    def unavailable(_args):
+        raise ServiceUnavailableError(code=503, err_code=10008, description="JetStream system temporarily unavailable")
+
+    monkeypatch.setattr(cli, "cmd_status", unavailable)
+    assert cli.main(["status"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "JetStream did not answer" in err[0] and "temporarily unavailable" in err[0], err

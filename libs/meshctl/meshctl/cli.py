@@ -1404,6 +1404,10 @@ def main(argv: list[str] | None = None) -> int:
     except DoorRefused as exc:  # the door did not take a tenant's message (its quota, a bad message)
         print(f"meshctl: refused at the door: {exc}", file=sys.stderr)
         return 4
+    except nats.js.errors.ServiceUnavailableError as exc:
+        # A cluster electing leaders after a node died, or one that lost its quorum: try again.
+        print(f"meshctl: JetStream did not answer (a cluster electing leaders?): {exc}", file=sys.stderr)
+        return 1
     except (nats.errors.NoServersError, ConnectionRefusedError, OSError) as exc:
         print(f"meshctl: cannot reach NATS: {exc}", file=sys.stderr)
         return 2

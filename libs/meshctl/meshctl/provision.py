@@ -318,8 +318,9 @@ async def consumer_lag(nc: nats.NATS) -> dict[str, dict[str, int]]:
     for d in topo.durables():
         try:
             info = await js.consumer_info(d.stream, d.name, timeout=2.0)
-        except nats.errors.TimeoutError:
-            # No answer: in a cluster, usually a leader election after a node died (seconds).
+        except (nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError):
+            # No answer, or "JetStream system temporarily unavailable": in a cluster, usually a
+            # leader election after a node died (seconds).
             out[d.name] = {"service": d.service, "pending": -1, "ack_pending": -1, "redelivered": -1}
             continue
         out[d.name] = {
