@@ -72,9 +72,8 @@ bench: setup ## task, budget, gateway, retrieval and tenant-flood numbers vs the
 	$(BIN)/python bench/bench_scale.py
 	$(BIN)/python bench/bench_budget.py
 	$(BIN)/python bench/bench_kv_hot_key.py
-	$(BIN)/python bench/bench_admission.py --run-slots 0 1
-	$(BIN)/python bench/bench_admission.py --burst 300 --quiet-tasks 20 --run-slots 1 --alone 8
-	$(BIN)/python bench/bench_admission.py --burst 300 --latency-ms 200
+	$(BIN)/python bench/bench_admission.py --burst 300 --quiet-tasks 20 --run-slots default 0
+	$(BIN)/python bench/bench_admission.py --burst 300 --latency-ms 200 --run-slots default 0
 	$(BIN)/python bench/bench_flood.py
 	$(BIN)/python bench/bench_gateway.py
 	$(BIN)/python bench/bench_retrieval.py --rounds 5

@@ -7,11 +7,13 @@ many of the burst were admitted and refused (and with which code and retry-after
 every admitted task ended (completed or failed with a reason): nothing admitted was lost.
 Loopback only, bounded by the burst size.
 
-    python bench/bench_admission.py [--burst 1000] [--quiet-tasks 10] [--run-slots N [N ...]]
+    python bench/bench_admission.py [--burst 1000] [--quiet-tasks 10] [--run-slots default|N ...] [--alone N]
 
-``--run-slots N`` runs the mesh with ``MESH_RUN_SLOTS=N`` (the planner's fair share of N tasks
-running at once; 0, the default: every admitted task starts at once). Several values run one
-after the other, each on a fresh mesh, and a last line compares them (``make bench``: 0 and 1).
+With no ``--run-slots`` the mesh runs on its defaults (run slots 1, 8 for a tenant alone: fair by
+default). ``--run-slots N`` runs it with ``MESH_RUN_SLOTS=N`` (the planner's fair share of N
+tasks running at once; 0: off, every admitted task starts at once). Several values run one
+after the other, each on a fresh mesh, and a last line compares them (``make bench``: the
+defaults and 0).
 
 ``--latency-ms L`` gives every model call L ms (the scripted model as a remote model: what a task
 waits on in production), so the mesh waits on its models rather than on two saturated cores.
@@ -31,6 +33,7 @@ from pathlib import Path
 from bench_scale import model_config
 
 from mesh_contracts.v1 import TaskCompleted, TaskRejected
+from mesh_planner.settings import PlannerSettings
 from meshctl import local
 from meshctl.client import TenantClient
 
@@ -38,16 +41,41 @@ GOAL = "How does AgentMesh avoid duplicate side effects? Also compute 17 * 23."
 BOUND = 2.0  # the issue's bar: steady p50 under a burst within 2x quiet
 
 
+def slots_arg(text: str) -> int | None:
+    """``--run-slots``: ``default`` (the mesh's own) or a number."""
+    if text == "default":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of run slots: {text!r} (use 'default' or N)") from None
+
+
+def describe(given: int | None, slots: int, alone: int) -> str:
+    what = "off" if slots == 0 else f"{slots}, {alone or slots} for a tenant alone"
+    return f"{what} ({'defaults' if given is None else 'set'})"
+
+
 def pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
 
 
-async def main(burst: int, quiet_tasks: int, run_slots: int = 0, latency_ms: float = 0.0, alone: int = 0) -> float:
-    """One run; returns the steady tenant's p50 under the burst over its quiet p50."""
+async def main(
+    burst: int, quiet_tasks: int, run_slots: int | None = None, latency_ms: float = 0.0, alone: int | None = None
+) -> tuple[float, float, float]:
+    """One run; returns the steady tenant's p50 and p95 under the burst over quiet, and how long
+    the burst took to drain. ``None``: the mesh's default."""
     home = Path(tempfile.mkdtemp(prefix="agentmesh-admission-"))
+    defaults = PlannerSettings.model_fields
+    slots = defaults["run_slots"].default if run_slots is None else run_slots
+    alone_n = defaults["run_slots_alone"].default if alone is None else alone
     try:
-        env = {"MESH_RUN_SLOTS": str(run_slots), "MESH_RUN_SLOTS_ALONE": str(alone)}
+        env = {}
+        if run_slots is not None:
+            env["MESH_RUN_SLOTS"] = str(run_slots)
+        if alone is not None:
+            env["MESH_RUN_SLOTS_ALONE"] = str(alone)
         if latency_ms:
             env["MESH_MODEL_CONFIG"] = str(model_config(home.parent / f"{home.name}-models.json", latency_ms))
         state = await local.up(
@@ -83,7 +111,7 @@ async def main(burst: int, quiet_tasks: int, run_slots: int = 0, latency_ms: flo
         q50, u50 = statistics.median(quiet), statistics.median(under)
         print(f"admission: tenant 'burst' submits {burst} tasks at once while tenant 'steady' runs the sample task "
               f"one after another (defaults: 100 in flight, 50/s with bursts of 200, per tenant; "
-              f"run slots: {run_slots or 'off'}; model: {f'{latency_ms:g} ms a call' if latency_ms else 'scripted, instant'})")  # fmt: skip
+              f"run slots: {describe(run_slots, slots, alone_n)}; model: {f'{latency_ms:g} ms a call' if latency_ms else 'scripted, instant'})")  # fmt: skip
         print(
             f"  steady tenant quiet:       p50 {q50 * 1000:7.0f} ms  p95 {pct(quiet, 0.95) * 1000:7.0f} ms  "
             f"p99 {pct(quiet, 0.99) * 1000:7.0f} ms  ({len(quiet)} tasks)"
@@ -101,8 +129,16 @@ async def main(burst: int, quiet_tasks: int, run_slots: int = 0, latency_ms: flo
             print(
                 f"  retry_after_s given: min {min(waits):.2f}, median {statistics.median(waits):.2f}, max {max(waits):.2f}"
             )
+            # When each refused client was told to come back (refused at + its wait): spread, or a herd?
+            back = sorted(
+                f.result().finished_at + f.result().outcome.retry_after_s
+                for f in flood
+                if isinstance(f.result().outcome, TaskRejected) and f.result().outcome.retry_after_s is not None
+            )
+            herd = max(sum(1 for y in back[i:] if y - x < 0.1) for i, x in enumerate(back))
+            print(f"  the refused come back over {back[-1] - back[0]:.1f} s, at most {herd} within any 100 ms")
         print(f"  admitted and not ended (lost): {lost}; the burst drained in {drained:.1f} s")
-        return u50 / q50
+        return u50 / q50, u95 / q95, drained
     finally:
         local.down(home)
         shutil.rmtree(home, ignore_errors=True)
@@ -112,17 +148,19 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--burst", type=int, default=1000)
     ap.add_argument("--quiet-tasks", type=int, default=10)
-    ap.add_argument("--run-slots", type=int, nargs="+", default=[0],
-                    help="MESH_RUN_SLOTS for the mesh (0: off); several: one run each")  # fmt: skip
+    ap.add_argument("--run-slots", type=slots_arg, nargs="+", default=[None],
+                    help="MESH_RUN_SLOTS for the mesh ('default', or N; 0: off); several: one run each")  # fmt: skip
     ap.add_argument("--latency-ms", type=float, default=0.0, help="each model call takes this long (0: instant)")
-    ap.add_argument("--alone", type=int, default=0,
-                    help="MESH_RUN_SLOTS_ALONE: tasks a tenant may run while no other has any (0: the run slots)")  # fmt: skip
+    ap.add_argument("--alone", type=int, default=None,
+                    help="MESH_RUN_SLOTS_ALONE: tasks a tenant may run while no other has any (0: the run slots; "
+                         "default: the mesh's)")  # fmt: skip
     a = ap.parse_args()
-    if a.burst < 1 or a.quiet_tasks < 1 or min(a.run_slots) < 0 or a.latency_ms < 0:
+    if a.burst < 1 or a.quiet_tasks < 1 or min(s or 0 for s in a.run_slots) < 0 or a.latency_ms < 0:
         ap.error("--burst and --quiet-tasks must be at least 1, --run-slots and --latency-ms at least 0")
     ratios = {}
     for slots in a.run_slots:
         ratios[slots] = asyncio.run(main(a.burst, a.quiet_tasks, slots, a.latency_ms, a.alone))
     if len(ratios) > 1:
-        print("steady under burst / quiet, by run slots: " + ", ".join(
-            f"{'off' if s == 0 else s}: {r:.2f}x" for s, r in ratios.items()) + f" (bar {BOUND:g}x)")  # fmt: skip
+        print("steady under burst / quiet (p50, p95) and the burst's drain, by run slots: " + "; ".join(
+            f"{'defaults' if s is None else 'off' if s == 0 else s}: {r50:.2f}x, {r95:.2f}x, {d:.1f} s"
+            for s, (r50, r95, d) in ratios.items()) + f" (bar {BOUND:g}x)")  # fmt: skip

@@ -14,9 +14,9 @@ tenant over a limit gets ``task.rejected`` at once, with a machine-readable ``co
   read); the refusals a planner made are added to the record with its next write for the
   tenant (an admission or an end), so ``meshctl status`` may show them a little late.
 
-Run slots (``MESH_RUN_SLOTS``, 0: off) cap the tasks the mesh runs at once and share them fairly:
-an admitted task starts (its plan is made) only while it holds a slot, and waits for one,
-queued, otherwise. With ``n`` tenants wanting slots each is entitled to ``slots // n`` (at least
+Run slots (``MESH_RUN_SLOTS``, default 1 and 8 for a tenant alone; 0: off) cap the tasks the
+mesh runs at once and share them fairly: an admitted task starts (its plan is made) only while
+it holds a slot, and waits for one, queued, otherwise. With ``n`` tenants wanting slots each is entitled to ``slots // n`` (at least
 one): a tenant under its share starts at once, even when the others hold every slot (so the cap
 may be passed by one task per such tenant until a tenant over its share ends one); a tenant at
 or over its share takes a free slot only while no tenant under its share waits for one. The

@@ -21,15 +21,19 @@ class PlannerSettings(AgentSettings):
     it: code ``rate_limited``."""
     admission_burst: int = Field(200, ge=0)
     """How many submissions one tenant may make at once before ``admission_rate_per_s`` applies."""
-    run_slots: int = Field(0, ge=0)
-    """Tasks the mesh runs at once, shared fairly among the tenants that want them (run slots,
-    ``mesh_planner.admission``); an admitted task past them waits, queued, for one. Size it to
-    what the mesh's slowest resource runs without queueing: a few per core for CPU-bound work,
-    the model provider's concurrency for real model calls (0: every admitted task starts at once)."""
-    run_slots_alone: int = Field(0, ge=0)
-    """How many tasks one tenant may run at once while no other tenant has a task in flight
-    (0: ``MESH_RUN_SLOTS``, as when others do). Higher than the run slots, a lone tenant keeps its
-    throughput, and a tenant that arrives meets at most this many of its tasks still running."""
+    run_slots: int = Field(1, ge=0)
+    """Tasks the mesh runs at once while several tenants want to run, shared fairly among them
+    (run slots, ``mesh_planner.admission``): each is entitled to ``slots // tenants``, at least
+    one; an admitted task past them waits, queued, for one. The default, 1, is one task per
+    tenant at a time while others run: right when the CPU is the bottleneck (the scripted or a
+    local model), where every task in flight slows every other. With models behind a provider
+    the mesh waits, not computes: set it to the provider's concurrency (0: every admitted task
+    starts at once)."""
+    run_slots_alone: int = Field(8, ge=0)
+    """How many tasks one tenant may run at once while no other tenant has a task in flight or
+    ended one in the last 10 s (0: ``MESH_RUN_SLOTS``, as when others do). A lone tenant keeps
+    most of its throughput, and a tenant that arrives meets at most this many of its tasks still
+    running."""
     planning_slots: int = Field(0, ge=0)
     """Plans this planner makes at once, shared fairly among tenants (``mesh_planner.planning``);
     an admitted submission past them waits, parked, for its tenant's turn. 0: one fewer than
