@@ -218,8 +218,12 @@ class Admission:
                 rec.tokens = min(cap, rec.tokens + max(0.0, at - rec.refilled_at) * lim.rate_per_s)
                 rec.refilled_at = at
             if lim.max_in_flight and len(rec.in_flight) >= lim.max_in_flight:
-                # one slot frees up about every mean duration / tasks in flight (Little's law)
-                slot = rec.mean_task_s / max(1, len(rec.in_flight)) if rec.mean_task_s else UNKNOWN_TASK_SLOT_S
+                # One frees up about every mean duration / tasks draining (Little's law). With run
+                # slots only the running drain (mean_task_s is a run's: a task's record is made as it
+                # starts): a burst queued behind one slot drains one task per mean duration, not
+                # one per mean duration / tasks in flight (which told a burst's refused 0.1 s).
+                draining = len(rec.running) if self.slots else len(rec.in_flight)
+                slot = rec.mean_task_s / max(1, draining) if rec.mean_task_s else UNKNOWN_TASK_SLOT_S
                 refusal = Refusal(
                     "too_many_in_flight", f"tenant {tenant} has {len(rec.in_flight)} tasks in flight, its limit", 0.0
                 )
