@@ -142,7 +142,7 @@ BUCKETS: tuple[Bucket, ...] = (
     Bucket(
         "tasks",
         writer="planner",
-        readers=("tool-executor", "budget"),  # the task's policy; its limits and start time
+        readers=("tool-executor",),  # the task's policy (the budget reads the content-free status record)
         records=True,
         description="Task records: plan, step states, status (CAS on revision).",
     ),
@@ -152,8 +152,9 @@ BUCKETS: tuple[Bucket, ...] = (
         readers=("worker", "checker", "rag", "tool-executor", "budget"),
         fed=SERVICES,  # every service's guard (the planner's too)
         records=True,
-        description="Whether a task may go on (key <tenant>.<task>: halted, ended or resumed, and why), and "
-        "nothing of its content: what every service's guard reads before a model or tool call.",
+        description="Whether a task may go on (key <tenant>.<task>: started, halted, ended or resumed, and why), "
+        "with its start time, limits and labels and nothing of its content: what every service's guard reads "
+        "before a model or tool call, and what the budget knows of a task.",
     ),
     Bucket(
         "evidence",

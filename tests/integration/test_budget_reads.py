@@ -37,6 +37,7 @@ from mesh_contracts.v1 import (
     ToolCompleted,
     ToolRequested,
 )
+from mesh_contracts.v1.records import StatusRecord, StepState, TaskRecord
 from mesh_kit import envelope as env
 from mesh_kit.identity import Signer
 from mesh_testing.infra import Infra, running_infra
@@ -114,6 +115,21 @@ async def publish_contents(infra: Infra, task: str) -> None:
         else:
             async with infra.connected_as(producer) as mesh:
                 await mesh.publish(model, key=model.type)
+    # The planner's records of the task: the task record (goal, step outputs, answer) and the
+    # content-free status record the budget reads instead (its start, limits and labels).
+    async with infra.connected_as("planner") as planner:
+        js = planner.nc.jetstream()
+        record = TaskRecord(tenant=TENANT, task_id=task, goal=f"goal {SECRET}", created_at=time.time())
+        step = PlanStep(step_id="s1", instruction=f"summarise {SECRET}")
+        record.steps["s1"] = StepState(step=step, status="completed", output=f"output {SECRET}")
+        await (await js.key_value(TaskRecord.bucket)).put(TaskRecord.key(TENANT, task), record.to_bytes())
+        status = StatusRecord(status="planning", created_at=record.created_at, limits=record.limits)
+        await (await js.key_value(StatusRecord.bucket)).put(TaskRecord.key(TENANT, task), status.to_bytes())
+
+
+def records(task: str) -> list[str]:
+    """The subjects the planner's records of ``task`` are stored under (in KV_tasks and KV_status)."""
+    return [f"$KV.{b}.{TaskRecord.key(TENANT, task)}" for b in (TaskRecord.bucket, StatusRecord.bucket)]
 
 
 def leaks(data: bytes, headers: dict[str, str] | None) -> bool:
@@ -185,7 +201,7 @@ async def test_the_budget_reads_no_tenants_content_from_any_stream(infra):
         assert fed, "the feeds it may follow delivered what was published (so silence is not a dead subscription)"
         leaked = [f"feed {s}" for s, h, d in fed if leaks(d, h)]
 
-        stored = [m.subject() for _, m in contents("reads-1")]
+        stored = [m.subject() for _, m in contents("reads-1")] + records("reads-1")
         bodies = [
             {"seq": 1, "batch": 1024},
             {"seq": 1, "next_by_subj": ">", "batch": 1024},

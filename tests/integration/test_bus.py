@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import pytest
 from integration_helpers import connect, counter, eventually, in_memory, running, settings_for
@@ -151,9 +152,7 @@ async def test_reservations_never_exceed_the_ceiling_and_usage_is_counted_once(i
     planner = Mesh(settings_for(integration_infra, "planner"))
     worker = Mesh(settings_for(integration_infra, "worker"))
     async with running(budget_mesh), running(planner), running(worker):
-        kv = await planner.kv("tasks")
-        record = TaskRecord(tenant="acme", task_id=task, goal="g", status="running", limits=TaskLimits(max_tokens=5000))
-        await kv.create(TaskRecord.key("acme", task), record.model_dump_json().encode())
+        await started(planner, task, TaskLimits(max_tokens=5000))
 
         async def reserve(i: int, tokens: int = 1000):
             return await worker.request(
@@ -206,7 +205,7 @@ async def test_reservations_never_exceed_the_ceiling_and_usage_is_counted_once(i
 
 
 async def test_a_task_halted_or_ended_after_its_first_reservation_is_refused_the_next(integration_infra, unique):
-    """The first reservation reads the task record; the next ones ask what every guard follows
+    """The first reservation reads the task's status record; the next ones ask what every guard follows
     (the status bucket the planner writes, control messages, kill switches): a halt, a resume and
     an end take effect on the very next reservation."""
     from mesh_budget.service import Budget
@@ -217,8 +216,7 @@ async def test_a_task_halted_or_ended_after_its_first_reservation_is_refused_the
     planner = Mesh(settings_for(integration_infra, "planner"))
     worker = Mesh(settings_for(integration_infra, "worker"))
     async with running(budget_mesh), running(planner), running(worker):
-        record = TaskRecord(tenant="acme", task_id=task, goal="g", status="running", limits=TaskLimits())
-        await (await planner.kv("tasks")).create(TaskRecord.key("acme", task), record.model_dump_json().encode())
+        await started(planner, task, TaskLimits())
         status = await planner.kv(StatusRecord.bucket)
         calls = iter(range(100))
 
@@ -240,6 +238,13 @@ async def test_a_task_halted_or_ended_after_its_first_reservation_is_refused_the
         await status.put(key, StatusRecord(status="completed").model_dump_json().encode())
         denied = await answers(BudgetDenied)
         assert denied.code == "stopped" and "completed" in denied.reason, denied
+
+
+async def started(planner: Mesh, task: str, limits: TaskLimits) -> None:
+    """What the planner writes as a task starts, and all the budget knows of it: its status
+    record (start, limits, labels; never the goal or the step outputs)."""
+    status = StatusRecord(status="planning", created_at=time.time(), limits=limits)
+    await (await planner.kv(StatusRecord.bucket)).create(TaskRecord.key("acme", task), status.to_bytes())
 
 
 async def _when(coro, pred):
@@ -497,8 +502,7 @@ async def test_a_graceful_stop_writes_the_spend_folded_since_the_last_checkpoint
     budget.register()
     planner, worker = Mesh(settings_for(integration_infra, "planner")), Mesh(settings_for(integration_infra, "worker"))
     async with running(planner), running(worker):
-        record = TaskRecord(tenant="acme", task_id=task, goal="g", status="running", limits=TaskLimits())
-        await (await planner.kv("tasks")).create(TaskRecord.key("acme", task), record.model_dump_json().encode())
+        await started(planner, task, TaskLimits())
         async with running(budget_mesh):
             usage = UsageRecorded(tenant="acme", task_id=task, agent="worker", call_id="c1", provider="scripted",
                                   model="scripted-1", input_tokens=70, output_tokens=30)  # fmt: skip

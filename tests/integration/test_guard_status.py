@@ -39,25 +39,27 @@ async def test_the_guard_stops_on_a_stored_halt_or_end_and_goes_on_after_a_resum
         # the planner applies a halt (the checker is not subscribed to see it: it 'missed' it)
         await planner.on_control(ControlHalt(tenant="acme", task_id=task, reason="operator says wait"), _D())
         # the guard keeps the status from the bucket's feed: the write arrives within moments
-        stop = await eventually(lambda: guard.check("acme", task), timeout=2, what="the stored halt")
+        stop = await eventually(lambda: guard.check("acme", task), timeout=30, what="the stored halt")
         assert stop is not None and stop.halted and "operator says wait" in stop.reason
 
         await planner.on_control(ControlResume(tenant="acme", task_id=task), _D())
         guard.seen.clear()  # what the checker heard on the core subscription is not the point here
-        await eventually(lambda: _goes_on(guard, task), timeout=2, what="resumed: go on")
+        await eventually(lambda: _goes_on(guard, task), timeout=30, what="resumed: go on")
 
         def end(r: TaskRecord) -> bool:
             r.status, r.reason = "cancelled", "the tenant cancelled it"
             return True
 
         await planner.transition("acme", task, end)
-        stop = await eventually(lambda: guard.check("acme", task), timeout=2, what="the stored end")
+        stop = await eventually(lambda: guard.check("acme", task), timeout=30, what="the stored end")
         assert stop is not None and not stop.halted and "cancelled" in stop.reason
 
         status, _ = await st.load(planner.status, f"acme.{task}", StatusRecord)
-        assert status is not None and set(status.model_dump()) == {"record_version", "status", "reason"}, (
-            "nothing but the status"
-        )
+        # nothing of what the task is about: its status, start, limits and labels (the budget's)
+        assert status is not None and set(status.model_dump()) == {
+            "record_version", "status", "reason", "created_at", "limits", "labels"
+        }, "nothing but the status and what the budget needs"  # fmt: skip
+        assert status.created_at == 1.0 and status.limits == rec.limits
 
 
 async def _goes_on(guard, task: str) -> bool:

@@ -19,7 +19,7 @@ import pytest
 from integration_helpers import eventually, running, settings_for
 
 from mesh_contracts.v1 import BudgetGranted, BudgetReserve, TaskLimits
-from mesh_contracts.v1.records import TaskRecord
+from mesh_contracts.v1.records import StatusRecord, TaskRecord
 from mesh_kit import Mesh
 from mesh_kit import telemetry as tel
 from mesh_testing.infra import running_infra
@@ -107,8 +107,8 @@ async def test_the_budget_is_not_ready_and_grants_nothing_without_redis(outage_i
     planner, worker = Mesh(settings_for(infra, "planner")), Mesh(settings_for(infra, "worker"))
     task = unique("outage")
     async with running(budget_mesh), running(planner), running(worker):
-        kv = await planner.kv("tasks")
-        record = TaskRecord(tenant="acme", task_id=task, goal="g", status="running", limits=TaskLimits(max_tokens=9000))
+        kv = await planner.kv(StatusRecord.bucket)  # what the budget knows of a task (no content)
+        record = StatusRecord(status="running", created_at=time.time(), limits=TaskLimits(max_tokens=9000))
         await kv.create(TaskRecord.key("acme", task), record.model_dump_json().encode())
 
         def reserve(call: str):

@@ -26,7 +26,9 @@ def test_every_record_names_a_provisioned_bucket_and_has_a_committed_schema():
         writer = "planner" if r.bucket != "quotas" else f"each of {', '.join(SERVICES)}, its own keys"
         assert schema["x-bucket"] == r.bucket and schema["x-writer"] == writer
     task = json.loads((generate.SCHEMAS / "v1" / "record.task.json").read_text())
-    assert set(task["x-readers"]) == {"tool-executor", "budget"}, "who may read what a task is about"
+    assert set(task["x-readers"]) == {"tool-executor"}, "who may read what a task is about (its policy)"
+    status = json.loads((generate.SCHEMAS / "v1" / "record.status.json").read_text())
+    assert "budget" in status["x-readers"] and {"created_at", "limits", "labels"} <= set(status["properties"])
 
 
 def test_a_breaking_change_to_a_record_is_caught_like_one_to_a_message():

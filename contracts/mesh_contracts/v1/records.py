@@ -145,7 +145,9 @@ class TaskRecord(Record):
 
 class StatusRecord(Record):
     """Whether a task may go on, and nothing of its content: what every service's guard reads
-    before a model or tool call. Written by the planner when a task is halted, resumed or ends."""
+    before a model or tool call, and what the budget knows of a task before its first call (it
+    holds no right to the task records, which carry the goal and the step outputs). Written by
+    the planner when a task starts (before its first model call), is halted, resumed or ends."""
 
     bucket: ClassVar[str] = "status"
     name: ClassVar[str] = "status"
@@ -153,6 +155,12 @@ class StatusRecord(Record):
 
     status: str
     reason: str = ""
+    created_at: float = 0.0
+    """When the task started (its deadline runs from here): the task record's ``created_at``."""
+    limits: TaskLimits | None = None
+    """The task's limits (``None``: written before they were recorded here)."""
+    labels: dict[str, str] = {}
+    """The tenant's labels for the task (the budget's spend records and metrics carry them)."""
 
 
 class AdmissionRecord(Record):

@@ -89,15 +89,18 @@ class Infra:
             await nc.close()
 
     async def running_task(self, task: str, max_tokens: int, tenant: str = "acme") -> None:
-        """A task record as the planner writes it (running, ``max_tokens``, $1), for a test that
-        drives the budget directly with reservations and usage."""
+        """A task's records as the planner writes them (running, ``max_tokens``, $1), for a test
+        that drives the budget directly with reservations and usage: the task record, and the
+        status record with its start and limits (all the budget reads of a task)."""
         nc = await self.admin()
         try:
-            record = {
-                "tenant": tenant, "task_id": task, "goal": "g", "status": "running", "created_at": time.time(),
-                "limits": {"max_tokens": max_tokens, "max_cost_usd": 1.0},
-            }  # fmt: skip
-            await (await nc.jetstream().key_value("tasks")).create(f"{tenant}.{task}", json.dumps(record).encode())
+            limits, at = {"max_tokens": max_tokens, "max_cost_usd": 1.0}, time.time()
+            record = {"tenant": tenant, "task_id": task, "goal": "g", "status": "running", "created_at": at,
+                      "limits": limits}  # fmt: skip
+            status = {"status": "running", "created_at": at, "limits": limits}
+            js = nc.jetstream()
+            await (await js.key_value("tasks")).create(f"{tenant}.{task}", json.dumps(record).encode())
+            await (await js.key_value("status")).create(f"{tenant}.{task}", json.dumps(status).encode())
         finally:
             await nc.close()
 

@@ -148,13 +148,13 @@ INTENDED: dict[str, set[str]] = {
     # The monitor follows every task with direct gets only: the usage records whole (its own
     # record of spend), and every other message's envelope (headers, no body: ENVELOPES). No
     # right on TASK, STEP, TOOL, RAG, CHECK, CONTROL or APPROVAL, where a bare direct get reads
-    # every tenant's documents, passages, arguments, results, outputs, goals and answers.
+    # every tenant's documents, passages, arguments, results, outputs, goals and answers; nor on
+    # KV tasks (goals, step outputs): a task's start, limits and labels are in its status record.
     "budget": EVERY_SERVICE
     | fetch("USAGE", "budget--usage-recorded")
     | stream_read("USAGE")
     | stream_read("ENVELOPES")
     | GUARD
-    | kv_read("tasks")
     | kv_own("budget")
     | kv_own("reservations")
     | kv_scan("reservations")  # a rebuilt view reads the last ttl's holds in batches

@@ -38,7 +38,7 @@ from mesh_contracts.v1 import (
     UsageRecorded,
 )
 from mesh_contracts.v1.audit import ANCHOR, ANCHOR_TTL_S, MESH_WIDE
-from mesh_contracts.v1.records import TERMINAL
+from mesh_contracts.v1.records import TERMINAL, StatusRecord
 from mesh_kit import Delivery, Mesh, tasks
 from mesh_kit import envelope as env
 from mesh_kit import state as st
@@ -98,7 +98,8 @@ class Budget:
             Dependency("redis", self.view.redis.ping, required=True, purpose="reservations shared by every replica")
         )
         self.kv: Any = None
-        self.tasks: Any = None
+        self.status: Any = None
+        """KV ``status``: what the budget knows of a task (start, limits, labels; no content)."""
         self.durable: Durable | None = None
         self.horizon = 0.0  # nothing expires until the first look at the accounting backlog
         self._samples: list[tuple[float, int]] = []
@@ -144,7 +145,7 @@ class Budget:
 
     async def start(self) -> None:
         self.kv = await self.mesh.kv("budget")
-        self.tasks = await self.mesh.kv("tasks")
+        self.status = await self.mesh.kv(StatusRecord.bucket)
         self.durable = Durable(await self.mesh.kv(Durable.BUCKET))
         self.accounts = Accounts(self.kv, self._labels, partition=self.partition)
         if self.partition.count > 1:
@@ -305,7 +306,7 @@ class Budget:
         """Publish the reasoned event and the control message (deterministic ids: every replica
         reaches the same verdict from the same stream; JetStream keeps one)."""
         try:
-            rec = await st.task_record(self.tasks, trip.tenant, trip.task_id)
+            rec = await st.task_status(self.status, trip.tenant, trip.task_id)
             if rec is not None and rec.status in TERMINAL:
                 return  # replayed history, or the task ended meanwhile
             after = max(0.0, time.time() - trip.closed_at) if trip.closed_at else 0.0
@@ -470,10 +471,10 @@ class Budget:
         facts = self._facts.get(key)
         if facts is None:
             rec, stop = await asyncio.gather(
-                st.task_record(self.tasks, m.tenant, m.task_id), self.mesh.guard.kill_switch(m.tenant)
+                st.task_status(self.status, m.tenant, m.task_id), self.mesh.guard.kill_switch(m.tenant)
             )
-            if rec is None:
-                return deny("unknown_task", "unknown task: no task record")
+            if rec is None or rec.limits is None:  # (no limits: a record of a planner before they were there)
+                return deny("unknown_task", "unknown task: no status record with its limits")
             if rec.status in TERMINAL or rec.status == "halted":
                 return deny("stopped", f"task is {rec.status}" + (f": {rec.reason}" if rec.reason else ""))
             facts = _keep(self._facts, key, (rec.created_at, rec.limits))
@@ -642,7 +643,7 @@ class Budget:
         key = (tenant, task_id)
         if (known := self._label_cache.get(key)) is not None:
             return known  # a record's labels never change
-        rec = await st.task_record(self.tasks, tenant, task_id)
+        rec = await st.task_status(self.status, tenant, task_id)
         if rec is None:
             return {}
         return _keep(self._label_cache, key, dict(rec.labels))

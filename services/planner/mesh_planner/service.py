@@ -334,15 +334,18 @@ class Planner:
         if self.admission is not None:
             await self.admission.release(rec.tenant, rec.task_id, max(0.0, time.time() - rec.created_at))
 
-    async def publish_status(self, rec: TaskRecord, was: str) -> None:
+    async def publish_status(self, rec: TaskRecord, was: str, *, starts: bool = False) -> None:
         """Tell every service's guard (``status`` bucket) when a task stops or resumes: a halt, an
-        end, a resume from a halt. Nothing of the task's content goes there, so the services
-        that only need to know whether to stop hold no right to read task records."""
-        if self.status is None or not (rec.status in GUARDED or was == "halted"):
+        end, a resume from a halt; and the budget when it starts (``starts``: before its first
+        model call), with its limits and labels. Nothing of the task's content goes there, so the
+        services that only need to know whether to stop, or what a task may spend, hold no right
+        to read task records."""
+        if self.status is None or not (starts or rec.status in GUARDED or was == "halted"):
             return
-        await self.status.put(
-            TaskRecord.key(rec.tenant, rec.task_id), StatusRecord(status=rec.status, reason=rec.reason).to_bytes()
+        status = StatusRecord(
+            status=rec.status, reason=rec.reason, created_at=rec.created_at, limits=rec.limits, labels=rec.labels
         )
+        await self.status.put(TaskRecord.key(rec.tenant, rec.task_id), status.to_bytes())
 
     async def flush(self, rec: TaskRecord) -> None:
         """Publish the record's outbox, then remove what was published from the stored record.
@@ -502,6 +505,9 @@ class Planner:
         await self.flush(rec)
         if rec.status != "planning":
             return
+        # Before the plan's model call (the budget reserves it from this): written again by a
+        # redelivered submission, in case the planner that created the record died before it.
+        await self.publish_status(rec, rec.status, starts=True)
         await self._plan_in_turn(m, d, key)
 
     def _plan_prompt(self, m: TaskSubmitted) -> tuple[prompts.Prompt, str]:
