@@ -96,14 +96,14 @@ async def test_run_slots_wake_one_waiting_task_per_free_slot_and_a_lost_wakeup_p
             assert not woke2.done() and not woke3.done(), "the one slot is held"
 
             await adm.release(tenant, "first", took_s=1.0)
-            await asyncio.wait_for(woke2, 5)
+            await asyncio.wait_for(woke2, 30)
             await asyncio.sleep(0.3)
             assert not woke3.done(), "one free slot wakes one task, the first to wait"
 
             # 'second' was cancelled while it waited: it ends without asking again. The slot it
             # was promised goes on now, not once the promise lapses (WOKEN_S).
             await adm.release(tenant, "second", took_s=None)
-            await asyncio.wait_for(woke3, 5)
+            await asyncio.wait_for(woke3, 30)
             assert await adm.admit(tenant, "third", deadline_s=300) is None, "asked again, it takes the slot"
             rec, _ = await st.load(adm.kv, tenant, AdmissionRecord)
             assert rec is not None and set(rec.running) == {"third"} and set(rec.in_flight) == {"third"}, rec

@@ -45,16 +45,16 @@ async def test_a_key_is_read_once_and_every_later_write_arrives_by_the_feed(mesh
         assert view.reads == 1 and view.hits == 5, "then from memory"
 
         await out.put(key, b'{"status":"halted"}')
-        await eventually(lambda: view.get(key), timeout=5, what="the fed write")
+        await eventually(lambda: view.get(key), timeout=30, what="the fed write")
         assert await view.get(key) == b'{"status":"halted"}'
         await out.put(key, b'{"status":"running"}')
         await out.delete(key)
-        await eventually(lambda: _is(view, key, None), timeout=5, what="the fed delete")
+        await eventually(lambda: _is(view, key, None), timeout=30, what="the fed delete")
         assert view.reads == 1 and view.gaps == 0, "every write came by the feed, none was read"
 
         # A write the bucket refused (a failed compare-and-set) is never fed: the view keeps what is stored.
         await out.put(key, b'{"status":"completed"}')
-        await eventually(lambda: _is(view, key, b'{"status":"completed"}'), timeout=5, what="the put")
+        await eventually(lambda: _is(view, key, b'{"status":"completed"}'), timeout=30, what="the put")
         with pytest.raises(KeyWrongLastSequenceError):
             await out.update(key, b'{"status":"failed"}', last=1)
         await asyncio.sleep(0.2)
@@ -84,7 +84,7 @@ async def test_a_lost_fed_write_is_found_by_the_next_one_or_by_the_age_bound(mes
         assert await view.get(key) == b"1", "the lost write is not known yet (what the age bound is for)"
 
         await out.put(key, b"3")  # follows revision 2, which the view never saw: a gap
-        await eventually(lambda: view.gaps == 1, timeout=5, what="the gap")
+        await eventually(lambda: view.gaps == 1, timeout=30, what="the gap")
         assert await view.get(key) == b"3" and view.reads == 2, "read again after the gap"
 
         await view._sub.unsubscribe()
@@ -92,7 +92,7 @@ async def test_a_lost_fed_write_is_found_by_the_next_one_or_by_the_age_bound(mes
         await out.put(key, b"4")  # lost, and nothing follows it
         view._sub = await reader.nc.subscribe(topo.watch_feed("KV_status"), cb=view._on_feed)
         await reader.nc.flush()
-        await eventually(lambda: _is(view, key, b"4"), timeout=5, what="the age bound")
+        await eventually(lambda: _is(view, key, b"4"), timeout=30, what="the age bound")
         assert view.reads == 3, "seen by the re-read max_age_s after the last read"
     finally:
         await view.stop()
@@ -110,7 +110,7 @@ async def test_a_write_that_races_the_read_is_not_forgotten(meshes, unique):
     async def slow_get(k, *a, **kw):
         entry = await get(k, *a, **kw)  # the stored value as of now ...
         await out.put(k, b"new")  # ... then a write is stored and fed before the answer is used
-        await eventually(lambda: view._reading.get(k), timeout=5, what="the fed write during the read")
+        await eventually(lambda: view._reading.get(k), timeout=30, what="the fed write during the read")
         return entry
 
     kv.get = slow_get
@@ -162,11 +162,11 @@ async def test_the_guard_sees_a_kill_switch_and_a_halt_without_reading_per_call(
         async with connect(integration_infra, "admin") as admin:
             kv = await admin.jetstream().key_value("control")
             await kv.put("kill.tenant.acme", b'{"reason": "incident 7"}')
-            stop = await eventually(lambda: guard.check("acme", task), timeout=5, what="the kill switch")
+            stop = await eventually(lambda: guard.check("acme", task), timeout=30, what="the kill switch")
             assert stop.code == "kill_switch" and "incident 7" in stop.reason
             assert await guard.check("globex", task) is None, "another tenant goes on"
             await kv.delete("kill.tenant.acme")
-            await eventually(lambda: _none(guard.check("acme", task)), timeout=5, what="the switch off")
+            await eventually(lambda: _none(guard.check("acme", task)), timeout=30, what="the switch off")
         assert guard.switch_view.reads <= 3 and guard.status_view.reads <= 2
 
 

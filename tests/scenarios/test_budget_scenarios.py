@@ -26,7 +26,9 @@ from mesh_contracts.v1 import (
     TaskLimits,
     UsageRecorded,
 )
+from mesh_contracts.v1.records import TaskRecord
 from mesh_kit import Mesh
+from mesh_kit import state as st
 from mesh_kit.chain import CLOCK_SKEW_S, verify
 from mesh_kit.identity import TrustBundle, Verifier
 from mesh_kit.settings import BROKER_UNAVAILABLE
@@ -40,6 +42,9 @@ from meshctl.provision import provision
 pytestmark = pytest.mark.chaos
 GOAL = "How does AgentMesh avoid duplicate side effects? Also compute 17 * 23."
 ENV = {
+    # Tasks here run side by side on purpose (an operator halts one while another runs; tenants
+    # race for a ceiling): fairness between them is test_run_slots' business, not this module's.
+    "MESH_RUN_SLOTS": "0",
     "MESH_ACK_WAIT_S": "2",
     "MESH_RETRY_DELAYS_S": "[0.2, 0.5, 1, 2]",
     "MESH_LOG_LEVEL": "WARNING",
@@ -206,6 +211,20 @@ async def settled(infra: Infra, tenant: str, task: str, ready, timeout: float = 
             return now
         last = now
     return last
+
+
+async def _started(infra: Infra, tenant: str, *tasks: str, timeout: float = 60.0) -> None:
+    """Until each task has started (its record made: planned, or being planned)."""
+    admin = await infra.admin()
+    try:
+        kv = await admin.jetstream().key_value(TaskRecord.bucket)
+        deadline = time.monotonic() + timeout
+        for task in tasks:
+            while (rec := await st.task_record(kv, tenant, task)) is None or not rec.goal:
+                assert time.monotonic() < deadline, f"{task} never started"
+                await asyncio.sleep(0.1)
+    finally:
+        await admin.close()
 
 
 def reserve(task: str, call: str, tokens: int, tenant: str = "acme") -> BudgetReserve:
@@ -392,7 +411,7 @@ async def test_an_operator_halts_resumes_and_cancels_running_tasks_with_meshctl(
     async with infra.client("acme") as c:
         halted = asyncio.create_task(c.submit(GOAL, task_id="ops-halt", timeout=60))
         cancelled = asyncio.create_task(c.submit(GOAL, task_id="ops-cancel", timeout=60))
-        await asyncio.sleep(1.0)
+        await _started(infra, "acme", "ops-halt", "ops-cancel")  # both mid-run (run slots off here)
         assert await asyncio.to_thread(ctl, "halt", "ops-halt", "--reason", "maintenance window") == 0
         assert await asyncio.to_thread(ctl, "cancel", "ops-cancel", "--reason", "not needed") == 0
         assert "halted by client.acme: maintenance window" in capsys.readouterr().out
