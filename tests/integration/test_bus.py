@@ -240,6 +240,31 @@ async def test_a_task_halted_or_ended_after_its_first_reservation_is_refused_the
         assert denied.code == "stopped" and "completed" in denied.reason, denied
 
 
+async def test_an_unknown_task_is_refused_and_one_whose_record_arrives_late_is_granted(integration_infra, unique):
+    """A task with no status record gets nothing (``unknown_task``). One whose record a replica
+    answers late (here: written only after the reservation was asked) is read again, not refused:
+    a node that just rejoined its cluster may answer a direct get without the planner's latest write."""
+    from mesh_budget.service import Budget
+
+    budget_mesh = Mesh(settings_for(integration_infra, "budget"))
+    Budget(budget_mesh).register()
+    planner = Mesh(settings_for(integration_infra, "planner"))
+    worker = Mesh(settings_for(integration_infra, "worker"))
+    async with running(budget_mesh), running(planner), running(worker):
+
+        def reserve(task: str):
+            ask = BudgetReserve(tenant="acme", task_id=task, agent="worker", call_id="c1", tokens=10)
+            return worker.request(ask, timeout=30)
+
+        denied = await reserve(unique("nobody"))
+        assert isinstance(denied, BudgetDenied) and denied.code == "unknown_task", denied
+        late = unique("late")
+        asked = asyncio.create_task(reserve(late))
+        await asyncio.sleep(0.3)
+        await started(planner, late, TaskLimits())
+        assert isinstance(await asked, BudgetGranted)
+
+
 async def started(planner: Mesh, task: str, limits: TaskLimits) -> None:
     """What the planner writes as a task starts, and all the budget knows of it: its status
     record (start, limits, labels; never the goal or the step outputs)."""
