@@ -29,6 +29,8 @@ from mesh_contracts.base import CLIENT, Contract
 from mesh_contracts.registry import VERSIONS
 from mesh_contracts.topology import BUCKETS, DOOR_PREFIX, STREAMS, door_of
 from mesh_contracts.v1.records import RECORDS
+from mesh_contracts.v1.workflow import SCHEMA_VERSION as WORKFLOW_SCHEMA_VERSION
+from mesh_contracts.v1.workflow import WorkflowDefinition
 
 ROOT = Path(__file__).resolve().parent.parent  # the contracts/ folder
 SCHEMAS = ROOT / "schemas"
@@ -84,6 +86,12 @@ def schemas() -> dict[str, dict[str, Any]]:
         s["x-writer"] = b.writer or (f"each of {', '.join(b.per_service)}, its own keys" if b.per_service else "")
         s["x-readers"] = list(b.readers)
         out[f"v1/record.{r.name}.json"] = s
+    # What a tenant writes, not what travels: a workflow definition (YAML or JSON), checked by
+    # any JSON Schema validator (no x- keywords: Ajv's strict mode accepts it as it is).
+    wf = WorkflowDefinition.model_json_schema()
+    wf = {"$schema": "https://json-schema.org/draft/2020-12/schema",
+          "$id": f"agentmesh://contracts/workflow.definition/v{WORKFLOW_SCHEMA_VERSION}", **wf}  # fmt: skip
+    out["v1/workflow.definition.json"] = wf
     return out
 
 

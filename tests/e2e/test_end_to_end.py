@@ -202,7 +202,7 @@ async def test_one_tenant_cannot_follow_another_tenants_tasks(e2e_mesh):
     try:
         await nc.subscribe("event.v1.acme.>")
         await nc.flush()
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 30  # returns as soon as it holds
         while not errors and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
     finally:

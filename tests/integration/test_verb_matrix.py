@@ -276,7 +276,7 @@ async def test_the_checker_cannot_read_a_tenants_documents_or_tasks(infra):
         ):
             got += [d for _, d in await direct_get(nc, subject, json.dumps(body).encode() if body else b"")]
         assert not any(b"SECRET" in d for d in got)
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 30  # returns as soon as it holds
         while sum("permissions violation for publish" in e for e in errors) < 7 and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         assert sum("permissions violation for publish" in e for e in errors) == 7, errors
