@@ -17,7 +17,7 @@ DEPLOY_CHECK_ARGS ?=
 IMAGES_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo demo-local eval up down status submit bench bench-peers chaos test test-unit test-integration test-e2e lint fmt settings-docs contracts contracts-check dashboard-check pins deploy-tools deploy-check images test-images clean
+.PHONY: help setup demo demo-local eval up down status submit bench bench-peers chaos test test-loaded test-unit test-integration test-e2e lint fmt settings-docs contracts contracts-check dashboard-check pins deploy-tools deploy-check images test-images clean
 
 help: ## list every target with one line each
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -98,6 +98,16 @@ chaos: setup ## the chaos suite at full size (CI runs it bounded inside make tes
 
 test: setup lint contracts-check deploy-check ## run every test: unit, integration, end-to-end (Docker path when an engine runs)
 	$(BIN)/pytest
+
+RUNS ?= 3
+test-loaded: ## the whole `make test` RUNS (3) times in a row, two CPU-bound processes beside each (a busy machine)
+	@mkdir -p .bench
+	@for i in $$(seq 1 $(RUNS)); do \
+	  yes > /dev/null & y1=$$!; yes > /dev/null & y2=$$!; start=$$(date +%s); \
+	  $(MAKE) --no-print-directory test > .bench/loaded-$$i.log 2>&1; rc=$$?; kill $$y1 $$y2; \
+	  echo "loaded run $$i: exit $$rc in $$(( $$(date +%s) - start )) s: $$(tail -1 .bench/loaded-$$i.log)"; \
+	  [ $$rc -eq 0 ] || exit $$rc; \
+	done
 
 test-unit: setup $(BIN)/.deploy-installed ## fast in-memory tests only
 	$(BIN)/pytest tests/unit tests/contract
