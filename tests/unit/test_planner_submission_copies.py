@@ -11,7 +11,9 @@ import asyncio
 import pytest
 
 from mesh_contracts.v1 import TaskSubmitted
+from mesh_contracts.v1.records import StatusRecord, TaskRecord
 from mesh_kit import Park
+from mesh_kit import state as st
 from mesh_kit.ledger import Ledger
 from mesh_llm import ModelRequest, ScriptedModel
 from mesh_planner.planning import PlanningSlots
@@ -94,3 +96,42 @@ async def test_a_copy_whose_turn_came_while_it_was_planned_elsewhere_keeps_nothi
     assert not slots.granted and slots.take("acme", "c")
     slots.unclaimed("acme", "c")
     assert slots.busy, "a task planning now keeps its slot"
+
+
+async def test_a_task_s_status_record_is_written_as_it_starts_and_again_only_on_a_redelivery():
+    """The budget knows a task by its status record (start, limits): the planner writes it when it
+    creates the task, not again when the submission comes back from a planning-slot wait or for a
+    duplicate, and again on a redelivery (the planner that created the task may have died before
+    writing it)."""
+    writes: list[str] = []
+
+    class Counting(MemoryKV):
+        async def put(self, key: str, value: bytes) -> int:
+            writes.append(key)
+            return await super().put(key, value)
+
+    model = Gated()
+    planner = Planner(FakeMesh(service="planner"), model)  # type: ignore[arg-type]
+    planner.kv, planner.ledger, planner.status = MemoryKV(), Ledger(MemoryKV(), "planner"), Counting()
+    planner.planning = PlanningSlots(1)
+    model.hold = "a"
+    a = asyncio.create_task(planner.on_submitted(_submission("a"), FakeDelivery()))
+    await asyncio.sleep(0.05)
+    waiter = await _parks(planner, "b")  # created (its record written), then waits for the slot
+    assert writes == ["acme.a", "acme.b"]
+    status, _ = await st.load(planner.status, "acme.b", StatusRecord)
+    assert status is not None and status.limits is not None and status.created_at > 0
+
+    model.go.set()
+    await a
+    await asyncio.wait_for(waiter, 10)
+    await planner.on_submitted(_submission("b"), FakeDelivery())  # back from its wait: planned
+    assert model.planned == ["a", "b"] and writes == ["acme.a", "acme.b"], "not written again"
+
+    # Tasks a planner created and died before writing their status records: a copy delivered
+    # again writes it; a copy delivered for the first time (a duplicate submission) does not.
+    for task, deliveries in (("c", 2), ("d", 1)):
+        record = TaskRecord(tenant="acme", task_id=task, goal=task, created_at=1.0)
+        await planner.kv.put(TaskRecord.key("acme", task), record.to_bytes())
+        await planner.on_submitted(_submission(task), FakeDelivery(deliveries=deliveries))
+        assert model.planned[-1] == task and writes == ["acme.a", "acme.b", "acme.c"], (task, writes)

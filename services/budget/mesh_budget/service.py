@@ -118,9 +118,9 @@ class Budget:
         self._anchored: dict[str, int] = {}  # tenant -> the chain length last anchored
         self._started_at = 0.0
         self._facts: OrderedDict[tuple[str, str], tuple[float, TaskLimits]] = OrderedDict()
-        """A task's creation time and limits (never change once its record exists), read from the
-        record at its first reservation: the next ones ask the guard's followed views whether it
-        may go on instead of reading the record again."""
+        """A task's creation time and limits (never change once its status record exists), read
+        from that record at its first reservation: the next ones ask the guard's followed views
+        whether it may go on instead of reading the record again."""
         self._background: set[asyncio.Task[None]] = set()
         self.accounts: Accounts | None = None
         self._checkpointer: asyncio.Task[None] | None = None
@@ -652,7 +652,7 @@ class Budget:
 
     async def _labels(self, tenant: str, task_id: str) -> dict[str, str]:
         """The task's labels: from its ``task.submitted`` as the monitor saw it, or (a task the
-        monitor has not seen: submitted before a restart's look-back) from its task record."""
+        monitor has not seen: submitted before a restart's look-back) from its status record."""
         w = self.monitor.tasks.get((tenant, task_id))
         if w is not None and w.labels is not None:
             return w.labels

@@ -16,25 +16,27 @@ tenant over a limit gets ``task.rejected`` at once, with a machine-readable ``co
 
 Run slots (``MESH_RUN_SLOTS``, default 1 and 8 for a tenant alone; 0: off) cap the tasks the
 mesh runs at once and share them fairly: an admitted task starts (its plan is made) only while
-it holds a slot, and waits for one, queued, otherwise. With ``n`` tenants wanting slots each is entitled to ``slots // n`` (at least
-one): a tenant under its share starts at once, even when the others hold every slot (so the cap
-may be passed by one task per such tenant until a tenant over its share ends one); a tenant at
-or over its share takes a free slot only while no tenant under its share waits for one. The
-slots a task holds are ``running`` in its tenant's record, and every planner replica follows
-every tenant's record (the bucket's feed), so the count is mesh-wide. A task waiting for a slot
-is a submission the planner has not taken up: the budget counts it queued (queue time, with
-``max_queue_s``, not a stall), it is kept alive where it waits, and a planner that stops hands
-it back to be taken up elsewhere. Why: on a saturated machine every task in flight slows every
-other, so a burst that runs all at once makes a quiet tenant's task several times slower even
-when it is always next in every queue (issue 18's measurements).
+it holds a slot, and waits for one, queued, otherwise. With ``n`` tenants wanting slots each is
+entitled to ``slots // n`` (at least one): a tenant under its share starts at once, even when
+the others hold every slot (so the cap may be passed by one task per such tenant until a tenant
+over its share ends one); a tenant at or over its share takes a free slot only while no tenant
+under its share waits for one. The slots a task holds are ``running`` in its tenant's record,
+and every planner replica follows every tenant's record (the bucket's feed), so the count is
+mesh-wide. A task waiting for a slot is a submission the planner has not taken up: the budget
+counts it queued (queue time, with ``max_queue_s``, not a stall), it is kept alive where it
+waits, and a planner that stops hands it back to be taken up elsewhere. Why: on a saturated
+machine every task in flight slows every other, so a burst that runs all at once makes a quiet
+tenant's task several times slower even when it is always next in every queue (issue 18's
+measurements).
 
 A refusal's ``retry_after_s`` comes from how fast the tenant makes room, with jitter
 (``mesh_kit.retry_after``): each client refused is given its own place in a line on that drain,
-so a burst refused together comes back spread over the time the drain needs to take it, not all at
-once. Over ``max_in_flight`` the drain is the tenant's tasks ending, about ``in_flight /
-mean_task_s`` a second (Little's law; a second per task until one of its tasks has ended); over
-the rate, the bucket's refill, never sooner than the next token. Within ``RETRY_FLOOR_S`` and
-``RETRY_CEILING_S`` past the earliest moment anything could pass.
+so a burst refused together comes back spread over the time the drain needs to take it, not all
+at once. Over ``max_in_flight`` the drain is the tenant's tasks ending, about ``n /
+mean_task_s`` a second (Little's law; ``n`` its tasks running with run slots on, in flight with
+them off; a second per task until one of its tasks has ended); over the rate, the bucket's
+refill, never sooner than the next token. Within ``RETRY_FLOOR_S`` and ``RETRY_CEILING_S`` past
+the earliest moment anything could pass.
 
 The mesh as a whole refuses new tasks (code ``overloaded``) while one of its streams is filled to
 ``MESH_STORE_HIGH_WATER`` (90%) of its cap (``StoreLevel``): streams refuse new messages when full

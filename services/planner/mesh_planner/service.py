@@ -505,9 +505,11 @@ class Planner:
         await self.flush(rec)
         if rec.status != "planning":
             return
-        # Before the plan's model call (the budget reserves it from this): written again by a
-        # redelivered submission, in case the planner that created the record died before it.
-        await self.publish_status(rec, rec.status, starts=True)
+        if created or d.deliveries > 1:
+            # Before the plan's model call (the budget reserves it from this); again by a
+            # redelivered submission, in case the planner that created the record died before it.
+            # Not by a duplicate delivered for the first time (a resubmission): its creator wrote it.
+            await self.publish_status(rec, rec.status, starts=True)
         await self._plan_in_turn(m, d, key)
 
     def _plan_prompt(self, m: TaskSubmitted) -> tuple[prompts.Prompt, str]:
