@@ -13,7 +13,7 @@ import pytest
 
 from mesh_contracts.v1 import TaskCompleted, TaskRejected
 from mesh_contracts.v1.records import AdmissionRecord
-from mesh_testing.chaos import PLANNER, WORKER, ChaosMesh, latencies, overtaken, report
+from mesh_testing.chaos import PLANNER, WORKER, ChaosMesh, latencies, overtaken, report, started
 from mesh_testing.infra import Infra, running_infra
 from meshctl.cli import main
 
@@ -40,11 +40,8 @@ def infra() -> Iterator[Infra]:
 
 @pytest.fixture(scope="module")
 def mesh(infra) -> Iterator[ChaosMesh]:
-    m = ChaosMesh(infra, env=ENV)
-    m.start()
-    asyncio.run(m.ready())
-    yield m
-    asyncio.run(m.stop())
+    with started(infra, ENV) as m:
+        yield m
 
 
 async def test_a_burst_over_the_in_flight_limit_is_refused_at_once_and_nothing_admitted_is_lost(infra, mesh):

@@ -13,7 +13,7 @@ import pytest
 
 from mesh_contracts.v1 import TaskCompleted, TaskRejected
 from mesh_contracts.v1.records import AdmissionRecord
-from mesh_testing.chaos import ChaosMesh
+from mesh_testing.chaos import ChaosMesh, started
 from mesh_testing.infra import Infra, running_infra
 from meshctl.cli import main
 from meshctl.provision import store_levels
@@ -39,11 +39,8 @@ def infra() -> Iterator[Infra]:
 
 @pytest.fixture(scope="module")
 def mesh(infra) -> Iterator[ChaosMesh]:
-    m = ChaosMesh(infra, env=ENV)
-    m.start()
-    asyncio.run(m.ready())
-    yield m
-    asyncio.run(m.stop())
+    with started(infra, ENV) as m:
+        yield m
 
 
 async def _cap(infra: Infra, stream: str, max_msgs: int) -> int:

@@ -33,7 +33,7 @@ from hypothesis import strategies as st
 from mesh_contracts.v1 import TaskCompleted
 from mesh_kit import envelope as env
 from mesh_kit.identity import Signer
-from mesh_testing.chaos import ChaosMesh, report
+from mesh_testing.chaos import ChaosMesh, report, started
 from mesh_testing.infra import Infra, running_infra
 from meshctl.policy import client_permissions
 
@@ -143,11 +143,8 @@ def infra() -> Iterator[Infra]:
 
 @pytest.fixture(scope="module")
 def mesh(infra) -> Iterator[ChaosMesh]:
-    m = ChaosMesh(infra, env=ENV)
-    m.start()
-    asyncio.run(m.ready())
-    yield m
-    asyncio.run(m.stop())
+    with started(infra, ENV) as m:
+        yield m
 
 
 def corpus(infra: Infra, n: int) -> list[Hostile]:

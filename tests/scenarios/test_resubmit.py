@@ -18,7 +18,7 @@ import pytest
 from mesh_contracts.v1 import TaskCompleted, TaskRejected, TaskSubmitted
 from mesh_contracts.v1.records import AdmissionRecord
 from mesh_kit import envelope as env
-from mesh_testing.chaos import ChaosMesh
+from mesh_testing.chaos import ChaosMesh, started
 from mesh_testing.infra import Infra, running_infra
 from meshctl.cli import main
 from meshctl.client import Resubmit
@@ -48,11 +48,8 @@ def infra() -> Iterator[Infra]:
 
 @pytest.fixture(scope="module")
 def mesh(infra) -> Iterator[ChaosMesh]:
-    m = ChaosMesh(infra, env=ENV)
-    m.start()
-    asyncio.run(m.ready())
-    yield m
-    asyncio.run(m.stop())
+    with started(infra, ENV) as m:
+        yield m
 
 
 async def _task_messages(infra: Infra, tenant: str) -> tuple[Counter[tuple[str, str]], dict[str, set[str]]]:

@@ -16,7 +16,7 @@ import pytest
 from mesh_contracts.v1 import TaskCompleted, TaskFailed, TaskLimits
 from mesh_contracts.v1.records import AdmissionRecord, TaskRecord
 from mesh_kit import state as st
-from mesh_testing.chaos import PLANNER, ChaosMesh, latencies, overtaken, report
+from mesh_testing.chaos import PLANNER, ChaosMesh, latencies, overtaken, report, started
 from mesh_testing.infra import Infra, running_infra
 
 pytestmark = pytest.mark.chaos
@@ -40,11 +40,8 @@ def infra() -> Iterator[Infra]:
 
 @pytest.fixture(scope="module")
 def mesh(infra) -> Iterator[ChaosMesh]:
-    m = ChaosMesh(infra, env=ENV)
-    m.start()
-    asyncio.run(m.ready())
-    yield m
-    asyncio.run(m.stop())
+    with started(infra, ENV) as m:
+        yield m
 
 
 async def _records(infra: Infra) -> dict[str, AdmissionRecord]:

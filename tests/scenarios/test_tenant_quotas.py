@@ -39,7 +39,7 @@ from mesh_contracts.v1 import (
 )
 from mesh_kit import envelope as env
 from mesh_kit.door import DoorRefused
-from mesh_testing.chaos import ChaosMesh, report
+from mesh_testing.chaos import ChaosMesh, report, started
 from mesh_testing.infra import Infra, running_infra
 from meshctl.client import TenantClient
 
@@ -71,11 +71,8 @@ def infra() -> Iterator[Infra]:
 
 @pytest.fixture(scope="module")
 def mesh(infra) -> Iterator[ChaosMesh]:
-    m = ChaosMesh(infra, env=ENV)
-    m.start()
-    asyncio.run(m.ready())
-    yield m
-    asyncio.run(m.stop())
+    with started(infra, ENV) as m:
+        yield m
 
 
 async def _cap_streams(infra: Infra) -> None:

@@ -15,7 +15,7 @@ import signal
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -122,6 +122,19 @@ class ChaosMesh:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._supervisor
         local.stop([[p for _, p in self.procs.values()]], 20.0)
+
+
+@contextlib.contextmanager
+def started(infra: Infra, env: dict[str, str]) -> Iterator[ChaosMesh]:
+    """A scenario module's mesh: every service started on ``infra`` with ``env`` and ready;
+    stopped on the way out, also when it never became ready (no process left behind)."""
+    mesh = ChaosMesh(infra, env=env)
+    mesh.start()
+    try:
+        asyncio.run(mesh.ready())
+        yield mesh
+    finally:
+        asyncio.run(mesh.stop())
 
 
 async def outbox_effects(infra: Infra, tenant: str) -> Counter[str]:
