@@ -326,9 +326,9 @@ class WorkflowDefinition(_Strict):
                 out.append(f"check {n.id!r} checks {n.of!r}, which is not a node")
         if out:
             return out
-        order = self._order(by_id)
-        if order is None:
-            return [f"the graph has a cycle through {', '.join(sorted(self._cycle(by_id)))}"]
+        placed = self._placed()
+        if len(placed) < len(by_id):
+            return [f"the graph has a cycle through {', '.join(sorted(set(by_id) - set(placed)))}"]
         before = self.ancestors()
         for n in self.nodes:
             if isinstance(n, CheckNode) and n.of not in before[n.id]:
@@ -359,26 +359,9 @@ class WorkflowDefinition(_Strict):
             return []
         return [f"node {node!r} uses {{{{{ref}}}}}: a template names inputs.<name> or nodes.<id>.output[.<path>]"]
 
-    def _order(self, by_id: dict[str, Any]) -> list[str] | None:
-        """The nodes in an order that runs each after what it needs (Kahn), or None (a cycle)."""
-        needs = {n.id: {e.node for e in n.edges()} for n in self.nodes}
-        ready = [i for i in by_id if not needs[i]]
-        out: list[str] = []
-        while ready:
-            i = ready.pop(0)
-            out.append(i)
-            for j, req in needs.items():
-                if i in req:
-                    req.discard(i)
-                    if not req and j not in out and j not in ready:
-                        ready.append(j)
-        return out if len(out) == len(by_id) else None
-
-    def _cycle(self, by_id: dict[str, Any]) -> set[str]:
-        placed = set(self._partial(by_id))
-        return set(by_id) - placed
-
-    def _partial(self, by_id: dict[str, Any]) -> list[str]:
+    def _placed(self) -> list[str]:
+        """Node ids, each after every node it runs after, in the file's order otherwise: all of
+        them, short of the nodes on a cycle and those after one."""
         needs = {n.id: {e.node for e in n.edges()} for n in self.nodes}
         out: list[str] = []
         changed = True
@@ -391,16 +374,14 @@ class WorkflowDefinition(_Strict):
         return out
 
     def order(self) -> list[str]:
-        """Node ids, each after every node it runs after (stable: the file's order otherwise)."""
-        order = self._order({n.id: n for n in self.nodes})
-        assert order is not None, "validated: acyclic"
-        return order
+        """Node ids, each after every node it runs after (the file's order otherwise)."""
+        return self._placed()
 
     def ancestors(self) -> dict[str, set[str]]:
         """For each node, every node that runs before it (transitively)."""
         direct = {n.id: {e.node for e in n.edges()} for n in self.nodes}
         out: dict[str, set[str]] = {}
-        for i in self._partial({n.id: n for n in self.nodes}):
+        for i in self._placed():
             out[i] = set(direct[i])
             for d in direct[i]:
                 out[i] |= out.get(d, set())
@@ -425,10 +406,6 @@ class WorkflowDefinition(_Strict):
 
     def ref(self) -> str:
         return f"{self.name}@{self.digest()}"
-
-
-RAN = ("completed", "failed", "approved", "denied")
-"""Statuses of a node that ran (``failed``: it is what a condition tests after a ``continue``)."""
 
 
 def advance(
