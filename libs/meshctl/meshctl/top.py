@@ -3,9 +3,9 @@
 Everything comes from NATS as the admin, so it works against any deployment: per tenant the
 tasks in flight and the submissions refused (admission's record), running and queued (the
 budget's view: ``budget.status``, a signed request any budget replica answers), done and failed
-(the TASK stream's subjects), approvals waiting and today's spend (KV ``budget``), and that spend by model; per service the
-backlog and in-flight messages of its durables and the messages it handled per second since the
-last frame; the budget's breaker trips; dead letters. On a local mesh (``meshctl up``) it adds
+(the TASK stream's subjects), approvals waiting and today's spend (KV ``budget``), and that
+spend by model; per service the backlog and in-flight messages of its durables and the messages
+it handled per second since the last frame; the budget's breaker trips; dead letters. On a local mesh (``meshctl up``) it adds
 each service's readiness (its ``/status``).
 """
 
