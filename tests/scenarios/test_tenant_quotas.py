@@ -258,7 +258,7 @@ async def test_the_quota_book_says_what_each_tenant_holds_and_what_it_was_refuse
     await asyncio.sleep(6)  # the services write the refusals they answered from memory every 5 s
     nc = await infra.admin()
     try:
-        rows = {(q.tenant, q.stream): q for q in summarise(await scan(await nc.jetstream().key_value("quotas"), ">"))}
+        rows = {(q.tenant, q.stream): q for q in summarise(await scan(nc, "quotas", ">"))}
     finally:
         await nc.close()
     for stream in ("TASK", "CONTROL", "RAG"):

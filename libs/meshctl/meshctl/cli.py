@@ -234,12 +234,14 @@ def cmd_status(args: argparse.Namespace) -> int:
             lag = await consumer_lag(nc)
             streams = await store_levels(nc)
             try:
-                admission = await spend.scan(await _bucket(nc, AdmissionRecord.bucket), ">")
-            except Exception as exc:  # noqa: BLE001 - a mesh provisioned before admission existed
+                await _bucket(nc, AdmissionRecord.bucket)
+                admission = await spend.scan(nc, AdmissionRecord.bucket, ">")
+            except MeshError as exc:  # a mesh provisioned before admission existed
                 admission = {"?": {"error": str(exc)}}
             try:
-                quota_records = await spend.scan(await _bucket(nc, QuotaRecord.bucket), ">")
-            except Exception:  # noqa: BLE001 - a mesh provisioned before quotas existed
+                await _bucket(nc, QuotaRecord.bucket)
+                quota_records = await spend.scan(nc, QuotaRecord.bucket, ">")
+            except MeshError:  # a mesh provisioned before quotas existed
                 quota_records = {}
             try:
                 report = await asker(nc) if asker is not None else None
@@ -1029,7 +1031,7 @@ def cmd_budget(args: argparse.Namespace) -> int:
             elif args.tenant:
                 record = await spend.get(kv, spend.day_key(args.tenant, day))
                 tasks = sorted(
-                    (await spend.scan(kv, spend.usage_key(args.tenant, ">"))).values(),
+                    (await spend.scan(nc, spend.BUCKET, spend.usage_key(args.tenant, ">"))).values(),
                     key=lambda t: (-spend.cost_of(t), str(t.get("task_id", ""))),
                 )
                 if record is None and not tasks:
@@ -1039,7 +1041,7 @@ def cmd_budget(args: argparse.Namespace) -> int:
                 else:
                     print(spend.render_day(record or {"tenant": args.tenant, "day": day}, tasks))
             else:
-                days = list((await spend.scan(kv, spend.day_key("*", day))).values())
+                days = list((await spend.scan(nc, spend.BUCKET, spend.day_key("*", day))).values())
                 if not days:
                     return _absent(f"no usage recorded on {day}")
                 print(json.dumps(days, indent=2) if args.json else spend.render_days(day, days))
@@ -1096,7 +1098,7 @@ def cmd_kill_switch(args: argparse.Namespace) -> int:
                 await _audit_switch(args, nc, "off", None, (args.reason or "").strip())
                 print(f"kill switch ({scope}) off" + ("" if was else " (it was not on)"))
             else:
-                switches = await spend.scan(kv, "kill.>")
+                switches = await spend.scan(nc, CONTROL_BUCKET, "kill.>")
                 if args.tenant:
                     switches = {k: v for k, v in switches.items() if k in (GLOBAL_KEY, key)}
                 print(render_switches(switches, time.time()))

@@ -57,6 +57,16 @@ def _tenant(frame: Frame, name: str) -> dict[str, Any]:
 Asker = Callable[[Any], Awaitable[BudgetStatusReport | None]]
 
 
+async def _scan(nc: nats.NATS, bucket: str, keys: str) -> dict[str, dict[str, Any]]:
+    """The bucket's current records whose keys match ``keys``; none if the mesh has no such
+    bucket (provisioned before it existed)."""
+    try:
+        await nc.jetstream().key_value(bucket)
+    except NotFoundError:
+        return {}
+    return await spend.scan(nc, bucket, keys, timeout=2.0)
+
+
 async def gather(
     nc: nats.NATS, prev: Frame | None = None, health: dict[str, str] | None = None, budget: Asker | None = None
 ) -> Frame:
@@ -87,10 +97,7 @@ async def gather(
         svc["redelivered"] += d["redelivered"]
         if prev and window > 0 and name in prev.durables:
             svc["per_s"] += max(0, d["delivered"] - prev.durables[name]["delivered"]) / window
-    try:
-        admission = await spend.scan(await js.key_value(AdmissionRecord.bucket), ">", timeout=2.0)
-    except NotFoundError:
-        admission = {}
+    admission = await _scan(nc, AdmissionRecord.bucket, ">")
     for tenant, rec in admission.items():
         # Every refusal once, by code (as the dashboard shows it). ``rejected`` below counts the
         # tasks with a stored ``task.rejected``: the same refusals again (a planner's refusal is
@@ -116,10 +123,7 @@ async def gather(
         for subject in info.state.subjects or {}:
             _tenant(frame, subject.split(".")[2])[event] += 1
     day = spend.today()
-    try:
-        days = await spend.scan(await js.key_value("budget"), spend.day_key("*", day), timeout=2.0)
-    except NotFoundError:
-        days = {}
+    days = await _scan(nc, spend.BUCKET, spend.day_key("*", day))
     for rec in days.values():
         tenant = str(rec.get("tenant", "?"))
         t = _tenant(frame, tenant)
@@ -131,10 +135,7 @@ async def gather(
                     "tokens": int(u.get("input_tokens", 0)) + int(u.get("output_tokens", 0))}
             for model, u in (rec.get("by_model") or {}).items()
         }  # fmt: skip
-    try:
-        approvals = await spend.scan(await js.key_value("approvals"), ">", timeout=2.0)
-    except NotFoundError:
-        approvals = {}
+    approvals = await _scan(nc, "approvals", ">")
     for rec in approvals.values():
         if rec.get("status") == "pending":
             _tenant(frame, str(rec.get("tenant", "?")))["approvals_waiting"] += 1
