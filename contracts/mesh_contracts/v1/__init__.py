@@ -57,6 +57,7 @@ from mesh_contracts.v1.work import (
     ToolCompleted,
     ToolRequested,
 )
+from mesh_contracts.v1.workflow import WorkflowChange, WorkflowChanged
 
 ALL = (
     TaskSubmitted,
@@ -90,6 +91,8 @@ ALL = (
     ProgressEvent,
     TokenDelta,
     AuditRecorded,
+    WorkflowChange,
+    WorkflowChanged,
 )
 
 # Spelled out (not computed from ALL) so type checkers see what the package exports.
@@ -141,4 +144,6 @@ __all__ = [
     "ToolCompleted",
     "ToolRequested",
     "UsageRecorded",
+    "WorkflowChange",
+    "WorkflowChanged",
 ]

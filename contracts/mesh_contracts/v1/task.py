@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import ConfigDict, Field
 
@@ -62,6 +62,12 @@ class TaskSubmitted(Contract):
     replay: Replay | None = None
     """Set when this task replays an earlier one (``meshctl replay``): which model calls answer
     from its recordings, which route the others take; its write and external tools run dry."""
+    workflow: str | None = Field(None, max_length=90)
+    """A registered workflow of the tenant to run (``name``, ``name@latest`` or ``name@<version>``):
+    the planner resolves it when the task starts and the task keeps that version to the end, a
+    newer one published meanwhile or not. None: the planner plans from the goal."""
+    inputs: dict[str, Any] = {}
+    """The workflow's inputs (checked against its ``inputs`` schema; ``{{inputs.<name>}}`` in its nodes)."""
 
 
 REJECTION_CODES = ("invalid", "too_many_in_flight", "rate_limited", "overloaded", "quota_exceeded", "busy")
@@ -148,6 +154,8 @@ class PlanCreated(Contract):
     """Steps in dependency order."""
     revision: int = 1
     """1 for the first plan; increases on replanning."""
+    workflow: str = ""
+    """``name@version`` of the registered workflow the plan is made of ('' when the model planned)."""
 
 
 class TaskCompleted(Contract):
@@ -202,6 +210,8 @@ class TaskCompleted(Contract):
     """Tool calls held for a human decision that the task went on without (``policy.on_held``
     ``continue``): the answer does not include their effects, and now that the task has ended
     their approvals are void (one still undecided is never performed)."""
+    workflow: str = ""
+    """``name@version`` of the registered workflow the task ran ('' when the model planned)."""
 
 
 class TaskFailed(Contract):
@@ -248,3 +258,5 @@ class TaskFailed(Contract):
     """Tool calls held for a human decision that the task went on without (``policy.on_held``
     ``continue``): the answer does not include their effects, and now that the task has ended
     their approvals are void (one still undecided is never performed)."""
+    workflow: str = ""
+    """``name@version`` of the registered workflow the task ran ('' when the model planned)."""

@@ -44,6 +44,8 @@ from mesh_contracts.v1 import (
     TaskFailed,
     TaskRejected,
     TaskSubmitted,
+    WorkflowChange,
+    WorkflowChanged,
 )
 from mesh_contracts.v1.records import (
     GUARDED,
@@ -55,15 +57,18 @@ from mesh_contracts.v1.records import (
     StepState,
     TaskRecord,
 )
+from mesh_contracts.v1.workflow import WorkflowDefinition, advance, not_runnable, output_value, render
 from mesh_kit import Delivery, Mesh, Park
 from mesh_kit import state as st
 from mesh_kit import telemetry as tel
+from mesh_kit.bus import Reject
 from mesh_kit.ledger import BUCKET as LEDGER
 from mesh_kit.ledger import Ledger
 from mesh_llm import ChatModel, ContextOverflow, Message, ModelRequest, UnknownRoute
 from mesh_planner.admission import Admission, Limits, StoreLevel, Wait, parse_tenants
 from mesh_planner.planning import PlanningSlots
 from mesh_planner.settings import PlannerSettings
+from mesh_planner.workflows import Refused, Registry, may_change
 
 log = logging.getLogger("mesh.planner")
 REFERENCE = re.compile(r"\[[^\[\]#\s]+#[^\[\]\s]+\]")
@@ -98,32 +103,85 @@ def _replaying(r: Replay) -> str:
     )
 
 
+def _dispatch(rec: TaskRecord, sid: str, causation: str) -> None:
+    """Send step ``sid`` (its next attempt) to the workers, with its completed dependencies' outputs."""
+    s = rec.steps[sid]
+    s.status, s.attempt = "dispatched", s.attempt + 1
+    deps = [d for d in s.step.depends_on if rec.steps[d].status == "completed" and not rec.steps[d].skipped]
+    request = StepRequested(
+        tenant=rec.tenant,
+        task_id=rec.task_id,
+        step=s.step,
+        attempt=s.attempt,
+        inputs={d: rec.steps[d].output for d in deps},
+        # what each input's step read travels with its output (undeclared: untrusted)
+        input_taint={d: t for d in deps if (t := rec.steps[d].taint) is not None},
+        feedback=rec.feedback.get(sid, ""),
+        on_held=rec.policy.on_held,
+        replay=rec.replay,
+    )
+    _out(rec, request, key=f"{sid}:{s.attempt}", causation=causation)
+    _event(rec, "step.dispatched", f"{sid} ({s.step.kind}): {s.step.instruction[:80]}", sid, str(s.attempt))
+
+
 def dispatch_ready(rec: TaskRecord, causation: str = "") -> None:
     """Move every pending step whose dependencies completed to dispatched (attempt + 1)."""
     for sid, s in rec.steps.items():
+        if s.status == "pending" and all(rec.steps[d].status == "completed" for d in s.step.depends_on):
+            _dispatch(rec, sid, causation)
+
+
+def workflow_steps(wf: WorkflowDefinition) -> list[PlanStep]:
+    """A fixed workflow's nodes as the task's steps, in an order where each comes after the nodes
+    it runs after (their instructions still hold their templates: filled in at dispatch)."""
+    steps = []
+    for i in wf.order():
+        n = wf.node(i)
+        assert n.kind == "agent"  # what ``not_runnable`` lets through
+        steps.append(
+            PlanStep(
+                step_id=n.id, kind=n.role, instruction=n.instruction, tools=n.tools,
+                depends_on=tuple(e.node for e in n.edges()), difficulty=n.tier, output_schema=n.output_schema,
+            )
+        )  # fmt: skip
+    return steps
+
+
+def dispatch_workflow(rec: TaskRecord, wf: WorkflowDefinition, causation: str = "") -> None:
+    """A workflow task's next nodes (``advance``): each node whose edges are all decided now runs
+    (its templates filled in from the inputs and the outputs so far) or is skipped, and a skip
+    decides the edges after it in turn."""
+    ended: dict[str, tuple[str, Any]] = {}
+    started: set[str] = set()
+    for sid, s in rec.steps.items():
+        if s.skipped:
+            ended[sid] = ("skipped", None)
+        elif s.status in ("completed", "failed"):
+            ended[sid] = (s.status, output_value(s.output))
+        elif s.status in ("dispatched", "halted"):
+            started.add(sid)
+    ready, skipped = advance(wf, ended, started)
+    for sid in skipped:
+        s = rec.steps[sid]
+        s.status, s.output, s.skipped = "completed", "", True
+        s.reason = "a condition on a node before it does not hold, or nothing it needs ran"
+        _event(rec, "step.skipped", f"{sid}: {s.reason}", sid)
+    outputs = {sid: s.output for sid, s in rec.steps.items() if s.status == "completed" and not s.skipped}
+    for sid in ready:
+        s = rec.steps[sid]
         if s.status != "pending":
             continue
-        deps = [rec.steps[d] for d in s.step.depends_on]
-        if all(d.status == "completed" for d in deps):
-            s.status, s.attempt = "dispatched", s.attempt + 1
-            request = StepRequested(
-                tenant=rec.tenant,
-                task_id=rec.task_id,
-                step=s.step,
-                attempt=s.attempt,
-                inputs={d: rec.steps[d].output for d in s.step.depends_on},
-                # what each input's step read travels with its output (undeclared: untrusted)
-                input_taint={d: t for d in s.step.depends_on if (t := rec.steps[d].taint) is not None},
-                feedback=rec.feedback.get(sid, ""),
-                on_held=rec.policy.on_held,
-                replay=rec.replay,
-            )
-            _out(rec, request, key=f"{sid}:{s.attempt}", causation=causation)
-            _event(rec, "step.dispatched", f"{sid} ({s.step.kind}): {s.step.instruction[:80]}", sid, str(s.attempt))
+        node = wf.node(sid)
+        text = render(node.instruction, rec.inputs, outputs) if node.kind == "agent" else s.step.instruction
+        s.step = s.step.model_copy(update={"instruction": text[:4000] or node.id})
+        _dispatch(rec, sid, causation)
 
 
 def answer_step_id(rec: TaskRecord) -> str:
-    """The last step of kind ``answer`` (or the last step): its output is the task's answer."""
+    """The workflow's output node, or else the last step of kind ``answer`` (or the last step):
+    its output is the task's answer."""
+    if rec.answer_step:
+        return rec.answer_step
     order = list(rec.steps)
     return next((s for s in reversed(order) if rec.steps[s].step.kind == "answer"), order[-1])
 
@@ -148,6 +206,7 @@ def outcome_fields(rec: TaskRecord) -> dict[str, Any]:
         "tools": tuple(t for s in rec.steps.values() for t in s.tools),
         "revisions": max(0, rec.check_attempt - 1),
         "held": tuple(h for s in rec.steps.values() for h in s.held),
+        "workflow": rec.workflow,
     }
 
 
@@ -233,6 +292,7 @@ def check_request(rec: TaskRecord) -> CheckRequested:
                 prompt_version=s.prompt_version,
             )
             for k, s in rec.steps.items()
+            if not s.skipped  # a branch of a workflow not taken: nothing to check
         ),
         replay=rec.replay,
     )
@@ -251,6 +311,14 @@ def redo_after(rec: TaskRecord, verdict: CheckVerdict) -> list[str]:
     return redo
 
 
+class NeedWorkflow(Exception):
+    """A transition of a workflow task needs the definition of its pinned version (``ref``)."""
+
+    def __init__(self, ref: str) -> None:
+        super().__init__(ref)
+        self.ref = ref
+
+
 class Planner:
     def __init__(self, mesh: Mesh, model: ChatModel | Models, settings: PlannerSettings | None = None) -> None:
         self.mesh = mesh
@@ -264,6 +332,7 @@ class Planner:
         self.admission: Admission | None = None
         self.store: StoreLevel | None = None
         self.planning: PlanningSlots | None = None
+        self.workflows: Registry | None = None
         self._sent: OrderedDict[tuple[str, str, str], str] = OrderedDict()
         """Outbox items (task, type, key) this process is publishing (SENDING) or has published (SENT)."""
         self._to_plan: set[tuple[str, str]] = set()
@@ -289,6 +358,7 @@ class Planner:
         streams = [*topo.STREAMS.values(), topo.DLQ_STREAM]
         self.store = StoreLevel(self.mesh.nc.jetstream(), streams, s.store_high_water, s.store_retry_after_s)
         self.planning = PlanningSlots(s.planning_slots or max(1, self.mesh.settings.max_workers - 1))
+        self.workflows = Registry(await self.mesh.kv("workflows"))
 
     def register(self) -> None:
         m = self.mesh
@@ -299,6 +369,7 @@ class Planner:
         m.consume(StepCompleted, self.on_step_completed)
         m.consume(StepFailed, self.on_step_failed)
         m.consume(CheckVerdict, self.on_verdict)
+        m.consume(WorkflowChange, self.on_workflow_change)
         for control in (ControlCancel, ControlHalt, ControlResume):
             m.consume(control, self.on_control)
 
@@ -320,7 +391,12 @@ class Planner:
             was = rec.status
             return rec if fn(rec) else None
 
-        rec, _ = await st.update(self.kv, TaskRecord.key(tenant, task_id), TaskRecord, mutate)
+        try:
+            rec, _ = await st.update(self.kv, TaskRecord.key(tenant, task_id), TaskRecord, mutate)
+        except NeedWorkflow as need:  # its definition, read once (a version never changes), then again
+            assert self.workflows is not None
+            await self.workflows.pinned(tenant, need.ref)
+            rec, _ = await st.update(self.kv, TaskRecord.key(tenant, task_id), TaskRecord, mutate)
         if rec is not None:
             if rec.status != was:
                 await self.publish_status(rec, was)
@@ -328,6 +404,23 @@ class Planner:
                     await self.release(rec)
             await self.flush(rec)
         return rec
+
+    def definition(self, rec: TaskRecord) -> WorkflowDefinition | None:
+        """The workflow a task runs (None: its plan is the model's). Inside a transition: a
+        definition not read yet raises ``NeedWorkflow``, and the transition reads it and runs again."""
+        if not rec.workflow:
+            return None
+        wf = self.workflows.cached(rec.workflow) if self.workflows is not None else None
+        if wf is None:
+            raise NeedWorkflow(rec.workflow)
+        return wf
+
+    def dispatch(self, rec: TaskRecord, causation: str = "") -> None:
+        wf = self.definition(rec)
+        if wf is None:
+            dispatch_ready(rec, causation)
+        else:
+            dispatch_workflow(rec, wf, causation)
 
     async def release(self, rec: TaskRecord) -> None:
         """The task ended: it no longer counts against its tenant's tasks in flight."""
@@ -451,6 +544,15 @@ class Planner:
             if rec is not None and rec.status in TERMINAL:
                 await self.release(rec)
                 return
+        pinned = ""
+        if m.workflow is not None:
+            try:
+                pinned = await self._resolve(m)
+            except Refused as exc:
+                if await st.task_record(self.kv, m.tenant, m.task_id) is None:
+                    await self._refuse_workflow(m, d, str(exc))
+                    return
+                # a redelivered submission of a task that started it: it runs on with its version
         refusal = await self.store.over() if self.store is not None else None
         if refusal is not None and await st.task_record(self.kv, m.tenant, m.task_id) is not None:
             refusal = None  # a redelivered submission of a task already in flight: it goes on
@@ -485,10 +587,12 @@ class Planner:
                 return None  # a redelivery or a duplicate submission of the same task id
             new = TaskRecord(
                 tenant=m.tenant, task_id=m.task_id, goal=m.goal, limits=m.limits, policy=m.policy,
-                created_at=time.time(), prompt_versions={"planner": plan_prompt.ref}, priority=m.priority,
-                labels=m.labels, replay=m.replay,
+                created_at=time.time(), prompt_versions={} if pinned else {"planner": plan_prompt.ref},
+                priority=m.priority, labels=m.labels, replay=m.replay, workflow=pinned, inputs=m.inputs,
             )  # fmt: skip
             _event(new, "task.accepted", m.goal[:120])
+            if pinned:
+                _event(new, "workflow.pinned", f"runs {pinned} (fixed: its nodes, no plan of the model's)")
             if m.replay is not None:
                 _event(new, "task.replay", _replaying(m.replay))
             return new
@@ -510,7 +614,93 @@ class Planner:
             # redelivered submission, in case the planner that created the record died before it.
             # Not by a duplicate delivered for the first time (a resubmission): its creator wrote it.
             await self.publish_status(rec, rec.status, starts=True)
+        if rec.workflow:
+            # On the tenant's chain: which version the task runs, whoever publishes what next.
+            await self.mesh.audit(
+                m.tenant, m.task_id, "task.workflow", f"{m.task_id}:workflow", actor=d.sender.name, source=d.msg_id,
+                detail={"workflow": rec.workflow, "named": m.workflow or ""},
+            )  # fmt: skip
+            await self._plan_workflow(m, d)  # no model call: no planning slot
+            return
         await self._plan_in_turn(m, d, key)
+
+    async def _resolve(self, m: TaskSubmitted) -> str:
+        """``name@version`` of the workflow the submission names (``Refused``: why it cannot run)."""
+        assert self.workflows is not None and m.workflow is not None
+        found = await self.workflows.resolve(m.tenant, m.workflow, m.inputs)
+        gaps = not_runnable(found.definition)
+        if gaps:
+            raise Refused(f"workflow {found.ref} cannot run on this planner yet: {'; '.join(gaps)}")
+        if len(found.definition.nodes) > m.limits.max_steps:
+            raise Refused(
+                f"workflow {found.ref} has {len(found.definition.nodes)} nodes, over the task's max_steps "
+                f"({m.limits.max_steps}): submit it with a higher limit"
+            )
+        return found.ref
+
+    async def _refuse_workflow(self, m: TaskSubmitted, d: Delivery, reason: str) -> None:
+        """A submission whose workflow cannot run: refused before it is admitted (nothing ran)."""
+        if self.admission is not None:
+            self.admission.refused(m.tenant, "invalid")
+        self.mesh.count(tel.M_REFUSED, {"tenant": m.tenant, "code": "invalid"})
+        await self.mesh.publish(
+            TaskRejected(tenant=m.tenant, task_id=m.task_id, reason=reason, source_subject=d.subject, code="invalid"),
+            key=f"refused:{d.msg_id}", causation=d.msg_id,
+        )  # fmt: skip
+
+    async def _plan_workflow(self, m: TaskSubmitted, d: Delivery) -> None:
+        """A fixed workflow's plan: its nodes, as they are (the model adds and removes nothing)."""
+
+        def planned(rec: TaskRecord) -> bool:
+            if rec.status != "planning":
+                return False
+            wf = self.definition(rec)
+            assert wf is not None
+            steps = workflow_steps(wf)
+            rec.status, rec.answer_step = "running", wf.answer_node()
+            rec.steps = {s.step_id: StepState(step=s) for s in steps}
+            _out(
+                rec,
+                PlanCreated(tenant=rec.tenant, task_id=rec.task_id, steps=tuple(steps), workflow=rec.workflow),
+                key="r1",
+                causation=d.msg_id,
+            )
+            _event(rec, "plan.created", f"{rec.workflow}: {len(steps)} nodes: " + ", ".join(s.step_id for s in steps))
+            dispatch_workflow(rec, wf, d.msg_id)
+            return True
+
+        await self.transition(m.tenant, m.task_id, planned)
+
+    async def on_workflow_change(self, m: WorkflowChange, d: Delivery) -> None:
+        """An author's change to the tenant's workflows (``mesh_planner.workflows``): applied or
+        refused, on the tenant's audit chain either way, and answered on the change's id."""
+        assert self.workflows is not None
+        if m.author != d.sender.name:
+            raise Reject(f"author {m.author!r} is not the signer {d.sender.name!r}")
+        why = may_change(await self.mesh.newest_trust(), d.sender, m.tenant)
+        answer: WorkflowChanged | None = None
+        if why is None:
+            try:
+                answer = await self.workflows.apply(m, m.task_id)
+            except Refused as exc:
+                why = str(exc)
+        detail = {"action": m.action, "name": m.name, "version": m.version, "reason": m.reason}
+        if answer is None:
+            await self.mesh.audit(
+                m.tenant, m.task_id, "workflow.change-refused", f"{m.task_id}:refused", actor=d.sender.name,
+                source=d.msg_id, detail={**detail, "refused": why or ""},
+            )  # fmt: skip
+            answer = WorkflowChanged(
+                tenant=m.tenant, task_id=m.task_id, action=m.action, name=m.name, version=m.version, accepted=False,
+                reason=why or "",
+            )  # fmt: skip
+        else:
+            detail.update(version=answer.version, status=answer.status, latest=answer.latest, changed=answer.changed)
+            await self.mesh.audit(
+                m.tenant, m.task_id, f"workflow.{m.action}", f"{m.task_id}:{m.action}", actor=d.sender.name,
+                source=d.msg_id, detail=detail,
+            )  # fmt: skip
+        await self.mesh.publish(answer, key="changed", causation=d.msg_id)
 
     def _plan_prompt(self, m: TaskSubmitted) -> tuple[prompts.Prompt, str]:
         """The planning prompt for the task (a replay may name another version), and why it cannot
@@ -590,7 +780,7 @@ class Planner:
                 causation=d.msg_id,
             )
             _event(rec, "plan.created", f"{len(steps)} steps: " + ", ".join(f"{s.step_id}:{s.kind}" for s in steps))
-            dispatch_ready(rec, d.msg_id)
+            self.dispatch(rec, d.msg_id)
             return True
 
         await self.transition(m.tenant, m.task_id, planned)
@@ -617,8 +807,11 @@ class Planner:
             s.held += [h for h in m.held if h.approval_id not in {x.approval_id for x in s.held}]
             _event(rec, "step.completed", f"{m.step_id}: {m.output[:100]}", m.step_id, str(m.attempt))
             if rec.status == "running":
-                dispatch_ready(rec, d.msg_id)
+                self.dispatch(rec, d.msg_id)
             if all(x.status == "completed" for x in rec.steps.values()):
+                if rec.steps[answer_step_id(rec)].skipped:
+                    fail(rec, f"the workflow's output node {answer_step_id(rec)} was skipped: no answer")
+                    return True
                 rec.status, rec.check_attempt = "checking", rec.check_attempt + 1
                 _out(rec, check_request(rec), key=str(rec.check_attempt), causation=d.msg_id)
                 _event(
@@ -678,7 +871,7 @@ class Planner:
                         task_id=rec.task_id,
                         answer=answer,
                         citations=tuple(citations),
-                        steps=len(rec.steps),
+                        steps=sum(1 for s in rec.steps.values() if not s.skipped),
                         elapsed_s=round(rec.finished_at - rec.created_at, 3),
                         **outcome_fields(rec),
                     ),
@@ -698,7 +891,7 @@ class Planner:
             redo = redo_after(rec, m)
             for sid in redo:
                 s = rec.steps[sid]
-                s.status, s.output, s.citations = "pending", "", []
+                s.status, s.output, s.citations, s.skipped = "pending", "", [], False
                 own = "; ".join(f"{c.name}: {c.reason}" for c in m.checks if not c.passed and c.step_id == sid)
                 rec.feedback = {
                     **rec.feedback,
@@ -706,7 +899,7 @@ class Planner:
                 }
             rec.status = "running"
             _event(rec, "check.revise", f"{', '.join(redo)} redone: {failed}", redo[0], str(rec.check_attempt))
-            dispatch_ready(rec, d.msg_id)
+            self.dispatch(rec, d.msg_id)
             return True
 
         await self.transition(m.tenant, m.task_id, apply)
@@ -732,7 +925,7 @@ class Planner:
                     if s.status == "halted":
                         s.status = "pending"
                 _event(rec, "task.resumed", f"resumed by {who}", key=d.msg_id)
-                dispatch_ready(rec, d.msg_id)
+                self.dispatch(rec, d.msg_id)
             return True
 
         if await self.transition(m.tenant, m.task_id, apply) is None and isinstance(m, ControlCancel):
