@@ -332,3 +332,19 @@ def test_a_workflow_this_planner_cannot_run_yet_is_refused_with_what_it_lacks(in
     assert "cannot run on this planner yet: node 'policy' is a retrieve node; node 'order' is a tool node" in (
         seen.outcome.reason
     )
+
+
+def test_the_example_workflow_runs_unchanged_through_the_cli(infra, mesh, authors, capsys):
+    """examples/workflows/docs-answer.yaml, with the README's commands: retrieval and a computation
+    side by side, then the answer from both; the judge on, as for any task."""
+    example = Path(__file__).parents[2] / "examples" / "workflows" / "docs-answer.yaml"
+    assert ctl(infra, "workflow", "publish", str(example), "--as", ALICE) == 0
+    capsys.readouterr()
+    code = ctl(infra, "submit", "How are identity tokens checked? Also compute 17 * 23.", "--tenant", "acme",
+               "--workflow", "docs-answer", "--input", "question=How are identity tokens checked?",
+               "--input", "expression=17 * 23", "--follow", "--json", "--timeout", "60")  # fmt: skip
+    out = json.loads(capsys.readouterr().out)["outcome"]
+    assert code == 0 and out["type"] == "task.completed", out
+    assert out["workflow"].startswith("docs-answer@") and out["steps"] == 3
+    assert "391" in out["answer"] and out["citations"], out["answer"]
+    assert out["tools"] == ["search_docs", "calculator"]  # in node order
