@@ -39,6 +39,8 @@ from mesh_contracts.v1.control import (
 from mesh_contracts.v1.events import ProgressEvent, TokenDelta
 from mesh_contracts.v1.task import (
     PlanCreated,
+    PlanDrafted,
+    PlanReviewed,
     TaskCompleted,
     TaskFailed,
     TaskRejected,
@@ -65,6 +67,8 @@ ALL = (
     TaskCompleted,
     TaskFailed,
     PlanCreated,
+    PlanDrafted,
+    PlanReviewed,
     StepRequested,
     StepCompleted,
     StepFailed,
@@ -119,6 +123,8 @@ __all__ = [
     "IngestCompleted",
     "IngestRequested",
     "PlanCreated",
+    "PlanDrafted",
+    "PlanReviewed",
     "PlanStep",
     "ProgressEvent",
     "Replay",

@@ -141,6 +141,13 @@ class TaskRecord(Record):
     """From ``task.submitted``: the workflow's inputs."""
     answer_step: str = ""
     """The step whose output is the answer when not the last ``answer`` step (a workflow's output node)."""
+    draft: list[PlanStep] = []
+    """A plan waiting for review (``MESH_PLAN_REVIEW``): the steps as drafted or last edited."""
+    draft_hash: str = ""
+    """The waiting draft's hash (``draft_hash``), or the approved one's once the task runs."""
+    draft_revision: int = 0
+    reviewed_by: str = ""
+    """Who approved the plan that runs ('' when the plan was not reviewed)."""
 
     @staticmethod
     def key(tenant: str, task_id: str) -> str:

@@ -91,6 +91,7 @@ INTENDED: dict[str, set[str]] = {
     "planner": EVERY_SERVICE
     | fetch("TASK", "planner--task-submitted")
     | fetch("TASK", "planner--task-change")  # authors' workflow changes
+    | fetch("APPROVAL", "planner--approval-reviewed")  # reviewers' decisions on draft plans
     | fetch("STEP", "planner--step-completed")
     | fetch("STEP", "planner--step-failed")
     | fetch("CHECK", "planner--check-verdict")

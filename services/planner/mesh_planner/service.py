@@ -32,6 +32,8 @@ from mesh_contracts.v1 import (
     ControlHalt,
     ControlResume,
     PlanCreated,
+    PlanDrafted,
+    PlanReviewed,
     PlanStep,
     ProgressEvent,
     Replay,
@@ -57,6 +59,7 @@ from mesh_contracts.v1.records import (
     StepState,
     TaskRecord,
 )
+from mesh_contracts.v1.task import draft_hash
 from mesh_contracts.v1.workflow import WorkflowDefinition, advance, not_runnable, output_value, render
 from mesh_kit import Delivery, Mesh, Park
 from mesh_kit import state as st
@@ -228,10 +231,21 @@ def plan_max_tokens(max_steps: int) -> int:
 
 def parse_plan(text: str, max_steps: int) -> list[PlanStep]:
     try:
-        raw = json.loads(text)
-        steps = [PlanStep.model_validate(s) for s in raw["steps"]]
-    except (json.JSONDecodeError, KeyError, TypeError, ValidationError) as exc:
+        raw = json.loads(text)["steps"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise ValueError(f"planner model returned an unusable plan: {str(exc)[:200]}") from None
+    try:
+        return checked_plan(raw, max_steps)
+    except ValidationError as exc:
+        raise ValueError(f"planner model returned an unusable plan: {str(exc)[:200]}") from None
+
+
+def checked_plan(raw: Any, max_steps: int) -> list[PlanStep]:
+    """Steps as a plan must have them (the model's, or a reviewer's edit): unique ids, each after
+    the steps it depends on, at most ``max_steps``; ValueError (ValidationError: a bad step) if not."""
+    if not isinstance(raw, list):
+        raise ValueError("a plan is a list of steps")
+    steps = [PlanStep.model_validate(s) for s in raw]
     ids = [s.step_id for s in steps]
     if not steps or len(set(ids)) != len(ids):
         raise ValueError("plan has no steps or repeats a step id")
@@ -242,6 +256,35 @@ def parse_plan(text: str, max_steps: int) -> list[PlanStep]:
         if unknown:
             raise ValueError(f"step {s.step_id} depends on {unknown}, which are not earlier steps")
     return steps
+
+
+def draft(rec: TaskRecord, steps: list[PlanStep], *, causation: str, editor: str = "") -> None:
+    """Make ``steps`` the task's draft plan, waiting for a reviewer (the task stays ``planning``)."""
+    before = list(rec.draft)
+    rec.draft, rec.draft_hash = steps, draft_hash(steps)
+    rec.draft_revision += 1
+    changes = plan_changes(before, steps) if editor else []
+    _out(
+        rec,
+        PlanDrafted(tenant=rec.tenant, task_id=rec.task_id, steps=tuple(steps), draft=rec.draft_hash,
+                    revision=rec.draft_revision, edited_by=editor, changes=tuple(changes)),
+        key=f"draft:{rec.draft_hash}", causation=causation,
+    )  # fmt: skip
+    by = f"edited by {editor} ({len(changes)} change(s)); " if editor else ""
+    _event(rec, "plan.review", f"draft {rec.draft_hash} ({len(steps)} steps) {by}waits for a reviewer: meshctl review "
+           f"approve {rec.task_id} --tenant {rec.tenant} --as <approver>", key=rec.draft_hash)  # fmt: skip
+
+
+def plan_changes(old: list[PlanStep], new: list[PlanStep]) -> list[str]:
+    """What an edit changed, step by step: ``+ s3``, ``- s2``, ``~ s1.instruction: "a" -> "b"``."""
+    a, b = {s.step_id: s.model_dump(mode="json") for s in old}, {s.step_id: s.model_dump(mode="json") for s in new}
+    out = [f"- {i}" for i in a if i not in b] + [f"+ {i}: {b[i]['instruction'][:80]}" for i in b if i not in a]
+    for i in (i for i in b if i in a and a[i] != b[i]):
+        out += [f"~ {i}.{k}: {json.dumps(a[i].get(k))[:80]} -> {json.dumps(b[i].get(k))[:80]}"
+                for k in sorted(set(a[i]) | set(b[i])) if a[i].get(k) != b[i].get(k)]  # fmt: skip
+    if not out and [s.step_id for s in old] != [s.step_id for s in new]:
+        out.append("~ order: " + ", ".join(s.step_id for s in new))
+    return out
 
 
 SENDING, SENT = "sending", "sent"
@@ -370,6 +413,7 @@ class Planner:
         m.consume(StepFailed, self.on_step_failed)
         m.consume(CheckVerdict, self.on_verdict)
         m.consume(WorkflowChange, self.on_workflow_change)
+        m.consume(PlanReviewed, self.on_reviewed)
         for control in (ControlCancel, ControlHalt, ControlResume):
             m.consume(control, self.on_control)
 
@@ -764,12 +808,15 @@ class Planner:
             steps, error = [], str(exc)
 
         def planned(rec: TaskRecord) -> bool:
-            if rec.status != "planning":
-                return False
+            if rec.status != "planning" or rec.draft:
+                return False  # planned already (a draft waiting for review is planned too)
             if usage is not None:
                 rec.planner_usage = rec.planner_usage + usage
             if error:
                 fail(rec, error)
+                return True
+            if self.reviewed(rec.tenant):
+                draft(rec, steps, causation=d.msg_id)
                 return True
             rec.status = "running"
             rec.steps = {s.step_id: StepState(step=s) for s in steps}
@@ -783,7 +830,76 @@ class Planner:
             self.dispatch(rec, d.msg_id)
             return True
 
-        await self.transition(m.tenant, m.task_id, planned)
+        rec = await self.transition(m.tenant, m.task_id, planned)
+        if rec is not None and rec.status == "planning" and rec.draft_hash:
+            await self.mesh.audit(
+                m.tenant, m.task_id, "plan.drafted", f"{m.task_id}:draft:{rec.draft_hash}", actor="planner",
+                source=d.msg_id, detail={"draft": rec.draft_hash, "revision": rec.draft_revision, "steps": len(rec.draft)},
+            )  # fmt: skip
+
+    def reviewed(self, tenant: str) -> bool:
+        """Whether the tenant's model-made plans wait for a reviewer (``MESH_PLAN_REVIEW``)."""
+        names = {t.strip() for t in self.settings.plan_review.split(",") if t.strip()}
+        return "*" in names or tenant in names
+
+    async def on_reviewed(self, m: PlanReviewed, d: Delivery) -> None:
+        """A reviewer's decision on the task's waiting draft: approved, it runs exactly as drafted;
+        edited, the edit is the new draft (and waits again); rejected, the task fails with why.
+        Who may decide is judged as for a held call (the tenant's named approvers, under the newest
+        bundle); a decision on a draft that is no longer the one waiting is refused. Every decision,
+        refused ones too, is a link of the tenant's audit chain, with the draft's hash."""
+        who = d.sender.name
+        if m.reviewed_by != who:
+            raise Reject(f"reviewed_by {m.reviewed_by!r} is not the signer {who!r}")
+        why = (await self.mesh.newest_trust()).may_decide(who, m.tenant)
+        outcome: dict[str, str] = {}
+
+        def apply(rec: TaskRecord) -> bool:
+            if rec.status != "planning" or not rec.draft:
+                outcome["why"] = f"no draft plan waits for review in task {m.tenant}/{m.task_id} (it is {rec.status})"
+                return False
+            if m.draft != rec.draft_hash:
+                outcome["why"] = (f"draft {m.draft} is not the one waiting (that is {rec.draft_hash}, "
+                                  f"revision {rec.draft_revision})")  # fmt: skip
+                return False
+            if m.decision == "reject":
+                fail(rec, f"plan rejected by {who}: {m.comment or 'no reason given'}")
+                return True
+            if m.decision == "edit":
+                try:
+                    steps = checked_plan([s.model_dump() for s in m.steps], rec.limits.max_steps)
+                except (ValueError, ValidationError) as exc:
+                    outcome["why"] = f"the edited plan: {exc}"[:500]
+                    return False
+                draft(rec, steps, causation=d.msg_id, editor=who)
+                outcome["draft"] = rec.draft_hash
+                return True
+            steps = list(rec.draft)
+            rec.status, rec.reviewed_by = "running", who
+            rec.steps = {s.step_id: StepState(step=s) for s in steps}
+            rec.draft = []
+            _out(rec, PlanCreated(tenant=rec.tenant, task_id=rec.task_id, steps=tuple(steps),
+                                  reviewed=f"{rec.draft_hash} by {who}"), key="r1", causation=d.msg_id)  # fmt: skip
+            _event(rec, "plan.created", f"{len(steps)} steps, as approved by {who}: "
+                   + ", ".join(f"{s.step_id}:{s.kind}" for s in steps))  # fmt: skip
+            self.dispatch(rec, d.msg_id)
+            return True
+
+        if why is None:
+            await self.transition(m.tenant, m.task_id, apply)
+            why = outcome.get("why")
+        detail = {"draft": m.draft, "decision": m.decision, "comment": m.comment}
+        if why is not None:
+            await self.mesh.audit(
+                m.tenant, m.task_id, "plan.review-refused", f"{d.msg_id}:refused", actor=who, source=d.msg_id,
+                detail={**detail, "refused": why},
+            )  # fmt: skip
+            raise Reject(why)
+        if "draft" in outcome:
+            detail["new_draft"] = outcome["draft"]
+        kind = {"approve": "plan.approved", "reject": "plan.rejected", "edit": "plan.edited"}[m.decision]
+        await self.mesh.audit(m.tenant, m.task_id, kind, f"{m.task_id}:{m.decision}:{m.draft}", actor=who,
+                              source=d.msg_id, detail=detail)  # fmt: skip
 
     async def on_step_completed(self, m: StepCompleted, d: Delivery) -> None:
         if m.retrievals and self.evidence is not None:  # by attempt: a redone step's records replace nothing
