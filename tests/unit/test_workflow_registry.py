@@ -157,3 +157,52 @@ async def test_a_task_is_refused_what_does_not_resolve():
         await reg.resolve("acme", "triage@v2", {})
     with pytest.raises(Refused, match="has no workflow triage@ffffffffffffffff"):
         await reg.resolve("acme", "triage@ffffffffffffffff", {})
+
+
+# --- plans under review -------------------------------------------------------------------
+
+
+def test_an_edit_says_what_changed_step_by_step():
+    from mesh_contracts.v1 import PlanStep
+    from mesh_planner.service import plan_changes
+
+    a = [PlanStep(step_id="s1", instruction="Find it", tools=("search_docs",)), PlanStep(step_id="s2", instruction="x")]
+    b = [PlanStep(step_id="s1", instruction="Find it in the policy", tools=("search_docs",)),
+         PlanStep(step_id="s3", instruction="Answer", kind="answer", depends_on=("s1",))]  # fmt: skip
+    assert plan_changes(a, b) == [
+        "- s2",
+        "+ s3: Answer",
+        '~ s1.instruction: "Find it" -> "Find it in the policy"',
+    ]
+    assert plan_changes(a, list(reversed(a))) == ["~ order: s2, s1"]
+    assert plan_changes(a, a) == []
+
+
+def test_an_edited_plan_is_held_to_the_rules_of_a_plan():
+    from mesh_planner.service import checked_plan
+
+    ok = checked_plan(
+        [{"step_id": "a", "instruction": "x"}, {"step_id": "b", "instruction": "y", "depends_on": ["a"]}], 4
+    )
+    assert [s.step_id for s in ok] == ["a", "b"]
+    with pytest.raises(ValueError, match=r"step a depends on \['b'\], which are not earlier steps"):
+        checked_plan(
+            [{"step_id": "a", "instruction": "x", "depends_on": ["b"]}, {"step_id": "b", "instruction": "y"}], 4
+        )
+    with pytest.raises(ValueError, match="over the task's limit of 1"):
+        checked_plan([{"step_id": "a", "instruction": "x"}, {"step_id": "b", "instruction": "y"}], 1)
+    with pytest.raises(ValueError, match="repeats a step id"):
+        checked_plan([{"step_id": "a", "instruction": "x"}, {"step_id": "a", "instruction": "y"}], 4)
+
+
+def test_who_may_decide_a_tenants_draft():
+    named = _bundle(("approver", "approver", None), ("approver.acme.alice", "approver", "acme"),  # type: ignore[arg-type]
+                    ("approver.globex.bob", "approver", "globex"), ("worker", "worker", None))  # type: ignore[arg-type]  # fmt: skip
+    assert named.may_decide("approver.acme.alice", "acme") is None
+    assert (
+        named.may_decide("approver.globex.bob", "acme")
+        == "approver.globex.bob may speak only for tenant 'globex', not 'acme'"
+    )
+    assert "names its own approvers (approver.acme.alice)" in (named.may_decide("approver", "acme") or "")
+    assert named.may_decide("approver", "initech") is None  # no one named: the console decides
+    assert named.may_decide("worker", "acme") == "worker is no longer an approver (trust bundle revision 7)"
