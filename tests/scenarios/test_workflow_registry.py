@@ -17,7 +17,7 @@ import nats
 import pytest
 import yaml
 
-from mesh_contracts.v1 import PlanCreated, TaskCompleted, TaskPolicy, TaskRejected, WorkflowChange
+from mesh_contracts.v1 import PlanCreated, TaskCompleted, TaskFailed, TaskPolicy, TaskRejected, WorkflowChange
 from mesh_kit.door import DoorRefused
 from mesh_kit.identity import Signer
 from mesh_testing.chaos import ChaosMesh, started
@@ -329,9 +329,11 @@ def test_a_workflow_this_planner_cannot_run_yet_is_refused_with_what_it_lacks(in
     capsys.readouterr()
     seen = asyncio.run(run(infra, "acme", "wf-refund", "refund", {"request": "refund me", "order_url": "http://x"}))
     assert isinstance(seen.outcome, TaskRejected), seen.outcome
-    assert "cannot run on this planner yet: node 'policy' is a retrieve node; node 'order' is a tool node" in (
-        seen.outcome.reason
-    )
+    assert seen.outcome.reason.endswith(
+        "cannot run on this planner yet: node 'order' sets retries; node 'order' sets a timeout; node 'decide' sets "
+        "a budget share; node 'approve' is an approval node; node 'approve' sets a timeout; node 'reply' sets a "
+        "budget share"
+    ), seen.outcome.reason
 
 
 def test_the_example_workflow_runs_unchanged_through_the_cli(infra, mesh, authors, capsys):
@@ -348,3 +350,52 @@ def test_the_example_workflow_runs_unchanged_through_the_cli(infra, mesh, author
     assert out["workflow"].startswith("docs-answer@") and out["steps"] == 3
     assert "391" in out["answer"] and out["citations"], out["answer"]
     assert out["tools"] == ["search_docs", "calculator"]  # in node order
+
+
+def lookup(expression: str) -> dict[str, Any]:
+    """A retrieve node and a tool node side by side (fixed calls: no model turn), then an answer."""
+    return {
+        "name": "lookup",
+        "inputs": {"type": "object", "properties": {"question": {"type": "string"}}, "required": ["question"]},
+        "nodes": [
+            {"id": "docs", "kind": "retrieve", "query": "{{inputs.question}}", "top_k": 2},
+            {"id": "sum", "kind": "tool", "tool": "calculator", "arguments": {"expression": expression}},
+            {"id": "answer", "kind": "agent", "role": "answer", "after": ["docs", "sum"],
+             "instruction": "#say: {{nodes.sum.output}} ({{nodes.docs.output.0.doc_id}})"},
+        ],
+    }  # fmt: skip
+
+
+def test_tool_and_retrieve_nodes_make_exactly_their_call(infra, mesh, authors, tmp_path, capsys):
+    """A tool node's arguments and a retrieve node's query are filled in from the inputs and
+    sent as they are (the model makes no turn for them); their results are the nodes' outputs, a
+    retrieval's passages the task's citations. A tool call that fails fails its node and the task."""
+    assert publish(infra, tmp_path, lookup("{{inputs.a}} * 23") | {"inputs": None}) == 0
+    capsys.readouterr()
+
+    async def main() -> None:
+        async with TenantClient.of(infra.ids, infra.nats_url, "acme") as client:
+            got = await client.ingest("guide/tokens.md", b"# Tokens\n\nIdentity tokens are checked on every message.",
+                                      "text/markdown")  # fmt: skip
+            assert got is not None and got.ok, got
+        seen = await run(infra, "acme", "wf-calls", "lookup", {"question": "How are identity tokens checked?", "a": 17})
+        out = seen.outcome
+        assert isinstance(out, TaskCompleted), out
+        assert out.answer == "391 (guide/tokens.md)" and out.tools == ("search_docs", "calculator")
+        assert [c.doc_id for c in out.citations][:1] == ["guide/tokens.md"]
+        requests = [json.loads(m.data) for m in await infra.stored("TOOL", "tool.v1.acme.wf-calls.requested")]
+        assert [(r["tool"], r["arguments"]) for r in requests] == [("calculator", {"expression": "17 * 23"})]
+        asked = [json.loads(m.data) for m in await infra.stored("RAG", "rag.v1.acme.wf-calls.*")]
+        assert {"query": "How are identity tokens checked?", "top_k": 2}.items() <= next(
+            r for r in asked if r["type"] == "retrieval.requested"
+        ).items()
+        usage = [json.loads(m.data) for m in await infra.stored("USAGE", "usage.v1.acme.wf-calls.>")]
+        assert {u["step_id"] for u in usage} == {"answer"}, "no model call for a fixed call"
+
+    asyncio.run(main())
+    failing = lookup("1 / 0")
+    failing["name"] = "divide"
+    assert publish(infra, tmp_path, failing) == 0
+    seen = asyncio.run(run(infra, "acme", "wf-div", "divide", {"question": "anything"}))
+    assert isinstance(seen.outcome, TaskFailed) and seen.outcome.failed_step == "sum", seen.outcome
+    assert seen.outcome.reason.startswith("step sum failed: calculator: "), seen.outcome.reason

@@ -134,11 +134,15 @@ class Condition(_Strict):
 
 
 def _at(output: Any, path: str) -> tuple[bool, Any]:
+    """The value at a dot-separated path (a number indexes a list: ``hits.0.doc_id``)."""
     value = output
     for key in [k for k in path.split(".") if k]:
-        if not isinstance(value, dict) or key not in value:
+        if isinstance(value, list) and key.isdigit() and int(key) < len(value):
+            value = value[int(key)]
+        elif isinstance(value, dict) and key in value:
+            value = value[key]
+        else:
             return False, None
-        value = value[key]
     return True, value
 
 
@@ -477,7 +481,7 @@ def render(text: str, inputs: dict[str, Any], outputs: dict[str, str]) -> str:
     return TEMPLATE.sub(value, text)
 
 
-RUNNABLE = ("agent",)
+RUNNABLE = ("agent", "tool", "retrieve")
 """Node kinds this version of the planner runs (the others are defined and validated already)."""
 
 
@@ -487,7 +491,7 @@ def not_runnable(wf: WorkflowDefinition) -> list[str]:
     out = []
     for n in wf.nodes:
         if n.kind not in RUNNABLE:
-            out.append(f"node {n.id!r} is a {n.kind} node")
+            out.append(f"node {n.id!r} is {'an' if n.kind[0] in 'aeiou' else 'a'} {n.kind} node")
         if n.retry.attempts > 1:
             out.append(f"node {n.id!r} sets retries")
         if n.timeout_s is not None:

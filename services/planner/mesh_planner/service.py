@@ -31,6 +31,7 @@ from mesh_contracts.v1 import (
     ControlCancel,
     ControlHalt,
     ControlResume,
+    FixedCall,
     PlanCreated,
     PlanDrafted,
     PlanReviewed,
@@ -60,7 +61,16 @@ from mesh_contracts.v1.records import (
     TaskRecord,
 )
 from mesh_contracts.v1.task import draft_hash
-from mesh_contracts.v1.workflow import WorkflowDefinition, advance, not_runnable, output_value, render
+from mesh_contracts.v1.workflow import (
+    AgentNode,
+    RetrieveNode,
+    ToolNode,
+    WorkflowDefinition,
+    advance,
+    not_runnable,
+    output_value,
+    render,
+)
 from mesh_kit import Delivery, Mesh, Park
 from mesh_kit import state as st
 from mesh_kit import telemetry as tel
@@ -74,6 +84,8 @@ from mesh_planner.settings import PlannerSettings
 from mesh_planner.workflows import Refused, Registry, may_change
 
 log = logging.getLogger("mesh.planner")
+RETRIEVAL = "search_docs"
+"""The tool a step retrieves with (the worker sends it to rag)."""
 REFERENCE = re.compile(r"\[[^\[\]#\s]+#[^\[\]\s]+\]")
 PLAN_PROMPT = prompts.load("mesh_planner", "plan")
 """The packaged planning prompt; a planner plans with it or with its ``MESH_PROMPTS_DIR``
@@ -140,14 +152,30 @@ def workflow_steps(wf: WorkflowDefinition) -> list[PlanStep]:
     steps = []
     for i in wf.order():
         n = wf.node(i)
-        assert n.kind == "agent"  # what ``not_runnable`` lets through
-        steps.append(
-            PlanStep(
-                step_id=n.id, kind=n.role, instruction=n.instruction, tools=n.tools,
-                depends_on=tuple(e.node for e in n.edges()), difficulty=n.tier, output_schema=n.output_schema,
-            )
-        )  # fmt: skip
+        after = tuple(e.node for e in n.edges())
+        if isinstance(n, AgentNode):
+            steps.append(PlanStep(step_id=n.id, kind=n.role, instruction=n.instruction, tools=n.tools, depends_on=after,
+                                  difficulty=n.tier, output_schema=n.output_schema))  # fmt: skip
+        elif isinstance(n, ToolNode):
+            steps.append(PlanStep(step_id=n.id, kind="compute", instruction=f"call {n.tool}", tools=(n.tool,),
+                                  depends_on=after, call=FixedCall(tool=n.tool, arguments=n.arguments)))  # fmt: skip
+        else:
+            assert isinstance(n, RetrieveNode)  # what ``not_runnable`` lets through
+            query = {"query": n.query, "top_k": n.top_k}
+            steps.append(PlanStep(step_id=n.id, kind="research", instruction=f"retrieve: {n.query}"[:4000],
+                                  tools=(RETRIEVAL,), depends_on=after, call=FixedCall(tool=RETRIEVAL, arguments=query)))  # fmt: skip
     return steps
+
+
+def _filled(value: Any, inputs: dict[str, Any], outputs: dict[str, str]) -> Any:
+    """A fixed call's arguments with the templates in their strings filled in."""
+    if isinstance(value, str):
+        return render(value, inputs, outputs)
+    if isinstance(value, dict):
+        return {k: _filled(v, inputs, outputs) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_filled(v, inputs, outputs) for v in value]
+    return value
 
 
 def dispatch_workflow(rec: TaskRecord, wf: WorkflowDefinition, causation: str = "") -> None:
@@ -175,8 +203,12 @@ def dispatch_workflow(rec: TaskRecord, wf: WorkflowDefinition, causation: str = 
         if s.status != "pending":
             continue
         node = wf.node(sid)
-        text = render(node.instruction, rec.inputs, outputs) if node.kind == "agent" else s.step.instruction
-        s.step = s.step.model_copy(update={"instruction": text[:4000] or node.id})
+        if isinstance(node, AgentNode):
+            text = render(node.instruction, rec.inputs, outputs)
+            s.step = s.step.model_copy(update={"instruction": text[:4000] or node.id})
+        elif s.step.call is not None:  # a tool or retrieve node: its arguments, filled in
+            arguments = _filled(dict(s.step.call.arguments), rec.inputs, outputs)
+            s.step = s.step.model_copy(update={"call": s.step.call.model_copy(update={"arguments": arguments})})
         _dispatch(rec, sid, causation)
 
 

@@ -52,8 +52,11 @@ def test_what_this_planner_cannot_honour_is_named_not_ignored():
     wf = WorkflowDefinition.model_validate(
         definition(mode="review", nodes=[{"id": "w", "kind": "timer", "after_s": 5, "retry": {"attempts": 2}}])
     )
-    assert not_runnable(wf) == ["mode 'review' (this planner runs fixed workflows)", "node 'w' is a timer node",
-                                "node 'w' sets retries"]  # fmt: skip
+    assert not_runnable(wf) == [
+        "mode 'review' (this planner runs fixed workflows)",
+        "node 'w' is a timer node",
+        "node 'w' sets retries",
+    ]
     assert not_runnable(WorkflowDefinition.model_validate(definition())) == []
 
 
@@ -206,3 +209,27 @@ def test_who_may_decide_a_tenants_draft():
     assert "names its own approvers (approver.acme.alice)" in (named.may_decide("approver", "acme") or "")
     assert named.may_decide("approver", "initech") is None  # no one named: the console decides
     assert named.may_decide("worker", "acme") == "worker is no longer an approver (trust bundle revision 7)"
+
+
+def test_tool_and_retrieve_nodes_are_fixed_calls_filled_in_at_dispatch():
+    wf = WorkflowDefinition.model_validate(
+        {
+            "name": "calls",
+            "nodes": [
+                {"id": "docs", "kind": "retrieve", "query": "policy on {{inputs.topic}}", "top_k": 2},
+                {"id": "fetch", "kind": "tool", "tool": "http_get", "after": ["docs"],
+                 "arguments": {"url": "https://x.test/{{nodes.docs.output.0.doc_id}}", "n": [1, "{{inputs.topic}}"]}},
+            ],
+        }
+    )  # fmt: skip
+    rec = TaskRecord(tenant="acme", task_id="t", goal="g", workflow=wf.ref(), inputs={"topic": "refunds"})
+    rec.steps = {s.step_id: StepState(step=s) for s in workflow_steps(wf)}
+    assert [(s.step.kind, s.step.tools) for s in rec.steps.values()] == [("research", ("search_docs",)),
+                                                                          ("compute", ("http_get",))]  # fmt: skip
+    dispatch_workflow(rec, wf)
+    (first,) = [i.body["step"]["call"] for i in rec.outbox if i.type == "step.requested"]
+    assert first == {"tool": "search_docs", "arguments": {"query": "policy on refunds", "top_k": 2}}
+    rec.steps["docs"].status, rec.steps["docs"].output, rec.outbox = "completed", '[{"doc_id": "refunds.md"}]', []
+    dispatch_workflow(rec, wf)
+    (second,) = [i.body["step"]["call"] for i in rec.outbox if i.type == "step.requested"]
+    assert second == {"tool": "http_get", "arguments": {"url": "https://x.test/refunds.md", "n": [1, "refunds"]}}
