@@ -7,6 +7,7 @@
 from mesh_contracts.base import (
     ADMIN,
     APPROVER,
+    AUTHOR,
     CLIENT,
     SERVICES,
     BodyError,
@@ -20,6 +21,7 @@ from mesh_contracts.registry import contract_for_subject, parse_message, split_s
 __all__ = [
     "ADMIN",
     "APPROVER",
+    "AUTHOR",
     "CLIENT",
     "SERVICES",
     "BodyError",

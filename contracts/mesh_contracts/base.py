@@ -24,6 +24,9 @@ ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 # identity per tenant); ``approver`` is a human operator answering approval requests.
 CLIENT = "client"
 APPROVER = "approver"
+AUTHOR = "author"
+"""A person who publishes, deprecates and deletes a tenant's workflows (``author.<tenant>.<person>``,
+one key each in the trust bundle); their changes reach the planner through the tenant's door."""
 ADMIN = "admin"
 """The operators' identity (provisioning, ``meshctl``): it asks services what they see."""
 SERVICES: tuple[str, ...] = ("planner", "worker", "checker", "rag", "tool-executor", "budget")
@@ -60,9 +63,9 @@ class ContractSpec:
 
     @property
     def unique_keys(self) -> bool:
-        """Whether a key twice in one object is refused: for what tenants and approvers write,
+        """Whether a key twice in one object is refused: for what tenants and people write,
         where two parsers picking different duplicates would be an attack on the reader."""
-        return bool({CLIENT, APPROVER} & set(self.producers))
+        return bool({CLIENT, APPROVER, AUTHOR} & set(self.producers))
 
     def subject(self, tenant: str, task: str) -> str:
         """The concrete subject for one tenant and task."""

@@ -33,6 +33,8 @@ from mesh_contracts.v1 import (
     ApprovalRequested,
     CheckRequested,
     PlanCreated,
+    PlanDrafted,
+    PlanReviewed,
     RetrievalCompleted,
     RetrievalRequested,
     StepFailed,
@@ -116,6 +118,11 @@ def _approval(m: ApprovalRequested | ApprovalDecided, d: Digest) -> Facts:
     return {"approval": m.approval_id}
 
 
+def _review(m: PlanDrafted | PlanReviewed, d: Digest) -> Facts:
+    """A draft plan waits for a person as a held call does: its wait is not a stall."""
+    return {"approval": f"review-{m.draft}"}
+
+
 def _usage(m: UsageRecorded, d: Digest) -> Facts:
     return {"call": m.call_id, "error": bool(m.error), "handed_on": bool(getattr(m, "handed_on", False))}
 
@@ -132,6 +139,8 @@ _PROJECTIONS: dict[type, Callable[[Any, Digest], Facts]] = {
     CheckRequested: _check_requested,
     ApprovalRequested: _approval,
     ApprovalDecided: _approval,
+    PlanDrafted: _review,
+    PlanReviewed: _review,
     UsageRecorded: _usage,
 }
 _FOUND: dict[type, Callable[[Any, Digest], Facts] | None] = {}

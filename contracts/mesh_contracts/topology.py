@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mesh_contracts.base import CLIENT, SERVICES, Contract
+from mesh_contracts.base import AUTHOR, CLIENT, SERVICES, Contract
 from mesh_contracts.registry import VERSIONS
 
 # One stream per domain; it spans every major version of that domain.
@@ -78,7 +78,7 @@ def doors() -> list[Door]:
     """One door per contract a tenant's client produces onto a stream, kept by its consumer."""
     seen: dict[str, Door] = {}
     for c in stream_contracts():
-        if CLIENT not in c.spec.producers:
+        if not {CLIENT, AUTHOR} & set(c.spec.producers):  # an author's change travels over the client's connection
             continue
         keepers = [s for s in c.spec.consumers if s in SERVICES]
         if not keepers:
@@ -129,6 +129,9 @@ class Bucket:
     followers: tuple[str, ...] = ()
     """Principals told of every write at once on a core subscription to ``$KV.<bucket>.>`` (a
     doorbell: they read the entry they are told of, and re-read it now and then)."""
+    tenant_keys: bool = False
+    """Each tenant's client reads its own tenant's keys (``<tenant>.…``), one key per read (a direct
+    get by subject: no whole-bucket read, which would not be bounded to its keys)."""
     fed: tuple[str, ...] = ()
     """Principals that subscribe to the bucket's republished feed (``watch_feed("KV_<bucket>")``):
     every write the bucket stored, with its revision and the key's previous revision, so a
@@ -173,6 +176,15 @@ BUCKETS: tuple[Bucket, ...] = (
         description="Per tenant (key <tenant>): the tasks the planner admitted that have not ended (and which hold "
         "a run slot), the tenant's submission token bucket and its admitted/refused counts (compare-and-set). "
         "meshctl status reads it.",
+    ),
+    Bucket(
+        "workflows",
+        writer="planner",
+        history=5,
+        tenant_keys=True,
+        description="The workflow registry: each tenant's workflow versions (key <tenant>.wf.<name>.<version>: the "
+        "definition, immutable, and its status) and catalogue (key <tenant>.catalog: every version of each "
+        "workflow in publication order). A tenant's client reads its own keys (direct gets by key).",
     ),
     Bucket("steps", writer="worker", records=True, description="Agent-loop checkpoints, one key per step."),
     Bucket(

@@ -15,7 +15,7 @@ import nats
 import nats.js.errors
 import pytest
 
-from mesh_contracts import APPROVER, CLIENT, SERVICES
+from mesh_contracts import APPROVER, AUTHOR, CLIENT, SERVICES
 from mesh_contracts import topology as topo
 from mesh_contracts.registry import VERSIONS
 from mesh_kit.settings import inbox_prefix
@@ -50,8 +50,10 @@ def expected_publish(principal: str) -> dict[str, bool]:
                 allowed = role in c.spec.producers and (own_tenant is None or own_tenant == tenant)
                 if door is not None:
                     # A tenant writes to no stream: it hands the message in at the door, whose
-                    # keeper stores it (for any tenant) on the stream subject.
-                    cases[topo.door_subject(subject)] = allowed and role == CLIENT
+                    # keeper stores it (for any tenant) on the stream subject. An author's change
+                    # travels over its tenant's client connection (signed by the author).
+                    hands_in = bool({CLIENT, AUTHOR} & set(c.spec.producers)) and own_tenant == tenant
+                    cases[topo.door_subject(subject)] = hands_in and role == CLIENT
                     allowed = (allowed and role != CLIENT) or principal == door.service
                 cases[subject] = allowed
     for d in topo.durables():
@@ -73,7 +75,8 @@ def expected_publish(principal: str) -> dict[str, bool]:
         cases[f"$KV.{b.name}.acme.pm-task"] = principal == b.writer
         cases[f"$JS.API.DIRECT.GET.KV_{b.name}.$KV.{b.name}.acme.pm-task"] = (
             principal == b.writer or principal in b.readers or principal in b.scanners
-        )
+            or (b.tenant_keys and role == CLIENT and own_tenant == "acme")
+        )  # fmt: skip
     for svc in SERVICES:
         cases[topo.dlq_subject(svc, "task.v1.acme.pm-task.submitted")] = svc == principal
     for prefix, writer in topo.SINKS.values():

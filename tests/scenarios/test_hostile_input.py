@@ -69,6 +69,9 @@ def _valid(subject: str) -> dict:
         "halt": {**base, "type": "control.halt", "reason": "x"},
         "cancel": {**base, "type": "control.cancel", "reason": "x"},
         "resume": {**base, "type": "control.resume", "reason": "x"},
+        # an author's change, over the tenant's connection (signed here by the client: refused)
+        "change": {**base, "type": "workflow.change", "action": "publish", "name": "wf", "author": "author.acme.x",
+                   "definition": {"name": "wf", "nodes": [{"id": "a", "kind": "agent", "instruction": "x"}]}},
     }.get(kind, {**base, "type": kind})  # fmt: skip
 
 

@@ -24,7 +24,9 @@ def meshctl(*args: str, home: str) -> subprocess.CompletedProcess[str]:
     ("args", "message"),
     [
         (["submit", "--tenant", "a.b", "x"], "invalid tenant 'a.b'"),
-        (["submit"], "the following arguments are required: goal"),
+        (["submit"], "a goal is needed (or --workflow NAME, whose nodes say what to do)"),
+        (["submit", "x", "--input", "a=1"], "--input is for a workflow's inputs: name the workflow with --workflow"),
+        (["submit", "--workflow", "refund@v2"], "expected NAME, NAME@latest or NAME@<16 hex digits>"),
         (["submit", "x", "--timeout", "-3"], "must be > 0"),
         (["up", "--nats-port", "99999"], "not a port number: '99999'"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),

@@ -18,6 +18,7 @@ from mesh_contracts.v1.common import (
     CheckResult,
     Citation,
     Destination,
+    FixedCall,
     HeldCall,
     PlanStep,
     Replay,
@@ -39,6 +40,8 @@ from mesh_contracts.v1.control import (
 from mesh_contracts.v1.events import ProgressEvent, TokenDelta
 from mesh_contracts.v1.task import (
     PlanCreated,
+    PlanDrafted,
+    PlanReviewed,
     TaskCompleted,
     TaskFailed,
     TaskRejected,
@@ -57,6 +60,7 @@ from mesh_contracts.v1.work import (
     ToolCompleted,
     ToolRequested,
 )
+from mesh_contracts.v1.workflow import WorkflowChange, WorkflowChanged
 
 ALL = (
     TaskSubmitted,
@@ -64,6 +68,8 @@ ALL = (
     TaskCompleted,
     TaskFailed,
     PlanCreated,
+    PlanDrafted,
+    PlanReviewed,
     StepRequested,
     StepCompleted,
     StepFailed,
@@ -90,6 +96,8 @@ ALL = (
     ProgressEvent,
     TokenDelta,
     AuditRecorded,
+    WorkflowChange,
+    WorkflowChanged,
 )
 
 # Spelled out (not computed from ALL) so type checkers see what the package exports.
@@ -112,10 +120,13 @@ __all__ = [
     "ControlHalt",
     "ControlResume",
     "Destination",
+    "FixedCall",
     "HeldCall",
     "IngestCompleted",
     "IngestRequested",
     "PlanCreated",
+    "PlanDrafted",
+    "PlanReviewed",
     "PlanStep",
     "ProgressEvent",
     "Replay",
@@ -141,4 +152,6 @@ __all__ = [
     "ToolCompleted",
     "ToolRequested",
     "UsageRecorded",
+    "WorkflowChange",
+    "WorkflowChanged",
 ]

@@ -124,6 +124,13 @@ class Taint(_Value):
         )
 
 
+class FixedCall(_Value):
+    """One tool call made exactly as written (a workflow's ``tool`` or ``retrieve`` node)."""
+
+    tool: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    arguments: dict[str, Any] = {}
+
+
 class PlanStep(_Value):
     """One step of a plan."""
 
@@ -143,6 +150,10 @@ class PlanStep(_Value):
     output_schema: dict[str, Any] | None = None
     """JSON Schema the step's output must match (the output is then a JSON document); the
     checker verifies it."""
+    call: FixedCall | None = None
+    """A fixed call: the worker makes exactly this call, under the tool policy like any other, with
+    no model turn, and the call's result is the step's output (a failed call fails the step).
+    None: the model works the step with ``tools``."""
 
 
 class CheckResult(_Value):

@@ -77,6 +77,9 @@ class StepState(BaseModel):
     models: list[str] = []
     """``provider/model`` of the completed attempt's model calls."""
     prompt_version: str = ""
+    skipped: bool = False
+    """A workflow node not run (a condition before it did not hold): ``completed`` with no output,
+    so a reader that knows only the statuses sees a step that is over."""
     taint: Taint | None = None
     """What untrusted content the completed attempt read (None: not declared by its worker, so
     its output counts as untrusted); passed on to the steps that take its output."""
@@ -131,6 +134,20 @@ class TaskRecord(Record):
     records and metrics carry."""
     replay: Replay | None = None
     """From ``task.submitted``: the task replays an earlier one (its steps and check carry it)."""
+    workflow: str = ""
+    """``name@version`` of the registered workflow the task runs, pinned when it started ('': the
+    model plans it). Its steps are the workflow's nodes; which run is decided as nodes end."""
+    inputs: dict[str, Any] = {}
+    """From ``task.submitted``: the workflow's inputs."""
+    answer_step: str = ""
+    """The step whose output is the answer when not the last ``answer`` step (a workflow's output node)."""
+    draft: list[PlanStep] = []
+    """A plan waiting for review (``MESH_PLAN_REVIEW``): the steps as drafted or last edited."""
+    draft_hash: str = ""
+    """The waiting draft's hash (``draft_hash``), or the approved one's once the task runs."""
+    draft_revision: int = 0
+    reviewed_by: str = ""
+    """Who approved the plan that runs ('' when the plan was not reviewed)."""
 
     @staticmethod
     def key(tenant: str, task_id: str) -> str:
@@ -244,4 +261,82 @@ class Evidence(Record):
         return f"{tenant}.{task_id}.{step_id}.{attempt}"
 
 
-RECORDS: tuple[type[Record], ...] = (TaskRecord, StatusRecord, Evidence, AdmissionRecord, QuotaRecord)
+class WorkflowEvent(BaseModel):
+    """One change of a workflow version, as the registry applied it."""
+
+    model_config = ConfigDict(extra="allow")
+
+    action: str
+    by: str
+    at: float
+    reason: str = ""
+    change_id: str = ""
+    """The ``workflow.change``'s task id: its link on the audit chain."""
+
+
+class WorkflowVersion(Record):
+    """One version of a tenant's workflow: its definition (immutable: the version is its digest)
+    and its status. Written by the planner (create-only, then compare-and-set on the status);
+    read by the planner when a task names it and by the tenant's ``meshctl workflow``."""
+
+    bucket: ClassVar[str] = "workflows"
+    name: ClassVar[str] = "workflow"
+    key_format: ClassVar[str] = "<tenant>.wf.<name>.<version>"
+
+    tenant: str
+    workflow: str
+    """The workflow's name."""
+    version: str
+    definition: dict[str, Any]
+    """The definition in canonical form (``WorkflowDefinition.canonical``): its SHA-256 is the version."""
+    status: Literal["active", "deprecated", "deleted"] = "active"
+    """``active``: tasks may start it; ``deprecated`` and ``deleted``: no new task may (tasks that
+    started it run on); ``deleted`` also leaves ``list`` (the definition stays, for the tasks that
+    ran it and for the audit)."""
+    published_by: str = ""
+    published_at: float = 0.0
+    history: list[WorkflowEvent] = []
+    """Every change, the publication first."""
+
+    @staticmethod
+    def key(tenant: str, name: str, version: str) -> str:
+        return f"{tenant}.wf.{name}.{version}"
+
+
+class CatalogEntry(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    version: str
+    status: str = "active"
+    published_at: float = 0.0
+    published_by: str = ""
+
+
+class WorkflowCatalog(Record):
+    """A tenant's workflows: every version of each, in the order published, with its status (one
+    key per tenant, compare-and-set). ``name@latest`` is the last one published that is active."""
+
+    bucket: ClassVar[str] = "workflows"
+    name: ClassVar[str] = "workflow-catalog"
+    key_format: ClassVar[str] = "<tenant>.catalog"
+
+    workflows: dict[str, list[CatalogEntry]] = {}
+
+    @staticmethod
+    def key(tenant: str) -> str:
+        return f"{tenant}.catalog"
+
+    def latest(self, name: str) -> str:
+        """The version ``name@latest`` names, or '' if none is active."""
+        return next((e.version for e in reversed(self.workflows.get(name, [])) if e.status == "active"), "")
+
+
+RECORDS: tuple[type[Record], ...] = (
+    TaskRecord,
+    StatusRecord,
+    Evidence,
+    AdmissionRecord,
+    QuotaRecord,
+    WorkflowVersion,
+    WorkflowCatalog,
+)

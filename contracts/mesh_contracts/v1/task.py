@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+import hashlib
+import json
+from typing import Any, ClassVar, Literal
 
 from pydantic import ConfigDict, Field
 
-from mesh_contracts.base import CLIENT, Contract, ContractSpec
+from mesh_contracts.base import APPROVER, CLIENT, Contract, ContractSpec
 from mesh_contracts.decode import KB
 from mesh_contracts.v1.common import (
     CheckResult,
@@ -62,6 +64,12 @@ class TaskSubmitted(Contract):
     replay: Replay | None = None
     """Set when this task replays an earlier one (``meshctl replay``): which model calls answer
     from its recordings, which route the others take; its write and external tools run dry."""
+    workflow: str | None = Field(None, max_length=90)
+    """A registered workflow of the tenant to run (``name``, ``name@latest`` or ``name@<version>``):
+    the planner resolves it when the task starts and the task keeps that version to the end, a
+    newer one published meanwhile or not. None: the planner plans from the goal."""
+    inputs: dict[str, Any] = {}
+    """The workflow's inputs (checked against its ``inputs`` schema; ``{{inputs.<name>}}`` in its nodes)."""
 
 
 REJECTION_CODES = ("invalid", "too_many_in_flight", "rate_limited", "overloaded", "quota_exceeded", "busy")
@@ -148,6 +156,97 @@ class PlanCreated(Contract):
     """Steps in dependency order."""
     revision: int = 1
     """1 for the first plan; increases on replanning."""
+    reviewed: str = ""
+    """The draft (``plan.drafted``'s hash) this plan is, exactly, and who approved it
+    (``<hash> by <reviewer>``); '' when the plan was not reviewed."""
+    workflow: str = ""
+    """``name@version`` of the registered workflow the plan is made of ('' when the model planned)."""
+
+
+class PlanDrafted(Contract):
+    """A plan that waits for a person (the tenant plans under review): nothing runs until one of
+    the tenant's reviewers approves this draft (``plan.reviewed``), edits it (a new draft) or
+    rejects it (the task fails with their reason)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    **_EX,
+                    "type": "plan.drafted",
+                    "steps": [
+                        {"step_id": "s1", "kind": "research", "instruction": "Find it", "tools": ["search_docs"]}
+                    ],
+                    "draft": "5be1c0a94e7d2f13",
+                    "revision": 1,
+                }
+            ]
+        }
+    )
+    spec: ClassVar = ContractSpec(
+        "task",
+        "drafted",
+        producers=("planner",),
+        consumers=(CLIENT, APPROVER),
+        summary="A plan waiting for review.",
+    )
+
+    type: Literal["plan.drafted"] = "plan.drafted"
+    steps: tuple[PlanStep, ...] = Field(min_length=1)
+    draft: str = Field(pattern=r"^[0-9a-f]{16}$")
+    """The draft's hash (``draft_hash``): what a review names, so it decides this draft and no other."""
+    revision: int = 1
+    """1 for the model's draft; one more for each edit."""
+    edited_by: str = ""
+    """Who edited the draft before this one into this one ('' for the model's)."""
+    changes: tuple[str, ...] = ()
+    """What the edit changed, step by step (``~ s2.instruction: ...``)."""
+
+
+REVIEW_DECISIONS = ("approve", "reject", "edit")
+
+
+class PlanReviewed(Contract):
+    """A reviewer's decision on a draft plan: ``approve`` (it runs, exactly as drafted), ``reject``
+    (the task fails with the comment) or ``edit`` (``steps`` become a new draft, which waits for
+    approval in turn)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    **_EX,
+                    "type": "plan.reviewed",
+                    "draft": "5be1c0a94e7d2f13",
+                    "decision": "approve",
+                    "reviewed_by": "approver.acme.alice",
+                }
+            ]
+        }
+    )
+    spec: ClassVar = ContractSpec(
+        "approval",
+        "reviewed",
+        producers=(APPROVER,),
+        consumers=("planner",),
+        summary="Approve, edit or reject a draft plan.",
+        max_bytes=128 * KB,
+    )
+
+    type: Literal["plan.reviewed"] = "plan.reviewed"
+    draft: str = Field(pattern=r"^[0-9a-f]{16}$")
+    decision: Literal["approve", "reject", "edit"]
+    steps: tuple[PlanStep, ...] = ()
+    """``edit``: the plan as the reviewer wants it."""
+    reviewed_by: str
+    """Identity that reviewed (checked against the message's signed identity)."""
+    comment: str = Field("", max_length=2000)
+
+
+def draft_hash(steps: tuple[PlanStep, ...] | list[PlanStep]) -> str:
+    """A draft's identity: the SHA-256 of its steps' canonical JSON, 16 hex digits."""
+    body = json.dumps([s.model_dump(mode="json") for s in steps], sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(body.encode()).hexdigest()[:16]
 
 
 class TaskCompleted(Contract):
@@ -202,6 +301,8 @@ class TaskCompleted(Contract):
     """Tool calls held for a human decision that the task went on without (``policy.on_held``
     ``continue``): the answer does not include their effects, and now that the task has ended
     their approvals are void (one still undecided is never performed)."""
+    workflow: str = ""
+    """``name@version`` of the registered workflow the task ran ('' when the model planned)."""
 
 
 class TaskFailed(Contract):
@@ -248,3 +349,5 @@ class TaskFailed(Contract):
     """Tool calls held for a human decision that the task went on without (``policy.on_held``
     ``continue``): the answer does not include their effects, and now that the task has ended
     their approvals are void (one still undecided is never performed)."""
+    workflow: str = ""
+    """``name@version`` of the registered workflow the task ran ('' when the model planned)."""

@@ -34,11 +34,12 @@ import hashlib
 import json
 import re
 from collections.abc import Iterator
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from mesh_contracts.base import ID_PATTERN
+from mesh_contracts.base import AUTHOR, CLIENT, ID_PATTERN, Contract, ContractSpec
+from mesh_contracts.decode import KB
 
 SCHEMA_VERSION = 1
 MAX_NODES = 64
@@ -133,11 +134,15 @@ class Condition(_Strict):
 
 
 def _at(output: Any, path: str) -> tuple[bool, Any]:
+    """The value at a dot-separated path (a number indexes a list: ``hits.0.doc_id``)."""
     value = output
     for key in [k for k in path.split(".") if k]:
-        if not isinstance(value, dict) or key not in value:
+        if isinstance(value, list) and key.isdigit() and int(key) < len(value):
+            value = value[int(key)]
+        elif isinstance(value, dict) and key in value:
+            value = value[key]
+        else:
             return False, None
-        value = value[key]
     return True, value
 
 
@@ -442,3 +447,167 @@ def advance(
             else:
                 ready.append(i)
     return ready, skipped
+
+
+def output_value(output: str) -> Any:
+    """A node's output as conditions and templates see it: its JSON, or the text itself."""
+    try:
+        return json.loads(output)
+    except (TypeError, ValueError):
+        return output
+
+
+def render(text: str, inputs: dict[str, Any], outputs: dict[str, str]) -> str:
+    """``text`` with its templates filled in: ``{{inputs.<name>}}`` from the task's inputs,
+    ``{{nodes.<id>.output}}`` with a node's output and ``{{nodes.<id>.output.<path>}}`` with a
+    value in its JSON output. Strings go in as they are, other values as JSON; what is missing (a
+    skipped node, a path its output lacks) as an empty string. Substitution is one pass: a value
+    that itself looks like a template is not filled in again."""
+
+    def value(match: re.Match[str]) -> str:
+        parts = match.group(1).split(".")
+        if parts[0] == "inputs":
+            found, v = _at(inputs, ".".join(parts[1:]))
+        elif parts[0] == "nodes" and len(parts) >= 3 and parts[1] in outputs:
+            found, v = _at(output_value(outputs[parts[1]]), ".".join(parts[3:]))
+            if len(parts) == 3:
+                found, v = True, outputs[parts[1]]
+        else:
+            found, v = False, None
+        if not found or v is None:
+            return ""
+        return v if isinstance(v, str) else json.dumps(v)
+
+    return TEMPLATE.sub(value, text)
+
+
+RUNNABLE = ("agent", "tool", "retrieve")
+"""Node kinds this version of the planner runs (the others are defined and validated already)."""
+
+
+def not_runnable(wf: WorkflowDefinition) -> list[str]:
+    """What in ``wf`` this planner cannot honour yet, each said once (empty: it runs as written).
+    A task is refused rather than run with a setting silently ignored."""
+    out = []
+    for n in wf.nodes:
+        if n.kind not in RUNNABLE:
+            out.append(f"node {n.id!r} is {'an' if n.kind[0] in 'aeiou' else 'a'} {n.kind} node")
+        if n.retry.attempts > 1:
+            out.append(f"node {n.id!r} sets retries")
+        if n.timeout_s is not None:
+            out.append(f"node {n.id!r} sets a timeout")
+        if n.budget_share is not None:
+            out.append(f"node {n.id!r} sets a budget share")
+    if wf.mode != "fixed":
+        out.insert(0, f"mode {wf.mode!r} (this planner runs fixed workflows)")
+    return out
+
+
+# --- the registry's messages ----------------------------------------------------------------
+
+VERSION_PATTERN = r"^[0-9a-f]{16}$"
+ACTIONS = ("publish", "deprecate", "restore", "delete")
+REF = re.compile(r"^(?P<name>[A-Za-z0-9_-]{1,64})(@(?P<version>latest|[0-9a-f]{16}))?$")
+"""What a task names: ``name`` or ``name@latest`` (the version published last and not withdrawn,
+resolved and pinned at submission) or ``name@<version>``."""
+
+
+def parse_ref(ref: str) -> tuple[str, str]:
+    """(name, version or ``latest``) of ``name[@latest|@<version>]``; ValueError if malformed."""
+    m = REF.fullmatch(ref.strip())
+    if m is None:
+        raise ValueError(f"workflow {ref!r}: expected NAME, NAME@latest or NAME@<16 hex digits>")
+    return m["name"], m["version"] or "latest"
+
+
+_WF = {"tenant": "acme", "task_id": "wf-5c1d9e"}
+
+
+class WorkflowChange(Contract):
+    """A tenant's author publishes a workflow version, or deprecates, restores or deletes one.
+
+    Signed by the author's own key (``author.<tenant>.<person>``) and handed in at the tenant's
+    door; the planner keeps the registry (KV ``workflows``), judges the author's right under the
+    newest trust bundle, records every change (refused ones too) on the tenant's audit chain and
+    answers with ``workflow.changed`` on the same task id (a change id)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    **_WF,
+                    "type": "workflow.change",
+                    "action": "deprecate",
+                    "name": "refund",
+                    "version": "3f9a0c2b7d41e685",
+                    "author": "author.acme.alice",
+                    "reason": "sends the refund before the approval",
+                }
+            ]
+        }
+    )
+    spec: ClassVar = ContractSpec(
+        "task",
+        "change",
+        producers=(AUTHOR,),
+        consumers=("planner",),
+        summary="An author publishes, deprecates, restores or deletes a workflow version.",
+        max_bytes=256 * KB,
+    )
+
+    type: Literal["workflow.change"] = "workflow.change"
+    action: Literal["publish", "deprecate", "restore", "delete"]
+    name: str = Field(pattern=ID_PATTERN)
+    definition: dict[str, Any] | None = None
+    """``publish``: the definition as written (the planner validates it: a refusal says why)."""
+    version: str = Field("", pattern=r"^([0-9a-f]{16})?$")
+    """The version changed (``publish``: the version the author computed, checked against the
+    planner's own digest; empty to take the planner's)."""
+    author: str = Field(min_length=1, max_length=200)
+    """The identity that signed the change (checked against the message's signed identity)."""
+    reason: str = Field("", max_length=2000)
+    """Why; on the audit chain."""
+
+
+class WorkflowChanged(Contract):
+    """What became of a ``workflow.change``: applied (or already so), or refused with why."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    **_WF,
+                    "type": "workflow.changed",
+                    "action": "publish",
+                    "name": "refund",
+                    "version": "3f9a0c2b7d41e685",
+                    "accepted": True,
+                    "status": "active",
+                    "latest": "3f9a0c2b7d41e685",
+                }
+            ]
+        }
+    )
+    spec: ClassVar = ContractSpec(
+        "task",
+        "changed",
+        producers=("planner",),
+        consumers=(CLIENT,),
+        summary="A workflow change applied or refused.",
+        max_bytes=16 * KB,
+    )
+
+    type: Literal["workflow.changed"] = "workflow.changed"
+    action: str
+    name: str
+    version: str = ""
+    accepted: bool
+    changed: bool = False
+    """False when the registry already said so (the same version published again, a second
+    deprecation): nothing was written."""
+    status: str = ""
+    """The version's status now: ``active``, ``deprecated`` or ``deleted``."""
+    latest: str = ""
+    """The version ``name@latest`` resolves to now ('' when none may start)."""
+    reason: str = ""
+    """Why it was refused."""

@@ -263,6 +263,22 @@ class TrustBundle:
             (p for p in self.principals.values() if p.role == APPROVER and p.tenant == tenant), key=lambda p: p.name
         )
 
+    def may_decide(self, name: str, tenant: str) -> str | None:
+        """Why ``name`` may not decide for ``tenant`` (a held call, a draft plan) under this bundle,
+        or None. A tenant that names approvers has them alone: the console's own ``approver``
+        (bound to no tenant) may not decide for it; with none named, the console decides."""
+        now = self.principals.get(name)
+        if now is None or now.role != APPROVER:
+            return f"{name} is no longer an approver (trust bundle revision {self.revision})"
+        if now.tenant is None:
+            named = [p.name for p in self.approvers(tenant)]
+            if named:
+                who = ", ".join(named[:3]) + (f" and {len(named) - 3} more" if len(named) > 3 else "")
+                return f"tenant {tenant!r} names its own approvers ({who}): {name} may not decide its calls"
+        elif now.tenant != tenant:
+            return f"{name} may speak only for tenant {now.tenant!r}, not {tenant!r}"
+        return None
+
     @classmethod
     def from_json(cls, data: str | bytes) -> TrustBundle:
         raw = json.loads(data)

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import nats
 
-from mesh_contracts.v1 import ApprovalDecided
+from mesh_contracts.v1 import ApprovalDecided, PlanReviewed
 from mesh_kit import envelope as env
 from mesh_kit.identity import Signer
 from mesh_kit.settings import inbox_prefix, log_nats_error, nats_servers, tls_context
@@ -121,6 +121,32 @@ class Approver:
             (r for r in records if (everything or r["status"] == "pending") and self.tenant in (None, r["tenant"])),
             key=lambda r: r["requested_at"],
         )
+
+    async def review(
+        self, tenant: str, task_id: str, draft: str, decision: str, *, steps: tuple[Any, ...] = (), comment: str = ""
+    ) -> str:
+        """Publish a signed decision on a task's draft plan (``plan.reviewed``): approve, reject or
+        edit (``steps``). Returns its message id; the planner applies it or dead-letters it with why."""
+        if self.tenant is not None and tenant != self.tenant:
+            raise ApprovalError(
+                f"task {tenant}/{task_id} is not {self.tenant}'s: {self.name} reviews for {self.tenant} only"
+            )
+        if self.tenant is None and (named := self.named(tenant)):
+            raise ApprovalError(
+                f"{tenant} names its own approvers ({', '.join(named)}): review as one of them (--as {named[0]}); "
+                f"{self.name} may not"
+            )
+        msg = PlanReviewed(
+            tenant=tenant, task_id=task_id, draft=draft, decision=decision, steps=steps,  # type: ignore[arg-type]
+            reviewed_by=self.name, comment=comment,
+        )  # fmt: skip
+        body = msg.to_bytes()
+        msg_id = env.message_id(msg.type, msg.tenant, msg.task_id, uuid.uuid4().hex[:16])
+        assert self.nc is not None
+        await self.nc.jetstream().publish(
+            msg.subject(), body, headers=env.headers_for(self.signer, msg, body, msg_id), timeout=5.0
+        )
+        return msg_id
 
     async def decide(
         self, approval_id: str, approved: bool, comment: str = "", *, wait_s: float = 10.0

@@ -1,4 +1,6 @@
-"""Approvers as people: one signing key per person, trusted for one tenant's approvals.
+"""People with a key of their own, trusted for one tenant: approvers and workflow authors.
+
+The same holds for both roles (``role``: ``approver``, the default, or ``author``); approvers:
 
     meshctl approvers add alice --tenant acme      # a key for approver.acme.alice, in the trust bundle
     meshctl approvals --as approver.acme.alice     # acme's waiting calls
@@ -17,6 +19,11 @@ A tenant that names at least one person has them alone: the console's own ``appr
 may no longer decide its calls (``TrustBundle.approvers``; the tool-executor refuses it, judged
 under the newest published bundle). Removing the last one gives the tenant's calls back to the
 console, so no tenant is left with calls nobody may decide.
+
+Authors (``meshctl authors add alice --tenant acme``: ``author.acme.alice``) publish, deprecate,
+restore and delete the tenant's workflows (``meshctl workflow publish FILE --as author.acme.alice``).
+Their changes travel over the tenant's client connection, signed with their own key; the planner
+judges each under the newest bundle, so removing an author stops their next change at once.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from mesh_contracts.base import APPROVER
+from mesh_contracts.base import APPROVER, AUTHOR
 from mesh_kit.identity import Principal, TrustBundle, new_signing_key, private_pem
 
 if TYPE_CHECKING:
@@ -39,52 +46,61 @@ class ApproverError(Exception):
     """An approver that cannot be added or removed; one line for the operator."""
 
 
-def principal_of(tenant: str, person: str) -> str:
-    return f"{APPROVER}.{tenant}.{person}"
+ROLES = (APPROVER, AUTHOR)
 
 
-def people(bundle: TrustBundle, tenant: str | None = None) -> list[Principal]:
-    """The people who approve (not the console's own ``approver``), of ``tenant`` or of all."""
+def principal_of(tenant: str, person: str, role: str = APPROVER) -> str:
+    return f"{role}.{tenant}.{person}"
+
+
+def people(bundle: TrustBundle, tenant: str | None = None, role: str = APPROVER) -> list[Principal]:
+    """The people of ``role`` (not the console's own ``approver``), of ``tenant`` or of all."""
     return sorted(
-        (p for p in bundle.principals.values() if p.role == APPROVER and p.tenant and (tenant in (None, p.tenant))),
+        (p for p in bundle.principals.values() if p.role == role and p.tenant and (tenant in (None, p.tenant))),
         key=lambda p: p.name,
     )
 
 
-def _check(ids: Identities, tenant: str, person: str) -> str:
+def _check(ids: Identities, tenant: str, person: str, role: str) -> str:
+    if role not in ROLES:
+        raise ApproverError(f"no such role {role!r} (roles: {', '.join(ROLES)})")
     if not PERSON.fullmatch(person):
-        raise ApproverError(f"approver name {person!r}: 1-32 of a-z, 0-9, '-' and '_', starting with a letter or digit")
+        raise ApproverError(f"{role} name {person!r}: 1-32 of a-z, 0-9, '-' and '_', starting with a letter or digit")
     if tenant not in ids.tenants():
         raise ApproverError(f"unknown tenant {tenant!r} (tenants: {', '.join(ids.tenants()) or 'none'})")
-    return principal_of(tenant, person)
+    return principal_of(tenant, person, role)
 
 
-async def add(ids: Identities, tenant: str, person: str, nats_url: str | Sequence[str]) -> tuple[str, int]:
-    """Mint ``person``'s signing key, trust it for ``tenant`` and publish the bundle; returns the
-    principal and the bundle's new revision."""
+async def add(
+    ids: Identities, tenant: str, person: str, nats_url: str | Sequence[str], role: str = APPROVER
+) -> tuple[str, int]:
+    """Mint ``person``'s signing key, trust it for ``tenant`` in ``role`` and publish the bundle;
+    returns the principal and the bundle's new revision."""
     from meshctl.identity import _write_secret
     from meshctl.rotation import publish_bundle
 
-    name = _check(ids, tenant, person)
+    name = _check(ids, tenant, person, role)
     bundle = TrustBundle.from_file(ids.trust_bundle)
     if name in bundle.principals:
-        raise ApproverError(f"{name} is already an approver (remove it first to issue a new key)")
+        raise ApproverError(f"{name} is already an {role} (remove it first to issue a new key)")
     key = new_signing_key()
     _write_secret(ids.signing_key(name), private_pem(key))
-    added = Principal(name, APPROVER, tenant, key.public_key())
+    added = Principal(name, role, tenant, key.public_key())
     bundle = TrustBundle({**bundle.principals, name: added}, bundle.auditors, bundle.revision + 1)
     await publish_bundle(ids, bundle, nats_url)
     return name, bundle.revision
 
 
-async def remove(ids: Identities, tenant: str, person: str, nats_url: str | Sequence[str]) -> tuple[str, int]:
+async def remove(
+    ids: Identities, tenant: str, person: str, nats_url: str | Sequence[str], role: str = APPROVER
+) -> tuple[str, int]:
     """Take ``person``'s key out of the bundle (publishing it) and retire the key file."""
     from meshctl.rotation import publish_bundle
 
-    name = _check(ids, tenant, person)
+    name = _check(ids, tenant, person, role)
     bundle = TrustBundle.from_file(ids.trust_bundle)
     if name not in bundle.principals:
-        raise ApproverError(f"{name} is not an approver (list them with: meshctl approvers list)")
+        raise ApproverError(f"{name} is not an {role} (list them with: meshctl {role}s list)")
     remaining = {k: v for k, v in bundle.principals.items() if k != name}
     bundle = TrustBundle(remaining, bundle.auditors, bundle.revision + 1)
     await publish_bundle(ids, bundle, nats_url)

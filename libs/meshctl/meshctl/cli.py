@@ -42,7 +42,7 @@ from mesh_kit.guard import CONTROL_BUCKET, GLOBAL_KEY, tenant_key
 from mesh_kit.identity import Signer, TrustBundle, Verifier
 from mesh_kit.settings import log_nats_error, nats_servers
 from meshctl import budget as spend
-from meshctl import local, workflow
+from meshctl import local, review, workflow
 from meshctl import options as opt
 from meshctl.ask import AskError
 from meshctl.identity import Identities, write_secret
@@ -351,6 +351,12 @@ def print_held(held: Sequence[HeldCall], file: TextIO = sys.stdout) -> None:
 def cmd_submit(args: argparse.Namespace) -> int:
     from meshctl.client import Followed, Resubmit
 
+    if args.goal is None and args.workflow is None:
+        args.usage("a goal is needed (or --workflow NAME, whose nodes say what to do)")
+    if args.inputs and args.workflow is None:
+        args.usage("--input is for a workflow's inputs: name the workflow with --workflow")
+    if args.goal is None:
+        args.goal = f"run workflow {args.workflow}"
     client = _tenant_client(args)
 
     live = {"call": ""}  # the model call whose tokens are being printed, if a line is open
@@ -402,6 +408,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
                 limits=TaskLimits(**limits) if limits else None,
                 resubmit=Resubmit(args.retry, args.retry_max_wait) if args.retry else None,
                 refusal_wait_s=0.0 if args.follow else args.refusal_wait,
+                workflow=args.workflow, inputs=dict(args.inputs or ()),
             )  # fmt: skip
         out = seen.outcome
         if not args.follow:
@@ -566,33 +573,43 @@ def _approver(args: argparse.Namespace):
 
 
 def cmd_approvers(args: argparse.Namespace) -> int:
-    """``meshctl approvers add|remove NAME --tenant T`` and ``approvers list``: the people who
-    decide a tenant's approvals, each with a key of their own in the trust bundle."""
+    """``meshctl approvers|authors add|remove NAME --tenant T`` and ``... list``: the people who
+    decide a tenant's approvals, or author its workflows, each with a key of their own in the
+    trust bundle."""
     from mesh_kit.identity import TrustBundle
     from meshctl import approvers
 
+    role = getattr(args, "role", "approver")
     ids = Identities(opt.home(args))
     if not ids.exists():
         raise MeshError(f"no identities in {ids.home} (run: meshctl init)")
     if args.action == "list":
-        found = approvers.people(TrustBundle.from_file(ids.trust_bundle), args.tenant)
+        found = approvers.people(TrustBundle.from_file(ids.trust_bundle), args.tenant, role)
         if args.json:
             print(json.dumps([{"principal": p.name, "tenant": p.tenant} for p in found], indent=2))
         elif not found:
             where = f" for {args.tenant}" if args.tenant else ""
-            print(f"no approvers{where} (add one: meshctl approvers add NAME --tenant T)")
+            print(f"no {role}s{where} (add one: meshctl {role}s add NAME --tenant T)")
         else:
             print("\n".join(f"{p.name}  tenant {p.tenant}" for p in found))
         return 0
     if not args.name or not args.tenant:
-        raise MeshError(f"approvers {args.action} needs a NAME and --tenant")
+        raise MeshError(f"{role}s {args.action} needs a NAME and --tenant")
     act = approvers.add if args.action == "add" else approvers.remove
 
     async def run() -> int:
         try:
-            name, revision = await act(ids, args.tenant, args.name, nats_servers(_nats_url(args, ids.home)))
+            name, revision = await act(ids, args.tenant, args.name, nats_servers(_nats_url(args, ids.home)), role)
         except approvers.ApproverError as exc:
             raise MeshError(str(exc)) from None
+        if role == "author":
+            if args.action == "add":
+                print(f"{name} authors {args.tenant}'s workflows (trust bundle revision {revision}); key "
+                      f"{ids.signing_key(name)}: give it to them. Publish with: meshctl workflow publish FILE "
+                      f"--as {name}")  # fmt: skip
+            else:
+                print(f"{name} removed: the planner refuses their next change (trust bundle revision {revision})")
+            return 0
         named = TrustBundle.from_file(ids.trust_bundle).approvers(args.tenant)
         if args.action == "add":
             print(f"{name} approves for {args.tenant} (trust bundle revision {revision}); key "
@@ -1167,7 +1184,7 @@ def _mesh_commands(sub: argparse._SubParsersAction) -> None:
 def _task_commands(sub: argparse._SubParsersAction) -> None:
     """Commands as a tenant's client: submit and follow a task, control it, ingest documents."""
     s = sub.add_parser("submit", help="submit a task as a tenant's client")
-    s.add_argument("goal", help="what you want done")
+    s.add_argument("goal", nargs="?", default=None, help="what you want done (with --workflow: optional)")
     s.add_argument("--tenant", type=opt.tenant, default="demo")
     s.add_argument("--task-id", type=opt.tenant, default=None, help="defaults to a random id")
     s.add_argument(
@@ -1199,8 +1216,13 @@ def _task_commands(sub: argparse._SubParsersAction) -> None:
                    help="most seconds the task may wait in queues in all before it is cancelled (default: no limit)")  # fmt: skip
     s.add_argument("--stall-timeout", type=opt.positive, default=None, metavar="S",
                    help="seconds without progress, queue time excluded, before it counts as stalled (default 120)")  # fmt: skip
+    s.add_argument("--workflow", type=opt.workflow_ref, default=None, metavar="NAME[@VERSION]",
+                   help="run the tenant's registered workflow: NAME (its latest version), NAME@latest or "
+                        "NAME@VERSION; the task keeps that version to the end (meshctl workflow list)")  # fmt: skip
+    s.add_argument("--input", type=opt.workflow_input, action="append", metavar="KEY=VALUE", dest="inputs",
+                   help="an input of the workflow (a JSON value, or else text; repeatable)")  # fmt: skip
     s.add_argument("--nats-url", default=None)
-    s.set_defaults(fn=cmd_submit)
+    s.set_defaults(fn=cmd_submit, usage=s.error)
 
     for verb, text in (
         ("halt", "pause a task: every service refuses its next model or tool call until resume"),
@@ -1249,7 +1271,15 @@ def _approver_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--tenant", default=None, help="the tenant they approve for (list: only this tenant's)")
     s.add_argument("--json", action="store_true")
     s.add_argument("--nats-url", default=None)
-    s.set_defaults(fn=cmd_approvers)
+    s.set_defaults(fn=cmd_approvers, role="approver")
+
+    s = sub.add_parser("authors", help="the people who publish a tenant's workflows, each with their own key")
+    s.add_argument("action", choices=("add", "list", "remove"))
+    s.add_argument("name", nargs="?", default="", help="the person (add, remove), e.g. alice")
+    s.add_argument("--tenant", default=None, help="the tenant whose workflows they author (list: only this tenant's)")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--nats-url", default=None)
+    s.set_defaults(fn=cmd_approvers, role="author")
 
 
 def _operator_commands(sub: argparse._SubParsersAction) -> None:
@@ -1392,6 +1422,7 @@ def build_parser() -> argparse.ArgumentParser:
     _approver_commands(sub)
     _operator_commands(sub)
     workflow.register(sub)
+    review.register(sub)
     for command in entry_points(group="meshctl.commands"):  # e.g. `eval`, from the mesh-eval package
         command.load()(sub)
     return p

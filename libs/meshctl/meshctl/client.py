@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import json
 import random
 import secrets
 import ssl
@@ -47,6 +48,8 @@ from mesh_contracts.v1 import (
     TaskSubmitted,
     TokenDelta,
     UsageRecorded,
+    WorkflowChange,
+    WorkflowChanged,
 )
 from mesh_kit import envelope as env
 from mesh_kit import wire
@@ -290,19 +293,21 @@ class TenantClient:
             await self.nc.close()
 
     async def publish(
-        self, model: Contract, key: str = "1", *, within_s: float = 60.0, trace: str | None = None
-    ) -> Stored:
+        self, model: Contract, key: str = "1", *, within_s: float = 60.0, trace: str | None = None,
+        signer: Signer | None = None,
+    ) -> Stored:  # fmt: skip
         """Hand the message in at its door (``mesh_kit.door``: a tenant writes to no stream itself)
         until the stream acknowledges it. While the broker or the door's keeper is unavailable (a
         restart, a cluster electing a new leader after a node died) it retries for up to
         ``within_s``: the message id is deterministic, so a retry of one that did land is stored
         once. ``DoorRefused`` when the door says no (the tenant's quota, a bad message), with
         ``code`` and ``retry_after_s``; ``StreamFull`` when the stream is at its cap. A submission
-        starts its task's trace (``trace``, a W3C traceparent; by default ``traceparent()``)."""
+        starts its task's trace (``trace``, a W3C traceparent; by default ``traceparent()``).
+        ``signer``: a person's key (an author's change) instead of the client's own."""
         assert self.nc is not None
         body = model.to_bytes()
         headers = env.headers_for(
-            self.signer, model, body, env.message_id(model.type, model.tenant, model.task_id, key)
+            signer or self.signer, model, body, env.message_id(model.type, model.tenant, model.task_id, key)
         )
         if isinstance(model, TaskSubmitted):
             headers[PRIORITY] = str(model.priority)  # the planner's fair queue reads it unparsed
@@ -345,9 +350,12 @@ class TenantClient:
         replay: Replay | None = None,
         resubmit: Resubmit | None = None,
         refusal_wait_s: float = 0.0,
+        workflow: str | None = None,
+        inputs: dict[str, Any] | None = None,
     ) -> Followed:
         """Publish ``task.submitted`` and (optionally) follow the task to its outcome.
-        ``replay`` makes it a replay of an earlier task (``meshctl replay``).
+        ``replay`` makes it a replay of an earlier task (``meshctl replay``). ``workflow`` names a
+        registered workflow of the tenant to run (``name[@latest|@<version>]``), with its ``inputs``.
 
         ``progress=False`` waits for the outcome alone: no progress events, usage records or
         streamed tokens reach this client, so it verifies a few messages a task instead of dozens (a program that
@@ -430,6 +438,8 @@ class TenantClient:
             labels=labels or {},
             priority=priority,
             replay=replay,
+            workflow=workflow,
+            inputs=inputs or {},
         )
         again = resubmit or Resubmit(attempts=0)
         deadline, waited = 0.0, 0.0
@@ -502,6 +512,69 @@ class TenantClient:
                 await catch_up()
         if not done.is_set():
             await catch_up()  # last look before reporting no outcome
+
+    async def change_workflow(
+        self, change: WorkflowChange, author: Signer, *, timeout: float = 30.0
+    ) -> WorkflowChanged | TaskRejected:
+        """Hand an author's change in (signed with their key) and wait for the planner's answer:
+        ``workflow.changed`` (applied, or refused with why), or ``task.rejected`` when the change
+        could not even be read. ``TimeoutError`` when no answer came within ``timeout``."""
+        assert self.nc is not None
+        answer: asyncio.Future[WorkflowChanged | TaskRejected] = asyncio.get_running_loop().create_future()
+
+        def accept(subject: str, data: bytes, headers: dict[str, str] | None) -> None:
+            try:
+                model = self._believe(subject, data, headers)
+            except (ContractError, IdentityError):
+                return
+            if isinstance(model, WorkflowChanged | TaskRejected) and not answer.done():
+                answer.set_result(model)
+
+        async def on_msg(msg: Msg) -> None:
+            accept(msg.subject, msg.data, msg.headers)
+
+        sub = await self.nc.subscribe(f"task.*.{self.tenant}.{change.task_id}.>", cb=on_msg)
+        try:
+            await self.nc.flush()
+            await self.publish(change, signer=author)
+            deadline = time.monotonic() + timeout
+            while not answer.done():
+                try:
+                    return await asyncio.wait_for(asyncio.shield(answer), timeout=min(2.0, timeout))
+                except TimeoutError:
+                    stored = await self._stored(WorkflowChanged, change.task_id)  # answered before we listened?
+                    if stored is not None:
+                        accept(*stored)
+                    if time.monotonic() > deadline and not answer.done():
+                        raise TimeoutError(
+                            f"no answer to workflow change {change.task_id} within {timeout:g} s"
+                        ) from None
+            return answer.result()
+        finally:
+            await sub.unsubscribe()
+
+    async def registry(self, key: str) -> dict[str, Any] | None:
+        """A record of the tenant's workflow registry (KV ``workflows``, key ``<tenant>.<key>``), or
+        None. A client reads its own tenant's keys, one at a time (its only right on the bucket)."""
+        assert self.nc is not None
+        js = self.nc.jetstream(timeout=5.0)
+        try:
+            stored = await js.get_last_msg("KV_workflows", f"$KV.workflows.{self.tenant}.{key}", direct=True)
+        except nats.js.errors.NotFoundError:
+            return None
+        if not stored.data or (stored.headers or {}).get("KV-Operation") in ("DEL", "PURGE"):
+            return None
+        value: dict[str, Any] = json.loads(stored.data)
+        return value
+
+    async def _stored(self, cls: type[Contract], task_id: str) -> tuple[str, bytes, dict[str, str] | None] | None:
+        assert self.nc is not None
+        subject = cls.spec.subject(self.tenant, task_id)
+        try:
+            stored = await self.nc.jetstream(timeout=5.0).get_last_msg(STREAMS[cls.spec.domain], subject, direct=True)
+        except (nats.errors.Error, TimeoutError):
+            return None
+        return (subject, stored.data, stored.headers) if stored.data else None
 
     def _believe(self, subject: str, data: bytes, headers: dict[str, str] | None) -> Contract:
         """Parse a message and verify its sender's token; raises ContractError / IdentityError.

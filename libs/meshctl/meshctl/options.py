@@ -10,7 +10,7 @@ import re
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from pydantic import ValidationError
 
@@ -88,6 +88,28 @@ def label(value: str) -> tuple[str, str]:
             f"{value!r} is not KEY=VALUE (a key of letters, digits, '-', '_', '.'; a value of 1-128 characters)"
         )
     return key, val
+
+
+def workflow_ref(value: str) -> str:
+    """``NAME``, ``NAME@latest`` or ``NAME@<version>`` (16 hex digits)."""
+    from mesh_contracts.v1.workflow import parse_ref
+
+    try:
+        name, version = parse_ref(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return f"{name}@{version}"
+
+
+def workflow_input(value: str) -> tuple[str, Any]:
+    """``KEY=VALUE``: the value as JSON if it is JSON (``3``, ``true``, ``[1, 2]``), else the text."""
+    key, sep, val = value.partition("=")
+    if not sep or not re.match(r"^[A-Za-z0-9_-]{1,64}$", key):
+        raise argparse.ArgumentTypeError(f"{value!r} is not KEY=VALUE (a key of letters, digits, '-' or '_')")
+    try:
+        return key, json.loads(val)
+    except json.JSONDecodeError:
+        return key, val
 
 
 def tenants(value: str) -> list[str]:

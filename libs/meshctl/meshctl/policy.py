@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mesh_contracts import APPROVER, CLIENT, SERVICES
+from mesh_contracts import APPROVER, AUTHOR, CLIENT, SERVICES
 from mesh_contracts import topology as topo
 from mesh_contracts.registry import VERSIONS
 from mesh_contracts.v1 import AuditRecorded
@@ -139,7 +139,8 @@ def client_permissions(tenant: str) -> Permissions:
     p.add_sub(f"{inbox_prefix(name)}.>")
     for major, c in _contracts():
         s = c.spec
-        if CLIENT in s.producers and s.transport == "stream":
+        if {CLIENT, AUTHOR} & set(s.producers) and s.transport == "stream":
+            # (an author's change travels over the tenant's client connection, signed by the author)
             # Never onto a stream: through the contract's door, which keeps the tenant's quota.
             p.add_pub(topo.door_subject(f"{s.domain}.v{major}.{tenant}.*.{s.event}"))
         elif CLIENT in s.producers:
@@ -150,6 +151,10 @@ def client_permissions(tenant: str) -> Permissions:
     # Catch up on what it missed (last result of a task) without consumer rights.
     for domain in ("task", "event"):
         p.add_pub(f"$JS.API.DIRECT.GET.{topo.STREAMS[domain]}.{domain}.*.{tenant}.>")
+    # Its own keys of the buckets it may read them in (the workflow registry), one key per read.
+    for b in topo.BUCKETS:
+        if b.tenant_keys:
+            p.add_pub(f"$JS.API.DIRECT.GET.KV_{b.name}.$KV.{b.name}.{tenant}.>")
     return p
 
 

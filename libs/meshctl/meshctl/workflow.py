@@ -5,13 +5,22 @@ problem of each file, one line each, naming the node and the field; ``show`` dra
 or as a mermaid flowchart; ``diff`` says what changed between two definitions, node by node.
 A definition's version is the digest of its content (``name@<digest>``): the same file has the
 same version wherever it is published.
+
+The registry (the planner keeps it: ``mesh_planner.workflows``) holds a tenant's versions:
+``publish`` (as an author: ``--as author.<tenant>.<person>``, see ``meshctl authors``), ``list``,
+``show`` and ``diff`` of registered versions (``NAME@VERSION``, ``NAME@latest``) as well as files,
+and ``deprecate``, ``restore`` and ``delete`` of a version. A task runs one with
+``meshctl submit --workflow NAME[@VERSION]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
+import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +36,9 @@ from mesh_contracts.v1.workflow import (
     SignalNode,
     TimerNode,
     ToolNode,
+    WorkflowChange,
     WorkflowDefinition,
+    parse_ref,
 )
 from meshctl import options as opt
 from meshctl.local import MeshError
@@ -237,7 +248,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    wf = _one(args.file)
+    wf = _definition(args, args.file)
     if args.json:
         print(json.dumps({"ref": wf.ref(), "digest": wf.digest(), "definition": wf.model_dump(mode="json")}, indent=2))
     else:
@@ -246,7 +257,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    old, new = _one(args.old), _one(args.new)
+    old, new = _definition(args, args.old), _definition(args, args.new)
     changes = diff(old, new)
     print(f"{old.ref()} -> {new.ref()}")
     print("\n".join(changes) if changes else "no change")
@@ -260,18 +271,208 @@ def _one(path: Path) -> WorkflowDefinition:
         raise MeshError(f"{exc.source}: not a valid workflow: {'; '.join(exc.problems)}") from None
 
 
+# --- the registry ----------------------------------------------------------------------------
+
+
+def _is_file(arg: str) -> bool:
+    return Path(arg).exists() or arg.endswith((".yaml", ".yml", ".json")) or "/" in arg
+
+
+def _definition(args: argparse.Namespace, arg: str) -> WorkflowDefinition:
+    """A definition from a file, or a registered version of ``--tenant``'s (``NAME[@VERSION]``)."""
+    if _is_file(arg):
+        return _one(Path(arg))
+    if not getattr(args, "tenant", None):
+        raise MeshError(f"{arg}: no such file; to show a registered version, say whose: --tenant T")
+    try:
+        name, version = parse_ref(arg)
+    except ValueError as exc:
+        raise MeshError(str(exc)) from None
+
+    async def fetch() -> dict[str, Any]:
+        async with _client(args, args.tenant) as client:
+            if version == "latest":
+                latest = _latest(await client.registry("catalog") or {}, name)
+                if not latest:
+                    raise MeshError(f"tenant {args.tenant} has no active version of {name!r} (meshctl workflow list)")
+                found = await client.registry(f"wf.{name}.{latest}")
+            else:
+                found = await client.registry(f"wf.{name}.{version}")
+            if found is None:
+                raise MeshError(
+                    f"tenant {args.tenant} has no workflow {arg} (meshctl workflow list --tenant {args.tenant})"
+                )
+            return found
+
+    rec = asyncio.run(fetch())
+    return WorkflowDefinition.model_validate(rec["definition"])
+
+
+def _latest(catalog: dict[str, Any], name: str) -> str:
+    versions = (catalog.get("workflows") or {}).get(name) or []
+    return next((v["version"] for v in reversed(versions) if v.get("status") == "active"), "")
+
+
+def _client(args: argparse.Namespace, tenant: str) -> Any:
+    from meshctl.cli import _nats_url
+    from meshctl.client import TenantClient
+    from meshctl.identity import Identities
+
+    home = opt.home(args)
+    ids = Identities(home)
+    if not ids.creds(f"client.{tenant}").exists():
+        raise MeshError(f"unknown tenant {tenant!r} (known: {', '.join(ids.tenants()) or 'none'})")
+    return TenantClient.of(ids, _nats_url(args, home), tenant)
+
+
+def _author(args: argparse.Namespace) -> tuple[str, Any]:
+    """(tenant, signer) of ``--as author.<tenant>.<person>``, with the person's key from the mesh home."""
+    from mesh_kit.identity import Signer
+    from meshctl.identity import Identities
+
+    parts = (args.as_ or "").split(".")
+    if len(parts) != 3 or parts[0] != "author":
+        raise MeshError(f"--as {args.as_!r}: an author is author.<tenant>.<person> (meshctl authors list)")
+    tenant, person = parts[1], parts[2]
+    if args.tenant and args.tenant != tenant:
+        raise MeshError(f"{args.as_} authors tenant {tenant}'s workflows, not {args.tenant}'s")
+    key = Identities(opt.home(args)).signing_key(args.as_)
+    if not key.exists():
+        raise MeshError(f"no key for {args.as_} in this mesh home (add the author: meshctl authors add {person} "
+                        f"--tenant {tenant})")  # fmt: skip
+    return tenant, Signer.from_file(args.as_, key)
+
+
+def _change(args: argparse.Namespace, action: str, name: str, version: str = "", definition: Any = None) -> int:
+    tenant, signer = _author(args)
+    change = WorkflowChange(
+        tenant=tenant, task_id=f"wf-{uuid.uuid4().hex[:12]}", action=action, name=name,  # type: ignore[arg-type]
+        version=version, definition=definition, author=signer.principal, reason=args.reason or "",
+    )  # fmt: skip
+
+    async def run() -> Any:
+        async with _client(args, tenant) as client:
+            return await client.change_workflow(change, signer, timeout=args.timeout)
+
+    try:
+        answer = asyncio.run(run())
+    except TimeoutError as exc:
+        raise MeshError(f"{exc} (is the planner running?)") from None
+    if args.json:
+        print(json.dumps(answer.model_dump(mode="json"), indent=2))
+    if not getattr(answer, "accepted", False):
+        if not args.json:
+            print(f"meshctl: {action} {name} refused: {answer.reason}", file=sys.stderr)
+        return 1
+    if not args.json:
+        ref = f"{name}@{answer.version}"
+        what = {"publish": "published", "deprecate": "deprecated", "restore": "restored", "delete": "deleted"}[action]
+        head = f"{ref} {what}" if answer.changed else f"{ref} was already {answer.status} (nothing changed)"
+        latest = (
+            f"{name}@latest is {answer.latest}"
+            if answer.latest
+            else f"{name} has no active version: no new task may run it"
+        )
+        print(f"{head}; {latest}")
+    return 0
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    wf = _one(args.file)
+    return _change(args, "publish", wf.name, wf.digest(), wf.model_dump(mode="json"))
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    try:
+        name, version = parse_ref(args.ref)
+    except ValueError as exc:
+        raise MeshError(str(exc)) from None
+    if version == "latest":
+        raise MeshError(f"{args.action} names one version: {name}@VERSION (meshctl workflow list)")
+    return _change(args, args.action, name, version)
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    async def run() -> dict[str, Any]:
+        async with _client(args, args.tenant) as client:
+            return await client.registry("catalog") or {}
+
+    catalog = asyncio.run(run())
+    workflows = catalog.get("workflows") or {}
+    if args.json:
+        print(json.dumps(workflows, indent=2))
+        return 0
+    if not workflows:
+        print(
+            f"tenant {args.tenant} has no workflow (publish one: meshctl workflow publish FILE --as author.{args.tenant}.NAME)"
+        )
+        return 0
+    for name in sorted(workflows):
+        latest = _latest(catalog, name)
+        print(f"{name}  (latest: {latest or 'none active'})")
+        for v in workflows[name]:
+            if v.get("status") == "deleted" and not args.all:
+                continue
+            at = time.strftime("%Y-%m-%d %H:%M", time.gmtime(v.get("published_at", 0)))
+            mark = "  <- latest" if v["version"] == latest else ""
+            print(f"  {v['version']}  {v.get('status', '?'):10}  {at} UTC  {v.get('published_by', '')}{mark}")
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
-    s = sub.add_parser("workflow", help="workflow definitions: validate, show (text or mermaid), diff")
+    s = sub.add_parser("workflow", help="workflow definitions and the tenant's registry: validate, publish, list, "
+                                         "show, diff, deprecate, restore, delete")  # fmt: skip
     w = s.add_subparsers(dest="action", required=True, parser_class=opt.Parser)
     v = w.add_parser("validate", help="check definitions (YAML or JSON): every problem, one line each")
     v.add_argument("files", nargs="+", type=Path, metavar="FILE")
     v.set_defaults(fn=cmd_validate)
+
+    def reach(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--nats-url", default=None)
+        p.add_argument("--timeout", type=opt.positive, default=30.0, help="seconds to wait for the planner's answer")
+
     sh = w.add_parser("show", help="a definition's DAG, its version (name@digest) and each node's limits")
-    sh.add_argument("file", type=Path, metavar="FILE")
+    sh.add_argument("file", metavar="FILE|NAME[@VERSION]", help="a file, or a registered version (with --tenant)")
+    sh.add_argument("--tenant", type=opt.tenant, default=None, help="whose registered version")
     sh.add_argument("--mermaid", action="store_true", help="as a mermaid flowchart")
     sh.add_argument("--json", action="store_true", help="the canonical definition and its digest")
+    reach(sh)
     sh.set_defaults(fn=cmd_show)
-    d = w.add_parser("diff", help="what changed between two definitions, node by node")
-    d.add_argument("old", type=Path, metavar="OLD")
-    d.add_argument("new", type=Path, metavar="NEW")
+    d = w.add_parser("diff", help="what changed between two definitions (files or registered versions), node by node")
+    d.add_argument("old", metavar="OLD")
+    d.add_argument("new", metavar="NEW")
+    d.add_argument("--tenant", type=opt.tenant, default=None, help="whose registered versions")
+    reach(d)
     d.set_defaults(fn=cmd_diff)
+    p = w.add_parser("publish", help="register a definition as a new version (as an author)")
+    p.add_argument("file", type=Path, metavar="FILE")
+    for c in (p,):
+        c.add_argument(
+            "--as", dest="as_", required=True, metavar="AUTHOR", help="author.<tenant>.<person> (meshctl authors)"
+        )
+        c.add_argument("--tenant", type=opt.tenant, default=None, help="(the author's tenant)")
+        c.add_argument("--reason", default=None, help="why: on the tenant's audit chain")
+        c.add_argument("--json", action="store_true")
+        reach(c)
+    p.set_defaults(fn=cmd_publish)
+    for verb, text in (
+        ("deprecate", "no new task may start this version (tasks running it go on); @latest moves back"),
+        ("restore", "a deprecated version may be started again"),
+        ("delete", "withdraw a version for good (its definition stays for the tasks that ran it and the audit)"),
+    ):
+        c = w.add_parser(verb, help=text)
+        c.add_argument("ref", metavar="NAME@VERSION")
+        c.add_argument(
+            "--as", dest="as_", required=True, metavar="AUTHOR", help="author.<tenant>.<person> (meshctl authors)"
+        )
+        c.add_argument("--tenant", type=opt.tenant, default=None, help="(the author's tenant)")
+        c.add_argument("--reason", default=None, help="why: on the tenant's audit chain")
+        c.add_argument("--json", action="store_true")
+        reach(c)
+        c.set_defaults(fn=cmd_status)
+    ls = w.add_parser("list", help="the tenant's workflows: every version, its status, who published it, @latest")
+    ls.add_argument("--tenant", type=opt.tenant, required=True)
+    ls.add_argument("--all", action="store_true", help="deleted versions too")
+    ls.add_argument("--json", action="store_true")
+    reach(ls)
+    ls.set_defaults(fn=cmd_list)

@@ -90,6 +90,8 @@ DOOR_KEEPER = kv_scan("quotas") | STORE_LEVELS
 INTENDED: dict[str, set[str]] = {
     "planner": EVERY_SERVICE
     | fetch("TASK", "planner--task-submitted")
+    | fetch("TASK", "planner--task-change")  # authors' workflow changes
+    | fetch("APPROVAL", "planner--approval-reviewed")  # reviewers' decisions on draft plans
     | fetch("STEP", "planner--step-completed")
     | fetch("STEP", "planner--step-failed")
     | fetch("CHECK", "planner--check-verdict")
@@ -99,6 +101,7 @@ INTENDED: dict[str, set[str]] = {
     | kv_own("tasks")
     | kv_own("status")
     | kv_own("evidence")
+    | kv_own("workflows")  # the workflow registry
     | kv_own("admission")  # per tenant: tasks in flight, its submission token bucket
     | kv_scan("admission")  # every tenant's run slots, read at start (then followed on its feed)
     | kv_read("tools")
@@ -162,8 +165,17 @@ INTENDED: dict[str, set[str]] = {
     | AUDIT_WRITER  # budget trips
     | quota("budget", "CONTROL", "AUDIT", "EVENTS"),
     "approver": kv_scan("approvals"),
-    "client.acme": {"$JS.API.DIRECT.GET.TASK.task.*.acme.>", "$JS.API.DIRECT.GET.EVENTS.event.*.acme.>"},
-    "client.globex": {"$JS.API.DIRECT.GET.TASK.task.*.globex.>", "$JS.API.DIRECT.GET.EVENTS.event.*.globex.>"},
+    # its own events and outcomes, and its own workflow registry keys, one key per read
+    "client.acme": {
+        "$JS.API.DIRECT.GET.TASK.task.*.acme.>",
+        "$JS.API.DIRECT.GET.EVENTS.event.*.acme.>",
+        "$JS.API.DIRECT.GET.KV_workflows.$KV.workflows.acme.>",
+    },
+    "client.globex": {
+        "$JS.API.DIRECT.GET.TASK.task.*.globex.>",
+        "$JS.API.DIRECT.GET.EVENTS.event.*.globex.>",
+        "$JS.API.DIRECT.GET.KV_workflows.$KV.workflows.globex.>",
+    },
 }
 
 WHY: dict[str, str] = {

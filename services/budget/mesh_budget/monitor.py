@@ -309,6 +309,8 @@ class Monitor:
                 "check.requested": self._check_requested,
                 "approval.requested": self._approval_requested,
                 "approval.decided": self._approval_decided,
+                "plan.drafted": self._approval_requested,  # a plan waiting for review: a person's wait
+                "plan.reviewed": self._approval_decided,
                 "control.halt": self._halted,
                 "control.resume": self._resumed,
                 "control.cancel": self._control,

@@ -31,7 +31,10 @@ from mesh_contracts.v1 import (
     ControlCancel,
     ControlHalt,
     ControlResume,
+    FixedCall,
     PlanCreated,
+    PlanDrafted,
+    PlanReviewed,
     PlanStep,
     ProgressEvent,
     Replay,
@@ -44,6 +47,8 @@ from mesh_contracts.v1 import (
     TaskFailed,
     TaskRejected,
     TaskSubmitted,
+    WorkflowChange,
+    WorkflowChanged,
 )
 from mesh_contracts.v1.records import (
     GUARDED,
@@ -55,17 +60,32 @@ from mesh_contracts.v1.records import (
     StepState,
     TaskRecord,
 )
+from mesh_contracts.v1.task import draft_hash
+from mesh_contracts.v1.workflow import (
+    AgentNode,
+    RetrieveNode,
+    ToolNode,
+    WorkflowDefinition,
+    advance,
+    not_runnable,
+    output_value,
+    render,
+)
 from mesh_kit import Delivery, Mesh, Park
 from mesh_kit import state as st
 from mesh_kit import telemetry as tel
+from mesh_kit.bus import Reject
 from mesh_kit.ledger import BUCKET as LEDGER
 from mesh_kit.ledger import Ledger
 from mesh_llm import ChatModel, ContextOverflow, Message, ModelRequest, UnknownRoute
 from mesh_planner.admission import Admission, Limits, StoreLevel, Wait, parse_tenants
 from mesh_planner.planning import PlanningSlots
 from mesh_planner.settings import PlannerSettings
+from mesh_planner.workflows import Refused, Registry, may_change
 
 log = logging.getLogger("mesh.planner")
+RETRIEVAL = "search_docs"
+"""The tool a step retrieves with (the worker sends it to rag)."""
 REFERENCE = re.compile(r"\[[^\[\]#\s]+#[^\[\]\s]+\]")
 PLAN_PROMPT = prompts.load("mesh_planner", "plan")
 """The packaged planning prompt; a planner plans with it or with its ``MESH_PROMPTS_DIR``
@@ -98,32 +118,105 @@ def _replaying(r: Replay) -> str:
     )
 
 
+def _dispatch(rec: TaskRecord, sid: str, causation: str) -> None:
+    """Send step ``sid`` (its next attempt) to the workers, with its completed dependencies' outputs."""
+    s = rec.steps[sid]
+    s.status, s.attempt = "dispatched", s.attempt + 1
+    deps = [d for d in s.step.depends_on if rec.steps[d].status == "completed" and not rec.steps[d].skipped]
+    request = StepRequested(
+        tenant=rec.tenant,
+        task_id=rec.task_id,
+        step=s.step,
+        attempt=s.attempt,
+        inputs={d: rec.steps[d].output for d in deps},
+        # what each input's step read travels with its output (undeclared: untrusted)
+        input_taint={d: t for d in deps if (t := rec.steps[d].taint) is not None},
+        feedback=rec.feedback.get(sid, ""),
+        on_held=rec.policy.on_held,
+        replay=rec.replay,
+    )
+    _out(rec, request, key=f"{sid}:{s.attempt}", causation=causation)
+    _event(rec, "step.dispatched", f"{sid} ({s.step.kind}): {s.step.instruction[:80]}", sid, str(s.attempt))
+
+
 def dispatch_ready(rec: TaskRecord, causation: str = "") -> None:
     """Move every pending step whose dependencies completed to dispatched (attempt + 1)."""
     for sid, s in rec.steps.items():
+        if s.status == "pending" and all(rec.steps[d].status == "completed" for d in s.step.depends_on):
+            _dispatch(rec, sid, causation)
+
+
+def workflow_steps(wf: WorkflowDefinition) -> list[PlanStep]:
+    """A fixed workflow's nodes as the task's steps, in an order where each comes after the nodes
+    it runs after (their instructions still hold their templates: filled in at dispatch)."""
+    steps = []
+    for i in wf.order():
+        n = wf.node(i)
+        after = tuple(e.node for e in n.edges())
+        if isinstance(n, AgentNode):
+            steps.append(PlanStep(step_id=n.id, kind=n.role, instruction=n.instruction, tools=n.tools, depends_on=after,
+                                  difficulty=n.tier, output_schema=n.output_schema))  # fmt: skip
+        elif isinstance(n, ToolNode):
+            steps.append(PlanStep(step_id=n.id, kind="compute", instruction=f"call {n.tool}", tools=(n.tool,),
+                                  depends_on=after, call=FixedCall(tool=n.tool, arguments=n.arguments)))  # fmt: skip
+        else:
+            assert isinstance(n, RetrieveNode)  # what ``not_runnable`` lets through
+            query = {"query": n.query, "top_k": n.top_k}
+            steps.append(PlanStep(step_id=n.id, kind="research", instruction=f"retrieve: {n.query}"[:4000],
+                                  tools=(RETRIEVAL,), depends_on=after, call=FixedCall(tool=RETRIEVAL, arguments=query)))  # fmt: skip
+    return steps
+
+
+def _filled(value: Any, inputs: dict[str, Any], outputs: dict[str, str]) -> Any:
+    """A fixed call's arguments with the templates in their strings filled in."""
+    if isinstance(value, str):
+        return render(value, inputs, outputs)
+    if isinstance(value, dict):
+        return {k: _filled(v, inputs, outputs) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_filled(v, inputs, outputs) for v in value]
+    return value
+
+
+def dispatch_workflow(rec: TaskRecord, wf: WorkflowDefinition, causation: str = "") -> None:
+    """A workflow task's next nodes (``advance``): each node whose edges are all decided now runs
+    (its templates filled in from the inputs and the outputs so far) or is skipped, and a skip
+    decides the edges after it in turn."""
+    ended: dict[str, tuple[str, Any]] = {}
+    started: set[str] = set()
+    for sid, s in rec.steps.items():
+        if s.skipped:
+            ended[sid] = ("skipped", None)
+        elif s.status in ("completed", "failed"):
+            ended[sid] = (s.status, output_value(s.output))
+        elif s.status in ("dispatched", "halted"):
+            started.add(sid)
+    ready, skipped = advance(wf, ended, started)
+    for sid in skipped:
+        s = rec.steps[sid]
+        s.status, s.output, s.skipped = "completed", "", True
+        s.reason = "a condition on a node before it does not hold, or nothing it needs ran"
+        _event(rec, "step.skipped", f"{sid}: {s.reason}", sid)
+    outputs = {sid: s.output for sid, s in rec.steps.items() if s.status == "completed" and not s.skipped}
+    for sid in ready:
+        s = rec.steps[sid]
         if s.status != "pending":
             continue
-        deps = [rec.steps[d] for d in s.step.depends_on]
-        if all(d.status == "completed" for d in deps):
-            s.status, s.attempt = "dispatched", s.attempt + 1
-            request = StepRequested(
-                tenant=rec.tenant,
-                task_id=rec.task_id,
-                step=s.step,
-                attempt=s.attempt,
-                inputs={d: rec.steps[d].output for d in s.step.depends_on},
-                # what each input's step read travels with its output (undeclared: untrusted)
-                input_taint={d: t for d in s.step.depends_on if (t := rec.steps[d].taint) is not None},
-                feedback=rec.feedback.get(sid, ""),
-                on_held=rec.policy.on_held,
-                replay=rec.replay,
-            )
-            _out(rec, request, key=f"{sid}:{s.attempt}", causation=causation)
-            _event(rec, "step.dispatched", f"{sid} ({s.step.kind}): {s.step.instruction[:80]}", sid, str(s.attempt))
+        node = wf.node(sid)
+        if isinstance(node, AgentNode):
+            text = render(node.instruction, rec.inputs, outputs)
+            s.step = s.step.model_copy(update={"instruction": text[:4000] or node.id})
+        elif s.step.call is not None:  # a tool or retrieve node: its arguments, filled in
+            arguments = _filled(dict(s.step.call.arguments), rec.inputs, outputs)
+            s.step = s.step.model_copy(update={"call": s.step.call.model_copy(update={"arguments": arguments})})
+        _dispatch(rec, sid, causation)
 
 
 def answer_step_id(rec: TaskRecord) -> str:
-    """The last step of kind ``answer`` (or the last step): its output is the task's answer."""
+    """The workflow's output node, or else the last step of kind ``answer`` (or the last step):
+    its output is the task's answer."""
+    if rec.answer_step:
+        return rec.answer_step
     order = list(rec.steps)
     return next((s for s in reversed(order) if rec.steps[s].step.kind == "answer"), order[-1])
 
@@ -148,6 +241,7 @@ def outcome_fields(rec: TaskRecord) -> dict[str, Any]:
         "tools": tuple(t for s in rec.steps.values() for t in s.tools),
         "revisions": max(0, rec.check_attempt - 1),
         "held": tuple(h for s in rec.steps.values() for h in s.held),
+        "workflow": rec.workflow,
     }
 
 
@@ -169,10 +263,21 @@ def plan_max_tokens(max_steps: int) -> int:
 
 def parse_plan(text: str, max_steps: int) -> list[PlanStep]:
     try:
-        raw = json.loads(text)
-        steps = [PlanStep.model_validate(s) for s in raw["steps"]]
-    except (json.JSONDecodeError, KeyError, TypeError, ValidationError) as exc:
+        raw = json.loads(text)["steps"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise ValueError(f"planner model returned an unusable plan: {str(exc)[:200]}") from None
+    try:
+        return checked_plan(raw, max_steps)
+    except ValidationError as exc:
+        raise ValueError(f"planner model returned an unusable plan: {str(exc)[:200]}") from None
+
+
+def checked_plan(raw: Any, max_steps: int) -> list[PlanStep]:
+    """Steps as a plan must have them (the model's, or a reviewer's edit): unique ids, each after
+    the steps it depends on, at most ``max_steps``; ValueError (ValidationError: a bad step) if not."""
+    if not isinstance(raw, list):
+        raise ValueError("a plan is a list of steps")
+    steps = [PlanStep.model_validate(s) for s in raw]
     ids = [s.step_id for s in steps]
     if not steps or len(set(ids)) != len(ids):
         raise ValueError("plan has no steps or repeats a step id")
@@ -183,6 +288,35 @@ def parse_plan(text: str, max_steps: int) -> list[PlanStep]:
         if unknown:
             raise ValueError(f"step {s.step_id} depends on {unknown}, which are not earlier steps")
     return steps
+
+
+def draft(rec: TaskRecord, steps: list[PlanStep], *, causation: str, editor: str = "") -> None:
+    """Make ``steps`` the task's draft plan, waiting for a reviewer (the task stays ``planning``)."""
+    before = list(rec.draft)
+    rec.draft, rec.draft_hash = steps, draft_hash(steps)
+    rec.draft_revision += 1
+    changes = plan_changes(before, steps) if editor else []
+    _out(
+        rec,
+        PlanDrafted(tenant=rec.tenant, task_id=rec.task_id, steps=tuple(steps), draft=rec.draft_hash,
+                    revision=rec.draft_revision, edited_by=editor, changes=tuple(changes)),
+        key=f"draft:{rec.draft_hash}", causation=causation,
+    )  # fmt: skip
+    by = f"edited by {editor} ({len(changes)} change(s)); " if editor else ""
+    _event(rec, "plan.review", f"draft {rec.draft_hash} ({len(steps)} steps) {by}waits for a reviewer: meshctl review "
+           f"approve {rec.task_id} --tenant {rec.tenant} --as <approver>", key=rec.draft_hash)  # fmt: skip
+
+
+def plan_changes(old: list[PlanStep], new: list[PlanStep]) -> list[str]:
+    """What an edit changed, step by step: ``+ s3``, ``- s2``, ``~ s1.instruction: "a" -> "b"``."""
+    a, b = {s.step_id: s.model_dump(mode="json") for s in old}, {s.step_id: s.model_dump(mode="json") for s in new}
+    out = [f"- {i}" for i in a if i not in b] + [f"+ {i}: {b[i]['instruction'][:80]}" for i in b if i not in a]
+    for i in (i for i in b if i in a and a[i] != b[i]):
+        out += [f"~ {i}.{k}: {json.dumps(a[i].get(k))[:80]} -> {json.dumps(b[i].get(k))[:80]}"
+                for k in sorted(set(a[i]) | set(b[i])) if a[i].get(k) != b[i].get(k)]  # fmt: skip
+    if not out and [s.step_id for s in old] != [s.step_id for s in new]:
+        out.append("~ order: " + ", ".join(s.step_id for s in new))
+    return out
 
 
 SENDING, SENT = "sending", "sent"
@@ -233,6 +367,7 @@ def check_request(rec: TaskRecord) -> CheckRequested:
                 prompt_version=s.prompt_version,
             )
             for k, s in rec.steps.items()
+            if not s.skipped  # a branch of a workflow not taken: nothing to check
         ),
         replay=rec.replay,
     )
@@ -251,6 +386,14 @@ def redo_after(rec: TaskRecord, verdict: CheckVerdict) -> list[str]:
     return redo
 
 
+class NeedWorkflow(Exception):
+    """A transition of a workflow task needs the definition of its pinned version (``ref``)."""
+
+    def __init__(self, ref: str) -> None:
+        super().__init__(ref)
+        self.ref = ref
+
+
 class Planner:
     def __init__(self, mesh: Mesh, model: ChatModel | Models, settings: PlannerSettings | None = None) -> None:
         self.mesh = mesh
@@ -264,6 +407,7 @@ class Planner:
         self.admission: Admission | None = None
         self.store: StoreLevel | None = None
         self.planning: PlanningSlots | None = None
+        self.workflows: Registry | None = None
         self._sent: OrderedDict[tuple[str, str, str], str] = OrderedDict()
         """Outbox items (task, type, key) this process is publishing (SENDING) or has published (SENT)."""
         self._to_plan: set[tuple[str, str]] = set()
@@ -289,6 +433,7 @@ class Planner:
         streams = [*topo.STREAMS.values(), topo.DLQ_STREAM]
         self.store = StoreLevel(self.mesh.nc.jetstream(), streams, s.store_high_water, s.store_retry_after_s)
         self.planning = PlanningSlots(s.planning_slots or max(1, self.mesh.settings.max_workers - 1))
+        self.workflows = Registry(await self.mesh.kv("workflows"))
 
     def register(self) -> None:
         m = self.mesh
@@ -299,6 +444,8 @@ class Planner:
         m.consume(StepCompleted, self.on_step_completed)
         m.consume(StepFailed, self.on_step_failed)
         m.consume(CheckVerdict, self.on_verdict)
+        m.consume(WorkflowChange, self.on_workflow_change)
+        m.consume(PlanReviewed, self.on_reviewed)
         for control in (ControlCancel, ControlHalt, ControlResume):
             m.consume(control, self.on_control)
 
@@ -320,7 +467,12 @@ class Planner:
             was = rec.status
             return rec if fn(rec) else None
 
-        rec, _ = await st.update(self.kv, TaskRecord.key(tenant, task_id), TaskRecord, mutate)
+        try:
+            rec, _ = await st.update(self.kv, TaskRecord.key(tenant, task_id), TaskRecord, mutate)
+        except NeedWorkflow as need:  # its definition, read once (a version never changes), then again
+            assert self.workflows is not None
+            await self.workflows.pinned(tenant, need.ref)
+            rec, _ = await st.update(self.kv, TaskRecord.key(tenant, task_id), TaskRecord, mutate)
         if rec is not None:
             if rec.status != was:
                 await self.publish_status(rec, was)
@@ -328,6 +480,23 @@ class Planner:
                     await self.release(rec)
             await self.flush(rec)
         return rec
+
+    def definition(self, rec: TaskRecord) -> WorkflowDefinition | None:
+        """The workflow a task runs (None: its plan is the model's). Inside a transition: a
+        definition not read yet raises ``NeedWorkflow``, and the transition reads it and runs again."""
+        if not rec.workflow:
+            return None
+        wf = self.workflows.cached(rec.workflow) if self.workflows is not None else None
+        if wf is None:
+            raise NeedWorkflow(rec.workflow)
+        return wf
+
+    def dispatch(self, rec: TaskRecord, causation: str = "") -> None:
+        wf = self.definition(rec)
+        if wf is None:
+            dispatch_ready(rec, causation)
+        else:
+            dispatch_workflow(rec, wf, causation)
 
     async def release(self, rec: TaskRecord) -> None:
         """The task ended: it no longer counts against its tenant's tasks in flight."""
@@ -451,6 +620,15 @@ class Planner:
             if rec is not None and rec.status in TERMINAL:
                 await self.release(rec)
                 return
+        pinned = ""
+        if m.workflow is not None:
+            try:
+                pinned = await self._resolve(m)
+            except Refused as exc:
+                if await st.task_record(self.kv, m.tenant, m.task_id) is None:
+                    await self._refuse_workflow(m, d, str(exc))
+                    return
+                # a redelivered submission of a task that started it: it runs on with its version
         refusal = await self.store.over() if self.store is not None else None
         if refusal is not None and await st.task_record(self.kv, m.tenant, m.task_id) is not None:
             refusal = None  # a redelivered submission of a task already in flight: it goes on
@@ -485,10 +663,12 @@ class Planner:
                 return None  # a redelivery or a duplicate submission of the same task id
             new = TaskRecord(
                 tenant=m.tenant, task_id=m.task_id, goal=m.goal, limits=m.limits, policy=m.policy,
-                created_at=time.time(), prompt_versions={"planner": plan_prompt.ref}, priority=m.priority,
-                labels=m.labels, replay=m.replay,
+                created_at=time.time(), prompt_versions={} if pinned else {"planner": plan_prompt.ref},
+                priority=m.priority, labels=m.labels, replay=m.replay, workflow=pinned, inputs=m.inputs,
             )  # fmt: skip
             _event(new, "task.accepted", m.goal[:120])
+            if pinned:
+                _event(new, "workflow.pinned", f"runs {pinned} (fixed: its nodes, no plan of the model's)")
             if m.replay is not None:
                 _event(new, "task.replay", _replaying(m.replay))
             return new
@@ -510,7 +690,93 @@ class Planner:
             # redelivered submission, in case the planner that created the record died before it.
             # Not by a duplicate delivered for the first time (a resubmission): its creator wrote it.
             await self.publish_status(rec, rec.status, starts=True)
+        if rec.workflow:
+            # On the tenant's chain: which version the task runs, whoever publishes what next.
+            await self.mesh.audit(
+                m.tenant, m.task_id, "task.workflow", f"{m.task_id}:workflow", actor=d.sender.name, source=d.msg_id,
+                detail={"workflow": rec.workflow, "named": m.workflow or ""},
+            )  # fmt: skip
+            await self._plan_workflow(m, d)  # no model call: no planning slot
+            return
         await self._plan_in_turn(m, d, key)
+
+    async def _resolve(self, m: TaskSubmitted) -> str:
+        """``name@version`` of the workflow the submission names (``Refused``: why it cannot run)."""
+        assert self.workflows is not None and m.workflow is not None
+        found = await self.workflows.resolve(m.tenant, m.workflow, m.inputs)
+        gaps = not_runnable(found.definition)
+        if gaps:
+            raise Refused(f"workflow {found.ref} cannot run on this planner yet: {'; '.join(gaps)}")
+        if len(found.definition.nodes) > m.limits.max_steps:
+            raise Refused(
+                f"workflow {found.ref} has {len(found.definition.nodes)} nodes, over the task's max_steps "
+                f"({m.limits.max_steps}): submit it with a higher limit"
+            )
+        return found.ref
+
+    async def _refuse_workflow(self, m: TaskSubmitted, d: Delivery, reason: str) -> None:
+        """A submission whose workflow cannot run: refused before it is admitted (nothing ran)."""
+        if self.admission is not None:
+            self.admission.refused(m.tenant, "invalid")
+        self.mesh.count(tel.M_REFUSED, {"tenant": m.tenant, "code": "invalid"})
+        await self.mesh.publish(
+            TaskRejected(tenant=m.tenant, task_id=m.task_id, reason=reason, source_subject=d.subject, code="invalid"),
+            key=f"refused:{d.msg_id}", causation=d.msg_id,
+        )  # fmt: skip
+
+    async def _plan_workflow(self, m: TaskSubmitted, d: Delivery) -> None:
+        """A fixed workflow's plan: its nodes, as they are (the model adds and removes nothing)."""
+
+        def planned(rec: TaskRecord) -> bool:
+            if rec.status != "planning":
+                return False
+            wf = self.definition(rec)
+            assert wf is not None
+            steps = workflow_steps(wf)
+            rec.status, rec.answer_step = "running", wf.answer_node()
+            rec.steps = {s.step_id: StepState(step=s) for s in steps}
+            _out(
+                rec,
+                PlanCreated(tenant=rec.tenant, task_id=rec.task_id, steps=tuple(steps), workflow=rec.workflow),
+                key="r1",
+                causation=d.msg_id,
+            )
+            _event(rec, "plan.created", f"{rec.workflow}: {len(steps)} nodes: " + ", ".join(s.step_id for s in steps))
+            dispatch_workflow(rec, wf, d.msg_id)
+            return True
+
+        await self.transition(m.tenant, m.task_id, planned)
+
+    async def on_workflow_change(self, m: WorkflowChange, d: Delivery) -> None:
+        """An author's change to the tenant's workflows (``mesh_planner.workflows``): applied or
+        refused, on the tenant's audit chain either way, and answered on the change's id."""
+        assert self.workflows is not None
+        if m.author != d.sender.name:
+            raise Reject(f"author {m.author!r} is not the signer {d.sender.name!r}")
+        why = may_change(await self.mesh.newest_trust(), d.sender, m.tenant)
+        answer: WorkflowChanged | None = None
+        if why is None:
+            try:
+                answer = await self.workflows.apply(m, m.task_id)
+            except Refused as exc:
+                why = str(exc)
+        detail = {"action": m.action, "name": m.name, "version": m.version, "reason": m.reason}
+        if answer is None:
+            await self.mesh.audit(
+                m.tenant, m.task_id, "workflow.change-refused", f"{m.task_id}:refused", actor=d.sender.name,
+                source=d.msg_id, detail={**detail, "refused": why or ""},
+            )  # fmt: skip
+            answer = WorkflowChanged(
+                tenant=m.tenant, task_id=m.task_id, action=m.action, name=m.name, version=m.version, accepted=False,
+                reason=why or "",
+            )  # fmt: skip
+        else:
+            detail.update(version=answer.version, status=answer.status, latest=answer.latest, changed=answer.changed)
+            await self.mesh.audit(
+                m.tenant, m.task_id, f"workflow.{m.action}", f"{m.task_id}:{m.action}", actor=d.sender.name,
+                source=d.msg_id, detail=detail,
+            )  # fmt: skip
+        await self.mesh.publish(answer, key="changed", causation=d.msg_id)
 
     def _plan_prompt(self, m: TaskSubmitted) -> tuple[prompts.Prompt, str]:
         """The planning prompt for the task (a replay may name another version), and why it cannot
@@ -574,12 +840,15 @@ class Planner:
             steps, error = [], str(exc)
 
         def planned(rec: TaskRecord) -> bool:
-            if rec.status != "planning":
-                return False
+            if rec.status != "planning" or rec.draft:
+                return False  # planned already (a draft waiting for review is planned too)
             if usage is not None:
                 rec.planner_usage = rec.planner_usage + usage
             if error:
                 fail(rec, error)
+                return True
+            if self.reviewed(rec.tenant):
+                draft(rec, steps, causation=d.msg_id)
                 return True
             rec.status = "running"
             rec.steps = {s.step_id: StepState(step=s) for s in steps}
@@ -590,10 +859,79 @@ class Planner:
                 causation=d.msg_id,
             )
             _event(rec, "plan.created", f"{len(steps)} steps: " + ", ".join(f"{s.step_id}:{s.kind}" for s in steps))
-            dispatch_ready(rec, d.msg_id)
+            self.dispatch(rec, d.msg_id)
             return True
 
-        await self.transition(m.tenant, m.task_id, planned)
+        rec = await self.transition(m.tenant, m.task_id, planned)
+        if rec is not None and rec.status == "planning" and rec.draft_hash:
+            await self.mesh.audit(
+                m.tenant, m.task_id, "plan.drafted", f"{m.task_id}:draft:{rec.draft_hash}", actor="planner",
+                source=d.msg_id, detail={"draft": rec.draft_hash, "revision": rec.draft_revision, "steps": len(rec.draft)},
+            )  # fmt: skip
+
+    def reviewed(self, tenant: str) -> bool:
+        """Whether the tenant's model-made plans wait for a reviewer (``MESH_PLAN_REVIEW``)."""
+        names = {t.strip() for t in self.settings.plan_review.split(",") if t.strip()}
+        return "*" in names or tenant in names
+
+    async def on_reviewed(self, m: PlanReviewed, d: Delivery) -> None:
+        """A reviewer's decision on the task's waiting draft: approved, it runs exactly as drafted;
+        edited, the edit is the new draft (and waits again); rejected, the task fails with why.
+        Who may decide is judged as for a held call (the tenant's named approvers, under the newest
+        bundle); a decision on a draft that is no longer the one waiting is refused. Every decision,
+        refused ones too, is a link of the tenant's audit chain, with the draft's hash."""
+        who = d.sender.name
+        if m.reviewed_by != who:
+            raise Reject(f"reviewed_by {m.reviewed_by!r} is not the signer {who!r}")
+        why = (await self.mesh.newest_trust()).may_decide(who, m.tenant)
+        outcome: dict[str, str] = {}
+
+        def apply(rec: TaskRecord) -> bool:
+            if rec.status != "planning" or not rec.draft:
+                outcome["why"] = f"no draft plan waits for review in task {m.tenant}/{m.task_id} (it is {rec.status})"
+                return False
+            if m.draft != rec.draft_hash:
+                outcome["why"] = (f"draft {m.draft} is not the one waiting (that is {rec.draft_hash}, "
+                                  f"revision {rec.draft_revision})")  # fmt: skip
+                return False
+            if m.decision == "reject":
+                fail(rec, f"plan rejected by {who}: {m.comment or 'no reason given'}")
+                return True
+            if m.decision == "edit":
+                try:
+                    steps = checked_plan([s.model_dump() for s in m.steps], rec.limits.max_steps)
+                except (ValueError, ValidationError) as exc:
+                    outcome["why"] = f"the edited plan: {exc}"[:500]
+                    return False
+                draft(rec, steps, causation=d.msg_id, editor=who)
+                outcome["draft"] = rec.draft_hash
+                return True
+            steps = list(rec.draft)
+            rec.status, rec.reviewed_by = "running", who
+            rec.steps = {s.step_id: StepState(step=s) for s in steps}
+            rec.draft = []
+            _out(rec, PlanCreated(tenant=rec.tenant, task_id=rec.task_id, steps=tuple(steps),
+                                  reviewed=f"{rec.draft_hash} by {who}"), key="r1", causation=d.msg_id)  # fmt: skip
+            _event(rec, "plan.created", f"{len(steps)} steps, as approved by {who}: "
+                   + ", ".join(f"{s.step_id}:{s.kind}" for s in steps))  # fmt: skip
+            self.dispatch(rec, d.msg_id)
+            return True
+
+        if why is None:
+            await self.transition(m.tenant, m.task_id, apply)
+            why = outcome.get("why")
+        detail = {"draft": m.draft, "decision": m.decision, "comment": m.comment}
+        if why is not None:
+            await self.mesh.audit(
+                m.tenant, m.task_id, "plan.review-refused", f"{d.msg_id}:refused", actor=who, source=d.msg_id,
+                detail={**detail, "refused": why},
+            )  # fmt: skip
+            raise Reject(why)
+        if "draft" in outcome:
+            detail["new_draft"] = outcome["draft"]
+        kind = {"approve": "plan.approved", "reject": "plan.rejected", "edit": "plan.edited"}[m.decision]
+        await self.mesh.audit(m.tenant, m.task_id, kind, f"{m.task_id}:{m.decision}:{m.draft}", actor=who,
+                              source=d.msg_id, detail=detail)  # fmt: skip
 
     async def on_step_completed(self, m: StepCompleted, d: Delivery) -> None:
         if m.retrievals and self.evidence is not None:  # by attempt: a redone step's records replace nothing
@@ -617,8 +955,11 @@ class Planner:
             s.held += [h for h in m.held if h.approval_id not in {x.approval_id for x in s.held}]
             _event(rec, "step.completed", f"{m.step_id}: {m.output[:100]}", m.step_id, str(m.attempt))
             if rec.status == "running":
-                dispatch_ready(rec, d.msg_id)
+                self.dispatch(rec, d.msg_id)
             if all(x.status == "completed" for x in rec.steps.values()):
+                if rec.steps[answer_step_id(rec)].skipped:
+                    fail(rec, f"the workflow's output node {answer_step_id(rec)} was skipped: no answer")
+                    return True
                 rec.status, rec.check_attempt = "checking", rec.check_attempt + 1
                 _out(rec, check_request(rec), key=str(rec.check_attempt), causation=d.msg_id)
                 _event(
@@ -678,7 +1019,7 @@ class Planner:
                         task_id=rec.task_id,
                         answer=answer,
                         citations=tuple(citations),
-                        steps=len(rec.steps),
+                        steps=sum(1 for s in rec.steps.values() if not s.skipped),
                         elapsed_s=round(rec.finished_at - rec.created_at, 3),
                         **outcome_fields(rec),
                     ),
@@ -698,7 +1039,7 @@ class Planner:
             redo = redo_after(rec, m)
             for sid in redo:
                 s = rec.steps[sid]
-                s.status, s.output, s.citations = "pending", "", []
+                s.status, s.output, s.citations, s.skipped = "pending", "", [], False
                 own = "; ".join(f"{c.name}: {c.reason}" for c in m.checks if not c.passed and c.step_id == sid)
                 rec.feedback = {
                     **rec.feedback,
@@ -706,7 +1047,7 @@ class Planner:
                 }
             rec.status = "running"
             _event(rec, "check.revise", f"{', '.join(redo)} redone: {failed}", redo[0], str(rec.check_attempt))
-            dispatch_ready(rec, d.msg_id)
+            self.dispatch(rec, d.msg_id)
             return True
 
         await self.transition(m.tenant, m.task_id, apply)
@@ -732,7 +1073,7 @@ class Planner:
                     if s.status == "halted":
                         s.status = "pending"
                 _event(rec, "task.resumed", f"resumed by {who}", key=d.msg_id)
-                dispatch_ready(rec, d.msg_id)
+                self.dispatch(rec, d.msg_id)
             return True
 
         if await self.transition(m.tenant, m.task_id, apply) is None and isinstance(m, ControlCancel):

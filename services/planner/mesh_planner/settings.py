@@ -44,6 +44,12 @@ class PlannerSettings(AgentSettings):
     store_retry_after_s: float = Field(30.0, gt=0)
     """The ``retry_after_s`` of an ``overloaded`` refusal: space comes back as messages age out
     or when an operator raises a cap, so not soon."""
+    plan_review: str = ""
+    """Tenants whose model-made plans wait for a person before they run (comma-separated; ``*``:
+    every tenant): the plan is published as a draft (``plan.drafted``) and runs only once one of
+    the tenant's approvers approves it (``meshctl review approve``), as drafted or as they edited
+    it; a rejection fails the task with their reason. The wait is not a stall; the task's deadline
+    still runs (submit such tasks with a deadline that allows for the review)."""
     admission_tenants: dict[str, dict[str, float]] = {}
     """Per-tenant limits over the defaults, as JSON: ``{"acme": {"max_in_flight": 200,
     "rate_per_s": 50, "burst": 100}}``."""

@@ -23,7 +23,6 @@ from typing import Any, Literal
 
 from nacl.public import PublicKey, SealedBox
 
-from mesh_contracts.base import APPROVER
 from mesh_contracts.v1 import (
     ApprovalDecided,
     ApprovalRequested,
@@ -528,16 +527,7 @@ class ToolExecutor:
         A tenant that names approvers has them alone: the console's own ``approver`` (bound to no
         tenant) may not decide its calls. With none named (or the last one removed), the console
         decides them, as before any were named."""
-        bundle = await self.mesh.newest_trust()
-        now = bundle.principals.get(sender.name)
-        if now is None or now.role != APPROVER:
-            return f"{sender.name} is no longer an approver (trust bundle revision {bundle.revision})"
-        if now.tenant is None:
-            named = [p.name for p in bundle.approvers(tenant)]
-            if named:
-                who = ", ".join(named[:3]) + (f" and {len(named) - 3} more" if len(named) > 3 else "")
-                return f"tenant {tenant!r} names its own approvers ({who}): {sender.name} may not decide its calls"
-        return None
+        return (await self.mesh.newest_trust()).may_decide(sender.name, tenant)
 
     async def _ended_now(self, tenant: str, task_id: str) -> str | None:
         """Why the task can no longer have a call performed, read now from its record (the

@@ -115,6 +115,10 @@ class StepRun(BaseModel):
     prompt_version: str = ""
     """Ref of the system prompt the loop began with ('' in a checkpoint written before prompts
     were versioned: see ``prompt_version``)."""
+    fixed_output: str = ""
+    """A fixed call's result (``PlanStep.call``), as the tool or retrieval gave it: the step's output."""
+    fixed_error: bool = False
+    """The fixed call failed (its result is the error): the step fails."""
     _unstored: bool = PrivateAttr(default=False)
     """Begun from its request in this process, not written yet (see ``Worker.on_step``)."""
 
@@ -225,6 +229,7 @@ class Worker:
             return
         content = m.result if m.ok else f"error: {m.error}"
         origin = f"{m.tool}:{m.call_id}"
+        failed = not m.ok
         # The tool-executor vouches only for text its own code wrote (untrusted=False); a result
         # or an error that carries outside content is untrusted, scored where it was made.
         text = (
@@ -232,7 +237,7 @@ class Worker:
             if m.untrusted
             else Text.trusted(content, "tool-executor")
         )
-        await self.observe(m.tenant, m.task_id, m.step_id, m.call_id, m.tool, text, [], d)
+        await self.observe(m.tenant, m.task_id, m.step_id, m.call_id, m.tool, text, [], d, error=failed)
 
     async def _stopped_call(self, m: ToolCompleted) -> None:
         """The tool-executor did not run the call because the task is halted or stopped: end the
@@ -317,6 +322,7 @@ class Worker:
         *,
         held: HeldCall | None = None,
         record: SignedRecord | None = None,
+        error: bool = False,
     ) -> None:
         if (timer := self._timers.pop(call_id, None)) is not None:
             timer.cancel()
@@ -334,6 +340,8 @@ class Worker:
             admit(run, "tool", text, tool_call_id=call_id, name=tool)
             run.citations += citations
             run.pending = None
+            if run.request.step.call is not None:  # a fixed call: its result is the step's output
+                run.fixed_output, run.fixed_error = text.text, error or held is not None
             if held is not None:
                 run.held.append(held)
             if record is not None:
@@ -363,6 +371,9 @@ class Worker:
         if run.pending is not None:
             await self._send_call(run, run.pending.call_id, run.pending.tool, run.messages[-1])
             return
+        if req.step.call is not None:
+            await self._fixed_call(run)
+            return
         last = run.messages[-1] if run.messages else {}
         if last.get("role") == "assistant" and not last.get("tool_calls"):
             await self._finish(run, output=last.get("content", ""))  # answered, but died before finishing
@@ -371,6 +382,38 @@ class Worker:
             await self._finish(run, failed=f"iteration cap ({req.max_iterations}) reached without an answer")
             return
         await self._next_turn(run, d)
+
+    async def _fixed_call(self, run: StepRun) -> None:
+        """A step that is one fixed call (``PlanStep.call``): the call is checkpointed as the
+        step's one turn and sent like a call the model asked for (the tool policy, approvals and
+        timeouts apply as they do to any); its result ends the step."""
+        req = run.request
+        call = req.step.call
+        assert call is not None
+        call_id = f"{req.step.step_id}-a{run.attempt}-fixed"
+        if any(m.get("tool_call_id") == call_id for m in run.messages):
+            if run.fixed_error:
+                await self._finish(run, failed=f"{call.tool}: {run.fixed_output.removeprefix('error: ')}"[:1000])
+            else:
+                await self._finish(run, output=run.fixed_output)
+            return
+
+        def advance(cur: StepRun | None) -> StepRun | None:
+            cur = _as_stored(cur, run)
+            if cur is None or cur.pending is not None or cur.status != "running" or cur.iteration:
+                return None
+            cur.iteration = 1
+            model_turn(cur, "", (ToolCall(call_id, call.tool, dict(call.arguments)),))
+            cur.pending = PendingCall(
+                call_id=call_id, tool=call.tool, deadline=time.time() + self.settings.tool_timeout_s
+            )
+            return cur
+
+        new, changed = await st.update(
+            self.steps, StepRun.key(req.tenant, req.task_id, req.step.step_id), StepRun, advance
+        )
+        if changed and new is not None and new.pending is not None:
+            await self._send_call(new, call_id, call.tool, new.messages[-1])
 
     async def _next_turn(self, run: StepRun, d: Delivery | None) -> None:
         """One turn of the loop: the model call (or its recorded answer), checkpointed, then the
@@ -480,7 +523,7 @@ class Worker:
             # its context): an observation the model can recover from, never a dispatch.
             offered = ", ".join(req.step.tools) or "none"
             note = Text.trusted(f"error: tool {tool!r} is not available in this step (offered: {offered})", "worker")
-            await self.observe(req.tenant, req.task_id, sid, call_id, tool, note, [])
+            await self.observe(req.tenant, req.task_id, sid, call_id, tool, note, [], error=True)
             return
         pending = run.pending
         if pending is not None and pending.deadline:
@@ -525,7 +568,7 @@ class Worker:
             self._timers.pop(call_id, None)
             msg = Text.trusted(f"error: {tool} did not answer within {self.settings.tool_timeout_s:g} s (timed out)",
                                "worker")  # fmt: skip
-            task = asyncio.ensure_future(self.observe(tenant, task_id, step_id, call_id, tool, msg, []))
+            task = asyncio.ensure_future(self.observe(tenant, task_id, step_id, call_id, tool, msg, [], error=True))
             task.add_done_callback(_log_failure)
 
         delay = max(0.0, deadline - time.time())
