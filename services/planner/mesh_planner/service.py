@@ -715,9 +715,12 @@ class Planner:
         return found.ref
 
     async def _refuse_workflow(self, m: TaskSubmitted, d: Delivery, reason: str) -> None:
-        """A submission whose workflow cannot run: refused before it is admitted (nothing ran)."""
+        """A submission whose workflow cannot run: refused, nothing ran. Usually before admission;
+        but one that waited for a run slot was admitted, and its version may have been withdrawn
+        meanwhile: it no longer counts in flight."""
         if self.admission is not None:
             self.admission.refused(m.tenant, "invalid")
+            await self.admission.release(m.tenant, m.task_id, None)  # if it was admitted (as on_rejected)
         self.mesh.count(tel.M_REFUSED, {"tenant": m.tenant, "code": "invalid"})
         await self.mesh.publish(
             TaskRejected(tenant=m.tenant, task_id=m.task_id, reason=reason, source_subject=d.subject, code="invalid"),
