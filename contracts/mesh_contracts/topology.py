@@ -129,6 +129,10 @@ class Bucket:
     followers: tuple[str, ...] = ()
     """Principals told of every write at once on a core subscription to ``$KV.<bucket>.>`` (a
     doorbell: they read the entry they are told of, and re-read it now and then)."""
+    leader_readers: tuple[str, ...] = ()
+    """Principals that may also read a key from the stream's leader (``$JS.API.STREAM.MSG.GET``,
+    last by subject): a read that sees every acknowledged write, where a direct get may be
+    answered by a replica still catching up (a node that just rejoined its cluster)."""
     tenant_keys: bool = False
     """Each tenant's client reads its own tenant's keys (``<tenant>.…``), one key per read (a direct
     get by subject: no whole-bucket read, which would not be bounded to its keys)."""
@@ -153,6 +157,7 @@ BUCKETS: tuple[Bucket, ...] = (
         "status",
         writer="planner",
         readers=("worker", "checker", "rag", "tool-executor", "budget"),
+        leader_readers=("budget",),  # a task's start, limits and labels, before its first reservation
         fed=SERVICES,  # every service's guard (the planner's too)
         records=True,
         description="Whether a task may go on (key <tenant>.<task>: started, halted, ended or resumed, and why), "

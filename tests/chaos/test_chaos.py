@@ -369,7 +369,7 @@ async def test_poison_messages_are_dead_lettered_without_slowing_other_tasks(inf
     load, in windows that alternate with windows of the same load without poison (ABBA). Every
     other task completes, every poison is dead-lettered after its 5 attempts with the reason, the
     client is told, and, while each poison waits out its retries (NAK delays, not a handler
-    sleeping on it), tasks sent after it go through first. The latency ratios of the two kinds of
+    sleeping on it), tasks sent after it are taken up. The latency ratios of the two kinds of
     window are reported, not asserted: they measured the machine as much as the mesh (p95 ratios
     of 0.25-2.78 and median ratios of 0.93-2.06 for the same code, here and in CI)."""
     from mesh_contracts.v1 import TaskRejected
@@ -440,10 +440,11 @@ async def test_poison_messages_are_dead_lettered_without_slowing_other_tasks(inf
     assert all("injected poison" in p.outcome.reason and "5 attempts" in p.outcome.reason for p in rejected)
     assert sorted(letters) == sorted(p.task_id for p in pills), "each poison message is in the DLQ"
     assert all(h.get(env.DLQ_DELIVERIES) == "5" and "injected poison" in h[env.DLQ_REASON] for h in letters.values())
-    # A poison message is retried with NAK delays (0.5 + 2 + 5 + 10 s), never by a handler that
-    # sleeps on it: while each one waits out its retries, tasks sent after it go through. Said as an
-    # order of events (the latency ratios above are a report, not a bound: they depend on the machine).
+    # A poison message is retried with NAK delays, never by a handler that sleeps on it: while each
+    # one waits out its retries, tasks sent after it are taken up. Said as an order of events (the
+    # latency ratios above are a report, not a bound: they depend on the machine). Taken up, not
+    # finished: a whole task outlasted a poison's ~3.7 s of retries on a loaded machine.
     done = [r for r in poisoned if isinstance(r.outcome, TaskCompleted)]
     for p in rejected:
-        overtook = [r for r in done if p.submitted_at < r.submitted_at and r.finished_at < p.finished_at]
-        assert overtook, f"no task sent after poison {p.task_id} finished before it was dead-lettered"
+        overtook = [r for r in done if p.submitted_at < r.submitted_at and 0 < r.taken_up_at < p.finished_at]
+        assert overtook, f"no task sent after poison {p.task_id} was taken up before it was dead-lettered"

@@ -77,6 +77,7 @@ def expected_publish(principal: str) -> dict[str, bool]:
             principal == b.writer or principal in b.readers or principal in b.scanners
             or (b.tenant_keys and role == CLIENT and own_tenant == "acme")
         )  # fmt: skip
+        cases[f"$JS.API.STREAM.MSG.GET.KV_{b.name}"] = principal in b.leader_readers
     for svc in SERVICES:
         cases[topo.dlq_subject(svc, "task.v1.acme.pm-task.submitted")] = svc == principal
     for prefix, writer in topo.SINKS.values():

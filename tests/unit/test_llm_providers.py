@@ -30,7 +30,10 @@ from mesh_testing.fake_llm import FakeLLMServer, Fault
 pytestmark = pytest.mark.unit
 
 KEY = "sk-test-SECRET-7f3a9c0e1d"
-FAST = Timeouts(connect_s=1.0, first_token_s=1.0, idle_s=0.3, total_s=5.0)
+FAST = Timeouts(connect_s=5.0, first_token_s=5.0, idle_s=2.0, total_s=30.0)
+"""The limits of a test that is not about them: far above what the fake server takes, so a busy
+machine cannot fail it (1 s to the first token was missed under load). The tests of the limits
+set their own."""
 WORKER = "You are a worker agent. Do exactly the step you are given."
 SENTENCE = "The quick brown fox jumps over the lazy dog"
 SEARCH = ToolSpec(
@@ -456,7 +459,7 @@ async def wait_for_hangup(srv: FakeLLMServer) -> float:
 
 @both
 async def test_stalled_answer_fails_within_idle_limit_and_hangs_up(llm, srv, stream):
-    # The server stays silent for 10 s: only the client's idle limit (0.3 s) can end the call
+    # The server stays silent for 10 s: only the client's idle limit (2 s) can end the call
     # before that, whatever the machine's speed. No upper bound on time: the error's kind and the
     # hang-up before the silence ends are the proof.
     srv.push(Fault.stall(10.0))
@@ -470,7 +473,7 @@ async def test_stalled_answer_fails_within_idle_limit_and_hangs_up(llm, srv, str
             await llm.complete(ask())
     elapsed = time.monotonic() - started
     assert (info.value.kind, info.value.retryable) == ("stalled", True)
-    assert elapsed >= 0.3, "not before the idle limit"
+    assert elapsed >= FAST.idle_s, "not before the idle limit"
     if stream:
         assert deltas == ["The ", "quick "]  # what came before the silence was delivered
     await wait_for_hangup(srv)  # hung up before the answer was complete: while the server was silent

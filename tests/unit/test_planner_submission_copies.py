@@ -101,8 +101,8 @@ async def test_a_copy_whose_turn_came_while_it_was_planned_elsewhere_keeps_nothi
 async def test_a_task_s_status_record_is_written_as_it_starts_and_again_only_on_a_redelivery():
     """The budget knows a task by its status record (start, limits): the planner writes it when it
     creates the task, not again when the submission comes back from a planning-slot wait or for a
-    duplicate, and again on a redelivery (the planner that created the task may have died before
-    writing it)."""
+    duplicate that finds it, and again on a redelivery or by a duplicate that does not find it (the
+    planner that created the task may have died, or failed to write it, before)."""
     writes: list[str] = []
 
     class Counting(MemoryKV):
@@ -128,10 +128,18 @@ async def test_a_task_s_status_record_is_written_as_it_starts_and_again_only_on_
     await planner.on_submitted(_submission("b"), FakeDelivery())  # back from its wait: planned
     assert model.planned == ["a", "b"] and writes == ["acme.a", "acme.b"], "not written again"
 
-    # Tasks a planner created and died before writing their status records: a copy delivered
-    # again writes it; a copy delivered for the first time (a duplicate submission) does not.
+    # Tasks a planner created and died (or failed to write, the broker going down) before writing
+    # their status records: a copy delivered again writes it, and so does a copy delivered for the
+    # first time (a duplicate submission) that finds none. One that finds it writes nothing.
     for task, deliveries in (("c", 2), ("d", 1)):
         record = TaskRecord(tenant="acme", task_id=task, goal=task, created_at=1.0)
         await planner.kv.put(TaskRecord.key("acme", task), record.to_bytes())
         await planner.on_submitted(_submission(task), FakeDelivery(deliveries=deliveries))
-        assert model.planned[-1] == task and writes == ["acme.a", "acme.b", "acme.c"], (task, writes)
+        assert model.planned[-1] == task and writes[-1] == f"acme.{task}", (task, writes)
+    assert writes == ["acme.a", "acme.b", "acme.c", "acme.d"]
+    record = TaskRecord(tenant="acme", task_id="e", goal="e", created_at=1.0)
+    await planner.kv.put(TaskRecord.key("acme", "e"), record.to_bytes())
+    await planner.status.put(TaskRecord.key("acme", "e"), StatusRecord(status="planning").to_bytes())
+    writes.clear()
+    await planner.on_submitted(_submission("e"), FakeDelivery())  # a duplicate whose creator wrote it
+    assert model.planned[-1] == "e" and writes == [], "not written again"

@@ -14,7 +14,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
 from pydantic import BaseModel
 
@@ -172,6 +172,19 @@ async def _update(
             _remember(remembered, key, data, written)
         return new, True
     raise Conflict(f"compare-and-set on {key} lost {retries} times")
+
+
+async def from_leader(nc: Any, bucket: str, key: str, model: type[M]) -> M | None:
+    """The key's value as the bucket's stream leader has it (``$JS.API.STREAM.MSG.GET``, last by
+    subject): every write acknowledged so far. A direct get (``load``) may be answered by any
+    replica, one still catching up included. Needs the bucket's ``leader_readers`` right."""
+    try:
+        stored = await nc.jetstream(timeout=5.0).get_last_msg(f"KV_{bucket}", f"$KV.{bucket}.{key}")
+    except NotFoundError:
+        return None
+    if not stored.data or (stored.headers or {}).get("KV-Operation") in ("DEL", "PURGE"):
+        return None
+    return model.model_validate_json(stored.data)
 
 
 async def task_record(kv: Any, tenant: str, task_id: str) -> TaskRecord | None:

@@ -107,6 +107,8 @@ class Followed:
     taken_up: bool = False
     """The planner took the last submission up: something about the task other than a refusal
     arrived (without ``follow``: only while waiting ``refusal_wait_s``)."""
+    taken_up_at: float = 0.0
+    """When that first arrived (``time.time()``), or 0."""
 
     def spent(self) -> tuple[int, float]:
         """Tokens and cost of the calls seen so far, each call id counted once."""
@@ -393,7 +395,8 @@ class TenantClient:
                     return  # a copy of an earlier attempt's refusal, arriving late (or stored)
             elif not isinstance(model, TaskSubmitted):  # (its own submission, as stored, comes back too)
                 taken.set()
-                seen.taken_up = True
+                if not seen.taken_up:
+                    seen.taken_up, seen.taken_up_at = True, time.time()
             if isinstance(model, TokenDelta):
                 if model.kind == "delta" and not seen.first_token_at:
                     seen.first_token_at = time.time()

@@ -75,6 +75,7 @@ class Dashboard:
         self.frames = 0
         self._server: asyncio.base_events.Server | None = None
         self._refresher: asyncio.Task[None] | None = None
+        self._stopping = False
         self.denied = 0
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -89,10 +90,16 @@ class Dashboard:
         return self.port
 
     async def stop(self) -> None:
+        self._stopping = True
         if self._refresher is not None:
-            self._refresher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._refresher
+            # Cancelled until it is done: Python 3.11's ``wait_for`` (inside nats-py's requests) can
+            # swallow a cancellation that lands as its inner call completes, and the loop then went
+            # on; the dashboard test's teardown hung 180 s that way on a loaded machine.
+            while not self._refresher.done():
+                self._refresher.cancel()
+                await asyncio.wait({self._refresher}, timeout=1.0)
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                self._refresher.result()
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
@@ -100,7 +107,7 @@ class Dashboard:
             await self.nc.close()
 
     async def _refresh(self) -> None:
-        while True:
+        while not self._stopping:
             await asyncio.sleep(self.interval_s)
             try:
                 assert self.nc is not None

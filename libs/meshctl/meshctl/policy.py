@@ -119,6 +119,8 @@ def service_permissions(service: str) -> Permissions:
             p.add_pub(f"$JS.API.STREAM.INFO.KV_{b.name}", f"$JS.API.DIRECT.GET.KV_{b.name}.>", f"$KV.{b.name}.>")
         if service in b.readers:
             p.add_pub(f"$JS.API.DIRECT.GET.KV_{b.name}.>")
+        if service in b.leader_readers:
+            p.add_pub(f"$JS.API.STREAM.MSG.GET.KV_{b.name}")
         if service in b.per_service:  # its own key prefix only
             p.add_pub(f"$JS.API.DIRECT.GET.KV_{b.name}.$KV.{b.name}.{service}.>", f"$KV.{b.name}.{service}.>")
     return p

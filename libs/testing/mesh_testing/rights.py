@@ -158,6 +158,8 @@ INTENDED: dict[str, set[str]] = {
     | stream_read("USAGE")
     | stream_read("ENVELOPES")
     | GUARD
+    # a task's status record from the bucket's leader, when a direct get (any replica) missed it
+    | {"$JS.API.STREAM.MSG.GET.KV_status"}
     | kv_own("budget")
     | kv_own("reservations")
     | kv_scan("reservations")  # a rebuilt view reads the last ttl's holds in batches

@@ -688,7 +688,12 @@ class Planner:
         if created or d.deliveries > 1:
             # Before the plan's model call (the budget reserves it from this); again by a
             # redelivered submission, in case the planner that created the record died before it.
-            # Not by a duplicate delivered for the first time (a resubmission): its creator wrote it.
+            await self.publish_status(rec, rec.status, starts=True)
+        elif await st.task_status(self.status, m.tenant, m.task_id) is None:
+            # A duplicate copy delivered for the first time (the client published again across a
+            # broker restart): its creator normally wrote the record, but that write may have
+            # failed (the broker going down), its own redelivery comes later, and this copy would
+            # plan the task meanwhile. The broker chaos drill lost a task to that ('unknown task').
             await self.publish_status(rec, rec.status, starts=True)
         if rec.workflow:
             # On the tenant's chain: which version the task runs, whoever publishes what next.
