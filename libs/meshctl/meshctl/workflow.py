@@ -444,9 +444,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--tenant", type=opt.tenant, default=None, help="whose registered versions")
     reach(d)
     d.set_defaults(fn=cmd_diff)
-    p = w.add_parser("publish", help="register a definition as a new version (as an author)")
-    p.add_argument("file", type=Path, metavar="FILE")
-    for c in (p,):
+    def authored(c: argparse.ArgumentParser) -> None:
+        """A change made as an author: who, why, and how to reach the mesh."""
         c.add_argument(
             "--as", dest="as_", required=True, metavar="AUTHOR", help="author.<tenant>.<person> (meshctl authors)"
         )
@@ -454,6 +453,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         c.add_argument("--reason", default=None, help="why: on the tenant's audit chain")
         c.add_argument("--json", action="store_true")
         reach(c)
+
+    p = w.add_parser("publish", help="register a definition as a new version (as an author)")
+    p.add_argument("file", type=Path, metavar="FILE")
+    authored(p)
     p.set_defaults(fn=cmd_publish)
     for verb, text in (
         ("deprecate", "no new task may start this version (tasks running it go on); @latest moves back"),
@@ -462,13 +465,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     ):
         c = w.add_parser(verb, help=text)
         c.add_argument("ref", metavar="NAME@VERSION")
-        c.add_argument(
-            "--as", dest="as_", required=True, metavar="AUTHOR", help="author.<tenant>.<person> (meshctl authors)"
-        )
-        c.add_argument("--tenant", type=opt.tenant, default=None, help="(the author's tenant)")
-        c.add_argument("--reason", default=None, help="why: on the tenant's audit chain")
-        c.add_argument("--json", action="store_true")
-        reach(c)
+        authored(c)
         c.set_defaults(fn=cmd_status)
     ls = w.add_parser("list", help="the tenant's workflows: every version, its status, who published it, @latest")
     ls.add_argument("--tenant", type=opt.tenant, required=True)
