@@ -444,6 +444,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--tenant", type=opt.tenant, default=None, help="whose registered versions")
     reach(d)
     d.set_defaults(fn=cmd_diff)
+
     def authored(c: argparse.ArgumentParser) -> None:
         """A change made as an author: who, why, and how to reach the mesh."""
         c.add_argument(
