@@ -120,3 +120,35 @@ async def test_an_idle_consumer_asks_for_one_message_and_a_busy_one_for_a_batch(
     idle, busy = (1, IDLE_FETCH_S), (4, BUSY_FETCH_S)
     assert calls == [idle, busy, busy, busy, idle, busy, idle]
     assert sorted(handled) == [10, 20, 21, 22, 23, 30, 31, 50], "every message fetched is handled"
+
+
+async def test_a_fetch_that_turns_its_cancellation_into_a_timeout_still_ends_the_loop():
+    """nats-py's fetch waits with ``asyncio.wait_for``, which on Python 3.11 can answer a cancel
+    with ``TimeoutError``: the loop took it for an empty pull and fetched again, for ever (a
+    consumer never stopped hung the event loop's close for minutes)."""
+    import asyncio
+
+    from mesh_kit.fair import FairConsumer
+
+    fetches = 0
+
+    class Swallowing:
+        async def fetch(self, batch: int, timeout: float):
+            nonlocal fetches
+            fetches += 1
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                raise TimeoutError from None  # what wait_for does when the cancel races its timeout
+
+    async def dispatch(item: Fetched) -> None:
+        raise AssertionError("nothing is fetched")
+
+    c = FairConsumer(lambda: None, "STEP", "d", "_INBOX.x", dispatch, workers=1, window=1, ack_wait_s=30,
+                     graceful_s=1)  # fmt: skip
+    c._psub = Swallowing()
+    loop = asyncio.create_task(c._fetch_loop())
+    await asyncio.sleep(0.05)
+    loop.cancel()
+    done, _ = await asyncio.wait([loop], timeout=5)
+    assert done == {loop} and loop.cancelled() and fetches == 1

@@ -227,6 +227,12 @@ class FairConsumer:
             try:
                 msgs = await self._psub.fetch(batch=batch, timeout=timeout)
             except (nats.errors.TimeoutError, TimeoutError):
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    # nats-py's fetch waits with asyncio.wait_for, which on Python 3.11 can turn a
+                    # cancellation into a timeout: without this the loop outlived its cancel (a
+                    # consumer never stopped hung the event loop's close for minutes).
+                    raise asyncio.CancelledError from None
                 self._busy = False  # nothing came: wait for the next message on its own
                 continue
             except asyncio.CancelledError:
