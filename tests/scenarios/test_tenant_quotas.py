@@ -201,9 +201,11 @@ async def _the_quiet_tenant_is_untouched(infra: Infra, stream: str) -> None:
         if stream == "TASK":
             await _a_quiet_task_completes(infra, "quiet-after-task-flood")
         elif stream == "CONTROL":
-            run = asyncio.create_task(quiet.submit("Wait for approval " * 3, task_id="to-cancel", timeout=60))
+            run = asyncio.create_task(quiet.submit("Wait for approval " * 3, task_id="to-cancel", timeout=180))
             await asyncio.sleep(0.2)
-            answer = await quiet.control("cancel", "to-cancel", "changed my mind")
+            answer = await quiet.control(
+                "cancel", "to-cancel", "changed my mind", timeout=120
+            )  # a bound on an event, not a speed
             await run
             assert isinstance(answer, TaskFailed | TaskCompleted), answer  # cancelled, or done first
         else:

@@ -230,7 +230,7 @@ def test_an_approval_given_after_the_task_was_cancelled_is_void_and_performs_not
         task = await start_write_task(infra, "appr-cancel", "out-cancel")
         req = await pending(infra, "appr-cancel")
         async with infra.client("acme") as c:
-            assert await c.control("cancel", "appr-cancel", "no longer needed") is not None
+            assert await c.control("cancel", "appr-cancel", "no longer needed", timeout=120) is not None
         await task
         # The decision goes out at once, behind the console's checks (which would refuse a void
         # one): the tool-executor alone must not let it perform anything.
