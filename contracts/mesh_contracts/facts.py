@@ -44,6 +44,8 @@ from mesh_contracts.v1 import (
     ToolCompleted,
     ToolRequested,
     UsageRecorded,
+    WaitEnded,
+    WaitStarted,
 )
 
 HEADER = "Mesh-Facts"
@@ -81,12 +83,15 @@ def _planned(m: PlanCreated, d: Digest) -> Facts:
 
 
 def _step_requested(m: StepRequested, d: Digest) -> Facts:
-    return {
+    out: Facts = {
         "step": m.step.step_id,
         "attempt": m.attempt,
         "max_iterations": m.max_iterations,
         SIG: d(["step", m.step.instruction, sorted(m.inputs.items())]),
     }
+    if m.tries > 1:
+        out["tries"] = m.tries
+    return out
 
 
 def _step_failed(m: StepFailed, d: Digest) -> Facts:
@@ -123,6 +128,12 @@ def _review(m: PlanDrafted | PlanReviewed, d: Digest) -> Facts:
     return {"approval": f"review-{m.draft}"}
 
 
+def _wait(m: WaitStarted | WaitEnded, d: Digest) -> Facts:
+    """A workflow's timer, signal or retry backoff waits for the world as a held call waits for a
+    person: its wait is not a stall."""
+    return {"approval": f"wait-{m.wait_id}"}
+
+
 def _usage(m: UsageRecorded, d: Digest) -> Facts:
     return {"call": m.call_id, "error": bool(m.error), "handed_on": bool(getattr(m, "handed_on", False))}
 
@@ -142,6 +153,8 @@ _PROJECTIONS: dict[type, Callable[[Any, Digest], Facts]] = {
     PlanDrafted: _review,
     PlanReviewed: _review,
     UsageRecorded: _usage,
+    WaitStarted: _wait,
+    WaitEnded: _wait,
 }
 _FOUND: dict[type, Callable[[Any, Digest], Facts] | None] = {}
 

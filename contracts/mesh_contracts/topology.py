@@ -286,6 +286,25 @@ BUCKETS: tuple[Bucket, ...] = (
 SINKS: dict[str, tuple[str, str]] = {"OUTBOX": ("outbox", "tool-executor")}  # stream -> (subject prefix, writer)
 
 
+TIMERS = "TIMERS"
+"""Durable timers (issue 40): when a workflow task starts to wait (a ``timer`` node, the backoff
+before a node's next try, a node's timeout), the planner stores a message schedule for its
+wake-up on ``timer.v1.<tenant>.<task>.<wait>.at`` (``Nats-Schedule: @at <time>``; a later one on
+the same subject replaces it). At that time the broker stores the wake-up on the schedule's
+target, ``...<wait>.due``, which the planner's durable ``planner--timer-due`` delivers; once it is
+acknowledged the stream forgets it (work-queue retention). Both survive the restart of any
+service and of the broker. A wake-up carries no authority: the planner acts only on a wait its
+task record holds and that is due by then, so a stray or repeated one changes nothing."""
+TIMER_KEEPER = "planner"
+"""The only service that may store schedules on TIMERS and consume its wake-ups."""
+TIMER_DURABLE = "planner--timer-due"
+
+
+def timer_subject(tenant: str, task_id: str, wait_id: str, which: str) -> str:
+    """``which``: ``at`` (the schedule the planner stores) or ``due`` (the wake-up the broker stores)."""
+    return f"timer.v1.{tenant}.{task_id}.{wait_id}.{which}"
+
+
 CONTROL_OBSERVERS: tuple[str, ...] = SERVICES
 """Services that see every control message on a core subscription (besides the planner's
 durable), so a halt stops their next model or tool call at once."""

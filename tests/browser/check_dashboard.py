@@ -4,7 +4,11 @@ A local mesh (``meshctl up`` on free ports) runs the demo's task; the dashboard 
 opens the sign-in URL with the task's timeline in the fragment, runs the page's script, and
 (1) dumps the DOM it built: the tenant's row with its completed task, every service, frames
 refreshed more than once, the task's timeline down to ``task.completed``; (2) takes a screenshot,
-which must be a real picture (many colours, most of the page drawn on). Exit 0 when both hold.
+which must be a real picture (many colours, most of the page drawn on). Then (3) a governed
+workflow (examples/workflows/follow-up.yaml, mode review) is published and run with meshctl, and
+its graph is drawn live at each stage: every node a draft; approved, the timer and the signal
+node waiting while the rest completed or pending (a second screenshot, ``<out>-dag.png``); the
+signal sent, every node completed. Exit 0 when all hold.
 
     .venv/bin/python tests/browser/check_dashboard.py --out .mesh/dashboard.png
 """
@@ -20,7 +24,11 @@ import sys
 import tempfile
 import time
 import zlib
+from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import httpx
 
 ROOT = Path(__file__).resolve().parents[2]
 MESHCTL = Path(sys.executable).with_name("meshctl")
@@ -35,6 +43,8 @@ class Cells(html.parser.HTMLParser):
         super().__init__()
         self.tables: dict[str, list[list[str]]] = {}
         self.body: dict[str, str] = {}
+        self.nodes: dict[str, str] = {}
+        """The task graph's nodes as drawn (``data-node`` -> ``data-state``)."""
         self.texts: dict[str, str] = {}
         self._table = self._id = ""
         self._row: list[str] | None = None
@@ -44,6 +54,8 @@ class Cells(html.parser.HTMLParser):
         a = {k: v or "" for k, v in attrs}
         if tag == "body":
             self.body = {k: v for k, v in a.items() if k.startswith("data-")}
+        elif tag == "g" and "data-node" in a:
+            self.nodes[a["data-node"]] = a.get("data-state", "")
         elif tag == "table":
             self._table = a.get("id", "")
             self.tables[self._table] = []
@@ -142,6 +154,69 @@ def browse(browser: str, url: str, *args: str) -> str:
     return done.stdout
 
 
+def api_dag(url: str, task: str) -> dict:
+    """The dashboard's own answer for ``task`` (what the page draws), signed in as the page is."""
+    parts = urlsplit(url)
+    token = parse_qs(parts.query)["token"][0]
+    r = httpx.get(f"{parts.scheme}://{parts.netloc}/api/task", params={"tenant": "demo", "task": task},
+                  headers={"Authorization": f"Bearer {token}"}, timeout=10)  # fmt: skip
+    return r.json() if r.status_code == 200 else {}
+
+
+def until_dag(url: str, task: str, done: Callable[[dict], object], what: str, within_s: float = 60) -> dict:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        body = api_dag(url, task)
+        if body.get("dag") and done(body):
+            return body
+        time.sleep(0.3)
+    raise SystemExit(f"dashboard-check: {task} never reached: {what} (last: {api_dag(url, task).get('dag')})")
+
+
+def states(body: dict) -> dict[str, str]:
+    return {n["id"]: n["state"] for n in body["dag"]["nodes"]}
+
+
+def check_workflow_dag(browser: str, ctl: list[str], board_url: str, out: Path) -> list[str]:
+    """The governed example, run with meshctl, drawn at each stage (draft, waiting, done)."""
+    task, problems = "fu-1", []
+    example = ROOT / "examples" / "workflows" / "follow-up.yaml"
+    for cmd in (["authors", "add", "alice", "--tenant", "demo"], ["approvers", "add", "dana", "--tenant", "demo"],
+                ["workflow", "publish", str(example), "--as", "author.demo.alice"],
+                ["submit", "Follow up on the late delivery", "--workflow", "follow-up", "--input",
+                 "topic=the late delivery of order 1042", "--task-id", task, "--deadline", "600"]):  # fmt: skip
+        subprocess.run([*ctl, *cmd], check=True, stdout=subprocess.DEVNULL)
+    url = board_url + f"#task=demo/{task}"
+
+    def drawn() -> dict[str, str]:
+        dom = Cells()
+        dom.feed(browse(browser, url, "--dump-dom"))
+        return dom.nodes
+
+    until_dag(board_url, task, lambda b: b["dag"]["draft"], "a draft waiting for review")
+    if set(drawn().values()) != {"draft"} or len(drawn()) != 4:
+        problems.append(f"the draft is not drawn as four draft nodes: {drawn()}")
+    subprocess.run([*ctl, "review", "approve", task, "--tenant", "demo", "--as", "approver.demo.dana"], check=True,
+                   stdout=subprocess.DEVNULL)  # fmt: skip
+    until_dag(board_url, task, lambda b: states(b).get("ok") == "waiting", "the signal node waiting")
+    seen = drawn()
+    if seen.get("draft") != "completed" or seen.get("ok") != "waiting" or seen.get("send") != "pending":
+        problems.append(f"approved and waiting for its signal, the graph is drawn as {seen}")
+    shot = out.with_name(out.stem + "-dag.png")
+    browse(browser, url, f"--screenshot={shot}")
+    facts = picture_facts(shot)
+    if facts["colours"] < 12 or facts["drawn"] < 0.02:
+        problems.append(f"the graph's screenshot is nearly blank: {facts}")
+    subprocess.run([*ctl, "signal", task, "manager_ok", "--tenant", "demo", "--payload", '{"approved": true}'],
+                   check=True, stdout=subprocess.DEVNULL)  # fmt: skip
+    until_dag(board_url, task, lambda b: b["totals"].get("outcome"), "its end")
+    seen = drawn()
+    if set(seen.values()) != {"completed"}:
+        problems.append(f"the task ended, yet its graph is drawn as {seen}")
+    print(f"dashboard-check: workflow {task} drawn as a draft, then waiting, then {seen}; screenshot {shot}")
+    return problems
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=ROOT / ".mesh" / "dashboard.png", help="where the screenshot goes")
@@ -196,6 +271,7 @@ def main() -> int:
         print(f"dashboard-check: tenants {sorted(tenants)}, {len(services)} services, {dom.body.get('data-frames')} "
               f"frames, timeline of {len(timeline)} messages; screenshot {args.out} {facts['width']}x{facts['height']}, "
               f"{facts['colours']} colours, {facts['drawn']:.0%} drawn")  # fmt: skip
+        problems += check_workflow_dag(browser, ctl, url_file.read_text().strip(), args.out)
         for p in problems:
             print(f"dashboard-check: FAILED: {p}", file=sys.stderr)
         return 1 if problems else 0

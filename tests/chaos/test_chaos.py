@@ -14,10 +14,12 @@ from collections.abc import Iterator
 
 import nats
 import pytest
+import yaml
 
-from mesh_contracts.v1 import TaskCompleted, TaskSubmitted
+from mesh_contracts.v1 import StepRequested, TaskCompleted, TaskPolicy, TaskSubmitted, WaitEnded, WaitStarted
 from mesh_testing.chaos import ChaosMesh, outbox_effects, pct, recovery_s, report, stored_per_task
 from mesh_testing.infra import Infra, running_infra
+from meshctl.cli import main as meshctl
 
 pytestmark = pytest.mark.chaos
 FULL = os.environ.get("MESH_CHAOS") == "full"
@@ -448,3 +450,55 @@ async def test_poison_messages_are_dead_lettered_without_slowing_other_tasks(inf
     for p in rejected:
         overtook = [r for r in done if p.submitted_at < r.submitted_at and 0 < r.taken_up_at < p.finished_at]
         assert overtook, f"no task sent after poison {p.task_id} was taken up before it was dead-lettered"
+
+
+async def test_timers_fire_when_due_through_planner_kills_none_lost_none_early(infra, tmp_path):
+    """Concurrent workflow tasks each wait on a durable timer while the planner is killed -9
+    twice (and restarted, as Kubernetes would): every timer fires, none before its time, each
+    task completes once. Lateness is the broker's ``wait.ended.late_s``."""
+    n, after_s = (200, 8.0) if FULL else (20, 5.0)
+    wf = tmp_path / "cool.yaml"
+    wf.write_text(yaml.safe_dump({"name": "cool", "nodes": [
+        {"id": "cool", "kind": "timer", "after_s": after_s},
+        {"id": "reply", "kind": "agent", "role": "answer", "after": ["cool"], "instruction": "#say: cooled off"}]}))  # fmt: skip
+    home, url = ["--home", str(infra.home)], ["--nats-url", infra.nats_url]
+    mesh = ChaosMesh(infra, env=ENV)
+    mesh.start()
+    await mesh.ready()
+    mesh.supervise()
+    try:
+        assert await asyncio.to_thread(meshctl, [*home, "authors", "add", "tim", "--tenant", "acme", *url]) == 0
+        assert (
+            await asyncio.to_thread(meshctl, [*home, "workflow", "publish", str(wf), "--as", "author.acme.tim", *url])
+            == 0
+        )
+        async with infra.client("acme") as c:
+            runs = asyncio.gather(*(c.submit("cool off", task_id=f"tm-{i}", workflow="cool", policy=TaskPolicy(judge=False), timeout=240)
+                                    for i in range(n)))  # fmt: skip
+            await asyncio.sleep(after_s * 0.3)
+            mesh.kill("planner-0")
+            await asyncio.sleep(after_s * 0.4)
+            mesh.kill("planner-0")
+            done = await runs
+    finally:
+        await mesh.stop()
+    completed = [r for r in done if isinstance(r.outcome, TaskCompleted)]
+    late, early = [], []
+    for r in completed:
+        [began] = [WaitStarted.model_validate_json(m.data)
+                   for m in await infra.stored("TASK", f"task.v1.acme.{r.task_id}.waiting")]  # fmt: skip
+        [ended] = [WaitEnded.model_validate_json(m.data)
+                   for m in await infra.stored("TASK", f"task.v1.acme.{r.task_id}.waited")]  # fmt: skip
+        [reply] = [m for m in await infra.stored("STEP", f"step.v1.acme.{r.task_id}.requested")
+                   if StepRequested.model_validate_json(m.data).step.step_id == "reply"]  # fmt: skip
+        assert began.until is not None and ended.late_s is not None
+        late.append(ended.late_s)
+        if reply.metadata.timestamp.timestamp() < began.until - 0.05:
+            early.append(r.task_id)
+    report(
+        "timers through planner kills", tasks=n, after_s=after_s, planner_kills=len(mesh.kills),
+        completed=len(completed), lost=n - len(completed), fired_early=len(early),
+        late_p50_s=pct(late, 0.5), late_p99_s=pct(late, 0.99), late_max_s=pct(late, 1.0),
+    )  # fmt: skip
+    assert len(completed) == n, [r.outcome for r in done if not isinstance(r.outcome, TaskCompleted)][:3]
+    assert early == [], early

@@ -82,6 +82,9 @@ def expected_publish(principal: str) -> dict[str, bool]:
         cases[topo.dlq_subject(svc, "task.v1.acme.pm-task.submitted")] = svc == principal
     for prefix, writer in topo.SINKS.values():
         cases[f"{prefix}.acme.pm-task.c1"] = principal == writer
+    # A workflow timer's schedule: the planner's alone; its wake-up: the broker's alone (it fires it).
+    cases[topo.timer_subject("acme", "pm-task", "fire-1-w", "at")] = principal == topo.TIMER_KEEPER
+    cases[topo.timer_subject("acme", "pm-task", "fire-1-w", "due")] = False
     # Whole-stream reads (a bare direct get reads anything the stream holds): the budget, on its
     # usage records and on the envelopes (headers, no body) only; nobody on a stream of content.
     for stream in [*topo.STREAMS.values(), topo.ENVELOPES]:

@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 
 from mesh_contracts.v1.records import StepState, TaskRecord
-from mesh_contracts.v1.workflow import WorkflowChange, WorkflowDefinition, not_runnable, render
+from mesh_contracts.v1.workflow import WorkflowChange, WorkflowDefinition, render
 from mesh_kit.identity import Principal, TrustBundle, new_signing_key
-from mesh_planner.service import dispatch_workflow, workflow_steps
+from mesh_planner.service import dispatch_workflow, workflow_edit_problem, workflow_steps
 from mesh_planner.workflows import Refused, Registry, may_change
 from mesh_testing.memkv import MemoryKV
 
@@ -46,18 +46,6 @@ def test_templates_are_filled_once_from_inputs_and_outputs():
     text = "{{inputs.x}}|{{ nodes.a.output.amount }}|{{nodes.a.output.who}}|{{nodes.t.output}}|{{nodes.z.output}}"
     assert render(text, {"x": "{{inputs.x}}"}, outputs) == '{{inputs.x}}|120|{"name": "Ann"}|plain text|'
     assert render("{{nodes.t.output.k}}", {}, outputs) == ""  # a path into text that is not JSON
-
-
-def test_what_this_planner_cannot_honour_is_named_not_ignored():
-    wf = WorkflowDefinition.model_validate(
-        definition(mode="review", nodes=[{"id": "w", "kind": "timer", "after_s": 5, "retry": {"attempts": 2}}])
-    )
-    assert not_runnable(wf) == [
-        "mode 'review' (this planner runs fixed workflows)",
-        "node 'w' is a timer node",
-        "node 'w' sets retries",
-    ]
-    assert not_runnable(WorkflowDefinition.model_validate(definition())) == []
 
 
 def _record(wf: WorkflowDefinition) -> TaskRecord:
@@ -233,3 +221,31 @@ def test_tool_and_retrieve_nodes_are_fixed_calls_filled_in_at_dispatch():
     dispatch_workflow(rec, wf)
     (second,) = [i.body["step"]["call"] for i in rec.outbox if i.type == "step.requested"]
     assert second == {"tool": "http_get", "arguments": {"url": "https://x.test/refunds.md", "n": [1, "refunds"]}}
+
+
+def test_a_workflows_draft_may_change_what_an_agent_node_is_told_and_nothing_else():
+    wf = WorkflowDefinition.model_validate(definition(nodes=[
+        {"id": "look", "kind": "tool", "tool": "http_get", "arguments": {"url": "{{inputs.topic}}"}},
+        {"id": "say", "kind": "agent", "instruction": "Say {{nodes.look.output}}", "after": ["look"]},
+        {"id": "cool", "kind": "timer", "after_s": 5, "after": ["say"]}]))  # fmt: skip
+    steps = workflow_steps(wf)
+
+    def edited(i: int, **change: Any) -> list[Any]:
+        out = list(steps)
+        out[i] = out[i].model_copy(update=change)
+        return out
+
+    assert workflow_edit_problem(wf, steps, edited(1, instruction="Say it kindly: {{nodes.look.output}}")) is None
+    assert "tools are fixed by the workflow" in workflow_edit_problem(wf, steps, edited(1, tools=("send_email",)))
+    assert "depends_on is fixed" in workflow_edit_problem(wf, steps, edited(1, depends_on=()))
+    assert "not an agent node" in workflow_edit_problem(wf, steps, edited(0, instruction="call something else"))
+    assert "not an agent node" in workflow_edit_problem(wf, steps, edited(2, instruction="wait 0 s"))
+    assert "may not add, remove or reorder" in workflow_edit_problem(wf, steps, steps[:2])
+    assert "may not add, remove or reorder" in workflow_edit_problem(wf, steps, [steps[1], steps[0], steps[2]])
+
+
+def test_a_workflow_in_mode_auto_is_refused_saying_why():
+    from mesh_contracts.v1.workflow import not_runnable
+
+    assert not_runnable(WorkflowDefinition.model_validate(definition(mode="auto")))[0].startswith("mode 'auto'")
+    assert not_runnable(WorkflowDefinition.model_validate(definition(mode="review"))) == []

@@ -60,7 +60,7 @@ from mesh_contracts.v1.work import (
     ToolCompleted,
     ToolRequested,
 )
-from mesh_contracts.v1.workflow import WorkflowChange, WorkflowChanged
+from mesh_contracts.v1.workflow import TaskSignal, WaitEnded, WaitStarted, WorkflowChange, WorkflowChanged
 
 ALL = (
     TaskSubmitted,
@@ -98,6 +98,9 @@ ALL = (
     AuditRecorded,
     WorkflowChange,
     WorkflowChanged,
+    TaskSignal,
+    WaitStarted,
+    WaitEnded,
 )
 
 # Spelled out (not computed from ALL) so type checkers see what the package exports.
@@ -144,6 +147,7 @@ __all__ = [
     "TaskLimits",
     "TaskPolicy",
     "TaskRejected",
+    "TaskSignal",
     "TaskSubmitted",
     "TenantTasks",
     "TokenDelta",
@@ -152,6 +156,8 @@ __all__ = [
     "ToolCompleted",
     "ToolRequested",
     "UsageRecorded",
+    "WaitEnded",
+    "WaitStarted",
     "WorkflowChange",
     "WorkflowChanged",
 ]

@@ -31,6 +31,8 @@ from mesh_contracts.v1.common import (
 
 TaskStatus = Literal["planning", "running", "checking", "halted", "completed", "failed", "cancelled"]
 StepStatus = Literal["pending", "dispatched", "completed", "failed", "halted"]
+"""A workflow's ``timer`` or ``signal`` node is ``dispatched`` while it waits (its ``wait`` says
+which; the task's ``waits`` hold what for)."""
 TERMINAL: tuple[str, ...] = ("completed", "failed", "cancelled")
 GUARDED: tuple[str, ...] = ("halted", "completed", "failed", "cancelled")
 """Task statuses that stop every further model or tool call (the planner writes these, and a
@@ -85,6 +87,41 @@ class StepState(BaseModel):
     its output counts as untrusted); passed on to the steps that take its output."""
     held: list[HeldCall] = []
     """Calls of the completed attempt held for a human that it went on without."""
+    template: str = ""
+    """A workflow agent node's instruction as a reviewer edited it (its templates still to fill
+    in); '' when it is the workflow's own."""
+    wait: str = ""
+    """A workflow node that waits for the world (``timer``, ``signal``), not work: no worker runs
+    it, and the checker does not judge its output."""
+
+
+class WaitState(BaseModel):
+    """Something a workflow task waits for (``TaskRecord.waits``): a timer node's time, a signal,
+    the backoff before a node's next try, or the end of a try's time (``timeout``). A wait with a
+    ``due_at`` has a wake-up scheduled on the broker (``topology.TIMERS``)."""
+
+    step_id: str
+    kind: Literal["timer", "signal", "retry", "timeout", "approval"]
+    attempt: int = 1
+    """The step's attempt the wait belongs to (a timeout's try; a retry's failed try)."""
+    due_at: float | None = None
+    signal: str = ""
+    decision: str = ""
+    """An approval's id, what a reviewer's decision names (``plan.reviewed``'s ``draft``)."""
+    request: str = ""
+    """An approval's question, filled in (what ``meshctl review`` shows)."""
+    started_at: float = 0.0
+
+
+class SignalState(BaseModel):
+    """A signal the task received (``TaskRecord.signals``): kept until its node is reached, then taken."""
+
+    payload: Any = None
+    by: str = ""
+    at: float = 0.0
+    msg_id: str = ""
+    taken_by: str = ""
+    """The node that took it ('' while it is kept)."""
 
 
 class OutboxItem(BaseModel):
@@ -148,6 +185,10 @@ class TaskRecord(Record):
     draft_revision: int = 0
     reviewed_by: str = ""
     """Who approved the plan that runs ('' when the plan was not reviewed)."""
+    waits: dict[str, WaitState] = {}
+    """What the task waits for now, by wait id (a workflow's timers, signals, retries, timeouts)."""
+    signals: dict[str, SignalState] = {}
+    """Signals received, by name: kept until a node takes them."""
 
     @staticmethod
     def key(tenant: str, task_id: str) -> str:

@@ -201,6 +201,10 @@ class PlanDrafted(Contract):
     """Who edited the draft before this one into this one ('' for the model's)."""
     changes: tuple[str, ...] = ()
     """What the edit changed, step by step (``~ s2.instruction: ...``)."""
+    workflow: str = ""
+    """``name@version`` when the draft is a registered workflow in ``review`` mode: its nodes, as
+    the workflow defines them (their templates are filled in as they run). An edit may change what
+    its agent nodes are told, nothing else ('' for a plan the model made)."""
 
 
 REVIEW_DECISIONS = ("approve", "reject", "edit")

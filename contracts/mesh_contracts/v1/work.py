@@ -68,6 +68,9 @@ class StepRequested(Contract):
     """Outputs of the steps this one depends on, by step id."""
     max_iterations: int = Field(6, ge=1, le=50)
     """Cap on model calls in this step's agent loop."""
+    tries: int = Field(1, ge=1, le=10)
+    """The tries the step's workflow node allows (its ``retry``): dispatching it again with the
+    same inputs after a failed try is the policy, which the budget's loop breaker allows for."""
     input_taint: dict[str, Taint] = {}
     """Taint of each input, by step id: what untrusted content the step that wrote it had read.
     An input without an entry is treated as untrusted (its provenance is unknown)."""

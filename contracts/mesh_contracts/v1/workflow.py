@@ -481,7 +481,7 @@ def render(text: str, inputs: dict[str, Any], outputs: dict[str, str]) -> str:
     return TEMPLATE.sub(value, text)
 
 
-RUNNABLE = ("agent", "tool", "retrieve")
+RUNNABLE = ("agent", "tool", "retrieve", "timer", "signal", "approval")
 """Node kinds this version of the planner runs (the others are defined and validated already)."""
 
 
@@ -492,14 +492,14 @@ def not_runnable(wf: WorkflowDefinition) -> list[str]:
     for n in wf.nodes:
         if n.kind not in RUNNABLE:
             out.append(f"node {n.id!r} is {'an' if n.kind[0] in 'aeiou' else 'a'} {n.kind} node")
-        if n.retry.attempts > 1:
-            out.append(f"node {n.id!r} sets retries")
-        if n.timeout_s is not None:
-            out.append(f"node {n.id!r} sets a timeout")
+        if n.retry.attempts > 1 and n.kind in WAITS:
+            out.append(f"{n.kind} node {n.id!r} sets retries (a wait is not retried)")
+        if n.timeout_s is not None and n.kind == "timer":
+            out.append(f"timer node {n.id!r} sets a timeout (a timer's time is its own)")
         if n.budget_share is not None:
             out.append(f"node {n.id!r} sets a budget share")
-    if wf.mode != "fixed":
-        out.insert(0, f"mode {wf.mode!r} (this planner runs fixed workflows)")
+    if wf.mode == "auto":
+        out.insert(0, "mode 'auto' (a workflow the model may replan is no workflow: submit the goal without one)")
     return out
 
 
@@ -521,6 +521,100 @@ def parse_ref(ref: str) -> tuple[str, str]:
 
 
 _WF = {"tenant": "acme", "task_id": "wf-5c1d9e"}
+_RUN = {"tenant": "acme", "task_id": "t-7f3a"}
+
+
+class TaskSignal(Contract):
+    """A named signal to a running task (a workflow's ``signal`` node waits for it), sent by the
+    tenant's app or ``meshctl signal`` and handed in at the tenant's door.
+
+    The planner gives it to the node waiting for ``name``; a signal that arrives before the task
+    reaches that node is kept and taken when it does (the first of a name, later ones are
+    refused). ``payload`` becomes the node's output, checked against the node's
+    ``payload_schema``; a payload that does not fit is refused and the node waits on. What
+    became of it is told on the task's events (``signal.taken``, ``signal.kept``,
+    ``signal.refused``) and on the audit chain."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{**_RUN, "type": "task.signal", "name": "customer_replied", "payload": {"accepted": True}}]
+        }
+    )
+    spec: ClassVar = ContractSpec(
+        "task",
+        "signal",
+        producers=(CLIENT,),
+        consumers=("planner",),
+        summary="A named signal to a running workflow task.",
+        max_bytes=64 * KB,
+    )
+
+    type: Literal["task.signal"] = "task.signal"
+    name: str = Field(pattern=ID_PATTERN)
+    """The signal's name (what a ``signal`` node waits for)."""
+    payload: Any = None
+    """Any JSON value: the waiting node's output."""
+
+
+WaitKind = Literal["timer", "signal", "retry", "approval"]
+
+
+class WaitStarted(Contract):
+    """A workflow task waits for the world, not for work: a timer, a signal, or the backoff before
+    a node's next try. Until the matching ``wait.ended`` the budget counts the time as neither a
+    stall nor a deadlock (as it does a person's decision)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {**_RUN, "type": "wait.started", "wait_id": "fire-1-cool_off", "step_id": "cool_off",
+                 "kind": "timer", "until": 1767225600.0}
+            ]
+        }
+    )  # fmt: skip
+    spec: ClassVar = ContractSpec(
+        "task", "waiting", producers=("planner",), consumers=(CLIENT,), summary="A workflow task waits."
+    )
+
+    type: Literal["wait.started"] = "wait.started"
+    wait_id: str = Field(pattern=ID_PATTERN)
+    """Unique within the task (``wait.ended`` names it)."""
+    step_id: str
+    kind: WaitKind
+    until: float | None = None
+    """When the wait ends at the latest (unix seconds): a timer's due time, a retry's, a signal's
+    timeout (None: a signal without one)."""
+    signal: str = ""
+    """The signal waited for (``kind`` signal)."""
+    decision: str = Field("", pattern=r"^([0-9a-f]{16})?$")
+    """``kind`` approval: the id a reviewer's ``plan.reviewed`` names as its ``draft`` to decide it
+    (``meshctl review approve|reject``)."""
+    request: str = Field("", max_length=4000)
+    """``kind`` approval: what the approver is asked (the node's ``request``, filled in)."""
+
+
+class WaitEnded(Contract):
+    """A wait is over: ``fired`` (a timer, a retry's backoff), ``signalled``, ``approved`` or
+    ``denied`` (an approval node), ``timed_out`` or ``abandoned`` (the task ended meanwhile)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {**_RUN, "type": "wait.ended", "wait_id": "fire-1-cool_off", "step_id": "cool_off", "outcome": "fired",
+                 "late_s": 0.004}
+            ]
+        }
+    )  # fmt: skip
+    spec: ClassVar = ContractSpec(
+        "task", "waited", producers=("planner",), consumers=(CLIENT,), summary="A workflow task's wait is over."
+    )
+
+    type: Literal["wait.ended"] = "wait.ended"
+    wait_id: str = Field(pattern=ID_PATTERN)
+    step_id: str
+    outcome: Literal["fired", "signalled", "approved", "denied", "timed_out", "abandoned"]
+    late_s: float | None = None
+    """How long after its due time it ended (a timer's or a retry's: how late the broker fired)."""
 
 
 class WorkflowChange(Contract):

@@ -479,6 +479,37 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return asyncio.run(run())
 
 
+def cmd_signal(args: argparse.Namespace) -> int:
+    """``meshctl signal TASK NAME [--payload JSON]``: as the tenant's client, and say what the
+    planner made of it (taken by its node, kept until the node is reached, or refused and why)."""
+    if args.payload is not None and args.payload_file is not None:
+        return _absent("give the payload with --payload or --payload-file, not both")
+    text = args.payload
+    if args.payload_file is not None:
+        try:
+            text = Path(args.payload_file).read_text(encoding="utf-8")
+        except OSError as exc:
+            return _absent(f"--payload-file {args.payload_file}: {exc.strerror or exc}")
+    try:
+        payload = json.loads(text) if text is not None else None
+    except json.JSONDecodeError as exc:
+        return _absent(f"the payload is not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}")
+    client = _tenant_client(args)
+
+    async def run() -> int:
+        async with client:
+            seen = await client.signal(args.task_id, args.name, payload, key=args.key, timeout=args.timeout)
+        if isinstance(seen, ProgressEvent):
+            print(f"{args.task_id}: {seen.message}")
+            return 1 if seen.stage == "signal.refused" else 0
+        if isinstance(seen, (TaskCompleted, TaskFailed, TaskRejected)):
+            return _absent(f"task {args.task_id} has already finished ({seen.type}); no signal can reach it")
+        return _absent(f"the planner said nothing of signal {args.name} to {args.task_id} within {args.timeout:g}s "
+                       "(is the task id right, and the planner running?)")  # fmt: skip
+
+    return asyncio.run(run())
+
+
 def cmd_control(args: argparse.Namespace) -> int:
     """``meshctl halt|resume|cancel TASK``: as the tenant's client, and wait for the planner."""
     client = _tenant_client(args)
@@ -1236,6 +1267,22 @@ def _task_commands(sub: argparse._SubParsersAction) -> None:
         s.add_argument("--timeout", type=opt.positive, default=10.0, help="seconds to wait for the planner to apply it")
         s.add_argument("--nats-url", default=None)
         s.set_defaults(fn=cmd_control)
+
+    s = sub.add_parser("signal", help="send a named signal to a workflow task (its signal node takes it)")
+    s.add_argument("task_id", type=opt.task_id, metavar="TASK_ID")
+    s.add_argument("name", type=opt.signal_name, metavar="NAME", help="the signal's name (what the node waits for)")
+    s.add_argument("--payload", default=None, help="the signal's payload, a JSON value (the node's output)")
+    s.add_argument("--payload-file", default=None, help="read the JSON payload from this file")
+    s.add_argument(
+        "--key",
+        type=opt.signal_key,
+        default=None,
+        help="the signal's id: sent again with the same key, it is stored once (default: a new one)",
+    )
+    s.add_argument("--tenant", type=opt.tenant, default="demo")
+    s.add_argument("--timeout", type=opt.positive, default=10.0, help="seconds to wait for the planner's answer")
+    s.add_argument("--nats-url", default=None)
+    s.set_defaults(fn=cmd_signal)
 
     s = sub.add_parser("ingest", help="add or replace documents (md, txt, html, pdf) in a tenant's retrieval index")
     s.add_argument("path", help="a file, or a directory (every supported file under it)")

@@ -45,6 +45,7 @@ from mesh_contracts.v1 import (
     TaskLimits,
     TaskPolicy,
     TaskRejected,
+    TaskSignal,
     TaskSubmitted,
     TokenDelta,
     UsageRecorded,
@@ -645,6 +646,45 @@ class TenantClient:
                 return IngestCompleted(
                     tenant=self.tenant, task_id=ingest_id, doc_id=doc_id, ok=False, error=f"refused at the door: {exc}"
                 )
+            return await asyncio.wait_for(found, timeout)
+        except TimeoutError:
+            return None
+        finally:
+            await sub.unsubscribe()
+
+    async def signal(
+        self, task_id: str, name: str, payload: Any = None, *, key: str | None = None, timeout: float = 10.0
+    ) -> ProgressEvent | Contract | None:
+        """Send signal ``name`` (its ``payload`` any JSON value) to one of the tenant's workflow
+        tasks and wait for what the planner made of it: the ``signal.taken``, ``signal.kept`` or
+        ``signal.refused`` event (its message says why), the stored outcome if the task had
+        already finished, or None if nothing was said within ``timeout``. ``key`` names the
+        signal for deduplication (a retry with the same key is stored once; default: a new one)."""
+        assert self.nc is not None
+        stored = await self._stored_outcome(task_id)
+        if stored is not None:
+            return self._believe(*stored)
+        key = key or uuid.uuid4().hex[:16]
+        found: asyncio.Future[Contract] = asyncio.get_running_loop().create_future()
+        wanted = ("signal.taken", "signal.kept", "signal.refused")
+
+        async def on_msg(msg: Msg) -> None:
+            try:
+                model = self._believe(msg.subject, msg.data, msg.headers)
+            except (ContractError, IdentityError):
+                return
+            if (
+                isinstance(model, ProgressEvent)
+                and model.stage in wanted
+                and name in model.message
+                and not found.done()
+            ):
+                found.set_result(model)
+
+        sub = await self.nc.subscribe(f"event.*.{self.tenant}.{task_id}.>", cb=on_msg)
+        try:
+            await self.nc.flush()
+            await self.publish(TaskSignal(tenant=self.tenant, task_id=task_id, name=name, payload=payload), key=key)
             return await asyncio.wait_for(found, timeout)
         except TimeoutError:
             return None

@@ -34,6 +34,7 @@ import nats
 from mesh_kit.identity import OPERATOR_ROLES, IdentityError, Signer, Verifier
 from meshctl import history, top
 from meshctl import trace as tr
+from meshctl.dag import task_dag
 
 log = logging.getLogger("meshctl.dashboard")
 
@@ -203,7 +204,7 @@ class Dashboard:
         if not h.entries:
             return _json(404, {"error": f"no stored message about {tenant}/{task}"})
         t = tr.from_history(h, {(stream, s.seq): s.headers for stream, s in stored})
-        return _json(200, {"trace": tr.messages_json(t), "totals": h.totals()})
+        return _json(200, {"trace": tr.messages_json(t), "totals": h.totals(), "dag": task_dag(h)})
 
 
 def _json(code: int, body: Any) -> tuple[int, str, bytes, dict[str, str]]:

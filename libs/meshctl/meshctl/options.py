@@ -41,6 +41,7 @@ def identifier(kind: str) -> Callable[[str], str]:
 
 tenant, task_id = identifier("tenant"), identifier("task id")
 step_id, route = identifier("step id"), identifier("route")
+signal_name, signal_key = identifier("signal name"), identifier("signal key")
 
 
 PROMPT_REF = re.compile(r"^([a-z][a-z0-9_-]*(?:\.[a-z0-9_-]+)+)@([0-9A-Za-z][0-9A-Za-z._-]{0,31})$")

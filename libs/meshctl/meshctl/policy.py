@@ -112,6 +112,17 @@ def service_permissions(service: str) -> Permissions:
     for prefix, writer in topo.SINKS.values():
         if service == writer:
             p.add_pub(f"{prefix}.>")
+    if service == topo.TIMER_KEEPER:
+        # Store a wake-up's schedule (never a wake-up itself: the broker fires those), take the
+        # fired ones from its durable.
+        d = topo.TIMER_DURABLE
+        p.add_pub(
+            topo.timer_subject("*", "*", "*", "at"),
+            f"$JS.API.CONSUMER.INFO.{topo.TIMERS}.{d}",
+            f"$JS.API.CONSUMER.MSG.NEXT.{topo.TIMERS}.{d}",
+            f"$JS.ACK.{topo.TIMERS}.{d}.>",
+            f"$JS.ACK.*.*.{topo.TIMERS}.{d}.>",
+        )
     for b in topo.BUCKETS:
         # Buckets are bound without STREAM.INFO (``state.bind``): with a subjects filter it lists
         # every key, so only a bucket's writer, who holds every key anyway, may ask for it.

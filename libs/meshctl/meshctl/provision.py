@@ -115,6 +115,20 @@ def stream_configs(
             description="Dead letters: original body and headers, reason, attempts, original subject",
         )
     )
+    configs.append(
+        api.StreamConfig(
+            name=topo.TIMERS,
+            subjects=[topo.timer_subject("*", "*", "*", "at"), topo.timer_subject("*", "*", "*", "due")],
+            storage=api.StorageType.FILE,
+            # What is stored is a pending wake-up: a schedule (purged by the broker when it fires)
+            # or a fired one (removed once the planner acknowledges it). Nothing else is kept.
+            retention=api.RetentionPolicy.WORK_QUEUE,
+            allow_msg_schedules=True,
+            num_replicas=replicas,
+            max_msg_size=4 * 1024,
+            description="Durable timers of workflow tasks: the planner's schedules and the wake-ups they fire",
+        )
+    )
     for stream, (prefix, writer) in topo.SINKS.items():
         configs.append(
             api.StreamConfig(
@@ -204,7 +218,26 @@ async def provision(
     for d in topo.durables():
         await js.add_consumer(d.stream, consumer_config(d, replicas, ack_wait_s))  # create or update
         report.consumers.append(f"{d.stream}/{d.name}")
+    await js.add_consumer(topo.TIMERS, timer_consumer_config(replicas, ack_wait_s))
+    report.consumers.append(f"{topo.TIMERS}/{topo.TIMER_DURABLE}")
     return report
+
+
+def timer_consumer_config(replicas: int = 1, ack_wait_s: float = topo.ACK_WAIT_S) -> api.ConsumerConfig:
+    """The planner's durable for fired wake-ups (``topology.TIMERS``). No cap on deliveries: a
+    wake-up is handled by reading a record, and one that is never handled is a timer that never
+    fires; many may wait at once (one per waiting task)."""
+    return api.ConsumerConfig(
+        name=topo.TIMER_DURABLE,
+        durable_name=topo.TIMER_DURABLE,
+        filter_subject=topo.timer_subject("*", "*", "*", "due"),
+        ack_policy=api.AckPolicy.EXPLICIT,
+        ack_wait=ack_wait_s,
+        max_ack_pending=10_000,
+        deliver_policy=api.DeliverPolicy.ALL,
+        num_replicas=replicas,
+        description="planner takes the wake-ups of workflow timers",
+    )
 
 
 ENVELOPE_MAX_ACK_PENDING = 10_000

@@ -1,4 +1,5 @@
-"""``meshctl review``: plans that wait for a person (a tenant under ``MESH_PLAN_REVIEW``).
+"""``meshctl review``: plans that wait for a person (a tenant under ``MESH_PLAN_REVIEW``, a
+workflow in mode ``review``) and a workflow's approval nodes.
 
     meshctl review list --tenant acme                          # drafts waiting, oldest first
     meshctl review show TASK --tenant acme                     # the waiting draft, its hash and edits
@@ -11,6 +12,10 @@ meanwhile (another reviewer edited it), the planner refuses it. The decision is 
 reviewer's key and carried by the approval console's connection, as ``meshctl approve`` is; the
 planner judges the reviewer as the tool-executor judges an approver (the tenant's named approvers
 alone, when it names any). Reads are the operator's (admin): the drafts are task messages.
+
+A task running a workflow may instead wait at an approval node: ``show`` prints what it asks,
+``approve`` and ``reject`` decide it (the decision names the approval's id; an approval is not
+edited). Its waits are read from the task's record.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import nats
 
 from mesh_contracts import topology as topo
 from mesh_contracts.v1 import PlanCreated, PlanDrafted, PlanStep, TaskFailed
+from mesh_contracts.v1.records import TaskRecord, WaitState
 from mesh_kit import envelope as env
 from meshctl import options as opt
 from meshctl.local import MeshError
@@ -56,6 +62,25 @@ async def waiting(nc: nats.NATS, tenant: str, task_id: str) -> tuple[PlanDrafted
         if await _last(js, STREAM, f"task.v1.{tenant}.{task_id}.{event}") is not None:
             return drafted, "ended"
     return drafted, ""
+
+
+async def approvals(nc: nats.NATS, tenant: str, task_id: str) -> list[WaitState]:
+    """The task's approval nodes waiting for a decision (from its record), oldest first."""
+    try:
+        entry = await nc.jetstream(timeout=5.0).key_value(TaskRecord.bucket)
+        got = await entry.get(TaskRecord.key(tenant, task_id))
+    except (nats.js.errors.KeyNotFoundError, nats.js.errors.BucketNotFoundError):
+        return []
+    if got.value is None:
+        return []
+    rec = TaskRecord.model_validate_json(got.value)
+    return sorted((w for w in rec.waits.values() if w.kind == "approval"), key=lambda w: w.started_at)
+
+
+def render_approval(tenant: str, task_id: str, w: WaitState) -> str:
+    until = f", until {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(w.due_at))} UTC" if w.due_at else ""
+    return (f"task {tenant}/{task_id}: approval node {w.step_id} ({w.decision}){until}: waits for an approver\n"
+            f"  {w.request}")  # fmt: skip
 
 
 def render(d: PlanDrafted, state: str) -> str:
@@ -101,20 +126,32 @@ def cmd_review(args: argparse.Namespace) -> int:
                     d, state = await waiting(nc, args.tenant, subject.split(".")[3])
                     if d is not None and (not state or args.all):
                         out.append((d, state))
+                gates = []
+                info = await nc.jetstream(timeout=5.0).stream_info(
+                    STREAM, subjects_filter=f"task.*.{args.tenant}.*.waiting"
+                )
+                for subject in sorted(info.state.subjects or {}):
+                    task = subject.split(".")[3]
+                    gates += [(task, w) for w in await approvals(nc, args.tenant, task)]
                 if args.json:
-                    print(
-                        json.dumps([{**d.model_dump(mode="json"), "state": s or "waiting"} for d, s in out], indent=2)
-                    )
-                elif not out:
-                    print(f"no draft plan of {args.tenant} waits for review")
+                    print(json.dumps([{**d.model_dump(mode="json"), "state": s or "waiting"} for d, s in out]
+                                     + [{"task_id": t, "approval": w.model_dump(mode="json")} for t, w in gates],
+                                     indent=2))  # fmt: skip
+                elif not out and not gates:
+                    print(f"nothing of {args.tenant} waits for review")
                 else:
-                    print("\n".join(render(d, s) for d, s in out))
+                    print("\n".join([render(d, s) for d, s in out]
+                                    + [render_approval(args.tenant, t, w) for t, w in gates]))  # fmt: skip
                 return 0
             if not args.task_id:
                 raise MeshError(f"review {args.action} names a task: meshctl review {args.action} TASK --tenant T")
+            gates = await approvals(nc, args.tenant, args.task_id)
+            if gates:
+                return await _decide_gate(nc, args, gates[0])
             d, state = await waiting(nc, args.tenant, args.task_id)
             if d is None:
-                raise MeshError(f"task {args.tenant}/{args.task_id} has no draft plan (is its tenant under review?)")
+                raise MeshError(f"task {args.tenant}/{args.task_id} has no draft plan (is its tenant under review?)"
+                                " and no approval node waiting")  # fmt: skip
             if args.action == "show":
                 print(json.dumps({**d.model_dump(mode="json"), "state": state or "waiting"}, indent=2)
                       if args.json else render(d, state))  # fmt: skip
@@ -127,6 +164,9 @@ def cmd_review(args: argparse.Namespace) -> int:
             decision = {"approve": "approve", "reject": "reject", "edit": "edit"}[args.action]
             from meshctl.approver import ApprovalError
 
+            # The last refusal before this decision is sent: a planner quicker than this process
+            # refuses it before the answer is looked for, and it must not be taken for an old one.
+            refused_before = await _last(nc.jetstream(timeout=5.0), topo.DLQ_STREAM, _refusals(args))
             try:
                 async with _approver(args) as ap:
                     await ap.review(
@@ -134,19 +174,58 @@ def cmd_review(args: argparse.Namespace) -> int:
                     )
             except ApprovalError as exc:
                 raise MeshError(str(exc)) from None
-            return await _effect(nc, args, d)
+            return await _effect(nc, args, d, refused_before)
         finally:
             await nc.close()
 
     return asyncio.run(run())
 
 
-async def _effect(nc: nats.NATS, args: argparse.Namespace, before: PlanDrafted) -> int:
-    """Wait for what the decision did: the plan runs, the task failed, a new draft; or the
-    planner's refusal (its dead letter)."""
+async def _decide_gate(nc: nats.NATS, args: argparse.Namespace, w: WaitState) -> int:
+    """``show``, ``approve`` or ``reject`` a workflow's approval node; wait until it is decided."""
+    from meshctl.approver import ApprovalError
+    from meshctl.cli import _approver
+
+    if args.action == "show":
+        print(json.dumps({"task_id": args.task_id, "approval": w.model_dump(mode="json")}, indent=2)
+              if args.json else render_approval(args.tenant, args.task_id, w))  # fmt: skip
+        return 0
+    if args.action == "edit":
+        raise MeshError(f"task {args.tenant}/{args.task_id} waits at approval node {w.step_id}: approve or reject it")
     js = nc.jetstream(timeout=5.0)
-    dlq = topo.dlq_subject("planner", f"approval.v1.{args.tenant}.{args.task_id}.reviewed")
-    old = await _last(js, topo.DLQ_STREAM, dlq)
+    dlq = _refusals(args)
+    old = await _last(js, topo.DLQ_STREAM, dlq)  # before it is sent (see ``cmd_review``)
+    try:
+        async with _approver(args) as ap:
+            await ap.review(args.tenant, args.task_id, w.decision, args.action, comment=args.comment or "")
+    except ApprovalError as exc:
+        raise MeshError(str(exc)) from None
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        if not any(g.decision == w.decision for g in await approvals(nc, args.tenant, args.task_id)):
+            verb = "approved" if args.action == "approve" else "rejected"
+            print(f"{verb}: approval node {w.step_id} of {args.tenant}/{args.task_id}")
+            return 0
+        dead = await _last(js, topo.DLQ_STREAM, dlq)
+        if dead is not None and (old is None or dead.seq != old.seq):
+            reason = (dead.headers or {}).get(env.DLQ_REASON) or dead.data.decode(errors="replace")[:300]
+            print(f"meshctl: the planner refused the decision: {reason}", file=sys.stderr)
+            return 1
+        await asyncio.sleep(0.2)
+    print(f"meshctl: no effect of the decision within {args.timeout:g} s (is the planner running?)", file=sys.stderr)
+    return 3
+
+
+def _refusals(args: argparse.Namespace) -> str:
+    """Where the planner dead-letters a decision on the task it refuses."""
+    return topo.dlq_subject("planner", f"approval.v1.{args.tenant}.{args.task_id}.reviewed")
+
+
+async def _effect(nc: nats.NATS, args: argparse.Namespace, before: PlanDrafted, old: Any) -> int:
+    """Wait for what the decision did: the plan runs, the task failed, a new draft; or the
+    planner's refusal (its dead letter: one other than ``old``, the last before it was sent)."""
+    js = nc.jetstream(timeout=5.0)
+    dlq = _refusals(args)
     deadline = time.monotonic() + args.timeout
     while time.monotonic() < deadline:
         d, state = await waiting(nc, args.tenant, args.task_id)

@@ -91,6 +91,8 @@ INTENDED: dict[str, set[str]] = {
     "planner": EVERY_SERVICE
     | fetch("TASK", "planner--task-submitted")
     | fetch("TASK", "planner--task-change")  # authors' workflow changes
+    | fetch("TIMERS", "planner--timer-due")  # the wake-ups of workflow timers the broker fired
+    | fetch("TASK", "planner--task-signal")  # signals to workflow tasks
     | fetch("APPROVAL", "planner--approval-reviewed")  # reviewers' decisions on draft plans
     | fetch("STEP", "planner--step-completed")
     | fetch("STEP", "planner--step-failed")

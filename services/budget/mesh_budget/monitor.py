@@ -311,6 +311,8 @@ class Monitor:
                 "approval.decided": self._approval_decided,
                 "plan.drafted": self._approval_requested,  # a plan waiting for review: a person's wait
                 "plan.reviewed": self._approval_decided,
+                "wait.started": self._approval_requested,  # a workflow's timer, signal or retry backoff
+                "wait.ended": self._approval_decided,
                 "control.halt": self._halted,
                 "control.resume": self._resumed,
                 "control.cancel": self._control,
@@ -359,7 +361,9 @@ class Monitor:
                 w.step_status[sid] = "dispatched"
                 w.waiting.add(sid)  # until a worker takes it up
         w.step_cap[sid] = self.rules.iteration_cap or f.get("max_iterations", MAX_ITERATIONS)
-        if "sig" in f and (n := self._seen(w, "step", sid, f["sig"])) >= self.rules.loop_repeats:
+        # A workflow node's retry policy re-dispatches the same step by design: its tries are no loop.
+        repeats = max(self.rules.loop_repeats, int(f.get("tries", 1)) + 1)
+        if "sig" in f and (n := self._seen(w, "step", sid, f["sig"])) >= repeats:
             o.trip("loop", f"loop: step {sid} dispatched {n} times with the same instruction and inputs",
                    members=(f"step:{sid}",))  # fmt: skip
 

@@ -46,6 +46,7 @@ from mesh_contracts.v1 import (
     TaskCompleted,
     TaskFailed,
     TaskRejected,
+    TaskSignal,
     TaskSubmitted,
     WorkflowChange,
     WorkflowChanged,
@@ -56,14 +57,20 @@ from mesh_contracts.v1.records import (
     AdmissionRecord,
     Evidence,
     OutboxItem,
+    SignalState,
     StatusRecord,
     StepState,
     TaskRecord,
+    WaitState,
 )
 from mesh_contracts.v1.task import draft_hash
 from mesh_contracts.v1.workflow import (
+    WAITS,
     AgentNode,
+    ApprovalNode,
     RetrieveNode,
+    SignalNode,
+    TimerNode,
     ToolNode,
     WorkflowDefinition,
     advance,
@@ -78,9 +85,11 @@ from mesh_kit.bus import Reject
 from mesh_kit.ledger import BUCKET as LEDGER
 from mesh_kit.ledger import Ledger
 from mesh_llm import ChatModel, ContextOverflow, Message, ModelRequest, UnknownRoute
+from mesh_planner import waits
 from mesh_planner.admission import Admission, Limits, StoreLevel, Wait, parse_tenants
 from mesh_planner.planning import PlanningSlots
 from mesh_planner.settings import PlannerSettings
+from mesh_planner.timers import Early, Timers
 from mesh_planner.workflows import Refused, Registry, may_change
 
 log = logging.getLogger("mesh.planner")
@@ -118,7 +127,7 @@ def _replaying(r: Replay) -> str:
     )
 
 
-def _dispatch(rec: TaskRecord, sid: str, causation: str) -> None:
+def _dispatch(rec: TaskRecord, sid: str, causation: str, tries: int = 1) -> None:
     """Send step ``sid`` (its next attempt) to the workers, with its completed dependencies' outputs."""
     s = rec.steps[sid]
     s.status, s.attempt = "dispatched", s.attempt + 1
@@ -134,6 +143,7 @@ def _dispatch(rec: TaskRecord, sid: str, causation: str) -> None:
         feedback=rec.feedback.get(sid, ""),
         on_held=rec.policy.on_held,
         replay=rec.replay,
+        tries=tries,
     )
     _out(rec, request, key=f"{sid}:{s.attempt}", causation=causation)
     _event(rec, "step.dispatched", f"{sid} ({s.step.kind}): {s.step.instruction[:80]}", sid, str(s.attempt))
@@ -159,6 +169,15 @@ def workflow_steps(wf: WorkflowDefinition) -> list[PlanStep]:
         elif isinstance(n, ToolNode):
             steps.append(PlanStep(step_id=n.id, kind="compute", instruction=f"call {n.tool}", tools=(n.tool,),
                                   depends_on=after, call=FixedCall(tool=n.tool, arguments=n.arguments)))  # fmt: skip
+        elif isinstance(n, TimerNode):
+            what = f"wait {n.after_s:g} s" if n.after_s is not None else f"wait until {n.until}"
+            steps.append(PlanStep(step_id=n.id, kind="compute", instruction=what, depends_on=after))
+        elif isinstance(n, SignalNode):
+            steps.append(PlanStep(step_id=n.id, kind="compute", instruction=f"wait for signal {n.name}",
+                                  depends_on=after))  # fmt: skip
+        elif isinstance(n, ApprovalNode):
+            steps.append(PlanStep(step_id=n.id, kind="compute", instruction=f"wait for an approver: {n.request}"[:4000],
+                                  depends_on=after))  # fmt: skip
         else:
             assert isinstance(n, RetrieveNode)  # what ``not_runnable`` lets through
             query = {"query": n.query, "top_k": n.top_k}
@@ -188,8 +207,9 @@ def dispatch_workflow(rec: TaskRecord, wf: WorkflowDefinition, causation: str = 
         if s.skipped:
             ended[sid] = ("skipped", None)
         elif s.status in ("completed", "failed"):
-            ended[sid] = (s.status, output_value(s.output))
-        elif s.status in ("dispatched", "halted"):
+            approval = s.wait == "approval" and s.status == "completed"  # conditions see approved / denied
+            ended[sid] = (waits.approval_status(s.output) if approval else s.status, output_value(s.output))
+        elif s.status in ("dispatched", "halted") or waits.held_back(rec, sid):
             started.add(sid)
     ready, skipped = advance(wf, ended, started)
     for sid in skipped:
@@ -198,18 +218,34 @@ def dispatch_workflow(rec: TaskRecord, wf: WorkflowDefinition, causation: str = 
         s.reason = "a condition on a node before it does not hold, or nothing it needs ran"
         _event(rec, "step.skipped", f"{sid}: {s.reason}", sid)
     outputs = {sid: s.output for sid, s in rec.steps.items() if s.status == "completed" and not s.skipped}
+    now = time.time()
     for sid in ready:
         s = rec.steps[sid]
         if s.status != "pending":
             continue
         node = wf.node(sid)
+        if node.kind in WAITS:
+            problem = waits.reach_wait(rec, wf, sid, outputs, now)
+            if problem is not None:
+                s.status, s.reason = "failed", problem
+                fail(rec, f"step {sid} failed: {problem}", sid)
+                return
+            if s.status == "completed":  # a signal kept from before: taken at once
+                outputs[sid] = s.output
+                dispatch_workflow(rec, wf, causation)
+                return
+            continue
         if isinstance(node, AgentNode):
-            text = render(node.instruction, rec.inputs, outputs)
+            text = render(s.template or node.instruction, rec.inputs, outputs)
             s.step = s.step.model_copy(update={"instruction": text[:4000] or node.id})
         elif s.step.call is not None:  # a tool or retrieve node: its arguments, filled in
             arguments = _filled(dict(s.step.call.arguments), rec.inputs, outputs)
             s.step = s.step.model_copy(update={"call": s.step.call.model_copy(update={"arguments": arguments})})
-        _dispatch(rec, sid, causation)
+        _dispatch(rec, sid, causation, node.retry.attempts)
+        if node.timeout_s is not None:  # the try fails if it has not ended by then
+            waits.start(rec, waits.wait_id("timeout", s.attempt, sid),
+                        WaitState(step_id=sid, kind="timeout", attempt=s.attempt, due_at=now + node.timeout_s),
+                        told=False)  # fmt: skip
 
 
 def answer_step_id(rec: TaskRecord) -> str:
@@ -290,6 +326,24 @@ def checked_plan(raw: Any, max_steps: int) -> list[PlanStep]:
     return steps
 
 
+def workflow_edit_problem(wf: WorkflowDefinition, old: list[PlanStep], new: list[PlanStep]) -> str | None:
+    """Why ``new`` is not an edit a workflow's draft may take (None: it is): the same nodes, in
+    the same order, with the same kinds, tools, calls and edges; only what an agent node is told
+    (its instruction) may change. The workflow is the contract the reviewer approves."""
+    if [s.step_id for s in old] != [s.step_id for s in new]:
+        return f"its nodes are {', '.join(s.step_id for s in old)}; an edit may not add, remove or reorder nodes"
+    for a, b in zip(old, new, strict=True):
+        for field in ("kind", "tools", "depends_on", "difficulty", "output_schema", "call"):
+            if getattr(a, field) != getattr(b, field):
+                verb = "are" if field.endswith("s") else "is"
+                return (
+                    f"node {a.step_id}: {field} {verb} fixed by the workflow; an edit may change only what it is told"
+                )
+        if a.instruction != b.instruction and wf.node(a.step_id).kind != "agent":
+            return f"node {a.step_id} is not an agent node: its instruction is the workflow's"
+    return None
+
+
 def draft(rec: TaskRecord, steps: list[PlanStep], *, causation: str, editor: str = "") -> None:
     """Make ``steps`` the task's draft plan, waiting for a reviewer (the task stays ``planning``)."""
     before = list(rec.draft)
@@ -299,7 +353,7 @@ def draft(rec: TaskRecord, steps: list[PlanStep], *, causation: str, editor: str
     _out(
         rec,
         PlanDrafted(tenant=rec.tenant, task_id=rec.task_id, steps=tuple(steps), draft=rec.draft_hash,
-                    revision=rec.draft_revision, edited_by=editor, changes=tuple(changes)),
+                    revision=rec.draft_revision, edited_by=editor, changes=tuple(changes), workflow=rec.workflow),
         key=f"draft:{rec.draft_hash}", causation=causation,
     )  # fmt: skip
     by = f"edited by {editor} ({len(changes)} change(s)); " if editor else ""
@@ -367,7 +421,7 @@ def check_request(rec: TaskRecord) -> CheckRequested:
                 prompt_version=s.prompt_version,
             )
             for k, s in rec.steps.items()
-            if not s.skipped  # a branch of a workflow not taken: nothing to check
+            if not s.skipped and not s.wait  # a branch not taken, a timer or a signal: no work to check
         ),
         replay=rec.replay,
     )
@@ -381,6 +435,8 @@ def redo_after(rec: TaskRecord, verdict: CheckVerdict) -> list[str]:
         return [answer_step_id(rec)]
     redo: list[str] = []
     for sid, s in rec.steps.items():  # plan order is dependency order
+        if s.wait:
+            continue  # a timer that fired, a signal received: waited for once
         if sid in bad or bad & set(s.step.depends_on) or set(redo) & set(s.step.depends_on):
             redo.append(sid)
     return redo
@@ -408,6 +464,7 @@ class Planner:
         self.store: StoreLevel | None = None
         self.planning: PlanningSlots | None = None
         self.workflows: Registry | None = None
+        self.timers: Timers | None = None
         self._sent: OrderedDict[tuple[str, str, str], str] = OrderedDict()
         """Outbox items (task, type, key) this process is publishing (SENDING) or has published (SENT)."""
         self._to_plan: set[tuple[str, str]] = set()
@@ -435,19 +492,32 @@ class Planner:
         self.planning = PlanningSlots(s.planning_slots or max(1, self.mesh.settings.max_workers - 1))
         self.workflows = Registry(await self.mesh.kv("workflows"))
 
+    async def start_timers(self) -> None:
+        """Take the wake-ups the broker fires (``register``: started and stopped with the mesh)."""
+        ms = self.mesh.settings
+        self.timers = Timers(self.mesh, self.on_wake, ack_wait_s=ms.ack_wait_s, graceful_s=ms.graceful_timeout_s)
+        await self.timers.start()
+
     def register(self) -> None:
         m = self.mesh
         m.enable_guard()
         m.on_start(self.start)
+        m.on_start(self.start_timers)
         m.on_stop(self.stop)
+        m.on_stop(self.stop_timers, connected=True)
         m.consume(TaskSubmitted, self.on_submitted, on_reject=self.on_rejected)
         m.consume(StepCompleted, self.on_step_completed)
         m.consume(StepFailed, self.on_step_failed)
         m.consume(CheckVerdict, self.on_verdict)
         m.consume(WorkflowChange, self.on_workflow_change)
         m.consume(PlanReviewed, self.on_reviewed)
+        m.consume(TaskSignal, self.on_signal)
         for control in (ControlCancel, ControlHalt, ControlResume):
             m.consume(control, self.on_control)
+
+    async def stop_timers(self) -> None:
+        if self.timers is not None:
+            await self.timers.stop()
 
     async def stop(self) -> None:
         if self.admission is not None:
@@ -465,7 +535,11 @@ class Planner:
             if rec is None:
                 return None
             was = rec.status
-            return rec if fn(rec) else None
+            if not fn(rec):
+                return None
+            if rec.status in TERMINAL and rec.waits:
+                waits.abandon_all(rec)  # their wake-ups, when they fire, find nothing to do
+            return rec
 
         try:
             rec, _ = await st.update(self.kv, TaskRecord.key(tenant, task_id), TaskRecord, mutate)
@@ -538,6 +612,12 @@ class Planner:
                 continue  # another handler of this process has it: it clears it once sent
             self._sent[mark] = SENDING
             try:
+                if item.type == waits.WAKE:
+                    assert self.timers is not None
+                    await self.timers.schedule(rec.tenant, rec.task_id, item.key, float(item.body["due_at"]))
+                    self._sent[mark] = SENT
+                    done.add((item.type, item.key))
+                    continue
                 cls = BY_TYPE[(item.type, 1)]
                 msg = cls.model_validate(item.body)
                 if isinstance(msg, CheckRequested):
@@ -621,6 +701,10 @@ class Planner:
                 await self.release(rec)
                 return
         pinned = ""
+        if m.workflow is None and self.fixed(m.tenant) and await st.task_record(self.kv, m.tenant, m.task_id) is None:
+            await self._refuse_workflow(m, d, f"tenant {m.tenant} runs registered workflows only (MESH_PLAN_FIXED): "
+                                        "name one (meshctl submit --workflow NAME)")  # fmt: skip
+            return
         if m.workflow is not None:
             try:
                 pinned = await self._resolve(m)
@@ -668,7 +752,7 @@ class Planner:
             )  # fmt: skip
             _event(new, "task.accepted", m.goal[:120])
             if pinned:
-                _event(new, "workflow.pinned", f"runs {pinned} (fixed: its nodes, no plan of the model's)")
+                _event(new, "workflow.pinned", f"runs {pinned} (its nodes as defined: no plan of the model's)")
             if m.replay is not None:
                 _event(new, "task.replay", _replaying(m.replay))
             return new
@@ -736,24 +820,36 @@ class Planner:
         """A fixed workflow's plan: its nodes, as they are (the model adds and removes nothing)."""
 
         def planned(rec: TaskRecord) -> bool:
-            if rec.status != "planning":
+            if rec.status != "planning" or rec.draft:
                 return False
             wf = self.definition(rec)
             assert wf is not None
             steps = workflow_steps(wf)
-            rec.status, rec.answer_step = "running", wf.answer_node()
-            rec.steps = {s.step_id: StepState(step=s) for s in steps}
-            _out(
-                rec,
-                PlanCreated(tenant=rec.tenant, task_id=rec.task_id, steps=tuple(steps), workflow=rec.workflow),
-                key="r1",
-                causation=d.msg_id,
-            )
-            _event(rec, "plan.created", f"{rec.workflow}: {len(steps)} nodes: " + ", ".join(s.step_id for s in steps))
-            dispatch_workflow(rec, wf, d.msg_id)
+            if wf.mode == "review":  # its nodes wait for one of the tenant's reviewers
+                draft(rec, steps, causation=d.msg_id)
+                return True
+            self.start_workflow(rec, wf, steps, d.msg_id)
             return True
 
         await self.transition(m.tenant, m.task_id, planned)
+
+    def start_workflow(
+        self, rec: TaskRecord, wf: WorkflowDefinition, steps: list[PlanStep], causation: str, reviewed: str = ""
+    ) -> None:
+        """Run the workflow's nodes (``steps``: as defined, or as a reviewer approved them)."""
+        rec.status, rec.answer_step = "running", wf.answer_node()
+        rec.steps = {}
+        for s in steps:
+            node = wf.node(s.step_id)
+            state = StepState(step=s, wait=node.kind if node.kind in WAITS else "")
+            if isinstance(node, AgentNode) and s.instruction != node.instruction:
+                state.template = s.instruction  # as the reviewer edited it
+            rec.steps[s.step_id] = state
+        _out(rec, PlanCreated(tenant=rec.tenant, task_id=rec.task_id, steps=tuple(steps), workflow=rec.workflow,
+                              reviewed=reviewed), key="r1", causation=causation)  # fmt: skip
+        how = f", as approved by {reviewed}" if reviewed else ""
+        _event(rec, "plan.created", f"{rec.workflow}: {len(steps)} nodes{how}: " + ", ".join(s.step_id for s in steps))
+        self.settle(rec, causation)
 
     async def on_workflow_change(self, m: WorkflowChange, d: Delivery) -> None:
         """An author's change to the tenant's workflows (``mesh_planner.workflows``): applied or
@@ -877,6 +973,11 @@ class Planner:
                 source=d.msg_id, detail={"draft": rec.draft_hash, "revision": rec.draft_revision, "steps": len(rec.draft)},
             )  # fmt: skip
 
+    def fixed(self, tenant: str) -> bool:
+        """Whether the tenant runs registered workflows only (``MESH_PLAN_FIXED``)."""
+        names = {t.strip() for t in self.settings.plan_fixed.split(",") if t.strip()}
+        return "*" in names or tenant in names
+
     def reviewed(self, tenant: str) -> bool:
         """Whether the tenant's model-made plans wait for a reviewer (``MESH_PLAN_REVIEW``)."""
         names = {t.strip() for t in self.settings.plan_review.split(",") if t.strip()}
@@ -895,6 +996,9 @@ class Planner:
         outcome: dict[str, str] = {}
 
         def apply(rec: TaskRecord) -> bool:
+            opened = waits.open_approval(rec, m.draft)
+            if opened is not None:  # a workflow's approval node, not a draft plan
+                return self.decide_approval(rec, opened, m, who, d.msg_id, outcome)
             if rec.status != "planning" or not rec.draft:
                 outcome["why"] = f"no draft plan waits for review in task {m.tenant}/{m.task_id} (it is {rec.status})"
                 return False
@@ -907,7 +1011,15 @@ class Planner:
                 return True
             if m.decision == "edit":
                 try:
-                    steps = checked_plan([s.model_dump() for s in m.steps], rec.limits.max_steps)
+                    if rec.workflow:
+                        steps = [PlanStep.model_validate(s.model_dump()) for s in m.steps]
+                        wf = self.definition(rec)
+                        assert wf is not None
+                        problem = workflow_edit_problem(wf, list(rec.draft), steps)
+                        if problem is not None:
+                            raise ValueError(f"a draft of workflow {rec.workflow}: {problem}")
+                    else:
+                        steps = checked_plan([s.model_dump() for s in m.steps], rec.limits.max_steps)
                 except (ValueError, ValidationError) as exc:
                     outcome["why"] = f"the edited plan: {exc}"[:500]
                     return False
@@ -915,6 +1027,12 @@ class Planner:
                 outcome["draft"] = rec.draft_hash
                 return True
             steps = list(rec.draft)
+            if rec.workflow:
+                wf = self.definition(rec)
+                assert wf is not None
+                rec.reviewed_by, rec.draft = who, []
+                self.start_workflow(rec, wf, steps, d.msg_id, reviewed=f"{rec.draft_hash} by {who}")
+                return True
             rec.status, rec.reviewed_by = "running", who
             rec.steps = {s.step_id: StepState(step=s) for s in steps}
             rec.draft = []
@@ -938,8 +1056,38 @@ class Planner:
         if "draft" in outcome:
             detail["new_draft"] = outcome["draft"]
         kind = {"approve": "plan.approved", "reject": "plan.rejected", "edit": "plan.edited"}[m.decision]
+        if "node" in outcome:
+            detail["node"] = outcome["node"]
+            kind = {"approve": "approval.approved", "reject": "approval.denied"}[m.decision]
         await self.mesh.audit(m.tenant, m.task_id, kind, f"{m.task_id}:{m.decision}:{m.draft}", actor=who,
                               source=d.msg_id, detail=detail)  # fmt: skip
+
+    def decide_approval(
+        self, rec: TaskRecord, opened: tuple[str, WaitState], m: PlanReviewed, who: str, cause: str,
+        outcome: dict[str, str],
+    ) -> bool:  # fmt: skip
+        """A reviewer decides a workflow's approval node: approved, the node completes (status
+        ``approved`` for conditions); rejected, the task fails (``on_denied: fail``) or the node
+        completes ``denied`` and conditions choose what runs (``continue``)."""
+        wid, w = opened
+        if m.decision == "edit":
+            outcome["why"] = f"approval node {w.step_id} is approved or rejected, not edited"
+            return False
+        wf = self.definition(rec)
+        assert wf is not None
+        node = wf.node(w.step_id)
+        assert isinstance(node, ApprovalNode)
+        approved, s = m.decision == "approve", rec.steps[w.step_id]
+        waits.end(rec, wid, "approved" if approved else "denied", time.time())
+        output = json.dumps({"approved": approved, "by": who, "comment": m.comment})
+        outcome["node"] = w.step_id
+        if not approved and node.on_denied == "fail":
+            s.status, s.output, s.reason = "failed", output, f"denied by {who}"
+            fail(rec, f"approval {w.step_id} denied by {who}: {m.comment or 'no reason given'}", w.step_id)
+            return True
+        waits.complete(rec, s, output)
+        self.settle(rec, cause)
+        return True
 
     async def on_step_completed(self, m: StepCompleted, d: Delivery) -> None:
         if m.retrievals and self.evidence is not None:  # by attempt: a redone step's records replace nothing
@@ -962,23 +1110,25 @@ class Planner:
             # held calls stay pending across a redo: the outcome names every one still waiting
             s.held += [h for h in m.held if h.approval_id not in {x.approval_id for x in s.held}]
             _event(rec, "step.completed", f"{m.step_id}: {m.output[:100]}", m.step_id, str(m.attempt))
-            if rec.status == "running":
-                self.dispatch(rec, d.msg_id)
-            if all(x.status == "completed" for x in rec.steps.values()):
-                if rec.steps[answer_step_id(rec)].skipped:
-                    fail(rec, f"the workflow's output node {answer_step_id(rec)} was skipped: no answer")
-                    return True
-                rec.status, rec.check_attempt = "checking", rec.check_attempt + 1
-                _out(rec, check_request(rec), key=str(rec.check_attempt), causation=d.msg_id)
-                _event(
-                    rec,
-                    "check.requested",
-                    f"{len(rec.steps)} step result(s) and the answer",
-                    key=str(rec.check_attempt),
-                )
+            waits.drop(rec, m.step_id)  # its try ended in time
+            self.settle(rec, d.msg_id)
             return True
 
         await self.transition(m.tenant, m.task_id, apply)
+
+    def settle(self, rec: TaskRecord, causation: str) -> None:
+        """A step ended: dispatch what may run now (a running task), and once every step has
+        completed, hand the answer to the checker."""
+        if rec.status == "running":
+            self.dispatch(rec, causation)
+        if rec.status not in ("running", "halted") or not all(x.status == "completed" for x in rec.steps.values()):
+            return
+        if rec.steps[answer_step_id(rec)].skipped:
+            fail(rec, f"the workflow's output node {answer_step_id(rec)} was skipped: no answer")
+            return
+        rec.status, rec.check_attempt = "checking", rec.check_attempt + 1
+        _out(rec, check_request(rec), key=str(rec.check_attempt), causation=causation)
+        _event(rec, "check.requested", f"{len(rec.steps)} step result(s) and the answer", key=str(rec.check_attempt))
 
     async def on_step_failed(self, m: StepFailed, d: Delivery) -> None:
         def apply(rec: TaskRecord) -> bool:
@@ -986,19 +1136,111 @@ class Planner:
             if rec.status in TERMINAL or s is None or s.status != "dispatched" or s.attempt != m.attempt:
                 return False
             s.usage = s.usage + m.usage
+            waits.drop(rec, m.step_id)  # its try ended in time (if it had a timeout)
             if m.halted:
                 s.status, s.reason = "halted", m.reason
                 _event(rec, "step.halted", f"{m.step_id}: {m.reason}", m.step_id, str(m.attempt))
                 return True
-            s.status, s.reason = "failed", m.reason
-            cascade = self._dependents(rec, m.step_id)
-            for sid in cascade:
-                rec.steps[sid].status, rec.steps[sid].reason = "failed", f"dependency {m.step_id} failed"
-            tail = f"; dependents not run: {', '.join(cascade)}" if cascade else ""
-            fail(rec, f"step {m.step_id} failed: {m.reason}{tail}", m.step_id)
+            self.try_failed(rec, m.step_id, m.reason)
             return True
 
         await self.transition(m.tenant, m.task_id, apply)
+
+    def try_failed(self, rec: TaskRecord, sid: str, reason: str) -> None:
+        """A try of step ``sid`` failed: a workflow node with tries left waits its backoff and
+        runs again (its ``retry``); otherwise the step fails, and the task with it."""
+        s = rec.steps[sid]
+        wf = self.definition(rec)
+        node = wf.node(sid) if wf is not None and sid in {n.id for n in wf.nodes} else None
+        if node is not None and node.kind not in WAITS and s.attempt < node.retry.attempts:
+            delay = node.retry.delays()[s.attempt - 1]
+            s.status, s.reason = "pending", f"try {s.attempt} of {node.retry.attempts} failed: {reason}"
+            waits.start(rec, waits.wait_id("retry", s.attempt, sid),
+                        WaitState(step_id=sid, kind="retry", attempt=s.attempt, due_at=time.time() + delay))  # fmt: skip
+            _event(rec, "step.retrying", f"{sid}: {s.reason}; try {s.attempt + 1} in {delay:g} s", sid, str(s.attempt))
+            return
+        s.status, s.reason = "failed", reason
+        cascade = self._dependents(rec, sid)
+        for dep in cascade:
+            rec.steps[dep].status, rec.steps[dep].reason = "failed", f"dependency {sid} failed"
+        tail = f"; dependents not run: {', '.join(cascade)}" if cascade else ""
+        tries = f" (try {s.attempt} of {node.retry.attempts})" if node is not None and node.retry.attempts > 1 else ""
+        fail(rec, f"step {sid} failed{tries}: {reason}{tail}", sid)
+
+    async def on_wake(self, tenant: str, task_id: str, wid: str) -> None:
+        """A wake-up the broker fired (``mesh_planner.timers``): the wait it names ends, if the
+        task still has it open and it is due."""
+        early = 0.0
+
+        def apply(rec: TaskRecord) -> bool:
+            nonlocal early
+            w = rec.waits.get(wid)
+            if w is None or rec.status in TERMINAL:
+                return False  # over already (its step ended, the task ended, a second copy)
+            now = time.time()
+            if w.due_at is not None and w.due_at - now > waits.EARLY_S:
+                early = w.due_at - now
+                return False
+            s = rec.steps.get(w.step_id)
+            if s is None:
+                rec.waits.pop(wid)
+                return True
+            if w.kind == "timer":
+                waits.end(rec, wid, "fired", now)
+                due = w.due_at or now
+                waits.complete(rec, s, json.dumps({"due_at": round(due, 3), "fired_at": round(now, 3)}))
+                self.settle(rec, wid)
+            elif w.kind == "retry":
+                waits.end(rec, wid, "fired", now)
+                if rec.status == "running":
+                    self.dispatch(rec, wid)
+            elif w.kind == "signal":
+                waits.end(rec, wid, "timed_out", now)
+                self.try_failed(rec, w.step_id, f"no signal {w.signal} within its timeout")
+            elif w.kind == "approval":
+                waits.end(rec, wid, "timed_out", now)
+                self.try_failed(rec, w.step_id, "no approver decided within its timeout")
+            else:  # timeout of a try
+                waits.end(rec, wid, "timed_out", now)
+                if s.status != "dispatched" or s.attempt != w.attempt:
+                    return True  # that try ended meanwhile
+                _event(rec, "step.timed_out", f"{w.step_id}: try {w.attempt} still running at its timeout",
+                       w.step_id, str(w.attempt))  # fmt: skip
+                self.try_failed(rec, w.step_id, f"try {w.attempt} timed out")
+            return True
+
+        await self.transition(tenant, task_id, apply)
+        if early > 0:
+            raise Early(early)
+
+    async def on_signal(self, m: TaskSignal, d: Delivery) -> None:
+        """A signal for a task (its tenant's own: the door and the identity check saw to that):
+        taken by the node waiting for it, kept until that node is reached, or refused with why."""
+        outcome, why = "refused", f"tenant {m.tenant} has no task {m.task_id}"
+        sig = SignalState(payload=m.payload, by=d.sender.name, at=time.time(), msg_id=d.msg_id)
+
+        def apply(rec: TaskRecord) -> bool:
+            nonlocal outcome, why
+            earlier = rec.signals.get(m.name)
+            if earlier is not None and earlier.msg_id == d.msg_id:
+                outcome, why = ("taken", earlier.taken_by) if earlier.taken_by else ("kept", "")
+                return False  # this very signal, delivered again
+            outcome, why = waits.signal_outcome(rec, self.definition(rec), m.name, sig)
+            if outcome == "taken":
+                self.settle(rec, d.msg_id)
+            return outcome != "refused"
+
+        await self.transition(m.tenant, m.task_id, apply)
+        if outcome == "refused":
+            await self.mesh.publish(
+                ProgressEvent(tenant=m.tenant, task_id=m.task_id, source="planner", stage="signal.refused",
+                              message=f"signal {m.name} from {d.sender.name}: {why}"),
+                key=f"planner:signal.refused::{d.msg_id}",
+            )  # fmt: skip
+        detail = {"signal": m.name, "outcome": outcome, **({"reason": why} if outcome == "refused" else {}),
+                  **({"node": why} if outcome == "taken" else {})}  # fmt: skip
+        await self.mesh.audit(m.tenant, m.task_id, "task.signal", f"{d.msg_id}:signal", actor=d.sender.name,
+                              source=d.msg_id, detail=detail)  # fmt: skip
 
     @staticmethod
     def _dependents(rec: TaskRecord, step_id: str) -> list[str]:

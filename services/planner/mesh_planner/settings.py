@@ -50,6 +50,10 @@ class PlannerSettings(AgentSettings):
     the tenant's approvers approves it (``meshctl review approve``), as drafted or as they edited
     it; a rejection fails the task with their reason. The wait is not a stall; the task's deadline
     still runs (submit such tasks with a deadline that allows for the review)."""
+    plan_fixed: str = ""
+    """Tenants that run registered workflows only (comma-separated; ``*``: every tenant): a
+    submission that names no workflow (``--workflow``) is refused, so no plan the model makes up
+    runs for them (plan governance ``fixed``, per tenant; per workflow it is the workflow's ``mode``)."""
     admission_tenants: dict[str, dict[str, float]] = {}
     """Per-tenant limits over the defaults, as JSON: ``{"acme": {"max_in_flight": 200,
     "rate_per_s": 50, "burst": 100}}``."""

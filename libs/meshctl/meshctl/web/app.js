@@ -66,12 +66,72 @@ async function refresh() {
   }
 }
 
+const SVG = "http://www.w3.org/2000/svg";
+const NODE_W = 190, NODE_H = 46, GAP_X = 60, GAP_Y = 18;
+
+function svg(tag, attrs, parent) {
+  const el = document.createElementNS(SVG, tag);
+  for (const [k, v] of Object.entries(attrs)) el.setAttribute(k, String(v));
+  if (parent) parent.appendChild(el);
+  return el;
+}
+
+// The task's plan as a graph: a column per depth, each node coloured by its state (class state-*),
+// its id and state as data attributes (what the browser check reads). Text is set as text.
+function drawDag(dag) {
+  const box = document.getElementById("dag");
+  const summary = document.getElementById("dag-summary");
+  box.replaceChildren();
+  if (!dag) { summary.textContent = "no plan yet"; box.setAttribute("width", 0); box.setAttribute("height", 0); return; }
+  const rows = {};
+  const at = {};
+  for (const n of dag.nodes) {
+    const row = rows[n.depth] = (rows[n.depth] || 0) + 1;
+    at[n.id] = { x: 10 + n.depth * (NODE_W + GAP_X), y: 10 + (row - 1) * (NODE_H + GAP_Y) };
+  }
+  const depth = Math.max(0, ...dag.nodes.map((n) => n.depth));
+  const height = Math.max(1, ...Object.values(rows));
+  box.setAttribute("width", 20 + (depth + 1) * (NODE_W + GAP_X));
+  box.setAttribute("height", 20 + height * (NODE_H + GAP_Y));
+  const defs = svg("defs", {}, box);
+  const marker = svg("marker", { id: "arrow", viewBox: "0 0 10 10", refX: 10, refY: 5, markerWidth: 7, markerHeight: 7,
+                                 orient: "auto-start-reverse" }, defs);
+  svg("path", { d: "M 0 0 L 10 5 L 0 10 z", class: "arrow" }, marker);
+  for (const [from, to] of dag.edges) {
+    const a = at[from], b = at[to];
+    if (!a || !b) continue;
+    svg("path", { d: `M ${a.x + NODE_W} ${a.y + NODE_H / 2} C ${a.x + NODE_W + GAP_X / 2} ${a.y + NODE_H / 2}, ` +
+                     `${b.x - GAP_X / 2} ${b.y + NODE_H / 2}, ${b.x} ${b.y + NODE_H / 2}`,
+                  class: "edge", "marker-end": "url(#arrow)" }, box);
+  }
+  for (const n of dag.nodes) {
+    const p = at[n.id];
+    const g = svg("g", { class: `node state-${n.state}`, "data-node": n.id, "data-state": n.state,
+                         transform: `translate(${p.x},${p.y})` }, box);
+    svg("rect", { width: NODE_W, height: NODE_H, rx: 8 }, g);
+    const title = svg("text", { x: 10, y: 18, class: "node-id" }, g);
+    title.textContent = n.id + (n.attempt > 1 ? ` (try ${n.attempt})` : "");
+    const state = svg("text", { x: NODE_W - 10, y: 18, class: "node-state", "text-anchor": "end" }, g);
+    state.textContent = n.state;
+    const label = svg("text", { x: 10, y: 36, class: "node-label" }, g);
+    label.textContent = n.label.length > 27 ? n.label.slice(0, 26) + "…" : n.label;
+  }
+  const counts = {};
+  for (const n of dag.nodes) counts[n.state] = (counts[n.state] || 0) + 1;
+  summary.textContent = (dag.workflow ? `workflow ${dag.workflow}` : "the model's plan") +
+    (dag.draft ? ": a draft waiting for review" : "") + (dag.reviewed ? `, approved (${dag.reviewed})` : "") + ": " +
+    Object.entries(counts).map(([s, k]) => `${k} ${s}`).join(", ");
+  document.body.dataset.dag = dag.nodes.map((n) => `${n.id}=${n.state}`).join(" ");
+}
+
+let following = null;
+
 async function timeline(tenant, task) {
   const summary = document.getElementById("task-summary");
   const r = await fetch(`/api/task?tenant=${encodeURIComponent(tenant)}&task=${encodeURIComponent(task)}`,
                         { credentials: "same-origin" });
   const body = await r.json();
-  if (!r.ok) { summary.textContent = body.error; fill("timeline", []); return; }
+  if (!r.ok) { summary.textContent = body.error; fill("timeline", []); drawDag(null); return; }
   const spans = body.trace.spans, totals = body.totals;
   const t0 = spans.length ? spans[0].time : 0;
   const widest = Math.max(0.001, ...spans.map((s) => s.after_cause_s || 0));
@@ -90,7 +150,11 @@ async function timeline(tenant, task) {
     cell(r, "").appendChild(bar);
     return r;
   }));
+  drawDag(body.dag);
   document.body.dataset.timeline = `${tenant}/${task}`;
+  // Live until the task ends: its graph and timeline again every two seconds.
+  clearTimeout(following);
+  if (!totals.outcome) following = setTimeout(() => timeline(tenant, task), 2000);
 }
 
 document.addEventListener("DOMContentLoaded", () => {
