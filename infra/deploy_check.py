@@ -324,7 +324,9 @@ def mesh_durables() -> dict[str, list[tuple[str, str]]]:
     """Each service's durable consumers, from the contracts (the project venv has them)."""
     from mesh_contracts import topology
 
-    return {s: [(d.stream, d.name) for d in topology.durables_of(s)] for s in SERVICES}
+    out = {s: [(d.stream, d.name) for d in topology.durables_of(s)] for s in SERVICES}
+    out[topology.TIMER_KEEPER].append((topology.TIMERS, topology.TIMER_DURABLE))  # fired wake-ups, no contract's
+    return out
 
 
 def chart_value_errors(values: dict[str, Any], chart: dict[str, Any], prefix: str = "") -> list[str]:
