@@ -67,7 +67,13 @@ def test_a_retry_backoff_and_a_timed_out_wait_are_drawn_as_such():
         ("wait.started", {"step_id": "fetch", "kind": "retry"}),
         ("wait.started", {"step_id": "cool", "kind": "signal"}),
         ("wait.ended", {"step_id": "cool", "outcome": "timed_out"}),
+        ("wait.started", {"step_id": "high", "kind": "approval"}),
+        ("wait.ended", {"step_id": "high", "outcome": "denied"}),
+        ("wait.started", {"step_id": "low", "kind": "approval"}),
+        ("wait.ended", {"step_id": "low", "outcome": "denied"}),
+        ("event.progress", {"source": "planner", "stage": "step.completed", "step_id": "low"}),  # on_denied: continue
     ))  # fmt: skip
     assert dag is not None
     states = {n["id"]: n["state"] for n in dag["nodes"]}
     assert states["fetch"] == "retrying" and states["cool"] == "failed"
+    assert states["high"] == "failed" and states["low"] == "completed"

@@ -57,8 +57,8 @@ def task_dag(h: History) -> dict[str, Any] | None:
                 state[sid] = "halted" if b.get("halted") else "failed"
             elif e.type == "wait.started":
                 state[sid] = WAIT_STATE.get(str(b.get("kind")), "waiting")
-            elif e.type == "wait.ended" and b.get("outcome") == "timed_out":
-                state[sid] = "failed"
+            elif e.type == "wait.ended" and b.get("outcome") in ("timed_out", "denied"):
+                state[sid] = "failed"  # (a denial the workflow goes on from completes the node next)
             elif e.type == "event.progress" and b.get("source") == "planner":
                 stage = b.get("stage")
                 if stage == "step.skipped":
