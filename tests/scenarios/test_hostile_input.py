@@ -72,6 +72,7 @@ def _valid(subject: str) -> dict:
         # an author's change, over the tenant's connection (signed here by the client: refused)
         "change": {**base, "type": "workflow.change", "action": "publish", "name": "wf", "author": "author.acme.x",
                    "definition": {"name": "wf", "nodes": [{"id": "a", "kind": "agent", "instruction": "x"}]}},
+        "signal": {**base, "type": "task.signal", "name": "go"},  # (its payload may be any JSON: no wrong type)
     }.get(kind, {**base, "type": kind})  # fmt: skip
 
 
