@@ -42,7 +42,8 @@ ALICE = "author.acme.alice"
 
 @pytest.fixture(scope="module")
 def infra() -> Iterator[Infra]:
-    with running_infra(["acme", "globex"], name="waits", ack_wait_s=2.0) as infra:
+    # binaries: the timer test kill -9s the broker, which only a process this fixture started allows
+    with running_infra(["acme", "globex"], mode="binaries", name="waits", ack_wait_s=2.0) as infra:
         yield infra
 
 

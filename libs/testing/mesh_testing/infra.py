@@ -136,8 +136,10 @@ class Infra:
         return time.monotonic() - t0
 
     def kill_nats(self, index: int) -> None:
+        if self.mode != "binaries" or index >= len(self.nodes):
+            raise RuntimeError(f"no broker {index} started by this fixture: kill -9 needs mode='binaries', not {self.mode!r}")
         proc = self.nodes[index]
-        if self.mode != "binaries" or not proc.alive():
+        if not proc.alive():
             raise RuntimeError(f"{proc.name} (pid {proc.pid}) is not a live broker this fixture started")
         os.kill(proc.pid, 9)
         local.stop([[proc]], 1.0)  # reap it
