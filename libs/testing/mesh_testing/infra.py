@@ -137,7 +137,9 @@ class Infra:
 
     def kill_nats(self, index: int) -> None:
         if self.mode != "binaries" or index >= len(self.nodes):
-            raise RuntimeError(f"no broker {index} started by this fixture: kill -9 needs mode='binaries', not {self.mode!r}")
+            raise RuntimeError(
+                f"no broker {index} started by this fixture: kill -9 needs mode='binaries', not {self.mode!r}"
+            )
         proc = self.nodes[index]
         if not proc.alive():
             raise RuntimeError(f"{proc.name} (pid {proc.pid}) is not a live broker this fixture started")
