@@ -111,6 +111,42 @@ async def test_run_slots_wake_one_waiting_task_per_free_slot_and_a_lost_wakeup_p
             await adm.close()
 
 
+async def test_an_idle_task_gives_its_run_slot_to_a_waiting_one_and_takes_one_back_when_woken(
+    integration_infra, unique
+):
+    """A workflow task waiting for an approval (``set_idle``) frees its slot for the next task;
+    its wait over, it runs again at once, over the cap, rather than queue behind tasks not started."""
+    mesh = Mesh(settings_for(integration_infra, "planner"))
+    tenant = unique("tenant").replace("-", "")
+    async with running(mesh):
+        adm = Admission(st.bind(mesh.nc, "admission"), Limits(max_in_flight=2), slots=1)
+        await adm.follow(mesh.nc)
+        try:
+            assert await adm.admit(tenant, "approval", deadline_s=300) is None
+            second = await adm.admit(tenant, "second", deadline_s=300)
+            assert isinstance(second, Wait)
+            woke = asyncio.create_task(second.until())
+            await adm.set_idle(tenant, "approval", True)
+            await asyncio.wait_for(woke, 30)
+            assert await adm.admit(tenant, "second", deadline_s=300) is None, "the slot it gave back"
+            third = await adm.admit(tenant, "third", deadline_s=300)
+            assert third is not None and not isinstance(third, Wait) and third.code == "too_many_in_flight", (
+                "an idle task is still in flight: it counts against max_in_flight"
+            )
+            assert await adm.admit(tenant, "approval", deadline_s=300) is None, "redelivered: started already"
+            await adm.set_idle(tenant, "approval", False)
+            rec, _ = await st.load(adm.kv, tenant, AdmissionRecord)
+            assert rec is not None and set(rec.running) == {"approval", "second"} and not rec.idle, rec
+            await adm.set_idle(tenant, "approval", True)
+            await adm.release(tenant, "approval", took_s=5.0)
+            rec, _ = await st.load(adm.kv, tenant, AdmissionRecord)
+            assert rec is not None and set(rec.in_flight) == set(rec.running) == {"second"} and not rec.idle, rec
+            await adm.set_idle(tenant, "approval", False)  # ended: nothing to do
+            assert (await st.load(adm.kv, tenant, AdmissionRecord))[0] == rec
+        finally:
+            await adm.close()
+
+
 async def test_with_run_slots_the_drain_is_the_running_tasks_not_the_queued_ones(integration_infra, unique):
     """A burst admitted behind one run slot drains a task per mean duration: its refused clients
     are spread one mean duration apart, not told to come back all within a fraction of a second

@@ -29,13 +29,17 @@ from mesh_contracts.v1 import (
     WaitEnded,
     WaitStarted,
 )
+from mesh_contracts.v1.records import AdmissionRecord
+from mesh_kit import state as st
 from mesh_testing.chaos import ChaosMesh, report, started
 from mesh_testing.infra import Infra, running_infra
 from meshctl.cli import main as cli_main
 from meshctl.client import TenantClient
 
 pytestmark = pytest.mark.chaos
-ENV = {"MESH_ACK_WAIT_S": "2", "MESH_LOG_LEVEL": "WARNING", "MESH_PLAN_FIXED": "globex"}
+# One run slot, even for a tenant alone: a task that holds one while it waits on the world stops every other.
+ENV = {"MESH_ACK_WAIT_S": "2", "MESH_LOG_LEVEL": "WARNING", "MESH_PLAN_FIXED": "globex", "MESH_RUN_SLOTS": "1",
+       "MESH_RUN_SLOTS_ALONE": "1"}  # fmt: skip
 NO_JUDGE = TaskPolicy(judge=False)
 ALICE = "author.acme.alice"
 
@@ -170,6 +174,46 @@ def test_a_signal_reaches_its_node_checked_and_only_from_the_tasks_tenant(infra,
         assert {m.subject for m in signals} == {"task.v1.acme.wt-signal.signal", "task.v1.globex.wt-signal.signal"}
 
     asyncio.run(main())
+
+
+def test_tasks_waiting_for_the_world_hold_no_run_slot_and_take_it_back_when_woken(
+    infra, mesh, author, tmp_path, capsys
+):
+    """One run slot (ENV). Three workflow tasks each wait for a signal: each gives its slot back
+    while it waits (``idle`` in the tenant's admission record, still in flight), so the next one
+    starts, and a plain task completes meanwhile. Signalled, each takes a slot again and
+    completes; nothing is left counted."""
+    publish(infra, tmp_path, SIGNAL)
+    ids = [f"wt-idle-{i}" for i in range(3)]
+
+    async def main() -> None:
+        tasks = [asyncio.create_task(submit(infra, t, "legal-review")) for t in ids]
+        for t in ids:
+            await until_stored(infra, "TASK", f"task.v1.acme.{t}.waiting")
+        async with TenantClient.of(infra.ids, infra.nats_url, "acme") as client:
+            plain = await client.submit("What is 17 * 23?", task_id="wt-idle-plain", policy=NO_JUDGE, timeout=60)
+        assert isinstance(plain.outcome, TaskCompleted) and "391" in plain.outcome.answer, plain.outcome
+        rec = await admission(infra, "acme")
+        assert set(rec.idle) == set(ids) and set(ids) <= set(rec.in_flight) and not set(ids) & set(rec.running), rec
+        for t in ids:
+            assert await asyncio.to_thread(ctl, infra, "signal", t, "legal_ok", "--tenant", "acme",
+                                           "--payload", '{"by": "dana"}') == 0  # fmt: skip
+        for seen in await asyncio.gather(*tasks):
+            assert isinstance(seen.outcome, TaskCompleted) and seen.outcome.answer == "sent, cleared by dana", seen
+        rec = await admission(infra, "acme")
+        assert not set(ids) & (set(rec.idle) | set(rec.running) | set(rec.in_flight)), rec
+
+    asyncio.run(main())
+
+
+async def admission(infra: Infra, tenant: str) -> AdmissionRecord:
+    nc = await infra.admin()
+    try:
+        rec, _ = await st.load(st.bind(nc, AdmissionRecord.bucket), tenant, AdmissionRecord)
+    finally:
+        await nc.close()
+    assert rec is not None
+    return rec
 
 
 def test_the_examples_follow_up_goes_draft_review_approve_run_as_its_comment_says(infra, mesh, author, capsys):

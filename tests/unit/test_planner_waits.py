@@ -367,3 +367,54 @@ async def test_an_approval_nobody_decides_in_time_fails_its_node():
     await planner.on_wake("acme", "t1", wid)
     rec = await record(planner)
     assert rec.status == "failed" and "no approver decided within its timeout" in rec.reason
+
+
+class FakeAdmission:
+    """The tenant's admission record as far as idle tasks go (``Admission.set_idle``)."""
+
+    def __init__(self) -> None:
+        self.idle: set[str] = set()
+        self.calls: list[bool] = []
+
+    def idle_as_seen(self, tenant: str, task_id: str) -> bool:
+        return task_id in self.idle
+
+    async def set_idle(self, tenant: str, task_id: str, idle: bool) -> None:
+        self.calls.append(idle)
+        (self.idle.add if idle else self.idle.discard)(task_id)
+
+    async def release(self, tenant: str, task_id: str, took_s: float | None) -> None:
+        self.idle.discard(task_id)
+
+
+async def test_a_task_waiting_only_for_the_world_gives_its_run_slot_back_and_takes_it_when_woken():
+    planner, _ = await started([*SIGNALS, {"id": "retry", "kind": "agent", "instruction": "x", "after": ["send"],
+                                           "retry": {"attempts": 2, "backoff_s": 5}, "timeout_s": 60}])  # fmt: skip
+    adm = planner.admission = FakeAdmission()  # type: ignore[assignment]
+    done = StepCompleted(tenant="acme", task_id="t1", step_id="draft", attempt=1, output="text")
+    await planner.on_step_completed(done, delivery("c1"))  # its signal node waits, nothing else runs
+    assert adm.calls == [True] and waits.idle(await record(planner))
+    await signal(planner, "approved_by_legal", {"ok": True}, "s1")  # 'send' is dispatched: back at work
+    assert adm.calls == [True, False]
+    await planner.on_step_completed(StepCompleted(tenant="acme", task_id="t1", step_id="send", attempt=1,
+                                                  output="sent"), delivery("c2"))  # fmt: skip
+    rec = await record(planner)
+    assert not waits.idle(rec) and any(w.kind == "timeout" for w in rec.waits.values()), "a try's time is work"
+    assert adm.calls == [True, False]
+    await planner.on_step_failed(StepFailed(tenant="acme", task_id="t1", step_id="retry", attempt=1, reason="503"),
+                                 delivery("f1"))  # its backoff: idle  # fmt: skip
+    assert adm.calls == [True, False, True]
+    adm.idle.clear()  # the tenant's record lost it (a crash between the two writes): the next transition repairs it
+    await planner.transition("acme", "t1", lambda r: planner.settle(r, "x") is None)
+    assert adm.calls == [True, False, True, True] and adm.idle == {"t1"}
+    await wake_all_due(planner)  # the retry runs
+    assert adm.calls[-1] is False and not adm.idle
+
+
+def test_a_draft_waiting_for_its_reviewer_is_idle_a_task_planning_is_not():
+    rec = TaskRecord(tenant="acme", task_id="t1", goal="g", status="planning")
+    assert not waits.idle(rec)
+    rec.draft_hash = "0123456789abcdef"
+    assert waits.idle(rec)
+    rec.status = "checking"
+    assert not waits.idle(rec)

@@ -40,6 +40,19 @@ def test_woken_tasks_count_as_running():
     assert not may_start("a", view, slots=2, woken={"a": 1})
 
 
+def test_idle_tasks_hold_no_slot_and_do_not_make_their_tenant_want_one():
+    """Tasks waiting for the world (``AdmissionRecord.idle``) are in flight but neither run nor queue."""
+    waiting_on_approvals = AdmissionRecord(
+        in_flight=dict.fromkeys(["a", "b", "c"], 1e12), idle=dict.fromkeys("abc", 1e12)
+    )
+    view = {"approvals": waiting_on_approvals, "other": rec(1, 1, prefix="o")}
+    assert may_start("other", view, slots=2), "alone in wanting slots: both are its"
+    assert may_start("approvals", view, slots=2), "its share: one of two"
+    # Were they queued instead, the other tenant would be held to its share (1) while they wait.
+    queued = AdmissionRecord(in_flight=dict.fromkeys(["a", "b", "c"], 1e12))
+    assert not may_start("other", {"approvals": queued, "other": rec(1, 1, prefix="o")}, slots=2)
+
+
 def test_a_share_is_at_least_one_so_every_tenant_can_run():
     view = {f"t{i}": rec(0, 1, prefix=f"t{i}-") for i in range(10)}
     assert all(may_start(t, view, slots=2) for t in view)

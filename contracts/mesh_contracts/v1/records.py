@@ -246,6 +246,12 @@ class AdmissionRecord(Record):
     last_ended_at: float = 0.0
     """When one of its tasks last ended: a tenant between two tasks still counts as wanting run
     slots for a while (``MESH_RUN_SLOTS_ALONE`` is for a tenant that is really alone)."""
+    idle: dict[str, float] = {}
+    """With run slots: started tasks that wait only for the world (a workflow's timer, signal,
+    approval or retry backoff, or a draft plan's reviewer), task id -> when it lapses, as in
+    ``in_flight``. They keep their admission but hold no run slot, and do not queue for one: a task
+    waiting a day for an approval does not keep another tenant's task from starting. Back at work
+    (the wait ended), a task takes its slot again at once (in ``running``), even over the cap."""
 
 
 class QuotaRecord(Record):

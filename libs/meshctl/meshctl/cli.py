@@ -275,7 +275,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print("LAG ?: a consumer's leader did not answer in 2 s (a cluster electing leaders after a node died?)")
     if admission:
         # Running / queued as the budget sees them: its answer to budget.status, or else the
-        # replicas' /status (each follows every task: the max).
+        # replicas' /status (each follows every task: the max). IDLE from the admission record: started
+        # tasks that wait only for the world (a timer, signal, approval, retry or review), holding no run slot.
         queue: dict[str, dict[str, float]] = {}
         reported = report is not None or any("tenants" in h for h in health.values())
         if report is not None:
@@ -285,7 +286,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 mine = queue.setdefault(tenant, {"running": 0, "queued": 0, "queued_s": 0.0})
                 for k in mine:
                     mine[k] = max(mine[k], q.get(k, 0))
-        print(f"\n{'TENANT':14} {'IN FLIGHT':>9} {'RUNNING':>8} {'QUEUED':>7} {'QUEUE S':>8} {'ADMITTED':>9} "
+        print(f"\n{'TENANT':14} {'IN FLIGHT':>9} {'RUNNING':>8} {'IDLE':>5} {'QUEUED':>7} {'QUEUE S':>8} {'ADMITTED':>9} "
               f"{'REFUSED':>8}  MEAN TASK  REFUSED BY CODE")  # fmt: skip
         for tenant, rec in sorted(admission.items()):
             refused = rec.get("refused", {}) or {}
@@ -295,7 +296,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 (f"{int(q['running'])}", f"{int(q['queued'])}", f"{q['queued_s']:.1f}") if q else ("-", "-", "-")
             )
             print(
-                f"{tenant:14} {len(rec.get('in_flight', {})):>9} {running:>8} {queued:>7} {queued_s:>8} "
+                f"{tenant:14} {len(rec.get('in_flight', {})):>9} {running:>8} {len(rec.get('idle', {})):>5} {queued:>7} {queued_s:>8} "
                 f"{rec.get('admitted', 0):>9} {sum(refused.values()):>8}  {rec.get('mean_task_s', 0.0):8.2f}s  {by_code}"
             )
     if quotas:

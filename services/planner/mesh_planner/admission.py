@@ -29,6 +29,13 @@ machine every task in flight slows every other, so a burst that runs all at once
 tenant's task several times slower even when it is always next in every queue (issue 18's
 measurements).
 
+A started task that waits only for the world (a workflow's timer, signal, approval or retry
+backoff, or its draft plan's reviewer: ``mesh_planner.waits.idle``) is ``idle``: it keeps its
+admission (it counts against ``max_in_flight``) but gives its run slot back and does not queue for
+one, so a thousand tasks each waiting a day for an approval keep no other task from starting. When
+its wait ends it takes a slot again at once, even over the cap (like a tenant under its share): its
+work was started and is not queued behind tasks that were not.
+
 A refusal's ``retry_after_s`` comes from how fast the tenant makes room, with jitter
 (``mesh_kit.retry_after``): each client refused is given its own place in a line on that drain,
 so a burst refused together comes back spread over the time the drain needs to take it, not all
@@ -119,7 +126,7 @@ def may_start(
     run while no other tenant has had a task in flight for ``RECENT_S`` (0: ``slots``)."""
     woken = woken or {}
     running = {t: len(r.running) + woken.get(t, 0) for t, r in view.items()}
-    waiting = {t: len(r.in_flight) - len(r.running) - woken.get(t, 0) for t, r in view.items()}
+    waiting = {t: len(r.in_flight) - len(r.running) - len(r.idle) - woken.get(t, 0) for t, r in view.items()}
     active = {t for t in view if running[t] > 0 or waiting[t] > 0} | {tenant}
     if alone > slots:
         at = time.time() if now is None else now
@@ -204,7 +211,7 @@ class Admission:
             refusal, waits = None, False
             rec = rec or AdmissionRecord(tokens=float(max(lim.burst, 1)), refilled_at=at)
             if task_id in rec.in_flight:  # admitted before (a redelivered submission, or a waiting task)
-                if not self.slots or task_id in rec.running:
+                if not self.slots or task_id in rec.running or task_id in rec.idle:
                     return None
                 if not start(rec):
                     waits = True
@@ -213,8 +220,9 @@ class Admission:
                 return rec
             for old in [t for t, until in rec.in_flight.items() if until < at]:
                 del rec.in_flight[old]
-            for old in [t for t, until in rec.running.items() if until < at or t not in rec.in_flight]:
-                del rec.running[old]
+            for held in (rec.running, rec.idle):
+                for old in [t for t, until in held.items() if until < at or t not in rec.in_flight]:
+                    del held[old]
             if lim.rate_per_s:
                 cap = float(max(lim.burst, 1))
                 rec.tokens = min(cap, rec.tokens + max(0.0, at - rec.refilled_at) * lim.rate_per_s)
@@ -288,6 +296,7 @@ class Admission:
                 return None
             del rec.in_flight[task_id]
             rec.running.pop(task_id, None)
+            rec.idle.pop(task_id, None)
             if took_s is not None:
                 rec.mean_task_s = took_s if not rec.mean_task_s else 0.9 * rec.mean_task_s + 0.1 * took_s
             rec.last_ended_at = time.time()
@@ -301,6 +310,31 @@ class Admission:
             # Woken for a slot and ended before it took one (cancelled while it waited): the
             # slot it was promised goes to the next waiting task now, not when the promise lapses.
             self._wake()
+
+    def idle_as_seen(self, tenant: str, task_id: str) -> bool:
+        """Whether the task is idle (holds no run slot: ``AdmissionRecord.idle``) in this replica's view."""
+        rec = self.view.get(tenant)
+        return rec is not None and task_id in rec.idle
+
+    async def set_idle(self, tenant: str, task_id: str, idle: bool) -> None:
+        """A started task now waits only for the world (``idle``: it gives its run slot back), or
+        is back at work (it takes its slot again at once, even over the cap: it was started, and
+        its work is not queued behind tasks not yet started). Nothing for a task not in flight."""
+        if not self.slots:
+            return
+
+        def mutate(rec: AdmissionRecord | None) -> AdmissionRecord | None:
+            if rec is None or task_id not in rec.in_flight:
+                return None
+            src, dst = (rec.running, rec.idle) if idle else (rec.idle, rec.running)
+            if task_id in dst and task_id not in src:
+                return None
+            dst[task_id] = src.pop(task_id, rec.in_flight[task_id])
+            self._add_refused(tenant, rec)
+            return rec
+
+        async with self._lock(tenant):
+            await self._write(tenant, mutate)
 
     # --- run slots: every tenant's record, followed; tasks waiting here for a slot -------------
 

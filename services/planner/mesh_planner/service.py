@@ -528,13 +528,13 @@ class Planner:
     async def transition(self, tenant: str, task_id: str, fn: Callable[[TaskRecord], bool]) -> TaskRecord | None:
         """Apply ``fn`` (returns whether it changed the record), then flush the outbox."""
 
-        was = ""
+        was, was_idle = "", False
 
         def mutate(rec: TaskRecord | None) -> TaskRecord | None:
-            nonlocal was
+            nonlocal was, was_idle
             if rec is None:
                 return None
-            was = rec.status
+            was, was_idle = rec.status, waits.idle(rec)
             if not fn(rec):
                 return None
             if rec.status in TERMINAL and rec.waits:
@@ -552,6 +552,11 @@ class Planner:
                 await self.publish_status(rec, was)
                 if rec.status in TERMINAL:
                     await self.release(rec)
+            if rec.status not in TERMINAL and self.admission is not None:
+                idle = waits.idle(rec)
+                # Changed now, or (a crash between the two writes) the tenant's record still says otherwise.
+                if idle != was_idle or idle != self.admission.idle_as_seen(rec.tenant, rec.task_id):
+                    await self.admission.set_idle(rec.tenant, rec.task_id, idle)
             await self.flush(rec)
         return rec
 

@@ -47,6 +47,22 @@ EARLY_S = 0.05
 looked at again when due. Anything later fires."""
 
 
+WORLD = ("timer", "signal", "retry", "approval")
+"""Waits for the world: a task with only these open holds no run slot (``idle``)."""
+
+
+def idle(rec: TaskRecord) -> bool:
+    """Whether the task waits only for the world: a draft plan for its reviewer, or, running, a
+    timer, a signal, an approval or a retry's backoff, with no step being worked on. It then holds
+    no run slot (``mesh_planner.admission``)."""
+    if rec.status == "planning":
+        return bool(rec.draft_hash)
+    if rec.status != "running":
+        return False
+    held = {w.step_id for w in rec.waits.values() if w.kind in WORLD}
+    return bool(held) and not any(s.status == "dispatched" and sid not in held for sid, s in rec.steps.items())
+
+
 def wait_id(kind: str, attempt: int, step_id: str) -> str:
     wid = f"{kind}-{attempt}-{step_id}"
     if len(wid) <= 64:
