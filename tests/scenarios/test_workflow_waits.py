@@ -18,6 +18,8 @@ import pytest
 import yaml
 
 from mesh_contracts.v1 import (
+    CheckRequested,
+    CheckVerdict,
     PlanCreated,
     PlanDrafted,
     StepFailed,
@@ -309,6 +311,52 @@ def test_a_tenant_that_runs_workflows_only_is_refused_a_goal_and_others_plan_as_
         async with TenantClient.of(infra.ids, infra.nats_url, "acme") as client:
             done = await client.submit("What is 17 * 23?", task_id="wt-goal", timeout=60)
         assert isinstance(done.outcome, TaskCompleted) and "391" in done.outcome.answer, done.outcome
+
+    asyncio.run(main())
+
+
+CHECKED = {
+    "name": "checked-mail",
+    "nodes": [
+        {"id": "draft", "kind": "agent", "role": "write",
+         "instruction": "#say: Write to ops@example.com about the outage || Write to the ops team about the outage"},
+        {"id": "gate", "kind": "check", "of": "draft", "checks": ["non_empty", "no_pii"], "after": ["draft"],
+         "retry": {"attempts": 2, "backoff_s": 1}},
+        {"id": "send", "kind": "agent", "role": "answer", "after": ["gate"],
+         "instruction": "#say: sent after check {{nodes.gate.output.passed}}: {{nodes.draft.output}}"},
+    ],
+}  # fmt: skip
+
+
+def test_a_check_node_has_the_checker_judge_a_node_mid_run_and_its_node_redone_told_why(infra, mesh, author, tmp_path):
+    """The checker's verdict on one node, mid-run: the draft leaks an address, the check node's
+    ``no_pii`` fails it, the draft runs again after the backoff with the checker's reason (the
+    scripted model, told, leaves the address out), passes, and only then does the reply run."""
+    publish(infra, tmp_path, CHECKED)
+
+    async def main() -> None:
+        seen = await submit(infra, "wt-check", "checked-mail")
+        assert isinstance(seen.outcome, TaskCompleted), seen.outcome
+        assert seen.outcome.answer == "sent after check true: Write to the ops team about the outage"
+        asked = await stored(infra, "CHECK", "check.v1.acme.wt-check.requested", CheckRequested)
+        nodes = [(m.node, m.attempt, m.answer_step, m.only) for _, m in asked]
+        assert nodes[:2] == [
+            ("gate", 1, "draft", ("non_empty", "no_pii")),
+            ("gate", 2, "draft", ("non_empty", "no_pii")),
+        ]
+        verdicts = [(m.node, m.attempt, m.passed) for _, m in await stored(infra, "CHECK", "check.v1.acme.wt-check.verdict", CheckVerdict)]  # fmt: skip
+        assert verdicts[:2] == [("gate", 1, False), ("gate", 2, True)], verdicts
+        assert [n for n, *_ in nodes[2:]] == [""] and [v[0] for v in verdicts[2:]] == [""], "then the task's own check"
+        requested = [m for _, m in await stored(infra, "STEP", "step.v1.acme.wt-check.requested", StepRequested)]
+        drafts = [m for m in requested if m.step.step_id == "draft"]
+        assert [m.attempt for m in drafts] == [1, 2] and "no_pii" in drafts[1].feedback and not drafts[0].feedback
+        [(failed_at, _)] = [(at, m) for at, m in await stored(infra, "CHECK", "check.v1.acme.wt-check.verdict",
+                                                               CheckVerdict) if not m.passed]  # fmt: skip
+        [redo_at] = [at for at, m in await stored(infra, "STEP", "step.v1.acme.wt-check.requested", StepRequested)
+                     if m.step.step_id == "draft" and m.attempt == 2]  # fmt: skip
+        assert redo_at - failed_at >= 1 - 0.05, "the draft ran again after the check node's backoff"
+        # The reply ran once, after the check passed.
+        assert [m.attempt for m in requested if m.step.step_id == "send"] == [1]
 
     asyncio.run(main())
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import given
@@ -349,3 +350,40 @@ def test_a_failed_step_is_redone_with_everything_built_on_it_and_nothing_else():
     assert redo_after(rec, verdict) == ["s1", "s4", "s3"], "s2 did not fail and nothing it needs changed"
     answer_only = CheckVerdict(tenant="acme", task_id="t1", passed=False)
     assert redo_after(rec, answer_only) == ["s3"]
+
+
+async def test_a_check_nodes_request_is_decided_by_its_checks_on_its_nodes_output_alone(tmp_path):
+    """A workflow's check node (``node``, ``only``): the steps before its node are evidence, not
+    judged; only the checks it names decide; its verdict names the node and has its own key."""
+    from mesh_checker.service import Checker
+    from mesh_kit import Mesh, ServiceSettings
+    from mesh_kit.identity import Signer, TrustBundle, Verifier, new_signing_key
+
+    settings = ServiceSettings(service="checker", signing_key_file=tmp_path / "k", trust_bundle_file=tmp_path / "b")
+    mesh = Mesh(settings, signer=Signer("checker", new_signing_key()), verifier=Verifier(TrustBundle({})))
+    sent: list[tuple[object, str]] = []
+
+    async def publish(msg, key="", **_):
+        sent.append((msg, key))
+
+    async def progress(*_, **__):
+        return None
+
+    async def passages(*_):
+        return PASSAGES
+
+    mesh.publish, mesh.progress = publish, progress  # type: ignore[method-assign]
+    checker = Checker(mesh, passages=passages)
+    d = SimpleNamespace(msg_id="m1", stored_at=None)
+    leaky = "Write to ops@example.com. The result is 391."  # no citations, and an address the goal did not give
+    bad_step = StepResult(step_id="s1", kind="research", output="see [nowhere.md#9]", citations=())
+    base = request(leaky, steps=(bad_step, StepResult(step_id="s3", kind="answer", output=leaky)), citations=())
+    await checker.on_request(base.model_copy(update={"node": "gate", "only": ("non_empty", "length")}), d)
+    await checker.on_request(base.model_copy(update={"node": "gate", "only": ("no_pii",), "attempt": 2}), d)
+    (ok, k1), (bad, k2) = sent
+    assert ok.passed and {c.name for c in ok.checks} == {"non_empty", "length"} and ok.node == "gate" and k1 == "gate:1"
+    assert not bad.passed and [c.name for c in bad.checks] == ["no_pii"] and k2 == "gate:2"
+    # The same request for the task (no node): every check, the step before it too.
+    await checker.on_request(base.model_copy(update={"policy": TaskPolicy(judge=False)}), d)
+    task, key = sent[2]
+    assert not task.passed and task.node == "" and key == "1" and any(c.step_id == "s1" for c in task.checks)

@@ -5,19 +5,20 @@ through the real mesh and a real broker's schedules: tests/scenarios/test_workfl
 
 from __future__ import annotations
 
+import json
 import time
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
-from mesh_contracts.v1 import PlanReviewed, StepCompleted, StepFailed, TaskSignal
+from mesh_contracts.v1 import CheckResult, CheckVerdict, PlanReviewed, StepCompleted, StepFailed, TaskSignal
 from mesh_contracts.v1.records import StepState, TaskRecord
 from mesh_contracts.v1.workflow import WorkflowDefinition, not_runnable
 from mesh_kit import state as st
 from mesh_kit.bus import Reject
 from mesh_planner import waits
-from mesh_planner.service import Planner, workflow_steps
+from mesh_planner.service import Planner, tries, workflow_steps
 from mesh_planner.timers import Early, parse_due, schedule_headers
 from mesh_planner.workflows import Registry
 from mesh_testing.memkv import MemoryKV
@@ -64,7 +65,7 @@ async def started(nodes: list[dict[str, Any]], **over: Any) -> tuple[Planner, Wo
     rec = TaskRecord(
         tenant="acme", task_id="t1", goal="g", workflow=wf.ref(), status="running", answer_step=wf.answer_node()
     )
-    rec.steps = {s.step_id: StepState(step=s, wait=wf.node(s.step_id).kind if wf.node(s.step_id).kind in ("timer", "signal") else "")
+    rec.steps = {s.step_id: StepState(step=s, wait=wf.node(s.step_id).kind if wf.node(s.step_id).kind in ("timer", "signal", "approval", "check") else "")
                  for s in workflow_steps(wf)}  # fmt: skip
     await put(planner, rec)
     await planner.transition("acme", "t1", lambda r: planner.settle(r, "c0") is None)
@@ -418,3 +419,68 @@ def test_a_draft_waiting_for_its_reviewer_is_idle_a_task_planning_is_not():
     assert waits.idle(rec)
     rec.status = "checking"
     assert not waits.idle(rec)
+
+
+CHECKED = [
+    {"id": "draft", "kind": "agent", "role": "write", "instruction": "draft the reply"},
+    {"id": "polish", "kind": "agent", "role": "write", "instruction": "polish it", "after": ["draft"]},
+    {"id": "gate", "kind": "check", "of": "draft", "checks": ["no_pii", "judge"], "min_score": 0.8,
+     "after": ["polish"], "retry": {"attempts": 2, "backoff_s": 3}},
+    {"id": "send", "kind": "agent", "role": "answer", "instruction": "send {{nodes.gate.output.passed}}",
+     "after": ["gate"]},
+]  # fmt: skip
+
+
+def completed(sid: str, attempt: int, output: str) -> StepCompleted:
+    return StepCompleted(tenant="acme", task_id="t1", step_id=sid, attempt=attempt, output=output)
+
+
+def node_verdict(attempt: int, passed: bool) -> CheckVerdict:
+    checks = (CheckResult(name="no_pii", passed=passed, reason="ok" if passed else "an e-mail address"),)
+    return CheckVerdict(tenant="acme", task_id="t1", attempt=attempt, passed=passed, checks=checks, node="gate",
+                        judge_score=0.9 if passed else None)  # fmt: skip
+
+
+async def test_a_check_node_asks_the_checker_mid_run_and_a_failed_verdict_runs_its_node_again_told_why():
+    planner, wf = await started(CHECKED)
+    assert tries(wf, "draft") == 2 and tries(wf, "polish") == 2 and tries(wf, "send") == 1
+    await planner.on_step_completed(completed("draft", 1, "mail ops@example.com"), delivery("c1"))
+    await planner.on_step_completed(completed("polish", 1, "polished"), delivery("c2"))
+    [asked] = said(planner, "check.requested")
+    assert (asked.node, asked.attempt, asked.answer, asked.answer_step) == ("gate", 1, "mail ops@example.com", "draft")
+    assert asked.only == ("no_pii", "judge") and asked.policy.judge and asked.policy.judge_min_score == 0.8
+    assert [s.step_id for s in asked.steps] == ["draft", "polish"], "the steps run so far: the check node is none"
+    assert not waits.idle(await record(planner)), "the checker works on it: not a wait for the world"
+    await planner.on_verdict(node_verdict(1, False), delivery("v1"))
+    rec = await record(planner)
+    assert [rec.steps[s].status for s in ("draft", "polish", "gate")] == ["pending", "pending", "pending"]
+    [(wid, due)] = planner.timers.scheduled  # type: ignore[union-attr]
+    assert rec.waits[wid].kind == "retry" and rec.waits[wid].step_id == "draft" and due - time.time() > 2
+    assert len(said(planner, "step.requested")) == 2, "not before its backoff"
+    await planner.on_verdict(node_verdict(1, False), delivery("v1"))  # a second copy: nothing more
+    await wake_all_due(planner)
+    again = said(planner, "step.requested")[-1]
+    assert (again.step.step_id, again.attempt) == ("draft", 2) and "no_pii: an e-mail address" in again.feedback
+    await planner.on_step_completed(completed("draft", 2, "mail the ops team"), delivery("c3"))
+    await planner.on_step_completed(completed("polish", 2, "polished"), delivery("c4"))
+    assert [m.attempt for m in said(planner, "check.requested")] == [1, 2]
+    await planner.on_verdict(node_verdict(2, True), delivery("v2"))
+    rec = await record(planner)
+    assert json.loads(rec.steps["gate"].output)["passed"] is True and rec.steps["send"].status == "dispatched"
+    assert said(planner, "step.requested")[-1].step.instruction == "send true"  # JSON, as templates render it
+    await planner.on_step_completed(completed("send", 1, "sent"), delivery("c5"))
+    rec = await record(planner)
+    assert rec.status == "checking" and [s.step_id for s in said(planner, "check.requested")[-1].steps] == [
+        "draft", "polish", "send"], "the task's own check: the check node's output is no work to judge"  # fmt: skip
+
+
+async def test_a_check_node_failed_on_its_last_try_fails_the_task_saying_why():
+    planner, _ = await started([{**n, "retry": {"attempts": 1}} if n["id"] == "gate" else n for n in CHECKED])
+    await planner.on_step_completed(completed("draft", 1, "mail ops@example.com"), delivery("c1"))
+    await planner.on_step_completed(completed("polish", 1, "polished"), delivery("c2"))
+    await planner.on_verdict(node_verdict(1, False), delivery("v1"))
+    rec = await record(planner)
+    assert rec.status == "failed" and "step gate failed" in rec.reason
+    assert (
+        "the checker rejected draft: no_pii: an e-mail address" in rec.reason and rec.steps["send"].status == "failed"
+    )

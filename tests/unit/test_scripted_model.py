@@ -93,3 +93,11 @@ async def test_streaming_yields_the_completion_a_word_at_a_time():
     deltas = [e.text for e in events if e.response is None]
     assert len(deltas) >= 4 and events[-1].response is not None
     assert "".join(deltas) == events[-1].response.content == (await model.complete(request)).content
+
+
+async def test_a_say_cue_with_a_revision_says_it_once_the_checker_has_said_what_was_wrong():
+    model = ScriptedModel()
+    ask = Message("user", "#say: mail ops@example.com || mail the ops team")
+    first = await model.complete(req(ask, step="draft"))
+    told = await model.complete(req(ask, Message("user", "Feedback from the checker: no_pii: an e-mail address"), step="draft"))  # fmt: skip
+    assert (first.content, told.content) == ("mail ops@example.com", "mail the ops team")

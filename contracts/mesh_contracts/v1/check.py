@@ -12,6 +12,13 @@ from mesh_contracts.v1.common import CheckResult, Citation, Replay, StepResult, 
 
 _EX = {"tenant": "acme", "task_id": "t-7f3a"}
 
+CheckName = Literal[
+    "non_empty", "length", "schema", "citations_present", "references_resolve", "citations_resolve", "grounded",
+    "no_pii", "no_forbidden_terms", "judge",
+]  # fmt: skip
+"""The checker's checks, by the name its results carry (a workflow's check node selects among them)."""
+CHECK_NAMES: tuple[str, ...] = CheckName.__args__  # type: ignore[attr-defined]
+
 
 class CheckRequested(Contract):
     """The planner asks the checker to verify a candidate final answer."""
@@ -64,6 +71,12 @@ class CheckRequested(Contract):
     one of this task's (0: unknown, no lower bound)."""
     replay: Replay | None = None
     """The task's ``replay``: the judge may answer from the replayed task's recorded verdict."""
+    node: str = Field("", max_length=64)
+    """A workflow's ``check`` node asks (its id): the verdict decides that node (``answer`` is the
+    output of the node it checks), not the task. Empty: the task's answer."""
+    only: tuple[CheckName, ...] = ()
+    """The checks that decide the verdict, the others not run or not counted (a check node's
+    ``checks``; ``judge`` among them runs the judge whatever ``policy.judge`` says). Empty: all."""
 
 
 class CheckVerdict(Contract):
@@ -100,3 +113,5 @@ class CheckVerdict(Contract):
     """Steps whose own results failed a check (the planner redoes these and their dependents)."""
     prompt_versions: dict[str, str] = {}
     """Prompt version per agent role, including the judge's (``judge``)."""
+    node: str = Field("", max_length=64)
+    """The request's ``node``: a workflow's check node the verdict is for (empty: the task's answer)."""

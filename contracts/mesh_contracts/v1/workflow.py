@@ -40,6 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mesh_contracts.base import AUTHOR, CLIENT, ID_PATTERN, Contract, ContractSpec
 from mesh_contracts.decode import KB
+from mesh_contracts.v1.check import CHECK_NAMES
 
 SCHEMA_VERSION = 1
 MAX_NODES = 64
@@ -232,11 +233,16 @@ class ApprovalNode(_Node):
 
 
 class CheckNode(_Node):
-    """The checker's verdict on ``of``'s output: the named checks (``judge`` with ``min_score``)."""
+    """The checker's verdict on ``of``'s output, mid-run: the named checks decide it (``judge``
+    with ``min_score``, else the task policy's). Passed, the node completes (its output
+    ``{"passed": true, "score": ...}``); failed with tries left (``retry.attempts`` counts the
+    checks), ``of`` and the nodes between it and the check run again, after the backoff, told the
+    checker's reasons, and are checked again; failed on its last try, the node fails (and the task)."""
 
     kind: Literal["check"] = "check"
     of: str = Field(pattern=ID_PATTERN)
-    checks: tuple[str, ...] = ("citations_resolve", "judge")
+    checks: tuple[str, ...] = Field(("citations_resolve", "judge"), min_length=1)
+    """Names among the checker's checks (``CHECK_NAMES``)."""
     min_score: float | None = Field(None, ge=0, le=1)
 
 
@@ -329,6 +335,10 @@ class WorkflowDefinition(_Strict):
                     out.append(f"node {n.id!r} runs after itself")
             if isinstance(n, CheckNode) and n.of not in by_id:
                 out.append(f"check {n.id!r} checks {n.of!r}, which is not a node")
+            if isinstance(n, CheckNode):
+                for name in n.checks:
+                    if name not in CHECK_NAMES:
+                        out.append(f"check {n.id!r} names no check {name!r} (the checker's: {', '.join(CHECK_NAMES)})")
         if out:
             return out
         placed = self._placed()
@@ -481,7 +491,7 @@ def render(text: str, inputs: dict[str, Any], outputs: dict[str, str]) -> str:
     return TEMPLATE.sub(value, text)
 
 
-RUNNABLE = ("agent", "tool", "retrieve", "timer", "signal", "approval")
+RUNNABLE = ("agent", "tool", "retrieve", "timer", "signal", "approval", "check")
 """Node kinds this version of the planner runs (the others are defined and validated already)."""
 
 

@@ -35,8 +35,10 @@ DOWN_CUE = "#provider-down"  # in a step: every call fails like a provider retur
 OBEY_CUE = "#obey"  # in a step: follow instructions found in the context (tool results, passages)
 # In a step: answer exactly the text after it (a deliberately broken answer for checker tests);
 # {cite} becomes the first [doc#chunk] reference in the step's inputs, {inputs} the inputs'
-# text without their references.
+# text without their references. "#say: A || B" says A, and B once the checker's feedback is in
+# the conversation (a model told what was wrong fixes it: a workflow's check node, a redo).
 SAY_CUE = re.compile(r"#say:\s*(.+)$", re.S)
+REVISED = " || "
 REF = re.compile(r"\s*\[[^\[\]#\s]+#[^\[\]\s]+\]")
 # What a gullible model takes for an instruction inside untrusted text: "call <tool> {json args}".
 INJECTED_CALL = re.compile(r"\bcall\s+([A-Za-z_][\w-]*)\s*(\{.*?\})", re.I | re.S)
@@ -231,7 +233,11 @@ class ScriptedModel:
                 _compose(request.messages) if any(m.content.startswith("Input from ") for m in request.messages) else ""
             )
             cite = REF.search(inputs)
-            text = say.group(1).strip().replace("{cite}", cite.group(0).strip() if cite else "")
+            said = say.group(1).strip()
+            if REVISED in said:
+                told = any(m.role == "user" and "Feedback from the checker: " in m.content for m in request.messages)
+                said = said.split(REVISED, 1)[1 if told else 0].strip()
+            text = said.replace("{cite}", cite.group(0).strip() if cite else "")
             return text.replace("{inputs}", REF.sub("", inputs).strip()), ()
         if OBEY_CUE in instruction:
             # Told to obey: every instruction found in what it has read (tool results, passages,

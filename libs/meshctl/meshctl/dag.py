@@ -46,11 +46,14 @@ def task_dag(h: History) -> dict[str, Any] | None:
         for e in entries:
             if e.time < plan.time:
                 continue
-            b, sid = e.body, str(e.body.get("step_id") or (e.body.get("step") or {}).get("step_id") or "")
+            b = e.body
+            sid = str(b.get("step_id") or (b.get("step") or {}).get("step_id") or b.get("node") or "")
             if sid not in state:
                 continue
-            if e.type == "step.requested":
+            if e.type in ("step.requested", "check.requested"):  # (a check node's: the checker runs it)
                 state[sid], attempt[sid] = "running", int(b.get("attempt", 1))
+            elif e.type == "check.verdict":
+                state[sid] = "completed" if b.get("passed") else "failed"
             elif e.type == "step.completed":
                 state[sid] = "completed"
             elif e.type == "step.failed":

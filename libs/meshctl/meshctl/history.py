@@ -70,6 +70,7 @@ class History:
             elif e.type == "check.verdict":
                 verdicts.append(
                     {"attempt": b.get("attempt"), "passed": b.get("passed"), "judge_score": b.get("judge_score")}
+                    | ({"node": b["node"]} if b.get("node") else {})
                 )
         return {
             "messages": len(self.entries),
@@ -191,11 +192,13 @@ def summary(kind: str, b: dict[str, Any]) -> str:
         case "retrieval.completed":
             return f"{len(g('hits') or [])} hits, index {g('index_version')}" + (" (cached)" if g("cached") else "")
         case "check.requested":
-            return f"attempt {g('attempt')}"
+            return (f"node {g('node')} ({', '.join(g('only') or ())}) on {g('answer_step')}, " if g("node") else "") + (
+                f"attempt {g('attempt')}")  # fmt: skip
         case "check.verdict":
             failed = [c.get("name") for c in g("checks") or [] if not c.get("passed", True)]
             verdict = "passed" if g("passed") else f"failed: {', '.join(map(str, failed)) or '?'}"
-            return f"attempt {g('attempt')}: {verdict}, judge {g('judge_score')}"
+            node = f"node {g('node')}, " if g("node") else ""
+            return f"{node}attempt {g('attempt')}: {verdict}, judge {g('judge_score')}"
         case "usage.recorded":
             return (f"{g('agent')} {g('provider')}/{g('model')}: {g('input_tokens')}+{g('output_tokens')} tokens, "
                     f"${float(g('cost_usd') or 0):.6f}" + (f", error {g('error')}" if g("error") else ""))  # fmt: skip
@@ -234,7 +237,8 @@ def render(h: History, *, width: int = 160) -> str:
         lines.append("tool decisions: " + ", ".join(f"{k} x{n}" for k, n in t["tool_decisions"].items()))
     if t["verdicts"]:
         lines.append("verdicts: " + ", ".join(
-            f"attempt {v['attempt']} {'passed' if v['passed'] else 'failed'}" for v in t["verdicts"]))  # fmt: skip
+            ("node " + v["node"] + " " if v.get("node") else "") + f"attempt {v['attempt']} "
+            + ("passed" if v["passed"] else "failed") for v in t["verdicts"]))  # fmt: skip
     if t["dead_letters"]:
         lines.append(f"dead letters: {t['dead_letters']} (meshctl dlq list shows them whole; retry re-drives one)")
     unverified = sum(e.sender.startswith("?") for e in h.entries)

@@ -183,7 +183,7 @@ def _fold(story: Story, m: Any) -> None:
     elif isinstance(m, (TaskCompleted, TaskFailed)):
         # An end wins over a refusal stored before it: the task was resubmitted under its id and ran.
         story.outcome = m if story.outcome is None or isinstance(story.outcome, TaskRejected) else story.outcome
-    elif isinstance(m, CheckVerdict):
+    elif isinstance(m, CheckVerdict) and not m.node:  # the task's verdict (a check node's decides its node)
         if story.verdict is None or m.attempt >= story.verdict.attempt:
             story.verdict = m
     elif isinstance(m, UsageRecorded):

@@ -150,7 +150,8 @@ class Checker:
         try:
             response, usage = await call_model_once(
                 self.mesh, self.ledger, models, request, tenant=m.tenant, task_id=m.task_id,
-                step_id="check", call_id=f"judge-{m.attempt}", delivery=d, replay=m.replay,
+                step_id=m.node or "check", call_id=f"judge-{m.node + '-' if m.node else ''}{m.attempt}", delivery=d,
+                replay=m.replay,
             )  # fmt: skip
             verdict = jd.parse(
                 response.content,
@@ -184,8 +185,13 @@ class Checker:
     async def on_request(self, m: CheckRequested, d: Delivery) -> None:
         passages = await self.passages(m, d.stored_at if d is not None else None)
         checks = run_checks(m, passages)
+        judge = m.policy.judge
+        if m.node:  # a workflow's check node: the output it checks (the answer), not the steps before it
+            checks = [c for c in checks if not c.step_id]
+        if m.only:  # the checks named alone decide
+            checks, judge = [c for c in checks if c.name in m.only], "judge" in m.only
         judgement, usage = None, TokenUsage()
-        if m.policy.judge and all(c.passed for c in checks) and self.models is not None:
+        if judge and all(c.passed for c in checks) and self.models is not None:
             result, judgement, usage = await self.run_judge(m, passages, d)
             checks.append(result)
         passed = all(c.passed for c in checks)
@@ -204,7 +210,7 @@ class Checker:
             f"passed {len(checks)} checks" + (f", judge {judgement.score:.2f}" if judgement else "")
             if passed
             else "failed " + ", ".join(failed),
-            key=str(m.attempt),
+            key=f"{m.node}:{m.attempt}" if m.node else str(m.attempt),
         )
         await self.mesh.publish(
             CheckVerdict(
@@ -218,8 +224,9 @@ class Checker:
                 judge_score=judgement.score if judgement else None,
                 failed_steps=failed_steps,
                 prompt_versions=versions,
+                node=m.node,
             ),
-            key=str(m.attempt),
+            key=f"{m.node}:{m.attempt}" if m.node else str(m.attempt),
             causation=d.msg_id,
         )
 

@@ -68,6 +68,7 @@ from mesh_contracts.v1.workflow import (
     WAITS,
     AgentNode,
     ApprovalNode,
+    CheckNode,
     RetrieveNode,
     SignalNode,
     TimerNode,
@@ -178,6 +179,9 @@ def workflow_steps(wf: WorkflowDefinition) -> list[PlanStep]:
         elif isinstance(n, ApprovalNode):
             steps.append(PlanStep(step_id=n.id, kind="compute", instruction=f"wait for an approver: {n.request}"[:4000],
                                   depends_on=after))  # fmt: skip
+        elif isinstance(n, CheckNode):
+            steps.append(PlanStep(step_id=n.id, kind="compute", instruction=f"check {n.of}: {', '.join(n.checks)}",
+                                  depends_on=after))  # fmt: skip
         else:
             assert isinstance(n, RetrieveNode)  # what ``not_runnable`` lets through
             query = {"query": n.query, "top_k": n.top_k}
@@ -235,17 +239,63 @@ def dispatch_workflow(rec: TaskRecord, wf: WorkflowDefinition, causation: str = 
                 dispatch_workflow(rec, wf, causation)
                 return
             continue
-        if isinstance(node, AgentNode):
+        if isinstance(node, CheckNode):
+            _request_check(rec, node, causation)
+        elif isinstance(node, AgentNode):
             text = render(s.template or node.instruction, rec.inputs, outputs)
             s.step = s.step.model_copy(update={"instruction": text[:4000] or node.id})
         elif s.step.call is not None:  # a tool or retrieve node: its arguments, filled in
             arguments = _filled(dict(s.step.call.arguments), rec.inputs, outputs)
             s.step = s.step.model_copy(update={"call": s.step.call.model_copy(update={"arguments": arguments})})
-        _dispatch(rec, sid, causation, node.retry.attempts)
+        if not isinstance(node, CheckNode):
+            _dispatch(rec, sid, causation, tries(wf, sid))
         if node.timeout_s is not None:  # the try fails if it has not ended by then
             waits.start(rec, waits.wait_id("timeout", s.attempt, sid),
                         WaitState(step_id=sid, kind="timeout", attempt=s.attempt, due_at=now + node.timeout_s),
                         told=False)  # fmt: skip
+
+
+def tries(wf: WorkflowDefinition, sid: str) -> int:
+    """How often node ``sid`` may be dispatched by design: its own tries, times the checks of each
+    check node that runs it again when it fails (it, or a node between it and the check)."""
+    before = wf.ancestors()
+    n = wf.node(sid).retry.attempts
+    for c in wf.nodes:
+        if isinstance(c, CheckNode) and sid in before[c.id] and (sid == c.of or c.of in before[sid]):
+            n *= c.retry.attempts
+    return n
+
+
+def _request_check(rec: TaskRecord, node: CheckNode, causation: str) -> None:
+    """Ask the checker for check node ``node``'s verdict (its next try) on the output of ``node.of``."""
+    s = rec.steps[node.id]
+    s.status, s.attempt = "dispatched", s.attempt + 1
+    of = rec.steps[node.of]
+    policy = rec.policy.model_copy(update={"output_schema": of.step.output_schema, "judge": "judge" in node.checks})
+    if node.min_score is not None:
+        policy = policy.model_copy(update={"judge_min_score": node.min_score})
+    task = check_request(rec, answer_of=node.of, attempt=s.attempt)
+    request = task.model_copy(update={"policy": policy, "max_length": policy.max_length, "node": node.id,
+                                      "only": tuple(node.checks)})  # fmt: skip
+    _out(rec, request, key=f"{node.id}:{s.attempt}", causation=causation)
+    _event(rec, "check.requested", f"{node.id}: {', '.join(node.checks)} on {node.of}", node.id, str(s.attempt))
+
+
+def nodes_between(rec: TaskRecord, first: str, last: str) -> list[str]:
+    """``first`` and every step on a path from it to ``last`` (not ``last``), in plan order: what a
+    failed check of ``first`` at ``last`` runs again."""
+    after = {first}
+    for sid, s in rec.steps.items():  # plan order is dependency order
+        if after & set(s.step.depends_on):
+            after.add(sid)
+    before: set[str] = set()
+    stack = [last]
+    while stack:
+        for dep in rec.steps[stack.pop()].step.depends_on:
+            if dep not in before:
+                before.add(dep)
+                stack.append(dep)
+    return [sid for sid in rec.steps if sid in after and sid in before]
 
 
 def answer_step_id(rec: TaskRecord) -> str:
@@ -383,13 +433,18 @@ CHECK_RETRIEVALS_MAX_BYTES = 3 * 1024 * 1024
 added when the request is published (``Planner.with_evidence``)."""
 
 
-def check_request(rec: TaskRecord) -> CheckRequested:
+def check_request(rec: TaskRecord, answer_of: str = "", attempt: int = 0) -> CheckRequested:
     """Every step result and the final answer, with the task's policy. Citations are owed when
     the policy says so, or by default when some other step's output cites retrieved passages
     (the answer then builds on documents and must carry their citations forward). A step that
-    searched but answered from a note or a web page leaves nothing to cite."""
-    answer, citations = final_answer(rec)
-    sid = answer_step_id(rec)
+    searched but answered from a note or a web page leaves nothing to cite. ``answer_of``: the
+    output of that step is the answer (a check node's), the steps completed so far its evidence."""
+    if answer_of:
+        sid = answer_of
+        answer, citations = rec.steps[sid].output, list(rec.steps[sid].citations)
+    else:
+        answer, citations = final_answer(rec)
+        sid = answer_step_id(rec)
     require = rec.policy.require_citations
     if require is None:  # owed when the answer builds on a step that cited documents
         require = any(REFERENCE.search(s.output) for k, s in rec.steps.items() if k != sid and s.citations)
@@ -399,7 +454,7 @@ def check_request(rec: TaskRecord) -> CheckRequested:
     return CheckRequested(
         tenant=rec.tenant,
         task_id=rec.task_id,
-        attempt=rec.check_attempt,
+        attempt=attempt or rec.check_attempt,
         started_at=rec.created_at,
         goal=rec.goal,
         answer=answer,
@@ -421,7 +476,7 @@ def check_request(rec: TaskRecord) -> CheckRequested:
                 prompt_version=s.prompt_version,
             )
             for k, s in rec.steps.items()
-            if not s.skipped and not s.wait  # a branch not taken, a timer or a signal: no work to check
+            if not s.skipped and not s.wait and s.status == "completed"  # a branch not taken, a wait: no work to check
         ),
         replay=rec.replay,
     )
@@ -846,7 +901,7 @@ class Planner:
         rec.steps = {}
         for s in steps:
             node = wf.node(s.step_id)
-            state = StepState(step=s, wait=node.kind if node.kind in WAITS else "")
+            state = StepState(step=s, wait=node.kind if node.kind in (*WAITS, "check") else "")
             if isinstance(node, AgentNode) and s.instruction != node.instruction:
                 state.template = s.instruction  # as the reviewer edited it
             rec.steps[s.step_id] = state
@@ -1258,6 +1313,10 @@ class Planner:
         return out
 
     async def on_verdict(self, m: CheckVerdict, d: Delivery) -> None:
+        if m.node:
+            await self.on_node_verdict(m, d)
+            return
+
         def apply(rec: TaskRecord) -> bool:
             if rec.status != "checking" or m.attempt != rec.check_attempt:
                 return False
@@ -1303,6 +1362,45 @@ class Planner:
             rec.status = "running"
             _event(rec, "check.revise", f"{', '.join(redo)} redone: {failed}", redo[0], str(rec.check_attempt))
             self.dispatch(rec, d.msg_id)
+            return True
+
+        await self.transition(m.tenant, m.task_id, apply)
+
+    async def on_node_verdict(self, m: CheckVerdict, d: Delivery) -> None:
+        """The checker's verdict for a workflow's check node (``CheckNode``): passed, the node
+        completes; failed with tries left, the node it checks (and what lies between) runs again
+        after the backoff, told why, and is checked again; failed on its last try, the node fails."""
+
+        def apply(rec: TaskRecord) -> bool:
+            s = rec.steps.get(m.node)
+            if rec.status in TERMINAL or s is None or s.status != "dispatched" or s.attempt != m.attempt:
+                return False  # a verdict for an earlier try (timed out), or a second copy
+            node = self.definition(rec).node(m.node)  # type: ignore[union-attr]
+            assert isinstance(node, CheckNode)
+            rec.check_usage = rec.check_usage + m.usage
+            rec.prompt_versions = {**rec.prompt_versions, **m.prompt_versions}
+            waits.drop(rec, m.node)  # its try's timeout
+            names = [c.name for c in m.checks]
+            if m.passed:
+                waits.complete(rec, s, json.dumps({"passed": True, "score": m.judge_score, "checks": names}))
+                self.settle(rec, d.msg_id)
+                return True
+            failed = "; ".join(f"{c.name}: {c.reason}" for c in m.checks if not c.passed) or "no check passed"
+            if s.attempt >= node.retry.attempts:
+                self.try_failed(rec, m.node, f"the checker rejected {node.of}: {failed}")
+                return True
+            delay = node.retry.delays()[s.attempt - 1]
+            redo = nodes_between(rec, node.of, m.node)
+            for sid in redo:
+                r = rec.steps[sid]
+                r.status, r.output, r.citations, r.skipped = "pending", "", [], False
+            rec.feedback = {**rec.feedback, node.of: f"the checker rejected this step: {failed}"}
+            s.status, s.reason = "pending", f"check {s.attempt} of {node.retry.attempts} failed: {failed}"
+            waits.start(rec, waits.wait_id("retry", rec.steps[node.of].attempt, node.of),
+                        WaitState(step_id=node.of, kind="retry", attempt=rec.steps[node.of].attempt,
+                                  due_at=time.time() + delay))  # fmt: skip
+            _event(rec, "check.revise", f"{m.node}: {', '.join(redo)} run again in {delay:g} s: {failed}",
+                   m.node, str(s.attempt))  # fmt: skip
             return True
 
         await self.transition(m.tenant, m.task_id, apply)
