@@ -77,3 +77,17 @@ def test_a_retry_backoff_and_a_timed_out_wait_are_drawn_as_such():
     states = {n["id"]: n["state"] for n in dag["nodes"]}
     assert states["fetch"] == "retrying" and states["cool"] == "failed"
     assert states["high"] == "failed" and states["low"] == "completed"
+
+
+def test_a_check_node_is_running_while_the_checker_works_and_shows_its_verdict():
+    steps = [{"step_id": "draft", "instruction": "Draft"}, {"step_id": "gate", "instruction": "check draft: no_pii",
+                                                             "depends_on": ["draft"]}]  # fmt: skip
+    plan = ("plan.created", {"steps": steps})
+    asked = ("check.requested", {"node": "gate", "attempt": 2, "answer_step": "draft"})
+    dag = task_dag(history(plan, asked))
+    assert dag is not None and {n["id"]: (n["state"], n["attempt"]) for n in dag["nodes"]}["gate"] == ("running", 2)
+    failed = task_dag(history(plan, asked, ("check.verdict", {"node": "gate", "attempt": 2, "passed": False})))
+    assert failed is not None and {n["id"]: n["state"] for n in failed["nodes"]}["gate"] == "failed"
+    # The task's own check (no node) is nobody's node.
+    own = task_dag(history(plan, ("check.requested", {"attempt": 1, "answer_step": "draft"})))
+    assert own is not None and {n["state"] for n in own["nodes"]} == {"pending"}
