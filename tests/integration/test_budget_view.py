@@ -94,3 +94,46 @@ async def test_a_redis_that_lost_its_data_rebuilds_every_task_created_before(vie
         await _reserve(v, tenant, task, "c2", created)
     with pytest.raises(Cold):  # and still, once the new epoch is set: it predates it
         await _reserve(v, tenant, task, "c2", created)
+
+
+async def test_a_steps_share_is_its_own_ceiling_held_and_settled_and_survives_a_rebuild(view, unique):
+    """A workflow node's ``budget_share``: the step's settled calls and its holds count against its
+    share, other steps' do not; a view rebuilt after Redis lost it knows the step's spend from the
+    durable records (``TaskUsage.by_step``) and its holds from theirs (``Held.step_id``)."""
+    from mesh_budget.ledger import Held, TaskUsage
+    from mesh_contracts.v1 import TokenUsage
+
+    v, admin = view
+    tenant, task = unique("share").replace("-", ""), unique("t")
+    await _warm_day(v, tenant)
+    await admin.set(EPOCH_KEY, f"{time.time() - 60:.3f}")
+    created, step = time.time() - 30, ("decide", 3000, 10.0)
+
+    async def reserve(call: str, tokens: int, sid: tuple[str, int, float] = step):
+        return await v.reserve(tenant, task, today(), call, tokens, 0.001, LIMITS, 0.0, created, step=sid)
+
+    assert (await reserve("c1", 2000)).granted
+    denied = await reserve("c2", 1500)
+    assert not denied.granted and denied.code == "step_tokens" and denied.remaining_tokens == 1000, denied
+    assert (await reserve("o1", 5000, ("other", -1, -1.0))).granted, "another step: only the task's ceiling"
+    settled = await v.settle(tenant, task, today(), "c1", "c1", 1200, 0.0005, step_id="decide")
+    assert settled.counted
+    assert (await reserve("c2", 1500)).granted, "1200 settled + 1500 <= 3000 (the hold of 2000 released)"
+    assert not (await reserve("c3", 400)).granted, "1200 + 1500 held + 400 > 3000"
+
+    # Redis loses the task's view: rebuilt from what the durable records say.
+    await admin.delete(*View.task_keys(tenant, task))
+    with pytest.raises(Cold):
+        await reserve("c3", 400)
+    usage = TaskUsage(tenant=tenant, task_id=task, total=TokenUsage(input_tokens=1200, cost_usd=0.0005),
+                      by_step={"decide": TokenUsage(input_tokens=1200, cost_usd=0.0005)}, call_ids=["c1"])  # fmt: skip
+    held = [Held(tenant=tenant, task_id=task, call_id="c2", day=today(), tokens=1500, cost_usd=0.001,
+                 expires_at=time.time() + 120, step_id="decide"),
+            Held(tenant=tenant, task_id=task, call_id="o1", day=today(), tokens=5000, cost_usd=0.001,
+                 expires_at=time.time() + 120, step_id="other")]  # fmt: skip
+    from mesh_budget.ledger import DayUsage
+
+    await v.init(usage, DayUsage(tenant=tenant, day=today()), tenant, task, held, [])
+    again = await reserve("c3", 400)
+    assert not again.granted and again.code == "step_tokens" and again.remaining_tokens == 300, again
+    assert (await reserve("c3", 300)).granted

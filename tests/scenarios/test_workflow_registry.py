@@ -118,6 +118,16 @@ async def chain(infra: Infra, tenant: str) -> list[dict[str, Any]]:
         await admin.close()
 
 
+async def status_of(infra: Infra, tenant: str, task_id: str) -> dict[str, Any]:
+    """The task's status record (what the budget knows of it), as stored."""
+    nc = await infra.admin()
+    try:
+        entry = await (await nc.jetstream().key_value("status")).get(f"{tenant}.{task_id}")
+    finally:
+        await nc.close()
+    return json.loads(entry.value or b"{}")
+
+
 async def plan_of(infra: Infra, tenant: str, task_id: str) -> PlanCreated:
     stored = await infra.stored("TASK", f"task.v1.{tenant}.{task_id}.planned")
     return PlanCreated.model_validate_json(stored[-1].data)
@@ -320,18 +330,61 @@ def test_a_tenant_cannot_run_or_read_another_tenants_workflow(infra, mesh, autho
     asyncio.run(main())
 
 
-def test_a_workflow_this_planner_cannot_run_yet_is_refused_with_what_it_lacks(infra, mesh, authors, capsys):
-    """The example refund workflow is valid (retrieval, a tool call, an approval gate, retries,
-    budget shares); a task naming it is refused before it starts, saying which settings this
-    planner does not honour yet (budget shares), never run with them silently left out."""
+SHARES = {
+    "name": "shares",
+    "nodes": [
+        {"id": "first", "kind": "agent", "role": "compute", "instruction": "#say: the first note", "budget_share": 0.5},
+        {"id": "thin", "kind": "agent", "role": "answer", "after": ["first"], "budget_share": 0.01,
+         "instruction": "#say: never said", "retry": {"attempts": 2, "backoff_s": 0.2}},
+    ],
+}  # fmt: skip
+
+
+def test_a_nodes_budget_share_is_its_own_ceiling_kept_by_the_budget(infra, mesh, authors, tmp_path):
+    """``budget_share``: the planner hands the workflow's shares to the budget (the task's status
+    record), and the budget refuses a model call of a node that would pass its share of the task's
+    ceilings (here 1% of 50,000 tokens: less than one call's worst case), before the call is made:
+    the node's tries fail, saying so, and the task with it; the node with half the budget ran."""
+    assert publish(infra, tmp_path, SHARES) == 0
+
+    async def main() -> None:
+        seen = await run(infra, "acme", "wf-shares", "shares", {})
+        assert isinstance(seen.outcome, TaskFailed), seen.outcome
+        reason = seen.outcome.reason
+        assert "step thin failed (try 2 of 2)" in reason and "budget share (1% of the task's tokens: 500)" in reason, (
+            reason
+        )
+        assert (await status_of(infra, "acme", "wf-shares"))["step_shares"] == {"first": 0.5, "thin": 0.01}
+        usage = [json.loads(m.data) for m in await infra.stored("USAGE", "usage.*.acme.wf-shares.*")]
+        steps = {u["step_id"] for u in usage}
+        assert "first" in steps and "thin" not in steps, "refused before the call: nothing of it was spent"
+
+    asyncio.run(main())
+
+
+def test_the_refund_example_runs_with_its_budget_shares_handed_to_the_budget(infra, mesh, authors, capsys):
+    """The example refund workflow (retrieval, a tool call with retries and a timeout, a
+    conditional approval gate, budget shares) is accepted and starts as defined; its shares reach
+    the budget with the task's status record. (Cancelled then: its order lookup goes nowhere.)"""
     example = Path(__file__).parents[2] / "examples" / "workflows" / "refund.yaml"
     assert ctl(infra, "workflow", "publish", str(example), "--as", ALICE) == 0
     capsys.readouterr()
-    seen = asyncio.run(run(infra, "acme", "wf-refund", "refund", {"request": "refund me", "order_url": "http://x"}))
-    assert isinstance(seen.outcome, TaskRejected), seen.outcome
-    assert seen.outcome.reason.endswith(
-        "cannot run on this planner yet: node 'decide' sets a budget share; node 'reply' sets a budget share"
-    ), seen.outcome.reason
+
+    async def main() -> None:
+        async with TenantClient.of(infra.ids, infra.nats_url, "acme") as client:
+            task = asyncio.create_task(client.submit(
+                "Refund me", task_id="wf-refund", workflow="refund", policy=NO_JUDGE, timeout=60,
+                inputs={"request": "refund me", "order_url": "http://x"}))  # fmt: skip
+            for _ in range(300):
+                if await infra.stored("TASK", "task.v1.acme.wf-refund.planned"):
+                    break
+                await asyncio.sleep(0.1)
+            assert (await status_of(infra, "acme", "wf-refund"))["step_shares"] == {"decide": 0.6, "reply": 0.3}
+            await client.control("cancel", "wf-refund", "the example's order lookup goes nowhere", timeout=60)
+            seen = await task
+        assert isinstance(seen.outcome, TaskFailed) and "cancelled by" in seen.outcome.reason, seen.outcome
+
+    asyncio.run(main())
 
 
 def test_the_example_workflow_runs_unchanged_through_the_cli(infra, mesh, authors, capsys):

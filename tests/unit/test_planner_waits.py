@@ -112,7 +112,6 @@ def test_what_this_planner_cannot_honour_is_named_not_ignored():
         "mode 'auto' (a workflow the model may replan is no workflow: submit the goal without one)",
         "timer node 'w' sets retries (a wait is not retried)",
         "timer node 'w' sets a timeout (a timer's time is its own)",
-        "node 'b' sets a budget share",
     ]
 
 

@@ -185,6 +185,9 @@ class TaskRecord(Record):
     draft_revision: int = 0
     reviewed_by: str = ""
     """Who approved the plan that runs ('' when the plan was not reviewed)."""
+    step_shares: dict[str, float] = {}
+    """A workflow's nodes' ``budget_share`` by node id (from its pinned definition; the status
+    record carries it to the budget)."""
     waits: dict[str, WaitState] = {}
     """What the task waits for now, by wait id (a workflow's timers, signals, retries, timeouts)."""
     signals: dict[str, SignalState] = {}
@@ -219,6 +222,9 @@ class StatusRecord(Record):
     """The task's limits (``None``: written before they were recorded here)."""
     labels: dict[str, str] = {}
     """The tenant's labels for the task (the budget's spend records and metrics carry them)."""
+    step_shares: dict[str, float] = {}
+    """A workflow's nodes' ``budget_share`` by node id: the share of the task's token and cost
+    ceilings each may spend, enforced by the budget per step like the task's own."""
 
 
 class AdmissionRecord(Record):

@@ -166,7 +166,9 @@ class _Node(_Strict):
     """How long one try may take (a wait: how long it may wait) before it fails (None: the
     task's own limits)."""
     budget_share: float | None = Field(None, gt=0, le=1)
-    """The share of the task's token and cost budget this node may spend (None: no cap of its own)."""
+    """The share of the task's token and cost ceilings this node may spend, every try and check
+    together (None: no cap of its own): the budget refuses a model call of the node that would
+    pass it (``step_tokens`` / ``step_cost``), and the node's try fails."""
 
     def edges(self) -> Iterator[Edge]:
         for a in self.after:
@@ -506,8 +508,6 @@ def not_runnable(wf: WorkflowDefinition) -> list[str]:
             out.append(f"{n.kind} node {n.id!r} sets retries (a wait is not retried)")
         if n.timeout_s is not None and n.kind == "timer":
             out.append(f"timer node {n.id!r} sets a timeout (a timer's time is its own)")
-        if n.budget_share is not None:
-            out.append(f"node {n.id!r} sets a budget share")
     if wf.mode == "auto":
         out.insert(0, "mode 'auto' (a workflow the model may replan is no workflow: submit the goal without one)")
     return out

@@ -55,12 +55,13 @@ FRESH_WINDOW_S = 3600.0
 """A task whose first reservation comes within this long of its creation may start from an empty
 view (see ``View.reserve``); later ones are rebuilt from KV as before."""
 
+# A hold is ``tokens:cost:expires_at[:step]`` (the step that asked; an older hold names none).
 _PRUNE = """
-local function held(key, horizon, skip)
-  local tokens, cost, mine = 0, 0, nil
+local function held(key, horizon, skip, step)
+  local tokens, cost, mine, step_t, step_c = 0, 0, nil, 0, 0
   local all = redis.call('HGETALL', key)
   for i = 1, #all, 2 do
-    local t, c, exp = string.match(all[i + 1], '([^:]+):([^:]+):([^:]+)')
+    local t, c, exp, s = string.match(all[i + 1], '^([^:]+):([^:]+):([^:]+):?(.*)$')
     if tonumber(exp) < horizon then
       redis.call('HDEL', key, all[i])
     elseif all[i] == skip then
@@ -68,9 +69,13 @@ local function held(key, horizon, skip)
     else
       tokens = tokens + tonumber(t)
       cost = cost + tonumber(c)
+      if step ~= '' and s == step then
+        step_t = step_t + tonumber(t)
+        step_c = step_c + tonumber(c)
+      end
     end
   end
-  return tokens, cost, mine
+  return tokens, cost, mine, step_t, step_c
 end
 """
 
@@ -112,8 +117,9 @@ local spent_t = tonumber(redis.call('HGET', task_spent, 'tokens') or '0')
 local spent_c = tonumber(redis.call('HGET', task_spent, 'cost') or '0')
 local dspent_t = tonumber(redis.call('HGET', day_spent, 'tokens') or '0')
 local dspent_c = tonumber(redis.call('HGET', day_spent, 'cost') or '0')
-local held_t, held_c, mine = held(task_res, horizon, id)
-local dheld_t, dheld_c, dmine = held(day_res, horizon, day_field)
+local step, slim_t, slim_c = ARGV[15], tonumber(ARGV[16]), tonumber(ARGV[17])
+local held_t, held_c, mine, sheld_t, sheld_c = held(task_res, horizon, id, step)
+local dheld_t, dheld_c, dmine = held(day_res, horizon, day_field, '')
 local function answer(ok, code, t, c)
   return {ok, code, tostring(lim_t - spent_t - held_t - t), tostring(lim_c - spent_c - held_c - c),
           tostring(dlim_t - dspent_t - dheld_t - t), tostring(dlim_c - dspent_c - dheld_c - c)}
@@ -124,7 +130,18 @@ if spent_t + held_t + want_t > lim_t then return answer(0, 'task_tokens', 0, 0) 
 if spent_c + held_c + want_c > lim_c + eps then return answer(0, 'task_cost', 0, 0) end
 if dlim_t >= 0 and dspent_t + dheld_t + want_t > dlim_t then return answer(0, 'tenant_daily_tokens', 0, 0) end
 if dlim_c >= 0 and dspent_c + dheld_c + want_c > dlim_c + eps then return answer(0, 'tenant_daily_cost', 0, 0) end
-local entry = want_t .. ':' .. string.format('%.10f', want_c) .. ':' .. string.format('%.3f', now + ttl)
+if step ~= '' and (slim_t >= 0 or slim_c >= 0) then
+  -- The step's share of the task's ceilings (a workflow node's budget_share): its settled calls
+  -- (fields st:<step> / sc:<step> of the task's spent) and its holds. Answers its own remainder.
+  local sspent_t = tonumber(redis.call('HGET', task_spent, 'st:' .. step) or '0')
+  local sspent_c = tonumber(redis.call('HGET', task_spent, 'sc:' .. step) or '0')
+  local function step_answer(code)
+    return {0, code, tostring(slim_t - sspent_t - sheld_t), tostring(slim_c - sspent_c - sheld_c), '0', '0'}
+  end
+  if slim_t >= 0 and sspent_t + sheld_t + want_t > slim_t then return step_answer('step_tokens') end
+  if slim_c >= 0 and sspent_c + sheld_c + want_c > slim_c + eps then return step_answer('step_cost') end
+end
+local entry = want_t .. ':' .. string.format('%.10f', want_c) .. ':' .. string.format('%.3f', now + ttl) .. ':' .. step
 redis.call('HSET', task_res, id, entry)
 redis.call('HSET', day_res, day_field, entry)
 redis.call('EXPIRE', task_res, math.ceil(ttl) + 3600)
@@ -135,7 +152,8 @@ return answer(1, 'granted', want_t, want_c)
 
 # Initialise a missing view from the durable totals and the durable reservations (never
 # overwrites a live view). ARGV[7] / ARGV[8]: JSON {field: entry} of the task's / the
-# tenant-day's outstanding reservations; ARGV[9..]: the call ids already counted.
+# tenant-day's outstanding reservations; ARGV[9]: JSON {field: number} of its spend per step
+# (st:<step> tokens, sc:<step> cost); ARGV[10..]: the call ids already counted.
 INIT_LUA = """
 local task_spent, task_counted, day_spent, task_res, day_res = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local function hold(key, entries, ttl)
@@ -144,8 +162,9 @@ local function hold(key, entries, ttl)
 end
 if redis.call('EXISTS', task_spent) == 0 then
   redis.call('HSET', task_spent, 'tokens', ARGV[1], 'cost', ARGV[2])
+  for field, n in pairs(cjson.decode(ARGV[9])) do redis.call('HSET', task_spent, field, n) end
   redis.call('DEL', task_counted)
-  for i = 9, #ARGV do redis.call('SADD', task_counted, ARGV[i]) end
+  for i = 10, #ARGV do redis.call('SADD', task_counted, ARGV[i]) end
   redis.call('EXPIRE', task_spent, tonumber(ARGV[5]))
   redis.call('EXPIRE', task_counted, tonumber(ARGV[5]))
   hold(task_res, ARGV[7], tonumber(ARGV[5]))
@@ -158,8 +177,9 @@ end
 return 1
 """
 
-# Usage arrived: release the reservation and add the call to the view, once per call id; and
-# (KEYS[6..8], ARGV[6..12]) add its outcome to its provider/model's breaker window, once per call.
+# Usage arrived: release the reservation and add the call to the view (and to its step's, ARGV[6]),
+# once per call id; and (KEYS[6..8], ARGV[7..13]) add its outcome to its provider/model's breaker
+# window, once per call.
 # Returns {counted, trip, failed, calls, open_until}: trip 1 the circuit opened on this call, 2 it
 # is failing and this call failed too (reported to the call's task), 0 neither.
 SETTLE_LUA = """
@@ -170,6 +190,10 @@ local counted = 0
 if redis.call('EXISTS', task_spent) == 1 and redis.call('SADD', task_counted, ARGV[3]) == 1 then
   redis.call('HINCRBY', task_spent, 'tokens', ARGV[4])
   redis.call('HINCRBYFLOAT', task_spent, 'cost', ARGV[5])
+  if ARGV[6] ~= '' then
+    redis.call('HINCRBY', task_spent, 'st:' .. ARGV[6], ARGV[4])
+    redis.call('HINCRBYFLOAT', task_spent, 'sc:' .. ARGV[6], ARGV[5])
+  end
   if redis.call('EXISTS', day_spent) == 1 then
     redis.call('HINCRBY', day_spent, 'tokens', ARGV[4])
     redis.call('HINCRBYFLOAT', day_spent, 'cost', ARGV[5])
@@ -179,9 +203,9 @@ end
 local trip, failed, calls, open_until = 0, 0, 0, 0
 if KEYS[8] then
   local calls_k, fails_k, open_k = KEYS[6], KEYS[7], KEYS[8]
-  local at, ok, member = tonumber(ARGV[6]), ARGV[7] == '1', ARGV[8]
-  local window, min_calls = tonumber(ARGV[9]), tonumber(ARGV[10])
-  local rate, cooldown = tonumber(ARGV[11]), tonumber(ARGV[12])
+  local at, ok, member = tonumber(ARGV[7]), ARGV[8] == '1', ARGV[9]
+  local window, min_calls = tonumber(ARGV[10]), tonumber(ARGV[11])
+  local rate, cooldown = tonumber(ARGV[12]), tonumber(ARGV[13])
   if redis.call('ZADD', calls_k, 'NX', at, member) == 1 then
     if not ok then redis.call('ZADD', fails_k, 'NX', at, member) end
     -- The window ends at the newest outcome (calls may be settled slightly out of order).
@@ -287,7 +311,7 @@ class Held(BaseModel):
 
     def entry(self) -> str:
         """The Redis hash value, as the reserve script writes it."""
-        return f"{self.tokens}:{self.cost_usd:.10f}:{self.expires_at:.3f}"
+        return f"{self.tokens}:{self.cost_usd:.10f}:{self.expires_at:.3f}:{self.step_id}"
 
 
 class Durable:
@@ -409,6 +433,7 @@ class View:
         horizon: float,
         created_at: float = 0.0,
         provider: tuple[str, str] | None = None,
+        step: tuple[str, int, float] = ("", -1, -1.0),
     ) -> Decision:
         """``limits``: task tokens, task cost, tenant-day tokens, tenant-day cost (-1 = none).
 
@@ -419,7 +444,11 @@ class View:
         calls). Anything else cold raises ``Cold`` and is rebuilt as before: a Redis that lost
         its data loses the epoch too, and every task created before the new one is rebuilt.
 
-        ``provider`` (provider, model): refused with ``provider_breaker`` while its circuit is open."""
+        ``provider`` (provider, model): refused with ``provider_breaker`` while its circuit is open.
+
+        ``step`` (step id, tokens, cost; -1 = none): the step's own ceilings, a share of the task's
+        (``step_tokens`` / ``step_cost``, the remainders then the step's). Its spend is kept beside
+        the task's (settled calls by their step, holds by the step that asked)."""
         res, spent, _ = self.task_keys(tenant, task_id)
         dres, dspent = self.day_keys(tenant, day)
         keys = [res, spent, dres, dspent]
@@ -429,7 +458,7 @@ class View:
             keys=keys,
             args=[time.time(), horizon, self.ttl_s, call_id, f"{task_id}/{call_id}", tokens, f"{cost_usd:.10f}",
                   limits[0], f"{limits[1]:.10f}", limits[2], f"{limits[3]:.10f}", f"{created_at:.3f}",
-                  CLOCK_LEEWAY_S, FRESH_WINDOW_S],
+                  CLOCK_LEEWAY_S, FRESH_WINDOW_S, step[0], step[1], f"{step[2]:.10f}"],
         )  # fmt: skip
         code = out[1].decode() if isinstance(out[1], bytes) else str(out[1])
         if int(out[0]) == -1:
@@ -455,6 +484,11 @@ class View:
         res, spent, counted = self.task_keys(tenant, task_id)
         dres, dspent = self.day_keys(tenant, day.day)
         t = task.total if task else TokenUsage()
+        by_step: dict[str, float] = {}
+        for sid, u in (task.by_step if task else {}).items():
+            if sid == "-":
+                continue  # calls of no step (accounts' key for them)
+            by_step[f"st:{sid}"], by_step[f"sc:{sid}"] = u.total_tokens, round(u.cost_usd, 10)
         done = task.settled() if task else set()
         held_t = {h.call_id: h.entry() for h in task_held if h.call_id not in done}
         held_d = {f"{h.task_id}/{h.call_id}": h.entry() for h in day_held if h.day == day.day}
@@ -462,17 +496,17 @@ class View:
             keys=[spent, counted, dspent, res, dres],
             args=[t.total_tokens, f"{t.cost_usd:.10f}", day.total.total_tokens, f"{day.total.cost_usd:.10f}",
                   TASK_TTL_S, DAY_TTL_S, json.dumps(held_t),
-                  json.dumps(held_d), *(task.call_ids if task else [])],
+                  json.dumps(held_d), json.dumps(by_step), *(task.call_ids if task else [])],
         )  # fmt: skip
 
     async def settle(self, tenant: str, task_id: str, day: str, reservation_id: str, call_id: str,
-                     tokens: int, cost_usd: float, outcome: Outcome | None = None) -> Settled:  # fmt: skip
+                     tokens: int, cost_usd: float, outcome: Outcome | None = None, step_id: str = "") -> Settled:  # fmt: skip
         """Release the call's hold and count it (once per call id); with ``outcome``, add it to
         its provider/model's breaker window (once per call)."""
         res, spent, counted = self.task_keys(tenant, task_id)
         dres, dspent = self.day_keys(tenant, day)
         keys = [res, spent, counted, dres, dspent]
-        args: list[Any] = [reservation_id, f"{task_id}/{reservation_id}", call_id, tokens, f"{cost_usd:.10f}"]
+        args: list[Any] = [reservation_id, f"{task_id}/{reservation_id}", call_id, tokens, f"{cost_usd:.10f}", step_id]
         if outcome is not None:
             p = self.provider_policy
             keys += self.provider_keys(outcome.provider, outcome.model)

@@ -62,7 +62,7 @@ message of the seven content streams without its body, and the usage records who
 ENDS = frozenset({"task.completed", "task.failed", "task.rejected"})
 
 
-CEILINGS = ("task_tokens", "task_cost", "tenant_daily_tokens", "tenant_daily_cost")
+CEILINGS = ("task_tokens", "task_cost", "tenant_daily_tokens", "tenant_daily_cost", "step_tokens", "step_cost")
 """Denial codes that are a ceiling reached: a trip (``kind=ceiling``) and an audit record."""
 DENIAL = {
     "task_tokens": "task token ceiling {lim_t} would be exceeded: {want_t} requested, {rem_t} available",
@@ -71,6 +71,10 @@ DENIAL = {
     "{drem_t} available today",
     "tenant_daily_cost": "tenant {tenant} daily cost ceiling ${dlim_c:.4f} would be exceeded: ${want_c:.6f} "
     "requested, ${drem_c:.6f} available today",
+    "step_tokens": "step {step}'s budget share ({share:.0%} of the task's tokens: {slim_t}) would be exceeded: "
+    "{want_t} requested, {rem_t} available",
+    "step_cost": "step {step}'s budget share ({share:.0%} of the task's cost: ${slim_c:.4f}) would be exceeded: "
+    "${want_c:.6f} requested, ${rem_c:.6f} available",
 }
 
 
@@ -118,7 +122,7 @@ class Budget:
         self.anchors: Any = None
         self._anchored: dict[str, int] = {}  # tenant -> the chain length last anchored
         self._started_at = 0.0
-        self._facts: OrderedDict[tuple[str, str], tuple[float, TaskLimits]] = OrderedDict()
+        self._facts: OrderedDict[tuple[str, str], tuple[float, TaskLimits, dict[str, float]]] = OrderedDict()
         """A task's creation time and limits (never change once its status record exists), read
         from that record at its first reservation: the next ones ask the guard's followed views
         whether it may go on instead of reading the record again."""
@@ -479,14 +483,14 @@ class Budget:
                 return deny("unknown_task", "unknown task: no status record with its limits")
             if rec.status in TERMINAL or rec.status == "halted":
                 return deny("stopped", f"task is {rec.status}" + (f": {rec.reason}" if rec.reason else ""))
-            facts = _keep(self._facts, key, (rec.created_at, rec.limits))
+            facts = _keep(self._facts, key, (rec.created_at, rec.limits, rec.step_shares))
         else:
             # Halted, ended, cancelled, or a kill switch: what every service's guard consults
             # before a call (the status bucket and control messages, followed, in memory).
             stop = await self.mesh.guard.check(m.tenant, m.task_id)
         if stop is not None:
             return deny("stopped", stop.reason)
-        created_at, task_limits = facts
+        created_at, task_limits, shares = facts
         if created_at and time.time() > created_at + task_limits.deadline_s:
             return deny("deadline", f"task deadline of {task_limits.deadline_s:g} s has passed")
         w = self.monitor.tasks.get((m.tenant, m.task_id))
@@ -505,12 +509,15 @@ class Budget:
         )
         args = (m.tenant, m.task_id, day, m.call_id, m.tokens, m.cost_usd, limits, self.horizon, created_at)
         provider = (m.provider, m.model) if m.provider else None
+        share = shares.get(m.step_id) if m.step_id else None
+        # A workflow node's budget share: its own ceilings, that share of the task's.
+        step = (m.step_id, int(share * limits[0]), share * limits[1]) if share is not None else ("", -1, -1.0)
         try:
             try:
-                decision = await self.view.reserve(*args, provider=provider)
+                decision = await self.view.reserve(*args, provider=provider, step=step)
             except Cold as cold:
                 await self._rebuild(m.tenant, m.task_id, day, cold)
-                decision = await self.view.reserve(*args, provider=provider)
+                decision = await self.view.reserve(*args, provider=provider, step=step)
         except redis_errors() as exc:
             self.redis.down(exc)  # not ready until the probe reaches it again; the caller retries
             raise
@@ -533,6 +540,10 @@ class Budget:
                 rem_c=decision.remaining_cost_usd,
                 drem_t=decision.day_remaining_tokens,
                 drem_c=decision.day_remaining_cost_usd,
+                step=m.step_id,
+                share=share or 0.0,
+                slim_t=step[1],
+                slim_c=step[2],
             )
             return deny(decision.code, text)
         # Durable before the caller hears of it: a Redis that loses its data must not forget it.
@@ -615,7 +626,15 @@ class Budget:
         at = d.stored_at if d.stored_at is not None else time.time()
         outcome = Outcome(m.provider, m.model, not m.error, at) if m.provider else None
         settled = await self.view.settle(
-            m.tenant, m.task_id, today(), m.reservation_id or m.call_id, m.call_id, tokens, m.cost_usd, outcome
+            m.tenant,
+            m.task_id,
+            today(),
+            m.reservation_id or m.call_id,
+            m.call_id,
+            tokens,
+            m.cost_usd,
+            outcome,
+            step_id=m.step_id,
         )
         if settled.counted:  # the first time this call id was settled (its task's view counts it now)
             self._count(m, f"{m.agent}/{m.role or m.agent}", await self._labels(m.tenant, m.task_id))

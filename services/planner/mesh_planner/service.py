@@ -646,7 +646,12 @@ class Planner:
         if self.status is None or not (starts or rec.status in GUARDED or was == "halted"):
             return
         status = StatusRecord(
-            status=rec.status, reason=rec.reason, created_at=rec.created_at, limits=rec.limits, labels=rec.labels
+            status=rec.status,
+            reason=rec.reason,
+            created_at=rec.created_at,
+            limits=rec.limits,
+            labels=rec.labels,
+            step_shares=rec.step_shares,
         )
         await self.status.put(TaskRecord.key(rec.tenant, rec.task_id), status.to_bytes())
 
@@ -760,14 +765,14 @@ class Planner:
             if rec is not None and rec.status in TERMINAL:
                 await self.release(rec)
                 return
-        pinned = ""
+        pinned, shares = "", {}
         if m.workflow is None and self.fixed(m.tenant) and await st.task_record(self.kv, m.tenant, m.task_id) is None:
             await self._refuse_workflow(m, d, f"tenant {m.tenant} runs registered workflows only (MESH_PLAN_FIXED): "
                                         "name one (meshctl submit --workflow NAME)")  # fmt: skip
             return
         if m.workflow is not None:
             try:
-                pinned = await self._resolve(m)
+                pinned, shares = await self._resolve(m)
             except Refused as exc:
                 if await st.task_record(self.kv, m.tenant, m.task_id) is None:
                     await self._refuse_workflow(m, d, str(exc))
@@ -809,6 +814,7 @@ class Planner:
                 tenant=m.tenant, task_id=m.task_id, goal=m.goal, limits=m.limits, policy=m.policy,
                 created_at=time.time(), prompt_versions={} if pinned else {"planner": plan_prompt.ref},
                 priority=m.priority, labels=m.labels, replay=m.replay, workflow=pinned, inputs=m.inputs,
+                step_shares=shares,
             )  # fmt: skip
             _event(new, "task.accepted", m.goal[:120])
             if pinned:
@@ -849,8 +855,9 @@ class Planner:
             return
         await self._plan_in_turn(m, d, key)
 
-    async def _resolve(self, m: TaskSubmitted) -> str:
-        """``name@version`` of the workflow the submission names (``Refused``: why it cannot run)."""
+    async def _resolve(self, m: TaskSubmitted) -> tuple[str, dict[str, float]]:
+        """``name@version`` of the workflow the submission names, and its nodes' budget shares
+        (``Refused``: why it cannot run)."""
         assert self.workflows is not None and m.workflow is not None
         found = await self.workflows.resolve(m.tenant, m.workflow, m.inputs)
         gaps = not_runnable(found.definition)
@@ -861,7 +868,7 @@ class Planner:
                 f"workflow {found.ref} has {len(found.definition.nodes)} nodes, over the task's max_steps "
                 f"({m.limits.max_steps}): submit it with a higher limit"
             )
-        return found.ref
+        return found.ref, {n.id: n.budget_share for n in found.definition.nodes if n.budget_share is not None}
 
     async def _refuse_workflow(self, m: TaskSubmitted, d: Delivery, reason: str) -> None:
         """A submission whose workflow cannot run: refused, nothing ran. Usually before admission;
