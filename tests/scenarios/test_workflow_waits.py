@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -192,9 +193,12 @@ def test_tasks_waiting_for_the_world_hold_no_run_slot_and_take_it_back_when_woke
         tasks = [asyncio.create_task(submit(infra, t, "legal-review")) for t in ids]
         for t in ids:
             await until_stored(infra, "TASK", f"task.v1.acme.{t}.waiting")
+        t0 = time.monotonic()
         async with TenantClient.of(infra.ids, infra.nats_url, "acme") as client:
             plain = await client.submit("What is 17 * 23?", task_id="wt-idle-plain", policy=NO_JUDGE, timeout=60)
         assert isinstance(plain.outcome, TaskCompleted) and "391" in plain.outcome.answer, plain.outcome
+        report("a task beside three waiting for signals, one run slot", plain_task_s=round(time.monotonic() - t0, 3),
+               waiting=len(ids), slots=1)  # fmt: skip
         rec = await admission(infra, "acme")
         assert set(rec.idle) == set(ids) and set(ids) <= set(rec.in_flight) and not set(ids) & set(rec.running), rec
         for t in ids:
