@@ -6,9 +6,11 @@ opens the sign-in URL with the task's timeline in the fragment, runs the page's 
 refreshed more than once, the task's timeline down to ``task.completed``; (2) takes a screenshot,
 which must be a real picture (many colours, most of the page drawn on). Then (3) a governed
 workflow (examples/workflows/follow-up.yaml, mode review) is published and run with meshctl, and
-its graph is drawn live at each stage: every node a draft; approved, the timer and the signal
-node waiting while the rest completed or pending (a second screenshot, ``<out>-dag.png``); the
-signal sent, every node completed. Exit 0 when all hold.
+its graph is drawn live at each stage: every node a draft; the draft approved from the page itself
+(the dashboard runs ``--as approver.demo.dana``: Chromium, driven over the DevTools protocol,
+types a comment and clicks approve as a person would, and the page shows what the decision did);
+the timer and the signal node waiting while the rest completed or pending (a second screenshot,
+``<out>-dag.png``); the signal sent, every node completed. Exit 0 when all hold.
 
     .venv/bin/python tests/browser/check_dashboard.py --out .mesh/dashboard.png
 """
@@ -29,6 +31,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
+from cdp import Browser
 
 ROOT = Path(__file__).resolve().parents[2]
 MESHCTL = Path(sys.executable).with_name("meshctl")
@@ -181,8 +184,7 @@ def check_workflow_dag(browser: str, ctl: list[str], board_url: str, out: Path) 
     """The governed example, run with meshctl, drawn at each stage (draft, waiting, done)."""
     task, problems = "fu-1", []
     example = ROOT / "examples" / "workflows" / "follow-up.yaml"
-    for cmd in (["authors", "add", "alice", "--tenant", "demo"], ["approvers", "add", "dana", "--tenant", "demo"],
-                ["workflow", "publish", str(example), "--as", "author.demo.alice"],
+    for cmd in (["workflow", "publish", str(example), "--as", "author.demo.alice"],
                 ["submit", "Follow up on the late delivery", "--workflow", "follow-up", "--input",
                  "topic=the late delivery of order 1042", "--task-id", task, "--deadline", "600"]):  # fmt: skip
         subprocess.run([*ctl, *cmd], check=True, stdout=subprocess.DEVNULL)
@@ -196,8 +198,7 @@ def check_workflow_dag(browser: str, ctl: list[str], board_url: str, out: Path) 
     until_dag(board_url, task, lambda b: b["dag"]["draft"], "a draft waiting for review")
     if set(drawn().values()) != {"draft"} or len(drawn()) != 4:
         problems.append(f"the draft is not drawn as four draft nodes: {drawn()}")
-    subprocess.run([*ctl, "review", "approve", task, "--tenant", "demo", "--as", "approver.demo.dana"], check=True,
-                   stdout=subprocess.DEVNULL)  # fmt: skip
+    problems += approve_in_the_page(browser, url)
     until_dag(board_url, task, lambda b: states(b).get("ok") == "waiting", "the signal node waiting")
     seen = drawn()
     if seen.get("draft") != "completed" or seen.get("ok") != "waiting" or seen.get("send") != "pending":
@@ -217,6 +218,32 @@ def check_workflow_dag(browser: str, ctl: list[str], board_url: str, out: Path) 
     return problems
 
 
+def approve_in_the_page(binary: str, url: str) -> list[str]:
+    """The draft approved from the dashboard's page, by mouse: the review panel offers it to
+    dana (the dashboard's --as), a comment typed, approve clicked; the page says what it did."""
+    page = Browser(binary)
+    try:
+        page.open(url)
+        waiting = page.until("document.body.dataset.review || ''")
+        if not waiting.startswith("draft:"):
+            return [f"the review panel does not offer the draft: {waiting!r}"]
+        offered = page.value("document.getElementById('review-what').textContent")
+        if "You decide as approver.demo.dana" not in offered or page.value(
+            "document.getElementById('review-approve').disabled"
+        ):  # fmt: skip
+            return [f"the page does not let dana decide: {offered!r}"]
+        page.type_into("#review-comment", "looks right")
+        page.click("#review-approve")
+        page.until("document.body.dataset.reviewed || ''", within_s=60)
+        said = page.value("document.getElementById('review-said').textContent")
+        if page.value("document.body.dataset.reviewed") != "approve" or "approved: the plan runs as draft" not in said:
+            return [f"approving from the page did not apply: {said!r}"]
+        print(f"dashboard-check: approved from the page by mouse: {said}")
+        return []
+    finally:
+        page.close()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=ROOT / ".mesh" / "dashboard.png", help="where the screenshot goes")
@@ -230,9 +257,14 @@ def main() -> int:
                        stdout=subprocess.DEVNULL)  # fmt: skip
         subprocess.run([*ctl, "submit", GOAL, "--task-id", TASK, "--follow", "--timeout", "60"], check=True,
                        stdout=subprocess.DEVNULL)  # fmt: skip
+        for people in (
+            ["authors", "add", "alice", "--tenant", "demo"],
+            ["approvers", "add", "dana", "--tenant", "demo"],
+        ):
+            subprocess.run([*ctl, *people], check=True, stdout=subprocess.DEVNULL)
         url_file = home / "dashboard.url"
-        board = subprocess.Popen([*ctl, "dashboard", "--port", "0", "--interval", "1", "--url-file", str(url_file)],
-                                 stdout=subprocess.DEVNULL)  # fmt: skip
+        board = subprocess.Popen([*ctl, "dashboard", "--port", "0", "--interval", "1", "--url-file", str(url_file),
+                                  "--as", "approver.demo.dana"], stdout=subprocess.DEVNULL)  # fmt: skip
         deadline = time.monotonic() + 30
         while not url_file.exists():
             if time.monotonic() > deadline or board.poll() is not None:

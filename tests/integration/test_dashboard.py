@@ -83,3 +83,34 @@ async def test_the_frame_is_live(integration_infra, board):
         await asyncio.sleep(1.0)
         later = (await http.get("/api/frame")).json()
     assert later["at"] > first["at"] and board.frames >= 3, "a new frame every interval"
+
+
+async def test_reviewing_from_the_page_is_one_guarded_post_and_only_for_the_reviewers_tenant(integration_infra, board):
+    """``--as approver.<tenant>.<person>``: ``POST /api/review`` is the dashboard's only write. Without
+    a reviewer it is refused; with one: only a signed-in session, only JSON from the page's own
+    origin, a small body, the reviewer's own tenant, approve or reject; then the decision is what
+    ``meshctl review`` does (here: nothing of that task waits, said as the CLI says it). The whole
+    path, clicked in Chromium against a running mesh: ``make dashboard-check``."""
+    from types import SimpleNamespace
+
+    token = sign_in(_signer(integration_infra, "admin"))
+    url, auth = f"http://127.0.0.1:{board.port}", {"Authorization": f"Bearer {token}"}
+    ok = {"tenant": "acme", "task": "t-none", "decision": "approve", "comment": "fine"}
+    async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+        r = await http.post("/api/review", json=ok, headers=auth)
+        assert r.status_code == 403 and "read-only: start it with --as" in r.json()["error"]
+        board.reviewer = SimpleNamespace(name="approver.acme.dana", tenant="acme")  # never asked to sign here
+        assert (await http.post("/api/review", json=ok)).status_code == 401, "not signed in"
+        r = await http.post("/api/review", content=b"tenant=acme", headers={**auth, "Content-Type": "text/plain"})
+        assert r.status_code == 415, "a cross-site form cannot send JSON"
+        r = await http.post("/api/review", json=ok, headers={**auth, "Origin": "http://evil.example"})
+        assert r.status_code == 403 and "not from http://evil.example" in r.json()["error"]
+        r = await http.post("/api/review", json={**ok, "comment": "x" * 9000}, headers=auth)
+        assert r.status_code == 413
+        r = await http.post("/api/review", json={**ok, "tenant": "globex"}, headers=auth)
+        assert r.status_code == 403 and "reviews for acme only" in r.json()["error"]
+        r = await http.post("/api/review", json={**ok, "decision": "edit"}, headers=auth)
+        assert r.status_code == 400
+        r = await http.post("/api/review", json=ok, headers={**auth, "Origin": url})
+        assert r.status_code == 409 and "has no draft plan" in r.json()["error"], r.text
+        assert (await http.put("/api/review", json=ok, headers=auth)).status_code == 405

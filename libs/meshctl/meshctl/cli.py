@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -862,9 +863,14 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
                                   error_cb=log_nats_error, **ids.connect_options("admin"))  # fmt: skip
 
     async def run() -> int:
+        reviewer = _approver(args) if args.as_ else None  # decides as that person: their key, on this machine
+        async with reviewer if reviewer is not None else contextlib.nullcontext():
+            return await serve(reviewer)
+
+    async def serve(reviewer: Any) -> int:
         board = Dashboard(connect, Verifier(TrustBundle.from_file(ids.trust_bundle)), health=health,
                           budget=_budget_asker(args), interval_s=args.interval, host=args.host,
-                          port=args.port)  # fmt: skip
+                          port=args.port, reviewer=reviewer)  # fmt: skip
         port = await board.start()
         token = sign_in(Signer.from_file("admin", ids.signing_key("admin")), ttl_s=args.hours * 3600)
         host = "127.0.0.1" if _unspecified(args.host) else args.host
@@ -873,7 +879,8 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
             write_secret(args.url_file, url + "\n")
             print(f"dashboard on http://{host}:{port}/ (sign-in URL in {args.url_file}); Ctrl-C stops it", flush=True)
         else:
-            print(f"dashboard: {url}\n(read-only; the link signs you in for {args.hours:g} h; Ctrl-C stops it)",
+            mode = f"reviews as {args.as_}: anyone with the link decides as them" if args.as_ else "read-only"
+            print(f"dashboard: {url}\n({mode}; the link signs you in for {args.hours:g} h; Ctrl-C stops it)",
                   flush=True)  # fmt: skip
         try:
             await asyncio.Event().wait()
@@ -1402,13 +1409,17 @@ def _operator_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--nats-url", default=None)
     s.set_defaults(fn=cmd_trace)
 
-    s = sub.add_parser("dashboard", help="the live view and task timelines in a browser (read-only, operator sign-in)")
+    s = sub.add_parser("dashboard", help="the live view and task timelines in a browser (operator sign-in; read-only "
+                                         "unless --as an approver)")  # fmt: skip
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     s.add_argument("--port", type=opt.port, default=8470, help="port (default 8470; 0 picks a free one)")
     s.add_argument("--interval", type=opt.positive, default=2.0, help="seconds between frames (default 2)")
     s.add_argument("--hours", type=opt.positive, default=8.0, help="how long the sign-in link is valid (default 8)")
     s.add_argument("--url-file", type=Path, default=None,
                    help="write the sign-in URL to this file (mode 0600) instead of printing it")  # fmt: skip
+    s.add_argument("--as", dest="as_", default=None, metavar="PRINCIPAL",
+                   help="review from the page as this person (approver.<tenant>.<name>): drafts and approval nodes "
+                        "of their tenant get approve / reject, signed with their key; without it, read-only")  # fmt: skip
     s.add_argument("--nats-url", default=None)
     s.set_defaults(fn=cmd_dashboard)
 

@@ -1,6 +1,6 @@
 """``meshctl dashboard``: the live view of ``meshctl top`` and any task's timeline, in a browser.
 
-Read-only. One process holding the admin's NATS connection gathers a frame every few seconds
+Read-only, unless started as a reviewer (below). One process holding the admin's NATS connection gathers a frame every few seconds
 (the same ``top.gather``: per tenant tasks in flight / done / failed / refused, approvals
 waiting and spend; per service backlog, in flight and rate; spend by model; breaker trips; dead
 letters) and serves it with a page that renders it; a task's timeline is its ``meshctl trace``
@@ -13,6 +13,15 @@ moves it into an HttpOnly, SameSite=Strict cookie and drops it from the address 
 else gets in: no statement, a statement signed by any other principal, an expired one, or one
 of another kind is a 401. The page loads no third-party code (a strict Content-Security-Policy),
 and renders every value as text.
+
+**Reviewing** (``meshctl dashboard --as approver.<tenant>.<person>``): the process also holds that
+approver's key, and a task waiting for a reviewer (a draft plan, a workflow's approval node) of the
+approver's tenant shows approve / reject, which ``POST /api/review`` sends exactly as ``meshctl
+review`` does (``meshctl.review.decide``: signed with the approver's key, judged by the planner
+under the newest trust bundle, on the audit chain) and answers with its effect. Only that one
+POST exists, and only for a signed-in session: the cookie is SameSite=Strict (another site's page
+cannot send it), the request must be JSON (a cross-site form cannot be) from this page's own
+origin, and its body is at most ``MAX_BODY`` bytes. Without ``--as`` it is read-only.
 """
 
 from __future__ import annotations
@@ -33,13 +42,17 @@ import nats
 
 from mesh_kit.identity import OPERATOR_ROLES, IdentityError, Signer, Verifier
 from meshctl import history, top
+from meshctl import review as rv
 from meshctl import trace as tr
 from meshctl.dag import task_dag
+from meshctl.local import MeshError
 
 log = logging.getLogger("meshctl.dashboard")
 
 KIND = "dashboard"
 TOKEN_TTL_S = 8 * 3600.0
+MAX_BODY = 8192
+"""The largest request body (a review decision) the dashboard reads."""
 COOKIE = "mesh_dashboard"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 _STATIC = {"/app.js": "application/javascript", "/app.css": "text/css", "/": "text/html"}
@@ -68,8 +81,11 @@ class Dashboard:
         interval_s: float = 2.0,
         host: str = "127.0.0.1",
         port: int = 0,
+        reviewer: Any = None,
     ) -> None:
         self._connect, self.verifier, self.health, self.budget = connect, verifier, health or {}, budget
+        self.reviewer = reviewer
+        """A ``meshctl.approver.Approver``, entered (``--as``): the person this dashboard decides as."""
         self.interval_s, self.host, self.port = interval_s, host, port
         self.nc: nats.NATS | None = None
         self.frame: top.Frame | None = None
@@ -145,10 +161,19 @@ class Dashboard:
                     break
             parts = line.decode("latin-1").split()
             method, target = (parts[0], parts[1]) if len(parts) >= 2 else ("", "/")
-            code, ctype, body, extra = await self.route(method, target, headers)
+            try:
+                length = int(headers.get("content-length", "0") or 0)
+            except ValueError:
+                length = -1
+            if not 0 <= length <= MAX_BODY:
+                code, ctype, body, extra = _json(413, {"error": f"a request body is at most {MAX_BODY} bytes"})
+            else:
+                sent = await asyncio.wait_for(reader.readexactly(length), 5) if length else b""
+                code, ctype, body, extra = await self.route(method, target, headers, sent)
             head = {"Content-Type": ctype, "Content-Length": str(len(body)), "Connection": "close", **_HEADERS, **extra}
-            reason = {200: "OK", 302: "Found", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
-                      405: "Method Not Allowed", 503: "Service Unavailable"}.get(code, "Error")  # fmt: skip
+            reason = {200: "OK", 302: "Found", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
+                      404: "Not Found", 405: "Method Not Allowed", 409: "Conflict", 413: "Content Too Large",
+                      415: "Unsupported Media Type", 503: "Service Unavailable"}.get(code, "Error")  # fmt: skip
             writer.write(
                 f"HTTP/1.1 {code} {reason}\r\n".encode()
                 + "".join(f"{k}: {v}\r\n" for k, v in head.items()).encode()
@@ -156,15 +181,17 @@ class Dashboard:
                 + body
             )
             await writer.drain()
-        except (TimeoutError, ConnectionError, UnicodeDecodeError):
+        except (TimeoutError, ConnectionError, UnicodeDecodeError, asyncio.IncompleteReadError):
             pass
         finally:
             writer.close()
 
-    async def route(self, method: str, target: str, headers: dict[str, str]) -> tuple[int, str, bytes, dict[str, str]]:
-        if method != "GET":
-            return _json(405, {"error": "read-only: GET only"})
+    async def route(
+        self, method: str, target: str, headers: dict[str, str], body: bytes = b""
+    ) -> tuple[int, str, bytes, dict[str, str]]:
         url = urlsplit(target)
+        if method != "GET" and not (method == "POST" and url.path == "/api/review"):
+            return _json(405, {"error": "read-only: GET only (and POST /api/review for a reviewer)"})
         query = parse_qs(url.query)
         offered = (query.get("token") or [None])[0]
         if offered is not None:  # the printed URL: keep the statement in a cookie, not in the address bar
@@ -183,6 +210,8 @@ class Dashboard:
         if self.authorised(token) is None:
             self.denied += 1
             return _json(401, {"error": "sign in with the URL `meshctl dashboard` prints (an operator's statement)"})
+        if method == "POST":
+            return await self._review(headers, body)
         if url.path in _STATIC:
             name = "index.html" if url.path == "/" else url.path[1:]
             return 200, f"{_STATIC[url.path]}; charset=utf-8", _asset(name), {}
@@ -204,7 +233,60 @@ class Dashboard:
         if not h.entries:
             return _json(404, {"error": f"no stored message about {tenant}/{task}"})
         t = tr.from_history(h, {(stream, s.seq): s.headers for stream, s in stored})
-        return _json(200, {"trace": tr.messages_json(t), "totals": h.totals(), "dag": task_dag(h)})
+        dag = task_dag(h)
+        return _json(200, {"trace": tr.messages_json(t), "totals": h.totals(), "dag": dag,
+                           "review": await self._waits_for(tenant, task, dag)})  # fmt: skip
+
+    # --- reviewing (``--as``) -------------------------------------------------------------------
+
+    def _reviews(self, tenant: str) -> bool:
+        """Whether this dashboard decides for ``tenant`` (its approver's; the console's: any)."""
+        return self.reviewer is not None and self.reviewer.tenant in (None, tenant)
+
+    async def _waits_for(self, tenant: str, task: str, dag: dict[str, Any] | None) -> dict[str, Any] | None:
+        """What of the task waits for a reviewer now (an approval node, else its draft), and who
+        here may decide it; None when nothing does."""
+        assert self.nc is not None
+        if dag is None or not (dag["draft"] or any(n["state"] == "waiting" for n in dag["nodes"])):
+            return None  # (nothing that waits for a person: no reads)
+        who = {"reviewer": self.reviewer.name if self._reviews(tenant) else None}
+        gates = await rv.approvals(self.nc, tenant, task)
+        if gates:
+            w = gates[0]
+            return {**who, "kind": "approval", "node": w.step_id, "id": w.decision, "request": w.request}
+        draft, state = await rv.waiting(self.nc, tenant, task)
+        if draft is None or state:
+            return None
+        return {**who, "kind": "draft", "id": draft.draft, "revision": draft.revision, "steps": len(draft.steps),
+                "edited_by": draft.edited_by}  # fmt: skip
+
+    async def _review(self, headers: dict[str, str], body: bytes) -> tuple[int, str, bytes, dict[str, str]]:
+        """``POST /api/review`` ``{"tenant", "task", "decision": "approve"|"reject", "comment"}``."""
+        if self.reviewer is None:
+            return _json(403, {"error": "this dashboard is read-only: start it with --as approver.<tenant>.<person> "
+                                        "to review from it"})  # fmt: skip
+        if headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+            return _json(415, {"error": "a review is sent as application/json"})
+        origin = headers.get("origin")
+        if origin is not None and urlsplit(origin).netloc != headers.get("host", ""):
+            return _json(403, {"error": f"a review comes from this dashboard's own page, not from {origin}"})
+        try:
+            asked = json.loads(body)
+            tenant, task, decision = str(asked["tenant"]), str(asked["task"]), str(asked["decision"])
+            comment = str(asked.get("comment") or "")[:2000]
+        except (ValueError, KeyError, TypeError):
+            return _json(400, {"error": 'expected {"tenant", "task", "decision": "approve" or "reject", "comment"}'})
+        if not (_NAME.fullmatch(tenant) and _NAME.fullmatch(task)) or decision not in ("approve", "reject"):
+            return _json(400, {"error": "tenant and task: letters, digits, _ and -; decision: approve or reject"})
+        if not self._reviews(tenant):
+            return _json(403, {"error": f"{self.reviewer.name} reviews for {self.reviewer.tenant} only"})
+        assert self.nc is not None
+        try:
+            code, said = await rv.decide(self.nc, self.reviewer, tenant, task, decision, comment=comment)
+        except MeshError as exc:
+            return _json(409, {"error": str(exc)})
+        log.info("%s %s %s/%s from the dashboard: %s", self.reviewer.name, decision, tenant, task, said)
+        return _json(200 if code == 0 else 409, {"code": code, "message": said, "by": self.reviewer.name})
 
 
 def _json(code: int, body: Any) -> tuple[int, str, bytes, dict[str, str]]:

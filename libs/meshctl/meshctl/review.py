@@ -111,6 +111,86 @@ def _plan(value: str) -> tuple[PlanStep, ...]:
         raise MeshError(f"--plan: not a plan ({str(exc).splitlines()[0][:200]})") from None
 
 
+async def listing(nc: nats.NATS, tenant: str, *, every: bool = False) -> tuple[list[tuple[PlanDrafted, str]], list[tuple[str, WaitState]]]:  # fmt: skip
+    """What of ``tenant`` waits for a reviewer: drafts (with what became of them, ``every``: the
+    decided ones too) and approval nodes (task id, wait)."""
+    js = nc.jetstream(timeout=5.0)
+    drafts = []
+    info = await js.stream_info(STREAM, subjects_filter=f"task.*.{tenant}.*.drafted")
+    for subject in sorted(info.state.subjects or {}):
+        d, state = await waiting(nc, tenant, subject.split(".")[3])
+        if d is not None and (not state or every):
+            drafts.append((d, state))
+    gates = []
+    info = await js.stream_info(STREAM, subjects_filter=f"task.*.{tenant}.*.waiting")
+    for subject in sorted(info.state.subjects or {}):
+        task = subject.split(".")[3]
+        gates += [(task, w) for w in await approvals(nc, tenant, task)]
+    return drafts, gates
+
+
+async def decide(
+    nc: nats.NATS, ap: Any, tenant: str, task_id: str, action: str, *, steps: tuple[PlanStep, ...] = (),
+    comment: str = "", timeout: float = 15.0,
+) -> tuple[int, str]:  # fmt: skip
+    """Decide what the task waits for, its approval node first, else its draft plan, as the
+    person ``ap`` (a ``meshctl.approver.Approver``) signs for, and wait for the effect. Returns (0:
+    applied, 1: the planner refused it, 3: no effect within ``timeout``; what happened). Raises
+    ``MeshError`` for a decision that cannot be sent (nothing waits, an edit of an approval...).
+    What ``meshctl review`` and the dashboard both do."""
+    from meshctl.approver import ApprovalError
+
+    gates = await approvals(nc, tenant, task_id)
+    gate = gates[0] if gates else None
+    draft: PlanDrafted | None = None
+    if gate is not None:
+        if action == "edit":
+            raise MeshError(f"task {tenant}/{task_id} waits at approval node {gate.step_id}: approve or reject it")
+        target = gate.decision
+    else:
+        draft, state = await waiting(nc, tenant, task_id)
+        if draft is None:
+            raise MeshError(f"task {tenant}/{task_id} has no draft plan (is its tenant under review?)"
+                            " and no approval node waiting")  # fmt: skip
+        if state:
+            raise MeshError(f"task {tenant}/{task_id}: its plan is no longer waiting ({state})")
+        if action == "edit" and not steps:
+            raise MeshError("review edit needs the plan as edited: --plan JSON|@FILE")
+        target = draft.draft
+    js = nc.jetstream(timeout=5.0)
+    dlq = topo.dlq_subject("planner", f"approval.v1.{tenant}.{task_id}.reviewed")  # where it refuses one
+    # The last refusal before this decision is sent: a planner quicker than this process refuses
+    # it before the answer is looked for, and it must not be taken for an old one.
+    old = await _last(js, topo.DLQ_STREAM, dlq)
+    try:
+        await ap.review(tenant, task_id, target, action, steps=steps, comment=comment)
+    except ApprovalError as exc:
+        raise MeshError(str(exc)) from None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if gate is not None:
+            if not any(g.decision == target for g in await approvals(nc, tenant, task_id)):
+                return 0, f"{'approved' if action == 'approve' else 'rejected'}: approval node {gate.step_id} of {tenant}/{task_id}"  # fmt: skip
+        else:
+            assert draft is not None
+            d, state = await waiting(nc, tenant, task_id)
+            if state == "approved":
+                planned = await _last(js, STREAM, PlanCreated.spec.subject(tenant, task_id))
+                return 0, f"approved: the plan runs as draft {PlanCreated.model_validate_json(planned.data).reviewed}"
+            if state == "ended":
+                failed = await _last(js, STREAM, TaskFailed.spec.subject(tenant, task_id))
+                return 0, (f"the task ended: {TaskFailed.model_validate_json(failed.data).reason}" if failed
+                           else "the task ended")  # fmt: skip
+            if d is not None and d.draft != draft.draft:
+                return 0, render(d, "")
+        dead = await _last(js, topo.DLQ_STREAM, dlq)
+        if dead is not None and (old is None or dead.seq != old.seq):
+            reason = (dead.headers or {}).get(env.DLQ_REASON) or dead.data.decode(errors="replace")[:300]
+            return 1, f"the planner refused the {'decision' if gate is not None else 'review'}: {reason}"
+        await asyncio.sleep(0.2)
+    return 3, f"no effect of the decision within {timeout:g} s (is the planner running?)"
+
+
 def cmd_review(args: argparse.Namespace) -> int:
     from meshctl.cli import _admin, _approver
 
@@ -118,21 +198,7 @@ def cmd_review(args: argparse.Namespace) -> int:
         nc = await _admin(args)
         try:
             if args.action == "list":
-                info = await nc.jetstream(timeout=5.0).stream_info(
-                    STREAM, subjects_filter=f"task.*.{args.tenant}.*.drafted"
-                )
-                out = []
-                for subject in sorted(info.state.subjects or {}):
-                    d, state = await waiting(nc, args.tenant, subject.split(".")[3])
-                    if d is not None and (not state or args.all):
-                        out.append((d, state))
-                gates = []
-                info = await nc.jetstream(timeout=5.0).stream_info(
-                    STREAM, subjects_filter=f"task.*.{args.tenant}.*.waiting"
-                )
-                for subject in sorted(info.state.subjects or {}):
-                    task = subject.split(".")[3]
-                    gates += [(task, w) for w in await approvals(nc, args.tenant, task)]
+                out, gates = await listing(nc, args.tenant, every=args.all)
                 if args.json:
                     print(json.dumps([{**d.model_dump(mode="json"), "state": s or "waiting"} for d, s in out]
                                      + [{"task_id": t, "approval": w.model_dump(mode="json")} for t, w in gates],
@@ -145,111 +211,34 @@ def cmd_review(args: argparse.Namespace) -> int:
                 return 0
             if not args.task_id:
                 raise MeshError(f"review {args.action} names a task: meshctl review {args.action} TASK --tenant T")
-            gates = await approvals(nc, args.tenant, args.task_id)
-            if gates:
-                return await _decide_gate(nc, args, gates[0])
-            d, state = await waiting(nc, args.tenant, args.task_id)
-            if d is None:
-                raise MeshError(f"task {args.tenant}/{args.task_id} has no draft plan (is its tenant under review?)"
-                                " and no approval node waiting")  # fmt: skip
             if args.action == "show":
+                gates = await approvals(nc, args.tenant, args.task_id)
+                if gates:
+                    print(json.dumps({"task_id": args.task_id, "approval": gates[0].model_dump(mode="json")}, indent=2)
+                          if args.json else render_approval(args.tenant, args.task_id, gates[0]))  # fmt: skip
+                    return 0
+                d, state = await waiting(nc, args.tenant, args.task_id)
+                if d is None:
+                    raise MeshError(f"task {args.tenant}/{args.task_id} has no draft plan (is its tenant under "
+                                    "review?) and no approval node waiting")  # fmt: skip
                 print(json.dumps({**d.model_dump(mode="json"), "state": state or "waiting"}, indent=2)
                       if args.json else render(d, state))  # fmt: skip
                 return 0
-            if state:
-                raise MeshError(f"task {args.tenant}/{args.task_id}: its plan is no longer waiting ({state})")
-            if args.action == "edit" and not args.plan:
-                raise MeshError("review edit needs the plan as edited: --plan JSON|@FILE")
-            steps = _plan(args.plan) if args.action == "edit" else ()
-            decision = {"approve": "approve", "reject": "reject", "edit": "edit"}[args.action]
             from meshctl.approver import ApprovalError
 
-            # The last refusal before this decision is sent: a planner quicker than this process
-            # refuses it before the answer is looked for, and it must not be taken for an old one.
-            refused_before = await _last(nc.jetstream(timeout=5.0), topo.DLQ_STREAM, _refusals(args))
+            steps = _plan(args.plan) if args.action == "edit" and args.plan else ()
             try:
                 async with _approver(args) as ap:
-                    await ap.review(
-                        args.tenant, args.task_id, d.draft, decision, steps=steps, comment=args.comment or ""
-                    )
+                    code, said = await decide(nc, ap, args.tenant, args.task_id, args.action, steps=steps,
+                                              comment=args.comment or "", timeout=args.timeout)  # fmt: skip
             except ApprovalError as exc:
                 raise MeshError(str(exc)) from None
-            return await _effect(nc, args, d, refused_before)
+            print(said if code == 0 else f"meshctl: {said}", file=sys.stdout if code == 0 else sys.stderr)
+            return code
         finally:
             await nc.close()
 
     return asyncio.run(run())
-
-
-async def _decide_gate(nc: nats.NATS, args: argparse.Namespace, w: WaitState) -> int:
-    """``show``, ``approve`` or ``reject`` a workflow's approval node; wait until it is decided."""
-    from meshctl.approver import ApprovalError
-    from meshctl.cli import _approver
-
-    if args.action == "show":
-        print(json.dumps({"task_id": args.task_id, "approval": w.model_dump(mode="json")}, indent=2)
-              if args.json else render_approval(args.tenant, args.task_id, w))  # fmt: skip
-        return 0
-    if args.action == "edit":
-        raise MeshError(f"task {args.tenant}/{args.task_id} waits at approval node {w.step_id}: approve or reject it")
-    js = nc.jetstream(timeout=5.0)
-    dlq = _refusals(args)
-    old = await _last(js, topo.DLQ_STREAM, dlq)  # before it is sent (see ``cmd_review``)
-    try:
-        async with _approver(args) as ap:
-            await ap.review(args.tenant, args.task_id, w.decision, args.action, comment=args.comment or "")
-    except ApprovalError as exc:
-        raise MeshError(str(exc)) from None
-    deadline = time.monotonic() + args.timeout
-    while time.monotonic() < deadline:
-        if not any(g.decision == w.decision for g in await approvals(nc, args.tenant, args.task_id)):
-            verb = "approved" if args.action == "approve" else "rejected"
-            print(f"{verb}: approval node {w.step_id} of {args.tenant}/{args.task_id}")
-            return 0
-        dead = await _last(js, topo.DLQ_STREAM, dlq)
-        if dead is not None and (old is None or dead.seq != old.seq):
-            reason = (dead.headers or {}).get(env.DLQ_REASON) or dead.data.decode(errors="replace")[:300]
-            print(f"meshctl: the planner refused the decision: {reason}", file=sys.stderr)
-            return 1
-        await asyncio.sleep(0.2)
-    print(f"meshctl: no effect of the decision within {args.timeout:g} s (is the planner running?)", file=sys.stderr)
-    return 3
-
-
-def _refusals(args: argparse.Namespace) -> str:
-    """Where the planner dead-letters a decision on the task it refuses."""
-    return topo.dlq_subject("planner", f"approval.v1.{args.tenant}.{args.task_id}.reviewed")
-
-
-async def _effect(nc: nats.NATS, args: argparse.Namespace, before: PlanDrafted, old: Any) -> int:
-    """Wait for what the decision did: the plan runs, the task failed, a new draft; or the
-    planner's refusal (its dead letter: one other than ``old``, the last before it was sent)."""
-    js = nc.jetstream(timeout=5.0)
-    dlq = _refusals(args)
-    deadline = time.monotonic() + args.timeout
-    while time.monotonic() < deadline:
-        d, state = await waiting(nc, args.tenant, args.task_id)
-        if state == "approved":
-            planned = await _last(js, STREAM, PlanCreated.spec.subject(args.tenant, args.task_id))
-            print(f"approved: the plan runs as draft {PlanCreated.model_validate_json(planned.data).reviewed}")
-            return 0
-        if state == "ended":
-            failed = await _last(js, STREAM, TaskFailed.spec.subject(args.tenant, args.task_id))
-            print(
-                f"the task ended: {TaskFailed.model_validate_json(failed.data).reason}" if failed else "the task ended"
-            )
-            return 0
-        if d is not None and d.draft != before.draft:
-            print(render(d, ""))
-            return 0
-        dead = await _last(js, topo.DLQ_STREAM, dlq)
-        if dead is not None and (old is None or dead.seq != old.seq):
-            reason = (dead.headers or {}).get(env.DLQ_REASON) or dead.data.decode(errors="replace")[:300]
-            print(f"meshctl: the planner refused the review: {reason}", file=sys.stderr)
-            return 1
-        await asyncio.sleep(0.2)
-    print(f"meshctl: no effect of the review within {args.timeout:g} s (is the planner running?)", file=sys.stderr)
-    return 3
 
 
 def register(sub: argparse._SubParsersAction) -> None:

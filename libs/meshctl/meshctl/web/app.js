@@ -125,13 +125,44 @@ function drawDag(dag) {
 }
 
 let following = null;
+let reviewing = null;  // {tenant, task} the review panel decides for
+
+// What of the task waits for a reviewer (body.review): who may decide it here (the dashboard's
+// --as person), approve / reject; the answer is what the decision did (or why it was refused).
+function drawReview(tenant, task, review) {
+  const panel = document.getElementById("review");
+  reviewing = review ? { tenant, task } : null;
+  panel.hidden = !review;
+  document.body.dataset.review = review ? `${review.kind}:${review.id}` : "";
+  if (!review) return;
+  const what = review.kind === "approval"
+    ? `approval node ${review.node} (${review.id}) asks: ${review.request}`
+    : `draft ${review.id} (revision ${review.revision}, ${review.steps} steps${review.edited_by ? ", edited by " + review.edited_by : ""})`;
+  document.getElementById("review-what").textContent = `Waits for a reviewer: ${what}. ` +
+    (review.reviewer ? `You decide as ${review.reviewer}.` : "This dashboard is read-only (meshctl dashboard --as approver.<tenant>.<person> decides from here).");
+  for (const id of ["review-approve", "review-reject", "review-comment"]) document.getElementById(id).disabled = !review.reviewer;
+}
+
+async function decide(decision) {
+  if (!reviewing) return;
+  const said = document.getElementById("review-said");
+  said.textContent = `${decision}: sent, waiting for the planner…`;
+  const r = await fetch("/api/review", {
+    method: "POST", credentials: "same-origin", headers: { "Content-Type": "application/json" },
+    body: JSON.stringify({ ...reviewing, decision, comment: document.getElementById("review-comment").value }),
+  });
+  const body = await r.json();
+  said.textContent = body.message || body.error;
+  document.body.dataset.reviewed = r.ok ? decision : "refused";
+  timeline(reviewing.tenant, reviewing.task);
+}
 
 async function timeline(tenant, task) {
   const summary = document.getElementById("task-summary");
   const r = await fetch(`/api/task?tenant=${encodeURIComponent(tenant)}&task=${encodeURIComponent(task)}`,
                         { credentials: "same-origin" });
   const body = await r.json();
-  if (!r.ok) { summary.textContent = body.error; fill("timeline", []); drawDag(null); return; }
+  if (!r.ok) { summary.textContent = body.error; fill("timeline", []); drawDag(null); drawReview(tenant, task, null); return; }
   const spans = body.trace.spans, totals = body.totals;
   const t0 = spans.length ? spans[0].time : 0;
   const widest = Math.max(0.001, ...spans.map((s) => s.after_cause_s || 0));
@@ -151,6 +182,7 @@ async function timeline(tenant, task) {
     return r;
   }));
   drawDag(body.dag);
+  drawReview(tenant, task, body.review);
   document.body.dataset.timeline = `${tenant}/${task}`;
   // Live until the task ends: its graph and timeline again every two seconds.
   clearTimeout(following);
@@ -160,6 +192,8 @@ async function timeline(tenant, task) {
 document.addEventListener("DOMContentLoaded", () => {
   refresh();
   setInterval(refresh, 2000);
+  document.getElementById("review-approve").addEventListener("click", () => decide("approve"));
+  document.getElementById("review-reject").addEventListener("click", () => decide("reject"));
   document.getElementById("lookup").addEventListener("submit", (e) => {
     e.preventDefault();
     const tenant = document.getElementById("tenant").value, task = document.getElementById("task").value;
