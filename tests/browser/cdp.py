@@ -103,8 +103,11 @@ class Browser:
         for kind in ("mousePressed", "mouseReleased"):
             self.send("Input.dispatchMouseEvent", {"type": kind, "x": x, "y": y, "button": "left", "clickCount": 1})
 
-    def type_into(self, selector: str, text: str) -> None:
-        self.click(selector)
+    def type_into(self, selector: str, text: str, *, select: bool = True) -> None:
+        """Click into the field, then type ``text`` (over what is selected: ``select=False`` keeps
+        a selection made before, the click would undo it)."""
+        if select:
+            self.click(selector)
         self.send("Input.insertText", {"text": text})
 
     def close(self) -> None:

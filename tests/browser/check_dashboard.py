@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import html.parser
+import json
 import shutil
 import struct
 import subprocess
@@ -232,6 +233,21 @@ def approve_in_the_page(binary: str, url: str) -> list[str]:
             "document.getElementById('review-approve').disabled"
         ):  # fmt: skip
             return [f"the page does not let dana decide: {offered!r}"]
+        # An edit first: what the draft node is told, changed in the page's JSON (select all, paste).
+        plan = json.loads(page.value("document.getElementById('review-plan').value"))
+        plan["steps"][0]["instruction"] += " Keep it under 100 words."
+        page.value("(() => { const t = document.getElementById('review-plan'); t.focus(); t.select(); return 1; })()")
+        page.type_into("#review-plan", json.dumps(plan, indent=1), select=False)
+        page.click("#review-save")
+        page.until("document.body.dataset.reviewed || ''", within_s=60)
+        edited = page.value("document.getElementById('review-said').textContent")
+        if "revision 2, edited by approver.demo.dana" not in edited:
+            return [f"editing the draft in the page did not make a new draft: {edited!r}"]
+        page.value("delete document.body.dataset.reviewed")
+        page.until(
+            "(document.body.dataset.review || '').startsWith('draft:') && "
+            f"document.body.dataset.review !== {json.dumps(waiting)}"
+        )  # the new draft, offered in turn
         page.type_into("#review-comment", "looks right")
         page.click("#review-approve")
         page.until("document.body.dataset.reviewed || ''", within_s=60)

@@ -16,8 +16,8 @@ and renders every value as text.
 
 **Reviewing** (``meshctl dashboard --as approver.<tenant>.<person>``): the process also holds that
 approver's key, and a task waiting for a reviewer (a draft plan, a workflow's approval node) of the
-approver's tenant shows approve / reject, which ``POST /api/review`` sends exactly as ``meshctl
-review`` does (``meshctl.review.decide``: signed with the approver's key, judged by the planner
+approver's tenant shows approve / reject (and, for a draft, its steps as JSON to edit), which
+``POST /api/review`` sends exactly as ``meshctl review`` does (``meshctl.review.decide``: signed with the approver's key, judged by the planner
 under the newest trust bundle, on the audit chain) and answers with its effect. Only that one
 POST exists, and only for a signed-in session: the cookie is SameSite=Strict (another site's page
 cannot send it), the request must be JSON (a cross-site form cannot be) from this page's own
@@ -51,8 +51,8 @@ log = logging.getLogger("meshctl.dashboard")
 
 KIND = "dashboard"
 TOKEN_TTL_S = 8 * 3600.0
-MAX_BODY = 8192
-"""The largest request body (a review decision) the dashboard reads."""
+MAX_BODY = 256 * 1024
+"""The largest request body (a review decision, an edited plan with it) the dashboard reads."""
 COOKIE = "mesh_dashboard"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 _STATIC = {"/app.js": "application/javascript", "/app.css": "text/css", "/": "text/html"}
@@ -258,10 +258,12 @@ class Dashboard:
         if draft is None or state:
             return None
         return {**who, "kind": "draft", "id": draft.draft, "revision": draft.revision, "steps": len(draft.steps),
-                "edited_by": draft.edited_by}  # fmt: skip
+                "edited_by": draft.edited_by, "plan": [s.model_dump(mode="json", exclude_defaults=True)
+                                                       for s in draft.steps]}  # fmt: skip
 
     async def _review(self, headers: dict[str, str], body: bytes) -> tuple[int, str, bytes, dict[str, str]]:
-        """``POST /api/review`` ``{"tenant", "task", "decision": "approve"|"reject", "comment"}``."""
+        """``POST /api/review`` ``{"tenant", "task", "decision": "approve"|"reject"|"edit", "comment",
+        "steps"}`` (``steps``: an edit's plan, as ``meshctl review edit --plan`` takes it)."""
         if self.reviewer is None:
             return _json(403, {"error": "this dashboard is read-only: start it with --as approver.<tenant>.<person> "
                                         "to review from it"})  # fmt: skip
@@ -274,15 +276,19 @@ class Dashboard:
             asked = json.loads(body)
             tenant, task, decision = str(asked["tenant"]), str(asked["task"]), str(asked["decision"])
             comment = str(asked.get("comment") or "")[:2000]
+            steps = rv.plan_steps(asked["steps"]) if decision == "edit" else ()
+        except MeshError as exc:
+            return _json(400, {"error": str(exc)})
         except (ValueError, KeyError, TypeError):
-            return _json(400, {"error": 'expected {"tenant", "task", "decision": "approve" or "reject", "comment"}'})
-        if not (_NAME.fullmatch(tenant) and _NAME.fullmatch(task)) or decision not in ("approve", "reject"):
-            return _json(400, {"error": "tenant and task: letters, digits, _ and -; decision: approve or reject"})
+            return _json(400, {"error": 'expected {"tenant", "task", "decision": "approve", "reject" or "edit", '
+                                        '"comment", "steps" (an edit)}'})  # fmt: skip
+        if not (_NAME.fullmatch(tenant) and _NAME.fullmatch(task)) or decision not in ("approve", "reject", "edit"):
+            return _json(400, {"error": "tenant and task: letters, digits, _ and -; decision: approve, reject or edit"})
         if not self._reviews(tenant):
             return _json(403, {"error": f"{self.reviewer.name} reviews for {self.reviewer.tenant} only"})
         assert self.nc is not None
         try:
-            code, said = await rv.decide(self.nc, self.reviewer, tenant, task, decision, comment=comment)
+            code, said = await rv.decide(self.nc, self.reviewer, tenant, task, decision, steps=steps, comment=comment)
         except MeshError as exc:
             return _json(409, {"error": str(exc)})
         log.info("%s %s %s/%s from the dashboard: %s", self.reviewer.name, decision, tenant, task, said)

@@ -97,18 +97,28 @@ def render(d: PlanDrafted, state: str) -> str:
     return "\n".join(lines)
 
 
+def plan_steps(raw: Any, what: str = "the plan") -> tuple[PlanStep, ...]:
+    """An edited plan: ``{"steps": [...]}`` or a list of steps; ``MeshError`` saying why not."""
+    from pydantic import ValidationError
+
+    try:
+        steps = raw["steps"] if isinstance(raw, dict) else raw
+        if not isinstance(steps, list) or not steps:
+            raise TypeError("expected a list of steps")
+        return tuple(PlanStep.model_validate(s) for s in steps)
+    except (KeyError, TypeError, ValidationError) as exc:
+        raise MeshError(f"{what}: not a plan ({str(exc).splitlines()[0][:200]})") from None
+
+
 def _plan(value: str) -> tuple[PlanStep, ...]:
     """``--plan``: the edited plan as JSON (inline or @FILE): ``{"steps": [...]}`` or a list of steps."""
     from pathlib import Path
 
-    from pydantic import ValidationError
-
     try:
         raw = json.loads(Path(value[1:]).read_text() if value.startswith("@") else value)
-        steps = raw["steps"] if isinstance(raw, dict) else raw
-        return tuple(PlanStep.model_validate(s) for s in steps)
-    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValidationError) as exc:
+    except (OSError, json.JSONDecodeError) as exc:
         raise MeshError(f"--plan: not a plan ({str(exc).splitlines()[0][:200]})") from None
+    return plan_steps(raw, "--plan")
 
 
 async def listing(nc: nats.NATS, tenant: str, *, every: bool = False) -> tuple[list[tuple[PlanDrafted, str]], list[tuple[str, WaitState]]]:  # fmt: skip

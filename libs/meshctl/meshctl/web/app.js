@@ -140,16 +140,30 @@ function drawReview(tenant, task, review) {
     : `draft ${review.id} (revision ${review.revision}, ${review.steps} steps${review.edited_by ? ", edited by " + review.edited_by : ""})`;
   document.getElementById("review-what").textContent = `Waits for a reviewer: ${what}. ` +
     (review.reviewer ? `You decide as ${review.reviewer}.` : "This dashboard is read-only (meshctl dashboard --as approver.<tenant>.<person> decides from here).");
-  for (const id of ["review-approve", "review-reject", "review-comment"]) document.getElementById(id).disabled = !review.reviewer;
+  for (const id of ["review-approve", "review-reject", "review-comment", "review-plan", "review-save"]) {
+    document.getElementById(id).disabled = !review.reviewer;
+  }
+  // A draft's steps, to edit as JSON: filled in once per draft (never over what is being typed).
+  const edit = document.getElementById("review-edit"), plan = document.getElementById("review-plan");
+  edit.hidden = review.kind !== "draft";
+  if (review.kind === "draft" && plan.dataset.draft !== review.id) {
+    plan.value = JSON.stringify({ steps: review.plan }, null, 1);
+    plan.dataset.draft = review.id;
+  }
 }
 
 async function decide(decision) {
   if (!reviewing) return;
   const said = document.getElementById("review-said");
+  const asked = { ...reviewing, decision, comment: document.getElementById("review-comment").value };
+  if (decision === "edit") {
+    try { asked.steps = JSON.parse(document.getElementById("review-plan").value); }
+    catch (e) { said.textContent = `the edited plan is not JSON: ${e.message}`; return; }
+  }
   said.textContent = `${decision}: sent, waiting for the planner…`;
   const r = await fetch("/api/review", {
     method: "POST", credentials: "same-origin", headers: { "Content-Type": "application/json" },
-    body: JSON.stringify({ ...reviewing, decision, comment: document.getElementById("review-comment").value }),
+    body: JSON.stringify(asked),
   });
   const body = await r.json();
   said.textContent = body.message || body.error;
@@ -194,6 +208,7 @@ document.addEventListener("DOMContentLoaded", () => {
   setInterval(refresh, 2000);
   document.getElementById("review-approve").addEventListener("click", () => decide("approve"));
   document.getElementById("review-reject").addEventListener("click", () => decide("reject"));
+  document.getElementById("review-save").addEventListener("click", () => decide("edit"));
   document.getElementById("lookup").addEventListener("submit", (e) => {
     e.preventDefault();
     const tenant = document.getElementById("tenant").value, task = document.getElementById("task").value;
