@@ -123,6 +123,7 @@ async def test_a_steps_share_is_its_own_ceiling_held_and_settled_and_survives_a_
 
     # Redis loses the task's view: rebuilt from what the durable records say.
     await admin.delete(*View.task_keys(tenant, task))
+    await admin.delete(EPOCH_KEY)  # what a restarted, empty Redis looks like
     with pytest.raises(Cold):
         await reserve("c3", 400)
     usage = TaskUsage(tenant=tenant, task_id=task, total=TokenUsage(input_tokens=1200, cost_usd=0.0005),
