@@ -14,7 +14,7 @@ import pytest
 
 from mesh_kit.identity import Signer, TrustBundle, Verifier
 from mesh_kit.settings import nats_servers
-from meshctl.dashboard import COOKIE, Dashboard, sign_in
+from meshctl.dashboard import COOKIE, MAX_BODY, Dashboard, sign_in
 
 pytestmark = pytest.mark.integration
 
@@ -105,7 +105,7 @@ async def test_reviewing_from_the_page_is_one_guarded_post_and_only_for_the_revi
         assert r.status_code == 415, "a cross-site form cannot send JSON"
         r = await http.post("/api/review", json=ok, headers={**auth, "Origin": "http://evil.example"})
         assert r.status_code == 403 and "not from http://evil.example" in r.json()["error"]
-        r = await http.post("/api/review", json={**ok, "comment": "x" * 9000}, headers=auth)
+        r = await http.post("/api/review", json={**ok, "comment": "x" * (MAX_BODY + 1)}, headers=auth)
         assert r.status_code == 413
         r = await http.post("/api/review", json={**ok, "tenant": "globex"}, headers=auth)
         assert r.status_code == 403 and "reviews for acme only" in r.json()["error"]
