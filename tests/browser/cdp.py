@@ -82,18 +82,22 @@ class Browser:
         """What ``expression`` evaluates to in the page (JSON values)."""
         got = self.send("Runtime.evaluate", {"expression": expression, "returnByValue": True})
         if "exceptionDetails" in got:
-            raise CdpError(f"{expression}: {got['exceptionDetails'].get('text')}")
+            detail = got["exceptionDetails"]
+            raise CdpError(f"{expression}: {(detail.get('exception') or {}).get('description') or detail.get('text')}")
         return got["result"].get("value")
 
     def until(self, expression: str, within_s: float = 30.0) -> Any:
         """Wait until ``expression`` is truthy in the page; its value."""
-        deadline = time.monotonic() + within_s
+        deadline, last = time.monotonic() + within_s, ""
         while time.monotonic() < deadline:
-            got = self.value(expression)
+            try:
+                got = self.value(expression)
+            except CdpError as exc:  # the page is still loading (no body yet, a navigation)
+                got, last = None, str(exc)
             if got:
                 return got
             time.sleep(0.2)
-        raise CdpError(f"never true within {within_s:g} s: {expression}")
+        raise CdpError(f"never true within {within_s:g} s: {expression}" + (f" (last: {last})" if last else ""))
 
     def click(self, selector: str) -> None:
         """Press and release the left button at the middle of the element ``selector``."""
