@@ -147,6 +147,30 @@ async def test_an_idle_task_gives_its_run_slot_to_a_waiting_one_and_takes_one_ba
             await adm.close()
 
 
+async def test_idle_changes_that_come_together_are_written_together(integration_infra, unique):
+    """``mark_idle`` does not keep the planner's handler waiting: what its tasks changed meanwhile
+    goes to the tenant's record in one compare-and-set (200 timers due at once made 200 writes)."""
+    mesh = Mesh(settings_for(integration_infra, "planner"))
+    tenant = unique("tenant").replace("-", "")
+    async with running(mesh):
+        # Plenty of slots: other tests' tenants in the shared bucket would otherwise take shares.
+        adm = Admission(st.bind(mesh.nc, "admission"), Limits(), slots=100)
+        await adm.follow(mesh.nc)
+        try:
+            for t in ("a", "b", "c"):
+                assert await adm.admit(tenant, t, deadline_s=300) is None
+            _, before = await st.load(adm.kv, tenant, AdmissionRecord)
+            for t in ("a", "b", "c"):
+                adm.mark_idle(tenant, t, True)
+            assert adm.idle_as_seen(tenant, "b"), "what is pending counts as seen"
+            await asyncio.wait_for(adm._idle_writers[tenant], 30)
+            rec, after = await st.load(adm.kv, tenant, AdmissionRecord)
+            assert rec is not None and set(rec.idle) == {"a", "b", "c"} and not rec.running, rec
+            assert after == before + 1, "one write for the three"
+        finally:
+            await adm.close()
+
+
 async def test_with_run_slots_the_drain_is_the_running_tasks_not_the_queued_ones(integration_infra, unique):
     """A burst admitted behind one run slot drains a task per mean duration: its refused clients
     are spread one mean duration apart, not told to come back all within a fraction of a second

@@ -370,7 +370,7 @@ async def test_an_approval_nobody_decides_in_time_fails_its_node():
 
 
 class FakeAdmission:
-    """The tenant's admission record as far as idle tasks go (``Admission.set_idle``)."""
+    """The tenant's admission record as far as idle tasks go (``Admission.mark_idle``)."""
 
     def __init__(self) -> None:
         self.idle: set[str] = set()
@@ -379,7 +379,7 @@ class FakeAdmission:
     def idle_as_seen(self, tenant: str, task_id: str) -> bool:
         return task_id in self.idle
 
-    async def set_idle(self, tenant: str, task_id: str, idle: bool) -> None:
+    def mark_idle(self, tenant: str, task_id: str, idle: bool) -> None:
         self.calls.append(idle)
         (self.idle.add if idle else self.idle.discard)(task_id)
 

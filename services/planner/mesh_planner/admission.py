@@ -164,6 +164,9 @@ class Admission:
         self._rescan: asyncio.Task[None] | None = None
         self._nc: Any = None
         self._locks: dict[str, asyncio.Lock] = {}
+        self._idle_pending: dict[str, dict[str, bool]] = {}
+        """Per tenant, idle changes not yet written (``mark_idle``): task id -> idle."""
+        self._idle_writers: dict[str, asyncio.Task[None]] = {}
         self._refused: dict[str, Counter[str]] = {}
         """Refusals not yet in the record: a refusal writes nothing (a burst's refusals would each
         cost a synced write); they are added to the tenant's record with its next write."""
@@ -312,24 +315,57 @@ class Admission:
             self._wake()
 
     def idle_as_seen(self, tenant: str, task_id: str) -> bool:
-        """Whether the task is idle (holds no run slot: ``AdmissionRecord.idle``) in this replica's view."""
+        """Whether the task is idle (holds no run slot: ``AdmissionRecord.idle``) as this replica
+        knows it: a change it has yet to write, else the record as last seen."""
+        pending = self._idle_pending.get(tenant, {}).get(task_id)
+        if pending is not None:
+            return pending
         rec = self.view.get(tenant)
         return rec is not None and task_id in rec.idle
+
+    def mark_idle(self, tenant: str, task_id: str, idle: bool) -> None:
+        """``set_idle`` without waiting for it: the changes of a tenant's tasks are written
+        together, one compare-and-set for all that came meanwhile, by one writer per tenant. (200
+        timers due at once, each written on its own, serialised the planner's handlers on the
+        tenant's record: the timers fired 0.25 s late at p50 instead of 5 ms.) A change lost with
+        the process is repaired by the task's next transition (``Planner.transition``)."""
+        if not self.slots:
+            return
+        self._idle_pending.setdefault(tenant, {})[task_id] = idle
+        writer = self._idle_writers.get(tenant)
+        if writer is None or writer.done():
+            self._idle_writers[tenant] = asyncio.create_task(self._write_idle(tenant), name=f"idle-{tenant}")
+
+    async def _write_idle(self, tenant: str) -> None:
+        while self._idle_pending.get(tenant):
+            batch = self._idle_pending.pop(tenant)
+            try:
+                await self._apply_idle(tenant, batch)
+            except Exception as exc:  # noqa: BLE001 - the broker away: each task's next transition repairs it
+                log.warning("idle run slots of %s not written (%d tasks): %s", tenant, len(batch), exc)
 
     async def set_idle(self, tenant: str, task_id: str, idle: bool) -> None:
         """A started task now waits only for the world (``idle``: it gives its run slot back), or
         is back at work (it takes its slot again at once, even over the cap: it was started, and
         its work is not queued behind tasks not yet started). Nothing for a task not in flight."""
-        if not self.slots:
-            return
+        if self.slots:
+            await self._apply_idle(tenant, {task_id: idle})
 
+    async def _apply_idle(self, tenant: str, changes: dict[str, bool]) -> None:
         def mutate(rec: AdmissionRecord | None) -> AdmissionRecord | None:
-            if rec is None or task_id not in rec.in_flight:
+            if rec is None:
                 return None
-            src, dst = (rec.running, rec.idle) if idle else (rec.idle, rec.running)
-            if task_id in dst and task_id not in src:
+            changed = False
+            for task_id, idle in changes.items():
+                if task_id not in rec.in_flight:
+                    continue
+                src, dst = (rec.running, rec.idle) if idle else (rec.idle, rec.running)
+                if task_id in dst and task_id not in src:
+                    continue
+                dst[task_id] = src.pop(task_id, rec.in_flight[task_id])
+                changed = True
+            if not changed:
                 return None
-            dst[task_id] = src.pop(task_id, rec.in_flight[task_id])
             self._add_refused(tenant, rec)
             return rec
 
@@ -350,6 +386,9 @@ class Admission:
         self._rescan = asyncio.create_task(self._rescan_loop(), name="admission-rescan")
 
     async def close(self) -> None:
+        writers = [w for w in self._idle_writers.values() if not w.done()]
+        if writers:  # what is pending, written before the connection goes (else repaired later)
+            await asyncio.wait(writers, timeout=5.0)
         if self._rescan is not None:
             await tasks.stop(self._rescan)
         if self._sub is not None:

@@ -611,7 +611,7 @@ class Planner:
                 idle = waits.idle(rec)
                 # Changed now, or (a crash between the two writes) the tenant's record still says otherwise.
                 if idle != was_idle or idle != self.admission.idle_as_seen(rec.tenant, rec.task_id):
-                    await self.admission.set_idle(rec.tenant, rec.task_id, idle)
+                    self.admission.mark_idle(rec.tenant, rec.task_id, idle)  # written in the background
             await self.flush(rec)
         return rec
 
