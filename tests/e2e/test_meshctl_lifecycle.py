@@ -71,11 +71,12 @@ def test_up_status_down_manages_exactly_what_it_started(tmp_path):
                           "--policy", '{"require_citations": true}')  # fmt: skip
         assert uncited.returncode == 1
         assert "checker rejected the answer: citations_present: the task retrieved 0 passage(s)" in uncited.stderr
-        # Per tenant: tasks in flight (none now: all three ended), running and queued as the budget
-        # sees them (none), the queue time of those, admitted and refused.
+        # Per tenant: tasks in flight (none now: all three ended), running as the budget sees them,
+        # idle (waiting for the world, holding no run slot), queued (none), the queue time of
+        # those, admitted and refused.
         tenants = meshctl(home, "status")
         row = next(line for line in tenants.stdout.splitlines() if line.startswith("acme "))
-        assert row.split()[1:7] == ["0", "0", "0", "0.0", "3", "0"], tenants.stdout
+        assert row.split()[1:8] == ["0", "0", "0", "0", "0.0", "3", "0"], tenants.stdout
         report = json.loads(meshctl(home, "status", "--json").stdout)
         assert report["tenants"]["acme"]["admitted"] == 3 and report["tenants"]["acme"]["in_flight"] == {}
         # What acme holds of its quota in TASK (of an eighth of the 512 MiB cap): its three

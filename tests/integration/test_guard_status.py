@@ -55,10 +55,12 @@ async def test_the_guard_stops_on_a_stored_halt_or_end_and_goes_on_after_a_resum
         assert stop is not None and not stop.halted and "cancelled" in stop.reason
 
         status, _ = await st.load(planner.status, f"acme.{task}", StatusRecord)
-        # nothing of what the task is about: its status, start, limits and labels (the budget's)
+        # nothing of what the task is about: its status, start, limits, labels and a workflow's
+        # nodes' budget shares (the budget's)
         assert status is not None and set(status.model_dump()) == {
-            "record_version", "status", "reason", "created_at", "limits", "labels"
+            "record_version", "status", "reason", "created_at", "limits", "labels", "step_shares"
         }, "nothing but the status and what the budget needs"  # fmt: skip
+        assert status.step_shares == {}, "no workflow: no shares"
         assert status.created_at == 1.0 and status.limits == rec.limits
 
 
