@@ -447,7 +447,7 @@ async def test_a_check_node_asks_the_checker_mid_run_and_a_failed_verdict_runs_i
     await planner.on_step_completed(completed("polish", 1, "polished"), delivery("c2"))
     [asked] = said(planner, "check.requested")
     assert (asked.node, asked.attempt, asked.answer, asked.answer_step) == ("gate", 1, "mail ops@example.com", "draft")
-    assert asked.only == ("no_pii", "judge") and asked.policy.judge and asked.policy.judge_min_score == 0.8
+    assert asked.only == ("no_pii", "judge") and asked.policy.judge_min_score == 0.8
     assert [s.step_id for s in asked.steps] == ["draft", "polish"], "the steps run so far: the check node is none"
     assert not waits.idle(await record(planner)), "the checker works on it: not a wait for the world"
     await planner.on_verdict(node_verdict(1, False), delivery("v1"))

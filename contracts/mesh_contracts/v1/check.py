@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, get_args
 
 from pydantic import ConfigDict, Field
 
@@ -17,7 +17,7 @@ CheckName = Literal[
     "no_pii", "no_forbidden_terms", "judge",
 ]  # fmt: skip
 """The checker's checks, by the name its results carry (a workflow's check node selects among them)."""
-CHECK_NAMES: tuple[str, ...] = CheckName.__args__  # type: ignore[attr-defined]
+CHECK_NAMES: tuple[str, ...] = get_args(CheckName)
 
 
 class CheckRequested(Contract):

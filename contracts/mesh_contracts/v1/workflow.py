@@ -404,6 +404,11 @@ class WorkflowDefinition(_Strict):
                 out[i] |= out.get(d, set())
         return out
 
+    def between(self, first: str, last: str) -> set[str]:
+        """``first`` and every node on a path from it to ``last`` (``last`` not included)."""
+        before = self.ancestors()
+        return {n.id for n in self.nodes if n.id in before[last] and (n.id == first or first in before[n.id])}
+
     def node(self, node_id: str) -> Node:
         return next(n for n in self.nodes if n.id == node_id)
 

@@ -23,7 +23,7 @@ from typing import Any
 from mesh_agent import prompts
 from mesh_agent.metered import BudgetExceeded, Models, call_model_once, configured
 from mesh_checker import judge as jd
-from mesh_checker.checks import Passages, evidence_of, run_checks
+from mesh_checker.checks import Passages, check_answer, evidence_of, run_checks
 from mesh_checker.settings import CheckerSettings
 from mesh_contracts import ContractError
 from mesh_contracts.v1 import CheckRequested, CheckResult, CheckVerdict, RetrievalCompleted, TokenUsage
@@ -184,10 +184,9 @@ class Checker:
 
     async def on_request(self, m: CheckRequested, d: Delivery) -> None:
         passages = await self.passages(m, d.stored_at if d is not None else None)
-        checks = run_checks(m, passages)
+        # A workflow's check node: the output it checks (the answer), not the steps before it.
+        checks = check_answer(m, passages) if m.node else run_checks(m, passages)
         judge = m.policy.judge
-        if m.node:  # a workflow's check node: the output it checks (the answer), not the steps before it
-            checks = [c for c in checks if not c.step_id]
         if m.only:  # the checks named alone decide
             checks, judge = [c for c in checks if c.name in m.only], "judge" in m.only
         judgement, usage = None, TokenUsage()

@@ -258,10 +258,9 @@ def dispatch_workflow(rec: TaskRecord, wf: WorkflowDefinition, causation: str = 
 def tries(wf: WorkflowDefinition, sid: str) -> int:
     """How often node ``sid`` may be dispatched by design: its own tries, times the checks of each
     check node that runs it again when it fails (it, or a node between it and the check)."""
-    before = wf.ancestors()
     n = wf.node(sid).retry.attempts
     for c in wf.nodes:
-        if isinstance(c, CheckNode) and sid in before[c.id] and (sid == c.of or c.of in before[sid]):
+        if isinstance(c, CheckNode) and sid in wf.between(c.of, c.id):
             n *= c.retry.attempts
     return n
 
@@ -271,31 +270,15 @@ def _request_check(rec: TaskRecord, node: CheckNode, causation: str) -> None:
     s = rec.steps[node.id]
     s.status, s.attempt = "dispatched", s.attempt + 1
     of = rec.steps[node.of]
-    policy = rec.policy.model_copy(update={"output_schema": of.step.output_schema, "judge": "judge" in node.checks})
+    # Its own checks decide (``only``: the checker runs the judge when they name it), the judge's
+    # threshold its own, the schema the checked node's.
+    policy = rec.policy.model_copy(update={"output_schema": of.step.output_schema})
     if node.min_score is not None:
         policy = policy.model_copy(update={"judge_min_score": node.min_score})
     task = check_request(rec, answer_of=node.of, attempt=s.attempt)
-    request = task.model_copy(update={"policy": policy, "max_length": policy.max_length, "node": node.id,
-                                      "only": tuple(node.checks)})  # fmt: skip
+    request = task.model_copy(update={"policy": policy, "node": node.id, "only": tuple(node.checks)})
     _out(rec, request, key=f"{node.id}:{s.attempt}", causation=causation)
     _event(rec, "check.requested", f"{node.id}: {', '.join(node.checks)} on {node.of}", node.id, str(s.attempt))
-
-
-def nodes_between(rec: TaskRecord, first: str, last: str) -> list[str]:
-    """``first`` and every step on a path from it to ``last`` (not ``last``), in plan order: what a
-    failed check of ``first`` at ``last`` runs again."""
-    after = {first}
-    for sid, s in rec.steps.items():  # plan order is dependency order
-        if after & set(s.step.depends_on):
-            after.add(sid)
-    before: set[str] = set()
-    stack = [last]
-    while stack:
-        for dep in rec.steps[stack.pop()].step.depends_on:
-            if dep not in before:
-                before.add(dep)
-                stack.append(dep)
-    return [sid for sid in rec.steps if sid in after and sid in before]
 
 
 def answer_step_id(rec: TaskRecord) -> str:
@@ -1397,7 +1380,8 @@ class Planner:
                 self.try_failed(rec, m.node, f"the checker rejected {node.of}: {failed}")
                 return True
             delay = node.retry.delays()[s.attempt - 1]
-            redo = nodes_between(rec, node.of, m.node)
+            between = self.definition(rec).between(node.of, m.node)  # type: ignore[union-attr]
+            redo = [sid for sid in rec.steps if sid in between]  # in plan order
             for sid in redo:
                 r = rec.steps[sid]
                 r.status, r.output, r.citations, r.skipped = "pending", "", [], False
