@@ -7,7 +7,9 @@ passes it on at once."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 
 import pytest
 from integration_helpers import running, settings_for
@@ -18,6 +20,19 @@ from mesh_kit import state as st
 from mesh_planner.admission import Admission, Limits, Wait
 
 pytestmark = pytest.mark.integration
+
+
+@contextlib.asynccontextmanager
+async def following(integration_infra, limits: Limits, *, slots: int) -> AsyncIterator[Admission]:
+    """A planner's admission with run slots, following every tenant's record (as ``Planner.start``)."""
+    mesh = Mesh(settings_for(integration_infra, "planner"))
+    async with running(mesh):
+        adm = Admission(st.bind(mesh.nc, "admission"), limits, slots=slots)
+        await adm.follow(mesh.nc)
+        try:
+            yield adm
+        finally:
+            await adm.close()
 
 
 async def test_two_replicas_admit_exactly_the_limit_and_releases_free_slots(integration_infra, unique):
@@ -81,116 +96,96 @@ async def test_the_rate_is_a_token_bucket(integration_infra, unique):
 
 
 async def test_run_slots_wake_one_waiting_task_per_free_slot_and_a_lost_wakeup_passes_it_on(integration_infra, unique):
-    mesh = Mesh(settings_for(integration_infra, "planner"))
-    tenant = unique("tenant").replace("-", "")
-    async with running(mesh):
-        adm = Admission(st.bind(mesh.nc, "admission"), Limits(), slots=1)
-        await adm.follow(mesh.nc)
-        try:
-            assert await adm.admit(tenant, "first", deadline_s=300) is None, "a free slot: it starts"
-            second = await adm.admit(tenant, "second", deadline_s=300)
-            third = await adm.admit(tenant, "third", deadline_s=300)
-            assert isinstance(second, Wait) and isinstance(third, Wait), (second, third)
-            woke2, woke3 = asyncio.create_task(second.until()), asyncio.create_task(third.until())
-            await asyncio.sleep(0.3)
-            assert not woke2.done() and not woke3.done(), "the one slot is held"
+    async with following(integration_infra, Limits(), slots=1) as adm:
+        tenant = unique("tenant").replace("-", "")
+        assert await adm.admit(tenant, "first", deadline_s=300) is None, "a free slot: it starts"
+        second = await adm.admit(tenant, "second", deadline_s=300)
+        third = await adm.admit(tenant, "third", deadline_s=300)
+        assert isinstance(second, Wait) and isinstance(third, Wait), (second, third)
+        woke2, woke3 = asyncio.create_task(second.until()), asyncio.create_task(third.until())
+        await asyncio.sleep(0.3)
+        assert not woke2.done() and not woke3.done(), "the one slot is held"
 
-            await adm.release(tenant, "first", took_s=1.0)
-            await asyncio.wait_for(woke2, 30)
-            await asyncio.sleep(0.3)
-            assert not woke3.done(), "one free slot wakes one task, the first to wait"
+        await adm.release(tenant, "first", took_s=1.0)
+        await asyncio.wait_for(woke2, 30)
+        await asyncio.sleep(0.3)
+        assert not woke3.done(), "one free slot wakes one task, the first to wait"
 
-            # 'second' was cancelled while it waited: it ends without asking again. The slot it
-            # was promised goes on now, not once the promise lapses (WOKEN_S).
-            await adm.release(tenant, "second", took_s=None)
-            await asyncio.wait_for(woke3, 30)
-            assert await adm.admit(tenant, "third", deadline_s=300) is None, "asked again, it takes the slot"
-            rec, _ = await st.load(adm.kv, tenant, AdmissionRecord)
-            assert rec is not None and set(rec.running) == {"third"} and set(rec.in_flight) == {"third"}, rec
-        finally:
-            await adm.close()
+        # 'second' was cancelled while it waited: it ends without asking again. The slot it
+        # was promised goes on now, not once the promise lapses (WOKEN_S).
+        await adm.release(tenant, "second", took_s=None)
+        await asyncio.wait_for(woke3, 30)
+        assert await adm.admit(tenant, "third", deadline_s=300) is None, "asked again, it takes the slot"
+        rec, _ = await st.load(adm.kv, tenant, AdmissionRecord)
+        assert rec is not None and set(rec.running) == {"third"} and set(rec.in_flight) == {"third"}, rec
 
 
 async def test_an_idle_task_gives_its_run_slot_to_a_waiting_one_and_takes_one_back_when_woken(
     integration_infra, unique
 ):
-    """A workflow task waiting for an approval (``set_idle``) frees its slot for the next task;
+    """A workflow task waiting for an approval (``mark_idle``) frees its slot for the next task;
     its wait over, it runs again at once, over the cap, rather than queue behind tasks not started."""
-    mesh = Mesh(settings_for(integration_infra, "planner"))
-    tenant = unique("tenant").replace("-", "")
-    async with running(mesh):
-        adm = Admission(st.bind(mesh.nc, "admission"), Limits(max_in_flight=2), slots=1)
-        await adm.follow(mesh.nc)
-        try:
-            assert await adm.admit(tenant, "approval", deadline_s=300) is None
-            second = await adm.admit(tenant, "second", deadline_s=300)
-            assert isinstance(second, Wait)
-            woke = asyncio.create_task(second.until())
-            await adm.set_idle(tenant, "approval", True)
-            await asyncio.wait_for(woke, 30)
-            assert await adm.admit(tenant, "second", deadline_s=300) is None, "the slot it gave back"
-            third = await adm.admit(tenant, "third", deadline_s=300)
-            assert third is not None and not isinstance(third, Wait) and third.code == "too_many_in_flight", (
-                "an idle task is still in flight: it counts against max_in_flight"
-            )
-            assert await adm.admit(tenant, "approval", deadline_s=300) is None, "redelivered: started already"
-            await adm.set_idle(tenant, "approval", False)
-            rec, _ = await st.load(adm.kv, tenant, AdmissionRecord)
-            assert rec is not None and set(rec.running) == {"approval", "second"} and not rec.idle, rec
-            await adm.set_idle(tenant, "approval", True)
-            await adm.release(tenant, "approval", took_s=5.0)
-            rec, _ = await st.load(adm.kv, tenant, AdmissionRecord)
-            assert rec is not None and set(rec.in_flight) == set(rec.running) == {"second"} and not rec.idle, rec
-            await adm.set_idle(tenant, "approval", False)  # ended: nothing to do
-            assert (await st.load(adm.kv, tenant, AdmissionRecord))[0] == rec
-        finally:
-            await adm.close()
+    async with following(integration_infra, Limits(max_in_flight=2), slots=1) as adm:
+        tenant = unique("tenant").replace("-", "")
+        assert await adm.admit(tenant, "approval", deadline_s=300) is None
+        second = await adm.admit(tenant, "second", deadline_s=300)
+        assert isinstance(second, Wait)
+        woke = asyncio.create_task(second.until())
+        adm.mark_idle(tenant, "approval", True)
+        await adm.idle_written()
+        await asyncio.wait_for(woke, 30)
+        assert await adm.admit(tenant, "second", deadline_s=300) is None, "the slot it gave back"
+        third = await adm.admit(tenant, "third", deadline_s=300)
+        assert third is not None and not isinstance(third, Wait) and third.code == "too_many_in_flight", (
+            "an idle task is still in flight: it counts against max_in_flight"
+        )
+        assert await adm.admit(tenant, "approval", deadline_s=300) is None, "redelivered: started already"
+        adm.mark_idle(tenant, "approval", False)
+        await adm.idle_written()
+        rec, _ = await st.load(adm.kv, tenant, AdmissionRecord)
+        assert rec is not None and set(rec.running) == {"approval", "second"} and not rec.idle, rec
+        adm.mark_idle(tenant, "approval", True)
+        await adm.idle_written()
+        await adm.release(tenant, "approval", took_s=5.0)
+        rec, _ = await st.load(adm.kv, tenant, AdmissionRecord)
+        assert rec is not None and set(rec.in_flight) == set(rec.running) == {"second"} and not rec.idle, rec
+        adm.mark_idle(tenant, "approval", False)  # ended: nothing to do
+        await adm.idle_written()
+        assert (await st.load(adm.kv, tenant, AdmissionRecord))[0] == rec
 
 
 async def test_idle_changes_that_come_together_are_written_together(integration_infra, unique):
     """``mark_idle`` does not keep the planner's handler waiting: what its tasks changed meanwhile
     goes to the tenant's record in one compare-and-set (200 timers due at once made 200 writes)."""
-    mesh = Mesh(settings_for(integration_infra, "planner"))
-    tenant = unique("tenant").replace("-", "")
-    async with running(mesh):
-        # Plenty of slots: other tests' tenants in the shared bucket would otherwise take shares.
-        adm = Admission(st.bind(mesh.nc, "admission"), Limits(), slots=100)
-        await adm.follow(mesh.nc)
-        try:
-            for t in ("a", "b", "c"):
-                assert await adm.admit(tenant, t, deadline_s=300) is None
-            _, before = await st.load(adm.kv, tenant, AdmissionRecord)
-            for t in ("a", "b", "c"):
-                adm.mark_idle(tenant, t, True)
-            assert adm.idle_as_seen(tenant, "b"), "what is pending counts as seen"
-            await asyncio.wait_for(adm._idle_writers[tenant], 30)
-            rec, after = await st.load(adm.kv, tenant, AdmissionRecord)
-            assert rec is not None and set(rec.idle) == {"a", "b", "c"} and not rec.running, rec
-            assert after == before + 1, "one write for the three"
-        finally:
-            await adm.close()
+    # Plenty of slots: other tests' tenants in the shared bucket would otherwise take shares.
+    async with following(integration_infra, Limits(), slots=100) as adm:
+        tenant = unique("tenant").replace("-", "")
+        for t in ("a", "b", "c"):
+            assert await adm.admit(tenant, t, deadline_s=300) is None
+        _, before = await st.load(adm.kv, tenant, AdmissionRecord)
+        for t in ("a", "b", "c"):
+            adm.mark_idle(tenant, t, True)
+        assert adm.idle_as_seen(tenant, "b"), "what is pending counts as seen"
+        await adm.idle_written(timeout=30)
+        rec, after = await st.load(adm.kv, tenant, AdmissionRecord)
+        assert rec is not None and set(rec.idle) == {"a", "b", "c"} and not rec.running, rec
+        assert after == before + 1, "one write for the three"
 
 
 async def test_with_run_slots_the_drain_is_the_running_tasks_not_the_queued_ones(integration_infra, unique):
     """A burst admitted behind one run slot drains a task per mean duration: its refused clients
     are spread one mean duration apart, not told to come back all within a fraction of a second
     (the bench measured 48 refused all told 0.1 s, 26 of them back within 100 ms)."""
-    mesh = Mesh(settings_for(integration_infra, "planner"))
-    tenant = unique("tenant").replace("-", "")
-    async with running(mesh):
-        adm = Admission(st.bind(mesh.nc, "admission"), Limits(max_in_flight=4), slots=1)
-        await adm.follow(mesh.nc)
-        try:
-            assert await adm.admit(tenant, "a", deadline_s=300) is None
-            for t in ("b", "c", "d"):
-                assert isinstance(await adm.admit(tenant, t, deadline_s=300), Wait), t
-            await adm.release(tenant, "a", took_s=2.0)  # a run takes 2 s
-            assert await adm.admit(tenant, "e", deadline_s=300) is None, "the freed slot"
-            now = time.time()
-            refused = [await adm.admit(tenant, f"late-{k}", deadline_s=300, now=now) for k in range(5)]
-            waits = [r.retry_after_s for r in refused if r is not None and r.code == "too_many_in_flight"]
-            assert len(waits) == 5, refused
-            for k, wait in enumerate(waits):  # one running task: a place every 2 s, not every 2 s / 4
-                assert max(0.1, 2.0 * k) <= wait <= 2.0 * (k + 1) + 0.001, (k, waits)
-        finally:
-            await adm.close()
+    async with following(integration_infra, Limits(max_in_flight=4), slots=1) as adm:
+        tenant = unique("tenant").replace("-", "")
+        assert await adm.admit(tenant, "a", deadline_s=300) is None
+        for t in ("b", "c", "d"):
+            assert isinstance(await adm.admit(tenant, t, deadline_s=300), Wait), t
+        await adm.release(tenant, "a", took_s=2.0)  # a run takes 2 s
+        assert await adm.admit(tenant, "e", deadline_s=300) is None, "the freed slot"
+        now = time.time()
+        refused = [await adm.admit(tenant, f"late-{k}", deadline_s=300, now=now) for k in range(5)]
+        waits = [r.retry_after_s for r in refused if r is not None and r.code == "too_many_in_flight"]
+        assert len(waits) == 5, refused
+        for k, wait in enumerate(waits):  # one running task: a place every 2 s, not every 2 s / 4
+            assert max(0.1, 2.0 * k) <= wait <= 2.0 * (k + 1) + 0.001, (k, waits)

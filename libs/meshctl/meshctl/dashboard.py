@@ -250,11 +250,12 @@ class Dashboard:
         if dag is None or not (dag["draft"] or any(n["state"] == "waiting" for n in dag["nodes"])):
             return None  # (nothing that waits for a person: no reads)
         who = {"reviewer": self.reviewer.name if self._reviews(tenant) else None}
-        gates = await rv.approvals(self.nc, tenant, task)
-        if gates:
-            w = gates[0]
+        try:
+            w, draft, state = await rv.pending(self.nc, tenant, task)
+        except MeshError:
+            return None
+        if w is not None:
             return {**who, "kind": "approval", "node": w.step_id, "id": w.decision, "request": w.request}
-        draft, state = await rv.waiting(self.nc, tenant, task)
         if draft is None or state:
             return None
         return {**who, "kind": "draft", "id": draft.draft, "revision": draft.revision, "steps": len(draft.steps),

@@ -77,6 +77,19 @@ async def approvals(nc: nats.NATS, tenant: str, task_id: str) -> list[WaitState]
     return sorted((w for w in rec.waits.values() if w.kind == "approval"), key=lambda w: w.started_at)
 
 
+async def pending(nc: nats.NATS, tenant: str, task_id: str) -> tuple[WaitState | None, PlanDrafted | None, str]:
+    """What of the task waits for a reviewer: its oldest approval node (first), else its last draft
+    and what became of the task since (``waiting``); ``MeshError`` when it has neither."""
+    gates = await approvals(nc, tenant, task_id)
+    if gates:
+        return gates[0], None, ""
+    draft, state = await waiting(nc, tenant, task_id)
+    if draft is None:
+        raise MeshError(f"task {tenant}/{task_id} has no draft plan (is its tenant under review?) and no approval "
+                        "node waiting")  # fmt: skip
+    return None, draft, state
+
+
 def render_approval(tenant: str, task_id: str, w: WaitState) -> str:
     until = f", until {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(w.due_at))} UTC" if w.due_at else ""
     return (f"task {tenant}/{task_id}: approval node {w.step_id} ({w.decision}){until}: waits for an approver\n"
@@ -150,18 +163,13 @@ async def decide(
     What ``meshctl review`` and the dashboard both do."""
     from meshctl.approver import ApprovalError
 
-    gates = await approvals(nc, tenant, task_id)
-    gate = gates[0] if gates else None
-    draft: PlanDrafted | None = None
+    gate, draft, state = await pending(nc, tenant, task_id)
     if gate is not None:
         if action == "edit":
             raise MeshError(f"task {tenant}/{task_id} waits at approval node {gate.step_id}: approve or reject it")
         target = gate.decision
     else:
-        draft, state = await waiting(nc, tenant, task_id)
-        if draft is None:
-            raise MeshError(f"task {tenant}/{task_id} has no draft plan (is its tenant under review?)"
-                            " and no approval node waiting")  # fmt: skip
+        assert draft is not None
         if state:
             raise MeshError(f"task {tenant}/{task_id}: its plan is no longer waiting ({state})")
         if action == "edit" and not steps:
@@ -222,15 +230,12 @@ def cmd_review(args: argparse.Namespace) -> int:
             if not args.task_id:
                 raise MeshError(f"review {args.action} names a task: meshctl review {args.action} TASK --tenant T")
             if args.action == "show":
-                gates = await approvals(nc, args.tenant, args.task_id)
-                if gates:
-                    print(json.dumps({"task_id": args.task_id, "approval": gates[0].model_dump(mode="json")}, indent=2)
-                          if args.json else render_approval(args.tenant, args.task_id, gates[0]))  # fmt: skip
+                gate, d, state = await pending(nc, args.tenant, args.task_id)
+                if gate is not None:
+                    print(json.dumps({"task_id": args.task_id, "approval": gate.model_dump(mode="json")}, indent=2)
+                          if args.json else render_approval(args.tenant, args.task_id, gate))  # fmt: skip
                     return 0
-                d, state = await waiting(nc, args.tenant, args.task_id)
-                if d is None:
-                    raise MeshError(f"task {args.tenant}/{args.task_id} has no draft plan (is its tenant under "
-                                    "review?) and no approval node waiting")  # fmt: skip
+                assert d is not None
                 print(json.dumps({**d.model_dump(mode="json"), "state": state or "waiting"}, indent=2)
                       if args.json else render(d, state))  # fmt: skip
                 return 0

@@ -324,17 +324,26 @@ class Admission:
         return rec is not None and task_id in rec.idle
 
     def mark_idle(self, tenant: str, task_id: str, idle: bool) -> None:
-        """``set_idle`` without waiting for it: the changes of a tenant's tasks are written
-        together, one compare-and-set for all that came meanwhile, by one writer per tenant, so a
-        burst of wake-ups (200 timers due at once) does not make each handler wait its turn on
-        the tenant's record. A change lost with the process is repaired by the task's next
-        transition (``Planner.transition``)."""
+        """A started task now waits only for the world (``idle``: it gives its run slot back), or
+        is back at work (it takes its slot again at once, even over the cap: it was started, and
+        its work is not queued behind tasks not yet started). Nothing for a task not in flight.
+
+        Not waited for: the changes of a tenant's tasks are written together, one compare-and-set
+        for all that came meanwhile, by one writer per tenant, so a burst of wake-ups (200 timers
+        due at once) does not make each handler wait its turn on the tenant's record. A change
+        lost with the process is repaired by the task's next transition (``Planner.transition``)."""
         if not self.slots:
             return
         self._idle_pending.setdefault(tenant, {})[task_id] = idle
         writer = self._idle_writers.get(tenant)
         if writer is None or writer.done():
             self._idle_writers[tenant] = asyncio.create_task(self._write_idle(tenant), name=f"idle-{tenant}")
+
+    async def idle_written(self, timeout: float | None = None) -> None:
+        """Wait until every change marked so far is written (or ``timeout``)."""
+        writers = [w for w in self._idle_writers.values() if not w.done()]
+        if writers:
+            await asyncio.wait(writers, timeout=timeout)
 
     async def _write_idle(self, tenant: str) -> None:
         while self._idle_pending.get(tenant):
@@ -343,13 +352,6 @@ class Admission:
                 await self._apply_idle(tenant, batch)
             except Exception as exc:  # noqa: BLE001 - the broker away: each task's next transition repairs it
                 log.warning("idle run slots of %s not written (%d tasks): %s", tenant, len(batch), exc)
-
-    async def set_idle(self, tenant: str, task_id: str, idle: bool) -> None:
-        """A started task now waits only for the world (``idle``: it gives its run slot back), or
-        is back at work (it takes its slot again at once, even over the cap: it was started, and
-        its work is not queued behind tasks not yet started). Nothing for a task not in flight."""
-        if self.slots:
-            await self._apply_idle(tenant, {task_id: idle})
 
     async def _apply_idle(self, tenant: str, changes: dict[str, bool]) -> None:
         def mutate(rec: AdmissionRecord | None) -> AdmissionRecord | None:
@@ -386,9 +388,7 @@ class Admission:
         self._rescan = asyncio.create_task(self._rescan_loop(), name="admission-rescan")
 
     async def close(self) -> None:
-        writers = [w for w in self._idle_writers.values() if not w.done()]
-        if writers:  # what is pending, written before the connection goes (else repaired later)
-            await asyncio.wait(writers, timeout=5.0)
+        await self.idle_written(timeout=5.0)  # what is pending, before the connection goes (else repaired later)
         if self._rescan is not None:
             await tasks.stop(self._rescan)
         if self._sub is not None:
