@@ -100,6 +100,12 @@ class Contract(BaseModel):
     task_id: str = Field(pattern=ID_PATTERN)
     """Task this message belongs to; also the fourth token of the subject."""
 
+    release: str = Field("", pattern=r"^([0-9a-f]{16})?$")
+    """The release of the tenant's behaviour (``v1.release``) the task runs: the version of the
+    prompts, model routes and tool rules its messages were made with ('' : the packaged ones).
+    Set by the planner when it admits a task and carried on every message of it; on a
+    ``task.submitted``, a request to run that version of the tenant's (``meshctl release eval``)."""
+
     @classmethod
     def schema_id(cls) -> str:
         """Stable schema identifier, e.g. ``task.submitted/v1``."""

@@ -191,6 +191,17 @@ BUCKETS: tuple[Bucket, ...] = (
         "definition, immutable, and its status) and catalogue (key <tenant>.catalog: every version of each "
         "workflow in publication order). A tenant's client reads its own keys (direct gets by key).",
     ),
+    Bucket(
+        "releases",
+        writer="planner",
+        readers=("worker", "checker", "tool-executor"),
+        history=5,
+        tenant_keys=True,
+        description="Each tenant's releases of behaviour (issue 41): every version (key <tenant>.v.<version>: the "
+        "bundle of prompts, model routes and tool rules, immutable, its evaluations and story) and the channel (key "
+        "<tenant>.channel: the current version, a canary with its share, its sequential test and live signals). "
+        "The services read the version each task runs; a tenant's client reads its own keys.",
+    ),
     Bucket("steps", writer="worker", records=True, description="Agent-loop checkpoints, one key per step."),
     Bucket(
         "anchors",

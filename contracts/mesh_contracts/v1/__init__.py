@@ -38,6 +38,7 @@ from mesh_contracts.v1.control import (
     ControlResume,
 )
 from mesh_contracts.v1.events import ProgressEvent, TokenDelta
+from mesh_contracts.v1.release import ReleaseChange, ReleaseChanged, ReleaseDecided
 from mesh_contracts.v1.task import (
     PlanCreated,
     PlanDrafted,
@@ -101,6 +102,9 @@ ALL = (
     TaskSignal,
     WaitStarted,
     WaitEnded,
+    ReleaseChange,
+    ReleaseChanged,
+    ReleaseDecided,
 )
 
 # Spelled out (not computed from ALL) so type checkers see what the package exports.
@@ -132,6 +136,9 @@ __all__ = [
     "PlanReviewed",
     "PlanStep",
     "ProgressEvent",
+    "ReleaseChange",
+    "ReleaseChanged",
+    "ReleaseDecided",
     "Replay",
     "RetrievalCompleted",
     "RetrievalHit",

@@ -28,6 +28,7 @@ from mesh_contracts.v1.common import (
     TaskPolicy,
     TokenUsage,
 )
+from mesh_contracts.v1.release import CanaryTest, ReleaseEvaluation
 
 TaskStatus = Literal["planning", "running", "checking", "halted", "completed", "failed", "cancelled"]
 StepStatus = Literal["pending", "dispatched", "completed", "failed", "halted"]
@@ -171,6 +172,10 @@ class TaskRecord(Record):
     records and metrics carry."""
     replay: Replay | None = None
     """From ``task.submitted``: the task replays an earlier one (its steps and check carry it)."""
+    release: str = ""
+    """The release of the tenant's behaviour the task runs (``v1.release``), chosen when it was
+    admitted ('' : the packaged one): its messages carry it, and it finishes on it whatever is
+    promoted or rolled back meanwhile."""
     workflow: str = ""
     """``name@version`` of the registered workflow the task runs, pinned when it started ('': the
     model plans it). Its steps are the workflow's nodes; which run is decided as nodes end."""
@@ -384,6 +389,135 @@ class WorkflowCatalog(Record):
         return next((e.version for e in reversed(self.workflows.get(name, [])) if e.status == "active"), "")
 
 
+class ReleaseEvent(BaseModel):
+    """One change of a tenant's releases, as the planner applied it (also a link of the audit chain)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    action: str
+    """``draft``, ``evaluated``, ``canary``, ``promote``, ``rollback``, ``promoted`` or ``rolled_back``
+    (the last two: decided by the canary's sequential test)."""
+    version: str = ""
+    by: str = ""
+    at: float = 0.0
+    reason: str = ""
+    change_id: str = ""
+    forced: bool = False
+    current: str = ""
+    """A decision: the version current after it."""
+    tasks: int = 0
+    """A decision: the canary tasks observed, ``bad`` of them gone badly, the test's log-likelihood
+    ratio ``llr`` against its boundaries ``lower`` and ``upper``."""
+    bad: int = 0
+    llr: float = 0.0
+    lower: float = 0.0
+    upper: float = 0.0
+
+
+class ReleaseVersion(Record):
+    """One version of a tenant's behaviour (``release.ReleaseBundle``, immutable: the version is its
+    digest), its evaluations and its story. Written by the planner (create-only, then
+    compare-and-set); read by the worker, checker and tool-executor for the tasks that run it, and
+    by the tenant's ``meshctl release``."""
+
+    bucket: ClassVar[str] = "releases"
+    name: ClassVar[str] = "release"
+    key_format: ClassVar[str] = "<tenant>.v.<version>"
+
+    tenant: str
+    version: str
+    bundle: dict[str, Any]
+    """The bundle in canonical form: its SHA-256 is the version."""
+    drafted_by: str = ""
+    drafted_at: float = 0.0
+    evaluations: list[ReleaseEvaluation] = []
+    """Every ``meshctl release eval`` recorded, the latest last (the gate reads the latest)."""
+    history: list[ReleaseEvent] = []
+
+    @staticmethod
+    def key(tenant: str, version: str) -> str:
+        return f"{tenant}.v.{version}"
+
+    def evaluation(self) -> ReleaseEvaluation | None:
+        return self.evaluations[-1] if self.evaluations else None
+
+
+class ArmStats(BaseModel):
+    """What the tasks of one version did while a canary ran (the live signals the test and the
+    dashboard read)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    tasks: int = 0
+    bad: int = 0
+    """Tasks that went badly: not completed, rejected by the checker at least once, or (a canary's) costing over ``CanaryTest.max_cost_ratio`` times the current version's mean."""
+    checks_passed: int = 0
+    """Tasks whose first answer the checker passed."""
+    judge_sum: float = 0.0
+    judge_n: int = 0
+    cost_usd: float = 0.0
+    latencies: list[float] = []
+    """The last ``LATENCIES_KEPT`` tasks' seconds from admission to end (p95 is read from them)."""
+
+    def mean_cost(self) -> float:
+        return self.cost_usd / self.tasks if self.tasks else 0.0
+
+
+class TrailPoint(BaseModel):
+    """The canary's test after one observation: what the dashboard plots against the boundaries."""
+
+    model_config = ConfigDict(extra="allow")
+
+    at: float
+    version: str
+    bad: bool = False
+    llr: float = 0.0
+    """The canary's log-likelihood ratio after it (a current-version task leaves it, moving ``p0``)."""
+    cost_usd: float = 0.0
+    latency_s: float = 0.0
+    judge: float | None = None
+
+
+class ReleaseChannel(Record):
+    """Which version a tenant's new tasks run (one key per tenant, compare-and-set): the current
+    one, and a canary with its share, its sequential test and the live signals of both versions.
+    Written by the planner; read by the tenant's ``meshctl release`` and the dashboard."""
+
+    bucket: ClassVar[str] = "releases"
+    name: ClassVar[str] = "release-channel"
+    key_format: ClassVar[str] = "<tenant>.channel"
+
+    tenant: str
+    current: str = ""
+    """'' : the packaged behaviour."""
+    versions: list[str] = []
+    """Every version drafted, in order (``meshctl release list``)."""
+    before: list[str] = []
+    """The versions current before it, the latest last: what a rollback of the current version
+    goes back to."""
+    canary: str = ""
+    share: float = 0.0
+    canary_since: float = 0.0
+    canary_by: str = ""
+    test: CanaryTest | None = None
+    llr: float = 0.0
+    arms: dict[str, ArmStats] = {}
+    """By version ('' : the packaged behaviour), since the canary started."""
+    trail: list[TrailPoint] = []
+    """The canary's observations in order (at most ``TRAIL_KEPT``)."""
+    seen: list[str] = []
+    """Task ids observed lately (a task is counted once however often its end is handled)."""
+    history: list[ReleaseEvent] = []
+    """Every change and decision, oldest first (at most ``HISTORY_KEPT``)."""
+    unannounced: list[ReleaseEvent] = []
+    """Decisions written here whose ``release.decided`` and audit link are not sent yet (a crash in
+    between): the next observation of the tenant sends them."""
+
+    @staticmethod
+    def key(tenant: str) -> str:
+        return f"{tenant}.channel"
+
+
 RECORDS: tuple[type[Record], ...] = (
     TaskRecord,
     StatusRecord,
@@ -392,4 +526,6 @@ RECORDS: tuple[type[Record], ...] = (
     QuotaRecord,
     WorkflowVersion,
     WorkflowCatalog,
+    ReleaseVersion,
+    ReleaseChannel,
 )
