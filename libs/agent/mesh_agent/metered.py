@@ -24,6 +24,7 @@ from opentelemetry.trace import Span, StatusCode
 from mesh_agent import prices
 from mesh_contracts.v1 import BudgetDenied, BudgetGranted, BudgetReserve, Replay, TokenUsage, UsageRecorded
 from mesh_guardrails.redact import redact
+from mesh_kit import envelope as env
 from mesh_kit import telemetry as tel
 from mesh_kit.bus import Delivery, Mesh
 from mesh_kit.ledger import Ledger
@@ -229,6 +230,8 @@ class _Metered:
         )
         if a.request.prompt_version:
             span.set_attribute(tel.A_PROMPT_VERSION, a.request.prompt_version)
+        if release := _release(self.tenant, self.task_id):
+            span.set_attribute(tel.A_RELEASE, release)
         if self.models.capture_content:
             span.set_attribute(tel.GEN_AI_INPUT_MESSAGES, _content([m.to_dict() for m in a.request.messages]))
         self.spans[a.number] = span
@@ -249,6 +252,7 @@ class _Metered:
             input_tokens=response.input_tokens if response is not None else 0,
             output_tokens=response.output_tokens if response is not None else 0,
             error_type="" if response is not None else str(getattr(error, "kind", type(error).__name__)),
+            release=_release(self.tenant, self.task_id),
         )  # fmt: skip
         if response is not None:
             self.winner, self.answered_by = grant, a.model
@@ -443,3 +447,9 @@ async def call_model_once(
             key=call_id,
         )  # fmt: skip
     return response, usage
+
+
+def _release(tenant: str, task_id: str) -> str:
+    """The release the task's calls are made under (the message being handled says), or ''."""
+    current = env.RELEASE.get()
+    return current[2] if current is not None and current[:2] == (tenant, task_id) else ""

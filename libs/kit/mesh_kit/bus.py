@@ -634,6 +634,7 @@ class Mesh:
             raise TypeError(f"{model.type} is a {model.spec.transport} message; use request()/serve()")
         if self.service not in model.spec.producers:
             raise PermissionViolation(f"{self.service} is not a declared producer of {model.type}")
+        model = env.stamped(model)
         body = model.to_bytes()
         msg_id = env.message_id(model.type, model.tenant, model.task_id, key)
         # Unless told otherwise, what a handler publishes was caused by the message it handles.
@@ -698,6 +699,7 @@ class Mesh:
             raise TypeError(f"{model.type} is a {model.spec.transport} message; use publish()")
         if self.service not in model.spec.producers:
             raise PermissionViolation(f"{self.service} is not a declared producer of {model.type}")
+        model = env.stamped(model)
         body = model.to_bytes()
         msg_id = env.message_id(
             model.type, model.tenant, model.task_id, f"{getattr(model, 'call_id', '')}:{getattr(model, 'seq', 0)}"
@@ -733,6 +735,7 @@ class Mesh:
         """Core request/reply; the reply is verified like any other message."""
         if model.spec.transport != "request":
             raise TypeError(f"{model.type} is not a request contract")
+        model = env.stamped(model)
         body = model.to_bytes()
         msg_id = env.message_id(model.type, model.tenant, model.task_id, getattr(model, "call_id", "") or "")
         reply = await self.nc.request(
@@ -856,12 +859,16 @@ class Mesh:
             self.count(tel.M_REDELIVERED)
         with self.tracer.start_as_current_span(f"handle {model.type}") as span:
             span.set_attributes({tel.A_TENANT: model.tenant, tel.A_TASK: model.task_id, tel.A_MSG_TYPE: model.type})
+            if model.release:
+                span.set_attribute(tel.A_RELEASE, model.release)
             try:
                 faults.poison_point(raw.data)
                 cause = env.CAUSE.set(msg_id)
+                release = env.RELEASE.set((model.tenant, model.task_id, model.release) if model.release else None)
                 try:
                     await self._run(handler, model, delivery)
                 finally:
+                    env.RELEASE.reset(release)
                     env.CAUSE.reset(cause)
             except Park as exc:
                 if isinstance(msg, Fetched) and msg.park(exc.until):

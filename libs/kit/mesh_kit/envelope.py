@@ -23,6 +23,11 @@ CAUSE: ContextVar[str] = ContextVar("mesh_cause", default="")
 """The id of the message being handled (set around each handler): the causation of what the
 handler publishes unless it names another (``meshctl history`` orders a task's story by it)."""
 
+RELEASE: ContextVar[tuple[str, str, str] | None] = ContextVar("mesh_release", default=None)
+"""(tenant, task, release) of the message being handled, or as a handler that acts for a task
+sets it (``releasing``): what the handler publishes for that task carries the same release
+(``Contract.release``) unless it names one."""
+
 DLQ_REASON = "Mesh-Dlq-Reason"
 DLQ_KIND = "Mesh-Dlq-Kind"  # "rejected" (never valid) or "failed" (valid, handler gave up)
 DLQ_SERVICE = "Mesh-Dlq-Service"
@@ -35,6 +40,28 @@ REDRIVE = "Mesh-Redrive"  # `meshctl dlq retry`: the operator's signed re-drive 
 REDRIVE_OF = "Mesh-Redrive-Of"  # the dead letter's DLQ sequence (informational; the statement decides)
 ORIGINAL_STORED_AT = "Mesh-Original-Stored-At"  # informational; the statement's time is the one used
 ORIG_PREFIX = "Mesh-Orig-"
+
+
+def stamped(model: Contract) -> Contract:
+    """``model`` with the release of the task being handled (``RELEASE``), if it names none."""
+    current = RELEASE.get()
+    if current is None or model.release or (model.tenant, model.task_id) != current[:2]:
+        return model
+    return model.model_copy(update={"release": current[2]})
+
+
+class releasing:
+    """Publish what follows for ``task`` with ``release`` (a handler that acts for a task it did
+    not receive a message of: the planner flushing a record's outbox, a timer firing)."""
+
+    def __init__(self, tenant: str, task_id: str, release: str) -> None:
+        self.value = (tenant, task_id, release) if release else None
+
+    def __enter__(self) -> None:
+        self._token = RELEASE.set(self.value)
+
+    def __exit__(self, *exc: object) -> None:
+        RELEASE.reset(self._token)
 
 
 def message_id(msg_type: str, tenant: str, task_id: str, key: str) -> str:

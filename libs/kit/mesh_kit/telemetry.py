@@ -48,6 +48,7 @@ M_LLM_CACHE_HITS = "mesh.llm.cache.hits"  # answered from the response cache: no
 M_LLM_CACHE_MISSES = "mesh.llm.cache.misses"
 M_TOKENS_STREAMED = "mesh.llm.tokens_streamed"  # text deltas forwarded to clients
 M_FENCED = "mesh.steps.fenced"  # stale work refused because another delivery moved the step on
+M_RELEASE_DECISIONS = "mesh.release.decisions"  # canaries promoted or rolled back (by the sequential test or a person)
 M_CALLS_REFUSED = "mesh.control.calls_refused"  # model/tool calls not made: halted, cancelled, kill switch, denied
 M_TOOL_DECISIONS = "mesh.tools.decisions"  # tool-policy decisions recorded as tool.audited
 M_INJECTION_FLAGGED = "mesh.guardrails.injection_flagged"  # untrusted text scored at or above the threshold
@@ -81,6 +82,7 @@ A_MSG_TYPE = "mesh.message.type"
 A_ATTEMPT = "mesh.llm.attempt"  # 1-based attempt number within one logical model call
 A_ROUTE = "mesh.llm.route"  # the gateway route (tier) the call took
 A_PROMPT_VERSION = "mesh.prompt.version"  # <prompt id>@<version>+<digest> of the prompt a call was built from
+A_RELEASE = "mesh.release"  # the release of the tenant's behaviour the task runs (v1.release; absent: the packaged one)
 
 # GenAI semantic-convention names, as plain strings: the semconv package constants moved
 # to the GenAI conventions repository and are marked deprecated.
@@ -123,8 +125,11 @@ class GenAIMetrics:
     def record(
         self, *, provider: str, request_model: str, elapsed_s: float, response_model: str = "",
         input_tokens: int = 0, output_tokens: int = 0, error_type: str = "", operation: str = "chat",
+        release: str = "",
     ) -> None:  # fmt: skip
         attrs = {GEN_AI_OPERATION: operation, GEN_AI_PROVIDER: provider, GEN_AI_REQUEST_MODEL: request_model}
+        if release:  # which release of the tenant's behaviour made the call (a canary against the current one)
+            attrs[A_RELEASE] = release
         if response_model:
             attrs[GEN_AI_RESPONSE_MODEL] = response_model
         if error_type:

@@ -39,6 +39,10 @@ OBEY_CUE = "#obey"  # in a step: follow instructions found in the context (tool 
 # the conversation (a model told what was wrong fixes it: a workflow's check node, a redo).
 SAY_CUE = re.compile(r"#say:\s*(.+)$", re.S)
 REVISED = " || "
+# In a worker's system prompt (a release's prompt, not a goal): answer every step with an
+# off-topic sentence, whatever it asks (a regressive prompt change, for release tests).
+CARELESS_CUE = "#careless"
+CARELESS_ANSWER = "Bananas are an excellent source of potassium and are botanically berries."
 REF = re.compile(r"\s*\[[^\[\]#\s]+#[^\[\]\s]+\]")
 # What a gullible model takes for an instruction inside untrusted text: "call <tool> {json args}".
 INJECTED_CALL = re.compile(r"\bcall\s+([A-Za-z_][\w-]*)\s*(\{.*?\})", re.I | re.S)
@@ -224,6 +228,9 @@ class ScriptedModel:
         instruction = next((m.content for m in request.messages if m.role == "user"), "")
         results = [m for m in request.messages if m.role == "tool"]
         tools = {t.name for t in request.tools}
+        system = next((m.content for m in request.messages if m.role == "system"), "")
+        if CARELESS_CUE in system:
+            return CARELESS_ANSWER, ()
         if LOOP_CUE in instruction and request.tools:  # stuck: the same call, whatever came back
             first = request.tools[0].name
             return "", (ToolCall("c0", first, {"expression": "1 + 1"} if first == "calculator" else {"text": "x"}),)
