@@ -91,6 +91,7 @@ INTENDED: dict[str, set[str]] = {
     "planner": EVERY_SERVICE
     | fetch("TASK", "planner--task-submitted")
     | fetch("TASK", "planner--task-change")  # authors' workflow changes
+    | fetch("TASK", "planner--task-release")  # authors' and approvers' release changes
     | fetch("TIMERS", "planner--timer-due")  # the wake-ups of workflow timers the broker fired
     | fetch("TASK", "planner--task-signal")  # signals to workflow tasks
     | fetch("APPROVAL", "planner--approval-reviewed")  # reviewers' decisions on draft plans
@@ -104,6 +105,7 @@ INTENDED: dict[str, set[str]] = {
     | kv_own("status")
     | kv_own("evidence")
     | kv_own("workflows")  # the workflow registry
+    | kv_own("releases")  # the tenants' releases of behaviour: versions and channels
     | kv_own("admission")  # per tenant: tasks in flight, its submission token bucket
     | kv_scan("admission")  # every tenant's run slots, read at start (then followed on its feed)
     | kv_read("tools")
@@ -121,6 +123,7 @@ INTENDED: dict[str, set[str]] = {
     | GUARD
     | kv_own("steps")
     | kv_read("tools")
+    | kv_read("releases")  # the prompts, routes and tool rules of the release a step runs
     | ledger("worker")
     | quota("worker", "STEP", "TOOL", "RAG", "USAGE", "EVENTS"),
     # The checker reads no stream and no task record: the passages it checks citations against
@@ -128,6 +131,7 @@ INTENDED: dict[str, set[str]] = {
     "checker": EVERY_SERVICE
     | fetch("CHECK", "checker--check-requested")
     | GUARD
+    | kv_read("releases")  # the judge's prompts and route of the release a check runs
     | ledger("checker")
     | quota("checker", "CHECK", "USAGE", "EVENTS"),
     "rag": EVERY_SERVICE
@@ -142,6 +146,7 @@ INTENDED: dict[str, set[str]] = {
     | fetch("APPROVAL", "tool-executor--approval-decided")
     | GUARD
     | kv_read("tasks")
+    | kv_read("releases")  # the tool rules of the release a call runs
     | kv_own("approvals")
     | kv_scan("approvals")
     | kv_own("tools")
@@ -169,16 +174,18 @@ INTENDED: dict[str, set[str]] = {
     | AUDIT_WRITER  # budget trips
     | quota("budget", "CONTROL", "AUDIT", "EVENTS"),
     "approver": kv_scan("approvals"),
-    # its own events and outcomes, and its own workflow registry keys, one key per read
+    # its own events and outcomes, and its own workflow registry and releases keys, one key per read
     "client.acme": {
         "$JS.API.DIRECT.GET.TASK.task.*.acme.>",
         "$JS.API.DIRECT.GET.EVENTS.event.*.acme.>",
         "$JS.API.DIRECT.GET.KV_workflows.$KV.workflows.acme.>",
+        "$JS.API.DIRECT.GET.KV_releases.$KV.releases.acme.>",
     },
     "client.globex": {
         "$JS.API.DIRECT.GET.TASK.task.*.globex.>",
         "$JS.API.DIRECT.GET.EVENTS.event.*.globex.>",
         "$JS.API.DIRECT.GET.KV_workflows.$KV.workflows.globex.>",
+        "$JS.API.DIRECT.GET.KV_releases.$KV.releases.globex.>",
     },
 }
 

@@ -14,13 +14,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
 
-from mesh_agent import prompts
+from mesh_agent import prompts, releases
 from mesh_agent.metered import BudgetExceeded, Models, call_model_once, configured
 from mesh_checker import judge as jd
 from mesh_checker.checks import Passages, check_answer, evidence_of, run_checks
@@ -55,6 +56,7 @@ class Checker:
         self.judge_prompts = jd.JudgePrompts.load(self.settings.prompts_dir)
         self.passages = passages or self.retrieved
         self.ledger: Ledger | None = None
+        self.bundles = releases.Releases(None)  # the releases bucket, from start()
         self._judges: dict[tuple[str, ...], Models] = {}
         meter = mesh.meter
         self._verdicts = meter.create_counter(tel.M_CHECK_VERDICTS, unit="{verdict}")
@@ -66,6 +68,7 @@ class Checker:
         if self.models is None:
             self.models = configured(self.mesh, self.settings)
         self.ledger = Ledger(await self.mesh.kv(LEDGER), self.mesh.service)
+        self.bundles = releases.Releases(await self.mesh.kv("releases"))
 
     def register(self) -> None:
         self.mesh.enable_guard()
@@ -136,7 +139,14 @@ class Checker:
         assert models is not None
         # The judge grades grounding against everything the answer was built on: what rag returned
         # and what the other steps produced (a note read, a computed result).
-        jp = self.judge_prompts
+        bundle = await self.bundles.bundle(m.tenant, m.release)
+        jp = jd.JudgePrompts(
+            releases.prompt(self.judge_prompts.judge, bundle, m.release),
+            releases.prompt(self.judge_prompts.rubric, bundle, m.release),
+        )
+        route = releases.route(bundle, "judge")
+        if route and not (m.replay is not None and m.replay.route):
+            models = self.models  # the release names the judge's route (of the service's whole gateway)
         if m.replay is not None and m.replay.prompts:
             try:
                 jp = jd.JudgePrompts(
@@ -147,6 +157,8 @@ class Checker:
                 return CheckResult(name="judge", passed=False, reason=f"judge not run: {exc}"[:300]), None, TokenUsage()
         inp = jd.JudgeInput(m.goal, m.answer, m.policy.rubric, tuple(evidence_of(m, passages)))
         request = jd.request(inp, judge_prompts=jp)
+        if route and models is self.models:
+            request = dataclasses.replace(request, route=route)
         try:
             response, usage = await call_model_once(
                 self.mesh, self.ledger, models, request, tenant=m.tenant, task_id=m.task_id,

@@ -20,7 +20,9 @@ from typing import Any
 from pydantic import ValidationError
 
 from mesh_agent import prompts
+from mesh_agent import releases as bundles
 from mesh_agent.metered import BudgetExceeded, Models, call_model_once, configured
+from mesh_agent.releases import Releases as Bundles
 from mesh_contracts import Contract
 from mesh_contracts import topology as topo
 from mesh_contracts.registry import BY_TYPE
@@ -37,6 +39,9 @@ from mesh_contracts.v1 import (
     PlanReviewed,
     PlanStep,
     ProgressEvent,
+    ReleaseChange,
+    ReleaseChanged,
+    ReleaseDecided,
     Replay,
     SignedRecord,
     StepCompleted,
@@ -80,15 +85,18 @@ from mesh_contracts.v1.workflow import (
     render,
 )
 from mesh_kit import Delivery, Mesh, Park
+from mesh_kit import envelope as env
 from mesh_kit import state as st
 from mesh_kit import telemetry as tel
 from mesh_kit.bus import Reject
 from mesh_kit.ledger import BUCKET as LEDGER
 from mesh_kit.ledger import Ledger
 from mesh_llm import ChatModel, ContextOverflow, Message, ModelRequest, UnknownRoute
+from mesh_planner import releases as rel
 from mesh_planner import waits
 from mesh_planner.admission import Admission, Limits, StoreLevel, Wait, parse_tenants
 from mesh_planner.planning import PlanningSlots
+from mesh_planner.releases import Releases
 from mesh_planner.settings import PlannerSettings
 from mesh_planner.timers import Early, Timers
 from mesh_planner.workflows import Refused, Registry, may_change
@@ -502,6 +510,10 @@ class Planner:
         self.store: StoreLevel | None = None
         self.planning: PlanningSlots | None = None
         self.workflows: Registry | None = None
+        self.releases: Releases | None = None
+        self.bundles: Bundles | None = None
+        self._release_of: OrderedDict[tuple[str, str], str] = OrderedDict()
+        """The release each task this process admitted runs (its planning reads the bundle)."""
         self.timers: Timers | None = None
         self._sent: OrderedDict[tuple[str, str, str], str] = OrderedDict()
         """Outbox items (task, type, key) this process is publishing (SENDING) or has published (SENT)."""
@@ -529,6 +541,11 @@ class Planner:
         self.store = StoreLevel(self.mesh.nc.jetstream(), streams, s.store_high_water, s.store_retry_after_s)
         self.planning = PlanningSlots(s.planning_slots or max(1, self.mesh.settings.max_workers - 1))
         self.workflows = Registry(await self.mesh.kv("workflows"))
+        kv = await self.mesh.kv("releases")
+        gateway = getattr(self.model, "gateway", self.model)
+        routes = getattr(gateway, "routes", None)
+        self.releases = Releases(kv, frozenset(routes) if isinstance(routes, dict) else None)
+        self.bundles = Bundles(kv)
 
     async def start_timers(self) -> None:
         """Take the wake-ups the broker fires (``register``: started and stopped with the mesh)."""
@@ -548,6 +565,7 @@ class Planner:
         m.consume(StepFailed, self.on_step_failed)
         m.consume(CheckVerdict, self.on_verdict)
         m.consume(WorkflowChange, self.on_workflow_change)
+        m.consume(ReleaseChange, self.on_release_change)
         m.consume(PlanReviewed, self.on_reviewed)
         m.consume(TaskSignal, self.on_signal)
         for control in (ControlCancel, ControlHalt, ControlResume):
@@ -590,6 +608,7 @@ class Planner:
                 await self.publish_status(rec, was)
                 if rec.status in TERMINAL:
                     await self.release(rec)
+                    await self.observe_release(rec)
             if rec.status not in TERMINAL and self.admission is not None:
                 idle = waits.idle(rec)
                 # Changed now, or (a crash between the two writes) the tenant's record still says otherwise.
@@ -670,7 +689,9 @@ class Planner:
                 msg = cls.model_validate(item.body)
                 if isinstance(msg, CheckRequested):
                     msg = await self.with_evidence(msg, rec)
-                await self.mesh.publish(msg, key=item.key, causation=item.causation or None, priority=rec.priority)
+                with env.releasing(rec.tenant, rec.task_id, rec.release):
+                    await self.mesh.publish(msg, key=item.key, causation=item.causation or None,
+                                            priority=rec.priority)  # fmt: skip
             except BaseException:
                 self._sent.pop(mark, None)
                 raise
@@ -788,7 +809,14 @@ class Planner:
             )  # fmt: skip
             return
 
-        plan_prompt, _ = self._plan_prompt(m)
+        release, how = "", ""
+        if self.releases is not None and await st.task_record(self.kv, m.tenant, m.task_id) is None:
+            try:
+                release, how = await self.releases.choose(m.tenant, m.task_id, m.release)
+            except rel.Refused as exc:
+                await self._refuse_workflow(m, d, str(exc))
+                return
+        plan_prompt, _ = await self._plan_prompt(m, release)
 
         def create(rec: TaskRecord | None) -> TaskRecord | None:
             if rec is not None:
@@ -797,9 +825,11 @@ class Planner:
                 tenant=m.tenant, task_id=m.task_id, goal=m.goal, limits=m.limits, policy=m.policy,
                 created_at=time.time(), prompt_versions={} if pinned else {"planner": plan_prompt.ref},
                 priority=m.priority, labels=m.labels, replay=m.replay, workflow=pinned, inputs=m.inputs,
-                step_shares=shares,
+                step_shares=shares, release=release,
             )  # fmt: skip
             _event(new, "task.accepted", m.goal[:120])
+            if release:
+                _event(new, "release.chosen", f"runs release {release} ({how})")
             if pinned:
                 _event(new, "workflow.pinned", f"runs {pinned} (its nodes as defined: no plan of the model's)")
             if m.replay is not None:
@@ -808,6 +838,7 @@ class Planner:
 
         rec, created = await st.update(self.kv, key, TaskRecord, create)
         assert rec is not None
+        self._remember_release(m.tenant, m.task_id, rec.release)
         if created:
             self.mesh.count(tel.M_ADMITTED, {"tenant": m.tenant})
         elif rec.status in TERMINAL:
@@ -932,15 +963,101 @@ class Planner:
             )  # fmt: skip
         await self.mesh.publish(answer, key="changed", causation=d.msg_id)
 
-    def _plan_prompt(self, m: TaskSubmitted) -> tuple[prompts.Prompt, str]:
-        """The planning prompt for the task (a replay may name another version), and why it cannot
-        be planned if that version is not here."""
+    async def _plan_prompt(self, m: TaskSubmitted, release: str) -> tuple[prompts.Prompt, str]:
+        """The planning prompt for the task: its release's (a replay may name another version), and
+        why it cannot be planned if that version is not here."""
+        current = bundles.prompt(self.plan_prompt, await self._bundle(m.tenant, release), release)
         if m.replay is None:
-            return self.plan_prompt, ""
+            return current, ""
         try:
-            return prompts.chosen(self.plan_prompt, m.replay.prompts, self.settings.prompts_dir), ""
+            return prompts.chosen(current, m.replay.prompts, self.settings.prompts_dir), ""
         except prompts.PromptError as exc:
-            return self.plan_prompt, f"prompt: {exc}"
+            return current, f"prompt: {exc}"
+
+    async def _bundle(self, tenant: str, release: str) -> Any:
+        return await self.bundles.bundle(tenant, release) if self.bundles is not None and release else None
+
+    def _remember_release(self, tenant: str, task_id: str, release: str) -> None:
+        self._release_of[(tenant, task_id)] = release
+        self._release_of.move_to_end((tenant, task_id))
+        while len(self._release_of) > SENT_KEPT:
+            self._release_of.popitem(last=False)
+
+    async def _release_of_task(self, tenant: str, task_id: str) -> str:
+        known = self._release_of.get((tenant, task_id))
+        if known is not None:
+            return known
+        rec = await st.task_record(self.kv, tenant, task_id)
+        return rec.release if rec is not None else ""
+
+    async def on_release_change(self, m: ReleaseChange, d: Delivery) -> None:
+        """A person's change to the tenant's releases (``mesh_planner.releases``): applied or
+        refused, on the tenant's audit chain either way, and answered on the change's id."""
+        assert self.releases is not None
+        if m.by != d.sender.name:
+            raise Reject(f"{m.by!r} is not the signer {d.sender.name!r}")
+        why = rel.may_change(await self.mesh.newest_trust(), d.sender, m.tenant, m.action)
+        answer: ReleaseChanged | None = None
+        decided: list[Any] = []
+        if why is None:
+            try:
+                answer, decided = await self.releases.apply(m, m.task_id)
+            except rel.Refused as exc:
+                why = str(exc)
+        detail = {"action": m.action, "version": m.version, "share": m.share, "forced": m.force, "reason": m.reason}
+        if m.evaluation is not None:
+            detail["evaluation"] = {
+                "verdict": m.evaluation.verdict,
+                "cases": m.evaluation.cases,
+                "passed": m.evaluation.passed,
+                "regressions": list(m.evaluation.regressions),
+            }
+        if answer is None:
+            await self.mesh.audit(
+                m.tenant, m.task_id, "release.change-refused", f"{m.task_id}:refused", actor=d.sender.name,
+                source=d.msg_id, detail={**detail, "refused": why or ""},
+            )  # fmt: skip
+            answer = ReleaseChanged(tenant=m.tenant, task_id=m.task_id, action=m.action, version=m.version,
+                                    accepted=False, reason=why or "")  # fmt: skip
+        else:
+            detail.update(version=answer.version, current=answer.current, canary=answer.canary, changed=answer.changed)
+            await self.mesh.audit(
+                m.tenant, m.task_id, f"release.{m.action}", f"{m.task_id}:{m.action}", actor=d.sender.name,
+                source=d.msg_id, detail=detail,
+            )  # fmt: skip
+        await self.mesh.publish(answer, key="changed", causation=d.msg_id)
+        if decided:
+            await self.announce(m.tenant, decided)
+
+    async def observe_release(self, rec: TaskRecord) -> None:
+        """An ended task counts in its tenant's canary; a decision it brings is announced."""
+        if self.releases is None:
+            return
+        try:
+            decided = await self.releases.observe(rec)
+        except Exception:
+            log.exception("release observation of %s/%s failed", rec.tenant, rec.task_id)
+            return
+        if decided:
+            await self.announce(rec.tenant, decided)
+
+    async def announce(self, tenant: str, decided: list[Any]) -> None:
+        """Each decision on the tenant's audit chain and as ``release.decided`` (idempotent: keyed
+        by the decision), then cleared from the channel's unannounced list."""
+        assert self.releases is not None
+        for e in decided:
+            self.mesh.count(tel.M_RELEASE_DECISIONS, {"tenant": tenant, "decision": e.action})
+            log.warning("release %s of tenant %s %s by %s: %s", e.version, tenant, e.action, e.by, e.reason)
+            detail = {"version": e.version, "current": e.current, "tasks": e.tasks, "bad": e.bad, "llr": e.llr,
+                      "lower": e.lower, "upper": e.upper, "reason": e.reason}  # fmt: skip
+            await self.mesh.audit(tenant, e.change_id, f"release.{e.action}", e.change_id, actor=e.by, detail=detail)
+            await self.mesh.publish(
+                ReleaseDecided(tenant=tenant, task_id=e.change_id, decision=e.action, version=e.version,
+                               current=e.current, by=e.by, tasks=e.tasks, bad=e.bad, llr=e.llr, lower=e.lower,
+                               upper=e.upper, reason=e.reason[:2000]),
+                key="decided",
+            )  # fmt: skip
+        await self.releases.announced(tenant, decided)
 
     async def _plan_in_turn(self, m: TaskSubmitted, d: Delivery, key: str) -> None:
         """Plan the task in a planning slot, or wait for one parked: out of the fetch window (so
@@ -952,14 +1069,19 @@ class Planner:
             self._to_plan.add(task)
             raise Park(lambda: planning.wait(m.tenant, m.task_id, m.priority), f"{key} waits for a planning slot")
         self._to_plan.discard(task)
-        plan_prompt, unusable = self._plan_prompt(m)
+        release = await self._release_of_task(m.tenant, m.task_id)
+        plan_prompt, unusable = await self._plan_prompt(m, release)
+        route = bundles.route(await self._bundle(m.tenant, release), "planner")
         try:
-            await self._plan(m, d, plan_prompt, unusable)
+            with env.releasing(m.tenant, m.task_id, release):
+                await self._plan(m, d, plan_prompt, unusable, route)
         finally:
             if planning is not None:
                 planning.release(m.tenant, m.task_id)
 
-    async def _plan(self, m: TaskSubmitted, d: Delivery, plan_prompt: prompts.Prompt, unusable: str) -> None:
+    async def _plan(
+        self, m: TaskSubmitted, d: Delivery, plan_prompt: prompts.Prompt, unusable: str, route: str = ""
+    ) -> None:
         """Ask the model for the task's plan and apply it (or fail the task with why not)."""
         request = ModelRequest(
             (Message("system", plan_prompt.render(max_steps=m.limits.max_steps)), Message("user", m.goal)),
@@ -967,6 +1089,7 @@ class Planner:
             prompt_version=plan_prompt.ref,
             # what a plan of max_steps steps can need, not more: the reservation is the worst case
             max_tokens=plan_max_tokens(m.limits.max_steps),
+            route=route,
         )
         usage = None
         try:

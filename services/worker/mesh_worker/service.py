@@ -19,7 +19,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, PrivateAttr
 
-from mesh_agent import prompts
+from mesh_agent import prompts, releases
 from mesh_agent.metered import BudgetExceeded, Models, call_model_once, configured
 from mesh_agent.prompts import Prompt
 from mesh_contracts.v1 import (
@@ -134,6 +134,7 @@ class Worker:
         self.system_prompt = prompts.load("mesh_worker", "system", self.settings.prompts_dir)
         self.steps: Any = None
         self.ledger: Ledger | None = None
+        self.bundles = releases.Releases(None)  # the releases bucket, from start()
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self.catalogue: dict[str, ToolSpec] = {}
         self._tools_kv: Any = None
@@ -141,6 +142,7 @@ class Worker:
 
     async def start(self) -> None:
         self.steps = await self.mesh.kv("steps")
+        self.bundles = releases.Releases(await self.mesh.kv("releases"))
         self.ledger = Ledger(await self.mesh.kv(LEDGER), self.mesh.service)
         self._tools_kv = await self.mesh.kv("tools")
         await self._read_catalogue()
@@ -189,10 +191,11 @@ class Worker:
     async def on_step(self, m: StepRequested, d: Delivery) -> None:
         key = StepRun.key(m.tenant, m.task_id, m.step.step_id)
 
-        system, unusable = self.system_prompt, ""
+        bundle = await self.bundles.bundle(m.tenant, m.release)
+        system, unusable = releases.prompt(self.system_prompt, bundle, m.release), ""
         if m.replay is not None:
             try:
-                system = prompts.chosen(self.system_prompt, m.replay.prompts, self.settings.prompts_dir)
+                system = prompts.chosen(system, m.replay.prompts, self.settings.prompts_dir)
             except prompts.PromptError as exc:
                 unusable = f"prompt: {exc}"
 
@@ -436,14 +439,17 @@ class Worker:
         """The turn's model call, streamed live to clients; None when it is refused or fails for
         good (the step is then finished as failed or halted, with the reason)."""
         req = run.request
+        bundle = await self.bundles.bundle(req.tenant, req.release)
+        denied = releases.denied(bundle)
         request = ModelRequest(
             tuple(Message.from_dict(x) for x in run.messages),
-            tools=await self._specs(req.step.tools),
+            tools=await self._specs(tuple(t for t in req.step.tools if t not in denied)),
             agent="worker",
             step=req.step.kind,
             difficulty=req.step.difficulty,
             max_tokens=512,
             prompt_version=prompt_version(run, self.system_prompt),
+            route=releases.route(bundle, "worker", req.step.difficulty),
         )
         live = _Live(self.mesh, req.tenant, req.task_id, req.step.step_id, call_id, self.settings.live_window_ms / 1000)
         try:
@@ -518,10 +524,12 @@ class Worker:
         req = run.request
         args = assistant["tool_calls"][0]["arguments"] if assistant.get("tool_calls") else {}
         sid = req.step.step_id
-        if tool not in req.step.tools:
+        denied = releases.denied(await self.bundles.bundle(req.tenant, req.release))
+        if tool not in req.step.tools or tool in denied:
             # A tool the step does not offer (a model's invention, or an instruction injected into
-            # its context): an observation the model can recover from, never a dispatch.
-            offered = ", ".join(req.step.tools) or "none"
+            # its context), or one the task's release takes away: an observation the model can
+            # recover from, never a dispatch.
+            offered = ", ".join(t for t in req.step.tools if t not in denied) or "none"
             note = Text.trusted(f"error: tool {tool!r} is not available in this step (offered: {offered})", "worker")
             await self.observe(req.tenant, req.task_id, sid, call_id, tool, note, [], error=True)
             return
