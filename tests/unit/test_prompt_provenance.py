@@ -53,6 +53,7 @@ ROUTING = {
     "type",
     "tenant",
     "task_id",
+    "release",
     "step_id",
     "call_id",
     "tools",

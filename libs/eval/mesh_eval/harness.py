@@ -1053,8 +1053,10 @@ class Runner:
 class ClientMesh:
     """The ``Mesh`` of connected tenant clients (one per tenant)."""
 
-    def __init__(self, clients: dict[str, TenantClient]) -> None:
+    def __init__(self, clients: dict[str, TenantClient], release: str = "") -> None:
         self.clients = clients
+        self.release = release
+        """A release of the tenant's behaviour every case runs (``meshctl release eval``)."""
 
     async def ingest(self, tenant: str, documents: Sequence[tuple[str, Path]], timeout_s: float) -> None:
         client = self.clients[tenant]
@@ -1071,6 +1073,8 @@ class ClientMesh:
     async def submit(self, case: Case, task_id: str, timeout_s: float) -> Observed:
         client = self.clients[case.tenant]
         kw: dict[str, Any] = {"task_id": task_id, "limits": case.limits, "follow": True, "timeout": timeout_s}
+        if self.release:
+            kw["release"] = self.release
         seen = await client.submit(case.goal, policy=case.policy, **kw)
         latency = seen.latency_s if seen.outcome is not None else time.time() - seen.submitted_at
         # the plan's steps that were dispatched (budget events also name the planning call and the judge)
@@ -1116,8 +1120,10 @@ async def run_dataset(
     case_ids: Sequence[str] = (),
     nats_url: str | None = None,
     run_id: str | None = None,
+    release: str = "",
 ) -> dict[str, Any]:
-    """Run a dataset against a running mesh and return the report (see the module docstring)."""
+    """Run a dataset against a running mesh and return the report (see the module docstring).
+    ``release``: every case runs that release of its tenant's behaviour (the cases of one tenant)."""
     dataset = dataset_path if isinstance(dataset_path, Dataset) else load_dataset(dataset_path)
     if tags or case_ids:
         dataset = dataset.select(tags=tags, case_ids=case_ids)
@@ -1131,7 +1137,7 @@ async def run_dataset(
         missing = [t for t in dataset.tenants if t not in clients]
         if missing:
             raise EvalError(f"no client for tenant {missing[0]!r} (clients given for: {', '.join(clients) or 'none'})")
-        runner = Runner(ClientMesh(clients), concurrency=concurrency, timeout_s=timeout_s, progress=stream)
+        runner = Runner(ClientMesh(clients, release), concurrency=concurrency, timeout_s=timeout_s, progress=stream)
         if run_id:
             runner.run_id = run_id
         return await run_cases(dataset, runner)

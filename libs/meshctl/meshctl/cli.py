@@ -43,7 +43,7 @@ from mesh_kit.guard import CONTROL_BUCKET, GLOBAL_KEY, tenant_key
 from mesh_kit.identity import Signer, TrustBundle, Verifier
 from mesh_kit.settings import log_nats_error, nats_servers
 from meshctl import budget as spend
-from meshctl import local, review, workflow
+from meshctl import local, release, review, workflow
 from meshctl import options as opt
 from meshctl.ask import AskError
 from meshctl.identity import Identities, write_secret
@@ -1481,6 +1481,7 @@ def build_parser() -> argparse.ArgumentParser:
     _approver_commands(sub)
     _operator_commands(sub)
     workflow.register(sub)
+    release.register(sub)
     review.register(sub)
     for command in entry_points(group="meshctl.commands"):  # e.g. `eval`, from the mesh-eval package
         command.load()(sub)

@@ -39,6 +39,8 @@ from mesh_contracts.v1 import (
     IngestCompleted,
     IngestRequested,
     ProgressEvent,
+    ReleaseChange,
+    ReleaseChanged,
     Replay,
     TaskCompleted,
     TaskFailed,
@@ -355,10 +357,12 @@ class TenantClient:
         refusal_wait_s: float = 0.0,
         workflow: str | None = None,
         inputs: dict[str, Any] | None = None,
+        release: str = "",
     ) -> Followed:
         """Publish ``task.submitted`` and (optionally) follow the task to its outcome.
         ``replay`` makes it a replay of an earlier task (``meshctl replay``). ``workflow`` names a
         registered workflow of the tenant to run (``name[@latest|@<version>]``), with its ``inputs``.
+        ``release`` pins a drafted release of the tenant's behaviour (``meshctl release eval``).
 
         ``progress=False`` waits for the outcome alone: no progress events, usage records or
         streamed tokens reach this client, so it verifies a few messages a task instead of dozens (a program that
@@ -444,6 +448,7 @@ class TenantClient:
             replay=replay,
             workflow=workflow,
             inputs=inputs or {},
+            release=release,
         )
         again = resubmit or Resubmit(attempts=0)
         deadline, waited = 0.0, 0.0
@@ -523,15 +528,32 @@ class TenantClient:
         """Hand an author's change in (signed with their key) and wait for the planner's answer:
         ``workflow.changed`` (applied, or refused with why), or ``task.rejected`` when the change
         could not even be read. ``TimeoutError`` when no answer came within ``timeout``."""
+        answer = await self._change(change, author, WorkflowChanged, "workflow change", timeout)
+        assert isinstance(answer, WorkflowChanged | TaskRejected)
+        return answer
+
+    async def change_release(
+        self, change: ReleaseChange, person: Signer, *, timeout: float = 30.0
+    ) -> ReleaseChanged | TaskRejected:
+        """Hand a person's release change in (an author's or an approver's, signed with their key)
+        and wait for the planner's answer: ``release.changed`` (applied, or refused with why), or
+        ``task.rejected``. ``TimeoutError`` when no answer came within ``timeout``."""
+        answer = await self._change(change, person, ReleaseChanged, "release change", timeout)
+        assert isinstance(answer, ReleaseChanged | TaskRejected)
+        return answer
+
+    async def _change(
+        self, change: Contract, person: Signer, answered: type[Contract], what: str, timeout: float
+    ) -> Contract:
         assert self.nc is not None
-        answer: asyncio.Future[WorkflowChanged | TaskRejected] = asyncio.get_running_loop().create_future()
+        answer: asyncio.Future[Contract] = asyncio.get_running_loop().create_future()
 
         def accept(subject: str, data: bytes, headers: dict[str, str] | None) -> None:
             try:
                 model = self._believe(subject, data, headers)
             except (ContractError, IdentityError):
                 return
-            if isinstance(model, WorkflowChanged | TaskRejected) and not answer.done():
+            if isinstance(model, answered | TaskRejected) and not answer.done():
                 answer.set_result(model)
 
         async def on_msg(msg: Msg) -> None:
@@ -540,30 +562,29 @@ class TenantClient:
         sub = await self.nc.subscribe(f"task.*.{self.tenant}.{change.task_id}.>", cb=on_msg)
         try:
             await self.nc.flush()
-            await self.publish(change, signer=author)
+            await self.publish(change, signer=person)
             deadline = time.monotonic() + timeout
             while not answer.done():
                 try:
                     return await asyncio.wait_for(asyncio.shield(answer), timeout=min(2.0, timeout))
                 except TimeoutError:
-                    stored = await self._stored(WorkflowChanged, change.task_id)  # answered before we listened?
+                    stored = await self._stored(answered, change.task_id)  # answered before we listened?
                     if stored is not None:
                         accept(*stored)
                     if time.monotonic() > deadline and not answer.done():
-                        raise TimeoutError(
-                            f"no answer to workflow change {change.task_id} within {timeout:g} s"
-                        ) from None
+                        raise TimeoutError(f"no answer to {what} {change.task_id} within {timeout:g} s") from None
             return answer.result()
         finally:
             await sub.unsubscribe()
 
-    async def registry(self, key: str) -> dict[str, Any] | None:
+    async def registry(self, key: str, bucket: str = "workflows") -> dict[str, Any] | None:
         """A record of the tenant's workflow registry (KV ``workflows``, key ``<tenant>.<key>``), or
-        None. A client reads its own tenant's keys, one at a time (its only right on the bucket)."""
+        of another bucket whose tenant keys a client reads (``releases``), or None. A client reads
+        its own tenant's keys, one at a time (its only right on the bucket)."""
         assert self.nc is not None
         js = self.nc.jetstream(timeout=5.0)
         try:
-            stored = await js.get_last_msg("KV_workflows", f"$KV.workflows.{self.tenant}.{key}", direct=True)
+            stored = await js.get_last_msg(f"KV_{bucket}", f"$KV.{bucket}.{self.tenant}.{key}", direct=True)
         except nats.js.errors.NotFoundError:
             return None
         if not stored.data or (stored.headers or {}).get("KV-Operation") in ("DEL", "PURGE"):
