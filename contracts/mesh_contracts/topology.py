@@ -197,6 +197,7 @@ BUCKETS: tuple[Bucket, ...] = (
         readers=("worker", "checker", "tool-executor"),
         history=5,
         tenant_keys=True,
+        fed=("planner",),  # every replica sees a canary start, end or rollback within milliseconds
         description="Each tenant's releases of behaviour (issue 41): every version (key <tenant>.v.<version>: the "
         "bundle of prompts, model routes and tool rules, immutable, its evaluations and story) and the channel (key "
         "<tenant>.channel: the current version, a canary with its share, its sequential test and live signals). "

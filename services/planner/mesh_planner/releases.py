@@ -196,14 +196,22 @@ def _add(arm: ArmStats, o: Outcome, bad: bool) -> None:
 
 
 class Releases:
-    def __init__(self, kv: Any, routes: frozenset[str] | None = None) -> None:
+    def __init__(self, kv: Any, routes: frozenset[str] | None = None, view: Any = None) -> None:
         self.kv = kv
         self.routes = routes
         """The model gateway's routes (a bundle naming another is refused); None: not checked."""
+        self.view = view
+        """A ``mesh_kit.view.KeyView`` of the bucket: the channels as stored, kept current from the
+        bucket's feed (a rollback another replica wrote is seen within milliseconds), so choosing
+        a new task's version reads nothing most of the time. None: read the bucket each time."""
 
     async def channel(self, tenant: str) -> ReleaseChannel | None:
-        rec, _ = await st.load(self.kv, ReleaseChannel.key(tenant), ReleaseChannel)
-        return rec
+        """The tenant's channel as stored now (from the view when there is one)."""
+        if self.view is None:
+            rec, _ = await st.load(self.kv, ReleaseChannel.key(tenant), ReleaseChannel)
+            return rec
+        raw = await self.view.get(ReleaseChannel.key(tenant))
+        return ReleaseChannel.model_validate_json(raw) if raw else None
 
     async def version(self, tenant: str, version: str) -> ReleaseVersion | None:
         rec, _ = await st.load(self.kv, ReleaseVersion.key(tenant, version), ReleaseVersion)
@@ -391,6 +399,9 @@ class Releases:
         crosses a boundary. The decisions to announce (with those a crash left unannounced)."""
         if rec.status == "cancelled":
             return []  # a person's decision, not the release's doing
+        seen = await self.channel(rec.tenant)
+        if seen is None or not (seen.canary or seen.unannounced):
+            return []  # no canary: nothing to count (the common case: no write, and from the view no read)
         outcome = Outcome.of(rec)
         decided: list[ReleaseEvent] = []
 

@@ -91,6 +91,7 @@ from mesh_kit import telemetry as tel
 from mesh_kit.bus import Reject
 from mesh_kit.ledger import BUCKET as LEDGER
 from mesh_kit.ledger import Ledger
+from mesh_kit.view import KeyView
 from mesh_llm import ChatModel, ContextOverflow, Message, ModelRequest, UnknownRoute
 from mesh_planner import releases as rel
 from mesh_planner import waits
@@ -511,6 +512,7 @@ class Planner:
         self.planning: PlanningSlots | None = None
         self.workflows: Registry | None = None
         self.releases: Releases | None = None
+        self.channels: KeyView | None = None
         self.bundles: Bundles | None = None
         self._release_of: OrderedDict[tuple[str, str], str] = OrderedDict()
         """The release each task this process admitted runs (its planning reads the bundle)."""
@@ -544,7 +546,9 @@ class Planner:
         kv = await self.mesh.kv("releases")
         gateway = getattr(self.model, "gateway", self.model)
         routes = getattr(gateway, "routes", None)
-        self.releases = Releases(kv, frozenset(routes) if isinstance(routes, dict) else None)
+        self.channels = KeyView(self.mesh.nc, kv, "releases", max_age_s=self.mesh.settings.guard_view_s)
+        await self.channels.start()
+        self.releases = Releases(kv, frozenset(routes) if isinstance(routes, dict) else None, self.channels)
         self.bundles = Bundles(kv)
 
     async def start_timers(self) -> None:
@@ -578,6 +582,8 @@ class Planner:
     async def stop(self) -> None:
         if self.admission is not None:
             await self.admission.close()
+        if self.channels is not None:
+            await self.channels.stop()
 
     # --- transitions ----------------------------------------------------------------------
 
