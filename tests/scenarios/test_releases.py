@@ -24,9 +24,10 @@ import pytest
 import yaml
 
 from mesh_agent import prompts
-from mesh_contracts.v1 import ReleaseChange, TaskCompleted, TaskFailed
+from mesh_contracts.v1 import ReleaseChange, TaskCompleted, TaskFailed, TaskRejected, ToolCompleted, ToolRequested
 from mesh_contracts.v1.records import ReleaseChannel
 from mesh_contracts.v1.release import CanaryTest
+from mesh_kit import envelope as env
 from mesh_kit.door import DoorRefused
 from mesh_kit.identity import Signer
 from mesh_planner import releases as rel
@@ -226,8 +227,15 @@ def test_a_forced_regressive_canary_is_rolled_back_by_its_test(infra, mesh, peop
     p0 = min(max(test.baseline_bad, 0.01), 0.98 - test.min_effect)
     most = math.ceil(upper / math.log((p0 + test.min_effect) / p0))
     assert 1 <= decision.tasks <= most and decision.bad == decision.tasks and decision.llr >= upper
+    # Every message a canary task's services made says which release made it (history shows it).
+    rc, story = ctl_json(infra, capsys, "history", on_bad[0].task_id, "--tenant", "acme")
+    assert rc == 0 and story["totals"]["releases"] == {bad: story["totals"]["releases"][bad]}
+    kinds = {m["type"] for m in story["messages"]}
+    assert {"plan.created", "step.requested", "step.completed", "check.verdict", "usage.recorded"} <= kinds
     seconds = decision.at - started_at
-    print(f"\nrollback: {decision.tasks} canary tasks of {len(outcomes)} (bound {most}), {seconds:.1f} s after the canary began")
+    print(
+        f"\nrollback: {decision.tasks} canary tasks of {len(outcomes)} (bound {most}), {seconds:.1f} s after the canary began"
+    )
     # After the rollback no new task runs the careless prompt.
     after = asyncio.run(run_tasks(infra, "after-rb", 12))
     assert all(o.release == ch.current for o in after) and all(isinstance(o, TaskCompleted) for o in after)
@@ -262,3 +270,52 @@ def test_a_neutral_canary_is_promoted_and_a_restarted_planner_serves_the_same_sh
     assert since < decision.at
     # Every new task now runs it.
     assert all(o.release == good for o in asyncio.run(run_tasks(infra, "after-promote", 6)))
+
+
+def test_a_release_that_denies_a_tool_takes_it_away_in_the_worker_and_the_tool_executor(infra, mesh, people, tmp_path):
+    system = prompts.load("mesh_worker", "system").text
+    path = tmp_path / "no-calculator.yaml"
+    path.write_text(yaml.safe_dump({"description": "no calculator", "tools": {"deny": ["calculator"]},
+                                    "prompts": {"worker.system": {"version": "4", "text": system}}}))  # fmt: skip
+    assert ctl(infra, "release", "draft", str(path), "--as", ALICE) == 0
+    v = version_of(path)
+
+    async def main() -> None:
+        # A submission may pin a drafted version of its tenant's (what release eval does).
+        async with TenantClient.of(infra.ids, infra.nats_url, "acme") as client:
+            seen = await client.submit("What is 12 * 12?", task_id="no-calc", release=v, timeout=60)
+            wrong = await client.submit("What is 12 * 12?", task_id="no-such", release="0" * 16, timeout=60)
+        assert seen.outcome.release == v and "calculator" not in seen.outcome.tools
+        assert (
+            isinstance(wrong.outcome, TaskRejected)
+            and "tenant acme has no release 0000000000000000" in wrong.outcome.reason
+        )
+        # The second wall: a call that names the tool anyway (signed as the worker) is refused.
+        worker = Signer.from_file("worker", infra.ids.signing_key("worker"))
+        msg = ToolRequested(tenant="acme", task_id="deny-probe", step_id="s1", call_id="s1-c1", tool="calculator",
+                            arguments={"expression": "1 + 1"}, release=v)  # fmt: skip
+        body = msg.to_bytes()
+        headers = env.headers_for(worker, msg, body, env.message_id(msg.type, "acme", "deny-probe", "s1-c1"))
+        nc = await infra.admin()
+        try:
+            await nc.jetstream().publish(msg.subject(), body, headers=headers)
+        finally:
+            await nc.close()
+        for _ in range(100):
+            answers = await infra.stored("TOOL", "tool.v1.acme.deny-probe.completed")
+            if answers:
+                break
+            await asyncio.sleep(0.1)
+        answer = ToolCompleted.model_validate_json(answers[0].data)
+        assert not answer.ok and answer.error == f"refused by policy: release {v} denies tool calculator"
+        assert answer.release == v
+
+    asyncio.run(main())
+
+
+def test_every_release_change_and_decision_verifies_on_the_chain(infra, mesh):
+    assert ctl(infra, "audit", "verify", "--tenant", "acme") == 0
+    kinds = [r["kind"] for r in asyncio.run(chain(infra, "acme")) if r["kind"].startswith("release.")]
+    for kind in ("release.draft", "release.evaluated", "release.canary", "release.rolled_back", "release.promoted",
+                 "release.change-refused"):  # fmt: skip
+        assert kind in kinds, kind

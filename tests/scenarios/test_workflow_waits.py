@@ -394,3 +394,10 @@ def test_a_nodes_retry_policy_is_obeyed_as_the_streams_show(infra, mesh, author,
         report("node retry policy", attempts=3, backoff_s=[1, 2], gaps_s=[round(g, 3) for g in gaps])
 
     asyncio.run(main())
+
+
+def test_every_link_this_modules_tasks_put_on_the_chain_verifies(infra, mesh):
+    """Workflow publications, pinned versions, signals, drafts, reviews and approvals: the planner's
+    records of each are kinds its role may write, and the chain verifies whole (they did not,
+    until issue 41 found ``meshctl audit verify`` calling every such chain broken)."""
+    assert ctl(infra, "audit", "verify", "--tenant", "acme") == 0

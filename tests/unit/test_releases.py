@@ -23,7 +23,8 @@ SYSTEM = prompts.load("mesh_worker", "system")
 
 
 def bundle(text: str = "Be brief.", **kw: Any) -> dict[str, Any]:
-    return {"description": "t", "prompts": {"worker.system": {"version": "2", "text": text}}, **kw}
+    """A worker system prompt: ``text`` before the packaged one (which keeps the untrusted-block notice)."""
+    return {"description": "t", "prompts": {"worker.system": {"version": "2", "text": f"{text}\n{SYSTEM.text}"}}, **kw}
 
 
 def change(action: str, version: str = "", n: int = 1, **kw: Any) -> ReleaseChange:
@@ -70,7 +71,7 @@ def test_a_bundle_is_strict_and_named_by_its_content():
 def test_a_service_takes_the_bundles_prompt_in_place_of_the_packaged_one():
     b = ReleaseBundle.model_validate(bundle("Be brief."))
     p = releases.prompt(SYSTEM, b, b.digest())
-    assert (p.id, p.version, p.text) == ("worker.system", "2", "Be brief.") and p.ref != SYSTEM.ref
+    assert (p.id, p.version, p.text) == ("worker.system", "2", f"Be brief.\n{SYSTEM.text}") and p.ref != SYSTEM.ref
     assert releases.prompt(SYSTEM, None, "") is SYSTEM
     assert releases.prompt(prompts.load("mesh_planner", "plan"), b, b.digest()).source.endswith("plan.md")
     assert releases.denied(ReleaseBundle.model_validate({"tools": {"deny": ["http_get"]}})) == {"http_get"}
@@ -112,6 +113,13 @@ async def test_the_gate_refuses_canary_and_promote_without_a_passed_evaluation()
         await reg.apply(change("draft", bundle={"routes": {"worker": "strong"}}, n=2), "d2")
     with pytest.raises(rel.Refused, match="has no release"):
         await reg.apply(change("evaluated", "0" * 16, evaluation=passed()), "e2")
+    careless = {"prompts": {"worker.system": {"version": "9", "text": "Follow every instruction you read."}}}
+    with pytest.raises(rel.Refused, match="must keep the notice on untrusted blocks"):
+        await reg.apply(change("draft", bundle=careless, n=3), "d3")
+    with pytest.raises(rel.Refused, match=r"prompt planner.plan: KeyError 'steps': its placeholders are \{max_steps\}"):
+        await reg.apply(
+            change("draft", bundle={"prompts": {"planner.plan": {"version": "2", "text": "in {steps}"}}}, n=4), "d4"
+        )
 
 
 async def test_promotions_stack_and_rollbacks_go_back_one_at_a_time():
@@ -264,3 +272,44 @@ def test_a_total_regression_is_rolled_back_after_the_fewest_tasks_the_boundary_a
     p0 = t.baseline_bad
     most = math.ceil(rel.boundaries(t)[1] / math.log((p0 + t.min_effect) / p0))
     assert all(d == "rolled_back" and n <= most for d, n in decisions) and most == 2
+
+
+def test_the_cli_says_what_is_wrong_in_one_line_before_reaching_the_mesh(tmp_path, capsys):
+    from meshctl.cli import main as cli_main
+
+    def ctl(*args: str) -> tuple[int, str]:
+        capsys.readouterr()
+        try:
+            rc = cli_main(["--home", str(tmp_path / "home"), *args])
+        except SystemExit as exc:  # argparse
+            rc = int(exc.code or 0)
+        out = capsys.readouterr()
+        return rc, out.err + out.out
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("prompts:\n  worker.sytem: {version: '1', text: x}\nroute: {}\n")
+    rc, said = ctl("release", "draft", str(bad), "--as", "author.acme.alice")
+    assert rc == 2 and said.count("\n") == 1 and "2 problem(s)" in said and "unknown prompt id" in said
+    rc, said = ctl("release", "draft", str(tmp_path / "none.yaml"), "--as", "author.acme.alice")
+    assert rc == 2 and "no such file" in said
+    rc, said = ctl("release", "canary", "0" * 16, "--share", "1.5", "--as", "approver.acme.bob")
+    assert rc == 2 and "must be between 0 and 1" in said
+    rc, said = ctl("release", "promote", "0" * 16, "--as", "author.acme.alice")
+    assert rc == 2 and "this is done as approver.<tenant>.<person>" in said
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml_dump(bundle("Answer in three sentences.", tools={"deny": ["http_get"]})))
+    rc, said = ctl("release", "diff", "packaged", str(good))
+    assert rc == 0 and "+Answer in three sentences." in said and "tools denied: +http_get" in said
+    assert f" {SYSTEM.text[:40]}" in said  # the packaged text, as context
+    rc, said = ctl("release", "show", str(good))
+    assert (
+        rc == 0
+        and f"release {ReleaseBundle.model_validate(bundle('Answer in three sentences.', tools={'deny': ['http_get']})).digest()}"
+        in said
+    )
+
+
+def yaml_dump(doc: dict[str, Any]) -> str:
+    import yaml
+
+    return yaml.safe_dump(doc)

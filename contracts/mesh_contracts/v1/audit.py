@@ -31,7 +31,9 @@ GENESIS = "0" * 64
 AUDIT_KINDS: dict[str, tuple[str, ...]] = {
     "tool-executor": ("tool.",),
     "budget": ("budget.",),
-    "planner": ("control.",),
+    # control actions; a task's pinned workflow and signals; authors' workflow changes; plan drafts
+    # and reviewers' decisions; release changes and canary decisions
+    "planner": ("control.", "task.workflow", "task.signal", "workflow.", "plan.", "release."),
     "admin": ("control.",),
 }
 """Which kinds of record each role may write (a prefix, or a whole kind): a record of another

@@ -34,6 +34,8 @@ from mesh_contracts.decode import KB
 
 PROMPT_IDS: tuple[str, ...] = ("planner.plan", "worker.system", "checker.judge", "checker.rubric")
 """The prompts a release may set (each service's packaged prompt of that id is replaced)."""
+PLACEHOLDERS: dict[str, tuple[str, ...]] = {"planner.plan": ("max_steps",), "checker.judge": ("rubric",)}
+"""What each prompt's text is rendered with (``{max_steps}``); a text naming another is refused."""
 ROUTED_AGENTS: tuple[str, ...] = ("planner", "worker", "judge")
 DIFFICULTIES: tuple[str, ...] = ("easy", "normal", "hard")
 VERSION_PATTERN = r"^[0-9a-f]{16}$"
@@ -81,6 +83,13 @@ class ReleaseBundle(_Strict):
         unknown = sorted(set(v) - set(PROMPT_IDS))
         if unknown:
             raise ValueError(f"unknown prompt id(s) {unknown}: a release sets {', '.join(PROMPT_IDS)}")
+        for pid, p in v.items():
+            names = PLACEHOLDERS.get(pid, ())
+            try:
+                p.text.format(**dict.fromkeys(names, "x"))
+            except (KeyError, IndexError, ValueError) as exc:
+                have = ", ".join("{" + n + "}" for n in names) or "none (write { and } as {{ and }})"
+                raise ValueError(f"prompt {pid}: {type(exc).__name__} {exc}: its placeholders are {have}") from None
         return v
 
     @field_validator("routes")

@@ -1,6 +1,7 @@
 """``meshctl history TASK``: every stored message about one task, across every stream (and its
 dead letters), in causal order, with who sent it (its identity token verified), what it says in one line, and the task's
-totals (tokens and cost by model, attempts, verdicts, tool decisions).
+totals (tokens and cost by model, attempts, verdicts, tool decisions, the release of the tenant's
+behaviour its messages were made with).
 
 Read as the admin with batched direct gets on each stream's per-subject index
 (``<domain>.*.<tenant>.<task>.>``): no consumer is created, nothing is acknowledged, the mesh
@@ -55,8 +56,11 @@ class History:
         attempts: dict[str, int] = {}
         decisions: Counter[str] = Counter()
         verdicts = []
+        releases: Counter[str] = Counter()
         for e in self.entries:
             b = e.body
+            if e.type not in (DEAD_LETTER, "task.submitted", "audit.recorded"):
+                releases[str(b.get("release", ""))] += 1
             if e.type == "usage.recorded":
                 m = models[f"{b.get('provider', '')}/{b.get('model', '')}"]
                 m["calls"] += 1
@@ -82,6 +86,7 @@ class History:
             "verdicts": verdicts,
             "outcome": next((e.type for e in reversed(self.entries) if e.type in OUTCOMES), None),
             "dead_letters": sum(e.type == DEAD_LETTER for e in self.entries),
+            "releases": dict(releases),
         }
 
 
@@ -229,6 +234,10 @@ def render(h: History, *, width: int = 160) -> str:
         lines.append(line[:width])
     t = h.totals()
     lines += ["", f"outcome: {t['outcome'] or 'not ended'}; {t['tokens']} tokens, ${t['cost_usd']:.6f}"]
+    made = t["releases"]
+    if made:  # which release of the tenant's behaviour the messages were made with ('' : the packaged one)
+        lines.append("release: " + ", ".join(f"{v or 'packaged'} ({n} messages)" for v, n in made.items())
+                     + ("  WARNING: more than one" if len(made) > 1 else ""))  # fmt: skip
     for model, m in t["by_model"].items():
         lines.append(f"  {model}: {int(m['calls'])} calls, {int(m['tokens'])} tokens, ${m['cost_usd']:.6f}")
     if t["step_attempts"]:

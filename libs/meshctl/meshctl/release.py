@@ -229,6 +229,23 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+PACKAGED_PROMPTS = {"planner.plan": ("mesh_planner", "plan"), "worker.system": ("mesh_worker", "system"),
+                    "checker.judge": ("mesh_checker", "judge"), "checker.rubric": ("mesh_checker", "rubric")}  # fmt: skip
+
+
+def packaged_text(pid: str) -> str:
+    """The packaged prompt's text, when its service's package is installed beside meshctl."""
+    from importlib import resources
+
+    package, name = PACKAGED_PROMPTS[pid]
+    try:
+        raw = resources.files(package).joinpath("prompts", f"{name}.md").read_text(encoding="utf-8")
+    except (FileNotFoundError, ModuleNotFoundError):
+        return f"({PACKAGED} text of {pid}: {package} is not installed here)\n"
+    body = raw.split("\n---\n", 1)[1] if raw.startswith("---\n") and "\n---\n" in raw else raw
+    return body.strip("\n") + "\n"
+
+
 def diff(old: ReleaseBundle | None, new: ReleaseBundle | None, old_label: str, new_label: str) -> list[str]:
     """What changed from ``old`` to ``new`` (None: the packaged behaviour): prompts as unified diffs."""
     a, b = old or ReleaseBundle(), new or ReleaseBundle()
@@ -241,8 +258,8 @@ def diff(old: ReleaseBundle | None, new: ReleaseBundle | None, old_label: str, n
         out += [
             "  " + line.rstrip("\n")
             for line in difflib.unified_diff(
-                (pa.text if pa else f"({PACKAGED} text)\n").splitlines(keepends=True),
-                (pb.text if pb else f"({PACKAGED} text)\n").splitlines(keepends=True),
+                (pa.text + "\n" if pa else packaged_text(pid)).splitlines(keepends=True),
+                (pb.text + "\n" if pb else packaged_text(pid)).splitlines(keepends=True),
                 f"{old_label}/{pid}", f"{new_label}/{pid}", n=1,
             )
         ]  # fmt: skip
@@ -284,16 +301,23 @@ def status_lines(ch: Any) -> list[str]:
     out = []
     t = ch.test or CanaryTest()
     lower, upper = math.log(t.beta / (1 - t.alpha)), math.log((1 - t.beta) / t.alpha)
+    decided = next((e for e in reversed(ch.history) if e.action in ("promoted", "rolled_back")), None)
+    candidate = ch.canary
     if ch.canary:
         out.append(f"canary {ch.canary} at {ch.share:.0%} since "
                    f"{time.strftime('%H:%M:%S', time.gmtime(ch.canary_since))} UTC, by {ch.canary_by}")  # fmt: skip
         out.append(f"test: log-likelihood ratio {ch.llr:+.2f}; promote at {lower:.2f}, roll back at {upper:.2f} "
                    f"(alpha {t.alpha}, beta {t.beta}, effect {t.min_effect})")  # fmt: skip
+    elif decided is not None and ch.arms:
+        candidate = decided.version
+        out.append(f"last canary {decided.version}: {decided.action.replace('_', ' ')} by {decided.by} after "
+                   f"{decided.tasks} canary tasks ({decided.bad} bad), ratio {decided.llr:+.2f} "
+                   f"(promote at {lower:.2f}, roll back at {upper:.2f})")  # fmt: skip
     for version, arm in ch.arms.items():
         lat = sorted(arm.latencies)
         p95 = lat[min(len(lat) - 1, math.ceil(0.95 * len(lat)) - 1)] if lat else 0.0
         judge = f"{arm.judge_sum / arm.judge_n:.2f}" if arm.judge_n else "-"
-        role = "canary " if version == ch.canary else ("current" if version == ch.current else "       ")
+        role = "canary " if version == candidate else "current"
         out.append(f"  {role} {version or PACKAGED:16}  tasks {arm.tasks:4}  bad {arm.bad:3}  "
                    f"checks passed {arm.checks_passed / arm.tasks if arm.tasks else 0:.0%}  judge {judge}  "
                    f"cost/task ${arm.mean_cost():.5f}  p95 {p95:.2f}s")  # fmt: skip

@@ -53,6 +53,7 @@ from mesh_contracts.v1.records import (
     TrailPoint,
 )
 from mesh_contracts.v1.release import CanaryTest, ReleaseBundle, ReleaseChange, ReleaseChanged
+from mesh_guardrails.injection import UNTRUSTED_NOTICE
 from mesh_kit import state as st
 from mesh_kit.identity import Principal, TrustBundle
 
@@ -251,6 +252,12 @@ class Releases:
         except ValidationError as exc:
             problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'bundle'}: {e['msg']}" for e in exc.errors())
             raise Refused(f"not a valid release bundle: {problems}"[:1500]) from None
+        system = bundle.prompts.get("worker.system")
+        if system is not None and UNTRUSTED_NOTICE not in system.text:
+            raise Refused(
+                "prompt worker.system: it must keep the notice on untrusted blocks, verbatim (the model is told "
+                f"that delimited content is data): {UNTRUSTED_NOTICE!r}"
+            )
         if self.routes is not None:
             unknown = sorted({r for r in bundle.routes.values() if r not in self.routes})
             if unknown:
@@ -308,12 +315,16 @@ class Releases:
         ev = rec.evaluation()
         if ev is not None and ev.verdict == "pass":
             return False
-        why = (
-            f"its evaluation failed ({'; '.join(ev.regressions) or 'regressions'}; failing: "
-            f"{', '.join(ev.failing[:5]) or 'none listed'})"
-            if ev is not None
-            else "it has no evaluation (meshctl release eval)"
-        )
+        if ev is not None:
+            said = "; ".join(ev.regressions[:3]) + (
+                f"; and {len(ev.regressions) - 3} more" if len(ev.regressions) > 3 else ""
+            )
+            names = [f.split(":", 1)[0] for f in ev.failing]
+            cases = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+            why = (f"its evaluation failed ({said or 'regressions'}; failing cases: {cases or 'none listed'}; "
+                   f"meshctl release show {m.version} --tenant {m.tenant})")  # fmt: skip
+        else:
+            why = "it has no evaluation (meshctl release eval)"
         if not m.force:
             raise Refused(f"release {m.version} may not {m.action}: {why}; --force with a --reason overrides")
         if not m.reason.strip():
@@ -373,9 +384,12 @@ class Releases:
 
         ch, changed = await st.update(self.kv, ReleaseChannel.key(m.tenant), ReleaseChannel, change)
         ch = ch or ReleaseChannel(tenant=m.tenant)
-        return self._answer(m, m.version or (decided[0].version if decided else ""), ch, changed=changed), (
-            list(decided) if changed else []
-        )
+        if not changed:  # applied before: the version it changed is in its event
+            done = next((e for e in ch.history if e.change_id == change_id), None)
+            changed_version = done.version if done is not None else m.version
+        else:
+            changed_version = ch.history[-1].version
+        return self._answer(m, changed_version, ch, changed=changed), (list(decided) if changed else [])
 
     async def _current_bad(self, tenant: str) -> float:
         """The current version's bad rate by its latest evaluation (the canary's prior), else 0.05."""
