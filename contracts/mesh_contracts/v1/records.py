@@ -12,6 +12,7 @@ where a reader's view of the format lives.
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict
@@ -94,6 +95,8 @@ class StepState(BaseModel):
     wait: str = ""
     """A workflow node that waits for the world (``timer``, ``signal``), not work: no worker runs
     it, and the checker does not judge its output."""
+    tool_denials: int = 0
+    """The step's tool calls a rule or a person refused (from its ``step.completed``)."""
 
 
 class WaitState(BaseModel):
@@ -450,17 +453,30 @@ class ArmStats(BaseModel):
 
     tasks: int = 0
     bad: int = 0
-    """Tasks that went badly: not completed, rejected by the checker at least once, or (a canary's) costing over ``CanaryTest.max_cost_ratio`` times the current version's mean."""
+    """Tasks that went badly: not completed, rejected by the checker at least once, a tool call
+    refused (the policy, an approver, the release), or (a canary's) costing over ``CanaryTest.max_cost_ratio`` times the current version's mean."""
     checks_passed: int = 0
     """Tasks whose first answer the checker passed."""
     judge_sum: float = 0.0
     judge_n: int = 0
     cost_usd: float = 0.0
+    tool_denials: int = 0
+    """Tool calls a rule or a person refused, over the version's tasks."""
     latencies: list[float] = []
     """The last ``LATENCIES_KEPT`` tasks' seconds from admission to end (p95 is read from them)."""
 
     def mean_cost(self) -> float:
         return self.cost_usd / self.tasks if self.tasks else 0.0
+
+    def p95(self) -> float:
+        """The 95th percentile of the kept latencies, nearest rank (0 for none)."""
+        return nearest_rank(self.latencies, 0.95)
+
+
+def nearest_rank(values: list[float], q: float) -> float:
+    """The value at rank ``ceil(q * n)`` of the sorted values (0 for none)."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)] if ordered else 0.0
 
 
 class TrailPoint(BaseModel):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from typing import Any, ClassVar, Literal
 
@@ -137,6 +138,10 @@ class CanaryTest(BaseModel):
     prior of ``p0``, which the current version's tasks during the canary then refine."""
     max_cost_ratio: float = Field(1.5, gt=1)
     """A canary task that costs more than this times the current version's mean is a bad task."""
+
+    def boundaries(self) -> tuple[float, float]:
+        """(lower, upper) of Wald's test: promote at or below ``lower``, roll back at or above ``upper``."""
+        return math.log(self.beta / (1 - self.alpha)), math.log((1 - self.beta) / self.alpha)
 
 
 class ReleaseEvaluation(BaseModel):

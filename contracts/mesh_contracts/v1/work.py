@@ -133,6 +133,8 @@ class StepCompleted(Contract):
     retrievals: tuple[SignedRecord, ...] = Field((), max_length=64)
     """The ``retrieval.completed`` messages the step read, byte for byte as rag signed them, for
     the checker (which reads no stream). The worker hands on up to 256 KB of them per step."""
+    tool_denials: int = Field(0, ge=0)
+    """Tool calls of the step a rule or a person refused (``ToolCompleted.denied``)."""
 
 
 class StepFailed(Contract):
@@ -256,6 +258,9 @@ class ToolCompleted(Contract):
     the step is halted, and dispatched again after a resume) or ``stopped`` (cancelled, ended,
     or the kill switch). The worker then ends the step that way rather than handing the refusal
     to the model: whichever service saw the halt first, the step does not go on without the call."""
+    denied: bool = False
+    """True when a rule or a person refused the call: the task's release denies the tool, the
+    policy blocks it, or its approval was denied or expired (a signal a release is judged by)."""
     dry_run: bool = False
     """True when the call was not performed because its task is a replay (a write or external
     tool): ``result`` is the replayed task's recorded result of the call, or a note that says so."""

@@ -296,11 +296,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def status_lines(ch: Any) -> list[str]:
     """The canary's test and both versions' live signals, for a person."""
-    import math
 
     out = []
     t = ch.test or CanaryTest()
-    lower, upper = math.log(t.beta / (1 - t.alpha)), math.log((1 - t.beta) / t.alpha)
+    lower, upper = t.boundaries()
     decided = next((e for e in reversed(ch.history) if e.action in ("promoted", "rolled_back")), None)
     candidate = ch.canary
     if ch.canary:
@@ -314,13 +313,12 @@ def status_lines(ch: Any) -> list[str]:
                    f"{decided.tasks} canary tasks ({decided.bad} bad), ratio {decided.llr:+.2f} "
                    f"(promote at {lower:.2f}, roll back at {upper:.2f})")  # fmt: skip
     for version, arm in ch.arms.items():
-        lat = sorted(arm.latencies)
-        p95 = lat[min(len(lat) - 1, math.ceil(0.95 * len(lat)) - 1)] if lat else 0.0
+        p95 = arm.p95()
         judge = f"{arm.judge_sum / arm.judge_n:.2f}" if arm.judge_n else "-"
         role = "canary " if version == candidate else "current"
         out.append(f"  {role} {version or PACKAGED:16}  tasks {arm.tasks:4}  bad {arm.bad:3}  "
                    f"checks passed {arm.checks_passed / arm.tasks if arm.tasks else 0:.0%}  judge {judge}  "
-                   f"cost/task ${arm.mean_cost():.5f}  p95 {p95:.2f}s")  # fmt: skip
+                   f"cost/task ${arm.mean_cost():.5f}  p95 {p95:.2f}s  tool denials {arm.tool_denials}")  # fmt: skip
     for e in ch.history[-5:]:
         at = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(e.at))
         out.append(

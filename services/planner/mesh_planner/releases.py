@@ -18,7 +18,8 @@ tenant's door; the planner applies them here:
   the one before it. No new task runs the version rolled back; running tasks finish on theirs.
 
 **The canary's test** is Wald's sequential probability ratio test on whether a task went badly
-(``bad``: it did not complete, the checker rejected an answer of it, or it cost more than
+(``bad``: it did not complete, the checker rejected an answer of it, a tool call of it was
+refused (the policy, an approver, the release's tool rules), or it cost more than
 ``max_cost_ratio`` times the current version's mean). H0: the candidate's bad rate is the current
 version's, ``p0``; H1: it is ``p1 = p0 + min_effect``. Each canary task adds
 ``log(p1/p0)`` (bad) or ``log((1-p1)/(1-p0))`` (good) to the log-likelihood ratio; at
@@ -107,7 +108,7 @@ def pick(ch: ReleaseChannel | None, task_id: str) -> str:
 
 def boundaries(t: CanaryTest) -> tuple[float, float]:
     """(lower, upper): promote at or below ``lower``, roll back at or above ``upper`` (Wald)."""
-    return math.log(t.beta / (1 - t.alpha)), math.log((1 - t.beta) / t.alpha)
+    return t.boundaries()
 
 
 def p0_of(ch: ReleaseChannel, t: CanaryTest) -> float:
@@ -165,6 +166,7 @@ class Outcome:
     judge: float | None
     cost_usd: float
     latency_s: float
+    tool_denials: int = 0
 
     @staticmethod
     def of(rec: TaskRecord) -> Outcome:
@@ -175,11 +177,12 @@ class Outcome:
             judge=rec.judge_score,
             cost_usd=rec.total_usage().cost_usd,
             latency_s=max(0.0, (rec.finished_at or time.time()) - rec.created_at),
+            tool_denials=sum(s.tool_denials for s in rec.steps.values()),
         )
 
     def bad(self, mean_cost_now: float, t: CanaryTest) -> bool:
         over = mean_cost_now > 0 and self.cost_usd > t.max_cost_ratio * mean_cost_now
-        return not self.completed or not self.checks_passed or over
+        return not self.completed or not self.checks_passed or self.tool_denials > 0 or over
 
 
 def _add(arm: ArmStats, o: Outcome, bad: bool) -> None:
@@ -190,6 +193,7 @@ def _add(arm: ArmStats, o: Outcome, bad: bool) -> None:
         arm.judge_sum += o.judge
         arm.judge_n += 1
     arm.cost_usd += o.cost_usd
+    arm.tool_denials += o.tool_denials
     arm.latencies = [*arm.latencies, round(o.latency_s, 4)][-LATENCIES_KEPT:]
 
 

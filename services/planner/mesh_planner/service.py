@@ -1285,6 +1285,7 @@ class Planner:
             s.status, s.output, s.citations = "completed", m.output, list(m.citations)
             s.usage = s.usage + m.usage  # a redone step's earlier attempts were paid for too
             s.tools, s.models, s.prompt_version = list(m.tools), list(m.models), m.prompt_version
+            s.tool_denials = m.tool_denials
             s.taint = m.taint
             # held calls stay pending across a redo: the outcome names every one still waiting
             s.held += [h for h in m.held if h.approval_id not in {x.approval_id for x in s.held}]

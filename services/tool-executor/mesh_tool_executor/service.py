@@ -329,6 +329,7 @@ class ToolExecutor:
                 approval_id=approval,
                 stopped=stopped,
                 dry_run=dry_run,
+                denied=bool(outcome.get("denied")),
             ),
             key=m.call_id,
             causation=causation or None,
@@ -396,7 +397,7 @@ class ToolExecutor:
             reason = f"release {m.release} denies tool {m.tool}"
             await self._audit(m, tool, "blocked", (reason,), by="release")
             await self._answer(m, {"ok": False, "result": "", "error": f"refused by policy: {reason}",
-                                   "untrusted": False}, tool, causation=d.msg_id)  # fmt: skip
+                                   "untrusted": False, "denied": True}, tool, causation=d.msg_id)  # fmt: skip
             return
         if m.replay is not None and tool.risk != "read":
             await self._dry_run(m, tool, d)
@@ -411,7 +412,7 @@ class ToolExecutor:
         elif decision.verdict == "deny":
             await self._audit(m, tool, "blocked", decision.reasons, by="policy", goal=goal)
             error = f"refused by policy: {'; '.join(decision.reasons[:2])}"
-            await self._answer(m, {"ok": False, "result": "", "error": error, "untrusted": False}, tool,
+            await self._answer(m, {"ok": False, "result": "", "error": error, "untrusted": False, "denied": True}, tool,
                                causation=d.msg_id)  # fmt: skip
         else:
             await self._ask(m, tool, decision, d, goal)
@@ -599,7 +600,7 @@ class ToolExecutor:
             await self._audit(m, tool, verdict, (*rec.reasons[:1], why), approval=rec.approval_id, by=rec.decided_by)
             # A person's comment is not the tool-executor's words: it reaches the model as untrusted text.
             outcome = {"ok": False, "result": "", "error": f"not run: approval {rec.approval_id} {verdict} ({why})",
-                       "untrusted": bool(rec.comment)}  # fmt: skip
+                       "untrusted": bool(rec.comment), "denied": True}  # fmt: skip
         await self._answer(m, outcome, tool, causation=causation, approval=rec.approval_id, stopped=stopped)
         await self.approvals.mark_done(rec.approval_id)
 

@@ -119,6 +119,8 @@ class StepRun(BaseModel):
     """A fixed call's result (``PlanStep.call``), as the tool or retrieval gave it: the step's output."""
     fixed_error: bool = False
     """The fixed call failed (its result is the error): the step fails."""
+    tool_denials: int = 0
+    """Calls of the step a rule or a person refused (``ToolCompleted.denied``)."""
     _unstored: bool = PrivateAttr(default=False)
     """Begun from its request in this process, not written yet (see ``Worker.on_step``)."""
 
@@ -240,7 +242,8 @@ class Worker:
             if m.untrusted
             else Text.trusted(content, "tool-executor")
         )
-        await self.observe(m.tenant, m.task_id, m.step_id, m.call_id, m.tool, text, [], d, error=failed)
+        await self.observe(m.tenant, m.task_id, m.step_id, m.call_id, m.tool, text, [], d, error=failed,
+                           denied=m.denied)  # fmt: skip
 
     async def _stopped_call(self, m: ToolCompleted) -> None:
         """The tool-executor did not run the call because the task is halted or stopped: end the
@@ -326,6 +329,7 @@ class Worker:
         held: HeldCall | None = None,
         record: SignedRecord | None = None,
         error: bool = False,
+        denied: bool = False,
     ) -> None:
         if (timer := self._timers.pop(call_id, None)) is not None:
             timer.cancel()
@@ -349,6 +353,7 @@ class Worker:
                 run.held.append(held)
             if record is not None:
                 run.retrievals.append(record)
+            run.tool_denials += int(denied)
             return run
 
         run, applied = await st.update(self.steps, key, StepRun, apply)
@@ -613,6 +618,7 @@ class Worker:
             models=tuple(run.models),
             prompt_version=prompt_version(run, self.system_prompt),
             taint=run.taint,
+            tool_denials=run.tool_denials,
             held=tuple(run.held),
             retrievals=forwarded(run.retrievals),
         )
