@@ -10,7 +10,15 @@ its graph is drawn live at each stage: every node a draft; the draft approved fr
 (the dashboard runs ``--as approver.demo.dana``: Chromium, driven over the DevTools protocol,
 types a comment and clicks approve as a person would, and the page shows what the decision did);
 the timer and the signal node waiting while the rest completed or pending (a second screenshot,
-``<out>-dag.png``); the signal sent, every node completed. Exit 0 when all hold.
+``<out>-dag.png``); the signal sent, every node completed. Then (4) a release of the demo tenant's
+behaviour whose worker system prompt is careless (``#careless``: the scripted model answers every
+step off-topic, the checker rejects it) is drafted by alice and forced into a 50% canary by dana;
+tasks run (alternately the current version's and the canary's, by the planner's sticky share
+hash) until the canary's sequential test rolls it back; the page's releases panel, opened in
+Chromium, must draw that record: the LLR polyline with the origin and a point per canary task
+of the trail, both boundaries labelled with the values alpha and beta give, the decision labelled
+"rolled back", the arms table with the canary's task count, a bad-rate series per version (a
+screenshot of the panel: ``<out>-releases.png``). Exit 0 when all hold.
 
     .venv/bin/python tests/browser/check_dashboard.py --out .mesh/dashboard.png
 """
@@ -18,8 +26,11 @@ the timer and the signal node waiting while the rest completed or pending (a sec
 from __future__ import annotations
 
 import argparse
+import asyncio
+import base64
 import html.parser
 import json
+import math
 import shutil
 import struct
 import subprocess
@@ -33,6 +44,14 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 from cdp import Browser
+
+from mesh_agent import prompts
+from mesh_contracts.v1.records import ReleaseChannel
+from mesh_planner.releases import share_point
+from meshctl.client import TenantClient
+from meshctl.identity import Identities
+from meshctl.local import MeshState
+from meshctl.release import load_bundle
 
 ROOT = Path(__file__).resolve().parents[2]
 MESHCTL = Path(sys.executable).with_name("meshctl")
@@ -260,6 +279,132 @@ def approve_in_the_page(binary: str, url: str) -> list[str]:
         page.close()
 
 
+RELEASE_GOAL = GOAL  # its words are what the judge holds a careless answer to (an arithmetic-only goal has none)
+CANARY_SHARE = 0.5
+MAX_RELEASE_TASKS = 40
+
+
+def release_task_ids(n: int) -> list[tuple[str, bool]]:
+    """``n`` task ids, alternately one the current version serves and one the canary does (the
+    planner's sticky pick: its share point under the canary's share), the current's first."""
+    ids = [f"rel-{i}" for i in range(20 * n)]
+    current = [t for t in ids if share_point("demo", t) >= CANARY_SHARE]
+    canary = [t for t in ids if share_point("demo", t) < CANARY_SHARE]
+    out = [pair for c, k in zip(current, canary, strict=False) for pair in ((c, False), (k, True))]
+    return out[:n]
+
+
+async def run_canary(home: Path, version: str) -> tuple[ReleaseChannel, list[str]]:
+    """Tasks of the demo tenant, one at a time, until its channel shows the canary decided (at
+    most ``MAX_RELEASE_TASKS``); the channel then, and what went unexpectedly."""
+    state = MeshState.load(home)
+    assert state is not None
+    problems: list[str] = []
+    async with TenantClient.of(Identities(home), state.nats_url, "demo") as client:
+
+        async def channel() -> ReleaseChannel:
+            return ReleaseChannel.model_validate(
+                await client.registry("channel", bucket="releases") or {"tenant": "demo"}
+            )
+
+        ch = await channel()
+        for task, on_canary in release_task_ids(MAX_RELEASE_TASKS):
+            seen = await client.submit(RELEASE_GOAL, task_id=task, timeout=120, progress=False)
+            ran = getattr(seen.outcome, "release", None)
+            if ran != (version if on_canary else ""):
+                problems.append(f"task {task} ran release {ran!r}, not the {'canary' if on_canary else 'current'} one "
+                                f"({type(seen.outcome).__name__})")  # fmt: skip
+            for _ in range(20):  # its end is observed as the planner writes it: a moment at most
+                ch = await channel()
+                if task in ch.seen or not ch.canary:
+                    break
+                await asyncio.sleep(0.25)
+            if not ch.canary:
+                break
+        return ch, problems
+
+
+def check_releases(binary: str, ctl: list[str], home: Path, board_url: str, out: Path) -> list[str]:
+    """A careless release forced into a 50% canary and rolled back by its sequential test, drawn
+    by the page's releases panel as the channel records it."""
+    system = prompts.load("mesh_worker", "system").text
+    bundle = home / "careless-release.json"
+    bundle.write_text(json.dumps({"description": "dashboard-check: a careless worker system prompt",
+                                  "prompts": {"worker.system": {"version": "careless-1",
+                                                                "text": system + "\n#careless"}}}))  # fmt: skip
+    version = load_bundle(bundle).digest()
+    started = time.monotonic()
+    for cmd in (["release", "draft", str(bundle), "--as", "author.demo.alice"],
+                ["release", "canary", version, "--share", str(CANARY_SHARE), "--as", "approver.demo.dana", "--force",
+                 "--reason", "dashboard-check: a careless prompt for the sequential test to roll back"]):  # fmt: skip
+        subprocess.run([*ctl, *cmd], check=True, stdout=subprocess.DEVNULL)
+    ch, problems = asyncio.run(run_canary(home, version))
+    last = ch.history[-1] if ch.history else None
+    if ch.canary or last is None or last.action != "rolled_back" or last.version != version:
+        return [*problems, f"the careless canary was not rolled back by its test within {MAX_RELEASE_TASKS} tasks: "
+                           f"canary {ch.canary!r}, latest event {last}"]  # fmt: skip
+    observed = [p for p in ch.trail if p.version == version]
+    arm = ch.arms[version]
+    lower = math.log(ch.test.beta / (1 - ch.test.alpha))
+    upper = math.log((1 - ch.test.beta) / ch.test.alpha)
+    print(f"dashboard-check: release {version} rolled back by {last.by} after {last.tasks} canary tasks "
+          f"({len(ch.trail)} observed in all, {time.monotonic() - started:.0f} s): llr {last.llr:+.2f} >= {upper:.2f}")  # fmt: skip
+
+    page = Browser(binary)
+    try:
+        page.open(board_url + "#releases=demo")
+        page.until("document.body.dataset.releases === 'demo'")
+        drawn = page.value("""JSON.stringify({
+          llr: (document.querySelector('#release-llr polyline.release-llr')?.getAttribute('points') || '')
+                 .trim().split(/\\s+/).filter(Boolean).length,
+          bounds: Object.fromEntries([...document.querySelectorAll('#release-llr text.release-boundary-label')]
+                                     .map((e) => [e.dataset.bound, e.textContent])),
+          lines: document.querySelectorAll('#release-llr line.release-boundary').length,
+          decision: document.querySelector('#release-llr .release-decision')?.textContent || '',
+          marker: document.querySelectorAll('#release-llr .release-decision-marker').length,
+          arms: [...document.querySelectorAll('#release-arms tbody tr')]
+                  .map((r) => [...r.cells].map((c) => c.textContent)),
+          series: Object.fromEntries([...document.querySelectorAll('#release-bad polyline.release-series')]
+                                     .map((e) => [e.dataset.version, Number(e.dataset.points)])),
+          legend: document.querySelectorAll('#release-bad g.legend').length,
+          summary: document.getElementById('release-summary').textContent,
+        })""")
+        shot = out.with_name(out.stem + "-releases.png")
+        box = json.loads(page.value("JSON.stringify((() => { const r = document.getElementById('releases')"
+                                    ".getBoundingClientRect(); return {x: r.x + scrollX, y: r.y + scrollY, "
+                                    "width: r.width, height: r.height, scale: 1}; })())"))  # fmt: skip
+        png = page.send("Page.captureScreenshot", {"format": "png", "clip": box, "captureBeyondViewport": True})
+        shot.write_bytes(base64.b64decode(png["data"]))
+    finally:
+        page.close()
+    seen = json.loads(drawn)
+    origin = 1 if arm.tasks == len(observed) else 0  # the origin is drawn when the trail holds the first canary task
+    if seen["llr"] != len(observed) + origin or not observed:
+        problems.append(f"the LLR polyline has {seen['llr']} points; the trail holds {len(observed)} canary "
+                        f"observations (+{origin} origin)")  # fmt: skip
+    want = {"upper": f"roll back ≥ {upper:.2f}", "lower": f"promote ≤ {lower:.2f}"}
+    if seen["bounds"] != want or seen["lines"] != 2:
+        problems.append(f"the boundaries are labelled {seen['bounds']} ({seen['lines']} lines), not {want}")
+    if not seen["decision"].startswith("rolled back") or f"after {last.tasks} canary task" not in seen["decision"] \
+            or not seen["marker"]:  # fmt: skip
+        problems.append(f"the decision is labelled {seen['decision']!r} ({seen['marker']} marker)")
+    rows = {r[1]: r for r in seen["arms"]}
+    if version not in rows or rows[version][0] != "canary" or rows[version][2] != str(arm.tasks):
+        problems.append(f"the arms table does not list canary {version} with its {arm.tasks} tasks: {seen['arms']}")
+    trail_counts = {v: sum(p.version == v for p in ch.trail) for v in ch.arms}
+    if seen["series"] != trail_counts or seen["legend"] != len(trail_counts):
+        problems.append(
+            f"the bad-rate series are {seen['series']} ({seen['legend']} in the legend); the trail: {trail_counts}"
+        )
+    facts = picture_facts(shot)
+    if facts["colours"] < 12 or facts["drawn"] < 0.02:
+        problems.append(f"the releases panel's screenshot is nearly blank: {facts}")
+    print(f"dashboard-check: releases panel: LLR polyline of {seen['llr']} points, {seen['bounds']}, "
+          f"{seen['decision']!r}, arms {[r[:3] for r in seen['arms']]}, series {seen['series']}; screenshot {shot} "
+          f"{facts['width']}x{facts['height']}, {facts['colours']} colours")  # fmt: skip
+    return problems
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=ROOT / ".mesh" / "dashboard.png", help="where the screenshot goes")
@@ -320,6 +465,7 @@ def main() -> int:
               f"frames, timeline of {len(timeline)} messages; screenshot {args.out} {facts['width']}x{facts['height']}, "
               f"{facts['colours']} colours, {facts['drawn']:.0%} drawn")  # fmt: skip
         problems += check_workflow_dag(browser, ctl, url_file.read_text().strip(), args.out)
+        problems += check_releases(browser, ctl, home, url_file.read_text().strip(), args.out)
         for p in problems:
             print(f"dashboard-check: FAILED: {p}", file=sys.stderr)
         return 1 if problems else 0

@@ -307,7 +307,9 @@ def test_a_release_that_denies_a_tool_takes_it_away_in_the_worker_and_the_tool_e
                 break
             await asyncio.sleep(0.1)
         answer = ToolCompleted.model_validate_json(answers[0].data)
-        assert not answer.ok and answer.error == f"refused by policy: release {v} denies tool calculator"
+        assert (
+            not answer.ok and answer.denied and answer.error == f"refused by policy: release {v} denies tool calculator"
+        )
         assert answer.release == v
 
     asyncio.run(main())

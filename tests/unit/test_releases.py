@@ -313,3 +313,20 @@ def yaml_dump(doc: dict[str, Any]) -> str:
     import yaml
 
     return yaml.safe_dump(doc)
+
+
+async def test_a_canary_task_with_a_refused_tool_call_went_badly():
+    from mesh_contracts.v1 import PlanStep
+    from mesh_contracts.v1.records import StepState
+
+    reg = rel.Releases(MemoryKV())
+    v = await drafted(reg)
+    await reg.apply(change("evaluated", v, evaluation=passed()), "e1")
+    await reg.apply(change("canary", v, share=0.5), "c1")
+    rec = ended("denied", v)
+    rec.steps = {
+        "s1": StepState(step=PlanStep(step_id="s1", instruction="send it"), status="completed", tool_denials=1)
+    }
+    await reg.observe(rec)
+    ch = await reg.channel("acme")
+    assert ch is not None and (ch.arms[v].bad, ch.arms[v].tool_denials) == (1, 1) and ch.trail[-1].bad

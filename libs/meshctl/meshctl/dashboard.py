@@ -22,14 +22,22 @@ under the newest trust bundle, on the audit chain) and answers with its effect. 
 POST exists, and only for a signed-in session: the cookie is SameSite=Strict (another site's page
 cannot send it), the request must be JSON (a cross-site form cannot be) from this page's own
 origin, and its body is at most ``MAX_BODY`` bytes. Without ``--as`` it is read-only.
+
+**Releases** (``GET /api/releases?tenant=T``, issue 41): the tenant's release channel as the
+planner keeps it (KV ``releases``, key ``<tenant>.channel``), with what the page plots computed
+here (``releases_view``): the sequential test's boundaries, each version's signals during the
+last canary, the canary's log-likelihood ratio after each of its tasks, each version's cumulative
+bad rate, mean cost and p95 latency over time, and the decision that ended the canary.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import json
 import logging
+import math
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -39,7 +47,11 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import nats
+import nats.js.errors
+from pydantic import ValidationError
 
+from mesh_contracts.v1.records import ArmStats, ReleaseChannel, ReleaseEvent, nearest_rank
+from mesh_contracts.v1.release import CanaryTest
 from mesh_kit.identity import OPERATOR_ROLES, IdentityError, Signer, Verifier
 from meshctl import history, top
 from meshctl import review as rv
@@ -224,7 +236,34 @@ class Dashboard:
             if not (_NAME.fullmatch(tenant) and _NAME.fullmatch(task)):
                 return _json(400, {"error": "tenant and task: letters, digits, _ and -"})
             return await self._task(tenant, task)
+        if url.path == "/api/releases":
+            tenant = (query.get("tenant") or [""])[0]
+            if not _NAME.fullmatch(tenant):
+                return _json(400, {"error": "tenant: letters, digits, _ and -"})
+            return await self._releases(tenant)
         return _json(404, {"error": f"no route {url.path}"})
+
+    async def _releases(self, tenant: str) -> tuple[int, str, bytes, dict[str, str]]:
+        """The tenant's release channel (nothing drafted: an empty one) and what the page plots."""
+        assert self.nc is not None
+        try:
+            stored = await self.nc.jetstream(timeout=5.0).get_last_msg(
+                "KV_releases", f"$KV.releases.{ReleaseChannel.key(tenant)}", direct=True
+            )
+        except nats.js.errors.NotFoundError:
+            stored = None
+        except (nats.errors.Error, TimeoutError) as exc:
+            return _json(503, {"error": f"could not read {tenant}'s release channel: {exc!r}"})
+        found: dict[str, Any] = {"tenant": tenant}
+        if stored is not None and stored.data and (stored.headers or {}).get("KV-Operation") not in ("DEL", "PURGE"):
+            found = json.loads(stored.data)
+        try:
+            ch = ReleaseChannel.model_validate(found)
+        except ValidationError as exc:
+            return _json(
+                503, {"error": f"{tenant}'s release channel does not read as one: {exc.error_count()} problem(s)"}
+            )
+        return _json(200, releases_view(ch))
 
     async def _task(self, tenant: str, task: str) -> tuple[int, str, bytes, dict[str, str]]:
         assert self.nc is not None
@@ -294,6 +333,124 @@ class Dashboard:
             return _json(409, {"error": str(exc)})
         log.info("%s %s %s/%s from the dashboard: %s", self.reviewer.name, decision, tenant, task, said)
         return _json(200 if code == 0 else 409, {"code": code, "message": said, "by": self.reviewer.name})
+
+
+# --- releases (pure: what ``GET /api/releases`` answers) --------------------------------------------
+
+
+def boundaries(t: CanaryTest) -> tuple[float, float]:
+    """(lower, upper) of Wald's test: promote at or below ``lower``, roll back at or above ``upper``."""
+    return t.boundaries()
+
+
+def p95(values: list[float]) -> float:
+    """The 95th percentile, nearest rank (what ``meshctl release status`` prints); 0 for none."""
+    return nearest_rank(values, 0.95)
+
+
+def _arm(arm: ArmStats, role: str) -> dict[str, Any]:
+    n = arm.tasks
+    return {
+        "role": role,
+        "tasks": n,
+        "bad": arm.bad,
+        "bad_rate": arm.bad / n if n else None,
+        "checks_passed_rate": arm.checks_passed / n if n else None,
+        "judge_mean": arm.judge_sum / arm.judge_n if arm.judge_n else None,
+        "mean_cost_usd": arm.mean_cost(),
+        "p95_latency_s": p95(arm.latencies),
+        "tool_denials": arm.tool_denials,
+    }
+
+
+def _last_canary(ch: ReleaseChannel) -> tuple[str, ReleaseEvent | None]:
+    """The version of the running canary, else of the last one (with the event that started it)."""
+    started = next((e for e in reversed(ch.history) if e.action == "canary"), None)
+    if ch.canary:
+        return ch.canary, started if started is not None and started.version == ch.canary else None
+    return (started.version, started) if started is not None else ("", None)
+
+
+def _baseline(ch: ReleaseChannel, canary: str) -> str:
+    """The version the canary ran against: the other arm observed, else the current one then."""
+    others = [v for v in ch.arms if v != canary]
+    if others:
+        return others[0]
+    if not ch.canary and ch.current == canary:  # promoted since: the one current before it
+        return ch.before[-1] if ch.before else ""
+    return ch.current
+
+
+def releases_view(ch: ReleaseChannel) -> dict[str, Any]:
+    """What the page shows of a tenant's releases: the channel, the test's boundaries, each arm's
+    signals, the canary's log-likelihood ratio after each of its observations (``llr``: ``n`` is
+    the canary's task count then; ``n`` 0 is the origin, when the trail holds the canary's first
+    task), per version the cumulative bad rate, mean cost and p95 latency after each of its tasks
+    (``series``; ``t_s``: seconds since the canary began), and the decision that ended the last
+    canary (``decision``, None while it runs or when a person ended it otherwise)."""
+    test = ch.test or CanaryTest()
+    lower, upper = boundaries(test)
+    canary, started = _last_canary(ch)
+    baseline = _baseline(ch, canary) if canary else ch.current
+    arms: dict[str, dict[str, Any]] = {}
+    for version, arm in ch.arms.items():
+        role = "canary" if version == canary else ("current" if version == baseline else "other")
+        arms[version] = _arm(arm, role)
+
+    observed = [p for p in ch.trail if p.version == canary] if canary else []
+    tasks = ch.arms[canary].tasks if canary in ch.arms else len(observed)
+    first = max(0, tasks - len(observed))  # the canary tasks the kept trail no longer holds
+    llr: list[dict[str, Any]] = []
+    if observed and first == 0:
+        llr.append({"n": 0, "llr": 0.0, "at": ch.canary_since, "bad": False})
+    llr += [{"n": first + i + 1, "llr": p.llr, "at": p.at, "bad": p.bad} for i, p in enumerate(observed)]
+
+    series: dict[str, list[dict[str, Any]]] = {}
+    sums: dict[str, list[float]] = {}  # version -> [tasks, bad, cost]
+    latencies: dict[str, list[float]] = {}
+    for p in ch.trail:
+        acc = sums.setdefault(p.version, [0, 0, 0.0])
+        acc[0] += 1
+        acc[1] += int(p.bad)
+        acc[2] += p.cost_usd
+        seen = latencies.setdefault(p.version, [])
+        bisect.insort(seen, p.latency_s)
+        n = int(acc[0])
+        series.setdefault(p.version, []).append({
+            "at": p.at, "t_s": round(p.at - ch.canary_since, 3), "n": n, "bad": int(acc[1]),
+            "bad_rate": acc[1] / n, "mean_cost_usd": acc[2] / n,
+            "p95_latency_s": seen[min(n - 1, math.ceil(0.95 * n) - 1)],
+        })  # fmt: skip
+
+    decision = None
+    last = ch.history[-1] if ch.history else None
+    if (
+        last is not None
+        and canary
+        and last.version == canary
+        and last.action in ("promoted", "rolled_back", "promote", "rollback")
+        and (started is None or last.at >= started.at)
+    ):
+        done = "promoted" if last.action in ("promoted", "promote") else "rolled back"
+        n = last.tasks or (ch.arms[canary].tasks if canary in ch.arms else 0)
+        decision = {
+            "action": last.action, "version": canary, "by": last.by, "at": last.at, "reason": last.reason,
+            "tasks": n, "bad": last.bad, "llr": last.llr if last.tasks else ch.llr,
+            "label": f"{done} by {last.by} after {n} canary task{'' if n == 1 else 's'}",
+        }  # fmt: skip
+    return {
+        "tenant": ch.tenant,
+        "channel": ch.model_dump(mode="json"),
+        "test": test.model_dump(mode="json"),
+        "boundaries": {"lower": lower, "upper": upper},
+        "canary": canary,
+        "baseline": baseline,
+        "running": bool(ch.canary),
+        "arms": arms,
+        "llr": llr,
+        "series": series,
+        "decision": decision,
+    }
 
 
 def _json(code: int, body: Any) -> tuple[int, str, bytes, dict[str, str]]:
