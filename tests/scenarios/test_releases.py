@@ -20,13 +20,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import nats
 import pytest
 import yaml
 
 from mesh_agent import prompts
 from mesh_contracts.v1 import ReleaseChange, TaskCompleted, TaskFailed, TaskRejected, ToolCompleted, ToolRequested
 from mesh_contracts.v1.records import ReleaseChannel
-from mesh_contracts.v1.release import CanaryTest
+from mesh_contracts.v1.release import GLOBAL, CanaryTest
 from mesh_kit import envelope as env
 from mesh_kit.door import DoorRefused
 from mesh_kit.identity import Signer
@@ -313,6 +314,48 @@ def test_a_release_that_denies_a_tool_takes_it_away_in_the_worker_and_the_tool_e
         assert answer.release == v
 
     asyncio.run(main())
+
+
+def test_the_meshs_default_release_is_the_operators_and_serves_tenants_without_their_own(
+    infra, mesh, people, files, tmp_path, capsys
+):
+    system = prompts.load("mesh_worker", "system").text
+    path = tmp_path / "mesh-default.yaml"
+    path.write_text(yaml.safe_dump({"description": "the mesh's default",
+                                    "prompts": {"worker.system": {"version": "5", "text": "Be exact.\n" + system}}}))  # fmt: skip
+    v = version_of(path)
+    rc, answer = ctl_json(infra, capsys, "release", "draft", str(path), "--global")
+    assert rc == 0 and answer["version"] == v and answer["tenant"] == GLOBAL
+    baseline = tmp_path / "baseline.json"
+    assert ctl(infra, "eval", str(files["dataset"]), "--report", str(baseline)) == 0
+    # Its gate runs one tenant's cases with the version pinned; the evaluation is the version's.
+    assert ctl(infra, "release", "eval", v, "--global", "--tenant", "acme", "--dataset", str(files["dataset"]),
+               "--baseline", str(baseline)) == 0  # fmt: skip
+    rc, answer = ctl_json(infra, capsys, "release", "promote", v, "--global")
+    assert rc == 0 and answer["current"] == v
+
+    async def main() -> None:
+        # globex has no release of its own: its tasks run the mesh's default; acme's run acme's own.
+        async with TenantClient.of(infra.ids, infra.nats_url, "globex") as client:
+            seen = await client.submit("What is 9 + 10?", task_id="g-default", timeout=60, progress=False)
+        assert isinstance(seen.outcome, TaskCompleted) and seen.outcome.release == v
+        acme = await channel(infra)
+        assert acme.current and acme.current != v
+        assert all(o.release == acme.current for o in await run_tasks(infra, "a-own", 2))
+        # A tenant's people cannot change the mesh's default: its client may not even send to it
+        # (the broker refuses the subject: no answer ever comes).
+        bob = Signer.from_file(BOB, infra.ids.signing_key(BOB))
+        change = ReleaseChange(tenant=GLOBAL, task_id="rel-bob-global", action="rollback", by=BOB)
+        async with TenantClient.of(infra.ids, infra.nats_url, "acme") as client:
+            with pytest.raises((nats.errors.Error, TimeoutError)):
+                await client.change_release(change, bob, timeout=5)
+
+    asyncio.run(main())
+    rc, listed = ctl_json(infra, capsys, "release", "list", "--global")
+    assert rc == 0 and listed["current"] == v and listed["versions"][0]["evaluation"].startswith("pass")
+    kinds = {r["kind"] for r in asyncio.run(chain(infra, GLOBAL))}
+    assert {"release.draft", "release.evaluated", "release.promote"} <= kinds
+    assert ctl(infra, "audit", "verify", "--tenant", GLOBAL) == 0
 
 
 def test_every_release_change_and_decision_verifies_on_the_chain(infra, mesh):

@@ -12,7 +12,7 @@ import pytest
 
 from mesh_agent import prompts, releases
 from mesh_contracts.v1.records import ReleaseChannel, TaskRecord
-from mesh_contracts.v1.release import CanaryTest, ReleaseBundle, ReleaseChange, ReleaseEvaluation
+from mesh_contracts.v1.release import GLOBAL, CanaryTest, ReleaseBundle, ReleaseChange, ReleaseEvaluation
 from mesh_kit.identity import Principal, TrustBundle, new_signing_key
 from mesh_planner import releases as rel
 from mesh_testing.memkv import MemoryKV
@@ -330,3 +330,38 @@ async def test_a_canary_task_with_a_refused_tool_call_went_badly():
     await reg.observe(rec)
     ch = await reg.channel("acme")
     assert ch is not None and (ch.arms[v].bad, ch.arms[v].tool_denials) == (1, 1) and ch.trail[-1].bad
+
+
+def test_the_meshs_default_is_the_operators_alone():
+    admin = Principal("admin", "admin", None, new_signing_key().public_key())
+    bob = Principal("approver.acme.bob", "approver", "acme", new_signing_key().public_key())
+    trust = TrustBundle({p.name: p for p in (admin, bob)}, revision=5)
+    assert rel.may_change(trust, admin, GLOBAL, "promote") is None
+    assert rel.may_change(trust, admin, GLOBAL, "draft") is None
+    assert "a canary runs in a tenant" in (rel.may_change(trust, admin, GLOBAL, "canary") or "")
+    assert "that is the operators' right" in (rel.may_change(trust, bob, GLOBAL, "rollback") or "")
+    assert "not acme's" in (rel.may_change(trust, admin, "acme", "promote") or "")
+
+
+async def test_a_tenant_without_a_release_of_its_own_runs_the_meshs_and_a_canary_is_compared_with_it():
+    reg = rel.Releases(MemoryKV())
+    mesh_change = ReleaseChange(tenant=GLOBAL, task_id="rel-g1", action="draft", by="admin", bundle=bundle("Mesh."))
+    g = (await reg.apply(mesh_change, "g1"))[0].version
+    await reg.apply(ReleaseChange(tenant=GLOBAL, task_id="rel-g2", action="promote", version=g, by="admin",
+                                  force=True, reason="t"), "g2")  # fmt: skip
+    assert await reg.choose("acme", "t-1") == (g, "the mesh's default release")
+    assert (await reg.choose("acme", "t-1", pinned=g))[0] == g  # a tenant may pin the mesh's versions
+    v = await drafted(reg)
+    await reg.apply(change("evaluated", v, evaluation=passed()), "e1")
+    answer, _ = await reg.apply(change("canary", v, share=0.5), "c1")
+    assert answer.current == g
+    ch = await reg.channel("acme")
+    assert ch is not None and ch.against == g
+    await reg.observe(ended("on-mesh", g))
+    await reg.observe(ended("on-canary", v))
+    ch = await reg.channel("acme")
+    assert ch is not None and {k: a.tasks for k, a in ch.arms.items()} == {g: 1, v: 1}
+    # Promoted, the tenant's own release takes precedence over the mesh's.
+    await reg.apply(change("promote", v, n=2), "p1")
+    assert await reg.choose("acme", "t-2") == (v, "the tenant's current release")
+    assert (await reg.choose("globex", "t-2"))[0] == g

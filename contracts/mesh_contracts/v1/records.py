@@ -512,6 +512,9 @@ class ReleaseChannel(Record):
     """The versions current before it, the latest last: what a rollback of the current version
     goes back to."""
     canary: str = ""
+    against: str = ""
+    """The version the canary is compared with: what the tenant's other tasks ran when it began
+    (the tenant's current release, or the mesh's default when the tenant has none)."""
     share: float = 0.0
     canary_since: float = 0.0
     canary_by: str = ""

@@ -18,6 +18,13 @@ sequential test on the tasks' outcomes (``mesh_planner.canary``), announced as
 ``release.decided``.
 
 The version ``""`` is the packaged behaviour: the prompts shipped in the services' images.
+
+**The mesh's default** (``GLOBAL``, the pseudo-tenant ``_mesh``): an operator (the admin identity)
+drafts, records evaluations of, promotes and rolls back releases for every tenant at once. A
+tenant with no current release of its own runs the mesh's current one; a tenant's own promotion
+takes precedence, and a tenant's canary is compared with whichever its tasks ran before it.
+Canaries are per tenant (the mesh's default changes by promotion, after a tenant's canary or an
+evaluation).
 """
 
 from __future__ import annotations
@@ -30,9 +37,12 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from mesh_contracts.base import APPROVER, AUTHOR, CLIENT, Contract, ContractSpec
+from mesh_contracts.base import ADMIN, APPROVER, AUTHOR, CLIENT, Contract, ContractSpec
 from mesh_contracts.decode import KB
+from mesh_contracts.v1.audit import MESH_WIDE
 
+GLOBAL = MESH_WIDE
+"""The pseudo-tenant of the mesh's default release (changed by the admin identity only)."""
 PROMPT_IDS: tuple[str, ...] = ("planner.plan", "worker.system", "checker.judge", "checker.rubric")
 """The prompts a release may set (each service's packaged prompt of that id is replaced)."""
 PLACEHOLDERS: dict[str, tuple[str, ...]] = {"planner.plan": ("max_steps",), "checker.judge": ("rubric",)}
@@ -179,7 +189,8 @@ class ReleaseChange(Contract):
     ``approver.<tenant>.<person>`` for ``canary``, ``promote`` and ``rollback``) and handed in at
     the tenant's door; the planner keeps the tenant's releases, judges the right under the newest
     trust bundle, records every change (refused ones too) on the tenant's audit chain and answers
-    with ``release.changed`` on the same task id (a change id)."""
+    with ``release.changed`` on the same task id (a change id). The mesh's default release
+    (tenant ``_mesh``) is changed by the operators' admin identity, straight onto the stream."""
 
     model_config = ConfigDict(
         json_schema_extra={
@@ -200,7 +211,7 @@ class ReleaseChange(Contract):
     spec: ClassVar = ContractSpec(
         "task",
         "release",
-        producers=(AUTHOR, APPROVER),
+        producers=(AUTHOR, APPROVER, ADMIN),
         consumers=("planner",),
         summary="A person drafts, evaluates, canaries, promotes or rolls back a release of the tenant's behaviour.",
         max_bytes=320 * KB,

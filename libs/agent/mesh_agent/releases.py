@@ -21,9 +21,11 @@ import json
 from collections import OrderedDict
 from typing import Any
 
+from nats.js.errors import KeyNotFoundError
+
 from mesh_agent.prompts import Prompt
 from mesh_contracts.v1.records import ReleaseVersion
-from mesh_contracts.v1.release import ReleaseBundle
+from mesh_contracts.v1.release import GLOBAL, ReleaseBundle
 
 KEPT = 64
 """Bundles one process keeps parsed (by tenant and version)."""
@@ -51,18 +53,23 @@ class Releases:
             return found
         if self.kv is None:
             raise ReleaseMissing(f"release {version} of tenant {tenant}: this service has no releases bucket")
-        try:
-            entry = await self.kv.get(ReleaseVersion.key(tenant, version))
-        except Exception as exc:
-            if type(exc).__name__ in ("KeyNotFoundError", "KeyDeletedError", "NotFoundError"):
-                raise ReleaseMissing(f"tenant {tenant} has no release {version}") from None
-            raise
+        entry = await self._get(ReleaseVersion.key(tenant, version))
+        if entry is None and tenant != GLOBAL:  # the mesh's default release, which every tenant may run
+            entry = await self._get(ReleaseVersion.key(GLOBAL, version))
+        if entry is None:
+            raise ReleaseMissing(f"tenant {tenant} has no release {version}")
         rec = ReleaseVersion.model_validate(json.loads(entry.value))
         found = ReleaseBundle.model_validate(rec.bundle)
         self._kept[key] = found
         while len(self._kept) > KEPT:
             self._kept.popitem(last=False)
         return found
+
+    async def _get(self, key: str) -> Any:
+        try:
+            return await self.kv.get(key)
+        except KeyNotFoundError:  # (a deleted key too)
+            return None
 
 
 def prompt(packaged: Prompt, bundle: ReleaseBundle | None, release: str) -> Prompt:

@@ -27,9 +27,12 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
+import nats
+import nats.js.errors
 from pydantic import ValidationError
 
-from mesh_contracts.v1.release import CanaryTest, ReleaseBundle, ReleaseChange, ReleaseEvaluation
+from mesh_contracts.v1 import ReleaseChanged, TaskRejected
+from mesh_contracts.v1.release import GLOBAL, CanaryTest, ReleaseBundle, ReleaseChange, ReleaseEvaluation
 from meshctl import options as opt
 from meshctl import workflow as wf
 from meshctl.local import MeshError
@@ -52,11 +55,21 @@ def load_bundle(path: Path) -> ReleaseBundle:
 
 
 def _person(args: argparse.Namespace, role: str) -> tuple[str, Any]:
-    """(tenant, signer) of ``--as <role>.<tenant>.<person>``, with the person's key from the mesh home."""
+    """(tenant, signer) of ``--as <role>.<tenant>.<person>``, with the person's key from the mesh
+    home; or, with ``--global``, the mesh's default release and the operator's (admin) key."""
     from mesh_kit.identity import Signer
     from meshctl.identity import Identities
 
-    parts = (args.as_ or "").split(".")
+    if getattr(args, "global_", False):
+        if args.as_:
+            raise MeshError("--global changes the mesh's default release as the operator (admin): leave out --as")
+        key = Identities(opt.home(args)).signing_key("admin")
+        if not key.exists():
+            raise MeshError(f"no operator key in {opt.home(args)}: --global needs the mesh's admin identity")
+        return GLOBAL, Signer.from_file("admin", key)
+    if not args.as_:
+        raise MeshError(f"say who: --as {role}.<tenant>.<person>, or --global (the mesh's default, as the operator)")
+    parts = args.as_.split(".")
     if len(parts) != 3 or parts[0] != role:
         how = "meshctl authors list" if role == "author" else "meshctl approvers list"
         raise MeshError(f"--as {args.as_!r}: this is done as {role}.<tenant>.<person> ({how})")
@@ -76,6 +89,8 @@ def _send(args: argparse.Namespace, role: str, **fields: Any) -> Any:
                            reason=getattr(args, "reason", None) or "", **fields)  # fmt: skip
 
     async def run() -> Any:
+        if tenant == GLOBAL:
+            return await _as_operator(args, change, signer)
         async with wf._client(args, tenant) as client:
             return await client.change_release(change, signer, timeout=args.timeout)
 
@@ -91,12 +106,66 @@ def _send(args: argparse.Namespace, role: str, **fields: Any) -> Any:
     return answer
 
 
+async def _as_operator(args: argparse.Namespace, change: ReleaseChange, signer: Any) -> Any:
+    """A change of the mesh's default release: published by the operator straight onto the stream
+    (an operator is no tenant: no door), answered on the change's id like a tenant's."""
+    from mesh_contracts import parse_message
+    from mesh_kit import envelope as env
+    from meshctl.cli import _admin
+
+    nc = await _admin(args)
+    answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+    async def on_msg(msg: Any) -> None:
+        model = parse_message(msg.subject, msg.data)
+        if isinstance(model, ReleaseChanged | TaskRejected) and not answer.done():
+            answer.set_result(model)
+
+    try:
+        sub = await nc.subscribe(f"task.*.{GLOBAL}.{change.task_id}.>", cb=on_msg)
+        await nc.flush()
+        body = change.to_bytes()
+        msg_id = env.message_id(change.type, GLOBAL, change.task_id, "")
+        await nc.jetstream().publish(change.subject(), body, headers=env.headers_for(signer, change, body, msg_id))
+        try:
+            return await asyncio.wait_for(answer, timeout=args.timeout)
+        except TimeoutError:
+            raise TimeoutError(f"no answer to release change {change.task_id} within {args.timeout:g} s") from None
+        finally:
+            await sub.unsubscribe()
+    finally:
+        await nc.close()
+
+
 def _read(args: argparse.Namespace, tenant: str, key: str) -> dict[str, Any] | None:
     async def run() -> dict[str, Any] | None:
+        if tenant == GLOBAL:  # the operator reads the mesh's default (a tenant's client may not)
+            from meshctl.cli import _admin
+
+            nc = await _admin(args)
+            try:
+                stored = await nc.jetstream(timeout=5.0).get_last_msg(
+                    "KV_releases", f"$KV.releases.{GLOBAL}.{key}", direct=True
+                )
+            except nats.js.errors.NotFoundError:
+                return None
+            finally:
+                await nc.close()
+            found: dict[str, Any] | None = json.loads(stored.data) if stored.data else None
+            return found
         async with wf._client(args, tenant) as client:
             return await client.registry(key, bucket="releases")
 
     return asyncio.run(run())
+
+
+def _scope(args: argparse.Namespace) -> str:
+    """Whose releases a reading command shows: ``--tenant T``, or ``--global`` (the mesh's default)."""
+    if getattr(args, "global_", False):
+        return GLOBAL
+    if not args.tenant:
+        raise MeshError("say whose: --tenant T, or --global (the mesh's default release)")
+    return str(args.tenant)
 
 
 def _channel(args: argparse.Namespace, tenant: str) -> dict[str, Any]:
@@ -116,8 +185,10 @@ def _bundle_of(args: argparse.Namespace, ref: str) -> tuple[str, ReleaseBundle |
         return ref, load_bundle(Path(ref))
     if ref == PACKAGED:
         return PACKAGED, None
+    if getattr(args, "global_", False):
+        args.tenant = GLOBAL
     if not args.tenant:
-        raise MeshError(f"{ref}: no such file; to name a version of a tenant's, say whose: --tenant T")
+        raise MeshError(f"{ref}: no such file; to name a version of a tenant's, say whose: --tenant T (or --global)")
     version = _channel(args, args.tenant).get("current", "") if ref == "current" else ref
     if not version:
         return PACKAGED, None
@@ -174,6 +245,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    args.tenant = _scope(args)
     ch = _channel(args, args.tenant)
     rows = []
     for v in ch.get("versions", []):
@@ -284,6 +356,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from mesh_contracts.v1.records import ReleaseChannel
 
+    args.tenant = _scope(args)
     ch = ReleaseChannel.model_validate(_channel(args, args.tenant))
     if args.json:
         print(json.dumps(ch.model_dump(mode="json"), indent=2))
@@ -330,20 +403,25 @@ def status_lines(ch: Any) -> list[str]:
 def cmd_eval(args: argparse.Namespace) -> int:
     """Run the golden set's cases of the release's tenant with the version pinned, compare with
     the current version's recorded evaluation (or ``--baseline``), and record the result."""
-    tenant, _ = _person(args, "author")
+    scope, _ = _person(args, "author")
+    tenant = scope
+    if scope == GLOBAL:  # a version of the mesh's default: its cases run in one tenant, pinned to it
+        if not args.tenant:
+            raise MeshError("--global eval runs one tenant's cases with the version pinned: say which, --tenant T")
+        tenant = args.tenant
     found = [e for e in entry_points(group="meshctl.release_eval") if e.name == "evaluate"]
     if not found:
         raise MeshError("release eval needs the mesh-eval package (pip install mesh-eval)")
     evaluate = found[0].load()
-    ch = _channel(args, tenant)
-    _version(args, tenant, args.version)
+    ch = _channel(args, scope)
+    _version(args, scope, args.version)
     baseline, against = None, ""
     if args.baseline:
         from mesh_eval.harness import load_report  # (mesh-eval is installed: its entry point was found)
 
         baseline, against = load_report(args.baseline), f"report {args.baseline}"
     elif ch.get("current"):
-        cur = _version(args, tenant, ch["current"])
+        cur = _version(args, scope, ch["current"])
         evs = [e for e in cur.get("evaluations", []) if e.get("report")]
         if evs:
             baseline, against = evs[-1]["report"], f"release {ch['current']}'s evaluation"
@@ -391,7 +469,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--timeout", type=opt.positive, default=30.0, help="seconds to wait for the planner's answer")
 
     def acted(p: argparse.ArgumentParser, role: str) -> None:
-        p.add_argument("--as", dest="as_", required=True, metavar=role.upper(), help=f"{role}.<tenant>.<person>")
+        p.add_argument("--as", dest="as_", default=None, metavar=role.upper(), help=f"{role}.<tenant>.<person>")
+        if role == "author" or p.prog.split()[-1] != "canary":
+            p.add_argument("--global", dest="global_", action="store_true",
+                           help="the mesh's default release (every tenant without one of its own), as the operator")  # fmt: skip
         p.add_argument("--tenant", type=opt.tenant, default=None, help=f"(the {role}'s tenant)")
         p.add_argument("--reason", default=None, help="why: on the tenant's audit chain")
         p.add_argument("--json", action="store_true")
@@ -440,7 +521,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     for name, fn, text in (("list", cmd_list, "the tenant's versions, current and canary"),
                            ("status", cmd_status, "the canary's sequential test and each version's live signals")):  # fmt: skip
         ls = r.add_parser(name, help=text)
-        ls.add_argument("--tenant", type=opt.tenant, required=True)
+        ls.add_argument("--tenant", type=opt.tenant, default=None)
+        ls.add_argument("--global", dest="global_", action="store_true", help="the mesh's default release")
         ls.add_argument("--json", action="store_true")
         reach(ls)
         ls.set_defaults(fn=fn)
@@ -448,6 +530,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     sh = r.add_parser("show", help="a bundle (file, VERSION, current or packaged): prompts, routes, tool rules, story")
     sh.add_argument("ref", metavar="FILE|VERSION|current|packaged")
     sh.add_argument("--tenant", type=opt.tenant, default=None)
+    sh.add_argument("--global", dest="global_", action="store_true", help="versions of the mesh's default release")
     sh.add_argument("--json", action="store_true")
     reach(sh)
     sh.set_defaults(fn=cmd_show)
@@ -456,5 +539,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     df.add_argument("old", metavar="OLD")
     df.add_argument("new", metavar="NEW")
     df.add_argument("--tenant", type=opt.tenant, default=None)
+    df.add_argument("--global", dest="global_", action="store_true", help="versions of the mesh's default release")
     reach(df)
     df.set_defaults(fn=cmd_diff)

@@ -44,7 +44,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from mesh_contracts.base import APPROVER, AUTHOR
+from mesh_contracts.base import ADMIN, APPROVER, AUTHOR
 from mesh_contracts.v1.records import (
     ArmStats,
     ReleaseChannel,
@@ -53,7 +53,7 @@ from mesh_contracts.v1.records import (
     TaskRecord,
     TrailPoint,
 )
-from mesh_contracts.v1.release import CanaryTest, ReleaseBundle, ReleaseChange, ReleaseChanged
+from mesh_contracts.v1.release import GLOBAL, CanaryTest, ReleaseBundle, ReleaseChange, ReleaseChanged
 from mesh_guardrails.injection import UNTRUSTED_NOTICE
 from mesh_kit import state as st
 from mesh_kit.identity import Principal, TrustBundle
@@ -73,9 +73,16 @@ class Refused(Exception):
 
 
 def may_change(bundle: TrustBundle, sender: Principal, tenant: str, action: str) -> str | None:
-    """Why ``sender`` may not make ``action`` to ``tenant``'s releases under ``bundle``, or None."""
-    role = RIGHTS.get(action, "")
+    """Why ``sender`` may not make ``action`` to ``tenant``'s releases under ``bundle``, or None.
+    The mesh's default (``GLOBAL``) is the operators' (the admin identity's) alone."""
     now = bundle.principals.get(sender.name)
+    if tenant == GLOBAL or (now is not None and now.role == ADMIN):
+        if now is None or now.role != ADMIN or tenant != GLOBAL:
+            return (f"{sender.name} may not {action} the mesh's default release: that is the operators' right (admin)"
+                    if tenant == GLOBAL else f"{sender.name} changes the mesh's default release ({GLOBAL}), not {tenant}'s")  # fmt: skip
+        return "a canary runs in a tenant: canary the version there (the mesh's default changes by promotion)" if (
+            action == "canary") else None  # fmt: skip
+    role = RIGHTS.get(action, "")
     if now is None or now.role != role:
         who = "an author (author.<tenant>.<person>)" if role == AUTHOR else "an approver (approver.<tenant>.<person>)"
         return (
@@ -95,12 +102,14 @@ def share_point(tenant: str, task_id: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def pick(ch: ReleaseChannel | None, task_id: str) -> str:
+def pick(ch: ReleaseChannel | None, task_id: str, default: str = "") -> str:
+    """The version a new task runs: the canary for a task under its share, else the tenant's current
+    release, else ``default`` (the mesh's current one)."""
     if ch is None:
-        return ""
+        return default
     if ch.canary and ch.share > 0 and share_point(ch.tenant, task_id) < ch.share:
         return ch.canary
-    return ch.current
+    return ch.current or default
 
 
 # --- the sequential test ------------------------------------------------------------------------
@@ -113,7 +122,7 @@ def boundaries(t: CanaryTest) -> tuple[float, float]:
 
 def p0_of(ch: ReleaseChannel, t: CanaryTest) -> float:
     """The current version's bad rate: its evaluated rate as a prior, updated by its tasks so far."""
-    cur = ch.arms.get(ch.current, ArmStats())
+    cur = ch.arms.get(ch.against, ArmStats())
     p = (t.baseline_bad * PRIOR_WEIGHT + cur.bad) / (PRIOR_WEIGHT + cur.tasks)
     return min(max(p, 0.01), 0.98 - t.min_effect)
 
@@ -205,6 +214,8 @@ class Releases:
         self.kv = kv
         self.routes = routes
         """The model gateway's routes (a bundle naming another is refused); None: not checked."""
+        self._effective = ""
+        """What the tenant's tasks run now, for the answer being made (``current``)."""
         self.view = view
         """A ``mesh_kit.view.KeyView`` of the bucket: the channels as stored, kept current from the
         bucket's feed (a rollback another replica wrote is seen within milliseconds), so choosing
@@ -219,21 +230,35 @@ class Releases:
         return ReleaseChannel.model_validate_json(raw) if raw else None
 
     async def version(self, tenant: str, version: str) -> ReleaseVersion | None:
+        """A version of the tenant's, or of the mesh's default releases (which every tenant may run)."""
         rec, _ = await st.load(self.kv, ReleaseVersion.key(tenant, version), ReleaseVersion)
+        if rec is None and tenant != GLOBAL:
+            rec, _ = await st.load(self.kv, ReleaseVersion.key(GLOBAL, version), ReleaseVersion)
         return rec
+
+    async def current(self, tenant: str, ch: ReleaseChannel | None = None) -> str:
+        """What the tenant's tasks run outside a canary: its own current release, else the mesh's."""
+        ch = ch if ch is not None else await self.channel(tenant)
+        if ch is not None and ch.current:
+            return ch.current
+        mesh = await self.channel(GLOBAL) if tenant != GLOBAL else None
+        return mesh.current if mesh is not None else ""
 
     async def choose(self, tenant: str, task_id: str, pinned: str = "") -> tuple[str, str]:
         """The version a new task runs and why: the one its submission pins (a drafted version of
-        its tenant's: ``meshctl release eval``), else the channel's pick (canary or current)."""
+        its tenant's or of the mesh's: ``meshctl release eval``), else the channel's pick (canary,
+        the tenant's current release, or the mesh's default)."""
         if pinned:
             if await self.version(tenant, pinned) is None:
                 raise Refused(f"tenant {tenant} has no release {pinned} (meshctl release list)")
             return pinned, "pinned by its submission"
         ch = await self.channel(tenant)
-        version = pick(ch, task_id)
-        if ch is not None and ch.canary and version == ch.canary:
-            return version, f"the tenant's canary, {ch.share:.0%} of new tasks"
-        return version, "the tenant's current release"
+        if ch is not None and ch.canary and pick(ch, task_id) == ch.canary:
+            return ch.canary, f"the tenant's canary, {ch.share:.0%} of new tasks"
+        if ch is not None and ch.current:
+            return ch.current, "the tenant's current release"
+        default = await self.current(tenant, ch)
+        return default, ("the mesh's default release" if default else "the packaged behaviour")
 
     # --- changes ---------------------------------------------------------------------------------
 
@@ -288,7 +313,9 @@ class Releases:
             return ch
 
         ch, _ = await st.update(self.kv, ReleaseChannel.key(m.tenant), ReleaseChannel, listed)
-        return self._answer(m, version, ch or ReleaseChannel(tenant=m.tenant), changed=created)
+        ch = ch or ReleaseChannel(tenant=m.tenant)
+        self._effective = await self.current(m.tenant, ch)
+        return self._answer(m, version, ch, changed=created)
 
     async def _evaluated(self, m: ReleaseChange, change_id: str) -> ReleaseChanged:
         if m.evaluation is None:
@@ -309,6 +336,7 @@ class Releases:
 
         _, changed = await st.update(self.kv, ReleaseVersion.key(m.tenant, m.version), ReleaseVersion, add)
         ch = await self.channel(m.tenant) or ReleaseChannel(tenant=m.tenant)
+        self._effective = await self.current(m.tenant, ch)
         return self._answer(m, m.version, ch, changed=changed)
 
     async def _gate(self, m: ReleaseChange) -> bool:
@@ -344,6 +372,7 @@ class Releases:
         now = time.time()
         decided: list[ReleaseEvent] = []
         baseline = await self._current_bad(m.tenant) if m.action == "canary" else 0.05
+        against = await self.current(m.tenant) if m.action == "canary" else ""
 
         def change(ch: ReleaseChannel | None) -> ReleaseChannel | None:
             decided.clear()
@@ -353,14 +382,15 @@ class Releases:
             event = ReleaseEvent(action=m.action, version=m.version, by=m.by, at=now, reason=m.reason,
                                  change_id=change_id, forced=forced)  # fmt: skip
             if m.action == "canary":
-                if m.version == ch.current:
-                    raise Refused(f"release {m.version} is the current version already")
+                if m.version == against:
+                    raise Refused(f"release {m.version} is what the tenant's tasks run already")
                 if ch.canary and ch.canary != m.version:
                     raise Refused(f"release {ch.canary} is in canary: promote or roll it back first")
                 test = m.test or CanaryTest()
                 if "baseline_bad" not in (m.test.model_fields_set if m.test else set()):
                     test = test.model_copy(update={"baseline_bad": baseline})
                 ch.canary, ch.share, ch.canary_since, ch.canary_by, ch.test = m.version, m.share, now, m.by, test
+                ch.against = against
                 ch.llr, ch.arms, ch.trail, ch.seen = 0.0, {}, [], []
             elif m.action == "promote":
                 if ch.canary and ch.canary != m.version:
@@ -377,7 +407,10 @@ class Releases:
                     ch.canary, ch.share = "", 0.0
                 elif not m.version or m.version == ch.current:
                     if not ch.current:
-                        raise Refused("nothing to roll back: the tenant runs the packaged behaviour, with no canary")
+                        raise Refused(
+                            "nothing to roll back: no canary, and no current release of the tenant's own (it "
+                            "runs the mesh's default, or the packaged behaviour)"
+                        )
                     event.version = ch.current
                     ch.current, ch.before = (ch.before[-1], ch.before[:-1]) if ch.before else ("", [])
                 else:
@@ -393,22 +426,21 @@ class Releases:
             changed_version = done.version if done is not None else m.version
         else:
             changed_version = ch.history[-1].version
+        self._effective = await self.current(m.tenant, ch)
         return self._answer(m, changed_version, ch, changed=changed), (list(decided) if changed else [])
 
     async def _current_bad(self, tenant: str) -> float:
         """The current version's bad rate by its latest evaluation (the canary's prior), else 0.05."""
-        ch = await self.channel(tenant)
-        cur = ch.current if ch is not None else ""
+        cur = await self.current(tenant)
         rec = await self.version(tenant, cur) if cur else None
         ev = rec.evaluation() if rec is not None else None
         if ev is None or not ev.cases:
             return 0.05
         return min(max(1 - ev.passed / ev.cases, 0.01), 0.5)
 
-    @staticmethod
-    def _answer(m: ReleaseChange, version: str, ch: ReleaseChannel, *, changed: bool) -> ReleaseChanged:
+    def _answer(self, m: ReleaseChange, version: str, ch: ReleaseChannel, *, changed: bool) -> ReleaseChanged:
         return ReleaseChanged(tenant=m.tenant, task_id=m.task_id, action=m.action, version=version, accepted=True,
-                              changed=changed, current=ch.current, canary=ch.canary, share=ch.share)  # fmt: skip
+                              changed=changed, current=self._effective, canary=ch.canary, share=ch.share)  # fmt: skip
 
     # --- observations ------------------------------------------------------------------------------
 
@@ -427,10 +459,10 @@ class Releases:
             decided.clear()
             if ch is None or not ch.canary or rec.task_id in ch.seen:
                 return None
-            if outcome.version not in (ch.canary, ch.current) or rec.created_at < ch.canary_since:
+            if outcome.version not in (ch.canary, ch.against) or rec.created_at < ch.canary_since:
                 return None  # a pinned evaluation task, or one admitted before this canary
             t = ch.test or CanaryTest()
-            cur = ch.arms.get(ch.current, ArmStats())
+            cur = ch.arms.get(ch.against, ArmStats())
             bad = outcome.bad(cur.mean_cost() if cur.tasks >= 5 else 0.0, t)
             arm = ch.arms.get(outcome.version, ArmStats()).model_copy(deep=True)
             _add(arm, outcome, bad)
@@ -477,15 +509,15 @@ def _decision(ch: ReleaseChannel, decision: str, by: str, reason: str, now: floa
         action=decision, version=ch.canary, by=by, at=now, reason=reason,
         change_id=f"{decision}-{ch.canary}-{int(ch.canary_since * 1000)}",
         tasks=arm.tasks, bad=arm.bad, llr=round(ch.llr, 4), lower=round(lower, 4), upper=round(upper, 4),
-        current=ch.canary if decision == "promoted" else ch.current,
+        current=ch.canary if decision == "promoted" else (ch.current or ch.against),
     )  # fmt: skip
 
 
 def _why(ch: ReleaseChannel, t: CanaryTest, verdict: str) -> str:
     arm = ch.arms.get(ch.canary, ArmStats())
-    cur = ch.arms.get(ch.current, ArmStats())
+    cur = ch.arms.get(ch.against, ArmStats())
     return (
-        f"{verdict} than {ch.current or 'the packaged behaviour'}: {arm.bad} of {arm.tasks} canary tasks went badly "
+        f"{verdict} than {ch.against or 'the packaged behaviour'}: {arm.bad} of {arm.tasks} canary tasks went badly "
         f"({cur.bad} of {cur.tasks} on the current version); log-likelihood ratio {ch.llr:.2f} "
         f"(boundaries {boundaries(t)[0]:.2f} / {boundaries(t)[1]:.2f}; alpha {t.alpha}, beta {t.beta}, "
         f"effect {t.min_effect})"
