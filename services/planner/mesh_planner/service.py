@@ -816,7 +816,7 @@ class Planner:
             return
 
         release, how = "", ""
-        if self.releases is not None and await st.task_record(self.kv, m.tenant, m.task_id) is None:
+        if self.releases is not None:  # (a redelivery's record keeps the version it was admitted with)
             try:
                 release, how = await self.releases.choose(m.tenant, m.task_id, m.release)
             except rel.Refused as exc:
