@@ -953,20 +953,23 @@ class Planner:
                 why = str(exc)
         detail = {"action": m.action, "name": m.name, "version": m.version, "reason": m.reason}
         if answer is None:
-            await self.mesh.audit(
-                m.tenant, m.task_id, "workflow.change-refused", f"{m.task_id}:refused", actor=d.sender.name,
-                source=d.msg_id, detail={**detail, "refused": why or ""},
-            )  # fmt: skip
             answer = WorkflowChanged(
                 tenant=m.tenant, task_id=m.task_id, action=m.action, name=m.name, version=m.version, accepted=False,
                 reason=why or "",
             )  # fmt: skip
         else:
             detail.update(version=answer.version, status=answer.status, latest=answer.latest, changed=answer.changed)
-            await self.mesh.audit(
-                m.tenant, m.task_id, f"workflow.{m.action}", f"{m.task_id}:{m.action}", actor=d.sender.name,
-                source=d.msg_id, detail=detail,
-            )  # fmt: skip
+        await self._answer_change("workflow", m, d, answer, detail)
+
+    async def _answer_change(self, what: str, m: Contract, d: Delivery, answer: Any, detail: dict[str, Any]) -> None:
+        """A person's change to the tenant's workflows or releases, on its audit chain
+        (``<what>.<action>``, or ``<what>.change-refused`` with why), then answered on its id."""
+        action = str(getattr(m, "action", ""))
+        if answer.accepted:
+            kind, key = f"{what}.{action}", f"{m.task_id}:{action}"
+        else:
+            kind, key, detail = f"{what}.change-refused", f"{m.task_id}:refused", {**detail, "refused": answer.reason}
+        await self.mesh.audit(m.tenant, m.task_id, kind, key, actor=d.sender.name, source=d.msg_id, detail=detail)
         await self.mesh.publish(answer, key="changed", causation=d.msg_id)
 
     async def _plan_prompt(self, m: TaskSubmitted, release: str) -> tuple[prompts.Prompt, str]:
@@ -1019,19 +1022,11 @@ class Planner:
                 "regressions": list(m.evaluation.regressions),
             }
         if answer is None:
-            await self.mesh.audit(
-                m.tenant, m.task_id, "release.change-refused", f"{m.task_id}:refused", actor=d.sender.name,
-                source=d.msg_id, detail={**detail, "refused": why or ""},
-            )  # fmt: skip
             answer = ReleaseChanged(tenant=m.tenant, task_id=m.task_id, action=m.action, version=m.version,
                                     accepted=False, reason=why or "")  # fmt: skip
         else:
             detail.update(version=answer.version, current=answer.current, canary=answer.canary, changed=answer.changed)
-            await self.mesh.audit(
-                m.tenant, m.task_id, f"release.{m.action}", f"{m.task_id}:{m.action}", actor=d.sender.name,
-                source=d.msg_id, detail=detail,
-            )  # fmt: skip
-        await self.mesh.publish(answer, key="changed", causation=d.msg_id)
+        await self._answer_change("release", m, d, answer, detail)
         if decided:
             await self.announce(m.tenant, decided)
 
