@@ -185,3 +185,22 @@ async def test_every_attempt_is_in_the_otel_genai_client_metrics():
     assert set(tokens) == {"input", "output"}
     assert tokens["input"].sum == response.input_tokens and tokens["output"].sum == response.output_tokens
     assert all(p.attributes["gen_ai.request.model"] == "scripted-1" for p in tokens.values())
+
+
+async def test_a_call_made_for_a_task_on_a_release_names_it_on_its_span_metrics_and_usage():
+    """What a canary is compared by: each model call of a task says which release made it."""
+    from mesh_kit import envelope as env
+
+    mesh, release = FakeMesh(), "3f9a0c2b7d41e685"
+    with env.releasing("acme", "t1", release):
+        await call_model(mesh, models(), REQUEST, step_id="s1", call_id="s1-a1-i0", **T)  # type: ignore[arg-type]
+        await call_model(mesh, models(), REQUEST, step_id="s2", call_id="s2-a1-i0", tenant="acme", task_id="t2")  # type: ignore[arg-type]
+    spans = mesh.spans.get_finished_spans()
+    assert {s.attributes.get("mesh.release") for s in spans if "t1" == s.attributes["gen_ai.conversation.id"]} == {
+        release
+    }
+    assert {s.attributes.get("mesh.release") for s in spans if "t2" == s.attributes["gen_ai.conversation.id"]} == {None}
+    points = _points(mesh, "gen_ai.client.token.usage")
+    assert {p.attributes.get("mesh.release") for p in points} == {release, None}
+    usage = [m for m in mesh.published if isinstance(m, UsageRecorded)]
+    assert {(u.task_id, u.release) for u in usage} == {("t1", release), ("t2", "")}

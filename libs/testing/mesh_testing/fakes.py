@@ -15,6 +15,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from mesh_contracts.v1 import BudgetDenied, BudgetGranted
+from mesh_kit import envelope as env
 from mesh_kit import telemetry as tel
 
 
@@ -49,7 +50,7 @@ class FakeMesh:
                              remaining_tokens=100_000)  # fmt: skip
 
     async def publish(self, m: Any, key: str, causation: str | None = None, priority: int | None = None) -> None:
-        self.published.append(m)
+        self.published.append(env.stamped(m))  # as Mesh.publish: the release of the task being handled
 
     async def progress(self, *a: Any, **kw: Any) -> None:
         self.published.append(("progress", a, kw))
