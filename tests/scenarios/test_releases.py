@@ -316,6 +316,30 @@ def test_a_release_that_denies_a_tool_takes_it_away_in_the_worker_and_the_tool_e
     asyncio.run(main())
 
 
+def test_a_releases_route_takes_the_agents_calls_to_another_chain_of_the_gateway(infra, mesh, people, tmp_path):
+    """The mesh's model config has a ``default`` and a ``judge`` route (the scripted models
+    scripted-1 and scripted-judge): a release that routes the worker to ``judge`` moves its calls."""
+    path = tmp_path / "routed.yaml"
+    path.write_text(yaml.safe_dump({"description": "the worker on the judge's chain", "routes": {"worker": "judge"}}))
+    assert ctl(infra, "release", "draft", str(path), "--as", ALICE) == 0
+    v = version_of(path)
+
+    async def main() -> dict[str, set[str]]:
+        async with TenantClient.of(infra.ids, infra.nats_url, "acme") as client:
+            for task, release in (("routed", v), ("unrouted", "")):
+                seen = await client.submit(GOALS[0], task_id=task, release=release, timeout=60, progress=False)
+                assert isinstance(seen.outcome, TaskCompleted), seen.outcome
+        models: dict[str, set[str]] = {}
+        for task in ("routed", "unrouted"):
+            for msg in await infra.stored("USAGE", f"usage.v1.acme.{task}.>"):
+                u = json.loads(msg.data)
+                if u["agent"] == "worker":
+                    models.setdefault(task, set()).add(u["model"])
+        return models
+
+    assert asyncio.run(main()) == {"routed": {"scripted-judge"}, "unrouted": {"scripted-1"}}
+
+
 def test_the_meshs_default_release_is_the_operators_and_serves_tenants_without_their_own(
     infra, mesh, people, files, tmp_path, capsys
 ):
