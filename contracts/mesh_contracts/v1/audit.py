@@ -32,8 +32,17 @@ AUDIT_KINDS: dict[str, tuple[str, ...]] = {
     "tool-executor": ("tool.",),
     "budget": ("budget.",),
     # control actions; a task's pinned workflow and signals; authors' workflow changes; plan drafts
-    # and reviewers' decisions; release changes and canary decisions
-    "planner": ("control.", "task.workflow", "task.signal", "workflow.", "plan.", "release."),
+    # and reviewers' decisions; approval nodes' decisions; release changes and canary decisions
+    "planner": (
+        "control.",
+        "task.workflow",
+        "task.signal",
+        "workflow.",
+        "plan.",
+        "approval.approved",
+        "approval.denied",
+        "release.",
+    ),
     "admin": ("control.",),
 }
 """Which kinds of record each role may write (a prefix, or a whole kind): a record of another

@@ -2,7 +2,7 @@
 
 The task record is the only truth about a task's progress: any replica of the planner can pick
 up any task. Records other services read are contracts (``mesh_contracts.v1.records``); they
-read them only through the accessors here (``task_record``, ``task_status``).
+read them only through the accessors here (``task_record``, ``task_status``, ``Bundles``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFound
 from nats.js.kv import KeyValue
 from pydantic import BaseModel
 
-from mesh_contracts.v1.records import Evidence, StatusRecord, TaskRecord
+from mesh_contracts.v1.records import Evidence, ReleaseVersion, StatusRecord, TaskRecord
+from mesh_contracts.v1.release import GLOBAL, ReleaseBundle
 
 
 def bind(nc: Any, bucket: str) -> KeyValue:
@@ -203,3 +204,43 @@ async def evidence(kv: Any, tenant: str, task_id: str, step_id: str, attempt: in
     """The retrieval records a step attempt read (bucket ``evidence``, the planner's own)."""
     rec, _ = await load(kv, Evidence.key(tenant, task_id, step_id, attempt), Evidence)
     return rec
+
+
+class ReleaseMissing(LookupError):
+    """The release a message names is not in its tenant's releases nor the mesh's (never drafted)."""
+
+
+class Bundles:
+    """The bundles of the releases tasks run (``mesh_contracts.v1.release``), from the ``releases``
+    bucket by tenant and version, each read once per process (a version never changes: its name
+    is its digest). A version of the mesh's default (tenant ``_mesh``) serves every tenant. A
+    bucket that cannot be read raises, and the handler retries: a task never silently runs on
+    other behaviour than the one it was admitted with."""
+
+    KEPT = 64
+
+    def __init__(self, kv: Any) -> None:
+        self.kv = kv
+        self._kept: OrderedDict[tuple[str, str], ReleaseBundle] = OrderedDict()
+
+    async def bundle(self, tenant: str, version: str) -> ReleaseBundle | None:
+        """The bundle of ``version`` (None for '' : the packaged behaviour)."""
+        if not version:
+            return None
+        key = (tenant, version)
+        found = self._kept.get(key)
+        if found is not None:
+            self._kept.move_to_end(key)
+            return found
+        if self.kv is None:
+            raise ReleaseMissing(f"release {version} of tenant {tenant}: this service has no releases bucket")
+        rec, _ = await load(self.kv, ReleaseVersion.key(tenant, version), ReleaseVersion)
+        if rec is None and tenant != GLOBAL:
+            rec, _ = await load(self.kv, ReleaseVersion.key(GLOBAL, version), ReleaseVersion)
+        if rec is None:
+            raise ReleaseMissing(f"tenant {tenant} has no release {version}")
+        found = ReleaseBundle.model_validate(rec.bundle)
+        self._kept[key] = found
+        while len(self._kept) > self.KEPT:
+            self._kept.popitem(last=False)
+        return found

@@ -400,6 +400,19 @@ def status_lines(ch: Any) -> list[str]:
     return out
 
 
+def _report(path: Path) -> dict[str, Any]:
+    """An eval report (``meshctl eval --report``), or a one-line reason it is not one."""
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise MeshError(f"no such report: {path}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MeshError(f"{path}: not an eval report: {exc}") from None
+    if not isinstance(report, dict) or not isinstance(report.get("cases"), list):
+        raise MeshError(f"{path}: not an eval report (no 'cases')")
+    return report
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     """Run the golden set's cases of the release's tenant with the version pinned, compare with
     the current version's recorded evaluation (or ``--baseline``), and record the result."""
@@ -417,9 +430,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _version(args, scope, args.version)
     baseline, against = None, ""
     if args.baseline:
-        from mesh_eval.harness import load_report  # (mesh-eval is installed: its entry point was found)
-
-        baseline, against = load_report(args.baseline), f"report {args.baseline}"
+        baseline, against = _report(Path(args.baseline)), f"report {args.baseline}"
     elif ch.get("current"):
         cur = _version(args, scope, ch["current"])
         evs = [e for e in cur.get("evaluations", []) if e.get("report")]

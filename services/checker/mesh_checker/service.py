@@ -29,6 +29,7 @@ from mesh_checker.settings import CheckerSettings
 from mesh_contracts import ContractError
 from mesh_contracts.v1 import CheckRequested, CheckResult, CheckVerdict, RetrievalCompleted, TokenUsage
 from mesh_kit import Delivery, Mesh
+from mesh_kit import state as st
 from mesh_kit import telemetry as tel
 from mesh_kit.identity import IdentityError
 from mesh_kit.ledger import BUCKET as LEDGER
@@ -56,7 +57,7 @@ class Checker:
         self.judge_prompts = jd.JudgePrompts.load(self.settings.prompts_dir)
         self.passages = passages or self.retrieved
         self.ledger: Ledger | None = None
-        self.bundles = releases.Releases(None)  # the releases bucket, from start()
+        self.bundles = st.Bundles(None)  # the releases bucket, from start()
         self._judges: dict[tuple[str, ...], Models] = {}
         meter = mesh.meter
         self._verdicts = meter.create_counter(tel.M_CHECK_VERDICTS, unit="{verdict}")
@@ -68,7 +69,7 @@ class Checker:
         if self.models is None:
             self.models = configured(self.mesh, self.settings)
         self.ledger = Ledger(await self.mesh.kv(LEDGER), self.mesh.service)
-        self.bundles = releases.Releases(await self.mesh.kv("releases"))
+        self.bundles = st.Bundles(await self.mesh.kv("releases"))
 
     def register(self) -> None:
         self.mesh.enable_guard()

@@ -22,7 +22,6 @@ from pydantic import ValidationError
 from mesh_agent import prompts
 from mesh_agent import releases as bundles
 from mesh_agent.metered import BudgetExceeded, Models, call_model_once, configured
-from mesh_agent.releases import Releases as Bundles
 from mesh_contracts import Contract
 from mesh_contracts import topology as topo
 from mesh_contracts.registry import BY_TYPE
@@ -91,6 +90,7 @@ from mesh_kit import telemetry as tel
 from mesh_kit.bus import Reject
 from mesh_kit.ledger import BUCKET as LEDGER
 from mesh_kit.ledger import Ledger
+from mesh_kit.state import Bundles
 from mesh_kit.view import KeyView
 from mesh_llm import ChatModel, ContextOverflow, Message, ModelRequest, UnknownRoute
 from mesh_planner import releases as rel

@@ -23,7 +23,6 @@ from typing import Any, Literal
 
 from nacl.public import PublicKey, SealedBox
 
-from mesh_agent import releases
 from mesh_contracts.v1 import (
     ApprovalDecided,
     ApprovalRequested,
@@ -106,7 +105,7 @@ class ToolExecutor:
         self.settings = settings if settings is not None else ToolExecutorSettings.defaults()
         self.registry = registry or Registry()
         self.ledger: Ledger | None = None
-        self.bundles = releases.Releases(None)  # the releases bucket, from start()
+        self.bundles = st.Bundles(None)  # the releases bucket, from start()
         self.tasks: Any = None
         self.approvals: Approvals | None = None
         self.notes: Notes = MemoryNotes()
@@ -128,7 +127,7 @@ class ToolExecutor:
             self.mesh.depend(redis)
         self.ledger = Ledger(await self.mesh.kv(BUCKET), self.mesh.service)
         self.tasks = await self.mesh.kv("tasks")
-        self.bundles = releases.Releases(await self.mesh.kv("releases"))
+        self.bundles = st.Bundles(await self.mesh.kv("releases"))
         self.notes = KVNotes(await self.mesh.kv("notes"), self.mesh.nc, self.settings.notes_per_tenant)
         self.approvals = Approvals(
             await self.mesh.kv("approvals"), self._settle, nc=self.mesh.nc, ended=self._ended_seen
@@ -392,7 +391,8 @@ class ToolExecutor:
             await self._audit(m, None, "invalid", (str(exc),))
             await self._answer(m, {"ok": False, "result": "", "error": str(exc)}, None, causation=d.msg_id)
             return
-        if m.tool in releases.denied(await self.bundles.bundle(m.tenant, m.release)):
+        bundle = await self.bundles.bundle(m.tenant, m.release)
+        if bundle is not None and m.tool in bundle.tools.deny:
             # The task's release takes the tool away (the worker does not offer it either).
             reason = f"release {m.release} denies tool {m.tool}"
             await self._audit(m, tool, "blocked", (reason,), by="release")

@@ -136,7 +136,7 @@ class Worker:
         self.system_prompt = prompts.load("mesh_worker", "system", self.settings.prompts_dir)
         self.steps: Any = None
         self.ledger: Ledger | None = None
-        self.bundles = releases.Releases(None)  # the releases bucket, from start()
+        self.bundles = st.Bundles(None)  # the releases bucket, from start()
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self.catalogue: dict[str, ToolSpec] = {}
         self._tools_kv: Any = None
@@ -144,7 +144,7 @@ class Worker:
 
     async def start(self) -> None:
         self.steps = await self.mesh.kv("steps")
-        self.bundles = releases.Releases(await self.mesh.kv("releases"))
+        self.bundles = st.Bundles(await self.mesh.kv("releases"))
         self.ledger = Ledger(await self.mesh.kv(LEDGER), self.mesh.service)
         self._tools_kv = await self.mesh.kv("tools")
         await self._read_catalogue()
