@@ -214,8 +214,6 @@ class Releases:
         self.kv = kv
         self.routes = routes
         """The model gateway's routes (a bundle naming another is refused); None: not checked."""
-        self._effective = ""
-        """What the tenant's tasks run now, for the answer being made (``current``)."""
         self.view = view
         """A ``mesh_kit.view.KeyView`` of the bucket: the channels as stored, kept current from the
         bucket's feed (a rollback another replica wrote is seen within milliseconds), so choosing
@@ -314,8 +312,7 @@ class Releases:
 
         ch, _ = await st.update(self.kv, ReleaseChannel.key(m.tenant), ReleaseChannel, listed)
         ch = ch or ReleaseChannel(tenant=m.tenant)
-        self._effective = await self.current(m.tenant, ch)
-        return self._answer(m, version, ch, changed=created)
+        return self._answer(m, version, ch, changed=created, current=await self.current(m.tenant, ch))
 
     async def _evaluated(self, m: ReleaseChange, change_id: str) -> ReleaseChanged:
         if m.evaluation is None:
@@ -336,8 +333,7 @@ class Releases:
 
         _, changed = await st.update(self.kv, ReleaseVersion.key(m.tenant, m.version), ReleaseVersion, add)
         ch = await self.channel(m.tenant) or ReleaseChannel(tenant=m.tenant)
-        self._effective = await self.current(m.tenant, ch)
-        return self._answer(m, m.version, ch, changed=changed)
+        return self._answer(m, m.version, ch, changed=changed, current=await self.current(m.tenant, ch))
 
     async def _gate(self, m: ReleaseChange) -> bool:
         """Whether the version's latest evaluation passed; ``Refused`` (unless forced) if not."""
@@ -426,8 +422,9 @@ class Releases:
             changed_version = done.version if done is not None else m.version
         else:
             changed_version = ch.history[-1].version
-        self._effective = await self.current(m.tenant, ch)
-        return self._answer(m, changed_version, ch, changed=changed), (list(decided) if changed else [])
+        return self._answer(m, changed_version, ch, changed=changed, current=await self.current(m.tenant, ch)), (
+            list(decided) if changed else []
+        )
 
     async def _current_bad(self, tenant: str) -> float:
         """The current version's bad rate by its latest evaluation (the canary's prior), else 0.05."""
@@ -438,9 +435,11 @@ class Releases:
             return 0.05
         return min(max(1 - ev.passed / ev.cases, 0.01), 0.5)
 
-    def _answer(self, m: ReleaseChange, version: str, ch: ReleaseChannel, *, changed: bool) -> ReleaseChanged:
+    @staticmethod
+    def _answer(m: ReleaseChange, version: str, ch: ReleaseChannel, *, changed: bool, current: str) -> ReleaseChanged:
+        """``current``: what the tenant's tasks run now (its own release, else the mesh's)."""
         return ReleaseChanged(tenant=m.tenant, task_id=m.task_id, action=m.action, version=version, accepted=True,
-                              changed=changed, current=self._effective, canary=ch.canary, share=ch.share)  # fmt: skip
+                              changed=changed, current=current, canary=ch.canary, share=ch.share)  # fmt: skip
 
     # --- observations ------------------------------------------------------------------------------
 
