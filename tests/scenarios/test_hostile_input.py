@@ -73,6 +73,9 @@ def _valid(subject: str) -> dict:
         "change": {**base, "type": "workflow.change", "action": "publish", "name": "wf", "author": "author.acme.x",
                    "definition": {"name": "wf", "nodes": [{"id": "a", "kind": "agent", "instruction": "x"}]}},
         "signal": {**base, "type": "task.signal", "name": "go"},  # (its payload may be any JSON: no wrong type)
+        # a person's release change, over the tenant's connection (signed here by the client: refused)
+        "release": {**base, "type": "release.change", "action": "draft", "by": "author.acme.x",
+                    "bundle": {"prompts": {"worker.system": {"version": "2", "text": "x"}}}},
     }.get(kind, {**base, "type": kind})  # fmt: skip
 
 
