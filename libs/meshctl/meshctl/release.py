@@ -529,27 +529,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     acted(b, "approver")
     b.set_defaults(fn=cmd_rollback)
 
-    for name, fn, text in (("list", cmd_list, "the tenant's versions, current and canary"),
-                           ("status", cmd_status, "the canary's sequential test and each version's live signals")):  # fmt: skip
-        ls = r.add_parser(name, help=text)
-        ls.add_argument("--tenant", type=opt.tenant, default=None)
-        ls.add_argument("--global", dest="global_", action="store_true", help="the mesh's default release")
-        ls.add_argument("--json", action="store_true")
-        reach(ls)
-        ls.set_defaults(fn=fn)
+    def read(name: str, fn: Any, text: str, *refs: tuple[str, str], json_out: bool = True) -> None:
+        """A command that reads releases: whose (``--tenant`` or ``--global``), and how to reach the mesh."""
+        c = r.add_parser(name, help=text)
+        for dest, metavar in refs:
+            c.add_argument(dest, metavar=metavar)
+        c.add_argument("--tenant", type=opt.tenant, default=None)
+        c.add_argument("--global", dest="global_", action="store_true", help="the mesh's default release")
+        if json_out:
+            c.add_argument("--json", action="store_true")
+        reach(c)
+        c.set_defaults(fn=fn)
 
-    sh = r.add_parser("show", help="a bundle (file, VERSION, current or packaged): prompts, routes, tool rules, story")
-    sh.add_argument("ref", metavar="FILE|VERSION|current|packaged")
-    sh.add_argument("--tenant", type=opt.tenant, default=None)
-    sh.add_argument("--global", dest="global_", action="store_true", help="versions of the mesh's default release")
-    sh.add_argument("--json", action="store_true")
-    reach(sh)
-    sh.set_defaults(fn=cmd_show)
-
-    df = r.add_parser("diff", help="what changes between two bundles (files, versions, current, packaged)")
-    df.add_argument("old", metavar="OLD")
-    df.add_argument("new", metavar="NEW")
-    df.add_argument("--tenant", type=opt.tenant, default=None)
-    df.add_argument("--global", dest="global_", action="store_true", help="versions of the mesh's default release")
-    reach(df)
-    df.set_defaults(fn=cmd_diff)
+    read("list", cmd_list, "the tenant's versions, current and canary")
+    read("status", cmd_status, "the canary's sequential test and each version's live signals")
+    read("show", cmd_show, "a bundle (file, VERSION, current or packaged): prompts, routes, tool rules, story",
+         ("ref", "FILE|VERSION|current|packaged"))  # fmt: skip
+    read("diff", cmd_diff, "what changes between two bundles (files, versions, current, packaged)",
+         ("old", "OLD"), ("new", "NEW"), json_out=False)  # fmt: skip
