@@ -365,3 +365,18 @@ async def test_a_tenant_without_a_release_of_its_own_runs_the_meshs_and_a_canary
     await reg.apply(change("promote", v, n=2), "p1")
     assert await reg.choose("acme", "t-2") == (v, "the tenant's current release")
     assert (await reg.choose("globex", "t-2"))[0] == g
+
+
+def test_the_gate_counts_a_judge_score_that_fell_even_when_every_case_still_passes():
+    from mesh_eval.release import judge_drop
+
+    def report(*scores: float | None) -> dict[str, Any]:
+        return {"cases": [{"id": f"c{i}", "judge_score": s, "passed": True} for i, s in enumerate(scores)]}
+
+    assert (
+        judge_drop(report(0.9, 0.9), report(0.8, 0.8), 0.05)
+        == "judge mean score: 0.900 -> 0.800 (more than 0.05 lower)"
+    )
+    assert judge_drop(report(0.9, 0.9), report(0.87, 0.87), 0.05) == ""
+    assert judge_drop(report(0.9, None), report(0.9, 0.1), 0.05) == ""  # only the cases both judged
+    assert judge_drop(report(0.9), report(0.95, 0.1), 0.05) == ""  # (c1 is new)

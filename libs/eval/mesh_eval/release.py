@@ -6,7 +6,8 @@ every submission (``TaskSubmitted.release``); the report is compared with the ba
 current version's recorded evaluation, or a report file) by ``harness.compare``: a pass-rate or
 property-rate drop beyond ``max_regression``, a case that passed and fails now, the mean cost
 rising beyond ``max_cost_increase`` (and, when given, p95 latency beyond
-``max_latency_increase``) is a regression; any regression fails the gate.
+``max_latency_increase``), the judge's mean score over the cases both judged falling by more than
+``max_judge_drop`` is a regression; any regression fails the gate.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ async def evaluate(
     max_regression: float = 0.0,
     max_cost_increase: float = 0.25,
     max_latency_increase: float | None = None,
+    max_judge_drop: float = 0.05,
     progress: bool = True,
 ) -> tuple[dict[str, Any], ReleaseEvaluation]:
     """(report, evaluation) of ``version`` of ``client``'s tenant over the dataset's cases of that tenant."""
@@ -50,6 +52,9 @@ async def evaluate(
     regressions = [f"{m['metric']}: {m['baseline']} -> {m['now']}" for m in comparison["metrics"] if not m["ok"]] + [
         f"case {c} passed before and fails now" for c in comparison["newly_failing"]
     ]
+    judged = judge_drop(baseline, report, max_judge_drop)
+    if judged:
+        regressions.append(judged)
     summary = report["summary"]
     failing = [
         f"{c['id']}: "
@@ -72,6 +77,23 @@ async def evaluate(
         report=_trimmed(report),
     )
     return report, evaluation
+
+
+def _judge_mean(report: dict[str, Any], ids: set[str]) -> float | None:
+    scores = [c["judge_score"] for c in report["cases"] if c["id"] in ids and c.get("judge_score") is not None]
+    return sum(scores) / len(scores) if scores else None
+
+
+def judge_drop(baseline: dict[str, Any], report: dict[str, Any], max_drop: float) -> str:
+    """The judge's mean score over the cases both reports judged, if it fell by more than
+    ``max_drop`` (absolute): a regression a pass rate can hide (answers that still pass, worse)."""
+    both = {c["id"] for c in baseline["cases"] if c.get("judge_score") is not None} & {
+        c["id"] for c in report["cases"] if c.get("judge_score") is not None
+    }
+    was, now = _judge_mean(baseline, both), _judge_mean(report, both)
+    if was is None or now is None or was - now <= max_drop + 1e-9:
+        return ""
+    return f"judge mean score: {was:.3f} -> {now:.3f} (more than {max_drop:g} lower)"
 
 
 def _trimmed(report: dict[str, Any]) -> dict[str, Any]:

@@ -448,6 +448,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 client, args.dataset, args.version, baseline, against=against, concurrency=args.concurrency,
                 timeout_s=args.case_timeout, max_regression=args.max_regression,
                 max_cost_increase=args.max_cost_increase, max_latency_increase=args.max_latency_increase,
+                max_judge_drop=args.max_judge_drop,
             )  # fmt: skip
 
     report, evaluation = asyncio.run(run())
@@ -502,6 +503,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--max-regression", type=opt.fraction, default=0.0, help="pass-rate drop tolerated (absolute)")
     e.add_argument("--max-cost-increase", type=opt.at_least_zero, default=0.25, help="mean cost rise tolerated")
     e.add_argument("--max-latency-increase", type=opt.at_least_zero, default=None, help="p95 latency rise tolerated")
+    e.add_argument(
+        "--max-judge-drop", type=opt.fraction, default=0.05, help="judge mean score drop tolerated (absolute)"
+    )
     e.add_argument("--concurrency", type=int, default=4)
     e.add_argument("--case-timeout", type=opt.positive, default=120.0, help="seconds per case")
     e.add_argument("--report", default=None, help="write the run's report here too")
