@@ -224,7 +224,7 @@ def test_a_forced_regressive_canary_is_rolled_back_by_its_test(infra, mesh, peop
     assert all(isinstance(o, TaskCompleted) and o.revisions == 0 for o in outcomes if o.release != bad)
     # The test decided after exactly the bad canary tasks its upper boundary needs: each adds
     # log(p1/p0) with p0 at most the prior (the current version's tasks only lower it).
-    _, upper = rel.boundaries(test)
+    _, upper = test.boundaries()
     p0 = min(max(test.baseline_bad, 0.01), 0.98 - test.min_effect)
     most = math.ceil(upper / math.log((p0 + test.min_effect) / p0))
     assert 1 <= decision.tasks <= most and decision.bad == decision.tasks and decision.llr >= upper

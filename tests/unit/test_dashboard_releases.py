@@ -14,9 +14,9 @@ from typing import Any
 import nats.js.errors
 import pytest
 
-from mesh_contracts.v1.records import ArmStats, ReleaseChannel, ReleaseEvent, TrailPoint
+from mesh_contracts.v1.records import ArmStats, ReleaseChannel, ReleaseEvent, TrailPoint, nearest_rank
 from mesh_contracts.v1.release import CanaryTest
-from meshctl.dashboard import Dashboard, boundaries, p95, releases_view
+from meshctl.dashboard import Dashboard, releases_view
 
 pytestmark = pytest.mark.unit
 
@@ -55,10 +55,10 @@ def rolled_back() -> ReleaseChannel:
 
 
 def test_the_boundaries_are_walds_for_the_tests_alpha_and_beta():
-    lower, upper = boundaries(CanaryTest(alpha=0.05, beta=0.10))
+    lower, upper = CanaryTest(alpha=0.05, beta=0.10).boundaries()
     assert lower == pytest.approx(math.log(0.10 / 0.95)) == pytest.approx(-2.2513, abs=1e-4)
     assert upper == pytest.approx(math.log(18)) == pytest.approx(2.8904, abs=1e-4)
-    lower, upper = boundaries(CanaryTest(alpha=0.01, beta=0.2))
+    lower, upper = CanaryTest(alpha=0.01, beta=0.2).boundaries()
     assert (round(lower, 4), round(upper, 4)) == (-1.5994, 4.382)  # ln(0.2 / 0.99), ln(0.8 / 0.01)
     view = releases_view(rolled_back())
     assert view["boundaries"] == {"lower": pytest.approx(-2.2513, abs=1e-4), "upper": pytest.approx(2.8904, abs=1e-4)}
@@ -66,12 +66,14 @@ def test_the_boundaries_are_walds_for_the_tests_alpha_and_beta():
 
 
 def test_p95_is_the_nearest_rank():
-    assert p95([]) == 0.0
-    assert p95([7.0]) == 7.0
-    assert p95([5.0, 3.0]) == 5.0
-    assert p95([float(i) for i in range(1, 21)]) == 19.0  # rank ceil(0.95 * 20) = 19
-    assert p95([float(i) for i in range(21, 0, -1)]) == 20.0  # rank ceil(0.95 * 21) = 20, order not assumed
-    assert p95([float(i) for i in range(1, 101)]) == 95.0
+    assert nearest_rank([], 0.95) == 0.0
+    assert nearest_rank([7.0], 0.95) == 7.0
+    assert nearest_rank([5.0, 3.0], 0.95) == 5.0
+    assert nearest_rank([float(i) for i in range(1, 21)], 0.95) == 19.0  # rank ceil(0.95 * 20) = 19
+    assert (
+        nearest_rank([float(i) for i in range(21, 0, -1)], 0.95) == 20.0
+    )  # rank ceil(0.95 * 21) = 20, order not assumed
+    assert nearest_rank([float(i) for i in range(1, 101)], 0.95) == 95.0
 
 
 def test_each_arm_summarises_its_signals():

@@ -188,7 +188,7 @@ async def test_a_regressive_canary_is_rolled_back_when_its_ratio_crosses_the_upp
     v = await drafted(reg)
     await reg.apply(change("evaluated", v, evaluation=passed()), "e1")
     await reg.apply(change("canary", v, share=0.5), "c1")
-    lower, upper = rel.boundaries(CanaryTest())
+    lower, upper = CanaryTest().boundaries()
     assert (round(lower, 3), round(upper, 3)) == (-2.251, 2.890)
     assert await reg.observe(ended("t1", v, ok=False)) == []  # log(0.25/0.05) = 1.61: not yet
     decided = await reg.observe(ended("t2", v, revisions=1))  # rejected once, then passed: a bad task too
@@ -217,7 +217,7 @@ def simulate(
     """One canary, task by task as the planner observes them (the same functions): its decision
     and the canary tasks it took."""
     ch = ReleaseChannel(tenant="acme", current="", canary="c", share=share, test=t)
-    lower, upper = rel.boundaries(t)
+    lower, upper = t.boundaries()
     cur_bad = cur_n = n = 0
     while True:
         if rng.random() < share:
@@ -270,7 +270,7 @@ def test_a_total_regression_is_rolled_back_after_the_fewest_tasks_the_boundary_a
     rng = random.Random(7)
     decisions = [simulate(t, 1.0, 0.0, rng) for _ in range(200)]
     p0 = t.baseline_bad
-    most = math.ceil(rel.boundaries(t)[1] / math.log((p0 + t.min_effect) / p0))
+    most = math.ceil(t.boundaries()[1] / math.log((p0 + t.min_effect) / p0))
     assert all(d == "rolled_back" and n <= most for d, n in decisions) and most == 2
 
 

@@ -35,7 +35,7 @@ import math
 import re
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from mesh_contracts.base import ADMIN, APPROVER, AUTHOR, CLIENT, Contract, ContractSpec
 from mesh_contracts.decode import KB
@@ -319,7 +319,7 @@ class ReleaseDecided(Contract):
 
     type: Literal["release.decided"] = "release.decided"
     decision: Literal["promoted", "rolled_back"]
-    version: str
+    version: str = Field(pattern=VERSION_PATTERN)
     current: str
     """The version new tasks run now."""
     by: str
@@ -332,9 +332,3 @@ class ReleaseDecided(Contract):
     lower: float = 0.0
     upper: float = 0.0
     reason: str = ""
-
-    @model_validator(mode="after")
-    def _named(self) -> ReleaseDecided:
-        if not self.version:
-            raise ValueError("a decision names the version decided")
-        return self

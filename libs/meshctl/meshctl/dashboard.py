@@ -50,7 +50,7 @@ import nats
 import nats.js.errors
 from pydantic import ValidationError
 
-from mesh_contracts.v1.records import ArmStats, ReleaseChannel, ReleaseEvent, nearest_rank
+from mesh_contracts.v1.records import ArmStats, ReleaseChannel, ReleaseEvent
 from mesh_contracts.v1.release import CanaryTest
 from mesh_kit.identity import OPERATOR_ROLES, IdentityError, Signer, Verifier
 from meshctl import history, top
@@ -338,16 +338,6 @@ class Dashboard:
 # --- releases (pure: what ``GET /api/releases`` answers) --------------------------------------------
 
 
-def boundaries(t: CanaryTest) -> tuple[float, float]:
-    """(lower, upper) of Wald's test: promote at or below ``lower``, roll back at or above ``upper``."""
-    return t.boundaries()
-
-
-def p95(values: list[float]) -> float:
-    """The 95th percentile, nearest rank (what ``meshctl release status`` prints); 0 for none."""
-    return nearest_rank(values, 0.95)
-
-
 def _arm(arm: ArmStats, role: str) -> dict[str, Any]:
     n = arm.tasks
     return {
@@ -358,7 +348,7 @@ def _arm(arm: ArmStats, role: str) -> dict[str, Any]:
         "checks_passed_rate": arm.checks_passed / n if n else None,
         "judge_mean": arm.judge_sum / arm.judge_n if arm.judge_n else None,
         "mean_cost_usd": arm.mean_cost(),
-        "p95_latency_s": p95(arm.latencies),
+        "p95_latency_s": arm.p95(),
         "tool_denials": arm.tool_denials,
     }
 
@@ -389,7 +379,7 @@ def releases_view(ch: ReleaseChannel) -> dict[str, Any]:
     (``series``; ``t_s``: seconds since the canary began), and the decision that ended the last
     canary (``decision``, None while it runs or when a person ended it otherwise)."""
     test = ch.test or CanaryTest()
-    lower, upper = boundaries(test)
+    lower, upper = test.boundaries()
     canary, started = _last_canary(ch)
     baseline = _baseline(ch, canary) if canary else ch.current
     arms: dict[str, dict[str, Any]] = {}

@@ -181,7 +181,7 @@ def _version(args: argparse.Namespace, tenant: str, version: str) -> dict[str, A
 
 def _bundle_of(args: argparse.Namespace, ref: str) -> tuple[str, ReleaseBundle | None]:
     """(label, bundle) of a file, ``packaged`` (None), ``current`` or a version of ``--tenant``'s."""
-    if (ref != PACKAGED and Path(ref).suffix in (".yaml", ".yml", ".json")) or Path(ref).is_file():
+    if ref != PACKAGED and (Path(ref).suffix in (".yaml", ".yml", ".json") or Path(ref).is_file()):
         return ref, load_bundle(Path(ref))
     if ref == PACKAGED:
         return PACKAGED, None

@@ -115,11 +115,6 @@ def pick(ch: ReleaseChannel | None, task_id: str, default: str = "") -> str:
 # --- the sequential test ------------------------------------------------------------------------
 
 
-def boundaries(t: CanaryTest) -> tuple[float, float]:
-    """(lower, upper): promote at or below ``lower``, roll back at or above ``upper`` (Wald)."""
-    return t.boundaries()
-
-
 def p0_of(ch: ReleaseChannel, t: CanaryTest) -> float:
     """The current version's bad rate: its evaluated rate as a prior, updated by its tasks so far."""
     cur = ch.arms.get(ch.against, ArmStats())
@@ -136,7 +131,7 @@ def expected_tasks(t: CanaryTest, p: float, p0: float | None = None) -> float:
     true bad rate is ``p`` (``p0``: the current version's, default ``baseline_bad``)."""
     p0 = min(max(t.baseline_bad if p0 is None else p0, 0.01), 0.98 - t.min_effect)
     p1 = p0 + t.min_effect
-    lower, upper = boundaries(t)
+    lower, upper = t.boundaries()
     drift = p * step(True, p0, p1) + (1 - p) * step(False, p0, p1)
     if abs(drift) < 1e-12:
         return -lower * upper / (step(True, p0, p1) * -step(False, p0, p1))
@@ -251,12 +246,12 @@ class Releases:
                 raise Refused(f"tenant {tenant} has no release {pinned} (meshctl release list)")
             return pinned, "pinned by its submission"
         ch = await self.channel(tenant)
-        if ch is not None and ch.canary and pick(ch, task_id) == ch.canary:
-            return ch.canary, f"the tenant's canary, {ch.share:.0%} of new tasks"
+        version = pick(ch, task_id, await self.current(tenant, ch))
+        if ch is not None and ch.canary and version == ch.canary:
+            return version, f"the tenant's canary, {ch.share:.0%} of new tasks"
         if ch is not None and ch.current:
-            return ch.current, "the tenant's current release"
-        default = await self.current(tenant, ch)
-        return default, ("the mesh's default release" if default else "the packaged behaviour")
+            return version, "the tenant's current release"
+        return version, ("the mesh's default release" if version else "the packaged behaviour")
 
     # --- changes ---------------------------------------------------------------------------------
 
@@ -473,7 +468,7 @@ class Releases:
             ch.trail = [*ch.trail, TrailPoint(at=time.time(), version=outcome.version, bad=bad, llr=round(ch.llr, 4),
                                               cost_usd=outcome.cost_usd, latency_s=round(outcome.latency_s, 4),
                                               judge=outcome.judge)][-TRAIL_KEPT:]  # fmt: skip
-            lower, upper = boundaries(t)
+            lower, upper = t.boundaries()
             now = time.time()
             if ch.llr >= upper:
                 decided.append(_decision(ch, "rolled_back", DECIDED_BY_TEST, _why(ch, t, "worse"), now))
@@ -503,7 +498,7 @@ class Releases:
 
 def _decision(ch: ReleaseChannel, decision: str, by: str, reason: str, now: float) -> ReleaseEvent:
     arm = ch.arms.get(ch.canary, ArmStats())
-    lower, upper = boundaries(ch.test or CanaryTest())
+    lower, upper = (ch.test or CanaryTest()).boundaries()
     return ReleaseEvent(
         action=decision, version=ch.canary, by=by, at=now, reason=reason,
         change_id=f"{decision}-{ch.canary}-{int(ch.canary_since * 1000)}",
@@ -518,6 +513,6 @@ def _why(ch: ReleaseChannel, t: CanaryTest, verdict: str) -> str:
     return (
         f"{verdict} than {ch.against or 'the packaged behaviour'}: {arm.bad} of {arm.tasks} canary tasks went badly "
         f"({cur.bad} of {cur.tasks} on the current version); log-likelihood ratio {ch.llr:.2f} "
-        f"(boundaries {boundaries(t)[0]:.2f} / {boundaries(t)[1]:.2f}; alpha {t.alpha}, beta {t.beta}, "
+        f"(boundaries {t.boundaries()[0]:.2f} / {t.boundaries()[1]:.2f}; alpha {t.alpha}, beta {t.beta}, "
         f"effect {t.min_effect})"
     )
