@@ -330,7 +330,7 @@ async def watched(state: local.MeshState, ids: local.Identities, n: int) -> tupl
     producers = {}
     for name in ("planner", "worker", "rag", "tool-executor"):
         producers[name] = Mesh(ids.settings(name, state.nats_url))
-        await producers[name].broker.connect()
+        await producers[name].connection.connect()
     msgs = watched_messages(n)
     pids = {k: v for k, v in processes(state).items() if k in ("nats-server", "budget")}
     await gone_quiet(list(pids.values()))
@@ -343,7 +343,7 @@ async def watched(state: local.MeshState, ids: local.Identities, n: int) -> tupl
         await gone_quiet([pids["budget"]], cores=0.02)
     finally:
         for mesh in producers.values():
-            await mesh.broker.stop()
+            await mesh.connection.close()
     took = time.perf_counter() - t0 - 0.5  # gone_quiet's last half second was quiet
     return n, took, {k: (cpu_s(p) - cpu0[k]) * 1000 / n for k, p in pids.items()}
 
@@ -454,7 +454,7 @@ async def main(n_reserve: int, n_usage: int, n_deadlock: int, n_ceiling: int, n_
         raw = await raw_request_reply(state.nats_url, creds, 500)
         admin = await nats.connect(state.nats_url, **creds)
         worker = Mesh(ids.settings("worker", state.nats_url))
-        await worker.broker.connect()
+        await worker.connection.connect()
         try:
             reserve = await reservations(worker, await admin.jetstream().key_value("tasks"), n_reserve)
             msgs = usage_messages(n_usage, usage_tasks("usage"))
@@ -523,7 +523,7 @@ async def main(n_reserve: int, n_usage: int, n_deadlock: int, n_ceiling: int, n_
                 await local.wait_ready({"budget": state.services["budget"]})
                 watch = await watched(state, ids, n_watched)
         finally:
-            await worker.broker.stop()
+            await worker.connection.close()
             await admin.close()
     finally:
         local.down(home)

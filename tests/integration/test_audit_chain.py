@@ -13,7 +13,7 @@ import pytest
 from integration_helpers import connect
 
 from mesh_contracts import topology as topo
-from mesh_kit.chain import AuditChain, chain_filter, verify
+from mesh_durable.chain import AuditChain, chain_filter, verify
 from mesh_kit.identity import Signer, TrustBundle, Verifier
 from meshctl import audit
 

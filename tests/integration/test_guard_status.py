@@ -10,6 +10,7 @@ from integration_helpers import eventually, running, settings_for
 
 from mesh_contracts.v1 import ControlHalt, ControlResume
 from mesh_contracts.v1.records import StatusRecord, TaskRecord
+from mesh_durable.guard import enable as enable_guard
 from mesh_kit import Mesh
 from mesh_kit import state as st
 from mesh_planner.service import Planner
@@ -29,7 +30,7 @@ async def test_the_guard_stops_on_a_stored_halt_or_end_and_goes_on_after_a_resum
     planner = Planner(planner_mesh, NoModel())  # type: ignore[arg-type]
     planner_mesh.on_start(planner.start)
     checker = Mesh(settings_for(infra, "checker"))
-    guard = checker.enable_guard()
+    guard = enable_guard(checker)
     async with running(planner_mesh), running(checker):
         # a task record as the planner keeps it (running), written with the planner's identity
         rec = TaskRecord(tenant="acme", task_id=task, goal="g", status="running", created_at=1.0)

@@ -12,6 +12,7 @@ from integration_helpers import connect, eventually, running, settings_for
 from nats.js.errors import KeyWrongLastSequenceError
 
 from mesh_contracts import topology as topo
+from mesh_durable.guard import enable as enable_guard
 from mesh_kit import Mesh
 from mesh_kit import state as st
 from mesh_kit.view import KeyView
@@ -150,7 +151,7 @@ async def test_the_guard_sees_a_kill_switch_and_a_halt_without_reading_per_call(
     """The guard's checks cost no round trip once warm, and an operator's kill switch still stops
     the next call as soon as its fed write arrives."""
     checker = Mesh(settings_for(integration_infra, "checker"))
-    guard = checker.enable_guard()
+    guard = enable_guard(checker)
     task = unique("t")
     async with running(checker):
         assert await guard.check("acme", task) is None

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 from integration_helpers import running, settings_for
 
+from mesh_durable.ledger import BUCKET, Busy, Ledger
 from mesh_kit import Mesh
 from mesh_kit import state as st
-from mesh_kit.ledger import BUCKET, Busy, Ledger
 
 pytestmark = pytest.mark.integration
 

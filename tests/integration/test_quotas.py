@@ -83,13 +83,13 @@ async def test_two_replicas_charging_one_tenant_at_once_never_pass_its_quota(int
     books = []
     for _ in range(2):
         mesh = Mesh(settings_for(integration_infra, "planner"))
-        await mesh.broker.connect()
+        await mesh.connection.connect()
         books.append((mesh, Quotas(lambda m=mesh: m.nc, await mesh.kv("quotas"), "planner", lambda *_: limit)))
     try:
         results = await asyncio.gather(*(book.charge(tenant, "TASK", 1000) for _ in range(60) for _, book in books))
     finally:
         for mesh, _ in books:
-            await mesh.broker.stop()
+            await mesh.connection.close()
     accepted = sum(1 for refusal, _ in results if refusal is None)
     assert accepted == 50, accepted  # exactly the quota: 50 of the 120 charges of 1,000 bytes
 

@@ -27,8 +27,8 @@ from mesh_contracts.v1 import (
 from mesh_kit import Mesh
 from mesh_kit import envelope as env
 from mesh_kit import telemetry as tel
-from mesh_kit.bus import TRUST_RECHECK_S
 from mesh_kit.identity import Signer, TrustBundle, new_signing_key
+from mesh_kit.trust import TRUST_RECHECK_S
 from mesh_testing.infra import Infra, running_infra
 from meshctl.rotation import overlap_bundle, publish_bundle
 

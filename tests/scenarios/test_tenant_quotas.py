@@ -237,13 +237,13 @@ async def test_a_tenant_whose_tasks_stored_too_much_in_a_stream_it_never_writes_
     from mesh_kit.quota import Quotas, limits_from
 
     worker = Mesh(infra.ids.settings("worker", infra.nats_url))
-    await worker.broker.connect()
+    await worker.connection.connect()
     try:
         book = Quotas(lambda: worker.nc, await worker.kv("quotas"), "worker", limits_from(0.125, {}, {}))
         book.induced(SLOW, "STEP", 70 * MIB)  # as if its tasks' step outputs had taken that much
         await book.flush()
     finally:
-        await worker.broker.stop()
+        await worker.connection.close()
     async with infra.client(SLOW) as slow:
         refused = await slow.submit(GOAL, task_id="slow-after-steps", progress=False, timeout=30)
     assert refused.outcome is not None and refused.outcome.code == "quota_exceeded", refused.outcome

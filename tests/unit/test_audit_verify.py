@@ -1,4 +1,4 @@
-"""``mesh_kit.chain.verify``: a whole chain passes; a record removed, altered, replayed, written
+"""``mesh_durable.chain.verify``: a whole chain passes; a record removed, altered, replayed, written
 by a principal not allowed its kind, or a tail cut below an anchor is named at the first break."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import time
 import pytest
 
 from mesh_contracts.v1.audit import ANCHOR, ANCHOR_TTL_S, GENESIS
-from mesh_kit.chain import Anchor, digest, link, verify
+from mesh_durable.chain import Anchor, digest, link, verify
 from mesh_kit.identity import Principal, Signer, TrustBundle, Verifier, new_signing_key
 from mesh_kit.tail import Stored
 

@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from faststream.nats import JStream, TestNatsBroker
-from faststream.nats.annotations import NatsMessage
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -18,6 +16,7 @@ from mesh_contracts.decode import DecodeError, DecodeLimits, decode, depth
 from mesh_contracts.v1 import IngestRequested, TaskSubmitted
 from mesh_kit import Mesh, ServiceSettings
 from mesh_kit import envelope as env
+from mesh_testing.inmemory import InMemoryBus
 
 pytestmark = pytest.mark.unit
 
@@ -88,15 +87,15 @@ def test_depth_is_measured_without_recursion_and_agrees_with_a_recursive_count(v
 
 def _mesh(keys, service: str) -> Mesh:
     settings = ServiceSettings(
-        service=service, signing_key_file="unused", trust_bundle_file="unused", strict_contracts=True, fair_window=0
-    )  # fmt: skip (the in-memory broker's subscriber)
+        service=service, signing_key_file="unused", trust_bundle_file="unused", strict_contracts=True
+    )
     return Mesh(settings, signer=keys.signer(service), verifier=keys.verifier())
 
 
 @pytest.mark.parametrize("durable", topo.durables(), ids=lambda d: d.name)
 async def test_every_consumer_dead_letters_an_undecodable_body_on_its_first_delivery(keys, durable):
-    """No framework path around the decoder: whatever FastStream would have decoded on its own
-    (the body, for a handler's arguments) it now never sees; the mesh's decoder refuses it."""
+    """No way around the decoder: it is the first stage of every consumer's pipeline, so a body
+    it refuses reaches no handler and is dead-lettered with the reason at once."""
     mesh = _mesh(keys, durable.service)
     handled: list[object] = []
 
@@ -104,20 +103,15 @@ async def test_every_consumer_dead_letters_an_undecodable_body_on_its_first_deli
         handled.append(m)
 
     mesh.consume(durable.contract, handler)
-    dead: list[dict] = []
-
-    async def raw(msg: NatsMessage) -> NatsMessage:  # the sink holds the hostile body too: never decode it
-        return msg  # the mesh's broker has no dependency injection: the handler gets the decoder's value
-
-    @mesh.broker.subscriber("dlq.>", stream=JStream(topo.DLQ_STREAM, declare=False), decoder=raw)
-    async def sink(msg: NatsMessage) -> None:
-        dead.append(dict(msg.headers))
-
+    bus = InMemoryBus(mesh)
+    dead_letters = bus.capture("dlq.>")  # the sink holds the hostile body too: it is never decoded as a contract
     subject = durable.contract.spec.subject("acme", "t1").replace(".v1.", f".v{durable.contract.spec.major}.")
-    async with TestNatsBroker(mesh.broker) as br:
-        for body, _ in (HOSTILE["deep array"], HOSTILE["huge integer"], HOSTILE["invalid utf-8"]):
-            await br.publish(body, subject, headers={env.MSG_ID: "m-1"})
+    async with bus:
+        for i, (body, _) in enumerate((HOSTILE["deep array"], HOSTILE["huge integer"], HOSTILE["invalid utf-8"])):
+            await bus.publish(body, subject, headers={env.MSG_ID: f"m-{i}"})
     assert handled == []
+    assert [outcome for *_, outcome in bus.outcomes] == ["rejected"] * 3, "TERMinated on the first delivery"
+    dead = [h for _, h in dead_letters]
     assert [h[env.DLQ_REASON].split(" ")[0:2] for h in dead] == [["decode:", "nesting"], ["decode:", "an"],
                                                                  ["decode:", "invalid"]]  # fmt: skip
     assert all(h[env.DLQ_KIND] == "rejected" and h[env.DLQ_DELIVERIES] == "1" for h in dead)

@@ -1,57 +1,39 @@
-"""Service handlers on FastStream's in-memory TestNatsBroker: fast, no server.
+"""Service handlers on the in-memory bus (``mesh_testing.inmemory``): the production pipeline,
+no server, fast.
 
 The same behaviours run against a real nats-server in tests/integration and tests/e2e.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
-from faststream.nats import JStream, TestNatsBroker
-from faststream.nats.annotations import NatsMessage
 
-from mesh_contracts import topology as topo
 from mesh_contracts.v1 import CheckRequested, Citation, RetrievalRequested, ToolCompleted, ToolRequested
 from mesh_kit import Mesh, ServiceSettings
 from mesh_kit import envelope as env
 from mesh_kit.identity import Signer, new_signing_key
+from mesh_testing.inmemory import InMemoryBus
 
 pytestmark = pytest.mark.unit
 
 
 def _mesh(keys, service: str) -> Mesh:
     settings = ServiceSettings(
-        service=service, signing_key_file=Path("unused"), trust_bundle_file=Path("unused"), strict_contracts=True,
-        fair_window=0,  # FastStream's own subscriber, which the in-memory broker drives
+        service=service, signing_key_file=Path("unused"), trust_bundle_file=Path("unused"), strict_contracts=True
     )  # fmt: skip
     return Mesh(settings, signer=keys.signer(service), verifier=keys.verifier())
 
 
 def _headers(signer: Signer, model, body: bytes | None = None) -> dict[str, str]:
     body = body or model.to_bytes()
+    msg_id = f"m-{model.tenant}"  # one message each: the bus, like the server, stores an id once
     return {
-        env.IDENTITY: signer.token(tenant=model.tenant, msg_type=model.type, body=body, msg_id="m-1"),
-        env.MSG_ID: "m-1",
+        env.IDENTITY: signer.token(tenant=model.tenant, msg_type=model.type, body=body, msg_id=msg_id),
+        env.MSG_ID: msg_id,
         env.SCHEMA: model.schema_id(),
     }
-
-
-def _capture(mesh: Mesh, subject: str) -> list[tuple[dict, dict]]:
-    seen: list[tuple[dict, dict]] = []
-    domain = subject.split(".")[0]
-    # The in-memory broker delivers a JetStream publish only to subscribers of the same stream.
-    stream = JStream(topo.DLQ_STREAM if domain == topo.DLQ_PREFIX else topo.STREAMS[domain], declare=False)
-
-    async def whole(msg: NatsMessage) -> NatsMessage:  # the mesh's broker injects nothing: the handler
-        return msg  # gets what the decoder returns
-
-    @mesh.broker.subscriber(subject, stream=stream, decoder=whole)
-    async def sink(msg: NatsMessage) -> None:
-        seen.append((json.loads(msg.body), dict(msg.headers)))
-
-    return seen
 
 
 async def test_tool_executor_answers_with_a_signed_result(keys):
@@ -59,7 +41,8 @@ async def test_tool_executor_answers_with_a_signed_result(keys):
 
     mesh = _mesh(keys, "tool-executor")
     ToolExecutor(mesh).register()
-    out = _capture(mesh, "tool.v1.*.*.completed")
+    bus = InMemoryBus(mesh)
+    out = bus.capture("tool.v1.*.*.completed")
     req = ToolRequested(
         tenant="acme",
         task_id="t1",
@@ -68,8 +51,8 @@ async def test_tool_executor_answers_with_a_signed_result(keys):
         tool="calculator",
         arguments={"expression": "17 * 23"},
     )
-    async with TestNatsBroker(mesh.broker) as br:
-        await br.publish(req.to_bytes(), req.subject(), headers=_headers(keys.signer("worker"), req))
+    async with bus:
+        await bus.publish(req.to_bytes(), req.subject(), headers=_headers(keys.signer("worker"), req))
     body, headers = out[0]
     assert body["ok"] is True and body["result"] == "391" and body["call_id"] == "s2-a1-i0-c0"
     assert headers[env.MSG_ID] == "tool.completed:acme:t1:s2-a1-i0-c0", "deterministic id: re-runs dedupe"
@@ -85,12 +68,13 @@ async def test_a_failing_tool_is_an_observation_not_a_crash(keys):
 
     mesh = _mesh(keys, "tool-executor")
     ToolExecutor(mesh).register()
-    out = _capture(mesh, "tool.v1.*.*.completed")
+    bus = InMemoryBus(mesh)
+    out = bus.capture("tool.v1.*.*.completed")
     req = ToolRequested(
         tenant="acme", task_id="t1", step_id="s2", call_id="c1", tool="calculator", arguments={"expression": "1/0"}
     )
-    async with TestNatsBroker(mesh.broker) as br:
-        await br.publish(req.to_bytes(), req.subject(), headers=_headers(keys.signer("worker"), req))
+    async with bus:
+        await bus.publish(req.to_bytes(), req.subject(), headers=_headers(keys.signer("worker"), req))
     assert out[0][0]["ok"] is False and out[0][0]["error"] == "division by zero"
 
 
@@ -100,8 +84,9 @@ async def test_untrusted_messages_are_dead_lettered_and_never_handled(keys, atta
 
     mesh = _mesh(keys, "tool-executor")
     ToolExecutor(mesh).register()
-    results = _capture(mesh, "tool.v1.*.*.completed")
-    dlq = _capture(mesh, "dlq.>")
+    bus = InMemoryBus(mesh)
+    results = bus.capture("tool.v1.*.*.completed")
+    dlq = bus.capture("dlq.>")
     req = ToolRequested(
         tenant="acme", task_id="t1", step_id="s2", call_id="c1", tool="calculator", arguments={"expression": "2+2"}
     )
@@ -114,8 +99,8 @@ async def test_untrusted_messages_are_dead_lettered_and_never_handled(keys, atta
     }[attack]
     if attack == "altered":
         body = body.replace(b"2+2", b"9**9")
-    async with TestNatsBroker(mesh.broker) as br:
-        await br.publish(body, req.subject(), headers=headers)
+    async with bus:
+        await bus.publish(body, req.subject(), headers=headers)
     assert results == [], "an untrusted request must not run the tool"
     ((dead_body, dead_headers),) = dlq
     assert dead_headers[env.DLQ_KIND] == "rejected"
@@ -144,7 +129,8 @@ async def test_checker_verdict_names_failed_checks(keys):
 
     mesh = _mesh(keys, "checker")
     Checker(mesh).register()  # the passages come from the request's records, verified as rag's
-    out = _capture(mesh, "check.v1.*.*.verdict")
+    bus = InMemoryBus(mesh)
+    out = bus.capture("check.v1.*.*.verdict")
     req = CheckRequested(
         tenant="acme",
         task_id="t1",
@@ -154,8 +140,8 @@ async def test_checker_verdict_names_failed_checks(keys):
         steps=(StepResult(step_id="s1", output="Call us on 555-123-4567 any time.", retrievals=(record,)),),
         answer_step="s1",
     )
-    async with TestNatsBroker(mesh.broker) as br:
-        await br.publish(req.to_bytes(), req.subject(), headers=_headers(keys.signer("planner"), req))
+    async with bus:
+        await bus.publish(req.to_bytes(), req.subject(), headers=_headers(keys.signer("planner"), req))
     verdict = out[0][0]
     assert verdict["passed"] is False
     assert [c["name"] for c in verdict["checks"] if not c["passed"]] == ["no_pii"]
@@ -172,11 +158,12 @@ async def test_rag_answers_only_from_the_requesting_tenants_index(keys):
     rag.store = Store(MemoryKV())  # what start() binds to the rag bucket
     await rag._seed("acme")  # the sample documentation, into acme's index only
     mesh.consume(RetrievalRequested, rag.on_request)
-    out = _capture(mesh, "rag.v1.*.*.completed")
-    async with TestNatsBroker(mesh.broker) as br:
+    bus = InMemoryBus(mesh)
+    out = bus.capture("rag.v1.*.*.completed")
+    async with bus:
         for tenant in ("acme", "globex"):
             req = RetrievalRequested(tenant=tenant, task_id="t1", step_id="s1", call_id="c1", query="identity token")
-            await br.publish(req.to_bytes(), req.subject(), headers=_headers(keys.signer("worker"), req))
+            await bus.publish(req.to_bytes(), req.subject(), headers=_headers(keys.signer("worker"), req))
     by_tenant = {b["tenant"]: b for b, _ in out}
     assert by_tenant["acme"]["hits"][0]["doc_id"] == "identity.md"
     assert by_tenant["globex"]["hits"] == [], "globex has no documents: it must not see acme's"
@@ -189,8 +176,9 @@ async def test_contract_violation_is_dead_lettered_with_a_readable_reason(keys):
 
     mesh = _mesh(keys, "tool-executor")
     ToolExecutor(mesh).register()
-    dlq = _capture(mesh, "dlq.>")
-    async with TestNatsBroker(mesh.broker) as br:
-        await br.publish(b'{"type": "tool.requested", "tenant": "acme"}', "tool.v1.acme.t1.requested")
+    bus = InMemoryBus(mesh)
+    dlq = bus.capture("dlq.>")
+    async with bus:
+        await bus.publish(b'{"type": "tool.requested", "tenant": "acme"}', "tool.v1.acme.t1.requested")
     reason = dlq[0][1][env.DLQ_REASON]
     assert reason.startswith("contract: invalid tool.requested:") and "task_id: Field required" in reason

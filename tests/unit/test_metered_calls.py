@@ -87,7 +87,7 @@ async def test_any_other_denial_stops_the_call():
 async def test_the_prompt_version_is_on_every_attempts_span_and_usage_record_and_on_a_ledger_replay():
     from mesh_agent import prompts
     from mesh_agent.metered import call_model_once
-    from mesh_kit.ledger import Ledger
+    from mesh_durable.ledger import Ledger
     from mesh_testing.memkv import MemoryKV
 
     ref = prompts.load("mesh_worker", "system").ref
@@ -127,7 +127,7 @@ class Echoing(ScriptedModel):
 async def test_a_call_answered_under_another_model_id_is_priced_and_accounted_as_the_configured_model():
     from mesh_agent import prices
     from mesh_agent.metered import call_model_once
-    from mesh_kit.ledger import Ledger
+    from mesh_durable.ledger import Ledger
     from mesh_testing.memkv import MemoryKV
 
     mesh, ledger = FakeMesh(), Ledger(MemoryKV(), "worker")

@@ -12,9 +12,9 @@ import pytest
 
 from mesh_contracts.v1 import TaskSubmitted
 from mesh_contracts.v1.records import StatusRecord, TaskRecord
+from mesh_durable.ledger import Ledger
 from mesh_kit import Park
 from mesh_kit import state as st
-from mesh_kit.ledger import Ledger
 from mesh_llm import ModelRequest, ScriptedModel
 from mesh_planner.planning import PlanningSlots
 from mesh_planner.service import Planner

@@ -15,8 +15,9 @@ import pytest
 from mesh_contracts.v1 import CheckResult, CheckVerdict, PlanReviewed, StepCompleted, StepFailed, TaskSignal
 from mesh_contracts.v1.records import StepState, TaskRecord
 from mesh_contracts.v1.workflow import WorkflowDefinition, not_runnable
+from mesh_durable import chain
 from mesh_kit import state as st
-from mesh_kit.bus import Reject
+from mesh_kit.delivery import Reject
 from mesh_planner import waits
 from mesh_planner.service import Planner, tries, workflow_steps
 from mesh_planner.timers import Early, parse_due, schedule_headers
@@ -32,12 +33,14 @@ class FakeMesh:
     def __init__(self) -> None:
         self.published: list[Any] = []
         self.audits: list[dict[str, Any]] = []
+        chain.install(self, self)  # the planner's audit chain appends here
+
+    async def append(self, tenant: str, task_id: str, kind: str, key: str, **kw: Any) -> int:
+        self.audits.append({"kind": kind, **kw})
+        return len(self.audits)
 
     async def publish(self, msg: Any, key: str = "", **_: Any) -> None:
         self.published.append(msg)
-
-    async def audit(self, tenant: str, task_id: str, kind: str, key: str, **kw: Any) -> None:
-        self.audits.append({"kind": kind, **kw})
 
     async def newest_trust(self) -> Any:  # every approver of the test's tenant may decide
         return SimpleNamespace(may_decide=lambda who, tenant: None if who.startswith(f"approver.{tenant}.") else "no")

@@ -40,7 +40,7 @@ from mesh_contracts.v1 import (
     ToolCompleted,
     ToolRequested,
 )
-from mesh_kit.ledger import Ledger
+from mesh_durable.ledger import Ledger
 from mesh_llm import ModelRequest, ScriptedModel
 from mesh_testing.fakes import FakeDelivery, FakeMesh
 from mesh_testing.memkv import MemoryKV
@@ -202,7 +202,6 @@ def test_the_worker_consumes_exactly_the_messages_this_test_drives():
     consumed: list[type] = []
 
     class Registrar:
-        def enable_guard(self) -> None: ...
         def on_start(self, hook: Any) -> None: ...
         def consume(self, cls: type, handler: Any, **kw: Any) -> None:
             consumed.append(cls)

@@ -168,7 +168,7 @@ T = {"tenant": "acme", "task_id": "t1"}
 
 
 def _worker(mesh: FakeMesh) -> Any:
-    from mesh_kit.ledger import Ledger
+    from mesh_durable.ledger import Ledger
     from mesh_llm import ScriptedModel
     from mesh_llm.gateway import Gateway
     from mesh_llm.resilience import RetryPolicy

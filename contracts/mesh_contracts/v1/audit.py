@@ -5,7 +5,7 @@ appended to its tenant's chain in the AUDIT stream (``audit.v1.<tenant>.<task>.r
 Record ``n`` names the SHA-256 of record ``n - 1``'s stored body (``prev``) and is signed like
 every mesh message, so a record removed, altered or inserted breaks the chain at that point
 (``meshctl audit verify``). Appends are compare-and-set on the tenant's last record
-(``mesh_kit.chain``): one linear chain per tenant however many replicas write to it.
+(``mesh_durable.chain``): one linear chain per tenant however many replicas write to it.
 """
 
 from __future__ import annotations

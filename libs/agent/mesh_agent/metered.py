@@ -23,11 +23,12 @@ from opentelemetry.trace import Span, StatusCode
 
 from mesh_agent import prices
 from mesh_contracts.v1 import BudgetDenied, BudgetGranted, BudgetReserve, Replay, TokenUsage, UsageRecorded
+from mesh_durable import guard
+from mesh_durable.ledger import Ledger
 from mesh_guardrails.redact import redact
+from mesh_kit import Delivery, Mesh
 from mesh_kit import envelope as env
 from mesh_kit import telemetry as tel
-from mesh_kit.bus import Delivery, Mesh
-from mesh_kit.ledger import Ledger
 from mesh_llm import ChatModel, CircuitOpen, ModelRequest, ModelResponse, ProviderError, ToolCall
 from mesh_llm.cache import ResponseCache
 from mesh_llm.context import fit
@@ -116,8 +117,9 @@ def configured(mesh: Mesh, settings: AgentSettings) -> Models:
 
 
 async def _guard(mesh: Mesh, tenant: str, task_id: str) -> None:
-    if mesh.guard is not None:
-        stop = await mesh.guard.check(tenant, task_id)
+    g = guard.of(mesh)
+    if g is not None:
+        stop = await g.check(tenant, task_id)
         if stop is not None:
             mesh.count(tel.M_CALLS_REFUSED)
             raise BudgetExceeded(stop.reason, stop.code, halted=stop.halted)

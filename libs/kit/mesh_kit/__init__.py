@@ -1,6 +1,7 @@
 """AgentMesh bus runtime: settings, signed envelopes, verified durable consumers, DLQ, health."""
 
-from mesh_kit.bus import Delivery, Mesh, Park, PermissionViolation, Reject
+from mesh_kit.bus import Mesh
+from mesh_kit.delivery import Delivery, Park, PermissionViolation, Reject, Retry
 from mesh_kit.identity import IdentityError, Signer, TrustBundle, Verifier
 from mesh_kit.runtime import run_service, serve
 from mesh_kit.settings import ServiceSettings
@@ -12,6 +13,7 @@ __all__ = [
     "Park",
     "PermissionViolation",
     "Reject",
+    "Retry",
     "ServiceSettings",
     "Signer",
     "TrustBundle",

@@ -311,7 +311,9 @@ class Door:
             raise DoorRefused(refusal.code, f"tenant {parts.tenant} in {door.stream}: {refusal.reason}",
                               refusal.retry_after_s)  # fmt: skip
         try:
-            ack = await mesh._js().publish(subject, raw.data, headers=headers, stream=door.stream, timeout=5.0)
+            ack = await mesh.connection.js().publish(
+                subject, raw.data, headers=headers, stream=door.stream, timeout=5.0
+            )
         except nats.js.errors.APIError as exc:
             await quotas.refund(parts.tenant, door.stream, size, charged_at)
             if exc.err_code == STREAM_FULL_CODE:

@@ -21,7 +21,7 @@ from nacl.exceptions import CryptoError
 from nacl.public import PrivateKey, SealedBox
 
 from mesh_contracts import topology as topo
-from mesh_kit.chain import Anchor, Verdict, chain_filter, parse
+from mesh_durable.chain import Anchor, Verdict, chain_filter, parse
 from mesh_kit.tail import DirectGetError, Reader, Stored
 
 READ_TIMEOUT_S = 0.5
@@ -101,7 +101,7 @@ def render(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-# --- the tamper-evident chain (``mesh_contracts.v1.audit``, ``mesh_kit.chain``) -------------------
+# --- the tamper-evident chain (``mesh_contracts.v1.audit``, ``mesh_durable.chain``) -------------------
 
 
 async def chain(nc: nats.NATS, tenant: str) -> list[Stored]:

@@ -38,8 +38,8 @@ from mesh_contracts.v1 import (
     UsageRecorded,
 )
 from mesh_contracts.v1.records import AdmissionRecord, QuotaRecord
+from mesh_durable.guard import CONTROL_BUCKET, GLOBAL_KEY, tenant_key
 from mesh_kit.door import DoorRefused
-from mesh_kit.guard import CONTROL_BUCKET, GLOBAL_KEY, tenant_key
 from mesh_kit.identity import Signer, TrustBundle, Verifier
 from mesh_kit.settings import log_nats_error, nats_servers
 from meshctl import budget as spend
@@ -934,7 +934,7 @@ def cmd_top(args: argparse.Namespace) -> int:
 def _audit_chain(args: argparse.Namespace) -> int:
     """``audit chain`` lists a tenant's chain; ``audit verify`` proves it whole or names the first
     break (exit 1), against the trust bundle of the mesh home and the budget's anchors."""
-    from mesh_kit.chain import verify
+    from mesh_durable.chain import verify
     from meshctl import audit
 
     expect: tuple[int, str] | None = None
@@ -1115,7 +1115,7 @@ async def _audit_switch(
 ) -> None:
     """The operator's switch as a link of the audit chain: the tenant's, or the mesh-wide one."""
     from mesh_contracts.v1.audit import MESH_WIDE, TENANT_WIDE
-    from mesh_kit.chain import AuditChain
+    from mesh_durable.chain import AuditChain
 
     ids = Identities(opt.home(args))
     signer = Signer.from_file("admin", ids.signing_key("admin"))

@@ -15,11 +15,14 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from mesh_contracts.v1 import BudgetDenied, BudgetGranted
+from mesh_contracts.v1.audit import GENESIS
+from mesh_durable import chain
+from mesh_durable.chain import Head
 from mesh_kit import envelope as env
 from mesh_kit import telemetry as tel
 
 
-@dataclass
+@dataclass(eq=False)  # compared (and hashed) by identity, as a Mesh is
 class FakeMesh:
     """What the worker's loop uses of a Mesh: publish, progress, emit, count, budget requests, a tracer."""
 
@@ -30,7 +33,6 @@ class FakeMesh:
     audited: list[Any] = field(default_factory=list)
     """(tenant, task, kind, key, the rest) of each record appended to an audit chain."""
     service: str = "worker"
-    guard: Any = None
 
     def __post_init__(self) -> None:
         self.spans = InMemorySpanExporter()
@@ -39,6 +41,7 @@ class FakeMesh:
         self.tracer = provider.get_tracer("test")
         self.metrics = InMemoryMetricReader()
         self.genai = tel.GenAIMetrics(MeterProvider(metric_readers=[self.metrics]).get_meter("test"))
+        chain.install(self, self)  # what a service appends to its tenants' audit chains lands in ``audited``
 
     async def request(self, m: Any) -> Any:
         self.reserved.append(m)
@@ -55,9 +58,13 @@ class FakeMesh:
     async def progress(self, *a: Any, **kw: Any) -> None:
         self.published.append(("progress", a, kw))
 
-    async def audit(self, tenant: str, task_id: str, kind: str, key: str, **kw: Any) -> int:
+    async def append(self, tenant: str, task_id: str, kind: str, key: str, **kw: Any) -> int:
+        """The audit chain's appender of this mesh (``mesh_durable.chain.of``): it records."""
         self.audited.append((tenant, task_id, kind, key, kw))
         return len(self.audited)
+
+    async def head(self, tenant: str) -> Head:
+        return Head(0, len(self.audited), GENESIS)
 
     async def emit(self, m: Any) -> None:
         pass

@@ -108,11 +108,11 @@ class Infra:
     async def connected_as(self, service: str) -> AsyncIterator[Mesh]:
         """A connection with ``service``'s own identity (a worker's reservations are the worker's)."""
         mesh = Mesh(self.ids.settings(service, self.nats_url))
-        await mesh.broker.connect()
+        await mesh.connection.connect()
         try:
             yield mesh
         finally:
-            await mesh.broker.stop()
+            await mesh.connection.close()
 
     async def admin(self, **options: object) -> nats.NATS:
         """An admin connection (provisioning and inspection), to any live node."""

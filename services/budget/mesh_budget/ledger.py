@@ -396,7 +396,7 @@ class View:
     """The Redis side: one client, three scripts."""
 
     def __init__(self, redis_url: str, ttl_s: float = 120.0, provider_policy: BreakerPolicy | None = None) -> None:
-        from mesh_kit.deps import redis_client
+        from mesh_durable.redis import redis_client
 
         self.ttl_s = ttl_s
         self.provider_policy = provider_policy or BreakerPolicy()

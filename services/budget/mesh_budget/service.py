@@ -40,11 +40,13 @@ from mesh_contracts.v1 import (
 )
 from mesh_contracts.v1.audit import ANCHOR, ANCHOR_TTL_S, MESH_WIDE
 from mesh_contracts.v1.records import TERMINAL, StatusRecord, TaskRecord
+from mesh_durable import chain, guard
+from mesh_durable.redis import redis_errors
 from mesh_kit import Delivery, Mesh, tasks
 from mesh_kit import envelope as env
 from mesh_kit import state as st
 from mesh_kit import telemetry as tel
-from mesh_kit.deps import Dependency, redis_errors
+from mesh_kit.deps import Dependency
 from mesh_kit.identity import CLOCK_LEEWAY_S, IdentityError
 from mesh_kit.tail import Reader, Stored, Tail
 
@@ -90,6 +92,8 @@ def _keep(kept: OrderedDict[Any, Any], key: Any, value: V) -> V:
 class Budget:
     def __init__(self, mesh: Mesh, settings: BudgetSettings | None = None) -> None:
         self.mesh = mesh
+        self.audit = chain.of(mesh)
+        self.guard: guard.Guard | None = None  # enabled by register()
         self.settings = settings if settings is not None else BudgetSettings.defaults()
         self.tenant_limits = self.settings.limits()
         if not mesh.settings.redis_url:
@@ -342,7 +346,7 @@ class Budget:
                 )
             # After acting (a chain that cannot be appended to must not delay the brake): the
             # trip as a link of the tenant's audit chain; every replica's copy is stored once.
-            await self.mesh.audit(
+            await self.audit.append(
                 trip.tenant, trip.task_id, f"budget.{trip.kind}", f"budget:{trip.kind}", actor="budget",
                 detail={"reason": trip.reason, "action": trip.action, "members": list(trip.members)},
             )  # fmt: skip
@@ -366,7 +370,7 @@ class Budget:
         tenants = sorted({p.tenant for p in self.mesh.verifier.bundle.principals.values() if p.tenant} | {MESH_WIDE})
         done = 0
         for tenant in tenants:
-            head = await self.mesh.audit_head(tenant)
+            head = await self.audit.head(tenant)
             if head.n == 0 or self._anchored.get(tenant) == head.n:
                 continue
             statement = self.mesh.signer.statement(
@@ -378,7 +382,7 @@ class Budget:
         return done
 
     def register(self) -> None:
-        self.mesh.enable_guard()
+        self.guard = guard.enable(self.mesh)
         self.mesh.on_start(self.start)
         self.mesh.on_stop(self.stop_following, connected=True)
         self.mesh.on_stop(self.stop)
@@ -468,17 +472,17 @@ class Budget:
                 # written to the tenant's audit chain as every other brake is (once per call id).
                 self.m_trips.add(1, {"tenant": m.tenant, "kind": "ceiling", "action": "deny"})
                 self.mesh.count("mesh.budget.trips.ceiling")
-                self._later(self.mesh.audit(
+                self._later(self.audit.append(
                     m.tenant, m.task_id, "budget.ceiling", f"budget:ceiling:{m.call_id}", actor="budget",
                     detail={"code": code, "reason": reason, "agent": m.agent, "step_id": m.step_id, "call_id": m.call_id},
                 ))  # fmt: skip
             return BudgetDenied(**base, reason=reason, code=code)
 
-        assert self.mesh.guard is not None
+        assert self.guard is not None  # enabled by register()
         key = (m.tenant, m.task_id)
         facts = self._facts.get(key)
         if facts is None:
-            rec, stop = await asyncio.gather(self._started(m.tenant, m.task_id), self.mesh.guard.kill_switch(m.tenant))
+            rec, stop = await asyncio.gather(self._started(m.tenant, m.task_id), self.guard.kill_switch(m.tenant))
             if rec is None or rec.limits is None:  # (no limits: a record of a planner before they were there)
                 return deny("unknown_task", "unknown task: no status record with its limits")
             if rec.status in TERMINAL or rec.status == "halted":
@@ -487,7 +491,7 @@ class Budget:
         else:
             # Halted, ended, cancelled, or a kill switch: what every service's guard consults
             # before a call (the status bucket and control messages, followed, in memory).
-            stop = await self.mesh.guard.check(m.tenant, m.task_id)
+            stop = await self.guard.check(m.tenant, m.task_id)
         if stop is not None:
             return deny("stopped", stop.reason)
         created_at, task_limits, shares = facts

@@ -28,12 +28,13 @@ from mesh_checker.checks import Passages, check_answer, evidence_of, run_checks
 from mesh_checker.settings import CheckerSettings
 from mesh_contracts import ContractError
 from mesh_contracts.v1 import CheckRequested, CheckResult, CheckVerdict, RetrievalCompleted, TokenUsage
+from mesh_durable import guard
+from mesh_durable.ledger import BUCKET as LEDGER
+from mesh_durable.ledger import Ledger
 from mesh_kit import Delivery, Mesh
 from mesh_kit import state as st
 from mesh_kit import telemetry as tel
 from mesh_kit.identity import IdentityError
-from mesh_kit.ledger import BUCKET as LEDGER
-from mesh_kit.ledger import Ledger
 from mesh_llm import ChatModel
 from mesh_llm.errors import ProviderError
 from mesh_llm.gateway import Gateway, model_key
@@ -72,7 +73,7 @@ class Checker:
         self.bundles = st.Bundles(await self.mesh.kv("releases"))
 
     def register(self) -> None:
-        self.mesh.enable_guard()
+        guard.enable(self.mesh)
         self.mesh.on_start(self.start)
         self.mesh.consume(CheckRequested, self.on_request)
 

@@ -83,13 +83,14 @@ from mesh_contracts.v1.workflow import (
     output_value,
     render,
 )
+from mesh_durable import chain, guard
+from mesh_durable.ledger import BUCKET as LEDGER
+from mesh_durable.ledger import Ledger
 from mesh_kit import Delivery, Mesh, Park
 from mesh_kit import envelope as env
 from mesh_kit import state as st
 from mesh_kit import telemetry as tel
-from mesh_kit.bus import Reject
-from mesh_kit.ledger import BUCKET as LEDGER
-from mesh_kit.ledger import Ledger
+from mesh_kit.delivery import Reject
 from mesh_kit.state import Bundles
 from mesh_kit.view import KeyView
 from mesh_llm import ChatModel, ContextOverflow, Message, ModelRequest, UnknownRoute
@@ -500,6 +501,7 @@ class NeedWorkflow(Exception):
 class Planner:
     def __init__(self, mesh: Mesh, model: ChatModel | Models, settings: PlannerSettings | None = None) -> None:
         self.mesh = mesh
+        self.audit = chain.of(mesh)
         self.model = model
         self.settings = settings if settings is not None else PlannerSettings.defaults()
         self.plan_prompt = prompts.load("mesh_planner", "plan", self.settings.prompts_dir)
@@ -559,7 +561,7 @@ class Planner:
 
     def register(self) -> None:
         m = self.mesh
-        m.enable_guard()
+        guard.enable(m)
         m.on_start(self.start)
         m.on_start(self.start_timers)
         m.on_stop(self.stop)
@@ -867,7 +869,7 @@ class Planner:
             await self.publish_status(rec, rec.status, starts=True)
         if rec.workflow:
             # On the tenant's chain: which version the task runs, whoever publishes what next.
-            await self.mesh.audit(
+            await self.audit.append(
                 m.tenant, m.task_id, "task.workflow", f"{m.task_id}:workflow", actor=d.sender.name, source=d.msg_id,
                 detail={"workflow": rec.workflow, "named": m.workflow or ""},
             )  # fmt: skip
@@ -969,7 +971,7 @@ class Planner:
             kind, key = f"{what}.{action}", f"{m.task_id}:{action}"
         else:
             kind, key, detail = f"{what}.change-refused", f"{m.task_id}:refused", {**detail, "refused": answer.reason}
-        await self.mesh.audit(m.tenant, m.task_id, kind, key, actor=d.sender.name, source=d.msg_id, detail=detail)
+        await self.audit.append(m.tenant, m.task_id, kind, key, actor=d.sender.name, source=d.msg_id, detail=detail)
         await self.mesh.publish(answer, key="changed", causation=d.msg_id)
 
     async def _plan_prompt(self, m: TaskSubmitted, release: str) -> tuple[prompts.Prompt, str]:
@@ -1051,7 +1053,7 @@ class Planner:
             log.warning("release %s of tenant %s %s by %s: %s", e.version, tenant, e.action, e.by, e.reason)
             detail = {"version": e.version, "current": e.current, "tasks": e.tasks, "bad": e.bad, "llr": e.llr,
                       "lower": e.lower, "upper": e.upper, "reason": e.reason}  # fmt: skip
-            await self.mesh.audit(tenant, e.change_id, f"release.{e.action}", e.change_id, actor=e.by, detail=detail)
+            await self.audit.append(tenant, e.change_id, f"release.{e.action}", e.change_id, actor=e.by, detail=detail)
             await self.mesh.publish(
                 ReleaseDecided(tenant=tenant, task_id=e.change_id, decision=e.action, version=e.version,
                                current=e.current, by=e.by, tasks=e.tasks, bad=e.bad, llr=e.llr, lower=e.lower,
@@ -1142,7 +1144,7 @@ class Planner:
 
         rec = await self.transition(m.tenant, m.task_id, planned)
         if rec is not None and rec.status == "planning" and rec.draft_hash:
-            await self.mesh.audit(
+            await self.audit.append(
                 m.tenant, m.task_id, "plan.drafted", f"{m.task_id}:draft:{rec.draft_hash}", actor="planner",
                 source=d.msg_id, detail={"draft": rec.draft_hash, "revision": rec.draft_revision, "steps": len(rec.draft)},
             )  # fmt: skip
@@ -1222,7 +1224,7 @@ class Planner:
             why = outcome.get("why")
         detail = {"draft": m.draft, "decision": m.decision, "comment": m.comment}
         if why is not None:
-            await self.mesh.audit(
+            await self.audit.append(
                 m.tenant, m.task_id, "plan.review-refused", f"{d.msg_id}:refused", actor=who, source=d.msg_id,
                 detail={**detail, "refused": why},
             )  # fmt: skip
@@ -1233,7 +1235,7 @@ class Planner:
         if "node" in outcome:
             detail["node"] = outcome["node"]
             kind = {"approve": "approval.approved", "reject": "approval.denied"}[m.decision]
-        await self.mesh.audit(m.tenant, m.task_id, kind, f"{m.task_id}:{m.decision}:{m.draft}", actor=who,
+        await self.audit.append(m.tenant, m.task_id, kind, f"{m.task_id}:{m.decision}:{m.draft}", actor=who,
                               source=d.msg_id, detail=detail)  # fmt: skip
 
     def decide_approval(
@@ -1414,7 +1416,7 @@ class Planner:
             )  # fmt: skip
         detail = {"signal": m.name, "outcome": outcome, **({"reason": why} if outcome == "refused" else {}),
                   **({"node": why} if outcome == "taken" else {})}  # fmt: skip
-        await self.mesh.audit(m.tenant, m.task_id, "task.signal", f"{d.msg_id}:signal", actor=d.sender.name,
+        await self.audit.append(m.tenant, m.task_id, "task.signal", f"{d.msg_id}:signal", actor=d.sender.name,
                               source=d.msg_id, detail=detail)  # fmt: skip
 
     @staticmethod
@@ -1550,7 +1552,7 @@ class Planner:
         # Then (a chain that cannot be appended to must not delay a cancel; if this fails, the
         # redelivery finds the control applied and appends again): every control action that
         # reached the task's owner, applied or not, as a link of the tenant's audit chain.
-        await self.mesh.audit(
+        await self.audit.append(
             m.tenant, m.task_id, m.type, d.msg_id, actor=who, source=d.msg_id, detail={"reason": m.reason}
         )
 

@@ -27,10 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from mesh_contracts.v1 import IngestCompleted, IngestRequested, RetrievalCompleted, RetrievalHit, RetrievalRequested
+from mesh_durable.redis import redis_client, redis_errors
 from mesh_guardrails.injection import score as injection_score
 from mesh_kit import Delivery, Mesh
 from mesh_kit import telemetry as tel
-from mesh_kit.deps import Dependency, redis_client, redis_errors
+from mesh_kit.deps import Dependency
 from mesh_rag.embed import Embedder
 from mesh_rag.extract import SUPPORTED, ExtractError, extract, media_type_for
 from mesh_rag.index import Chunk, TenantIndex, build_document, document_version

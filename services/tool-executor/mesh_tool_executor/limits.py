@@ -21,7 +21,8 @@ from collections import defaultdict, deque
 from collections.abc import Callable
 from typing import Any
 
-from mesh_kit.deps import Dependency, redis_client, redis_errors
+from mesh_durable.redis import redis_client, redis_errors
+from mesh_kit.deps import Dependency
 
 WINDOW_S = 60.0
 

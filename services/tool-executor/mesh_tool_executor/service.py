@@ -32,16 +32,17 @@ from mesh_contracts.v1 import (
     ToolRequested,
 )
 from mesh_contracts.v1.records import TERMINAL, StatusRecord, TaskRecord
+from mesh_durable import chain, guard
+from mesh_durable.ledger import BUCKET, Ledger
 from mesh_guardrails.injection import score as injection_score
 from mesh_guardrails.redact import redact, redact_value
 from mesh_kit import Delivery, Mesh
 from mesh_kit import envelope as env
 from mesh_kit import state as st
 from mesh_kit import telemetry as tel
-from mesh_kit.bus import Reject
+from mesh_kit.delivery import Reject
 from mesh_kit.faults import crash_point
 from mesh_kit.identity import Principal
-from mesh_kit.ledger import BUCKET, Ledger
 from mesh_kit.tail import Reader
 from mesh_tool_executor import destinations, net
 from mesh_tool_executor.approvals import ApprovalRecord, Approvals, approval_id
@@ -105,6 +106,8 @@ class ToolExecutor:
         self.settings = settings if settings is not None else ToolExecutorSettings.defaults()
         self.registry = registry or Registry()
         self.ledger: Ledger | None = None
+        self.audit = chain.of(mesh)
+        self.guard: guard.Guard | None = None  # enabled by register()
         self.bundles = st.Bundles(None)  # the releases bucket, from start()
         self.tasks: Any = None
         self.approvals: Approvals | None = None
@@ -182,7 +185,7 @@ class ToolExecutor:
             log.info("mounted MCP tool %s (risk %s)", mt.name, self.registry.get(mt.name).risk)  # type: ignore[union-attr]
 
     def register(self) -> None:
-        self.mesh.enable_guard()
+        self.guard = guard.enable(self.mesh)
         self.mesh.on_start(self.start)
         self.mesh.on_stop(self.stop)
         self.mesh.consume(ToolRequested, self.on_request)
@@ -295,7 +298,7 @@ class ToolExecutor:
             # run: whether it succeeded, under which idempotency key, and a digest of what it
             # returned (not the result: it can be large, and the task's messages hold it). A
             # redelivery gets the recorded outcome and appends under the same key: stored once.
-            await self.mesh.audit(
+            await self.audit.append(
                 m.tenant, m.task_id, "tool.performed", f"{m.call_id}:performed", actor="tool-executor",
                 detail={"step_id": m.step_id, "call_id": m.call_id, "tool": m.tool, "risk": tool.risk,
                         "ok": bool(outcome.get("ok")), "error": redact(str(outcome.get("error", "")))[:300],
@@ -364,7 +367,7 @@ class ToolExecutor:
         await self.mesh.publish(record, key=key)
         # The same decision as a link of the tenant's tamper-evident chain (kept a year, not a
         # week; a removed or altered link shows in ``meshctl audit verify``).
-        await self.mesh.audit(
+        await self.audit.append(
             m.tenant, m.task_id, f"tool.{decision}", key, actor=by or "tool-executor",
             source=env.message_id(record.type, m.tenant, m.task_id, key),
             detail={
@@ -378,7 +381,7 @@ class ToolExecutor:
         )  # fmt: skip
 
     async def on_request(self, m: ToolRequested, d: Delivery) -> None:
-        stop = await self.mesh.guard.check(m.tenant, m.task_id) if self.mesh.guard is not None else None
+        stop = await self.guard.check(m.tenant, m.task_id) if self.guard is not None else None
         if stop is not None:
             # Not run and not recorded: after a resume the step is dispatched afresh.
             self.mesh.count(tel.M_CALLS_REFUSED)
@@ -512,7 +515,7 @@ class ToolExecutor:
         if refused is not None:
             # On the tenant's chain as well as in the dead letters: someone its approvers do not
             # include tried to decide one of its calls. The call still waits for them.
-            await self.mesh.audit(
+            await self.audit.append(
                 rec.tenant, rec.task_id, "tool.decision-refused", f"{rec.call_id}:refused:{d.msg_id}",
                 actor=d.sender.name, source=d.msg_id,
                 detail={"step_id": rec.step_id, "call_id": rec.call_id, "tool": rec.tool,
@@ -551,7 +554,7 @@ class ToolExecutor:
     async def _ended_seen(self, tenant: str, task_id: str) -> str | None:
         """The same from the guard's view of the ``status`` bucket (memory, kept current by its
         feed): cheap enough for the sweep that voids waits of ended tasks every second."""
-        view = self.mesh.guard.status_view if self.mesh.guard is not None else None
+        view = self.guard.status_view if self.guard is not None else None
         if view is None:
             return None
         raw = await view.get(TaskRecord.key(tenant, task_id))

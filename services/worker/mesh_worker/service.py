@@ -38,15 +38,16 @@ from mesh_contracts.v1 import (
     ToolCompleted,
     ToolRequested,
 )
+from mesh_durable import guard
+from mesh_durable.ledger import BUCKET as LEDGER
+from mesh_durable.ledger import Ledger
 from mesh_guardrails.injection import UNTRUSTED_NOTICE, score_many
 from mesh_guardrails.provenance import Text
 from mesh_kit import Delivery, Mesh
 from mesh_kit import envelope as env
 from mesh_kit import state as st
 from mesh_kit import telemetry as tel
-from mesh_kit.bus import Retry
-from mesh_kit.ledger import BUCKET as LEDGER
-from mesh_kit.ledger import Ledger
+from mesh_kit.delivery import Retry
 from mesh_llm import ChatModel, Message, ModelRequest, ModelResponse, ProviderError, ToolCall, ToolSpec
 from mesh_llm.context import clip
 from mesh_worker.settings import WorkerSettings
@@ -181,7 +182,7 @@ class Worker:
         return tuple(TOOLS.get(n) or self.catalogue[n] for n in names if n in TOOLS or n in self.catalogue)
 
     def register(self) -> None:
-        self.mesh.enable_guard()
+        guard.enable(self.mesh)
         self.mesh.on_start(self.start)
         self.mesh.consume(StepRequested, self.on_step)
         self.mesh.consume(ToolCompleted, self.on_tool)

@@ -22,7 +22,7 @@ from typing import Any
 
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
-from mesh_kit.bus import Retry
+from mesh_kit.delivery import Retry
 
 BUCKET = "ledger"
 CLAIM_LEASE_S = 600.0

@@ -16,9 +16,10 @@ import hashlib
 import logging
 import random
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from nats.aio.client import Client as NATS
 from nats.js.errors import BadRequestError
@@ -30,6 +31,9 @@ from mesh_contracts.v1.audit import ANCHOR, GENESIS, AuditRecorded, kind_allowed
 from mesh_kit import envelope as env
 from mesh_kit.identity import IdentityError, Signer, Verifier
 from mesh_kit.tail import Stored
+
+if TYPE_CHECKING:
+    from mesh_kit.bus import Mesh
 
 log = logging.getLogger("mesh.chain")
 
@@ -81,8 +85,41 @@ class ChainError(RuntimeError):
     not parse where the head should be)."""
 
 
+class Appender(Protocol):
+    """What a service appends through: an ``AuditChain``, or a test's stand-in (``install``)."""
+
+    async def append(
+        self, tenant: str, task_id: str, kind: str, key: str, *, actor: str = "", source: str = "",
+        detail: dict[str, Any] | None = None,
+    ) -> int: ...  # fmt: skip
+
+    async def head(self, tenant: str) -> Head: ...
+
+
+_CHAINS: weakref.WeakKeyDictionary[Any, Appender] = weakref.WeakKeyDictionary()
+
+
+def of(mesh: Mesh) -> Appender:
+    """This service's appender to the tenants' audit chains: one per mesh connection (it keeps each
+    chain's head), signing with the service's key of the moment; made on first use."""
+    appender = _CHAINS.get(mesh)
+    if appender is None:
+        appender = _CHAINS[mesh] = AuditChain(lambda: mesh.nc, lambda: mesh.signer, lambda: mesh.tracer)
+    return appender
+
+
+def install(mesh: Any, appender: Appender) -> None:
+    """Make ``appender`` the one ``of(mesh)`` answers (a test's mesh records what is appended)."""
+    _CHAINS[mesh] = appender
+
+
 class AuditChain:
-    def __init__(self, nc: Callable[[], NATS], signer: Callable[[], Signer], tracer: Any = None) -> None:
+    """An appender to the tenants' audit chains. ``append`` names each decision by ``key``, so a
+    retry of it is stored once."""
+
+    def __init__(
+        self, nc: Callable[[], NATS], signer: Callable[[], Signer], tracer: Callable[[], Any] | None = None
+    ) -> None:
         self._nc, self._signer = nc, signer  # getters: the connection and key of the moment
         self._tracer = tracer
         """Each record is published by a span of its own, as every other stored message is."""
@@ -93,7 +130,7 @@ class AuditChain:
     def _publishing(self, subject: str) -> Any:
         if self._tracer is None:
             return contextlib.nullcontext()
-        return self._tracer.start_as_current_span(
+        return self._tracer().start_as_current_span(
             f"{subject} publish", kind=trace.SpanKind.PRODUCER,
             attributes={"messaging.system": "nats", "messaging.destination.name": subject},
         )  # fmt: skip

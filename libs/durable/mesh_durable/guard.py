@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -62,6 +63,24 @@ class Stopped(Exception):
     def __init__(self, stop: Stop) -> None:
         super().__init__(stop.reason)
         self.stop = stop
+
+
+_GUARDS: weakref.WeakKeyDictionary[Mesh, Guard] = weakref.WeakKeyDictionary()
+
+
+def enable(mesh: Mesh) -> Guard:
+    """Check halt / cancel / kill switches before every model or tool call of this service: the
+    guard starts with the mesh (after connecting, before any handler runs). Idempotent."""
+    guard = _GUARDS.get(mesh)
+    if guard is None:
+        guard = _GUARDS[mesh] = Guard(mesh)
+        mesh.on_start(guard.start)
+    return guard
+
+
+def of(mesh: Mesh) -> Guard | None:
+    """The guard this service enabled, if it did (a library making a call asks it here)."""
+    return _GUARDS.get(mesh)
 
 
 class Guard:

@@ -1,0 +1,115 @@
+"""What a handler deals in: the delivery it gets beside the message, and the exceptions it raises
+to say what should become of the message (the settle stage, ``mesh_kit.consume.settle``, acts on
+them)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import nats
+
+from mesh_contracts import Contract
+from mesh_kit.identity import Principal
+
+log = logging.getLogger("mesh.bus")
+
+
+class Reject(Exception):
+    """Raise from a handler for input that can never succeed: dead-letter now, no retry."""
+
+
+class Retry(Exception):
+    """Raise to have the message redelivered after ``delay_s`` without logging a failure
+    (e.g. another replica is performing the same work right now)."""
+
+    delay_s = 1.0
+
+
+class Park(Exception):
+    """Raise from a handler for a message it cannot take up yet (the planner's task waiting for a
+    run slot): the message waits at its consumer, alive, out of the handlers' way (they take
+    other work meanwhile) and with no attempt spent, until ``until()`` returns, and is then
+    handled again."""
+
+    def __init__(self, until: Callable[[], Awaitable[None]], reason: str = "") -> None:
+        super().__init__(reason or "waits to be taken up")
+        self.until = until
+
+
+class PermissionViolation(RuntimeError):
+    """The broker refused an operation this identity is not allowed to do."""
+
+
+class Incoming(Protocol):
+    """A message a consumer hands the pipeline: the nats-py message and its controls. The fair
+    consumer's ``Fetched`` is one; so is the in-memory test bus's message."""
+
+    raw_message: Any
+
+    async def ack(self) -> None: ...
+    async def nack(self, delay: float | None = None) -> None: ...
+    async def reject(self) -> None: ...
+    async def in_progress(self) -> None: ...
+    def park(self, until: Callable[[], Awaitable[None]]) -> bool: ...
+
+
+@dataclass
+class Delivery:
+    """What a handler gets besides the model: sender, ids, and the delivery's controls."""
+
+    sender: Principal
+    subject: str
+    msg_id: str
+    deliveries: int
+    headers: dict[str, str]
+    _msg: Incoming | None = None
+    seq: int = 0
+    stored_at: float | None = None
+    """When JetStream stored the message (None for core request/reply)."""
+    body: bytes = b""
+    """The message's body as it arrived (and as its sender signed it)."""
+    ack_wait_s: float = 30.0
+    """The consumer's ``ack_wait``: ``keepalive`` beats three times in it."""
+
+    @property
+    def owner(self) -> str:
+        """Identity of the message (not of this delivery): its subject and stream sequence."""
+        return f"{self.subject}@{self.seq}"
+
+    async def heartbeat(self) -> None:
+        """Tell JetStream the handler is alive (extends ``ack_wait`` for long model calls)."""
+        if self._msg is not None:
+            await self._msg.in_progress()
+
+    @contextlib.asynccontextmanager
+    async def keepalive(self, every_s: float | None = None) -> AsyncIterator[None]:
+        """Heartbeat every third of ``ack_wait`` while the block runs, so a long call keeps its
+        message instead of having it redelivered to another replica mid-call."""
+        every = every_s or self.ack_wait_s / 3
+
+        async def beat() -> None:
+            while True:
+                await asyncio.sleep(every)
+                try:
+                    await self.heartbeat()
+                except nats.errors.Error as exc:  # the broker is away: the next beat may reach it
+                    log.debug("heartbeat for %s not sent: %s", self.subject, exc)
+
+        task = asyncio.create_task(beat()) if self._msg is not None else None
+        try:
+            yield
+        finally:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+
+Handler = Callable[[Any, Delivery], Awaitable[None]]
+RequestHandler = Callable[[Any, Delivery], Awaitable[Contract]]
+RejectHook = Callable[[str, str, str, str], Awaitable[None]]  # (tenant, task, subject, reason)
