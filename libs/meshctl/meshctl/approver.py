@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import nats
+from nats.aio.client import Client as NATS
 
 from mesh_contracts.v1 import ApprovalDecided, PlanReviewed
 from mesh_kit import envelope as env
@@ -62,7 +63,7 @@ class Approver:
         self.trust_bundle = trust_bundle
         """The mesh home's bundle: whom each tenant has named to approve (the console defers to them)."""
         self.signer = Signer.from_file(name, signing_key)
-        self.nc: nats.NATS | None = None
+        self.nc: NATS | None = None
         self.kv: Any = None
 
     async def __aenter__(self) -> Approver:

@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import nats
 from nacl.exceptions import CryptoError
 from nacl.public import PrivateKey, SealedBox
+from nats.aio.client import Client as NATS
 
 from mesh_contracts import topology as topo
 from mesh_kit.chain import Anchor, Verdict, chain_filter, parse
@@ -27,7 +27,7 @@ from mesh_kit.tail import DirectGetError, Reader, Stored
 READ_TIMEOUT_S = 0.5
 
 
-async def audited(nc: nats.NATS, tenant: str, task_id: str = "") -> list[dict[str, Any]]:
+async def audited(nc: NATS, tenant: str, task_id: str = "") -> list[dict[str, Any]]:
     """Every ``tool.audited`` record of ``tenant`` (of one task when given), oldest first."""
     subject = f"tool.*.{tenant}.{task_id or '*'}.audited"
     sub = await nc.jetstream().subscribe(subject, stream="TOOL", ordered_consumer=True)
@@ -104,12 +104,12 @@ def render(rows: list[dict[str, Any]]) -> str:
 # --- the tamper-evident chain (``mesh_contracts.v1.audit``, ``mesh_kit.chain``) -------------------
 
 
-async def chain(nc: nats.NATS, tenant: str) -> list[Stored]:
+async def chain(nc: NATS, tenant: str) -> list[Stored]:
     """Every retained record of ``tenant``'s audit chain, in stored order (direct gets)."""
     return await stored(nc, topo.STREAMS["audit"], chain_filter(tenant))
 
 
-async def anchors(nc: nats.NATS, tenant: str) -> list[Anchor]:
+async def anchors(nc: NATS, tenant: str) -> list[Anchor]:
     """Every retained anchor of ``tenant``'s chain (KV ``anchors`` keeps a key's last 64)."""
     return [
         Anchor(s.data.decode(), s.time)
@@ -118,7 +118,7 @@ async def anchors(nc: nats.NATS, tenant: str) -> list[Anchor]:
     ]
 
 
-async def stored(nc: nats.NATS, stream: str, subject: str) -> list[Stored]:
+async def stored(nc: NATS, stream: str, subject: str) -> list[Stored]:
     """Every message of ``stream`` matching ``subject`` (none if the stream does not exist yet)."""
     reader = Reader(nc, stream)
     try:

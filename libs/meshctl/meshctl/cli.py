@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import httpx
 import nats
+from nats.aio.client import Client as NATS
 from nats.js.kv import KeyValue
 
 from mesh_contracts import SERVICES
@@ -80,7 +81,7 @@ def _nats_url(args: argparse.Namespace, home: Path) -> str:
     return _running(home).nats_url
 
 
-async def _admin(args: argparse.Namespace) -> nats.NATS:
+async def _admin(args: argparse.Namespace) -> NATS:
     home = opt.home(args)
     ids = Identities(home)
     if not ids.creds("admin").exists():
@@ -95,7 +96,7 @@ async def _admin(args: argparse.Namespace) -> nats.NATS:
     )
 
 
-async def _bucket(nc: nats.NATS, name: str) -> KeyValue:
+async def _bucket(nc: NATS, name: str) -> KeyValue:
     try:
         return await nc.jetstream().key_value(name)
     except nats.js.errors.BucketNotFoundError:
@@ -858,7 +859,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
         {n: f"http://127.0.0.1:{p.http_port}/status" for n, p in state.services.items() if p.http_port} if state else {}
     )
 
-    async def connect() -> nats.NATS:
+    async def connect() -> NATS:
         return await nats.connect(nats_servers(_nats_url(args, home)), name="meshctl-dashboard", connect_timeout=5,
                                   error_cb=log_nats_error, **ids.connect_options("admin"))  # fmt: skip
 
@@ -1110,9 +1111,7 @@ def cmd_budget(args: argparse.Namespace) -> int:
     return asyncio.run(run())
 
 
-async def _audit_switch(
-    args: argparse.Namespace, nc: nats.NATS, action: str, revision: int | None, reason: str
-) -> None:
+async def _audit_switch(args: argparse.Namespace, nc: NATS, action: str, revision: int | None, reason: str) -> None:
     """The operator's switch as a link of the audit chain: the tenant's, or the mesh-wide one."""
     from mesh_contracts.v1.audit import MESH_WIDE, TENANT_WIDE
     from mesh_kit.chain import AuditChain

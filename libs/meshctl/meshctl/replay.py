@@ -24,7 +24,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-import nats
+from nats.aio.client import Client as NATS
 
 from mesh_contracts import ContractError, parse_message
 from mesh_contracts import topology as topo
@@ -149,7 +149,7 @@ class Story:
         )
 
 
-async def load(nc: nats.NATS, tenant: str, task_id: str, verifier: Verifier) -> Story:
+async def load(nc: NATS, tenant: str, task_id: str, verifier: Verifier) -> Story:
     """The task's story from every stream but the progress feed (and the feed's replay notes)."""
     story = Story(tenant, task_id)
     sources = [(stream, f"{domain}.*.{tenant}.{task_id}.>") for domain, stream in topo.STREAMS.items()]

@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 import nats
+from nats.aio.client import Client as NATS
 from nats.js.errors import NotFoundError
 
 from mesh_contracts import topology as topo
@@ -57,7 +58,7 @@ def _tenant(frame: Frame, name: str) -> dict[str, Any]:
 Asker = Callable[[Any], Awaitable[BudgetStatusReport | None]]
 
 
-async def _scan(nc: nats.NATS, bucket: str, keys: str) -> dict[str, dict[str, Any]]:
+async def _scan(nc: NATS, bucket: str, keys: str) -> dict[str, dict[str, Any]]:
     """The bucket's current records whose keys match ``keys``; none if the mesh has no such
     bucket (provisioned before it existed)."""
     try:
@@ -68,7 +69,7 @@ async def _scan(nc: nats.NATS, bucket: str, keys: str) -> dict[str, dict[str, An
 
 
 async def gather(
-    nc: nats.NATS, prev: Frame | None = None, health: dict[str, str] | None = None, budget: Asker | None = None
+    nc: NATS, prev: Frame | None = None, health: dict[str, str] | None = None, budget: Asker | None = None
 ) -> Frame:
     """One frame. ``health``: service -> its local ``/status`` URL (a mesh of ``meshctl up``);
     ``budget``: asks the budget service what it sees (``meshctl.ask.budget_status``)."""
