@@ -31,7 +31,7 @@ async def audited(nc: NATS, tenant: str, task_id: str = "") -> list[dict[str, An
     """Every ``tool.audited`` record of ``tenant`` (of one task when given), oldest first."""
     subject = f"tool.*.{tenant}.{task_id or '*'}.audited"
     sub = await nc.jetstream().subscribe(subject, stream="TOOL", ordered_consumer=True)
-    out = []
+    out: list[dict[str, Any]] = []
     try:
         while True:
             try:
@@ -43,7 +43,7 @@ async def audited(nc: NATS, tenant: str, task_id: str = "") -> list[dict[str, An
         await sub.unsubscribe()
 
 
-def opener(key_file: Path) -> SealedBox | None:
+def opener(key_file: Path) -> SealedBox[PrivateKey] | None:
     """The tenant auditor's key, if this operator holds it (None otherwise: values stay sealed)."""
     try:
         return SealedBox(PrivateKey(base64.b64decode(key_file.read_text().strip())))
@@ -51,7 +51,7 @@ def opener(key_file: Path) -> SealedBox | None:
         return None
 
 
-def reveal(box: SealedBox | None, sealed: str) -> str:
+def reveal(box: SealedBox[PrivateKey] | None, sealed: str) -> str:
     if not sealed:
         return "(not sealed: the tenant had no auditor key)"
     if box is None:
@@ -62,7 +62,7 @@ def reveal(box: SealedBox | None, sealed: str) -> str:
         return "(sealed to another key)"
 
 
-def effects(records: list[dict[str, Any]], box: SealedBox | None, to: str = "") -> list[dict[str, Any]]:
+def effects(records: list[dict[str, Any]], box: SealedBox[PrivateKey] | None, to: str = "") -> list[dict[str, Any]]:
     """One row per destination of every record that names one: the decision, the tool, where it
     went (opened when the auditor key is at hand), and whether the goal offered it."""
     rows = []
