@@ -21,6 +21,7 @@ perform.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import json
 import time
 import uuid
@@ -197,7 +198,7 @@ class Approver:
             await asyncio.sleep(0.1)
         raise ApprovalError(f"the tool-executor did not record the decision on {approval_id} within {wait_s:g}s")
 
-    def named(self, tenant: str) -> list[str]:
+    def named(self, tenant: str) -> builtins.list[str]:  # 'list' is a method of this class
         """The people ``tenant`` has named to approve its calls, from the mesh home's trust bundle
         (empty without one: then only the tool-executor's check stands)."""
         if self.trust_bundle is None or not self.trust_bundle.exists():

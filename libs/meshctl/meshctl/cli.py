@@ -1168,7 +1168,7 @@ def cmd_kill_switch(args: argparse.Namespace) -> int:
 
 # ``eval DATASET`` and ``eval calibrate [FILE]`` share one parser; an option of the other mode
 # is a usage error. Mode options default to "absent" so a misplaced one can be told apart.
-def _mesh_commands(sub: argparse._SubParsersAction) -> None:
+def _mesh_commands(sub: argparse._SubParsersAction[opt.Parser]) -> None:
     """Commands the mesh itself: identities, permissions, provisioning, a local mesh and its health."""
     s = sub.add_parser("init", help="mint identities (NATS creds, signing keys, trust bundle)")
     s.add_argument("--tenants", type=opt.tenants, default=["demo"], help="comma-separated tenant ids")
@@ -1219,7 +1219,7 @@ def _mesh_commands(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(fn=cmd_status)
 
 
-def _task_commands(sub: argparse._SubParsersAction) -> None:
+def _task_commands(sub: argparse._SubParsersAction[opt.Parser]) -> None:
     """Commands as a tenant's client: submit and follow a task, control it, ingest documents."""
     s = sub.add_parser("submit", help="submit a task as a tenant's client")
     s.add_argument("goal", nargs="?", default=None, help="what you want done (with --workflow: optional)")
@@ -1299,7 +1299,7 @@ def _task_commands(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(fn=cmd_ingest)
 
 
-def _approver_commands(sub: argparse._SubParsersAction) -> None:
+def _approver_commands(sub: argparse._SubParsersAction[opt.Parser]) -> None:
     """Commands as the approver: list waiting tool calls, approve or deny."""
     as_help = ("decide as this person (approver.<tenant>.<name>, see meshctl approvers), not the console's approver; "
                "a tenant that names approvers is decided by them alone")  # fmt: skip
@@ -1336,7 +1336,7 @@ def _approver_commands(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(fn=cmd_approvers, role="author")
 
 
-def _operator_commands(sub: argparse._SubParsersAction) -> None:
+def _operator_commands(sub: argparse._SubParsersAction[opt.Parser]) -> None:
     """Commands as an operator: audit, credentials, dead letters, spend, kill switches."""
     s = sub.add_parser("audit", help="where a tenant's tool effects went (as the admin, opened with its auditor key)")
     asub = s.add_subparsers(dest="action", required=True, parser_class=opt.Parser)

@@ -270,8 +270,8 @@ class TenantClient:
             reconnected_cb=self._on_reconnect,
             tls=tls_context(self.tls_ca),
         ))  # fmt: skip
-        await asyncio.wait({connecting, untrusted}, timeout=self.connect_timeout_s,
-                           return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+        racing: set[asyncio.Future[None] | asyncio.Future[Exception]] = {connecting, untrusted}
+        await asyncio.wait(racing, timeout=self.connect_timeout_s, return_when=asyncio.FIRST_COMPLETED)
         if connecting.done():
             connecting.result()  # raises what the first connection failed with, if it did
             return nc

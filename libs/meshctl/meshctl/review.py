@@ -257,7 +257,7 @@ def cmd_review(args: argparse.Namespace) -> int:
     return asyncio.run(run())
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[opt.Parser]) -> None:
     s = sub.add_parser("review", help="plans waiting for a person: list, show, approve, edit, reject")
     s.add_argument("action", choices=("list", "show", "approve", "edit", "reject"))
     s.add_argument("task_id", nargs="?", default=None, type=opt.task_id, metavar="TASK")
