@@ -206,7 +206,8 @@ class Dashboard:
         if method != "GET" and not (method == "POST" and url.path == "/api/review"):
             return _json(405, {"error": "read-only: GET only (and POST /api/review for a reviewer)"})
         query = parse_qs(url.query)
-        offered = (query.get("token") or [None])[0]
+        tokens = query.get("token")
+        offered = tokens[0] if tokens else None
         if offered is not None:  # the printed URL: keep the statement in a cookie, not in the address bar
             if self.authorised(offered) is None:
                 self.denied += 1
