@@ -14,7 +14,7 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -29,6 +29,7 @@ from mesh_contracts import SERVICES
 from mesh_contracts import topology as topo
 from mesh_contracts.v1 import (
     DOCUMENT_TYPES,
+    BudgetStatusReport,
     HeldCall,
     ProgressEvent,
     TaskCompleted,
@@ -56,6 +57,7 @@ from meshctl.provision import (
     RETENTION_S,
     STREAM_MAX_BYTES,
     Caps,
+    ConsumerLag,
     consumer_lag,
     provision,
     store_levels,
@@ -63,7 +65,9 @@ from meshctl.provision import (
 from meshctl.quotas import Held, summarise
 
 if TYPE_CHECKING:
+    from meshctl.approver import Approver
     from meshctl.client import TenantClient
+    from meshctl.top import Asker
 
 DEFAULT_HOME = ".mesh"
 
@@ -77,7 +81,8 @@ def _running(home: Path) -> MeshState:
 
 def _nats_url(args: argparse.Namespace, home: Path) -> str:
     if getattr(args, "nats_url", None):
-        return args.nats_url
+        url: str = args.nats_url  # argparse's Namespace is untyped: --nats-url is a str
+        return url
     return _running(home).nats_url
 
 
@@ -116,7 +121,7 @@ def _age(seconds: float) -> str:
     return f"{s}s"
 
 
-def render_switches(switches: dict[str, dict], now: float) -> str:
+def render_switches(switches: dict[str, dict[str, Any]], now: float) -> str:
     """``control`` bucket entries (``kill.global``, ``kill.tenant.<t>``) that are on, one line each."""
     if not switches:
         return "no kill switch is on"
@@ -220,8 +225,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     asker = _budget_asker(args)
 
-    async def run() -> tuple[dict, dict, dict, dict, Any, list[Held]]:
-        health = {}
+    async def run() -> tuple[
+        dict[str, dict[str, Any]], dict[str, ConsumerLag], dict[str, dict[str, Any]], dict[str, dict[str, float]],
+        BudgetStatusReport | None, list[Held],
+    ]:  # fmt: skip
+        health: dict[str, dict[str, Any]] = {}
         async with httpx.AsyncClient(timeout=2.0) as client:
             for name, proc in state.services.items():
                 if not proc.alive():
@@ -285,9 +293,9 @@ def cmd_status(args: argparse.Namespace) -> int:
             queue = {t: v.model_dump() for t, v in report.tenants.items()}
         for h in health.values() if report is None else ():
             for tenant, q in (h.get("tenants") or {}).items():
-                mine = queue.setdefault(tenant, {"running": 0, "queued": 0, "queued_s": 0.0})
-                for k in mine:
-                    mine[k] = max(mine[k], q.get(k, 0))
+                seen = queue.setdefault(tenant, {"running": 0, "queued": 0, "queued_s": 0.0})
+                for k in seen:
+                    seen[k] = max(seen[k], q.get(k, 0))
         print(f"\n{'TENANT':14} {'IN FLIGHT':>9} {'RUNNING':>8} {'IDLE':>5} {'QUEUED':>7} {'QUEUE S':>8} {'ADMITTED':>9} "
               f"{'REFUSED':>8}  MEAN TASK  REFUSED BY CODE")  # fmt: skip
         for tenant, rec in sorted(admission.items()):
@@ -549,7 +557,8 @@ def _documents(path: Path) -> tuple[list[tuple[str, Path]], list[Path]]:
             raise MeshError(f"unsupported document type {path.suffix or '(none)'!r} for {path.name} "
                             f"(supported: {' '.join(sorted(INGEST_TYPES))})")  # fmt: skip
         return [(path.name, path)], []
-    docs, skipped = [], []
+    docs: list[Path] = []
+    skipped: list[Path] = []
     for f in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
         (docs if f.suffix.lower() in INGEST_TYPES else skipped).append(f)
     return [(f.relative_to(path).as_posix(), f) for f in docs], skipped
@@ -593,7 +602,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     return asyncio.run(run())
 
 
-def _approver(args: argparse.Namespace):
+def _approver(args: argparse.Namespace) -> Approver:
     from meshctl.approver import ApprovalError, Approver
 
     home = opt.home(args)
@@ -895,7 +904,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
         return 0
 
 
-def _budget_asker(args: argparse.Namespace) -> Callable[[Any], Awaitable[Any]] | None:
+def _budget_asker(args: argparse.Namespace) -> Asker | None:
     """Ask the budget service what it sees (``budget.status``), signed with the home's admin key
     and its answer verified against the home's trust bundle; None without an admin key."""
     from meshctl.ask import budget_status
