@@ -21,6 +21,7 @@ perform.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import json
 import time
 import uuid
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import nats
+from nats.aio.client import Client as NATS
 
 from mesh_contracts.v1 import ApprovalDecided, PlanReviewed
 from mesh_kit import envelope as env
@@ -62,7 +64,7 @@ class Approver:
         self.trust_bundle = trust_bundle
         """The mesh home's bundle: whom each tenant has named to approve (the console defers to them)."""
         self.signer = Signer.from_file(name, signing_key)
-        self.nc: nats.NATS | None = None
+        self.nc: NATS | None = None
         self.kv: Any = None
 
     async def __aenter__(self) -> Approver:
@@ -196,7 +198,7 @@ class Approver:
             await asyncio.sleep(0.1)
         raise ApprovalError(f"the tool-executor did not record the decision on {approval_id} within {wait_s:g}s")
 
-    def named(self, tenant: str) -> list[str]:
+    def named(self, tenant: str) -> builtins.list[str]:  # 'list' is a method of this class
         """The people ``tenant`` has named to approve its calls, from the mesh home's trust bundle
         (empty without one: then only the tool-executor's check stands)."""
         if self.trust_bundle is None or not self.trust_bundle.exists():

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from mesh_contracts.base import APPROVER, AUTHOR
@@ -72,7 +71,7 @@ def _check(ids: Identities, tenant: str, person: str, role: str) -> str:
 
 
 async def add(
-    ids: Identities, tenant: str, person: str, nats_url: str | Sequence[str], role: str = APPROVER
+    ids: Identities, tenant: str, person: str, nats_url: str | list[str], role: str = APPROVER
 ) -> tuple[str, int]:
     """Mint ``person``'s signing key, trust it for ``tenant`` in ``role`` and publish the bundle;
     returns the principal and the bundle's new revision."""
@@ -92,7 +91,7 @@ async def add(
 
 
 async def remove(
-    ids: Identities, tenant: str, person: str, nats_url: str | Sequence[str], role: str = APPROVER
+    ids: Identities, tenant: str, person: str, nats_url: str | list[str], role: str = APPROVER
 ) -> tuple[str, int]:
     """Take ``person``'s key out of the bundle (publishing it) and retire the key file."""
     from meshctl.rotation import publish_bundle

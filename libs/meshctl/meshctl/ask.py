@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import nats
@@ -124,7 +124,7 @@ async def budget_status(nc: Any, signer: Signer, verifier: Verifier, timeout: fl
     once every partition has answered. ``AskError`` when one has not within ``timeout``: its
     tenants' numbers would be missing, not zero."""
 
-    def covered(answers: list[Contract]) -> bool:
+    def covered(answers: Sequence[Contract]) -> bool:
         reports = [a for a in answers if isinstance(a, BudgetStatusReport)]
         return bool(reports) and {r.partition for r in reports} >= set(range(max(r.partitions for r in reports)))
 

@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import nats
 from nacl.exceptions import CryptoError
 from nacl.public import PrivateKey, SealedBox
+from nats.aio.client import Client as NATS
 
 from mesh_contracts import topology as topo
 from mesh_durable.chain import Anchor, Verdict, chain_filter, parse
@@ -27,11 +27,11 @@ from mesh_kit.tail import DirectGetError, Reader, Stored
 READ_TIMEOUT_S = 0.5
 
 
-async def audited(nc: nats.NATS, tenant: str, task_id: str = "") -> list[dict[str, Any]]:
+async def audited(nc: NATS, tenant: str, task_id: str = "") -> list[dict[str, Any]]:
     """Every ``tool.audited`` record of ``tenant`` (of one task when given), oldest first."""
     subject = f"tool.*.{tenant}.{task_id or '*'}.audited"
     sub = await nc.jetstream().subscribe(subject, stream="TOOL", ordered_consumer=True)
-    out = []
+    out: list[dict[str, Any]] = []
     try:
         while True:
             try:
@@ -43,7 +43,7 @@ async def audited(nc: nats.NATS, tenant: str, task_id: str = "") -> list[dict[st
         await sub.unsubscribe()
 
 
-def opener(key_file: Path) -> SealedBox | None:
+def opener(key_file: Path) -> SealedBox[PrivateKey] | None:
     """The tenant auditor's key, if this operator holds it (None otherwise: values stay sealed)."""
     try:
         return SealedBox(PrivateKey(base64.b64decode(key_file.read_text().strip())))
@@ -51,7 +51,7 @@ def opener(key_file: Path) -> SealedBox | None:
         return None
 
 
-def reveal(box: SealedBox | None, sealed: str) -> str:
+def reveal(box: SealedBox[PrivateKey] | None, sealed: str) -> str:
     if not sealed:
         return "(not sealed: the tenant had no auditor key)"
     if box is None:
@@ -62,7 +62,7 @@ def reveal(box: SealedBox | None, sealed: str) -> str:
         return "(sealed to another key)"
 
 
-def effects(records: list[dict[str, Any]], box: SealedBox | None, to: str = "") -> list[dict[str, Any]]:
+def effects(records: list[dict[str, Any]], box: SealedBox[PrivateKey] | None, to: str = "") -> list[dict[str, Any]]:
     """One row per destination of every record that names one: the decision, the tool, where it
     went (opened when the auditor key is at hand), and whether the goal offered it."""
     rows = []
@@ -104,12 +104,12 @@ def render(rows: list[dict[str, Any]]) -> str:
 # --- the tamper-evident chain (``mesh_contracts.v1.audit``, ``mesh_durable.chain``) -------------------
 
 
-async def chain(nc: nats.NATS, tenant: str) -> list[Stored]:
+async def chain(nc: NATS, tenant: str) -> list[Stored]:
     """Every retained record of ``tenant``'s audit chain, in stored order (direct gets)."""
     return await stored(nc, topo.STREAMS["audit"], chain_filter(tenant))
 
 
-async def anchors(nc: nats.NATS, tenant: str) -> list[Anchor]:
+async def anchors(nc: NATS, tenant: str) -> list[Anchor]:
     """Every retained anchor of ``tenant``'s chain (KV ``anchors`` keeps a key's last 64)."""
     return [
         Anchor(s.data.decode(), s.time)
@@ -118,7 +118,7 @@ async def anchors(nc: nats.NATS, tenant: str) -> list[Anchor]:
     ]
 
 
-async def stored(nc: nats.NATS, stream: str, subject: str) -> list[Stored]:
+async def stored(nc: NATS, stream: str, subject: str) -> list[Stored]:
     """Every message of ``stream`` matching ``subject`` (none if the stream does not exist yet)."""
     reader = Reader(nc, stream)
     try:

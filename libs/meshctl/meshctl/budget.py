@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from typing import Any, TypedDict
 
 from nats.aio.client import Client as NATS
 from nats.js.kv import KeyValue
@@ -93,7 +93,17 @@ async def scan(nc: NATS, bucket: str, pattern: str, timeout: float = 5.0) -> dic
 # --- rendering --------------------------------------------------------------------------------
 
 
-def _u(usage: dict[str, Any] | None) -> dict[str, Any]:
+class Usage(TypedDict):
+    """A usage tally with every field present (``_u``: a missing one reads as zero)."""
+
+    input_tokens: int
+    output_tokens: int
+    cached_input_tokens: int
+    cost_usd: float
+    calls: int
+
+
+def _u(usage: dict[str, Any] | None) -> Usage:
     usage = usage or {}
     return {
         "input_tokens": int(usage.get("input_tokens") or 0),
@@ -125,8 +135,8 @@ def _when(at: Any) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t)) if t > 0 else "-"
 
 
-def _table(title: str, rows: list[tuple[str, dict[str, Any], list[str]]], extra: tuple[str, ...] = ()) -> str:
-    """``rows``: (name, usage, extra cells). Sorted by the caller."""
+def _table(title: str, rows: list[tuple[str, dict[str, Any] | None, list[str]]], extra: tuple[str, ...] = ()) -> str:
+    """``rows``: (name, usage (None: none recorded), extra cells). Sorted by the caller."""
     header = (title, "TOKENS IN", "TOKENS OUT", "CALLS", "COST_USD", *extra)
     cells = [
         (

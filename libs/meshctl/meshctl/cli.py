@@ -14,7 +14,7 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -22,12 +22,14 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import httpx
 import nats
+from nats.aio.client import Client as NATS
 from nats.js.kv import KeyValue
 
 from mesh_contracts import SERVICES
 from mesh_contracts import topology as topo
 from mesh_contracts.v1 import (
     DOCUMENT_TYPES,
+    BudgetStatusReport,
     HeldCall,
     ProgressEvent,
     TaskCompleted,
@@ -55,6 +57,7 @@ from meshctl.provision import (
     RETENTION_S,
     STREAM_MAX_BYTES,
     Caps,
+    ConsumerLag,
     consumer_lag,
     provision,
     store_levels,
@@ -62,7 +65,9 @@ from meshctl.provision import (
 from meshctl.quotas import Held, summarise
 
 if TYPE_CHECKING:
+    from meshctl.approver import Approver
     from meshctl.client import TenantClient
+    from meshctl.top import Asker
 
 DEFAULT_HOME = ".mesh"
 
@@ -76,11 +81,12 @@ def _running(home: Path) -> MeshState:
 
 def _nats_url(args: argparse.Namespace, home: Path) -> str:
     if getattr(args, "nats_url", None):
-        return args.nats_url
+        url: str = args.nats_url  # argparse's Namespace is untyped: --nats-url is a str
+        return url
     return _running(home).nats_url
 
 
-async def _admin(args: argparse.Namespace) -> nats.NATS:
+async def _admin(args: argparse.Namespace) -> NATS:
     home = opt.home(args)
     ids = Identities(home)
     if not ids.creds("admin").exists():
@@ -95,7 +101,7 @@ async def _admin(args: argparse.Namespace) -> nats.NATS:
     )
 
 
-async def _bucket(nc: nats.NATS, name: str) -> KeyValue:
+async def _bucket(nc: NATS, name: str) -> KeyValue:
     try:
         return await nc.jetstream().key_value(name)
     except nats.js.errors.BucketNotFoundError:
@@ -115,7 +121,7 @@ def _age(seconds: float) -> str:
     return f"{s}s"
 
 
-def render_switches(switches: dict[str, dict], now: float) -> str:
+def render_switches(switches: dict[str, dict[str, Any]], now: float) -> str:
     """``control`` bucket entries (``kill.global``, ``kill.tenant.<t>``) that are on, one line each."""
     if not switches:
         return "no kill switch is on"
@@ -219,8 +225,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     asker = _budget_asker(args)
 
-    async def run() -> tuple[dict, dict, dict, dict, Any, list[Held]]:
-        health = {}
+    async def run() -> tuple[
+        dict[str, dict[str, Any]], dict[str, ConsumerLag], dict[str, dict[str, Any]], dict[str, dict[str, float]],
+        BudgetStatusReport | None, list[Held],
+    ]:  # fmt: skip
+        health: dict[str, dict[str, Any]] = {}
         async with httpx.AsyncClient(timeout=2.0) as client:
             for name, proc in state.services.items():
                 if not proc.alive():
@@ -284,9 +293,9 @@ def cmd_status(args: argparse.Namespace) -> int:
             queue = {t: v.model_dump() for t, v in report.tenants.items()}
         for h in health.values() if report is None else ():
             for tenant, q in (h.get("tenants") or {}).items():
-                mine = queue.setdefault(tenant, {"running": 0, "queued": 0, "queued_s": 0.0})
-                for k in mine:
-                    mine[k] = max(mine[k], q.get(k, 0))
+                seen = queue.setdefault(tenant, {"running": 0, "queued": 0, "queued_s": 0.0})
+                for k in seen:
+                    seen[k] = max(seen[k], q.get(k, 0))
         print(f"\n{'TENANT':14} {'IN FLIGHT':>9} {'RUNNING':>8} {'IDLE':>5} {'QUEUED':>7} {'QUEUE S':>8} {'ADMITTED':>9} "
               f"{'REFUSED':>8}  MEAN TASK  REFUSED BY CODE")  # fmt: skip
         for tenant, rec in sorted(admission.items()):
@@ -548,7 +557,8 @@ def _documents(path: Path) -> tuple[list[tuple[str, Path]], list[Path]]:
             raise MeshError(f"unsupported document type {path.suffix or '(none)'!r} for {path.name} "
                             f"(supported: {' '.join(sorted(INGEST_TYPES))})")  # fmt: skip
         return [(path.name, path)], []
-    docs, skipped = [], []
+    docs: list[Path] = []
+    skipped: list[Path] = []
     for f in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
         (docs if f.suffix.lower() in INGEST_TYPES else skipped).append(f)
     return [(f.relative_to(path).as_posix(), f) for f in docs], skipped
@@ -592,7 +602,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     return asyncio.run(run())
 
 
-def _approver(args: argparse.Namespace):
+def _approver(args: argparse.Namespace) -> Approver:
     from meshctl.approver import ApprovalError, Approver
 
     home = opt.home(args)
@@ -858,7 +868,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
         {n: f"http://127.0.0.1:{p.http_port}/status" for n, p in state.services.items() if p.http_port} if state else {}
     )
 
-    async def connect() -> nats.NATS:
+    async def connect() -> NATS:
         return await nats.connect(nats_servers(_nats_url(args, home)), name="meshctl-dashboard", connect_timeout=5,
                                   error_cb=log_nats_error, **ids.connect_options("admin"))  # fmt: skip
 
@@ -894,7 +904,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
         return 0
 
 
-def _budget_asker(args: argparse.Namespace) -> Callable[[Any], Awaitable[Any]] | None:
+def _budget_asker(args: argparse.Namespace) -> Asker | None:
     """Ask the budget service what it sees (``budget.status``), signed with the home's admin key
     and its answer verified against the home's trust bundle; None without an admin key."""
     from meshctl.ask import budget_status
@@ -1110,9 +1120,7 @@ def cmd_budget(args: argparse.Namespace) -> int:
     return asyncio.run(run())
 
 
-async def _audit_switch(
-    args: argparse.Namespace, nc: nats.NATS, action: str, revision: int | None, reason: str
-) -> None:
+async def _audit_switch(args: argparse.Namespace, nc: NATS, action: str, revision: int | None, reason: str) -> None:
     """The operator's switch as a link of the audit chain: the tenant's, or the mesh-wide one."""
     from mesh_contracts.v1.audit import MESH_WIDE, TENANT_WIDE
     from mesh_durable.chain import AuditChain
@@ -1169,7 +1177,7 @@ def cmd_kill_switch(args: argparse.Namespace) -> int:
 
 # ``eval DATASET`` and ``eval calibrate [FILE]`` share one parser; an option of the other mode
 # is a usage error. Mode options default to "absent" so a misplaced one can be told apart.
-def _mesh_commands(sub: argparse._SubParsersAction) -> None:
+def _mesh_commands(sub: argparse._SubParsersAction[opt.Parser]) -> None:
     """Commands the mesh itself: identities, permissions, provisioning, a local mesh and its health."""
     s = sub.add_parser("init", help="mint identities (NATS creds, signing keys, trust bundle)")
     s.add_argument("--tenants", type=opt.tenants, default=["demo"], help="comma-separated tenant ids")
@@ -1220,7 +1228,7 @@ def _mesh_commands(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(fn=cmd_status)
 
 
-def _task_commands(sub: argparse._SubParsersAction) -> None:
+def _task_commands(sub: argparse._SubParsersAction[opt.Parser]) -> None:
     """Commands as a tenant's client: submit and follow a task, control it, ingest documents."""
     s = sub.add_parser("submit", help="submit a task as a tenant's client")
     s.add_argument("goal", nargs="?", default=None, help="what you want done (with --workflow: optional)")
@@ -1300,7 +1308,7 @@ def _task_commands(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(fn=cmd_ingest)
 
 
-def _approver_commands(sub: argparse._SubParsersAction) -> None:
+def _approver_commands(sub: argparse._SubParsersAction[opt.Parser]) -> None:
     """Commands as the approver: list waiting tool calls, approve or deny."""
     as_help = ("decide as this person (approver.<tenant>.<name>, see meshctl approvers), not the console's approver; "
                "a tenant that names approvers is decided by them alone")  # fmt: skip
@@ -1337,7 +1345,7 @@ def _approver_commands(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(fn=cmd_approvers, role="author")
 
 
-def _operator_commands(sub: argparse._SubParsersAction) -> None:
+def _operator_commands(sub: argparse._SubParsersAction[opt.Parser]) -> None:
     """Commands as an operator: audit, credentials, dead letters, spend, kill switches."""
     s = sub.add_parser("audit", help="where a tenant's tool effects went (as the admin, opened with its auditor key)")
     asub = s.add_subparsers(dest="action", required=True, parser_class=opt.Parser)

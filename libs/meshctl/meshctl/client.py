@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import nats
+from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from mesh_contracts import Contract, ContractError, parse_message
@@ -223,7 +224,7 @@ class TenantClient:
         self.signer = Signer.from_file(self.principal, signing_key)
         self.trust_bundle = trust_bundle
         self.verifier = Verifier(TrustBundle.from_file(trust_bundle))
-        self.nc: nats.NATS | None = None
+        self.nc: NATS | None = None
         self._reconnected = asyncio.Event()  # replaced on every reconnect: waiters see each one
 
     @classmethod
@@ -242,7 +243,7 @@ class TenantClient:
         self.nc = await self._connect()
         return self
 
-    async def _connect(self) -> nats.NATS:
+    async def _connect(self) -> NATS:
         """Connect, or raise ``ConnectFailed`` within ``connect_timeout_s``. Once connected the
         client reconnects without end (a broker restart, a cluster node lost); but nats-py applies
         that to the first connection too, retrying silently forever, e.g. a TLS handshake that can
@@ -257,7 +258,7 @@ class TenantClient:
                 untrusted.set_result(exc)
             await log_nats_error(exc)
 
-        nc = nats.NATS()
+        nc = NATS()
         connecting = asyncio.create_task(nc.connect(
             nats_servers(self.nats_url),
             user_credentials=str(self.creds),
@@ -269,8 +270,8 @@ class TenantClient:
             reconnected_cb=self._on_reconnect,
             tls=tls_context(self.tls_ca),
         ))  # fmt: skip
-        await asyncio.wait({connecting, untrusted}, timeout=self.connect_timeout_s,
-                           return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+        racing: set[asyncio.Future[None] | asyncio.Future[Exception]] = {connecting, untrusted}
+        await asyncio.wait(racing, timeout=self.connect_timeout_s, return_when=asyncio.FIRST_COMPLETED)
         if connecting.done():
             connecting.result()  # raises what the first connection failed with, if it did
             return nc

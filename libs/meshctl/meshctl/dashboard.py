@@ -48,6 +48,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import nats
 import nats.js.errors
+from nats.aio.client import Client as NATS
 from pydantic import ValidationError
 
 from mesh_contracts.v1.records import ArmStats, ReleaseChannel, ReleaseEvent
@@ -85,7 +86,7 @@ def sign_in(signer: Signer, ttl_s: float = TOKEN_TTL_S) -> str:
 class Dashboard:
     def __init__(
         self,
-        connect: Callable[[], Awaitable[nats.NATS]],
+        connect: Callable[[], Awaitable[NATS]],
         verifier: Verifier,
         *,
         health: dict[str, str] | None = None,
@@ -99,7 +100,7 @@ class Dashboard:
         self.reviewer = reviewer
         """A ``meshctl.approver.Approver``, entered (``--as``): the person this dashboard decides as."""
         self.interval_s, self.host, self.port = interval_s, host, port
-        self.nc: nats.NATS | None = None
+        self.nc: NATS | None = None
         self.frame: top.Frame | None = None
         self.frames = 0
         self._server: asyncio.base_events.Server | None = None
@@ -205,7 +206,8 @@ class Dashboard:
         if method != "GET" and not (method == "POST" and url.path == "/api/review"):
             return _json(405, {"error": "read-only: GET only (and POST /api/review for a reviewer)"})
         query = parse_qs(url.query)
-        offered = (query.get("token") or [None])[0]
+        tokens = query.get("token")
+        offered = tokens[0] if tokens else None
         if offered is not None:  # the printed URL: keep the statement in a cookie, not in the address bar
             if self.authorised(offered) is None:
                 self.denied += 1

@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator
 
 import jwt
 import nats
+from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import RawStreamMsg
 
@@ -58,7 +59,7 @@ async def entries(js: JetStreamContext, *, newest: int | None = None) -> AsyncIt
             continue
 
 
-async def redrive(nc: nats.NATS, seq: int, operator: Signer) -> str:
+async def redrive(nc: NATS, seq: int, operator: Signer) -> str:
     js = nc.jetstream()
     letter = await entry(js, seq)
     h = dict(letter.headers or {})

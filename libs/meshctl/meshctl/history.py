@@ -16,7 +16,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-import nats
+from nats.aio.client import Client as NATS
 
 from mesh_contracts import ContractError, parse_message
 from mesh_contracts import topology as topo
@@ -94,7 +94,7 @@ OUTCOMES = ("task.completed", "task.failed", "task.rejected")
 DEAD_LETTER = "dead-letter"
 
 
-async def collect(nc: nats.NATS, tenant: str, task_id: str, *, events: bool = True) -> list[tuple[str, Stored]]:
+async def collect(nc: NATS, tenant: str, task_id: str, *, events: bool = True) -> list[tuple[str, Stored]]:
     """Every stored message of the task, stream by stream (``events=False`` leaves out the
     progress feed, which restates what the other streams hold)."""
     out: list[tuple[str, Stored]] = []

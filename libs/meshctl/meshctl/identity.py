@@ -25,9 +25,10 @@ import os
 import ssl
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import nkeys
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from nacl.public import PrivateKey
 
 from mesh_kit import ServiceSettings
@@ -47,7 +48,7 @@ def new_keypair(prefix: int) -> nkeys.KeyPair:
     return nkeys.from_seed(bytearray(nkeys.encode_seed(os.urandom(32), prefix)))
 
 
-def encode_jwt(claims: dict, issuer: nkeys.KeyPair) -> str:
+def encode_jwt(claims: dict[str, object], issuer: nkeys.KeyPair) -> str:
     """A NATS JWT (``ed25519-nkey``): jti is base32(sha512/256(claims)), per nats-io/jwt v2."""
     claims = {"iat": int(time.time()), "iss": issuer.public_key.decode(), **claims}
     body = json.dumps(claims, separators=(",", ":"), sort_keys=True).encode()
@@ -95,7 +96,8 @@ def user_of(creds: Path) -> nkeys.KeyPair:
 
 def _claims(token: str) -> dict[str, Any]:
     payload = token.split(".")[1]
-    return json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    # json.loads is untyped: a JWT's payload is a JSON object
+    return cast(dict[str, Any], json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))))
 
 
 def _nats_claims(creds: Path) -> tuple[Any, ...]:
@@ -109,7 +111,7 @@ def _wanted(perms: Permissions) -> tuple[Any, ...]:
     return (perms.pub, perms.sub, {"max": 1, "ttl": 0} if perms.allow_responses else None, None)
 
 
-def _raw(key: Any) -> bytes:
+def _raw(key: Ed25519PublicKey) -> bytes:
     from cryptography.hazmat.primitives import serialization
 
     return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
@@ -122,7 +124,7 @@ def user_jwt(
     perms: Permissions,
     expires_in_s: int | None = None,
 ) -> str:
-    nats: dict = {
+    nats: dict[str, object] = {
         "type": "user",
         "version": 2,
         "subs": -1,
@@ -134,7 +136,7 @@ def user_jwt(
     }
     if perms.allow_responses:
         nats["resp"] = {"max": 1, "ttl": 0}
-    claims: dict = {"sub": user.public_key.decode(), "name": perms.principal, "nats": nats}
+    claims: dict[str, object] = {"sub": user.public_key.decode(), "name": perms.principal, "nats": nats}
     if expires_in_s:
         claims["exp"] = int(time.time()) + expires_in_s
     return encode_jwt(claims, signing)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import hashlib
 import json
 import os
@@ -21,7 +22,7 @@ import subprocess
 import sys
 import sysconfig
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -30,6 +31,7 @@ import nats
 import nats.js.errors
 
 from mesh_contracts import SERVICES
+from mesh_contracts import topology as topo
 from mesh_kit.identity import TrustBundle
 from mesh_kit.settings import log_nats_error, nats_servers
 from meshctl.identity import Identities
@@ -162,7 +164,7 @@ def _spawn(name: str, argv: list[str], log: Path, env: dict[str, str] | None = N
     return Proc(name, proc.pid, argv, str(log), started=int(stat[19]) if stat else 0, **ports)
 
 
-async def wait_until(check, what: str, timeout: float, proc: Proc | None = None) -> None:
+async def wait_until(check: Callable[[], Awaitable[bool]], what: str, timeout: float, proc: Proc | None = None) -> None:
     deadline = time.monotonic() + timeout
     last: Exception | None = None
     while time.monotonic() < deadline:
@@ -385,7 +387,7 @@ async def provision_as_admin(
         deadline = time.monotonic() + 30.0
         while True:
             try:
-                await provision(nc, replicas=replicas, **({"ack_wait_s": ack_wait_s} if ack_wait_s else {}))
+                await provision(nc, replicas=replicas, ack_wait_s=ack_wait_s or topo.ACK_WAIT_S)
                 break
             except (nats.js.errors.BadRequestError, nats.js.errors.ServiceUnavailableError) as exc:
                 # A cluster whose nodes are healthy can still have a peer the meta leader has not
@@ -435,7 +437,8 @@ def start_service(
 
 async def wait_ready(procs: dict[str, Proc], timeout: float = 60.0) -> None:
     for svc, proc in procs.items():
-        await wait_until(lambda p=proc: _http_ok(f"http://127.0.0.1:{p.http_port}/readyz"), svc, timeout, proc)
+        ready = functools.partial(_http_ok, f"http://127.0.0.1:{proc.http_port}/readyz")  # this proc's URL, bound now
+        await wait_until(ready, svc, timeout, proc)
 
 
 async def up(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mesh_contracts import APPROVER, AUTHOR, CLIENT, SERVICES
+from mesh_contracts import APPROVER, AUTHOR, CLIENT, SERVICES, Contract
 from mesh_contracts import topology as topo
 from mesh_contracts.registry import VERSIONS
 from mesh_contracts.v1 import AuditRecorded
@@ -36,7 +36,7 @@ class Permissions:
         self.sub += [s for s in subjects if s not in self.sub]
 
 
-def _contracts():
+def _contracts() -> list[tuple[int, type[Contract]]]:
     return [(major, c) for major, cs in VERSIONS.items() for c in cs]
 
 
@@ -115,13 +115,13 @@ def service_permissions(service: str) -> Permissions:
     if service == topo.TIMER_KEEPER:
         # Store a wake-up's schedule (never a wake-up itself: the broker fires those), take the
         # fired ones from its durable.
-        d = topo.TIMER_DURABLE
+        timer = topo.TIMER_DURABLE
         p.add_pub(
             topo.timer_subject("*", "*", "*", "at"),
-            f"$JS.API.CONSUMER.INFO.{topo.TIMERS}.{d}",
-            f"$JS.API.CONSUMER.MSG.NEXT.{topo.TIMERS}.{d}",
-            f"$JS.ACK.{topo.TIMERS}.{d}.>",
-            f"$JS.ACK.*.*.{topo.TIMERS}.{d}.>",
+            f"$JS.API.CONSUMER.INFO.{topo.TIMERS}.{timer}",
+            f"$JS.API.CONSUMER.MSG.NEXT.{topo.TIMERS}.{timer}",
+            f"$JS.ACK.{topo.TIMERS}.{timer}.>",
+            f"$JS.ACK.*.*.{topo.TIMERS}.{timer}.>",
         )
     for b in topo.BUCKETS:
         # Buckets are bound without STREAM.INFO (``state.bind``): with a subjects filter it lists

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import TypedDict
 
 import nats
+from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext, api
 from nats.js.errors import BadRequestError, NotFoundError
 
@@ -52,6 +54,22 @@ class ProvisionReport:
     buckets: list[str]
 
 
+class StreamCaps(TypedDict):
+    """A stream's bounds as ``StreamConfig`` keywords (-1: none)."""
+
+    max_bytes: int
+    max_msgs: int
+
+
+class ConsumerLag(TypedDict):
+    """One durable's backlog (``consumer_lag``); -1 counts where its leader did not answer."""
+
+    service: str
+    pending: int
+    ack_pending: int
+    redelivered: int
+
+
 @dataclass(frozen=True)
 class Caps:
     """Bounds on what the mesh's streams hold (0: none); at a bound, new messages are refused."""
@@ -60,7 +78,7 @@ class Caps:
     audit_max_bytes: int = AUDIT_MAX_BYTES
     max_msgs: int = 0
 
-    def of(self, stream: str) -> dict[str, int]:
+    def of(self, stream: str) -> StreamCaps:
         size = self.audit_max_bytes if stream == AUDIT else self.max_bytes
         return {"max_bytes": size or -1, "max_msgs": self.max_msgs or -1}
 
@@ -161,7 +179,7 @@ def consumer_config(d: topo.Durable, replicas: int = 1, ack_wait_s: float = topo
 
 
 async def provision(
-    nc: nats.NATS, *, replicas: int = 1, ack_wait_s: float = topo.ACK_WAIT_S, retention_s: float = RETENTION_S,
+    nc: NATS, *, replicas: int = 1, ack_wait_s: float = topo.ACK_WAIT_S, retention_s: float = RETENTION_S,
     audit_retention_s: float = AUDIT_RETENTION_S, record_retention_s: float = RECORD_RETENTION_S,
     caps: Caps = Caps(),
 ) -> ProvisionReport:  # fmt: skip
@@ -323,7 +341,7 @@ async def provision_envelopes(
     report.streams.append(topo.ENVELOPES)
 
 
-async def store_levels(nc: nats.NATS) -> dict[str, dict[str, float]]:
+async def store_levels(nc: NATS) -> dict[str, dict[str, float]]:
     """Per stream of the mesh: messages and bytes held, its caps (-1: none) and how full it is
     (the larger share of a cap); the planner refuses new tasks from ``MESH_STORE_HIGH_WATER``."""
     js = nc.jetstream()
@@ -333,21 +351,21 @@ async def store_levels(nc: nats.NATS) -> dict[str, dict[str, float]]:
             info = await js.stream_info(stream)
         except Exception:  # noqa: BLE001, S112 - not provisioned (yet), or its leader did not answer: not listed
             continue
-        cfg, st = info.config, info.state
-        shares = [st.bytes / cfg.max_bytes if (cfg.max_bytes or 0) > 0 else 0.0,
-                  st.messages / cfg.max_msgs if (cfg.max_msgs or 0) > 0 else 0.0]  # fmt: skip
+        st, max_bytes, max_msgs = info.state, info.config.max_bytes or 0, info.config.max_msgs or 0
+        shares = [st.bytes / max_bytes if max_bytes > 0 else 0.0,
+                  st.messages / max_msgs if max_msgs > 0 else 0.0]  # fmt: skip
         out[stream] = {
-            "messages": st.messages, "bytes": st.bytes, "max_msgs": cfg.max_msgs or -1,
-            "max_bytes": cfg.max_bytes or -1, "full": round(max(shares), 4),
+            "messages": st.messages, "bytes": st.bytes, "max_msgs": max_msgs or -1,
+            "max_bytes": max_bytes or -1, "full": round(max(shares), 4),
         }  # fmt: skip
     return out
 
 
-async def consumer_lag(nc: nats.NATS) -> dict[str, dict[str, int]]:
+async def consumer_lag(nc: NATS) -> dict[str, ConsumerLag]:
     """Per durable: pending (not yet delivered) and ack-pending (in flight). KEDA's lag = sum.
     -1 where the consumer's leader did not answer in time."""
     js = nc.jetstream()
-    out: dict[str, dict[str, int]] = {}
+    out: dict[str, ConsumerLag] = {}
     for d in topo.durables():
         try:
             info = await js.consumer_info(d.stream, d.name, timeout=2.0)
@@ -358,7 +376,7 @@ async def consumer_lag(nc: nats.NATS) -> dict[str, dict[str, int]]:
             continue
         out[d.name] = {
             "service": d.service,
-            "pending": info.num_pending or 0,  # type: ignore[dict-item]
+            "pending": info.num_pending or 0,
             "ack_pending": info.num_ack_pending or 0,
             "redelivered": info.num_redelivered or 0,
         }

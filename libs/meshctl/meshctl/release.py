@@ -471,7 +471,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 1
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[opt.Parser]) -> None:
     s = sub.add_parser("release", help="releases of a tenant's behaviour (prompts, model routes, tool rules): draft, "
                                        "eval, canary, promote, rollback, list, show, diff, status")  # fmt: skip
     r = s.add_subparsers(dest="action", required=True, parser_class=opt.Parser)

@@ -28,6 +28,7 @@ import time
 from typing import Any
 
 import nats
+from nats.aio.client import Client as NATS
 
 from mesh_contracts import topology as topo
 from mesh_contracts.v1 import PlanCreated, PlanDrafted, PlanStep, TaskFailed
@@ -47,7 +48,7 @@ async def _last(js: Any, stream: str, subject: str) -> Any:
         return None
 
 
-async def waiting(nc: nats.NATS, tenant: str, task_id: str) -> tuple[PlanDrafted | None, str]:
+async def waiting(nc: NATS, tenant: str, task_id: str) -> tuple[PlanDrafted | None, str]:
     """The task's last draft and what became of the task since: '' (waits), ``approved``,
     ``failed`` (rejected, or ended otherwise)."""
     js = nc.jetstream(timeout=5.0)
@@ -64,7 +65,7 @@ async def waiting(nc: nats.NATS, tenant: str, task_id: str) -> tuple[PlanDrafted
     return drafted, ""
 
 
-async def approvals(nc: nats.NATS, tenant: str, task_id: str) -> list[WaitState]:
+async def approvals(nc: NATS, tenant: str, task_id: str) -> list[WaitState]:
     """The task's approval nodes waiting for a decision (from its record), oldest first."""
     try:
         entry = await nc.jetstream(timeout=5.0).key_value(TaskRecord.bucket)
@@ -77,7 +78,7 @@ async def approvals(nc: nats.NATS, tenant: str, task_id: str) -> list[WaitState]
     return sorted((w for w in rec.waits.values() if w.kind == "approval"), key=lambda w: w.started_at)
 
 
-async def pending(nc: nats.NATS, tenant: str, task_id: str) -> tuple[WaitState | None, PlanDrafted | None, str]:
+async def pending(nc: NATS, tenant: str, task_id: str) -> tuple[WaitState | None, PlanDrafted | None, str]:
     """What of the task waits for a reviewer: its oldest approval node (first), else its last draft
     and what became of the task since (``waiting``); ``MeshError`` when it has neither."""
     gates = await approvals(nc, tenant, task_id)
@@ -134,7 +135,7 @@ def _plan(value: str) -> tuple[PlanStep, ...]:
     return plan_steps(raw, "--plan")
 
 
-async def listing(nc: nats.NATS, tenant: str, *, every: bool = False) -> tuple[list[tuple[PlanDrafted, str]], list[tuple[str, WaitState]]]:  # fmt: skip
+async def listing(nc: NATS, tenant: str, *, every: bool = False) -> tuple[list[tuple[PlanDrafted, str]], list[tuple[str, WaitState]]]:  # fmt: skip
     """What of ``tenant`` waits for a reviewer: drafts (with what became of them, ``every``: the
     decided ones too) and approval nodes (task id, wait)."""
     js = nc.jetstream(timeout=5.0)
@@ -153,7 +154,7 @@ async def listing(nc: nats.NATS, tenant: str, *, every: bool = False) -> tuple[l
 
 
 async def decide(
-    nc: nats.NATS, ap: Any, tenant: str, task_id: str, action: str, *, steps: tuple[PlanStep, ...] = (),
+    nc: NATS, ap: Any, tenant: str, task_id: str, action: str, *, steps: tuple[PlanStep, ...] = (),
     comment: str = "", timeout: float = 15.0,
 ) -> tuple[int, str]:  # fmt: skip
     """Decide what the task waits for, its approval node first, else its draft plan, as the
@@ -256,7 +257,7 @@ def cmd_review(args: argparse.Namespace) -> int:
     return asyncio.run(run())
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[opt.Parser]) -> None:
     s = sub.add_parser("review", help="plans waiting for a person: list, show, approve, edit, reject")
     s.add_argument("action", choices=("list", "show", "approve", "edit", "reject"))
     s.add_argument("task_id", nargs="?", default=None, type=opt.task_id, metavar="TASK")

@@ -31,11 +31,11 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
 import nats
 import nkeys
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from nats.js.errors import KeyNotFoundError
 
 from mesh_contracts import topology as topo
@@ -86,7 +86,7 @@ def rewrite_server_configs(ids: Identities) -> list[Path]:
 
 
 async def publish_bundle(
-    ids: Identities, bundle: TrustBundle, nats_url: str | Sequence[str], *, only_if_newer: bool = False
+    ids: Identities, bundle: TrustBundle, nats_url: str | list[str], *, only_if_newer: bool = False
 ) -> None:
     """Write the bundle to ``trust-bundle.json`` and publish it, signed by the operator, to the
     ``trust`` bucket every service follows (``only_if_newer``: unless the bucket holds this
@@ -114,15 +114,15 @@ def _with(bundle: TrustBundle, principals: dict[str, Principal]) -> TrustBundle:
     return TrustBundle({**bundle.principals, **principals}, bundle.auditors, bundle.revision + 1)
 
 
-def _raw(key: object) -> bytes:
-    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)  # type: ignore[attr-defined]
+def _raw(key: Ed25519PublicKey) -> bytes:
+    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
 def _keys(p: Principal) -> tuple[Key, ...]:
     return p.keys or (Key(p.public_key),)
 
 
-def overlap_bundle(bundle: TrustBundle, new_keys: dict[str, Any]) -> TrustBundle:
+def overlap_bundle(bundle: TrustBundle, new_keys: dict[str, Ed25519PublicKey]) -> TrustBundle:
     """The next revision of ``bundle`` in which each principal of ``new_keys`` trusts its keys so
     far and its new public key, which it now names as current (a rotation's overlap)."""
     return _with(bundle, {
@@ -134,10 +134,10 @@ def overlap_bundle(bundle: TrustBundle, new_keys: dict[str, Any]) -> TrustBundle
 async def rotate(
     ids: Identities,
     principals: Sequence[str],
-    nats_url: str | Sequence[str],
+    nats_url: str | list[str],
     *,
     grace_s: float,
-    reload: Callable[[], None],
+    reload: Callable[[], object],
     say: Callable[[str], None] = print,
 ) -> Report:
     """Rotate ``principals`` (NATS user and signing key) with ``grace_s`` of overlap; ``reload``
@@ -192,7 +192,7 @@ async def rotate(
 
 
 async def revoke(
-    ids: Identities, principal: str, nats_url: str | Sequence[str], *, reload: Callable[[], None]
+    ids: Identities, principal: str, nats_url: str | list[str], *, reload: Callable[[], object]
 ) -> TrustBundle:
     """Take ``principal`` out of the mesh now: its keys leave the bundle (nothing it signed is
     believed any more, in flight or not) and its NATS user is revoked (connections dropped)."""

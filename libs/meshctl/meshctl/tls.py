@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+from collections.abc import Callable
 from pathlib import Path
 
 from cryptography import x509
@@ -33,7 +34,13 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
     )
 
 
-def mint(ca_key_path: Path, ca_cert_path: Path, server_cert_path: Path, server_key_path: Path, write_secret) -> None:
+def mint(
+    ca_key_path: Path,
+    ca_cert_path: Path,
+    server_cert_path: Path,
+    server_key_path: Path,
+    write_secret: Callable[[Path, bytes], None],
+) -> None:
     """Create the CA (once) and a server certificate signed by it (when missing or expiring
     within 30 days). ``write_secret`` writes a 0600 file."""
     now = dt.datetime.now(dt.UTC)

@@ -15,10 +15,11 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 import httpx
 import nats
+from nats.aio.client import Client as NATS
 from nats.js.errors import NotFoundError
 
 from mesh_contracts import topology as topo
@@ -30,12 +31,22 @@ from meshctl.ask import AskError
 OUTCOMES = ("completed", "failed", "rejected")
 
 
+class DurableRow(TypedDict):
+    """One durable in a frame: its service, and its counts from the server's consumer info."""
+
+    service: str
+    pending: int
+    in_flight: int
+    redelivered: int
+    delivered: int
+
+
 @dataclass
 class Frame:
     at: float
     tenants: dict[str, dict[str, Any]] = field(default_factory=dict)
     services: dict[str, dict[str, Any]] = field(default_factory=dict)
-    durables: dict[str, dict[str, int]] = field(default_factory=dict)
+    durables: dict[str, DurableRow] = field(default_factory=dict)
     models: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
     """Today's spend per tenant, then per ``provider/model``: calls, tokens, cost."""
     trips: dict[str, int] = field(default_factory=dict)
@@ -57,7 +68,7 @@ def _tenant(frame: Frame, name: str) -> dict[str, Any]:
 Asker = Callable[[Any], Awaitable[BudgetStatusReport | None]]
 
 
-async def _scan(nc: nats.NATS, bucket: str, keys: str) -> dict[str, dict[str, Any]]:
+async def _scan(nc: NATS, bucket: str, keys: str) -> dict[str, dict[str, Any]]:
     """The bucket's current records whose keys match ``keys``; none if the mesh has no such
     bucket (provisioned before it existed)."""
     try:
@@ -68,7 +79,7 @@ async def _scan(nc: nats.NATS, bucket: str, keys: str) -> dict[str, dict[str, An
 
 
 async def gather(
-    nc: nats.NATS, prev: Frame | None = None, health: dict[str, str] | None = None, budget: Asker | None = None
+    nc: NATS, prev: Frame | None = None, health: dict[str, str] | None = None, budget: Asker | None = None
 ) -> Frame:
     """One frame. ``health``: service -> its local ``/status`` URL (a mesh of ``meshctl up``);
     ``budget``: asks the budget service what it sees (``meshctl.ask.budget_status``)."""
@@ -81,22 +92,22 @@ async def gather(
             frame.notes.append(f"durable {d.name} did not answer")
             continue
         frame.durables[d.name] = {
-            "service": d.service,  # type: ignore[dict-item]
+            "service": d.service,
             "pending": info.num_pending or 0,
             "in_flight": info.num_ack_pending or 0,
             "redelivered": info.num_redelivered or 0,
             "delivered": info.delivered.consumer_seq or 0 if info.delivered else 0,
         }
     window = frame.at - prev.at if prev else 0.0
-    for name, d in frame.durables.items():
+    for name, row in frame.durables.items():
         svc = frame.services.setdefault(
-            str(d["service"]), {"pending": 0, "in_flight": 0, "redelivered": 0, "per_s": 0.0}
+            str(row["service"]), {"pending": 0, "in_flight": 0, "redelivered": 0, "per_s": 0.0}
         )
-        svc["pending"] += d["pending"]
-        svc["in_flight"] += d["in_flight"]
-        svc["redelivered"] += d["redelivered"]
+        svc["pending"] += row["pending"]
+        svc["in_flight"] += row["in_flight"]
+        svc["redelivered"] += row["redelivered"]
         if prev and window > 0 and name in prev.durables:
-            svc["per_s"] += max(0, d["delivered"] - prev.durables[name]["delivered"]) / window
+            svc["per_s"] += max(0, row["delivered"] - prev.durables[name]["delivered"]) / window
     admission = await _scan(nc, AdmissionRecord.bucket, ">")
     for tenant, rec in admission.items():
         # Every refusal once, by code (as the dashboard shows it). ``rejected`` below counts the

@@ -218,7 +218,7 @@ def tree(spans: list[Span]) -> list[Span]:
     for s in spans:
         s.children = []
     by_id = {s.span_id: s for s in spans}
-    roots = []
+    roots: list[Span] = []
     for s in sorted(spans, key=lambda s: s.start_us):
         parent = by_id.get(s.parent_id)
         (parent.children if parent is not None and parent is not s else roots).append(s)

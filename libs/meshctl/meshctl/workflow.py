@@ -22,7 +22,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from pydantic import ValidationError
@@ -42,6 +42,9 @@ from mesh_contracts.v1.workflow import (
 )
 from meshctl import options as opt
 from meshctl.local import MeshError
+
+if TYPE_CHECKING:
+    from meshctl.client import TenantClient
 
 MAX_FILE_BYTES = 1 << 20
 
@@ -88,7 +91,8 @@ def load(path: Path) -> WorkflowDefinition:
 def problems(exc: ValidationError, document: dict[str, Any]) -> list[str]:
     """Pydantic's errors as a person reads them: which node (by id), which field, what is wrong.
     A node's errors under the other node kinds are left out: they only say it is not one."""
-    nodes = document.get("nodes") if isinstance(document.get("nodes"), list) else []
+    listed = document.get("nodes")
+    nodes: list[Any] = listed if isinstance(listed, list) else []
     out: list[str] = []
     errors = exc.errors()
     in_nodes = any(len(e["loc"]) > 2 and e["loc"][0] == "nodes" for e in errors)
@@ -313,7 +317,7 @@ def _latest(catalog: dict[str, Any], name: str) -> str:
     return next((v["version"] for v in reversed(versions) if v.get("status") == "active"), "")
 
 
-def _client(args: argparse.Namespace, tenant: str) -> Any:
+def _client(args: argparse.Namespace, tenant: str) -> TenantClient:
     from meshctl.cli import _nats_url
     from meshctl.client import TenantClient
     from meshctl.identity import Identities
@@ -419,7 +423,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[opt.Parser]) -> None:
     s = sub.add_parser("workflow", help="workflow definitions and the tenant's registry: validate, publish, list, "
                                          "show, diff, deprecate, restore, delete")  # fmt: skip
     w = s.add_subparsers(dest="action", required=True, parser_class=opt.Parser)
