@@ -414,7 +414,7 @@ async def call_model_once(
 
     performed: list[bool] = []
 
-    async def perform(_key: str) -> dict:
+    async def perform(_key: str) -> dict[str, Any]:
         async with delivery.keepalive() if delivery is not None else contextlib.nullcontext():
             response, usage, priced = await _call_model(
                 mesh, model, request, tenant=tenant, task_id=task_id, step_id=step_id, call_id=call_id,

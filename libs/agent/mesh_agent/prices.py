@@ -18,6 +18,7 @@ import math
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,7 @@ _DEFAULT = {
 }
 
 
-def _from_json(data: dict) -> PriceTable:
+def _from_json(data: dict[str, Any]) -> PriceTable:
     try:
         return PriceTable(
             str(data["version"]),

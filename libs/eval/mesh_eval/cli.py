@@ -9,6 +9,7 @@ import asyncio
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from meshctl import options as opt
 from meshctl.local import MeshError
@@ -64,7 +65,7 @@ def _report_path(args: argparse.Namespace, default: Path | None) -> Path | None:
     return path
 
 
-def _write(report: dict, path: Path | None) -> None:
+def _write(report: dict[str, Any], path: Path | None) -> None:
     from mesh_eval.harness import write_report
 
     if path is not None:
@@ -136,7 +137,7 @@ def _eval_calibrate(args: argparse.Namespace, file: str) -> int:
     return 0
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``eval`` to meshctl's commands (entry point ``meshctl.commands``)."""
     s = sub.add_parser(
         "eval",

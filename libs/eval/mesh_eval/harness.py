@@ -62,11 +62,11 @@ import secrets
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any, Literal, Protocol, TextIO, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TextIO, TypeVar, cast
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -162,7 +162,7 @@ class Document:
 
     @property
     def source(self) -> str:
-        return str(self.path) if self.path is not None else f"inline:{hashlib.sha256(self.text.encode()).hexdigest()}"
+        return str(self.path) if self.path is not None else f"inline:{hashlib.sha256(self.data()).hexdigest()}"
 
     def data(self) -> bytes:
         return self.path.read_bytes() if self.path is not None else (self.text or "").encode()
@@ -197,7 +197,7 @@ class Dataset:
         cases = [c for c in self.cases if (not tags or set(tags) & set(c.tags)) and (not case_ids or c.id in case_ids)]
         if not cases:
             what = " and ".join(
-                x for x in (tags and f"tag(s) {', '.join(tags)}", case_ids and f"id(s) {', '.join(case_ids)}") if x
+                ([f"tag(s) {', '.join(tags)}"] if tags else []) + ([f"id(s) {', '.join(case_ids)}"] if case_ids else [])
             )
             raise DatasetError(f"{self.path}: no case matches {what}")
         return Dataset(self.path, self.sha256, tuple(cases))
@@ -228,7 +228,7 @@ def _loc(loc: Sequence[Any]) -> str:
     return out or "<case>"
 
 
-def _explain(exc: ValidationError, known: dict[str, Sequence[str]]) -> str:
+def _explain(exc: ValidationError, known: Mapping[str, Sequence[str]]) -> str:
     """One error as ``field: message``: an unknown key first (a typo explains a "missing" field
     too), with the closest known key."""
     errors = exc.errors()
@@ -349,7 +349,7 @@ def _json_lines(path: Path, shown: str, kind: str) -> tuple[bytes, list[tuple[in
 M = TypeVar("M", bound=BaseModel)
 
 
-def _validated(rows: list[tuple[int, dict[str, Any]]], shown: str, model: type[M], known: dict[str, Sequence[str]]) -> Iterator[tuple[int, str, M]]:  # fmt: skip
+def _validated(rows: list[tuple[int, dict[str, Any]]], shown: str, model: type[M], known: Mapping[str, Sequence[str]]) -> Iterator[tuple[int, str, M]]:  # fmt: skip
     """Each row as ``model``, with the label its errors carry (file:line: case 'id'); a row that
     does not validate, or repeats an earlier id, is a ``DatasetError``."""
     seen: dict[str, int] = {}
@@ -459,14 +459,15 @@ def evaluate(
         got == exp.outcome,
         f"{got}" if got == exp.outcome else f"expected {exp.outcome}, got {got}" + (f": {reason}" if reason else ""),
     )
-    done = isinstance(outcome, TaskCompleted)
+    completed = outcome if isinstance(outcome, TaskCompleted) else None
+    done = completed is not None
     none = f"no outcome ({got})"
     if exp.outcome == "completed":
-        if done:
-            bad = [c for c in outcome.checks if not c.passed]
+        if completed is not None:
+            bad = [c for c in completed.checks if not c.passed]
             props["checker"] = _prop(
                 not bad,
-                f"{len(outcome.checks)} check(s) passed"
+                f"{len(completed.checks)} check(s) passed"
                 if not bad
                 else "; ".join(f"{c.name}: {c.reason}" if c.reason else c.name for c in bad),
             )
@@ -479,11 +480,11 @@ def evaluate(
     # kind has no text to hold to the expectation (its mismatch is the ``outcome`` property's).
     what = "answer" if exp.outcome == "completed" else "reason"
     has_text = done if exp.outcome == "completed" else isinstance(outcome, (TaskFailed, TaskRejected))
-    text = outcome.answer if done else reason
+    text = completed.answer if completed is not None else reason
     for key in exp.keys:
         want = getattr(exp, key)
         if key == "must_cite":
-            cited = list(dict.fromkeys(c.doc_id for c in outcome.citations)) if done else []
+            cited = list(dict.fromkeys(c.doc_id for c in completed.citations)) if completed is not None else []
             missing = [d for d in want if d not in cited]
             props[key] = _prop(
                 done and not missing,
@@ -513,8 +514,8 @@ def evaluate(
             cost = _usage(outcome)["cost_usd"]
             props[key] = _prop(cost <= want, f"${cost:.6f} {'<=' if cost <= want else '>'} ${want:.6f}")
         elif key == "max_steps":
-            if done:
-                steps: int | None = outcome.steps
+            if completed is not None:
+                steps: int | None = completed.steps
             elif step_ids is not None and len(set(step_ids)) > 0:
                 steps = len(set(step_ids))
             else:
@@ -723,7 +724,7 @@ def load_report(path: str | Path) -> dict[str, Any]:
     )
     if not ok:
         raise EvalError(f"baseline report {path}: not an eval report (format {FORMAT} with summary and cases)")
-    return report
+    return cast("dict[str, Any]", report)  # json.loads: checked above to be a report object
 
 
 # --- baseline comparison --------------------------------------------------------------------
@@ -775,8 +776,9 @@ def compare(
         if was is None or is_ is None:
             metrics.append({"metric": name, "baseline": was, "now": is_, "delta": None, "ok": True})
             return
+        rel: float | None
         if was > 0:
-            rel: float | None = (is_ - was) / was
+            rel = (is_ - was) / was
             ok = rel <= limit + _EPS
         else:
             rel, ok = (None, True) if is_ <= 0 else (math.inf, False)

@@ -274,7 +274,7 @@ class _StreamState:
             if delta["type"] == "text_delta":
                 block["text"] += delta["text"]
                 self.got_token = self.got_token or bool(delta["text"])
-                return delta["text"]
+                return str(delta["text"])
             if delta["type"] == "input_json_delta":
                 block["json"].append(delta["partial_json"])
                 self.got_token = True

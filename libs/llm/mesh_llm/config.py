@@ -12,7 +12,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
@@ -213,6 +213,15 @@ def build_gateway(
     )
 
 
+# Keyword arguments given to a chat class only when the config sets them (else its defaults hold).
+class _WindowOption(TypedDict, total=False):
+    context_window: int
+
+
+class _AnthropicOptions(_WindowOption, total=False):
+    base_url: str
+
+
 def _build_model(
     config: GatewayConfig, name: str, client: httpx.AsyncClient | None, env: Mapping[str, str], timeouts: Timeouts
 ) -> ChatModel:
@@ -224,7 +233,7 @@ def _build_model(
             model.context_window = spec.context_window
         return model
     key = _api_key(spec.provider, provider, env, config._source_dir)
-    window = {"context_window": spec.context_window} if spec.context_window else {}
+    window: _WindowOption = {"context_window": spec.context_window} if spec.context_window else {}
     try:
         if provider.kind == "openai":
             from mesh_llm.openai import OpenAIChat  # lazy: only configs that use it need it
@@ -241,8 +250,12 @@ def _build_model(
             )
         from mesh_llm.anthropic import AnthropicChat
 
-        base = {"base_url": provider.base_url} if provider.base_url else {}
-        return AnthropicChat(spec.id, api_key=key, timeouts=timeouts, client=client, **base, **window)
+        options: _AnthropicOptions = {}
+        if spec.context_window:
+            options["context_window"] = spec.context_window
+        if provider.base_url:
+            options["base_url"] = provider.base_url
+        return AnthropicChat(spec.id, api_key=key, timeouts=timeouts, client=client, **options)
     except ImportError as exc:
         raise ConfigError(f"providers.{spec.provider}: kind '{provider.kind}' is not available: {exc}") from exc
 

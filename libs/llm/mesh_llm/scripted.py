@@ -14,6 +14,7 @@ import json
 import os
 import re
 from collections.abc import AsyncIterator
+from typing import Any, NotRequired, TypedDict
 
 from mesh_llm.errors import ProviderError
 from mesh_llm.model import Message, ModelRequest, ModelResponse, StreamEvent, ToolCall, count_tokens
@@ -48,12 +49,28 @@ REF = re.compile(r"\s*\[[^\[\]#\s]+#[^\[\]\s]+\]")
 INJECTED_CALL = re.compile(r"\bcall\s+([A-Za-z_][\w-]*)\s*(\{.*?\})", re.I | re.S)
 
 
+class ScriptedCall(TypedDict):
+    """A tool call in a scripted turn."""
+
+    name: str
+    arguments: NotRequired[dict[str, Any]]
+
+
+class ScriptedTurn(TypedDict, total=False):
+    """One scripted assistant turn: what it says, the tools it calls, or the failure it plays
+    (an HTTP status such as ``"503"`` or ``"429"``)."""
+
+    content: str
+    tool_calls: list[ScriptedCall]
+    fail: str | int
+
+
 class ScriptedModel:
     provider = "scripted"
     context_window = 32_768
 
     def __init__(
-        self, model: str = "scripted-1", scripts: dict[str, list[dict]] | None = None, latency_s: float = 0.0
+        self, model: str = "scripted-1", scripts: dict[str, list[ScriptedTurn]] | None = None, latency_s: float = 0.0
     ) -> None:
         self.model = model
         self.latency_s = latency_s
@@ -74,6 +91,7 @@ class ScriptedModel:
         self._log(request)
         if self.latency_s:
             await asyncio.sleep(self.latency_s)
+        calls: tuple[ToolCall, ...]
         instruction = next((m.content for m in request.messages if m.role == "user"), "")
         scripted = self._scripted(request)
         if scripted is not None:
@@ -325,11 +343,11 @@ LOOKALIKES = str.maketrans("\u0430\u0435\u043e\u0440\u0441\u0443\u0445\u0456\u03
                            "aeopcyxioas")  # fmt: skip
 
 
-def _injected(messages: tuple[Message, ...]) -> list[tuple[str, dict]]:
+def _injected(messages: tuple[Message, ...]) -> list[tuple[str, dict[str, Any]]]:
     """Every "call <tool> {json}" the model has read, in reading order, without repeats. It reads
     the way a person (or a tokenizer-blind model) would: invisible characters are not seen and a
     tool name in look-alike letters is the tool's name; the arguments it copies as written."""
-    found: dict[str, tuple[str, dict]] = {}
+    found: dict[str, tuple[str, dict[str, Any]]] = {}
     for text in _readable(messages):
         for m in INJECTED_CALL.finditer(INVISIBLE.sub("", text.translate(LOOKALIKES))):
             start = m.start(2)
@@ -436,7 +454,7 @@ def _relevant(text: str, query: str, n: int = 3) -> str:
     return " ".join(kept) if kept else text
 
 
-def _extract(hits: list[dict], query: str, n: int = 2) -> str:
+def _extract(hits: list[dict[str, Any]], query: str, n: int = 2) -> str:
     """Extractive answer: the ``n`` sentences sharing most words with the query, each cited; a
     sentence that shares none (an aside, an instruction to "the assistant") is left out while
     any sentence does share one."""

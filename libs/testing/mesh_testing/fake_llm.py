@@ -311,7 +311,8 @@ class FakeLLMServer:
                 delay = self.first_token_delay_s if sent == 0 else self.token_delay_s
                 await self._pause(reader, delay, rec)
             if fault and sent == at and (chunk.content or sent == total):
-                fault, ended = None, await self._misbehave(rec, reader, writer, fault)
+                ended = await self._misbehave(rec, reader, writer, fault)
+                fault = None
                 if ended:
                     return
             await write_chunk(writer, chunk.encode())

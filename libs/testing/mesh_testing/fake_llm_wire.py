@@ -298,7 +298,9 @@ _CONTEXT_MESSAGES = {
 }
 
 
-def error_body(protocol: str, status: int, *, message: str = "", error_type: str = "", code: str = "") -> dict:
+def error_body(
+    protocol: str, status: int, *, message: str = "", error_type: str = "", code: str = ""
+) -> dict[str, Any]:
     """An error body in ``protocol``'s shape (OpenAI ``{"error": {...}}``, Anthropic ``{"type": "error"}``)."""
     if code == "context_length_exceeded" and not message:
         message = _CONTEXT_MESSAGES[protocol]

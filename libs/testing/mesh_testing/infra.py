@@ -19,17 +19,23 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import nats
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 
 from mesh_kit import Mesh
 from mesh_kit.settings import log_nats_error, nats_servers
 from meshctl import local
 from meshctl.client import TenantClient
 from meshctl.identity import Identities
+
+if TYPE_CHECKING:
+    from mesh_testing.service_images import ServiceContainer
 
 
 @dataclass
@@ -42,11 +48,11 @@ class Infra:
     nodes: list[local.Proc] = field(default_factory=list)  # binaries mode: the NATS servers we started
     redis: local.Proc | None = None
 
-    async def stored(self, stream: str, subject: str) -> list[nats.aio.msg.Msg]:
+    async def stored(self, stream: str, subject: str) -> list[Msg]:
         """Every message ``stream`` holds on ``subject`` (wildcards allowed), oldest first, read
         with an ordered consumer as admin: what the mesh recorded, for a test to check."""
         nc = await self.admin()
-        out = []
+        out: list[Msg] = []
         try:
             sub = await nc.jetstream().subscribe(subject, stream=stream, ordered_consumer=True)
             while True:
@@ -61,7 +67,7 @@ class Infra:
         finally:
             await nc.close()
 
-    async def spent(self, tenant: str, task_id: str, timeout: float = 15.0, partitions: int = 1) -> dict:
+    async def spent(self, tenant: str, task_id: str, timeout: float = 15.0, partitions: int = 1) -> dict[str, Any]:
         """The budget service's accounted usage of one task (KV ``budget``), zero if none yet, once
         the spend records are complete to every usage message stored when asked (they are the
         budget's checkpoints of the usage stream, up to a second behind it: ``mesh_budget.accounts``;
@@ -75,14 +81,16 @@ class Infra:
             marks = ["accounts"] if partitions == 1 else [f"accounts.{i}-of-{partitions}" for i in range(partitions)]
             while time.monotonic() < deadline:
                 try:
-                    throughs = [json.loads((await kv.get(k)).value)["through"] for k in marks]
+                    # (a get raises for a deleted key: an entry it returns has a value)
+                    throughs = [json.loads((await kv.get(k)).value or b"")["through"] for k in marks]
                     if min(throughs) >= last:
                         break
                 except nats.js.errors.KeyNotFoundError:
                     pass
                 await asyncio.sleep(0.05)
             try:
-                return json.loads((await kv.get(f"usage.{tenant}.{task_id}")).value)
+                usage: dict[str, Any] = json.loads((await kv.get(f"usage.{tenant}.{task_id}")).value or b"")
+                return usage
             except nats.js.errors.KeyNotFoundError:
                 return {"total": {"input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0, "calls": 0}, "by_step": {}}
         finally:
@@ -114,7 +122,7 @@ class Infra:
         finally:
             await mesh.connection.close()
 
-    async def admin(self, **options: object) -> nats.NATS:
+    async def admin(self, **options: object) -> NATS:
         """An admin connection (provisioning and inspection), to any live node."""
         return await nats.connect(
             nats_servers(self.nats_url), **{"error_cb": log_nats_error, **self.ids.connect_options("admin"), **options}
@@ -229,7 +237,7 @@ def running_infra(
 @dataclass
 class RunningMesh:
     infra: Infra
-    services: dict  # name -> local.Proc, or service_images.ServiceContainer (both have http_port)
+    services: Mapping[str, local.Proc | ServiceContainer]  # both have http_port
 
     def logs(self, service: str) -> str:
         svc = self.services[service]

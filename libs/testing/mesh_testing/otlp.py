@@ -111,8 +111,9 @@ class TraceBackend(trace_service_pb2_grpc.TraceServiceServicer):
 
     def start(self) -> TraceBackend:
         self._grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(self, self._grpc)
-        metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(_Metrics(self), self._grpc)
+        # opentelemetry-proto's generated gRPC module has no annotations.
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(self, self._grpc)  # type: ignore[no-untyped-call]
+        metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(_Metrics(self), self._grpc)  # type: ignore[no-untyped-call]
         self.otlp_port = self._grpc.add_insecure_port("127.0.0.1:0")
         self._grpc.start()
         backend = self

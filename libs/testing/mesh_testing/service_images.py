@@ -27,6 +27,7 @@ from pathlib import Path
 import docker.errors
 import httpx
 
+from mesh_contracts import SERVICES
 from mesh_testing.containers import _engine, _ServerContainer
 from meshctl import local
 from meshctl.identity import Identities
@@ -92,7 +93,9 @@ def stage_identity(ids: Identities, service: str) -> tuple[Path, Path]:
     return secrets, config
 
 
-def container_env(ids: Identities, service: str, nats_url: str, health_port: int, extra: dict[str, str]) -> dict:
+def container_env(
+    ids: Identities, service: str, nats_url: str, health_port: int, extra: dict[str, str]
+) -> dict[str, str]:
     """What :func:`meshctl.local.service_env` gives a process, with the paths the container sees."""
     env = local.service_env(ids, service, nats_url, health_port, extra)
     env = {k: v for k, v in env.items() if k.startswith(_KEEP_PREFIXES)}
@@ -144,7 +147,7 @@ class ServiceContainer(_ServerContainer):
 
 
 def start_service_containers(
-    ids: Identities, nats_url: str, services: tuple[str, ...] = local.SERVICES, extra_env: dict[str, str] | None = None
+    ids: Identities, nats_url: str, services: tuple[str, ...] = SERVICES, extra_env: dict[str, str] | None = None
 ) -> dict[str, ServiceContainer]:
     require_images(list(services))
     started: dict[str, ServiceContainer] = {}
@@ -226,7 +229,7 @@ def provision_with_image(ids: Identities, nats_url: str, replicas: int = 1) -> s
         )
         try:
             status = container.wait(timeout=120)
-            output = container.logs().decode(errors="replace")
+            output: str = container.logs().decode(errors="replace")
         finally:
             container.remove(force=True)
     finally:

@@ -261,10 +261,10 @@ class Accounts:
         if at > self._marked:
             await self._write(self.partition.mark_key, Mark(through=at, at=time.time()))
             self._marked = at
-        for key in [k for k, f in self.tasks.items() if f.ended and not f.dirty]:
-            del self.tasks[key]
-        for key in [k for k, f in self.days.items() if not f.dirty and k[1] != today()]:
-            del self.days[key]  # an earlier day: late usage reloads it
+        for task_key in [k for k, f in self.tasks.items() if f.ended and not f.dirty]:
+            del self.tasks[task_key]
+        for day_key in [k for k, f in self.days.items() if not f.dirty and k[1] != today()]:
+            del self.days[day_key]  # an earlier day: late usage reloads it
         return written
 
     async def _write(self, key: str, new: Any) -> None:

@@ -29,7 +29,7 @@ import json
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 from pydantic import ValidationError
 
@@ -222,6 +222,14 @@ class _Fold:
             self.w.tripped.add(kind)
             self.w.trip_reasons[kind] = reason
             self.trips.append(Trip(kind, self.w.tenant, self.w.task_id, reason, action, members, self.at))
+
+
+class TenantCounts(TypedDict):
+    """One tenant's tasks not ended (``Monitor.per_tenant``; the fields of ``TenantTasks``)."""
+
+    running: int
+    queued: int
+    queued_s: float
 
 
 class Monitor:
@@ -511,11 +519,11 @@ class Monitor:
                                   action=w.stall_policy, closed_at=now))  # fmt: skip
         return trips
 
-    def per_tenant(self, now: float) -> dict[str, dict[str, float]]:
+    def per_tenant(self, now: float) -> dict[str, TenantCounts]:
         """Per tenant, the tasks not ended this replica follows: ``running`` (some work taken
         up), ``queued`` (everything outstanding waits to be taken up), and ``queued_s`` (the
         queue time of those tasks so far, open spells included)."""
-        out: dict[str, dict[str, float]] = {}
+        out: dict[str, TenantCounts] = {}
         for w in self.tasks.values():
             if w.terminal or w.created_at is None:
                 continue

@@ -15,7 +15,7 @@ import socket
 import statistics
 import time
 from collections import OrderedDict
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import nats.errors
 from opentelemetry.metrics import Observation
@@ -152,7 +152,7 @@ class Budget:
             description="Tasks with work taken up and not ended, per tenant (max over replicas)",
         )  # fmt: skip
 
-    def _gauge(self, what: str) -> list[Observation]:
+    def _gauge(self, what: Literal["running", "queued"]) -> list[Observation]:
         return [Observation(v[what], {"tenant": t}) for t, v in self.monitor.per_tenant(time.time()).items()]
 
     async def start(self) -> None:
@@ -277,7 +277,7 @@ class Budget:
                 self.mesh.verifier.verify(msg.headers.get(env.IDENTITY), msg.data, model, at=msg.time)
                 seen = Seen.of(model)
         except (ContractError, IdentityError):
-            if usage_stream:
+            if usage_stream and self.accounts is not None:
                 self.accounts.seen(msg.seq)  # nothing to fold: the records are complete past it
             return  # its consumer dead-letters it; the monitor only folds in verified facts
         if self.accounts is not None:
@@ -458,7 +458,6 @@ class Budget:
         return self.tenant_limits.get(tenant) or self.tenant_limits.get("*") or TenantLimits()
 
     async def on_reserve(self, m: BudgetReserve, d: Delivery) -> BudgetGranted | BudgetDenied:
-        base = {"tenant": m.tenant, "task_id": m.task_id}
         self.monitor.started(m.tenant, m.task_id, m.step_id, time.time())  # out of its queue
 
         def deny(code: str, reason: str) -> BudgetDenied:
@@ -476,7 +475,7 @@ class Budget:
                     m.tenant, m.task_id, "budget.ceiling", f"budget:ceiling:{m.call_id}", actor="budget",
                     detail={"code": code, "reason": reason, "agent": m.agent, "step_id": m.step_id, "call_id": m.call_id},
                 ))  # fmt: skip
-            return BudgetDenied(**base, reason=reason, code=code)
+            return BudgetDenied(tenant=m.tenant, task_id=m.task_id, reason=reason, code=code)
 
         assert self.guard is not None  # enabled by register()
         key = (m.tenant, m.task_id)
@@ -559,7 +558,8 @@ class Budget:
         )  # fmt: skip
         self.m_reservations.add(1, {"tenant": m.tenant, "outcome": "granted", "code": ""})
         return BudgetGranted(
-            **base,
+            tenant=m.tenant,
+            task_id=m.task_id,
             reservation_id=m.call_id,
             remaining_tokens=decision.remaining_tokens,
             remaining_cost_usd=decision.remaining_cost_usd,

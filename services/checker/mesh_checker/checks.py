@@ -13,6 +13,7 @@ import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import jsonschema
 
@@ -82,7 +83,7 @@ def _result(name: str, passed: bool, reason: str, step_id: str, score: float | N
     return CheckResult(name=name, passed=passed, reason=reason, step_id=step_id, score=score)
 
 
-def check_schema(text: str, schema: dict | None, step_id: str) -> CheckResult | None:
+def check_schema(text: str, schema: dict[str, Any] | None, step_id: str) -> CheckResult | None:
     if schema is None:
         return None
     try:

@@ -137,8 +137,8 @@ class Checker:
     async def run_judge(self, m: CheckRequested, passages: Passages, d: Delivery | None) -> tuple[CheckResult, jd.Judgement | None, TokenUsage]:  # fmt: skip
         answer_models = {x for s in m.steps if s.step_id == m.answer_step for x in s.models}
         # A replay on a named route judges on that route (of the service's whole gateway).
+        assert self.models is not None
         models = self.models if m.replay is not None and m.replay.route else self._judge_models(answer_models)
-        assert models is not None
         # The judge grades grounding against everything the answer was built on: what rag returned
         # and what the other steps produced (a note read, a computed result).
         bundle = await self.bundles.bundle(m.tenant, m.release)

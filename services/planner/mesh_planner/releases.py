@@ -146,7 +146,8 @@ def _h(t: CanaryTest, p: float, p0: float, p1: float) -> float:
     a, b = p1 / p0, (1 - p1) / (1 - p0)
 
     def f(h: float) -> float:
-        return p * a**h + (1 - p) * b**h - 1
+        value: float = p * a**h + (1 - p) * b**h - 1  # a, b > 0: a real power (typeshed says Any)
+        return value
 
     lo, hi = (1e-6, 50.0) if p * math.log(a) + (1 - p) * math.log(b) < 0 else (-50.0, -1e-6)
     if f(lo) * f(hi) > 0:

@@ -244,7 +244,7 @@ def dispatch_workflow(rec: TaskRecord, wf: WorkflowDefinition, causation: str = 
                 s.status, s.reason = "failed", problem
                 fail(rec, f"step {sid} failed: {problem}", sid)
                 return
-            if s.status == "completed":  # a signal kept from before: taken at once
+            if rec.steps[sid].status == "completed":  # reach_wait took a signal kept from before at once
                 outputs[sid] = s.output
                 dispatch_workflow(rec, wf, causation)
                 return
@@ -574,8 +574,9 @@ class Planner:
         m.consume(ReleaseChange, self.on_release_change)
         m.consume(PlanReviewed, self.on_reviewed)
         m.consume(TaskSignal, self.on_signal)
-        for control in (ControlCancel, ControlHalt, ControlResume):
-            m.consume(control, self.on_control)
+        m.consume(ControlCancel, self.on_control)
+        m.consume(ControlHalt, self.on_control)
+        m.consume(ControlResume, self.on_control)
 
     async def stop_timers(self) -> None:
         if self.timers is not None:
@@ -777,7 +778,8 @@ class Planner:
             if rec is not None and rec.status in TERMINAL:
                 await self.release(rec)
                 return
-        pinned, shares = "", {}
+        pinned = ""
+        shares: dict[str, float] = {}
         if m.workflow is None and self.fixed(m.tenant) and await st.task_record(self.kv, m.tenant, m.task_id) is None:
             await self._refuse_workflow(m, d, f"tenant {m.tenant} runs registered workflows only (MESH_PLAN_FIXED): "
                                         "name one (meshctl submit --workflow NAME)")  # fmt: skip
@@ -953,7 +955,7 @@ class Planner:
                 answer = await self.workflows.apply(m, m.task_id)
             except Refused as exc:
                 why = str(exc)
-        detail = {"action": m.action, "name": m.name, "version": m.version, "reason": m.reason}
+        detail: dict[str, Any] = {"action": m.action, "name": m.name, "version": m.version, "reason": m.reason}
         if answer is None:
             answer = WorkflowChanged(
                 tenant=m.tenant, task_id=m.task_id, action=m.action, name=m.name, version=m.version, accepted=False,

@@ -91,9 +91,10 @@ def start(rec: TaskRecord, wid: str, w: WaitState, *, told: bool = True, request
     if w.due_at is not None:
         rec.outbox.append(OutboxItem(type=WAKE, key=wid, body={"due_at": w.due_at}))
     if told:
+        assert w.kind != "timeout", "a try's timeout is the planner's own: no follower is told of it"
         _say(rec, WaitStarted(tenant=rec.tenant, task_id=rec.task_id, wait_id=wid, step_id=w.step_id, kind=w.kind,
                               until=w.due_at, signal=w.signal, decision=w.decision, request=request[:4000]),
-             key=f"{wid}:start")  # type: ignore[arg-type]  # fmt: skip
+             key=f"{wid}:start")  # fmt: skip
 
 
 def end(rec: TaskRecord, wid: str, outcome: str, now: float) -> WaitState | None:
@@ -147,11 +148,13 @@ def reach_wait(rec: TaskRecord, wf: WorkflowDefinition, sid: str, outputs: dict[
     s.status, s.attempt, s.wait = "dispatched", s.attempt + 1, node.kind
     if isinstance(node, TimerNode):
         try:
-            due = timer_due(node, rec.inputs, outputs, now)
+            fires = timer_due(node, rec.inputs, outputs, now)
         except ValueError as exc:
             return str(exc)
-        start(rec, wait_id("fire", s.attempt, sid), WaitState(step_id=sid, kind="timer", due_at=due, attempt=s.attempt))
-        event(rec, "step.waiting", f"{sid}: timer fires at {_iso(due)}", sid, str(s.attempt))
+        start(
+            rec, wait_id("fire", s.attempt, sid), WaitState(step_id=sid, kind="timer", due_at=fires, attempt=s.attempt)
+        )
+        event(rec, "step.waiting", f"{sid}: timer fires at {_iso(fires)}", sid, str(s.attempt))
         return None
     if isinstance(node, ApprovalNode):
         wid = wait_id("approval", s.attempt, sid)

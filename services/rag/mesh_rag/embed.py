@@ -297,4 +297,5 @@ class Embedder:
         summed = (x * mask[:, :, None]).sum(1)
         pooled = summed / np.maximum(mask.sum(1, keepdims=True), 1e-9)
         norms = np.linalg.norm(pooled, axis=1, keepdims=True)
-        return (pooled / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
+        vectors: np.ndarray = (pooled / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
+        return vectors

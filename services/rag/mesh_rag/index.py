@@ -23,7 +23,7 @@ import threading
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -127,7 +127,7 @@ class Chunk:
 
 _MAGIC = b"MESHDOC\x00"
 _FORMAT = 1
-_VECTOR_DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2")}
+_VECTOR_DTYPES: dict[str, np.dtype[np.floating[Any]]] = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2")}
 
 
 @dataclass(eq=False)  # numpy arrays have no truth value, so field-wise == would raise

@@ -13,7 +13,8 @@ class RagSettings(ServiceSettings):
     """Everything the rag service reads. ``MESH_DATA_DIR`` (common) is where the seed documents
     are (default: the packaged ``sample_docs``)."""
 
-    rag_seed_tenants: str = Field("demo", validation_alias=AliasChoices("MESH_RAG_SEED_TENANTS", "MESH_TENANTS"))
+    # The pydantic plugin flags every non-literal alias as "required"; this one has a default.
+    rag_seed_tenants: str = Field("demo", validation_alias=AliasChoices("MESH_RAG_SEED_TENANTS", "MESH_TENANTS"))  # type: ignore[pydantic-alias]
     """Comma-separated tenants whose index, if it has never been written, is seeded with the
     documents in ``MESH_DATA_DIR``; an existing index is left alone. Empty: none."""
     embed_model_dir: OptionalPath = None

@@ -154,7 +154,8 @@ def registrable(host: str) -> str | None:
     itself (``com.au``, ``github.io``) and for IP addresses."""
     if _is_ip(host):
         return None
-    return _psl().privatesuffix(host.lower().rstrip("."))
+    found: str | None = _psl().privatesuffix(host.lower().rstrip("."))
+    return found
 
 
 def within(host: str, domain: str) -> bool:

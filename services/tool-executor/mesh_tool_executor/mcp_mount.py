@@ -50,6 +50,7 @@ from mcp import ClientSession, MCPError, StdioServerParameters
 from mcp.client.stdio import stdio_client
 
 from mesh_tool_executor import arguments as schemas
+from mesh_tool_executor.tools import Risk
 
 log = logging.getLogger("mesh.tool-executor.mcp")
 
@@ -101,8 +102,8 @@ class McpServerConfig:
     args: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)  # merged over the SDK's minimal safe environment
     cwd: str | None = None
-    tools: dict[str, dict] = field(default_factory=dict)  # per-tool policy overrides
-    default_risk: str = "external"  # for tools not listed: an unknown server is assumed to reach out
+    tools: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-tool policy overrides
+    default_risk: Risk = "external"  # for tools not listed: an unknown server is assumed to reach out
     startup_timeout_s: float = 20.0
 
     def __post_init__(self) -> None:
@@ -179,10 +180,10 @@ class MountedTool:
     server: str
     remote_name: str
     description: str
-    input_schema: dict  # the MCP tool's JSON schema
-    policy: dict  # the config's override dict for this tool (may be empty)
-    risk: str = "external"  # policy["risk"] or the server's default_risk: config decides, never the server
-    annotations: dict = field(default_factory=dict)  # the server's hints (readOnlyHint ...), reported only
+    input_schema: dict[str, Any]  # the MCP tool's JSON schema
+    policy: dict[str, Any]  # the config's override dict for this tool (may be empty)
+    risk: Risk = "external"  # policy["risk"] or the server's default_risk: config decides, never the server
+    annotations: dict[str, Any] = field(default_factory=dict)  # the server's hints (readOnlyHint ...), reported only
 
 
 class _StartError(Exception):
@@ -526,7 +527,7 @@ class McpMount:
         if why is not None:
             raise McpToolError(why)
 
-    async def call(self, name: str, arguments: dict, timeout_s: float) -> str:
+    async def call(self, name: str, arguments: dict[str, Any], timeout_s: float) -> str:
         """Call a mounted tool; its text content, or McpToolError."""
         self.validate(name, arguments)
         tool = self._tools[name]

@@ -19,7 +19,7 @@ import logging
 import sys
 import time
 from dataclasses import replace
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from nacl.public import PublicKey, SealedBox
 
@@ -49,11 +49,29 @@ from mesh_tool_executor.approvals import ApprovalRecord, Approvals, approval_id
 from mesh_tool_executor.limits import RateLimiter
 from mesh_tool_executor.policy import Decision, decide
 from mesh_tool_executor.settings import ToolExecutorSettings
-from mesh_tool_executor.tools import MemoryNotes, Notes, Registry, Tool, ToolContext, ToolError, with_policy
+from mesh_tool_executor.tools import (
+    MemoryNotes,
+    Notes,
+    Registry,
+    StepLookup,
+    Tool,
+    ToolContext,
+    ToolError,
+    with_policy,
+)
+
+if TYPE_CHECKING:
+    from mesh_tool_executor.mcp_mount import McpMount  # imported when a mount is configured: the SDK is slow
 
 log = logging.getLogger("mesh.tool-executor")
 
 CATALOGUE_KEY = "catalogue"
+# A trusted argument's role -> the kind of destination its value is.
+_KIND_OF_ROLE: dict[destinations.Role, Literal["email", "url", "value"]] = {
+    "recipient": "email",
+    "url": "url",
+    "value": "value",
+}
 
 
 class KVNotes(Notes):
@@ -115,7 +133,7 @@ class ToolExecutor:
         self.limiter = RateLimiter(
             mesh.settings.redis_url if mesh.settings else "", on_local=lambda: mesh.count(tel.M_RATE_LIMIT_LOCAL)
         )
-        self.mcp: Any = None
+        self.mcp: McpMount | None = None
         self._apply_policy()
 
     def _apply_policy(self) -> None:
@@ -156,17 +174,17 @@ class ToolExecutor:
         # "python" in a server's command means this interpreter (the tool-executor's own
         # environment, where a bundled server's package is installed), not whatever is on PATH.
         configs = [replace(c, command=sys.executable) if c.command == "python" else c for c in load_config(path)]
-        self.mcp = McpMount(configs)
-        await self.mcp.start()
-        for name, why in getattr(self.mcp, "errors", {}).items():
+        self.mcp = mount = McpMount(configs)
+        await mount.start()
+        for name, why in getattr(mount, "errors", {}).items():
             log.error("MCP server %s not mounted: %s", name, why)
-        for mt in self.mcp.tools():
+        for mt in mount.tools():
             overrides = {**mt.policy, **self.settings.policy.get(mt.name, {})}
 
             async def run(args: Any, ctx: ToolContext, _name: str = mt.name) -> str:
                 tool = self.registry.get(_name)
                 try:
-                    return await self.mcp.call(_name, dict(args), timeout_s=tool.timeout_s if tool else 30.0)
+                    return await mount.call(_name, dict(args), timeout_s=tool.timeout_s if tool else 30.0)
                 except McpToolError as exc:
                     raise ToolError(str(exc)) from None
 
@@ -208,7 +226,7 @@ class ToolExecutor:
         more = " [truncated]" if r.truncated else ""
         return f"HTTP {r.status} {r.final_url} ({r.content_type}){more}\n\n{r.text}"
 
-    def _step_lookup(self, tenant: str, task_id: str):
+    def _step_lookup(self, tenant: str, task_id: str) -> StepLookup:
         async def lookup(step_id: str) -> tuple[str, str, str]:
             rec = await st.task_record(self.tasks, tenant, task_id)
             if rec is None:
@@ -244,7 +262,7 @@ class ToolExecutor:
                 out.append(
                     Destination(
                         arg=name,
-                        kind={"recipient": "email", "url": "url", "value": "value"}[role],
+                        kind=_KIND_OF_ROLE[role],
                         where=destinations.where(role, v),
                         digest=destinations.digest(self.settings.audit_key, m.tenant, role, v)
                         if self.settings.audit_key else "",

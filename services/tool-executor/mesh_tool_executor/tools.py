@@ -17,7 +17,7 @@ import operator
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from decimal import Decimal, DivisionByZero, InvalidOperation, getcontext
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -37,7 +37,7 @@ StepLookup = Callable[[str], Awaitable[tuple[str, str, str]]]
 """(step id) -> (task status, step status, step output) from the task record."""
 
 
-class Notes:
+class Notes(Protocol):
     """Where the notes tools keep a tenant's notes (the ``notes`` KV bucket in the mesh)."""
 
     async def get(self, tenant: str, note_id: str) -> str | None: ...
@@ -200,7 +200,7 @@ async def await_step(args: AwaitStepArgs, ctx: ToolContext) -> str:
         await asyncio.sleep(AWAIT_POLL_S)
 
 
-_OPS: dict[type, Callable[[Any, Any], Any]] = {
+_OPS: dict[type[ast.operator], Callable[[Decimal, Decimal], Decimal]] = {
     ast.Add: operator.add,
     ast.Sub: operator.sub,
     ast.Mult: operator.mul,

@@ -15,7 +15,7 @@ import logging
 import re
 import time
 from dataclasses import replace
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, PrivateAttr
 
@@ -50,6 +50,7 @@ from mesh_kit import telemetry as tel
 from mesh_kit.delivery import Retry
 from mesh_llm import ChatModel, Message, ModelRequest, ModelResponse, ProviderError, ToolCall, ToolSpec
 from mesh_llm.context import clip
+from mesh_llm.model import Role
 from mesh_worker.settings import WorkerSettings
 
 log = logging.getLogger("mesh.worker")
@@ -666,12 +667,12 @@ def _as_stored(cur: StepRun | None, run: StepRun) -> StepRun | None:
     return cur
 
 
-def step_context(m: StepRequested, system: Prompt) -> list[tuple[str, Text]]:
+def step_context(m: StepRequested, system: Prompt) -> list[tuple[Role, Text]]:
     """What a step starts from, each piece with its provenance: the system prompt and the
     planner's instruction (trusted); each input, trusted only if the step that wrote it read
     nothing untrusted (``input_taint``; an input without an entry is of unknown provenance, so
     untrusted); the checker's feedback on a redo (untrusted: it can quote anything the task read)."""
-    out = [("system", Text.trusted(system.text, "system-prompt")),
+    out: list[tuple[Role, Text]] = [("system", Text.trusted(system.text, "system-prompt")),
            ("user", Text.trusted(m.step.instruction, "plan"))]  # fmt: skip
     for sid, output in m.inputs.items():
         declared = m.input_taint.get(sid)
@@ -687,12 +688,16 @@ def step_context(m: StepRequested, system: Prompt) -> list[tuple[str, Text]]:
     return out
 
 
-def admit(run: StepRun, role: str, text: Text, *, tool_call_id: str | None = None, name: str | None = None) -> None:
+def admit(run: StepRun, role: Role, text: Text, *, tool_call_id: str | None = None, name: str | None = None) -> None:
     """The one way text enters a step's context: rendered by its provenance (untrusted text in a
     block it cannot close, with its score; the nonce derived from the step and the text, so a
     replay builds the same prompt) and its taint added to the step's."""
     key = StepRun.key(run.request.tenant, run.request.task_id, run.request.step.step_id)
-    run.messages.append(Message(role, text.render(nonce_seed=key), tool_call_id=tool_call_id, name=name).to_dict())
+    message = Message(role, text.render(nonce_seed=key), tool_call_id=tool_call_id or "", name=name or "").to_dict()
+    # A context message (not a tool's result) has always been stored with None for these two, not
+    # Message's "": the stored step and the response cache's key (a hash of the messages) stay as they were.
+    message.update(tool_call_id=tool_call_id, name=name)
+    run.messages.append(message)
     if text.taint is not None:
         run.taint = run.taint.merge(text.taint)
 
@@ -762,7 +767,7 @@ class _Live:
         self._last = -1e9  # monotonic time the last delta was sent
         self._flusher: asyncio.Task[None] | None = None
 
-    async def _emit(self, kind: str, text: str = "", model: str = "") -> None:
+    async def _emit(self, kind: Literal["delta", "reset", "end"], text: str = "", model: str = "") -> None:
         delta = TokenDelta(
             tenant=self.tenant,
             task_id=self.task_id,

@@ -49,7 +49,8 @@ def state_path() -> Path:
 
 def _load(path: Path) -> dict[str, dict[str, str]]:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        state: dict[str, dict[str, str]] = json.loads(path.read_text(encoding="utf-8"))
+        return state
     except FileNotFoundError:
         return {}
 
