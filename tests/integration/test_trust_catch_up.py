@@ -56,9 +56,9 @@ class CountingReads:
 def missed_writes(mesh: Mesh) -> CountingReads:
     """As if ``mesh`` were reconnecting when a rotation wrote the bundle: it follows no more
     writes (and re-reads only on an unknown key, through the counter returned)."""
-    for task in mesh._identity_tasks:
+    for task in mesh.trust._tasks:
         task.cancel()
-    reads = mesh._trust_kv = CountingReads(mesh._trust_kv)
+    reads = mesh.trust._trust_kv = CountingReads(mesh.trust._trust_kv)
     return reads
 
 
