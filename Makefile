@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 MESH_HOME ?= .mesh
-PACKAGES := contracts libs/resilience libs/guardrails libs/llm libs/kit libs/durable libs/agent libs/testing libs/meshctl libs/eval \
+PACKAGES := contracts libs/resilience libs/guardrails libs/llm libs/identity libs/kit libs/durable libs/agent libs/testing libs/meshctl libs/eval \
 	services/planner services/worker services/checker services/rag services/tool-executor services/budget
 DEV_TOOLS := pytest pytest-asyncio pytest-timeout hypothesis ruff mypy "testcontainers[nats,redis]" PyYAML docker
 GOAL ?= How does AgentMesh avoid duplicate side effects? Also compute 17 * 23.
@@ -129,14 +129,14 @@ lint: setup ## ruff lint + format check, mypy (strict on contracts, kit, guardra
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
-	$(BIN)/python -m mesh_kit.settings_doc check
+	$(BIN)/python infra/settings_doc.py check
 
 fmt: setup ## apply ruff fixes and formatting
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
 settings-docs: setup ## regenerate the settings tables in the READMEs from the settings models
-	$(BIN)/python -m mesh_kit.settings_doc write
+	$(BIN)/python infra/settings_doc.py write
 
 contracts: setup ## regenerate JSON Schemas and the AsyncAPI document from the models
 	$(BIN)/python -m mesh_contracts.generate write

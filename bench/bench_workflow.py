@@ -23,7 +23,7 @@ import nats
 import yaml
 
 from mesh_contracts.v1 import TaskCompleted, WorkflowChange
-from mesh_kit.identity import Signer
+from mesh_identity import Signer
 from meshctl import approvers, local
 from meshctl.client import TenantClient
 

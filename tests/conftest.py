@@ -11,7 +11,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from mesh_contracts import CLIENT, SERVICES
-from mesh_kit.identity import Signer, TrustBundle, Verifier, new_signing_key
+from mesh_identity import Signer, TrustBundle, Verifier, new_signing_key
 
 
 @dataclass

@@ -12,7 +12,7 @@ and the monitor folds it (it projects a whole message, a usage record or a unit 
 same function, so the two paths cannot drift apart).
 
 A content signature (``sig``) is a digest made by the producing service (``digest``): the kit keys
-it with a secret of the producer (``mesh_kit.identity.Signer.fingerprint``), so the budget can
+it with a secret of the producer (``mesh_identity.Signer.fingerprint``), so the budget can
 tell that two calls repeat each other but cannot confirm a guess of what they said. Every kind of
 signature has one producing service (tool and retrieval calls: the worker; dispatched steps and
 answers to check: the planner), whose replicas share the key.

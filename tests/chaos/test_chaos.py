@@ -261,8 +261,8 @@ async def test_a_redelivery_after_the_dedup_window_still_has_one_effect(infra):
     """To the server a redelivery from beyond its dedup window is just a new message id; the
     ledger must catch it. Simulated by re-sending the email request under a fresh id."""
     from mesh_contracts.v1 import ToolRequested
+    from mesh_identity import Signer
     from mesh_kit import envelope as env
-    from mesh_kit.identity import Signer
 
     mesh = ChaosMesh(infra, env=ENV)
     mesh.start()

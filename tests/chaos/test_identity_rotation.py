@@ -21,8 +21,8 @@ import pytest
 
 from mesh_contracts import SERVICES
 from mesh_contracts.v1 import TaskCompleted, TaskSubmitted, ToolRequested
+from mesh_identity import CLOCK_LEEWAY_S, Signer
 from mesh_kit import envelope as env
-from mesh_kit.identity import CLOCK_LEEWAY_S, Signer
 from mesh_kit.settings import inbox_prefix, nats_servers
 from mesh_testing.chaos import ChaosMesh, report
 from mesh_testing.infra import Infra, running_infra

@@ -14,7 +14,7 @@ from integration_helpers import connect
 
 from mesh_contracts import topology as topo
 from mesh_durable.chain import AuditChain, chain_filter, verify
-from mesh_kit.identity import Signer, TrustBundle, Verifier
+from mesh_identity import Signer, TrustBundle, Verifier
 from meshctl import audit
 
 pytestmark = pytest.mark.integration

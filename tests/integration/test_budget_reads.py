@@ -38,8 +38,8 @@ from mesh_contracts.v1 import (
     ToolRequested,
 )
 from mesh_contracts.v1.records import StatusRecord, StepState, TaskRecord
+from mesh_identity import Signer
 from mesh_kit import envelope as env
-from mesh_kit.identity import Signer
 from mesh_testing.infra import Infra, running_infra
 from mesh_testing.rights import INTENDED
 

@@ -16,7 +16,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from mesh_budget.ledger import EPOCH_KEY, FRESH_WINDOW_S, Cold, View, today
-from mesh_kit.identity import CLOCK_LEEWAY_S
+from mesh_identity import CLOCK_LEEWAY_S
 
 pytestmark = pytest.mark.integration
 

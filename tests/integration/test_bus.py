@@ -22,11 +22,11 @@ from mesh_contracts.v1 import (
     UsageRecorded,
 )
 from mesh_contracts.v1.records import StatusRecord, TaskRecord
+from mesh_identity import Signer, new_signing_key
 from mesh_kit import Mesh, PermissionViolation, ServiceSettings
 from mesh_kit import envelope as env
 from mesh_kit import telemetry as tel
 from mesh_kit.door import DoorRefused, read_reply
-from mesh_kit.identity import Signer, new_signing_key
 from meshctl.dlq import entries
 
 pytestmark = pytest.mark.integration

@@ -12,7 +12,7 @@ import httpx
 import nats
 import pytest
 
-from mesh_kit.identity import Signer, TrustBundle, Verifier
+from mesh_identity import Signer, TrustBundle, Verifier
 from mesh_kit.settings import nats_servers
 from meshctl.dashboard import COOKIE, MAX_BODY, Dashboard, sign_in
 

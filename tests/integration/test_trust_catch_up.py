@@ -24,10 +24,10 @@ from mesh_contracts.v1 import (
     StepResult,
     ToolRequested,
 )
+from mesh_identity import Signer, TrustBundle, new_signing_key
 from mesh_kit import Mesh
 from mesh_kit import envelope as env
 from mesh_kit import telemetry as tel
-from mesh_kit.identity import Signer, TrustBundle, new_signing_key
 from mesh_kit.trust import TRUST_RECHECK_S
 from mesh_testing.infra import Infra, running_infra
 from meshctl.rotation import overlap_bundle, publish_bundle

@@ -29,7 +29,7 @@ from mesh_contracts.v1 import (
     UsageRecorded,
 )
 from mesh_contracts.v1.audit import MESH_WIDE
-from mesh_kit.identity import Signer, TrustBundle, Verifier
+from mesh_identity import Signer, TrustBundle, Verifier
 from mesh_testing.chaos import ChaosMesh, report
 from mesh_testing.infra import Infra, running_infra
 from meshctl.ask import AskError, ask_all, budget_status

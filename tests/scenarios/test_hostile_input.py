@@ -31,8 +31,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mesh_contracts.v1 import TaskCompleted
+from mesh_identity import Signer
 from mesh_kit import envelope as env
-from mesh_kit.identity import Signer
 from mesh_testing.chaos import ChaosMesh, report, started
 from mesh_testing.infra import Infra, running_infra
 from meshctl.policy import client_permissions

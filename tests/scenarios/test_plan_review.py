@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 
 from mesh_contracts.v1 import PlanCreated, PlanDrafted, PlanReviewed, TaskCompleted, TaskFailed, TaskLimits, TaskPolicy
+from mesh_identity import Signer
 from mesh_kit import envelope as env
-from mesh_kit.identity import Signer
 from mesh_testing.chaos import ChaosMesh, started
 from mesh_testing.infra import Infra, running_infra
 from meshctl import approvers, audit

@@ -31,8 +31,8 @@ import nats
 import pytest
 
 from mesh_contracts.v1 import ApprovalDecided, RetrievalCompleted, TaskCompleted, TaskPolicy, ToolRequested
+from mesh_identity import Signer, TrustBundle
 from mesh_kit import envelope as env
-from mesh_kit.identity import Signer, TrustBundle
 from mesh_testing.chaos import ChaosMesh, admin_mcp_config
 from mesh_testing.infra import Infra, running_infra
 from meshctl import approvers, audit

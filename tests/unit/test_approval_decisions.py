@@ -11,8 +11,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from mesh_contracts.v1 import ApprovalDecided, Taint, ToolAudited, ToolCompleted, ToolRequested
 from mesh_contracts.v1.records import TaskRecord
+from mesh_identity import Principal, TrustBundle
 from mesh_kit.delivery import Reject
-from mesh_kit.identity import Principal, TrustBundle
 from mesh_testing.fakes import FakeMesh
 from mesh_testing.memkv import MemoryKV
 from mesh_tool_executor.approvals import ApprovalRecord, Approvals

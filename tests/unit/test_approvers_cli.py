@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from mesh_kit.identity import Principal, TrustBundle, new_signing_key, private_pem
+from mesh_identity import Principal, TrustBundle, new_signing_key, private_pem
 from meshctl.cli import main
 from meshctl.identity import Identities
 

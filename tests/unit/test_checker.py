@@ -263,9 +263,9 @@ def test_verdicts_become_metrics_per_tenant_agent_and_prompt_version(tmp_path):
     from opentelemetry.sdk.trace import TracerProvider
 
     from mesh_checker.service import Checker
+    from mesh_identity import Signer, TrustBundle, Verifier, new_signing_key
     from mesh_kit import Mesh, ServiceSettings
     from mesh_kit import telemetry as tel
-    from mesh_kit.identity import Signer, TrustBundle, Verifier, new_signing_key
 
     reader = InMemoryMetricReader()
     settings = ServiceSettings(service="checker", signing_key_file=tmp_path / "k", trust_bundle_file=tmp_path / "b")
@@ -356,8 +356,8 @@ async def test_a_check_nodes_request_is_decided_by_its_checks_on_its_nodes_outpu
     """A workflow's check node (``node``, ``only``): the steps before its node are evidence, not
     judged; only the checks it names decide; its verdict names the node and has its own key."""
     from mesh_checker.service import Checker
+    from mesh_identity import Signer, TrustBundle, Verifier, new_signing_key
     from mesh_kit import Mesh, ServiceSettings
-    from mesh_kit.identity import Signer, TrustBundle, Verifier, new_signing_key
 
     settings = ServiceSettings(service="checker", signing_key_file=tmp_path / "k", trust_bundle_file=tmp_path / "b")
     mesh = Mesh(settings, signer=Signer("checker", new_signing_key()), verifier=Verifier(TrustBundle({})))

@@ -85,7 +85,7 @@ async def test_a_record_signed_with_a_key_retired_before_it_is_refused(keys, che
     verifies a record signed before that, not one signed after (within the task's lifetime)."""
     from dataclasses import replace
 
-    from mesh_kit.identity import Key, TrustBundle, new_signing_key
+    from mesh_identity import Key, TrustBundle, new_signing_key
 
     shared = checker.mesh.verifier.bundle
     rag = shared.principals["rag"]

@@ -28,8 +28,8 @@ from mesh_contracts.v1 import (
     ToolCompleted,
     ToolRequested,
 )
+from mesh_identity import IdentityError
 from mesh_kit import envelope as env
-from mesh_kit.identity import IdentityError
 
 pytestmark = pytest.mark.unit
 SECRET = "SECRET-CONTENT-41"

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mesh_contracts.v1 import StepCompleted, StepRequested, TaskSubmitted
-from mesh_kit.identity import IdentityError, Signer, body_digest, new_signing_key
+from mesh_identity import IdentityError, Signer, body_digest, new_signing_key
 
 pytestmark = pytest.mark.unit
 
@@ -132,7 +132,7 @@ def test_a_token_that_would_outlive_the_deduplication_window_is_refused(keys):
 
 
 def test_only_an_operators_statement_for_exactly_this_message_redrives_it(keys):
-    from mesh_kit.identity import Redrive, TrustBundle, Verifier
+    from mesh_identity import Redrive, TrustBundle, Verifier
 
     operator_key = new_signing_key()
     entries = {n: (p.role, p.tenant, p.public_key) for n, p in keys.bundle.principals.items()}
@@ -165,7 +165,7 @@ def test_only_an_operators_statement_for_exactly_this_message_redrives_it(keys):
 def test_no_token_outlives_the_streams_deduplication_window():
     """The replay argument rests on this: a token valid longer than the window (plus clock
     leeway) could be replayed under its own id once the server has forgotten the id."""
-    from mesh_kit.identity import CLOCK_LEEWAY_S, DEFAULT_TTL_S, MAX_TOKEN_LIFETIME_S
+    from mesh_identity import CLOCK_LEEWAY_S, DEFAULT_TTL_S, MAX_TOKEN_LIFETIME_S
     from meshctl.provision import DEDUP_WINDOW_S
 
     assert DEFAULT_TTL_S <= MAX_TOKEN_LIFETIME_S
@@ -277,7 +277,7 @@ def test_a_message_read_twice_in_one_process_has_its_signature_checked_once(keys
 
 
 def test_a_remembered_token_is_refused_once_its_key_is_retired_or_its_principal_revoked(keys):
-    from mesh_kit.identity import CLOCK_LEEWAY_S, Key, Principal, TrustBundle
+    from mesh_identity import CLOCK_LEEWAY_S, Key, Principal, TrustBundle
 
     m = _step()
     signed_at = time.time() - 20 * CLOCK_LEEWAY_S

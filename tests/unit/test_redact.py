@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from mesh_guardrails.logfilter import RedactingFilter, install
 from mesh_guardrails.redact import KINDS, redact, redact_value
-from mesh_kit.identity import new_signing_key, private_pem
+from mesh_identity import new_signing_key, private_pem
 from meshctl.identity import creds_text, new_keypair, user_jwt
 from meshctl.policy import Permissions
 

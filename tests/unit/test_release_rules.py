@@ -13,7 +13,7 @@ import pytest
 from mesh_agent import prompts, releases
 from mesh_contracts.v1.records import ReleaseChannel, TaskRecord
 from mesh_contracts.v1.release import GLOBAL, CanaryTest, ReleaseBundle, ReleaseChange, ReleaseEvaluation
-from mesh_kit.identity import Principal, TrustBundle, new_signing_key
+from mesh_identity import Principal, TrustBundle, new_signing_key
 from mesh_planner import releases as rel
 from mesh_testing.memkv import MemoryKV
 

@@ -4,11 +4,13 @@ settings tables are generated from the models and checked."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,7 +23,6 @@ from mesh_budget.partition import Partition
 from mesh_budget.settings import BudgetSettings, TenantLimits
 from mesh_checker.settings import CheckerSettings
 from mesh_kit import ServiceSettings
-from mesh_kit import settings_doc as doc
 from mesh_kit.runtime import load_settings
 from mesh_planner.settings import PlannerSettings
 from mesh_rag.settings import RagSettings
@@ -31,6 +32,19 @@ from mesh_worker.settings import WorkerSettings
 
 pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def _settings_doc() -> types.ModuleType:
+    """``infra/settings_doc.py``: a development script over the repository, not a package module."""
+    spec = importlib.util.spec_from_file_location("settings_doc", ROOT / "infra" / "settings_doc.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["settings_doc"] = module  # dataclasses and typing resolve names through it
+    spec.loader.exec_module(module)
+    return module
+
+
+doc = _settings_doc()
 
 AGENT = {
     "MESH_MODEL",

@@ -12,7 +12,7 @@ import pytest
 from nacl.public import PrivateKey, SealedBox
 
 from mesh_contracts.v1 import Taint, ToolAudited, ToolCompleted, ToolRequested
-from mesh_kit.identity import TrustBundle
+from mesh_identity import TrustBundle
 from mesh_testing.fakes import FakeDelivery, FakeMesh
 from mesh_tool_executor.approvals import ApprovalRecord
 from mesh_tool_executor.service import ToolExecutor

@@ -10,7 +10,7 @@ import pytest
 
 from mesh_contracts.v1.records import StepState, TaskRecord
 from mesh_contracts.v1.workflow import WorkflowChange, WorkflowDefinition, render
-from mesh_kit.identity import Principal, TrustBundle, new_signing_key
+from mesh_identity import Principal, TrustBundle, new_signing_key
 from mesh_planner.service import dispatch_workflow, workflow_edit_problem, workflow_steps
 from mesh_planner.workflows import Refused, Registry, may_change
 from mesh_testing.memkv import MemoryKV

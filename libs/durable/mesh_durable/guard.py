@@ -31,8 +31,8 @@ from nats.aio.msg import Msg
 from mesh_contracts import ContractError, parse_message
 from mesh_contracts.v1 import ControlCancel, ControlHalt, ControlResume
 from mesh_contracts.v1.records import StatusRecord, TaskRecord
+from mesh_identity import IdentityError
 from mesh_kit import envelope as env
-from mesh_kit.identity import IdentityError
 from mesh_kit.view import KeyView
 
 if TYPE_CHECKING:

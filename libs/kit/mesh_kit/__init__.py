@@ -1,8 +1,8 @@
 """AgentMesh bus runtime: settings, signed envelopes, verified durable consumers, DLQ, health."""
 
+from mesh_identity import IdentityError, Signer, TrustBundle, Verifier
 from mesh_kit.bus import Mesh
 from mesh_kit.delivery import Delivery, Park, PermissionViolation, Reject, Retry
-from mesh_kit.identity import IdentityError, Signer, TrustBundle, Verifier
 from mesh_kit.runtime import run_service, serve
 from mesh_kit.settings import ServiceSettings
 

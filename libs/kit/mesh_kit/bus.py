@@ -35,6 +35,7 @@ from nats.js.errors import NotFoundError
 from mesh_contracts import Contract, DecodeLimits
 from mesh_contracts import topology as topo
 from mesh_contracts.v1 import ProgressEvent
+from mesh_identity import Signer, TrustBundle, Verifier
 from mesh_kit import telemetry as tel
 from mesh_kit import wire
 from mesh_kit.connection import Connection
@@ -43,7 +44,6 @@ from mesh_kit.delivery import Delivery, Park, PermissionViolation, Reject, Rejec
 from mesh_kit.deps import Dependency, readiness
 from mesh_kit.door import Door
 from mesh_kit.fair import FairConsumer
-from mesh_kit.identity import Signer, TrustBundle, Verifier
 from mesh_kit.quota import Quotas, limits_from
 from mesh_kit.reply import Server
 from mesh_kit.settings import ServiceSettings

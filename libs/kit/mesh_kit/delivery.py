@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import nats
 
 from mesh_contracts import Contract
-from mesh_kit.identity import Principal
+from mesh_identity import Principal
 
 log = logging.getLogger("mesh.bus")
 

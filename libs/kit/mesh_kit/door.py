@@ -50,9 +50,9 @@ from mesh_contracts import ContractError, parse_message
 from mesh_contracts import topology as topo
 from mesh_contracts.base import ID_PATTERN
 from mesh_contracts.registry import BY_SUBJECT_KEY, split_subject
+from mesh_identity import IdentityError
 from mesh_kit import envelope as env
 from mesh_kit import telemetry as tel
-from mesh_kit.identity import IdentityError
 from mesh_kit.retry_after import RetryLine
 from mesh_kit.settings import BROKER_UNAVAILABLE, STREAM_FULL_CODE
 

@@ -10,7 +10,7 @@ from mesh_contracts.topology import ENVELOPED
 
 if TYPE_CHECKING:
     from mesh_contracts import Contract
-    from mesh_kit.identity import Signer
+    from mesh_identity import Signer
 
 SCHEMA = "Mesh-Schema"
 TENANT = "Mesh-Tenant"

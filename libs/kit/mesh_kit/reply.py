@@ -21,12 +21,12 @@ from opentelemetry import propagate, trace
 
 from mesh_contracts import Contract, ContractError, DecodeLimits, parse_message
 from mesh_contracts import topology as topo
+from mesh_identity import IdentityError
 from mesh_kit import envelope as env
 from mesh_kit import telemetry as tel
 from mesh_kit.connection import Connection
 from mesh_kit.consume.decode import rejection
 from mesh_kit.delivery import Delivery
-from mesh_kit.identity import IdentityError
 from mesh_kit.throttle import Throttled
 
 log = logging.getLogger("mesh.bus")

@@ -30,7 +30,7 @@ class ServiceSettings(BaseSettings):
     Each service subclasses it with its own fields (``mesh_<service>/settings.py``); the
     service's entry point builds that class once (``run_service``). A field ``x_y`` is read from
     ``MESH_X_Y``; a field with a ``validation_alias`` from the variable(s) it names. The field
-    docstrings are the settings tables in the READMEs (``python -m mesh_kit.settings_doc``)."""
+    docstrings are the settings tables in the READMEs (``python infra/settings_doc.py``)."""
 
     model_config = SettingsConfigDict(env_prefix="MESH_", extra="ignore", use_attribute_docstrings=True)
 

@@ -28,8 +28,8 @@ from nats.aio.msg import Msg
 from nats.js.errors import KeyNotFoundError
 
 from mesh_contracts import topology as topo
+from mesh_identity import IdentityError, Signer, TrustBundle, UnknownKey, Verifier, load_private_key
 from mesh_kit import telemetry as tel
-from mesh_kit.identity import IdentityError, Signer, TrustBundle, UnknownKey, Verifier, load_private_key
 from mesh_kit.settings import ServiceSettings
 from mesh_kit.state import bind
 

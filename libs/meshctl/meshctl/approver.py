@@ -32,8 +32,8 @@ import nats
 from nats.aio.client import Client as NATS
 
 from mesh_contracts.v1 import ApprovalDecided, PlanReviewed
+from mesh_identity import Signer
 from mesh_kit import envelope as env
-from mesh_kit.identity import Signer
 from mesh_kit.settings import inbox_prefix, log_nats_error, nats_servers, tls_context
 from mesh_kit.state import bind
 from mesh_kit.tail import Reader
@@ -86,7 +86,7 @@ class Approver:
     def of(cls, ids: Identities, nats_url: str, person: str | None = None) -> Approver:
         """The approver identity a mesh home holds (not yet connected); ``person``: one of the
         people it trusts to approve for a tenant (``approver.<tenant>.<name>``)."""
-        from mesh_kit.identity import TrustBundle
+        from mesh_identity import TrustBundle
 
         tls_ca = ids.tls_ca if ids.tls_ca.exists() else None
         if not person or person == "approver":
@@ -203,6 +203,6 @@ class Approver:
         (empty without one: then only the tool-executor's check stands)."""
         if self.trust_bundle is None or not self.trust_bundle.exists():
             return []
-        from mesh_kit.identity import TrustBundle
+        from mesh_identity import TrustBundle
 
         return [p.name for p in TrustBundle.from_file(self.trust_bundle).approvers(tenant)]

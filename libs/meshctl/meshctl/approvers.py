@@ -33,7 +33,7 @@ import re
 from typing import TYPE_CHECKING
 
 from mesh_contracts.base import APPROVER, AUTHOR
-from mesh_kit.identity import Principal, TrustBundle, new_signing_key, private_pem
+from mesh_identity import Principal, TrustBundle, new_signing_key, private_pem
 
 if TYPE_CHECKING:
     from meshctl.identity import Identities

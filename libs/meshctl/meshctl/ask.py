@@ -18,8 +18,8 @@ from mesh_contracts import Contract, ContractError
 from mesh_contracts.registry import BY_TYPE
 from mesh_contracts.v1 import BudgetStatusReport, BudgetStatusRequested
 from mesh_contracts.v1.audit import MESH_WIDE
+from mesh_identity import IdentityError, Signer, Verifier
 from mesh_kit import envelope as env
-from mesh_kit.identity import IdentityError, Signer, Verifier
 
 
 class AskError(Exception):

@@ -41,8 +41,8 @@ from mesh_contracts.v1 import (
 )
 from mesh_contracts.v1.records import AdmissionRecord, QuotaRecord
 from mesh_durable.guard import CONTROL_BUCKET, GLOBAL_KEY, tenant_key
+from mesh_identity import Signer, TrustBundle, Verifier
 from mesh_kit.door import DoorRefused
-from mesh_kit.identity import Signer, TrustBundle, Verifier
 from mesh_kit.settings import log_nats_error, nats_servers
 from meshctl import budget as spend
 from meshctl import local, release, review, workflow
@@ -619,7 +619,7 @@ def cmd_approvers(args: argparse.Namespace) -> int:
     """``meshctl approvers|authors add|remove NAME --tenant T`` and ``... list``: the people who
     decide a tenant's approvals, or author its workflows, each with a key of their own in the
     trust bundle."""
-    from mesh_kit.identity import TrustBundle
+    from mesh_identity import TrustBundle
     from meshctl import approvers
 
     role = getattr(args, "role", "approver")

@@ -55,11 +55,11 @@ from mesh_contracts.v1 import (
     WorkflowChange,
     WorkflowChanged,
 )
+from mesh_identity import IdentityError, Signer, TrustBundle, Verifier
 from mesh_kit import envelope as env
 from mesh_kit import wire
 from mesh_kit.door import DoorRefused, Stored, read_reply
 from mesh_kit.fair import PRIORITY
-from mesh_kit.identity import IdentityError, Signer, TrustBundle, Verifier
 from mesh_kit.settings import (
     BROKER_UNAVAILABLE,
     StreamFull,

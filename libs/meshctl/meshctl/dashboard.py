@@ -53,7 +53,7 @@ from pydantic import ValidationError
 
 from mesh_contracts.v1.records import ArmStats, ReleaseChannel, ReleaseEvent
 from mesh_contracts.v1.release import CanaryTest
-from mesh_kit.identity import OPERATOR_ROLES, IdentityError, Signer, Verifier
+from mesh_identity import OPERATOR_ROLES, IdentityError, Signer, Verifier
 from meshctl import history, top
 from meshctl import review as rv
 from meshctl import trace as tr

@@ -28,8 +28,8 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import RawStreamMsg
 
+from mesh_identity import Signer
 from mesh_kit import envelope as env
-from mesh_kit.identity import Signer
 
 ADVISORY = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES."
 

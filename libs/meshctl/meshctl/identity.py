@@ -31,8 +31,8 @@ import nkeys
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from nacl.public import PrivateKey
 
+from mesh_identity import Principal, TrustBundle, new_signing_key, private_pem
 from mesh_kit import ServiceSettings
-from mesh_kit.identity import Principal, TrustBundle, new_signing_key, private_pem
 from mesh_kit.settings import inbox_prefix, tls_context
 from meshctl import tls
 from meshctl.policy import Permissions, policy
@@ -335,7 +335,7 @@ class Identities:
             # role is a producer of no contract
             key_path = self.signing_key(name)
             if key_path.exists():
-                from mesh_kit.identity import load_private_key
+                from mesh_identity import load_private_key
 
                 key = load_private_key(key_path)
             else:

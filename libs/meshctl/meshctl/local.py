@@ -32,7 +32,7 @@ import nats.js.errors
 
 from mesh_contracts import SERVICES
 from mesh_contracts import topology as topo
-from mesh_kit.identity import TrustBundle
+from mesh_identity import TrustBundle
 from mesh_kit.settings import log_nats_error, nats_servers
 from meshctl.identity import Identities
 from meshctl.provision import provision

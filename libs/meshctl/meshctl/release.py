@@ -57,7 +57,7 @@ def load_bundle(path: Path) -> ReleaseBundle:
 def _person(args: argparse.Namespace, role: str) -> tuple[str, Any]:
     """(tenant, signer) of ``--as <role>.<tenant>.<person>``, with the person's key from the mesh
     home; or, with ``--global``, the mesh's default release and the operator's (admin) key."""
-    from mesh_kit.identity import Signer
+    from mesh_identity import Signer
     from meshctl.identity import Identities
 
     if getattr(args, "global_", False):

@@ -42,8 +42,8 @@ from mesh_contracts.v1 import (
     UsageRecorded,
 )
 from mesh_guardrails.redact import redact, redact_value
+from mesh_identity import IdentityError, Verifier
 from mesh_kit import envelope as env
-from mesh_kit.identity import IdentityError, Verifier
 from meshctl import audit
 
 PLAN, CHECK = "plan", "check"

@@ -39,7 +39,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from nats.js.errors import KeyNotFoundError
 
 from mesh_contracts import topology as topo
-from mesh_kit.identity import Key, Principal, Signer, TrustBundle, new_signing_key, private_pem
+from mesh_identity import Key, Principal, Signer, TrustBundle, new_signing_key, private_pem
 from mesh_kit.settings import log_nats_error
 from meshctl.identity import ACCOUNT, Identities, _write_secret, creds_text, new_keypair, user_jwt
 from meshctl.policy import policy

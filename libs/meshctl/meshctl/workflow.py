@@ -331,7 +331,7 @@ def _client(args: argparse.Namespace, tenant: str) -> TenantClient:
 
 def _author(args: argparse.Namespace) -> tuple[str, Any]:
     """(tenant, signer) of ``--as author.<tenant>.<person>``, with the person's key from the mesh home."""
-    from mesh_kit.identity import Signer
+    from mesh_identity import Signer
     from meshctl.identity import Identities
 
     parts = (args.as_ or "").split(".")

@@ -41,7 +41,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from mesh_contracts.v1 import TokenUsage
-from mesh_kit.identity import CLOCK_LEEWAY_S
+from mesh_identity import CLOCK_LEEWAY_S
 from mesh_kit.tail import MAX_BATCH, Reader
 from mesh_resilience import BreakerPolicy
 

@@ -42,12 +42,12 @@ from mesh_contracts.v1.audit import ANCHOR, ANCHOR_TTL_S, MESH_WIDE
 from mesh_contracts.v1.records import TERMINAL, StatusRecord, TaskRecord
 from mesh_durable import chain, guard
 from mesh_durable.redis import redis_errors
+from mesh_identity import CLOCK_LEEWAY_S, IdentityError
 from mesh_kit import Delivery, Mesh, tasks
 from mesh_kit import envelope as env
 from mesh_kit import state as st
 from mesh_kit import telemetry as tel
 from mesh_kit.deps import Dependency
-from mesh_kit.identity import CLOCK_LEEWAY_S, IdentityError
 from mesh_kit.tail import Reader, Stored, Tail
 
 log = logging.getLogger("mesh.budget")

@@ -31,10 +31,10 @@ from mesh_contracts.v1 import CheckRequested, CheckResult, CheckVerdict, Retriev
 from mesh_durable import guard
 from mesh_durable.ledger import BUCKET as LEDGER
 from mesh_durable.ledger import Ledger
+from mesh_identity import IdentityError
 from mesh_kit import Delivery, Mesh
 from mesh_kit import state as st
 from mesh_kit import telemetry as tel
-from mesh_kit.identity import IdentityError
 from mesh_llm import ChatModel
 from mesh_llm.errors import ProviderError
 from mesh_llm.gateway import Gateway, model_key

@@ -55,8 +55,8 @@ from mesh_contracts.v1.records import (
 )
 from mesh_contracts.v1.release import GLOBAL, CanaryTest, ReleaseBundle, ReleaseChange, ReleaseChanged
 from mesh_guardrails.injection import UNTRUSTED_NOTICE
+from mesh_identity import Principal, TrustBundle
 from mesh_kit import state as st
-from mesh_kit.identity import Principal, TrustBundle
 
 RIGHTS = {"draft": AUTHOR, "evaluated": AUTHOR, "canary": APPROVER, "promote": APPROVER, "rollback": APPROVER}
 """Who may make each change: a tenant's author drafts and evaluates, one of its approvers decides."""

@@ -34,8 +34,8 @@ from pydantic import ValidationError
 from mesh_contracts.base import AUTHOR
 from mesh_contracts.v1.records import CatalogEntry, WorkflowCatalog, WorkflowEvent, WorkflowVersion
 from mesh_contracts.v1.workflow import WorkflowChange, WorkflowChanged, WorkflowDefinition, parse_ref
+from mesh_identity import Principal, TrustBundle
 from mesh_kit import state as st
-from mesh_kit.identity import Principal, TrustBundle
 
 KEPT = 256
 """Parsed definitions this process keeps (by version: a version never changes)."""

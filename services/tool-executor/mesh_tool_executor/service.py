@@ -36,13 +36,13 @@ from mesh_durable import chain, guard
 from mesh_durable.ledger import BUCKET, Ledger
 from mesh_guardrails.injection import score as injection_score
 from mesh_guardrails.redact import redact, redact_value
+from mesh_identity import Principal
 from mesh_kit import Delivery, Mesh
 from mesh_kit import envelope as env
 from mesh_kit import state as st
 from mesh_kit import telemetry as tel
 from mesh_kit.delivery import Reject
 from mesh_kit.faults import crash_point
-from mesh_kit.identity import Principal
 from mesh_kit.tail import Reader
 from mesh_tool_executor import destinations, net
 from mesh_tool_executor.approvals import ApprovalRecord, Approvals, approval_id

@@ -20,6 +20,7 @@ from opentelemetry import propagate, trace
 
 from mesh_contracts import ContractError, DecodeLimits
 from mesh_contracts import topology as topo
+from mesh_identity import IdentityError
 from mesh_kit import envelope as env
 from mesh_kit import telemetry as tel
 from mesh_kit.consume import verify
@@ -27,7 +28,6 @@ from mesh_kit.consume.decode import arrival, decode, rejection
 from mesh_kit.consume.handle import handle
 from mesh_kit.consume.settle import Settle, Where
 from mesh_kit.delivery import Delivery, Handler, Incoming, Park, Reject, RejectHook, Retry
-from mesh_kit.identity import IdentityError
 from mesh_kit.settings import ServiceSettings
 from mesh_kit.throttle import Throttled
 from mesh_kit.trust import Trust

@@ -10,7 +10,7 @@ from typing import Any
 from nats.errors import NotJSMessageError
 
 from mesh_contracts import BodyError, Contract, DecodeLimits, parse_message
-from mesh_kit.identity import IdentityError
+from mesh_identity import IdentityError
 
 
 def arrival(raw: Any) -> tuple[int, float | None, int]:

@@ -6,8 +6,8 @@ operator's signed statement says."""
 from __future__ import annotations
 
 from mesh_contracts import Contract
+from mesh_identity import IdentityError, Principal
 from mesh_kit import envelope as env
-from mesh_kit.identity import IdentityError, Principal
 from mesh_kit.trust import Trust
 
 

@@ -6,8 +6,8 @@ environment variable, its type and constraints, its default and its docstring. T
 README has the common settings (``ServiceSettings``) once; a service's README has the fields its
 class adds to them (for the planner, the worker and the checker, ``AgentSettings``' included).
 
-    python -m mesh_kit.settings_doc write    # rewrite the tables
-    python -m mesh_kit.settings_doc check    # exit 1, with a diff, when a table is out of date
+    python infra/settings_doc.py write    # rewrite the tables
+    python infra/settings_doc.py check    # exit 1, with a diff, when a table is out of date
 
 Run from the repository root (``--root`` to run elsewhere); ``make lint`` runs ``check``. The
 classes are named by import path: this is a development tool over the repository's packages.
@@ -159,7 +159,7 @@ def write(root: Path) -> list[Path]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mesh_kit.settings_doc", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python infra/settings_doc.py", description=__doc__.split("\n")[0])
     parser.add_argument("action", choices=("write", "check"))
     parser.add_argument("--root", type=Path, default=Path.cwd(), help="the repository root (default: here)")
     args = parser.parse_args(argv)

@@ -30,64 +30,23 @@ from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
 from mesh_contracts import facts as mesh_facts
-from mesh_contracts.base import APPROVER, CLIENT, Contract, ContractError
-
-ALGORITHM = "EdDSA"
-DEFAULT_TTL_S = 300.0
-CLOCK_LEEWAY_S = 5.0
-MAX_TOKEN_LIFETIME_S = 540.0
-"""The longest validity a token may claim (``exp - iat``). It stays under the streams' 10-minute
-deduplication window (less clock leeway): a captured message re-published under its own id
-inside its token's lifetime is dropped by the server, and under any other id it fails the
-token's binding to its message id, so no token can be replayed into a second effect."""
-OPERATOR_ROLES = ("admin",)
-"""Roles whose signed statements may re-drive a dead letter (``meshctl dlq retry``)."""
-REDRIVE_TTL_S = 300.0
-
-
-class IdentityError(Exception):
-    """A message's identity token is missing, invalid, or does not entitle its sender."""
-
-
-class UnknownKey(IdentityError):
-    """The token names a principal, or was signed with a key, that this process's trust bundle
-    does not hold. Forged, or signed under a bundle published after the one in force here (a
-    rotation reaches every process within a second, not at the same instant): the mesh reads the
-    published bundle once and judges again before it refuses the message."""
-
-
-@dataclass(frozen=True)
-class Key:
-    """One signing key of a principal. A retired key (rotated out) still verifies messages the
-    broker stored before it was retired (a backlog, a dead letter re-driven later), never after."""
-
-    public_key: Ed25519PublicKey
-    retired_at: float | None = None
-
-
-@dataclass(frozen=True)
-class Principal:
-    """An entry of the trust bundle: who a key belongs to."""
-
-    name: str  # e.g. "worker", "client.acme", "approver", "approver.acme.alice"
-    role: str  # a service name, "client" or "approver"
-    tenant: str | None  # set for tenant clients and a tenant's approvers: they speak only for that tenant
-    public_key: Ed25519PublicKey
-    """The newest key (what the principal signs with once a rotation has finished)."""
-    keys: tuple[Key, ...] = ()
-    """Every key that verifies, active and retired (empty: ``public_key`` alone)."""
-
-    def keys_at(self, at: float, leeway_s: float = CLOCK_LEEWAY_S) -> list[Ed25519PublicKey]:
-        """The keys that verify a message stored at ``at``."""
-        keys = self.keys or (Key(self.public_key),)
-        return [k.public_key for k in keys if k.retired_at is None or at <= k.retired_at + leeway_s]
-
-    def active(self) -> list[Ed25519PublicKey]:
-        return [k.public_key for k in (self.keys or (Key(self.public_key),)) if k.retired_at is None]
-
-
-def principal_name(role: str, tenant: str | None = None) -> str:
-    return f"{role}.{tenant}" if role == CLIENT and tenant else role
+from mesh_contracts.base import Contract, ContractError
+from mesh_identity.bundle import TrustBundle
+from mesh_identity.keys import (
+    ALGORITHM,
+    CLOCK_LEEWAY_S,
+    DEFAULT_TTL_S,
+    MAX_TOKEN_LIFETIME_S,
+    OPERATOR_ROLES,
+    REDRIVE_TTL_S,
+    IdentityError,
+    Principal,
+    UnknownKey,
+    _raw,
+    body_digest,
+    facts_digest,
+    load_private_key,
+)  # fmt: skip
 
 
 def _b64(data: bytes) -> bytes:
@@ -120,37 +79,6 @@ VERIFIED_KEPT = 4096
 """Tokens a verifier remembers having checked (the oldest are forgotten first)."""
 
 _CHECKED_ELSEWHERE = ("nbf", "aud", "jti")
-"""Registered claims our tokens never carry and PyJWT validates: a token with any of them takes
-PyJWT's path, so the fast path accepts nothing that PyJWT would refuse."""
-
-
-def body_digest(body: bytes) -> str:
-    return hashlib.sha256(body).hexdigest()
-
-
-facts_digest = mesh_facts.digest_of
-"""What a token's ``fct`` claim says of the ``Mesh-Facts`` header it covers."""
-
-
-def new_signing_key() -> Ed25519PrivateKey:
-    return Ed25519PrivateKey.generate()
-
-
-def private_pem(key: Ed25519PrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-
-
-def public_pem(key: Ed25519PublicKey) -> str:
-    return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
-
-
-def load_private_key(path: str | Path) -> Ed25519PrivateKey:
-    key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
-    if not isinstance(key, Ed25519PrivateKey):
-        raise IdentityError(f"{path}: not an Ed25519 private key")
-    return key
 
 
 class Signer:
@@ -230,125 +158,6 @@ class Signer:
         without its key for confirming a guess of the value (the budget compares them only). The
         key is derived from the signing key, so it changes with a rotation."""
         return hmac.new(self._fingerprint_key, mesh_facts.canonical(value), hashlib.sha256).hexdigest()[:32]
-
-
-def _raw(key: Ed25519PublicKey) -> bytes:
-    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-
-
-def _load_public(name: str, pem: str) -> Ed25519PublicKey:
-    key = serialization.load_pem_public_key(pem.encode())
-    if not isinstance(key, Ed25519PublicKey):
-        raise IdentityError(f"trust bundle: {name} does not hold an Ed25519 key")
-    return key
-
-
-class TrustBundle:
-    """Public keys of every principal, with their role and tenant, and each tenant's auditor
-    sealing key (X25519: what is sealed to it only the tenant's auditor can open). ``revision``
-    grows with every change an operator publishes (rotation, revocation)."""
-
-    def __init__(
-        self, principals: dict[str, Principal], auditors: dict[str, bytes] | None = None, revision: int = 0
-    ) -> None:
-        self.principals = principals
-        self.auditors = auditors or {}
-        self.revision = revision
-
-    def approvers(self, tenant: str) -> list[Principal]:
-        """The people named to decide ``tenant``'s held tool calls (``approver.<tenant>.<person>``),
-        by name. While there is one, they alone decide the tenant's calls: the console's own
-        ``approver``, bound to no tenant, may not."""
-        return sorted(
-            (p for p in self.principals.values() if p.role == APPROVER and p.tenant == tenant), key=lambda p: p.name
-        )
-
-    def may_decide(self, name: str, tenant: str) -> str | None:
-        """Why ``name`` may not decide for ``tenant`` (a held call, a draft plan) under this bundle,
-        or None. A tenant that names approvers has them alone: the console's own ``approver``
-        (bound to no tenant) may not decide for it; with none named, the console decides."""
-        now = self.principals.get(name)
-        if now is None or now.role != APPROVER:
-            return f"{name} is no longer an approver (trust bundle revision {self.revision})"
-        if now.tenant is None:
-            named = [p.name for p in self.approvers(tenant)]
-            if named:
-                who = ", ".join(named[:3]) + (f" and {len(named) - 3} more" if len(named) > 3 else "")
-                return f"tenant {tenant!r} names its own approvers ({who}): {name} may not decide its calls"
-        elif now.tenant != tenant:
-            return f"{name} may speak only for tenant {now.tenant!r}, not {tenant!r}"
-        return None
-
-    @classmethod
-    def from_json(cls, data: str | bytes) -> TrustBundle:
-        raw = json.loads(data)
-        out = {}
-        for name, entry in raw["principals"].items():
-            key = _load_public(name, entry["public_key"])
-            keys = tuple(Key(_load_public(name, k["public_key"]), k.get("retired_at")) for k in entry.get("keys") or ())
-            out[name] = Principal(name, entry["role"], entry.get("tenant"), key, keys)
-        auditors = {}
-        for tenant, b64 in (raw.get("auditors") or {}).items():
-            key_bytes = base64.b64decode(b64)
-            if len(key_bytes) != 32:
-                raise IdentityError(f"trust bundle: auditor key of {tenant} is not a 32-byte X25519 key")
-            auditors[tenant] = key_bytes
-        return cls(out, auditors, int(raw.get("revision", 0)))
-
-    @classmethod
-    def from_file(cls, path: str | Path) -> TrustBundle:
-        return cls.from_json(Path(path).read_bytes())
-
-    @staticmethod
-    def to_json(
-        entries: dict[str, tuple[str, str | None, Ed25519PublicKey]], auditors: dict[str, bytes] | None = None
-    ) -> str:
-        """Serialise ``name -> (role, tenant, public key)`` and ``tenant -> auditor X25519 public key``."""
-        principals = {name: Principal(name, role, tenant, pub) for name, (role, tenant, pub) in entries.items()}
-        return TrustBundle(principals, auditors).dump()
-
-    def dump(self) -> str:
-        def entry(p: Principal) -> dict[str, Any]:
-            out: dict[str, Any] = {"role": p.role, "tenant": p.tenant, "public_key": public_pem(p.public_key)}
-            if p.keys:
-                out["keys"] = [{"public_key": public_pem(k.public_key), "retired_at": k.retired_at} for k in p.keys]
-            return out
-
-        return json.dumps(
-            {
-                "version": 1,
-                "revision": self.revision,
-                "principals": {name: entry(p) for name, p in sorted(self.principals.items())},
-                "auditors": {t: base64.b64encode(k).decode() for t, k in sorted(self.auditors.items())},
-            },
-            indent=2,
-        )
-
-    def signed(self, operator: Signer) -> bytes:
-        """This bundle as an operator publishes it (the ``trust`` bucket): the bundle and a token
-        over its digest and revision, signed by an operator."""
-        body = self.dump().encode()
-        return json.dumps({"bundle": body.decode(), "token": operator.statement("trust-bundle", {
-            "dig": body_digest(body), "rev": self.revision})}).encode()  # fmt: skip
-
-    def accept(self, document: bytes, leeway_s: float = CLOCK_LEEWAY_S) -> TrustBundle:
-        """The bundle in ``document`` if one of *this* bundle's operators signed it (with a key
-        still active) and it is newer than this one; ``IdentityError`` otherwise. Trust is a
-        chain: each published bundle is vouched for by the one before it."""
-        try:
-            doc = json.loads(document)
-            body, token = doc["bundle"].encode(), doc["token"]
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise IdentityError(f"trust bundle document unreadable: {exc}") from None
-        principal, claims = Verifier(self, leeway_s)._decode(token, ["iss", "typ", "dig", "rev", "iat"], "bundle token")
-        if principal.role not in OPERATOR_ROLES:
-            raise IdentityError(f"{principal.name} may not publish trust bundles (operators only)")
-        if claims["typ"] != "trust-bundle" or claims["dig"] != body_digest(body):
-            raise IdentityError("bundle token does not cover this bundle")
-        new = TrustBundle.from_json(body)
-        if new.revision != claims["rev"] or new.revision <= self.revision:
-            raise IdentityError(f"trust bundle revision {new.revision} is not newer than {self.revision}")
-        return new
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,31 @@
+"""Who sent a message, provably: Ed25519 keys, EdDSA identity tokens bound to a message's body and
+id, and the operator-signed trust bundle they are judged by. The bus runtime (``mesh_kit``)
+signs and verifies every message with it; clients and the CLI sign with it, without the runtime."""
+
+from mesh_identity.bundle import TrustBundle
+from mesh_identity.keys import (
+    ALGORITHM,
+    CLOCK_LEEWAY_S,
+    DEFAULT_TTL_S,
+    MAX_TOKEN_LIFETIME_S,
+    OPERATOR_ROLES,
+    REDRIVE_TTL_S,
+    IdentityError,
+    Key,
+    Principal,
+    UnknownKey,
+    body_digest,
+    facts_digest,
+    load_private_key,
+    new_signing_key,
+    principal_name,
+    private_pem,
+    public_pem,
+)  # fmt: skip
+from mesh_identity.tokens import VERIFIED_KEPT, Redrive, Signer, Verifier
+
+__all__ = [
+    "ALGORITHM", "CLOCK_LEEWAY_S", "DEFAULT_TTL_S", "MAX_TOKEN_LIFETIME_S", "OPERATOR_ROLES", "REDRIVE_TTL_S",
+    "VERIFIED_KEPT", "IdentityError", "Key", "Principal", "Redrive", "Signer", "TrustBundle", "UnknownKey", "Verifier",
+    "body_digest", "facts_digest", "load_private_key", "new_signing_key", "principal_name", "private_pem", "public_pem",
+]  # fmt: skip
