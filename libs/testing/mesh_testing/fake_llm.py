@@ -156,6 +156,11 @@ class FakeLLMServer:
             return self.fail_fault
         return self.default
 
+    @property
+    def open_connections(self) -> int:
+        """Client connections the server holds open now (keep-alive ones included)."""
+        return len(self._tasks)
+
     # --- HTTP ---------------------------------------------------------------------------------
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
