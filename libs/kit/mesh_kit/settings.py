@@ -68,8 +68,8 @@ class ServiceSettings(BaseSettings):
     """Concurrent handlers per durable in one process."""
     fair_window: int = Field(256, ge=0, le=4096)
     """Messages each durable fetches ahead and holds (kept alive) so its handlers can take the
-    tenants in turn, and a tenant's higher-priority work first (``mesh_kit.fair``); 0: one
-    message at a time in stored order (no fairness across tenants)."""
+    tenants in turn, and a tenant's higher-priority work first (``mesh_kit.fair``); 0 (or less
+    than the handlers): no look-ahead, only as many as the handlers can take at once."""
     ack_wait_s: float = Field(topo.ACK_WAIT_S, gt=0)
     """The provisioned consumers' ack_wait; long calls send in-progress heartbeats every third of it."""
     max_deliver: int = Field(topo.MAX_DELIVER, ge=1, lt=topo.SERVER_MAX_DELIVER + 1)
