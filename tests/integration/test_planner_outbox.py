@@ -14,7 +14,9 @@ from mesh_contracts.v1 import PlanStep, StepRequested
 from mesh_contracts.v1.records import StepState, TaskRecord
 from mesh_kit import Mesh
 from mesh_kit import state as st
-from mesh_planner.service import Planner, _event, dispatch_ready
+from mesh_planner.service import Planner
+from mesh_planner.steps import dispatch_ready
+from mesh_planner.steps import event as _event
 
 pytestmark = pytest.mark.integration
 
@@ -82,14 +84,14 @@ async def test_an_outbox_is_sent_in_order_and_cleared_only_when_all_of_it_is_sto
 
         monkeypatch.setattr(mesh, "publish", failing)
         with pytest.raises(ConnectionError, match="broker went away"):
-            await planner.flush(rec)
+            await planner.outbox.flush(rec)
         stored, _ = await st.load(planner.kv, key, TaskRecord)
         assert stored is not None and stored.outbox == rec.outbox, "nothing cleared: the redelivery sends it all"
         assert await _stored_steps(infra, task) == [("s1", 1), ("s2", 1)], "sent in order, up to the failure"
 
         # The redelivery: everything again, stored once each, in outbox order, and then cleared.
         monkeypatch.setattr(mesh, "publish", real)
-        await planner.flush(stored)
+        await planner.outbox.flush(stored)
         assert await _stored_steps(infra, task) == [("s1", 1), ("s2", 1), ("s3", 1), ("s4", 1)]
         after, _ = await st.load(planner.kv, key, TaskRecord)
         assert after is not None and after.outbox == []
@@ -98,7 +100,7 @@ async def test_an_outbox_is_sent_in_order_and_cleared_only_when_all_of_it_is_sto
         task2 = unique("outbox-order")
         rec2 = _record(task2)
         await planner.kv.put(TaskRecord.key("acme", task2), rec2.model_dump_json().encode())
-        await planner.flush(rec2)
+        await planner.outbox.flush(rec2)
         assert await _stored_steps(infra, task2) == [("s1", 1), ("s2", 1), ("s3", 1), ("s4", 1)]
 
 
@@ -118,11 +120,11 @@ async def test_a_message_in_two_handlers_outboxes_is_published_once(integration_
             return await real(msg, **kw)
 
         monkeypatch.setattr(mesh, "publish", slow)
-        await asyncio.gather(planner.flush(rec), planner.flush(rec))
+        await asyncio.gather(planner.outbox.flush(rec), planner.outbox.flush(rec))
         assert sent and set(sent.values()) == {1}, sent
         assert len(sent) == len(rec.outbox)
         after, _ = await st.load(planner.kv, key, TaskRecord)
         assert after is not None and after.outbox == []
         # Published already: a later flush of the same items (a redelivery) sends nothing.
-        await planner.flush(rec)
+        await planner.outbox.flush(rec)
         assert set(sent.values()) == {1}

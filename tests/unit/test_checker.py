@@ -326,7 +326,7 @@ def _record(outputs: dict[str, tuple[str, list[str]]], citations: dict[str, tupl
 
 
 def test_citations_are_owed_when_the_answer_builds_on_a_step_that_cited():
-    from mesh_planner.service import check_request
+    from mesh_planner.steps import check_request
 
     cited = _record(
         {"s1": (RESEARCH, []), "s2": ("The result is 391.", []), "s3": (GOOD, ["s1", "s2"])}, {"s1": CITES[:1]}
@@ -343,7 +343,7 @@ def test_citations_are_owed_when_the_answer_builds_on_a_step_that_cited():
 
 def test_a_failed_step_is_redone_with_everything_built_on_it_and_nothing_else():
     from mesh_contracts.v1 import CheckVerdict
-    from mesh_planner.service import redo_after
+    from mesh_planner.steps import redo_after
 
     rec = _record({"s1": ("a", []), "s2": ("b", []), "s4": ("c", ["s1"]), "s3": ("d", ["s4", "s2"])})
     verdict = CheckVerdict(tenant="acme", task_id="t1", passed=False, failed_steps=("s1",))

@@ -19,7 +19,8 @@ from mesh_durable import chain
 from mesh_kit import state as st
 from mesh_kit.delivery import Reject
 from mesh_planner import waits
-from mesh_planner.service import Planner, tries, workflow_steps
+from mesh_planner.service import Planner
+from mesh_planner.steps import tries, workflow_steps
 from mesh_planner.timers import Early, parse_due, schedule_headers
 from mesh_planner.workflows import Registry
 from mesh_testing.memkv import MemoryKV

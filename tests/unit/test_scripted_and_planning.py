@@ -9,7 +9,9 @@ import pytest
 from mesh_contracts.v1 import PlanStep
 from mesh_contracts.v1.records import StepState, TaskRecord
 from mesh_llm import Message, ModelRequest, ScriptedModel
-from mesh_planner.service import Planner, dispatch_ready, parse_plan
+from mesh_planner.drafts import parse_plan
+from mesh_planner.service import Planner
+from mesh_planner.steps import dispatch_ready
 
 pytestmark = pytest.mark.unit
 GOAL = "How does AgentMesh avoid duplicate side effects? Also compute 17 * 23."

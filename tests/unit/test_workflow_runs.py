@@ -1,5 +1,5 @@
 """The workflow registry and a fixed workflow's run, in memory (``mesh_planner.workflows``,
-``mesh_planner.service.dispatch_workflow``, ``mesh_contracts.v1.workflow.render``). The same
+``mesh_planner.steps.dispatch_workflow``, ``mesh_contracts.v1.workflow.render``). The same
 through the real mesh: tests/scenarios/test_workflow_registry.py."""
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ import pytest
 from mesh_contracts.v1.records import StepState, TaskRecord
 from mesh_contracts.v1.workflow import WorkflowChange, WorkflowDefinition, render
 from mesh_identity import Principal, TrustBundle, new_signing_key
-from mesh_planner.service import dispatch_workflow, workflow_edit_problem, workflow_steps
+from mesh_planner.drafts import workflow_edit_problem
+from mesh_planner.steps import dispatch_workflow, workflow_steps
 from mesh_planner.workflows import Refused, Registry, may_change
 from mesh_testing.memkv import MemoryKV
 
@@ -155,7 +156,7 @@ async def test_a_task_is_refused_what_does_not_resolve():
 
 def test_an_edit_says_what_changed_step_by_step():
     from mesh_contracts.v1 import PlanStep
-    from mesh_planner.service import plan_changes
+    from mesh_planner.drafts import plan_changes
 
     a = [PlanStep(step_id="s1", instruction="Find it", tools=("search_docs",)), PlanStep(step_id="s2", instruction="x")]
     b = [PlanStep(step_id="s1", instruction="Find it in the policy", tools=("search_docs",)),
@@ -170,7 +171,7 @@ def test_an_edit_says_what_changed_step_by_step():
 
 
 def test_an_edited_plan_is_held_to_the_rules_of_a_plan():
-    from mesh_planner.service import checked_plan
+    from mesh_planner.drafts import checked_plan
 
     ok = checked_plan(
         [{"step_id": "a", "instruction": "x"}, {"step_id": "b", "instruction": "y", "depends_on": ["a"]}], 4

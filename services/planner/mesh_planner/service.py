@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -22,66 +21,43 @@ from pydantic import ValidationError
 from mesh_agent import prompts
 from mesh_agent import releases as bundles
 from mesh_agent.metered import BudgetExceeded, Models, call_model_once, configured
-from mesh_contracts import Contract
 from mesh_contracts import topology as topo
-from mesh_contracts.registry import BY_TYPE
 from mesh_contracts.v1 import (
-    CheckRequested,
     CheckVerdict,
-    Citation,
     ControlCancel,
     ControlHalt,
     ControlResume,
-    FixedCall,
     PlanCreated,
-    PlanDrafted,
     PlanReviewed,
     PlanStep,
     ProgressEvent,
     ReleaseChange,
-    ReleaseChanged,
-    ReleaseDecided,
-    Replay,
-    SignedRecord,
     StepCompleted,
     StepFailed,
-    StepRequested,
-    StepResult,
     TaskCompleted,
-    TaskFailed,
     TaskRejected,
     TaskSignal,
     TaskSubmitted,
     WorkflowChange,
-    WorkflowChanged,
 )
 from mesh_contracts.v1.records import (
     GUARDED,
     TERMINAL,
     AdmissionRecord,
     Evidence,
-    OutboxItem,
     SignalState,
     StatusRecord,
     StepState,
     TaskRecord,
     WaitState,
 )
-from mesh_contracts.v1.task import draft_hash
 from mesh_contracts.v1.workflow import (
     WAITS,
     AgentNode,
     ApprovalNode,
     CheckNode,
-    RetrieveNode,
-    SignalNode,
-    TimerNode,
-    ToolNode,
     WorkflowDefinition,
-    advance,
     not_runnable,
-    output_value,
-    render,
 )
 from mesh_durable import chain, guard
 from mesh_durable.ledger import BUCKET as LEDGER
@@ -97,397 +73,37 @@ from mesh_llm import ChatModel, ContextOverflow, Message, ModelRequest, UnknownR
 from mesh_planner import releases as rel
 from mesh_planner import waits
 from mesh_planner.admission import Admission, Limits, StoreLevel, Wait, parse_tenants
+from mesh_planner.changes import Changes
+from mesh_planner.drafts import checked_plan, draft, parse_plan, plan_max_tokens, workflow_edit_problem
+from mesh_planner.outbox import Outbox
 from mesh_planner.planning import PlanningSlots
 from mesh_planner.releases import Releases
 from mesh_planner.settings import PlannerSettings
+from mesh_planner.steps import (
+    answer_step_id,
+    check_request,
+    dispatch_ready,
+    dispatch_workflow,
+    event,
+    fail,
+    final_answer,
+    out,
+    outcome_fields,
+    redo_after,
+    replaying,
+    workflow_steps,
+)  # fmt: skip
 from mesh_planner.timers import Early, Timers
-from mesh_planner.workflows import Refused, Registry, may_change
+from mesh_planner.workflows import Refused, Registry
 
 log = logging.getLogger("mesh.planner")
-RETRIEVAL = "search_docs"
-"""The tool a step retrieves with (the worker sends it to rag)."""
-REFERENCE = re.compile(r"\[[^\[\]#\s]+#[^\[\]\s]+\]")
 PLAN_PROMPT = prompts.load("mesh_planner", "plan")
 """The packaged planning prompt; a planner plans with it or with its ``MESH_PROMPTS_DIR``
 override (``Planner.plan_prompt``)."""
 
 
-def _out(rec: TaskRecord, msg: Contract, key: str, causation: str = "") -> None:
-    rec.outbox.append(OutboxItem(type=msg.type, key=key, body=msg.model_dump(mode="json"), causation=causation))
-
-
-def _event(rec: TaskRecord, stage: str, message: str, step_id: str = "", key: str = "") -> None:
-    _out(
-        rec,
-        ProgressEvent(
-            tenant=rec.tenant, task_id=rec.task_id, source="planner", stage=stage, message=message, step_id=step_id
-        ),
-        key=f"planner:{stage}:{step_id}:{key}",
-    )
-
-
-def _replaying(r: Replay) -> str:
-    """A replay's progress line: what it replays and how."""
-    recorded = ", ".join(r.recorded) if r.recorded else "none"
-    prompts = ", ".join(f"{k}@{v}" for k, v in sorted(r.prompts.items()))
-    return (
-        f"replay of {r.of}: recorded responses for {recorded}; other calls live"
-        + (f" on route {r.route}" if r.route else "")
-        + (f" with prompts {prompts}" if prompts else "")
-        + "; write and external tools run dry"
-    )
-
-
-def _dispatch(rec: TaskRecord, sid: str, causation: str, tries: int = 1) -> None:
-    """Send step ``sid`` (its next attempt) to the workers, with its completed dependencies' outputs."""
-    s = rec.steps[sid]
-    s.status, s.attempt = "dispatched", s.attempt + 1
-    deps = [d for d in s.step.depends_on if rec.steps[d].status == "completed" and not rec.steps[d].skipped]
-    request = StepRequested(
-        tenant=rec.tenant,
-        task_id=rec.task_id,
-        step=s.step,
-        attempt=s.attempt,
-        inputs={d: rec.steps[d].output for d in deps},
-        # what each input's step read travels with its output (undeclared: untrusted)
-        input_taint={d: t for d in deps if (t := rec.steps[d].taint) is not None},
-        feedback=rec.feedback.get(sid, ""),
-        on_held=rec.policy.on_held,
-        replay=rec.replay,
-        tries=tries,
-    )
-    _out(rec, request, key=f"{sid}:{s.attempt}", causation=causation)
-    _event(rec, "step.dispatched", f"{sid} ({s.step.kind}): {s.step.instruction[:80]}", sid, str(s.attempt))
-
-
-def dispatch_ready(rec: TaskRecord, causation: str = "") -> None:
-    """Move every pending step whose dependencies completed to dispatched (attempt + 1)."""
-    for sid, s in rec.steps.items():
-        if s.status == "pending" and all(rec.steps[d].status == "completed" for d in s.step.depends_on):
-            _dispatch(rec, sid, causation)
-
-
-def workflow_steps(wf: WorkflowDefinition) -> list[PlanStep]:
-    """A fixed workflow's nodes as the task's steps, in an order where each comes after the nodes
-    it runs after (their instructions still hold their templates: filled in at dispatch)."""
-    steps = []
-    for i in wf.order():
-        n = wf.node(i)
-        after = tuple(e.node for e in n.edges())
-        if isinstance(n, AgentNode):
-            steps.append(PlanStep(step_id=n.id, kind=n.role, instruction=n.instruction, tools=n.tools, depends_on=after,
-                                  difficulty=n.tier, output_schema=n.output_schema))  # fmt: skip
-        elif isinstance(n, ToolNode):
-            steps.append(PlanStep(step_id=n.id, kind="compute", instruction=f"call {n.tool}", tools=(n.tool,),
-                                  depends_on=after, call=FixedCall(tool=n.tool, arguments=n.arguments)))  # fmt: skip
-        elif isinstance(n, TimerNode):
-            what = f"wait {n.after_s:g} s" if n.after_s is not None else f"wait until {n.until}"
-            steps.append(PlanStep(step_id=n.id, kind="compute", instruction=what, depends_on=after))
-        elif isinstance(n, SignalNode):
-            steps.append(PlanStep(step_id=n.id, kind="compute", instruction=f"wait for signal {n.name}",
-                                  depends_on=after))  # fmt: skip
-        elif isinstance(n, ApprovalNode):
-            steps.append(PlanStep(step_id=n.id, kind="compute", instruction=f"wait for an approver: {n.request}"[:4000],
-                                  depends_on=after))  # fmt: skip
-        elif isinstance(n, CheckNode):
-            steps.append(PlanStep(step_id=n.id, kind="compute", instruction=f"check {n.of}: {', '.join(n.checks)}",
-                                  depends_on=after))  # fmt: skip
-        else:
-            assert isinstance(n, RetrieveNode)  # what ``not_runnable`` lets through
-            query = {"query": n.query, "top_k": n.top_k}
-            steps.append(PlanStep(step_id=n.id, kind="research", instruction=f"retrieve: {n.query}"[:4000],
-                                  tools=(RETRIEVAL,), depends_on=after, call=FixedCall(tool=RETRIEVAL, arguments=query)))  # fmt: skip
-    return steps
-
-
-def _filled(value: Any, inputs: dict[str, Any], outputs: dict[str, str]) -> Any:
-    """A fixed call's arguments with the templates in their strings filled in."""
-    if isinstance(value, str):
-        return render(value, inputs, outputs)
-    if isinstance(value, dict):
-        return {k: _filled(v, inputs, outputs) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_filled(v, inputs, outputs) for v in value]
-    return value
-
-
-def dispatch_workflow(rec: TaskRecord, wf: WorkflowDefinition, causation: str = "") -> None:
-    """A workflow task's next nodes (``advance``): each node whose edges are all decided now runs
-    (its templates filled in from the inputs and the outputs so far) or is skipped, and a skip
-    decides the edges after it in turn."""
-    ended: dict[str, tuple[str, Any]] = {}
-    started: set[str] = set()
-    for sid, s in rec.steps.items():
-        if s.skipped:
-            ended[sid] = ("skipped", None)
-        elif s.status in ("completed", "failed"):
-            approval = s.wait == "approval" and s.status == "completed"  # conditions see approved / denied
-            ended[sid] = (waits.approval_status(s.output) if approval else s.status, output_value(s.output))
-        elif s.status in ("dispatched", "halted") or waits.held_back(rec, sid):
-            started.add(sid)
-    ready, skipped = advance(wf, ended, started)
-    for sid in skipped:
-        s = rec.steps[sid]
-        s.status, s.output, s.skipped = "completed", "", True
-        s.reason = "a condition on a node before it does not hold, or nothing it needs ran"
-        _event(rec, "step.skipped", f"{sid}: {s.reason}", sid)
-    outputs = {sid: s.output for sid, s in rec.steps.items() if s.status == "completed" and not s.skipped}
-    now = time.time()
-    for sid in ready:
-        s = rec.steps[sid]
-        if s.status != "pending":
-            continue
-        node = wf.node(sid)
-        if node.kind in WAITS:
-            problem = waits.reach_wait(rec, wf, sid, outputs, now)
-            if problem is not None:
-                s.status, s.reason = "failed", problem
-                fail(rec, f"step {sid} failed: {problem}", sid)
-                return
-            if rec.steps[sid].status == "completed":  # reach_wait took a signal kept from before at once
-                outputs[sid] = s.output
-                dispatch_workflow(rec, wf, causation)
-                return
-            continue
-        if isinstance(node, CheckNode):
-            _request_check(rec, node, causation)
-        elif isinstance(node, AgentNode):
-            text = render(s.template or node.instruction, rec.inputs, outputs)
-            s.step = s.step.model_copy(update={"instruction": text[:4000] or node.id})
-        elif s.step.call is not None:  # a tool or retrieve node: its arguments, filled in
-            arguments = _filled(dict(s.step.call.arguments), rec.inputs, outputs)
-            s.step = s.step.model_copy(update={"call": s.step.call.model_copy(update={"arguments": arguments})})
-        if not isinstance(node, CheckNode):
-            _dispatch(rec, sid, causation, tries(wf, sid))
-        if node.timeout_s is not None:  # the try fails if it has not ended by then
-            waits.start(rec, waits.wait_id("timeout", s.attempt, sid),
-                        WaitState(step_id=sid, kind="timeout", attempt=s.attempt, due_at=now + node.timeout_s),
-                        told=False)  # fmt: skip
-
-
-def tries(wf: WorkflowDefinition, sid: str) -> int:
-    """How often node ``sid`` may be dispatched by design: its own tries, times the checks of each
-    check node that runs it again when it fails (it, or a node between it and the check)."""
-    n = wf.node(sid).retry.attempts
-    for c in wf.nodes:
-        if isinstance(c, CheckNode) and sid in wf.between(c.of, c.id):
-            n *= c.retry.attempts
-    return n
-
-
-def _request_check(rec: TaskRecord, node: CheckNode, causation: str) -> None:
-    """Ask the checker for check node ``node``'s verdict (its next try) on the output of ``node.of``."""
-    s = rec.steps[node.id]
-    s.status, s.attempt = "dispatched", s.attempt + 1
-    of = rec.steps[node.of]
-    # Its own checks decide (``only``: the checker runs the judge when they name it), the judge's
-    # threshold its own, the schema the checked node's.
-    policy = rec.policy.model_copy(update={"output_schema": of.step.output_schema})
-    if node.min_score is not None:
-        policy = policy.model_copy(update={"judge_min_score": node.min_score})
-    task = check_request(rec, answer_of=node.of, attempt=s.attempt)
-    request = task.model_copy(update={"policy": policy, "node": node.id, "only": tuple(node.checks)})
-    _out(rec, request, key=f"{node.id}:{s.attempt}", causation=causation)
-    _event(rec, "check.requested", f"{node.id}: {', '.join(node.checks)} on {node.of}", node.id, str(s.attempt))
-
-
-def answer_step_id(rec: TaskRecord) -> str:
-    """The workflow's output node, or else the last step of kind ``answer`` (or the last step):
-    its output is the task's answer."""
-    if rec.answer_step:
-        return rec.answer_step
-    order = list(rec.steps)
-    return next((s for s in reversed(order) if rec.steps[s].step.kind == "answer"), order[-1])
-
-
-def final_answer(rec: TaskRecord) -> tuple[str, list[Citation]]:
-    answer_step = rec.steps[answer_step_id(rec)]
-    seen: dict[str, Citation] = {}
-    for s in rec.steps.values():
-        for c in s.citations:
-            seen.setdefault(c.chunk_hash, c)
-    return answer_step.output, list(seen.values())
-
-
-def outcome_fields(rec: TaskRecord) -> dict[str, Any]:
-    """What every outcome reports besides its answer or reason: the last verdict, the prompt
-    versions and the tools used (an eval report is built from these)."""
-    return {
-        "usage": rec.total_usage(),
-        "checks": tuple(rec.checks),
-        "judge_score": rec.judge_score,
-        "prompt_versions": dict(rec.prompt_versions),
-        "tools": tuple(t for s in rec.steps.values() for t in s.tools),
-        "revisions": max(0, rec.check_attempt - 1),
-        "held": tuple(h for s in rec.steps.values() for h in s.held),
-        "workflow": rec.workflow,
-    }
-
-
-def fail(rec: TaskRecord, reason: str, failed_step: str | None = None, status: str = "failed") -> None:
-    rec.status, rec.reason, rec.finished_at = status, reason, time.time()  # type: ignore[assignment]
-    _out(
-        rec,
-        TaskFailed(
-            tenant=rec.tenant, task_id=rec.task_id, reason=reason, failed_step=failed_step, **outcome_fields(rec)
-        ),
-        key="failed",
-    )
-    _event(rec, "task.failed", reason)
-
-
-def plan_max_tokens(max_steps: int) -> int:
-    return min(1024, 128 + 96 * max_steps)
-
-
-def parse_plan(text: str, max_steps: int) -> list[PlanStep]:
-    try:
-        raw = json.loads(text)["steps"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise ValueError(f"planner model returned an unusable plan: {str(exc)[:200]}") from None
-    try:
-        return checked_plan(raw, max_steps)
-    except ValidationError as exc:
-        raise ValueError(f"planner model returned an unusable plan: {str(exc)[:200]}") from None
-
-
-def checked_plan(raw: Any, max_steps: int) -> list[PlanStep]:
-    """Steps as a plan must have them (the model's, or a reviewer's edit): unique ids, each after
-    the steps it depends on, at most ``max_steps``; ValueError (ValidationError: a bad step) if not."""
-    if not isinstance(raw, list):
-        raise ValueError("a plan is a list of steps")
-    steps = [PlanStep.model_validate(s) for s in raw]
-    ids = [s.step_id for s in steps]
-    if not steps or len(set(ids)) != len(ids):
-        raise ValueError("plan has no steps or repeats a step id")
-    if len(steps) > max_steps:
-        raise ValueError(f"plan has {len(steps)} steps, over the task's limit of {max_steps}")
-    for s in steps:
-        unknown = [d for d in s.depends_on if d not in ids or ids.index(d) >= ids.index(s.step_id)]
-        if unknown:
-            raise ValueError(f"step {s.step_id} depends on {unknown}, which are not earlier steps")
-    return steps
-
-
-def workflow_edit_problem(wf: WorkflowDefinition, old: list[PlanStep], new: list[PlanStep]) -> str | None:
-    """Why ``new`` is not an edit a workflow's draft may take (None: it is): the same nodes, in
-    the same order, with the same kinds, tools, calls and edges; only what an agent node is told
-    (its instruction) may change. The workflow is the contract the reviewer approves."""
-    if [s.step_id for s in old] != [s.step_id for s in new]:
-        return f"its nodes are {', '.join(s.step_id for s in old)}; an edit may not add, remove or reorder nodes"
-    for a, b in zip(old, new, strict=True):
-        for field in ("kind", "tools", "depends_on", "difficulty", "output_schema", "call"):
-            if getattr(a, field) != getattr(b, field):
-                verb = "are" if field.endswith("s") else "is"
-                return (
-                    f"node {a.step_id}: {field} {verb} fixed by the workflow; an edit may change only what it is told"
-                )
-        if a.instruction != b.instruction and wf.node(a.step_id).kind != "agent":
-            return f"node {a.step_id} is not an agent node: its instruction is the workflow's"
-    return None
-
-
-def draft(rec: TaskRecord, steps: list[PlanStep], *, causation: str, editor: str = "") -> None:
-    """Make ``steps`` the task's draft plan, waiting for a reviewer (the task stays ``planning``)."""
-    before = list(rec.draft)
-    rec.draft, rec.draft_hash = steps, draft_hash(steps)
-    rec.draft_revision += 1
-    changes = plan_changes(before, steps) if editor else []
-    _out(
-        rec,
-        PlanDrafted(tenant=rec.tenant, task_id=rec.task_id, steps=tuple(steps), draft=rec.draft_hash,
-                    revision=rec.draft_revision, edited_by=editor, changes=tuple(changes), workflow=rec.workflow),
-        key=f"draft:{rec.draft_hash}", causation=causation,
-    )  # fmt: skip
-    by = f"edited by {editor} ({len(changes)} change(s)); " if editor else ""
-    _event(rec, "plan.review", f"draft {rec.draft_hash} ({len(steps)} steps) {by}waits for a reviewer: meshctl review "
-           f"approve {rec.task_id} --tenant {rec.tenant} --as <approver>", key=rec.draft_hash)  # fmt: skip
-
-
-def plan_changes(old: list[PlanStep], new: list[PlanStep]) -> list[str]:
-    """What an edit changed, step by step: ``+ s3``, ``- s2``, ``~ s1.instruction: "a" -> "b"``."""
-    a, b = {s.step_id: s.model_dump(mode="json") for s in old}, {s.step_id: s.model_dump(mode="json") for s in new}
-    out = [f"- {i}" for i in a if i not in b] + [f"+ {i}: {b[i]['instruction'][:80]}" for i in b if i not in a]
-    for i in (i for i in b if i in a and a[i] != b[i]):
-        out += [f"~ {i}.{k}: {json.dumps(a[i].get(k))[:80]} -> {json.dumps(b[i].get(k))[:80]}"
-                for k in sorted(set(a[i]) | set(b[i])) if a[i].get(k) != b[i].get(k)]  # fmt: skip
-    if not out and [s.step_id for s in old] != [s.step_id for s in new]:
-        out.append("~ order: " + ", ".join(s.step_id for s in new))
-    return out
-
-
-SENDING, SENT = "sending", "sent"
 SENT_KEPT = 20_000
-"""Outbox items a planner remembers publishing (the oldest are forgotten first; a forgotten one
-still in a record is only published again, and the stream drops the copy)."""
-
-CHECK_RETRIEVALS_MAX_BYTES = 3 * 1024 * 1024
-"""Retrieval records one check request carries at most (under the contract's 4 MB); they are
-added when the request is published (``Planner.with_evidence``)."""
-
-
-def check_request(rec: TaskRecord, answer_of: str = "", attempt: int = 0) -> CheckRequested:
-    """Every step result and the final answer, with the task's policy. Citations are owed when
-    the policy says so, or by default when some other step's output cites retrieved passages
-    (the answer then builds on documents and must carry their citations forward). A step that
-    searched but answered from a note or a web page leaves nothing to cite. ``answer_of``: the
-    output of that step is the answer (a check node's), the steps completed so far its evidence."""
-    if answer_of:
-        sid = answer_of
-        answer, citations = rec.steps[sid].output, list(rec.steps[sid].citations)
-    else:
-        answer, citations = final_answer(rec)
-        sid = answer_step_id(rec)
-    require = rec.policy.require_citations
-    if require is None:  # owed when the answer builds on a step that cited documents
-        require = any(REFERENCE.search(s.output) for k, s in rec.steps.items() if k != sid and s.citations)
-    versions = dict(rec.prompt_versions)
-    if rec.steps[sid].prompt_version:
-        versions["worker"] = rec.steps[sid].prompt_version
-    return CheckRequested(
-        tenant=rec.tenant,
-        task_id=rec.task_id,
-        attempt=attempt or rec.check_attempt,
-        started_at=rec.created_at,
-        goal=rec.goal,
-        answer=answer,
-        citations=tuple(citations),
-        require_citations=require,
-        max_length=rec.policy.max_length,
-        policy=rec.policy,
-        answer_step=sid,
-        prompt_versions=versions,
-        steps=tuple(
-            StepResult(
-                step_id=k,
-                kind=s.step.kind,
-                output=s.output,
-                citations=tuple(s.citations),
-                output_schema=s.step.output_schema,
-                tools=tuple(s.tools),
-                models=tuple(s.models),
-                prompt_version=s.prompt_version,
-            )
-            for k, s in rec.steps.items()
-            if not s.skipped and not s.wait and s.status == "completed"  # a branch not taken, a wait: no work to check
-        ),
-        replay=rec.replay,
-    )
-
-
-def redo_after(rec: TaskRecord, verdict: CheckVerdict) -> list[str]:
-    """Steps to run again after a failed verdict: each step whose own result failed a check and
-    every step that depends on it (in plan order), or the answer step alone."""
-    bad = {s for s in verdict.failed_steps if s in rec.steps}
-    if not bad:
-        return [answer_step_id(rec)]
-    redo: list[str] = []
-    for sid, s in rec.steps.items():  # plan order is dependency order
-        if s.wait:
-            continue  # a timer that fired, a signal received: waited for once
-        if sid in bad or bad & set(s.step.depends_on) or set(redo) & set(s.step.depends_on):
-            redo.append(sid)
-    return redo
+"""Tasks whose release a planner remembers (the oldest are forgotten first, and read again)."""
 
 
 class NeedWorkflow(Exception):
@@ -514,13 +130,15 @@ class Planner:
         self.planning: PlanningSlots | None = None
         self.workflows: Registry | None = None
         self.releases: Releases | None = None
+        self.changes = Changes(mesh)
+        """People's changes to the tenant's workflows and releases (``mesh_planner.changes``)."""
         self.channels: KeyView | None = None
         self.bundles: Bundles | None = None
         self._release_of: OrderedDict[tuple[str, str], str] = OrderedDict()
         """The release each task this process admitted runs (its planning reads the bundle)."""
         self.timers: Timers | None = None
-        self._sent: OrderedDict[tuple[str, str, str], str] = OrderedDict()
-        """Outbox items (task, type, key) this process is publishing (SENDING) or has published (SENT)."""
+        self.outbox = Outbox(mesh, lambda: self.kv, lambda: self.evidence, lambda: self.timers)
+        """Where a transition's decided messages are published from (``mesh_planner.outbox``)."""
         self._to_plan: set[tuple[str, str]] = set()
         """Submissions this process admitted, made a record for and parked for a planning slot."""
         self._waited: set[tuple[str, str]] = set()
@@ -552,6 +170,7 @@ class Planner:
         await self.channels.start()
         self.releases = Releases(kv, frozenset(routes) if isinstance(routes, dict) else None, self.channels)
         self.bundles = Bundles(kv)
+        self.changes.workflows, self.changes.releases = self.workflows, self.releases
 
     async def start_timers(self) -> None:
         """Take the wake-ups the broker fires (``register``: started and stopped with the mesh)."""
@@ -570,8 +189,8 @@ class Planner:
         m.consume(StepCompleted, self.on_step_completed)
         m.consume(StepFailed, self.on_step_failed)
         m.consume(CheckVerdict, self.on_verdict)
-        m.consume(WorkflowChange, self.on_workflow_change)
-        m.consume(ReleaseChange, self.on_release_change)
+        m.consume(WorkflowChange, self.changes.on_workflow)
+        m.consume(ReleaseChange, self.changes.on_release)
         m.consume(PlanReviewed, self.on_reviewed)
         m.consume(TaskSignal, self.on_signal)
         m.consume(ControlCancel, self.on_control)
@@ -617,13 +236,13 @@ class Planner:
                 await self.publish_status(rec, was)
                 if rec.status in TERMINAL:
                     await self.release(rec)
-                    await self.observe_release(rec)
+                    await self.changes.observe(rec)
             if rec.status not in TERMINAL and self.admission is not None:
                 idle = waits.idle(rec)
                 # Changed now, or (a crash between the two writes) the tenant's record still says otherwise.
                 if idle != was_idle or idle != self.admission.idle_as_seen(rec.tenant, rec.task_id):
                     self.admission.mark_idle(rec.tenant, rec.task_id, idle)  # written in the background
-            await self.flush(rec)
+            await self.outbox.flush(rec)
         return rec
 
     def definition(self, rec: TaskRecord) -> WorkflowDefinition | None:
@@ -665,82 +284,6 @@ class Planner:
             step_shares=rec.step_shares,
         )
         await self.status.put(TaskRecord.key(rec.tenant, rec.task_id), status.to_bytes())
-
-    async def flush(self, rec: TaskRecord) -> None:
-        """Publish the record's outbox, then remove what was published from the stored record.
-
-        Items this process has already published (or is publishing right now, in another
-        handler) are not sent again: two transitions of one task in a row, the second written
-        before the first's outbox was cleared, used to publish the first's messages twice (the
-        stream dropped the copies; a client following the task saw its events twice). Items of
-        unknown fate (written by a process that died) are published again: that is the repair."""
-        if not rec.outbox:
-            return
-        task = TaskRecord.key(rec.tenant, rec.task_id)
-        done = set()
-        for item in rec.outbox:
-            mark = (task, item.type, item.key)
-            state = self._sent.get(mark)
-            if state == SENT:
-                done.add((item.type, item.key))
-                continue
-            if state == SENDING:
-                continue  # another handler of this process has it: it clears it once sent
-            self._sent[mark] = SENDING
-            try:
-                if item.type == waits.WAKE:
-                    assert self.timers is not None
-                    await self.timers.schedule(rec.tenant, rec.task_id, item.key, float(item.body["due_at"]))
-                    self._sent[mark] = SENT
-                    done.add((item.type, item.key))
-                    continue
-                cls = BY_TYPE[(item.type, 1)]
-                msg = cls.model_validate(item.body)
-                if isinstance(msg, CheckRequested):
-                    msg = await self.with_evidence(msg, rec)
-                with env.releasing(rec.tenant, rec.task_id, rec.release):
-                    await self.mesh.publish(msg, key=item.key, causation=item.causation or None,
-                                            priority=rec.priority)  # fmt: skip
-            except BaseException:
-                self._sent.pop(mark, None)
-                raise
-            self._sent[mark] = SENT
-            self._sent.move_to_end(mark)
-            while len(self._sent) > SENT_KEPT:
-                self._sent.popitem(last=False)
-            done.add((item.type, item.key))
-
-        def clear(r: TaskRecord | None) -> TaskRecord | None:
-            if r is None or not any((i.type, i.key) in done for i in r.outbox):
-                return None
-            r.outbox = [i for i in r.outbox if (i.type, i.key) not in done]
-            return r
-
-        await st.update(self.kv, task, TaskRecord, clear)
-
-    async def with_evidence(self, m: CheckRequested, rec: TaskRecord) -> CheckRequested:
-        """The check request with each step's retrieval records, as the worker handed them on (kept
-        in the planner's own ``evidence`` bucket, not in the task record, which other services
-        read). Deterministic: a re-flush sends the same body."""
-        if self.evidence is None:
-            return m
-        room = CHECK_RETRIEVALS_MAX_BYTES
-        steps = []
-        for s in m.steps:
-            state = rec.steps.get(s.step_id)
-            records: tuple[SignedRecord, ...] = ()
-            if state is not None:
-                found = await st.evidence(self.evidence, m.tenant, m.task_id, s.step_id, state.attempt)
-                if found is not None:
-                    kept = []
-                    for r in found.records:
-                        room -= len(r.body) + len(r.token)
-                        if room < 0:
-                            break
-                        kept.append(r)
-                    records = tuple(kept)
-            steps.append(s.model_copy(update={"retrievals": records}))
-        return m.model_copy(update={"steps": tuple(steps)})
 
     # --- handlers -------------------------------------------------------------------------
 
@@ -837,13 +380,13 @@ class Planner:
                 priority=m.priority, labels=m.labels, replay=m.replay, workflow=pinned, inputs=m.inputs,
                 step_shares=shares, release=release,
             )  # fmt: skip
-            _event(new, "task.accepted", m.goal[:120])
+            event(new, "task.accepted", m.goal[:120])
             if release:
-                _event(new, "release.chosen", f"runs release {release} ({how})")
+                event(new, "release.chosen", f"runs release {release} ({how})")
             if pinned:
-                _event(new, "workflow.pinned", f"runs {pinned} (its nodes as defined: no plan of the model's)")
+                event(new, "workflow.pinned", f"runs {pinned} (its nodes as defined: no plan of the model's)")
             if m.replay is not None:
-                _event(new, "task.replay", _replaying(m.replay))
+                event(new, "task.replay", replaying(m.replay))
             return new
 
         rec, created = await st.update(self.kv, key, TaskRecord, create)
@@ -856,7 +399,7 @@ class Planner:
         if not created and rec.goal and rec.goal != m.goal:  # (no goal: cancelled before it started)
             log.warning("task id %s reused with a different goal; ignoring the new submission", key)
             return
-        await self.flush(rec)
+        await self.outbox.flush(rec)
         if rec.status != "planning":
             return
         if created or d.deliveries > 1:
@@ -936,45 +479,11 @@ class Planner:
             if isinstance(node, AgentNode) and s.instruction != node.instruction:
                 state.template = s.instruction  # as the reviewer edited it
             rec.steps[s.step_id] = state
-        _out(rec, PlanCreated(tenant=rec.tenant, task_id=rec.task_id, steps=tuple(steps), workflow=rec.workflow,
+        out(rec, PlanCreated(tenant=rec.tenant, task_id=rec.task_id, steps=tuple(steps), workflow=rec.workflow,
                               reviewed=reviewed), key="r1", causation=causation)  # fmt: skip
         how = f", as approved by {reviewed}" if reviewed else ""
-        _event(rec, "plan.created", f"{rec.workflow}: {len(steps)} nodes{how}: " + ", ".join(s.step_id for s in steps))
+        event(rec, "plan.created", f"{rec.workflow}: {len(steps)} nodes{how}: " + ", ".join(s.step_id for s in steps))
         self.settle(rec, causation)
-
-    async def on_workflow_change(self, m: WorkflowChange, d: Delivery) -> None:
-        """An author's change to the tenant's workflows (``mesh_planner.workflows``): applied or
-        refused, on the tenant's audit chain either way, and answered on the change's id."""
-        assert self.workflows is not None
-        if m.author != d.sender.name:
-            raise Reject(f"author {m.author!r} is not the signer {d.sender.name!r}")
-        why = may_change(await self.mesh.newest_trust(), d.sender, m.tenant)
-        answer: WorkflowChanged | None = None
-        if why is None:
-            try:
-                answer = await self.workflows.apply(m, m.task_id)
-            except Refused as exc:
-                why = str(exc)
-        detail: dict[str, Any] = {"action": m.action, "name": m.name, "version": m.version, "reason": m.reason}
-        if answer is None:
-            answer = WorkflowChanged(
-                tenant=m.tenant, task_id=m.task_id, action=m.action, name=m.name, version=m.version, accepted=False,
-                reason=why or "",
-            )  # fmt: skip
-        else:
-            detail.update(version=answer.version, status=answer.status, latest=answer.latest, changed=answer.changed)
-        await self._answer_change("workflow", m, d, answer, detail)
-
-    async def _answer_change(self, what: str, m: Contract, d: Delivery, answer: Any, detail: dict[str, Any]) -> None:
-        """A person's change to the tenant's workflows or releases, on its audit chain
-        (``<what>.<action>``, or ``<what>.change-refused`` with why), then answered on its id."""
-        action = str(getattr(m, "action", ""))
-        if answer.accepted:
-            kind, key = f"{what}.{action}", f"{m.task_id}:{action}"
-        else:
-            kind, key, detail = f"{what}.change-refused", f"{m.task_id}:refused", {**detail, "refused": answer.reason}
-        await self.audit.append(m.tenant, m.task_id, kind, key, actor=d.sender.name, source=d.msg_id, detail=detail)
-        await self.mesh.publish(answer, key="changed", causation=d.msg_id)
 
     async def _plan_prompt(self, m: TaskSubmitted, release: str) -> tuple[prompts.Prompt, str]:
         """The planning prompt for the task: its release's (a replay may name another version), and
@@ -1002,67 +511,6 @@ class Planner:
             return known
         rec = await st.task_record(self.kv, tenant, task_id)
         return rec.release if rec is not None else ""
-
-    async def on_release_change(self, m: ReleaseChange, d: Delivery) -> None:
-        """A person's change to the tenant's releases (``mesh_planner.releases``): applied or
-        refused, on the tenant's audit chain either way, and answered on the change's id."""
-        assert self.releases is not None
-        if m.by != d.sender.name:
-            raise Reject(f"{m.by!r} is not the signer {d.sender.name!r}")
-        why = rel.may_change(await self.mesh.newest_trust(), d.sender, m.tenant, m.action)
-        answer: ReleaseChanged | None = None
-        decided: list[Any] = []
-        if why is None:
-            try:
-                answer, decided = await self.releases.apply(m, m.task_id)
-            except rel.Refused as exc:
-                why = str(exc)
-        detail = {"action": m.action, "version": m.version, "share": m.share, "forced": m.force, "reason": m.reason}
-        if m.evaluation is not None:
-            detail["evaluation"] = {
-                "verdict": m.evaluation.verdict,
-                "cases": m.evaluation.cases,
-                "passed": m.evaluation.passed,
-                "regressions": list(m.evaluation.regressions),
-            }
-        if answer is None:
-            answer = ReleaseChanged(tenant=m.tenant, task_id=m.task_id, action=m.action, version=m.version,
-                                    accepted=False, reason=why or "")  # fmt: skip
-        else:
-            detail.update(version=answer.version, current=answer.current, canary=answer.canary, changed=answer.changed)
-        await self._answer_change("release", m, d, answer, detail)
-        if decided:
-            await self.announce(m.tenant, decided)
-
-    async def observe_release(self, rec: TaskRecord) -> None:
-        """An ended task counts in its tenant's canary; a decision it brings is announced."""
-        if self.releases is None:
-            return
-        try:
-            decided = await self.releases.observe(rec)
-        except Exception:
-            log.exception("release observation of %s/%s failed", rec.tenant, rec.task_id)
-            return
-        if decided:
-            await self.announce(rec.tenant, decided)
-
-    async def announce(self, tenant: str, decided: list[Any]) -> None:
-        """Each decision on the tenant's audit chain and as ``release.decided`` (idempotent: keyed
-        by the decision), then cleared from the channel's unannounced list."""
-        assert self.releases is not None
-        for e in decided:
-            self.mesh.count(tel.M_RELEASE_DECISIONS, {"tenant": tenant, "decision": e.action})
-            log.warning("release %s of tenant %s %s by %s: %s", e.version, tenant, e.action, e.by, e.reason)
-            detail = {"version": e.version, "current": e.current, "tasks": e.tasks, "bad": e.bad, "llr": e.llr,
-                      "lower": e.lower, "upper": e.upper, "reason": e.reason}  # fmt: skip
-            await self.audit.append(tenant, e.change_id, f"release.{e.action}", e.change_id, actor=e.by, detail=detail)
-            await self.mesh.publish(
-                ReleaseDecided(tenant=tenant, task_id=e.change_id, decision=e.action, version=e.version,
-                               current=e.current, by=e.by, tasks=e.tasks, bad=e.bad, llr=e.llr, lower=e.lower,
-                               upper=e.upper, reason=e.reason[:2000]),
-                key="decided",
-            )  # fmt: skip
-        await self.releases.announced(tenant, decided)
 
     async def _plan_in_turn(self, m: TaskSubmitted, d: Delivery, key: str) -> None:
         """Plan the task in a planning slot, or wait for one parked: out of the fetch window (so
@@ -1134,13 +582,13 @@ class Planner:
                 return True
             rec.status = "running"
             rec.steps = {s.step_id: StepState(step=s) for s in steps}
-            _out(
+            out(
                 rec,
                 PlanCreated(tenant=rec.tenant, task_id=rec.task_id, steps=tuple(steps)),
                 key="r1",
                 causation=d.msg_id,
             )
-            _event(rec, "plan.created", f"{len(steps)} steps: " + ", ".join(f"{s.step_id}:{s.kind}" for s in steps))
+            event(rec, "plan.created", f"{len(steps)} steps: " + ", ".join(f"{s.step_id}:{s.kind}" for s in steps))
             self.dispatch(rec, d.msg_id)
             return True
 
@@ -1214,9 +662,9 @@ class Planner:
             rec.status, rec.reviewed_by = "running", who
             rec.steps = {s.step_id: StepState(step=s) for s in steps}
             rec.draft = []
-            _out(rec, PlanCreated(tenant=rec.tenant, task_id=rec.task_id, steps=tuple(steps),
+            out(rec, PlanCreated(tenant=rec.tenant, task_id=rec.task_id, steps=tuple(steps),
                                   reviewed=f"{rec.draft_hash} by {who}"), key="r1", causation=d.msg_id)  # fmt: skip
-            _event(rec, "plan.created", f"{len(steps)} steps, as approved by {who}: "
+            event(rec, "plan.created", f"{len(steps)} steps, as approved by {who}: "
                    + ", ".join(f"{s.step_id}:{s.kind}" for s in steps))  # fmt: skip
             self.dispatch(rec, d.msg_id)
             return True
@@ -1288,7 +736,7 @@ class Planner:
             s.taint = m.taint
             # held calls stay pending across a redo: the outcome names every one still waiting
             s.held += [h for h in m.held if h.approval_id not in {x.approval_id for x in s.held}]
-            _event(rec, "step.completed", f"{m.step_id}: {m.output[:100]}", m.step_id, str(m.attempt))
+            event(rec, "step.completed", f"{m.step_id}: {m.output[:100]}", m.step_id, str(m.attempt))
             waits.drop(rec, m.step_id)  # its try ended in time
             self.settle(rec, d.msg_id)
             return True
@@ -1306,8 +754,8 @@ class Planner:
             fail(rec, f"the workflow's output node {answer_step_id(rec)} was skipped: no answer")
             return
         rec.status, rec.check_attempt = "checking", rec.check_attempt + 1
-        _out(rec, check_request(rec), key=str(rec.check_attempt), causation=causation)
-        _event(rec, "check.requested", f"{len(rec.steps)} step result(s) and the answer", key=str(rec.check_attempt))
+        out(rec, check_request(rec), key=str(rec.check_attempt), causation=causation)
+        event(rec, "check.requested", f"{len(rec.steps)} step result(s) and the answer", key=str(rec.check_attempt))
 
     async def on_step_failed(self, m: StepFailed, d: Delivery) -> None:
         def apply(rec: TaskRecord) -> bool:
@@ -1318,7 +766,7 @@ class Planner:
             waits.drop(rec, m.step_id)  # its try ended in time (if it had a timeout)
             if m.halted:
                 s.status, s.reason = "halted", m.reason
-                _event(rec, "step.halted", f"{m.step_id}: {m.reason}", m.step_id, str(m.attempt))
+                event(rec, "step.halted", f"{m.step_id}: {m.reason}", m.step_id, str(m.attempt))
                 return True
             self.try_failed(rec, m.step_id, m.reason)
             return True
@@ -1336,7 +784,7 @@ class Planner:
             s.status, s.reason = "pending", f"try {s.attempt} of {node.retry.attempts} failed: {reason}"
             waits.start(rec, waits.wait_id("retry", s.attempt, sid),
                         WaitState(step_id=sid, kind="retry", attempt=s.attempt, due_at=time.time() + delay))  # fmt: skip
-            _event(rec, "step.retrying", f"{sid}: {s.reason}; try {s.attempt + 1} in {delay:g} s", sid, str(s.attempt))
+            event(rec, "step.retrying", f"{sid}: {s.reason}; try {s.attempt + 1} in {delay:g} s", sid, str(s.attempt))
             return
         s.status, s.reason = "failed", reason
         cascade = self._dependents(rec, sid)
@@ -1383,7 +831,7 @@ class Planner:
                 waits.end(rec, wid, "timed_out", now)
                 if s.status != "dispatched" or s.attempt != w.attempt:
                     return True  # that try ended meanwhile
-                _event(rec, "step.timed_out", f"{w.step_id}: try {w.attempt} still running at its timeout",
+                event(rec, "step.timed_out", f"{w.step_id}: try {w.attempt} still running at its timeout",
                        w.step_id, str(w.attempt))  # fmt: skip
                 self.try_failed(rec, w.step_id, f"try {w.attempt} timed out")
             return True
@@ -1423,13 +871,13 @@ class Planner:
 
     @staticmethod
     def _dependents(rec: TaskRecord, step_id: str) -> list[str]:
-        out: list[str] = []
+        found: list[str] = []
         frontier = {step_id}
         for sid, s in rec.steps.items():  # steps are in dependency order
             if frontier & set(s.step.depends_on) and s.status in ("pending", "dispatched"):
-                out.append(sid)
+                found.append(sid)
                 frontier.add(sid)
-        return out
+        return found
 
     async def on_verdict(self, m: CheckVerdict, d: Delivery) -> None:
         if m.node:
@@ -1445,7 +893,7 @@ class Planner:
             if m.passed:
                 answer, citations = final_answer(rec)
                 rec.status, rec.finished_at = "completed", time.time()
-                _out(
+                out(
                     rec,
                     TaskCompleted(
                         tenant=rec.tenant,
@@ -1459,7 +907,7 @@ class Planner:
                     key="completed",
                     causation=d.msg_id,
                 )
-                _event(rec, "task.completed", f"{len(rec.steps)} steps, {rec.total_usage().total_tokens} tokens")
+                event(rec, "task.completed", f"{len(rec.steps)} steps, {rec.total_usage().total_tokens} tokens")
                 return True
             failed = "; ".join(
                 f"{c.step_id + '.' if c.step_id else ''}{c.name}: {c.reason}" for c in m.checks if not c.passed
@@ -1479,7 +927,7 @@ class Planner:
                     sid: f"the checker rejected {'this step' if own else 'the answer'}: {own or failed}",
                 }
             rec.status = "running"
-            _event(rec, "check.revise", f"{', '.join(redo)} redone: {failed}", redo[0], str(rec.check_attempt))
+            event(rec, "check.revise", f"{', '.join(redo)} redone: {failed}", redo[0], str(rec.check_attempt))
             self.dispatch(rec, d.msg_id)
             return True
 
@@ -1519,7 +967,7 @@ class Planner:
             waits.start(rec, waits.wait_id("retry", rec.steps[node.of].attempt, node.of),
                         WaitState(step_id=node.of, kind="retry", attempt=rec.steps[node.of].attempt,
                                   due_at=time.time() + delay))  # fmt: skip
-            _event(rec, "check.revise", f"{m.node}: {', '.join(redo)} run again in {delay:g} s: {failed}",
+            event(rec, "check.revise", f"{m.node}: {', '.join(redo)} run again in {delay:g} s: {failed}",
                    m.node, str(s.attempt))  # fmt: skip
             return True
 
@@ -1537,7 +985,7 @@ class Planner:
                 if rec.status == "halted":
                     return False
                 rec.status, rec.reason = "halted", f"halted by {who}: {m.reason}"
-                _event(rec, "task.halted", rec.reason, key=d.msg_id)  # a task may be halted more than once
+                event(rec, "task.halted", rec.reason, key=d.msg_id)  # a task may be halted more than once
             else:
                 if rec.status != "halted":
                     return False
@@ -1545,7 +993,7 @@ class Planner:
                 for s in rec.steps.values():
                     if s.status == "halted":
                         s.status = "pending"
-                _event(rec, "task.resumed", f"resumed by {who}", key=d.msg_id)
+                event(rec, "task.resumed", f"resumed by {who}", key=d.msg_id)
                 self.dispatch(rec, d.msg_id)
             return True
 
@@ -1577,7 +1025,7 @@ class Planner:
         assert rec is not None
         await self.publish_status(rec, "planning")
         await self.release(rec)
-        await self.flush(rec)
+        await self.outbox.flush(rec)
 
 
 async def build(mesh: Mesh, settings: PlannerSettings) -> Planner:

@@ -1,0 +1,119 @@
+"""A task record's outbox, published: the messages a transition decided are written into the record
+in the same compare-and-set as the decision, published here with deterministic ids, then removed
+from the record. A crash anywhere leaves either nothing done or an outbox that the next delivery
+flushes: no decision is lost, and the streams' dedup window absorbs republishing."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+from mesh_contracts.registry import BY_TYPE
+from mesh_contracts.v1 import CheckRequested, SignedRecord
+from mesh_contracts.v1.records import TaskRecord
+from mesh_kit import Mesh
+from mesh_kit import envelope as env
+from mesh_kit import state as st
+from mesh_planner import waits
+from mesh_planner.steps import CHECK_RETRIEVALS_MAX_BYTES
+from mesh_planner.timers import Timers
+
+SENDING, SENT = "sending", "sent"
+SENT_KEPT = 20_000
+"""Outbox items a planner remembers publishing (the oldest are forgotten first; a forgotten one
+still in a record is only published again, and the stream drops the copy)."""
+
+
+class Outbox:
+    def __init__(
+        self,
+        mesh: Mesh,
+        records: Callable[[], Any],
+        evidence: Callable[[], Any],
+        timers: Callable[[], Timers | None],
+    ) -> None:
+        """``records``, ``evidence``, ``timers``: the planner's buckets (``tasks``, ``evidence``:
+        the retrieval records a check request carries) and timers, as they are once started."""
+        self.mesh = mesh
+        self._records, self._evidence, self._timers = records, evidence, timers
+        self._sent: OrderedDict[tuple[str, str, str], str] = OrderedDict()
+        """Outbox items (task, type, key) this process is publishing (SENDING) or has published (SENT)."""
+
+    async def flush(self, rec: TaskRecord) -> None:
+        """Publish the record's outbox, then remove what was published from the stored record.
+
+        Items this process has already published (or is publishing right now, in another
+        handler) are not sent again: two transitions of one task in a row, the second written
+        before the first's outbox was cleared, used to publish the first's messages twice (the
+        stream dropped the copies; a client following the task saw its events twice). Items of
+        unknown fate (written by a process that died) are published again: that is the repair."""
+        if not rec.outbox:
+            return
+        task = TaskRecord.key(rec.tenant, rec.task_id)
+        done = set()
+        for item in rec.outbox:
+            mark = (task, item.type, item.key)
+            state = self._sent.get(mark)
+            if state == SENT:
+                done.add((item.type, item.key))
+                continue
+            if state == SENDING:
+                continue  # another handler of this process has it: it clears it once sent
+            self._sent[mark] = SENDING
+            try:
+                if item.type == waits.WAKE:
+                    timers = self._timers()
+                    assert timers is not None
+                    await timers.schedule(rec.tenant, rec.task_id, item.key, float(item.body["due_at"]))
+                    self._sent[mark] = SENT
+                    done.add((item.type, item.key))
+                    continue
+                cls = BY_TYPE[(item.type, 1)]
+                msg = cls.model_validate(item.body)
+                if isinstance(msg, CheckRequested):
+                    msg = await self.with_evidence(msg, rec)
+                with env.releasing(rec.tenant, rec.task_id, rec.release):
+                    await self.mesh.publish(msg, key=item.key, causation=item.causation or None,
+                                            priority=rec.priority)  # fmt: skip
+            except BaseException:
+                self._sent.pop(mark, None)
+                raise
+            self._sent[mark] = SENT
+            self._sent.move_to_end(mark)
+            while len(self._sent) > SENT_KEPT:
+                self._sent.popitem(last=False)
+            done.add((item.type, item.key))
+
+        def clear(r: TaskRecord | None) -> TaskRecord | None:
+            if r is None or not any((i.type, i.key) in done for i in r.outbox):
+                return None
+            r.outbox = [i for i in r.outbox if (i.type, i.key) not in done]
+            return r
+
+        await st.update(self._records(), task, TaskRecord, clear)
+
+    async def with_evidence(self, m: CheckRequested, rec: TaskRecord) -> CheckRequested:
+        """The check request with each step's retrieval records, as the worker handed them on (kept
+        in the planner's own ``evidence`` bucket, not in the task record, which other services
+        read). Deterministic: a re-flush sends the same body."""
+        evidence = self._evidence()
+        if evidence is None:
+            return m
+        room = CHECK_RETRIEVALS_MAX_BYTES
+        steps = []
+        for s in m.steps:
+            state = rec.steps.get(s.step_id)
+            records: tuple[SignedRecord, ...] = ()
+            if state is not None:
+                found = await st.evidence(evidence, m.tenant, m.task_id, s.step_id, state.attempt)
+                if found is not None:
+                    kept = []
+                    for r in found.records:
+                        room -= len(r.body) + len(r.token)
+                        if room < 0:
+                            break
+                        kept.append(r)
+                    records = tuple(kept)
+            steps.append(s.model_copy(update={"retrievals": records}))
+        return m.model_copy(update={"steps": tuple(steps)})
