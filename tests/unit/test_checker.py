@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mesh_checker import judge as jd
+import mesh_judge as jd
 from mesh_checker.checks import claims, content_words, run_checks, support
 from mesh_contracts.v1 import CheckRequested, Citation, RetrievalHit, StepResult, TaskPolicy
 from mesh_llm.scripted import ScriptedModel

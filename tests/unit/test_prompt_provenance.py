@@ -294,7 +294,7 @@ def test_the_worker_context_grows_through_admit_only():
 
 
 def test_the_judge_sees_the_answer_and_every_piece_of_evidence_delimited():
-    from mesh_checker import judge as jd
+    import mesh_judge as jd
 
     canaries = Canaries()
     answer, passages = canaries.fill("judge", "a"), tuple(canaries.fill("judge", "p") for _ in range(3))

@@ -1254,16 +1254,16 @@ async def calibrate(
 ) -> dict[str, Any]:
     """Judge every labelled answer in ``path`` with ``model`` (default: the configured gateway,
     ``mesh_llm.config.from_env()``, whose "judge" route answers) and report the agreement.
-    Raises DatasetError for a bad file and EvalError (one line) without the mesh-checker package
+    Raises DatasetError for a bad file and EvalError (one line) without the mesh-judge package
     or for a bad model configuration (``mesh_llm.errors.ConfigError``)."""
     items, sha = load_calibration(path)
     try:
-        from mesh_checker.judge import JudgeInput, JudgePrompts, judge_with
+        from mesh_judge import JudgeInput, JudgePrompts, judge_with
         from mesh_llm.config import from_env
         from mesh_llm.errors import ConfigError
     except ImportError as exc:
         raise EvalError(
-            f"eval calibrate needs the mesh-checker package (pip install -e services/checker): {exc}"
+            f"eval calibrate needs the mesh-judge package (pip install -e libs/judge): {exc}"
         ) from None
     if model is None:
         try:

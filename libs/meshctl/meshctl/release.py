@@ -302,7 +302,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 PACKAGED_PROMPTS = {"planner.plan": ("mesh_planner", "plan"), "worker.system": ("mesh_worker", "system"),
-                    "checker.judge": ("mesh_checker", "judge"), "checker.rubric": ("mesh_checker", "rubric")}  # fmt: skip
+                    "checker.judge": ("mesh_judge", "judge"), "checker.rubric": ("mesh_judge", "rubric")}  # fmt: skip
 
 
 def packaged_text(pid: str) -> str:

@@ -21,9 +21,9 @@ from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
 
+import mesh_judge as jd
 from mesh_agent import prompts, releases
 from mesh_agent.metered import BudgetExceeded, Models, call_model_once, configured
-from mesh_checker import judge as jd
 from mesh_checker.checks import Passages, check_answer, evidence_of, run_checks
 from mesh_checker.settings import CheckerSettings
 from mesh_contracts import ContractError

@@ -30,7 +30,7 @@ class JudgePrompts:
     def load(cls, override_dir: str | Path | None = None) -> JudgePrompts:
         """The packaged prompts, or their overrides in ``override_dir`` (``MESH_PROMPTS_DIR``)."""
         return cls(
-            prompts.load("mesh_checker", "judge", override_dir), prompts.load("mesh_checker", "rubric", override_dir)
+            prompts.load("mesh_judge", "judge", override_dir), prompts.load("mesh_judge", "rubric", override_dir)
         )
 
 
