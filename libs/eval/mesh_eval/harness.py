@@ -1262,9 +1262,7 @@ async def calibrate(
         from mesh_llm.config import from_env
         from mesh_llm.errors import ConfigError
     except ImportError as exc:
-        raise EvalError(
-            f"eval calibrate needs the mesh-judge package (pip install -e libs/judge): {exc}"
-        ) from None
+        raise EvalError(f"eval calibrate needs the mesh-judge package (pip install -e libs/judge): {exc}") from None
     if model is None:
         try:
             model = from_env()

@@ -100,24 +100,30 @@ class ModelConfig(_Strict):
 
 
 class RetryConfig(_Strict):
-    max_attempts: int = Field(default=3, ge=1, le=20)
-    base_s: float = Field(default=0.25, ge=0)
-    max_s: float = Field(default=8.0, ge=0)
-    max_retry_after_s: float = Field(default=30.0, ge=0)
+    """``RetryPolicy`` as the config file says it; the defaults are the policy's own."""
+
+    max_attempts: int = Field(default=RetryPolicy.max_attempts, ge=1, le=20)
+    base_s: float = Field(default=RetryPolicy.base_s, ge=0)
+    max_s: float = Field(default=RetryPolicy.max_s, ge=0)
+    max_retry_after_s: float = Field(default=RetryPolicy.max_retry_after_s, ge=0)
 
 
 class BreakerConfig(_Strict):
-    window_s: float = Field(default=30.0, gt=0)
-    min_calls: int = Field(default=5, ge=1)
-    failure_rate: float = Field(default=0.5, gt=0, le=1)
-    cooldown_s: float = Field(default=15.0, ge=0)
+    """``BreakerPolicy`` (``mesh_resilience``) as the config file says it; the defaults are the policy's own."""
+
+    window_s: float = Field(default=BreakerPolicy.window_s, gt=0)
+    min_calls: int = Field(default=BreakerPolicy.min_calls, ge=1)
+    failure_rate: float = Field(default=BreakerPolicy.failure_rate, gt=0, le=1)
+    cooldown_s: float = Field(default=BreakerPolicy.cooldown_s, ge=0)
 
 
 class TimeoutsConfig(_Strict):
-    connect_s: float = Field(default=5.0, gt=0)
-    first_token_s: float = Field(default=30.0, gt=0)
-    idle_s: float = Field(default=30.0, gt=0)
-    total_s: float = Field(default=120.0, gt=0)
+    """``Timeouts`` as the config file says them; the defaults are its own."""
+
+    connect_s: float = Field(default=Timeouts.connect_s, gt=0)
+    first_token_s: float = Field(default=Timeouts.first_token_s, gt=0)
+    idle_s: float = Field(default=Timeouts.idle_s, gt=0)
+    total_s: float = Field(default=Timeouts.total_s, gt=0)
 
 
 class GatewayConfig(_Strict):
