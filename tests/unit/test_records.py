@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from mesh_contracts import SERVICES, generate
 from mesh_contracts.topology import BUCKETS
-from mesh_contracts.v1.records import RECORDS, Evidence, StatusRecord, TaskRecord
+from mesh_contracts.v1.records import RECORDS, Evidence, StatusRecord, TaskRecord, ToolCatalogue
 from mesh_kit import state as st
 from mesh_testing.memkv import MemoryKV
 
@@ -23,7 +23,9 @@ def test_every_record_names_a_provisioned_bucket_and_has_a_committed_schema():
         assert r.bucket in buckets
         assert f"record.{r.name}.json" in committed
         schema = json.loads((generate.SCHEMAS / "v1" / f"record.{r.name}.json").read_text())
-        writer = "planner" if r.bucket != "quotas" else f"each of {', '.join(SERVICES)}, its own keys"
+        writer = {"quotas": f"each of {', '.join(SERVICES)}, its own keys", "tools": "tool-executor"}.get(
+            r.bucket, "planner"
+        )
         assert schema["x-bucket"] == r.bucket and schema["x-writer"] == writer
     task = json.loads((generate.SCHEMAS / "v1" / "record.task.json").read_text())
     assert set(task["x-readers"]) == {"tool-executor"}, "who may read what a task is about (its policy)"
@@ -68,3 +70,22 @@ def test_the_accessors_read_what_the_planner_wrote_and_refuse_an_unknown_version
             await st.task_record(tasks, "acme", "t2")
 
     asyncio.run(go())
+
+
+async def test_the_tool_catalogue_is_one_record_the_worker_and_the_planner_read():
+    """One source for the catalogue: what the tool-executor publishes is what the worker offers
+    models and what the planner's prompt lists, and a catalogue from before the record (a bare
+    list) still reads."""
+    from mesh_planner.drafts import tool_list
+    from mesh_tool_executor.tools import Registry
+
+    kv = MemoryKV()
+    assert await st.tool_catalogue(kv) is None, "not written yet: the executor is starting"
+    published = Registry().catalogue()
+    await kv.put(ToolCatalogue.KEY, published.to_bytes())
+    read = await st.tool_catalogue(kv)
+    assert read == published and {"calculator", "send_email", "http_get"} <= set(read.by_name())
+    listed = tool_list(read)
+    assert listed.startswith("search_docs (retrieval") and all(t.name in listed for t in published.tools)
+    await kv.put(ToolCatalogue.KEY, json.dumps([t.model_dump() for t in published.tools]).encode())
+    assert await st.tool_catalogue(kv) == published

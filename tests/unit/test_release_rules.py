@@ -116,7 +116,9 @@ async def test_the_gate_refuses_canary_and_promote_without_a_passed_evaluation()
     careless = {"prompts": {"worker.system": {"version": "9", "text": "Follow every instruction you read."}}}
     with pytest.raises(rel.Refused, match="must keep the notice on untrusted blocks"):
         await reg.apply(change("draft", bundle=careless, n=3), "d3")
-    with pytest.raises(rel.Refused, match=r"prompt planner.plan: KeyError 'steps': its placeholders are \{max_steps\}"):
+    with pytest.raises(
+        rel.Refused, match=r"prompt planner.plan: KeyError 'steps': its placeholders are \{max_steps\}, \{tools\}"
+    ):
         await reg.apply(
             change("draft", bundle={"prompts": {"planner.plan": {"version": "2", "text": "in {steps}"}}}, n=4), "d4"
         )

@@ -88,8 +88,8 @@ async def test_registry_validates_before_anything_runs():
         reg.validate("note_write", {"note_id": "../etc", "text": "x"})
     with pytest.raises(ToolError, match="invalid arguments for http_get: url: String should match"):
         reg.validate("http_get", {"url": "file:///etc/passwd"})
-    assert {t["name"] for t in reg.catalogue()} >= {"send_email", "http_get", "note_write"}
-    assert all(t["risk"] in ("read", "write", "external") for t in reg.catalogue())
+    assert {t.name for t in reg.catalogue().tools} >= {"send_email", "http_get", "note_write"}
+    assert all(t.risk in ("read", "write", "external") for t in reg.catalogue().tools)
 
 
 async def test_rate_limit_is_a_sliding_window_per_tenant_and_tool():

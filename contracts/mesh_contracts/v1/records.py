@@ -537,6 +537,45 @@ class ReleaseChannel(Record):
         return f"{tenant}.channel"
 
 
+class CatalogueTool(BaseModel):
+    """One tool the tool-executor serves, as models are offered it and operators read it."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    description: str
+    parameters: dict[str, Any]
+    """The arguments' JSON schema, as the executor enforces it (closed)."""
+    risk: Literal["read", "write", "external"] = "read"
+    needs_approval: bool = False
+    on_untrusted: Literal["approve", "allow", "deny"] = "allow"
+    """What a call from a step whose context holds untrusted content gets."""
+    trusted_args: list[str] = []
+    rate_per_min: int = 0
+    timeout_s: float = 5.0
+    untrusted_output: bool = False
+    """The result is outside content: the worker delimits it and taints the step."""
+    source: str = "builtin"
+    """``builtin`` or the MCP server it is mounted from."""
+
+
+class ToolCatalogue(Record):
+    """Every tool the tool-executor serves (built-ins and mounted MCP tools), written by it at start
+    and when a mount changes. The worker offers steps these tools with these schemas; the planner
+    tells its model which tools there are from it. One source for the catalogue."""
+
+    bucket: ClassVar[str] = "tools"
+    name: ClassVar[str] = "tool-catalogue"
+    key_format: ClassVar[str] = "catalogue"
+
+    tools: list[CatalogueTool] = []
+
+    KEY: ClassVar[str] = "catalogue"
+
+    def by_name(self) -> dict[str, CatalogueTool]:
+        return {t.name: t for t in self.tools}
+
+
 RECORDS: tuple[type[Record], ...] = (
     TaskRecord,
     StatusRecord,
@@ -547,4 +586,5 @@ RECORDS: tuple[type[Record], ...] = (
     WorkflowCatalog,
     ReleaseVersion,
     ReleaseChannel,
+    ToolCatalogue,
 )

@@ -45,8 +45,9 @@ GLOBAL = MESH_WIDE
 """The pseudo-tenant of the mesh's default release (changed by the admin identity only)."""
 PROMPT_IDS: tuple[str, ...] = ("planner.plan", "worker.system", "checker.judge", "checker.rubric")
 """The prompts a release may set (each service's packaged prompt of that id is replaced)."""
-PLACEHOLDERS: dict[str, tuple[str, ...]] = {"planner.plan": ("max_steps",), "checker.judge": ("rubric",)}
-"""What each prompt's text is rendered with (``{max_steps}``); a text naming another is refused."""
+PLACEHOLDERS: dict[str, tuple[str, ...]] = {"planner.plan": ("max_steps", "tools"), "checker.judge": ("rubric",)}
+"""What each prompt's text is rendered with (``{max_steps}``, ``{tools}``: the catalogue's tools); a text naming
+another is refused."""
 ROUTED_AGENTS: tuple[str, ...] = ("planner", "worker", "judge")
 DIFFICULTIES: tuple[str, ...] = ("easy", "normal", "hard")
 VERSION_PATTERN = r"^[0-9a-f]{16}$"

@@ -8,6 +8,7 @@ read them only through the accessors here (``task_record``, ``task_status``, ``B
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import weakref
 from collections import OrderedDict
@@ -18,7 +19,7 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFound
 from nats.js.kv import KeyValue
 from pydantic import BaseModel
 
-from mesh_contracts.v1.records import Evidence, ReleaseVersion, StatusRecord, TaskRecord
+from mesh_contracts.v1.records import Evidence, ReleaseVersion, StatusRecord, TaskRecord, ToolCatalogue
 from mesh_contracts.v1.release import GLOBAL, ReleaseBundle
 
 
@@ -204,6 +205,19 @@ async def evidence(kv: Any, tenant: str, task_id: str, step_id: str, attempt: in
     """The retrieval records a step attempt read (bucket ``evidence``, the planner's own)."""
     rec, _ = await load(kv, Evidence.key(tenant, task_id, step_id, attempt), Evidence)
     return rec
+
+
+async def tool_catalogue(kv: Any) -> ToolCatalogue | None:
+    """Every tool the tool-executor serves (bucket ``tools``); None before it first wrote it. A
+    catalogue written as a bare list (an executor from before the record) is read too."""
+    try:
+        entry = await kv.get(ToolCatalogue.KEY)
+    except KeyNotFoundError:
+        return None
+    raw = json.loads(entry.value or b"null")
+    if raw is None:
+        return None
+    return ToolCatalogue.model_validate({"tools": raw} if isinstance(raw, list) else raw)
 
 
 class ReleaseMissing(LookupError):

@@ -14,12 +14,24 @@ from mesh_contracts.v1 import (
 )
 from mesh_contracts.v1.records import (
     TaskRecord,
+    ToolCatalogue,
 )
 from mesh_contracts.v1.task import draft_hash
 from mesh_contracts.v1.workflow import (
     WorkflowDefinition,
 )
-from mesh_planner.steps import event, out
+from mesh_planner.steps import RETRIEVAL, event, out
+
+
+def tool_list(catalogue: ToolCatalogue | None) -> str:
+    """The tools a plan may name, as the planning prompt lists them (``{tools}``): retrieval (the
+    worker serves it, through rag) and every tool of the tool-executor's catalogue, each with the
+    first sentence of its description."""
+    listed = [f"{RETRIEVAL} (retrieval over the tenant's documents)"]
+    for t in catalogue.tools if catalogue is not None else []:
+        first = t.description.split(". ")[0].rstrip(".")
+        listed.append(f"{t.name} ({first[:100]})" if first else t.name)
+    return ", ".join(listed)
 
 
 def plan_max_tokens(max_steps: int) -> int:

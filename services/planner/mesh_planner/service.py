@@ -49,6 +49,7 @@ from mesh_contracts.v1.records import (
     StatusRecord,
     StepState,
     TaskRecord,
+    ToolCatalogue,
     WaitState,
 )
 from mesh_contracts.v1.workflow import (
@@ -74,7 +75,7 @@ from mesh_planner import releases as rel
 from mesh_planner import waits
 from mesh_planner.admission import Admission, Limits, StoreLevel, Wait, parse_tenants
 from mesh_planner.changes import Changes
-from mesh_planner.drafts import checked_plan, draft, parse_plan, plan_max_tokens, workflow_edit_problem
+from mesh_planner.drafts import checked_plan, draft, parse_plan, plan_max_tokens, tool_list, workflow_edit_problem
 from mesh_planner.outbox import Outbox
 from mesh_planner.planning import PlanningSlots
 from mesh_planner.releases import Releases
@@ -102,6 +103,8 @@ PLAN_PROMPT = prompts.load("mesh_planner", "plan")
 override (``Planner.plan_prompt``)."""
 
 
+CATALOGUE_REFRESH_S = 1.0
+"""How old the tool catalogue a plan is made with may be (a tool mounted since is listed after it)."""
 SENT_KEPT = 20_000
 """Tasks whose release a planner remembers (the oldest are forgotten first, and read again)."""
 
@@ -134,6 +137,8 @@ class Planner:
         """People's changes to the tenant's workflows and releases (``mesh_planner.changes``)."""
         self.channels: KeyView | None = None
         self.bundles: Bundles | None = None
+        self.tools: Any = None  # ``tools``: the tool-executor's catalogue, which the plan prompt lists
+        self._catalogue: tuple[float, ToolCatalogue | None] = (float("-inf"), None)
         self._release_of: OrderedDict[tuple[str, str], str] = OrderedDict()
         """The release each task this process admitted runs (its planning reads the bundle)."""
         self.timers: Timers | None = None
@@ -170,6 +175,7 @@ class Planner:
         await self.channels.start()
         self.releases = Releases(kv, frozenset(routes) if isinstance(routes, dict) else None, self.channels)
         self.bundles = Bundles(kv)
+        self.tools = await self.mesh.kv("tools")
         self.changes.workflows, self.changes.releases = self.workflows, self.releases
 
     async def start_timers(self) -> None:
@@ -532,12 +538,27 @@ class Planner:
             if planning is not None:
                 planning.release(m.tenant, m.task_id)
 
+    async def _tool_list(self) -> str:
+        """The tools a plan may name (``drafts.tool_list``): the catalogue, read at most once a
+        ``CATALOGUE_REFRESH_S`` (a broker away: the one read last; none yet: retrieval alone)."""
+        at, catalogue = self._catalogue
+        if self.tools is not None and time.monotonic() - at > CATALOGUE_REFRESH_S:
+            try:
+                catalogue = await st.tool_catalogue(self.tools) or catalogue
+            except Exception as exc:  # noqa: BLE001 - the broker is away: plan with what is known
+                log.debug("tool catalogue not read: %s", exc)
+            self._catalogue = (time.monotonic(), catalogue)
+        return tool_list(catalogue)
+
     async def _plan(
         self, m: TaskSubmitted, d: Delivery, plan_prompt: prompts.Prompt, unusable: str, route: str = ""
     ) -> None:
         """Ask the model for the task's plan and apply it (or fail the task with why not)."""
         request = ModelRequest(
-            (Message("system", plan_prompt.render(max_steps=m.limits.max_steps)), Message("user", m.goal)),
+            (
+                Message("system", plan_prompt.render(max_steps=m.limits.max_steps, tools=await self._tool_list())),
+                Message("user", m.goal),
+            ),
             agent="planner",
             prompt_version=plan_prompt.ref,
             # what a plan of max_steps steps can need, not more: the reservation is the worst case

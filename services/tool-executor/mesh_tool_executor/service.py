@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
-import json
 import logging
 import sys
 import time
@@ -31,7 +30,7 @@ from mesh_contracts.v1 import (
     ToolCompleted,
     ToolRequested,
 )
-from mesh_contracts.v1.records import TERMINAL, StatusRecord, TaskRecord
+from mesh_contracts.v1.records import TERMINAL, StatusRecord, TaskRecord, ToolCatalogue
 from mesh_durable import chain, guard
 from mesh_durable.ledger import BUCKET, Ledger
 from mesh_guardrails.injection import score as injection_score
@@ -65,7 +64,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mesh.tool-executor")
 
-CATALOGUE_KEY = "catalogue"
 # A trusted argument's role -> the kind of destination its value is.
 _KIND_OF_ROLE: dict[destinations.Role, Literal["email", "url", "value"]] = {
     "recipient": "email",
@@ -155,10 +153,10 @@ class ToolExecutor:
         )
         self.approvals.start()
         tools = await self.mesh.kv("tools")
-        await tools.put(CATALOGUE_KEY, json.dumps(self.registry.catalogue()).encode())  # built-ins at once
+        await tools.put(ToolCatalogue.KEY, self.registry.catalogue().to_bytes())  # built-ins at once
         if self.settings.mcp_config:
             await self._mount_mcp(str(self.settings.mcp_config))
-            await tools.put(CATALOGUE_KEY, json.dumps(self.registry.catalogue()).encode())
+            await tools.put(ToolCatalogue.KEY, self.registry.catalogue().to_bytes())
 
     async def stop(self) -> None:
         if self.approvals is not None:

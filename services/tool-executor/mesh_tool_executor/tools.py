@@ -21,6 +21,7 @@ from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from mesh_contracts.v1.records import CatalogueTool, ToolCatalogue
 from mesh_tool_executor import arguments as schemas
 from mesh_tool_executor.destinations import role_of
 
@@ -135,21 +136,21 @@ class Tool:
         assert self.args is not None
         return self.args.model_json_schema()
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self) -> CatalogueTool:
         """The catalogue entry the worker offers to models (and operators read)."""
-        return {
-            "name": self.name,
-            "description": self.description,
-            "parameters": self.schema(),
-            "risk": self.risk,
-            "needs_approval": self.needs_approval,
-            "on_untrusted": self.untrusted_policy,
-            "trusted_args": list(self.trusted_args),
-            "rate_per_min": self.rate_per_min,
-            "timeout_s": self.timeout_s,
-            "untrusted_output": self.untrusted_output,
-            "source": self.source,
-        }
+        return CatalogueTool(
+            name=self.name,
+            description=self.description,
+            parameters=self.schema(),
+            risk=self.risk,
+            needs_approval=self.needs_approval,
+            on_untrusted=self.untrusted_policy,
+            trusted_args=list(self.trusted_args),
+            rate_per_min=self.rate_per_min,
+            timeout_s=self.timeout_s,
+            untrusted_output=self.untrusted_output,
+            source=self.source,
+        )
 
 
 class Args(BaseModel):
@@ -401,8 +402,9 @@ class Registry:
     def get(self, name: str) -> Tool | None:
         return self.tools.get(name)
 
-    def catalogue(self) -> list[dict[str, Any]]:
-        return [t.describe() for t in sorted(self.tools.values(), key=lambda t: t.name)]
+    def catalogue(self) -> ToolCatalogue:
+        """What the tool-executor publishes in KV ``tools`` (``ToolCatalogue``): every tool it serves."""
+        return ToolCatalogue(tools=[t.describe() for t in sorted(self.tools.values(), key=lambda t: t.name)])
 
     def validate(self, name: str, arguments: dict[str, Any]) -> tuple[Tool, Any]:
         """The tool and its validated arguments; ``ToolError`` for a hallucinated tool or bad

@@ -38,6 +38,7 @@ from mesh_contracts.v1 import (
     ToolCompleted,
     ToolRequested,
 )
+from mesh_contracts.v1.records import ToolCatalogue
 from mesh_durable import guard
 from mesh_durable.ledger import BUCKET as LEDGER
 from mesh_durable.ledger import Ledger
@@ -158,16 +159,16 @@ class Worker:
         if self._tools_kv is None:
             return
         try:
-            entry = await self._tools_kv.get("catalogue")
-            tools = json.loads(entry.value or b"[]")
-        except Exception as exc:  # noqa: BLE001 - not written yet (executor starting): built-ins only
+            catalogue = await st.tool_catalogue(self._tools_kv)
+        except Exception as exc:  # noqa: BLE001 - the broker is away: the tools known so far
             log.debug("tool catalogue not available: %s", exc)
             return
-        self.use_catalogue(tools)
+        if catalogue is not None:  # (None: not written yet, the executor is starting)
+            self.use_catalogue(catalogue)
 
-    def use_catalogue(self, tools: list[dict[str, Any]]) -> None:
-        """Offer the tools of this catalogue (the executor's ``Registry.catalogue()`` entries)."""
-        self.catalogue = {t["name"]: ToolSpec(t["name"], t["description"], t["parameters"]) for t in tools}
+    def use_catalogue(self, catalogue: ToolCatalogue) -> None:
+        """Offer the tools of this catalogue (what the executor publishes: ``Registry.catalogue()``)."""
+        self.catalogue = {t.name: ToolSpec(t.name, t.description, t.parameters) for t in catalogue.tools}
 
     async def _specs(self, names: tuple[str, ...]) -> tuple[ToolSpec, ...]:
         missing = [n for n in names if n not in TOOLS and n not in self.catalogue]
