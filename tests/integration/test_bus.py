@@ -10,6 +10,7 @@ import pytest
 from integration_helpers import connect, counter, eventually, in_memory, running, settings_for
 from nats.js.errors import KeyNotFoundError
 
+from mesh_budget import metrics as budget_metrics
 from mesh_contracts.topology import door_subject
 from mesh_contracts.v1 import (
     BudgetDenied,
@@ -25,7 +26,6 @@ from mesh_contracts.v1.records import StatusRecord, TaskRecord
 from mesh_identity import Signer, new_signing_key
 from mesh_kit import Mesh, PermissionViolation, ServiceSettings
 from mesh_kit import envelope as env
-from mesh_kit import telemetry as tel
 from mesh_kit.door import DoorRefused, read_reply
 from meshctl.dlq import entries
 
@@ -197,11 +197,11 @@ async def test_reservations_never_exceed_the_ceiling_and_usage_is_counted_once(i
         assert isinstance(await reserve(102, tokens=1), BudgetDenied)
     # the same numbers as OpenTelemetry metrics, per tenant and agent
     who = {"tenant": "acme", "agent": "worker/worker"}
-    assert counter(metrics, tel.M_BUDGET_TOKENS, **who, **{"token.type": "input"}) == 1000
-    assert counter(metrics, tel.M_BUDGET_TOKENS, **who, **{"token.type": "output"}) == 600
-    assert counter(metrics, tel.M_BUDGET_CALLS, **who, outcome="ok") == 2
-    assert counter(metrics, tel.M_BUDGET_RESERVATIONS, tenant="acme", outcome="granted") == 5 + 1 + 1
-    assert counter(metrics, tel.M_BUDGET_RESERVATIONS, outcome="denied", code="task_tokens") == 15 + 2
+    assert counter(metrics, budget_metrics.M_BUDGET_TOKENS, **who, **{"token.type": "input"}) == 1000
+    assert counter(metrics, budget_metrics.M_BUDGET_TOKENS, **who, **{"token.type": "output"}) == 600
+    assert counter(metrics, budget_metrics.M_BUDGET_CALLS, **who, outcome="ok") == 2
+    assert counter(metrics, budget_metrics.M_BUDGET_RESERVATIONS, tenant="acme", outcome="granted") == 5 + 1 + 1
+    assert counter(metrics, budget_metrics.M_BUDGET_RESERVATIONS, outcome="denied", code="task_tokens") == 15 + 2
 
 
 async def test_a_task_halted_or_ended_after_its_first_reservation_is_refused_the_next(integration_infra, unique):

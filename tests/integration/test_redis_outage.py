@@ -22,6 +22,7 @@ from mesh_contracts.v1 import BudgetGranted, BudgetReserve, TaskLimits
 from mesh_contracts.v1.records import StatusRecord, TaskRecord
 from mesh_kit import Mesh
 from mesh_kit import telemetry as tel
+from mesh_rag import metrics as rag_metrics
 from mesh_testing.infra import running_infra
 
 pytestmark = pytest.mark.integration
@@ -54,16 +55,16 @@ async def test_a_lost_retrieval_cache_is_a_miss_and_the_service_stays_ready(outa
         during, during_version, cached = await rag.search("acme", "identity token", 3)
         took = time.monotonic() - t0
         assert (during, during_version, cached) == (first, version, False), "the same answer, from the index"
-        assert mesh.stats.counters[tel.M_RETRIEVAL_CACHE_ERRORS] >= 1, f"one failed cache read ({took:.2f}s)"
+        assert mesh.stats.counters[rag_metrics.M_RETRIEVAL_CACHE_ERRORS] >= 1, f"one failed cache read ({took:.2f}s)"
         await eventually(lambda: not mesh.dependencies["redis"].describe()["up"], what="redis known down")
         ready, why = mesh.ready()
         assert ready and why.startswith("degraded: redis unreachable"), why
 
         # While it is known to be down no retrieval tries it: no wait, no new error.
-        errors = mesh.stats.counters[tel.M_RETRIEVAL_CACHE_ERRORS]
+        errors = mesh.stats.counters[rag_metrics.M_RETRIEVAL_CACHE_ERRORS]
         for _ in range(5):
             assert (await rag.search("acme", "identity token", 3))[0] == first
-        assert mesh.stats.counters[tel.M_RETRIEVAL_CACHE_ERRORS] == errors, "the cache was not tried while down"
+        assert mesh.stats.counters[rag_metrics.M_RETRIEVAL_CACHE_ERRORS] == errors, "the cache was not tried while down"
 
         await infra.start_redis()
         await eventually(lambda: mesh.ready() == (True, "ok"), timeout=10, what="rag to see Redis again")

@@ -9,6 +9,7 @@ from opentelemetry import trace
 from mesh_contracts.v1 import ToolRequested
 from mesh_kit import Mesh
 from mesh_kit import telemetry as tel
+from mesh_planner import metrics as planner_metrics
 
 pytestmark = pytest.mark.integration
 
@@ -49,9 +50,9 @@ async def test_a_count_with_attributes_is_exported_with_them_and_totalled_for_st
     reads); /status keeps the total."""
     planner_tel, _, metrics = in_memory("planner")
     planner = Mesh(settings_for(integration_infra, "planner"), planner_tel)
-    planner.count(tel.M_REFUSED, {"tenant": "acme", "code": "rate_limited"})
-    planner.count(tel.M_REFUSED, {"tenant": "acme", "code": "rate_limited"})
-    planner.count(tel.M_REFUSED, {"tenant": "globex", "code": "too_many_in_flight"})
-    assert counter(metrics, tel.M_REFUSED, tenant="acme", code="rate_limited", service="planner") == 2
-    assert counter(metrics, tel.M_REFUSED, tenant="globex", code="too_many_in_flight") == 1
-    assert counter(metrics, tel.M_REFUSED) == 3 and planner.stats.counters[tel.M_REFUSED] == 3
+    planner.count(planner_metrics.M_REFUSED, {"tenant": "acme", "code": "rate_limited"})
+    planner.count(planner_metrics.M_REFUSED, {"tenant": "acme", "code": "rate_limited"})
+    planner.count(planner_metrics.M_REFUSED, {"tenant": "globex", "code": "too_many_in_flight"})
+    assert counter(metrics, planner_metrics.M_REFUSED, tenant="acme", code="rate_limited", service="planner") == 2
+    assert counter(metrics, planner_metrics.M_REFUSED, tenant="globex", code="too_many_in_flight") == 1
+    assert counter(metrics, planner_metrics.M_REFUSED) == 3 and planner.stats.counters[planner_metrics.M_REFUSED] == 3

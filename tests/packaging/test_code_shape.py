@@ -42,8 +42,8 @@ DATA_TABLES = {
 STILL_LONG = {
     "services/planner/mesh_planner/service.py": 1_040,
     "libs/meshctl/meshctl/cli.py": 1_525,
-    "libs/eval/mesh_eval/harness.py": 1_355,
-    "services/worker/mesh_worker/service.py": 835,
+    "libs/eval/mesh_eval/harness.py": 1_350,
+    "services/worker/mesh_worker/service.py": 828,
     "libs/meshctl/meshctl/client.py": 755,
     "contracts/mesh_contracts/v1/workflow.py": 725,
     "services/budget/mesh_budget/service.py": 725,

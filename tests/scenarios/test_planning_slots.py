@@ -22,7 +22,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from mesh_kit import telemetry as tel
+from mesh_planner import metrics as planner_metrics
 from mesh_testing.chaos import PLANNER, ChaosMesh, latencies, overtaken, report
 from mesh_testing.infra import Infra, running_infra
 
@@ -83,5 +83,5 @@ async def test_a_burst_past_the_fetch_window_does_not_hide_a_quiet_tenants_task(
     report("planning slots, turns", planned_before=planned_before, latencies_s=[round(x, 3) for x in under])
     assert len(under) >= 3, (under, planned_before)
     assert max(planned_before) <= 3 + 4 + 1, planned_before  # (+1: a plan finishing as it is stored)
-    waits = (await _planner_counters(mesh)).get(tel.M_PLANNING_WAITS, 0)
+    waits = (await _planner_counters(mesh)).get(planner_metrics.M_PLANNING_WAITS, 0)
     assert waits > 0, "the burst's admitted submissions waited for planning slots, out of the window"

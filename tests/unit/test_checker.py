@@ -17,6 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import mesh_judge as jd
+from mesh_checker import metrics as checker_metrics
 from mesh_checker.checks import claims, content_words, run_checks, support
 from mesh_contracts.v1 import CheckRequested, Citation, RetrievalHit, StepResult, TaskPolicy
 from mesh_llm.scripted import ScriptedModel
@@ -290,17 +291,22 @@ def test_verdicts_become_metrics_per_tenant_agent_and_prompt_version(tmp_path):
             for metric in sm.metrics:
                 points.setdefault(metric.name, []).extend(metric.data.data_points)
     verdicts = {
-        (p.attributes["outcome"], p.attributes[tel.A_PROMPT_VERSION]): p.value for p in points[tel.M_CHECK_VERDICTS]
+        (p.attributes["outcome"], p.attributes[tel.A_PROMPT_VERSION]): p.value
+        for p in points[checker_metrics.M_CHECK_VERDICTS]
     }
     assert verdicts == {("passed", "worker.system@7+ab"): 1, ("failed", "unknown"): 1}
     assert all(p.attributes[tel.A_TENANT] == "acme" and p.attributes[tel.GEN_AI_AGENT_NAME] == "worker"
-               for p in points[tel.M_CHECK_VERDICTS])  # fmt: skip
-    failed_checks = {p.attributes["check"] for p in points[tel.M_CHECK_RESULTS] if p.attributes["outcome"] == "failed"}
+               for p in points[checker_metrics.M_CHECK_VERDICTS])  # fmt: skip
+    failed_checks = {
+        p.attributes["check"] for p in points[checker_metrics.M_CHECK_RESULTS] if p.attributes["outcome"] == "failed"
+    }
     assert failed_checks == {"grounded"}
-    (judge,) = points[tel.M_CHECK_JUDGE_SCORE]
+    (judge,) = points[checker_metrics.M_CHECK_JUDGE_SCORE]
     assert judge.count == 1 and judge.sum == pytest.approx(0.9)
     assert judge.attributes["gen_ai.request.model"] == "scripted/scripted-judge"
-    grounding = {p.attributes[tel.A_PROMPT_VERSION]: (p.count, p.min) for p in points[tel.M_CHECK_GROUNDING]}
+    grounding = {
+        p.attributes[tel.A_PROMPT_VERSION]: (p.count, p.min) for p in points[checker_metrics.M_CHECK_GROUNDING]
+    }
     assert grounding["worker.system@7+ab"] == (1, 1.0) and grounding["unknown"][1] < 0.6
 
 

@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from mesh_budget import metrics as budget_metrics
+from mesh_checker import metrics as checker_metrics
 from mesh_kit import telemetry as tel
 
 pytestmark = pytest.mark.unit
@@ -41,15 +43,15 @@ def prometheus_names(otel: str, kind: str, unit: str) -> set[str]:
 
 EMITTED = {
     # OTel name, kind, unit (as created: mesh_budget/service.py, mesh_kit Mesh.count, metered calls)
-    (tel.M_BUDGET_TRIPS, "counter", "{trip}"): {"tenant", "kind", "action"},
-    (tel.M_BUDGET_COST, "counter", "USD"): {
+    (budget_metrics.M_BUDGET_TRIPS, "counter", "{trip}"): {"tenant", "kind", "action"},
+    (budget_metrics.M_BUDGET_COST, "counter", "USD"): {
         "tenant",
         "agent",
         "gen_ai_provider_name",
         "gen_ai_request_model",
         "mesh_label_team",
     },
-    (tel.M_BUDGET_TOKENS, "counter", "{token}"): {
+    (budget_metrics.M_BUDGET_TOKENS, "counter", "{token}"): {
         "tenant",
         "agent",
         "gen_ai_provider_name",
@@ -59,7 +61,12 @@ EMITTED = {
     },
     (tel.M_HANDLED, "counter", "{event}"): {"service"},
     (tel.M_REDELIVERED, "counter", "{event}"): {"service"},
-    (tel.M_CHECK_VERDICTS, "counter", "{verdict}"): {"outcome", "tenant", "gen_ai_agent_name", "mesh_prompt_version"},
+    (checker_metrics.M_CHECK_VERDICTS, "counter", "{verdict}"): {
+        "outcome",
+        "tenant",
+        "gen_ai_agent_name",
+        "mesh_prompt_version",
+    },
     (tel.M_GEN_AI_DURATION, "histogram", "s"): {
         "gen_ai_operation_name",
         "gen_ai_provider_name",

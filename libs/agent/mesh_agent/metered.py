@@ -21,9 +21,11 @@ from typing import TYPE_CHECKING, Any
 
 from opentelemetry.trace import Span, StatusCode
 
+from mesh_agent import metrics as agent_metrics
 from mesh_agent import prices
 from mesh_contracts.v1 import BudgetDenied, BudgetGranted, BudgetReserve, Replay, TokenUsage, UsageRecorded
 from mesh_durable import guard
+from mesh_durable import metrics as durable_metrics
 from mesh_durable.ledger import Ledger
 from mesh_guardrails.redact import redact
 from mesh_kit import Delivery, Mesh
@@ -112,7 +114,9 @@ def configured(mesh: Mesh, settings: AgentSettings) -> Models:
             ttl_s=settings.llm_cache_ttl_s,
             namespace=f"{mesh.service}:llmcache",  # the service's Redis user owns only its own prefix
         )
-        cache.on_lookup = lambda hit: mesh.count(tel.M_LLM_CACHE_HITS if hit else tel.M_LLM_CACHE_MISSES)
+        cache.on_lookup = lambda hit: mesh.count(
+            agent_metrics.M_LLM_CACHE_HITS if hit else agent_metrics.M_LLM_CACHE_MISSES
+        )
     return Models(gateway, cache, settings.context_strategy, settings.genai_capture_content, table)
 
 
@@ -121,7 +125,7 @@ async def _guard(mesh: Mesh, tenant: str, task_id: str) -> None:
     if g is not None:
         stop = await g.check(tenant, task_id)
         if stop is not None:
-            mesh.count(tel.M_CALLS_REFUSED)
+            mesh.count(durable_metrics.M_CALLS_REFUSED)
             raise BudgetExceeded(stop.reason, stop.code, halted=stop.halted)
 
 
@@ -153,7 +157,7 @@ async def reserve(mesh: Mesh, model: ChatModel, request: ModelRequest, *, tenant
     if isinstance(answer, BudgetDenied):
         if answer.code == "provider_breaker":
             raise CircuitOpen(answer.reason, provider=model.provider, model=model.model)
-        mesh.count(tel.M_CALLS_REFUSED)
+        mesh.count(durable_metrics.M_CALLS_REFUSED)
         raise BudgetExceeded(answer.reason, answer.code)
     assert isinstance(answer, BudgetGranted)
     return answer
@@ -258,7 +262,7 @@ class _Metered:
         )  # fmt: skip
         if response is not None:
             self.winner, self.answered_by = grant, a.model
-            self.mesh.count(tel.M_LLM_CALLS)  # calls actually made (the budget counts distinct call ids)
+            self.mesh.count(agent_metrics.M_LLM_CALLS)  # calls actually made (the budget counts distinct call ids)
             if span is not None:
                 span.set_attributes(
                     {
@@ -401,7 +405,7 @@ async def call_model_once(
             if was is not None:
                 await _guard(mesh, tenant, task_id)  # a halted or cancelled replay stops here too
                 response = _response(was["response"])
-                mesh.count(tel.M_LLM_REPLAYED)
+                mesh.count(agent_metrics.M_LLM_REPLAYED)
                 if on_token is not None and response.content:
                     await on_token(response.content)
                 return response, TokenUsage()

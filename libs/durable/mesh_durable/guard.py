@@ -157,5 +157,5 @@ class Guard:
     async def ensure(self, tenant: str, task_id: str) -> None:
         stop = await self.check(tenant, task_id)
         if stop is not None:
-            self.mesh.count("mesh.control.calls_refused")  # tel.M_CALLS_REFUSED
+            self.mesh.count("mesh.control.calls_refused")  # durable_metrics.M_CALLS_REFUSED
             raise Stopped(stop)

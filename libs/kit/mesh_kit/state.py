@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import random
+import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable
@@ -21,6 +23,8 @@ from pydantic import BaseModel
 
 from mesh_contracts.v1.records import Evidence, ReleaseVersion, StatusRecord, TaskRecord, ToolCatalogue
 from mesh_contracts.v1.release import GLOBAL, ReleaseBundle
+
+log = logging.getLogger("mesh.state")
 
 
 def bind(nc: Any, bucket: str) -> KeyValue:
@@ -218,6 +222,25 @@ async def tool_catalogue(kv: Any) -> ToolCatalogue | None:
     if raw is None:
         return None
     return ToolCatalogue.model_validate({"tools": raw} if isinstance(raw, list) else raw)
+
+
+class Catalogue:
+    """The tool catalogue as last read (``tool_catalogue``): read again when older than
+    ``refresh_s`` or when asked (``fresh``); a failed read (the broker away) keeps the last one."""
+
+    def __init__(self, kv: Any, refresh_s: float = 1.0) -> None:
+        self.kv, self.refresh_s = kv, refresh_s
+        self.read_at = float("-inf")
+        self.value: ToolCatalogue | None = None
+
+    async def get(self, *, fresh: bool = False) -> ToolCatalogue | None:
+        if self.kv is not None and (fresh or time.monotonic() - self.read_at > self.refresh_s):
+            self.read_at = time.monotonic()
+            try:
+                self.value = await tool_catalogue(self.kv) or self.value
+            except Exception as exc:  # noqa: BLE001 - the broker is away: the catalogue known so far
+                log.debug("tool catalogue not read: %s", exc)
+        return self.value
 
 
 class ReleaseMissing(LookupError):

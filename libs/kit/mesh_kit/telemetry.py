@@ -17,7 +17,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 
-# Metric names. Define here before use anywhere.
+# The bus runtime's metric names. A package's own are in its ``metrics`` module.
 M_HANDLED = "mesh.messages.handled"
 M_REJECTED = "mesh.messages.rejected"
 M_DEAD_LETTERED = "mesh.messages.dead_lettered"
@@ -33,45 +33,11 @@ M_TRUST_REFUSED = "mesh.identity.trust_refused"  # a published bundle refused: n
 M_KEY_ROTATED = "mesh.identity.key_rotated"  # this service now signs with its rotated key
 M_CREDS_ROTATED = "mesh.identity.creds_rotated"  # reconnected as the rotated NATS user
 M_CONNECTION_LOST = "mesh.nats.connection_lost"  # the server closed the connection for good (revoked, refused)
-M_ADMITTED = "mesh.admission.admitted"  # submissions the planner admitted; attribute tenant
 M_STREAM_FULL = "mesh.stream.full"  # a publish a stream at its cap refused; attribute stream
-M_REFUSED = "mesh.admission.refused"  # refused at the door (over a tenant's limit); attributes tenant, code
 M_DOOR_STORED = "mesh.door.stored"  # a tenant's message checked, charged and stored at a door; tenant, stream
 M_DOOR_REFUSED = "mesh.door.refused"  # a tenant's message a door did not store; attributes tenant, code
 M_DLQ_DROPPED = "mesh.dlq.dropped"  # a dead letter not kept: its tenant is over its dead-letter quota
-M_SLOT_WAITS = "mesh.admission.slot_waits"  # an admitted task set to wait for a run slot; attribute tenant
-M_PLANNING_WAITS = "mesh.planner.planning_waits"  # an admitted task parked for a planning slot; attribute tenant
-M_LLM_CALLS = "mesh.llm.calls"
-M_LLM_REPLAYED = "mesh.llm.replayed"  # a replay's call answered from the replayed task's recording: no cost
-M_TOOL_DRY_RUNS = "mesh.tool.dry_runs"  # a replay's write or external tool call answered without performing it
-M_LLM_CACHE_HITS = "mesh.llm.cache.hits"  # answered from the response cache: no provider call, no cost
-M_LLM_CACHE_MISSES = "mesh.llm.cache.misses"
-M_TOKENS_STREAMED = "mesh.llm.tokens_streamed"  # text deltas forwarded to clients
-M_FENCED = "mesh.steps.fenced"  # stale work refused because another delivery moved the step on
-M_RELEASE_DECISIONS = "mesh.release.decisions"  # canaries promoted or rolled back (by the sequential test or a person)
-M_CALLS_REFUSED = "mesh.control.calls_refused"  # model/tool calls not made: halted, cancelled, kill switch, denied
-M_TOOL_DECISIONS = "mesh.tools.decisions"  # tool-policy decisions recorded as tool.audited
-M_INJECTION_FLAGGED = "mesh.guardrails.injection_flagged"  # untrusted text scored at or above the threshold
-M_RETRIEVAL_CACHE_HITS = "mesh.rag.cache.hits"  # retrievals answered from Redis for the current index version
-M_RETRIEVAL_CACHE_MISSES = "mesh.rag.cache.misses"
-M_RETRIEVAL_CACHE_ERRORS = "mesh.rag.cache.errors"  # a cache read or write that failed: served as a miss
 M_DEPENDENCY_DOWN = "mesh.dependency.down"  # a backing service (Redis) became unreachable; attribute: dependency
-M_RATE_LIMIT_LOCAL = "mesh.tool.rate_limit.local"  # a rate-limit decision taken in the process because Redis was down
-M_APPROVAL_DECISIONS_REFUSED = "mesh.tool.approval.decisions_refused"  # by an approver not (or no longer) the tenant's
-M_APPROVALS_VOID = "mesh.tool.approvals.void"  # approvals void because their task ended before a decision
-# Budget service (counters with tenant/agent/provider/model attributes; see mesh_budget).
-M_BUDGET_TOKENS = "mesh.budget.tokens"  # attribute token.type = input | output | cached_input
-M_BUDGET_COST = "mesh.budget.cost"  # unit USD
-M_BUDGET_CALLS = "mesh.budget.calls"  # attribute outcome = ok | error
-M_BUDGET_RESERVATIONS = "mesh.budget.reservations"  # attribute outcome = granted | denied, code
-M_BUDGET_TRIPS = "mesh.budget.trips"  # breaker trips, deadlocks, stalls; attribute kind
-M_TASKS_QUEUED = "mesh.tasks.queued"  # gauge, per tenant: tasks whose outstanding work waits to be taken up
-M_TASKS_RUNNING = "mesh.tasks.running"  # gauge, per tenant: tasks with work taken up, not ended
-# Checker (online evaluation; attributes mesh.tenant, gen_ai.agent.name, mesh.prompt.version).
-M_CHECK_VERDICTS = "mesh.check.verdicts"  # attribute outcome = passed | failed
-M_CHECK_RESULTS = "mesh.check.results"  # one per property check; attributes check, outcome, scope
-M_CHECK_JUDGE_SCORE = "mesh.check.judge.score"  # histogram of LLM-judge scores in [0, 1]
-M_CHECK_GROUNDING = "mesh.check.grounding"  # histogram of an answer's lowest claim support in [0, 1]
 ERROR_TYPE = "error.type"
 
 # Span attribute names.

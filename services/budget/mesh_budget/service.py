@@ -20,6 +20,7 @@ from typing import Any, Literal, TypeVar
 import nats.errors
 from opentelemetry.metrics import Observation
 
+from mesh_budget import metrics as budget_metrics
 from mesh_budget.accounts import Accounts, add_call, add_to_day, read_usage
 from mesh_budget.ledger import Cold, DayUsage, Durable, Held, Outcome, Settled, TaskUsage, View, today
 from mesh_budget.monitor import Monitor, Seen, Trip
@@ -46,7 +47,6 @@ from mesh_identity import CLOCK_LEEWAY_S, IdentityError
 from mesh_kit import Delivery, Mesh, tasks
 from mesh_kit import envelope as env
 from mesh_kit import state as st
-from mesh_kit import telemetry as tel
 from mesh_kit.deps import Dependency
 from mesh_kit.tail import Reader, Stored, Tail
 
@@ -134,21 +134,21 @@ class Budget:
         self.accounts: Accounts | None = None
         self._checkpointer: asyncio.Task[None] | None = None
         meter = mesh.telemetry.meter_provider.get_meter("mesh_budget")
-        self.m_tokens = meter.create_counter(tel.M_BUDGET_TOKENS, unit="{token}")
-        self.m_cost = meter.create_counter(tel.M_BUDGET_COST, unit="USD")
-        self.m_calls = meter.create_counter(tel.M_BUDGET_CALLS, unit="{call}")
-        self.m_reservations = meter.create_counter(tel.M_BUDGET_RESERVATIONS, unit="{reservation}")
-        self.m_trips = meter.create_counter(tel.M_BUDGET_TRIPS, unit="{trip}")
+        self.m_tokens = meter.create_counter(budget_metrics.M_BUDGET_TOKENS, unit="{token}")
+        self.m_cost = meter.create_counter(budget_metrics.M_BUDGET_COST, unit="USD")
+        self.m_calls = meter.create_counter(budget_metrics.M_BUDGET_CALLS, unit="{call}")
+        self.m_reservations = meter.create_counter(budget_metrics.M_BUDGET_RESERVATIONS, unit="{reservation}")
+        self.m_trips = meter.create_counter(budget_metrics.M_BUDGET_TRIPS, unit="{trip}")
         self.detections: list[tuple[str, float]] = []  # (kind, seconds from cause to action), for /status
         # Tasks not ended, per tenant: running or queued (every replica follows every task, so
         # each reports the same numbers: take the max across replicas, not the sum).
         mesh.report("tenants", lambda: self.monitor.per_tenant(time.time()))
         meter.create_observable_gauge(
-            tel.M_TASKS_QUEUED, [lambda _opts: self._gauge("queued")], unit="{task}",
+            budget_metrics.M_TASKS_QUEUED, [lambda _opts: self._gauge("queued")], unit="{task}",
             description="Tasks whose outstanding work all waits to be taken up, per tenant (max over replicas)",
         )  # fmt: skip
         meter.create_observable_gauge(
-            tel.M_TASKS_RUNNING, [lambda _opts: self._gauge("running")], unit="{task}",
+            budget_metrics.M_TASKS_RUNNING, [lambda _opts: self._gauge("running")], unit="{task}",
             description="Tasks with work taken up and not ended, per tenant (max over replicas)",
         )  # fmt: skip
 

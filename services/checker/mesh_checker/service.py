@@ -24,6 +24,7 @@ from typing import Any
 import mesh_judge as jd
 from mesh_agent import prompts, releases
 from mesh_agent.metered import BudgetExceeded, Models, call_model_once, configured
+from mesh_checker import metrics as checker_metrics
 from mesh_checker.checks import Passages, check_answer, evidence_of, run_checks
 from mesh_checker.settings import CheckerSettings
 from mesh_contracts import ContractError
@@ -61,10 +62,10 @@ class Checker:
         self.bundles = st.Bundles(None)  # the releases bucket, from start()
         self._judges: dict[tuple[str, ...], Models] = {}
         meter = mesh.meter
-        self._verdicts = meter.create_counter(tel.M_CHECK_VERDICTS, unit="{verdict}")
-        self._results = meter.create_counter(tel.M_CHECK_RESULTS, unit="{check}")
-        self._judge_score = meter.create_histogram(tel.M_CHECK_JUDGE_SCORE, unit="1")
-        self._grounding = meter.create_histogram(tel.M_CHECK_GROUNDING, unit="1")
+        self._verdicts = meter.create_counter(checker_metrics.M_CHECK_VERDICTS, unit="{verdict}")
+        self._results = meter.create_counter(checker_metrics.M_CHECK_RESULTS, unit="{check}")
+        self._judge_score = meter.create_histogram(checker_metrics.M_CHECK_JUDGE_SCORE, unit="1")
+        self._grounding = meter.create_histogram(checker_metrics.M_CHECK_GROUNDING, unit="1")
 
     async def start(self) -> None:
         if self.models is None:
@@ -261,7 +262,7 @@ class Checker:
                 self._grounding.record(c.score, attrs)
         if judgement is not None:
             self._judge_score.record(judgement.score, {**attrs, "gen_ai.request.model": judgement.model})
-        self.mesh.stats.counters[f"{tel.M_CHECK_VERDICTS}.{'passed' if passed else 'failed'}"] += 1
+        self.mesh.stats.counters[f"{checker_metrics.M_CHECK_VERDICTS}.{'passed' if passed else 'failed'}"] += 1
 
 
 async def build(mesh: Mesh, settings: CheckerSettings) -> Checker:

@@ -13,8 +13,8 @@ from mesh_contracts.v1 import ReleaseChange, ReleaseChanged, ReleaseDecided, Wor
 from mesh_contracts.v1.records import TaskRecord
 from mesh_durable import chain
 from mesh_kit import Delivery, Mesh
-from mesh_kit import telemetry as tel
 from mesh_kit.delivery import Reject
+from mesh_planner import metrics as planner_metrics
 from mesh_planner import releases as rel
 from mesh_planner.releases import Releases
 from mesh_planner.workflows import Refused, Registry, may_change
@@ -113,7 +113,7 @@ class Changes:
         by the decision), then cleared from the channel's unannounced list."""
         assert self.releases is not None
         for e in decided:
-            self.mesh.count(tel.M_RELEASE_DECISIONS, {"tenant": tenant, "decision": e.action})
+            self.mesh.count(planner_metrics.M_RELEASE_DECISIONS, {"tenant": tenant, "decision": e.action})
             log.warning("release %s of tenant %s %s by %s: %s", e.version, tenant, e.action, e.by, e.reason)
             detail = {"version": e.version, "current": e.current, "tasks": e.tasks, "bad": e.bad, "llr": e.llr,
                       "lower": e.lower, "upper": e.upper, "reason": e.reason}  # fmt: skip

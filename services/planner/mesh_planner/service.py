@@ -49,7 +49,6 @@ from mesh_contracts.v1.records import (
     StatusRecord,
     StepState,
     TaskRecord,
-    ToolCatalogue,
     WaitState,
 )
 from mesh_contracts.v1.workflow import (
@@ -66,11 +65,11 @@ from mesh_durable.ledger import Ledger
 from mesh_kit import Delivery, Mesh, Park
 from mesh_kit import envelope as env
 from mesh_kit import state as st
-from mesh_kit import telemetry as tel
 from mesh_kit.delivery import Reject
 from mesh_kit.state import Bundles
 from mesh_kit.view import KeyView
 from mesh_llm import ChatModel, ContextOverflow, Message, ModelRequest, UnknownRoute
+from mesh_planner import metrics as planner_metrics
 from mesh_planner import releases as rel
 from mesh_planner import waits
 from mesh_planner.admission import Admission, Limits, StoreLevel, Wait, parse_tenants
@@ -103,8 +102,6 @@ PLAN_PROMPT = prompts.load("mesh_planner", "plan")
 override (``Planner.plan_prompt``)."""
 
 
-CATALOGUE_REFRESH_S = 1.0
-"""How old the tool catalogue a plan is made with may be (a tool mounted since is listed after it)."""
 SENT_KEPT = 20_000
 """Tasks whose release a planner remembers (the oldest are forgotten first, and read again)."""
 
@@ -133,17 +130,14 @@ class Planner:
         self.planning: PlanningSlots | None = None
         self.workflows: Registry | None = None
         self.releases: Releases | None = None
-        self.changes = Changes(mesh)
-        """People's changes to the tenant's workflows and releases (``mesh_planner.changes``)."""
+        self.changes = Changes(mesh)  # people's changes to the tenant's workflows and releases
         self.channels: KeyView | None = None
         self.bundles: Bundles | None = None
-        self.tools: Any = None  # ``tools``: the tool-executor's catalogue, which the plan prompt lists
-        self._catalogue: tuple[float, ToolCatalogue | None] = (float("-inf"), None)
+        self.catalogue = st.Catalogue(None)  # KV ``tools``: the tool-executor's, which the plan prompt lists
         self._release_of: OrderedDict[tuple[str, str], str] = OrderedDict()
         """The release each task this process admitted runs (its planning reads the bundle)."""
         self.timers: Timers | None = None
-        self.outbox = Outbox(mesh, lambda: self.kv, lambda: self.evidence, lambda: self.timers)
-        """Where a transition's decided messages are published from (``mesh_planner.outbox``)."""
+        self.outbox = Outbox(mesh, lambda: self.kv, lambda: self.evidence, lambda: self.timers)  # decided messages
         self._to_plan: set[tuple[str, str]] = set()
         """Submissions this process admitted, made a record for and parked for a planning slot."""
         self._waited: set[tuple[str, str]] = set()
@@ -175,7 +169,7 @@ class Planner:
         await self.channels.start()
         self.releases = Releases(kv, frozenset(routes) if isinstance(routes, dict) else None, self.channels)
         self.bundles = Bundles(kv)
-        self.tools = await self.mesh.kv("tools")
+        self.catalogue = st.Catalogue(await self.mesh.kv("tools"))  # a tool mounted since: listed a second on
         self.changes.workflows, self.changes.releases = self.workflows, self.releases
 
     async def start_timers(self) -> None:
@@ -352,12 +346,12 @@ class Planner:
                 # Admitted; its tenant is at its share of the run slots: the submission waits,
                 # not taken up (queued, as the budget sees it), until one is free for it.
                 if (m.tenant, m.task_id) not in self._waited:
-                    self.mesh.count(tel.M_SLOT_WAITS, {"tenant": m.tenant})
+                    self.mesh.count(planner_metrics.M_SLOT_WAITS, {"tenant": m.tenant})
                 self._waited.add((m.tenant, m.task_id))
                 raise Park(decision.until, f"{key} waits for a run slot")
             refusal = decision
         if refusal is not None:
-            self.mesh.count(tel.M_REFUSED, {"tenant": m.tenant, "code": refusal.code})
+            self.mesh.count(planner_metrics.M_REFUSED, {"tenant": m.tenant, "code": refusal.code})
             log.info("refused %s: %s (retry after %.2fs)", key, refusal.reason, refusal.retry_after_s)
             await self.mesh.publish(
                 TaskRejected(
@@ -399,7 +393,7 @@ class Planner:
         assert rec is not None
         self._remember_release(m.tenant, m.task_id, rec.release)
         if created:
-            self.mesh.count(tel.M_ADMITTED, {"tenant": m.tenant})
+            self.mesh.count(planner_metrics.M_ADMITTED, {"tenant": m.tenant})
         elif rec.status in TERMINAL:
             await self.release(rec)  # a late duplicate of an ended task: admitting it again was a no-op
         if not created and rec.goal and rec.goal != m.goal:  # (no goal: cancelled before it started)
@@ -450,7 +444,7 @@ class Planner:
         if self.admission is not None:
             self.admission.refused(m.tenant, "invalid")
             await self.admission.release(m.tenant, m.task_id, None)  # if it was admitted (as on_rejected)
-        self.mesh.count(tel.M_REFUSED, {"tenant": m.tenant, "code": "invalid"})
+        self.mesh.count(planner_metrics.M_REFUSED, {"tenant": m.tenant, "code": "invalid"})
         await self.mesh.publish(
             TaskRejected(tenant=m.tenant, task_id=m.task_id, reason=reason, source_subject=d.subject, code="invalid"),
             key=f"refused:{d.msg_id}", causation=d.msg_id,
@@ -524,7 +518,7 @@ class Planner:
         planning, task = self.planning, (m.tenant, m.task_id)
         if planning is not None and not planning.take(m.tenant, m.task_id):
             if task not in self._to_plan:
-                self.mesh.count(tel.M_PLANNING_WAITS, {"tenant": m.tenant})
+                self.mesh.count(planner_metrics.M_PLANNING_WAITS, {"tenant": m.tenant})
             self._to_plan.add(task)
             raise Park(lambda: planning.wait(m.tenant, m.task_id, m.priority), f"{key} waits for a planning slot")
         self._to_plan.discard(task)
@@ -538,25 +532,16 @@ class Planner:
             if planning is not None:
                 planning.release(m.tenant, m.task_id)
 
-    async def _tool_list(self) -> str:
-        """The tools a plan may name (``drafts.tool_list``): the catalogue, read at most once a
-        ``CATALOGUE_REFRESH_S`` (a broker away: the one read last; none yet: retrieval alone)."""
-        at, catalogue = self._catalogue
-        if self.tools is not None and time.monotonic() - at > CATALOGUE_REFRESH_S:
-            try:
-                catalogue = await st.tool_catalogue(self.tools) or catalogue
-            except Exception as exc:  # noqa: BLE001 - the broker is away: plan with what is known
-                log.debug("tool catalogue not read: %s", exc)
-            self._catalogue = (time.monotonic(), catalogue)
-        return tool_list(catalogue)
-
     async def _plan(
         self, m: TaskSubmitted, d: Delivery, plan_prompt: prompts.Prompt, unusable: str, route: str = ""
     ) -> None:
         """Ask the model for the task's plan and apply it (or fail the task with why not)."""
         request = ModelRequest(
             (
-                Message("system", plan_prompt.render(max_steps=m.limits.max_steps, tools=await self._tool_list())),
+                Message(
+                    "system",
+                    plan_prompt.render(max_steps=m.limits.max_steps, tools=tool_list(await self.catalogue.get())),
+                ),
                 Message("user", m.goal),
             ),
             agent="planner",

@@ -28,10 +28,11 @@ from typing import Any
 
 from mesh_contracts.v1 import IngestCompleted, IngestRequested, RetrievalCompleted, RetrievalHit, RetrievalRequested
 from mesh_durable.redis import redis_client, redis_errors
+from mesh_guardrails import metrics as guardrails_metrics
 from mesh_guardrails.injection import score as injection_score
 from mesh_kit import Delivery, Mesh
-from mesh_kit import telemetry as tel
 from mesh_kit.deps import Dependency
+from mesh_rag import metrics as rag_metrics
 from mesh_rag.embed import Embedder
 from mesh_rag.extract import SUPPORTED, ExtractError, extract, media_type_for
 from mesh_rag.index import Chunk, TenantIndex, build_document, document_version
@@ -205,10 +206,10 @@ class Rag:
         key = self._cache_key(m.tenant, manifest.version, m)
         cached = await self._cache_get(key)
         if cached is not None:
-            self.mesh.count(tel.M_RETRIEVAL_CACHE_HITS)
+            self.mesh.count(rag_metrics.M_RETRIEVAL_CACHE_HITS)
             return [RetrievalHit.model_validate(h) for h in json.loads(cached)], manifest.version, True
         if self._redis is not None:
-            self.mesh.count(tel.M_RETRIEVAL_CACHE_MISSES)
+            self.mesh.count(rag_metrics.M_RETRIEVAL_CACHE_MISSES)
         index = await self._index(m.tenant, manifest)
         qv = None
         if m.method != "bm25":
@@ -248,7 +249,7 @@ class Rag:
             self._cache_failed(exc)
 
     def _cache_failed(self, exc: BaseException) -> None:
-        self.mesh.count(tel.M_RETRIEVAL_CACHE_ERRORS)
+        self.mesh.count(rag_metrics.M_RETRIEVAL_CACHE_ERRORS)
         if self.cache is not None:
             self.cache.down(exc)
 
@@ -256,7 +257,7 @@ class Rag:
         hits, version, cached = await self._search(m)
         flagged = sum(1 for h in hits if h.injection_score >= 0.5)
         if flagged:
-            self.mesh.count(tel.M_INJECTION_FLAGGED)
+            self.mesh.count(guardrails_metrics.M_INJECTION_FLAGGED)
         await self.mesh.publish(
             RetrievalCompleted(
                 tenant=m.tenant,

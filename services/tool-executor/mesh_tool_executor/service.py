@@ -32,18 +32,20 @@ from mesh_contracts.v1 import (
 )
 from mesh_contracts.v1.records import TERMINAL, StatusRecord, TaskRecord, ToolCatalogue
 from mesh_durable import chain, guard
+from mesh_durable import metrics as durable_metrics
 from mesh_durable.ledger import BUCKET, Ledger
+from mesh_guardrails import metrics as guardrails_metrics
 from mesh_guardrails.injection import score as injection_score
 from mesh_guardrails.redact import redact, redact_value
 from mesh_identity import Principal
 from mesh_kit import Delivery, Mesh
 from mesh_kit import envelope as env
 from mesh_kit import state as st
-from mesh_kit import telemetry as tel
 from mesh_kit.delivery import Reject
 from mesh_kit.faults import crash_point
 from mesh_kit.tail import Reader
 from mesh_tool_executor import destinations, net
+from mesh_tool_executor import metrics as tool_executor_metrics
 from mesh_tool_executor.approvals import ApprovalRecord, Approvals, approval_id
 from mesh_tool_executor.limits import RateLimiter
 from mesh_tool_executor.policy import Decision, decide
@@ -123,13 +125,13 @@ class ToolExecutor:
         self.registry = registry or Registry()
         self.ledger: Ledger | None = None
         self.audit = chain.of(mesh)
-        self.guard: guard.Guard | None = None  # enabled by register()
         self.bundles = st.Bundles(None)  # the releases bucket, from start()
         self.tasks: Any = None
         self.approvals: Approvals | None = None
         self.notes: Notes = MemoryNotes()
         self.limiter = RateLimiter(
-            mesh.settings.redis_url if mesh.settings else "", on_local=lambda: mesh.count(tel.M_RATE_LIMIT_LOCAL)
+            mesh.settings.redis_url if mesh.settings else "",
+            on_local=lambda: mesh.count(tool_executor_metrics.M_RATE_LIMIT_LOCAL),
         )
         self.mcp: McpMount | None = None
         self._apply_policy()
@@ -201,7 +203,7 @@ class ToolExecutor:
             log.info("mounted MCP tool %s (risk %s)", mt.name, self.registry.get(mt.name).risk)  # type: ignore[union-attr]
 
     def register(self) -> None:
-        self.guard = guard.enable(self.mesh)
+        guard.enable(self.mesh)
         self.mesh.on_start(self.start)
         self.mesh.on_stop(self.stop)
         self.mesh.consume(ToolRequested, self.on_request)
@@ -330,7 +332,7 @@ class ToolExecutor:
         untrusted = bool(outcome.get("untrusted", tool is not None and tool.untrusted_output))
         scored = injection_score(outcome["result"] if outcome["ok"] else outcome["error"]) if untrusted else None
         if scored is not None and scored.flagged:
-            self.mesh.count(tel.M_INJECTION_FLAGGED)
+            self.mesh.count(guardrails_metrics.M_INJECTION_FLAGGED)
         await self.mesh.publish(
             ToolCompleted(
                 tenant=m.tenant,
@@ -360,7 +362,7 @@ class ToolExecutor:
 
     async def _audit(self, m: ToolRequested, tool: Tool | None, decision: str, reasons: tuple[str, ...] | list[str],
                      *, approval: str = "", by: str = "", goal: str | None = None, void: str = "") -> None:  # fmt: skip
-        self.mesh.count(tel.M_TOOL_DECISIONS)
+        self.mesh.count(tool_executor_metrics.M_TOOL_DECISIONS)
         if goal is None and tool is not None and tool.trusted_args:
             goal = await self._goal(m)
         record = ToolAudited(
@@ -397,10 +399,10 @@ class ToolExecutor:
         )  # fmt: skip
 
     async def on_request(self, m: ToolRequested, d: Delivery) -> None:
-        stop = await self.guard.check(m.tenant, m.task_id) if self.guard is not None else None
+        stop = await g.check(m.tenant, m.task_id) if (g := guard.of(self.mesh)) is not None else None
         if stop is not None:
             # Not run and not recorded: after a resume the step is dispatched afresh.
-            self.mesh.count(tel.M_CALLS_REFUSED)
+            self.mesh.count(durable_metrics.M_CALLS_REFUSED)
             await self._answer(m, {"ok": False, "result": "", "error": f"not run: {stop.reason}"}, None,
                                causation=d.msg_id, stopped="halted" if stop.halted else "stopped")  # fmt: skip
             return
@@ -453,7 +455,7 @@ class ToolExecutor:
             note = f"[dry run] {tool.name} was not performed: task {m.task_id} replays {m.replay.of}"
             outcome = {"ok": True, "result": note, "error": "", "untrusted": False}
             how = f"{m.replay.of} recorded no result for {m.call_id}"
-        self.mesh.count(tel.M_TOOL_DRY_RUNS)
+        self.mesh.count(tool_executor_metrics.M_TOOL_DRY_RUNS)
         await self._audit(m, tool, "allowed", (f"dry run in a replay of {m.replay.of}: not performed; {how}",),
                           by="replay")  # fmt: skip
         await self._answer(m, outcome, tool, causation=d.msg_id, dry_run=True)
@@ -537,7 +539,7 @@ class ToolExecutor:
                 detail={"step_id": rec.step_id, "call_id": rec.call_id, "tool": rec.tool,
                         "approval_id": rec.approval_id, "approved": m.approved, "reason": refused},
             )  # fmt: skip
-            self.mesh.count(tel.M_APPROVAL_DECISIONS_REFUSED)
+            self.mesh.count(tool_executor_metrics.M_APPROVAL_DECISIONS_REFUSED)
             raise Reject(refused)
         decision: Literal["approved", "denied"] = "approved" if m.approved else "denied"
         ended = await self._ended_now(rec.tenant, rec.task_id) if rec.status == "pending" else None
@@ -570,7 +572,7 @@ class ToolExecutor:
     async def _ended_seen(self, tenant: str, task_id: str) -> str | None:
         """The same from the guard's view of the ``status`` bucket (memory, kept current by its
         feed): cheap enough for the sweep that voids waits of ended tasks every second."""
-        view = self.guard.status_view if self.guard is not None else None
+        view = g.status_view if (g := guard.of(self.mesh)) is not None else None
         if view is None:
             return None
         raw = await view.get(TaskRecord.key(tenant, task_id))
@@ -611,7 +613,7 @@ class ToolExecutor:
             outcome = {"ok": False, "result": "", "error": f"not run: approval {rec.approval_id} void: {rec.void}",
                        "untrusted": False}  # fmt: skip
             stopped = "stopped"
-            self.mesh.count(tel.M_APPROVALS_VOID)
+            self.mesh.count(tool_executor_metrics.M_APPROVALS_VOID)
         else:
             verdict = "expired" if rec.status == "expired" else "denied"
             why = (f"no decision within {rec.deadline - rec.requested_at:g}s" if verdict == "expired"

@@ -40,6 +40,7 @@ from mesh_contracts.v1 import (
 )
 from mesh_contracts.v1.records import ToolCatalogue
 from mesh_durable import guard
+from mesh_durable import metrics as durable_metrics
 from mesh_durable.ledger import BUCKET as LEDGER
 from mesh_durable.ledger import Ledger
 from mesh_guardrails.injection import UNTRUSTED_NOTICE, score_many
@@ -47,11 +48,11 @@ from mesh_guardrails.provenance import Text
 from mesh_kit import Delivery, Mesh
 from mesh_kit import envelope as env
 from mesh_kit import state as st
-from mesh_kit import telemetry as tel
 from mesh_kit.delivery import Retry
 from mesh_llm import ChatModel, Message, ModelRequest, ModelResponse, ProviderError, ToolCall, ToolSpec
 from mesh_llm.context import clip
 from mesh_llm.model import Role
+from mesh_worker import metrics as worker_metrics
 from mesh_worker.settings import WorkerSettings
 
 log = logging.getLogger("mesh.worker")
@@ -142,27 +143,19 @@ class Worker:
         self.bundles = st.Bundles(None)  # the releases bucket, from start()
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self.catalogue: dict[str, ToolSpec] = {}
-        self._tools_kv: Any = None
-        self._catalogue_read = 0.0
+        self.tools = st.Catalogue(None)  # KV ``tools``: what the tool-executor serves
 
     async def start(self) -> None:
         self.steps = await self.mesh.kv("steps")
         self.bundles = st.Bundles(await self.mesh.kv("releases"))
         self.ledger = Ledger(await self.mesh.kv(LEDGER), self.mesh.service)
-        self._tools_kv = await self.mesh.kv("tools")
+        self.tools = st.Catalogue(await self.mesh.kv("tools"), CATALOGUE_REFRESH_S)
         await self._read_catalogue()
 
     async def _read_catalogue(self) -> None:
         """The tool-executor's catalogue (built-ins and mounted MCP tools), so a step can be
         offered any tool the executor serves, with the schema the executor validates against."""
-        self._catalogue_read = time.monotonic()
-        if self._tools_kv is None:
-            return
-        try:
-            catalogue = await st.tool_catalogue(self._tools_kv)
-        except Exception as exc:  # noqa: BLE001 - the broker is away: the tools known so far
-            log.debug("tool catalogue not available: %s", exc)
-            return
+        catalogue = await self.tools.get(fresh=True)
         if catalogue is not None:  # (None: not written yet, the executor is starting)
             self.use_catalogue(catalogue)
 
@@ -172,7 +165,7 @@ class Worker:
 
     async def _specs(self, names: tuple[str, ...]) -> tuple[ToolSpec, ...]:
         missing = [n for n in names if n not in TOOLS and n not in self.catalogue]
-        if missing and time.monotonic() - self._catalogue_read > CATALOGUE_REFRESH_S:
+        if missing and time.monotonic() - self.tools.read_at > CATALOGUE_REFRESH_S:
             await self._read_catalogue()  # a tool the executor mounted after this worker started
             missing = [n for n in missing if n not in self.catalogue]
         if missing and not self.catalogue:
@@ -258,7 +251,7 @@ class Worker:
         run, _ = await st.load(self.steps, StepRun.key(m.tenant, m.task_id, m.step_id), StepRun)
         if run is None or run.status != "running" or run.pending is None or run.pending.call_id != m.call_id:
             return  # duplicate or stale
-        self.mesh.count(tel.M_CALLS_REFUSED)
+        self.mesh.count(durable_metrics.M_CALLS_REFUSED)
         await self._finish(run, failed=f"stopped: {m.error.removeprefix('not run: ')}", halted=m.stopped == "halted")
 
     async def on_retrieval(self, m: RetrievalCompleted, d: Delivery) -> None:
@@ -524,7 +517,7 @@ class Worker:
             self.steps, StepRun.key(req.tenant, req.task_id, req.step.step_id), StepRun, advance
         )
         if not changed or new is None:
-            self.mesh.count(tel.M_FENCED)  # a newer delivery advanced this step: our result is stale
+            self.mesh.count(worker_metrics.M_FENCED)  # a newer delivery advanced this step: our result is stale
             return None
         return new
 
@@ -641,7 +634,7 @@ class Worker:
 
         new, closed = await st.update(self.steps, StepRun.key(req.tenant, req.task_id, sid), StepRun, close)
         if not closed:
-            self.mesh.count(tel.M_FENCED)
+            self.mesh.count(worker_metrics.M_FENCED)
         if new is not None and new.attempt == run.attempt:
             await self._publish_outcome(new)
 
@@ -786,7 +779,7 @@ class _Live:
             log.debug("token delta not sent: %s", exc)
 
     async def token(self, text: str) -> None:
-        self.mesh.count(tel.M_TOKENS_STREAMED)
+        self.mesh.count(worker_metrics.M_TOKENS_STREAMED)
         now = time.monotonic()
         if not self._held and now - self._last >= self.window_s:
             self._last = now

@@ -1,0 +1,7 @@
+"""The tool-executor: the names of the metrics it emits (the mesh's own are ``mesh_kit.telemetry``'s)."""
+
+M_TOOL_DRY_RUNS = "mesh.tool.dry_runs"  # a replay's write or external tool call answered without performing it
+M_TOOL_DECISIONS = "mesh.tools.decisions"  # tool-policy decisions recorded as tool.audited
+M_RATE_LIMIT_LOCAL = "mesh.tool.rate_limit.local"  # a rate-limit decision taken in the process because Redis was down
+M_APPROVAL_DECISIONS_REFUSED = "mesh.tool.approval.decisions_refused"  # by an approver not (or no longer) the tenant's
+M_APPROVALS_VOID = "mesh.tool.approvals.void"  # approvals void because their task ended before a decision
