@@ -23,6 +23,7 @@ from typing import Any
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
 from mesh_kit.delivery import Retry
+from mesh_kit.state import KV
 
 BUCKET = "ledger"
 CLAIM_LEASE_S = 600.0
@@ -42,7 +43,7 @@ class _Done:
 
 
 class Ledger:
-    def __init__(self, kv: Any, service: str) -> None:
+    def __init__(self, kv: KV, service: str) -> None:
         self.kv = kv
         self.service = service
 

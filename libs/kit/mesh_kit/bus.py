@@ -47,6 +47,7 @@ from mesh_kit.fair import FairConsumer
 from mesh_kit.quota import Quotas, limits_from
 from mesh_kit.reply import Server
 from mesh_kit.settings import ServiceSettings
+from mesh_kit.state import KV
 from mesh_kit.throttle import Throttled
 from mesh_kit.trust import Trust
 
@@ -144,7 +145,7 @@ class Mesh:
         """The trust bundle as last published, read now (``Trust.newest_trust``)."""
         return await self.trust.newest_trust()
 
-    async def kv(self, bucket: str) -> Any:
+    async def kv(self, bucket: str) -> KV:
         """Bind a provisioned KV bucket (never creates it; see ``state.bind``)."""
         return await self.connection.kv(bucket)
 

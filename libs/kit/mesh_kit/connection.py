@@ -14,7 +14,7 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Protocol
 
 import nats
 from faststream.nats import NatsBroker
@@ -33,7 +33,7 @@ from mesh_kit import telemetry as tel
 from mesh_kit.delivery import PermissionViolation
 from mesh_kit.fair import PRIORITY
 from mesh_kit.settings import ServiceSettings, StreamFull, tls_context
-from mesh_kit.state import bind
+from mesh_kit.state import KV, bind
 from mesh_kit.trust import Trust
 
 log = logging.getLogger("mesh.bus")
@@ -134,7 +134,7 @@ class Connection:
     def js(self) -> JetStreamContext:
         return self.nats.js()
 
-    async def kv(self, bucket: str) -> Any:
+    async def kv(self, bucket: str) -> KV:
         """Bind a provisioned KV bucket (never creates it; see ``state.bind``)."""
         return bind(self.nc, bucket)
 

@@ -213,7 +213,7 @@ class Quotas:
     they caused reach its quota is refused new ones."""
 
     def __init__(
-        self, nc: Callable[[], Any], kv: Any, service: str, limits: Callable[[str, str, Shape], Limit]
+        self, nc: Callable[[], Any], kv: st.KV, service: str, limits: Callable[[str, str, Shape], Limit]
     ) -> None:
         self._nc, self.kv, self.service, self.limits = nc, kv, service, limits
         self._shapes: dict[str, tuple[float, Shape]] = {}

@@ -15,7 +15,7 @@ import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
@@ -25,6 +25,28 @@ from mesh_contracts.v1.records import Evidence, ReleaseVersion, StatusRecord, Ta
 from mesh_contracts.v1.release import GLOBAL, ReleaseBundle
 
 log = logging.getLogger("mesh.state")
+
+
+class Entry(Protocol):
+    """A key's value as read: its bytes (None for a deletion marker) and revision."""
+
+    @property
+    def value(self) -> bytes | None: ...
+    @property
+    def revision(self) -> int | None: ...
+
+
+class KV(Protocol):
+    """A key-value bucket as the mesh uses it: nats-py's ``KeyValue`` bound by ``bind``, or a test's
+    ``mesh_testing.memkv.MemoryKV``. ``get`` of a missing key raises ``KeyNotFoundError``;
+    ``create`` of a present one and ``update`` at another revision ``KeyWrongLastSequenceError``."""
+
+    async def get(self, key: str) -> Entry: ...
+    async def put(self, key: str, value: bytes) -> int: ...
+    async def create(self, key: str, value: bytes) -> int: ...
+    async def update(self, key: str, value: bytes, last: int | None = None) -> int: ...
+    async def delete(self, key: str) -> bool: ...
+    async def purge(self, key: str) -> bool: ...
 
 
 def bind(nc: Any, bucket: str) -> KeyValue:
@@ -38,7 +60,7 @@ def bind(nc: Any, bucket: str) -> KeyValue:
 M = TypeVar("M", bound=BaseModel)
 
 
-async def _raw(kv: Any, key: str) -> tuple[bytes | None, int]:
+async def _raw(kv: KV, key: str) -> tuple[bytes | None, int]:
     try:
         entry = await kv.get(key)
     except KeyNotFoundError:
@@ -48,7 +70,7 @@ async def _raw(kv: Any, key: str) -> tuple[bytes | None, int]:
     return entry.value, entry.revision or 0
 
 
-async def load(kv: Any, key: str, model: type[M], *, remember: bool = False) -> tuple[M | None, int]:
+async def load(kv: KV, key: str, model: type[M], *, remember: bool = False) -> tuple[M | None, int]:
     """The key's value and revision (None, 0 when there is none). ``remember``: the next ``update``
     of the key by this process starts from what was read here instead of reading it again (its
     compare-and-set still proves it current; a key found missing is then created outright)."""
@@ -67,7 +89,7 @@ _LAST_WRITES = 512
 _last: weakref.WeakKeyDictionary[Any, OrderedDict[str, tuple[bytes | None, int]]] = weakref.WeakKeyDictionary()
 
 
-def _remembered(kv: Any) -> OrderedDict[str, tuple[bytes | None, int]]:
+def _remembered(kv: KV) -> OrderedDict[str, tuple[bytes | None, int]]:
     try:
         return _last.setdefault(kv, OrderedDict())
     except TypeError:  # not weakly referenceable (a test double): remember nothing
@@ -81,7 +103,7 @@ def _remember(remembered: OrderedDict[str, tuple[bytes | None, int]], key: str, 
         remembered.popitem(last=False)
 
 
-def written(kv: Any, key: str) -> int:
+def written(kv: KV, key: str) -> int:
     """The revision of ``key`` that ``update`` remembers: this process's last write of it, or a read
     it was told to remember (0: none)."""
     known = _remembered(kv).get(key)
@@ -92,7 +114,7 @@ _writers: weakref.WeakKeyDictionary[Any, dict[str, list[Any]]] = weakref.WeakKey
 """Per bucket and key: [lock, how many updates hold or wait for it] (the entry goes with the last)."""
 
 
-def _key_lock(kv: Any, key: str) -> list[Any] | None:
+def _key_lock(kv: KV, key: str) -> list[Any] | None:
     try:
         per_key = _writers.setdefault(kv, {})
     except TypeError:  # not weakly referenceable (a test double): no local ordering
@@ -104,7 +126,7 @@ def _key_lock(kv: Any, key: str) -> list[Any] | None:
     return entry
 
 
-def _release(kv: Any, key: str, entry: list[Any]) -> None:
+def _release(kv: KV, key: str, entry: list[Any]) -> None:
     entry[1] -= 1
     if entry[1] == 0:
         per_key = _writers.get(kv)
@@ -113,7 +135,7 @@ def _release(kv: Any, key: str, entry: list[Any]) -> None:
 
 
 async def update(
-    kv: Any, key: str, model: type[M], mutate: Callable[[M | None], M | None], retries: int = 12
+    kv: KV, key: str, model: type[M], mutate: Callable[[M | None], M | None], retries: int = 12
 ) -> tuple[M | None, bool]:
     """Read-modify-write with compare-and-set. ``mutate`` returns the new value, or None for
     "no change". Returns (value, changed).
@@ -139,7 +161,7 @@ async def update(
 
 
 async def _update(
-    kv: Any, key: str, model: type[M], mutate: Callable[[M | None], M | None], retries: int
+    kv: KV, key: str, model: type[M], mutate: Callable[[M | None], M | None], retries: int
 ) -> tuple[M | None, bool]:
     remembered = _remembered(kv)
     known = remembered.get(key)
@@ -193,25 +215,25 @@ async def from_leader(nc: Any, bucket: str, key: str, model: type[M]) -> M | Non
     return model.model_validate_json(stored.data)
 
 
-async def task_record(kv: Any, tenant: str, task_id: str) -> TaskRecord | None:
+async def task_record(kv: KV, tenant: str, task_id: str) -> TaskRecord | None:
     """The planner's record of a task (bucket ``tasks``), or None when there is none yet."""
     rec, _ = await load(kv, TaskRecord.key(tenant, task_id), TaskRecord)
     return rec
 
 
-async def task_status(kv: Any, tenant: str, task_id: str) -> StatusRecord | None:
+async def task_status(kv: KV, tenant: str, task_id: str) -> StatusRecord | None:
     """Whether a task was halted or ended, and why (bucket ``status``); None while it runs."""
     rec, _ = await load(kv, TaskRecord.key(tenant, task_id), StatusRecord)
     return rec
 
 
-async def evidence(kv: Any, tenant: str, task_id: str, step_id: str, attempt: int) -> Evidence | None:
+async def evidence(kv: KV, tenant: str, task_id: str, step_id: str, attempt: int) -> Evidence | None:
     """The retrieval records a step attempt read (bucket ``evidence``, the planner's own)."""
     rec, _ = await load(kv, Evidence.key(tenant, task_id, step_id, attempt), Evidence)
     return rec
 
 
-async def tool_catalogue(kv: Any) -> ToolCatalogue | None:
+async def tool_catalogue(kv: KV) -> ToolCatalogue | None:
     """Every tool the tool-executor serves (bucket ``tools``); None before it first wrote it. A
     catalogue written as a bare list (an executor from before the record) is read too."""
     try:
@@ -228,7 +250,7 @@ class Catalogue:
     """The tool catalogue as last read (``tool_catalogue``): read again when older than
     ``refresh_s`` or when asked (``fresh``); a failed read (the broker away) keeps the last one."""
 
-    def __init__(self, kv: Any, refresh_s: float = 1.0) -> None:
+    def __init__(self, kv: KV | None, refresh_s: float = 1.0) -> None:
         self.kv, self.refresh_s = kv, refresh_s
         self.read_at = float("-inf")
         self.value: ToolCatalogue | None = None

@@ -19,7 +19,7 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import nats
 from cryptography.hazmat.primitives import serialization
@@ -31,7 +31,7 @@ from mesh_contracts import topology as topo
 from mesh_identity import IdentityError, Signer, TrustBundle, UnknownKey, Verifier, load_private_key
 from mesh_kit import telemetry as tel
 from mesh_kit.settings import ServiceSettings
-from mesh_kit.state import bind
+from mesh_kit.state import KV, bind
 
 log = logging.getLogger("mesh.trust")
 V = TypeVar("V")
@@ -58,7 +58,7 @@ class Trust:
         self.verifier = verifier or Verifier(TrustBundle.from_file(settings.trust_bundle_file))
         self._creds_file_state = _file_state(settings.creds_file) if settings.creds_file else None
         self._tasks: list[asyncio.Task[None]] = []
-        self._trust_kv: Any = None  # the ``trust`` bucket, once followed
+        self._trust_kv: KV | None = None  # the ``trust`` bucket, once followed
         self._trust_lock = asyncio.Lock()
         self._trust_read_at = float("-inf")  # monotonic start of the last read on an unknown key
 
@@ -158,7 +158,7 @@ class Trust:
             self._count(tel.M_TRUST_CAUGHT_UP)
         return check()
 
-    async def _watch_trust(self, kv: Any) -> None:
+    async def _watch_trust(self, kv: KV) -> None:
         """Every write of the bundle reaches this service at once on a core subscription to its
         key's subject (the document itself, accepted only if the current bundle's operator
         signed it and it is newer); a re-read every ``identity_refresh_s`` catches a write made

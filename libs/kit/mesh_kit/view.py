@@ -36,6 +36,7 @@ from nats.aio.msg import Msg
 from nats.js.errors import KeyNotFoundError
 
 from mesh_contracts import topology as topo
+from mesh_kit.state import KV
 
 log = logging.getLogger("mesh.view")
 
@@ -53,7 +54,7 @@ class _Known:
 
 
 class KeyView:
-    def __init__(self, nc: Any, kv: Any, bucket: str, *, max_age_s: float = 2.0, size: int = 50_000) -> None:
+    def __init__(self, nc: Any, kv: KV, bucket: str, *, max_age_s: float = 2.0, size: int = 50_000) -> None:
         self.nc, self.kv, self.bucket = nc, kv, bucket
         self.max_age_s, self.size = max_age_s, size
         self._pre = f"$KV.{bucket}."
