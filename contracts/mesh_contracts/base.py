@@ -15,6 +15,7 @@ from typing import ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mesh_contracts.decode import DEFAULT_LIMITS, DEFAULT_MAX_BYTES, DecodeError, DecodeLimits, decode
+from mesh_contracts.errors import ContractsError
 
 # Ids become subject tokens: no dots, spaces or wildcards, or a tenant could address
 # another tenant's subjects.
@@ -72,7 +73,7 @@ class ContractSpec:
         return f"{self.domain}.v{self.major}.{tenant}.{task}.{self.event}"
 
 
-class ContractError(ValueError):
+class ContractError(ValueError, ContractsError):
     """A payload that is not a valid message of the expected contract."""
 
 

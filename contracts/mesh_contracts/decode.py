@@ -21,13 +21,15 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from mesh_contracts.errors import ContractsError
+
 KB = 1024
 MB = 1024 * KB
 DEFAULT_MAX_BYTES = 1 * MB
 """A message of a contract that declares no limit of its own."""
 
 
-class DecodeError(ValueError):
+class DecodeError(ValueError, ContractsError):
     """A body the bounded decoder refused; the message is the reason (``decode: ...``). The
     contracts' ``parse`` raises it as a ``ContractError`` subclass (``BodyError``)."""
 

@@ -26,6 +26,7 @@ import yaml
 
 from mesh_contracts import __name__ as _pkg
 from mesh_contracts.base import CLIENT, Contract
+from mesh_contracts.errors import ContractsError
 from mesh_contracts.registry import VERSIONS
 from mesh_contracts.topology import BUCKETS, DOOR_PREFIX, STREAMS, door_of
 from mesh_contracts.v1.records import RECORDS
@@ -284,7 +285,7 @@ def _git_root() -> Path:
     return Path(top)
 
 
-class NoHistory(RuntimeError):
+class NoHistory(RuntimeError, ContractsError):
     """The git history the breaking-change check compares against is not here."""
 
 

@@ -23,6 +23,7 @@ from opentelemetry.trace import Span, StatusCode
 
 from mesh_agent import metrics as agent_metrics
 from mesh_agent import prices
+from mesh_agent.errors import AgentError
 from mesh_contracts.v1 import BudgetDenied, BudgetGranted, BudgetReserve, Replay, TokenUsage, UsageRecorded
 from mesh_durable import guard
 from mesh_durable import metrics as durable_metrics
@@ -43,7 +44,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("mesh.models")
 
 
-class BudgetExceeded(Exception):
+class BudgetExceeded(AgentError):
     """The budget service denied the reservation (or the guard stopped the task): the model
     was not called. ``code`` is the machine-readable cause (see ``BudgetDenied.code``)."""
 

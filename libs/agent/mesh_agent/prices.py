@@ -20,6 +20,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from mesh_agent.errors import AgentError
+
 
 @dataclass(frozen=True)
 class Price:
@@ -58,7 +60,7 @@ class PriceTable:
         return found
 
 
-class UnpricedModel(LookupError):
+class UnpricedModel(LookupError, AgentError):
     """The price table has no entry for a model; the call is refused."""
 
 

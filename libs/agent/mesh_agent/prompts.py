@@ -31,12 +31,14 @@ from functools import cache
 from importlib import resources
 from pathlib import Path
 
+from mesh_agent.errors import AgentError
+
 ID = re.compile(r"^[a-z][a-z0-9_-]*(\.[a-z0-9_-]+)+$")
 VERSION = re.compile(r"^[0-9A-Za-z][0-9A-Za-z._-]{0,31}$")
 FRONT = re.compile(r"\A---\n(.*?)\n---\n?(.*)\Z", re.S)
 
 
-class PromptError(ValueError):
+class PromptError(ValueError, AgentError):
     """A prompt file that cannot be used (missing, no front matter, bad id or version)."""
 
 

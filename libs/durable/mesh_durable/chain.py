@@ -28,6 +28,7 @@ from opentelemetry import propagate, trace
 from mesh_contracts import ContractError
 from mesh_contracts import topology as topo
 from mesh_contracts.v1.audit import ANCHOR, GENESIS, AuditRecorded, kind_allowed
+from mesh_durable.errors import DurableError
 from mesh_identity import IdentityError, Signer, Verifier
 from mesh_kit import envelope as env
 from mesh_kit.tail import Stored
@@ -80,7 +81,7 @@ class Head:
     hash: str
 
 
-class ChainError(RuntimeError):
+class ChainError(RuntimeError, DurableError):
     """The chain could not be appended to (contention beyond ``ATTEMPTS``, a record that does
     not parse where the head should be)."""
 

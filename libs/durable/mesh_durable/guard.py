@@ -31,6 +31,7 @@ from nats.aio.msg import Msg
 from mesh_contracts import ContractError, parse_message
 from mesh_contracts.v1 import ControlCancel, ControlHalt, ControlResume
 from mesh_contracts.v1.records import StatusRecord, TaskRecord
+from mesh_durable.errors import DurableError
 from mesh_identity import IdentityError
 from mesh_kit import envelope as env
 from mesh_kit.view import KeyView
@@ -57,7 +58,7 @@ class Stop:
     code: str = "stopped"
 
 
-class Stopped(Exception):
+class Stopped(DurableError):
     """Raised instead of making a model or tool call for a stopped task."""
 
     def __init__(self, stop: Stop) -> None:

@@ -22,6 +22,7 @@ from typing import Any
 
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
+from mesh_durable.errors import DurableError
 from mesh_kit.delivery import Retry
 from mesh_kit.state import KV
 
@@ -31,7 +32,7 @@ CLAIM_LEASE_S = 600.0
 presumed dead and its claim is taken over."""
 
 
-class Busy(Retry):
+class Busy(Retry, DurableError):
     """Another message is performing this key right now; try again later (not a failure)."""
 
     delay_s = 0.5

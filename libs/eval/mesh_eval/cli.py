@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from mesh_eval.errors import EvalError
 from meshctl import options as opt
 from meshctl.local import MeshError
 
@@ -51,7 +52,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if calibrating:
             return _eval_calibrate(args, target[1] if len(target) > 1 else ev.DEFAULT_CALIBRATION)
         return _eval_run(args, target[0])
-    except ev.EvalError as exc:
+    except EvalError as exc:
         raise MeshError(str(exc)) from None
 
 

@@ -80,6 +80,7 @@ from mesh_contracts.v1 import (
     TaskPolicy,
     TaskRejected,
 )
+from mesh_eval.errors import EvalError
 
 if TYPE_CHECKING:
     from meshctl.client import TenantClient
@@ -88,10 +89,6 @@ FORMAT = 1
 DEFAULT_CALIBRATION = "tests/golden/judge-calibration.jsonl"
 MAX_DOCUMENT_BYTES = 4_400_000  # what one ingest message carries (meshctl.cli.INGEST_MAX_BYTES)
 ANSWER_CHARS = 2000
-
-
-class EvalError(Exception):
-    """A problem the operator can fix; its text is one line."""
 
 
 class DatasetError(EvalError):

@@ -17,6 +17,7 @@ from typing import Any
 
 from mesh_contracts.v1.release import ReleaseEvaluation
 from mesh_eval import harness as ev
+from mesh_eval.errors import EvalError
 
 
 async def evaluate(
@@ -38,7 +39,7 @@ async def evaluate(
     dataset = ev.load_dataset(dataset_path)
     mine = [c.id for c in dataset.cases if c.tenant == client.tenant]
     if not mine:
-        raise ev.EvalError(f"{dataset_path} has no case of tenant {client.tenant}")
+        raise EvalError(f"{dataset_path} has no case of tenant {client.tenant}")
     dataset = dataset.select(case_ids=mine)
     report = await ev.run_dataset(
         dataset, clients={client.tenant: client}, concurrency=concurrency, timeout_s=timeout_s, progress=progress,

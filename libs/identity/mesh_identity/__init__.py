@@ -3,6 +3,7 @@ id, and the operator-signed trust bundle they are judged by. The bus runtime (``
 signs and verifies every message with it; clients and the CLI sign with it, without the runtime."""
 
 from mesh_identity.bundle import TrustBundle
+from mesh_identity.errors import IdentityError, UnknownKey
 from mesh_identity.keys import (
     ALGORITHM,
     CLOCK_LEEWAY_S,
@@ -10,10 +11,8 @@ from mesh_identity.keys import (
     MAX_TOKEN_LIFETIME_S,
     OPERATOR_ROLES,
     REDRIVE_TTL_S,
-    IdentityError,
     Key,
     Principal,
-    UnknownKey,
     body_digest,
     facts_digest,
     load_private_key,

@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING, Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from mesh_contracts.base import APPROVER
+from mesh_identity.errors import IdentityError
 from mesh_identity.keys import (
     CLOCK_LEEWAY_S,
     OPERATOR_ROLES,
-    IdentityError,
     Key,
     Principal,
     _load_public,

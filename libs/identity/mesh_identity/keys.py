@@ -12,6 +12,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from mesh_contracts import facts as mesh_facts
 from mesh_contracts.base import CLIENT
+from mesh_identity.errors import IdentityError
 
 ALGORITHM = "EdDSA"
 DEFAULT_TTL_S = 300.0
@@ -24,17 +25,6 @@ token's binding to its message id, so no token can be replayed into a second eff
 OPERATOR_ROLES = ("admin",)
 """Roles whose signed statements may re-drive a dead letter (``meshctl dlq retry``)."""
 REDRIVE_TTL_S = 300.0
-
-
-class IdentityError(Exception):
-    """A message's identity token is missing, invalid, or does not entitle its sender."""
-
-
-class UnknownKey(IdentityError):
-    """The token names a principal, or was signed with a key, that this process's trust bundle
-    does not hold. Forged, or signed under a bundle published after the one in force here (a
-    rotation reaches every process within a second, not at the same instant): the mesh reads the
-    published bundle once and judges again before it refuses the message."""
 
 
 @dataclass(frozen=True)

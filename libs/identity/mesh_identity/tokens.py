@@ -32,6 +32,7 @@ from nacl.signing import SigningKey, VerifyKey
 from mesh_contracts import facts as mesh_facts
 from mesh_contracts.base import Contract, ContractError
 from mesh_identity.bundle import TrustBundle
+from mesh_identity.errors import IdentityError, UnknownKey
 from mesh_identity.keys import (
     ALGORITHM,
     CLOCK_LEEWAY_S,
@@ -39,9 +40,7 @@ from mesh_identity.keys import (
     MAX_TOKEN_LIFETIME_S,
     OPERATOR_ROLES,
     REDRIVE_TTL_S,
-    IdentityError,
     Principal,
-    UnknownKey,
     _raw,
     body_digest,
     facts_digest,

@@ -16,6 +16,7 @@ from pathlib import Path
 from mesh_agent import prompts
 from mesh_agent.prompts import Prompt
 from mesh_guardrails.provenance import Text
+from mesh_judge.errors import JudgeError
 from mesh_llm import ChatModel, Message, ModelRequest
 
 
@@ -41,7 +42,7 @@ MAX_PASSAGE_CHARS = 1500
 MAX_PASSAGES = 8
 
 
-class JudgeReplyError(ValueError):
+class JudgeReplyError(ValueError, JudgeError):
     """The judge model's reply is not the JSON verdict the prompt asks for."""
 
 

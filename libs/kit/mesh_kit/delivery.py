@@ -15,22 +15,23 @@ import nats
 
 from mesh_contracts import Contract
 from mesh_identity import Principal
+from mesh_kit.errors import KitError
 
 log = logging.getLogger("mesh.bus")
 
 
-class Reject(Exception):
+class Reject(KitError):
     """Raise from a handler for input that can never succeed: dead-letter now, no retry."""
 
 
-class Retry(Exception):
+class Retry(KitError):
     """Raise to have the message redelivered after ``delay_s`` without logging a failure
     (e.g. another replica is performing the same work right now)."""
 
     delay_s = 1.0
 
 
-class Park(Exception):
+class Park(KitError):
     """Raise from a handler for a message it cannot take up yet (the planner's task waiting for a
     run slot): the message waits at its consumer, alive, out of the handlers' way (they take
     other work meanwhile) and with no attempt spent, until ``until()`` returns, and is then
@@ -41,7 +42,7 @@ class Park(Exception):
         self.until = until
 
 
-class PermissionViolation(RuntimeError):
+class PermissionViolation(RuntimeError, KitError):
     """The broker refused an operation this identity is not allowed to do."""
 
 

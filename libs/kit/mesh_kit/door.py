@@ -53,6 +53,7 @@ from mesh_contracts.registry import BY_SUBJECT_KEY, split_subject
 from mesh_identity import IdentityError
 from mesh_kit import envelope as env
 from mesh_kit import telemetry as tel
+from mesh_kit.errors import KitError
 from mesh_kit.retry_after import RetryLine
 from mesh_kit.settings import BROKER_UNAVAILABLE, STREAM_FULL_CODE
 
@@ -83,7 +84,7 @@ STATUS = {"quota_exceeded": 429, "rate_limited": 429, "busy": 429, "invalid": 40
 
 
 @dataclass(frozen=True)
-class DoorRefused(Exception):
+class DoorRefused(KitError):
     """The door did not store the message, and why: ``code`` (``quota_exceeded``,
     ``rate_limited``, ``busy``, ``invalid``, ``forbidden``, ``unavailable``), one line, and when to
     try again (0: not by waiting)."""

@@ -14,13 +14,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from mesh_kit.errors import KitError
+
 POISON_MARKER = b"#poison-pill#"
 # Read from the environment, not from the service's settings: test-only fault injection, never a
 # production setting, and checked where no settings object is at hand.
 _POISON = "poison" in os.environ.get("MESH_FAULTS", "").split(",")  # read once: the check is per message
 
 
-class InjectedPoison(RuntimeError):
+class InjectedPoison(RuntimeError, KitError):
     """The failure a poison message causes (``MESH_FAULTS=poison``)."""
 
 

@@ -14,6 +14,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from mesh_contracts import SERVICES
 from mesh_contracts import topology as topo
+from mesh_kit.errors import KitError
 
 
 def _blank_is_none(value: Any) -> Any:
@@ -226,7 +227,7 @@ STREAM_FULL_CODE = 10077
 exceeded``, ``maximum bytes exceeded``, ``... per subject exceeded``) with ``discard: new``."""
 
 
-class StreamFull(nats.js.errors.ServiceUnavailableError):
+class StreamFull(nats.js.errors.ServiceUnavailableError, KitError):
     """A stream at its cap refused the message: nothing was stored. The mesh's streams refuse
     new messages when full rather than forget old ones, so this passes only once something
     ages out or an operator raises the cap (``meshctl provision --stream-max-mib``)."""

@@ -23,6 +23,7 @@ from pydantic import BaseModel
 
 from mesh_contracts.v1.records import Evidence, ReleaseVersion, StatusRecord, TaskRecord, ToolCatalogue
 from mesh_contracts.v1.release import GLOBAL, ReleaseBundle
+from mesh_kit.errors import KitError
 
 log = logging.getLogger("mesh.state")
 
@@ -80,7 +81,7 @@ async def load(kv: KV, key: str, model: type[M], *, remember: bool = False) -> t
     return (model.model_validate_json(raw), rev) if raw is not None else (None, 0)
 
 
-class Conflict(Exception):
+class Conflict(KitError):
     """Too many concurrent writers on one key; the message will be retried."""
 
 
@@ -265,7 +266,7 @@ class Catalogue:
         return self.value
 
 
-class ReleaseMissing(LookupError):
+class ReleaseMissing(LookupError, KitError):
     """The release a message names is not in its tenant's releases nor the mesh's (never drafted)."""
 
 

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import RedisError
 
+from mesh_llm.errors import LlmError
 from mesh_llm.model import ModelRequest, ModelResponse, ToolCall
 
 if TYPE_CHECKING:
@@ -45,7 +46,7 @@ _REDIS_FAILURES = (RedisError, OSError, TimeoutError)
 FORMAT = 1
 
 
-class _InvalidTenant(ValueError):
+class _InvalidTenant(ValueError, LlmError):
     """A caller bug, not a cache failure: raised, never swallowed as a miss."""
 
 

@@ -7,7 +7,11 @@ Every provider maps its failures onto ``ProviderError`` with a ``kind`` (the Ope
 from __future__ import annotations
 
 
-class ProviderError(RuntimeError):
+class LlmError(Exception):
+    """Raised by mesh_llm (a subclass says what)."""
+
+
+class ProviderError(RuntimeError, LlmError):
     """A provider call failed. ``retryable`` says whether the same call may succeed later."""
 
     def __init__(
@@ -75,5 +79,5 @@ class AllModelsFailed(ProviderError):
         self.attempts = attempts
 
 
-class ConfigError(ValueError):
+class ConfigError(ValueError, LlmError):
     """The model configuration is invalid (an unpinned alias, an unknown provider, ...)."""

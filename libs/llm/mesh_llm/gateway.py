@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from mesh_llm.errors import AllModelsFailed, CircuitOpen, ConfigError, ProviderError, UnknownRoute
+from mesh_llm.errors import AllModelsFailed, CircuitOpen, ConfigError, LlmError, ProviderError, UnknownRoute
 from mesh_llm.model import ChatModel, ModelRequest, ModelResponse, StreamEvent, Timeouts, TokenSink
 from mesh_llm.resilience import BreakerPolicy, Breakers, RetryPolicy, is_provider_fault
 
@@ -62,7 +62,7 @@ class AttemptHooks(Protocol):
         ...
 
 
-class _CallerError(Exception):
+class _CallerError(LlmError):
     """Carries an exception raised by a caller's callback out of the model-error handling."""
 
     def __init__(self, error: Exception) -> None:

@@ -37,6 +37,7 @@ from mesh_kit import envelope as env
 from mesh_kit.settings import inbox_prefix, log_nats_error, nats_servers, tls_context
 from mesh_kit.state import bind
 from mesh_kit.tail import Reader
+from meshctl.errors import MeshctlError
 
 if TYPE_CHECKING:
     from meshctl.identity import Identities
@@ -44,7 +45,7 @@ if TYPE_CHECKING:
 BUCKET = "approvals"
 
 
-class ApprovalError(Exception):
+class ApprovalError(MeshctlError):
     """An approval that cannot be decided (unknown id, already decided); one line for the operator."""
 
 

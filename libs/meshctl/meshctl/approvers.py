@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 
 from mesh_contracts.base import APPROVER, AUTHOR
 from mesh_identity import Principal, TrustBundle, new_signing_key, private_pem
+from meshctl.errors import MeshctlError
 
 if TYPE_CHECKING:
     from meshctl.identity import Identities
@@ -41,7 +42,7 @@ if TYPE_CHECKING:
 PERSON = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 
 
-class ApproverError(Exception):
+class ApproverError(MeshctlError):
     """An approver that cannot be added or removed; one line for the operator."""
 
 

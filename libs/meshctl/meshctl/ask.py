@@ -20,9 +20,10 @@ from mesh_contracts.v1 import BudgetStatusReport, BudgetStatusRequested
 from mesh_contracts.v1.audit import MESH_WIDE
 from mesh_identity import IdentityError, Signer, Verifier
 from mesh_kit import envelope as env
+from meshctl.errors import MeshctlError
 
 
-class AskError(Exception):
+class AskError(MeshctlError):
     """An answer came that is not what it claims (its reason says why): not believed."""
 
 

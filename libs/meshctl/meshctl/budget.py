@@ -20,6 +20,7 @@ from nats.aio.client import Client as NATS
 from nats.js.kv import KeyValue
 
 from mesh_kit.tail import Reader
+from meshctl.errors import MeshctlError
 
 BUCKET = "budget"
 TOP_TASKS = 20
@@ -41,7 +42,7 @@ def today(at: float | None = None) -> str:
 # --- loading ----------------------------------------------------------------------------------
 
 
-class BadRecord(Exception):
+class BadRecord(MeshctlError):
     """A value in the bucket is not the JSON object the budget service writes."""
 
 

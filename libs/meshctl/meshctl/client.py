@@ -68,6 +68,7 @@ from mesh_kit.settings import (
     nats_servers,
     tls_context,
 )
+from meshctl.errors import MeshctlError
 
 if TYPE_CHECKING:
     from meshctl.identity import Identities
@@ -81,7 +82,7 @@ CONNECT_TIMEOUT_S = 30.0
 comes back within it; once connected, it reconnects for as long as it lives)."""
 
 
-class ConnectFailed(ConnectionError):
+class ConnectFailed(ConnectionError, MeshctlError):
     """The client could not connect, in one line saying why (a certificate no CA given to the client
     vouches for, or the last error seen before its connect timeout)."""
 

@@ -30,11 +30,12 @@ from nats.js.api import RawStreamMsg
 
 from mesh_identity import Signer
 from mesh_kit import envelope as env
+from meshctl.errors import MeshctlError
 
 ADVISORY = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES."
 
 
-class DeadLetterError(Exception):
+class DeadLetterError(MeshctlError):
     """The entry is missing or cannot be re-driven; the message says why."""
 
 

@@ -34,11 +34,12 @@ from mesh_contracts import SERVICES
 from mesh_contracts import topology as topo
 from mesh_identity import TrustBundle
 from mesh_kit.settings import log_nats_error, nats_servers
+from meshctl.errors import MeshctlError
 from meshctl.identity import Identities
 from meshctl.provision import provision
 
 
-class MeshError(Exception):
+class MeshError(MeshctlError):
     """An operator-facing failure: printed as one line by the CLI."""
 
 

@@ -45,13 +45,14 @@ from mesh_guardrails.redact import redact, redact_value
 from mesh_identity import IdentityError, Verifier
 from mesh_kit import envelope as env
 from meshctl import audit
+from meshctl.errors import MeshctlError
 
 PLAN, CHECK = "plan", "check"
 """The ``Replay.recorded`` names of the planner's call and the judge's."""
 FIELDS = ("plan", "tools", "answer", "verdict", "cost", "models", "prompts")
 
 
-class ReplayError(Exception):
+class ReplayError(MeshctlError):
     """The task cannot be replayed as asked (one line for the operator)."""
 
 

@@ -41,6 +41,7 @@ from nats.js.errors import KeyNotFoundError
 from mesh_contracts import topology as topo
 from mesh_identity import Key, Principal, Signer, TrustBundle, new_signing_key, private_pem
 from mesh_kit.settings import log_nats_error
+from meshctl.errors import MeshctlError
 from meshctl.identity import ACCOUNT, Identities, _write_secret, creds_text, new_keypair, user_jwt
 from meshctl.policy import policy
 
@@ -48,7 +49,7 @@ RETIRED_KEPT_S = 30 * 24 * 3600.0
 """How long a retired signing key stays in the bundle (to verify old messages, re-drives)."""
 
 
-class RotationError(Exception):
+class RotationError(MeshctlError):
     """A principal that cannot be rotated or revoked; the message says why."""
 
 

@@ -23,6 +23,7 @@ from typing import Any
 
 import httpx
 
+from meshctl.errors import MeshctlError
 from meshctl.history import Entry, History
 
 TRACEPARENT = "traceparent"
@@ -163,7 +164,7 @@ def messages_json(t: MessageTrace) -> dict[str, Any]:
 # --- a trace backend: Jaeger's query API ------------------------------------------------------
 
 
-class BackendError(RuntimeError):
+class BackendError(RuntimeError, MeshctlError):
     """The trace backend could not be asked or did not answer with a trace."""
 
 

@@ -24,6 +24,7 @@ import httpx
 
 from mesh_contracts import SERVICES
 from mesh_contracts.v1.records import TaskRecord
+from mesh_testing.errors import TestingError
 from mesh_testing.infra import Infra
 from meshctl import local
 
@@ -34,7 +35,7 @@ planner's default admission (100 in flight, bursts of 200) would refuse most of 
 fault is met. Admission under load has its own scenarios (tests/scenarios/test_admission.py)."""
 
 
-class NotOurProcess(RuntimeError):
+class NotOurProcess(RuntimeError, TestingError):
     """Refusal to signal a pid the harness did not start (or that was recycled)."""
 
 

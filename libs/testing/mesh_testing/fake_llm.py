@@ -35,6 +35,7 @@ from typing import Any, NoReturn
 from mesh_llm.errors import ProviderError
 from mesh_llm.model import ModelRequest, ModelResponse
 from mesh_llm.scripted import ScriptedModel
+from mesh_testing.errors import TestingError
 from mesh_testing.fake_llm_faults import Fault, RecordedRequest
 from mesh_testing.fake_llm_wire import (
     ANTHROPIC,
@@ -59,7 +60,7 @@ ROUTES = {"/v1/chat/completions": OPENAI, "/v1/messages": ANTHROPIC}
 MAX_BODY = 32 * 1024 * 1024
 
 
-class _Closed(Exception):
+class _Closed(TestingError):
     """The client went away (or we hung up on purpose): stop serving this connection."""
 
 

@@ -19,12 +19,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from mesh_llm.model import Message, ModelRequest, ModelResponse, ToolCall, ToolSpec
+from mesh_testing.errors import TestingError
 
 OPENAI = "openai"
 ANTHROPIC = "anthropic"
 
 
-class WireError(ValueError):
+class WireError(ValueError, TestingError):
     """The request body does not follow the protocol (answered with a 400)."""
 
 

@@ -40,6 +40,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from mesh_budget.errors import BudgetError
 from mesh_contracts.v1 import TokenUsage
 from mesh_identity import CLOCK_LEEWAY_S
 from mesh_kit.tail import MAX_BATCH, Reader
@@ -383,7 +384,7 @@ class Outcome:
     at: float
 
 
-class Cold(Exception):
+class Cold(BudgetError):
     """The Redis view of a task or tenant-day is missing: initialise it from KV first."""
 
     def __init__(self, which: str) -> None:

@@ -57,6 +57,7 @@ from mesh_contracts.v1.release import GLOBAL, CanaryTest, ReleaseBundle, Release
 from mesh_guardrails.injection import UNTRUSTED_NOTICE
 from mesh_identity import Principal, TrustBundle
 from mesh_kit import state as st
+from mesh_planner.errors import PlannerError
 
 RIGHTS = {"draft": AUTHOR, "evaluated": AUTHOR, "canary": APPROVER, "promote": APPROVER, "rollback": APPROVER}
 """Who may make each change: a tenant's author drafts and evaluates, one of its approvers decides."""
@@ -68,7 +69,7 @@ LATENCIES_KEPT = 200
 DECIDED_BY_TEST = "sequential-test"
 
 
-class Refused(Exception):
+class Refused(PlannerError):
     """A release change (or a pinned release of a submission) the registry will not take."""
 
 

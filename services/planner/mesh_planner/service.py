@@ -75,6 +75,7 @@ from mesh_planner import waits
 from mesh_planner.admission import Admission, Limits, StoreLevel, Wait, parse_tenants
 from mesh_planner.changes import Changes
 from mesh_planner.drafts import checked_plan, draft, parse_plan, plan_max_tokens, tool_list, workflow_edit_problem
+from mesh_planner.errors import NeedWorkflow
 from mesh_planner.outbox import Outbox
 from mesh_planner.planning import PlanningSlots
 from mesh_planner.releases import Releases
@@ -104,14 +105,6 @@ override (``Planner.plan_prompt``)."""
 
 SENT_KEPT = 20_000
 """Tasks whose release a planner remembers (the oldest are forgotten first, and read again)."""
-
-
-class NeedWorkflow(Exception):
-    """A transition of a workflow task needs the definition of its pinned version (``ref``)."""
-
-    def __init__(self, ref: str) -> None:
-        super().__init__(ref)
-        self.ref = ref
 
 
 class Planner:

@@ -27,6 +27,7 @@ from typing import Any
 
 from mesh_contracts import topology as topo
 from mesh_kit.fair import FairConsumer, Fetched
+from mesh_planner.errors import PlannerError
 
 log = logging.getLogger("mesh.planner.timers")
 
@@ -35,7 +36,7 @@ RETRY_S = 1.0
 """How soon a wake-up whose handling failed (the broker away a moment) is delivered again."""
 
 
-class Early(Exception):
+class Early(PlannerError):
     """The wake-up came before its wait is due (the broker's clock ahead of this one): look again
     in ``delay_s``."""
 

@@ -36,12 +36,13 @@ from mesh_contracts.v1.records import CatalogEntry, WorkflowCatalog, WorkflowEve
 from mesh_contracts.v1.workflow import WorkflowChange, WorkflowChanged, WorkflowDefinition, parse_ref
 from mesh_identity import Principal, TrustBundle
 from mesh_kit import state as st
+from mesh_planner.errors import PlannerError
 
 KEPT = 256
 """Parsed definitions this process keeps (by version: a version never changes)."""
 
 
-class Refused(Exception):
+class Refused(PlannerError):
     """A change or a task's workflow the registry will not take; the message says why."""
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mesh_rag.errors import RagError
 from mesh_rag.wordpiece import WordPiece
 
 MODEL_NAME = "all-MiniLM-L6-v2"
@@ -35,7 +36,7 @@ REQUIRED_FILES = ("model.safetensors", "vocab.txt", "config.json")
 _FFN_ROWS = 128  # rows per feed-forward block: 128 x 1536 float32 activations fit in L2
 
 
-class EmbeddingUnavailable(RuntimeError):
+class EmbeddingUnavailable(RuntimeError, RagError):
     """The model files are not installed (or not readable)."""
 
 

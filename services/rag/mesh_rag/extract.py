@@ -16,13 +16,14 @@ from html.parser import HTMLParser
 from pathlib import PurePath
 
 from mesh_contracts.v1 import DOCUMENT_TYPES
+from mesh_rag.errors import RagError
 
 SUPPORTED: dict[str, str] = DOCUMENT_TYPES  # suffix -> media type, as the ingest contract declares
 _SUFFIXES = " ".join(SUPPORTED)
 _CHARSET = re.compile(rb"""charset\s*=\s*["']?\s*([A-Za-z0-9_.:-]+)""", re.IGNORECASE)
 
 
-class ExtractError(ValueError):
+class ExtractError(ValueError, RagError):
     """The document cannot be turned into text; ``str(e)`` is a one-line reason."""
 
 

@@ -24,6 +24,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from mesh_kit import state as st
+from mesh_rag.errors import RagError
 from mesh_rag.index import Document
 
 MIB = 1024 * 1024
@@ -33,7 +34,7 @@ ESTIMATED_CHUNK_BYTES = 2048
 not record its size) is taken to hold."""
 
 
-class IndexFull(ValueError):
+class IndexFull(ValueError, RagError):
     """The tenant's index would hold more than its quota (``MESH_RAG_INDEX_*``): the ingest is
     refused with the reason, and the index is left as it was."""
 

@@ -50,6 +50,7 @@ from mcp import ClientSession, MCPError, StdioServerParameters
 from mcp.client.stdio import stdio_client
 
 from mesh_tool_executor import arguments as schemas
+from mesh_tool_executor.errors import ToolExecutorError
 from mesh_tool_executor.tools import Risk
 
 log = logging.getLogger("mesh.tool-executor.mcp")
@@ -67,7 +68,7 @@ _CLOSE_WAIT_S = 15.0  # the SDK's shutdown is bounded (about 6.5 s); this only g
 _LIST_PAGES = 100  # a server paging forever must not stall startup forever
 
 
-class McpToolError(Exception):
+class McpToolError(ToolExecutorError):
     """A mounted tool call that failed or was refused; the message is one line for the agent."""
 
 
@@ -186,7 +187,7 @@ class MountedTool:
     annotations: dict[str, Any] = field(default_factory=dict)  # the server's hints (readOnlyHint ...), reported only
 
 
-class _StartError(Exception):
+class _StartError(ToolExecutorError):
     """A server did not come up; the message is the reason kept in McpMount.errors."""
 
 

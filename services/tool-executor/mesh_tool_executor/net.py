@@ -41,6 +41,8 @@ from typing import NamedTuple
 
 import httpx
 
+from mesh_tool_executor.errors import ToolExecutorError
+
 ALLOW_ENV = "MESH_HTTP_ALLOW"
 """The variable the allow-list comes from (``ToolExecutorSettings.http_allow``), named in errors."""
 
@@ -83,7 +85,7 @@ _TEXT_TYPES = frozenset(
 )
 
 
-class NetError(Exception):
+class NetError(ToolExecutorError):
     """A refused or failed fetch. The message is one line, written for the agent to read."""
 
 

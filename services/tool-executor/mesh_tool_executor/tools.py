@@ -24,9 +24,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from mesh_contracts.v1.records import CatalogueTool, ToolCatalogue
 from mesh_tool_executor import arguments as schemas
 from mesh_tool_executor.destinations import role_of
+from mesh_tool_executor.errors import ToolExecutorError
 
 
-class ToolError(Exception):
+class ToolError(ToolExecutorError):
     """A structured error returned to the agent (never a crash of the executor)."""
 
 
