@@ -21,10 +21,31 @@ from mesh_identity.keys import (
     private_pem,
     public_pem,
 )  # fmt: skip
-from mesh_identity.tokens import VERIFIED_KEPT, Redrive, Signer, Verifier
+from mesh_identity.tokens import VERIFIED_KEPT, Redrive, Signer, Verifier, accepted_bundle, signed_bundle
 
 __all__ = [
-    "ALGORITHM", "CLOCK_LEEWAY_S", "DEFAULT_TTL_S", "MAX_TOKEN_LIFETIME_S", "OPERATOR_ROLES", "REDRIVE_TTL_S",
-    "VERIFIED_KEPT", "IdentityError", "Key", "Principal", "Redrive", "Signer", "TrustBundle", "UnknownKey", "Verifier",
-    "body_digest", "facts_digest", "load_private_key", "new_signing_key", "principal_name", "private_pem", "public_pem",
+    "ALGORITHM",
+    "CLOCK_LEEWAY_S",
+    "DEFAULT_TTL_S",
+    "MAX_TOKEN_LIFETIME_S",
+    "OPERATOR_ROLES",
+    "REDRIVE_TTL_S",
+    "VERIFIED_KEPT",
+    "IdentityError",
+    "Key",
+    "Principal",
+    "Redrive",
+    "Signer",
+    "TrustBundle",
+    "UnknownKey",
+    "Verifier",
+    "accepted_bundle",
+    "body_digest",
+    "facts_digest",
+    "load_private_key",
+    "new_signing_key",
+    "principal_name",
+    "private_pem",
+    "public_pem",
+    "signed_bundle",
 ]  # fmt: skip

@@ -6,24 +6,18 @@ from __future__ import annotations
 import base64
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from mesh_contracts.base import APPROVER
 from mesh_identity.errors import IdentityError
 from mesh_identity.keys import (
-    CLOCK_LEEWAY_S,
-    OPERATOR_ROLES,
     Key,
     Principal,
     _load_public,
-    body_digest,
     public_pem,
 )  # fmt: skip
-
-if TYPE_CHECKING:
-    from mesh_identity.tokens import Signer
 
 
 class TrustBundle:
@@ -106,31 +100,3 @@ class TrustBundle:
             },
             indent=2,
         )
-
-    def signed(self, operator: Signer) -> bytes:
-        """This bundle as an operator publishes it (the ``trust`` bucket): the bundle and a token
-        over its digest and revision, signed by an operator."""
-        body = self.dump().encode()
-        return json.dumps({"bundle": body.decode(), "token": operator.statement("trust-bundle", {
-            "dig": body_digest(body), "rev": self.revision})}).encode()  # fmt: skip
-
-    def accept(self, document: bytes, leeway_s: float = CLOCK_LEEWAY_S) -> TrustBundle:
-        """The bundle in ``document`` if one of *this* bundle's operators signed it (with a key
-        still active) and it is newer than this one; ``IdentityError`` otherwise. Trust is a
-        chain: each published bundle is vouched for by the one before it."""
-        try:
-            doc = json.loads(document)
-            body, token = doc["bundle"].encode(), doc["token"]
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise IdentityError(f"trust bundle document unreadable: {exc}") from None
-        from mesh_identity.tokens import Verifier  # the bundle is read with the verifier it makes
-
-        principal, claims = Verifier(self, leeway_s)._decode(token, ["iss", "typ", "dig", "rev", "iat"], "bundle token")
-        if principal.role not in OPERATOR_ROLES:
-            raise IdentityError(f"{principal.name} may not publish trust bundles (operators only)")
-        if claims["typ"] != "trust-bundle" or claims["dig"] != body_digest(body):
-            raise IdentityError("bundle token does not cover this bundle")
-        new = TrustBundle.from_json(body)
-        if new.revision != claims["rev"] or new.revision <= self.revision:
-            raise IdentityError(f"trust bundle revision {new.revision} is not newer than {self.revision}")
-        return new

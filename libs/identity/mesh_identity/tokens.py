@@ -431,3 +431,31 @@ class Verifier:
             return
         if facts is None or facts_digest(facts) != covered:
             raise IdentityError(f"{mesh_facts.HEADER} header does not match the identity token (altered in transit?)")
+
+
+def signed_bundle(bundle: TrustBundle, operator: Signer) -> bytes:
+    """``bundle`` as an operator publishes it (the ``trust`` bucket): the bundle and a token over
+    its digest and revision, signed by an operator."""
+    body = bundle.dump().encode()
+    return json.dumps({"bundle": body.decode(), "token": operator.statement("trust-bundle", {
+        "dig": body_digest(body), "rev": bundle.revision})}).encode()  # fmt: skip
+
+
+def accepted_bundle(current: TrustBundle, document: bytes, leeway_s: float = CLOCK_LEEWAY_S) -> TrustBundle:
+    """The bundle in ``document`` if one of ``current``'s operators signed it (with a key still
+    active) and it is newer than ``current``; ``IdentityError`` otherwise. Trust is a chain: each
+    published bundle is vouched for by the one before it."""
+    try:
+        doc = json.loads(document)
+        body, token = doc["bundle"].encode(), doc["token"]
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise IdentityError(f"trust bundle document unreadable: {exc}") from None
+    principal, claims = Verifier(current, leeway_s)._decode(token, ["iss", "typ", "dig", "rev", "iat"], "bundle token")
+    if principal.role not in OPERATOR_ROLES:
+        raise IdentityError(f"{principal.name} may not publish trust bundles (operators only)")
+    if claims["typ"] != "trust-bundle" or claims["dig"] != body_digest(body):
+        raise IdentityError("bundle token does not cover this bundle")
+    new = TrustBundle.from_json(body)
+    if new.revision != claims["rev"] or new.revision <= current.revision:
+        raise IdentityError(f"trust bundle revision {new.revision} is not newer than {current.revision}")
+    return new

@@ -28,7 +28,7 @@ from nats.aio.msg import Msg
 from nats.js.errors import KeyNotFoundError
 
 from mesh_contracts import topology as topo
-from mesh_identity import IdentityError, Signer, TrustBundle, UnknownKey, Verifier, load_private_key
+from mesh_identity import IdentityError, Signer, TrustBundle, UnknownKey, Verifier, accepted_bundle, load_private_key
 from mesh_kit import telemetry as tel
 from mesh_kit.settings import ServiceSettings
 from mesh_kit.state import KV, bind
@@ -90,7 +90,7 @@ class Trust:
 
     def _accept_bundle(self, document: bytes) -> bool:
         try:
-            new = self.verifier.bundle.accept(document, self.verifier.leeway_s)
+            new = accepted_bundle(self.verifier.bundle, document, self.verifier.leeway_s)
         except IdentityError as exc:
             if "not newer" not in str(exc):
                 self._count(tel.M_TRUST_REFUSED)

@@ -39,7 +39,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from nats.js.errors import KeyNotFoundError
 
 from mesh_contracts import topology as topo
-from mesh_identity import Key, Principal, Signer, TrustBundle, new_signing_key, private_pem
+from mesh_identity import Key, Principal, Signer, TrustBundle, new_signing_key, private_pem, signed_bundle
 from mesh_kit.settings import log_nats_error
 from meshctl.errors import MeshctlError
 from meshctl.identity import ACCOUNT, Identities, _write_secret, creds_text, new_keypair, user_jwt
@@ -103,7 +103,7 @@ async def publish_bundle(
                     return
             except (KeyNotFoundError, KeyError, ValueError):
                 pass
-        await kv.put(topo.TRUST_KEY, bundle.signed(operator))
+        await kv.put(topo.TRUST_KEY, signed_bundle(bundle, operator))
     finally:
         await nc.close()
     tmp = ids.trust_bundle.with_name(ids.trust_bundle.name + ".new")
