@@ -169,12 +169,7 @@ class Connection:
         ``priority`` (0-9) orders it within its tenant's turn at a fair consumer. A contract
         that is not ``acked`` (progress events) goes onto its stream without waiting for the
         stream's answer (None): a core publish, still stored and deduplicated."""
-        if model.spec.transport != "stream":
-            raise TypeError(f"{model.type} is a {model.spec.transport} message; use request()/serve()")
-        if self.service not in model.spec.producers:
-            raise PermissionViolation(f"{self.service} is not a declared producer of {model.type}")
-        model = env.stamped(model)
-        body = model.to_bytes()
+        model, body = self._ours(model, "stream", "request()/serve()")
         msg_id = env.message_id(model.type, model.tenant, model.task_id, key)
         # Unless told otherwise, what a handler publishes was caused by the message it handles.
         headers = env.headers_for(self.trust.signer, model, body, msg_id, causation or env.CAUSE.get() or None)
@@ -212,17 +207,22 @@ class Connection:
         if self.on_stored is not None:
             self.on_stored(tenant, stream, subject, body, headers)
 
+    def _ours(self, model: Contract, transport: str, instead: str) -> tuple[Contract, bytes]:
+        """The message as it is sent (stamped with the release of the task being handled) and its
+        body, if it travels this way and this service is a declared producer of it."""
+        if model.spec.transport != transport:
+            raise TypeError(f"{model.type} is a {model.spec.transport} message; use {instead}")
+        if self.service not in model.spec.producers:
+            raise PermissionViolation(f"{self.service} is not a declared producer of {model.type}")
+        model = env.stamped(model)
+        return model, model.to_bytes()
+
     async def emit(self, model: Contract) -> None:
         """Fire-and-forget core-NATS publish of a live (``core``) message, signed like any other.
 
         Nothing is stored and nothing waits for an ack: a streamed token must reach a watching
         client as soon as it exists, and losing one when nobody listens is by design."""
-        if model.spec.transport != "core":
-            raise TypeError(f"{model.type} is a {model.spec.transport} message; use publish()")
-        if self.service not in model.spec.producers:
-            raise PermissionViolation(f"{self.service} is not a declared producer of {model.type}")
-        model = env.stamped(model)
-        body = model.to_bytes()
+        model, body = self._ours(model, "core", "publish()")
         msg_id = env.message_id(
             model.type, model.tenant, model.task_id, f"{getattr(model, 'call_id', '')}:{getattr(model, 'seq', 0)}"
         )
