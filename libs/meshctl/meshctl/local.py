@@ -399,12 +399,29 @@ async def provision_as_admin(
                 if exc.err_code not in (PEER_OFFLINE, JS_NOT_ENABLED_FOR_ACCOUNT) or time.monotonic() > deadline:
                     raise
                 await asyncio.sleep(0.5)
+            except nats.errors.TimeoutError:
+                # A new cluster's meta leader can take longer than one API request's timeout to
+                # place a replicated stream: the same settling, told as a timeout.
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.5)
     finally:
         await nc.close()
     if ids.signing_key("admin").exists():
         from meshctl.rotation import publish_bundle
 
-        await publish_bundle(ids, TrustBundle.from_file(ids.trust_bundle), nats_servers(nats_url), only_if_newer=True)
+        bundle = TrustBundle.from_file(ids.trust_bundle)
+        while True:
+            try:
+                await publish_bundle(ids, bundle, nats_servers(nats_url), only_if_newer=True)
+                break
+            except (nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.js.errors.ServiceUnavailableError):
+                # The trust bucket was created a moment ago: on a new cluster its replicas may not
+                # have elected a leader yet, and the write times out (CI saw `meshctl up --cluster 3`
+                # fail so, 1 run in 10). Publishing is idempotent: try again until it settles.
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.5)
 
 
 def reload_nats(nodes: Sequence[Proc]) -> int:
