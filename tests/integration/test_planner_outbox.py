@@ -14,9 +14,9 @@ from mesh_contracts.v1 import PlanStep, StepRequested
 from mesh_contracts.v1.records import StepState, TaskRecord
 from mesh_kit import Mesh
 from mesh_kit import state as st
+from mesh_planner.outbox import event as _event
 from mesh_planner.service import Planner
 from mesh_planner.steps import dispatch_ready
-from mesh_planner.steps import event as _event
 
 pytestmark = pytest.mark.integration
 

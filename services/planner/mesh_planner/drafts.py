@@ -20,7 +20,8 @@ from mesh_contracts.v1.task import draft_hash
 from mesh_contracts.v1.workflow import (
     WorkflowDefinition,
 )
-from mesh_planner.steps import RETRIEVAL, event, out
+from mesh_planner.outbox import event, out
+from mesh_planner.steps import RETRIEVAL
 
 
 def tool_list(catalogue: ToolCatalogue | None) -> str:

@@ -1,7 +1,8 @@
-"""A task record's outbox, published: the messages a transition decided are written into the record
-in the same compare-and-set as the decision, published here with deterministic ids, then removed
-from the record. A crash anywhere leaves either nothing done or an outbox that the next delivery
-flushes: no decision is lost, and the streams' dedup window absorbs republishing."""
+"""A task record's outbox. A transition writes the messages it decides (``out``, ``event``, a wait's
+wake-up) into the record in the same compare-and-set as the decision; ``Outbox`` publishes them
+with deterministic ids, then removes them from the record. A crash anywhere leaves either nothing
+done or an outbox that the next delivery flushes: no decision is lost, and the streams' dedup
+window absorbs republishing."""
 
 from __future__ import annotations
 
@@ -9,15 +10,35 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
+from mesh_contracts import Contract
 from mesh_contracts.registry import BY_TYPE
-from mesh_contracts.v1 import CheckRequested, SignedRecord
-from mesh_contracts.v1.records import TaskRecord
+from mesh_contracts.v1 import CheckRequested, ProgressEvent, SignedRecord
+from mesh_contracts.v1.records import OutboxItem, TaskRecord
 from mesh_kit import Mesh
 from mesh_kit import envelope as env
 from mesh_kit import state as st
-from mesh_planner import waits
-from mesh_planner.steps import CHECK_RETRIEVALS_MAX_BYTES
 from mesh_planner.timers import Timers
+
+WAKE = "timer.wake"
+"""Outbox items that are wake-ups to schedule (not messages): key the wait id, body its ``due_at``."""
+CHECK_RETRIEVALS_MAX_BYTES = 3 * 1024 * 1024
+"""Retrieval records one check request carries at most (under the contract's 4 MB); they are
+added when the request is published (``Outbox.with_evidence``)."""
+
+
+def out(rec: TaskRecord, msg: Contract, key: str, causation: str = "") -> None:
+    rec.outbox.append(OutboxItem(type=msg.type, key=key, body=msg.model_dump(mode="json"), causation=causation))
+
+
+def event(rec: TaskRecord, stage: str, message: str, step_id: str = "", key: str = "") -> None:
+    out(
+        rec,
+        ProgressEvent(
+            tenant=rec.tenant, task_id=rec.task_id, source="planner", stage=stage, message=message, step_id=step_id
+        ),
+        key=f"planner:{stage}:{step_id}:{key}",
+    )
+
 
 SENDING, SENT = "sending", "sent"
 SENT_KEPT = 20_000
@@ -62,7 +83,7 @@ class Outbox:
                 continue  # another handler of this process has it: it clears it once sent
             self._sent[mark] = SENDING
             try:
-                if item.type == waits.WAKE:
+                if item.type == WAKE:
                     timers = self._timers()
                     assert timers is not None
                     await timers.schedule(rec.tenant, rec.task_id, item.key, float(item.body["due_at"]))

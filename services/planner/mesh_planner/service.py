@@ -76,7 +76,7 @@ from mesh_planner.admission import Admission, Limits, StoreLevel, Wait, parse_te
 from mesh_planner.changes import Changes
 from mesh_planner.drafts import checked_plan, draft, parse_plan, plan_max_tokens, tool_list, workflow_edit_problem
 from mesh_planner.errors import NeedWorkflow
-from mesh_planner.outbox import Outbox
+from mesh_planner.outbox import Outbox, event, out
 from mesh_planner.planning import PlanningSlots
 from mesh_planner.releases import Releases
 from mesh_planner.settings import PlannerSettings
@@ -85,10 +85,8 @@ from mesh_planner.steps import (
     check_request,
     dispatch_ready,
     dispatch_workflow,
-    event,
     fail,
     final_answer,
-    out,
     outcome_fields,
     redo_after,
     replaying,

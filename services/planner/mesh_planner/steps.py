@@ -10,21 +10,18 @@ import re
 import time
 from typing import Any
 
-from mesh_contracts import Contract
 from mesh_contracts.v1 import (
     CheckRequested,
     CheckVerdict,
     Citation,
     FixedCall,
     PlanStep,
-    ProgressEvent,
     Replay,
     StepRequested,
     StepResult,
     TaskFailed,
 )
 from mesh_contracts.v1.records import (
-    OutboxItem,
     TaskRecord,
     WaitState,
 )
@@ -43,24 +40,11 @@ from mesh_contracts.v1.workflow import (
     render,
 )
 from mesh_planner import waits
+from mesh_planner.outbox import event, out
 
 RETRIEVAL = "search_docs"
 """The tool a step retrieves with (the worker sends it to rag)."""
 REFERENCE = re.compile(r"\[[^\[\]#\s]+#[^\[\]\s]+\]")
-
-
-def out(rec: TaskRecord, msg: Contract, key: str, causation: str = "") -> None:
-    rec.outbox.append(OutboxItem(type=msg.type, key=key, body=msg.model_dump(mode="json"), causation=causation))
-
-
-def event(rec: TaskRecord, stage: str, message: str, step_id: str = "", key: str = "") -> None:
-    out(
-        rec,
-        ProgressEvent(
-            tenant=rec.tenant, task_id=rec.task_id, source="planner", stage=stage, message=message, step_id=step_id
-        ),
-        key=f"planner:{stage}:{step_id}:{key}",
-    )
 
 
 def replaying(r: Replay) -> str:
@@ -271,11 +255,6 @@ def fail(rec: TaskRecord, reason: str, failed_step: str | None = None, status: s
         key="failed",
     )
     event(rec, "task.failed", reason)
-
-
-CHECK_RETRIEVALS_MAX_BYTES = 3 * 1024 * 1024
-"""Retrieval records one check request carries at most (under the contract's 4 MB); they are
-added when the request is published (``Planner.with_evidence``)."""
 
 
 def check_request(rec: TaskRecord, answer_of: str = "", attempt: int = 0) -> CheckRequested:

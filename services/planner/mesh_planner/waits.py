@@ -28,7 +28,6 @@ from typing import Any
 
 import jsonschema
 
-from mesh_contracts.v1 import ProgressEvent
 from mesh_contracts.v1.records import OutboxItem, SignalState, StepState, TaskRecord, WaitState
 from mesh_contracts.v1.workflow import (
     ApprovalNode,
@@ -39,9 +38,8 @@ from mesh_contracts.v1.workflow import (
     WorkflowDefinition,
     render,
 )
+from mesh_planner.outbox import WAKE, event, out
 
-WAKE = "timer.wake"
-"""Outbox items that are wake-ups to schedule (not messages): key the wait id, body its ``due_at``."""
 EARLY_S = 0.05
 """A wake-up this much before its wait is due is early (the broker's clock ahead of ours): it is
 looked at again when due. Anything later fires."""
@@ -70,20 +68,6 @@ def wait_id(kind: str, attempt: int, step_id: str) -> str:
     return f"{kind}-{attempt}-{hashlib.sha256(step_id.encode()).hexdigest()[:20]}"
 
 
-def _say(rec: TaskRecord, msg: Any, key: str) -> None:
-    rec.outbox.append(OutboxItem(type=msg.type, key=key, body=msg.model_dump(mode="json")))
-
-
-def event(rec: TaskRecord, stage: str, message: str, step_id: str = "", key: str = "") -> None:
-    _say(
-        rec,
-        ProgressEvent(
-            tenant=rec.tenant, task_id=rec.task_id, source="planner", stage=stage, message=message, step_id=step_id
-        ),
-        key=f"planner:{stage}:{step_id}:{key}",
-    )
-
-
 def start(rec: TaskRecord, wid: str, w: WaitState, *, told: bool = True, request: str = "") -> None:
     """Record wait ``wid``; schedule its wake-up if it has a time; tell followers if ``told``."""
     w.started_at = w.started_at or time.time()
@@ -92,7 +76,7 @@ def start(rec: TaskRecord, wid: str, w: WaitState, *, told: bool = True, request
         rec.outbox.append(OutboxItem(type=WAKE, key=wid, body={"due_at": w.due_at}))
     if told:
         assert w.kind != "timeout", "a try's timeout is the planner's own: no follower is told of it"
-        _say(rec, WaitStarted(tenant=rec.tenant, task_id=rec.task_id, wait_id=wid, step_id=w.step_id, kind=w.kind,
+        out(rec, WaitStarted(tenant=rec.tenant, task_id=rec.task_id, wait_id=wid, step_id=w.step_id, kind=w.kind,
                               until=w.due_at, signal=w.signal, decision=w.decision, request=request[:4000]),
              key=f"{wid}:start")  # fmt: skip
 
@@ -104,7 +88,7 @@ def end(rec: TaskRecord, wid: str, outcome: str, now: float) -> WaitState | None
         return None
     if w.kind != "timeout":
         late = round(now - w.due_at, 3) if w.due_at is not None and outcome in ("fired", "timed_out") else None
-        _say(rec, WaitEnded(tenant=rec.tenant, task_id=rec.task_id, wait_id=wid, step_id=w.step_id,
+        out(rec, WaitEnded(tenant=rec.tenant, task_id=rec.task_id, wait_id=wid, step_id=w.step_id,
                             outcome=outcome, late_s=late), key=f"{wid}:end")  # type: ignore[arg-type]  # fmt: skip
     return w
 
