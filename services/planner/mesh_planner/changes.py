@@ -6,6 +6,7 @@ canary's decision (by its sequential test, or by a person) is announced the same
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from mesh_contracts import Contract
@@ -25,23 +26,26 @@ log = logging.getLogger("mesh.planner")
 class Changes:
     """The planner's door for changes to the tenant's workflows and releases (bound by ``start``)."""
 
-    def __init__(self, mesh: Mesh) -> None:
+    def __init__(
+        self, mesh: Mesh, workflows: Callable[[], Registry | None], releases: Callable[[], Releases | None]
+    ) -> None:
+        """``workflows``, ``releases``: the planner's registries, as they are once it started."""
         self.mesh = mesh
         self.audit = chain.of(mesh)
-        self.workflows: Registry | None = None
-        self.releases: Releases | None = None
+        self._workflows, self._releases = workflows, releases
 
     async def on_workflow(self, m: WorkflowChange, d: Delivery) -> None:
         """An author's change to the tenant's workflows (``mesh_planner.workflows``): applied or
         refused, on the tenant's audit chain either way, and answered on the change's id."""
-        assert self.workflows is not None
+        workflows = self._workflows()
+        assert workflows is not None
         if m.author != d.sender.name:
             raise Reject(f"author {m.author!r} is not the signer {d.sender.name!r}")
         why = may_change(await self.mesh.newest_trust(), d.sender, m.tenant)
         answer: WorkflowChanged | None = None
         if why is None:
             try:
-                answer = await self.workflows.apply(m, m.task_id)
+                answer = await workflows.apply(m, m.task_id)
             except Refused as exc:
                 why = str(exc)
         detail: dict[str, Any] = {"action": m.action, "name": m.name, "version": m.version, "reason": m.reason}
@@ -68,7 +72,8 @@ class Changes:
     async def on_release(self, m: ReleaseChange, d: Delivery) -> None:
         """A person's change to the tenant's releases (``mesh_planner.releases``): applied or
         refused, on the tenant's audit chain either way, and answered on the change's id."""
-        assert self.releases is not None
+        releases = self._releases()
+        assert releases is not None
         if m.by != d.sender.name:
             raise Reject(f"{m.by!r} is not the signer {d.sender.name!r}")
         why = rel.may_change(await self.mesh.newest_trust(), d.sender, m.tenant, m.action)
@@ -76,7 +81,7 @@ class Changes:
         decided: list[Any] = []
         if why is None:
             try:
-                answer, decided = await self.releases.apply(m, m.task_id)
+                answer, decided = await releases.apply(m, m.task_id)
             except rel.Refused as exc:
                 why = str(exc)
         detail = {"action": m.action, "version": m.version, "share": m.share, "forced": m.force, "reason": m.reason}
@@ -98,10 +103,11 @@ class Changes:
 
     async def observe(self, rec: TaskRecord) -> None:
         """An ended task counts in its tenant's canary; a decision it brings is announced."""
-        if self.releases is None:
+        releases = self._releases()
+        if releases is None:
             return
         try:
-            decided = await self.releases.observe(rec)
+            decided = await releases.observe(rec)
         except Exception:
             log.exception("release observation of %s/%s failed", rec.tenant, rec.task_id)
             return
@@ -111,7 +117,8 @@ class Changes:
     async def announce(self, tenant: str, decided: list[Any]) -> None:
         """Each decision on the tenant's audit chain and as ``release.decided`` (idempotent: keyed
         by the decision), then cleared from the channel's unannounced list."""
-        assert self.releases is not None
+        releases = self._releases()
+        assert releases is not None
         for e in decided:
             self.mesh.count(planner_metrics.M_RELEASE_DECISIONS, {"tenant": tenant, "decision": e.action})
             log.warning("release %s of tenant %s %s by %s: %s", e.version, tenant, e.action, e.by, e.reason)
@@ -124,4 +131,4 @@ class Changes:
                                upper=e.upper, reason=e.reason[:2000]),
                 key="decided",
             )  # fmt: skip
-        await self.releases.announced(tenant, decided)
+        await releases.announced(tenant, decided)

@@ -121,7 +121,7 @@ class Planner:
         self.planning: PlanningSlots | None = None
         self.workflows: Registry | None = None
         self.releases: Releases | None = None
-        self.changes = Changes(mesh)  # people's changes to the tenant's workflows and releases
+        self.changes = Changes(mesh, lambda: self.workflows, lambda: self.releases)  # people's changes to them
         self.channels: KeyView | None = None
         self.bundles: Bundles | None = None
         self.catalogue = st.Catalogue(None)  # KV ``tools``: the tool-executor's, which the plan prompt lists
@@ -161,7 +161,6 @@ class Planner:
         self.releases = Releases(kv, frozenset(routes) if isinstance(routes, dict) else None, self.channels)
         self.bundles = Bundles(kv)
         self.catalogue = st.Catalogue(await self.mesh.kv("tools"))  # a tool mounted since: listed a second on
-        self.changes.workflows, self.changes.releases = self.workflows, self.releases
 
     async def start_timers(self) -> None:
         """Take the wake-ups the broker fires (``register``: started and stopped with the mesh)."""
