@@ -80,7 +80,6 @@ SYSTEM_PROMPT = prompts.load("mesh_worker", "system")
 """The packaged system prompt (``prompts/system.md``). A worker begins every step with it, or
 with its ``MESH_PROMPTS_DIR`` override (``Worker.system_prompt``); its ``ref`` is recorded on
 every model call and on ``step.completed``."""
-CATALOGUE_REFRESH_S = 1.0
 FORWARD_MAX_BYTES = 256 * 1024
 """Retrieval records a step hands on to the checker, at most (a step's few searches take a
 few KB each); past it the newest are left out, and citations of theirs fail to resolve."""
@@ -149,13 +148,13 @@ class Worker:
         self.steps = await self.mesh.kv("steps")
         self.bundles = st.Bundles(await self.mesh.kv("releases"))
         self.ledger = Ledger(await self.mesh.kv(LEDGER), self.mesh.service)
-        self.tools = st.Catalogue(await self.mesh.kv("tools"), CATALOGUE_REFRESH_S)
-        await self._read_catalogue()
+        self.tools = st.Catalogue(await self.mesh.kv("tools"))  # read again at most once a second
+        await self._read_catalogue(fresh=True)
 
-    async def _read_catalogue(self) -> None:
+    async def _read_catalogue(self, *, fresh: bool = False) -> None:
         """The tool-executor's catalogue (built-ins and mounted MCP tools), so a step can be
         offered any tool the executor serves, with the schema the executor validates against."""
-        catalogue = await self.tools.get(fresh=True)
+        catalogue = await self.tools.get(fresh=fresh)
         if catalogue is not None:  # (None: not written yet, the executor is starting)
             self.use_catalogue(catalogue)
 
@@ -165,7 +164,7 @@ class Worker:
 
     async def _specs(self, names: tuple[str, ...]) -> tuple[ToolSpec, ...]:
         missing = [n for n in names if n not in TOOLS and n not in self.catalogue]
-        if missing and time.monotonic() - self.tools.read_at > CATALOGUE_REFRESH_S:
+        if missing:
             await self._read_catalogue()  # a tool the executor mounted after this worker started
             missing = [n for n in missing if n not in self.catalogue]
         if missing and not self.catalogue:
