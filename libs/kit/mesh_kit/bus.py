@@ -102,7 +102,6 @@ class Mesh:
         self.quotas: Quotas | None = None
         """What each tenant made this service store (``mesh_kit.quota``): its doors and its dead
         letters charge it. Set by ``start``."""
-        self._started = False
         self._on_start: list[Callable[[], Awaitable[None]]] = []
         self._on_stop: list[Callable[[], Awaitable[None]]] = []
         self._on_stop_connected: list[Callable[[], Awaitable[None]]] = []
@@ -318,7 +317,7 @@ class Mesh:
         self._quota_flush = asyncio.create_task(self.quotas.run(), name="quota-flush")
         for consumer in self._fair:
             await consumer.start()
-        self._started = self.connection.serving = True
+        self.connection.serving = True
 
     def _stored_for(self, tenant: str, stream: str, subject: str, body: bytes, headers: dict[str, str]) -> None:
         """What this service stored for a tenant counts against the tenant's share of the stream
@@ -360,7 +359,7 @@ class Mesh:
 
     async def stop(self) -> None:
         """Stop fetching, let in-flight handlers finish (graceful timeout), then drain."""
-        self._started = self.connection.serving = False
+        self.connection.serving = False
         self.trust.stop()
         await self.server.stop()
         if self._door is not None:
@@ -388,7 +387,7 @@ class Mesh:
     def ready(self) -> tuple[bool, str]:
         if self.lost.is_set():
             return False, "connection to NATS closed by the server"
-        if not self._started:
+        if not self.connection.serving:
             return False, self.waiting_for or "not started"
         errors = self.connection.permission_errors
         if errors:

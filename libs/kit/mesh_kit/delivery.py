@@ -14,6 +14,7 @@ from typing import Any, Protocol
 import nats
 
 from mesh_contracts import Contract
+from mesh_contracts import topology as topo
 from mesh_identity import Principal
 from mesh_kit.errors import KitError
 
@@ -74,7 +75,7 @@ class Delivery:
     """When JetStream stored the message (None for core request/reply)."""
     body: bytes = b""
     """The message's body as it arrived (and as its sender signed it)."""
-    ack_wait_s: float = 30.0
+    ack_wait_s: float = topo.ACK_WAIT_S
     """The consumer's ``ack_wait``: ``keepalive`` beats three times in it."""
 
     @property
