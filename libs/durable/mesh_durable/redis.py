@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from mesh_kit.deps import Dependency
+
 CONNECT_TIMEOUT_S = 1.0
 CALL_TIMEOUT_S = 2.0
 
@@ -21,6 +23,14 @@ def redis_client(url: str, *, call_timeout_s: float = CALL_TIMEOUT_S) -> Any:
 
     return aioredis.from_url(
         url, socket_connect_timeout=CONNECT_TIMEOUT_S, socket_timeout=call_timeout_s, retry_on_timeout=False
+    )
+
+
+def dependency(client: Any, *, required: bool, purpose: str) -> Dependency:
+    """Redis as a backing service of this process (``Mesh.depend``): pinged in the background, and
+    down when a ping has not answered within a client's connect and call timeouts."""
+    return Dependency(
+        "redis", client.ping, required=required, purpose=purpose, timeout_s=CONNECT_TIMEOUT_S + CALL_TIMEOUT_S
     )
 
 

@@ -24,8 +24,8 @@ from mesh_kit import tasks
 
 log = logging.getLogger("mesh.deps")
 PROBE_TIMEOUT_S = 3.0
-"""A probe that has not answered by then counts as down (a Redis client's connect and call
-timeouts, ``mesh_durable.redis``, are 1 s and 2 s)."""
+"""A probe that has not answered by then counts as down, unless the dependency says otherwise
+(a Redis client's: ``mesh_durable.redis.dependency``)."""
 
 
 class Dependency:
@@ -39,9 +39,11 @@ class Dependency:
         required: bool,
         purpose: str,
         interval_s: float = 5.0,
+        timeout_s: float = PROBE_TIMEOUT_S,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.name = name
+        self.timeout_s = timeout_s
         self.required = required
         self.purpose = purpose
         """What the service loses without it, e.g. "retrieval cache (misses while down)"."""
@@ -79,7 +81,7 @@ class Dependency:
     async def check(self) -> bool:
         """Probe once; the state follows the outcome."""
         try:
-            await asyncio.wait_for(self._probe(), PROBE_TIMEOUT_S)
+            await asyncio.wait_for(self._probe(), self.timeout_s)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - any failure of the probe means it is down

@@ -41,13 +41,12 @@ from mesh_contracts.v1 import (
 )
 from mesh_contracts.v1.audit import ANCHOR, ANCHOR_TTL_S, MESH_WIDE
 from mesh_contracts.v1.records import TERMINAL, StatusRecord, TaskRecord
-from mesh_durable import chain, guard
+from mesh_durable import chain, guard, redis
 from mesh_durable.redis import redis_errors
 from mesh_identity import CLOCK_LEEWAY_S, IdentityError
 from mesh_kit import Delivery, Mesh, tasks
 from mesh_kit import envelope as env
 from mesh_kit import state as st
-from mesh_kit.deps import Dependency
 from mesh_kit.tail import Reader, Stored, Tail
 
 log = logging.getLogger("mesh.budget")
@@ -107,7 +106,7 @@ class Budget:
         self._provider_reported: OrderedDict[tuple[str, str], None] = OrderedDict()
         """Tasks told of a failing provider already (once per task, as every other trip)."""
         self.redis = mesh.depend(
-            Dependency("redis", self.view.redis.ping, required=True, purpose="reservations shared by every replica")
+            redis.dependency(self.view.redis, required=True, purpose="reservations shared by every replica")
         )
         self.kv: Any = None
         self.status: Any = None

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from mesh_contracts.v1 import IngestCompleted, IngestRequested, RetrievalCompleted, RetrievalHit, RetrievalRequested
+from mesh_durable import redis
 from mesh_durable.redis import redis_client, redis_errors
 from mesh_guardrails import metrics as guardrails_metrics
 from mesh_guardrails.injection import score as injection_score
@@ -82,9 +83,7 @@ class Rag:
         if url:
             self._redis = redis_client(url)
             self.cache = self.mesh.depend(
-                Dependency(
-                    "redis", self._redis.ping, required=False, purpose="retrieval cache (every retrieval a miss)"
-                )
+                redis.dependency(self._redis, required=False, purpose="retrieval cache (every retrieval a miss)")
             )
         for tenant in self.seed_tenants:
             await self._seed(tenant)

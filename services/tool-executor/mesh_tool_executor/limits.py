@@ -21,6 +21,7 @@ from collections import defaultdict, deque
 from collections.abc import Callable
 from typing import Any
 
+from mesh_durable import redis
 from mesh_durable.redis import redis_client, redis_errors
 from mesh_kit.deps import Dependency
 
@@ -65,10 +66,9 @@ class RateLimiter:
         if self._redis is None and self._url:
             self._redis = redis_client(self._url)
             self._script = self._redis.register_script(_TAKE)
-            self.dependency = Dependency(
-                "redis", self._redis.ping, required=False,
-                purpose="tool rate limits kept per replica until it is back",
-            )  # fmt: skip
+            self.dependency = redis.dependency(
+                self._redis, required=False, purpose="tool rate limits kept per replica until it is back"
+            )
         return self._redis
 
     async def take(self, tenant: str, tool: str, per_min: int) -> float:
