@@ -6,28 +6,18 @@ fails. ``python tests/packaging/code_shape.py`` prints the figures.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from functools import cache
 from pathlib import Path
-from types import ModuleType
 
 import pytest
+
+from mesh_testing.scripts import load_script
 
 pytestmark = pytest.mark.unit
 HERE = Path(__file__).resolve().parent
 
 
-def _shape() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("code_shape", HERE / "code_shape.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["code_shape"] = module  # its dataclasses resolve their annotations through it
-    spec.loader.exec_module(module)
-    return module
-
-
-shape = _shape()
+shape = load_script(HERE / "code_shape.py")
 figures = cache(shape.figures)  # one parse of the repository for every test here
 
 KIT_LINES = 4_600

@@ -14,7 +14,6 @@ from __future__ import annotations
 import ast
 import asyncio
 import importlib.metadata as md
-import importlib.util
 import os
 import re
 import shutil
@@ -26,17 +25,15 @@ from types import ModuleType
 
 import pytest
 
+from mesh_testing.scripts import load_script
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _load_local_packages() -> ModuleType:
     """The images' resolver (``infra/images/local_packages.py``, a script, not a package): the
     one place that lists the repository's packages and follows their local dependencies."""
-    spec = importlib.util.spec_from_file_location("local_packages", ROOT / "infra" / "images" / "local_packages.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(ROOT / "infra" / "images" / "local_packages.py")
 
 
 LP = _load_local_packages()

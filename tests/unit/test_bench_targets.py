@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 
+from mesh_testing.scripts import load_script
+
 pytestmark = pytest.mark.unit
 
-spec = importlib.util.spec_from_file_location(
-    "bench_task", Path(__file__).resolve().parents[2] / "bench" / "bench_task.py"
-)
-bt = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(bt)
+bt = load_script(Path(__file__).resolve().parents[2] / "bench" / "bench_task.py")
 
 
 def result(**cpu: float) -> dict:

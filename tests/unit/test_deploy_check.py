@@ -10,13 +10,13 @@ infra/deploy-requirements.txt, which `make test` and `make test-unit` install fi
 from __future__ import annotations
 
 import copy
-import importlib.util
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+
+from mesh_testing.scripts import load_script
 
 pytestmark = pytest.mark.unit
 
@@ -24,16 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "infra" / "k8s"
 
 
-def _load_checker() -> Any:
-    spec = importlib.util.spec_from_file_location("deploy_check", ROOT / "infra" / "deploy_check.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["deploy_check"] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-dc = _load_checker()
+dc = load_script(ROOT / "infra" / "deploy_check.py")
 
 
 @pytest.fixture(scope="module")

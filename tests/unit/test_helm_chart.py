@@ -5,7 +5,6 @@ KEDA keeps the replica count, and a missing identity stops the install with the 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import stat
 import subprocess
@@ -15,14 +14,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from mesh_testing.scripts import load_script
+
 ROOT = Path(__file__).resolve().parents[2]
-if "deploy_check" in sys.modules:  # loaded by test_deploy_check: one module, one set of classes
-    dc = sys.modules["deploy_check"]
-else:
-    spec = importlib.util.spec_from_file_location("deploy_check", ROOT / "infra" / "deploy_check.py")
-    dc = importlib.util.module_from_spec(spec)
-    sys.modules["deploy_check"] = dc  # dataclasses look their module up by name
-    spec.loader.exec_module(dc)
+dc = load_script(ROOT / "infra" / "deploy_check.py")  # the same module test_deploy_check loads
 
 
 @pytest.fixture(scope="module")

@@ -4,16 +4,15 @@ run by `make test-images` (tests/e2e/test_service_images.py)."""
 
 from __future__ import annotations
 
-import importlib.util
 import zipfile
 from pathlib import Path
 
 import pytest
 
+from mesh_testing.scripts import load_script
+
 ROOT = Path(__file__).resolve().parents[2]
-spec = importlib.util.spec_from_file_location("image_build", ROOT / "infra" / "images" / "build.py")
-build = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(build)
+build = load_script(ROOT / "infra" / "images" / "build.py", "image_build")
 
 
 def wheel(folder: Path, name: str, version: str, *requires: str) -> Path:

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 import yaml
 
+from mesh_testing.scripts import load_script
+
 pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parents[2]
-spec = importlib.util.spec_from_file_location("pin_images", ROOT / "infra" / "pin_images.py")
-pin_images = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(pin_images)
+pin_images = load_script(ROOT / "infra" / "pin_images.py")
 
 IMAGES = ("planner", "worker", "checker", "rag", "tool-executor", "budget", "meshctl")
 D = {name: "sha256:" + f"{i:x}" * 64 for i, name in enumerate(IMAGES, start=1)}

@@ -4,13 +4,11 @@ settings tables are generated from the models and checked."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
 import subprocess
 import sys
-import types
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -26,6 +24,7 @@ from mesh_kit import ServiceSettings
 from mesh_kit.runtime import load_settings
 from mesh_planner.settings import PlannerSettings
 from mesh_rag.settings import RagSettings
+from mesh_testing.scripts import load_script
 from mesh_tool_executor.net import AllowList
 from mesh_tool_executor.settings import ToolExecutorSettings
 from mesh_worker.settings import WorkerSettings
@@ -34,17 +33,7 @@ pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _settings_doc() -> types.ModuleType:
-    """``infra/settings_doc.py``: a development script over the repository, not a package module."""
-    spec = importlib.util.spec_from_file_location("settings_doc", ROOT / "infra" / "settings_doc.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["settings_doc"] = module  # dataclasses and typing resolve names through it
-    spec.loader.exec_module(module)
-    return module
-
-
-doc = _settings_doc()
+doc = load_script(ROOT / "infra" / "settings_doc.py")  # a development script, not a package module
 
 AGENT = {
     "MESH_MODEL",
