@@ -1,6 +1,6 @@
 """A workflow's timers, signals, retries and timeouts, in memory: the planner's transitions on a
 task record (``mesh_planner.waits``, ``Planner.on_wake``, ``Planner.on_signal``,
-``Planner.try_failed``) with the broker's part (schedules, delivery) played by fakes. The same
+``Flow.try_failed``) with the broker's part (schedules, delivery) played by fakes. The same
 through the real mesh and a real broker's schedules: tests/scenarios/test_workflow_waits.py."""
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ async def started(nodes: list[dict[str, Any]], **over: Any) -> tuple[Planner, Wo
     rec.steps = {s.step_id: StepState(step=s, wait=wf.node(s.step_id).kind if wf.node(s.step_id).kind in ("timer", "signal", "approval", "check") else "")
                  for s in workflow_steps(wf)}  # fmt: skip
     await put(planner, rec)
-    await planner.transition("acme", "t1", lambda r: planner.settle(r, "c0") is None)
+    await planner.transition("acme", "t1", lambda r: planner.flow.settle(r, "c0") is None)
     return planner, wf
 
 
@@ -177,7 +177,7 @@ async def test_a_failed_try_is_retried_after_its_backoff_then_the_task_fails_wit
         assert w.kind == "retry" and w.attempt == attempt
         delays.append(due - w.started_at)
         # Not dispatched again before its backoff fires, whatever else happens meanwhile.
-        await planner.transition("acme", "t1", lambda r: planner.settle(r, "x") is None)
+        await planner.transition("acme", "t1", lambda r: planner.flow.settle(r, "x") is None)
         assert len(said(planner, "step.requested")) == attempt
         await wake_all_due(planner)
         assert [m.attempt for m in said(planner, "step.requested")][-1] == attempt + 1
@@ -409,7 +409,7 @@ async def test_a_task_waiting_only_for_the_world_gives_its_run_slot_back_and_tak
                                  delivery("f1"))  # its backoff: idle  # fmt: skip
     assert adm.calls == [True, False, True]
     adm.idle.clear()  # the tenant's record lost it (a crash between the two writes): the next transition repairs it
-    await planner.transition("acme", "t1", lambda r: planner.settle(r, "x") is None)
+    await planner.transition("acme", "t1", lambda r: planner.flow.settle(r, "x") is None)
     assert adm.calls == [True, False, True, True] and adm.idle == {"t1"}
     await wake_all_due(planner)  # the retry runs
     assert adm.calls[-1] is False and not adm.idle

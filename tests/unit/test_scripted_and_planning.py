@@ -10,7 +10,7 @@ from mesh_contracts.v1 import PlanStep
 from mesh_contracts.v1.records import StepState, TaskRecord
 from mesh_llm import Message, ModelRequest, ScriptedModel
 from mesh_planner.drafts import parse_plan
-from mesh_planner.service import Planner
+from mesh_planner.flow import dependents
 from mesh_planner.steps import dispatch_ready
 
 pytestmark = pytest.mark.unit
@@ -80,5 +80,5 @@ def test_dispatch_only_steps_whose_dependencies_completed():
 def test_failure_cascades_to_every_transitive_dependent():
     rec = _record()
     rec.steps["s4"] = StepState(step=PlanStep(step_id="s4", instruction="d", depends_on=("s3",)))
-    assert Planner._dependents(rec, "s1") == ["s3", "s4"]
-    assert Planner._dependents(rec, "s3") == ["s4"]
+    assert dependents(rec, "s1") == ["s3", "s4"]
+    assert dependents(rec, "s3") == ["s4"]
