@@ -94,6 +94,7 @@ from mesh_planner.steps import (
 )  # fmt: skip
 from mesh_planner.timers import Early, Timers
 from mesh_planner.workflows import Refused, Registry
+from mesh_tenancy import tenancy
 
 log = logging.getLogger("mesh.planner")
 PLAN_PROMPT = prompts.load("mesh_planner", "plan")
@@ -1026,5 +1027,6 @@ class Planner:
 
 async def build(mesh: Mesh, settings: PlannerSettings) -> Planner:
     planner = Planner(mesh, configured(mesh, settings), settings)
+    tenancy.install(mesh)  # its tenants' doors and quotas (mesh_tenancy)
     planner.register()
     return planner
