@@ -40,7 +40,7 @@ from bench_admission import pct
 from mesh_contracts.topology import door_subject
 from mesh_contracts.v1 import ControlHalt, IngestRequested, TaskCompleted, TaskSubmitted
 from mesh_kit import envelope as env
-from mesh_kit.door import DoorRefused
+from mesh_tenancy.door import DoorRefused
 from meshctl import local
 from meshctl.client import TenantClient
 

@@ -134,7 +134,7 @@ def asyncapi() -> dict[str, Any]:
             }
             door = door_of(c) if c.spec.transport == "stream" else None
             if door is not None:
-                # Tenants write to no stream: they hand the message in at its door (mesh_kit.door).
+                # Tenants write to no stream: they hand the message in at its door (mesh_tenancy.door).
                 channels[f"{key}_door"] = {
                     "address": f"{DOOR_PREFIX}.{address}",
                     "description": f"Where a tenant's client sends {c.type_name()}: a core request; {door.service} "

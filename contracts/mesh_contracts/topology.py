@@ -55,7 +55,7 @@ class Door:
     so a tenant publishing there directly could fill it for everyone (issue 36). A client sends
     a core request to ``door.<subject>`` instead; the service that consumes the contract keeps
     the door (queue group ``<service>-door``): it checks the message and the tenant's quota, stores
-    it on ``<subject>`` and answers with the stream's acknowledgement (``mesh_kit.door``)."""
+    it on ``<subject>`` and answers with the stream's acknowledgement (``mesh_tenancy.door``)."""
 
     service: str
     stream: str

@@ -62,7 +62,7 @@ async def test_two_replicas_admit_exactly_the_limit_and_releases_free_slots(inte
         assert await a.admit(tenant, "late", deadline_s=300) is None, "the released slot is free"
         # A replica that has refused nobody yet: its first refused client comes back within one
         # slot of the drain (a slot frees every mean duration / tasks in flight: 2.0 s / 10), and
-        # each next one a slot further on (mesh_kit.retry_after), not all together.
+        # each next one a slot further on (mesh_tenancy.retry_after), not all together.
         c = Admission(st.bind(mesh.nc, "admission"), Limits(max_in_flight=10))
         now = time.time()
         refused = [await c.admit(tenant, f"later-{k}", deadline_s=300, now=now) for k in range(5)]

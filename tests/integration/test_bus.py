@@ -26,7 +26,7 @@ from mesh_contracts.v1.records import StatusRecord, TaskRecord
 from mesh_identity import Signer, new_signing_key
 from mesh_kit import Mesh, PermissionViolation, ServiceSettings
 from mesh_kit import envelope as env
-from mesh_kit.door import DoorRefused, read_reply
+from mesh_tenancy.door import DoorRefused, read_reply
 from meshctl.dlq import entries
 
 pytestmark = pytest.mark.integration

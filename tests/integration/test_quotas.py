@@ -10,7 +10,7 @@ from mesh_contracts.v1 import StepCompleted
 from mesh_kit import Mesh
 from mesh_kit import envelope as env
 from mesh_kit import telemetry as tel
-from mesh_kit.quota import Limit, Quotas
+from mesh_tenancy.quota import Limit, Quotas
 from meshctl.dlq import entries
 
 MIB = 1 << 20

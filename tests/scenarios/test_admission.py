@@ -79,7 +79,7 @@ async def test_submissions_over_the_rate_are_refused_with_the_wait_that_would_ad
     assert codes == ["TaskCompleted:", "TaskCompleted:"] + ["TaskRejected:rate_limited"] * 3, codes
     waits = sorted(s.outcome.retry_after_s or 0 for s in seen if isinstance(s.outcome, TaskRejected))
     # A token every 5 s, the next one within 5 s: each refused client is given a token of its own,
-    # in turn, instead of all being sent back for the next one (mesh_kit.retry_after).
+    # in turn, instead of all being sent back for the next one (mesh_tenancy.retry_after).
     assert all(5.0 * k <= w <= 5.0 * (k + 2) for k, w in enumerate(waits)) and len(set(waits)) == 3, waits
 
 

@@ -4,7 +4,7 @@ Hypothesis generates the corpus: bodies nested thousands deep, integers of thous
 strings past every limit, invalid UTF-8, wrong types, NaN and Infinity, duplicate keys, unknown
 versions; headers that are huge, missing or carry tokens in every wrong format. Each message is
 sent with the tenant's NATS credentials, at the door of its contract (a tenant writes to no
-stream: ``mesh_kit.door``), and then accounted for: refused at the door with the reason (or by
+stream: ``mesh_tenancy.door``), and then accounted for: refused at the door with the reason (or by
 the broker, for a subject the tenant may not use), or, if the door stored it, dead-lettered by
 its consumer with a reason on its first delivery (an ingest whose content is unusable, not base64
 or not text, is answered instead: ``ingest.completed`` with ``ok`` false and the reason). Nothing may

@@ -30,8 +30,8 @@ from mesh_contracts.v1.records import ReleaseChannel
 from mesh_contracts.v1.release import GLOBAL, CanaryTest
 from mesh_identity import Signer
 from mesh_kit import envelope as env
-from mesh_kit.door import DoorRefused
 from mesh_planner import releases as rel
+from mesh_tenancy.door import DoorRefused
 from mesh_testing.chaos import ChaosMesh, started
 from mesh_testing.infra import Infra, running_infra
 from meshctl import audit

@@ -38,7 +38,7 @@ from mesh_contracts.v1 import (
     TaskSubmitted,
 )
 from mesh_kit import envelope as env
-from mesh_kit.door import DoorRefused
+from mesh_tenancy.door import DoorRefused
 from mesh_testing.chaos import ChaosMesh, report, started
 from mesh_testing.infra import Infra, running_infra
 from meshctl.client import TenantClient
@@ -234,7 +234,7 @@ async def test_a_tenant_whose_tasks_stored_too_much_in_a_stream_it_never_writes_
     stream is used up (here: the worker's record says 70 MiB of STEP, over an eighth of its 512 MiB),
     the doors refuse its new messages, naming the stream; another tenant is untouched."""
     from mesh_kit import Mesh
-    from mesh_kit.quota import Quotas, limits_from
+    from mesh_tenancy.quota import Quotas, limits_from
 
     worker = Mesh(infra.ids.settings("worker", infra.nats_url))
     await worker.connection.connect()

@@ -19,7 +19,7 @@ import yaml
 
 from mesh_contracts.v1 import PlanCreated, TaskCompleted, TaskFailed, TaskPolicy, TaskRejected, WorkflowChange
 from mesh_identity import Signer
-from mesh_kit.door import DoorRefused
+from mesh_tenancy.door import DoorRefused
 from mesh_testing.chaos import ChaosMesh, started
 from mesh_testing.infra import Infra, running_infra
 from meshctl import audit

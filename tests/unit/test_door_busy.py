@@ -8,14 +8,14 @@ from collections import deque
 
 import pytest
 
-from mesh_kit.door import BUSY_CEILING_S, BUSY_FLOOR_S, QUEUE_PER_TENANT, Door
-from mesh_kit.retry_after import RetryLine
+from mesh_tenancy.door import BUSY_CEILING_S, BUSY_FLOOR_S, QUEUE_PER_TENANT, Door
+from mesh_tenancy.retry_after import RetryLine
 
 pytestmark = pytest.mark.unit
 
 
 def door(workers: int, tenants: int) -> Door:
-    d = Door(mesh=None, doors=[])  # type: ignore[arg-type]  # busy_for needs neither
+    d = Door(mesh=None, doors=[], quotas=None)  # type: ignore[arg-type]  # busy_for needs neither
     d._workers = [None] * workers  # type: ignore[list-item]
     for i in range(tenants):
         d._queues[f"t{i}"] = deque()

@@ -1,4 +1,4 @@
-"""The per-tenant quota rules (``mesh_kit.quota``), on a clock passed in: properties over random
+"""The per-tenant quota rules (``mesh_tenancy.quota``), on a clock passed in: properties over random
 sequences of charges, checked against a brute-force count of what a stream would still hold."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mesh_contracts.v1.records import QuotaRecord
-from mesh_kit.quota import MIB, Limit, Shape, charge, limits_from, refund, slot_width
+from mesh_tenancy.quota import MIB, Limit, Shape, charge, limits_from, refund, slot_width
 
 WINDOW = 3600.0
 
@@ -116,7 +116,7 @@ async def test_what_a_service_stores_of_its_own_accord_counts_at_the_tenants_nex
     with the tenant's next charge or by the flush, and then its next message is refused."""
     import time
 
-    from mesh_kit.quota import Quotas
+    from mesh_tenancy.quota import Quotas
     from mesh_testing.memkv import MemoryKV
 
     kv = MemoryKV()

@@ -1,4 +1,4 @@
-"""Retry-afters of a burst of refusals are spread over the drain (``mesh_kit.retry_after``): never
+"""Retry-afters of a burst of refusals are spread over the drain (``mesh_tenancy.retry_after``): never
 sooner than anything could pass, nor than the floor, nor later than the ceiling; one client per
 drain interval on average, never more than two in one; not all equal."""
 
@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mesh_kit.retry_after import RetryLine
+from mesh_tenancy.retry_after import RetryLine
 
 pytestmark = pytest.mark.unit
 

@@ -272,7 +272,7 @@ class QuotaRecord(Record):
     """What one tenant made one service store in one stream, kept by that service (compare-and-set):
     the bytes and messages it charged per time slot, for as long as the stream may hold them (a
     slot is forgotten once everything charged in it has aged out of the stream), and a token
-    bucket for bytes per minute. ``meshctl status`` reads it (``mesh_kit.quota``)."""
+    bucket for bytes per minute. ``meshctl status`` reads it (``mesh_tenancy.quota``)."""
 
     bucket: ClassVar[str] = "quotas"
     name: ClassVar[str] = "quota"

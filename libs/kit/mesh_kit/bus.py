@@ -8,8 +8,8 @@ The parts, each a module of its own:
 - ``trust``: the trust bundle, signing key and credentials, followed while running;
 - ``fair``: each durable fetched ahead and served tenant by tenant (the one way messages come in);
 - ``consume``: the pipeline every message goes through: decode -> verify -> handle -> settle;
-- ``reply``: answering core requests; ``door``: where tenants hand in what they write;
-- ``quota``: what each tenant made this service store.
+- ``reply``: answering core requests;
+- ``tenants``: the seam of the tenants' policy above the bus (``mesh_tenancy``: their doors and quotas).
 
 Ack policy, explicitly: a handler that returns acks; one that raises ``Reject`` (or a
 contract/identity failure) dead-letters and TERMs at once; any other exception NAKs with
@@ -42,12 +42,12 @@ from mesh_kit.connection import Connection
 from mesh_kit.consume import Pipeline, Settle
 from mesh_kit.delivery import Delivery, Park, PermissionViolation, Reject, RejectHook, Retry
 from mesh_kit.deps import Dependency, readiness
-from mesh_kit.door import Door
+from mesh_kit.errors import KitError
 from mesh_kit.fair import FairConsumer
-from mesh_kit.quota import Quotas, limits_from
 from mesh_kit.reply import Server
 from mesh_kit.settings import ServiceSettings
 from mesh_kit.state import KV
+from mesh_kit.tenants import Tenancy
 from mesh_kit.throttle import Throttled
 from mesh_kit.trust import Trust
 
@@ -91,17 +91,16 @@ class Mesh:
             max_int_digits=settings.decode_max_int_digits,
         )
         self.rejections = Throttled(log, settings.rejection_log_per_min)
-        self.settle = Settle(self.connection, lambda: self.quotas, self.count, self.rejections)
+        self.settle = Settle(self.connection, lambda: self.tenancy, self.count, self.rejections)
         self.server = Server(self.connection, self.limits, self.count, self.rejections)
         self.pipelines: dict[str, Pipeline] = {}  # by durable name: what ``consume`` bound
         self._fair: list[FairConsumer] = []
         self._durables: list[topo.Durable] = []  # every durable ``consume`` bound, in order
-        self._doors: list[topo.Door] = []  # the doors of the tenant-written contracts it consumes
-        self._door: Door | None = None
-        self._quota_flush: asyncio.Task[None] | None = None
-        self.quotas: Quotas | None = None
-        """What each tenant made this service store (``mesh_kit.quota``): its doors and its dead
-        letters charge it. Set by ``start``."""
+        self.doors: list[topo.Door] = []
+        """The doors of the tenant-written contracts it consumes (``consume``): its tenancy opens them."""
+        self.tenancy: Tenancy | None = None
+        """What its tenants are held to: their doors and quotas (``mesh_tenancy.install``). None:
+        no doors, nothing charged (a test's or a tool's mesh)."""
         self._on_start: list[Callable[[], Awaitable[None]]] = []
         self._on_stop: list[Callable[[], Awaitable[None]]] = []
         self._on_stop_connected: list[Callable[[], Awaitable[None]]] = []
@@ -186,12 +185,12 @@ class Mesh:
         message: rejected on arrival (contract or identity), rejected by the handler, or
         dead-lettered after its last attempt. The task's owner uses it to tell the client.
         A contract tenants write (``topology.doors``) is handed in at this service's door, which
-        ``start`` opens: checked, charged to the tenant's quota, then stored."""
+        its tenancy opens at ``start``: checked, charged to the tenant's quota, then stored."""
         durable = topo.durable_for(self.service, contract)
         self._durables.append(durable)
         door = topo.door_of(contract)
-        if door is not None and door.service == self.service and door not in self._doors:
-            self._doors.append(door)  # tenants hand it in here (``mesh_kit.door``)
+        if door is not None and door.service == self.service and door not in self.doors:
+            self.doors.append(door)  # tenants hand it in here (``mesh_tenancy.door``)
         pipeline = Pipeline(
             durable, handler, on_reject, settings=self.settings, trust=self.trust, settle=self.settle,
             limits=self.limits, tracer=self.tracer, count=self.count, rejections=self.rejections,
@@ -298,12 +297,12 @@ class Mesh:
     async def start(self) -> None:
         await self.connection.connect()
         await self._until_provisioned()
-        s = self.settings
-        self.quotas = Quotas(
-            lambda: self.nc, await self.kv("quotas"), self.service,
-            limits_from(s.quota_share, s.quota_mib_per_min, s.quota_tenants),
-        )  # fmt: skip
-        self.connection.on_stored = self._stored_for
+        if self.doors and self.tenancy is None:
+            raise KitError(f"{self.service} keeps doors ({', '.join(d.stream for d in self.doors)}) but has no "
+                           "tenancy to open them: mesh_tenancy.install(mesh) before start")  # fmt: skip
+        if self.tenancy is not None:
+            await self.tenancy.prepare()
+            self.connection.on_stored = self._stored_for
         await self.trust.follow()
         for hook in self._on_start:
             await hook()
@@ -311,21 +310,19 @@ class Mesh:
             await dependency.check()  # the first /readyz already knows
             dependency.start()
         await self.server.start()
-        if self._doors:
-            self._door = Door(self, self._doors)
-            await self._door.start()
-        self._quota_flush = asyncio.create_task(self.quotas.run(), name="quota-flush")
+        if self.tenancy is not None:
+            await self.tenancy.open()
         for consumer in self._fair:
             await consumer.start()
         self.connection.serving = True
 
     def _stored_for(self, tenant: str, stream: str, subject: str, body: bytes, headers: dict[str, str]) -> None:
         """What this service stored for a tenant counts against the tenant's share of the stream
-        (``Quotas.induced``; counted here, written every few seconds): its doors refuse a tenant
-        whose tasks made the mesh store too much anywhere."""
-        if self.quotas is not None:
+        (``Tenancy.stored``): its doors refuse a tenant whose tasks made the mesh store too much
+        anywhere."""
+        if self.tenancy is not None:
             size = len(subject) + len(body) + sum(len(k) + len(v) + 4 for k, v in headers.items())
-            self.quotas.induced(tenant, stream, size)
+            self.tenancy.stored(tenant, stream, size)
 
     async def _until_provisioned(self) -> None:
         """Wait until every durable this service consumes exists, not ready meanwhile.
@@ -362,17 +359,13 @@ class Mesh:
         self.connection.serving = False
         self.trust.stop()
         await self.server.stop()
-        if self._door is not None:
-            await self._door.stop()
-        if self._quota_flush is not None:
-            self._quota_flush.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._quota_flush
+        if self.tenancy is not None:
+            await self.tenancy.close()
         for consumer in self._fair:
             await consumer.stop()
-        if self.quotas is not None:
+        if self.tenancy is not None:
             with contextlib.suppress(Exception):
-                await self.quotas.flush()  # what it stored for tenants since their last charge
+                await self.tenancy.flush()  # what it stored for tenants since their last charge
         for hook in self._on_stop_connected:
             try:
                 await hook()

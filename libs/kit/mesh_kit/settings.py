@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import ssl
 from pathlib import Path
 from typing import Annotated, Any, Self
@@ -101,7 +102,7 @@ class ServiceSettings(BaseSettings):
     halts, resumes and cancels; RAG: its ingests; DLQ: its dead letters, split evenly among the six
     services), the share of the cap (bytes, and messages where the stream caps them) one tenant may
     hold; over it the tenant is refused with ``quota_exceeded`` and the others are untouched. 0: no
-    quota (``mesh_kit.quota``)."""
+    quota (``mesh_tenancy.quota``)."""
     quota_mib_per_min: dict[str, float] = {"TASK": 16.0, "CONTROL": 1.0, "RAG": 64.0, "DLQ": 4.0}
     """MiB a tenant may have stored per minute, per stream (JSON; the DLQ's split among the services);
     a stream not named has no rate limit. Over it: ``rate_limited`` with a ``retry_after_s``."""
@@ -123,9 +124,20 @@ class ServiceSettings(BaseSettings):
     @field_validator("quota_tenants")
     @classmethod
     def _known_quotas(cls, v: dict[str, dict[str, dict[str, float]]]) -> dict[str, dict[str, dict[str, float]]]:
-        from mesh_kit.quota import parse_overrides
-
-        return parse_overrides(v)
+        """``{"<tenant>": {"<STREAM>": {"mib": .., "msgs": .., "mib_per_min": ..}}}``, streams with doors or the DLQ."""
+        known = {*topo.door_streams(), topo.DLQ_STREAM}
+        for tenant, streams in v.items():
+            for stream, values in streams.items():
+                if stream not in known:
+                    raise ValueError(
+                        f"tenant {tenant}: unknown stream {stream!r} (quotas apply to {', '.join(sorted(known))})"
+                    )
+                unknown = set(values) - {"mib", "msgs", "mib_per_min"}
+                if unknown:
+                    raise ValueError(f"tenant {tenant}, {stream}: unknown limit(s) {', '.join(sorted(unknown))}")
+                if any(not math.isfinite(x) or x < 0 for x in values.values()):
+                    raise ValueError(f"tenant {tenant}, {stream}: limits must be >= 0")
+        return v
 
     @model_validator(mode="after")
     def _redis_from_file(self) -> ServiceSettings:

@@ -42,8 +42,8 @@ from mesh_contracts.v1 import (
 from mesh_contracts.v1.records import AdmissionRecord, QuotaRecord
 from mesh_durable.guard import CONTROL_BUCKET, GLOBAL_KEY, tenant_key
 from mesh_identity import Signer, TrustBundle, Verifier
-from mesh_kit.door import DoorRefused
 from mesh_kit.settings import log_nats_error, nats_servers
+from mesh_tenancy.door import DoorRefused
 from meshctl import budget as spend
 from meshctl import local, release, review, workflow
 from meshctl import options as opt
@@ -310,7 +310,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 f"{rec.get('admitted', 0):>9} {sum(refused.values()):>8}  {rec.get('mean_task_s', 0.0):8.2f}s  {by_code}"
             )
     if quotas:
-        # What each tenant holds of its share of the streams it writes to (mesh_kit.quota).
+        # What each tenant holds of its share of the streams it writes to (mesh_tenancy.quota).
         print(f"\n{'TENANT':14} {'STREAM':8} {'HELD':>10} {'QUOTA':>10} {'MESSAGES':>9}  REFUSED BY CODE")
         for q in quotas:
             limit = _mib(q.limit_bytes) if q.limit_bytes else "none"

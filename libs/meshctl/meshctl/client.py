@@ -58,7 +58,6 @@ from mesh_contracts.v1 import (
 from mesh_identity import IdentityError, Signer, TrustBundle, Verifier
 from mesh_kit import envelope as env
 from mesh_kit import wire
-from mesh_kit.door import DoorRefused, Stored, read_reply
 from mesh_kit.fair import PRIORITY
 from mesh_kit.settings import (
     BROKER_UNAVAILABLE,
@@ -68,6 +67,7 @@ from mesh_kit.settings import (
     nats_servers,
     tls_context,
 )
+from mesh_tenancy.door import DoorRefused, Stored, read_reply
 from meshctl.errors import MeshctlError
 
 if TYPE_CHECKING:
@@ -303,7 +303,7 @@ class TenantClient:
         self, model: Contract, key: str = "1", *, within_s: float = 60.0, trace: str | None = None,
         signer: Signer | None = None,
     ) -> Stored:  # fmt: skip
-        """Hand the message in at its door (``mesh_kit.door``: a tenant writes to no stream itself)
+        """Hand the message in at its door (``mesh_tenancy.door``: a tenant writes to no stream itself)
         until the stream acknowledges it. While the broker or the door's keeper is unavailable (a
         restart, a cluster electing a new leader after a node died) it retries for up to
         ``within_s``: the message id is deterministic, so a retry of one that did land is stored

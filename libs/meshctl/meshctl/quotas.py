@@ -1,4 +1,4 @@
-"""What each tenant holds of its quotas (``mesh_kit.quota``), for ``meshctl status``.
+"""What each tenant holds of its quotas (``mesh_tenancy.quota``), for ``meshctl status``.
 
 Every service keeps its own keys of KV ``quotas`` (``<service>.<tenant>.<stream>``): what it stored
 for the tenant in each stream. A row adds the services' records of one stream up against the
@@ -13,7 +13,7 @@ from typing import Any
 
 from mesh_contracts.topology import DLQ_STREAM
 from mesh_contracts.v1.records import QuotaRecord
-from mesh_kit.quota import expire
+from mesh_tenancy.quota import expire
 
 
 @dataclass

@@ -65,7 +65,7 @@ def stream_read(stream: str) -> set[str]:
 
 
 def quota(service: str, *streams: str) -> set[str]:
-    """Its own slice of the tenants' quota book (``mesh_kit.quota``), and the caps and max_age of
+    """Its own slice of the tenants' quota book (``mesh_tenancy.quota``), and the caps and max_age of
     the streams it stores tenants' messages in: the DLQ (its dead letters) and every stream it
     publishes to (what it stores for a tenant counts against the tenant's share there)."""
     return {f"$JS.API.DIRECT.GET.KV_quotas.$KV.quotas.{service}.>"} | {

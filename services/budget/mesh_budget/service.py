@@ -48,6 +48,7 @@ from mesh_kit import Delivery, Mesh, tasks
 from mesh_kit import envelope as env
 from mesh_kit import state as st
 from mesh_kit.tail import Reader, Stored, Tail
+from mesh_tenancy import tenancy
 
 log = logging.getLogger("mesh.budget")
 UNKNOWN_REREADS_S = (0.0, 0.2, 0.5, 1.0)
@@ -716,5 +717,6 @@ class Budget:
 
 async def build(mesh: Mesh, settings: BudgetSettings) -> Budget:
     svc = Budget(mesh, settings)
+    tenancy.install(mesh)  # its tenants' doors and quotas (mesh_tenancy)
     svc.register()
     return svc

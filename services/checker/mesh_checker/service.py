@@ -39,6 +39,7 @@ from mesh_kit import telemetry as tel
 from mesh_llm import ChatModel
 from mesh_llm.errors import ProviderError
 from mesh_llm.gateway import Gateway, model_key
+from mesh_tenancy import tenancy
 
 log = logging.getLogger("mesh.checker")
 
@@ -267,5 +268,6 @@ class Checker:
 
 async def build(mesh: Mesh, settings: CheckerSettings) -> Checker:
     svc = Checker(mesh, settings=settings)
+    tenancy.install(mesh)  # its tenants' doors and quotas (mesh_tenancy)
     svc.register()
     return svc

@@ -37,7 +37,7 @@ its wait ends it takes a slot again at once, even over the cap (like a tenant un
 work was started and is not queued behind tasks that were not.
 
 A refusal's ``retry_after_s`` comes from how fast the tenant makes room, with jitter
-(``mesh_kit.retry_after``): each client refused is given its own place in a line on that drain,
+(``mesh_tenancy.retry_after``): each client refused is given its own place in a line on that drain,
 so a burst refused together comes back spread over the time the drain needs to take it, not all
 at once. Over ``max_in_flight`` the drain is the tenant's tasks ending, about ``n /
 mean_task_s`` a second (Little's law; ``n`` its tasks running with run slots on, in flight with
@@ -71,9 +71,9 @@ from mesh_contracts import topology as topo
 from mesh_contracts.v1.records import AdmissionRecord
 from mesh_kit import state as st
 from mesh_kit import tasks
-from mesh_kit.quota import Refusal
-from mesh_kit.retry_after import RetryLine
 from mesh_kit.tail import Reader
+from mesh_tenancy.quota import Refusal
+from mesh_tenancy.retry_after import RetryLine
 
 log = logging.getLogger("mesh.planner.admission")
 

@@ -70,6 +70,7 @@ from mesh_planner.steps import (
 )  # fmt: skip
 from mesh_planner.timers import Early, Timers
 from mesh_planner.workflows import Registry
+from mesh_tenancy import tenancy
 
 log = logging.getLogger("mesh.planner")
 PLAN_PROMPT = prompts.load("mesh_planner", "plan")
@@ -530,5 +531,6 @@ class Planner:
 
 async def build(mesh: Mesh, settings: PlannerSettings) -> Planner:
     planner = Planner(mesh, configured(mesh, settings), settings)
+    tenancy.install(mesh)  # its tenants' doors and quotas (mesh_tenancy)
     planner.register()
     return planner

@@ -39,6 +39,7 @@ from mesh_rag.extract import SUPPORTED, ExtractError, extract, media_type_for
 from mesh_rag.index import Chunk, TenantIndex, build_document, document_version
 from mesh_rag.settings import RagSettings
 from mesh_rag.store import IndexFull, IndexQuota, Manifest, Store
+from mesh_tenancy import tenancy
 
 log = logging.getLogger("mesh.rag")
 SAMPLE_DOCS = Path(__file__).parent / "sample_docs"
@@ -308,5 +309,6 @@ async def build(mesh: Mesh, settings: RagSettings) -> Rag:
     docs = settings.data_dir or SAMPLE_DOCS
     rag = Rag(mesh, seed_tenants=settings.seed_tenants, seed_docs=Path(docs), model_dir=settings.embed_model_dir,
               index_quota=settings.index_quota)  # fmt: skip
+    tenancy.install(mesh)  # its tenants' doors and quotas (mesh_tenancy)
     rag.register()
     return rag

@@ -44,6 +44,7 @@ from mesh_kit import state as st
 from mesh_kit.delivery import Reject
 from mesh_kit.faults import crash_point
 from mesh_kit.tail import Reader
+from mesh_tenancy import tenancy
 from mesh_tool_executor import destinations, net
 from mesh_tool_executor import metrics as tool_executor_metrics
 from mesh_tool_executor.approvals import ApprovalRecord, Approvals, approval_id
@@ -648,6 +649,7 @@ def _for_approver(arguments: dict[str, Any], tool: Tool) -> dict[str, Any]:
 
 async def build(mesh: Mesh, settings: ToolExecutorSettings) -> ToolExecutor:
     svc = ToolExecutor(mesh, settings)
+    tenancy.install(mesh)  # its tenants' doors and quotas (mesh_tenancy)
     svc.register()
     return svc
 

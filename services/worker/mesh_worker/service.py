@@ -52,6 +52,7 @@ from mesh_kit.delivery import Retry
 from mesh_llm import ChatModel, Message, ModelRequest, ModelResponse, ProviderError, ToolCall, ToolSpec
 from mesh_llm.context import clip
 from mesh_llm.model import Role
+from mesh_tenancy import tenancy
 from mesh_worker import metrics as worker_metrics
 from mesh_worker.settings import WorkerSettings
 
@@ -823,5 +824,6 @@ async def build(mesh: Mesh, settings: WorkerSettings) -> Worker:
     if UNTRUSTED_NOTICE not in prompt.text:  # an override that dropped it
         log.warning("system prompt %s (%s) lacks the notice on untrusted blocks: the model is not told that "
                     "delimited content is data", prompt.ref, prompt.source)  # fmt: skip
+    tenancy.install(mesh)  # its tenants' doors and quotas (mesh_tenancy)
     worker.register()
     return worker

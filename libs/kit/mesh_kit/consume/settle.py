@@ -21,7 +21,7 @@ from mesh_kit import envelope as env
 from mesh_kit import telemetry as tel
 from mesh_kit.connection import Connection
 from mesh_kit.delivery import Incoming, Park, Reject, RejectHook, Retry
-from mesh_kit.quota import Quotas
+from mesh_kit.tenants import Tenancy
 from mesh_kit.throttle import Throttled
 
 log = logging.getLogger("mesh.bus")
@@ -40,11 +40,11 @@ class Settle:
     def __init__(
         self,
         connection: Connection,
-        quotas: Callable[[], Quotas | None],
+        tenancy: Callable[[], Tenancy | None],
         count: Callable[..., None],
         rejections: Throttled,
     ) -> None:
-        self.conn, self._quotas, self._count, self.rejections = connection, quotas, count, rejections
+        self.conn, self._tenancy, self._count, self.rejections = connection, tenancy, count, rejections
         self.service, self.settings = connection.service, connection.settings
 
     async def handled(self, msg: Incoming) -> None:
@@ -135,7 +135,7 @@ class Settle:
         )
         subject = topo.dlq_subject(self.service, raw.subject)
         tenant = tenant_of(raw.subject)
-        quotas = self._quotas()
+        quotas = self._tenancy()
         charged_at, size = 0.0, len(subject) + len(raw.data) + sum(len(k) + len(v) + 4 for k, v in out.items())
         if quotas is not None:
             refusal, charged_at = await quotas.charge(tenant, topo.DLQ_STREAM, size)

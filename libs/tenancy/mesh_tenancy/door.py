@@ -8,7 +8,7 @@ queue group) and, for each message:
 1. checks it as its consumer would: a contract this door takes, the ``Mesh-Schema`` header
    naming it, a body within the contract's limits, a ``Nats-Msg-Id``, and the sender's
    identity token (a tenant speaks only for itself);
-2. charges it to the tenant's quota in the stream (``mesh_kit.quota``);
+2. charges it to the tenant's quota in the stream (``mesh_tenancy.quota``);
 3. stores it on ``<subject>`` with the client's own headers (its token, id and trace), so the
    consumer sees what it always saw and the stream deduplicates a retry as before; a charge
    whose message the stream did not keep (a duplicate, a full stream) is given back;
@@ -25,7 +25,7 @@ Tenants take turns: requests wait in a queue per tenant (at most ``QUEUE_PER_TEN
 answered ``busy`` at once) and the handlers take the tenants round-robin, so one tenant's flood
 delays another tenant's message by one turn, not by the flood. A ``busy`` answer's
 ``retry_after_s`` is the refused client's own place on the drain of its tenant's queue (how long
-a request takes here, shared among the tenants waiting, over the handlers; ``mesh_kit.retry_after``),
+a request takes here, shared among the tenants waiting, over the handlers; ``mesh_tenancy.retry_after``),
 so clients turned away together do not all come back together.
 """
 
@@ -53,12 +53,14 @@ from mesh_contracts.registry import BY_SUBJECT_KEY, split_subject
 from mesh_identity import IdentityError
 from mesh_kit import envelope as env
 from mesh_kit import telemetry as tel
-from mesh_kit.errors import KitError
-from mesh_kit.retry_after import RetryLine
 from mesh_kit.settings import BROKER_UNAVAILABLE, STREAM_FULL_CODE
+from mesh_tenancy import metrics
+from mesh_tenancy.errors import TenancyError
+from mesh_tenancy.quota import Quotas
+from mesh_tenancy.retry_after import RetryLine
 
 if TYPE_CHECKING:
-    from mesh_kit.bus import Mesh
+    from mesh_kit import Mesh
 
 log = logging.getLogger("mesh.door")
 
@@ -84,7 +86,7 @@ STATUS = {"quota_exceeded": 429, "rate_limited": 429, "busy": 429, "invalid": 40
 
 
 @dataclass(frozen=True)
-class DoorRefused(KitError):
+class DoorRefused(TenancyError):
     """The door did not store the message, and why: ``code`` (``quota_exceeded``,
     ``rate_limited``, ``busy``, ``invalid``, ``forbidden``, ``unavailable``), one line, and when to
     try again (0: not by waiting)."""
@@ -146,9 +148,8 @@ def read_reply(data: bytes) -> Stored:
 class Door:
     """One service's doors (every tenant-written contract it consumes), kept from ``start`` to ``stop``."""
 
-    def __init__(self, mesh: Mesh, doors: list[topo.Door]) -> None:
-        self.mesh = mesh
-        self.doors = doors
+    def __init__(self, mesh: Mesh, doors: list[topo.Door], quotas: Quotas) -> None:
+        self.mesh, self.doors, self.quotas = mesh, doors, quotas
         self._subs: list[Any] = []
         self._queues: OrderedDict[str, deque[Msg]] = OrderedDict()
         """Per tenant, requests waiting here, tenants in turn order."""
@@ -194,7 +195,7 @@ class Door:
         if q is None:
             q = self._queues[tenant] = deque()
         if len(q) >= QUEUE_PER_TENANT:
-            self.mesh.count(tel.M_DOOR_REFUSED, {"tenant": tenant or "-", "code": "busy"})
+            self.mesh.count(metrics.M_DOOR_REFUSED, {"tenant": tenant or "-", "code": "busy"})
             why = f"tenant {tenant} has {len(q)} messages waiting at this door"
             await self._answer(raw, refusal_body(DoorRefused("busy", why, self.busy_for(tenant, len(q)))))
             return
@@ -252,7 +253,7 @@ class Door:
                 stored = await self._admit(raw)
             except DoorRefused as refused:
                 tenant = raw.subject.split(".")[3] if raw.subject.count(".") == 5 else "-"
-                self.mesh.count(tel.M_DOOR_REFUSED, {"tenant": tenant, "code": refused.code})
+                self.mesh.count(metrics.M_DOOR_REFUSED, {"tenant": tenant, "code": refused.code})
                 self.mesh.rejections.warn(f"door refused {raw.subject}: {refused}")
                 await self._answer(raw, refusal_body(refused))
                 return
@@ -299,8 +300,7 @@ class Door:
             raise DoorRefused("forbidden", f"identity: {env.one_line(str(exc), 300)}") from None
         except ContractError as exc:  # its facts (what the budget is told) contradict its body
             raise DoorRefused("invalid", env.one_line(str(exc), 300)) from None
-        quotas = mesh.quotas
-        assert quotas is not None  # set by Mesh.start, before any door opens
+        quotas = self.quotas
         size = len(subject) + len(raw.data) + sum(len(k) + len(v) + 4 for k, v in headers.items())
         # What its tasks stored in the streams it never writes to: no new work while over a share
         # there (a halt or cancel is not new work: it is never refused for that).
@@ -326,7 +326,7 @@ class Door:
             raise DoorRefused("unavailable", f"{door.stream} did not answer ({type(exc).__name__})", 1.0) from None
         if ack.duplicate:
             await quotas.refund(parts.tenant, door.stream, size, charged_at)
-        mesh.count(tel.M_DOOR_STORED, {"tenant": parts.tenant, "stream": door.stream})
+        mesh.count(metrics.M_DOOR_STORED, {"tenant": parts.tenant, "stream": door.stream})
         return ack_body(ack.stream, ack.seq, bool(ack.duplicate))
 
     async def _answer(self, raw: Msg, body: bytes) -> None:

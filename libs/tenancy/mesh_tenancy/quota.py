@@ -50,9 +50,9 @@ REFUSAL_CACHED_S = 5.0
 INFO_EVERY_S = 60.0
 """How often a stream's caps and max_age are read again."""
 FLUSH_S = 5.0
+"""How often what a service stored of its own accord is written for a tenant that sent nothing since."""
 FOOTPRINT_EVERY_S = 5.0
 """How often a door reads what a tenant made every service store (``Quotas.footprint``)."""
-"""How often what a service stored of its own accord is written for a tenant that sent nothing since."""
 
 
 @dataclass(frozen=True)
@@ -418,23 +418,6 @@ class Quotas:
 def _window(shape: Shape) -> float:
     """How long a charge is held: the stream's max_age (a week for a stream that keeps forever)."""
     return shape.max_age_s or 7 * 86400.0
-
-
-def parse_overrides(raw: dict[str, dict[str, dict[str, float]]]) -> dict[str, dict[str, dict[str, float]]]:
-    """Check ``MESH_QUOTA_TENANTS``: ``{"<tenant>": {"<STREAM>": {"mib": .., "msgs": .., "mib_per_min": ..}}}``."""
-    known = {*topo.door_streams(), topo.DLQ_STREAM}
-    for tenant, streams in raw.items():
-        for stream, values in streams.items():
-            if stream not in known:
-                raise ValueError(
-                    f"tenant {tenant}: unknown stream {stream!r} (quotas apply to {', '.join(sorted(known))})"
-                )
-            unknown = set(values) - {"mib", "msgs", "mib_per_min"}
-            if unknown:
-                raise ValueError(f"tenant {tenant}, {stream}: unknown limit(s) {', '.join(sorted(unknown))}")
-            if any(not math.isfinite(v) or v < 0 for v in values.values()):
-                raise ValueError(f"tenant {tenant}, {stream}: limits must be >= 0")
-    return raw
 
 
 def limits_from(share: float, per_min_mib: dict[str, float], tenants: dict[str, dict[str, dict[str, float]]]
