@@ -139,7 +139,7 @@ class Bucket:
     fed: tuple[str, ...] = ()
     """Principals that subscribe to the bucket's republished feed (``watch_feed("KV_<bucket>")``):
     every write the bucket stored, with its revision and the key's previous revision, so a
-    reader keeps the keys it read current without reading them again (``mesh_kit.view``)."""
+    reader keeps the keys it read current without reading them again (``mesh_durable.view``)."""
 
 
 TRUST_BUCKET = "trust"

@@ -13,7 +13,7 @@ import pytest
 from nats.js.errors import KeyNotFoundError
 
 from mesh_durable.guard import CONTROL_BUCKET, GLOBAL_KEY, Guard, tenant_key
-from mesh_kit.view import KeyView
+from mesh_durable.view import KeyView
 from mesh_testing.infra import Infra, running_infra
 from meshctl.cli import main
 

@@ -1,4 +1,4 @@
-"""The guard's view of a bucket (``mesh_kit.view.KeyView``) against a real, provisioned bucket:
+"""The guard's view of a bucket (``mesh_durable.view.KeyView``) against a real, provisioned bucket:
 a key is read once and then kept current from the bucket's republished feed; a lost fed write, a
 reconnect, a write racing the read and ``max_age_s`` each make it read again, so it never
 answers from memory what it cannot prove current."""
@@ -13,9 +13,9 @@ from nats.js.errors import KeyWrongLastSequenceError
 
 from mesh_contracts import topology as topo
 from mesh_durable.guard import enable as enable_guard
+from mesh_durable.view import KeyView
 from mesh_kit import Mesh
 from mesh_kit import state as st
-from mesh_kit.view import KeyView
 
 pytestmark = pytest.mark.integration
 

@@ -1,4 +1,4 @@
-"""Consumer-less reads (``mesh_kit.tail``) against a real nats-server: in order, no gaps, no
+"""Consumer-less reads (``mesh_durable.tail``) against a real nats-server: in order, no gaps, no
 duplicates, while the stream is being written; by time, by subject, and a bucket's current values."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import nats
 import pytest
 from nats.js import api
 
-from mesh_kit.tail import DirectGetError, Reader, Stored, Tail
+from mesh_durable.tail import DirectGetError, Reader, Stored, Tail
 
 pytestmark = pytest.mark.integration
 

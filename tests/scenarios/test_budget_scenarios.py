@@ -27,10 +27,10 @@ from mesh_contracts.v1 import (
     UsageRecorded,
 )
 from mesh_contracts.v1.records import TaskRecord
+from mesh_durable import records
 from mesh_durable.chain import CLOCK_SKEW_S, verify
 from mesh_identity import TrustBundle, Verifier
 from mesh_kit import Mesh
-from mesh_kit import state as st
 from mesh_kit.settings import BROKER_UNAVAILABLE
 from mesh_llm.resilience import BreakerPolicy
 from mesh_testing.chaos import ChaosMesh, report
@@ -220,7 +220,7 @@ async def _started(infra: Infra, tenant: str, *tasks: str, timeout: float = 60.0
         kv = await admin.jetstream().key_value(TaskRecord.bucket)
         deadline = time.monotonic() + timeout
         for task in tasks:
-            while (rec := await st.task_record(kv, tenant, task)) is None or not rec.goal:
+            while (rec := await records.task_record(kv, tenant, task)) is None or not rec.goal:
                 assert time.monotonic() < deadline, f"{task} never started"
                 await asyncio.sleep(0.1)
     finally:

@@ -10,8 +10,8 @@ import pytest
 
 from mesh_contracts.v1.audit import ANCHOR, ANCHOR_TTL_S, GENESIS
 from mesh_durable.chain import Anchor, digest, link, verify
+from mesh_durable.tail import Stored
 from mesh_identity import Principal, Signer, TrustBundle, Verifier, new_signing_key
-from mesh_kit.tail import Stored
 
 pytestmark = pytest.mark.unit
 

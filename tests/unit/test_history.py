@@ -10,9 +10,9 @@ import pytest
 
 from mesh_contracts.v1 import StepCompleted, StepRequested, TaskSubmitted
 from mesh_contracts.v1.common import PlanStep
+from mesh_durable.tail import Stored
 from mesh_identity import Principal, Signer, TrustBundle, Verifier, new_signing_key
 from mesh_kit import envelope as env
-from mesh_kit.tail import Stored
 from meshctl import history
 
 pytestmark = pytest.mark.unit

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from mesh_contracts import SERVICES, generate
 from mesh_contracts.topology import BUCKETS
 from mesh_contracts.v1.records import RECORDS, Evidence, StatusRecord, TaskRecord, ToolCatalogue
-from mesh_kit import state as st
+from mesh_durable import records
 from mesh_testing.memkv import MemoryKV
 
 
@@ -48,26 +48,26 @@ def test_a_breaking_change_to_a_record_is_caught_like_one_to_a_message():
 def test_the_accessors_read_what_the_planner_wrote_and_refuse_an_unknown_version():
     async def go() -> None:
         tasks, status, evidence = MemoryKV(), MemoryKV(), MemoryKV()
-        assert await st.task_record(tasks, "acme", "t1") is None
-        assert await st.task_status(status, "acme", "t1") is None
+        assert await records.task_record(tasks, "acme", "t1") is None
+        assert await records.task_status(status, "acme", "t1") is None
         await tasks.put(TaskRecord.key("acme", "t1"), TaskRecord(tenant="acme", task_id="t1", goal="g").to_bytes())
         await status.put("acme.t1", StatusRecord(status="halted", reason="by hand").to_bytes())
         await evidence.put(Evidence.key("acme", "t1", "s1", 1), Evidence().to_bytes())
-        rec = await st.task_record(tasks, "acme", "t1")
+        rec = await records.task_record(tasks, "acme", "t1")
         assert rec is not None and rec.goal == "g" and rec.record_version == 1
-        halted = await st.task_status(status, "acme", "t1")
+        halted = await records.task_status(status, "acme", "t1")
         assert halted is not None and (halted.status, halted.reason) == ("halted", "by hand")
-        assert await st.evidence(evidence, "acme", "t1", "s1", 1) == Evidence()
+        assert await records.evidence(evidence, "acme", "t1", "s1", 1) == Evidence()
         # A record written before records had a version reads as version 1.
         await tasks.put("acme.t0", json.dumps({"tenant": "acme", "task_id": "t0", "goal": "old"}).encode())
-        old = await st.task_record(tasks, "acme", "t0")
+        old = await records.task_record(tasks, "acme", "t0")
         assert old is not None and old.record_version == 1
         # A version this reader does not know is refused, not misread.
         await tasks.put(
             "acme.t2", json.dumps({"tenant": "acme", "task_id": "t2", "goal": "g", "record_version": 2}).encode()
         )
         with pytest.raises(ValidationError, match="record_version"):
-            await st.task_record(tasks, "acme", "t2")
+            await records.task_record(tasks, "acme", "t2")
 
     asyncio.run(go())
 
@@ -80,12 +80,12 @@ async def test_the_tool_catalogue_is_one_record_the_worker_and_the_planner_read(
     from mesh_tool_executor.tools import Registry
 
     kv = MemoryKV()
-    assert await st.tool_catalogue(kv) is None, "not written yet: the executor is starting"
+    assert await records.tool_catalogue(kv) is None, "not written yet: the executor is starting"
     published = Registry().catalogue()
     await kv.put(ToolCatalogue.KEY, published.to_bytes())
-    read = await st.tool_catalogue(kv)
+    read = await records.tool_catalogue(kv)
     assert read == published and {"calculator", "send_email", "http_get"} <= set(read.by_name())
     listed = tool_list(read)
     assert listed.startswith("search_docs (retrieval") and all(t.name in listed for t in published.tools)
     await kv.put(ToolCatalogue.KEY, json.dumps([t.model_dump() for t in published.tools]).encode())
-    assert await st.tool_catalogue(kv) == published
+    assert await records.tool_catalogue(kv) == published

@@ -29,9 +29,9 @@ from mesh_contracts import ContractError
 from mesh_contracts import topology as topo
 from mesh_contracts.v1.audit import ANCHOR, GENESIS, AuditRecorded, kind_allowed
 from mesh_durable.errors import DurableError
+from mesh_durable.tail import Stored
 from mesh_identity import IdentityError, Signer, Verifier
 from mesh_kit import envelope as env
-from mesh_kit.tail import Stored
 
 if TYPE_CHECKING:
     from mesh_kit.bus import Mesh

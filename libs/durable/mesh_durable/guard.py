@@ -12,7 +12,7 @@ A task may be stopped three ways, and the guard sees all three:
   tenant (``kill.tenant.<tenant>``) or global (``kill.global``).
 
 The guard reads a task's status and the kill switches once and then keeps them current from
-the buckets' republished feeds (``mesh_kit.view``): a write is seen when its fed message
+the buckets' republished feeds (``mesh_durable.view``): a write is seen when its fed message
 arrives (milliseconds), a lost one no later than ``MESH_GUARD_VIEW_S``, and a check costs no
 round trip. ``MESH_GUARD_VIEW_S=0`` reads both buckets before every call instead.
 """
@@ -32,9 +32,9 @@ from mesh_contracts import ContractError, parse_message
 from mesh_contracts.v1 import ControlCancel, ControlHalt, ControlResume
 from mesh_contracts.v1.records import StatusRecord, TaskRecord
 from mesh_durable.errors import DurableError
+from mesh_durable.view import KeyView
 from mesh_identity import IdentityError
 from mesh_kit import envelope as env
-from mesh_kit.view import KeyView
 
 if TYPE_CHECKING:
     from mesh_kit.bus import Mesh

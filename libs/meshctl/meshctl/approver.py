@@ -32,11 +32,11 @@ import nats
 from nats.aio.client import Client as NATS
 
 from mesh_contracts.v1 import ApprovalDecided, PlanReviewed
+from mesh_durable.tail import Reader
 from mesh_identity import Signer
 from mesh_kit import envelope as env
 from mesh_kit.settings import inbox_prefix, log_nats_error, nats_servers, tls_context
 from mesh_kit.state import bind
-from mesh_kit.tail import Reader
 from meshctl.errors import MeshctlError
 
 if TYPE_CHECKING:

@@ -22,7 +22,7 @@ from nats.aio.client import Client as NATS
 
 from mesh_contracts import topology as topo
 from mesh_durable.chain import Anchor, Verdict, chain_filter, parse
-from mesh_kit.tail import DirectGetError, Reader, Stored
+from mesh_durable.tail import DirectGetError, Reader, Stored
 
 READ_TIMEOUT_S = 0.5
 

@@ -19,7 +19,7 @@ from typing import Any, TypedDict
 from nats.aio.client import Client as NATS
 from nats.js.kv import KeyValue
 
-from mesh_kit.tail import Reader
+from mesh_durable.tail import Reader
 from meshctl.errors import MeshctlError
 
 BUCKET = "budget"

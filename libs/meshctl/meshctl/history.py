@@ -20,10 +20,10 @@ from nats.aio.client import Client as NATS
 
 from mesh_contracts import ContractError, parse_message
 from mesh_contracts import topology as topo
+from mesh_durable.tail import Stored
 from mesh_guardrails.redact import redact, redact_value
 from mesh_identity import IdentityError, Verifier
 from mesh_kit import envelope as env
-from mesh_kit.tail import Stored
 from meshctl import audit
 
 

@@ -312,7 +312,7 @@ class Quotas:
         cached = self._footprints.get(tenant)
         if cached is not None and now - cached[0] < FOOTPRINT_EVERY_S:
             return cached[1]
-        from mesh_kit.tail import Reader
+        from mesh_durable.tail import Reader
 
         reader = Reader(self._nc(), "KV_quotas")
         try:

@@ -39,11 +39,11 @@ from mesh_budget.partition import Partition, mark_keys
 from mesh_contracts import ContractError, parse_message
 from mesh_contracts import topology as topo
 from mesh_contracts.v1 import TokenUsage, UsageRecorded
+from mesh_durable.tail import MAX_BATCH, Reader
 from mesh_identity import IdentityError, Verifier
 from mesh_kit import envelope as env
 from mesh_kit import faults
 from mesh_kit import state as st
-from mesh_kit.tail import MAX_BATCH, Reader
 
 log = logging.getLogger("mesh.budget.accounts")
 

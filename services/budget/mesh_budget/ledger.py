@@ -42,8 +42,8 @@ from pydantic import BaseModel
 
 from mesh_budget.errors import BudgetError
 from mesh_contracts.v1 import TokenUsage
+from mesh_durable.tail import MAX_BATCH, Reader
 from mesh_identity import CLOCK_LEEWAY_S
-from mesh_kit.tail import MAX_BATCH, Reader
 from mesh_resilience import BreakerPolicy
 
 OTHER_LABELS = "(other)"

@@ -41,13 +41,13 @@ from mesh_contracts.v1 import (
 )
 from mesh_contracts.v1.audit import ANCHOR, ANCHOR_TTL_S, MESH_WIDE
 from mesh_contracts.v1.records import TERMINAL, StatusRecord, TaskRecord
-from mesh_durable import chain, guard, redis
+from mesh_durable import chain, guard, records, redis
 from mesh_durable.redis import redis_errors
+from mesh_durable.tail import Reader, Stored, Tail
 from mesh_identity import CLOCK_LEEWAY_S, IdentityError
 from mesh_kit import Delivery, Mesh, tasks
 from mesh_kit import envelope as env
 from mesh_kit import state as st
-from mesh_kit.tail import Reader, Stored, Tail
 from mesh_tenancy import tenancy
 
 log = logging.getLogger("mesh.budget")
@@ -318,7 +318,7 @@ class Budget:
         """Publish the reasoned event and the control message (deterministic ids: every replica
         reaches the same verdict from the same stream; JetStream keeps one)."""
         try:
-            rec = await st.task_status(self.status, trip.tenant, trip.task_id)
+            rec = await records.task_status(self.status, trip.tenant, trip.task_id)
             if rec is not None and rec.status in TERMINAL:
                 return  # replayed history, or the task ended meanwhile
             after = max(0.0, time.time() - trip.closed_at) if trip.closed_at else 0.0
@@ -666,7 +666,7 @@ class Budget:
         the model call whose reservation asks. A replica that just rejoined its cluster answers a
         direct get without it for as long as it takes to catch up; the cluster chaos test lost a
         task to that ('unknown task') in two loaded runs, the second time past 3 s of re-reads."""
-        rec = await st.task_status(self.status, tenant, task_id)
+        rec = await records.task_status(self.status, tenant, task_id)
         if rec is not None and rec.limits is not None:
             return rec
         key = TaskRecord.key(tenant, task_id)  # (the status record's key is the task record's)
@@ -691,7 +691,7 @@ class Budget:
         key = (tenant, task_id)
         if (known := self._label_cache.get(key)) is not None:
             return known  # a record's labels never change
-        rec = await st.task_status(self.status, tenant, task_id)
+        rec = await records.task_status(self.status, tenant, task_id)
         if rec is None:
             return {}
         return _keep(self._label_cache, key, dict(rec.labels))

@@ -29,12 +29,11 @@ from mesh_checker.checks import Passages, check_answer, evidence_of, run_checks
 from mesh_checker.settings import CheckerSettings
 from mesh_contracts import ContractError
 from mesh_contracts.v1 import CheckRequested, CheckResult, CheckVerdict, RetrievalCompleted, TokenUsage
-from mesh_durable import guard
+from mesh_durable import guard, records
 from mesh_durable.ledger import BUCKET as LEDGER
 from mesh_durable.ledger import Ledger
 from mesh_identity import IdentityError
 from mesh_kit import Delivery, Mesh
-from mesh_kit import state as st
 from mesh_kit import telemetry as tel
 from mesh_llm import ChatModel
 from mesh_llm.errors import ProviderError
@@ -60,7 +59,7 @@ class Checker:
         self.judge_prompts = jd.JudgePrompts.load(self.settings.prompts_dir)
         self.passages = passages or self.retrieved
         self.ledger: Ledger | None = None
-        self.bundles = st.Bundles(None)  # the releases bucket, from start()
+        self.bundles = records.Bundles(None)  # the releases bucket, from start()
         self._judges: dict[tuple[str, ...], Models] = {}
         meter = mesh.meter
         self._verdicts = meter.create_counter(checker_metrics.M_CHECK_VERDICTS, unit="{verdict}")
@@ -72,7 +71,7 @@ class Checker:
         if self.models is None:
             self.models = configured(self.mesh, self.settings)
         self.ledger = Ledger(await self.mesh.kv(LEDGER), self.mesh.service)
-        self.bundles = st.Bundles(await self.mesh.kv("releases"))
+        self.bundles = records.Bundles(await self.mesh.kv("releases"))
 
     def register(self) -> None:
         guard.enable(self.mesh)

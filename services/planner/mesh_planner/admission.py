@@ -69,9 +69,9 @@ from typing import Any
 
 from mesh_contracts import topology as topo
 from mesh_contracts.v1.records import AdmissionRecord
+from mesh_durable.tail import Reader
 from mesh_kit import state as st
 from mesh_kit import tasks
-from mesh_kit.tail import Reader
 from mesh_tenancy.quota import Refusal
 from mesh_tenancy.retry_after import RetryLine
 

@@ -21,8 +21,8 @@ from typing import Any
 from mesh_contracts.v1 import TaskRejected, TaskSubmitted
 from mesh_contracts.v1.records import TERMINAL, TaskRecord
 from mesh_contracts.v1.workflow import not_runnable
+from mesh_durable import records
 from mesh_kit import Delivery, Mesh, Park
-from mesh_kit import state as st
 from mesh_planner import metrics as planner_metrics
 from mesh_planner import releases as rel
 from mesh_planner.admission import Admission, StoreLevel, Wait
@@ -52,7 +52,7 @@ class Started:
 
     async def record(self) -> TaskRecord | None:
         if not self._read:
-            self._rec, self._read = await st.task_record(self._kv, self._m.tenant, self._m.task_id), True
+            self._rec, self._read = await records.task_record(self._kv, self._m.tenant, self._m.task_id), True
         return self._rec
 
 

@@ -14,6 +14,7 @@ from mesh_contracts import Contract
 from mesh_contracts.registry import BY_TYPE
 from mesh_contracts.v1 import CheckRequested, ProgressEvent, SignedRecord
 from mesh_contracts.v1.records import OutboxItem, TaskRecord
+from mesh_durable import records
 from mesh_kit import Mesh
 from mesh_kit import envelope as env
 from mesh_kit import state as st
@@ -125,9 +126,9 @@ class Outbox:
         steps = []
         for s in m.steps:
             state = rec.steps.get(s.step_id)
-            records: tuple[SignedRecord, ...] = ()
+            read: tuple[SignedRecord, ...] = ()
             if state is not None:
-                found = await st.evidence(evidence, m.tenant, m.task_id, s.step_id, state.attempt)
+                found = await records.evidence(evidence, m.tenant, m.task_id, s.step_id, state.attempt)
                 if found is not None:
                     kept = []
                     for r in found.records:
@@ -135,6 +136,6 @@ class Outbox:
                         if room < 0:
                             break
                         kept.append(r)
-                    records = tuple(kept)
-            steps.append(s.model_copy(update={"retrievals": records}))
+                    read = tuple(kept)
+            steps.append(s.model_copy(update={"retrievals": read}))
         return m.model_copy(update={"steps": tuple(steps)})

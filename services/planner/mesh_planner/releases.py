@@ -212,7 +212,7 @@ class Releases:
         self.routes = routes
         """The model gateway's routes (a bundle naming another is refused); None: not checked."""
         self.view = view
-        """A ``mesh_kit.view.KeyView`` of the bucket: the channels as stored, kept current from the
+        """A ``mesh_durable.view.KeyView`` of the bucket: the channels as stored, kept current from the
         bucket's feed (a rollback another replica wrote is seen within milliseconds), so choosing
         a new task's version reads nothing most of the time. None: read the bucket each time."""
 

@@ -42,15 +42,15 @@ from mesh_contracts.v1.records import (
     StatusRecord,
     TaskRecord,
 )
-from mesh_durable import chain, guard
+from mesh_durable import chain, guard, records
 from mesh_durable.ledger import BUCKET as LEDGER
 from mesh_durable.ledger import Ledger
+from mesh_durable.records import Bundles
+from mesh_durable.view import KeyView
 from mesh_kit import Delivery, Mesh, Park
 from mesh_kit import envelope as env
 from mesh_kit import state as st
 from mesh_kit.delivery import Reject
-from mesh_kit.state import Bundles
-from mesh_kit.view import KeyView
 from mesh_llm import ChatModel, ContextOverflow, Message, ModelRequest, UnknownRoute
 from mesh_planner import metrics as planner_metrics
 from mesh_planner import waits
@@ -98,7 +98,7 @@ class Planner:
         self.flow = Flow(lambda: self.workflows, self.reviewed)  # how a task's record moves
         self.channels: KeyView | None = None
         self.bundles: Bundles | None = None
-        self.catalogue = st.Catalogue(None)  # KV ``tools``: the tool-executor's, which the plan prompt lists
+        self.catalogue = records.Catalogue(None)  # KV ``tools``: the tool-executor's, which the plan prompt lists
         self.timers: Timers | None = None
         self.outbox = Outbox(mesh, lambda: self.kv, lambda: self.evidence, lambda: self.timers)  # decided messages
         self._to_plan: dict[tuple[str, str], str] = {}
@@ -135,7 +135,7 @@ class Planner:
         await self.channels.start()
         self.releases = Releases(kv, frozenset(routes) if isinstance(routes, dict) else None, self.channels)
         self.bundles = Bundles(kv)
-        self.catalogue = st.Catalogue(await self.mesh.kv("tools"))  # a tool mounted since: listed a second on
+        self.catalogue = records.Catalogue(await self.mesh.kv("tools"))  # a tool mounted since: listed a second on
 
     async def start_timers(self) -> None:
         """Take the wake-ups the broker fires (``register``: started and stopped with the mesh)."""
@@ -301,7 +301,7 @@ class Planner:
             # Before the plan's model call (the budget reserves it from this); again by a
             # redelivered submission, in case the planner that created the record died before it.
             await self.publish_status(rec, rec.status, starts=True)
-        elif await st.task_status(self.status, m.tenant, m.task_id) is None:
+        elif await records.task_status(self.status, m.tenant, m.task_id) is None:
             # A duplicate copy delivered for the first time (the client published again across a
             # broker restart): its creator normally wrote the record, but that write may have
             # failed (the broker going down), its own redelivery comes later, and this copy would

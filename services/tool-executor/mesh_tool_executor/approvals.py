@@ -34,8 +34,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict
 
 from mesh_contracts.v1 import ToolRequested
+from mesh_durable.tail import Stored, Tail
 from mesh_kit import state as st
-from mesh_kit.tail import Stored, Tail
 
 log = logging.getLogger("mesh.tool-executor.approvals")
 BUCKET = "approvals"

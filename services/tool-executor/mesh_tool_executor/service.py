@@ -31,19 +31,18 @@ from mesh_contracts.v1 import (
     ToolRequested,
 )
 from mesh_contracts.v1.records import TERMINAL, StatusRecord, TaskRecord, ToolCatalogue
-from mesh_durable import chain, guard
+from mesh_durable import chain, guard, records
 from mesh_durable import metrics as durable_metrics
 from mesh_durable.ledger import BUCKET, Ledger
+from mesh_durable.tail import Reader
 from mesh_guardrails import metrics as guardrails_metrics
 from mesh_guardrails.injection import score as injection_score
 from mesh_guardrails.redact import redact, redact_value
 from mesh_identity import Principal
 from mesh_kit import Delivery, Mesh
 from mesh_kit import envelope as env
-from mesh_kit import state as st
 from mesh_kit.delivery import Reject
 from mesh_kit.faults import crash_point
-from mesh_kit.tail import Reader
 from mesh_tenancy import tenancy
 from mesh_tool_executor import destinations, net
 from mesh_tool_executor import metrics as tool_executor_metrics
@@ -126,7 +125,7 @@ class ToolExecutor:
         self.registry = registry or Registry()
         self.ledger: Ledger | None = None
         self.audit = chain.of(mesh)
-        self.bundles = st.Bundles(None)  # the releases bucket, from start()
+        self.bundles = records.Bundles(None)  # the releases bucket, from start()
         self.tasks: Any = None
         self.approvals: Approvals | None = None
         self.notes: Notes = MemoryNotes()
@@ -149,7 +148,7 @@ class ToolExecutor:
             self.mesh.depend(redis)
         self.ledger = Ledger(await self.mesh.kv(BUCKET), self.mesh.service)
         self.tasks = await self.mesh.kv("tasks")
-        self.bundles = st.Bundles(await self.mesh.kv("releases"))
+        self.bundles = records.Bundles(await self.mesh.kv("releases"))
         self.notes = KVNotes(await self.mesh.kv("notes"), self.mesh.nc, self.settings.notes_per_tenant)
         self.approvals = Approvals(
             await self.mesh.kv("approvals"), self._settle, nc=self.mesh.nc, ended=self._ended_seen
@@ -229,7 +228,7 @@ class ToolExecutor:
 
     def _step_lookup(self, tenant: str, task_id: str) -> StepLookup:
         async def lookup(step_id: str) -> tuple[str, str, str]:
-            rec = await st.task_record(self.tasks, tenant, task_id)
+            rec = await records.task_record(self.tasks, tenant, task_id)
             if rec is None:
                 return "", "", ""
             s = rec.steps.get(step_id)
@@ -242,7 +241,7 @@ class ToolExecutor:
         or model wrote ('' when unknown: then nothing counts as offered by it)."""
         if self.tasks is None:
             return ""
-        rec = await st.task_record(self.tasks, m.tenant, m.task_id)
+        rec = await records.task_record(self.tasks, m.tenant, m.task_id)
         return rec.goal if rec is not None else ""
 
     def _destinations(self, m: ToolRequested, tool: Tool | None, goal: str) -> tuple[Destination, ...]:
@@ -567,7 +566,7 @@ class ToolExecutor:
         planner's compare-and-set, the first place an end is written), or None while it may."""
         if self.tasks is None:
             return None
-        rec = await st.task_record(self.tasks, tenant, task_id)
+        rec = await records.task_record(self.tasks, tenant, task_id)
         return f"task ended ({rec.status})" if rec is not None and rec.status in TERMINAL else None
 
     async def _ended_seen(self, tenant: str, task_id: str) -> str | None:

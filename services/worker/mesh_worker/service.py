@@ -39,7 +39,7 @@ from mesh_contracts.v1 import (
     ToolRequested,
 )
 from mesh_contracts.v1.records import ToolCatalogue
-from mesh_durable import guard
+from mesh_durable import guard, records
 from mesh_durable import metrics as durable_metrics
 from mesh_durable.ledger import BUCKET as LEDGER
 from mesh_durable.ledger import Ledger
@@ -140,16 +140,16 @@ class Worker:
         self.system_prompt = prompts.load("mesh_worker", "system", self.settings.prompts_dir)
         self.steps: Any = None
         self.ledger: Ledger | None = None
-        self.bundles = st.Bundles(None)  # the releases bucket, from start()
+        self.bundles = records.Bundles(None)  # the releases bucket, from start()
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self.catalogue: dict[str, ToolSpec] = {}
-        self.tools = st.Catalogue(None)  # KV ``tools``: what the tool-executor serves
+        self.tools = records.Catalogue(None)  # KV ``tools``: what the tool-executor serves
 
     async def start(self) -> None:
         self.steps = await self.mesh.kv("steps")
-        self.bundles = st.Bundles(await self.mesh.kv("releases"))
+        self.bundles = records.Bundles(await self.mesh.kv("releases"))
         self.ledger = Ledger(await self.mesh.kv(LEDGER), self.mesh.service)
-        self.tools = st.Catalogue(await self.mesh.kv("tools"))  # read again at most once a second
+        self.tools = records.Catalogue(await self.mesh.kv("tools"))  # read again at most once a second
         await self._read_catalogue(fresh=True)
 
     async def _read_catalogue(self, *, fresh: bool = False) -> None:

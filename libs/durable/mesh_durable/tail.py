@@ -30,8 +30,8 @@ from typing import Any
 import nats
 from nats.aio.client import Client as NATS
 
+from mesh_durable.errors import DurableError
 from mesh_kit import tasks
-from mesh_kit.errors import KitError
 
 log = logging.getLogger("mesh.tail")
 
@@ -41,7 +41,7 @@ MAX_BATCH = 1024
 """The server answers at most this many messages to one request (its own cap)."""
 
 
-class DirectGetError(KitError):
+class DirectGetError(DurableError):
     """The stream could not be read (no such stream, no direct gets, refused, or too many results)."""
 
 
