@@ -26,6 +26,7 @@ from mesh_contracts.v1.records import StatusRecord, TaskRecord
 from mesh_identity import Signer, new_signing_key
 from mesh_kit import Mesh, PermissionViolation, ServiceSettings
 from mesh_kit import envelope as env
+from mesh_tenancy import tenancy
 from mesh_tenancy.door import DoorRefused, read_reply
 from meshctl.dlq import entries
 
@@ -396,6 +397,7 @@ async def _consumed(infra, cls, service: str, task: str):
             handled.append((m.task_id, d.sender.name))
 
     mesh = Mesh(settings_for(infra, service))
+    tenancy.install(mesh)  # the planner keeps the doors of what it consumes
     mesh.consume(cls, handler)
     return mesh, handled
 

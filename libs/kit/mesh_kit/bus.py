@@ -295,11 +295,11 @@ class Mesh:
     # --- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
-        await self.connection.connect()
-        await self._until_provisioned()
-        if self.doors and self.tenancy is None:
+        if self.doors and self.tenancy is None:  # a forgotten install must not open the quota hole
             raise KitError(f"{self.service} keeps doors ({', '.join(d.stream for d in self.doors)}) but has no "
                            "tenancy to open them: mesh_tenancy.install(mesh) before start")  # fmt: skip
+        await self.connection.connect()
+        await self._until_provisioned()
         if self.tenancy is not None:
             await self.tenancy.prepare()
             self.connection.on_stored = self._stored_for
