@@ -10,6 +10,7 @@ from mesh_contracts.v1 import StepCompleted
 from mesh_kit import Mesh
 from mesh_kit import envelope as env
 from mesh_kit import telemetry as tel
+from mesh_tenancy import tenancy
 from mesh_tenancy.quota import Limit, Quotas
 from meshctl.dlq import entries
 
@@ -37,6 +38,7 @@ async def test_a_tenants_dead_letters_stop_at_its_share_of_the_dlq_and_another_t
         integration_infra, "planner", quota_tenants={noisy: {"DLQ": {"mib": 6 * per_service / MIB}}}
     )
     planner = Mesh(settings)
+    tenancy.install(planner)  # its dead letters charged to their tenant, as in the service
 
     async def never(m, d) -> None:
         raise AssertionError("an undecodable message reached the handler")

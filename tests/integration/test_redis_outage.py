@@ -23,6 +23,7 @@ from mesh_contracts.v1.records import StatusRecord, TaskRecord
 from mesh_kit import Mesh
 from mesh_kit import telemetry as tel
 from mesh_rag import metrics as rag_metrics
+from mesh_tenancy import tenancy
 from mesh_testing.infra import running_infra
 
 pytestmark = pytest.mark.integration
@@ -42,6 +43,7 @@ async def test_a_lost_retrieval_cache_is_a_miss_and_the_service_stays_ready(outa
     infra = outage_infra
     mesh = Mesh(settings_for(infra, "rag"))
     rag = Rag(mesh, embedder=Embedder.load(), seed_tenants=["acme"])
+    tenancy.install(mesh)  # rag keeps the ingest door
     rag.register()
     async with running(mesh):
         assert mesh.ready() == (True, "ok")
