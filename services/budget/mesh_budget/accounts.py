@@ -18,7 +18,7 @@ accounted 0.89x what one did, contending on the same keys. The records are now u
 ``checkpoint_s`` behind the stream; the Redis view that reservations are decided on is settled
 per message, as before, by the usage consumer.
 
-``read_usage`` reads the stream itself for a rebuild of that view (``Budget._rebuild``): a
+``read_usage`` reads the stream itself for a rebuild of that view (``mesh_budget.reserve.rebuild``): a
 checkpoint and the messages after it.
 """
 

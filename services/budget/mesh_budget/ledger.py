@@ -12,7 +12,7 @@ atomic view.
   the checkpoint and the stream after it, initialises the view only if it is still missing,
   and asks again.
 - A reservation expires only when every usage message stored before its expiry has been
-  accounted (the *horizon*; see ``Budget.horizon``). Expiry on the wall clock alone would
+  accounted (the *horizon*; see ``mesh_budget.horizon``). Expiry on the wall clock alone would
   let a lagging accountant forget a call that was made and not yet counted.
 - Redis is not the only copy of a reservation: each grant is also written to the
   ``reservations`` bucket (``Held``) before the caller hears of it. It is never deleted (the
@@ -330,7 +330,7 @@ class Durable:
         """The reservations of one task (or, with ``*``, of the tenant) granted at or after
         ``since``, settled or not (the caller leaves out the settled ones): batched direct gets
         from that time on, the newest entry of each key. The bucket keeps a day of them, but a
-        rebuild reads only the last ``ttl`` or so (see ``Budget._rebuild``)."""
+        rebuild reads only the last ``ttl`` or so (see ``mesh_budget.reserve.rebuild``)."""
         reader = Reader(nc, f"KV_{self.BUCKET}", batch=MAX_BATCH)
         subject = f"$KV.{self.BUCKET}.{tenant}.{task_id}.*"
         found: dict[str, Held | None] = {}
