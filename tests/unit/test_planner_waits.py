@@ -14,7 +14,8 @@ import pytest
 
 from mesh_contracts.v1 import CheckResult, CheckVerdict, PlanReviewed, StepCompleted, StepFailed, TaskSignal
 from mesh_contracts.v1.records import StepState, TaskRecord
-from mesh_contracts.v1.workflow import WorkflowDefinition, not_runnable
+from mesh_contracts.v1.workflow import WorkflowDefinition
+from mesh_contracts.v1.workflow_runs import not_runnable
 from mesh_durable import chain
 from mesh_kit import state as st
 from mesh_kit.delivery import Reject

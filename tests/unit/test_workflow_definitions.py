@@ -17,7 +17,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as hs
 
 from mesh_contracts import generate
-from mesh_contracts.v1.workflow import Condition, Retry, WorkflowDefinition, advance
+from mesh_contracts.v1.workflow import Condition, Retry, WorkflowDefinition
+from mesh_contracts.v1.workflow_runs import advance
 from meshctl import workflow as mw
 
 pytestmark = pytest.mark.unit

@@ -1,5 +1,5 @@
 """The workflow registry and a fixed workflow's run, in memory (``mesh_planner.workflows``,
-``mesh_planner.steps.dispatch_workflow``, ``mesh_contracts.v1.workflow.render``). The same
+``mesh_planner.steps.dispatch_workflow``, ``mesh_contracts.v1.workflow_runs.render``). The same
 through the real mesh: tests/scenarios/test_workflow_registry.py."""
 
 from __future__ import annotations
@@ -9,7 +9,9 @@ from typing import Any
 import pytest
 
 from mesh_contracts.v1.records import StepState, TaskRecord
-from mesh_contracts.v1.workflow import WorkflowChange, WorkflowDefinition, render
+from mesh_contracts.v1.workflow import WorkflowDefinition
+from mesh_contracts.v1.workflow_runs import render
+from mesh_contracts.v1.workflow_versions import WorkflowChange
 from mesh_identity import Principal, TrustBundle, new_signing_key
 from mesh_planner.drafts import workflow_edit_problem
 from mesh_planner.steps import dispatch_workflow, workflow_steps
@@ -246,7 +248,7 @@ def test_a_workflows_draft_may_change_what_an_agent_node_is_told_and_nothing_els
 
 
 def test_a_workflow_in_mode_auto_is_refused_saying_why():
-    from mesh_contracts.v1.workflow import not_runnable
+    from mesh_contracts.v1.workflow_runs import not_runnable
 
     assert not_runnable(WorkflowDefinition.model_validate(definition(mode="auto")))[0].startswith("mode 'auto'")
     assert not_runnable(WorkflowDefinition.model_validate(definition(mode="review"))) == []

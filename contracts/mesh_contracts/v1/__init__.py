@@ -61,7 +61,8 @@ from mesh_contracts.v1.work import (
     ToolCompleted,
     ToolRequested,
 )
-from mesh_contracts.v1.workflow import TaskSignal, WaitEnded, WaitStarted, WorkflowChange, WorkflowChanged
+from mesh_contracts.v1.workflow_runs import TaskSignal, WaitEnded, WaitStarted
+from mesh_contracts.v1.workflow_versions import WorkflowChange, WorkflowChanged
 
 ALL = (
     TaskSubmitted,

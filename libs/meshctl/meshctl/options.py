@@ -93,7 +93,7 @@ def label(value: str) -> tuple[str, str]:
 
 def workflow_ref(value: str) -> str:
     """``NAME``, ``NAME@latest`` or ``NAME@<version>`` (16 hex digits)."""
-    from mesh_contracts.v1.workflow import parse_ref
+    from mesh_contracts.v1.workflow_versions import parse_ref
 
     try:
         name, version = parse_ref(value)

@@ -36,10 +36,9 @@ from mesh_contracts.v1.workflow import (
     SignalNode,
     TimerNode,
     ToolNode,
-    WorkflowChange,
     WorkflowDefinition,
-    parse_ref,
 )
+from mesh_contracts.v1.workflow_versions import WorkflowChange, parse_ref
 from meshctl import options as opt
 from meshctl.local import MeshError
 

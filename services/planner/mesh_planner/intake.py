@@ -20,7 +20,7 @@ from typing import Any
 
 from mesh_contracts.v1 import TaskRejected, TaskSubmitted
 from mesh_contracts.v1.records import TERMINAL, TaskRecord
-from mesh_contracts.v1.workflow import not_runnable
+from mesh_contracts.v1.workflow_runs import not_runnable
 from mesh_durable import records
 from mesh_kit import Delivery, Mesh, Park
 from mesh_planner import metrics as planner_metrics

@@ -35,10 +35,8 @@ from mesh_contracts.v1.workflow import (
     TimerNode,
     ToolNode,
     WorkflowDefinition,
-    advance,
-    output_value,
-    render,
 )
+from mesh_contracts.v1.workflow_runs import advance, output_value, render
 from mesh_planner import waits
 from mesh_planner.outbox import event, out
 

@@ -33,11 +33,9 @@ from mesh_contracts.v1.workflow import (
     ApprovalNode,
     SignalNode,
     TimerNode,
-    WaitEnded,
-    WaitStarted,
     WorkflowDefinition,
-    render,
 )
+from mesh_contracts.v1.workflow_runs import WaitEnded, WaitStarted, render
 from mesh_planner.outbox import WAKE, event, out
 
 EARLY_S = 0.05

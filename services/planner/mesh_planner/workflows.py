@@ -33,7 +33,8 @@ from pydantic import ValidationError
 
 from mesh_contracts.base import AUTHOR
 from mesh_contracts.v1.records import CatalogEntry, WorkflowCatalog, WorkflowEvent, WorkflowVersion
-from mesh_contracts.v1.workflow import WorkflowChange, WorkflowChanged, WorkflowDefinition, parse_ref
+from mesh_contracts.v1.workflow import WorkflowDefinition
+from mesh_contracts.v1.workflow_versions import WorkflowChange, WorkflowChanged, parse_ref
 from mesh_identity import Principal, TrustBundle
 from mesh_kit import state as st
 from mesh_planner.errors import PlannerError
