@@ -35,7 +35,6 @@ STILL_LONG = {
     "libs/meshctl/meshctl/cli.py": 1_525,
     "libs/eval/mesh_eval/harness.py": 1_350,
     "services/worker/mesh_worker/service.py": 829,
-    "libs/meshctl/meshctl/client.py": 755,
     "contracts/mesh_contracts/v1/workflow.py": 725,
     "services/budget/mesh_budget/service.py": 725,
     "services/tool-executor/mesh_tool_executor/service.py": 656,

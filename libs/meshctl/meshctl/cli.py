@@ -360,7 +360,7 @@ def print_held(held: Sequence[HeldCall], file: TextIO = sys.stdout) -> None:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from meshctl.client import Followed, Resubmit
+    from meshctl.submission import Followed, Resubmit
 
     if args.goal is None and args.workflow is None:
         args.usage("a goal is needed (or --workflow NAME, whose nodes say what to do)")
