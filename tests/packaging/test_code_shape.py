@@ -32,10 +32,8 @@ DATA_TABLES = {
 """Long because of a table of data, not of logic: exempt from the file-length limit."""
 
 STILL_LONG = {
-    "libs/meshctl/meshctl/cli.py": 1_525,
     "libs/eval/mesh_eval/harness.py": 1_350,
     "services/worker/mesh_worker/service.py": 829,
-    "libs/meshctl/meshctl/client.py": 755,
     "services/tool-executor/mesh_tool_executor/service.py": 656,
 }
 """Files over the limit when it was set, each with the most lines it may have: split them."""

@@ -21,7 +21,7 @@ from mesh_kit import envelope as env
 from mesh_testing.chaos import ChaosMesh, started
 from mesh_testing.infra import Infra, running_infra
 from meshctl.cli import main
-from meshctl.client import Resubmit
+from meshctl.submission import Resubmit
 
 pytestmark = pytest.mark.chaos
 GOAL = "How does AgentMesh avoid duplicate side effects? Also compute 17 * 23."

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from meshctl import budget as spend
-from meshctl.cli import render_switches
+from meshctl.commands.operate import render_switches
 
 pytestmark = pytest.mark.unit
 
@@ -207,11 +207,12 @@ def test_jetstream_unavailable_is_one_line_and_exit_1(monkeypatch, capsys):
     from nats.js.errors import ServiceUnavailableError
 
     from meshctl import cli
+    from meshctl.commands import mesh
 
     def unavailable(_args):
         raise ServiceUnavailableError(code=503, err_code=10008, description="JetStream system temporarily unavailable")
 
-    monkeypatch.setattr(cli, "cmd_status", unavailable)
+    monkeypatch.setattr(mesh, "cmd_status", unavailable)
     assert cli.main(["status"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "JetStream did not answer" in err[0] and "temporarily unavailable" in err[0], err

@@ -534,7 +534,7 @@ class FakeClient:
         self.tenant, self.calls = tenant, []
 
     async def submit(self, goal, *, task_id=None, limits=None, policy=None, follow=True, timeout=120.0, on_event=None):
-        from meshctl.client import Followed
+        from meshctl.submission import Followed
 
         self.calls.append((goal, task_id, limits, policy))
         seen = Followed(task_id, submitted_at=time.time())

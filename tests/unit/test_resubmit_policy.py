@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mesh_contracts.v1 import TaskRejected
-from meshctl.client import RETRYABLE, Resubmit
+from meshctl.submission import RETRYABLE, Resubmit
 
 pytestmark = pytest.mark.unit
 

@@ -87,7 +87,7 @@ if TYPE_CHECKING:
 
 FORMAT = 1
 DEFAULT_CALIBRATION = "tests/golden/judge-calibration.jsonl"
-MAX_DOCUMENT_BYTES = 4_400_000  # what one ingest message carries (meshctl.cli.INGEST_MAX_BYTES)
+MAX_DOCUMENT_BYTES = 4_400_000  # what one ingest message carries (meshctl.commands.tasks.INGEST_MAX_BYTES)
 ANSWER_CHARS = 2000
 
 

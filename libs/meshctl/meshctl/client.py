@@ -4,11 +4,9 @@ It holds only the tenant's client identity: it can publish that tenant's task
 submissions and control messages, and read that tenant's events and task outcomes.
 Everything it reads is verified against the trust bundle before it is believed.
 
-Following is live (core subscriptions), and live delivery has a gap while the client
-reconnects (its server restarted, or a cluster node died). An outcome published in that gap
-is still stored in the ``TASK`` stream, so after every reconnect, and once more before giving
-up, the client reads the task's stored outcome (``DIRECT.GET``, the one read its identity
-allows). A task that finished is never reported as timed out.
+A submission, its resubmissions and its following are ``meshctl.submission``'s; here are the
+connection, the door every message is handed in at, and the other requests (halt, resume and
+cancel, signals, documents, workflow and release changes).
 """
 
 from __future__ import annotations
@@ -18,12 +16,10 @@ import base64
 import contextlib
 import json
 import random
-import secrets
 import ssl
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,15 +39,11 @@ from mesh_contracts.v1 import (
     ReleaseChange,
     ReleaseChanged,
     Replay,
-    TaskCompleted,
-    TaskFailed,
     TaskLimits,
     TaskPolicy,
     TaskRejected,
     TaskSignal,
     TaskSubmitted,
-    TokenDelta,
-    UsageRecorded,
     WorkflowChange,
     WorkflowChanged,
 )
@@ -69,14 +61,11 @@ from mesh_kit.settings import (
 )
 from mesh_tenancy.door import DoorRefused, Stored, read_reply
 from meshctl.errors import MeshctlError
+from meshctl.submission import TERMINAL, Followed, Resubmit, Submission, later, traceparent
 
 if TYPE_CHECKING:
     from meshctl.identity import Identities
 
-TERMINAL = (TaskCompleted, TaskFailed, TaskRejected)
-STORE_FULL_RETRY_S = 30.0
-"""The ``retry_after_s`` of a submission the TASK stream refused (full): as the planner's own
-``overloaded`` refusal (``MESH_STORE_HIGH_WATER``) says."""
 CONNECT_TIMEOUT_S = 30.0
 """How long a client tries to make its first connection before it gives up (a broker restarting
 comes back within it; once connected, it reconnects for as long as it lives)."""
@@ -87,127 +76,9 @@ class ConnectFailed(ConnectionError, MeshctlError):
     vouches for, or the last error seen before its connect timeout)."""
 
 
-@dataclass
-class Followed:
-    """What a client saw of one task."""
-
-    task_id: str
-    outcome: Contract | None = None
-    events: list[ProgressEvent] = field(default_factory=list)
-    submitted_at: float = 0.0
-    finished_at: float = 0.0
-    rejected_messages: list[str] = field(default_factory=list)
-    tokens: list[TokenDelta] = field(default_factory=list)
-    """Streamed model output, in arrival order (live only: nothing replays it)."""
-    first_token_at: float = 0.0
-    """When the first streamed token arrived (``time.time()``), or 0."""
-    usage: list[UsageRecorded] = field(default_factory=list)
-    """Every model call of the task as its caller recorded it (``usage.recorded``, live only), in
-    arrival order: what the budget service accounts, call by call."""
-    attempts: int = 1
-    """Submissions made (``Resubmit``: the first and every resubmission, all of the same task id)."""
-    refusals: list[TaskRejected] = field(default_factory=list)
-    """The refusals that were followed by a resubmission, in order (the last refusal, if the task
-    ended refused, is ``outcome``)."""
-    taken_up: bool = False
-    """The planner took the last submission up: something about the task other than a refusal
-    arrived (without ``follow``: only while waiting ``refusal_wait_s``)."""
-    taken_up_at: float = 0.0
-    """When that first arrived (``time.time()``), or 0."""
-
-    def spent(self) -> tuple[int, float]:
-        """Tokens and cost of the calls seen so far, each call id counted once."""
-        calls = {u.call_id: u for u in self.usage}
-        return sum(u.input_tokens + u.output_tokens for u in calls.values()), sum(u.cost_usd for u in calls.values())
-
-    @property
-    def latency_s(self) -> float:
-        return self.finished_at - self.submitted_at
-
-    def streamed_text(self, call_id: str) -> str:
-        """The text one model call streamed, after any reset (what the client should show)."""
-        text: list[str] = []
-        for t in self.tokens:
-            if t.call_id == call_id:
-                if t.kind == "reset":
-                    text.clear()
-                elif t.kind == "delta":
-                    text.append(t.text)
-        return "".join(text)
-
-
-RETRYABLE = frozenset({"too_many_in_flight", "rate_limited", "overloaded", "busy", "quota_exceeded"})
-"""Refusals that waiting can cure, when they say how long (``retry_after_s`` > 0): not ``invalid``
-or ``forbidden`` (the message itself is refused), nor a refusal without a retry-after (e.g. a
-submission larger than the tenant's whole quota)."""
-
-
-@dataclass(frozen=True)
-class Resubmit:
-    """Opt-in: resubmit a refused task by itself, under the same task id, so never a second task.
-
-    After a refusal that waiting can cure (``RETRYABLE``, with a ``retry_after_s``), the client
-    waits what the refusal says (up to a fifth longer, never less) and submits again: at most
-    ``attempts`` more times, and at most ``max_wait_s`` seconds of waiting in all (following, also
-    within the ``timeout``). A refusal whose wait would pass a bound ends the submission as it is.
-
-    One task at most, however the attempts go: each attempt is the same submission under a
-    message id of its own (``task.submitted:<tenant>:<task>:<attempt>``; the same id would be
-    dropped by the stream's duplicate window, and the planner never see it), and the planner keeps
-    one task record per task id: an attempt that finds the task admitted or ended is a copy of it
-    (``_on_submitted``), never a new task. A refusal is matched to its attempt (it names the
-    submission it answers, ``Mesh-Causation``), so a late copy of an earlier refusal is not taken
-    for the answer to a later attempt."""
-
-    attempts: int = 3
-    max_wait_s: float = 60.0
-
-    def __post_init__(self) -> None:
-        if self.attempts < 0 or self.max_wait_s < 0:
-            raise ValueError(f"attempts and max_wait_s must be >= 0, not {self.attempts} and {self.max_wait_s}")
-
-    def pause(self, refusal: TaskRejected, resubmitted: int, waited_s: float) -> float | None:
-        """How long to wait before resubmitting after ``refusal``, having resubmitted
-        ``resubmitted`` times and waited ``waited_s`` so far; None: not again."""
-        after = refusal.retry_after_s or 0.0
-        if resubmitted >= self.attempts or refusal.code not in RETRYABLE or after <= 0:
-            return None
-        pause = later(after)
-        return pause if waited_s + pause <= self.max_wait_s else None
-
-
-def later(retry_after_s: float) -> float:
-    """When to come back after being told ``retry_after_s``: never sooner, up to a fifth later.
-    The mesh already spreads the clients it refuses; this spreads those told the same anyway (a
-    fixed wait such as ``overloaded``'s, or an older planner's)."""
-    return retry_after_s * random.uniform(1.0, 1.2)
-
-
 def jitter(backoff_s: float) -> float:
     """A pause of our own choosing (the broker away): somewhere in its second half."""
     return backoff_s * random.uniform(0.5, 1.0)
-
-
-async def _first(*events: asyncio.Event, timeout: float) -> None:
-    """Wait until one of ``events`` is set, or ``timeout``."""
-    waits = [asyncio.create_task(e.wait()) for e in events]
-    try:
-        await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for w in waits:
-            w.cancel()
-
-
-def traceparent() -> str:
-    """The W3C trace context a submission starts its task's trace with: the caller's current
-    span when the application traces (its trace then holds the whole task), otherwise a new
-    trace. ``meshctl trace`` follows it through every message of the task."""
-    from opentelemetry import trace
-
-    ctx = trace.get_current_span().get_span_context()
-    if ctx.is_valid:
-        return f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{int(ctx.trace_flags):02x}"
-    return f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"
 
 
 class TenantClient:
@@ -383,65 +254,9 @@ class TenantClient:
         (``taken_up``). A decision still not made then (the planner behind a backlog, or the task
         waiting for a run slot) may be a refusal later."""
         assert self.nc is not None
-        task_id = task_id or f"t-{uuid.uuid4().hex[:12]}"
-        seen = Followed(task_id)
-        done = asyncio.Event()  # an outcome of the current attempt
-        taken = asyncio.Event()  # the planner took the task up
-        current = {"msg_id": ""}  # the current attempt's submission
-        earlier = env.message_id(TaskSubmitted.type_name(), self.tenant, task_id, "")
-
-        def accept(subject: str, data: bytes, headers: dict[str, str] | None) -> None:
-            try:
-                model = self._believe(subject, data, headers)
-            except (ContractError, IdentityError) as exc:
-                seen.rejected_messages.append(f"{subject}: {exc}")
-                return
-            if isinstance(model, TaskRejected):
-                cause = (headers or {}).get(env.CAUSATION, "")
-                if cause.startswith(earlier) and cause != current["msg_id"]:
-                    return  # a copy of an earlier attempt's refusal, arriving late (or stored)
-            elif not isinstance(model, TaskSubmitted):  # (its own submission, as stored, comes back too)
-                taken.set()
-                if not seen.taken_up:
-                    seen.taken_up, seen.taken_up_at = True, time.time()
-            if isinstance(model, TokenDelta):
-                if model.kind == "delta" and not seen.first_token_at:
-                    seen.first_token_at = time.time()
-                seen.tokens.append(model)
-            elif isinstance(model, ProgressEvent):
-                seen.events.append(model)
-            elif isinstance(model, UsageRecorded):
-                seen.usage.append(model)
-            elif isinstance(model, TERMINAL) and seen.outcome is None:
-                seen.outcome, seen.finished_at = model, time.time()
-                done.set()
-            if on_event is not None:
-                on_event(model)
-
-        async def on_msg(msg: Msg) -> None:
-            accept(msg.subject, msg.data, msg.headers)
-
-        async def catch_up() -> None:
-            """Read the stored outcome, if there is one (it may have been published unseen)."""
-            stored = await self._stored_outcome(task_id)
-            if stored is not None:
-                accept(*stored)
-
-        subs = []
-        if follow or refusal_wait_s > 0:  # subscribe before publishing so nothing is missed
-            subs = [await self.nc.subscribe(f"task.*.{self.tenant}.{task_id}.>", cb=on_msg)]
-            if progress or not follow:  # not following, its events say the planner took it up
-                subs.append(await self.nc.subscribe(f"event.*.{self.tenant}.{task_id}.>", cb=on_msg))
-            if progress and follow:
-                subs += [
-                    await self.nc.subscribe(f"live.*.{self.tenant}.{task_id}.>", cb=on_msg),
-                    await self.nc.subscribe(f"usage.*.{self.tenant}.{task_id}.>", cb=on_msg),
-                ]
-            await self.nc.flush()
-        seen.submitted_at = time.time()
         submitted = TaskSubmitted(
             tenant=self.tenant,
-            task_id=task_id,
+            task_id=task_id or f"t-{uuid.uuid4().hex[:12]}",
             goal=goal,
             limits=limits or TaskLimits(),
             policy=policy or TaskPolicy(),
@@ -452,77 +267,10 @@ class TenantClient:
             inputs=inputs or {},
             release=release,
         )
-        again = resubmit or Resubmit(attempts=0)
-        deadline, waited = 0.0, 0.0
-        trace = traceparent()  # one trace for every attempt: refusals and the run, one story
-        try:
-            while True:
-                key = str(seen.attempts)  # the first is "1", as it always was
-                current["msg_id"] = env.message_id(submitted.type, self.tenant, task_id, key)
-                refused = await self._hand_in(submitted, key, trace)
-                # ``timeout`` runs from the first submission's hand-in (which may wait out a broker restart)
-                deadline = deadline or time.monotonic() + timeout
-                if refused is not None:
-                    seen.outcome, seen.finished_at = refused, time.time()
-                    done.set()
-                if follow:
-                    await self._until_outcome(done, deadline, catch_up)
-                elif refusal_wait_s > 0 and not done.is_set():
-                    await _first(done, taken, timeout=refusal_wait_s)
-                out = seen.outcome
-                if not isinstance(out, TaskRejected):
-                    break
-                pause = again.pause(out, seen.attempts - 1, waited)
-                if pause is None or (follow and time.monotonic() + pause >= deadline):
-                    break
-                seen.refusals.append(out)
-                seen.outcome, seen.finished_at, seen.taken_up = None, 0.0, False
-                done.clear()
-                taken.clear()
-                await asyncio.sleep(pause)
-                waited += pause
-                seen.attempts += 1
-        finally:
-            for s in subs:
-                await s.unsubscribe()
-        return seen
-
-    async def _hand_in(self, submitted: TaskSubmitted, key: str, trace: str) -> TaskRejected | None:
-        """Hand the submission in at its door under message id ``key``: None once stored, or the
-        refusal (the door's, or a full TASK stream's) as the ``TaskRejected`` it amounts to."""
-        try:
-            await self.publish(submitted, key, trace=trace)
-        except DoorRefused as exc:
-            # Refused at the door (the tenant's quota, a message the mesh cannot take): nothing was
-            # stored and nothing runs; the same outcome as a refusal by the planner's admission.
-            code = {"forbidden": "invalid", "unavailable": "overloaded"}.get(exc.code, exc.code)
-            return TaskRejected(
-                tenant=self.tenant, task_id=submitted.task_id, source_subject=submitted.subject(), code=code,
-                reason=f"refused at the door: {exc.reason}",
-                retry_after_s=exc.retry_after_s if code != "invalid" else None,
-            )  # fmt: skip
-        except StreamFull as exc:
-            # Refused by the store itself, before any planner saw it: the same answer as the
-            # planner's ``overloaded`` (nothing was stored, nothing runs), said here.
-            return TaskRejected(
-                tenant=self.tenant, task_id=submitted.task_id, source_subject=submitted.subject(), code="overloaded",
-                reason=f"the mesh refuses new tasks: {exc}", retry_after_s=STORE_FULL_RETRY_S,
-            )  # fmt: skip
-        return None
-
-    async def _until_outcome(self, done: asyncio.Event, deadline: float, catch_up: Callable[[], Any]) -> None:
-        """Wait for the outcome until ``deadline``, reading the stored one after every reconnect
-        (live delivery has a gap then) and once more before giving up."""
-        while not done.is_set() and (left := deadline - time.monotonic()) > 0:
-            reconnected = asyncio.create_task(self._reconnected.wait())
-            outcome = asyncio.create_task(done.wait())
-            await asyncio.wait({reconnected, outcome}, timeout=left, return_when=asyncio.FIRST_COMPLETED)
-            for t in (reconnected, outcome):
-                t.cancel()
-            if reconnected.done() and not reconnected.cancelled() and not done.is_set():
-                await catch_up()
-        if not done.is_set():
-            await catch_up()  # last look before reporting no outcome
+        return await Submission(self, submitted, on_event).run(
+            resubmit or Resubmit(attempts=0), follow=follow, progress=progress, timeout=timeout,
+            refusal_wait_s=refusal_wait_s,
+        )  # fmt: skip
 
     async def change_workflow(
         self, change: WorkflowChange, author: Signer, *, timeout: float = 30.0

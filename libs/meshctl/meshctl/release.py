@@ -111,9 +111,9 @@ async def _as_operator(args: argparse.Namespace, change: ReleaseChange, signer: 
     (an operator is no tenant: no door), answered on the change's id like a tenant's."""
     from mesh_contracts import parse_message
     from mesh_kit import envelope as env
-    from meshctl.cli import _admin
+    from meshctl.commands.common import admin
 
-    nc = await _admin(args)
+    nc = await admin(args)
     answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
 
     async def on_msg(msg: Any) -> None:
@@ -140,9 +140,9 @@ async def _as_operator(args: argparse.Namespace, change: ReleaseChange, signer: 
 def _read(args: argparse.Namespace, tenant: str, key: str) -> dict[str, Any] | None:
     async def run() -> dict[str, Any] | None:
         if tenant == GLOBAL:  # the operator reads the mesh's default (a tenant's client may not)
-            from meshctl.cli import _admin
+            from meshctl.commands.common import admin
 
-            nc = await _admin(args)
+            nc = await admin(args)
             try:
                 stored = await nc.jetstream(timeout=5.0).get_last_msg(
                     "KV_releases", f"$KV.releases.{GLOBAL}.{key}", direct=True

@@ -211,10 +211,10 @@ async def decide(
 
 
 def cmd_review(args: argparse.Namespace) -> int:
-    from meshctl.cli import _admin, _approver
+    from meshctl.commands.common import admin, approver
 
     async def run() -> int:
-        nc = await _admin(args)
+        nc = await admin(args)
         try:
             if args.action == "list":
                 out, gates = await listing(nc, args.tenant, every=args.all)
@@ -244,7 +244,7 @@ def cmd_review(args: argparse.Namespace) -> int:
 
             steps = _plan(args.plan) if args.action == "edit" and args.plan else ()
             try:
-                async with _approver(args) as ap:
+                async with approver(args) as ap:
                     code, said = await decide(nc, ap, args.tenant, args.task_id, args.action, steps=steps,
                                               comment=args.comment or "", timeout=args.timeout)  # fmt: skip
             except ApprovalError as exc:

@@ -317,15 +317,15 @@ def _latest(catalog: dict[str, Any], name: str) -> str:
 
 
 def _client(args: argparse.Namespace, tenant: str) -> TenantClient:
-    from meshctl.cli import _nats_url
     from meshctl.client import TenantClient
+    from meshctl.commands.common import nats_url
     from meshctl.identity import Identities
 
     home = opt.home(args)
     ids = Identities(home)
     if not ids.creds(f"client.{tenant}").exists():
         raise MeshError(f"unknown tenant {tenant!r} (known: {', '.join(ids.tenants()) or 'none'})")
-    return TenantClient.of(ids, _nats_url(args, home), tenant)
+    return TenantClient.of(ids, nats_url(args, home), tenant)
 
 
 def _author(args: argparse.Namespace) -> tuple[str, Any]:
