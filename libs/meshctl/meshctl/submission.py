@@ -17,8 +17,9 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
+from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
@@ -35,10 +36,23 @@ from mesh_contracts.v1 import (
 from mesh_identity import IdentityError
 from mesh_kit import envelope as env
 from mesh_kit.settings import StreamFull
-from mesh_tenancy.door import DoorRefused
+from mesh_tenancy.door import DoorRefused, Stored
 
-if TYPE_CHECKING:
-    from meshctl.client import TenantClient
+
+class Client(Protocol):
+    """What a submission needs of its tenant's client (``meshctl.client.TenantClient``): its
+    connection and tenant, handing a message in, and believing what it reads."""
+
+    nc: NATS | None
+    tenant: str
+    _reconnected: asyncio.Event
+
+    async def publish(self, model: Contract, key: str = "1", *, trace: str | None = None) -> Stored: ...
+
+    def _believe(self, subject: str, data: bytes, headers: dict[str, str] | None) -> Contract: ...
+
+    async def _stored_outcome(self, task_id: str) -> tuple[str, bytes, dict[str, str] | None] | None: ...
+
 
 TERMINAL = (TaskCompleted, TaskFailed, TaskRejected)
 STORE_FULL_RETRY_S = 30.0
@@ -170,9 +184,7 @@ class Submission:
     own helper: it believes what it reads through the client's verifier and reads the client's
     stored outcomes."""
 
-    def __init__(
-        self, client: TenantClient, submitted: TaskSubmitted, on_event: Callable[[Contract], None] | None
-    ) -> None:
+    def __init__(self, client: Client, submitted: TaskSubmitted, on_event: Callable[[Contract], None] | None) -> None:
         self.client, self.submitted, self.on_event = client, submitted, on_event
         self.seen = Followed(submitted.task_id)
         self.done = asyncio.Event()  # an outcome of the current attempt
