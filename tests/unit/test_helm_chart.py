@@ -14,24 +14,26 @@ from pathlib import Path
 import pytest
 import yaml
 
+from mesh_contracts import SERVICES
 from mesh_testing.scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
-dc = load_script(ROOT / "infra" / "deploy_check.py")  # the same module test_deploy_check loads
+deploy_chart = load_script(ROOT / "infra" / "deploy_chart.py")  # what infra/deploy_check.py renders it with
+rules = load_script(ROOT / "infra" / "deploy_rules.py")  # the same module test_deploy_check loads
 
 
 @pytest.fixture(scope="module")
 def identity() -> dict:
-    return dc._deep_merge(dc.identity_values(), {"nats": {"enabled": False}})
+    return deploy_chart.deep_merge(deploy_chart.identity_values(), {"nats": {"enabled": False}})
 
 
 def objects(values: dict, revision: int = 1) -> dict[tuple[str, str], dict]:
-    return {(d["kind"], d["metadata"]["name"]): d for d in dc.render_chart(values, revision)}
+    return {(d["kind"], d["metadata"]["name"]): d for d in deploy_chart.render_chart(values, revision)}
 
 
 def test_each_principal_gets_its_own_files_and_nothing_else(identity):
     docs = objects(identity)
-    for service in dc.SERVICES:
+    for service in SERVICES:
         files = set(docs[("Secret", f"agentmesh-{service}-identity")]["stringData"])
         expected = {"nats.creds", "signing-key.pem"}
         if service in ("budget", "rag", "tool-executor"):
@@ -55,7 +57,7 @@ def test_without_identity_values_the_install_stops_and_says_how(identity):
     with pytest.raises(
         Exception, match=r"identities\.\S+ is not set: render the identity values with `python infra/render.py"
     ):
-        dc.render_chart(values)
+        deploy_chart.render_chart(values)
     # made elsewhere (an external secret store): nothing is required
     bare = {"secrets": {"create": False}, "redis": {"enabled": False}, "nats": {"enabled": False}}
     assert ("Deployment", "worker") in objects(bare)
@@ -63,63 +65,69 @@ def test_without_identity_values_the_install_stops_and_says_how(identity):
 
 def test_settings_override_the_base_and_roll_the_pods(identity):
     before = objects(identity)
-    after = objects(dc._deep_merge(identity, {"config": {"MESH_LOG_LEVEL": "DEBUG"}}))
+    after = objects(deploy_chart.deep_merge(identity, {"config": {"MESH_LOG_LEVEL": "DEBUG"}}))
     assert after[("ConfigMap", "agentmesh-config")]["data"]["MESH_LOG_LEVEL"] == "DEBUG"
     assert after[("ConfigMap", "agentmesh-config")]["data"]["MESH_NATS_URL"] == "nats://nats:4222"
     assert before[("ConfigMap", "agentmesh-config")]["data"]["MESH_TENANTS"] == "acme"
-    for service in dc.SERVICES:
+    for service in SERVICES:
         old = before[("Deployment", service)]["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
         new = after[("Deployment", service)]["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
         assert old != new, service
 
 
 def test_keda_keeps_the_count_unless_one_is_asked_for(identity):
-    keda = objects(dc._deep_merge(identity, {"keda": {"enabled": True}, "replicas": {"budget": 2}}))
+    keda = objects(deploy_chart.deep_merge(identity, {"keda": {"enabled": True}, "replicas": {"budget": 2}}))
     assert "replicas" not in keda[("Deployment", "worker")]["spec"]
     assert keda[("Deployment", "budget")]["spec"]["replicas"] == 2
     scaled = {d["spec"]["scaleTargetRef"]["name"] for k, d in keda.items() if k[0] == "ScaledObject"}
-    assert scaled == set(dc.SERVICES)
+    assert scaled == set(SERVICES)
     assert not any(k[0] == "ScaledObject" for k in objects(identity))
 
 
 def test_budget_partitions_run_as_a_statefulset_with_a_pod_per_partition_at_least(identity):
-    three = objects(dc._deep_merge(identity, {"budgetPartitions": {"enabled": True, "count": 3}}))
+    three = objects(deploy_chart.deep_merge(identity, {"budgetPartitions": {"enabled": True, "count": 3}}))
     assert ("Deployment", "budget") not in three
     budget = three[("StatefulSet", "budget")]
     env = {e["name"]: e.get("value") for e in budget["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["MESH_BUDGET_PARTITIONS"] == "3"
     assert budget["spec"]["replicas"] == 3  # budget-0, -1, -2: partitions 0, 1, 2
-    assert dc.check_deployments([d for d in three.values() if d["metadata"]["name"] != "redis"]) == []  # one pod
+    assert rules.check_deployments([d for d in three.values() if d["metadata"]["name"] != "redis"]) == []  # one pod
     # more pods asked for: second replicas of the first partitions; fewer: still one per partition
     more = objects(
-        dc._deep_merge(identity, {"budgetPartitions": {"enabled": True, "count": 3}, "replicas": {"budget": 6}})
+        deploy_chart.deep_merge(
+            identity, {"budgetPartitions": {"enabled": True, "count": 3}, "replicas": {"budget": 6}}
+        )
     )
     assert more[("StatefulSet", "budget")]["spec"]["replicas"] == 6
     fewer = objects(
-        dc._deep_merge(identity, {"budgetPartitions": {"enabled": True, "count": 3}, "replicas": {"budget": 1}})
+        deploy_chart.deep_merge(
+            identity, {"budgetPartitions": {"enabled": True, "count": 3}, "replicas": {"budget": 1}}
+        )
     )
     assert fewer[("StatefulSet", "budget")]["spec"]["replicas"] == 3
     # KEDA owns the count, between one and two pods per partition, on the StatefulSet
     keda = objects(
-        dc._deep_merge(identity, {"keda": {"enabled": True}, "budgetPartitions": {"enabled": True, "count": 3}})
+        deploy_chart.deep_merge(
+            identity, {"keda": {"enabled": True}, "budgetPartitions": {"enabled": True, "count": 3}}
+        )
     )
     assert "replicas" not in keda[("StatefulSet", "budget")]["spec"]
     so = keda[("ScaledObject", "budget")]["spec"]
     assert (so["scaleTargetRef"]["kind"], so["minReplicaCount"], so["maxReplicaCount"]) == ("StatefulSet", 3, 6)
     mesh = [d for d in keda.values() if d["metadata"]["name"] != "redis"]  # one pod, neither spread nor scaled
-    assert dc.check_scaled_objects(mesh, dc.mesh_durables()) == []
+    assert rules.check_scaled_objects(mesh, rules.mesh_durables()) == []
     with pytest.raises(Exception, match=r"budgetPartitions.count is 17: it must be 1 to 16"):
-        objects(dc._deep_merge(identity, {"budgetPartitions": {"enabled": True, "count": 17}}))
+        objects(deploy_chart.deep_merge(identity, {"budgetPartitions": {"enabled": True, "count": 17}}))
     # the other services are untouched
     assert (
         keda[("Deployment", "worker")]
-        == objects(dc._deep_merge(identity, {"keda": {"enabled": True}}))[("Deployment", "worker")]
+        == objects(deploy_chart.deep_merge(identity, {"keda": {"enabled": True}}))[("Deployment", "worker")]
     )
 
 
 def test_each_upgrade_provisions_again_with_the_replicas_asked_for(identity):
     first = objects(identity, revision=1)
-    second = objects(dc._deep_merge(identity, {"streamReplicas": 1}), revision=2)
+    second = objects(deploy_chart.deep_merge(identity, {"streamReplicas": 1}), revision=2)
     assert ("Job", "agentmesh-provision-1") in first and ("Job", "agentmesh-provision-2") in second
     args = second[("Job", "agentmesh-provision-2")]["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[args.index("--replicas") + 1] == "1"
@@ -128,7 +136,7 @@ def test_each_upgrade_provisions_again_with_the_replicas_asked_for(identity):
 def test_images_come_from_the_registry_by_digest_when_given(identity):
     digest = "sha256:" + "a" * 64
     docs = objects(
-        dc._deep_merge(
+        deploy_chart.deep_merge(
             identity, {"images": {"registry": "ghcr.io/acme/", "tag": "1.2.3", "digests": {"worker": digest}}}
         )
     )
@@ -142,7 +150,7 @@ def test_images_come_from_the_registry_by_digest_when_given(identity):
 
 
 def test_the_nats_values_are_the_kustomize_paths_own():
-    chart_values = yaml.safe_load((dc.CHART / "values.yaml").read_text())
+    chart_values = yaml.safe_load((deploy_chart.CHART / "values.yaml").read_text())
     nats = dict(chart_values["nats"])
     assert nats.pop("enabled") is True and nats.pop("fullnameOverride") == "nats"  # MESH_NATS_URL: nats://nats:4222
     assert nats == yaml.safe_load((ROOT / "infra" / "nats" / "helm-values.yaml").read_text())
