@@ -97,9 +97,9 @@ async def raw_request_reply(url: str, opts: dict, n: int) -> list[float]:
     return out
 
 
-async def reservations(worker: Mesh, tasks_kv: Any, n: int) -> list[float]:
+async def reservations(worker: Mesh, js: Any, n: int) -> list[float]:
     task = "bench-reserve"
-    await create_record(tasks_kv, task)
+    await create_record(js, task)
 
     def ask(i: int) -> BudgetReserve:
         return BudgetReserve(tenant=TENANT, task_id=task, agent="worker", call_id=f"r{i}", tokens=1000, cost_usd=0.0)
@@ -154,7 +154,7 @@ async def measure(
     admin: Any,
 ) -> None:
     """Everything after the raw baseline, in turn, on the mesh of ``state``."""
-    m.reserve = await reservations(worker, await admin.jetstream().key_value("tasks"), sizes.reservations)
+    m.reserve = await reservations(worker, admin.jetstream(), sizes.reservations)
     m.usage = await accounting(state, ids, worker, admin, creds, sizes.usage)
     m.problems += m.usage.problems
     if sizes.backlog:

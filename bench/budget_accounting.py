@@ -20,7 +20,8 @@ from bench_task import cpu_s, processes
 from nats.js.api import StorageType, StreamConfig
 
 from mesh_contracts import topology as topo
-from mesh_contracts.v1 import UsageRecorded
+from mesh_contracts.v1 import TaskLimits, UsageRecorded
+from mesh_contracts.v1.records import StatusRecord
 from mesh_kit import Mesh
 from mesh_kit import envelope as env
 from meshctl import local
@@ -60,12 +61,16 @@ class Accounting:
     problems: list[str] = field(default_factory=list)
 
 
-async def create_record(tasks_kv: Any, task_id: str, tenant: str = TENANT) -> None:
-    record = {
-        "tenant": tenant, "task_id": task_id, "goal": "bench", "status": "running", "created_at": time.time(),
-        "limits": {"max_tokens": 10**9, "max_cost_usd": 1000},
-    }  # fmt: skip
-    await tasks_kv.create(f"{tenant}.{task_id}", json.dumps(record).encode())
+async def create_record(js: Any, task_id: str, tenant: str = TENANT) -> None:
+    """A running task as the planner leaves it: its record (``tasks``) and its status (``status``:
+    what the budget reads at a task's first reservation; without it the budget denies the call as
+    an unknown task)."""
+    limits = {"max_tokens": 10**9, "max_cost_usd": 1000}
+    record = {"tenant": tenant, "task_id": task_id, "goal": "bench", "status": "running", "created_at": time.time(),
+              "limits": limits}  # fmt: skip
+    await (await js.key_value("tasks")).create(f"{tenant}.{task_id}", json.dumps(record).encode())
+    status = StatusRecord(status="running", created_at=record["created_at"], limits=TaskLimits.model_validate(limits))
+    await (await js.key_value(StatusRecord.bucket)).put(f"{tenant}.{task_id}", status.to_bytes())
 
 
 def stop_budgets(state: local.MeshState) -> None:
@@ -149,11 +154,10 @@ async def usage_accounting(
     durable has nothing pending or unacknowledged), seconds until the spend records (KV ``budget``,
     checkpoints of the stream) count them all (or ``timeout``), how many they had counted by then,
     and the cores each process of ``pids`` (and ``bench``, this process) kept busy until settled."""
-    tasks_kv = await admin.jetstream().key_value("tasks")
     budget_kv = await admin.jetstream().key_value("budget")
     tasks = usage_tasks(run)
     for tenant, t in tasks:
-        await create_record(tasks_kv, t, tenant)
+        await create_record(admin.jetstream(), t, tenant)
     msgs = usage_messages(n, tasks)
     pids = pids or {}
     cpu0 = {k: cpu_s(p) for k, p in pids.items()} | {"bench": time.process_time()}
@@ -188,7 +192,6 @@ async def drain(
     durable has nothing pending), and until the spend records count them all (checkpointed every
     ``MESH_BUDGET_CHECKPOINT_S``, 1 s), and the cores each process kept busy until settled."""
     stop_budgets(state)
-    tasks_kv = await admin.jetstream().key_value("tasks")
     budget_kv = await admin.jetstream().key_value("budget")
     # Every partitioning's mark at the end of the stream (as if it had kept up): each run folds the
     # backlog alone, not also what another partitioning accounted since its own mark.
@@ -197,7 +200,7 @@ async def drain(
         await budget_kv.put(key, json.dumps({"through": last, "at": time.time()}).encode())
     tasks = usage_tasks(run)
     for tenant, t in tasks:
-        await create_record(tasks_kv, t, tenant)
+        await create_record(admin.jetstream(), t, tenant)
     msgs = usage_messages(n, tasks)
     for i in range(0, n, CHUNK):
         await asyncio.gather(*(worker.publish(m, key=m.call_id) for m in msgs[i : i + CHUNK]))

@@ -4,7 +4,9 @@ Run ``python tests/packaging/code_shape.py`` for the table (before/after figures
 restructuring); ``test_code_shape.py`` holds the limits.
 
 Counted: the Python source of every package (``contracts/``, ``libs/*``, ``services/*``), not
-tests, benchmarks or infra scripts. A line is a physical line of the file.
+tests. The scripts beside them (``bench/``, ``infra/``, ``examples/``) are held to the same
+file and function lengths but not counted in the packages' lines. A line is a physical line of
+the file.
 """
 
 from __future__ import annotations
@@ -46,6 +48,20 @@ def packages() -> list[Package]:
                 p.files[f] = len(f.read_text(encoding="utf-8").splitlines())
             found.append(p)
     return found
+
+
+SCRIPT_DIRS = ("bench", "infra", "examples")
+
+
+def scripts() -> dict[Path, int]:
+    """The Python scripts beside the packages (benchmarks, infra tools, examples), with their lines."""
+    return {
+        f: len(f.read_text(encoding="utf-8").splitlines())
+        for d in SCRIPT_DIRS
+        if (ROOT / d).is_dir()
+        for f in sorted((ROOT / d).rglob("*.py"))
+        if "/.venv" not in str(f) and "/node_modules/" not in str(f)
+    }
 
 
 def long_functions(path: Path) -> list[tuple[str, int]]:
@@ -94,6 +110,7 @@ class Figures:
 def figures() -> Figures:
     pkgs = packages()
     trees = {f: ast.parse(f.read_text(encoding="utf-8")) for p in pkgs for f in p.files}
+    beside = scripts()
     typed = strictly_typed()
     return Figures(
         packages={p.name: p.lines for p in pkgs},
@@ -102,11 +119,16 @@ def figures() -> Figures:
             isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) for t in trees.values() for node in ast.walk(t)
         ),
         long_files=sorted(
-            ((str(f.relative_to(ROOT)), n) for p in pkgs for f, n in p.files.items() if n > LONG_FILE),
+            (
+                (str(f.relative_to(ROOT)), n)
+                for f, n in [*((f, n) for p in pkgs for f, n in p.files.items()), *beside.items()]
+                if n > LONG_FILE
+            ),
             key=lambda x: -x[1],
         ),
         long_functions=sorted(
-            ((str(f.relative_to(ROOT)), q, n) for f in trees for q, n in long_functions(f)), key=lambda x: -x[2]
+            ((str(f.relative_to(ROOT)), q, n) for f in [*trees, *beside] for q, n in long_functions(f)),
+            key=lambda x: -x[2],
         ),
         typed=sorted(typed & {p.name for p in pkgs}),
     )
