@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 
 from mesh_contracts.v1 import TokenDelta
-from mesh_worker.service import _Live
+from mesh_worker.live import Live
 
 
 class _Mesh:
@@ -26,10 +26,10 @@ class _Mesh:
         return [(m.kind, m.text) for m in self.sent]
 
 
-async def _stream(window_s: float, *words: str) -> tuple[_Mesh, _Live]:
+async def _stream(window_s: float, *words: str) -> tuple[_Mesh, Live]:
     """A call's live output with ``words`` handed over back to back, as a provider's burst."""
     mesh = _Mesh()
-    live = _Live(mesh, "acme", "t1", "s1", "c1", window_s)  # type: ignore[arg-type]
+    live = Live(mesh, "acme", "t1", "s1", "c1", window_s)  # type: ignore[arg-type]
     for w in words:
         await live.token(w)
     return mesh, live
@@ -66,7 +66,7 @@ async def test_a_reset_drops_the_held_text_of_the_failed_attempt():
 
 async def test_paced_tokens_each_go_out_and_a_zero_window_sends_every_one():
     mesh = _Mesh()
-    live = _Live(mesh, "acme", "t1", "s1", "c1", 0.01)  # type: ignore[arg-type]
+    live = Live(mesh, "acme", "t1", "s1", "c1", 0.01)  # type: ignore[arg-type]
     for w in ("a", "b", "c"):
         await live.token(w)
         await asyncio.sleep(0.03)  # slower than the window: nothing to join

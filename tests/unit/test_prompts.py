@@ -192,7 +192,7 @@ def _worker(mesh: FakeMesh) -> Any:
     gateway = Gateway({"default": [primary, fallback]}, retry=RetryPolicy(max_attempts=1, base_s=0.0, max_s=0.0))
     worker = Worker(mesh, gateway)  # type: ignore[arg-type]
     worker.steps, worker.tasks, worker.ledger = MemoryKV(), MemoryKV(), Ledger(MemoryKV(), "worker")
-    worker.use_catalogue(Registry().catalogue())  # what the tool-executor publishes
+    worker.calls.use_catalogue(Registry().catalogue())  # what the tool-executor publishes
     return worker
 
 
@@ -232,7 +232,7 @@ async def test_a_step_records_its_prompt_version_tools_and_models_on_every_call_
     assert {s.attributes["mesh.prompt.version"] for s in spans} == {ref}
     # the checkpoint holds what a resumed loop needs to say so again
     from mesh_kit import state as st
-    from mesh_worker.service import StepRun
+    from mesh_worker.checkpoint import StepRun
 
     run, _ = await st.load(worker.steps, StepRun.key("acme", "t1", "s1"), StepRun)
     assert run is not None and run.models == list(done.models) and run.prompt_version == ref
@@ -240,7 +240,9 @@ async def test_a_step_records_its_prompt_version_tools_and_models_on_every_call_
 
 
 async def test_a_checkpoint_from_before_prompt_versions_still_loads_and_resumes():
-    from mesh_worker.service import SYSTEM_PROMPT, StepRun, prompt_version, tools_called
+    from mesh_worker.checkpoint import StepRun
+    from mesh_worker.outcome import prompt_version, tools_called
+    from mesh_worker.service import SYSTEM_PROMPT
 
     step = PlanStep(step_id="s1", instruction="Compute 2 + 2", tools=("calculator",))
     old = {  # a record as the previous worker wrote it: no models, no prompt_version
@@ -275,7 +277,7 @@ async def test_a_checkpoint_from_before_prompt_versions_still_loads_and_resumes(
     await worker.steps.put(StepRun.key("acme", "t1", "s1"), run.model_dump_json().encode())
     loaded, _ = await st.load(worker.steps, StepRun.key("acme", "t1", "s1"), StepRun)
     assert loaded is not None
-    await worker.resume(loaded)  # the primary's turn 1 invents send_email: refused, then it computes
+    await worker.loop.resume(loaded)  # the primary's turn 1 invents send_email: refused, then it computes
     calc = mesh.last(ToolRequested)
     await worker.on_tool(
         ToolCompleted(**T, step_id="s1", call_id=calc.call_id, tool="calculator", ok=True, result="4"), None
