@@ -102,7 +102,7 @@ async def test_a_tenant_keeps_at_most_its_notes_and_another_tenant_is_untouched(
     deleted one makes room."""
     import pytest
 
-    from mesh_tool_executor.service import KVNotes
+    from mesh_tool_executor.notes import KVNotes
     from mesh_tool_executor.tools import ToolError
 
     tenant, other = unique("notes"), unique("calm")

@@ -38,7 +38,7 @@ async def _executor(tmp_path, *principals: Principal, task_status: str = "runnin
     ex.tasks = MemoryKV()
     record = TaskRecord(tenant="acme", task_id="t1", goal="g", status=task_status)  # type: ignore[arg-type]
     await ex.tasks.put(TaskRecord.key("acme", "t1"), record.model_dump_json().encode())
-    ex.approvals = Approvals(MemoryKV(), ex._settle)
+    ex.approvals = Approvals(MemoryKV(), ex.held.settle)
     req = ToolRequested(tenant="acme", task_id="t1", step_id="s1", call_id="s1-c0", tool="note_write",
                         arguments={"note_id": "n", "text": "x"}, taint=Taint(untrusted=True, sources=("note_read:c",)))  # fmt: skip
     await ex.approvals.open(ApprovalRecord(approval_id="ap-1", tenant="acme", task_id="t1", step_id="s1",
@@ -90,7 +90,7 @@ async def test_a_decision_after_the_task_ended_is_recorded_void_and_performs_not
         ran.append("ran")
         return {"ok": True, "result": "saved", "error": ""}
 
-    ex._run_recorded = run_recorded  # type: ignore[method-assign]
+    ex.runner.run_recorded = run_recorded  # type: ignore[method-assign]
     await ex.on_decision(*_decision(CONSOLE))  # type: ignore[arg-type]
     assert ran == [], "void: nothing performed"
     rec = await ex.approvals.get("ap-1")  # type: ignore[union-attr]
@@ -115,7 +115,7 @@ async def test_an_approval_whose_task_ends_before_it_is_started_is_void(tmp_path
     await ex.approvals.decide("ap-1", "approved", "approver")  # type: ignore[union-attr]
     await ex.tasks.put(TaskRecord.key("acme", "t1"), TaskRecord(tenant="acme", task_id="t1", goal="g",
                                                                 status="cancelled").model_dump_json().encode())  # fmt: skip
-    await ex._settle(await ex.approvals.get("ap-1"))  # type: ignore[union-attr,arg-type]
+    await ex.held.settle(await ex.approvals.get("ap-1"))  # type: ignore[union-attr,arg-type]
     rec = await ex.approvals.get("ap-1")  # type: ignore[union-attr]
     assert (rec.status, rec.void, rec.decided, rec.started) == ("void", "task ended (cancelled)", "approved", False)
     assert mesh.last(ToolAudited).decision == "blocked"
@@ -129,7 +129,7 @@ async def test_a_started_call_is_performed_even_if_the_task_ended_since(tmp_path
     await ex.approvals.commit("ap-1", None)  # type: ignore[union-attr]
     await ex.tasks.put(TaskRecord.key("acme", "t1"), TaskRecord(tenant="acme", task_id="t1", goal="g",
                                                                 status="cancelled").model_dump_json().encode())  # fmt: skip
-    await ex._settle(await ex.approvals.get("ap-1"))  # type: ignore[union-attr,arg-type]
+    await ex.held.settle(await ex.approvals.get("ap-1"))  # type: ignore[union-attr,arg-type]
     rec = await ex.approvals.get("ap-1")  # type: ignore[union-attr]
     assert (rec.status, rec.started, rec.void, rec.done) == ("approved", True, "", True)
     assert mesh.last(ToolCompleted).ok

@@ -49,7 +49,7 @@ async def test_an_http_error_page_is_untrusted_and_scored(monkeypatch, tmp_path)
     async def failing_fetch(url: str) -> str:
         raise ToolError(f"HTTP 503 from {url} (text/plain; {ATTACK})")
 
-    ex._fetch = failing_fetch  # type: ignore[method-assign]
+    ex.runner.fetch = failing_fetch  # type: ignore[method-assign]
     await ex.on_request(_request("http_get", {"url": "https://status.acme.test/"}), FakeDelivery())  # type: ignore[arg-type]
     done = mesh.last(ToolCompleted)
     assert not done.ok and "attacker@evil.test" in done.error
@@ -81,7 +81,7 @@ async def test_a_persons_comment_on_a_denial_reaches_the_model_as_untrusted(monk
                              tool="note_write", request=req, status="denied", decided_by="approver", comment=comment,
                              requested_at=1.0, deadline=2.0)  # fmt: skip
         ex.approvals = SimpleNamespace(mark_done=_noop)  # type: ignore[assignment]
-        await ex._settle(rec)
+        await ex.held.settle(rec)
         assert mesh.last(ToolCompleted).untrusted is untrusted
 
 
@@ -95,12 +95,12 @@ async def test_the_audit_records_where_an_email_went_without_the_address_in_clea
     async def goal(m):
         return "Summarise the refund policy and email it to ops@acme.test"
 
-    ex._goal = goal  # type: ignore[method-assign]
+    ex.report.goal = goal  # type: ignore[method-assign]
 
     async def effect(suffix, payload, key):
         return "outbox #1"
 
-    ex._effect = effect  # type: ignore[method-assign]
+    ex.runner.effect = effect  # type: ignore[method-assign]
     tainted = Taint(untrusted=True, sources=("search_docs:c0",))
     await ex.on_request(_request("send_email", {"to": "Ops@acme.test", "subject": "s", "body": "b"}, tainted),
                         FakeDelivery())  # type: ignore[arg-type]  # fmt: skip
