@@ -31,7 +31,6 @@ DATA_TABLES = {
 
 STILL_LONG = {
     "libs/meshctl/meshctl/cli.py": 1_525,
-    "libs/eval/mesh_eval/harness.py": 1_350,
     "services/worker/mesh_worker/service.py": 828,
     "libs/meshctl/meshctl/client.py": 755,
     "contracts/mesh_contracts/v1/workflow.py": 725,
