@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,15 @@ from mesh_contracts.v1 import (
     TaskRejected,
     TokenUsage,
 )
-from mesh_eval import harness as ev
+from mesh_eval.baseline import compare
+from mesh_eval.calibration import calibrate, calibration_stats
+from mesh_eval.dataset import Case, Dataset, Expect, load_dataset
+from mesh_eval.errors import EvalError
+from mesh_eval.harness import Runner, open_clients, run_cases, run_dataset, task_id_for
+from mesh_eval.jsonl import DatasetError
+from mesh_eval.properties import Observed, case_result, evaluate
+from mesh_eval.render import render_calibration, render_comparison, render_summary, render_table
+from mesh_eval.report import build_report, gate_failures, load_report, percentile, summarize, write_report
 
 pytestmark = pytest.mark.unit
 
@@ -39,13 +48,13 @@ def case(**over: object) -> dict:
     return {"id": "c1", "tenant": "acme", "goal": GOAL, **over}
 
 
-def a_case(expect: dict | None = None, **over: object) -> ev.Case:
-    return ev.Case(
+def a_case(expect: dict | None = None, **over: object) -> Case:
+    return Case(
         id=str(over.pop("id", "c1")),
         tenant="acme",
         goal=GOAL,
         line=1,
-        expect=ev.Expect.model_validate(expect or {}),
+        expect=Expect.model_validate(expect or {}),
         **over,  # type: ignore[arg-type]
     )
 
@@ -98,7 +107,7 @@ def test_a_valid_dataset_loads_with_comments_blank_lines_documents_limits_and_po
         "   // an indented comment",
         case(id="c2", tenant="globex", documents=["docs/durability.md"], expect={"outcome": "failed"}),
     )
-    ds = ev.load_dataset(path)
+    ds = load_dataset(path)
     assert [c.id for c in ds.cases] == ["c1", "c2"]
     assert [c.line for c in ds.cases] == [3, 5]
     c1 = ds.cases[0]
@@ -150,16 +159,16 @@ def test_a_valid_dataset_loads_with_comments_blank_lines_documents_limits_and_po
 )
 def test_invalid_cases_name_file_line_and_field_in_one_line(tmp_path, line, pattern):
     path = write(tmp_path / "ds.jsonl", "// header", line)
-    with pytest.raises(ev.DatasetError) as err:
-        ev.load_dataset(path)
+    with pytest.raises(DatasetError) as err:
+        load_dataset(path)
     assert re.search(pattern, str(err.value)), str(err.value)
     assert "\n" not in str(err.value)
 
 
 def test_duplicate_ids_are_an_error_naming_both_lines(tmp_path):
     path = write(tmp_path / "ds.jsonl", case(), case(id="c2"), "", case())
-    with pytest.raises(ev.DatasetError, match=r"ds\.jsonl:4: case 'c1': duplicate id 'c1' \(first on line 1\)"):
-        ev.load_dataset(path)
+    with pytest.raises(DatasetError, match=r"ds\.jsonl:4: case 'c1': duplicate id 'c1' \(first on line 1\)"):
+        load_dataset(path)
 
 
 def test_one_doc_id_with_two_contents_in_one_tenant_is_an_error(tmp_path):
@@ -168,39 +177,39 @@ def test_one_doc_id_with_two_contents_in_one_tenant_is_an_error(tmp_path):
     (tmp_path / "a" / "x.md").write_text("one")
     (tmp_path / "b" / "x.md").write_text("two")
     path = write(tmp_path / "ds.jsonl", case(documents=["a/x.md"]), case(id="c2", documents=["b/x.md"]))
-    with pytest.raises(ev.DatasetError, match=r":2: case 'c2': document 'x.md' for tenant acme differs from .*line 1"):
-        ev.load_dataset(path)
+    with pytest.raises(DatasetError, match=r":2: case 'c2': document 'x.md' for tenant acme differs from .*line 1"):
+        load_dataset(path)
     # in different tenants it is fine
     write(path, case(documents=["a/x.md"]), case(id="c2", tenant="globex", documents=["b/x.md"]))
-    assert len(ev.load_dataset(path).cases) == 2
+    assert len(load_dataset(path).cases) == 2
 
 
 def test_a_missing_or_empty_dataset_is_a_dataset_error(tmp_path):
-    with pytest.raises(ev.DatasetError, match=r"no such dataset file: .*nope\.jsonl"):
-        ev.load_dataset(tmp_path / "nope.jsonl")
-    with pytest.raises(ev.DatasetError, match="no cases"):
-        ev.load_dataset(write(tmp_path / "empty.jsonl", "// nothing", ""))
+    with pytest.raises(DatasetError, match=r"no such dataset file: .*nope\.jsonl"):
+        load_dataset(tmp_path / "nope.jsonl")
+    with pytest.raises(DatasetError, match="no cases"):
+        load_dataset(write(tmp_path / "empty.jsonl", "// nothing", ""))
 
 
 def test_select_by_tag_and_id(tmp_path):
-    ds = ev.load_dataset(
+    ds = load_dataset(
         write(tmp_path / "ds.jsonl", case(tags=["rag"]), case(id="c2", tags=["tools"]), case(id="c3", tags=["rag"]))
     )
     assert [c.id for c in ds.select(tags=["rag"]).cases] == ["c1", "c3"]
     assert [c.id for c in ds.select(case_ids=["c2"]).cases] == ["c2"]
     assert [c.id for c in ds.select(tags=["rag"], case_ids=["c3", "c2"]).cases] == ["c3"]
-    with pytest.raises(ev.DatasetError, match="no case with id 'zz'"):
+    with pytest.raises(DatasetError, match="no case with id 'zz'"):
         ds.select(case_ids=["zz"])
-    with pytest.raises(ev.DatasetError, match="no case matches tag"):
+    with pytest.raises(DatasetError, match="no case matches tag"):
         ds.select(tags=["nope"])
 
 
 def test_task_ids_fit_the_id_pattern_and_stay_distinct():
-    assert ev.task_id_for("ab12cd34", "durability-cited") == "ev-ab12cd34-durability-cited"
-    a, b = ev.task_id_for("ab12cd34", "a.b"), ev.task_id_for("ab12cd34", "a-b")
+    assert task_id_for("ab12cd34", "durability-cited") == "ev-ab12cd34-durability-cited"
+    a, b = task_id_for("ab12cd34", "a.b"), task_id_for("ab12cd34", "a-b")
     assert a != b and a.startswith("ev-ab12cd34-a-b-")
-    long1, long2 = ev.task_id_for("ab12cd34", "x" * 100 + "1"), ev.task_id_for("ab12cd34", "x" * 100 + "2")
-    for tid in (a, b, long1, long2, ev.task_id_for("ab12cd34", "ünïcode case / with spaces")):
+    long1, long2 = task_id_for("ab12cd34", "x" * 100 + "1"), task_id_for("ab12cd34", "x" * 100 + "2")
+    for tid in (a, b, long1, long2, task_id_for("ab12cd34", "ünïcode case / with spaces")):
         assert re.match(ID_PATTERN, tid), tid
     assert long1 != long2
 
@@ -245,50 +254,50 @@ def test_task_ids_fit_the_id_pattern_and_stay_distinct():
     ],
 )
 def test_each_property_passes_and_fails(expect, outcome, prop, passed):
-    props = ev.evaluate(a_case(expect), outcome)
+    props = evaluate(a_case(expect), outcome)
     assert props[prop]["passed"] is passed, props[prop]
     assert isinstance(props[prop]["detail"], str) and props[prop]["detail"]
 
 
 def test_properties_present_are_outcome_checker_and_the_expect_keys_given():
-    assert list(ev.evaluate(a_case({"max_steps": 5, "must_contain": ["391"]}), completed())) == [
+    assert list(evaluate(a_case({"max_steps": 5, "must_contain": ["391"]}), completed())) == [
         "outcome",
         "checker",
         "must_contain",
         "max_steps",
     ]
     # an expected failure has no checker property
-    assert list(ev.evaluate(a_case({"outcome": "failed"}), failed())) == ["outcome"]
+    assert list(evaluate(a_case({"outcome": "failed"}), failed())) == ["outcome"]
 
 
 def test_max_steps_of_a_failed_task_counts_distinct_steps_seen_or_is_skipped():
     c = a_case({"outcome": "failed", "max_steps": 2})
-    assert ev.evaluate(c, failed(), step_ids=["s1", "s2", "s1"])["max_steps"]["passed"] is True
-    assert ev.evaluate(c, failed(), step_ids=["s1", "s2", "s3"])["max_steps"]["passed"] is False
-    skipped = ev.evaluate(c, failed(), step_ids=None)["max_steps"]
+    assert evaluate(c, failed(), step_ids=["s1", "s2", "s1"])["max_steps"]["passed"] is True
+    assert evaluate(c, failed(), step_ids=["s1", "s2", "s3"])["max_steps"]["passed"] is False
+    skipped = evaluate(c, failed(), step_ids=None)["max_steps"]
     assert skipped["skipped"] is True and skipped["passed"] is True
 
 
 def test_a_timeout_fails_every_property_it_cannot_show():
     c = a_case({"must_contain": ["391"], "max_cost_usd": 1.0, "tool_calls": ["calculator"], "judge_min_score": 0.1})
-    props = ev.evaluate(c, None)
+    props = evaluate(c, None)
     assert props["outcome"] == {"passed": False, "detail": "expected completed, got timeout"}
     assert not any(p["passed"] for p in props.values())
 
 
 def test_case_result_carries_usage_latency_and_a_verdict():
     c = a_case({"must_contain": ["391"]}, tags=("rag",))
-    entry = ev.case_result(c, "ev-x-c1", ev.Observed(completed(answer="391 " + "x" * 5000), 1.23456))
+    entry = case_result(c, "ev-x-c1", Observed(completed(answer="391 " + "x" * 5000), 1.23456))
     assert entry["passed"] is True and entry["outcome"] == "completed"
     assert entry["tokens"] == {"input": 800, "output": 100} and entry["cost_usd"] == 0.003
     assert entry["latency_s"] == 1.235 and entry["steps"] == 3 and entry["judge_score"] == 0.8
     assert entry["tools"] == ["search_docs", "calculator"] and entry["tags"] == ["rag"]
     assert len(entry["answer"]) == 2000 and entry["checks"][0]["name"] == "grounded"
     json.dumps(entry)
-    timed_out = ev.case_result(c, "ev-x-c1", ev.Observed(None, 5.0), timeout_s=5)
+    timed_out = case_result(c, "ev-x-c1", Observed(None, 5.0), timeout_s=5)
     assert timed_out["outcome"] == "timeout" and timed_out["reason"] == "no outcome within 5s"
     assert timed_out["passed"] is False
-    broken = ev.case_result(c, "ev-x-c1", ev.Observed(None, 0.1, error="OSError: boom"))
+    broken = case_result(c, "ev-x-c1", Observed(None, 0.1, error="OSError: boom"))
     assert broken["outcome"] == "error" and broken["reason"] == "OSError: boom" and not broken["passed"]
 
 
@@ -297,13 +306,13 @@ def test_case_result_carries_usage_latency_and_a_verdict():
 
 def test_nearest_rank_percentiles():
     values = [float(v) for v in range(10, 0, -1)]  # 10..1, unsorted on purpose
-    assert ev.percentile(values, 50) == 5.0  # rank ceil(5.0) = 5
-    assert ev.percentile(values, 95) == 10.0  # rank ceil(9.5) = 10
+    assert percentile(values, 50) == 5.0  # rank ceil(5.0) = 5
+    assert percentile(values, 95) == 10.0  # rank ceil(9.5) = 10
     twenty = [float(v) for v in range(1, 21)]
-    assert ev.percentile(twenty, 50) == 10.0  # rank 10
-    assert ev.percentile(twenty, 95) == 19.0  # rank 19
-    assert ev.percentile([4.2], 95) == 4.2
-    assert ev.percentile([], 50) is None
+    assert percentile(twenty, 50) == 10.0  # rank 10
+    assert percentile(twenty, 95) == 19.0  # rank 19
+    assert percentile([4.2], 95) == 4.2
+    assert percentile([], 50) is None
 
 
 def entries(spec: list[tuple[str, bool, float, float]]) -> list[dict]:
@@ -312,16 +321,14 @@ def entries(spec: list[tuple[str, bool, float, float]]) -> list[dict]:
     for cid, ok, latency, cost in spec:
         c = a_case({"must_contain": ["391" if ok else "nope"], "max_steps": 5}, id=cid)
         outcome = completed(usage=TokenUsage(input_tokens=90, output_tokens=10, cost_usd=cost))
-        out.append(ev.case_result(c, f"ev-r-{cid}", ev.Observed(outcome, latency)))
+        out.append(case_result(c, f"ev-r-{cid}", Observed(outcome, latency)))
     return out
 
 
 def test_summary_pass_rate_property_rates_latency_cost_and_judge():
     cases = entries([(f"c{i}", i <= 8, float(i), 0.01) for i in range(1, 11)])
-    cases.append(
-        ev.case_result(a_case({"outcome": "failed", "max_steps": 1}, id="f1"), "t", ev.Observed(failed(), 11.0))
-    )
-    s = ev.summarize(cases)
+    cases.append(case_result(a_case({"outcome": "failed", "max_steps": 1}, id="f1"), "t", Observed(failed(), 11.0)))
+    s = summarize(cases)
     assert s["cases"] == 11 and s["passed"] == 9 and s["pass_rate"] == round(9 / 11, 4)
     assert s["properties"]["must_contain"] == {"passed": 8, "total": 10, "rate": 0.8}
     assert s["properties"]["outcome"] == {"passed": 11, "total": 11, "rate": 1.0}
@@ -331,18 +338,18 @@ def test_summary_pass_rate_property_rates_latency_cost_and_judge():
     assert s["cost_usd"]["total"] == pytest.approx(0.102) and s["cost_usd"]["mean"] == pytest.approx(0.102 / 11)
     assert s["tokens"] == {"total": 10 * 100 + 550, "mean": round(1550 / 11, 1)}
     assert s["judge_score"] == {"mean": 0.8, "min": 0.8, "n": 10}
-    report = ev.build_report(
-        ev.Dataset("ds.jsonl", "abc", ()), cases, run_id="r", started_at=ev.datetime.now(ev.UTC),
-        finished_at=ev.datetime.now(ev.UTC), concurrency=4,
+    report = build_report(
+        Dataset("ds.jsonl", "abc", ()), cases, run_id="r", started_at=datetime.now(UTC),
+        finished_at=datetime.now(UTC), concurrency=4,
     )  # fmt: skip
     assert report["prompt_versions"] == {"judge": ["checker.judge@1+bb"], "planner": ["planner.plan@1+aa"]}
     assert report["summary"] == s and report["format"] == 1
-    assert ev.gate_failures(report, min_pass_rate=0.8) == []
-    assert ev.gate_failures(report, min_pass_rate=0.9) == ["pass rate 0.8182 is below --min-pass-rate 0.9"]
-    table = ev.render_table(report)
+    assert gate_failures(report, min_pass_rate=0.8) == []
+    assert gate_failures(report, min_pass_rate=0.9) == ["pass rate 0.8182 is below --min-pass-rate 0.9"]
+    table = render_table(report)
     assert re.search(r"^c9\s+completed\s+FAIL .*must_contain: answer lacks 'nope'", table, re.M)
     assert "failed cases:" in table
-    assert "pass rate 9/11 (81.8%)" in ev.render_summary(report)
+    assert "pass rate 9/11 (81.8%)" in render_summary(report)
 
 
 # --- baseline comparison ----------------------------------------------------------------------
@@ -350,34 +357,34 @@ def test_summary_pass_rate_property_rates_latency_cost_and_judge():
 
 def report_of(spec: list[tuple[str, bool, float, float]], sha: str = "s1") -> dict:
     cases = entries(spec)
-    return {"format": 1, "dataset_sha256": sha, "run_id": "r", "summary": ev.summarize(cases), "cases": cases}
+    return {"format": 1, "dataset_sha256": sha, "run_id": "r", "summary": summarize(cases), "cases": cases}
 
 
 def test_an_identical_run_has_no_regression():
     spec = [("a", True, 1.0, 0.01), ("b", False, 2.0, 0.01)]
-    cmp = ev.compare(report_of(spec), report_of(spec))
+    cmp = compare(report_of(spec), report_of(spec))
     assert cmp["regressions"] == 0 and cmp["warnings"] == [] and cmp["newly_failing"] == []
-    assert "no regression" in ev.render_comparison(cmp)
+    assert "no regression" in render_comparison(cmp)
 
 
 def test_a_pass_rate_drop_and_a_newly_failing_case_are_regressions():
     before = report_of([("a", True, 1.0, 0.01), ("b", True, 1.0, 0.01)])
     now = report_of([("a", True, 1.0, 0.01), ("b", False, 1.0, 0.01)])
-    cmp = ev.compare(before, now)
+    cmp = compare(before, now)
     assert cmp["newly_failing"] == ["b"]
     rate = next(m for m in cmp["metrics"] if m["metric"] == "pass_rate")
     assert rate["baseline"] == 1.0 and rate["now"] == 0.5 and rate["delta"] == -0.5 and rate["ok"] is False
     prop = next(m for m in cmp["metrics"] if m["metric"] == "property must_contain")
     assert prop["ok"] is False
     assert cmp["regressions"] == 3  # pass rate, must_contain, case b
-    text = ev.render_comparison(cmp)
+    text = render_comparison(cmp)
     assert "case b: passed in the baseline, fails now  REGRESSION" in text
     assert re.search(r"pass_rate\s+1 -> 0.5\s+-0.5\s+REGRESSION", text)
     # a drop within --max-regression is tolerated, the newly failing case is not
-    tolerant = ev.compare(before, now, max_regression=0.5)
+    tolerant = compare(before, now, max_regression=0.5)
     assert all(m["ok"] for m in tolerant["metrics"]) and tolerant["regressions"] == 1
     # the report gate sees it
-    assert ev.gate_failures({**now, "comparison": cmp}, min_pass_rate=0.0) == ["3 regression(s) against baseline r"]
+    assert gate_failures({**now, "comparison": cmp}, min_pass_rate=0.0) == ["3 regression(s) against baseline r"]
 
 
 def test_cost_increase_is_flagged_beyond_the_threshold_and_not_below():
@@ -385,50 +392,50 @@ def test_cost_increase_is_flagged_beyond_the_threshold_and_not_below():
     up30 = report_of([("a", True, 1.0, 0.013), ("b", True, 1.0, 0.013)])
     up20 = report_of([("a", True, 1.0, 0.012), ("b", True, 1.0, 0.012)])
     cost = "mean cost_usd per case"
-    flagged = ev.compare(before, up30, max_cost_increase=0.25)
+    flagged = compare(before, up30, max_cost_increase=0.25)
     m = next(m for m in flagged["metrics"] if m["metric"] == cost)
     assert m["ok"] is False and m["relative"] == pytest.approx(0.3) and flagged["regressions"] == 1
-    fine = ev.compare(before, up20, max_cost_increase=0.25)
+    fine = compare(before, up20, max_cost_increase=0.25)
     assert next(m for m in fine["metrics"] if m["metric"] == cost)["ok"] is True and fine["regressions"] == 0
-    assert ev.compare(before, up30, max_cost_increase=0.5)["regressions"] == 0
+    assert compare(before, up30, max_cost_increase=0.5)["regressions"] == 0
     # from zero, any cost is a rise
     free = report_of([("a", True, 1.0, 0.0)])
-    assert ev.compare(free, report_of([("a", True, 1.0, 0.001)]))["regressions"] == 1
-    assert ev.compare(free, free)["regressions"] == 0
+    assert compare(free, report_of([("a", True, 1.0, 0.001)]))["regressions"] == 1
+    assert compare(free, free)["regressions"] == 0
 
 
 def test_latency_is_only_checked_when_asked():
     before = report_of([("a", True, 1.0, 0.01)])
     slower = report_of([("a", True, 3.0, 0.01)])
-    assert ev.compare(before, slower)["regressions"] == 0
-    assert not any(m["metric"].startswith("latency") for m in ev.compare(before, slower)["metrics"])
-    assert ev.compare(before, slower, max_latency_increase=1.0)["regressions"] == 1
-    assert ev.compare(before, slower, max_latency_increase=2.0)["regressions"] == 0
+    assert compare(before, slower)["regressions"] == 0
+    assert not any(m["metric"].startswith("latency") for m in compare(before, slower)["metrics"])
+    assert compare(before, slower, max_latency_increase=1.0)["regressions"] == 1
+    assert compare(before, slower, max_latency_increase=2.0)["regressions"] == 0
 
 
 def test_another_dataset_version_warns_and_compares_common_cases_by_id():
     before = report_of([("a", True, 1.0, 0.01), ("gone", False, 1.0, 0.01)], sha="old")
     now = report_of([("a", True, 1.0, 0.01), ("new", False, 1.0, 0.01)], sha="new")
-    cmp = ev.compare(before, now)
+    cmp = compare(before, now)
     assert len(cmp["warnings"]) == 1 and "another version of the dataset" in cmp["warnings"][0]
     assert cmp["missing_now"] == ["gone"] and cmp["new_cases"] == ["new"]
     assert cmp["common_cases"] == 1 and cmp["regressions"] == 0  # 'new' failing is not a regression
-    text = ev.render_comparison(cmp)
+    text = render_comparison(cmp)
     assert "warning:" in text and "in the baseline only (not compared): gone" in text
 
 
 def test_load_report_refuses_a_missing_file_or_a_non_report(tmp_path):
-    with pytest.raises(ev.EvalError, match=r"baseline report .*nope\.json: no such file"):
-        ev.load_report(tmp_path / "nope.json")
+    with pytest.raises(EvalError, match=r"baseline report .*nope\.json: no such file"):
+        load_report(tmp_path / "nope.json")
     (tmp_path / "x.json").write_text("{oops")
-    with pytest.raises(ev.EvalError, match="not JSON"):
-        ev.load_report(tmp_path / "x.json")
+    with pytest.raises(EvalError, match="not JSON"):
+        load_report(tmp_path / "x.json")
     (tmp_path / "y.json").write_text(json.dumps({"format": 1, "cases": "no"}))
-    with pytest.raises(ev.EvalError, match="not an eval report"):
-        ev.load_report(tmp_path / "y.json")
+    with pytest.raises(EvalError, match="not an eval report"):
+        load_report(tmp_path / "y.json")
     good = report_of([("a", True, 1.0, 0.01)])
-    ev.write_report(good, tmp_path / "deep" / "r.json")
-    assert ev.load_report(tmp_path / "deep" / "r.json") == good
+    write_report(good, tmp_path / "deep" / "r.json")
+    assert load_report(tmp_path / "deep" / "r.json") == good
 
 
 # --- the runner against a fake mesh -----------------------------------------------------------
@@ -459,35 +466,35 @@ class FakeMesh:
             await asyncio.sleep(self.delay)
             if case.id in self.explode:
                 raise ConnectionResetError("broker went away")
-            return ev.Observed(completed(task_id=task_id, tenant=case.tenant), 0.5, ["s1", "s2"])
+            return Observed(completed(task_id=task_id, tenant=case.tenant), 0.5, ["s1", "s2"])
         finally:
             self.in_flight -= 1
 
 
-def dataset_of(tmp_path: Path, n: int, **over: object) -> ev.Dataset:
+def dataset_of(tmp_path: Path, n: int, **over: object) -> Dataset:
     (tmp_path / "d.md").write_text("durability")
     lines = [case(id=f"c{i}", documents=["d.md"], expect={"must_contain": ["391"]}, **over) for i in range(n)]
     lines[0]["documents"] = ["d.md", {"name": "inline.md", "text": "inline text"}]
-    return ev.load_dataset(write(tmp_path / "ds.jsonl", *lines))
+    return load_dataset(write(tmp_path / "ds.jsonl", *lines))
 
 
 async def test_the_runner_never_has_more_than_concurrency_tasks_in_flight(tmp_path):
     ds = dataset_of(tmp_path, 10)
     mesh = FakeMesh()
-    cases = await ev.Runner(mesh, concurrency=3, timeout_s=5).run(ds)
+    cases = await Runner(mesh, concurrency=3, timeout_s=5).run(ds)
     assert mesh.max_in_flight == 3
     assert [c["id"] for c in cases] == [f"c{i}" for i in range(10)]  # dataset order
     assert all(c["passed"] for c in cases)
     run_ids = {tid.split("-")[1] for _, tid in mesh.submitted}
     assert len(run_ids) == 1 and re.fullmatch(r"[0-9a-f]{8}", run_ids.pop())
-    one = await ev.Runner(FakeMesh(), concurrency=1, timeout_s=5).run(ds)
+    one = await Runner(FakeMesh(), concurrency=1, timeout_s=5).run(ds)
     assert len(one) == 10
 
 
 async def test_documents_are_ingested_once_before_any_task(tmp_path):
     ds = dataset_of(tmp_path, 4)
     mesh = FakeMesh()
-    await ev.Runner(mesh, concurrency=2, timeout_s=5).run(ds)
+    await Runner(mesh, concurrency=2, timeout_s=5).run(ds)
     assert sorted(mesh.ingested) == [("acme", "d.md", b"durability"), ("acme", "inline.md", b"inline text")]
     assert mesh.first_submit_at is not None and mesh.last_ingest_at <= mesh.first_submit_at
 
@@ -495,7 +502,7 @@ async def test_documents_are_ingested_once_before_any_task(tmp_path):
 async def test_a_case_without_an_outcome_in_time_is_a_timeout_and_the_others_finish(tmp_path):
     ds = dataset_of(tmp_path, 4)
     mesh = FakeMesh(hang={"c1"}, explode={"c2"})
-    cases = await ev.Runner(mesh, concurrency=4, timeout_s=0.3, grace_s=0.0).run(ds)  # c1 hangs for ever
+    cases = await Runner(mesh, concurrency=4, timeout_s=0.3, grace_s=0.0).run(ds)  # c1 hangs for ever
     by_id = {c["id"]: c for c in cases}
     assert by_id["c1"]["outcome"] == "timeout" and by_id["c1"]["passed"] is False
     assert by_id["c1"]["reason"] == "no outcome within 0.3s" and by_id["c1"]["latency_s"] >= 0.25
@@ -507,20 +514,20 @@ async def test_a_case_without_an_outcome_in_time_is_a_timeout_and_the_others_fin
 async def test_progress_is_one_line_per_case_off_a_terminal_and_redrawn_on_one(tmp_path):
     ds = dataset_of(tmp_path, 3)
     log = io.StringIO()
-    await ev.Runner(FakeMesh(), concurrency=1, timeout_s=5, progress=log, tty=False).run(ds)
+    await Runner(FakeMesh(), concurrency=1, timeout_s=5, progress=log, tty=False).run(ds)
     lines = log.getvalue().splitlines()
     assert lines[0].startswith("ingesting 2 document(s) into 1 tenant(s)")
     assert re.fullmatch(r"\[1/3\] c0 PASS 0\.5s \$0\.0030", lines[1])
     assert len(lines) == 4 and "\r" not in log.getvalue()
     tty = io.StringIO()
-    await ev.Runner(FakeMesh(), concurrency=1, timeout_s=5, progress=tty, tty=True).run(ds)
+    await Runner(FakeMesh(), concurrency=1, timeout_s=5, progress=tty, tty=True).run(ds)
     out = tty.getvalue()
     assert "\r" in out and "eval [" in out and "3/3  passed 3  failed 0" in out
 
 
 async def test_run_cases_builds_a_report(tmp_path):
     ds = dataset_of(tmp_path, 2)
-    report = await ev.run_cases(ds, ev.Runner(FakeMesh(), concurrency=2, timeout_s=5))
+    report = await run_cases(ds, Runner(FakeMesh(), concurrency=2, timeout_s=5))
     assert report["dataset"] == ds.path and report["dataset_sha256"] == ds.sha256
     assert report["summary"]["pass_rate"] == 1.0 and report["concurrency"] == 2
     assert report["started_at"] <= report["finished_at"]
@@ -553,21 +560,21 @@ async def test_run_dataset_with_clients_passes_limits_and_policy(tmp_path):
         case(id="c2", tenant="globex"),
     )
     clients = {"acme": FakeClient("acme"), "globex": FakeClient("globex")}
-    report = await ev.run_dataset(path, clients=clients, concurrency=2, progress=False, run_id="feedbeef")
+    report = await run_dataset(path, clients=clients, concurrency=2, progress=False, run_id="feedbeef")
     assert report["run_id"] == "feedbeef" and report["summary"]["passed"] == 2
     goal, task_id, limits, policy = clients["acme"].calls[0]
     assert goal == GOAL and task_id == "ev-feedbeef-c1" and limits.max_steps == 5
     assert policy.forbidden_terms == ("guarantee",)
     assert report["cases"][0]["latency_s"] == 0.25
-    only = await ev.run_dataset(path, clients=clients, progress=False, tags=["x"])
+    only = await run_dataset(path, clients=clients, progress=False, tags=["x"])
     assert [c["id"] for c in only["cases"]] == ["c1"]
-    with pytest.raises(ev.EvalError, match="no client for tenant 'globex'"):
-        await ev.run_dataset(path, clients={"acme": clients["acme"]}, progress=False)
+    with pytest.raises(EvalError, match="no client for tenant 'globex'"):
+        await run_dataset(path, clients={"acme": clients["acme"]}, progress=False)
 
 
 def test_open_clients_names_a_tenant_without_an_identity(tmp_path):
-    with pytest.raises(ev.EvalError, match=r"tenant 'acme' has no client identity in .* \(known: none\)"):
-        ev.open_clients(tmp_path, ["acme"])
+    with pytest.raises(EvalError, match=r"tenant 'acme' has no client identity in .* \(known: none\)"):
+        open_clients(tmp_path, ["acme"])
 
 
 # --- judge calibration ------------------------------------------------------------------------
@@ -576,7 +583,7 @@ def test_open_clients_names_a_tenant_without_an_identity(tmp_path):
 def test_calibration_statistics_on_a_hand_computed_matrix():
     labels = ["pass"] * 8 + ["fail"] * 4
     verdicts = ["pass"] * 6 + ["fail"] * 2 + ["pass"] * 1 + ["fail"] * 3
-    s = ev.calibration_stats(labels, verdicts, [0.9] * 8 + [0.3] * 4)
+    s = calibration_stats(labels, verdicts, [0.9] * 8 + [0.3] * 4)
     assert s["n"] == 12 and s["judged"] == 12
     assert s["agreement"] == 0.75
     assert s["confusion"] == {"pass": {"pass": 6, "fail": 2, "error": 0}, "fail": {"pass": 1, "fail": 3, "error": 0}}
@@ -589,11 +596,11 @@ def test_calibration_statistics_on_a_hand_computed_matrix():
 
 
 def test_calibration_statistics_edge_cases():
-    perfect = ev.calibration_stats(["pass", "fail"], ["pass", "fail"])
+    perfect = calibration_stats(["pass", "fail"], ["pass", "fail"])
     assert perfect["agreement"] == 1.0 and perfect["kappa"] == 1.0
-    one_class = ev.calibration_stats(["pass", "pass"], ["pass", "pass"])
+    one_class = calibration_stats(["pass", "pass"], ["pass", "pass"])
     assert one_class["kappa"] is None and one_class["fail_detection"]["precision"] is None
-    errors = ev.calibration_stats(["pass", "fail", "fail"], ["pass", "error", "fail"])
+    errors = calibration_stats(["pass", "fail", "fail"], ["pass", "error", "fail"])
     assert errors["agreement"] == round(2 / 3, 4) and errors["judged"] == 2 and errors["kappa"] == 1.0
     assert errors["confusion"]["fail"]["error"] == 1
 
@@ -619,17 +626,17 @@ def calibration_file(path: Path, *, wrong_label: bool = False) -> Path:
 async def test_calibrate_end_to_end_with_the_scripted_judge(tmp_path, monkeypatch):
     monkeypatch.setenv("MESH_MODEL", "scripted")
     monkeypatch.delenv("MESH_MODEL_CONFIG", raising=False)
-    report = await ev.calibrate(calibration_file(tmp_path / "cal.jsonl"), concurrency=2)
+    report = await calibrate(calibration_file(tmp_path / "cal.jsonl"), concurrency=2)
     assert report["n"] == 3 and 0.0 <= report["agreement"] <= 1.0
     assert report["judge"]["model"] == "scripted/scripted-judge"
     assert report["judge"]["prompt_version"].startswith("checker.judge@")
     assert [c["id"] for c in report["cases"]] == ["c01", "c02", "c03"]
     assert all(c["judge"] in ("pass", "fail") and 0.0 <= c["score"] <= 1.0 for c in report["cases"])
-    text = ev.render_calibration(report)
+    text = render_calibration(report)
     assert "agreement" in text and "scripted/scripted-judge" in text
     json.dumps(report)
     # a label the judge disagrees with is listed with the human's note
-    wrong = await ev.calibrate(calibration_file(tmp_path / "w.jsonl", wrong_label=True))
+    wrong = await calibrate(calibration_file(tmp_path / "w.jsonl", wrong_label=True))
     d = next(d for d in wrong["disagreements"] if d["id"] == "c01")
     assert d["label"] == "fail" and d["judge"] == "pass" and d["note"] == "grounded"
     assert wrong["agreement"] < 1.0
@@ -637,19 +644,19 @@ async def test_calibrate_end_to_end_with_the_scripted_judge(tmp_path, monkeypatc
 
 async def test_calibrate_refuses_a_bad_file_and_a_bad_model_config(tmp_path, monkeypatch):
     path = write(tmp_path / "cal.jsonl", {"id": "c1", "goal": "g", "answer": "a", "label": "maybe"})
-    with pytest.raises(ev.DatasetError, match=r"cal\.jsonl:1: case 'c1': label: Input should be 'pass' or 'fail'"):
-        await ev.calibrate(path)
+    with pytest.raises(DatasetError, match=r"cal\.jsonl:1: case 'c1': label: Input should be 'pass' or 'fail'"):
+        await calibrate(path)
     monkeypatch.setenv("MESH_MODEL", "nonsense")
     monkeypatch.delenv("MESH_MODEL_CONFIG", raising=False)
-    with pytest.raises(ev.EvalError, match="judge model configuration: MESH_MODEL='nonsense' needs a model config"):
-        await ev.calibrate(calibration_file(tmp_path / "ok.jsonl"))
+    with pytest.raises(EvalError, match="judge model configuration: MESH_MODEL='nonsense' needs a model config"):
+        await calibrate(calibration_file(tmp_path / "ok.jsonl"))
 
 
 async def test_a_judge_error_is_a_disagreement_not_a_crash(tmp_path):
     async def broken(model, inp, *, min_score):
         raise ValueError("judge reply has no JSON object")
 
-    report = await ev.calibrate(calibration_file(tmp_path / "cal.jsonl"), model=object(), judge=broken)
+    report = await calibrate(calibration_file(tmp_path / "cal.jsonl"), model=object(), judge=broken)
     assert report["agreement"] == 0.0 and report["judged"] == 0 and len(report["disagreements"]) == 3
     assert report["disagreements"][0]["judge"] == "error"
 

@@ -32,7 +32,7 @@ EVAL_CALIBRATE_OPTIONS = {"min_agreement": 0.0, "min_score": 0.6}
 def cmd_eval(args: argparse.Namespace) -> int:
     """``meshctl eval DATASET``: run a golden dataset on the running mesh and gate on it;
     ``meshctl eval calibrate [FILE]``: the judge against human labels, no mesh needed."""
-    from mesh_eval import harness as ev
+    from mesh_eval.calibration import DEFAULT_CALIBRATION
 
     target = args.target
     calibrating = target[0] == "calibrate"
@@ -50,7 +50,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             setattr(args, name, default)
     try:
         if calibrating:
-            return _eval_calibrate(args, target[1] if len(target) > 1 else ev.DEFAULT_CALIBRATION)
+            return _eval_calibrate(args, target[1] if len(target) > 1 else DEFAULT_CALIBRATION)
         return _eval_run(args, target[0])
     except EvalError as exc:
         raise MeshError(str(exc)) from None
@@ -67,7 +67,7 @@ def _report_path(args: argparse.Namespace, default: Path | None) -> Path | None:
 
 
 def _write(report: dict[str, Any], path: Path | None) -> None:
-    from mesh_eval.harness import write_report
+    from mesh_eval.report import write_report
 
     if path is not None:
         try:
@@ -77,13 +77,17 @@ def _write(report: dict[str, Any], path: Path | None) -> None:
 
 
 def _eval_run(args: argparse.Namespace, dataset_path: str) -> int:
-    from mesh_eval import harness as ev
+    from mesh_eval.baseline import compare
+    from mesh_eval.dataset import load_dataset
+    from mesh_eval.harness import run_dataset
+    from mesh_eval.render import render_comparison, render_summary, render_table
+    from mesh_eval.report import default_report_path, gate_failures, load_report
 
-    dataset = ev.load_dataset(dataset_path).select(tags=args.filter, case_ids=args.case)
-    baseline = ev.load_report(args.baseline) if args.baseline else None
-    path = _report_path(args, ev.default_report_path())
+    dataset = load_dataset(dataset_path).select(tags=args.filter, case_ids=args.case)
+    baseline = load_report(args.baseline) if args.baseline else None
+    path = _report_path(args, default_report_path())
     report = asyncio.run(
-        ev.run_dataset(
+        run_dataset(
             dataset,
             home=opt.home(args),
             nats_url=args.nats_url,
@@ -93,7 +97,7 @@ def _eval_run(args: argparse.Namespace, dataset_path: str) -> int:
         )
     )
     if baseline is not None:
-        report["comparison"] = ev.compare(
+        report["comparison"] = compare(
             baseline,
             report,
             max_regression=args.max_regression,
@@ -106,26 +110,27 @@ def _eval_run(args: argparse.Namespace, dataset_path: str) -> int:
         print(json.dumps(report, indent=2))
         print(f"report: {path}", file=sys.stderr)
     else:
-        print(ev.render_table(report))
+        print(render_table(report))
         print()
-        print(ev.render_summary(report))
+        print(render_summary(report))
         if baseline is not None:
             print()
-            print(ev.render_comparison(report["comparison"]))
+            print(render_comparison(report["comparison"]))
         print(f"report: {path}")
-    failures = ev.gate_failures(report, min_pass_rate=args.min_pass_rate)
+    failures = gate_failures(report, min_pass_rate=args.min_pass_rate)
     for failure in failures:
         print(f"meshctl: eval gate failed: {failure}", file=sys.stderr)
     return 1 if failures else 0
 
 
 def _eval_calibrate(args: argparse.Namespace, file: str) -> int:
-    from mesh_eval import harness as ev
+    from mesh_eval.calibration import calibrate
+    from mesh_eval.render import render_calibration
 
     path = _report_path(args, None)
-    report = asyncio.run(ev.calibrate(file, min_score=args.min_score, concurrency=args.concurrency))
+    report = asyncio.run(calibrate(file, min_score=args.min_score, concurrency=args.concurrency))
     _write(report, path)
-    print(json.dumps(report, indent=2) if args.json else ev.render_calibration(report))
+    print(json.dumps(report, indent=2) if args.json else render_calibration(report))
     if path is not None and not args.json:
         print(f"report: {path}")
     agreement = report["agreement"] or 0.0

@@ -3,7 +3,7 @@
 
 The dataset's cases of the release's tenant run through the real mesh with the version pinned on
 every submission (``TaskSubmitted.release``); the report is compared with the baseline (the
-current version's recorded evaluation, or a report file) by ``harness.compare``: a pass-rate or
+current version's recorded evaluation, or a report file) by ``baseline.compare``: a pass-rate or
 property-rate drop beyond ``max_regression``, a case that passed and fails now, the mean cost
 rising beyond ``max_cost_increase`` (and, when given, p95 latency beyond
 ``max_latency_increase``), the judge's mean score over the cases both judged falling by more than
@@ -16,8 +16,10 @@ import time
 from typing import Any
 
 from mesh_contracts.v1.release import ReleaseEvaluation
-from mesh_eval import harness as ev
+from mesh_eval.baseline import compare
+from mesh_eval.dataset import load_dataset
 from mesh_eval.errors import EvalError
+from mesh_eval.harness import run_dataset
 
 
 async def evaluate(
@@ -36,16 +38,16 @@ async def evaluate(
     progress: bool = True,
 ) -> tuple[dict[str, Any], ReleaseEvaluation]:
     """(report, evaluation) of ``version`` of ``client``'s tenant over the dataset's cases of that tenant."""
-    dataset = ev.load_dataset(dataset_path)
+    dataset = load_dataset(dataset_path)
     mine = [c.id for c in dataset.cases if c.tenant == client.tenant]
     if not mine:
         raise EvalError(f"{dataset_path} has no case of tenant {client.tenant}")
     dataset = dataset.select(case_ids=mine)
-    report = await ev.run_dataset(
+    report = await run_dataset(
         dataset, clients={client.tenant: client}, concurrency=concurrency, timeout_s=timeout_s, progress=progress,
         release=version,
     )  # fmt: skip
-    comparison = ev.compare(
+    comparison = compare(
         baseline, report, max_regression=max_regression, max_cost_increase=max_cost_increase,
         max_latency_increase=max_latency_increase, baseline_path=against,
     )  # fmt: skip
