@@ -28,7 +28,7 @@ from mesh_contracts import __name__ as _pkg
 from mesh_contracts.base import CLIENT, Contract
 from mesh_contracts.errors import ContractsError
 from mesh_contracts.registry import VERSIONS
-from mesh_contracts.topology import BUCKETS, DOOR_PREFIX, STREAMS, door_of
+from mesh_contracts.topology import BUCKETS, DOOR_PREFIX, STREAMS, Door, door_of
 from mesh_contracts.v1.records import RECORDS
 from mesh_contracts.v1.workflow import SCHEMA_VERSION as WORKFLOW_SCHEMA_VERSION
 from mesh_contracts.v1.workflow import WorkflowDefinition
@@ -109,62 +109,92 @@ def asyncapi() -> dict[str, Any]:
             for name, d in schema.pop("$defs", {}).items():
                 components_schemas[name] = d
             components_schemas[key] = schema
-            messages[key] = {
-                "name": c.type_name(),
-                "title": c.__name__,
-                "summary": c.spec.summary,
-                "contentType": "application/json",
-                "headers": {"$ref": "#/components/schemas/MeshHeaders"},
-                "payload": {"$ref": f"#/components/schemas/{key}"},
-            }
+            messages[key] = _message(c, key)
             address = (
                 f"{c.spec.domain}.v{major}.{{tenant}}.{{task}}.{c.spec.event}" if c.spec.transport != "reply" else None
             )
-            channels[key] = {
-                "address": address,
-                "description": (c.__doc__ or "").strip().splitlines()[0],
-                "messages": {key: {"$ref": f"#/components/messages/{key}"}},
-                **(
-                    {"parameters": {"tenant": {"description": "Tenant id"}, "task": {"description": "Task id"}}}
-                    if address
-                    else {}
-                ),
-                "x-stream": STREAMS.get(c.spec.domain) if c.spec.transport == "stream" else None,
-                "x-transport": c.spec.transport,
-            }
+            channels[key] = _channel(c, key, address)
             door = door_of(c) if c.spec.transport == "stream" else None
             if door is not None:
-                # Tenants write to no stream: they hand the message in at its door (mesh_tenancy.door).
-                channels[f"{key}_door"] = {
-                    "address": f"{DOOR_PREFIX}.{address}",
-                    "description": f"Where a tenant's client sends {c.type_name()}: a core request; {door.service} "
-                    f"checks it, charges the tenant's quota in {door.stream}, stores it on {address} and answers with "
-                    "the stream's acknowledgement (JetStream's publish answer), or an error with the refusal's code.",
-                    "messages": {key: {"$ref": f"#/components/messages/{key}"}},
-                    "parameters": {"tenant": {"description": "Tenant id"}, "task": {"description": "Task id"}},
-                    "x-door-keeper": door.service,
-                    "x-stream": door.stream,
-                    "x-transport": "request",
-                }
-                operations[f"{door.service}.receive.{key}_door"] = {
-                    "action": "receive",
-                    "channel": {"$ref": f"#/channels/{key}_door"},
-                    "summary": f"{door.service} keeps the door of {c.type_name()}",
-                }
-            for producer in c.spec.producers:
-                via_door = door is not None and producer == CLIENT
-                operations[f"{producer}.send.{key}"] = {
-                    "action": "send",
-                    "channel": {"$ref": f"#/channels/{key}_door" if via_door else f"#/channels/{key}"},
-                    "summary": f"{producer} {'hands in' if via_door else 'publishes'} {c.type_name()}",
-                }
-            for consumer in c.spec.consumers:
-                operations[f"{consumer}.receive.{key}"] = {
-                    "action": "receive",
-                    "channel": {"$ref": f"#/channels/{key}"},
-                    "summary": f"{consumer} consumes {c.type_name()}",
-                }
+                channels[f"{key}_door"] = _door_channel(c, key, address, door)
+            operations.update(_operations(c, key, door))
     components_schemas["MeshHeaders"] = HEADERS_SCHEMA
+    return _document(channels, operations, messages, components_schemas)
+
+
+def _message(c: type[Contract], key: str) -> dict[str, Any]:
+    """The AsyncAPI message of a contract: its body's schema, the envelope in the headers."""
+    return {
+        "name": c.type_name(),
+        "title": c.__name__,
+        "summary": c.spec.summary,
+        "contentType": "application/json",
+        "headers": {"$ref": "#/components/schemas/MeshHeaders"},
+        "payload": {"$ref": f"#/components/schemas/{key}"},
+    }
+
+
+def _channel(c: type[Contract], key: str, address: str | None) -> dict[str, Any]:
+    """The subject a contract travels on (none for a reply: it goes to the requester's inbox)."""
+    return {
+        "address": address,
+        "description": (c.__doc__ or "").strip().splitlines()[0],
+        "messages": {key: {"$ref": f"#/components/messages/{key}"}},
+        **(
+            {"parameters": {"tenant": {"description": "Tenant id"}, "task": {"description": "Task id"}}}
+            if address
+            else {}
+        ),
+        "x-stream": STREAMS.get(c.spec.domain) if c.spec.transport == "stream" else None,
+        "x-transport": c.spec.transport,
+    }
+
+
+def _door_channel(c: type[Contract], key: str, address: str | None, door: Door) -> dict[str, Any]:
+    """Where tenants hand in a stream contract: they write to no stream (mesh_tenancy.door)."""
+    return {
+        "address": f"{DOOR_PREFIX}.{address}",
+        "description": f"Where a tenant's client sends {c.type_name()}: a core request; {door.service} "
+        f"checks it, charges the tenant's quota in {door.stream}, stores it on {address} and answers with "
+        "the stream's acknowledgement (JetStream's publish answer), or an error with the refusal's code.",
+        "messages": {key: {"$ref": f"#/components/messages/{key}"}},
+        "parameters": {"tenant": {"description": "Tenant id"}, "task": {"description": "Task id"}},
+        "x-door-keeper": door.service,
+        "x-stream": door.stream,
+        "x-transport": "request",
+    }
+
+
+def _operations(c: type[Contract], key: str, door: Door | None) -> dict[str, Any]:
+    """Who does what with a contract: keeps its door, sends it (a client through the door),
+    receives it."""
+    operations: dict[str, Any] = {}
+    if door is not None:
+        operations[f"{door.service}.receive.{key}_door"] = {
+            "action": "receive",
+            "channel": {"$ref": f"#/channels/{key}_door"},
+            "summary": f"{door.service} keeps the door of {c.type_name()}",
+        }
+    for producer in c.spec.producers:
+        via_door = door is not None and producer == CLIENT
+        operations[f"{producer}.send.{key}"] = {
+            "action": "send",
+            "channel": {"$ref": f"#/channels/{key}_door" if via_door else f"#/channels/{key}"},
+            "summary": f"{producer} {'hands in' if via_door else 'publishes'} {c.type_name()}",
+        }
+    for consumer in c.spec.consumers:
+        operations[f"{consumer}.receive.{key}"] = {
+            "action": "receive",
+            "channel": {"$ref": f"#/channels/{key}"},
+            "summary": f"{consumer} consumes {c.type_name()}",
+        }
+    return operations
+
+
+def _document(
+    channels: dict[str, Any], operations: dict[str, Any], messages: dict[str, Any], schemas: dict[str, Any]
+) -> dict[str, Any]:
+    """The document around the channels, operations and components: what the mesh is, where it runs."""
     return {
         "asyncapi": "3.0.0",
         "info": {
@@ -183,7 +213,7 @@ def asyncapi() -> dict[str, Any]:
         },
         "channels": channels,
         "operations": operations,
-        "components": {"messages": messages, "schemas": components_schemas},
+        "components": {"messages": messages, "schemas": schemas},
     }
 
 

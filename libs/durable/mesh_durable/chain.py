@@ -248,55 +248,98 @@ def verify(
     created; a record written before it was carried over into a re-created stream (records may
     be re-published within their tokens' lifetime, so the signature alone cannot show it)."""
     v = Verdict(tenant)
+    by_n: dict[int, str] = {}  # n -> digest of every record read
+    broken = (
+        _break_in_records(v, stored, verifier, by_n, stream_first_seq, stream_created)
+        or _break_in_anchors(v, anchors, verifier, by_n)
+        or _break_at_pin(v, pinned, by_n)
+    )
+    return v.fail(*broken) if broken else v
+
+
+Break = tuple[int, str]
+"""Where a chain first breaks (``Verdict.broken_at``) and why."""
+
+
+def _break_in_records(
+    v: Verdict, stored: list[Stored], verifier: Verifier, by_n: dict[int, str], stream_first_seq: int | None,
+    stream_created: float | None,
+) -> Break | None:  # fmt: skip
+    """Walk the records in stored order, counting each good one into ``v`` and ``by_n``."""
     prev: tuple[int, str] | None = None  # (n, digest) of the last good record
-    by_n: dict[int, str] = {}
     for s in stored:
         try:
             rec = parse(s.data, strict=True)
         except ContractError as exc:
-            return v.fail(s.seq, f"the record stored at sequence {s.seq} is not an audit record: {exc}")
-        if rec.tenant != tenant or s.subject != rec.subject():
-            return v.fail(rec.n, f"record {rec.n} is stored as {s.subject!r}, it names tenant {rec.tenant!r}")
-        try:
-            who = verifier.verify(
-                s.headers.get(env.IDENTITY), s.data, rec, at=s.time, msg_id=s.headers.get(env.MSG_ID, "")
-            )
-        except IdentityError as exc:
-            return v.fail(rec.n, f"record {rec.n} ({rec.kind}): {exc}")
-        if not kind_allowed(who.role, rec.kind):
-            return v.fail(rec.n, f"record {rec.n} is a {rec.kind} record signed by {who.name}, who may not write one")
-        if stream_created is not None and rec.at < stream_created - CLOCK_SKEW_S:
-            when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(stream_created))
-            return v.fail(rec.n, f"record {rec.n} was written {stream_created - rec.at:.0f} s before its stream was "
-                                 f"created ({when} UTC): the stream was re-created and the record put back")  # fmt: skip
+            return s.seq, f"the record stored at sequence {s.seq} is not an audit record: {exc}"
+        broken = _break_in_record(v.tenant, s, rec, verifier, stream_created) or (
+            _break_at_start(v, rec, stream_first_seq) if prev is None else _break_in_line(rec, prev)
+        )
+        if broken:
+            return broken
         h = digest(s.data)
-        if prev is None:
-            if rec.n == 1 and rec.prev != GENESIS:
-                return v.fail(1, "record 1 names a predecessor: the chain's beginning was replaced")
-            if rec.n > 1 and stream_first_seq == 1:
-                gone = "record 1" if rec.n == 2 else f"records 1 to {rec.n - 1}"
-                return v.fail(1, f"{gone} missing: the chain starts at record {rec.n}, and its stream has lost "
-                                 "nothing to age (it still holds its first message)")  # fmt: skip
-            if rec.n > 1:
-                v.notes.append(
-                    f"the chain starts at record {rec.n}: the records before it are gone (expired under the "
-                    "stream's retention, or removed by deleting the stream)"
-                )
-            v.first = rec.n
-        else:
-            n0, h0 = prev
-            if rec.n > n0 + 1:
-                missing = f"record {n0 + 1}" if rec.n == n0 + 2 else f"records {n0 + 1} to {rec.n - 1}"
-                return v.fail(n0 + 1, f"{missing} missing: record {rec.n} follows record {n0}")
-            if rec.n <= n0:
-                return v.fail(rec.n, f"record {rec.n} appears again after record {n0} (replayed or inserted)")
-            if rec.prev != h0:
-                return v.fail(n0, f"record {n0} is not the one record {rec.n} follows (altered or replaced)")
         prev = (rec.n, h)
         by_n[rec.n] = h
         v.records += 1
         v.kinds[rec.kind] = v.kinds.get(rec.kind, 0) + 1
         v.head = Head(s.seq, rec.n, h)
+    return None
+
+
+def _break_in_record(
+    tenant: str, s: Stored, rec: AuditRecorded, verifier: Verifier, stream_created: float | None
+) -> Break | None:
+    """One record on its own: stored where its tenant's are, signed by someone who may write its
+    kind, and not older than its stream."""
+    if rec.tenant != tenant or s.subject != rec.subject():
+        return rec.n, f"record {rec.n} is stored as {s.subject!r}, it names tenant {rec.tenant!r}"
+    try:
+        who = verifier.verify(s.headers.get(env.IDENTITY), s.data, rec, at=s.time, msg_id=s.headers.get(env.MSG_ID, ""))
+    except IdentityError as exc:
+        return rec.n, f"record {rec.n} ({rec.kind}): {exc}"
+    if not kind_allowed(who.role, rec.kind):
+        return rec.n, f"record {rec.n} is a {rec.kind} record signed by {who.name}, who may not write one"
+    if stream_created is not None and rec.at < stream_created - CLOCK_SKEW_S:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(stream_created))
+        return rec.n, (f"record {rec.n} was written {stream_created - rec.at:.0f} s before its stream was "
+                       f"created ({when} UTC): the stream was re-created and the record put back")  # fmt: skip
+    return None
+
+
+def _break_at_start(v: Verdict, rec: AuditRecorded, stream_first_seq: int | None) -> Break | None:
+    """The first record read: record 1 from the genesis, or a later one whose predecessors the
+    stream may have lost to age (noted in ``v``)."""
+    if rec.n == 1 and rec.prev != GENESIS:
+        return 1, "record 1 names a predecessor: the chain's beginning was replaced"
+    if rec.n > 1 and stream_first_seq == 1:
+        gone = "record 1" if rec.n == 2 else f"records 1 to {rec.n - 1}"
+        return 1, (f"{gone} missing: the chain starts at record {rec.n}, and its stream has lost "
+                   "nothing to age (it still holds its first message)")  # fmt: skip
+    if rec.n > 1:
+        v.notes.append(
+            f"the chain starts at record {rec.n}: the records before it are gone (expired under the "
+            "stream's retention, or removed by deleting the stream)"
+        )
+    v.first = rec.n
+    return None
+
+
+def _break_in_line(rec: AuditRecorded, prev: tuple[int, str]) -> Break | None:
+    """A record after the first: the next position, naming the digest of the one before it."""
+    n0, h0 = prev
+    if rec.n > n0 + 1:
+        missing = f"record {n0 + 1}" if rec.n == n0 + 2 else f"records {n0 + 1} to {rec.n - 1}"
+        return n0 + 1, f"{missing} missing: record {rec.n} follows record {n0}"
+    if rec.n <= n0:
+        return rec.n, f"record {rec.n} appears again after record {n0} (replayed or inserted)"
+    if rec.prev != h0:
+        return n0, f"record {n0} is not the one record {rec.n} follows (altered or replaced)"
+    return None
+
+
+def _break_in_anchors(v: Verdict, anchors: Sequence[Anchor], verifier: Verifier, by_n: dict[int, str]) -> Break | None:
+    """Every anchor the budget signed for this tenant is reached and matched (those of records no
+    longer retained are skipped; the others are counted into ``v``)."""
     last_n = v.head.n if v.head else 0
     for a in anchors:
         try:
@@ -304,30 +347,35 @@ def verify(
                 a.statement, kind=ANCHOR, roles=("budget",), require=["ten", "n", "head"], at=a.stored_at
             )
         except IdentityError as exc:
-            return v.fail(last_n + 1, f"an anchor stored {_when(a.stored_at)} does not verify: {exc}")
-        if claims["ten"] != tenant:
-            return v.fail(last_n + 1, f"an anchor stored {_when(a.stored_at)} is for tenant {claims['ten']!r}")
+            return last_n + 1, f"an anchor stored {_when(a.stored_at)} does not verify: {exc}"
+        if claims["ten"] != v.tenant:
+            return last_n + 1, f"an anchor stored {_when(a.stored_at)} is for tenant {claims['ten']!r}"
         n, head = int(claims["n"]), str(claims["head"])
         if n < v.first:
             continue  # vouches for records no longer retained
         v.anchors += 1
         if n > last_n:
-            return v.fail(
+            return (
                 last_n + 1,
                 f"the chain ends at record {last_n}, but the anchor of {_when(a.stored_at)} vouches for {n} records: "
                 "its tail was cut",
             )
         if by_n.get(n) != head:
-            return v.fail(n, f"record {n} is not the one the anchor of {_when(a.stored_at)} vouched for")
-    if pinned is not None:
-        n, head = pinned
-        if n > last_n:
-            return v.fail(
-                last_n + 1, f"the chain ends at record {last_n}, before record {n}, which --anchor vouches for"
-            )
-        if by_n.get(n) != head:
-            return v.fail(n, f"record {n} is not the one --anchor vouches for")
-    return v
+            return n, f"record {n} is not the one the anchor of {_when(a.stored_at)} vouched for"
+    return None
+
+
+def _break_at_pin(v: Verdict, pinned: tuple[int, str] | None, by_n: dict[int, str]) -> Break | None:
+    """The head kept outside the mesh (``--anchor``), held like an anchor."""
+    if pinned is None:
+        return None
+    last_n = v.head.n if v.head else 0
+    n, head = pinned
+    if n > last_n:
+        return last_n + 1, f"the chain ends at record {last_n}, before record {n}, which --anchor vouches for"
+    if by_n.get(n) != head:
+        return n, f"record {n} is not the one --anchor vouches for"
+    return None
 
 
 def _when(t: float) -> str:

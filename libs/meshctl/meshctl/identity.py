@@ -28,10 +28,10 @@ from pathlib import Path
 from typing import Any, cast
 
 import nkeys
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from nacl.public import PrivateKey
 
-from mesh_identity import Principal, TrustBundle, new_signing_key, private_pem
+from mesh_identity import Principal, TrustBundle, load_private_key, new_signing_key, private_pem
 from mesh_kit import ServiceSettings
 from mesh_kit.settings import inbox_prefix, tls_context
 from meshctl import tls
@@ -157,6 +157,43 @@ def creds_text(jwt: str, user: nkeys.KeyPair) -> str:
     )
 
 
+def _account_jwts(
+    op: nkeys.KeyPair, sys_pub: str, acc_pub: str, signing: nkeys.KeyPair, revoked: dict[str, int]
+) -> dict[str, str]:
+    """The resolver preload: the SYS account's JWT and the mesh account's (its users signed by
+    ``signing``, its revocations kept), both signed by the operator."""
+    base_limits = {
+        "subs": -1,
+        "data": -1,
+        "payload": -1,
+        "imports": -1,
+        "exports": -1,
+        "wildcards": True,
+        "conn": -1,
+        "leaf": -1,
+    }
+    return {
+        sys_pub: encode_jwt(
+            {"sub": sys_pub, "name": "SYS", "nats": {"type": "account", "version": 2, "limits": base_limits}}, op
+        ),
+        acc_pub: encode_jwt(
+            {
+                "sub": acc_pub,
+                "name": ACCOUNT,
+                "nats": {
+                    "type": "account",
+                    "version": 2,
+                    "signing_keys": [signing.public_key.decode()],
+                    "limits": {**base_limits, "mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1},
+                    "default_permissions": {"pub": {}, "sub": {}},
+                    **({"revocations": revoked} if revoked else {}),
+                },
+            },
+            op,
+        ),
+    }
+
+
 class Identities:
     """Paths of one mesh home's identity material."""
 
@@ -265,6 +302,24 @@ class Identities:
         """
         revoked = self.revocations()
         self.secrets.mkdir(parents=True, exist_ok=True, mode=0o700)
+        preload, acc, signing = self._mint_accounts(revoked)
+        tenants = sorted(set(self.tenants()) | set(tenants))
+        self.tenants_file.write_text(json.dumps(tenants))
+        existing = TrustBundle.from_file(self.trust_bundle) if self.trust_bundle.exists() else None
+        principals, reissued = self._mint_principals(tenants, acc, signing, user_ttl_s, existing)
+        if reissued:
+            time.sleep(1.0)  # the revocation must not reach the fresh JWTs issued in the same second
+            self.revoke_users(reissued)
+        if not self.audit_key.exists():
+            _write_secret(self.audit_key, os.urandom(32).hex())
+        tls.mint(self.secrets / "tls" / "ca.key", self.tls_ca, *self.tls_server, _write_secret)
+        self._write_trust_bundle(principals, tenants, existing)
+        return preload
+
+    def _mint_accounts(self, revoked: dict[str, int]) -> tuple[dict[str, str], nkeys.KeyPair, nkeys.KeyPair]:
+        """The operator and its two accounts (SYS and the mesh's): keys made once, JWTs signed
+        afresh into operator.jwt, the resolver preload and account.json. Returns the preload and
+        the mesh account's identity and signing keys, which users are issued with."""
         op = _load_or_new(self.secrets / "operator.nk", nkeys.PREFIX_BYTE_OPERATOR)
         sys_acc = _load_or_new(self.secrets / "account-SYS.nk", nkeys.PREFIX_BYTE_ACCOUNT)
         acc = _load_or_new(self.secrets / f"account-{ACCOUNT}.nk", nkeys.PREFIX_BYTE_ACCOUNT)
@@ -281,66 +336,32 @@ class Identities:
                 op,
             ),
         )
-        base_limits = {
-            "subs": -1,
-            "data": -1,
-            "payload": -1,
-            "imports": -1,
-            "exports": -1,
-            "wildcards": True,
-            "conn": -1,
-            "leaf": -1,
-        }
-        preload = {
-            sys_pub: encode_jwt(
-                {"sub": sys_pub, "name": "SYS", "nats": {"type": "account", "version": 2, "limits": base_limits}}, op
-            ),
-            acc_pub: encode_jwt(
-                {
-                    "sub": acc_pub,
-                    "name": ACCOUNT,
-                    "nats": {
-                        "type": "account",
-                        "version": 2,
-                        "signing_keys": [signing.public_key.decode()],
-                        "limits": {**base_limits, "mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1},
-                        "default_permissions": {"pub": {}, "sub": {}},
-                        **({"revocations": revoked} if revoked else {}),
-                    },
-                },
-                op,
-            ),
-        }
+        preload = _account_jwts(op, sys_pub, acc_pub, signing, revoked)
         # Signed JWTs are not secret, but everything under secrets/ is 0600 so nobody has to ask.
         _write_secret(self.secrets / "preload.json", json.dumps(preload))
         _write_secret(self.secrets / "account.json", json.dumps({"name": ACCOUNT, "id": acc_pub, "system": sys_pub}))
+        return preload, acc, signing
 
-        tenants = sorted(set(self.tenants()) | set(tenants))
-        self.tenants_file.write_text(json.dumps(tenants))
-        existing = TrustBundle.from_file(self.trust_bundle) if self.trust_bundle.exists() else None
+    def _mint_principals(
+        self,
+        tenants: list[str],
+        acc: nkeys.KeyPair,
+        signing: nkeys.KeyPair,
+        user_ttl_s: int | None,
+        existing: TrustBundle | None,
+    ) -> tuple[dict[str, Principal], dict[str, int]]:
+        """Credentials and a signing key for every principal of the policy, and the trust bundle's
+        entries for them. Returns those entries and the users whose older JWTs are to be revoked
+        (user public key -> revoked-before time)."""
         principals: dict[str, Principal] = {}
         reissued: dict[str, int] = {}
         for name, perms in policy(tenants).items():
-            creds = self.creds(name)
-            if creds.exists() and user_ttl_s is None and _nats_claims(creds) == _wanted(perms):
-                pass  # the same user with the same permissions: nothing to issue
-            elif creds.exists():
-                user = user_of(creds)  # the same user, new permissions: a fresh JWT, the old ones revoked
-                reissued[user.public_key.decode()] = int(time.time()) - 1
-                _write_secret(creds, creds_text(user_jwt(acc, signing, user, perms, user_ttl_s), user))
-            else:
-                user = new_keypair(nkeys.PREFIX_BYTE_USER)
-                _write_secret(creds, creds_text(user_jwt(acc, signing, user, perms, user_ttl_s), user))
+            revoke = self._issue_creds(name, perms, acc, signing, user_ttl_s)
+            if revoke is not None:
+                reissued[revoke[0]] = revoke[1]
             # admin provisions and signs operator statements (re-drives), never mesh messages: its
             # role is a producer of no contract
-            key_path = self.signing_key(name)
-            if key_path.exists():
-                from mesh_identity import load_private_key
-
-                key = load_private_key(key_path)
-            else:
-                key = new_signing_key()
-                _write_secret(key_path, private_pem(key))
+            key = self._signing_key_of(name)
             prev = existing.principals.get(name) if existing else None
             same = prev is not None and _raw(prev.public_key) == _raw(key.public_key())
             principals[name] = prev if same and prev is not None else Principal(name, perms.role, perms.tenant,
@@ -350,18 +371,45 @@ class Identities:
         for name, prev in existing.principals.items() if existing else ():
             if name not in principals and prev.role == "approver" and prev.tenant and self.signing_key(name).exists():
                 principals[name] = prev
-        if reissued:
-            time.sleep(1.0)  # the revocation must not reach the fresh JWTs issued in the same second
-            self.revoke_users(reissued)
-        if not self.audit_key.exists():
-            _write_secret(self.audit_key, os.urandom(32).hex())
-        tls.mint(self.secrets / "tls" / "ca.key", self.tls_ca, *self.tls_server, _write_secret)
+        return principals, reissued
+
+    def _issue_creds(
+        self, name: str, perms: Permissions, acc: nkeys.KeyPair, signing: nkeys.KeyPair, user_ttl_s: int | None
+    ) -> tuple[str, int] | None:
+        """A principal's ``.creds``: left alone when its permissions are unchanged (and no expiry is
+        asked), re-issued for the same user when they changed, made for a new user otherwise.
+        Returns (user public key, revoked-before time) when the user's older JWTs must be revoked."""
+        creds = self.creds(name)
+        if creds.exists() and user_ttl_s is None and _nats_claims(creds) == _wanted(perms):
+            return None  # the same user with the same permissions: nothing to issue
+        revoke: tuple[str, int] | None = None
+        if creds.exists():
+            user = user_of(creds)  # the same user, new permissions: a fresh JWT, the old ones revoked
+            revoke = (user.public_key.decode(), int(time.time()) - 1)
+        else:
+            user = new_keypair(nkeys.PREFIX_BYTE_USER)
+        _write_secret(creds, creds_text(user_jwt(acc, signing, user, perms, user_ttl_s), user))
+        return revoke
+
+    def _signing_key_of(self, name: str) -> Ed25519PrivateKey:
+        """The key a principal signs messages with: the one on disk, else a new one written there."""
+        key_path = self.signing_key(name)
+        if key_path.exists():
+            return load_private_key(key_path)
+        key = new_signing_key()
+        _write_secret(key_path, private_pem(key))
+        return key
+
+    def _write_trust_bundle(
+        self, principals: dict[str, Principal], tenants: list[str], existing: TrustBundle | None
+    ) -> None:
+        """The trust bundle: every principal's key and every tenant auditor's (made once); its
+        revision goes up when its content changed."""
         auditors = {t: bytes(_load_or_new_auditor(self.auditor_key(t)).public_key) for t in tenants}
         bundle = TrustBundle(principals, auditors, existing.revision if existing else 0)
         if existing is not None and bundle.dump() != existing.dump():
             bundle.revision += 1
         self.trust_bundle.write_text(bundle.dump())
-        return preload
 
     def tls_block(self, indent: str = "", routes: bool = False) -> str:
         """The ``tls {}`` block of a server config (client port; ``routes``: the cluster port, where

@@ -41,8 +41,22 @@ def _contracts() -> list[tuple[int, type[Contract]]]:
 
 
 def service_permissions(service: str) -> Permissions:
+    """A service's NATS user: its own inbox, the messages it produces and serves, its durables,
+    what it watches and reads, its doors, where it stores, its timers and its buckets."""
     p = Permissions(service, role=service)
     p.add_sub(f"{inbox_prefix(service)}.>")
+    _message_rights(p, service)
+    _durable_rights(p, service)
+    _watch_rights(p, service)
+    _door_rights(p, service)
+    _store_rights(p, service)
+    _timer_rights(p, service)
+    _bucket_rights(p, service)
+    return p
+
+
+def _message_rights(p: Permissions, service: str) -> None:
+    """Publish what it produces; take (and answer) the requests it serves."""
     for major, c in _contracts():
         s = c.spec
         if service in s.producers and s.transport in ("stream", "request", "core"):
@@ -50,6 +64,10 @@ def service_permissions(service: str) -> Permissions:
         if service in s.consumers and s.transport == "request":
             p.add_sub(f"{s.domain}.*.*.*.{s.event}")
             p.allow_responses = True
+
+
+def _durable_rights(p: Permissions, service: str) -> None:
+    """Pull from and acknowledge on its own durables, by name (no right to create one)."""
     for d in topo.durables_of(service):
         p.add_pub(
             f"$JS.API.CONSUMER.INFO.{d.stream}.{d.name}",
@@ -57,6 +75,11 @@ def service_permissions(service: str) -> Permissions:
             f"$JS.ACK.{d.stream}.{d.name}.>",
             f"$JS.ACK.*.*.{d.stream}.{d.name}.>",
         )
+
+
+def _watch_rights(p: Permissions, service: str) -> None:
+    """What it reads without a consumer: the streams it watches, the envelopes, the buckets it
+    scans, follows or is fed, an audit chain's head, the store gauges and the control plane."""
     for domain in topo.WATCHERS.get(service, ()):
         # Whole streams in order, with batched direct gets (the budget's usage records), and how
         # far accounting has got (the reservation expiry horizon). No consumer-create right: on
@@ -85,6 +108,10 @@ def service_permissions(service: str) -> Permissions:
         p.add_pub(*(f"$JS.API.STREAM.INFO.{s}" for s in [*topo.STREAMS.values(), topo.DLQ_STREAM]))
     if service in topo.CONTROL_OBSERVERS:
         p.add_sub("control.*.*.*.*")
+
+
+def _door_rights(p: Permissions, service: str) -> None:
+    """Keep its doors: take what a tenant's client sends, store what passes, answer the client."""
     if topo.doors_of(service):
         # Every stream's caps, to refuse a tenant whose tasks stored too much anywhere (the whole
         # quota book, counts and no content, it scans as the bucket's scanner).
@@ -103,6 +130,10 @@ def service_permissions(service: str) -> Permissions:
         )
         p.add_pub(f"$JS.API.STREAM.INFO.{door.stream}")
         p.allow_responses = True
+
+
+def _store_rights(p: Permissions, service: str) -> None:
+    """Its dead letters and the sinks it writes, and the caps of every stream it stores in."""
     # The caps and max_age of the DLQ and of every stream it stores messages in: what it stores for
     # a tenant (its dead letters too) counts against the tenant's quota there, a share of them.
     p.add_pub(f"$JS.API.STREAM.INFO.{topo.DLQ_STREAM}")
@@ -112,17 +143,25 @@ def service_permissions(service: str) -> Permissions:
     for prefix, writer in topo.SINKS.values():
         if service == writer:
             p.add_pub(f"{prefix}.>")
-    if service == topo.TIMER_KEEPER:
-        # Store a wake-up's schedule (never a wake-up itself: the broker fires those), take the
-        # fired ones from its durable.
-        timer = topo.TIMER_DURABLE
-        p.add_pub(
-            topo.timer_subject("*", "*", "*", "at"),
-            f"$JS.API.CONSUMER.INFO.{topo.TIMERS}.{timer}",
-            f"$JS.API.CONSUMER.MSG.NEXT.{topo.TIMERS}.{timer}",
-            f"$JS.ACK.{topo.TIMERS}.{timer}.>",
-            f"$JS.ACK.*.*.{topo.TIMERS}.{timer}.>",
-        )
+
+
+def _timer_rights(p: Permissions, service: str) -> None:
+    """The timer keeper's: store a wake-up's schedule (never a wake-up itself: the broker fires
+    those), take the fired ones from its durable."""
+    if service != topo.TIMER_KEEPER:
+        return
+    timer = topo.TIMER_DURABLE
+    p.add_pub(
+        topo.timer_subject("*", "*", "*", "at"),
+        f"$JS.API.CONSUMER.INFO.{topo.TIMERS}.{timer}",
+        f"$JS.API.CONSUMER.MSG.NEXT.{topo.TIMERS}.{timer}",
+        f"$JS.ACK.{topo.TIMERS}.{timer}.>",
+        f"$JS.ACK.*.*.{topo.TIMERS}.{timer}.>",
+    )
+
+
+def _bucket_rights(p: Permissions, service: str) -> None:
+    """Write the buckets it owns, read those it may (by key, from the leader, or its own keys)."""
     for b in topo.BUCKETS:
         # Buckets are bound without STREAM.INFO (``state.bind``): with a subjects filter it lists
         # every key, so only a bucket's writer, who holds every key anyway, may ask for it.
@@ -134,7 +173,6 @@ def service_permissions(service: str) -> Permissions:
             p.add_pub(f"$JS.API.STREAM.MSG.GET.KV_{b.name}")
         if service in b.per_service:  # its own key prefix only
             p.add_pub(f"$JS.API.DIRECT.GET.KV_{b.name}.$KV.{b.name}.{service}.>", f"$KV.{b.name}.{service}.>")
-    return p
 
 
 def _scan(bucket: str) -> tuple[str, ...]:

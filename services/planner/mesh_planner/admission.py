@@ -142,6 +142,41 @@ def may_start(
     return not any(t != tenant and waiting[t] > 0 and running[t] < share for t in active)
 
 
+@dataclass
+class _Ask:
+    """One call of ``Admission.admit``: the task, its tenant's limits and the time, and what the
+    latest try of its compare-and-set decided (a try on a newer record decides afresh)."""
+
+    tenant: str
+    task_id: str
+    deadline_s: float
+    lim: Limits
+    at: float
+    refusal: Refusal | None = None
+    drain: tuple[float, float] = (0.0, 0.0)
+    """The refusal's: one more admitted every ``[0]`` s, none before ``[1]`` s."""
+    waits: bool = False
+    """Admitted, and waiting for a run slot."""
+
+
+def _drop_lapsed(rec: AdmissionRecord, at: float) -> None:
+    """Forget the tasks past their deadline and grace (their end was never recorded), and the run
+    slots and idleness of tasks no longer in flight."""
+    for old in [t for t, until in rec.in_flight.items() if until < at]:
+        del rec.in_flight[old]
+    for held in (rec.running, rec.idle):
+        for old in [t for t, until in held.items() if until < at or t not in rec.in_flight]:
+            del held[old]
+
+
+def _refill(rec: AdmissionRecord, lim: Limits, at: float) -> None:
+    """Add the tokens the tenant's bucket earned since it was last refilled (up to the burst)."""
+    if lim.rate_per_s:
+        cap = float(max(lim.burst, 1))
+        rec.tokens = min(cap, rec.tokens + max(0.0, at - rec.refilled_at) * lim.rate_per_s)
+        rec.refilled_at = at
+
+
 class Admission:
     def __init__(
         self, kv: Any, default: Limits, per_tenant: dict[str, Limits] | None = None, *, slots: int = 0,
@@ -192,82 +227,86 @@ class Admission:
         lim = self.limits(tenant)
         if not lim.max_in_flight and not lim.rate_per_s and not self.slots:
             return None
-        at = time.time() if now is None else now
-        refusal: Refusal | None = None
-        drain = (0.0, 0.0)  # the refusal's: one more admitted every ``[0]`` s, none before ``[1]`` s
-        waits = False
+        ask = _Ask(tenant, task_id, deadline_s, lim, time.time() if now is None else now)
         woken = self._woken.get(tenant)
         if woken is not None:
             woken.pop(task_id, None)  # it asks now: it counts by what the record says
-
-        def start(rec: AdmissionRecord) -> bool:
-            """Take a run slot for the task if one is free for its tenant (True: taken or none needed)."""
-            if not self.slots:
-                return True
-            if not may_start(tenant, {**self.view, tenant: rec}, self.slots, self._woken_counts(at), self.alone, at):
-                return False
-            rec.running[task_id] = rec.in_flight[task_id]
-            return True
-
-        def mutate(rec: AdmissionRecord | None) -> AdmissionRecord | None:
-            nonlocal refusal, waits, drain
-            refusal, waits = None, False
-            rec = rec or AdmissionRecord(tokens=float(max(lim.burst, 1)), refilled_at=at)
-            if task_id in rec.in_flight:  # admitted before (a redelivered submission, or a waiting task)
-                if not self.slots or task_id in rec.running or task_id in rec.idle:
-                    return None
-                if not start(rec):
-                    waits = True
-                    return None
-                self._add_refused(tenant, rec)
-                return rec
-            for old in [t for t, until in rec.in_flight.items() if until < at]:
-                del rec.in_flight[old]
-            for held in (rec.running, rec.idle):
-                for old in [t for t, until in held.items() if until < at or t not in rec.in_flight]:
-                    del held[old]
-            if lim.rate_per_s:
-                cap = float(max(lim.burst, 1))
-                rec.tokens = min(cap, rec.tokens + max(0.0, at - rec.refilled_at) * lim.rate_per_s)
-                rec.refilled_at = at
-            if lim.max_in_flight and len(rec.in_flight) >= lim.max_in_flight:
-                # One frees up about every mean duration / tasks draining (Little's law). With run
-                # slots only the running drain (mean_task_s is a run's: a task's record is made as it
-                # starts): a burst queued behind one slot drains one task per mean duration, not
-                # one per mean duration / tasks in flight (which told a burst's refused 0.1 s).
-                draining = len(rec.running) if self.slots else len(rec.in_flight)
-                slot = rec.mean_task_s / max(1, draining) if rec.mean_task_s else UNKNOWN_TASK_SLOT_S
-                refusal = Refusal(
-                    "too_many_in_flight", f"tenant {tenant} has {len(rec.in_flight)} tasks in flight, its limit", 0.0
-                )
-                drain = (slot, 0.0)
-            elif lim.rate_per_s and rec.tokens < 1.0:
-                refusal = Refusal(
-                    "rate_limited",
-                    f"tenant {tenant} is over its {lim.rate_per_s:g} submissions per second (burst {lim.burst})",
-                    0.0,
-                )
-                drain = (1.0 / lim.rate_per_s, (1.0 - rec.tokens) / lim.rate_per_s)  # a token each, the next then
-            if refusal is not None:
-                return None  # nothing changes (decided on a value just read: see state.update)
-            if lim.rate_per_s:
-                rec.tokens -= 1.0
-            rec.in_flight[task_id] = at + deadline_s + GRACE_S
-            rec.admitted += 1
-            waits = not start(rec)
-            self._add_refused(tenant, rec)
-            return rec
-
         async with self._lock(tenant):
-            await self._write(tenant, mutate)
-            if refusal is not None:
-                self._refused.setdefault(tenant, Counter())[refusal.code] += 1
+            await self._write(tenant, lambda rec: self._decide(ask, rec))
+            if ask.refusal is not None:
+                self._refused.setdefault(tenant, Counter())[ask.refusal.code] += 1
                 # the client's own place on the drain (module docstring), once the decision is final
-                refusal = replace(refusal, retry_after_s=self.line.place((tenant, refusal.code), at, *drain))
-        if refusal is not None:
-            return refusal
-        if waits:
+                retry_after_s = self.line.place((tenant, ask.refusal.code), ask.at, *ask.drain)
+                ask.refusal = replace(ask.refusal, retry_after_s=retry_after_s)
+        if ask.refusal is not None:
+            return ask.refusal
+        if ask.waits:
             return Wait(lambda: self._wait(tenant, task_id, priority))
+        return None
+
+    def _decide(self, ask: _Ask, rec: AdmissionRecord | None) -> AdmissionRecord | None:
+        """One try of ``admit``'s compare-and-set, on the tenant's record as just read: the record
+        to write (None: nothing changes), the decision left in ``ask``."""
+        ask.refusal, ask.waits = None, False
+        rec = rec or AdmissionRecord(tokens=float(max(ask.lim.burst, 1)), refilled_at=ask.at)
+        if ask.task_id in rec.in_flight:  # admitted before (a redelivered submission, or a waiting task)
+            return self._readmit(ask, rec)
+        _drop_lapsed(rec, ask.at)
+        _refill(rec, ask.lim, ask.at)
+        over = self._over_limit(ask, rec)
+        if over is not None:
+            ask.refusal, ask.drain = over
+            return None  # nothing changes (decided on a value just read: see state.update)
+        if ask.lim.rate_per_s:
+            rec.tokens -= 1.0
+        rec.in_flight[ask.task_id] = ask.at + ask.deadline_s + GRACE_S
+        rec.admitted += 1
+        ask.waits = not self._take_slot(ask, rec)
+        self._add_refused(ask.tenant, rec)
+        return rec
+
+    def _readmit(self, ask: _Ask, rec: AdmissionRecord) -> AdmissionRecord | None:
+        """A task admitted before: a waiting one takes a run slot if one is free for it now."""
+        if not self.slots or ask.task_id in rec.running or ask.task_id in rec.idle:
+            return None
+        if not self._take_slot(ask, rec):
+            ask.waits = True
+            return None
+        self._add_refused(ask.tenant, rec)
+        return rec
+
+    def _take_slot(self, ask: _Ask, rec: AdmissionRecord) -> bool:
+        """Take a run slot for the task if one is free for its tenant (True: taken or none needed)."""
+        if not self.slots:
+            return True
+        view = {**self.view, ask.tenant: rec}
+        if not may_start(ask.tenant, view, self.slots, self._woken_counts(ask.at), self.alone, ask.at):
+            return False
+        rec.running[ask.task_id] = rec.in_flight[ask.task_id]
+        return True
+
+    def _over_limit(self, ask: _Ask, rec: AdmissionRecord) -> tuple[Refusal, tuple[float, float]] | None:
+        """The refusal of a tenant at its ceiling of tasks in flight or out of tokens, and its drain
+        (``_Ask.drain``); None when the task may be admitted."""
+        lim, tenant = ask.lim, ask.tenant
+        if lim.max_in_flight and len(rec.in_flight) >= lim.max_in_flight:
+            # One frees up about every mean duration / tasks draining (Little's law). With run
+            # slots only the running drain (mean_task_s is a run's: a task's record is made as it
+            # starts): a burst queued behind one slot drains one task per mean duration, not
+            # one per mean duration / tasks in flight (which told a burst's refused 0.1 s).
+            draining = len(rec.running) if self.slots else len(rec.in_flight)
+            slot = rec.mean_task_s / max(1, draining) if rec.mean_task_s else UNKNOWN_TASK_SLOT_S
+            refusal = Refusal(
+                "too_many_in_flight", f"tenant {tenant} has {len(rec.in_flight)} tasks in flight, its limit", 0.0
+            )
+            return refusal, (slot, 0.0)
+        if lim.rate_per_s and rec.tokens < 1.0:
+            refusal = Refusal(
+                "rate_limited",
+                f"tenant {tenant} is over its {lim.rate_per_s:g} submissions per second (burst {lim.burst})",
+                0.0,
+            )
+            return refusal, (1.0 / lim.rate_per_s, (1.0 - rec.tokens) / lim.rate_per_s)  # a token each, the next then
         return None
 
     def refused(self, tenant: str, code: str) -> None:
