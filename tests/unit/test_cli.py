@@ -216,3 +216,15 @@ def test_jetstream_unavailable_is_one_line_and_exit_1(monkeypatch, capsys):
     assert cli.main(["status"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "JetStream did not answer" in err[0] and "temporarily unavailable" in err[0], err
+
+
+@pytest.mark.parametrize("argv", [["rotate"], ["rotate", "worker", "--all"]])
+def test_rotate_without_one_principal_or_all_is_one_line_and_exit_2(argv, capsys, tmp_path):
+    # It used to end in a traceback: its parser set no ``usage`` (every other command's does).
+    from meshctl import cli
+
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["--home", str(tmp_path), *argv])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "name one principal, or --all" in err[0], err

@@ -228,7 +228,7 @@ def register(sub: argparse._SubParsersAction[opt.Parser]) -> None:
                    help="seconds old and new credentials both work before the old are revoked (default 30)")  # fmt: skip
     s.add_argument("--json", action="store_true")
     s.add_argument("--nats-url", default=None)
-    s.set_defaults(fn=cmd_rotate)
+    s.set_defaults(fn=cmd_rotate, usage=s.error)
 
     s = sub.add_parser("revoke", help="take a principal out of the mesh now (its NATS user and its signing keys)")
     s.add_argument("principal", help="e.g. client.acme")
