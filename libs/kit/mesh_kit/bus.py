@@ -36,6 +36,7 @@ from mesh_contracts import Contract, DecodeLimits
 from mesh_contracts import topology as topo
 from mesh_contracts.v1 import ProgressEvent
 from mesh_identity import Signer, TrustBundle, Verifier
+from mesh_kit import envelope as env
 from mesh_kit import telemetry as tel
 from mesh_kit import wire
 from mesh_kit.connection import Connection
@@ -321,8 +322,7 @@ class Mesh:
         (``Tenancy.stored``): its doors refuse a tenant whose tasks made the mesh store too much
         anywhere."""
         if self.tenancy is not None:
-            size = len(subject) + len(body) + sum(len(k) + len(v) + 4 for k, v in headers.items())
-            self.tenancy.stored(tenant, stream, size)
+            self.tenancy.stored(tenant, stream, env.stored_size(subject, body, headers))
 
     async def _until_provisioned(self) -> None:
         """Wait until every durable this service consumes exists, not ready meanwhile.

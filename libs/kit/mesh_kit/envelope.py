@@ -70,6 +70,12 @@ def message_id(msg_type: str, tenant: str, task_id: str, key: str) -> str:
     return f"{msg_type}:{tenant}:{task_id}:{key}"
 
 
+def stored_size(subject: str, body: bytes, headers: dict[str, str]) -> int:
+    """The bytes a stream stores for one message, as the tenants' quotas count them: subject,
+    body and each header (name, value and its separators)."""
+    return len(subject) + len(body) + sum(len(k) + len(v) + 4 for k, v in headers.items())
+
+
 def one_line(text: str, limit: int = 1000) -> str:
     """Header-safe single line (NATS headers cannot carry newlines)."""
     flat = " ".join(str(text).split())

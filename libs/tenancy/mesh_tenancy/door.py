@@ -301,7 +301,7 @@ class Door:
         except ContractError as exc:  # its facts (what the budget is told) contradict its body
             raise DoorRefused("invalid", env.one_line(str(exc), 300)) from None
         quotas = self.quotas
-        size = len(subject) + len(raw.data) + sum(len(k) + len(v) + 4 for k, v in headers.items())
+        size = env.stored_size(subject, raw.data, headers)
         # What its tasks stored in the streams it never writes to: no new work while over a share
         # there (a halt or cancel is not new work: it is never refused for that).
         refusal = await quotas.footprint(parts.tenant) if door.contract.spec.domain != "control" else None

@@ -136,7 +136,7 @@ class Settle:
         subject = topo.dlq_subject(self.service, raw.subject)
         tenant = tenant_of(raw.subject)
         quotas = self._tenancy()
-        charged_at, size = 0.0, len(subject) + len(raw.data) + sum(len(k) + len(v) + 4 for k, v in out.items())
+        charged_at, size = 0.0, env.stored_size(subject, raw.data, out)
         if quotas is not None:
             refusal, charged_at = await quotas.charge(tenant, topo.DLQ_STREAM, size)
             if refusal is not None:
