@@ -131,7 +131,7 @@ def _worker(model: Recording):
 
     mesh = FakeMesh()
     worker = Worker(mesh, model)  # type: ignore[arg-type]
-    worker.steps, worker.tasks, worker.ledger = MemoryKV(), MemoryKV(), Ledger(MemoryKV(), "worker")
+    worker.steps, worker.ledger = MemoryKV(), Ledger(MemoryKV(), "worker")
     worker.calls.use_catalogue(Registry().catalogue())  # what the tool-executor publishes
     return mesh, worker
 

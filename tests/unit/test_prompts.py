@@ -191,7 +191,7 @@ def _worker(mesh: FakeMesh) -> Any:
     fallback = ScriptedModel("scripted-judge", scripts={"worker": [{"content": "Refunds take 5 days [a.md#0]; 391."}]})
     gateway = Gateway({"default": [primary, fallback]}, retry=RetryPolicy(max_attempts=1, base_s=0.0, max_s=0.0))
     worker = Worker(mesh, gateway)  # type: ignore[arg-type]
-    worker.steps, worker.tasks, worker.ledger = MemoryKV(), MemoryKV(), Ledger(MemoryKV(), "worker")
+    worker.steps, worker.ledger = MemoryKV(), Ledger(MemoryKV(), "worker")
     worker.calls.use_catalogue(Registry().catalogue())  # what the tool-executor publishes
     return worker
 

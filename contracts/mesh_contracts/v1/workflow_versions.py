@@ -14,8 +14,6 @@ from pydantic import ConfigDict, Field
 from mesh_contracts.base import AUTHOR, CLIENT, ID_PATTERN, Contract, ContractSpec
 from mesh_contracts.decode import KB
 
-VERSION_PATTERN = r"^[0-9a-f]{16}$"
-ACTIONS = ("publish", "deprecate", "restore", "delete")
 REF = re.compile(r"^(?P<name>[A-Za-z0-9_-]{1,64})(@(?P<version>latest|[0-9a-f]{16}))?$")
 """What a task names: ``name`` or ``name@latest`` (the version published last and not withdrawn,
 resolved and pinned at submission) or ``name@<version>``."""
