@@ -206,3 +206,100 @@ async def test_a_waiting_message_redelivered_after_lost_keepalives_is_handled_on
     info = await js.consumer_info("FAIRD", "d")
     assert info.num_ack_pending == 0 and info.num_pending == 0
     assert acked_delivery == newest, "kept alive once the keepalives reached the newest delivery"
+
+
+async def test_a_running_handler_keeps_its_message_and_one_stuck_past_hold_max_loses_it(nc):
+    """The consumer beats for the messages its handlers hold, not only for those waiting: a
+    handler that never beats itself keeps its message through three ack_waits (and through a
+    graceful stop), so ``ack_wait`` can be short. One held past ``hold_max_s`` is taken for stuck:
+    no more beats, and its message is redelivered (here to the same consumer's next handler)."""
+    await _stream(nc, "FAIRE", ack_wait=1.0)
+    js = nc.jetstream()
+    await js.publish("faire.v1.acme.quiet.x", b"x")
+    handled: Counter[str] = Counter()
+    release = asyncio.Event()
+
+    async def silent(m: Fetched) -> None:  # never beats itself
+        handled[m.raw_message.subject.split(".")[3]] += 1
+        await release.wait()
+        await m.ack()
+
+    fair = FairConsumer(lambda: nc, "FAIRE", "d", "_INBOX", silent, workers=2, window=4, ack_wait_s=1.0, graceful_s=10)
+    await fair.start()
+    try:
+        await asyncio.sleep(3.0)  # three ack_waits
+        assert handled == {"quiet": 1} and (await js.consumer_info("FAIRE", "d")).num_redelivered == 0
+        stopping = asyncio.create_task(fair.stop())
+        await asyncio.sleep(2.5)  # draining on stop: still beating for the handler that runs
+        assert not stopping.done() and (await js.consumer_info("FAIRE", "d")).num_redelivered == 0
+        release.set()
+        await stopping
+    finally:
+        release.set()
+        await fair.stop()
+    assert handled == {"quiet": 1}
+    assert (await js.consumer_info("FAIRE", "d")).num_ack_pending == 0
+
+    await js.publish("faire.v1.acme.stuck.x", b"x")
+    release.clear()
+    fair = FairConsumer(
+        lambda: nc, "FAIRE", "d", "_INBOX", silent, workers=2, window=4, ack_wait_s=1.0, graceful_s=1, hold_max_s=1.5
+    )
+    await fair.start()
+    try:
+        deadline = time.monotonic() + 30
+        while handled["stuck"] < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+    finally:
+        release.set()
+        await fair.stop()
+    assert handled["stuck"] == 2, "held past hold_max_s: beats stop, the message goes to another handler"
+
+
+async def test_what_a_dead_replica_held_goes_to_a_live_one_within_ack_wait(integration_infra, nc):
+    """A replica dies holding messages (its connection gone, no NAK: kill -9): they come back
+    once ``ack_wait`` has passed since its last beat, not after a long call's worst case, and the
+    live replica handles each of them once."""
+    await _stream(nc, "FAIRF", ack_wait=1.0)
+    js = nc.jetstream()
+    for i in range(4):
+        await js.publish(f"fairf.v1.acme.t{i}.x", b"x")
+    held: list[str] = []
+    handled: Counter[str] = Counter()
+    forever = asyncio.Event()
+
+    async def hang(m: Fetched) -> None:
+        held.append(m.raw_message.subject)
+        await forever.wait()
+
+    async def handle(m: Fetched) -> None:
+        handled[m.raw_message.subject] += 1
+        await m.ack()
+
+    async with connect(integration_infra, "admin") as doomed_nc:
+        doomed = FairConsumer(
+            lambda: doomed_nc, "FAIRF", "d", "_INBOX", hang, workers=2, window=8, ack_wait_s=1.0, graceful_s=1
+        )
+        await doomed.start()
+        deadline = time.monotonic() + 30
+        while len(held) + len(doomed.queue) < 4 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(2.5)  # alive: it keeps all four past two ack_waits
+        assert (await js.consumer_info("FAIRF", "d")).num_redelivered == 0
+        for t in [*doomed._tasks, doomed._keepalive, *doomed.running]:  # dies: no beat, no NAK
+            if t is not None:
+                t.cancel()
+    died = time.monotonic()
+    live = FairConsumer(lambda: nc, "FAIRF", "d", "_INBOX", handle, workers=2, window=8, ack_wait_s=1.0, graceful_s=5)
+    await live.start()
+    try:
+        deadline = time.monotonic() + 30
+        while sum(handled.values()) < 4 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        taken_after = time.monotonic() - died
+    finally:
+        await live.stop()
+    assert handled == {f"fairf.v1.acme.t{i}.x": 1 for i in range(4)}, handled
+    print(f"dead replica's messages handled by the live one {taken_after:.2f}s after it died (ack_wait 1.0s)")
+    info = await js.consumer_info("FAIRF", "d")
+    assert info.num_ack_pending == 0 and info.num_pending == 0

@@ -209,6 +209,7 @@ class Mesh:
                 window=self.settings.fair_window,
                 ack_wait_s=self.settings.ack_wait_s,
                 graceful_s=self.settings.graceful_timeout_s,
+                hold_max_s=self.settings.hold_max_s,
             )
         )
 

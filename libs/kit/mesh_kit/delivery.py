@@ -91,7 +91,11 @@ class Delivery:
     @contextlib.asynccontextmanager
     async def keepalive(self, every_s: float | None = None) -> AsyncIterator[None]:
         """Heartbeat every third of ``ack_wait`` while the block runs, so a long call keeps its
-        message instead of having it redelivered to another replica mid-call."""
+        message instead of having it redelivered to another replica mid-call. A message from a
+        fair consumer is beaten for by its consumer already (``mesh_kit.fair``): nothing to add."""
+        if getattr(self._msg, "kept_alive", False):
+            yield
+            return
         every = every_s or self.ack_wait_s / 3
 
         async def beat() -> None:

@@ -24,6 +24,14 @@ Nothing is lost or reordered across a failure: a fetched message stays unacknowl
 handler acks it, the ones waiting here are kept alive with in-progress acks (so ``ack_wait``
 does not redeliver them elsewhere), and on stop the waiting ones are handed back at once (a
 NAK without delay) for another replica to take.
+
+Failing over in seconds: the process holding a message says every ``ack_wait / 4`` that it is
+alive, for every message it holds, waiting or being handled (a handler for up to
+``hold_max_s``: one stuck longer loses its message to another replica, whose work fencing keeps
+single). So ``ack_wait`` can be short (``topology.ACK_WAIT_S``): a replica that dies (kill -9,
+OOM, a node lost) stops beating, and what it held is redelivered to a live one within
+``ack_wait`` of its last beat, not after a long call's worst case. The price is one in-progress
+ack per held message per beat (none for a message handled within a beat, the common case).
 """
 
 from __future__ import annotations
@@ -46,6 +54,9 @@ log = logging.getLogger("mesh.fair")
 
 PRIORITY = "Mesh-Priority"
 DEFAULT_PRIORITY = 5
+BEATS_PER_ACK_WAIT = 4
+"""In-progress acks per ``ack_wait`` for a held message: a beat may be up to two intervals late
+(an event loop busy for ``ack_wait / 2``) before the message is taken for dead."""
 IDLE_FETCH_S = 5.0
 """How long an idle consumer's lingering pull request (for one message) waits before it asks again."""
 BUSY_FETCH_S = 0.25
@@ -85,7 +96,7 @@ class Fetched:
     """A fetched JetStream message with the controls the mesh's dispatch uses (the same names as
     FastStream's ``NatsMessage``)."""
 
-    __slots__ = ("consumer", "fetched_at", "priority", "raw_message", "redelivered", "seq", "tenant")
+    __slots__ = ("beat_at", "consumer", "fetched_at", "priority", "raw_message", "redelivered", "seq", "tenant")
 
     def __init__(self, raw: Any, consumer: FairConsumer | None = None) -> None:
         self.raw_message, self.consumer = raw, consumer
@@ -93,7 +104,12 @@ class Fetched:
         self.tenant = tenant_of(raw.subject)
         self.priority = priority_of(raw.headers)
         self.redelivered = _deliveries(raw) > 1
-        self.fetched_at = time.monotonic()
+        self.fetched_at = self.beat_at = time.monotonic()
+
+    @property
+    def kept_alive(self) -> bool:
+        """Whether its consumer beats for it while it is held (then a handler need not)."""
+        return self.consumer is not None
 
     async def ack(self) -> None:
         await self.raw_message.ack()
@@ -106,6 +122,7 @@ class Fetched:
 
     async def in_progress(self) -> None:
         await self.raw_message.in_progress()
+        self.beat_at = time.monotonic()
 
     def park(self, until: Callable[[], Awaitable[None]]) -> bool:
         """Wait at the consumer, unacknowledged and alive, until ``until()`` returns, then queue
@@ -172,12 +189,14 @@ class FairConsumer:
         window: int,
         ack_wait_s: float,
         graceful_s: float,
+        hold_max_s: float = 600.0,
     ) -> None:
         self._nc, self.stream, self.durable, self.prefix = nc, stream, durable, inbox_prefix
         self.dispatch, self.workers, self.window = dispatch, workers, max(window, workers)
-        self.ack_wait_s, self.graceful_s = ack_wait_s, graceful_s
+        self.ack_wait_s, self.graceful_s, self.hold_max_s = ack_wait_s, graceful_s, hold_max_s
         self.queue = FairQueue()
-        self.running: set[asyncio.Task[None]] = set()
+        self.running: dict[asyncio.Task[None], Fetched] = {}
+        """Messages being handled, by the task handling each."""
         self.parked: dict[Fetched, asyncio.Task[None]] = {}
         """Messages a handler parked (``Fetched.park``), each with what waits for its turn."""
         self.held: dict[int, Fetched] = {}
@@ -188,6 +207,7 @@ class FairConsumer:
         (a submission parked twice for a planning slot, each copy taking one in turn)."""
         self._changed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._keepalive: asyncio.Task[None] | None = None
         self._psub: Any = None
         self._busy = False
         """Whether the last pull brought work (then ask for a batch; otherwise for one, lingering)."""
@@ -201,8 +221,9 @@ class FairConsumer:
         self._tasks = [
             asyncio.create_task(self._fetch_loop(), name=f"fetch-{self.durable}"),
             asyncio.create_task(self._dispatch_loop(), name=f"dispatch-{self.durable}"),
-            asyncio.create_task(self._keepalive_loop(), name=f"keepalive-{self.durable}"),
         ]
+        # Apart: it beats for the running handlers until they have drained on stop.
+        self._keepalive = asyncio.create_task(self._keepalive_loop(), name=f"keepalive-{self.durable}")
 
     def _room(self) -> int:
         return self.window - len(self.queue) - len(self.running)
@@ -263,7 +284,7 @@ class FairConsumer:
             if self.held.get(item.seq) is item:
                 del self.held[item.seq]  # handled now: a redelivery from here on is a copy of its own
             task = asyncio.create_task(self._run(item))
-            self.running.add(task)
+            self.running[task] = item
 
     async def _run(self, item: Fetched) -> None:
         try:
@@ -273,7 +294,7 @@ class FairConsumer:
         except Exception:  # the dispatch acks or naks itself; anything escaping it is redelivered
             log.exception("dispatch failed on %s", item.raw_message.subject)
         finally:
-            self.running.discard(asyncio.current_task())  # type: ignore[arg-type,unused-ignore]
+            self.running.pop(asyncio.current_task(), None)  # type: ignore[arg-type,unused-ignore]
             self._changed.set()
 
     def park(self, item: Fetched, until: Callable[[], Awaitable[None]]) -> None:
@@ -302,13 +323,15 @@ class FairConsumer:
         self._changed.set()
 
     async def _keepalive_loop(self) -> None:
-        """Messages waiting here for their turn are alive: their ``ack_wait`` must not run out."""
-        every = self.ack_wait_s / 3
+        """Every message held here is alive, waiting or being handled: its ``ack_wait`` must not
+        run out while this process lives (and must soon after it dies)."""
+        every = self.ack_wait_s / BEATS_PER_ACK_WAIT
         while True:
             await asyncio.sleep(every)
             now = time.monotonic()
-            for item in [*self.queue.items(), *self.parked]:
-                if now - item.fetched_at >= every:
+            handled = [i for i in self.running.values() if now - i.fetched_at < self.hold_max_s]
+            for item in [*self.queue.items(), *self.parked, *handled]:
+                if now - item.beat_at >= every:
                     try:
                         await item.in_progress()
                     except nats.errors.Error as exc:  # the broker is away: the next round may reach it
@@ -338,3 +361,6 @@ class FairConsumer:
                 await item.nack()  # another replica (or this one, restarted) takes it at once
         if self.running:
             await asyncio.wait(set(self.running), timeout=self.graceful_s)
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+            await tasks.stop(self._keepalive)

@@ -73,7 +73,12 @@ class ServiceSettings(BaseSettings):
     tenants in turn, and a tenant's higher-priority work first (``mesh_kit.fair``); 0 (or less
     than the handlers): no look-ahead, only as many as the handlers can take at once."""
     ack_wait_s: float = Field(topo.ACK_WAIT_S, gt=0)
-    """The provisioned consumers' ack_wait; long calls send in-progress heartbeats every third of it."""
+    """The provisioned consumers' ack_wait (must match what ``meshctl provision`` set): what a dead
+    replica's messages wait before a live one gets them. A live one says every quarter of it, for
+    each message it holds, that it is alive (``mesh_kit.fair``)."""
+    hold_max_s: float = Field(600.0, gt=0)
+    """How long a handler may hold its message alive; one stuck longer stops being kept alive and
+    its message goes to another replica after ``ack_wait`` (fencing keeps its effects single)."""
     max_deliver: int = Field(topo.MAX_DELIVER, ge=1, lt=topo.SERVER_MAX_DELIVER + 1)
     """Attempts before a failing message is dead-lettered (the provisioned consumer allows one more)."""
     infra_retry_s: float = Field(60.0, ge=0)
