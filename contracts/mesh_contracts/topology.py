@@ -421,8 +421,10 @@ def queue_group(service: str) -> str:
 
 
 # Delivery policy shared by provisioning (consumer config) and the runtime (retry decisions).
-ACK_WAIT_S = 30.0
-"""Redelivery after this long without an ack; long calls send in-progress heartbeats."""
+ACK_WAIT_S = 4.0
+"""Redelivery after this long without an ack or an in-progress ack: how long a message held by a
+replica that died waits before a live one gets it. A live holder beats every quarter of it for
+each message it holds (``mesh_kit.fair``), so this bounds failover, not the length of a call."""
 MAX_DELIVER = 5
 """Attempts before a failing message is dead-lettered by the consuming service."""
 RETRY_DELAYS_S = (0.5, 2.0, 5.0, 10.0)
