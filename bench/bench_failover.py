@@ -1,0 +1,285 @@
+"""Failover: task latency while processes of a local mesh are killed -9, against the same mesh quiet.
+
+The mesh runs as a user runs it, `meshctl up` (its supervisor restarts what dies). Twenty tasks
+are kept in flight (each client loop submits its next task when one ends) through three phases
+of the same length, in one process tree:
+
+- quiet: no kill (the baseline: its p50 is what "within 1.5x" compares to);
+- every 2-4 s: kill -9 of one of the six services, at random;
+- every 1 s: the same, once a second.
+
+Each task's goal sends one email (an effect that leaves the mesh), so a duplicated side effect
+shows in the outbox. Printed per phase: tasks, lost (accepted, not completed), duplicate emails,
+latency p50/p99, the recovery delays (for every task in flight at a kill: the kill -> the task's
+next event) and the supervisor's restarts (kill -> the new process ready), then the issue's
+targets, met or not. Loopback, bounded: about three minutes.
+
+    python bench/bench_failover.py [--phase-s 45] [--in-flight 20] [--targets services|all]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import nats
+
+from mesh_contracts.v1 import TaskCompleted
+from meshctl import local
+from meshctl.client import TenantClient
+
+GOAL = "How does AgentMesh avoid duplicate side effects? Also compute 17 * 23, and email the answer to ops@acme.test."
+TENANT = "bench"
+SERVICES = ("planner", "worker", "checker", "rag", "tool-executor", "budget")
+ENV = {
+    "MESH_LOG_LEVEL": "WARNING",
+    # a few hundred tasks a minute each send one email: lift the default per-tenant email rate limit
+    "MESH_TOOL_POLICY": '{"send_email": {"rate_per_min": 0}}',
+}
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+@dataclass
+class Phase:
+    name: str
+    every_s: tuple[float, float] | None  # kill interval (uniform), None: quiet
+    latencies: list[float] = field(default_factory=list)
+    lost: list[str] = field(default_factory=list)
+    tasks: list[str] = field(default_factory=list)
+    recovery: list[float] = field(default_factory=list)
+    restarts: list[tuple[str, float]] = field(default_factory=list)
+    kills: Counter[str] = field(default_factory=Counter)
+    submit_errors: int = 0
+
+
+class Bench:
+    def __init__(self, home: Path, targets: tuple[str, ...], in_flight: int) -> None:
+        self.home, self.targets, self.in_flight = home, targets, in_flight
+        self.ids = local.Identities(home)
+        self.state = local.MeshState.load(home)
+        assert self.state is not None
+        self.events: dict[str, list[float]] = {}  # task -> monotonic times of what it saw
+        self.running: set[str] = set()
+
+    def _on_event(self, task_id: str):  # noqa: ANN202 - a callback
+        def seen(_model: object) -> None:
+            self.events.setdefault(task_id, []).append(time.monotonic())
+
+        return seen
+
+    async def _client_loop(self, c: TenantClient, phase: Phase, until: float, n: int) -> None:
+        i = 0
+        while time.monotonic() < until:
+            task_id = f"{phase.name}-{n}-{i}"
+            i += 1
+            self.running.add(task_id)
+            self.events[task_id] = [time.monotonic()]
+            try:
+                seen = await c.submit(GOAL, task_id=task_id, timeout=120, on_event=self._on_event(task_id))
+            except Exception:  # noqa: BLE001 - the broker was being killed as it was handed in
+                phase.submit_errors += 1
+                self.running.discard(task_id)
+                await asyncio.sleep(0.2)
+                continue
+            self.running.discard(task_id)
+            phase.tasks.append(task_id)
+            if isinstance(seen.outcome, TaskCompleted) and "391" in seen.outcome.answer:
+                phase.latencies.append(seen.latency_s)
+            else:
+                phase.lost.append(task_id)
+
+    async def _killer(self, phase: Phase, until: float) -> None:
+        assert phase.every_s is not None
+        while True:
+            await asyncio.sleep(random.uniform(*phase.every_s))
+            if time.monotonic() >= until:
+                return
+            name = random.choice(self.targets)
+            proc = self._proc(name)
+            if proc is None or not proc.alive():
+                continue  # still restarting from the last kill
+            in_flight = list(self.running)
+            killed_at = time.monotonic()
+            os.kill(proc.pid, signal.SIGKILL)
+            phase.kills[name] += 1
+            asyncio.create_task(self._recovered(phase, in_flight, killed_at))
+            asyncio.create_task(self._restarted(phase, name, proc.pid, killed_at))
+
+    def _proc(self, name: str) -> local.Proc | None:
+        state = local.MeshState.load(self.home)
+        if state is None:
+            return None
+        if name == "nats-server":
+            return state.nats[0] if state.nats else None
+        if name == "redis-server":
+            return state.redis
+        return state.services.get(name)
+
+    async def _recovered(self, phase: Phase, tasks: list[str], killed_at: float) -> None:
+        """For each task in flight at the kill: how long until it next showed a sign of life."""
+        deadline = killed_at + 120
+        pending = set(tasks)
+        while pending and time.monotonic() < deadline:
+            for t in list(pending):
+                later = [e for e in self.events.get(t, ()) if e > killed_at]
+                if later:
+                    phase.recovery.append(later[0] - killed_at)
+                    pending.discard(t)
+            await asyncio.sleep(0.05)
+
+    async def _restarted(self, phase: Phase, name: str, old_pid: int, killed_at: float) -> None:
+        """The supervisor's part: kill -> a new process of ``name`` that is ready."""
+        async with httpx.AsyncClient(timeout=1.0) as http:
+            while time.monotonic() < killed_at + 60:
+                proc = self._proc(name)
+                if proc is not None and proc.pid != old_pid and proc.alive():
+                    if await _ready(http, proc):
+                        phase.restarts.append((name, time.monotonic() - killed_at))
+                        return
+                await asyncio.sleep(0.05)
+
+    async def run(self, phase: Phase, seconds: float) -> None:
+        until = time.monotonic() + seconds
+        async with TenantClient.of(self.ids, self.state.nats_url, TENANT) as c:
+            killer = asyncio.create_task(self._killer(phase, until)) if phase.every_s else None
+            await asyncio.gather(*(self._client_loop(c, phase, until, n) for n in range(self.in_flight)))
+            if killer is not None:
+                killer.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await killer
+        await asyncio.sleep(1.0)  # the last recoveries and restarts are seen
+
+    async def duplicates(self, tasks: list[str]) -> tuple[int, int]:
+        """(duplicate emails, tasks without their email) over ``tasks``, from the outbox."""
+        nc = await nats.connect(local.nats_servers(self.state.nats_url), **self.ids.connect_options("admin"))
+        try:
+            info = await nc.jetstream().stream_info("OUTBOX", subjects_filter=f"outbox.{TENANT}.>")
+            effects = Counter({s.split(".")[2]: n for s, n in (info.state.subjects or {}).items()})
+        finally:
+            await nc.close()
+        return sum(max(0, effects[t] - 1) for t in tasks), sum(effects[t] == 0 for t in tasks)
+
+
+async def _ready(http: httpx.AsyncClient, proc: local.Proc) -> bool:
+    try:
+        if proc.name.startswith(("nats-server", "redis-server")):
+            return await local.tcp_ok(proc.port)
+        return (await http.get(f"http://127.0.0.1:{proc.http_port}/readyz")).status_code == 200
+    except (OSError, httpx.HTTPError):
+        return False
+
+
+def meshctl(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "meshctl", "--home", str(home), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+
+
+def line(phase: Phase, dup: int, missing: int) -> dict[str, object]:
+    lat = phase.latencies
+    return {
+        "phase": phase.name,
+        "tasks": len(phase.tasks),
+        "kills": sum(phase.kills.values()),
+        "lost": len(phase.lost),
+        "duplicate_effects": dup,
+        "missing_effects": missing - len(phase.lost),
+        "submit_errors": phase.submit_errors,
+        "p50_s": round(statistics.median(lat), 2) if lat else None,
+        "p99_s": round(pct(lat, 0.99), 2) if lat else None,
+        "max_s": round(max(lat), 2) if lat else None,
+        "recovery_p50_s": round(pct(phase.recovery, 0.5), 2) if phase.recovery else None,
+        "recovery_p90_s": round(pct(phase.recovery, 0.9), 2) if phase.recovery else None,
+        "recovery_max_s": round(max(phase.recovery), 2) if phase.recovery else None,
+        "restart_p50_s": round(pct([s for _, s in phase.restarts], 0.5), 2) if phase.restarts else None,
+        "restart_max_s": round(max(s for _, s in phase.restarts), 2) if phase.restarts else None,
+    }
+
+
+def histogram(values: list[float], edges: tuple[float, ...] = (0.5, 1, 2, 3, 4, 5, 7.5, 10, 20)) -> str:
+    counts = Counter(next((f"<{e:g}s" for e in edges if v < e), f">={edges[-1]:g}s") for v in values)
+    order = [f"<{e:g}s" for e in edges] + [f">={edges[-1]:g}s"]
+    return "  ".join(f"{k} {counts[k]}" for k in order if counts[k])
+
+
+async def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--phase-s", type=float, default=45.0, help="length of each phase (default 45)")
+    ap.add_argument("--in-flight", type=int, default=20, help="tasks kept in flight (default 20)")
+    ap.add_argument(
+        "--targets", choices=("services", "all"), default="services",
+        help="what is killed: the six services (the targets' case), or nats-server and redis-server too",
+    )  # fmt: skip
+    ap.add_argument("--seed", type=int, default=None)
+    args = ap.parse_args()
+    random.seed(args.seed)
+    targets = SERVICES + (("nats-server", "redis-server") if args.targets == "all" else ())
+    os.environ.update(ENV)
+    home = Path(tempfile.mkdtemp(prefix="agentmesh-failover-"))
+    up = meshctl(home, "up", "--tenants", TENANT, "--nats-port", "0", "--http-port", "0", "--redis-port", "0")
+    if up.returncode != 0:
+        print(f"meshctl up failed: {up.stdout}{up.stderr}", file=sys.stderr)
+        return 2
+    rows = []
+    try:
+        bench = Bench(home, targets, args.in_flight)
+        async with TenantClient.of(bench.ids, bench.state.nats_url, TENANT) as c:
+            await c.submit(GOAL, timeout=60)  # warm-up
+        phases = [Phase("quiet", None), Phase("kill-2-4s", (2.0, 4.0)), Phase("kill-1s", (1.0, 1.0))]
+        for phase in phases:
+            await bench.run(phase, args.phase_s)
+            dup, missing = await bench.duplicates(phase.tasks)
+            rows.append((phase, line(phase, dup, missing)))
+            print(json.dumps(rows[-1][1]), flush=True)
+        status = meshctl(home, "status", "--json")
+    finally:
+        meshctl(home, "down")
+    print(f"\nfailover bench: {args.in_flight} tasks in flight, {args.phase_s:g} s per phase, killing {', '.join(targets)}")
+    print(f"{'phase':<11} {'tasks':>5} {'kills':>5} {'lost':>4} {'dup':>3} {'p50 s':>6} {'p99 s':>6} {'max s':>6}")
+    for phase, r in rows:
+        print(
+            f"{r['phase']:<11} {r['tasks']:>5} {r['kills']:>5} {r['lost']:>4} {r['duplicate_effects']:>3} "
+            f"{r['p50_s']!s:>6} {r['p99_s']!s:>6} {r['max_s']!s:>6}"
+        )
+    for phase, _ in rows[1:]:
+        print(f"  {phase.name}: recovery (kill -> next event of each task in flight): {histogram(phase.recovery)}")
+        print(f"  {phase.name}: supervisor restarts (kill -> ready): {histogram([s for _, s in phase.restarts])}")
+        print(f"  {phase.name}: kills by process: {dict(phase.kills)}")
+    quiet, mid, fast = (r for _, r in rows)
+    checks = [
+        ("kill every 2-4 s: p99 <= 5 s", (mid["p99_s"] or 1e9) <= 5.0),
+        ("kill every 2-4 s: p50 <= 1.5x quiet p50", (mid["p50_s"] or 1e9) <= 1.5 * (quiet["p50_s"] or 0)),
+        ("kill every 1 s: p99 <= 10 s", (fast["p99_s"] or 1e9) <= 10.0),
+        ("0 lost", all(r["lost"] == 0 for _, r in rows)),
+        ("0 duplicate effects", all(r["duplicate_effects"] == 0 for _, r in rows)),
+        ("restarts: kill -> ready <= 2 s (max)", all((r["restart_max_s"] or 0) <= 2.0 for _, r in rows[1:])),
+    ]
+    print(f"quiet p50 {quiet['p50_s']} s")
+    for what, ok in checks:
+        print(f"  {'met    ' if ok else 'NOT MET'} {what}")
+    if status.returncode not in (0, 1):
+        print(f"status: {status.stderr.strip()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))
