@@ -108,6 +108,7 @@ class Supervisor:
                 pass
         for task in self.announcing:
             task.cancel()
+        await asyncio.gather(*self.announcing, return_exceptions=True)
 
     def check(self, now: float) -> bool:
         """One look at every process: note those that ended, start again those due. True if the
