@@ -270,7 +270,7 @@ def test_a_service_killed_is_started_again_as_itself(tmp_path):
         assert worker["restarts"] == 1 and worker["last_exit"] == "killed by SIGKILL" and worker["state"] == "running"
         assert report["services"]["worker"]["ready"] and report["processes"]["planner"]["restarts"] == 0
         log = (home / "logs" / "supervisor.log").read_text()
-        assert f"worker (pid {old['pid']}) killed by SIGKILL; restarting it now" in log
+        assert f"worker (pid {old['pid']}) killed by SIGKILL while serving; restarting it now" in log
         assert f"worker started again as pid {new['pid']} (restart 1)" in log
         row = next(line.split() for line in meshctl(home, "status").stdout.splitlines() if line.startswith("worker "))
         assert row[:4] == ["worker", str(new["pid"]), "yes", "1"], row

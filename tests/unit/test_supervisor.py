@@ -108,6 +108,7 @@ async def test_a_process_that_stayed_up_is_restarted_at_once_again(tmp_path, cap
     caplog.set_level(logging.INFO, "meshctl.supervisor")
     state = MeshState(home=str(tmp_path), redis=local.respawn(Proc("redis-server", 0, RUNS, str(tmp_path / "r.log"))))
     sup = Supervisor(state, Identities(tmp_path))
+    sup.watch["redis-server"].ready = False  # it never answers (no port): every exit is its own failure
     now = time.monotonic()
     try:
         for at, wait in ((now, 0.0), (now + 1, 0.5), (now + 2, 1.0), (now + 3 + STEADY_S, 0.0)):
@@ -121,5 +122,35 @@ async def test_a_process_that_stayed_up_is_restarted_at_once_again(tmp_path, cap
             r.getMessage().split("; restarting it ")[1] for r in caplog.records if "restarting it" in r.getMessage()
         ]
         assert waits == ["now", "in 0.5 s", "in 1 s", "now"]
+    finally:
+        await stop(sup)
+
+
+async def test_a_process_killed_while_serving_is_restarted_at_once_every_time_and_never_given_up(tmp_path, caplog):
+    """kill -9 from outside after it was ready (an OOM kill, a chaos drill) is not a crash loop of
+    its own: no backoff, not counted, however often it comes (a service killed every second comes
+    back every second)."""
+    caplog.set_level(logging.INFO, "meshctl.supervisor")
+    port = local.free_port()
+    argv = [local.find_binary("redis-server"), "--port", str(port), "--save", "", "--appendonly", "no"]
+    state = MeshState(
+        home=str(tmp_path), redis=local.respawn(Proc("redis-server", 0, argv, str(tmp_path / "r.log"), port=port))
+    )
+    sup = Supervisor(state, Identities(tmp_path))
+    now = time.monotonic()
+    try:
+        for n in range(MAX_RESTARTS + 2):
+            assert state.redis is not None
+            deadline = time.monotonic() + 30
+            while not sup.watch["redis-server"].ready:  # answering on its port again
+                assert time.monotonic() < deadline, "the restarted redis-server never answered"
+                await asyncio.sleep(0.02)
+            os.kill(state.redis.pid, signal.SIGKILL)
+            proc = await ended(sup, now)
+            assert proc.last_exit == "killed by SIGKILL" and proc.state == "restarting"
+            assert state.redis is not proc, "started again in the same look: no backoff"
+            assert state.redis.state == "running" and state.redis.restarts == n + 1
+        waits = [r.getMessage() for r in caplog.records if "restarting it" in r.getMessage()]
+        assert len(waits) == MAX_RESTARTS + 2 and all(m.endswith("while serving; restarting it now") for m in waits)
     finally:
         await stop(sup)

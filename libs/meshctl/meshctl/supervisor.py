@@ -9,7 +9,10 @@ signal), which a process left to init would not tell. Then it polls them: one th
 itself (a service with the same name, environment and health port; nats-server and redis-server
 with the same command: same ports, same store, same users), at once the first time, then after a
 backoff while it keeps dying; more than ``MAX_RESTARTS`` restarts in ``WINDOW_S`` and it is left
-down, marked ``crash-looping``, while everything else runs on. Every change is written to
+down, marked ``crash-looping``, while everything else runs on. A process killed by a signal after
+it was ready (kill -9, the OOM killer, a chaos drill) did not fail by itself: it is started again
+at once every time, and such exits count toward neither the backoff nor the crash loop (a
+service killed every second must come back every second, not be given up on). Every change is written to
 ``run/state.json`` (restarts, last exit, state) for ``meshctl status`` and ``top``.
 
 SIGTERM (``meshctl down``) stops it restarting, stops everything as ``local.down`` does (services
@@ -85,6 +88,8 @@ class Watch:
     streak: int = 0  # exits in a row without staying up STEADY_S: the backoff's exponent
     recent: collections.deque[float] = field(default_factory=collections.deque)  # its restarts in WINDOW_S
     due: float | None = None  # when it is to be started again, while it waits out its backoff
+    ready: bool = True  # it answered its readiness check since it was (re)started
+    counted: bool = True  # its pending restart counts toward the crash loop
 
 
 class Supervisor:
@@ -133,6 +138,12 @@ class Supervisor:
     def ended(self, proc: Proc, w: Watch, why: str, now: float) -> None:
         """Log how ``proc`` ended and schedule its restart, or give it up (a crash loop)."""
         proc.last_exit = why
+        if w.ready and why.startswith("killed by"):  # killed from outside while serving
+            w.streak, w.due, w.counted = 0, now, False
+            proc.state = "restarting"
+            log.warning("%s (pid %d) %s while serving; restarting it now", proc.name, proc.pid, why)
+            return
+        w.counted = True
         while w.recent and now - w.recent[0] > WINDOW_S:
             w.recent.popleft()
         if len(w.recent) >= MAX_RESTARTS:
@@ -150,7 +161,9 @@ class Supervisor:
                     f"in {delay:g} s" if delay else "now")  # fmt: skip
 
     def restart(self, old: Proc, w: Watch, now: float) -> None:
-        w.recent.append(now)
+        if w.counted:
+            w.recent.append(now)
+        w.ready = False
         try:
             if old.name in self.state.services:
                 new = local.start_service(self.ids, self.state.nats_url, old.name, http_port=old.http_port)
@@ -190,6 +203,8 @@ class Supervisor:
             if proc.alive():  # (one that exited again is the poll's to tell)
                 log.warning("%s (pid %d) not ready: %s", proc.name, proc.pid, exc)
             return
+        if self.state.procs() and proc in self.state.procs():
+            self.watch[proc.name].ready = True
         log.info("%s ready again (pid %d) %.2f s after its exit was noticed", proc.name, proc.pid,
                  time.monotonic() - since)  # fmt: skip
 
