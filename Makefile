@@ -54,7 +54,7 @@ eval: setup ## run the starter golden dataset on a local mesh (scripted model) a
 	echo "eval exit $$rc, calibrate exit $$cal (report: $$home/starter-report.json)"; \
 	[ $$rc -ne 0 ] && exit $$rc; exit $$cal
 
-up: setup ## start nats-server, redis-server and the six services (ports 4222/8222/6390)
+up: setup ## start nats-server, redis-server and the six services (ports 4222/8222/6390), restarted if they exit
 	$(BIN)/meshctl --home $(MESH_HOME) up
 
 down: ## stop everything `make up` started

@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+from meshctl.supervisor import MAX_RESTARTS
 
 pytestmark = pytest.mark.e2e
 
@@ -29,11 +35,20 @@ def alive(pid: int) -> bool:
     return stat[0] != "Z"
 
 
+def still_alive(pids: list[int], timeout: float = 10.0) -> list[int]:
+    """Those of ``pids`` still running after ``timeout`` (a process SIGKILLed a moment ago may
+    still be on its way out)."""
+    deadline = time.monotonic() + timeout
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return [p for p in pids if alive(p)]
+
+
 def test_up_status_down_manages_exactly_what_it_started(tmp_path):
     home = tmp_path / "mesh"
     up = meshctl(home, "up", "--tenants", "acme", "--nats-port", "0", "--http-port", "0", "--redis-port", "0")
     assert up.returncode == 0, up.stderr
-    assert "6 services" in up.stdout
+    assert "6 services" in up.stdout and "supervisor: pid" in up.stdout
     bystander = subprocess.Popen(["sleep", "300"])
     try:
         status = meshctl(home, "status", "--json")
@@ -89,7 +104,7 @@ def test_up_status_down_manages_exactly_what_it_started(tmp_path):
         # A recycled pid: the state file names the bystander's pid, but with another start time.
         state_file = home / "run" / "state.json"
         state = json.loads(state_file.read_text())
-        pids = [p["pid"] for p in (*state["services"].values(), *state["nats"], state["redis"])]
+        pids = [p["pid"] for p in (*state["services"].values(), *state["nats"], state["redis"], state["supervisor"])]
         state["services"]["impostor"] = {
             "name": "impostor",
             "pid": bystander.pid,
@@ -106,7 +121,7 @@ def test_up_status_down_manages_exactly_what_it_started(tmp_path):
             time.sleep(0.05)
         assert not [p for p in pids if alive(p)], "every process up started is gone"
         assert bystander.poll() is None, "a process up did not start is never signalled"
-        assert "impostor" not in down.stdout
+        assert "impostor" not in down.stdout and "supervisor" in down.stdout
         after = meshctl(home, "status")
         assert after.returncode == 2 and "no mesh is running" in after.stderr
     finally:
@@ -129,12 +144,15 @@ def stream_leader(http_port: int, stream: str) -> str:
 
 
 def test_a_three_node_cluster_keeps_serving_with_a_node_down(tmp_path):
+    # Unsupervised: a supervisor would start the killed node again at once, and this is about the
+    # cluster serving while a node is down (and `up --no-supervise` still working).
     home = tmp_path / "cluster"
     up = meshctl(home, "up", "--cluster", "3", "--tenants", "acme", "--nats-port", "0", "--http-port", "0",
-                 "--redis-port", "0")  # fmt: skip
+                 "--redis-port", "0", "--no-supervise")  # fmt: skip
     assert up.returncode == 0, up.stderr
     try:
         state = json.loads((home / "run" / "state.json").read_text())
+        assert state["supervisor"] is None and "supervisor" not in up.stdout
         nodes = state["nats"]
         assert [n["name"] for n in nodes] == ["agentmesh-0", "agentmesh-1", "agentmesh-2"]
         assert state["nats_url"].count("nats://") == 3, "clients are given every node"
@@ -163,3 +181,169 @@ def test_a_three_node_cluster_keeps_serving_with_a_node_down(tmp_path):
         down = meshctl(home, "down")
     survivors = [n["name"] for n in nodes if n is not victim]
     assert down.returncode == 0 and all(name in down.stdout for name in survivors), down.stdout
+    assert not still_alive([p["pid"] for p in (*state["services"].values(), *nodes, state["redis"])])
+
+
+# The supervisor (`meshctl up` without --no-supervise): what exits is started again as itself.
+
+UP = ("up", "--tenants", "acme", "--nats-port", "0", "--http-port", "0", "--redis-port", "0")
+
+
+def mesh_state(home: Path) -> dict[str, Any]:
+    state: dict[str, Any] = json.loads((home / "run" / "state.json").read_text())
+    return state
+
+
+def procs(state: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Every process of the mesh, by name (nats-server and redis-server too)."""
+    return {p["name"]: p for p in (*state["services"].values(), *state["nats"], state["redis"], state["supervisor"])}
+
+
+def http_ok(port: int, path: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=1) as r:
+            return bool(r.status == 200)
+    except OSError:  # refused while it starts, or an HTTP error status (URLError, HTTPError)
+        return False
+
+
+def tcp_ok(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
+def until(check: Callable[[], Any], what: str, timeout: float = 90.0) -> Any:
+    """Poll ``check`` until it returns something true; fail naming ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := check():
+            return value
+        time.sleep(0.02)
+    pytest.fail(f"{what}: not within {timeout:.0f} s")
+
+
+def kill_and_wait_back(home: Path, name: str, ready: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+    """kill -9 ``name``; wait until the state names a new pid for it and ``ready`` says it serves.
+    Prints the time from the kill to ready (run with -s to see it)."""
+    old = procs(mesh_state(home))[name]
+    t0 = time.monotonic()
+    os.kill(old["pid"], signal.SIGKILL)
+
+    def back() -> dict[str, Any] | None:
+        new = procs(mesh_state(home))[name]
+        return new if new["pid"] != old["pid"] and ready(new) else None
+
+    new: dict[str, Any] = until(back, f"{name} started again after kill -9")
+    print(f"\n{name}: kill -9 -> ready again (new pid {new['pid']}) in {time.monotonic() - t0:.2f} s")
+    assert new["restarts"] == old["restarts"] + 1 and "killed by SIGKILL" in new["last_exit"]
+    for key in ("port", "http_port", "argv", "log"):
+        assert new[key] == old[key], f"{name} is started again as itself: same {key}"
+    return new
+
+
+def completes(home: Path) -> None:
+    """A task still goes end to end: every service it crosses works."""
+    done = meshctl(home, "submit", "How are identity tokens checked? Also compute 2 + 2.", "--tenant", "acme",
+                   "--follow", "--json", "--timeout", "60")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["outcome"]["type"] == "task.completed"
+
+
+def all_ready(home: Path) -> dict[str, Any] | None:
+    status = meshctl(home, "status", "--json")
+    return json.loads(status.stdout) if status.returncode == 0 else None
+
+
+def test_a_service_killed_is_started_again_as_itself(tmp_path):
+    home = tmp_path / "mesh"
+    up = meshctl(home, *UP)
+    assert up.returncode == 0, up.stderr
+    started = list(procs(mesh_state(home)).values())
+    try:
+        old = procs(mesh_state(home))["worker"]
+        new = kill_and_wait_back(home, "worker", lambda p: http_ok(p["http_port"], "/readyz"))
+        report = until(lambda: all_ready(home), "status of a whole mesh again")
+        worker = report["processes"]["worker"]
+        assert worker["restarts"] == 1 and worker["last_exit"] == "killed by SIGKILL" and worker["state"] == "running"
+        assert report["services"]["worker"]["ready"] and report["processes"]["planner"]["restarts"] == 0
+        log = (home / "logs" / "supervisor.log").read_text()
+        assert f"worker (pid {old['pid']}) killed by SIGKILL while serving; restarting it now" in log
+        assert f"worker started again as pid {new['pid']} (restart 1)" in log
+        row = next(line.split() for line in meshctl(home, "status").stdout.splitlines() if line.startswith("worker "))
+        assert row[:4] == ["worker", str(new["pid"]), "yes", "1"], row
+        completes(home)
+    finally:
+        down = meshctl(home, "down")
+    assert down.returncode == 0 and "supervisor" in down.stdout, down.stdout + down.stderr
+    assert not still_alive([p["pid"] for p in started] + [new["pid"]]), "down leaves nothing running"
+    assert not (home / "run" / "state.json").exists()
+
+
+def test_nats_and_redis_killed_come_back_on_their_ports(tmp_path):
+    home = tmp_path / "mesh"
+    up = meshctl(home, *UP)
+    assert up.returncode == 0, up.stderr
+    state = mesh_state(home)
+    pids = [p["pid"] for p in procs(state).values()]
+    try:
+        nats = kill_and_wait_back(
+            home, "nats-server", lambda p: http_ok(p["http_port"], "/healthz?js-enabled-only=true")
+        )
+        redis = kill_and_wait_back(home, "redis-server", lambda p: tcp_ok(p["port"]))
+        pids += [nats["pid"], redis["pid"]]
+        report = until(lambda: all_ready(home), "every service ready again, reconnected")
+        assert (
+            report["processes"]["nats-server"]["restarts"] == 1 and report["processes"]["redis-server"]["restarts"] == 1
+        )
+        completes(home)  # the stream store survived; Redis's users are the same
+
+        # The supervisor itself killed: what it started runs on (its own sessions), nothing is
+        # restarted any more, and `down` still stops all of it.
+        boss = mesh_state(home)["supervisor"]
+        os.kill(boss["pid"], signal.SIGKILL)
+        assert still_alive([boss["pid"]]) == []
+        status = meshctl(home, "status")
+        assert "not running: nothing is restarted" in status.stdout, status.stdout
+        assert [p for p in procs(mesh_state(home)).values() if p["name"] != "supervisor" and not alive(p["pid"])] == []
+    finally:
+        down = meshctl(home, "down")
+    assert down.returncode == 0 and "nats-server" in down.stdout and "planner" in down.stdout, down.stdout
+    assert not still_alive(pids), "down leaves nothing running"
+
+
+def test_a_crash_looping_service_is_left_down_and_the_rest_runs_on(tmp_path):
+    home = tmp_path / "mesh"
+    up = meshctl(home, *UP)
+    assert up.returncode == 0, up.stderr
+    pids = [p["pid"] for p in procs(mesh_state(home)).values()]
+    try:
+        # A real failure on every start: the checker's signing key, read at start-up, is damaged.
+        (home / "secrets" / "keys" / "checker.pem").write_text("not a key\n")
+        os.kill(procs(mesh_state(home))["checker"]["pid"], signal.SIGKILL)
+
+        def given_up() -> dict[str, Any] | None:
+            checker = procs(mesh_state(home))["checker"]
+            return checker if checker["state"] == "crash-looping" else None
+
+        checker = until(given_up, "the checker marked crash-looping", timeout=150)
+        assert checker["restarts"] == MAX_RESTARTS and checker["last_exit"].startswith("exited 1: ")
+        assert not alive(checker["pid"])
+        log = (home / "logs" / "supervisor.log").read_text()
+        assert "checker (pid" in log and "restarts in 60 s: not starting it again (crash-looping" in log
+        time.sleep(2)  # no restart after that: the same dead pid, the same count
+        assert procs(mesh_state(home))["checker"] == checker
+        status = meshctl(home, "status", "--json")
+        report = json.loads(status.stdout)
+        assert status.returncode == 1 and report["services"]["checker"]["ready"] is False
+        assert report["services"]["checker"]["reason"].startswith("crash-looping, not restarted any more")
+        others = {k: v for k, v in report["services"].items() if k != "checker"}
+        assert len(others) == 5 and all(v["ready"] for v in others.values()), others
+        assert all(p["alive"] for name, p in report["processes"].items() if name != "checker")
+        assert "crash-looping" in meshctl(home, "status").stdout
+    finally:
+        down = meshctl(home, "down")
+    assert down.returncode == 0 and "supervisor" in down.stdout and "checker" not in down.stdout, down.stdout
+    assert not still_alive(pids), "down leaves nothing running"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from meshctl.top import Frame, _tenant, render
+from meshctl.top import Frame, _tenant, add_restarts, render
 
 pytestmark = pytest.mark.unit
 
@@ -29,3 +29,16 @@ def test_refused_counts_each_refusal_once():
     t.update(refused=3, rejected=3, completed=2)
     assert _row(render(frame), "acme")["REFUSED"] == "3"
     assert _row(render(frame), "acme")["DONE"] == "2"
+
+
+def test_restarts_show_on_a_supervised_mesh_only():
+    """A local mesh under its supervisor: each service's restarts, and a state that is not
+    ``running``; replicas (``worker-2``) count under their service. No supervisor, no column."""
+    frame = Frame(at=0.0)
+    frame.services["worker"] = {"pending": 0, "in_flight": 0, "redelivered": 0, "per_s": 0.0}
+    assert "RESTARTS" not in render(frame)
+    add_restarts(frame, {"worker": (1, "running"), "worker-2": (2, "running"), "checker": (5, "crash-looping")})
+    lines = render(frame).splitlines()
+    assert next(line for line in lines if line.startswith("SERVICE")).endswith("RESTARTS")
+    assert next(line for line in lines if line.startswith("worker")).split()[-1] == "3"
+    assert next(line for line in lines if line.startswith("checker")).split()[-2:] == ["5", "crash-looping"]

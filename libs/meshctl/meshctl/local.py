@@ -3,7 +3,8 @@ the six services as processes, all on loopback, all state under the mesh home.
 
 ``up`` records every process it starts in ``run/state.json``; ``down`` stops exactly those
 (each pid is checked against the command line it was started with, so a recycled pid is
-never signalled).
+never signalled). ``meshctl up`` runs ``up`` inside a supervisor (``meshctl.supervisor``) that
+restarts what exits; ``down`` stops the supervisor first, which stops the rest.
 """
 
 from __future__ import annotations
@@ -100,6 +101,9 @@ class Proc:
     port: int = 0
     http_port: int = 0
     started: int = 0  # kernel start time of the pid (clock ticks since boot)
+    restarts: int = 0  # how often the supervisor started it again
+    last_exit: str = ""  # how it ended last ("killed by SIGKILL", "exited 1: <its log's last line>")
+    state: str = "running"  # or "restarting" (waiting out its backoff) or "crash-looping" (given up)
 
     def alive(self) -> bool:
         stat = _stat(self.pid)
@@ -123,6 +127,7 @@ class MeshState:
     redis: Proc | None = None
     services: dict[str, Proc] = field(default_factory=dict)
     redis_port: int = 0
+    supervisor: Proc | None = None  # the process restarting the others (``meshctl up``; not ``up()``)
 
     @classmethod
     def load(cls, home: Path) -> MeshState | None:
@@ -138,12 +143,16 @@ class MeshState:
             nats=[Proc(**n) for n in (nodes if isinstance(nodes, list) else [nodes])],
             redis=Proc(**raw["redis"]) if raw.get("redis") else None,
             services={k: Proc(**v) for k, v in raw.get("services", {}).items()},
+            supervisor=Proc(**raw["supervisor"]) if raw.get("supervisor") else None,
         )
 
     def save(self) -> None:
+        # Atomically: the supervisor rewrites the file while other commands read it.
         path = Path(self.home) / "run" / "state.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(asdict(self), indent=2))
+        tmp = path.with_name(f".state.json.{os.getpid()}")
+        tmp.write_text(json.dumps(asdict(self), indent=2))
+        os.replace(tmp, path)
 
     def procs(self) -> list[Proc]:
         return [*self.services.values(), *([self.redis] if self.redis else []), *self.nats]
@@ -154,7 +163,9 @@ class MeshState:
 _children: dict[int, subprocess.Popen[bytes]] = {}
 
 
-def _spawn(name: str, argv: list[str], log: Path, env: dict[str, str] | None = None, **ports: int) -> Proc:
+def _spawn(
+    name: str, argv: list[str], log: Path, env: dict[str, str] | None = None, *, port: int = 0, http_port: int = 0
+) -> Proc:
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
         proc = subprocess.Popen(
@@ -162,7 +173,19 @@ def _spawn(name: str, argv: list[str], log: Path, env: dict[str, str] | None = N
         )
     _children[proc.pid] = proc
     stat = _stat(proc.pid)
-    return Proc(name, proc.pid, argv, str(log), started=int(stat[19]) if stat else 0, **ports)
+    return Proc(name, proc.pid, argv, str(log), port, http_port, started=int(stat[19]) if stat else 0)
+
+
+def returncode(proc: Proc) -> int | None:
+    """The exit status of ``proc``, a child of this process, once it has ended (negative: killed by
+    that signal; it is reaped then and forgotten); None while it runs."""
+    child = _children.get(proc.pid)
+    if child is None:
+        raise MeshError(f"{proc.name} (pid {proc.pid}) is not a child of this process")
+    code = child.poll()
+    if code is not None:
+        del _children[proc.pid]
+    return code
 
 
 async def wait_until(check: Callable[[], Awaitable[bool]], what: str, timeout: float, proc: Proc | None = None) -> None:
@@ -442,10 +465,17 @@ def start_services(
 
 
 def start_service(
-    ids: Identities, nats_url: str, service: str, *, name: str | None = None, extra_env: dict[str, str] | None = None
+    ids: Identities,
+    nats_url: str,
+    service: str,
+    *,
+    name: str | None = None,
+    extra_env: dict[str, str] | None = None,
+    http_port: int = 0,
 ) -> Proc:
-    """One process of ``service`` (``name`` tells replicas apart in logs and process lists)."""
-    hp = free_port()
+    """One process of ``service`` (``name`` tells replicas apart in logs and process lists), its
+    health endpoint on ``http_port`` (a restart keeps its port) or on any free port."""
+    hp = http_port or free_port()
     env = service_env(ids, service, nats_url, hp, extra_env or {})
     name = name or service
     return _spawn(
@@ -474,7 +504,7 @@ async def up(
     """Start nats-server (one, or a ``cluster``-node JetStream cluster with every stream and
     bucket replicated ``cluster`` times), redis-server and the services; provision in between."""
     existing = MeshState.load(home)
-    if existing and any(p.alive() for p in existing.procs()):
+    if existing and any(p.alive() for p in (*existing.procs(), *filter(None, [existing.supervisor]))):
         raise MeshError(f"a mesh is already running from {home} (meshctl down first)")
     for label, flag, first in (("NATS", "nats", nats_port), ("NATS monitoring", "http", http_port)):
         for port in range(first, first + cluster) if first else ():
@@ -513,11 +543,28 @@ async def tcp_ok(port: int) -> bool:
 
 
 def down(home: Path, timeout: float = 25.0) -> list[str]:
-    """Stop what ``up`` started (services first, so they drain against a live broker)."""
+    """Stop what ``up`` started (services first, so they drain against a live broker). A live
+    supervisor is asked to (SIGTERM: it stops the rest, then itself); whatever it leaves alive
+    (it was killed itself, or did not finish in time) is stopped here."""
     state = MeshState.load(home)
     if state is None:
         return []
-    stopped = stop([list(state.services.values()), [p for p in (state.redis, *state.nats) if p]], timeout)
+    stopped: list[str] = []
+    boss = state.supervisor
+    if boss is not None and boss.pid != os.getpid() and boss.alive():
+        stopped = [p.name for p in state.procs() if p.alive()] + [boss.name]
+        os.kill(boss.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 2 * timeout + 10  # it stops two groups, each for up to ``timeout``
+        while boss.alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if boss.alive():
+            os.kill(boss.pid, signal.SIGKILL)
+        state = MeshState.load(home)  # what it left: nothing, once it has finished
+        if state is None:
+            return stopped
+    for name in stop([list(state.services.values()), [p for p in (state.redis, *state.nats) if p]], timeout):
+        if name not in stopped:
+            stopped.append(name)
     (home / "run" / "state.json").unlink(missing_ok=True)
     return stopped
 

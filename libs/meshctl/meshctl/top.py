@@ -172,6 +172,20 @@ async def _health(frame: Frame, health: dict[str, str]) -> None:
             svc["ready"] = svc.get("ready", 0) + (1 if status.get("ready") else 0)
 
 
+Restarts = Callable[[], dict[str, tuple[int, str]]]
+"""A local mesh's processes by name: (restarts by its supervisor, state: ``running``, ``restarting``,
+``crash-looping``), read afresh for each frame."""
+
+
+def add_restarts(frame: Frame, restarts: dict[str, tuple[int, str]]) -> None:
+    for name, (count, state) in restarts.items():
+        service = name.rsplit("-", 1)[0] if name[-1:].isdigit() else name
+        svc = frame.services.setdefault(service, {"pending": 0, "in_flight": 0, "redelivered": 0, "per_s": 0.0})
+        svc["restarts"] = svc.get("restarts", 0) + count
+        if state != "running":
+            svc["state"] = state
+
+
 def render(frame: Frame, interval: float | None = None) -> str:
     when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(frame.at))
     every = f" (every {interval:g} s; Ctrl-C to quit)" if interval else ""
@@ -186,11 +200,15 @@ def render(frame: Frame, interval: float | None = None) -> str:
         )
     if not frame.tenants:
         lines.append("(no tenant has submitted anything)")
-    lines += ["", f"{'SERVICE':14} {'READY':>7} {'BACKLOG':>8} {'IN FLIGHT':>9} {'MSGS/S':>7} {'REDELIVERED':>11}"]
+    restarts = any("restarts" in s for s in frame.services.values())  # a supervised local mesh
+    lines += ["", f"{'SERVICE':14} {'READY':>7} {'BACKLOG':>8} {'IN FLIGHT':>9} {'MSGS/S':>7} {'REDELIVERED':>11}"
+              + ("  RESTARTS" if restarts else "")]  # fmt: skip
     for name, s in sorted(frame.services.items()):
         ready = f"{s['ready']}/{s['replicas']}" if "replicas" in s else "-"
+        again = f"  {s.get('restarts', '-'):>8}" + (f" {s['state']}" if "state" in s else "") if restarts else ""
         lines.append(
             f"{name[:14]:14} {ready:>7} {s['pending']:>8} {s['in_flight']:>9} {s['per_s']:>7.1f} {s['redelivered']:>11}"
+            + again
         )
     if frame.models:
         lines += ["", f"{'TENANT':14} {'MODEL (TODAY)':30} {'CALLS':>6} {'TOKENS':>10} {'SPEND':>10}"]
@@ -207,17 +225,30 @@ def render(frame: Frame, interval: float | None = None) -> str:
 
 
 async def run(
-    connect: Any, interval: float, once: bool, health: dict[str, str] | None, out: Any, budget: Asker | None = None
+    connect: Any,
+    interval: float,
+    once: bool,
+    health: dict[str, str] | None,
+    out: Any,
+    budget: Asker | None = None,
+    restarts: Restarts | None = None,
 ) -> Frame:
     nc = await connect()
     prev: Frame | None = None
+
+    async def look(prev: Frame | None) -> Frame:
+        frame = await gather(nc, prev, health, budget)
+        if restarts is not None:
+            add_restarts(frame, restarts())
+        return frame
+
     try:
         if once:  # two looks a second apart: the rates need an interval
             first = await gather(nc)
             await asyncio.sleep(1.0)
-            return await gather(nc, first, health, budget)
+            return await look(first)
         while True:
-            frame = await gather(nc, prev, health, budget)
+            frame = await look(prev)
             out.write("\x1b[2J\x1b[H" + render(frame, interval) + "\n")
             out.flush()
             prev = frame

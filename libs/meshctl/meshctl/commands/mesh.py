@@ -21,7 +21,7 @@ from meshctl import options as opt
 from meshctl.ask import AskError
 from meshctl.commands.common import admin, bucket, budget_asker, running
 from meshctl.identity import Identities
-from meshctl.local import MeshError, MeshState
+from meshctl.local import MeshError, MeshState, Proc
 from meshctl.policy import policy
 from meshctl.provision import (
     AUDIT_MAX_BYTES,
@@ -92,21 +92,22 @@ def cmd_provision(args: argparse.Namespace) -> int:
 
 def cmd_up(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
-    state = asyncio.run(
-        local.up(
-            opt.home(args),
-            tenants=args.tenants,
-            nats_port=args.nats_port,
-            http_port=args.http_port,
-            redis_port=args.redis_port,
-            cluster=args.cluster,
-        )
-    )
+    home = opt.home(args)
+    up_args: dict[str, Any] = {"tenants": args.tenants, "nats_port": args.nats_port, "http_port": args.http_port,
+               "redis_port": args.redis_port, "cluster": args.cluster}  # fmt: skip
+    if args.no_supervise:
+        state = asyncio.run(local.up(home, **up_args))
+    else:
+        from meshctl import supervisor
+
+        state = supervisor.start(home, **up_args)
     print(
         f"mesh up in {time.monotonic() - t0:.1f}s: nats {state.nats_url}, redis 127.0.0.1:{state.redis_port}, "
         f"{len(state.services)} services ({', '.join(state.services)})"
     )
-    print(f"tenants: {', '.join(Identities(opt.home(args)).tenants())}; home: {opt.home(args)}")
+    print(f"tenants: {', '.join(Identities(home).tenants())}; home: {home}")
+    if state.supervisor is not None:
+        print(f"supervisor: pid {state.supervisor.pid} restarts what exits (log: {state.supervisor.log})")
     return 0
 
 
@@ -125,8 +126,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     ready = 0 if all(h.get("ready") for h in seen.health.values()) else 1
     if args.json:
         held = [vars(q) for q in seen.quotas]
-        print(json.dumps({"services": seen.health, "consumers": seen.lag, "tenants": seen.admission,
-                          "streams": seen.streams, "quotas": held}, indent=2))  # fmt: skip
+        print(json.dumps({"services": seen.health, "processes": _processes(state), "consumers": seen.lag,
+                          "tenants": seen.admission, "streams": seen.streams, "quotas": held}, indent=2))  # fmt: skip
         return ready
     _print_services(state, seen.health, seen.lag)
     if seen.admission:
@@ -177,13 +178,28 @@ async def _look(args: argparse.Namespace, state: MeshState, asker: Asker | None)
     return _Seen(health, lag, admission, streams, report, summarise(quota_records))
 
 
+def _processes(state: MeshState) -> dict[str, dict[str, Any]]:
+    """Every process of the mesh as the supervisor keeps it: pid, alive, state, restarts, last exit."""
+    procs = [*state.procs(), *([state.supervisor] if state.supervisor else [])]
+    return {p.name: {"pid": p.pid, "alive": p.alive(), "state": p.state, "restarts": p.restarts,
+                     "last_exit": p.last_exit} for p in procs}  # fmt: skip
+
+
+def _down_reason(proc: Proc) -> str:
+    if proc.state == "crash-looping":
+        return f"crash-looping, not restarted any more (last: {proc.last_exit}); see {proc.log}"
+    if proc.state == "restarting":
+        return f"restarting (last: {proc.last_exit})"
+    return "process not running"
+
+
 async def _health(state: MeshState) -> dict[str, dict[str, Any]]:
     """Each service's ``/status``, or why there is none."""
     health: dict[str, dict[str, Any]] = {}
     async with httpx.AsyncClient(timeout=2.0) as client:
         for name, proc in state.services.items():
             if not proc.alive():
-                health[name] = {"ready": False, "reason": "process not running"}
+                health[name] = {"ready": False, "reason": _down_reason(proc)}
                 continue
             try:
                 health[name] = (await client.get(f"http://127.0.0.1:{proc.http_port}/status")).json()
@@ -193,7 +209,8 @@ async def _health(state: MeshState) -> dict[str, dict[str, Any]]:
 
 
 def _print_services(state: MeshState, health: dict[str, dict[str, Any]], lag: dict[str, ConsumerLag]) -> None:
-    print(f"{'SERVICE':14} {'PID':>7} {'READY':6} {'LAG':>5}  DETAIL")
+    # RESTARTS: how often the supervisor started it again (`meshctl up`; none with --no-supervise).
+    print(f"{'SERVICE':14} {'PID':>7} {'READY':6} {'RESTARTS':>8} {'LAG':>5}  DETAIL")
     for name, proc in state.services.items():
         h = health[name]
         mine = [v for v in lag.values() if v["service"] == name]
@@ -202,10 +219,17 @@ def _print_services(state: MeshState, health: dict[str, dict[str, Any]], lag: di
         counters = h.get("counters", {})
         if counters:
             detail += "  " + " ".join(f"{k.split('.')[-1]}={v}" for k, v in sorted(counters.items()))
-        print(f"{name:14} {proc.pid:>7} {'yes' if h.get('ready') else 'NO':6} {svc_lag:>5}  {detail}")
+        print(
+            f"{name:14} {proc.pid:>7} {'yes' if h.get('ready') else 'NO':6} {proc.restarts:>8} {svc_lag:>5}  {detail}"
+        )
     for p in (*state.nats, state.redis):
         if p:
-            print(f"{p.name:14} {p.pid:>7} {'yes' if p.alive() else 'NO':6} {'':>5}  port {p.port}")
+            detail = f"port {p.port}" + ("" if p.alive() else f"; {_down_reason(p)}")
+            print(f"{p.name:14} {p.pid:>7} {'yes' if p.alive() else 'NO':6} {p.restarts:>8} {'':>5}  {detail}")
+    if state.supervisor is not None:
+        boss = state.supervisor
+        detail = f"log {boss.log}" if boss.alive() else "not running: nothing is restarted (meshctl down, then up)"
+        print(f"{boss.name:14} {boss.pid:>7} {'yes' if boss.alive() else 'NO':6} {'':>8} {'':>5}  {detail}")
     if any(v["pending"] < 0 for v in lag.values()):
         print("LAG ?: a consumer's leader did not answer in 2 s (a cluster electing leaders after a node died?)")
 
@@ -304,6 +328,8 @@ def register(sub: argparse._SubParsersAction[opt.Parser]) -> None:
         default=1,
         help="3: a 3-node JetStream cluster on loopback (node i on --nats-port + i), every stream and bucket R3",
     )
+    s.add_argument("--no-supervise", action="store_true",
+                   help="start everything and exit, with no supervisor restarting what exits")  # fmt: skip
     s.set_defaults(fn=cmd_up)
 
     s = sub.add_parser("down", help="stop everything `up` started, and only that")

@@ -110,15 +110,23 @@ def _audit_chain(args: argparse.Namespace) -> int:
 def cmd_top(args: argparse.Namespace) -> int:
     from meshctl import top
 
-    state = MeshState.load(opt.home(args))  # a mesh of ``meshctl up``: its services' /status too
+    home = opt.home(args)
+    state = MeshState.load(home)  # a mesh of ``meshctl up``: its services' /status too
     health = (
         {n: f"http://127.0.0.1:{p.http_port}/status" for n, p in state.services.items() if p.http_port}
         if (state)
         else {}
     )
+
+    def restarts() -> dict[str, tuple[int, str]]:  # the supervisor's count, as of this frame
+        now = MeshState.load(home)
+        return {n: (p.restarts, p.state) for n, p in now.services.items()} if now else {}
+
+    watch = restarts if state and state.supervisor else None
     try:
+        once = args.once or args.json
         frame = asyncio.run(
-            top.run(lambda: admin(args), args.interval, args.once or args.json, health, sys.stdout, budget_asker(args))
+            top.run(lambda: admin(args), args.interval, once, health, sys.stdout, budget_asker(args), watch)
         )
     except KeyboardInterrupt:
         return 0

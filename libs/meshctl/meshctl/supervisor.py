@@ -1,0 +1,292 @@
+"""The supervisor of a local mesh: ``meshctl up`` keeps what it started alive.
+
+``meshctl up`` (``start``) spawns ``python -m meshctl.supervisor`` in a session of its own and
+waits for one JSON line on its stdout: ``{"ok": true}`` once the mesh is up, or
+``{"ok": false, "error": ...}``. The supervisor runs ``local.up`` itself, so nats-server,
+redis-server and the six services are its children: it learns how each one ended (exit status or
+signal), which a process left to init would not tell. Then it polls them: one that exits is logged
+(name, pid, how it ended, the last line of its log if it failed by itself) and started again as
+itself (a service with the same name, environment and health port; nats-server and redis-server
+with the same command: same ports, same store, same users), at once the first time, then after a
+backoff while it keeps dying; more than ``MAX_RESTARTS`` restarts in ``WINDOW_S`` and it is left
+down, marked ``crash-looping``, while everything else runs on. A process killed by a signal after
+it was ready (kill -9, the OOM killer, a chaos drill) did not fail by itself: it is started again
+at once every time, and such exits count toward neither the backoff nor the crash loop (a
+service killed every second must come back every second, not be given up on). Every change is written to
+``run/state.json`` (restarts, last exit, state) for ``meshctl status`` and ``top``.
+
+SIGTERM (``meshctl down``) stops it restarting, stops everything as ``local.down`` does (services
+first, then redis and nats), removes the state file and exits. Its log is
+``<home>/logs/supervisor.log``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from meshctl import local
+from meshctl.identity import Identities
+from meshctl.local import MeshError, MeshState, Proc
+
+log = logging.getLogger("meshctl.supervisor")
+
+MODULE = "meshctl.supervisor"  # run as ``python -m``: its ``__name__`` is then ``__main__``
+
+POLL_S = 0.1
+MAX_RESTARTS = 5
+"""Restarts of one process allowed within ``WINDOW_S``; one more is a crash loop: it is left down."""
+WINDOW_S = 60.0
+STEADY_S = 30.0
+"""Up this long, a process has recovered: its next exit is restarted at once again."""
+BACKOFF_CAP_S = 10.0
+
+
+def backoff(streak: int) -> float:
+    """The wait before restarting a process that exited ``streak`` times in a row without staying
+    up ``STEADY_S``: none the first time, then 0.5 s doubling up to ``BACKOFF_CAP_S``."""
+    return 0.0 if streak == 0 else min(BACKOFF_CAP_S, 0.5 * 2 ** (streak - 1))
+
+
+def describe(code: int) -> str:
+    """``killed by SIGKILL`` or ``exited 1``."""
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exited {code}"
+
+
+def last_line(path: str | Path) -> str:
+    """The last non-empty line of a log file (its end only is read), or ''."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 8192))
+            tail = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    lines = [line.strip() for line in tail.splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+@dataclass
+class Watch:
+    """What the supervisor keeps about one process beyond its ``Proc``."""
+
+    since: float  # when it was started (monotonic)
+    streak: int = 0  # exits in a row without staying up STEADY_S: the backoff's exponent
+    recent: collections.deque[float] = field(default_factory=collections.deque)  # its restarts in WINDOW_S
+    due: float | None = None  # when it is to be started again, while it waits out its backoff
+    ready: bool = True  # it answered its readiness check since it was (re)started
+    counted: bool = True  # its pending restart counts toward the crash loop
+
+
+class Supervisor:
+    """Restarts what exits among ``state``'s processes, and records it in ``state``."""
+
+    def __init__(self, state: MeshState, ids: Identities) -> None:
+        self.state = state
+        self.ids = ids
+        now = time.monotonic()
+        self.watch = {p.name: Watch(now) for p in state.procs()}
+        self.announcing: set[asyncio.Task[None]] = set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Poll until ``stop`` is set; nothing is started again after that."""
+        while not stop.is_set():
+            if self.check(time.monotonic()):
+                self.state.save()
+            try:
+                await asyncio.wait_for(stop.wait(), POLL_S)
+            except TimeoutError:
+                pass
+        for task in self.announcing:
+            task.cancel()
+        await asyncio.gather(*self.announcing, return_exceptions=True)
+
+    def check(self, now: float) -> bool:
+        """One look at every process: note those that ended, start again those due. True if the
+        state changed."""
+        changed = False
+        for proc in self.state.procs():
+            w = self.watch[proc.name]
+            if proc.state == "running":
+                code = local.returncode(proc)
+                if code is None:
+                    continue
+                why = describe(code)
+                if code > 0 and (line := last_line(proc.log)):  # it failed by itself: its last word
+                    why += f": {line[:200]}"
+                self.ended(proc, w, why, now)
+                changed = True
+            if proc.state == "restarting" and w.due is not None and now >= w.due:
+                self.restart(proc, w, now)
+                changed = True
+        return changed
+
+    def ended(self, proc: Proc, w: Watch, why: str, now: float) -> None:
+        """Log how ``proc`` ended and schedule its restart, or give it up (a crash loop)."""
+        proc.last_exit = why
+        if w.ready and why.startswith("killed by"):  # killed from outside while serving
+            w.streak, w.due, w.counted = 0, now, False
+            proc.state = "restarting"
+            log.warning("%s (pid %d) %s while serving; restarting it now", proc.name, proc.pid, why)
+            return
+        w.counted = True
+        while w.recent and now - w.recent[0] > WINDOW_S:
+            w.recent.popleft()
+        if len(w.recent) >= MAX_RESTARTS:
+            proc.state = "crash-looping"
+            log.error("%s (pid %d) %s; %d restarts in %.0f s: not starting it again (crash-looping; "
+                      "`meshctl down` then `meshctl up` tries afresh)", proc.name, proc.pid, why, len(w.recent),
+                      WINDOW_S)  # fmt: skip
+            return
+        w.streak = 0 if now - w.since >= STEADY_S else w.streak
+        delay = backoff(w.streak)
+        w.streak += 1
+        w.due = now + delay
+        proc.state = "restarting"
+        log.warning("%s (pid %d) %s; restarting it %s", proc.name, proc.pid, why,
+                    f"in {delay:g} s" if delay else "now")  # fmt: skip
+
+    def restart(self, old: Proc, w: Watch, now: float) -> None:
+        if w.counted:
+            w.recent.append(now)
+        w.ready = False
+        try:
+            if old.name in self.state.services:
+                new = local.start_service(self.ids, self.state.nats_url, old.name, http_port=old.http_port)
+            else:
+                new = local.respawn(old)  # nats-server or redis-server: the same ports, store and users
+        except OSError as exc:  # its binary or its log cannot be opened: a failed start, counted as one
+            old.restarts += 1
+            self.ended(old, w, f"could not be started: {exc}", now)
+            return
+        new.restarts, new.last_exit = old.restarts + 1, old.last_exit
+        self.put(new)
+        w.since, w.due = now, None
+        log.info("%s started again as pid %d (restart %d)", new.name, new.pid, new.restarts)
+        task = asyncio.get_running_loop().create_task(self.announce(new, now))
+        self.announcing.add(task)
+        task.add_done_callback(self.announcing.discard)
+
+    def put(self, new: Proc) -> None:
+        state = self.state
+        if new.name in state.services:
+            state.services[new.name] = new
+        elif state.redis is not None and state.redis.name == new.name:
+            state.redis = new
+        else:
+            state.nats = [new if p.name == new.name else p for p in state.nats]
+
+    async def announce(self, proc: Proc, since: float) -> None:
+        """Log when a restarted process is ready (it says how long the outage was)."""
+        try:
+            if proc.name in self.state.services:
+                await local.wait_ready({proc.name: proc})
+            elif self.state.redis is not None and proc.name == self.state.redis.name:
+                await local.wait_until(lambda: local.tcp_ok(proc.port), proc.name, 60.0, proc)
+            else:
+                await local.wait_nats_healthy(proc, cluster=len(self.state.nats) > 1, timeout=60.0)
+        except MeshError as exc:
+            if proc.alive():  # (one that exited again is the poll's to tell)
+                log.warning("%s (pid %d) not ready: %s", proc.name, proc.pid, exc)
+            return
+        if self.state.procs() and proc in self.state.procs():
+            self.watch[proc.name].ready = True
+        log.info("%s ready again (pid %d) %.2f s after its exit was noticed", proc.name, proc.pid,
+                 time.monotonic() - since)  # fmt: skip
+
+
+def _answer(reply: dict[str, Any], log_path: Path) -> None:
+    """The one line ``meshctl up`` waits for; then stdout goes to the log (``up`` has gone)."""
+    sys.stdout.write(json.dumps(reply) + "\n")
+    sys.stdout.flush()
+    with open(log_path, "ab") as out:
+        os.dup2(out.fileno(), sys.stdout.fileno())
+        os.dup2(out.fileno(), sys.stderr.fileno())
+
+
+async def serve(spec: dict[str, Any]) -> int:
+    """Start the mesh as ``spec`` says (``local.up``'s arguments), answer ``meshctl up``,
+    supervise until SIGTERM, stop everything."""
+    home = Path(spec.pop("home"))
+    log_path = home / "logs" / "supervisor.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        state = await local.up(home, **spec)
+    except MeshError as exc:
+        log.error("the mesh did not start: %s", exc)
+        _answer({"ok": False, "error": str(exc)}, log_path)
+        return 2
+    if stop.is_set():  # `meshctl down` came while it started
+        local.down(home)
+        _answer({"ok": False, "error": "stopped (SIGTERM) while starting"}, log_path)
+        return 1
+    stat = Path(f"/proc/{os.getpid()}/stat").read_text().rsplit(")", 1)[-1].split()
+    state.supervisor = Proc("supervisor", os.getpid(), [sys.executable, "-m", MODULE], str(log_path),
+                            started=int(stat[19]))  # fmt: skip
+    state.save()
+    _answer({"ok": True}, log_path)
+    log.info("supervising %s (pid %d)", ", ".join(p.name for p in state.procs()), os.getpid())
+    await Supervisor(state, Identities(home)).run(stop)
+    log.info("stopping: %s", ", ".join(local.down(home)) or "nothing was running")
+    return 0
+
+
+def start(home: Path, **up_args: Any) -> MeshState:
+    """``meshctl up``: the supervisor, detached, and the mesh it started (``local.up``'s errors
+    are raised here as they would be there, as a ``MeshError``)."""
+    log_path = home / "logs" / "supervisor.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    spec = json.dumps({"home": str(home.resolve()), **up_args})
+    with open(log_path, "ab") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", MODULE, spec],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            start_new_session=True,  # outlives `meshctl up`; a Ctrl-C at the terminal does not reach it
+        )
+    assert proc.stdout is not None  # stdout=PIPE
+    line = proc.stdout.readline()
+    proc.stdout.close()
+    if not line:
+        code = proc.wait()
+        why = last_line(log_path)
+        raise MeshError(f"the supervisor exited ({describe(code)}) before the mesh was up"
+                        + (f": {why}" if why else "") + f" (its log: {log_path})")  # fmt: skip
+    reply = json.loads(line)
+    if not reply["ok"]:
+        proc.wait()
+        raise MeshError(str(reply["error"]))
+    state = MeshState.load(home)
+    if state is None:
+        raise MeshError(f"the supervisor said the mesh was up, but {home}/run/state.json is gone (see {log_path})")
+    return state
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s supervisor %(levelname)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per readiness probe
+    return asyncio.run(serve(json.loads(args[0])))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
