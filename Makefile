@@ -66,7 +66,7 @@ status: ## health and consumer lag of the running mesh
 submit: ## submit GOAL to the running mesh and follow it
 	$(BIN)/meshctl --home $(MESH_HOME) submit "$(GOAL)" --follow
 
-bench: setup ## task, budget, gateway, retrieval and tenant-flood numbers vs their baselines, measured in the same run
+bench: setup ## task, budget, gateway, retrieval, tenant-flood and failover numbers vs their baselines, measured in the same run
 	$(BIN)/python bench/bench_task.py
 	$(BIN)/python bench/bench_writes.py
 	$(BIN)/python bench/bench_scale.py
@@ -78,6 +78,7 @@ bench: setup ## task, budget, gateway, retrieval and tenant-flood numbers vs the
 	$(BIN)/python bench/bench_gateway.py
 	$(BIN)/python bench/bench_retrieval.py --rounds 5
 	$(BIN)/python bench/bench_rag_service.py --rounds 3
+	$(BIN)/python bench/bench_failover.py
 
 # The peer the mesh is measured against lives in its own venv, out of the product's dependencies.
 PEERS_VENV ?= .venv-peers

@@ -265,9 +265,10 @@ class Mesh:
         """Fire-and-forget core-NATS publish of a live message (``Connection.emit``)."""
         await self.connection.emit(model)
 
-    async def request(self, model: Contract, *, timeout: float = 5.0) -> Contract:
-        """Core request/reply; the reply is verified like any other message."""
-        return await self.connection.request(model, timeout=timeout)
+    async def request(self, model: Contract, *, timeout: float | None = None) -> Contract:
+        """Core request/reply; the reply is verified like any other message. Waits
+        ``MESH_REQUEST_TIMEOUT_S`` for the answer unless told otherwise."""
+        return await self.connection.request(model, timeout=timeout or self.settings.request_timeout_s)
 
     async def progress(
         self,
