@@ -72,6 +72,7 @@ class Phase:
     restarts: list[tuple[str, float]] = field(default_factory=list)
     kills: Counter[str] = field(default_factory=Counter)
     submit_errors: int = 0
+    counted: Counter[str] = field(default_factory=Counter)  # the services' counters over the phase
 
 
 class Bench:
@@ -167,7 +168,18 @@ class Bench:
                         return
                 await asyncio.sleep(0.05)
 
+    async def counters(self) -> Counter[str]:
+        """Every service's counters (``/status``), summed; a process restarted meanwhile starts again from 0."""
+        total: Counter[str] = Counter()
+        state = local.MeshState.load(self.home)
+        async with httpx.AsyncClient(timeout=2.0) as http:
+            for proc in state.services.values() if state else ():
+                with contextlib.suppress(httpx.HTTPError, ValueError):
+                    total.update((await http.get(f"http://127.0.0.1:{proc.http_port}/status")).json()["counters"])
+        return total
+
     async def run(self, phase: Phase, seconds: float) -> None:
+        before = await self.counters()
         until = time.monotonic() + seconds
         async with TenantClient.of(self.ids, self.state.nats_url, TENANT) as c:
             killer = asyncio.create_task(self._killer(phase, until)) if phase.every_s else None
@@ -177,6 +189,8 @@ class Bench:
                 with contextlib.suppress(asyncio.CancelledError):
                     await killer
         await asyncio.gather(*self.watchers)  # the last recoveries and restarts are seen
+        after = await self.counters()
+        phase.counted = Counter({k: after[k] - before[k] for k in after if after[k] > before[k]})
 
     async def duplicates(self, tasks: list[str]) -> tuple[int, int]:
         """(duplicate emails, tasks without their email) over ``tasks``, from the outbox."""
@@ -213,6 +227,8 @@ def line(phase: Phase, dup: int, missing: int) -> dict[str, object]:
         "duplicate_effects": dup,
         "missing_effects": missing - len(phase.lost),
         "submit_errors": phase.submit_errors,
+        "kept_alive_per_task": round(phase.counted["mesh.messages.kept_alive"] / max(1, len(phase.tasks)), 2),
+        "redelivered_per_task": round(phase.counted["mesh.messages.redelivered"] / max(1, len(phase.tasks)), 2),
         "p50_s": round(statistics.median(lat), 2) if lat else None,
         "p99_s": round(pct(lat, 0.99), 2) if lat else None,
         "max_s": round(max(lat), 2) if lat else None,
@@ -269,11 +285,15 @@ async def main() -> int:
     print(
         f"\nfailover bench: {args.in_flight} tasks in flight, {args.phase_s:g} s per phase, killing {', '.join(targets)}"
     )
-    print(f"{'phase':<11} {'tasks':>5} {'kills':>5} {'lost':>4} {'dup':>3} {'p50 s':>6} {'p99 s':>6} {'max s':>6}")
+    print(
+        f"{'phase':<11} {'tasks':>5} {'kills':>5} {'lost':>4} {'dup':>3} {'p50 s':>6} {'p99 s':>6} {'max s':>6}"
+        "  in-progress acks/task  redeliveries/task"
+    )
     for _, r in rows:
         print(
             f"{r['phase']:<11} {r['tasks']:>5} {r['kills']:>5} {r['lost']:>4} {r['duplicate_effects']:>3} "
-            f"{r['p50_s']!s:>6} {r['p99_s']!s:>6} {r['max_s']!s:>6}"
+            f"{r['p50_s']!s:>6} {r['p99_s']!s:>6} {r['max_s']!s:>6}  {r['kept_alive_per_task']:>21} "
+            f"{r['redelivered_per_task']:>18}"
         )
     for phase, _ in rows[1:]:
         print(f"  {phase.name}: recovery (kill -> next event of each task in flight): {histogram(phase.recovery)}")

@@ -224,11 +224,24 @@ async def test_a_running_handler_keeps_its_message_and_one_stuck_past_hold_max_l
         await release.wait()
         await m.ack()
 
-    fair = FairConsumer(lambda: nc, "FAIRE", "d", "_INBOX", silent, workers=2, window=4, ack_wait_s=1.0, graceful_s=10)
+    beats: list[str] = []
+    fair = FairConsumer(
+        lambda: nc,
+        "FAIRE",
+        "d",
+        "_INBOX",
+        silent,
+        workers=2,
+        window=4,
+        ack_wait_s=1.0,
+        graceful_s=10,
+        count=beats.append,
+    )
     await fair.start()
     try:
         await asyncio.sleep(3.0)  # three ack_waits
         assert handled == {"quiet": 1} and (await js.consumer_info("FAIRE", "d")).num_redelivered == 0
+        assert len(beats) >= 3 and set(beats) == {"mesh.messages.kept_alive"}, "each beat counted"
         stopping = asyncio.create_task(fair.stop())
         await asyncio.sleep(2.5)  # draining on stop: still beating for the handler that runs
         assert not stopping.done() and (await js.consumer_info("FAIRE", "d")).num_redelivered == 0

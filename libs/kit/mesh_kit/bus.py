@@ -210,6 +210,7 @@ class Mesh:
                 ack_wait_s=self.settings.ack_wait_s,
                 graceful_s=self.settings.graceful_timeout_s,
                 hold_max_s=self.settings.hold_max_s,
+                count=self.count,
             )
         )
 

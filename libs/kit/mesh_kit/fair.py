@@ -49,6 +49,7 @@ from typing import Any
 import nats
 
 from mesh_kit import tasks
+from mesh_kit.telemetry import M_KEPT_ALIVE as KEPT_ALIVE
 
 log = logging.getLogger("mesh.fair")
 
@@ -190,10 +191,12 @@ class FairConsumer:
         ack_wait_s: float,
         graceful_s: float,
         hold_max_s: float = 600.0,
+        count: Callable[[str], None] | None = None,
     ) -> None:
         self._nc, self.stream, self.durable, self.prefix = nc, stream, durable, inbox_prefix
         self.dispatch, self.workers, self.window = dispatch, workers, max(window, workers)
         self.ack_wait_s, self.graceful_s, self.hold_max_s = ack_wait_s, graceful_s, hold_max_s
+        self._count = count
         self.queue = FairQueue()
         self.running: dict[asyncio.Task[None], Fetched] = {}
         """Messages being handled, by the task handling each."""
@@ -337,6 +340,8 @@ class FairConsumer:
                     except nats.errors.Error as exc:  # the broker is away: the next round may reach it
                         log.debug("in-progress for %s not sent: %s", item.raw_message.subject, exc)
                         break
+                    if self._count is not None:
+                        self._count(KEPT_ALIVE)
 
     async def stop(self) -> None:
         """Stop fetching, hand back what waits here, let running handlers finish (graceful)."""
