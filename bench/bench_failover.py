@@ -72,6 +72,8 @@ class Phase:
     restarts: list[tuple[str, float]] = field(default_factory=list)
     kills: Counter[str] = field(default_factory=Counter)
     submit_errors: int = 0
+    kill_log: list[tuple[float, str]] = field(default_factory=list)  # (monotonic, what was killed)
+    slow: list[tuple[float, str]] = field(default_factory=list)  # (latency, task)
     counted: Counter[str] = field(default_factory=Counter)  # the services' counters over the phase
 
 
@@ -82,12 +84,16 @@ class Bench:
         self.state = local.MeshState.load(home)
         assert self.state is not None
         self.events: dict[str, list[float]] = {}  # task -> monotonic times of what it saw
+        self.seen: dict[str, list[tuple[float, str]]] = {}  # task -> (monotonic, what) of each event
         self.running: set[str] = set()
         self.watchers: set[asyncio.Task[None]] = set()  # recoveries and restarts being timed
 
     def _on_event(self, task_id: str) -> Callable[[object], None]:
-        def seen(_model: object) -> None:
-            self.events.setdefault(task_id, []).append(time.monotonic())
+        def seen(model: object) -> None:
+            now = time.monotonic()
+            self.events.setdefault(task_id, []).append(now)
+            what = f"{getattr(model, 'source', '')}:{getattr(model, 'stage', type(model).__name__)}"
+            self.seen.setdefault(task_id, []).append((now, f"{what} {getattr(model, 'step_id', '')}".strip()))
 
         return seen
 
@@ -98,6 +104,7 @@ class Bench:
             i += 1
             self.running.add(task_id)
             self.events[task_id] = [time.monotonic()]
+            self.seen[task_id] = [(self.events[task_id][0], "submitted")]
             try:
                 seen = await c.submit(GOAL, task_id=task_id, timeout=120, on_event=self._on_event(task_id))
             except Exception:  # noqa: BLE001 - the broker was being killed as it was handed in
@@ -109,6 +116,7 @@ class Bench:
             phase.tasks.append(task_id)
             if isinstance(seen.outcome, TaskCompleted) and "391" in seen.outcome.answer:
                 phase.latencies.append(seen.latency_s)
+                phase.slow.append((seen.latency_s, task_id))
             else:
                 phase.lost.append(task_id)
 
@@ -126,6 +134,7 @@ class Bench:
             killed_at = time.monotonic()
             os.kill(proc.pid, signal.SIGKILL)
             phase.kills[name] += 1
+            phase.kill_log.append((killed_at, name))
             for watch in (
                 self._recovered(phase, name, in_flight, killed_at),
                 self._restarted(phase, name, proc.pid, killed_at),
@@ -255,6 +264,7 @@ async def main() -> int:
         help="what is killed: the six services (the targets' case), or nats-server and redis-server too",
     )  # fmt: skip
     ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--timelines", type=int, default=0, help="print the N slowest tasks' events per chaos phase")
     ap.add_argument("--only", choices=("kill-2-4s", "kill-1s"), default=None, help="quiet and this phase alone")
     args = ap.parse_args()
     random.seed(args.seed)
@@ -303,6 +313,14 @@ async def main() -> int:
             print(
                 f"    after a kill of {name:<13} p50 {pct(rec, 0.5):5.2f} s  p90 {pct(rec, 0.9):5.2f} s  max {max(rec):5.2f} s"
             )
+    if args.timelines:
+        for phase, _ in rows[1:]:
+            for latency, task in sorted(phase.slow, reverse=True)[: args.timelines]:
+                print(f"\n  {phase.name}: slowest {task} ({latency:.2f} s): its events and the kills meanwhile")
+                t0 = bench.seen[task][0][0]
+                marks = [(t, f"-- kill {n}") for t, n in phase.kill_log if t0 <= t <= t0 + latency]
+                for t, what in sorted([*bench.seen[task], *marks]):
+                    print(f"    +{t - t0:6.2f} s  {what}")
     by = {r["phase"]: r for _, r in rows}
     quiet, mid, fast = by["quiet"], by.get("kill-2-4s", {}), by.get("kill-1s", {})
     checks = [

@@ -16,6 +16,7 @@ import nats
 import pytest
 import yaml
 
+from mesh_contracts import topology as topo
 from mesh_contracts.v1 import StepRequested, TaskCompleted, TaskPolicy, TaskSubmitted, WaitEnded, WaitStarted
 from mesh_testing.chaos import ChaosMesh, outbox_effects, pct, recovery_s, report, stored_per_task
 from mesh_testing.infra import Infra, running_infra
@@ -24,7 +25,7 @@ from meshctl.cli import main as meshctl
 pytestmark = pytest.mark.chaos
 FULL = os.environ.get("MESH_CHAOS") == "full"
 GOAL = "How does AgentMesh avoid duplicate side effects? Also compute 17 * 23, and email the answer to ops@acme.test."
-ACK_WAIT_S = 2.0
+ACK_WAIT_S = topo.ACK_WAIT_S  # what ships: the drills assert the guarantees at the real failover timing
 ENV = {
     "MESH_ACK_WAIT_S": str(ACK_WAIT_S),
     "MESH_RETRY_DELAYS_S": "[0.2, 0.5, 1, 2]",
@@ -36,7 +37,6 @@ ENV = {
 
 @pytest.fixture(scope="module")
 def infra() -> Iterator[Infra]:
-    # a short ack_wait so a killed consumer's messages come back in seconds, not 30 s
     with running_infra(["acme", "globex"], name="chaos", ack_wait_s=ACK_WAIT_S) as infra:
         yield infra
 

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from mesh_contracts import topology as topo
 from mesh_contracts.v1 import TaskCompleted
 from mesh_testing.chaos import ChaosMesh, outbox_effects, pct, recovery_s, report, stored_per_task, where_stuck
 from mesh_testing.infra import Infra, running_infra
@@ -22,7 +23,7 @@ from mesh_testing.infra import Infra, running_infra
 pytestmark = pytest.mark.chaos
 FULL = os.environ.get("MESH_CHAOS") == "full"
 GOAL = "How does AgentMesh avoid duplicate side effects? Also compute 17 * 23, and email the answer to ops@acme.test."
-ACK_WAIT_S = 2.0
+ACK_WAIT_S = topo.ACK_WAIT_S  # what ships: the drills assert the guarantees at the real failover timing
 STORED = {"step.completed": 4, "tool.requested": 2, "task.completed": 1}  # per task, exactly
 ENV = {
     "MESH_ACK_WAIT_S": str(ACK_WAIT_S),
