@@ -25,13 +25,10 @@ handler acks it, the ones waiting here are kept alive with in-progress acks (so 
 does not redeliver them elsewhere), and on stop the waiting ones are handed back at once (a
 NAK without delay) for another replica to take.
 
-Failing over in seconds: the process holding a message says every ``ack_wait / 4`` that it is
-alive, for every message it holds, waiting or being handled (a handler for up to
-``hold_max_s``: one stuck longer loses its message to another replica, whose work fencing keeps
-single). So ``ack_wait`` can be short (``topology.ACK_WAIT_S``): a replica that dies (kill -9,
-OOM, a node lost) stops beating, and what it held is redelivered to a live one within
-``ack_wait`` of its last beat, not after a long call's worst case. The price is one in-progress
-ack per held message per beat (none for a message handled within a beat, the common case).
+Failing over in seconds: every ``ack_wait / 4`` the consumer beats for each message it holds,
+waiting or handled (a handler for up to ``hold_max_s``; fencing keeps a stuck one's successor
+single), so ``ack_wait`` is short: a dead replica's messages go to a live one ``ack_wait`` after
+its last beat. The price: an in-progress ack per held message per beat (none if handled sooner).
 """
 
 from __future__ import annotations
