@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 
 import nats
 import pytest
-from integration_helpers import connect
+from integration_helpers import connect, eventually
 from nats.js import api
 
 from mesh_contracts import topology as topo
@@ -208,7 +208,7 @@ async def test_a_waiting_message_redelivered_after_lost_keepalives_is_handled_on
     assert acked_delivery == newest, "kept alive once the keepalives reached the newest delivery"
 
 
-async def test_a_running_handler_keeps_its_message_and_one_stuck_past_hold_max_loses_it(nc):
+async def test_a_running_handler_keeps_its_message_unless_stuck_past_hold_max_outside_a_long_call(nc):
     """The consumer beats for the messages its handlers hold, not only for those waiting: a
     handler that never beats itself keeps its message through three ack_waits (and through a
     graceful stop), so ``ack_wait`` can be short. One held past ``hold_max_s`` is taken for stuck:
@@ -251,7 +251,11 @@ async def test_a_running_handler_keeps_its_message_and_one_stuck_past_hold_max_l
         release.set()
         await fair.stop()
     assert handled == {"quiet": 1}
-    assert (await js.consumer_info("FAIRE", "d")).num_ack_pending == 0
+
+    async def settled() -> bool:  # an ack is applied by the server after it is sent
+        return (await js.consumer_info("FAIRE", "d")).num_ack_pending == 0
+
+    await eventually(settled, what="the quiet message acked")
 
     await js.publish("faire.v1.acme.stuck.x", b"x")
     release.clear()
@@ -268,8 +272,28 @@ async def test_a_running_handler_keeps_its_message_and_one_stuck_past_hold_max_l
         await fair.stop()
     assert handled["stuck"] == 2, "held past hold_max_s: beats stop, the message goes to another handler"
 
+    async def long_call(m: Fetched) -> None:  # a model call, a tool, a full stream: on purpose
+        handled[m.raw_message.subject.split(".")[3]] += 1
+        with m.hold():
+            await asyncio.sleep(3.0)  # twice hold_max_s, three ack_waits
+        await m.ack()
 
-async def test_what_a_dead_replica_held_goes_to_a_live_one_within_ack_wait(integration_infra, nc):
+    redelivered = (await js.consumer_info("FAIRE", "d")).num_redelivered
+    await js.publish("faire.v1.acme.long.x", b"x")
+    fair = FairConsumer(
+        lambda: nc, "FAIRE", "d", "_INBOX", long_call, workers=2, window=4, ack_wait_s=1.0, graceful_s=5, hold_max_s=1.5
+    )
+    await fair.start()
+    try:
+        await eventually(lambda: handled["long"] == 1, what="the long call started")
+        await eventually(settled, what="the long call acked")
+    finally:
+        await fair.stop()
+    assert handled["long"] == 1, "in a long call on purpose: kept alive past hold_max_s, handled once"
+    assert (await js.consumer_info("FAIRE", "d")).num_redelivered == redelivered
+
+
+async def test_what_a_dead_replica_held_goes_to_a_live_one_once_its_beats_stop(integration_infra, nc):
     """A replica dies holding messages (its connection gone, no NAK: kill -9): they come back
     once ``ack_wait`` has passed since its last beat, not after a long call's worst case, and the
     live replica handles each of them once."""

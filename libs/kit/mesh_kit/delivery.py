@@ -4,21 +4,14 @@ them)."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import nats
-
 from mesh_contracts import Contract
-from mesh_contracts import topology as topo
 from mesh_identity import Principal
 from mesh_kit.errors import KitError
-
-log = logging.getLogger("mesh.bus")
 
 
 class Reject(KitError):
@@ -56,7 +49,7 @@ class Incoming(Protocol):
     async def ack(self) -> None: ...
     async def nack(self, delay: float | None = None) -> None: ...
     async def reject(self) -> None: ...
-    async def in_progress(self) -> None: ...
+    def hold(self) -> contextlib.AbstractContextManager[None]: ...
     def park(self, until: Callable[[], Awaitable[None]]) -> bool: ...
 
 
@@ -75,45 +68,19 @@ class Delivery:
     """When JetStream stored the message (None for core request/reply)."""
     body: bytes = b""
     """The message's body as it arrived (and as its sender signed it)."""
-    ack_wait_s: float = topo.ACK_WAIT_S
-    """The consumer's ``ack_wait``: ``keepalive`` beats three times in it."""
 
     @property
     def owner(self) -> str:
         """Identity of the message (not of this delivery): its subject and stream sequence."""
         return f"{self.subject}@{self.seq}"
 
-    async def heartbeat(self) -> None:
-        """Tell JetStream the handler is alive (extends ``ack_wait`` for long model calls)."""
-        if self._msg is not None:
-            await self._msg.in_progress()
-
     @contextlib.asynccontextmanager
-    async def keepalive(self, every_s: float | None = None) -> AsyncIterator[None]:
-        """Heartbeat every third of ``ack_wait`` while the block runs, so a long call keeps its
-        message instead of having it redelivered to another replica mid-call. A message from a
-        fair consumer is beaten for by its consumer already (``mesh_kit.fair``): nothing to add."""
-        if getattr(self._msg, "kept_alive", False):
+    async def keepalive(self) -> AsyncIterator[None]:
+        """A long call on purpose (a model or tool call, a full stream): the consumer, which beats
+        for every message it holds (``mesh_kit.fair``), keeps this one alive past
+        ``MESH_HOLD_MAX_S`` while the block runs, instead of taking its handler for stuck."""
+        with self._msg.hold() if self._msg is not None else contextlib.nullcontext():
             yield
-            return
-        every = every_s or self.ack_wait_s / 3
-
-        async def beat() -> None:
-            while True:
-                await asyncio.sleep(every)
-                try:
-                    await self.heartbeat()
-                except nats.errors.Error as exc:  # the broker is away: the next beat may reach it
-                    log.debug("heartbeat for %s not sent: %s", self.subject, exc)
-
-        task = asyncio.create_task(beat()) if self._msg is not None else None
-        try:
-            yield
-        finally:
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
 
 
 Handler = Callable[[Any, Delivery], Awaitable[None]]

@@ -26,8 +26,8 @@ does not redeliver them elsewhere), and on stop the waiting ones are handed back
 NAK without delay) for another replica to take.
 
 Failing over in seconds: every ``ack_wait / 4`` the consumer beats for each message it holds,
-waiting or handled (a handler for up to ``hold_max_s``; fencing keeps a stuck one's successor
-single), so ``ack_wait`` is short: a dead replica's messages go to a live one ``ack_wait`` after
+waiting or handled (a handler for up to ``hold_max_s`` unless in a long call, ``Fetched.hold``;
+fencing keeps a stuck one's successor single), so ``ack_wait`` is short: a dead replica's messages go to a live one ``ack_wait`` after
 its last beat. The price: an in-progress ack per held message per beat (none if handled sooner).
 """
 
@@ -40,7 +40,7 @@ import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import nats
@@ -94,7 +94,8 @@ class Fetched:
     """A fetched JetStream message with the controls the mesh's dispatch uses (the same names as
     FastStream's ``NatsMessage``)."""
 
-    __slots__ = ("beat_at", "consumer", "fetched_at", "priority", "raw_message", "redelivered", "seq", "tenant")
+    __slots__ = ("beat_at", "calls", "consumer", "fetched_at", "priority", "raw_message", "redelivered", "seq",
+                 "taken_at", "tenant")  # fmt: skip
 
     def __init__(self, raw: Any, consumer: FairConsumer | None = None) -> None:
         self.raw_message, self.consumer = raw, consumer
@@ -102,12 +103,19 @@ class Fetched:
         self.tenant = tenant_of(raw.subject)
         self.priority = priority_of(raw.headers)
         self.redelivered = _deliveries(raw) > 1
-        self.fetched_at = self.beat_at = time.monotonic()
+        self.fetched_at = self.beat_at = self.taken_at = time.monotonic()
+        self.calls = 0
+        """Long calls its handler has said it is in (``hold``): kept alive past ``hold_max_s``."""
 
-    @property
-    def kept_alive(self) -> bool:
-        """Whether its consumer beats for it while it is held (then a handler need not)."""
-        return self.consumer is not None
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        """Its handler is in a long call on purpose (a model, a tool, a full stream): the consumer
+        keeps beating for it however long that takes, not only for ``hold_max_s``."""
+        self.calls += 1
+        try:
+            yield
+        finally:
+            self.calls -= 1
 
     async def ack(self) -> None:
         await self.raw_message.ack()
@@ -283,6 +291,7 @@ class FairConsumer:
             item = self.queue.pop()
             if self.held.get(item.seq) is item:
                 del self.held[item.seq]  # handled now: a redelivery from here on is a copy of its own
+            item.taken_at = time.monotonic()
             task = asyncio.create_task(self._run(item))
             self.running[task] = item
 
@@ -329,7 +338,7 @@ class FairConsumer:
         while True:
             await asyncio.sleep(every)
             now = time.monotonic()
-            handled = [i for i in self.running.values() if now - i.fetched_at < self.hold_max_s]
+            handled = [i for i in self.running.values() if i.calls or now - i.taken_at < self.hold_max_s]
             for item in [*self.queue.items(), *self.parked, *handled]:
                 if now - item.beat_at >= every:
                     try:

@@ -77,8 +77,9 @@ class ServiceSettings(BaseSettings):
     replica's messages wait before a live one gets them. A live one says every quarter of it, for
     each message it holds, that it is alive (``mesh_kit.fair``)."""
     hold_max_s: float = Field(600.0, gt=0)
-    """How long a handler may hold its message alive; one stuck longer stops being kept alive and
-    its message goes to another replica after ``ack_wait`` (fencing keeps its effects single)."""
+    """How long a handler may hold its message alive outside a long call (a model or tool call, a
+    full stream: ``Delivery.keepalive``); one stuck longer stops being kept alive and its message
+    goes to another replica after ``ack_wait`` (fencing keeps its effects single)."""
     max_deliver: int = Field(topo.MAX_DELIVER, ge=1, lt=topo.SERVER_MAX_DELIVER + 1)
     """Attempts before a failing message is dead-lettered (the provisioned consumer allows one more)."""
     request_timeout_s: float = Field(2.0, gt=0)

@@ -15,6 +15,7 @@ the server's deduplication window would.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -73,8 +74,8 @@ class Message:
     async def reject(self) -> None:
         self._settled("rejected")
 
-    async def in_progress(self) -> None:
-        pass
+    def hold(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()  # nothing redelivers here: nothing to keep alive
 
     def park(self, until: Callable[[], Awaitable[None]]) -> bool:
         self._settled("parked")

@@ -83,9 +83,7 @@ class Pipeline:
             await self.settle.give_up(msg, self.durable, "rejected", reason, where, self.on_reject)
             return
 
-        delivery = Delivery(
-            sender, raw.subject, msg_id, deliveries, headers, msg, seq, stored_at, raw.data, self.settings.ack_wait_s
-        )
+        delivery = Delivery(sender, raw.subject, msg_id, deliveries, headers, msg, seq, stored_at, raw.data)
         if deliveries > 1:
             self._count(tel.M_REDELIVERED)
         with self.tracer.start_as_current_span(f"handle {model.type}") as span:
