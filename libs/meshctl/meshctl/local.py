@@ -154,8 +154,10 @@ class MeshState:
         tmp.write_text(json.dumps(asdict(self), indent=2))
         os.replace(tmp, path)
 
-    def procs(self) -> list[Proc]:
-        return [*self.services.values(), *([self.redis] if self.redis else []), *self.nats]
+    def procs(self, *, supervisor: bool = False) -> list[Proc]:
+        """The mesh's processes (and, with ``supervisor``, the one restarting them)."""
+        boss = [self.supervisor] if supervisor and self.supervisor else []
+        return [*self.services.values(), *([self.redis] if self.redis else []), *self.nats, *boss]
 
 
 # Children started by this process, by pid: held so they can be reaped when stopped (a dropped
@@ -504,7 +506,7 @@ async def up(
     """Start nats-server (one, or a ``cluster``-node JetStream cluster with every stream and
     bucket replicated ``cluster`` times), redis-server and the services; provision in between."""
     existing = MeshState.load(home)
-    if existing and any(p.alive() for p in (*existing.procs(), *filter(None, [existing.supervisor]))):
+    if existing and any(p.alive() for p in existing.procs(supervisor=True)):
         raise MeshError(f"a mesh is already running from {home} (meshctl down first)")
     for label, flag, first in (("NATS", "nats", nats_port), ("NATS monitoring", "http", http_port)):
         for port in range(first, first + cluster) if first else ():

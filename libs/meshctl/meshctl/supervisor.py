@@ -128,17 +128,17 @@ class Supervisor:
                 why = describe(code)
                 if code > 0 and (line := last_line(proc.log)):  # it failed by itself: its last word
                     why += f": {line[:200]}"
-                self.ended(proc, w, why, now)
+                self.ended(proc, w, why, now, killed=code < 0)
                 changed = True
             if proc.state == "restarting" and w.due is not None and now >= w.due:
                 self.restart(proc, w, now)
                 changed = True
         return changed
 
-    def ended(self, proc: Proc, w: Watch, why: str, now: float) -> None:
+    def ended(self, proc: Proc, w: Watch, why: str, now: float, *, killed: bool = False) -> None:
         """Log how ``proc`` ended and schedule its restart, or give it up (a crash loop)."""
         proc.last_exit = why
-        if w.ready and why.startswith("killed by"):  # killed from outside while serving
+        if w.ready and killed:  # by a signal from outside, while it served
             w.streak, w.due, w.counted = 0, now, False
             proc.state = "restarting"
             log.warning("%s (pid %d) %s while serving; restarting it now", proc.name, proc.pid, why)
@@ -203,7 +203,7 @@ class Supervisor:
             if proc.alive():  # (one that exited again is the poll's to tell)
                 log.warning("%s (pid %d) not ready: %s", proc.name, proc.pid, exc)
             return
-        if self.state.procs() and proc in self.state.procs():
+        if any(p is proc for p in self.state.procs()):  # not replaced meanwhile
             self.watch[proc.name].ready = True
         log.info("%s ready again (pid %d) %.2f s after its exit was noticed", proc.name, proc.pid,
                  time.monotonic() - since)  # fmt: skip

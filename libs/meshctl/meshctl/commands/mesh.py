@@ -180,9 +180,8 @@ async def _look(args: argparse.Namespace, state: MeshState, asker: Asker | None)
 
 def _processes(state: MeshState) -> dict[str, dict[str, Any]]:
     """Every process of the mesh as the supervisor keeps it: pid, alive, state, restarts, last exit."""
-    procs = [*state.procs(), *([state.supervisor] if state.supervisor else [])]
     return {p.name: {"pid": p.pid, "alive": p.alive(), "state": p.state, "restarts": p.restarts,
-                     "last_exit": p.last_exit} for p in procs}  # fmt: skip
+                     "last_exit": p.last_exit} for p in state.procs(supervisor=True)}  # fmt: skip
 
 
 def _down_reason(proc: Proc) -> str:
