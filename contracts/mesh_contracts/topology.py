@@ -140,9 +140,14 @@ class Bucket:
     """Principals that subscribe to the bucket's republished feed (``watch_feed("KV_<bucket>")``):
     every write the bucket stored, with its revision and the key's previous revision, so a
     reader keeps the keys it read current without reading them again (``mesh_durable.view``)."""
+    synced: bool = True
+    """Each write synced to disk before the broker acknowledges it (``sync_interval: always``).
+    False: written back asynchronously (``persist_mode: async``, single-replica meshes): for what a
+    broker crash may lose the last second of without losing work, an effect or money promised."""
 
 
 TRUST_BUCKET = "trust"
+CALLS_BUCKET = "calls"
 TRUST_KEY = "bundle"
 
 BUCKETS: tuple[Bucket, ...] = (
@@ -284,11 +289,24 @@ BUCKETS: tuple[Bucket, ...] = (
     ),
     Bucket(
         "ledger",
+        # planner, worker, checker: their model calls' records before the ``calls`` bucket (read by a
+        # replay of a task recorded then; this release only)
         per_service=("planner", "worker", "checker", "tool-executor"),
         history=1,
         ttl_s=30 * 24 * 3600.0,
-        description="Idempotency ledger: result of every side effect and paid call, by deterministic key. "
+        description="Idempotency ledger: claim and result of every side effect, by deterministic key. "
         "Keys outlive the stream dedup window by far.",
+    ),
+    Bucket(
+        CALLS_BUCKET,
+        per_service=("planner", "worker", "checker"),
+        history=1,
+        ttl_s=30 * 24 * 3600.0,
+        synced=False,
+        description="Recorded model calls (key <service>.<tenant>.<task>.llm.<call>): each paid call's response and "
+        "usage, so a redelivered call is answered without paying again and a replay answers from the recording. "
+        "Written back asynchronously: a broker crash may lose the last recordings (a redelivery then pays again, a "
+        "replay calls live), never an effect.",
     ),
 )
 

@@ -3,6 +3,8 @@ attempt, and a live claim by another message keeps that message waiting."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from integration_helpers import running, settings_for
 
@@ -46,3 +48,37 @@ async def test_performed_once_then_answered_from_the_record(integration_infra, u
 
         assert await ledger.run(held, slow, owner="TOOL:5", attempt=1) == "done"
         assert await ledger.run(held, perform, owner="TOOL:6", attempt=2) == "done"
+
+
+async def test_a_model_call_is_recorded_in_one_write_and_answers_every_later_attempt(integration_infra, unique):
+    """``claim=False`` (model calls): no claim, one stored write per call; the first record wins
+    and answers a redelivery, another message and a racing performer alike."""
+    mesh = Mesh(settings_for(integration_infra, "worker"))
+    async with running(mesh):
+        kv = st.bind(mesh.nc, BUCKET)
+        ledger = Ledger(kv, "worker")
+        key = ledger.key("acme", unique("t"), "llm", "s1-a1-i0")
+        performed: list[int] = []
+
+        async def call(k: str) -> dict:
+            performed.append(len(performed) + 1)
+            return {"text": f"answer {len(performed)}"}
+
+        first = await ledger.run(key, call, owner="STEP:1", attempt=1, claim=False)
+        entry = await kv.get(key)
+        assert entry.revision is not None
+        assert json.loads(entry.value)["status"] == "done", "recorded as done in its only write"
+        again = await ledger.run(key, call, owner="STEP:1", attempt=2, claim=False)
+        other = await ledger.run(key, call, owner="STEP:9", attempt=1, claim=False)
+        assert first == again == other == {"text": "answer 1"} and performed == [1]
+        assert (await kv.get(key)).revision == entry.revision, "answering from the record writes nothing"
+
+        raced = ledger.key("acme", unique("t"), "llm", "s2-a1-i0")
+
+        async def slow(k: str) -> dict:
+            # another performer records first while this call runs: its record answers us both
+            await ledger.run(raced, call, owner="STEP:3", attempt=1, claim=False)
+            return {"text": "late"}
+
+        assert await ledger.run(raced, slow, owner="STEP:2", attempt=1, claim=False) == {"text": "answer 2"}
+        assert json.loads((await kv.get(raced)).value)["result"] == {"text": "answer 2"}

@@ -439,7 +439,9 @@ async def call_model_once(
         record = await perform("")
     else:
         owner, attempt = (delivery.owner, delivery.deliveries) if delivery is not None else ("", 1)
-        record = await ledger.run(ledger.key(tenant, task_id, "llm", call_id), perform, owner=owner, attempt=attempt)
+        # No claim: a model call's repetition costs money, never an effect (one stored write per call)
+        record = await ledger.run(ledger.key(tenant, task_id, "llm", call_id), perform, owner=owner,
+                                  attempt=attempt, claim=False)  # fmt: skip
     response = _response(record["response"])
     usage = TokenUsage(**record["usage"])
     if not performed:

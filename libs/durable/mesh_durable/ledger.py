@@ -10,6 +10,11 @@ What the ledger cannot do alone: if a process dies after performing an effect bu
 recording it, the next attempt performs again. That window is closed by passing the same
 key to the effect itself (an idempotency key the sink deduplicates on), which is why
 ``run`` hands ``key`` to ``perform``.
+
+A paid call that leaves nothing outside the mesh (a model call) is recorded without a claim
+(``run(..., claim=False)``): one stored write per call instead of two. The claim only makes a
+*different* message wait while the call runs; for a model call the price of that race is paying
+twice, never a second effect, and the record still answers every later attempt.
 """
 
 from __future__ import annotations
@@ -22,11 +27,15 @@ from typing import Any
 
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
+from mesh_contracts import topology
 from mesh_durable.errors import DurableError
 from mesh_kit.delivery import Retry
 from mesh_kit.state import KV
 
 BUCKET = "ledger"
+CALLS = topology.CALLS_BUCKET
+"""Where model calls are recorded (``run(..., claim=False)``): not synced per write (a lost record
+costs a second payment, never a second effect), so a call costs no synced write at all."""
 CLAIM_LEASE_S = 600.0
 """A claim held by a *different* message is respected this long; after it, the claimant is
 presumed dead and its claim is taken over."""
@@ -44,26 +53,32 @@ class _Done:
 
 
 class Ledger:
-    def __init__(self, kv: KV, service: str) -> None:
+    """``earlier``: a bucket that held these keys before (read when ``kv`` has no record of one)."""
+
+    def __init__(self, kv: KV, service: str, *, earlier: KV | None = None) -> None:
         self.kv = kv
         self.service = service
+        self.earlier = earlier
 
     def key(self, *parts: str) -> str:
         """``<service>.<parts...>``: the service's own prefix is the only one it may write."""
         return ".".join((self.service, *parts))
 
     async def recorded(self, key: str) -> Any | None:
-        try:
-            entry = await self.kv.get(key)
-        except KeyNotFoundError:
-            return None
-        if entry.value is None:
-            return None
-        record = json.loads(entry.value)
-        return record["result"] if record.get("status") == "done" else None
+        for kv in (self.kv, self.earlier):
+            if kv is None:
+                continue
+            try:
+                entry = await kv.get(key)
+            except KeyNotFoundError:
+                continue
+            record = json.loads(entry.value or b"{}")
+            if record.get("status") == "done":
+                return record["result"]
+        return None
 
     async def run(self, key: str, perform: Callable[[str], Awaitable[Any]], *, owner: str = "",
-                  attempt: int = 1) -> Any:  # fmt: skip
+                  attempt: int = 1, claim: bool = True) -> Any:  # fmt: skip
         """Return the recorded result for ``key``, or perform once and record it.
 
         ``owner`` identifies the message being handled (stream and sequence) and ``attempt`` its
@@ -71,7 +86,13 @@ class Ledger:
         delivery is gone: JetStream redelivers only after ack_wait or a NAK); a different message
         meeting a live claim gets ``Busy``. ``perform`` receives ``key`` to pass on as the effect's
         own idempotency key. The result must be JSON-serialisable.
+
+        ``claim=False``: read the record, perform if there is none, record (a create: the first
+        record wins and answers every caller). For calls whose repetition costs money, not an
+        effect: no claim write, so one stored write instead of two.
         """
+        if not claim:
+            return await self._record_only(key, perform)
         claimed = await self._claim(key, owner, attempt)  # a new key: one write, no read first
         if isinstance(claimed, _Done):
             return claimed.result
@@ -87,6 +108,21 @@ class Ledger:
             if winner is not None:
                 return winner
             await self.kv.put(key, record)
+        return result
+
+    async def _record_only(self, key: str, perform: Callable[[str], Awaitable[Any]]) -> Any:
+        was = await self.recorded(key)
+        if was is not None:
+            return was
+        result = await perform(key)
+        record = json.dumps({"status": "done", "result": result, "at": time.time()}).encode()
+        try:
+            await self.kv.create(key, record)
+        except KeyWrongLastSequenceError:
+            winner = await self.recorded(key)  # recorded meanwhile: the first record answers everyone
+            if winner is not None:
+                return winner
+            await self.kv.put(key, record)  # a claim of a claiming caller that died: ours is the record
         return result
 
     async def _claim(self, key: str, owner: str, attempt: int) -> int | _Done:

@@ -54,9 +54,10 @@ def kv_scan(bucket: str) -> set[str]:
     return {f"$JS.API.DIRECT.GET.KV_{bucket}.>", f"$JS.API.DIRECT.GET.KV_{bucket}"}
 
 
-def ledger(service: str) -> set[str]:
-    """Its own slice of the shared idempotency ledger: only keys under its own name."""
-    return {f"$JS.API.DIRECT.GET.KV_ledger.$KV.ledger.{service}.>"}
+def ledger(service: str, bucket: str = "ledger") -> set[str]:
+    """Its own slice of the shared idempotency ledger (or of the recorded model calls, ``calls``):
+    only keys under its own name."""
+    return {f"$JS.API.DIRECT.GET.KV_{bucket}.$KV.{bucket}.{service}.>"}
 
 
 def stream_read(stream: str) -> set[str]:
@@ -113,6 +114,7 @@ INTENDED: dict[str, set[str]] = {
     # how full each stream is (caps and counts, no message): new tasks are refused near a cap
     | STORE_LEVELS
     | ledger("planner")
+    | ledger("planner", "calls")  # its model calls, recorded
     | quota("planner", "TASK", "CONTROL")  # the door of submissions and control messages
     | DOOR_KEEPER,
     "worker": EVERY_SERVICE
@@ -125,6 +127,7 @@ INTENDED: dict[str, set[str]] = {
     | kv_read("tools")
     | kv_read("releases")  # the prompts, routes and tool rules of the release a step runs
     | ledger("worker")
+    | ledger("worker", "calls")  # its model calls, recorded
     | quota("worker", "STEP", "TOOL", "RAG", "USAGE", "EVENTS"),
     # The checker reads no stream and no task record: the passages it checks citations against
     # come in the check request, each as rag signed it.
@@ -133,6 +136,7 @@ INTENDED: dict[str, set[str]] = {
     | GUARD
     | kv_read("releases")  # the judge's prompts and route of the release a check runs
     | ledger("checker")
+    | ledger("checker", "calls")  # its model calls, recorded
     | quota("checker", "CHECK", "USAGE", "EVENTS"),
     "rag": EVERY_SERVICE
     | fetch("RAG", "rag--rag-requested")

@@ -31,6 +31,7 @@ from mesh_contracts import ContractError
 from mesh_contracts.v1 import CheckRequested, CheckResult, CheckVerdict, RetrievalCompleted, TokenUsage
 from mesh_durable import guard, records
 from mesh_durable.ledger import BUCKET as LEDGER
+from mesh_durable.ledger import CALLS
 from mesh_durable.ledger import Ledger
 from mesh_identity import IdentityError
 from mesh_kit import Delivery, Mesh
@@ -70,7 +71,7 @@ class Checker:
     async def start(self) -> None:
         if self.models is None:
             self.models = configured(self.mesh, self.settings)
-        self.ledger = Ledger(await self.mesh.kv(LEDGER), self.mesh.service)
+        self.ledger = Ledger(await self.mesh.kv(CALLS), self.mesh.service, earlier=await self.mesh.kv(LEDGER))
         self.bundles = records.Bundles(await self.mesh.kv("releases"))
 
     def register(self) -> None:

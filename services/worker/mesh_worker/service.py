@@ -34,6 +34,7 @@ from mesh_contracts.v1 import (
 from mesh_durable import guard, records
 from mesh_durable import metrics as durable_metrics
 from mesh_durable.ledger import BUCKET as LEDGER
+from mesh_durable.ledger import CALLS
 from mesh_durable.ledger import Ledger
 from mesh_guardrails.injection import UNTRUSTED_NOTICE, score_many
 from mesh_guardrails.provenance import Text
@@ -70,7 +71,7 @@ class Worker:
     async def start(self) -> None:
         self.steps = await self.mesh.kv("steps")
         self.bundles = records.Bundles(await self.mesh.kv("releases"))
-        self.ledger = Ledger(await self.mesh.kv(LEDGER), self.mesh.service)
+        self.ledger = Ledger(await self.mesh.kv(CALLS), self.mesh.service, earlier=await self.mesh.kv(LEDGER))
         await self.calls.start(await self.mesh.kv("tools"))  # the tool-executor's catalogue
 
     def register(self) -> None:
