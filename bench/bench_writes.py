@@ -1,17 +1,27 @@
-"""Stored writes per sample task, by stream and bucket: where a task's fsync'd writes go.
+"""Stored writes per sample task, by stream and bucket and by kind: where a task's writes go, and
+which of them the broker syncs to disk before it acknowledges.
 
 Starts a local mesh, runs one warm-up task, then ``--tasks`` sample tasks one after another, and
 prints each stream's growth in sequence numbers per task (a KV bucket is the stream
-``KV_<bucket>``; every put, create, update or delete is one stored write).
+``KV_<bucket>``; every put, create, update or delete is one stored write). A stream made with
+``persist_mode: async`` (the broker writes it back later) is counted apart from the synced ones:
+the synced count is what the write budget (README, "Durable writes per task") bounds.
 
-    python bench/bench_writes.py [--tasks 10]
+``--by-kind`` also names each write: the subject it was stored on, with the tenant, task, step
+and call ids taken out (seen by an admin subscription while the tasks ran). ``--json`` prints
+the counts as one JSON object (what ``tests/e2e/test_write_budget.py`` reads).
+
+    python bench/bench_writes.py [--tasks 10] [--by-kind] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import re
 import tempfile
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -21,41 +31,107 @@ from bench_task import GOAL
 from meshctl import local
 from meshctl.client import TenantClient
 
-
-async def last_seqs(js: Any) -> dict[str, int]:
-    return {si.config.name: si.state.last_seq for si in await js.streams_info()}
+TENANT = "bench"
 
 
-async def main(tasks: int) -> None:
+async def streams(js: Any) -> dict[str, tuple[int, bool, list[str]]]:
+    """name -> (last sequence, synced per message, subjects) of every stream."""
+    out = {}
+    for si in await js.streams_info():
+        mode = str(getattr(si.config.persist_mode, "value", si.config.persist_mode) or "default")
+        out[si.config.name] = (si.state.last_seq, mode != "async", list(si.config.subjects or []))
+    return out
+
+
+def matches(pattern: str, subject: str) -> bool:
+    """NATS subject matching (``*`` one token, ``>`` the rest)."""
+    p, s = pattern.split("."), subject.split(".")
+    for i, tok in enumerate(p):
+        if tok == ">":
+            return len(s) > i
+        if i >= len(s) or (tok != "*" and tok != s[i]):
+            return False
+    return len(p) == len(s)
+
+
+IDS = [
+    (re.compile(r"\bt-[0-9a-f]{6,}\b"), "<task>"),
+    (re.compile(r"\b(s\d+|plan|judge)(-(r|a)\d+)?(-i\d+)?(-c\d+)?(-\d+)?\b"), "<call>"),
+    (re.compile(r"\b20\d{6}\b"), "<day>"),
+]
+
+
+def kind(subject: str) -> str:
+    """``subject`` with the ids of one task taken out: what kind of write it is."""
+    subject = subject.replace(f".{TENANT}.", ".<tenant>.").replace(f".{TENANT}", ".<tenant>")
+    for rx, name in IDS:
+        subject = rx.sub(name, subject)
+    return subject
+
+
+async def measure(tasks: int, *, by_kind: bool = False) -> dict[str, Any]:
     home = Path(tempfile.mkdtemp(prefix="agentmesh-writes-"))
-    state = await local.up(home, tenants=["bench"], nats_port=0, http_port=0, redis_port=0)
+    state = await local.up(home, tenants=[TENANT], nats_port=0, http_port=0, redis_port=0)
     ids = local.Identities(home)
+    seen: Counter[tuple[str, str]] = Counter()
     try:
         nc = await nats.connect(state.nats_url, **ids.connect_options("admin"))
         js = nc.jetstream()
-        async with TenantClient.of(ids, state.nats_url, "bench") as c:
+        async with TenantClient.of(ids, state.nats_url, TENANT) as c:
             await c.submit(GOAL, timeout=60)
             await asyncio.sleep(1.0)  # the warm-up's trailing writes (usage accounting) land
-            before = await last_seqs(js)
+            before = await streams(js)
+            by_subject = {n: subjects for n, (_, _, subjects) in before.items()}
+
+            async def on_msg(msg: Any) -> None:
+                if (msg.reply or "").startswith("$JS.ACK."):
+                    return  # a consumer's delivery of a stored message, not a write
+                for name, subjects in by_subject.items():
+                    if any(matches(p, msg.subject) for p in subjects):
+                        seen[(name, kind(msg.subject))] += 1
+                        return
+
+            sub = await nc.subscribe(">", cb=on_msg) if by_kind else None
             for _ in range(tasks):
                 await c.submit(GOAL, timeout=60)
             await asyncio.sleep(2.0)
-            after = await last_seqs(js)
+            after = await streams(js)
+            if sub is not None:
+                await sub.unsubscribe()
         await nc.close()
     finally:
         local.down(home)
-    per = {k: (after[k] - before.get(k, 0)) / tasks for k in after}
-    print(f"stored writes per sample task ({tasks} tasks, one after another):")
-    for name, n in sorted(per.items(), key=lambda kv: -kv[1]):
-        if n:
-            print(f"  {name:<20} {n:6.1f}")
-    print(f"  {'total':<20} {sum(per.values()):6.1f}")
+    per = {k: (after[k][0] - before.get(k, (0, True, []))[0]) / tasks for k in after}
+    return {
+        "tasks": tasks,
+        "streams": {k: {"writes": n, "synced": after[k][1]} for k, n in per.items() if n},
+        "synced": sum(n for k, n in per.items() if after[k][1]),
+        "unsynced": sum(n for k, n in per.items() if not after[k][1]),
+        "kinds": {f"{s} {k}": n / tasks for (s, k), n in sorted(seen.items())},
+    }
+
+
+def report(r: dict[str, Any]) -> str:
+    lines = [f"stored writes per sample task ({r['tasks']} tasks, one after another):"]
+    rows = sorted(r["streams"].items(), key=lambda kv: (-kv[1]["writes"], kv[0]))
+    for name, row in rows:
+        lines.append(f"  {name:<20} {row['writes']:6.1f}  {'synced' if row['synced'] else 'async (not synced)'}")
+    lines.append(f"  {'synced':<20} {r['synced']:6.1f}  (the write budget's count)")
+    lines.append(f"  {'async':<20} {r['unsynced']:6.1f}")
+    lines.append(f"  {'total':<20} {r['synced'] + r['unsynced']:6.1f}")
+    if r["kinds"]:
+        lines.append("by kind (subjects seen, ids taken out; a sourced copy has no subject of its own):")
+        lines += [f"  {n:6.1f}  {k}" for k, n in sorted(r["kinds"].items(), key=lambda kv: (kv[0].split()[0], -kv[1]))]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tasks", type=int, default=10)
+    ap.add_argument("--by-kind", action="store_true", help="name each write by its subject, ids taken out")
+    ap.add_argument("--json", action="store_true", help="print the counts as one JSON object")
     a = ap.parse_args()
     if a.tasks < 1:
         ap.error("--tasks must be at least 1")
-    asyncio.run(main(a.tasks))
+    result = asyncio.run(measure(a.tasks, by_kind=a.by_kind))
+    print(json.dumps(result) if a.json else report(result))

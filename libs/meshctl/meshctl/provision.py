@@ -6,14 +6,15 @@ services, owns it; a subscriber binding an existing durable never updates it).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TypedDict
 
 import nats
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext, api
-from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.errors import NotFoundError
 
 from mesh_contracts import topology as topo
 
@@ -33,6 +34,14 @@ RECORD_RETENTION_S = 0.0
 ``--record-retention-days``; 0 keeps them until deleted. Never shorter than the messages'
 retention: a task's status must outlive every stored message about it (a late redelivery of an
 ended task's step is stopped by it)."""
+UNSYNCED: frozenset[str] = frozenset({topo.STREAMS["event"]})
+"""Streams written back to disk asynchronously (``persist_mode: async``), not synced per message
+as the mesh's work streams are: what they hold is never work anybody was promised. EVENTS is
+progress for people following a task (18 of a sample task's stored writes, the largest share); a
+broker crash may lose its last events, never an outcome (a client's catch-up reads the TASK
+stream) nor a step (STEP, the checkpoints). The broker refuses async persistence on a replicated
+stream (there the replicas are the durability) and cannot change it on an existing one: a stream
+made synced stays synced until it is made again (``ProvisionReport.notes`` says so)."""
 MIB = 1 << 20
 STREAM_MAX_BYTES = 512 * MIB
 """Each work stream's (and the dead-letter stream's) cap on stored bytes: ``--stream-max-mib``.
@@ -52,6 +61,8 @@ class ProvisionReport:
     streams: list[str]
     consumers: list[str]
     buckets: list[str]
+    notes: list[str] = field(default_factory=list)
+    """What provisioning could not make as configured (and why), for the operator."""
 
 
 class StreamCaps(TypedDict):
@@ -113,6 +124,7 @@ def stream_configs(
                 if stream in topo.watched_streams()
                 else None
             ),
+            persist_mode=api.PersistMode.ASYNC if stream in UNSYNCED and replicas == 1 else None,
             description=f"AgentMesh {domain} messages (all contract versions)",
         )
         for domain, stream in topo.STREAMS.items()
@@ -163,6 +175,50 @@ def stream_configs(
     return configs
 
 
+async def _create_unsynced_bucket(js: JetStreamContext, kv: api.KeyValueConfig) -> None:
+    """A KV bucket whose writes the broker persists asynchronously (``Bucket.synced`` false): the
+    stream ``create_key_value`` makes, with ``persist_mode: async`` (which it cannot set, and
+    which no update can set later)."""
+    await js.add_stream(
+        api.StreamConfig(
+            name=f"KV_{kv.bucket}",
+            description=kv.description,
+            subjects=[f"$KV.{kv.bucket}.>"],
+            allow_direct=kv.direct,
+            allow_rollup_hdrs=True,
+            allow_msg_ttl=True,
+            deny_delete=True,
+            discard=api.DiscardPolicy.NEW,
+            duplicate_window=min(120.0, kv.ttl or 120.0),
+            max_age=kv.ttl,
+            max_consumers=-1,
+            max_msgs=-1,
+            max_msgs_per_subject=kv.history,
+            num_replicas=kv.replicas,
+            storage=kv.storage,
+            republish=kv.republish,
+            persist_mode=api.PersistMode.ASYNC,
+        )
+    )
+
+
+def _keeping_persist_mode(cfg: api.StreamConfig, now: api.StreamConfig, report: ProvisionReport) -> api.StreamConfig:
+    """``cfg`` with the persist mode the stream was made with (the broker cannot change it)."""
+    want, has = _mode(cfg.persist_mode), _mode(now.persist_mode)
+    if want == has:
+        return cfg
+    report.notes.append(
+        f"{cfg.name} was made with persist mode {has}, not {want}, and the broker cannot change it: "
+        f"it stays {has} until the stream is made again (delete it and provision)"
+    )
+    return dataclasses.replace(cfg, persist_mode=None if has == "default" else api.PersistMode(has))
+
+
+def _mode(mode: api.PersistMode | str | None) -> str:
+    """A persist mode as its name (the server leaves the default out; nats-py reads a string back)."""
+    return str(getattr(mode, "value", mode) or api.PersistMode.DEFAULT.value)
+
+
 def consumer_config(d: topo.Durable, replicas: int = 1, ack_wait_s: float = topo.ACK_WAIT_S) -> api.ConsumerConfig:
     return api.ConsumerConfig(
         name=d.name,
@@ -199,11 +255,11 @@ async def provision(
         # cap against the store before it sees the name is taken, and the caps of every stream
         # already reserved would not leave room for a second copy of one.
         try:
-            await js.stream_info(cfg.name or "")
+            info = await js.stream_info(cfg.name or "")
         except NotFoundError:
             await js.add_stream(cfg)
         else:
-            await js.update_stream(cfg)
+            await js.update_stream(_keeping_persist_mode(cfg, info.config, report))
         report.streams.append(cfg.name or "")
     await provision_envelopes(js, report, replicas=replicas, retention_s=retention_s, caps=caps)
     # Buckets before durables: a service waits for its durables (Mesh.start), so once they
@@ -211,23 +267,24 @@ async def provision(
     for b in topo.BUCKETS:
         republish = api.RePublish(src=f"$KV.{b.name}.>", dest=topo.watch_feed(f"KV_{b.name}")) if b.fed else None
         ttl = record_retention_s if b.records else b.ttl_s
+        kv = api.KeyValueConfig(
+            bucket=b.name,
+            history=b.history,
+            storage=api.StorageType.FILE,
+            replicas=replicas,
+            description=b.description,
+            direct=True,
+            ttl=ttl or None,
+            republish=republish,
+        )
         try:
-            await js.create_key_value(
-                api.KeyValueConfig(
-                    bucket=b.name,
-                    history=b.history,
-                    storage=api.StorageType.FILE,
-                    replicas=replicas,
-                    description=b.description,
-                    direct=True,
-                    ttl=ttl or None,
-                    republish=republish,
-                )
-            )
-        except BadRequestError as exc:
-            if exc.err_code != 10058:  # provisioned before with another configuration: reconcile
-                raise
             info = await js.stream_info(f"KV_{b.name}")
+        except NotFoundError:
+            if b.synced or replicas > 1:
+                await js.create_key_value(kv)
+            else:
+                await _create_unsynced_bucket(js, kv)
+        else:  # provisioned before, perhaps with another configuration: reconcile
             info.config.republish = republish
             info.config.description = b.description
             info.config.max_age = ttl or 0  # a retention changed since: provisioning owns it

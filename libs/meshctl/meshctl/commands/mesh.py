@@ -85,6 +85,8 @@ def cmd_provision(args: argparse.Namespace) -> int:
             f"provisioned {len(report.streams)} streams, {len(report.consumers)} durable consumers, "
             f"{len(report.buckets)} KV buckets"
         )
+        for note in report.notes:
+            print(f"note: {note}")
 
     asyncio.run(run())
     return 0
