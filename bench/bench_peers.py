@@ -18,7 +18,7 @@ test) and non-zero, with one line saying why, when a side fails to run.
 Like for like, the mesh's clients here wait for the outcome alone (``progress=False``), as
 Temporal's do (``make bench`` measures a client that follows every progress event too).
 
-    python bench/bench_peers.py [--tasks 30] [--concurrency 32] [--rounds 1] [--stock-server]
+    python bench/bench_peers.py [--tasks 30] [--concurrency 32] [--rounds 1] [--writes-tasks 10] [--stock-server]
 """
 
 from __future__ import annotations
@@ -34,10 +34,14 @@ import tempfile
 from pathlib import Path
 
 import bench_task
+import bench_writes
 
 ROOT = Path(__file__).resolve().parents[1]
 PEER_SCRIPT = ROOT / "bench" / "peers" / "temporal_bench.py"
 THROUGHPUT_TARGET = 3.0  # mesh tasks/s >= 3x Temporal's on the same machine
+P50_TARGET = 0.5  # mesh sequential p50 <= 0.5x Temporal's
+CPU_TARGET_MS = 50.0  # mesh CPU per task, all processes
+WRITES_TARGET = 25.0  # synced stored writes per sample task (bench_writes)
 
 
 class SideFailed(Exception):
@@ -142,9 +146,11 @@ def main() -> int:
     ap.add_argument("--peer-python", type=Path, default=ROOT / ".venv-peers" / "bin" / "python")
     ap.add_argument("--stock-server", action="store_true", help="Temporal's start-dev defaults, untuned")
     ap.add_argument("--rounds", type=int, default=1, help="runs of each side, in turns; the table holds medians")
+    ap.add_argument("--writes-tasks", type=int, default=10,
+                    help="sample tasks to count synced writes over (bench_writes; 0: skip)")  # fmt: skip
     a = ap.parse_args()
-    if a.rounds < 1 or a.tasks < 1 or a.concurrency < 1:
-        ap.error("--rounds, --tasks and --concurrency must be at least 1")
+    if a.rounds < 1 or a.tasks < 1 or a.concurrency < 1 or a.writes_tasks < 0:
+        ap.error("--rounds, --tasks and --concurrency must be at least 1, --writes-tasks 0 or more")
     meshes: list[dict] = []
     peers: list[dict] = []
     try:
@@ -173,13 +179,42 @@ def main() -> int:
     print()
     print(table(mesh, peer))
     print()
-    ratio = mesh["tasks_per_s"] / peer["tasks_per_s"] if peer["tasks_per_s"] else float("inf")
-    met = "met" if ratio >= THROUGHPUT_TARGET else "not met"
-    print(f"throughput mesh/temporal: {ratio:.2f}x (target >= {THROUGHPUT_TARGET:g}x: {met})")
     mserver = sum(v for k, v in mesh["cpu_ms_per_task"].items() if k != "client")
     tserver = sum(v for k, v in peer["cpu_ms_per_task"].items() if k != "client")
     print(f"CPU per task, server side, mesh/temporal: {mserver / tserver:.2f}x (below 1x: the mesh spends less)")
+    writes = None
+    if a.writes_tasks:
+        print(
+            f"writes: {a.writes_tasks} sample tasks one after another in a fresh mesh ...", file=sys.stderr, flush=True
+        )
+        writes = asyncio.run(bench_writes.measure(a.writes_tasks))["synced"]
+    print()
+    print(targets(mesh, peer, writes))
     return 0
+
+
+def targets(mesh: dict, peer: dict, writes: float | None) -> str:
+    """Issue 39's targets, each with the measured figure and met / not met."""
+    throughput = mesh["tasks_per_s"] / peer["tasks_per_s"] if peer["tasks_per_s"] else float("inf")
+    p50 = mesh["p50_ms"] / peer["p50_ms"] if peer["p50_ms"] else float("inf")
+    cpu = sum(mesh["cpu_ms_per_task"].values())
+    rows = [
+        (
+            "throughput mesh/temporal",
+            f"{throughput:.2f}x",
+            f">= {THROUGHPUT_TARGET:g}x",
+            throughput >= THROUGHPUT_TARGET,
+        ),
+        ("sequential p50 mesh/temporal", f"{p50:.2f}x", f"<= {P50_TARGET:g}x", p50 <= P50_TARGET),
+        ("CPU per task, all processes", f"{cpu:.1f} ms", f"<= {CPU_TARGET_MS:g} ms", cpu <= CPU_TARGET_MS),
+    ]
+    if writes is not None:
+        rows.append(
+            ("synced writes per sample task", f"{writes:.1f}", f"<= {WRITES_TARGET:g}", writes <= WRITES_TARGET)
+        )
+    lines = ["targets:"]
+    lines += [f"  {name:<32} {got:>9}  target {want:<9} {'met' if ok else 'not met'}" for name, got, want, ok in rows]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
