@@ -1,6 +1,7 @@
 """The planner's outbox is sent in outbox order and only cleared once every message of it is
 stored: a publish that fails leaves the whole outbox for the redelivery, which sends it again
-without storing anything twice."""
+without storing anything twice. What is published is cleared by the task's next transition, in
+the write it makes anyway, or by a write of its own ``CLEAR_AFTER_S`` later."""
 
 from __future__ import annotations
 
@@ -93,6 +94,7 @@ async def test_an_outbox_is_sent_in_order_and_cleared_only_when_all_of_it_is_sto
         monkeypatch.setattr(mesh, "publish", real)
         await planner.outbox.flush(stored)
         assert await _stored_steps(infra, task) == [("s1", 1), ("s2", 1), ("s3", 1), ("s4", 1)]
+        await planner.outbox.drain()  # the clear waiting for a next transition, now
         after, _ = await st.load(planner.kv, key, TaskRecord)
         assert after is not None and after.outbox == []
 
@@ -123,8 +125,50 @@ async def test_a_message_in_two_handlers_outboxes_is_published_once(integration_
         await asyncio.gather(planner.outbox.flush(rec), planner.outbox.flush(rec))
         assert sent and set(sent.values()) == {1}, sent
         assert len(sent) == len(rec.outbox)
+        await planner.outbox.drain()
         after, _ = await st.load(planner.kv, key, TaskRecord)
         assert after is not None and after.outbox == []
         # Published already: a later flush of the same items (a redelivery) sends nothing.
         await planner.outbox.flush(rec)
         assert set(sent.values()) == {1}
+
+
+async def _writes(infra, key: str) -> int:
+    """Writes of one task record the bucket holds (its history keeps 5)."""
+    async with connect(infra, "admin") as nc:
+        subject = f"$KV.tasks.{key}"
+        info = await nc.jetstream().stream_info("KV_tasks", subjects_filter=subject)
+        return (info.state.subjects or {}).get(subject, 0)
+
+
+async def test_a_published_outbox_is_cleared_by_the_next_transition_in_the_write_it_makes_anyway(
+    integration_infra, unique
+):
+    import asyncio
+
+    from mesh_planner.outbox import CLEAR_AFTER_S
+
+    task = unique("outbox-fold")
+    async with _planner_with(integration_infra, task) as (_mesh, planner, rec, key):
+        await planner.outbox.flush(rec)  # published; its clear waits for a transition
+        assert await _writes(integration_infra, key) == 1
+        assert (await st.load(planner.kv, key, TaskRecord))[0].outbox == rec.outbox
+
+        def decide(r: TaskRecord) -> bool:
+            r.reason = "decided"
+            return True
+
+        await planner.transition("acme", task, decide)
+        stored, _ = await st.load(planner.kv, key, TaskRecord)
+        assert stored is not None and stored.reason == "decided" and stored.outbox == []
+        assert await _writes(integration_infra, key) == 2, "the decision and the clear: one write"
+        await asyncio.sleep(CLEAR_AFTER_S + 1.0)
+        assert await _writes(integration_infra, key) == 2, "the waiting clear found nothing to clear"
+
+    # No transition after it: the outbox is cleared by a write of its own, once its wait is over.
+    lone = unique("outbox-lone")
+    async with _planner_with(integration_infra, lone) as (_mesh, planner, rec, key):
+        await planner.outbox.flush(rec)
+        await asyncio.sleep(CLEAR_AFTER_S + 1.0)
+        stored, _ = await st.load(planner.kv, key, TaskRecord)
+        assert stored is not None and stored.outbox == [] and await _writes(integration_infra, key) == 2

@@ -191,6 +191,9 @@ class Submission:
         self.taken = asyncio.Event()  # the planner took the task up
         self.msg_id = ""  # the current attempt's submission
         self.earlier = env.message_id(TaskSubmitted.type_name(), client.tenant, submitted.task_id, "")
+        self._ids: set[str] = set()
+        """Message ids seen: a stored message's live copies (republished by a planner that did not
+        know it was sent: the stream dropped them) and its stored copy read back count once."""
 
     async def run(
         self, again: Resubmit, *, follow: bool, progress: bool, timeout: float, refusal_wait_s: float
@@ -254,11 +257,16 @@ class Submission:
 
     def accept(self, subject: str, data: bytes, headers: dict[str, str] | None) -> None:
         seen = self.seen
+        msg_id = (headers or {}).get(env.MSG_ID, "")
+        if msg_id in self._ids:
+            return
         try:
             model = self.client._believe(subject, data, headers)
         except (ContractError, IdentityError) as exc:
             seen.rejected_messages.append(f"{subject}: {exc}")
             return
+        if msg_id:  # counted once it is believed: a forgery cannot shadow the real message
+            self._ids.add(msg_id)
         if isinstance(model, TaskRejected):
             cause = (headers or {}).get(env.CAUSATION, "")
             if cause.startswith(self.earlier) and cause != self.msg_id:

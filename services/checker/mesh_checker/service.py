@@ -31,8 +31,7 @@ from mesh_contracts import ContractError
 from mesh_contracts.v1 import CheckRequested, CheckResult, CheckVerdict, RetrievalCompleted, TokenUsage
 from mesh_durable import guard, records
 from mesh_durable.ledger import BUCKET as LEDGER
-from mesh_durable.ledger import CALLS
-from mesh_durable.ledger import Ledger
+from mesh_durable.ledger import CALLS, Ledger
 from mesh_identity import IdentityError
 from mesh_kit import Delivery, Mesh
 from mesh_kit import telemetry as tel

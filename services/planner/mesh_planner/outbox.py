@@ -1,11 +1,14 @@
 """A task record's outbox. A transition writes the messages it decides (``out``, ``event``, a wait's
 wake-up) into the record in the same compare-and-set as the decision; ``Outbox`` publishes them
-with deterministic ids, then removes them from the record. A crash anywhere leaves either nothing
-done or an outbox that the next delivery flushes: no decision is lost, and the streams' dedup
-window absorbs republishing."""
+with deterministic ids, then removes them from the record: in the task's next transition's write
+when one comes within ``CLEAR_AFTER_S``, else in a write of its own. A crash anywhere leaves
+either nothing done or an outbox that the next delivery flushes: no decision is lost, and the
+streams' dedup window absorbs republishing."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -41,6 +44,16 @@ def event(rec: TaskRecord, stage: str, message: str, step_id: str = "", key: str
     )
 
 
+log = logging.getLogger("mesh.planner.outbox")
+
+CLEAR_AFTER_S = 2.0
+"""How long a published outbox stays in its record before a write of its own clears it. The task's
+next transition within that time clears it in the write it makes anyway (``drop_sent``): a sample
+task's transitions come a few hundred milliseconds apart, and its record writes went from 12 to 7.
+Meanwhile a crash of this process leaves the published items for whoever handles the task next to
+publish again, as a crash between publishing and clearing always did: the streams' dedup window
+(10 minutes) drops the copies, and a tenant's client drops live copies by message id."""
+
 SENDING, SENT = "sending", "sent"
 SENT_KEPT = 20_000
 """Outbox items a planner remembers publishing (the oldest are forgotten first; a forgotten one
@@ -61,9 +74,48 @@ class Outbox:
         self._records, self._evidence, self._timers = records, evidence, timers
         self._sent: OrderedDict[tuple[str, str, str], str] = OrderedDict()
         """Outbox items (task, type, key) this process is publishing (SENDING) or has published (SENT)."""
+        self._clears: dict[str, asyncio.Task[None]] = {}
+        """Per task record: the write of its own that clears what was published, waiting ``CLEAR_AFTER_S``."""
+
+    def drop_sent(self, rec: TaskRecord) -> None:
+        """Take out of ``rec`` (about to be written anyway) the items this process has published."""
+        task = TaskRecord.key(rec.tenant, rec.task_id)
+        rec.outbox = [i for i in rec.outbox if self._sent.get((task, i.type, i.key)) != SENT]
+
+    async def drain(self) -> None:
+        """Clear now what is published and waiting to be cleared (the service is stopping)."""
+        pending, self._clears = self._clears, {}
+        for t in pending.values():
+            t.cancel()
+        await asyncio.gather(*(self._clear(task) for task in pending), return_exceptions=True)
+
+    def _clear_later(self, task: str) -> None:
+        if task not in self._clears:  # one clear per record takes whatever is published by then
+            self._clears[task] = asyncio.create_task(self._clear(task, CLEAR_AFTER_S))
+
+    async def _clear(self, task: str, after_s: float = 0.0) -> None:
+        if after_s:
+            await asyncio.sleep(after_s)
+            self._clears.pop(task, None)  # published from now on: cleared by the next one
+
+        def clear(r: TaskRecord | None) -> TaskRecord | None:
+            if r is None:
+                return None
+            kept = [i for i in r.outbox if self._sent.get((task, i.type, i.key)) != SENT]
+            if len(kept) == len(r.outbox):
+                return None  # cleared already (by a transition's write), or nothing published yet
+            r.outbox = kept
+            return r
+
+        try:
+            await st.update(self._records(), task, TaskRecord, clear)
+        except Exception as exc:  # noqa: BLE001 - left in the record: the task's next handler publishes it again
+            log.warning("%s: outbox not cleared (%s: %s); its messages will be published again", task,
+                        type(exc).__name__, exc)  # fmt: skip
 
     async def flush(self, rec: TaskRecord) -> None:
-        """Publish the record's outbox, then remove what was published from the stored record.
+        """Publish the record's outbox, then have what was published removed from the stored
+        record (by the next transition, or by a write of its own after ``CLEAR_AFTER_S``).
 
         Items this process has already published (or is publishing right now, in another
         handler) are not sent again: two transitions of one task in a row, the second written
@@ -106,14 +158,8 @@ class Outbox:
             while len(self._sent) > SENT_KEPT:
                 self._sent.popitem(last=False)
             done.add((item.type, item.key))
-
-        def clear(r: TaskRecord | None) -> TaskRecord | None:
-            if r is None or not any((i.type, i.key) in done for i in r.outbox):
-                return None
-            r.outbox = [i for i in r.outbox if (i.type, i.key) not in done]
-            return r
-
-        await st.update(self._records(), task, TaskRecord, clear)
+        if done:
+            self._clear_later(task)
 
     async def with_evidence(self, m: CheckRequested, rec: TaskRecord) -> CheckRequested:
         """The check request with each step's retrieval records, as the worker handed them on (kept

@@ -44,8 +44,7 @@ from mesh_contracts.v1.records import (
 )
 from mesh_durable import chain, guard, records
 from mesh_durable.ledger import BUCKET as LEDGER
-from mesh_durable.ledger import CALLS
-from mesh_durable.ledger import Ledger
+from mesh_durable.ledger import CALLS, Ledger
 from mesh_durable.records import Bundles
 from mesh_durable.view import KeyView
 from mesh_kit import Delivery, Mesh, Park
@@ -151,6 +150,7 @@ class Planner:
         m.on_start(self.start_timers)
         m.on_stop(self.stop)
         m.on_stop(self.stop_timers, connected=True)
+        m.on_stop(self.outbox.drain, connected=True)
         m.consume(TaskSubmitted, self.on_submitted, on_reject=self.on_rejected)
         m.consume(StepCompleted, self.on_step_completed)
         m.consume(StepFailed, self.on_step_failed)
@@ -187,6 +187,7 @@ class Planner:
             was, was_idle = rec.status, waits.idle(rec)
             if not fn(rec):
                 return None
+            self.outbox.drop_sent(rec)  # what is published already is cleared by this write
             if rec.status in TERMINAL and rec.waits:
                 waits.abandon_all(rec)  # their wake-ups, when they fire, find nothing to do
             return rec

@@ -34,8 +34,7 @@ from mesh_contracts.v1 import (
 from mesh_durable import guard, records
 from mesh_durable import metrics as durable_metrics
 from mesh_durable.ledger import BUCKET as LEDGER
-from mesh_durable.ledger import CALLS
-from mesh_durable.ledger import Ledger
+from mesh_durable.ledger import CALLS, Ledger
 from mesh_guardrails.injection import UNTRUSTED_NOTICE, score_many
 from mesh_guardrails.provenance import Text
 from mesh_kit import Delivery, Mesh
