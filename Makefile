@@ -69,6 +69,7 @@ submit: ## submit GOAL to the running mesh and follow it
 bench: setup ## task, budget, gateway, retrieval, tenant-flood and failover numbers vs their baselines, measured in the same run
 	$(BIN)/python bench/bench_task.py
 	$(BIN)/python bench/bench_writes.py
+	$(BIN)/python bench/bench_soak.py
 	$(BIN)/python bench/bench_scale.py
 	$(BIN)/python bench/bench_budget.py
 	$(BIN)/python bench/bench_kv_hot_key.py
