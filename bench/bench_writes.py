@@ -60,12 +60,12 @@ UNSYNCED_BUDGET = 40.0
 but still bytes, CPU and a broker's work."""
 
 
-async def streams(js: Any) -> dict[str, tuple[int, bool, list[str]]]:
-    """name -> (last sequence, synced per message, subjects) of every stream."""
+async def streams(js: Any) -> dict[str, tuple[int, bool, list[str], int]]:
+    """name -> (last sequence, synced per message, subjects, bytes held) of every stream."""
     out = {}
     for si in await js.streams_info():
         mode = str(getattr(si.config.persist_mode, "value", si.config.persist_mode) or "default")
-        out[si.config.name] = (si.state.last_seq, mode != "async", list(si.config.subjects or []))
+        out[si.config.name] = (si.state.last_seq, mode != "async", list(si.config.subjects or []), si.state.bytes)
     return out
 
 
@@ -107,7 +107,7 @@ async def measure(tasks: int, *, by_kind: bool = False) -> dict[str, Any]:
             await c.submit(GOAL, timeout=60)
             await asyncio.sleep(1.0)  # the warm-up's trailing writes (usage accounting) land
             before = await streams(js)
-            by_subject = {n: subjects for n, (_, _, subjects) in before.items()}
+            by_subject = {n: subjects for n, (_, _, subjects, _) in before.items()}
 
             async def on_msg(msg: Any) -> None:
                 if (msg.reply or "").startswith("$JS.ACK."):
@@ -127,7 +127,8 @@ async def measure(tasks: int, *, by_kind: bool = False) -> dict[str, Any]:
         await nc.close()
     finally:
         local.down(home)
-    per = {k: (after[k][0] - before.get(k, (0, True, []))[0]) / tasks for k in after}
+    per = {k: (after[k][0] - before.get(k, (0, True, [], 0))[0]) / tasks for k in after}
+    kb = {k: (after[k][3] - before.get(k, (0, True, [], 0))[3]) / tasks / 1024 for k in after}
     synced = {k: n for k, n in per.items() if n and after[k][1]}
     unsynced = sum(n for k, n in per.items() if not after[k][1])
     over = [
@@ -139,7 +140,9 @@ async def measure(tasks: int, *, by_kind: bool = False) -> dict[str, Any]:
         over.append(f"unsynced {unsynced:g} > {UNSYNCED_BUDGET:g}")
     return {
         "tasks": tasks,
-        "streams": {k: {"writes": n, "synced": after[k][1], "budget": BUDGET.get(k)} for k, n in per.items() if n},
+        "streams": {
+            k: {"writes": n, "synced": after[k][1], "budget": BUDGET.get(k), "kb": kb[k]} for k, n in per.items() if n
+        },
         "synced": sum(synced.values()),
         "timed": sum(n for k, n in synced.items() if k in TIMED),
         "unsynced": unsynced,
@@ -150,13 +153,15 @@ async def measure(tasks: int, *, by_kind: bool = False) -> dict[str, Any]:
 
 
 def report(r: dict[str, Any]) -> str:
-    lines = [f"stored writes per sample task ({r['tasks']} tasks, one after another):"]
+    lines = [
+        f"stored writes (and bytes held, headers included) per sample task ({r['tasks']} tasks, one after another):"
+    ]
     rows = sorted(r["streams"].items(), key=lambda kv: (-kv[1]["writes"], kv[0]))
     for name, row in rows:
         budget = f"budget {row['budget']:g}" if row["budget"] is not None else "NO BUDGET"
         how = budget if row["synced"] else "async (not synced)"
         how = f"timed: {TIMED[name]}" if name in TIMED else how
-        lines.append(f"  {name:<20} {row['writes']:6.1f}  {how}")
+        lines.append(f"  {name:<20} {row['writes']:6.1f}  {row['kb']:6.1f} KB  {how}")
     lines.append(f"  {'synced':<20} {r['synced']:6.1f}  budget {r['budget']:g} + timed {r['timed']:.1f}")
     lines.append(f"  {'async':<20} {r['unsynced']:6.1f}  budget {UNSYNCED_BUDGET:g}")
     lines.append(f"  {'total':<20} {r['synced'] + r['unsynced']:6.1f}")
