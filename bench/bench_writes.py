@@ -28,6 +28,7 @@ from typing import Any
 import nats
 from bench_task import GOAL
 
+from mesh_testing.rights import matches
 from meshctl import local
 from meshctl.client import TenantClient
 
@@ -67,17 +68,6 @@ async def streams(js: Any) -> dict[str, tuple[int, bool, list[str], int]]:
         mode = str(getattr(si.config.persist_mode, "value", si.config.persist_mode) or "default")
         out[si.config.name] = (si.state.last_seq, mode != "async", list(si.config.subjects or []), si.state.bytes)
     return out
-
-
-def matches(pattern: str, subject: str) -> bool:
-    """NATS subject matching (``*`` one token, ``>`` the rest)."""
-    p, s = pattern.split("."), subject.split(".")
-    for i, tok in enumerate(p):
-        if tok == ">":
-            return len(s) > i
-        if i >= len(s) or (tok != "*" and tok != s[i]):
-            return False
-    return len(p) == len(s)
 
 
 IDS = [

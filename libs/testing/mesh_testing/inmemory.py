@@ -28,17 +28,7 @@ from nats.js.api import PubAck
 from mesh_kit import Mesh
 from mesh_kit import envelope as env
 from mesh_kit.connection import Transport
-
-
-def matches(pattern: str, subject: str) -> bool:
-    """NATS subject matching: ``*`` one token, ``>`` the rest."""
-    p, s = pattern.split("."), subject.split(".")
-    for i, part in enumerate(p):
-        if part == ">":
-            return len(s) > i
-        if i >= len(s) or (part != "*" and part != s[i]):
-            return False
-    return len(p) == len(s)
+from mesh_testing.rights import matches
 
 
 @dataclass
