@@ -390,10 +390,16 @@ async def call_model_once(
     on_token: Any = None,
     on_reset: Any = None,
     replay: Replay | None = None,
+    claim: bool = True,
 ) -> tuple[ModelResponse, TokenUsage]:
     """``call_model`` under the idempotency ledger: a redelivered step gets the recorded response
     of a call that already completed instead of paying for it again. Heartbeats keep the
     message while the call runs.
+
+    ``claim``: while the call runs, a *different* message making the same call waits for its
+    record instead of calling too (the planner: copies of one submission under other message
+    ids). ``claim=False`` records the call in one write, without the claim (the worker: a step's
+    only duplicates are its own redeliveries, which take a claim over anyway).
 
     In a replayed task (``replay``) a call of a step the replay answers from recordings returns
     the replayed task's recorded response of the same call id: no reservation, no provider call,
@@ -439,9 +445,8 @@ async def call_model_once(
         record = await perform("")
     else:
         owner, attempt = (delivery.owner, delivery.deliveries) if delivery is not None else ("", 1)
-        # No claim: a model call's repetition costs money, never an effect (one stored write per call)
         record = await ledger.run(ledger.key(tenant, task_id, "llm", call_id), perform, owner=owner,
-                                  attempt=attempt, claim=False)  # fmt: skip
+                                  attempt=attempt, claim=claim)  # fmt: skip
     response = _response(record["response"])
     usage = TokenUsage(**record["usage"])
     if not performed:

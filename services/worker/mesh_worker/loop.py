@@ -209,6 +209,7 @@ class Loop:
                 on_token=live.token,
                 on_reset=live.reset,
                 replay=req.replay,
+                claim=False,  # a step's duplicates are its own redeliveries: one write per call
             )
         except BudgetExceeded as exc:  # the guard (halted, cancelled, killed) or the budget refused the call
             await self.finish(run, failed=exc.describe(), halted=exc.halted)
