@@ -12,6 +12,7 @@ import nats
 import pytest
 from nats.js.api import StorageType, StreamConfig
 
+from mesh_contracts import topology as topo
 from mesh_testing.chaos import pct, report
 from mesh_testing.infra import Infra, running_infra
 
@@ -117,7 +118,10 @@ async def test_restart_the_broker_repeatedly_under_the_whole_mesh(infra):
     )
     # every task sends one email: lift the default per-tenant email rate limit for the drill
     no_limit = '{"send_email": {"rate_per_min": 0}}'
-    mesh = ChaosMesh(infra, env={"MESH_ACK_WAIT_S": "30", "MESH_LOG_LEVEL": "WARNING", "MESH_TOOL_POLICY": no_limit})
+    # The services' ack_wait is the provisioned one (what ships): with 30 here and 4 on the server,
+    # every message held past 4 s was handed out again while its handler still ran (missed emails).
+    env = {"MESH_ACK_WAIT_S": str(topo.ACK_WAIT_S), "MESH_LOG_LEVEL": "WARNING", "MESH_TOOL_POLICY": no_limit}
+    mesh = ChaosMesh(infra, env=env)
     mesh.start()
     await mesh.ready()
     recoveries: list[float] = []

@@ -11,10 +11,12 @@ recording it, the next attempt performs again. That window is closed by passing 
 key to the effect itself (an idempotency key the sink deduplicates on), which is why
 ``run`` hands ``key`` to ``perform``.
 
-A paid call that leaves nothing outside the mesh (a model call) is recorded without a claim
+A paid call that leaves nothing outside the mesh (a model call) may be recorded without a claim
 (``run(..., claim=False)``): one stored write per call instead of two. The claim only makes a
 *different* message wait while the call runs; for a model call the price of that race is paying
-twice, never a second effect, and the record still answers every later attempt.
+twice, never a second effect, and the record still answers every later attempt. A step's calls
+go without (their only duplicates are their own redeliveries, which take a claim over anyway);
+planning keeps it (copies of one submission under other ids arrive together).
 """
 
 from __future__ import annotations
