@@ -25,7 +25,7 @@ import json
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
@@ -33,6 +33,9 @@ from mesh_contracts import topology
 from mesh_durable.errors import DurableError
 from mesh_kit.delivery import Retry
 from mesh_kit.state import KV
+
+if TYPE_CHECKING:
+    from mesh_kit.bus import Mesh
 
 BUCKET = "ledger"
 CALLS = topology.CALLS_BUCKET
@@ -67,17 +70,11 @@ class Ledger:
         return ".".join((self.service, *parts))
 
     async def recorded(self, key: str) -> Any | None:
-        for kv in (self.kv, self.earlier):
-            if kv is None:
-                continue
-            try:
-                entry = await kv.get(key)
-            except KeyNotFoundError:
-                continue
-            record = json.loads(entry.value or b"{}")
-            if record.get("status") == "done":
-                return record["result"]
-        return None
+        """The recorded result of ``key`` (here, else in ``earlier``), or None."""
+        done = await _done(self.kv, key)
+        if done is None and self.earlier is not None:
+            done = await _done(self.earlier, key)
+        return done.result if done is not None else None
 
     async def run(self, key: str, perform: Callable[[str], Awaitable[Any]], *, owner: str = "",
                   attempt: int = 1, claim: bool = True) -> Any:  # fmt: skip
@@ -106,24 +103,25 @@ class Ledger:
         except KeyWrongLastSequenceError:
             # Another attempt (a redelivery racing a slow one) recorded first: its result wins, so
             # every caller reports the same outcome.
-            winner = await self.recorded(key)
+            winner = await _done(self.kv, key)
             if winner is not None:
-                return winner
+                return winner.result
             await self.kv.put(key, record)
         return result
 
     async def _record_only(self, key: str, perform: Callable[[str], Awaitable[Any]]) -> Any:
-        was = await self.recorded(key)
+        # (this bucket only: a call in flight across an upgrade may be paid twice, never an effect)
+        was = await _done(self.kv, key)
         if was is not None:
-            return was
+            return was.result
         result = await perform(key)
         record = json.dumps({"status": "done", "result": result, "at": time.time()}).encode()
         try:
             await self.kv.create(key, record)
         except KeyWrongLastSequenceError:
-            winner = await self.recorded(key)  # recorded meanwhile: the first record answers everyone
+            winner = await _done(self.kv, key)  # recorded meanwhile: the first record answers everyone
             if winner is not None:
-                return winner
+                return winner.result
             await self.kv.put(key, record)  # a claim of a claiming caller that died: ours is the record
         return result
 
@@ -149,3 +147,19 @@ class Ledger:
             return int(await self.kv.update(key, claim, last=entry.revision))
         except KeyWrongLastSequenceError:
             raise Busy(f"{key}: another attempt took the claim first") from None
+
+
+async def _done(kv: KV, key: str) -> _Done | None:
+    """The key's recorded result in ``kv``, or None (no record, or only a claim)."""
+    try:
+        entry = await kv.get(key)
+    except KeyNotFoundError:
+        return None
+    record = json.loads(entry.value or b"{}")
+    return _Done(record["result"]) if record.get("status") == "done" else None
+
+
+async def calls(mesh: Mesh) -> Ledger:
+    """A service's record of its model calls (KV ``calls``), answering replays of tasks recorded
+    before it from the ``ledger`` bucket where they were kept then."""
+    return Ledger(await mesh.kv(CALLS), mesh.service, earlier=await mesh.kv(BUCKET))

@@ -29,9 +29,8 @@ from mesh_checker.checks import Passages, check_answer, evidence_of, run_checks
 from mesh_checker.settings import CheckerSettings
 from mesh_contracts import ContractError
 from mesh_contracts.v1 import CheckRequested, CheckResult, CheckVerdict, RetrievalCompleted, TokenUsage
-from mesh_durable import guard, records
-from mesh_durable.ledger import BUCKET as LEDGER
-from mesh_durable.ledger import CALLS, Ledger
+from mesh_durable import guard, ledger, records
+from mesh_durable.ledger import Ledger
 from mesh_identity import IdentityError
 from mesh_kit import Delivery, Mesh
 from mesh_kit import telemetry as tel
@@ -70,7 +69,7 @@ class Checker:
     async def start(self) -> None:
         if self.models is None:
             self.models = configured(self.mesh, self.settings)
-        self.ledger = Ledger(await self.mesh.kv(CALLS), self.mesh.service, earlier=await self.mesh.kv(LEDGER))
+        self.ledger = await ledger.calls(self.mesh)
         self.bundles = records.Bundles(await self.mesh.kv("releases"))
 
     def register(self) -> None:

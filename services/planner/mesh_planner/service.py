@@ -42,9 +42,8 @@ from mesh_contracts.v1.records import (
     StatusRecord,
     TaskRecord,
 )
-from mesh_durable import chain, guard, records
-from mesh_durable.ledger import BUCKET as LEDGER
-from mesh_durable.ledger import CALLS, Ledger
+from mesh_durable import chain, guard, ledger, records
+from mesh_durable.ledger import Ledger
 from mesh_durable.records import Bundles
 from mesh_durable.view import KeyView
 from mesh_kit import Delivery, Mesh, Park
@@ -123,7 +122,7 @@ class Planner:
             alone=s.run_slots_alone,
         )
         await self.admission.follow(self.mesh.nc)
-        self.ledger = Ledger(await self.mesh.kv(CALLS), self.mesh.service, earlier=await self.mesh.kv(LEDGER))
+        self.ledger = await ledger.calls(self.mesh)
         streams = [*topo.STREAMS.values(), topo.DLQ_STREAM]
         self.store = StoreLevel(self.mesh.nc.jetstream(), streams, s.store_high_water, s.store_retry_after_s)
         self.planning = PlanningSlots(s.planning_slots or max(1, self.mesh.settings.max_workers - 1))

@@ -31,10 +31,9 @@ from mesh_contracts.v1 import (
     StepRequested,
     ToolCompleted,
 )
-from mesh_durable import guard, records
+from mesh_durable import guard, ledger, records
 from mesh_durable import metrics as durable_metrics
-from mesh_durable.ledger import BUCKET as LEDGER
-from mesh_durable.ledger import CALLS, Ledger
+from mesh_durable.ledger import Ledger
 from mesh_guardrails.injection import UNTRUSTED_NOTICE, score_many
 from mesh_guardrails.provenance import Text
 from mesh_kit import Delivery, Mesh
@@ -70,7 +69,7 @@ class Worker:
     async def start(self) -> None:
         self.steps = await self.mesh.kv("steps")
         self.bundles = records.Bundles(await self.mesh.kv("releases"))
-        self.ledger = Ledger(await self.mesh.kv(CALLS), self.mesh.service, earlier=await self.mesh.kv(LEDGER))
+        self.ledger = await ledger.calls(self.mesh)
         await self.calls.start(await self.mesh.kv("tools"))  # the tool-executor's catalogue
 
     def register(self) -> None:
