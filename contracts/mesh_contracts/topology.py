@@ -358,6 +358,12 @@ the identity token, ids) and ``Nats-Msg-Size``. The broker fills it (the stream 
 domain's stream through a headers-only durable that provisioning makes), so a reader of it can
 follow every task and read nothing of what any task is about."""
 ENVELOPED: tuple[str, ...] = ("task", "step", "tool", "rag", "check", "control", "approval")
+UNSYNCED: frozenset[str] = frozenset({STREAMS["event"], ENVELOPES})
+"""Streams written back to disk asynchronously (``persist_mode: async``, single-replica meshes),
+not synced per message as the work streams are, because nothing anybody was promised rests on
+them: EVENTS (progress for people following a task; a broker crash may lose its last events,
+never an outcome, which a client's catch-up reads from TASK) and ENVELOPES (a view the broker
+sources again after a crash). Buckets say it with ``Bucket.synced``."""
 ENVELOPE_READERS: tuple[str, ...] = ("budget",)
 """Services that read the ENVELOPES stream (direct gets, and its feed): the budget's monitor
 derives breakers, deadlocks and stalls from it (``mesh_contracts.facts``)."""

@@ -10,7 +10,7 @@ from integration_helpers import connect
 from nats.js import api
 
 from mesh_contracts import topology as topo
-from meshctl.provision import UNSYNCED, ProvisionReport, _keeping_persist_mode, provision
+from meshctl.provision import ProvisionReport, _keeping_persist_mode, provision
 
 pytestmark = pytest.mark.integration
 
@@ -29,7 +29,8 @@ async def test_only_what_no_guarantee_rests_on_is_written_back_asynchronously(in
         for si in await js.streams_info():
             if mode(si.config) == "async":
                 unsynced.add(si.config.name)
-        expected = set() if replicated else {*UNSYNCED, topo.ENVELOPES, f"KV_{topo.CALLS_BUCKET}"}
+        expected = set() if replicated else {"EVENTS", topo.ENVELOPES, f"KV_{topo.CALLS_BUCKET}"}
+        assert expected == {*topo.UNSYNCED, *(f"KV_{b.name}" for b in topo.BUCKETS if not b.synced)}
         assert unsynced == expected
         assert {"TASK", "STEP", "TOOL", "USAGE", "AUDIT", "KV_ledger", "KV_steps", "KV_tasks"}.isdisjoint(unsynced)
         assert {f"KV_{b.name}" for b in topo.BUCKETS if not b.synced} == {f"KV_{topo.CALLS_BUCKET}"}

@@ -34,14 +34,6 @@ RECORD_RETENTION_S = 0.0
 ``--record-retention-days``; 0 keeps them until deleted. Never shorter than the messages'
 retention: a task's status must outlive every stored message about it (a late redelivery of an
 ended task's step is stopped by it)."""
-UNSYNCED: frozenset[str] = frozenset({topo.STREAMS["event"]})
-"""Streams written back to disk asynchronously (``persist_mode: async``), not synced per message
-as the mesh's work streams are: what they hold is never work anybody was promised. EVENTS is
-progress for people following a task (18 of a sample task's stored writes, the largest share); a
-broker crash may lose its last events, never an outcome (a client's catch-up reads the TASK
-stream) nor a step (STEP, the checkpoints). The broker refuses async persistence on a replicated
-stream (there the replicas are the durability) and cannot change it on an existing one: a stream
-made synced stays synced until it is made again (``ProvisionReport.notes`` says so)."""
 MIB = 1 << 20
 STREAM_MAX_BYTES = 512 * MIB
 """Each work stream's (and the dead-letter stream's) cap on stored bytes: ``--stream-max-mib``.
@@ -124,7 +116,7 @@ def stream_configs(
                 if stream in topo.watched_streams()
                 else None
             ),
-            persist_mode=api.PersistMode.ASYNC if stream in UNSYNCED and replicas == 1 else None,
+            persist_mode=persist_mode(stream not in topo.UNSYNCED, replicas),
             description=f"AgentMesh {domain} messages (all contract versions)",
         )
         for domain, stream in topo.STREAMS.items()
@@ -173,6 +165,14 @@ def stream_configs(
             )
         )
     return configs
+
+
+def persist_mode(synced: bool, replicas: int) -> api.PersistMode | None:
+    """How a stream (or a bucket's stream) is persisted: synced per message (the default), or, for
+    what no guarantee rests on (``topology.UNSYNCED``, ``Bucket.synced``), written back
+    asynchronously. The broker refuses async persistence on a replicated stream: there the
+    replicas are the durability."""
+    return api.PersistMode.ASYNC if not synced and replicas == 1 else None
 
 
 async def _create_unsynced_bucket(js: JetStreamContext, kv: api.KeyValueConfig) -> None:
@@ -280,7 +280,7 @@ async def provision(
         try:
             info = await js.stream_info(f"KV_{b.name}")
         except NotFoundError:
-            if b.synced or replicas > 1:
+            if persist_mode(b.synced, replicas) is None:
                 await js.create_key_value(kv)
             else:
                 await _create_unsynced_bucket(js, kv)
@@ -365,12 +365,11 @@ def envelopes_config(replicas: int = 1, *, retention_s: float = RETENTION_S, cap
         num_replicas=replicas,
         allow_direct=True,
         republish=api.RePublish(src=">", dest=topo.watch_feed(topo.ENVELOPES)),
-        # Written back to disk asynchronously, not synced per message as the mesh's own streams
-        # are: what a crash loses of it the broker sources again (it resets each durable to the
-        # last sequence it holds). Synced, it cost nats-server 0.13 ms more per message, and the
-        # budget more too (it was fed one message at a time instead of in bursts). The server
-        # refuses async persistence on a replicated stream: there the replicas are the durability.
-        persist_mode=api.PersistMode.ASYNC if replicas == 1 else None,
+        # Written back asynchronously (``topology.UNSYNCED``): what a crash loses of it the broker
+        # sources again (it resets each durable to the last sequence it holds). Synced, it cost
+        # nats-server 0.13 ms more per message, and the budget more too (it was fed one message at
+        # a time instead of in bursts).
+        persist_mode=persist_mode(topo.ENVELOPES not in topo.UNSYNCED, replicas),
         description="AgentMesh envelopes: every task, step, tool, rag, check, control and approval message's "
         "headers, without its body (sourced through headers-only durables)",
     )
