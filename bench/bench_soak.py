@@ -54,7 +54,6 @@ class Window:
         self.at, self.submitted = at, submitted
         self.latencies: list[float] = []
         self.rss: dict[str, float] = {}
-        self.failed = 0
 
 
 async def soak(tasks: int, rate: float, window_s: float, max_in_flight: int) -> dict:
@@ -72,16 +71,16 @@ async def soak(tasks: int, rate: float, window_s: float, max_in_flight: int) -> 
             await c.submit(GOAL, timeout=60)  # warm-up
 
             async def one() -> None:
-                seen = await c.submit(GOAL, timeout=300, progress=False)
+                try:
+                    seen = await c.submit(GOAL, timeout=300, progress=False)
+                finally:
+                    gate.release()
                 kind = type(seen.outcome).__name__ if seen.outcome is not None else "timed out"
                 if isinstance(seen.outcome, TaskRejected | TaskFailed):
                     kind += f" ({seen.outcome.code or seen.outcome.reason[:60]})"
                 outcomes[kind] = outcomes.get(kind, 0) + 1
                 if isinstance(seen.outcome, TaskCompleted):
                     windows[-1].latencies.append(seen.latency_s)
-                else:
-                    windows[-1].failed += 1
-                gate.release()
 
             start = time.monotonic()
             windows.append(Window(0.0, 0))
