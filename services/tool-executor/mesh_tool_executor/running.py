@@ -18,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
+import nats.errors
+
 from mesh_contracts.v1 import ToolRequested
 from mesh_durable import records
 from mesh_durable.chain import Appender
@@ -27,6 +29,7 @@ from mesh_kit import Delivery, Mesh
 from mesh_kit.faults import crash_point
 from mesh_tool_executor import metrics as tool_executor_metrics
 from mesh_tool_executor import net
+from mesh_tool_executor.errors import ToolExecutorError
 from mesh_tool_executor.limits import RateLimiter
 from mesh_tool_executor.settings import ToolExecutorSettings
 from mesh_tool_executor.tools import MemoryNotes, Notes, Registry, StepLookup, Tool, ToolContext, ToolError, with_policy
@@ -35,6 +38,17 @@ if TYPE_CHECKING:
     from mesh_tool_executor.mcp_mount import McpMount  # imported when a mount is configured: the SDK is slow
 
 log = logging.getLogger("mesh.tool-executor")
+
+
+class EffectUnconfirmed(ToolExecutorError, nats.errors.TimeoutError):
+    """An effect was handed to its sink (the outbox) and the sink's receipt did not come back
+    (its stream's leader moved, the broker restarted or hung): it may or may not have landed.
+    Not an outcome to record. It is the broker's timeout (``mesh_kit.settings.BROKER_UNAVAILABLE``),
+    so the handler is re-run in place without spending an attempt; the claim in the ledger is the
+    same delivery's to take back, and the sink is handed the same idempotency key: one effect."""
+
+    def __str__(self) -> str:  # not nats' "nats: timeout": say which effect and why
+        return str(self.args[0]) if self.args else "effect unconfirmed"
 
 
 class Runner:
@@ -96,11 +110,19 @@ class Runner:
     # --- running a call -------------------------------------------------------------------------
 
     async def run(self, m: ToolRequested, tool: Tool, args: Any, key: str, delivery: Delivery | None) -> dict[str, Any]:
+        unconfirmed: list[str] = []  # effects handed to the sink whose receipt has not come back
+
+        async def effect(suffix: str, payload: bytes, effect_key: str) -> str:
+            unconfirmed.append(effect_key)
+            receipt = await self.effect(suffix, payload, effect_key)
+            unconfirmed.remove(effect_key)
+            return receipt
+
         ctx = ToolContext(
             tenant=m.tenant,
             task_id=m.task_id,
             key=key,
-            effect=self.effect,
+            effect=effect,
             step_state=self.step_lookup(m.tenant, m.task_id) if self._tasks() is not None else None,
             notes=self.notes,
             fetch=self.fetch,
@@ -115,6 +137,11 @@ class Runner:
                 result = await self.registry.run(tool, args, ctx)
             return {"ok": True, "result": result, "error": "", "untrusted": tool.untrusted_output}
         except ToolError as exc:
+            if unconfirmed:
+                # Timed out waiting for the sink's receipt (a broker failover takes seconds): "failed"
+                # would be a lie if the effect landed, and final if it did not. Ask again instead.
+                raise EffectUnconfirmed(f"{tool.name}: the outbox did not confirm {unconfirmed[0]} ({exc}); "
+                                        "retried under the same key") from None  # fmt: skip
             # A tool whose output is outside content fails with outside content too: an HTTP
             # error's status line and headers, an MCP server's error text. Same taint.
             return {"ok": False, "result": "", "error": str(exc), "untrusted": tool.untrusted_output}
