@@ -110,7 +110,7 @@ async def test_kill_9_the_broker_during_id_tagged_publishes(infra):
 async def test_restart_the_broker_repeatedly_under_the_whole_mesh(infra):
     """Every service reconnects and every task finishes correctly, with one email each."""
     from mesh_contracts.v1 import TaskCompleted
-    from mesh_testing.chaos import ChaosMesh, outbox_effects, recovery_s
+    from mesh_testing.chaos import ChaosMesh, failed_calls, outbox_effects, recovery_s
 
     n, interval, restarts = (500, (5.0, 20.0), 6) if FULL else (40, (2.0, 4.0), 2)
     goal = (
@@ -158,5 +158,66 @@ async def test_restart_the_broker_repeatedly_under_the_whole_mesh(infra):
         recovery_p99_s=pct(resumed, 0.99),
     )
     assert len(completed) == n, [(r.task_id, r.outcome) for r in results if r not in completed][:3]
-    assert duplicated == 0 and all(effects[f"br-{i}"] == 1 for i in range(n))
+    missing = [f"br-{i}" for i in range(n) if effects[f"br-{i}"] == 0]
+    assert duplicated == 0 and not missing, (missing[:3], await failed_calls(infra, "acme", missing[:3]))
     assert all("391" in r.outcome.answer for r in completed)
+
+
+async def test_freeze_the_broker_past_the_tools_timeout(infra):
+    """The broker hangs (SIGSTOP) longer than a tool's timeout while emails are being sent. An
+    email whose receipt was cut off is retried under its key, not recorded as "timed out": every
+    task gets one email, and no step is told its email failed. (Before the fix a call in flight
+    at the freeze was answered "send_email timed out after 5s" and the task completed without
+    its email, or with an email its answer said was not sent.)"""
+    from mesh_contracts.v1 import TaskCompleted
+    from mesh_testing.chaos import ChaosMesh, failed_calls, outbox_effects
+
+    n, freezes, frozen_s = (200, 3, 7.0) if FULL else (40, 1, 7.0)
+    goal = (
+        "How does AgentMesh avoid duplicate side effects? Also compute 17 * 23, and email the answer to ops@acme.test."
+    )
+    env = {"MESH_ACK_WAIT_S": str(topo.ACK_WAIT_S), "MESH_LOG_LEVEL": "WARNING",
+           "MESH_TOOL_POLICY": '{"send_email": {"rate_per_min": 0}}'}  # fmt: skip
+    mesh = ChaosMesh(infra, env=env)
+    mesh.start()
+    await mesh.ready()
+    emails_called = 0
+
+    def seen(model) -> None:
+        nonlocal emails_called
+        emails_called += getattr(model, "stage", "") == "tool.called" and model.message.startswith("send_email")
+
+    t0 = time.monotonic()
+    try:
+        async with infra.client("acme") as c:
+            runs = asyncio.gather(*(c.submit(goal, task_id=f"fz-{i}", timeout=300, on_event=seen) for i in range(n)))
+            for _ in range(freezes):
+                # while emails are going out: a send_email was asked for since the last freeze
+                start = emails_called
+                while emails_called < start + max(2, n // (4 * freezes)):
+                    await asyncio.sleep(0.01)
+                await infra.freeze_nats(0, frozen_s)
+            results = await runs
+    finally:
+        await mesh.stop()
+    wall = time.monotonic() - t0
+    tasks = [f"fz-{i}" for i in range(n)]
+    effects = await outbox_effects(infra, "acme")
+    completed = [r for r in results if isinstance(r.outcome, TaskCompleted)]
+    failed = await failed_calls(infra, "acme", tasks)
+    report(
+        "freeze the broker past the tools' timeout",
+        tasks=n,
+        freezes=freezes,
+        frozen_s=frozen_s,
+        lost=n - len(completed),
+        failed_tool_calls=len(failed),
+        duplicated_effects=sum(max(0, effects[t] - 1) for t in tasks),
+        missing_effects=sum(effects[t] == 0 for t in tasks),
+        wall_s=round(wall, 1),
+        latency_p50_s=pct([r.latency_s for r in completed], 0.5),
+        latency_p99_s=pct([r.latency_s for r in completed], 0.99),
+    )
+    assert len(completed) == n, [(r.task_id, r.outcome) for r in results if r not in completed][:3]
+    assert not failed, failed[:5]
+    assert all(effects[t] == 1 for t in tasks), [(t, effects[t]) for t in tasks if effects[t] != 1][:5]

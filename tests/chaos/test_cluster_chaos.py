@@ -17,7 +17,16 @@ import pytest
 
 from mesh_contracts import topology as topo
 from mesh_contracts.v1 import TaskCompleted
-from mesh_testing.chaos import ChaosMesh, outbox_effects, pct, recovery_s, report, stored_per_task, where_stuck
+from mesh_testing.chaos import (
+    ChaosMesh,
+    failed_calls,
+    outbox_effects,
+    pct,
+    recovery_s,
+    report,
+    stored_per_task,
+    where_stuck,
+)
 from mesh_testing.infra import Infra, running_infra
 
 pytestmark = pytest.mark.chaos
@@ -108,6 +117,9 @@ async def test_kill_one_node_of_three_mid_run_loses_and_duplicates_nothing(clust
     assert victim_name not in after, "the dead node leads nothing: its streams elected new leaders"
     lost = [r.task_id for r in results if r not in completed]
     assert not lost, (lost[:3], await where_stuck(cluster, "acme", lost[:3]))
+    missing = [t for t in tasks if effects[t] == 0]
+    assert not missing, ("one email per task", missing[:3], await failed_calls(cluster, "acme", missing[:3]),
+                         {t: stored[t] for t in missing[:3]})  # fmt: skip
     assert all(effects[t] == 1 for t in tasks), "one email per task"
     assert all(v == STORED for v in stored.values()), [(t, v) for t, v in stored.items() if v != STORED][:3]
     assert all("391" in r.outcome.answer for r in completed)

@@ -150,6 +150,19 @@ async def outbox_effects(infra: Infra, tenant: str) -> Counter[str]:
         await nc.close()
 
 
+async def failed_calls(infra: Infra, tenant: str, tasks: list[str]) -> list[tuple[str, str, str]]:
+    """(task, tool, error) of each tool call of ``tasks`` the tool-executor answered with a
+    failure: what a drill's "missing effect" looks like from the step's side."""
+    from mesh_contracts.v1 import ToolCompleted
+
+    wanted, out = set(tasks), []
+    for m in await infra.stored("TOOL", f"tool.*.{tenant}.*.completed"):
+        answer = ToolCompleted.model_validate_json(m.data or b"{}")
+        if answer.task_id in wanted and not answer.ok:
+            out.append((answer.task_id, answer.tool, answer.error))
+    return out
+
+
 async def stored_per_task(infra: Infra, tenant: str, tasks: list[str]) -> dict[str, dict[str, int]]:
     """Stored step completions, tool requests and outcomes per task: a duplicate would show here."""
     nc = await infra.admin()

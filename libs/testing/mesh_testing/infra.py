@@ -17,6 +17,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping
@@ -153,6 +154,18 @@ class Infra:
             raise RuntimeError(f"{proc.name} (pid {proc.pid}) is not a live broker this fixture started")
         os.kill(proc.pid, 9)
         local.stop([[proc]], 1.0)  # reap it
+
+    async def freeze_nats(self, index: int, seconds: float) -> None:
+        """SIGSTOP node ``index`` for ``seconds``, then SIGCONT: a broker that hangs (a stalled
+        disk, a VM paused) with every connection left open, unlike a kill."""
+        proc = self.nodes[index] if self.mode == "binaries" and index < len(self.nodes) else None
+        if proc is None or not proc.alive():
+            raise RuntimeError(f"no live broker {index} started by this fixture (freezing needs mode='binaries')")
+        os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            await asyncio.sleep(seconds)
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
 
     def kill_redis(self) -> None:
         """kill -9 the redis-server this fixture started (binaries mode): an outage."""
