@@ -20,6 +20,7 @@ import pytest
 from mesh_contracts.v1 import TaskCompleted
 from mesh_testing.infra import running_infra
 from meshctl import local
+from meshctl.provision import provision_as_admin
 
 pytestmark = pytest.mark.e2e
 
@@ -53,7 +54,7 @@ def test_services_started_before_provisioning_wait_then_work():
             time.sleep(2)  # still waiting, still alive: nothing gives up
             assert all(p.alive() for p in procs.values())
 
-            asyncio.run(local.provision_as_admin(infra.ids, infra.nats_url))
+            asyncio.run(provision_as_admin(infra.ids, infra.nats_url))
             asyncio.run(local.wait_ready(procs, timeout=30))  # by themselves, no restart
 
             async def one_task():

@@ -23,7 +23,7 @@ import subprocess
 import sys
 import sysconfig
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -32,12 +32,9 @@ import nats
 import nats.js.errors
 
 from mesh_contracts import SERVICES
-from mesh_contracts import topology as topo
-from mesh_identity import TrustBundle
-from mesh_kit.settings import log_nats_error, nats_servers
 from meshctl.errors import MeshctlError
 from meshctl.identity import Identities
-from meshctl.provision import provision
+from meshctl.provision import provision_as_admin
 
 
 class MeshError(MeshctlError):
@@ -104,6 +101,7 @@ class Proc:
     restarts: int = 0  # how often the supervisor started it again
     last_exit: str = ""  # how it ended last ("killed by SIGKILL", "exited 1: <its log's last line>")
     state: str = "running"  # or "restarting" (waiting out its backoff) or "crash-looping" (given up)
+    service: str = ""  # the service a process runs ("worker" for "worker-2"); "" for nats and redis
 
     def alive(self) -> bool:
         stat = _stat(self.pid)
@@ -399,56 +397,6 @@ async def start_redis(ids: Identities, port: int, timeout: float = 30.0) -> Proc
     return proc
 
 
-PEER_OFFLINE = 10005  # JetStream: "no suitable peers for placement, peer offline"
-JS_NOT_ENABLED_FOR_ACCOUNT = 10039  # a cluster whose account assignment has not settled yet
-
-
-async def provision_as_admin(
-    ids: Identities, nats_url: str, replicas: int = 1, ack_wait_s: float | None = None
-) -> None:
-    nc = await nats.connect(
-        nats_servers(nats_url), name="meshctl-provision", error_cb=log_nats_error, **ids.connect_options("admin")
-    )
-    try:
-        deadline = time.monotonic() + 30.0
-        while True:
-            try:
-                await provision(nc, replicas=replicas, ack_wait_s=ack_wait_s or topo.ACK_WAIT_S)
-                break
-            except (nats.js.errors.BadRequestError, nats.js.errors.ServiceUnavailableError) as exc:
-                # A cluster whose nodes are healthy can still have a peer the meta leader has not
-                # heard from yet (routes are TLS handshakes): placement is refused meanwhile. Just
-                # after the meta leader is elected, the account's JetStream may not be assigned
-                # yet either ("JetStream not enabled for account", seen once in CI). Provisioning
-                # is idempotent, so try again until the cluster has settled.
-                if exc.err_code not in (PEER_OFFLINE, JS_NOT_ENABLED_FOR_ACCOUNT) or time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.5)
-            except nats.errors.TimeoutError:
-                # A new cluster's meta leader can take longer than one API request's timeout to
-                # place a replicated stream: the same settling, told as a timeout.
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.5)
-    finally:
-        await nc.close()
-    if ids.signing_key("admin").exists():
-        from meshctl.rotation import publish_bundle
-
-        bundle = TrustBundle.from_file(ids.trust_bundle)
-        while True:
-            try:
-                await publish_bundle(ids, bundle, nats_servers(nats_url), only_if_newer=True)
-                break
-            except (nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.js.errors.ServiceUnavailableError):
-                # The trust bucket was created a moment ago: on a new cluster its replicas may not
-                # have elected a leader yet, and the write times out (CI saw `meshctl up --cluster 3`
-                # fail so, 1 run in 10). Publishing is idempotent: try again until it settles.
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.5)
-
-
 def reload_nats(nodes: Sequence[Proc]) -> int:
     """Make every running node re-read its config (SIGHUP): new account JWTs (revocations)."""
     done = 0
@@ -459,11 +407,26 @@ def reload_nats(nodes: Sequence[Proc]) -> int:
     return done
 
 
+def replica_names(service: str, count: int) -> list[str]:
+    """``worker``, ``worker-2``, ``worker-3``: the first replica keeps the service's own name."""
+    return [service if i == 0 else f"{service}-{i + 1}" for i in range(count)]
+
+
 def start_services(
-    ids: Identities, nats_url: str, services: tuple[str, ...] = SERVICES, extra_env: dict[str, str] | None = None
+    ids: Identities,
+    nats_url: str,
+    services: tuple[str, ...] = SERVICES,
+    extra_env: dict[str, str] | None = None,
+    replicas: Mapping[str, int] | None = None,
 ) -> dict[str, Proc]:
-    """Each service as its own process with its own identity (creds, signing key, Redis user)."""
-    return {svc: start_service(ids, nats_url, svc, extra_env=extra_env) for svc in services}
+    """Each service as its own process(es) with its own identity (creds, signing key, Redis
+    user); ``replicas`` of a service share its identity and its durable consumers, as a
+    Deployment's pods do."""
+    return {
+        name: start_service(ids, nats_url, svc, name=name, extra_env=extra_env)
+        for svc in services
+        for name in replica_names(svc, (replicas or {}).get(svc, 1))
+    }
 
 
 def start_service(
@@ -480,9 +443,11 @@ def start_service(
     hp = http_port or free_port()
     env = service_env(ids, service, nats_url, hp, extra_env or {})
     name = name or service
-    return _spawn(
+    proc = _spawn(
         name, [sys.executable, "-m", module_of(service)], ids.home / "logs" / f"{name}.log", env, http_port=hp
     )
+    proc.service = service
+    return proc
 
 
 async def wait_ready(procs: dict[str, Proc], timeout: float = 60.0) -> None:
@@ -502,9 +467,11 @@ async def up(
     services: tuple[str, ...] = SERVICES,
     service_env_extra: dict[str, str] | None = None,
     timeout: float = 60.0,
+    replicas: Mapping[str, int] | None = None,
 ) -> MeshState:
     """Start nats-server (one, or a ``cluster``-node JetStream cluster with every stream and
-    bucket replicated ``cluster`` times), redis-server and the services; provision in between."""
+    bucket replicated ``cluster`` times), redis-server and the services (``replicas`` processes of
+    a service, one of every other); provision in between."""
     existing = MeshState.load(home)
     if existing and any(p.alive() for p in existing.procs(supervisor=True)):
         raise MeshError(f"a mesh is already running from {home} (meshctl down first)")
@@ -529,7 +496,7 @@ async def up(
         state.redis = await start_redis(ids, redis_port, timeout)
         state.save()
         await provision_as_admin(ids, state.nats_url, replicas=cluster)
-        state.services = start_services(ids, state.nats_url, services, service_env_extra)
+        state.services = start_services(ids, state.nats_url, services, service_env_extra, replicas)
         state.save()
         await wait_ready(state.services, timeout)
     except BaseException:

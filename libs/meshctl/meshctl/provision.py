@@ -6,17 +6,23 @@ services, owns it; a subscriber binding an existing durable never updates it).
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TypedDict
 
 import nats
+import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext, api
 from nats.js.errors import NotFoundError
 
 from mesh_contracts import topology as topo
+from mesh_identity import TrustBundle
+from mesh_kit.settings import log_nats_error, nats_servers
+from meshctl.identity import Identities
 
 AUDIT = topo.STREAMS["audit"]
 
@@ -437,3 +443,53 @@ async def consumer_lag(nc: NATS) -> dict[str, ConsumerLag]:
             "redelivered": info.num_redelivered or 0,
         }
     return out
+
+
+PEER_OFFLINE = 10005  # JetStream: "no suitable peers for placement, peer offline"
+JS_NOT_ENABLED_FOR_ACCOUNT = 10039  # a cluster whose account assignment has not settled yet
+
+
+async def provision_as_admin(
+    ids: Identities, nats_url: str, replicas: int = 1, ack_wait_s: float | None = None
+) -> None:
+    nc = await nats.connect(
+        nats_servers(nats_url), name="meshctl-provision", error_cb=log_nats_error, **ids.connect_options("admin")
+    )
+    try:
+        deadline = time.monotonic() + 30.0
+        while True:
+            try:
+                await provision(nc, replicas=replicas, ack_wait_s=ack_wait_s or topo.ACK_WAIT_S)
+                break
+            except (nats.js.errors.BadRequestError, nats.js.errors.ServiceUnavailableError) as exc:
+                # A cluster whose nodes are healthy can still have a peer the meta leader has not
+                # heard from yet (routes are TLS handshakes): placement is refused meanwhile. Just
+                # after the meta leader is elected, the account's JetStream may not be assigned
+                # yet either ("JetStream not enabled for account", seen once in CI). Provisioning
+                # is idempotent, so try again until the cluster has settled.
+                if exc.err_code not in (PEER_OFFLINE, JS_NOT_ENABLED_FOR_ACCOUNT) or time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.5)
+            except nats.errors.TimeoutError:
+                # A new cluster's meta leader can take longer than one API request's timeout to
+                # place a replicated stream: the same settling, told as a timeout.
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.5)
+    finally:
+        await nc.close()
+    if ids.signing_key("admin").exists():
+        from meshctl.rotation import publish_bundle
+
+        bundle = TrustBundle.from_file(ids.trust_bundle)
+        while True:
+            try:
+                await publish_bundle(ids, bundle, nats_servers(nats_url), only_if_newer=True)
+                break
+            except (nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.js.errors.ServiceUnavailableError):
+                # The trust bucket was created a moment ago: on a new cluster its replicas may not
+                # have elected a leader yet, and the write times out (CI saw `meshctl up --cluster 3`
+                # fail so, 1 run in 10). Publishing is idempotent: try again until it settles.
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.5)

@@ -34,6 +34,7 @@ from mesh_kit.settings import log_nats_error, nats_servers
 from meshctl import local
 from meshctl.client import TenantClient
 from meshctl.identity import Identities
+from meshctl.provision import provision_as_admin
 
 if TYPE_CHECKING:
     from mesh_testing.service_images import ServiceContainer
@@ -241,7 +242,7 @@ def running_infra(
                 # As the k8s Job does it; the in-process pass below then changes nothing but
                 # publishes the trust bundle (the Job's image carries no admin signing key).
                 provision_with_image(ids, infra.nats_url, replicas=cluster)
-            asyncio.run(local.provision_as_admin(ids, infra.nats_url, replicas=cluster, ack_wait_s=ack_wait_s))
+            asyncio.run(provision_as_admin(ids, infra.nats_url, replicas=cluster, ack_wait_s=ack_wait_s))
             yield infra
     finally:
         shutil.rmtree(home, ignore_errors=True)
