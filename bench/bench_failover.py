@@ -14,7 +14,11 @@ latency p50/p99, the recovery delays (for every task in flight at a kill: the ki
 next event) and the supervisor's restarts (kill -> the new process ready), then the issue's
 targets, met or not. Loopback, bounded: about three minutes.
 
-    python bench/bench_failover.py [--phase-s 45] [--in-flight 20] [--targets services|all]
+With ``--replicas 2`` every service runs two processes (``meshctl up --replicas``) and a kill
+hits one of them: the other goes on with the dead one's messages after ``ack_wait``, with no
+restart on the task's path.
+
+    python bench/bench_failover.py [--phase-s 45] [--in-flight 20] [--targets services|all] [--replicas 2]
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ import httpx
 import nats
 
 from mesh_contracts.v1 import TaskCompleted
+from mesh_kit.settings import nats_servers
 from meshctl import local
 from meshctl.client import TenantClient
 
@@ -203,7 +208,7 @@ class Bench:
 
     async def duplicates(self, tasks: list[str]) -> tuple[int, int]:
         """(duplicate emails, tasks without their email) over ``tasks``, from the outbox."""
-        nc = await nats.connect(local.nats_servers(self.state.nats_url), **self.ids.connect_options("admin"))
+        nc = await nats.connect(nats_servers(self.state.nats_url), **self.ids.connect_options("admin"))
         try:
             info = await nc.jetstream().stream_info("OUTBOX", subjects_filter=f"outbox.{TENANT}.>")
             effects = Counter({s.split(".")[2]: n for s, n in (info.state.subjects or {}).items()})
@@ -266,17 +271,22 @@ async def main() -> int:
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--timelines", type=int, default=0, help="print the N slowest tasks' events per chaos phase")
     ap.add_argument("--only", choices=("kill-2-4s", "kill-1s"), default=None, help="quiet and this phase alone")
+    ap.add_argument("--replicas", default="", metavar="N|SERVICE=N,...",
+                    help="meshctl up --replicas: processes per service (every process is a kill target)")  # fmt: skip
     args = ap.parse_args()
     random.seed(args.seed)
-    targets = SERVICES + (("nats-server", "redis-server") if args.targets == "all" else ())
     for k, v in ENV.items():
         os.environ.setdefault(k, v)
     home = Path(tempfile.mkdtemp(prefix="agentmesh-failover-"))
     print(f"mesh home (logs): {home}", flush=True)
-    up = meshctl(home, "up", "--tenants", TENANT, "--nats-port", "0", "--http-port", "0", "--redis-port", "0")
+    more = ("--replicas", args.replicas) if args.replicas else ()
+    up = meshctl(home, "up", "--tenants", TENANT, "--nats-port", "0", "--http-port", "0", "--redis-port", "0", *more)
     if up.returncode != 0:
         print(f"meshctl up failed: {up.stdout}{up.stderr}", file=sys.stderr)
         return 2
+    started = local.MeshState.load(home)
+    processes = tuple(started.services) if started else SERVICES  # with --replicas: worker, worker-2, ...
+    targets = processes + (("nats-server", "redis-server") if args.targets == "all" else ())
     rows = []
     try:
         bench = Bench(home, targets, args.in_flight)
@@ -294,6 +304,7 @@ async def main() -> int:
         meshctl(home, "down")
     print(
         f"\nfailover bench: {args.in_flight} tasks in flight, {args.phase_s:g} s per phase, killing {', '.join(targets)}"
+        + (f" (replicas {args.replicas})" if args.replicas else "")
     )
     print(
         f"{'phase':<11} {'tasks':>5} {'kills':>5} {'lost':>4} {'dup':>3} {'p50 s':>6} {'p99 s':>6} {'max s':>6}"

@@ -282,6 +282,52 @@ def test_a_service_killed_is_started_again_as_itself(tmp_path):
     assert not (home / "run" / "state.json").exists()
 
 
+def test_replicas_share_the_work_and_a_killed_one_comes_back_as_itself(tmp_path):
+    """``--replicas worker=2``: two worker processes on one identity and one set of consumers.
+    With the first frozen, a task completes on the second; the second killed comes back as
+    itself (a worker, under its own name, port and log)."""
+    home = tmp_path / "mesh"
+    up = meshctl(home, *UP, "--replicas", "worker=2")
+    assert up.returncode == 0, up.stderr
+    assert "worker, worker-2" in up.stdout, up.stdout
+    state = mesh_state(home)
+    pids = [p["pid"] for p in procs(state).values()]
+    assert [state["services"][n]["service"] for n in ("worker", "worker-2", "planner")] == [
+        "worker",
+        "worker",
+        "planner",
+    ]
+    try:
+        report = until(lambda: all_ready(home), "status of the whole mesh")
+        assert report["services"]["worker-2"]["ready"] and report["processes"]["worker-2"]["restarts"] == 0
+        first = state["services"]["worker"]["pid"]
+        os.kill(first, signal.SIGSTOP)  # frozen: what it holds goes to the other after ack_wait
+        try:
+            completes(home)
+        finally:
+            os.kill(first, signal.SIGCONT)
+        new = kill_and_wait_back(home, "worker-2", lambda p: http_ok(p["http_port"], "/readyz"))
+        pids.append(new["pid"])
+        assert new["service"] == "worker" and mesh_state(home)["services"]["worker"]["pid"] == first
+        log = (home / "logs" / "supervisor.log").read_text()
+        assert f"worker-2 started again as pid {new['pid']} (restart 1)" in log
+        completes(home)
+    finally:
+        down = meshctl(home, "down")
+    assert down.returncode == 0 and "worker-2" in down.stdout, down.stdout + down.stderr
+    assert not still_alive(pids), "down leaves nothing running"
+
+
+def test_a_bad_replica_count_is_one_line_and_starts_nothing(tmp_path):
+    home = tmp_path / "mesh"
+    for arg, why in (("worker=0", "a replica count is 1-16, got '0'"), ("wrker=2", "unknown service 'wrker'"),
+                     ("99", "a replica count is 1-16, got '99'")):  # fmt: skip
+        bad = meshctl(home, *UP, "--replicas", arg)
+        assert bad.returncode == 2 and why in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+        assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+    assert not (home / "run" / "state.json").exists()
+
+
 def test_nats_and_redis_killed_come_back_on_their_ports(tmp_path):
     home = tmp_path / "mesh"
     up = meshctl(home, *UP)

@@ -189,6 +189,29 @@ def fraction(value: str) -> float:
     return f
 
 
+MAX_REPLICAS = 16
+
+
+def replicas(value: str) -> dict[str, int]:
+    """``N`` (every service N processes) or ``SERVICE=N[,SERVICE=N...]`` (the others one each)."""
+    from mesh_contracts import SERVICES
+
+    def count(text: str) -> int:
+        if not text.isdigit() or not 1 <= int(text) <= MAX_REPLICAS:
+            raise argparse.ArgumentTypeError(f"a replica count is 1-{MAX_REPLICAS}, got {text!r}")
+        return int(text)
+
+    if "=" not in value:
+        return dict.fromkeys(SERVICES, count(value))
+    out: dict[str, int] = {}
+    for part in value.split(","):
+        svc, _, n = part.partition("=")
+        if svc not in SERVICES:
+            raise argparse.ArgumentTypeError(f"unknown service {svc!r} in {value!r} (services: {', '.join(SERVICES)})")
+        out[svc] = count(n)
+    return out
+
+
 def port(value: str) -> int:
     if not value.isdigit() or int(value) > 65535:
         raise argparse.ArgumentTypeError(f"not a port number: {value!r}")

@@ -166,7 +166,8 @@ class Supervisor:
         w.ready = False
         try:
             if old.name in self.state.services:
-                new = local.start_service(self.ids, self.state.nats_url, old.name, http_port=old.http_port)
+                new = local.start_service(self.ids, self.state.nats_url, old.service or old.name, name=old.name,
+                                          http_port=old.http_port)  # fmt: skip
             else:
                 new = local.respawn(old)  # nats-server or redis-server: the same ports, store and users
         except OSError as exc:  # its binary or its log cannot be opened: a failed start, counted as one

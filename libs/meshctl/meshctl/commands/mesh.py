@@ -96,7 +96,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     home = opt.home(args)
     up_args: dict[str, Any] = {"tenants": args.tenants, "nats_port": args.nats_port, "http_port": args.http_port,
-               "redis_port": args.redis_port, "cluster": args.cluster}  # fmt: skip
+               "redis_port": args.redis_port, "cluster": args.cluster, "replicas": args.replicas}  # fmt: skip
     if args.no_supervise:
         state = asyncio.run(local.up(home, **up_args))
     else:
@@ -105,7 +105,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         state = supervisor.start(home, **up_args)
     print(
         f"mesh up in {time.monotonic() - t0:.1f}s: nats {state.nats_url}, redis 127.0.0.1:{state.redis_port}, "
-        f"{len(state.services)} services ({', '.join(state.services)})"
+        f"{len(state.services)} service processes ({', '.join(state.services)})"
     )
     print(f"tenants: {', '.join(Identities(home).tenants())}; home: {home}")
     if state.supervisor is not None:
@@ -329,6 +329,10 @@ def register(sub: argparse._SubParsersAction[opt.Parser]) -> None:
         default=1,
         help="3: a 3-node JetStream cluster on loopback (node i on --nats-port + i), every stream and bucket R3",
     )
+    s.add_argument("--replicas", type=opt.replicas, default={}, metavar="N|SERVICE=N,...",
+                   help="processes per service: N for every service, or e.g. worker=2,tool-executor=2 (others 1); "
+                   "replicas share their service's identity and consumers, so a killed one's work goes on "
+                   "on the other within ack_wait")  # fmt: skip
     s.add_argument("--no-supervise", action="store_true",
                    help="start everything and exit, with no supervisor restarting what exits")  # fmt: skip
     s.set_defaults(fn=cmd_up)
