@@ -72,7 +72,9 @@ async def test_a_late_receipt_is_retried_under_the_same_key_and_lands_once(tmp_p
     tool, args = ex.registry.validate(REQ.tool, REQ.arguments)
     key = ledger.key("acme", "t1", REQ.call_id)
 
-    with pytest.raises(EffectUnconfirmed, match=r"the outbox did not confirm tool-executor\.acme\.t1\.s3-i1-c0") as raised:
+    with pytest.raises(
+        EffectUnconfirmed, match=r"the outbox did not confirm tool-executor\.acme\.t1\.s3-i1-c0"
+    ) as raised:
         await ex.runner.run_recorded(REQ, tool, args, _delivery(1))
     assert isinstance(raised.value, BROKER_UNAVAILABLE), "the broker's timeout: re-run in place, no attempt spent"
     held = json.loads((await ledger.kv.get(key)).value)
