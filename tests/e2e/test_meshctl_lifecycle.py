@@ -48,7 +48,10 @@ def test_up_status_down_manages_exactly_what_it_started(tmp_path):
     home = tmp_path / "mesh"
     up = meshctl(home, "up", "--tenants", "acme", "--nats-port", "0", "--http-port", "0", "--redis-port", "0")
     assert up.returncode == 0, up.stderr
-    assert "6 services" in up.stdout and "supervisor: pid" in up.stdout
+    assert (
+        "6 service processes (planner, worker, checker, rag, tool-executor, budget)" in up.stdout
+        and "supervisor: pid" in up.stdout
+    )
     bystander = subprocess.Popen(["sleep", "300"])
     try:
         status = meshctl(home, "status", "--json")
