@@ -1,8 +1,9 @@
 """An effect whose receipt is late (the outbox stream's leader moved, the broker restarted) is
-neither "failed" nor lost: the call fails that delivery, keeps its ledger claim, and the
-redelivery hands the sink the same idempotency key, so one email lands and the step is told it
-was sent. Found by the cluster chaos drill: a task completed with its email recorded as "send_email
-timed out" (the tool's 5 s timeout cut a publish waiting for a leader election)."""
+neither "failed" nor lost: the call raises a broker timeout and keeps its ledger claim, the
+handler is re-run in place, and each try hands the sink the same idempotency key, so one email
+lands and the step is told it was sent. Taken to explain the cluster chaos drill's miss: a task
+completed without its email, which the 5 s tool timeout cutting a publish that waited for a
+leader election would do (recorded "send_email timed out")."""
 
 from __future__ import annotations
 
