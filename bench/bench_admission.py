@@ -61,6 +61,18 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
 
 
+def _env(home: Path, run_slots: int | None, alone: int | None, latency_ms: float) -> dict[str, str]:
+    """The planner's settings this run changes from the defaults, and the model's latency."""
+    env = {}
+    if run_slots is not None:
+        env["MESH_RUN_SLOTS"] = str(run_slots)
+    if alone is not None:
+        env["MESH_RUN_SLOTS_ALONE"] = str(alone)
+    if latency_ms:
+        env["MESH_MODEL_CONFIG"] = str(model_config(home.parent / f"{home.name}-models.json", latency_ms))
+    return env
+
+
 async def main(
     burst: int, quiet_tasks: int, run_slots: int | None = None, latency_ms: float = 0.0, alone: int | None = None
 ) -> tuple[float, float, float]:
@@ -71,13 +83,7 @@ async def main(
     slots = defaults["run_slots"].default if run_slots is None else run_slots
     alone_n = defaults["run_slots_alone"].default if alone is None else alone
     try:
-        env = {}
-        if run_slots is not None:
-            env["MESH_RUN_SLOTS"] = str(run_slots)
-        if alone is not None:
-            env["MESH_RUN_SLOTS_ALONE"] = str(alone)
-        if latency_ms:
-            env["MESH_MODEL_CONFIG"] = str(model_config(home.parent / f"{home.name}-models.json", latency_ms))
+        env = _env(home, run_slots, alone, latency_ms)
         state = await local.up(
             home, tenants=["burst", "steady"], nats_port=0, http_port=0, redis_port=0, service_env_extra=env or None
         )

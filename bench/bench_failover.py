@@ -39,6 +39,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import nats
@@ -260,48 +261,10 @@ def histogram(values: list[float], edges: tuple[float, ...] = (0.5, 1, 2, 3, 4, 
     return "  ".join(f"{k} {counts[k]}" for k in order if counts[k])
 
 
-async def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--phase-s", type=float, default=45.0, help="length of each phase (default 45)")
-    ap.add_argument("--in-flight", type=int, default=20, help="tasks kept in flight (default 20)")
-    ap.add_argument(
-        "--targets", choices=("services", "all"), default="services",
-        help="what is killed: the six services (the targets' case), or nats-server and redis-server too",
-    )  # fmt: skip
-    ap.add_argument("--seed", type=int, default=None)
-    ap.add_argument("--timelines", type=int, default=0, help="print the N slowest tasks' events per chaos phase")
-    ap.add_argument("--only", choices=("kill-2-4s", "kill-1s"), default=None, help="quiet and this phase alone")
-    ap.add_argument("--replicas", default="", metavar="N|SERVICE=N,...",
-                    help="meshctl up --replicas: processes per service (every process is a kill target)")  # fmt: skip
-    args = ap.parse_args()
-    random.seed(args.seed)
-    for k, v in ENV.items():
-        os.environ.setdefault(k, v)
-    home = Path(tempfile.mkdtemp(prefix="agentmesh-failover-"))
-    print(f"mesh home (logs): {home}", flush=True)
-    more = ("--replicas", args.replicas) if args.replicas else ()
-    up = meshctl(home, "up", "--tenants", TENANT, "--nats-port", "0", "--http-port", "0", "--redis-port", "0", *more)
-    if up.returncode != 0:
-        print(f"meshctl up failed: {up.stdout}{up.stderr}", file=sys.stderr)
-        return 2
-    started = local.MeshState.load(home)
-    processes = tuple(started.services) if started else SERVICES  # with --replicas: worker, worker-2, ...
-    targets = processes + (("nats-server", "redis-server") if args.targets == "all" else ())
-    rows = []
-    try:
-        bench = Bench(home, targets, args.in_flight)
-        async with TenantClient.of(bench.ids, bench.state.nats_url, TENANT) as c:
-            await c.submit(GOAL, timeout=60)  # warm-up
-        phases = [Phase("quiet", None), Phase("kill-2-4s", (2.0, 4.0)), Phase("kill-1s", (1.0, 1.0))]
-        phases = [p for p in phases if args.only in (None, p.name) or p.every_s is None]
-        for phase in phases:
-            await bench.run(phase, args.phase_s)
-            dup, missing = await bench.duplicates(phase.tasks)
-            rows.append((phase, line(phase, dup, missing)))
-            print(json.dumps(rows[-1][1]), flush=True)
-        status = meshctl(home, "status", "--json")
-    finally:
-        meshctl(home, "down")
+def report(
+    rows: list[tuple[Phase, dict[str, Any]]], bench: Bench, targets: tuple[str, ...], args: argparse.Namespace
+) -> None:
+    """The table, each chaos phase's recovery and restarts, the slowest tasks' timelines, the targets."""
     print(
         f"\nfailover bench: {args.in_flight} tasks in flight, {args.phase_s:g} s per phase, killing {', '.join(targets)}"
         + (f" (replicas {args.replicas})" if args.replicas else "")
@@ -347,6 +310,51 @@ async def main() -> int:
         if ("2-4 s" in what and not mid) or ("1 s:" in what and not fast):
             continue  # a phase not run (--only)
         print(f"  {'met    ' if ok else 'NOT MET'} {what}")
+
+
+async def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--phase-s", type=float, default=45.0, help="length of each phase (default 45)")
+    ap.add_argument("--in-flight", type=int, default=20, help="tasks kept in flight (default 20)")
+    ap.add_argument(
+        "--targets", choices=("services", "all"), default="services",
+        help="what is killed: the six services (the targets' case), or nats-server and redis-server too",
+    )  # fmt: skip
+    ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--timelines", type=int, default=0, help="print the N slowest tasks' events per chaos phase")
+    ap.add_argument("--only", choices=("kill-2-4s", "kill-1s"), default=None, help="quiet and this phase alone")
+    ap.add_argument("--replicas", default="", metavar="N|SERVICE=N,...",
+                    help="meshctl up --replicas: processes per service (every process is a kill target)")  # fmt: skip
+    args = ap.parse_args()
+    random.seed(args.seed)
+    for k, v in ENV.items():
+        os.environ.setdefault(k, v)
+    home = Path(tempfile.mkdtemp(prefix="agentmesh-failover-"))
+    print(f"mesh home (logs): {home}", flush=True)
+    more = ("--replicas", args.replicas) if args.replicas else ()
+    up = meshctl(home, "up", "--tenants", TENANT, "--nats-port", "0", "--http-port", "0", "--redis-port", "0", *more)
+    if up.returncode != 0:
+        print(f"meshctl up failed: {up.stdout}{up.stderr}", file=sys.stderr)
+        return 2
+    started = local.MeshState.load(home)
+    processes = tuple(started.services) if started else SERVICES  # with --replicas: worker, worker-2, ...
+    targets = processes + (("nats-server", "redis-server") if args.targets == "all" else ())
+    rows = []
+    try:
+        bench = Bench(home, targets, args.in_flight)
+        async with TenantClient.of(bench.ids, bench.state.nats_url, TENANT) as c:
+            await c.submit(GOAL, timeout=60)  # warm-up
+        phases = [Phase("quiet", None), Phase("kill-2-4s", (2.0, 4.0)), Phase("kill-1s", (1.0, 1.0))]
+        phases = [p for p in phases if args.only in (None, p.name) or p.every_s is None]
+        for phase in phases:
+            await bench.run(phase, args.phase_s)
+            dup, missing = await bench.duplicates(phase.tasks)
+            rows.append((phase, line(phase, dup, missing)))
+            print(json.dumps(rows[-1][1]), flush=True)
+        status = meshctl(home, "status", "--json")
+    finally:
+        meshctl(home, "down")
+    report(rows, bench, targets, args)
     if status.returncode not in (0, 1):
         print(f"status: {status.stderr.strip()}")
     return 0
