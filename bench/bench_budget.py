@@ -60,7 +60,7 @@ from budget_accounting import (
 from budget_monitor import ceiling_limits, ceilings, deadlocks, watched
 
 from mesh_contracts.v1 import BudgetGranted, BudgetReserve, TaskLimits
-from mesh_kit import Mesh
+from mesh_host import Mesh
 from meshctl import local
 from meshctl.client import TenantClient
 

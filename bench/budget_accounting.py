@@ -22,7 +22,7 @@ from nats.js.api import StorageType, StreamConfig
 from mesh_contracts import topology as topo
 from mesh_contracts.v1 import TaskLimits, UsageRecorded
 from mesh_contracts.v1.records import StatusRecord
-from mesh_kit import Mesh
+from mesh_host import Mesh
 from mesh_kit import envelope as env
 from meshctl import local
 

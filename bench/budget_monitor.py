@@ -31,7 +31,7 @@ from mesh_contracts.v1 import (
     ToolCompleted,
     ToolRequested,
 )
-from mesh_kit import Mesh
+from mesh_host import Mesh
 from meshctl import local
 from meshctl.client import TenantClient
 

@@ -19,7 +19,8 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from mesh_kit import Mesh, ServiceSettings
+from mesh_host import Mesh
+from mesh_kit import ServiceSettings
 from mesh_kit import telemetry as tel
 from mesh_testing.infra import Infra
 

@@ -15,7 +15,7 @@ import pytest
 from integration_helpers import running, settings_for
 
 from mesh_contracts.v1.records import AdmissionRecord
-from mesh_kit import Mesh
+from mesh_host import Mesh
 from mesh_kit import state as st
 from mesh_planner.admission import Admission, Limits, Wait
 

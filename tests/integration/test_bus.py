@@ -23,8 +23,9 @@ from mesh_contracts.v1 import (
     UsageRecorded,
 )
 from mesh_contracts.v1.records import StatusRecord, TaskRecord
+from mesh_host import Mesh
 from mesh_identity import Signer, new_signing_key
-from mesh_kit import Mesh, PermissionViolation, ServiceSettings
+from mesh_kit import PermissionViolation, ServiceSettings
 from mesh_kit import envelope as env
 from mesh_tenancy import tenancy
 from mesh_tenancy.door import DoorRefused, read_reply
@@ -308,7 +309,7 @@ async def test_sigterm_lets_in_flight_work_finish_and_ack(integration_infra, uni
     import os
     import signal
 
-    from mesh_kit.runtime import serve
+    from mesh_host.runtime import serve
 
     task = unique("drain")
     started = asyncio.Event()

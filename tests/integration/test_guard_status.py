@@ -11,7 +11,7 @@ from integration_helpers import eventually, running, settings_for
 from mesh_contracts.v1 import ControlHalt, ControlResume
 from mesh_contracts.v1.records import StatusRecord, TaskRecord
 from mesh_durable.guard import enable as enable_guard
-from mesh_kit import Mesh
+from mesh_host import Mesh
 from mesh_kit import state as st
 from mesh_planner.service import Planner
 

@@ -14,7 +14,7 @@ from nats.js.errors import KeyWrongLastSequenceError
 from mesh_contracts import topology as topo
 from mesh_durable.guard import enable as enable_guard
 from mesh_durable.view import KeyView
-from mesh_kit import Mesh
+from mesh_host import Mesh
 from mesh_kit import state as st
 
 pytestmark = pytest.mark.integration

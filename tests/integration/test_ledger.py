@@ -9,7 +9,7 @@ import pytest
 from integration_helpers import running, settings_for
 
 from mesh_durable.ledger import BUCKET, Busy, Ledger
-from mesh_kit import Mesh
+from mesh_host import Mesh
 from mesh_kit import state as st
 
 pytestmark = pytest.mark.integration

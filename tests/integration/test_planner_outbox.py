@@ -13,7 +13,7 @@ from integration_helpers import connect, running, settings_for
 
 from mesh_contracts.v1 import PlanStep, StepRequested
 from mesh_contracts.v1.records import StepState, TaskRecord
-from mesh_kit import Mesh
+from mesh_host import Mesh
 from mesh_kit import state as st
 from mesh_planner.outbox import event as _event
 from mesh_planner.service import Planner

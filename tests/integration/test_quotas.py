@@ -7,7 +7,7 @@ import asyncio
 from integration_helpers import connect, eventually, running, settings_for
 
 from mesh_contracts.v1 import StepCompleted
-from mesh_kit import Mesh
+from mesh_host import Mesh
 from mesh_kit import envelope as env
 from mesh_kit import telemetry as tel
 from mesh_tenancy import tenancy

@@ -20,7 +20,7 @@ from integration_helpers import eventually, running, settings_for
 
 from mesh_contracts.v1 import BudgetGranted, BudgetReserve, TaskLimits
 from mesh_contracts.v1.records import StatusRecord, TaskRecord
-from mesh_kit import Mesh
+from mesh_host import Mesh
 from mesh_kit import telemetry as tel
 from mesh_rag import metrics as rag_metrics
 from mesh_tenancy import tenancy

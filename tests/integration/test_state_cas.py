@@ -9,7 +9,7 @@ import pytest
 from integration_helpers import running, settings_for
 from pydantic import BaseModel
 
-from mesh_kit import Mesh
+from mesh_host import Mesh
 from mesh_kit import state as st
 
 pytestmark = pytest.mark.integration

@@ -7,7 +7,7 @@ from integration_helpers import connect, counter, eventually, in_memory, running
 from opentelemetry import trace
 
 from mesh_contracts.v1 import ToolRequested
-from mesh_kit import Mesh
+from mesh_host import Mesh
 from mesh_kit import telemetry as tel
 from mesh_planner import metrics as planner_metrics
 

@@ -24,8 +24,8 @@ from mesh_contracts.v1 import (
     StepResult,
     ToolRequested,
 )
+from mesh_host import Mesh
 from mesh_identity import Signer, TrustBundle, new_signing_key
-from mesh_kit import Mesh
 from mesh_kit import envelope as env
 from mesh_kit import telemetry as tel
 from mesh_kit.trust import TRUST_RECHECK_S

@@ -29,8 +29,8 @@ from mesh_contracts.v1 import (
 from mesh_contracts.v1.records import TaskRecord
 from mesh_durable import records
 from mesh_durable.chain import CLOCK_SKEW_S, verify
+from mesh_host import Mesh
 from mesh_identity import TrustBundle, Verifier
-from mesh_kit import Mesh
 from mesh_kit.settings import BROKER_UNAVAILABLE
 from mesh_llm.resilience import BreakerPolicy
 from mesh_testing.chaos import ChaosMesh, report

@@ -233,7 +233,7 @@ async def test_a_tenant_whose_tasks_stored_too_much_in_a_stream_it_never_writes_
     Every service counts what it stores for a tenant in the quota book; when a tenant's share of a
     stream is used up (here: the worker's record says 70 MiB of STEP, over an eighth of its 512 MiB),
     the doors refuse its new messages, naming the stream; another tenant is untouched."""
-    from mesh_kit import Mesh
+    from mesh_host import Mesh
     from mesh_tenancy.quota import Quotas, limits_from
 
     worker = Mesh(infra.ids.settings("worker", infra.nats_url))

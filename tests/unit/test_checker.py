@@ -263,9 +263,11 @@ def test_verdicts_become_metrics_per_tenant_agent_and_prompt_version(tmp_path):
     from opentelemetry.sdk.metrics.export import InMemoryMetricReader
     from opentelemetry.sdk.trace import TracerProvider
 
+    from mesh_agent import genai
     from mesh_checker.service import Checker
+    from mesh_host import Mesh
     from mesh_identity import Signer, TrustBundle, Verifier, new_signing_key
-    from mesh_kit import Mesh, ServiceSettings
+    from mesh_kit import ServiceSettings
     from mesh_kit import telemetry as tel
 
     reader = InMemoryMetricReader()
@@ -291,11 +293,11 @@ def test_verdicts_become_metrics_per_tenant_agent_and_prompt_version(tmp_path):
             for metric in sm.metrics:
                 points.setdefault(metric.name, []).extend(metric.data.data_points)
     verdicts = {
-        (p.attributes["outcome"], p.attributes[tel.A_PROMPT_VERSION]): p.value
+        (p.attributes["outcome"], p.attributes[genai.A_PROMPT_VERSION]): p.value
         for p in points[checker_metrics.M_CHECK_VERDICTS]
     }
     assert verdicts == {("passed", "worker.system@7+ab"): 1, ("failed", "unknown"): 1}
-    assert all(p.attributes[tel.A_TENANT] == "acme" and p.attributes[tel.GEN_AI_AGENT_NAME] == "worker"
+    assert all(p.attributes[tel.A_TENANT] == "acme" and p.attributes[genai.GEN_AI_AGENT_NAME] == "worker"
                for p in points[checker_metrics.M_CHECK_VERDICTS])  # fmt: skip
     failed_checks = {
         p.attributes["check"] for p in points[checker_metrics.M_CHECK_RESULTS] if p.attributes["outcome"] == "failed"
@@ -305,7 +307,7 @@ def test_verdicts_become_metrics_per_tenant_agent_and_prompt_version(tmp_path):
     assert judge.count == 1 and judge.sum == pytest.approx(0.9)
     assert judge.attributes["gen_ai.request.model"] == "scripted/scripted-judge"
     grounding = {
-        p.attributes[tel.A_PROMPT_VERSION]: (p.count, p.min) for p in points[checker_metrics.M_CHECK_GROUNDING]
+        p.attributes[genai.A_PROMPT_VERSION]: (p.count, p.min) for p in points[checker_metrics.M_CHECK_GROUNDING]
     }
     assert grounding["worker.system@7+ab"] == (1, 1.0) and grounding["unknown"][1] < 0.6
 
@@ -362,8 +364,9 @@ async def test_a_check_nodes_request_is_decided_by_its_checks_on_its_nodes_outpu
     """A workflow's check node (``node``, ``only``): the steps before its node are evidence, not
     judged; only the checks it names decide; its verdict names the node and has its own key."""
     from mesh_checker.service import Checker
+    from mesh_host import Mesh
     from mesh_identity import Signer, TrustBundle, Verifier, new_signing_key
-    from mesh_kit import Mesh, ServiceSettings
+    from mesh_kit import ServiceSettings
 
     settings = ServiceSettings(service="checker", signing_key_file=tmp_path / "k", trust_bundle_file=tmp_path / "b")
     mesh = Mesh(settings, signer=Signer("checker", new_signing_key()), verifier=Verifier(TrustBundle({})))

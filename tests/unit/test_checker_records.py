@@ -12,7 +12,7 @@ import pytest
 
 from mesh_checker.service import Checker
 from mesh_contracts.v1 import CheckRequested, RetrievalCompleted, RetrievalHit, SignedRecord, StepResult
-from mesh_kit import Mesh
+from mesh_host import Mesh
 from mesh_kit.settings import ServiceSettings
 
 pytestmark = pytest.mark.unit

@@ -14,7 +14,8 @@ from mesh_contracts import BodyError, ContractError, parse_message
 from mesh_contracts import topology as topo
 from mesh_contracts.decode import DecodeError, DecodeLimits, decode, depth
 from mesh_contracts.v1 import IngestRequested, TaskSubmitted
-from mesh_kit import Mesh, ServiceSettings
+from mesh_host import Mesh
+from mesh_kit import ServiceSettings
 from mesh_kit import envelope as env
 from mesh_testing.inmemory import InMemoryBus
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mesh_kit.deps import Dependency, readiness
+from mesh_host.deps import Dependency, readiness
 
 pytestmark = pytest.mark.unit
 

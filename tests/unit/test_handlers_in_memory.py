@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from mesh_contracts.v1 import CheckRequested, Citation, RetrievalRequested, ToolCompleted, ToolRequested
+from mesh_host import Mesh
 from mesh_identity import Signer, new_signing_key
-from mesh_kit import Mesh, ServiceSettings
+from mesh_kit import ServiceSettings
 from mesh_kit import envelope as env
 from mesh_testing.inmemory import InMemoryBus
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from mesh_agent import genai
 from mesh_budget import metrics as budget_metrics
 from mesh_checker import metrics as checker_metrics
 from mesh_kit import telemetry as tel
@@ -67,7 +68,7 @@ EMITTED = {
         "gen_ai_agent_name",
         "mesh_prompt_version",
     },
-    (tel.M_GEN_AI_DURATION, "histogram", "s"): {
+    (genai.M_GEN_AI_DURATION, "histogram", "s"): {
         "gen_ai_operation_name",
         "gen_ai_provider_name",
         "gen_ai_request_model",
@@ -75,7 +76,7 @@ EMITTED = {
         "error_type",
         "le",
     },
-    (tel.M_GEN_AI_TOKEN_USAGE, "histogram", "{token}"): {
+    (genai.M_GEN_AI_TOKEN_USAGE, "histogram", "{token}"): {
         "gen_ai_operation_name",
         "gen_ai_provider_name",
         "gen_ai_request_model",

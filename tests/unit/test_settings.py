@@ -20,8 +20,8 @@ from mesh_budget.monitor import Rules
 from mesh_budget.partition import Partition
 from mesh_budget.settings import BudgetSettings, TenantLimits
 from mesh_checker.settings import CheckerSettings
+from mesh_host.runtime import load_settings
 from mesh_kit import ServiceSettings
-from mesh_kit.runtime import load_settings
 from mesh_planner.settings import PlannerSettings
 from mesh_rag.settings import RagSettings
 from mesh_testing.scripts import load_script

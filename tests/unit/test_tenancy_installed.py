@@ -11,8 +11,9 @@ import pytest
 from mesh_contracts import SERVICES
 from mesh_contracts import topology as topo
 from mesh_contracts.v1 import TaskSubmitted
-from mesh_kit import Mesh, ServiceSettings
-from mesh_kit.errors import KitError
+from mesh_host import Mesh
+from mesh_host.errors import HostError
+from mesh_kit import ServiceSettings
 from mesh_tenancy import Tenancy, tenancy
 
 pytestmark = pytest.mark.unit
@@ -50,6 +51,6 @@ async def test_a_service_with_doors_and_no_tenancy_refuses_to_start_before_conne
     async def handler(m: TaskSubmitted, d: object) -> None: ...
 
     mesh.consume(TaskSubmitted, handler)  # type: ignore[arg-type]
-    with pytest.raises(KitError, match="planner keeps doors \\(TASK\\) but has no tenancy"):
+    with pytest.raises(HostError, match="planner keeps doors \\(TASK\\) but has no tenancy"):
         await mesh.start()  # no server runs here: it must fail before it tries to connect
     assert tenancy.install(mesh) is tenancy.install(mesh), "installing twice gives the same tenancy"

@@ -21,15 +21,16 @@ from typing import TYPE_CHECKING, Any
 
 from opentelemetry.trace import Span, StatusCode
 
+from mesh_agent import genai, prices
 from mesh_agent import metrics as agent_metrics
-from mesh_agent import prices
 from mesh_agent.errors import AgentError
 from mesh_contracts.v1 import BudgetDenied, BudgetGranted, BudgetReserve, Replay, TokenUsage, UsageRecorded
 from mesh_durable import guard
 from mesh_durable import metrics as durable_metrics
 from mesh_durable.ledger import Ledger
 from mesh_guardrails.redact import redact
-from mesh_kit import Delivery, Mesh
+from mesh_host import Mesh
+from mesh_kit import Delivery
 from mesh_kit import envelope as env
 from mesh_kit import telemetry as tel
 from mesh_llm import ChatModel, CircuitOpen, ModelRequest, ModelResponse, ProviderError, ToolCall
@@ -224,23 +225,23 @@ class _Metered:
         span = self.mesh.tracer.start_span(
             f"chat {a.model.model}",
             attributes={
-                tel.GEN_AI_OPERATION: "chat",
-                tel.GEN_AI_PROVIDER: a.model.provider,
-                tel.GEN_AI_REQUEST_MODEL: a.model.model,
-                tel.GEN_AI_AGENT_NAME: a.request.agent,
-                tel.GEN_AI_CONVERSATION_ID: self.task_id,
-                tel.GEN_AI_REQUEST_MAX_TOKENS: a.request.max_tokens,
+                genai.GEN_AI_OPERATION: "chat",
+                genai.GEN_AI_PROVIDER: a.model.provider,
+                genai.GEN_AI_REQUEST_MODEL: a.model.model,
+                genai.GEN_AI_AGENT_NAME: a.request.agent,
+                genai.GEN_AI_CONVERSATION_ID: self.task_id,
+                genai.GEN_AI_REQUEST_MAX_TOKENS: a.request.max_tokens,
                 tel.A_STEP: self.step_id,
-                tel.A_ATTEMPT: a.number,
-                tel.A_ROUTE: a.route,
+                genai.A_ATTEMPT: a.number,
+                genai.A_ROUTE: a.route,
             },
         )
         if a.request.prompt_version:
-            span.set_attribute(tel.A_PROMPT_VERSION, a.request.prompt_version)
+            span.set_attribute(genai.A_PROMPT_VERSION, a.request.prompt_version)
         if release := _release(self.tenant, self.task_id):
             span.set_attribute(tel.A_RELEASE, release)
         if self.models.capture_content:
-            span.set_attribute(tel.GEN_AI_INPUT_MESSAGES, _content([m.to_dict() for m in a.request.messages]))
+            span.set_attribute(genai.GEN_AI_INPUT_MESSAGES, _content([m.to_dict() for m in a.request.messages]))
         self.spans[a.number] = span
 
     def _handed_on(self, a: Attempt, error: BaseException | None) -> bool:
@@ -253,7 +254,7 @@ class _Metered:
                     elapsed_s: float) -> None:  # fmt: skip
         span = self.spans.pop(a.number, None)
         grant = self.grants.get(a.number)
-        self.mesh.genai.record(
+        genai.of(self.mesh).record(
             provider=a.model.provider, request_model=a.model.model, elapsed_s=elapsed_s,
             response_model=response.model if response is not None else "",
             input_tokens=response.input_tokens if response is not None else 0,
@@ -267,16 +268,16 @@ class _Metered:
             if span is not None:
                 span.set_attributes(
                     {
-                        tel.GEN_AI_RESPONSE_MODEL: response.model,
-                        tel.GEN_AI_INPUT_TOKENS: response.input_tokens,
-                        tel.GEN_AI_OUTPUT_TOKENS: response.output_tokens,
-                        tel.GEN_AI_FINISH_REASONS: [response.finish_reason],
+                        genai.GEN_AI_RESPONSE_MODEL: response.model,
+                        genai.GEN_AI_INPUT_TOKENS: response.input_tokens,
+                        genai.GEN_AI_OUTPUT_TOKENS: response.output_tokens,
+                        genai.GEN_AI_FINISH_REASONS: [response.finish_reason],
                     }
                 )
                 if self.models.capture_content:
                     out = {"role": "assistant", "content": response.content,
                            "tool_calls": [dataclasses.asdict(c) for c in response.tool_calls]}  # fmt: skip
-                    span.set_attribute(tel.GEN_AI_OUTPUT_MESSAGES, _content([out]))
+                    span.set_attribute(genai.GEN_AI_OUTPUT_MESSAGES, _content([out]))
                 span.end()
             return
         kind = getattr(error, "kind", type(error).__name__)
@@ -407,19 +408,10 @@ async def call_model_once(
     the other steps, is made live, on ``replay.route`` when one is named."""
 
     if replay is not None:
-        if replay.answers(step_id) and ledger is not None:
-            was = await ledger.recorded(ledger.key(tenant, replay.of, "llm", call_id))
-            if was is not None:
-                await _guard(mesh, tenant, task_id)  # a halted or cancelled replay stops here too
-                response = _response(was["response"])
-                mesh.count(agent_metrics.M_LLM_REPLAYED)
-                if on_token is not None and response.content:
-                    await on_token(response.content)
-                return response, TokenUsage()
-            await mesh.progress(
-                tenant, task_id, "replay.live", f"{call_id}: no recorded response in {replay.of}; called the model",
-                step_id=step_id, key=call_id, detail={"call_id": call_id, "of": replay.of},
-            )  # fmt: skip
+        replayed = await _replayed(mesh, ledger, replay, tenant=tenant, task_id=task_id, step_id=step_id,
+                                   call_id=call_id, on_token=on_token)  # fmt: skip
+        if replayed is not None:
+            return replayed, TokenUsage()
         if replay.route:
             request = dataclasses.replace(request, route=replay.route)
 
@@ -461,6 +453,37 @@ async def call_model_once(
             key=call_id,
         )  # fmt: skip
     return response, usage
+
+
+async def _replayed(
+    mesh: Mesh,
+    ledger: Ledger | None,
+    replay: Replay,
+    *,
+    tenant: str,
+    task_id: str,
+    step_id: str,
+    call_id: str,
+    on_token: Any,
+) -> ModelResponse | None:
+    """The replayed task's recorded response of this call (streamed to ``on_token`` as one piece),
+    or None: the step is not answered from recordings, or this call has no recording (then a
+    progress event says it was made live)."""
+    if not replay.answers(step_id) or ledger is None:
+        return None
+    was = await ledger.recorded(ledger.key(tenant, replay.of, "llm", call_id))
+    if was is None:
+        await mesh.progress(
+            tenant, task_id, "replay.live", f"{call_id}: no recorded response in {replay.of}; called the model",
+            step_id=step_id, key=call_id, detail={"call_id": call_id, "of": replay.of},
+        )  # fmt: skip
+        return None
+    await _guard(mesh, tenant, task_id)  # a halted or cancelled replay stops here too
+    response = _response(was["response"])
+    mesh.count(agent_metrics.M_LLM_REPLAYED)
+    if on_token is not None and response.content:
+        await on_token(response.content)
+    return response
 
 
 def _release(tenant: str, task_id: str) -> str:

@@ -1,4 +1,4 @@
-"""Metered model calls: the names of the metrics it emits (the mesh's own are ``mesh_kit.telemetry``'s)."""
+"""Metered model calls: the names of the metrics it emits (the GenAI ones are ``genai``'s, the bus runtime's ``mesh_kit.telemetry``'s)."""
 
 M_LLM_CALLS = "mesh.llm.calls"
 M_LLM_REPLAYED = "mesh.llm.replayed"  # a replay's call answered from the replayed task's recording: no cost

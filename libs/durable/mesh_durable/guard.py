@@ -37,7 +37,7 @@ from mesh_identity import IdentityError
 from mesh_kit import envelope as env
 
 if TYPE_CHECKING:
-    from mesh_kit.bus import Mesh
+    from mesh_host.mesh import Mesh
 
 log = logging.getLogger("mesh.guard")
 CONTROL_BUCKET = "control"

@@ -35,7 +35,7 @@ from mesh_kit.delivery import Retry
 from mesh_kit.state import KV
 
 if TYPE_CHECKING:
-    from mesh_kit.bus import Mesh
+    from mesh_host.mesh import Mesh
 
 BUCKET = "ledger"
 CALLS = topology.CALLS_BUCKET

@@ -1,7 +1,7 @@
 """Redis as the mesh uses it: a client that gives up in seconds, and what its failures look like.
 
 Redis holds what can be rebuilt (caches, rate windows, the budget's fast counters); its loss is a
-``mesh_kit.deps.Dependency`` going down, never lost work. Clients made by ``redis_client`` time
+``mesh_host.deps.Dependency`` going down, never lost work. Clients made by ``redis_client`` time
 out in about a second: behind a NetworkPolicy that drops packets a default client would hang in
 ``connect`` for minutes.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from mesh_kit.deps import Dependency
+from mesh_host.deps import Dependency
 
 CONNECT_TIMEOUT_S = 1.0
 CALL_TIMEOUT_S = 2.0

@@ -1,15 +1,12 @@
-"""AgentMesh bus runtime: settings, signed envelopes, verified durable consumers, DLQ, health."""
+"""AgentMesh bus runtime: settings, the connection, signed envelopes, verified durable consumers, DLQ."""
 
 from mesh_identity import IdentityError, Signer, TrustBundle, Verifier
-from mesh_kit.bus import Mesh
 from mesh_kit.delivery import Delivery, Park, PermissionViolation, Reject, Retry
-from mesh_kit.runtime import run_service, serve
 from mesh_kit.settings import ServiceSettings
 
 __all__ = [
     "Delivery",
     "IdentityError",
-    "Mesh",
     "Park",
     "PermissionViolation",
     "Reject",
@@ -18,6 +15,4 @@ __all__ = [
     "Signer",
     "TrustBundle",
     "Verifier",
-    "run_service",
-    "serve",
 ]

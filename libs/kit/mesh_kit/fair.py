@@ -16,7 +16,7 @@ server's cap without one attempt. Taking redelivered work first bounds that to o
 delivery per crash of the replica actually handling it, as without fetching ahead (and it is the
 oldest work anyway). ``topology.SERVER_MAX_DELIVER`` leaves room for those spent deliveries.
 
-A handler may park a message it cannot take up yet (``mesh_kit.bus.Park``: the planner's run
+A handler may park a message it cannot take up yet (``mesh_kit.delivery.Park``: the planner's run
 slots): it waits out of the handlers' way, kept alive like the others and not counted in the
 window, until the park's ``until()`` returns, and then queues for its tenant's turn again.
 

@@ -60,7 +60,7 @@ from mesh_tenancy.quota import Quotas
 from mesh_tenancy.retry_after import RetryLine
 
 if TYPE_CHECKING:
-    from mesh_kit import Mesh
+    from mesh_host import Mesh
 
 log = logging.getLogger("mesh.door")
 

@@ -16,7 +16,7 @@ from mesh_tenancy.door import Door
 from mesh_tenancy.quota import Quotas, Refusal, limits_from
 
 if TYPE_CHECKING:
-    from mesh_kit import Mesh
+    from mesh_host import Mesh
 
 
 class Tenancy:

@@ -19,7 +19,6 @@ from mesh_contracts.v1.audit import GENESIS
 from mesh_durable import chain
 from mesh_durable.chain import Head
 from mesh_kit import envelope as env
-from mesh_kit import telemetry as tel
 
 
 @dataclass(eq=False)  # compared (and hashed) by identity, as a Mesh is
@@ -40,7 +39,7 @@ class FakeMesh:
         provider.add_span_processor(SimpleSpanProcessor(self.spans))
         self.tracer = provider.get_tracer("test")
         self.metrics = InMemoryMetricReader()
-        self.genai = tel.GenAIMetrics(MeterProvider(metric_readers=[self.metrics]).get_meter("test"))
+        self.meter = MeterProvider(metric_readers=[self.metrics]).get_meter("test")
         chain.install(self, self)  # what a service appends to its tenants' audit chains lands in ``audited``
 
     async def request(self, m: Any) -> Any:

@@ -29,7 +29,7 @@ import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from mesh_kit import Mesh
+from mesh_host import Mesh
 from mesh_kit.settings import log_nats_error, nats_servers
 from meshctl import local
 from meshctl.client import TenantClient

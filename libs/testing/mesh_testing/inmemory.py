@@ -25,7 +25,7 @@ from typing import Any
 
 from nats.js.api import PubAck
 
-from mesh_kit import Mesh
+from mesh_host import Mesh
 from mesh_kit import envelope as env
 from mesh_kit.connection import Transport
 from mesh_testing.rights import matches

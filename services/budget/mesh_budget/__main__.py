@@ -2,7 +2,7 @@
 
 from mesh_budget.service import build
 from mesh_budget.settings import BudgetSettings
-from mesh_kit import run_service
+from mesh_host import run_service
 
 
 def main() -> None:

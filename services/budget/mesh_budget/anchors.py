@@ -14,7 +14,8 @@ from typing import Any
 
 from mesh_contracts.v1.audit import ANCHOR, ANCHOR_TTL_S, MESH_WIDE
 from mesh_durable import chain
-from mesh_kit import Mesh, tasks
+from mesh_host import Mesh
+from mesh_kit import tasks
 
 log = logging.getLogger("mesh.budget")
 

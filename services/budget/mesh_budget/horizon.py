@@ -14,7 +14,8 @@ import time
 
 from mesh_contracts import topology as topo
 from mesh_durable.tail import Reader
-from mesh_kit import Mesh, tasks
+from mesh_host import Mesh
+from mesh_kit import tasks
 
 log = logging.getLogger("mesh.budget")
 USAGE_DURABLE = "budget--usage-recorded"

@@ -22,8 +22,8 @@ from mesh_budget.ledger import Cold, DayUsage, Decision, Durable, Held, TaskUsag
 from mesh_contracts.v1 import BudgetReserve, TaskLimits
 from mesh_contracts.v1.records import StatusRecord, TaskRecord
 from mesh_durable import records
+from mesh_host import Mesh
 from mesh_identity import CLOCK_LEEWAY_S
-from mesh_kit import Mesh
 from mesh_kit import state as st
 
 log = logging.getLogger("mesh.budget")

@@ -46,7 +46,8 @@ from mesh_contracts.v1.records import TERMINAL, StatusRecord
 from mesh_durable import chain, guard, records, redis
 from mesh_durable.redis import redis_errors
 from mesh_durable.tail import Reader
-from mesh_kit import Delivery, Mesh, tasks
+from mesh_host import Mesh
+from mesh_kit import Delivery, tasks
 from mesh_tenancy import tenancy
 
 log = logging.getLogger("mesh.budget")

@@ -31,9 +31,10 @@ from mesh_contracts.v1 import ControlCancel, ControlHalt, UsageRecorded
 from mesh_contracts.v1.records import TERMINAL
 from mesh_durable import chain, records
 from mesh_durable.tail import Reader, Stored, Tail
+from mesh_host import Mesh
 from mesh_identity import IdentityError
-from mesh_kit import Mesh, tasks
 from mesh_kit import envelope as env
+from mesh_kit import tasks
 
 log = logging.getLogger("mesh.budget")
 FOLLOWED = (topo.ENVELOPES, topo.STREAMS["usage"])

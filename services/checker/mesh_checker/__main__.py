@@ -2,7 +2,7 @@
 
 from mesh_checker.service import build
 from mesh_checker.settings import CheckerSettings
-from mesh_kit import run_service
+from mesh_host import run_service
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ from functools import partial
 from typing import Any
 
 import mesh_judge as jd
-from mesh_agent import prompts, releases
+from mesh_agent import genai, prompts, releases
 from mesh_agent.metered import BudgetExceeded, Models, call_model_once, configured
 from mesh_checker import metrics as checker_metrics
 from mesh_checker.checks import Passages, check_answer, evidence_of, run_checks
@@ -31,8 +31,9 @@ from mesh_contracts import ContractError
 from mesh_contracts.v1 import CheckRequested, CheckResult, CheckVerdict, RetrievalCompleted, TokenUsage
 from mesh_durable import guard, ledger, records
 from mesh_durable.ledger import Ledger
+from mesh_host import Mesh
 from mesh_identity import IdentityError
-from mesh_kit import Delivery, Mesh
+from mesh_kit import Delivery
 from mesh_kit import telemetry as tel
 from mesh_llm import ChatModel
 from mesh_llm.errors import ProviderError
@@ -248,8 +249,8 @@ class Checker:
         answer = next((s for s in m.steps if s.step_id == m.answer_step), None)
         attrs = {
             tel.A_TENANT: m.tenant,
-            tel.GEN_AI_AGENT_NAME: "worker" if answer is not None else "unknown",
-            tel.A_PROMPT_VERSION: (answer.prompt_version if answer is not None else "") or "unknown",
+            genai.GEN_AI_AGENT_NAME: "worker" if answer is not None else "unknown",
+            genai.A_PROMPT_VERSION: (answer.prompt_version if answer is not None else "") or "unknown",
         }
         self._verdicts.add(1, {**attrs, "outcome": "passed" if passed else "failed"})
         for c in checks:

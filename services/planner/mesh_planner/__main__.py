@@ -1,6 +1,6 @@
 """Entry point: ``python -m mesh_planner`` (settings come from MESH_* variables: ``PlannerSettings``)."""
 
-from mesh_kit import run_service
+from mesh_host import run_service
 from mesh_planner.service import build
 from mesh_planner.settings import PlannerSettings
 

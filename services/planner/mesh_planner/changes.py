@@ -13,7 +13,8 @@ from mesh_contracts import Contract
 from mesh_contracts.v1 import ReleaseChange, ReleaseChanged, ReleaseDecided, WorkflowChange, WorkflowChanged
 from mesh_contracts.v1.records import TaskRecord
 from mesh_durable import chain
-from mesh_kit import Delivery, Mesh
+from mesh_host import Mesh
+from mesh_kit import Delivery
 from mesh_kit.delivery import Reject
 from mesh_planner import metrics as planner_metrics
 from mesh_planner import releases as rel

@@ -22,7 +22,8 @@ from mesh_contracts.v1 import TaskRejected, TaskSubmitted
 from mesh_contracts.v1.records import TERMINAL, TaskRecord
 from mesh_contracts.v1.workflow_runs import not_runnable
 from mesh_durable import records
-from mesh_kit import Delivery, Mesh, Park
+from mesh_host import Mesh
+from mesh_kit import Delivery, Park
 from mesh_planner import metrics as planner_metrics
 from mesh_planner import releases as rel
 from mesh_planner.admission import Admission, StoreLevel, Wait

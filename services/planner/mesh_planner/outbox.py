@@ -18,7 +18,7 @@ from mesh_contracts.registry import BY_TYPE
 from mesh_contracts.v1 import CheckRequested, ProgressEvent, SignedRecord
 from mesh_contracts.v1.records import OutboxItem, TaskRecord
 from mesh_durable import records
-from mesh_kit import Mesh
+from mesh_host import Mesh
 from mesh_kit import envelope as env
 from mesh_kit import state as st
 from mesh_planner.timers import Timers

@@ -10,7 +10,7 @@ burst kept a quiet tenant's next submission out of sight for ~2 s (``bench/bench
 --latency-ms 200``: 3.1x its quiet latency for the task submitted right after the burst).
 
 Now an admitted submission that finds every planning slot taken waits parked (kept alive, out of
-the fetch window: ``mesh_kit.bus.Park``), so the window goes on past the burst, refusals stay
+the fetch window: ``mesh_kit.delivery.Park``), so the window goes on past the burst, refusals stay
 fast, and a slot that frees goes to the waiting tenant with the fewest plans in progress here,
 then in turn; within a tenant, higher priority first, then arrival. One handler more than there
 are slots keeps a newly fetched submission from waiting for a handler behind the plans.

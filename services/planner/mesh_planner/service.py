@@ -46,7 +46,8 @@ from mesh_durable import chain, guard, ledger, records
 from mesh_durable.ledger import Ledger
 from mesh_durable.records import Bundles
 from mesh_durable.view import KeyView
-from mesh_kit import Delivery, Mesh, Park
+from mesh_host import Mesh
+from mesh_kit import Delivery, Park
 from mesh_kit import envelope as env
 from mesh_kit import state as st
 from mesh_kit.delivery import Reject

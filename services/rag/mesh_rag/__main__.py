@@ -1,6 +1,6 @@
 """Entry point: ``python -m mesh_rag`` (settings come from MESH_* variables: ``RagSettings``)."""
 
-from mesh_kit import run_service
+from mesh_host import run_service
 from mesh_rag.service import build
 from mesh_rag.settings import RagSettings
 

@@ -31,8 +31,9 @@ from mesh_durable import redis
 from mesh_durable.redis import redis_client, redis_errors
 from mesh_guardrails import metrics as guardrails_metrics
 from mesh_guardrails.injection import score as injection_score
-from mesh_kit import Delivery, Mesh
-from mesh_kit.deps import Dependency
+from mesh_host import Mesh
+from mesh_host.deps import Dependency
+from mesh_kit import Delivery
 from mesh_rag import metrics as rag_metrics
 from mesh_rag.embed import Embedder
 from mesh_rag.extract import SUPPORTED, ExtractError, extract, media_type_for

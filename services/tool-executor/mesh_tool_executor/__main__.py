@@ -1,6 +1,6 @@
 """Entry point: ``python -m mesh_tool_executor`` (settings come from MESH_* variables: ``ToolExecutorSettings``)."""
 
-from mesh_kit import run_service
+from mesh_host import run_service
 from mesh_tool_executor.service import build
 from mesh_tool_executor.settings import ToolExecutorSettings
 

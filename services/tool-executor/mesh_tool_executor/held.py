@@ -18,8 +18,9 @@ from mesh_contracts.v1 import ApprovalRequested, ToolRequested
 from mesh_contracts.v1.records import TERMINAL, StatusRecord, TaskRecord
 from mesh_durable import guard, records
 from mesh_guardrails.redact import redact_value
+from mesh_host import Mesh
 from mesh_identity import Principal
-from mesh_kit import Delivery, Mesh
+from mesh_kit import Delivery
 from mesh_tool_executor import metrics as tool_executor_metrics
 from mesh_tool_executor.approvals import ApprovalRecord, Approvals, approval_id
 from mesh_tool_executor.policy import Decision

@@ -23,7 +23,7 @@ from typing import Any
 
 from mesh_durable import redis
 from mesh_durable.redis import redis_client, redis_errors
-from mesh_kit.deps import Dependency
+from mesh_host.deps import Dependency
 
 WINDOW_S = 60.0
 

@@ -22,7 +22,7 @@ from mesh_durable.chain import Appender
 from mesh_guardrails import metrics as guardrails_metrics
 from mesh_guardrails.injection import score as injection_score
 from mesh_guardrails.redact import redact, redact_value
-from mesh_kit import Mesh
+from mesh_host import Mesh
 from mesh_kit import envelope as env
 from mesh_tool_executor import destinations as dst
 from mesh_tool_executor import metrics as tool_executor_metrics

@@ -25,7 +25,8 @@ from mesh_durable import records
 from mesh_durable.chain import Appender
 from mesh_durable.ledger import Ledger
 from mesh_guardrails.redact import redact
-from mesh_kit import Delivery, Mesh
+from mesh_host import Mesh
+from mesh_kit import Delivery
 from mesh_kit.faults import crash_point
 from mesh_tool_executor import metrics as tool_executor_metrics
 from mesh_tool_executor import net

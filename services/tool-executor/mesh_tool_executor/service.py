@@ -22,7 +22,8 @@ from mesh_contracts.v1.records import ToolCatalogue
 from mesh_durable import chain, guard, records
 from mesh_durable import metrics as durable_metrics
 from mesh_durable.ledger import BUCKET, Ledger
-from mesh_kit import Delivery, Mesh
+from mesh_host import Mesh
+from mesh_kit import Delivery
 from mesh_kit.delivery import Reject
 from mesh_tenancy import tenancy
 from mesh_tool_executor import metrics as tool_executor_metrics

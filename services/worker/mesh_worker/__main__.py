@@ -1,6 +1,6 @@
 """Entry point: ``python -m mesh_worker`` (settings come from MESH_* variables: ``WorkerSettings``)."""
 
-from mesh_kit import run_service
+from mesh_host import run_service
 from mesh_worker.service import build
 from mesh_worker.settings import WorkerSettings
 

@@ -21,7 +21,8 @@ from mesh_contracts.v1 import Citation, RetrievalRequested, ToolRequested
 from mesh_contracts.v1.records import ToolCatalogue
 from mesh_durable import records
 from mesh_guardrails.provenance import Text
-from mesh_kit import Delivery, Mesh
+from mesh_host import Mesh
+from mesh_kit import Delivery
 from mesh_kit.delivery import Retry
 from mesh_llm import ToolSpec
 from mesh_worker.checkpoint import StepRun

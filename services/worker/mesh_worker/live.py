@@ -12,7 +12,7 @@ import time
 from typing import Literal
 
 from mesh_contracts.v1 import TokenDelta
-from mesh_kit import Mesh
+from mesh_host import Mesh
 from mesh_worker import metrics as worker_metrics
 
 log = logging.getLogger("mesh.worker")

@@ -22,7 +22,8 @@ from mesh_contracts.v1 import Citation, HeldCall, SignedRecord, StepCompleted, S
 from mesh_durable import records
 from mesh_durable.ledger import Ledger
 from mesh_guardrails.provenance import Text
-from mesh_kit import Delivery, Mesh
+from mesh_host import Mesh
+from mesh_kit import Delivery
 from mesh_kit import state as st
 from mesh_llm import ChatModel, Message, ModelRequest, ModelResponse, ProviderError, ToolCall
 from mesh_llm.context import clip

@@ -36,7 +36,8 @@ from mesh_durable import metrics as durable_metrics
 from mesh_durable.ledger import Ledger
 from mesh_guardrails.injection import UNTRUSTED_NOTICE, score_many
 from mesh_guardrails.provenance import Text
-from mesh_kit import Delivery, Mesh
+from mesh_host import Mesh
+from mesh_kit import Delivery
 from mesh_kit import envelope as env
 from mesh_kit import state as st
 from mesh_llm import ChatModel

@@ -35,15 +35,15 @@ from nats.js.errors import NotFoundError
 from mesh_contracts import Contract, DecodeLimits
 from mesh_contracts import topology as topo
 from mesh_contracts.v1 import ProgressEvent
+from mesh_host.deps import Dependency, readiness
+from mesh_host.errors import HostError
 from mesh_identity import Signer, TrustBundle, Verifier
 from mesh_kit import envelope as env
 from mesh_kit import telemetry as tel
 from mesh_kit import wire
 from mesh_kit.connection import Connection
 from mesh_kit.consume import Pipeline, Settle
-from mesh_kit.delivery import Delivery, Park, PermissionViolation, Reject, RejectHook, Retry
-from mesh_kit.deps import Dependency, readiness
-from mesh_kit.errors import KitError
+from mesh_kit.delivery import Delivery, RejectHook
 from mesh_kit.fair import FairConsumer
 from mesh_kit.reply import Server
 from mesh_kit.settings import ServiceSettings
@@ -52,7 +52,7 @@ from mesh_kit.tenants import Tenancy
 from mesh_kit.throttle import Throttled
 from mesh_kit.trust import Trust
 
-__all__ = ["Delivery", "Mesh", "Park", "PermissionViolation", "Reject", "Retry"]
+__all__ = ["Mesh"]
 log = logging.getLogger("mesh.bus")
 C = TypeVar("C", bound=Contract)
 V = TypeVar("V")
@@ -109,7 +109,6 @@ class Mesh:
         self.dependencies: dict[str, Dependency] = {}
         """Backing services besides NATS (Redis), probed in the background; see ``depend``."""
         self.reports: dict[str, Callable[[], Any]] = {}
-        self._genai: tel.GenAIMetrics | None = None
 
     # --- what the parts hold -----------------------------------------------------------------
 
@@ -154,13 +153,6 @@ class Mesh:
     def meter(self) -> Any:
         """The service's OTel meter, for instruments with their own attributes (histograms)."""
         return self._meter
-
-    @property
-    def genai(self) -> tel.GenAIMetrics:
-        """The OTel GenAI client histograms (token usage, operation duration) of this service."""
-        if self._genai is None:
-            self._genai = tel.GenAIMetrics(self._meter)
-        return self._genai
 
     def count(self, name: str, attributes: dict[str, str] | None = None) -> None:
         """Both views of one count: the OTel metric (exported; with ``attributes`` besides the
@@ -300,7 +292,7 @@ class Mesh:
 
     async def start(self) -> None:
         if self.doors and self.tenancy is None:  # a forgotten install must not open the quota hole
-            raise KitError(f"{self.service} keeps doors ({', '.join(d.stream for d in self.doors)}) but has no "
+            raise HostError(f"{self.service} keeps doors ({', '.join(d.stream for d in self.doors)}) but has no "
                            "tenancy to open them: mesh_tenancy.install(mesh) before start")  # fmt: skip
         await self.connection.connect()
         await self._until_provisioned()

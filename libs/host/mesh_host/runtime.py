@@ -23,8 +23,8 @@ from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
 from mesh_guardrails.logfilter import install as install_log_redaction
-from mesh_kit.bus import Mesh
-from mesh_kit.health import HealthServer
+from mesh_host.health import HealthServer
+from mesh_host.mesh import Mesh
 from mesh_kit.settings import ServiceSettings
 
 S = TypeVar("S", bound=ServiceSettings)
