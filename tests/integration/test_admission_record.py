@@ -120,6 +120,42 @@ async def test_run_slots_wake_one_waiting_task_per_free_slot_and_a_lost_wakeup_p
         assert rec is not None and set(rec.running) == {"third"} and set(rec.in_flight) == {"third"}, rec
 
 
+async def test_a_task_that_lost_a_slot_to_another_replica_keeps_its_place_in_the_line(integration_infra, unique):
+    """Two planner replicas each wake their first waiting task for the one free slot; the one
+    that loses the compare-and-set waits again ahead of the tasks admitted after it, not behind
+    them (it went to the back of its replica's line, and with replicas a task could lose again
+    and again: issue 45's quiet tail doubled with a second planner)."""
+    async with (
+        following(integration_infra, Limits(), slots=1) as a,
+        following(integration_infra, Limits(), slots=1) as b,
+    ):
+        tenant = unique("tenant").replace("-", "")
+        assert await a.admit(tenant, "running", deadline_s=300) is None
+        a1 = await a.admit(tenant, "a1", deadline_s=300)
+        b1 = await b.admit(tenant, "b1", deadline_s=300)
+        a2 = await a.admit(tenant, "a2", deadline_s=300)
+        assert isinstance(a1, Wait) and isinstance(b1, Wait) and isinstance(a2, Wait), (a1, b1, a2)
+        woke_a1, woke_b1 = asyncio.create_task(a1.until()), asyncio.create_task(b1.until())
+        woke_a2 = asyncio.create_task(a2.until())  # parked at once, as the planner does
+        await asyncio.sleep(0.3)
+
+        await a.release(tenant, "running", took_s=1.0)
+        await asyncio.wait_for(asyncio.gather(woke_a1, woke_b1), 30)  # each replica woke its first
+        assert await b.admit(tenant, "b1", deadline_s=300) is None, "b1 asked first: it takes the slot"
+        again = await a.admit(tenant, "a1", deadline_s=300)
+        assert isinstance(again, Wait), "a1 lost the slot: it waits again"
+        woke_a1 = asyncio.create_task(again.until())
+        await asyncio.sleep(0.3)
+        assert not woke_a1.done() and not woke_a2.done(), "b1 holds the one slot"
+
+        await b.release(tenant, "b1", took_s=1.0)
+        done, _ = await asyncio.wait({woke_a1, woke_a2}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.sleep(0.3)
+        assert done == {woke_a1} and not woke_a2.done(), "the next free slot is a1's, admitted before a2"
+        assert await a.admit(tenant, "a1", deadline_s=300) is None
+        woke_a2.cancel()
+
+
 async def test_an_idle_task_gives_its_run_slot_to_a_waiting_one_and_takes_one_back_when_woken(
     integration_infra, unique
 ):

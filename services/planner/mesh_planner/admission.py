@@ -157,6 +157,8 @@ class _Ask:
     """The refusal's: one more admitted every ``[0]`` s, none before ``[1]`` s."""
     waits: bool = False
     """Admitted, and waiting for a run slot."""
+    admitted_at: float = 0.0
+    """When the task was first admitted: its place in the line for a slot, however often it asks."""
 
 
 def _drop_lapsed(rec: AdmissionRecord, at: float) -> None:
@@ -190,8 +192,10 @@ class Admission:
         self.view: dict[str, AdmissionRecord] = {}
         """Every tenant's record as last seen (own writes, the bucket's feed, a rescan): run slots."""
         self._revision: dict[str, int] = {}
-        self._waiters: dict[str, list[tuple[int, int, str, asyncio.Future[None]]]] = {}
-        """Per tenant, the tasks waiting here for a slot: highest priority, then arrival, first."""
+        self._waiters: dict[str, list[tuple[int, float, int, str, asyncio.Future[None]]]] = {}
+        """Per tenant, the tasks waiting here for a slot: highest priority, then first admitted, first.
+        A task woken that lost the slot to another replica's waits again in its own place, not
+        behind the tasks admitted after it."""
         self._woken: dict[str, dict[str, float]] = {}
         """Per tenant, the tasks told a slot is free (task id -> when) that have not yet asked again."""
         self._order = itertools.count()
@@ -241,15 +245,16 @@ class Admission:
         if ask.refusal is not None:
             return ask.refusal
         if ask.waits:
-            return Wait(lambda: self._wait(tenant, task_id, priority))
+            return Wait(lambda: self._wait(tenant, task_id, priority, ask.admitted_at))
         return None
 
     def _decide(self, ask: _Ask, rec: AdmissionRecord | None) -> AdmissionRecord | None:
         """One try of ``admit``'s compare-and-set, on the tenant's record as just read: the record
         to write (None: nothing changes), the decision left in ``ask``."""
-        ask.refusal, ask.waits = None, False
+        ask.refusal, ask.waits, ask.admitted_at = None, False, ask.at
         rec = rec or AdmissionRecord(tokens=float(max(ask.lim.burst, 1)), refilled_at=ask.at)
         if ask.task_id in rec.in_flight:  # admitted before (a redelivered submission, or a waiting task)
+            ask.admitted_at = rec.in_flight[ask.task_id] - ask.deadline_s - GRACE_S  # as written when admitted
             return self._readmit(ask, rec)
         _drop_lapsed(rec, ask.at)
         _refill(rec, ask.lim, ask.at)
@@ -484,9 +489,10 @@ class Admission:
                 out[tenant] = len(woken)
         return out
 
-    async def _wait(self, tenant: str, task_id: str, priority: int) -> None:
+    async def _wait(self, tenant: str, task_id: str, priority: int, admitted_at: float) -> None:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        heapq.heappush(self._waiters.setdefault(tenant, []), (-priority, next(self._order), task_id, fut))
+        place = (-priority, admitted_at, next(self._order), task_id, fut)
+        heapq.heappush(self._waiters.setdefault(tenant, []), place)
         self._wake()
         await fut
 
@@ -511,7 +517,7 @@ class Admission:
                     continue
                 rec = self.view.get(tenant)
                 if rec is None or may_start(tenant, self.view, self.slots, counts, self.alone):
-                    _, _, task_id, fut = heapq.heappop(q)
+                    *_, task_id, fut = heapq.heappop(q)
                     if not q:
                         del self._waiters[tenant]
                     self._woken.setdefault(tenant, {})[task_id] = now
