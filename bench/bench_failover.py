@@ -268,6 +268,7 @@ def report(
     print(
         f"\nfailover bench: {args.in_flight} tasks in flight, {args.phase_s:g} s per phase, killing {', '.join(targets)}"
         + (f" (replicas {args.replicas})" if args.replicas else "")
+        + (" (warm standbys)" if args.standby else "")
     )
     print(
         f"{'phase':<11} {'tasks':>5} {'kills':>5} {'lost':>4} {'dup':>3} {'p50 s':>6} {'p99 s':>6} {'max s':>6}"
@@ -325,13 +326,14 @@ async def main() -> int:
     ap.add_argument("--only", choices=("kill-2-4s", "kill-1s"), default=None, help="quiet and this phase alone")
     ap.add_argument("--replicas", default="", metavar="N|SERVICE=N,...",
                     help="meshctl up --replicas: processes per service (every process is a kill target)")  # fmt: skip
+    ap.add_argument("--standby", action="store_true", help="meshctl up --standby: a warm standby per service")
     args = ap.parse_args()
     random.seed(args.seed)
     for k, v in ENV.items():
         os.environ.setdefault(k, v)
     home = Path(tempfile.mkdtemp(prefix="agentmesh-failover-"))
     print(f"mesh home (logs): {home}", flush=True)
-    more = ("--replicas", args.replicas) if args.replicas else ()
+    more = (("--replicas", args.replicas) if args.replicas else ()) + (("--standby",) if args.standby else ())
     up = meshctl(home, "up", "--tenants", TENANT, "--nats-port", "0", "--http-port", "0", "--redis-port", "0", *more)
     if up.returncode != 0:
         print(f"meshctl up failed: {up.stdout}{up.stderr}", file=sys.stderr)

@@ -321,6 +321,60 @@ def test_replicas_share_the_work_and_a_killed_one_comes_back_as_itself(tmp_path)
     assert not still_alive(pids), "down leaves nothing running"
 
 
+def standing_by(home: Path) -> dict[str, int]:
+    """Service -> pid of its latest warm standby, as the supervisor's log announces them."""
+    log = (home / "logs" / "supervisor.log").read_text()
+    out = {}
+    for line in log.splitlines():
+        if " standing by (pid " in line:
+            head, _, pid = line.rpartition(" standing by (pid ")
+            out[head.rsplit(" ", 1)[-1]] = int(pid.rstrip(")"))
+    return out
+
+
+def test_with_standby_a_killed_service_is_replaced_by_its_warm_standby(tmp_path):
+    """``--standby``: every service has a warm standby (imported, not connected). A worker killed
+    -9 is replaced by its standby (the very process that stood by, now the worker on its port and
+    log); a new standby stands by once all is ready again; tasks complete. A standby whose
+    supervisor is gone exits by itself, and ``down`` leaves nothing running."""
+    home = tmp_path / "mesh"
+    up = meshctl(home, *UP, "--standby")
+    assert up.returncode == 0, up.stderr
+    pids = [p["pid"] for p in procs(mesh_state(home)).values()]
+    services = ("planner", "worker", "checker", "rag", "tool-executor", "budget")
+    try:
+        spares = until(lambda: (s := standing_by(home)) and set(s) == set(services) and s, "a standby per service")
+        pids += list(spares.values())
+        old = procs(mesh_state(home))["worker"]
+        t0 = time.monotonic()
+        os.kill(old["pid"], signal.SIGKILL)
+
+        def back() -> dict[str, Any] | None:
+            new = procs(mesh_state(home))["worker"]
+            return new if new["pid"] != old["pid"] and http_ok(new["http_port"], "/readyz") else None
+
+        new = until(back, "worker replaced after kill -9")
+        print(f"\nworker: kill -9 -> ready again as its standby (pid {new['pid']}) in {time.monotonic() - t0:.2f} s")
+        assert new["pid"] == spares["worker"], "the process that stood by is the worker now"
+        assert (new["http_port"], new["log"], new["service"]) == (old["http_port"], old["log"], "worker")
+        assert "--standby" in new["argv"] and new["restarts"] == 1
+        log = (home / "logs" / "supervisor.log").read_text()
+        assert f"worker started again as pid {new['pid']} (restart 1, its warm standby)" in log
+        assert " worker ready" in Path(new["log"]).read_text(), "it writes to the worker's log now"
+        fresh = until(lambda: (p := standing_by(home).get("worker")) != spares["worker"] and p, "a new standby")
+        pids.append(fresh)
+        completes(home)
+
+        boss = mesh_state(home)["supervisor"]
+        os.kill(boss["pid"], signal.SIGKILL)
+        alive_spares = [standing_by(home)[s] for s in services]
+        assert not still_alive(alive_spares), "standbys exit when their supervisor is gone (end of their input)"
+    finally:
+        down = meshctl(home, "down")
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert not still_alive(pids), "down leaves nothing running"
+
+
 def test_a_bad_replica_count_is_one_line_and_starts_nothing(tmp_path):
     home = tmp_path / "mesh"
     for arg, why in (("worker=0", "a replica count is 1-16, got '0'"), ("wrker=2", "unknown service 'wrker'"),
@@ -328,6 +382,9 @@ def test_a_bad_replica_count_is_one_line_and_starts_nothing(tmp_path):
         bad = meshctl(home, *UP, "--replicas", arg)
         assert bad.returncode == 2 and why in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
         assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+    bad = meshctl(home, *UP, "--standby", "--no-supervise")
+    assert bad.returncode == 2 and "--standby needs the supervisor" in bad.stderr, bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
     assert not (home / "run" / "state.json").exists()
 
 

@@ -394,3 +394,19 @@ def test_a_readme_without_markers_is_an_error(tmp_path, capsys):
     readme.write_text(readme.read_text().replace(doc.BEGIN, ""))
     assert doc.main(["check", "--root", str(tmp_path)]) == 1
     assert "services/rag/README.md: no <!-- settings:begin -->" in capsys.readouterr().err
+
+
+def test_a_warm_standby_waits_for_its_order_and_ends_quietly_without_one(monkeypatch):
+    """``--standby`` (``meshctl up --standby``): the process holds until one line tells it what it
+    becomes (its environment); the end of its input (its supervisor gone) ends it, exit 0."""
+    import io
+
+    from mesh_host.runtime import await_activation
+
+    monkeypatch.setenv("MESH_HEALTH_PORT", "0")  # restored afterwards, whatever await_activation sets
+    monkeypatch.delenv("MESH_HEALTH_PORT")
+    with pytest.raises(SystemExit) as gone:
+        await_activation(io.StringIO(""))
+    assert gone.value.code == 0 and "MESH_HEALTH_PORT" not in os.environ
+    await_activation(io.StringIO('{"env": {"MESH_HEALTH_PORT": 18081}}\n{"env": {"MESH_HEALTH_PORT": 1}}\n'))
+    assert os.environ["MESH_HEALTH_PORT"] == "18081", "the first line only, as a string"

@@ -12,12 +12,14 @@ service's own class. No I/O happens at import time; all state lives in objects c
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
 import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
@@ -45,8 +47,35 @@ def load_settings(settings_class: type[S], service: str | None = None) -> S:
     raise SystemExit(2)
 
 
+STANDBY = "--standby"
+"""``python -m mesh_<service> --standby``: a warm standby (``meshctl up --standby``)."""
+
+
+def await_activation(orders: IO[str]) -> None:
+    """Hold a warm standby until its supervisor makes it a process of the mesh.
+
+    Everything the service needs is imported by now (its ``__main__`` imported its service
+    module: about a CPU-second of a restart). One JSON line comes on ``orders`` (stdin):
+    ``{"env": {...}, "log": path}``, the environment that makes it the process it replaces (its
+    health port) and the log it writes to from now on; then it starts as any service process.
+    End of input (its supervisor is gone) ends it, having done nothing."""
+    line = orders.readline()
+    if not line:
+        raise SystemExit(0)
+    order = json.loads(line)
+    os.environ.update({str(k): str(v) for k, v in order.get("env", {}).items()})
+    if log := order.get("log"):
+        fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        os.dup2(fd, sys.stdout.fileno())
+        os.dup2(fd, sys.stderr.fileno())
+        os.close(fd)
+
+
 def run_service(build: Build[S], settings_class: type[S], service: str | None = None) -> None:
-    """Run one service process until SIGTERM/SIGINT, then drain in-flight work."""
+    """Run one service process until SIGTERM/SIGINT, then drain in-flight work (a warm standby,
+    ``--standby``, first waits to be activated: ``await_activation``)."""
+    if STANDBY in sys.argv[1:]:
+        await_activation(sys.stdin)
     settings = load_settings(settings_class, service)
     logging.basicConfig(
         level=settings.log_level.upper(), format=f"%(asctime)s {settings.service} %(levelname)s %(name)s: %(message)s"

@@ -164,16 +164,22 @@ _children: dict[int, subprocess.Popen[bytes]] = {}
 
 
 def _spawn(
-    name: str, argv: list[str], log: Path, env: dict[str, str] | None = None, *, port: int = 0, http_port: int = 0
-) -> Proc:
+    name: str, argv: list[str], log: Path, env: dict[str, str] | None = None, *, port: int = 0, http_port: int = 0,
+    stdin: int = subprocess.DEVNULL,
+) -> Proc:  # fmt: skip
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
         proc = subprocess.Popen(
-            argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True
+            argv, stdout=out, stderr=subprocess.STDOUT, stdin=stdin, env=env, start_new_session=True
         )
     _children[proc.pid] = proc
     stat = _stat(proc.pid)
     return Proc(name, proc.pid, argv, str(log), port, http_port, started=int(stat[19]) if stat else 0)
+
+
+def child(proc: Proc) -> subprocess.Popen[bytes] | None:
+    """The ``Popen`` of ``proc`` if this process started it (its stdin, for a warm standby)."""
+    return _children.get(proc.pid)
 
 
 def returncode(proc: Proc) -> int | None:

@@ -35,9 +35,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from meshctl import local
+from meshctl import local, standby
 from meshctl.identity import Identities
 from meshctl.local import MeshError, MeshState, Proc
+from meshctl.standby import FLAG
 
 log = logging.getLogger("meshctl.supervisor")
 
@@ -50,6 +51,8 @@ WINDOW_S = 60.0
 STEADY_S = 30.0
 """Up this long, a process has recovered: its next exit is restarted at once again."""
 BACKOFF_CAP_S = 10.0
+MAX_SPARE_FAILURES = 3
+"""Standbys of one service that may end while standing by before no more are started for it."""
 
 
 def backoff(streak: int) -> float:
@@ -95,18 +98,24 @@ class Watch:
 class Supervisor:
     """Restarts what exits among ``state``'s processes, and records it in ``state``."""
 
-    def __init__(self, state: MeshState, ids: Identities) -> None:
+    def __init__(self, state: MeshState, ids: Identities, *, spares: bool = False) -> None:
         self.state = state
         self.ids = ids
         now = time.monotonic()
         self.watch = {p.name: Watch(now) for p in state.procs()}
         self.announcing: set[asyncio.Task[None]] = set()
+        self.spares: dict[str, Proc | None] | None = (
+            {p.service or p.name: None for p in state.services.values()} if spares else None
+        )
+        """With ``meshctl up --standby``: each service's warm standby (``meshctl.standby``)."""
+        self.spare_failures: collections.Counter[str] = collections.Counter()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Poll until ``stop`` is set; nothing is started again after that."""
         while not stop.is_set():
             if self.check(time.monotonic()):
                 self.state.save()
+            self.keep_spares()
             try:
                 await asyncio.wait_for(stop.wait(), POLL_S)
             except TimeoutError:
@@ -114,6 +123,43 @@ class Supervisor:
         for task in self.announcing:
             task.cancel()
         await asyncio.gather(*self.announcing, return_exceptions=True)
+        for spare in (self.spares or {}).values():
+            if spare is not None:
+                standby.stop(spare)
+
+    def keep_spares(self) -> None:
+        """A warm standby for every service that has none, once every process is ready (a
+        standby's start must not take the CPU a recovering process needs)."""
+        if self.spares is None or not all(w.ready and w.due is None for w in self.watch.values()):
+            return
+        for service, spare in self.spares.items():
+            if spare is not None:
+                code = local.returncode(spare)
+                if code is None:
+                    continue
+                self.spare_failures[service] += 1  # it ended while it stood by: broken, or killed
+                log.warning("the standby of %s (pid %d) %s%s", service, spare.pid, describe(code),
+                            f": {line[:200]}" if (line := last_line(spare.log)) else "")  # fmt: skip
+            if self.spare_failures[service] >= MAX_SPARE_FAILURES:
+                if spare is not None:
+                    log.error("no more standbys of %s: %d ended while standing by", service, MAX_SPARE_FAILURES)
+                    self.spares[service] = None
+                continue
+            try:
+                self.spares[service] = spare = standby.spawn(self.ids, self.state.nats_url, service)
+            except OSError as exc:
+                log.warning("no standby of %s: %s", service, exc)
+                self.spares[service] = None
+                continue
+            log.info("%s standing by (pid %d)", service, spare.pid)
+
+    def _from_spare(self, old: Proc) -> Proc | None:
+        """``old`` started again as its service's warm standby, if there is one alive."""
+        service = old.service or old.name
+        if self.spares is None or (spare := self.spares.get(service)) is None:
+            return None
+        self.spares[service] = None
+        return standby.activate(spare, name=old.name, http_port=old.http_port, log_path=old.log)
 
     def check(self, now: float) -> bool:
         """One look at every process: note those that ended, start again those due. True if the
@@ -166,8 +212,9 @@ class Supervisor:
         w.ready = False
         try:
             if old.name in self.state.services:
-                new = local.start_service(self.ids, self.state.nats_url, old.service or old.name, name=old.name,
-                                          http_port=old.http_port)  # fmt: skip
+                new = self._from_spare(old) or local.start_service(
+                    self.ids, self.state.nats_url, old.service or old.name, name=old.name, http_port=old.http_port
+                )
             else:
                 new = local.respawn(old)  # nats-server or redis-server: the same ports, store and users
         except OSError as exc:  # its binary or its log cannot be opened: a failed start, counted as one
@@ -177,7 +224,8 @@ class Supervisor:
         new.restarts, new.last_exit = old.restarts + 1, old.last_exit
         self.put(new)
         w.since, w.due = now, None
-        log.info("%s started again as pid %d (restart %d)", new.name, new.pid, new.restarts)
+        log.info("%s started again as pid %d (restart %d%s)", new.name, new.pid, new.restarts,
+                 ", its warm standby" if FLAG in new.argv else "")  # fmt: skip
         task = asyncio.get_running_loop().create_task(self.announce(new, now))
         self.announcing.add(task)
         task.add_done_callback(self.announcing.discard)
@@ -225,6 +273,7 @@ async def serve(spec: dict[str, Any]) -> int:
     home = Path(spec.pop("home"))
     log_path = home / "logs" / "supervisor.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    spares = bool(spec.pop("standby", False))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -245,7 +294,7 @@ async def serve(spec: dict[str, Any]) -> int:
     state.save()
     _answer({"ok": True}, log_path)
     log.info("supervising %s (pid %d)", ", ".join(p.name for p in state.procs()), os.getpid())
-    await Supervisor(state, Identities(home)).run(stop)
+    await Supervisor(state, Identities(home), spares=spares).run(stop)
     log.info("stopping: %s", ", ".join(local.down(home)) or "nothing was running")
     return 0
 

@@ -98,11 +98,13 @@ def cmd_up(args: argparse.Namespace) -> int:
     up_args: dict[str, Any] = {"tenants": args.tenants, "nats_port": args.nats_port, "http_port": args.http_port,
                "redis_port": args.redis_port, "cluster": args.cluster, "replicas": args.replicas}  # fmt: skip
     if args.no_supervise:
+        if args.standby:
+            args.usage("--standby needs the supervisor (it starts the standbys): drop --no-supervise")
         state = asyncio.run(local.up(home, **up_args))
     else:
         from meshctl import supervisor
 
-        state = supervisor.start(home, **up_args)
+        state = supervisor.start(home, **up_args, standby=args.standby)
     print(
         f"mesh up in {time.monotonic() - t0:.1f}s: nats {state.nats_url}, redis 127.0.0.1:{state.redis_port}, "
         f"{len(state.services)} service processes ({', '.join(state.services)})"
@@ -333,9 +335,12 @@ def register(sub: argparse._SubParsersAction[opt.Parser]) -> None:
                    help="processes per service: N for every service, or e.g. worker=2,tool-executor=2 (others 1); "
                    "replicas share their service's identity and consumers, so a killed one's work goes on "
                    "on the other within ack_wait")  # fmt: skip
+    s.add_argument("--standby", action="store_true",
+                   help="keep a warm standby of each service (imported, not connected): a killed process is "
+                   "replaced by it, ready in a fraction of a cold start, at the cost of an idle process per service")  # fmt: skip
     s.add_argument("--no-supervise", action="store_true",
                    help="start everything and exit, with no supervisor restarting what exits")  # fmt: skip
-    s.set_defaults(fn=cmd_up)
+    s.set_defaults(fn=cmd_up, usage=s.error)
 
     s = sub.add_parser("down", help="stop everything `up` started, and only that")
     s.set_defaults(fn=cmd_down)
