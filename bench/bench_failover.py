@@ -269,6 +269,7 @@ def report(
         f"\nfailover bench: {args.in_flight} tasks in flight, {args.phase_s:g} s per phase, killing {', '.join(targets)}"
         + (f" (replicas {args.replicas})" if args.replicas else "")
         + (" (warm standbys)" if args.standby else "")
+        + (f" (ack_wait {args.ack_wait:g} s)" if args.ack_wait is not None else "")
     )
     print(
         f"{'phase':<11} {'tasks':>5} {'kills':>5} {'lost':>4} {'dup':>3} {'p50 s':>6} {'p99 s':>6} {'max s':>6}"
@@ -327,10 +328,14 @@ async def main() -> int:
     ap.add_argument("--replicas", default="", metavar="N|SERVICE=N,...",
                     help="meshctl up --replicas: processes per service (every process is a kill target)")  # fmt: skip
     ap.add_argument("--standby", action="store_true", help="meshctl up --standby: a warm standby per service")
+    ap.add_argument("--ack-wait", type=float, default=None, metavar="S",
+                    help="MESH_ACK_WAIT_S for the mesh (provisioned and kept alive alike; default: the mesh's)")  # fmt: skip
     args = ap.parse_args()
     random.seed(args.seed)
     for k, v in ENV.items():
         os.environ.setdefault(k, v)
+    if args.ack_wait is not None:
+        os.environ["MESH_ACK_WAIT_S"] = f"{args.ack_wait:g}"
     home = Path(tempfile.mkdtemp(prefix="agentmesh-failover-"))
     print(f"mesh home (logs): {home}", flush=True)
     more = (("--replicas", args.replicas) if args.replicas else ()) + (("--standby",) if args.standby else ())

@@ -67,3 +67,20 @@ def test_free_ports_handed_out_are_distinct_even_when_the_kernel_repeats_one(mon
     monkeypatch.setattr(socket_mod, "socket", Probe)
     local._HANDED.clear()
     assert [local.free_port(), local.free_port()] == [40001, 40002]
+
+
+def test_the_local_mesh_provisions_the_ack_wait_its_services_keep_alive_by(monkeypatch):
+    """``MESH_ACK_WAIT_S`` reaches both sides: the services keep messages alive every quarter of it,
+    and ``local.up`` provisions the consumers with it (they must match); a bad value is refused
+    before anything starts."""
+    from mesh_contracts import topology as topo
+    from meshctl.local import MeshError, ack_wait_s
+
+    monkeypatch.delenv("MESH_ACK_WAIT_S", raising=False)
+    assert ack_wait_s() == topo.ACK_WAIT_S
+    monkeypatch.setenv("MESH_ACK_WAIT_S", "2")
+    assert ack_wait_s() == 2.0
+    for bad in ("0", "-1", "two", "nan"):
+        monkeypatch.setenv("MESH_ACK_WAIT_S", bad)
+        with pytest.raises(MeshError, match="MESH_ACK_WAIT_S"):
+            ack_wait_s()

@@ -73,9 +73,10 @@ class ServiceSettings(BaseSettings):
     tenants in turn, and a tenant's higher-priority work first (``mesh_kit.fair``); 0 (or less
     than the handlers): no look-ahead, only as many as the handlers can take at once."""
     ack_wait_s: float = Field(topo.ACK_WAIT_S, gt=0)
-    """The provisioned consumers' ack_wait (must match what ``meshctl provision`` set): what a dead
-    replica's messages wait before a live one gets them. A live one says every quarter of it, for
-    each message it holds, that it is alive (``mesh_kit.fair``)."""
+    """The provisioned consumers' ack_wait (must match what ``meshctl provision`` set; ``meshctl
+    up`` provisions with this variable): what a dead replica's messages wait before a live one gets
+    them. A live one says every quarter of it, for each message it holds, that it is alive
+    (``mesh_kit.fair``)."""
     hold_max_s: float = Field(600.0, gt=0)
     """How long a handler may hold its message alive outside a long call (a model or tool call, a
     full stream: ``Delivery.keepalive``); one stuck longer stops being kept alive and its message

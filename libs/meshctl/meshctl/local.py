@@ -32,6 +32,7 @@ import nats
 import nats.js.errors
 
 from mesh_contracts import SERVICES
+from mesh_contracts import topology as topo
 from meshctl.errors import MeshctlError
 from meshctl.identity import Identities
 from meshctl.provision import provision_as_admin
@@ -413,6 +414,19 @@ def reload_nats(nodes: Sequence[Proc]) -> int:
     return done
 
 
+def ack_wait_s() -> float:
+    """The consumers' ack_wait to provision: ``MESH_ACK_WAIT_S`` if set (the services read the
+    same variable and keep their messages alive every quarter of it: the two must match)."""
+    raw = os.environ.get("MESH_ACK_WAIT_S", "")
+    try:
+        value = float(raw) if raw else topo.ACK_WAIT_S
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise MeshError(f"MESH_ACK_WAIT_S={raw!r}: want a number of seconds above 0")
+    return value
+
+
 def replica_names(service: str, count: int) -> list[str]:
     """``worker``, ``worker-2``, ``worker-3``: the first replica keeps the service's own name."""
     return [service if i == 0 else f"{service}-{i + 1}" for i in range(count)]
@@ -489,6 +503,7 @@ async def up(
                 )
     if redis_port and not port_free(redis_port):
         raise MeshError(f"Redis port {redis_port} is in use (choose another with --redis-port, or 0 for any free port)")
+    ack_wait = ack_wait_s()
     nodes = nats_nodes(cluster, nats_port, http_port)
     redis_port = redis_port or free_port()
     home.mkdir(parents=True, exist_ok=True)
@@ -501,7 +516,7 @@ async def up(
         state.save()
         state.redis = await start_redis(ids, redis_port, timeout)
         state.save()
-        await provision_as_admin(ids, state.nats_url, replicas=cluster)
+        await provision_as_admin(ids, state.nats_url, replicas=cluster, ack_wait_s=ack_wait)
         state.services = start_services(ids, state.nats_url, services, service_env_extra, replicas)
         state.save()
         await wait_ready(state.services, timeout)
