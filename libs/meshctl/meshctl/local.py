@@ -164,10 +164,12 @@ class MeshState:
 _children: dict[int, subprocess.Popen[bytes]] = {}
 
 
-def _spawn(
+def spawn(
     name: str, argv: list[str], log: Path, env: dict[str, str] | None = None, *, port: int = 0, http_port: int = 0,
     stdin: int = subprocess.DEVNULL,
 ) -> Proc:  # fmt: skip
+    """``argv`` as a child of this process in a session of its own, its output appended to ``log``
+    (``stdin=subprocess.PIPE``: a warm standby's orders, ``child(proc).stdin``)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
         proc = subprocess.Popen(
@@ -347,7 +349,7 @@ async def start_nats(ids: Identities, nodes: list[NatsNode], timeout: float = 30
         conf, _ = write_nats_config(ids, node, nodes)
         label = "nats-server" if len(nodes) == 1 else node.name
         procs.append(
-            _spawn(
+            spawn(
                 label,
                 [find_binary("nats-server"), "-c", str(conf)],
                 ids.home / "logs" / f"{label}.log",
@@ -383,7 +385,7 @@ async def wait_nats_healthy(proc: Proc, *, cluster: bool = False, timeout: float
 
 def respawn(proc: Proc) -> Proc:
     """Start ``proc``'s command again, as itself (same ports, same store: a restarted node)."""
-    return _spawn(proc.name, proc.argv, Path(proc.log), port=proc.port, http_port=proc.http_port)
+    return spawn(proc.name, proc.argv, Path(proc.log), port=proc.port, http_port=proc.http_port)
 
 
 def redis_args(ids: Identities, port: int) -> list[str]:
@@ -394,7 +396,7 @@ def redis_args(ids: Identities, port: int) -> list[str]:
 
 async def start_redis(ids: Identities, port: int, timeout: float = 30.0) -> Proc:
     args = redis_args(ids, port)
-    proc = _spawn(
+    proc = spawn(
         "redis-server",
         [find_binary("redis-server"), *args, "--dir", str(ids.home / "redis")],
         ids.home / "logs" / "redis-server.log",
@@ -463,9 +465,7 @@ def start_service(
     hp = http_port or free_port()
     env = service_env(ids, service, nats_url, hp, extra_env or {})
     name = name or service
-    proc = _spawn(
-        name, [sys.executable, "-m", module_of(service)], ids.home / "logs" / f"{name}.log", env, http_port=hp
-    )
+    proc = spawn(name, [sys.executable, "-m", module_of(service)], ids.home / "logs" / f"{name}.log", env, http_port=hp)
     proc.service = service
     return proc
 

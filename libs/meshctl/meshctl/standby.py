@@ -17,25 +17,21 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import subprocess
 import sys
 
+from mesh_host.runtime import STANDBY
 from meshctl import local
 from meshctl.identity import Identities
 from meshctl.local import Proc
-
-log = logging.getLogger("meshctl.supervisor")
-
-FLAG = "--standby"  # mesh_host.runtime.STANDBY (meshctl does not import the service host)
 
 
 def spawn(ids: Identities, nats_url: str, service: str) -> Proc:
     """A standby of ``service``: imported, holding, its output in ``logs/<service>.standby.log``
     until it is activated. Its environment is a restart's (``local.service_env``), bar the port."""
     env = local.service_env(ids, service, nats_url, 0, {})
-    argv = [sys.executable, "-m", local.module_of(service), FLAG]
-    proc = local._spawn(
+    argv = [sys.executable, "-m", local.module_of(service), STANDBY]
+    proc = local.spawn(
         f"{service}.standby", argv, ids.home / "logs" / f"{service}.standby.log", env, stdin=subprocess.PIPE
     )
     proc.service = service

@@ -35,10 +35,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mesh_host.runtime import STANDBY
 from meshctl import local, standby
 from meshctl.identity import Identities
 from meshctl.local import MeshError, MeshState, Proc
-from meshctl.standby import FLAG
 
 log = logging.getLogger("meshctl.supervisor")
 
@@ -225,7 +225,7 @@ class Supervisor:
         self.put(new)
         w.since, w.due = now, None
         log.info("%s started again as pid %d (restart %d%s)", new.name, new.pid, new.restarts,
-                 ", its warm standby" if FLAG in new.argv else "")  # fmt: skip
+                 ", its warm standby" if STANDBY in new.argv else "")  # fmt: skip
         task = asyncio.get_running_loop().create_task(self.announce(new, now))
         self.announcing.add(task)
         task.add_done_callback(self.announcing.discard)
