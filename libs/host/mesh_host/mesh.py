@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import nats
 from faststream.security import BaseSecurity
 from nats.aio.client import Client as NATS
 from nats.js.api import PubAck
@@ -37,6 +38,7 @@ from mesh_contracts import topology as topo
 from mesh_contracts.v1 import ProgressEvent
 from mesh_host.deps import Dependency, readiness
 from mesh_host.errors import HostError
+from mesh_host.handoff import Journal
 from mesh_identity import Signer, TrustBundle, Verifier
 from mesh_kit import envelope as env
 from mesh_kit import telemetry as tel
@@ -109,6 +111,8 @@ class Mesh:
         self.dependencies: dict[str, Dependency] = {}
         """Backing services besides NATS (Redis), probed in the background; see ``depend``."""
         self.reports: dict[str, Callable[[], Any]] = {}
+        self.handoff = Journal(settings.handoff_file, settings.ack_wait_s) if settings.handoff_file else None
+        """This process's list of the messages it holds, for its successor (``mesh_host.handoff``)."""
 
     # --- what the parts hold -----------------------------------------------------------------
 
@@ -203,6 +207,7 @@ class Mesh:
                 graceful_s=self.settings.graceful_timeout_s,
                 hold_max_s=self.settings.hold_max_s,
                 count=self.count,
+                journal=self.handoff,
             )
         )
 
@@ -296,6 +301,7 @@ class Mesh:
                            "tenancy to open them: mesh_tenancy.install(mesh) before start")  # fmt: skip
         await self.connection.connect()
         await self._until_provisioned()
+        await self._hand_back()  # before any consumer starts (a start hook may start one: the planner's timers)
         if self.tenancy is not None:
             await self.tenancy.prepare()
             self.connection.on_stored = self._stored_for
@@ -311,6 +317,22 @@ class Mesh:
         for consumer in self._fair:
             await consumer.start()
         self.connection.serving = True
+
+    async def _hand_back(self) -> None:
+        """NAK what this process's predecessor held when it died, so it is redelivered now rather
+        than after ``ack_wait`` (``mesh_host.handoff``)."""
+        if self.handoff is None:
+            return
+        replies = self.handoff.take_over()
+        for reply in replies:
+            with contextlib.suppress(nats.errors.Error):
+                await self.nc.publish(reply, b"-NAK")
+        if replies:
+            with contextlib.suppress(nats.errors.Error, asyncio.TimeoutError):
+                await self.nc.flush(timeout=2)
+            for _ in replies:
+                self.count(tel.M_HANDED_BACK)
+            log.info("handed back %d message(s) its predecessor held when it died", len(replies))
 
     def _stored_for(self, tenant: str, stream: str, subject: str, body: bytes, headers: dict[str, str]) -> None:
         """What this service stored for a tenant counts against the tenant's share of the stream
@@ -358,6 +380,8 @@ class Mesh:
             await self.tenancy.close()
         for consumer in self._fair:
             await consumer.stop()
+        if self.handoff is not None:
+            self.handoff.close()
         if self.tenancy is not None:
             with contextlib.suppress(Exception):
                 await self.tenancy.flush()  # what it stored for tenants since their last charge

@@ -29,6 +29,8 @@ Failing over in seconds: every ``ack_wait / 4`` the consumer beats for each mess
 waiting or handled (a handler for up to ``hold_max_s`` unless in a long call, ``Fetched.hold``;
 fencing keeps a stuck one's successor single), so ``ack_wait`` is short: a dead replica's messages go to a live one ``ack_wait`` after
 its last beat. The price: an in-progress ack per held message per beat (none if handled sooner).
+Sooner still when the dead process is restarted: it lists what it holds in its hand-off journal
+(``mesh_host.handoff``), and its successor hands those messages back at once.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 import nats
 
@@ -60,6 +62,17 @@ IDLE_FETCH_S = 5.0
 BUSY_FETCH_S = 0.25
 """A busy consumer's pull for a batch: returns as soon as the server has drained what is there;
 this bounds how long it can hold a message when the server does not say so."""
+
+
+class Journal(Protocol):
+    """Where this process lists the messages it holds, for its successor to hand back at once
+    (``mesh_host.handoff.Journal``)."""
+
+    def hold(self, stream: str, durable: str, seq: int, reply: str) -> None: ...
+
+    def release(self, stream: str, durable: str, seq: int) -> None: ...
+
+    def alive(self) -> None: ...
 
 
 def priority_of(headers: dict[str, str] | None) -> int:
@@ -119,12 +132,19 @@ class Fetched:
 
     async def ack(self) -> None:
         await self.raw_message.ack()
+        self._released()
 
     async def nack(self, delay: float | None = None) -> None:
         await self.raw_message.nak(delay=delay)
+        self._released()
 
     async def reject(self) -> None:
         await self.raw_message.term()
+        self._released()
+
+    def _released(self) -> None:
+        if self.consumer is not None and self.consumer.journal is not None:
+            self.consumer.journal.release(self.consumer.stream, self.consumer.durable, self.seq)
 
     async def in_progress(self) -> None:
         await self.raw_message.in_progress()
@@ -197,11 +217,14 @@ class FairConsumer:
         graceful_s: float,
         hold_max_s: float = 600.0,
         count: Callable[[str], None] | None = None,
+        journal: Journal | None = None,
     ) -> None:
         self._nc, self.stream, self.durable, self.prefix = nc, stream, durable, inbox_prefix
         self.dispatch, self.workers, self.window = dispatch, workers, max(window, workers)
         self.ack_wait_s, self.graceful_s, self.hold_max_s = ack_wait_s, graceful_s, hold_max_s
         self._count = count
+        self.journal = journal
+        """Where this process lists what it holds, for its successor (``mesh_host.handoff``)."""
         self.queue = FairQueue()
         self.running: dict[asyncio.Task[None], Fetched] = {}
         """Messages being handled, by the task handling each."""
@@ -273,6 +296,8 @@ class FairConsumer:
             self._busy = True
             for m in msgs:
                 item = Fetched(m, self)
+                if self.journal is not None:
+                    self.journal.hold(self.stream, self.durable, item.seq, m.reply or "")
                 waiting = self.held.get(item.seq) if item.seq else None
                 if waiting is not None:
                     waiting.raw_message = m  # the newest delivery: acks and keepalives go to it
@@ -339,6 +364,9 @@ class FairConsumer:
             await asyncio.sleep(every)
             now = time.monotonic()
             handled = [i for i in self.running.values() if i.calls or now - i.taken_at < self.hold_max_s]
+            if self.journal is not None and len(handled) < len(self.running):
+                for stuck in set(self.running.values()).difference(handled):  # not kept alive: not handed back
+                    self.journal.release(self.stream, self.durable, stuck.seq)
             for item in [*self.queue.items(), *self.parked, *handled]:
                 if now - item.beat_at >= every:
                     try:
@@ -348,6 +376,9 @@ class FairConsumer:
                         break
                     if self._count is not None:
                         self._count(KEPT_ALIVE)
+            else:
+                if self.journal is not None:
+                    self.journal.alive()  # every message here was beaten in time: its successor may hand back
 
     async def stop(self) -> None:
         """Stop fetching, hand back what waits here, let running handlers finish (graceful)."""

@@ -77,6 +77,11 @@ class ServiceSettings(BaseSettings):
     up`` provisions with this variable): what a dead replica's messages wait before a live one gets
     them. A live one says every quarter of it, for each message it holds, that it is alive
     (``mesh_kit.fair``)."""
+    handoff_file: str = ""
+    """A file of this process's own where it lists the messages it holds, so that its successor
+    (the same process restarted: ``meshctl up``'s supervisor, a container restarted in its pod on
+    an ``emptyDir``) hands them back at once rather than after ``ack_wait`` (``mesh_host.handoff``).
+    One per process; empty: none."""
     hold_max_s: float = Field(600.0, gt=0)
     """How long a handler may hold its message alive outside a long call (a model or tool call, a
     full stream: ``Delivery.keepalive``); one stuck longer stops being kept alive and its message

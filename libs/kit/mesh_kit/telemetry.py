@@ -23,6 +23,7 @@ M_DEAD_LETTERED = "mesh.messages.dead_lettered"
 M_RETRIED = "mesh.messages.retried"
 M_INFRA_RETRIED = "mesh.messages.rerun_broker_unavailable"  # re-run in place, no attempt spent
 M_REDELIVERED = "mesh.messages.redelivered"  # received on a second or later delivery
+M_HANDED_BACK = "mesh.messages.handed_back"  # NAKed at start: held by its predecessor when it died (mesh_host.handoff)
 M_KEPT_ALIVE = "mesh.messages.kept_alive"  # in-progress acks the fair consumer sent for messages it holds
 M_PERMISSION_VIOLATIONS = "mesh.nats.permission_violations"
 M_TRUST_UPDATED = "mesh.identity.trust_updated"  # a published trust bundle (rotation, revocation) now in force

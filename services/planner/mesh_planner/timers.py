@@ -72,6 +72,7 @@ class Timers:
         self._consumer = FairConsumer(
             lambda: mesh.nc, topo.TIMERS, topo.TIMER_DURABLE, mesh.settings.inbox_prefix + ".", self._handle,
             workers=WORKERS, window=WORKERS * 4, ack_wait_s=ack_wait_s, graceful_s=graceful_s,
+            journal=getattr(mesh, "handoff", None),
         )  # fmt: skip
 
     async def start(self) -> None:
