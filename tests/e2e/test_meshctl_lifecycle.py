@@ -332,11 +332,20 @@ def standing_by(home: Path) -> dict[str, int]:
     return out
 
 
-def test_with_standby_a_killed_service_is_replaced_by_its_warm_standby(tmp_path):
+def _stat(pid: int) -> list[str]:
+    """/proc/<pid>/stat after the command name: state [0], parent pid [1] ([] once it is gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()
+    except OSError:
+        return []
+
+
+def test_with_standby_a_killed_service_is_replaced_by_a_copy_of_its_warm_standby(tmp_path):
     """``--standby``: every service has a warm standby (imported, not connected). A worker killed
-    -9 is replaced by its standby (the very process that stood by, now the worker on its port and
-    log); a new standby stands by once all is ready again; tasks complete. A standby whose
-    supervisor is gone exits by itself, and ``down`` leaves nothing running."""
+    -9 is replaced by a copy the standby forks (on the old port and log, a child of the
+    supervisor, which reaps it); the standby stays and serves the next restart too; tasks
+    complete. A standby whose supervisor is gone exits by itself, and ``down`` leaves nothing
+    running."""
     home = tmp_path / "mesh"
     up = meshctl(home, *UP, "--standby")
     assert up.returncode == 0, up.stderr
@@ -345,30 +354,33 @@ def test_with_standby_a_killed_service_is_replaced_by_its_warm_standby(tmp_path)
     try:
         spares = until(lambda: (s := standing_by(home)) and set(s) == set(services) and s, "a standby per service")
         pids += list(spares.values())
+        boss = mesh_state(home)["supervisor"]
         old = procs(mesh_state(home))["worker"]
-        t0 = time.monotonic()
-        os.kill(old["pid"], signal.SIGKILL)
+        for restart in (1, 2):  # the same standby serves both
+            t0 = time.monotonic()
+            os.kill(old["pid"], signal.SIGKILL)
 
-        def back() -> dict[str, Any] | None:
-            new = procs(mesh_state(home))["worker"]
-            return new if new["pid"] != old["pid"] and http_ok(new["http_port"], "/readyz") else None
+            def back(old: dict[str, Any] = old) -> dict[str, Any] | None:
+                new = procs(mesh_state(home))["worker"]
+                return new if new["pid"] != old["pid"] and http_ok(new["http_port"], "/readyz") else None
 
-        new = until(back, "worker replaced after kill -9")
-        print(f"\nworker: kill -9 -> ready again as its standby (pid {new['pid']}) in {time.monotonic() - t0:.2f} s")
-        assert new["pid"] == spares["worker"], "the process that stood by is the worker now"
-        assert (new["http_port"], new["log"], new["service"]) == (old["http_port"], old["log"], "worker")
-        assert "--standby" in new["argv"] and new["restarts"] == 1
-        log = (home / "logs" / "supervisor.log").read_text()
-        assert f"worker started again as pid {new['pid']} (restart 1, its warm standby)" in log
-        assert " worker ready" in Path(new["log"]).read_text(), "it writes to the worker's log now"
-        fresh = until(lambda: (p := standing_by(home).get("worker")) != spares["worker"] and p, "a new standby")
-        pids.append(fresh)
+            new = until(back, "worker replaced after kill -9")
+            pids.append(new["pid"])
+            print(f"\nworker: kill -9 -> ready again (pid {new['pid']}) in {time.monotonic() - t0:.2f} s")
+            assert new["pid"] != spares["worker"] and _stat(spares["worker"]), "the standby stands by still"
+            assert int(_stat(new["pid"])[1]) == boss["pid"], "the copy is the supervisor's child (adopted)"
+            assert (new["http_port"], new["log"], new["service"]) == (old["http_port"], old["log"], "worker")
+            assert "--standby" in new["argv"] and new["restarts"] == restart
+            log = (home / "logs" / "supervisor.log").read_text()
+            assert f"worker started again as pid {new['pid']} (restart {restart}, its warm standby)" in log
+            assert " worker ready" in Path(new["log"]).read_text(), "it writes to the worker's log"
+            until(lambda o=old: not _stat(o["pid"]), "the killed worker reaped, not a zombie")
+            old = new
+        assert standing_by(home) == spares, "no standby was used up"
         completes(home)
 
-        boss = mesh_state(home)["supervisor"]
         os.kill(boss["pid"], signal.SIGKILL)
-        alive_spares = [standing_by(home)[s] for s in services]
-        assert not still_alive(alive_spares), "standbys exit when their supervisor is gone (end of their input)"
+        assert not still_alive(list(spares.values())), "standbys exit when their supervisor is gone (end of input)"
     finally:
         down = meshctl(home, "down")
     assert down.returncode == 0, down.stdout + down.stderr

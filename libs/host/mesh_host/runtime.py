@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import IO, Any, TypeVar
@@ -51,31 +52,72 @@ STANDBY = "--standby"
 """``python -m mesh_<service> --standby``: a warm standby (``meshctl up --standby``)."""
 
 
-def await_activation(orders: IO[str]) -> None:
-    """Hold a warm standby until its supervisor makes it a process of the mesh.
+def await_activation(orders: IO[str], answers: IO[str] | None = None) -> None:
+    """Hold a warm standby until its supervisor makes it, or a copy of it, a process of the mesh.
 
     Everything the service needs is imported by now (its ``__main__`` imported its service
-    module: about a CPU-second of a restart). One JSON line comes on ``orders`` (stdin):
+    module: about a CPU-second of a restart). Orders come as JSON lines on ``orders`` (stdin):
     ``{"env": {...}, "log": path}``, the environment that makes it the process it replaces (its
-    health port) and the log it writes to from now on; then it starts as any service process.
-    End of input (its supervisor is gone) ends it, having done nothing."""
-    line = orders.readline()
-    if not line:
-        raise SystemExit(0)
-    order = json.loads(line)
+    health port, its hand-off file) and the log it writes to from now on; then it starts as any
+    service process. With ``"fork": true`` it stays the standby: a copy of it (``fork``, a few
+    milliseconds) becomes that process, and its pid is answered on ``answers`` (stdout) as
+    ``{"pid": N}``, so the standby serves every restart, not only the first. End of input (its
+    supervisor is gone) ends it, having done nothing."""
+    while True:
+        line = orders.readline()
+        if not line:
+            raise SystemExit(0)
+        order = json.loads(line)
+        if not order.get("fork"):
+            break
+        pid = _fork_detached() if threading.active_count() == 1 else -1  # a thread would not be copied
+        if pid == 0:
+            break  # the copy: it becomes the service
+        if answers is not None:
+            answers.write(json.dumps({"pid": pid} if pid > 0 else {"error": "could not fork"}) + "\n")
+            answers.flush()
     os.environ.update({str(k): str(v) for k, v in order.get("env", {}).items()})
-    if log := order.get("log"):
+    # A copy must not write into the standby's answers: its output goes somewhere, always.
+    if log := order.get("log") or (os.devnull if order.get("fork") else None):
         fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         os.dup2(fd, sys.stdout.fileno())
         os.dup2(fd, sys.stderr.fileno())
         os.close(fd)
 
 
+def _fork_detached() -> int:
+    """A copy of this process in a session of its own, not its child (forked twice: the
+    supervisor, the subreaper, adopts it): 0 in the copy, its pid here, -1 if it failed. The copy
+    reads nothing from the standby's orders."""
+    r, w = os.pipe()
+    first = os.fork()
+    if first == 0:  # the intermediate: starts the copy, says its pid, and is gone
+        os.close(r)
+        try:
+            os.setsid()
+            second = os.fork()
+        except OSError:
+            os._exit(1)
+        if second:
+            os.write(w, f"{second}\n".encode())
+            os._exit(0)
+        os.close(w)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.close(null)
+        return 0
+    os.close(w)
+    with os.fdopen(r) as said:
+        pid = said.readline().strip()
+    os.waitpid(first, 0)
+    return int(pid) if pid.isdigit() else -1
+
+
 def run_service(build: Build[S], settings_class: type[S], service: str | None = None) -> None:
     """Run one service process until SIGTERM/SIGINT, then drain in-flight work (a warm standby,
     ``--standby``, first waits to be activated: ``await_activation``)."""
     if STANDBY in sys.argv[1:]:
-        await_activation(sys.stdin)
+        await_activation(sys.stdin, sys.stdout)
     settings = load_settings(settings_class, service)
     logging.basicConfig(
         level=settings.log_level.upper(), format=f"%(asctime)s {settings.service} %(levelname)s %(name)s: %(message)s"

@@ -33,6 +33,7 @@ import nats.js.errors
 
 from mesh_contracts import SERVICES
 from mesh_contracts import topology as topo
+from meshctl import reaper
 from meshctl.errors import MeshctlError
 from meshctl.identity import Identities
 from meshctl.provision import provision_as_admin
@@ -105,12 +106,12 @@ class Proc:
     service: str = ""  # the service a process runs ("worker" for "worker-2"); "" for nats and redis
 
     def alive(self) -> bool:
-        stat = _stat(self.pid)
+        stat = proc_stat(self.pid)
         # A different start time means the pid was recycled by an unrelated process.
         return stat is not None and stat[0] != "Z" and int(stat[19]) == self.started
 
 
-def _stat(pid: int) -> list[str] | None:
+def proc_stat(pid: int) -> list[str] | None:
     """Fields of /proc/<pid>/stat after the command name (state is [0], starttime is [19])."""
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()
@@ -166,28 +167,32 @@ _children: dict[int, subprocess.Popen[bytes]] = {}
 
 def spawn(
     name: str, argv: list[str], log: Path, env: dict[str, str] | None = None, *, port: int = 0, http_port: int = 0,
-    stdin: int = subprocess.DEVNULL,
+    stdin: int = subprocess.DEVNULL, stdout: int | None = None,
 ) -> Proc:  # fmt: skip
     """``argv`` as a child of this process in a session of its own, its output appended to ``log``
-    (``stdin=subprocess.PIPE``: a warm standby's orders, ``child(proc).stdin``)."""
+    (``stdin=subprocess.PIPE``, ``stdout=subprocess.PIPE``: a warm standby's orders and answers,
+    ``child(proc)``; its stderr still goes to ``log``)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
         proc = subprocess.Popen(
-            argv, stdout=out, stderr=subprocess.STDOUT, stdin=stdin, env=env, start_new_session=True
-        )
+            argv, stdout=out if stdout is None else stdout, stderr=out if stdout is not None else subprocess.STDOUT,
+            stdin=stdin, env=env, start_new_session=True,
+        )  # fmt: skip
     _children[proc.pid] = proc
-    stat = _stat(proc.pid)
+    stat = proc_stat(proc.pid)
     return Proc(name, proc.pid, argv, str(log), port, http_port, started=int(stat[19]) if stat else 0)
 
 
 def child(proc: Proc) -> subprocess.Popen[bytes] | None:
-    """The ``Popen`` of ``proc`` if this process started it (its stdin, for a warm standby)."""
+    """The ``Popen`` of ``proc`` if this process started it (a warm standby's stdin and stdout)."""
     return _children.get(proc.pid)
 
 
 def returncode(proc: Proc) -> int | None:
-    """The exit status of ``proc``, a child of this process, once it has ended (negative: killed by
-    that signal; it is reaped then and forgotten); None while it runs."""
+    """The exit status of ``proc``, a child of this process (started, or adopted: ``reaper``), once
+    it has ended (negative: killed by that signal; reaped then, and forgotten); None while it runs."""
+    if proc.pid in reaper.adopted:
+        return reaper.poll(proc.pid, proc.alive)
     child = _children.get(proc.pid)
     if child is None:
         raise MeshError(f"{proc.name} (pid {proc.pid}) is not a child of this process")
@@ -195,6 +200,11 @@ def returncode(proc: Proc) -> int | None:
     if code is not None:
         del _children[proc.pid]
     return code
+
+
+def reap_strays() -> None:
+    """Reap what was given to this subreaper that it neither started nor adopted (``reaper``)."""
+    reaper.reap_strays(_children.keys())
 
 
 async def wait_until(check: Callable[[], Awaitable[bool]], what: str, timeout: float, proc: Proc | None = None) -> None:
@@ -251,7 +261,7 @@ SET_PER_SERVICE = frozenset(
     {
         "MESH_SERVICE", "MESH_NATS_URL", "MESH_CREDS_FILE", "MESH_SIGNING_KEY_FILE", "MESH_TRUST_BUNDLE_FILE",
         "MESH_HEALTH_HOST", "MESH_HEALTH_PORT", "MESH_TENANTS", "MESH_REDIS_URL", "MESH_REDIS_URL_FILE",
-        "MESH_TLS_CA_FILE", "MESH_AUDIT_KEY_FILE",
+        "MESH_TLS_CA_FILE", "MESH_AUDIT_KEY_FILE", "MESH_HANDOFF_FILE",
     }
 )  # fmt: skip
 NOT_SETTINGS = ("MESH_HOME", "MESH_TEST_", "MESH_CHAOS", "MESH_FAULTS")
@@ -451,6 +461,12 @@ def start_services(
     }
 
 
+def handoff_file(ids: Identities, name: str) -> str:
+    """Where process ``name`` lists the messages it holds, for its restart to hand back at once
+    (``mesh_host.handoff``): one file per process, kept across its restarts."""
+    return str(ids.home / "run" / f"{name}.held")
+
+
 def start_service(
     ids: Identities,
     nats_url: str,
@@ -463,8 +479,8 @@ def start_service(
     """One process of ``service`` (``name`` tells replicas apart in logs and process lists), its
     health endpoint on ``http_port`` (a restart keeps its port) or on any free port."""
     hp = http_port or free_port()
-    env = service_env(ids, service, nats_url, hp, extra_env or {})
     name = name or service
+    env = service_env(ids, service, nats_url, hp, {"MESH_HANDOFF_FILE": handoff_file(ids, name), **(extra_env or {})})
     proc = spawn(name, [sys.executable, "-m", module_of(service)], ids.home / "logs" / f"{name}.log", env, http_port=hp)
     proc.service = service
     return proc
@@ -570,8 +586,8 @@ def stop(groups: list[list[Proc]], timeout: float = 25.0) -> list[str]:
         while time.monotonic() < deadline and any(p.alive() for p in live):
             time.sleep(0.05)
             for p in live:
-                if p.pid in _children:
-                    _children[p.pid].poll()  # reap our own child as soon as it exits
+                if p.pid in _children or p.pid in reaper.adopted:
+                    returncode(p)  # reap our own child as soon as it exits
         for p in live:
             if p.alive():
                 os.kill(p.pid, signal.SIGKILL)
@@ -580,4 +596,5 @@ def stop(groups: list[list[Proc]], timeout: float = 25.0) -> list[str]:
             child = _children.pop(p.pid, None)
             if child is not None:
                 child.wait(5)
+            reaper.forget(p.pid)
     return stopped

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from mesh_host.runtime import STANDBY
-from meshctl import local, standby
+from meshctl import local, reaper, standby
 from meshctl.identity import Identities
 from meshctl.local import MeshError, MeshState, Proc
 
@@ -109,12 +109,16 @@ class Supervisor:
         )
         """With ``meshctl up --standby``: each service's warm standby (``meshctl.standby``)."""
         self.spare_failures: collections.Counter[str] = collections.Counter()
+        self.forking = spares and reaper.become_subreaper()
+        """A standby forks a copy per restart and stays (Linux), rather than being used up."""
 
     async def run(self, stop: asyncio.Event) -> None:
         """Poll until ``stop`` is set; nothing is started again after that."""
         while not stop.is_set():
             if self.check(time.monotonic()):
                 self.state.save()
+            if self.forking:
+                local.reap_strays()
             self.keep_spares()
             try:
                 await asyncio.wait_for(stop.wait(), POLL_S)
@@ -146,7 +150,9 @@ class Supervisor:
                     self.spares[service] = None
                 continue
             try:
-                self.spares[service] = spare = standby.spawn(self.ids, self.state.nats_url, service)
+                self.spares[service] = spare = standby.spawn(
+                    self.ids, self.state.nats_url, service, forking=self.forking
+                )
             except OSError as exc:
                 log.warning("no standby of %s: %s", service, exc)
                 self.spares[service] = None
@@ -154,12 +160,15 @@ class Supervisor:
             log.info("%s standing by (pid %d)", service, spare.pid)
 
     def _from_spare(self, old: Proc) -> Proc | None:
-        """``old`` started again as its service's warm standby, if there is one alive."""
+        """``old`` started again from its service's warm standby, if there is one alive: a copy
+        of it (forking), or the standby itself."""
         service = old.service or old.name
         if self.spares is None or (spare := self.spares.get(service)) is None:
             return None
+        if self.forking:
+            return standby.fork(spare, self.ids, name=old.name, http_port=old.http_port, log_path=old.log)
         self.spares[service] = None
-        return standby.activate(spare, name=old.name, http_port=old.http_port, log_path=old.log)
+        return standby.activate(spare, self.ids, name=old.name, http_port=old.http_port, log_path=old.log)
 
     def check(self, now: float) -> bool:
         """One look at every process: note those that ended, start again those due. True if the
