@@ -82,3 +82,24 @@ def test_the_file_stays_small(tmp_path):
     assert os.path.getsize(path) <= COMPACT_BYTES + 200
     assert read(path).held == [_reply(1)]
     j.close()
+
+
+def test_an_idle_process_keeps_a_small_file(tmp_path, monkeypatch):
+    """Nothing held, a stamp each round: the file is that one stamp, not every stamp so far."""
+    path = str(tmp_path / "w.held")
+    j = Journal(path, ACK)
+    j.take_over()
+    clock = [1_000_000.0]
+    monkeypatch.setattr("mesh_host.handoff.time.time", lambda: clock[0])
+    for _ in range(10_000):  # about 1.4 hours of rounds at ack_wait / 8
+        clock[0] += ACK / 8
+        j.alive()
+    assert os.path.getsize(path) < 100
+    assert read(path, now=clock[0]).alive_s == 0.0
+    j.hold("TASKS", "d", 1, _reply(1))  # one held throughout: stamps are appended, then compacted
+    for _ in range(20_000):
+        clock[0] += ACK / 8
+        j.alive()
+    assert os.path.getsize(path) <= COMPACT_BYTES + 200
+    assert read(path, now=clock[0]).held == [_reply(1)]
+    j.close()

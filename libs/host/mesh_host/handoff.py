@@ -140,7 +140,11 @@ class Journal:
     def alive(self) -> None:
         """Called by each keepalive round that reached the broker: a stamp, at most every ack_wait / 8."""
         now = time.time()
-        if self._fd is not None and now - self._stamped >= self.ack_wait_s / 8:
+        if self._fd is None or now - self._stamped < self.ack_wait_s / 8:
+            return
+        if not self._held or self._size > COMPACT_BYTES:
+            self._rewrite()  # an idle process's file is one stamp, not a day of them
+        else:
             self._stamped = now
             self._write(f"@ {now:.3f}\n")
 
