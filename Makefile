@@ -54,8 +54,8 @@ eval: setup ## run the starter golden dataset on a local mesh (scripted model) a
 	echo "eval exit $$rc, calibrate exit $$cal (report: $$home/starter-report.json)"; \
 	[ $$rc -ne 0 ] && exit $$rc; exit $$cal
 
-up: setup ## start nats-server, redis-server and the six services (ports 4222/8222/6390), restarted if they exit
-	$(BIN)/meshctl --home $(MESH_HOME) up
+up: setup ## start nats-server, redis-server and the six services (ports 4222/8222/6390), restarted from warm standbys if they exit
+	$(BIN)/meshctl --home $(MESH_HOME) up --standby
 
 down: ## stop everything `make up` started
 	@test -x $(BIN)/meshctl && $(BIN)/meshctl --home $(MESH_HOME) down || true
