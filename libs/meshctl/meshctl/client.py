@@ -67,6 +67,11 @@ if TYPE_CHECKING:
     from meshctl.identity import Identities
 
 CONNECT_TIMEOUT_S = 30.0
+DOOR_TIMEOUTS_S = (1.0, 2.0, 5.0)
+"""How long each try of a hand-in waits for the door's answer (the last repeats). A door answers
+in milliseconds; one killed while it held the request never answers, and a submission waited the
+whole 5 s for it (the failover bench's slowest tasks: a planner killed as they were submitted).
+A retry of one that did land is stored once (its message id is deterministic)."""
 """How long a client tries to make its first connection before it gives up (a broker restarting
 comes back within it; once connected, it reconnects for as long as it lives)."""
 
@@ -190,11 +195,13 @@ class TenantClient:
         if isinstance(model, TaskSubmitted):
             headers[PRIORITY] = str(model.priority)  # the planner's fair queue reads it unparsed
             headers["traceparent"] = trace or traceparent()  # the task's trace starts here
-        deadline, backoff = time.monotonic() + within_s, 0.1
+        deadline, backoff, tries = time.monotonic() + within_s, 0.1, 0
         door = door_subject(model.subject())
         while True:
+            wait = DOOR_TIMEOUTS_S[min(tries, len(DOOR_TIMEOUTS_S) - 1)]
+            tries += 1
             try:
-                reply = await self.nc.request(door, body, headers=headers, timeout=5.0)
+                reply = await self.nc.request(door, body, headers=headers, timeout=wait)
                 return read_reply(reply.data)
             except StreamFull:
                 raise  # not an outage: it stays full until there is room
