@@ -58,9 +58,8 @@ def fork(spare: Proc, ids: Identities, *, name: str, http_port: int, log_path: s
     popen = local.child(spare)
     if popen is None or popen.stdin is None or popen.stdout is None or popen.poll() is not None:
         return None
-    env = {"MESH_HEALTH_PORT": str(http_port), "MESH_HANDOFF_FILE": local.handoff_file(ids, name)}
     try:
-        popen.stdin.write((json.dumps({"env": env, "log": log_path, "fork": True}) + "\n").encode())
+        popen.stdin.write(_order(ids, name, http_port, log_path, fork=True))
         popen.stdin.flush()
     except OSError:
         return None
@@ -70,7 +69,12 @@ def fork(spare: Proc, ids: Identities, *, name: str, http_port: int, log_path: s
         pid = int(json.loads(line).get("pid", 0)) if line else 0
     except (ValueError, AttributeError):
         pid = 0
-    stat = local.proc_stat(pid) if pid > 0 else None
+    if pid <= 0:
+        # No answer, or not a pid: a late answer would be read as the next copy's pid. End it;
+        # the supervisor counts it as a standby that failed and starts another.
+        popen.kill()
+        return None
+    stat = local.proc_stat(pid)
     if stat is None:  # gone already (killed at once): a cold start
         return None
     reaper.adopt(pid)
@@ -79,16 +83,21 @@ def fork(spare: Proc, ids: Identities, *, name: str, http_port: int, log_path: s
     return new
 
 
+def _order(ids: Identities, name: str, http_port: int, log_path: str, *, fork: bool) -> bytes:
+    """The line that makes a standby (or its copy) the process ``name``: its health port, hand-off
+    file and log (``mesh_host.runtime.await_activation``)."""
+    env = {"MESH_HEALTH_PORT": str(http_port), "MESH_HANDOFF_FILE": local.handoff_file(ids, name)}
+    return (json.dumps({"env": env, "log": log_path, **({"fork": True} if fork else {})}) + "\n").encode()
+
+
 def activate(spare: Proc, ids: Identities, *, name: str, http_port: int, log_path: str) -> Proc | None:
     """Make ``spare`` the process ``name`` (its health port, log and hand-off file): the new ``Proc``, or None
     when the standby is gone (it is then started cold)."""
     popen = local.child(spare)
     if popen is None or popen.stdin is None or popen.poll() is not None:
         return None
-    env = {"MESH_HEALTH_PORT": str(http_port), "MESH_HANDOFF_FILE": local.handoff_file(ids, name)}
-    order = {"env": env, "log": log_path}
     try:
-        popen.stdin.write((json.dumps(order) + "\n").encode())
+        popen.stdin.write(_order(ids, name, http_port, log_path, fork=False))
         popen.stdin.close()
     except OSError:  # it died between the poll and the write
         return None
