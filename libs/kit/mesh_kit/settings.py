@@ -89,10 +89,11 @@ class ServiceSettings(BaseSettings):
     max_deliver: int = Field(topo.MAX_DELIVER, ge=1, lt=topo.SERVER_MAX_DELIVER + 1)
     """Attempts before a failing message is dead-lettered (the provisioned consumer allows one more)."""
     request_timeout_s: float = Field(1.0, gt=0)
-    """How long a request (the budget's reservation) waits for its answer. A responder killed
-    while it held the request never answers: this is what that costs before the handler is re-run
-    in place (requests are idempotent), so it is short; the budget answers in milliseconds (2 s
-    before: the slowest recoveries from a kill of the budget in the failover bench waited it out)."""
+    """How long a request (the budget's reservation) waits for its answer, asked again within it
+    (``mesh_kit.connection.ask``): a try waits a quarter of it (at least 0.25 s), so a request held
+    by a responder killed meanwhile is asked again of the next one rather than waited out; while
+    nobody listens (a responder restarting) it is asked again every 0.2 s at most. Past it the
+    handler is re-run in place (requests are idempotent)."""
     infra_retry_s: float = Field(60.0, ge=0)
     """While the broker is unavailable (restart, failover), a handler is re-run in place for up
     to this long before the failure costs the message one of its ``MESH_MAX_DELIVER`` attempts."""
