@@ -124,3 +124,38 @@ async def test_the_successor_of_a_killed_process_hands_back_what_it_held_at_once
     assert all(m.raw_message.metadata.num_delivered == 2 for m in got), "each once more, not twice"
     assert read(path).held == [], "the successor's own journal starts empty"
     successor.close()
+
+
+async def test_a_message_is_listed_the_moment_it_arrives_not_when_fetch_returns_it(integration_infra, nc, tmp_path):
+    """Messages the server sent that no ``fetch`` has returned yet (a busy pull waiting to fill its
+    batch; a pull request that outlived its ``fetch``, here asked by hand while the consumer's
+    window is full) are listed too: a process killed then holds them as much as the others."""
+    await _stream(nc, "HANDC", 5)
+    path = str(tmp_path / "worker.held")
+    journal = Journal(path, ACK_WAIT_S)
+    journal.take_over()
+
+    async def forever(m: Fetched) -> None:
+        await asyncio.Event().wait()
+
+    fair = FairConsumer(lambda: nc, "HANDC", "d", "_INBOX", forever, workers=2, window=2, ack_wait_s=ACK_WAIT_S,
+                        graceful_s=0.1, journal=journal)  # fmt: skip
+    await fair.start()
+    try:
+        deadline = time.monotonic() + 20
+        while len(fair.running) < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert len(fair.running) == 2 and len(read(path).held) == 2, "its window is full: it fetches no more"
+        # A pull request whose answer no fetch waits for: the three others are sent to the inbox.
+        await nc.publish("$JS.API.CONSUMER.MSG.NEXT.HANDC.d", b'{"batch": 3, "no_wait": true}',
+                         reply=fair._psub._sub.subject)  # fmt: skip
+        while len(read(path).held) < 5 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        held = read(path).held
+        assert len(held) == 5, f"all five it was sent are listed, not only the two it took: {held}"
+        assert len(fair.running) == 2, "the three wait in the client's queue, untaken"
+    finally:
+        for task in list(fair.running):
+            task.cancel()
+        await fair.stop()
+        journal.close()
