@@ -9,7 +9,9 @@ of the same length, in one process tree:
 - every 1 s: the same, once a second.
 
 Each task's goal sends one email (an effect that leaves the mesh), so a duplicated side effect
-shows in the outbox. Printed per phase: tasks, lost (accepted, not completed), duplicate emails,
+shows in the outbox. One of the client loops gives its tasks a token ceiling of half what the
+warm-up task spent: the budget stops each partway, while it is killed too, and the usage stream
+(every call, once) must show none of them over it (overshoot). Printed per phase: tasks, lost (accepted, not completed), duplicate emails,
 latency p50/p99, the recovery delays (for every task in flight at a kill: the kill -> the task's
 next event) and the supervisor's restarts (kill -> the new process ready), then the issue's
 targets, met or not. Loopback, bounded: about three minutes.
@@ -44,7 +46,8 @@ from typing import Any
 import httpx
 import nats
 
-from mesh_contracts.v1 import TaskCompleted
+from mesh_contracts.v1 import TaskCompleted, TaskFailed, TaskLimits
+from mesh_durable.tail import Reader
 from mesh_kit.settings import nats_servers
 from meshctl import local
 from meshctl.client import TenantClient
@@ -81,6 +84,7 @@ class Phase:
     kill_log: list[tuple[float, str]] = field(default_factory=list)  # (monotonic, what was killed)
     slow: list[tuple[float, str]] = field(default_factory=list)  # (latency, task)
     counted: Counter[str] = field(default_factory=Counter)  # the services' counters over the phase
+    capped: list[str] = field(default_factory=list)  # tasks under a token ceiling below what they need
 
 
 class Bench:
@@ -93,6 +97,9 @@ class Bench:
         self.seen: dict[str, list[tuple[float, str]]] = {}  # task -> (monotonic, what) of each event
         self.running: set[str] = set()
         self.watchers: set[asyncio.Task[None]] = set()  # recoveries and restarts being timed
+        self.cap = 0
+        """The token ceiling of one client loop's tasks: half of what the warm-up task spent, so
+        the budget stops each of them partway, while it is being killed too (0: none)."""
 
     def _on_event(self, task_id: str) -> Callable[[object], None]:
         def seen(model: object) -> None:
@@ -111,14 +118,21 @@ class Bench:
             self.running.add(task_id)
             self.events[task_id] = [time.monotonic()]
             self.seen[task_id] = [(self.events[task_id][0], "submitted")]
+            capped = n == 0 and self.cap > 0
+            limits = TaskLimits(max_tokens=self.cap) if capped else None
             try:
-                seen = await c.submit(GOAL, task_id=task_id, timeout=120, on_event=self._on_event(task_id))
+                seen = await c.submit(
+                    GOAL, task_id=task_id, limits=limits, timeout=120, on_event=self._on_event(task_id)
+                )
             except Exception:  # noqa: BLE001 - the broker was being killed as it was handed in
                 phase.submit_errors += 1
                 self.running.discard(task_id)
                 await asyncio.sleep(0.2)
                 continue
             self.running.discard(task_id)
+            if capped:  # ended either way (stopped at its ceiling, or done under it): its spend is checked
+                (phase.capped if isinstance(seen.outcome, (TaskCompleted, TaskFailed)) else phase.lost).append(task_id)
+                continue
             phase.tasks.append(task_id)
             if isinstance(seen.outcome, TaskCompleted) and "391" in seen.outcome.answer:
                 phase.latencies.append(seen.latency_s)
@@ -207,6 +221,23 @@ class Bench:
         after = await self.counters()
         phase.counted = Counter({k: after[k] - before[k] for k in after if after[k] > before[k]})
 
+    async def spent(self) -> dict[str, int]:
+        """Tokens per task of the bench's tenant, from the usage stream (the record of every call,
+        each call once: a usage record published again under another id is the same call)."""
+        nc = await nats.connect(nats_servers(self.state.nats_url), **self.ids.connect_options("admin"))
+        try:
+            stored = await Reader(nc, "USAGE").matching(f"usage.v1.{TENANT}.>")
+        finally:
+            await nc.close()
+        calls: dict[tuple[str, str], int] = {}
+        for m in stored:
+            u = json.loads(m.data)
+            calls[(u["task_id"], u["call_id"])] = int(u.get("input_tokens", 0)) + int(u.get("output_tokens", 0))
+        out: Counter[str] = Counter()
+        for (task, _), tokens in calls.items():
+            out[task] += tokens
+        return dict(out)
+
     async def duplicates(self, tasks: list[str]) -> tuple[int, int]:
         """(duplicate emails, tasks without their email) over ``tasks``, from the outbox."""
         nc = await nats.connect(nats_servers(self.state.nats_url), **self.ids.connect_options("admin"))
@@ -232,15 +263,20 @@ def meshctl(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=180)
 
 
-def line(phase: Phase, dup: int, missing: int) -> dict[str, object]:
+def line(phase: Phase, dup: int, missing: int, spent: dict[str, int], cap: int) -> dict[str, object]:
     lat = phase.latencies
+    capped = [spent.get(t, 0) for t in phase.capped]
     return {
         "phase": phase.name,
         "tasks": len(phase.tasks),
         "kills": sum(phase.kills.values()),
         "lost": len(phase.lost),
         "duplicate_effects": dup,
-        "missing_effects": missing - len(phase.lost),
+        "missing_effects": missing - len([t for t in phase.lost if t in phase.tasks]),
+        "capped": len(capped),
+        "capped_ceiling": cap,
+        "capped_max_spent": max(capped, default=0),
+        "overshoot": sum(s > cap for s in capped),
         "submit_errors": phase.submit_errors,
         "kept_alive_per_task": round(phase.counted["mesh.messages.kept_alive"] / max(1, len(phase.tasks)), 2),
         "redelivered_per_task": round(phase.counted["mesh.messages.redelivered"] / max(1, len(phase.tasks)), 2),
@@ -305,6 +341,10 @@ def report(
         ("kill every 1 s: p99 <= 10 s", (fast.get("p99_s") or 1e9) <= 10.0),
         ("0 lost", all(r["lost"] == 0 for _, r in rows)),
         ("0 duplicate effects", all(r["duplicate_effects"] == 0 for _, r in rows)),
+        (
+            "0 overshoot (capped tasks' spent tokens, from USAGE, <= their ceiling)",
+            all(r["overshoot"] == 0 and r["capped"] > 0 for _, r in rows),
+        ),
         ("restarts: kill -> ready <= 2 s (max)", all((r["restart_max_s"] or 0) <= 2.0 for _, r in rows[1:])),
     ]
     print(f"quiet p50 {quiet['p50_s']} s")
@@ -350,13 +390,16 @@ async def main() -> int:
     try:
         bench = Bench(home, targets, args.in_flight)
         async with TenantClient.of(bench.ids, bench.state.nats_url, TENANT) as c:
-            await c.submit(GOAL, timeout=60)  # warm-up
+            warm = await c.submit(GOAL, timeout=60)
+        if isinstance(warm.outcome, TaskCompleted) and warm.outcome.usage is not None:
+            bench.cap = (warm.outcome.usage.input_tokens + warm.outcome.usage.output_tokens) // 2
         phases = [Phase("quiet", None), Phase("kill-2-4s", (2.0, 4.0)), Phase("kill-1s", (1.0, 1.0))]
         phases = [p for p in phases if args.only in (None, p.name) or p.every_s is None]
         for phase in phases:
             await bench.run(phase, args.phase_s)
-            dup, missing = await bench.duplicates(phase.tasks)
-            rows.append((phase, line(phase, dup, missing)))
+            dup, _ = await bench.duplicates(phase.tasks + phase.capped)  # a capped task may send its email too
+            _, missing = await bench.duplicates(phase.tasks)
+            rows.append((phase, line(phase, dup, missing, await bench.spent(), bench.cap)))
             print(json.dumps(rows[-1][1]), flush=True)
         status = meshctl(home, "status", "--json")
     finally:
