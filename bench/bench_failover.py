@@ -13,7 +13,7 @@ shows in the outbox. One of the client loops gives its tasks a token ceiling of 
 warm-up task spent: the budget stops each partway, while it is killed too, and the usage stream
 (every call, once) must show none of them over it (overshoot). Printed per phase: tasks, lost (accepted, not completed), duplicate emails,
 latency p50/p99, the recovery delays (for every task in flight at a kill: the kill -> the task's
-next event) and the supervisor's restarts (kill -> the new process ready), then the issue's
+next event; in the quiet phase the same at random instants, its baseline) and the supervisor's restarts (kill -> the new process ready), then the issue's
 targets, met or not. Loopback, bounded: about three minutes.
 
 With ``--replicas 2`` every service runs two processes (``meshctl up --replicas``) and a kill
@@ -54,6 +54,8 @@ from meshctl.client import TenantClient
 
 GOAL = "How does AgentMesh avoid duplicate side effects? Also compute 17 * 23, and email the answer to ops@acme.test."
 TENANT = "bench"
+QUIET_MARKS_S = (2.0, 4.0)
+"""How often the quiet phase takes the recovery measure with no kill (its baseline)."""
 SERVICES = ("planner", "worker", "checker", "rag", "tool-executor", "budget")
 ENV = {
     "MESH_LOG_LEVEL": "WARNING",
@@ -141,11 +143,18 @@ class Bench:
                 phase.lost.append(task_id)
 
     async def _killer(self, phase: Phase, until: float) -> None:
-        assert phase.every_s is not None
         while True:
-            await asyncio.sleep(random.uniform(*phase.every_s))
+            await asyncio.sleep(random.uniform(*(phase.every_s or QUIET_MARKS_S)))
             if time.monotonic() >= until:
                 return
+            if phase.every_s is None:
+                # No kill: the same measure at a random instant, the baseline of the kills' (a task
+                # queued for planning shows its next event a second or more later, killed or not).
+                in_flight, at = list(self.running), time.monotonic()
+                task = asyncio.create_task(self._recovered(phase, "nothing", in_flight, at))
+                self.watchers.add(task)
+                task.add_done_callback(self.watchers.discard)
+                continue
             name = random.choice(self.targets)
             proc = self._proc(name)
             if proc is None or not proc.alive():
@@ -211,7 +220,7 @@ class Bench:
         before = await self.counters()
         until = time.monotonic() + seconds
         async with TenantClient.of(self.ids, self.state.nats_url, TENANT) as c:
-            killer = asyncio.create_task(self._killer(phase, until)) if phase.every_s else None
+            killer = asyncio.create_task(self._killer(phase, until))
             await asyncio.gather(*(self._client_loop(c, phase, until, n) for n in range(self.in_flight)))
             if killer is not None:
                 killer.cancel()
@@ -317,8 +326,13 @@ def report(
             f"{r['p50_s']!s:>6} {r['p99_s']!s:>6} {r['max_s']!s:>6}  {r['kept_alive_per_task']:>21} "
             f"{r['redelivered_per_task']:>18}"
         )
+    quiet_phase = rows[0][0]
+    print(f"  quiet: no kill, at random instants (the baseline): next event of each task in flight: "
+          f"{histogram(quiet_phase.recovery)}  p50 {pct(quiet_phase.recovery, 0.5):.2f} s  "
+          f"p90 {pct(quiet_phase.recovery, 0.9):.2f} s")  # fmt: skip
     for phase, _ in rows[1:]:
-        print(f"  {phase.name}: recovery (kill -> next event of each task in flight): {histogram(phase.recovery)}")
+        print(f"  {phase.name}: recovery (kill -> next event of each task in flight): {histogram(phase.recovery)}  "
+              f"p50 {pct(phase.recovery, 0.5):.2f} s  p90 {pct(phase.recovery, 0.9):.2f} s")  # fmt: skip
         print(f"  {phase.name}: supervisor restarts (kill -> ready): {histogram([s for _, s in phase.restarts])}")
         print(f"  {phase.name}: kills by process: {dict(phase.kills)}")
         for name, rec in sorted(phase.recovery_by.items()):

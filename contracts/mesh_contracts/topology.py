@@ -445,7 +445,7 @@ def queue_group(service: str) -> str:
 
 
 # Delivery policy shared by provisioning (consumer config) and the runtime (retry decisions).
-ACK_WAIT_S = 4.0
+ACK_WAIT_S = 2.0
 """Redelivery after this long without an ack or an in-progress ack: how long a message held by a
 replica that died waits before a live one gets it. A live holder beats every quarter of it for
 each message it holds (``mesh_kit.fair``), so this bounds failover, not the length of a call."""

@@ -78,8 +78,8 @@ def test_the_local_mesh_provisions_the_ack_wait_its_services_keep_alive_by(monke
 
     monkeypatch.delenv("MESH_ACK_WAIT_S", raising=False)
     assert ack_wait_s() == topo.ACK_WAIT_S
-    monkeypatch.setenv("MESH_ACK_WAIT_S", "2")
-    assert ack_wait_s() == 2.0
+    monkeypatch.setenv("MESH_ACK_WAIT_S", "7.5")
+    assert ack_wait_s() == 7.5
     for bad in ("0", "-1", "two", "nan"):
         monkeypatch.setenv("MESH_ACK_WAIT_S", bad)
         with pytest.raises(MeshError, match="MESH_ACK_WAIT_S"):

@@ -223,7 +223,7 @@ def _journal_arrivals(psub: Any, arrived: Callable[[Any], None]) -> bool:
     A busy pull asks for a batch, and ``fetch`` keeps what came until the batch is full or the
     server says it has drained (up to ``BUSY_FETCH_S``); a request that outlived its ``fetch``
     delivers into the queue with no ``fetch`` waiting. A process killed meanwhile held those
-    messages unlisted, and they waited out ``ack_wait`` (the failover bench's 4 s recoveries after
+    messages unlisted, and they waited out ``ack_wait`` (the failover bench's recoveries of a whole ``ack_wait`` after
     a kill of the planner or the checker). False: this nats-py keeps its queue elsewhere, and the
     fetch loop lists them as before."""
     sub = getattr(psub, "_sub", None)
