@@ -1,5 +1,5 @@
 """A reservation outlives the budget process that held it: asked again within its deadline, of
-whichever budget listens next (``mesh_kit.connection.ask``), against a real nats-server."""
+whichever budget listens next (``mesh_host.ask``), against a real nats-server."""
 
 from __future__ import annotations
 

@@ -30,12 +30,15 @@ given the same path) takes nothing over and keeps no journal, and says so.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 log = logging.getLogger("mesh.handoff")
 
@@ -148,6 +151,10 @@ class Journal:
             self._stamped = now
             self._write(f"@ {now:.3f}\n")
 
+    def watch(self, psub: Any, arrived: Callable[[Any], None]) -> bool:
+        """List messages as they arrive on ``psub`` (``watch`` below)."""
+        return watch(psub, arrived)
+
     def close(self) -> None:
         """A clean end: nothing is held (the consumers handed it back), the file says so."""
         if self._fd is None:
@@ -189,3 +196,39 @@ class Journal:
             if self._fd is not None:
                 os.close(self._fd)
         self._fd = None
+
+
+class _Arrivals(asyncio.Queue):  # type: ignore[type-arg]
+    """nats-py's queue of what a pull subscription was sent, telling ``arrived`` of each message
+    the moment the client reads it off the socket."""
+
+    def __init__(self, maxsize: int, arrived: Callable[[Any], None]) -> None:
+        super().__init__(maxsize)
+        self._arrived = arrived
+
+    def put_nowait(self, item: Any) -> None:
+        super().put_nowait(item)
+        try:
+            self._arrived(item)
+        except Exception:  # the client's read loop must never fail on our account
+            log.exception("listing an arrived message failed")
+
+
+def watch(psub: Any, arrived: Callable[[Any], None]) -> bool:
+    """List each message in the hand-off journal as it arrives, not when ``fetch`` returns it.
+    A busy pull asks for a batch, and ``fetch`` keeps what came until the batch is full or the
+    server says it has drained (up to ``BUSY_FETCH_S``); a request that outlived its ``fetch``
+    delivers into the queue with no ``fetch`` waiting. A process killed meanwhile held those
+    messages unlisted, and they waited out ``ack_wait`` (the failover bench's recoveries of a whole ``ack_wait`` after
+    a kill of the planner or the checker). False: this nats-py keeps its queue elsewhere, and the
+    fetch loop lists them as before."""
+    sub = getattr(psub, "_sub", None)
+    queue = getattr(sub, "_pending_queue", None)
+    if not isinstance(queue, asyncio.Queue):
+        log.warning("nats-py's pull subscription changed shape: messages are listed when fetched")
+        return False
+    ours = _Arrivals(queue.maxsize, arrived)
+    while not queue.empty():
+        ours.put_nowait(queue.get_nowait())
+    sub._pending_queue = ours  # type: ignore[union-attr]
+    return True

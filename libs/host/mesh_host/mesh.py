@@ -36,6 +36,7 @@ from nats.js.errors import NotFoundError
 from mesh_contracts import Contract, DecodeLimits
 from mesh_contracts import topology as topo
 from mesh_contracts.v1 import ProgressEvent
+from mesh_host.ask import ask
 from mesh_host.deps import Dependency, readiness
 from mesh_host.errors import HostError
 from mesh_host.handoff import Journal
@@ -265,8 +266,10 @@ class Mesh:
 
     async def request(self, model: Contract, *, timeout: float | None = None) -> Contract:
         """Core request/reply; the reply is verified like any other message. Waits
-        ``MESH_REQUEST_TIMEOUT_S`` for the answer unless told otherwise."""
-        return await self.connection.request(model, timeout=timeout or self.settings.request_timeout_s)
+        ``MESH_REQUEST_TIMEOUT_S`` for the answer unless told otherwise, asking again within it
+        (``mesh_host.ask``)."""
+        return await ask(lambda wait: self.connection.request(model, timeout=wait),
+                         timeout or self.settings.request_timeout_s)  # fmt: skip
 
     async def progress(
         self,

@@ -39,40 +39,6 @@ from mesh_kit.trust import Trust
 log = logging.getLogger("mesh.bus")
 
 
-FIRST_TRY_S = 0.25
-"""The shortest wait of a request's first try: a try waits a quarter of the whole (at least this),
-each next one twice as long, all within the whole."""
-NO_RESPONDER_PAUSE_S = (0.02, 0.05, 0.1, 0.2)
-"""Pauses before asking again while nobody listens (a responder restarting), then 0.2 s each."""
-
-
-async def ask(nc: NATS, subject: str, body: bytes, headers: dict[str, str], timeout: float) -> Msg:
-    """A core request answered within ``timeout``, asked again inside it. A responder killed while
-    it held the request never answers: waiting the whole ``timeout`` for it is what a kill cost
-    (the failover bench's slowest recoveries from a kill of the budget). So a try waits a quarter
-    of it, then asks again, the next replica or the restarted process answering. While nobody
-    listens (the server says so at once) it asks again after a short pause, so a restarted
-    responder is reached within a fraction of a second of subscribing. Requests must be
-    idempotent to be asked twice (a reservation is: the same call id is the same hold)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    wait, pauses = max(FIRST_TRY_S, timeout / 4), 0
-    while True:
-        left = deadline - loop.time()
-        try:
-            return await nc.request(subject, body, timeout=max(0.001, min(wait, left)), headers=headers)
-        except nats.errors.NoRespondersError:
-            pause = NO_RESPONDER_PAUSE_S[min(pauses, len(NO_RESPONDER_PAUSE_S) - 1)]
-            pauses += 1
-            if loop.time() + pause >= deadline:
-                raise
-            await asyncio.sleep(pause)
-        except nats.errors.TimeoutError:
-            if deadline - loop.time() < 0.01:
-                raise
-            wait *= 2
-
-
 class Transport(Protocol):
     """Where published bytes go: the NATS connection (``NatsTransport``), or the in-memory test
     bus (``mesh_testing.inmemory``), which hands them to the service's own consumers."""
@@ -270,8 +236,8 @@ class Connection:
         model = env.stamped(model)
         body = model.to_bytes()
         msg_id = env.message_id(model.type, model.tenant, model.task_id, getattr(model, "call_id", "") or "")
-        reply = await ask(
-            self.nc, model.subject(), body, env.headers_for(self.trust.signer, model, body, msg_id), timeout
+        reply: Msg = await self.nc.request(
+            model.subject(), body, timeout=timeout, headers=env.headers_for(self.trust.signer, model, body, msg_id)
         )
         rheaders = dict(reply.headers or {})
         schema = rheaders.get(env.SCHEMA, "")

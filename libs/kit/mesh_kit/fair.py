@@ -74,6 +74,10 @@ class Journal(Protocol):
 
     def alive(self) -> None: ...
 
+    def watch(self, psub: Any, arrived: Callable[[Any], None]) -> bool:
+        """Call ``arrived`` with each message as the client reads it (False: cannot)."""
+        ...
+
 
 def priority_of(headers: dict[str, str] | None) -> int:
     try:
@@ -202,42 +206,6 @@ class FairQueue:
         return out
 
 
-class _Arrivals(asyncio.Queue):  # type: ignore[type-arg]
-    """nats-py's queue of what a pull subscription was sent, telling ``arrived`` of each message
-    the moment the client reads it off the socket."""
-
-    def __init__(self, maxsize: int, arrived: Callable[[Any], None]) -> None:
-        super().__init__(maxsize)
-        self._arrived = arrived
-
-    def put_nowait(self, item: Any) -> None:
-        super().put_nowait(item)
-        try:
-            self._arrived(item)
-        except Exception:  # the client's read loop must never fail on our account
-            log.exception("listing an arrived message failed")
-
-
-def _journal_arrivals(psub: Any, arrived: Callable[[Any], None]) -> bool:
-    """List each message in the hand-off journal as it arrives, not when ``fetch`` returns it.
-    A busy pull asks for a batch, and ``fetch`` keeps what came until the batch is full or the
-    server says it has drained (up to ``BUSY_FETCH_S``); a request that outlived its ``fetch``
-    delivers into the queue with no ``fetch`` waiting. A process killed meanwhile held those
-    messages unlisted, and they waited out ``ack_wait`` (the failover bench's recoveries of a whole ``ack_wait`` after
-    a kill of the planner or the checker). False: this nats-py keeps its queue elsewhere, and the
-    fetch loop lists them as before."""
-    sub = getattr(psub, "_sub", None)
-    queue = getattr(sub, "_pending_queue", None)
-    if not isinstance(queue, asyncio.Queue):
-        log.warning("nats-py's pull subscription changed shape: messages are listed when fetched")
-        return False
-    ours = _Arrivals(queue.maxsize, arrived)
-    while not queue.empty():
-        ours.put_nowait(queue.get_nowait())
-    sub._pending_queue = ours  # type: ignore[union-attr]
-    return True
-
-
 class FairConsumer:
     def __init__(
         self,
@@ -280,7 +248,7 @@ class FairConsumer:
         """Whether the last pull brought work (then ask for a batch; otherwise for one, lingering)."""
         self._stopping = False
         self._on_arrival = False
-        """Whether each message is listed in the journal as it arrives (``_journal_arrivals``)."""
+        """Whether each message is listed in the journal as it arrives (``mesh_host.handoff.watch``)."""
 
     def _arrived(self, m: Any) -> None:
         if self.journal is not None and (m.reply or "").startswith("$JS.ACK."):
@@ -292,7 +260,7 @@ class FairConsumer:
             durable=self.durable, stream=self.stream, inbox_prefix=self.prefix.encode()
         )
         if self.journal is not None:
-            self._on_arrival = _journal_arrivals(self._psub, self._arrived)
+            self._on_arrival = self.journal.watch(self._psub, self._arrived)
         self._tasks = [
             asyncio.create_task(self._fetch_loop(), name=f"fetch-{self.durable}"),
             asyncio.create_task(self._dispatch_loop(), name=f"dispatch-{self.durable}"),

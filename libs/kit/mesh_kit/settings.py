@@ -90,7 +90,7 @@ class ServiceSettings(BaseSettings):
     """Attempts before a failing message is dead-lettered (the provisioned consumer allows one more)."""
     request_timeout_s: float = Field(1.0, gt=0)
     """How long a request (the budget's reservation) waits for its answer, asked again within it
-    (``mesh_kit.connection.ask``): a try waits a quarter of it (at least 0.25 s), so a request held
+    (``mesh_host.ask``): a try waits a quarter of it (at least 0.25 s), so a request held
     by a responder killed meanwhile is asked again of the next one rather than waited out; while
     nobody listens (a responder restarting) it is asked again every 0.2 s at most. Past it the
     handler is re-run in place (requests are idempotent)."""
