@@ -46,14 +46,17 @@ async def test_a_reservation_held_by_a_dead_budget_is_answered_by_the_next_one(i
             held.append(msg.subject)
 
         sub = await dying.subscribe("budget.*.*.*.reserve", queue=topo.queue_group("budget"), cb=swallow)
+        timeout = 30.0
         ask = asyncio.create_task(
             worker.request(
-                BudgetReserve(tenant="acme", task_id=task, agent="worker", call_id="c1", tokens=100), timeout=30.0
+                BudgetReserve(tenant="acme", task_id=task, agent="worker", call_id="c1", tokens=100), timeout=timeout
             )
         )
         await eventually(lambda: held, what="the first try held by the dying budget")
         await sub.unsubscribe()  # it dies holding the request: it never answers
-        await asyncio.sleep(1.0)  # nobody listens: the asker hears so and asks again
+        # Past the first try's wait (a quarter of the timeout), and a second more: the next try
+        # found nobody listening and has been asking again since.
+        await asyncio.sleep(timeout / 4 + 1.0)
         assert not ask.done(), "a request must not fail while its deadline lasts"
         async with running(_budget(integration_infra)):
             answer = await asyncio.wait_for(ask, 30.0)

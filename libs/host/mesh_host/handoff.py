@@ -152,8 +152,22 @@ class Journal:
             self._write(f"@ {now:.3f}\n")
 
     def watch(self, psub: Any, arrived: Callable[[Any], None]) -> bool:
-        """List messages as they arrive on ``psub`` (``watch`` below)."""
-        return watch(psub, arrived)
+        """Call ``arrived`` with each message of ``psub`` as the client reads it off the socket,
+        not when ``fetch`` returns it: a busy pull keeps what came until its batch fills (up to
+        ``BUSY_FETCH_S``), and a pull request that outlived its ``fetch`` delivers with no
+        ``fetch`` waiting; a process killed meanwhile held those messages unlisted, and they
+        waited out ``ack_wait``. False: this nats-py keeps its queue elsewhere (the fair consumer
+        then lists them when fetched)."""
+        sub = getattr(psub, "_sub", None)
+        queue = getattr(sub, "_pending_queue", None)
+        if not isinstance(queue, asyncio.Queue):
+            log.warning("nats-py's pull subscription changed shape: messages are listed when fetched")
+            return False
+        ours = _Arrivals(queue.maxsize, arrived)
+        while not queue.empty():
+            ours.put_nowait(queue.get_nowait())
+        sub._pending_queue = ours  # type: ignore[union-attr]
+        return True
 
     def close(self) -> None:
         """A clean end: nothing is held (the consumers handed it back), the file says so."""
@@ -212,23 +226,3 @@ class _Arrivals(asyncio.Queue):  # type: ignore[type-arg]
             self._arrived(item)
         except Exception:  # the client's read loop must never fail on our account
             log.exception("listing an arrived message failed")
-
-
-def watch(psub: Any, arrived: Callable[[Any], None]) -> bool:
-    """List each message in the hand-off journal as it arrives, not when ``fetch`` returns it.
-    A busy pull asks for a batch, and ``fetch`` keeps what came until the batch is full or the
-    server says it has drained (up to ``BUSY_FETCH_S``); a request that outlived its ``fetch``
-    delivers into the queue with no ``fetch`` waiting. A process killed meanwhile held those
-    messages unlisted, and they waited out ``ack_wait`` (the failover bench's recoveries of a whole ``ack_wait`` after
-    a kill of the planner or the checker). False: this nats-py keeps its queue elsewhere, and the
-    fetch loop lists them as before."""
-    sub = getattr(psub, "_sub", None)
-    queue = getattr(sub, "_pending_queue", None)
-    if not isinstance(queue, asyncio.Queue):
-        log.warning("nats-py's pull subscription changed shape: messages are listed when fetched")
-        return False
-    ours = _Arrivals(queue.maxsize, arrived)
-    while not queue.empty():
-        ours.put_nowait(queue.get_nowait())
-    sub._pending_queue = ours  # type: ignore[union-attr]
-    return True

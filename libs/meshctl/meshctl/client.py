@@ -67,13 +67,13 @@ if TYPE_CHECKING:
     from meshctl.identity import Identities
 
 CONNECT_TIMEOUT_S = 30.0
+"""How long a client tries to make its first connection before it gives up (a broker restarting
+comes back within it; once connected, it reconnects for as long as it lives)."""
 DOOR_TIMEOUTS_S = (1.0, 2.0, 5.0)
 """How long each try of a hand-in waits for the door's answer (the last repeats). A door answers
 in milliseconds; one killed while it held the request never answers, and a submission waited the
 whole 5 s for it (the failover bench's slowest tasks: a planner killed as they were submitted).
 A retry of one that did land is stored once (its message id is deterministic)."""
-"""How long a client tries to make its first connection before it gives up (a broker restarting
-comes back within it; once connected, it reconnects for as long as it lives)."""
 
 
 class ConnectFailed(ConnectionError, MeshctlError):
