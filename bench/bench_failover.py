@@ -11,10 +11,11 @@ of the same length, in one process tree:
 Each task's goal sends one email (an effect that leaves the mesh), so a duplicated side effect
 shows in the outbox. One of the client loops gives its tasks a token ceiling of half what the
 warm-up task spent: the budget stops each partway, while it is killed too, and the usage stream
-(every call, once) must show none of them over it (overshoot). Printed per phase: tasks, lost (accepted, not completed), duplicate emails,
-latency p50/p99, the recovery delays (for every task in flight at a kill: the kill -> the task's
-next event; in the quiet phase the same at random instants, its baseline) and the supervisor's restarts (kill -> the new process ready), then the issue's
-targets, met or not. Loopback, bounded: about three minutes.
+(every call, once) must show none of them over it (overshoot). Printed per phase: tasks, lost
+(accepted, not completed), duplicate emails, latency p50/p99, the recovery delays (for every task
+in flight at a kill: the kill -> the task's next event; in the quiet phase the same at random
+instants, its baseline) and the supervisor's restarts (kill -> the new process ready), then the
+issue's targets, met or not. Loopback, bounded: about three minutes.
 
 With ``--replicas 2`` every service runs two processes (``meshctl up --replicas``) and a kill
 hits one of them: the other goes on with the dead one's messages after ``ack_wait``, with no
@@ -222,10 +223,9 @@ class Bench:
         async with TenantClient.of(self.ids, self.state.nats_url, TENANT) as c:
             killer = asyncio.create_task(self._killer(phase, until))
             await asyncio.gather(*(self._client_loop(c, phase, until, n) for n in range(self.in_flight)))
-            if killer is not None:
-                killer.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await killer
+            killer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await killer
         await asyncio.gather(*self.watchers)  # the last recoveries and restarts are seen
         after = await self.counters()
         phase.counted = Counter({k: after[k] - before[k] for k in after if after[k] > before[k]})
@@ -247,15 +247,14 @@ class Bench:
             out[task] += tokens
         return dict(out)
 
-    async def duplicates(self, tasks: list[str]) -> tuple[int, int]:
-        """(duplicate emails, tasks without their email) over ``tasks``, from the outbox."""
+    async def effects(self) -> Counter[str]:
+        """Emails sent per task of the bench's tenant, from the outbox."""
         nc = await nats.connect(nats_servers(self.state.nats_url), **self.ids.connect_options("admin"))
         try:
             info = await nc.jetstream().stream_info("OUTBOX", subjects_filter=f"outbox.{TENANT}.>")
-            effects = Counter({s.split(".")[2]: n for s, n in (info.state.subjects or {}).items()})
+            return Counter({s.split(".")[2]: n for s, n in (info.state.subjects or {}).items()})
         finally:
             await nc.close()
-        return sum(max(0, effects[t] - 1) for t in tasks), sum(effects[t] == 0 for t in tasks)
 
 
 async def _ready(http: httpx.AsyncClient, proc: local.Proc) -> bool:
@@ -405,14 +404,15 @@ async def main() -> int:
         bench = Bench(home, targets, args.in_flight)
         async with TenantClient.of(bench.ids, bench.state.nats_url, TENANT) as c:
             warm = await c.submit(GOAL, timeout=60)
-        if isinstance(warm.outcome, TaskCompleted) and warm.outcome.usage is not None:
+        if isinstance(warm.outcome, TaskCompleted):
             bench.cap = (warm.outcome.usage.input_tokens + warm.outcome.usage.output_tokens) // 2
         phases = [Phase("quiet", None), Phase("kill-2-4s", (2.0, 4.0)), Phase("kill-1s", (1.0, 1.0))]
         phases = [p for p in phases if args.only in (None, p.name) or p.every_s is None]
         for phase in phases:
             await bench.run(phase, args.phase_s)
-            dup, _ = await bench.duplicates(phase.tasks + phase.capped)  # a capped task may send its email too
-            _, missing = await bench.duplicates(phase.tasks)
+            effects = await bench.effects()
+            dup = sum(max(0, effects[t] - 1) for t in phase.tasks + phase.capped)  # a capped task may email too
+            missing = sum(effects[t] == 0 for t in phase.tasks)
             rows.append((phase, line(phase, dup, missing, await bench.spent(), bench.cap)))
             print(json.dumps(rows[-1][1]), flush=True)
         status = meshctl(home, "status", "--json")
