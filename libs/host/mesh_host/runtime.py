@@ -124,7 +124,21 @@ def run_service(build: Build[S], settings_class: type[S], service: str | None = 
     )
     install_log_redaction()  # secrets and PII never reach a log line, whoever logged them
     logging.getLogger("faststream").setLevel(logging.WARNING)
-    asyncio.run(serve(settings, build))
+    with asyncio.Runner(loop_factory=loop_factory(settings.event_loop)) as runner:
+        runner.run(serve(settings, build))
+
+
+def loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The event loop a service runs on (``MESH_EVENT_LOOP``): uvloop unless told otherwise, or
+    where it is not installed (the platforms it has no build for), then the standard one."""
+    if name == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            logging.getLogger("mesh.runtime").warning("uvloop is not installed: running on asyncio's own event loop")
+            return None
+        return uvloop.new_event_loop
+    return None
 
 
 async def serve(settings: S, build: Build[S], *, stop: asyncio.Event | None = None) -> None:
