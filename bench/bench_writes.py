@@ -41,7 +41,7 @@ BUDGET: dict[str, float] = {
     # 6 transitions; a published outbox is cleared by the next one's write, or after 2 s by a write
     # of its own (the last one's, and any whose next came later): 7 here, 12 at most
     "KV_tasks": 12,
-    "KV_steps": 7,  # one checkpoint per model turn (the answer ends the step in the same write)
+    "KV_steps": 4,  # one checkpoint per model turn that asks for a call (the answer is step.completed alone)
     "KV_reservations": 7,  # each grant, before the caller hears of it (outlives a Redis loss)
     "KV_ledger": 2,  # the one tool effect: its claim, then its result
     "KV_status": 2, "KV_admission": 2, "KV_evidence": 1,

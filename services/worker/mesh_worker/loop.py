@@ -227,8 +227,8 @@ class Loop:
         self, run: StepRun, call_id: str, response: ModelResponse, usage: TokenUsage
     ) -> StepRun | None:
         """The model's turn and its tool call (at most one) written to the step's checkpoint, or,
-        with no call, the answer and the step's end (its outcome) in the same write; None when
-        another delivery advanced the step meanwhile (this result is stale)."""
+        with no call, the answer and the step's end (its outcome, published by the caller and
+        not written); None when another delivery advanced the step meanwhile (stale)."""
         req = run.request
         used = f"{response.provider}/{response.model}"
         iteration = run.iteration
@@ -252,14 +252,23 @@ class Loop:
                     tool=calls[0].name,
                     deadline=time.time() + self.settings.tool_timeout_s,
                 )
-            else:  # the answer: the step ends in this same write (one stored write less per step)
+            else:  # the answer: the step ends with it (published, not written: see below)
                 cur.status = "completed"
                 cur.outcome = outcome(cur, self.system, output=response.content).model_dump(mode="json")
             return cur
 
-        new, changed = await st.update(
-            self._steps(), StepRun.key(req.tenant, req.task_id, req.step.step_id), StepRun, advance
-        )
+        key = StepRun.key(req.tenant, req.task_id, req.step.step_id)
+        if calls:
+            new, changed = await st.update(self._steps(), key, StepRun, advance)
+        else:
+            # The answer: the step's record is its outcome message (``step.completed`` on STEP),
+            # not a last checkpoint as well (one stored write less per step). A read fences it as
+            # the write did: a delivery that advanced the step meanwhile makes this result stale.
+            # One that reads the same turn got the same answer (the call's record answers every
+            # delivery), and the outcome's message id keeps one of the two.
+            stored, _ = await st.load(self._steps(), key, StepRun)
+            new = advance(stored)
+            changed = new is not None
         if not changed or new is None:
             self.mesh.count(worker_metrics.M_FENCED)  # a newer delivery advanced this step: our result is stale
             return None
