@@ -147,6 +147,28 @@ async def test_a_reconnect_forgets_everything_and_zero_age_reads_every_time(mesh
     assert off.reads == 3 and off.hits == 0 and off._sub is None
 
 
+async def test_memory_holds_the_keys_read_lately_not_every_key_ever_read(meshes, unique):
+    """A soak's finished tasks used to stay in every process's view up to 50,000 keys; a key read
+    longer ago than ``max_age_s`` is read again anyway, so it is forgotten when newer reads come."""
+    reader, _ = meshes
+    view = await _view(reader, max_age_s=0.5)
+    old = [f"acme.{unique('old')}" for _ in range(200)]
+    try:
+        for key in old:
+            await view.get(key)
+        assert len(view) == 200 and view.reads == 200
+        await view.get(old[-1])
+        assert view.hits == 1, "a key read lately is answered from memory"
+        await asyncio.sleep(0.6)
+        fresh = f"acme.{unique('new')}"
+        await view.get(fresh)
+        assert len(view) == 1, "the keys read over max_age_s ago are forgotten"
+        await view.get(fresh)
+        assert view.hits == 2 and view.reads == 201
+    finally:
+        await view.stop()
+
+
 async def test_the_guard_sees_a_kill_switch_and_a_halt_without_reading_per_call(integration_infra, unique):
     """The guard's checks cost no round trip once warm, and an operator's kill switch still stops
     the next call as soon as its fed write arrives."""

@@ -16,7 +16,8 @@ current:
   raced a write never leaves the older value remembered;
 - every remembered key is read again after ``max_age_s`` whatever happened: the bound on how
   late a write can be seen if a fed message were ever lost without a reconnect (a client-side
-  slow consumer; the subscription's pending limit makes that practically impossible).
+  slow consumer; the subscription's pending limit makes that practically impossible). So a key
+  read longer ago than that is forgotten: memory holds the keys read lately, at most ``size``.
 
 So a write is seen as soon as its fed message arrives (milliseconds), and a hot key costs one
 direct get per ``max_age_s`` instead of one per call. ``max_age_s = 0`` turns the memory off:
@@ -153,6 +154,18 @@ class KeyView:
         if whole and epoch == self._epoch():
             self._known[key] = _Known(value, revision, at, epoch)
             self._known.move_to_end(key)
-            while len(self._known) > self.size:
-                self._known.popitem(last=False)
+            self._forget(at - self.max_age_s)
         return value
+
+    def _forget(self, read_before: float) -> None:
+        """Drop what is remembered from before ``read_before`` (it is read again anyway: the
+        oldest reads come first), and the oldest beyond ``size``. What a process remembers is
+        then the keys read in the last ``max_age_s`` (the tasks it is working on), not every key
+        it ever read: a soak's finished tasks no longer grow each process's memory."""
+        known = self._known
+        while known and (len(known) > self.size or next(iter(known.values())).read_at < read_before):
+            known.popitem(last=False)
+
+    def __len__(self) -> int:
+        """Keys remembered now."""
+        return len(self._known)
