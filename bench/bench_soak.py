@@ -144,8 +144,9 @@ def report(r: dict, warmup: float) -> str:
         lines += ["", f"from the first warm window ({first.at:.0f} s) to the last ({last.at:.0f} s), {done} tasks:"]
         # The second half alone as well: the first warm windows still fill every bounded cache
         # (and a resident figure keeps a cache's peak), so flat memory shows there if anywhere.
-        mid = warm[len(warm) // 2]
-        done_late = sum(len(w.latencies) for w in warm[len(warm) // 2 + 1 :])
+        half = len(warm) // 2
+        mid = warm[half]
+        done_late = sum(len(w.latencies) for w in warm[half + 1 :])
         for n in names:
             grew = last.rss[n] - first.rss[n]
             per_k = grew / done * 1000 if done else 0.0
@@ -155,7 +156,6 @@ def report(r: dict, warmup: float) -> str:
                 f"  {n:<14} {first.rss[n]:7.1f} -> {last.rss[n]:7.1f} MB ({pct_grew:+5.1f}%, {per_k:+.2f} MB per 1,000 "
                 f"tasks; {late_k:+.2f} per 1,000 in the second half, from {mid.at:.0f} s)"
             )
-        half = len(warm) // 2
         early = [x for w in warm[:half] for x in w.latencies]
         later = [x for w in warm[half:] for x in w.latencies]
         if early and later:
