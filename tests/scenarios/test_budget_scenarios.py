@@ -13,6 +13,7 @@ import json
 import time
 from collections.abc import Iterator
 
+import httpx
 import nats.js.errors
 import pytest
 
@@ -94,6 +95,40 @@ async def run_beside(infra: Infra, tenant: str, goal: str, task_id: str, limits:
 
 def stage(seen, name: str):
     return next((e for e in seen.events if e.stage == name), None)
+
+
+async def kept_facts(mesh: ChaosMesh) -> int:
+    """Tasks whose facts the budget replicas keep in memory, added up (``/status`` ``kept``)."""
+    async with httpx.AsyncClient(timeout=5) as http:
+        seen = [
+            (await http.get(f"http://127.0.0.1:{proc.http_port}/status")).json()["kept"]["facts"]
+            for name, (svc, proc) in mesh.procs.items()
+            if svc == "budget"
+        ]
+    return sum(seen)
+
+
+async def test_a_replica_forgets_a_task_when_it_ends_and_keeps_one_still_running(infra, mesh):
+    """First in this module (nothing else kept yet). What a budget replica keeps of a task goes
+    when the watch sees the task end, not 20,000 tasks later; a task still running stays kept
+    (its idle bound, ``MESH_BUDGET_TASK_MEMORY_S``, is 300 s here)."""
+    await infra.running_task("memory-running", 10_000)
+    async with infra.connected_as("worker") as worker:
+        assert isinstance(await worker.request(reserve("memory-running", "m1", 100), timeout=5), BudgetGranted)
+    assert await kept_facts(mesh) == 1, "the replica that answered keeps the running task's facts"
+    async with infra.client("acme") as c:
+        seen = await c.submit(GOAL, task_id="memory-done", timeout=60)
+    assert isinstance(seen.outcome, TaskCompleted), seen.outcome
+    assert len([e for e in seen.events if e.stage == "step.completed"]) >= 2, "its steps reserved model calls"
+    deadline = time.monotonic() + 30
+    while (n := await kept_facts(mesh)) != 1 and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+    assert n == 1, f"{n} tasks kept: the ended task's facts were not forgotten"
+    async with infra.connected_as("worker") as worker:  # the running one is still decided the same
+        assert isinstance(await worker.request(reserve("memory-running", "m2", 100), timeout=5), BudgetGranted)
+        late = await worker.request(reserve("memory-done", "late", 1), timeout=5)
+    assert isinstance(late, BudgetDenied) and late.code == "stopped", late  # read again: it ended
+    assert await kept_facts(mesh) == 1
 
 
 async def test_two_steps_waiting_on_each_other_are_detected_within_a_second_and_broken(infra, mesh):

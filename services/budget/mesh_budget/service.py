@@ -18,8 +18,7 @@ import os
 import socket
 import statistics
 import time
-from collections import OrderedDict
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 from opentelemetry.metrics import Observation
 
@@ -29,6 +28,7 @@ from mesh_budget.anchors import Anchors
 from mesh_budget.horizon import Horizon
 from mesh_budget.ledger import Cold, Decision, Durable, Held, Outcome, Settled, View, today
 from mesh_budget.monitor import Monitor, Trip
+from mesh_budget.recent import Recent
 from mesh_budget.reserve import CEILINGS, Limits, Step, TaskFacts, denial, read_status, rebuild
 from mesh_budget.settings import BudgetSettings, TenantLimits
 from mesh_budget.watch import Watch
@@ -51,18 +51,6 @@ from mesh_kit import Delivery, tasks
 from mesh_tenancy import tenancy
 
 log = logging.getLogger("mesh.budget")
-V = TypeVar("V")
-FACTS_KEPT = 20_000
-"""Tasks whose creation time and limits a budget replica keeps (the oldest go first)."""
-
-
-def _keep(kept: OrderedDict[Any, Any], key: Any, value: V) -> V:
-    """Remember ``value`` under ``key`` in a per-task memory of this replica, the oldest entries
-    going first beyond ``FACTS_KEPT``; returns ``value``."""
-    kept[key] = value
-    while len(kept) > FACTS_KEPT:
-        kept.popitem(last=False)
-    return value
 
 
 class Budget:
@@ -80,7 +68,8 @@ class Budget:
         self.view = View(
             mesh.settings.redis_url, self.settings.budget_reservation_ttl_s, self.settings.rules().provider_policy()
         )
-        self._provider_reported: OrderedDict[tuple[str, str], None] = OrderedDict()
+        idle_s = self.settings.budget_task_memory_s
+        self._provider_reported: Recent[bool] = Recent(idle_s)
         """Tasks told of a failing provider already (once per task, as every other trip)."""
         self.redis = mesh.depend(
             redis.dependency(self.view.redis, required=True, purpose="reservations shared by every replica")
@@ -93,13 +82,14 @@ class Budget:
         self.monitor = Monitor(self.settings.rules())
         self.partition = self.settings.partition()
         """The tenants this replica follows (all of them with one partition: ``mesh_budget.partition``)."""
-        self._label_cache: OrderedDict[tuple[str, str], dict[str, str]] = OrderedDict()
+        self._label_cache: Recent[dict[str, str]] = Recent(idle_s)
         every_s = self.settings.budget_audit_anchor_s
         self.anchors = Anchors(mesh, every_s) if every_s > 0 else None
-        self._facts: OrderedDict[tuple[str, str], TaskFacts] = OrderedDict()
+        self._facts: Recent[TaskFacts] = Recent(idle_s)
         """A task's creation time and limits (never change once its status record exists), read
         from that record at its first reservation: the next ones ask the guard's followed views
-        whether it may go on instead of reading the record again."""
+        whether it may go on instead of reading the record again (``mesh_budget.recent``: kept
+        while they save reads, forgotten when the task ends)."""
         self._background: set[asyncio.Task[None]] = set()
         self.accounts: Accounts | None = None
         self._checkpointer: asyncio.Task[None] | None = None
@@ -110,7 +100,14 @@ class Budget:
         self.m_reservations = meter.create_counter(budget_metrics.M_BUDGET_RESERVATIONS, unit="{reservation}")
         self.m_trips = meter.create_counter(budget_metrics.M_BUDGET_TRIPS, unit="{trip}")
         self.watch = Watch(
-            mesh, self.settings, self.monitor, self.partition, self.m_trips, lambda: self.accounts, lambda: self.status
+            mesh,
+            self.settings,
+            self.monitor,
+            self.partition,
+            self.m_trips,
+            lambda: self.accounts,
+            lambda: self.status,
+            ended=self._ended,
         )
         # Tasks not ended, per tenant: running or queued (every replica follows every task, so
         # each reports the same numbers: take the max across replicas, not the sum).
@@ -152,8 +149,19 @@ class Budget:
             "through": self.accounts.position if self.accounts else 0,
             "records_written": self.accounts.written if self.accounts else 0,
         })  # fmt: skip
+        self.mesh.report("kept", lambda: {  # tasks held in memory, each bounded (for /status and soaks)
+            "facts": len(self._facts), "labels": len(self._label_cache), "monitor": len(self.monitor.tasks),
+            "folds": len(self.accounts.tasks) if self.accounts else 0,
+        })  # fmt: skip
         if self.anchors is not None:
             await self.anchors.start()
+
+    def _ended(self, tenant: str, task_id: str) -> None:
+        """The watch saw the task end: what this replica kept of it saves no read any more (a late
+        reservation reads the record, and is refused as the task ended)."""
+        key = (tenant, task_id)
+        for kept in (self._facts, self._label_cache, self._provider_reported):
+            kept.forget(key)
 
     def _partition_report(self) -> dict[str, Any]:
         """Which tenants this replica follows (for ``/status``): its partition, and the tenants of
@@ -310,7 +318,7 @@ class Budget:
                 return self._deny(m, "unknown_task", "unknown task: no status record with its limits")
             if rec.status in TERMINAL or rec.status == "halted":
                 return self._deny(m, "stopped", f"task is {rec.status}" + (f": {rec.reason}" if rec.reason else ""))
-            facts = _keep(self._facts, key, TaskFacts(rec.created_at, rec.limits, rec.step_shares))
+            facts = self._facts.put(key, TaskFacts(rec.created_at, rec.limits, rec.step_shares))
         else:
             # Halted, ended, cancelled, or a kill switch: what every service's guard consults
             # before a call (the status bucket and control messages, followed, in memory).
@@ -384,7 +392,7 @@ class Budget:
         key = (m.tenant, m.task_id)
         if key in self._provider_reported:
             return
-        _keep(self._provider_reported, key, None)
+        self._provider_reported.put(key, True)
         r = self.settings
         reason = (f"provider {m.provider}/{m.model} failing: {s.failed} of {s.calls} calls in "
                   f"{r.budget_provider_window_s:g} s; circuit open for {r.budget_provider_cooldown_s:g} s")  # fmt: skip
@@ -402,7 +410,7 @@ class Budget:
         rec = await records.task_status(self.status, tenant, task_id)
         if rec is None:
             return {}
-        return _keep(self._label_cache, key, dict(rec.labels))
+        return self._label_cache.put(key, dict(rec.labels))
 
     def _count(self, m: UsageRecorded, agent: str, labels: dict[str, str] | None = None) -> None:
         attrs = {

@@ -81,6 +81,12 @@ class BudgetSettings(ServiceSettings):
     """Model calls per step attempt before the task is cancelled; 0: each step's own
     ``max_iterations``."""
 
+    budget_task_memory_s: float = Field(300.0, gt=0)
+    """What a replica keeps of a task between its messages (start, limits, labels: copies of its
+    status record) is forgotten this long after its last use, or when the task ends; the next
+    reservation reads the record again. Bounds the replica's memory by the tasks of the last
+    few minutes, not the last 20,000."""
+
     budget_partitions: int = Field(1, ge=1, le=16)
     """Split the monitor's work (breakers, deadlocks, stalls, spend records) by tenant into this
     many partitions; each replica follows one (``mesh_budget.partition``). 1: every replica

@@ -55,16 +55,19 @@ class Watch:
         trips: Counter,
         accounts: Callable[[], Accounts | None],
         status: Callable[[], Any],
+        *,
+        ended: Callable[[str, str], None] | None = None,
     ) -> None:
         """``trips``: the trips counter; ``accounts``, ``status``: the spend records and KV
-        ``status``, as they are once the service started."""
+        ``status``, as they are once the service started; ``ended(tenant, task_id)``: told of
+        each task's end seen."""
         self.mesh = mesh
         self.audit = chain.of(mesh)
         self.settings = settings
         self.monitor = monitor
         self.partition = partition
         self.m_trips = trips
-        self._accounts, self._status = accounts, status
+        self._accounts, self._status, self._ended = accounts, status, ended
         self.detections: list[tuple[str, float]] = []  # (kind, seconds from cause to action), for /status
         self._tails: list[Tail] = []
         self._ticker: asyncio.Task[None] | None = None
@@ -148,6 +151,8 @@ class Watch:
                 accounts.seen(msg.seq)
             elif seen.type in ENDS:
                 accounts.ended(seen.tenant, seen.task_id)
+        if seen.type in ENDS and self._ended is not None:
+            self._ended(seen.tenant, seen.task_id)
         if msg.time < self._started_at - self.settings.budget_lookback_s:
             return  # read for the spend records only (before the monitor's look-back)
         if not self.partition.owns(seen.tenant):
