@@ -128,7 +128,9 @@ async def test_a_replica_forgets_a_task_when_it_ends_and_keeps_one_still_running
         assert isinstance(await worker.request(reserve("memory-running", "m2", 100), timeout=5), BudgetGranted)
         late = await worker.request(reserve("memory-done", "late", 1), timeout=5)
     assert isinstance(late, BudgetDenied) and late.code == "stopped", late  # read again: it ended
-    assert await kept_facts(mesh) == 1
+    # The running task, on each replica that answered one of its two reservations; the ended
+    # task's refusal keeps nothing.
+    assert await kept_facts(mesh) in (1, 2)
 
 
 async def test_two_steps_waiting_on_each_other_are_detected_within_a_second_and_broken(infra, mesh):

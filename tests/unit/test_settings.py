@@ -90,6 +90,7 @@ HISTORICAL = {
             "horizon_poll_s",
             "lookback_s",
             "tick_s",
+            "task_memory_s",
             "audit_anchor_s",
             "metric_labels",
             "checkpoint_s",
