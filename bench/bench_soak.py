@@ -31,6 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import httpx
 from bench_task import GOAL, pct, processes
 
 from mesh_contracts.v1 import TaskCompleted, TaskFailed, TaskRejected
@@ -114,9 +115,28 @@ async def soak(tasks: int, rate: float, window_s: float, max_in_flight: int) -> 
             close()
             windows.pop()  # the empty one just opened
             wall = time.monotonic() - start
+        kept = await budget_kept(state)
     finally:
         local.down(home)
-    return {"windows": windows, "late": late, "outcomes": outcomes, "wall_s": wall, "tasks": tasks, "rate": rate}
+    return {"windows": windows, "late": late, "outcomes": outcomes, "wall_s": wall, "tasks": tasks, "rate": rate,
+            "kept": kept}  # fmt: skip
+
+
+async def budget_kept(state: local.MeshState) -> dict[str, int]:
+    """The tasks each budget replica holds in memory at the end (its ``/status`` ``kept``): what
+    its resident memory is made of, each bounded."""
+    out: dict[str, int] = {}
+    async with httpx.AsyncClient(timeout=5) as http:
+        for name, p in state.services.items():
+            if name.startswith("budget") and p.http_port:
+                try:
+                    out |= {
+                        f"{name} {k}": v
+                        for k, v in (await http.get(f"http://127.0.0.1:{p.http_port}/status")).json()["kept"].items()
+                    }
+                except (httpx.HTTPError, KeyError, ValueError):
+                    continue
+    return out
 
 
 def report(r: dict, warmup: float) -> str:
@@ -164,6 +184,8 @@ def report(r: dict, warmup: float) -> str:
                 f"{statistics.median(later) * 1000:.0f} ms, p99 {pct(early, 0.99) * 1000:.0f} -> {pct(later, 0.99) * 1000:.0f} ms "
                 f"({pct(later, 0.99) / pct(early, 0.99):.2f}x)"
             )
+    if r.get("kept"):
+        lines.append("  tasks held in memory at the end: " + ", ".join(f"{k} {v}" for k, v in r["kept"].items()))
     return "\n".join(lines)
 
 
