@@ -292,3 +292,31 @@ def test_without_max_queue_s_a_task_may_queue_until_its_deadline():
     m.observe(TaskSubmitted(**T, goal="g", limits=TaskLimits(stall_timeout_s=5, deadline_s=100)), 0.0)
     assert m.tick(99.0) == []
     assert [t.kind for t in m.tick(100.5)] == ["deadline"]
+
+
+def test_an_ended_task_keeps_only_what_is_read_after_its_end():
+    """A finished task is remembered ten minutes (``forget``), so what only the breakers and
+    the wait-for graph read goes at its end: a budget following 8 tasks a second holds 4,800
+    finished ones. Its labels (late usage is counted under them), trips and end stay; a late
+    message folds nothing in."""
+    m = Monitor(Rules(loop_repeats=2))
+    m.observe(TaskSubmitted(**T, goal="g", labels={"team": "search"}), 0.0)
+    m.observe(plan(step("s1"), step("s2", ("s1",))), 0.1)
+    m.observe(StepRequested(**T, step=step("s1")), 0.2)
+    for i in range(2):
+        m.observe(tool("s1", f"s1-c{i}"), 0.3 + i)
+        m.observe(usage("s1", f"s1-m{i}"), 0.35 + i)
+    w = m.tasks[("acme", "t1")]
+    assert w.tripped == {"loop"} and w.seen_usage and w.signatures and w.deps and w.calls
+    m.observe(TaskCompleted(**T, answer="a"), 3.0)
+    assert w.terminal and w.labels == {"team": "search"} and w.tripped == {"loop"} and w.trip_reasons
+    left = (w.waiting, w.approvals, w.deps, w.step_status, w.step_attempt, w.step_cap, w.calls, w.done_calls,
+            w.approval_of, w.signatures, w.llm_calls, w.seen_usage, w.failed_calls, w.chatter, w.completions,
+            w.errors)  # fmt: skip
+    assert not any(left), left
+    assert m.observe(tool("s1", "s1-late"), 4.0) == [] and not w.calls, "nothing of it is folded after its end"
+    assert m.per_tenant(5.0) == {}, "an ended task is neither running nor queued"
+    m.forget(2.9)  # ended at 3.0: kept until it is older than what forget is given
+    assert ("acme", "t1") in m.tasks and w.last_progress == 3.0
+    m.forget(3.5)
+    assert ("acme", "t1") not in m.tasks

@@ -154,6 +154,16 @@ class TaskWatch:
     trip_reasons: dict[str, str] = field(default_factory=dict)
     """Why each breaker tripped (a reservation it refuses says so, not just which breaker)."""
 
+    def shrink(self) -> None:
+        """The task ended: nothing more of it is folded (``observe`` stops at ``terminal``), so
+        what only the breakers and the wait-for graph read goes now, not when the task is
+        forgotten ten minutes later. What is kept: whether it ended and when it last moved (for
+        ``forget``), its labels (late usage is counted under them) and its trips (their reasons)."""
+        for kept in (self.waiting, self.approvals, self.deps, self.step_status, self.step_attempt, self.step_cap,
+                     self.calls, self.done_calls, self.approval_of, self.signatures, self.llm_calls,
+                     self.seen_usage, self.failed_calls, self.chatter, self.completions, self.errors):  # fmt: skip
+            kept.clear()
+
     # --- the wait-for graph ---------------------------------------------------------------------
 
     def edges(self) -> dict[str, list[tuple[str, str]]]:
@@ -348,6 +358,7 @@ class Monitor:
 
     def _ended(self, f: mesh_facts.Facts, o: _Fold) -> None:
         o.w.terminal, o.done = True, True
+        o.w.shrink()
 
     def _rejected(self, f: mesh_facts.Facts, o: _Fold) -> None:
         self._ended(f, o)
