@@ -53,6 +53,7 @@ ENV = {
     "MESH_BUDGET_AUDIT_ANCHOR_S": "1",
     "MESH_TOOL_POLICY": '{"send_email": {"rate_per_min": 0}}',
     "MESH_BUDGET_TENANT_LIMITS": '{"initech": {"daily_tokens": 1000}}',
+    "MESH_MEMORY_TRIM_S": "0.5",  # freed memory handed back often enough to be seen in /status
 }
 
 
@@ -131,6 +132,13 @@ async def test_a_replica_forgets_a_task_when_it_ends_and_keeps_one_still_running
     # The running task, on each replica that answered one of its two reservations; the ended
     # task's refusal keeps nothing.
     assert await kept_facts(mesh) in (1, 2)
+    async with httpx.AsyncClient(timeout=5) as http:  # and each process hands freed memory back
+        trimmed = {
+            name: (await http.get(f"http://127.0.0.1:{proc.http_port}/status")).json()["memory"]
+            for name, (svc, proc) in mesh.procs.items()
+        }
+    assert len(trimmed) >= 7, trimmed
+    assert not {n: m for n, m in trimmed.items() if not (m["trims"] >= 1 and m["resident_mb"] > 0)}
 
 
 async def test_two_steps_waiting_on_each_other_are_detected_within_a_second_and_broken(infra, mesh):

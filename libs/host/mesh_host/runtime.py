@@ -27,6 +27,7 @@ from pydantic_settings import SettingsError
 
 from mesh_guardrails.logfilter import install as install_log_redaction
 from mesh_host.health import HealthServer
+from mesh_host.memory import Trim
 from mesh_host.mesh import Mesh
 from mesh_kit.settings import ServiceSettings
 
@@ -145,6 +146,16 @@ async def serve(settings: S, build: Build[S], *, stop: asyncio.Event | None = No
     log = logging.getLogger(f"mesh.{settings.service}")
     mesh = Mesh(settings)
     await build(mesh, settings)
+    trim = Trim(settings.memory_trim_s)
+    mesh.reports.setdefault("memory", trim.report)
+    trimming = asyncio.create_task(trim.run(), name="memory-trim")  # from the start: a start may be long
+    try:
+        await _serve(settings, mesh, log, stop)
+    finally:
+        trimming.cancel()
+
+
+async def _serve(settings: S, mesh: Mesh, log: logging.Logger, stop: asyncio.Event | None = None) -> None:
     health = None
     if settings.health_port:
         health = HealthServer(

@@ -131,6 +131,9 @@ class ServiceSettings(BaseSettings):
     """Python logging level (``DEBUG``, ``INFO``, ``WARNING``, ...)."""
     event_loop: Literal["uvloop", "asyncio"] = "uvloop"
     """The process's event loop: uvloop (libuv, about a tenth less CPU per task) or the standard library's."""
+    memory_trim_s: float = Field(30.0, ge=0)
+    """How often the process hands memory it has freed back to the system (glibc ``malloc_trim``;
+    ``mesh_host.memory``); 0: never. Without it a long-running service's resident memory creeps."""
     data_dir: Path | None = None
     """Service-specific data (e.g. the RAG service's sample documents)."""
 
