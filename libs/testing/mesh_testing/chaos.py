@@ -186,10 +186,13 @@ async def stored_per_task(infra: Infra, tenant: str, tasks: list[str]) -> dict[s
 async def where_stuck(infra: Infra, tenant: str, tasks: list[str]) -> dict[str, str]:
     """Each task's stored progress, for a test that lost it: the record's status, each step's
     status and attempt, and what its outbox still holds ("no record": the planner never admitted
-    its submission)."""
+    its submission); then the messages of it each work stream stores (a step requested and never
+    answered, a tool asked and never answered), and each durable's messages delivered and not yet
+    acknowledged (a handler that held one)."""
     nc = await infra.admin()
     try:
-        kv = await nc.jetstream().key_value("tasks")
+        js = nc.jetstream()
+        kv = await js.key_value("tasks")
         out = {}
         for t in tasks:
             try:
@@ -201,6 +204,21 @@ async def where_stuck(infra: Infra, tenant: str, tasks: list[str]) -> dict[str, 
             steps = ", ".join(f"{k}:{s.status}#{s.attempt}" for k, s in rec.steps.items())
             outbox = ", ".join(i.type for i in rec.outbox)
             out[t] = f"{rec.status} ({rec.reason}) steps [{steps}] outbox [{outbox}] check #{rec.check_attempt}"
+            for stream, prefix in (("STEP", "step"), ("TOOL", "tool"), ("RAG", "rag")):
+                with contextlib.suppress(Exception):  # a diagnosis: say what can be read
+                    info = await js.stream_info(stream, subjects_filter=f"{prefix}.v1.{tenant}.{t}.>")
+                    subjects = info.state.subjects or {}
+                    out[t] += f"; {stream} " + ", ".join(
+                        f"{k.split('.', 4)[-1]} x{n}" for k, n in sorted(subjects.items())
+                    )
+        with contextlib.suppress(Exception):
+            pending = []
+            for stream in ("STEP", "TOOL", "RAG"):
+                for c in await js.consumers_info(stream):
+                    if c.num_ack_pending or c.num_pending:
+                        pending.append(f"{stream}/{c.name}: {c.num_ack_pending} unacked, {c.num_pending} waiting, "
+                                       f"{c.num_redelivered} redelivered")  # fmt: skip
+            out["durables"] = "; ".join(pending) or "every durable caught up"
         return out
     finally:
         await nc.close()
