@@ -10,8 +10,9 @@ bytes went from 0.9 to 11 MB): larger objects (message bodies, tokens, JSON) fre
 longer-lived ones leave holes that the heap keeps mapped. glibc returns such holes to the system
 only at ``malloc_trim``; with it every 30 s the worker's resident memory stayed within 0.4 MB
 over the same 8 minutes. Over the second half of a 10,000-task soak the planner then grew 0.28
-MB per 1,000 tasks (2.81 without), the checker 0.03 (0.56), the worker none (0.15). Holes smaller
-than a page cannot be handed back: the budget keeps growing about 1.6 MB per 1,000 (2.8 without).
+MB per 1,000 tasks (2.81 without), the checker 0.03 (0.56), the worker none (0.15). Only whole
+pages of a hole go back: the budget, whose holes are 3-16 KB, still grows about 1.6 MB per 1,000
+(2.8 without).
 
 A trim costs a few milliseconds on the event loop (``last_ms`` and ``max_ms`` in ``/status``);
 the C call releases the GIL, so the process's other threads run meanwhile. Where the C library
