@@ -136,7 +136,11 @@ async def test_top_shows_a_busy_mesh_each_tenants_running_queued_waiting_failed_
         a,
     )
     assert g["queued"] >= 2 and g["failed"] >= 1 and g["in_flight"] >= 2, g
-    assert frame["services"]["worker"]["pending"] >= 2, frame["services"]["worker"]
+    # Both steps wait for a worker: stored and not delivered, or delivered to the killed worker's
+    # pull request still open on the server in the moment after the kill (then in flight until
+    # ack_wait; CI saw pending 1, in flight 1).
+    w = frame["services"]["worker"]
+    assert w["pending"] + w["in_flight"] >= 2, w
     assert frame["trips"].get("loop", 0) >= 1 and frame["trips"].get("ceiling", 0) >= 1, frame["trips"]
     assert any(m["calls"] >= 1 for m in frame["models"]["acme"].values()), frame["models"]
     assert frame["dlq"] == 0 and not frame["notes"], frame["notes"]
