@@ -147,7 +147,7 @@ async def serve(settings: S, build: Build[S], *, stop: asyncio.Event | None = No
     mesh = Mesh(settings)
     await build(mesh, settings)
     trim = Trim(settings.memory_trim_s)
-    mesh.reports.setdefault("memory", trim.report)
+    mesh.report("memory", trim.report)
     trimming = asyncio.create_task(trim.run(), name="memory-trim")  # from the start: a start may be long
     try:
         await _serve(settings, mesh, log, stop)
