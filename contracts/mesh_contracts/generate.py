@@ -29,7 +29,8 @@ from mesh_contracts.base import CLIENT, Contract
 from mesh_contracts.errors import ContractsError
 from mesh_contracts.registry import VERSIONS
 from mesh_contracts.topology import BUCKETS, DOOR_PREFIX, STREAMS, Door, door_of
-from mesh_contracts.v1.records import RECORDS
+from mesh_contracts.v1.records import RECORDS, Record
+from mesh_contracts.v1.tenants import TenantRecord
 from mesh_contracts.v1.workflow import SCHEMA_VERSION as WORKFLOW_SCHEMA_VERSION
 from mesh_contracts.v1.workflow import WorkflowDefinition
 
@@ -78,7 +79,8 @@ def schemas() -> dict[str, dict[str, Any]]:
                 s["x-door"] = {"subject": f"{DOOR_PREFIX}.{s['x-subject']}", "keeper": door.service}
             out[f"v{major}/{_file_name(c)}"] = s
     buckets = {b.name: b for b in BUCKETS}
-    for r in RECORDS:  # key-value records other services read: contracts too
+    records: tuple[type[Record], ...] = (*RECORDS, TenantRecord)
+    for r in records:  # key-value records other services read: contracts too
         s = r.model_json_schema()
         s["$id"] = f"agentmesh://contracts/{r.schema_id()}"
         s["x-bucket"] = r.bucket

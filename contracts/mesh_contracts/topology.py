@@ -237,6 +237,13 @@ BUCKETS: tuple[Bucket, ...] = (
         "before each model or tool call.",
     ),
     Bucket(
+        "tenants",
+        writer="",  # operators only (admin identity, ``meshctl tenant retention``)
+        history=10,
+        description="Each tenant's settings (key <tenant>): its retention per data class. The keeper reads it "
+        "(meshctl keeper) and removes each tenant's data older than its retention.",
+    ),
+    Bucket(
         "approvals",
         writer="tool-executor",
         history=5,

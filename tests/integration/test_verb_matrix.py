@@ -33,7 +33,7 @@ from mesh_testing.rights import INTENDED, matches
 
 pytestmark = pytest.mark.integration
 TENANTS = ["acme", "globex"]
-PRINCIPALS = [*SERVICES, *(f"{CLIENT}.{t}" for t in TENANTS), APPROVER]
+PRINCIPALS = [*SERVICES, *(f"{CLIENT}.{t}" for t in TENANTS), APPROVER, "keeper"]
 FAR_FUTURE = "2099-01-01T00:00:00Z"
 
 
@@ -123,7 +123,11 @@ def attacks(principal: str, state: dict[str, Any]) -> list[tuple[str, bytes]]:
             (f"$JS.API.CONSUMER.CREATE.{stream}", consumer_body(stream, {"ack_policy": "none"})),  # a pull one
             (f"$JS.API.STREAM.UPDATE.{stream}", json.dumps({**s["config"], "max_msgs": 1}).encode()),
             (f"$JS.API.STREAM.DELETE.{stream}", b""),
-            (f"$JS.API.STREAM.PURGE.{stream}", b"{}"),
+            *(  # the keeper's job (issue 42); everyone else's attack
+                []
+                if any(matches(g, f"$JS.API.STREAM.PURGE.{stream}") for g in INTENDED[principal])
+                else [(f"$JS.API.STREAM.PURGE.{stream}", b"{}")]
+            ),
             (f"$JS.API.STREAM.MSG.DELETE.{stream}", json.dumps({"seq": 1, "no_erase": True}).encode()),
             (f"$JS.API.STREAM.SNAPSHOT.{stream}", json.dumps({"deliver_subject": victim_inbox}).encode()),
             (f"$JS.API.STREAM.LEADER.STEPDOWN.{stream}", b""),

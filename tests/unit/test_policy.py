@@ -60,11 +60,16 @@ def test_jetstream_rights_are_exactly_the_hand_written_table(principal):
     )
 
 
+KEEPERS = {"$JS.API.STREAM.PURGE.TASK", "$JS.API.STREAM.INFO.KV_ledger"}
+"""Admin verbs the keeper holds: it purges a tenant's old data (and reads stream states to)."""
+
+
 @pytest.mark.parametrize("principal", [p for p in POLICY if p != "admin"])
 def test_no_grant_reaches_an_admin_verb(principal):
     """Checked by subject matching, so a wildcard grant that happened to cover one is caught."""
     p = POLICY[principal]
-    hits = [(g, s) for s in ADMIN_ONLY for g in p.pub if matches(g, s)]
+    verbs = [s for s in ADMIN_ONLY if principal != "keeper" or s not in KEEPERS]
+    hits = [(g, s) for s in verbs for g in p.pub if matches(g, s)]
     assert not hits, hits
     assert not any(matches(g, s) for g in p.pub for s in ("$JS.API.X", "x", "_INBOX.x")), "no catch-all grant"
     assert p.sub[0].startswith("_INBOX_") and all(not s.startswith("_INBOX_") or s == p.sub[0] for s in p.sub), (
@@ -108,7 +113,7 @@ def test_only_the_budget_reads_whole_streams_and_only_with_direct_gets():
     readers = {n for n, p in POLICY.items() if n != "admin" and any(
         s.startswith("$JS.API.DIRECT.GET.") and s.count(".") == 4 and not s.startswith("$JS.API.DIRECT.GET.KV_")
         for s in p.pub)}  # fmt: skip
-    assert readers == {"budget"}
+    assert readers == {"budget", "keeper"}  # the keeper: one message at a time, where a tenant's data is cut
     assert {s.rsplit(".", 1)[1] for s in POLICY["budget"].pub if s.startswith("$JS.API.DIRECT.GET.")
             and s.count(".") == 4 and not s.startswith("$JS.API.DIRECT.GET.KV_")} == {
         topo.STREAMS[d] for d in topo.WATCHERS["budget"]} | {topo.ENVELOPES}  # fmt: skip
@@ -136,10 +141,22 @@ def test_the_checker_reads_no_stream():
         (p.principal, s)
         for p in POLICY.values()
         for s in p.pub
-        if s.startswith("$JS.API.STREAM.") and p.principal != "admin" and not s.startswith("$JS.API.STREAM.INFO.")
+        if s.startswith("$JS.API.STREAM.")
+        and p.principal not in ("admin", "keeper")
+        and not s.startswith("$JS.API.STREAM.INFO.")
     ] == [("budget", "$JS.API.STREAM.MSG.GET.KV_status")], "STREAM.INFO is the only other stream verb anyone holds"
+    # (the keeper's purges: test_only_the_keeper_purges_and_never_the_audit_chain)
 
 
 def test_the_door_keepers_and_only_they_read_the_whole_quota_book():
     quotas = next(b for b in topo.BUCKETS if b.name == "quotas")
     assert set(quotas.scanners) == {d.service for d in topo.doors()}
+
+
+def test_only_the_keeper_purges_and_never_the_audit_chain():
+    purgers = {n for n, p in POLICY.items() if n != "admin" and any("STREAM.PURGE" in s for s in p.pub)}
+    assert purgers == {"keeper"}
+    keeper = POLICY["keeper"]
+    assert not any(matches(g, "$JS.API.STREAM.PURGE.AUDIT") for g in keeper.pub)
+    assert all(s.startswith("$JS.API.") for s in keeper.pub), "it publishes no message and writes no record"
+    assert keeper.sub == ["_INBOX_keeper.>"]

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mesh_contracts import APPROVER, AUTHOR, CLIENT, SERVICES, Contract
+from mesh_contracts import APPROVER, AUTHOR, CLIENT, SERVICES, Contract, lifecycle
 from mesh_contracts import topology as topo
 from mesh_contracts.registry import VERSIONS
 from mesh_contracts.v1 import AuditRecorded
 from mesh_kit.settings import inbox_prefix
 
 ADMIN = "admin"
+KEEPER = "keeper"
 
 
 @dataclass
@@ -224,6 +225,22 @@ def approver_permissions() -> Permissions:
     return p
 
 
+def keeper_permissions() -> Permissions:
+    """The data keeper (``meshctl keeper``): removes each tenant's data older than its retention.
+    It reads the tenants' settings and which of their tasks have not ended, finds where a
+    tenant's kept data begins in each place (a direct get at a time) and purges what is before
+    it. It publishes no message, writes no record, holds no consumer, and cannot purge the audit
+    chain (which refuses purges anyway)."""
+    p = Permissions(KEEPER, role=KEEPER)
+    p.add_sub(f"{inbox_prefix(KEEPER)}.>")
+    places = {pl.stream for c in lifecycle.DATA_CLASSES if c.purgeable for pl in c.places()}
+    for stream in sorted(places | {lifecycle.STATUS.stream, "KV_approvals"}):
+        p.add_pub(f"$JS.API.STREAM.INFO.{stream}", f"$JS.API.STREAM.PURGE.{stream}", f"$JS.API.DIRECT.GET.{stream}")
+    for bucket in ("tenants", "admission", "status", "approvals"):
+        p.add_pub(*_scan(bucket))
+    return p
+
+
 def admin_permissions() -> Permissions:
     """Provisioning and operations only; services never hold these credentials."""
     return Permissions(ADMIN, role=ADMIN, pub=[">"], sub=[">"])
@@ -233,5 +250,6 @@ def policy(tenants: list[str]) -> dict[str, Permissions]:
     out = {s: service_permissions(s) for s in SERVICES}
     out.update({f"{CLIENT}.{t}": client_permissions(t) for t in tenants})
     out[APPROVER] = approver_permissions()
+    out[KEEPER] = keeper_permissions()
     out[ADMIN] = admin_permissions()
     return out

@@ -140,6 +140,7 @@ def stream_configs(
             discard=api.DiscardPolicy.NEW,
             **caps.of(topo.DLQ_STREAM),
             num_replicas=replicas,
+            allow_direct=True,  # the keeper finds where a tenant's kept dead letters begin (issue 42)
             description="Dead letters: original body and headers, reason, attempts, original subject",
         )
     )

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from mesh_host.runtime import STANDBY
-from meshctl import local, reaper, standby
+from meshctl import keeper, local, reaper, standby
 from meshctl.identity import Identities
 from meshctl.local import MeshError, MeshState, Proc
 
@@ -303,9 +303,33 @@ async def serve(spec: dict[str, Any]) -> int:
     state.save()
     _answer({"ok": True}, log_path)
     log.info("supervising %s (pid %d)", ", ".join(p.name for p in state.procs()), os.getpid())
+    keeping = asyncio.create_task(keep(state, Identities(home), stop))
     await Supervisor(state, Identities(home), spares=spares).run(stop)
+    await keeping
     log.info("stopping: %s", ", ".join(local.down(home)) or "nothing was running")
     return 0
+
+
+async def keep(state: MeshState, ids: Identities, stop: asyncio.Event) -> None:
+    """The keeper's passes (``meshctl.keeper``) every ``MESH_KEEPER_EVERY_S`` (0: none), as the keeper."""
+    every = float(os.environ.get("MESH_KEEPER_EVERY_S", keeper.EVERY_S))
+    if every <= 0:
+        return
+    import nats
+
+    from mesh_kit.settings import log_nats_error, nats_servers
+    from meshctl.policy import KEEPER
+
+    try:
+        nc = await nats.connect(nats_servers(state.nats_url), name="keeper", error_cb=log_nats_error,
+                                max_reconnect_attempts=-1, **ids.connect_options(KEEPER))  # fmt: skip
+    except Exception as exc:  # noqa: BLE001 - the supervisor goes on; retention waits for the next `up`
+        log.warning("the keeper could not connect, no retention is enforced: %s", exc)
+        return
+    try:
+        await keeper.run(nc, every, stop)
+    finally:
+        await nc.close()
 
 
 def start(home: Path, **up_args: Any) -> MeshState:

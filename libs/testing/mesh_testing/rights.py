@@ -10,8 +10,9 @@ Only ``$JS.*`` subjects are listed (the JetStream API, acks, flow control). Publ
 and key-value writes are covered by the subject-level permission matrix.
 
 What no principal but the admin may hold, whatever this table says: any consumer create,
-update, delete, pause, unpin or step-down; any stream create, update, delete, purge, message
-delete, snapshot or restore; the account-wide listings.
+update, delete, pause, unpin or step-down; any stream create, update, delete, message delete,
+snapshot or restore; the account-wide listings; and purge, except the keeper's (issue 42), of
+the streams and buckets that hold tenants' data, never of the audit chain.
 """
 
 from __future__ import annotations
@@ -63,6 +64,11 @@ def ledger(service: str, bucket: str = "ledger") -> set[str]:
 def stream_read(stream: str) -> set[str]:
     """Read a whole stream in order with direct gets (no consumer)."""
     return {f"$JS.API.DIRECT.GET.{stream}"}
+
+
+def purge(*streams: str) -> set[str]:
+    """The keeper: a stream's config and state, a message at a time, and purges (with a filter)."""
+    return {f"$JS.API.{verb}.{s}" for s in streams for verb in ("STREAM.INFO", "STREAM.PURGE", "DIRECT.GET")}
 
 
 def quota(service: str, *streams: str) -> set[str]:
@@ -178,6 +184,35 @@ INTENDED: dict[str, set[str]] = {
     | AUDIT_WRITER  # budget trips
     | quota("budget", "CONTROL", "AUDIT", "EVENTS"),
     "approver": kv_scan("approvals"),
+    # Each tenant's data older than its retention, removed: every stream and bucket that holds a
+    # data class (not AUDIT), the content-free status records; it reads the tenants' settings and
+    # which of their tasks have not ended.
+    "keeper": purge(
+        "TASK",
+        "STEP",
+        "RAG",
+        "CHECK",
+        "EVENTS",
+        "CONTROL",
+        "TOOL",
+        "APPROVAL",
+        "USAGE",
+        "ENVELOPES",
+        "DLQ",
+        "KV_tasks",
+        "KV_steps",
+        "KV_evidence",
+        "KV_calls",
+        "KV_ledger",
+        "KV_budget",
+        "KV_reservations",
+        "KV_status",
+        "KV_approvals",
+    )
+    | kv_scan("tenants")
+    | kv_scan("admission")
+    | kv_scan("status")
+    | kv_scan("approvals"),
     # its own events and outcomes, and its own workflow registry and releases keys, one key per read
     "client.acme": {
         "$JS.API.DIRECT.GET.TASK.task.*.acme.>",
