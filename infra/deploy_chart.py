@@ -20,7 +20,7 @@ from mesh_contracts import SERVICES
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "infra" / "helm" / "agentmesh"
 # The chart's own objects, beside those of the kustomize sources.
-CHART_SECRETS = {("Secret", f"agentmesh-{p}-identity") for p in (*SERVICES, "admin")} | {
+CHART_SECRETS = {("Secret", f"agentmesh-{p}-identity") for p in (*SERVICES, "admin", "keeper")} | {
     ("ConfigMap", "agentmesh-trust-bundle")
 }
 CHART_REDIS = {("Secret", "agentmesh-redis-acl"), ("Service", "redis"), ("Deployment", "redis")}

@@ -123,6 +123,7 @@ def render_helm(ids: Identities, redis_host: str, redis_port: int) -> Path:
             files["audit.key"] = ids.audit_key.read_text()
         identities[service] = files
     identities["admin"] = {"nats.creds": ids.creds("admin").read_text()}
+    identities["keeper"] = {"nats.creds": ids.creds("keeper").read_text()}
     values = {
         "identities": identities,
         "trustBundle": ids.trust_bundle.read_text(),

@@ -142,6 +142,8 @@ def _quote(text: str) -> str:
 def _pod_specs(obj: dict[str, Any]) -> list[dict[str, Any]]:
     if obj["kind"] in ("Deployment", "StatefulSet", "Job"):
         return [obj["spec"]["template"]]
+    if obj["kind"] == "CronJob":
+        return [obj["spec"]["jobTemplate"]["spec"]["template"]]
     return []
 
 
@@ -246,6 +248,8 @@ def _file_for(obj: dict[str, Any], affecting: list[str]) -> str:
         return f"mesh-{name}.yaml"
     if obj["kind"] == "Job" or name == "meshctl" or obj["metadata"]["name"].startswith("agentmesh-provision"):
         return "mesh-provision.yaml"
+    if name == "agentmesh-keeper":
+        return "mesh-keeper.yaml"
     added_by = [c for c, key in COMPONENTS.items() if key in affecting]
     return f"mesh-{added_by[0]}.yaml" if added_by else "mesh-other.yaml"
 
