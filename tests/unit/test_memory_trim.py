@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
+import subprocess
+import sys
 
 import pytest
 
@@ -47,7 +50,46 @@ async def test_off_and_unavailable_trim_nothing_and_say_why():
     calls = []
     off = Trim(0, trim=lambda: calls.append(1))
     await asyncio.wait_for(off.run(), timeout=1)
-    assert calls == [] and off.report() == {"trim": "off"}
+    assert calls == [] and off.report() == {"trim": "off", "mmap_threshold_kib": "dynamic"}
     none = Trim(30)
     none.trim = None
     assert none.once() == 0.0 and "unavailable" in none.report()["trim"]
+
+
+PROBE = """
+import ctypes, json, sys
+from mesh_host.memory import fix_mmap_threshold
+libc = ctypes.CDLL("libc.so.6")
+class MI(ctypes.Structure):
+    _fields_ = [(f, ctypes.c_size_t) for f in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc.mallinfo2.restype = MI
+fixed = fix_mmap_threshold(int(sys.argv[1]))
+mapped = []
+for _ in range(3):  # a large transient block, allocated and freed again and again
+    block = bytearray(4 << 20)
+    mapped.append(libc.mallinfo2().hblkhd)
+    del block
+print(json.dumps({"fixed": fixed, "mapped": mapped, "after": libc.mallinfo2().hblkhd}))
+"""
+
+
+@pytest.mark.skipif(libc_trim() is None, reason="not glibc: no mallopt thresholds to set")
+def test_a_fixed_mmap_threshold_keeps_large_transient_blocks_out_of_the_heap_every_time():
+    """glibc's dynamic threshold maps the first 4 MiB block on its own, then, having seen it freed,
+    rises above it (and the heap keeps twice that free at its top): the next ones are carved from
+    the heap. With the threshold fixed (what every service does, ``MESH_MEMORY_MMAP_KIB``) each one
+    is mapped, and unmapped when freed. In a subprocess: the setting is process-wide."""
+
+    def run(kib: int) -> dict:
+        out = subprocess.run([sys.executable, "-c", PROBE, str(kib)], capture_output=True, text=True, check=True)
+        return json.loads(out.stdout)
+
+    dynamic, fixed = run(0), run(64)
+    assert not dynamic["fixed"] and fixed["fixed"]
+    base = fixed["after"]
+    assert all(m >= base + (4 << 20) for m in fixed["mapped"]), fixed  # each block mapped on its own ...
+    assert fixed["after"] < min(fixed["mapped"])  # ... and unmapped when freed
+    assert dynamic["mapped"][0] >= dynamic["after"] + (4 << 20), dynamic  # dynamic: the first one mapped,
+    assert all(m < dynamic["after"] + (4 << 20) for m in dynamic["mapped"][1:]), dynamic  # the next the heap's
+    assert Trim(30, mmap_kib=64).report()["mmap_threshold_kib"] == 64

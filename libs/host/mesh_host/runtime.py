@@ -146,7 +146,7 @@ async def serve(settings: S, build: Build[S], *, stop: asyncio.Event | None = No
     log = logging.getLogger(f"mesh.{settings.service}")
     mesh = Mesh(settings)
     await build(mesh, settings)
-    trim = Trim(settings.memory_trim_s)
+    trim = Trim(settings.memory_trim_s, mmap_kib=settings.memory_mmap_kib)
     mesh.report("memory", trim.report)
     trimming = asyncio.create_task(trim.run(), name="memory-trim")  # from the start: a start may be long
     try:
