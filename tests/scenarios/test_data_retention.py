@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import io
 import json
+import tarfile
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -181,3 +184,73 @@ def test_a_task_that_has_not_ended_keeps_its_data_whatever_the_retention(infra, 
             await waiting
 
     asyncio.run(main())
+
+
+def test_an_export_holds_the_tenants_data_only_and_its_chain_verifies_offline_and_tampering_shows(
+    infra, mesh, tmp_path, capsys
+):
+    """Issue 42, item 4: ``meshctl tenant export`` and ``meshctl audit verify --archive``."""
+
+    async def main() -> None:
+        assert isinstance(await run(infra, "globex", "globex-x1"), TaskCompleted)
+        await asyncio.sleep(1.5)  # the budget's settlement of the last usage
+        out = tmp_path / "globex.tar.gz"
+        capsys.readouterr()
+        assert await asyncio.to_thread(ctl, infra, "tenant", "export", "globex", "--out", str(out)) == 0
+        assert f"wrote {out}" in capsys.readouterr().out
+        assert oct(out.stat().st_mode & 0o777) == "0o600", "an export is tenant data: the owner's alone"
+
+        with tarfile.open(out) as tar:
+            files = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+        rows = [json.loads(line) for name, data in files.items() if "/places/" in name for line in data.splitlines()]
+        assert rows and all(".globex." in r["subject"] for r in rows), "globex's data only"
+        assert not [r for r in rows if ".acme." in r["subject"] or ".initech." in r["subject"]]
+        tasks = {t["task_id"]: t for t in json.loads(files["globex/tasks.json"])}
+        assert tasks["globex-x1"]["outcome"] == "completed" and tasks["globex-x1"]["messages"] > 10
+        subjects = {r["subject"] for r in rows}
+        for wanted in ("task.v1.globex.globex-x1.submitted", "tool.v1.globex.globex-x1.", "usage.v1.globex.globex-x1.",
+                       "audit.v1.globex.", "$KV.tasks.globex.globex-x1", "$KV.status.globex.globex-x1"):  # fmt: skip
+            assert any(s.startswith(wanted) for s in subjects), wanted
+        assert any(s.startswith("$KV.rag.globex.") for s in subjects), "its documents and their index"
+
+        # Offline: no mesh is asked (a wrong URL would fail a connection); the chain is whole.
+        assert await asyncio.to_thread(cli_main, ["audit", "verify", "--archive", str(out)]) == 0
+        text = capsys.readouterr().out
+        assert "files match its manifest (tenant globex" in text and "audit chain of globex: whole" in text
+
+        # One audit record altered, and the manifest re-hashed to match: the chain shows it.
+        forged = tmp_path / "forged.tar.gz"
+        rewrite(out, forged, alter_audit=True)
+        assert await asyncio.to_thread(cli_main, ["audit", "verify", "--archive", str(forged)]) == 1
+        assert "audit chain of globex: BROKEN at record" in capsys.readouterr().out
+        # A file altered without the manifest: refused before the chain is read.
+        rewrite(out, forged, alter_audit=False)
+        assert await asyncio.to_thread(cli_main, ["audit", "verify", "--archive", str(forged)]) == 2
+        assert "does not match the manifest" in capsys.readouterr().err
+
+    asyncio.run(main())
+
+
+def rewrite(src, dst, *, alter_audit: bool) -> None:
+    """A copy of an export with one change: an audit record's decision (manifest re-hashed), or
+    a task's file (manifest left as it was)."""
+    with tarfile.open(src) as tar:
+        files = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+    (audit_name,) = [n for n in files if "/places/audit/AUDIT." in n]
+    if alter_audit:
+        lines = files[audit_name].decode().splitlines()
+        row = json.loads(lines[0])
+        row["body"] = row["body"].replace('"actor":"', '"actor":"x', 1)
+        files[audit_name] = ("\n".join([json.dumps(row, sort_keys=True), *lines[1:]]) + "\n").encode()
+        (manifest_name,) = [n for n in files if n.endswith("manifest.json")]
+        manifest = json.loads(files[manifest_name])
+        manifest["sha256"][audit_name.split("/", 1)[1]] = hashlib.sha256(files[audit_name]).hexdigest()
+        files[manifest_name] = json.dumps(manifest).encode()
+    else:
+        name = next(n for n in files if "/places/tasks/TASK." in n)
+        files[name] += b'{"subject": "task.v1.globex.planted.submitted"}\n'
+    with tarfile.open(dst, "w:gz") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))

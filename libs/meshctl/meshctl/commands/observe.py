@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,11 @@ from meshctl.local import MeshError, MeshState
 def cmd_audit(args: argparse.Namespace) -> int:
     from meshctl import audit
 
+    if args.action == "verify" and args.archive:
+        return _audit_archive(args)
     if args.action in ("verify", "chain"):
+        if not args.tenant:
+            args.usage(f"audit {args.action} needs --tenant (or, for verify, --archive)")
         return _audit_chain(args)
     box = audit.opener(args.auditor_key or Identities(opt.home(args)).auditor_key(args.tenant))
     if args.to and box is None:
@@ -46,6 +51,30 @@ def cmd_audit(args: argparse.Namespace) -> int:
         return 0
 
     return asyncio.run(run())
+
+
+def _audit_archive(args: argparse.Namespace) -> int:
+    """``audit verify --archive``: a tenant export's files against its manifest, then its chain."""
+    from meshctl import audit, export
+
+    if args.tenant or args.anchor:
+        args.usage("--archive takes neither --tenant (the archive names it) nor --anchor")
+    try:
+        bundle = args.trust_bundle.read_text() if args.trust_bundle else None
+        manifest, verdict = export.verify_archive(args.archive, bundle)
+    except (export.ArchiveError, OSError) as exc:
+        raise MeshError(str(exc)) from None
+    if args.json:
+        print(json.dumps({"archive": str(args.archive), "tenant": verdict.tenant, "files": len(manifest["sha256"]),
+                          "whole": verdict.ok, "broken_at": verdict.broken_at, "reason": verdict.reason,
+                          "records": verdict.records, "anchors": verdict.anchors}, indent=2))  # fmt: skip
+    else:
+        print(
+            f"archive {args.archive}: {len(manifest['sha256'])} files match its manifest (tenant "
+            f"{manifest['tenant']}, exported {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(manifest['exported_at']))})"
+        )
+        print(audit.render_verdict(verdict, None))
+    return 0 if verdict.ok else 1
 
 
 def _audit_chain(args: argparse.Namespace) -> int:
@@ -389,7 +418,11 @@ def _audit_parser(sub: argparse._SubParsersAction[opt.Parser]) -> None:
     a.add_argument("--json", action="store_true")
     a.add_argument("--nats-url", default=None)
     a = asub.add_parser("verify", help="prove a tenant's audit chain whole, or name its first break (exit 1)")
-    a.add_argument("--tenant", type=opt.tenant, required=True, help="a tenant, or _mesh (mesh-wide actions)")
+    a.add_argument("--tenant", type=opt.tenant, default=None, help="a tenant, or _mesh (mesh-wide actions)")
+    a.add_argument("--archive", type=Path, default=None,
+                   help="check a tenant export (meshctl tenant export) offline instead: its files and its chain")  # fmt: skip
+    a.add_argument("--trust-bundle", type=Path, default=None,
+                   help="with --archive: the public keys to check it against (default: the archive's own)")  # fmt: skip
     a.add_argument("--anchor", default=None, metavar="N:SHA256",
                    help="also hold the chain to a head kept outside the mesh (what an earlier verify printed)")  # fmt: skip
     a.add_argument("--json", action="store_true")
