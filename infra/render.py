@@ -123,7 +123,8 @@ def render_helm(ids: Identities, redis_host: str, redis_port: int) -> Path:
             files["audit.key"] = ids.audit_key.read_text()
         identities[service] = files
     identities["admin"] = {"nats.creds": ids.creds("admin").read_text()}
-    identities["keeper"] = {"nats.creds": ids.creds("keeper").read_text()}
+    identities["keeper"] = {"nats.creds": ids.creds("keeper").read_text(),
+                            "signing-key.pem": ids.signing_key("keeper").read_text()}  # fmt: skip
     values = {
         "identities": identities,
         "trustBundle": ids.trust_bundle.read_text(),

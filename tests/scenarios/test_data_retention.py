@@ -24,6 +24,7 @@ import pytest
 
 from mesh_contracts import lifecycle
 from mesh_contracts.v1 import TaskCompleted, TaskPolicy
+from mesh_identity import Signer
 from mesh_kit.settings import log_nats_error, nats_servers
 from mesh_testing.chaos import ChaosMesh, started
 from mesh_testing.infra import Infra, running_infra
@@ -83,7 +84,7 @@ async def enforce(infra: Infra, now: float) -> keeper.KeeperReport:
     nc = await nats.connect(nats_servers(infra.nats_url), error_cb=log_nats_error,
                             **infra.ids.connect_options(KEEPER))  # fmt: skip
     try:
-        return await keeper.enforce(nc, now=now)
+        return await keeper.enforce(nc, now=now, signer=Signer.from_file(KEEPER, infra.ids.signing_key(KEEPER)))
     finally:
         await nc.close()
 
@@ -154,8 +155,15 @@ def test_a_tenants_retention_removes_its_old_data_class_by_class_and_nothing_of_
         # The audit chain is untouched and still verifies; the change is on it.
         capsys.readouterr()
         assert await asyncio.to_thread(ctl, infra, "audit", "verify", "--tenant", "acme") == 0
+        assert "retention.removed 3" in capsys.readouterr().out, "the keeper's links verify as the keeper's"
         assert await asyncio.to_thread(ctl, infra, "audit", "chain", "--tenant", "acme", "--json") == 0
-        assert "control.retention-set" in capsys.readouterr().out
+        chain = json.loads(capsys.readouterr().out)
+        assert [r["kind"] for r in chain].count("control.retention-set") == 2
+        removed = [r for r in chain if r["kind"] == "retention.removed"]
+        assert len(removed) == 3 and all(r["actor"] == "keeper" for r in removed), "one link per pass that removed"
+        assert (
+            removed[0]["detail"]["removed"]["tasks"] == report.purged and "tools" not in removed[0]["detail"]["removed"]
+        )
         # acme still works: a new task runs and its data is kept.
         assert isinstance(await run(infra, "acme", "acme-r2"), TaskCompleted)
 

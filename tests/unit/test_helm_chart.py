@@ -45,7 +45,7 @@ def test_each_principal_gets_its_own_files_and_nothing_else(identity):
         assert creds == identity["identities"][service]["nats.creds"]
     assert set(docs[("Secret", "agentmesh-admin-identity")]["stringData"]) == {"nats.creds"}
     keeper = docs[("Secret", "agentmesh-keeper-identity")]["stringData"]
-    assert keeper == {"nats.creds": identity["identities"]["keeper"]["nats.creds"]}, "the keeper's creds, nothing else"
+    assert keeper == identity["identities"]["keeper"] and set(keeper) == {"nats.creds", "signing-key.pem"}
     bundle = json.loads(docs[("ConfigMap", "agentmesh-trust-bundle")]["data"]["trust-bundle.json"])
     assert bundle == json.loads(identity["trustBundle"])
     # the Redis URLs name the chart's own Redis Service, whose ACL has one user per Redis service

@@ -44,6 +44,8 @@ AUDIT_KINDS: dict[str, tuple[str, ...]] = {
         "release.",
     ),
     "admin": ("control.",),
+    # what the keeper removed of a tenant's data, by class, at a pass (issue 42)
+    "keeper": ("retention.",),
 }
 """Which kinds of record each role may write (a prefix, or a whole kind): a record of another
 kind, even validly signed, is a break (a compromised service cannot speak for another)."""

@@ -41,6 +41,7 @@ from mesh_contracts import lifecycle
 from mesh_contracts.v1.records import AdmissionRecord, StatusRecord
 from mesh_contracts.v1.tenants import TenantRecord
 from mesh_durable.tail import DirectGetError, Reader, Stored
+from mesh_identity import Signer
 
 log = logging.getLogger("meshctl.keeper")
 
@@ -221,8 +222,24 @@ async def keep_tenant(streams: Streams, rec: TenantRecord, now: float, report: K
         report.removed.append(Removed(rec.tenant, "status", place.stream, place.of(rec.tenant), n, cut))
 
 
-async def enforce(nc: NATS, *, now: float | None = None) -> KeeperReport:
-    """One pass over every tenant with a retention of its own."""
+async def _record(nc: NATS, signer: Signer, rec: TenantRecord, removed: list[Removed], at: float) -> None:
+    """What this pass removed of the tenant, as a link of its audit chain (``retention.removed``)."""
+    from mesh_contracts.v1.audit import TENANT_WIDE
+    from mesh_durable.chain import AuditChain
+
+    by_class: dict[str, int] = {}
+    for r in removed:
+        by_class[r.data_class] = by_class.get(r.data_class, 0) + r.purged
+    cuts = {r.data_class: r.cut for r in removed}
+    await AuditChain(lambda: nc, lambda: signer).append(
+        rec.tenant, TENANT_WIDE, "retention.removed", f"retention:{rec.tenant}:{at:.3f}", actor=signer.principal,
+        detail={"removed": by_class, "before": cuts, "retention_s": rec.retention_s},
+    )  # fmt: skip
+
+
+async def enforce(nc: NATS, *, now: float | None = None, signer: Signer | None = None) -> KeeperReport:
+    """One pass over every tenant with a retention of its own; with ``signer`` (the keeper's key),
+    what it removed of a tenant is recorded on the tenant's audit chain."""
     t0 = time.monotonic()
     report = KeeperReport(at=time.time() if now is None else now)
     streams = Streams(nc)
@@ -233,7 +250,14 @@ async def enforce(nc: NATS, *, now: float | None = None) -> KeeperReport:
             if not rec.retention_s:
                 continue
             try:
+                mark = len(report.removed)
                 await keep_tenant(streams, rec, report.at, report)
+                mine = report.removed[mark:]
+                if signer is not None and any(r.purged for r in mine):
+                    try:
+                        await _record(nc, signer, rec, mine, report.at)
+                    except Exception as exc:  # noqa: BLE001 - removed but not recorded: say so, try next time
+                        raise KeeperError(f"removed, but not recorded on the audit chain: {exc}") from None
             except KeeperError as exc:
                 report.skipped[rec.tenant] = str(exc)
                 log.warning("keeper: tenant %s skipped this time: %s", rec.tenant, exc)
@@ -243,12 +267,12 @@ async def enforce(nc: NATS, *, now: float | None = None) -> KeeperReport:
     return report
 
 
-async def run(nc: NATS, every_s: float, stop: asyncio.Event | None = None) -> None:
+async def run(nc: NATS, every_s: float, stop: asyncio.Event | None = None, signer: Signer | None = None) -> None:
     """``enforce`` every ``every_s`` seconds until ``stop`` (a failed pass is logged, not fatal)."""
     stop = stop or asyncio.Event()
     while not stop.is_set():
         try:
-            r = await enforce(nc)
+            r = await enforce(nc, signer=signer)
             if r.purged or r.skipped:
                 log.info("keeper: %d messages and records removed for %d tenants in %.2f s; skipped %s",
                          r.purged, r.tenants, r.seconds, sorted(r.skipped) or "none")  # fmt: skip

@@ -238,6 +238,9 @@ def keeper_permissions() -> Permissions:
         p.add_pub(f"$JS.API.STREAM.INFO.{stream}", f"$JS.API.STREAM.PURGE.{stream}", f"$JS.API.DIRECT.GET.{stream}")
     for bucket in ("tenants", "admission", "status", "approvals"):
         p.add_pub(*_scan(bucket))
+    # What it removed goes on the tenant's audit chain (a ``retention.removed`` record).
+    p.add_pub(f"{AuditRecorded.spec.domain}.v1.*.*.{AuditRecorded.spec.event}")
+    p.add_pub(f"$JS.API.DIRECT.GET.{topo.STREAMS['audit']}.{AuditRecorded.spec.domain}.v1.*.>")
     return p
 
 

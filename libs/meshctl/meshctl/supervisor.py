@@ -326,8 +326,12 @@ async def keep(state: MeshState, ids: Identities, stop: asyncio.Event) -> None:
     except Exception as exc:  # noqa: BLE001 - the supervisor goes on; retention waits for the next `up`
         log.warning("the keeper could not connect, no retention is enforced: %s", exc)
         return
+    from mesh_identity import Signer
+
     try:
-        await keeper.run(nc, every, stop)
+        await keeper.run(nc, every, stop, signer=Signer.from_file(KEEPER, ids.signing_key(KEEPER)))
+    except Exception as exc:  # noqa: BLE001 - no key (an older home): the supervisor goes on without it
+        log.warning("the keeper stopped, no retention is enforced: %s", exc)
     finally:
         await nc.close()
 

@@ -212,7 +212,8 @@ INTENDED: dict[str, set[str]] = {
     | kv_scan("tenants")
     | kv_scan("admission")
     | kv_scan("status")
-    | kv_scan("approvals"),
+    | kv_scan("approvals")
+    | AUDIT_WRITER,  # what it removed, on the tenant's chain
     # its own events and outcomes, and its own workflow registry and releases keys, one key per read
     "client.acme": {
         "$JS.API.DIRECT.GET.TASK.task.*.acme.>",

@@ -198,14 +198,24 @@ def keeper_name() -> str:
     return KEEPER
 
 
+def keeper_signer(ids: Identities) -> Signer:
+    """The keeper's signing key (what it removed goes on each tenant's audit chain)."""
+    path = ids.signing_key(keeper_name())
+    if not path.exists():
+        raise MeshError(f"no signing key for the keeper at {path} (run: meshctl init)")
+    return Signer.from_file(keeper_name(), path)
+
+
 def cmd_keeper(args: argparse.Namespace) -> int:
+    signer = keeper_signer(Identities(opt.home(args)))
+
     async def run() -> int:
         nc = await connect_keeper(args)
         try:
             if args.every:
-                await keeper.run(nc, args.every)
+                await keeper.run(nc, args.every, signer=signer)
                 return 0
-            r = await keeper.enforce(nc)
+            r = await keeper.enforce(nc, signer=signer)
         finally:
             await nc.close()
         if args.json:
