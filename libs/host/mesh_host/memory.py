@@ -59,17 +59,22 @@ M_MMAP_THRESHOLD = -3
 """glibc's ``mallopt`` parameter: blocks at least this size are mapped on their own."""
 
 
+def _libc(function: str) -> Any | None:
+    """A function of the C library, or None where it has none (musl, macOS)."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else ctypes.CDLL(None)
+        return getattr(libc, function)
+    except (OSError, AttributeError):
+        return None
+
+
 def fix_mmap_threshold(kib: int) -> bool:
     """Map every block of ``kib`` KiB or more on its own, and unmap it when freed (glibc
     ``mallopt(M_MMAP_THRESHOLD)``, which also turns off the threshold's dynamic rise). 0 or a C
     library without ``mallopt``: nothing changes. True if set."""
-    if kib <= 0:
-        return False
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else ctypes.CDLL(None)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    mallopt = _libc("mallopt") if kib > 0 else None
+    if mallopt is None:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return bool(mallopt(M_MMAP_THRESHOLD, kib * 1024))
@@ -77,11 +82,8 @@ def fix_mmap_threshold(kib: int) -> bool:
 
 def libc_trim() -> Callable[[], Any] | None:
     """glibc's ``malloc_trim(0)``, or None where the C library has none."""
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else ctypes.CDLL(None)
-        trim = libc.malloc_trim
-    except (OSError, AttributeError):
+    trim = _libc("malloc_trim")
+    if trim is None:
         return None
     trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
     return lambda: trim(0)
