@@ -41,13 +41,14 @@ from mesh_durable.chain import Anchor, Verdict, verify
 from mesh_durable.tail import Stored
 from mesh_identity import TrustBundle, Verifier
 from meshctl import audit
+from meshctl.local import MeshError
 
 FORMAT = 1
 KEPT = {"rag": "{t}.>", "notes": "{t}.>", "workflows": "{t}.>", "releases": "{t}.>"}
 """Buckets whose tenant data is kept until removed (not a retention class), and its keys."""
 
 
-class ArchiveError(Exception):
+class ArchiveError(MeshError):
     """The archive cannot be read, or does not match its manifest (one line)."""
 
 

@@ -42,6 +42,7 @@ from mesh_contracts.v1.records import AdmissionRecord, StatusRecord
 from mesh_contracts.v1.tenants import TenantRecord
 from mesh_durable.tail import DirectGetError, Reader, Stored
 from mesh_identity import Signer
+from meshctl.local import MeshError
 
 log = logging.getLogger("meshctl.keeper")
 
@@ -49,7 +50,7 @@ EVERY_S = 900.0
 """How often the keeper runs by default (``MESH_KEEPER_EVERY_S``, ``meshctl keeper --every``)."""
 
 
-class KeeperError(Exception):
+class KeeperError(MeshError):
     """The keeper could not read or purge (one line, for the operator)."""
 
 
