@@ -20,14 +20,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import nats
-
 from mesh_contracts import lifecycle
 from mesh_contracts.v1.tenants import TenantRecord
-from mesh_kit.settings import log_nats_error, nats_servers
 from mesh_testing.infra import Infra, running_infra
 from meshctl import export, keeper
-from meshctl.policy import KEEPER
 
 DAY = 86400.0
 
@@ -59,8 +55,7 @@ async def seed(infra: Infra, tenants: list[str], per_tenant: int) -> int:
 
 
 async def keeper_pass(infra: Infra, now: float) -> tuple[float, keeper.KeeperReport]:
-    nc = await nats.connect(nats_servers(infra.nats_url), error_cb=log_nats_error,
-                            **infra.ids.connect_options(KEEPER))  # fmt: skip
+    nc = await keeper.connect(infra.ids, infra.nats_url)
     try:
         t0 = time.perf_counter()
         report = await keeper.enforce(nc, now=now, signer=None)

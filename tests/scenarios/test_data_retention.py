@@ -19,18 +19,14 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-import nats
 import pytest
 
 from mesh_contracts import lifecycle
 from mesh_contracts.v1 import TaskCompleted, TaskPolicy
-from mesh_identity import Signer
-from mesh_kit.settings import log_nats_error, nats_servers
 from mesh_testing.chaos import ChaosMesh, started
 from mesh_testing.infra import Infra, running_infra
 from meshctl import keeper
 from meshctl.cli import main as cli_main
-from meshctl.policy import KEEPER
 
 pytestmark = pytest.mark.chaos
 ENV = {"MESH_ACK_WAIT_S": "2", "MESH_LOG_LEVEL": "WARNING", "MESH_PLAN_REVIEW": "initech"}
@@ -81,10 +77,9 @@ def kept(now: dict[str, int], before: dict[str, int]) -> bool:
 
 
 async def enforce(infra: Infra, now: float) -> keeper.KeeperReport:
-    nc = await nats.connect(nats_servers(infra.nats_url), error_cb=log_nats_error,
-                            **infra.ids.connect_options(KEEPER))  # fmt: skip
+    nc = await keeper.connect(infra.ids, infra.nats_url)
     try:
-        return await keeper.enforce(nc, now=now, signer=Signer.from_file(KEEPER, infra.ids.signing_key(KEEPER)))
+        return await keeper.enforce(nc, now=now, signer=keeper.signer(infra.ids))
     finally:
         await nc.close()
 

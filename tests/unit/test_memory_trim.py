@@ -58,19 +58,21 @@ async def test_off_and_unavailable_trim_nothing_and_say_why():
 
 PROBE = """
 import ctypes, json, sys
-from mesh_host.memory import fix_mmap_threshold
+from mesh_host.memory import Trim
 libc = ctypes.CDLL("libc.so.6")
 class MI(ctypes.Structure):
     _fields_ = [(f, ctypes.c_size_t) for f in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
                                                 "fsmblks", "uordblks", "fordblks", "keepcost")]
 libc.mallinfo2.restype = MI
-fixed = fix_mmap_threshold(int(sys.argv[1]))
+trim = Trim(30, mmap_kib=int(sys.argv[1]))  # as a service starts
+fixed = trim.mmap_kib > 0
 mapped = []
 for _ in range(3):  # a large transient block, allocated and freed again and again
     block = bytearray(4 << 20)
     mapped.append(libc.mallinfo2().hblkhd)
     del block
-print(json.dumps({"fixed": fixed, "mapped": mapped, "after": libc.mallinfo2().hblkhd}))
+print(json.dumps({"fixed": fixed, "mapped": mapped, "after": libc.mallinfo2().hblkhd,
+                  "report": trim.report()["mmap_threshold_kib"]}))
 """
 
 
@@ -92,4 +94,4 @@ def test_a_fixed_mmap_threshold_keeps_large_transient_blocks_out_of_the_heap_eve
     assert fixed["after"] < min(fixed["mapped"])  # ... and unmapped when freed
     assert dynamic["mapped"][0] >= dynamic["after"] + (4 << 20), dynamic  # dynamic: the first one mapped,
     assert all(m < dynamic["after"] + (4 << 20) for m in dynamic["mapped"][1:]), dynamic  # the next the heap's
-    assert Trim(30, mmap_kib=64).report()["mmap_threshold_kib"] == 64
+    assert fixed["report"] == 64 and dynamic["report"] == "dynamic", "/status says which is in force"

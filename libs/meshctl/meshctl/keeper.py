@@ -35,14 +35,20 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import nats
 from nats.aio.client import Client as NATS
 
 from mesh_contracts import lifecycle
+from mesh_contracts.v1.audit import TENANT_WIDE
 from mesh_contracts.v1.records import AdmissionRecord, StatusRecord
 from mesh_contracts.v1.tenants import TenantRecord
+from mesh_durable.chain import AuditChain
 from mesh_durable.tail import DirectGetError, Reader, Stored
 from mesh_identity import Signer
+from mesh_kit.settings import log_nats_error, nats_servers
+from meshctl.identity import Identities
 from meshctl.local import MeshError
+from meshctl.policy import KEEPER
 
 log = logging.getLogger("meshctl.keeper")
 
@@ -52,6 +58,22 @@ EVERY_S = 900.0
 
 class KeeperError(MeshError):
     """The keeper could not read or purge (one line, for the operator)."""
+
+
+async def connect(ids: Identities, url: str, **options: Any) -> NATS:
+    """A connection as the keeper: its credentials, its inbox."""
+    if not ids.creds(KEEPER).exists():
+        raise KeeperError(f"no keeper identity in {ids.home} (run: meshctl init)")
+    return await nats.connect(nats_servers(url), name="keeper", error_cb=log_nats_error,
+                              **{**ids.connect_options(KEEPER), **options})  # fmt: skip
+
+
+def signer(ids: Identities) -> Signer:
+    """The keeper's signing key (what it removed goes on each tenant's audit chain)."""
+    path = ids.signing_key(KEEPER)
+    if not path.exists():
+        raise KeeperError(f"no signing key for the keeper at {path} (run: meshctl init)")
+    return Signer.from_file(KEEPER, path)
 
 
 @dataclass
@@ -228,9 +250,6 @@ async def keep_tenant(streams: Streams, rec: TenantRecord, now: float, report: K
 
 async def _record(nc: NATS, signer: Signer, rec: TenantRecord, removed: list[Removed], at: float) -> None:
     """What this pass removed of the tenant, as a link of its audit chain (``retention.removed``)."""
-    from mesh_contracts.v1.audit import TENANT_WIDE
-    from mesh_durable.chain import AuditChain
-
     by_class: dict[str, int] = {}
     for r in removed:
         by_class[r.data_class] = by_class.get(r.data_class, 0) + r.purged

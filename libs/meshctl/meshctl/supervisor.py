@@ -315,21 +315,13 @@ async def keep(state: MeshState, ids: Identities, stop: asyncio.Event) -> None:
     every = float(os.environ.get("MESH_KEEPER_EVERY_S", keeper.EVERY_S))
     if every <= 0:
         return
-    import nats
-
-    from mesh_kit.settings import log_nats_error, nats_servers
-    from meshctl.policy import KEEPER
-
     try:
-        nc = await nats.connect(nats_servers(state.nats_url), name="keeper", error_cb=log_nats_error,
-                                max_reconnect_attempts=-1, **ids.connect_options(KEEPER))  # fmt: skip
+        nc = await keeper.connect(ids, state.nats_url, max_reconnect_attempts=-1)
     except Exception as exc:  # noqa: BLE001 - the supervisor goes on; retention waits for the next `up`
         log.warning("the keeper could not connect, no retention is enforced: %s", exc)
         return
-    from mesh_identity import Signer
-
     try:
-        await keeper.run(nc, every, stop, signer=Signer.from_file(KEEPER, ids.signing_key(KEEPER)))
+        await keeper.run(nc, every, stop, signer=keeper.signer(ids))
     except Exception as exc:  # noqa: BLE001 - no key (an older home): the supervisor goes on without it
         log.warning("the keeper stopped, no retention is enforced: %s", exc)
     finally:

@@ -54,6 +54,17 @@ async def admin(args: argparse.Namespace) -> NATS:
     )
 
 
+async def audit_as_admin(
+    args: argparse.Namespace, nc: NATS, tenant: str, kind: str, key: str, detail: dict[str, object]
+) -> None:
+    """An operator's action as a link of ``tenant``'s audit chain (tenant-wide), signed with the admin's key."""
+    from mesh_contracts.v1.audit import TENANT_WIDE
+    from mesh_durable.chain import AuditChain
+
+    signer = Signer.from_file("admin", Identities(opt.home(args)).signing_key("admin"))
+    await AuditChain(lambda: nc, lambda: signer).append(tenant, TENANT_WIDE, kind, key, actor="admin", detail=detail)
+
+
 async def bucket(nc: NATS, name: str) -> KeyValue:
     try:
         return await nc.jetstream().key_value(name)

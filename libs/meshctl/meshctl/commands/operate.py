@@ -20,7 +20,7 @@ from mesh_kit.settings import nats_servers
 from meshctl import budget as spend
 from meshctl import local
 from meshctl import options as opt
-from meshctl.commands.common import absent, admin, age, bucket, nats_url, running
+from meshctl.commands.common import absent, admin, age, audit_as_admin, bucket, nats_url, running
 from meshctl.identity import Identities
 from meshctl.local import MeshError
 
@@ -166,15 +166,12 @@ def cmd_budget(args: argparse.Namespace) -> int:
 
 async def _audit_switch(args: argparse.Namespace, nc: NATS, action: str, revision: int | None, reason: str) -> None:
     """The operator's switch as a link of the audit chain: the tenant's, or the mesh-wide one."""
-    from mesh_contracts.v1.audit import MESH_WIDE, TENANT_WIDE
-    from mesh_durable.chain import AuditChain
+    from mesh_contracts.v1.audit import MESH_WIDE
 
-    ids = Identities(opt.home(args))
-    signer = Signer.from_file("admin", ids.signing_key("admin"))
-    await AuditChain(lambda: nc, lambda: signer).append(
-            args.tenant or MESH_WIDE, TENANT_WIDE, f"control.kill-switch-{action}",
-            f"kill-switch:{args.tenant or 'global'}:{action}:{revision or time.time_ns()}",
-        actor="admin", detail={"scope": args.tenant or "global", "reason": reason, "revision": revision},
+    await audit_as_admin(
+        args, nc, args.tenant or MESH_WIDE, f"control.kill-switch-{action}",
+        f"kill-switch:{args.tenant or 'global'}:{action}:{revision or time.time_ns()}",
+        {"scope": args.tenant or "global", "reason": reason, "revision": revision},
     )  # fmt: skip
 
 

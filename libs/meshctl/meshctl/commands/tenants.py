@@ -11,16 +11,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import nats
 from nats.aio.client import Client as NATS
 
 from mesh_contracts import lifecycle
 from mesh_contracts.v1.tenants import TenantRecord
-from mesh_identity import Signer
-from mesh_kit.settings import log_nats_error, nats_servers
 from meshctl import keeper
 from meshctl import options as opt
-from meshctl.commands.common import admin, bucket, nats_url
+from meshctl.commands.common import admin, audit_as_admin, bucket, nats_url
 from meshctl.identity import Identities
 from meshctl.local import MeshError
 
@@ -44,18 +41,6 @@ def when(t: float) -> str:
 
 def span(seconds: float) -> str:
     return "until deleted" if not seconds else f"{seconds / 86400:g} days"
-
-
-async def _audit(args: argparse.Namespace, nc: NATS, rec: TenantRecord, rev: int) -> None:
-    """The operator's change as a link of the tenant's audit chain."""
-    from mesh_contracts.v1.audit import TENANT_WIDE
-    from mesh_durable.chain import AuditChain
-
-    signer = Signer.from_file("admin", Identities(opt.home(args)).signing_key("admin"))
-    await AuditChain(lambda: nc, lambda: signer).append(
-        rec.tenant, TENANT_WIDE, "control.retention-set", f"tenant-retention:{rec.tenant}:{rev}",
-        actor="admin", detail={"retention_s": rec.retention_s, "revision": rev},
-    )  # fmt: skip
 
 
 def cmd_retention(args: argparse.Namespace) -> int:
@@ -85,7 +70,8 @@ def cmd_retention(args: argparse.Namespace) -> int:
                     rec.retention_s[c] = keep
             rec.updated_at, rec.updated_by = time.time(), "admin"
             rev = await kv.put(args.tenant, rec.to_bytes())
-            await _audit(args, nc, rec, rev)
+            await audit_as_admin(args, nc, rec.tenant, "control.retention-set", f"tenant-retention:{rec.tenant}:{rev}",
+                                 {"retention_s": rec.retention_s, "revision": rev})  # fmt: skip
         finally:
             await streams.close()
             await nc.close()
@@ -183,34 +169,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     return asyncio.run(run())
 
 
-async def connect_keeper(args: argparse.Namespace) -> NATS:
-    home = opt.home(args)
-    ids = Identities(home)
-    if not ids.creds(keeper_name()).exists():
-        raise MeshError(f"no keeper identity in {home} (run: meshctl init)")
-    return await nats.connect(nats_servers(nats_url(args, home)), name="meshctl-keeper", connect_timeout=5,
-                              error_cb=log_nats_error, **ids.connect_options(keeper_name()))  # fmt: skip
-
-
-def keeper_name() -> str:
-    from meshctl.policy import KEEPER
-
-    return KEEPER
-
-
-def keeper_signer(ids: Identities) -> Signer:
-    """The keeper's signing key (what it removed goes on each tenant's audit chain)."""
-    path = ids.signing_key(keeper_name())
-    if not path.exists():
-        raise MeshError(f"no signing key for the keeper at {path} (run: meshctl init)")
-    return Signer.from_file(keeper_name(), path)
-
-
 def cmd_keeper(args: argparse.Namespace) -> int:
-    signer = keeper_signer(Identities(opt.home(args)))
+    ids = Identities(opt.home(args))
+    signer = keeper.signer(ids)
 
     async def run() -> int:
-        nc = await connect_keeper(args)
+        nc = await keeper.connect(ids, nats_url(args, ids.home), connect_timeout=5, max_reconnect_attempts=0)
         try:
             if args.every:
                 await keeper.run(nc, args.every, signer=signer)
