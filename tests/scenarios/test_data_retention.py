@@ -127,8 +127,15 @@ def test_a_tenants_retention_removes_its_old_data_class_by_class_and_nothing_of_
 
         # Two days on: acme's task payloads are gone from every place; its tool calls, usage and
         # status records stay; globex loses nothing.
+        before = await held(infra, "acme")
         report = await enforce(infra, time.time() + 2 * DAY)
-        assert not report.skipped and report.purged >= sum(of(acme, "tasks").values()), report
+        # Each place gave up at least what it held a moment before (more: a late write).
+        purged = {f"{r.data_class} {r.stream} {r.filter}": r.purged for r in report.removed}
+        short = {
+            k: (v, purged.get(k.replace("{t}", "acme"))) for k, v in of(before, "tasks").items()
+            if v and (purged.get(k.replace("{t}", "acme")) or 0) < v
+        }  # fmt: skip
+        assert not report.skipped and not short, (short, report)
         after = await held(infra, "acme")
         assert sum(of(after, "tasks").values()) == 0, of(after, "tasks")
         for cls in ("tools", "usage", "status"):
