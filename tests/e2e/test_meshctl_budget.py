@@ -81,7 +81,7 @@ async def audited(infra: Infra, tenant: str, kind: str) -> dict:
 
     nc = await infra.admin()
     try:
-        records = [json.loads(s.data) for s in await audit.chain(nc, tenant)]
+        records = await audit.chain_opened(nc, tenant, infra.ids.auditor_key(tenant))
     finally:
         await nc.close()
     return next(r for r in reversed(records) if r["kind"] == kind)

@@ -77,7 +77,9 @@ async def planned(infra: Infra, task_id: str) -> list[PlanCreated]:
 async def links(infra: Infra, task_id: str) -> list[dict[str, Any]]:
     admin = await infra.admin()
     try:
-        return [r for r in (json.loads(s.data) for s in await audit.chain(admin, "acme")) if r["task_id"] == task_id]
+        return [
+            r for r in await audit.chain_opened(admin, "acme", infra.ids.auditor_key("acme")) if r["task_id"] == task_id
+        ]
     finally:
         await admin.close()
 

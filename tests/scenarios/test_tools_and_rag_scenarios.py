@@ -129,7 +129,9 @@ async def settled(infra: Infra, approval: str, within_s: float = 15.0) -> dict:
 async def chain_links(infra: Infra, tenant: str, task_id: str) -> list[dict]:
     admin = await infra.admin()
     try:
-        return [r for r in (json.loads(s.data) for s in await audit.chain(admin, tenant)) if r["task_id"] == task_id]
+        return [
+            r for r in await audit.chain_opened(admin, tenant, infra.ids.auditor_key(tenant)) if r["task_id"] == task_id
+        ]
     finally:
         await admin.close()
 

@@ -113,7 +113,7 @@ async def run(infra: Infra, tenant: str, task_id: str, workflow: str, inputs: di
 async def chain(infra: Infra, tenant: str) -> list[dict[str, Any]]:
     admin = await infra.admin()
     try:
-        return [json.loads(s.data) for s in await audit.chain(admin, tenant)]
+        return await audit.chain_opened(admin, tenant, infra.ids.auditor_key(tenant))
     finally:
         await admin.close()
 

@@ -43,12 +43,29 @@ AUDIT_KINDS: dict[str, tuple[str, ...]] = {
         "approval.denied",
         "release.",
     ),
-    "admin": ("control.",),
+    # control actions; a tenant's erasure (issue 42)
+    "admin": ("control.", "tenant."),
     # what the keeper removed of a tenant's data, by class, at a pass (issue 42)
     "keeper": ("retention.",),
 }
 """Which kinds of record each role may write (a prefix, or a whole kind): a record of another
 kind, even validly signed, is a break (a compromised service cannot speak for another)."""
+
+
+SEALED_DETAIL: dict[str, str] = {
+    "arguments": "a tool call's arguments: the tenant's data (addresses, bodies, queries)",
+    "reasons": "why a tool call was held or refused: a reason may quote an argument",
+    "error": "a failed effect's error text: it may quote what the tool was given or returned",
+    "comment": "a reviewer's words on a plan",
+    "reason": "a stated reason (a cancellation, a kill switch, a refused decision): a person's words",
+}
+"""Fields of ``detail`` that hold the tenant's content, each sealed to the tenant's auditor key
+(X25519, its public half in the trust bundle) by whoever appends the link: stored as
+``{"sealed": "<base64 sealed box>"}``, so the chain's hashes cover the sealed bytes. Whoever
+holds the tenant's auditor key opens them (``meshctl audit chain``); once a tenant is erased its
+key is destroyed, its links stay whole and verifiable, and these fields stay unreadable (a link
+written after the erasure withholds them: ``{"sealed": ""}``). Every other field is a fact of the
+mesh in clear: ids, tool names, risks, decisions, digests, counts, workflow names and versions."""
 
 
 def kind_allowed(role: str, kind: str) -> bool:

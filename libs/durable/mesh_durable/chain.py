@@ -27,7 +27,8 @@ from opentelemetry import propagate, trace
 
 from mesh_contracts import ContractError
 from mesh_contracts import topology as topo
-from mesh_contracts.v1.audit import ANCHOR, GENESIS, AuditRecorded, kind_allowed
+from mesh_contracts.v1.audit import ANCHOR, GENESIS, MESH_WIDE, AuditRecorded, kind_allowed
+from mesh_durable import sealing
 from mesh_durable.errors import DurableError
 from mesh_durable.tail import Stored
 from mesh_identity import IdentityError, Signer, Verifier
@@ -105,7 +106,12 @@ def of(mesh: Mesh) -> Appender:
     chain's head), signing with the service's key of the moment; made on first use."""
     appender = _CHAINS.get(mesh)
     if appender is None:
-        appender = _CHAINS[mesh] = AuditChain(lambda: mesh.nc, lambda: mesh.signer, lambda: mesh.tracer)
+        appender = _CHAINS[mesh] = AuditChain(
+            lambda: mesh.nc,
+            lambda: mesh.signer,
+            lambda: mesh.tracer,
+            keys=lambda t: mesh.verifier.bundle.auditors.get(t),
+        )
     return appender
 
 
@@ -119,9 +125,14 @@ class AuditChain:
     retry of it is stored once."""
 
     def __init__(
-        self, nc: Callable[[], NATS], signer: Callable[[], Signer], tracer: Callable[[], Any] | None = None
-    ) -> None:
+        self, nc: Callable[[], NATS], signer: Callable[[], Signer], tracer: Callable[[], Any] | None = None,
+        *, keys: sealing.Keys | None = None,
+    ) -> None:  # fmt: skip
         self._nc, self._signer = nc, signer  # getters: the connection and key of the moment
+        self._keys = keys
+        """The tenants' auditor keys of the moment (the trust bundle's): the content fields of a
+        link are sealed to its tenant's (``mesh_durable.sealing``). None: stored in clear (a test's
+        chain, or a tool that seals before it appends)."""
         self._tracer = tracer
         """Each record is published by a span of its own, as every other stored message is."""
         self._heads: dict[str, Head] = {}
@@ -158,6 +169,8 @@ class AuditChain:
         detail: dict[str, Any] | None = None,
     ) -> int:  # fmt: skip
         """Append one record; returns its position ``n`` (0 if it was already there: a retry)."""
+        if detail and self._keys is not None and tenant != MESH_WIDE:  # mesh-wide actions hold no tenant's content
+            detail = sealing.seal_detail(detail, self._keys(tenant))
         lock = self._locks.setdefault(tenant, asyncio.Lock())
         async with lock:
             js = self._nc().jetstream()

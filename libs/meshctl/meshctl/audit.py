@@ -21,6 +21,7 @@ from nacl.public import PrivateKey, SealedBox
 from nats.aio.client import Client as NATS
 
 from mesh_contracts import topology as topo
+from mesh_durable import sealing
 from mesh_durable.chain import Anchor, Verdict, chain_filter, parse
 from mesh_durable.tail import DirectGetError, Reader, Stored
 
@@ -49,6 +50,22 @@ def opener(key_file: Path) -> SealedBox[PrivateKey] | None:
         return SealedBox(PrivateKey(base64.b64decode(key_file.read_text().strip())))
     except (OSError, ValueError, binascii.Error):
         return None
+
+
+def chain_opener(key_file: Path) -> SealedBox[PrivateKey] | None:
+    """What opens the sealed fields of a tenant's chain (``mesh_durable.sealing``): its auditor key."""
+    return opener(key_file)
+
+
+def opened(record: dict[str, Any], box: SealedBox[PrivateKey] | None) -> dict[str, Any]:
+    """A chain link as stored, its sealed detail fields opened where ``box`` can (else why not)."""
+    return {**record, "detail": sealing.open_detail(record.get("detail") or {}, box)}
+
+
+async def chain_opened(nc: NATS, tenant: str, key_file: Path) -> list[dict[str, Any]]:
+    """A tenant's chain as stored, oldest first, its sealed fields opened with ``key_file``."""
+    box = chain_opener(key_file)
+    return [opened(json.loads(s.data), box) for s in await chain(nc, tenant)]
 
 
 def reveal(box: SealedBox[PrivateKey] | None, sealed: str) -> str:

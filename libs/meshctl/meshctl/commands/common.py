@@ -61,8 +61,12 @@ async def audit_as_admin(
     from mesh_contracts.v1.audit import TENANT_WIDE
     from mesh_durable.chain import AuditChain
 
-    signer = Signer.from_file("admin", Identities(opt.home(args)).signing_key("admin"))
-    await AuditChain(lambda: nc, lambda: signer).append(tenant, TENANT_WIDE, kind, key, actor="admin", detail=detail)
+    ids = Identities(opt.home(args))
+    signer = Signer.from_file("admin", ids.signing_key("admin"))
+    auditors = TrustBundle.from_file(ids.trust_bundle).auditors if ids.trust_bundle.exists() else {}
+    await AuditChain(lambda: nc, lambda: signer, keys=auditors.get).append(
+        tenant, TENANT_WIDE, kind, key, actor="admin", detail=detail
+    )
 
 
 async def bucket(nc: NATS, name: str) -> KeyValue:

@@ -96,10 +96,11 @@ def _audit_chain(args: argparse.Namespace) -> int:
             records = await audit.chain(nc, args.tenant)
             if args.action == "chain":
                 if args.json:
+                    box = audit.chain_opener(args.auditor_key or Identities(opt.home(args)).auditor_key(args.tenant))
                     print(
                         json.dumps(
                             [
-                                {"seq": r.seq, "time": r.time, **json.loads(r.data)}
+                                audit.opened({"seq": r.seq, "time": r.time, **json.loads(r.data)}, box)
                                 for r in records
                                 if not args.task or json.loads(r.data).get("task_id") == args.task
                             ],
@@ -415,7 +416,10 @@ def _audit_parser(sub: argparse._SubParsersAction[opt.Parser]) -> None:
     a = asub.add_parser("chain", help="a tenant's tamper-evident audit chain, record by record")
     a.add_argument("--tenant", type=opt.tenant, required=True, help="a tenant, or _mesh (mesh-wide actions)")
     a.add_argument("--task", type=opt.task_id, default=None, help="one task's records only")
-    a.add_argument("--json", action="store_true")
+    a.add_argument("--json", action="store_true",
+                   help="every link whole, its sealed fields opened with the tenant's auditor key when at hand")  # fmt: skip
+    a.add_argument("--auditor-key", type=Path, default=None,
+                   help="the tenant auditor's key (default: the mesh home's secrets/keys/auditor.<tenant>.key)")  # fmt: skip
     a.add_argument("--nats-url", default=None)
     a = asub.add_parser("verify", help="prove a tenant's audit chain whole, or name its first break (exit 1)")
     a.add_argument("--tenant", type=opt.tenant, default=None, help="a tenant, or _mesh (mesh-wide actions)")
