@@ -113,3 +113,38 @@ NOT_TASK_DATA: dict[str, str] = {
 MIN_RETENTION_S = 3600.0
 """The shortest retention a tenant may have for a class: an hour (a task that has not ended
 keeps all of its data whatever the retention, see ``meshctl.keeper``)."""
+
+
+# --- erasure (``meshctl tenant erase``) ---------------------------------------------------------
+
+KEPT_ON_ERASURE: dict[str, str] = {
+    topo.STREAMS["audit"]: "the tenant's audit chain, whole and verifiable by its hashes: the content fields of "
+    "its links are sealed to the tenant's auditor key, which the erasure destroys (crypto-shredding)",
+    "KV_anchors": "the chain's anchors: lengths and hashes, no payload (what proves the kept chain whole)",
+    f"KV_{topo.TRUST_BUCKET}": "public keys; the tenant's auditor key is taken out of it",
+    "KV_tools": "the tool catalogue: no tenant data",
+}
+"""What an erasure leaves, and why (every other place of the tenant is emptied)."""
+
+
+def erasure_places() -> list[Place]:
+    """Every place where a tenant's data may be, by subject filter: each class's (the chain's dead
+    letters too, not the chain), the status records, every bucket but ``KEPT_ON_ERASURE`` (keyed
+    ``<tenant>…`` or, in a shared bucket, ``<service>.<tenant>…``), the kill switch, the timers
+    and the side-effect sinks. Approvals are keyed by id: found by their tenant field."""
+    places = [p for c in DATA_CLASSES for p in c.places() if p.stream not in KEPT_ON_ERASURE] + [STATUS]
+    places += [Place(topo.DLQ_STREAM, f"{topo.DLQ_PREFIX}.*.{d}.*.{{t}}.>") for d in [*topo.STREAMS, "timer"]]
+    for b in topo.BUCKETS:
+        if f"KV_{b.name}" in KEPT_ON_ERASURE:
+            continue
+        for prefix in [f"{s}." for s in b.per_service] or [""]:
+            places += [Place(f"KV_{b.name}", f"$KV.{b.name}.{prefix}{{t}}"),
+                       Place(f"KV_{b.name}", f"$KV.{b.name}.{prefix}{{t}}.>")]  # fmt: skip
+    places.append(Place("KV_control", "$KV.control.kill.tenant.{t}"))
+    places.append(Place(topo.TIMERS, "timer.*.{t}.>"))
+    places += [Place(stream, f"{prefix}.{{t}}.>") for stream, (prefix, _) in topo.SINKS.items()]
+    out: list[Place] = []
+    for p in places:
+        if p not in out:
+            out.append(p)
+    return out

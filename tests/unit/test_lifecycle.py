@@ -65,3 +65,43 @@ def test_each_place_holds_the_keys_the_services_write_for_that_tenant_only(strea
     assert where(stream, subject, "acme") == [cls]
     assert where(stream, subject, "globex") == [], "another tenant's filters never match"
     assert where(stream, subject, "acm") == [], "nor a tenant whose name is a prefix"
+
+
+def erased(stream: str, subject: str, tenant: str) -> bool:
+    return any(p.stream == stream and matches(p.of(tenant), subject) for p in lifecycle.erasure_places())
+
+
+def test_an_erasure_reaches_every_stream_and_bucket_but_the_few_it_keeps_and_says_why():
+    reached = {p.stream for p in lifecycle.erasure_places()}
+    every = {*topo.STREAMS.values(), topo.DLQ_STREAM, topo.ENVELOPES, topo.TIMERS, *topo.SINKS}
+    every |= {f"KV_{b.name}" for b in topo.BUCKETS}
+    assert reached | set(lifecycle.KEPT_ON_ERASURE) == every, every - reached - set(lifecycle.KEPT_ON_ERASURE)
+    assert reached.isdisjoint(lifecycle.KEPT_ON_ERASURE), "a kept place is not purged"
+    assert topo.STREAMS["audit"] in lifecycle.KEPT_ON_ERASURE, "the chain refuses purges: it is shredded instead"
+
+
+@pytest.mark.parametrize(
+    ("stream", "subject"),
+    [
+        ("TASK", "task.v1.acme.t1.submitted"),
+        ("DLQ", "dlq.planner.audit.v1.acme.t1.recorded"),
+        ("DLQ", "dlq.planner.timer.v1.acme.t1.w1.due"),
+        ("TIMERS", "timer.v1.acme.t1.w1.at"),
+        ("OUTBOX", "outbox.acme.t1.email"),
+        ("KV_rag", "$KV.rag.acme.manifest"),
+        ("KV_rag", "$KV.rag.acme.doc.0123456789abcdef.v1"),
+        ("KV_notes", "$KV.notes.acme.n1"),
+        ("KV_admission", "$KV.admission.acme"),
+        ("KV_tenants", "$KV.tenants.acme"),
+        ("KV_quotas", "$KV.quotas.planner.acme.TASK"),
+        ("KV_workflows", "$KV.workflows.acme.wf.triage.3"),
+        ("KV_releases", "$KV.releases.acme.v.7"),
+        ("KV_control", "$KV.control.kill.tenant.acme"),
+        ("KV_status", "$KV.status.acme.t1"),
+        ("KV_calls", "$KV.calls.checker.acme.t1.llm.c1"),
+    ],
+)
+def test_an_erasure_of_one_tenant_matches_its_keys_and_no_other_tenants(stream, subject):
+    assert erased(stream, subject, "acme")
+    assert not erased(stream, subject, "globex") and not erased(stream, subject, "acm")
+    assert not erased(stream, subject.replace("acme", "globex"), "acme"), "nor another tenant's"

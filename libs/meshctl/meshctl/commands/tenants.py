@@ -169,6 +169,50 @@ def cmd_export(args: argparse.Namespace) -> int:
     return asyncio.run(run())
 
 
+def cmd_erase(args: argparse.Namespace) -> int:
+    from meshctl import erase
+    from meshctl.rotation import publish_bundle
+
+    ids = Identities(opt.home(args))
+    if args.tenant not in ids.tenants():
+        raise MeshError(f"unknown tenant {args.tenant!r} (known: {', '.join(ids.tenants()) or 'none'})")
+    if args.confirm != args.tenant:
+        args.usage(f"erasing {args.tenant} cannot be undone: confirm with --confirm {args.tenant}")
+    url = nats_url(args, ids.home)
+
+    async def run() -> int:
+        nc = await admin(args)
+        try:
+            r = await erase.erase(
+                nc, ids, args.tenant, redis=erase.redis_url(ids, args.redis_url), even_running=args.even_running,
+                publish=lambda bundle: publish_bundle(ids, bundle, url),
+            )  # fmt: skip
+        finally:
+            await nc.close()
+        path = erase.store(ids, r)
+        if args.json:
+            print(json.dumps({**asdict(r), "purged": r.purged, "sha256": r.digest(), "report": str(path)}, indent=2))
+        else:
+            print(render_erasure(r, path))
+        return 0
+
+    return asyncio.run(run())
+
+
+def render_erasure(r: Any, path: Path) -> str:
+    held = [p for p in r.places if p["purged"]]
+    lines = [
+        f"erased {r.tenant}: {r.purged} messages and records removed from {len(held)} places "
+        f"(of {len(r.places)} looked in), {r.approvals} approval records, {r.redis_keys} Redis keys ({r.redis})",
+        f"auditor key {'destroyed' if r.key_destroyed else 'not in this home'}; trust bundle revision "
+        f"{r.bundle_revision or 'unchanged'}: the content fields of {r.tenant}'s audit links are unreadable for good",
+    ]
+    lines += [f"  {p['stream']:14} {p['filter']:44} {p['purged']}" for p in held]
+    lines += [f"kept: {place}: {why}" for place, why in r.kept.items()]
+    lines.append(f"report: {path} (sha256 {r.digest()}), and link {r.chain_link} of {r.tenant}'s audit chain")
+    return "\n".join(lines)
+
+
 def cmd_keeper(args: argparse.Namespace) -> int:
     ids = Identities(opt.home(args))
     signer = keeper.signer(ids)
@@ -220,6 +264,17 @@ def register(sub: argparse._SubParsersAction[opt.Parser]) -> None:
     )
     t.add_argument("--nats-url", default=None)
     t.set_defaults(fn=cmd_export)
+
+    t = tsub.add_parser("erase", help="erase the tenant: delete its data everywhere the mesh keeps it and destroy its "
+                        "key, so its audit chain stays whole but unreadable (as the admin; cannot be undone)")  # fmt: skip
+    t.add_argument("tenant", type=opt.tenant)
+    t.add_argument("--confirm", default="", metavar="TENANT", help="the tenant's name again: erasure cannot be undone")
+    t.add_argument("--even-running", action="store_true", help="erase even while some of its tasks are running")
+    t.add_argument("--redis-url", default=None,
+                   help="Redis as a user that may delete any key (default: MESH_REDIS_URL, else the home's admin user)")  # fmt: skip
+    t.add_argument("--json", action="store_true")
+    t.add_argument("--nats-url", default=None)
+    t.set_defaults(fn=cmd_erase, usage=t.error)
 
     s = sub.add_parser("keeper", help="remove each tenant's data older than its retention (as the keeper; once, or "
                        "every --every seconds)")  # fmt: skip
