@@ -19,7 +19,7 @@ import nats
 from mesh_tenancy.door import DoorRefused
 from meshctl import options as opt
 from meshctl import release, review, workflow
-from meshctl.commands import approvals, mesh, observe, operate, tasks, tenants
+from meshctl.commands import approvals, backups, mesh, observe, operate, tasks, tenants
 from meshctl.local import MeshError
 
 DEFAULT_HOME = ".mesh"
@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     observe.register(sub)
     operate.register(sub)
     tenants.register(sub)
+    backups.register(sub)
     workflow.register(sub)
     release.register(sub)
     review.register(sub)

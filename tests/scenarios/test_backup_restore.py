@@ -1,0 +1,153 @@
+"""Backup and restore drill through the real mesh (issue 42, item 5).
+
+Tasks are running (held at their tool call: the tool-executor is down) when ``meshctl backup``
+runs. Then the broker's whole store is destroyed and Redis restarted empty; ``meshctl restore``
+puts the backup into a fresh broker, the services start again, and every task that was running
+completes, with its email sent exactly once. A task submitted after the backup is gone (that is
+the recovery point); the audit chain verifies whole. The recovery time is measured and reported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import tarfile
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from mesh_contracts.v1 import TaskCompleted
+from mesh_testing.chaos import ChaosMesh, outbox_effects, report, started
+from mesh_testing.infra import Infra, running_infra
+from meshctl.cli import main as cli_main
+from meshctl.provision import provision_as_admin
+
+pytestmark = pytest.mark.chaos
+ENV = {"MESH_ACK_WAIT_S": "2", "MESH_LOG_LEVEL": "WARNING"}
+GOAL = "How does AgentMesh avoid duplicate side effects? Also compute 17 * 23, and email the answer to ops@acme.test."
+RUNNING = [f"bk-run-{i}" for i in range(4)]
+
+
+@pytest.fixture(scope="module")
+def infra() -> Iterator[Infra]:
+    with running_infra(["acme"], mode="binaries", name="backup", ack_wait_s=2.0) as infra:
+        yield infra
+
+
+@pytest.fixture(scope="module")
+def mesh(infra) -> Iterator[ChaosMesh]:
+    with started(infra, ENV) as m:
+        yield m
+
+
+def ctl(infra: Infra, *args: str) -> int:
+    return cli_main(["--home", str(infra.home), *args, "--nats-url", infra.nats_url])
+
+
+async def has(infra: Infra, stream: str, subject: str) -> bool:
+    return bool(await infra.stored(stream, subject))
+
+
+async def until(check, what: str, timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not await check():
+        assert time.monotonic() < deadline, what
+        await asyncio.sleep(0.25)
+
+
+def test_a_backup_taken_while_tasks_run_restores_into_a_new_broker_and_they_complete_once(
+    infra, mesh, tmp_path, capsys
+):
+    async def main() -> None:
+        async with infra.client("acme") as c:
+            assert isinstance((await c.submit(GOAL, task_id="bk-done", timeout=90)).outcome, TaskCompleted)
+
+        # Running: the tool-executor is down, so each task waits at its tool call.
+        mesh.kill("tool-executor-0")
+        async with infra.client("acme") as c:
+            for task in RUNNING:
+                await c.submit(GOAL, task_id=task, follow=False)
+        for task in RUNNING:
+            await until(lambda t=task: has(infra, "TOOL", f"tool.v1.acme.{t}.>"), f"{task} reached its tool call")
+
+        backup = tmp_path / "mesh.tar"
+        capsys.readouterr()
+        t0 = time.monotonic()
+        assert await asyncio.to_thread(ctl, infra, "backup", "--out", str(backup), "--json") == 0
+        backup_s = time.monotonic() - t0
+        made = json.loads(capsys.readouterr().out)
+        assert oct(backup.stat().st_mode & 0o777) == "0o600", "a backup holds every tenant's data"
+        assert "OUTBOX" not in made["streams"], "the outside world is not rewound"
+        assert made["streams"]["TASK"]["messages"] > 0 and made["streams"]["KV_ledger"]["consumers"] == 0
+        assert list(made["streams"])[-2:] == ["KV_anchors", "AUDIT"], "the chain and its anchors last"
+
+        # After the backup: a task the restore will not know of (the recovery point).
+        async with infra.client("acme") as c:
+            await c.submit(GOAL, task_id="bk-after", follow=False)
+        await until(lambda: has(infra, "TASK", "task.v1.acme.bk-after.>"), "bk-after stored")
+        before = await outbox_effects(infra, "acme")
+        assert before["bk-done"] == 1 and not any(before[t] for t in RUNNING)
+
+        # Disaster: the broker's store is gone, Redis restarts empty, every service stops.
+        await mesh.stop()
+        infra.kill_nats(0)
+        shutil.rmtree(infra.home / "nats" / "jetstream")
+        (infra.home / "nats" / "jetstream").mkdir()
+        infra.kill_redis()
+        await infra.start_redis()
+        await infra.start_nats(0)
+
+        t0 = time.monotonic()
+        assert await asyncio.to_thread(ctl, infra, "restore", str(backup), "--json") == 0
+        restore_s = time.monotonic() - t0
+        restored = json.loads(capsys.readouterr().out)["streams"]
+        assert set(restored) == set(made["streams"])
+        assert all(restored[n]["messages"] == made["streams"][n]["messages"] for n in restored), "every message back"
+        assert await asyncio.to_thread(ctl, infra, "restore", str(backup)) == 2, "not over a broker that holds them"
+        assert "already holds" in capsys.readouterr().err
+
+        # As ``meshctl up`` (or the provisioning Job) does next: what the backup leaves out (the
+        # sinks) is created, what it restored is kept as it is.
+        await provision_as_admin(infra.ids, infra.nats_url, ack_wait_s=2.0)
+        t1 = time.monotonic()
+        mesh.start()
+        await mesh.ready()
+        ready_s = time.monotonic() - t1
+        for task in RUNNING:
+            await until(lambda t=task: has(infra, "TASK", f"task.v1.acme.{t}.completed"), f"{task} completed")
+        done_s = time.monotonic() - t0
+
+        assert not await has(infra, "TASK", "task.v1.acme.bk-after.>"), "what came after the backup is not in it"
+        after = await outbox_effects(infra, "acme")
+        assert {t: before[t] + after[t] for t in [*RUNNING, "bk-done"]} == {t: 1 for t in [*RUNNING, "bk-done"]}, (
+            before,
+            after,
+        )
+        assert await asyncio.to_thread(ctl, infra, "audit", "verify", "--tenant", "acme") == 0
+        assert "whole" in capsys.readouterr().out
+        report(
+            "backup and restore drill",
+            streams=len(made["streams"]),
+            backup_bytes=backup.stat().st_size,
+            backup_s=round(backup_s, 2),
+            restore_s=round(restore_s, 2),
+            services_ready_s=round(ready_s, 2),
+            restore_to_all_completed_s=round(done_s, 2),
+        )
+
+    asyncio.run(main())
+
+
+def test_a_damaged_backup_restores_nothing_and_says_so(infra, mesh, tmp_path, capsys):
+    backup = tmp_path / "b.tar"
+    assert ctl(infra, "backup", "--out", str(backup)) == 0
+    with tarfile.open(backup) as tar:
+        member = tar.getmember("streams/TASK.snapshot")
+    data = bytearray(backup.read_bytes())
+    data[member.offset_data + member.size // 2] ^= 0xFF  # one bit of the TASK stream's snapshot
+    backup.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert ctl(infra, "restore", str(backup), "--replace") == 2
+    assert "does not match its manifest (damaged or altered): nothing restored" in capsys.readouterr().err
