@@ -151,3 +151,36 @@ def test_a_damaged_backup_restores_nothing_and_says_so(infra, mesh, tmp_path, ca
     capsys.readouterr()
     assert ctl(infra, "restore", str(backup), "--replace") == 2
     assert "does not match its manifest (damaged or altered): nothing restored" in capsys.readouterr().err
+
+
+def test_the_identities_go_back_into_an_empty_home_first_and_never_over_one(infra, mesh, tmp_path, capsys):
+    backup = tmp_path / "with-ids.tar"
+    assert ctl(infra, "backup", "--out", str(backup), "--identities") == 0
+    assert "identity files (keep it as secret as the keys)" in capsys.readouterr().out
+    fresh = tmp_path / "fresh-home"
+    assert cli_main(["--home", str(fresh), "restore", str(backup), "--identities"]) == 0
+    for name in ("secrets/creds/admin.creds", "secrets/keys/auditor.acme.key", "trust-bundle.json", "tenants.json"):
+        assert (fresh / name).read_bytes() == (infra.home / name).read_bytes(), name
+        assert oct((fresh / name).stat().st_mode & 0o777) == "0o600", name
+    # The restored home speaks as the mesh: its admin reads the broker.
+    assert cli_main(["--home", str(fresh), "audit", "verify", "--tenant", "acme", "--nats-url", infra.nats_url]) == 0
+    capsys.readouterr()
+    assert cli_main(["--home", str(fresh), "restore", str(backup), "--identities"]) == 2
+    assert "already holds" in capsys.readouterr().err, "never over a home's keys"
+    without = tmp_path / "no-ids.tar"
+    assert ctl(infra, "backup", "--out", str(without)) == 0
+    assert cli_main(["--home", str(tmp_path / "other"), "restore", str(without), "--identities"]) == 2
+    assert "made without --identities" in capsys.readouterr().err
+
+
+def test_a_home_without_the_ca_gets_one_line_not_a_hang(infra, mesh, tmp_path, capsys, monkeypatch):
+    from meshctl.commands import common
+
+    monkeypatch.setattr(common, "CONNECT_WITHIN_S", 3.0)
+    partial = tmp_path / "partial-home"
+    shutil.copytree(infra.home / "secrets", partial / "secrets")  # the keys, not the CA beside them
+    capsys.readouterr()
+    t0 = time.monotonic()
+    assert cli_main(["--home", str(partial), "audit", "verify", "--tenant", "acme", "--nats-url", infra.nats_url]) == 2
+    err = capsys.readouterr().err
+    assert time.monotonic() - t0 < 30 and "certificate verify failed" in err and "has no CA file" in err, err

@@ -173,7 +173,11 @@ async def backup(nc: NATS, out: Path, ids: Identities | None = None) -> BackupRe
 
 
 def identity_files(ids: Identities) -> list[Path]:
+    """The home's secrets, the broker's TLS certificate and key, the CA every client trusts, the
+    trust bundle and the tenant list."""
+    tls = [ids.tls_ca, *ids.tls_server]
     files = sorted(p for p in ids.secrets.rglob("*") if p.is_file())
+    files += [p for p in tls if p.exists() and p.is_relative_to(ids.home)]
     return files + [ids.home / n for n in IDENTITY_FILES if (ids.home / n).exists()]
 
 

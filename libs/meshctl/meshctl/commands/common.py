@@ -5,6 +5,7 @@ say that something is not there."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -39,19 +40,40 @@ def nats_url(args: argparse.Namespace, home: Path) -> str:
     return running(home).nats_url
 
 
+CONNECT_WITHIN_S = 15.0
+"""How long meshctl waits for the broker before it says why not."""
+
+
 async def admin(args: argparse.Namespace) -> NATS:
     home = opt.home(args)
     ids = Identities(home)
     if not ids.creds("admin").exists():
         raise MeshError(f"no identities in {home} (run: meshctl init)")
-    return await nats.connect(
-        nats_servers(nats_url(args, home)),
-        name="meshctl",
-        connect_timeout=5,
-        max_reconnect_attempts=0,
-        error_cb=log_nats_error,
-        **ids.connect_options("admin"),
-    )
+    url = nats_url(args, home)
+    seen: list[Exception] = []
+
+    async def on_error(exc: Exception) -> None:
+        seen.append(exc)
+        await log_nats_error(exc)
+
+    try:
+        # Bounded: nats-py never returns from a connect whose TLS handshake failed (a server
+        # certificate this home's CA did not sign, or no CA at all), retries or not.
+        return await asyncio.wait_for(
+            nats.connect(
+                nats_servers(url),
+                name="meshctl",
+                connect_timeout=5,
+                max_reconnect_attempts=0,
+                error_cb=on_error,
+                **ids.connect_options("admin"),
+            ),
+            CONNECT_WITHIN_S,
+        )
+    except TimeoutError:
+        why = f"{type(seen[-1]).__name__}: {seen[-1]}" if seen else f"no answer in {CONNECT_WITHIN_S:g} s"
+        hint = "" if ids.tls_ca.exists() else f" (this home has no CA file at {ids.tls_ca})"
+        raise MeshError(f"cannot connect to {url}: {why}{hint}") from None
 
 
 async def audit_as_admin(
