@@ -1,9 +1,9 @@
 """Backup and restore drill through the real mesh (issue 42, item 5).
 
 Tasks are running (held at their tool call: the tool-executor is down) when ``meshctl backup``
-runs. Then the broker's whole store is destroyed and Redis restarted empty; ``meshctl restore``
-puts the backup into a fresh broker, the services start again, and every task that was running
-completes, with its email sent exactly once. A task submitted after the backup is gone (that is
+runs. Then the broker's whole store is destroyed and Redis restarted empty; a new broker is
+provisioned and the services started (``meshctl up`` on a new machine), ``meshctl restore
+--replace`` puts the backup in, and every task that was running completes, with its email sent exactly once. A task submitted after the backup is gone (that is
 the recovery point); the audit chain verifies whole. The recovery time is measured and reported.
 """
 
@@ -21,6 +21,7 @@ import pytest
 from mesh_contracts.v1 import TaskCompleted
 from mesh_testing.chaos import ChaosMesh, outbox_effects, report, started
 from mesh_testing.infra import Infra, running_infra
+from meshctl import backup as backup_lib
 from meshctl.cli import main as cli_main
 from meshctl.provision import provision_as_admin
 
@@ -99,22 +100,21 @@ def test_a_backup_taken_while_tasks_run_restores_into_a_new_broker_and_they_comp
         await infra.start_redis()
         await infra.start_nats(0)
 
-        t0 = time.monotonic()
-        assert await asyncio.to_thread(ctl, infra, "restore", str(backup), "--json") == 0
-        restore_s = time.monotonic() - t0
-        restored = json.loads(capsys.readouterr().out)["streams"]
-        assert set(restored) == set(made["streams"])
-        assert all(restored[n]["messages"] == made["streams"][n]["messages"] for n in restored), "every message back"
-        assert await asyncio.to_thread(ctl, infra, "restore", str(backup)) == 2, "not over a broker that holds them"
-        assert "already holds" in capsys.readouterr().err
-
-        # As ``meshctl up`` (or the provisioning Job) does next: what the backup leaves out (the
-        # sinks) is created, what it restored is kept as it is.
+        # As ``meshctl up`` does on the new machine: provisioned (empty streams), the services up.
         await provision_as_admin(infra.ids, infra.nats_url, ack_wait_s=2.0)
         t1 = time.monotonic()
         mesh.start()
         await mesh.ready()
         ready_s = time.monotonic() - t1
+
+        t0 = time.monotonic()
+        assert await asyncio.to_thread(ctl, infra, "restore", str(backup), "--json") == 2, "not over what it holds"
+        assert "already holds" in capsys.readouterr().err
+        assert await asyncio.to_thread(ctl, infra, "restore", str(backup), "--replace", "--json") == 0
+        restore_s = time.monotonic() - t0
+        restored = json.loads(capsys.readouterr().out)["streams"]
+        assert set(restored) == set(made["streams"])
+        assert all(restored[n]["messages"] == made["streams"][n]["messages"] for n in restored), "every message back"
         for task in RUNNING:
             await until(lambda t=task: has(infra, "TASK", f"task.v1.acme.{t}.completed"), f"{task} completed")
         done_s = time.monotonic() - t0
@@ -125,8 +125,22 @@ def test_a_backup_taken_while_tasks_run_restores_into_a_new_broker_and_they_comp
             before,
             after,
         )
-        assert await asyncio.to_thread(ctl, infra, "audit", "verify", "--tenant", "acme") == 0
-        assert "whole" in capsys.readouterr().out
+        capsys.readouterr()
+        code = await asyncio.to_thread(ctl, infra, "audit", "verify", "--tenant", "acme")
+        said = capsys.readouterr().out
+        assert code == 0 and "whole" in said, said
+        assert "the AUDIT stream was restored at" in said and "(admin's signed statement)" in said, said
+
+        # The same re-creation without the operator's statement is what tampering looks like.
+        nc = await infra.admin()
+        try:
+            await backup_lib.restore(nc, backup, replace=True, only=["AUDIT"])
+        finally:
+            await nc.close()
+        assert await asyncio.to_thread(ctl, infra, "audit", "verify", "--tenant", "acme") == 1
+        assert "the stream was re-created and the record put back" in capsys.readouterr().out
+        assert await asyncio.to_thread(ctl, infra, "restore", str(backup), "--stream", "AUDIT", "--replace") == 0
+        assert await asyncio.to_thread(ctl, infra, "audit", "verify", "--tenant", "acme") == 0, "vouched for again"
         report(
             "backup and restore drill",
             streams=len(made["streams"]),

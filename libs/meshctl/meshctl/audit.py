@@ -52,6 +52,41 @@ def opener(key_file: Path) -> SealedBox[PrivateKey] | None:
         return None
 
 
+RESTORED = "stream.restored"
+RESTORED_KEY = "restored.AUDIT"
+"""Where ``meshctl restore`` leaves its signed statement that it re-created the AUDIT stream (the
+``trust`` bucket: operators write it, only they sign such statements)."""
+
+
+async def restored_statement(nc: NATS) -> str | None:
+    try:
+        entry = await (await nc.jetstream().key_value(topo.TRUST_BUCKET)).get(RESTORED_KEY)
+    except Exception:  # noqa: BLE001 - none stored (the usual case), or no bucket: no statement
+        return None
+    return entry.value.decode() if entry.value else None
+
+
+def created_vouched(created: float | None, statement: str | None, verifier: Any) -> tuple[float | None, str]:
+    """When the AUDIT stream's records may begin: the stream's creation, or, when an operator's
+    signed restore statement names this very creation (``meshctl restore``), the creation of the
+    stream it was restored from; and a note saying so. A stream re-created and refilled by anyone
+    else still shows as records older than their stream."""
+    if created is None or not statement:
+        return created, ""
+    try:
+        who, claims = verifier.statement(statement, kind=RESTORED, roles=("admin",),
+                                         require=["created", "was_created", "backup_at"])  # fmt: skip
+    except Exception:  # noqa: BLE001 - not a valid statement: judged as no statement
+        return created, ""
+    if abs(float(claims["created"]) - created) > 2.0:
+        return created, ""  # about an earlier creation: the stream was re-created since
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(created))
+    of = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(float(claims["backup_at"])))
+    return float(
+        claims["was_created"]
+    ), f"the AUDIT stream was restored at {when} UTC from a backup of {of} UTC ({who.name}'s signed statement)"
+
+
 def chain_opener(key_file: Path) -> SealedBox[PrivateKey] | None:
     """What opens the sealed fields of a tenant's chain (``mesh_durable.sealing``): its auditor key."""
     return opener(key_file)

@@ -22,9 +22,12 @@ as long as the restored one.
 the usage stream, the retrieval cache refills, rate limits start afresh. The side-effect sinks
 (``OUTBOX``): they stand for the outside world, which a restore does not rewind.
 
-``restore`` puts the streams back in the same order into a broker that does not hold them
-(``--replace`` deletes one that does), with the services stopped; then ``meshctl up`` (or a
-rollout) starts them on the restored state.
+``restore`` puts the streams back in the same order into a broker that does not hold them, or
+(``--replace``) replaces each one it holds, as on a new machine where ``meshctl up`` provisioned
+empty streams and started the services: they pick the restored consumers up where the backup left
+them. Re-creating the AUDIT stream looks like tampering (records older than their stream), so the
+restore leaves the admin's signed statement of it in the ``trust`` bucket, which ``meshctl audit
+verify`` accepts (``meshctl.audit.created_vouched``).
 """
 
 from __future__ import annotations
@@ -38,16 +41,22 @@ import tarfile
 import tempfile
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from nats.aio.client import Client as NATS
 
 from mesh_contracts import topology as topo
+from mesh_identity import Signer
+from meshctl import audit
 from meshctl.identity import Identities
 from meshctl.local import MeshError
 
 CHUNK = 128 * 1024
+AUDIT = topo.STREAMS["audit"]
+VOUCH_TTL_S = 100 * 365 * 24 * 3600.0
+"""A restore statement vouches for the past: it does not expire."""
 TIMEOUT_S = 30.0
 IDENTITY_FILES = ("trust-bundle.json", "tenants.json")
 
@@ -153,6 +162,8 @@ async def backup(nc: NATS, out: Path, ids: Identities | None = None) -> BackupRe
             names = order(await stream_names(nc))
             for name in names:
                 meta, data = await snapshot(nc, name)
+                if name == AUDIT:  # when its records may begin: what a restore vouches for
+                    meta["created"] = await _chain_began(nc)
                 _add(tar, f"streams/{name}.json", json.dumps(meta).encode(), sums)
                 _add(tar, f"streams/{name}.snapshot", data, sums)
                 st = meta["state"]
@@ -197,9 +208,50 @@ def read(path: Path) -> tuple[dict[str, Any], dict[str, bytes]]:
     return manifest, files
 
 
-async def restore(nc: NATS, path: Path, *, replace: bool = False, only: list[str] | None = None) -> dict[str, Any]:
+async def _chain_began(nc: NATS) -> float | None:
+    """When the AUDIT stream's records may begin: its creation, or the one a restore vouched for."""
+    from mesh_identity import TrustBundle, Verifier
+
+    info = await _api(nc, f"$JS.API.STREAM.INFO.{AUDIT}")
+    created = _ts(info.get("created"))
+    statement = await audit.restored_statement(nc)
+    if statement is None or created is None:
+        return created
+    bundle = await _api_kv(nc, topo.TRUST_BUCKET, topo.TRUST_KEY)
+    verifier = Verifier(TrustBundle.from_json(json.loads(bundle)["bundle"])) if bundle else None
+    return audit.created_vouched(created, statement, verifier)[0] if verifier else created
+
+
+async def _api_kv(nc: NATS, bucket: str, key: str) -> bytes | None:
+    try:
+        return (await (await nc.jetstream().key_value(bucket)).get(key)).value
+    except Exception:  # noqa: BLE001 - not there
+        return None
+
+
+def _ts(iso: str | None) -> float | None:
+    """A broker's RFC 3339 time (nanoseconds, ``Z``) as seconds since the epoch."""
+    if not iso:
+        return None
+    head, _, frac = iso.rstrip("Z").partition(".")
+    return datetime.fromisoformat(head).replace(tzinfo=UTC).timestamp() + float(f"0.{frac or 0}")
+
+
+async def vouch(nc: NATS, signer: Signer, was_created: float | None, backup_at: float) -> None:
+    """The operator's signed statement that it re-created the AUDIT stream from a backup: its
+    records older than the new stream are the backup's, not put back by someone else."""
+    info = await _api(nc, f"$JS.API.STREAM.INFO.{AUDIT}")
+    claims = {"stream": AUDIT, "created": _ts(info.get("created")), "was_created": was_created or backup_at,
+              "backup_at": backup_at}  # fmt: skip
+    kv = await nc.jetstream().key_value(topo.TRUST_BUCKET)
+    await kv.put(audit.RESTORED_KEY, signer.statement(audit.RESTORED, claims, ttl_s=VOUCH_TTL_S).encode())
+
+
+async def restore(
+    nc: NATS, path: Path, *, replace: bool = False, only: list[str] | None = None, signer: Signer | None = None
+) -> dict[str, Any]:
     """Every stream of the backup (or ``only`` those), in the backup's order; per stream what the
-    broker then holds."""
+    broker then holds. With ``signer`` (the admin's key), a restored AUDIT stream is vouched for."""
     manifest, files = read(path)
     names = [n for n in manifest["order"] if only is None or n in only]
     present = set(await stream_names(nc))
@@ -212,7 +264,10 @@ async def restore(nc: NATS, path: Path, *, replace: bool = False, only: list[str
         if name in present:
             await _api(nc, f"$JS.API.STREAM.DELETE.{name}")
         meta = json.loads(files[f"streams/{name}.json"])
-        out[name] = await restore_stream(nc, meta, files[f"streams/{name}.snapshot"])
+        out[name] = await restore_stream(nc, {"config": meta["config"], "state": meta["state"]},
+                                         files[f"streams/{name}.snapshot"])  # fmt: skip
+        if name == AUDIT and signer is not None:
+            await vouch(nc, signer, meta.get("created"), float(manifest["at"]))
     return out
 
 

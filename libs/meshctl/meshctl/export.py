@@ -125,8 +125,11 @@ async def export(nc: NATS, tenant: str, out: Path, trust_bundle: str) -> dict[st
     ex.add("audit/anchors.jsonl", [{"statement": a.statement, "stored_at": a.stored_at}
                                    for a in await audit.anchors(nc, tenant)])  # fmt: skip
     info = await nc.jetstream().stream_info(topo.STREAMS["audit"])
-    ex.add_json("audit/stream.json", {"first_seq": info.state.first_seq,
-                                      "created": info.created.timestamp() if info.created else None})  # fmt: skip
+    verifier = Verifier(TrustBundle.from_json(trust_bundle))
+    created, restored = audit.created_vouched(info.created.timestamp() if info.created else None,
+                                              await audit.restored_statement(nc), verifier)  # fmt: skip
+    ex.add_json("audit/stream.json", {"first_seq": info.state.first_seq, "created": created,
+                                      **({"restored": restored} if restored else {})})  # fmt: skip
     return ex.write(out, trust_bundle)
 
 

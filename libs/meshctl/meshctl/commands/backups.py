@@ -9,6 +9,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from mesh_identity import Signer
 from meshctl import backup
 from meshctl import options as opt
 from meshctl.commands.common import admin
@@ -53,7 +54,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
     async def run() -> dict[str, dict[str, int]]:
         nc = await admin(args)
         try:
-            return await backup.restore(nc, args.backup, replace=args.replace, only=args.stream or None)
+            signer = Signer.from_file("admin", Identities(home).signing_key("admin"))
+            return await backup.restore(nc, args.backup, replace=args.replace, only=args.stream or None, signer=signer)
         finally:
             await nc.close()
 
@@ -64,7 +66,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
         return 0
     msgs = sum(int(s.get("messages", 0)) for s in done.values())
     print(f"restored {len(done)} streams ({msgs} messages and records) from {args.backup} in {seconds:.1f} s: "
-          "start the services (meshctl up, or a rollout); the budget rebuilds Redis from the reservations")  # fmt: skip
+          "running services take them up where the backup left them (else: meshctl up); the budget rebuilds Redis")  # fmt: skip
     return 0
 
 
@@ -78,7 +80,10 @@ def register(sub: argparse._SubParsersAction[opt.Parser]) -> None:
     s.add_argument("--json", action="store_true")
     s.add_argument("--nats-url", default=None)
     s.set_defaults(fn=cmd_backup)
-    s = sub.add_parser("restore", help="put a backup's streams and buckets back into a broker (services stopped)")
+    s = sub.add_parser(
+        "restore",
+        help="put a backup's streams and buckets back into a broker (as the admin; --replace over what it holds)",
+    )
     s.add_argument("backup", type=Path)
     s.add_argument("--identities", action="store_true",
                    help="first step on a fresh machine: only the backup's identities, into an empty --home")  # fmt: skip

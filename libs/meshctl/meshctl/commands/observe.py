@@ -120,10 +120,15 @@ def _audit_chain(args: argparse.Namespace) -> int:
                 created = info.created.timestamp() if info.created else None
             except nats.js.errors.NotFoundError:
                 protected = None
+            statement = await audit.restored_statement(nc)
         finally:
             await nc.close()
-        verdict = verify(args.tenant, records, Verifier(TrustBundle.from_file(Identities(opt.home(args)).trust_bundle)),
-                         anchors, stream_first_seq=first_seq, pinned=expect, stream_created=created)  # fmt: skip
+        verifier = Verifier(TrustBundle.from_file(Identities(opt.home(args)).trust_bundle))
+        created, restored = audit.created_vouched(created, statement, verifier)
+        verdict = verify(args.tenant, records, verifier, anchors, stream_first_seq=first_seq, pinned=expect,
+                         stream_created=created)  # fmt: skip
+        if restored:
+            verdict.notes.append(restored)
         if args.json:
             print(json.dumps({"tenant": verdict.tenant, "whole": verdict.ok, "broken_at": verdict.broken_at,
                               "reason": verdict.reason, "records": verdict.records, "first": verdict.first,
