@@ -28,6 +28,7 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -169,8 +170,8 @@ def redis_url(ids: Identities, given: str | None) -> str:
 
 
 async def erase(
-    nc: NATS, ids: Identities, tenant: str, *, redis: str = "", even_running: bool = False,
-    publish: Any = None,
+    nc: NATS, ids: Identities, tenant: str, *, publish: Callable[[TrustBundle], Awaitable[None]], redis: str = "",
+    even_running: bool = False,
 ) -> ErasureReport:  # fmt: skip
     """Erase ``tenant`` (see the module's text); ``publish(bundle)`` publishes the trust bundle."""
     t0 = time.monotonic()
