@@ -93,6 +93,9 @@ async def measure(infra: Infra, args: argparse.Namespace) -> None:
           f"ratio to cp -a: {backup_s / max(copy_s, 1e-9):.2f}")  # fmt: skip
     print(f"meshctl restore --replace (services running): {restore_s:.2f} s for "
           f"{sum(int(s.get('messages', 0)) for s in restored.values())} messages")  # fmt: skip
+    slowest = sorted(restored.items(), key=lambda kv: -kv[1].get("seconds", 0))[:5]
+    print("  slowest to restore: " + ", ".join(f"{n} {r['seconds']:.2f} s ({r.get('messages', 0)} msgs)"
+                                               for n, r in slowest))  # fmt: skip
     print(f"meshctl tenant erase acme: {erase_s:.2f} s, {report.purged} removed from "
           f"{sum(1 for p in report.places if p['purged'])} places, {report.redis_keys} Redis keys")  # fmt: skip
     shutil.rmtree(out.parent, ignore_errors=True)

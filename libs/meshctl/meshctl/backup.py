@@ -264,8 +264,10 @@ async def restore(
         if name in present:
             await _api(nc, f"$JS.API.STREAM.DELETE.{name}")
         meta = json.loads(files[f"streams/{name}.json"])
+        t0 = time.monotonic()
         out[name] = await restore_stream(nc, {"config": meta["config"], "state": meta["state"]},
                                          files[f"streams/{name}.snapshot"])  # fmt: skip
+        out[name]["seconds"] = round(time.monotonic() - t0, 3)
         if name == AUDIT and signer is not None:
             await vouch(nc, signer, meta.get("created"), float(manifest["at"]))
     return out
