@@ -71,6 +71,12 @@ class ErasureReport:
     seconds: float = 0.0
 
     @property
+    def complete(self) -> bool:
+        """Every step reached its place (run the erasure again to finish one that is not: each
+        step is idempotent)."""
+        return not self.redis.startswith("not reached")
+
+    @property
     def purged(self) -> int:
         return sum(int(p["purged"]) for p in self.places) + self.approvals
 
@@ -194,14 +200,17 @@ async def erase(
     finally:
         await streams.close()
     if redis:
-        await purge_redis(redis, tenant, report)
+        try:
+            await purge_redis(redis, tenant, report)
+        except ErasureError as exc:  # the rest is done: report it, and that this part is not
+            report.redis = f"not reached: {exc}"
     else:
         report.redis = "not reached: no Redis URL (--redis-url, MESH_REDIS_URL or the home's secrets/redis/admin.url)"
     signer = Signer.from_file("admin", ids.signing_key("admin"))
     report.seconds = time.monotonic() - t0
     report.chain_link = await AuditChain(lambda: nc, lambda: signer).append(
         tenant, TENANT_WIDE, "tenant.erased", f"erased:{tenant}:{report.at:.3f}", actor="admin",
-        detail={"purged": report.purged, "places": sum(1 for p in report.places if p["purged"]),
+        detail={"purged": report.purged, "places": sum(1 for p in report.places if p["purged"]), "complete": report.complete,
                 "redis_keys": report.redis_keys, "key_destroyed": report.key_destroyed, "report_sha256": report.digest()},
     )  # fmt: skip
     return report
@@ -211,5 +220,6 @@ def store(ids: Identities, report: ErasureReport) -> Path:
     """The report as a file of the home (0600): ``erasures/<tenant>-<time>.json``."""
     path = ids.home / "erasures" / f"{report.tenant}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime(report.at))}.json"
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    _write_secret(path, json.dumps({**asdict(report), "purged": report.purged, "sha256": report.digest()}, indent=2))
+    _write_secret(path, json.dumps({**asdict(report), "purged": report.purged, "complete": report.complete, "sha256": report.digest()},
+                                  indent=2))
     return path

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -191,9 +192,14 @@ def cmd_erase(args: argparse.Namespace) -> int:
             await nc.close()
         path = erase.store(ids, r)
         if args.json:
-            print(json.dumps({**asdict(r), "purged": r.purged, "sha256": r.digest(), "report": str(path)}, indent=2))
+            print(json.dumps({**asdict(r), "purged": r.purged, "complete": r.complete, "sha256": r.digest(),
+                              "report": str(path)}, indent=2))  # fmt: skip
         else:
             print(render_erasure(r, path))
+        if not r.complete:
+            print(f"meshctl: the erasure of {r.tenant} is not complete: Redis {r.redis}; run it again to finish "
+                  "(what was done stays done)", file=sys.stderr)  # fmt: skip
+            return 1
         return 0
 
     return asyncio.run(run())
