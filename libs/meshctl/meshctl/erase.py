@@ -220,6 +220,11 @@ def store(ids: Identities, report: ErasureReport) -> Path:
     """The report as a file of the home (0600): ``erasures/<tenant>-<time>.json``."""
     path = ids.home / "erasures" / f"{report.tenant}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime(report.at))}.json"
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    _write_secret(path, json.dumps({**asdict(report), "purged": report.purged, "complete": report.complete, "sha256": report.digest()},
-                                  indent=2))
+    _write_secret(
+        path,
+        json.dumps(
+            {**asdict(report), "purged": report.purged, "complete": report.complete, "sha256": report.digest()},
+            indent=2,
+        ),
+    )
     return path
