@@ -41,7 +41,6 @@ import tarfile
 import tempfile
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -208,40 +207,27 @@ def read(path: Path) -> tuple[dict[str, Any], dict[str, bytes]]:
     return manifest, files
 
 
+async def _created(nc: NATS) -> float | None:
+    info = await nc.jetstream().stream_info(AUDIT)
+    return info.created.timestamp() if info.created else None
+
+
 async def _chain_began(nc: NATS) -> float | None:
     """When the AUDIT stream's records may begin: its creation, or the one a restore vouched for."""
     from mesh_identity import TrustBundle, Verifier
 
-    info = await _api(nc, f"$JS.API.STREAM.INFO.{AUDIT}")
-    created = _ts(info.get("created"))
-    statement = await audit.restored_statement(nc)
+    created, statement = await _created(nc), await audit.restored_statement(nc)
     if statement is None or created is None:
         return created
-    bundle = await _api_kv(nc, topo.TRUST_BUCKET, topo.TRUST_KEY)
-    verifier = Verifier(TrustBundle.from_json(json.loads(bundle)["bundle"])) if bundle else None
-    return audit.created_vouched(created, statement, verifier)[0] if verifier else created
-
-
-async def _api_kv(nc: NATS, bucket: str, key: str) -> bytes | None:
-    try:
-        return (await (await nc.jetstream().key_value(bucket)).get(key)).value
-    except Exception:  # noqa: BLE001 - not there
-        return None
-
-
-def _ts(iso: str | None) -> float | None:
-    """A broker's RFC 3339 time (nanoseconds, ``Z``) as seconds since the epoch."""
-    if not iso:
-        return None
-    head, _, frac = iso.rstrip("Z").partition(".")
-    return datetime.fromisoformat(head).replace(tzinfo=UTC).timestamp() + float(f"0.{frac or 0}")
+    stored = await (await nc.jetstream().key_value(topo.TRUST_BUCKET)).get(topo.TRUST_KEY)
+    verifier = Verifier(TrustBundle.from_json(json.loads(stored.value or b"{}")["bundle"]))
+    return audit.created_vouched(created, statement, verifier)[0]
 
 
 async def vouch(nc: NATS, signer: Signer, was_created: float | None, backup_at: float) -> None:
     """The operator's signed statement that it re-created the AUDIT stream from a backup: its
     records older than the new stream are the backup's, not put back by someone else."""
-    info = await _api(nc, f"$JS.API.STREAM.INFO.{AUDIT}")
-    claims = {"stream": AUDIT, "created": _ts(info.get("created")), "was_created": was_created or backup_at,
+    claims = {"stream": AUDIT, "created": await _created(nc), "was_created": was_created or backup_at,
               "backup_at": backup_at}  # fmt: skip
     kv = await nc.jetstream().key_value(topo.TRUST_BUCKET)
     await kv.put(audit.RESTORED_KEY, signer.statement(audit.RESTORED, claims, ttl_s=VOUCH_TTL_S).encode())

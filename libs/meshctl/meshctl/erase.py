@@ -42,7 +42,7 @@ from mesh_durable.chain import AuditChain
 from mesh_durable.tail import DirectGetError
 from mesh_identity import Signer, TrustBundle
 from meshctl.identity import Identities, _write_secret
-from meshctl.keeper import KeeperError, Streams
+from meshctl.keeper import KeeperError, Streams, purge_approvals
 from meshctl.local import MeshError
 
 REDIS_SCAN = 1000
@@ -132,17 +132,10 @@ async def purge_broker(nc: NATS, streams: Streams, tenant: str, report: ErasureR
         n = await purge(nc, place.stream, place.of(tenant))
         if n is not None:
             report.places.append({"stream": place.stream, "filter": place.of(tenant), "purged": n})
-    try:
-        entries = await streams.reader("KV_approvals").current("approvals")
+    try:  # keyed by approval id, not by tenant: found by their tenant field, as the keeper does
+        report.approvals = await purge_approvals(streams, tenant, float("inf"))
     except DirectGetError as exc:
         raise ErasureError(f"reading the approvals: {exc}") from None
-    for key, e in entries.items():
-        try:
-            owner = json.loads(e.data).get("tenant") if e.data else None
-        except ValueError:
-            continue
-        if owner == tenant:
-            report.approvals += await purge(nc, "KV_approvals", f"$KV.approvals.{key}") or 0
 
 
 async def purge_redis(url: str, tenant: str, report: ErasureReport) -> None:

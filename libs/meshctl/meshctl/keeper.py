@@ -211,7 +211,7 @@ async def deployment_retention(streams: Streams) -> dict[str, float]:
     return out
 
 
-async def _approvals(streams: Streams, tenant: str, cut: float) -> int:
+async def purge_approvals(streams: Streams, tenant: str, cut: float) -> int:
     """Remove the tenant's approval records last written before ``cut`` (keyed by approval id)."""
     entries = await streams.reader("KV_approvals").current("approvals")
     n = 0
@@ -239,7 +239,7 @@ async def keep_tenant(streams: Streams, rec: TenantRecord, now: float, report: K
             n = await streams.purge_before(place.stream, place.of(rec.tenant), cut)
             report.removed.append(Removed(rec.tenant, c.name, place.stream, place.of(rec.tenant), n, cut))
         if c.name == "tools":
-            n = await _approvals(streams, rec.tenant, cut)
+            n = await purge_approvals(streams, rec.tenant, cut)
             report.removed.append(Removed(rec.tenant, c.name, "KV_approvals", "(decided approvals)", n, cut))
     if longest != float("inf"):
         cut = now - longest if since is None else min(now - longest, since)
