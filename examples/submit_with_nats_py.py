@@ -1,7 +1,8 @@
-"""Submit a task to AgentMesh with nothing but nats-py and PyJWT, and wait for the outcome.
+"""Submit a task to AgentMesh with nothing but nats-py, PyJWT and PyNaCl, and wait for the outcome.
 
 This is how your own application integrates: it holds its tenant's client identity
 (a NATS .creds file and an Ed25519 signing key, both minted by `meshctl init`) and
+its tenant's data key (the mesh keeps the tenant's content sealed at rest with it), and
 hands a `task.submitted` message in at its door. Run:
 
     python examples/submit_with_nats_py.py --tenant demo --home .mesh "What is 6 * 7?"
@@ -9,8 +10,10 @@ hands a `task.submitted` message in at its door. Run:
 
 import argparse
 import asyncio
+import base64
 import hashlib
 import json
+import os
 import ssl
 import sys
 import time
@@ -20,12 +23,43 @@ from pathlib import Path
 import jwt  # PyJWT, with the cryptography extra for EdDSA
 import nats
 import nats.js.errors
+from nacl.bindings import crypto_aead_xchacha20poly1305_ietf_decrypt, crypto_aead_xchacha20poly1305_ietf_encrypt
+
+# The tenant's content (its goal, the answer, step outputs, tool arguments...) travels and rests
+# sealed with the tenant's data key: a field's JSON, encrypted with XChaCha20-Poly1305, as
+# {"$sealed": "dk1.<key id>.<base64url(24-byte nonce + ciphertext)>"}, bound by its associated
+# data "<type>/v1|<tenant>|<task>|<field>" to its place. The README's data section lists the fields.
+
+
+def b64url(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def seal(key: bytes, place: str, value) -> dict:
+    nonce = os.urandom(24)  # any nonce used once (the mesh derives its own from the content)
+    plain = json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+    kid = hashlib.sha256(key).hexdigest()[:16]
+    return {
+        "$sealed": f"dk1.{kid}.{b64url(nonce + crypto_aead_xchacha20poly1305_ietf_encrypt(plain, place.encode(), nonce, key))}"
+    }
+
+
+def opened(key: bytes, body: dict) -> dict:
+    """``body`` with each sealed field opened (a field that does not open raises)."""
+    out = dict(body)
+    for field, value in body.items():
+        if isinstance(value, dict) and set(value) == {"$sealed"}:
+            raw = base64.urlsafe_b64decode(value["$sealed"].split(".", 2)[2] + "==")
+            place = f"{body['type']}/v1|{body['tenant']}|{body['task_id']}|{field}".encode()
+            out[field] = json.loads(crypto_aead_xchacha20poly1305_ietf_decrypt(raw[24:], place, raw[:24], key))
+    return out
 
 
 async def main(goal: str, tenant: str, home: Path, nats_url: str) -> int:
     principal = f"client.{tenant}"
     creds = home / "secrets" / "creds" / f"{principal}.creds"
     signing_key = (home / "secrets" / "keys" / f"{principal}.pem").read_bytes()
+    data_key = bytes.fromhex((home / "secrets" / "keys" / f"data.{tenant}.key").read_text())
     task_id = f"t-{uuid.uuid4().hex[:12]}"
 
     # 1. Connect as the tenant's client, over TLS verified against the mesh's CA. Its reply
@@ -37,7 +71,7 @@ async def main(goal: str, tenant: str, home: Path, nats_url: str) -> int:
     outcome = asyncio.get_running_loop().create_future()
 
     async def on_message(msg):
-        body = json.loads(msg.data)
+        body = opened(data_key, json.loads(msg.data))
         if body["type"] == "event.progress":
             print(f"  [{body['source']:>13}] {body['stage']}: {body['message']}")
         elif body["type"] in ("task.completed", "task.failed", "task.rejected") and not outcome.done():
@@ -47,7 +81,8 @@ async def main(goal: str, tenant: str, home: Path, nats_url: str) -> int:
     await nc.subscribe(f"task.v1.{tenant}.{task_id}.>", cb=on_message)
 
     # 3. The message body, and a signed identity token over its exact bytes.
-    body = json.dumps({"type": "task.submitted", "tenant": tenant, "task_id": task_id, "goal": goal}).encode()
+    sealed_goal = seal(data_key, f"task.submitted/v1|{tenant}|{task_id}|goal", goal)
+    body = json.dumps({"type": "task.submitted", "tenant": tenant, "task_id": task_id, "goal": sealed_goal}).encode()
     msg_id = f"task.submitted:{tenant}:{task_id}"  # resubmitting is deduplicated by the server
     # What the budget may know of the task (it follows every task from the messages' headers and
     # may read no body): the limits and labels exactly as the body gives them (none here), covered

@@ -104,8 +104,9 @@ def render_compose(ids: Identities) -> list[Path]:
 
 def render_helm(ids: Identities, redis_host: str, redis_port: int) -> Path:
     """Everything the chart takes from a mesh home, as one values file (0600, never committed):
-    each principal's identity Secret, the trust bundle, the tenants rag indexes, the Redis ACL
-    with its URLs, and the NATS auth include for the NATS chart (the dependency, under ``nats:``)."""
+    each principal's identity Secret (every service's with the deployment's data key), the trust
+    bundle, the tenants rag indexes, the Redis ACL with its URLs, and the NATS auth include for the
+    NATS chart (the dependency, under ``nats:``)."""
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="agentmesh-helm-") as scratch:
@@ -121,6 +122,8 @@ def render_helm(ids: Identities, redis_host: str, redis_port: int) -> Path:
             files["redis-url"] = urls[service]
         if service == "tool-executor" and ids.audit_key.exists():
             files["audit.key"] = ids.audit_key.read_text()
+        if ids.data_key.exists():  # wraps each tenant's data key (tenant content sealed at rest)
+            files["data.key"] = ids.data_key.read_text()
         identities[service] = files
     identities["admin"] = {"nats.creds": ids.creds("admin").read_text()}
     identities["keeper"] = {"nats.creds": ids.creds("keeper").read_text(),

@@ -10,10 +10,11 @@ check a consumer runs on every message.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from mesh_contracts import sealing
 from mesh_contracts.decode import DEFAULT_LIMITS, DEFAULT_MAX_BYTES, DecodeError, DecodeLimits, decode
 from mesh_contracts.errors import ContractsError
 
@@ -56,6 +57,9 @@ class ContractSpec:
     summary: str = ""
     max_bytes: int = DEFAULT_MAX_BYTES
     """Largest body the bounded decoder accepts for this message (``decode.py``)."""
+    sealed: tuple[str, ...] = ()
+    """Fields that carry the tenant's own content, sealed at rest with its data key
+    (``sealing.py``; the README's data section lists them per message)."""
     acked: bool = True
     """``stream`` messages only. False: the publisher does not wait for the stream's
     acknowledgement (a core publish onto the stream's subject: stored, deduplicated by its id,
@@ -120,8 +124,17 @@ class Contract(BaseModel):
         return self.spec.subject(self.tenant, self.task_id)
 
     def to_bytes(self) -> bytes:
-        """Canonical JSON encoding of the body (what the identity token digests)."""
-        return self.model_dump_json(exclude_none=False).encode()
+        """Canonical JSON encoding of the body (what the identity token digests), with the fields
+        of ``spec.sealed`` sealed to the tenant's data key when this process holds a keyring."""
+        if not self.spec.sealed or sealing.installed() is None:
+            return self.model_dump_json(exclude_none=False).encode()
+        value = self.model_dump(mode="json", exclude_none=False)
+        return sealing.dumps(sealing.seal_fields(value, self.spec.sealed, self.tenant, self.seal_context(value)))
+
+    @classmethod
+    def seal_context(cls, value: dict[str, Any]) -> str:
+        """What a sealed field of this body is bound to: its type, tenant and task."""
+        return f"{cls.schema_id()}|{value.get('tenant')}|{value.get('task_id')}"
 
     @classmethod
     def parse(cls, data: bytes | str, *, strict: bool = False, limits: DecodeLimits = DEFAULT_LIMITS) -> Contract:
@@ -135,12 +148,25 @@ class Contract(BaseModel):
         except DecodeError as exc:
             raise BodyError(str(exc)) from None
         try:
+            value = sealing.open_fields(value, str(value.get("tenant")), cls.seal_context(value), field_decoder(limits))
+        except (sealing.SealError, DecodeError) as exc:
+            raise ContractError(f"{cls.type_name()}: {exc}") from None
+        try:
             model = cls.model_validate(value)
         except ValidationError as exc:
             raise ContractError(_explain(cls.type_name(), exc)) from None
         if strict and model.model_extra:
             raise ContractError(f"{cls.type_name()}: unknown field(s) {sorted(model.model_extra)} (strict mode)")
         return model
+
+
+def field_decoder(limits: DecodeLimits = DEFAULT_LIMITS, max_bytes: int = DEFAULT_MAX_BYTES) -> Any:
+    """The bounded decoder for what one sealed field held (any JSON value)."""
+
+    def one(plain: bytes) -> Any:
+        return decode(b'{"v":' + plain + b"}", max_bytes=max_bytes + 8, unique_keys=False, limits=limits)["v"]
+
+    return one
 
 
 def _explain(type_name: str, exc: ValidationError) -> str:

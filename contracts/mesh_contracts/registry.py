@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from typing import Any
 
-from mesh_contracts.base import Contract, ContractError
-from mesh_contracts.decode import DEFAULT_LIMITS, DecodeLimits
+from mesh_contracts import sealing
+from mesh_contracts.base import Contract, ContractError, field_decoder
+from mesh_contracts.decode import DEFAULT_LIMITS, DecodeError, DecodeLimits
 from mesh_contracts.v1 import ALL as V1
 
 # Every published major version. A v2 module adds its ``ALL`` here; consumers then accept both.
@@ -65,3 +68,22 @@ def parse_message(
             f"body names tenant/task {model.tenant}/{model.task_id} but subject names {parts.tenant}/{parts.task_id}"
         )
     return model
+
+
+def open_body(subject: str, data: bytes) -> Any:
+    """A stored message's body as JSON with its sealed fields opened, not validated (for tools that
+    show messages as they are); a field that does not open here (no key, the tenant erased) is
+    shown as the reason it does not."""
+    value = json.loads(data)
+    if b'"$sealed"' not in data or not isinstance(value, dict):
+        return value
+    cls = contract_for_subject(subject)
+    tenant, context = str(value.get("tenant")), cls.seal_context(value)
+    out = dict(value)
+    for k, v in value.items():
+        if sealing.is_sealed(v):
+            try:
+                out[k] = sealing.open_fields({k: v}, tenant, context, field_decoder())[k]
+            except (sealing.SealError, DecodeError) as exc:
+                out[k] = f"(sealed: {exc})"
+    return out

@@ -61,7 +61,7 @@ def test_a_container_holds_its_own_identity_and_nothing_of_another(e2e_mesh):
         )
         assert listing.exit_code == 0, listing.output
         files = json.loads(listing.output)
-        expected = {"nats.creds", "signing-key.pem"}
+        expected = {"nats.creds", "signing-key.pem", "data.key"}  # the deployment's data key: every service's
         if name in ("budget", "rag", "tool-executor"):
             expected.add("redis-url")
         if name == "tool-executor":

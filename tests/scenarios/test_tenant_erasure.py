@@ -16,13 +16,14 @@ import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import redis.asyncio as aioredis
 from nats.js.errors import NotFoundError
 
-from mesh_contracts.v1 import TaskCompleted
+from mesh_contracts import ContractError
+from mesh_contracts.v1 import TaskCompleted, TaskSubmitted
 from mesh_durable import sealing
 from mesh_identity import TrustBundle
 from mesh_testing.chaos import ChaosMesh, outbox_effects, started
@@ -139,12 +140,17 @@ def test_erasing_a_tenant_leaves_nothing_of_it_readable_and_the_other_tenant_who
             "the email went out: its arguments hold the marker"
         )
 
-        # Before: the scan finds each marker in the places a task writes it (it can find them).
+        # Before: the scan finds each marker where it is kept clear (it can find them), and nowhere
+        # the tenant's content is sealed at rest.
         before, rbefore = await broker_holds(infra), await redis_holds(infra)
         for tenant, m in MARK.items():
             streams = {p.split()[0] for p in before[m]}
-            assert {"TASK", "STEP", "TOOL", "OUTBOX", "KV_rag", "KV_tasks"} <= streams, (tenant, sorted(streams))
-            assert "AUDIT" not in streams, "the chain holds the tenant's content sealed, never in clear"
+            assert {"OUTBOX", "KV_rag"} <= streams, (tenant, sorted(streams))
+            sealed_places = {"TASK", "STEP", "TOOL", "CHECK", "AUDIT", "KV_tasks", "KV_steps", "KV_calls", "KV_ledger",
+                             "KV_evidence", "KV_approvals"}  # fmt: skip
+            assert not streams & sealed_places, (tenant, sorted(streams & sealed_places))
+        done = await infra.stored("TASK", "task.v1.acme.acme-e1.submitted")
+        assert done and MARK["acme"] in cast(TaskSubmitted, TaskSubmitted.parse(done[-1].data)).goal.lower()
         assert rbefore[MARK["acme"]], "the retrieval cache holds the document's passages"
         chain = await opened_chain(infra, "acme")
         args = [r["detail"]["arguments"] for r in chain if "arguments" in r["detail"]]
@@ -164,6 +170,9 @@ def test_erasing_a_tenant_leaves_nothing_of_it_readable_and_the_other_tenant_who
         assert await asyncio.to_thread(ctl, infra, "tenant", "erase", "acme", "--confirm", "acme", "--json") == 0
         report = json.loads(capsys.readouterr().out)
         assert report["key_destroyed"] and report["purged"] > 50 and report["redis_keys"] >= 1, report
+        assert report["data_key_destroyed"], report
+        with pytest.raises(ContractError, match=r"does not hold \(the tenant was erased"):
+            TaskSubmitted.parse(done[-1].data)  # a copy kept anywhere (a backup) no longer opens
         assert not infra.ids.auditor_key("acme").exists()
         assert "acme" not in TrustBundle.from_file(infra.ids.trust_bundle).auditors
         stored = json.loads(Path(report["report"]).read_text())

@@ -84,6 +84,9 @@ def test_init_writes_secrets_private_and_prints_none(tmp_path):
     assert "SU" not in result.stdout and "PRIVATE KEY" not in result.stdout
     # the audit key and the tenant's auditor key exist, private; the bundle names only the public half
     assert (tmp_path / "secrets" / "audit.key").exists() and (tmp_path / "secrets/keys/auditor.acme.key").exists()
+    # the deployment's data key, which every service mounts: 32 random bytes as hex, private
+    data_key = tmp_path / "secrets" / "data.key"
+    assert len(bytes.fromhex(data_key.read_text().strip())) == 32 and data_key.stat().st_mode & 0o777 == 0o600
     bundle = json.loads((tmp_path / "trust-bundle.json").read_text())
     auditor = (tmp_path / "secrets/keys/auditor.acme.key").read_text().strip()
     assert set(bundle["auditors"]) == {"acme"} and bundle["auditors"]["acme"] != auditor

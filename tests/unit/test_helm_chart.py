@@ -35,7 +35,7 @@ def test_each_principal_gets_its_own_files_and_nothing_else(identity):
     docs = objects(identity)
     for service in SERVICES:
         files = set(docs[("Secret", f"agentmesh-{service}-identity")]["stringData"])
-        expected = {"nats.creds", "signing-key.pem"}
+        expected = {"nats.creds", "signing-key.pem", "data.key"}  # the deployment's data key: every service's
         if service in ("budget", "rag", "tool-executor"):
             expected.add("redis-url")
         if service == "tool-executor":
@@ -52,6 +52,23 @@ def test_each_principal_gets_its_own_files_and_nothing_else(identity):
     assert "@redis:6379/" in identity["identities"]["budget"]["redis-url"]
     acl = docs[("Secret", "agentmesh-redis-acl")]["stringData"]["users.acl"]
     assert {line.split()[1] for line in acl.splitlines()} == {"default", "budget", "rag", "tool-executor", "admin"}
+
+
+@pytest.mark.parametrize("extra", [{}, {"tls": {"enabled": True}}, {"budgetPartitions": {"enabled": True, "count": 2}}])
+def test_every_service_reads_the_data_key_from_its_own_secret(identity, extra):
+    docs = objects(deploy_chart.deep_merge(identity, extra))
+    key = identity["identities"]["planner"]["data.key"]
+    for service in SERVICES:
+        assert docs[("Secret", f"agentmesh-{service}-identity")]["stringData"]["data.key"] == key, service
+        kind = "StatefulSet" if extra.get("budgetPartitions") and service == "budget" else "Deployment"
+        pod = docs[(kind, service)]["spec"]["template"]["spec"]
+        env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+        assert env["MESH_DATA_KEY_FILE"] == "/var/run/secrets/agentmesh/data.key", service
+        mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+        assert mounts["identity"] == "/var/run/secrets/agentmesh", service
+        (identity_volume,) = [v for v in pod["volumes"] if v["name"] == "identity"]
+        assert identity_volume["secret"]["secretName"] == f"agentmesh-{service}-identity"
+        assert {"key": "data.key", "path": "data.key"} in identity_volume["secret"]["items"], service
 
 
 def test_without_identity_values_the_install_stops_and_says_how(identity):

@@ -46,6 +46,7 @@ class CheckRequested(Contract):
         consumers=("checker",),
         summary="Verify an answer.",
         max_bytes=4 * MB,  # every step's result with the retrieval records it read
+        sealed=("goal", "answer", "citations", "steps"),
     )
 
     type: Literal["check.requested"] = "check.requested"
@@ -96,7 +97,12 @@ class CheckVerdict(Contract):
         }
     )
     spec: ClassVar = ContractSpec(
-        "check", "verdict", producers=("checker",), consumers=("planner",), summary="Pass/fail with reasons."
+        "check",
+        "verdict",
+        producers=("checker",),
+        consumers=("planner",),
+        summary="Pass/fail with reasons.",
+        sealed=("checks",),
     )
 
     type: Literal["check.verdict"] = "check.verdict"

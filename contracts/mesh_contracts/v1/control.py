@@ -96,6 +96,7 @@ class ApprovalRequested(Contract):
         producers=("tool-executor",),
         consumers=(APPROVER, "worker"),
         summary="A tool call needs a human decision.",
+        sealed=("arguments", "reason"),
     )
 
     type: Literal["approval.requested"] = "approval.requested"
@@ -144,6 +145,7 @@ class ApprovalDecided(Contract):
         consumers=("tool-executor",),
         summary="Approve or deny.",
         max_bytes=16 * KB,
+        sealed=("comment",),
     )
 
     type: Literal["approval.decided"] = "approval.decided"

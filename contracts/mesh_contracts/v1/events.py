@@ -34,6 +34,7 @@ class ProgressEvent(Contract):
         consumers=(CLIENT,),
         summary="Live progress for clients.",
         acked=False,  # stored for history, but no publisher waits on one (about 18 a sample task)
+        sealed=("message", "detail"),
     )
 
     type: Literal["event.progress"] = "event.progress"

@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from mesh_contracts.stored import Sealable
 from mesh_contracts.v1.common import (
     CheckResult,
     Citation,
@@ -41,7 +42,7 @@ GUARDED: tuple[str, ...] = ("halted", "completed", "failed", "cancelled")
 resume from ``halted``, to the ``status`` bucket)."""
 
 
-class Record(BaseModel):
+class Record(Sealable):
     """A value of a key-value bucket that a service other than its writer reads."""
 
     model_config = ConfigDict(extra="allow")
@@ -56,12 +57,14 @@ class Record(BaseModel):
     record_version: Literal[1] = 1
     """Format version. A reader refuses a version it does not know instead of misreading it."""
 
+    def __init_subclass__(cls, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        if "name" in cls.__dict__:
+            cls.seal_name = f"record.{cls.name}/v1"
+
     @classmethod
     def schema_id(cls) -> str:
         return f"record.{cls.name}/v1"
-
-    def to_bytes(self) -> bytes:
-        return self.model_dump_json().encode()
 
 
 class StepState(BaseModel):
@@ -145,6 +148,9 @@ class TaskRecord(Record):
     bucket: ClassVar[str] = "tasks"
     name: ClassVar[str] = "task"
     key_format: ClassVar[str] = "<tenant>.<task_id>"
+    sealed: ClassVar[tuple[str, ...]] = (
+        "goal", "reason", "steps", "feedback", "checks", "outbox", "inputs", "draft", "signals",
+    )  # fmt: skip
 
     tenant: str
     task_id: str
@@ -314,6 +320,7 @@ class Evidence(Record):
     bucket: ClassVar[str] = "evidence"
     name: ClassVar[str] = "evidence"
     key_format: ClassVar[str] = "<tenant>.<task_id>.<step_id>.<attempt>"
+    sealed: ClassVar[tuple[str, ...]] = ("records",)
 
     records: list[SignedRecord] = []
 

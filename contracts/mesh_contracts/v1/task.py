@@ -45,6 +45,7 @@ class TaskSubmitted(Contract):
         consumers=("planner",),
         summary="A tenant submits a goal.",
         max_bytes=256 * KB,
+        sealed=("goal", "inputs"),
     )
 
     type: Literal["task.submitted"] = "task.submitted"
@@ -148,7 +149,12 @@ class PlanCreated(Contract):
         }
     )
     spec: ClassVar = ContractSpec(
-        "task", "planned", producers=("planner",), consumers=(CLIENT,), summary="The plan the planner made."
+        "task",
+        "planned",
+        producers=("planner",),
+        consumers=(CLIENT,),
+        summary="The plan the planner made.",
+        sealed=("steps",),
     )
 
     type: Literal["plan.created"] = "plan.created"
@@ -189,6 +195,7 @@ class PlanDrafted(Contract):
         producers=("planner",),
         consumers=(CLIENT, APPROVER),
         summary="A plan waiting for review.",
+        sealed=("steps", "changes"),
     )
 
     type: Literal["plan.drafted"] = "plan.drafted"
@@ -235,6 +242,7 @@ class PlanReviewed(Contract):
         consumers=("planner",),
         summary="Approve, edit or reject a draft plan.",
         max_bytes=128 * KB,
+        sealed=("steps", "comment"),
     )
 
     type: Literal["plan.reviewed"] = "plan.reviewed"
@@ -278,6 +286,7 @@ class TaskCompleted(Contract):
         producers=("planner",),
         consumers=(CLIENT,),
         summary="Final answer with citations and usage.",
+        sealed=("answer", "citations", "checks"),
     )
 
     type: Literal["task.completed"] = "task.completed"
@@ -330,6 +339,7 @@ class TaskFailed(Contract):
         producers=("planner",),
         consumers=(CLIENT,),
         summary="The task ended without an answer, with the reason.",
+        sealed=("reason", "checks"),
     )
 
     type: Literal["task.failed"] = "task.failed"

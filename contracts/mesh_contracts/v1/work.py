@@ -56,7 +56,12 @@ class StepRequested(Contract):
         }
     )
     spec: ClassVar = ContractSpec(
-        "step", "requested", producers=("planner",), consumers=("worker",), summary="Run one step."
+        "step",
+        "requested",
+        producers=("planner",),
+        consumers=("worker",),
+        summary="Run one step.",
+        sealed=("step", "inputs", "feedback"),
     )
 
     type: Literal["step.requested"] = "step.requested"
@@ -104,7 +109,12 @@ class StepCompleted(Contract):
         }
     )
     spec: ClassVar = ContractSpec(
-        "step", "completed", producers=("worker",), consumers=("planner",), summary="A step's output."
+        "step",
+        "completed",
+        producers=("worker",),
+        consumers=("planner",),
+        summary="A step's output.",
+        sealed=("output", "citations", "retrievals"),
     )
 
     type: Literal["step.completed"] = "step.completed"
@@ -154,7 +164,12 @@ class StepFailed(Contract):
         }
     )
     spec: ClassVar = ContractSpec(
-        "step", "failed", producers=("worker",), consumers=("planner",), summary="A step failed, with the reason."
+        "step",
+        "failed",
+        producers=("worker",),
+        consumers=("planner",),
+        summary="A step failed, with the reason.",
+        sealed=("reason",),
     )
 
     type: Literal["step.failed"] = "step.failed"
@@ -186,7 +201,12 @@ class ToolRequested(Contract):
         }
     )
     spec: ClassVar = ContractSpec(
-        "tool", "requested", producers=("worker",), consumers=("tool-executor",), summary="Run a tool."
+        "tool",
+        "requested",
+        producers=("worker",),
+        consumers=("tool-executor",),
+        summary="Run a tool.",
+        sealed=("arguments",),
     )
 
     type: Literal["tool.requested"] = "tool.requested"
@@ -230,6 +250,7 @@ class ToolCompleted(Contract):
         consumers=("worker",),
         summary="A tool's result or error.",
         max_bytes=4 * MB,  # a web page of up to 1,000,000 characters, JSON-escaped
+        sealed=("result", "error"),
     )
 
     type: Literal["tool.completed"] = "tool.completed"
@@ -284,7 +305,12 @@ class RetrievalRequested(Contract):
         }
     )
     spec: ClassVar = ContractSpec(
-        "rag", "requested", producers=("worker",), consumers=("rag",), summary="Retrieve passages for a query."
+        "rag",
+        "requested",
+        producers=("worker",),
+        consumers=("rag",),
+        summary="Retrieve passages for a query.",
+        sealed=("query",),
     )
 
     type: Literal["retrieval.requested"] = "retrieval.requested"
@@ -322,7 +348,12 @@ class RetrievalCompleted(Contract):
         }
     )
     spec: ClassVar = ContractSpec(
-        "rag", "completed", producers=("rag",), consumers=("worker",), summary="Retrieved passages with provenance."
+        "rag",
+        "completed",
+        producers=("rag",),
+        consumers=("worker",),
+        summary="Retrieved passages with provenance.",
+        sealed=("hits",),
     )
 
     type: Literal["retrieval.completed"] = "retrieval.completed"
@@ -367,7 +398,12 @@ class ToolAudited(Contract):
         }
     )
     spec: ClassVar = ContractSpec(
-        "tool", "audited", producers=("tool-executor",), consumers=(), summary="A tool-policy decision, for the audit."
+        "tool",
+        "audited",
+        producers=("tool-executor",),
+        consumers=(),
+        summary="A tool-policy decision, for the audit.",
+        sealed=("arguments",),
     )
 
     type: Literal["tool.audited"] = "tool.audited"
@@ -419,6 +455,7 @@ class IngestRequested(Contract):
         consumers=("rag",),
         summary="Add or replace a document.",
         max_bytes=8 * MB,  # a base64 document of up to MAX_INGEST_B64 characters
+        sealed=("content_b64", "title"),
     )
 
     type: Literal["ingest.requested"] = "ingest.requested"
@@ -451,7 +488,12 @@ class IngestCompleted(Contract):
         }
     )
     spec: ClassVar = ContractSpec(
-        "rag", "ingested", producers=("rag",), consumers=(CLIENT,), summary="A document is (or is not) indexed."
+        "rag",
+        "ingested",
+        producers=("rag",),
+        consumers=(CLIENT,),
+        summary="A document is (or is not) indexed.",
+        sealed=("error",),
     )
 
     type: Literal["ingest.completed"] = "ingest.completed"

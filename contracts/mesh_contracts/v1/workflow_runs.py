@@ -133,6 +133,7 @@ class TaskSignal(Contract):
         consumers=("planner",),
         summary="A named signal to a running workflow task.",
         max_bytes=64 * KB,
+        sealed=("payload",),
     )
 
     type: Literal["task.signal"] = "task.signal"

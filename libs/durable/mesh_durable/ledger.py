@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING, Any
 
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
-from mesh_contracts import topology
+from mesh_contracts import sealing, topology
+from mesh_contracts.base import field_decoder
 from mesh_durable.errors import DurableError
 from mesh_kit.delivery import Retry
 from mesh_kit.state import KV
@@ -97,7 +98,7 @@ class Ledger:
             return claimed.result
         claim_rev = claimed
         result = await perform(key)
-        record = json.dumps({"status": "done", "result": result, "at": time.time()}).encode()
+        record = _record(key, result)
         try:
             await self.kv.update(key, record, last=claim_rev)
         except KeyWrongLastSequenceError:
@@ -115,7 +116,7 @@ class Ledger:
         if was is not None:
             return was.result
         result = await perform(key)
-        record = json.dumps({"status": "done", "result": result, "at": time.time()}).encode()
+        record = _record(key, result)
         try:
             await self.kv.create(key, record)
         except KeyWrongLastSequenceError:
@@ -156,7 +157,23 @@ async def _done(kv: KV, key: str) -> _Done | None:
     except KeyNotFoundError:
         return None
     record = json.loads(entry.value or b"{}")
-    return _Done(record["result"]) if record.get("status") == "done" else None
+    if record.get("status") != "done":
+        return None
+    if sealing.is_sealed(record.get("result")):  # the tenant's content: opened with its data key
+        record = sealing.open_fields(record, _tenant(key), f"ledger|{key}", field_decoder())
+    return _Done(record["result"])
+
+
+def _tenant(key: str) -> str:
+    """``<service>.<tenant>.<...>``: whose result a key records."""
+    return key.split(".")[1] if key.count(".") >= 1 else ""
+
+
+def _record(key: str, result: Any) -> bytes:
+    """A done record; its result (a model's answer, a tool's output) sealed with the tenant's data
+    key when a keyring is installed (``mesh_contracts.sealing``), bound to the key."""
+    value = {"status": "done", "result": result, "at": time.time()}
+    return sealing.dumps(sealing.seal_fields(value, ("result",), _tenant(key), f"ledger|{key}"))
 
 
 async def calls(mesh: Mesh) -> Ledger:

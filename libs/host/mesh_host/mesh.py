@@ -33,7 +33,7 @@ from nats.aio.client import Client as NATS
 from nats.js.api import PubAck
 from nats.js.errors import NotFoundError
 
-from mesh_contracts import Contract, DecodeLimits
+from mesh_contracts import Contract, DecodeLimits, sealing
 from mesh_contracts import topology as topo
 from mesh_contracts.v1 import ProgressEvent
 from mesh_host.ask import ask
@@ -41,6 +41,7 @@ from mesh_host.deps import Dependency, readiness
 from mesh_host.errors import HostError
 from mesh_host.handoff import Journal
 from mesh_identity import Signer, TrustBundle, Verifier
+from mesh_identity.datakeys import Keyring, read_key_file
 from mesh_kit import envelope as env
 from mesh_kit import telemetry as tel
 from mesh_kit import wire
@@ -88,6 +89,9 @@ class Mesh:
         self._meter = self.telemetry.meter_provider.get_meter("mesh_kit")
         self._counters: dict[str, Any] = {}  # created on first use; names come from mesh_kit.telemetry
         self.trust = Trust(settings, lambda: self.nc, self.count, signer=signer, verifier=verifier)
+        if settings.data_key_file is not None:  # tenants' content sealed at rest (issue 42)
+            kek = read_key_file(settings.data_key_file)
+            sealing.install(Keyring(kek, lambda: self.trust.verifier.bundle.data_keys))
         self.connection = Connection(settings, self.trust, self.tracer, self.count, security=security)
         self.limits = DecodeLimits(
             max_bytes=settings.decode_max_bytes,

@@ -26,11 +26,28 @@ class TrustBundle:
     grows with every change an operator publishes (rotation, revocation)."""
 
     def __init__(
-        self, principals: dict[str, Principal], auditors: dict[str, bytes] | None = None, revision: int = 0
+        self,
+        principals: dict[str, Principal],
+        auditors: dict[str, bytes] | None = None,
+        revision: int = 0,
+        data_keys: dict[str, str] | None = None,
     ) -> None:
         self.principals = principals
         self.auditors = auditors or {}
         self.revision = revision
+        self.data_keys = data_keys or {}
+        """Each tenant's data key, wrapped by the deployment's data key (``datakeys.wrap``): only a
+        holder of that key (the services, the operators) can unwrap one; an erased tenant has none."""
+
+    def changed(self, principals: dict[str, Principal] | None = None, **kw: object) -> TrustBundle:
+        """This bundle with ``principals`` (and ``auditors`` / ``data_keys`` if given) replaced and
+        its revision one higher: what rotation, revocation and erasure publish."""
+        return TrustBundle(
+            self.principals if principals is None else principals,
+            kw.get("auditors", self.auditors),  # type: ignore[arg-type]
+            self.revision + 1,
+            kw.get("data_keys", self.data_keys),  # type: ignore[arg-type]
+        )
 
     def approvers(self, tenant: str) -> list[Principal]:
         """The people named to decide ``tenant``'s held tool calls (``approver.<tenant>.<person>``),
@@ -70,7 +87,8 @@ class TrustBundle:
             if len(key_bytes) != 32:
                 raise IdentityError(f"trust bundle: auditor key of {tenant} is not a 32-byte X25519 key")
             auditors[tenant] = key_bytes
-        return cls(out, auditors, int(raw.get("revision", 0)))
+        data_keys = {str(t): str(w) for t, w in (raw.get("data_keys") or {}).items()}
+        return cls(out, auditors, int(raw.get("revision", 0)), data_keys)
 
     @classmethod
     def from_file(cls, path: str | Path) -> TrustBundle:
@@ -97,6 +115,7 @@ class TrustBundle:
                 "revision": self.revision,
                 "principals": {name: entry(p) for name, p in sorted(self.principals.items())},
                 "auditors": {t: base64.b64encode(k).decode() for t, k in sorted(self.auditors.items())},
+                "data_keys": dict(sorted(self.data_keys.items())),
             },
             indent=2,
         )

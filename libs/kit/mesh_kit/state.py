@@ -19,6 +19,7 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFound
 from nats.js.kv import KeyValue
 from pydantic import BaseModel
 
+from mesh_contracts.stored import Sealable
 from mesh_kit.errors import KitError
 
 log = logging.getLogger("mesh.state")
@@ -74,7 +75,14 @@ async def load(kv: KV, key: str, model: type[M], *, remember: bool = False) -> t
     raw, rev = await _raw(kv, key)
     if remember:
         _remember(_remembered(kv), key, raw, rev)
-    return (model.model_validate_json(raw), rev) if raw is not None else (None, 0)
+    return (_read(model, raw, key), rev) if raw is not None else (None, 0)
+
+
+def _read(model: type[M], raw: bytes, key: str) -> M:
+    """``raw`` as ``model``; a record's sealed fields opened (bound to ``key``)."""
+    if issubclass(model, Sealable):
+        return model.from_bytes(raw, key)
+    return model.model_validate_json(raw)
 
 
 class Conflict(KitError):
@@ -168,7 +176,7 @@ async def _update(
         # ``mutate`` may change what it is given; "no change" returns the stored value untouched.
         # Parsing the bytes again is several times cheaper than a deep copy of the model.
         try:
-            new = mutate(model.model_validate_json(raw) if raw is not None else None)
+            new = mutate(_read(model, raw, key) if raw is not None else None)
         except Exception:
             if fresh:
                 raise
@@ -179,8 +187,8 @@ async def _update(
                 raw, rev = await _raw(kv, key)
                 fresh = True
                 continue
-            return (model.model_validate_json(raw) if raw is not None else None), False
-        data = new.model_dump_json().encode()
+            return (_read(model, raw, key) if raw is not None else None), False
+        data = new.to_bytes(key) if isinstance(new, Sealable) else new.model_dump_json().encode()
         try:
             if rev == 0:
                 written = await kv.create(key, data)
@@ -209,4 +217,4 @@ async def from_leader(nc: Any, bucket: str, key: str, model: type[M]) -> M | Non
         return None
     if not stored.data or (stored.headers or {}).get("KV-Operation") in ("DEL", "PURGE"):
         return None
-    return model.model_validate_json(stored.data)
+    return _read(model, stored.data, key)

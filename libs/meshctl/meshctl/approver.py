@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import builtins
-import json
 import time
 import uuid
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import nats
 from nats.aio.client import Client as NATS
 
+from mesh_contracts.stored import APPROVAL_RECORD, open_stored
 from mesh_contracts.v1 import ApprovalDecided, PlanReviewed
 from mesh_durable.tail import Reader
 from mesh_identity import Signer
@@ -109,7 +109,7 @@ class Approver:
             entry = await self.kv.get(approval_id)
         except nats.js.errors.KeyNotFoundError:
             return None
-        return json.loads(entry.value) if entry.value else None
+        return _opened(entry.value, approval_id) if entry.value else None
 
     async def list(self, *, everything: bool = False) -> list[dict[str, Any]]:
         """Waiting approvals, oldest first (``everything``: decided ones too)."""
@@ -119,7 +119,7 @@ class Approver:
             current = await reader.current(BUCKET)  # every live record in one request, no consumer
         finally:
             await reader.close()
-        records = [json.loads(e.data) for e in current.values() if e.data]
+        records = [_opened(e.data, key) for key, e in current.items() if e.data]
         return sorted(
             (r for r in records if (everything or r["status"] == "pending") and self.tenant in (None, r["tenant"])),
             key=lambda r: r["requested_at"],
@@ -207,3 +207,10 @@ class Approver:
         from mesh_identity import TrustBundle
 
         return [p.name for p in TrustBundle.from_file(self.trust_bundle).approvers(tenant)]
+
+
+def _opened(data: bytes, key: str) -> dict[str, Any]:
+    """An approval record with the call and comment it seals opened (they are the tenant's
+    content: the person deciding sees them with the data keys ``meshctl`` holds)."""
+    value: dict[str, Any] = open_stored(data, key, APPROVAL_RECORD)
+    return value

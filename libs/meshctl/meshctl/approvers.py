@@ -86,7 +86,7 @@ async def add(
     key = new_signing_key()
     _write_secret(ids.signing_key(name), private_pem(key))
     added = Principal(name, role, tenant, key.public_key())
-    bundle = TrustBundle({**bundle.principals, name: added}, bundle.auditors, bundle.revision + 1)
+    bundle = bundle.changed({**bundle.principals, name: added})
     await publish_bundle(ids, bundle, nats_url)
     return name, bundle.revision
 
@@ -102,7 +102,7 @@ async def remove(
     if name not in bundle.principals:
         raise ApproverError(f"{name} is not an {role} (list them with: meshctl {role}s list)")
     remaining = {k: v for k, v in bundle.principals.items() if k != name}
-    bundle = TrustBundle(remaining, bundle.auditors, bundle.revision + 1)
+    bundle = bundle.changed(remaining)
     await publish_bundle(ids, bundle, nats_url)
     key = ids.signing_key(name)
     if key.exists():  # never trusted again, not even by meshctl init

@@ -16,10 +16,12 @@ from importlib.metadata import entry_points
 
 import nats
 
+from mesh_contracts.sealing import SealError
 from mesh_tenancy.door import DoorRefused
 from meshctl import options as opt
 from meshctl import release, review, workflow
 from meshctl.commands import approvals, backups, mesh, observe, operate, tasks, tenants
+from meshctl.identity import Identities
 from meshctl.local import MeshError
 
 DEFAULT_HOME = ".mesh"
@@ -52,8 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "home", None) is not None:
+            # tenants' content is sealed at rest: read and write it with the home's data keys
+            Identities(opt.home(args)).install_keyring()
         return int(args.fn(args))
-    except MeshError as exc:
+    except (MeshError, SealError) as exc:
         print(f"meshctl: {exc}", file=sys.stderr)
         return 2
     except DoorRefused as exc:  # the door did not take a tenant's message (its quota, a bad message)

@@ -36,11 +36,13 @@ from typing import Any
 from nats.aio.client import Client as NATS
 
 from mesh_contracts import lifecycle
+from mesh_contracts import topology as topo
 from mesh_contracts.v1.audit import TENANT_WIDE
 from mesh_contracts.v1.records import AdmissionRecord
 from mesh_durable.chain import AuditChain
 from mesh_durable.tail import DirectGetError
 from mesh_identity import Signer, TrustBundle
+from mesh_identity.datakeys import new_data_key, read_key_file, unwrap, wrap
 from meshctl.identity import Identities, _write_secret
 from meshctl.keeper import KeeperError, Streams, purge_approvals
 from meshctl.local import MeshError
@@ -58,6 +60,10 @@ class ErasureReport:
     at: float
     by: str = "admin"
     key_destroyed: bool = False
+    data_key_destroyed: bool = False
+    """The tenant's data key left the trust bundle (a new one took its place) and every earlier
+    revision of the bundle was purged: its content sealed anywhere (a stream's blocks on disk, a
+    backup of its streams, a record) is unreadable for good."""
     bundle_revision: int = 0
     places: list[dict[str, Any]] = field(default_factory=list)
     """Each place purged: stream, filter, how many messages and records it held of the tenant."""
@@ -97,28 +103,41 @@ async def running(streams: Streams, tenant: str) -> list[str]:
 
 
 def shred(ids: Identities, tenant: str) -> tuple[TrustBundle | None, bool]:
-    """The trust bundle without the tenant's auditor key (None: it held none), and whether a
-    private key was destroyed (overwritten, synced, removed)."""
+    """The trust bundle without the tenant's auditor key and with a new data key for it in place of
+    the one it had (None: it held neither), and whether a private key of the tenant's was destroyed
+    (each file overwritten, synced, removed: the auditor's key and the tenant's own copy of its
+    data key). What was sealed with the old data key stays sealed for good; the tenant goes on
+    with the new one (an erasure is of its data, not of its access)."""
     bundle = TrustBundle.from_file(ids.trust_bundle)
     out = None
-    if tenant in bundle.auditors:
-        out = TrustBundle(bundle.principals, {t: k for t, k in bundle.auditors.items() if t != tenant},
-                          bundle.revision + 1)  # fmt: skip
-    path = ids.auditor_key(tenant)
-    if not path.exists():
-        return out, False
-    size = max(path.stat().st_size, 64)
-    with path.open("r+b") as f:
-        f.write(os.urandom(size))
-        f.flush()
-        os.fsync(f.fileno())
-    path.unlink()
-    return out, True
+    if tenant in bundle.auditors:  # not erased yet (run again, it finds nothing more to destroy)
+        data_keys = {t: w for t, w in bundle.data_keys.items() if t != tenant}
+        fresh = new_data_key() if tenant in bundle.data_keys and ids.data_key.exists() else None
+        if fresh is not None:
+            data_keys[tenant] = wrap(read_key_file(ids.data_key), tenant, fresh)
+        out = bundle.changed(auditors={t: k for t, k in bundle.auditors.items() if t != tenant}, data_keys=data_keys)
+    destroyed = False
+    for path in (ids.auditor_key(tenant), *((ids.tenant_data_key(tenant),) if out is not None else ())):
+        if not path.exists():
+            continue
+        size = max(path.stat().st_size, 64)
+        with path.open("r+b") as f:
+            f.write(os.urandom(size))
+            f.flush()
+            os.fsync(f.fileno())
+        path.unlink()
+        destroyed = True
+    if out is not None and tenant in out.data_keys:
+        _write_secret(
+            ids.tenant_data_key(tenant), unwrap(read_key_file(ids.data_key), tenant, out.data_keys[tenant]).hex()
+        )
+    return out, destroyed
 
 
-async def purge(nc: NATS, stream: str, subjects: str) -> int | None:
-    """Purge ``subjects`` of ``stream``; how many were (None: no such stream here)."""
-    msg = await nc.request(f"$JS.API.STREAM.PURGE.{stream}", json.dumps({"filter": subjects}).encode(), timeout=10)
+async def purge(nc: NATS, stream: str, subjects: str, keep: int = 0) -> int | None:
+    """Purge ``subjects`` of ``stream`` (but the newest ``keep``); how many were (None: no such stream here)."""
+    request = {"filter": subjects, **({"keep": keep} if keep else {})}
+    msg = await nc.request(f"$JS.API.STREAM.PURGE.{stream}", json.dumps(request).encode(), timeout=10)
     out = json.loads(msg.data or b"{}")
     if "error" in out:
         if out["error"].get("err_code") == 10059:  # stream not found
@@ -183,10 +202,14 @@ async def erase(
                 f"{tenant} has {len(live)} tasks running ({', '.join(live[:5])}{'…' if len(live) > 5 else ''}): "
                 "stop its clients and cancel them first, or erase them too with --even-running"
             )
+        held = TrustBundle.from_file(ids.trust_bundle).data_keys.get(tenant)
         bundle, report.key_destroyed = shred(ids, tenant)
         if bundle is not None:
             await publish(bundle)
             report.bundle_revision = bundle.revision
+        # the bundle's earlier revisions hold the wrapped key: keep the newest only
+        await purge(nc, f"KV_{topo.TRUST_BUCKET}", f"$KV.{topo.TRUST_BUCKET}.{topo.TRUST_KEY}", keep=1)
+        report.data_key_destroyed = bundle is not None and held is not None and bundle.data_keys.get(tenant) != held
         await purge_broker(nc, streams, tenant, report)
     except KeeperError as exc:
         raise ErasureError(str(exc)) from None
@@ -204,7 +227,8 @@ async def erase(
     report.chain_link = await AuditChain(lambda: nc, lambda: signer).append(
         tenant, TENANT_WIDE, "tenant.erased", f"erased:{tenant}:{report.at:.3f}", actor="admin",
         detail={"purged": report.purged, "places": sum(1 for p in report.places if p["purged"]), "complete": report.complete,
-                "redis_keys": report.redis_keys, "key_destroyed": report.key_destroyed, "report_sha256": report.digest()},
+                "redis_keys": report.redis_keys, "key_destroyed": report.key_destroyed,
+                "data_key_destroyed": report.data_key_destroyed, "report_sha256": report.digest()},
     )  # fmt: skip
     return report
 

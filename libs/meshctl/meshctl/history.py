@@ -11,7 +11,6 @@ does not notice. Bodies and lines are redacted (tool arguments are stored as the
 from __future__ import annotations
 
 import heapq
-import json
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +19,7 @@ from nats.aio.client import Client as NATS
 
 from mesh_contracts import ContractError, parse_message
 from mesh_contracts import topology as topo
+from mesh_contracts.registry import open_body
 from mesh_durable.tail import Stored
 from mesh_guardrails.redact import redact, redact_value
 from mesh_identity import IdentityError, Verifier
@@ -148,7 +148,7 @@ def _entry(stream: str, s: Stored, verifier: Verifier) -> Entry:
         ).name
     except IdentityError as exc:
         sender = f"? ({exc})"
-    body = redact_value(json.loads(s.data))
+    body = redact_value(open_body(s.subject, s.data))
     return Entry(stream, s.seq, s.time, s.subject, model.type, sender, headers.get(env.MSG_ID, ""),
                  headers.get(env.CAUSATION, ""), redact(summary(model.type, body))[:160], body)  # fmt: skip
 

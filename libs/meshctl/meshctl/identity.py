@@ -9,7 +9,10 @@ Layout under the mesh home (``.mesh/`` by default)::
     secrets/keys/auditor.<tenant>.key            the tenant auditor's X25519 key: opens the destinations
                                                  the audit seals for the tenant (0600)
     secrets/audit.key                            the deployment's audit key: keyed hashes of destinations (0600)
-    trust-bundle.json                            public keys of every principal (not secret)
+    secrets/data.key                             the deployment's data key: wraps each tenant's data key (0600)
+    secrets/keys/data.<tenant>.key               the tenant's data key, for its clients: seals its content (0600)
+    trust-bundle.json                            public keys of every principal and each tenant's wrapped
+                                                 data key (not secret without data.key)
     nats/server.conf                             operator-mode config, memory resolver
 
 Account users are signed by an account *signing key*, so the account's identity key is
@@ -31,7 +34,9 @@ import nkeys
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from nacl.public import PrivateKey
 
+from mesh_contracts import sealing
 from mesh_identity import Principal, TrustBundle, load_private_key, new_signing_key, private_pem
+from mesh_identity.datakeys import Keyring, new_data_key, read_key_file, unwrap, wrap
 from mesh_kit import ServiceSettings
 from mesh_kit.settings import inbox_prefix, tls_context
 from meshctl import tls
@@ -239,6 +244,40 @@ class Identities:
         return self.secrets / "audit.key"
 
     @property
+    def data_key(self) -> Path:
+        """The deployment's data key: wraps each tenant's data key (``mesh_identity.datakeys``)."""
+        return self.secrets / "data.key"
+
+    def tenant_data_key(self, tenant: str) -> Path:
+        """The tenant's own data key, unwrapped: what its clients seal and open its content with."""
+        return self.secrets / "keys" / f"data.{tenant}.key"
+
+    def keyring(self) -> Keyring | None:
+        """Seals and opens every tenant's content as the services do (None: no data key here)."""
+        if not self.data_key.exists():
+            return None
+        kek = read_key_file(self.data_key)
+        state: dict[str, Any] = {"at": None, "keys": {}}
+
+        def wrapped() -> dict[str, str]:  # the bundle as the home holds it now (erasure rewrites it)
+            try:
+                st = self.trust_bundle.stat()
+            except FileNotFoundError:
+                return {}
+            if state["at"] != (st.st_mtime_ns, st.st_size):
+                state["at"], state["keys"] = (
+                    (st.st_mtime_ns, st.st_size),
+                    TrustBundle.from_file(self.trust_bundle).data_keys,
+                )
+            return state["keys"]  # type: ignore[no-any-return]
+
+        return Keyring(kek, wrapped)
+
+    def install_keyring(self) -> None:
+        """Read and write tenants' content sealed, in this process (``mesh_contracts.sealing``)."""
+        sealing.install(self.keyring())
+
+    @property
     def trust_bundle(self) -> Path:
         return self.home / "trust-bundle.json"
 
@@ -264,6 +303,7 @@ class Identities:
             trust_bundle_file=self.trust_bundle,
             redis_url=redis_file.read_text() if redis_file.exists() else "",
             tls_ca_file=self.tls_ca if self.tls_ca.exists() else None,
+            data_key_file=self.data_key if self.data_key.exists() else None,
             **overrides,
         )
 
@@ -312,6 +352,8 @@ class Identities:
             self.revoke_users(reissued)
         if not self.audit_key.exists():
             _write_secret(self.audit_key, os.urandom(32).hex())
+        if not self.data_key.exists():
+            _write_secret(self.data_key, new_data_key().hex())
         tls.mint(self.secrets / "tls" / "ca.key", self.tls_ca, *self.tls_server, _write_secret)
         self._write_trust_bundle(principals, tenants, existing)
         return preload
@@ -406,7 +448,13 @@ class Identities:
         """The trust bundle: every principal's key and every tenant auditor's (made once); its
         revision goes up when its content changed."""
         auditors = {t: bytes(_load_or_new_auditor(self.auditor_key(t)).public_key) for t in tenants}
-        bundle = TrustBundle(principals, auditors, existing.revision if existing else 0)
+        kek = read_key_file(self.data_key)
+        held = existing.data_keys if existing else {}
+        data_keys = {t: held[t] if t in held else wrap(kek, t, new_data_key()) for t in tenants}
+        for t in tenants:  # the tenant's own copy, which its clients seal and open with
+            if not self.tenant_data_key(t).exists():
+                _write_secret(self.tenant_data_key(t), unwrap(kek, t, data_keys[t]).hex())
+        bundle = TrustBundle(principals, auditors, existing.revision if existing else 0, data_keys)
         if existing is not None and bundle.dump() != existing.dump():
             bundle.revision += 1
         self.trust_bundle.write_text(bundle.dump())

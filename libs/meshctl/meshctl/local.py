@@ -35,7 +35,7 @@ from mesh_contracts import SERVICES
 from mesh_contracts import topology as topo
 from meshctl import reaper
 from meshctl.errors import MeshctlError
-from meshctl.identity import Identities
+from meshctl.identity import Identities, _write_secret
 from meshctl.provision import provision_as_admin
 
 
@@ -243,8 +243,6 @@ def redis_users(ids: Identities, port: int) -> Path:
         digest = hashlib.sha256(password.encode()).hexdigest()
         keys = "~*" if principal == "admin" else f"~{principal}:*"
         lines.append(f"user {principal} on #{digest} {keys} &* +@all -@dangerous +info")
-        from meshctl.identity import _write_secret
-
         _write_secret(ids.secrets / "redis" / f"{principal}.url", f"redis://{principal}:{password}@127.0.0.1:{port}/0")
     acl = ids.home / "redis" / "users.acl"
     acl.parent.mkdir(parents=True, exist_ok=True)
@@ -261,7 +259,7 @@ SET_PER_SERVICE = frozenset(
     {
         "MESH_SERVICE", "MESH_NATS_URL", "MESH_CREDS_FILE", "MESH_SIGNING_KEY_FILE", "MESH_TRUST_BUNDLE_FILE",
         "MESH_HEALTH_HOST", "MESH_HEALTH_PORT", "MESH_TENANTS", "MESH_REDIS_URL", "MESH_REDIS_URL_FILE",
-        "MESH_TLS_CA_FILE", "MESH_AUDIT_KEY_FILE", "MESH_HANDOFF_FILE",
+        "MESH_TLS_CA_FILE", "MESH_AUDIT_KEY_FILE", "MESH_DATA_KEY_FILE", "MESH_HANDOFF_FILE",
     }
 )  # fmt: skip
 NOT_SETTINGS = ("MESH_HOME", "MESH_TEST_", "MESH_CHAOS", "MESH_FAULTS")
@@ -296,6 +294,8 @@ def service_env(
         env["MESH_TLS_CA_FILE"] = str(ids.tls_ca)
     if service == "tool-executor" and ids.audit_key.exists():
         env["MESH_AUDIT_KEY_FILE"] = str(ids.audit_key)  # keyed hashes of where effects went
+    if ids.data_key.exists():  # wraps each tenant's data key, which seals the tenant's content at rest
+        env["MESH_DATA_KEY_FILE"] = str(ids.data_key)
     env.update(extra)
     return env
 

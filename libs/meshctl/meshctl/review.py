@@ -25,7 +25,7 @@ import asyncio
 import json
 import sys
 import time
-from typing import Any
+from typing import Any, cast
 
 import nats
 from nats.aio.client import Client as NATS
@@ -55,7 +55,7 @@ async def waiting(nc: NATS, tenant: str, task_id: str) -> tuple[PlanDrafted | No
     stored = await _last(js, STREAM, PlanDrafted.spec.subject(tenant, task_id))
     if stored is None:
         return None, ""
-    drafted = PlanDrafted.model_validate_json(stored.data)
+    drafted = cast(PlanDrafted, PlanDrafted.parse(stored.data))
     planned = await _last(js, STREAM, PlanCreated.spec.subject(tenant, task_id))
     if planned is not None:
         return drafted, "approved"
@@ -74,7 +74,7 @@ async def approvals(nc: NATS, tenant: str, task_id: str) -> list[WaitState]:
         return []
     if got.value is None:
         return []
-    rec = TaskRecord.model_validate_json(got.value)
+    rec = TaskRecord.from_bytes(got.value, TaskRecord.key(tenant, task_id))
     return sorted((w for w in rec.waits.values() if w.kind == "approval"), key=lambda w: w.started_at)
 
 
@@ -195,10 +195,13 @@ async def decide(
             d, state = await waiting(nc, tenant, task_id)
             if state == "approved":
                 planned = await _last(js, STREAM, PlanCreated.spec.subject(tenant, task_id))
-                return 0, f"approved: the plan runs as draft {PlanCreated.model_validate_json(planned.data).reviewed}"
+                return (
+                    0,
+                    f"approved: the plan runs as draft {cast(PlanCreated, PlanCreated.parse(planned.data)).reviewed}",
+                )
             if state == "ended":
                 failed = await _last(js, STREAM, TaskFailed.spec.subject(tenant, task_id))
-                return 0, (f"the task ended: {TaskFailed.model_validate_json(failed.data).reason}" if failed
+                return 0, (f"the task ended: {cast(TaskFailed, TaskFailed.parse(failed.data)).reason}" if failed
                            else "the task ended")  # fmt: skip
             if d is not None and d.draft != draft.draft:
                 return 0, render(d, "")

@@ -112,7 +112,7 @@ async def publish_bundle(
 
 
 def _with(bundle: TrustBundle, principals: dict[str, Principal]) -> TrustBundle:
-    return TrustBundle({**bundle.principals, **principals}, bundle.auditors, bundle.revision + 1)
+    return bundle.changed({**bundle.principals, **principals})
 
 
 def _raw(key: Ed25519PublicKey) -> bytes:
@@ -204,7 +204,7 @@ async def revoke(
         raise RotationError("the admin identity signs the bundles and cannot revoke itself")
     user = ids.user_of(principal).public_key.decode()
     remaining = {k: v for k, v in bundle.principals.items() if k != principal}
-    bundle = TrustBundle(remaining, bundle.auditors, bundle.revision + 1)
+    bundle = bundle.changed(remaining)
     await publish_bundle(ids, bundle, nats_url)
     for path in (ids.creds(principal), ids.signing_key(principal)):  # never trusted again, even by meshctl init
         if path.exists():

@@ -18,7 +18,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 
@@ -157,7 +157,7 @@ async def failed_calls(infra: Infra, tenant: str, tasks: list[str]) -> list[tupl
 
     wanted, out = set(tasks), []
     for m in await infra.stored("TOOL", f"tool.*.{tenant}.*.completed"):
-        answer = ToolCompleted.model_validate_json(m.data or b"{}")
+        answer = cast(ToolCompleted, ToolCompleted.parse(m.data or b"{}"))
         if answer.task_id in wanted and not answer.ok:
             out.append((answer.task_id, answer.tool, answer.error))
     return out
@@ -200,7 +200,7 @@ async def where_stuck(infra: Infra, tenant: str, tasks: list[str]) -> dict[str, 
             except Exception:  # noqa: BLE001 - no such key (or the bucket unreachable): say so
                 out[t] = "no record"
                 continue
-            rec = TaskRecord.model_validate_json(entry.value or b"{}")
+            rec = TaskRecord.from_bytes(entry.value or b"{}", TaskRecord.key(tenant, t))
             steps = ", ".join(f"{k}:{s.status}#{s.attempt}" for k, s in rec.steps.items())
             outbox = ", ".join(i.type for i in rec.outbox)
             out[t] = f"{rec.status} ({rec.reason}) steps [{steps}] outbox [{outbox}] check #{rec.check_attempt}"

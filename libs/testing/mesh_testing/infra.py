@@ -217,6 +217,7 @@ def running_infra(
     home = Path(tempfile.mkdtemp(prefix=f"agentmesh-{name}-"))
     ids = Identities(home)
     ids.mint(tenants)
+    ids.install_keyring()  # the test reads and writes tenants' content as the services do
     layout, redis_port = local.nats_nodes(cluster), local.free_port()
     url = ",".join(f"nats://127.0.0.1:{n.port}" for n in layout)
     try:

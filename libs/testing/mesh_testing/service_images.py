@@ -6,7 +6,7 @@ own unprivileged user (10001), a read-only root filesystem, every capability dro
 no-new-privileges, and only its own identity mounted, at the same paths as the Deployment's
 volumes:
 
-    /var/run/secrets/agentmesh/   nats.creds, signing-key.pem, redis-url, audit.key (0400, uid 10001)
+    /var/run/secrets/agentmesh/   nats.creds, signing-key.pem, redis-url, audit.key, data.key (0400, uid 10001)
     /etc/agentmesh/               trust-bundle.json, tls/ca.crt
 
 Networking is the host's (the engine runs with ``--bridge=none``, DESIGN.md section 9), so each
@@ -81,6 +81,7 @@ def stage_identity(ids: Identities, service: str) -> tuple[Path, Path]:
         secrets / "redis-url": ids.secrets / "redis" / f"{service}.url",
         config / "trust-bundle.json": ids.trust_bundle,
         config / "tls" / "ca.crt": ids.tls_ca,
+        secrets / "data.key": ids.data_key,  # the deployment's data key, every service's
     }
     if service == "tool-executor":
         files[secrets / "audit.key"] = ids.audit_key
@@ -107,7 +108,11 @@ def container_env(
             "MESH_HEALTH_HOST": "127.0.0.1",  # host networking: loopback only
         }
     )
-    for key, path in (("MESH_REDIS_URL_FILE", "redis-url"), ("MESH_AUDIT_KEY_FILE", "audit.key")):
+    for key, path in (
+        ("MESH_REDIS_URL_FILE", "redis-url"),
+        ("MESH_AUDIT_KEY_FILE", "audit.key"),
+        ("MESH_DATA_KEY_FILE", "data.key"),
+    ):
         if key in env:
             env[key] = f"{SECRETS_IN}/{path}"
     if "MESH_TLS_CA_FILE" in env:

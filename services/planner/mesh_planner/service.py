@@ -445,7 +445,7 @@ class Planner:
     async def on_step_completed(self, m: StepCompleted, d: Delivery) -> None:
         if m.retrievals and self.evidence is not None:  # by attempt: a redone step's records replace nothing
             key = Evidence.key(m.tenant, m.task_id, m.step_id, m.attempt)
-            await self.evidence.put(key, Evidence(records=list(m.retrievals)).model_dump_json().encode())
+            await self.evidence.put(key, Evidence(records=list(m.retrievals)).to_bytes(key))
         await self.transition(m.tenant, m.task_id, lambda rec: self.flow.step_completed(rec, m, d.msg_id))
 
     async def on_step_failed(self, m: StepFailed, d: Delivery) -> None:

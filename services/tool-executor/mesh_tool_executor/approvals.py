@@ -29,10 +29,11 @@ import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import ConfigDict
 
+from mesh_contracts.stored import APPROVAL_RECORD, Sealable
 from mesh_contracts.v1 import ToolRequested
 from mesh_durable.tail import Stored, Tail
 from mesh_kit import state as st
@@ -63,10 +64,13 @@ def approval_id(tenant: str, task_id: str, call_id: str) -> str:
     return "ap-" + hashlib.sha256(f"{tenant}.{task_id}.{call_id}".encode()).hexdigest()[:20]
 
 
-class ApprovalRecord(BaseModel):
-    """The ``approvals`` bucket's value, key: the approval id."""
+class ApprovalRecord(Sealable):
+    """The ``approvals`` bucket's value, key: the approval id. The call it holds (its arguments)
+    and the person's comment are the tenant's content, sealed at rest (``mesh_contracts.sealing``)."""
 
     model_config = ConfigDict(extra="allow")
+    sealed: ClassVar[tuple[str, ...]] = ("request", "comment")
+    seal_name: ClassVar[str] = APPROVAL_RECORD
 
     approval_id: str
     tenant: str
@@ -206,7 +210,7 @@ class Approvals:
         if entry.operation is not None or not entry.data:
             return
         try:
-            rec = ApprovalRecord.model_validate_json(entry.data)
+            rec = ApprovalRecord.from_bytes(entry.data, entry.subject.split(".", 2)[2])
         except ValueError:
             return
         if rec.status == "pending":

@@ -9,11 +9,12 @@ request alone determines (it is stored by the step's first checkpoint, see ``as_
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, PrivateAttr
 
 from mesh_agent.prompts import Prompt
+from mesh_contracts.stored import Sealable
 from mesh_contracts.v1 import Citation, HeldCall, SignedRecord, StepRequested, Taint, TokenUsage
 from mesh_guardrails.provenance import Text
 from mesh_llm import Message, ToolCall
@@ -27,8 +28,15 @@ class PendingCall(BaseModel):
     """Wall-clock time after which the call counts as timed out (an observation, not a crash)."""
 
 
-class StepRun(BaseModel):
+class StepRun(Sealable):
     """Checkpoint of one step's agent loop (``steps`` bucket, key ``<tenant>.<task>.<step>``)."""
+
+    sealed: ClassVar[tuple[str, ...]] = (
+        "request", "messages", "citations", "pending", "outcome", "held", "retrievals", "fixed_output",
+    )  # fmt: skip
+    """The step's conversation with the model and what it read and called: the tenant's content,
+    sealed at rest (``mesh_contracts.sealing``)."""
+    seal_name: ClassVar[str] = "record.step-run/v1"
 
     model_config = ConfigDict(extra="allow")
 

@@ -212,6 +212,8 @@ def render_erasure(r: Any, path: Path) -> str:
         f"(of {len(r.places)} looked in), {r.approvals} approval records, {r.redis_keys} Redis keys ({r.redis})",
         f"auditor key {'destroyed' if r.key_destroyed else 'not in this home'}; trust bundle revision "
         f"{r.bundle_revision or 'unchanged'}: the content fields of {r.tenant}'s audit links are unreadable for good",
+        f"data key {'destroyed (a new one took its place)' if r.data_key_destroyed else 'destroyed before'}: what was "
+        f"sealed with it anywhere (blocks on disk, backups) stays sealed",
     ]
     lines += [f"  {p['stream']:14} {p['filter']:44} {p['purged']}" for p in held]
     lines += [f"kept: {place}: {why}" for place, why in r.kept.items()]

@@ -1,0 +1,54 @@
+"""Values services store in key-value buckets with a tenant's content in some fields: those
+fields sealed at rest with the tenant's data key (``mesh_contracts.sealing``), each bound to the
+key the value is stored at, so a sealed value copied to another key does not open."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Self
+
+from pydantic import BaseModel
+
+from mesh_contracts import sealing
+from mesh_contracts.base import field_decoder
+from mesh_contracts.decode import decode
+
+
+class Sealable(BaseModel):
+    """A stored value with fields of a tenant's content, sealed at rest with its data key
+    (``mesh_contracts.sealing``): the tenant is the value's ``tenant`` field, else the first token
+    of the key it is stored at, and each sealed field is bound to that key."""
+
+    sealed: ClassVar[tuple[str, ...]] = ()
+    """Fields that carry the tenant's own content."""
+    seal_name: ClassVar[str] = ""
+    """What a sealed field is bound to besides its key (the schema's name)."""
+
+    def to_bytes(self, key: str = "") -> bytes:
+        """The stored form; with a keyring installed, the ``sealed`` fields sealed (``key``: where
+        the value is stored)."""
+        if not self.sealed or sealing.installed() is None:
+            return self.model_dump_json().encode()
+        if not key:
+            raise ValueError(f"{self.seal_name} seals tenant content: to_bytes needs the key it is stored at")
+        value = self.model_dump(mode="json")
+        tenant = str(value.get("tenant") or key.split(".")[0])
+        return sealing.dumps(sealing.seal_fields(value, self.sealed, tenant, f"{self.seal_name}|{key}"))
+
+    @classmethod
+    def from_bytes(cls, data: bytes, key: str = "") -> Self:
+        """The value stored at ``key``, its sealed fields opened (``SealError`` if they do not)."""
+        if b'"$sealed"' not in data:
+            return cls.model_validate_json(data)
+        return cls.model_validate(open_stored(data, key, cls.seal_name))
+
+
+APPROVAL_RECORD = "record.approval/v1"
+"""What an ``approvals`` record's sealed fields are bound to (the tool-executor writes it; the
+approvers' console reads it)."""
+
+
+def open_stored(data: bytes, key: str, name: str) -> Any:
+    """A stored value as JSON with its sealed fields opened (``name``: its ``seal_name``)."""
+    value = decode(data, max_bytes=len(data), unique_keys=False)
+    tenant = str(value.get("tenant") or key.split(".")[0])
+    return sealing.open_fields(value, tenant, f"{name}|{key}", field_decoder(max_bytes=len(data)))
