@@ -45,6 +45,26 @@ class Sealer(Protocol):
     def open(self, tenant: str, aad: bytes, token: str) -> bytes: ...
 
 
+BLOB = b"dk1b"
+"""A sealed blob (an index's document, a cache entry): ``dk1b`` + the sealed form as ASCII."""
+
+
+def seal_blob(tenant: str, aad: str, data: bytes) -> bytes:
+    """``data`` sealed to ``tenant``'s data key (as it is, without a keyring)."""
+    sealer = _sealer
+    return data if sealer is None else BLOB + sealer.seal(tenant, aad.encode(), data).encode()
+
+
+def open_blob(tenant: str, aad: str, data: bytes) -> bytes:
+    """``data`` opened if sealed (``SealError`` if it does not open here)."""
+    if not data.startswith(BLOB + PREFIX.encode()):
+        return data
+    sealer = _sealer
+    if sealer is None:
+        raise SealError(f"sealed with tenant {tenant!r}'s data key and this process holds no data keys")
+    return sealer.open(tenant, aad.encode(), data[len(BLOB) :].decode("ascii"))
+
+
 _sealer: Sealer | None = None
 
 

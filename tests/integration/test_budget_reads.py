@@ -122,7 +122,9 @@ async def publish_contents(infra: Infra, task: str) -> None:
         record = TaskRecord(tenant=TENANT, task_id=task, goal=f"goal {SECRET}", created_at=time.time())
         step = PlanStep(step_id="s1", instruction=f"summarise {SECRET}")
         record.steps["s1"] = StepState(step=step, status="completed", output=f"output {SECRET}")
-        await (await js.key_value(TaskRecord.bucket)).put(TaskRecord.key(TENANT, task), record.to_bytes())
+        await (await js.key_value(TaskRecord.bucket)).put(
+            TaskRecord.key(TENANT, task), record.to_bytes(TaskRecord.key(TENANT, task))
+        )
         status = StatusRecord(status="planning", created_at=record.created_at, limits=record.limits)
         await (await js.key_value(StatusRecord.bucket)).put(TaskRecord.key(TENANT, task), status.to_bytes())
 

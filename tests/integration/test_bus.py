@@ -118,7 +118,7 @@ async def test_forged_or_altered_messages_are_rejected_by_their_consumer(integra
     )
     token = signer.token(tenant="acme", msg_type=req.type, body=body, msg_id=task)
     if attack == "altered":
-        body = body.replace(b'"query":"q"', b'"query":"everything about globex"')
+        body = body.replace(b'"call_id":"c1"', b'"call_id":"c9"')  # a clear field (the query is sealed)
     async with running(rag):
         # published with the worker's own credentials: the broker lets it through; the token must not
         async with connect(integration_infra, "worker") as nc:

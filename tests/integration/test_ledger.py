@@ -8,6 +8,7 @@ import json
 import pytest
 from integration_helpers import running, settings_for
 
+from mesh_contracts import sealing
 from mesh_durable.ledger import BUCKET, Busy, Ledger
 from mesh_host import Mesh
 from mesh_kit import state as st
@@ -81,4 +82,7 @@ async def test_a_model_call_is_recorded_in_one_write_and_answers_every_later_att
             return {"text": "late"}
 
         assert await ledger.run(raced, slow, owner="STEP:2", attempt=1, claim=False) == {"text": "answer 2"}
-        assert json.loads((await kv.get(raced)).value)["result"] == {"text": "answer 2"}
+        assert await ledger.recorded(raced) == {"text": "answer 2"}
+        assert sealing.is_sealed(json.loads((await kv.get(raced)).value)["result"]), (
+            "a model's answer is sealed at rest"
+        )

@@ -61,7 +61,7 @@ async def _stored_steps(infra, task: str) -> list[tuple[str, int]]:
         sub = await js.subscribe(f"step.v1.acme.{task}.requested", ordered_consumer=True)
         out = []
         for _ in range(n):
-            m = StepRequested.model_validate_json((await sub.next_msg(timeout=5)).data)
+            m = StepRequested.parse((await sub.next_msg(timeout=5)).data)
             out.append((m.step.step_id, m.attempt))
         await sub.unsubscribe()
         return out

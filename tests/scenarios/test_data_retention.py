@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from mesh_contracts import lifecycle
+from mesh_contracts import lifecycle, sealing
 from mesh_contracts.v1 import TaskCompleted, TaskPolicy
 from mesh_testing.chaos import ChaosMesh, started
 from mesh_testing.infra import Infra, running_infra
@@ -222,6 +222,11 @@ def test_an_export_holds_the_tenants_data_only_and_its_chain_verifies_offline_an
                        "audit.v1.globex.", "$KV.tasks.globex.globex-x1", "$KV.status.globex.globex-x1"):  # fmt: skip
             assert any(s.startswith(wanted) for s in subjects), wanted
         assert any(s.startswith("$KV.rag.globex.") for s in subjects), "its documents and their index"
+        # As stored (sealed with globex's data key: the signatures are over those bytes), and opened.
+        (sub,) = [r for r in rows if r["subject"] == "task.v1.globex.globex-x1.submitted" and r["stream"] == "TASK"]
+        assert sealing.is_sealed(json.loads(sub["body"])["goal"]) and sub["opened"]["goal"] == GOAL
+        (rec,) = [r for r in rows if r["subject"] == "$KV.tasks.globex.globex-x1"][-1:]
+        assert sealing.is_sealed(json.loads(rec["body"])["goal"]) and rec["opened"]["goal"] == GOAL
 
         # Offline: no mesh is asked (a wrong URL would fail a connection); the chain is whole.
         assert await asyncio.to_thread(cli_main, ["audit", "verify", "--archive", str(out)]) == 0

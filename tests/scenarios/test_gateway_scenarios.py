@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from mesh_contracts.registry import open_body
 from mesh_contracts.v1 import TaskCompleted
 from mesh_testing.chaos import ChaosMesh, report
 from mesh_testing.fake_llm import Fault
@@ -174,7 +175,9 @@ async def test_a_provider_answering_under_another_model_id_has_every_paid_call_a
         calls = sum(a["total"]["calls"] for a in accounted)
         cost = sum(a["total"]["cost_usd"] for a in accounted)
         usage = [
-            json.loads(m.data) for r in runs for m in await infra.stored("USAGE", f"usage.v1.acme.{r.task_id}.recorded")
+            open_body(m.subject, m.data)
+            for r in runs
+            for m in await infra.stored("USAGE", f"usage.v1.acme.{r.task_id}.recorded")
         ]
         ceiling = await infra.spent("acme", "echo-ceiling")
     finally:

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import pytest
 
+from mesh_contracts.registry import open_body
 from mesh_contracts.v1 import TaskCompleted, TaskLimits, TaskPolicy
 from mesh_testing.chaos import ChaosMesh, admin_mcp_config, report
 from mesh_testing.infra import Infra, running_infra
@@ -254,7 +255,7 @@ def mesh(infra, mcp) -> Iterator[ChaosMesh]:
 
 async def stream_bodies(infra: Infra, stream: str, subject: str) -> list[tuple[str, dict]]:
     """Every stored message of ``stream`` matching ``subject``, as (subject, body)."""
-    return [(m.subject, json.loads(m.data)) for m in await infra.stored(stream, subject)]
+    return [(m.subject, open_body(m.subject, m.data)) for m in await infra.stored(stream, subject)]
 
 
 async def emails(infra: Infra, tenant: str) -> list[dict]:

@@ -30,6 +30,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from mesh_contracts.registry import open_body
 from mesh_contracts.v1 import TaskCompleted
 from mesh_identity import Signer
 from mesh_kit import envelope as env
@@ -222,7 +223,7 @@ async def answered(infra: Infra) -> dict[str, str]:
     well-formed request whose content is unusable is answered, not dead-lettered."""
     out = {}
     for m in await infra.stored("RAG", f"rag.v1.{TENANT}.*.ingested"):
-        body = json.loads(m.data)
+        body = open_body(m.subject, m.data)
         if not body.get("ok") and (cause := (m.headers or {}).get(env.CAUSATION)):
             out[cause] = "rag: " + body.get("error", "")
     return out

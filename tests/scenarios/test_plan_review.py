@@ -61,7 +61,7 @@ async def draft_of(infra: Infra, task_id: str, revision: int = 1, within_s: floa
     deadline = time.monotonic() + within_s
     while time.monotonic() < deadline:
         for m in reversed(await infra.stored("TASK", f"task.v1.acme.{task_id}.drafted")):
-            d = PlanDrafted.model_validate_json(m.data)
+            d = PlanDrafted.parse(m.data)
             if d.revision == revision:
                 return d
         await asyncio.sleep(0.1)
@@ -69,9 +69,7 @@ async def draft_of(infra: Infra, task_id: str, revision: int = 1, within_s: floa
 
 
 async def planned(infra: Infra, task_id: str) -> list[PlanCreated]:
-    return [
-        PlanCreated.model_validate_json(m.data) for m in await infra.stored("TASK", f"task.v1.acme.{task_id}.planned")
-    ]
+    return [PlanCreated.parse(m.data) for m in await infra.stored("TASK", f"task.v1.acme.{task_id}.planned")]
 
 
 async def links(infra: Infra, task_id: str) -> list[dict[str, Any]]:

@@ -25,6 +25,7 @@ import pytest
 import yaml
 
 from mesh_agent import prompts
+from mesh_contracts.registry import open_body
 from mesh_contracts.v1 import ReleaseChange, TaskCompleted, TaskFailed, TaskRejected, ToolCompleted, ToolRequested
 from mesh_contracts.v1.records import ReleaseChannel
 from mesh_contracts.v1.release import GLOBAL, CanaryTest
@@ -307,7 +308,7 @@ def test_a_release_that_denies_a_tool_takes_it_away_in_the_worker_and_the_tool_e
             if answers:
                 break
             await asyncio.sleep(0.1)
-        answer = ToolCompleted.model_validate_json(answers[0].data)
+        answer = ToolCompleted.parse(answers[0].data)
         assert (
             not answer.ok and answer.denied and answer.error == f"refused by policy: release {v} denies tool calculator"
         )
@@ -332,7 +333,7 @@ def test_a_releases_route_takes_the_agents_calls_to_another_chain_of_the_gateway
         models: dict[str, set[str]] = {}
         for task in ("routed", "unrouted"):
             for msg in await infra.stored("USAGE", f"usage.v1.acme.{task}.>"):
-                u = json.loads(msg.data)
+                u = open_body(msg.subject, msg.data)
                 if u["agent"] == "worker":
                     models.setdefault(task, set()).add(u["model"])
         return models

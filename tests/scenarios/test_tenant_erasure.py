@@ -145,13 +145,14 @@ def test_erasing_a_tenant_leaves_nothing_of_it_readable_and_the_other_tenant_who
         before, rbefore = await broker_holds(infra), await redis_holds(infra)
         for tenant, m in MARK.items():
             streams = {p.split()[0] for p in before[m]}
-            assert {"OUTBOX", "KV_rag"} <= streams, (tenant, sorted(streams))
+            # the sent email (the outside world), a document's name (its id, in the ingest answer)
+            assert {"OUTBOX", "RAG"} <= streams, (tenant, sorted(streams))
             sealed_places = {"TASK", "STEP", "TOOL", "CHECK", "AUDIT", "KV_tasks", "KV_steps", "KV_calls", "KV_ledger",
-                             "KV_evidence", "KV_approvals"}  # fmt: skip
+                             "KV_evidence", "KV_approvals", "KV_rag"}  # fmt: skip
             assert not streams & sealed_places, (tenant, sorted(streams & sealed_places))
         done = await infra.stored("TASK", "task.v1.acme.acme-e1.submitted")
         assert done and MARK["acme"] in cast(TaskSubmitted, TaskSubmitted.parse(done[-1].data)).goal.lower()
-        assert rbefore[MARK["acme"]], "the retrieval cache holds the document's passages"
+        assert not rbefore[MARK["acme"]], "the retrieval cache holds the passages sealed (the erasure deletes its keys)"
         chain = await opened_chain(infra, "acme")
         args = [r["detail"]["arguments"] for r in chain if "arguments" in r["detail"]]
         assert args and MARK["acme"] in json.dumps(args), "with the auditor key, the sealed arguments open"
@@ -167,10 +168,13 @@ def test_erasing_a_tenant_leaves_nothing_of_it_readable_and_the_other_tenant_who
         assert "unknown tenant 'nobody'" in capsys.readouterr().err
         assert (await broker_holds(infra))[MARK["acme"]] == before[MARK["acme"]]
 
+        key_before = TrustBundle.from_file(infra.ids.trust_bundle).data_keys["acme"].split(".")[0]
         assert await asyncio.to_thread(ctl, infra, "tenant", "erase", "acme", "--confirm", "acme", "--json") == 0
         report = json.loads(capsys.readouterr().out)
         assert report["key_destroyed"] and report["purged"] > 50 and report["redis_keys"] >= 1, report
         assert report["data_key_destroyed"], report
+        assert await asyncio.to_thread(ctl, infra, "tenant", "show", "acme", "--json") == 0
+        assert json.loads(capsys.readouterr().out)["data_key"] not in (None, key_before), "a new key, not the old"
         with pytest.raises(ContractError, match=r"does not hold \(the tenant was erased"):
             TaskSubmitted.parse(done[-1].data)  # a copy kept anywhere (a backup) no longer opens
         assert not infra.ids.auditor_key("acme").exists()

@@ -217,13 +217,14 @@ async def _the_quiet_tenant_is_untouched(infra: Infra, stream: str) -> None:
 
 
 async def test_ingest_bytes_per_minute_are_limited_per_tenant(infra, mesh):
-    """``slow`` may ingest 1 MiB a minute: four ingests of 400 KB in a row, the third is refused
+    """``slow`` may ingest 1 MiB a minute: four ingests of 400 KB in a row (300,000 characters, which
+    the client seals with the tenant's data key into 400 KB as stored), the third is refused
     ``rate_limited`` with the seconds until its bytes are allowed; ``quiet`` is not."""
     async with infra.client(SLOW) as slow:
-        stored, refused = await _flood(slow, [_ingest(SLOW, i, 400_000) for i in range(4)], concurrency=1)
+        stored, refused = await _flood(slow, [_ingest(SLOW, i, 300_000) for i in range(4)], concurrency=1)
     assert refused == {"rate_limited": 2} and 700_000 < stored < 1_000_000, (stored, refused)
     async with infra.client(QUIET) as quiet:
-        stored, refused = await _flood(quiet, [_ingest(QUIET, 100 + i, 400_000) for i in range(4)], concurrency=1)
+        stored, refused = await _flood(quiet, [_ingest(QUIET, 100 + i, 300_000) for i in range(4)], concurrency=1)
     assert not refused and stored > 1_500_000
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 import nats
 import pytest
 
+from mesh_contracts.registry import open_body
 from mesh_contracts.v1 import ApprovalDecided, RetrievalCompleted, TaskCompleted, TaskPolicy, ToolRequested
 from mesh_identity import Signer, TrustBundle
 from mesh_kit import envelope as env
@@ -111,7 +112,7 @@ async def pending(infra: Infra, task_id: str, within_s: float = 30.0) -> dict:
 
 
 async def audits(infra: Infra, tenant: str, task_id: str) -> list[dict]:
-    return [json.loads(m.data) for m in await infra.stored("TOOL", f"tool.v1.{tenant}.{task_id}.audited")]
+    return [open_body(m.subject, m.data) for m in await infra.stored("TOOL", f"tool.v1.{tenant}.{task_id}.audited")]
 
 
 async def settled(infra: Infra, approval: str, within_s: float = 15.0) -> dict:
@@ -140,7 +141,7 @@ async def answers(infra: Infra, tenant: str, task_id: str, within_s: float = 15.
     """The tool-executor's answers (``tool.completed``) of a task, once there is one."""
     deadline = time.monotonic() + within_s
     subject = f"tool.v1.{tenant}.{task_id}.completed"
-    while not (got := [json.loads(m.data) for m in await infra.stored("TOOL", subject)]):
+    while not (got := [open_body(m.subject, m.data) for m in await infra.stored("TOOL", subject)]):
         if time.monotonic() > deadline:
             raise AssertionError(f"no tool.completed for {task_id}")
         await asyncio.sleep(0.2)
@@ -560,7 +561,7 @@ def test_ingest_every_format_and_answer_with_provenance(infra, mesh):
 
 async def retrieval_events(infra: Infra, tenant: str, task_id: str) -> list[RetrievalCompleted]:
     stored = await infra.stored("RAG", f"rag.v1.{tenant}.{task_id}.completed")
-    return [RetrievalCompleted.model_validate_json(m.data) for m in stored]
+    return [RetrievalCompleted.parse(m.data) for m in stored]
 
 
 def test_reingest_replaces_old_chunks_and_the_cache_never_serves_a_stale_index(infra, mesh):

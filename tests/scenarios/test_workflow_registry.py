@@ -17,6 +17,8 @@ import nats
 import pytest
 import yaml
 
+from mesh_contracts.registry import open_body
+from mesh_contracts.stored import open_stored
 from mesh_contracts.v1 import PlanCreated, TaskCompleted, TaskFailed, TaskPolicy, TaskRejected, WorkflowChange
 from mesh_identity import Signer
 from mesh_tenancy.door import DoorRefused
@@ -130,7 +132,7 @@ async def status_of(infra: Infra, tenant: str, task_id: str) -> dict[str, Any]:
 
 async def plan_of(infra: Infra, tenant: str, task_id: str) -> PlanCreated:
     stored = await infra.stored("TASK", f"task.v1.{tenant}.{task_id}.planned")
-    return PlanCreated.model_validate_json(stored[-1].data)
+    return PlanCreated.parse(stored[-1].data)
 
 
 def test_a_published_version_runs_its_nodes_and_only_the_branch_its_conditions_choose(infra, mesh, authors,
@@ -355,7 +357,7 @@ def test_a_nodes_budget_share_is_its_own_ceiling_kept_by_the_budget(infra, mesh,
             reason
         )
         assert (await status_of(infra, "acme", "wf-shares"))["step_shares"] == {"first": 0.5, "thin": 0.01}
-        usage = [json.loads(m.data) for m in await infra.stored("USAGE", "usage.*.acme.wf-shares.*")]
+        usage = [open_body(m.subject, m.data) for m in await infra.stored("USAGE", "usage.*.acme.wf-shares.*")]
         steps = {u["step_id"] for u in usage}
         assert "first" in steps and "thin" not in steps, "refused before the call: nothing of it was spent"
 
@@ -444,7 +446,10 @@ def test_in_a_fixed_workflow_a_tool_the_model_adds_is_refused_and_the_defined_no
             entry = await (await nc.jetstream().key_value("steps")).get("acme.wf-inject.sum")
         finally:
             await nc.close()
-        said = [str(m.get("content", "")) for m in json.loads(entry.value or b"{}").get("messages", [])]
+        said = [
+            str(m.get("content", ""))
+            for m in open_stored(entry.value or b"{}", "acme.wf-inject.sum", "record.step-run/v1").get("messages", [])
+        ]
         assert any("tool 'http_get' is not available in this step (offered: none)" in m for m in said), said
 
     asyncio.run(main())
@@ -467,13 +472,13 @@ def test_tool_and_retrieve_nodes_make_exactly_their_call(infra, mesh, authors, t
         assert isinstance(out, TaskCompleted), out
         assert out.answer == "391 (guide/tokens.md)" and out.tools == ("search_docs", "calculator")
         assert [c.doc_id for c in out.citations][:1] == ["guide/tokens.md"]
-        requests = [json.loads(m.data) for m in await infra.stored("TOOL", "tool.v1.acme.wf-calls.requested")]
+        requests = [open_body(m.subject, m.data) for m in await infra.stored("TOOL", "tool.v1.acme.wf-calls.requested")]
         assert [(r["tool"], r["arguments"]) for r in requests] == [("calculator", {"expression": "17 * 23"})]
-        asked = [json.loads(m.data) for m in await infra.stored("RAG", "rag.v1.acme.wf-calls.*")]
+        asked = [open_body(m.subject, m.data) for m in await infra.stored("RAG", "rag.v1.acme.wf-calls.*")]
         assert {"query": "How are identity tokens checked?", "top_k": 2}.items() <= next(
             r for r in asked if r["type"] == "retrieval.requested"
         ).items()
-        usage = [json.loads(m.data) for m in await infra.stored("USAGE", "usage.v1.acme.wf-calls.>")]
+        usage = [open_body(m.subject, m.data) for m in await infra.stored("USAGE", "usage.v1.acme.wf-calls.>")]
         assert {u["step_id"] for u in usage} == {"answer"}, "no model call for a fixed call"
 
     asyncio.run(main())

@@ -86,7 +86,7 @@ async def submit(infra: Infra, task_id: str, workflow: str, inputs: dict[str, An
 
 async def stored(infra: Infra, stream: str, subject: str, cls: Any) -> list[tuple[float, Any]]:
     """(broker's stored time, message) of everything ``stream`` holds on ``subject``."""
-    return [(m.metadata.timestamp.timestamp(), cls.model_validate_json(m.data))
+    return [(m.metadata.timestamp.timestamp(), cls.parse(m.data))
             for m in await infra.stored(stream, subject)]  # fmt: skip
 
 

@@ -135,7 +135,7 @@ class Ledger:
             entry = await self.kv.get(key)
         held = json.loads(entry.value or b"{}")
         if held.get("status") == "done":
-            return _Done(held.get("result"))
+            return _Done(_opened(key, held)["result"])
         # ``>=``: the same delivery re-running in place (after the broker was unavailable) takes
         # back its own claim; a frozen older delivery (lower attempt) never does.
         same_message = owner and held.get("owner") == owner and attempt >= int(held.get("attempt", 0))
@@ -159,9 +159,15 @@ async def _done(kv: KV, key: str) -> _Done | None:
     record = json.loads(entry.value or b"{}")
     if record.get("status") != "done":
         return None
-    if sealing.is_sealed(record.get("result")):  # the tenant's content: opened with its data key
-        record = sealing.open_fields(record, _tenant(key), f"ledger|{key}", field_decoder())
-    return _Done(record["result"])
+    return _Done(_opened(key, record)["result"])
+
+
+def _opened(key: str, record: dict[str, Any]) -> dict[str, Any]:
+    """A done record with its result opened (the tenant's content, sealed with its data key)."""
+    if not sealing.is_sealed(record.get("result")):
+        return record
+    opened: dict[str, Any] = sealing.open_fields(record, _tenant(key), f"ledger|{key}", field_decoder())
+    return opened
 
 
 def _tenant(key: str) -> str:

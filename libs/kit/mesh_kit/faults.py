@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from mesh_kit.errors import KitError
 
@@ -26,8 +27,9 @@ class InjectedPoison(RuntimeError, KitError):
     """The failure a poison message causes (``MESH_FAULTS=poison``)."""
 
 
-def poison_point(body: bytes) -> None:
-    if _POISON and POISON_MARKER in body:
+def poison_point(body: bytes, model: Any = None) -> None:
+    """``body`` or, sealed, the message it carries (``model``) holds the marker: fail."""
+    if _POISON and (POISON_MARKER in body or (model is not None and POISON_MARKER in model.model_dump_json().encode())):
         raise InjectedPoison("injected poison: this message fails on every attempt")
 
 

@@ -48,10 +48,8 @@ class ServiceSettings(BaseSettings):
     trust_bundle_file: Path
     """Public keys of every principal."""
     data_key_file: OptionalPath = None
-    """The deployment's data key (64 hex characters, a mounted secret): it unwraps each tenant's
-    data key from the trust bundle, which seals the tenant's content at rest
-    (``mesh_contracts.sealing``). Without it the service writes content clear and cannot read
-    what is sealed."""
+    """The deployment's data key (64 hex, a mounted secret): it unwraps each tenant's data key, which seals the
+    tenant's content at rest (``mesh_contracts.sealing``); without it, content is written clear, sealed refused."""
     tls_ca_file: Path | None = None
     """The CA certificate that signed the NATS servers' certificate: with it the connection is
     TLS and the server is verified against it (``meshctl init`` mints one for a local mesh)."""

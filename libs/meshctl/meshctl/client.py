@@ -27,7 +27,7 @@ import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from mesh_contracts import Contract, ContractError, parse_message
+from mesh_contracts import Contract, ContractError, parse_message, sealing
 from mesh_contracts.topology import STREAMS, door_subject
 from mesh_contracts.v1 import (
     ControlCancel,
@@ -106,7 +106,10 @@ class TenantClient:
 
     @classmethod
     def of(cls, ids: Identities, nats_url: str, tenant: str) -> TenantClient:
-        """The tenant's own client with the identity a mesh home holds for it (not yet connected)."""
+        """The tenant's own client with the identity a mesh home holds for it (not yet connected);
+        the process seals and opens tenants' content with the home's keys, unless it holds some."""
+        if sealing.installed() is None:
+            ids.install_keyring()
         p = f"client.{tenant}"
         tls_ca = ids.tls_ca if ids.tls_ca.exists() else None
         return cls(nats_url, tenant, ids.creds(p), ids.signing_key(p), ids.trust_bundle, tls_ca)

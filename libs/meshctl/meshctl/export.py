@@ -8,6 +8,8 @@ The archive is a gzipped tar of JSON files, readable with nothing but ``tar`` an
   place by place (``mesh_contracts.lifecycle``: tasks, tools, usage, audit), exactly as stored:
   stream, sequence, time, subject, headers (the sender's signed identity token among them) and
   body (text, or base64 when it is not UTF-8);
+  Where the body holds the tenant's content sealed (``mesh_contracts.sealing``), ``opened`` gives
+  it opened with the tenant's data key;
 - ``places/kept/<bucket>.jsonl``: what is kept until removed (documents and their index, notes,
   workflow definitions, releases);
 - ``tasks.json``: each task with its submission time, outcome and how many messages it has;
@@ -37,6 +39,9 @@ from nats.aio.client import Client as NATS
 
 from mesh_contracts import lifecycle
 from mesh_contracts import topology as topo
+from mesh_contracts.errors import ContractsError
+from mesh_contracts.registry import open_body
+from mesh_contracts.stored import APPROVAL_RECORD, open_stored
 from mesh_durable.chain import Anchor, Verdict, verify
 from mesh_durable.tail import Stored
 from mesh_identity import TrustBundle, Verifier
@@ -52,12 +57,30 @@ class ArchiveError(MeshError):
     """The archive cannot be read, or does not match its manifest (one line)."""
 
 
+SEALED_AS = {"KV_tasks": "record.task/v1", "KV_evidence": "record.evidence/v1", "KV_steps": "record.step-run/v1",
+             "KV_approvals": APPROVAL_RECORD, "KV_ledger": "ledger", "KV_calls": "ledger", "KV_rag": "rag.manifest"}  # fmt: skip
+"""What a bucket's sealed fields are bound to, besides the key (``mesh_contracts.stored``)."""
+
+
 def _row(s: Stored, stream: str) -> dict[str, Any]:
     try:
-        body: dict[str, str] = {"body": s.data.decode()}
+        body: dict[str, Any] = {"body": s.data.decode()}
     except UnicodeDecodeError:
         body = {"body_b64": base64.b64encode(s.data).decode()}
+    if b'"$sealed"' in s.data:
+        body["opened"] = _opened(s, stream)
     return {"stream": stream, "seq": s.seq, "time": s.time, "subject": s.subject, "headers": s.headers, **body}
+
+
+def _opened(s: Stored, stream: str) -> Any:
+    """The body with the tenant's content opened (it is stored sealed with the tenant's data key;
+    ``body`` keeps the bytes the signatures and the chain are over), or why it does not open."""
+    try:
+        if stream.startswith("KV_"):
+            return open_stored(s.data, s.subject.split(".", 2)[2], SEALED_AS.get(stream, ""))
+        return open_body(s.subject, s.data)
+    except (ContractsError, ValueError) as exc:
+        return f"(sealed: {exc})"
 
 
 def _stored(row: dict[str, Any]) -> Stored:

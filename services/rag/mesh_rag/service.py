@@ -26,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from mesh_contracts import sealing
 from mesh_contracts.v1 import IngestCompleted, IngestRequested, RetrievalCompleted, RetrievalHit, RetrievalRequested
 from mesh_durable import redis
 from mesh_durable.redis import redis_client, redis_errors
@@ -207,8 +208,13 @@ class Rag:
         key = self._cache_key(m.tenant, manifest.version, m)
         cached = await self._cache_get(key)
         if cached is not None:
-            self.mesh.count(rag_metrics.M_RETRIEVAL_CACHE_HITS)
-            return [RetrievalHit.model_validate(h) for h in json.loads(cached)], manifest.version, True
+            try:  # the passages are the tenant's content: sealed in the cache (``mesh_contracts.sealing``)
+                hits = [RetrievalHit.model_validate(h) for h in json.loads(sealing.open_blob(m.tenant, key, cached))]
+            except (sealing.SealError, ValueError):
+                hits = None  # sealed with a key gone (the tenant erased): a miss
+            if hits is not None:
+                self.mesh.count(rag_metrics.M_RETRIEVAL_CACHE_HITS)
+                return hits, manifest.version, True
         if self._redis is not None:
             self.mesh.count(rag_metrics.M_RETRIEVAL_CACHE_MISSES)
         index = await self._index(m.tenant, manifest)
@@ -223,7 +229,8 @@ class Rag:
         found = index.search(m.query, m.top_k, method=m.method, query_vector=qv)
         hits = [_hit(c, s, manifest) for c, s in found]
         if self._caching():
-            await self._cache_set(key, json.dumps([h.model_dump(mode="json") for h in hits]))
+            plain = json.dumps([h.model_dump(mode="json") for h in hits]).encode()
+            await self._cache_set(key, sealing.seal_blob(m.tenant, key, plain))
         return hits, manifest.version, False
 
     # --- the cache: a miss, never a failure -------------------------------------------------
@@ -243,7 +250,7 @@ class Rag:
             return None
         return value
 
-    async def _cache_set(self, key: str, payload: str) -> None:
+    async def _cache_set(self, key: str, payload: bytes) -> None:
         try:
             await self._redis.set(key, payload, ex=CACHE_TTL_S)
         except redis_errors() as exc:

@@ -19,10 +19,12 @@ from __future__ import annotations
 import hashlib
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import BaseModel
 
+from mesh_contracts import sealing
+from mesh_contracts.stored import Sealable
 from mesh_kit import state as st
 from mesh_rag.errors import RagError
 from mesh_rag.index import Document
@@ -64,7 +66,11 @@ class DocEntry(BaseModel):
         return self.bytes or self.chunks * ESTIMATED_CHUNK_BYTES
 
 
-class Manifest(BaseModel):
+class Manifest(Sealable):
+    sealed: ClassVar[tuple[str, ...]] = ("docs",)
+    """The documents' names and titles are the tenant's content (``mesh_contracts.sealing``)."""
+    seal_name: ClassVar[str] = "rag.manifest"
+
     tenant: str
     docs: dict[str, DocEntry] = {}
     version: str = "empty"
@@ -100,8 +106,9 @@ class Store:
         return (m or Manifest(tenant=tenant)), rev
 
     async def put_document(self, tenant: str, doc: Document) -> DocEntry:
-        data = doc.to_bytes(vector_dtype="float16")  # halves the index; cosine changes by < 1e-3
         key = doc_key(tenant, doc.doc_id, doc.version)
+        clear = doc.to_bytes(vector_dtype="float16")  # halves the index; cosine changes by < 1e-3
+        data = sealing.seal_blob(tenant, f"rag.doc|{key}", clear)  # the tenant's document, sealed at rest
         parts = [data[i : i + PART_BYTES] for i in range(0, len(data), PART_BYTES)] or [b""]
         for i, part in enumerate(parts):
             await self.kv.put(f"{key}.{i}", part)
@@ -113,7 +120,7 @@ class Store:
             title=doc.title,
             media_type=doc.media_type,
             ingested_at=time.time(),
-            bytes=len(data),
+            bytes=len(clear),
         )
 
     async def load_document(self, entry: DocEntry) -> Document:
@@ -121,7 +128,7 @@ class Store:
         for i in range(entry.parts):
             got = await self.kv.get(f"{entry.key}.{i}")
             blobs.append(got.value or b"")
-        return Document.from_bytes(b"".join(blobs))
+        return Document.from_bytes(sealing.open_blob(entry.key.split(".")[0], f"rag.doc|{entry.key}", b"".join(blobs)))
 
     async def switch(
         self, tenant: str, doc_id: str, entry: DocEntry | None, quota: IndexQuota | None = None

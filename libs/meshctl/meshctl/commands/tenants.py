@@ -16,6 +16,7 @@ from nats.aio.client import Client as NATS
 
 from mesh_contracts import lifecycle
 from mesh_contracts.v1.tenants import TenantRecord
+from mesh_identity import TrustBundle
 from meshctl import keeper
 from meshctl import options as opt
 from meshctl.commands.common import admin, audit_as_admin, bucket, nats_url
@@ -132,6 +133,9 @@ def render(d: dict[str, Any]) -> str:
         lines.append(f"tasks not ended yet: everything of the tenant since {when(d['unended_since'])} is kept until "
                      "they end")  # fmt: skip
     lines += [f"{what}: {why}" for what, why in d["kept_until_removed"].items()]
+    if "data_key" in d:
+        lines.append(f"content sealed at rest with data key {d['data_key']}" if d["data_key"] else
+                     "no data key: its content is not written (erased and not re-keyed, or not provisioned)")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -142,6 +146,8 @@ def cmd_show(args: argparse.Namespace) -> int:
             d = await describe(nc, args.tenant, time.time())
         finally:
             await nc.close()
+        wrapped = TrustBundle.from_file(Identities(opt.home(args)).trust_bundle).data_keys.get(args.tenant)
+        d["data_key"] = wrapped.split(".", 1)[0] if wrapped else None
         print(json.dumps(d, indent=2) if args.json else render(d))
         return 0
 
