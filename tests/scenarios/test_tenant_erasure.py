@@ -245,3 +245,42 @@ def test_an_erasure_refuses_a_tenant_with_tasks_running_unless_told(infra, mesh,
                 await waiting
 
     asyncio.run(main())
+
+
+def test_a_backup_from_before_an_erasure_restores_the_tenants_data_still_sealed(infra, mesh, tmp_path, capsys):
+    """A backup taken before the erasure holds the tenant's messages sealed and the trust bundle of
+    its time (with the tenant's old wrapped key). Restored, its messages come back and stay
+    unreadable: the restore keeps the home's bundle, not the backup's, and no older revision of it."""
+
+    async def main() -> None:
+        async with infra.client("globex") as c:
+            run = await c.submit(goal("globex"), task_id="globex-b1", timeout=90)
+        assert isinstance(run.outcome, TaskCompleted), run.outcome
+        old = TrustBundle.from_file(infra.ids.trust_bundle).data_keys["globex"]
+        out = tmp_path / "before.tar"
+        assert await asyncio.to_thread(ctl, infra, "backup", "--out", str(out)) == 0
+        assert await asyncio.to_thread(ctl, infra, "tenant", "erase", "globex", "--confirm", "globex") == 0
+        assert not await infra.stored("TASK", "task.v1.globex.globex-b1.submitted")
+
+        args = ("restore", str(out), "--replace", "--stream", "KV_trust", "--stream", "TASK")
+        assert await asyncio.to_thread(ctl, infra, *args) == 0
+        capsys.readouterr()
+        (back,) = await infra.stored("TASK", "task.v1.globex.globex-b1.submitted")
+        assert MARK["globex"].encode() not in back.data.lower()
+        with pytest.raises(ContractError, match=r"does not hold \(the tenant was erased"):
+            TaskSubmitted.parse(back.data)
+        nc = await infra.admin()
+        try:
+            kv = await nc.jetstream().key_value("trust")
+            history = await kv.history("bundle")
+            published = TrustBundle.from_json(json.loads(history[-1].value)["bundle"])
+        finally:
+            await nc.close()
+        assert len(history) == 1, "no revision of the bundle holding the old key is left"
+        assert published.data_keys["globex"] == TrustBundle.from_file(infra.ids.trust_bundle).data_keys["globex"]
+        assert published.data_keys["globex"] != old
+        async with infra.client("acme") as c:  # the mesh goes on: another tenant's task after the restore
+            run = await c.submit("What is 6 * 7?", task_id="acme-after-restore", timeout=90)
+        assert isinstance(run.outcome, TaskCompleted), run.outcome
+
+    asyncio.run(main())

@@ -9,12 +9,15 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from mesh_identity import Signer
+from mesh_contracts import topology as topo
+from mesh_identity import Signer, TrustBundle
 from meshctl import backup
 from meshctl import options as opt
-from meshctl.commands.common import admin
+from meshctl.commands.common import admin, nats_url
+from meshctl.erase import purge
 from meshctl.identity import Identities
 from meshctl.local import MeshError
+from meshctl.rotation import publish_bundle
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
@@ -54,8 +57,17 @@ def cmd_restore(args: argparse.Namespace) -> int:
     async def run() -> dict[str, dict[str, int]]:
         nc = await admin(args)
         try:
-            signer = Signer.from_file("admin", Identities(home).signing_key("admin"))
-            return await backup.restore(nc, args.backup, replace=args.replace, only=args.stream or None, signer=signer)
+            ids = Identities(home)
+            signer = Signer.from_file("admin", ids.signing_key("admin"))
+            out = await backup.restore(nc, args.backup, replace=args.replace, only=args.stream or None, signer=signer)
+            if f"KV_{topo.TRUST_BUCKET}" in out and ids.trust_bundle.exists():
+                # The backup's bundle may predate a rotation, a revocation or an erasure (whose
+                # tenant's data key it still holds): the home's bundle stands, and only it is kept.
+                await publish_bundle(
+                    ids, TrustBundle.from_file(ids.trust_bundle), nats_url(args, home), only_if_newer=True
+                )
+                await purge(nc, f"KV_{topo.TRUST_BUCKET}", f"$KV.{topo.TRUST_BUCKET}.{topo.TRUST_KEY}", keep=1)
+            return out
         finally:
             await nc.close()
 
