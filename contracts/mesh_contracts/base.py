@@ -160,11 +160,12 @@ class Contract(BaseModel):
         return model
 
 
-def field_decoder(limits: DecodeLimits = DEFAULT_LIMITS, max_bytes: int = DEFAULT_MAX_BYTES) -> Any:
-    """The bounded decoder for what one sealed field held (any JSON value)."""
+def field_decoder(limits: DecodeLimits = DEFAULT_LIMITS) -> Any:
+    """The bounded decoder for what one sealed field held (any JSON value): nesting and integers
+    within ``limits``; its size is the sealed body's, which was bounded when that was decoded."""
 
     def one(plain: bytes) -> Any:
-        return decode(b'{"v":' + plain + b"}", max_bytes=max_bytes + 8, unique_keys=False, limits=limits)["v"]
+        return decode(b'{"v":' + plain + b"}", max_bytes=len(plain) + 6, unique_keys=False, limits=limits)["v"]
 
     return one
 

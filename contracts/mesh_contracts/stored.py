@@ -51,4 +51,4 @@ def open_stored(data: bytes, key: str, name: str) -> Any:
     """A stored value as JSON with its sealed fields opened (``name``: its ``seal_name``)."""
     value = decode(data, max_bytes=len(data), unique_keys=False)
     tenant = str(value.get("tenant") or key.split(".")[0])
-    return sealing.open_fields(value, tenant, f"{name}|{key}", field_decoder(max_bytes=len(data)))
+    return sealing.open_fields(value, tenant, f"{name}|{key}", field_decoder())

@@ -4,6 +4,7 @@ fields are sealed."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import typing
 
@@ -20,6 +21,7 @@ from mesh_contracts.v1 import (
     StepRequested,
     TaskCompleted,
     TaskSubmitted,
+    ToolCompleted,
     ToolRequested,
 )
 from mesh_contracts.v1.records import TaskRecord
@@ -170,11 +172,28 @@ def test_any_json_value_of_a_sealed_field_comes_back_as_it_was(value):
         sealing.install(None)
 
 
-def test_the_largest_document_still_fits_its_message_sealed(ring):
+def test_the_largest_document_still_fits_its_message_sealed_and_reads_back(ring):
     m = IngestRequested(
         tenant="acme", task_id="t1", doc_id="d", media_type="text/plain", content_b64="A" * MAX_INGEST_B64
     )
-    assert len(m.to_bytes()) <= IngestRequested.spec.max_bytes
+    body = m.to_bytes()
+    assert len(body) <= IngestRequested.spec.max_bytes
+    assert IngestRequested.parse(body) == m, "a sealed field is bounded by its message's limit, not a smaller one"
+
+
+def test_a_large_result_reads_back_from_the_message_and_from_the_ledger_record(ring):
+    from mesh_durable.ledger import _done, _record
+
+    page = "x" * 2_000_000  # a tool's web page: over 1 MB, within tool.completed's 4 MB
+    m = ToolCompleted(tenant="acme", task_id="t1", step_id="s", call_id="c", tool="fetch", ok=True, result=page)
+    assert ToolCompleted.parse(m.to_bytes()).result == page
+
+    class KV:
+        async def get(self, key):
+            return type("Entry", (), {"value": _record(key, {"text": page})})()
+
+    done = asyncio.run(_done(KV(), "tool-executor.acme.t1.c"))
+    assert done is not None and done.result == {"text": page}
 
 
 def test_the_statement_names_real_fields_and_every_free_text_field_of_a_tenant_is_sealed():
