@@ -43,12 +43,24 @@ class Sealable(BaseModel):
 
 
 APPROVAL_RECORD = "record.approval/v1"
-"""What an ``approvals`` record's sealed fields are bound to (the tool-executor writes it; the
-approvers' console reads it)."""
+"""An ``approvals`` record (the tool-executor writes it; the approvers' console reads it)."""
+STEP_RUN = "record.step-run/v1"
+"""A worker's checkpoint of a step (``steps``)."""
+LEDGER = "ledger"
+"""A recorded result (``ledger``, ``calls``; its key ``<service>.<tenant>.…``)."""
+RAG_MANIFEST = "rag.manifest"
+"""A tenant's index manifest (``rag``)."""
+SEALED_IN: dict[str, str] = {
+    "tasks": "record.task/v1", "evidence": "record.evidence/v1", "steps": STEP_RUN, "approvals": APPROVAL_RECORD,
+    "ledger": LEDGER, "calls": LEDGER, "rag": RAG_MANIFEST,
+}  # fmt: skip
+"""Per bucket, what its values' sealed fields are bound to besides their key (its ``seal_name``):
+for a reader of the bucket that is not the value's writer (``meshctl tenant export``)."""
 
 
-def open_stored(data: bytes, key: str, name: str) -> Any:
-    """A stored value as JSON with its sealed fields opened (``name``: its ``seal_name``)."""
+def open_stored(data: bytes, key: str, name: str, tenant: str | None = None) -> Any:
+    """A stored value as JSON with its sealed fields opened (``name``: its ``seal_name``; the
+    tenant: ``tenant``, else the value's ``tenant`` field, else the key's first token)."""
     value = decode(data, max_bytes=len(data), unique_keys=False)
-    tenant = str(value.get("tenant") or key.split(".")[0])
+    tenant = tenant or str(value.get("tenant") or key.split(".")[0])
     return sealing.open_fields(value, tenant, f"{name}|{key}", field_decoder())

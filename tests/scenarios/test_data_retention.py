@@ -225,6 +225,9 @@ def test_an_export_holds_the_tenants_data_only_and_its_chain_verifies_offline_an
         # As stored (sealed with globex's data key: the signatures are over those bytes), and opened.
         (sub,) = [r for r in rows if r["subject"] == "task.v1.globex.globex-x1.submitted" and r["stream"] == "TASK"]
         assert sealing.is_sealed(json.loads(sub["body"])["goal"]) and sub["opened"]["goal"] == GOAL
+        unopened = [(r["subject"], r["opened"]) for r in rows if str(r.get("opened", "")).startswith("(sealed")]
+        assert not unopened, "every sealed row of the tenant's export opens with its key"
+        assert any(r["stream"] == "KV_ledger" and "opened" in r for r in rows), "recorded results too"
         (rec,) = [r for r in rows if r["subject"] == "$KV.tasks.globex.globex-x1"][-1:]
         assert sealing.is_sealed(json.loads(rec["body"])["goal"]) and rec["opened"]["goal"] == GOAL
 

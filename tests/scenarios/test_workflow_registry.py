@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from mesh_contracts.registry import open_body
-from mesh_contracts.stored import open_stored
+from mesh_contracts.stored import STEP_RUN, open_stored
 from mesh_contracts.v1 import PlanCreated, TaskCompleted, TaskFailed, TaskPolicy, TaskRejected, WorkflowChange
 from mesh_identity import Signer
 from mesh_tenancy.door import DoorRefused
@@ -448,7 +448,7 @@ def test_in_a_fixed_workflow_a_tool_the_model_adds_is_refused_and_the_defined_no
             await nc.close()
         said = [
             str(m.get("content", ""))
-            for m in open_stored(entry.value or b"{}", "acme.wf-inject.sum", "record.step-run/v1").get("messages", [])
+            for m in open_stored(entry.value or b"{}", "acme.wf-inject.sum", STEP_RUN).get("messages", [])
         ]
         assert any("tool 'http_get' is not available in this step (offered: none)" in m for m in said), said
 

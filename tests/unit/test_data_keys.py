@@ -218,3 +218,20 @@ def test_the_readme_states_every_sealed_field():
             assert row in readme, f"the README's data section does not state {c.schema_id()}'s sealed fields: {row}"
     fields = ", ".join(f"`{f}`" for f in TaskRecord.sealed)
     assert f"| task records (bucket `tasks`) | {fields} |" in readme
+
+
+def test_each_bucket_names_what_its_writer_binds_its_values_to():
+    from mesh_contracts.stored import SEALED_IN
+    from mesh_contracts.v1.records import Evidence
+    from mesh_rag.store import Manifest
+    from mesh_tool_executor.approvals import ApprovalRecord
+    from mesh_worker.checkpoint import StepRun
+
+    writers = {
+        "tasks": TaskRecord,
+        "evidence": Evidence,
+        "steps": StepRun,
+        "approvals": ApprovalRecord,
+        "rag": Manifest,
+    }
+    assert {b: c.seal_name for b, c in writers.items()} == {b: SEALED_IN[b] for b in writers}

@@ -31,6 +31,7 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
 from mesh_contracts import sealing, topology
 from mesh_contracts.base import field_decoder
+from mesh_contracts.stored import LEDGER
 from mesh_durable.errors import DurableError
 from mesh_kit.delivery import Retry
 from mesh_kit.state import KV
@@ -166,7 +167,7 @@ def _opened(key: str, record: dict[str, Any]) -> dict[str, Any]:
     """A done record with its result opened (the tenant's content, sealed with its data key)."""
     if not sealing.is_sealed(record.get("result")):
         return record
-    opened: dict[str, Any] = sealing.open_fields(record, _tenant(key), f"ledger|{key}", field_decoder())
+    opened: dict[str, Any] = sealing.open_fields(record, _tenant(key), f"{LEDGER}|{key}", field_decoder())
     return opened
 
 
@@ -179,7 +180,7 @@ def _record(key: str, result: Any) -> bytes:
     """A done record; its result (a model's answer, a tool's output) sealed with the tenant's data
     key when a keyring is installed (``mesh_contracts.sealing``), bound to the key."""
     value = {"status": "done", "result": result, "at": time.time()}
-    return sealing.dumps(sealing.seal_fields(value, ("result",), _tenant(key), f"ledger|{key}"))
+    return sealing.dumps(sealing.seal_fields(value, ("result",), _tenant(key), f"{LEDGER}|{key}"))
 
 
 async def calls(mesh: Mesh) -> Ledger:

@@ -41,7 +41,7 @@ from mesh_contracts import lifecycle
 from mesh_contracts import topology as topo
 from mesh_contracts.errors import ContractsError
 from mesh_contracts.registry import open_body
-from mesh_contracts.stored import APPROVAL_RECORD, open_stored
+from mesh_contracts.stored import SEALED_IN, open_stored
 from mesh_durable.chain import Anchor, Verdict, verify
 from mesh_durable.tail import Stored
 from mesh_identity import TrustBundle, Verifier
@@ -57,27 +57,22 @@ class ArchiveError(MeshError):
     """The archive cannot be read, or does not match its manifest (one line)."""
 
 
-SEALED_AS = {"KV_tasks": "record.task/v1", "KV_evidence": "record.evidence/v1", "KV_steps": "record.step-run/v1",
-             "KV_approvals": APPROVAL_RECORD, "KV_ledger": "ledger", "KV_calls": "ledger", "KV_rag": "rag.manifest"}  # fmt: skip
-"""What a bucket's sealed fields are bound to, besides the key (``mesh_contracts.stored``)."""
-
-
-def _row(s: Stored, stream: str) -> dict[str, Any]:
+def _row(s: Stored, stream: str, tenant: str) -> dict[str, Any]:
     try:
         body: dict[str, Any] = {"body": s.data.decode()}
     except UnicodeDecodeError:
         body = {"body_b64": base64.b64encode(s.data).decode()}
     if b'"$sealed"' in s.data:
-        body["opened"] = _opened(s, stream)
+        body["opened"] = _opened(s, stream, tenant)
     return {"stream": stream, "seq": s.seq, "time": s.time, "subject": s.subject, "headers": s.headers, **body}
 
 
-def _opened(s: Stored, stream: str) -> Any:
+def _opened(s: Stored, stream: str, tenant: str) -> Any:
     """The body with the tenant's content opened (it is stored sealed with the tenant's data key;
     ``body`` keeps the bytes the signatures and the chain are over), or why it does not open."""
     try:
         if stream.startswith("KV_"):
-            return open_stored(s.data, s.subject.split(".", 2)[2], SEALED_AS.get(stream, ""))
+            return open_stored(s.data, s.subject.split(".", 2)[2], SEALED_IN.get(stream[3:], ""), tenant)
         return open_body(s.subject, s.data)
     except (ContractsError, ValueError) as exc:
         return f"(sealed: {exc})"
@@ -127,7 +122,7 @@ async def export(nc: NATS, tenant: str, out: Path, trust_bundle: str) -> dict[st
     for c in lifecycle.DATA_CLASSES:
         places = [*c.places(), *([lifecycle.STATUS] if c.name == "tasks" else [])]
         for i, place in enumerate(places):
-            rows = [_row(s, place.stream) for s in await audit.stored(nc, place.stream, place.of(tenant))]
+            rows = [_row(s, place.stream, tenant) for s in await audit.stored(nc, place.stream, place.of(tenant))]
             ex.add(f"places/{c.name}/{place.stream}.{i}.jsonl", rows)
             for r in rows if place.stream in topo.STREAMS.values() else ():
                 parts = r["subject"].split(".")
@@ -140,7 +135,7 @@ async def export(nc: NATS, tenant: str, out: Path, trust_bundle: str) -> dict[st
                     t["outcome"] = parts[-1]
     for bucket, keys in KEPT.items():
         rows = [
-            _row(s, f"KV_{bucket}")
+            _row(s, f"KV_{bucket}", tenant)
             for s in await audit.stored(nc, f"KV_{bucket}", f"$KV.{bucket}.{keys.format(t=tenant)}")
         ]
         ex.add(f"places/kept/{bucket}.jsonl", rows)

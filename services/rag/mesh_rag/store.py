@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel
 
 from mesh_contracts import sealing
-from mesh_contracts.stored import Sealable
+from mesh_contracts.stored import RAG_MANIFEST, Sealable
 from mesh_kit import state as st
 from mesh_rag.errors import RagError
 from mesh_rag.index import Document
@@ -69,7 +69,7 @@ class DocEntry(BaseModel):
 class Manifest(Sealable):
     sealed: ClassVar[tuple[str, ...]] = ("docs",)
     """The documents' names and titles are the tenant's content (``mesh_contracts.sealing``)."""
-    seal_name: ClassVar[str] = "rag.manifest"
+    seal_name: ClassVar[str] = RAG_MANIFEST
 
     tenant: str
     docs: dict[str, DocEntry] = {}

@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict, PrivateAttr
 
 from mesh_agent.prompts import Prompt
-from mesh_contracts.stored import Sealable
+from mesh_contracts.stored import STEP_RUN, Sealable
 from mesh_contracts.v1 import Citation, HeldCall, SignedRecord, StepRequested, Taint, TokenUsage
 from mesh_guardrails.provenance import Text
 from mesh_llm import Message, ToolCall
@@ -36,7 +36,7 @@ class StepRun(Sealable):
     )  # fmt: skip
     """The step's conversation with the model and what it read and called: the tenant's content,
     sealed at rest (``mesh_contracts.sealing``)."""
-    seal_name: ClassVar[str] = "record.step-run/v1"
+    seal_name: ClassVar[str] = STEP_RUN
 
     model_config = ConfigDict(extra="allow")
 
