@@ -23,23 +23,27 @@ class Sealable(BaseModel):
     seal_name: ClassVar[str] = ""
     """What a sealed field is bound to besides its key (the schema's name)."""
 
+    @classmethod
+    def seal_id(cls) -> str:
+        return cls.seal_name
+
     def to_bytes(self, key: str = "") -> bytes:
         """The stored form; with a keyring installed, the ``sealed`` fields sealed (``key``: where
         the value is stored)."""
         if not self.sealed or sealing.installed() is None:
             return self.model_dump_json().encode()
         if not key:
-            raise ValueError(f"{self.seal_name} seals tenant content: to_bytes needs the key it is stored at")
+            raise ValueError(f"{self.seal_id()} seals tenant content: to_bytes needs the key it is stored at")
         value = self.model_dump(mode="json")
         tenant = str(value.get("tenant") or key.split(".")[0])
-        return sealing.dumps(sealing.seal_fields(value, self.sealed, tenant, f"{self.seal_name}|{key}"))
+        return sealing.dumps(sealing.seal_fields(value, self.sealed, tenant, f"{self.seal_id()}|{key}"))
 
     @classmethod
     def from_bytes(cls, data: bytes, key: str = "") -> Self:
         """The value stored at ``key``, its sealed fields opened (``SealError`` if they do not)."""
         if b'"$sealed"' not in data:
             return cls.model_validate_json(data)
-        return cls.model_validate(open_stored(data, key, cls.seal_name))
+        return cls.model_validate(open_stored(data, key, cls.seal_id()))
 
 
 APPROVAL_RECORD = "record.approval/v1"
@@ -54,12 +58,12 @@ SEALED_IN: dict[str, str] = {
     "tasks": "record.task/v1", "evidence": "record.evidence/v1", "steps": STEP_RUN, "approvals": APPROVAL_RECORD,
     "ledger": LEDGER, "calls": LEDGER, "rag": RAG_MANIFEST,
 }  # fmt: skip
-"""Per bucket, what its values' sealed fields are bound to besides their key (its ``seal_name``):
+"""Per bucket, what its values' sealed fields are bound to besides their key (its ``seal_id()``):
 for a reader of the bucket that is not the value's writer (``meshctl tenant export``)."""
 
 
 def open_stored(data: bytes, key: str, name: str, tenant: str | None = None) -> Any:
-    """A stored value as JSON with its sealed fields opened (``name``: its ``seal_name``; the
+    """A stored value as JSON with its sealed fields opened (``name``: its ``seal_id()``; the
     tenant: ``tenant``, else the value's ``tenant`` field, else the key's first token)."""
     value = decode(data, max_bytes=len(data), unique_keys=False)
     tenant = tenant or str(value.get("tenant") or key.split(".")[0])

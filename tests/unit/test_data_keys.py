@@ -234,4 +234,4 @@ def test_each_bucket_names_what_its_writer_binds_its_values_to():
         "approvals": ApprovalRecord,
         "rag": Manifest,
     }
-    assert {b: c.seal_name for b, c in writers.items()} == {b: SEALED_IN[b] for b in writers}
+    assert {b: c.seal_id() for b, c in writers.items()} == {b: SEALED_IN[b] for b in writers}

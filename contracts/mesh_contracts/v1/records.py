@@ -57,14 +57,13 @@ class Record(Sealable):
     record_version: Literal[1] = 1
     """Format version. A reader refuses a version it does not know instead of misreading it."""
 
-    def __init_subclass__(cls, **kw: Any) -> None:
-        super().__init_subclass__(**kw)
-        if "name" in cls.__dict__:
-            cls.seal_name = f"record.{cls.name}/v1"
-
     @classmethod
     def schema_id(cls) -> str:
         return f"record.{cls.name}/v1"
+
+    @classmethod
+    def seal_id(cls) -> str:
+        return cls.schema_id()
 
 
 class StepState(BaseModel):

@@ -39,14 +39,20 @@ class TrustBundle:
         """Each tenant's data key, wrapped by the deployment's data key (``datakeys.wrap``): only a
         holder of that key (the services, the operators) can unwrap one; an erased tenant has none."""
 
-    def changed(self, principals: dict[str, Principal] | None = None, **kw: object) -> TrustBundle:
-        """This bundle with ``principals`` (and ``auditors`` / ``data_keys`` if given) replaced and
-        its revision one higher: what rotation, revocation and erasure publish."""
+    def changed(
+        self,
+        principals: dict[str, Principal] | None = None,
+        *,
+        auditors: dict[str, bytes] | None = None,
+        data_keys: dict[str, str] | None = None,
+    ) -> TrustBundle:
+        """This bundle with what is given replaced and its revision one higher: what rotation,
+        revocation and erasure publish."""
         return TrustBundle(
             self.principals if principals is None else principals,
-            kw.get("auditors", self.auditors),  # type: ignore[arg-type]
+            self.auditors if auditors is None else auditors,
             self.revision + 1,
-            kw.get("data_keys", self.data_keys),  # type: ignore[arg-type]
+            self.data_keys if data_keys is None else data_keys,
         )
 
     def approvers(self, tenant: str) -> list[Principal]:

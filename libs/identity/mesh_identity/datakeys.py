@@ -94,31 +94,21 @@ def unwrap(deployment_key: bytes, tenant: str, wrapped: str) -> bytes:
 class Keyring:
     """Seals and opens tenants' content (``mesh_contracts.sealing.Sealer``) with the data keys the
     trust bundle of the moment carries (``wrapped``: tenant -> wrapped key), unwrapped with the
-    deployment's key once each. ``own`` holds keys given as they are (a tenant's client holding
-    its own data key and no deployment key)."""
+    deployment's key once each."""
 
-    def __init__(
-        self,
-        deployment_key: bytes | None,
-        wrapped: Callable[[], Mapping[str, str]] = dict,
-        own: Mapping[str, bytes] | None = None,
-    ) -> None:
+    def __init__(self, deployment_key: bytes, wrapped: Callable[[], Mapping[str, str]]) -> None:
         self._kek = deployment_key
         self._wrapped = wrapped
-        self._own = dict(own or {})
         self._cache: dict[tuple[str, str], tuple[str, bytes, bytes]] = {}
 
     def key(self, tenant: str) -> tuple[str, bytes, bytes] | None:
         """(id, key, nonce key) of ``tenant``'s data key, or None when it has none here."""
         w = self._wrapped().get(tenant)
-        if w is None or self._kek is None:
-            own = self._own.get(tenant)
-            if own is None:
-                return None
-            w = "own:" + key_id(own)
+        if w is None:
+            return None
         got = self._cache.get((tenant, w))
         if got is None:
-            key = unwrap(self._kek, tenant, w) if not w.startswith("own:") else self._own[tenant]  # type: ignore[arg-type]
+            key = unwrap(self._kek, tenant, w)
             got = (key_id(key), key, hashlib.blake2b(b"mesh-seal-nonce", key=key, digest_size=32).digest())
             if len(self._cache) > 100_000:
                 self._cache.clear()
