@@ -73,29 +73,20 @@ def test_an_empty_field_stays_as_it_is(ring):
     assert raw["citations"] == [] and raw["checks"] == [] and sealing.is_sealed(raw["answer"])
 
 
-@pytest.mark.parametrize(
-    ("change", "why"),
-    [
-        (lambda b: b.replace(b'"task_id":"t1"', b'"task_id":"t2"'), "another task"),
-        (lambda b: b.replace(b'"type":"task.submitted"', b'"type":"task.submitted","x":1'), None),
-    ],
-)
-def test_a_sealed_value_does_not_open_anywhere_else(ring, change, why):
+def test_a_sealed_value_moved_to_another_task_does_not_open_and_a_field_beside_it_changes_nothing(ring):
     body = TaskSubmitted(tenant="acme", task_id="t1", goal=MARK).to_bytes()
-    changed = change(body)
-    if why is None:  # a field added beside it: the sealed value is still in its place
-        assert TaskSubmitted.parse(changed).goal == MARK
-        return
     with pytest.raises(ContractError, match="does not open here: altered, or moved"):
-        TaskSubmitted.parse(changed)
+        TaskSubmitted.parse(body.replace(b'"task_id":"t1"', b'"task_id":"t2"'))
+    beside = body.replace(b'"type":"task.submitted"', b'"type":"task.submitted","x":1')
+    assert TaskSubmitted.parse(beside).goal == MARK
 
 
 def test_a_sealed_field_moved_to_another_tenant_or_field_does_not_open(ring):
     acme = json.loads(TaskSubmitted(tenant="acme", task_id="t1", goal=MARK).to_bytes())
     globex = json.loads(TaskSubmitted(tenant="globex", task_id="t1", goal="mine").to_bytes())
     globex["goal"] = acme["goal"]
-    with pytest.raises(ContractError, match=r"data key .* which this process does not hold|does not open"):
-        TaskSubmitted.parse(json.dumps(globex))
+    with pytest.raises(ContractError, match=r"of tenant 'globex', which this process does not hold"):
+        TaskSubmitted.parse(json.dumps(globex))  # sealed with acme's key: not globex's
     call = json.loads(ToolRequested(tenant="acme", task_id="t1", step_id="s", call_id="c", tool="calc",
                                     arguments={"x": MARK}).to_bytes())  # fmt: skip
     step = json.loads(

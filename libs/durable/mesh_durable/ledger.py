@@ -165,8 +165,6 @@ async def _done(kv: KV, key: str) -> _Done | None:
 
 def _opened(key: str, record: dict[str, Any]) -> dict[str, Any]:
     """A done record with its result opened (the tenant's content, sealed with its data key)."""
-    if not sealing.is_sealed(record.get("result")):
-        return record
     opened: dict[str, Any] = sealing.open_fields(record, _tenant(key), f"{LEDGER}|{key}", field_decoder())
     return opened
 

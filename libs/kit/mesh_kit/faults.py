@@ -27,9 +27,9 @@ class InjectedPoison(RuntimeError, KitError):
     """The failure a poison message causes (``MESH_FAULTS=poison``)."""
 
 
-def poison_point(body: bytes, model: Any = None) -> None:
-    """``body`` or, sealed, the message it carries (``model``) holds the marker: fail."""
-    if _POISON and (POISON_MARKER in body or (model is not None and POISON_MARKER in model.model_dump_json().encode())):
+def poison_point(model: Any) -> None:
+    """The message (as decoded: a sealed body holds the marker only inside) holds the marker: fail."""
+    if _POISON and POISON_MARKER in model.model_dump_json().encode():
         raise InjectedPoison("injected poison: this message fails on every attempt")
 
 

@@ -27,7 +27,7 @@ async def handle(
 ) -> None:
     """Run ``handler`` on the message, in its context (cause, release), re-run in place while the
     infrastructure is away (``rerun``). Its exceptions are the settle stage's to judge."""
-    faults.poison_point(delivery.body, model)
+    faults.poison_point(model)
     cause = env.CAUSE.set(delivery.msg_id)
     release = env.RELEASE.set((model.tenant, model.task_id, model.release) if model.release else None)
     try:
