@@ -8,8 +8,9 @@ The archive is a gzipped tar of JSON files, readable with nothing but ``tar`` an
   place by place (``mesh_contracts.lifecycle``: tasks, tools, usage, audit), exactly as stored:
   stream, sequence, time, subject, headers (the sender's signed identity token among them) and
   body (text, or base64 when it is not UTF-8);
-  Where the body holds the tenant's content sealed (``mesh_contracts.sealing``), ``opened`` gives
-  it opened with the tenant's data key;
+  Where the body holds the tenant's content in sealed fields (``mesh_contracts.sealing``),
+  ``opened`` gives it opened with the tenant's data key (the index's document versions, sealed
+  whole in parts, are kept as stored: the documents are in the ingest messages);
 - ``places/kept/<bucket>.jsonl``: what is kept until removed (documents and their index, notes,
   workflow definitions, releases);
 - ``tasks.json``: each task with its submission time, outcome and how many messages it has;
