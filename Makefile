@@ -17,7 +17,7 @@ DEPLOY_CHECK_ARGS ?=
 IMAGES_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo demo-local eval up down status submit bench bench-peers chaos test test-loaded test-unit test-integration test-e2e lint fmt settings-docs contracts contracts-check dashboard-check pins deploy-tools deploy-check images test-images clean
+.PHONY: help setup demo demo-local eval eval-local up down status submit bench bench-peers chaos test test-loaded test-unit test-integration test-e2e lint fmt settings-docs contracts contracts-check dashboard-check pins deploy-tools deploy-check images test-images clean
 
 help: ## list every target with one line each
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -43,6 +43,9 @@ demo: setup ## bring the local mesh up, run one task end to end, print the resul
 
 demo-local: setup ## the demo with SmolLM2-135M-Instruct on the CPU, offline (builds llama.cpp once, ~12 min)
 	bash infra/local-model/demo.sh
+
+eval-local: setup ## the starter golden set on the local model (builds llama.cpp once): a benchmark with its own baseline, not a gate
+	bash infra/local-model/eval.sh
 
 eval: setup ## run the starter golden dataset on a local mesh (scripted model) and gate on it
 	@set -o pipefail; home=$(MESH_HOME)/eval; \

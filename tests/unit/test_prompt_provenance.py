@@ -126,11 +126,15 @@ def undelimited(request: ModelRequest, canaries: Canaries, msg_type: str) -> dic
     return found
 
 
-def _worker(model: Recording):
+def _worker(model: Recording, *, retrieve_first: bool = False):
+    """A worker on a fake mesh. Its first retrieval is off unless asked for: the walk below
+    drives one message per model call, as a model that searches itself is driven."""
     from mesh_worker.service import Worker
+    from mesh_worker.settings import WorkerSettings
 
     mesh = FakeMesh()
-    worker = Worker(mesh, model)  # type: ignore[arg-type]
+    settings = WorkerSettings.defaults().model_copy(update={"retrieve_first": retrieve_first})
+    worker = Worker(mesh, model, settings)  # type: ignore[arg-type]
     worker.steps, worker.ledger = MemoryKV(), Ledger(MemoryKV(), "worker")
     worker.calls.use_catalogue(Registry().catalogue())  # what the tool-executor publishes
     return mesh, worker
@@ -253,6 +257,38 @@ async def test_every_string_of_every_message_reaches_the_model_delimited_and_tai
     done = mesh.last(StepCompleted)
     assert done.taint is not None and done.taint.untrusted, "the output carries what the step read"
     assert [(h.tool, len(h.destinations)) for h in done.held] == [("send_email", 1)], "named in the outcome"
+
+
+async def test_passages_retrieved_before_the_first_turn_reach_the_model_delimited_and_cited():
+    """Retrieve first: the step's instruction is the query; the passages enter the context under
+    the grounding label, every string of the retrieval's answer inside an untrusted block; the
+    step is tainted by them, and the model's answer cites them (the outcome carries the record)."""
+    from mesh_llm.context import GROUNDING_LABEL
+
+    model = Recording({})
+    mesh, worker = _worker(model, retrieve_first=True)
+    step = PlanStep(step_id="s2", kind="research", instruction="Find: refund policy", tools=("search_docs",))
+    await worker.on_step(StepRequested(**T, step=step), None)
+    assert model.requests == [], "the model is not asked before the passages are in"
+    asked = mesh.last(RetrievalRequested_)
+    assert (asked.query, asked.top_k) == ("Find: refund policy", 3)
+
+    canaries = Canaries()
+    hit = RetrievalHit(doc_id="a.md", version="v1", chunk_id="0", chunk_hash="h", score=0.9,
+                       text="Refund policy: refunds take five days.", title="x")  # fmt: skip
+    done = canaries.of(RetrievalCompleted(**T, step_id="s2", call_id=asked.call_id, hits=(hit,), index_version="iv"))
+    await worker.on_retrieval(done, None)
+    (prompt,) = model.requests
+    assert undelimited(prompt, canaries, done.type) == {}
+    (grounding,) = [m for m in prompt.messages if m.content.startswith(GROUNDING_LABEL)]
+    ref = f"[{done.hits[0].doc_id}#{done.hits[0].chunk_id}]"
+    assert grounding.role == "user" and ref in grounding.content
+    assert not any(m.role in ("assistant", "tool") for m in prompt.messages), "no model turn is invented"
+    out = mesh.last(StepCompleted)
+    assert (
+        out.taint is not None and out.taint.untrusted and any(s.startswith("search_docs:") for s in out.taint.sources)
+    )
+    assert [c.doc_id for c in out.citations] == [done.hits[0].doc_id] and ref in out.output
 
 
 @pytest.mark.parametrize(

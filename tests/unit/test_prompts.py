@@ -190,7 +190,11 @@ def _worker(mesh: FakeMesh) -> Any:
     )
     fallback = ScriptedModel("scripted-judge", scripts={"worker": [{"content": "Refunds take 5 days [a.md#0]; 391."}]})
     gateway = Gateway({"default": [primary, fallback]}, retry=RetryPolicy(max_attempts=1, base_s=0.0, max_s=0.0))
-    worker = Worker(mesh, gateway)  # type: ignore[arg-type]
+    from mesh_worker.settings import WorkerSettings
+
+    # The script is a model that searches itself: the worker's own first retrieval is off.
+    settings = WorkerSettings.defaults().model_copy(update={"retrieve_first": False})
+    worker = Worker(mesh, gateway, settings)  # type: ignore[arg-type]
     worker.steps, worker.ledger = MemoryKV(), Ledger(MemoryKV(), "worker")
     worker.calls.use_catalogue(Registry().catalogue())  # what the tool-executor publishes
     return worker

@@ -63,7 +63,14 @@ HISTORICAL = {
         "MESH_STORE_RETRY_AFTER_S",
     },
     CheckerSettings: AGENT,
-    WorkerSettings: AGENT | {"MESH_TOOL_TIMEOUT_S", "MESH_TOOL_OUTPUT_MAX_CHARS", "MESH_LIVE_WINDOW_MS"},
+    WorkerSettings: AGENT
+    | {
+        "MESH_TOOL_TIMEOUT_S",
+        "MESH_TOOL_OUTPUT_MAX_CHARS",
+        "MESH_LIVE_WINDOW_MS",
+        "MESH_RETRIEVE_FIRST",
+        "MESH_RETRIEVE_FIRST_TOP_K",
+    },
     RagSettings: {
         "MESH_RAG_SEED_TENANTS",
         "MESH_TENANTS",

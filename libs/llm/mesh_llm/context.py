@@ -7,14 +7,24 @@ a ``Fitted`` that says exactly what was dropped, so it can emit an event about i
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 
 from mesh_llm.errors import ContextOverflow
-from mesh_llm.model import Message, ModelRequest
+from mesh_llm.model import Message, ModelRequest, ToolCall
 
 STRATEGIES = ("error", "drop_oldest", "summarise")
+
+# The passages a step retrieves before its model's first turn (the worker's ``retrieve_first``)
+# enter its context as one message: this label, then the passages, one per paragraph as
+# ``[doc#chunk] text`` (``passages``), which is also how the model is asked to cite them.
+GROUNDING_LABEL = (
+    "Passages retrieved for this step. Answer from them, and cite each passage you use as [doc#chunk], "
+    "exactly as written before it: "
+)
+_PASSAGE = re.compile(r"^\[([^\[\]#\s]+)#([^\[\]\s]+)\] (.*)$")
 
 TokenCounter = Callable[[ModelRequest], int]
 Summariser = Callable[[list[Message]], Awaitable[str]]
@@ -264,3 +274,34 @@ def clip(text: str, limit: int, ref: str) -> str:
     head = limit - tail
     marker = f"\n…[clipped: showing {limit:,} of {len(text):,} characters; full output: {ref}]…\n"
     return text[:head] + marker + (text[-tail:] if tail else "")
+
+
+def passages(hits: Sequence[dict[str, object]]) -> str:
+    """Retrieved passages as a model reads them best: ``[doc#chunk] text``, a paragraph each (the
+    text on one line), in rank order; the reference is the one a citation must use."""
+    return "\n\n".join(f"[{h['doc_id']}#{h['chunk_id']}] {' '.join(str(h['text']).split())}" for h in hits)
+
+
+def parse_passages(text: str) -> list[dict[str, str]]:
+    """``passages`` read back: ``{"doc_id", "chunk_id", "text"}`` per paragraph that has the form."""
+    found = []
+    for para in text.split("\n\n"):
+        if m := _PASSAGE.match(para.strip()):
+            found.append({"doc_id": m.group(1), "chunk_id": m.group(2), "text": m.group(3)})
+    return found
+
+
+def as_searched(request: ModelRequest, unwrap: Callable[[str], str]) -> ModelRequest:
+    """For a model that reads passages only as a search's result (the scripted one): the worker's
+    passages message (``GROUNDING_LABEL``) becomes a ``search_docs`` call and its result, the hits
+    as JSON. ``unwrap`` takes the untrusted block's delimiters off."""
+    msgs = request.messages
+    at = next((i for i, m in enumerate(msgs) if m.role == "user" and m.content.startswith(GROUNDING_LABEL)), -1)
+    if at < 0:
+        return request
+    body = msgs[at].content.removeprefix(GROUNDING_LABEL)
+    hits = parse_passages(unwrap(body))
+    result = json.dumps(hits) if hits or "(no passage matched)" in body else unwrap(body)
+    call = ToolCall("grounding", "search_docs", {})
+    searched = (Message("assistant", "", (call,)), Message("tool", result, tool_call_id=call.id, name="search_docs"))
+    return replace(request, messages=msgs[:at] + searched + msgs[at + 1 :])

@@ -72,10 +72,16 @@ class ModelRequest:
     route: str = ""
     """A gateway route to take instead of the one ``agent`` and ``difficulty`` select (a replay's
     ``--model``); a route the gateway does not have fails the call (``UnknownRoute``)."""
+    response_schema: dict[str, Any] | None = None
+    """JSON Schema the answer's text must match (a plan, a step's ``output_schema``). A provider
+    that can constrain its output to a schema does (OpenAI-compatible servers: ``response_format``
+    ``json_schema``, which llama.cpp turns into a grammar); others ignore it, and the caller
+    validates the answer as before."""
 
     def fingerprint(self) -> dict[str, Any]:
         """Everything that determines the answer (the cache key is a hash of this)."""
-        return {
+        schema = {"response_schema": self.response_schema} if self.response_schema is not None else {}
+        return schema | {
             "agent": self.agent,  # the scripted model (and routing) depend on role and step
             "step": self.step,
             "difficulty": self.difficulty,

@@ -99,6 +99,11 @@ class OpenAIChat(HTTPChat):
             body["tools"] = to_openai_tools(request.tools)
         if request.temperature is not None:
             body["temperature"] = request.temperature
+        if request.response_schema is not None:
+            body["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {"name": f"{request.agent or 'answer'}_output", "schema": request.response_schema},
+            }
         if stream:
             # Without this the stream carries no usage at all and tokens go unbilled.
             body["stream"] = True

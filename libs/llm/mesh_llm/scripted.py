@@ -16,6 +16,7 @@ import re
 from collections.abc import AsyncIterator
 from typing import Any, NotRequired, TypedDict
 
+from mesh_llm.context import as_searched
 from mesh_llm.errors import ProviderError
 from mesh_llm.model import Message, ModelRequest, ModelResponse, StreamEvent, ToolCall, count_tokens
 from mesh_llm.tokens import count_request
@@ -242,6 +243,8 @@ class ScriptedModel:
     # --- worker -------------------------------------------------------------------------------
 
     def _work(self, request: ModelRequest) -> tuple[str, tuple[ToolCall, ...]]:
+        # Passages the worker retrieved before this turn read as a search this model made.
+        request = as_searched(request, _unwrap)
         # The step's instruction is the first user message; inputs from dependencies follow it.
         instruction = next((m.content for m in request.messages if m.role == "user"), "")
         results = [m for m in request.messages if m.role == "tool"]

@@ -35,6 +35,47 @@ def tool_list(catalogue: ToolCatalogue | None) -> str:
     return ", ".join(listed)
 
 
+SCHEMA_MAX_STEPS = 8
+"""The longest plan ``plan_schema`` spells out (its grammar grows with the square of it)."""
+
+
+def plan_schema(catalogue: ToolCatalogue | None, max_steps: int) -> dict[str, Any]:
+    """The JSON Schema of the plans this task may have, for a model that can be held to one (its
+    output constrained to the schema, as llama.cpp does with a grammar): a plan of 1 to
+    ``max_steps`` steps (at most ``SCHEMA_MAX_STEPS``), step ``i`` with the id ``s<i>``, depending
+    only on earlier steps, and naming only tools there are. Any plan that matches it passes
+    ``checked_plan``, so even a very small local model writes a plan the planner can run."""
+    tools = [RETRIEVAL, *(t.name for t in catalogue.tools)] if catalogue is not None else [RETRIEVAL]
+
+    def step(i: int) -> dict[str, Any]:
+        earlier = [f"s{j}" for j in range(1, i)]
+        after = {"type": "array", "items": {"enum": earlier}, "maxItems": len(earlier)} if earlier else {"const": []}
+        return {
+            "type": "object",
+            "properties": {
+                "step_id": {"const": f"s{i}"},
+                "kind": {"enum": ["research", "compute", "write", "answer"]},
+                "instruction": {"type": "string", "minLength": 1},
+                "tools": {"type": "array", "items": {"enum": tools}, "maxItems": 3},
+                "depends_on": after,
+            },
+            "required": ["step_id", "kind", "instruction", "tools", "depends_on"],
+            "additionalProperties": False,
+        }
+
+    longest = max(1, min(max_steps, SCHEMA_MAX_STEPS))
+    plans = [
+        {"type": "array", "prefixItems": [step(i) for i in range(1, n + 1)], "minItems": n, "maxItems": n}
+        for n in range(1, longest + 1)
+    ]
+    return {
+        "type": "object",
+        "properties": {"steps": {"anyOf": plans}},
+        "required": ["steps"],
+        "additionalProperties": False,
+    }
+
+
 def plan_max_tokens(max_steps: int) -> int:
     return min(1024, 128 + 96 * max_steps)
 

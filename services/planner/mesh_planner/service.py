@@ -56,7 +56,7 @@ from mesh_planner import metrics as planner_metrics
 from mesh_planner import waits
 from mesh_planner.admission import Admission, Limits, StoreLevel, parse_tenants
 from mesh_planner.changes import Changes
-from mesh_planner.drafts import parse_plan, plan_max_tokens, tool_list
+from mesh_planner.drafts import parse_plan, plan_max_tokens, plan_schema, tool_list
 from mesh_planner.errors import NeedWorkflow
 from mesh_planner.flow import Flow
 from mesh_planner.intake import Intake
@@ -357,14 +357,13 @@ class Planner:
         self, m: TaskSubmitted, d: Delivery, plan_prompt: prompts.Prompt, unusable: str, route: str = ""
     ) -> None:
         """Ask the model for the task's plan and apply it (or fail the task with why not)."""
+        catalogue = await self.catalogue.get()
         request = ModelRequest(
             (
-                Message(
-                    "system",
-                    plan_prompt.render(max_steps=m.limits.max_steps, tools=tool_list(await self.catalogue.get())),
-                ),
+                Message("system", plan_prompt.render(max_steps=m.limits.max_steps, tools=tool_list(catalogue))),
                 Message("user", m.goal),
             ),
+            response_schema=plan_schema(catalogue, m.limits.max_steps),
             agent="planner",
             prompt_version=plan_prompt.ref,
             # what a plan of max_steps steps can need, not more: the reservation is the worst case

@@ -118,7 +118,11 @@ class Calls:
 
     async def send(self, run: StepRun, call_id: str, tool: str, assistant: dict[str, Any]) -> None:
         req = run.request
-        args = assistant["tool_calls"][0]["arguments"] if assistant.get("tool_calls") else {}
+        pending = run.pending
+        if pending is not None and pending.arguments:  # the worker's own call, made without a model turn
+            args = pending.arguments
+        else:
+            args = assistant["tool_calls"][0]["arguments"] if assistant.get("tool_calls") else {}
         sid = req.step.step_id
         denied = releases.denied(await self._bundles().bundle(req.tenant, req.release))
         if tool not in req.step.tools or tool in denied:
@@ -129,7 +133,6 @@ class Calls:
             note = Text.trusted(f"error: tool {tool!r} is not available in this step (offered: {offered})", "worker")
             await self._observe(req.tenant, req.task_id, sid, call_id, tool, note, [], error=True)
             return
-        pending = run.pending
         if pending is not None and pending.deadline:
             self.arm(req.tenant, req.task_id, sid, call_id, tool, pending.deadline)
         if tool == RETRIEVAL_TOOL:

@@ -26,6 +26,9 @@ class PendingCall(BaseModel):
     tool: str
     deadline: float = 0.0
     """Wall-clock time after which the call counts as timed out (an observation, not a crash)."""
+    arguments: dict[str, Any] = {}
+    """The call's arguments when no model turn holds them: the worker's own retrieval before the
+    first turn (``retrieve_first``), whose answer enters the context as passages to cite."""
 
 
 class StepRun(Sealable):

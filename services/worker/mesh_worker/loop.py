@@ -10,6 +10,7 @@ step is where this delivery found it; a delivery that lost the race writes nothi
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -26,9 +27,9 @@ from mesh_host import Mesh
 from mesh_kit import Delivery
 from mesh_kit import state as st
 from mesh_llm import ChatModel, Message, ModelRequest, ModelResponse, ProviderError, ToolCall
-from mesh_llm.context import clip
+from mesh_llm.context import GROUNDING_LABEL, clip, passages
 from mesh_worker import metrics as worker_metrics
-from mesh_worker.calls import Calls
+from mesh_worker.calls import RETRIEVAL_TOOL, Calls
 from mesh_worker.checkpoint import PendingCall, StepRun, admit, as_stored, model_turn
 from mesh_worker.live import Live
 from mesh_worker.outcome import outcome, prompt_version
@@ -85,7 +86,10 @@ class Loop:
         def apply(run: StepRun | None) -> StepRun | None:
             if run is None or run.pending is None or run.pending.call_id != call_id:
                 return None  # duplicate or stale answer
-            admit(run, "tool", text, tool_call_id=call_id, name=tool)
+            if run.pending.arguments:  # the worker's own retrieval (retrieve first): context, not a tool result
+                admit(run, "user", _grounding(text), tool_call_id=call_id, name=tool)
+            else:
+                admit(run, "tool", text, tool_call_id=call_id, name=tool)
             run.citations += citations
             run.pending = None
             if run.request.step.call is not None:  # a fixed call: its result is the step's output
@@ -120,6 +124,9 @@ class Loop:
             return
         if req.step.call is not None:
             await self._fixed_call(run)
+            return
+        if run.iteration == 0 and await self._retrieves_first(run):
+            await self._retrieve_first(run)
             return
         last = run.messages[-1] if run.messages else {}
         if last.get("role") == "assistant" and not last.get("tool_calls"):
@@ -162,6 +169,41 @@ class Loop:
         if changed and new is not None and new.pending is not None:
             await self.calls.send(new, call_id, call.tool, new.messages[-1])
 
+    async def _retrieves_first(self, run: StepRun) -> bool:
+        """Whether the step's first turn is a retrieval the worker makes itself: the step offers
+        ``search_docs`` (and its release does not take it away) and ``retrieve_first`` is on."""
+        req = run.request
+        if not self.settings.retrieve_first or RETRIEVAL_TOOL not in req.step.tools:
+            return False
+        return RETRIEVAL_TOOL not in releases.denied(await self._bundles().bundle(req.tenant, req.release))
+
+    async def _retrieve_first(self, run: StepRun) -> None:
+        """Grounding that does not depend on the model choosing to search: the step's instruction
+        is the query of a ``search_docs`` call the worker makes before the model's first turn,
+        sent like a call the model made (the same rag request, tenant scope, citations,
+        provenance and injection tainting). Its passages enter the context as a message that
+        asks for citations (``GROUNDING_LABEL``), not as a tool result: no model turn is
+        invented, and a model without tool calling reads them as it reads any input. The model
+        may still search more."""
+        req = run.request
+        call_id = f"{req.step.step_id}-a{run.attempt}-retrieve"
+        query = {"query": req.step.instruction[:2000], "top_k": self.settings.retrieve_first_top_k}
+
+        def advance(cur: StepRun | None) -> StepRun | None:
+            cur = as_stored(cur, run)
+            if cur is None or cur.pending is not None or cur.status != "running" or cur.iteration:
+                return None
+            cur.iteration = 1  # the retrieval is the step's first turn (it counts toward the cap)
+            cur.pending = PendingCall(call_id=call_id, tool=RETRIEVAL_TOOL, arguments=query,
+                                      deadline=time.time() + self.settings.tool_timeout_s)  # fmt: skip
+            return cur
+
+        new, changed = await st.update(
+            self._steps(), StepRun.key(req.tenant, req.task_id, req.step.step_id), StepRun, advance
+        )
+        if changed and new is not None and new.pending is not None:
+            await self.calls.send(new, call_id, RETRIEVAL_TOOL, {})
+
     async def _next_turn(self, run: StepRun, d: Delivery | None) -> None:
         """One turn of the loop: the model call (or its recorded answer), checkpointed, then the
         tool call it asked for is sent, or its answer finishes the step."""
@@ -185,9 +227,13 @@ class Loop:
         req = run.request
         bundle = await self._bundles().bundle(req.tenant, req.release)
         denied = releases.denied(bundle)
+        tools = await self.calls.specs(tuple(t for t in req.step.tools if t not in denied))
         request = ModelRequest(
             tuple(Message.from_dict(x) for x in run.messages),
-            tools=await self.calls.specs(tuple(t for t in req.step.tools if t not in denied)),
+            tools=tools,
+            # A step that must answer in a schema and has no call to make: a model that can be
+            # held to the schema is (a call's arguments are held to their tool's schema instead).
+            response_schema=req.step.output_schema if not tools else None,
             agent="worker",
             step=req.step.kind,
             difficulty=req.step.difficulty,
@@ -307,3 +353,16 @@ class Loop:
             # told here, with the step's own reason.
             await self.mesh.progress(result.tenant, result.task_id, "step.failed", result.reason[:100],
                                      step_id=result.step_id, key=str(result.attempt))  # fmt: skip
+
+
+def _grounding(text: Text) -> Text:
+    """The first retrieval's answer as the step's context: its passages as ``[doc#chunk] text``
+    under ``GROUNDING_LABEL`` (provenance and taint unchanged). An answer that is not a list of
+    passages (the call failed or timed out) goes in as it is, labelled the same way."""
+    try:
+        hits = json.loads(text.text)
+    except ValueError:
+        hits = None
+    if isinstance(hits, list) and all(isinstance(h, dict) and {"doc_id", "chunk_id", "text"} <= h.keys() for h in hits):
+        text = replace(text, text=passages(hits) if hits else "(no passage matched)")
+    return text.labelled(GROUNDING_LABEL)

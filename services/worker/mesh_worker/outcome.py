@@ -61,10 +61,16 @@ def outcome(
 
 
 def tools_called(run: StepRun) -> tuple[str, ...]:
-    """The tools the loop called, in order: the checkpointed assistant turns' calls, less a tool
-    the step does not offer (refused as an observation, never dispatched)."""
+    """The tools the step called, in order: the worker's own retrieval before the first turn (its
+    answer is a context message that names the tool) and the checkpointed assistant turns'
+    calls, less a tool the step does not offer (refused as an observation, never dispatched)."""
     offered = set(run.request.step.tools)
-    calls = (c.get("name", "") for m in run.messages if m.get("role") == "assistant" for c in m.get("tool_calls") or ())
+    calls = []
+    for m in run.messages:
+        if m.get("role") == "user" and m.get("tool_call_id") and m.get("name"):
+            calls.append(m["name"])
+        elif m.get("role") == "assistant":
+            calls += [c.get("name", "") for c in m.get("tool_calls") or ()]
     return tuple(name for name in calls if name in offered)
 
 

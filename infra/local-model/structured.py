@@ -1,0 +1,149 @@
+"""Tool calls and structured output for serve.py: a small model has no native tool-call format, so the
+server gives it one and holds it to it with llama.cpp grammars (see the comment below). Imported by
+serve.py from this folder; llama_cpp is imported only where a grammar is built."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+
+class BadRequest(Exception):
+    """A client error, answered as an OpenAI-style error object."""
+
+    def __init__(self, message: str, *, status: int = 400, code: str | None = None, param: str | None = None):
+        super().__init__(message)
+        self.status, self.code, self.param = status, code, param
+
+
+# --- tool calls and structured output ---------------------------------------------------------------
+#
+# A small model has no native tool-call format, so this server gives it one and holds it to it: the
+# tools are described in the system turn, a call is written as <tool_call>{"name", "arguments"}</tool_call>,
+# and a grammar built from the tools' JSON Schemas (llama.cpp's json_schema_to_gbnf) lets the sampler
+# produce only a well-formed call to an offered tool with valid arguments, or plain text (tool_choice
+# "auto"), or only a call ("required" or a named function). ``response_format`` json_schema / json_object
+# becomes a grammar the same way: the answer is valid JSON in that schema, whatever the model's size.
+
+TOOL_OPEN, TOOL_CLOSE = "<tool_call>", "</tool_call>"
+TOOL_PROMPT = (
+    "You can call one of these tools. To call a tool, reply with only "
+    '<tool_call>{{"name": "<tool name>", "arguments": {{...}}}}</tool_call> and nothing else; '
+    "otherwise reply with your answer.\nTools:\n{tools}"
+)
+
+
+def arguments(fn: dict[str, Any]) -> Any:
+    raw = fn.get("arguments") or "{}"
+    try:
+        return json.loads(raw) if isinstance(raw, str) else raw
+    except ValueError:
+        return raw
+
+
+def tools_of(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """The function tools the model may call under ``tool_choice`` (none: [])."""
+    tools = body.get("tools") or []
+    if not isinstance(tools, list):
+        raise BadRequest("'tools' must be a list", param="tools")
+    specs = []
+    for i, t in enumerate(tools):
+        fn = t.get("function") if isinstance(t, dict) and t.get("type", "function") == "function" else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise BadRequest(f"tools[{i}] must be a function tool with a name", param=f"tools[{i}]")
+        params = fn.get("parameters") or {"type": "object", "properties": {}}
+        if not isinstance(params, dict):
+            raise BadRequest(f"tools[{i}].function.parameters must be a JSON Schema object", param=f"tools[{i}]")
+        specs.append({"name": fn["name"], "description": str(fn.get("description") or ""), "parameters": params})
+    choice = body.get("tool_choice", "auto")
+    if choice == "none" or not specs:
+        return []
+    if isinstance(choice, dict):
+        name = ((choice.get("function") or {}) if isinstance(choice.get("function"), dict) else {}).get("name")
+        chosen = [t for t in specs if t["name"] == name]
+        if not chosen:
+            raise BadRequest(f"tool_choice names {name!r}, which is not in 'tools'", param="tool_choice")
+        return [{**chosen[0], "required": True}]
+    if choice not in ("auto", "required"):
+        raise BadRequest("'tool_choice' must be 'none', 'auto', 'required' or a named function", param="tool_choice")
+    return [{**t, "required": choice == "required"} for t in specs]
+
+
+def tool_prompt(chat: list[dict[str, str]], tools: list[dict[str, Any]]) -> list[dict[str, str]]:
+    listed = "\n".join(f"- {t['name']}: {t['description']} Arguments: {json.dumps(t['parameters'])}" for t in tools)
+    note = TOOL_PROMPT.format(tools=listed)
+    if chat and chat[0]["role"] == "system":
+        return [{"role": "system", "content": f"{chat[0]['content']}\n\n{note}"}, *chat[1:]]
+    return [{"role": "system", "content": note}, *chat]
+
+
+GRAMMAR_MAX_REPEAT = 64
+"""A schema's length bounds above this are dropped from its grammar: the converter spells a bound of
+n as n nested optional rules (text_stats's maxLength 100000 made a grammar that crashed llama.cpp with
+SIGSEGV). What receives the output validates it against the whole schema anyway."""
+
+
+def _loosen(schema: Any) -> Any:
+    if isinstance(schema, list):
+        return [_loosen(x) for x in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _loosen(v) for k, v in schema.items() if k not in ("title", "description")}
+    for bound in ("maxLength", "maxItems", "minLength", "minItems"):
+        if isinstance(out.get(bound), int) and out[bound] > GRAMMAR_MAX_REPEAT:
+            del out[bound]
+    return out
+
+
+def _gbnf(schema: dict[str, Any], root: str) -> str:
+    """GBNF for a JSON Schema, its start rule renamed ``root`` (to combine grammars)."""
+    from llama_cpp import llama_grammar
+
+    try:
+        text = llama_grammar.json_schema_to_gbnf(json.dumps(_loosen(schema)))
+    except (ValueError, KeyError, TypeError, NotImplementedError, RecursionError) as exc:
+        raise BadRequest(f"schema cannot be turned into a grammar: {exc}"[:300], param="response_format") from None
+    return text.replace("root ::=", f"{root} ::=", 1) if root != "root" else text
+
+
+def grammar(body: dict[str, Any], tools: list[dict[str, Any]]) -> Any:
+    """The grammar the answer is held to, or None: a call to an offered tool (or free text when the
+    call is optional), or JSON in the requested schema."""
+    from llama_cpp import LlamaGrammar
+
+    fmt = body.get("response_format") or {"type": "text"}
+    if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object", "json_schema"):
+        raise BadRequest("'response_format' must be {type: text | json_object | json_schema}", param="response_format")
+    if tools:
+        calls = {"anyOf": [{"type": "object", "properties": {"name": {"const": t["name"]}, "arguments": t["parameters"]},
+                            "required": ["name", "arguments"]} for t in tools]}  # fmt: skip
+        text = _gbnf(calls, "call")
+        start = f'root ::= "{TOOL_OPEN}" call "{TOOL_CLOSE}"'
+        if not all(t["required"] for t in tools):
+            start += " | free\nfree ::= [^<] .*"  # an answer: anything that does not begin a call
+        return LlamaGrammar.from_string(f"{start}\n{text}", verbose=False)
+    if fmt["type"] == "json_object":
+        return LlamaGrammar.from_string(_gbnf({"type": "object"}, "root"), verbose=False)
+    if fmt["type"] == "json_schema":
+        spec = fmt.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise BadRequest("response_format.json_schema.schema must be a JSON Schema object", param="response_format")
+        return LlamaGrammar.from_string(_gbnf(schema, "root"), verbose=False)
+    return None
+
+
+def tool_call(text: str) -> dict[str, Any] | None:
+    """The call an answer makes (``<tool_call>{...}</tool_call>``) in the API's shape, or None."""
+    body = text.strip()
+    if not (body.startswith(TOOL_OPEN) and body.endswith(TOOL_CLOSE)):
+        return None
+    try:
+        call = json.loads(body[len(TOOL_OPEN) : -len(TOOL_CLOSE)])
+    except ValueError:
+        return None
+    if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+        return None
+    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+            "function": {"name": call["name"], "arguments": json.dumps(call.get("arguments") or {})}}  # fmt: skip
