@@ -41,6 +41,7 @@ class Model:
     modules: tuple[str, ...]  # the import names of its packages (found without importing them)
     locate: Callable[[], Path]  # the GGUF file (may assemble it first)
     instruct: bool  # instruction-tuned (answers chat turns) or a base model (continues text)
+    tool_calls: bool = False  # offered tools described to it (measured: both answer worse when told, and call none)
 
     def installed(self) -> bool:
         return all(importlib.util.find_spec(m) is not None for m in self.modules)

@@ -37,7 +37,9 @@ from typing import Any
 
 sys.path[:0] = [] if (_here := str(Path(__file__).resolve().parent)) in sys.path else [_here]  # our modules
 import catalog  # noqa: E402  (beside this script: the models by name)
-from structured import TOOL_CLOSE, TOOL_OPEN, BadRequest, arguments, grammar, tool_call, tool_prompt, tools_of  # noqa: E402
+import structured as sx  # noqa: E402  (tool calls, grammars, generation guards)
+
+BadRequest = sx.BadRequest
 
 DEFAULT_MAX_TOKENS = 512
 MAX_BODY = 8 * 1024 * 1024
@@ -63,11 +65,18 @@ def find_gguf(model: str | None = None) -> Path:
 class Engine:
     """One llama.cpp context; ``lock`` serialises its use."""
 
-    def __init__(self, path: Path, *, n_ctx: int, threads: int) -> None:
+    def __init__(self, path: Path, *, n_ctx: int, threads: int, loop_guard: int = 0, tool_calls: bool = True) -> None:
         import llama_cpp
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         self.path = path
+        self.tool_calls = tool_calls
+        """Whether offered tools are described to the model and its calls held to their schemas;
+        False: only a forced call is (a model that answers worse for being told about tools)."""
+        self.loop_guard = loop_guard
+        """Stop an answer when its last ``loop_guard`` tokens repeat a run it already wrote (0: never).
+        Small models fall into loops under greedy decoding ("The document is a reference to a
+        document that is a reference to ..."); a repeat of that length is a loop, not language."""
         self.model_id = path.name
         self.lock = threading.Lock()
         self.llm = llama_cpp.Llama(
@@ -125,6 +134,7 @@ class Engine:
         stop: list[str],
         result: dict[str, Any],
         grammar: Any = None,
+        loop_guard: int = 0,
     ) -> Iterator[str]:
         """Text deltas as tokens are sampled; fills ``result`` (finish_reason, counts). Hold ``lock``."""
         llm = self.llm
@@ -141,6 +151,8 @@ class Engine:
         pending = ""  # text held back while it may be the start of a stop string
         hold = max((len(s) for s in stop), default=0)
         produced = 0
+        window: list[int] = []  # the answer's last loop_guard tokens, and every run of that length so far
+        seen: set[tuple[int, ...]] = set()
         if max_tokens <= 0:
             return
         for token in llm.generate(
@@ -158,6 +170,9 @@ class Engine:
                 break
             produced += 1
             result["completion_tokens"] = produced
+            if sx.looping(loop_guard, token, window, seen):
+                result["finish_reason"] = "stop"
+                break
             pending += decoder.decode(llm.detokenize([token]))
             if stop:
                 hits = [pending.find(s) for s in stop if s in pending]
@@ -166,7 +181,7 @@ class Engine:
                         yield pending[: min(hits)]
                     result["finish_reason"] = "stop"
                     return
-                keep = _stop_prefix_len(pending, stop, hold)
+                keep = sx.stop_prefix_len(pending, stop, hold)
                 ready, pending = pending[: len(pending) - keep], pending[len(pending) - keep :]
             else:
                 ready, pending = pending, ""
@@ -179,32 +194,7 @@ class Engine:
             yield pending
 
 
-def _stop_prefix_len(text: str, stop: list[str], hold: int) -> int:
-    """Length of the longest tail of ``text`` that begins some stop string."""
-    for n in range(min(hold, len(text)), 0, -1):
-        tail = text[-n:]
-        if any(s.startswith(tail) for s in stop):
-            return n
-    return 0
-
-
 # --- requests -------------------------------------------------------------------------------------
-
-
-def _content(value: Any, where: str) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list):  # content parts: only text is understood
-        parts = []
-        for part in value:
-            if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
-                parts.append(part["text"])
-            else:
-                raise BadRequest(f"{where}: only text content parts are supported", param=where)
-        return "".join(parts)
-    raise BadRequest(f"{where}: content must be a string, a list of text parts or null", param=where)
 
 
 def parse_chat_request(body: Any, engine: Engine) -> dict[str, Any]:
@@ -224,17 +214,21 @@ def parse_chat_request(body: Any, engine: Engine) -> dict[str, Any]:
             role = "system"
         if role not in ("system", "user", "assistant", "tool"):
             raise BadRequest(f"messages[{i}].role {role!r} is not supported", param=f"messages[{i}].role")
-        text = _content(m.get("content"), f"messages[{i}].content")
+        text = sx.content(m.get("content"), f"messages[{i}].content")
         for call in m.get("tool_calls") or []:  # written the way this server asks the model to call
             fn = (call.get("function") if isinstance(call, dict) else None) or {}
             called[str(call.get("id", ""))] = str(fn.get("name"))
-            text += f"{TOOL_OPEN}{json.dumps({'name': fn.get('name'), 'arguments': arguments(fn)})}{TOOL_CLOSE}"
+            text += (
+                f"{sx.TOOL_OPEN}{json.dumps({'name': fn.get('name'), 'arguments': sx.arguments(fn)})}{sx.TOOL_CLOSE}"
+            )
         if role == "tool":  # small chat templates know no tool role: the result is a user turn that says so
             role, text = "user", f"Result of {called.get(str(m.get('tool_call_id', '')), 'the tool')}:\n{text}"
         chat.append({"role": role, "content": text})
-    tools = tools_of(body)
+    tools = sx.tools_of(body)
+    if not engine.tool_calls:  # offered tools go unmentioned; a forced call (required, named) is still made
+        tools = [t for t in tools if t["required"]]
     if tools:
-        chat = tool_prompt(chat, tools)
+        chat = sx.tool_prompt(chat, tools)
     n = body.get("n", 1)
     if n != 1:
         raise BadRequest("only n=1 is supported", param="n")
@@ -280,7 +274,8 @@ def parse_chat_request(body: Any, engine: Engine) -> dict[str, Any]:
         "stop": stop,
         "stream": stream,
         "include_usage": bool(options.get("include_usage")),
-        "grammar": grammar(body, tools),
+        "grammar": (held := sx.grammar(body, tools)),
+        "loop_guard": engine.loop_guard if held is None or tools else 0,  # (JSON repeats runs by design)
         "tools": bool(tools),
     }
 
@@ -406,6 +401,7 @@ class Handler(BaseHTTPRequestHandler):
             stop=req["stop"],
             result=result,
             grammar=req["grammar"],
+            loop_guard=req["loop_guard"],
         )
 
     def _complete(self, req: dict[str, Any]) -> None:
@@ -415,7 +411,7 @@ class Handler(BaseHTTPRequestHandler):
         except (RuntimeError, ValueError, OSError) as exc:  # llama.cpp failed (e.g. decode): answer, do not die
             self._error(500, f"generation failed: {exc}", "server_error")
             return
-        call = tool_call(text) if req["tools"] else None
+        call = sx.tool_call(text) if req["tools"] else None
         self._send_json(
             200,
             {
@@ -461,13 +457,13 @@ class Handler(BaseHTTPRequestHandler):
         held = ""  # with tools: text that may be a call is held until it is one (sent whole) or is not
         try:
             for text in self._run(req, result):
-                if req["tools"] and (held + text).lstrip().startswith(TOOL_OPEN[: len((held + text).lstrip())]):
+                if req["tools"] and (held + text).lstrip().startswith(sx.TOOL_OPEN[: len((held + text).lstrip())]):
                     held += text
                     continue
                 if held:
                     text, held = held + text, ""
                 self._event(chunk({"content": text}))
-            if held and (call := tool_call(held)) is not None:
+            if held and (call := sx.tool_call(held)) is not None:
                 self._event(chunk({"tool_calls": [{"index": 0, **call}]}))
                 result["finish_reason"] = "tool_calls"
             elif held:
@@ -527,6 +523,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--ctx", type=_positive, default=8192, help="context window in tokens (default 8192)")
     parser.add_argument(
+        "--loop-guard",
+        type=int,
+        default=16,
+        help="stop an answer whose last N tokens repeat a run it already wrote (default 16; 0: off)",
+    )
+    parser.add_argument(
+        "--tools",
+        choices=("on", "off"),
+        help="describe offered tools to the model and hold its calls to their schemas (default: the model's "
+        "catalogue entry; off: only a forced call is made)",
+    )
+    parser.add_argument(
         "--model",
         help=f"a model name ({', '.join(catalog.MODELS)}; default {catalog.DEFAULT_MODEL}; see README) or a GGUF file path",
     )
@@ -538,14 +546,15 @@ def main(argv: list[str] | None = None) -> int:
         if not path.is_file():
             raise FileNotFoundError(f"no such model file: {path}")
         t0 = time.perf_counter()
-        engine = Engine(path, n_ctx=args.ctx, threads=args.threads)
+        entry = catalog.MODELS.get(args.model or catalog.DEFAULT_MODEL)
+        tool_calls = args.tools == "on" if args.tools else (entry.tool_calls if entry is not None else True)
+        engine = Engine(path, n_ctx=args.ctx, threads=args.threads, loop_guard=args.loop_guard, tool_calls=tool_calls)
         load_s = time.perf_counter() - t0
     except catalog.UnknownModel as exc:  # a bad argument: exit 2
         parser.error(str(exc))
     except (OSError, ImportError, ValueError, RuntimeError) as exc:
         print(f"serve.py: error: {exc}", file=sys.stderr)
         return 1
-    entry = catalog.MODELS.get(args.model or catalog.DEFAULT_MODEL)
     if entry is not None and not entry.instruct:
         print(f"local-model: note: {entry.name} is a base model, not instruction-tuned", file=sys.stderr)
     Handler.engine = engine

@@ -1,6 +1,7 @@
-"""Tool calls and structured output for serve.py: a small model has no native tool-call format, so the
-server gives it one and holds it to it with llama.cpp grammars (see the comment below). Imported by
-serve.py from this folder; llama_cpp is imported only where a grammar is built."""
+"""What serve.py adds to a small model's output: tool calls and structured output (a small model has
+no native tool-call format, so the server gives it one and holds it to it with llama.cpp grammars,
+see the comment below), and a guard against loops. Imported by serve.py from this folder; llama_cpp
+is imported only where a grammar is built."""
 
 from __future__ import annotations
 
@@ -147,3 +148,45 @@ def tool_call(text: str) -> dict[str, Any] | None:
         return None
     return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
             "function": {"name": call["name"], "arguments": json.dumps(call.get("arguments") or {})}}  # fmt: skip
+
+
+def looping(n: int, token: int, window: list[int], seen: set[tuple[int, ...]]) -> bool:
+    """Whether ``token`` closes a run of ``n`` tokens the answer already wrote (``window`` and
+    ``seen`` carry the state from token to token)."""
+    if n <= 0:
+        return False
+    window.append(token)
+    if len(window) > n:
+        del window[0]
+    if len(window) < n:
+        return False
+    run = tuple(window)
+    if run in seen:
+        return True
+    seen.add(run)
+    return False
+
+
+def stop_prefix_len(text: str, stop: list[str], hold: int) -> int:
+    """Length of the longest tail of ``text`` that begins some stop string."""
+    for n in range(min(hold, len(text)), 0, -1):
+        tail = text[-n:]
+        if any(s.startswith(tail) for s in stop):
+            return n
+    return 0
+
+
+def content(value: Any, where: str) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):  # content parts: only text is understood
+        parts = []
+        for part in value:
+            if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
+                parts.append(part["text"])
+            else:
+                raise BadRequest(f"{where}: only text content parts are supported", param=where)
+        return "".join(parts)
+    raise BadRequest(f"{where}: content must be a string, a list of text parts or null", param=where)

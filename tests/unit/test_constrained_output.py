@@ -148,3 +148,14 @@ def test_the_local_server_names_its_models_and_refuses_an_unknown_one_in_one_lin
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and len(err.strip().splitlines()) == 1
     assert "smollm2-135m" in err and "gemma3-270m" in err
+
+
+def test_the_loop_guard_stops_at_the_first_repeated_run_and_never_on_fresh_text():
+    window: list[int] = []
+    seen: set[tuple[int, ...]] = set()
+    loop = [1, 2, 3, 4, 5] * 3  # "a document that is a reference to a document that is ..."
+    stops = [i for i, t in enumerate(loop) if serve.looping(4, t, window, seen)]
+    assert stops and stops[0] == 8  # tokens 5..8 repeat tokens 0..3: stop there
+    window, seen = [], set()
+    assert not any(serve.looping(4, t, window, seen) for t in range(1000))  # no run repeats
+    assert not any(serve.looping(0, t, [], set()) for t in loop)  # 0: off
