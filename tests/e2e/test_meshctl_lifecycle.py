@@ -89,6 +89,11 @@ def test_up_status_down_manages_exactly_what_it_started(tmp_path):
                           "--policy", '{"require_citations": true}')  # fmt: skip
         assert uncited.returncode == 1
         assert "checker rejected the answer: citations_present: the task retrieved 0 passage(s)" in uncited.stderr
+        # ...and says what failed and what to try, the task's history last (meshctl.explain).
+        said = uncited.stderr.strip().splitlines()
+        assert said[-3].startswith("  what failed: citations_present (the task retrieved 0 passage(s)"), said
+        assert "nothing was retrieved" in said[-2] and "meshctl ingest PATH --tenant acme" in said[-2], said
+        assert said[-1].startswith("  see: meshctl history ") and said[-1].endswith("each check and why"), said
         # Per tenant: tasks in flight (none now: all three ended), running as the budget sees them,
         # idle (waiting for the world, holding no run slot), queued (none), the queue time of
         # those, admitted and refused.

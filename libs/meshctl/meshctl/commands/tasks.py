@@ -25,6 +25,7 @@ from mesh_contracts.v1 import (
 )
 from meshctl import options as opt
 from meshctl.commands.common import absent, tenant_client
+from meshctl.explain import explain
 from meshctl.local import MeshError
 
 if TYPE_CHECKING:
@@ -128,7 +129,8 @@ def _followed(args: argparse.Namespace, seen: Followed) -> int:
     if args.json:
         print(json.dumps({"task_id": seen.task_id, "latency_s": round(seen.latency_s, 3),
                           "outcome": out.model_dump(mode="json") if out else None, "events": len(seen.events),
-                          "attempts": seen.attempts}, indent=2))  # fmt: skip
+                          "attempts": seen.attempts, "explain": explain(out, seen.events, seen.usage)},
+                         indent=2))  # fmt: skip
     else:
         if seen.refusals:
             print(f"\n{_resubmitted(seen)}", flush=True)
@@ -142,6 +144,8 @@ def _followed(args: argparse.Namespace, seen: Followed) -> int:
 
 
 def _show_outcome(seen: Followed) -> None:
+    """The outcome; after a failure (``explain.failed``), on stderr as its verdict, what failed
+    and what to try next (``meshctl.explain``)."""
     out = seen.outcome
     if isinstance(out, TaskCompleted):
         u = out.usage
@@ -161,6 +165,8 @@ def _show_outcome(seen: Followed) -> None:
     elif isinstance(out, (TaskFailed, TaskRejected)):
         print(f"\n{out.type.split('.')[1]} {seen.task_id}: {out.reason}", file=sys.stderr)
         print_held(getattr(out, "held", ()), file=sys.stderr)
+    for line in explain(out, seen.events, seen.usage):
+        print(f"  {line}", file=sys.stderr)
 
 
 def _submitted(args: argparse.Namespace, seen: Followed) -> int:
