@@ -218,9 +218,7 @@ def parse_chat_request(body: Any, engine: Engine) -> dict[str, Any]:
         for call in m.get("tool_calls") or []:  # written the way this server asks the model to call
             fn = (call.get("function") if isinstance(call, dict) else None) or {}
             called[str(call.get("id", ""))] = str(fn.get("name"))
-            text += (
-                f"{sx.TOOL_OPEN}{json.dumps({'name': fn.get('name'), 'arguments': sx.arguments(fn)})}{sx.TOOL_CLOSE}"
-            )
+            text += sx.written_call(fn)
         if role == "tool":  # small chat templates know no tool role: the result is a user turn that says so
             role, text = "user", f"Result of {called.get(str(m.get('tool_call_id', '')), 'the tool')}:\n{text}"
         chat.append({"role": role, "content": text})

@@ -43,6 +43,11 @@ def arguments(fn: dict[str, Any]) -> Any:
         return raw
 
 
+def written_call(fn: dict[str, Any]) -> str:
+    """A call of the conversation (an API ``function``), as the model is asked to write one."""
+    return f"{TOOL_OPEN}{json.dumps({'name': fn.get('name'), 'arguments': arguments(fn)})}{TOOL_CLOSE}"
+
+
 def tools_of(body: dict[str, Any]) -> list[dict[str, Any]]:
     """The function tools the model may call under ``tool_choice`` (none: [])."""
     tools = body.get("tools") or []

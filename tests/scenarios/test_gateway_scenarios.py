@@ -107,11 +107,12 @@ async def test_tokens_stream_to_the_client_as_the_provider_produces_them(infra, 
 
 
 async def test_a_stream_that_dies_half_way_is_discarded_and_the_answer_still_arrives(infra, mesh):
-    # One plan (the planner's call, not streamed, gets no fault), one step: a retrieval (its
-    # tool call gets no fault either), then the answer, whose streamed call dies after three chunks.
+    # One plan (the planner's call, not streamed, gets no fault), one step: the worker's own
+    # retrieval first (no model call), then the step's one model call, the answer, whose streamed
+    # call dies after three chunks.
     step = {"step_id": "s1", "kind": "answer", "tools": ["search_docs"],
             "instruction": "Find what the documentation says about: duplicate side effects"}  # fmt: skip
-    mesh.primary.push(Fault.slow_first_token(0), Fault.slow_first_token(0), Fault.disconnect(after_chunks=3))
+    mesh.primary.push(Fault.slow_first_token(0), Fault.disconnect(after_chunks=3))
     async with infra.client("acme") as c:
         seen = await c.submit("PLAN: " + json.dumps({"steps": [step]}), task_id="reset-1", timeout=60)
     assert isinstance(seen.outcome, TaskCompleted), getattr(seen.outcome, "reason", seen.outcome)

@@ -20,6 +20,11 @@ from meshctl.cli import main
 
 pytestmark = pytest.mark.chaos
 GOAL = "How does AgentMesh avoid duplicate side effects? Also compute 17 * 23, and email the answer to ops@acme.test."
+# A task that completes, for the replays that only need one: a question the docs answer and a
+# computation. (Arithmetic alone gets a research step with no subject from the scripted planner;
+# the worker's first retrieval, by the step's instruction, then finds passages on something else,
+# the answer carries them, and the judge rightly rejects it.)
+ASK_AND_COMPUTE = "How does AgentMesh avoid duplicate side effects? Also compute {}."
 ENV = {"MESH_ACK_WAIT_S": "2", "MESH_RETRY_DELAYS_S": "[0.2, 0.5, 1, 2]", "MESH_LOG_LEVEL": "WARNING"}
 
 
@@ -303,7 +308,7 @@ async def test_replay_refuses_what_it_cannot_replay_in_one_line(infra, mesh, cap
     err = capsys.readouterr().err.strip()
     assert err == "meshctl: no stored message about acme/never-was", err
     async with infra.client("acme") as c:
-        run = await c.submit("Compute 2 * 21.", task_id="replay-3", timeout=60)
+        run = await c.submit(ASK_AND_COMPUTE.format("2 * 21"), task_id="replay-3", timeout=60)
     assert isinstance(run.outcome, TaskCompleted), run.outcome
     assert await asyncio.to_thread(_ctl, infra, "replay", "replay-3", "--tenant", "acme", "--from", "nope") == 2
     err = capsys.readouterr().err.strip()
@@ -316,7 +321,7 @@ async def test_replay_on_another_prompt_version_records_it_and_a_missing_version
     infra, mesh, capsys
 ):
     async with infra.client("acme") as c:
-        run = await c.submit("Compute 6 * 7.", task_id="replay-4", timeout=60)
+        run = await c.submit(ASK_AND_COMPUTE.format("6 * 7"), task_id="replay-4", timeout=60)
     assert isinstance(run.outcome, TaskCompleted), run.outcome
     code, r = await asyncio.to_thread(_replay, infra, capsys, "replay-4", "--prompt-version", f"{PLAN_PROMPT.id}@9")
     assert code == 0, r

@@ -192,14 +192,9 @@ class ScriptedModel:
         topic = ARITHMETIC.sub("", goal_q).strip(" ?.,;:") or goal_q
         for _ in range(3):  # drop connective words the arithmetic left dangling ("... Also compute")
             topic = re.sub(r"\b(also|and|then|compute|calculate|what is)\s*$", "", topic, flags=re.I).strip(" ?.,;:")
-        steps = [
-            {
-                "step_id": "s1",
-                "kind": "research",
-                "tools": ["search_docs"],
-                "instruction": f"Find what the documentation says about: {topic}",
-            }
-        ]
+        # Nothing left to look up ("What is 12 * 12?"): no research step, so no passages on nothing.
+        steps = [{"step_id": "s1", "kind": "research", "tools": ["search_docs"],
+                  "instruction": f"Find what the documentation says about: {topic}"}] if topic else []  # fmt: skip
         if expr:
             steps.append(
                 {
@@ -224,7 +219,7 @@ class ScriptedModel:
                 "step_id": "s3",
                 "kind": "answer",
                 "tools": [],
-                "depends_on": ["s1", "s2"],
+                "depends_on": [str(s["step_id"]) for s in steps],
                 "instruction": f"Write the final answer to: {goal_q}",
             }
         )

@@ -21,13 +21,12 @@ class WorkerSettings(AgentSettings):
     tool_output_max_chars: int = Field(8000, gt=0)
     """Longer tool outputs are clipped with a marker in the model's context; the whole output is
     kept in KV ``steps`` under the key the marker names."""
-    retrieve_first: bool = False
+    retrieve_first: bool = True
     """A step that offers ``search_docs`` retrieves before its first model turn: the step's
     instruction is the query (tenant-scoped, with the same provenance, citations and injection
     tainting as a search the model asks for), and the model answers with the passages in its
     context. Grounding then does not depend on the model choosing to search (a small or cheap
-    model often does not); a model that can call tools may still search more. False (for now the
-    default; ``make demo-local`` and ``make eval-local`` turn it on): the model decides whether to
-    search."""
+    model often does not); a model that can call tools may still search more. True is the
+    default; False: the model decides whether to search."""
     retrieve_first_top_k: int = Field(3, ge=1, le=20)
     """How many passages that first retrieval asks for."""
