@@ -80,14 +80,7 @@ FILLER = (
 
 def load(path: Path, threads: int, n_ctx: int) -> tuple[llama_cpp.Llama, float]:
     t0 = time.perf_counter()
-    llm = llama_cpp.Llama(
-        model_path=str(path),
-        n_ctx=n_ctx,
-        n_batch=512,
-        n_threads=threads,
-        n_threads_batch=threads,
-        verbose=False,
-    )
+    llm = llama_cpp.Llama(model_path=str(path), **importlib.import_module("catalog").llama_options(n_ctx, threads))
     return llm, time.perf_counter() - t0
 
 

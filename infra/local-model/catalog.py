@@ -213,3 +213,8 @@ def gemma_messages(messages: Messages) -> Messages:
 def message_normaliser(template: str) -> Callable[[Messages], Messages]:
     """What to pass the messages through before rendering ``template``."""
     return gemma_messages if "<start_of_turn>" in template else same_messages
+
+
+def llama_options(n_ctx: int, threads: int) -> dict[str, object]:
+    """How serve.py opens a model (and bench_models.py, to measure the same thing)."""
+    return {"n_ctx": n_ctx, "n_batch": 512, "n_threads": threads, "n_threads_batch": threads, "verbose": False}

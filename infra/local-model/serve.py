@@ -79,14 +79,7 @@ class Engine:
         document that is a reference to ..."); a repeat of that length is a loop, not language."""
         self.model_id = path.name
         self.lock = threading.Lock()
-        self.llm = llama_cpp.Llama(
-            model_path=str(path),
-            n_ctx=n_ctx,
-            n_batch=512,
-            n_threads=threads,
-            n_threads_batch=threads,
-            verbose=False,
-        )
+        self.llm = llama_cpp.Llama(model_path=str(path), **catalog.llama_options(n_ctx, threads))
         self.n_ctx = self.llm.n_ctx()
         self.fingerprint = f"llama-cpp-python-{llama_cpp.__version__}"
         meta = self.llm.metadata
