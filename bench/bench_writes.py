@@ -36,13 +36,13 @@ TENANT = "bench"
 
 BUDGET: dict[str, float] = {
     # messages: the protocol itself (v1)
-    "TASK": 3, "STEP": 6, "TOOL": 2, "RAG": 2, "CHECK": 2, "USAGE": 7,
+    "TASK": 3, "STEP": 6, "TOOL": 2, "RAG": 2, "CHECK": 2, "USAGE": 6,
     # records
     # 6 transitions; a published outbox is cleared by the next one's write, or after 2 s by a write
     # of its own (the last one's, and any whose next came later): 7 here, 12 at most
     "KV_tasks": 12,
     "KV_steps": 4,  # one checkpoint per model turn that asks for a call (the answer is step.completed alone)
-    "KV_reservations": 7,  # each grant, before the caller hears of it (outlives a Redis loss)
+    "KV_reservations": 6,  # each grant, before the caller hears of it (outlives a Redis loss)
     "KV_ledger": 2,  # the one tool effect: its claim, then its result
     "KV_status": 2, "KV_admission": 2, "KV_evidence": 1,
 }  # fmt: skip
@@ -56,8 +56,8 @@ TIMED: dict[str, str] = {
 }
 """Synced writes made on a timer, so their count per task depends on how many tasks share a second:
 measured and printed, not budgeted per task (about 1.4 and 2.7-4.4 per task one after another)."""
-UNSYNCED_BUDGET = 42.0
-"""Writes to streams written back asynchronously (EVENTS 18, ENVELOPES 15, KV_calls 9): no fsync,
+UNSYNCED_BUDGET = 41.0
+"""Writes to streams written back asynchronously (EVENTS 18, ENVELOPES 15, KV_calls 8): no fsync,
 but still bytes, CPU and a broker's work."""
 
 
