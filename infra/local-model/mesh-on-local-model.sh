@@ -37,7 +37,6 @@ local_mesh_up() {  # $1: the mesh home
     sed -i 's/^  planner: \[scripted\]/  planner: [smol, scripted]/' "$home/models.yaml"
   fi
   export MESH_MODEL_CONFIG="$home/models.yaml"
-  export MESH_RETRIEVE_FIRST="${MESH_RETRIEVE_FIRST:-true}"  # grounding that does not wait for a tool call
   "$root/.venv/bin/meshctl" --home "$home" up --nats-port 0 --http-port 0 --redis-port 0 ${MESH_UP_ARGS:-}
 }
 

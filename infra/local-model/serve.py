@@ -265,8 +265,8 @@ def parse_chat_request(body: Any, engine: Engine) -> dict[str, Any]:
         "stop": stop,
         "stream": stream,
         "include_usage": bool(options.get("include_usage")),
-        "grammar": (held := sx.grammar(body, tools)),
-        "loop_guard": engine.loop_guard if held is None or tools else 0,  # (JSON repeats runs by design)
+        "grammar": (held_to := sx.grammar(body, tools)),
+        "loop_guard": engine.loop_guard if held_to is None or tools else 0,  # (JSON repeats runs by design)
         "tools": bool(tools),
     }
 
@@ -448,7 +448,7 @@ class Handler(BaseHTTPRequestHandler):
         held = ""  # with tools: text that may be a call is held until it is one (sent whole) or is not
         try:
             for text in self._run(req, result):
-                if req["tools"] and (held + text).lstrip().startswith(sx.TOOL_OPEN[: len((held + text).lstrip())]):
+                if req["tools"] and sx.may_be_call(held + text):
                     held += text
                     continue
                 if held:

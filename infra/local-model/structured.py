@@ -90,12 +90,29 @@ n as n nested optional rules (text_stats's maxLength 100000 made a grammar that 
 SIGSEGV). What receives the output validates it against the whole schema anyway."""
 
 
+NAMED = ("properties", "patternProperties", "$defs", "definitions")
+"""Keywords whose value maps names to schemas: the names are data (a tool may take a ``title``)."""
+LITERAL = ("enum", "const", "default", "examples")
+"""Keywords whose value is data, not a schema: left as written."""
+
+
 def _loosen(schema: Any) -> Any:
+    """``schema`` without annotations (``title``, ``description``) and without length bounds over
+    ``GRAMMAR_MAX_REPEAT``."""
     if isinstance(schema, list):
         return [_loosen(x) for x in schema]
     if not isinstance(schema, dict):
         return schema
-    out = {k: _loosen(v) for k, v in schema.items() if k not in ("title", "description")}
+    out: dict[str, Any] = {}
+    for k, v in schema.items():
+        if k in ("title", "description"):
+            continue
+        if k in NAMED and isinstance(v, dict):
+            out[k] = {name: _loosen(sub) for name, sub in v.items()}
+        elif k in LITERAL:
+            out[k] = v
+        else:
+            out[k] = _loosen(v)
     for bound in ("maxLength", "maxItems", "minLength", "minItems"):
         if isinstance(out.get(bound), int) and out[bound] > GRAMMAR_MAX_REPEAT:
             del out[bound]
@@ -138,6 +155,12 @@ def grammar(body: dict[str, Any], tools: list[dict[str, Any]]) -> Any:
             raise BadRequest("response_format.json_schema.schema must be a JSON Schema object", param="response_format")
         return LlamaGrammar.from_string(_gbnf(schema, "root"), verbose=False)
     return None
+
+
+def may_be_call(text: str) -> bool:
+    """Whether streamed text so far is, or may still become, a call (``<tool_call>...``)."""
+    start = text.lstrip()
+    return start.startswith(TOOL_OPEN[: len(start)])
 
 
 def tool_call(text: str) -> dict[str, Any] | None:

@@ -31,7 +31,7 @@ from mesh_testing.infra import Infra, running_infra
 HERE = Path(__file__).resolve().parent
 VENV = Path(__file__).resolve().parents[2] / ".venv-local-model"
 GOAL = "How does AgentMesh avoid duplicate side effects?"
-ENV = {"MESH_ACK_WAIT_S": "5", "MESH_LOG_LEVEL": "WARNING", "MESH_RETRIEVE_FIRST": "true"}
+ENV = {"MESH_ACK_WAIT_S": "5", "MESH_LOG_LEVEL": "WARNING"}
 
 
 @pytest.fixture(scope="module")

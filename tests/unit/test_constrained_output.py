@@ -112,6 +112,9 @@ def test_a_tool_call_the_model_writes_comes_back_in_the_api_shape():
     assert json.loads(call["function"]["arguments"]) == {"expression": "2+2"}
     for text in ("The answer is 4.", '<tool_call>{"name": 3}</tool_call>', "<tool_call>{not json</tool_call>"):
         assert serve.tool_call(text) is None, text
+    # streamed: held while it may still become a call, let go as soon as it cannot
+    assert all(serve.may_be_call(t) for t in ("", " ", "<to", "<tool_call>", '<tool_call>{"na'))
+    assert not any(serve.may_be_call(t) for t in ("The", "<b>", "<toy"))
 
 
 def test_tools_and_tool_choice_are_read_as_the_api_defines_them():
@@ -139,6 +142,16 @@ def test_length_bounds_too_long_for_a_grammar_are_left_to_the_receiver():
     calc = next(t.parameters for t in schema.tools if t.name == "calculator")
     assert serve._loosen(calc)["properties"]["expression"] == {"minLength": 1, "type": "string"}  # (and no title)
     assert serve._loosen({"type": "array", "maxItems": 3})["maxItems"] == 3
+    # An argument may be called "title" or "description": only the annotations go, not the names.
+    ticket = {"type": "object", "title": "Ticket", "required": ["title", "description"],
+              "properties": {"title": {"type": "string", "title": "Title"}, "description": {"type": "string"},
+                             "kind": {"enum": [{"title": "kept as data"}]}}}  # fmt: skip
+    assert serve._loosen(ticket) == {
+        "type": "object",
+        "required": ["title", "description"],
+        "properties": {"title": {"type": "string"}, "description": {"type": "string"},
+                       "kind": {"enum": [{"title": "kept as data"}]}},
+    }  # fmt: skip
 
 
 def test_the_local_server_names_its_models_and_refuses_an_unknown_one_in_one_line(capsys):
