@@ -140,7 +140,8 @@ def test_length_bounds_too_long_for_a_grammar_are_left_to_the_receiver():
     loose = serve._loosen(text_stats)
     assert "maxLength" not in loose["properties"]["text"]  # 100000: n nested rules would crash llama.cpp
     calc = next(t.parameters for t in schema.tools if t.name == "calculator")
-    assert serve._loosen(calc)["properties"]["expression"] == {"minLength": 1, "type": "string"}  # (and no title)
+    assert serve._loosen(calc)["properties"]["expression"] == {
+        "minLength": 1, "type": "string", "pattern": r"^[-+(0-9][0-9.eE_+\-*/%() ]*$"}  # (and no title)  # fmt: skip
     assert serve._loosen({"type": "array", "maxItems": 3})["maxItems"] == 3
     # An argument may be called "title" or "description": only the annotations go, not the names.
     ticket = {"type": "object", "title": "Ticket", "required": ["title", "description"],
@@ -152,6 +153,26 @@ def test_length_bounds_too_long_for_a_grammar_are_left_to_the_receiver():
         "properties": {"title": {"type": "string"}, "description": {"type": "string"},
                        "kind": {"enum": [{"title": "kept as data"}]}},
     }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("pattern", "spelled"),
+    [
+        # send_email's `to`: a negated class excludes the quote and the backslash too (a JSON string's ends)
+        (r"^[^@\s]+@[^@\s]+\.[^@\s]+$", r'^[^"\\@ \t\n\r]+@[^"\\@ \t\n\r]+[.][^"\\@ \t\n\r]+$'),
+        (r"^\d{3}-\w+$", r"^[0-9]{3}-[a-zA-Z0-9_]+$"),
+        (r"^a\.b\(c\)\\d$", r"^a[.]b[(]c[)][\\]d$"),  # an escaped literal: a class of one
+        (r"^[\]\-\\a]+$", r"^[\]\-\\a]+$"),  # escapes a grammar's class takes as they are
+        (r"^https?://", r'^https?://[^"\\]*$'),  # a prefix: the converter wants both anchors
+        (r"^[-+(0-9][0-9.eE_+\-*/%() ]*$", r"^[-+(0-9][0-9.eE_+\-*/%() ]*$"),
+        (r"a\bc", None),  # an escape a grammar has no spelling for: the pattern is dropped
+        ("abc", None),  # a match anywhere: dropped (the tool validates the whole schema anyway)
+    ],
+)
+def test_patterns_are_spelled_in_escapes_a_grammar_parses(pattern, spelled):
+    assert serve._pattern(pattern) == spelled
+    loose = serve._loosen({"type": "string", "pattern": pattern})
+    assert loose == ({"type": "string", "pattern": spelled} if spelled else {"type": "string"})
 
 
 def test_the_local_server_names_its_models_and_refuses_an_unknown_one_in_one_line(capsys):

@@ -70,6 +70,7 @@ HISTORICAL = {
         "MESH_LIVE_WINDOW_MS",
         "MESH_RETRIEVE_FIRST",
         "MESH_RETRIEVE_FIRST_TOP_K",
+        "MESH_ANSWER_STYLE",
     },
     RagSettings: {
         "MESH_RAG_SEED_TENANTS",

@@ -64,7 +64,7 @@ class UnpricedModel(LookupError, AgentError):
     """The price table has no entry for a model; the call is refused."""
 
 
-DEFAULT_VERSION = "2026-11-22"  # 2026-11-01 plus dated (pinned) model ids for the gateway
+DEFAULT_VERSION = "2026-11-28"  # 2026-11-22 plus gemma-3-270m, the second local model (free, on this CPU)
 # The scripted model is priced like a small hosted model so that cost ceilings are exercised
 # in tests and demos; its "dollars" are notional. Provider list prices change: review them,
 # and publish a new version rather than editing one in place.
@@ -81,6 +81,7 @@ _DEFAULT = {
     "anthropic/claude-sonnet-4-20250514": Price(3.00, 15.00, 0.30),
     "local/*": Price(0.0, 0.0, 0.0),
     "openai/SmolLM2-135M-Instruct.Q4_1.gguf": Price(0.0, 0.0, 0.0),  # `make demo-local`, on this CPU
+    "openai/gemma-3-270m-q4_k_m.gguf": Price(0.0, 0.0, 0.0),  # LOCAL_MODEL=gemma3-270m
 }
 
 

@@ -98,6 +98,8 @@ class AnthropicChat(HTTPChat):
             body["system"] = system
         if request.tools:
             body["tools"] = to_anthropic_tools(request.tools)
+            if request.tool_choice == "required":
+                body["tool_choice"] = {"type": "any"}
         if request.temperature is not None:
             body["temperature"] = request.temperature
         if stream:

@@ -24,6 +24,8 @@ GROUNDING_LABEL = (
     "Passages retrieved for this step. Answer from them, and cite each passage you use as [doc#chunk], "
     "exactly as written before it: "
 )
+INPUT_LABEL = "Input from {step}: "
+"""How an earlier step's output enters a step's context (the worker's ``step_context``)."""
 _PASSAGE = re.compile(r"^\[([^\[\]#\s]+)#([^\[\]\s]+)\] (.*)$")
 
 TokenCounter = Callable[[ModelRequest], int]

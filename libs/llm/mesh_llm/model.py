@@ -77,19 +77,29 @@ class ModelRequest:
     that can constrain its output to a schema does (OpenAI-compatible servers: ``response_format``
     ``json_schema``, which llama.cpp turns into a grammar); others ignore it, and the caller
     validates the answer as before."""
+    tool_choice: str = "auto"
+    """``auto``: the model may call an offered tool or answer; ``required``: it must call one (a step
+    the plan made to call its tool: a small model calls none unless made to)."""
 
     def fingerprint(self) -> dict[str, Any]:
         """Everything that determines the answer (the cache key is a hash of this)."""
         schema = {"response_schema": self.response_schema} if self.response_schema is not None else {}
-        return schema | {
-            "agent": self.agent,  # the scripted model (and routing) depend on role and step
-            "step": self.step,
-            "difficulty": self.difficulty,
-            "messages": [m.to_dict() for m in self.messages],
-            "tools": [{"name": t.name, "description": t.description, "parameters": t.parameters} for t in self.tools],
-            "max_tokens": self.max_tokens,
-            "temperature": self.temperature,
-        }
+        choice = {"tool_choice": self.tool_choice} if self.tool_choice != "auto" else {}  # keys as they were
+        return (
+            schema
+            | choice
+            | {
+                "agent": self.agent,  # the scripted model (and routing) depend on role and step
+                "step": self.step,
+                "difficulty": self.difficulty,
+                "messages": [m.to_dict() for m in self.messages],
+                "tools": [
+                    {"name": t.name, "description": t.description, "parameters": t.parameters} for t in self.tools
+                ],
+                "max_tokens": self.max_tokens,
+                "temperature": self.temperature,
+            }
+        )
 
 
 @dataclass(frozen=True)

@@ -97,6 +97,8 @@ class OpenAIChat(HTTPChat):
         }
         if request.tools:
             body["tools"] = to_openai_tools(request.tools)
+            if request.tool_choice == "required":
+                body["tool_choice"] = "required"
         if request.temperature is not None:
             body["temperature"] = request.temperature
         if request.response_schema is not None:

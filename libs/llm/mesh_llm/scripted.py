@@ -16,6 +16,7 @@ import re
 from collections.abc import AsyncIterator
 from typing import Any, NotRequired, TypedDict
 
+from mesh_llm import quotes
 from mesh_llm.context import as_searched
 from mesh_llm.errors import ProviderError
 from mesh_llm.model import Message, ModelRequest, ModelResponse, StreamEvent, ToolCall, count_tokens
@@ -109,6 +110,8 @@ class ScriptedModel:
             content, calls = self._plan(request), ()
         elif request.agent == "judge":
             content, calls = _judge(request), ()
+        elif options := quotes.is_quotes_schema(request.response_schema):
+            content, calls = _quote(request, options), ()
         else:
             content, calls = self._work(request)
         out_tokens = min(
@@ -205,15 +208,7 @@ class ScriptedModel:
                     "instruction": f"Compute {expr.group(1)}",
                 }
             )
-        else:
-            steps.append(
-                {
-                    "step_id": "s2",
-                    "kind": "compute",
-                    "tools": ["text_stats"],
-                    "instruction": f"Measure the question: {goal}",
-                }
-            )
+        # Nothing to compute: no compute step (a question is not padded with a measurement of itself).
         steps.append(
             {
                 "step_id": "s3",
@@ -505,6 +500,26 @@ NO_ANSWER = re.compile(
 
 def _stems(text: str) -> set[str]:
     return {w.rstrip("s") for w in WORD.findall(text.lower()) if len(w) > 2 and w not in STOP}
+
+
+def _quote(request: ModelRequest, options: list[str]) -> str:
+    """A quoted answer (``mesh_llm.quotes``): the sentences that cover the step's instruction, one
+    at a time the one that adds most of its words not yet covered (a sentence with a number covers
+    a computation), up to the schema's three; at least one."""
+
+    def words(text: str) -> set[str]:  # a computation is answered by a number (as the judge reads it)
+        return _stems(text) | ({"#number"} if ARITHMETIC.search(text) or re.search(r"\d", text) else set())
+
+    wanted = words(next((m.content for m in request.messages if m.role == "user"), ""))
+    chosen: list[str] = []
+    while len(chosen) < quotes.MAX_QUOTES:
+        gains = [(len(words(o) & wanted), -i, o) for i, o in enumerate(options) if o not in chosen]
+        gain, _, best = max(gains, default=(0, 0, ""))  # ties: the option read first
+        if not gain:
+            break
+        chosen.append(best)
+        wanted -= words(best)
+    return json.dumps({"quotes": chosen or options[:1]})
 
 
 def _judge(request: ModelRequest) -> str:

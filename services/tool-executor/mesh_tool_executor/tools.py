@@ -163,7 +163,10 @@ class Args(BaseModel):
 
 
 class CalculatorArgs(Args):
-    expression: str = Field(min_length=1, max_length=200)
+    # The characters of the expressions ``_eval`` takes, starting as a number, a sign or a bracket:
+    # a model held to the schema (a local model's grammar) cannot write anything else into it
+    # (SmolLM2 wrote ", 17, 23, 17, ..." until max_tokens, then ".17 * 23").
+    expression: str = Field(min_length=1, max_length=200, pattern=r"^[-+(0-9][0-9.eE_+\-*/%() ]*$")
 
 
 class TextStatsArgs(Args):

@@ -18,6 +18,7 @@ from mesh_contracts.stored import STEP_RUN, Sealable
 from mesh_contracts.v1 import Citation, HeldCall, SignedRecord, StepRequested, Taint, TokenUsage
 from mesh_guardrails.provenance import Text
 from mesh_llm import Message, ToolCall
+from mesh_llm.context import INPUT_LABEL
 from mesh_llm.model import Role
 
 
@@ -113,7 +114,7 @@ def step_context(m: StepRequested, system: Prompt) -> list[tuple[Role, Text]]:
             else Taint(untrusted=declared.untrusted, injection_score=declared.injection_score,
                        sources=(f"step:{sid}", *declared.sources), signals=declared.signals)
         )  # fmt: skip
-        out.append(("user", Text.tainted(output, f"step:{sid}", taint).labelled(f"Input from {sid}: ")))
+        out.append(("user", Text.tainted(output, f"step:{sid}", taint).labelled(INPUT_LABEL.format(step=sid))))
     if m.feedback:
         out.append(("user", Text.untrusted(m.feedback, "checker").labelled("Feedback from the checker: ")))
     return out

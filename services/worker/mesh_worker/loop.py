@@ -27,6 +27,7 @@ from mesh_host import Mesh
 from mesh_kit import Delivery
 from mesh_kit import state as st
 from mesh_llm import ChatModel, Message, ModelRequest, ModelResponse, ProviderError, ToolCall
+from mesh_llm import quotes as mq
 from mesh_llm.context import GROUNDING_LABEL, clip, passages
 from mesh_worker import metrics as worker_metrics
 from mesh_worker.calls import RETRIEVAL_TOOL, Calls
@@ -34,6 +35,9 @@ from mesh_worker.checkpoint import PendingCall, StepRun, admit, as_stored, model
 from mesh_worker.live import Live
 from mesh_worker.outcome import outcome, prompt_version
 from mesh_worker.settings import WorkerSettings
+
+TOOL_STEPS = frozenset({"compute", "write"})
+"""Step kinds whose first model turn must call one of the step's tools."""
 
 
 class Loop:
@@ -130,7 +134,10 @@ class Loop:
             return
         last = run.messages[-1] if run.messages else {}
         if last.get("role") == "assistant" and not last.get("tool_calls"):
-            await self.finish(run, output=last.get("content", ""))  # answered, but died before finishing
+            answer = str(last.get("content", ""))
+            await self.finish(
+                run, output=self._written(run.messages[:-1], answer)
+            )  # answered, but died before finishing
             return
         if run.iteration >= req.max_iterations:
             await self.finish(run, failed=f"iteration cap ({req.max_iterations}) reached without an answer")
@@ -211,7 +218,8 @@ class Loop:
         called = await self._call_model(run, call_id, d)
         if called is None:
             return
-        new = await self._checkpoint_turn(run, call_id, *called)
+        response, usage, quotes = called
+        new = await self._checkpoint_turn(run, call_id, response, usage, quotes)
         if new is None:
             return
         if new.pending is not None:
@@ -221,19 +229,26 @@ class Loop:
 
     async def _call_model(
         self, run: StepRun, call_id: str, d: Delivery | None
-    ) -> tuple[ModelResponse, TokenUsage] | None:
-        """The turn's model call, streamed live to clients; None when it is refused or fails for
-        good (the step is then finished as failed or halted, with the reason)."""
+    ) -> tuple[ModelResponse, TokenUsage, list[mq.Quote]] | None:
+        """The turn's model call, streamed live to clients, and the sentences it was to choose
+        from (a quoted answer's, else none); None when it is refused or fails for good (the step
+        is then finished as failed or halted, with the reason)."""
         req = run.request
         bundle = await self._bundles().bundle(req.tenant, req.release)
         denied = releases.denied(bundle)
         tools = await self.calls.specs(tuple(t for t in req.step.tools if t not in denied))
+        messages = tuple(Message.from_dict(x) for x in run.messages)
+        quotes = self._quotable(messages, tuple(t.name for t in tools), req.step.output_schema)
         request = ModelRequest(
-            tuple(Message.from_dict(x) for x in run.messages),
-            tools=tools,
+            messages,
+            tools=() if quotes else tools,
             # A step that must answer in a schema and has no call to make: a model that can be
             # held to the schema is (a call's arguments are held to their tool's schema instead).
-            response_schema=req.step.output_schema if not tools else None,
+            # A quoted answer is held to the sentences it may quote.
+            response_schema=mq.schema(quotes) if quotes else req.step.output_schema if not tools else None,
+            # A step the plan made to call its tool (compute, write) calls it on its first turn: a
+            # small model otherwise answers in prose (measured: SmolLM2 never called the calculator).
+            tool_choice="required" if tools and req.step.kind in TOOL_STEPS and not _answered(run) else "auto",
             agent="worker",
             step=req.step.kind,
             difficulty=req.step.difficulty,
@@ -242,6 +257,12 @@ class Loop:
             route=releases.route(bundle, "worker", req.step.difficulty),
         )
         live = Live(self.mesh, req.tenant, req.task_id, req.step.step_id, call_id, self.settings.live_window_ms / 1000)
+        shown = mq.QuoteStream()
+
+        async def quoted_token(text: str) -> None:  # a client watches the sentences, not the JSON
+            if part := shown.feed(text):
+                await live.token(part)
+
         try:
             response, usage = await call_model_once(
                 self.mesh,
@@ -253,7 +274,7 @@ class Loop:
                 step_id=req.step.step_id,
                 call_id=call_id,
                 delivery=d,
-                on_token=live.token,
+                on_token=quoted_token if quotes else live.token,
                 on_reset=live.reset,
                 replay=req.replay,
                 claim=False,  # a step's duplicates are its own redeliveries: one write per call
@@ -267,10 +288,25 @@ class Loop:
             await self.finish(run, failed=f"model ({exc.kind}): {exc}"[:1000])
             return None
         await live.end(f"{response.provider}/{response.model}")
-        return response, usage
+        return response, usage, quotes
+
+    def _quotable(self, messages: tuple[Message, ...], tools: tuple[str, ...], schema: object) -> list[mq.Quote]:
+        """The sentences this turn's answer is to be chosen from: with ``answer_style`` quoted,
+        for a step with cited text in its context, no schema of its own and no tool to call but
+        a search (it has searched: the passages are here); else none (the model writes)."""
+        if self.settings.answer_style != "quoted" or schema is not None or set(tools) - {RETRIEVAL_TOOL}:
+            return []
+        return mq.candidates(messages)
+
+    def _written(self, messages: list[dict[str, Any]], answer: str) -> str:
+        """A step's answer as its output: a quoted answer written out with its references (from
+        what the model was offered), any other as the model wrote it."""
+        if self.settings.answer_style != "quoted":
+            return answer
+        return mq.compose(answer, mq.candidates([Message.from_dict(x) for x in messages])) or answer
 
     async def _checkpoint_turn(
-        self, run: StepRun, call_id: str, response: ModelResponse, usage: TokenUsage
+        self, run: StepRun, call_id: str, response: ModelResponse, usage: TokenUsage, quotes: list[mq.Quote]
     ) -> StepRun | None:
         """The model's turn and its tool call (at most one) written to the step's checkpoint, or,
         with no call, the answer and the step's end (its outcome, published by the caller and
@@ -300,7 +336,8 @@ class Loop:
                 )
             else:  # the answer: the step ends with it (published, not written: see below)
                 cur.status = "completed"
-                cur.outcome = outcome(cur, self.system, output=response.content).model_dump(mode="json")
+                answer = (mq.compose(response.content, quotes) or response.content) if quotes else response.content
+                cur.outcome = outcome(cur, self.system, output=answer).model_dump(mode="json")
             return cur
 
         key = StepRun.key(req.tenant, req.task_id, req.step.step_id)
@@ -353,6 +390,11 @@ class Loop:
             # told here, with the step's own reason.
             await self.mesh.progress(result.tenant, result.task_id, "step.failed", result.reason[:100],
                                      step_id=result.step_id, key=str(result.attempt))  # fmt: skip
+
+
+def _answered(run: StepRun) -> bool:
+    """The model has had a turn in this step already."""
+    return any(m.get("role") == "assistant" for m in run.messages)
 
 
 def _grounding(text: Text) -> Text:

@@ -3,6 +3,8 @@ limits of its agent loop."""
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from mesh_agent.settings import AgentSettings
@@ -30,3 +32,11 @@ class WorkerSettings(AgentSettings):
     default; False: the model decides whether to search."""
     retrieve_first_top_k: int = Field(3, ge=1, le=20)
     """How many passages that first retrieval asks for."""
+    answer_style: Literal["written", "quoted"] = "written"
+    """How a step answers from cited text (the passages it retrieved, an earlier step's cited
+    answer) when it has no other tool to call. ``written``: the model writes the answer.
+    ``quoted``: the model chooses up to three sentences of that text, held by the request's
+    schema to quote them verbatim, and the worker writes them out each with its ``[doc#chunk]``
+    (``mesh_llm.quotes``): grounded and cited by construction, for a model too small to write
+    a grounded answer (the local demo's). A step without cited text, or with a tool to call
+    or a schema of its own, is answered as written either way."""
