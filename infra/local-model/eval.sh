@@ -8,7 +8,11 @@
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 source "$here/mesh-on-local-model.sh"
-MESH_UP_ARGS="--tenants acme,globex" local_mesh_up "${MESH_HOME:-$root/.mesh}/eval-local"
+fresh="${MESH_HOME:-$root/.mesh}/eval-local"
+# A benchmark starts from nothing: a previous run's tasks, caches and ledger must not answer this one.
+"$root/.venv/bin/meshctl" --home "$fresh" down >/dev/null 2>&1 || true
+rm -rf "$fresh"
+MESH_UP_ARGS="--tenants acme,globex" local_mesh_up "$fresh"
 baseline="$root/tests/golden/local-baseline.json"
 report="$home/local-report.json"
 args=(--report "$report" --min-pass-rate 0 --timeout 600 --concurrency 2)

@@ -4,6 +4,8 @@
 # bring the mesh up in $home. The caller runs its command and calls local_mesh_down.
 #   LOCAL_MODEL=name     the model serve.py runs (catalog.py; default smollm2-135m)
 #   LOCAL_PLANNER=1      the planner on the local model too (default: the scripted planner)
+#   LOCAL_ANSWERS=style  how the worker answers from passages: quoted (default: a 135M model cannot
+#                        write a grounded answer, it can choose one) or written (MESH_ANSWER_STYLE)
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
@@ -32,11 +34,18 @@ local_mesh_up() {  # $1: the mesh home
     sleep 0.5
   done
   [ -s "$home/model.port" ] || { echo "local model server did not start (see $home/model.log)"; exit 1; }
-  sed "s/\${LOCAL_MODEL_PORT}/$(cat "$home/model.port")/" "$here/models.yaml" > "$home/models.yaml"
+  # The gateway names the model as the server does (LOCAL_MODEL may be another file): the checker
+  # then knows which model wrote an answer and judges it with another.
+  for _ in $(seq 1 50); do grep -q 'listening on' "$home/model.log" && break; sleep 0.1; done
+  served="$(grep -m1 -o 'model=[^ ]*' "$home/model.log" | cut -d= -f2)"
+  sed -e "s/\${LOCAL_MODEL_PORT}/$(cat "$home/model.port")/" \
+      -e "s/id: SmolLM2-135M-Instruct.Q4_1.gguf/id: ${served:-SmolLM2-135M-Instruct.Q4_1.gguf}/" \
+      "$here/models.yaml" > "$home/models.yaml"
   if [ "${LOCAL_PLANNER:-0}" = 1 ]; then
     sed -i 's/^  planner: \[scripted\]/  planner: [smol, scripted]/' "$home/models.yaml"
   fi
   export MESH_MODEL_CONFIG="$home/models.yaml"
+  export MESH_ANSWER_STYLE="${LOCAL_ANSWERS:-quoted}"
   "$root/.venv/bin/meshctl" --home "$home" up --nats-port 0 --http-port 0 --redis-port 0 ${MESH_UP_ARGS:-}
 }
 

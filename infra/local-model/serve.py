@@ -37,6 +37,7 @@ from typing import Any
 
 sys.path[:0] = [] if (_here := str(Path(__file__).resolve().parent)) in sys.path else [_here]  # our modules
 import catalog  # noqa: E402  (beside this script: the models by name)
+import choose  # noqa: E402  (a multiple choice answered by likelihood)
 import structured as sx  # noqa: E402  (tool calls, grammars, generation guards)
 
 BadRequest = sx.BadRequest
@@ -65,7 +66,9 @@ def find_gguf(model: str | None = None) -> Path:
 class Engine:
     """One llama.cpp context; ``lock`` serialises its use."""
 
-    def __init__(self, path: Path, *, n_ctx: int, threads: int, loop_guard: int = 0, tool_calls: bool = True) -> None:
+    def __init__(
+        self, path: Path, *, n_ctx: int, threads: int, loop_guard: int = 0, tool_calls: bool = True, pmi: bool = True
+    ) -> None:
         import llama_cpp
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -77,6 +80,7 @@ class Engine:
         """Stop an answer when its last ``loop_guard`` tokens repeat a run it already wrote (0: never).
         Small models fall into loops under greedy decoding ("The document is a reference to a
         document that is a reference to ..."); a repeat of that length is a loop, not language."""
+        self.pmi = pmi  # a multiple choice is answered by choose.py (False: greedy under its grammar)
         self.model_id = path.name
         self.lock = threading.Lock()
         self.llm = llama_cpp.Llama(model_path=str(path), **catalog.llama_options(n_ctx, threads))
@@ -197,24 +201,7 @@ def parse_chat_request(body: Any, engine: Engine) -> dict[str, Any]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise BadRequest("'messages' must be a non-empty list", param="messages")
-    chat: list[dict[str, str]] = []
-    called: dict[str, str] = {}  # tool call id -> tool name, to say whose result a tool message is
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise BadRequest(f"messages[{i}] must be an object with a 'role'", param=f"messages[{i}]")
-        role = m["role"]
-        if role == "developer":
-            role = "system"
-        if role not in ("system", "user", "assistant", "tool"):
-            raise BadRequest(f"messages[{i}].role {role!r} is not supported", param=f"messages[{i}].role")
-        text = sx.content(m.get("content"), f"messages[{i}].content")
-        for call in m.get("tool_calls") or []:  # written the way this server asks the model to call
-            fn = (call.get("function") if isinstance(call, dict) else None) or {}
-            called[str(call.get("id", ""))] = str(fn.get("name"))
-            text += sx.written_call(fn)
-        if role == "tool":  # small chat templates know no tool role: the result is a user turn that says so
-            role, text = "user", f"Result of {called.get(str(m.get('tool_call_id', '')), 'the tool')}:\n{text}"
-        chat.append({"role": role, "content": text})
+    chat = sx.chat(messages, tagged=engine.tool_calls)
     tools = sx.tools_of(body)
     if not engine.tool_calls:  # offered tools go unmentioned; a forced call (required, named) is still made
         tools = [t for t in tools if t["required"]]
@@ -248,6 +235,8 @@ def parse_chat_request(body: Any, engine: Engine) -> dict[str, Any]:
     if not isinstance(options, dict):
         raise BadRequest("'stream_options' must be an object", param="stream_options")
 
+    if (held_to := sx.grammar(body, tools)) is not None and not sx.parses(engine.llm, held_to):
+        raise BadRequest("the schema could not be held to (its grammar does not parse)", param="response_format")
     tokens = engine.prompt(chat)
     room = engine.n_ctx - len(tokens)
     if room < 1:
@@ -265,9 +254,11 @@ def parse_chat_request(body: Any, engine: Engine) -> dict[str, Any]:
         "stop": stop,
         "stream": stream,
         "include_usage": bool(options.get("include_usage")),
-        "grammar": (held_to := sx.grammar(body, tools)),
+        "grammar": held_to,
         "loop_guard": engine.loop_guard if held_to is None or tools else 0,  # (JSON repeats runs by design)
         "tools": bool(tools),
+        "chat": chat,
+        "choice": choose.choice(choose.schema_of(body)) if engine.pmi and not tools else None,
     }
 
 
@@ -383,6 +374,8 @@ class Handler(BaseHTTPRequestHandler):
                 self.log_message("client closed the connection mid-answer")
 
     def _run(self, req: dict[str, Any], result: dict[str, Any]) -> Iterator[str]:
+        if req["choice"] is not None and (chosen := choose.answer(self.engine, req["chat"], req["choice"], result)):
+            return iter([chosen])
         return self.engine.generate(
             req["tokens"],
             max_tokens=req["max_tokens"],
@@ -501,7 +494,7 @@ def _positive(text: str) -> int:
     return value
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> _Parser:
     parser = _Parser(prog="serve.py", description="OpenAI-compatible server for a small local model (CPU, offline)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=_port, default=8088, help="port (default 8088; 0 picks a free one)")
@@ -525,10 +518,18 @@ def main(argv: list[str] | None = None) -> int:
         help="describe offered tools to the model and hold its calls to their schemas (default: the model's "
         "catalogue entry; off: only a forced call is made)",
     )
+    parser.add_argument("--choose", choices=("pmi", "greedy"), default="pmi",
+                        help="answer a multiple choice (a list of enum strings) by each option's likelihood "
+                        "given the question against alone (default; choose.py), or greedily under its grammar")  # fmt: skip
     parser.add_argument(
         "--model",
         help=f"a model name ({', '.join(catalog.MODELS)}; default {catalog.DEFAULT_MODEL}; see README) or a GGUF file path",
     )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here uses a hub; make sure nothing tries
@@ -539,7 +540,8 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         entry = catalog.MODELS.get(args.model or catalog.DEFAULT_MODEL)
         tool_calls = args.tools == "on" if args.tools else (entry.tool_calls if entry is not None else True)
-        engine = Engine(path, n_ctx=args.ctx, threads=args.threads, loop_guard=args.loop_guard, tool_calls=tool_calls)
+        engine = Engine(path, n_ctx=args.ctx, threads=args.threads, loop_guard=args.loop_guard, tool_calls=tool_calls,
+                        pmi=args.choose == "pmi")  # fmt: skip
         load_s = time.perf_counter() - t0
     except catalog.UnknownModel as exc:  # a bad argument: exit 2
         parser.error(str(exc))

@@ -43,8 +43,13 @@ def arguments(fn: dict[str, Any]) -> Any:
         return raw
 
 
-def written_call(fn: dict[str, Any]) -> str:
-    """A call of the conversation (an API ``function``), as the model is asked to write one."""
+def written_call(fn: dict[str, Any], *, tagged: bool = True) -> str:
+    """A call of the conversation (an API ``function``), as the model is asked to write one; not
+    ``tagged`` (a model not told how to call, whose calls are only forced): not at all (the
+    result's turn names the tool), so it has no call to copy into its answer (SmolLM2 wrote
+    ``<tool_call>...`` after a forced call shown in tags, and "(I called ...)" after one in words)."""
+    if not tagged:
+        return ""
     return f"{TOOL_OPEN}{json.dumps({'name': fn.get('name'), 'arguments': arguments(fn)})}{TOOL_CLOSE}"
 
 
@@ -96,9 +101,63 @@ LITERAL = ("enum", "const", "default", "examples")
 """Keywords whose value is data, not a schema: left as written."""
 
 
+_ANY = '[^"\\\\]'
+"""Any character inside a JSON string: the converter's ``.`` (and a negated class) would let the
+string end early at a quote the model writes, and the JSON go on as garbage."""
+_CLASSES = {"s": " \\t\\n\\r", "d": "0-9", "w": "a-zA-Z0-9_"}
+_LITERAL = set(".-/()[]^$*+?{}|")  # escaped to mean themselves
+_IN_CLASS = {"-": "\\-", "]": "\\]", "\\": "\\\\", "n": "\\n", "t": "\\t", "r": "\\r"}
+
+
+def _pattern(pattern: str) -> str | None:
+    """``pattern`` in the escapes llama.cpp's grammars take (``\\s`` ``\\d`` ``\\w`` spelled out as
+    classes, an escaped literal as a class of one: the converter writes ``\\.`` into a grammar
+    string, which does not parse), or None when it uses another escape (the pattern is dropped).
+    A grammar that fails to parse crashed llama.cpp with SIGSEGV (send_email's ``[^@\\s]``)."""
+    out, i, in_class = [], 0, False
+    while i < len(pattern):
+        ch = pattern[i]
+        if ch == "\\" and i + 1 < len(pattern):
+            nxt = pattern[i + 1]
+            if nxt in _CLASSES:
+                out.append(_CLASSES[nxt] if in_class else f"[{_CLASSES[nxt]}]")
+            elif in_class and (nxt in _IN_CLASS or nxt in _LITERAL):
+                out.append(_IN_CLASS.get(nxt, nxt))
+            elif nxt in _LITERAL or nxt in "ntr\\":
+                out.append(f"[{_IN_CLASS.get(nxt, nxt)}]")
+            else:
+                return None
+            i += 2
+            continue
+        if ch == "[" and not in_class and pattern[i + 1 : i + 2] == "^":  # a negated class: not a quote either
+            out.append(_ANY[:-1])
+            in_class, i = True, i + 2
+            continue
+        in_class = (in_class and ch != "]") or (ch == "[" and not in_class)
+        out.append(_ANY if ch == "." and not in_class else ch)
+        i += 1
+    spelled = "".join(out)
+    if not spelled.startswith("^"):
+        return None  # a match anywhere: the converter takes anchored patterns only
+    return spelled if spelled.endswith("$") and not spelled.endswith("\\$") else f"{spelled}{_ANY}*$"
+
+
+def parses(llm: Any, grammar: Any) -> bool:
+    """Whether llama.cpp accepts ``grammar`` (a ``LlamaGrammar``): one it cannot parse gives a null
+    sampler, which crashes the process at the first token."""
+    import llama_cpp
+
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    sampler = llama_cpp.llama_sampler_init_grammar(vocab, grammar._grammar.encode("utf-8"), grammar._root.encode())
+    if not sampler:
+        return False
+    llama_cpp.llama_sampler_free(sampler)
+    return True
+
+
 def _loosen(schema: Any) -> Any:
-    """``schema`` without annotations (``title``, ``description``) and without length bounds over
-    ``GRAMMAR_MAX_REPEAT``."""
+    """``schema`` without annotations (``title``, ``description``), without length bounds over
+    ``GRAMMAR_MAX_REPEAT``, and with its patterns in a grammar's escapes (``_pattern``)."""
     if isinstance(schema, list):
         return [_loosen(x) for x in schema]
     if not isinstance(schema, dict):
@@ -113,6 +172,10 @@ def _loosen(schema: Any) -> Any:
             out[k] = v
         else:
             out[k] = _loosen(v)
+    if isinstance(out.get("pattern"), str) and (spelled := _pattern(out["pattern"])) != out["pattern"]:
+        del out["pattern"]
+        if spelled is not None:
+            out["pattern"] = spelled
     for bound in ("maxLength", "maxItems", "minLength", "minItems"):
         if isinstance(out.get(bound), int) and out[bound] > GRAMMAR_MAX_REPEAT:
             del out[bound]
@@ -125,7 +188,7 @@ def _gbnf(schema: dict[str, Any], root: str) -> str:
 
     try:
         text = llama_grammar.json_schema_to_gbnf(json.dumps(_loosen(schema)))
-    except (ValueError, KeyError, TypeError, NotImplementedError, RecursionError) as exc:
+    except (AssertionError, ValueError, KeyError, TypeError, NotImplementedError, RecursionError) as exc:
         raise BadRequest(f"schema cannot be turned into a grammar: {exc}"[:300], param="response_format") from None
     return text.replace("root ::=", f"{root} ::=", 1) if root != "root" else text
 
@@ -218,3 +281,27 @@ def content(value: Any, where: str) -> str:
                 raise BadRequest(f"{where}: only text content parts are supported", param=where)
         return "".join(parts)
     raise BadRequest(f"{where}: content must be a string, a list of text parts or null", param=where)
+
+
+def chat(messages: list[Any], *, tagged: bool) -> list[dict[str, str]]:
+    """The conversation as the chat template takes it: roles checked, content as text, a prior call
+    written as the model is asked to write one (``tagged``) and a tool's result as a user turn."""
+    chat: list[dict[str, str]] = []
+    called: dict[str, str] = {}  # tool call id -> tool name, to say whose result a tool message is
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise BadRequest(f"messages[{i}] must be an object with a 'role'", param=f"messages[{i}]")
+        role = m["role"]
+        if role == "developer":
+            role = "system"
+        if role not in ("system", "user", "assistant", "tool"):
+            raise BadRequest(f"messages[{i}].role {role!r} is not supported", param=f"messages[{i}].role")
+        text = content(m.get("content"), f"messages[{i}].content")
+        for call in m.get("tool_calls") or []:  # written the way this server asks the model to call
+            fn = (call.get("function") if isinstance(call, dict) else None) or {}
+            called[str(call.get("id", ""))] = str(fn.get("name"))
+            text += written_call(fn, tagged=tagged)
+        if role == "tool":  # small chat templates know no tool role: the result is a user turn that says so
+            role, text = "user", f"Result of {called.get(str(m.get('tool_call_id', '')), 'the tool')}:\n{text}"
+        chat.append({"role": role, "content": text})
+    return chat
