@@ -103,6 +103,14 @@ def test_a_client_watching_the_stream_sees_the_sentences_not_the_json(cut):
     assert out == 'He said "go" \u2014 then left. Second one. End. '
 
 
+def test_a_stream_cut_mid_sentence_and_retried_shows_only_the_retrys_sentences():
+    shown = mq.QuoteStream()
+    first = shown.feed('{"quotes": ["Half a sent')  # the provider failed here; a fallback starts over
+    shown.reset()
+    again = shown.feed('{"quotes": ["Whole one."]}')
+    assert (first, again) == ("Half a sent", "Whole one. ")
+
+
 def test_the_scripted_model_covers_the_instruction_a_sentence_at_a_time():
     context = _grounded("How are duplicate side effects avoided? Also compute 17 * 23.", ("s2", "17 * 23 = 391. [c#1]"))
     request = ModelRequest(tuple(context), response_schema=mq.schema(mq.candidates(context)), agent="worker")

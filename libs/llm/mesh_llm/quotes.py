@@ -156,6 +156,10 @@ class QuoteStream:
     returns the part of it to show."""
 
     def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget what was fed: a retried or fallen-back call's text starts its JSON afresh."""
         self._depth = 0  # inside the quotes array
         self._in_string = False
         self._escaped = False

@@ -263,6 +263,10 @@ class Loop:
             if part := shown.feed(text):
                 await live.token(part)
 
+        async def reset(reason: str) -> None:  # a retry or a fallback starts its JSON afresh
+            shown.reset()
+            await live.reset(reason)
+
         try:
             response, usage = await call_model_once(
                 self.mesh,
@@ -275,7 +279,7 @@ class Loop:
                 call_id=call_id,
                 delivery=d,
                 on_token=quoted_token if quotes else live.token,
-                on_reset=live.reset,
+                on_reset=reset,
                 replay=req.replay,
                 claim=False,  # a step's duplicates are its own redeliveries: one write per call
             )
