@@ -17,7 +17,7 @@ the passages that hold the options): with the passages in the context too, every
 likely because it is there to copy, and that swamps the question (measured: the choice was then
 no better than with the passages left out of both, and often worse).
 
-Stdlib and numpy only (numpy comes with llama-cpp-python); ``serve.py`` calls ``rank`` under its
+Stdlib and numpy only (numpy comes with llama-cpp-python); ``serve.py`` calls ``answer`` under its
 lock. It reads llama-cpp-python's ``_ctx`` and ``_batch`` (the version requirements.txt pins): the
 public ``eval`` keeps the logits of a batch's last token only, and a score needs every token's.
 """
@@ -110,20 +110,6 @@ def logprobs(llm: Any, prefix: list[int], options: list[list[int]]) -> list[floa
     return out
 
 
-def rank(engine: Any, messages: list[dict[str, Any]], pick: Choice) -> list[tuple[float, str]]:
-    """The options, best first, each with its score (see the module's docstring); [] when the
-    conversation has no question apart from the options (nothing to weigh them by)."""
-    asked = question(messages, pick.options)
-    if not asked:
-        return []
-    llm = engine.llm
-    tokens = [llm.tokenize(o.encode("utf-8"), add_bos=False, special=False) for o in pick.options]
-    given = logprobs(llm, engine.prompt(asked), tokens)
-    alone = logprobs(llm, engine.prompt(PREMISE), tokens)
-    scored = [(g - a, o) for g, a, o in zip(given, alone, pick.options, strict=True)]
-    return sorted(scored, key=lambda s: -s[0])
-
-
 def chosen(ranked: list[tuple[float, str]], pick: Choice) -> list[str]:
     """What the answer says: the best options the question raised (score above 0), at least
     ``least`` and at most ``most`` of them, best first."""
@@ -139,16 +125,20 @@ def schema_of(body: dict[str, Any]) -> Any:
 
 
 def answer(engine: Any, chat: list[dict[str, Any]], pick: Choice, result: dict[str, Any]) -> str | None:
-    """The answer to a multiple choice, as the schema's JSON, with ``result`` filled as
-    generation fills it (the tokens scored count as the prompt's); None when the conversation
-    has no question to weigh the options by (the caller decodes under the grammar instead)."""
-    ranked = rank(engine, chat, pick)
-    if not ranked:
+    """The answer to a multiple choice, as the schema's JSON: every option scored (see the module's
+    docstring), ``result`` filled as generation fills it (the tokens scored count as the prompt's);
+    None when the conversation has no question apart from the options (the caller decodes under
+    the grammar instead)."""
+    asked = question(chat, pick.options)
+    if not asked:
         return None
+    llm = engine.llm
+    tokens = [llm.tokenize(o.encode("utf-8"), add_bos=False, special=False) for o in pick.options]
+    given_prompt, alone_prompt = engine.prompt(asked), engine.prompt(PREMISE)
+    given, alone = logprobs(llm, given_prompt, tokens), logprobs(llm, alone_prompt, tokens)
+    ranked = sorted(((g - a, o) for g, a, o in zip(given, alone, pick.options, strict=True)), key=lambda s: -s[0])
     text = pick.answer(chosen(ranked, pick))
-    scored = len(engine.prompt(question(chat, pick.options))) + len(engine.prompt(PREMISE))
-    options = sum(len(engine.llm.tokenize(o.encode("utf-8"), add_bos=False)) for o in pick.options)
-    completion = len(engine.llm.tokenize(text.encode("utf-8"), add_bos=False))
-    result.update(prompt_tokens=scored + 2 * options, cached_tokens=0, completion_tokens=completion)
-    result["finish_reason"] = "stop"
+    scored = len(given_prompt) + len(alone_prompt) + 2 * sum(len(t) for t in tokens)
+    completion = len(llm.tokenize(text.encode("utf-8"), add_bos=False))
+    result.update(prompt_tokens=scored, cached_tokens=0, completion_tokens=completion, finish_reason="stop")
     return text

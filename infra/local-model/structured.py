@@ -105,7 +105,7 @@ _ANY = '[^"\\\\]'
 """Any character inside a JSON string: the converter's ``.`` (and a negated class) would let the
 string end early at a quote the model writes, and the JSON go on as garbage."""
 _CLASSES = {"s": " \\t\\n\\r", "d": "0-9", "w": "a-zA-Z0-9_"}
-_LITERAL = set(".-/()[]^$*+?{}|")  # escaped to mean themselves
+_SELF_ESCAPED = set(".-/()[]^$*+?{}|")  # escaped to mean themselves
 _IN_CLASS = {"-": "\\-", "]": "\\]", "\\": "\\\\", "n": "\\n", "t": "\\t", "r": "\\r"}
 
 
@@ -121,9 +121,9 @@ def _pattern(pattern: str) -> str | None:
             nxt = pattern[i + 1]
             if nxt in _CLASSES:
                 out.append(_CLASSES[nxt] if in_class else f"[{_CLASSES[nxt]}]")
-            elif in_class and (nxt in _IN_CLASS or nxt in _LITERAL):
+            elif in_class and (nxt in _IN_CLASS or nxt in _SELF_ESCAPED):
                 out.append(_IN_CLASS.get(nxt, nxt))
-            elif nxt in _LITERAL or nxt in "ntr\\":
+            elif nxt in _SELF_ESCAPED or nxt in "ntr\\":
                 out.append(f"[{_IN_CLASS.get(nxt, nxt)}]")
             else:
                 return None
@@ -172,10 +172,8 @@ def _loosen(schema: Any) -> Any:
             out[k] = v
         else:
             out[k] = _loosen(v)
-    if isinstance(out.get("pattern"), str) and (spelled := _pattern(out["pattern"])) != out["pattern"]:
-        del out["pattern"]
-        if spelled is not None:
-            out["pattern"] = spelled
+    if isinstance(out.get("pattern"), str) and (spelled := _pattern(out.pop("pattern"))) is not None:
+        out["pattern"] = spelled
     for bound in ("maxLength", "maxItems", "minLength", "minItems"):
         if isinstance(out.get(bound), int) and out[bound] > GRAMMAR_MAX_REPEAT:
             del out[bound]

@@ -91,8 +91,8 @@ def test_the_schema_admits_only_the_sentences_verbatim_and_compose_cites_each_on
         "an answer that is not the schema's is kept as written"
     )
     assert mq.compose(json.dumps({"quotes": ["invented"]}), quotes) is None
-    assert mq.is_quotes_schema(schema) == [q.text for q in quotes]
-    assert mq.is_quotes_schema({"type": "object"}) == [] and mq.is_quotes_schema(None) == []
+    assert mq.options_of(schema) == [q.text for q in quotes]
+    assert mq.options_of({"type": "object"}) == [] and mq.options_of(None) == []
 
 
 @pytest.mark.parametrize("cut", [1, 2, 3, 5, 7])

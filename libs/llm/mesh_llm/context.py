@@ -284,6 +284,18 @@ def passages(hits: Sequence[dict[str, object]]) -> str:
     return "\n\n".join(f"[{h['doc_id']}#{h['chunk_id']}] {' '.join(str(h['text']).split())}" for h in hits)
 
 
+def search_hits(text: str) -> list[dict[str, object]] | None:
+    """A ``search_docs`` answer read back: its hits (``doc_id``, ``chunk_id``, ``text`` each), or
+    None when the text is not such a list (the call failed, timed out, or is another tool's)."""
+    try:
+        hits = json.loads(text)
+    except ValueError:
+        return None
+    if isinstance(hits, list) and all(isinstance(h, dict) and {"doc_id", "chunk_id", "text"} <= h.keys() for h in hits):
+        return hits
+    return None
+
+
 def parse_passages(text: str) -> list[dict[str, str]]:
     """``passages`` read back: ``{"doc_id", "chunk_id", "text"}`` per paragraph that has the form."""
     found = []

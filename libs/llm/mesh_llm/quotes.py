@@ -19,7 +19,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from mesh_llm.context import GROUNDING_LABEL, INPUT_LABEL
+from mesh_llm.context import GROUNDING_LABEL, INPUT_LABEL, parse_passages, search_hits
 from mesh_llm.model import Message
 
 MAX_CANDIDATES = 24
@@ -30,7 +30,6 @@ MIN_WORDS = 5
 """A shorter fragment ("See below.") is not worth offering."""
 
 _REF = re.compile(r"\[([^\[\]#\s]+#[^\[\]\s]+)\]")
-_PASSAGE = re.compile(r"^\[([^\[\]#\s]+#[^\[\]\s]+)\] (.*)$", re.S)
 _SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(\[])")
 _BLOCK = re.compile(r"^<<untrusted[^\n]*>>\n(.*)\n<<end untrusted[^\n]*>>\s*$", re.S)
 _INPUT = re.compile("^" + re.escape(INPUT_LABEL).replace(re.escape("{step}"), r"[^\s:]+"))
@@ -69,16 +68,8 @@ def _from_text(body: str) -> Iterable[Quote]:
     ``MIN_WORDS`` or more (a heading is not an answer), with its passage's reference. Any other
     text (an earlier step's answer): every sentence, with the reference written after it
     ("Claim. [d#1]", as the checker reads it), or none (a computed result, "17 * 23 = 391.")."""
-    try:
-        hits = json.loads(body)
-    except ValueError:
-        hits = None
-    if isinstance(hits, list) and all(isinstance(h, dict) and {"doc_id", "chunk_id", "text"} <= h.keys() for h in hits):
-        found = [(str(h["text"]), f"{h['doc_id']}#{h['chunk_id']}") for h in hits]
-    else:
-        paragraphs = [p.strip() for p in body.split("\n\n") if p.strip()]
-        matched = [m for p in paragraphs if (m := _PASSAGE.match(p))]
-        found = [(m.group(2), m.group(1)) for m in matched] if matched and len(matched) == len(paragraphs) else []
+    hits = search_hits(body)
+    found = [(str(h["text"]), f"{h['doc_id']}#{h['chunk_id']}") for h in (hits or parse_passages(body))]
     if found:
         for text, ref in found:
             yield from (Quote(s, ref) for s in _sentences(text) if len(s.split()) >= MIN_WORDS)
@@ -123,7 +114,7 @@ def schema(quotes: Sequence[Quote]) -> dict[str, object]:
     }
 
 
-def is_quotes_schema(response_schema: dict[str, object] | None) -> list[str]:
+def options_of(response_schema: dict[str, object] | None) -> list[str]:
     """The sentences ``response_schema`` lets an answer quote, or [] when it is not ``schema``'s."""
     try:
         enum = response_schema["properties"]["quotes"]["items"]["enum"]  # type: ignore[index]

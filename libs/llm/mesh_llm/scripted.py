@@ -110,7 +110,7 @@ class ScriptedModel:
             content, calls = self._plan(request), ()
         elif request.agent == "judge":
             content, calls = _judge(request), ()
-        elif options := quotes.is_quotes_schema(request.response_schema):
+        elif options := quotes.options_of(request.response_schema):
             content, calls = _quote(request, options), ()
         else:
             content, calls = self._work(request)

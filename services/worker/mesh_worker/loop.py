@@ -10,7 +10,6 @@ step is where this delivery found it; a delivery that lost the race writes nothi
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -28,7 +27,7 @@ from mesh_kit import Delivery
 from mesh_kit import state as st
 from mesh_llm import ChatModel, Message, ModelRequest, ModelResponse, ProviderError, ToolCall
 from mesh_llm import quotes as mq
-from mesh_llm.context import GROUNDING_LABEL, clip, passages
+from mesh_llm.context import GROUNDING_LABEL, clip, passages, search_hits
 from mesh_worker import metrics as worker_metrics
 from mesh_worker.calls import RETRIEVAL_TOOL, Calls
 from mesh_worker.checkpoint import PendingCall, StepRun, admit, as_stored, model_turn
@@ -134,10 +133,8 @@ class Loop:
             return
         last = run.messages[-1] if run.messages else {}
         if last.get("role") == "assistant" and not last.get("tool_calls"):
-            answer = str(last.get("content", ""))
-            await self.finish(
-                run, output=self._written(run.messages[:-1], answer)
-            )  # answered, but died before finishing
+            # answered, but died before finishing
+            await self.finish(run, output=self._written(run.messages[:-1], str(last.get("content", ""))))
             return
         if run.iteration >= req.max_iterations:
             await self.finish(run, failed=f"iteration cap ({req.max_iterations}) reached without an answer")
@@ -307,7 +304,7 @@ class Loop:
         what the model was offered), any other as the model wrote it."""
         if self.settings.answer_style != "quoted":
             return answer
-        return mq.compose(answer, mq.candidates([Message.from_dict(x) for x in messages])) or answer
+        return _output(answer, mq.candidates([Message.from_dict(x) for x in messages]))
 
     async def _checkpoint_turn(
         self, run: StepRun, call_id: str, response: ModelResponse, usage: TokenUsage, quotes: list[mq.Quote]
@@ -340,8 +337,9 @@ class Loop:
                 )
             else:  # the answer: the step ends with it (published, not written: see below)
                 cur.status = "completed"
-                answer = (mq.compose(response.content, quotes) or response.content) if quotes else response.content
-                cur.outcome = outcome(cur, self.system, output=answer).model_dump(mode="json")
+                cur.outcome = outcome(cur, self.system, output=_output(response.content, quotes)).model_dump(
+                    mode="json"
+                )
             return cur
 
         key = StepRun.key(req.tenant, req.task_id, req.step.step_id)
@@ -396,6 +394,12 @@ class Loop:
                                      step_id=result.step_id, key=str(result.attempt))  # fmt: skip
 
 
+def _output(answer: str, quotes: list[mq.Quote]) -> str:
+    """The step's output for the model's ``answer``: the quotes it chose written out with their
+    references, when it was offered ``quotes`` and chose from them; else the answer as written."""
+    return (mq.compose(answer, quotes) or answer) if quotes else answer
+
+
 def _answered(run: StepRun) -> bool:
     """The model has had a turn in this step already."""
     return any(m.get("role") == "assistant" for m in run.messages)
@@ -405,10 +409,6 @@ def _grounding(text: Text) -> Text:
     """The first retrieval's answer as the step's context: its passages as ``[doc#chunk] text``
     under ``GROUNDING_LABEL`` (provenance and taint unchanged). An answer that is not a list of
     passages (the call failed or timed out) goes in as it is, labelled the same way."""
-    try:
-        hits = json.loads(text.text)
-    except ValueError:
-        hits = None
-    if isinstance(hits, list) and all(isinstance(h, dict) and {"doc_id", "chunk_id", "text"} <= h.keys() for h in hits):
+    if (hits := search_hits(text.text)) is not None:
         text = replace(text, text=passages(hits) if hits else "(no passage matched)")
     return text.labelled(GROUNDING_LABEL)
