@@ -238,10 +238,14 @@ BUCKETS: tuple[Bucket, ...] = (
     ),
     Bucket(
         "tenants",
-        writer="",  # operators only (admin identity, ``meshctl tenant retention``)
+        writer="",  # operators only (admin identity, ``meshctl tenant add | suspend | resume | retention | remove``)
+        readers=SERVICES,  # a tenant's record, read when a service first meets the tenant
+        followers=SERVICES,  # and every later write of it, at once
         history=10,
-        description="Each tenant's settings (key <tenant>): its retention per data class. The keeper reads it "
-        "(meshctl keeper) and removes each tenant's data older than its retention.",
+        description="The tenant registry (key <tenant>), each record signed by an operator: a tenant added at "
+        "runtime's keys, its status (active, suspended), its admission limits and its retention per data class. "
+        "Every service reads a tenant's record when it first meets the tenant and follows it; the keeper "
+        "(meshctl keeper) removes each tenant's data older than its retention.",
     ),
     Bucket(
         "approvals",

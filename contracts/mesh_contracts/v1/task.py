@@ -73,14 +73,17 @@ class TaskSubmitted(Contract):
     """The workflow's inputs (checked against its ``inputs`` schema; ``{{inputs.<name>}}`` in its nodes)."""
 
 
-REJECTION_CODES = ("invalid", "too_many_in_flight", "rate_limited", "overloaded", "quota_exceeded", "busy")
+REJECTION_CODES = (
+    "invalid", "too_many_in_flight", "rate_limited", "overloaded", "quota_exceeded", "busy", "suspended",
+)  # fmt: skip
 """``TaskRejected.code``: ``invalid`` (malformed, unverifiable, unknown version: do not retry as
 is), ``too_many_in_flight`` (the tenant's tasks in flight are at its limit), ``rate_limited``
 (over the tenant's submissions per second, or its bytes per minute at the door), ``overloaded``
 (the mesh refuses new work for now: a stream is near its cap; the planner says which, or the TASK
 stream refused the submission), ``quota_exceeded`` (the tenant holds its whole share of the TASK
 stream: its quota, ``MESH_QUOTA_SHARE``), ``busy`` (too many of the tenant's submissions wait at
-the door). All but ``invalid`` come with ``retry_after_s`` (``quota_exceeded`` with 0 when the
+the door), ``suspended`` (an operator suspended the tenant: no new work until it is resumed,
+``meshctl tenant resume``). All but ``invalid`` and ``suspended`` come with ``retry_after_s`` (``quota_exceeded`` with 0 when the
 submission is larger than the whole quota)."""
 
 

@@ -1,19 +1,42 @@
-"""Version 1 of a tenant's own settings record (bucket ``tenants``, key ``<tenant>``).
+"""Version 1 of a tenant's record in the registry (bucket ``tenants``, key ``<tenant>``).
 
-Written by an operator (``meshctl tenant retention``, the admin identity); read by the keeper
-(``meshctl keeper``) and by ``meshctl tenant show``. Today it holds the tenant's retention per
-data class (issue 42); a tenant registry (issue 47) adds its other settings as optional fields.
+Written by an operator (``meshctl tenant add | suspend | resume | retention | remove``, the admin
+identity), signed by an operator's key; read by every service (whom it trusts, whether it takes
+new work, its admission limits), by the keeper (its retention) and by ``meshctl tenant show``.
+
+A tenant minted with the mesh (``meshctl up --tenants``) has its keys in the trust bundle and a
+record only once an operator set something for it; a tenant added at runtime (issue 47) has its
+keys here (``identity``), so adding one rewrites nothing but its own record.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from mesh_contracts.v1.records import Record
 
+TenantStatus = Literal["active", "suspended"]
+
+
+class TenantIdentity(BaseModel):
+    """The public half of a tenant added at runtime: what the services judge its client's tokens
+    by, seal its audit destinations to and open its content with."""
+
+    model_config = ConfigDict(extra="allow")
+
+    client_key: str = Field(max_length=512)
+    """The Ed25519 public key (PEM) of its client principal ``client.<tenant>``."""
+    auditor_key: str = Field(max_length=128)
+    """Its auditor's X25519 public key (base64): what is sealed to it only the tenant's auditor opens."""
+    data_key: str = Field("", max_length=512)
+    """Its data key wrapped by the deployment's data key (``mesh_identity.datakeys.wrap``); '' once
+    erased."""
+
 
 class TenantRecord(Record):
-    """One tenant's settings, as the operator last set them."""
+    """One tenant's record, as the operator last set it."""
 
     bucket: ClassVar[str] = "tenants"
     name: ClassVar[str] = "tenant"
@@ -27,3 +50,14 @@ class TenantRecord(Record):
     updated_at: float = 0.0
     updated_by: str = ""
     """Who set it (the operator's principal)."""
+    status: TenantStatus = "active"
+    """``suspended``: every door refuses the tenant's new work (``tenant_suspended``); its data,
+    running tasks' records and history are kept, and a resume takes new work again."""
+    identity: TenantIdentity | None = None
+    """Its keys, for a tenant added at runtime; None for one whose keys are in the trust bundle."""
+    admission: dict[str, float] = {}
+    """Its own admission limits (``max_in_flight``, ``rate_per_s``, ``burst``), over its
+    ``MESH_ADMISSION_TENANTS`` entry and the planner's defaults: the planner reads them live."""
+    signature: str = Field("", max_length=4096)
+    """An operator's signed statement (``tenant-record``) over the digest of the rest of the
+    record: a service believes no record, and no key in it, that an operator did not sign."""

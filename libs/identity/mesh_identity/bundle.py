@@ -18,6 +18,7 @@ from mesh_identity.keys import (
     _load_public,
     public_pem,
 )  # fmt: skip
+from mesh_identity.registry import Directory, Layered
 
 
 class TrustBundle:
@@ -38,6 +39,17 @@ class TrustBundle:
         self.data_keys = data_keys or {}
         """Each tenant's data key, wrapped by the deployment's data key (``datakeys.wrap``): only a
         holder of that key (the services, the operators) can unwrap one; an erased tenant has none."""
+        self.directory: Directory | None = None
+        """The registered tenants its lookups fall back to (``attach``), if any."""
+
+    def attach(self, directory: Directory) -> TrustBundle:
+        """Make this bundle's lookups of a principal, an auditor's key and a data key fall back to
+        the tenants registered at runtime that ``directory`` holds (``mesh_identity.registry``)."""
+        self.principals = Layered(self.principals, directory.principal)
+        self.auditors = Layered(self.auditors, directory.auditor)
+        self.data_keys = Layered(self.data_keys, directory.data_key)
+        self.directory = directory
+        return self
 
     def changed(
         self,

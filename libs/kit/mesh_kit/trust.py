@@ -28,8 +28,10 @@ from nats.aio.msg import Msg
 from nats.js.errors import KeyNotFoundError
 
 from mesh_contracts import topology as topo
+from mesh_contracts.base import CLIENT
 from mesh_identity import IdentityError, Signer, TrustBundle, UnknownKey, Verifier, accepted_bundle, load_private_key
 from mesh_kit import telemetry as tel
+from mesh_kit.registry import Registry
 from mesh_kit.settings import ServiceSettings
 from mesh_kit.state import KV, bind
 
@@ -56,6 +58,9 @@ class Trust:
         self._key_file_state = _file_state(settings.signing_key_file) if signer is None else None
         self.signer = signer or Signer.from_file(settings.service, settings.signing_key_file, settings.token_ttl_s)
         self.verifier = verifier or Verifier(TrustBundle.from_file(settings.trust_bundle_file))
+        self.tenants = Registry(lambda: self.verifier.bundle, self.verifier.leeway_s, nc)
+        """The tenants registered at runtime this service has met (``mesh_kit.registry``)."""
+        self.tenants.attach(self.verifier.bundle)
         self._creds_file_state = _file_state(settings.creds_file) if settings.creds_file else None
         self._tasks: list[asyncio.Task[None]] = []
         self._trust_kv: KV | None = None  # the ``trust`` bucket, once followed
@@ -65,6 +70,12 @@ class Trust:
     def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
+
+    async def know(self, tenant: str) -> None:
+        """Hold ``tenant``'s registry record, if it has one, before a message of it is read: its
+        client's key, auditor and data key are then known to every reader of the bundle."""
+        self.tenants.attached()
+        await self.tenants.know(tenant)
 
     async def follow(self) -> None:
         """Keep the trust bundle and this service's signing key current without a restart: the
@@ -87,6 +98,7 @@ class Trust:
             self._tasks.append(asyncio.create_task(self._watch_trust(kv)))
         if self._key_file_state is not None:
             self._tasks.append(asyncio.create_task(self._watch_key()))
+        await self.tenants.follow()
 
     def _accept_bundle(self, document: bytes) -> bool:
         try:
@@ -96,7 +108,7 @@ class Trust:
                 self._count(tel.M_TRUST_REFUSED)
                 log.error("refused a published trust bundle: %s", exc)
             return False
-        self.verifier.bundle = new
+        self.verifier.bundle = self.tenants.attach(new)
         self._count(tel.M_TRUST_UPDATED)
         log.info("trust bundle revision %d in force", new.revision)
         self._reload_key()
@@ -152,7 +164,12 @@ class Trust:
         record signed by another service) uses it too."""
         try:
             return check()
-        except UnknownKey:
+        except UnknownKey as exc:
+            role, _, tenant = exc.name.partition(".")
+            if role == CLIENT and tenant and self.tenants.directory.should_read(tenant):
+                await self.know(tenant)  # a tenant's client added at runtime: its record names its key
+                with contextlib.suppress(UnknownKey):
+                    return check()
             if not await self._newer_trust(time.monotonic()):
                 raise
             self._count(tel.M_TRUST_CAUGHT_UP)

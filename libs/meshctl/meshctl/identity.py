@@ -37,6 +37,7 @@ from nacl.public import PrivateKey
 from mesh_contracts import sealing
 from mesh_identity import Principal, TrustBundle, load_private_key, new_signing_key, private_pem
 from mesh_identity.datakeys import Keyring, new_data_key, read_key_file, unwrap, wrap
+from mesh_identity.registry import Layered
 from mesh_kit import ServiceSettings
 from mesh_kit.settings import inbox_prefix, tls_context
 from meshctl import tls
@@ -258,6 +259,16 @@ class Identities:
             return None
         kek = read_key_file(self.data_key)
         state: dict[str, Any] = {"at": None, "keys": {}}
+        local: dict[str, str] = {}
+
+        def own_copy(tenant: str) -> str | None:
+            """A tenant added at runtime: its data key is not in the bundle but its copy is here."""
+            if tenant not in local:
+                path = self.tenant_data_key(tenant)
+                if not path.exists():
+                    return None
+                local[tenant] = wrap(kek, tenant, bytes.fromhex(path.read_text().strip()))
+            return local[tenant]
 
         def wrapped() -> dict[str, str]:  # the bundle as the home holds it now (erasure rewrites it)
             try:
@@ -271,7 +282,7 @@ class Identities:
                 )
             return state["keys"]  # type: ignore[no-any-return]
 
-        return Keyring(kek, wrapped)
+        return Keyring(kek, lambda: Layered(wrapped(), own_copy))
 
     def install_keyring(self) -> None:
         """Read and write tenants' content sealed, in this process (``mesh_contracts.sealing``)."""

@@ -311,7 +311,7 @@ class Submission:
             return TaskRejected(
                 tenant=tenant, task_id=submitted.task_id, source_subject=submitted.subject(), code=code,
                 reason=f"refused at the door: {exc.reason}",
-                retry_after_s=exc.retry_after_s if code != "invalid" else None,
+                retry_after_s=exc.retry_after_s if code not in ("invalid", "suspended") else None,
             )  # fmt: skip
         except StreamFull as exc:
             # Refused by the store itself, before any planner saw it: the same answer as the

@@ -79,16 +79,17 @@ ERR_CODES = {
     "forbidden": 90004,
     "busy": 90005,
     "unavailable": 90006,
+    "suspended": 90007,
 }
 """``err_code`` of each refusal, for clients that switch on JetStream's error codes (a full
 stream answers with JetStream's own, ``STREAM_FULL_CODE``)."""
-STATUS = {"quota_exceeded": 429, "rate_limited": 429, "busy": 429, "invalid": 400, "forbidden": 403}
+STATUS = {"quota_exceeded": 429, "rate_limited": 429, "busy": 429, "invalid": 400, "forbidden": 403, "suspended": 403}
 
 
 @dataclass(frozen=True)
 class DoorRefused(TenancyError):
     """The door did not store the message, and why: ``code`` (``quota_exceeded``,
-    ``rate_limited``, ``busy``, ``invalid``, ``forbidden``, ``unavailable``), one line, and when to
+    ``rate_limited``, ``busy``, ``invalid``, ``forbidden``, ``unavailable``, ``suspended``), one line, and when to
     try again (0: not by waiting)."""
 
     code: str
@@ -269,7 +270,13 @@ class Door:
             raise DoorRefused("invalid", str(exc)) from None
         if not ID.match(parts.tenant) or not ID.match(parts.task_id):
             raise DoorRefused("invalid", f"tenant and task ids must match {ID_PATTERN}")
+        mesh = self.mesh
+        await mesh.trust.know(parts.tenant)  # a tenant added at runtime: its record, read once
         contract = BY_SUBJECT_KEY.get((parts.domain, parts.major, parts.event))
+        if parts.domain != "control" and mesh.trust.tenants.status(parts.tenant) == "suspended":
+            # New work only: a suspended tenant may still halt or cancel what it has running.
+            raise DoorRefused("suspended", f"tenant {parts.tenant} is suspended: no new work until an operator "
+                              "resumes it (meshctl tenant resume)")  # fmt: skip
         door = next((d for d in self.doors if contract is not None and topo.door_of(contract) == d), None)
         if contract is None or door is None:
             raise DoorRefused("invalid", f"no contract of this door is sent on {subject}")
@@ -285,7 +292,6 @@ class Door:
         msg_id = headers.get(env.MSG_ID, "")
         if not msg_id:
             raise DoorRefused("invalid", f"header {env.MSG_ID} is missing: a retry could not be told from a copy")
-        mesh = self.mesh
         try:
             model = parse_message(subject, raw.data, strict=mesh.settings.strict_contracts, limits=mesh.limits)
         except ContractError as exc:

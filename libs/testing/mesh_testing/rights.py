@@ -80,7 +80,8 @@ def quota(service: str, *streams: str) -> set[str]:
     }
 
 
-EVERY_SERVICE = kv_read("control") | kv_read("trust")  # kill switches; the published trust bundle
+EVERY_SERVICE = kv_read("control") | kv_read("trust") | kv_read("tenants")  # kill switches; the published trust
+# bundle; the tenant registry (a tenant added at runtime: read when first met)
 GUARD = kv_read("status")  # whether a task was halted or ended (not what it is about)
 # Appending to a tenant's audit chain: read its last record (the subject form: the last message
 # matching ``audit.v1.<tenant>.>``, nothing by sequence), then a compare-and-set publish on it.

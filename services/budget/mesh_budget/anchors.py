@@ -50,7 +50,12 @@ class Anchors:
         """Sign each chain's length and head hash into KV ``anchors`` (key: the tenant) when it
         grew: a chain later cut short, or rewritten, no longer reaches its anchor. Returns how
         many chains were anchored."""
-        tenants = sorted({p.tenant for p in self.mesh.verifier.bundle.principals.values() if p.tenant} | {MESH_WIDE})
+        # The bundle's tenants, and those added at runtime that this budget has met since it started
+        # (``mesh_kit.registry``): a tenant's chain grows with its tasks, which the budget meets.
+        met = set(self.mesh.trust.tenants.directory.entries)
+        tenants = sorted(
+            {p.tenant for p in self.mesh.verifier.bundle.principals.values() if p.tenant} | met | {MESH_WIDE}
+        )
         done = 0
         for tenant in tenants:
             head = await self.audit.head(tenant)

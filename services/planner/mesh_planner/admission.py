@@ -185,6 +185,9 @@ class Admission:
         alone: int = 0, line: RetryLine | None = None,
     ) -> None:  # fmt: skip
         self.kv, self.default, self.per_tenant = kv, default, per_tenant or {}
+        self.own: Callable[[str], Mapping[str, float]] = lambda _tenant: {}
+        """The tenant's own limits from its registry record (``mesh_kit.registry``), read live: they
+        win over ``per_tenant`` (the settings) and the defaults, key by key."""
         self.slots = slots
         self.alone = alone
         self.line = line or RetryLine(RETRY_FLOOR_S, RETRY_CEILING_S)
@@ -220,7 +223,15 @@ class Admission:
         return lock
 
     def limits(self, tenant: str) -> Limits:
-        return self.per_tenant.get(tenant, self.default)
+        base = self.per_tenant.get(tenant, self.default)
+        own = self.own(tenant)
+        if not own:
+            return base
+        return Limits(
+            max_in_flight=int(own.get("max_in_flight", base.max_in_flight)),
+            rate_per_s=float(own.get("rate_per_s", base.rate_per_s)),
+            burst=int(own.get("burst", base.burst)),
+        )
 
     async def admit(
         self, tenant: str, task_id: str, deadline_s: float, now: float | None = None, priority: int = 5

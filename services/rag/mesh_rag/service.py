@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import hashlib
 import json
 import logging
@@ -68,6 +69,7 @@ class Rag:
         self.model_dir = model_dir
         """Where the embedder's files are when none is given (default: the installed model)."""
         self.seed_tenants = seed_tenants or []
+        self._seeding: dict[str, asyncio.Future[None]] = {}
         self.seed_docs = seed_docs or SAMPLE_DOCS
         self.store: Store | None = None
         self.loaded: dict[str, Loaded] = {}
@@ -88,8 +90,10 @@ class Rag:
             self.cache = self.mesh.depend(
                 redis.dependency(self._redis, required=False, purpose="retrieval cache (every retrieval a miss)")
             )
+        # Off the readiness path: the seed tenants' sample documents are embedded in the background,
+        # and a request of a seed tenant waits for its own seeding only (``_seeded``).
         for tenant in self.seed_tenants:
-            await self._seed(tenant)
+            self._seeding[tenant] = asyncio.ensure_future(self._seed(tenant))
 
     async def stop(self) -> None:
         if self._redis is not None:
@@ -101,17 +105,29 @@ class Rag:
         self.mesh.consume(RetrievalRequested, self.on_request)
         self.mesh.consume(IngestRequested, self.on_ingest)
 
+    async def _seeded(self, tenant: str) -> None:
+        """Wait for ``tenant``'s sample documents if it is a seed tenant being seeded (a failed
+        seeding is logged, and the request goes on with the index as it is)."""
+        seeding = self._seeding.get(tenant)
+        if seeding is not None and not seeding.done():
+            with contextlib.suppress(Exception):
+                await asyncio.shield(seeding)
+
     async def _seed(self, tenant: str) -> None:
         """A tenant listed in MESH_RAG_SEED_TENANTS starts with the sample documents if its index
         has never been written (the demo's documentation); an existing index is left alone."""
         assert self.store is not None
-        _, rev = await self.store.manifest(tenant)
-        if rev:
-            return
-        files = sorted(p for p in self.seed_docs.rglob("*") if p.is_file() and p.suffix.lower() in SUPPORTED)
-        for path in files:
-            data = path.read_bytes()
-            await self.ingest(tenant, path.relative_to(self.seed_docs).as_posix(), data, media_type_for(path.name))
+        try:
+            _, rev = await self.store.manifest(tenant)
+            if rev:
+                return
+            files = sorted(p for p in self.seed_docs.rglob("*") if p.is_file() and p.suffix.lower() in SUPPORTED)
+            for path in files:
+                data = path.read_bytes()
+                await self.ingest(tenant, path.relative_to(self.seed_docs).as_posix(), data, media_type_for(path.name))
+        except Exception:
+            log.exception("tenant %s: seeding the sample documents failed", tenant)
+            raise
         log.info("tenant %s: seeded with %d sample document(s)", tenant, len(files))
 
     # --- ingest ---------------------------------------------------------------------------------
@@ -155,6 +171,7 @@ class Rag:
         except (binascii.Error, ValueError):
             outcome: dict[str, Any] = {"ok": False, "error": "content_b64 is not valid base64"}
         else:
+            await self._seeded(m.tenant)
             try:
                 async with d.keepalive():
                     outcome = await self.ingest(m.tenant, m.doc_id, data, m.media_type, m.title)
@@ -204,6 +221,7 @@ class Rag:
 
     async def _search(self, m: RetrievalRequested) -> tuple[list[RetrievalHit], str, bool]:
         assert self.store is not None and self.embedder is not None
+        await self._seeded(m.tenant)
         manifest, _ = await self.store.manifest(m.tenant)  # a tenant only ever reads its own
         key = self._cache_key(m.tenant, manifest.version, m)
         cached = await self._cache_get(key)

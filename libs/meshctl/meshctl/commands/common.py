@@ -121,7 +121,7 @@ def tenant_client(args: argparse.Namespace) -> TenantClient:
     if not ids.creds(principal).exists():
         raise MeshError(
             f"unknown tenant {args.tenant!r} (known: {', '.join(ids.tenants()) or 'none'}; "
-            "add one with: meshctl init --tenants NAME)"
+            "add one with: meshctl tenant add NAME)"
         )
     return TenantClient.of(ids, nats_url(args, home), args.tenant)
 

@@ -6,8 +6,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -15,16 +17,154 @@ from typing import Any
 from nats.aio.client import Client as NATS
 
 from mesh_contracts import lifecycle
-from mesh_contracts.v1.tenants import TenantRecord
 from mesh_identity import TrustBundle
-from meshctl import keeper
+from meshctl import keeper, local
 from meshctl import options as opt
-from meshctl.commands.common import admin, audit_as_admin, bucket, nats_url
+from meshctl.commands.common import admin, nats_url
 from meshctl.identity import Identities
-from meshctl.local import MeshError
+from meshctl.local import MeshError, MeshState
+from meshctl.registry import Registry, RegistryError, dumps, parse_limits
 
 SET = ("tasks", "tools", "usage")
 """The classes a tenant's retention may shorten (the audit chain's is the deployment's)."""
+
+
+async def _registry(nc: NATS, args: argparse.Namespace) -> Registry:
+    return await Registry.open(nc, Identities(opt.home(args)))
+
+
+def _known_here(ids: Identities, tenant: str) -> None:
+    """A tenant of this home: minted with the mesh, or added at runtime (its client's creds)."""
+    if tenant not in ids.tenants() and not ids.creds(f"client.{tenant}").exists():
+        raise MeshError(f"unknown tenant {tenant!r} (meshctl tenant list)")
+
+
+def _registry_cmd(args: argparse.Namespace, body: Callable[[Registry], Awaitable[int]]) -> int:
+    """Run ``body`` with the admin's registry (a refused change, ``RegistryError``, is a one-line error)."""
+
+    async def run() -> int:
+        nc = await admin(args)
+        try:
+            return await body(await _registry(nc, args))
+        finally:
+            await nc.close()
+
+    return asyncio.run(run())
+
+
+def cmd_add(args: argparse.Namespace) -> int:
+    names = list(args.tenants)
+    if args.from_file is not None:
+        try:
+            names += [opt.tenant(x) for x in args.from_file.read_text().split()]
+        except (OSError, argparse.ArgumentTypeError) as exc:
+            args.usage(f"--from-file {args.from_file}: {exc}")
+    try:
+        limits = {k: v for k, v in parse_limits(args.limit).items() if v is not None}
+    except RegistryError as exc:
+        args.usage(str(exc))
+    if not names:
+        args.usage("name at least one tenant (or --from-file)")
+
+    async def body(reg: Registry) -> int:
+        took = []
+        for t in names:
+            added = await reg.add(t, limits)
+            took.append(added.seconds)
+            if not args.quiet:
+                print(f"added tenant {t} (record revision {added.revision}, {added.seconds * 1000:.0f} ms): its "
+                      f"client's credentials are {reg.ids.creds('client.' + t)}")  # fmt: skip
+        if len(took) > 1:
+            took.sort()
+            print(f"added {len(took)} tenants: p50 {took[len(took) // 2] * 1000:.1f} ms, "
+                  f"p99 {took[min(len(took) - 1, int(len(took) * 0.99))] * 1000:.1f} ms each")  # fmt: skip
+        return 0
+
+    return _registry_cmd(args, body)
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    async def body(reg: Registry) -> int:
+        records = await reg.list()
+        if args.json:
+            print(dumps(records))
+            return 0
+        print(f"{'TENANT':<24} {'STATUS':<10} {'KEYS':<10} {'ADMISSION':<30} UPDATED")
+        for t, r in records.items():
+            keys = "bundle" if r is None or r.identity is None else "registry"
+            adm = ",".join(f"{k}={v:g}" for k, v in (r.admission if r else {}).items()) or "-"
+            print(f"{t:<24} {(r.status if r else 'active'):<10} {keys:<10} {adm:<30} "
+                  f"{when(r.updated_at) if r and r.updated_at else '-'}")  # fmt: skip
+        print(f"{len(records)} tenants")
+        return 0
+
+    return _registry_cmd(args, body)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    status = "suspended" if args.action == "suspend" else "active"
+
+    async def body(reg: Registry) -> int:
+        _, changed = await reg.set_status(args.tenant, status)
+        what = ("no new work is taken (its data and history are kept; meshctl tenant resume)" if status == "suspended"
+                else "it takes new work again")  # fmt: skip
+        print(f"tenant {args.tenant}: {status}{'' if changed else ' already'}: {what}")
+        return 0
+
+    return _registry_cmd(args, body)
+
+
+def cmd_limits(args: argparse.Namespace) -> int:
+    try:
+        limits = parse_limits(args.limit)
+    except RegistryError as exc:
+        args.usage(str(exc))
+    if not limits:
+        args.usage("name at least one limit: max_in_flight=N, rate_per_s=R or burst=N (or NAME=default)")
+
+    async def body(reg: Registry) -> int:
+        rec = await reg.set_admission(args.tenant, limits)
+        shown = ", ".join(f"{k}={v:g}" for k, v in rec.admission.items()) or "the planner's defaults"
+        print(f"tenant {args.tenant}: admission {shown} (the planner applies it at the tenant's next submission)")
+        return 0
+
+    return _registry_cmd(args, body)
+
+
+def cmd_remove(args: argparse.Namespace) -> int:
+    from meshctl import erase
+    from meshctl.rotation import publish_bundle, rewrite_server_configs
+
+    ids = Identities(opt.home(args))
+    _known_here(ids, args.tenant)
+    if args.confirm != args.tenant:
+        args.usage(f"removing {args.tenant} erases its data and cannot be undone: confirm with --confirm {args.tenant}")
+    url = nats_url(args, ids.home)
+    state = MeshState.load(ids.home)
+
+    async def body(reg: Registry) -> int:
+        report: list[Any] = []
+
+        async def erased() -> None:
+            report.append(await erase.erase(
+                reg.nc, ids, args.tenant, redis=erase.redis_url(ids, args.redis_url), even_running=args.even_running,
+                publish=lambda bundle: publish_bundle(ids, bundle, url),
+            ))  # fmt: skip
+
+        await reg.forget(args.tenant, erased)
+        creds = ids.creds(f"client.{args.tenant}")
+        ids.revoke_users({ids.user_of(f"client.{args.tenant}").public_key.decode(): int(time.time())})
+        os.replace(creds, creds.with_name(creds.name + ".revoked"))
+        rewrite_server_configs(ids)
+        reloaded = local.reload_nats(state.nats) if state is not None else 0
+        path = erase.store(ids, report[0])
+        print(render_erasure(report[0], path))
+        print(f"removed tenant {args.tenant}: its record is gone, so no service believes its client any more; its "
+              "NATS user is revoked " + ("(the running broker re-read its config)" if reloaded else
+                                        "in the server config: roll it out (infra/README.md, removing a tenant)"))  # fmt: skip
+        return 0 if report[0].complete else 1
+
+    return _registry_cmd(args, body)
 
 
 def retention(value: str) -> float | None:
@@ -49,31 +189,18 @@ def cmd_retention(args: argparse.Namespace) -> int:
     changes = {c: getattr(args, f"keep_{c}") for c in SET if getattr(args, f"keep_{c}") is not False}
     if not changes:
         args.usage("name at least one class: --tasks, --tools or --usage (days, or 'default')")
-    known = Identities(opt.home(args)).tenants()
-    if args.tenant not in known:
-        raise MeshError(f"unknown tenant {args.tenant!r} (known: {', '.join(known) or 'none'})")
 
     async def run() -> int:
         nc = await admin(args)
         streams = keeper.Streams(nc)
         try:
+            reg = await _registry(nc, args)
             ceiling = await keeper.deployment_retention(streams)
             for c, keep in changes.items():
                 if keep is not None and ceiling[c] and keep > ceiling[c]:
                     raise MeshError(f"--{c} {keep / 86400:g}: longer than the deployment keeps {c} data "
                                     f"({ceiling[c] / 86400:g} days, meshctl provision --retention-days)")  # fmt: skip
-            kv = await bucket(nc, "tenants")
-            was = (await keeper.tenant_records(streams, args.tenant)).get(args.tenant)
-            rec = was or TenantRecord(tenant=args.tenant)
-            for c, keep in changes.items():
-                if keep is None:
-                    rec.retention_s.pop(c, None)
-                else:
-                    rec.retention_s[c] = keep
-            rec.updated_at, rec.updated_by = time.time(), "admin"
-            rev = await kv.put(args.tenant, rec.to_bytes())
-            await audit_as_admin(args, nc, rec.tenant, "control.retention-set", f"tenant-retention:{rec.tenant}:{rev}",
-                                 {"retention_s": rec.retention_s, "revision": rev})  # fmt: skip
+            rec = await reg.set_retention(args.tenant, changes)
         finally:
             await streams.close()
             await nc.close()
@@ -113,6 +240,9 @@ async def describe(nc: NATS, tenant: str, now: float) -> dict[str, Any]:
         return {
             "tenant": tenant, "at": now, "classes": classes, "unended_since": since,
             "updated_at": rec.updated_at if rec else None, "updated_by": rec.updated_by if rec else None,
+            "status": rec.status if rec else "active", "admission": dict(rec.admission) if rec else {},
+            "keys": "registry" if rec and rec.identity else "bundle",
+            "registry_data_key": rec.identity.data_key if rec and rec.identity else None,
             "kept_until_removed": {b: lifecycle.NOT_TASK_DATA[b] for b in ("rag", "notes", "workflows", "releases")},
         }  # fmt: skip
     finally:
@@ -123,6 +253,12 @@ def render(d: dict[str, Any]) -> str:
     head = f"tenant {d['tenant']}: what the mesh keeps, per data class"
     if d["updated_at"]:
         head += f" (retention set by {d['updated_by']} at {when(d['updated_at'])})"
+    if "status" in d:
+        adm = ", ".join(f"{k}={v:g}" for k, v in d["admission"].items()) or "the planner's defaults"
+        where = (
+            "tenant registry (added at runtime)" if d["keys"] == "registry" else "trust bundle (minted with the mesh)"
+        )
+        head += f"\nstatus {d['status']}; keys in the {where}; admission {adm}"
     lines = [head, f"{'CLASS':<9} {'KEPT':<14} {'SET BY':<10} {'OLDEST KEPT':<21} REMOVED"]
     for c in d["classes"]:
         oldest = when(c["oldest_at"]) if c["oldest_at"] else "nothing stored"
@@ -146,7 +282,9 @@ def cmd_show(args: argparse.Namespace) -> int:
             d = await describe(nc, args.tenant, time.time())
         finally:
             await nc.close()
-        wrapped = TrustBundle.from_file(Identities(opt.home(args)).trust_bundle).data_keys.get(args.tenant)
+        wrapped = d.pop("registry_data_key") or TrustBundle.from_file(
+            Identities(opt.home(args)).trust_bundle
+        ).data_keys.get(args.tenant)
         d["data_key"] = wrapped.split(".", 1)[0] if wrapped else None
         print(json.dumps(d, indent=2) if args.json else render(d))
         return 0
@@ -158,8 +296,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from meshctl import export
 
     ids = Identities(opt.home(args))
-    if args.tenant not in ids.tenants():
-        raise MeshError(f"unknown tenant {args.tenant!r} (known: {', '.join(ids.tenants()) or 'none'})")
+    _known_here(ids, args.tenant)
     out: Path = args.out or Path(f"{args.tenant}-export-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.tar.gz")
 
     async def run() -> int:
@@ -181,8 +318,7 @@ def cmd_erase(args: argparse.Namespace) -> int:
     from meshctl.rotation import publish_bundle
 
     ids = Identities(opt.home(args))
-    if args.tenant not in ids.tenants():
-        raise MeshError(f"unknown tenant {args.tenant!r} (known: {', '.join(ids.tenants()) or 'none'})")
+    _known_here(ids, args.tenant)
     if args.confirm != args.tenant:
         args.usage(f"erasing {args.tenant} cannot be undone: confirm with --confirm {args.tenant}")
     url = nats_url(args, ids.home)
@@ -254,8 +390,44 @@ def cmd_keeper(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction[opt.Parser]) -> None:
     """A tenant's data: its retention, what is kept, and the keeper."""
-    s = sub.add_parser("tenant", help="a tenant's data: its retention per data class, what is kept and until when")
+    s = sub.add_parser("tenant", help="tenants of a running mesh (add, suspend, resume, limits, remove) and their "
+                       "data: retention per data class, what is kept and until when")  # fmt: skip
     tsub = s.add_subparsers(dest="action", required=True, parser_class=opt.Parser)
+    t = tsub.add_parser("add", help="add tenants to the running mesh: credentials minted here, one signed record in "
+                        "the registry, no restart (as the admin; on each tenant's audit chain)")  # fmt: skip
+    t.add_argument("tenants", nargs="*", type=opt.tenant, metavar="TENANT")
+    t.add_argument("--from-file", type=Path, default=None, help="more tenants, one per line (or space-separated)")
+    t.add_argument("--limit", action="append", default=[], metavar="NAME=VALUE",
+                   help="an admission limit of each: max_in_flight=N, rate_per_s=R, burst=N (repeatable)")  # fmt: skip
+    t.add_argument("--quiet", action="store_true", help="one summary line, not one per tenant")
+    t.add_argument("--nats-url", default=None)
+    t.set_defaults(fn=cmd_add, usage=t.error)
+    t = tsub.add_parser("list", help="every tenant: status, where its keys are, its admission limits (as the admin)")
+    t.add_argument("--json", action="store_true")
+    t.add_argument("--nats-url", default=None)
+    t.set_defaults(fn=cmd_list)
+    for action, what in (("suspend", "refuse the tenant's new work at every door; its data and running tasks' "
+                          "history are kept"), ("resume", "take the tenant's new work again")):  # fmt: skip
+        t = tsub.add_parser(action, help=f"{what} (as the admin; on its audit chain)")
+        t.add_argument("tenant", type=opt.tenant)
+        t.add_argument("--nats-url", default=None)
+        t.set_defaults(fn=cmd_status)
+    t = tsub.add_parser("limits", help="the tenant's own admission limits, applied live by the planner (as the admin; "
+                        "on its audit chain)")  # fmt: skip
+    t.add_argument("tenant", type=opt.tenant)
+    t.add_argument("limit", nargs="*", metavar="NAME=VALUE",
+                   help="max_in_flight=N, rate_per_s=R, burst=N; NAME=default drops the tenant's own")  # fmt: skip
+    t.add_argument("--nats-url", default=None)
+    t.set_defaults(fn=cmd_limits, usage=t.error)
+    t = tsub.add_parser("remove", help="remove a tenant added at runtime: suspended, erased (tenant erase), its record "
+                        "and keys destroyed, its NATS user revoked (as the admin; cannot be undone)")  # fmt: skip
+    t.add_argument("tenant", type=opt.tenant)
+    t.add_argument("--confirm", default="", metavar="TENANT", help="the tenant's name again: removal cannot be undone")
+    t.add_argument("--even-running", action="store_true", help="remove even while some of its tasks are running")
+    t.add_argument("--redis-url", default=None,
+                   help="Redis as a user that may delete any key (default: MESH_REDIS_URL, else the home's admin user)")  # fmt: skip
+    t.add_argument("--nats-url", default=None)
+    t.set_defaults(fn=cmd_remove, usage=t.error)
     t = tsub.add_parser("retention", help="how long the mesh keeps the tenant's data of each class (as the admin; on "
                         "its audit chain)")  # fmt: skip
     t.add_argument("tenant", type=opt.tenant)
