@@ -97,6 +97,30 @@ def test_the_tenants_own_admission_limit_is_applied_live(infra, mesh):
     assert ctl(infra, "tenant", "limits", "slowco", "rate_per_s=default", "burst=default") == 0
     assert isinstance(submit(infra, "slowco", "What is 9 + 1?", "lim-9"), TaskCompleted), "back to the defaults"
 
+    # Its tenant-day spend ceiling (the budget service, at the next reservation).
+    assert ctl(infra, "tenant", "limits", "slowco", "daily_cost_usd=0.0000001") == 0
+    out = submit(infra, "slowco", "What is 8 + 1?", "lim-10")
+    assert not isinstance(out, TaskCompleted) and "ceiling" in (out.reason or "").lower(), out
+    assert ctl(infra, "tenant", "limits", "slowco", "daily_cost_usd=default") == 0
+
+    # Its quota in the TASK stream (every door keeper, at the next charge): it holds more than one.
+    assert ctl(infra, "tenant", "limits", "slowco", "quota.TASK.msgs=1") == 0
+    out = submit(infra, "slowco", "What is 7 + 1?", "lim-11")
+    assert isinstance(out, TaskRejected) and out.code == "quota_exceeded", out
+    assert ctl(infra, "tenant", "limits", "slowco", "quota.TASK.msgs=default") == 0
+    assert isinstance(submit(infra, "slowco", "What is 6 + 1?", "lim-12"), TaskCompleted)
+
+
+def test_a_bad_limit_is_one_line(infra, mesh, capsys):
+    with pytest.raises(SystemExit):
+        ctl(infra, "tenant", "limits", "slowco", "quota.NOPE.mib=3")
+    assert "want NAME=VALUE" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        ctl(infra, "tenant", "limits", "slowco", "burst=lots")
+    assert "is not a number" in capsys.readouterr().err
+    assert ctl(infra, "tenant", "suspend", "nobody-here") == 2
+    assert "unknown tenant 'nobody-here'" in capsys.readouterr().err
+
 
 def test_a_record_no_operator_signed_is_believed_by_no_service(infra, mesh):
     """Whoever can write the registry bucket still cannot add a tenant: the record must carry an

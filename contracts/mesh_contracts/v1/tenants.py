@@ -58,6 +58,13 @@ class TenantRecord(Record):
     admission: dict[str, float] = {}
     """Its own admission limits (``max_in_flight``, ``rate_per_s``, ``burst``), over its
     ``MESH_ADMISSION_TENANTS`` entry and the planner's defaults: the planner reads them live."""
+    budget: dict[str, float] = {}
+    """Its own tenant-day ceilings (``daily_tokens``, ``daily_cost_usd``), over its
+    ``MESH_BUDGET_TENANT_LIMITS`` entry: the budget service reads them live at each reservation."""
+    quotas: dict[str, dict[str, float]] = {}
+    """Its own quotas per stream with a door or the DLQ (``{"RAG": {"mib": 2048, "msgs": 0,
+    "mib_per_min": 256}}``), over its ``MESH_QUOTA_TENANTS`` entry: every service reads them live at
+    each charge (``mesh_tenancy.quota``)."""
     signature: str = Field("", max_length=4096)
     """An operator's signed statement (``tenant-record``) over the digest of the rest of the
     record: a service believes no record, and no key in it, that an operator did not sign."""

@@ -69,7 +69,6 @@ class TenantEntry:
     client: Principal | None
     auditor: bytes | None
     data_key: str | None
-    admission: dict[str, float]
     updated_at: float
     record: TenantRecord = field(repr=False)
 
@@ -102,7 +101,7 @@ def accepted_record(bundle: TrustBundle, data: bytes, tenant: str, leeway_s: flo
         if len(auditor) != 32:
             raise IdentityError(f"tenant record of {tenant!r}: the auditor key is not a 32-byte X25519 key")
     return TenantEntry(tenant, record.status, client, auditor, (ident.data_key or None) if ident else None,
-                       dict(record.admission), record.updated_at, record)  # fmt: skip
+                       record.updated_at, record)  # fmt: skip
 
 
 class Directory:
@@ -160,9 +159,10 @@ class Directory:
         entry = self.entries.get(tenant)
         return entry.status if entry is not None else "active"
 
-    def admission(self, tenant: str) -> dict[str, float]:
+    def record(self, tenant: str) -> TenantRecord | None:
+        """The tenant's record in force here (None: none held)."""
         entry = self.entries.get(tenant)
-        return entry.admission if entry is not None else {}
+        return entry.record if entry is not None else None
 
     def principal(self, name: str) -> Principal | None:
         role, _, tenant = name.partition(".")

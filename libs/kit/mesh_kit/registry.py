@@ -118,4 +118,15 @@ class Registry:
 
     def admission(self, tenant: str) -> dict[str, float]:
         """The tenant's own admission limits, from its record ({} when it sets none)."""
-        return self.directory.admission(tenant)
+        rec = self.directory.record(tenant)
+        return rec.admission if rec is not None else {}
+
+    def budget(self, tenant: str) -> dict[str, float]:
+        """The tenant's own tenant-day ceilings, from its record ({} when it sets none)."""
+        rec = self.directory.record(tenant)
+        return rec.budget if rec is not None else {}
+
+    def quotas(self, tenant: str) -> dict[str, dict[str, float]]:
+        """The tenant's own quotas per stream, from its record ({} when it sets none)."""
+        rec = self.directory.record(tenant)
+        return rec.quotas if rec is not None else {}

@@ -38,6 +38,10 @@ from meshctl.local import MeshError
 from meshctl.policy import client_permissions
 
 ADMISSION_KEYS = ("max_in_flight", "rate_per_s", "burst")
+BUDGET_KEYS = ("daily_tokens", "daily_cost_usd")
+QUOTA_KEYS = ("mib", "msgs", "mib_per_min")
+LIMIT_NAMES = (f"{', '.join(ADMISSION_KEYS)} (admission), {', '.join(BUDGET_KEYS)} (the budget's tenant-day ceilings), "
+               f"quota.<STREAM>.{{{','.join(QUOTA_KEYS)}}} (a stream with a door, or DLQ)")  # fmt: skip
 
 
 class RegistryError(MeshError):
@@ -147,14 +151,18 @@ class Registry:
             return TrustBundle.from_file(self.ids.trust_bundle).auditors.get(tenant)
         return bytes(PrivateKey(base64.b64decode(path.read_text().strip())).public_key)
 
-    async def add(self, tenant: str, admission: dict[str, float] | None = None) -> Added:
+    async def add(self, tenant: str, limits: dict[str, float] | None = None) -> Added:
         t0 = time.perf_counter()
         if tenant in self.bundle_tenants() or (await self.record(tenant))[0] is not None:
             raise RegistryError(f"tenant {tenant!r} exists already")
         if self._minter is None:
             self._minter = Minter(self.ids)
-        rec = TenantRecord(tenant=tenant, identity=self._minter.mint(tenant), admission=dict(admission or {}))
-        rev = await self._write(rec, "tenant.added", {"admission": rec.admission}, None)
+        rec = TenantRecord(tenant=tenant, identity=self._minter.mint(tenant))
+        for name, value in (limits or {}).items():
+            where, key = _place(rec, name)
+            where[key] = value
+        rev = await self._write(rec, "tenant.added", {"admission": rec.admission, "budget": rec.budget,
+                                                      "quotas": rec.quotas}, None)  # fmt: skip
         return Added(tenant, time.perf_counter() - t0, rev)
 
     async def set_status(self, tenant: str, status: str) -> tuple[TenantRecord, bool]:
@@ -167,15 +175,20 @@ class Registry:
         await self._write(rec, f"tenant.{'suspended' if status == 'suspended' else 'resumed'}", {}, rev or None)
         return rec, True
 
-    async def set_admission(self, tenant: str, limits: dict[str, float | None]) -> TenantRecord:
+    async def set_limits(self, tenant: str, limits: dict[str, float | None]) -> TenantRecord:
+        """The tenant's own limits (``parse_limits``; None: back to the settings'), read live by the
+        planner (admission), the budget (tenant-day ceilings) and every service (quotas)."""
         rec, rev = await self.record(tenant)
         rec = rec or await self.known(tenant)
-        for k, v in limits.items():
-            if v is None:
-                rec.admission.pop(k, None)
+        for name, value in limits.items():
+            where, key = _place(rec, name)
+            if value is None:
+                where.pop(key, None)
             else:
-                rec.admission[k] = v
-        await self._write(rec, "tenant.limits-set", {"admission": rec.admission}, rev or None)
+                where[key] = value
+        rec.quotas = {stream: q for stream, q in rec.quotas.items() if q}
+        await self._write(rec, "tenant.limits-set", {"admission": rec.admission, "budget": rec.budget,
+                                                     "quotas": rec.quotas}, rev or None)  # fmt: skip
         return rec
 
     async def set_retention(self, tenant: str, changes: dict[str, float | None]) -> TenantRecord:
@@ -235,24 +248,51 @@ def _shred(path: os.PathLike[str] | str) -> None:
     os.unlink(path)
 
 
+def _place(rec: TenantRecord, name: str) -> tuple[dict[str, float], str]:
+    """Where limit ``name`` lives in the record, and under which key."""
+    if name in ADMISSION_KEYS:
+        return rec.admission, name
+    if name in BUDGET_KEYS:
+        return rec.budget, name
+    _, stream, key = name.split(".")
+    return rec.quotas.setdefault(stream, {}), key
+
+
 def parse_limits(pairs: list[str]) -> dict[str, float | None]:
-    """``max_in_flight=4 rate_per_s=2 burst=default`` -> limits (None: back to the planner's)."""
+    """``max_in_flight=4 daily_cost_usd=5 quota.RAG.mib=2048 burst=default`` -> limits by name
+    (None: back to the settings'), or ``RegistryError`` naming the first bad pair."""
+    from mesh_contracts import topology as topo
+
+    streams = {*topo.door_streams(), topo.DLQ_STREAM}
     out: dict[str, float | None] = {}
     for pair in pairs:
-        key, eq, value = pair.partition("=")
-        if not eq or key not in ADMISSION_KEYS:
-            raise RegistryError(f"{pair!r}: want NAME=VALUE with NAME one of {', '.join(ADMISSION_KEYS)}")
+        name, eq, value = pair.partition("=")
+        parts = name.split(".")
+        quota = len(parts) == 3 and parts[0] == "quota" and parts[1] in streams and parts[2] in QUOTA_KEYS
+        if not eq or not (name in ADMISSION_KEYS or name in BUDGET_KEYS or quota):
+            raise RegistryError(f"{pair!r}: want NAME=VALUE, NAME one of {LIMIT_NAMES}")
         if value == "default":
-            out[key] = None
+            out[name] = None
             continue
         try:
             number = float(value)
         except ValueError:
             raise RegistryError(f"{pair!r}: {value!r} is not a number (or 'default')") from None
-        if number < 0:
-            raise RegistryError(f"{pair!r}: a limit is at least 0")
-        out[key] = number
+        if not number >= 0 or number == float("inf"):
+            raise RegistryError(f"{pair!r}: a limit is a number at least 0")
+        if name == "daily_tokens" and number < 1:
+            raise RegistryError(f"{pair!r}: a tenant-day token ceiling is at least 1 (or 'default')")
+        out[name] = number
     return out
+
+
+def shown(rec: TenantRecord | None) -> str:
+    """The tenant's own limits in one line ('-': none)."""
+    if rec is None:
+        return "-"
+    items = [*rec.admission.items(), *rec.budget.items()]
+    items += [(f"quota.{s}.{k}", v) for s, q in rec.quotas.items() for k, v in q.items()]
+    return ",".join(f"{k}={v:g}" for k, v in items) or "-"
 
 
 def dumps(records: dict[str, TenantRecord | None]) -> str:

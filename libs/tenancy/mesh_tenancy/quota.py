@@ -217,7 +217,7 @@ class Quotas:
     ) -> None:
         self._nc, self.kv, self.service, self.limits = nc, kv, service, limits
         self._shapes: dict[str, tuple[float, Shape]] = {}
-        self._refused: dict[tuple[str, str], tuple[float, Refusal]] = {}
+        self._refused: dict[tuple[str, str], tuple[float, Refusal, Limit]] = {}
         self._pending: dict[tuple[str, str], Counter[str]] = {}
         """Refusals not yet in the record: the first of a run is written (``meshctl status`` shows
         the tenant refused), the rest are added with the tenant's next write."""
@@ -360,14 +360,14 @@ class Quotas:
         Returns (refusal or None, when it was charged: the ``refund`` handle)."""
         cached = self._refused.get((tenant, stream))
         now = time.time()
+        shape = await self.shape(stream)
+        limit = self.limits(tenant, stream, shape)
         if cached is not None:
-            until, known = cached
-            if now < until:
+            until, known, under = cached
+            if now < until and under == limit:  # (an operator changed the tenant's quota: judge afresh)
                 self._pending.setdefault((tenant, stream), Counter())[known.code] += 1
                 return known, now
             del self._refused[(tenant, stream)]
-        shape = await self.shape(stream)
-        limit = self.limits(tenant, stream, shape)
         if not limit:
             return None, now
         window = _window(shape)
@@ -400,7 +400,7 @@ class Quotas:
         elif refusal is not None:
             pending[refusal.code] += 1
         if refusal is not None and refusal.retry_after_s:  # (0: this message is too big, not the tenant over)
-            self._refused[(tenant, stream)] = (now + min(REFUSAL_CACHED_S, refusal.retry_after_s), refusal)
+            self._refused[(tenant, stream)] = (now + min(REFUSAL_CACHED_S, refusal.retry_after_s), refusal, limit)
             if len(self._refused) > 10_000:
                 self._refused.pop(next(iter(self._refused)))
         return refusal, now
@@ -420,14 +420,19 @@ def _window(shape: Shape) -> float:
     return shape.max_age_s or 7 * 86400.0
 
 
-def limits_from(share: float, per_min_mib: dict[str, float], tenants: dict[str, dict[str, dict[str, float]]]
+def limits_from(share: float, per_min_mib: dict[str, float], tenants: dict[str, dict[str, dict[str, float]]],
+                own: Callable[[str], dict[str, dict[str, float]]] | None = None
                 ) -> Callable[[str, str, Shape], Limit]:  # fmt: skip
     """A tenant's limit in a stream, from the settings (``MESH_QUOTA_*``): its share of the stream's
-    caps unless its own ``mib``/``msgs`` say otherwise. A tenant's dead letters are kept by every
-    service that gives up on one of its messages, so each service holds a sixth of its DLQ quota."""
+    caps unless its own ``mib``/``msgs`` say otherwise, in the settings or, over them, in its
+    registry record (``own``, read at each charge: a change applies at once). A tenant's dead
+    letters are kept by every service that gives up on one of its messages, so each service holds
+    a sixth of its DLQ quota."""
 
     def limit(tenant: str, stream: str, shape: Shape) -> Limit:
         over = tenants.get(tenant, {}).get(stream, {})
+        if own is not None and (mine := own(tenant).get(stream)):
+            over = {**over, **mine}
         parts = len(SERVICES) if stream == topo.DLQ_STREAM else 1
         held_b = over["mib"] * MIB if "mib" in over else shape.max_bytes * share
         held_m = over["msgs"] if "msgs" in over else shape.max_msgs * share

@@ -31,7 +31,7 @@ class Tenancy:
 
     async def prepare(self) -> None:
         mesh, s = self.mesh, self.mesh.settings
-        limits = limits_from(s.quota_share, s.quota_mib_per_min, s.quota_tenants)
+        limits = limits_from(s.quota_share, s.quota_mib_per_min, s.quota_tenants, mesh.trust.tenants.quotas)
         self.quotas = Quotas(lambda: mesh.nc, await mesh.kv("quotas"), mesh.service, limits)
 
     async def open(self) -> None:

@@ -236,7 +236,13 @@ class Budget:
     # --- reserve ------------------------------------------------------------------------------
 
     def _tenant_limits(self, tenant: str) -> TenantLimits:
-        return self.tenant_limits.get(tenant) or self.tenant_limits.get("*") or TenantLimits()
+        """The settings' ceilings, and over them the tenant's own from its registry record (live)."""
+        base = self.tenant_limits.get(tenant) or self.tenant_limits.get("*") or TenantLimits()
+        own = self.mesh.trust.tenants.budget(tenant)
+        if not own:
+            return base
+        return base.model_copy(update={k: (int(v) if k == "daily_tokens" else float(v)) for k, v in own.items()
+                                       if k in TenantLimits.model_fields})  # fmt: skip
 
     async def on_reserve(self, m: BudgetReserve, d: Delivery) -> BudgetGranted | BudgetDenied:
         """A model call's worst case: granted, and held durably before the caller hears of it,

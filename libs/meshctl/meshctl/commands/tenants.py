@@ -23,7 +23,7 @@ from meshctl import options as opt
 from meshctl.commands.common import admin, nats_url
 from meshctl.identity import Identities
 from meshctl.local import MeshError, MeshState
-from meshctl.registry import Registry, RegistryError, dumps, parse_limits
+from meshctl.registry import LIMIT_NAMES, Registry, RegistryError, dumps, parse_limits, shown
 
 SET = ("tasks", "tools", "usage")
 """The classes a tenant's retention may shorten (the audit chain's is the deployment's)."""
@@ -63,6 +63,7 @@ def cmd_add(args: argparse.Namespace) -> int:
         limits = {k: v for k, v in parse_limits(args.limit).items() if v is not None}
     except RegistryError as exc:
         args.usage(str(exc))
+        raise
     if not names:
         args.usage("name at least one tenant (or --from-file)")
 
@@ -89,10 +90,10 @@ def cmd_list(args: argparse.Namespace) -> int:
         if args.json:
             print(dumps(records))
             return 0
-        print(f"{'TENANT':<24} {'STATUS':<10} {'KEYS':<10} {'ADMISSION':<30} UPDATED")
+        print(f"{'TENANT':<24} {'STATUS':<10} {'KEYS':<10} {'OWN LIMITS':<30} UPDATED")
         for t, r in records.items():
             keys = "bundle" if r is None or r.identity is None else "registry"
-            adm = ",".join(f"{k}={v:g}" for k, v in (r.admission if r else {}).items()) or "-"
+            adm = shown(r)
             print(f"{t:<24} {(r.status if r else 'active'):<10} {keys:<10} {adm:<30} "
                   f"{when(r.updated_at) if r and r.updated_at else '-'}")  # fmt: skip
         print(f"{len(records)} tenants")
@@ -120,12 +121,12 @@ def cmd_limits(args: argparse.Namespace) -> int:
     except RegistryError as exc:
         args.usage(str(exc))
     if not limits:
-        args.usage("name at least one limit: max_in_flight=N, rate_per_s=R or burst=N (or NAME=default)")
+        args.usage(f"name at least one limit: {LIMIT_NAMES} (NAME=default: back to the settings')")
 
     async def body(reg: Registry) -> int:
-        rec = await reg.set_admission(args.tenant, limits)
-        shown = ", ".join(f"{k}={v:g}" for k, v in rec.admission.items()) or "the planner's defaults"
-        print(f"tenant {args.tenant}: admission {shown} (the planner applies it at the tenant's next submission)")
+        rec = await reg.set_limits(args.tenant, limits)
+        print(f"tenant {args.tenant}: own limits {shown(rec)} (over the services' settings; in force at its next "
+              "submission, reservation or write)")  # fmt: skip
         return 0
 
     return _registry_cmd(args, body)
@@ -241,6 +242,8 @@ async def describe(nc: NATS, tenant: str, now: float) -> dict[str, Any]:
             "tenant": tenant, "at": now, "classes": classes, "unended_since": since,
             "updated_at": rec.updated_at if rec else None, "updated_by": rec.updated_by if rec else None,
             "status": rec.status if rec else "active", "admission": dict(rec.admission) if rec else {},
+            "budget": dict(rec.budget) if rec else {}, "quotas": dict(rec.quotas) if rec else {},
+            "own_limits": shown(rec),
             "keys": "registry" if rec and rec.identity else "bundle",
             "registry_data_key": rec.identity.data_key if rec and rec.identity else None,
             "kept_until_removed": {b: lifecycle.NOT_TASK_DATA[b] for b in ("rag", "notes", "workflows", "releases")},
@@ -254,11 +257,11 @@ def render(d: dict[str, Any]) -> str:
     if d["updated_at"]:
         head += f" (retention set by {d['updated_by']} at {when(d['updated_at'])})"
     if "status" in d:
-        adm = ", ".join(f"{k}={v:g}" for k, v in d["admission"].items()) or "the planner's defaults"
+        adm = d["own_limits"] if d["own_limits"] != "-" else "the settings' (none of its own)"
         where = (
             "tenant registry (added at runtime)" if d["keys"] == "registry" else "trust bundle (minted with the mesh)"
         )
-        head += f"\nstatus {d['status']}; keys in the {where}; admission {adm}"
+        head += f"\nstatus {d['status']}; keys in the {where}; limits {adm}"
     lines = [head, f"{'CLASS':<9} {'KEPT':<14} {'SET BY':<10} {'OLDEST KEPT':<21} REMOVED"]
     for c in d["classes"]:
         oldest = when(c["oldest_at"]) if c["oldest_at"] else "nothing stored"
@@ -398,11 +401,12 @@ def register(sub: argparse._SubParsersAction[opt.Parser]) -> None:
     t.add_argument("tenants", nargs="*", type=opt.tenant, metavar="TENANT")
     t.add_argument("--from-file", type=Path, default=None, help="more tenants, one per line (or space-separated)")
     t.add_argument("--limit", action="append", default=[], metavar="NAME=VALUE",
-                   help="an admission limit of each: max_in_flight=N, rate_per_s=R, burst=N (repeatable)")  # fmt: skip
+                   help="a limit of each of them, over the settings: max_in_flight, rate_per_s, burst (admission), "
+                   "daily_tokens, daily_cost_usd (tenant-day ceilings), quota.<STREAM>.mib|msgs|mib_per_min (repeatable)")  # fmt: skip
     t.add_argument("--quiet", action="store_true", help="one summary line, not one per tenant")
     t.add_argument("--nats-url", default=None)
     t.set_defaults(fn=cmd_add, usage=t.error)
-    t = tsub.add_parser("list", help="every tenant: status, where its keys are, its admission limits (as the admin)")
+    t = tsub.add_parser("list", help="every tenant: status, where its keys are, its own limits (as the admin)")
     t.add_argument("--json", action="store_true")
     t.add_argument("--nats-url", default=None)
     t.set_defaults(fn=cmd_list)
@@ -412,11 +416,12 @@ def register(sub: argparse._SubParsersAction[opt.Parser]) -> None:
         t.add_argument("tenant", type=opt.tenant)
         t.add_argument("--nats-url", default=None)
         t.set_defaults(fn=cmd_status)
-    t = tsub.add_parser("limits", help="the tenant's own admission limits, applied live by the planner (as the admin; "
-                        "on its audit chain)")  # fmt: skip
+    t = tsub.add_parser("limits", help="the tenant's own limits over the settings: admission, tenant-day ceilings, "
+                        "quotas; applied live (as the admin; on its audit chain)")  # fmt: skip
     t.add_argument("tenant", type=opt.tenant)
     t.add_argument("limit", nargs="*", metavar="NAME=VALUE",
-                   help="max_in_flight=N, rate_per_s=R, burst=N; NAME=default drops the tenant's own")  # fmt: skip
+                   help="max_in_flight=N, rate_per_s=R, burst=N, daily_tokens=N, daily_cost_usd=X, "
+                   "quota.RAG.mib=N (msgs, mib_per_min; TASK, CONTROL, RAG, DLQ); NAME=default drops the tenant's own")  # fmt: skip
     t.add_argument("--nats-url", default=None)
     t.set_defaults(fn=cmd_limits, usage=t.error)
     t = tsub.add_parser("remove", help="remove a tenant added at runtime: suspended, erased (tenant erase), its record "
