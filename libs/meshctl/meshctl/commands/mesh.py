@@ -109,7 +109,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         f"mesh up in {time.monotonic() - t0:.1f}s: nats {state.nats_url}, redis 127.0.0.1:{state.redis_port}, "
         f"{len(state.services)} service processes ({', '.join(state.services)})"
     )
-    print(f"tenants: {', '.join(Identities(home).tenants())}; home: {home}")
+    minted = Identities(home).tenants()
+    more = f" and {len(minted) - 10} more" if len(minted) > 10 else ""
+    print(f"tenants: {', '.join(minted[:10])}{more} (more at runtime: meshctl tenant add); home: {home}")
     if state.supervisor is not None:
         print(f"supervisor: pid {state.supervisor.pid} restarts what exits (log: {state.supervisor.log})")
     return 0
