@@ -81,6 +81,11 @@ def test_a_tenant_added_to_a_running_mesh_works_at_once_and_can_be_suspended(inf
     assert listed["newco"]["status"] == "active" and listed["newco"]["admission"] == {"max_in_flight": 4.0}
     assert listed["acme"].get("minted_with_mesh") is True
 
+    assert ctl(infra, "history", "reg-1", "--tenant", "newco", "--json") == 0
+    story = json.loads(capsys.readouterr().out)["messages"]
+    assert story and not [m for m in story if m["sender"].startswith("?")], "every message verified, its own too"
+    assert any(m["type"] == "task.submitted" and m["sender"] == "client.newco" for m in story)
+
     assert ctl(infra, "audit", "verify", "--tenant", "newco", "--json") == 0
     chain = capsys.readouterr().out
     for kind in ("tenant.added", "tenant.suspended", "tenant.resumed"):

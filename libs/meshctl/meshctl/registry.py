@@ -20,6 +20,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+import nats.js.errors
 import nkeys
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from nacl.public import PrivateKey
@@ -30,9 +31,9 @@ from nats.js.kv import KeyValue
 from mesh_contracts.v1.audit import TENANT_WIDE
 from mesh_contracts.v1.tenants import TenantIdentity, TenantRecord
 from mesh_durable.chain import AuditChain
-from mesh_identity import Signer, TrustBundle, new_signing_key, private_pem, public_pem
+from mesh_identity import CLOCK_LEEWAY_S, Signer, TrustBundle, new_signing_key, private_pem, public_pem
 from mesh_identity.datakeys import new_data_key, read_key_file, wrap
-from mesh_identity.registry import signed_record
+from mesh_identity.registry import Directory, signed_record
 from meshctl.identity import ACCOUNT, Identities, _load_or_new, creds_text, new_keypair, user_jwt, write_secret
 from meshctl.local import MeshError
 from meshctl.policy import client_permissions
@@ -234,6 +235,19 @@ class Registry:
         await self.kv.purge(tenant)
         for path in (self.ids.tenant_data_key(tenant), self.ids.signing_key(f"client.{tenant}")):
             _shred(path)
+
+
+async def attach_tenant(nc: NATS, bundle: TrustBundle, tenant: str) -> None:
+    """Make ``bundle`` know ``tenant`` if it was added at runtime (its record, verified, read once):
+    what ``meshctl history``, ``trace`` and ``replay`` judge its client's messages by."""
+    directory = Directory(lambda: bundle, CLOCK_LEEWAY_S)
+    try:
+        entry = await (await nc.jetstream().key_value(TenantRecord.bucket)).get(tenant)
+    except (KeyNotFoundError, nats.js.errors.BucketNotFoundError):
+        entry = None
+    if entry is not None and entry.value:
+        directory.put(tenant, entry.value)
+    bundle.attach(directory)
 
 
 def _shred(path: os.PathLike[str] | str) -> None:

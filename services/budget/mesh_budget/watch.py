@@ -129,6 +129,8 @@ class Watch:
             if usage_stream and accounts is not None:
                 accounts.seen(msg.seq)  # another partition's records
             return  # another partition's tenant: not even parsed
+        if len(parts) == 5:
+            await self.mesh.trust.know(parts[2])  # a tenant added at runtime: its client's key, read once
         try:
             if stream == topo.ENVELOPES:  # a message's headers: no body to parse, its facts instead
                 contract = contract_for_subject(msg.subject)

@@ -26,6 +26,7 @@ from meshctl import options as opt
 from meshctl.commands.common import absent, admin, approver, budget_asker, nats_url, tenant_client
 from meshctl.identity import Identities, write_secret
 from meshctl.local import MeshError, MeshState
+from meshctl.registry import attach_tenant
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
@@ -180,6 +181,7 @@ def cmd_history(args: argparse.Namespace) -> int:
     async def run() -> int:
         nc = await admin(args)
         try:
+            await attach_tenant(nc, verifier.bundle, args.tenant)  # a tenant added at runtime: its client's key
             stored = await history.collect(nc, args.tenant, args.task_id, events=not args.no_events)
         finally:
             await nc.close()
@@ -203,6 +205,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     async def stories(*task_ids: str) -> list[rp.Story]:
         nc = await admin(args)
         try:
+            await attach_tenant(nc, verifier.bundle, args.tenant)
             return [await rp.load(nc, args.tenant, t, verifier) for t in task_ids]
         finally:
             await nc.close()
@@ -252,6 +255,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
     async def run() -> int:
         nc = await admin(args)
         try:
+            await attach_tenant(nc, verifier.bundle, args.tenant)
             stored = await history.collect(nc, args.tenant, args.task_id)
         finally:
             await nc.close()
