@@ -45,7 +45,7 @@ def _record(w, **kw):
 def test_a_record_the_operator_signed_is_believed(world):
     data = signed_record(_record(world, admission={"max_in_flight": 3}), world["admin"])
     entry = accepted_record(world["bundle"], data, "newco", 5.0)
-    assert entry.status == "active" and entry.admission == {"max_in_flight": 3}
+    assert entry.status == "active" and entry.record.admission == {"max_in_flight": 3}
     assert entry.client is not None and entry.client.name == "client.newco" and entry.client.tenant == "newco"
     assert entry.auditor == world["auditor"]
 

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 
 import nats.js.errors
 import nkeys
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from nacl.public import PrivateKey
 from nats.aio.client import Client as NATS
 from nats.js.errors import KeyNotFoundError
@@ -31,7 +30,15 @@ from nats.js.kv import KeyValue
 from mesh_contracts.v1.audit import TENANT_WIDE
 from mesh_contracts.v1.tenants import TenantIdentity, TenantRecord
 from mesh_durable.chain import AuditChain
-from mesh_identity import CLOCK_LEEWAY_S, Signer, TrustBundle, new_signing_key, private_pem, public_pem
+from mesh_identity import (
+    CLOCK_LEEWAY_S,
+    Signer,
+    TrustBundle,
+    load_private_key,
+    new_signing_key,
+    private_pem,
+    public_pem,
+)
 from mesh_identity.datakeys import new_data_key, read_key_file, wrap
 from mesh_identity.registry import Directory, signed_record
 from meshctl.identity import ACCOUNT, Identities, _load_or_new, creds_text, new_keypair, user_jwt, write_secret
@@ -70,29 +77,33 @@ class Minter:
 
     def mint(self, tenant: str) -> TenantIdentity:
         """The tenant's client credentials, signing key, auditor key and data key, written to the
-        home (0600); what the services need of them (public, or wrapped)."""
+        home (0600); what the services need of them (public, or wrapped). What a previous add that
+        did not finish (no record was written) left here is reused, not made twice."""
         ids, name = self.ids, f"client.{tenant}"
-        if ids.creds(name).exists():
-            raise RegistryError(f"tenant {tenant!r} already has credentials in {ids.home}")
-        user = new_keypair(nkeys.PREFIX_BYTE_USER)
-        write_secret(ids.creds(name), creds_text(user_jwt(self.account, self.signing, user,
-                                                          client_permissions(tenant)), user))  # fmt: skip
-        key = _signing_key(ids, name)
-        auditor = PrivateKey.generate()
-        write_secret(ids.auditor_key(tenant), base64.b64encode(bytes(auditor)).decode())
-        data_key = new_data_key()
-        write_secret(ids.tenant_data_key(tenant), data_key.hex())
+        if not ids.creds(name).exists():
+            user = new_keypair(nkeys.PREFIX_BYTE_USER)
+            write_secret(ids.creds(name), creds_text(user_jwt(self.account, self.signing, user,
+                                                              client_permissions(tenant)), user))  # fmt: skip
+        if ids.signing_key(name).exists():
+            key = load_private_key(ids.signing_key(name))
+        else:
+            key = new_signing_key()
+            write_secret(ids.signing_key(name), private_pem(key))
+        if ids.auditor_key(tenant).exists():
+            auditor = PrivateKey(base64.b64decode(ids.auditor_key(tenant).read_text().strip()))
+        else:
+            auditor = PrivateKey.generate()
+            write_secret(ids.auditor_key(tenant), base64.b64encode(bytes(auditor)).decode())
+        if ids.tenant_data_key(tenant).exists():
+            data_key = bytes.fromhex(ids.tenant_data_key(tenant).read_text().strip())
+        else:
+            data_key = new_data_key()
+            write_secret(ids.tenant_data_key(tenant), data_key.hex())
         return TenantIdentity(
             client_key=public_pem(key.public_key()),
             auditor_key=base64.b64encode(bytes(auditor.public_key)).decode(),
             data_key=wrap(self.kek, tenant, data_key),
         )
-
-
-def _signing_key(ids: Identities, name: str) -> Ed25519PrivateKey:
-    key = new_signing_key()
-    write_secret(ids.signing_key(name), private_pem(key))
-    return key
 
 
 class Registry:
