@@ -132,25 +132,39 @@ def cmd_limits(args: argparse.Namespace) -> int:
     return _registry_cmd(args, body)
 
 
-def cmd_remove(args: argparse.Namespace) -> int:
-    from meshctl import erase
-    from meshctl.rotation import publish_bundle, rewrite_server_configs
-
+def _confirmed(args: argparse.Namespace, what: str) -> tuple[Identities, str]:
+    """The home and the broker's URL for an act on ``args.tenant`` that cannot be undone, once the
+    tenant is known here and its name was given again (``--confirm``)."""
     ids = Identities(opt.home(args))
     _known_here(ids, args.tenant)
     if args.confirm != args.tenant:
-        args.usage(f"removing {args.tenant} erases its data and cannot be undone: confirm with --confirm {args.tenant}")
-    url = nats_url(args, ids.home)
+        args.usage(f"{what} {args.tenant} cannot be undone: confirm with --confirm {args.tenant}")
+    return ids, nats_url(args, ids.home)
+
+
+async def _erase(nc: NATS, args: argparse.Namespace, ids: Identities, url: str) -> Any:
+    """The tenant's erasure (``meshctl.erase``) with the command's options; its report."""
+    from meshctl import erase
+    from meshctl.rotation import publish_bundle
+
+    return await erase.erase(
+        nc, ids, args.tenant, redis=erase.redis_url(ids, args.redis_url), even_running=args.even_running,
+        publish=lambda bundle: publish_bundle(ids, bundle, url),
+    )  # fmt: skip
+
+
+def cmd_remove(args: argparse.Namespace) -> int:
+    from meshctl import erase
+    from meshctl.rotation import rewrite_server_configs
+
+    ids, url = _confirmed(args, "removing (erasing)")
     state = MeshState.load(ids.home)
 
     async def body(reg: Registry) -> int:
         report: list[Any] = []
 
         async def erased() -> None:
-            report.append(await erase.erase(
-                reg.nc, ids, args.tenant, redis=erase.redis_url(ids, args.redis_url), even_running=args.even_running,
-                publish=lambda bundle: publish_bundle(ids, bundle, url),
-            ))  # fmt: skip
+            report.append(await _erase(reg.nc, args, ids, url))
 
         await reg.forget(args.tenant, erased)
         creds = ids.creds(f"client.{args.tenant}")
@@ -318,21 +332,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_erase(args: argparse.Namespace) -> int:
     from meshctl import erase
-    from meshctl.rotation import publish_bundle
 
-    ids = Identities(opt.home(args))
-    _known_here(ids, args.tenant)
-    if args.confirm != args.tenant:
-        args.usage(f"erasing {args.tenant} cannot be undone: confirm with --confirm {args.tenant}")
-    url = nats_url(args, ids.home)
+    ids, url = _confirmed(args, "erasing")
 
     async def run() -> int:
         nc = await admin(args)
         try:
-            r = await erase.erase(
-                nc, ids, args.tenant, redis=erase.redis_url(ids, args.redis_url), even_running=args.even_running,
-                publish=lambda bundle: publish_bundle(ids, bundle, url),
-            )  # fmt: skip
+            r = await _erase(nc, args, ids, url)
         finally:
             await nc.close()
         path = erase.store(ids, r)
