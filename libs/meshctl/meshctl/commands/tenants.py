@@ -397,6 +397,16 @@ def cmd_keeper(args: argparse.Namespace) -> int:
     return asyncio.run(run())
 
 
+def _irreversible(t: opt.Parser, what: str) -> None:
+    """The arguments of an act on a tenant that cannot be undone (its erasure, its removal)."""
+    t.add_argument("tenant", type=opt.tenant)
+    t.add_argument("--confirm", default="", metavar="TENANT", help=f"the tenant's name again: {what} cannot be undone")
+    t.add_argument("--even-running", action="store_true", help="even while some of its tasks are running")
+    t.add_argument("--redis-url", default=None,
+                   help="Redis as a user that may delete any key (default: MESH_REDIS_URL, else the home's admin user)")  # fmt: skip
+    t.add_argument("--nats-url", default=None)
+
+
 def register(sub: argparse._SubParsersAction[opt.Parser]) -> None:
     """A tenant's data: its retention, what is kept, and the keeper."""
     s = sub.add_parser("tenant", help="tenants of a running mesh (add, suspend, resume, limits, remove) and their "
@@ -432,12 +442,7 @@ def register(sub: argparse._SubParsersAction[opt.Parser]) -> None:
     t.set_defaults(fn=cmd_limits, usage=t.error)
     t = tsub.add_parser("remove", help="remove a tenant added at runtime: suspended, erased (tenant erase), its record "
                         "and keys destroyed, its NATS user revoked (as the admin; cannot be undone)")  # fmt: skip
-    t.add_argument("tenant", type=opt.tenant)
-    t.add_argument("--confirm", default="", metavar="TENANT", help="the tenant's name again: removal cannot be undone")
-    t.add_argument("--even-running", action="store_true", help="remove even while some of its tasks are running")
-    t.add_argument("--redis-url", default=None,
-                   help="Redis as a user that may delete any key (default: MESH_REDIS_URL, else the home's admin user)")  # fmt: skip
-    t.add_argument("--nats-url", default=None)
+    _irreversible(t, "removal")
     t.set_defaults(fn=cmd_remove, usage=t.error)
     t = tsub.add_parser("retention", help="how long the mesh keeps the tenant's data of each class (as the admin; on "
                         "its audit chain)")  # fmt: skip
@@ -464,13 +469,8 @@ def register(sub: argparse._SubParsersAction[opt.Parser]) -> None:
 
     t = tsub.add_parser("erase", help="erase the tenant: delete its data everywhere the mesh keeps it and destroy its "
                         "key, so its audit chain stays whole but unreadable (as the admin; cannot be undone)")  # fmt: skip
-    t.add_argument("tenant", type=opt.tenant)
-    t.add_argument("--confirm", default="", metavar="TENANT", help="the tenant's name again: erasure cannot be undone")
-    t.add_argument("--even-running", action="store_true", help="erase even while some of its tasks are running")
-    t.add_argument("--redis-url", default=None,
-                   help="Redis as a user that may delete any key (default: MESH_REDIS_URL, else the home's admin user)")  # fmt: skip
+    _irreversible(t, "erasure")
     t.add_argument("--json", action="store_true")
-    t.add_argument("--nats-url", default=None)
     t.set_defaults(fn=cmd_erase, usage=t.error)
 
     s = sub.add_parser("keeper", help="remove each tenant's data older than its retention (as the keeper; once, or "
