@@ -149,6 +149,27 @@ def test_a_record_no_operator_signed_is_believed_by_no_service(infra, mesh):
     assert "unknown principal" in out.reason or "data key" in out.reason, out.reason
 
 
+def test_an_erased_tenant_added_at_runtime_goes_on_with_a_new_data_key(infra, mesh, capsys):
+    """Erasure is of a tenant's data, not of its access: as for a tenant minted with the mesh."""
+    assert ctl(infra, "tenant", "add", "eraseco") == 0
+    assert isinstance(submit(infra, "eraseco", "What is 3 * 14?", "era-1"), TaskCompleted)
+    ids = Identities(infra.home)
+    old_key = ids.tenant_data_key("eraseco").read_text()
+
+    def wrapped() -> list[str]:
+        held = asyncio.run(infra.stored("KV_tenants", "$KV.tenants.eraseco"))
+        return [TenantRecord.model_validate_json(m.data).identity.data_key for m in held if m.data]  # type: ignore[union-attr]
+
+    before = wrapped()
+    capsys.readouterr()
+    assert ctl(infra, "tenant", "erase", "eraseco", "--confirm", "eraseco") == 0
+    assert "data key destroyed (a new one took its place)" in capsys.readouterr().out
+    assert ids.tenant_data_key("eraseco").read_text() != old_key and not ids.auditor_key("eraseco").exists()
+    assert isinstance(submit(infra, "eraseco", "What is 4 * 14?", "era-2"), TaskCompleted), "it goes on"
+    after = wrapped()
+    assert len(after) == 1 and after[0] not in before, "only the re-keyed record is kept: no revision holds the old key"
+
+
 def test_a_removed_tenant_is_erased_and_shut_out(infra, mesh, capsys):
     assert ctl(infra, "tenant", "add", "goneco") == 0
     assert isinstance(submit(infra, "goneco", "What is 2 * 21?", "gone-1"), TaskCompleted)

@@ -29,7 +29,8 @@ class TenantIdentity(BaseModel):
     client_key: str = Field(max_length=512)
     """The Ed25519 public key (PEM) of its client principal ``client.<tenant>``."""
     auditor_key: str = Field(max_length=128)
-    """Its auditor's X25519 public key (base64): what is sealed to it only the tenant's auditor opens."""
+    """Its auditor's X25519 public key (base64): what is sealed to it only the tenant's auditor opens;
+    '' once erased (the key was destroyed: a later link withholds its sealed fields)."""
     data_key: str = Field("", max_length=512)
     """Its data key wrapped by the deployment's data key (``mesh_identity.datakeys.wrap``); '' once
     erased."""

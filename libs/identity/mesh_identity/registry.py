@@ -97,8 +97,8 @@ def accepted_record(bundle: TrustBundle, data: bytes, tenant: str, leeway_s: flo
     if ident is not None:
         key = _load_public(f"{CLIENT}.{tenant}", ident.client_key)
         client = Principal(f"{CLIENT}.{tenant}", CLIENT, tenant, key)
-        auditor = base64.b64decode(ident.auditor_key)
-        if len(auditor) != 32:
+        auditor = base64.b64decode(ident.auditor_key) if ident.auditor_key else None  # none once erased
+        if auditor is not None and len(auditor) != 32:
             raise IdentityError(f"tenant record of {tenant!r}: the auditor key is not a 32-byte X25519 key")
     return TenantEntry(tenant, record.status, client, auditor, (ident.data_key or None) if ident else None,
                        record.updated_at, record)  # fmt: skip

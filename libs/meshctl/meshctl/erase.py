@@ -18,8 +18,10 @@ What can be deleted is deleted; what cannot is made unreadable. In order:
    only) and a JSON file under the home's ``erasures/`` (0600), printed too.
 
 It refuses a tenant with tasks still running unless told (``--even-running``): their services
-would write again after the purge. Suspending a tenant's intake is issue 47's; until then the
-operator stops the tenant's clients first.
+would write again after the purge; ``meshctl tenant suspend`` stops its intake first (issue 47).
+A tenant added at runtime has its keys in its registry record, not in the bundle: the record is
+purged with the rest (every revision held its wrapped data key) and written again with a new
+data key and no auditor key, so the tenant goes on, as one minted with the mesh does.
 """
 
 from __future__ import annotations
@@ -39,10 +41,12 @@ from mesh_contracts import lifecycle
 from mesh_contracts import topology as topo
 from mesh_contracts.v1.audit import TENANT_WIDE
 from mesh_contracts.v1.records import AdmissionRecord
+from mesh_contracts.v1.tenants import TenantRecord
 from mesh_durable.chain import AuditChain
 from mesh_durable.tail import DirectGetError
 from mesh_identity import Signer, TrustBundle
 from mesh_identity.datakeys import new_data_key, read_key_file, unwrap, wrap
+from mesh_identity.registry import signed_record
 from meshctl.identity import Identities, _write_secret
 from meshctl.keeper import KeeperError, Streams, purge_approvals
 from meshctl.local import MeshError
@@ -203,6 +207,7 @@ async def erase(
                 "stop its clients and cancel them first, or erase them too with --even-running"
             )
         held = TrustBundle.from_file(ids.trust_bundle).data_keys.get(tenant)
+        registered = await _registered(nc, tenant)  # a tenant added at runtime: its keys are in its record
         bundle, report.key_destroyed = shred(ids, tenant)
         if bundle is not None:
             await publish(bundle)
@@ -210,7 +215,10 @@ async def erase(
         # the bundle's earlier revisions hold the wrapped key: keep the newest only
         await purge(nc, f"KV_{topo.TRUST_BUCKET}", f"$KV.{topo.TRUST_BUCKET}.{topo.TRUST_KEY}", keep=1)
         report.data_key_destroyed = bundle is not None and held is not None and bundle.data_keys.get(tenant) != held
-        await purge_broker(nc, streams, tenant, report)
+        await purge_broker(nc, streams, tenant, report)  # its record too, with every revision
+        if registered is not None:
+            await _rekeyed(nc, ids, registered)
+            report.data_key_destroyed = True
     except KeeperError as exc:
         raise ErasureError(str(exc)) from None
     finally:
@@ -231,6 +239,31 @@ async def erase(
                 "data_key_destroyed": report.data_key_destroyed, "report_sha256": report.digest()},
     )  # fmt: skip
     return report
+
+
+async def _registered(nc: NATS, tenant: str) -> TenantRecord | None:
+    """The tenant's registry record if it was added at runtime (it holds its keys), else None."""
+    from nats.js.errors import BucketNotFoundError, KeyNotFoundError
+
+    try:
+        entry = await (await nc.jetstream().key_value(TenantRecord.bucket)).get(tenant)
+    except (KeyNotFoundError, BucketNotFoundError):
+        return None
+    rec = TenantRecord.model_validate_json(entry.value) if entry.value else None
+    return rec if rec is not None and rec.identity is not None else None
+
+
+async def _rekeyed(nc: NATS, ids: Identities, rec: TenantRecord) -> None:
+    """A tenant added at runtime goes on after its erasure as one minted with the mesh does: its
+    record (purged with every revision, each holding the old wrapped data key) written again with
+    a new data key and no auditor key (the shredded one), its client's key unchanged."""
+    assert rec.identity is not None
+    fresh = new_data_key()
+    rec.identity = rec.identity.model_copy(update={"data_key": wrap(read_key_file(ids.data_key), rec.tenant, fresh),
+                                                   "auditor_key": ""})  # fmt: skip
+    kv = await nc.jetstream().key_value(TenantRecord.bucket)
+    await kv.put(rec.tenant, signed_record(rec, Signer.from_file("admin", ids.signing_key("admin"))))
+    _write_secret(ids.tenant_data_key(rec.tenant), fresh.hex())
 
 
 def store(ids: Identities, report: ErasureReport) -> Path:
