@@ -8,8 +8,10 @@ model alone):
   key, its permissions in its own JWT (what the mesh does). The server holds 2 account JWTs,
   whatever the number of tenants.
 - **accounts**: an account per tenant, each importing from a services account what a tenant
-  needs (its events as a stream, its door as a service: 2 imports, 2 exports per tenant), every
-  account JWT in the server's config.
+  needs (its events as a stream, its door as a service: 2 imports; the services account exports
+  both once, by wildcard), every account JWT in the server's config. The same with an export per
+  tenant instead (so that no tenant account could import another's part) is checked too: it is
+  one services-account JWT that grows with the tenants.
 
 For each: JWT sizes, the server config's size, minting time, server start until ``/healthz``
 and its RSS, connect latency of 200 tenant clients and RSS with them connected, the allowed
@@ -232,12 +234,47 @@ async def measure(model: str, n: int, n_clients: int, work: Path) -> dict[str, o
     return out
 
 
+def exports_per_tenant(n: int, work: Path) -> dict[str, object]:
+    """The accounts model with an export per tenant (its own events and door only, instead of a
+    wildcard every tenant account imports a part of): the services account's JWT size, and
+    whether a server with it starts (it is one JWT; NATS refuses a token over 1 MiB)."""
+    import nkeys
+
+    op, sys_acc, svc = (new_keypair(p) for p in (nkeys.PREFIX_BYTE_OPERATOR, nkeys.PREFIX_BYTE_ACCOUNT,
+                                                 nkeys.PREFIX_BYTE_ACCOUNT))  # fmt: skip
+    exports = [e for i in range(n) for e in (
+        {"name": f"events-t{i:05d}", "subject": f"event.*.t{i:05d}.>", "type": "stream"},
+        {"name": f"door-t{i:05d}", "subject": f"door.task.v1.t{i:05d}.*.submitted", "type": "service"})]  # fmt: skip
+    m = {"preload": {sys_acc.public_key.decode(): account(op, sys_acc, "SYS", {}),
+                     svc.public_key.decode(): account(op, svc, "SERVICES", {"exports": exports})},
+         "operator": encode_jwt({"sub": op.public_key.decode(), "name": "bench", "nats": {
+             "type": "operator", "version": 2, "system_account": sys_acc.public_key.decode()}}, op),
+         "system": sys_acc.public_key.decode()}  # fmt: skip
+    conf, port, http = work / "exports.conf", free_port(), free_port()
+    write_config(conf, m, port, http)
+    size = len(m["preload"][svc.public_key.decode()])  # type: ignore[index]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([nats_server(), "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        while not healthy(http):
+            if proc.poll() is not None or time.perf_counter() - t0 > 120:
+                err = (proc.communicate(timeout=5)[1] or b"").decode(errors="replace").strip().splitlines()
+                return {"services_jwt_bytes": size, "started": False, "error": (err or ["timeout"])[-1][-160:]}
+            time.sleep(0.02)
+        return {"services_jwt_bytes": size, "started": True, "start_s": time.perf_counter() - t0}
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(10)
+
+
 async def main(n: int, n_clients: int) -> dict[str, object]:
     work = Path(tempfile.mkdtemp(prefix="agentmesh-natsmodel-"))
     try:
         return {"tenants": n, "clients": n_clients,
                 "users": await measure("users", n, n_clients, work),
-                "accounts": await measure("accounts", n, n_clients, work)}  # fmt: skip
+                "accounts": await measure("accounts", n, n_clients, work),
+                "accounts_exports_per_tenant": exports_per_tenant(n, work)}  # fmt: skip
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -255,6 +292,9 @@ def report(r: dict[str, object]) -> None:
     print(f"  {'':38} {'users':>14} {'accounts':>14}")
     for label, key, fmt in rows:
         print(f"  {label:38} {fmt.format(u[key]):>14} {fmt.format(a[key]):>14}")  # type: ignore[index]
+    e = r["accounts_exports_per_tenant"]
+    print(f"  accounts with an export per tenant: the services account's JWT is {e['services_jwt_bytes']:,} bytes; "  # type: ignore[index]
+          + (f"the server starts in {e['start_s']:.2f} s" if e["started"] else f"the server does not start: {e['error']}"))  # type: ignore[index]  # fmt: skip
     print(json.dumps({"bench": "nats-model", **r}))
 
 
