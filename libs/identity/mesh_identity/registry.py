@@ -116,7 +116,7 @@ class Directory:
         """Tenants found not registered, and when (monotonic): not read again for ``UNKNOWN_TTL_S``
         (a record written meanwhile reaches the follower's subscription)."""
         self.refused = 0
-        """Records refused (unsigned, forged, older than the one held): a count for the metrics."""
+        """Records refused (unsigned, forged, older than the one held); each is also logged, with why."""
 
     def put(self, tenant: str, data: bytes) -> TenantEntry | None:
         """Hold ``tenant``'s record ``data`` if it is signed and not older than the one held; the
