@@ -4,6 +4,7 @@ registered tenant's client, auditor and data key through it."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 
@@ -83,9 +84,10 @@ def test_an_older_record_does_not_undo_a_newer_one(world):
 
 
 def test_the_bundle_falls_back_to_the_registered_tenants(world):
-    d = Directory(lambda: world["bundle"], 5.0)
-    bundle = TrustBundle.from_json(world["bundle"].dump()).attach(d)
+    bundle = TrustBundle.from_json(world["bundle"].dump())
     verifier = Verifier(bundle)
+    d = verifier.tenants  # every verifier has one, its bundle's lookups falling back to it
+    assert bundle.directory is d
     m = TaskSubmitted(tenant="newco", task_id="t1", goal="hello")
     token = world["client"].token(tenant="newco", msg_type=m.type, body=m.to_bytes())
     with pytest.raises(IdentityError, match="unknown principal"):
@@ -100,6 +102,26 @@ def test_the_bundle_falls_back_to_the_registered_tenants(world):
     with pytest.raises(IdentityError):
         verifier.verify(token, m.to_bytes(), m)
     assert ring.key("newco") is None
+
+
+def test_know_reads_a_tenant_once_and_reattaches_a_replaced_bundle(world):
+    verifier = Verifier(TrustBundle.from_json(world["bundle"].dump()))
+    reads: list[str] = []
+
+    async def reader(tenant: str) -> None:
+        reads.append(tenant)
+        verifier.tenants.put(tenant, signed_record(_record(world), world["admin"]))
+
+    async def main() -> None:
+        verifier.tenants.reader = reader
+        verifier.bundle = TrustBundle.from_json(world["bundle"].dump())  # replaced, not attached
+        await verifier.tenants.know("newco")
+        await verifier.tenants.know("newco")  # held: not read again
+        await verifier.tenants.know("")  # no tenant: nothing to read
+
+    asyncio.run(main())
+    assert reads == ["newco"] and verifier.bundle.directory is verifier.tenants
+    assert verifier.bundle.principals.get("client.newco") is not None
 
 
 def test_a_tenant_found_missing_is_not_read_again_at_once():

@@ -137,7 +137,6 @@ class Mesh:
     @verifier.setter
     def verifier(self, verifier: Verifier) -> None:
         self.trust.verifier = verifier
-        self.trust.tenants.attach(verifier.bundle)
 
     @property
     def lost(self) -> asyncio.Event:

@@ -6,6 +6,7 @@ at runtime is one record of its own in KV ``tenants`` instead (issue 47), so add
 nothing every service must re-read, and a service holds nothing for a tenant it has not met.
 ``TrustBundle.attach`` makes the bundle's lookups (a principal, an auditor's key, a data key) fall
 back to the ``Directory``: every reader of the bundle sees registered tenants without knowing.
+``mesh_kit.trust`` holds one per process; ``mesh_tenancy.registry`` reads and follows the records.
 
 A record is believed only if an operator of the bundle in force signed it (``signed_record``): a
 ``tenant-record`` statement over the digest of everything else in the record. A record older than
@@ -20,7 +21,7 @@ import json
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -115,8 +116,20 @@ class Directory:
         self.absent: OrderedDict[str, float] = OrderedDict()
         """Tenants found not registered, and when (monotonic): not read again for ``UNKNOWN_TTL_S``
         (a record written meanwhile reaches the follower's subscription)."""
+        self.reader: Callable[[str], Awaitable[None]] | None = None
+        """Reads a tenant's record into ``put`` (``know``); None: only what is put is known."""
         self.refused = 0
         """Records refused (unsigned, forged, older than the one held); each is also logged, with why."""
+
+    async def know(self, tenant: str) -> None:
+        """Hold ``tenant``'s record, if it has one, before a message of it is read (its client's key,
+        auditor and data key are then known to every reader of the bundle): ``reader`` reads it
+        once on first meeting (``mesh_tenancy.registry`` installs it; without one, nothing is read)."""
+        bundle = self._bundle()
+        if bundle.directory is not self:  # a bundle set from elsewhere (a test's, a rotation's)
+            bundle.attach(self)
+        if self.reader is not None and tenant and self.should_read(tenant):
+            await self.reader(tenant)
 
     def put(self, tenant: str, data: bytes) -> TenantEntry | None:
         """Hold ``tenant``'s record ``data`` if it is signed and not older than the one held; the
@@ -163,6 +176,21 @@ class Directory:
         """The tenant's record in force here (None: none held)."""
         entry = self.entries.get(tenant)
         return entry.record if entry is not None else None
+
+    def admission(self, tenant: str) -> dict[str, float]:
+        """The tenant's own admission limits ({}: none of its own)."""
+        rec = self.record(tenant)
+        return rec.admission if rec is not None else {}
+
+    def budget(self, tenant: str) -> dict[str, float]:
+        """The tenant's own tenant-day ceilings ({}: none of its own)."""
+        rec = self.record(tenant)
+        return rec.budget if rec is not None else {}
+
+    def quotas(self, tenant: str) -> dict[str, dict[str, float]]:
+        """The tenant's own quotas per stream ({}: none of its own)."""
+        rec = self.record(tenant)
+        return rec.quotas if rec is not None else {}
 
     def principal(self, name: str) -> Principal | None:
         role, _, tenant = name.partition(".")

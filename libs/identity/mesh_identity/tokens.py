@@ -46,6 +46,7 @@ from mesh_identity.keys import (
     facts_digest,
     load_private_key,
 )  # fmt: skip
+from mesh_identity.registry import Directory
 
 
 def _b64(data: bytes) -> bytes:
@@ -181,6 +182,12 @@ class Verifier:
         self._verify_keys: dict[int, tuple[Ed25519PublicKey, VerifyKey]] = {}
         self.fast = True
         """False: every token goes through PyJWT alone (the tests hold the two paths to one verdict)."""
+        self.tenants = bundle.directory or Directory(lambda: self.bundle, leeway_s)
+        """The tenants added at runtime this process has met (``mesh_identity.registry``): the
+        bundle's lookups fall back to it (a bundle that has one keeps it: a verifier made to judge
+        one record or one published bundle must not take the process's away)."""
+        if bundle.directory is None:
+            bundle.attach(self.tenants)
         self._verified: OrderedDict[str, tuple[Principal, dict[str, Any], Ed25519PublicKey]] = OrderedDict()
         """Tokens whose signature this process checked lately, with the key that checked it: the
         same message read twice in one process (the budget's monitor and its usage consumer) is

@@ -19,14 +19,13 @@ from typing import Any, TypeVar
 from nats.aio.msg import Msg
 from opentelemetry import propagate, trace
 
-from mesh_contracts import Contract, ContractError, DecodeLimits, parse_message
+from mesh_contracts import Contract, ContractError, DecodeLimits, parse_message, split_subject
 from mesh_contracts import topology as topo
 from mesh_identity import IdentityError
 from mesh_kit import envelope as env
 from mesh_kit import telemetry as tel
 from mesh_kit.connection import Connection
 from mesh_kit.consume.decode import rejection
-from mesh_kit.consume.verify import tenant_of
 from mesh_kit.delivery import Delivery
 from mesh_kit.throttle import Throttled
 
@@ -61,7 +60,7 @@ class Server:
         async def entry(raw: Msg) -> None:
             headers = dict(raw.headers or {})
             try:
-                await conn.trust.know(tenant_of(raw.subject))  # a tenant added at runtime: read once
+                await conn.trust.verifier.tenants.know(split_subject(raw.subject).tenant)
                 model = parse_message(raw.subject, raw.data, strict=self.settings.strict_contracts, limits=self.limits)
                 sender = await conn.trust.verify_current(
                     lambda: conn.trust.verifier.verify(

@@ -28,10 +28,8 @@ from nats.aio.msg import Msg
 from nats.js.errors import KeyNotFoundError
 
 from mesh_contracts import topology as topo
-from mesh_contracts.base import CLIENT
 from mesh_identity import IdentityError, Signer, TrustBundle, UnknownKey, Verifier, accepted_bundle, load_private_key
 from mesh_kit import telemetry as tel
-from mesh_kit.registry import Registry
 from mesh_kit.settings import ServiceSettings
 from mesh_kit.state import KV, bind
 
@@ -58,9 +56,6 @@ class Trust:
         self._key_file_state = _file_state(settings.signing_key_file) if signer is None else None
         self.signer = signer or Signer.from_file(settings.service, settings.signing_key_file, settings.token_ttl_s)
         self.verifier = verifier or Verifier(TrustBundle.from_file(settings.trust_bundle_file))
-        self.tenants = Registry(lambda: self.verifier.bundle, self.verifier.leeway_s, nc)
-        """The tenants registered at runtime this service has met (``mesh_kit.registry``)."""
-        self.tenants.attach(self.verifier.bundle)
         self._creds_file_state = _file_state(settings.creds_file) if settings.creds_file else None
         self._tasks: list[asyncio.Task[None]] = []
         self._trust_kv: KV | None = None  # the ``trust`` bucket, once followed
@@ -70,12 +65,6 @@ class Trust:
     def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
-
-    async def know(self, tenant: str) -> None:
-        """Hold ``tenant``'s registry record, if it has one, before a message of it is read: its
-        client's key, auditor and data key are then known to every reader of the bundle."""
-        self.tenants.attached()
-        await self.tenants.know(tenant)
 
     async def follow(self) -> None:
         """Keep the trust bundle and this service's signing key current without a restart: the
@@ -98,7 +87,6 @@ class Trust:
             self._tasks.append(asyncio.create_task(self._watch_trust(kv)))
         if self._key_file_state is not None:
             self._tasks.append(asyncio.create_task(self._watch_key()))
-        await self.tenants.follow()
 
     def _accept_bundle(self, document: bytes) -> bool:
         try:
@@ -108,7 +96,7 @@ class Trust:
                 self._count(tel.M_TRUST_REFUSED)
                 log.error("refused a published trust bundle: %s", exc)
             return False
-        self.verifier.bundle = self.tenants.attach(new)
+        self.verifier.bundle = new.attach(self.verifier.tenants)
         self._count(tel.M_TRUST_UPDATED)
         log.info("trust bundle revision %d in force", new.revision)
         self._reload_key()
@@ -135,13 +123,17 @@ class Trust:
                 await asyncio.sleep(pause)
             self._trust_read_at = time.monotonic()
             try:
-                entry = await asyncio.wait_for(self._trust_kv.get(topo.TRUST_KEY), 2.0)
-            except Exception as exc:  # noqa: BLE001 - no bundle published, or the broker is away
+                await self._read_published(self._trust_kv)
+            except Exception as exc:  # noqa: BLE001 - the broker is away
                 log.debug("trust bundle read on an unknown key failed (%s)", exc)
-                return False
-            if entry is not None and entry.value:
-                self._accept_bundle(entry.value)
         return self.verifier.bundle is not before
+
+    async def _read_published(self, kv: KV) -> None:
+        """Read the published bundle (one get) and accept it if it is newer; none published is no error."""
+        with contextlib.suppress(KeyNotFoundError):
+            entry = await asyncio.wait_for(kv.get(topo.TRUST_KEY), 2.0)
+            if entry.value:
+                self._accept_bundle(entry.value)
 
     async def newest_trust(self) -> TrustBundle:
         """The trust bundle as last published, read now (one get), for a decision that must not
@@ -149,12 +141,7 @@ class Trust:
         removed. Without a published bundle (or a ``trust`` bucket) the bundle in force is it; a
         failed read raises, so the decision is retried rather than taken on old trust."""
         if self._trust_kv is not None:
-            try:
-                entry = await asyncio.wait_for(self._trust_kv.get(topo.TRUST_KEY), 2.0)
-            except KeyNotFoundError:
-                entry = None
-            if entry is not None and entry.value:
-                self._accept_bundle(entry.value)
+            await self._read_published(self._trust_kv)
         return self.verifier.bundle
 
     async def verify_current(self, check: Callable[[], V]) -> V:
@@ -164,12 +151,7 @@ class Trust:
         record signed by another service) uses it too."""
         try:
             return check()
-        except UnknownKey as exc:
-            role, _, tenant = exc.name.partition(".")
-            if role == CLIENT and tenant and self.tenants.directory.should_read(tenant):
-                await self.know(tenant)  # a tenant's client added at runtime: its record names its key
-                with contextlib.suppress(UnknownKey):
-                    return check()
+        except UnknownKey:
             if not await self._newer_trust(time.monotonic()):
                 raise
             self._count(tel.M_TRUST_CAUGHT_UP)
@@ -191,11 +173,7 @@ class Trust:
                 try:
                     if sub is None:
                         sub = await self._nc().subscribe(f"$KV.{topo.TRUST_BUCKET}.{topo.TRUST_KEY}", cb=on_write)
-                    entry = await kv.get(topo.TRUST_KEY)
-                    if entry is not None and entry.value:
-                        self._accept_bundle(entry.value)
-                except KeyNotFoundError:
-                    pass
+                    await self._read_published(kv)
                 except Exception as exc:  # noqa: BLE001 - the broker went away (or a reconnect): read again
                     log.debug("trust bundle re-read failed (%s); trying again", exc)
                 await asyncio.sleep(self.settings.identity_refresh_s)

@@ -5,7 +5,7 @@ Adding a tenant mints, in the operator's home, its client's NATS credentials (a 
 account signed by the account's signing key: the broker accepts it as it is, no server change),
 its signing key, its auditor's key and its data key (wrapped by the deployment's), and writes one
 record to KV ``tenants``, signed by the admin. Every service reads that record when it first
-meets the tenant (``mesh_kit.registry``), so nothing else is rewritten and nothing restarts: the
+meets the tenant (``mesh_tenancy.registry``), so nothing else is rewritten and nothing restarts: the
 cost of a tenant does not grow with the number of tenants. Each change is a link of the tenant's
 audit chain (``tenant.added``, ``tenant.suspended``, ``tenant.resumed``, ``tenant.limits-set``,
 ``tenant.removed``), signed by the admin.

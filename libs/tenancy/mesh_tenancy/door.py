@@ -271,9 +271,9 @@ class Door:
         if not ID.match(parts.tenant) or not ID.match(parts.task_id):
             raise DoorRefused("invalid", f"tenant and task ids must match {ID_PATTERN}")
         mesh = self.mesh
-        await mesh.trust.know(parts.tenant)  # a tenant added at runtime: its record, read once
+        await mesh.verifier.tenants.know(parts.tenant)  # a tenant added at runtime: its record, read once
         contract = BY_SUBJECT_KEY.get((parts.domain, parts.major, parts.event))
-        if parts.domain != "control" and mesh.trust.tenants.status(parts.tenant) == "suspended":
+        if parts.domain != "control" and mesh.verifier.tenants.status(parts.tenant) == "suspended":
             # New work only: a suspended tenant may still halt or cancel what it has running.
             raise DoorRefused("suspended", f"tenant {parts.tenant} is suspended: no new work until an operator "
                               "resumes it (meshctl tenant resume)")  # fmt: skip

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from mesh_tenancy.door import Door
 from mesh_tenancy.quota import Quotas, Refusal, limits_from
+from mesh_tenancy.registry import Registry
 
 if TYPE_CHECKING:
     from mesh_host import Mesh
@@ -27,11 +28,14 @@ class Tenancy:
         self.quotas: Quotas | None = None
         """What each tenant made this service store (``mesh_tenancy.quota``): set by ``prepare``."""
         self.door: Door | None = None
+        self.registry = Registry(mesh.trust, lambda: mesh.nc)
+        """The tenants added at runtime (``mesh_tenancy.registry``): their records, read when met."""
         self._flushing: asyncio.Task[None] | None = None
 
     async def prepare(self) -> None:
         mesh, s = self.mesh, self.mesh.settings
-        limits = limits_from(s.quota_share, s.quota_mib_per_min, s.quota_tenants, mesh.trust.tenants.quotas)
+        await self.registry.follow()  # the tenants added at runtime, read as they are met
+        limits = limits_from(s.quota_share, s.quota_mib_per_min, s.quota_tenants, mesh.verifier.tenants.quotas)
         self.quotas = Quotas(lambda: mesh.nc, await mesh.kv("quotas"), mesh.service, limits)
 
     async def open(self) -> None:
@@ -42,6 +46,7 @@ class Tenancy:
         self._flushing = asyncio.create_task(self.quotas.run(), name="quota-flush")
 
     async def close(self) -> None:
+        await self.registry.stop()
         if self.door is not None:
             await self.door.stop()
         if self._flushing is not None:

@@ -51,8 +51,8 @@ class Anchors:
         grew: a chain later cut short, or rewritten, no longer reaches its anchor. Returns how
         many chains were anchored."""
         # The bundle's tenants, and those added at runtime that this budget has met since it started
-        # (``mesh_kit.registry``): a tenant's chain grows with its tasks, which the budget meets.
-        met = set(self.mesh.trust.tenants.directory.entries)
+        # (``mesh_tenancy.registry``): a tenant's chain grows with its tasks, which the budget meets.
+        met = set(self.mesh.verifier.tenants.entries)
         tenants = sorted(
             {p.tenant for p in self.mesh.verifier.bundle.principals.values() if p.tenant} | met | {MESH_WIDE}
         )

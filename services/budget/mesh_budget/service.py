@@ -238,7 +238,7 @@ class Budget:
     def _tenant_limits(self, tenant: str) -> TenantLimits:
         """The settings' ceilings, and over them the tenant's own from its registry record (live)."""
         base = self.tenant_limits.get(tenant) or self.tenant_limits.get("*") or TenantLimits()
-        own = self.mesh.trust.tenants.budget(tenant)
+        own = self.mesh.verifier.tenants.budget(tenant)
         if not own:
             return base
         return base.model_copy(update={k: (int(v) if k == "daily_tokens" else float(v)) for k, v in own.items()

@@ -130,7 +130,7 @@ class Watch:
                 accounts.seen(msg.seq)  # another partition's records
             return  # another partition's tenant: not even parsed
         if len(parts) == 5:
-            await self.mesh.trust.know(parts[2])  # a tenant added at runtime: its client's key, read once
+            await self.mesh.verifier.tenants.know(parts[2])  # a tenant added at runtime: its client's key, read once
         try:
             if stream == topo.ENVELOPES:  # a message's headers: no body to parse, its facts instead
                 contract = contract_for_subject(msg.subject)

@@ -186,7 +186,7 @@ class Admission:
     ) -> None:  # fmt: skip
         self.kv, self.default, self.per_tenant = kv, default, per_tenant or {}
         self.own: Callable[[str], Mapping[str, float]] = lambda _tenant: {}
-        """The tenant's own limits from its registry record (``mesh_kit.registry``), read live: they
+        """The tenant's own limits from its registry record (``mesh_tenancy.registry``), read live: they
         win over ``per_tenant`` (the settings) and the defaults, key by key."""
         self.slots = slots
         self.alone = alone

@@ -122,7 +122,7 @@ class Planner:
             slots=s.run_slots,
             alone=s.run_slots_alone,
         )
-        self.admission.own = self.mesh.trust.tenants.admission  # the tenant's record, live
+        self.admission.own = self.mesh.verifier.tenants.admission  # the tenant's record, live
         await self.admission.follow(self.mesh.nc)
         self.ledger = await ledger.calls(self.mesh)
         streams = [*topo.STREAMS.values(), topo.DLQ_STREAM]

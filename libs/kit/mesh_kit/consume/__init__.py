@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 from opentelemetry import propagate, trace
 
-from mesh_contracts import ContractError, DecodeLimits
+from mesh_contracts import ContractError, DecodeLimits, split_subject
 from mesh_contracts import topology as topo
 from mesh_identity import IdentityError
 from mesh_kit import envelope as env
@@ -73,7 +73,7 @@ class Pipeline:
         try:
             # a verified re-drive is judged (and, if it fails again, recorded) at its original's time
             stored_at, bound_id = verify.redrive(self.trust, raw.subject, raw.data, headers, msg_id, stored_at)
-            await self.trust.know(verify.tenant_of(raw.subject))  # a tenant added at runtime: read once
+            await self.trust.verifier.tenants.know(split_subject(raw.subject).tenant)
             model = decode(raw.subject, raw.data, self.limits, strict=self.settings.strict_contracts)
             sender = await verify.sender(self.trust, model, raw.data, headers, at=stored_at, msg_id=bound_id)
         except (ContractError, IdentityError) as exc:

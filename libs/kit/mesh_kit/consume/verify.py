@@ -11,12 +11,6 @@ from mesh_kit import envelope as env
 from mesh_kit.trust import Trust
 
 
-def tenant_of(subject: str) -> str:
-    """The tenant a subject names (``<domain>.v<major>.<tenant>.<task>.<event>``), or ''."""
-    parts = subject.split(".")
-    return parts[2] if len(parts) == 5 else ""
-
-
 def redrive(
     trust: Trust, subject: str, body: bytes, headers: dict[str, str], msg_id: str, stored_at: float | None
 ) -> tuple[float | None, str]:

@@ -1,4 +1,5 @@
-"""The tenants registered at runtime, as one service meets them (issue 47).
+"""The tenants added at runtime, as one service meets them (issue 47): above the bus, like the
+rest of the tenants' policy; the bus itself only asks and looks up (``Trust.tenants``).
 
 A service reads a tenant's record (KV ``tenants``, ``mesh_contracts.v1.tenants``) the first time a
 message of the tenant reaches it (``know``), holds it while it runs, and follows every later write
@@ -23,9 +24,9 @@ from nats.aio.msg import Msg
 from nats.js.errors import KeyNotFoundError
 
 from mesh_contracts.v1.tenants import TenantRecord
-from mesh_identity import TrustBundle
 from mesh_identity.registry import Directory
 from mesh_kit.state import KV, bind
+from mesh_kit.trust import Trust
 
 log = logging.getLogger("mesh.tenants")
 BUCKET = TenantRecord.bucket
@@ -33,30 +34,27 @@ READ_TIMEOUT_S = 2.0
 
 
 class Registry:
-    """What this service holds of the tenants registered at runtime (``directory``), read when a
-    tenant is first met and kept current."""
+    """Reads and follows the records of the tenants this service meets, into its trust's directory
+    (``Trust.tenants``, whose ``know`` asks for a tenant's record before a message of it is read)."""
 
-    def __init__(self, bundle: Callable[[], TrustBundle], leeway_s: float, nc: Callable[[], Any]) -> None:
-        self.directory = Directory(bundle, leeway_s)
-        self._bundle, self._nc = bundle, nc
+    def __init__(self, trust: Trust, nc: Callable[[], Any]) -> None:
+        self.trust = trust
+        self._nc = nc
         self._kv: KV | None = None
         self._sub: Any = None
         self._reads: dict[str, asyncio.Future[None]] = {}
         self.reads = 0
         """Records read (a tenant met for the first time, or read again after a miss)."""
 
-    def attach(self, bundle: TrustBundle) -> TrustBundle:
-        """``bundle`` with its lookups falling back to the registered tenants held here."""
-        return bundle.attach(self.directory)
-
-    def attached(self) -> None:
-        bundle = self._bundle()
-        if bundle.directory is not self.directory:
-            bundle.attach(self.directory)
+    @property
+    def directory(self) -> Directory:
+        return self.trust.verifier.tenants
 
     async def follow(self) -> None:
         """Bind the bucket and take every write of it as it happens (only those of tenants met
-        are kept). Without the bucket (an older provisioning) the bundle alone stands."""
+        are kept), and read a tenant's record when it is first met (``Directory.know``). Without
+        the bucket (an older provisioning) the bundle alone stands."""
+        self.directory.reader = self.know
         try:
             self._kv = bind(self._nc(), BUCKET)
             self._sub = await self._nc().subscribe(f"$KV.{BUCKET}.>", cb=self._on_write)
@@ -85,10 +83,10 @@ class Registry:
             log.info("tenant %s: record of %.3f in force (%s)", tenant, entry.updated_at, entry.status)
 
     async def know(self, tenant: str) -> None:
-        """Make sure ``tenant``'s record, if it has one, is held here: read it once on first
-        meeting (concurrent callers share the read). A tenant found without a record is not
-        read again while the subscription runs (a later write reaches it there)."""
-        if not tenant or self._kv is None or not self.directory.should_read(tenant):
+        """Read ``tenant``'s record once on first meeting (concurrent callers share the read). A
+        tenant found without a record is not read again while the subscription runs (a later
+        write reaches it there)."""
+        if self._kv is None or not self.directory.should_read(tenant):
             return
         pending = self._reads.get(tenant)
         if pending is None:
@@ -111,22 +109,3 @@ class Registry:
             self.directory.put(tenant, entry.value)
         else:
             self.directory.not_registered(tenant)
-
-    def status(self, tenant: str) -> str:
-        """``active`` or ``suspended`` (a tenant without a record is active)."""
-        return self.directory.status(tenant)
-
-    def admission(self, tenant: str) -> dict[str, float]:
-        """The tenant's own admission limits, from its record ({} when it sets none)."""
-        rec = self.directory.record(tenant)
-        return rec.admission if rec is not None else {}
-
-    def budget(self, tenant: str) -> dict[str, float]:
-        """The tenant's own tenant-day ceilings, from its record ({} when it sets none)."""
-        rec = self.directory.record(tenant)
-        return rec.budget if rec is not None else {}
-
-    def quotas(self, tenant: str) -> dict[str, dict[str, float]]:
-        """The tenant's own quotas per stream, from its record ({} when it sets none)."""
-        rec = self.directory.record(tenant)
-        return rec.quotas if rec is not None else {}
