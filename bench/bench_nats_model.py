@@ -29,7 +29,6 @@ import json
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,26 +37,11 @@ import urllib.request
 from pathlib import Path
 
 import nats
+from bench_soak import rss_mb
 
-from meshctl.identity import creds_text, encode_jwt, new_keypair, user_jwt
+from meshctl.identity import ACCOUNT_LIMITS, creds_text, encode_jwt, new_keypair, user_jwt
+from meshctl.local import free_port
 from meshctl.policy import Permissions, client_permissions
-
-LIMITS = {
-    "subs": -1,
-    "data": -1,
-    "payload": -1,
-    "imports": -1,
-    "exports": -1,
-    "wildcards": True,
-    "conn": -1,
-    "leaf": -1,
-}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def nats_server() -> str:
@@ -69,7 +53,7 @@ def nats_server() -> str:
 
 def account(op: object, kp: object, name: str, nats_claims: dict[str, object]) -> str:
     pub = kp.public_key.decode()  # type: ignore[attr-defined]
-    claims = {"type": "account", "version": 2, "limits": LIMITS, **nats_claims}
+    claims = {"type": "account", "version": 2, "limits": ACCOUNT_LIMITS, **nats_claims}
     return encode_jwt({"sub": pub, "name": name, "nats": claims}, op)  # type: ignore[arg-type]
 
 
@@ -142,13 +126,6 @@ def write_config(path: Path, m: dict[str, object], port: int, http: int) -> int:
     return len(text)
 
 
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
 def healthy(http: int) -> bool:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{http}/healthz", timeout=1) as r:
@@ -211,11 +188,11 @@ async def measure(model: str, n: int, n_clients: int, work: Path) -> dict[str, o
             time.sleep(0.02)
         out["start_s"] = time.perf_counter() - t0
         await asyncio.sleep(1.0)
-        out["rss_idle_mib"] = rss_mib(proc.pid)
+        out["rss_idle_mib"] = rss_mb(proc.pid)
         took, conns, picked = await clients(m, port, n_clients)
         took.sort()
         out["connect_ms_p50"], out["connect_ms_p99"] = took[len(took) // 2] * 1000, took[int(len(took) * 0.99)] * 1000
-        out["rss_connected_mib"] = rss_mib(proc.pid)
+        out["rss_connected_mib"] = rss_mb(proc.pid)
         out["publish_per_s"] = await publish_rate(conns[0], picked[0])
         for c in conns:
             await c.close()  # type: ignore[attr-defined]
@@ -227,7 +204,7 @@ async def measure(model: str, n: int, n_clients: int, work: Path) -> dict[str, o
             await fresh[0].close()  # type: ignore[attr-defined]  # the new tenant connects after the reload
         else:
             out["add_tenant_server_s"] = 0.0  # a user signed by the account's signing key: no server change
-        out["rss_end_mib"] = rss_mib(proc.pid)
+        out["rss_end_mib"] = rss_mb(proc.pid)
     finally:
         proc.terminate()
         proc.wait(10)

@@ -27,6 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_soak import rss_mb
 from bench_task import processes
 
 from mesh_contracts.v1 import TaskCompleted
@@ -36,13 +37,6 @@ from meshctl.registry import Registry
 
 GOAL = "How does AgentMesh avoid duplicate side effects? Also compute 17 * 23."
 ENV = {"MESH_RAG_SEED_TENANTS": "", "MESH_LOG_LEVEL": "WARNING"}  # no tenant has documents: the same work for all
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
 
 
 def pct(values: list[float], q: float) -> float:
@@ -76,7 +70,7 @@ async def up(home: Path) -> tuple[local.MeshState, float]:
 
 
 def memory(state: local.MeshState) -> dict[str, int]:
-    return {name: rss_kib(pid) for name, pid in processes(state).items()}
+    return {name: int(rss_mb(pid) * 1024) for name, pid in processes(state).items()}
 
 
 async def provision(ids: local.Identities, url: str, names: list[str]) -> list[float]:

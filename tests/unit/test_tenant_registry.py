@@ -46,7 +46,7 @@ def _record(w, **kw):
 def test_a_record_the_operator_signed_is_believed(world):
     data = signed_record(_record(world, admission={"max_in_flight": 3}), world["admin"])
     entry = accepted_record(world["bundle"], data, "newco", 5.0)
-    assert entry.status == "active" and entry.record.admission == {"max_in_flight": 3}
+    assert entry.record.status == "active" and entry.record.admission == {"max_in_flight": 3}
     assert entry.client is not None and entry.client.name == "client.newco" and entry.client.tenant == "newco"
     assert entry.auditor == world["auditor"]
 
@@ -77,8 +77,8 @@ def test_an_older_record_does_not_undo_a_newer_one(world):
     d = Directory(lambda: world["bundle"], 5.0)
     active = signed_record(_record(world), world["admin"], now=1000.0)
     suspended = signed_record(_record(world, status="suspended"), world["admin"], now=2000.0)
-    assert d.put("newco", suspended).status == "suspended"
-    assert d.put("newco", active).status == "suspended"  # the replay is refused
+    assert d.put("newco", suspended).record.status == "suspended"
+    assert d.put("newco", active).record.status == "suspended"  # the replay is refused
     assert d.refused == 1 and d.status("newco") == "suspended"
     assert d.status("never-met") == "active"  # no record: nothing to hold it to
 

@@ -12,10 +12,4 @@ class UnknownKey(IdentityError):
     """The token names a principal, or was signed with a key, that this process's trust bundle
     does not hold. Forged, or signed under a bundle published after the one in force here (a
     rotation reaches every process within a second, not at the same instant): the mesh reads the
-    published bundle once and judges again before it refuses the message. ``name``: the principal
-    the token names ('' when unreadable): a tenant's client added at runtime is looked up in the
-    tenant registry."""
-
-    def __init__(self, message: str, name: str = "") -> None:
-        super().__init__(message)
-        self.name = name
+    published bundle once and judges again before it refuses the message."""

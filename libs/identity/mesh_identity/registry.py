@@ -6,7 +6,7 @@ at runtime is one record of its own in KV ``tenants`` instead (issue 47), so add
 nothing every service must re-read, and a service holds nothing for a tenant it has not met.
 ``TrustBundle.attach`` makes the bundle's lookups (a principal, an auditor's key, a data key) fall
 back to the ``Directory``: every reader of the bundle sees registered tenants without knowing.
-``mesh_kit.trust`` holds one per process; ``mesh_tenancy.registry`` reads and follows the records.
+Each ``Verifier`` holds one (``verifier.tenants``); ``mesh_tenancy.registry`` reads and follows the records.
 
 A record is believed only if an operator of the bundle in force signed it (``signed_record``): a
 ``tenant-record`` statement over the digest of everything else in the record. A record older than
@@ -65,13 +65,10 @@ def signed_record(record: TenantRecord, operator: Signer, now: float | None = No
 class TenantEntry:
     """What a service holds of one registered tenant, from its verified record."""
 
-    tenant: str
-    status: str
+    record: TenantRecord = field(repr=False)
     client: Principal | None
     auditor: bytes | None
     data_key: str | None
-    updated_at: float
-    record: TenantRecord = field(repr=False)
 
 
 def accepted_record(bundle: TrustBundle, data: bytes, tenant: str, leeway_s: float) -> TenantEntry:
@@ -101,14 +98,13 @@ def accepted_record(bundle: TrustBundle, data: bytes, tenant: str, leeway_s: flo
         auditor = base64.b64decode(ident.auditor_key) if ident.auditor_key else None  # none once erased
         if auditor is not None and len(auditor) != 32:
             raise IdentityError(f"tenant record of {tenant!r}: the auditor key is not a 32-byte X25519 key")
-    return TenantEntry(tenant, record.status, client, auditor, (ident.data_key or None) if ident else None,
-                       record.updated_at, record)  # fmt: skip
+    return TenantEntry(record, client, auditor, (ident.data_key or None) if ident else None)
 
 
 class Directory:
     """The registered tenants this process has met: each one's record, verified against the bundle
     in force (``bundle``), kept while the tenant is known and replaced as the operator changes it
-    (``put``, ``drop``). It reads nothing itself: ``mesh_kit.trust`` fetches and follows."""
+    (``put``, ``drop``). It reads nothing itself: its ``reader`` (``mesh_tenancy.registry``) does."""
 
     def __init__(self, bundle: Callable[[], TrustBundle], leeway_s: float) -> None:
         self._bundle, self.leeway_s = bundle, leeway_s
@@ -141,9 +137,10 @@ class Directory:
             self.refused += 1
             log.error("refused the registry's record of tenant %s: %s", tenant, exc)
             return held
-        if held is not None and entry.updated_at < held.updated_at:
+        if held is not None and entry.record.updated_at < held.record.updated_at:
             self.refused += 1
-            log.error("refused an older record of tenant %s (%.3f < %.3f)", tenant, entry.updated_at, held.updated_at)
+            log.error("refused an older record of tenant %s (%.3f < %.3f)", tenant, entry.record.updated_at,
+                      held.record.updated_at)  # fmt: skip
             return held
         self.absent.pop(tenant, None)
         self.entries[tenant] = entry
@@ -169,8 +166,8 @@ class Directory:
         return at is None or time.monotonic() - at > UNKNOWN_TTL_S
 
     def status(self, tenant: str) -> str:
-        entry = self.entries.get(tenant)
-        return entry.status if entry is not None else "active"
+        rec = self.record(tenant)
+        return rec.status if rec is not None else "active"
 
     def record(self, tenant: str) -> TenantRecord | None:
         """The tenant's record in force here (None: none held)."""

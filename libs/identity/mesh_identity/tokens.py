@@ -253,7 +253,7 @@ class Verifier:
                 self._verified.popitem(last=False)
             return principal, claims
         why = "forged, or signed with a retired key" if len(keys) < len(principal.keys) else "forged?"
-        raise UnknownKey(f"{what} signature invalid for {name} ({why})", str(name))
+        raise UnknownKey(f"{what} signature invalid for {name} ({why})")
 
     def _decode(
         self, token: str, require: list[str], what: str = "identity token", at: float | None = None
@@ -271,7 +271,7 @@ class Verifier:
         name = header.get("kid")
         principal = self.bundle.principals.get(name) if isinstance(name, str) else None
         if principal is None:
-            raise UnknownKey(f"{what} from unknown principal {name!r}", name if isinstance(name, str) else "")
+            raise UnknownKey(f"{what} from unknown principal {name!r}")
         keys = principal.keys_at(time.time() if at is None else at, self.leeway_s)
         claims: dict[str, Any] | None = None
         for key in keys:
@@ -289,7 +289,7 @@ class Verifier:
                 raise IdentityError(f"{what} invalid: {exc}") from None
         if claims is None:
             why = "forged, or signed with a retired key" if len(keys) < len(principal.keys) else "forged?"
-            raise UnknownKey(f"{what} signature invalid for {name} ({why})", str(name))
+            raise UnknownKey(f"{what} signature invalid for {name} ({why})")
         if claims["iss"] != name:
             raise IdentityError(f"{what} issuer {claims['iss']!r} does not match key id {name!r}")
         return principal, claims

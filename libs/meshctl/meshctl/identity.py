@@ -44,6 +44,10 @@ from meshctl import tls
 from meshctl.policy import Permissions, policy
 
 ACCOUNT = "MESH"
+ACCOUNT_LIMITS: dict[str, object] = {
+    "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1, "wildcards": True, "conn": -1, "leaf": -1,
+}  # fmt: skip
+"""An account JWT's limits: none (what a tenant may do is bounded by its user's permissions and the doors)."""
 
 
 def _b64(b: bytes) -> str:
@@ -168,16 +172,7 @@ def _account_jwts(
 ) -> dict[str, str]:
     """The resolver preload: the SYS account's JWT and the mesh account's (its users signed by
     ``signing``, its revocations kept), both signed by the operator."""
-    base_limits = {
-        "subs": -1,
-        "data": -1,
-        "payload": -1,
-        "imports": -1,
-        "exports": -1,
-        "wildcards": True,
-        "conn": -1,
-        "leaf": -1,
-    }
+    base_limits = ACCOUNT_LIMITS
     return {
         sys_pub: encode_jwt(
             {"sub": sys_pub, "name": "SYS", "nats": {"type": "account", "version": 2, "limits": base_limits}}, op

@@ -31,16 +31,16 @@ from mesh_contracts.v1.audit import TENANT_WIDE
 from mesh_contracts.v1.tenants import TenantIdentity, TenantRecord
 from mesh_durable.chain import AuditChain
 from mesh_identity import (
-    CLOCK_LEEWAY_S,
     Signer,
     TrustBundle,
+    Verifier,
     load_private_key,
     new_signing_key,
     private_pem,
     public_pem,
 )
 from mesh_identity.datakeys import new_data_key, read_key_file, wrap
-from mesh_identity.registry import Directory, signed_record
+from mesh_identity.registry import signed_record
 from meshctl.identity import ACCOUNT, Identities, _load_or_new, creds_text, new_keypair, user_jwt, write_secret
 from meshctl.local import MeshError
 from meshctl.policy import client_permissions
@@ -248,17 +248,15 @@ class Registry:
             _shred(path)
 
 
-async def attach_tenant(nc: NATS, bundle: TrustBundle, tenant: str) -> None:
-    """Make ``bundle`` know ``tenant`` if it was added at runtime (its record, verified, read once):
-    what ``meshctl history``, ``trace`` and ``replay`` judge its client's messages by."""
-    directory = Directory(lambda: bundle, CLOCK_LEEWAY_S)
+async def attach_tenant(nc: NATS, verifier: Verifier, tenant: str) -> None:
+    """Make ``verifier`` know ``tenant`` if it was added at runtime (its record, verified, read
+    once): what ``meshctl history``, ``trace`` and ``replay`` judge its client's messages by."""
     try:
         entry = await (await nc.jetstream().key_value(TenantRecord.bucket)).get(tenant)
     except (KeyNotFoundError, nats.js.errors.BucketNotFoundError):
-        entry = None
-    if entry is not None and entry.value:
-        directory.put(tenant, entry.value)
-    bundle.attach(directory)
+        return
+    if entry.value:
+        verifier.tenants.put(tenant, entry.value)
 
 
 def _shred(path: os.PathLike[str] | str) -> None:

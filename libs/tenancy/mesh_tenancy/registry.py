@@ -1,5 +1,5 @@
 """The tenants added at runtime, as one service meets them (issue 47): above the bus, like the
-rest of the tenants' policy; the bus itself only asks and looks up (``Trust.tenants``).
+rest of the tenants' policy; the bus itself only asks and looks up (``verifier.tenants``).
 
 A service reads a tenant's record (KV ``tenants``, ``mesh_contracts.v1.tenants``) the first time a
 message of the tenant reaches it (``know``), holds it while it runs, and follows every later write
@@ -34,8 +34,8 @@ READ_TIMEOUT_S = 2.0
 
 
 class Registry:
-    """Reads and follows the records of the tenants this service meets, into its trust's directory
-    (``Trust.tenants``, whose ``know`` asks for a tenant's record before a message of it is read)."""
+    """Reads and follows the records of the tenants this service meets, into its verifier's
+    directory (``verifier.tenants``, whose ``know`` asks for a record before a message is read)."""
 
     def __init__(self, trust: Trust, nc: Callable[[], Any]) -> None:
         self.trust = trust
@@ -43,8 +43,6 @@ class Registry:
         self._kv: KV | None = None
         self._sub: Any = None
         self._reads: dict[str, asyncio.Future[None]] = {}
-        self.reads = 0
-        """Records read (a tenant met for the first time, or read again after a miss)."""
 
     @property
     def directory(self) -> Directory:
@@ -80,7 +78,7 @@ class Registry:
         before = d.entries.get(tenant)
         entry = d.put(tenant, msg.data)
         if entry is not None and entry is not before:
-            log.info("tenant %s: record of %.3f in force (%s)", tenant, entry.updated_at, entry.status)
+            log.info("tenant %s: record of %.3f in force (%s)", tenant, entry.record.updated_at, entry.record.status)
 
     async def know(self, tenant: str) -> None:
         """Read ``tenant``'s record once on first meeting (concurrent callers share the read). A
@@ -96,7 +94,6 @@ class Registry:
 
     async def _read(self, tenant: str) -> None:
         assert self._kv is not None
-        self.reads += 1
         try:
             entry = await asyncio.wait_for(self._kv.get(tenant), READ_TIMEOUT_S)
         except KeyNotFoundError:

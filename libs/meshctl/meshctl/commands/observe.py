@@ -181,7 +181,7 @@ def cmd_history(args: argparse.Namespace) -> int:
     async def run() -> int:
         nc = await admin(args)
         try:
-            await attach_tenant(nc, verifier.bundle, args.tenant)  # a tenant added at runtime: its client's key
+            await attach_tenant(nc, verifier, args.tenant)  # a tenant added at runtime: its client's key
             stored = await history.collect(nc, args.tenant, args.task_id, events=not args.no_events)
         finally:
             await nc.close()
@@ -205,7 +205,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     async def stories(*task_ids: str) -> list[rp.Story]:
         nc = await admin(args)
         try:
-            await attach_tenant(nc, verifier.bundle, args.tenant)
+            await attach_tenant(nc, verifier, args.tenant)
             return [await rp.load(nc, args.tenant, t, verifier) for t in task_ids]
         finally:
             await nc.close()
@@ -255,7 +255,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
     async def run() -> int:
         nc = await admin(args)
         try:
-            await attach_tenant(nc, verifier.bundle, args.tenant)
+            await attach_tenant(nc, verifier, args.tenant)
             stored = await history.collect(nc, args.tenant, args.task_id)
         finally:
             await nc.close()

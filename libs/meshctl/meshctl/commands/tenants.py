@@ -63,7 +63,6 @@ def cmd_add(args: argparse.Namespace) -> int:
         limits = {k: v for k, v in parse_limits(args.limit).items() if v is not None}
     except RegistryError as exc:
         args.usage(str(exc))
-        raise
     if not names:
         args.usage("name at least one tenant (or --from-file)")
 
