@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 MESH_HOME ?= .mesh
 PACKAGES := contracts libs/resilience libs/guardrails libs/llm libs/identity libs/kit libs/host libs/tenancy libs/durable libs/agent libs/judge libs/testing libs/meshctl libs/eval \
-	services/planner services/worker services/checker services/rag services/tool-executor services/budget
+	services/planner services/worker services/checker services/rag services/tool-executor services/budget services/edge
 DEV_TOOLS := pytest pytest-asyncio pytest-timeout hypothesis ruff mypy "testcontainers[nats,redis]" PyYAML docker
 GOAL ?= How does AgentMesh avoid duplicate side effects? Also compute 17 * 23.
 EVAL_ARGS ?=

@@ -16,7 +16,7 @@ from mesh_contracts.base import (
     ContractSpec,
 )
 from mesh_contracts.decode import DecodeLimits
-from mesh_contracts.registry import contract_for_subject, parse_message, split_subject
+from mesh_contracts.registry import contract_for_subject, parse_message, schema_named, split_subject
 
 __all__ = [
     "ADMIN",
@@ -31,5 +31,6 @@ __all__ = [
     "DecodeLimits",
     "contract_for_subject",
     "parse_message",
+    "schema_named",
     "split_subject",
 ]

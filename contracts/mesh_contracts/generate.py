@@ -37,6 +37,58 @@ from mesh_contracts.v1.workflow import WorkflowDefinition
 ROOT = Path(__file__).resolve().parent.parent  # the contracts/ folder
 SCHEMAS = ROOT / "schemas"
 ASYNCAPI = ROOT / "asyncapi.yaml"
+VOCABULARY = SCHEMAS / "mesh-vocabulary.json"
+DRAFT = "https://json-schema.org/draft/2020-12/schema"
+VOCABULARY_ID = "agentmesh://contracts/meta/mesh-vocabulary"
+
+ANNOTATIONS: dict[str, tuple[dict[str, Any], str]] = {
+    "x-producers": ({"type": "array", "items": {"type": "string"}}, "Services (principals) that publish the message."),
+    "x-consumers": (
+        {"type": "array", "items": {"type": "string"}},
+        "Services that consume it; `client` is a tenant's own application.",
+    ),
+    "x-transport": (
+        {"enum": ["stream", "core", "reply", "request"]},
+        "`stream`: stored in a JetStream stream; `core`: core NATS, never stored; `reply`: a core request's "
+        "answer; `request`: a core request (AsyncAPI only).",
+    ),
+    "x-subject": ({"type": "string"}, "The subject it travels on, `{tenant}` and `{task}` filled in."),
+    "x-door": (
+        {
+            "type": "object",
+            "properties": {"subject": {"type": "string"}, "keeper": {"type": "string"}},
+            "required": ["subject", "keeper"],
+            "additionalProperties": False,
+        },
+        "Where a tenant hands it in (a core request; the keeper stores it under the tenant's quota).",
+    ),
+    "x-bucket": ({"type": "string"}, "The key-value bucket a record lives in."),
+    "x-key": ({"type": "string"}, "The record's key in its bucket."),
+    "x-writer": ({"type": "string"}, "Who writes the record."),
+    "x-readers": ({"type": "array", "items": {"type": "string"}}, "Who may read it."),
+}
+"""The annotation keywords the contracts carry beside JSON Schema's own: what a validator needs
+to know to accept them (Ajv's strict mode refuses an unknown keyword), and what they mean."""
+
+
+def vocabulary() -> dict[str, Any]:
+    """A meta-schema declaring the contracts' ``x-*`` keywords as an optional vocabulary
+    (``$vocabulary`` false: a validator that does not know it may ignore them, as annotations).
+    Ajv: ``ajv.addVocabulary(Object.keys(meta.properties))``; Python's jsonschema needs nothing."""
+    vocab = {f"https://json-schema.org/draft/2020-12/vocab/{v}": True for v in
+             ("core", "applicator", "unevaluated", "validation", "meta-data", "format-annotation", "content")}  # fmt: skip
+    return {
+        "$schema": DRAFT,
+        "$id": VOCABULARY_ID,
+        "$vocabulary": {**vocab, "agentmesh://contracts/vocab/annotations": False},
+        "$dynamicAnchor": "meta",
+        "title": "AgentMesh contract annotations",
+        "description": "JSON Schema 2020-12 plus the annotation keywords of AgentMesh's contracts. Every schema "
+        "under schemas/ validates against this meta-schema. Generated from mesh_contracts; do not edit.",
+        "allOf": [{"$ref": DRAFT}],
+        "properties": {k: {**shape, "description": why} for k, (shape, why) in ANNOTATIONS.items()},
+    }
+
 
 HEADERS_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -69,7 +121,7 @@ def schemas() -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for major, contracts in VERSIONS.items():
         for c in contracts:
-            s = c.model_json_schema()
+            s = {"$schema": DRAFT, **c.model_json_schema()}
             s["$id"] = f"agentmesh://contracts/{c.schema_id()}"
             s["x-producers"] = list(c.spec.producers)
             s["x-consumers"] = list(c.spec.consumers)
@@ -81,7 +133,7 @@ def schemas() -> dict[str, dict[str, Any]]:
     buckets = {b.name: b for b in BUCKETS}
     records: tuple[type[Record], ...] = (*RECORDS, TenantRecord)
     for r in records:  # key-value records other services read: contracts too
-        s = r.model_json_schema()
+        s = {"$schema": DRAFT, **r.model_json_schema()}
         s["$id"] = f"agentmesh://contracts/{r.schema_id()}"
         s["x-bucket"] = r.bucket
         s["x-key"] = r.key_format
@@ -92,7 +144,7 @@ def schemas() -> dict[str, dict[str, Any]]:
     # What a tenant writes, not what travels: a workflow definition (YAML or JSON), checked by
     # any JSON Schema validator (no x- keywords: Ajv's strict mode accepts it as it is).
     wf = WorkflowDefinition.model_json_schema()
-    wf = {"$schema": "https://json-schema.org/draft/2020-12/schema",
+    wf = {"$schema": DRAFT,
           "$id": f"agentmesh://contracts/workflow.definition/v{WORKFLOW_SCHEMA_VERSION}", **wf}  # fmt: skip
     out["v1/workflow.definition.json"] = wf
     return out
@@ -225,6 +277,7 @@ def _dump_json(obj: Any) -> str:
 
 def rendered() -> dict[Path, str]:
     files = {SCHEMAS / rel: _dump_json(s) for rel, s in schemas().items()}
+    files[VOCABULARY] = _dump_json(vocabulary())
     files[ASYNCAPI] = yaml.safe_dump(asyncapi(), sort_keys=False, width=100)
     return files
 

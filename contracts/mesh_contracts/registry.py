@@ -56,11 +56,26 @@ def contract_for_subject(subject: str) -> type[Contract]:
     return cls
 
 
+def schema_named(expected: str, header: str) -> None:
+    """``ContractError`` unless a message's ``Mesh-Schema`` header is ``expected`` (it names the
+    contract and its version; a client that sends none, or another, is told which it must be)."""
+    if header != expected:
+        raise ContractError(f"header Mesh-Schema is {header!r}, this message is a {expected}" if header
+                            else f"header Mesh-Schema is missing: this message is a {expected}")  # fmt: skip
+
+
 def parse_message(
-    subject: str, data: bytes, *, strict: bool = False, limits: DecodeLimits = DEFAULT_LIMITS
+    subject: str, data: bytes, *, strict: bool = False, limits: DecodeLimits = DEFAULT_LIMITS, schema: str | None = None
 ) -> Contract:
-    """Decode a message body by its subject (bounded) and check the body agrees with the subject."""
+    """Decode a message body by its subject (bounded) and check the body agrees with the subject;
+    given ``schema`` (its ``Mesh-Schema`` header, '' when it has none), that it names the contract
+    the subject carries, version included: a message that says it is something else is refused
+    before its body is read."""
     cls = contract_for_subject(subject)
+    if schema is not None and schema != cls.schema_id():
+        raise ContractError(
+            f"header Mesh-Schema is {schema or 'missing'!r}: a message on {subject} is a {cls.schema_id()}"
+        )
     model = cls.parse(data, strict=strict, limits=limits)
     parts = split_subject(subject)
     if (model.tenant, model.task_id) != (parts.tenant, parts.task_id):

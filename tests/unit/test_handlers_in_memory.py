@@ -183,3 +183,37 @@ async def test_contract_violation_is_dead_lettered_with_a_readable_reason(keys):
         await bus.publish(b'{"type": "tool.requested", "tenant": "acme"}', "tool.v1.acme.t1.requested")
     reason = dlq[0][1][env.DLQ_REASON]
     assert reason.startswith("contract: invalid tool.requested:") and "task_id: Field required" in reason
+
+
+@pytest.mark.parametrize(
+    ("schema", "says"),
+    [
+        (None, "header Mesh-Schema is missing: this message is a tool.requested/v1"),
+        ("tool.requested/v2", "header Mesh-Schema is 'tool.requested/v2', this message is a tool.requested/v1"),
+        ("plan.created/v1", "header Mesh-Schema is 'plan.created/v1', this message is a tool.requested/v1"),
+    ],
+)
+async def test_a_message_whose_mesh_schema_header_names_another_contract_is_dead_lettered(keys, schema, says):
+    """Signed by its rightful producer and valid as a body, but its ``Mesh-Schema`` header is
+    missing or names another contract or version: a client reading the header would take it for
+    something else, so it is not handled; the dead letter says what it had to be."""
+    from mesh_tool_executor.service import ToolExecutor
+
+    mesh = _mesh(keys, "tool-executor")
+    ToolExecutor(mesh).register()
+    bus = InMemoryBus(mesh)
+    results = bus.capture("tool.v1.*.*.completed")
+    dlq = bus.capture("dlq.>")
+    req = ToolRequested(
+        tenant="acme", task_id="t1", step_id="s2", call_id="c1", tool="calculator", arguments={"expression": "2+2"}
+    )
+    headers = _headers(keys.signer("worker"), req)
+    if schema is None:
+        del headers[env.SCHEMA]
+    else:
+        headers[env.SCHEMA] = schema
+    async with bus:
+        await bus.publish(req.to_bytes(), req.subject(), headers=headers)
+    assert results == []
+    ((_, dead_headers),) = dlq
+    assert dead_headers[env.DLQ_KIND] == "rejected" and dead_headers[env.DLQ_REASON] == f"contract: {says}"

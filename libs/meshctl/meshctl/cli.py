@@ -18,8 +18,8 @@ import nats
 
 from mesh_contracts.sealing import SealError
 from mesh_tenancy.door import DoorRefused
+from meshctl import edge, release, review, workflow
 from meshctl import options as opt
-from meshctl import release, review, workflow
 from meshctl.commands import approvals, backups, mesh, observe, operate, tasks, tenants
 from meshctl.identity import Identities
 from meshctl.local import MeshError
@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     workflow.register(sub)
     release.register(sub)
     review.register(sub)
+    edge.register(sub)
     for command in entry_points(group="meshctl.commands"):  # e.g. `eval`, from the mesh-eval package
         command.load()(sub)
     return p

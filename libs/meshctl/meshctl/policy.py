@@ -12,11 +12,12 @@ from dataclasses import dataclass, field
 from mesh_contracts import APPROVER, AUTHOR, CLIENT, SERVICES, Contract, lifecycle
 from mesh_contracts import topology as topo
 from mesh_contracts.registry import VERSIONS
-from mesh_contracts.v1 import AuditRecorded
+from mesh_contracts.v1 import AuditRecorded, ControlCancel, TaskSubmitted, TokenDelta
 from mesh_kit.settings import inbox_prefix
 
 ADMIN = "admin"
 KEEPER = "keeper"
+EDGE = "edge"
 
 
 @dataclass
@@ -210,6 +211,25 @@ def client_permissions(tenant: str) -> Permissions:
     return p
 
 
+def edge_permissions() -> Permissions:
+    """The edge (``services/edge``, the HTTP gateway): what a tenant's client needs to submit,
+    cancel and follow a task, for every tenant (it speaks for the tenants whose client keys it
+    holds; the door checks each message's token, so a tenant it holds no key of gets nothing in
+    through it), and reading a task's stored events in order (direct gets by subject, on the bare
+    API subject: a browser that reconnects resumes where it was)."""
+    p = Permissions(EDGE, role=EDGE)
+    p.add_sub(f"{inbox_prefix(EDGE)}.>")
+    p.add_pub(
+        topo.door_subject(f"{TaskSubmitted.spec.domain}.v1.*.*.{TaskSubmitted.spec.event}"),
+        topo.door_subject(f"{ControlCancel.spec.domain}.v1.*.*.{ControlCancel.spec.event}"),
+    )
+    for domain in ("task", "event"):
+        p.add_pub(f"$JS.API.DIRECT.GET.{topo.STREAMS[domain]}", f"$JS.API.DIRECT.GET.{topo.STREAMS[domain]}.>")
+        p.add_sub(f"{domain}.*.*.>")
+    p.add_sub(f"{TokenDelta.spec.domain}.*.*.>")
+    return p
+
+
 def approver_permissions() -> Permissions:
     p = Permissions(APPROVER, role=APPROVER)
     p.add_sub(f"{inbox_prefix(APPROVER)}.>")
@@ -254,5 +274,6 @@ def policy(tenants: list[str]) -> dict[str, Permissions]:
     out.update({f"{CLIENT}.{t}": client_permissions(t) for t in tenants})
     out[APPROVER] = approver_permissions()
     out[KEEPER] = keeper_permissions()
+    out[EDGE] = edge_permissions()
     out[ADMIN] = admin_permissions()
     return out

@@ -5,7 +5,7 @@ operator's signed statement says."""
 
 from __future__ import annotations
 
-from mesh_contracts import Contract
+from mesh_contracts import Contract, schema_named
 from mesh_identity import IdentityError, Principal
 from mesh_kit import envelope as env
 from mesh_kit.trust import Trust
@@ -34,9 +34,11 @@ async def sender(
     trust: Trust, model: Contract, body: bytes, headers: dict[str, str], *, at: float | None, msg_id: str
 ) -> Principal:
     """Who sent it, or ``IdentityError``: the token (and the budget facts it vouches for) judged
-    at ``at`` under ``msg_id``."""
-    return await trust.verify_current(
+    at ``at`` under ``msg_id``; then ``ContractError`` unless its ``Mesh-Schema`` names what it is."""
+    who = await trust.verify_current(
         lambda: trust.verifier.verify_with_facts(
             headers.get(env.IDENTITY), body, model, headers.get(env.FACTS), at=at, msg_id=msg_id
         )
     )
+    schema_named(model.schema_id(), headers.get(env.SCHEMA, ""))
+    return who

@@ -1,0 +1,138 @@
+"""``meshctl edge``: the HTTP gateway (``services/edge``) on a local mesh, and the development
+identity provider that signs its users in.
+
+    meshctl edge start                             # beside `meshctl up`; `meshctl down` stops it
+    meshctl edge token --tenant demo --user alice  # a user token (JWT) from the home's dev issuer
+    meshctl edge url --tenant demo --user alice    # the example web app, signed in
+
+In production the edge trusts the organisation's OIDC provider (``MESH_EDGE_JWKS_URL``); here the
+home holds a development issuer key (``secrets/keys/edge-issuer.pem``) so a person can be signed
+in without one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from pathlib import Path
+
+import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from meshctl import options as opt
+from meshctl.commands.common import nats_url
+from meshctl.identity import Identities, write_secret
+from meshctl.local import MeshError, MeshState, free_port, spawn, wait_until
+
+DEV_ISSUER = "agentmesh-dev"
+AUDIENCE = "agentmesh-edge"
+WEB_APP = Path(__file__).resolve().parents[3] / "examples" / "web"
+"""The example web app, served at ``/`` by a local edge (in a source checkout)."""
+
+
+def issuer_key(ids: Identities) -> Ed25519PrivateKey:
+    """The home's development issuer key (made on first use), its public half beside it."""
+    path = ids.secrets / "keys" / "edge-issuer.pem"
+    if not path.exists():
+        key = Ed25519PrivateKey.generate()
+        pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())  # fmt: skip
+        write_secret(path, pem)
+        public = key.public_key().public_bytes(serialization.Encoding.PEM,
+                                               serialization.PublicFormat.SubjectPublicKeyInfo)  # fmt: skip
+        path.with_name("edge-issuer.pub.pem").write_bytes(public)
+    loaded = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    assert isinstance(loaded, Ed25519PrivateKey)
+    return loaded
+
+
+def user_token(ids: Identities, tenant: str, user: str, ttl_s: float = 3600.0) -> str:
+    """A user token as an OIDC provider would issue it: ``sub`` the person, ``tenant`` theirs."""
+    now = int(time.time())
+    claims = {"iss": DEV_ISSUER, "aud": AUDIENCE, "sub": user, "tenant": tenant, "iat": now, "exp": now + int(ttl_s)}
+    return jwt.encode(claims, issuer_key(ids), algorithm="EdDSA")
+
+
+def edge_env(ids: Identities, url: str, port: int, static: Path | None) -> dict[str, str]:
+    import os
+
+    issuer_key(ids)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
+    env.update({
+        "MESH_NATS_URL": url, "MESH_CREDS_FILE": str(ids.creds("edge")),
+        "MESH_TRUST_BUNDLE_FILE": str(ids.trust_bundle), "MESH_EDGE_KEYS_DIR": str(ids.secrets / "keys"),
+        "MESH_EDGE_PORT": str(port), "MESH_EDGE_ISSUER": DEV_ISSUER, "MESH_EDGE_AUDIENCE": AUDIENCE,
+        "MESH_EDGE_ISSUER_KEYS_FILE": str(ids.secrets / "keys" / "edge-issuer.pub.pem"), "PYTHONUNBUFFERED": "1",
+    })  # fmt: skip
+    if ids.tls_ca.exists():
+        env["MESH_TLS_CA_FILE"] = str(ids.tls_ca)
+    if static is not None:
+        env["MESH_EDGE_STATIC_DIR"] = str(static)
+    return env
+
+
+async def _ready(port: int) -> bool:
+    import httpx
+
+    async with httpx.AsyncClient(timeout=1.0) as http:
+        return (await http.get(f"http://127.0.0.1:{port}/readyz")).status_code == 200
+
+
+def start(home: Path, url: str, port: int = 0, static: Path | None = WEB_APP) -> int:
+    """Start the edge beside the local mesh of ``home`` (recorded with its services, so
+    ``meshctl down`` stops it); returns its port."""
+    ids = Identities(home)
+    state = MeshState.load(home)
+    if state is None:
+        raise MeshError(f"no mesh runs from {home} (meshctl up first)")
+    if not ids.creds("edge").exists():
+        raise MeshError(f"{home} has no edge identity (a home minted before the edge: meshctl init --force)")
+    old = state.services.get("edge")
+    if old is not None and old.alive():
+        return old.http_port
+    port = port or free_port()
+    static = static if static is not None and static.is_dir() else None
+    proc = spawn("edge", [sys.executable, "-m", "mesh_edge"], ids.home / "logs" / "edge.log",
+                 edge_env(ids, url, port, static), http_port=port)  # fmt: skip
+    proc.service = "edge"
+    state.services["edge"] = proc
+    state.save()
+    asyncio.run(wait_until(lambda: _ready(port), "edge", 30.0, proc))
+    return port
+
+
+def cmd_edge(args: argparse.Namespace) -> int:
+    home = opt.home(args)
+    ids = Identities(home)
+    if args.action == "start":
+        port = start(home, nats_url(args, home), args.port)
+        print(f"edge on http://127.0.0.1:{port}/ (meshctl edge url --tenant <t> --user <name> signs a person in)")
+        return 0
+    state = MeshState.load(home)
+    edge = state.services.get("edge") if state else None
+    token = user_token(ids, args.tenant, args.user, args.ttl)
+    if args.action == "token":
+        print(token)
+    elif edge is None:
+        raise MeshError("the edge is not running (meshctl edge start)")
+    else:
+        print(f"http://127.0.0.1:{edge.http_port}/#token={token}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction[opt.Parser]) -> None:
+    s = sub.add_parser("edge", help="the HTTP gateway for browsers: start it, sign a person in")
+    esub = s.add_subparsers(dest="action", required=True, parser_class=opt.Parser)
+    a = esub.add_parser("start", help="start the edge beside `meshctl up` (serves the example web app at /)")
+    a.add_argument("--port", type=opt.port, default=0, help="port (default: a free one)")
+    a.add_argument("--nats-url", default=None)
+    for action, why in (("token", "print a user token (JWT) from the home's development issuer"),
+                        ("url", "print the example web app's URL, signed in as the user")):  # fmt: skip
+        a = esub.add_parser(action, help=why)
+        a.add_argument("--tenant", type=opt.tenant, required=True)
+        a.add_argument("--user", required=True, help="the person (the token's sub)")
+        a.add_argument("--ttl", type=opt.positive, default=3600.0, help="seconds the token is valid (default 3600)")
+    s.set_defaults(fn=cmd_edge)

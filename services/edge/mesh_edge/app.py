@@ -1,0 +1,216 @@
+"""The edge's HTTP API (``/v1``) and, when configured, the example web app at ``/``.
+
+    POST /v1/tasks                    {"goal": "...", "task_id"?, "priority"?, "labels"?}  -> 202
+    GET  /v1/tasks/{task_id}/events   text/event-stream: progress, token, outcome (resume: Last-Event-ID)
+    GET  /v1/tasks/{task_id}          {"task_id", "state", "outcome"}
+    POST /v1/tasks/{task_id}/cancel   {"reason"?}                                          -> 202
+
+Every call carries ``Authorization: Bearer <user token>``; errors are ``{"error": code,
+"message": one line}`` with the HTTP status saying which kind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import re
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from nats.aio.client import Client as NATS
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from mesh_contracts.v1 import TaskRejected
+from mesh_edge.errors import EdgeError
+from mesh_edge.follow import Follow
+from mesh_edge.settings import EdgeSettings
+from mesh_edge.tenants import Tenants
+from mesh_edge.users import Forbidden, Unauthorized, User, Users
+from mesh_tenancy.door import DoorRefused
+from meshctl.client import TenantClient
+
+log = logging.getLogger("mesh.edge")
+
+TASK_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+STATUS = {"too_many_in_flight": 429, "rate_limited": 429, "quota_exceeded": 429, "busy": 429,
+          "overloaded": 503, "unavailable": 503, "suspended": 403, "invalid": 400}  # fmt: skip
+
+
+class BadRequest(EdgeError):
+    """HTTP 400."""
+
+
+def _error(status: int, code: str, message: str, **extra: Any) -> JSONResponse:
+    return JSONResponse({"error": code, "message": message, **extra}, status_code=status)
+
+
+Handler = Callable[[Request, User, TenantClient], Awaitable[Response]]
+
+
+class Edge:
+    def __init__(self, settings: EdgeSettings, nc: NATS, users: Users) -> None:
+        self.settings, self.nc, self.users = settings, nc, users
+        self.tenants = Tenants(settings, nc)
+
+    def guarded(self, handler: Handler) -> Callable[[Request], Awaitable[Response]]:
+        """``handler`` for a verified user of a tenant this edge serves; every refusal in one line."""
+
+        async def endpoint(request: Request) -> Response:
+            try:
+                user = self.users.verify(request.headers.get("authorization"))
+                client = self.tenants.client(user.tenant)
+                task_id = request.path_params.get("task_id")
+                if task_id is not None and not TASK_ID.match(task_id):
+                    raise BadRequest("a task id is 1-64 letters, digits, '-' or '_'")
+                return await handler(request, user, client)
+            except Unauthorized as exc:
+                return _error(401, "unauthorized", str(exc))
+            except Forbidden as exc:
+                return _error(403, "forbidden", str(exc))
+            except BadRequest as exc:
+                return _error(400, "invalid", str(exc))
+            except DoorRefused as exc:
+                return _error(STATUS.get(exc.code, 400), exc.code, str(exc), retry_after_s=exc.retry_after_s)
+
+        return endpoint
+
+    async def _body(self, request: Request) -> dict[str, Any]:
+        raw = await request.body()
+        if len(raw) > 4 * self.settings.max_goal_chars + 16_384:
+            raise BadRequest("request body too large")
+        try:
+            body = json.loads(raw or b"{}")
+        except ValueError:
+            raise BadRequest("the body is not JSON") from None
+        if not isinstance(body, dict):
+            raise BadRequest("the body is a JSON object")
+        return body
+
+    async def submit(self, request: Request, user: User, client: TenantClient) -> Response:
+        body = await self._body(request)
+        goal = body.get("goal")
+        if not isinstance(goal, str) or not goal.strip():
+            raise BadRequest('"goal" is required: the task, in words')
+        if len(goal) > self.settings.max_goal_chars:
+            raise BadRequest(f'"goal" is longer than {self.settings.max_goal_chars} characters')
+        priority = body.get("priority", 5)
+        if not isinstance(priority, int) or not 0 <= priority <= 9:
+            raise BadRequest('"priority" is 0-9')
+        labels = body.get("labels") or {}
+        if not isinstance(labels, dict) or not all(isinstance(v, str) for v in labels.values()):
+            raise BadRequest('"labels" is an object of strings')
+        task_id = body.get("task_id") or self._task_id(user, request.headers.get("idempotency-key"))
+        if not isinstance(task_id, str) or not TASK_ID.match(task_id):
+            raise BadRequest("a task id is 1-64 letters, digits, '-' or '_'")
+        followed = await client.submit(
+            goal, task_id=task_id, priority=priority, labels={**labels, "user": user.subject}, follow=False
+        )
+        refused = followed.outcome
+        if isinstance(refused, TaskRejected):
+            status = STATUS.get(refused.code, 400)
+            return _error(status, refused.code, refused.reason, retry_after_s=refused.retry_after_s, task_id=task_id)
+        return JSONResponse(
+            {"task_id": task_id, "tenant": user.tenant, "events": f"/v1/tasks/{task_id}/events"}, status_code=202
+        )
+
+    @staticmethod
+    def _task_id(user: User, key: str | None) -> str:
+        """The same ``Idempotency-Key`` from the same person is the same task (a retry is stored once)."""
+        if not key:
+            return f"w-{uuid.uuid4().hex[:16]}"
+        return "w-" + hashlib.sha256(f"{user.tenant}\0{user.subject}\0{key}".encode()).hexdigest()[:16]
+
+    async def events(self, request: Request, user: User, client: TenantClient) -> Response:
+        after = request.headers.get("last-event-id") or request.query_params.get("after", "")
+        follow = Follow(client, request.path_params["task_id"], after)
+        await follow.start()  # subscribed before the answer's headers: a submission after them misses nothing
+        return StreamingResponse(
+            self._sse(follow, request), media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )  # fmt: skip
+
+    async def _sse(self, follow: Follow, request: Request) -> AsyncIterator[bytes]:
+        yield b"retry: 1000\n\n"
+        events = follow.events()
+        deadline = asyncio.get_running_loop().time() + self.settings.follow_timeout_s
+        pending: asyncio.Task[Any] | None = None
+        try:
+            while True:
+                left = deadline - asyncio.get_running_loop().time()
+                if left <= 0:
+                    return
+                pending = pending or asyncio.ensure_future(anext(events))
+                done, _ = await asyncio.wait({pending}, timeout=min(self.settings.keepalive_s, left))
+                if not done:
+                    if await request.is_disconnected():
+                        return
+                    yield b": keepalive\n\n"
+                    continue
+                pending, event = None, done.pop().result()
+                head = f"id: {event.id}\n" if event.id else ""
+                yield f"{head}event: {event.kind}\ndata: {json.dumps(event.data, ensure_ascii=False)}\n\n".encode()
+                if event.last:
+                    return
+        except StopAsyncIteration:
+            return
+        finally:
+            if pending is not None:
+                pending.cancel()
+            with contextlib.suppress(Exception):
+                await events.aclose()
+            await follow.close()
+
+    async def status(self, request: Request, user: User, client: TenantClient) -> Response:
+        task_id = request.path_params["task_id"]
+        stored = await client._stored_outcome(task_id)
+        if stored is None:
+            return JSONResponse({"task_id": task_id, "state": "unknown or running", "outcome": None})
+        follow = Follow(client, task_id)
+        event = follow._believed(*stored)
+        if event is None:
+            return _error(502, "unverified", "the stored outcome did not verify against the trust bundle")
+        return JSONResponse({"task_id": task_id, "state": event.data["type"], "outcome": event.data})
+
+    async def cancel(self, request: Request, user: User, client: TenantClient) -> Response:
+        body = await self._body(request)
+        reason = str(body.get("reason") or f"cancelled by {user.subject}")[:500]
+        task_id = request.path_params["task_id"]
+        ended = await client.control("cancel", task_id, reason, timeout=5.0)
+        state = ended.type if ended is not None else "cancel requested"
+        return JSONResponse({"task_id": task_id, "state": state}, status_code=202)
+
+    async def healthz(self, request: Request) -> Response:
+        return JSONResponse({"ok": True})
+
+    async def readyz(self, request: Request) -> Response:
+        ok = self.nc.is_connected
+        return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
+
+    def app(self) -> Starlette:
+        routes: list[Route | Mount] = [
+            Route("/healthz", self.healthz),
+            Route("/readyz", self.readyz),
+            Route("/v1/tasks", self.guarded(self.submit), methods=["POST"]),
+            Route("/v1/tasks/{task_id}", self.guarded(self.status), methods=["GET"]),
+            Route("/v1/tasks/{task_id}/events", self.guarded(self.events), methods=["GET"]),
+            Route("/v1/tasks/{task_id}/cancel", self.guarded(self.cancel), methods=["POST"]),
+        ]
+        if self.settings.static_dir is not None:
+            routes.append(Mount("/", StaticFiles(directory=self.settings.static_dir, html=True)))
+        middleware = []
+        if self.settings.cors_origins:
+            middleware.append(Middleware(
+                CORSMiddleware, allow_origins=self.settings.cors_origins, allow_methods=["GET", "POST"],
+                allow_headers=["authorization", "content-type", "idempotency-key", "last-event-id"],
+            ))  # fmt: skip
+        return Starlette(routes=routes, middleware=middleware)

@@ -1,0 +1,267 @@
+"""The edge (``services/edge``): a person signed in with a JWT submits, follows, resumes and
+cancels a task over real HTTP, through a real mesh, as their tenant; what they cannot do is
+refused with a status and one line. The edge runs as its own process with its own NATS identity."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jwt
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from mesh_kit import envelope as env
+from mesh_testing.chaos import ChaosMesh, started
+from mesh_testing.infra import Infra, running_infra
+from meshctl import local
+from meshctl.edge import AUDIENCE, DEV_ISSUER, edge_env, user_token
+
+pytestmark = pytest.mark.timeout(300)
+
+GOAL = "How does AgentMesh avoid duplicate side effects? Also compute 17 * 23."
+
+
+@pytest.fixture(scope="module")
+def infra() -> Iterator[Infra]:
+    with running_infra(["acme", "beta"], name="edge") as infra:
+        yield infra
+
+
+@pytest.fixture(scope="module")
+def mesh(infra: Infra, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChaosMesh]:
+    config = tmp_path_factory.mktemp("models") / "models.json"
+    config.write_text(json.dumps({  # each model call takes 150 ms: a task runs long enough to cancel or resume
+        "providers": {"slow": {"kind": "scripted", "latency_ms": 150}},
+        "models": {"m": {"provider": "slow", "id": "scripted-1"}},
+        "routes": {"default": ["m"]},
+    }))  # fmt: skip
+    with started(infra, {"MESH_MODEL_CONFIG": str(config), "MESH_LOG_LEVEL": "WARNING"}) as mesh:
+        yield mesh
+
+
+@pytest.fixture(scope="module")
+def edge(infra: Infra, mesh: ChaosMesh) -> Iterator[str]:
+    port = local.free_port()
+    proc = local.spawn("edge", [sys.executable, "-m", "mesh_edge"], infra.home / "logs" / "edge.log",
+                       edge_env(infra.ids, infra.nats_url, port, None), http_port=port)  # fmt: skip
+
+    async def ready() -> bool:
+        async with httpx.AsyncClient(timeout=1.0) as http:
+            return (await http.get(f"http://127.0.0.1:{port}/readyz")).status_code == 200
+
+    asyncio.run(local.wait_until(ready, "edge", 30.0, proc))
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        local.stop([[proc]], 10.0)
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {token}"}
+
+
+async def sse(http: httpx.AsyncClient, url: str, headers: dict[str, str]) -> AsyncIterator[tuple[str, str, Any]]:
+    """(id, event, data) of each Server-Sent Event, as they arrive."""
+    async with http.stream("GET", url, headers=headers) as res:
+        assert res.status_code == 200, await res.aread()
+        assert res.headers["content-type"].startswith("text/event-stream")
+        ev: dict[str, Any] = {"id": "", "event": "", "data": []}
+        async for line in res.aiter_lines():
+            if line == "":
+                if ev["data"]:
+                    yield ev["id"], ev["event"], json.loads("\n".join(ev["data"]))
+                ev = {"id": "", "event": "", "data": []}
+            elif not line.startswith(":"):
+                field, _, value = line.partition(":")
+                value = value.removeprefix(" ")
+                if field == "data":
+                    ev["data"].append(value)
+                elif field in ("id", "event"):
+                    ev[field] = value
+
+
+async def follow_and_submit(
+    base: str, token: str, task_id: str, goal: str = GOAL, seen: list[tuple[str, str, Any]] | None = None
+) -> list[tuple[str, str, Any]]:
+    """Open the task's event stream, then submit it (as the example web app does); every event
+    (appended to ``seen`` as they come)."""
+    seen = [] if seen is None else seen
+    async with httpx.AsyncClient(base_url=base, timeout=60.0) as http:
+        opened = asyncio.Event()
+
+        async def reader() -> None:
+            stream = sse(http, f"/v1/tasks/{task_id}/events", bearer(token))
+            first = asyncio.ensure_future(anext(stream))
+            await asyncio.sleep(0)
+            opened.set()
+            seen.append(await first)
+            async for event in stream:
+                seen.append(event)
+
+        follow = asyncio.create_task(reader())
+        await opened.wait()
+        await asyncio.sleep(0.3)  # the stream's subscriptions are made before its headers
+        res = await http.post("/v1/tasks", json={"goal": goal, "task_id": task_id}, headers=bearer(token))
+        assert res.status_code == 202, res.text
+        await asyncio.wait_for(follow, 60)
+    return seen
+
+
+async def test_a_person_submits_and_watches_the_answer_written_token_by_token(infra, edge) -> None:
+    token = user_token(infra.ids, "acme", "alice")
+    events = await follow_and_submit(edge, token, "web-1")
+    kinds = [k for _, k, _ in events]
+    assert kinds[-1] == "outcome" and kinds.count("outcome") == 1
+    outcome = events[-1][2]
+    assert outcome["type"] == "task.completed" and "391" in outcome["answer"]
+    tokens = [d for _, k, d in events if k == "token"]
+    assert tokens and kinds.index("token") < kinds.index("outcome")
+    # the answer step's streamed text is the answer
+    last_call = tokens[-1]["call_id"]
+    streamed = "".join(d["text"] for d in tokens if d["call_id"] == last_call and d["kind"] == "delta")
+    assert streamed.strip() == outcome["answer"].strip()
+    # every stored event carries its message id (to resume after); tokens carry none
+    assert all(i for i, k, _ in events if k != "token") and not any(i for i, k, _ in events if k == "token")
+    assert {"task.accepted", "plan.created", "check.verdict"} <= {d["stage"] for _, k, d in events if k == "progress"}
+    # who submitted it is on the task (its labels)
+    nc = await infra.admin()
+    try:
+        stored = await nc.jetstream().get_last_msg("TASK", "task.v1.acme.web-1.submitted")
+        assert json.loads(stored.data)["labels"] == {"user": "alice"}
+    finally:
+        await nc.close()
+
+
+async def test_a_late_or_resumed_follower_gets_what_is_stored_after_its_last_event(infra, edge) -> None:
+    token = user_token(infra.ids, "acme", "alice")
+    first = await follow_and_submit(edge, token, "web-2")
+    stored = [(i, k, d) for i, k, d in first if k != "token"]
+    async with httpx.AsyncClient(base_url=edge, timeout=30.0) as http:
+        late = [e async for e in sse(http, "/v1/tasks/web-2/events", bearer(token))]
+        assert late == stored  # everything stored, in order, no tokens (live only)
+        mid = stored[len(stored) // 2][0]
+        resumed = [e async for e in sse(http, "/v1/tasks/web-2/events", {**bearer(token), "last-event-id": mid})]
+        assert resumed == stored[len(stored) // 2 + 1 :]
+        status = (await http.get("/v1/tasks/web-2", headers=bearer(token))).json()
+        assert status["state"] == "task.completed" and status["outcome"] == stored[-1][2]
+
+
+async def test_the_same_idempotency_key_is_one_task(infra, edge) -> None:
+    token = user_token(infra.ids, "acme", "bob")
+    async with httpx.AsyncClient(base_url=edge, timeout=30.0) as http:
+        answers = await asyncio.gather(*(
+            http.post("/v1/tasks", json={"goal": GOAL}, headers={**bearer(token), "idempotency-key": "order-77"})
+            for _ in range(3)
+        ))  # fmt: skip
+        ids = {a.json()["task_id"] for a in answers}
+        assert [a.status_code for a in answers] == [202] * 3 and len(ids) == 1
+        other = await http.post("/v1/tasks", json={"goal": GOAL}, headers={**bearer(token), "idempotency-key": "x"})
+        assert other.json()["task_id"] not in ids
+    nc = await infra.admin()
+    try:
+        info = await nc.jetstream().stream_info("TASK", subjects_filter=f"task.v1.acme.{ids.pop()}.submitted")
+        assert sum((info.state.subjects or {}).values()) == 1
+    finally:
+        await nc.close()
+
+
+async def test_who_may_not_is_told_why_in_one_line(infra, edge) -> None:
+    now = int(time.time())
+    stranger = Ed25519PrivateKey.generate()
+    claims = {"iss": DEV_ISSUER, "aud": AUDIENCE, "sub": "mallory", "tenant": "acme", "iat": now, "exp": now + 60}
+    from meshctl.edge import issuer_key
+
+    cases = {
+        "": (401, "Authorization"),
+        "Bearer not-a-jwt": (401, "invalid token"),
+        f"Bearer {jwt.encode(claims, stranger, algorithm='EdDSA')}": (401, "invalid token"),
+        f"Bearer {jwt.encode({**claims, 'exp': now - 120}, issuer_key(infra.ids), algorithm='EdDSA')}": (401, "expired"),
+        f"Bearer {jwt.encode({**claims, 'aud': 'other'}, issuer_key(infra.ids), algorithm='EdDSA')}": (401, "audience"),
+        f"Bearer {jwt.encode(claims, 'a-shared-secret-of-32-bytes-long!!', algorithm='HS256')}": (401, "invalid token"),
+        f"Bearer {jwt.encode({**claims, 'tenant': 'gamma'}, issuer_key(infra.ids), algorithm='EdDSA')}": (403, "gamma"),
+        f"Bearer {jwt.encode({k: v for k, v in claims.items() if k != 'tenant'}, issuer_key(infra.ids), algorithm='EdDSA')}": (
+            403, "names no tenant"),
+    }  # fmt: skip
+    async with httpx.AsyncClient(base_url=edge, timeout=10.0) as http:
+        for auth, (status, says) in cases.items():
+            res = await http.post("/v1/tasks", json={"goal": GOAL}, headers={"authorization": auth} if auth else {})
+            assert res.status_code == status, (auth[:40], res.text)
+            assert says.lower() in res.json()["message"].lower(), res.text
+        token = user_token(infra.ids, "acme", "alice")
+        for body, says in ((b"{", "not JSON"), (b"{}", "goal"), (b'{"goal": "x", "priority": 12}', "priority"),
+                           (b'{"goal": "x", "task_id": "../etc"}', "task id")):  # fmt: skip
+            res = await http.post("/v1/tasks", content=body, headers=bearer(token))
+            assert res.status_code == 400 and says in res.json()["message"], res.text
+        assert (await http.get("/v1/tasks/a.b/events", headers=bearer(token))).status_code in (400, 404)
+
+
+async def test_one_tenant_sees_nothing_of_anothers_tasks(infra, edge) -> None:
+    await follow_and_submit(edge, user_token(infra.ids, "acme", "alice"), "web-private")
+    beta = user_token(infra.ids, "beta", "eve")
+    async with httpx.AsyncClient(base_url=edge, timeout=10.0) as http:
+        status = (await http.get("/v1/tasks/web-private", headers=bearer(beta))).json()
+        assert status == {"task_id": "web-private", "state": "unknown or running", "outcome": None}
+        seen: list[Any] = []
+
+        async def watch() -> None:
+            async for event in sse(http, "/v1/tasks/web-private/events", bearer(beta)):
+                seen.append(event)
+
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(watch(), 2.0)
+        assert seen == []
+
+
+async def test_a_forged_outcome_on_the_bus_never_reaches_the_browser(infra, edge) -> None:
+    token = user_token(infra.ids, "acme", "alice")
+    forged = json.dumps({"type": "task.completed", "tenant": "acme", "task_id": "web-forged", "answer": "pwned"})
+
+    async def forge() -> None:
+        await asyncio.sleep(0.5)
+        nc = await infra.admin()
+        try:  # the admin may publish anything; no service signed this
+            await nc.publish("task.v1.acme.web-forged.completed", forged.encode(),
+                             headers={env.SCHEMA: "task.completed/v1", env.MSG_ID: "forged-1"})  # fmt: skip
+        finally:
+            await nc.close()
+
+    forging = asyncio.create_task(forge())
+    events = await follow_and_submit(edge, token, "web-forged")
+    await forging
+    outcomes = [d for _, k, d in events if k == "outcome"]
+    assert len(outcomes) == 1 and outcomes[0]["answer"] != "pwned" and "391" in outcomes[0]["answer"]
+
+
+async def test_cancel_ends_a_running_task(infra, edge) -> None:
+    token = user_token(infra.ids, "acme", "carol")
+    events: list[Any] = []
+
+    async def cancel_after_first_token() -> None:
+        async with httpx.AsyncClient(base_url=edge, timeout=30.0) as http:
+            while not any(k == "progress" and d["stage"] == "plan.created" for _, k, d in events):
+                await asyncio.sleep(0.05)
+            res = await http.post("/v1/tasks/web-cancel/cancel", json={"reason": "changed my mind"},
+                                  headers=bearer(token))  # fmt: skip
+            assert res.status_code == 202, res.text
+
+    canceller = asyncio.create_task(cancel_after_first_token())
+    await follow_and_submit(edge, token, "web-cancel", seen=events)
+    await canceller
+    outcome = events[-1][2]
+    assert outcome["type"] == "task.failed" and "changed my mind" in json.dumps(outcome), outcome
+
+
+def test_the_edge_holds_no_right_beyond_a_clients(infra) -> None:
+    from meshctl.policy import edge_permissions
+
+    perms = edge_permissions()
+    assert all(p.startswith(("door.task.", "door.control.", "$JS.API.DIRECT.GET.")) for p in perms.pub), perms.pub
+    assert not any("STREAM.CREATE" in p or p.startswith(("task.", "event.", "$KV")) for p in perms.pub)
+    assert Path(infra.ids.creds("edge")).exists()
