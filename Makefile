@@ -17,7 +17,7 @@ DEPLOY_CHECK_ARGS ?=
 IMAGES_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo demo-local eval eval-local test-local-model up down status submit bench bench-peers chaos test test-loaded test-unit test-integration test-e2e lint fmt settings-docs contracts contracts-check dashboard-check pins deploy-tools deploy-check images test-images clean
+.PHONY: help setup demo demo-local eval eval-local test-local-model up down status submit bench bench-peers chaos test test-loaded test-unit test-integration test-e2e lint fmt settings-docs contracts contracts-check dashboard-check web-check pins deploy-tools deploy-check images test-images clean
 
 help: ## list every target with one line each
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -155,6 +155,11 @@ dashboard-check: setup ## meshctl dashboard in a real headless Chromium on the d
 	@command -v chromium >/dev/null 2>&1 || { echo "installing Debian's chromium (apt-get)"; \
 		apt-get update -qq </dev/null >/dev/null && apt-get install -y -qq --no-install-recommends chromium </dev/null >/dev/null; }
 	$(BIN)/python tests/browser/check_dashboard.py --out $(MESH_HOME)/dashboard.png
+
+web-check: setup ## the example web app (examples/web) through the edge in a real headless Chromium: tokens drawn live, TTFT browser vs bus, resume after the edge is killed
+	@command -v chromium >/dev/null 2>&1 || { echo "installing Debian's chromium (apt-get)"; \
+		apt-get update -qq </dev/null >/dev/null && apt-get install -y -qq --no-install-recommends chromium </dev/null >/dev/null; }
+	$(BIN)/python tests/browser/check_web_app.py --out $(MESH_HOME)/web-app.png
 
 contracts-check: setup ## fail on schema drift or on a breaking change to a committed schema
 	$(BIN)/python -m mesh_contracts.generate check

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
 from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings
 
 from mesh_kit.settings import ServiceSettings
 
@@ -39,6 +40,7 @@ TARGETS: dict[str, str] = {
     "services/rag/README.md": "mesh_rag.settings:RagSettings",
     "services/tool-executor/README.md": "mesh_tool_executor.settings:ToolExecutorSettings",
     "services/budget/README.md": "mesh_budget.settings:BudgetSettings",
+    "services/edge/README.md": "mesh_edge.settings:EdgeSettings",
 }
 """README (relative to the repository root) -> the settings class its table is rendered from."""
 
@@ -46,17 +48,18 @@ _BOUNDS = (("gt", ">"), ("ge", "≥"), ("lt", "<"), ("le", "≤"))
 """The constraints ``Field(gt=..., ...)`` puts in a field's metadata, and how a table shows them."""
 
 
-def settings_class(spec: str) -> type[ServiceSettings]:
+def settings_class(spec: str) -> type[BaseSettings]:
     module, _, name = spec.partition(":")
     cls = getattr(importlib.import_module(module), name)
-    if not (isinstance(cls, type) and issubclass(cls, ServiceSettings)):
-        raise TypeError(f"{spec} is not a ServiceSettings class")
+    if not (isinstance(cls, type) and issubclass(cls, BaseSettings) and hasattr(cls, "env_names")):
+        raise TypeError(f"{spec} is not a settings class that names its variables (env_names)")
     return cls
 
 
-def table(cls: type[ServiceSettings]) -> str:
-    """The markdown table of ``cls``'s fields (for a subclass: the ones it adds to ``ServiceSettings``)."""
-    own = cls is ServiceSettings
+def table(cls: type[BaseSettings]) -> str:
+    """The markdown table of ``cls``'s fields (for a subclass of ``ServiceSettings``: the ones it
+    adds; a service with settings of its own alone, as the edge: all of them)."""
+    own = not issubclass(cls, ServiceSettings) or cls is ServiceSettings
     rows = [
         f"<!-- generated from {cls.__module__}.{cls.__qualname__} by `make settings-docs`: "
         "edit the field docstrings there, not this table -->",
@@ -66,7 +69,7 @@ def table(cls: type[ServiceSettings]) -> str:
     for name, field in cls.model_fields.items():
         if not own and name in ServiceSettings.model_fields:
             continue
-        names = cls.env_names(name)
+        names = cls.env_names(name)  # type: ignore[attr-defined]
         variable = f"`{names[0]}`" + "".join(f", else `{n}`" for n in names[1:])
         rows.append(f"| {variable} | {_type(field)} | {_default(field)} | {_cell(field.description or '')} |")
     return "\n".join(rows)

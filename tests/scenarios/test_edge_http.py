@@ -265,3 +265,23 @@ def test_the_edge_holds_no_right_beyond_a_clients(infra) -> None:
     assert all(p.startswith(("door.task.", "door.control.", "$JS.API.DIRECT.GET.")) for p in perms.pub), perms.pub
     assert not any("STREAM.CREATE" in p or p.startswith(("task.", "event.", "$KV")) for p in perms.pub)
     assert Path(infra.ids.creds("edge")).exists()
+
+
+async def test_a_suspended_tenants_people_are_told_so(infra, edge) -> None:
+    from meshctl.cli import main as meshctl
+
+    ctl = ["--home", str(infra.home)]
+    token = user_token(infra.ids, "beta", "eve")
+    run = asyncio.get_running_loop().run_in_executor
+    assert await run(None, meshctl, [*ctl, "tenant", "suspend", "beta", "--nats-url", infra.nats_url]) == 0
+    try:
+        async with httpx.AsyncClient(base_url=edge, timeout=30.0) as http:
+            deadline = time.monotonic() + 10  # the door learns of the suspension from the registry
+            while True:
+                res = await http.post("/v1/tasks", json={"goal": GOAL}, headers=bearer(token))
+                if res.status_code != 202 or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.2)
+            assert res.status_code == 403 and res.json()["error"] == "suspended", res.text
+    finally:
+        assert await run(None, meshctl, [*ctl, "tenant", "resume", "beta", "--nats-url", infra.nats_url]) == 0

@@ -8,6 +8,7 @@ import ssl
 
 import nats
 import uvicorn
+from pydantic import ValidationError
 
 from mesh_edge.app import Edge
 from mesh_edge.settings import EdgeSettings
@@ -19,8 +20,13 @@ PRINCIPAL = "edge"
 
 async def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    settings = EdgeSettings()
-    users = Users(settings)
+    try:
+        settings = EdgeSettings()
+        users = Users(settings)
+    except ValidationError as exc:
+        raise SystemExit(f"edge: {EdgeSettings.error_line(exc)}") from None
+    except (ValueError, OSError) as exc:
+        raise SystemExit(f"edge: {exc}") from None
     tls = ssl.create_default_context(cafile=str(settings.tls_ca_file)) if settings.tls_ca_file else None
     nc = await nats.connect(
         settings.nats_url.split(","), user_credentials=str(settings.creds_file) if settings.creds_file else None,

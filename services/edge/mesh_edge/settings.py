@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import AliasChoices, Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -12,19 +12,25 @@ class EdgeSettings(BaseSettings):
     """Everything the edge reads. Its own NATS identity (``MESH_CREDS_FILE``, the mesh's CA) and
     the tenants it speaks for (their client keys and data keys, one file each in ``keys_dir``)."""
 
-    model_config = SettingsConfigDict(env_prefix="MESH_EDGE_", extra="ignore", populate_by_name=True)
+    model_config = SettingsConfigDict(
+        env_prefix="MESH_EDGE_", extra="ignore", populate_by_name=True, use_attribute_docstrings=True
+    )
 
     nats_url: str = Field("nats://127.0.0.1:4222", validation_alias="MESH_NATS_URL")
+    """The broker (several, comma-separated, for a cluster)."""
     creds_file: Path | None = Field(None, validation_alias="MESH_CREDS_FILE")
     """The edge's own NATS credentials (principal ``edge``)."""
     tls_ca_file: Path | None = Field(None, validation_alias="MESH_TLS_CA_FILE")
+    """The mesh's CA: the broker's certificate is verified against it."""
     trust_bundle_file: Path = Field(Path("trust-bundle.json"), validation_alias="MESH_TRUST_BUNDLE_FILE")
     """What every message the edge streams to a browser is verified against."""
     keys_dir: Path = Path("keys")
     """The tenants the edge speaks for: ``client.<tenant>.pem`` (the tenant client's signing key)
     and ``data.<tenant>.key`` (its data key, hex) for each; a tenant with no key here is refused."""
     host: str = "127.0.0.1"
-    port: int = 8088
+    """The address HTTP is served on (``0.0.0.0`` in a container)."""
+    port: int = Field(8088, ge=0, le=65535)
+    """The HTTP port: the API, ``/healthz``, ``/readyz`` and the web app."""
     issuer: str = ""
     """The identity provider's ``iss``; required in every user token when set."""
     audience: str = "agentmesh-edge"
@@ -41,8 +47,27 @@ class EdgeSettings(BaseSettings):
     """A folder served at ``/`` (the example web app, ``examples/web``); none: no page."""
     cors_origins: list[str] = []
     """Origins allowed to call the API from another page (none: same origin only)."""
-    max_goal_chars: int = 20_000
-    follow_timeout_s: float = 900.0
+    max_goal_chars: int = Field(20_000, ge=1)
+    """The longest goal a person may submit."""
+    follow_timeout_s: float = Field(900.0, gt=0)
     """The longest one event stream stays open (a client resumes with ``Last-Event-ID``)."""
-    keepalive_s: float = 15.0
+    keepalive_s: float = Field(15.0, gt=0)
     """A comment line this often on an idle event stream, so proxies keep it open."""
+
+    @classmethod
+    def env_names(cls, field: str) -> tuple[str, ...]:
+        """The environment variable(s) ``field`` is read from (the settings tables use it)."""
+        alias = cls.model_fields[field].validation_alias
+        if isinstance(alias, str):
+            return (alias,)
+        if isinstance(alias, AliasChoices):
+            return tuple(c for c in alias.choices if isinstance(c, str))
+        return ((cls.model_config.get("env_prefix", "") + field).upper(),)
+
+    @classmethod
+    def error_line(cls, exc: ValidationError) -> str:
+        """The first error as one line that names its variable."""
+        first = exc.errors()[0]
+        field = str(first["loc"][0]) if first["loc"] else ""
+        name = cls.env_names(field)[0] if field in cls.model_fields else field
+        return f"{name}: {first['msg']}"

@@ -79,8 +79,8 @@ class Users:
                     issuer=self.settings.issuer or None, leeway=self.settings.leeway_s, options={"require": ["exp", "sub"]},
                 )  # fmt: skip
                 break
-            except jwt.InvalidSignatureError as exc:
-                last = exc
+            except (jwt.InvalidSignatureError, jwt.InvalidKeyError, TypeError) as exc:
+                last = exc  # another of the provider's keys (or a key of another kind than the token's)
             except jwt.PyJWTError as exc:
                 raise Unauthorized(f"invalid token: {exc}") from None
         else:
