@@ -17,7 +17,7 @@ DEPLOY_CHECK_ARGS ?=
 IMAGES_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo demo-local eval eval-local test-local-model up down status submit bench bench-peers chaos test test-loaded test-unit test-integration test-e2e lint fmt settings-docs contracts contracts-check dashboard-check web-check pins deploy-tools deploy-check images test-images clean
+.PHONY: help setup demo web demo-local eval eval-local test-local-model up down status submit bench bench-peers chaos test test-loaded test-unit test-integration test-e2e lint fmt settings-docs contracts contracts-check dashboard-check web-check pins deploy-tools deploy-check images test-images clean
 
 help: ## list every target with one line each
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -66,6 +66,12 @@ up: setup ## start nats-server, redis-server and the six services (ports 4222/82
 
 down: ## stop everything `make up` started
 	@test -x $(BIN)/meshctl && $(BIN)/meshctl --home $(MESH_HOME) down || true
+
+web: setup ## the example web app: `make up` if no mesh runs, the edge (HTTP gateway) beside it, then the page's signed-in URL
+	@$(BIN)/meshctl --home $(MESH_HOME) status >/dev/null 2>&1 || $(BIN)/meshctl --home $(MESH_HOME) up --standby
+	$(BIN)/meshctl --home $(MESH_HOME) edge start
+	@echo "open this link (signed in as alice of tenant demo for an hour):"
+	@$(BIN)/meshctl --home $(MESH_HOME) edge url --tenant demo --user alice
 
 status: ## health and consumer lag of the running mesh
 	$(BIN)/meshctl --home $(MESH_HOME) status

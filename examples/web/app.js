@@ -108,6 +108,12 @@ class Run {
       c.el.textContent = c.text;
       $("answer").textContent = c.text; // the answer as it is written: the latest call's text
       $("answer").insertAdjacentHTML("beforeend", '<span class="cursor">&nbsp;</span>');
+    } else if (kind === "approval") {
+      this.approval(data);
+    } else if (kind === "decision") {
+      const box = document.getElementById(`approval-${data.approval_id}`);
+      if (box) box.querySelector(".state").textContent = `${data.approved ? "approved" : "denied"} by ${data.decided_by}`;
+      box?.querySelectorAll("button").forEach((b) => (b.disabled = true));
     } else if (kind === "outcome") {
       this.done = true;
       this.stat.outcomeAt = performance.timeOrigin + performance.now();
@@ -120,6 +126,32 @@ class Run {
       else say(`${data.type}: ${data.reason || data.code || ""}`, true);
       document.body.dataset.state = "done";
     }
+  }
+
+  // A tool call waits for a person: what it would do, and approve / deny (the edge decides with the
+  // signed-in person's own approver key, if the tenant named them and gave the edge their key).
+  approval(data) {
+    if (document.getElementById(`approval-${data.approval_id}`)) return;
+    const box = document.createElement("div");
+    box.className = "approval";
+    box.id = `approval-${data.approval_id}`;
+    box.innerHTML = '<div><b class="tool"></b> waits for a decision: <span class="why"></span></div>' +
+      '<pre class="args"></pre><button class="yes">Approve</button> <button class="no">Deny</button> <span class="state"></span>';
+    box.querySelector(".tool").textContent = data.tool;
+    box.querySelector(".why").textContent = data.reason || data.risk || "";
+    box.querySelector(".args").textContent = JSON.stringify(data.arguments, null, 2);
+    const decide = async (approve) => {
+      const res = await fetch(`/v1/tasks/${this.taskId}/approvals/${data.approval_id}`, {
+        method: "POST",
+        headers: { ...auth(), "content-type": "application/json" },
+        body: JSON.stringify({ approve }),
+      });
+      const body = await res.json();
+      box.querySelector(".state").textContent = res.ok ? `${body.status} by ${body.decided_by}` : body.message;
+    };
+    box.querySelector(".yes").addEventListener("click", () => decide(true));
+    box.querySelector(".no").addEventListener("click", () => decide(false));
+    $("approvals").append(box);
   }
 
   async follow() {
@@ -182,6 +214,7 @@ function main() {
     e.preventDefault();
     $("steps").replaceChildren();
     $("progress").replaceChildren();
+    $("approvals").replaceChildren();
     $("answer").textContent = "";
     $("stats").textContent = "";
     document.body.dataset.state = "running";

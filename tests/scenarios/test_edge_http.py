@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +18,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from mesh_kit import envelope as env
 from mesh_testing.chaos import ChaosMesh, started
+from mesh_testing.edge import bearer, follow_and_submit, running_edge, sse
 from mesh_testing.infra import Infra, running_infra
-from meshctl import local
-from meshctl.edge import AUDIENCE, DEV_ISSUER, edge_env, user_token
+from meshctl.edge import AUDIENCE, DEV_ISSUER, user_token
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -48,75 +47,13 @@ def mesh(infra: Infra, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cha
 
 @pytest.fixture(scope="module")
 def edge(infra: Infra, mesh: ChaosMesh) -> Iterator[str]:
-    port = local.free_port()
-    proc = local.spawn("edge", [sys.executable, "-m", "mesh_edge"], infra.home / "logs" / "edge.log",
-                       edge_env(infra.ids, infra.nats_url, port, None), http_port=port)  # fmt: skip
-
-    async def ready() -> bool:
-        async with httpx.AsyncClient(timeout=1.0) as http:
-            return (await http.get(f"http://127.0.0.1:{port}/readyz")).status_code == 200
-
-    asyncio.run(local.wait_until(ready, "edge", 30.0, proc))
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        local.stop([[proc]], 10.0)
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"authorization": f"Bearer {token}"}
-
-
-async def sse(http: httpx.AsyncClient, url: str, headers: dict[str, str]) -> AsyncIterator[tuple[str, str, Any]]:
-    """(id, event, data) of each Server-Sent Event, as they arrive."""
-    async with http.stream("GET", url, headers=headers) as res:
-        assert res.status_code == 200, await res.aread()
-        assert res.headers["content-type"].startswith("text/event-stream")
-        ev: dict[str, Any] = {"id": "", "event": "", "data": []}
-        async for line in res.aiter_lines():
-            if line == "":
-                if ev["data"]:
-                    yield ev["id"], ev["event"], json.loads("\n".join(ev["data"]))
-                ev = {"id": "", "event": "", "data": []}
-            elif not line.startswith(":"):
-                field, _, value = line.partition(":")
-                value = value.removeprefix(" ")
-                if field == "data":
-                    ev["data"].append(value)
-                elif field in ("id", "event"):
-                    ev[field] = value
-
-
-async def follow_and_submit(
-    base: str, token: str, task_id: str, goal: str = GOAL, seen: list[tuple[str, str, Any]] | None = None
-) -> list[tuple[str, str, Any]]:
-    """Open the task's event stream, then submit it (as the example web app does); every event
-    (appended to ``seen`` as they come)."""
-    seen = [] if seen is None else seen
-    async with httpx.AsyncClient(base_url=base, timeout=60.0) as http:
-        opened = asyncio.Event()
-
-        async def reader() -> None:
-            stream = sse(http, f"/v1/tasks/{task_id}/events", bearer(token))
-            first = asyncio.ensure_future(anext(stream))
-            await asyncio.sleep(0)
-            opened.set()
-            seen.append(await first)
-            async for event in stream:
-                seen.append(event)
-
-        follow = asyncio.create_task(reader())
-        await opened.wait()
-        await asyncio.sleep(0.3)  # the stream's subscriptions are made before its headers
-        res = await http.post("/v1/tasks", json={"goal": goal, "task_id": task_id}, headers=bearer(token))
-        assert res.status_code == 202, res.text
-        await asyncio.wait_for(follow, 60)
-    return seen
+    with running_edge(infra) as url:
+        yield url
 
 
 async def test_a_person_submits_and_watches_the_answer_written_token_by_token(infra, edge) -> None:
     token = user_token(infra.ids, "acme", "alice")
-    events = await follow_and_submit(edge, token, "web-1")
+    events = await follow_and_submit(edge, token, "web-1", GOAL)
     kinds = [k for _, k, _ in events]
     assert kinds[-1] == "outcome" and kinds.count("outcome") == 1
     outcome = events[-1][2]
@@ -141,7 +78,7 @@ async def test_a_person_submits_and_watches_the_answer_written_token_by_token(in
 
 async def test_a_late_or_resumed_follower_gets_what_is_stored_after_its_last_event(infra, edge) -> None:
     token = user_token(infra.ids, "acme", "alice")
-    first = await follow_and_submit(edge, token, "web-2")
+    first = await follow_and_submit(edge, token, "web-2", GOAL)
     stored = [(i, k, d) for i, k, d in first if k != "token"]
     async with httpx.AsyncClient(base_url=edge, timeout=30.0) as http:
         late = [e async for e in sse(http, "/v1/tasks/web-2/events", bearer(token))]
@@ -203,7 +140,7 @@ async def test_who_may_not_is_told_why_in_one_line(infra, edge) -> None:
 
 
 async def test_one_tenant_sees_nothing_of_anothers_tasks(infra, edge) -> None:
-    await follow_and_submit(edge, user_token(infra.ids, "acme", "alice"), "web-private")
+    await follow_and_submit(edge, user_token(infra.ids, "acme", "alice"), "web-private", GOAL)
     beta = user_token(infra.ids, "beta", "eve")
     async with httpx.AsyncClient(base_url=edge, timeout=10.0) as http:
         status = (await http.get("/v1/tasks/web-private", headers=bearer(beta))).json()
@@ -233,7 +170,7 @@ async def test_a_forged_outcome_on_the_bus_never_reaches_the_browser(infra, edge
             await nc.close()
 
     forging = asyncio.create_task(forge())
-    events = await follow_and_submit(edge, token, "web-forged")
+    events = await follow_and_submit(edge, token, "web-forged", GOAL)
     await forging
     outcomes = [d for _, k, d in events if k == "outcome"]
     assert len(outcomes) == 1 and outcomes[0]["answer"] != "pwned" and "391" in outcomes[0]["answer"]
@@ -252,7 +189,7 @@ async def test_cancel_ends_a_running_task(infra, edge) -> None:
             assert res.status_code == 202, res.text
 
     canceller = asyncio.create_task(cancel_after_first_token())
-    await follow_and_submit(edge, token, "web-cancel", seen=events)
+    await follow_and_submit(edge, token, "web-cancel", GOAL, seen=events)
     await canceller
     outcome = events[-1][2]
     assert outcome["type"] == "task.failed" and "changed my mind" in json.dumps(outcome), outcome
@@ -262,7 +199,8 @@ def test_the_edge_holds_no_right_beyond_a_clients(infra) -> None:
     from meshctl.policy import edge_permissions
 
     perms = edge_permissions()
-    assert all(p.startswith(("door.task.", "door.control.", "$JS.API.DIRECT.GET.")) for p in perms.pub), perms.pub
+    allowed = ("door.task.", "door.control.", "$JS.API.DIRECT.GET.", "approval.v1.*.*.decided")
+    assert all(p.startswith(allowed) for p in perms.pub), perms.pub
     assert not any("STREAM.CREATE" in p or p.startswith(("task.", "event.", "$KV")) for p in perms.pub)
     assert Path(infra.ids.creds("edge")).exists()
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from mesh_contracts import APPROVER, AUTHOR, CLIENT, SERVICES, Contract, lifecycle
 from mesh_contracts import topology as topo
 from mesh_contracts.registry import VERSIONS
-from mesh_contracts.v1 import AuditRecorded, ControlCancel, TaskSubmitted, TokenDelta
+from mesh_contracts.v1 import ApprovalDecided, AuditRecorded, ControlCancel, TaskSubmitted, TokenDelta
 from mesh_kit.settings import inbox_prefix
 
 ADMIN = "admin"
@@ -216,14 +216,19 @@ def edge_permissions() -> Permissions:
     cancel and follow a task, for every tenant (it speaks for the tenants whose client keys it
     holds; the door checks each message's token, so a tenant it holds no key of gets nothing in
     through it), and reading a task's stored events in order (direct gets by subject, on the bare
-    API subject: a browser that reconnects resumes where it was)."""
+    API subject: a browser that reconnects resumes where it was); a person's approval decisions,
+    signed with that person's key, which the edge holds only for the approvers a tenant gave it."""
     p = Permissions(EDGE, role=EDGE)
     p.add_sub(f"{inbox_prefix(EDGE)}.>")
     p.add_pub(
         topo.door_subject(f"{TaskSubmitted.spec.domain}.v1.*.*.{TaskSubmitted.spec.event}"),
         topo.door_subject(f"{ControlCancel.spec.domain}.v1.*.*.{ControlCancel.spec.event}"),
+        # a person's decision on a call of their tenant, signed with their own approver key (the
+        # tool-executor believes it for that tenant only), and the approval it decides
+        f"{ApprovalDecided.spec.domain}.v1.*.*.{ApprovalDecided.spec.event}",
+        "$JS.API.DIRECT.GET.KV_approvals.$KV.approvals.>",
     )
-    for domain in ("task", "event"):
+    for domain in ("task", "event", "approval"):
         p.add_pub(f"$JS.API.DIRECT.GET.{topo.STREAMS[domain]}", f"$JS.API.DIRECT.GET.{topo.STREAMS[domain]}.>")
         p.add_sub(f"{domain}.*.*.>")
     p.add_sub(f"{TokenDelta.spec.domain}.*.*.>")

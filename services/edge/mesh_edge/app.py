@@ -4,6 +4,7 @@
     GET  /v1/tasks/{task_id}/events   text/event-stream: progress, token, outcome (resume: Last-Event-ID)
     GET  /v1/tasks/{task_id}          {"task_id", "state", "outcome"}
     POST /v1/tasks/{task_id}/cancel   {"reason"?}                                          -> 202
+    POST /v1/tasks/{task_id}/approvals/{approval_id}   {"approve": true|false, "comment"?}   -> 200
 
 Every call carries ``Authorization: Bearer <user token>``; errors are ``{"error": code,
 "message": one line}`` with the HTTP status saying which kind.
@@ -22,6 +23,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from nats.aio.client import Client as NATS
+from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
@@ -30,13 +32,14 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from mesh_contracts.v1 import TaskRejected
+from mesh_contracts.v1 import TaskPolicy, TaskRejected
 from mesh_edge.errors import EdgeError
 from mesh_edge.follow import Follow
 from mesh_edge.settings import EdgeSettings
 from mesh_edge.tenants import Tenants
 from mesh_edge.users import Forbidden, Unauthorized, User, Users
 from mesh_tenancy.door import DoorRefused
+from meshctl.approver import ApprovalError
 from meshctl.client import TenantClient
 
 log = logging.getLogger("mesh.edge")
@@ -48,6 +51,10 @@ STATUS = {"too_many_in_flight": 429, "rate_limited": 429, "quota_exceeded": 429,
 
 class BadRequest(EdgeError):
     """HTTP 400."""
+
+
+class NotFound(EdgeError):
+    """HTTP 404."""
 
 
 def _error(status: int, code: str, message: str, **extra: Any) -> JSONResponse:
@@ -69,9 +76,10 @@ class Edge:
             try:
                 user = self.users.verify(request.headers.get("authorization"))
                 client = self.tenants.client(user.tenant)
-                task_id = request.path_params.get("task_id")
-                if task_id is not None and not TASK_ID.match(task_id):
-                    raise BadRequest("a task id is 1-64 letters, digits, '-' or '_'")
+                for name in ("task_id", "approval_id"):
+                    value = request.path_params.get(name)
+                    if value is not None and not TASK_ID.match(value):
+                        raise BadRequest(f"a {name.replace('_', ' ')} is 1-64 letters, digits, '-' or '_'")
                 return await handler(request, user, client)
             except Unauthorized as exc:
                 return _error(401, "unauthorized", str(exc))
@@ -79,6 +87,10 @@ class Edge:
                 return _error(403, "forbidden", str(exc))
             except BadRequest as exc:
                 return _error(400, "invalid", str(exc))
+            except NotFound as exc:
+                return _error(404, "not_found", str(exc))
+            except ApprovalError as exc:
+                return _error(409, "conflict", str(exc))
             except DoorRefused as exc:
                 return _error(STATUS.get(exc.code, 400), exc.code, str(exc), retry_after_s=exc.retry_after_s)
 
@@ -112,9 +124,16 @@ class Edge:
         task_id = body.get("task_id") or self._task_id(user, request.headers.get("idempotency-key"))
         if not isinstance(task_id, str) or not TASK_ID.match(task_id):
             raise BadRequest("a task id is 1-64 letters, digits, '-' or '_'")
+        try:
+            policy = TaskPolicy.model_validate(body.get("policy") or {})
+        except ValidationError as exc:
+            raise BadRequest(
+                f'"policy": {exc.errors()[0]["msg"]} ({".".join(map(str, exc.errors()[0]["loc"]))})'
+            ) from None
         followed = await client.submit(
-            goal, task_id=task_id, priority=priority, labels={**labels, "user": user.subject}, follow=False
-        )
+            goal, task_id=task_id, priority=priority, policy=policy, labels={**labels, "user": user.subject},
+            follow=False,
+        )  # fmt: skip
         refused = followed.outcome
         if isinstance(refused, TaskRejected):
             status = STATUS.get(refused.code, 400)
@@ -189,6 +208,20 @@ class Edge:
         state = ended.type if ended is not None else "cancel requested"
         return JSONResponse({"task_id": task_id, "state": state}, status_code=202)
 
+    async def decide(self, request: Request, user: User, client: TenantClient) -> Response:
+        """A person's decision on a call of their tenant's task that waits for one."""
+        body = await self._body(request)
+        approve, comment = body.get("approve"), body.get("comment", "")
+        if not isinstance(approve, bool) or not isinstance(comment, str):
+            raise BadRequest('"approve" is true or false, "comment" a string')
+        approver = self.tenants.approver(user.tenant, user.subject)
+        task_id, approval_id = request.path_params["task_id"], request.path_params["approval_id"]
+        waiting = await approver.get(approval_id)
+        if waiting is None or (waiting["tenant"], waiting["task_id"]) != (user.tenant, task_id):
+            raise NotFound(f"task {task_id} has no approval {approval_id}")
+        record = await approver.decide(approval_id, approve, comment[:2000])
+        return JSONResponse({k: record.get(k) for k in ("approval_id", "status", "decided_by", "comment")})
+
     async def healthz(self, request: Request) -> Response:
         return JSONResponse({"ok": True})
 
@@ -204,6 +237,7 @@ class Edge:
             Route("/v1/tasks/{task_id}", self.guarded(self.status), methods=["GET"]),
             Route("/v1/tasks/{task_id}/events", self.guarded(self.events), methods=["GET"]),
             Route("/v1/tasks/{task_id}/cancel", self.guarded(self.cancel), methods=["POST"]),
+            Route("/v1/tasks/{task_id}/approvals/{approval_id}", self.guarded(self.decide), methods=["POST"]),
         ]
         if self.settings.static_dir is not None:
             routes.append(Mount("/", StaticFiles(directory=self.settings.static_dir, html=True)))

@@ -17,20 +17,31 @@ from nats.aio.msg import Msg
 
 from mesh_contracts import Contract, ContractError
 from mesh_contracts.topology import STREAMS
-from mesh_contracts.v1 import ProgressEvent, TaskCompleted, TaskFailed, TaskRejected, TokenDelta
+from mesh_contracts.v1 import (
+    ApprovalDecided,
+    ApprovalRequested,
+    ProgressEvent,
+    TaskCompleted,
+    TaskFailed,
+    TaskRejected,
+    TokenDelta,
+)
 from mesh_identity import IdentityError
 from meshctl.client import TenantClient
 
 log = logging.getLogger("mesh.edge")
 
 TERMINAL = (TaskCompleted, TaskFailed, TaskRejected)
-DURABLE = ("event", "task")
-"""The domains whose messages are stored (in order: a task's outcome comes after its progress)."""
+DURABLE = ("event", "task", "approval")
+"""The domains whose stored messages a browser is shown (merged in the order they were stored)."""
+APPROVAL_FIELDS = {"approval_id", "step_id", "tool", "arguments", "reason", "risk", "injection_score", "sources",
+                   "timeout_s"}  # fmt: skip
 
 
 @dataclass(frozen=True)
 class Event:
-    """One Server-Sent Event: ``kind`` is ``progress``, ``token`` or ``outcome``; ``id`` is the
+    """One Server-Sent Event: ``kind`` is ``progress``, ``token``, ``approval`` (a tool call waits
+    for a person's decision), ``decision`` (one was made) or ``outcome``; ``id`` is the
     message's ``Nats-Msg-Id`` for what is stored (resume after it), '' for live tokens."""
 
     kind: str
@@ -48,6 +59,10 @@ def shown(model: Contract) -> tuple[str, dict[str, Any]] | None:
         return "progress", model.model_dump(mode="json", include={"source", "stage", "message", "step_id"})
     if isinstance(model, TokenDelta):
         return "token", model.model_dump(mode="json", include={"step_id", "call_id", "seq", "text", "kind", "model"})
+    if isinstance(model, ApprovalRequested):
+        return "approval", model.model_dump(mode="json", include=APPROVAL_FIELDS)
+    if isinstance(model, ApprovalDecided):
+        return "decision", model.model_dump(mode="json", include={"approval_id", "approved", "decided_by", "comment"})
     if isinstance(model, TERMINAL):
         return "outcome", model.model_dump(mode="json", exclude={"tenant"})
     return None

@@ -10,8 +10,10 @@ from nats.aio.client import Client as NATS
 
 from mesh_contracts import sealing
 from mesh_edge.settings import EdgeSettings
-from mesh_edge.users import Forbidden
+from mesh_edge.users import TENANT, Forbidden
 from mesh_identity.datakeys import Keyring, wrap
+from mesh_kit.state import bind
+from meshctl.approver import Approver
 from meshctl.client import TenantClient
 
 
@@ -47,3 +49,19 @@ class Tenants:
         client.nc = self.nc  # the edge's own connection: its rights cover every tenant's door and events
         self.clients[tenant] = client
         return client
+
+    def approver(self, tenant: str, person: str) -> Approver:
+        """``person`` of ``tenant`` deciding approvals with their own key (``approver.<tenant>.<person>.pem``
+        in ``keys_dir``: the people a tenant has named, ``meshctl approvers add``, and given to the
+        edge), or ``Forbidden``. The tool-executor believes the decision for that tenant only."""
+        principal = f"approver.{tenant}.{person}"
+        key = self.settings.keys_dir / f"{principal}.pem"
+        if not TENANT.match(person) or not key.exists():
+            raise Forbidden(f"{person} does not approve {tenant}'s calls here (no key of {principal} at this edge)")
+        self.client(tenant)  # the tenant's data key: the approval's arguments open with it
+        approver = Approver(
+            self.settings.nats_url, Path(os.devnull), key, principal, self.settings.tls_ca_file, tenant,
+            self.settings.trust_bundle_file,
+        )  # fmt: skip
+        approver.nc, approver.kv = self.nc, bind(self.nc, "approvals")
+        return approver
