@@ -39,11 +39,17 @@ def bearer(token: str) -> dict[str, str]:
     return {"authorization": f"Bearer {token}"}
 
 
-async def sse(http: httpx.AsyncClient, url: str, headers: dict[str, str]) -> AsyncIterator[tuple[str, str, Any]]:
-    """(id, event, data) of each Server-Sent Event, as they arrive."""
+async def sse(
+    http: httpx.AsyncClient, url: str, headers: dict[str, str], opened: asyncio.Event | None = None
+) -> AsyncIterator[tuple[str, str, Any]]:
+    """(id, event, data) of each Server-Sent Event, as they arrive; ``opened`` is set once the
+    answer's headers are in (the edge subscribes before it sends them: a task submitted after
+    that misses nothing)."""
     async with http.stream("GET", url, headers=headers) as res:
         assert res.status_code == 200, await res.aread()
         assert res.headers["content-type"].startswith("text/event-stream")
+        if opened is not None:
+            opened.set()
         ev: dict[str, Any] = {"id": "", "event": "", "data": []}
         async for line in res.aiter_lines():
             if line == "":
@@ -74,17 +80,13 @@ async def follow_and_submit(
         opened = asyncio.Event()
 
         async def reader() -> None:
-            stream = sse(http, f"/v1/tasks/{task_id}/events", bearer(token))
-            first = asyncio.ensure_future(anext(stream))
-            await asyncio.sleep(0)
-            opened.set()
-            seen.append(await first)
-            async for event in stream:
+            async for event in sse(http, f"/v1/tasks/{task_id}/events", bearer(token), opened):
                 seen.append(event)
 
         follow = asyncio.create_task(reader())
-        await opened.wait()
-        await asyncio.sleep(0.3)  # the stream's subscriptions are made before its headers
+        await asyncio.wait({follow, asyncio.ensure_future(opened.wait())}, return_when=asyncio.FIRST_COMPLETED)
+        if follow.done():  # it failed before it opened
+            follow.result()
         res = await http.post(
             "/v1/tasks", json={"goal": goal, "task_id": task_id, "policy": policy or {}}, headers=bearer(token)
         )
