@@ -223,3 +223,39 @@ async def test_a_suspended_tenants_people_are_told_so(infra, edge) -> None:
             assert res.status_code == 403 and res.json()["error"] == "suspended", res.text
     finally:
         assert await run(None, meshctl, [*ctl, "tenant", "resume", "beta", "--nats-url", infra.nats_url]) == 0
+
+
+async def test_a_person_holds_a_bounded_number_of_streams_and_closing_gives_them_back(infra, edge) -> None:
+    token, other = user_token(infra.ids, "acme", "dave"), user_token(infra.ids, "acme", "erin")
+    limits = httpx.Limits(max_connections=40)
+    async with httpx.AsyncClient(base_url=edge, timeout=30.0, limits=limits) as http:
+
+        async def hold(i: int, opened: asyncio.Event, who: str = token) -> None:
+            async for _ in sse(http, f"/v1/tasks/idle-{i}/events", bearer(who), opened):
+                pass
+
+        opened = [asyncio.Event() for _ in range(16)]  # MESH_EDGE_MAX_STREAMS_PER_USER's default
+        held = [asyncio.create_task(hold(i, o)) for i, o in enumerate(opened)]
+        await asyncio.wait_for(asyncio.gather(*(o.wait() for o in opened)), 30)
+        res = await http.get("/v1/tasks/idle-99/events", headers=bearer(token))
+        assert res.status_code == 429 and res.json()["error"] == "too_many_streams", res.text
+        theirs = asyncio.Event()  # another person is not held back by dave's
+        erin = asyncio.create_task(hold(100, theirs, other))
+        await asyncio.wait_for(theirs.wait(), 10)
+        for task in [*held, erin]:
+            task.cancel()
+        await asyncio.gather(*held, erin, return_exceptions=True)
+        deadline = time.monotonic() + 10  # the edge sees the connections close and gives the places back
+        while True:
+            again = asyncio.Event()
+            retry = asyncio.create_task(hold(200, again))
+            await asyncio.wait({retry, asyncio.ensure_future(again.wait())}, timeout=5,
+                               return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+            if again.is_set() or time.monotonic() > deadline:
+                break
+            if retry.done():
+                assert isinstance(retry.exception(), AssertionError)  # 429: not given back yet
+            await asyncio.sleep(0.2)
+        assert again.is_set(), "closed streams were not given back"
+        retry.cancel()
+        await asyncio.gather(retry, return_exceptions=True)

@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import re
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -64,10 +65,33 @@ def _error(status: int, code: str, message: str, **extra: Any) -> JSONResponse:
 Handler = Callable[[Request, User, TenantClient], Awaitable[Response]]
 
 
+class TooMany(EdgeError):
+    """HTTP 429: a person holds as many event streams open as they may."""
+
+
+class EventStream(StreamingResponse):
+    """A ``text/event-stream`` answer whose ``closed`` runs however it ends (the task's outcome,
+    the client gone, the server stopping), even if its body was never read: what the stream
+    holds (its subscriptions, its place in the person's count) is given back every time."""
+
+    def __init__(self, body: AsyncIterator[bytes], closed: Callable[[], Awaitable[None]]) -> None:
+        super().__init__(body, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
+        self.closed = closed
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.closed()
+
+
 class Edge:
     def __init__(self, settings: EdgeSettings, nc: NATS, users: Users) -> None:
         self.settings, self.nc, self.users = settings, nc, users
         self.tenants = Tenants(settings, nc)
+        self.streams: dict[tuple[str, str], int] = {}
+        """Event streams open, per person (tenant, subject)."""
 
     def guarded(self, handler: Handler) -> Callable[[Request], Awaitable[Response]]:
         """``handler`` for a verified user of a tenant this edge serves; every refusal in one line."""
@@ -89,6 +113,8 @@ class Edge:
                 return _error(400, "invalid", str(exc))
             except NotFound as exc:
                 return _error(404, "not_found", str(exc))
+            except TooMany as exc:
+                return _error(429, "too_many_streams", str(exc), retry_after_s=5.0)
             except ApprovalError as exc:
                 return _error(409, "conflict", str(exc))
             except DoorRefused as exc:
@@ -135,6 +161,8 @@ class Edge:
             follow=False,
         )  # fmt: skip
         refused = followed.outcome
+        log.info("submitted %s/%s for %s: %s", user.tenant, task_id, user.subject,
+                 refused.code if isinstance(refused, TaskRejected) else "accepted")  # fmt: skip
         if isinstance(refused, TaskRejected):
             status = STATUS.get(refused.code, 400)
             return _error(status, refused.code, refused.reason, retry_after_s=refused.retry_after_s, task_id=task_id)
@@ -150,18 +178,33 @@ class Edge:
         return "w-" + hashlib.sha256(f"{user.tenant}\0{user.subject}\0{key}".encode()).hexdigest()[:16]
 
     async def events(self, request: Request, user: User, client: TenantClient) -> Response:
+        who = (user.tenant, user.subject)
+        if self.streams.get(who, 0) >= self.settings.max_streams_per_user:
+            raise TooMany(f"{user.subject} already follows {self.streams[who]} tasks here (at most "
+                          f"{self.settings.max_streams_per_user} at once): close one")  # fmt: skip
         after = request.headers.get("last-event-id") or request.query_params.get("after", "")
         follow = Follow(client, request.path_params["task_id"], after)
-        await follow.start()  # subscribed before the answer's headers: a submission after them misses nothing
-        return StreamingResponse(
-            self._sse(follow, request), media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )  # fmt: skip
+        self.streams[who] = self.streams.get(who, 0) + 1
 
-    async def _sse(self, follow: Follow, request: Request) -> AsyncIterator[bytes]:
+        async def closed() -> None:
+            await follow.close()
+            left = self.streams.pop(who, 1) - 1
+            if left:
+                self.streams[who] = left
+
+        try:
+            await follow.start()  # subscribed before the answer's headers: a submission after them misses nothing
+        except BaseException:
+            await closed()
+            raise
+        # a stream ends when the person's token does (their page signs in again and resumes)
+        until = min(self.settings.follow_timeout_s, user.expires - time.time())
+        return EventStream(self._sse(follow, request, until), closed)
+
+    async def _sse(self, follow: Follow, request: Request, until_s: float) -> AsyncIterator[bytes]:
         yield b"retry: 1000\n\n"
         events = follow.events()
-        deadline = asyncio.get_running_loop().time() + self.settings.follow_timeout_s
+        deadline = asyncio.get_running_loop().time() + until_s
         pending: asyncio.Task[Any] | None = None
         try:
             while True:
@@ -187,7 +230,6 @@ class Edge:
                 pending.cancel()
             with contextlib.suppress(Exception):
                 await events.aclose()
-            await follow.close()
 
     async def status(self, request: Request, user: User, client: TenantClient) -> Response:
         task_id = request.path_params["task_id"]

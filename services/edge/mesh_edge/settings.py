@@ -51,6 +51,9 @@ class EdgeSettings(BaseSettings):
     """The longest goal a person may submit."""
     follow_timeout_s: float = Field(900.0, gt=0)
     """The longest one event stream stays open (a client resumes with ``Last-Event-ID``)."""
+    max_streams_per_user: int = Field(16, ge=1)
+    """Event streams one person may hold open at once; more are refused with 429 (a runaway tab
+    or script cannot hold the edge's subscriptions)."""
     keepalive_s: float = Field(15.0, gt=0)
     """A comment line this often on an idle event stream, so proxies keep it open."""
 
