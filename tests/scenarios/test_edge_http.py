@@ -259,3 +259,18 @@ async def test_a_person_holds_a_bounded_number_of_streams_and_closing_gives_them
         assert again.is_set(), "closed streams were not given back"
         retry.cancel()
         await asyncio.gather(retry, return_exceptions=True)
+
+
+async def test_a_task_submitted_through_the_edge_joins_the_callers_trace(infra, edge) -> None:
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    token = user_token(infra.ids, "acme", "alice")
+    async with httpx.AsyncClient(base_url=edge, timeout=30.0) as http:
+        res = await http.post("/v1/tasks", json={"goal": GOAL, "task_id": "web-traced"},
+                              headers={**bearer(token), "traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"})  # fmt: skip
+        assert res.status_code == 202 and res.headers["traceparent"].split("-")[1] == trace_id, res.headers
+    nc = await infra.admin()
+    try:
+        stored = await nc.jetstream().get_last_msg("TASK", "task.v1.acme.web-traced.submitted")
+        assert stored.headers["traceparent"].split("-")[1] == trace_id, stored.headers
+    finally:
+        await nc.close()

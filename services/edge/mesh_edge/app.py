@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from nats.aio.client import Client as NATS
+from opentelemetry import propagate, trace
 from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -39,12 +40,15 @@ from mesh_edge.follow import Follow
 from mesh_edge.settings import EdgeSettings
 from mesh_edge.tenants import Tenants
 from mesh_edge.users import Forbidden, Unauthorized, User, Users
+from mesh_kit.telemetry import A_TASK, A_TENANT, Telemetry, setup
 from mesh_tenancy.door import DoorRefused
 from meshctl.approver import ApprovalError
 from meshctl.client import TenantClient
 
 log = logging.getLogger("mesh.edge")
 
+M_REQUESTS = "mesh.edge.requests"
+M_STREAMS = "mesh.edge.streams_open"
 TASK_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 STATUS = {"too_many_in_flight": 429, "rate_limited": 429, "quota_exceeded": 429, "busy": 429,
           "overloaded": 503, "unavailable": 503, "suspended": 403, "invalid": 400}  # fmt: skip
@@ -87,8 +91,13 @@ class EventStream(StreamingResponse):
 
 
 class Edge:
-    def __init__(self, settings: EdgeSettings, nc: NATS, users: Users) -> None:
+    def __init__(self, settings: EdgeSettings, nc: NATS, users: Users, telemetry: Telemetry | None = None) -> None:
         self.settings, self.nc, self.users = settings, nc, users
+        self.telemetry = telemetry or setup("edge")
+        self.tracer = self.telemetry.tracer_provider.get_tracer("mesh_edge")
+        meter = self.telemetry.meter_provider.get_meter("mesh_edge")
+        self.m_requests = meter.create_counter(M_REQUESTS, description="API calls, by route and HTTP status")
+        self.m_streams = meter.create_up_down_counter(M_STREAMS, description="event streams open")
         self.tenants = Tenants(settings, nc)
         self.streams: dict[tuple[str, str], int] = {}
         """Event streams open, per person (tenant, subject)."""
@@ -97,8 +106,26 @@ class Edge:
         """``handler`` for a verified user of a tenant this edge serves; every refusal in one line."""
 
         async def endpoint(request: Request) -> Response:
+            route = request.scope["route"].path if "route" in request.scope else request.url.path
+            parent = propagate.extract(dict(request.headers))  # a browser or app that traces: the task joins its trace
+            with self.tracer.start_as_current_span(f"{request.method} {route}", context=parent,
+                                                   kind=trace.SpanKind.SERVER) as span:  # fmt: skip
+                response = await answer(request, span)
+                span.set_attribute("http.response.status_code", response.status_code)
+                self.m_requests.add(1, {"http.route": route, "http.response.status_code": response.status_code})
+                ctx = span.get_span_context()
+                if ctx.is_valid:
+                    response.headers["traceparent"] = (
+                        f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{int(ctx.trace_flags):02x}"
+                    )
+                return response
+
+        async def answer(request: Request, span: trace.Span) -> Response:
             try:
                 user = self.users.verify(request.headers.get("authorization"))
+                span.set_attributes({A_TENANT: user.tenant, "enduser.id": user.subject})
+                if "task_id" in request.path_params:
+                    span.set_attribute(A_TASK, request.path_params["task_id"])
                 client = self.tenants.client(user.tenant)
                 for name in ("task_id", "approval_id"):
                     value = request.path_params.get(name)
@@ -185,8 +212,10 @@ class Edge:
         after = request.headers.get("last-event-id") or request.query_params.get("after", "")
         follow = Follow(client, request.path_params["task_id"], after)
         self.streams[who] = self.streams.get(who, 0) + 1
+        self.m_streams.add(1)
 
         async def closed() -> None:
+            self.m_streams.add(-1)
             await follow.close()
             left = self.streams.pop(who, 1) - 1
             if left:
