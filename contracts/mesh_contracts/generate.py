@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from mesh_contracts import __name__ as _pkg
+from mesh_contracts import typescript
 from mesh_contracts.base import CLIENT, Contract
 from mesh_contracts.errors import ContractsError
 from mesh_contracts.registry import VERSIONS
@@ -66,6 +67,17 @@ ANNOTATIONS: dict[str, tuple[dict[str, Any], str]] = {
     "x-key": ({"type": "string"}, "The record's key in its bucket."),
     "x-writer": ({"type": "string"}, "Who writes the record."),
     "x-readers": ({"type": "array", "items": {"type": "string"}}, "Who may read it."),
+    "x-sealed": (
+        {"type": "array", "items": {"type": "string"}},
+        "Fields that travel sealed with the tenant's data key (`{\"$sealed\": \"dk1....\"}`, XChaCha20-Poly1305, "
+        "associated data `<type>/v<major>|<tenant>|<task>|<field>`): a client seals them before sending and "
+        "opens them after verifying.",
+    ),
+    "discriminator": (
+        {"type": "object"},
+        "OpenAPI's discriminator, which pydantic writes beside a tagged `oneOf` (a workflow definition's nodes): "
+        "an annotation only; the `oneOf` decides.",
+    ),
 }
 """The annotation keywords the contracts carry beside JSON Schema's own: what a validator needs
 to know to accept them (Ajv's strict mode refuses an unknown keyword), and what they mean."""
@@ -127,6 +139,8 @@ def schemas() -> dict[str, dict[str, Any]]:
             s["x-consumers"] = list(c.spec.consumers)
             s["x-transport"] = c.spec.transport
             s["x-subject"] = f"{c.spec.domain}.v{major}.{{tenant}}.{{task}}.{c.spec.event}"
+            if c.spec.sealed:
+                s["x-sealed"] = list(c.spec.sealed)
             if c.spec.transport == "stream" and (door := door_of(c)) is not None:
                 s["x-door"] = {"subject": f"{DOOR_PREFIX}.{s['x-subject']}", "keeper": door.service}
             out[f"v{major}/{_file_name(c)}"] = s
@@ -142,7 +156,8 @@ def schemas() -> dict[str, dict[str, Any]]:
         s["x-readers"] = list(b.readers)
         out[f"v1/record.{r.name}.json"] = s
     # What a tenant writes, not what travels: a workflow definition (YAML or JSON), checked by
-    # any JSON Schema validator (no x- keywords: Ajv's strict mode accepts it as it is).
+    # any JSON Schema validator (Ajv's strict mode once told the vocabulary: its tagged nodes carry
+    # OpenAPI's ``discriminator``, which the vocabulary declares as an annotation).
     wf = WorkflowDefinition.model_json_schema()
     wf = {"$schema": DRAFT,
           "$id": f"agentmesh://contracts/workflow.definition/v{WORKFLOW_SCHEMA_VERSION}", **wf}  # fmt: skip
@@ -278,6 +293,7 @@ def _dump_json(obj: Any) -> str:
 def rendered() -> dict[Path, str]:
     files = {SCHEMAS / rel: _dump_json(s) for rel, s in schemas().items()}
     files[VOCABULARY] = _dump_json(vocabulary())
+    files[typescript.OUTPUT] = typescript.render(schemas())  # the TypeScript client's types
     files[ASYNCAPI] = yaml.safe_dump(asyncapi(), sort_keys=False, width=100)
     return files
 
@@ -411,9 +427,9 @@ def check(require_history: bool = True) -> int:
     failures: list[str] = []
     for path, text in rendered().items():
         if not path.exists():
-            failures.append(f"missing: {path.relative_to(ROOT)} (run `make contracts`)")
+            failures.append(f"missing: {path.relative_to(ROOT.parent)} (run `make contracts`)")
         elif path.read_text() != text:
-            failures.append(f"drift: {path.relative_to(ROOT)} differs from the models (run `make contracts`)")
+            failures.append(f"drift: {path.relative_to(ROOT.parent)} differs from the models (run `make contracts`)")
     compared = 0
     generated = schemas()
     for rel, new in generated.items():

@@ -20,6 +20,7 @@ import ssl
 import time
 import uuid
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -74,6 +75,18 @@ DOOR_TIMEOUTS_S = (1.0, 2.0, 5.0)
 in milliseconds; one killed while it held the request never answers, and a submission waited the
 whole 5 s for it (the failover bench's slowest tasks: a planner killed as they were submitted).
 A retry of one that did land is stored once (its message id is deterministic)."""
+
+
+def stored_at(headers: dict[str, str] | None) -> float | None:
+    """When a message read back from its stream was stored (its ``Nats-Time-Stamp``), or None
+    for one delivered live."""
+    stamp = (headers or {}).get("Nats-Time-Stamp")
+    if not stamp:
+        return None
+    try:
+        return datetime.fromisoformat(stamp).timestamp()  # nanoseconds: Python keeps microseconds
+    except ValueError:
+        return None
 
 
 class ConnectFailed(ConnectionError, MeshctlError):
@@ -363,18 +376,22 @@ class TenantClient:
 
     def _believe(self, subject: str, data: bytes, headers: dict[str, str] | None) -> Contract:
         """Parse a message and verify its sender's token; raises ContractError / IdentityError.
-        A token the client's bundle cannot verify sends it back to the trust-bundle file once: a
-        rotation (``meshctl rotate``) has published newer keys there."""
+        A message read back from its stream (a direct get: it carries ``Nats-Time-Stamp``) is
+        judged as of when it was stored, so an outcome read an hour later still verifies (its
+        token was valid then; judged now it would have expired). A token the client's bundle
+        cannot verify sends it back to the trust-bundle file once: a rotation (``meshctl
+        rotate``) has published newer keys there."""
         model = parse_message(subject, data)
         token = (headers or {}).get(env.IDENTITY)
+        at = stored_at(headers)
         try:
-            self.verifier.verify(token, data, model)
+            self.verifier.verify(token, data, model, at=at)
         except IdentityError:
             newer = TrustBundle.from_file(self.trust_bundle)
             if newer.revision <= self.verifier.bundle.revision:
                 raise
             self.verifier.bundle = newer
-            self.verifier.verify(token, data, model)
+            self.verifier.verify(token, data, model, at=at)
         return model
 
     async def _stored_outcome(self, task_id: str) -> tuple[str, bytes, dict[str, str] | None] | None:
