@@ -135,7 +135,7 @@ test-integration: setup ## tests against a real nats-server and redis
 test-e2e: setup ## the whole mesh, end to end
 	$(BIN)/pytest tests/e2e
 
-images: setup ## build the six service images and meshctl's on a local engine, from a debootstrap base (nothing pulled)
+images: setup ## build the service images (the six services and the edge) and meshctl's on a local engine, from a debootstrap base (nothing pulled)
 	@bash .ci/docker-up.sh
 	$(BIN)/python infra/images/build.py $(IMAGES_ARGS)
 

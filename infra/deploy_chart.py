@@ -1,6 +1,7 @@
 """The Helm chart (infra/helm/agentmesh) as `make deploy-check` renders it: the values variants it
 renders, the identity values a fresh mesh home gives it, and the objects each render must hold:
-those of the matching kustomize render, plus the chart's own (Secrets, trust bundle, Redis).
+those of the matching kustomize render (the edge's left out with edge.enabled=false), plus the
+chart's own (Secrets, trust bundle, Redis).
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ from mesh_contracts import SERVICES
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "infra" / "helm" / "agentmesh"
 # The chart's own objects, beside those of the kustomize sources.
+EDGE = "edge"  # the HTTP gateway: in no stream, so not a SERVICE; off with edge.enabled=false
 CHART_SECRETS = {("Secret", f"agentmesh-{p}-identity") for p in (*SERVICES, "admin", "keeper")} | {
     ("ConfigMap", "agentmesh-trust-bundle")
 }
+EDGE_SECRETS = {("Secret", "agentmesh-edge-identity"), ("Secret", "agentmesh-edge-tenants")}
 CHART_REDIS = {("Secret", "agentmesh-redis-acl"), ("Service", "redis"), ("Deployment", "redis")}
 # values -> which kustomize components the render must match
 CHART_VARIANTS: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
@@ -35,13 +38,16 @@ CHART_VARIANTS: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
     "everything on": (
         {"keda": {"enabled": True},
          "images": {"registry": "registry.example/acme",
-                    "digests": {n: "sha256:" + "1" * 64 for n in (*SERVICES, "meshctl")}},
+                    "digests": {n: "sha256:" + "1" * 64 for n in (*SERVICES, EDGE, "meshctl")}},
          "redis": {"image": "redis@sha256:" + "2" * 64},
          "replicas": {"planner": 2, "budget": 2},
          "resources": {"worker": {"requests": {"cpu": "1", "memory": "512Mi"}, "limits": {"memory": "1Gi"}}},
-         "model": {"config": {"models.yaml": "providers: {}\n"}, "keys": {"openai.key": "not-a-key"}}},
+         "model": {"config": {"models.yaml": "providers: {}\n"}, "keys": {"openai.key": "not-a-key"}},
+         "edge": {"enabled": True, "minReplicas": 3, "maxReplicas": 9, "tenants": ["acme"],
+                  "oidc": {"issuer": "https://login.example.invalid", "jwksUrl": "https://login.example.invalid/jwks"}}},
         ("keda", "network-policy", "tls"),
     ),
+    "edge on": ({"edge": {"enabled": True}}, ("network-policy", "tls")),
     "budget partitions": ({"budgetPartitions": {"enabled": True, "count": 3}}, ("network-policy", "tls", "budget-partitions")),
     "budget partitions, KEDA": (
         {"keda": {"enabled": True}, "budgetPartitions": {"enabled": True, "count": 3}, "replicas": {"budget": 5}},
@@ -79,23 +85,29 @@ def render_chart(values: dict[str, Any], revision: int = 1) -> list[dict[str, An
     return [d for name, text in sorted(out.items()) if name.endswith(".yaml") for d in yaml.safe_load_all(text) if d]
 
 
-def _kustomize_components(components: tuple[str, ...]) -> set[tuple[str, str]]:
-    """(kind, name) of the base rendered with ``components``, as infra/helm/chart.py renders it."""
+def _kustomize_components(components: tuple[str, ...], edge: bool = True) -> set[tuple[str, str]]:
+    """(kind, name) of the base rendered with ``components``, as infra/helm/chart.py renders it;
+    without the edge's objects (labelled with its name) unless ``edge``."""
     if str(CHART.parent) not in sys.path:
         sys.path.insert(0, str(CHART.parent))
     import chart as gen  # infra/helm/chart.py: a script beside the chart, not a package
 
-    return {(d["kind"], gen.unhash(d)["metadata"]["name"]) for d in gen.render(components) if d["kind"] != "Namespace"}
+    return {
+        (d["kind"], gen.unhash(d)["metadata"]["name"])
+        for d in gen.render(components)
+        if d["kind"] != "Namespace" and (edge or d["metadata"].get("labels", {}).get("app.kubernetes.io/name") != EDGE)
+    }
 
 
 def expected_objects(values: dict[str, Any], components: tuple[str, ...]) -> set[tuple[str, str]]:
     """(kind, name) of what a render with ``values`` must hold: the kustomize render with
     ``components`` (its provisioning Job named for the release's revision 1), and the chart's own
     objects that ``values`` turn on."""
+    edge = values.get("edge", {}).get("enabled", False)  # off by default: it needs an identity provider
     want = {("Job", "agentmesh-provision-1") if k == ("Job", "agentmesh-provision") else k
-            for k in _kustomize_components(components)}  # fmt: skip
+            for k in _kustomize_components(components, edge)}  # fmt: skip
     if values.get("secrets", {}).get("create", True):
-        want |= CHART_SECRETS
+        want |= CHART_SECRETS | (EDGE_SECRETS if edge else set())
     if values.get("redis", {}).get("enabled", True):
         want |= CHART_REDIS | ({("NetworkPolicy", "redis")} if "network-policy" in components else set())
     if values.get("model", {}).get("config"):

@@ -12,7 +12,9 @@ What it checks, one line per overlay or file, then a summary; exit 1 on any fail
 - rules no schema can express: each Deployment has topology spread constraints and a
   PodDisruptionBudget; each ScaledObject targets a rendered Deployment and has exactly one
   nats-jetstream trigger per durable consumer of its service (``mesh_contracts.topology``), with
-  the metadata keys KEDA's scaler reads; the production overlay pins every image by digest;
+  the metadata keys KEDA's scaler reads; a workload without durables (the edge) is scaled by a
+  HorizontalPodAutoscaler instead, on a Deployment of the render, two replicas at least; the
+  production overlay pins every image by digest;
 - infra/nats/helm-values.yaml uses only keys the pinned NATS chart's values.yaml has, and the
   pinned version is the one its header and infra/README.md name;
 - the Helm chart (infra/helm/agentmesh): its generated templates are what infra/helm/chart.py
@@ -53,6 +55,7 @@ if str(HERE) not in sys.path:  # loaded by a test (mesh_testing.scripts.load_scr
 from deploy_chart import CHART, CHART_VARIANTS, deep_merge, expected_objects, identity_values, render_chart  # noqa: E402
 from deploy_rules import (  # noqa: E402
     chart_value_errors,
+    check_autoscalers,
     check_deployments,
     check_digests,
     check_scaled_objects,
@@ -127,6 +130,7 @@ def check_overlay(overlay: str, report: Report, crds: CrdSchemas, durables: dict
         errors += [f"{kind_name(doc)}: {e}" for e in validate_object(doc, crds)]
     errors += check_deployments(docs)
     errors += check_scaled_objects(docs, durables)
+    errors += check_autoscalers(docs, durables)
     if overlay in DIGEST_PINNED:
         errors += check_digests(docs)
     parts = [f"{n} {family}" for family, n in sorted(counts.items())]
@@ -187,6 +191,7 @@ def chart_render_errors(
     mesh_docs = [d for d in docs if d["metadata"]["name"] != "redis"]  # one pod, neither spread nor scaled
     errors += check_deployments(mesh_docs)
     errors += check_scaled_objects(mesh_docs, durables)
+    errors += check_autoscalers(mesh_docs, durables)
     if "digests" in values.get("images", {}):
         errors += check_digests(docs)
     got = {

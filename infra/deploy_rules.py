@@ -2,7 +2,8 @@
 objects to the errors it finds (an empty list: the objects keep the rule): every workload spreads
 over nodes and zones under a PodDisruptionBudget, a partitioned budget runs a pod per partition,
 each ScaledObject scales a workload of the render on exactly the durable consumers of its service
-(``mesh_contracts.topology``) with metadata KEDA's scaler reads, images are pinned by digest, and
+(``mesh_contracts.topology``) with metadata KEDA's scaler reads, a workload without durables (the
+edge) is scaled by a HorizontalPodAutoscaler of its own instead, images are pinned by digest, and
 NATS chart values are keys the pinned chart has.
 """
 
@@ -113,7 +114,8 @@ def check_scaled_objects(docs: list[dict[str, Any]], durables: dict[str, list[tu
     """ScaledObjects against the Deployments and durable consumers they scale on.
 
     ``durables`` maps a service to its (stream, consumer) pairs. A rendering without ScaledObjects
-    (KEDA left out) passes."""
+    (KEDA left out) passes. With KEDA on, every workload has a ScaledObject, but one without
+    durables that a HorizontalPodAutoscaler scales (the edge: ``check_autoscalers``)."""
     errors = []
     scaled = [d for d in docs if d.get("kind") == "ScaledObject"]
     if not scaled:
@@ -121,7 +123,8 @@ def check_scaled_objects(docs: list[dict[str, Any]], durables: dict[str, list[tu
     deployments = {d["metadata"]["name"] for d in docs if d.get("kind") in WORKLOADS}
     kinds = {d["metadata"]["name"]: d["kind"] for d in docs if d.get("kind") in WORKLOADS}
     auths = {d["metadata"]["name"] for d in docs if d.get("kind") == "TriggerAuthentication"}
-    targets = set()
+    hpas = _hpa_targets(docs)
+    targets = set(hpas) - set(durables)  # scaled by an HPA of its own: the edge (no durable to lag)
     for so in scaled:
         spec = so.get("spec", {})
         ref = spec.get("scaleTargetRef", {})
@@ -139,6 +142,8 @@ def check_scaled_objects(docs: list[dict[str, Any]], durables: dict[str, list[tu
             meta = trigger.get("metadata") or {}
             if trigger.get("type") == "nats-jetstream" and "consumer" in meta:
                 seen.append((meta.get("stream", ""), meta["consumer"]))
+        if target in hpas:
+            errors.append(f"{kind_name(so)}: {target} is scaled by HorizontalPodAutoscaler/{hpas[target]} too")
         if target in durables:
             want = durables[target]
             for pair in sorted(set(want) - set(seen)):
@@ -151,6 +156,41 @@ def check_scaled_objects(docs: list[dict[str, Any]], durables: dict[str, list[tu
                 errors.append(f"{kind_name(so)}: a durable has two triggers")
     for name in sorted(deployments - targets):
         errors.append(f"{kinds[name]}/{name}: no ScaledObject (the overlay has KEDA on)")
+    return errors
+
+
+def _hpa_targets(docs: list[dict[str, Any]]) -> dict[str, str]:
+    """Workload name -> the HorizontalPodAutoscaler that scales it."""
+    return {
+        d["spec"]["scaleTargetRef"].get("name"): d["metadata"]["name"]
+        for d in docs
+        if d.get("kind") == "HorizontalPodAutoscaler"
+    }
+
+
+def check_autoscalers(docs: list[dict[str, Any]], durables: dict[str, list[tuple[str, str]]]) -> list[str]:
+    """HorizontalPodAutoscalers (the edge's: an HTTP service, no durable consumer for KEDA to
+    scale it on): each scales a workload of the render, of its kind, with a floor of two replicas
+    at least (it is the only thing that sets the count, and a PodDisruptionBudget with one pod
+    refuses a drain), and never a service with durables (KEDA's ScaledObjects own those)."""
+    errors = []
+    kinds = {d["metadata"]["name"]: d["kind"] for d in docs if d.get("kind") in WORKLOADS}
+    for hpa in (d for d in docs if d.get("kind") == "HorizontalPodAutoscaler"):
+        spec = hpa.get("spec", {})
+        ref = spec.get("scaleTargetRef", {})
+        target = ref.get("name")
+        if target not in kinds:
+            errors.append(f"{kind_name(hpa)}: scaleTargetRef {target!r} is no Deployment of this render")
+        elif ref.get("kind") != kinds[target]:
+            errors.append(f"{kind_name(hpa)}: scaleTargetRef names a {ref.get('kind')}, {target} is a {kinds[target]}")
+        if target in durables:
+            errors.append(
+                f"{kind_name(hpa)}: {target} consumes durables: KEDA scales it on their lag (components/keda)"
+            )
+        if spec.get("minReplicas", 1) < 2:
+            errors.append(
+                f"{kind_name(hpa)}: minReplicas {spec.get('minReplicas', 1)} (two at least: a drain needs a second pod)"
+            )
     return errors
 
 

@@ -8,6 +8,7 @@ the mesh home (never into the repository) until meshctl grows the same commands:
     .venv/bin/python infra/render.py compose     # nats-auth, plus <home>/compose/ for compose
     .venv/bin/python infra/render.py redis --host redis.agentmesh.svc.cluster.local --out DIR
     .venv/bin/python infra/render.py helm        # <home>/helm/identity-values.yaml for infra/helm/agentmesh
+    .venv/bin/python infra/render.py edge --out DIR   # DIR/edge/: the edge's creds and tenant keys (kustomize)
 
 Nothing secret is printed. Files holding passwords are written 0600.
 """
@@ -80,12 +81,65 @@ def render_redis(ids: Identities, host: str, port: int, out: Path) -> dict[str, 
     return urls
 
 
+def edge_tenant_keys(
+    ids: Identities, tenants: list[str] | None = None, approvers: bool = False
+) -> dict[str, dict[str, str]]:
+    """What the edge holds of each tenant it serves (all the home's tenants unless named): the
+    tenant client's signing key and the tenant's data key, file name -> content, and with
+    ``approvers`` the keys of the tenant's people who approve from the browser
+    (``approver.<tenant>.<person>.pem``, `meshctl approvers add`). A tenant named without both
+    keys in the home is an error."""
+    keys = ids.secrets / "keys"
+    out: dict[str, dict[str, str]] = {}
+    for tenant in tenants if tenants is not None else ids.tenants():
+        files = [keys / f"client.{tenant}.pem", ids.tenant_data_key(tenant)]
+        if missing := [f.name for f in files if not f.exists()]:
+            if tenants is None:
+                continue  # a tenant of the home without a client (removed): nothing to serve
+            raise ValueError(f"tenant {tenant}: no {', '.join(missing)} in {keys}")
+        if approvers:
+            files += sorted(keys.glob(f"approver.{tenant}.*.pem"))
+        out[tenant] = {f.name: f.read_text() for f in files}
+    return out
+
+
+def edge_creds(ids: Identities) -> str:
+    creds = ids.creds("edge")
+    if not creds.exists():
+        raise ValueError(f"no {creds.name} in {creds.parent}: run `meshctl init` again (it mints the edge's)")
+    return creds.read_text()
+
+
+def render_edge(ids: Identities, out: Path, tenants: list[str] | None = None, approvers: bool = False) -> list[Path]:
+    """The edge's files for the kustomize path, 0600: ``out/edge/nats.creds`` (Secret
+    agentmesh-edge-identity) and ``out/edge/tenants/`` (Secret agentmesh-edge-tenants, one key per
+    file: ``kubectl create secret generic ... --from-file=out/edge/tenants``). The folder is
+    rewritten, so a tenant left out is no longer there."""
+    edge = out / "edge"
+    keys = edge_tenant_keys(ids, tenants, approvers)  # first: a tenant without keys changes nothing
+    write_secret(edge / "nats.creds", edge_creds(ids))
+    folder = edge / "tenants"
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for old in folder.iterdir():
+        old.unlink()
+    for files in keys.values():
+        for name, text in files.items():
+            write_secret(folder / name, text)
+    return [edge / "nats.creds", folder]
+
+
 def render_compose(ids: Identities) -> list[Path]:
     written = render_nats_auth(ids)
     out = ids.home / "compose"
     urls = render_redis(ids, COMPOSE_REDIS_HOST, REDIS_PORT, out)
     store = out / "jetstream"
     store.mkdir(parents=True, exist_ok=True)  # bind-mounted at /data; must exist and be ours
+    # The edge: its creds and the tenants' keys (not the home's whole keys folder, which holds
+    # every service's signing key), and the dev issuer `meshctl edge token` signs with.
+    written += render_edge(ids, out, approvers=True)
+    from meshctl.edge import issuer_key
+
+    issuer_key(ids)  # secrets/keys/edge-issuer.pem, its public half edge-issuer.pub.pem beside it
     env = out / "compose.env"
     # Containers run as the invoking user because compose bind-mounts the 0600 identity files
     # with their host owner (compose secrets cannot change uid or mode for file sources).
@@ -102,9 +156,10 @@ def render_compose(ids: Identities) -> list[Path]:
     return [*written, out / "redis" / "users.acl", store, env]
 
 
-def render_helm(ids: Identities, redis_host: str, redis_port: int) -> Path:
+def render_helm(ids: Identities, redis_host: str, redis_port: int, edge_approvers: bool = False) -> Path:
     """Everything the chart takes from a mesh home, as one values file (0600, never committed):
-    each principal's identity Secret (every service's with the deployment's data key), the trust
+    each principal's identity Secret (every service's with the deployment's data key), the keys of
+    the tenants the edge serves (``edgeTenants``; ``edge.tenants`` picks some), the trust
     bundle, the tenants rag indexes, the Redis ACL with its URLs, and the NATS auth include for the
     NATS chart (the dependency, under ``nats:``)."""
     import tempfile
@@ -126,11 +181,13 @@ def render_helm(ids: Identities, redis_host: str, redis_port: int) -> Path:
             files["data.key"] = ids.data_key.read_text()
         identities[service] = files
     identities["admin"] = {"nats.creds": ids.creds("admin").read_text()}
+    identities["edge"] = {"nats.creds": edge_creds(ids)}  # it signs as the tenants, with their keys
     identities["keeper"] = {"nats.creds": ids.creds("keeper").read_text(),
                             "signing-key.pem": ids.signing_key("keeper").read_text()}  # fmt: skip
     values = {
         "identities": identities,
         "trustBundle": ids.trust_bundle.read_text(),
+        "edgeTenants": edge_tenant_keys(ids, approvers=edge_approvers),
         "config": {"MESH_TENANTS": ",".join(ids.tenants())},
         "redis": {"acl": acl},
         "nats": {"configMap": {"merge": {"data": {"auth.conf": auth_conf(ids)}}}},
@@ -139,6 +196,20 @@ def render_helm(ids: Identities, redis_host: str, redis_port: int) -> Path:
     # JSON is YAML, and quotes every multi-line secret exactly
     write_secret(out, json.dumps(values, indent=2) + "\n")
     return out
+
+
+def _render(ids: Identities, args: argparse.Namespace) -> list[Path]:
+    if args.what == "nats-auth":
+        return render_nats_auth(ids)
+    if args.what == "compose":
+        return render_compose(ids)
+    if args.what == "helm":
+        return [render_helm(ids, args.redis_host, args.redis_port, args.edge_approvers)]
+    if args.what == "edge":
+        tenants = [x.strip() for x in args.tenants.split(",") if x.strip()] or None
+        return render_edge(ids, args.out.absolute(), tenants, args.approvers)
+    render_redis(ids, args.host, args.port, args.out.absolute())
+    return [args.out.absolute() / "redis" / "users.acl", args.out.absolute() / "secrets" / "redis"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,21 +225,25 @@ def main(argv: list[str] | None = None) -> int:
     h = sub.add_parser("helm", help="the identity values for the Helm chart (infra/helm/agentmesh)")
     h.add_argument("--redis-host", default="redis", help="default: the chart's own Redis (Service redis)")
     h.add_argument("--redis-port", type=int, default=REDIS_PORT)
+    approvers_help = (
+        "also the keys of the tenants' people who approve from the browser (approver.<tenant>.<person>.pem)"
+    )
+    h.add_argument("--edge-approvers", action="store_true", help=approvers_help)
+    e = sub.add_parser("edge", help="the edge's creds and tenant keys for its two Secrets (k8s)")
+    e.add_argument("--out", type=Path, required=True, help="directory for edge/nats.creds and edge/tenants/")
+    e.add_argument("--tenants", default="", help="comma-separated (default: every tenant of the home)")
+    e.add_argument("--approvers", action="store_true", help=approvers_help)
     args = p.parse_args(argv)
 
     ids = Identities(args.home.absolute())
     if not ids.exists():
         print(f"render: no identities in {ids.home} (run: meshctl init --tenants ...)", file=sys.stderr)
         return 2
-    if args.what == "nats-auth":
-        written = render_nats_auth(ids)
-    elif args.what == "compose":
-        written = render_compose(ids)
-    elif args.what == "helm":
-        written = [render_helm(ids, args.redis_host, args.redis_port)]
-    else:
-        render_redis(ids, args.host, args.port, args.out.absolute())
-        written = [args.out.absolute() / "redis" / "users.acl", args.out.absolute() / "secrets" / "redis"]
+    try:
+        written = _render(ids, args)
+    except ValueError as exc:  # one line naming what is missing from the home
+        print(f"render: {exc}", file=sys.stderr)
+        return 2
     for path in written:
         print(f"wrote {path}")
     return 0

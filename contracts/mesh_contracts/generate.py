@@ -69,7 +69,7 @@ ANNOTATIONS: dict[str, tuple[dict[str, Any], str]] = {
     "x-readers": ({"type": "array", "items": {"type": "string"}}, "Who may read it."),
     "x-sealed": (
         {"type": "array", "items": {"type": "string"}},
-        "Fields that travel sealed with the tenant's data key (`{\"$sealed\": \"dk1....\"}`, XChaCha20-Poly1305, "
+        'Fields that travel sealed with the tenant\'s data key (`{"$sealed": "dk1...."}`, XChaCha20-Poly1305, '
         "associated data `<type>/v<major>|<tenant>|<task>|<field>`): a client seals them before sending and "
         "opens them after verifying.",
     ),

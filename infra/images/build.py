@@ -1,7 +1,7 @@
 """`make images`: every service image (and meshctl's) built on a local Docker engine, from a
 pinned base, with nothing pulled.
 
-    .venv/bin/python infra/images/build.py                       # base (once), wheels, 7 images
+    .venv/bin/python infra/images/build.py                       # base (once), wheels, 8 images
     .venv/bin/python infra/images/build.py --only worker,rag     # some of them
     .venv/bin/python infra/images/build.py --base python:3.11-slim@sha256:...   # a registry base
     .venv/bin/python infra/images/build.py --rebuild-base        # debootstrap the base again
@@ -50,7 +50,7 @@ from packaging.utils import canonicalize_name  # noqa: E402
 
 from mesh_contracts import SERVICES  # noqa: E402
 
-IMAGES = (*SERVICES, "meshctl")
+IMAGES = (*SERVICES, "edge", "meshctl")  # the edge: the HTTP gateway, in no stream, so not a SERVICE
 BASE_TAG = "agentmesh/base:bookworm"
 SUITE = "bookworm"
 BASE_PACKAGES = ("python3", "python3-venv", "python-is-python3", "ca-certificates")

@@ -185,3 +185,28 @@ def test_a_partitioned_budget_with_too_few_pods_or_no_ordinals_is_reported(base_
     errors = rules.check_deployments(docs)
     assert "StatefulSet/budget: 1 pod(s) for 2 partitions (a partition with none is unwatched)" in errors, errors
     assert any("StatefulSet/budget: spread over ['pod-template-hash']" in e for e in errors), errors
+
+
+def test_the_edge_is_scaled_by_its_own_autoscaler_and_nothing_else(
+    keda_docs: list[dict[str, Any]], base_docs: list[dict[str, Any]]
+):
+    docs = copy.deepcopy(base_docs + keda_docs)
+    durables = rules.mesh_durables()
+    assert rules.check_autoscalers(docs, durables) == []
+    hpa = _by_name(docs, "HorizontalPodAutoscaler", "edge")
+    others = [d for d in docs if d["kind"] != "HorizontalPodAutoscaler"]
+    # KEDA on and no autoscaler: the edge is a workload nothing scales
+    assert "Deployment/edge: no ScaledObject (the overlay has KEDA on)" in rules.check_scaled_objects(others, durables)
+    hpa["spec"]["minReplicas"] = 1
+    hpa["spec"]["scaleTargetRef"]["name"] = "worker"  # a service with durables: KEDA's
+    errors = rules.check_autoscalers([*others, hpa], durables)
+    assert any("worker consumes durables" in e for e in errors), errors
+    assert any("minReplicas 1 (two at least" in e for e in errors), errors
+    assert any(
+        "worker is scaled by HorizontalPodAutoscaler/edge too" in e
+        for e in rules.check_scaled_objects([*others, hpa], durables)
+    )
+    hpa["spec"]["scaleTargetRef"]["name"] = "frontend"
+    assert any(
+        "scaleTargetRef 'frontend' is no Deployment" in e for e in rules.check_autoscalers([*others, hpa], durables)
+    )

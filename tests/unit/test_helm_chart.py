@@ -203,3 +203,36 @@ def test_the_identity_values_file_is_private(tmp_path):
     assert "@redis.prod.internal:6379/" in values["identities"]["rag"]["redis-url"]
     assert "auth.conf" in values["nats"]["configMap"]["merge"]["data"]
     assert "PRIVATE" not in done.stdout + done.stderr  # nothing secret printed
+
+
+def test_the_edge_gets_its_creds_the_tenants_keys_and_its_identity_provider(identity):
+    assert not [k for k in objects(identity) if "edge" in k[1]], "off by default: it needs an identity provider"
+    identity = deploy_chart.deep_merge(identity, {"edge": {"enabled": True}})
+    docs = objects(identity)
+    assert docs[("Secret", "agentmesh-edge-identity")]["stringData"] == {
+        "nats.creds": identity["identities"]["edge"]["nats.creds"]
+    }  # no signing key of its own: it signs as the tenants
+    tenants = docs[("Secret", "agentmesh-edge-tenants")]["stringData"]
+    assert tenants == {"client.acme.pem": identity["edgeTenants"]["acme"]["client.acme.pem"],
+                       "data.acme.key": identity["edgeTenants"]["acme"]["data.acme.key"]}  # fmt: skip
+    pod = docs[("Deployment", "edge")]["spec"]["template"]["spec"]
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+    assert mounts["tenants"] == env["MESH_EDGE_KEYS_DIR"] and env["MESH_EDGE_HOST"] == "0.0.0.0"  # noqa: S104 - a container: probes and the Service
+    volumes = {v["name"]: v.get("secret", {}).get("secretName") for v in pod["volumes"]}
+    assert (volumes["identity"], volumes["tenants"]) == ("agentmesh-edge-identity", "agentmesh-edge-tenants")
+    assert "replicas" not in docs[("Deployment", "edge")]["spec"]  # the HPA owns the count
+    assert (docs[("HorizontalPodAutoscaler", "edge")]["spec"]["minReplicas"], docs[("Service", "edge")]["spec"]["ports"][0]["port"]) == (2, 8088)  # fmt: skip
+
+    oidc = {"issuer": "https://login.example.invalid", "jwksUrl": "https://login.example.invalid/jwks"}
+    some = objects(deploy_chart.deep_merge(identity, {"edge": {"oidc": oidc, "minReplicas": 3}, "config": {"MESH_EDGE_AUDIENCE": "web"}}))  # fmt: skip
+    config = some[("ConfigMap", "agentmesh-config")]["data"]
+    assert (config["MESH_EDGE_ISSUER"], config["MESH_EDGE_JWKS_URL"], config["MESH_EDGE_AUDIENCE"]) == (
+        oidc["issuer"], oidc["jwksUrl"], "web"
+    )  # fmt: skip
+    assert some[("HorizontalPodAutoscaler", "edge")]["spec"]["minReplicas"] == 3
+    with pytest.raises(Exception, match=r"edge.tenants names globex, whose keys are not in edgeTenants"):
+        objects(deploy_chart.deep_merge(identity, {"edge": {"tenants": ["globex"]}}))
+
+    off = objects(deploy_chart.deep_merge(identity, {"edge": {"enabled": False}}))
+    assert not [k for k in off if "edge" in k[1]], "edge.enabled=false leaves none of its objects"

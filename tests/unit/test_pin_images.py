@@ -14,7 +14,7 @@ pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parents[2]
 pin_images = load_script(ROOT / "infra" / "pin_images.py")
 
-IMAGES = ("planner", "worker", "checker", "rag", "tool-executor", "budget", "meshctl")
+IMAGES = ("planner", "worker", "checker", "rag", "tool-executor", "budget", "edge", "meshctl")
 D = {name: "sha256:" + f"{i:x}" * 64 for i, name in enumerate(IMAGES, start=1)}
 
 

@@ -30,3 +30,16 @@ A digest in images.digests wins over the tag; production should set every digest
 {{- define "agentmesh.required" -}}
 {{- required (printf "%s is not set: render the identity values with `python infra/render.py --home <mesh home> helm` and pass them with -f" (index . 0)) (index . 1) -}}
 {{- end -}}
+
+{{/*
+The edge's identity provider (edge.oidc) as settings of the config map, the ones set only:
+MESH_EDGE_ISSUER, MESH_EDGE_AUDIENCE, MESH_EDGE_JWKS_URL. .Values.config wins over them.
+*/}}
+{{- define "agentmesh.edgeConfig" -}}
+{{- $out := dict -}}
+{{- $oidc := (.Values.edge | default dict).oidc | default dict -}}
+{{- with $oidc.issuer }}{{ $_ := set $out "MESH_EDGE_ISSUER" (toString .) }}{{ end -}}
+{{- with $oidc.audience }}{{ $_ := set $out "MESH_EDGE_AUDIENCE" (toString .) }}{{ end -}}
+{{- with $oidc.jwksUrl }}{{ $_ := set $out "MESH_EDGE_JWKS_URL" (toString .) }}{{ end -}}
+{{- toYaml $out -}}
+{{- end -}}
