@@ -10,8 +10,8 @@ token drawn) and on the bus itself (the submission stored to the first ``live.to
 seen by an admin subscriber: the mesh's own TTFT); the difference is what the edge and the
 browser add. (2) Once more, the edge is killed (SIGKILL) as soon as the first token is drawn and
 started again on its port: the page reconnects with ``Last-Event-ID`` and the task still ends
-completed on the page, no progress line shown twice. (3) A screenshot, which must be a real
-picture. Exit 0 when all hold.
+completed on the page, no progress line shown twice. (3) Screenshots (the first answer half
+written, ``<out>-streaming.png``; the page at the end, ``<out>``), which must be real pictures. Exit 0 when all hold.
 
     .venv/bin/python tests/browser/check_web_app.py --out .mesh/web-app.png
 """
@@ -88,8 +88,13 @@ def ctl(home: Path, *args: str) -> str:
                           text=True, timeout=120).stdout.strip()  # fmt: skip
 
 
-def ask(page: Browser, n: int) -> dict:
+def ask(page: Browser, n: int, streaming: Path | None = None) -> dict:
+    """Click "Ask" and wait for the outcome; ``streaming``: a screenshot there as soon as the first
+    token is drawn (the answer half written)."""
     page.click("#send")
+    if streaming is not None:
+        page.until(f"window.meshStats.runs.length === {n} && window.meshStats.last.tokens > 0", 60)
+        streaming.write_bytes(base64.b64decode(page.send("Page.captureScreenshot", {"format": "png"})["data"]))
     page.until(f"window.meshStats.runs.length === {n} && document.body.dataset.state !== 'running'", 60)
     return page.value("window.meshStats.last")
 
@@ -117,8 +122,10 @@ def main() -> int:
         page.open(url)
         page.until("document.getElementById('who').textContent.includes('alice')")
         browser_ms, bus_ms = [], []
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        streaming = args.out.with_name(f"{args.out.stem}-streaming.png")
         for n in range(1, RUNS + 1):
-            run = ask(page, n)
+            run = ask(page, n, streaming if n == 1 else None)
             task = run["taskId"]
             if run["outcome"] != "task.completed" or "391" not in (run.get("answer") or ""):
                 problems.append(f"run {n}: {run['outcome']}: {run.get('answer')!r}")
@@ -152,7 +159,6 @@ def main() -> int:
 
         # (3) a real picture
         shot = base64.b64decode(page.send("Page.captureScreenshot", {"format": "png"})["data"])
-        args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_bytes(shot)
         if len(shot) < 20_000:
             problems.append(f"the screenshot is nearly blank ({len(shot)} bytes)")
