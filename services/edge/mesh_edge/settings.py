@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, ClassVar
 
-from pydantic import AliasChoices, Field, ValidationError
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from mesh_kit.settings import ServiceSettings
 
 
 class EdgeSettings(BaseSettings):
@@ -57,20 +60,6 @@ class EdgeSettings(BaseSettings):
     keepalive_s: float = Field(15.0, gt=0)
     """A comment line this often on an idle event stream, so proxies keep it open."""
 
-    @classmethod
-    def env_names(cls, field: str) -> tuple[str, ...]:
-        """The environment variable(s) ``field`` is read from (the settings tables use it)."""
-        alias = cls.model_fields[field].validation_alias
-        if isinstance(alias, str):
-            return (alias,)
-        if isinstance(alias, AliasChoices):
-            return tuple(c for c in alias.choices if isinstance(c, str))
-        return ((cls.model_config.get("env_prefix", "") + field).upper(),)
-
-    @classmethod
-    def error_line(cls, exc: ValidationError) -> str:
-        """The first error as one line that names its variable."""
-        first = exc.errors()[0]
-        field = str(first["loc"][0]) if first["loc"] else ""
-        name = cls.env_names(field)[0] if field in cls.model_fields else field
-        return f"{name}: {first['msg']}"
+    # The variables a field is read from, and a bad one as one line, as every service's settings say them.
+    env_names: ClassVar[Any] = classmethod(ServiceSettings.env_names.__func__)  # type: ignore[attr-defined]
+    error_line: ClassVar[Any] = classmethod(ServiceSettings.error_line.__func__)  # type: ignore[attr-defined]
