@@ -22,8 +22,8 @@ from mesh_edge.users import Forbidden, Unauthorized, Users
 
 pytestmark = pytest.mark.unit
 
-NOW = int(time.time())
-CLAIMS = {"iss": "https://idp.example", "aud": "agentmesh-edge", "sub": "alice", "tenant": "acme", "exp": NOW + 60}
+CLAIMS = {"iss": "https://idp.example", "aud": "agentmesh-edge", "sub": "alice", "tenant": "acme"}
+"""A token's claims but its times, which each signing adds as of then (a suite runs for minutes)."""
 
 
 def _jwk(key: object, kid: str, alg: str) -> dict[str, object]:
@@ -67,7 +67,13 @@ def jwks_url(jwks) -> Iterator[str]:
 
 
 def _bearer(claims: dict[str, object], key: object, alg: str, kid: str | None = None) -> str:
-    return "Bearer " + jwt.encode(claims, key, algorithm=alg, headers={"kid": kid} if kid else None)
+    """Signed now: ``exp`` a minute from now unless ``claims`` say when (``exp`` / ``nbf`` as
+    offsets in seconds from now)."""
+    now = int(time.time())
+    timed = {**claims, "exp": now + int(claims.get("exp", 60))}  # type: ignore[call-overload]
+    if "nbf" in claims:
+        timed["nbf"] = now + int(claims["nbf"])  # type: ignore[call-overload]
+    return "Bearer " + jwt.encode(timed, key, algorithm=alg, headers={"kid": kid} if kid else None)
 
 
 def test_a_pem_file_of_the_providers_keys(keys, tmp_path: Path) -> None:
@@ -99,8 +105,8 @@ def test_a_jwks_file_and_the_providers_jwks_url(keys, jwks, jwks_url, tmp_path: 
 @pytest.mark.parametrize(
     ("claims", "error", "says"),
     [
-        ({**CLAIMS, "exp": NOW - 120}, Unauthorized, "expired"),
-        ({**CLAIMS, "nbf": NOW + 600}, Unauthorized, "not yet valid"),
+        ({**CLAIMS, "exp": -120}, Unauthorized, "expired"),
+        ({**CLAIMS, "nbf": 600}, Unauthorized, "not yet valid"),
         ({**CLAIMS, "aud": "someone-else"}, Unauthorized, "(?i)audience"),
         ({k: v for k, v in CLAIMS.items() if k != "sub"}, Unauthorized, "sub"),
         ({k: v for k, v in CLAIMS.items() if k != "tenant"}, Forbidden, "names no tenant"),

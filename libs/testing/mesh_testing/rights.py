@@ -215,6 +215,18 @@ INTENDED: dict[str, set[str]] = {
     | kv_scan("status")
     | kv_scan("approvals")
     | AUDIT_WRITER,  # what it removed, on the tenant's chain
+    # The edge (the HTTP gateway): a task's stored events, outcome and waiting calls in order, for a
+    # browser that follows late or resumes (the bare subject: a subject filter of one task per
+    # read), and the approval a person decides; every tenant's, as it speaks for several.
+    "edge": stream_read("TASK")
+    | stream_read("EVENTS")
+    | stream_read("APPROVAL")
+    | {
+        "$JS.API.DIRECT.GET.TASK.>",
+        "$JS.API.DIRECT.GET.EVENTS.>",
+        "$JS.API.DIRECT.GET.APPROVAL.>",
+        "$JS.API.DIRECT.GET.KV_approvals.$KV.approvals.>",
+    },
     # its own events and outcomes, and its own workflow registry and releases keys, one key per read
     "client.acme": {
         "$JS.API.DIRECT.GET.TASK.task.*.acme.>",
