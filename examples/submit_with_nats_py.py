@@ -83,7 +83,8 @@ async def main(goal: str, tenant: str, home: Path, nats_url: str) -> int:
     # 3. The message body, and a signed identity token over its exact bytes.
     sealed_goal = seal(data_key, f"task.submitted/v1|{tenant}|{task_id}|goal", goal)
     body = json.dumps({"type": "task.submitted", "tenant": tenant, "task_id": task_id, "goal": sealed_goal}).encode()
-    msg_id = f"task.submitted:{tenant}:{task_id}:1"  # as meshctl and the TypeScript client: a resubmission is stored once
+    # as meshctl and the TypeScript client name it: a resubmission is stored once, whoever sends it
+    msg_id = f"task.submitted:{tenant}:{task_id}:1"
     # What the budget may know of the task (it follows every task from the messages' headers and
     # may read no body): the limits and labels exactly as the body gives them (none here), covered
     # by the token (fct). Without it the budget applies the default limits.
