@@ -11,9 +11,19 @@ import fcntl
 import json
 import os
 import select
+import shutil
 import subprocess
 import time
 from typing import Any
+
+
+def chromium(check: str) -> str:
+    """The Chromium here, or exit saying how to get one (``check`` names the caller)."""
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        found = shutil.which(name)
+        if found:
+            return found
+    raise SystemExit(f"{check}: no chromium here (Debian: apt-get install chromium)")
 
 
 class CdpError(Exception):

@@ -43,7 +43,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
-from cdp import Browser
+from cdp import Browser, chromium
 
 from mesh_agent import prompts
 from mesh_contracts.v1.records import ReleaseChannel
@@ -158,14 +158,6 @@ def picture_facts(path: Path) -> dict[str, float]:
             drawn += px != background
     sampled = (len(rows[::2])) * (width // 2 + width % 2)
     return {"width": width, "height": height, "colours": len(colours), "drawn": drawn / max(1, sampled)}
-
-
-def chromium() -> str:
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        found = shutil.which(name)
-        if found:
-            return found
-    raise SystemExit("dashboard-check: no chromium here (Debian: apt-get install chromium)")
 
 
 def browse(browser: str, url: str, *args: str) -> str:
@@ -409,7 +401,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=ROOT / ".mesh" / "dashboard.png", help="where the screenshot goes")
     args = ap.parse_args()
-    browser = chromium()
+    browser = chromium("dashboard-check")
     home = Path(tempfile.mkdtemp(prefix="agentmesh-dashboard-"))
     ctl = [str(MESHCTL), "--home", str(home)]
     board = None

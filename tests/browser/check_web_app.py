@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 import nats
-from cdp import Browser
+from cdp import Browser, chromium
 
 from meshctl.identity import Identities
 from meshctl.local import MeshState
@@ -42,14 +42,6 @@ from meshctl.local import MeshState
 MESHCTL = Path(sys.executable).with_name("meshctl")
 RUNS = 5
 QUIET = ("--disable-background-networking", "--disable-component-update", "--no-first-run", "--disable-sync")
-
-
-def chromium() -> str:
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        found = shutil.which(name)
-        if found:
-            return found
-    raise SystemExit("web-check: no chromium here (Debian: apt-get install chromium)")
 
 
 class Bus:
@@ -103,7 +95,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path(".mesh") / "web-app.png", help="where the screenshot goes")
     args = ap.parse_args()
-    binary = chromium()
+    binary = chromium("web-check")
     home = Path(tempfile.mkdtemp(prefix="agentmesh-web-"))
     models = home / "models.json"
     models.write_text(json.dumps({

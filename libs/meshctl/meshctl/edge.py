@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import time
 from pathlib import Path
@@ -25,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from meshctl import options as opt
 from meshctl.commands.common import nats_url
 from meshctl.identity import Identities, write_secret
-from meshctl.local import MeshError, MeshState, free_port, spawn, wait_until
+from meshctl.local import MeshError, MeshState, Proc, free_port, spawn, stop, wait_ready
 
 DEV_ISSUER = "agentmesh-dev"
 AUDIENCE = "agentmesh-edge"
@@ -57,8 +58,6 @@ def user_token(ids: Identities, tenant: str, user: str, ttl_s: float = 3600.0) -
 
 
 def edge_env(ids: Identities, url: str, port: int, static: Path | None) -> dict[str, str]:
-    import os
-
     issuer_key(ids)
     env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
     env.update({
@@ -74,11 +73,18 @@ def edge_env(ids: Identities, url: str, port: int, static: Path | None) -> dict[
     return env
 
 
-async def _ready(port: int) -> bool:
-    import httpx
-
-    async with httpx.AsyncClient(timeout=1.0) as http:
-        return (await http.get(f"http://127.0.0.1:{port}/readyz")).status_code == 200
+def spawn_edge(ids: Identities, url: str, port: int, static: Path | None = None) -> Proc:
+    """``python -m mesh_edge`` on ``port`` with the home's identities, once it is ready (stopped
+    again if it never is)."""
+    proc = spawn("edge", [sys.executable, "-m", "mesh_edge"], ids.home / "logs" / "edge.log",
+                 edge_env(ids, url, port, static), http_port=port)  # fmt: skip
+    proc.service = "edge"
+    try:
+        asyncio.run(wait_ready({"edge": proc}, 30.0))
+    except BaseException:
+        stop([[proc]], 10.0)
+        raise
+    return proc
 
 
 def start(home: Path, url: str, port: int = 0, static: Path | None = WEB_APP) -> int:
@@ -93,15 +99,10 @@ def start(home: Path, url: str, port: int = 0, static: Path | None = WEB_APP) ->
     old = state.services.get("edge")
     if old is not None and old.alive():
         return old.http_port
-    port = port or free_port()
     static = static if static is not None and static.is_dir() else None
-    proc = spawn("edge", [sys.executable, "-m", "mesh_edge"], ids.home / "logs" / "edge.log",
-                 edge_env(ids, url, port, static), http_port=port)  # fmt: skip
-    proc.service = "edge"
-    state.services["edge"] = proc
+    state.services["edge"] = proc = spawn_edge(ids, url, port or free_port(), static)
     state.save()
-    asyncio.run(wait_until(lambda: _ready(port), "edge", 30.0, proc))
-    return port
+    return proc.http_port
 
 
 def cmd_edge(args: argparse.Namespace) -> int:

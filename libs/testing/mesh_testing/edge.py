@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import sys
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -13,24 +12,16 @@ import httpx
 
 from mesh_testing.infra import Infra
 from meshctl import local
-from meshctl.edge import edge_env
+from meshctl.edge import spawn_edge
 
 
 @contextlib.contextmanager
 def running_edge(infra: Infra) -> Iterator[str]:
-    """Start ``python -m mesh_edge`` with its own identity against ``infra`` (the home's dev issuer
-    signs people in: ``meshctl.edge.user_token``); yields its base URL, stops it after."""
-    port = local.free_port()
-    proc = local.spawn("edge", [sys.executable, "-m", "mesh_edge"], infra.home / "logs" / "edge.log",
-                       edge_env(infra.ids, infra.nats_url, port, None), http_port=port)  # fmt: skip
-
-    async def ready() -> bool:
-        async with httpx.AsyncClient(timeout=1.0) as http:
-            return (await http.get(f"http://127.0.0.1:{port}/readyz")).status_code == 200
-
+    """The edge as ``meshctl edge start`` runs it, against ``infra`` (the home's dev issuer signs
+    people in: ``meshctl.edge.user_token``); yields its base URL, stops it after."""
+    proc = spawn_edge(infra.ids, infra.nats_url, local.free_port())
     try:
-        asyncio.run(local.wait_until(ready, "edge", 30.0, proc))
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{proc.http_port}"
     finally:
         local.stop([[proc]], 10.0)
 

@@ -34,24 +34,28 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from mesh_contracts.base import ID_PATTERN
 from mesh_contracts.v1 import TaskPolicy, TaskRejected
 from mesh_edge.errors import EdgeError
-from mesh_edge.follow import Follow
+from mesh_edge.follow import Follow, believed
 from mesh_edge.settings import EdgeSettings
 from mesh_edge.tenants import Tenants
 from mesh_edge.users import Forbidden, Unauthorized, User, Users
 from mesh_kit.telemetry import A_TASK, A_TENANT, Telemetry, setup
+from mesh_tenancy import door
 from mesh_tenancy.door import DoorRefused
 from meshctl.approver import ApprovalError
 from meshctl.client import TenantClient
+from meshctl.submission import traceparent
 
 log = logging.getLogger("mesh.edge")
 
 M_REQUESTS = "mesh.edge.requests"
 M_STREAMS = "mesh.edge.streams_open"
-TASK_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
-STATUS = {"too_many_in_flight": 429, "rate_limited": 429, "quota_exceeded": 429, "busy": 429,
-          "overloaded": 503, "unavailable": 503, "suspended": 403, "invalid": 400}  # fmt: skip
+ID = re.compile(ID_PATTERN)
+STATUS = {**door.STATUS, "too_many_in_flight": 429}
+"""HTTP status of a refusal, the door's (anything else, ``overloaded``, ``unavailable``: 503) and
+the planner's admission's."""
 
 
 class BadRequest(EdgeError):
@@ -113,11 +117,7 @@ class Edge:
                 response = await answer(request, span)
                 span.set_attribute("http.response.status_code", response.status_code)
                 self.m_requests.add(1, {"http.route": route, "http.response.status_code": response.status_code})
-                ctx = span.get_span_context()
-                if ctx.is_valid:
-                    response.headers["traceparent"] = (
-                        f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{int(ctx.trace_flags):02x}"
-                    )
+                response.headers["traceparent"] = traceparent()  # this span's, which the task joins
                 return response
 
         async def answer(request: Request, span: trace.Span) -> Response:
@@ -129,7 +129,7 @@ class Edge:
                 client = self.tenants.client(user.tenant)
                 for name in ("task_id", "approval_id"):
                     value = request.path_params.get(name)
-                    if value is not None and not TASK_ID.match(value):
+                    if value is not None and not ID.match(value):
                         raise BadRequest(f"a {name.replace('_', ' ')} is 1-64 letters, digits, '-' or '_'")
                 return await handler(request, user, client)
             except Unauthorized as exc:
@@ -145,7 +145,7 @@ class Edge:
             except ApprovalError as exc:
                 return _error(409, "conflict", str(exc))
             except DoorRefused as exc:
-                return _error(STATUS.get(exc.code, 400), exc.code, str(exc), retry_after_s=exc.retry_after_s)
+                return _error(STATUS.get(exc.code, 503), exc.code, str(exc), retry_after_s=exc.retry_after_s)
 
         return endpoint
 
@@ -175,7 +175,7 @@ class Edge:
         if not isinstance(labels, dict) or not all(isinstance(v, str) for v in labels.values()):
             raise BadRequest('"labels" is an object of strings')
         task_id = body.get("task_id") or self._task_id(user, request.headers.get("idempotency-key"))
-        if not isinstance(task_id, str) or not TASK_ID.match(task_id):
+        if not isinstance(task_id, str) or not ID.match(task_id):
             raise BadRequest("a task id is 1-64 letters, digits, '-' or '_'")
         try:
             policy = TaskPolicy.model_validate(body.get("policy") or {})
@@ -191,8 +191,13 @@ class Edge:
         log.info("submitted %s/%s for %s: %s", user.tenant, task_id, user.subject,
                  refused.code if isinstance(refused, TaskRejected) else "accepted")  # fmt: skip
         if isinstance(refused, TaskRejected):
-            status = STATUS.get(refused.code, 400)
-            return _error(status, refused.code, refused.reason, retry_after_s=refused.retry_after_s, task_id=task_id)
+            return _error(
+                STATUS.get(refused.code, 503),
+                refused.code,
+                refused.reason,
+                retry_after_s=refused.retry_after_s,
+                task_id=task_id,
+            )
         return JSONResponse(
             {"task_id": task_id, "tenant": user.tenant, "events": f"/v1/tasks/{task_id}/events"}, status_code=202
         )
@@ -265,8 +270,7 @@ class Edge:
         stored = await client._stored_outcome(task_id)
         if stored is None:
             return JSONResponse({"task_id": task_id, "state": "unknown or running", "outcome": None})
-        follow = Follow(client, task_id)
-        event = follow._believed(*stored)
+        event = believed(client, *stored)
         if event is None:
             return _error(502, "unverified", "the stored outcome did not verify against the trust bundle")
         return JSONResponse({"task_id": task_id, "state": event.data["type"], "outcome": event.data})

@@ -68,6 +68,21 @@ def shown(model: Contract) -> tuple[str, dict[str, Any]] | None:
     return None
 
 
+def believed(client: TenantClient, subject: str, data: bytes, headers: dict[str, str] | None) -> Event | None:
+    """The event a browser is shown of a message its sender's token vouches for (None: not
+    believed, which is logged, or nothing to show)."""
+    try:
+        model = client._believe(subject, data, headers)
+    except (ContractError, IdentityError) as exc:
+        log.warning("not shown (%s): %s", subject, exc)
+        return None
+    out = shown(model)
+    if out is None:
+        return None
+    stored = not subject.startswith(f"{TokenDelta.spec.domain}.")  # a live token is never stored: no id
+    return Event(out[0], out[1], (headers or {}).get("Nats-Msg-Id", "") if stored else "")
+
+
 class Follow:
     """Follows one task of one tenant for one event stream."""
 
@@ -76,18 +91,6 @@ class Follow:
         self.queue: asyncio.Queue[Msg] = asyncio.Queue(maxsize=10_000)
         self.seen: set[str] = set()
         self.subs: list[Any] = []
-
-    def _believed(self, subject: str, data: bytes, headers: dict[str, str] | None) -> Event | None:
-        try:
-            model = self.client._believe(subject, data, headers)
-        except (ContractError, IdentityError) as exc:
-            log.warning("not shown (%s): %s", subject, exc)
-            return None
-        out = shown(model)
-        if out is None:
-            return None
-        stored = not subject.startswith(f"{TokenDelta.spec.domain}.")  # a live token is never stored: no id
-        return Event(out[0], out[1], (headers or {}).get("Nats-Msg-Id", "") if stored else "")
 
     async def _stored(self) -> list[tuple[str, bytes, dict[str, str] | None]]:
         """The task's stored messages in the order they were stored (direct gets by subject, each
@@ -129,19 +132,14 @@ class Follow:
                 await sub.unsubscribe()
         self.subs = []
 
-    async def events(self) -> AsyncGenerator[Event, None]:
-        """Stored first, then live; ends after the outcome (``start`` first)."""
+    async def _messages(self) -> AsyncGenerator[tuple[str, bytes, dict[str, str] | None], None]:
+        """What is stored (after ``after``, or all of it if it names none of this task's), then
+        what comes live, each message once."""
         stored = await self._stored()
         ids = [(headers or {}).get("Nats-Msg-Id", "") for _, _, headers in stored]
         self.seen.update(ids)
-        # after the event the client saw last; all of them if it names none of this task's
-        start = ids.index(self.after) + 1 if self.after in ids else 0
-        for subject, data, headers in stored[start:]:
-            event = self._believed(subject, data, headers)
-            if event is not None:
-                yield event
-                if event.last:
-                    return
+        for message in stored[ids.index(self.after) + 1 if self.after in ids else 0 :]:
+            yield message
         while True:
             msg = await self.queue.get()
             mid = (msg.headers or {}).get("Nats-Msg-Id", "")
@@ -149,7 +147,12 @@ class Follow:
                 if mid in self.seen:
                     continue
                 self.seen.add(mid)
-            event = self._believed(msg.subject, msg.data, msg.headers)
+            yield msg.subject, msg.data, msg.headers
+
+    async def events(self) -> AsyncGenerator[Event, None]:
+        """The task's events, ending with its outcome (``start`` first)."""
+        async for subject, data, headers in self._messages():
+            event = believed(self.client, subject, data, headers)
             if event is not None:
                 yield event
                 if event.last:

@@ -12,12 +12,13 @@ from typing import Any
 import jwt
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
+from mesh_contracts.base import ID_PATTERN
 from mesh_edge.errors import EdgeError
 from mesh_edge.settings import EdgeSettings
 
 ALGORITHMS = ["EdDSA", "ES256", "RS256", "PS256"]
 """Asymmetric only: a shared secret (HS256) would let whoever holds it mint any user."""
-TENANT = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+TENANT = re.compile(ID_PATTERN)
 PEM = re.compile(rb"-----BEGIN PUBLIC KEY-----.+?-----END PUBLIC KEY-----", re.S)
 
 
