@@ -5,6 +5,7 @@ contracts use becomes the type it means, the output is deterministic, and the co
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 
@@ -147,3 +148,13 @@ def test_the_rendered_contracts_cover_every_message_schema() -> None:
     for s in messages:
         sid = s["$id"].removeprefix("agentmesh://contracts/")
         assert f'  "{sid}": {{ type: ' in ts, sid
+
+
+def test_the_clients_lockfile_pins_by_name_and_version_and_records_no_address() -> None:
+    """``package-lock.json`` pins every package by version and integrity hash, and holds no URL: no
+    download address (``.npmrc``: ``omit-lockfile-registry-resolved``) and no funding link (npm
+    writes those on ``npm install``: strip them before committing)."""
+    lock = (OUTPUT.parents[1] / "package-lock.json").read_text()
+    assert "://" not in lock
+    packages = json.loads(lock)["packages"]
+    assert all(p.get("version") and p.get("integrity") for name, p in packages.items() if name)
