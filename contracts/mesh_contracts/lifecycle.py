@@ -105,6 +105,8 @@ NOT_TASK_DATA: dict[str, str] = {
     "tenants": "the tenant's own settings (this retention)",
     "control": "kill switches",
     "tools": "the tool catalogue (no tenant data)",
+    "toolservers": "the tenant's own tool servers (endpoints, names of secrets, approved definitions) and what "
+    "they list: configuration, kept until the tenant removes them",
     "trust": "the trust bundle (public keys)",
     "status": "see STATUS",
 }

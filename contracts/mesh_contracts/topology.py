@@ -265,6 +265,19 @@ BUCKETS: tuple[Bucket, ...] = (
         "built-ins and mounted MCP tools, as the tool-executor serves them.",
     ),
     Bucket(
+        "toolservers",
+        writer="tool-executor",
+        readers=("worker", "planner"),
+        history=10,
+        tenant_keys=True,
+        scanners=("tool-executor",),  # every replica mounts every tenant's servers at start ...
+        followers=("tool-executor",),  # ... and each change at once
+        description="Each tenant's own tool servers (issue 44): the server (key <tenant>.server.<name>: endpoints, "
+        "auth by mounted secret names, rules, the approved definitions of its tools, a version per change), what "
+        "it lists and how its replicas are (<tenant>.state.<name>) and the tools the tenant's tasks may use "
+        "(<tenant>.catalogue). A tenant's client reads its own keys.",
+    ),
+    Bucket(
         "notes",
         writer="tool-executor",
         scanners=("tool-executor",),  # note_list reads the tenant's keys
@@ -291,7 +304,7 @@ BUCKETS: tuple[Bucket, ...] = (
     Bucket(
         "quotas",
         per_service=SERVICES,
-        scanners=("planner", "rag"),  # the door keepers: what each tenant made every service store
+        scanners=("planner", "rag", "tool-executor"),  # the door keepers: what each tenant made every service store
         history=1,
         description="What each tenant made the mesh store, per stream (key <service>.<tenant>.<stream>): the bytes "
         "and messages stored for it within the stream's max_age and its rate bucket, kept by the service that "

@@ -103,7 +103,7 @@ def test_clients_write_to_no_stream_only_to_doors():
 
 def test_only_the_budget_and_the_door_keepers_answer_requests():
     keepers = {d.service for d in topo.doors()}
-    assert keepers == {"planner", "rag"}
+    assert keepers == {"planner", "rag", "tool-executor"}  # the tool-executor's: tools.change
     assert [name for name, p in POLICY.items() if p.allow_responses] == [
         s for s in POLICY if s == "budget" or s in keepers
     ]

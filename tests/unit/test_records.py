@@ -13,6 +13,7 @@ from mesh_contracts import SERVICES, generate
 from mesh_contracts.topology import BUCKETS
 from mesh_contracts.v1.records import RECORDS, Evidence, StatusRecord, TaskRecord, ToolCatalogue
 from mesh_contracts.v1.tenants import TenantRecord
+from mesh_contracts.v1.tool_servers import TOOL_SERVER_RECORDS
 from mesh_durable import records
 from mesh_testing.memkv import MemoryKV
 
@@ -20,13 +21,14 @@ from mesh_testing.memkv import MemoryKV
 def test_every_record_names_a_provisioned_bucket_and_has_a_committed_schema():
     buckets = {b.name for b in BUCKETS}
     committed = {p.name for p in (generate.SCHEMAS / "v1").glob("record.*.json")}
-    for r in (*RECORDS, TenantRecord):
+    for r in (*RECORDS, TenantRecord, *TOOL_SERVER_RECORDS):
         assert r.bucket in buckets
         assert f"record.{r.name}.json" in committed
         schema = json.loads((generate.SCHEMAS / "v1" / f"record.{r.name}.json").read_text())
         writer = {
             "quotas": f"each of {', '.join(SERVICES)}, its own keys",
             "tools": "tool-executor",
+            "toolservers": "tool-executor",
             "tenants": "",
         }.get(r.bucket, "planner")
         assert schema["x-bucket"] == r.bucket and schema["x-writer"] == writer

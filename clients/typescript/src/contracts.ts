@@ -81,6 +81,14 @@ export interface ArmStats {
   tool_denials?: number;
 }
 
+/** Where a call to a tenant's tool server went (``tool.completed``'s ``route``). */
+export interface CallRoute {
+  attempts?: RouteAttempt[];
+  endpoint?: string;
+  latency_ms?: number;
+  server: string;
+}
+
 /**
  * A canary's sequential test (Wald's SPRT on whether a task went badly): H0, the candidate's
  * bad-task rate is the current version's (``p0``); H1, it is ``p0 + min_effect``. ``alpha`` is
@@ -222,6 +230,20 @@ export interface Edge {
   when?: Condition | null;
 }
 
+/** One replica of a server as the tool-executor sees it. */
+export interface EndpointHealth {
+  breaker?: "closed" | "open" | "half-open";
+  calls?: number;
+  checked_at?: number;
+  failovers?: number;
+  failures?: number;
+  healthy?: boolean;
+  in_flight?: number;
+  last_error?: string;
+  latency_ms?: number;
+  url: string;
+}
+
 /** One tool call made exactly as written (a workflow's ``tool`` or ``retrieve`` node). */
 export interface FixedCall {
   arguments?: { [key: string]: unknown };
@@ -246,12 +268,33 @@ export interface HeldCall {
   tool: string;
 }
 
+/** One tool as the server lists it now, and whether it may be offered. */
+export interface ListedTool {
+  changed?: string[];
+  description?: string;
+  injection_score?: number;
+  input_schema?: { [key: string]: unknown };
+  name: string;
+  sha256: string;
+  signals?: string[];
+  status?: "pending" | "approved" | "suspended";
+}
+
 /** A message decided in a state transition but not yet confirmed published. */
 export interface OutboxItem {
   body: { [key: string]: unknown };
   causation?: string;
   key: string;
   type: string;
+}
+
+/** An approved definition: what a person read, by hash (and of each part, to say what changed). */
+export interface Pin {
+  approved_at?: number;
+  approved_by?: string;
+  description_sha256?: string;
+  schema_sha256?: string;
+  sha256: string;
 }
 
 /** One step of a plan. */
@@ -402,6 +445,22 @@ export interface Retry {
   backoff_s?: number;
   max_backoff_s?: number;
   multiplier?: number;
+}
+
+/** One try of a call at one replica of a tool server. */
+export interface RouteAttempt {
+  endpoint: string;
+  latency_ms?: number;
+  outcome: string;
+}
+
+/** How the tool-executor signs in to the server. Only names of mounted secrets, never a secret. */
+export interface ServerAuth {
+  client_id?: string;
+  kind?: "none" | "bearer" | "oauth";
+  scope?: string;
+  secret?: string;
+  token_url?: string;
 }
 
 /**
@@ -666,6 +725,30 @@ export interface ToolNode {
   /** A human name for the node (the DAG's label); the id if empty. */
   title?: string;
   tool: string;
+}
+
+/**
+ * The tenant's policy for one of the server's tools. The server's own hints
+ * (``readOnlyHint`` ...) never decide a risk: the server describing itself is not a review.
+ */
+export interface ToolRules {
+  needs_approval?: boolean;
+  on_untrusted?: "approve" | "allow" | "deny" | null;
+  rate_per_min?: number;
+  risk?: "read" | "write" | "external" | null;
+  timeout_s?: number | null;
+}
+
+/** A remote MCP server (streamable HTTP) as its tenant registers it. */
+export interface ToolServerSpec {
+  auth?: ServerAuth;
+  ca?: string;
+  default_risk?: "read" | "write" | "external";
+  endpoints: string[];
+  max_response_bytes?: number;
+  rate_per_min?: number;
+  timeout_s?: number;
+  tools?: { [key: string]: ToolRules };
 }
 
 /** The canary's test after one observation: what the dashboard plots against the boundaries. */
@@ -1840,6 +1923,18 @@ export interface TenantRecord {
 }
 
 /**
+ * The tools of a tenant's own servers that its tasks may use (approved and not suspended),
+ * key ``<tenant>.catalogue``: the worker offers them and the planner lists them, for the
+ * tenant's tasks only, beside the mesh's catalogue (KV ``tools``).
+ */
+export interface TenantToolCatalogue {
+  record_version?: 1;
+  servers?: string[];
+  tenant?: string;
+  tools?: CatalogueTool[];
+}
+
+/**
  * Model output as it is generated, for a client watching a task live.
  *
  * Core NATS, never stored: the durable result is still ``step.completed`` / ``task.completed``.
@@ -1960,6 +2055,8 @@ export interface ToolCompleted {
   release?: string;
   /** Tool output as text. Untrusted input for the model. */
   result?: string;
+  /** A call to a tenant's tool server: which server and replica answered, after which attempts. */
+  route?: CallRoute | null;
   step_id: string;
   /**
    * Set when the call was not run because the task is stopped: ``halted`` (it may resume:
@@ -2014,6 +2111,94 @@ export interface ToolRequested {
   /** Registered tool name. */
   tool: string;
   type?: "tool.requested";
+}
+
+/**
+ * One tenant tool server (key ``<tenant>.server.<name>``): its definition, its version (one
+ * more per change) and the approved definitions of its tools. Written by the tool-executor
+ * (compare-and-set); every replica follows it; the tenant's ``meshctl tools`` reads it.
+ */
+export interface ToolServerRecord {
+  added_by?: string;
+  changed_at?: number;
+  changed_by?: string;
+  definition: ToolServerSpec;
+  pins?: { [key: string]: Pin };
+  record_version?: 1;
+  server: string;
+  tenant: string;
+  version?: number;
+}
+
+/**
+ * What a tenant's server lists and how its replicas are (key ``<tenant>.state.<name>``),
+ * written by the tool-executor after each listing and health check: what ``meshctl tools list``,
+ * ``meshctl top`` and the dashboard show.
+ */
+export interface ToolServerState {
+  checked_at?: number;
+  endpoints?: EndpointHealth[];
+  error?: string;
+  record_version?: 1;
+  server: string;
+  tenant: string;
+  tools?: ListedTool[];
+  version?: number;
+}
+
+/**
+ * A person registers (``add``, again to change it) or removes a tenant's tool server, or
+ * approves the definitions of its tools (``approve``: the hashes the approver saw).
+ */
+export interface ToolsChange {
+  action: "add" | "remove" | "approve";
+  by: string;
+  /** ``add``: the server. */
+  definition?: ToolServerSpec | null;
+  /** ``approve``: also a definition whose description the injection detector flags (say why). */
+  force?: boolean;
+  /** ``approve``: tool name -> the ``definition_hash`` the approver read (``meshctl tools list``). */
+  pins?: { [key: string]: string };
+  reason?: string;
+  /**
+   * The release of the tenant's behaviour (``v1.release``) the task runs: the version of the
+   * prompts, model routes and tool rules its messages were made with ('' : the packaged ones).
+   * Set by the planner when it admits a task and carried on every message of it; on a
+   * ``task.submitted``, a request to run that version of the tenant's (``meshctl release eval``).
+   */
+  release?: string;
+  server: string;
+  /** Task this message belongs to; also the fourth token of the subject. */
+  task_id: string;
+  /** Tenant that owns the task; also the third token of the subject. */
+  tenant: string;
+  type?: "tools.change";
+}
+
+/** What became of a ``tools.change``: applied (or already so), or refused with why. */
+export interface ToolsChanged {
+  accepted: boolean;
+  action: string;
+  /** ``approve``: the tools whose definitions are now pinned. */
+  approved?: string[];
+  /** False when the registry already said so: nothing was written. */
+  changed?: boolean;
+  reason?: string;
+  /**
+   * The release of the tenant's behaviour (``v1.release``) the task runs: the version of the
+   * prompts, model routes and tool rules its messages were made with ('' : the packaged ones).
+   * Set by the planner when it admits a task and carried on every message of it; on a
+   * ``task.submitted``, a request to run that version of the tenant's (``meshctl release eval``).
+   */
+  release?: string;
+  server: string;
+  /** Task this message belongs to; also the fourth token of the subject. */
+  task_id: string;
+  /** Tenant that owns the task; also the third token of the subject. */
+  tenant: string;
+  type?: "tools.changed";
+  /** The server record's version now. */
+  version?: number;
 }
 
 /** Tokens and cost of one model call, as billed. */
@@ -2271,8 +2456,11 @@ export interface Contracts {
   "record.release/v1": ReleaseVersion;
   "record.status/v1": StatusRecord;
   "record.task/v1": TaskRecord;
+  "record.tenant-tool-catalogue/v1": TenantToolCatalogue;
   "record.tenant/v1": TenantRecord;
   "record.tool-catalogue/v1": ToolCatalogue;
+  "record.tool-server-state/v1": ToolServerState;
+  "record.tool-server/v1": ToolServerRecord;
   "record.workflow-catalog/v1": WorkflowCatalog;
   "record.workflow/v1": WorkflowVersion;
   "release.change/v1": ReleaseChange;
@@ -2291,6 +2479,8 @@ export interface Contracts {
   "tool.audited/v1": ToolAudited;
   "tool.completed/v1": ToolCompleted;
   "tool.requested/v1": ToolRequested;
+  "tools.change/v1": ToolsChange;
+  "tools.changed/v1": ToolsChanged;
   "usage.recorded/v1": UsageRecorded;
   "wait.ended/v1": WaitEnded;
   "wait.started/v1": WaitStarted;
@@ -2325,9 +2515,9 @@ export const CONTRACTS: { readonly [id: string]: MessageContract } = {
   "budget.status/v1": { type: "budget.status", subject: "budget.v1.{tenant}.{task}.status", transport: "request", producers: ["admin"], consumers: ["budget"] },
   "check.requested/v1": { type: "check.requested", subject: "check.v1.{tenant}.{task}.requested", transport: "stream", producers: ["planner"], consumers: ["checker"], sealed: ["goal", "answer", "citations", "steps"] },
   "check.verdict/v1": { type: "check.verdict", subject: "check.v1.{tenant}.{task}.verdict", transport: "stream", producers: ["checker"], consumers: ["planner"], sealed: ["checks"] },
-  "control.cancel/v1": { type: "control.cancel", subject: "control.v1.{tenant}.{task}.cancel", transport: "stream", producers: ["budget", "client", "approver"], consumers: ["planner"], door: "door.control.v1.{tenant}.{task}.cancel" },
-  "control.halt/v1": { type: "control.halt", subject: "control.v1.{tenant}.{task}.halt", transport: "stream", producers: ["budget", "client", "approver"], consumers: ["planner"], door: "door.control.v1.{tenant}.{task}.halt" },
-  "control.resume/v1": { type: "control.resume", subject: "control.v1.{tenant}.{task}.resume", transport: "stream", producers: ["budget", "client", "approver"], consumers: ["planner"], door: "door.control.v1.{tenant}.{task}.resume" },
+  "control.cancel/v1": { type: "control.cancel", subject: "control.v1.{tenant}.{task}.cancel", transport: "stream", producers: ["budget", "tool-executor", "client", "approver"], consumers: ["planner"], door: "door.control.v1.{tenant}.{task}.cancel" },
+  "control.halt/v1": { type: "control.halt", subject: "control.v1.{tenant}.{task}.halt", transport: "stream", producers: ["budget", "tool-executor", "client", "approver"], consumers: ["planner"], door: "door.control.v1.{tenant}.{task}.halt" },
+  "control.resume/v1": { type: "control.resume", subject: "control.v1.{tenant}.{task}.resume", transport: "stream", producers: ["budget", "tool-executor", "client", "approver"], consumers: ["planner"], door: "door.control.v1.{tenant}.{task}.resume" },
   "event.progress/v1": { type: "event.progress", subject: "event.v1.{tenant}.{task}.progress", transport: "stream", producers: ["planner", "worker", "checker", "rag", "tool-executor", "budget"], consumers: ["client"], sealed: ["message", "detail"] },
   "ingest.completed/v1": { type: "ingest.completed", subject: "rag.v1.{tenant}.{task}.ingested", transport: "stream", producers: ["rag"], consumers: ["client"], sealed: ["error"] },
   "ingest.requested/v1": { type: "ingest.requested", subject: "rag.v1.{tenant}.{task}.ingest", transport: "stream", producers: ["client"], consumers: ["rag"], door: "door.rag.v1.{tenant}.{task}.ingest", sealed: ["content_b64", "title"] },
@@ -2351,6 +2541,8 @@ export const CONTRACTS: { readonly [id: string]: MessageContract } = {
   "tool.audited/v1": { type: "tool.audited", subject: "tool.v1.{tenant}.{task}.audited", transport: "stream", producers: ["tool-executor"], consumers: [], sealed: ["arguments"] },
   "tool.completed/v1": { type: "tool.completed", subject: "tool.v1.{tenant}.{task}.completed", transport: "stream", producers: ["tool-executor"], consumers: ["worker"], sealed: ["result", "error"] },
   "tool.requested/v1": { type: "tool.requested", subject: "tool.v1.{tenant}.{task}.requested", transport: "stream", producers: ["worker"], consumers: ["tool-executor"], sealed: ["arguments"] },
+  "tools.change/v1": { type: "tools.change", subject: "task.v1.{tenant}.{task}.tools", transport: "stream", producers: ["author", "approver"], consumers: ["tool-executor"], door: "door.task.v1.{tenant}.{task}.tools" },
+  "tools.changed/v1": { type: "tools.changed", subject: "task.v1.{tenant}.{task}.tools-changed", transport: "stream", producers: ["tool-executor"], consumers: ["client"] },
   "usage.recorded/v1": { type: "usage.recorded", subject: "usage.v1.{tenant}.{task}.recorded", transport: "stream", producers: ["planner", "worker", "checker"], consumers: ["budget", "client"] },
   "wait.ended/v1": { type: "wait.ended", subject: "task.v1.{tenant}.{task}.waited", transport: "stream", producers: ["planner"], consumers: ["client"] },
   "wait.started/v1": { type: "wait.started", subject: "task.v1.{tenant}.{task}.waiting", transport: "stream", producers: ["planner"], consumers: ["client"] },

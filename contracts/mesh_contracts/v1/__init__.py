@@ -48,6 +48,7 @@ from mesh_contracts.v1.task import (
     TaskRejected,
     TaskSubmitted,
 )
+from mesh_contracts.v1.tool_servers import ToolsChange, ToolsChanged
 from mesh_contracts.v1.work import (
     DOCUMENT_TYPES,
     IngestCompleted,
@@ -106,6 +107,8 @@ ALL = (
     ReleaseChange,
     ReleaseChanged,
     ReleaseDecided,
+    ToolsChange,
+    ToolsChanged,
 )
 
 # Spelled out (not computed from ALL) so type checkers see what the package exports.
@@ -163,6 +166,8 @@ __all__ = [
     "ToolAudited",
     "ToolCompleted",
     "ToolRequested",
+    "ToolsChange",
+    "ToolsChanged",
     "UsageRecorded",
     "WaitEnded",
     "WaitStarted",

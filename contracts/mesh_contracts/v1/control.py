@@ -13,7 +13,8 @@ from mesh_contracts.v1.common import Destination
 _EX = {"tenant": "acme", "task_id": "t-7f3a"}
 # Control is obeyed by the planner (task record) and checked by every service before
 # its next model or tool call; the budget service issues it when a breaker trips.
-_CONTROL_PRODUCERS = ("budget", CLIENT, APPROVER)
+_CONTROL_PRODUCERS = ("budget", "tool-executor", CLIENT, APPROVER)
+# (the tool-executor halts a task whose tool server refused the tenant's credentials)
 
 
 class _Control(Contract):

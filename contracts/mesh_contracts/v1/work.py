@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-from pydantic import ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from mesh_contracts.base import CLIENT, ID_PATTERN, Contract, ContractSpec
 from mesh_contracts.decode import MB
@@ -225,6 +225,26 @@ class ToolRequested(Contract):
     task's recorded result of the same call is answered when there is one."""
 
 
+class RouteAttempt(BaseModel):
+    """One try of a call at one replica of a tool server."""
+
+    endpoint: str
+    outcome: str
+    """``ok``, or why it failed there: ``unreachable``, ``lost``, ``timeout``, ``auth`` ..."""
+    latency_ms: float = 0.0
+
+
+class CallRoute(BaseModel):
+    """Where a call to a tenant's tool server went (``tool.completed``'s ``route``)."""
+
+    server: str
+    endpoint: str = ""
+    """The replica that answered ('' when none did)."""
+    attempts: list[RouteAttempt] = []
+    latency_ms: float = 0.0
+    """From the first try to the answer, failovers included."""
+
+
 class ToolCompleted(Contract):
     """The tool-executor's answer to a tool request (success or structured error)."""
 
@@ -285,6 +305,8 @@ class ToolCompleted(Contract):
     dry_run: bool = False
     """True when the call was not performed because its task is a replay (a write or external
     tool): ``result`` is the replayed task's recorded result of the call, or a note that says so."""
+    route: CallRoute | None = None
+    """A call to a tenant's tool server: which server and replica answered, after which attempts."""
 
 
 class RetrievalRequested(Contract):

@@ -117,6 +117,7 @@ INTENDED: dict[str, set[str]] = {
     | kv_own("admission")  # per tenant: tasks in flight, its submission token bucket
     | kv_scan("admission")  # every tenant's run slots, read at start (then followed on its feed)
     | kv_read("tools")
+    | kv_read("toolservers")  # each tenant's own tools, which its plans may name
     | AUDIT_WRITER  # control actions
     # how full each stream is (caps and counts, no message): new tasks are refused near a cap
     | STORE_LEVELS
@@ -132,6 +133,7 @@ INTENDED: dict[str, set[str]] = {
     | GUARD
     | kv_own("steps")
     | kv_read("tools")
+    | kv_read("toolservers")  # each tenant's own tools, offered to its steps only
     | kv_read("releases")  # the prompts, routes and tool rules of the release a step runs
     | ledger("worker")
     | ledger("worker", "calls")  # its model calls, recorded
@@ -155,17 +157,21 @@ INTENDED: dict[str, set[str]] = {
     "tool-executor": EVERY_SERVICE
     | fetch("TOOL", "tool-executor--tool-requested")
     | fetch("APPROVAL", "tool-executor--approval-decided")
+    | fetch("TASK", "tool-executor--task-tools")  # people's changes to their tenant's tool servers
     | GUARD
     | kv_read("tasks")
     | kv_read("releases")  # the tool rules of the release a call runs
     | kv_own("approvals")
     | kv_scan("approvals")
     | kv_own("tools")
+    | kv_own("toolservers")  # the tenants' tool servers, their listings and catalogues
+    | kv_scan("toolservers")  # every tenant's servers, mounted at start (then followed)
     | kv_own("notes")
     | kv_scan("notes")
     | AUDIT_WRITER  # tool-policy decisions and approval outcomes
     | ledger("tool-executor")
-    | quota("tool-executor", "TOOL", "APPROVAL", "AUDIT", "EVENTS"),
+    | quota("tool-executor", "TOOL", "APPROVAL", "AUDIT", "EVENTS", "TASK", "CONTROL")
+    | DOOR_KEEPER,  # the door of tools.change
     # The monitor follows every task with direct gets only: the usage records whole (its own
     # record of spend), and every other message's envelope (headers, no body: ENVELOPES). No
     # right on TASK, STEP, TOOL, RAG, CHECK, CONTROL or APPROVAL, where a bare direct get reads
@@ -233,12 +239,14 @@ INTENDED: dict[str, set[str]] = {
         "$JS.API.DIRECT.GET.EVENTS.event.*.acme.>",
         "$JS.API.DIRECT.GET.KV_workflows.$KV.workflows.acme.>",
         "$JS.API.DIRECT.GET.KV_releases.$KV.releases.acme.>",
+        "$JS.API.DIRECT.GET.KV_toolservers.$KV.toolservers.acme.>",
     },
     "client.globex": {
         "$JS.API.DIRECT.GET.TASK.task.*.globex.>",
         "$JS.API.DIRECT.GET.EVENTS.event.*.globex.>",
         "$JS.API.DIRECT.GET.KV_workflows.$KV.workflows.globex.>",
         "$JS.API.DIRECT.GET.KV_releases.$KV.releases.globex.>",
+        "$JS.API.DIRECT.GET.KV_toolservers.$KV.toolservers.globex.>",
     },
 }
 
@@ -254,6 +262,7 @@ WHY: dict[str, str] = {
     "(tool-executor's expiry, approvers' list), notes (note_list)",
     "STREAM.INFO": "a bucket's writer only (the budget lists one task's spend keys with a subjects filter); the "
     "caps and max_age (config and counts, no message) of the streams a service stores tenants' messages in: "
-    "the DLQ for every service, TASK and CONTROL for the planner's door, RAG for rag's (quotas are shares of them)",
+    "the DLQ for every service, TASK and CONTROL for the planner's door, RAG for rag's, TASK for the tool-executor's "
+    "(quotas are shares of them)",
 }
 """Why each kind of right exists (for the note and the README's table)."""
