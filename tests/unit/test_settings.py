@@ -88,6 +88,9 @@ HISTORICAL = {
         "MESH_MCP_CONFIG",
         "MESH_HTTP_ALLOW",
         "MESH_AUDIT_KEY_FILE",
+        "MESH_TOOL_SECRETS_DIR",
+        "MESH_TOOL_SERVER_CHECK_S",
+        "MESH_TOOL_SERVERS_PER_TENANT",
     },
     BudgetSettings: {
         f"MESH_BUDGET_{name.upper()}"

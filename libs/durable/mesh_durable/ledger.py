@@ -111,6 +111,22 @@ class Ledger:
             await self.kv.put(key, record)
         return result
 
+    async def abandon(self, key: str) -> bool:
+        """Take back a claim whose call certainly did not run (the tool's server refused the
+        credentials before running anything), so the call can be made afresh later (after the task
+        is resumed) instead of waiting out the claim's lease. A recorded result is never removed."""
+        try:
+            entry = await self.kv.get(key)
+        except KeyNotFoundError:
+            return False
+        if json.loads(entry.value or b"{}").get("status") != "claimed":
+            return False
+        try:
+            await self.kv.delete(key, last=entry.revision)
+        except KeyWrongLastSequenceError:
+            return False
+        return True
+
     async def _record_only(self, key: str, perform: Callable[[str], Awaitable[Any]]) -> Any:
         # (this bucket only: a call in flight across an upgrade may be paid twice, never an effect)
         was = await _done(self.kv, key)

@@ -73,6 +73,43 @@ class Catalogue:
         return self.value
 
 
+class TenantCatalogues:
+    """The mesh's catalogue (KV ``tools``) joined with each tenant's own (KV ``toolservers``, key
+    ``<tenant>.catalogue``: the approved tools of the servers it registered), each read again when
+    older than ``refresh_s``. A tenant's catalogue is only ever joined for that tenant's tasks."""
+
+    def __init__(self, tools: KV | None, servers: KV | None, refresh_s: float = 1.0, size: int = 10_000) -> None:
+        self.mesh = Catalogue(tools, refresh_s)
+        self.servers, self.refresh_s, self.size = servers, refresh_s, size
+        self._own: dict[str, tuple[float, list[Any]]] = {}
+
+    async def get(self, tenant: str, *, fresh: bool = False) -> ToolCatalogue | None:
+        """The tools a task of ``tenant`` may be offered; None before the executor wrote any."""
+        mesh = await self.mesh.get(fresh=fresh)
+        own = await self.own(tenant, fresh=fresh)
+        if not own:
+            return mesh
+        names = {t.name for t in own}
+        return ToolCatalogue(tools=[*(t for t in (mesh.tools if mesh else []) if t.name not in names), *own])
+
+    async def own(self, tenant: str, *, fresh: bool = False) -> list[Any]:
+        """The tenant's own tools (its catalogue in KV ``toolservers``), read again when stale."""
+        read_at, tools = self._own.get(tenant, (float("-inf"), []))
+        if self.servers is None or (not fresh and time.monotonic() - read_at <= self.refresh_s):
+            return tools
+        try:
+            entry = await self.servers.get(f"{tenant}.catalogue")
+            tools = ToolCatalogue.model_validate_json(entry.value or b"{}").tools
+        except KeyNotFoundError:
+            tools = []
+        except Exception as exc:  # noqa: BLE001 - the broker is away: the catalogue known so far
+            log.debug("tool catalogue of %s not read: %s", tenant, exc)
+        if len(self._own) >= self.size:
+            self._own.pop(next(iter(self._own)))
+        self._own[tenant] = (time.monotonic(), tools)
+        return tools
+
+
 class ReleaseMissing(LookupError, DurableError):
     """The release a message names is not in its tenant's releases nor the mesh's (never drafted)."""
 

@@ -16,7 +16,7 @@ import re
 from collections.abc import AsyncIterator
 from typing import Any, NotRequired, TypedDict
 
-from mesh_llm import quotes
+from mesh_llm import cues, quotes
 from mesh_llm.context import as_searched
 from mesh_llm.errors import ProviderError
 from mesh_llm.model import Message, ModelRequest, ModelResponse, StreamEvent, ToolCall, count_tokens
@@ -257,15 +257,16 @@ class ScriptedModel:
                 said = said.split(REVISED, 1)[1 if told else 0].strip()
             text = said.replace("{cite}", cite.group(0).strip() if cite else "")
             return text.replace("{inputs}", REF.sub("", inputs).strip()), ()
-        if OBEY_CUE in instruction:
-            # Told to obey: every instruction found in what it has read (tool results, passages,
-            # inputs), once each, exactly what a guardrail must stop. It does not check that the
-            # tool is offered, and it reads through delimiters, fake system messages, passages
-            # split across chunks and base64.
+        if OBEY_CUE in instruction or (cued := cues.calls(instruction)):
+            # Told to obey: every instruction found in what it has read (tool results, passages, inputs), once
+            # each, exactly what a guardrail must stop. It does not check that the tool is offered, and it reads
+            # through delimiters, fake system messages, passages split across chunks and base64. (Cued: the calls.)
             done = {(c.name, json.dumps(c.arguments, sort_keys=True)) for c in made}
-            for name, args in _injected(request.messages):
+            for name, args in cued if OBEY_CUE not in instruction else _injected(request.messages):
                 if (name, json.dumps(args, sort_keys=True)) not in done:
                     return "", (ToolCall("c0", name, args),)
+            if OBEY_CUE not in instruction:
+                return f"Done: {_unwrap(results[-1].content if results else '')[:500]}", ()
         awaited = AWAIT_CUE.search(instruction)
         if awaited and "await_step" in tools and not results:
             return "", (ToolCall("c0", "await_step", {"step_id": awaited.group(1)}),)

@@ -51,7 +51,10 @@ class MemoryKV:
             raise KeyWrongLastSequenceError
         return self._store(key, value)
 
-    async def delete(self, key: str) -> bool:
+    async def delete(self, key: str, last: int | None = None) -> bool:
+        e = self.data.get(key)
+        if last is not None and (e is None or e.revision != last):
+            raise KeyWrongLastSequenceError
         self._store(key, None)
         return True
 

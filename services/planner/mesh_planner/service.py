@@ -98,7 +98,9 @@ class Planner:
         self.flow = Flow(lambda: self.workflows, self.reviewed)  # how a task's record moves
         self.channels: KeyView | None = None
         self.bundles: Bundles | None = None
-        self.catalogue = records.Catalogue(None)  # KV ``tools``: the tool-executor's, which the plan prompt lists
+        self.catalogue = records.TenantCatalogues(
+            None, None
+        )  # KV ``tools`` and each tenant's: the plan prompt lists them
         self.timers: Timers | None = None
         self.outbox = Outbox(mesh, lambda: self.kv, lambda: self.evidence, lambda: self.timers)  # decided messages
         self._to_plan: dict[tuple[str, str], str] = {}
@@ -136,7 +138,8 @@ class Planner:
         await self.channels.start()
         self.releases = Releases(kv, frozenset(routes) if isinstance(routes, dict) else None, self.channels)
         self.bundles = Bundles(kv)
-        self.catalogue = records.Catalogue(await self.mesh.kv("tools"))  # a tool mounted since: listed a second on
+        # a tool mounted since (the mesh's, or a tenant's own) is listed a second on
+        self.catalogue = records.TenantCatalogues(await self.mesh.kv("tools"), await self.mesh.kv("toolservers"))
 
     async def start_timers(self) -> None:
         """Take the wake-ups the broker fires (``register``: started and stopped with the mesh)."""
@@ -358,7 +361,7 @@ class Planner:
         self, m: TaskSubmitted, d: Delivery, plan_prompt: prompts.Prompt, unusable: str, route: str = ""
     ) -> None:
         """Ask the model for the task's plan and apply it (or fail the task with why not)."""
-        catalogue = await self.catalogue.get()
+        catalogue = await self.catalogue.get(m.tenant)
         request = ModelRequest(
             (
                 Message("system", plan_prompt.render(max_steps=m.limits.max_steps, tools=tool_list(catalogue))),

@@ -39,14 +39,15 @@ class HeldCalls:
         self,
         mesh: Mesh,
         settings: ToolExecutorSettings,
-        registry: Registry,
+        registry_for: Callable[[str, str], Registry],
         report: Reporter,
         runner: Runner,
         *,
         approvals: Callable[[], Approvals | None],
         tasks: Callable[[], Any],
     ) -> None:
-        self.mesh, self.settings, self.registry, self.report, self.runner = mesh, settings, registry, report, runner
+        self.mesh, self.settings, self.report, self.runner = mesh, settings, report, runner
+        self.registry_for = registry_for  # (tenant, tool) -> the registry its tools are in
         self._approvals, self._tasks = approvals, tasks
 
     async def ask(self, m: ToolRequested, tool: Tool, decision: Decision, d: Delivery | None, goal: str) -> None:
@@ -146,7 +147,7 @@ class HeldCalls:
         approvals = self._approvals()
         assert approvals is not None
         m = rec.request
-        tool = self.registry.get(m.tool)
+        tool = self.registry_for(m.tenant, m.tool).get(m.tool)
         stopped: Literal["", "halted", "stopped"] = ""
         if rec.status == "approved" and tool is not None and not rec.started:
             committed = await approvals.commit(rec.approval_id, await self.ended_now(m.tenant, m.task_id))
@@ -167,7 +168,7 @@ class HeldCalls:
         await self.report.audit(m, tool, "approved", (*rec.reasons[:1], f"approved by {rec.decided_by}"),
                                 approval=rec.approval_id, by=rec.decided_by)  # fmt: skip
         try:
-            _, args = self.registry.validate(m.tool, scoped(m, tool))
+            _, args = self.registry_for(m.tenant, m.tool).validate(m.tool, scoped(m, tool))
         except ToolError as exc:  # held under a rule since tightened (an upgrade while it waited)
             await self.report.audit(m, tool, "invalid", (str(exc),), approval=rec.approval_id)
             return {"ok": False, "result": "", "error": str(exc), "untrusted": False}

@@ -48,6 +48,7 @@ class Reporter:
     async def answer(self, m: ToolRequested, outcome: dict[str, Any], tool: Tool | None, *, causation: str = "",
                      approval: str = "", stopped: Literal["", "halted", "stopped"] = "",
                      dry_run: bool = False) -> None:  # fmt: skip
+        stopped = stopped or outcome.get("stopped", "")  # a task halted by the call (its credentials refused)
         # Taint is the outcome's own (a ledger record made before it carried one: the tool's).
         untrusted = bool(outcome.get("untrusted", tool is not None and tool.untrusted_output))
         scored = injection_score(outcome["result"] if outcome["ok"] else outcome["error"]) if untrusted else None
@@ -70,6 +71,7 @@ class Reporter:
                 stopped=stopped,
                 dry_run=dry_run,
                 denied=bool(outcome.get("denied")),
+                route=outcome.get("route"),
             ),
             key=m.call_id,
             causation=causation or None,

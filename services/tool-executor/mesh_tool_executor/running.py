@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import nats.errors
 
-from mesh_contracts.v1 import ToolRequested
+from mesh_contracts.v1 import ControlHalt, ToolRequested
 from mesh_durable import records
 from mesh_durable.chain import Appender
 from mesh_durable.ledger import Ledger
@@ -33,6 +33,7 @@ from mesh_tool_executor import net
 from mesh_tool_executor.errors import ToolExecutorError
 from mesh_tool_executor.limits import RateLimiter
 from mesh_tool_executor.settings import ToolExecutorSettings
+from mesh_tool_executor.tool_servers import CredentialsRefused
 from mesh_tool_executor.tools import MemoryNotes, Notes, Registry, StepLookup, Tool, ToolContext, ToolError, with_policy
 
 if TYPE_CHECKING:
@@ -119,6 +120,7 @@ class Runner:
             unconfirmed.remove(effect_key)
             return receipt
 
+        routes: list[Any] = []  # where a call to a tenant's tool server went (its replicas tried)
         ctx = ToolContext(
             tenant=m.tenant,
             task_id=m.task_id,
@@ -127,6 +129,7 @@ class Runner:
             step_state=self.step_lookup(m.tenant, m.task_id) if self._tasks() is not None else None,
             notes=self.notes,
             fetch=self.fetch,
+            observe=routes.append,
         )
         try:
             wait = await self.limiter.take(m.tenant, tool.name, tool.rate_per_min)
@@ -136,7 +139,7 @@ class Runner:
                 return {"ok": False, "result": "", "error": error, "untrusted": False}
             async with delivery.keepalive() if delivery is not None else contextlib.nullcontext():
                 result = await self.registry.run(tool, args, ctx)
-            return {"ok": True, "result": result, "error": "", "untrusted": tool.untrusted_output}
+            return _routed({"ok": True, "result": result, "error": "", "untrusted": tool.untrusted_output}, routes)
         except ToolError as exc:
             if unconfirmed:
                 # Timed out waiting for the sink's receipt (a broker failover takes seconds): "failed"
@@ -145,19 +148,22 @@ class Runner:
                                         "retried under the same key") from None  # fmt: skip
             # A tool whose output is outside content fails with outside content too: an HTTP
             # error's status line and headers, an MCP server's error text. Same taint.
-            return {"ok": False, "result": "", "error": str(exc), "untrusted": tool.untrusted_output}
+            return _routed({"ok": False, "result": "", "error": str(exc), "untrusted": tool.untrusted_output}, routes)
 
     async def run_recorded(self, m: ToolRequested, tool: Tool, args: Any, d: Delivery | None) -> dict[str, Any]:
         ledger = self._ledger()
         if ledger is None:  # in-memory tests without a KV store
             return await self.run(m, tool, args, f"{m.tenant}.{m.task_id}.{m.call_id}", d)
         key = ledger.key(m.tenant, m.task_id, m.call_id)
-        outcome: dict[str, Any] = await ledger.run(
-            key,
-            lambda k: self.run(m, tool, args, k, d),
-            owner=d.owner if d is not None else f"approval:{m.call_id}",
-            attempt=d.deliveries if d is not None else 1,
-        )
+        try:
+            outcome: dict[str, Any] = await ledger.run(
+                key,
+                lambda k: self.run(m, tool, args, k, d),
+                owner=d.owner if d is not None else f"approval:{m.call_id}",
+                attempt=d.deliveries if d is not None else 1,
+            )
+        except CredentialsRefused as exc:
+            return await self.hold(m, key, exc)
         if tool.risk != "read":
             # The effect itself, as a link of the tenant's chain beside the decision that let it
             # run: whether it succeeded, under which idempotency key, and a digest of what it
@@ -171,6 +177,21 @@ class Runner:
                         "idempotency_key": key},
             )  # fmt: skip
         return outcome
+
+    async def hold(self, m: ToolRequested, key: str, exc: CredentialsRefused) -> dict[str, Any]:
+        """The tool's server refused the tenant's credentials, so nothing ran: the claim is taken
+        back and the task halted (``control.halt``) with what to fix. ``meshctl resume`` runs the
+        step again once the secret is right; failing the step would only make a model retry
+        something it cannot fix."""
+        ledger = self._ledger()
+        if ledger is not None:
+            await ledger.abandon(key)
+        reason = f"{exc} (fix the secret, then: meshctl resume {m.task_id} --tenant {m.tenant})"
+        await self.mesh.publish(ControlHalt(tenant=m.tenant, task_id=m.task_id, reason=reason[:1000]),
+                                key=f"credentials:{m.call_id}")  # fmt: skip
+        log.warning("task %s/%s halted: %s", m.tenant, m.task_id, exc)
+        return _routed({"ok": False, "result": "", "error": f"not run: {exc}", "untrusted": False,
+                        "stopped": "halted"}, [exc.route])  # fmt: skip
 
     # --- tools of MCP servers -------------------------------------------------------------------
 
@@ -208,6 +229,13 @@ class Runner:
             )
             self.registry.add(with_policy(base, overrides))
             log.info("mounted MCP tool %s (risk %s)", mt.name, self.registry.get(mt.name).risk)  # type: ignore[union-attr]
+
+
+def _routed(outcome: dict[str, Any], routes: list[Any]) -> dict[str, Any]:
+    """The outcome with the route of its call to a tenant's tool server (recorded with it)."""
+    if routes and routes[-1] is not None:
+        outcome["route"] = routes[-1].model_dump(mode="json")
+    return outcome
 
 
 def scoped(m: ToolRequested, tool: Tool | None) -> dict[str, Any]:

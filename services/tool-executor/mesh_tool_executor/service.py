@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from mesh_contracts.v1 import ApprovalDecided, ToolRequested
+from mesh_contracts.v1 import ApprovalDecided, ToolRequested, ToolsChange
 from mesh_contracts.v1.records import ToolCatalogue
 from mesh_durable import chain, guard, records
 from mesh_durable import metrics as durable_metrics
@@ -34,6 +34,8 @@ from mesh_tool_executor.policy import decide
 from mesh_tool_executor.reporting import Reporter
 from mesh_tool_executor.running import Runner, scoped
 from mesh_tool_executor.settings import ToolExecutorSettings
+from mesh_tool_executor.tool_changes import ToolChanges
+from mesh_tool_executor.tool_servers import TenantServers
 from mesh_tool_executor.tools import Registry, Tool, ToolError, with_policy
 
 
@@ -52,7 +54,9 @@ class ToolExecutor:
         self.report = Reporter(mesh, self.settings, self.audit, lambda: self.tasks)  # answers and audit records
         self.runner = Runner(mesh, self.settings, self.registry, self.audit, ledger=lambda: self.ledger,
                              tasks=lambda: self.tasks)  # fmt: skip
-        self.held = HeldCalls(mesh, self.settings, self.registry, self.report, self.runner,
+        self.servers = TenantServers(mesh, self.settings, self.audit)  # the tenants' own tool servers
+        self.changes = ToolChanges(mesh, self.settings, self.audit, self.registry, self.servers)
+        self.held = HeldCalls(mesh, self.settings, self.registry_for, self.report, self.runner,
                               approvals=lambda: self.approvals, tasks=lambda: self.tasks)  # fmt: skip
         self._apply_policy()
 
@@ -61,6 +65,12 @@ class ToolExecutor:
             tool = self.registry.get(name)
             if tool is not None:  # MCP tools get theirs when mounted
                 self.registry.add(with_policy(tool, overrides))
+
+    def registry_for(self, tenant: str, tool: str) -> Registry:
+        """Where ``tool`` is looked up for ``tenant``: the tenant's own servers' tools, else the mesh's
+        (built-ins and mounted MCP servers). Another tenant's tools are in neither."""
+        own = self.servers.registry(tenant)
+        return own if tool in own.tools else self.registry
 
     async def start(self) -> None:
         redis = self.runner.limiter.connect()
@@ -79,8 +89,10 @@ class ToolExecutor:
         if self.settings.mcp_config:
             await self.runner.mount_mcp(str(self.settings.mcp_config))
             await tools.put(ToolCatalogue.KEY, self.registry.catalogue().to_bytes())
+        await self.servers.start(await self.mesh.kv("toolservers"))
 
     async def stop(self) -> None:
+        await self.servers.stop()
         if self.approvals is not None:
             await self.approvals.stop()
         await self.runner.close()
@@ -91,6 +103,7 @@ class ToolExecutor:
         self.mesh.on_stop(self.stop)
         self.mesh.consume(ToolRequested, self.on_request)
         self.mesh.consume(ApprovalDecided, self.on_decision)
+        self.mesh.consume(ToolsChange, self.changes.on_change)
 
     # --- handlers -------------------------------------------------------------------------------
 
@@ -103,7 +116,8 @@ class ToolExecutor:
                                      causation=d.msg_id, stopped="halted" if stop.halted else "stopped")  # fmt: skip
             return
         try:
-            tool, args = self.registry.validate(m.tool, scoped(m, self.registry.get(m.tool)))
+            registry = self.registry_for(m.tenant, m.tool)
+            tool, args = registry.validate(m.tool, scoped(m, registry.get(m.tool)))
         except ToolError as exc:
             await self.report.audit(m, None, "invalid", (str(exc),))
             await self.report.answer(m, {"ok": False, "result": "", "error": str(exc)}, None, causation=d.msg_id)

@@ -27,6 +27,15 @@ class ToolExecutorSettings(ServiceSettings):
     ``{"send_email": {"on_untrusted": "deny"}, "admin__set_setting": {"risk": "write"}}``."""
     mcp_config: OptionalPath = None
     """JSON file of the MCP servers to mount (``{"servers": [...]}``, started over stdio)."""
+    tool_secrets_dir: OptionalPath = None
+    """Where tenants' tool-server secrets are mounted: ``<dir>/<tenant>/<name>`` holds the secret a
+    server record names (a bearer token, an OAuth client secret, a CA bundle). Read when a server
+    connects; never put in a message, a record or a log."""
+    tool_server_check_s: float = Field(15.0, gt=0)
+    """How often every endpoint of the tenants' tool servers is pinged and each server's tools are
+    listed again (a changed definition is suspended at the next listing)."""
+    tool_servers_per_tenant: int = Field(20, ge=0)
+    """Most tool servers a tenant may register (each holds a session per endpoint in every replica)."""
     http_allow: str = ""
     """Comma-separated host names and CIDRs the HTTP tool may reach although they are not public
     (no wildcards), e.g. ``10.0.0.0/8,intranet.acme.test``."""

@@ -82,6 +82,8 @@ class ToolContext:
     step_state: StepLookup | None = None
     notes: Notes | None = None
     fetch: Fetch | None = None
+    observe: Callable[[Any], None] | None = None
+    """Told where a call to a tenant's tool server went (its ``CallRoute``)."""
 
 
 Risk = Literal["read", "write", "external"]

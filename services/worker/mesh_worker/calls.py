@@ -81,13 +81,16 @@ class Calls:
         self._bundles, self._observe = bundles, observe
         self.catalogue: dict[str, ToolSpec] = {}
         self.tools = records.Catalogue(None)  # KV ``tools``: what the tool-executor serves
+        self.own = records.TenantCatalogues(None, None)  # KV ``toolservers``: each tenant's own tools
         self._timers: dict[str, asyncio.TimerHandle] = {}
 
     # --- what the model is offered ----------------------------------------------------------
 
-    async def start(self, tools: Any) -> None:
-        """Follow the catalogue in KV ``tools`` (read again at most once a second)."""
+    async def start(self, tools: Any, servers: Any = None) -> None:
+        """Follow the catalogue in KV ``tools`` and the tenants' own (KV ``toolservers``), each read
+        again at most once a second."""
         self.tools = records.Catalogue(tools)
+        self.own = records.TenantCatalogues(None, servers)
         await self.read_catalogue(fresh=True)
 
     async def read_catalogue(self, *, fresh: bool = False) -> None:
@@ -101,18 +104,26 @@ class Calls:
         """Offer the tools of this catalogue (what the executor publishes: ``Registry.catalogue()``)."""
         self.catalogue = {t.name: ToolSpec(t.name, t.description, t.parameters) for t in catalogue.tools}
 
-    async def specs(self, names: tuple[str, ...]) -> tuple[ToolSpec, ...]:
-        missing = [n for n in names if n not in TOOLS and n not in self.catalogue]
+    async def specs(self, names: tuple[str, ...], tenant: str = "") -> tuple[ToolSpec, ...]:
+        """The tools a step of ``tenant`` offers: the mesh's, and the tenant's own servers' approved
+        tools (``<server>__<tool>``), which no other tenant's step is ever offered."""
+        own: dict[str, ToolSpec] = {}
+        if tenant and any("__" in n and n not in self.catalogue for n in names):
+            tools = await self.own.own(tenant)
+            own = {t.name: ToolSpec(t.name, t.description, t.parameters) for t in tools}
+        offered = {**self.catalogue, **own}
+        missing = [n for n in names if n not in TOOLS and n not in offered]
         if missing:
             await self.read_catalogue()  # a tool the executor mounted after this worker started
-            missing = [n for n in missing if n not in self.catalogue]
+            offered = {**self.catalogue, **own}
+            missing = [n for n in missing if n not in offered]
         if missing and not self.catalogue:
             # The executor has not published its catalogue yet (starting): wait for it rather
             # than run the step without the tools it was planned with.
             raise Retry(f"the tool-executor's catalogue is not available yet (step offers {', '.join(missing)})")
         if missing:
             log.warning("step offers tool(s) the tool-executor does not serve: %s", ", ".join(missing))
-        return tuple(TOOLS.get(n) or self.catalogue[n] for n in names if n in TOOLS or n in self.catalogue)
+        return tuple(TOOLS.get(n) or offered[n] for n in names if n in TOOLS or n in offered)
 
     # --- a call sent, and its timeout -------------------------------------------------------
 

@@ -233,7 +233,7 @@ class Loop:
         req = run.request
         bundle = await self._bundles().bundle(req.tenant, req.release)
         denied = releases.denied(bundle)
-        tools = await self.calls.specs(tuple(t for t in req.step.tools if t not in denied))
+        tools = await self.calls.specs(tuple(t for t in req.step.tools if t not in denied), req.tenant)
         messages = tuple(Message.from_dict(x) for x in run.messages)
         quotes = self._quotable(messages, tuple(t.name for t in tools), req.step.output_schema)
         request = ModelRequest(

@@ -71,7 +71,8 @@ class Worker:
         self.steps = await self.mesh.kv("steps")
         self.bundles = records.Bundles(await self.mesh.kv("releases"))
         self.ledger = await ledger.calls(self.mesh)
-        await self.calls.start(await self.mesh.kv("tools"))  # the tool-executor's catalogue
+        # the tool-executor's catalogue, and each tenant's own servers' tools
+        await self.calls.start(await self.mesh.kv("tools"), await self.mesh.kv("toolservers"))
 
     def register(self) -> None:
         guard.enable(self.mesh)
