@@ -45,6 +45,8 @@ from mesh_contracts.v1 import (
     TaskRejected,
     TaskSignal,
     TaskSubmitted,
+    ToolsChange,
+    ToolsChanged,
     WorkflowChange,
     WorkflowChanged,
 )
@@ -313,6 +315,15 @@ class TenantClient:
         ``task.rejected``. ``TimeoutError`` when no answer came within ``timeout``."""
         answer = await self._change(change, person, ReleaseChanged, "release change", timeout)
         assert isinstance(answer, ReleaseChanged | TaskRejected)
+        return answer
+
+    async def change_tools(
+        self, change: ToolsChange, person: Signer, *, timeout: float = 30.0
+    ) -> ToolsChanged | TaskRejected:
+        """Hand a person's change to the tenant's tool servers in and wait for the tool-executor's
+        answer: ``tools.changed`` (applied, or refused with why), or ``task.rejected``."""
+        answer = await self._change(change, person, ToolsChanged, "tools change", timeout)
+        assert isinstance(answer, ToolsChanged | TaskRejected)
         return answer
 
     async def _change(

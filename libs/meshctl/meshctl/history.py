@@ -188,8 +188,11 @@ def summary(kind: str, b: dict[str, Any]) -> str:
         case "tool.requested":
             return f"{g('tool')} {g('call_id')}"
         case "tool.completed":
+            route = g("route") or {}
+            tries = " -> ".join(f"{a.get('endpoint')} {a.get('outcome')}" for a in route.get("attempts") or [])
             return (f"{g('tool')} {g('call_id')}: " + ("ok" if g("ok") else f"error: {g('error')}")
-                    + (" (dry run: not performed)" if g("dry_run") else ""))  # fmt: skip
+                    + (" (dry run: not performed)" if g("dry_run") else "")
+                    + (f" [{tries}, {route.get('latency_ms', 0):.0f} ms]" if tries else ""))  # fmt: skip
         case "tool.audited":
             return f"{g('tool')} {g('call_id')}: {g('decision')} by {g('decided_by') or '?'}"
         case "retrieval.requested":

@@ -174,18 +174,15 @@ def spawn(
     ``child(proc)``; its stderr still goes to ``log``)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
-        proc = subprocess.Popen(
-            argv, stdout=out if stdout is None else stdout, stderr=out if stdout is not None else subprocess.STDOUT,
-            stdin=stdin, env=env, start_new_session=True,
-        )  # fmt: skip
+        proc = subprocess.Popen(argv, stdout=out if stdout is None else stdout, stdin=stdin, env=env,
+                                stderr=out if stdout is not None else subprocess.STDOUT, start_new_session=True)  # fmt: skip
     _children[proc.pid] = proc
     stat = proc_stat(proc.pid)
     return Proc(name, proc.pid, argv, str(log), port, http_port, started=int(stat[19]) if stat else 0)
 
 
 def child(proc: Proc) -> subprocess.Popen[bytes] | None:
-    """The ``Popen`` of ``proc`` if this process started it (a warm standby's stdin and stdout)."""
-    return _children.get(proc.pid)
+    return _children.get(proc.pid)  # the Popen of a proc this process started (a warm standby's pipes)
 
 
 def returncode(proc: Proc) -> int | None:
@@ -292,6 +289,8 @@ def service_env(
         env["MESH_REDIS_URL_FILE"] = str(redis_url_file)  # the password stays out of the environment
     if ids.tls_ca.exists():
         env["MESH_TLS_CA_FILE"] = str(ids.tls_ca)
+    if service == "tool-executor":  # tenants' tool-server secrets: <home>/secrets/tools/<tenant>/<name>
+        env.setdefault("MESH_TOOL_SECRETS_DIR", str(ids.secrets / "tools"))
     if service == "tool-executor" and ids.audit_key.exists():
         env["MESH_AUDIT_KEY_FILE"] = str(ids.audit_key)  # keyed hashes of where effects went
     if ids.data_key.exists():  # wraps each tenant's data key, which seals the tenant's content at rest

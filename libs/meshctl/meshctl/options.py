@@ -113,6 +113,13 @@ def workflow_input(value: str) -> tuple[str, Any]:
         return key, val
 
 
+def server_name(value: str) -> str:
+    """A tenant tool server's name: its tools are offered as ``<name>__<tool>``."""
+    if not re.fullmatch(r"[a-z0-9_]{1,32}", value) or "__" in value:
+        raise argparse.ArgumentTypeError(f"{value!r}: a server name is 1-32 of a-z, 0-9 and _ (no '__')")
+    return value
+
+
 def tenants(value: str) -> list[str]:
     return [tenant(t) for t in value.split(",") if t]
 

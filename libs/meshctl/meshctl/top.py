@@ -50,6 +50,8 @@ class Frame:
     models: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
     """Today's spend per tenant, then per ``provider/model``: calls, tokens, cost."""
     trips: dict[str, int] = field(default_factory=dict)
+    endpoints: list[dict[str, Any]] = field(default_factory=list)
+    """Each endpoint of the tenants' tool servers as the tool-executor last saw it (KV ``toolservers``)."""
     dlq: int = 0
     notes: list[str] = field(default_factory=list)
 
@@ -150,6 +152,7 @@ async def gather(
     for rec in approvals.values():
         if rec.get("status") == "pending":
             _tenant(frame, str(rec.get("tenant", "?")))["approvals_waiting"] += 1
+    await _tool_servers(nc, frame)
     try:
         frame.dlq = (await js.stream_info(topo.DLQ_STREAM)).state.messages
     except NotFoundError:
@@ -157,6 +160,17 @@ async def gather(
     if health:
         await _health(frame, health)
     return frame
+
+
+async def _tool_servers(nc: NATS, frame: Frame) -> None:
+    """Each endpoint of the tenants' tool servers as the tool-executor last saw it (KV ``toolservers``)."""
+    for key, state in sorted((await _scan(nc, "toolservers", "*.state.*")).items()):
+        tenant, server = str(state.get("tenant", key.split(".")[0])), str(state.get("server", "?"))
+        suspended = sum(1 for t in state.get("tools") or [] if t.get("status") == "suspended")
+        for e in state.get("endpoints") or []:
+            frame.endpoints.append({"tenant": tenant, "server": server, "suspended": suspended, **e})
+        if state.get("error"):
+            frame.notes.append(f"tool server {tenant}/{server}: {str(state['error'])[:200]}")
 
 
 async def _health(frame: Frame, health: dict[str, str]) -> None:
@@ -218,6 +232,16 @@ def render(frame: Frame, interval: float | None = None) -> str:
                     f"{tenant[:14]:14} {model[:30]:30} {int(m['calls']):>6} {int(m['tokens']):>10,} "
                     f"{'$' + format(m['cost_usd'], '.4f'):>10}"
                 )
+    if frame.endpoints:
+        lines += ["", f"{'TOOL SERVER':22} {'ENDPOINT':34} {'HEALTH':>6} {'BREAKER':>9} {'IN FLIGHT':>9} {'CALLS':>6} "
+                  f"{'FAILED':>6} {'FAILOVER':>8} {'LATENCY':>8}"]  # fmt: skip
+        for e in frame.endpoints:
+            lines.append(
+                f"{(e['tenant'] + '/' + e['server'])[:22]:22} {str(e.get('url', ''))[-34:]:34} "
+                f"{'up' if e.get('healthy') else 'DOWN':>6} {e.get('breaker', '?'):>9} {e.get('in_flight', 0):>9} "
+                f"{e.get('calls', 0):>6} {e.get('failures', 0):>6} {e.get('failovers', 0):>8} "
+                f"{format(float(e.get('latency_ms', 0.0)), '.0f') + ' ms':>8}"
+            )
     trips = ", ".join(f"{k} {v}" for k, v in sorted(frame.trips.items())) or "none"
     lines += ["", f"budget breakers tripped (since the budget started): {trips}", f"dead letters: {frame.dlq}"]
     lines += [f"note: {n}" for n in frame.notes]

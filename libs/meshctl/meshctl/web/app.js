@@ -53,6 +53,16 @@ function render(f) {
     cell(r, kind, "bad"); cell(r, n, "num");
     return r;
   }));
+  fill("endpoints", (f.endpoints || []).map((e) => {
+    const r = document.createElement("tr");
+    cell(r, `${e.tenant}/${e.server}`); cell(r, e.url);
+    cell(r, e.healthy ? "up" : "DOWN", e.healthy ? "ok" : "bad");
+    cell(r, e.breaker, e.breaker === "closed" ? "" : "warn");
+    cell(r, e.in_flight, "num"); cell(r, e.calls, "num"); cell(r, e.failures, "num" + (e.failures ? " warn" : ""));
+    cell(r, e.failovers, "num"); cell(r, Number(e.latency_ms || 0).toFixed(0) + " ms", "num");
+    cell(r, e.last_error || "");
+    return r;
+  }));
   document.getElementById("dlq").textContent = f.dlq;
   const notes = document.getElementById("notes");
   notes.replaceChildren(...f.notes.map((n) => { const li = document.createElement("li"); li.textContent = n; return li; }));
