@@ -15,13 +15,7 @@ tenant's author, its tools approved by the tenant's approver, called by tasks.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,52 +26,13 @@ import pytest
 from mesh_contracts.v1 import TaskCompleted, TaskPolicy
 from mesh_testing.chaos import ChaosMesh, started
 from mesh_testing.infra import Infra, running_infra
+from mesh_testing.tool_servers import Replica, free_port, orders_state
 from meshctl import audit
 from meshctl.cli import main as cli_main
 
 pytestmark = pytest.mark.chaos
 TOKEN = "orders-secret-token-5b1f"
 NO_JUDGE = TaskPolicy(judge=False)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Replica:
-    """One process of the example orders server."""
-
-    def __init__(self, name: str, port: int, env: dict[str, str]) -> None:
-        self.name, self.port, self.env = name, port, env
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/mcp"
-
-    def start(self) -> None:
-        cmd = [sys.executable, "-m", "mesh_tool_executor.mcp_servers.orders", "--port", str(self.port),
-               "--replica", self.name]  # fmt: skip
-        self.proc = subprocess.Popen(cmd, env={**os.environ, **self.env}, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)  # fmt: skip
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"orders replica {self.name} exited ({self.proc.returncode})"
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                return
-            time.sleep(0.2)
-        raise AssertionError(f"orders replica {self.name} did not listen on {self.port}")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -170,10 +125,6 @@ def plan(instruction: str, tools: list[str]) -> str:
                                              "tools": tools}]})  # fmt: skip
 
 
-def orders(state: Path) -> dict[str, Any]:
-    return json.loads(state.read_text()) if state.exists() else {}
-
-
 @pytest.fixture(scope="module")
 def registered(infra, mesh, people, replicas) -> dict[str, Any]:
     """acme's orders server, added by alice with both replicas and approved by bob."""
@@ -214,19 +165,18 @@ def test_a_replica_killed_mid_call_fails_over_with_one_effect(infra, registered)
                                                 task_id="refund-1", policy=NO_JUDGE, timeout=120))  # fmt: skip
             # The replica that took the call has recorded the refund and sleeps before answering.
             deadline = time.monotonic() + 60
-            while not orders(state_file).get("refunds") and time.monotonic() < deadline:
+            while not orders_state(state_file).get("refunds") and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
-            (first,) = orders(state_file)["refunds"]
+            (first,) = orders_state(state_file)["refunds"]
             victim = next(r for r in registered["replicas"] if r.name == first["replica"])
             assert victim.proc is not None
-            os.kill(victim.proc.pid, signal.SIGKILL)
-            victim.proc.wait()
+            victim.kill()
             return await task, victim
 
     seen, victim = asyncio.run(main())
     try:
         assert isinstance(seen.outcome, TaskCompleted), seen.outcome
-        refunds = [r for r in orders(state_file)["refunds"] if r["order_id"] == "o-1"]
+        refunds = [r for r in orders_state(state_file)["refunds"] if r["order_id"] == "o-1"]
         assert len(refunds) == 1, f"exactly one effect: {refunds}"
         answer = asyncio.run(tool_answers(infra, "acme", "refund-1"))
         (done,) = [a for a in answer if a["tool"] == "orders__refund_order"]
@@ -329,7 +279,7 @@ def test_wrong_credentials_halt_the_task_until_the_secret_is_fixed(infra, regist
                 halted = await until_halted(infra, "globex", "creds-1")
                 assert "refused the credentials" in halted and "meshctl resume creds-1" in halted, halted
                 assert "rotated-token" not in halted and TOKEN not in halted
-                assert not [r for r in orders(registered["state"]).get("refunds", []) if r["order_id"] == "o-7"]
+                assert not [r for r in orders_state(registered["state"]).get("refunds", []) if r["order_id"] == "o-7"]
                 (secrets / "globex" / "orders-token").write_text("rotated-token")  # the operator fixes the secret
                 loop = asyncio.get_running_loop()
                 assert await loop.run_in_executor(None, ctl, infra, "resume", "creds-1", "--tenant", "globex") == 0
@@ -339,7 +289,7 @@ def test_wrong_credentials_halt_the_task_until_the_secret_is_fixed(infra, regist
     finally:
         registered["token"].write_text(TOKEN)
     assert isinstance(seen.outcome, TaskCompleted), seen.outcome
-    assert len([r for r in orders(registered["state"])["refunds"] if r["order_id"] == "o-7"]) == 1
+    assert len([r for r in orders_state(registered["state"])["refunds"] if r["order_id"] == "o-7"]) == 1
 
 
 async def until_halted(infra: Infra, tenant: str, task_id: str, timeout: float = 90.0) -> str:
