@@ -1,6 +1,6 @@
 """Tenants' tool servers, the logic under the mesh (issue 44): who may change them, what an approval
 pins, how a changed definition is judged, and how the pool routes and fails over. The processes
-(real MCP servers, replicas killed mid-call) are in tests/scenarios/test_tool_servers.py."""
+(real MCP servers, replicas killed mid-call) are in tests/scenarios/test_tool_servers_mesh.py."""
 
 from __future__ import annotations
 

@@ -77,6 +77,8 @@ from mesh_tool_executor.remote_http import (
 )
 
 log = logging.getLogger("mesh.tool-executor.remote")
+# httpx2 logs every request's full URL at INFO; a tenant's endpoint may carry a key in its query.
+logging.getLogger("httpx2").setLevel(max(logging.WARNING, logging.getLogger("httpx2").level))
 
 Kind = Literal["unreachable", "lost", "auth", "too_large", "timeout", "protocol"]
 T = TypeVar("T")

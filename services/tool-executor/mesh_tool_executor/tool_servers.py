@@ -61,6 +61,8 @@ IDEMPOTENCY_ARG = "idempotency_key"
 """A tool whose input schema takes this argument is given the call's ledger key in it (the model
 never sees it): the same key on every replica and retry, so the server itself runs the effect once."""
 _MOUNTED_NAME = r"^[A-Za-z0-9_-]{1,64}$"
+STATE_EVERY_S = 60.0
+"""A server's state is written when it changes, and at least this often (its counts, latencies)."""
 
 
 class CredentialsRefused(ToolExecutorError):
@@ -96,6 +98,7 @@ class TenantServers:
         self._tasks: list[asyncio.Task[None]] = []
         self._tail: Tail | None = None
         self._registries: dict[str, Registry] = {}
+        self._written: dict[tuple[str, str], tuple[str, float]] = {}  # state key -> (its gist, when written)
 
     # --- what the tool-executor asks ---------------------------------------------------------------
 
@@ -195,6 +198,7 @@ class TenantServers:
 
     async def _unmount(self, key: tuple[str, str]) -> None:
         m = self.mounted.pop(key, None)
+        self._written.pop(key, None)
         if m is None:
             return
         if m.pool is not None:
@@ -399,10 +403,21 @@ class TenantServers:
     # --- publishing ---------------------------------------------------------------------------------
 
     async def _write(self, state: ToolServerState) -> None:
+        """The state, when what it says changed (a tool's status or hash, an endpoint's health,
+        breaker or error) or every ``STATE_EVERY_S`` (its counts and latencies): a check every 15 s
+        must not be a synced write every 15 s per server and replica when nothing happened."""
         if self.kv is None:
+            return
+        key = (state.tenant, state.server)
+        gist = field_hash({"error": state.error, "version": state.version,
+                           "tools": [(t.name, t.sha256, t.status) for t in state.tools],
+                           "endpoints": [(e.url, e.healthy, e.breaker, e.last_error) for e in state.endpoints]})  # fmt: skip
+        last = self._written.get(key)
+        if last is not None and last[0] == gist and time.monotonic() - last[1] < STATE_EVERY_S:
             return
         try:
             await self.kv.put(ToolServerState.key(state.tenant, state.server), state.to_bytes())
+            self._written[key] = (gist, time.monotonic())
         except Exception as exc:  # noqa: BLE001 - the next check writes it again
             log.warning("state of tool server %s/%s not written: %s", state.tenant, state.server, exc)
 
