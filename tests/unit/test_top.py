@@ -42,3 +42,21 @@ def test_restarts_show_on_a_supervised_mesh_only():
     assert next(line for line in lines if line.startswith("SERVICE")).endswith("RESTARTS")
     assert next(line for line in lines if line.startswith("worker")).split()[-1] == "3"
     assert next(line for line in lines if line.startswith("checker")).split()[-2:] == ["5", "crash-looping"]
+
+
+def test_each_tool_server_replica_has_a_row_with_its_health_and_failovers():
+    """Tenants' tool servers (issue 44): one row per replica, its health, breaker, load and
+    failovers as the tool-executor last wrote them; none at all on a mesh without any."""
+    frame = Frame(at=0.0)
+    assert "TOOL SERVER" not in render(frame)
+    frame.endpoints = [
+        {"tenant": "acme", "server": "orders", "url": "http://10.0.0.7:8731/mcp", "healthy": True,
+         "breaker": "closed", "in_flight": 2, "calls": 40, "failures": 1, "failovers": 1, "latency_ms": 3.4},
+        {"tenant": "acme", "server": "orders", "url": "http://10.0.0.8:8731/mcp", "healthy": False,
+         "breaker": "open", "in_flight": 0, "calls": 9, "failures": 5, "failovers": 4, "latency_ms": 0.0},
+    ]  # fmt: skip
+    lines = render(frame).splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("TOOL SERVER"))
+    up, down = lines[header + 1].split(), lines[header + 2].split()
+    assert up[:4] == ["acme/orders", "http://10.0.0.7:8731/mcp", "up", "closed"] and up[4:8] == ["2", "40", "1", "1"]
+    assert down[2:4] == ["DOWN", "open"] and down[7] == "4"
