@@ -35,7 +35,6 @@ from mesh_planner import releases as rel
 from mesh_tenancy.door import DoorRefused
 from mesh_testing.chaos import ChaosMesh, started
 from mesh_testing.infra import Infra, running_infra
-from meshctl import audit
 from meshctl.cli import main as cli_main
 from meshctl.client import TenantClient
 
@@ -133,11 +132,7 @@ async def run_tasks(infra: Infra, prefix: str, n: int, concurrency: int = 3) -> 
 
 
 async def chain(infra: Infra, tenant: str) -> list[dict[str, Any]]:
-    admin = await infra.admin()
-    try:
-        return await audit.chain_opened(admin, tenant, infra.ids.auditor_key(tenant))
-    finally:
-        await admin.close()
+    return await infra.audit_chain(tenant)
 
 
 def test_draft_validates_and_rights_are_named_people_of_the_tenant(infra, mesh, people, files, capsys):

@@ -27,7 +27,6 @@ from mesh_contracts.v1 import TaskCompleted, TaskPolicy
 from mesh_testing.chaos import ChaosMesh, started
 from mesh_testing.infra import Infra, running_infra
 from mesh_testing.tool_servers import Replica, free_port, orders_state
-from meshctl import audit
 from meshctl.cli import main as cli_main
 
 pytestmark = pytest.mark.chaos
@@ -187,6 +186,20 @@ def test_a_replica_killed_mid_call_fails_over_with_one_effect(infra, registered)
         victim.start()  # back for the other tests
 
 
+def call_in_task(infra: Infra, tenant: str, task_id: str, tool: str, arguments: dict[str, Any]) -> dict[str, Any]:
+    """A task of ``tenant`` whose one step makes this call (the scripted model's ``#call:`` cue),
+    run to its end; the call's answer (``tool.completed``) as stored."""
+
+    async def main() -> list[dict[str, Any]]:
+        async with infra.client(tenant) as c:
+            await c.submit(plan(f"#call: {tool} {json.dumps(arguments)}", [tool]), task_id=task_id,
+                           policy=NO_JUDGE, timeout=120)  # fmt: skip
+        return await tool_answers(infra, tenant, task_id)
+
+    (answer,) = [a for a in asyncio.run(main()) if a["tool"] == tool]
+    return answer
+
+
 async def tool_answers(infra: Infra, tenant: str, task_id: str) -> list[dict[str, Any]]:
     from mesh_contracts.registry import open_body
 
@@ -206,13 +219,7 @@ def test_a_changed_description_suspends_the_tool_until_it_is_approved_again(infr
         asyncio.run(until(infra, "acme.catalogue",
                           lambda c: "orders__get_order" not in {t["name"] for t in c["tools"]}))  # fmt: skip
 
-        async def main() -> Any:
-            async with infra.client("acme") as c:
-                return await c.submit(plan('#call: orders__get_order {"order_id": "o-2"}', ["orders__get_order"]),
-                                      task_id="rug-1", policy=NO_JUDGE, timeout=90)  # fmt: skip
-
-        asyncio.run(main())
-        (answer,) = [a for a in asyncio.run(tool_answers(infra, "acme", "rug-1")) if a["tool"] == "orders__get_order"]
+        answer = call_in_task(infra, "acme", "rug-1", "orders__get_order", {"order_id": "o-2"})
         assert not answer["ok"] and "unknown tool" in answer["error"], answer
         records = asyncio.run(chain(infra, "acme"))
         suspended = [r for r in records if r["kind"] == "tools.suspended"]
@@ -227,11 +234,7 @@ def test_a_changed_description_suspends_the_tool_until_it_is_approved_again(infr
 
 
 async def chain(infra: Infra, tenant: str) -> list[dict[str, Any]]:
-    admin = await infra.admin()
-    try:
-        return await audit.chain_opened(admin, tenant, infra.ids.auditor_key(tenant))
-    finally:
-        await admin.close()
+    return await infra.audit_chain(tenant)
 
 
 def test_another_tenant_cannot_list_call_change_or_remove_the_server(infra, registered, capsys):
@@ -243,13 +246,7 @@ def test_another_tenant_cannot_list_call_change_or_remove_the_server(infra, regi
     assert ctl(infra, "tools", "add", "orders", "--endpoint", "http://127.0.0.1:9/mcp", "--as",
                "approver.acme.bob") != 0, "adding is an author's right"  # fmt: skip
 
-    async def main() -> Any:
-        async with infra.client("globex") as c:
-            return await c.submit(plan('#call: orders__get_order {"order_id": "o-3"}', ["orders__get_order"]),
-                                  task_id="steal-1", policy=NO_JUDGE, timeout=90)  # fmt: skip
-
-    asyncio.run(main())
-    (answer,) = [a for a in asyncio.run(tool_answers(infra, "globex", "steal-1")) if a["tool"] == "orders__get_order"]
+    answer = call_in_task(infra, "globex", "steal-1", "orders__get_order", {"order_id": "o-3"})
     assert not answer["ok"] and "unknown tool" in answer["error"], answer
     assert asyncio.run(kv_get(infra, "acme.server.orders")) is not None, "acme's server is intact"
     refused = [r for r in asyncio.run(chain(infra, "globex")) if r["kind"] == "tools.change-refused"]
@@ -308,12 +305,6 @@ def test_an_answer_over_the_limit_is_cut_off(infra, registered):
     assert ctl(infra, "tools", "approve", "orders", "--tool", "big", "--as", "approver.acme.bob") == 0
     asyncio.run(until(infra, "acme.catalogue", lambda c: "orders__big" in {t["name"] for t in c["tools"]}))
 
-    async def main() -> Any:
-        async with infra.client("acme") as c:
-            return await c.submit(plan('#call: orders__big {"megabytes": 100}', ["orders__big"]), task_id="big-1",
-                                  policy=NO_JUDGE, timeout=120)  # fmt: skip
-
-    asyncio.run(main())
-    (answer,) = [a for a in asyncio.run(tool_answers(infra, "acme", "big-1")) if a["tool"] == "orders__big"]
+    answer = call_in_task(infra, "acme", "big-1", "orders__big", {"megabytes": 100})
     assert not answer["ok"] and "1048576" in answer["error"].replace(",", ""), answer
     assert [a["outcome"] for a in answer["route"]["attempts"]] == ["too_large"], "not failed over: same answer anywhere"

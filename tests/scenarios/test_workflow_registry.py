@@ -24,7 +24,6 @@ from mesh_identity import Signer
 from mesh_tenancy.door import DoorRefused
 from mesh_testing.chaos import ChaosMesh, started
 from mesh_testing.infra import Infra, running_infra
-from meshctl import audit
 from meshctl.cli import main as cli_main
 from meshctl.client import TenantClient
 
@@ -113,11 +112,7 @@ async def run(infra: Infra, tenant: str, task_id: str, workflow: str, inputs: di
 
 
 async def chain(infra: Infra, tenant: str) -> list[dict[str, Any]]:
-    admin = await infra.admin()
-    try:
-        return await audit.chain_opened(admin, tenant, infra.ids.auditor_key(tenant))
-    finally:
-        await admin.close()
+    return await infra.audit_chain(tenant)
 
 
 async def status_of(infra: Infra, tenant: str, task_id: str) -> dict[str, Any]:

@@ -130,6 +130,16 @@ class Infra:
             nats_servers(self.nats_url), **{"error_cb": log_nats_error, **self.ids.connect_options("admin"), **options}
         )
 
+    async def audit_chain(self, tenant: str) -> list[dict[str, Any]]:
+        """The tenant's audit chain, its sealed details opened with the tenant's auditor key."""
+        from meshctl import audit
+
+        admin = await self.admin()
+        try:
+            return await audit.chain_opened(admin, tenant, self.ids.auditor_key(tenant))
+        finally:
+            await admin.close()
+
     async def restart_nats(self, index: int = 0, pause_s: float = 0.0) -> float:
         """kill -9 node ``index`` (a process this fixture started), start it again on the same
         port and store after ``pause_s``. Returns the seconds until it is healthy again."""
