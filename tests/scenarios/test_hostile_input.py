@@ -77,6 +77,9 @@ def _valid(subject: str) -> dict:
         # a person's release change, over the tenant's connection (signed here by the client: refused)
         "release": {**base, "type": "release.change", "action": "draft", "by": "author.acme.x",
                     "bundle": {"prompts": {"worker.system": {"version": "2", "text": "x"}}}},
+        # a person's change to the tenant's tool servers, over the tenant's connection (refused likewise)
+        "tools": {**base, "type": "tools.change", "action": "add", "server": "orders", "by": "author.acme.x",
+                  "definition": {"endpoints": ["https://orders.acme.test/mcp"]}},
     }.get(kind, {**base, "type": kind})  # fmt: skip
 
 
