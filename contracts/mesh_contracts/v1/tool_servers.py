@@ -110,7 +110,7 @@ class ToolServerSpec(BaseModel):
     auth: ServerAuth = ServerAuth()
     ca: str = Field("", pattern=r"^(" + SECRET_NAME[1:-1] + r")?$")
     """A mounted secret file holding the PEM CA bundle its TLS certificate is verified against
-    (''': the system's). TLS is always verified."""
+    ('': the system's). TLS is always verified."""
     timeout_s: float = Field(30.0, gt=0, le=600)
     """Per call, unless a tool's rules say otherwise."""
     max_response_bytes: int = Field(10 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024)

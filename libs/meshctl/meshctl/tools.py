@@ -130,9 +130,7 @@ def cmd_remove(args: argparse.Namespace) -> int:
 
 
 def cmd_approve(args: argparse.Namespace) -> int:
-    tenant = (args.as_ or "..").split(".")[1] if args.as_ else ""
-    if not tenant:
-        raise MeshError("say who: --as approver.<tenant>.<person>")
+    tenant, _ = rel._person(args, "approver")  # checked (and the key found) before anything is read
     args.tenant = tenant
     recs, states = _read(args, tenant)
     if not recs:

@@ -84,6 +84,7 @@ class Mounted:
     state: ToolServerState | None = None
     tools: dict[str, Tool] = field(default_factory=dict)  # approved and callable, by mounted name
     announced: set[str] = field(default_factory=set)  # "<tool>:<sha>" suspensions already on the chain
+    listed: tuple[int, list[tuple[str, str]]] | None = None  # (record version, each tool's hash) judged last
 
 
 class TenantServers:
@@ -254,27 +255,32 @@ class TenantServers:
             error = str(exc)
         state = ToolServerState(tenant=rec.tenant, server=rec.server, version=rec.version, checked_at=time.time(),
                                 error=error)  # fmt: skip
-        if listing is None:
-            # Unreachable: keep offering what was approved and listed last (a call will fail over or
-            # fail with the reason); the state says why the listing is stale.
+        listed = (rec.version, [(t.name, _hash(t)) for t in listing]) if listing is not None else None
+        if listing is None or (listed == m.listed and m.state is not None):
+            # Unreachable, or listed as last time under the same record: what was judged stands (an
+            # unreachable server's approved tools stay offered: a call fails over or fails with the
+            # reason; the state says why the listing is stale).
             state.tools = m.state.tools if m.state is not None else []
-        else:
-            state.tools = [self._judge(rec, t) for t in listing]
-            m.tools = self._tools(m, listing, state.tools)
-            await self._announce(m, state.tools)
+            state.endpoints = m.pool.health()
+            m.state = state
+            await self._write(state)
+            return
+        state.tools = [self._judge(rec, t) for t in listing]
         state.endpoints = m.pool.health()
-        m.state = state
+        m.tools, m.state, m.listed = self._tools(m, listing, state.tools), state, listed
+        await self._announce(m, state.tools)
         reg = self.registry(rec.tenant)
         for name in [n for n, t in reg.tools.items() if t.source == f"tenant:{rec.server}" and n not in m.tools]:
             reg.tools.pop(name)
         reg.tools.update(m.tools)
         await self._write(state)
-        await self._publish_catalogue(rec.tenant)
+        if not await self._publish_catalogue(rec.tenant):
+            m.listed = None  # judged and published again on the next check
 
     def _judge(self, rec: ToolServerRecord, tool: Any) -> ListedTool:
         description = tool.description or ""
         schema = dict(tool.input_schema or {})
-        sha = definition_hash(tool.name, description, schema)
+        sha = _hash(tool)
         scored = injection_score(description) if description else None
         listed = ListedTool(name=tool.name, sha256=sha, description=description, input_schema=schema,
                             injection_score=round(scored.score, 3) if scored else 0.0,
@@ -421,11 +427,11 @@ class TenantServers:
         except Exception as exc:  # noqa: BLE001 - the next check writes it again
             log.warning("state of tool server %s/%s not written: %s", state.tenant, state.server, exc)
 
-    async def _publish_catalogue(self, tenant: str) -> None:
+    async def _publish_catalogue(self, tenant: str) -> bool:
         """The tenant's catalogue, written when it differs from what is stored (every replica
-        computes the same one from the same listing)."""
+        computes the same one from the same listing). False when it could not be written."""
         if self.kv is None:
-            return
+            return True
         tools = sorted(self.registry(tenant).tools.values(), key=lambda t: t.name)
         servers = sorted(s for t, s in self.mounted if t == tenant)
         catalogue = TenantToolCatalogue(tenant=tenant, servers=servers, tools=[t.describe() for t in tools])
@@ -434,10 +440,12 @@ class TenantServers:
         try:
             with contextlib.suppress(Exception):
                 if (await self.kv.get(key)).value == body:
-                    return
+                    return True
             await self.kv.put(key, body)
         except Exception as exc:  # noqa: BLE001 - the next check writes it again
             log.warning("tool catalogue of %s not written: %s", tenant, exc)
+            return False
+        return True
 
     async def _check_loop(self) -> None:
         while True:
@@ -452,6 +460,11 @@ class TenantServers:
                     raise
                 except Exception:
                     log.exception("tool server %s/%s not checked", m.rec.tenant, m.rec.server)
+
+
+def _hash(tool: Any) -> str:
+    """A listed tool's ``definition_hash`` (what an approval pins)."""
+    return definition_hash(tool.name, tool.description or "", dict(tool.input_schema or {}))
 
 
 def _without_key(schema: dict[str, Any]) -> dict[str, Any]:

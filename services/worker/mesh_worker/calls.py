@@ -80,8 +80,8 @@ class Calls:
         self.mesh, self.settings = mesh, settings
         self._bundles, self._observe = bundles, observe
         self.catalogue: dict[str, ToolSpec] = {}
-        self.tools = records.Catalogue(None)  # KV ``tools``: what the tool-executor serves
-        self.own = records.TenantCatalogues(None, None)  # KV ``toolservers``: each tenant's own tools
+        # KV ``tools``: what the tool-executor serves every tenant; KV ``toolservers``: each tenant's own
+        self.tools = records.TenantCatalogues(None, None)
         self._timers: dict[str, asyncio.TimerHandle] = {}
 
     # --- what the model is offered ----------------------------------------------------------
@@ -89,14 +89,13 @@ class Calls:
     async def start(self, tools: Any, servers: Any = None) -> None:
         """Follow the catalogue in KV ``tools`` and the tenants' own (KV ``toolservers``), each read
         again at most once a second."""
-        self.tools = records.Catalogue(tools)
-        self.own = records.TenantCatalogues(None, servers)
+        self.tools = records.TenantCatalogues(tools, servers)
         await self.read_catalogue(fresh=True)
 
     async def read_catalogue(self, *, fresh: bool = False) -> None:
         """The tool-executor's catalogue (built-ins and mounted MCP tools), so a step can be
         offered any tool the executor serves, with the schema the executor validates against."""
-        catalogue = await self.tools.get(fresh=fresh)
+        catalogue = await self.tools.mesh.get(fresh=fresh)
         if catalogue is not None:  # (None: not written yet, the executor is starting)
             self.use_catalogue(catalogue)
 
@@ -109,7 +108,7 @@ class Calls:
         tools (``<server>__<tool>``), which no other tenant's step is ever offered."""
         own: dict[str, ToolSpec] = {}
         if tenant and any("__" in n and n not in self.catalogue for n in names):
-            tools = await self.own.own(tenant)
+            tools = await self.tools.own(tenant)
             own = {t.name: ToolSpec(t.name, t.description, t.parameters) for t in tools}
         offered = {**self.catalogue, **own}
         missing = [n for n in names if n not in TOOLS and n not in offered]
