@@ -30,6 +30,7 @@ from mesh_contracts.base import CLIENT, Contract
 from mesh_contracts.errors import ContractsError
 from mesh_contracts.registry import VERSIONS
 from mesh_contracts.topology import BUCKETS, DOOR_PREFIX, STREAMS, Door, door_of
+from mesh_contracts.v1.agents import AGENT_RECORDS
 from mesh_contracts.v1.records import RECORDS, Record
 from mesh_contracts.v1.tenants import TenantRecord
 from mesh_contracts.v1.tool_servers import TOOL_SERVER_RECORDS
@@ -146,7 +147,7 @@ def schemas() -> dict[str, dict[str, Any]]:
                 s["x-door"] = {"subject": f"{DOOR_PREFIX}.{s['x-subject']}", "keeper": door.service}
             out[f"v{major}/{_file_name(c)}"] = s
     buckets = {b.name: b for b in BUCKETS}
-    records: tuple[type[Record], ...] = (*RECORDS, TenantRecord, *TOOL_SERVER_RECORDS)
+    records: tuple[type[Record], ...] = (*RECORDS, TenantRecord, *TOOL_SERVER_RECORDS, *AGENT_RECORDS)
     for r in records:  # key-value records other services read: contracts too
         s = {"$schema": DRAFT, **r.model_json_schema()}
         s["$id"] = f"agentmesh://contracts/{r.schema_id()}"

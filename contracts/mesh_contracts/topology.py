@@ -190,11 +190,14 @@ BUCKETS: tuple[Bucket, ...] = (
     Bucket(
         "workflows",
         writer="planner",
+        readers=("worker",),  # the agent profile version a step runs
         history=5,
         tenant_keys=True,
-        description="The workflow registry: each tenant's workflow versions (key <tenant>.wf.<name>.<version>: the "
+        description="The registry of what a tenant runs: its workflow versions (key <tenant>.wf.<name>.<version>: the "
         "definition, immutable, and its status) and catalogue (key <tenant>.catalog: every version of each "
-        "workflow in publication order). A tenant's client reads its own keys (direct gets by key).",
+        "workflow in publication order), and its agent profiles (key <tenant>.agent.<name>.<version>: a profile, "
+        "immutable; <tenant>.agents: each profile's current version and changes). A tenant's client reads its own "
+        "keys (direct gets by key).",
     ),
     Bucket(
         "releases",

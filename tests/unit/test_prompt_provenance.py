@@ -62,6 +62,7 @@ ROUTING = {
     "on_held",
     "tool",
     "stopped",
+    "agent",
 }
 """Fields the worker finds its state by, or that pick its behaviour; they keep real values."""
 TRUSTED: dict[tuple[str, str], str] = {

@@ -2,6 +2,24 @@
 // Regenerate with `make contracts`; `make contracts-check` fails when this file drifts.
 /* eslint-disable */
 
+export interface AgentEntry {
+  description?: string;
+  exposed?: boolean;
+  history?: AgentEvent[];
+  pool?: string;
+  version?: string;
+}
+
+/** One change of a profile, as the registry applied it. */
+export interface AgentEvent {
+  action: string;
+  at: number;
+  by: string;
+  change_id?: string;
+  reason?: string;
+  version?: string;
+}
+
 /**
  * A model-driven step: the worker runs ``instruction`` with the tools listed, on the model
  * tier given (what a planned step is today).
@@ -9,6 +27,12 @@
 export interface AgentNode {
   /** The nodes this one runs after (each an id, or an edge with a condition). */
   after?: (string | Edge)[];
+  /**
+   * One of the tenant's agent profiles that runs the node (its current version when a task
+   * starts the workflow is pinned for the task): its instructions, model, tools and pool. The
+   * node's ``tools`` are narrowed to the profile's. '' : the worker's own.
+   */
+  agent?: string;
   /**
    * The share of the task's token and cost ceilings this node may spend, every try and check
    * together (None: no cap of its own): the budget refuses a model call of the node that would
@@ -33,6 +57,20 @@ export interface AgentNode {
   /** A human name for the node (the DAG's label); the id if empty. */
   title?: string;
   /** The tools the step may call (``search_docs``: retrieval); nothing else. */
+  tools?: string[];
+}
+
+/** One named agent of a tenant, as its author defines it. */
+export interface AgentProfile {
+  description: string;
+  exposed?: boolean;
+  instructions?: string;
+  labels?: { [key: string]: string };
+  max_iterations?: number;
+  name: string;
+  pool?: string;
+  route?: string;
+  tier?: "" | "easy" | "normal" | "hard";
   tools?: string[];
 }
 
@@ -299,6 +337,12 @@ export interface Pin {
 
 /** One step of a plan. */
 export interface PlanStep {
+  /**
+   * The tenant's agent profile that runs the step (``name@version``, pinned when the task was
+   * planned: ``v1.agents``): its instructions, model, tools and iteration cap, on its worker pool.
+   * '' : the worker's own.
+   */
+  agent?: string;
   /**
    * A fixed call: the worker makes exactly this call, under the tool policy like any other, with
    * no model turn, and the call's result is the step's output (a failed call fails the step).
@@ -739,13 +783,14 @@ export interface ToolRules {
   timeout_s?: number | null;
 }
 
-/** A remote MCP server (streamable HTTP) as its tenant registers it. */
+/** A remote MCP server (streamable HTTP), or an A2A agent, as its tenant registers it. */
 export interface ToolServerSpec {
   auth?: ServerAuth;
   ca?: string;
   default_risk?: "read" | "write" | "external";
   endpoints: string[];
   max_response_bytes?: number;
+  protocol?: "mcp" | "a2a";
   rate_per_min?: number;
   timeout_s?: number;
   tools?: { [key: string]: ToolRules };
@@ -803,6 +848,76 @@ export interface AdmissionRecord {
   refused?: { [key: string]: number };
   running?: { [key: string]: number };
   tokens?: number;
+}
+
+/**
+ * A tenant's agent profiles: each one's current version and its changes (one key per tenant,
+ * compare-and-set).
+ */
+export interface AgentCatalog {
+  agents?: { [key: string]: AgentEntry };
+  record_version?: 1;
+}
+
+/** An author puts (adds, or changes: a new version) or removes one of the tenant's agent profiles. */
+export interface AgentChange {
+  action: "put" | "remove";
+  by: string;
+  name: string;
+  /** ``put``: the profile (its ``name`` is the change's). */
+  profile?: AgentProfile | null;
+  reason?: string;
+  /**
+   * The release of the tenant's behaviour (``v1.release``) the task runs: the version of the
+   * prompts, model routes and tool rules its messages were made with ('' : the packaged ones).
+   * Set by the planner when it admits a task and carried on every message of it; on a
+   * ``task.submitted``, a request to run that version of the tenant's (``meshctl release eval``).
+   */
+  release?: string;
+  /** Task this message belongs to; also the fourth token of the subject. */
+  task_id: string;
+  /** Tenant that owns the task; also the third token of the subject. */
+  tenant: string;
+  type?: "agent.change";
+}
+
+/** What became of an ``agent.change``: applied (or already so), or refused with why. */
+export interface AgentChanged {
+  accepted: boolean;
+  action: string;
+  /** False when the registry already said so (the same profile put again): nothing was written. */
+  changed?: boolean;
+  name: string;
+  reason?: string;
+  /**
+   * The release of the tenant's behaviour (``v1.release``) the task runs: the version of the
+   * prompts, model routes and tool rules its messages were made with ('' : the packaged ones).
+   * Set by the planner when it admits a task and carried on every message of it; on a
+   * ``task.submitted``, a request to run that version of the tenant's (``meshctl release eval``).
+   */
+  release?: string;
+  /** Task this message belongs to; also the fourth token of the subject. */
+  task_id: string;
+  /** Tenant that owns the task; also the third token of the subject. */
+  tenant: string;
+  type?: "agent.changed";
+  /** The profile's current version ('' once removed). */
+  version?: string;
+}
+
+/**
+ * One version of a tenant's agent profile (immutable: the version is its digest). Written by
+ * the planner (create-only); read by the planner when a plan names the agent, by the worker that
+ * runs its steps, and by the tenant's ``meshctl agent`` and A2A gateway.
+ */
+export interface AgentVersion {
+  agent: string;
+  profile: AgentProfile;
+  put_at?: number;
+  put_by?: string;
+  record_version?: 1;
+  tenant: string;
+  version: string;
 }
 
 /** A human's decision on an approval request. */
@@ -1863,6 +1978,12 @@ export interface TaskSignal {
 
 /** A tenant asks the mesh to achieve a goal. Published by the tenant's client. */
 export interface TaskSubmitted {
+  /**
+   * One of the tenant's agent profiles (``name`` or ``name@<version>``) to hand the goal to as
+   * one step: no plan of the model's, the profile's instructions, model and tools (how the A2A
+   * gateway runs a profile it exposes). None: the planner plans (or runs ``workflow``).
+   */
+  agent?: string | null;
   /** What the tenant wants done, in natural language. */
   goal: string;
   /** The workflow's inputs (checked against its ``inputs`` schema; ``{{inputs.<name>}}`` in its nodes). */
@@ -2429,6 +2550,8 @@ export interface WorkflowVersion {
 
 /** Every contract's type by its schema id (``Mesh-Schema``). */
 export interface Contracts {
+  "agent.change/v1": AgentChange;
+  "agent.changed/v1": AgentChanged;
   "approval.decided/v1": ApprovalDecided;
   "approval.requested/v1": ApprovalRequested;
   "audit.recorded/v1": AuditRecorded;
@@ -2450,6 +2573,8 @@ export interface Contracts {
   "plan.drafted/v1": PlanDrafted;
   "plan.reviewed/v1": PlanReviewed;
   "record.admission/v1": AdmissionRecord;
+  "record.agent-catalog/v1": AgentCatalog;
+  "record.agent/v1": AgentVersion;
   "record.evidence/v1": Evidence;
   "record.quota/v1": QuotaRecord;
   "record.release-channel/v1": ReleaseChannel;
@@ -2505,6 +2630,8 @@ export interface MessageContract {
 }
 
 export const CONTRACTS: { readonly [id: string]: MessageContract } = {
+  "agent.change/v1": { type: "agent.change", subject: "task.v1.{tenant}.{task}.agent", transport: "stream", producers: ["author"], consumers: ["planner"], door: "door.task.v1.{tenant}.{task}.agent" },
+  "agent.changed/v1": { type: "agent.changed", subject: "task.v1.{tenant}.{task}.agent-changed", transport: "stream", producers: ["planner"], consumers: ["client"] },
   "approval.decided/v1": { type: "approval.decided", subject: "approval.v1.{tenant}.{task}.decided", transport: "stream", producers: ["approver"], consumers: ["tool-executor"], sealed: ["comment"] },
   "approval.requested/v1": { type: "approval.requested", subject: "approval.v1.{tenant}.{task}.requested", transport: "stream", producers: ["tool-executor"], consumers: ["approver", "worker"], sealed: ["arguments", "reason"] },
   "audit.recorded/v1": { type: "audit.recorded", subject: "audit.v1.{tenant}.{task}.recorded", transport: "stream", producers: ["tool-executor", "budget", "planner", "admin", "keeper"], consumers: [] },

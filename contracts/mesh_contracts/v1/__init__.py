@@ -3,6 +3,7 @@
 Evolve by adding optional fields with defaults; a breaking change is ``v2/``.
 """
 
+from mesh_contracts.v1.agents import AgentChange, AgentChanged
 from mesh_contracts.v1.audit import AuditRecorded
 from mesh_contracts.v1.budget import (
     BudgetDenied,
@@ -109,12 +110,16 @@ ALL = (
     ReleaseDecided,
     ToolsChange,
     ToolsChanged,
+    AgentChange,
+    AgentChanged,
 )
 
 # Spelled out (not computed from ALL) so type checkers see what the package exports.
 __all__ = [
     "ALL",
     "DOCUMENT_TYPES",
+    "AgentChange",
+    "AgentChanged",
     "ApprovalDecided",
     "ApprovalRequested",
     "AuditRecorded",

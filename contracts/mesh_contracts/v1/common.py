@@ -154,6 +154,10 @@ class PlanStep(_Value):
     """A fixed call: the worker makes exactly this call, under the tool policy like any other, with
     no model turn, and the call's result is the step's output (a failed call fails the step).
     None: the model works the step with ``tools``."""
+    agent: str = Field("", max_length=70, pattern=r"^([a-z0-9][a-z0-9_-]{0,47}@[0-9a-f]{16})?$")
+    """The tenant's agent profile that runs the step (``name@version``, pinned when the task was
+    planned: ``v1.agents``): its instructions, model, tools and iteration cap, on its worker pool.
+    '' : the worker's own."""
 
 
 class CheckResult(_Value):

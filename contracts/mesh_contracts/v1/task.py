@@ -71,6 +71,10 @@ class TaskSubmitted(Contract):
     newer one published meanwhile or not. None: the planner plans from the goal."""
     inputs: dict[str, Any] = {}
     """The workflow's inputs (checked against its ``inputs`` schema; ``{{inputs.<name>}}`` in its nodes)."""
+    agent: str | None = Field(None, max_length=70)
+    """One of the tenant's agent profiles (``name`` or ``name@<version>``) to hand the goal to as
+    one step: no plan of the model's, the profile's instructions, model and tools (how the A2A
+    gateway runs a profile it exposes). None: the planner plans (or runs ``workflow``)."""
 
 
 REJECTION_CODES = (

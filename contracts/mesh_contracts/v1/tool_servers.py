@@ -1,5 +1,6 @@
 """A tenant's own tool servers (issue 44): remote MCP servers it registers, whose tools it
-approves one definition at a time.
+approves one definition at a time; and external A2A agents (issue 48), registered the same way
+(``protocol: a2a``), whose skills become its tools under the same approvals and policy.
 
 A person changes them with ``tools.change`` (``add`` and ``remove`` are an author's right,
 ``approve`` an approver's), handed in at the tenant's door; the tool-executor keeps the registry
@@ -35,6 +36,7 @@ record names a secret, it never holds one."""
 SHA256 = r"^[0-9a-f]{64}$"
 MAX_ENDPOINTS = 8
 Risk = Literal["read", "write", "external"]
+ServerProtocol = Literal["mcp", "a2a"]
 ACTIONS: dict[str, str] = {"add": AUTHOR, "remove": AUTHOR, "approve": APPROVER}
 """Who may make each change: an author (``author.<tenant>.<person>``) registers and removes a
 server; an approver (``approver.<tenant>.<person>``) approves what its tools say they do."""
@@ -101,12 +103,18 @@ def _check_url(url: str, what: str) -> str:
 
 
 class ToolServerSpec(BaseModel):
-    """A remote MCP server (streamable HTTP) as its tenant registers it."""
+    """A remote MCP server (streamable HTTP), or an A2A agent, as its tenant registers it."""
 
     model_config = ConfigDict(extra="forbid")
 
+    protocol: ServerProtocol = "mcp"
+    """``mcp``: each endpoint is an MCP server's streamable-HTTP URL. ``a2a``: each endpoint is an
+    A2A agent's card URL (or its base URL: the card is then at ``/.well-known/agent-card.json``);
+    its skills are the tools, and the whole card is pinned by the approvals. Default ``mcp``: records
+    written before A2A agents existed."""
     endpoints: list[str] = Field(min_length=1, max_length=MAX_ENDPOINTS)
-    """Replicas of one server, same tools: calls go to the least loaded healthy one."""
+    """Replicas of one server, same tools: calls go to the least loaded healthy one. For ``a2a``:
+    the card URLs of one agent's replicas."""
     auth: ServerAuth = ServerAuth()
     ca: str = Field("", pattern=r"^(" + SECRET_NAME[1:-1] + r")?$")
     """A mounted secret file holding the PEM CA bundle its TLS certificate is verified against
@@ -155,7 +163,21 @@ class ToolsChange(Contract):
                     },
                     "by": "author.acme.alice",
                     "reason": "refunds for the support agent",
-                }
+                },
+                {
+                    **_EX,
+                    "type": "tools.change",
+                    "action": "add",
+                    "server": "travel",
+                    "definition": {
+                        "protocol": "a2a",
+                        "endpoints": ["https://travel.example.com/.well-known/agent-card.json"],
+                        "auth": {"kind": "bearer", "secret": "travel-token"},
+                        "tools": {"book_trip": {"risk": "external", "needs_approval": True}},
+                    },
+                    "by": "author.acme.alice",
+                    "reason": "the travel agency's booking agent",
+                },
             ]
         }
     )
@@ -250,6 +272,11 @@ class ToolServerRecord(Record):
     added_by: str = ""
     changed_by: str = ""
     changed_at: float = 0.0
+
+    @property
+    def protocol(self) -> ServerProtocol:
+        """What the server speaks (its definition's ``protocol``): ``mcp`` or ``a2a``."""
+        return self.definition.protocol
 
     @staticmethod
     def key(tenant: str, server: str) -> str:

@@ -196,6 +196,10 @@ class AgentNode(_Node):
     role: Literal["research", "compute", "write", "answer"] = "research"
     output_schema: dict[str, Any] | None = None
     """JSON Schema the step's output must match (conditions can then test its fields)."""
+    agent: str = Field("", max_length=64, pattern=r"^([a-z0-9][a-z0-9_-]{0,47})?$")
+    """One of the tenant's agent profiles that runs the node (its current version when a task
+    starts the workflow is pinned for the task): its instructions, model, tools and pool. The
+    node's ``tools`` are narrowed to the profile's. '' : the worker's own."""
 
     def texts(self) -> Iterator[str]:
         yield self.instruction
@@ -424,7 +428,11 @@ class WorkflowDefinition(_Strict):
 
     def canonical(self) -> bytes:
         """The definition's canonical JSON (defaults filled in, keys sorted): what its digest is of."""
-        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":")).encode()
+        raw = self.model_dump(mode="json")
+        for node in raw["nodes"]:
+            if node.get("agent") == "":
+                del node["agent"]  # a field added later: a definition without it keeps its version
+        return json.dumps(raw, sort_keys=True, separators=(",", ":")).encode()
 
     def digest(self) -> str:
         """The version: the SHA-256 of the canonical JSON, its first 16 hex digits (64 bits)."""

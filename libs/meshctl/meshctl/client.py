@@ -31,6 +31,8 @@ from nats.aio.msg import Msg
 from mesh_contracts import Contract, ContractError, parse_message, sealing
 from mesh_contracts.topology import STREAMS, door_subject
 from mesh_contracts.v1 import (
+    AgentChange,
+    AgentChanged,
     ControlCancel,
     ControlHalt,
     ControlResume,
@@ -256,11 +258,13 @@ class TenantClient:
         workflow: str | None = None,
         inputs: dict[str, Any] | None = None,
         release: str = "",
+        agent: str | None = None,
     ) -> Followed:
         """Publish ``task.submitted`` and (optionally) follow the task to its outcome.
         ``replay`` makes it a replay of an earlier task (``meshctl replay``). ``workflow`` names a
         registered workflow of the tenant to run (``name[@latest|@<version>]``), with its ``inputs``.
         ``release`` pins a drafted release of the tenant's behaviour (``meshctl release eval``).
+        ``agent`` hands the goal to one of the tenant's agent profiles as one step (``name[@version]``).
 
         ``progress=False`` waits for the outcome alone: no progress events, usage records or
         streamed tokens reach this client, so it verifies a few messages a task instead of dozens (a program that
@@ -291,6 +295,7 @@ class TenantClient:
             workflow=workflow,
             inputs=inputs or {},
             release=release,
+            agent=agent,
         )
         return await Submission(self, submitted, on_event).run(
             resubmit or Resubmit(attempts=0), follow=follow, progress=progress, timeout=timeout,
@@ -315,6 +320,15 @@ class TenantClient:
         ``task.rejected``. ``TimeoutError`` when no answer came within ``timeout``."""
         answer = await self._change(change, person, ReleaseChanged, "release change", timeout)
         assert isinstance(answer, ReleaseChanged | TaskRejected)
+        return answer
+
+    async def change_agent(
+        self, change: AgentChange, author: Signer, *, timeout: float = 30.0
+    ) -> AgentChanged | TaskRejected:
+        """Hand an author's change to the tenant's agent profiles in and wait for the planner's
+        answer: ``agent.changed`` (applied, or refused with why), or ``task.rejected``."""
+        answer = await self._change(change, author, AgentChanged, "agent change", timeout)
+        assert isinstance(answer, AgentChanged | TaskRejected)
         return answer
 
     async def change_tools(

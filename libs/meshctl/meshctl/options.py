@@ -102,6 +102,26 @@ def workflow_ref(value: str) -> str:
     return f"{name}@{version}"
 
 
+def agent_ref(value: str) -> str:
+    """``NAME`` or ``NAME@<version>`` (16 hex digits) of an agent profile."""
+    from mesh_contracts.v1.agents import parse_agent_ref
+
+    try:
+        name, version = parse_agent_ref(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return f"{name}@{version}" if version else name
+
+
+def agent_name(value: str) -> str:
+    """An agent profile's name: lower-case letters, digits, '-' and '_', at most 48."""
+    from mesh_contracts.v1.agents import AGENT_NAME
+
+    if not re.fullmatch(AGENT_NAME, value):
+        raise argparse.ArgumentTypeError(f"invalid agent name {value!r}: lower-case letters, digits, '-', '_' (1-48)")
+    return value
+
+
 def workflow_input(value: str) -> tuple[str, Any]:
     """``KEY=VALUE``: the value as JSON if it is JSON (``3``, ``true``, ``[1, 2]``), else the text."""
     key, sep, val = value.partition("=")

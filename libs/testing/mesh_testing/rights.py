@@ -99,6 +99,7 @@ INTENDED: dict[str, set[str]] = {
     "planner": EVERY_SERVICE
     | fetch("TASK", "planner--task-submitted")
     | fetch("TASK", "planner--task-change")  # authors' workflow changes
+    | fetch("TASK", "planner--task-agent")  # authors' agent profile changes
     | fetch("TASK", "planner--task-release")  # authors' and approvers' release changes
     | fetch("TIMERS", "planner--timer-due")  # the wake-ups of workflow timers the broker fired
     | fetch("TASK", "planner--task-signal")  # signals to workflow tasks
@@ -135,6 +136,7 @@ INTENDED: dict[str, set[str]] = {
     | kv_read("tools")
     | kv_read("toolservers")  # each tenant's own tools, offered to its steps only
     | kv_read("releases")  # the prompts, routes and tool rules of the release a step runs
+    | kv_read("workflows")  # the agent profile version a step runs as
     | ledger("worker")
     | ledger("worker", "calls")  # its model calls, recorded
     | quota("worker", "STEP", "TOOL", "RAG", "USAGE", "EVENTS"),

@@ -1,5 +1,5 @@
-"""People's changes to what a tenant runs: its workflows (``mesh_planner.workflows``) and its releases
-(``mesh_planner.releases``). Each change is checked against the signer's rights, applied or
+"""People's changes to what a tenant runs: its workflows (``mesh_planner.workflows``), its agent
+profiles (``mesh_planner.agents``) and its releases (``mesh_planner.releases``). Each change is checked against the signer's rights, applied or
 refused, put on the tenant's audit chain either way, and answered on the change's id; a
 canary's decision (by its sequential test, or by a person) is announced the same way."""
 
@@ -10,7 +10,15 @@ from collections.abc import Callable
 from typing import Any
 
 from mesh_contracts import Contract
-from mesh_contracts.v1 import ReleaseChange, ReleaseChanged, ReleaseDecided, WorkflowChange, WorkflowChanged
+from mesh_contracts.v1 import (
+    AgentChange,
+    AgentChanged,
+    ReleaseChange,
+    ReleaseChanged,
+    ReleaseDecided,
+    WorkflowChange,
+    WorkflowChanged,
+)
 from mesh_contracts.v1.records import TaskRecord
 from mesh_durable import chain
 from mesh_host import Mesh
@@ -18,6 +26,7 @@ from mesh_kit import Delivery
 from mesh_kit.delivery import Reject
 from mesh_planner import metrics as planner_metrics
 from mesh_planner import releases as rel
+from mesh_planner.agents import Agents
 from mesh_planner.releases import Releases
 from mesh_planner.workflows import Refused, Registry, may_change
 
@@ -28,12 +37,16 @@ class Changes:
     """The planner's door for changes to the tenant's workflows and releases (bound by ``start``)."""
 
     def __init__(
-        self, mesh: Mesh, workflows: Callable[[], Registry | None], releases: Callable[[], Releases | None]
+        self,
+        mesh: Mesh,
+        workflows: Callable[[], Registry | None],
+        releases: Callable[[], Releases | None],
+        agents: Callable[[], Agents | None] = lambda: None,
     ) -> None:
-        """``workflows``, ``releases``: the planner's registries, as they are once it started."""
+        """``workflows``, ``releases``, ``agents``: the planner's registries, as they are once it started."""
         self.mesh = mesh
         self.audit = chain.of(mesh)
-        self._workflows, self._releases = workflows, releases
+        self._workflows, self._releases, self._agents = workflows, releases, agents
 
     async def on_workflow(self, m: WorkflowChange, d: Delivery) -> None:
         """An author's change to the tenant's workflows (``mesh_planner.workflows``): applied or
@@ -58,6 +71,33 @@ class Changes:
         else:
             detail.update(version=answer.version, status=answer.status, latest=answer.latest, changed=answer.changed)
         await self._answer("workflow", m, d, answer, detail)
+
+    async def on_agent(self, m: AgentChange, d: Delivery) -> None:
+        """An author's change to the tenant's agent profiles (``mesh_planner.agents``; the right of
+        a workflow's author): applied or refused, on the tenant's audit chain either way, and
+        answered on the change's id."""
+        agents = self._agents()
+        assert agents is not None
+        if m.by != d.sender.name:
+            raise Reject(f"{m.by!r} is not the signer {d.sender.name!r}")
+        why = may_change(await self.mesh.newest_trust(), d.sender, m.tenant)
+        answer: AgentChanged | None = None
+        if why is None:
+            try:
+                answer = await agents.apply(m, m.task_id)
+            except Refused as exc:
+                why = str(exc)
+        detail: dict[str, Any] = {"action": m.action, "name": m.name, "reason": m.reason}
+        if m.profile is not None:
+            p = m.profile
+            detail["profile"] = {"digest": p.digest(), "tier": p.tier, "route": p.route, "tools": list(p.tools),
+                                 "max_iterations": p.max_iterations, "exposed": p.exposed, "pool": p.pool}  # fmt: skip
+        if answer is None:
+            answer = AgentChanged(tenant=m.tenant, task_id=m.task_id, action=m.action, name=m.name, accepted=False,
+                                  reason=why or "")  # fmt: skip
+        else:
+            detail.update(version=answer.version, changed=answer.changed)
+        await self._answer("agent", m, d, answer, detail)
 
     async def _answer(self, what: str, m: Contract, d: Delivery, answer: Any, detail: dict[str, Any]) -> None:
         """A person's change to the tenant's workflows or releases, on its audit chain

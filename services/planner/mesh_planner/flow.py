@@ -92,13 +92,18 @@ class Flow:
         self.dispatch(rec, cause)
         return True
 
-    def workflow_planned(self, rec: TaskRecord, cause: str) -> bool:
-        """A fixed workflow's plan: its nodes, as they are (the model adds and removes nothing)."""
+    def workflow_planned(
+        self, rec: TaskRecord, cause: str, fit: Callable[[list[PlanStep]], list[PlanStep]] | None = None
+    ) -> bool:
+        """A fixed workflow's plan: its nodes, as they are (the model adds and removes nothing),
+        its agent nodes pinned to their profiles by ``fit`` (``mesh_planner.agents``)."""
         if rec.status != "planning" or rec.draft:
             return False
         wf = self.definition(rec)
         assert wf is not None
         steps = workflow_steps(wf)
+        if fit is not None:
+            steps = fit(steps)
         if wf.mode == "review":  # its nodes wait for one of the tenant's reviewers
             draft(rec, steps, causation=cause)
             return True

@@ -19,6 +19,7 @@ from mesh_agent import releases as bundles
 from mesh_agent.metered import BudgetExceeded, Models, call_model_once, configured
 from mesh_contracts import topology as topo
 from mesh_contracts.v1 import (
+    AgentChange,
     CheckVerdict,
     ControlCancel,
     ControlHalt,
@@ -52,6 +53,7 @@ from mesh_kit import envelope as env
 from mesh_kit import state as st
 from mesh_kit.delivery import Reject
 from mesh_llm import ChatModel, ContextOverflow, Message, ModelRequest, UnknownRoute
+from mesh_planner import agents as ag
 from mesh_planner import metrics as planner_metrics
 from mesh_planner import waits
 from mesh_planner.admission import Admission, Limits, StoreLevel, parse_tenants
@@ -93,8 +95,11 @@ class Planner:
         self.store: StoreLevel | None = None
         self.planning: PlanningSlots | None = None
         self.workflows: Registry | None = None
+        self.agents: ag.Agents | None = None  # the tenant's agent profiles (same bucket)
         self.releases: Releases | None = None
-        self.changes = Changes(mesh, lambda: self.workflows, lambda: self.releases)  # people's changes to them
+        self.changes = Changes(
+            mesh, lambda: self.workflows, lambda: self.releases, lambda: self.agents
+        )  # people's changes to them
         self.flow = Flow(lambda: self.workflows, self.reviewed)  # how a task's record moves
         self.channels: KeyView | None = None
         self.bundles: Bundles | None = None
@@ -131,6 +136,7 @@ class Planner:
         self.store = StoreLevel(self.mesh.nc.jetstream(), streams, s.store_high_water, s.store_retry_after_s)
         self.planning = PlanningSlots(s.planning_slots or max(1, self.mesh.settings.max_workers - 1))
         self.workflows = Registry(await self.mesh.kv("workflows"))
+        self.agents = ag.Agents(self.workflows.kv)
         kv = await self.mesh.kv("releases")
         gateway = getattr(self.model, "gateway", self.model)
         routes = getattr(gateway, "routes", None)
@@ -161,6 +167,7 @@ class Planner:
         m.consume(CheckVerdict, self.on_verdict)
         m.consume(WorkflowChange, self.changes.on_workflow)
         m.consume(ReleaseChange, self.changes.on_release)
+        m.consume(AgentChange, self.changes.on_agent)
         m.consume(PlanReviewed, self.on_reviewed)
         m.consume(TaskSignal, self.on_signal)
         m.consume(ControlCancel, self.on_control)
@@ -313,6 +320,9 @@ class Planner:
             # failed (the broker going down), its own redelivery comes later, and this copy would
             # plan the task meanwhile. The broker chaos drill lost a task to that ('unknown task').
             await self.publish_status(rec, rec.status, starts=True)
+        if m.agent is not None and not rec.workflow:  # the goal as one step of a profile: no model call
+            await self._plan_agent(m, d)
+            return
         if rec.workflow:
             # On the tenant's chain: which version the task runs, whoever publishes what next.
             await self.audit.append(
@@ -324,8 +334,26 @@ class Planner:
         await self._plan_in_turn(m, d, key, rec.release)
 
     async def _plan_workflow(self, m: TaskSubmitted, d: Delivery) -> None:
-        """A fixed workflow's plan: its nodes, as they are (``Flow.workflow_planned``)."""
-        await self.transition(m.tenant, m.task_id, lambda rec: self.flow.workflow_planned(rec, d.msg_id))
+        """A fixed workflow's plan: its nodes, as they are (``Flow.workflow_planned``), each agent
+        node pinned to the current version of the profile it names (or the task fails: why)."""
+        assert self.workflows is not None and self.agents is not None
+        rec, _ = await st.load(self.kv, TaskRecord.key(m.tenant, m.task_id), TaskRecord)
+        named = ag.workflow_agents(await self.workflows.pinned(m.tenant, rec.workflow)) if rec else {}
+        try:
+            fit = await self.agents.fitter(m.tenant, named) if named else None
+        except ag.Refused as exc:
+            why = f"workflow {rec.workflow if rec else ''}: {exc}"
+            await self.transition(m.tenant, m.task_id, lambda r: self.flow.planned(r, [], None, why, d.msg_id))
+            return
+        await self.transition(m.tenant, m.task_id, lambda rec: self.flow.workflow_planned(rec, d.msg_id, fit))
+
+    async def _plan_agent(self, m: TaskSubmitted, d: Delivery) -> None:
+        """A task submitted to one of the tenant's profiles: its goal, one step of that agent."""
+        assert self.agents is not None and m.agent is not None
+        steps, error = await ag.one_step(self.agents, m.tenant, m.agent, m.goal)
+        if m.workflow:
+            steps, error = [], "a task runs a workflow or an agent profile, not both"
+        await self.transition(m.tenant, m.task_id, lambda r: self.flow.planned(r, steps, None, error, d.msg_id))
 
     async def _plan_prompt(self, m: TaskSubmitted, release: str) -> tuple[prompts.Prompt, str, str]:
         """The planning prompt for the task and the model route, its release's (a replay may name
@@ -362,12 +390,15 @@ class Planner:
     ) -> None:
         """Ask the model for the task's plan and apply it (or fail the task with why not)."""
         catalogue = await self.catalogue.get(m.tenant)
+        agents, names = await ag.listing(self.agents, m.tenant)
         request = ModelRequest(
             (
-                Message("system", plan_prompt.render(max_steps=m.limits.max_steps, tools=tool_list(catalogue))),
+                Message(
+                    "system", plan_prompt.render(max_steps=m.limits.max_steps, tools=tool_list(catalogue) + agents)
+                ),
                 Message("user", m.goal),
             ),
-            response_schema=plan_schema(catalogue, m.limits.max_steps),
+            response_schema=ag.with_agents(plan_schema(catalogue, m.limits.max_steps), names),
             agent="planner",
             prompt_version=plan_prompt.ref,
             # what a plan of max_steps steps can need, not more: the reservation is the worst case
@@ -390,13 +421,16 @@ class Planner:
                 delivery=d,
                 replay=m.replay,
             )
-            steps = parse_plan(response.content, m.limits.max_steps)
+            content, named = ag.take_agents(response.content)
+            steps = parse_plan(content, m.limits.max_steps)
+            if named and self.agents is not None:  # each step handed to a profile runs its current version
+                steps = (await self.agents.fitter(m.tenant, named))(steps)
             error = ""
         except BudgetExceeded as exc:
             steps, usage, error = [], None, exc.describe()
         except (ContextOverflow, UnknownRoute) as exc:  # permanent (other model errors retry)
             steps, usage, error = [], None, f"model: {exc}"
-        except ValueError as exc:
+        except (ValueError, ag.Refused) as exc:
             steps, error = [], str(exc)
 
         rec = await self.transition(m.tenant, m.task_id, lambda r: self.flow.planned(r, steps, usage, error, d.msg_id))

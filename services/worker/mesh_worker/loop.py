@@ -18,7 +18,7 @@ from typing import Any
 from mesh_agent import releases
 from mesh_agent.metered import BudgetExceeded, Models, call_model_once
 from mesh_agent.prompts import Prompt
-from mesh_contracts.v1 import Citation, HeldCall, SignedRecord, StepCompleted, StepFailed, TokenUsage
+from mesh_contracts.v1 import Citation, HeldCall, SignedRecord, StepCompleted, StepFailed, StepRequested, TokenUsage
 from mesh_durable import records
 from mesh_durable.ledger import Ledger
 from mesh_guardrails.provenance import Text
@@ -33,6 +33,7 @@ from mesh_worker.calls import RETRIEVAL_TOOL, Calls
 from mesh_worker.checkpoint import PendingCall, StepRun, admit, as_stored, model_turn
 from mesh_worker.live import Live
 from mesh_worker.outcome import outcome, prompt_version
+from mesh_worker.profiles import Profiles
 from mesh_worker.settings import WorkerSettings
 
 TOOL_STEPS = frozenset({"compute", "write"})
@@ -58,6 +59,7 @@ class Loop:
         self.mesh, self.model, self.settings, self.system = mesh, model, settings, system
         self._steps, self._ledger, self._bundles = steps, ledger, bundles
         self.calls = Calls(mesh, settings, bundles, self.observe)
+        self.profiles = Profiles()
 
     async def observe(
         self,
@@ -251,7 +253,7 @@ class Loop:
             difficulty=req.step.difficulty,
             max_tokens=512,
             prompt_version=prompt_version(run, self.system),
-            route=releases.route(bundle, "worker", req.step.difficulty),
+            route=await self._route(req, bundle),
         )
         live = Live(self.mesh, req.tenant, req.task_id, req.step.step_id, call_id, self.settings.live_window_ms / 1000)
         shown = mq.QuoteStream()
@@ -358,6 +360,13 @@ class Loop:
             self.mesh.count(worker_metrics.M_FENCED)  # a newer delivery advanced this step: our result is stale
             return None
         return new
+
+    async def _route(self, req: StepRequested, bundle: Any) -> str:
+        """The model route of the step's calls: its agent profile's named route, else its release's."""
+        profile = await self.profiles.get(req.tenant, req.step.agent)
+        if profile is not None and profile.route:
+            return profile.route
+        return releases.route(bundle, "worker", req.step.difficulty)
 
     async def finish(self, run: StepRun, *, output: str = "", failed: str = "", halted: bool = False) -> None:
         """The step ends with the answer ``output``, or ``failed`` (``halted``: it runs again after

@@ -45,6 +45,7 @@ from mesh_tenancy import tenancy
 from mesh_worker.calls import RETRIEVAL_TOOL
 from mesh_worker.checkpoint import StepRun, begun
 from mesh_worker.loop import Loop
+from mesh_worker.profiles import ProfileMissing, applied, with_profile
 from mesh_worker.settings import WorkerSettings
 
 log = logging.getLogger("mesh.worker")
@@ -66,9 +67,11 @@ class Worker:
         self.loop = Loop(mesh, model, self.settings, self.system_prompt, steps=lambda: self.steps,
                          ledger=lambda: self.ledger, bundles=lambda: self.bundles)  # fmt: skip
         self.calls = self.loop.calls  # the tools a step offers, its calls sent and timed out
+        self.profiles = self.loop.profiles  # the agent profile versions steps run as
 
     async def start(self) -> None:
         self.steps = await self.mesh.kv("steps")
+        self.profiles.kv = await self.mesh.kv("workflows")
         self.bundles = records.Bundles(await self.mesh.kv("releases"))
         self.ledger = await ledger.calls(self.mesh)
         # the tool-executor's catalogue, and each tenant's own servers' tools
@@ -94,6 +97,14 @@ class Worker:
                 system = prompts.chosen(system, m.replay.prompts, self.settings.prompts_dir)
             except prompts.PromptError as exc:
                 unusable = f"prompt: {exc}"
+        if m.step.agent:  # handed to one of the tenant's agent profiles: it runs as that agent
+            try:
+                profile = await self.profiles.get(m.tenant, m.step.agent)
+            except ProfileMissing as exc:
+                unusable = str(exc)
+            else:
+                assert profile is not None
+                m, system = applied(m, profile), with_profile(system, profile, m.step.agent)
 
         run, _ = await st.load(self.steps, key, StepRun, remember=True)  # the first checkpoint writes on it
         if run is not None and run.attempt > m.attempt:

@@ -49,6 +49,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
     if args.goal is None and args.workflow is None:
         args.usage("a goal is needed (or --workflow NAME, whose nodes say what to do)")
+    if args.agent is not None and args.workflow is not None:
+        args.usage("a task runs a workflow (--workflow) or an agent profile (--agent), not both")
     if args.inputs and args.workflow is None:
         args.usage("--input is for a workflow's inputs: name the workflow with --workflow")
     if args.goal is None:
@@ -68,7 +70,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
                 limits=TaskLimits(**limits) if limits else None,
                 resubmit=Resubmit(args.retry, args.retry_max_wait) if args.retry else None,
                 refusal_wait_s=0.0 if args.follow else args.refusal_wait,
-                workflow=args.workflow, inputs=dict(args.inputs or ()),
+                workflow=args.workflow, inputs=dict(args.inputs or ()), agent=args.agent,
             )  # fmt: skip
         return _followed(args, seen) if args.follow else _submitted(args, seen)
 
@@ -348,6 +350,13 @@ def register(sub: argparse._SubParsersAction[opt.Parser]) -> None:
     s.add_argument("--workflow", type=opt.workflow_ref, default=None, metavar="NAME[@VERSION]",
                    help="run the tenant's registered workflow: NAME (its latest version), NAME@latest or "
                         "NAME@VERSION; the task keeps that version to the end (meshctl workflow list)")  # fmt: skip
+    s.add_argument(
+        "--agent",
+        type=opt.agent_ref,
+        default=None,
+        metavar="NAME[@VERSION]",
+        help="hand the goal to one of the tenant's agent profiles as one step (meshctl agent list)",
+    )
     s.add_argument("--input", type=opt.workflow_input, action="append", metavar="KEY=VALUE", dest="inputs",
                    help="an input of the workflow (a JSON value, or else text; repeatable)")  # fmt: skip
     s.add_argument("--nats-url", default=None)
