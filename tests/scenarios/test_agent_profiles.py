@@ -125,6 +125,9 @@ def test_a_task_submitted_to_a_profile_runs_as_that_agent_with_its_tools_only(in
         assert any("tool 'calculator' is not available in this step (offered: none)" in m for m in said), said
 
     asyncio.run(main())
+    capsys.readouterr()
+    assert ctl(infra, "history", "ap-calc", "--tenant", "acme") == 0
+    assert f"s1 attempt 1 as calc@{put['version']}" in capsys.readouterr().out, "history says which agent ran it"
 
 
 def test_a_models_plan_and_a_workflow_node_hand_steps_to_profiles_pinned_at_planning(

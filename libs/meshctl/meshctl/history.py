@@ -177,10 +177,14 @@ def summary(kind: str, b: dict[str, Any]) -> str:
             return (f"replay of {replay.get('of')}: " if replay else "") + f"{g('goal', '')!s}"[:100]
         case "plan.created":
             steps = g("steps") or []
-            return f"{len(steps)} steps: " + ", ".join(f"{s.get('step_id')} {s.get('kind', '')}" for s in steps)
+            return f"{len(steps)} steps: " + ", ".join(
+                f"{s.get('step_id')} {s.get('kind', '')}" + (f" as {s['agent']}" if s.get("agent") else "")
+                for s in steps
+            )
         case "step.requested":
             step = g("step") or {}
-            return f"{step.get('step_id')} attempt {g('attempt')}: {step.get('instruction', '')}"[:120]
+            agent = f" as {step['agent']}" if step.get("agent") else ""
+            return f"{step.get('step_id')} attempt {g('attempt')}{agent}: {step.get('instruction', '')}"[:160]
         case "step.completed":
             return f"{g('step_id')} attempt {g('attempt')}: {g('iterations')} iterations, tools {g('tools') or []}"
         case "step.failed":
