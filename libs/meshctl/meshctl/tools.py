@@ -1,7 +1,10 @@
-"""``meshctl tools``: a tenant's own tool servers (issue 44), remote MCP servers over streamable HTTP.
+"""``meshctl tools``: a tenant's own tool servers (issue 44), remote MCP servers over streamable HTTP,
+and external A2A agents (issue 48), whose skills become the tenant's tools the same way.
 
     meshctl tools add orders --endpoint https://orders-1/mcp --endpoint https://orders-2/mcp \\
         --bearer orders-token --rule refund_order=write --as author.acme.alice
+    meshctl tools add travel --a2a https://travel.example.com/.well-known/agent-card.json \\
+        --bearer travel-token --rule book_trip=approve --as author.acme.alice
     meshctl tools list --tenant acme                  # what each server lists, approved or not, its replicas
     meshctl tools approve orders --all --as approver.acme.bob
 
@@ -9,7 +12,8 @@
 tool-executor applies and puts on the tenant's audit chain. A record names secrets (files the
 operator mounts in the tool-executor at ``MESH_TOOL_SECRETS_DIR/<tenant>/<name>``), never holds one.
 ``approve`` pins the definitions exactly as ``list`` showed them (their hashes): if the server lists
-something else meanwhile, the approval is refused.
+something else meanwhile, the approval is refused. An A2A agent's tools pin its whole card: any
+change to the card suspends them all until they are approved again.
 """
 
 from __future__ import annotations
@@ -40,10 +44,12 @@ def _spec(args: argparse.Namespace) -> ToolServerSpec:
         if not isinstance(raw, dict):
             raise MeshError(f"{args.file}: a tool server is a mapping (endpoints, auth, tools ...)")
     else:
-        if not args.endpoint:
-            raise MeshError("say where: --endpoint URL (once per replica), or --file SERVER.yaml")
-        raw = {"endpoints": args.endpoint, "default_risk": args.default_risk, "timeout_s": args.timeout_s,
+        if not args.endpoint and not args.a2a:
+            raise MeshError("say where: --endpoint URL or --a2a CARD_URL (once per replica), or --file SERVER.yaml")
+        raw = {"endpoints": args.a2a or args.endpoint, "default_risk": args.default_risk, "timeout_s": args.timeout_s,
                "rate_per_min": args.rate_per_min}  # fmt: skip
+        if args.a2a:
+            raw["protocol"] = "a2a"
         if args.max_response_mb is not None:
             raw["max_response_bytes"] = int(args.max_response_mb * 1024 * 1024)
         if args.bearer:
@@ -164,7 +170,8 @@ def lines(rec: dict[str, Any], state: dict[str, Any]) -> list[str]:
     """A server as ``meshctl tools list`` shows it."""
     spec = rec.get("definition", {})
     auth = spec.get("auth", {}).get("kind", "none")
-    out = [f"{rec['server']}  version {rec.get('version')}  auth {auth}  added by {rec.get('added_by', '?')}"
+    protocol = spec.get("protocol", "mcp")
+    out = [f"{rec['server']}  {protocol}  version {rec.get('version')}  auth {auth}  added by {rec.get('added_by', '?')}"
            + (f"  LISTING FAILED: {state['error']}" if state.get("error") else "")]  # fmt: skip
     for e in state.get("endpoints", []) or [{"url": u} for u in spec.get("endpoints", [])]:
         health = "up" if e.get("healthy") else ("down" if "healthy" in e else "?")
@@ -195,7 +202,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction[opt.Parser]) -> None:
-    s = sub.add_parser("tools", help="a tenant's own tool servers (remote MCP): add, list, approve, remove")
+    s = sub.add_parser("tools", help="a tenant's own tool servers (remote MCP, A2A agents): add, list, approve, remove")
     r = s.add_subparsers(dest="action", required=True, parser_class=opt.Parser)
 
     def common(p: argparse.ArgumentParser, role: str | None) -> None:
@@ -208,10 +215,13 @@ def register(sub: argparse._SubParsersAction[opt.Parser]) -> None:
         p.add_argument("--nats-url", default=None)
         p.add_argument("--timeout", type=opt.positive, default=30.0, help="seconds to wait for the tool-executor")
 
-    a = r.add_parser("add", help="register a server, or change one (as an author)")
+    a = r.add_parser("add", help="register a server or an A2A agent, or change one (as an author)")
     common(a, "author")
-    a.add_argument("--file", default=None, help="the server as YAML or JSON (endpoints, auth, ca, tools ...)")
-    a.add_argument("--endpoint", action="append", help="a replica's streamable-HTTP URL (repeat for each)")
+    a.add_argument("--file", default=None, help="the server as YAML or JSON (protocol, endpoints, auth, ca, tools ...)")
+    where = a.add_mutually_exclusive_group()
+    where.add_argument("--endpoint", action="append", help="an MCP replica's streamable-HTTP URL (repeat for each)")
+    where.add_argument("--a2a", action="append", metavar="CARD_URL",
+                       help="an A2A agent's card URL, or its base URL (repeat for each replica)")  # fmt: skip
     a.add_argument("--bearer", default=None, metavar="SECRET", help="a mounted secret file holding a bearer token")
     a.add_argument(
         "--oauth-secret", default=None, metavar="SECRET", help="OAuth client credentials: the client secret's file"
@@ -221,7 +231,11 @@ def register(sub: argparse._SubParsersAction[opt.Parser]) -> None:
     a.add_argument("--scope", default=None)
     a.add_argument("--ca", default=None, metavar="SECRET", help="a mounted PEM CA bundle to verify its TLS with")
     a.add_argument(
-        "--rule", action="append", metavar="TOOL=RISK", help="read, write, external, or approve (always ask)"
+        "--rule",
+        action="append",
+        metavar="TOOL=RISK",
+        help="read, write, external, or approve (always ask); "
+        "an A2A agent's tools are named after its skills (or 'ask')",
     )
     a.add_argument("--default-risk", choices=("read", "write", "external"), default="external")
     a.add_argument("--timeout-s", type=opt.positive, default=30.0, help="per call")

@@ -1,9 +1,10 @@
 """The replicas of one tenant tool server: health, routing, breakers and failover.
 
 A server lists one or more endpoints (``remote.Endpoint``: one MCP session over streamable HTTP
-each). A call goes to the least loaded endpoint that is healthy and whose breaker admits it (ties:
-the one called least). When the call fails because the endpoint is gone, it fails over to another
-one, but only when that cannot run the effect twice:
+each; for an A2A agent, ``remote_a2a.A2AEndpoint``: one agent card URL each). A call goes to the
+least loaded endpoint that is healthy and whose breaker admits it (ties: the one called least).
+When the call fails because the endpoint is gone, it fails over to another one, but only when that
+cannot run the effect twice:
 
 - the request never reached the server (``sent`` is False: connection refused, TLS failed): any
   call may go elsewhere;
@@ -25,7 +26,7 @@ import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import mcp.types as types
 
@@ -33,12 +34,32 @@ from mesh_contracts.v1.tool_servers import EndpointHealth
 from mesh_contracts.v1.work import CallRoute, RouteAttempt
 from mesh_resilience import BreakerPolicy, CircuitBreaker
 from mesh_tool_executor.errors import ToolExecutorError
-from mesh_tool_executor.remote import Endpoint, EndpointError
+from mesh_tool_executor.remote import EndpointError
 
 BREAKER = BreakerPolicy(window_s=30.0, min_calls=3, failure_rate=0.5, cooldown_s=10.0)
 """Per endpoint: three calls of which half failed within 30 s open it for 10 s."""
 _EWMA = 0.3
 NOT_FAILED_OVER = ("auth", "too_large", "timeout", "protocol")
+
+
+class RemoteEndpoint(Protocol):
+    """What the pool needs of one replica, whatever it speaks (MCP or A2A): it fails with
+    ``EndpointError`` only."""
+
+    in_flight: int
+
+    @property
+    def url(self) -> str: ...
+
+    async def list_tools(self) -> list[types.Tool]: ...
+
+    async def call(
+        self, tool: str, arguments: dict[str, Any], *, timeout_s: float, meta: dict[str, Any] | None = None
+    ) -> types.CallToolResult: ...
+
+    async def ping(self, *, timeout_s: float = 5.0) -> float: ...
+
+    async def close(self) -> None: ...
 
 
 class PoolError(ToolExecutorError):
@@ -54,7 +75,7 @@ class PoolError(ToolExecutorError):
 class Replica:
     """One endpoint and what the pool knows of it."""
 
-    endpoint: Endpoint
+    endpoint: RemoteEndpoint
     breaker: CircuitBreaker
     healthy: bool = True  # optimistic until a failure or a failed check says otherwise
     calls: int = 0
@@ -91,7 +112,7 @@ class Pool:
     replicas: list[Replica] = field(default_factory=list)
 
     @classmethod
-    def of(cls, label: str, endpoints: Sequence[Endpoint]) -> Pool:
+    def of(cls, label: str, endpoints: Sequence[RemoteEndpoint]) -> Pool:
         return cls(label, [Replica(e, CircuitBreaker(f"{label}#{i + 1}", BREAKER)) for i, e in enumerate(endpoints)])
 
     def pick(self, tried: set[int]) -> int | None:

@@ -126,7 +126,8 @@ class Auth:
 
 @dataclass(frozen=True)
 class EndpointConfig:
-    """One remote MCP server. Invalid values raise ValueError naming the field."""
+    """One remote server (an MCP endpoint, or an A2A agent's card: ``remote_a2a.py``). Invalid
+    values raise ValueError naming the field."""
 
     url: str  # https://... (http:// for tests and in-cluster)
     auth: Auth = Auth()
@@ -156,6 +157,36 @@ def _is_http_url(url: str) -> bool:
     return parsed.scheme in ("http", "https") and bool(parsed.host)
 
 
+def tls_and_credentials(config: EndpointConfig, where: str) -> tuple[ssl.SSLContext, Credentials]:
+    """The TLS context (always verifying; the config's CA bundle added) and the credentials to send,
+    read now (at each connect); EndpointError (naming files, never a secret) if either cannot be had."""
+    try:
+        verify = ssl.create_default_context()
+        if config.ca_file:
+            verify.load_verify_locations(cafile=config.ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise EndpointError(
+            f"{where}: cannot use ca_file {config.ca_file!r}: {describe(exc)}", kind="unreachable", sent=False
+        ) from None
+    auth, directory = config.auth, config.secrets_dir
+    try:
+        if auth.kind == "bearer":
+            return verify, BearerFile(directory, auth.secret)
+        if auth.kind == "oauth":
+            return verify, ClientCredentials(
+                token_url=auth.token_url,
+                client_id=auth.client_id,
+                scope=auth.scope,
+                directory=directory,
+                secret=auth.secret,
+                verify=verify,
+                connect_timeout_s=config.connect_timeout_s,
+            )
+    except CredentialsError as exc:
+        raise EndpointError(f"{where}: {exc}", kind="auth", sent=False) from None
+    return verify, Credentials()
+
+
 def _leaf(exc: BaseException) -> BaseException:
     # anyio task groups wrap failures in exception groups; the first leaf is the cause.
     while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
@@ -163,7 +194,8 @@ def _leaf(exc: BaseException) -> BaseException:
     return exc
 
 
-def _one_line(text: str, limit: int = 300) -> str:
+def one_line(text: str, limit: int = 300) -> str:
+    """``text`` on one line, at most ``limit`` characters."""
     return " ".join(text.split())[:limit]
 
 
@@ -412,18 +444,7 @@ class Endpoint:
     def _open(self) -> _Session:
         """A new session (its owner starts now); EndpointError if the credentials or CA file cannot be read."""
         config = self.config
-        try:
-            verify = ssl.create_default_context()
-            if config.ca_file:
-                verify.load_verify_locations(cafile=config.ca_file)
-        except (OSError, ssl.SSLError) as exc:
-            raise EndpointError(
-                f"{self._where}: cannot use ca_file {config.ca_file!r}: {describe(exc)}", kind="unreachable", sent=False
-            ) from None
-        try:
-            credentials = self._credentials(verify)
-        except CredentialsError as exc:
-            raise EndpointError(f"{self._where}: {exc}", kind="auth", sent=False) from None
+        verify, credentials = tls_and_credentials(config, self._where)
         self._hint = credentials.hint
         inner = httpx2.AsyncHTTPTransport(verify=verify)
         http = httpx2.AsyncClient(
@@ -438,22 +459,6 @@ class Endpoint:
         return _Session(
             config.url, http, max_sse=config.max_response_bytes, handshake_s=self._setup_s(), name=self.label
         )
-
-    def _credentials(self, verify: ssl.SSLContext) -> Credentials:
-        auth, directory = self.config.auth, self.config.secrets_dir
-        if auth.kind == "bearer":
-            return BearerFile(directory, auth.secret)
-        if auth.kind == "oauth":
-            return ClientCredentials(
-                token_url=auth.token_url,
-                client_id=auth.client_id,
-                scope=auth.scope,
-                directory=directory,
-                secret=auth.secret,
-                verify=verify,
-                connect_timeout_s=self.config.connect_timeout_s,
-            )
-        return Credentials()
 
     def _retire(self, session: _Session) -> None:
         session.retired = True
@@ -482,7 +487,7 @@ class Endpoint:
         status = note.status
 
         def fail(message: str, kind: Kind, sent: bool, renew: bool = False) -> tuple[EndpointError, bool]:
-            return EndpointError(_one_line(message, 500), kind=kind, sent=sent), renew
+            return EndpointError(one_line(message, 500), kind=kind, sent=sent), renew
 
         if note.auth_error is not None:
             return fail(f"{where}: no credentials: {note.auth_error}", "auth", False)

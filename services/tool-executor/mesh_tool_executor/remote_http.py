@@ -1,5 +1,5 @@
-"""The HTTP layer under remote MCP endpoints (``remote.py``): credentials, response bounds, and what
-happened to each request, as the MCP SDK itself would not tell.
+"""The HTTP layer under remote endpoints (MCP: ``remote.py``; A2A: ``remote_a2a.py``): credentials,
+response bounds, and what happened to each request, as the SDKs themselves would not tell.
 
 The SDK's streamable-HTTP client turns most HTTP trouble into one of a few JSON-RPC error codes
 (an HTTP 401 and a 500 both become "Server returned an error response"), and it lets a network
@@ -21,6 +21,12 @@ three things below the SDK:
   (``ResponseCut`` again), so a server cannot make this process hold more than that, and asks for
   ``identity`` encoding so the count is the size of what is held (no decompression bombs).
 
+The MCP SDK speaks ``httpx2``, the a2a SDK ``httpx``: the two libraries share their transport API,
+so one implementation (``_Layer``, ``_BoundedBody``) serves both, bound to each library by a few
+class attributes (``BoundedTransport``, ``HttpxBoundedTransport``). An A2A endpoint notes its
+requests the same way, with ``Exchange("*")``: each of its requests runs in its caller's task, one
+at a time, so the first request sent in that context is the one.
+
 Credentials live here too, as the transport's own objects (not ``httpx2.Auth``, whose failures
 would escape as above). A bearer token is read from its mounted file when the transport is built
 (at each connect) and once more after an HTTP 401, then the request is sent again: a rotated
@@ -41,9 +47,11 @@ from collections.abc import AsyncIterator
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, ClassVar
 from urllib.parse import quote
 
 import anyio
+import httpx
 import httpx2
 
 from mesh_tool_executor.errors import ToolExecutorError
@@ -61,7 +69,7 @@ _ERROR_CODE = re.compile(r"^[a-z_]{1,40}$")  # an OAuth "error" value, safe to s
 class Exchange:
     """What the HTTP layer saw of one JSON-RPC request (set by the caller in ``EXCHANGE``)."""
 
-    method: str  # the JSON-RPC method to note, e.g. "tools/call"
+    method: str  # the JSON-RPC method to note, e.g. "tools/call"; "*": the first request of any kind
     posted: bool = False  # the request reached this transport (before that it never left this process)
     status: int | None = None  # the HTTP status of the (last) response
     error: BaseException | None = None  # the network error of its POST, before or during the body
@@ -95,7 +103,7 @@ def describe(exc: BaseException) -> str:
         if isinstance(seen, socket.gaierror):
             return "host name not resolved"
         seen = seen.__cause__ or seen.__context__
-    if isinstance(exc, httpx2.ConnectTimeout | httpx2.PoolTimeout):
+    if isinstance(exc, httpx2.ConnectTimeout | httpx2.PoolTimeout | httpx.ConnectTimeout | httpx.PoolTimeout):
         return "connect timed out"
     text = " ".join(str(exc).split())[:200]
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
@@ -256,14 +264,19 @@ async def _read_capped(response: httpx2.Response, limit: int) -> bytes:
     return b"".join(parts)
 
 
-def _noted(request: httpx2.Request) -> Exchange | None:
+def _noted(request: Any) -> Exchange | None:
     """The caller's Exchange if this request is the one it waits for (see the module docstring)."""
     exchange = EXCHANGE.get()
-    if exchange is None or exchange.posted or request.method != "POST":
+    if exchange is None or exchange.posted:
+        return None
+    if exchange.method == "*":
+        exchange.posted = True
+        return exchange
+    if request.method != "POST":
         return None
     try:
         body = json.loads(request.content)
-    except (httpx2.RequestNotRead, json.JSONDecodeError, UnicodeDecodeError):
+    except (httpx2.RequestNotRead, httpx.RequestNotRead, json.JSONDecodeError, UnicodeDecodeError):
         return None
     if isinstance(body, dict) and body.get("method") == exchange.method and "id" in body:
         exchange.posted = True
@@ -271,8 +284,12 @@ def _noted(request: httpx2.Request) -> Exchange | None:
     return None
 
 
-class _BoundedStream(httpx2.AsyncByteStream):
-    def __init__(self, inner: httpx2.AsyncByteStream, limit: int, declared: int, exchange: Exchange | None) -> None:
+class _BoundedBody:
+    """A response body counted as it streams and cut off past its limit (either library)."""
+
+    network: ClassVar[tuple[type[BaseException], ...]]  # the library's network errors
+
+    def __init__(self, inner: Any, limit: int, declared: int, exchange: Exchange | None) -> None:
         self._inner = inner
         self._limit = limit
         self._declared = declared  # Content-Length, or -1
@@ -293,7 +310,7 @@ class _BoundedStream(httpx2.AsyncByteStream):
                 if seen > self._limit:  # before handing the chunk on: nothing above the limit is kept
                     raise self._cut()
                 yield chunk
-        except httpx2.TransportError as exc:
+        except self.network as exc:
             if self._exchange is not None and self._exchange.error is None:
                 self._exchange.error = exc
             raise ResponseCut(f"connection failed mid-response: {describe(exc)}") from exc
@@ -302,15 +319,29 @@ class _BoundedStream(httpx2.AsyncByteStream):
         await self._inner.aclose()
 
 
-class BoundedTransport(httpx2.AsyncBaseTransport):
-    """``httpx2.AsyncHTTPTransport`` with credentials, a response size bound and per-request notes."""
+class _BoundedStream(_BoundedBody, httpx2.AsyncByteStream):
+    network = (httpx2.TransportError,)
 
-    def __init__(self, inner: httpx2.AsyncBaseTransport, *, max_bytes: int, credentials: Credentials) -> None:
+
+class _HttpxBoundedStream(_BoundedBody, httpx.AsyncByteStream):
+    network = (httpx.TransportError,)
+
+
+class _Layer:
+    """Credentials, the size bound and the notes around an inner transport (see the module docstring);
+    the subclasses bind it to one HTTP library."""
+
+    _network: ClassVar[tuple[type[BaseException], ...]]  # what the inner transport raises
+    _stream: ClassVar[type[_BoundedBody]]  # the bounded body, as the library's stream type
+    _response: ClassVar[Any]  # the library's Response class (for stand-ins)
+    _in_memory: ClassVar[type]  # the library's in-memory request body: one that can be sent twice
+
+    def __init__(self, inner: Any, *, max_bytes: int, credentials: Credentials) -> None:
         self._inner = inner
         self._max_bytes = max_bytes
         self._credentials = credentials
 
-    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+    async def handle_async_request(self, request: Any) -> Any:
         exchange = _noted(request)
         request.headers["accept-encoding"] = "identity"
         try:
@@ -318,7 +349,7 @@ class BoundedTransport(httpx2.AsyncBaseTransport):
         except CredentialsError as exc:
             return self._without_credentials(request, exchange, exc)
         response = await self._send(request, header, exchange)
-        if response.status_code == 401 and header is not None and _resendable(request):
+        if response.status_code == 401 and header is not None and isinstance(request.stream, self._in_memory):
             try:
                 again = await self._credentials.refresh(header)
                 header = await self._credentials.header() if again else None
@@ -332,50 +363,59 @@ class BoundedTransport(httpx2.AsyncBaseTransport):
             exchange.status = response.status_code
         return response
 
-    @staticmethod
-    def _without_credentials(
-        request: httpx2.Request, exchange: Exchange | None, exc: CredentialsError
-    ) -> httpx2.Response:
+    def _without_credentials(self, request: Any, exchange: Exchange | None, exc: CredentialsError) -> Any:
         log.warning("no credentials for %s: %s", display_url(str(request.url)), exc)
         if exchange is not None:
             exchange.auth_error = str(exc)
             exchange.status = 401
-        return _stand_in(request, 401)
+        return self._stand_in(request, 401)
 
-    async def _send(self, request: httpx2.Request, header: str | None, exchange: Exchange | None) -> httpx2.Response:
+    async def _send(self, request: Any, header: str | None, exchange: Exchange | None) -> Any:
         if header is not None:
             request.headers["authorization"] = header
         try:
             response = await self._inner.handle_async_request(request)
-        except httpx2.TransportError as exc:
+        except self._network as exc:
             log.debug("%s %s failed: %s", request.method, display_url(str(request.url)), describe(exc))
             if exchange is not None:
                 exchange.error = exc
-            return _stand_in(request, 502)
+            return self._stand_in(request, 502)
         declared = response.headers.get("content-length", "")
-        assert isinstance(response.stream, httpx2.AsyncByteStream)
-        response.stream = _BoundedStream(
+        response.stream = self._stream(
             response.stream, self._max_bytes, int(declared) if declared.isdigit() else -1, exchange
         )
         return response
+
+    def _stand_in(self, request: Any, status: int) -> Any:
+        """What the SDK gets instead of an exception: an error status it fails only this request for."""
+        # The reason phrase keeps the library's request log line from reading as if the server had answered.
+        reason = b"No Response (mesh stand-in)" if status == 502 else b"No Credentials (mesh stand-in)"
+        return self._response(
+            status,
+            headers={"content-type": "text/plain"},
+            content=b"",
+            request=request,
+            extensions={"reason_phrase": reason},
+        )
 
     async def aclose(self) -> None:
         await self._inner.aclose()
 
 
-def _resendable(request: httpx2.Request) -> bool:
-    # The SDK's POSTs carry their JSON in memory; a streamed body could not be sent twice.
-    return isinstance(request.stream, httpx2.ByteStream)
+class BoundedTransport(_Layer, httpx2.AsyncBaseTransport):
+    """``httpx2.AsyncHTTPTransport`` (the MCP SDK's) with credentials, a response size bound and
+    per-request notes."""
+
+    _network = (httpx2.TransportError,)
+    _stream = _BoundedStream
+    _response = httpx2.Response
+    _in_memory = httpx2.ByteStream  # the SDK's POSTs carry their JSON in memory; a streamed body could not go twice
 
 
-def _stand_in(request: httpx2.Request, status: int) -> httpx2.Response:
-    """What the SDK gets instead of an exception: an error status it fails only this request for."""
-    # The reason phrase keeps httpx2's request log line from reading as if the server had answered.
-    reason = b"No Response (mesh stand-in)" if status == 502 else b"No Credentials (mesh stand-in)"
-    return httpx2.Response(
-        status,
-        headers={"content-type": "text/plain"},
-        content=b"",
-        request=request,
-        extensions={"reason_phrase": reason},
-    )
+class HttpxBoundedTransport(_Layer, httpx.AsyncBaseTransport):
+    """The same around ``httpx.AsyncHTTPTransport``, for the a2a SDK."""
+
+    _network = (httpx.TransportError,)
+    _stream = _HttpxBoundedStream
+    _response = httpx.Response
+    _in_memory = httpx.ByteStream

@@ -1,4 +1,5 @@
-"""Tenants' own tool servers: remote MCP servers mounted per tenant, offered only once approved.
+"""Tenants' own tool servers: remote MCP servers and external A2A agents mounted per tenant,
+offered only once approved.
 
 Every replica follows KV ``toolservers`` (the tenants' server records, ``tool_changes.py`` writes
 them) and keeps each server mounted as a ``pool.Pool`` of its endpoints. After each mount and
@@ -17,6 +18,10 @@ tenant's catalogue (``<tenant>.catalogue``), beside the server's state (``<tenan
 its tools and each endpoint's health, for ``meshctl tools list``, ``meshctl top`` and the
 dashboard). A tenant's tools live in its own registry: another tenant's call to them is a call to
 an unknown tool, and they are never in another tenant's catalogue.
+
+An A2A agent (``protocol: a2a``) is mounted the same way, its replicas as ``remote_a2a.A2AEndpoint``
+instead of ``remote.Endpoint``: its card's skills are the listed tools (each pinning a digest of the
+whole card, so a changed card suspends them all), and from there on everything above applies as is.
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ from mesh_tool_executor.tools import Registry, Tool, ToolContext, ToolError
 
 if TYPE_CHECKING:  # the MCP SDK takes ~1.7 s to import: only a mesh with tenant servers pays it
     from mesh_tool_executor.pool import Pool
+    from mesh_tool_executor.remote_a2a import A2AEndpoint
 
 log = logging.getLogger("mesh.tool-executor.servers")
 
@@ -192,7 +198,8 @@ class TenantServers:
                 await m.pool.close()
             announced = m.announced if m is not None else set()
             m = self.mounted[key] = Mounted(rec, self._pool(rec), digest, announced=announced)
-            log.info("tool server %s/%s mounted: %d endpoint(s)", rec.tenant, rec.server, len(rec.definition.endpoints))
+            log.info("tool server %s/%s mounted (%s): %d endpoint(s)", rec.tenant, rec.server, rec.protocol,
+                     len(rec.definition.endpoints))  # fmt: skip
         else:
             m.rec = rec  # pins or rules changed: same endpoints, same sessions
         await self.refresh(m)
@@ -213,8 +220,14 @@ class TenantServers:
         log.info("tool server %s/%s removed", *key)
 
     def _pool(self, rec: ToolServerRecord) -> Pool:
-        from mesh_tool_executor.pool import Pool
+        from mesh_tool_executor.pool import Pool, RemoteEndpoint
         from mesh_tool_executor.remote import Auth, Endpoint, EndpointConfig
+
+        kind: type[Endpoint] | type[A2AEndpoint] = Endpoint
+        if rec.protocol == "a2a":
+            from mesh_tool_executor.remote_a2a import A2AEndpoint
+
+            kind = A2AEndpoint
 
         spec = rec.definition
         secrets, prefix = self.secrets_dir(rec.tenant)
@@ -222,11 +235,11 @@ class TenantServers:
         auth = Auth(kind=spec.auth.kind, secret=secret, token_url=spec.auth.token_url,
                     client_id=spec.auth.client_id, scope=spec.auth.scope)  # fmt: skip
         ca = str(secrets / (prefix + spec.ca)) if spec.ca and secrets is not None else None
-        endpoints = []
+        endpoints: list[RemoteEndpoint] = []
         for i, url in enumerate(spec.endpoints):
             config = EndpointConfig(url, auth=auth, secrets_dir=secrets, ca_file=ca,
                                     max_response_bytes=spec.max_response_bytes)  # fmt: skip
-            endpoints.append(Endpoint(config, label=f"{rec.tenant}/{rec.server}#{i + 1}"))
+            endpoints.append(kind(config, label=f"{rec.tenant}/{rec.server}#{i + 1}"))
         return Pool.of(f"{rec.tenant}/{rec.server}", endpoints)
 
     def secrets_dir(self, tenant: str) -> tuple[Path | None, str]:
