@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 MESH_HOME ?= .mesh
 PACKAGES := contracts libs/resilience libs/guardrails libs/llm libs/identity libs/kit libs/host libs/tenancy libs/durable libs/agent libs/judge libs/testing libs/meshctl libs/eval \
-	services/planner services/worker services/checker services/rag services/tool-executor services/budget services/edge
+	services/planner services/worker services/checker services/rag services/tool-executor services/budget services/edge services/a2a
 DEV_TOOLS := pytest pytest-asyncio pytest-timeout hypothesis ruff mypy "testcontainers[nats,redis]" PyYAML docker
 GOAL ?= How does AgentMesh avoid duplicate side effects? Also compute 17 * 23.
 EVAL_ARGS ?=
@@ -17,10 +17,10 @@ DEPLOY_CHECK_ARGS ?=
 IMAGES_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo web demo-local eval eval-local test-local-model up down status submit bench bench-peers chaos test test-loaded test-unit test-integration test-e2e lint fmt settings-docs contracts contracts-check dashboard-check web-check pins deploy-tools deploy-check images test-images clean
+.PHONY: help setup demo web a2a demo-local eval eval-local test-local-model up down status submit bench bench-peers chaos test test-loaded test-unit test-integration test-e2e lint fmt settings-docs contracts contracts-check dashboard-check web-check pins deploy-tools deploy-check images test-images clean
 
 help: ## list every target with one line each
-	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
+	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
 
 $(BIN)/.installed: constraints.txt $(addsuffix /pyproject.toml,$(PACKAGES))
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -72,6 +72,13 @@ web: setup ## the example web app: `make up` if no mesh runs, the edge (HTTP gat
 	$(BIN)/meshctl --home $(MESH_HOME) edge start
 	@echo "open this link (signed in as alice of tenant demo for an hour):"
 	@$(BIN)/meshctl --home $(MESH_HOME) edge url --tenant demo --user alice
+
+a2a: setup ## the A2A gateway: `make up` if no mesh runs, the gateway beside it, then tenant demo's agent card and a caller's token
+	@$(BIN)/meshctl --home $(MESH_HOME) status >/dev/null 2>&1 || $(BIN)/meshctl --home $(MESH_HOME) up --standby
+	$(BIN)/meshctl --home $(MESH_HOME) a2a start
+	@echo "the planner agent's card (call it with the token below as Authorization: Bearer):"
+	@$(BIN)/meshctl --home $(MESH_HOME) a2a url --tenant demo --agent mesh
+	@$(BIN)/meshctl --home $(MESH_HOME) a2a token --tenant demo --user alice
 
 status: ## health and consumer lag of the running mesh
 	$(BIN)/meshctl --home $(MESH_HOME) status
@@ -136,7 +143,7 @@ test-integration: setup ## tests against a real nats-server and redis
 test-e2e: setup ## the whole mesh, end to end
 	$(BIN)/pytest tests/e2e
 
-images: setup ## build the service images (the six services and the edge) and meshctl's on a local engine, from a debootstrap base (nothing pulled)
+images: setup ## build the service images (the six services, the edge and the A2A gateway) and meshctl's on a local engine, from a debootstrap base (nothing pulled)
 	@bash .ci/docker-up.sh
 	$(BIN)/python infra/images/build.py $(IMAGES_ARGS)
 

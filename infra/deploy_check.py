@@ -66,7 +66,7 @@ from deploy_schemas import K8S_VERSIONS, CrdSchemas, validate_object, vendor_crd
 
 ROOT = HERE.parent
 K8S = ROOT / "infra" / "k8s"
-OVERLAYS = ("dev", "staging", "production")
+OVERLAYS = ("dev", "staging", "production", "pool-example")
 DIGEST_PINNED = {"production"}  # overlays whose committed images must be pinned by digest
 NATS_CHART_VERSION = "2.14.2"  # the Makefile passes its NATS_CHART_VERSION
 

@@ -9,6 +9,7 @@ the mesh home (never into the repository) until meshctl grows the same commands:
     .venv/bin/python infra/render.py redis --host redis.agentmesh.svc.cluster.local --out DIR
     .venv/bin/python infra/render.py helm        # <home>/helm/identity-values.yaml for infra/helm/agentmesh
     .venv/bin/python infra/render.py edge --out DIR   # DIR/edge/: the edge's creds and tenant keys (kustomize)
+    .venv/bin/python infra/render.py a2a --out DIR    # DIR/a2a/: the A2A gateway's, the same way
 
 Nothing secret is printed. Files holding passwords are written 0600.
 """
@@ -103,21 +104,25 @@ def edge_tenant_keys(
     return out
 
 
-def edge_creds(ids: Identities) -> str:
-    creds = ids.creds("edge")
+def edge_creds(ids: Identities, gateway: str = "edge") -> str:
+    """A gateway's NATS credentials (the edge's, or the A2A gateway's: ``gateway="a2a"``)."""
+    creds = ids.creds(gateway)
     if not creds.exists():
-        raise ValueError(f"no {creds.name} in {creds.parent}: run `meshctl init` again (it mints the edge's)")
+        raise ValueError(f"no {creds.name} in {creds.parent}: run `meshctl init` again (it mints the {gateway}'s)")
     return creds.read_text()
 
 
-def render_edge(ids: Identities, out: Path, tenants: list[str] | None = None, approvers: bool = False) -> list[Path]:
-    """The edge's files for the kustomize path, 0600: ``out/edge/nats.creds`` (Secret
-    agentmesh-edge-identity) and ``out/edge/tenants/`` (Secret agentmesh-edge-tenants, one key per
-    file: ``kubectl create secret generic ... --from-file=out/edge/tenants``). The folder is
-    rewritten, so a tenant left out is no longer there."""
-    edge = out / "edge"
+def render_edge(
+    ids: Identities, out: Path, tenants: list[str] | None = None, approvers: bool = False, gateway: str = "edge"
+) -> list[Path]:
+    """A gateway's files for the kustomize path (the edge's; the A2A gateway's with
+    ``gateway="a2a"``), 0600: ``out/<gateway>/nats.creds`` (Secret agentmesh-<gateway>-identity) and
+    ``out/<gateway>/tenants/`` (Secret agentmesh-<gateway>-tenants, one key per file: ``kubectl
+    create secret generic ... --from-file=out/<gateway>/tenants``). The folder is rewritten, so a
+    tenant left out is no longer there."""
+    edge = out / gateway
     keys = edge_tenant_keys(ids, tenants, approvers)  # first: a tenant without keys changes nothing
-    write_secret(edge / "nats.creds", edge_creds(ids))
+    write_secret(edge / "nats.creds", edge_creds(ids, gateway))
     folder = edge / "tenants"
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
     for old in folder.iterdir():
@@ -137,6 +142,7 @@ def render_compose(ids: Identities) -> list[Path]:
     # The edge: its creds and the tenants' keys (not the home's whole keys folder, which holds
     # every service's signing key), and the dev issuer `meshctl edge token` signs with.
     written += render_edge(ids, out, approvers=True)
+    written += render_edge(ids, out, approvers=True, gateway="a2a")  # the A2A gateway's, the same way
     from meshctl.edge import issuer_key
 
     issuer_key(ids)  # secrets/keys/edge-issuer.pem, its public half edge-issuer.pub.pem beside it
@@ -159,7 +165,7 @@ def render_compose(ids: Identities) -> list[Path]:
 def render_helm(ids: Identities, redis_host: str, redis_port: int, edge_approvers: bool = False) -> Path:
     """Everything the chart takes from a mesh home, as one values file (0600, never committed):
     each principal's identity Secret (every service's with the deployment's data key), the keys of
-    the tenants the edge serves (``edgeTenants``; ``edge.tenants`` picks some), the trust
+    the tenants the gateways serve (``edgeTenants``; ``edge.tenants`` and ``a2a.tenants`` pick some), the trust
     bundle, the tenants rag indexes, the Redis ACL with its URLs, and the NATS auth include for the
     NATS chart (the dependency, under ``nats:``)."""
     import tempfile
@@ -182,6 +188,7 @@ def render_helm(ids: Identities, redis_host: str, redis_port: int, edge_approver
         identities[service] = files
     identities["admin"] = {"nats.creds": ids.creds("admin").read_text()}
     identities["edge"] = {"nats.creds": edge_creds(ids)}  # it signs as the tenants, with their keys
+    identities["a2a"] = {"nats.creds": edge_creds(ids, "a2a")}  # the A2A gateway, likewise
     identities["keeper"] = {"nats.creds": ids.creds("keeper").read_text(),
                             "signing-key.pem": ids.signing_key("keeper").read_text()}  # fmt: skip
     values = {
@@ -205,9 +212,9 @@ def _render(ids: Identities, args: argparse.Namespace) -> list[Path]:
         return render_compose(ids)
     if args.what == "helm":
         return [render_helm(ids, args.redis_host, args.redis_port, args.edge_approvers)]
-    if args.what == "edge":
+    if args.what in ("edge", "a2a"):
         tenants = [x.strip() for x in args.tenants.split(",") if x.strip()] or None
-        return render_edge(ids, args.out.absolute(), tenants, args.approvers)
+        return render_edge(ids, args.out.absolute(), tenants, args.approvers, gateway=args.what)
     render_redis(ids, args.host, args.port, args.out.absolute())
     return [args.out.absolute() / "redis" / "users.acl", args.out.absolute() / "secrets" / "redis"]
 
@@ -229,10 +236,12 @@ def main(argv: list[str] | None = None) -> int:
         "also the keys of the tenants' people who approve from the browser (approver.<tenant>.<person>.pem)"
     )
     h.add_argument("--edge-approvers", action="store_true", help=approvers_help)
-    e = sub.add_parser("edge", help="the edge's creds and tenant keys for its two Secrets (k8s)")
-    e.add_argument("--out", type=Path, required=True, help="directory for edge/nats.creds and edge/tenants/")
-    e.add_argument("--tenants", default="", help="comma-separated (default: every tenant of the home)")
-    e.add_argument("--approvers", action="store_true", help=approvers_help)
+    for gateway, what in (("edge", "the edge's"), ("a2a", "the A2A gateway's")):
+        e = sub.add_parser(gateway, help=f"{what} creds and tenant keys for its two Secrets (k8s)")
+        e.add_argument("--out", type=Path, required=True,
+                       help=f"directory for {gateway}/nats.creds and {gateway}/tenants/")  # fmt: skip
+        e.add_argument("--tenants", default="", help="comma-separated (default: every tenant of the home)")
+        e.add_argument("--approvers", action="store_true", help=approvers_help)
     args = p.parse_args(argv)
 
     ids = Identities(args.home.absolute())

@@ -41,6 +41,7 @@ TARGETS: dict[str, str] = {
     "services/tool-executor/README.md": "mesh_tool_executor.settings:ToolExecutorSettings",
     "services/budget/README.md": "mesh_budget.settings:BudgetSettings",
     "services/edge/README.md": "mesh_edge.settings:EdgeSettings",
+    "services/a2a/README.md": "mesh_a2a.settings:A2aSettings",
 }
 """README (relative to the repository root) -> the settings class its table is rendered from."""
 

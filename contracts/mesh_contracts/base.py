@@ -21,6 +21,8 @@ from mesh_contracts.errors import ContractsError
 # Ids become subject tokens: no dots, spaces or wildcards, or a tenant could address
 # another tenant's subjects.
 ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+POOL_PATTERN = r"^([a-z0-9][a-z0-9-]{0,30})?$"
+"""A worker pool's name ('' : the shared workers): a worker deployment of its own (issue 48)."""
 
 # Principals that are not services. ``client`` is a tenant's own application (one
 # identity per tenant); ``approver`` is a human operator answering approval requests.
@@ -60,6 +62,9 @@ class ContractSpec:
     sealed: tuple[str, ...] = ()
     """Fields that carry the tenant's own content, sealed at rest with its data key
     (``sealing.py``; the README's data section lists them per message)."""
+    routed: bool = False
+    """A message may go to one worker pool's consumer only (``Contract.routed_to``: a sixth subject
+    token); the producers may publish ``<domain>.v<major>.*.*.<event>.*``."""
     acked: bool = True
     """``stream`` messages only. False: the publisher does not wait for the stream's
     acknowledgement (a core publish onto the stream's subject: stored, deduplicated by its id,
@@ -120,8 +125,18 @@ class Contract(BaseModel):
     def type_name(cls) -> str:
         return str(cls.model_fields["type"].default)
 
+    def routed_to(self) -> str:
+        """The worker pool this message goes to ('' : the service's shared durable). Only a
+        contract whose spec is ``routed`` names one (``step.requested``)."""
+        return ""
+
     def subject(self) -> str:
-        return self.spec.subject(self.tenant, self.task_id)
+        """Where it is published: ``spec.subject``, with a sixth token naming the pool when it is
+        routed to one (``step.v1.acme.t-1.requested.heavy``): the shared durable filters on five
+        tokens, so it never sees it, and the pool's durable on that sixth token."""
+        pool = self.routed_to()
+        base = self.spec.subject(self.tenant, self.task_id)
+        return f"{base}.{pool}" if pool else base
 
     def to_bytes(self) -> bytes:
         """Canonical JSON encoding of the body (what the identity token digests), with the fields

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
 from mesh_contracts import sealing
-from mesh_contracts.base import Contract, ContractError, field_decoder
+from mesh_contracts.base import POOL_PATTERN, Contract, ContractError, field_decoder
 from mesh_contracts.decode import DEFAULT_LIMITS, DecodeError, DecodeLimits
 from mesh_contracts.v1 import ALL as V1
 
@@ -24,21 +25,26 @@ BY_SUBJECT_KEY: dict[tuple[str, int, str], type[Contract]] = {
 
 @dataclass(frozen=True)
 class SubjectParts:
-    """The tokens of ``<domain>.v<major>.<tenant>.<task>.<event>``."""
+    """The tokens of ``<domain>.v<major>.<tenant>.<task>.<event>[.<pool>]``."""
 
     domain: str
     major: int
     tenant: str
     task_id: str
     event: str
+    pool: str = ""
+    """The worker pool the message is routed to (``Contract.routed_to``), '' when none."""
 
 
 def split_subject(subject: str) -> SubjectParts:
     """Parse a mesh subject; raises ``ContractError`` if it is not of the mesh's shape."""
     tokens = subject.split(".")
-    if len(tokens) != 5 or not tokens[1].startswith("v") or not tokens[1][1:].isdigit():
+    if len(tokens) not in (5, 6) or not tokens[1].startswith("v") or not tokens[1][1:].isdigit():
         raise ContractError(f"subject {subject!r} is not <domain>.v<major>.<tenant>.<task>.<event>")
-    return SubjectParts(tokens[0], int(tokens[1][1:]), tokens[2], tokens[3], tokens[4])
+    pool = tokens[5] if len(tokens) == 6 else ""
+    if len(tokens) == 6 and not (pool and re.fullmatch(POOL_PATTERN, pool)):
+        raise ContractError(f"subject {subject!r}: {pool!r} is not a worker pool's name")
+    return SubjectParts(tokens[0], int(tokens[1][1:]), tokens[2], tokens[3], tokens[4], pool)
 
 
 def contract_for_subject(subject: str) -> type[Contract]:
@@ -82,6 +88,8 @@ def parse_message(
         raise ContractError(
             f"body names tenant/task {model.tenant}/{model.task_id} but subject names {parts.tenant}/{parts.task_id}"
         )
+    if model.routed_to() != parts.pool:
+        raise ContractError(f"body goes to worker pool {model.routed_to()!r} but subject names {parts.pool!r}")
     return model
 
 

@@ -459,8 +459,33 @@ def durables_of(service: str) -> list[Durable]:
     return [d for d in durables() if d.service == service]
 
 
-def durable_for(service: str, contract: type[Contract]) -> Durable:
-    for d in durables_of(service):
+POOLED = "worker"
+"""The service whose deployments may be split in pools (issue 48): a pool is a worker deployment
+of its own (``MESH_WORKER_POOL``), with its own identity (``worker-<pool>``) and durables, that
+runs the steps of the agent profiles naming it and no others."""
+
+
+def pool_principal(pool: str) -> str:
+    return f"{POOLED}-{pool}"
+
+
+def pool_durables(pool: str) -> list[Durable]:
+    """A worker pool's own durables: its steps (``step.*.*.*.requested.<pool>``: the shared
+    durable's five-token filter never matches them), and its own copy of every other message the
+    workers take (tool results, retrievals, approvals), from which it handles its own steps' only
+    (the shared workers skip those same messages for a pool's steps)."""
+    out = []
+    for d in durables_of(POOLED):
+        routed = d.contract.spec.routed
+        out.append(Durable(service=POOLED, stream=d.stream, name=f"{pool_principal(pool)}--{d.name.split('--', 1)[1]}",
+                           filter_subject=f"{d.filter_subject}.{pool}" if routed else d.filter_subject,
+                           contract=d.contract))  # fmt: skip
+    return out
+
+
+def durable_for(service: str, contract: type[Contract], pool: str = "") -> Durable:
+    """The durable ``service`` takes ``contract`` from (a worker pool's own, given ``pool``)."""
+    for d in pool_durables(pool) if pool and service == POOLED else durables_of(service):
         if (d.contract.spec.domain, d.contract.spec.event) == (contract.spec.domain, contract.spec.event):
             return d
     raise LookupError(f"{service} does not consume {contract.type_name()} (see the contract's consumers)")

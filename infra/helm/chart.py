@@ -15,9 +15,10 @@ combination of the components that change it. On every object:
   its literals, and pods carry its checksum, so a change rolls them;
 - Deployments take `.Values.replicas.<service>` (else one pod, or KEDA's count) and
   `.Values.resources.<service>` (else the base's);
-- the edge's objects (labelled `app.kubernetes.io/name: edge`) are wrapped in
-  `{{- if .Values.edge.enabled }}`, its HorizontalPodAutoscaler takes `.Values.edge.{min,max}Replicas`
-  and the config map `.Values.edge.oidc` (under `.Values.config`);
+- the gateways' objects (labelled `app.kubernetes.io/name: edge` or `a2a`) are wrapped in
+  `{{- if .Values.<gateway>.enabled }}`, each one's HorizontalPodAutoscaler takes
+  `.Values.<gateway>.{min,max}Replicas` and the config map `.Values.<gateway>.oidc` (under
+  `.Values.config`);
 - the provisioning Job is named per release revision (a Job's template is immutable) and
   provisions `.Values.streamReplicas` replicas.
 
@@ -49,9 +50,11 @@ TEMPLATES = CHART / "templates"
 COMPONENTS = {"keda": "keda", "network-policy": "networkPolicy", "tls": "tls", "budget-partitions": "budgetPartitions"}
 PARTITIONS_ENV = "MESH_BUDGET_PARTITIONS"
 CONFIG = "agentmesh-config"
-# The edge (the HTTP gateway): in no stream, so not a SERVICE; its objects (labelled with its name)
-# are wrapped in `edge.enabled`, its autoscaler's bounds and its identity provider come from `edge.*`.
+# The gateways (the edge, HTTP; a2a, the A2A gateway): in no stream, so not SERVICES; the objects
+# of each (labelled with its name) are wrapped in `<gateway>.enabled`, its autoscaler's bounds and
+# its identity provider come from `<gateway>.*`.
 EDGE = "edge"
+GATEWAYS = (EDGE, "a2a")
 WORKLOAD_FILES = (
     "Deployment",
     "StatefulSet",
@@ -162,17 +165,18 @@ def _pod_specs(obj: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _from_values(obj: dict[str, Any], t: Templated) -> None:
-    """The settings and the edge's autoscaler bounds, from values."""
+    """The settings and the gateways' autoscaler bounds, from values."""
     kind, name = obj["kind"], obj["metadata"]["name"]
     if kind == "ConfigMap" and name == CONFIG:
-        # the base's literals, then the edge's identity provider (edge.oidc), then .Values.config
+        # the base's literals, then the gateways' identity providers (<gateway>.oidc), then .Values.config
         obj["data"] = t.mapping(
             f"toYaml (mergeOverwrite {_dict_literal(obj['data'])} "
-            '(include "agentmesh.edgeConfig" . | fromYaml) (.Values.config | default dict))'
+            '(include "agentmesh.edgeConfig" . | fromYaml) (include "agentmesh.a2aConfig" . | fromYaml) '
+            "(.Values.config | default dict))"
         )
-    if kind == "HorizontalPodAutoscaler" and name == EDGE:
-        obj["spec"]["minReplicas"] = t.scalar("{{ .Values.edge.minReplicas }}")
-        obj["spec"]["maxReplicas"] = t.scalar("{{ .Values.edge.maxReplicas }}")
+    if kind == "HorizontalPodAutoscaler" and name in GATEWAYS:
+        obj["spec"]["minReplicas"] = t.scalar(f"{{{{ .Values.{name}.minReplicas }}}}")
+        obj["spec"]["maxReplicas"] = t.scalar(f"{{{{ .Values.{name}.maxReplicas }}}}")
 
 
 def template(obj: dict[str, Any]) -> str:
@@ -269,7 +273,7 @@ def _file_for(obj: dict[str, Any], affecting: list[str]) -> str:
         return "mesh-config.yaml"
     labels = obj["metadata"].get("labels", {})
     name = labels.get("app.kubernetes.io/name", "")
-    if name in (*SERVICES, EDGE) and obj["kind"] in WORKLOAD_FILES:
+    if name in (*SERVICES, *GATEWAYS) and obj["kind"] in WORKLOAD_FILES:
         return f"mesh-{name}.yaml"
     if obj["kind"] == "Job" or name == "meshctl" or obj["metadata"]["name"].startswith("agentmesh-provision"):
         return "mesh-provision.yaml"
@@ -315,8 +319,9 @@ def generate() -> dict[str, str]:
             if text is None:
                 continue
             cond = _condition({COMPONENTS[names[i]]: v for i, v in zip(idx, values, strict=True)})
-            if originals[key]["metadata"].get("labels", {}).get("app.kubernetes.io/name") == EDGE:
-                cond = f"and .Values.edge.enabled ({cond})" if cond else ".Values.edge.enabled"
+            gateway = originals[key]["metadata"].get("labels", {}).get("app.kubernetes.io/name")
+            if gateway in GATEWAYS:
+                cond = f"and .Values.{gateway}.enabled ({cond})" if cond else f".Values.{gateway}.enabled"
             docs.append(f"{{{{- if {cond} }}}}\n---\n{text}{{{{- end }}}}\n" if cond else f"---\n{text}")
         files.setdefault(_file_for(originals[key], affecting), []).extend(docs)
     return {name: HEADER + "".join(docs) for name, docs in sorted(files.items())}

@@ -50,7 +50,7 @@ from packaging.utils import canonicalize_name  # noqa: E402
 
 from mesh_contracts import SERVICES  # noqa: E402
 
-IMAGES = (*SERVICES, "edge", "meshctl")  # the edge: the HTTP gateway, in no stream, so not a SERVICE
+IMAGES = (*SERVICES, "edge", "a2a", "meshctl")  # the gateways (HTTP, A2A): in no stream, so not SERVICES
 BASE_TAG = "agentmesh/base:bookworm"
 SUITE = "bookworm"
 BASE_PACKAGES = ("python3", "python3-venv", "python-is-python3", "ca-certificates")

@@ -3,11 +3,13 @@ agent as data (``meshctl agent add``); a task submitted to it, a model's plan na
 workflow's agent node all run their step as that agent, pinned to the version current when the
 task was planned: its instructions in the worker's system prompt, its tools and no others; every
 change is an author's right and on the tenant's audit chain; another tenant can neither see nor
-use it."""
+use it. A profile naming a worker pool runs on that pool's own deployment only (its identity,
+its durables), and the shared workers never take its steps."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +19,7 @@ import pytest
 import yaml
 
 from mesh_contracts.stored import STEP_RUN, open_stored
-from mesh_contracts.v1 import PlanCreated, StepCompleted, TaskCompleted, TaskFailed, TaskPolicy
+from mesh_contracts.v1 import PlanCreated, TaskCompleted, TaskFailed, TaskPolicy
 from mesh_testing.chaos import ChaosMesh, started
 from mesh_testing.infra import Infra, running_infra
 from meshctl.cli import main as cli_main
@@ -226,3 +228,65 @@ def test_a_bad_profile_is_one_line_and_changes_nothing(infra, mesh, authors, cap
         and "Traceback" not in err
     )
     assert not {"nodesc", "toomany"} & {p["agent"] for p in listed(infra, capsys, "acme")}
+
+
+def signer(msg: Any) -> str:
+    """The principal whose key signed a stored message (its identity token's ``iss``)."""
+    claims = msg.headers["Mesh-Identity"].split(".")[1]
+    return str(json.loads(base64.urlsafe_b64decode(claims + "=" * (-len(claims) % 4)))["iss"])
+
+
+async def pending(infra: Infra, durable: str) -> int:
+    nc = await infra.admin()
+    try:
+        return int((await nc.jetstream().consumer_info("STEP", durable)).num_pending)
+    finally:
+        await nc.close()
+
+
+def test_a_pooled_profile_runs_only_on_its_pools_workers_and_waits_for_them(infra, mesh, authors, capsys):
+    # added while the mesh runs: its identity is published to every service, its durables made
+    assert ctl(infra, "pool", "add", "heavy") == 0
+    capsys.readouterr()
+    assert ctl(infra, "pool", "list", "--json") == 0
+    assert {r["durable"] for r in json.loads(capsys.readouterr().out)} >= {"worker-heavy--step-requested"}
+    put = add(infra, capsys, "cruncher", "--description", "Heavy arithmetic on its own workers.",
+              "--tool", "calculator", "--pool", "heavy")  # fmt: skip
+    assert put["rc"] == 0, put
+
+    async def main() -> None:
+        # No worker of the pool runs yet: the step waits on the pool's own durable, untouched by
+        # the shared workers (their durable's filter has five tokens, the pool's step six).
+        shared_before = await pending(infra, "worker--step-requested")
+        async with TenantClient.of(infra.ids, infra.nats_url, "acme") as client:
+            await client.submit(CALC, task_id="ap-pool", policy=NO_JUDGE, agent="cruncher", follow=False)
+        for _ in range(300):
+            if await pending(infra, "worker-heavy--step-requested") == 1:
+                break
+            await asyncio.sleep(0.1)
+        (step,) = await infra.stored("STEP", "step.v1.acme.ap-pool.requested.>")
+        assert step.subject == "step.v1.acme.ap-pool.requested.heavy"
+        assert await pending(infra, "worker-heavy--step-requested") == 1
+        assert await pending(infra, "worker--step-requested") == shared_before == 0
+        assert await infra.stored("STEP", "step.v1.acme.ap-pool.completed") == []
+
+        await mesh.add_pool_worker("heavy", "worker-heavy-0")
+        for _ in range(600):  # the pool's worker takes the step that waited for it
+            done = await infra.stored("TASK", "task.v1.acme.ap-pool.completed")
+            if done:
+                break
+            await asyncio.sleep(0.1)
+        assert done and "391" in TaskCompleted.parse(done[0].data).answer
+        # the pool's identity made its tool call and finished it; the shared step of another
+        # task running beside it is the shared workers'
+        shared = await submit(infra, "acme", "ap-shared", CALC, agent="calc")
+        assert isinstance(shared, TaskCompleted), shared
+        for task, who in (("ap-pool", "worker-heavy"), ("ap-shared", "worker")):
+            for stream, subject in (
+                ("STEP", f"step.v1.acme.{task}.completed"),
+                ("TOOL", f"tool.v1.acme.{task}.requested"),
+            ):
+                signers = {signer(m) for m in await infra.stored(stream, subject)}
+                assert signers == {who}, (task, subject, signers)
+
+    asyncio.run(main())

@@ -76,7 +76,7 @@ def test_every_pod_that_uses_redis_may_reach_it_and_no_other_may():
         d for d in _docs(K8S / "components" / "network-policy" / "agentmesh.yaml") if d["kind"] == "NetworkPolicy"
     ]
     deployments = _deployments()
-    assert set(deployments) == {*SERVICES, "edge"}  # the six services and the HTTP gateway
+    assert set(deployments) == {*SERVICES, "edge", "a2a"}  # the six services and the gateways (HTTP, A2A)
     users = {name for name, d in deployments.items() if "MESH_REDIS_URL_FILE" in _env(d)}
     assert users == {"budget", "rag", "tool-executor"}, "a new Redis user: add it to the policy and this test"
     # and the local mesh (meshctl up, tests, images) gives a Redis user to these and no other

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parents[2]
 pin_images = load_script(ROOT / "infra" / "pin_images.py")
 
-IMAGES = ("planner", "worker", "checker", "rag", "tool-executor", "budget", "edge", "meshctl")
+IMAGES = ("planner", "worker", "checker", "rag", "tool-executor", "budget", "edge", "a2a", "meshctl")
 D = {name: "sha256:" + f"{i:x}" * 64 for i, name in enumerate(IMAGES, start=1)}
 
 
@@ -49,7 +49,7 @@ def test_the_production_overlay_is_pinned_by_digest_and_nothing_else_changes(tmp
 @pytest.mark.parametrize(
     ("args", "error"),
     [
-        (["--digests", '{"worker": "sha256:' + "a" * 64 + '"}'], "no digest for: budget, checker"),
+        (["--digests", '{"worker": "sha256:' + "a" * 64 + '"}'], "no digest for: a2a, budget, checker"),
         (["--digests", "{**}"], "--digests is not JSON"),
         (["--digests", '{"nope": "sha256:' + "a" * 64 + '"}'], "no such image in the overlay: nope"),
         (["--registry", "https://r.example.invalid"], "without a scheme"),

@@ -113,9 +113,9 @@ def test_only_the_budget_reads_whole_streams_and_only_with_direct_gets():
     readers = {n for n, p in POLICY.items() if n != "admin" and any(
         s.startswith("$JS.API.DIRECT.GET.") and s.count(".") == 4 and not s.startswith("$JS.API.DIRECT.GET.KV_")
         for s in p.pub)}  # fmt: skip
-    # the keeper: one message at a time, where a tenant's data is cut; the edge: one task's stored
-    # events in order (its tenants' content is what it streams to their people)
-    assert readers == {"budget", "keeper", "edge"}
+    # the keeper: one message at a time, where a tenant's data is cut; the edge and the A2A gateway:
+    # one task's stored events in order (its tenants' content is what it streams to their people)
+    assert readers == {"budget", "keeper", "edge", "a2a"}
     assert {s.rsplit(".", 1)[1] for s in POLICY["budget"].pub if s.startswith("$JS.API.DIRECT.GET.")
             and s.count(".") == 4 and not s.startswith("$JS.API.DIRECT.GET.KV_")} == {
         topo.STREAMS[d] for d in topo.WATCHERS["budget"]} | {topo.ENVELOPES}  # fmt: skip

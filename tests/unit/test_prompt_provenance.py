@@ -63,6 +63,7 @@ ROUTING = {
     "tool",
     "stopped",
     "agent",
+    "pool",
 }
 """Fields the worker finds its state by, or that pick its behaviour; they keep real values."""
 TRUSTED: dict[tuple[str, str], str] = {

@@ -65,6 +65,7 @@ HISTORICAL = {
     CheckerSettings: AGENT,
     WorkerSettings: AGENT
     | {
+        "MESH_WORKER_POOL",  # issue 48: a worker pool's deployment
         "MESH_TOOL_TIMEOUT_S",
         "MESH_TOOL_OUTPUT_MAX_CHARS",
         "MESH_LIVE_WINDOW_MS",

@@ -33,6 +33,7 @@ async def test_every_service_installs_its_tenancy_and_keeps_the_doors_of_what_te
     settings_class = next(
         v for k, v in vars(settings_module).items()
         if isinstance(v, type) and issubclass(v, ServiceSettings) and v is not ServiceSettings and k.endswith("Settings")
+        and v.__module__ == settings_module.__name__  # the service's own, not one it imports (AgentSettings)
     )  # fmt: skip
     settings = settings_class(
         service=service, signing_key_file=Path("unused"), trust_bundle_file=Path("unused"),

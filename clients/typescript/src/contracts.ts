@@ -365,6 +365,11 @@ export interface PlanStep {
    * checker verifies it.
    */
   output_schema?: { [key: string]: unknown } | null;
+  /**
+   * The worker pool that runs the step (its agent profile's ``pool``): the step is published to
+   * that pool's own consumer (``step.v1.<tenant>.<task>.requested.<pool>``). '' : the shared workers.
+   */
+  pool?: string;
   /** Identifier unique within the task. */
   step_id: string;
   /** Tools the worker may call in this step (``search_docs`` means retrieval). */

@@ -26,13 +26,13 @@ from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from mesh_contracts.base import AUTHOR, CLIENT, Contract, ContractSpec
+from mesh_contracts.base import AUTHOR, CLIENT, POOL_PATTERN, Contract, ContractSpec
 from mesh_contracts.decode import KB
 from mesh_contracts.v1.records import Record
 
 AGENT_NAME = r"^[a-z0-9][a-z0-9_-]{0,47}$"
 """A profile's name: what plans, workflows, tasks and A2A cards call it by."""
-POOL_NAME = r"^([a-z0-9][a-z0-9-]{0,30})?$"
+POOL_NAME = POOL_PATTERN
 """A worker pool's name ('' : the shared workers)."""
 MAX_TOOLS = 64
 

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from mesh_contracts.base import ID_PATTERN
+from mesh_contracts.base import ID_PATTERN, POOL_PATTERN
 
 
 class _Value(BaseModel):
@@ -158,6 +158,9 @@ class PlanStep(_Value):
     """The tenant's agent profile that runs the step (``name@version``, pinned when the task was
     planned: ``v1.agents``): its instructions, model, tools and iteration cap, on its worker pool.
     '' : the worker's own."""
+    pool: str = Field("", pattern=POOL_PATTERN)
+    """The worker pool that runs the step (its agent profile's ``pool``): the step is published to
+    that pool's own consumer (``step.v1.<tenant>.<task>.requested.<pool>``). '' : the shared workers."""
 
 
 class CheckResult(_Value):

@@ -62,6 +62,7 @@ class StepRequested(Contract):
         consumers=("worker",),
         summary="Run one step.",
         sealed=("step", "inputs", "feedback"),
+        routed=True,  # a step of an agent profile with a worker pool: to that pool's consumer only
     )
 
     type: Literal["step.requested"] = "step.requested"
@@ -88,6 +89,10 @@ class StepRequested(Contract):
     replay: Replay | None = None
     """The task's ``replay`` (``task.submitted``): the step's model calls may answer from the
     replayed task's recordings, and its tool calls carry it on."""
+
+    def routed_to(self) -> str:
+        """A step of a profile with a worker pool goes to that pool's consumer only."""
+        return self.step.pool
 
 
 class StepCompleted(Contract):

@@ -180,15 +180,17 @@ class Mesh:
         *,
         max_workers: int | None = None,
         on_reject: RejectHook | None = None,
+        pool: str = "",
     ) -> None:
-        """Bind ``handler`` to this service's pre-provisioned durable for ``contract``.
+        """Bind ``handler`` to this service's pre-provisioned durable for ``contract`` (a worker
+        pool's own durable, given ``pool``: ``topology.pool_durables``).
 
         ``on_reject(tenant, task, subject, reason)`` runs whenever this durable gives up on a
         message: rejected on arrival (contract or identity), rejected by the handler, or
         dead-lettered after its last attempt. The task's owner uses it to tell the client.
         A contract tenants write (``topology.doors``) is handed in at this service's door, which
         its tenancy opens at ``start``: checked, charged to the tenant's quota, then stored."""
-        durable = topo.durable_for(self.service, contract)
+        durable = topo.durable_for(self.service, contract, pool)
         self._durables.append(durable)
         door = topo.door_of(contract)
         if door is not None and door.service == self.service and door not in self.doors:

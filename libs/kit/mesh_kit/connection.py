@@ -108,8 +108,7 @@ class Connection:
         self.permission_errors: deque[str] = deque(maxlen=20)  # the latest few
         self.on_stored: Stored | None = None
         self.serving = False
-        """Set by the mesh from start to stop: it is serving (ready), and the server closing the connection
-        then means exiting."""
+        """Set by the mesh from start to stop: serving (ready); the server closing the connection means exiting."""
         self.lost = asyncio.Event()
         """Set when the server closed the connection for good (the client does not reconnect after
         an error such as a revoked user): the process should exit so a supervisor restarts it."""

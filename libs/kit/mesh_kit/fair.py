@@ -164,8 +164,7 @@ class Fetched:
 
 
 class FairQueue:
-    """One queue per tenant (redelivered first, then highest priority, then arrival), served round
-    robin."""
+    """One queue per tenant (redelivered first, then highest priority, then arrival), round robin."""
 
     def __init__(self) -> None:
         self._queues: dict[str, list[tuple[bool, int, int, Fetched]]] = {}

@@ -38,6 +38,8 @@ class ServiceSettings(BaseSettings):
 
     service: str
     """Service identity; one of the six services (pinned by each service's entry point)."""
+    principal: str = Field("", pattern=r"^([a-z0-9][a-z0-9-]{0,63})?$")
+    """The identity it signs as if not the service's: a worker pool's ``worker-<pool>`` (issue 48)."""
     nats_url: str = "nats://127.0.0.1:4222"
     """One server, or a comma-separated list of a cluster's servers (any one reachable is enough;
     the client reconnects to the others when its server dies)."""

@@ -54,7 +54,8 @@ class Trust:
         self.settings = settings
         self._nc, self._count = nc, count
         self._key_file_state = _file_state(settings.signing_key_file) if signer is None else None
-        self.signer = signer or Signer.from_file(settings.service, settings.signing_key_file, settings.token_ttl_s)
+        self.me = settings.principal or settings.service  # who it signs as
+        self.signer = signer or Signer.from_file(self.me, settings.signing_key_file, settings.token_ttl_s)
         self.verifier = verifier or Verifier(TrustBundle.from_file(settings.trust_bundle_file))
         self._creds_file_state = _file_state(settings.creds_file) if settings.creds_file else None
         self._tasks: list[asyncio.Task[None]] = []
@@ -220,7 +221,7 @@ class Trust:
         except (OSError, ValueError, IdentityError) as exc:
             log.warning("signing key file unreadable (%s); still signing with the current key", exc)
             return
-        principal = self.verifier.bundle.principals.get(self.settings.service)
+        principal = self.verifier.bundle.principals.get(self.me)
         public = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
         trusted = principal is not None and any(
             k.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw) == public
@@ -228,7 +229,7 @@ class Trust:
         )
         if not trusted:
             return  # not in the bundle yet: keep the old key until it is
-        self.signer = Signer(self.settings.service, key, self.settings.token_ttl_s)
+        self.signer = Signer(self.me, key, self.settings.token_ttl_s)
         self._key_file_state = state
         self._count(tel.M_KEY_ROTATED)
         log.info("signing with the rotated key")

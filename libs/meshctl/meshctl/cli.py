@@ -18,7 +18,7 @@ import nats
 
 from mesh_contracts.sealing import SealError
 from mesh_tenancy.door import DoorRefused
-from meshctl import agent, edge, release, review, tools, workflow
+from meshctl import a2a, agent, edge, pools, release, review, tools, workflow
 from meshctl import options as opt
 from meshctl.commands import approvals, backups, mesh, observe, operate, tasks, tenants
 from meshctl.identity import Identities
@@ -47,8 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     release.register(sub)
     review.register(sub)
     edge.register(sub)
+    a2a.register(sub)
     tools.register(sub)
     agent.register(sub)
+    pools.register(sub)
     for command in entry_points(group="meshctl.commands"):  # e.g. `eval`, from the mesh-eval package
         command.load()(sub)
     return p

@@ -294,6 +294,14 @@ class Identities:
     def tenants(self) -> list[str]:
         return json.loads(self.tenants_file.read_text()) if self.tenants_file.exists() else []
 
+    @property
+    def pools_file(self) -> Path:
+        return self.home / "pools.json"
+
+    def pools(self) -> list[str]:
+        """The worker pools of this mesh (issue 48): each has its identity ``worker-<pool>``."""
+        return json.loads(self.pools_file.read_text()) if self.pools_file.exists() else []
+
     def exists(self) -> bool:
         return self.trust_bundle.exists() and (self.secrets / "operator.jwt").exists()
 
@@ -338,11 +346,13 @@ class Identities:
         preload[account] = encode_jwt(claims, op)
         _write_secret(self.secrets / "preload.json", json.dumps(preload))
 
-    def mint(self, tenants: list[str], *, user_ttl_s: int | None = None) -> dict[str, str]:
+    def mint(
+        self, tenants: list[str], *, user_ttl_s: int | None = None, pools: list[str] | None = None
+    ) -> dict[str, str]:
         """Create (or extend) every identity; returns the resolver preload (account pub -> JWT).
 
         Existing operator/account keys are reused, and so are existing users and signing keys:
-        re-running adds tenants without issuing a second valid credential for anyone. A user
+        re-running adds tenants (and worker ``pools``) without issuing a second valid credential for anyone. A user
         whose permissions changed gets a fresh JWT for the same key, and its older JWTs are
         revoked; the account's revocations and the bundle's key history (rotations) are kept.
         """
@@ -351,6 +361,8 @@ class Identities:
         preload, acc, signing = self._mint_accounts(revoked)
         tenants = sorted(set(self.tenants()) | set(tenants))
         self.tenants_file.write_text(json.dumps(tenants))
+        if pools is not None:
+            self.pools_file.write_text(json.dumps(sorted(set(self.pools()) | set(pools))))
         existing = TrustBundle.from_file(self.trust_bundle) if self.trust_bundle.exists() else None
         principals, reissued = self._mint_principals(tenants, acc, signing, user_ttl_s, existing)
         if reissued:
@@ -403,7 +415,7 @@ class Identities:
         (user public key -> revoked-before time)."""
         principals: dict[str, Principal] = {}
         reissued: dict[str, int] = {}
-        for name, perms in policy(tenants).items():
+        for name, perms in policy(tenants, self.pools()).items():
             revoke = self._issue_creds(name, perms, acc, signing, user_ttl_s)
             if revoke is not None:
                 reissued[revoke[0]] = revoke[1]
@@ -414,10 +426,11 @@ class Identities:
             same = prev is not None and _raw(prev.public_key) == _raw(key.public_key())
             principals[name] = prev if same and prev is not None else Principal(name, perms.role, perms.tenant,
                                                                                 key.public_key())  # fmt: skip
-        # People who approve for one tenant (meshctl approvers add) are not in the policy: keep
-        # them while their key is here (meshctl approvers remove retires the key).
+        # People who approve or author for one tenant (meshctl approvers | authors add) are not in
+        # the policy: keep them while their key is here (``remove`` retires the key).
         for name, prev in existing.principals.items() if existing else ():
-            if name not in principals and prev.role == "approver" and prev.tenant and self.signing_key(name).exists():
+            people = ("approver", "author")
+            if name not in principals and prev.role in people and prev.tenant and self.signing_key(name).exists():
                 principals[name] = prev
         return principals, reissued
 

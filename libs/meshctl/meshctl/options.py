@@ -113,6 +113,15 @@ def agent_ref(value: str) -> str:
     return f"{name}@{version}" if version else name
 
 
+def pool_name(value: str) -> str:
+    """A worker pool's name: lower-case letters, digits and '-', at most 31."""
+    from mesh_contracts.base import POOL_PATTERN
+
+    if not value or not re.fullmatch(POOL_PATTERN, value):
+        raise argparse.ArgumentTypeError(f"invalid pool name {value!r}: lower-case letters, digits and '-' (1-31)")
+    return value
+
+
 def agent_name(value: str) -> str:
     """An agent profile's name: lower-case letters, digits, '-' and '_', at most 48."""
     from mesh_contracts.v1.agents import AGENT_NAME

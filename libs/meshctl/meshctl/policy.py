@@ -18,6 +18,7 @@ from mesh_kit.settings import inbox_prefix
 ADMIN = "admin"
 KEEPER = "keeper"
 EDGE = "edge"
+A2A = "a2a"
 
 
 @dataclass
@@ -63,14 +64,29 @@ def _message_rights(p: Permissions, service: str) -> None:
         s = c.spec
         if service in s.producers and s.transport in ("stream", "request", "core"):
             p.add_pub(f"{s.domain}.v{major}.*.*.{s.event}")
+            if s.routed:  # and to any worker pool (its sixth token)
+                p.add_pub(f"{s.domain}.v{major}.*.*.{s.event}.*")
         if service in s.consumers and s.transport == "request":
             p.add_sub(f"{s.domain}.*.*.*.{s.event}")
             p.allow_responses = True
 
 
-def _durable_rights(p: Permissions, service: str) -> None:
+def pool_permissions(pool: str) -> Permissions:
+    """A worker pool's NATS user (``worker-<pool>``, issue 48): a worker's rights, except that it
+    pulls from its pool's own durables (``topology.pool_durables``) and from no shared one."""
+    shared = service_permissions(topo.POOLED)
+    durables = {f".{d.stream}.{d.name}" for d in topo.durables_of(topo.POOLED)}
+    p = Permissions(topo.pool_principal(pool), role=topo.POOLED)
+    p.add_pub(*(s for s in shared.pub if not any(s.endswith(d) or f"{d}." in s for d in durables)))
+    p.add_sub(*shared.sub)
+    p.allow_responses = shared.allow_responses
+    _durable_rights(p, topo.POOLED, pool)
+    return p
+
+
+def _durable_rights(p: Permissions, service: str, pool: str = "") -> None:
     """Pull from and acknowledge on its own durables, by name (no right to create one)."""
-    for d in topo.durables_of(service):
+    for d in topo.pool_durables(pool) if pool else topo.durables_of(service):
         p.add_pub(
             f"$JS.API.CONSUMER.INFO.{d.stream}.{d.name}",
             f"$JS.API.CONSUMER.MSG.NEXT.{d.stream}.{d.name}",
@@ -218,8 +234,13 @@ def edge_permissions() -> Permissions:
     through it), and reading a task's stored events in order (direct gets by subject, on the bare
     API subject: a browser that reconnects resumes where it was); a person's approval decisions,
     signed with that person's key, which the edge holds only for the approvers a tenant gave it."""
-    p = Permissions(EDGE, role=EDGE)
-    p.add_sub(f"{inbox_prefix(EDGE)}.>")
+    return _gateway_permissions(EDGE)
+
+
+def _gateway_permissions(name: str) -> Permissions:
+    """An HTTP gateway's rights (the edge's, the A2A gateway's): a tenant's client's, for every tenant."""
+    p = Permissions(name, role=name)
+    p.add_sub(f"{inbox_prefix(name)}.>")
     p.add_pub(
         topo.door_subject(f"{TaskSubmitted.spec.domain}.v1.*.*.{TaskSubmitted.spec.event}"),
         topo.door_subject(f"{ControlCancel.spec.domain}.v1.*.*.{ControlCancel.spec.event}"),
@@ -232,6 +253,16 @@ def edge_permissions() -> Permissions:
         p.add_pub(f"$JS.API.DIRECT.GET.{topo.STREAMS[domain]}", f"$JS.API.DIRECT.GET.{topo.STREAMS[domain]}.>")
         p.add_sub(f"{domain}.*.*.>")
     p.add_sub(f"{TokenDelta.spec.domain}.*.*.>")
+    return p
+
+
+def a2a_permissions() -> Permissions:
+    """The A2A gateway (``services/a2a``): the edge's rights (it submits, cancels and follows its
+    callers' tasks as their tenants, and hands on their decisions on held calls), and reading a
+    tenant's workflow registry one key at a time (which workflows it exposes as agents: what a
+    tenant's client reads of its own)."""
+    p = _gateway_permissions(A2A)
+    p.add_pub("$JS.API.DIRECT.GET.KV_workflows.$KV.workflows.>")
     return p
 
 
@@ -274,11 +305,13 @@ def admin_permissions() -> Permissions:
     return Permissions(ADMIN, role=ADMIN, pub=[">"], sub=[">"])
 
 
-def policy(tenants: list[str]) -> dict[str, Permissions]:
+def policy(tenants: list[str], pools: list[str] | tuple[str, ...] = ()) -> dict[str, Permissions]:
     out = {s: service_permissions(s) for s in SERVICES}
+    out.update({topo.pool_principal(pool): pool_permissions(pool) for pool in pools})
     out.update({f"{CLIENT}.{t}": client_permissions(t) for t in tenants})
     out[APPROVER] = approver_permissions()
     out[KEEPER] = keeper_permissions()
     out[EDGE] = edge_permissions()
+    out[A2A] = a2a_permissions()
     out[ADMIN] = admin_permissions()
     return out

@@ -244,9 +244,10 @@ def consumer_config(d: topo.Durable, replicas: int = 1, ack_wait_s: float = topo
 async def provision(
     nc: NATS, *, replicas: int = 1, ack_wait_s: float = topo.ACK_WAIT_S, retention_s: float = RETENTION_S,
     audit_retention_s: float = AUDIT_RETENTION_S, record_retention_s: float = RECORD_RETENTION_S,
-    caps: Caps = Caps(),
+    caps: Caps = Caps(), pools: list[str] | tuple[str, ...] = (),
 ) -> ProvisionReport:  # fmt: skip
-    """``ack_wait_s`` must match the services' MESH_ACK_WAIT_S (their heartbeat interval derives from it).
+    """``pools``: the worker pools whose own durables are made too (``topology.pool_durables``).
+    ``ack_wait_s`` must match the services' MESH_ACK_WAIT_S (their heartbeat interval derives from it).
     Lowering a cap below what a stream holds keeps every message (``discard: new`` refuses only
     new ones); the stream takes nothing more until it is under the cap again. ``ValueError`` for
     a record retention shorter than the messages'."""
@@ -297,7 +298,7 @@ async def provision(
             info.config.max_age = ttl or 0  # a retention changed since: provisioning owns it
             await js.update_stream(info.config)
         report.buckets.append(b.name)
-    for d in topo.durables():
+    for d in [*topo.durables(), *(d for pool in pools for d in topo.pool_durables(pool))]:
         await js.add_consumer(d.stream, consumer_config(d, replicas, ack_wait_s))  # create or update
         report.consumers.append(f"{d.stream}/{d.name}")
     await js.add_consumer(topo.TIMERS, timer_consumer_config(replicas, ack_wait_s))
@@ -460,7 +461,7 @@ async def provision_as_admin(
         deadline = time.monotonic() + 30.0
         while True:
             try:
-                await provision(nc, replicas=replicas, ack_wait_s=ack_wait_s or topo.ACK_WAIT_S)
+                await provision(nc, replicas=replicas, ack_wait_s=ack_wait_s or topo.ACK_WAIT_S, pools=ids.pools())
                 break
             except (nats.js.errors.BadRequestError, nats.js.errors.ServiceUnavailableError) as exc:
                 # A cluster whose nodes are healthy can still have a peer the meta leader has not

@@ -144,7 +144,7 @@ async def rotate(
     """Rotate ``principals`` (NATS user and signing key) with ``grace_s`` of overlap; ``reload``
     makes the NATS servers re-read their configs (SIGHUP)."""
     started = time.monotonic()
-    perms = policy(ids.tenants())
+    perms = policy(ids.tenants(), ids.pools())
     bundle = TrustBundle.from_file(ids.trust_bundle)
     unknown = [p for p in principals if p not in perms or p not in bundle.principals]
     if unknown:

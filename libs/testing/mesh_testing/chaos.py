@@ -67,6 +67,12 @@ class ChaosMesh:
         self._spawn(svc, name, env)
         await local.wait_ready({name: self.procs[name][1]}, timeout)
 
+    async def add_pool_worker(self, pool: str, name: str, timeout: float = 30) -> None:
+        """Start a worker of ``pool`` (issue 48): its own identity (``worker-<pool>``), its durables."""
+        from meshctl.pools import pool_identity
+
+        await self.add("worker", name, timeout, pool_identity(self.infra.ids, pool))
+
     async def replace(self, name: str, timeout: float = 30) -> None:
         """Reap ``name`` (killed by the test) and start a fresh process under the same name."""
         svc, proc = self.procs.pop(name)

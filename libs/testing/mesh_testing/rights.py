@@ -235,6 +235,18 @@ INTENDED: dict[str, set[str]] = {
         "$JS.API.DIRECT.GET.APPROVAL.>",
         "$JS.API.DIRECT.GET.KV_approvals.$KV.approvals.>",
     },
+    # The A2A gateway: the edge's, and a tenant's workflow registry (the workflows it exposes as
+    # agents), one key per read, every tenant's, as it speaks for several.
+    "a2a": stream_read("TASK")
+    | stream_read("EVENTS")
+    | stream_read("APPROVAL")
+    | {
+        "$JS.API.DIRECT.GET.TASK.>",
+        "$JS.API.DIRECT.GET.EVENTS.>",
+        "$JS.API.DIRECT.GET.APPROVAL.>",
+        "$JS.API.DIRECT.GET.KV_approvals.$KV.approvals.>",
+        "$JS.API.DIRECT.GET.KV_workflows.$KV.workflows.>",
+    },
     # its own events and outcomes, and its own workflow registry and releases keys, one key per read
     "client.acme": {
         "$JS.API.DIRECT.GET.TASK.task.*.acme.>",

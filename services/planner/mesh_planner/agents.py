@@ -153,7 +153,12 @@ def fitted(step: PlanStep, rec: AgentVersion) -> PlanStep:
     p: AgentProfile = rec.profile
     tools = tuple(t for t in step.tools if t in p.tools) if step.tools else p.tools
     return step.model_copy(
-        update={"agent": agent_ref(rec.agent, rec.version), "tools": tools, "difficulty": p.tier or step.difficulty}
+        update={
+            "agent": agent_ref(rec.agent, rec.version),
+            "tools": tools,
+            "difficulty": p.tier or step.difficulty,
+            "pool": p.pool,
+        }
     )
 
 

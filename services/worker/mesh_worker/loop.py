@@ -91,6 +91,8 @@ class Loop:
         def apply(run: StepRun | None) -> StepRun | None:
             if run is None or run.pending is None or run.pending.call_id != call_id:
                 return None  # duplicate or stale answer
+            if run.request.step.pool != self.settings.worker_pool:
+                return None  # another pool's step: its own workers take their copy of the answer
             if run.pending.arguments:  # the worker's own retrieval (retrieve first): context, not a tool result
                 admit(run, "user", _grounding(text), tool_call_id=call_id, name=tool)
             else:
@@ -109,6 +111,8 @@ class Loop:
         run, applied = await st.update(self._steps(), key, StepRun, apply)
         if run is None or (not applied and any(h.call_id == call_id for h in run.held)):
             return  # a held call's late result (a person approved it after the loop went on): not ours now
+        if run.request.step.pool != self.settings.worker_pool:
+            return
         # Resume if this answer belongs to the loop: just applied, or applied by an earlier
         # delivery whose process died somewhere after (resume picks up from the checkpoint).
         if any(m.get("tool_call_id") == call_id for m in run.messages):

@@ -80,14 +80,20 @@ class Worker:
     def register(self) -> None:
         guard.enable(self.mesh)
         self.mesh.on_start(self.start)
-        self.mesh.consume(StepRequested, self.on_step)
-        self.mesh.consume(ToolCompleted, self.on_tool)
-        self.mesh.consume(RetrievalCompleted, self.on_retrieval)
-        self.mesh.consume(ApprovalRequested, self.on_approval)
+        # a pool's own durables (``MESH_WORKER_POOL``): its steps, and its copy of what answers them
+        pool = self.settings.worker_pool
+        self.mesh.consume(StepRequested, self.on_step, pool=pool)
+        self.mesh.consume(ToolCompleted, self.on_tool, pool=pool)
+        self.mesh.consume(RetrievalCompleted, self.on_retrieval, pool=pool)
+        self.mesh.consume(ApprovalRequested, self.on_approval, pool=pool)
 
     # --- handlers -------------------------------------------------------------------------
 
     async def on_step(self, m: StepRequested, d: Delivery) -> None:
+        if m.step.pool != self.settings.worker_pool:  # the durables' filters keep it from happening
+            log.error("step %s/%s of pool %r reached pool %r: not run here", m.task_id, m.step.step_id,
+                      m.step.pool, self.settings.worker_pool)  # fmt: skip
+            return
         key = StepRun.key(m.tenant, m.task_id, m.step.step_id)
 
         bundle = await self.bundles.bundle(m.tenant, m.release)
@@ -153,6 +159,8 @@ class Worker:
         run, _ = await st.load(self.steps, StepRun.key(m.tenant, m.task_id, m.step_id), StepRun)
         if run is None or run.status != "running" or run.pending is None or run.pending.call_id != m.call_id:
             return  # duplicate or stale
+        if run.request.step.pool != self.settings.worker_pool:
+            return  # another pool's step: its own workers take their copy
         self.mesh.count(durable_metrics.M_CALLS_REFUSED)
         await self.loop.finish(run, failed=f"stopped: {m.error.removeprefix('not run: ')}",
                                halted=m.stopped == "halted")  # fmt: skip
@@ -183,6 +191,8 @@ class Worker:
         run, _ = await st.load(self.steps, key, StepRun)
         if run is None or run.pending is None or run.pending.call_id != m.call_id:
             return
+        if run.request.step.pool != self.settings.worker_pool:
+            return  # another pool's step: its own workers take their copy
         if run.request.on_held == "continue":
             await self._go_on_without(run, m)
             return

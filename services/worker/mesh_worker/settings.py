@@ -13,6 +13,10 @@ from mesh_agent.settings import AgentSettings
 class WorkerSettings(AgentSettings):
     """Everything the worker reads."""
 
+    worker_pool: str = Field("", pattern=r"^([a-z0-9][a-z0-9-]{0,30})?$")
+    """The worker pool this deployment is (issue 48): it runs the steps of the agent profiles that
+    name the pool, and no others, from the pool's own durables, as the identity ``worker-<pool>``
+    (``meshctl pool add``). '' : a shared worker (every step of no pool)."""
     tool_timeout_s: float = Field(60.0, gt=0)
     """A tool call not answered within this long (on top of the request's own timeout) becomes a
     timed-out observation; the timer is re-armed when a step resumes from its checkpoint."""

@@ -43,3 +43,19 @@ MESH_EDGE_ISSUER, MESH_EDGE_AUDIENCE, MESH_EDGE_JWKS_URL. .Values.config wins ov
 {{- with $oidc.jwksUrl }}{{ $_ := set $out "MESH_EDGE_JWKS_URL" (toString .) }}{{ end -}}
 {{- toYaml $out -}}
 {{- end -}}
+
+{{/*
+The A2A gateway's identity provider and public URL (a2a.oidc, a2a.publicUrl) as settings of the
+config map, the ones set only: MESH_A2A_ISSUER, MESH_A2A_AUDIENCE, MESH_A2A_JWKS_URL,
+MESH_A2A_PUBLIC_URL. .Values.config wins over them.
+*/}}
+{{- define "agentmesh.a2aConfig" -}}
+{{- $out := dict -}}
+{{- $a2a := .Values.a2a | default dict -}}
+{{- $oidc := $a2a.oidc | default dict -}}
+{{- with $oidc.issuer }}{{ $_ := set $out "MESH_A2A_ISSUER" (toString .) }}{{ end -}}
+{{- with $oidc.audience }}{{ $_ := set $out "MESH_A2A_AUDIENCE" (toString .) }}{{ end -}}
+{{- with $oidc.jwksUrl }}{{ $_ := set $out "MESH_A2A_JWKS_URL" (toString .) }}{{ end -}}
+{{- with $a2a.publicUrl }}{{ $_ := set $out "MESH_A2A_PUBLIC_URL" (toString .) }}{{ end -}}
+{{- toYaml $out -}}
+{{- end -}}

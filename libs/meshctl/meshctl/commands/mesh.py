@@ -43,12 +43,13 @@ if TYPE_CHECKING:
 def cmd_init(args: argparse.Namespace) -> int:
     ids = Identities(opt.home(args))
     ids.mint(args.tenants)
-    print(f"identities for {len(policy(ids.tenants()))} principals in {ids.home} (secrets mode 0600)")
+    print(f"identities for {len(policy(ids.tenants(), ids.pools()))} principals in {ids.home} (secrets mode 0600)")
     return 0
 
 
 def cmd_policy(args: argparse.Namespace) -> int:
-    tenants = args.tenants or Identities(opt.home(args)).tenants() or ["demo"]
+    ids = Identities(opt.home(args))
+    tenants = args.tenants or ids.tenants() or ["demo"]
     out = {
         name: {
             "role": p.role,
@@ -57,7 +58,7 @@ def cmd_policy(args: argparse.Namespace) -> int:
             "subscribe": p.sub,
             "allow_responses": p.allow_responses,
         }
-        for name, p in policy(tenants).items()
+        for name, p in policy(tenants, ids.pools()).items()
     }
     print(json.dumps(out, indent=2))
     return 0
@@ -78,7 +79,8 @@ def cmd_provision(args: argparse.Namespace) -> int:
                 "record_retention_s": args.record_retention_days and args.record_retention_days * 86400.0,
             }
             caps = Caps(args.stream_max_mib * MIB, args.audit_max_mib * MIB, args.stream_max_msgs)
-            report = await provision(nc, replicas=args.replicas, caps=caps, **{k: v for k, v in days.items() if v})
+            report = await provision(nc, replicas=args.replicas, caps=caps, pools=args.pool or (),
+                                     **{k: v for k, v in days.items() if v})  # fmt: skip
         finally:
             await nc.close()
         print(
@@ -319,6 +321,8 @@ def register(sub: argparse._SubParsersAction[opt.Parser]) -> None:
                    help="cap on the audit chain (default 1024; 0: none)")  # fmt: skip
     s.add_argument("--stream-max-msgs", type=opt.cap("messages"), default=0,
                    help="cap on each stream's messages (default 0: none)")  # fmt: skip
+    s.add_argument("--pool", action="append", type=opt.pool_name, metavar="POOL",
+                   help="a worker pool whose own durables are made too (repeat; meshctl pool)")  # fmt: skip
     s.set_defaults(fn=cmd_provision, usage=s.error)
 
     s = sub.add_parser("up", help="start nats-server, redis-server and the six services locally")

@@ -350,18 +350,18 @@ def register(sub: argparse._SubParsersAction[opt.Parser]) -> None:
     s.add_argument("--workflow", type=opt.workflow_ref, default=None, metavar="NAME[@VERSION]",
                    help="run the tenant's registered workflow: NAME (its latest version), NAME@latest or "
                         "NAME@VERSION; the task keeps that version to the end (meshctl workflow list)")  # fmt: skip
-    s.add_argument(
-        "--agent",
-        type=opt.agent_ref,
-        default=None,
-        metavar="NAME[@VERSION]",
-        help="hand the goal to one of the tenant's agent profiles as one step (meshctl agent list)",
-    )
+    s.add_argument("--agent", type=opt.agent_ref, default=None, metavar="NAME[@VERSION]",
+                   help="hand the goal to one of the tenant's agent profiles as one step (meshctl agent list)")  # fmt: skip
     s.add_argument("--input", type=opt.workflow_input, action="append", metavar="KEY=VALUE", dest="inputs",
                    help="an input of the workflow (a JSON value, or else text; repeatable)")  # fmt: skip
     s.add_argument("--nats-url", default=None)
     s.set_defaults(fn=cmd_submit, usage=s.error)
+    _register_control(sub)
+    _register_rest(sub)
 
+
+def _register_control(sub: argparse._SubParsersAction[opt.Parser]) -> None:
+    """halt, resume, cancel."""
     for verb, text in (
         ("halt", "pause a task: every service refuses its next model or tool call until resume"),
         ("resume", "resume a halted task: its halted steps run again"),
@@ -375,6 +375,9 @@ def register(sub: argparse._SubParsersAction[opt.Parser]) -> None:
         s.add_argument("--nats-url", default=None)
         s.set_defaults(fn=cmd_control)
 
+
+def _register_rest(sub: argparse._SubParsersAction[opt.Parser]) -> None:
+    """signal and ingest."""
     s = sub.add_parser("signal", help="send a named signal to a workflow task (its signal node takes it)")
     s.add_argument("task_id", type=opt.task_id, metavar="TASK_ID")
     s.add_argument("name", type=opt.signal_name, metavar="NAME", help="the signal's name (what the node waits for)")
