@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
+from mesh_contracts.registry import open_body
 from mesh_contracts.stored import STEP_RUN, open_stored
 from mesh_contracts.v1 import PlanCreated, TaskCompleted, TaskFailed, TaskPolicy
 from mesh_testing.chaos import ChaosMesh, started
@@ -288,5 +289,37 @@ def test_a_pooled_profile_runs_only_on_its_pools_workers_and_waits_for_them(infr
             ):
                 signers = {signer(m) for m in await infra.stored(stream, subject)}
                 assert signers == {who}, (task, subject, signers)
+
+    asyncio.run(main())
+
+
+def test_a_profiles_documents_scope_its_retrieval(infra, mesh, authors, capsys):
+    put = add(infra, capsys, "finance", "--description", "Answers from the finance documents only.",
+              "--tool", "search_docs", "--documents", "finance-")  # fmt: skip
+    assert put["rc"] == 0, put
+
+    async def main() -> None:
+        async with infra.client("acme") as client:
+            for doc_id, text in (("finance-q3.md", "Quarterly refunds: 412 refunds were paid in the third quarter."),
+                                 ("hr-leave.md", "Quarterly refunds of leave: unused leave days are refunded.")):  # fmt: skip
+                done = await client.ingest(doc_id, text.encode(), "text/markdown")
+                assert done is not None and done.ok, done
+        goal = "How many quarterly refunds were paid?"
+        scoped = await submit(infra, "acme", "ap-docs", goal, agent="finance")
+        assert isinstance(scoped, TaskCompleted | TaskFailed), scoped
+        asked = await infra.stored("RAG", "rag.v1.acme.ap-docs.requested")
+        assert asked and all(json.loads(m.data)["scope"] == ["finance-"] for m in asked)
+        found = await infra.stored("RAG", "rag.v1.acme.ap-docs.completed")
+        hits = {h["doc_id"] for m in found for h in open_body(m.subject, m.data)["hits"]}
+        assert hits == {"finance-q3.md"}, hits  # the hr document matches the query as well: out of scope
+        # the same goal, planned by the worker's own step: both documents are there to find
+        open_goal = "PLAN: " + json.dumps({"steps": [{"step_id": "s1", "kind": "answer", "instruction": goal,
+                                                       "tools": ["search_docs"], "depends_on": []}]})  # fmt: skip
+        await submit(infra, "acme", "ap-nodocs", open_goal)
+        found = await infra.stored("RAG", "rag.v1.acme.ap-nodocs.completed")
+        assert {h["doc_id"] for m in found for h in open_body(m.subject, m.data)["hits"]} >= {
+            "finance-q3.md",
+            "hr-leave.md",
+        }
 
     asyncio.run(main())

@@ -289,3 +289,21 @@ async def test_a_tenant_index_over_its_quota_refuses_the_ingest_and_keeps_what_i
     quota["acme"] = IndexQuota(bytes=1)
     with pytest.raises(IndexFull, match="would pass its limit"):
         await rag.ingest("acme", "a.md", text + b"a, again", "text/markdown")
+
+
+def test_a_scope_keeps_every_method_to_the_documents_it_names(embedder: Embedder) -> None:
+    """An agent profile's ``documents``: retrieval sees only ids with one of its prefixes, whatever
+    ranks higher outside them, and a scope that matches nothing finds nothing."""
+    idx = TenantIndex()
+    idx.put(build_document("finance/q3.md", "Refunds rose in the third quarter: 412 refunds.", embedder))
+    idx.put(build_document("hr/leave.md", "Refunds of leave days: unused leave is refunded in March.", embedder))
+    idx.put(build_document("finance/q4.md", "The fourth quarter closed with fewer refunds.", embedder))
+    for method in ("hybrid", "vector", "bm25"):
+        everything = {c.doc_id for c, _ in idx.search("refunds", 5, method=method, embedder=embedder)}
+        assert "hr/leave.md" in everything, method
+        scoped = [c.doc_id for c, _ in idx.search("refunds", 5, method=method, embedder=embedder, scope=("finance/",))]
+        assert scoped and all(d.startswith("finance/") for d in scoped), (method, scoped)
+        both = {c.doc_id for c, _ in idx.search("refunds", 5, method=method, embedder=embedder,
+                                                scope=("finance/q3", "hr/"))}  # fmt: skip
+        assert both <= {"finance/q3.md", "hr/leave.md"} and "finance/q4.md" not in both, (method, both)
+        assert idx.search("refunds", 5, method=method, embedder=embedder, scope=("legal/",)) == []

@@ -63,6 +63,7 @@ export interface AgentNode {
 /** One named agent of a tenant, as its author defines it. */
 export interface AgentProfile {
   description: string;
+  documents?: string[];
   exposed?: boolean;
   instructions?: string;
   labels?: { [key: string]: string };
@@ -1655,6 +1656,11 @@ export interface RetrievalRequested {
    * ``task.submitted``, a request to run that version of the tenant's (``meshctl release eval``).
    */
   release?: string;
+  /**
+   * Only documents whose id starts with one of these (the step's agent profile's ``documents``);
+   * empty: every document of the tenant.
+   */
+  scope?: string[];
   step_id: string;
   /** Task this message belongs to; also the fourth token of the subject. */
   task_id: string;

@@ -54,6 +54,9 @@ class AgentProfile(BaseModel):
     tools: tuple[str, ...] = Field((), max_length=MAX_TOOLS)
     """The tools its steps may call, and no others; a plan's step of the agent is narrowed to them
     (``search_docs`` is retrieval). Empty: no tools (it answers from its instructions and inputs)."""
+    documents: tuple[str, ...] = Field((), max_length=32)
+    """Its retrieval scope: only the tenant's documents whose id starts with one of these (the ids
+    ``meshctl ingest`` gave them); empty: every document. Retrieval itself is the ``search_docs`` tool."""
     max_iterations: int = Field(6, ge=1, le=50)
     """Model calls one step of the agent may make (the task's own cap applies too)."""
     exposed: bool = False

@@ -347,6 +347,9 @@ class RetrievalRequested(Contract):
     top_k: int = Field(3, ge=1, le=50)
     method: Literal["hybrid", "vector", "bm25"] = "hybrid"
     """Ranking: vector similarity and BM25 fused by reciprocal rank (default), or one alone."""
+    scope: tuple[str, ...] = Field((), max_length=32)
+    """Only documents whose id starts with one of these (the step's agent profile's ``documents``);
+    empty: every document of the tenant."""
 
 
 class RetrievalCompleted(Contract):

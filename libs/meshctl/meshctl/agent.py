@@ -51,6 +51,8 @@ def _profile(args: argparse.Namespace) -> AgentProfile:
     raw.update({k: v for k, v in flags.items() if v is not None})
     if args.tool:
         raw["tools"] = args.tool
+    if args.documents:
+        raw["documents"] = args.documents
     if args.exposed:
         raw["exposed"] = True
     if not raw.get("description"):
@@ -132,9 +134,9 @@ def _line(rec: dict[str, Any]) -> str:
     where = f"  pool {p['pool']}" if p.get("pool") else ""
     exposed = "  A2A" if p.get("exposed") else ""
     tools = ", ".join(p.get("tools", [])) or "none"
-    return (
-        f"{rec['agent']}@{rec['version']}  model {model}  tools {tools}{where}{exposed}\n    {p['description'][:160]}"
-    )
+    docs = "  documents " + ", ".join(f"{d}*" for d in p["documents"]) if p.get("documents") else ""
+    head = f"{rec['agent']}@{rec['version']}  model {model}  tools {tools}{docs}{where}{exposed}"
+    return f"{head}\n    {p['description'][:160]}"
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -196,6 +198,8 @@ def register(sub: argparse._SubParsersAction[opt.Parser]) -> None:
     a.add_argument("--tier", choices=("easy", "normal", "hard"), default=None, help="the model tier of its steps")
     a.add_argument("--route", default=None, help="a named route of the model gateway (instead of a tier)")
     a.add_argument("--tool", action="append", metavar="TOOL", help="a tool it may call (repeat; none: no tools)")
+    a.add_argument("--documents", action="append", metavar="PREFIX",
+                   help="its retrieval scope: documents whose id starts with PREFIX (repeat; none: all)")  # fmt: skip
     a.add_argument("--max-iterations", type=int, default=None, help="model calls per step (1-50, default 6)")
     a.add_argument("--exposed", action="store_true", help="published as an A2A agent card by the a2a gateway")
     a.add_argument("--pool", default=None, help="the worker pool that runs its steps (MESH_WORKER_POOL)")

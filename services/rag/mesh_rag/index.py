@@ -371,6 +371,7 @@ class TenantIndex:
         query_vector: np.ndarray | None = None,
         embedder: Embedder | None = None,
         min_similarity: float = MIN_SIMILARITY,
+        scope: tuple[str, ...] = (),
     ) -> list[tuple[Chunk, float]]:
         """The ``top_k`` best chunks with their scores, best first; ties ordered by (doc_id, chunk).
 
@@ -378,27 +379,36 @@ class TenantIndex:
         similarity to ``query_vector`` (or to ``embedder``'s embedding of ``query``). ``hybrid``:
         Reciprocal Rank Fusion, sum of 1/(60 + rank) over the top max(50, 5*top_k) of both lists.
         A chunk whose cosine similarity is below ``min_similarity`` is no vector candidate: nearest
-        is not the same as relevant, and a question the documents cannot answer gets no hits."""
+        is not the same as relevant, and a question the documents cannot answer gets no hits.
+        ``scope``: only documents whose id starts with one of these (an agent profile's); empty: all."""
         if method not in METHODS:
             raise ValueError(f"unknown search method {method!r} (use one of {', '.join(METHODS)})")
         snap = self._snap()
         if top_k <= 0 or not snap.chunks:
             return []
+        inside = _inside(snap, scope)
         if method == "bm25":
-            return _top(snap, _bm25(snap, query), top_k, positive_only=True)
+            return _top(snap, _bm25(snap, query) * inside, top_k, positive_only=True)
         qv = _query_vector(query, query_vector, embedder, snap.matrix.shape[1])
         cosine = snap.matrix @ qv
-        cosine = np.where(cosine >= min_similarity, cosine, 0.0)
+        cosine = np.where((cosine >= min_similarity) & (inside > 0), cosine, 0.0)
         if method == "vector":
             return _top(snap, cosine, top_k, positive_only=True)
         depth = max(50, 5 * top_k)
         fused = np.zeros(len(snap.chunks), dtype=np.float64)
         for ranked in (
             _ranking(cosine, depth, positive_only=True),
-            _ranking(_bm25(snap, query), depth, positive_only=True),
+            _ranking(_bm25(snap, query) * inside, depth, positive_only=True),
         ):
             fused[ranked] += 1.0 / (RRF_K + np.arange(1, len(ranked) + 1))
         return _top(snap, fused, top_k, positive_only=True)
+
+
+def _inside(snap: _Snapshot, scope: tuple[str, ...]) -> np.ndarray:
+    """1.0 for each chunk of a document in ``scope`` (doc id prefixes; empty: all), else 0.0."""
+    if not scope:
+        return np.ones(len(snap.chunks), dtype=np.float64)
+    return np.array([1.0 if c.doc_id.startswith(scope) else 0.0 for c in snap.chunks], dtype=np.float64)
 
 
 def _query_vector(query: str, query_vector: np.ndarray | None, embedder: Embedder | None, dim: int) -> np.ndarray:

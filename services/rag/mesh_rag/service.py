@@ -208,7 +208,7 @@ class Rag:
         return loaded.index
 
     def _cache_key(self, tenant: str, version: str, m: RetrievalRequested) -> str:
-        q = hashlib.sha256(f"{m.method}\x00{m.top_k}\x00{m.query}".encode()).hexdigest()[:24]
+        q = hashlib.sha256(f"{m.method}\x00{m.top_k}\x00{m.query}\x00{'|'.join(m.scope)}".encode()).hexdigest()[:24]
         return f"rag:cache:{tenant}:{version}:{q}"
 
     async def search(
@@ -244,7 +244,7 @@ class Rag:
                 if len(self._query_vectors) > 4096:
                     self._query_vectors.clear()
                 self._query_vectors[m.query] = qv
-        found = index.search(m.query, m.top_k, method=m.method, query_vector=qv)
+        found = index.search(m.query, m.top_k, method=m.method, query_vector=qv, scope=m.scope)
         hits = [_hit(c, s, manifest) for c, s in found]
         if self._caching():
             plain = json.dumps([h.model_dump(mode="json") for h in hits]).encode()

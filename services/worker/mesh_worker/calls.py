@@ -26,6 +26,7 @@ from mesh_kit import Delivery
 from mesh_kit.delivery import Retry
 from mesh_llm import ToolSpec
 from mesh_worker.checkpoint import StepRun
+from mesh_worker.profiles import Profiles
 from mesh_worker.settings import WorkerSettings
 
 log = logging.getLogger("mesh.worker")
@@ -83,6 +84,7 @@ class Calls:
         # KV ``tools``: what the tool-executor serves every tenant; KV ``toolservers``: each tenant's own
         self.tools = records.TenantCatalogues(None, None)
         self._timers: dict[str, asyncio.TimerHandle] = {}
+        self.profiles = Profiles()  # the loop's: a step's agent profile scopes its retrievals
 
     # --- what the model is offered ----------------------------------------------------------
 
@@ -146,6 +148,7 @@ class Calls:
         if pending is not None and pending.deadline:
             self.arm(req.tenant, req.task_id, sid, call_id, tool, pending.deadline)
         if tool == RETRIEVAL_TOOL:
+            profile = await self.profiles.get(req.tenant, req.step.agent)
             await self.mesh.publish(
                 RetrievalRequested(
                     tenant=req.tenant,
@@ -154,6 +157,7 @@ class Calls:
                     call_id=call_id,
                     query=str(args.get("query", ""))[:2000] or "?",
                     top_k=int(args.get("top_k", 3)),
+                    scope=profile.documents if profile is not None else (),
                 ),
                 key=call_id,
             )

@@ -33,7 +33,6 @@ from mesh_worker.calls import RETRIEVAL_TOOL, Calls
 from mesh_worker.checkpoint import PendingCall, StepRun, admit, as_stored, model_turn
 from mesh_worker.live import Live
 from mesh_worker.outcome import outcome, prompt_version
-from mesh_worker.profiles import Profiles
 from mesh_worker.settings import WorkerSettings
 
 TOOL_STEPS = frozenset({"compute", "write"})
@@ -59,7 +58,7 @@ class Loop:
         self.mesh, self.model, self.settings, self.system = mesh, model, settings, system
         self._steps, self._ledger, self._bundles = steps, ledger, bundles
         self.calls = Calls(mesh, settings, bundles, self.observe)
-        self.profiles = Profiles()
+        self.profiles = self.calls.profiles
 
     async def observe(
         self,
