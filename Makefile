@@ -86,7 +86,7 @@ status: ## health and consumer lag of the running mesh
 submit: ## submit GOAL to the running mesh and follow it
 	$(BIN)/meshctl --home $(MESH_HOME) submit "$(GOAL)" --follow
 
-bench: setup ## task, budget, gateway, retrieval, tenant-flood, failover, tenants-at-scale, edge (HTTP gateway) and tool-server numbers vs their baselines, measured in the same run
+bench: setup ## task, budget, gateway, retrieval, tenant-flood, failover, tenants-at-scale, edge (HTTP gateway), tool-server and A2A numbers vs their baselines, measured in the same run
 	$(BIN)/python bench/bench_task.py
 	$(BIN)/python bench/bench_writes.py
 	$(BIN)/python bench/bench_soak.py
@@ -103,6 +103,7 @@ bench: setup ## task, budget, gateway, retrieval, tenant-flood, failover, tenant
 	$(BIN)/python bench/bench_tenants.py --tenants 500 --active 50
 	$(BIN)/python bench/bench_edge.py
 	$(BIN)/python bench/bench_tool_servers.py
+	$(BIN)/python bench/bench_a2a.py
 
 # The peer the mesh is measured against lives in its own venv, out of the product's dependencies.
 PEERS_VENV ?= .venv-peers
