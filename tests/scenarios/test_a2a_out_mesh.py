@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from mesh_contracts.v1 import TaskCompleted, TaskPolicy
 from mesh_testing.a2a_agents import A2AAgent, Skill
 from mesh_testing.chaos import ChaosMesh, started
 from mesh_testing.infra import Infra, running_infra
+from mesh_testing.tool_servers import kv_get, tools_of, until
 from meshctl.cli import main as cli_main
 
 pytestmark = pytest.mark.chaos
@@ -71,34 +71,6 @@ def mesh(infra, secrets) -> Iterator[ChaosMesh]:
 
 def ctl(infra: Infra, *args: str) -> int:
     return cli_main(["--home", str(infra.home), *args, "--nats-url", infra.nats_url])
-
-
-async def kv_get(infra: Infra, key: str) -> dict[str, Any] | None:
-    nc = await infra.admin()
-    try:
-        kv = await nc.jetstream().key_value("toolservers")
-        try:
-            entry = await kv.get(key)
-        except Exception:
-            return None
-        return json.loads(entry.value) if entry.value else None
-    finally:
-        await nc.close()
-
-
-async def until(infra: Infra, key: str, ok: Any, timeout: float = 60.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    value = None
-    while time.monotonic() < deadline:
-        value = await kv_get(infra, key)
-        if value is not None and ok(value):
-            return value
-        await asyncio.sleep(0.25)
-    raise AssertionError(f"{key} never became as expected; last: {value}")
-
-
-def tools_of(state: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {t["name"]: t for t in state.get("tools", [])}
 
 
 def offered(catalogue: dict[str, Any]) -> set[str]:

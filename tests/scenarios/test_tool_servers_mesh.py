@@ -26,7 +26,7 @@ import pytest
 from mesh_contracts.v1 import TaskCompleted, TaskPolicy
 from mesh_testing.chaos import ChaosMesh, started
 from mesh_testing.infra import Infra, running_infra
-from mesh_testing.tool_servers import Replica, free_port, orders_state
+from mesh_testing.tool_servers import Replica, free_port, kv_get, orders_state, tools_of, until
 from meshctl.cli import main as cli_main
 
 pytestmark = pytest.mark.chaos
@@ -89,34 +89,6 @@ def people(infra, mesh) -> None:
     for kind, person, tenant in (("authors", "alice", "acme"), ("approvers", "bob", "acme"),
                                  ("authors", "carol", "globex"), ("approvers", "dan", "globex")):  # fmt: skip
         assert ctl(infra, kind, "add", person, "--tenant", tenant) == 0
-
-
-async def kv_get(infra: Infra, key: str) -> dict[str, Any] | None:
-    nc = await infra.admin()
-    try:
-        kv = await nc.jetstream().key_value("toolservers")
-        try:
-            entry = await kv.get(key)
-        except Exception:
-            return None
-        return json.loads(entry.value) if entry.value else None
-    finally:
-        await nc.close()
-
-
-async def until(infra: Infra, key: str, ok: Any, timeout: float = 60.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    value = None
-    while time.monotonic() < deadline:
-        value = await kv_get(infra, key)
-        if value is not None and ok(value):
-            return value
-        await asyncio.sleep(0.25)
-    raise AssertionError(f"{key} never became as expected; last: {value}")
-
-
-def tools_of(state: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {t["name"]: t for t in state.get("tools", [])}
 
 
 def plan(instruction: str, tools: list[str]) -> str:

@@ -70,16 +70,7 @@ def _send(args: argparse.Namespace, **fields: Any) -> Any:
     change = AgentChange(tenant=tenant, task_id=f"agent-{uuid.uuid4().hex[:12]}", by=signer.principal,
                          reason=args.reason or "", **fields)  # fmt: skip
 
-    async def run() -> Any:
-        async with wf._client(args, tenant) as client:
-            return await client.change_agent(change, signer, timeout=args.timeout)
-
-    try:
-        answer = asyncio.run(run())
-    except TimeoutError as exc:
-        raise MeshError(f"{exc} (is the planner running?)") from None
-    if args.json:
-        print(json.dumps(answer.model_dump(mode="json"), indent=2))
+    answer = wf.hand_in(args, tenant, lambda client: client.change_agent(change, signer, timeout=args.timeout))
     if not getattr(answer, "accepted", False):
         print(f"meshctl: agent {fields.get('action')} refused: {answer.reason}", file=sys.stderr)
         return None

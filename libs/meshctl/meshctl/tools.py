@@ -80,17 +80,9 @@ def _send(args: argparse.Namespace, role: str, **fields: Any) -> Any:
     tenant, signer = rel._person(args, role)
     change = ToolsChange(tenant=tenant, task_id=f"tools-{uuid.uuid4().hex[:12]}", by=signer.principal,
                          reason=args.reason or "", **fields)  # fmt: skip
-
-    async def run() -> Any:
-        async with wf._client(args, tenant) as client:
-            return await client.change_tools(change, signer, timeout=args.timeout)
-
-    try:
-        answer = asyncio.run(run())
-    except TimeoutError as exc:
-        raise MeshError(f"{exc} (is the tool-executor running?)") from None
-    if args.json:
-        print(json.dumps(answer.model_dump(mode="json"), indent=2))
+    answer = wf.hand_in(
+        args, tenant, lambda client: client.change_tools(change, signer, timeout=args.timeout), keeper="tool-executor"
+    )
     if not getattr(answer, "accepted", False):
         print(f"meshctl: tools {fields.get('action')} refused: {answer.reason}", file=sys.stderr)
         return None

@@ -21,6 +21,7 @@ import json
 import sys
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -316,6 +317,24 @@ def _latest(catalog: dict[str, Any], name: str) -> str:
     return next((v["version"] for v in reversed(versions) if v.get("status") == "active"), "")
 
 
+def hand_in(args: argparse.Namespace, tenant: str, send: Callable[[TenantClient], Awaitable[Any]],
+            keeper: str = "planner") -> Any:  # fmt: skip
+    """A person's change handed in with the tenant's client (``send``), and its answer (printed as
+    JSON with ``--json``); a change nobody answered says which service to look at."""
+
+    async def run() -> Any:
+        async with _client(args, tenant) as client:
+            return await send(client)
+
+    try:
+        answer = asyncio.run(run())
+    except TimeoutError as exc:
+        raise MeshError(f"{exc} (is the {keeper} running?)") from None
+    if args.json:
+        print(json.dumps(answer.model_dump(mode="json"), indent=2))
+    return answer
+
+
 def _client(args: argparse.Namespace, tenant: str) -> TenantClient:
     from meshctl.client import TenantClient
     from meshctl.commands.common import nats_url
@@ -353,16 +372,7 @@ def _change(args: argparse.Namespace, action: str, name: str, version: str = "",
         version=version, definition=definition, author=signer.principal, reason=args.reason or "",
     )  # fmt: skip
 
-    async def run() -> Any:
-        async with _client(args, tenant) as client:
-            return await client.change_workflow(change, signer, timeout=args.timeout)
-
-    try:
-        answer = asyncio.run(run())
-    except TimeoutError as exc:
-        raise MeshError(f"{exc} (is the planner running?)") from None
-    if args.json:
-        print(json.dumps(answer.model_dump(mode="json"), indent=2))
+    answer = hand_in(args, tenant, lambda client: client.change_workflow(change, signer, timeout=args.timeout))
     if not getattr(answer, "accepted", False):
         if not args.json:
             print(f"meshctl: {action} {name} refused: {answer.reason}", file=sys.stderr)

@@ -3,6 +3,7 @@ processes on loopback ports, for the scenario tests and the benchmark of tenants
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -65,3 +66,34 @@ class Replica:
 def orders_state(path: Path) -> dict[str, Any]:
     """The replicas' shared state (orders, refunds, calls in progress); {} before the first write."""
     return json.loads(path.read_text()) if path.exists() else {}
+
+
+async def kv_get(infra: Any, key: str) -> dict[str, Any] | None:
+    """A record of KV ``toolservers`` (``<tenant>.server|state.<name>``, ``<tenant>.catalogue``), read as admin."""
+    nc = await infra.admin()
+    try:
+        kv = await nc.jetstream().key_value("toolservers")
+        try:
+            entry = await kv.get(key)
+        except Exception:  # noqa: BLE001 - not there (yet): None
+            return None
+        return json.loads(entry.value) if entry.value else None
+    finally:
+        await nc.close()
+
+
+async def until(infra: Any, key: str, ok: Any, timeout: float = 60.0) -> dict[str, Any]:
+    """The record at ``key`` once ``ok(record)`` holds (AssertionError with the last one if never)."""
+    deadline = time.monotonic() + timeout
+    value = None
+    while time.monotonic() < deadline:
+        value = await kv_get(infra, key)
+        if value is not None and ok(value):
+            return value
+        await asyncio.sleep(0.25)
+    raise AssertionError(f"{key} never became as expected; last: {value}")
+
+
+def tools_of(state: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A server state's tools by name."""
+    return {t["name"]: t for t in state.get("tools", [])}
