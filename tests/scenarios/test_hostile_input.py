@@ -80,6 +80,9 @@ def _valid(subject: str) -> dict:
         # a person's change to the tenant's tool servers, over the tenant's connection (refused likewise)
         "tools": {**base, "type": "tools.change", "action": "add", "server": "orders", "by": "author.acme.x",
                   "definition": {"endpoints": ["https://orders.acme.test/mcp"]}},
+        # an author's change to the tenant's agent profiles, over the tenant's connection (refused likewise)
+        "agent": {**base, "type": "agent.change", "action": "put", "name": "calc", "by": "author.acme.x",
+                  "profile": {"name": "calc", "description": "Exact sums", "tools": ["calculator"]}},
     }.get(kind, {**base, "type": kind})  # fmt: skip
 
 
