@@ -393,7 +393,7 @@ async def test_an_exposed_agent_profile_is_a_card_of_its_own_and_runs_as_that_ag
         assert "391" in get_artifact_text(answer)
     # the mesh ran it as the profile's one step, pinned to the version the card showed
     planned = await infra.stored("TASK", f"task.v1.acme.{task_of(events)}.planned")
-    steps = json.loads(json.dumps(open_body(planned[-1].subject, planned[-1].data)))["steps"]
+    steps = open_body(planned[-1].subject, planned[-1].data)["steps"]
     assert [(s["agent"], s["tools"]) for s in steps] == [(f"calc@{card.version}", ["calculator"])]
     with pytest.raises(AgentCardResolutionError) as none:
         async with agent(gateway, token, name="hidden"):

@@ -165,6 +165,9 @@ def test_a_models_plan_and_a_workflow_node_hand_steps_to_profiles_pinned_at_plan
         assert isinstance(done, TaskCompleted), done
         (node,) = (await plan_of(infra, "acme", "ap-flow")).steps
         assert node.agent == f"summer@{put['version']}" and node.tools == ("calculator",)
+        # a workflow and a profile at once is refused, not one of them silently dropped
+        both = await submit(infra, "acme", "ap-both", "add", workflow="adder", agent="summer")
+        assert isinstance(both, TaskFailed) and "a workflow or an agent profile, not both" in both.reason, both
 
         # A plan naming a profile the tenant does not have fails with why, before any step runs.
         ghost = {"steps": [{**plan["steps"][0], "agent": "ghost"}]}

@@ -32,8 +32,6 @@ from mesh_contracts.v1.records import Record
 
 AGENT_NAME = r"^[a-z0-9][a-z0-9_-]{0,47}$"
 """A profile's name: what plans, workflows, tasks and A2A cards call it by."""
-POOL_NAME = POOL_PATTERN
-"""A worker pool's name ('' : the shared workers)."""
 MAX_TOOLS = 64
 
 
@@ -61,7 +59,7 @@ class AgentProfile(BaseModel):
     """Model calls one step of the agent may make (the task's own cap applies too)."""
     exposed: bool = False
     """Published by the A2A gateway as an agent card of the tenant (``/a2a/<tenant>/<name>``)."""
-    pool: str = Field("", pattern=POOL_NAME)
+    pool: str = Field("", pattern=POOL_PATTERN)
     """The worker pool that runs its steps ('' : the shared workers). A pool is a worker deployment
     started with ``MESH_WORKER_POOL=<pool>``: its own consumer, scaling and identity."""
     labels: dict[str, str] = Field({}, max_length=20)

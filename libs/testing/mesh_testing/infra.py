@@ -220,15 +220,13 @@ def running_infra(
     ack_wait_s: float | None = None,
     cluster: int = 1,
     provision: bool = True,
-    pools: list[str] | None = None,
 ) -> Iterator[Infra]:
-    """Mint identities (and worker ``pools``' own), start NATS (one server or a ``cluster``) +
-    Redis, provision (unless ``provision=False``: a test of what happens before); tear everything
-    down afterwards."""
+    """Mint identities, start NATS (one server or a ``cluster``) + Redis, provision (unless
+    ``provision=False``: a test of what happens before); tear everything down afterwards."""
     mode = "binaries" if cluster > 1 else (mode or infra_mode())
     home = Path(tempfile.mkdtemp(prefix=f"agentmesh-{name}-"))
     ids = Identities(home)
-    ids.mint(tenants, pools=pools)
+    ids.mint(tenants)
     ids.install_keyring()  # the test reads and writes tenants' content as the services do
     layout, redis_port = local.nats_nodes(cluster), local.free_port()
     url = ",".join(f"nats://127.0.0.1:{n.port}" for n in layout)

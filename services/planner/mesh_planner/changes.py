@@ -41,7 +41,7 @@ class Changes:
         mesh: Mesh,
         workflows: Callable[[], Registry | None],
         releases: Callable[[], Releases | None],
-        agents: Callable[[], Agents | None] = lambda: None,
+        agents: Callable[[], Agents | None],
     ) -> None:
         """``workflows``, ``releases``, ``agents``: the planner's registries, as they are once it started."""
         self.mesh = mesh

@@ -116,7 +116,7 @@ def workflow_edit_problem(wf: WorkflowDefinition, old: list[PlanStep], new: list
     if [s.step_id for s in old] != [s.step_id for s in new]:
         return f"its nodes are {', '.join(s.step_id for s in old)}; an edit may not add, remove or reorder nodes"
     for a, b in zip(old, new, strict=True):
-        for field in ("kind", "tools", "depends_on", "difficulty", "output_schema", "call", "agent"):
+        for field in ("kind", "tools", "depends_on", "difficulty", "output_schema", "call", "agent", "pool"):
             if getattr(a, field) != getattr(b, field):
                 verb = "are" if field.endswith("s") else "is"
                 return (

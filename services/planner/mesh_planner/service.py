@@ -25,6 +25,7 @@ from mesh_contracts.v1 import (
     ControlHalt,
     ControlResume,
     PlanReviewed,
+    PlanStep,
     ProgressEvent,
     ReleaseChange,
     StepCompleted,
@@ -320,7 +321,7 @@ class Planner:
             # failed (the broker going down), its own redelivery comes later, and this copy would
             # plan the task meanwhile. The broker chaos drill lost a task to that ('unknown task').
             await self.publish_status(rec, rec.status, starts=True)
-        if m.agent is not None and not rec.workflow:  # the goal as one step of a profile: no model call
+        if m.agent is not None:  # the goal as one step of a profile: no model call
             await self._plan_agent(m, d)
             return
         if rec.workflow:
@@ -329,20 +330,19 @@ class Planner:
                 m.tenant, m.task_id, "task.workflow", f"{m.task_id}:workflow", actor=d.sender.name, source=d.msg_id,
                 detail={"workflow": rec.workflow, "named": m.workflow or ""},
             )  # fmt: skip
-            await self._plan_workflow(m, d)  # no model call: no planning slot
+            await self._plan_workflow(m, d, rec.workflow)  # no model call: no planning slot
             return
         await self._plan_in_turn(m, d, key, rec.release)
 
-    async def _plan_workflow(self, m: TaskSubmitted, d: Delivery) -> None:
+    async def _plan_workflow(self, m: TaskSubmitted, d: Delivery, ref: str) -> None:
         """A fixed workflow's plan: its nodes, as they are (``Flow.workflow_planned``), each agent
         node pinned to the current version of the profile it names (or the task fails: why)."""
         assert self.workflows is not None and self.agents is not None
-        rec, _ = await st.load(self.kv, TaskRecord.key(m.tenant, m.task_id), TaskRecord)
-        named = ag.workflow_agents(await self.workflows.pinned(m.tenant, rec.workflow)) if rec else {}
+        named = ag.workflow_agents(await self.workflows.pinned(m.tenant, ref))
         try:
             fit = await self.agents.fitter(m.tenant, named) if named else None
         except ag.Refused as exc:
-            why = f"workflow {rec.workflow if rec else ''}: {exc}"
+            why = f"workflow {ref}: {exc}"
             await self.transition(m.tenant, m.task_id, lambda r: self.flow.planned(r, [], None, why, d.msg_id))
             return
         await self.transition(m.tenant, m.task_id, lambda rec: self.flow.workflow_planned(rec, d.msg_id, fit))
@@ -350,9 +350,11 @@ class Planner:
     async def _plan_agent(self, m: TaskSubmitted, d: Delivery) -> None:
         """A task submitted to one of the tenant's profiles: its goal, one step of that agent."""
         assert self.agents is not None and m.agent is not None
-        steps, error = await ag.one_step(self.agents, m.tenant, m.agent, m.goal)
+        steps: list[PlanStep] = []
         if m.workflow:
-            steps, error = [], "a task runs a workflow or an agent profile, not both"
+            error = "a task runs a workflow or an agent profile, not both"
+        else:
+            steps, error = await ag.one_step(self.agents, m.tenant, m.agent, m.goal)
         await self.transition(m.tenant, m.task_id, lambda r: self.flow.planned(r, steps, None, error, d.msg_id))
 
     async def _plan_prompt(self, m: TaskSubmitted, release: str) -> tuple[prompts.Prompt, str, str]:

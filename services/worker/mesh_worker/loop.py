@@ -90,7 +90,7 @@ class Loop:
         def apply(run: StepRun | None) -> StepRun | None:
             if run is None or run.pending is None or run.pending.call_id != call_id:
                 return None  # duplicate or stale answer
-            if run.request.step.pool != self.settings.worker_pool:
+            if not self.ours(run):
                 return None  # another pool's step: its own workers take their copy of the answer
             if run.pending.arguments:  # the worker's own retrieval (retrieve first): context, not a tool result
                 admit(run, "user", _grounding(text), tool_call_id=call_id, name=tool)
@@ -110,7 +110,7 @@ class Loop:
         run, applied = await st.update(self._steps(), key, StepRun, apply)
         if run is None or (not applied and any(h.call_id == call_id for h in run.held)):
             return  # a held call's late result (a person approved it after the loop went on): not ours now
-        if run.request.step.pool != self.settings.worker_pool:
+        if not self.ours(run):
             return
         # Resume if this answer belongs to the loop: just applied, or applied by an earlier
         # delivery whose process died somewhere after (resume picks up from the checkpoint).
@@ -363,6 +363,11 @@ class Loop:
             self.mesh.count(worker_metrics.M_FENCED)  # a newer delivery advanced this step: our result is stale
             return None
         return new
+
+    def ours(self, run: StepRun) -> bool:
+        """Whether this worker's pool runs the step (every worker kind gets its own copy of the
+        answers to every step's calls: ``topology.pool_durables``)."""
+        return run.request.step.pool == self.settings.worker_pool
 
     async def _route(self, req: StepRequested, bundle: Any) -> str:
         """The model route of the step's calls: its agent profile's named route, else its release's."""

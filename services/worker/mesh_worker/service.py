@@ -159,7 +159,7 @@ class Worker:
         run, _ = await st.load(self.steps, StepRun.key(m.tenant, m.task_id, m.step_id), StepRun)
         if run is None or run.status != "running" or run.pending is None or run.pending.call_id != m.call_id:
             return  # duplicate or stale
-        if run.request.step.pool != self.settings.worker_pool:
+        if not self.loop.ours(run):
             return  # another pool's step: its own workers take their copy
         self.mesh.count(durable_metrics.M_CALLS_REFUSED)
         await self.loop.finish(run, failed=f"stopped: {m.error.removeprefix('not run: ')}",
@@ -191,7 +191,7 @@ class Worker:
         run, _ = await st.load(self.steps, key, StepRun)
         if run is None or run.pending is None or run.pending.call_id != m.call_id:
             return
-        if run.request.step.pool != self.settings.worker_pool:
+        if not self.loop.ours(run):
             return  # another pool's step: its own workers take their copy
         if run.request.on_held == "continue":
             await self._go_on_without(run, m)

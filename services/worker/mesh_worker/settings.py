@@ -8,12 +8,13 @@ from typing import Literal
 from pydantic import Field
 
 from mesh_agent.settings import AgentSettings
+from mesh_contracts.base import POOL_PATTERN
 
 
 class WorkerSettings(AgentSettings):
     """Everything the worker reads."""
 
-    worker_pool: str = Field("", pattern=r"^([a-z0-9][a-z0-9-]{0,30})?$")
+    worker_pool: str = Field("", pattern=POOL_PATTERN)
     """The worker pool this deployment is (issue 48): it runs the steps of the agent profiles that
     name the pool, and no others, from the pool's own durables, as the identity ``worker-<pool>``
     (``meshctl pool add``). '' : a shared worker (every step of no pool)."""
