@@ -12,30 +12,22 @@ for the gateway's own audience.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
-import sys
-import time
 from pathlib import Path
-
-import jwt
 
 from meshctl import options as opt
 from meshctl.commands.common import nats_url
-from meshctl.edge import DEV_ISSUER, issuer_key
+from meshctl.edge import DEV_ISSUER, issuer_key, spawn_gateway, start_gateway, user_token
 from meshctl.identity import Identities
-from meshctl.local import MeshError, MeshState, Proc, free_port, spawn, stop, wait_ready
+from meshctl.local import MeshError, MeshState, Proc
 
 AUDIENCE = "agentmesh-a2a"
 NAME = "a2a"
 
 
 def caller_token(ids: Identities, tenant: str, user: str, ttl_s: float = 3600.0) -> str:
-    """A caller's token as an OIDC provider would issue it: ``sub`` the person, ``tenant`` theirs,
-    for the gateway's audience."""
-    now = int(time.time())
-    claims = {"iss": DEV_ISSUER, "aud": AUDIENCE, "sub": user, "tenant": tenant, "iat": now, "exp": now + int(ttl_s)}
-    return jwt.encode(claims, issuer_key(ids), algorithm="EdDSA")
+    """A caller's token as an OIDC provider would issue it (the edge's, for the gateway's audience)."""
+    return user_token(ids, tenant, user, ttl_s, audience=AUDIENCE)
 
 
 def a2a_env(ids: Identities, url: str, port: int, extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -56,32 +48,12 @@ def a2a_env(ids: Identities, url: str, port: int, extra: dict[str, str] | None =
 def spawn_a2a(ids: Identities, url: str, port: int, extra: dict[str, str] | None = None) -> Proc:
     """``python -m mesh_a2a`` on ``port`` with the home's identities (``extra``: more settings),
     once it is ready (stopped again if it never is)."""
-    proc = spawn(NAME, [sys.executable, "-m", "mesh_a2a"], ids.home / "logs" / f"{NAME}.log",
-                 a2a_env(ids, url, port, extra), http_port=port)  # fmt: skip
-    proc.service = NAME
-    try:
-        asyncio.run(wait_ready({NAME: proc}, 30.0))
-    except BaseException:
-        stop([[proc]], 10.0)
-        raise
-    return proc
+    return spawn_gateway(ids, NAME, a2a_env(ids, url, port, extra), port)
 
 
 def start(home: Path, url: str, port: int = 0) -> int:
-    """Start the gateway beside the local mesh of ``home`` (recorded with its services, so
-    ``meshctl down`` stops it); returns its port."""
-    ids = Identities(home)
-    state = MeshState.load(home)
-    if state is None:
-        raise MeshError(f"no mesh runs from {home} (meshctl up first)")
-    if not ids.creds(NAME).exists():
-        raise MeshError(f"{home} has no a2a identity (a home minted before the gateway: meshctl init --force)")
-    old = state.services.get(NAME)
-    if old is not None and old.alive():
-        return old.http_port
-    state.services[NAME] = proc = spawn_a2a(ids, url, port or free_port())
-    state.save()
-    return proc.http_port
+    """Start the gateway beside the local mesh of ``home``; returns its port."""
+    return start_gateway(home, NAME, lambda ids, p: spawn_a2a(ids, url, p), port)
 
 
 def cmd_a2a(args: argparse.Namespace) -> int:

@@ -17,6 +17,7 @@ import asyncio
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jwt
@@ -50,10 +51,11 @@ def issuer_key(ids: Identities) -> Ed25519PrivateKey:
     return loaded
 
 
-def user_token(ids: Identities, tenant: str, user: str, ttl_s: float = 3600.0) -> str:
-    """A user token as an OIDC provider would issue it: ``sub`` the person, ``tenant`` theirs."""
+def user_token(ids: Identities, tenant: str, user: str, ttl_s: float = 3600.0, audience: str = AUDIENCE) -> str:
+    """A user token as an OIDC provider would issue it: ``sub`` the person, ``tenant`` theirs, for
+    ``audience`` (the edge's, or another gateway's signing people in the same way)."""
     now = int(time.time())
-    claims = {"iss": DEV_ISSUER, "aud": AUDIENCE, "sub": user, "tenant": tenant, "iat": now, "exp": now + int(ttl_s)}
+    claims = {"iss": DEV_ISSUER, "aud": audience, "sub": user, "tenant": tenant, "iat": now, "exp": now + int(ttl_s)}
     return jwt.encode(claims, issuer_key(ids), algorithm="EdDSA")
 
 
@@ -73,36 +75,45 @@ def edge_env(ids: Identities, url: str, port: int, static: Path | None) -> dict[
     return env
 
 
-def spawn_edge(ids: Identities, url: str, port: int, static: Path | None = None) -> Proc:
-    """``python -m mesh_edge`` on ``port`` with the home's identities, once it is ready (stopped
-    again if it never is)."""
-    proc = spawn("edge", [sys.executable, "-m", "mesh_edge"], ids.home / "logs" / "edge.log",
-                 edge_env(ids, url, port, static), http_port=port)  # fmt: skip
-    proc.service = "edge"
+def spawn_gateway(ids: Identities, name: str, env: dict[str, str], port: int) -> Proc:
+    """``python -m mesh_<name>`` (a gateway: the edge, a2a) on ``port`` with ``env``, once it is
+    ready (stopped again if it never is)."""
+    proc = spawn(name, [sys.executable, "-m", f"mesh_{name}"], ids.home / "logs" / f"{name}.log", env, http_port=port)
+    proc.service = name
     try:
-        asyncio.run(wait_ready({"edge": proc}, 30.0))
+        asyncio.run(wait_ready({name: proc}, 30.0))
     except BaseException:
         stop([[proc]], 10.0)
         raise
     return proc
 
 
-def start(home: Path, url: str, port: int = 0, static: Path | None = WEB_APP) -> int:
-    """Start the edge beside the local mesh of ``home`` (recorded with its services, so
-    ``meshctl down`` stops it); returns its port."""
+def spawn_edge(ids: Identities, url: str, port: int, static: Path | None = None) -> Proc:
+    """``python -m mesh_edge`` on ``port`` with the home's identities, once it is ready."""
+    return spawn_gateway(ids, "edge", edge_env(ids, url, port, static), port)
+
+
+def start_gateway(home: Path, name: str, spawn_it: Callable[[Identities, int], Proc], port: int = 0) -> int:
+    """Start gateway ``name`` beside the local mesh of ``home`` (``spawn_it(ids, port)``; recorded
+    with its services, so ``meshctl down`` stops it); returns its port (a running one's if up)."""
     ids = Identities(home)
     state = MeshState.load(home)
     if state is None:
         raise MeshError(f"no mesh runs from {home} (meshctl up first)")
-    if not ids.creds("edge").exists():
-        raise MeshError(f"{home} has no edge identity (a home minted before the edge: meshctl init --force)")
-    old = state.services.get("edge")
+    if not ids.creds(name).exists():
+        raise MeshError(f"{home} has no {name} identity (a home minted before the {name}: meshctl init --force)")
+    old = state.services.get(name)
     if old is not None and old.alive():
         return old.http_port
-    static = static if static is not None and static.is_dir() else None
-    state.services["edge"] = proc = spawn_edge(ids, url, port or free_port(), static)
+    state.services[name] = proc = spawn_it(ids, port or free_port())
     state.save()
     return proc.http_port
+
+
+def start(home: Path, url: str, port: int = 0, static: Path | None = WEB_APP) -> int:
+    """Start the edge beside the local mesh of ``home``; returns its port."""
+    static = static if static is not None and static.is_dir() else None
+    return start_gateway(home, "edge", lambda ids, p: spawn_edge(ids, url, p, static), port)
 
 
 def cmd_edge(args: argparse.Namespace) -> int:
